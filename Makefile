@@ -1,0 +1,41 @@
+# Two commands for a fresh machine: `make demo` (set up, run the main job on the built-in phantom) and
+# `make test` (set up, lint, run the tests under a virtual X server).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# What napari's Qt needs on a headless Debian: a virtual X server, Mesa OpenGL and the xcb/xkbcommon libraries.
+APT_PACKAGES := xvfb xauth libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0 \
+	libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 libxcb-xinput0 libxcb-xfixes0 \
+	libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1
+
+.PHONY: setup apt demo test lint clean
+setup: apt $(VENV)/.installed
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing apt packages: $$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+# torch first: the CPU wheel. A bare `torch` requirement would pull several GB of CUDA packages.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check src tests examples
+	$(VENV)/bin/ruff format --check src tests examples
+	$(VENV)/bin/npe2 validate napari-ctcolor
+
+test: lint
+	xvfb-run -a $(PY) -m pytest
+
+demo: setup
+	$(PY) examples/demo.py --out demo-out
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

@@ -1,0 +1,56 @@
+"""Input and output: the `Volume` type, readers (DICOM, NIfTI, MHA/NRRD), writers and errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .dicom import read_dicom_file, read_dicom_folder
+from .errors import CTColorError, InputError
+from .nifti import read_itk, read_nifti, write_nifti
+from .volume import ColorVolume, Volume
+
+__all__ = [
+    "CTColorError",
+    "ColorVolume",
+    "InputError",
+    "Volume",
+    "read_volume",
+    "write_nifti",
+    "NIFTI_SUFFIXES",
+    "ITK_SUFFIXES",
+]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volume:
+    """Read a CT (or other scalar image) from a DICOM folder or file, NIfTI, MHA/MHD or NRRD.
+
+    Args:
+        path: a folder of DICOM files (the CT series with the most slices is read, or ``series_uid``), a DICOM
+            file (any or no extension), ``.nii``/``.nii.gz``, ``.mha``/``.mhd``, ``.nrrd``/``.nhdr``.
+        series_uid: SeriesInstanceUID to pick in a folder with several series.
+
+    Returns:
+        A Volume, HU for CT; ``meta`` records modality, source, window and geometry notes.
+
+    Raises:
+        InputError: with a one-line message naming the file and the problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return read_dicom_folder(path, series_uid)
+    if series_uid is not None:
+        raise InputError(f"{path}: --series applies to DICOM folders only")
+    name = path.name.lower()
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: file is empty")
+    if name.endswith(NIFTI_SUFFIXES):
+        return read_nifti(path)
+    if name.endswith(ITK_SUFFIXES):
+        return read_itk(path)
+    return read_dicom_file(path)

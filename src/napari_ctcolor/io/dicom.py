@@ -1,0 +1,296 @@
+"""Reading DICOM: one file, or a folder holding one or more series (compressed transfer syntaxes included).
+
+Pixels are decoded by pydicom with the pylibjpeg plugins (JPEG 2000, JPEG lossless/baseline) and pydicom's own
+RLE decoder. Geometry follows the image plane module (PS3.3 C.7.6.2): slices are ordered by ImagePositionPatient
+projected on the slice normal, never by file name or InstanceNumber.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from .errors import InputError
+from .guard import check_memory
+from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+AIR_HU = -1024
+# Positions closer than this along the normal are the same slice (mm).
+_SAME_POSITION_MM = 1e-3
+# Relative deviation from the median slice gap that counts as irregular spacing.
+_IRREGULAR_FRACTION = 0.01
+# In-plane drift of slice positions (mm) beyond which the stack is tilted (gantry tilt) and not a box.
+_TILT_MM = 0.05
+
+
+@dataclass
+class _Slice:
+    path: Path
+    header: Dataset
+
+
+@dataclass
+class SeriesInfo:
+    """One series found in a folder (headers only, pixels not decoded)."""
+
+    uid: str
+    modality: str
+    description: str
+    slices: list[_Slice] = field(default_factory=list)
+
+
+def _read_header(path: Path) -> Dataset | None:
+    """The dataset of an image DICOM file, pixel data deferred; None for anything that is not one."""
+    try:
+        ds = pydicom.dcmread(path, force=True, defer_size=1024)
+        # force=True reads files without the 128-byte preamble, but also "reads" arbitrary bytes: insist on the
+        # attributes every image has.
+        if "PixelData" not in ds or "Rows" not in ds or "Columns" not in ds:
+            return None
+        int(ds.Rows), int(ds.Columns)
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not a DICOM image here
+        return None
+    return ds
+
+
+def scan_folder(folder: Path) -> list[SeriesInfo]:
+    """All image series below ``folder`` (recursive), largest first; non-image and non-DICOM files are skipped."""
+    series: dict[str, SeriesInfo] = {}
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or name.upper() == "DICOMDIR":
+                continue
+            path = Path(root) / name
+            ds = _read_header(path)
+            if ds is None:
+                continue
+            uid = str(ds.get("SeriesInstanceUID", "") or "")
+            info = series.setdefault(
+                uid,
+                SeriesInfo(uid, str(ds.get("Modality", "") or ""), str(ds.get("SeriesDescription", "") or "")),
+            )
+            info.slices.append(_Slice(path, ds))
+    # CT first, then the series with the most slices.
+    return sorted(series.values(), key=lambda s: (s.modality != "CT", -len(s.slices), s.uid))
+
+
+def read_dicom_folder(folder: str | os.PathLike, series_uid: str | None = None) -> Volume:
+    """Read the CT series with the most slices in ``folder`` (or the series ``series_uid``) as a Volume in HU."""
+    folder = Path(folder)
+    found = scan_folder(folder)
+    if not found:
+        raise InputError(f"{folder}: no DICOM image files found in this folder")
+    if series_uid is not None:
+        chosen = [s for s in found if s.uid == series_uid]
+        if not chosen:
+            available = ", ".join(s.uid or "<no UID>" for s in found)
+            raise InputError(f"{folder}: no series with UID {series_uid} (available: {available})")
+        info = chosen[0]
+    else:
+        info = found[0]
+    if len(found) > 1:
+        log.info(
+            "%s: %d series found; reading %s (%s, %d slices, %r)",
+            folder,
+            len(found),
+            info.uid or "<no UID>",
+            info.modality,
+            len(info.slices),
+            info.description,
+        )
+    volume = _stack_slices(info.slices, folder)
+    volume.meta["series_count"] = len(found)
+    return volume
+
+
+def read_dicom_file(path: str | os.PathLike) -> Volume:
+    """Read one DICOM file (with or without the 128-byte preamble) as a Volume of one or more slices."""
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path, force=True, defer_size=1024)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
+        raise InputError(f"{path}: not a readable DICOM file ({type(exc).__name__})") from None
+    if "PixelData" not in ds:
+        modality = str(ds.get("Modality", "") or "")
+        if not modality and "SOPClassUID" not in ds and "Rows" not in ds:
+            raise InputError(f"{path}: not a DICOM file")
+        kind = f"a {modality} object" if modality else "a non-image object"
+        raise InputError(f"{path}: DICOM file has no pixel data ({kind}); open an image series instead")
+    volume = _stack_slices([_Slice(path, ds)], path)
+    volume.meta["series_count"] = 1
+    return volume
+
+
+def _float_list(ds: Dataset, keyword: str, n: int, path: Path) -> list[float]:
+    value = ds.get(keyword)
+    if value is None:
+        raise InputError(f"{path}: DICOM image has no {keyword}; its geometry is unknown")
+    values = [float(v) for v in (value if isinstance(value, pydicom.multival.MultiValue | list) else [value])]
+    if len(values) != n or not all(np.isfinite(values)):
+        raise InputError(f"{path}: {keyword} should be {n} finite numbers, got {value}")
+    return values
+
+
+def _first(value) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+        value = value[0] if len(value) else None
+    return None if value is None else float(value)
+
+
+def _geometry(slices: list[_Slice], where: Path):
+    """Sort slices along their normal; return (sorted slices, spacing zyx, origin, direction, geometry notes)."""
+    first = slices[0].header
+    iop = _float_list(first, "ImageOrientationPatient", 6, slices[0].path) if "ImageOrientationPatient" in first else None
+    if iop is None:
+        if len(slices) > 1:
+            raise InputError(f"{where}: slices have no ImageOrientationPatient; cannot order them in space")
+        iop = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    row, col = np.array(iop[:3]), np.array(iop[3:])
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    normal = np.cross(row, col)
+    for s in slices[1:]:
+        other = _float_list(s.header, "ImageOrientationPatient", 6, s.path)
+        if not np.allclose(other, iop, atol=1e-4):
+            raise InputError(f"{where}: slices have inconsistent ImageOrientationPatient; not one image stack")
+
+    pixel_spacing = (
+        _float_list(first, "PixelSpacing", 2, slices[0].path) if "PixelSpacing" in first else [1.0, 1.0]
+    )
+    notes: dict = {}
+    if len(slices) == 1:
+        position = (
+            np.array(_float_list(first, "ImagePositionPatient", 3, slices[0].path))
+            if "ImagePositionPatient" in first
+            else np.zeros(3)
+        )
+        dz = _first(first.get("SpacingBetweenSlices")) or _first(first.get("SliceThickness")) or 1.0
+        return slices, (abs(dz), *pixel_spacing), tuple(position), np.column_stack([row, col, normal]), notes
+
+    positions = np.array([_float_list(s.header, "ImagePositionPatient", 3, s.path) for s in slices])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    slices = [slices[i] for i in order]
+    positions, along = positions[order], along[order]
+    gaps = np.diff(along)
+    if np.any(gaps < _SAME_POSITION_MM):
+        n_dup = int(np.sum(gaps < _SAME_POSITION_MM))
+        raise InputError(
+            f"{where}: {n_dup} slice(s) share a position; the folder mixes acquisitions (pick one with --series)"
+        )
+    drift = positions - positions[0] - np.outer(along - along[0], normal)
+    if np.max(np.linalg.norm(drift, axis=1)) > _TILT_MM:
+        raise InputError(
+            f"{where}: slice positions are not along the slice normal (gantry tilt); tilted stacks are not supported"
+        )
+    dz = float(np.median(gaps))
+    if np.max(np.abs(gaps - dz)) > _IRREGULAR_FRACTION * dz:
+        missing = int(np.sum(np.round(gaps / dz) - 1).clip(0))
+        notes = {"irregular_spacing": True, "missing_slices": missing, "slice_gaps_mm": [round(float(g), 4) for g in gaps]}
+        warnings.warn(
+            f"{where}: irregular slice spacing (gaps {gaps.min():.3f}..{gaps.max():.3f} mm, about {missing} missing "
+            f"slice(s)); the volume uses the median gap {dz:.3f} mm, so positions along z are approximate",
+            stacklevel=3,
+        )
+    return slices, (dz, *pixel_spacing), tuple(positions[0]), np.column_stack([row, col, normal]), notes
+
+
+def _decode(s: _Slice) -> np.ndarray:
+    try:
+        raw = s.header.pixel_array
+    except Exception as exc:  # noqa: BLE001 - missing codec, truncated or corrupt pixel data
+        raise InputError(f"{s.path}: cannot decode pixel data ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    return raw
+
+
+def _stack_slices(slices: list[_Slice], where: Path) -> Volume:
+    first = slices[0].header
+    samples = int(first.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        raise InputError(f"{where}: colour DICOM ({samples} samples per pixel) cannot be read as a grey volume")
+    frames = int(first.get("NumberOfFrames", 1) or 1)
+    if frames > 1 and len(slices) > 1:
+        raise InputError(f"{where}: a series of multi-frame files is not supported; open one file")
+    rows, cols = int(first.Rows), int(first.Columns)
+    for s in slices:
+        if (int(s.header.Rows), int(s.header.Columns)) != (rows, cols):
+            raise InputError(
+                f"{where}: slices differ in size ({rows}x{cols} vs {s.header.Rows}x{s.header.Columns}); not one stack"
+            )
+    if frames > 1:
+        return _multiframe(slices[0], where)
+
+    slices, spacing, origin, direction, notes = _geometry(slices, where)
+    rescale = [
+        (_first(s.header.get("RescaleSlope")) or 1.0, _first(s.header.get("RescaleIntercept")) or 0.0) for s in slices
+    ]
+    modality = str(first.get("Modality", "") or "")
+    integral = all(float(m).is_integer() and float(b).is_integer() for m, b in rescale)
+    check_memory(len(slices) * rows * cols * (2 if integral else 4), where)
+    out = np.empty((len(slices), rows, cols), dtype=np.float32 if not integral else np.int32)
+    padding = first.get("PixelPaddingValue")
+    padding_limit = first.get("PixelPaddingRangeLimit")
+    padded_voxels = 0
+    for z, (s, (slope, intercept)) in enumerate(zip(slices, rescale, strict=True)):
+        raw = _decode(s)
+        if raw.shape != (rows, cols):
+            raise InputError(f"{s.path}: decoded pixels have shape {raw.shape}, header says {rows}x{cols}")
+        if integral:
+            out[z] = raw.astype(np.int32) * int(slope) + int(intercept)
+        else:
+            out[z] = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        if padding is not None:
+            lo, hi = sorted((int(padding), int(padding if padding_limit is None else padding_limit)))
+            mask = (raw >= lo) & (raw <= hi)
+            padded_voxels += int(mask.sum())
+            # Padding marks voxels outside the reconstructed field of view: they are air, not -3000 HU.
+            out[z][mask] = AIR_HU if modality == "CT" else 0
+        s.header = None  # drop the decoded pixels as we go: peak memory stays near the output array
+    if integral:
+        lo, hi = out.min(initial=0), out.max(initial=0)
+        if np.iinfo(np.int16).min <= lo and hi <= np.iinfo(np.int16).max:
+            out = out.astype(np.int16)
+    meta = _meta(first, where)
+    meta.update(notes)
+    if padded_voxels:
+        meta["padded_voxels"] = padded_voxels
+    return Volume(out, spacing=spacing, origin=origin, direction=direction, meta=meta)
+
+
+def _multiframe(s: _Slice, where: Path) -> Volume:
+    """Multi-frame (enhanced) images: read through SimpleITK/GDCM, which parses the per-frame functional groups."""
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(s.path))
+    except RuntimeError as exc:
+        raise InputError(f"{where}: cannot read multi-frame DICOM ({str(exc).splitlines()[-1]})") from None
+    volume = Volume.from_sitk(image, meta=_meta(s.header, where))
+    return volume
+
+
+def _meta(ds: Dataset, where: Path) -> dict:
+    """What the rest of the program needs to know; no patient identifiers."""
+    centre, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    meta = {
+        "source": str(where),
+        "format": "dicom",
+        "modality": str(ds.get("Modality", "") or "") or "OT",
+        "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
+        "series_description": str(ds.get("SeriesDescription", "") or ""),
+        "transfer_syntax": str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ""),
+    }
+    if centre is not None and width is not None and width > 0:
+        meta["window"] = (centre, width)
+    return meta

@@ -1,0 +1,17 @@
+"""Errors raised by napari-ctcolor.
+
+Every layer raises these; the CLI turns `InputError` into one ``error: ...`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+
+class CTColorError(Exception):
+    """Base class of all napari-ctcolor errors."""
+
+
+class InputError(CTColorError):
+    """Something the user can fix: a bad file, a wrong modality, mismatched dimensions.
+
+    The message is one line that names the file (when there is one) and the problem.
+    """

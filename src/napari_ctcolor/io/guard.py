@@ -1,0 +1,33 @@
+"""Memory guard: refuse work that would not fit, instead of letting the OS kill the viewer."""
+
+from __future__ import annotations
+
+import os
+
+from .errors import InputError
+
+# Share of the currently available RAM one operation may claim; override with CTCOLOR_MEMORY_FRACTION.
+DEFAULT_FRACTION = 0.75
+
+
+def available_bytes() -> int:
+    """Available physical memory in bytes (MemAvailable on Linux, free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(nbytes: int, what: object) -> None:
+    """Raise InputError when ``nbytes`` exceeds the budget (a fraction of available RAM)."""
+    fraction = float(os.environ.get("CTCOLOR_MEMORY_FRACTION", DEFAULT_FRACTION))
+    budget = fraction * available_bytes()
+    if nbytes > budget:
+        raise InputError(
+            f"{what}: needs about {nbytes / 2**30:.1f} GiB, more than the memory budget of {budget / 2**30:.1f} GiB "
+            f"({fraction:.0%} of available RAM; set CTCOLOR_MEMORY_FRACTION to change it)"
+        )

@@ -1,0 +1,115 @@
+"""NIfTI through nibabel; MHA/MHD/NRRD through SimpleITK.
+
+NIfTI stores an affine from voxel index (i, j, k) to RAS mm; the project works in LPS (DICOM/ITK), so the first two
+world axes change sign: LPS = diag(-1, -1, 1) @ RAS.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .errors import InputError
+from .guard import check_memory
+from .volume import Volume
+from .write import atomic_path
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _load_nifti(path: Path):
+    try:
+        return nib.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for damaged or mislabelled files
+        raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__})") from None
+
+
+def read_nifti(path: str | os.PathLike) -> Volume:
+    """Read a scalar 3D NIfTI (trailing singleton dimensions allowed) as a Volume in LPS geometry."""
+    path = Path(path)
+    img = _load_nifti(path)
+    shape = tuple(int(n) for n in img.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) == 2:
+        shape = (*shape, 1)
+    if len(shape) != 3:
+        raise InputError(f"{path}: {len(shape)}D image of shape {shape}; extract one 3D volume first")
+    dtype = img.header.get_data_dtype()
+    if dtype.fields is not None:
+        raise InputError(f"{path}: colour ({dtype}) NIfTI cannot be read as a grey volume")
+    slope, inter = img.dataobj.slope, img.dataobj.inter
+    scaled = not (slope in (None, 1) and inter in (None, 0)) or dtype.kind == "f"
+    check_memory(int(np.prod(shape)) * (4 if scaled else dtype.itemsize), path)
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32) if scaled else np.asarray(img.dataobj.get_unscaled())
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt data block
+        raise InputError(f"{path}: cannot read the image data ({type(exc).__name__})") from None
+    data = data.reshape(shape)
+    if data.dtype.kind == "f" and not np.isfinite(data).any():
+        raise InputError(f"{path}: every voxel is NaN or infinite")
+
+    lps = RAS_TO_LPS @ img.affine
+    spacing_xyz = np.linalg.norm(lps[:3, :3], axis=0)
+    if not np.all(spacing_xyz > 0):
+        raise InputError(f"{path}: the affine has a zero-length axis (spacing {tuple(spacing_xyz)})")
+    direction = lps[:3, :3] / spacing_xyz
+    return Volume(
+        # nibabel's array is (i, j, k) = (X, Y, Z); the project's is (Z, Y, X).
+        np.ascontiguousarray(data.transpose(2, 1, 0)),
+        spacing=tuple(spacing_xyz[::-1]),
+        origin=tuple(lps[:3, 3]),
+        direction=direction,
+        meta={"source": str(path), "format": "nifti", "modality": _guess_modality(data), "series_count": 1},
+    )
+
+
+def _guess_modality(data: np.ndarray) -> str:
+    """NIfTI has no modality tag; an image whose values span air to bone in HU is taken as CT."""
+    if data.size == 0:
+        return "OT"
+    lo, hi = np.nanpercentile(data[:: max(1, data.shape[0] // 16)], [0.5, 99.5])
+    return "CT" if lo <= -900 and 100 <= hi <= 4000 else "OT"
+
+
+def nifti_affine(volume_affine_lps: np.ndarray) -> np.ndarray:
+    """The NIfTI (RAS) affine for an index -> LPS affine."""
+    return RAS_TO_LPS @ volume_affine_lps
+
+
+def write_nifti(volume: Volume, path: str | os.PathLike) -> Path:
+    """Write a Volume as NIfTI-1 (qform and sform both set to the scanner affine); atomic."""
+    path = Path(path)
+    affine = nifti_affine(volume.affine)
+    img = nib.Nifti1Image(np.asarray(volume.array).transpose(2, 1, 0), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def read_itk(path: str | os.PathLike) -> Volume:
+    """Read MHA/MHD/NRRD (or anything else SimpleITK reads) as a Volume."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        size = reader.GetSize()
+        n_bytes = int(np.prod(size)) * reader.GetNumberOfComponents() * 8
+        check_memory(n_bytes // 2, path)
+        image = reader.Execute()
+    except RuntimeError as exc:
+        detail = [ln for ln in str(exc).splitlines() if ln.strip()]
+        raise InputError(f"{path}: SimpleITK cannot read it ({detail[-1] if detail else 'unknown error'})") from None
+    volume = Volume.from_sitk(image, meta={"source": str(path), "format": path.suffix.lstrip(".").lower()})
+    volume.meta["modality"] = _guess_modality(volume.array)
+    volume.meta["series_count"] = 1
+    return volume

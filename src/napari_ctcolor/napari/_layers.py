@@ -1,0 +1,96 @@
+"""Converting between `Volume` and napari layers (world coordinates = (z, y, x) LPS mm)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..io import InputError, Volume
+from ..windowing import default_window
+
+META_KEY = "ctcolor"
+
+
+def image_layer_data(volume: Volume, name: str | None = None) -> tuple[np.ndarray, dict[str, Any], str]:
+    """A napari LayerDataTuple showing ``volume`` in its own units at its physical position."""
+    window = default_window(volume)
+    meta = volume.meta
+    name = name or meta.get("series_description") or _stem(meta.get("source", "")) or "CT"
+    kwargs = {
+        "name": name,
+        "colormap": "gray",
+        "contrast_limits": window.limits,
+        "metadata": {META_KEY: dict(meta)},
+        **volume.napari_kwargs(),
+    }
+    return volume.array, kwargs, "image"
+
+
+def _stem(source: str) -> str:
+    name = Path(source).name
+    for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def world_matrix(attributes: dict[str, Any], ndim: int = 3) -> np.ndarray:
+    """4x4 data (k, j, i) -> world (z, y, x) matrix from a layer's ``scale``, ``translate``, ``rotate``, ``affine``."""
+    data_to_physical = np.eye(ndim + 1)
+    rotate = np.asarray(attributes.get("rotate", np.eye(ndim)), dtype=np.float64)
+    scale = np.asarray(attributes.get("scale", np.ones(ndim)), dtype=np.float64)
+    data_to_physical[:ndim, :ndim] = rotate @ np.diag(scale)
+    data_to_physical[:ndim, ndim] = np.asarray(attributes.get("translate", np.zeros(ndim)), dtype=np.float64)
+    affine = attributes.get("affine")
+    if affine is None:
+        affine = np.eye(ndim + 1)
+    affine = np.asarray(getattr(affine, "affine_matrix", affine), dtype=np.float64)
+    return affine @ data_to_physical
+
+
+def volume_from_layer(data: np.ndarray, attributes: dict[str, Any]) -> Volume:
+    """The Volume a napari image layer shows (array and geometry taken from the layer's transforms).
+
+    ``attributes`` is what napari passes to writers (``layer._get_state()``-like dict) or built from a layer with
+    `layer_attributes`.
+    """
+    data = np.asarray(data)
+    if data.ndim == 2:
+        matrix = _lift_2d(attributes)
+        data = data[np.newaxis]
+    elif data.ndim == 3:
+        matrix = world_matrix(attributes, ndim=3)
+    else:
+        raise InputError(f"expected a 2D or 3D grey image layer, got data of shape {data.shape}")
+    linear = matrix[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    rotation_zyx = linear / spacing
+    meta = dict((attributes.get("metadata") or {}).get(META_KEY, {}))
+    return Volume(
+        data,
+        spacing=tuple(spacing),
+        origin=tuple(matrix[:3, 3][::-1]),
+        direction=rotation_zyx[::-1, ::-1],
+        meta=meta,
+    )
+
+
+def _lift_2d(attributes: dict[str, Any]) -> np.ndarray:
+    matrix2 = world_matrix(attributes, ndim=2)
+    matrix = np.eye(4)
+    matrix[1:3, 1:3] = matrix2[:2, :2]
+    matrix[1:3, 3] = matrix2[:2, 2]
+    return matrix
+
+
+def layer_attributes(layer) -> dict[str, Any]:
+    """The attributes of a live layer that `volume_from_layer` needs."""
+    return {
+        "scale": np.asarray(layer.scale),
+        "translate": np.asarray(layer.translate),
+        "rotate": np.asarray(layer.rotate),
+        "affine": np.asarray(layer.affine.affine_matrix),
+        "metadata": layer.metadata,
+    }

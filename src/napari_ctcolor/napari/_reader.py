@@ -1,0 +1,56 @@
+"""napari reader: DICOM folders and files, NIfTI, MHA/MHD, NRRD -> one image layer in HU at its physical place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..io import ITK_SUFFIXES, NIFTI_SUFFIXES, read_volume
+from ._layers import image_layer_data
+
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() in _DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _folder_has_dicom(folder: Path, max_files: int = 64) -> bool:
+    """Cheap check on the first files only: a folder napari offers us may be huge."""
+    seen = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if _looks_like_dicom(Path(root) / name):
+                return True
+            seen += 1
+            if seen >= max_files:
+                return False
+    return False
+
+
+def get_reader(path):
+    """Return `read_ct` when ``path`` is something we read, else None (napari then tries other readers)."""
+    if isinstance(path, list):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    path = Path(path)
+    if path.is_dir():
+        return read_ct if _folder_has_dicom(path) else None
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES + ITK_SUFFIXES) or _looks_like_dicom(path):
+        return read_ct
+    return None
+
+
+def read_ct(path):
+    """Read one CT (or other scalar image) into a layer; errors reach napari as one-line InputError messages."""
+    if isinstance(path, list):
+        path = path[0]
+    return [image_layer_data(read_volume(path))]

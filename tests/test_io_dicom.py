@@ -1,0 +1,267 @@
+"""DICOM reading against SimpleITK's own reading of the same files, and against analytic edits of the real series."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from conftest import CT_DIR, file_hashes, require_shared
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+
+from napari_ctcolor.io import InputError, read_volume
+
+
+def sitk_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return reader.Execute()
+
+
+@pytest.fixture(scope="session")
+def decoded_slices(dicom_series) -> list[Dataset]:
+    """The shared series decoded to uncompressed datasets, in file-name order."""
+    out = []
+    for path in sorted(dicom_series.iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.decompress()
+        out.append(ds)
+    return out
+
+
+def write_series(folder: Path, datasets: list[Dataset], names: list[str] | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, ds in enumerate(datasets):
+        ds.save_as(folder / (names[i] if names else f"im{i:03d}.dcm"), enforce_file_format=True)
+    return folder
+
+
+def subset(decoded: list[Dataset], n: int, series_uid: str | None = None) -> list[Dataset]:
+    """The first ``n`` slices along z (deep copies), optionally relabelled as another series."""
+    ordered = sorted(decoded, key=lambda d: float(d.ImagePositionPatient[2]))[:n]
+    out = [copy.deepcopy(d) for d in ordered]
+    if series_uid is not None:
+        for d in out:
+            d.SeriesInstanceUID = series_uid
+    return out
+
+
+def test_dicom_series_hu_and_geometry_match_simpleitk(dicom_series):
+    vol = read_volume(dicom_series)
+    ref = sitk_series(dicom_series)
+    assert vol.shape == (20, 512, 512)
+    np.testing.assert_allclose(vol.spacing, (2.0, 0.9765625, 0.9765625), atol=1e-6)
+    np.testing.assert_allclose(vol.origin, ref.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(vol.direction.flatten(), ref.GetDirection(), atol=1e-9)
+    np.testing.assert_allclose(vol.spacing[::-1], ref.GetSpacing(), atol=1e-6)
+    np.testing.assert_array_equal(vol.array, sitk.GetArrayFromImage(ref))
+    assert vol.array.min() == -1024 and vol.array.max() == 1839
+    assert vol.meta["modality"] == "CT"
+    assert vol.meta["window"] == (40.0, 300.0)
+    assert vol.meta["transfer_syntax"] == "1.2.840.10008.1.2.4.90"
+    assert not any("Patient" in k for k in vol.meta)
+
+
+def test_labels_with_flipped_direction_overlay_ct_only_in_physical_space(dicom_series):
+    labels_path = require_shared(CT_DIR / "totalseg-abdomen-dicom-labels.nii.gz")
+    names = {int(k): v for k, v in json.loads((CT_DIR / "totalseg-v2-label-names.json").read_text()).items()}
+    ct = read_volume(dicom_series)
+    labels = read_volume(labels_path)
+    assert labels.direction[1, 1] == -1.0 and ct.direction[1, 1] == 1.0  # the Y flip this test is about
+
+    resampled = sitk.Resample(labels.to_sitk(), ct.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    on_ct = sitk.GetArrayFromImage(resampled)
+    liver = [i for i, n in names.items() if n == "liver"]
+    vertebrae = [i for i, n in names.items() if n.startswith("vertebrae_")]
+    liver_hu = ct.array[np.isin(on_ct, liver)].mean()
+    vertebra_hu = ct.array[np.isin(on_ct, vertebrae)].mean()
+    # This series is portal-venous (aorta ~180 HU), so enhanced liver parenchyma sits near 90 HU; 40..110 HU
+    # covers liver in any phase and excludes fat, air and bone.
+    assert 40 <= liver_hu <= 110, liver_hu
+    assert vertebra_hu > 150, vertebra_hu
+    # The same arrays overlaid by index (ignoring geometry) put the liver label elsewhere: the check can fail.
+    naive_liver_hu = ct.array[np.isin(labels.array, liver)].mean()
+    assert not 40 <= naive_liver_hu <= 110, naive_liver_hu
+
+
+def test_slices_ordered_by_position_not_file_name_or_instance_number(decoded_slices, tmp_path):
+    ordered = subset(decoded_slices, 6)
+    expected = read_volume(write_series(tmp_path / "ordered", copy.deepcopy(ordered))).array
+    scrambled = copy.deepcopy(ordered)
+    for ds, instance in zip(scrambled, [3, 6, 1, 5, 2, 4], strict=True):
+        ds.InstanceNumber = instance
+    names = ["f.dcm", "a.dcm", "e.dcm", "b.dcm", "d.dcm", "c.dcm"]  # name order is not z order
+    vol = read_volume(write_series(tmp_path / "scrambled", scrambled, names))
+    np.testing.assert_array_equal(vol.array, expected)
+    positions = [float(d.ImagePositionPatient[2]) for d in ordered]
+    assert vol.origin[2] == pytest.approx(min(positions))
+
+
+def test_rle_and_jpeg_lossless_series_read_like_uncompressed(decoded_slices, tmp_path):
+    plain = subset(decoded_slices, 4)
+    expected = read_volume(write_series(tmp_path / "plain", copy.deepcopy(plain)))
+
+    rle = copy.deepcopy(plain)
+    for ds in rle:
+        ds.compress(RLELossless)
+    rle_vol = read_volume(write_series(tmp_path / "rle", rle))
+    assert rle_vol.meta["transfer_syntax"] == RLELossless
+    np.testing.assert_array_equal(rle_vol.array, expected.array)
+
+    # JPEG lossless (process 14) written by GDCM through SimpleITK, decoded by pylibjpeg-libjpeg on our side.
+    jpeg_dir = tmp_path / "jpeg"
+    jpeg_dir.mkdir()
+    image = expected.to_sitk()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetUseCompression(True)
+    writer.SetCompressor("JPEG")
+    series_uid = generate_uid()
+    for z in range(image.GetDepth()):
+        sl = image[:, :, z]
+        sl.SetMetaData("0020|000e", series_uid)
+        sl.SetMetaData("0008|0060", "CT")
+        sl.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, z))))
+        sl.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
+        writer.SetFileName(str(jpeg_dir / f"{z}.dcm"))
+        writer.Execute(sl)
+    syntax = pydicom.dcmread(jpeg_dir / "0.dcm", stop_before_pixels=True).file_meta.TransferSyntaxUID
+    assert syntax in ("1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.57"), syntax
+    jpeg_vol = read_volume(jpeg_dir)
+    np.testing.assert_array_equal(jpeg_vol.array, expected.array)
+
+
+def test_pixel_padding_outside_field_of_view_becomes_air(decoded_slices, tmp_path):
+    padded = subset(decoded_slices, 3)
+    for ds in padded:
+        raw = ds.pixel_array.astype(np.int16)
+        raw[:40, :40] = -2000  # a scanner's padding code: -2000 stored = -3024 HU after rescale
+        ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 1, 16, 15  # signed 16 bit, as such scanners store
+        ds.PixelData = raw.tobytes()
+        ds.add_new(0x00280120, "SS", -2000)  # PixelPaddingValue; its VR follows PixelRepresentation
+    vol = read_volume(write_series(tmp_path / "padded", padded))
+    assert np.all(vol.array[:, :40, :40] == -1024)
+    assert vol.meta["padded_voxels"] == 3 * 40 * 40
+    assert vol.array.min() >= -1024
+
+
+def test_folder_with_several_series_reads_the_largest_ct_or_the_one_asked(decoded_slices, tmp_path):
+    root = tmp_path / "study"
+    write_series(root / "a", subset(decoded_slices, 7, "1.2.3.7"))
+    write_series(root / "b", subset(decoded_slices, 4, "1.2.3.4"))
+    mr = subset(decoded_slices, 9, "1.2.3.9")
+    for ds in mr:
+        ds.Modality = "MR"
+    write_series(root / "c", mr)
+    vol = read_volume(root)
+    assert vol.shape[0] == 7 and vol.meta["series_uid"] == "1.2.3.7"
+    assert vol.meta["series_count"] == 3
+    assert read_volume(root, series_uid="1.2.3.4").shape[0] == 4
+    mr_vol = read_volume(root, series_uid="1.2.3.9")
+    assert mr_vol.meta["modality"] == "MR" and mr_vol.shape[0] == 9
+    with pytest.raises(InputError, match="no series with UID 9.9"):
+        read_volume(root, series_uid="9.9")
+
+
+def test_single_file_with_and_without_preamble(decoded_slices, tmp_path):
+    ds = subset(decoded_slices, 1)[0]
+    with_preamble = tmp_path / "slice.dcm"
+    ds.save_as(with_preamble, enforce_file_format=True)
+    bare = tmp_path / "slice_no_preamble"
+    bare.write_bytes(with_preamble.read_bytes()[132:])  # drop the 128-byte preamble and "DICM"
+    a, b = read_volume(with_preamble), read_volume(bare)
+    assert a.shape == b.shape == (1, 512, 512)
+    np.testing.assert_array_equal(a.array, b.array)
+    np.testing.assert_array_equal(a.array[0], ds.pixel_array.astype(np.int32) - 1024)
+    assert a.spacing[0] == pytest.approx(float(ds.SliceThickness))
+
+
+def test_missing_slice_warns_and_is_reported(decoded_slices, tmp_path):
+    slices = subset(decoded_slices, 8)
+    del slices[3]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vol = read_volume(write_series(tmp_path / "gap", slices))
+    assert any("irregular slice spacing" in str(w.message) for w in caught)
+    assert vol.meta["irregular_spacing"] is True
+    assert vol.meta["missing_slices"] == 1
+    assert vol.spacing[0] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("defect", ["duplicate", "orientation", "tilt"])
+def test_series_whose_geometry_is_not_a_box_is_refused(decoded_slices, tmp_path, defect):
+    slices = subset(decoded_slices, 5)
+    if defect == "duplicate":
+        slices[2].ImagePositionPatient = list(slices[1].ImagePositionPatient)
+        match = "share a position"
+    elif defect == "orientation":
+        slices[2].ImageOrientationPatient = [1, 0, 0, 0, 0.9950042, 0.0998334]
+        match = "inconsistent ImageOrientationPatient"
+    else:  # gantry tilt: each slice shifted in y by tan(10 deg) * z
+        for ds in slices:
+            x, y, z = (float(v) for v in ds.ImagePositionPatient)
+            ds.ImagePositionPatient = [x, y + 0.176 * (z - float(slices[0].ImagePositionPatient[2])), z]
+        match = "gantry tilt"
+    folder = write_series(tmp_path / defect, slices)
+    with pytest.raises(InputError, match=match):
+        read_volume(folder)
+
+
+def _non_image(modality: str, sop_class: str) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.SeriesInstanceUID = generate_uid()
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("modality", "sop_class"),
+    [("RTSTRUCT", "1.2.840.10008.5.1.4.1.1.481.3"), ("SR", "1.2.840.10008.5.1.4.1.1.88.22")],
+)
+def test_non_image_dicom_is_an_input_error(tmp_path, modality, sop_class):
+    path = tmp_path / f"{modality}.dcm"
+    _non_image(modality, sop_class).save_as(path, enforce_file_format=True)
+    with pytest.raises(InputError, match=f"no pixel data \\(a {modality} object\\)"):
+        read_volume(path)
+    with pytest.raises(InputError, match="no DICOM image files"):
+        read_volume(tmp_path)
+
+
+def bad_inputs(root: Path, real_file: Path) -> dict[str, Path]:
+    """The foundation's bad inputs, made fresh under ``root``."""
+    rng = np.random.default_rng(0)
+    (root / "empty_folder").mkdir()
+    (root / "random.dcm").write_bytes(rng.bytes(4096))
+    data = real_file.read_bytes()
+    (root / "truncated.dcm").write_bytes(data[: len(data) // 2])
+    _non_image("SR", "1.2.840.10008.5.1.4.1.1.88.22").save_as(root / "no_pixels.dcm", enforce_file_format=True)
+    return {
+        "empty folder": root / "empty_folder",
+        "random bytes": root / "random.dcm",
+        "truncated": root / "truncated.dcm",
+        "no pixel data": root / "no_pixels.dcm",
+        "nonexistent": root / "does_not_exist.dcm",
+    }
+
+
+def test_bad_inputs_raise_input_error_and_stay_unchanged(dicom_series, tmp_path):
+    cases = bad_inputs(tmp_path, sorted(dicom_series.iterdir())[0])
+    before = file_hashes(tmp_path)
+    for what, path in cases.items():
+        with pytest.raises(InputError) as info:
+            read_volume(path)
+        message = str(info.value)
+        assert str(path) in message and "\n" not in message, (what, message)
+    assert file_hashes(tmp_path) == before
