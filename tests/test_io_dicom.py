@@ -11,11 +11,12 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from conftest import CT_DIR, file_hashes, require_shared
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from napari_ctcolor.io import InputError, read_volume
+
+from conftest import CT_DIR, file_hashes, require_shared
 
 
 def sitk_series(folder: Path) -> sitk.Image:

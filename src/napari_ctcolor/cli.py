@@ -24,10 +24,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def volume_info(volume: Volume) -> dict:
     """The `ctcolor info --json` record of a volume (keys fixed by the CLI contract, a few more after them)."""
     array = volume.array
@@ -88,15 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    warnings.showwarning = _show_warning
-    try:
-        return args.run(args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    # pydicom logs every oddity of a damaged file; our own InputError says what matters, in one line.
+    logging.getLogger("pydicom").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
+    # Warnings are held back and shown only when the command succeeds: an error exit prints exactly one line.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            code = args.run(args)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return 130
+    for message in dict.fromkeys(str(w.message) for w in caught if w.category is not DeprecationWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -116,12 +116,17 @@ def read_dicom_folder(folder: str | os.PathLike, series_uid: str | None = None) 
 def read_dicom_file(path: str | os.PathLike) -> Volume:
     """Read one DICOM file (with or without the 128-byte preamble) as a Volume of one or more slices."""
     path = Path(path)
-    try:
-        ds = pydicom.dcmread(path, force=True, defer_size=1024)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
-        raise InputError(f"{path}: not a readable DICOM file ({type(exc).__name__})") from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(path, force=True, defer_size=1024)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
+            raise InputError(f"{path}: not a readable DICOM file ({type(exc).__name__})") from None
+    truncated = any("End of file" in str(w.message) for w in caught)
     if "PixelData" not in ds:
         modality = str(ds.get("Modality", "") or "")
+        if truncated:
+            raise InputError(f"{path}: DICOM file is truncated (it ends inside a data element)")
         if not modality and "SOPClassUID" not in ds and "Rows" not in ds:
             raise InputError(f"{path}: not a DICOM file")
         kind = f"a {modality} object" if modality else "a non-image object"
@@ -152,7 +157,9 @@ def _first(value) -> float | None:
 def _geometry(slices: list[_Slice], where: Path):
     """Sort slices along their normal; return (sorted slices, spacing zyx, origin, direction, geometry notes)."""
     first = slices[0].header
-    iop = _float_list(first, "ImageOrientationPatient", 6, slices[0].path) if "ImageOrientationPatient" in first else None
+    iop = (
+        _float_list(first, "ImageOrientationPatient", 6, slices[0].path) if "ImageOrientationPatient" in first else None
+    )
     if iop is None:
         if len(slices) > 1:
             raise InputError(f"{where}: slices have no ImageOrientationPatient; cannot order them in space")
@@ -165,9 +172,7 @@ def _geometry(slices: list[_Slice], where: Path):
         if not np.allclose(other, iop, atol=1e-4):
             raise InputError(f"{where}: slices have inconsistent ImageOrientationPatient; not one image stack")
 
-    pixel_spacing = (
-        _float_list(first, "PixelSpacing", 2, slices[0].path) if "PixelSpacing" in first else [1.0, 1.0]
-    )
+    pixel_spacing = _float_list(first, "PixelSpacing", 2, slices[0].path) if "PixelSpacing" in first else [1.0, 1.0]
     notes: dict = {}
     if len(slices) == 1:
         position = (
@@ -197,7 +202,11 @@ def _geometry(slices: list[_Slice], where: Path):
     dz = float(np.median(gaps))
     if np.max(np.abs(gaps - dz)) > _IRREGULAR_FRACTION * dz:
         missing = int(np.sum(np.round(gaps / dz) - 1).clip(0))
-        notes = {"irregular_spacing": True, "missing_slices": missing, "slice_gaps_mm": [round(float(g), 4) for g in gaps]}
+        notes = {
+            "irregular_spacing": True,
+            "missing_slices": missing,
+            "slice_gaps_mm": [round(float(g), 4) for g in gaps],
+        }
         warnings.warn(
             f"{where}: irregular slice spacing (gaps {gaps.min():.3f}..{gaps.max():.3f} mm, about {missing} missing "
             f"slice(s)); the volume uses the median gap {dz:.3f} mm, so positions along z are approximate",

@@ -1,0 +1,89 @@
+"""The napari front end in a real viewer (Xvfb + Mesa): reader, writer, sample data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from napari_ctcolor.io import read_volume, write_nifti
+from napari_ctcolor.napari._reader import get_reader
+
+from conftest import CT_DIR, require_shared
+from test_io_nifti import rotated_volume
+
+PLUGIN = "napari-ctcolor"
+
+
+def test_dropping_the_dicom_folder_gives_one_hu_layer_at_physical_scale(make_napari_viewer, dicom_series):
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(dicom_series), plugin=PLUGIN)
+    assert len(layers) == 1 and len(viewer.layers) == 1
+    layer = viewer.layers[0]
+    assert layer.data.shape == (20, 512, 512)
+    np.testing.assert_allclose(layer.scale, (2.0, 0.9765625, 0.9765625))
+    np.testing.assert_allclose(layer.translate, (-804.5, -437.51171875, -249.51171875))
+    assert tuple(layer.contrast_limits) == (-110.0, 190.0)  # the DICOM default window 40 / 300
+    assert layer.name == "CT Body 3.0"
+    assert layer.data.min() == -1024  # HU, not stored values
+
+
+def test_oblique_nifti_keeps_its_geometry_in_the_layer(make_napari_viewer, tmp_path):
+    vol = rotated_volume()
+    path = write_nifti(vol, tmp_path / "oblique.nii.gz")
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin=PLUGIN)
+    layer = viewer.layers[0]
+    ref = sitk.ReadImage(str(path))
+    for index_xyz in [(0, 0, 0), (5, 4, 3), (1, 2, 3)]:
+        world_zyx = layer.data_to_world(index_xyz[::-1])
+        np.testing.assert_allclose(world_zyx[::-1], ref.TransformIndexToPhysicalPoint(index_xyz), atol=1e-4)
+
+
+def test_labels_overlay_the_ct_in_the_viewer_despite_the_flipped_direction(make_napari_viewer, dicom_series):
+    labels_path = require_shared(CT_DIR / "totalseg-abdomen-dicom-labels.nii.gz")
+    viewer = make_napari_viewer()
+    ct = viewer.open(str(dicom_series), plugin=PLUGIN)[0]
+    labels = viewer.open(str(labels_path), plugin=PLUGIN)[0]
+    # The same world point must land on voxels that the resampled label map and the CT share.
+    world = ct.data_to_world((10, 300, 200))
+    k, j, i = np.round(labels.world_to_data(world)).astype(int)
+    assert (k, j, i) == (10, 511 - 300, 200)
+
+
+def test_writer_saves_an_image_layer_to_nifti_with_its_geometry(make_napari_viewer, tmp_path, dicom_series):
+    viewer = make_napari_viewer()
+    viewer.open(str(dicom_series), plugin=PLUGIN)
+    out = tmp_path / "ct.nii.gz"
+    written = viewer.layers.save(str(out), plugin=PLUGIN)
+    assert written == [str(out)]
+    saved, original = read_volume(out), read_volume(dicom_series)
+    np.testing.assert_array_equal(saved.array, original.array)
+    np.testing.assert_allclose(saved.affine, original.affine, atol=1e-4)
+
+
+def test_reader_declines_files_it_does_not_read(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert get_reader(str(tmp_path / "notes.txt")) is None
+    assert get_reader(str(tmp_path)) is None  # a folder without DICOM
+
+
+def test_ct_small_sample_is_the_real_pydicom_slice(make_napari_viewer):
+    from napari_ctcolor.napari._sample_data import ct_small_path
+
+    if ct_small_path() is None:
+        pytest.skip("this pydicom does not ship CT_small.dcm")
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "ct_small")
+    layer = viewer.layers[0]
+    assert layer.data.shape == (1, 128, 128)
+    assert layer.data.min() < -800 and layer.data.max() > 1000
+
+
+def test_phantom_sample_adds_ct_and_labels(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "phantom")
+    assert [type(layer).__name__ for layer in viewer.layers] == ["Image", "Labels"]
+    ct, labels = viewer.layers
+    assert ct.data.shape == labels.data.shape
+    np.testing.assert_allclose(ct.scale, labels.scale)
