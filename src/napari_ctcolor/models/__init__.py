@@ -1,0 +1,1 @@
+"""Network definitions only: the colorizers (MONAI), SYMNet and its diffeomorphic blocks."""
