@@ -1,0 +1,867 @@
+"""Colour science for CT colorization: grey -> CIE L*, Lab <-> sRGB, luminance-exact gamut mapping, palettes.
+
+The product's invariant (DESIGN.md, "Luminance, precisely"): the CIE L* (D65) of every output sRGB pixel equals the
+L* of the grey pixel (g, g, g) that the windowed CT shows, to within 1.0 after 8-bit quantisation. This module is
+where that is made true:
+
+- The network predicts only a*, b*; L* always comes from the CT grey ``g`` in [0, 1].
+- Out-of-gamut colours lose chroma along their own hue (a*, b* scaled by s in [0, 1]); L* is never changed.
+- Quantisation to uint8 rounds to the nearest code (to within 0.025 of a code); the worst L* error that this can
+  cause anywhere in the sRGB cube is 0.274, found by checking all 2**24 codes (``tests/test_color.py``), so with
+  the float path's <= 0.03 every output pixel is within 0.31 of its grey's L*, well inside the 1.0 budget.
+
+Conventions:
+
+- Colour spaces: sRGB (IEC 61966-2-1) and CIE L*a*b* with the D65 2-degree white, exactly as scikit-image defines
+  them (same matrix, white point and piecewise constants), so our numbers agree with ``skimage.color``.
+- Numpy arrays and torch tensors are channel-last: Lab and RGB are (..., 3), a*b* is (..., 2), grey is (...).
+- Grey and sRGB floats are in [0, 1]; L* in [0, 100]; a*, b* are unbounded (the network's range is about +-128).
+
+Example (a colourised slice of the shared CT with the anatomical palette's HU fallback colours)::
+
+    hu = read_volume("../shared/data/ct/totalseg-body-3mm.nii.gz").array[60]   # (Y, X) HU
+    grey = np.clip((hu - (40 - 200)) / 400, 0, 1)                               # soft-tissue window 40/400
+    rgb = compose_rgb(grey, tissue_ab_from_hu(hu), chroma=0.8)                  # (Y, X, 3) uint8
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache, cached_property
+from importlib import resources
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .io.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "PALETTE_NAMES",
+    "Palette",
+    "TissueClass",
+    "compose_rgb",
+    "compose_rgb_torch",
+    "gamut_map_ab",
+    "gamut_map_ab_torch",
+    "grey_to_lightness",
+    "lab_to_srgb",
+    "lab_to_srgb_torch",
+    "lightness_to_grey",
+    "load_palette",
+    "srgb_to_lab",
+    "srgb_to_lab_torch",
+    "tissue_ab_from_hu",
+]
+
+PALETTE_NAMES: tuple[str, ...] = ("anatomical", "dicom")
+
+# --------------------------------------------------------------------------------------------------------------------
+# Constants: scikit-image's definitions (skimage.color.colorconv), copied so the torch path and our fast numpy path
+# reproduce skimage to float precision.
+# --------------------------------------------------------------------------------------------------------------------
+
+XYZ_FROM_RGB = np.array(
+    [
+        [0.412453, 0.357580, 0.180423],
+        [0.212671, 0.715160, 0.072169],
+        [0.019334, 0.119193, 0.950227],
+    ]
+)
+RGB_FROM_XYZ = np.linalg.inv(XYZ_FROM_RGB)
+WHITE_D65 = (0.95047, 1.0, 1.08883)  # skimage's D65, 2-degree observer (its historical ``lab_ref_white``)
+
+_SRGB_LIN_THRESHOLD = 0.04045  # encoded sRGB value below which the transfer curve is linear
+_SRGB_ENC_THRESHOLD = 0.0031308  # the same break point on the linear side
+_LAB_T_THRESHOLD = 0.008856  # skimage's epsilon: Y/Yn below which L* is linear in Y
+_LAB_F_THRESHOLD = 0.2068966  # skimage's break point on the f = cbrt(t) side
+_LAB_KAPPA = 7.787  # slope of the linear part of f(t)
+_LAB_F_OFFSET = 16.0 / 116.0
+
+# The XYZ -> linear RGB matrix with the white point folded in, so that linear RGB = M @ (finv(fx), Y, finv(fz)).
+_M_LAB = RGB_FROM_XYZ * np.array([WHITE_D65[0], 1.0, WHITE_D65[2]])
+_M_LAB32 = _M_LAB.astype(np.float32)
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _is_tensor(x: Any) -> bool:
+    """True for a torch.Tensor, without importing torch when it is not already loaded."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Grey -> L*
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _float_array(x) -> np.ndarray:
+    """numpy array in float32 when ``x`` is float32, else float64."""
+    x = np.asarray(x)
+    return x.astype(np.float32 if x.dtype == np.float32 else np.float64, copy=False)
+
+
+def _srgb_decode(c):
+    """Encoded sRGB in [0, 1] -> linear light (IEC 61966-2-1); numpy (float32 kept, else float64) or torch."""
+    if _is_tensor(c):
+        return _torch().where(c > _SRGB_LIN_THRESHOLD, ((c + 0.055) / 1.055).clamp_min(0.0) ** 2.4, c / 12.92)
+    c = _float_array(c)
+    return np.where(c > _SRGB_LIN_THRESHOLD, np.power(np.maximum((c + 0.055) / 1.055, 0.0), 2.4), c / 12.92)
+
+
+def _srgb_encode(lum):
+    """Linear light in [0, 1] -> encoded sRGB; numpy (float32 kept, else float64) or torch."""
+    if _is_tensor(lum):
+        return _torch().where(
+            lum > _SRGB_ENC_THRESHOLD, 1.055 * lum.clamp_min(_SRGB_ENC_THRESHOLD) ** (1 / 2.4) - 0.055, 12.92 * lum
+        )
+    lum = _float_array(lum)
+    return np.where(
+        lum > _SRGB_ENC_THRESHOLD, 1.055 * np.power(np.maximum(lum, _SRGB_ENC_THRESHOLD), 1 / 2.4) - 0.055, 12.92 * lum
+    )
+
+
+def _lab_f(t):
+    """CIE f(t) with skimage's constants: cube root above 0.008856, linear below; numpy or torch."""
+    if _is_tensor(t):
+        return _torch().where(t > _LAB_T_THRESHOLD, t.clamp_min(0.0) ** (1.0 / 3.0), _LAB_KAPPA * t + _LAB_F_OFFSET)
+    return np.where(t > _LAB_T_THRESHOLD, np.cbrt(t), _LAB_KAPPA * t + _LAB_F_OFFSET)
+
+
+def _lab_finv(f):
+    """Inverse of `_lab_f` with skimage's constants: cube above 0.2068966, linear below; numpy or torch."""
+    if _is_tensor(f):
+        return _torch().where(f > _LAB_F_THRESHOLD, f * f * f, (f - _LAB_F_OFFSET) / _LAB_KAPPA)
+    return np.where(f > _LAB_F_THRESHOLD, f * f * f, (f - _LAB_F_OFFSET) / _LAB_KAPPA)
+
+
+def grey_to_lightness(g):
+    """CIE L* (D65) of the display grey ``g`` shown as the sRGB colour (g, g, g).
+
+    Args:
+        g: grey in [0, 1] (values outside are clipped), any shape; a numpy array or scalar, or a torch tensor.
+
+    Returns:
+        L* in [0, 100], same shape: numpy float64 (float32 for float32 input), or a tensor of the input's floating
+        dtype (float32 for integer tensors). Equals channel 0 of ``skimage.color.rgb2lab`` of (g, g, g).
+
+    Example: ``grey_to_lightness(0.5)`` is 53.39: mid-grey on screen is lighter than half-way in L*.
+    """
+    if _is_tensor(g):
+        g = g if g.is_floating_point() else g.float()
+        return 116.0 * _lab_f(_srgb_decode(g.clamp(0.0, 1.0))) - 16.0
+    return 116.0 * _lab_f(_srgb_decode(np.clip(_float_array(g), 0.0, 1.0))) - 16.0
+
+
+def lightness_to_grey(lightness):
+    """Inverse of `grey_to_lightness`: the grey g in [0, 1] whose (g, g, g) has CIE L* ``lightness`` (in [0, 100]).
+
+    Accepts numpy or torch like `grey_to_lightness`; values outside [0, 100] are clipped.
+    """
+    if _is_tensor(lightness):
+        lightness = lightness if lightness.is_floating_point() else lightness.float()
+        lum = _lab_finv((lightness.clamp(0.0, 100.0) + 16.0) / 116.0)
+        return _srgb_encode(lum.clamp(0.0, 1.0)).clamp(0.0, 1.0)
+    lum = _lab_finv((np.clip(_float_array(lightness), 0.0, 100.0) + 16.0) / 116.0)
+    return np.clip(_srgb_encode(np.clip(lum, 0.0, 1.0)), 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Lab <-> sRGB
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_channels(x, n: int, what: str) -> None:
+    if x.ndim < 1 or x.shape[-1] != n:
+        raise InputError(f"{what} must have shape (..., {n}) (channel-last), got {tuple(x.shape)}")
+
+
+def lab_to_srgb(lab: np.ndarray) -> np.ndarray:
+    """CIE Lab (D65, 2-degree) -> sRGB in [0, 1], on the CPU with scikit-image (``skimage.color.lab2rgb``).
+
+    Args:
+        lab: (..., 3) L* in [0, 100], a*, b*.
+
+    Returns:
+        (..., 3) float64 sRGB, clipped to [0, 1] (skimage clips; use `gamut_map_ab` first to keep L* exact).
+    """
+    from skimage.color import lab2rgb
+
+    lab = np.asarray(lab)
+    _check_channels(lab, 3, "lab")
+    return lab2rgb(lab.astype(np.float64, copy=False))
+
+
+def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB -> CIE Lab (D65, 2-degree) on the CPU with scikit-image (``skimage.color.rgb2lab``).
+
+    Args:
+        rgb: (..., 3) floats in [0, 1], or uint8 in [0, 255].
+
+    Returns:
+        (..., 3) float64 L* in [0, 100], a*, b*.
+    """
+    from skimage.color import rgb2lab
+
+    rgb = np.asarray(rgb)
+    _check_channels(rgb, 3, "rgb")
+    rgb = rgb / 255.0 if rgb.dtype == np.uint8 else rgb.astype(np.float64, copy=False)
+    return rgb2lab(rgb)
+
+
+# The torch conversions are written here rather than taken from a library because skimage is numpy/CPU only: the
+# engines colourise whole batches on the GPU and must not copy them to the host and back for a colour conversion.
+# They follow skimage step by step (same constants, same clipping) so both paths give the same numbers.
+
+
+def lab_to_srgb_torch(lab: torch.Tensor, clip: bool = True) -> torch.Tensor:
+    """CIE Lab (D65, 2-degree) -> sRGB on any torch device; matches `lab_to_srgb` (skimage) to 1e-6 in float64.
+
+    Args:
+        lab: (..., 3) floating tensor, L* in [0, 100], a*, b*.
+        clip: clip the result to [0, 1] as skimage does. With ``clip=False`` the result is not clipped and
+            f(Z) is not clamped at 0, so out-of-gamut colours show how far out they are.
+
+    Returns:
+        (..., 3) sRGB, same dtype and device as ``lab``.
+    """
+    torch = _torch()
+    _check_channels(lab, 3, "lab")
+    if not lab.is_floating_point():
+        lab = lab.float()
+    fy = (lab[..., 0] + 16.0) / 116.0
+    fx = fy + lab[..., 1] / 500.0
+    fz = fy - lab[..., 2] / 200.0
+    if clip:
+        fz = fz.clamp_min(0.0)  # skimage clips negative f(Z) to 0 (with a warning)
+    f = torch.stack([_lab_finv(fx), _lab_finv(fy), _lab_finv(fz)], dim=-1)
+    lin = f @ torch.as_tensor(_M_LAB.T, dtype=lab.dtype, device=lab.device)
+    out = _srgb_encode(lin)
+    return out.clamp(0.0, 1.0) if clip else out
+
+
+def srgb_to_lab_torch(rgb: torch.Tensor) -> torch.Tensor:
+    """sRGB -> CIE Lab (D65, 2-degree) on any torch device; matches `srgb_to_lab` (skimage) to 1e-6 in float64.
+
+    Args:
+        rgb: (..., 3) floats in [0, 1], or uint8 in [0, 255] (converted to float32).
+
+    Returns:
+        (..., 3) L*, a*, b*, same dtype (float32 for uint8 input) and device as ``rgb``.
+    """
+    torch = _torch()
+    _check_channels(rgb, 3, "rgb")
+    if not rgb.is_floating_point():
+        rgb = rgb.float() / 255.0
+    xyz = _srgb_decode(rgb) @ torch.as_tensor(XYZ_FROM_RGB.T, dtype=rgb.dtype, device=rgb.device)
+    f = _lab_f(xyz / torch.as_tensor(WHITE_D65, dtype=rgb.dtype, device=rgb.device))
+    return torch.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], -1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Luminance-exact gamut mapping
+#
+# At a fixed L* (so fixed Y and fy = f(Y)), the colours (L*, s*a*, s*b*), s > 0, share one hue, and their linear RGB
+# is M @ (finv(fy + s*a*/500), Y, finv(fy - s*b*/200)): Y, hence L*, does not depend on s. A colour out of gamut is
+# moved to the gamut boundary along that ray, s = Cmax(L*, hue) / C, where Cmax is the chroma at which the ray from
+# the grey axis first leaves the sRGB gamut. Cmax comes from a table (0.1-0.5 L* x 0.5 degree of hue, bilinear), so the
+# step is closed-form, with no per-pixel iteration. Colours already in gamut are never changed.
+#
+# Interpolating the table can land a hair outside the gamut (its faces are curved between nodes), and skimage's D65
+# white (0.95047, 1, 1.08883) is not exactly the white of the sRGB matrix (0.950456, 1, 1.088754), so even
+# a* = b* = 0 is up to 1e-4 outside [0, 1] near L* = 100. A last closed-form step removes any such residual by moving
+# linear RGB towards (Y, Y, Y) just enough: that keeps Y exactly (the matrix's Y row sums to 1) and moves the hue by
+# at most 0.5 degrees (0.43 measured on 10^6 random colours with |a*|, |b*| <= 128 where the mapped chroma is > 1).
+#
+# Near the yellow cusp (L* > ~93, hue ~95..110 degrees) a constant-L* slice of the sRGB gamut is not star-shaped: a
+# ray can leave the gamut and re-enter it. We use the *first* exit from the grey axis, so a colour that lies in such
+# a gap is moved inwards to the inner boundary.
+# --------------------------------------------------------------------------------------------------------------------
+
+# Pixels per step of the numpy compose: its float32 temporaries then stay in a 1 MB L2 cache. Whole 512 x 512 slices
+# at once are 2-3x slower (each temporary is 1 MB and every step goes to main memory).
+_CHUNK = 1 << 15
+
+# Table rows: every 0.1 L* up to L* = 10 (near black the chroma limit bends sharply, e.g. for blue), then every 0.5.
+# Row coordinate r(L*) = 2 L* + 8 min(L*, 10): 10 rows per L* below 10, 2 above; 281 rows for L* = 0..100.
+_CMAX_L_ROWS = 281
+_CMAX_H_STEPS = 720  # columns per 360 degrees of hue; one more column repeats the first, so no wrap-around is needed
+
+
+def _finv_np(f: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """`_lab_finv` without a branch (2-4x faster in numpy): m**3 + (f - m) / kappa with m = max(f, F0).
+
+    skimage's linear piece is the tangent of the cube at F0, so this equals the piecewise form to 5e-8. ``f`` is
+    left unchanged; the result goes to ``out`` when given.
+    """
+    t = f.dtype.type
+    m = np.maximum(f, t(_LAB_F_THRESHOLD))
+    low = np.subtract(f, m)  # 0 above F0
+    low *= t(1.0 / _LAB_KAPPA)
+    out = np.multiply(m, m, out=out)
+    out *= m
+    out += low
+    return out
+
+
+_GREY_LEVELS = 16384  # grey lookup step: moves L* by at most 0.007 (half a level times the largest dL*/dg, 206)
+
+
+@cache
+def _grey_tables() -> tuple[np.ndarray, np.ndarray]:
+    """f(Y) and Y (float32) of the greys g = k / 16384, k = 0..16384, computed in float64 with skimage's formulas."""
+    lum = _srgb_decode(np.arange(_GREY_LEVELS + 1) / _GREY_LEVELS)
+    return _lab_f(lum).astype(np.float32), lum.astype(np.float32)
+
+
+def _lab_linear_np(fy: np.ndarray, lum: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Linear RGB of (L*, a*, b*) given f(Y) = fy and Y = lum: (n,) arrays -> (3, n), same dtype."""
+    t = fy.dtype.type
+    xyz = np.empty((3, fy.size), dtype=fy.dtype)
+    f = np.multiply(a, t(1 / 500))
+    f += fy
+    _finv_np(f, out=xyz[0])
+    np.multiply(b, t(-1 / 200), out=f)
+    f += fy
+    _finv_np(f, out=xyz[2])
+    xyz[1] = lum
+    return (_M_LAB32 if fy.dtype == np.float32 else _M_LAB) @ xyz  # one BLAS call: 2x faster than 9 multiply-adds
+
+
+# Channels up to 1 + 1e-4 count as in gamut: that admits the white-point tint (<= 8.1e-5, in blue) of a* = b* = 0
+# near L* = 100 and is clipped at quantisation, which moves L* by at most 0.02 (a channel at 1 means Y >= 0.07).
+_GAMUT_TOP = 1.0 + 1e-4
+
+
+def _in_gamut_np(rgb: np.ndarray) -> np.ndarray:
+    """(3, n) linear RGB -> (n,) bool: every channel in [0, 1 + 1e-4]."""
+    ok = rgb.min(axis=0) >= 0.0
+    ok &= rgb.max(axis=0) <= _GAMUT_TOP
+    return ok
+
+
+@cache
+def _cmax_table() -> np.ndarray:
+    """(281, 721) float32 first-exit chroma Cmax(L*, hue); rows L* = 0, 0.1, ..., 10, 10.5, ..., 100, columns hue.
+
+    Built once, in float32 (about 0.4 s): a scan in chroma steps of 4 finds the first step out of gamut along each
+    ray (the in-gamut gaps near the yellow cusp are more than 10 wide), then 15 bisection steps refine it to 1e-4.
+    """
+    rows = np.arange(_CMAX_L_ROWS, dtype=np.float64)
+    light = np.repeat(np.where(rows <= 100, rows / 10.0, 10.0 + (rows - 100) / 2.0), _CMAX_H_STEPS + 1)
+    hue = np.tile(np.linspace(-np.pi, np.pi, _CMAX_H_STEPS + 1), _CMAX_L_ROWS)
+    fy = ((light + 16.0) / 116.0).astype(np.float32)
+    lum = _finv_np(fy)
+    cos, sin = np.cos(hue).astype(np.float32), np.sin(hue).astype(np.float32)
+
+    def inside(chroma, idx):
+        return _in_gamut_np(_lab_linear_np(fy[idx], lum[idx], chroma * cos[idx], chroma * sin[idx]))
+
+    step = 4.0
+    hi = np.full(fy.size, np.inf, dtype=np.float32)
+    for chroma in np.arange(0.0, 150.0, step, dtype=np.float32):  # sRGB's largest chroma in CIELAB is 134 (blue)
+        todo = np.flatnonzero(np.isinf(hi))
+        hi[todo[~inside(chroma, todo)]] = chroma
+    lo = np.maximum(hi - np.float32(step), np.float32(0.0))
+    everything = slice(None)
+    for _ in range(15):
+        mid = np.float32(0.5) * (lo + hi)
+        ok = inside(mid, everything)
+        lo = np.where(ok, mid, lo)
+        hi = np.where(ok, hi, mid)
+    return lo.reshape(_CMAX_L_ROWS, _CMAX_H_STEPS + 1)
+
+
+def _boundary_scale_np(fy: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n,) f(Y), a*, b* (float32) -> s = min(1, Cmax(L*, hue) / C), bilinear in the Cmax table."""
+    table = _cmax_table()
+    cols = table.shape[1]
+    t = np.float32
+    light = fy * t(116.0)
+    light -= t(16.0)
+    np.clip(light, 0.0, 100.0, out=light)
+    li = np.minimum(light, t(10.0))
+    li *= t(8.0)
+    light *= t(2.0)
+    li += light  # row coordinate 2 L* + 8 min(L*, 10)
+    row = np.minimum(np.floor(li), t(_CMAX_L_ROWS - 2))  # float32 throughout: mixed int/float ops are 4x slower
+    li -= row  # now the weight of row + 1
+    hj = np.arctan2(b, a)
+    hj += t(np.pi)
+    hj *= t(_CMAX_H_STEPS / (2 * np.pi))
+    col = np.minimum(np.floor(hj), t(_CMAX_H_STEPS - 1))
+    hj -= col
+    row *= t(cols)
+    row += col
+    k = row.astype(np.int32)
+    flat = table.ravel()
+    top = np.take(flat, k)
+    top += hj * (np.take(flat, k + 1) - top)
+    k += cols
+    bottom = np.take(flat, k)
+    bottom += hj * (np.take(flat, k + 1) - bottom)
+    bottom -= top
+    bottom *= li
+    top += bottom  # Cmax
+    chroma = a * a
+    chroma += b * b
+    np.sqrt(chroma, out=chroma)
+    np.maximum(chroma, t(1e-30), out=chroma)  # C = 0 gives s = 1, harmless: a* = b* = 0 stays grey
+    top /= chroma
+    return np.minimum(top, t(1.0), out=top)
+
+
+def _desaturate_linear_np(rgb: np.ndarray, lum: np.ndarray) -> None:
+    """In place: move (3, n) linear RGB towards (Y, Y, Y) just enough to lie in [0, 1]^3. Y is kept exactly.
+
+    Y + t * (rgb - Y) has luminance Y for every t; the largest t <= 1 in gamut is set by the largest and smallest
+    channels: t = min(1, (1 - Y) / (max - Y), Y / (Y - min)). Each ratio is >= 1 when that side is in gamut.
+    """
+    tiny = rgb.dtype.type(1e-30)
+    hi = np.maximum(np.maximum(rgb[0], rgb[1]), rgb[2])
+    lo = np.minimum(np.minimum(rgb[0], rgb[1]), rgb[2])
+    hi -= lum
+    np.maximum(hi, tiny, out=hi)
+    t = np.divide(1.0 - lum, hi)
+    lo = np.subtract(lum, lo, out=lo)
+    np.maximum(lo, tiny, out=lo)
+    np.minimum(t, np.divide(lum, lo), out=t)
+    np.minimum(t, 1.0, out=t)
+    rgb -= lum
+    rgb *= t
+    rgb += lum
+    np.clip(rgb, 0.0, 1.0, out=rgb)  # float rounding only (<= 1e-7)
+
+
+def _gamut_linear_np(fy: np.ndarray, lum: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n,) float32 f(Y), Y, a*, b* -> ((3, n) linear RGB in [0, 1]^3 with luminance Y, indices that were mapped)."""
+    rgb = _lab_linear_np(fy, lum, a, b)
+    bad = np.flatnonzero(~_in_gamut_np(rgb))
+    if bad.size:
+        fy_b, lum_b, a_b, b_b = fy[bad], lum[bad], a[bad], b[bad]
+        s = _boundary_scale_np(fy_b, a_b, b_b)
+        a_b *= s
+        b_b *= s
+        rgb_b = _lab_linear_np(fy_b, lum_b, a_b, b_b)
+        _desaturate_linear_np(rgb_b, lum_b)
+        for k in range(3):  # row by row: 3x faster than rgb[:, bad] = rgb_b
+            rgb[k, bad] = rgb_b[k]
+    return rgb, bad
+
+
+def _as_float32_ab(shape: tuple[int, ...], ab) -> np.ndarray:
+    ab = np.asarray(ab)
+    if ab.shape != (*shape, 2):
+        raise InputError(f"ab must have shape {(*shape, 2)} (the grey/L* shape plus a last axis of 2), got {ab.shape}")
+    return ab.astype(np.float32, copy=False)
+
+
+def gamut_map_ab(lightness: np.ndarray, ab: np.ndarray) -> np.ndarray:
+    """Reduce the chroma of (L*, a*, b*) along its hue until it fits the sRGB gamut; L* is never changed (numpy).
+
+    Args:
+        lightness: (...) L* in [0, 100].
+        ab: (..., 2) a*, b*; any magnitude (the network's +-128 included).
+
+    Returns:
+        (..., 2) float32 a*, b*. In-gamut colours are returned unchanged. Out-of-gamut ones land on the gamut boundary
+        (its first crossing along the ray from grey; up to 1% inside it, 5% at the gamut's sharpest corners) with
+        the hue atan2(b*, a*) kept to 0.5 degrees. (L*, a*, b*) is then in sRGB [0, 1 + 1e-4]^3 (1e-4: the
+        white-point residual, see the notes above) and has L* equal to ``lightness`` to 1e-2 (float32).
+    """
+    lightness = np.asarray(lightness, dtype=np.float32)
+    ab = _as_float32_ab(lightness.shape, ab)
+    if not (np.isfinite(lightness).all() and np.isfinite(ab).all()):
+        raise InputError("lightness and ab must be finite: found NaN or infinity")
+    fy = ((np.clip(lightness, 0.0, 100.0) + 16.0) / 116.0).reshape(-1)
+    lum = _finv_np(fy)
+    a = ab[..., 0].reshape(-1)
+    b = ab[..., 1].reshape(-1)
+    rgb, bad = _gamut_linear_np(fy, lum, a, b)
+    out = np.array(ab, dtype=np.float32).reshape(-1, 2)
+    if bad.size:  # back to Lab for the mapped pixels only
+        f = _lab_f((XYZ_FROM_RGB @ rgb[:, bad].astype(np.float64)) / np.asarray(WHITE_D65)[:, None])
+        out[bad, 0] = 500.0 * (f[0] - f[1])
+        out[bad, 1] = 200.0 * (f[1] - f[2])
+    return out.reshape(ab.shape)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# uint8 quantisation of linear light without a per-pixel power: a 65536-entry table of codes, indexed by the nearest
+# multiple of 1/65535. The table holds round(255 * encode(k / 65535)); the table step moves the encoded value by at
+# most 12.92 * 0.5 / 65535 * 255 = 0.025 of a code, so each code is within 0.525 of 255 * encode(y) (exact rounding
+# would be within 0.5). The L* bound in `compose_rgb` is proven with that 0.525 (tests/test_color.py).
+# --------------------------------------------------------------------------------------------------------------------
+
+_Q_STEPS = 65535
+_Q_CODES = np.rint(255.0 * np.clip(_srgb_encode(np.arange(_Q_STEPS + 1) / _Q_STEPS), 0.0, 1.0)).astype(np.uint8)
+
+
+def _quantise_linear_np(lin: np.ndarray, out: np.ndarray) -> None:
+    """(3, n) float32 linear light in [0, 1] -> uint8 sRGB codes written into ``out`` (n, 3) (see the notes above)."""
+    idx = lin * np.float32(_Q_STEPS)
+    idx += np.float32(0.5)
+    idx = idx.astype(np.int32)
+    for k in range(3):  # a take per channel straight into the interleaved output beats a transpose by 2x
+        np.take(_Q_CODES, idx[k], out=out[:, k], mode="clip")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# compose: grey + a*b* -> uint8 sRGB with the luminance invariant
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_chroma(chroma: float) -> float:
+    chroma = float(chroma)
+    if not 0.0 <= chroma <= 1.0:
+        raise InputError(f"chroma must be in [0, 1], got {chroma}")
+    return chroma
+
+
+def compose_rgb(grey: np.ndarray, ab: np.ndarray, chroma: float = 1.0) -> np.ndarray:
+    """Colour the display grey with a*, b* and return uint8 sRGB whose L* equals the grey's L* (numpy, CPU).
+
+    Each pixel becomes (L*(g), chroma * a*, chroma * b*), moved along its hue into the sRGB gamut when it is outside
+    (the algorithm of `gamut_map_ab`), converted to sRGB and rounded to the nearest uint8 code.
+
+    Args:
+        grey: (...) display grey in [0, 1] (the windowed CT; values outside are clipped).
+        ab: (..., 2) a*, b* per pixel, any magnitude.
+        chroma: strength in [0, 1]; 0 returns exactly the grey CT, R = G = B = round(255 * g).
+
+    Returns:
+        (..., 3) uint8 sRGB. On every pixel |L*(output) - L*(g, g, g)| <= 1.0 for any ab; by design <= 0.31 (8-bit
+        rounding accounts for at most 0.274 of it).
+
+    Raises:
+        InputError: when ``grey`` is not floating point, ``ab``'s shape is not ``grey.shape + (2,)``, either holds
+            NaN or infinity, or ``chroma`` is outside [0, 1].
+    """
+    chroma = _check_chroma(chroma)
+    grey = np.asarray(grey)
+    if not np.issubdtype(grey.dtype, np.floating):
+        raise InputError(f"grey must be floating point in [0, 1] (the windowed CT), got dtype {grey.dtype}")
+    ab = _as_float32_ab(grey.shape, ab)
+    if not (np.isfinite(grey).all() and np.isfinite(ab).all()):
+        raise InputError("grey and ab must be finite: found NaN or infinity")
+    if chroma == 0.0:  # in the input's own precision, so that the codes are exactly round(255 * g)
+        code = np.rint(np.clip(_float_array(grey), 0.0, 1.0) * 255.0).astype(np.uint8)
+        return np.repeat(code[..., None], 3, axis=-1)
+    g = np.clip(grey, 0.0, 1.0).astype(np.float32, copy=False).reshape(-1)
+    a = ab[..., 0].reshape(-1) * np.float32(chroma)  # copies: the mapping works in place on them
+    b = ab[..., 1].reshape(-1) * np.float32(chroma)
+    fy_table, lum_table = _grey_tables()
+    level = g * np.float32(_GREY_LEVELS)
+    level += np.float32(0.5)
+    level = level.astype(np.int32)
+    extreme = (level == 0) | (level == _GREY_LEVELS)  # black and white hold no colour; in CT: air and bone
+    np.copyto(a, 0.0, where=extreme)
+    np.copyto(b, 0.0, where=extreme)
+    out = np.empty((g.size, 3), dtype=np.uint8)
+    for start in range(0, g.size, _CHUNK):
+        sl = slice(start, start + _CHUNK)
+        rgb, _ = _gamut_linear_np(np.take(fy_table, level[sl]), np.take(lum_table, level[sl]), a[sl], b[sl])
+        _quantise_linear_np(rgb, out[sl])
+    return out.reshape(*grey.shape, 3)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The same gamut mapping and compose in torch (GPU)
+# --------------------------------------------------------------------------------------------------------------------
+
+_TORCH_TABLES: dict[tuple[str, Any], Any] = {}
+
+
+def _cmax_table_torch(device, dtype):
+    key = (str(device), dtype)
+    if key not in _TORCH_TABLES:
+        _TORCH_TABLES[key] = _torch().as_tensor(_cmax_table(), dtype=dtype, device=device)
+    return _TORCH_TABLES[key]
+
+
+def _lab_linear_torch(fy, lum, u, v):
+    """(n,) f(Y), Y, a*/500, b*/200 -> (n, 3) linear RGB, same dtype and device."""
+    torch = _torch()
+    m = torch.as_tensor(_M_LAB.T, dtype=fy.dtype, device=fy.device)
+    return torch.stack([_lab_finv(fy + u), lum, _lab_finv(fy - v)], dim=-1) @ m
+
+
+def _in_gamut_torch(rgb):
+    return (rgb.amin(dim=-1) >= 0.0) & (rgb.amax(dim=-1) <= _GAMUT_TOP)
+
+
+def _boundary_scale_torch(fy, a, b):
+    torch = _torch()
+    table = _cmax_table_torch(fy.device, fy.dtype)
+    cols = table.shape[1]
+    light = (116.0 * fy - 16.0).clamp(0.0, 100.0)
+    li = 2.0 * light + 8.0 * light.clamp_max(10.0)
+    i0 = li.long().clamp_max(_CMAX_L_ROWS - 2)
+    wl = li - i0
+    hj = (torch.atan2(b, a) + torch.pi) * (_CMAX_H_STEPS / (2 * torch.pi))
+    j0 = hj.long().clamp_max(_CMAX_H_STEPS - 1)
+    wh = hj - j0
+    flat = table.reshape(-1)
+    k = i0 * cols + j0
+    top = torch.lerp(flat[k], flat[k + 1], wh)
+    bottom = torch.lerp(flat[k + cols], flat[k + cols + 1], wh)
+    cmax = torch.lerp(top, bottom, wl)
+    chroma = torch.hypot(a, b)
+    return torch.where(chroma > 0, cmax / chroma.clamp_min(1e-30), torch.zeros_like(cmax)).clamp_max(1.0)
+
+
+def _desaturate_linear_torch(rgb, lum):
+    """`_desaturate_linear_np` for (n, 3) tensors; returns the result."""
+    y = lum[:, None]
+    t1 = (1.0 - y) / (rgb.amax(dim=-1, keepdim=True) - y).clamp_min(1e-30)
+    t2 = y / (y - rgb.amin(dim=-1, keepdim=True)).clamp_min(1e-30)
+    t = _torch().minimum(t1, t2).clamp_max(1.0)
+    return (y + t * (rgb - y)).clamp(0.0, 1.0)
+
+
+def _gamut_linear_torch(fy, lum, a, b):
+    """(n,) tensors f(Y), Y, a*, b* -> ((n, 3) linear RGB in [0, 1]^3 with luminance Y, indices that were mapped)."""
+    torch = _torch()
+    rgb = _lab_linear_torch(fy, lum, a / 500.0, b / 200.0)
+    bad = torch.nonzero(~_in_gamut_torch(rgb)).squeeze(1)
+    if bad.numel():
+        fy_b, lum_b, a_b, b_b = fy[bad], lum[bad], a[bad], b[bad]
+        s = _boundary_scale_torch(fy_b, a_b, b_b)
+        rgb[bad] = _desaturate_linear_torch(_lab_linear_torch(fy_b, lum_b, s * a_b / 500.0, s * b_b / 200.0), lum_b)
+    return rgb, bad
+
+
+def gamut_map_ab_torch(lightness: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+    """`gamut_map_ab` on any torch device: (...) L* and (..., 2) a*b* -> (..., 2) a*b*, in gamut, hue and L* kept."""
+    torch = _torch()
+    if tuple(ab.shape) != (*lightness.shape, 2):
+        raise InputError(f"ab must have shape {(*lightness.shape, 2)}, got {tuple(ab.shape)}")
+    if not bool(torch.isfinite(lightness).all() & torch.isfinite(ab).all()):
+        raise InputError("lightness and ab must be finite: found NaN or infinity")
+    dtype = lightness.dtype if lightness.is_floating_point() else torch.float32
+    fy = ((lightness.to(dtype).clamp(0.0, 100.0) + 16.0) / 116.0).reshape(-1)
+    ab = ab.to(dtype)
+    out = ab.reshape(-1, 2).clone()
+    rgb, bad = _gamut_linear_torch(fy, _lab_finv(fy), out[:, 0], out[:, 1])
+    if bad.numel():
+        out[bad] = srgb_to_lab_torch(_srgb_encode(rgb[bad]))[:, 1:]
+    return out.reshape(ab.shape)
+
+
+def compose_rgb_torch(grey: torch.Tensor, ab: torch.Tensor, chroma: float = 1.0) -> torch.Tensor:
+    """`compose_rgb` on any torch device (same algorithm, float32): grey (...) and a*b* (..., 2) -> uint8 (..., 3).
+
+    For network output in (B, 2, H, W) pass ``ab.movedim(1, -1)`` with grey (B, H, W). The result stays on the
+    input's device. The same guarantee holds: |L*(output) - L*(g, g, g)| <= 1.0 on every pixel. Meant for the GPU:
+    on the CPU `compose_rgb` (numpy) is several times faster (~30 ms vs ~7 ms per 512 x 512 slice on 2 cores).
+
+    Raises:
+        InputError: as `compose_rgb`.
+    """
+    torch = _torch()
+    chroma = _check_chroma(chroma)
+    if not grey.is_floating_point():
+        raise InputError(f"grey must be floating point in [0, 1] (the windowed CT), got dtype {grey.dtype}")
+    if tuple(ab.shape) != (*grey.shape, 2):
+        raise InputError(
+            f"ab must have shape {(*grey.shape, 2)} (grey's shape plus a last axis of 2), got {tuple(ab.shape)}"
+        )
+    if not bool(torch.isfinite(grey).all() & torch.isfinite(ab).all()):
+        raise InputError("grey and ab must be finite: found NaN or infinity")
+    g = grey.to(torch.float32).clamp(0.0, 1.0).reshape(-1)
+    if chroma == 0.0:
+        return torch.round(g * 255.0).to(torch.uint8)[:, None].expand(-1, 3).reshape(*grey.shape, 3).contiguous()
+    ab = ab.to(torch.float32).reshape(-1, 2) * chroma
+    ab = torch.where(((g <= 0.0) | (g >= 1.0))[:, None], 0.0, ab)  # black and white hold no colour
+    lum = _srgb_decode(g)
+    rgb, _ = _gamut_linear_torch(_lab_f(lum), lum, ab[:, 0], ab[:, 1])
+    return torch.round(_srgb_encode(rgb).clamp(0.0, 1.0) * 255.0).to(torch.uint8).reshape(*grey.shape, 3)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Palettes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TissueClass:
+    """A tissue class for voxels without a structure label, coloured from HU alone.
+
+    Attributes:
+        name: e.g. ``"fat"``.
+        hu_range: (low, high) HU where the class has exactly its colour; between the ranges of neighbouring classes
+            a*, b* blend linearly in HU, so targets have no step edges.
+        rgb: sRGB 0-255, or None for no colour (a* = b* = 0, e.g. air).
+    """
+
+    name: str
+    hu_range: tuple[float, float]
+    rgb: tuple[int, int, int] | None
+
+    @property
+    def ab(self) -> tuple[float, float]:
+        """(a*, b*) of the class colour; (0, 0) when it has none."""
+        if self.rgb is None:
+            return (0.0, 0.0)
+        lab = srgb_to_lab(np.asarray(self.rgb, dtype=np.uint8))
+        return (float(lab[1]), float(lab[2]))
+
+
+@dataclass(frozen=True, eq=False)
+class Palette:
+    """Colours per TotalSegmentator v2 structure name, plus HU tissue classes for unlabelled voxels.
+
+    Attributes:
+        name: ``"anatomical"`` or ``"dicom"``.
+        source: where the colours come from (citation).
+        rgb: structure name -> sRGB (R, G, B) in 0..255.
+        tissue_classes: ordered by HU.
+    """
+
+    name: str
+    source: str
+    rgb: Mapping[str, tuple[int, int, int]]
+    tissue_classes: tuple[TissueClass, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The structure names, in the palette file's order (TotalSegmentator v2 label order)."""
+        return tuple(self.rgb)
+
+    @cached_property
+    def _tissue_knots(self) -> tuple[np.ndarray, np.ndarray]:
+        """HU knots and their (a*, b*): each class contributes its range's two ends, so a*b* is flat inside it."""
+        knots = [h for tc in self.tissue_classes for h in tc.hu_range]
+        ab = [tc.ab for tc in self.tissue_classes for _ in range(2)]
+        return np.asarray(knots, dtype=np.float32), np.asarray(ab, dtype=np.float32)
+
+    def lab(self, name: str) -> tuple[float, float, float]:
+        """CIE (L*, a*, b*) of a structure's colour."""
+        try:
+            rgb = self.rgb[name]
+        except KeyError:
+            raise InputError(f"palette {self.name!r} has no structure {name!r}") from None
+        lab = srgb_to_lab(np.asarray(rgb, dtype=np.uint8))
+        return (float(lab[0]), float(lab[1]), float(lab[2]))
+
+    def ab(self, name: str) -> tuple[float, float]:
+        """(a*, b*) of a structure's colour: what the network is trained to predict for it."""
+        return self.lab(name)[1:]
+
+    def ab_lut(self, label_names: Mapping[int, str]) -> tuple[np.ndarray, np.ndarray]:
+        """Lookup table from label id to a*, b*, for turning a label map into colour targets.
+
+        Args:
+            label_names: label id -> structure name (e.g. TotalSegmentator's v2 id -> name table).
+
+        Returns:
+            ``(lut, known)``: lut (max_id + 1, 2) float32 a*, b* (0 where unknown), known (max_id + 1,) bool, True
+            where the id names a structure of this palette. Use as ``lut[labels]`` and ``known[labels]``.
+        """
+        size = max(label_names, default=0) + 1
+        lut = np.zeros((size, 2), dtype=np.float32)
+        known = np.zeros(size, dtype=bool)
+        names = [(int(i), n) for i, n in label_names.items() if n in self.rgb]
+        if names:
+            rgb = np.asarray([self.rgb[n] for _, n in names], dtype=np.uint8)
+            ids = [i for i, _ in names]
+            lut[ids] = srgb_to_lab(rgb)[:, 1:]
+            known[ids] = True
+        return lut, known
+
+    def tissue_ab_from_hu(self, hu: np.ndarray) -> np.ndarray:
+        """(a*, b*) of the tissue class of each voxel from its HU, blended smoothly across class boundaries.
+
+        Args:
+            hu: (...) Hounsfield units.
+
+        Returns:
+            (..., 2) float32 a*, b*.
+        """
+        hu = np.asarray(hu, dtype=np.float32)
+        knots, ab = self._tissue_knots
+        out = np.empty((*hu.shape, 2), dtype=np.float32)
+        out[..., 0] = np.interp(hu, knots, ab[:, 0])
+        out[..., 1] = np.interp(hu, knots, ab[:, 1])
+        return out
+
+
+def _parse_rgb(value: Any, kinds: Mapping[str, Any], where: str) -> tuple[int, int, int]:
+    """[R, G, B], "R,G,B" (DICOM's DicomRGBColor text) or the name of an entry of ``kinds`` -> (R, G, B) in 0..255."""
+    if isinstance(value, str) and value in kinds:
+        value = kinds[value]
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        rgb = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+        raise InputError(f"{where}: colour must be three integers 0..255 or a kind name, got {value!r}")
+    return rgb  # type: ignore[return-value]
+
+
+@cache
+def load_palette(name: str = "anatomical") -> Palette:
+    """Load a palette shipped in ``napari_ctcolor/data/palette_<name>.json``.
+
+    Args:
+        name: ``"anatomical"`` (default: photographic tissue colours as in cryosection photography) or ``"dicom"``
+            (the DICOM recommended display colours of the TotalSegmentator structure table).
+
+    Returns:
+        The `Palette`, covering all 117 TotalSegmentator v2 structure names.
+
+    Raises:
+        InputError: for an unknown palette name.
+    """
+    if name not in PALETTE_NAMES:
+        raise InputError(f"unknown palette {name!r}; choose one of {', '.join(PALETTE_NAMES)}")
+    path = resources.files("napari_ctcolor") / "data" / f"palette_{name}.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    where = f"palette_{name}.json"
+    kinds = data.get("kinds", {})
+    rgb = {s: _parse_rgb(c, kinds, f"{where} structure {s!r}") for s, c in data["structures"].items()}
+    classes = []
+    for tc in data["tissue_classes"]:
+        low, high = (float(h) for h in tc["hu_range"])
+        colour = None if tc["rgb"] is None else _parse_rgb(tc["rgb"], kinds, f"{where} tissue class {tc['name']!r}")
+        classes.append(TissueClass(tc["name"], (low, high), colour))
+    bounds = [h for tc in classes for h in tc.hu_range]
+    if bounds != sorted(bounds):
+        raise InputError(f"{where}: tissue class HU ranges must be increasing and not overlap, got {bounds}")
+    return Palette(name=data["name"], source=data["source"], rgb=MappingProxyType(rgb), tissue_classes=tuple(classes))
+
+
+def tissue_ab_from_hu(hu: np.ndarray, palette: str | Palette = "anatomical") -> np.ndarray:
+    """(a*, b*) of each voxel's HU tissue class: the colour target of voxels no structure label covers.
+
+    Classes (HU ranges are the palette file's; the anatomical palette's are shown):
+
+    - air, below -960: no colour (a* = b* = 0); fades into lung over -960..-880
+    - lung parenchyma, -880..-560: pink; fades into fat up to -170 (partial volume at the lung border)
+    - fat, -170..-50: yellow; fades into soft tissue over -50..-10
+    - fluid, soft tissue and muscle, -10..110: red-brown
+    - contrast-enhanced blood, 170..250: red. HU alone cannot tell contrast-filled vessels (~150..400) from cancellous
+      bone (~150..700); this band is red (enhanced blood, and red marrow is red in cryosections too), fading to
+    - bone, above 400: ivory.
+
+    Args:
+        hu: (...) Hounsfield units, e.g. a CT slice (Y, X) or volume (Z, Y, X).
+        palette: palette name or a loaded `Palette`.
+
+    Returns:
+        (..., 2) float32 a*, b*.
+    """
+    pal = load_palette(palette) if isinstance(palette, str) else palette
+    return pal.tissue_ab_from_hu(hu)
