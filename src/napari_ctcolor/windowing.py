@@ -8,12 +8,15 @@ viewer shows for that window.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from .io.errors import InputError
 from .io.volume import Volume
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Window(NamedTuple):
@@ -61,6 +64,13 @@ def window(hu: np.ndarray, centre: float, width: float) -> np.ndarray:
     grey = np.subtract(hu, low, dtype=np.float32)
     grey *= np.float32(1.0 / width)
     return np.clip(grey, 0.0, 1.0, out=grey)
+
+
+def window_tensor(hu: torch.Tensor, centre: float, width: float) -> torch.Tensor:
+    """`window` for torch tensors (any shape, any device): the same ramp, computed where the tensor lives."""
+    if not width > 0:
+        raise InputError(f"window width must be positive, got {width}")
+    return ((hu - (centre - width / 2)) * (1.0 / width)).clamp_(0.0, 1.0)
 
 
 def parse_window(spec: str | Sequence[float] | Window | None, volume: Volume | None = None) -> Window:

@@ -1,0 +1,321 @@
+"""Writers for `ColorVolume`: NIfTI-1 RGB24, a folder of PNG slices, an RGB DICOM series.
+
+All writers are atomic per file (`atomic_path`: a temporary file renamed into place) and refuse to replace existing
+files unless ``overwrite=True``, so a mistyped output path never destroys data.
+
+Example (the shared abdomen series, colorized)::
+
+    ct = read_volume("../shared/data/ct/totalseg-abdomen-dicom")
+    colour = colorize(ct, window="abdomen")
+    write_rgb_nifti(colour, "abdomen-colour.nii.gz")      # ITK-SNAP / 3D Slicer open it as a colour volume
+    write_png_slices(colour, "abdomen-colour-png")         # slice_0000.png ... slice_0019.png
+    write_rgb_dicom(colour, "abdomen-colour-dicom", source_meta=ct.meta)
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from .errors import InputError
+from .nifti import nifti_affine
+from .volume import ColorVolume
+from .write import atomic_path
+
+__all__ = ["DICOM_MODALITY", "write_png_slices", "write_rgb_dicom", "write_rgb_nifti"]
+
+# NIfTI-1 datatype 128 (DT_RGB24): one voxel = three uint8 samples R, G, B.
+RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+
+# Modality of the RGB DICOM series. "OT" (other), as for most Secondary Capture, not the source's "CT": the pixels are
+# a rendering, not CT numbers, and CT-only tools (HU measurement, dose, our own reader's "CT series first" rule when
+# the output sits beside the source) must not mistake it for the acquisition. The source modality is named in
+# DerivationDescription.
+DICOM_MODALITY = "OT"
+
+# DICOM PS3.15 Annex E: Basic Application Level Confidentiality Profile, as coded in PS3.16 CID 7050.
+_DEID_METHOD = "DICOM PS3.15 E.1 Basic Application Level Confidentiality Profile"
+_DEID_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
+# Attributes copied from the source only with keep_patient_info=True (Patient, General Study, institution). The
+# Type 2 ones among them are written empty otherwise (the profile's "Z" action).
+_PATIENT_STUDY_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "InstitutionName",
+    "FrameOfReferenceUID",
+)
+_TYPE2_EMPTY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
+    """Raise before writing anything when any of ``paths`` exists and ``overwrite`` is False."""
+    if overwrite:
+        return
+    existing = [p for p in paths if p.exists()]
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise InputError(f"{existing[0]}: already exists{more}; choose another output or allow overwriting")
+
+
+def _slice_paths(folder: Path, n_slices: int, suffix: str) -> list[Path]:
+    digits = max(4, len(str(n_slices - 1)))
+    return [folder / f"slice_{k:0{digits}d}{suffix}" for k in range(n_slices)]
+
+
+def _prepare_folder(folder: Path, paths: list[Path], suffix: str, overwrite: bool) -> None:
+    """Create ``folder`` (its parent must exist), refuse existing slices, and with ``overwrite`` remove stale
+    ``slice_*`` files of an earlier, longer stack so the folder never mixes two volumes."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: exists and is not a folder")
+    if not folder.parent.exists():
+        raise InputError(f"{folder}: parent folder {folder.parent} does not exist")
+    _refuse_existing(paths, overwrite)
+    folder.mkdir(exist_ok=True)
+    keep = set(paths)
+    for stale in folder.glob(f"slice_*{suffix}"):
+        if stale not in keep:
+            stale.unlink()
+
+
+def write_rgb_nifti(cv: ColorVolume, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a ColorVolume as NIfTI-1 RGB24 (datatype 128): ITK-SNAP, 3D Slicer and SimpleITK read it as colour.
+
+    The affine (qform and sform, code 1 "scanner") is exactly what `write_nifti` writes for the source volume:
+    index (i, j, k) -> RAS mm, the LPS geometry with the first two axes negated.
+
+    Args:
+        cv: rgb uint8 (Z, Y, X, 3) with its geometry.
+        path: ``.nii`` or ``.nii.gz``.
+        overwrite: replace an existing file.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        raise InputError(f"{path}: an RGB NIfTI needs a .nii or .nii.gz name")
+    _refuse_existing([path], overwrite)
+    affine = nifti_affine(cv.affine)
+    # NIfTI stores (i, j, k) = (X, Y, Z) with i fastest; each voxel's three bytes become one RGB24 record.
+    voxels = np.ascontiguousarray(cv.rgb.transpose(2, 1, 0, 3)).view(RGB24)[..., 0]
+    img = nib.Nifti1Image(voxels, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    img.header["descrip"] = _description(cv)[:79].encode("ascii", "replace")
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def write_png_slices(cv: ColorVolume, folder: str | os.PathLike, overwrite: bool = False) -> list[Path]:
+    """Write one 8-bit RGB PNG per slice: ``folder/slice_0000.png`` ... in array (Z) order.
+
+    Each image is the (Y, X) slice as stored, row 0 at the top. The in-plane pixel size is recorded in the PNG
+    pHYs chunk (as dpi); PNG has no slice position, so use NIfTI or DICOM when geometry matters.
+
+    Args:
+        cv: rgb uint8 (Z, Y, X, 3).
+        folder: created if missing (its parent must exist).
+        overwrite: replace existing ``slice_*.png`` files (stale ones beyond this volume's slices are removed).
+
+    Returns:
+        The written files.
+    """
+    from PIL import Image
+
+    folder = Path(folder)
+    paths = _slice_paths(folder, cv.rgb.shape[0], ".png")
+    _prepare_folder(folder, paths, ".png", overwrite)
+    dpi = (25.4 / cv.spacing[2], 25.4 / cv.spacing[1])  # pixels per inch along x, y
+    for k, path in enumerate(paths):
+        with atomic_path(path) as tmp:
+            Image.fromarray(cv.rgb[k]).save(tmp, format="PNG", dpi=dpi)
+    return paths
+
+
+def write_rgb_dicom(
+    cv: ColorVolume,
+    folder: str | os.PathLike,
+    source_meta: Mapping[str, Any] | None = None,
+    keep_patient_info: bool = False,
+    source_datasets: Sequence[Any] | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write an RGB DICOM series: Secondary Capture Image Storage, one file per slice (``slice_0000.dcm`` ...).
+
+    Each file carries the source's geometry as Image Plane attributes (ImagePositionPatient of its slice,
+    ImageOrientationPatient from the direction, PixelSpacing, SliceThickness, SpacingBetweenSlices), RGB pixels
+    (SamplesPerPixel 3, PlanarConfiguration 0, 8 bits), a new SeriesInstanceUID and Modality `DICOM_MODALITY`
+    ("OT"). Explicit VR little endian, uncompressed.
+
+    De-identified by default (DICOM PS3.15 basic profile): the Type 2 patient and study attributes (PatientName,
+    PatientID, PatientBirthDate, PatientSex, StudyDate, StudyTime, ...) are present but empty, as the profile's "Z"
+    action and the IOD require; no institution, no series/content dates; new Study, Series, SOP Instance and Frame of
+    Reference UIDs; PatientIdentityRemoved "YES".
+
+    Args:
+        cv: rgb uint8 (Z, Y, X, 3) with its geometry.
+        folder: output folder, created if missing (its parent must exist).
+        source_meta: the source `Volume.meta` (series description and modality, for the description only).
+        keep_patient_info: copy patient, study and institution attributes, StudyInstanceUID and FrameOfReferenceUID
+            from the first of ``source_datasets``, so the series joins the source's study and frame of reference.
+        source_datasets: pydicom Datasets or DICOM file paths of the source series; only the first is read.
+        overwrite: replace existing ``slice_*.dcm`` files (stale ones beyond this volume's slices are removed).
+
+    Returns:
+        The written files, in slice order.
+    """
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    from .. import __version__
+
+    folder = Path(folder)
+    n_slices, rows, cols, _ = cv.rgb.shape
+    paths = _slice_paths(folder, n_slices, ".dcm")
+    source = _first_source(source_datasets) if keep_patient_info else None
+    _prepare_folder(folder, paths, ".dcm", overwrite)
+    meta = dict(source_meta or {})
+
+    series = Dataset()
+    series.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: copied names keep their characters
+    series.SOPClassUID = SecondaryCaptureImageStorage
+    series.Modality = DICOM_MODALITY
+    series.ConversionType = "WSD"  # workstation
+    series.Manufacturer = "napari-ctcolor"
+    series.SecondaryCaptureDeviceManufacturer = "napari-ctcolor"
+    series.SecondaryCaptureDeviceSoftwareVersions = __version__
+    series.ImageType = ["DERIVED", "SECONDARY"]
+    series.DerivationDescription = _description(cv, str(meta.get("modality") or "CT"))[:1024]
+    described = str(meta.get("series_description") or "").strip()
+    series.SeriesDescription = f"{described} colorized"[:64] if described else "colorized CT"
+    series.SeriesInstanceUID = generate_uid()
+    series.SeriesNumber = None
+    for keyword in _TYPE2_EMPTY:
+        setattr(series, keyword, None)
+    series.StudyInstanceUID = generate_uid()
+    series.FrameOfReferenceUID = generate_uid()
+    series.PositionReferenceIndicator = None
+    if source is None:
+        series.PatientIdentityRemoved = "YES"
+        series.DeidentificationMethod = _DEID_METHOD
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = _DEID_CODE
+        series.DeidentificationMethodCodeSequence = [code]
+    else:
+        if "SpecificCharacterSet" in source:
+            series.SpecificCharacterSet = source.SpecificCharacterSet  # decodes the copied names correctly
+        for keyword in _PATIENT_STUDY_KEYWORDS:
+            if keyword in source:
+                setattr(series, keyword, source.data_element(keyword).value)
+        number = source.get("SeriesNumber")
+        series.SeriesNumber = int(number) + 1000 if number not in (None, "") else None
+        now = datetime.datetime.now()
+        series.SeriesDate = series.ContentDate = now.strftime("%Y%m%d")
+        series.SeriesTime = series.ContentTime = now.strftime("%H%M%S")
+
+    # Image Plane: row direction = index i (X), column direction = index j (Y), slices along index k (Z).
+    direction = cv.direction
+    series.ImageOrientationPatient = _ds([*direction[:, 0], *direction[:, 1]])
+    series.PatientOrientation = [_orientation_letters(direction[:, 0]), _orientation_letters(direction[:, 1])]
+    series.PixelSpacing = _ds([cv.spacing[1], cv.spacing[2]])  # (between rows, between columns) mm
+    series.SliceThickness = _ds([cv.spacing[0]])[0]
+    series.SpacingBetweenSlices = _ds([cv.spacing[0]])[0]
+    series.Rows, series.Columns = rows, cols
+    series.SamplesPerPixel = 3
+    series.PhotometricInterpretation = "RGB"
+    series.PlanarConfiguration = 0  # R, G, B interleaved per pixel
+    series.BitsAllocated, series.BitsStored, series.HighBit = 8, 8, 7
+    series.PixelRepresentation = 0
+    series.BurnedInAnnotation = "NO"
+    series.LossyImageCompression = "00"
+
+    affine = cv.affine
+    for k, path in enumerate(paths):
+        ds = Dataset()
+        ds.update(series)
+        ds.SOPInstanceUID = generate_uid()
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = _ds(affine[:3, :3] @ (0.0, 0.0, float(k)) + affine[:3, 3])
+        pixels = np.ascontiguousarray(cv.rgb[k]).tobytes()
+        ds.PixelData = pixels + b"\0" * (len(pixels) % 2)  # values have even length
+        ds["PixelData"].VR = "OB"
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        with atomic_path(path) as tmp:
+            pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+    return paths
+
+
+def _first_source(source_datasets: Sequence[Any] | None):
+    """The first source dataset (read from its path, without pixels, when given as a path), or None."""
+    if not source_datasets:
+        return None
+    first = source_datasets[0]
+    if isinstance(first, str | os.PathLike):
+        import pydicom
+
+        try:
+            return pydicom.dcmread(first, stop_before_pixels=True)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
+            raise InputError(f"{first}: not a readable DICOM file ({type(exc).__name__})") from None
+    return first
+
+
+def _ds(values) -> list:
+    """Decimal strings within DICOM's 16 characters (as close to the float as that allows)."""
+    from pydicom.valuerep import DSfloat
+
+    return [DSfloat(float(v) + 0.0, auto_format=True) for v in values]  # + 0.0 turns -0.0 into 0.0
+
+
+def _orientation_letters(vector: np.ndarray) -> str:
+    """Patient direction of an LPS unit vector, most significant first: (0, 1, 0) -> "P", (0.7, 0, -0.7) -> "LF"."""
+    letters = (("R", "L"), ("A", "P"), ("F", "H"))
+    order = np.argsort(-np.abs(vector), kind="stable")
+    return "".join(letters[i][int(vector[i] > 0)] for i in order if abs(vector[i]) > 1e-3)
+
+
+def _description(cv: ColorVolume, modality: str = "CT") -> str:
+    """One line saying how the colours were made (settings recorded by the engine)."""
+    settings = cv.settings
+    parts = [f"colorized {modality} (napari-ctcolor); luminance = windowed {modality}"]
+    if "window" in settings:
+        centre, width = settings["window"]
+        parts.append(f"window {centre:g}/{width:g} HU")
+    if "model" in settings:
+        parts.append(f"model {settings['model']}")
+    if "chroma" in settings:
+        parts.append(f"chroma {float(settings['chroma']):g}")
+    return "; ".join(parts)

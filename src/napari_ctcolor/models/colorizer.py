@@ -1,0 +1,147 @@
+"""CT colorizers: MONAI U-Nets that predict CIE a*, b* (never L*) from windowed CT.
+
+Chroma is low-frequency, so both models work at a reduced in-plane resolution: the slice is area-averaged by an
+integer factor chosen so that the network's pixels are about ``chroma_mm`` wide (3.5 mm: a 512x512 slice at 0.98 mm
+is seen as 128x128), and the engine upsamples a*, b* back to full resolution, where the luminance comes unchanged from
+the windowed CT. Fixing the pixel size in mm also means organs have the same size in pixels whatever the scanner's
+field of view. This is the same reasoning as chroma
+subsampling in video and JPEG, and it makes the network ~16x cheaper.
+
+- 2D (2.5D): input = ``context`` neighbouring slices x ``len(windows)`` windows as channels.
+- 3D: input = ``len(windows)`` channels of a (D, H, W) patch, run with MONAI's sliding-window inferer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import UNet
+from torch import nn
+
+from ..io.errors import InputError
+from ..windowing import window_tensor
+
+# sRGB colours at CT lightness have |a*|, |b*| well below this; tanh * AB_MAX bounds the prediction.
+AB_MAX = 100.0
+
+
+@dataclass
+class ColorizerConfig:
+    """Architecture and input definition of a colorizer; stored in the model card and the weights' metadata."""
+
+    dims: Literal[2, 3] = 2
+    windows: list[tuple[float, float]] = field(default_factory=lambda: [(-600, 1500), (40, 400), (400, 1800)])
+    context: int = 3  # 2D only: neighbouring slices (odd)
+    chroma_mm: float = 3.5  # in-plane pixel size the network works at
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = 1
+    ab_max: float = AB_MAX
+
+    def __post_init__(self) -> None:
+        self.windows = [tuple(float(v) for v in w) for w in self.windows]
+        self.channels = tuple(int(c) for c in self.channels)
+        self.strides = tuple(int(s) for s in self.strides)
+        if self.dims not in (2, 3):
+            raise InputError(f"colorizer dims must be 2 or 3, got {self.dims}")
+        if self.dims == 2 and (self.context < 1 or self.context % 2 == 0):
+            raise InputError(f"2D colorizer context must be an odd number of slices, got {self.context}")
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.windows) * (self.context if self.dims == 2 else 1)
+
+    @property
+    def net_multiple(self) -> int:
+        """The network's in-plane sizes must be multiples of this (its total downsampling)."""
+        m = 1
+        for s in self.strides:
+            m *= s
+        return m
+
+    def factor_for(self, pixel_mm: float) -> int:
+        """In-plane downsampling factor for a slice with ``pixel_mm`` pixels (>= 1)."""
+        return max(1, round(self.chroma_mm / pixel_mm))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ColorizerConfig:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+class Colorizer(nn.Module):
+    """a*, b* from windowed CT at reduced resolution.
+
+    forward(x):
+        x: 2D (B, context * n_windows, h, w) or 3D (B, n_windows, d, h, w): grey in [0, 1] from `prepare_input`,
+           already at the reduced resolution; h, w multiples of prod(strides).
+        returns: (B, 2, h, w) or (B, 2, d, h, w): a*, b* in [-ab_max, ab_max].
+    """
+
+    def __init__(self, config: ColorizerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.unet = UNet(
+            spatial_dims=config.dims,
+            in_channels=config.in_channels,
+            out_channels=2,
+            channels=config.channels,
+            strides=config.strides,
+            num_res_units=config.num_res_units,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expected = self.config.dims + 2
+        if x.ndim != expected or x.shape[1] != self.config.in_channels:
+            raise InputError(
+                f"colorizer expects (B, {self.config.in_channels}, {'d, ' if self.config.dims == 3 else ''}h, w), "
+                f"got {tuple(x.shape)}"
+            )
+        return torch.tanh(self.unet(x)) * self.config.ab_max
+
+
+def downsample_hu(hu: torch.Tensor, factor: int) -> torch.Tensor:
+    """Area-average the last two (in-plane) axes by ``factor``: (..., H, W) -> (..., H/factor, W/factor)."""
+    if factor == 1:
+        return hu
+    lead = hu.shape[:-2]
+    flat = hu.reshape(-1, 1, *hu.shape[-2:])
+    return F.avg_pool2d(flat, factor).reshape(*lead, hu.shape[-2] // factor, hu.shape[-1] // factor)
+
+
+def prepare_input(small_hu: torch.Tensor, config: ColorizerConfig) -> torch.Tensor:
+    """Network input from HU already reduced in-plane (`downsample_hu` by `ColorizerConfig.factor_for`).
+
+    Args:
+        small_hu: 2D model: (B, context, h, w), a slice and its neighbours in z order; 3D model: (B, d, h, w).
+            float HU; h and w multiples of ``config.net_multiple``.
+    Returns:
+        2D: (B, context * n_windows, h, w); 3D: (B, n_windows, d, h, w), grey in [0, 1]. Channels are window-major:
+        all context slices in the first window, then the second window, ...
+    """
+    if small_hu.ndim != 4:
+        raise InputError(f"prepare_input expects (B, slices, h, w) HU, got {tuple(small_hu.shape)}")
+    if small_hu.shape[-1] % config.net_multiple or small_hu.shape[-2] % config.net_multiple:
+        raise InputError(f"size {tuple(small_hu.shape[-2:])} is not a multiple of {config.net_multiple}; pad first")
+    if config.dims == 2 and small_hu.shape[1] != config.context:
+        raise InputError(f"2D colorizer needs {config.context} context slices, got {small_hu.shape[1]}")
+    grey = [window_tensor(small_hu.float(), c, w) for c, w in config.windows]
+    return torch.cat(grey, dim=1) if config.dims == 2 else torch.stack(grey, dim=1)
+
+
+def pad_to_multiple(size: int, multiple: int) -> tuple[int, int]:
+    """(before, after) padding that brings ``size`` to the next multiple of ``multiple``, split evenly."""
+    total = (-size) % multiple
+    return total // 2, total - total // 2
+
+
+def context_indices(n_slices: int, context: int) -> torch.Tensor:
+    """(n_slices, context) slice indices of each slice's neighbourhood, clamped at the volume's ends."""
+    half = context // 2
+    offsets = torch.arange(-half, half + 1)
+    return (torch.arange(n_slices)[:, None] + offsets[None]).clamp_(0, n_slices - 1)

@@ -1,0 +1,458 @@
+"""napari widget "Colorize volume": a grey CT layer -> an RGB layer whose luminance is exactly the windowed CT.
+
+The widget is a thin front end over `napari_ctcolor.engines.colorize`, the same engine as ``ctcolor colorize``:
+
+- Run: the network (`iter_predict_chroma`) and the composition (`iter_compose_chroma`) run in a napari
+  ``thread_worker`` with a progress bar; Cancel stops the worker between batches (``worker.quit()``).
+- The predicted a*, b* (`Chroma`) are kept, so changing the chroma strength or the window only recomposes (also in a
+  worker, coalescing fast slider moves); the network does not run again. Opacity only changes the layer.
+- The result is the RGB layer ``"<CT name> colorized"`` at the CT's physical position, blended translucently over
+  it; running again replaces that layer.
+- Problems the user can fix (`CTColorError`: a missing weights file, no CUDA, ...) show as one-line napari errors.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, FloatSlider, FloatSpinBox, Label, PushButton, SpinBox
+from napari.layers import Image
+from napari.qt.threading import create_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error
+
+from ..engines.colorize import Chroma, iter_compose_chroma, iter_predict_chroma, offset_steps, resolve_device
+from ..io import ColorVolume, Volume
+from ..io.errors import CTColorError, InputError
+from ..models.colorizer import Colorizer
+from ..windowing import PRESETS, Window, default_window, parse_window
+from ._layers import META_KEY, layer_attributes, volume_from_layer
+
+if TYPE_CHECKING:
+    import napari
+
+DICOM_DEFAULT = "DICOM default"
+CUSTOM = "custom"
+WEIGHTS_FILE = "weights file..."
+SHIPPED_MODELS = ("colorizer-2d", "colorizer-3d")
+DEVICES = ("auto", "cpu", "cuda")
+
+ModelSpec = str | os.PathLike | Colorizer
+
+
+@dataclass
+class _Failed:
+    """A job's return value when it stopped on a `CTColorError` (shown to the user, not a crash)."""
+
+    message: str
+
+
+@dataclass
+class _Kept:
+    """What a finished run leaves so that chroma and window changes only recompose.
+
+    Attributes:
+        volume: the CT the network saw (HU, geometry).
+        chroma: its predicted a*, b*.
+        ct: the CT layer; the result layer overlays it.
+        layer: the result RGB layer.
+    """
+
+    volume: Volume
+    chroma: Chroma
+    ct: Image
+    layer: Image
+
+
+class ColorizeWidget(Container):
+    """Dock widget "Colorize volume".
+
+    Args:
+        napari_viewer: the viewer (napari passes it).
+        models: model choices, label -> shipped name, ``.safetensors`` file or `Colorizer` object; by default the
+            shipped ``colorizer-2d`` and ``colorizer-3d``. A "weights file..." choice is always added.
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer, models: Mapping[str, ModelSpec] | None = None) -> None:
+        self._viewer = napari_viewer
+        self._models: dict[str, ModelSpec] = dict(models) if models else {name: name for name in SHIPPED_MODELS}
+        self.ct_layer = ComboBox(label="CT layer", choices=self._grey_layers, tooltip="a grey image layer in HU")
+        self.window = ComboBox(label="Window", choices=[DICOM_DEFAULT, *PRESETS, CUSTOM], value=DICOM_DEFAULT)
+        self.centre_hu = FloatSpinBox(label="Centre (HU)", min=-5000, max=5000, step=5, value=40, enabled=False)
+        self.width_hu = FloatSpinBox(label="Width (HU)", min=1, max=10000, step=10, value=400, enabled=False)
+        # Choices are callables: napari calls reset_choices() on layer changes, which would drop a static list's
+        # later additions (add_model).
+        self.model = ComboBox(label="Model", choices=lambda _: [*self._models, WEIGHTS_FILE])
+        self.weights_file = FileEdit(label="Weights file", mode="r", filter="*.safetensors", visible=False)
+        self.device = ComboBox(label="Device", choices=list(DEVICES), value="auto")
+        self.batch_size = SpinBox(
+            label="Batch size", min=0, max=4096, value=0, tooltip="slices per network batch; 0 = automatic"
+        )
+        self.chroma = FloatSlider(label="Chroma strength", min=0.0, max=1.0, step=0.05, value=1.0)
+        self.opacity = FloatSlider(label="Opacity", min=0.0, max=1.0, step=0.05, value=1.0)
+        self.run_button = PushButton(text="Run")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.status = Label(value="")
+        super().__init__(
+            widgets=[
+                self.ct_layer,
+                self.window,
+                self.centre_hu,
+                self.width_hu,
+                self.model,
+                self.weights_file,
+                self.device,
+                self.batch_size,
+                self.chroma,
+                self.opacity,
+                self.run_button,
+                self.cancel_button,
+                self.status,
+            ]
+        )
+        self.worker = None  # the running GeneratorWorker (network run or recompose), if any
+        self._kept: _Kept | None = None
+        self._recompose_pending = False
+        self._filling = False  # True while the widget itself writes centre/width
+        self._closed = False
+
+        self.run_button.changed.connect(self._run)
+        self.cancel_button.changed.connect(self.cancel)
+        self.window.changed.connect(self._on_window)
+        self.centre_hu.changed.connect(self._on_custom_window)
+        self.width_hu.changed.connect(self._on_custom_window)
+        self.chroma.changed.connect(self._recompose)
+        self.opacity.changed.connect(self._on_opacity)
+        self.model.changed.connect(lambda value: setattr(self.weights_file, "visible", value == WEIGHTS_FILE))
+        self.ct_layer.changed.connect(self._fill_window_fields)
+        layer_events = self._viewer.layers.events
+        self._layer_events = (layer_events.inserted, layer_events.removed, layer_events.reordered)
+        for event in self._layer_events:
+            event.connect(self._on_layers_changed)
+        self.native.destroyed.connect(self._detach)
+        self._fill_window_fields()
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # State the tests and the user see
+    # ---------------------------------------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """True while a network run or a recompose is in progress."""
+        return self.worker is not None
+
+    @property
+    def result_layer(self) -> Image | None:
+        """The colorized layer of the last run, while it is still in the viewer."""
+        kept = self._kept
+        return kept.layer if kept is not None and self._in_viewer(kept.layer) else None
+
+    def add_model(self, label: str, model: ModelSpec) -> None:
+        """Offer another model (shipped name, ``.safetensors`` file or `Colorizer` object) and select it."""
+        self._models[label] = model
+        self.model.reset_choices()
+        self.model.value = label
+
+    def run(self) -> None:
+        """Start colorizing the chosen CT layer (what the Run button does)."""
+        self._run()
+
+    def cancel(self, *_: Any) -> None:
+        """Stop the running job between two batches; the previous result, if any, is left as it was."""
+        if self.worker is not None:
+            self._recompose_pending = False
+            self.worker.quit()
+
+    def _in_viewer(self, layer: Image) -> bool:
+        # Identity, not `in`: napari hands plugins a proxy viewer whose lookups return fresh proxy objects; iterating
+        # its layer list yields the layers themselves.
+        return any(lyr is layer for lyr in self._viewer.layers)
+
+    def _detach(self, *_: Any) -> None:
+        """The dock widget is being deleted: stop listening to the viewer and stop the job (its result is dropped)."""
+        self._closed = True
+        for event in self._layer_events:
+            event.disconnect(self._on_layers_changed)
+        self.cancel()
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Inputs
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _grey_layers(self, _widget=None) -> list[tuple[str, Image]]:
+        return [
+            (layer.name, layer)
+            for layer in self._viewer.layers
+            if isinstance(layer, Image) and not layer.rgb and layer.ndim in (2, 3)
+        ]
+
+    def _on_layers_changed(self, _event=None) -> None:
+        self.ct_layer.reset_choices()
+
+    def _volume_of(self, layer: Image) -> Volume:
+        data = layer.data[0] if layer.multiscale else layer.data
+        return volume_from_layer(data, layer_attributes(layer))
+
+    def _window_spec(self) -> str | tuple[float, float] | None:
+        """The engine's window argument: None (the volume's DICOM default), a preset name, or (centre, width)."""
+        choice = self.window.value
+        if choice == DICOM_DEFAULT:
+            return None
+        if choice == CUSTOM:
+            return (float(self.centre_hu.value), float(self.width_hu.value))
+        return choice
+
+    def _model_spec(self) -> ModelSpec:
+        if self.model.value == WEIGHTS_FILE:
+            path = self.weights_file.value
+            if not (path and os.path.isfile(path)):
+                raise InputError("choose a .safetensors weights file for the colorizer")
+            return path
+        return self._models[self.model.value]
+
+    def _shown_window(self) -> Window | None:
+        """The window the current choice means for the chosen CT (else the kept one), for the centre/width fields."""
+        choice = self.window.value
+        if choice in PRESETS:
+            return PRESETS[choice]
+        if choice != DICOM_DEFAULT:
+            return None
+        layer = self.ct_layer.value
+        if layer is not None and isinstance(layer.data, np.ndarray):  # never load a lazy (dask, zarr) array here
+            try:
+                return default_window(self._volume_of(layer))
+            except CTColorError:
+                return None
+        return default_window(self._kept.volume) if self._kept is not None else None
+
+    def _fill_window_fields(self, *_: Any) -> None:
+        """Show the chosen window's centre/width (editable for "custom", which then starts from them)."""
+        custom = self.window.value == CUSTOM
+        self.centre_hu.enabled = self.width_hu.enabled = custom
+        shown = None if custom else self._shown_window()
+        if shown is not None:
+            self._filling = True
+            try:
+                self.centre_hu.value, self.width_hu.value = shown.centre, shown.width
+            finally:
+                self._filling = False
+
+    def _on_window(self, _choice: str) -> None:
+        self._fill_window_fields()
+        self._recompose()
+
+    def _on_custom_window(self, _value=None) -> None:
+        if self.window.value == CUSTOM and not self._filling:
+            self._recompose()
+
+    def _on_opacity(self, value: float) -> None:
+        layer = self.result_layer
+        if layer is not None:
+            layer.opacity = float(value)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Jobs
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _run(self, *_: Any) -> None:
+        if self.busy:
+            if not self.worker.is_compose:
+                return  # one network run at a time
+            self.worker.quit()  # a recompose of the previous result is moot now
+            self._recompose_pending = False
+        layer = self.ct_layer.value
+        if layer is None:
+            show_error("Colorize volume: open a CT first (a grey image layer)")
+            return
+        try:
+            volume = self._volume_of(layer)
+            model = self._model_spec()
+            window = self._window_spec()
+            parse_window(window, volume)
+            device = str(resolve_device(self.device.value))
+        except CTColorError as exc:
+            show_error(str(exc))
+            return
+        batch_size = int(self.batch_size.value) or None
+        self._start(
+            self._colorize_steps,
+            (volume, model, device, batch_size, window, float(self.chroma.value)),
+            total=2 * volume.shape[0],
+            desc="Colorize volume",
+            on_result=lambda result: self._colorized(layer, volume, result),
+        )
+
+    @staticmethod
+    def _colorize_steps(volume, model, device, batch_size, window, strength):
+        """The network, then the composition, as one worker: yields (done, 2 Z), returns (Chroma, ColorVolume)."""
+        z = volume.shape[0]
+        try:
+            chroma = yield from offset_steps(iter_predict_chroma(volume, model, device, batch_size), 0, 2 * z)
+            colour = yield from offset_steps(iter_compose_chroma(volume, chroma, window, strength, device), z, 2 * z)
+        except CTColorError as exc:
+            return _Failed(str(exc))
+        return chroma, colour
+
+    @staticmethod
+    def _compose_steps(volume, chroma, window, strength, device):
+        """Recompose only: yields (done, Z), returns the ColorVolume."""
+        try:
+            return (yield from iter_compose_chroma(volume, chroma, window, strength, device))
+        except CTColorError as exc:
+            return _Failed(str(exc))
+
+    def _recompose(self, *_: Any) -> None:
+        """Recompose the kept chroma with the current window and strength; coalesces requests while one runs."""
+        if self._kept is None:
+            return
+        if self.result_layer is None:  # the user deleted the result: nothing to update
+            self._kept = None
+            return
+        if self.busy:
+            self._recompose_pending = True
+            if self.worker.is_compose:
+                self.worker.quit()  # its result is stale; the pending recompose starts when it has stopped
+            return
+        kept = self._kept
+        try:
+            window = self._window_spec()
+            parse_window(window, kept.volume)
+            device = str(resolve_device(self.device.value))
+        except CTColorError as exc:
+            show_error(str(exc))
+            return
+        self._start(
+            self._compose_steps,
+            (kept.volume, kept.chroma, window, float(self.chroma.value), device),
+            total=kept.volume.shape[0],
+            desc="Recompose colours",
+            on_result=lambda result: self._recomposed(kept, result),
+            is_compose=True,
+        )
+
+    def _start(
+        self,
+        steps: Callable,
+        args: tuple,
+        total: int,
+        desc: str,
+        on_result: Callable[[Any], None],
+        is_compose: bool = False,
+    ) -> None:
+        """Run a step generator function in a thread_worker with a napari progress bar and the Cancel button."""
+        worker = create_worker(steps, *args, _ignore_errors=True)  # errors other than ours reach napari's notifier
+        worker.is_compose = is_compose
+        bar = progress(total=total, desc=desc)
+        started = time.perf_counter()
+        worker.yielded.connect(lambda step: bar.update(step[0] - bar.n))
+        worker.returned.connect(on_result)
+        worker.aborted.connect(lambda: self._say(f"{desc}: cancelled"))
+        worker.errored.connect(lambda _: self._say(f"{desc}: failed"))
+        worker.returned.connect(
+            lambda result: self._say(
+                f"{desc}: failed" if isinstance(result, _Failed) else f"{desc}: {time.perf_counter() - started:.1f} s"
+            )
+        )
+        worker.finished.connect(lambda: self._finished(worker, bar))
+        self.worker = worker
+        self.run_button.enabled = is_compose  # Run may supersede a recompose, not another run
+        self.cancel_button.enabled = True
+        self.status.value = f"{desc}..."
+        worker.start()
+
+    def _say(self, text: str) -> None:
+        if not self._closed:
+            self.status.value = text
+
+    def _finished(self, worker, bar: progress) -> None:
+        bar.close()
+        if self.worker is not worker or self._closed:  # a recompose that a new run superseded, or no widget left
+            return
+        self.worker = None
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+        if self._recompose_pending:
+            self._recompose_pending = False
+            self._recompose()
+
+    def _colorized(self, ct: Image, volume: Volume, result: tuple[Chroma, ColorVolume] | _Failed) -> None:
+        if self._closed:
+            return
+        if isinstance(result, _Failed):
+            show_error(result.message)
+            return
+        chroma, colour = result
+        self._kept = _Kept(volume, chroma, ct, self._show(ct, colour))
+        # Settings changed while the network ran are applied now, from the kept chroma.
+        self._recompose_pending = self._recompose_pending or self._settings(colour) != self._current_settings()
+
+    def _recomposed(self, kept: _Kept, result: ColorVolume | _Failed) -> None:
+        if self._closed:
+            return
+        if isinstance(result, _Failed):
+            show_error(result.message)
+            return
+        if self._kept is kept and self.result_layer is not None:
+            self._show(kept.ct, result)
+
+    def _settings(self, colour: ColorVolume) -> tuple:
+        return (tuple(colour.settings.get("window", ())), colour.settings.get("chroma"))
+
+    def _current_settings(self) -> tuple:
+        volume = self._kept.volume if self._kept is not None else None
+        try:
+            window = parse_window(self._window_spec(), volume)
+        except CTColorError:
+            return ()
+        return ((window.centre, window.width), float(self.chroma.value))
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Output layer
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _show(self, ct: Image, colour: ColorVolume) -> Image:
+        """Put ``colour`` into the layer "<CT name> colorized", replacing its data when it exists, else adding it."""
+        name = f"{ct.name} colorized"
+        if ct.ndim == 2:  # a 2D CT layer: one slice, placed by the CT layer's own 2D transforms
+            data = colour.rgb[0]
+            transforms = {k: np.asarray(v) for k, v in layer_attributes(ct).items() if k != "metadata"}
+        else:  # identity for whichever of scale/translate or affine napari_kwargs leaves out
+            data = colour.rgb
+            transforms = {
+                "scale": np.ones(3),
+                "translate": np.zeros(3),
+                "rotate": np.eye(3),
+                "affine": np.eye(4),
+                **colour.napari_kwargs(),
+            }
+        metadata = {META_KEY: {"colorize": dict(colour.settings)}}
+        existing = next((lyr for lyr in self._viewer.layers if lyr.name == name), None)
+        if isinstance(existing, Image) and existing.rgb and existing.data.ndim == data.ndim:
+            existing.data = data
+            for key, value in transforms.items():
+                setattr(existing, key, value)
+            existing.metadata = {**existing.metadata, **metadata}
+            return existing
+        index = None
+        if existing is not None:  # same name but not ours to update in place (another kind of layer)
+            index = self._viewer.layers.index(existing)
+            self._viewer.layers.remove(existing)
+        layer = Image(
+            data,
+            name=name,
+            rgb=True,
+            blending="translucent",
+            opacity=float(self.opacity.value),
+            metadata=metadata,
+            **transforms,
+        )
+        if index is None:
+            self._viewer.layers.append(layer)
+        else:
+            self._viewer.layers.insert(index, layer)
+        return layer

@@ -1,0 +1,51 @@
+"""Labelled CT cases for training and evaluation: the shared real CTs and the procedural phantoms."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..io import InputError, Volume, read_volume
+from ..phantom import make_phantom
+
+
+@dataclass
+class LabelledCT:
+    """A CT in HU with a label map on the same grid and the label names (TotalSegmentator v2)."""
+
+    name: str
+    ct: Volume
+    labels: np.ndarray
+    label_names: dict[int, str]
+
+
+def shared_data_dir(config_dir: Path | None = None) -> Path:
+    """``../shared/data`` beside the checkout (the project's real data; never committed)."""
+    root = Path(__file__).resolve().parents[3]
+    for candidate in [root.parent / "shared" / "data", *(c / "shared" / "data" for c in [Path.cwd().parent])]:
+        if candidate.is_dir():
+            return candidate
+    raise InputError(f"{root.parent / 'shared' / 'data'}: shared data folder not found")
+
+
+def load_real_case(data_dir: Path, ct_name: str, labels_name: str) -> LabelledCT:
+    """A shared CT and its labels, the labels resampled onto the CT grid in physical space (nearest)."""
+    names_path = data_dir / "ct" / "totalseg-v2-label-names.json"
+    names = {int(k): v for k, v in json.loads(names_path.read_text()).items()}
+    ct = read_volume(data_dir / "ct" / ct_name)
+    labels = read_volume(data_dir / "ct" / labels_name)
+    # The label files' direction can differ from the CT's (the DICOM one is flipped in y): never trust array order.
+    resampled = sitk.Resample(labels.to_sitk(), ct.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    on_ct = sitk.GetArrayFromImage(resampled).astype(np.uint8)
+    return LabelledCT(ct_name.split(".")[0], ct, on_ct, names)
+
+
+def phantom_case(seed: int, options: dict[str, Any] | None = None) -> LabelledCT:
+    """A phantom as a LabelledCT; ``options`` are `make_phantom` keyword arguments."""
+    phantom = make_phantom(seed=seed, **(options or {}))
+    return LabelledCT(f"phantom-{seed}", phantom.volume, phantom.labels, phantom.label_names)

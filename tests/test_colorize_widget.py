@@ -1,0 +1,206 @@
+"""The "Colorize volume" widget in a real viewer (Xvfb + Mesa), driven as a user would, and the RGB layer writers.
+
+The network is a tiny untrained colorizer until the shipped weights exist. To test with the shipped model instead,
+change the one line ``MODEL = tiny_colorizer()`` to ``MODEL = "colorizer-2d"``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
+from napari_ctcolor.io import ColorVolume, write_nifti
+from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig
+from napari_ctcolor.napari import _colorize_widget
+from napari_ctcolor.napari._colorize_widget import WEIGHTS_FILE, ColorizeWidget
+from napari_ctcolor.napari._layers import image_layer_data
+from napari_ctcolor.windowing import PRESETS, default_window, window
+
+from test_io_nifti import rotated_volume
+
+PLUGIN = "napari-ctcolor"
+TIMEOUT_MS = 60_000
+
+
+def tiny_colorizer() -> Colorizer:
+    """An untrained, seeded colorizer small enough for 2 CPU cores."""
+    torch.manual_seed(0)
+    return Colorizer(ColorizerConfig(channels=(8, 16, 32, 64)))
+
+
+MODEL: str | Colorizer = tiny_colorizer()
+
+
+class SlowColorizer(Colorizer):
+    """The tiny colorizer, 0.2 s per batch: a run long enough to cancel."""
+
+    def __init__(self) -> None:
+        super().__init__(ColorizerConfig(channels=(8, 16, 32, 64)))
+        self.batches = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches += 1
+        time.sleep(0.2)
+        return super().forward(x)
+
+
+def lightness_error(rgb: np.ndarray, hu: np.ndarray, win) -> float:
+    return float(np.abs(srgb_to_lab(rgb)[..., 0] - grey_to_lightness(window(hu, *win))).max())
+
+
+def open_widget(viewer, model=MODEL) -> ColorizeWidget:
+    """The widget as the Plugins menu opens it, with the test model selected, on the CPU."""
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Colorize volume")
+    assert isinstance(widget, ColorizeWidget)
+    widget.add_model("test model", model)
+    widget.device.value = "cpu"
+    return widget
+
+
+def click_and_wait(qtbot, widget: ColorizeWidget, button) -> None:
+    button.native.click()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+
+
+@pytest.fixture
+def errors(monkeypatch) -> list[str]:
+    """Messages the widget shows with napari's show_error."""
+    shown: list[str] = []
+    monkeypatch.setattr(_colorize_widget, "show_error", shown.append)
+    return shown
+
+
+def test_run_colours_the_ct_and_settings_recompose_without_the_network(
+    make_napari_viewer, qtbot, dicom_series, monkeypatch, errors
+):
+    predictions = []
+    predict = _colorize_widget.iter_predict_chroma
+
+    def counting_predict(*args, **kwargs):
+        predictions.append(args[0].shape)
+        return (yield from predict(*args, **kwargs))
+
+    monkeypatch.setattr(_colorize_widget, "iter_predict_chroma", counting_predict)
+    viewer = make_napari_viewer()
+    ct = viewer.open(str(dicom_series), plugin=PLUGIN)[0]
+    widget = open_widget(viewer)
+    assert widget.ct_layer.value is ct
+    widget.window.value = "abdomen"
+    assert (widget.centre_hu.value, widget.width_hu.value) == (40, 400)
+
+    click_and_wait(qtbot, widget, widget.run_button)
+    assert not errors
+    layer = viewer.layers[f"{ct.name} colorized"]
+    assert layer.rgb and layer.data.shape == (*ct.data.shape, 3) and layer.data.dtype == np.uint8
+    np.testing.assert_allclose(layer.scale, ct.scale)
+    np.testing.assert_allclose(layer.translate, ct.translate)
+    assert layer.blending == "translucent" and list(viewer.layers) == [ct, layer]
+    assert lightness_error(layer.data, ct.data, PRESETS["abdomen"]) <= 1.0
+    assert predictions == [ct.data.shape]
+
+    # Chroma 0 and another window: recomposed from the kept chroma, the network does not run again.
+    widget.chroma.value = 0.0
+    widget.window.value = "lung"
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+    grey = np.round(window(ct.data, *PRESETS["lung"]) * 255).astype(np.uint8)
+    for channel in range(3):
+        np.testing.assert_array_equal(layer.data[..., channel], grey)
+    assert layer.metadata["ctcolor"]["colorize"]["window"] == [-600.0, 1500.0]
+    widget.chroma.value = 0.6
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+    assert lightness_error(layer.data[::5], ct.data[::5], PRESETS["lung"]) <= 1.0
+    assert not np.array_equal(layer.data[..., 0], grey)  # coloured again
+    assert len(predictions) == 1
+
+    # Opacity only changes the layer.
+    widget.opacity.value = 0.4
+    assert layer.opacity == pytest.approx(0.4) and not widget.busy
+
+    # Running again replaces the result layer instead of adding another.
+    click_and_wait(qtbot, widget, widget.run_button)
+    assert len(predictions) == 2
+    assert [lyr.name for lyr in viewer.layers] == [ct.name, f"{ct.name} colorized"]
+    assert widget.result_layer is viewer.layers[1]
+    assert widget.model.value == "test model"  # layer changes reset choices; the added model stays
+    assert widget.status.value.startswith("Colorize volume: ") and not errors
+
+
+def test_result_overlays_an_oblique_ct_voxel_for_voxel(make_napari_viewer, qtbot, errors):
+    volume = rotated_volume()  # oblique, flipped, anisotropic and only 5 x 6 pixels in plane
+    data, kwargs, _ = image_layer_data(volume, name="oblique")
+    viewer = make_napari_viewer()
+    ct = viewer.add_image(data, **kwargs)
+    widget = open_widget(viewer)
+    click_and_wait(qtbot, widget, widget.run_button)
+    assert not errors
+    layer = viewer.layers["oblique colorized"]
+    for index in [(0, 0, 0), (3, 4, 5), (1, 2, 3)]:
+        np.testing.assert_allclose(layer.data_to_world(index), ct.data_to_world(index), atol=1e-6)
+    win = default_window(volume)
+    assert lightness_error(layer.data, volume.array, win) <= 1.0
+
+
+def test_cancel_stops_a_slow_run_and_adds_no_layer(make_napari_viewer, qtbot, errors):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.full((20, 64, 64), 40, dtype=np.int16), name="CT")
+    slow = SlowColorizer()
+    widget = open_widget(viewer, slow)
+    widget.batch_size.value = 1
+    widget.run_button.native.click()
+    aborted = []
+    widget.worker.aborted.connect(lambda: aborted.append(True))
+    assert widget.busy and widget.cancel_button.enabled and not widget.run_button.enabled
+    qtbot.waitUntil(lambda: slow.batches >= 1, timeout=TIMEOUT_MS)
+    click_and_wait(qtbot, widget, widget.cancel_button)
+    assert aborted and slow.batches < 20  # stopped between batches, long before the 20 slices
+    assert [lyr.name for lyr in viewer.layers] == ["CT"] and widget.result_layer is None
+    assert widget.run_button.enabled and not widget.cancel_button.enabled
+    assert widget.status.value == "Colorize volume: cancelled" and not errors
+
+
+def test_problems_are_one_line_errors_and_the_viewer_carries_on(make_napari_viewer, qtbot, tmp_path, errors):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((3, 32, 32), dtype=np.int16), name="CT")
+    widget = open_widget(viewer)
+
+    widget.model.value = WEIGHTS_FILE
+    widget.weights_file.value = tmp_path / "missing.safetensors"
+    widget.run_button.native.click()  # refused before any worker starts
+    assert not widget.busy and errors == ["choose a .safetensors weights file for the colorizer"]
+
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"not a safetensors file")
+    widget.weights_file.value = damaged
+    click_and_wait(qtbot, widget, widget.run_button)  # fails inside the worker
+    assert len(errors) == 2 and str(damaged) in errors[1] and "\n" not in errors[1]
+    assert [lyr.name for lyr in viewer.layers] == ["CT"] and widget.run_button.enabled
+
+    if not torch.cuda.is_available():
+        widget.model.value = "test model"
+        widget.device.value = "cuda"
+        widget.run_button.native.click()
+        assert "no CUDA GPU" in errors[-1] and not widget.busy
+
+
+def test_writer_saves_rgb_layers_as_nifti_rgb24_and_png_slices(make_napari_viewer, tmp_path):
+    volume = rotated_volume()  # oblique, flipped, anisotropic: the affine path of the layer transforms
+    rgb = np.random.default_rng(0).integers(0, 256, (*volume.shape, 3), dtype=np.uint8)
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(rgb, rgb=True, **ColorVolume.on_grid_of(volume, rgb).napari_kwargs())
+
+    written = layer.save(str(tmp_path / "colour.nii.gz"), plugin=PLUGIN)
+    assert written == [str(tmp_path / "colour.nii.gz")]
+    img, grey = nib.load(written[0]), nib.load(write_nifti(volume, tmp_path / "grey.nii.gz"))
+    assert int(img.header["datatype"]) == 128
+    np.testing.assert_allclose(img.affine, grey.affine, atol=1e-5)
+    voxels = np.asarray(img.dataobj)
+    np.testing.assert_array_equal(np.stack([voxels[c] for c in "RGB"], axis=-1).transpose(2, 1, 0, 3), rgb)
+
+    written = layer.save(str(tmp_path / "stack.png"), plugin=PLUGIN)
+    assert written == [str(tmp_path / "stack")]
+    assert sorted(p.name for p in (tmp_path / "stack").iterdir()) == [f"slice_{k:04d}.png" for k in range(4)]

@@ -1,0 +1,150 @@
+"""Colorizer model, targets, weights loader and training command: shapes, analytic targets, reproducibility."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from napari_ctcolor.color import load_palette
+from napari_ctcolor.io import InputError
+from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig, context_indices, downsample_hu, prepare_input
+from napari_ctcolor.training.colorizer import run, train_colorizer
+from napari_ctcolor.training.targets import ab_targets
+from napari_ctcolor.weights import find_weights, load_colorizer, save_weights
+from napari_ctcolor.windowing import window
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"channels": [4, 8, 16, 16], "strides": [2, 2, 2], "num_res_units": 0}
+
+
+def test_prepare_input_is_window_major_and_matches_windowing():
+    config = ColorizerConfig()
+    hu = torch.linspace(-1000, 1500, 3 * 16 * 16).reshape(1, 3, 16, 16)
+    x = prepare_input(hu, config)
+    assert x.shape == (1, 9, 16, 16)
+    for w, (centre, width) in enumerate(config.windows):
+        for k in range(3):
+            np.testing.assert_allclose(x[0, 3 * w + k].numpy(), window(hu[0, k].numpy(), centre, width), atol=1e-6)
+
+
+def test_downsample_is_an_area_mean_and_factor_follows_pixel_size():
+    hu = torch.arange(16.0).reshape(1, 4, 4)
+    np.testing.assert_allclose(downsample_hu(hu, 2)[0].numpy(), [[2.5, 4.5], [10.5, 12.5]])
+    config = ColorizerConfig(chroma_mm=3.5)
+    assert [config.factor_for(mm) for mm in (0.68, 0.98, 1.8, 3.0, 5.0)] == [5, 4, 2, 1, 1]
+
+
+def test_context_indices_clamp_at_the_volume_ends():
+    np.testing.assert_array_equal(context_indices(4, 3).numpy(), [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]])
+
+
+def test_colorizer_output_is_bounded_and_shape_errors_name_both_shapes():
+    config = ColorizerConfig(**TINY)
+    model = Colorizer(config).eval()
+    with torch.no_grad():
+        ab = model(torch.rand(2, config.in_channels, 32, 32) * 50)
+    assert ab.shape == (2, 2, 32, 32) and ab.abs().max() <= config.ab_max
+    with pytest.raises(InputError, match=r"\(B, 9, h, w\).*\(2, 4, 32, 32\)"):
+        model(torch.rand(2, 4, 32, 32))
+
+
+def test_targets_use_structure_colour_inside_labels_and_tissue_colour_elsewhere():
+    palette = load_palette("anatomical")
+    hu = np.full((1, 64, 64), -100, np.int16)  # fat everywhere ...
+    hu[0, :, :5] = -1000  # ... an air strip on the left
+    labels = np.zeros_like(hu, dtype=np.uint8)
+    labels[0, 16:48, 16:48] = 7  # ... and a "liver" square
+    ab = ab_targets(hu, labels, {7: "liver"}, palette, smooth_mm=1.0)
+    np.testing.assert_allclose(ab[0, 32, 32], palette.ab("liver"), atol=1e-3)
+    fat_ab = ab_targets(np.full((1, 8, 8), -100, np.int16), None, {}, palette)[0, 4, 4]
+    np.testing.assert_allclose(ab[0, 32, 58], fat_ab, atol=1e-3)
+    np.testing.assert_allclose(ab[0, 32, 0], [0, 0], atol=0.5)  # air has no colour
+    assert not np.allclose(palette.ab("liver"), fat_ab, atol=5)
+
+
+def test_weights_round_trip_and_sha256_mismatch_is_refused(tmp_path):
+    model = Colorizer(ColorizerConfig(**TINY))
+    card = {"architecture": {"config": model.config.to_dict()}}
+    path = save_weights(model, card, tmp_path, "tiny")
+    loaded, loaded_card = load_colorizer(path)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    assert loaded_card["sha256"] == json.loads(path.with_suffix(".json").read_text())["sha256"]
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="sha256 does not match"):
+        load_colorizer(path)
+
+
+def test_pickled_weights_are_refused_without_running_them(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"x": Payload()}, evil)
+    with pytest.raises(InputError, match="only .safetensors"):
+        load_colorizer(evil)
+    assert not marker.exists()
+
+
+def _tiny_config(tmp_path: Path, steps: int) -> Path:
+    config = yaml.safe_load((REPO / "configs" / "colorizer_2d.yaml").read_text())
+    config.update(
+        name="tiny",
+        steps=steps,
+        batch_size=2,
+        crop=32,
+        checkpoint_every=2,
+        real_train=[],
+        real_val=[],
+        phantoms={"first_seed": 5, "count": 1, "slices": 4, "pixel_mm": [1.7, 1.8], "fov_mm": 340},
+        val_phantoms={"first_seed": 900, "count": 1, "slices": 3, "pixel_mm": [1.7, 1.8], "fov_mm": 340},
+    )
+    config["model"].update(TINY)
+    path = tmp_path / f"tiny-{steps}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_training_is_deterministic_and_resume_continues_the_same_run(tmp_path):
+    config = _tiny_config(tmp_path, steps=4)
+    a, _, _ = train_colorizer(config, tmp_path / "a", log=lambda *_: None)
+    b, _, _ = train_colorizer(config, tmp_path / "b", log=lambda *_: None)
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[key], value, rtol=0, atol=0)
+    # Stop after 2 of the 4 steps, then resume from the checkpoint: the same weights as the straight run.
+    train_colorizer(config, tmp_path / "c", log=lambda *_: None, stop_at=2)
+    c, _, _ = train_colorizer(config, tmp_path / "c", resume=True, log=lambda *_: None)
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(c.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_training_command_writes_weights_with_a_card_and_metrics(tmp_path):
+    path = run(_tiny_config(tmp_path, steps=2), tmp_path / "weights", log=lambda *_: None)
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card["training"]["command"].startswith("ctcolor train colorizer --config")
+    summary = card["metrics"]["phantom_val"]["summary"]
+    assert summary["max_abs_dL"] <= 1.0
+    model, _ = load_colorizer(path)
+    assert model.config.channels == (4, 8, 16, 16)
+
+
+def test_shipped_colorizers_load_with_verified_sha256_and_meet_the_luminance_bound():
+    for name in ("colorizer-2d", "colorizer-3d"):
+        try:
+            path, card_path = find_weights(name)
+        except InputError:
+            pytest.fail(f"shipped weights {name} are missing from weights/")
+        model, card = load_colorizer(name)
+        assert card["sha256"] and card_path is not None
+        for group in card["metrics"].values():
+            assert group["summary"]["max_abs_dL"] <= 1.0
