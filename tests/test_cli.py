@@ -1,4 +1,4 @@
-"""`ctcolor info`: the JSON contract on real data, and one-line errors with exit 2 for bad input."""
+"""The `ctcolor` CLI: info's JSON contract, colorize exports, and one-line errors with exit 2 for bad input."""
 
 from __future__ import annotations
 
@@ -6,10 +6,17 @@ import json
 import subprocess
 import sys
 
+import nibabel as nib
+import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 
-from conftest import file_hashes
+from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
+from napari_ctcolor.io import read_volume
+from napari_ctcolor.windowing import window
+
+from conftest import CT_DIR, SHARED_DATA, file_hashes, require_shared
 from test_io_dicom import bad_inputs
 
 CONTRACT_KEYS = {"shape", "spacing", "origin", "direction", "modality", "hu_min", "hu_max", "window", "series_count"}
@@ -62,3 +69,56 @@ def test_usage_errors_are_one_line_with_exit_2():
     result = ctcolor("info")
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_colorize_cli_writes_rgb24_nifti_png_and_deidentified_dicom(tmp_path):
+    ct_path = require_shared(CT_DIR / "totalseg-body-3mm-30slices.nii.gz")
+    before = file_hashes(ct_path)
+    out = tmp_path / "colour.nii.gz"
+    result = ctcolor("colorize", str(ct_path), "-o", str(out), "--window", "abdomen", timeout=300)
+    assert result.returncode == 0, result.stderr
+    rgb_img = nib.load(out)
+    assert rgb_img.header.get_data_dtype().fields is not None and int(rgb_img.header["datatype"]) == 128
+    np.testing.assert_array_equal(rgb_img.affine, nib.load(ct_path).affine)
+    rgb = np.asarray(rgb_img.dataobj)
+    rgb = np.stack([rgb["R"], rgb["G"], rgb["B"]], axis=-1).transpose(2, 1, 0, 3)  # (Z, Y, X, 3)
+    itk = sitk.ReadImage(str(out))
+    assert itk.GetNumberOfComponentsPerPixel() == 3
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(itk), rgb)  # nibabel and SimpleITK agree on colours
+    ct = read_volume(ct_path)
+    lightness = srgb_to_lab(rgb)[..., 0]
+    assert np.abs(lightness - grey_to_lightness(window(ct.array, 40, 400))).max() <= 1.0
+    assert np.hypot(*srgb_to_lab(rgb)[..., 1:].transpose(3, 0, 1, 2)).max() > 20  # it is in colour
+
+    png_dir = tmp_path / "png"
+    assert ctcolor("colorize", str(ct_path), "-o", str(png_dir), timeout=300).returncode == 0
+    assert len(list(png_dir.glob("*.png"))) == ct.shape[0]
+
+    dcm_dir = tmp_path / "dicom"
+    result = ctcolor("colorize", str(ct_path), "-o", str(dcm_dir), "--format", "dicom", timeout=300)
+    assert result.returncode == 0, result.stderr
+    files = sorted(dcm_dir.iterdir())
+    assert len(files) == ct.shape[0]
+    ds = pydicom.dcmread(files[0])
+    assert ds.PhotometricInterpretation == "RGB" and ds.pixel_array.shape[-1] == 3
+    assert not ds.get("PatientName") and not ds.get("PatientID")
+    assert file_hashes(ct_path) == before
+
+
+def test_colorize_cli_refuses_non_ct_existing_outputs_and_bad_settings(tmp_path):
+    mr_path = require_shared(SHARED_DATA / "symnet-oasis" / "image_A_full_size.nii.gz")
+    result = ctcolor("colorize", str(mr_path), "-o", str(tmp_path / "x.nii.gz"))
+    assert result.returncode == 2 and "not CT" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    ct_path = require_shared(CT_DIR / "totalseg-body-3mm-30slices.nii.gz")
+    existing = tmp_path / "exists.nii.gz"
+    existing.write_bytes(b"keep me")
+    for args in (
+        ["-o", str(existing)],
+        ["-o", str(tmp_path / "y.nii.gz"), "--window", "nonsense"],
+        ["-o", str(tmp_path / "z.nii.gz"), "--chroma", "1.5"],
+        ["-o", str(tmp_path / "w.nii.gz"), "--model", str(tmp_path / "missing.safetensors")],
+    ):
+        result = ctcolor("colorize", str(ct_path), *args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
+    assert existing.read_bytes() == b"keep me"

@@ -16,9 +16,9 @@ from monai.inferers import SlidingWindowInferer
 from pydicom.dataset import Dataset
 
 from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
+from napari_ctcolor.engines import Cancelled
 from napari_ctcolor.engines.colorize import (
     _ROI_3D,
-    Cancelled,
     colorize,
     compose_chroma,
     iter_colorize,

@@ -8,14 +8,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .io import InputError, Volume, read_volume
+from .io import NIFTI_SUFFIXES, InputError, Volume, read_volume, write_nifti, write_vector_nifti
+from .io.write import atomic_path
 from .windowing import default_window
 
 
@@ -67,6 +73,158 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+#: `ctcolor register` writes exactly these files into OUTDIR (the CLI contract).
+REGISTER_OUTPUTS = (
+    "warped.nii.gz",
+    "ddf.nii.gz",
+    "inverse_ddf.nii.gz",
+    "jacobian.nii.gz",
+    "checkerboard.nii.gz",
+    "metrics.json",
+)
+
+
+def _refuse_input_paths(outputs: Sequence[Path], inputs: Sequence[str]) -> None:
+    """Raise InputError when an output path is one of the inputs (a file, or the folder of a DICOM series)."""
+    resolved = {Path(p).resolve(): p for p in inputs}
+    for path in outputs:
+        if path.resolve() in resolved:
+            raise InputError(f"{path}: output would overwrite the input {resolved[path.resolve()]}")
+
+
+def _register_outdir(args: argparse.Namespace) -> dict[str, Path]:
+    """The output paths in OUTDIR, after refusing a non-empty OUTDIR (without --overwrite) and input paths."""
+    outdir = Path(args.outdir)
+    outputs = {name: outdir / name for name in REGISTER_OUTPUTS}
+    _refuse_input_paths([outdir, *outputs.values()], [args.fixed, args.moving])
+    if outdir.exists() and not outdir.is_dir():
+        raise InputError(f"{outdir}: exists and is not a folder; give a new or empty output folder")
+    if outdir.is_dir() and any(outdir.iterdir()) and not args.overwrite:
+        raise InputError(f"{outdir}: output folder is not empty; use --overwrite to replace the registration outputs")
+    return outputs
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    from .engines import checkerboard, register  # torch is imported only by the commands that need it
+
+    outputs = _register_outdir(args)
+    start = time.perf_counter()
+    fixed, moving = read_volume(args.fixed), read_volume(args.moving)
+    read_seconds = time.perf_counter() - start
+    result = register(fixed, moving, model=args.model, affine=args.affine, fast=args.fast, device=args.device)
+
+    start = time.perf_counter()
+    outputs["warped.nii.gz"].parent.mkdir(parents=True, exist_ok=True)
+    jobs = [
+        partial(write_vector_nifti, result.ddf, fixed, outputs["ddf.nii.gz"]),
+        partial(write_vector_nifti, result.inverse_ddf, fixed, outputs["inverse_ddf.nii.gz"]),
+        partial(write_nifti, result.warped, outputs["warped.nii.gz"]),
+        partial(write_nifti, result.jacobian, outputs["jacobian.nii.gz"]),
+        partial(write_nifti, checkerboard(fixed, result.warped, tile_mm=20.0), outputs["checkerboard.nii.gz"]),
+    ]
+    # gzip of the two float64 fields dominates (4 s each on OASIS); zlib releases the GIL, so threads overlap it.
+    with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        for future in [pool.submit(job) for job in jobs]:
+            future.result()
+    metrics = {
+        **result.metrics,
+        "read_seconds": round(read_seconds, 3),
+        "write_seconds": round(time.perf_counter() - start, 3),
+        # File names only: full paths often carry patient names or record numbers.
+        "fixed": Path(args.fixed).name,
+        "moving": Path(args.moving).name,
+    }
+    with atomic_path(outputs["metrics.json"]) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    logging.getLogger(__name__).info(
+        "NCC %.4f -> %.4f, folding %.2g, %.1f s",
+        metrics["ncc_before"],
+        metrics["ncc_after"],
+        metrics["folding_fraction"],
+        metrics["seconds"],
+    )
+    return 0
+
+
+def _cmd_checkerboard(args: argparse.Namespace) -> int:
+    from .engines import checkerboard
+
+    out = Path(args.output)
+    if not out.name.lower().endswith(NIFTI_SUFFIXES):
+        raise InputError(f"{out}: the checkerboard is written as NIfTI; name it .nii or .nii.gz")
+    _refuse_input_paths([out], [args.a, args.b])
+    a, b = read_volume(args.a), read_volume(args.b)
+    write_nifti(checkerboard(a, b, tile_mm=args.tile_mm), out)
+    return 0
+
+
+def _check_output(out: Path, folder: bool, inputs: Sequence[str], overwrite: bool) -> None:
+    """Refuse, before any work: outputs that are or contain an input, and existing outputs without --overwrite."""
+    _refuse_input_paths([out], inputs)
+    resolved = out.resolve()
+    for given in inputs:
+        if folder and resolved in Path(given).resolve().parents:
+            raise InputError(f"{out}: the input {given} is inside this output folder; choose another folder")
+    if not out.parent.exists():
+        raise InputError(f"{out}: folder {out.parent} does not exist")
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out}: exists; use --overwrite to replace it")
+
+
+def _cmd_colorize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .engines import colorize
+    from .io.export import write_png_slices, write_rgb_dicom, write_rgb_nifti
+
+    out = Path(args.output)
+    fmt = args.format or ("nifti" if out.name.lower().endswith(NIFTI_SUFFIXES) else "png")
+    if fmt == "nifti" and not out.name.lower().endswith(NIFTI_SUFFIXES):
+        raise InputError(f"{out}: NIfTI output needs a .nii or .nii.gz name")
+    if fmt != "nifti" and out.name.lower().endswith(NIFTI_SUFFIXES):
+        raise InputError(f"{out}: a {fmt} export is a folder; give a folder name, not .nii")
+    if args.keep_patient_info and fmt != "dicom":
+        raise InputError("--keep-patient-info applies to --format dicom only")
+    _check_output(out, folder=fmt != "nifti", inputs=[args.path], overwrite=args.overwrite)
+    volume = read_volume(args.path, series_uid=args.series)
+    modality = volume.meta.get("modality", "OT")
+    if modality != "CT" and not args.allow_non_ct:
+        raise InputError(
+            f"{args.path}: modality is {modality}, not CT; the colorizer is trained on CT (--allow-non-ct)"
+        )
+    total = 2 * volume.shape[0]
+    with tqdm(total=total, desc="colorize", unit="slice", file=sys.stderr, disable=None) as bar:
+
+        def progress(done: int, _total: int) -> None:
+            bar.update(done - bar.n)
+
+        colour = colorize(volume, args.model, args.window, args.chroma, args.device, args.batch_size, progress)
+    if fmt == "nifti":
+        write_rgb_nifti(colour, out, overwrite=args.overwrite)
+    elif fmt == "png":
+        write_png_slices(colour, out, overwrite=args.overwrite)
+    else:
+        first = volume.meta.get("first_file")  # the read series' own file, never another series' or patient's
+        sources = [first] if args.keep_patient_info and first else None
+        write_rgb_dicom(
+            colour,
+            out,
+            volume.meta,
+            keep_patient_info=args.keep_patient_info,
+            source_datasets=sources,
+            overwrite=args.overwrite,
+        )
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training.colorizer import run
+
+    path = run(Path(args.config), Path(args.weights_dir), args.device, args.resume, args.eval_only)
+    print(f"wrote {path} and {path.with_suffix('.json')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ctcolor", description="Colorize and register CT volumes (napari-ctcolor).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -78,6 +236,72 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read from a folder with several series")
     info.set_defaults(run=_cmd_info)
+
+    reg = sub.add_parser(
+        "register",
+        help="register MOVING to FIXED with SYMNet: warped image, displacement fields, Jacobian, checkerboard",
+        description="Writes OUTDIR/warped.nii.gz (MOVING in FIXED's space, original units), ddf.nii.gz and "
+        "inverse_ddf.nii.gz (NIfTI vector images, mm, LPS, ITK convention: FIXED point p maps to MOVING point "
+        "p + ddf(p)), jacobian.nii.gz, checkerboard.nii.gz (FIXED vs warped, 20 mm tiles) and metrics.json.",
+    )
+    reg.add_argument("fixed", help="the reference image (its grid is the outputs' grid)")
+    reg.add_argument("moving", help="the image to deform onto FIXED")
+    reg.add_argument("-o", "--output", dest="outdir", required=True, metavar="OUTDIR", help="new or empty folder")
+    reg.add_argument(
+        "--model", default="ct", metavar="ct|FILE", help="'ct' (the project's CT weights) or a SYMNet .pth checkpoint"
+    )
+    reg.add_argument(
+        "--affine",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="rigid + affine pre-alignment (SimpleITK, mutual information) before SYMNet (default: off)",
+    )
+    reg.add_argument(
+        "--fast",
+        action="store_true",
+        help="integrate the velocity fields at half resolution (a quicker, less exact preview)",
+    )
+    reg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto")
+    reg.add_argument("--overwrite", action="store_true", help="replace the outputs in a non-empty OUTDIR")
+    reg.set_defaults(run=_cmd_register)
+
+    board = sub.add_parser("checkerboard", help="alternate cubes of two images (B resampled onto A's grid)")
+    board.add_argument("a", help="first image; its grid is the output's")
+    board.add_argument("b", help="second image, resampled onto A's grid in physical space when needed")
+    board.add_argument("-o", "--output", required=True, metavar="OUT", help=".nii or .nii.gz")
+    board.add_argument("--tile-mm", type=float, default=20.0, help="cube side in mm (default: 20)")
+    board.set_defaults(run=_cmd_checkerboard)
+
+    col = sub.add_parser(
+        "colorize",
+        help="colorize a CT: CNN colour with the windowed CT as exact luminance",
+        description="OUT *.nii/*.nii.gz: NIfTI-1 RGB24 with the input's affine; a folder: one PNG per slice; "
+        "--format dicom: an RGB DICOM series (Secondary Capture), de-identified unless --keep-patient-info.",
+    )
+    col.add_argument("path", help="CT: DICOM folder or file, .nii/.nii.gz, .mha/.mhd, .nrrd")
+    col.add_argument("-o", "--output", required=True, metavar="OUT", help=".nii/.nii.gz file or a folder")
+    col.add_argument("--window", metavar="NAME|CENTRE,WIDTH", help="display window (default: the DICOM window)")
+    col.add_argument(
+        "--model", default="colorizer-2d", metavar="NAME|FILE", help="colorizer-2d, colorizer-3d or a .safetensors file"
+    )
+    col.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto")
+    col.add_argument("--batch-size", type=int, metavar="N", help="slices per network batch")
+    col.add_argument("--chroma", type=float, default=1.0, metavar="0..1", help="colour strength (0: grey CT)")
+    col.add_argument("--format", choices=("nifti", "png", "dicom"), help="default: from OUT's name")
+    col.add_argument("--keep-patient-info", action="store_true", help="DICOM export keeps patient identifiers")
+    col.add_argument("--allow-non-ct", action="store_true", help="colorize a non-CT image anyway")
+    col.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read from a folder with several series")
+    col.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    col.set_defaults(run=_cmd_colorize)
+
+    train = sub.add_parser("train", help="train shipped weights from a config (colorizer)")
+    train.add_argument("what", choices=("colorizer",), help="what to train")
+    train.add_argument("--config", required=True, help="YAML config, e.g. configs/colorizer_2d.yaml")
+    train.add_argument("--device", default="cpu", help="cpu (reproducible) or cuda")
+    train.add_argument("--weights-dir", default="weights", help="where the weights and card go (default: weights)")
+    train.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    train.add_argument("--eval-only", action="store_true", help="only evaluate the existing weights, update the card")
+    train.set_defaults(run=_cmd_train)
     return parser
 
 
@@ -93,6 +317,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = args.run(args)
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:  # permissions, a full disk: the user can fix these too
+            print(f"error: {exc}".splitlines()[0], file=sys.stderr)
+            return 2
+        except RuntimeError as exc:
+            if "out of memory" not in str(exc):
+                raise
+            print("error: the GPU ran out of memory; use a smaller --batch-size or --device cpu", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from .io.errors import InputError
 from .io.write import atomic_path
 from .models.colorizer import Colorizer, ColorizerConfig
+from .models.symnet import SYMNet, load_symnet_checkpoint, symnet_from_state_dict
 
 COLORIZER_DEFAULT = "colorizer-2d"
 
@@ -94,6 +95,18 @@ def load_colorizer(name_or_path: str | os.PathLike = COLORIZER_DEFAULT) -> tuple
         raise InputError(f"{path}: weights do not fit the colorizer config ({str(exc).splitlines()[0]})") from None
     card.setdefault("name", path.stem)
     return model.eval(), card
+
+
+def load_symnet(name_or_path: str | os.PathLike) -> SYMNet:
+    """SYMNet from shipped safetensors weights (by name, sha256 checked) or an official ``.pth`` checkpoint.
+
+    ``.pth`` files are read by `load_symnet_checkpoint` with ``torch.load(weights_only=True)``: tensors only, no code.
+    """
+    if str(name_or_path).endswith((".pth", ".pt")):
+        return load_symnet_checkpoint(Path(name_or_path))
+    path, card_path = find_weights(name_or_path)
+    state, _ = load_state(path, read_card(card_path) if card_path else None)
+    return symnet_from_state_dict(state, source=str(path))
 
 
 def save_weights(model: torch.nn.Module, card: dict[str, Any], folder: Path, name: str) -> Path:

@@ -17,6 +17,7 @@ a ``thread_worker``, which emits ``yielded`` per step, aborts between steps on `
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -28,10 +29,11 @@ import torch.nn.functional as F
 
 from ..color import compose_rgb, compose_rgb_torch
 from ..io import ColorVolume, InputError, Volume
-from ..io.errors import CTColorError
+from ..io.errors import Cancelled
 from ..models.colorizer import Colorizer, context_indices, downsample_hu, prepare_input
 from ..weights import COLORIZER_DEFAULT, load_colorizer
 from ..windowing import Window, parse_window, window, window_tensor
+from .device import resolve_device
 
 Progress = Callable[[int, int], Any]
 Cancel = Callable[[], bool]
@@ -39,14 +41,11 @@ Step = tuple[int, int]  # (done, total) slices
 R = TypeVar("R")
 Steps = Generator[Step, None, R]
 
+_AIR_HU = -1024.0
 _COMPOSE_CHUNK = 8  # slices per compose step: bounds the float temporaries (~20 bytes per voxel)
 _ROI_3D = (32, 96, 96)  # 3D model patch (d, h, w) at the network's resolution
 _OVERLAP_3D = 0.5  # overlap of neighbouring 3D patches, blended with a Gaussian weight (MONAI's sliding window)
 _MODEL_CACHE: dict[str, tuple[Colorizer, dict[str, Any]]] = {}
-
-
-class Cancelled(CTColorError):
-    """The user cancelled a running job."""
 
 
 @dataclass
@@ -64,23 +63,6 @@ class Chroma:
     factor: int
     pad: tuple[tuple[int, int], tuple[int, int]]
     model: str
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """ "auto" -> cuda, then mps, then cpu; anything else is checked to exist."""
-    if str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"unknown device {str(device)!r}; use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' requested but no CUDA GPU is available (use --device cpu or auto)")
-    return device
 
 
 def get_colorizer(model: str | os.PathLike | Colorizer = COLORIZER_DEFAULT) -> tuple[Colorizer, dict[str, Any]]:
@@ -134,6 +116,23 @@ def _check_volume(volume: Volume) -> None:
         raise InputError(f"cannot colorize an array of type {volume.array.dtype}")
 
 
+def _hu_slices(volume: Volume, start: int, stop: int) -> np.ndarray:
+    """float32 HU of slices [start, stop); NaN (unreconstructed voxels in some NIfTI) becomes air, +-inf clips."""
+    hu = np.asarray(volume.array[start:stop], dtype=np.float32)
+    if volume.array.dtype.kind == "f":
+        np.nan_to_num(hu, copy=False, nan=_AIR_HU, posinf=np.finfo(np.float32).max, neginf=_AIR_HU)
+    return hu
+
+
+def upsample_chroma(chroma: Chroma, start: int, stop: int, shape_yx: tuple[int, int], device: torch.device):
+    """a*, b* of slices [start, stop) at full resolution, padding removed: (n, Y, X, 2) float32 on ``device``."""
+    (top, bottom), (left, right) = chroma.pad
+    height, width = shape_yx
+    padded = (height + top + bottom, width + left + right)
+    ab = F.interpolate(chroma.ab[start:stop].to(device), size=padded, mode="bilinear", align_corners=False)
+    return ab[:, :, top : top + height, left : left + width].movedim(1, -1)
+
+
 @contextlib.contextmanager
 def _inference(device: torch.device) -> Iterator[None]:
     """No autograd, and bf16 autocast on CUDA: the network's chroma needs no more precision; luminance never passes
@@ -165,7 +164,8 @@ def iter_predict_chroma(
     net, card = get_colorizer(model)
     config = net.config
     device = resolve_device(device)
-    net = net.to(device)
+    if device.type != "cpu":  # a copy: the cached (or caller's) model stays on the CPU for other callers
+        net = copy.deepcopy(net).to(device)
     if device.type == "cuda" and config.dims == 2:  # channels_last exists for 4D tensors only
         net = net.to(memory_format=torch.channels_last)
     factor = config.factor_for(float(np.mean(volume.spacing[1:])))
@@ -178,7 +178,7 @@ def iter_predict_chroma(
 
     def small_slices(start: int, stop: int) -> torch.Tensor:
         """(n, h, w) HU of slices [start, stop), padded (edge values) and area-reduced on the device."""
-        hu = torch.from_numpy(np.asarray(volume.array[start:stop], dtype=np.float32)).to(device)
+        hu = torch.from_numpy(_hu_slices(volume, start, stop)).to(device)
         hu = F.pad(hu[:, None], (*pad[1], *pad[0]), mode="replicate")[:, 0]
         return downsample_hu(hu, factor)
 
@@ -269,19 +269,16 @@ def iter_compose_chroma(
     z, height, width = volume.shape
     if chroma.ab.shape[0] != z:
         raise InputError(f"chroma has {chroma.ab.shape[0]} slices, the volume {z}")
-    (top, _), (left, _) = chroma.pad
-    padded = (height + sum(chroma.pad[0]), width + sum(chroma.pad[1]))
     rgb = np.empty((z, height, width, 3), dtype=np.uint8)
     for start in range(0, z, _COMPOSE_CHUNK):
         stop = min(z, start + _COMPOSE_CHUNK)
         with torch.inference_mode():
-            ab = F.interpolate(chroma.ab[start:stop].to(device), size=padded, mode="bilinear", align_corners=False)
-            ab = ab[:, :, top : top + height, left : left + width].movedim(1, -1)  # (n, Y, X, 2)
+            ab = upsample_chroma(chroma, start, stop, (height, width), device)
             if device.type == "cpu":
-                grey = window(volume.array[start:stop], *win)
+                grey = window(_hu_slices(volume, start, stop), *win)
                 rgb[start:stop] = compose_rgb(grey, ab.numpy(), chroma=strength)
             else:
-                hu = torch.from_numpy(np.asarray(volume.array[start:stop], dtype=np.float32)).to(device)
+                hu = torch.from_numpy(_hu_slices(volume, start, stop)).to(device)
                 rgb[start:stop] = compose_rgb_torch(window_tensor(hu, *win), ab, chroma=strength).cpu().numpy()
         yield stop, z
     settings = {"window": [win.centre, win.width], "model": chroma.model, "chroma": strength}

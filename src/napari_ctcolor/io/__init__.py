@@ -6,17 +6,19 @@ import os
 from pathlib import Path
 
 from .dicom import read_dicom_file, read_dicom_folder
-from .errors import CTColorError, InputError
-from .nifti import read_itk, read_nifti, write_nifti
+from .errors import Cancelled, CTColorError, InputError
+from .nifti import read_itk, read_nifti, write_nifti, write_vector_nifti
 from .volume import ColorVolume, Volume
 
 __all__ = [
     "CTColorError",
+    "Cancelled",
     "ColorVolume",
     "InputError",
     "Volume",
     "read_volume",
     "write_nifti",
+    "write_vector_nifti",
     "NIFTI_SUFFIXES",
     "ITK_SUFFIXES",
 ]

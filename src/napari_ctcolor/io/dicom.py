@@ -201,7 +201,7 @@ def _geometry(slices: list[_Slice], where: Path):
         )
     dz = float(np.median(gaps))
     if np.max(np.abs(gaps - dz)) > _IRREGULAR_FRACTION * dz:
-        missing = int(np.sum(np.round(gaps / dz) - 1).clip(0))
+        missing = int(np.sum((np.round(gaps / dz) - 1).clip(0)))
         notes = {
             "irregular_spacing": True,
             "missing_slices": missing,
@@ -246,7 +246,8 @@ def _stack_slices(slices: list[_Slice], where: Path) -> Volume:
     ]
     modality = str(first.get("Modality", "") or "")
     integral = all(float(m).is_integer() and float(b).is_integer() for m, b in rescale)
-    check_memory(len(slices) * rows * cols * (2 if integral else 4), where)
+    # int32 while rescaling, then the int16 copy: 6 bytes per voxel at the peak (float32: 4).
+    check_memory(len(slices) * rows * cols * (6 if integral else 4), where)
     out = np.empty((len(slices), rows, cols), dtype=np.float32 if not integral else np.int32)
     padding = first.get("PixelPaddingValue")
     padding_limit = first.get("PixelPaddingRangeLimit")
@@ -272,6 +273,7 @@ def _stack_slices(slices: list[_Slice], where: Path) -> Volume:
             out = out.astype(np.int16)
     meta = _meta(first, where)
     meta.update(notes)
+    meta["first_file"] = str(slices[0].path)  # the series' own file, for exports that keep patient information
     if padded_voxels:
         meta["padded_voxels"] = padded_voxels
     return Volume(out, spacing=spacing, origin=origin, direction=direction, meta=meta)

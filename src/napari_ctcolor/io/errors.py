@@ -10,6 +10,10 @@ class CTColorError(Exception):
     """Base class of all napari-ctcolor errors."""
 
 
+class Cancelled(CTColorError):
+    """The user cancelled a running job; the engine stopped between two steps and returned nothing."""
+
+
 class InputError(CTColorError):
     """Something the user can fix: a bad file, a wrong modality, mismatched dimensions.
 

@@ -138,7 +138,9 @@ def write_rgb_nifti(cv: ColorVolume, path: str | os.PathLike, overwrite: bool = 
 def write_png_slices(cv: ColorVolume, folder: str | os.PathLike, overwrite: bool = False) -> list[Path]:
     """Write one 8-bit RGB PNG per slice: ``folder/slice_0000.png`` ... in array (Z) order.
 
-    Each image is the (Y, X) slice as stored, row 0 at the top. The in-plane pixel size is recorded in the PNG
+    Slices are shown as a radiologist reads an axial image: patient right on the image's left, anterior at the top.
+    In LPS that is +x to the right and +y downwards, so an in-plane axis whose direction points the other way (e.g.
+    a NIfTI stored RAS) is flipped. The in-plane pixel size is recorded in the PNG
     pHYs chunk (as dpi); PNG has no slice position, so use NIfTI or DICOM when geometry matters.
 
     Args:
@@ -155,9 +157,13 @@ def write_png_slices(cv: ColorVolume, folder: str | os.PathLike, overwrite: bool
     paths = _slice_paths(folder, cv.rgb.shape[0], ".png")
     _prepare_folder(folder, paths, ".png", overwrite)
     dpi = (25.4 / cv.spacing[2], 25.4 / cv.spacing[1])  # pixels per inch along x, y
+    # Index axis i (columns) and j (rows): flip where the dominant LPS component of the axis direction is negative.
+    flip_x = cv.direction[np.argmax(np.abs(cv.direction[:, 0])), 0] < 0
+    flip_y = cv.direction[np.argmax(np.abs(cv.direction[:, 1])), 1] < 0
+    view = cv.rgb[:, :: -1 if flip_y else 1, :: -1 if flip_x else 1]
     for k, path in enumerate(paths):
         with atomic_path(path) as tmp:
-            Image.fromarray(cv.rgb[k]).save(tmp, format="PNG", dpi=dpi)
+            Image.fromarray(np.ascontiguousarray(view[k])).save(tmp, format="PNG", dpi=dpi)
     return paths
 
 
@@ -216,7 +222,8 @@ def write_rgb_dicom(
     series.SecondaryCaptureDeviceSoftwareVersions = __version__
     series.ImageType = ["DERIVED", "SECONDARY"]
     series.DerivationDescription = _description(cv, str(meta.get("modality") or "CT"))[:1024]
-    described = str(meta.get("series_description") or "").strip()
+    # Free text can identify the patient (PS3.15 basic profile removes SeriesDescription): copied only on request.
+    described = str(meta.get("series_description") or "").strip() if keep_patient_info else ""
     series.SeriesDescription = f"{described} colorized"[:64] if described else "colorized CT"
     series.SeriesInstanceUID = generate_uid()
     series.SeriesNumber = None

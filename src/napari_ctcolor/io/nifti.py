@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 
 from .errors import InputError
 from .guard import check_memory
@@ -93,10 +94,25 @@ def write_nifti(volume: Volume, path: str | os.PathLike) -> Path:
     return path
 
 
+def write_vector_nifti(field: np.ndarray, grid: Volume, path: str | Path) -> Path:
+    """Write a displacement field (Z, Y, X, 3) mm LPS as a NIfTI vector image with SimpleITK (atomic).
+
+    The file is 5D (X, Y, Z, 1, 3), float64, intent VECTOR (1007), with the vectors in LPS as ITK, ANTs and
+    SimpleITK store them, so ``sitk.DisplacementFieldTransform(sitk.ReadImage(path))`` applies it as is. (ITK reads
+    files marked DISPVECT (1006) as RAS and negates x and y; do not relabel the intent. nibabel users get the LPS
+    components raw: negate x and y for RAS.)
+    """
+    image = sitk.GetImageFromArray(np.ascontiguousarray(field, dtype=np.float64), isVector=True)
+    image.SetSpacing(grid.spacing[::-1])
+    image.SetOrigin(grid.origin)
+    image.SetDirection(grid.direction.flatten().tolist())
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+    return Path(path)
+
+
 def read_itk(path: str | os.PathLike) -> Volume:
     """Read MHA/MHD/NRRD (or anything else SimpleITK reads) as a Volume."""
-    import SimpleITK as sitk
-
     path = Path(path)
     try:
         reader = sitk.ImageFileReader()

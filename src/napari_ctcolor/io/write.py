@@ -10,6 +10,10 @@ from pathlib import Path
 
 from .errors import InputError
 
+# Read once at import: os.umask can only be read by setting it, which is not thread-safe (writers run in threads).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def _suffix(path: Path) -> str:
     # Keep a double suffix such as ".nii.gz": writers pick the format (and compression) from it.
@@ -25,6 +29,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_suffix(path), dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    # mkstemp creates owner-only files; give the output the permissions a plain open() would (0666 less umask).
+    tmp.chmod(0o666 & ~_UMASK)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -26,7 +26,8 @@ from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error
 
-from ..engines.colorize import Chroma, iter_compose_chroma, iter_predict_chroma, offset_steps, resolve_device
+from ..engines.colorize import Chroma, iter_compose_chroma, iter_predict_chroma, offset_steps
+from ..engines.device import resolve_device
 from ..io import ColorVolume, Volume
 from ..io.errors import CTColorError, InputError
 from ..models.colorizer import Colorizer

@@ -10,11 +10,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from skimage.color import deltaE_ciede2000
 
 from ..color import compose_rgb, grey_to_lightness, load_palette, srgb_to_lab
-from ..engines.colorize import compose_chroma, predict_chroma
+from ..engines.colorize import compose_chroma, predict_chroma, upsample_chroma
 from ..models.colorizer import Colorizer
 from ..windowing import PRESETS, window
 from .data import LabelledCT
@@ -31,13 +30,6 @@ def _hue(ab: np.ndarray) -> np.ndarray:
 
 def _hue_diff(h1, h2) -> np.ndarray:
     return np.abs((h1 - h2 + 180.0) % 360.0 - 180.0)
-
-
-def _full_res_ab(chroma, shape) -> np.ndarray:
-    """(Z, Y, X, 2) a*, b* as the compose step sees them (upsampled, padding removed)."""
-    (top, bottom), (left, right) = chroma.pad
-    up = F.interpolate(chroma.ab, size=(shape[1] + top + bottom, shape[2] + left + right), mode="bilinear")
-    return up[:, :, top : top + shape[1], left : left + shape[2]].movedim(1, -1).numpy()
 
 
 def evaluate_case(
@@ -59,7 +51,7 @@ def evaluate_case(
     de = deltaE_ciede2000(lab_out[shown], lab_target[shown])
     d_lightness = np.abs(lab_out[..., 0] - grey_to_lightness(grey))
 
-    pred_ab = _full_res_ab(chroma, ct.shape)
+    pred_ab = upsample_chroma(chroma, 0, ct.shape[0], ct.shape[1:], torch.device("cpu")).numpy()
     body = ct.array > -500
     coloured = body & (np.hypot(target_ab[..., 0], target_ab[..., 1]) >= MIN_CHROMA)
     hue_ok = _hue_diff(_hue(pred_ab[coloured]), _hue(target_ab[coloured])) < HUE_TOLERANCE_DEG

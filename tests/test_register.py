@@ -1,0 +1,429 @@
+"""Registration engine, checkerboard and their CLI commands, on the shared OASIS pair and CT (and analytic cases).
+
+The official SYMNet checkpoint was trained on brain MRI, so on CT these tests pin down conventions and geometry (ddf
+sign and units in mm LPS, agreement with SimpleITK's DisplacementFieldTransform), not registration accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from napari_ctcolor.cli import main
+from napari_ctcolor.engines import Cancelled, checkerboard, register
+from napari_ctcolor.engines.checkerboard import checkerboard_mask
+from napari_ctcolor.io import ColorVolume, InputError, Volume, read_volume, write_nifti
+from napari_ctcolor.models.diffeo import warp
+from napari_ctcolor.models.symnet import load_symnet_checkpoint, symnet_forward_fields
+from napari_ctcolor.weights import find_weights
+
+from conftest import CT_DIR, SHARED_DATA, require_shared
+
+OASIS = SHARED_DATA / "symnet-oasis"
+CHECKPOINT = OASIS / "SYMNet_neurite_oasis_smo30_update_80000.pth"
+CT = CT_DIR / "totalseg-body-3mm-30slices.nii.gz"
+CT_LABELS = CT_DIR / "totalseg-body-3mm-30slices-labels.nii.gz"
+AIR_HU = -1100.0  # the shared CT's minimum
+
+
+# --- helpers ----------------------------------------------------------------------------------------------------------
+
+
+def _checkpoint() -> str:
+    return str(require_shared(CHECKPOINT))
+
+
+def _crop(volume: Volume, z: slice, y: slice, x: slice) -> Volume:
+    """A sub-volume with the origin moved to its first voxel, so it stays at the same place in space."""
+    origin = volume.affine[:3, :3] @ [x.start, y.start, z.start] + volume.affine[:3, 3]
+    return Volume(volume.array[z, y, x], volume.spacing, origin, volume.direction, dict(volume.meta))
+
+
+def _resampled(volume: Volume, transform: sitk.Transform, default: float, nearest: bool = False) -> Volume:
+    """``volume`` on its own grid, sampled at transform(x): a synthetic moving image with a known deformation."""
+    image = volume.to_sitk()
+    interpolator = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+    out = sitk.Resample(image, image, transform, interpolator, default)
+    return Volume.from_sitk(out, meta={"source": "deformed copy"})
+
+
+def _field_image(ddf: np.ndarray, grid: Volume) -> sitk.Image:
+    image = sitk.GetImageFromArray(ddf.astype(np.float64), isVector=True)
+    image.CopyInformation(grid.to_sitk())
+    return image
+
+
+def _points_inside(volume: Volume, grid: Volume, ddf: np.ndarray, margin: float = 1.0) -> np.ndarray:
+    """(Z, Y, X) bool: grid voxel x maps to x + ddf(x) at least ``margin`` voxels inside ``volume``.
+
+    At the border grid_sample (zeros padding, blended) and SimpleITK (default value) legitimately differ.
+    """
+    index = np.indices(grid.shape)[::-1].reshape(3, -1)  # (i, j, k) = (X, Y, Z)
+    points = grid.affine[:3, :3] @ index + grid.affine[:3, 3:] + ddf.reshape(-1, 3).T
+    moving_index = np.linalg.solve(volume.affine[:3, :3], points - volume.affine[:3, 3:])
+    size = np.array(volume.shape[::-1])[:, None]
+    inside = np.all((moving_index >= margin) & (moving_index <= size - 1 - margin), axis=0)
+    return inside.reshape(grid.shape)
+
+
+def _sitk_warped(moving: Volume, fixed: Volume, ddf: np.ndarray, default: float) -> np.ndarray:
+    """The moving image resampled onto the fixed grid by SimpleITK through DisplacementFieldTransform(ddf)."""
+    transform = sitk.DisplacementFieldTransform(_field_image(ddf, fixed))
+    moving_image = sitk.Cast(moving.to_sitk(), sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(sitk.Resample(moving_image, fixed.to_sitk(), transform, sitk.sitkLinear, default))
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean Dice over the labels present in ``a`` (0 is background)."""
+    labels = [v for v in np.unique(a) if v != 0]
+    return float(np.mean([2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in labels]))
+
+
+@pytest.fixture(scope="module")
+def ct() -> Volume:
+    return read_volume(require_shared(CT))
+
+
+@pytest.fixture(scope="module")
+def ct_labels() -> Volume:
+    return read_volume(require_shared(CT_LABELS))
+
+
+@pytest.fixture(scope="module")
+def oasis_pair() -> tuple[Volume, Volume]:
+    require_shared(CHECKPOINT)
+    return read_volume(OASIS / "image_A_full_size.nii.gz"), read_volume(OASIS / "image_B_full_size.nii.gz")
+
+
+# --- the engine on the OASIS pair -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # one full-size exact registration: ~30-45 s on 2 CPU cores
+def test_oasis_pair_registration_raises_ncc_without_folding(oasis_pair):
+    fixed, moving = oasis_pair
+    result = register(fixed, moving, model=_checkpoint(), device="cpu")
+    m = result.metrics
+    print(
+        f"\nOASIS exact: NCC {m['ncc_before']:.4f} -> {m['ncc_after']:.4f}, {m['seconds']:.1f} s {m['stage_seconds']}"
+    )
+    assert m["ncc_after"] > m["ncc_before"] + 0.05
+    assert m["folding_fraction"] < 1e-4
+    assert m["inverse_consistency_mm"] < 0.1
+    assert result.warped.shape == result.jacobian.shape == fixed.shape
+    assert result.ddf.shape == result.inverse_ddf.shape == (*fixed.shape, 3)
+    assert result.ddf.dtype == result.inverse_ddf.dtype == np.float32
+    np.testing.assert_allclose(result.warped.affine, fixed.affine)
+
+
+def test_engine_warp_equals_model_level_warp_and_fast_mode_stays_close_on_an_oasis_crop(oasis_pair):
+    # 48 x 64 x 64 voxels, multiples of 16: the engine pads nothing, so it must reproduce the model-level call.
+    fixed = _crop(oasis_pair[0], slice(88, 136), slice(64, 128), slice(48, 112))
+    moving = _crop(oasis_pair[1], slice(88, 136), slice(64, 128), slice(48, 112))
+    result = register(fixed, moving, model=_checkpoint(), device="cpu")
+
+    def minmax(v: Volume) -> torch.Tensor:
+        a = v.array.astype(np.float32)
+        return torch.from_numpy((a - a.min()) / (a.max() - a.min()))[None, None]
+
+    with torch.inference_mode():
+        fields = symnet_forward_fields(load_symnet_checkpoint(CHECKPOINT), minmax(fixed), minmax(moving))
+        expected = warp(minmax(moving), fields.f_ba)[0, 0].numpy()
+    low, high = float(moving.array.min()), float(moving.array.max())
+    np.testing.assert_allclose((result.warped.array - low) / (high - low), expected, atol=2e-5, rtol=0)
+    # ddf = direction @ (spacing_xyz * voxels_xyz), channel c of the field being array axis 2 - c.
+    voxels = fields.f_ba[0].permute(1, 2, 3, 0).numpy()
+    m = fixed.direction @ np.diag(fixed.spacing[::-1])
+    np.testing.assert_allclose(result.ddf, voxels @ m.T, atol=1e-4, rtol=0)
+    # Half-resolution integration is a preview: close to exact on average, not voxel for voxel.
+    fast = register(fixed, moving, model=_checkpoint(), device="cpu", fast=True)
+    assert fast.metrics["ncc_after"] > result.metrics["ncc_after"] - 0.03 > result.metrics["ncc_before"] + 0.2
+    assert np.mean(np.abs(fast.warped.array - result.warped.array)) / (high - low) < 0.03
+
+
+# --- conventions and geometry on the shared CT ------------------------------------------------------------------------
+
+
+def test_known_translation_is_recovered_with_its_sign_in_mm_lps(ct):
+    shift_mm = np.array([6.0, -4.5, 3.0])  # LPS; the CT's direction is diag(-1, -1, 1), so x and y flip in index space
+    # moving(x) = ct(x + shift): the fixed point x is found in the moving image at x - shift, so ddf ~ -shift.
+    moving = _resampled(ct, sitk.TranslationTransform(3, shift_mm.tolist()), AIR_HU)
+    result = register(ct, moving, model=_checkpoint(), device="cpu")
+    body = ct.array > -500
+    median = np.median(result.ddf[body], axis=0)
+    print(f"\nCT translation {-shift_mm} mm: median ddf in the body {median} mm (MRI-trained weights)")
+    assert np.all(np.sign(median) == -np.sign(shift_mm))
+    assert np.all(np.abs(median) >= 0.25 * np.abs(shift_mm)) and np.all(np.abs(median) <= 1.2 * np.abs(shift_mm))
+    assert result.metrics["ncc_after"] > result.metrics["ncc_before"] + 0.05
+
+
+def test_ddf_applied_by_simpleitk_reproduces_warped_and_inverse_ddf_undoes_it(ct, ct_labels):
+    # A smooth deformation of a few mm: moving(x) = ct(x + d(x)).
+    index = np.indices(ct.shape)[::-1].reshape(3, -1)
+    points = (ct.affine[:3, :3] @ index + ct.affine[:3, 3:]).T.reshape(*ct.shape, 3)
+    rng = np.random.default_rng(0)
+    d = np.zeros((*ct.shape, 3))
+    for c in range(3):
+        k = rng.normal(size=3) * 2 * np.pi / 150.0  # wavelengths around 150 mm
+        d[..., c] = 4.0 * np.sin(points @ k + rng.uniform(0, 2 * np.pi))
+    deformation = sitk.DisplacementFieldTransform(_field_image(d, ct))
+    moving = _resampled(ct, deformation, AIR_HU)
+    deformation = sitk.DisplacementFieldTransform(_field_image(d, ct))  # the constructor takes the image over
+    moving_labels = _resampled(ct_labels, deformation, 0, nearest=True)
+
+    result = register(ct, moving, model=_checkpoint(), device="cpu", moving_labels=moving_labels)
+
+    inside = _points_inside(moving, ct, result.ddf)
+    assert inside.mean() > 0.7
+    reference = _sitk_warped(moving, ct, result.ddf, AIR_HU)
+    np.testing.assert_allclose(result.warped.array[inside], reference[inside], atol=0.05, rtol=0)  # HU
+    dice_before = _dice(ct_labels.array, moving_labels.array)
+    dice_after = _dice(ct_labels.array, result.warped_labels.array)
+    print(f"\nCT smooth deformation: label Dice {dice_before:.3f} -> {dice_after:.3f}")
+    assert dice_after > dice_before
+    assert set(np.unique(result.warped_labels.array)) <= set(np.unique(moving_labels.array))
+    assert result.warped_labels.array.dtype == moving_labels.array.dtype
+    # Round trip: fixed point p -> moving point q = p + ddf(p) -> q + inverse_ddf(q) ~ p (interior points).
+    forward = sitk.DisplacementFieldTransform(_field_image(result.ddf, ct))
+    backward = sitk.DisplacementFieldTransform(_field_image(result.inverse_ddf, ct))
+    errors = []
+    for p in points[5:-5:4, 15:-15:10, 15:-15:10].reshape(-1, 3):
+        q = forward.TransformPoint(p.tolist())
+        errors.append(np.linalg.norm(np.subtract(backward.TransformPoint(q), p)))
+    assert np.median(errors) < 0.3 and np.max(errors) < 1.5, (np.median(errors), np.max(errors))
+    assert result.metrics["folding_fraction"] == 0.0 and result.jacobian.array.min() > 0
+
+
+def test_affine_prealignment_is_composed_into_the_ddf(ct):
+    image = ct.to_sitk()
+    rigid = sitk.Euler3DTransform()
+    rigid.SetCenter(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+    rigid.SetRotation(0.0, 0.0, np.deg2rad(6.0))
+    rigid.SetTranslation((9.0, -6.0, 4.0))
+    moving = _resampled(ct, rigid, AIR_HU)
+    steps = []
+    result = register(ct, moving, model=_checkpoint(), affine=True, device="cpu", progress=lambda *a: steps.append(a))
+
+    m = result.metrics
+    assert m["ncc_before"] < m["ncc_prealigned"] < m["ncc_after"]
+    assert steps == [(i, 8) for i in range(1, 9)]
+    # The recovered in-plane rotation is the inverse of the applied one (the affine maps fixed to moving points). The
+    # z scale of an affine fitted to 30 slices, 4 mm of which left the field of view, is left loose.
+    inverse = np.linalg.inv(np.asarray(rigid.GetMatrix()).reshape(3, 3))
+    np.testing.assert_allclose(np.asarray(m["prealign_matrix"])[:2, :2], inverse[:2, :2], atol=0.03)
+    # The ddf maps to ORIGINAL moving points, affine included: SimpleITK reproduces warped in one interpolation.
+    inside = _points_inside(moving, ct, result.ddf)
+    reference = _sitk_warped(moving, ct, result.ddf, AIR_HU)
+    np.testing.assert_allclose(result.warped.array[inside], reference[inside], atol=0.05, rtol=0)
+
+
+def test_two_d_pair_registers_in_plane_with_zero_through_plane_displacement(ct):
+    fixed = _crop(ct, slice(15, 16), slice(0, 101), slice(0, 122))
+    moving = _resampled(fixed, sitk.TranslationTransform(3, (4.0, 3.0, 0.0)), AIR_HU)
+    result = register(fixed, moving, model=_checkpoint(), device="cpu")
+    assert result.warped.shape == result.jacobian.shape == (1, 101, 122)
+    assert result.ddf.shape == (1, 101, 122, 3)
+    assert np.all(result.ddf[..., 2] == 0.0)  # axial slice: the index z axis is LPS z
+    assert result.metrics["two_d"] and result.metrics["ncc_after"] > result.metrics["ncc_before"]
+    with pytest.raises(InputError, match="pre-alignment works on 3D volumes"):
+        register(fixed, moving, model=_checkpoint(), affine=True)
+
+
+def test_mismatched_dimensions_and_disjoint_extents_raise_one_line_input_errors(ct):
+    one_slice = _crop(ct, slice(15, 16), slice(0, 101), slice(0, 122))
+    with pytest.raises(InputError, match=r"3D \(30 slices\) moving image to a 2D \(1 slice\) fixed") as info:
+        register(one_slice, ct, model=_checkpoint())
+    assert "\n" not in str(info.value)
+    far = Volume(ct.array, ct.spacing, (5000.0, 0.0, 0.0), ct.direction, {"source": "far.nii.gz"})
+    with pytest.raises(InputError, match=r"far\.nii\.gz: its physical extent does not overlap"):
+        register(ct, far, model=_checkpoint())
+
+
+def _ct_weights_shipped() -> bool:
+    try:
+        find_weights("symnet-ct")
+    except InputError:
+        return False
+    return True
+
+
+def test_model_names_and_cancellation(ct):
+    if not _ct_weights_shipped():
+        with pytest.raises(InputError, match="CT weights not shipped yet"):
+            register(ct, ct, model="ct")
+    with pytest.raises(InputError, match="official: model file not found"):
+        register(ct, ct, model="official")
+    calls = []
+    with pytest.raises(Cancelled):
+        register(ct, ct, model=_checkpoint(), progress=lambda *a: calls.append(a), cancel=lambda: len(calls) >= 2)
+    assert calls == [(1, 7), (2, 7)]
+
+
+# --- checkerboard -----------------------------------------------------------------------------------------------------
+
+
+def test_checkerboard_tiles_alternate_in_physical_mm_on_anisotropic_grey_volume():
+    spacing = (2.0, 1.0, 0.5)
+    a = Volume(np.zeros((9, 10, 23), np.int16), spacing=spacing)
+    b = a.with_array(np.ones((9, 10, 23), np.int16))
+    out = checkerboard(a, b, tile_mm=4.0)
+    expected = np.zeros(a.shape, np.int16)
+    for z, y, x in np.ndindex(a.shape):
+        expected[z, y, x] = (int(z * 2.0 // 4) + int(y * 1.0 // 4) + int(x * 0.5 // 4)) % 2
+    np.testing.assert_array_equal(out.array, expected)
+    assert out.array.dtype == np.int16 and out.spacing == spacing and out.meta["checkerboard_mm"] == 4.0
+    # 4 mm tiles are 2 slices, 4 rows and 8 columns: voxel counts per tile along each axis.
+    assert list(out.array[:, 0, 0]) == [0, 0, 1, 1, 0, 0, 1, 1, 0]
+    assert list(out.array[0, 0, :9]) == [0] * 8 + [1]
+
+
+def test_checkerboard_of_colour_slices_keeps_both_colours_exactly():
+    red = np.zeros((1, 6, 8, 3), np.uint8)
+    red[..., 0] = 255
+    blue = np.zeros((1, 6, 8, 3), np.uint8)
+    blue[..., 2] = 255
+    a = ColorVolume(red, (3.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    b = ColorVolume(blue, (3.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    out = checkerboard(a, b, tile_mm=2.0)
+    assert isinstance(out, ColorVolume) and out.rgb.dtype == np.uint8
+    from_a = checkerboard_mask((1, 6, 8), (3.0, 1.0, 1.0), 2.0)
+    assert np.array_equal(out.rgb[from_a], red[from_a]) and np.array_equal(out.rgb[~from_a], blue[~from_a])
+    assert from_a[0, 0, 0] and not from_a[0, 0, 2] and not from_a[0, 2, 0] and from_a[0, 2, 2]
+
+
+def test_checkerboard_resamples_b_onto_a_grid_first():
+    a = Volume(np.zeros((4, 10, 10), np.float32), spacing=(2.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0))
+    # b is a linear ramp along LPS x on a coarser, shifted, flipped grid; resampled onto a's voxels it reads x + 100.
+    direction = np.diag([-1.0, 1.0, 1.0])
+    x_mm = 12.0 - 1.5 * np.arange(12)
+    b = Volume(
+        np.broadcast_to(x_mm + 100, (4, 12, 12)).astype(np.float32), (2.0, 1.5, 1.5), (12.0, -2.0, 0.0), direction
+    )
+    out = checkerboard(a, b, tile_mm=5.0)
+    odd = ~checkerboard_mask(a.shape, a.spacing, 5.0)
+    x_of_a = np.broadcast_to(np.arange(10.0), a.shape)
+    np.testing.assert_allclose(out.array[odd], x_of_a[odd] + 100, atol=1e-4)
+    assert np.all(out.array[~odd] == 0)
+
+
+def test_checkerboard_refuses_mixed_kinds_and_bad_tile_size():
+    grey = Volume(np.zeros((1, 4, 4), np.float32))
+    colour = ColorVolume(np.zeros((1, 4, 4, 3), np.uint8), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    with pytest.raises(InputError, match="grey and colour"):
+        checkerboard(grey, colour)
+    with pytest.raises(InputError, match="positive"):
+        checkerboard(grey, grey, tile_mm=0.0)
+
+
+# --- the CLI ----------------------------------------------------------------------------------------------------------
+
+
+def _run(capsys, *args: str) -> tuple[int, list[str]]:
+    code = main(list(args))
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_cli_register_writes_outputs_on_the_fixed_grid_usable_by_simpleitk(ct, tmp_path, capsys):
+    fixed_path, moving_path, outdir = tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz", tmp_path / "out"
+    write_nifti(ct, fixed_path)
+    moving = _resampled(ct, sitk.TranslationTransform(3, (6.0, -4.5, 3.0)), AIR_HU)
+    write_nifti(moving, moving_path)
+    outdir.mkdir()
+    (outdir / "notes.txt").write_text("keep me")
+
+    code, err = _run(capsys, "register", str(fixed_path), str(moving_path), "-o", str(outdir), "--model", _checkpoint())
+    assert code == 2 and len(err) == 1 and "not empty; use --overwrite" in err[0]
+    code, err = _run(
+        capsys,
+        "register",
+        str(fixed_path),
+        str(moving_path),
+        "-o",
+        str(outdir),
+        "--model",
+        _checkpoint(),
+        "--overwrite",
+    )
+    assert code == 0, err
+
+    fixed_image = sitk.ReadImage(str(fixed_path))
+    for name in ("warped", "ddf", "inverse_ddf", "jacobian", "checkerboard"):
+        image = sitk.ReadImage(str(outdir / f"{name}.nii.gz"))
+        assert image.GetSize() == fixed_image.GetSize(), name
+        np.testing.assert_allclose(image.GetSpacing(), fixed_image.GetSpacing(), atol=1e-5)
+        np.testing.assert_allclose(image.GetOrigin(), fixed_image.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(image.GetDirection(), fixed_image.GetDirection(), atol=1e-6)
+    ddf_image = sitk.ReadImage(str(outdir / "ddf.nii.gz"))
+    assert ddf_image.GetPixelID() == sitk.sitkVectorFloat64 and ddf_image.GetNumberOfComponentsPerPixel() == 3
+    ddf = sitk.GetArrayFromImage(ddf_image)
+    # The file round-trips the LPS vectors, and SimpleITK applies it as is to give warped.nii.gz.
+    warped = read_volume(outdir / "warped.nii.gz")
+    inside = _points_inside(moving, ct, ddf)
+    reference = _sitk_warped(moving, ct, ddf, AIR_HU)
+    np.testing.assert_allclose(warped.array[inside], reference[inside], atol=0.05, rtol=0)
+    assert np.median(ddf[ct.array > -500][:, 0]) < -1.5  # the translation's x sign, in LPS
+    metrics = json.loads((outdir / "metrics.json").read_text())
+    assert {"ncc_before", "ncc_after", "folding_fraction", "seconds", "model", "device", "fast"} <= set(metrics)
+    assert metrics["ncc_after"] > metrics["ncc_before"] and metrics["model"] == CHECKPOINT.name
+    assert (outdir / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in outdir.iterdir()) == sorted(
+        ["warped.nii.gz", "ddf.nii.gz", "inverse_ddf.nii.gz", "jacobian.nii.gz", "checkerboard.nii.gz"]
+        + ["metrics.json", "notes.txt"]
+    )
+
+
+def test_cli_register_refuses_2d_against_3d_and_inputs_as_outputs_with_one_line(ct, tmp_path, capsys):
+    fixed_path, slice_path = tmp_path / "fixed.nii.gz", tmp_path / "slice.nii.gz"
+    write_nifti(ct, fixed_path)
+    write_nifti(_crop(ct, slice(15, 16), slice(0, 101), slice(0, 122)), slice_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "napari_ctcolor",
+            "register",
+            str(fixed_path),
+            str(slice_path),
+            "-o",
+            str(tmp_path / "o"),
+        ]
+        + ["--model", _checkpoint()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr
+    assert lines[0].startswith("error: ") and "2D (1 slice)" in lines[0] and "3D (30 slices)" in lines[0]
+    assert not (tmp_path / "o" / "warped.nii.gz").exists()
+
+    (tmp_path / "out").mkdir()
+    write_nifti(ct, tmp_path / "out" / "warped.nii.gz")
+    args = ["register", str(fixed_path), str(tmp_path / "out" / "warped.nii.gz"), "-o", str(tmp_path / "out")]
+    code, err = _run(capsys, *args, "--overwrite")
+    assert code == 2 and len(err) == 1 and "would overwrite the input" in err[0]
+    if not _ct_weights_shipped():  # the default --model is ct
+        code, err = _run(capsys, "register", str(fixed_path), str(fixed_path), "-o", str(tmp_path / "new"))
+        assert code == 2 and len(err) == 1 and "CT weights not shipped yet" in err[0]
+
+
+def test_cli_checkerboard_writes_nifti_on_a_grid(ct, tmp_path, capsys):
+    a_path, b_path, out = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", tmp_path / "board.nii.gz"
+    write_nifti(ct, a_path)
+    write_nifti(ct.with_array(np.full(ct.shape, 500, np.int16)), b_path)
+    code, err = _run(capsys, "checkerboard", str(a_path), str(b_path), "-o", str(out), "--tile-mm", "15")
+    assert code == 0, err
+    board = read_volume(out)
+    from_a = checkerboard_mask(ct.shape, ct.spacing, 15.0)
+    np.testing.assert_array_equal(board.array[from_a], ct.array[from_a])
+    assert np.all(board.array[~from_a] == 500)
+    np.testing.assert_allclose(board.affine, ct.affine, atol=1e-4)
+    code, err = _run(capsys, "checkerboard", str(a_path), str(b_path), "-o", str(tmp_path / "board.png"))
+    assert code == 2 and len(err) == 1 and ".nii or .nii.gz" in err[0]
+    code, err = _run(capsys, "checkerboard", str(a_path), str(b_path), "-o", str(b_path))
+    assert code == 2 and len(err) == 1 and "would overwrite the input" in err[0]
