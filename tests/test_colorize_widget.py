@@ -1,7 +1,6 @@
 """The "Colorize volume" widget in a real viewer (Xvfb + Mesa), driven as a user would, and the RGB layer writers.
 
-The network is a tiny untrained colorizer until the shipped weights exist. To test with the shipped model instead,
-change the one line ``MODEL = tiny_colorizer()`` to ``MODEL = "colorizer-2d"``.
+Runs use the shipped ``colorizer-2d`` weights; the cancel test uses a tiny slowed-down colorizer.
 """
 
 from __future__ import annotations
@@ -27,13 +26,7 @@ PLUGIN = "napari-ctcolor"
 TIMEOUT_MS = 60_000
 
 
-def tiny_colorizer() -> Colorizer:
-    """An untrained, seeded colorizer small enough for 2 CPU cores."""
-    torch.manual_seed(0)
-    return Colorizer(ColorizerConfig(channels=(8, 16, 32, 64)))
-
-
-MODEL: str | Colorizer = tiny_colorizer()
+MODEL: str | Colorizer = "colorizer-2d"
 
 
 class SlowColorizer(Colorizer):

@@ -30,6 +30,7 @@ import yaml
 
 from ..color import load_palette
 from ..io.errors import InputError
+from ..io.write import atomic_path
 from ..models.colorizer import Colorizer, ColorizerConfig, context_indices, downsample_hu, prepare_input
 from .data import LabelledCT, load_real_case, phantom_case, shared_data_dir
 from .targets import ab_targets
@@ -229,7 +230,7 @@ def train_colorizer(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=train.lr, total_steps=train.steps, pct_start=0.1)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / f"{train.name}.checkpoint.pt"
-    start, losses = 0, []
+    start, losses, seconds_before = 0, [], 0.0
     if resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
@@ -238,9 +239,11 @@ def train_colorizer(
         torch.set_rng_state(state["torch_rng"])
         sampler.rng.bit_generator.state = json.loads(state["numpy_rng"])
         start, losses = int(state["step"]), list(state["losses"])
+        seconds_before = float(state.get("seconds", 0.0))
         log(f"resumed from {checkpoint} at step {start}")
 
     model.train()
+    t_loop = time.time()
     end = train.steps if stop_at is None else min(train.steps, stop_at)
     bar = tqdm(range(start, end), initial=start, total=train.steps, file=sys.stderr, desc=train.name)
     for step in bar:
@@ -262,13 +265,16 @@ def train_colorizer(
                 "numpy_rng": json.dumps(sampler.rng.bit_generator.state),
                 "step": step + 1,
                 "losses": losses,
+                "seconds": seconds_before + time.time() - t_loop,  # optimisation time over all resumed runs
             }
-            torch.save(state, checkpoint)
+            with atomic_path(checkpoint) as tmp:
+                torch.save(state, tmp)
     model.eval()
     facts = {
         "steps": train.steps,
         "final_loss": float(np.mean(losses[-100:])),
-        "train_seconds": round(time.time() - t0, 1),
+        "data_seconds": round(t_loop - t0, 1),
+        "train_seconds": round(seconds_before + time.time() - t_loop, 1),
         "train_cases": [c.name for c in cases],
         "device": str(device),
     }
@@ -345,7 +351,8 @@ def run(
         model, card = load_colorizer(weights_dir / f"{train.name}.safetensors")
         card["metrics"] = evaluate_all(model, train, log)
         path = weights_dir / f"{train.name}.json"
-        path.write_text(json.dumps({**read_card(path), "metrics": card["metrics"]}, indent=2) + "\n")
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({**read_card(path), "metrics": card["metrics"]}, indent=2) + "\n")
         return path
     model, train, facts = train_colorizer(config_path, weights_dir / "checkpoints", device, resume, log)
     metrics = evaluate_all(model, train, log)

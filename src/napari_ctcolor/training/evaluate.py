@@ -81,15 +81,16 @@ def evaluate_case(
         "flicker_ratio": round(float(flicker_out / flicker_target) if flicker_target else float("nan"), 3),
         "dE00_per_structure": per_structure,
     }
-    result.update(_contrast_vs_bone(case, pred_ab, palette))
+    result.update(_contrast_vs_bone(case, pred_ab, target_ab, palette))
     return result
 
 
-def _contrast_vs_bone(case: LabelledCT, pred_ab: np.ndarray, palette) -> dict[str, float]:
+def _contrast_vs_bone(case: LabelledCT, pred_ab: np.ndarray, target_ab: np.ndarray, palette) -> dict[str, float]:
     """Share of enhanced-vessel voxels (> 150 HU) given blood hue, and of bone voxels given bone hue.
 
-    A voxel "gets blood hue" when its predicted hue is nearer the palette's aorta hue than the vertebrae's, and the
-    reverse for bone; only voxels with HU > 150, where HU alone cannot tell them apart, count.
+    A voxel "gets blood hue" when its hue is nearer the palette's aorta hue than the vertebrae's, and the reverse for
+    bone; only voxels with HU > 150, where HU alone cannot tell them apart, count. The same share for the smoothed
+    targets (``*_target``) is the ceiling: at thin cortices and ribs, partial volume mixes bone with muscle colour.
     """
     blood_hue = _hue(np.asarray(palette.ab("aorta")))
     bone_hue = _hue(np.asarray(palette.ab("vertebrae_L1")))
@@ -104,8 +105,9 @@ def _contrast_vs_bone(case: LabelledCT, pred_ab: np.ndarray, palette) -> dict[st
     ]:
         mask = np.isin(case.labels, ids) & dense
         if mask.sum() >= 50:
-            hue = _hue(pred_ab[mask])
-            out[key] = round(float((_hue_diff(hue, own) < _hue_diff(hue, other)).mean()), 3)
+            for suffix, ab in (("", pred_ab), ("_target", target_ab)):
+                hue = _hue(ab[mask])
+                out[key + suffix] = round(float((_hue_diff(hue, own) < _hue_diff(hue, other)).mean()), 3)
     return out
 
 
@@ -114,7 +116,12 @@ def summarise(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     keys = ["dE00_mean", "dE00_labelled_mean", "hue_agreement", "flicker_ratio"]
     summary = {k: round(float(np.nanmean([r[k] for r in results])), 3) for k in keys}
     summary["max_abs_dL"] = max(r["max_abs_dL"] for r in results)
-    for k in ("contrast_vessels_blood_hue", "bone_bone_hue"):
+    for k in (
+        "contrast_vessels_blood_hue",
+        "contrast_vessels_blood_hue_target",
+        "bone_bone_hue",
+        "bone_bone_hue_target",
+    ):
         values = [r[k] for r in results if k in r]
         if values:
             summary[k] = round(float(np.mean(values)), 3)
