@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -464,6 +464,30 @@ def register(
         InputError: 2D vs 3D images, images that do not overlap, a constant image, a missing model file.
         Cancelled: when ``cancel()`` returned True.
     """
+    steps = iter_register(fixed, moving, model, affine, fast, device, progress, cancel, moving_labels)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as finished:
+            return finished.value
+
+
+def iter_register(
+    fixed: Volume,
+    moving: Volume,
+    model: str | os.PathLike = "ct",
+    affine: bool = False,
+    fast: bool = False,
+    device: Device | str = "auto",
+    progress: ProgressCallback | None = None,
+    cancel: CancelCallback | None = None,
+    moving_labels: Volume | None = None,
+) -> Generator[tuple[int, int], None, RegistrationResult]:
+    """`register` as a generator: yields ``(done, total)`` after each stage, returns the `RegistrationResult`.
+
+    A napari ``GeneratorWorker`` runs it with a progress bar; its ``quit()`` closes the generator between two stages.
+    Arguments and errors as `register`.
+    """
     start = time.perf_counter()
     two_d = fixed.shape[0] == 1
     _check_pair(fixed, moving)
@@ -479,10 +503,12 @@ def register(
     with stages("model"):
         network, kind, model_name = load_registration_model(model)
         network = network.to(torch_device)
+    yield stages.done, stages.total
     transform = None
     if affine:
         with stages("prealign"):
             transform = _prealign(fixed, moving)
+        yield stages.done, stages.total
 
     with stages("resample"):
         if transform is None and same_grid(fixed, moving):
@@ -496,6 +522,7 @@ def register(
             ncc_prealigned = ncc_before
             unaligned = resample_onto(moving, fixed, None, "linear", default=moving_low)
             ncc_before = global_ncc(fixed_t, _as_tensor(unaligned, moving_low, torch_device))
+    yield stages.done, stages.total
 
     with stages("forward"), torch.inference_mode():
         fixed_in, crop = _network_input(_normalise(fixed_t, kind, fixed_low, fixed_high), two_d)
@@ -508,11 +535,13 @@ def register(
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch_device.type == "cuda"):
             v_xy, v_yx = network(fixed_in, moving_in)
         del fixed_in, moving_in
+    yield stages.done, stages.total
 
     with stages("integrate"), torch.inference_mode():
         f_ab, f_ba = _integrate_halves(v_xy, v_yx, fast)
         del v_xy, v_yx
         f_ab, f_ba = _crop(f_ab, crop, two_d), _crop(f_ba, crop, two_d)
+    yield stages.done, stages.total
 
     with stages("fields"), torch.inference_mode():
         ddf, inverse_ddf = _voxels_to_mm(f_ba, fixed), _voxels_to_mm(f_ab, fixed)
@@ -526,6 +555,7 @@ def register(
             to_y = _affine_displacement(fixed, a_inv, -a_inv @ b, ddf)
             u_inv_at_y = _sample(inverse_ddf.permute(3, 0, 1, 2)[None], _physical_sampling_grid(fixed, fixed, to_y))
             inverse_ddf = u_inv_at_y[0].permute(1, 2, 3, 0) + to_y
+    yield stages.done, stages.total
 
     with stages("warp"), torch.inference_mode():
         # One interpolation of the original moving image through the final ddf (no resample-then-warp blur), with
@@ -540,6 +570,7 @@ def register(
             grid = _physical_sampling_grid(moving_labels, fixed, ddf.double())
             warped_labels = _sample(labels, grid, mode="nearest")[0, 0].cpu().numpy().astype(moving_labels.array.dtype)
             del labels, grid
+    yield stages.done, stages.total
 
     with stages("metrics"), torch.inference_mode():
         # det J is invariant under the voxel -> mm similarity, so the voxel field gives it; the affine part is constant.
@@ -552,6 +583,7 @@ def register(
         inverse_ddf = inverse_ddf.cpu().numpy().astype(np.float32, copy=False)
         jacobian = jacobian.cpu().numpy().astype(np.float32, copy=False)
         warped = warped_t[0, 0].cpu().numpy()
+    yield stages.done, stages.total
 
     metrics: dict[str, Any] = {
         "ncc_before": ncc_before,

@@ -1,0 +1,536 @@
+"""napari widget "Register & checkerboard": SYMNet registration of two CT layers, shown as a live checkerboard.
+
+The widget is a thin front end over `napari_ctcolor.engines.register.iter_register`, the engine of ``ctcolor register``:
+
+- Run: the engine's stages run in a napari ``thread_worker`` with a progress bar; Cancel closes the engine's generator
+  between two stages (``worker.quit()``).
+- On completion it adds, or replaces on a re-run, the layers ``"<moving> warped"``, ``"checkerboard"`` (fixed vs
+  warped), ``"difference"`` (fixed - warped, diverging colormap centred on 0) and ``"Jacobian"`` (det J, diverging
+  colormap centred on 1), all placed with the fixed layer's transforms. NCC before/after, folding and time show in
+  the widget.
+- The result is kept, so the tile-size slider only recomputes the checkerboard; it never registers again.
+- A layer ``"<name> colorized"`` (what "Colorize volume" makes) is the colorized twin of the grey layer ``"<name>"``.
+  When the moving layer has one, the widget offers to warp it through the same displacement field; the checkerboard
+  then compares the fixed layer's colorized twin (or its grey as RGB) with the warped colours.
+- Problems the user can fix (`CTColorError`: no model file, no CUDA, 2D vs 3D layers, ...) show as one-line napari
+  errors; nothing is added.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import SimpleITK as sitk
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, Label, PushButton
+from napari.layers import Image
+from napari.qt.threading import create_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error
+
+from ..engines.checkerboard import checkerboard, resample_onto, same_grid
+from ..engines.device import resolve_device
+from ..engines.register import RegistrationResult, iter_register
+from ..io import ColorVolume, Volume
+from ..io.errors import CTColorError, InputError
+from ..weights import find_weights
+from ._layers import META_KEY, layer_attributes, volume_from_layer
+
+if TYPE_CHECKING:
+    import napari
+
+TITLE = "Register & checkerboard"
+CT_MODEL = "ct"
+MODEL_FILE = "model file..."
+DEVICES = ("auto", "cpu", "cuda")
+MODES = ("fast", "exact")
+COLOURED = " colorized"  # the suffix "Colorize volume" gives its result layer
+CHECKERBOARD, DIFFERENCE, JACOBIAN = "checkerboard", "difference", "Jacobian"
+#: det J shown on [0, 2]: white at 1 (volume kept), pink where the moving image is compressed, green where stretched.
+JACOBIAN_LIMITS = (0.0, 2.0)
+#: Output roles that are never offered as inputs (a warped layer may be registered again).
+DERIVED_ROLES = ("checkerboard", "difference", "jacobian")
+TRANSFORMS = ("scale", "translate", "rotate", "affine")
+
+
+@dataclass
+class _Failed:
+    """A job's return value when it stopped on a `CTColorError` (shown to the user, not a crash)."""
+
+    message: str
+
+
+@dataclass
+class _Inputs:
+    """What one run registers, read from the layers in the main thread.
+
+    Attributes:
+        fixed, moving: the grey volumes (own units, physical geometry).
+        fixed_colour: the fixed layer's colorized twin, if any (any grid; resampled onto the fixed one in the worker).
+        moving_colour: the moving layer's colorized twin, when it is to be warped too.
+        moving_name, moving_colour_name: layer names, for the output layers' names.
+        moving_limits: the moving layer's contrast limits, copied to the warped layer.
+    """
+
+    fixed: Volume
+    moving: Volume
+    fixed_colour: ColorVolume | None
+    moving_colour: ColorVolume | None
+    moving_name: str
+    moving_colour_name: str | None
+    moving_limits: tuple[float, float]
+
+
+@dataclass
+class _Output:
+    """What the worker returns: the engine's result and the arrays derived from it off the main thread."""
+
+    result: RegistrationResult
+    difference: np.ndarray
+    fixed_colour: ColorVolume | None
+    warped_colour: ColorVolume | None
+
+
+@dataclass
+class _Kept:
+    """A finished run, kept so that the tile slider and the colour toggle only redraw the checkerboard.
+
+    Attributes:
+        inputs: what was registered.
+        output: the worker's output.
+        transforms: the fixed layer's scale/translate/rotate/affine at run time (every output layer gets them).
+        fixed_limits: the fixed layer's contrast limits at run time.
+        two_d: the fixed layer is 2D; output layers then show the single slice.
+    """
+
+    inputs: _Inputs
+    output: _Output
+    transforms: dict[str, np.ndarray]
+    fixed_limits: tuple[float, float]
+    two_d: bool
+
+
+def warp_colour(colour: ColorVolume, grid: Volume, ddf: np.ndarray) -> ColorVolume:
+    """``colour`` warped onto ``grid`` by a displacement field, with SimpleITK (linear, black outside).
+
+    Args:
+        colour: rgb uint8 (Z, Y, X, 3), any grid (the moving image's colorized twin).
+        grid: the output grid, the one ``ddf`` is sampled on (the fixed image).
+        ddf: (Z, Y, X, 3) mm, LPS, ITK convention: grid point p takes ``colour`` at p + ddf(p) (as
+            `RegistrationResult.ddf`).
+    """
+    field = sitk.GetImageFromArray(np.asarray(ddf, dtype=np.float64), isVector=True)
+    field.SetSpacing(grid.spacing[::-1])
+    field.SetOrigin(grid.origin)
+    field.SetDirection(grid.direction.flatten().tolist())
+    rgb = resample_onto(colour, grid, sitk.DisplacementFieldTransform(field), "linear")
+    return ColorVolume.on_grid_of(grid, rgb, **colour.settings, registered=True)
+
+
+def grey_as_colour(volume: Volume, limits: tuple[float, float]) -> ColorVolume:
+    """``volume`` windowed to ``limits`` (the layer's contrast limits) as grey sRGB, for a colour checkerboard."""
+    low, high = limits
+    grey = np.clip((volume.array.astype(np.float32) - low) / max(high - low, 1e-6), 0.0, 1.0)
+    value = np.rint(grey * 255).astype(np.uint8)
+    return ColorVolume.on_grid_of(volume, np.repeat(value[..., None], 3, axis=-1))
+
+
+class RegisterWidget(Container):
+    """Dock widget "Register & checkerboard".
+
+    Args:
+        napari_viewer: the viewer (napari passes it).
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        self._viewer = napari_viewer
+        self.fixed = ComboBox(
+            label="Fixed", choices=self._input_layers, tooltip="grey CT layer (or its colorized twin)"
+        )
+        self.moving = ComboBox(label="Moving", choices=self._input_layers, tooltip="registered onto the fixed layer")
+        self.model = ComboBox(label="Model", choices=[CT_MODEL, MODEL_FILE], value=CT_MODEL)
+        self.model_file = FileEdit(
+            label="Model file", mode="r", filter="*.pth *.safetensors", visible=False, tooltip="official SYMNet .pth"
+        )
+        self.affine = CheckBox(text="Affine pre-alignment", value=False)
+        self.mode = ComboBox(
+            label="Integration", choices=list(MODES), value="fast", tooltip="fast: half-resolution preview"
+        )
+        self.device = ComboBox(label="Device", choices=list(DEVICES), value="auto")
+        self.warp_colour = CheckBox(text="Warp colorized twin too", value=True, enabled=False, visible=False)
+        self.tile_mm = FloatSlider(label="Tile (mm)", min=2.0, max=100.0, step=1.0, value=20.0)
+        self.run_button = PushButton(text="Run")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.status = Label(value="")
+        self.summary = Label(value="")
+        super().__init__(
+            widgets=[
+                self.fixed,
+                self.moving,
+                self.model,
+                self.model_file,
+                self.affine,
+                self.mode,
+                self.device,
+                self.warp_colour,
+                self.tile_mm,
+                self.run_button,
+                self.cancel_button,
+                self.status,
+                self.summary,
+            ]
+        )
+        self.worker = None  # the running GeneratorWorker, if any
+        self._kept: _Kept | None = None
+        self._closed = False
+
+        self.run_button.changed.connect(self._run)
+        self.cancel_button.changed.connect(self.cancel)
+        self.model.changed.connect(lambda value: setattr(self.model_file, "visible", value == MODEL_FILE))
+        self.moving.changed.connect(self._on_moving_chosen)
+        self.tile_mm.changed.connect(self._redraw_checkerboard)
+        self.warp_colour.changed.connect(self._redraw_checkerboard)
+        layer_events = self._viewer.layers.events
+        self._layer_events = (layer_events.inserted, layer_events.removed, layer_events.reordered)
+        for event in self._layer_events:
+            event.connect(self._on_layers_changed)
+        self.native.destroyed.connect(self._detach)
+        self._on_layers_changed()
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # State the tests and the user see
+    # ---------------------------------------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """True while a registration runs."""
+        return self.worker is not None
+
+    @property
+    def result(self) -> RegistrationResult | None:
+        """The last finished registration (ddf, Jacobian, metrics), on the fixed layer's grid."""
+        return self._kept.output.result if self._kept is not None else None
+
+    def run(self) -> None:
+        """Start registering the moving layer to the fixed one (what the Run button does)."""
+        self._run()
+
+    def cancel(self, *_: Any) -> None:
+        """Stop the running registration between two stages; the previous result, if any, stays."""
+        if self.worker is not None:
+            self.worker.quit()
+
+    def _detach(self, *_: Any) -> None:
+        """The dock widget is being deleted: stop listening to the viewer and stop the job (its result is dropped)."""
+        self._closed = True
+        for event in self._layer_events:
+            event.disconnect(self._on_layers_changed)
+        self.cancel()
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Inputs
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _layers(self) -> list[Image]:
+        # Iterate, never look up by name: napari hands plugins a proxy viewer whose lookups return fresh proxies.
+        return [layer for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def _named(self, name: str, rgb: bool) -> Image | None:
+        return next((layer for layer in self._layers() if layer.name == name and layer.rgb == rgb), None)
+
+    def _input_layers(self, _widget=None) -> list[tuple[str, Image]]:
+        """2D/3D image layers, grey or RGB, except the checkerboard, difference and Jacobian this widget made."""
+        return [
+            (layer.name, layer)
+            for layer in self._layers()
+            if layer.ndim in (2, 3) and self._role(layer) not in DERIVED_ROLES
+        ]
+
+    @staticmethod
+    def _role(layer: Image) -> str | None:
+        meta = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
+        return meta.get("register") if isinstance(meta, dict) else None
+
+    def _grey_and_colour(self, layer: Image) -> tuple[Image, Image | None]:
+        """(grey layer, colorized twin or None) for a chosen layer, grey or colorized.
+
+        Raises:
+            InputError: a colorized layer whose grey layer is not in the viewer (registration needs the CT's units).
+        """
+        if not layer.rgb:
+            return layer, self._named(f"{layer.name}{COLOURED}", rgb=True)
+        grey = self._named(layer.name.removesuffix(COLOURED), rgb=False) if layer.name.endswith(COLOURED) else None
+        if grey is None:
+            raise InputError(
+                f"{layer.name}: a colorized layer is registered through its grey CT layer; open that CT as "
+                f"'{layer.name.removesuffix(COLOURED)}' too, or pick a grey layer"
+            )
+        return grey, layer
+
+    def _on_layers_changed(self, _event=None) -> None:
+        self.fixed.reset_choices()
+        self.moving.reset_choices()
+        choices = [layer for _, layer in self._input_layers()]
+        if self.moving.value is not None and self.moving.value is self.fixed.value and len(choices) > 1:
+            # Registering a layer to itself is never what a fresh choice means: take the next layer.
+            self.moving.value = next(layer for layer in choices if layer is not self.fixed.value)
+        self._offer_colour()
+
+    def _on_moving_chosen(self, layer: Image | None) -> None:
+        self._offer_colour()
+        if layer is not None and layer.rgb:
+            self.warp_colour.value = True  # a colorized moving layer was picked: its colours are what to compare
+
+    def _offer_colour(self) -> None:
+        """Offer "warp colorized twin" only when the moving layer has one (or is one)."""
+        layer = self.moving.value
+        twin = None
+        if layer is not None:
+            try:
+                twin = self._grey_and_colour(layer)[1]
+            except InputError:
+                twin = None
+        self.warp_colour.enabled = twin is not None
+        self.warp_colour.visible = twin is not None
+
+    @staticmethod
+    def _volume_of(layer: Image) -> Volume:
+        data = layer.data[0] if layer.multiscale else layer.data
+        return volume_from_layer(data, layer_attributes(layer))
+
+    @staticmethod
+    def _colour_of(layer: Image) -> ColorVolume:
+        data = np.asarray(layer.data[0] if layer.multiscale else layer.data)[..., :3]  # RGBA: drop alpha
+        geometry = volume_from_layer(data[..., 0], layer_attributes(layer))  # a view: geometry only
+        rgb = data if data.ndim == 4 else data[np.newaxis]
+        return ColorVolume(np.ascontiguousarray(rgb), geometry.spacing, geometry.origin, geometry.direction)
+
+    def _model_spec(self) -> str:
+        if self.model.value == MODEL_FILE:
+            path = self.model_file.value
+            if not (path and os.path.isfile(path)):
+                raise InputError("choose a SYMNet model file (official .pth checkpoint or .safetensors)")
+            return str(path)
+        try:
+            find_weights("symnet-ct")
+        except InputError:
+            raise InputError(
+                f"CT weights not shipped yet (weights/symnet-ct.safetensors); choose Model '{MODEL_FILE}' and an "
+                "official SYMNet .pth checkpoint"
+            ) from None
+        return CT_MODEL
+
+    def _inputs(self) -> tuple[_Inputs, Image]:
+        """The volumes of the chosen layers and the fixed grey layer (its transforms place the outputs)."""
+        if self.fixed.value is None or self.moving.value is None:
+            raise InputError(f"{TITLE}: open a fixed and a moving CT first (grey image layers)")
+        fixed_layer, fixed_twin = self._grey_and_colour(self.fixed.value)
+        moving_layer, moving_twin = self._grey_and_colour(self.moving.value)
+        warp = moving_twin is not None and self.warp_colour.value
+        inputs = _Inputs(
+            fixed=self._volume_of(fixed_layer),
+            moving=self._volume_of(moving_layer),
+            fixed_colour=self._colour_of(fixed_twin) if warp and fixed_twin is not None else None,
+            moving_colour=self._colour_of(moving_twin) if warp else None,
+            moving_name=moving_layer.name,
+            moving_colour_name=moving_twin.name if warp else None,
+            moving_limits=tuple(float(v) for v in moving_layer.contrast_limits),
+        )
+        return inputs, fixed_layer
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # The job
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _run(self, *_: Any) -> None:
+        if self.busy:
+            return  # one registration at a time
+        try:
+            inputs, fixed_layer = self._inputs()
+            model = self._model_spec()
+            device = str(resolve_device(self.device.value))
+        except CTColorError as exc:
+            show_error(str(exc))
+            return
+        affine = bool(self.affine.value)
+        total = 7 + affine + (inputs.moving_colour is not None)
+        transforms = {key: np.array(value) for key, value in layer_attributes(fixed_layer).items() if key != "metadata"}
+        fixed_limits = tuple(float(v) for v in fixed_layer.contrast_limits)
+        worker = create_worker(
+            self._steps,
+            inputs,
+            model,
+            affine,
+            self.mode.value == "fast",
+            device,
+            total,
+            _ignore_errors=True,  # errors other than ours reach napari's notifier
+        )
+        bar = progress(total=total, desc=TITLE)
+        started = time.perf_counter()
+        worker.yielded.connect(lambda step: bar.update(step[0] - bar.n))
+        worker.returned.connect(
+            lambda output: self._returned(output, inputs, transforms, fixed_limits, fixed_layer.ndim == 2)
+        )
+        worker.aborted.connect(lambda: self._say(f"{TITLE}: cancelled"))
+        worker.errored.connect(lambda _: self._say(f"{TITLE}: failed"))
+        worker.returned.connect(
+            lambda output: self._say(
+                f"{TITLE}: failed" if isinstance(output, _Failed) else f"{TITLE}: {time.perf_counter() - started:.1f} s"
+            )
+        )
+        worker.finished.connect(lambda: self._finished(worker, bar))
+        self.worker = worker
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.status.value = f"{TITLE}..."
+        worker.start()
+
+    @staticmethod
+    def _steps(inputs: _Inputs, model: str, affine: bool, fast: bool, device: str, total: int):
+        """The engine, then the colour warp: yields (done, total), returns an `_Output` or `_Failed`."""
+        try:
+            result = yield from iter_register(inputs.fixed, inputs.moving, model, affine, fast, device)
+            difference = inputs.fixed.array.astype(np.float32) - result.warped.array
+            fixed_colour = warped_colour = None
+            if inputs.moving_colour is not None:
+                warped_colour = warp_colour(inputs.moving_colour, inputs.fixed, result.ddf)
+                fixed_colour = inputs.fixed_colour
+                if fixed_colour is not None and not same_grid(fixed_colour, inputs.fixed):
+                    rgb = resample_onto(fixed_colour, inputs.fixed)
+                    fixed_colour = ColorVolume.on_grid_of(inputs.fixed, rgb, **fixed_colour.settings)
+                yield total, total
+        except CTColorError as exc:
+            return _Failed(str(exc))
+        return _Output(result, difference, fixed_colour, warped_colour)
+
+    def _say(self, text: str) -> None:
+        if not self._closed:
+            self.status.value = text
+
+    def _finished(self, worker, bar: progress) -> None:
+        bar.close()
+        if self.worker is not worker or self._closed:
+            return
+        self.worker = None
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+
+    def _returned(
+        self,
+        output: _Output | _Failed,
+        inputs: _Inputs,
+        transforms: dict[str, np.ndarray],
+        fixed_limits: tuple[float, float],
+        two_d: bool,
+    ) -> None:
+        if self._closed:
+            return
+        if isinstance(output, _Failed):
+            show_error(output.message)
+            return
+        self._kept = _Kept(inputs, output, transforms, fixed_limits, two_d)
+        self._show()
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Output layers
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _show(self) -> None:
+        """Show the kept run: warped, difference, Jacobian, checkerboard (on top), and the numbers."""
+        kept = self._kept
+        inputs, output = kept.inputs, kept.output
+        result = output.result
+        self._put(f"{inputs.moving_name} warped", result.warped.array, "warped", limits=inputs.moving_limits)
+        if output.warped_colour is not None:
+            self._put(f"{inputs.moving_colour_name} warped", output.warped_colour.rgb, "warped colour", rgb=True)
+        half = 0.5 * (kept.fixed_limits[1] - kept.fixed_limits[0])  # +- half the fixed window: 0 is white
+        self._put(DIFFERENCE, output.difference, "difference", limits=(-half, half), colormap="bwr", hide=True)
+        self._put(JACOBIAN, result.jacobian.array, "jacobian", limits=JACOBIAN_LIMITS, colormap="PiYG", hide=True)
+        self._redraw_checkerboard()
+        m = result.metrics
+        prealigned = f" (affine {m['ncc_prealigned']:.3f})" if "ncc_prealigned" in m else ""
+        self.summary.value = (
+            f"NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}{prealigned}"
+            f" | folding {100 * m['folding_fraction']:.3f} %"
+            f" | {m['seconds']:.1f} s ({m['device']}, {'fast' if m['fast'] else 'exact'})"
+        )
+
+    def _redraw_checkerboard(self, *_: Any) -> None:
+        """The checkerboard of the kept result at the current tile size (colour when the warped colours exist)."""
+        kept = self._kept
+        if kept is None:
+            return
+        output, tile_mm = kept.output, float(self.tile_mm.value)
+        if output.warped_colour is not None and self.warp_colour.value:
+            fixed_colour = output.fixed_colour or grey_as_colour(kept.inputs.fixed, kept.fixed_limits)
+            board = checkerboard(fixed_colour, output.warped_colour, tile_mm)
+            self._put(CHECKERBOARD, board.rgb, "checkerboard", rgb=True)
+        else:
+            board = checkerboard(kept.inputs.fixed, output.result.warped, tile_mm)
+            self._put(CHECKERBOARD, board.array, "checkerboard", limits=kept.fixed_limits)
+
+    def _put(
+        self,
+        name: str,
+        data: np.ndarray,
+        role: str,
+        rgb: bool = False,
+        limits: tuple[float, float] | None = None,
+        colormap: str = "gray",
+        hide: bool = False,
+    ) -> Image:
+        """Show ``data`` (on the fixed grid) in the layer ``name``: its data replaced when it exists, else added.
+
+        Args:
+            name: layer name; a re-run updates the same layer, never stacks another.
+            data: (Z, Y, X) or (Z, Y, X, 3) uint8 with ``rgb``.
+            role: recorded in the layer metadata (the derived roles are not offered as inputs).
+            limits: contrast limits of a grey layer.
+            colormap: of a grey layer.
+            hide: add the layer hidden (the checkerboard is what the user looks at first).
+        """
+        kept = self._kept
+        if kept.two_d:
+            data = data[0]
+        metadata = {META_KEY: {"register": role, "metrics": _plain(kept.output.result.metrics)}}
+        style = {} if rgb else {"contrast_limits": limits, "colormap": colormap}
+        existing = next((lyr for lyr in self._layers() if lyr.name == name), None)
+        if existing is not None and existing.rgb == rgb and existing.data.ndim == data.ndim:
+            existing.data = data
+            for key, value in kept.transforms.items():
+                setattr(existing, key, value)
+            if not rgb:
+                existing.contrast_limits_range = _range(data, limits)
+            for key, value in style.items():
+                setattr(existing, key, value)
+            existing.metadata = {**existing.metadata, **metadata}
+            return existing
+        index = None
+        if existing is not None:  # same name but another kind of layer: replace it where it was
+            index = list(self._viewer.layers).index(existing)
+            self._viewer.layers.remove(existing)
+        layer = Image(data, name=name, rgb=rgb, visible=not hide, metadata=metadata, **style, **kept.transforms)
+        if not rgb:
+            layer.contrast_limits_range = _range(data, limits)
+            layer.contrast_limits = limits
+        if index is None:
+            self._viewer.layers.append(layer)
+        else:
+            self._viewer.layers.insert(index, layer)
+        return layer
+
+
+def _range(data: np.ndarray, limits: tuple[float, float]) -> tuple[float, float]:
+    """A contrast-limits range covering both the data and the chosen limits (so the limits are never clipped)."""
+    finite = data[np.isfinite(data)] if data.dtype.kind == "f" else data
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else limits
+    return min(low, limits[0]), max(high, limits[1])
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics without nested containers napari would have to copy on every metadata event."""
+    return {key: value for key, value in metrics.items() if isinstance(value, str | int | float | bool)}
