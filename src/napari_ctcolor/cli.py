@@ -152,7 +152,7 @@ def _cmd_checkerboard(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if not out.name.lower().endswith(NIFTI_SUFFIXES):
         raise InputError(f"{out}: the checkerboard is written as NIfTI; name it .nii or .nii.gz")
-    _refuse_input_paths([out], [args.a, args.b])
+    _check_output(out, folder=False, inputs=[args.a, args.b], overwrite=args.overwrite)
     a, b = read_volume(args.a), read_volume(args.b)
     write_nifti(checkerboard(a, b, tile_mm=args.tile_mm), out)
     return 0
@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("b", help="second image, resampled onto A's grid in physical space when needed")
     board.add_argument("-o", "--output", required=True, metavar="OUT", help=".nii or .nii.gz")
     board.add_argument("--tile-mm", type=float, default=20.0, help="cube side in mm (default: 20)")
+    board.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     board.set_defaults(run=_cmd_checkerboard)
 
     col = sub.add_parser(
