@@ -42,6 +42,20 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volum
         InputError: with a one-line message naming the file and the problem.
     """
     path = Path(path)
+    try:
+        return _read_volume(path, series_uid)
+    except InputError as exc:
+        # The contract, whatever the reader below: one printable line that names the file.
+        message = " ".join("".join(c if c.isprintable() else " " for c in str(exc)).split())
+        message = message if str(path) in message else f"{path}: {message}"
+        if message == str(exc):
+            raise
+        raise InputError(message) from None
+    except OSError as exc:  # permissions, a file vanishing while read: the user can fix these
+        raise InputError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+
+
+def _read_volume(path: Path, series_uid: str | None) -> Volume:
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,9 @@ _SAME_POSITION_MM = 1e-3
 _IRREGULAR_FRACTION = 0.01
 # In-plane drift of slice positions (mm) beyond which the stack is tilted (gantry tilt) and not a box.
 _TILT_MM = 0.05
+# What pydicom raises when a damaged element's raw bytes are converted: values are decoded lazily, on first access, so
+# any header read of an untrusted file can raise these (fuzzing found ValueError, TypeError and NotImplementedError).
+_DAMAGED = (ValueError, TypeError, KeyError, IndexError, NotImplementedError, OverflowError, struct.error, UnicodeError)
 
 
 @dataclass
@@ -48,6 +53,17 @@ class SeriesInfo:
     slices: list[_Slice] = field(default_factory=list)
 
 
+def _text(value: object, limit: int = 64) -> str:
+    """A header value fit for a one-line message: printable characters only, at most ``limit`` of them."""
+    text = "".join(c if c.isprintable() else " " for c in str(value)).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _damaged(where: Path, exc: Exception) -> InputError:
+    detail = _text(f"{type(exc).__name__}: {exc}".splitlines()[0], 120)
+    return InputError(f"{where}: damaged DICOM header ({detail})")
+
+
 def _read_header(path: Path) -> Dataset | None:
     """The dataset of an image DICOM file, pixel data deferred; None for anything that is not one."""
     try:
@@ -57,6 +73,9 @@ def _read_header(path: Path) -> Dataset | None:
         if "PixelData" not in ds or "Rows" not in ds or "Columns" not in ds:
             return None
         int(ds.Rows), int(ds.Columns)
+        # Convert what `scan_folder` reads now: a damaged element raises here, where the file is simply skipped.
+        for keyword in ("SeriesInstanceUID", "Modality", "SeriesDescription"):
+            str(ds.get(keyword, "") or "")
     except Exception:  # noqa: BLE001 - anything unreadable is simply not a DICOM image here
         return None
     return ds
@@ -108,7 +127,10 @@ def read_dicom_folder(folder: str | os.PathLike, series_uid: str | None = None) 
             len(info.slices),
             info.description,
         )
-    volume = _stack_slices(info.slices, folder)
+    try:
+        volume = _stack_slices(info.slices, folder)
+    except _DAMAGED as exc:
+        raise _damaged(folder, exc) from None
     volume.meta["series_count"] = len(found)
     return volume
 
@@ -123,26 +145,46 @@ def read_dicom_file(path: str | os.PathLike) -> Volume:
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
             raise InputError(f"{path}: not a readable DICOM file ({type(exc).__name__})") from None
     truncated = any("End of file" in str(w.message) for w in caught)
-    if "PixelData" not in ds:
-        modality = str(ds.get("Modality", "") or "")
-        if truncated:
-            raise InputError(f"{path}: DICOM file is truncated (it ends inside a data element)")
-        if not modality and "SOPClassUID" not in ds and "Rows" not in ds:
-            raise InputError(f"{path}: not a DICOM file")
-        kind = f"a {modality} object" if modality else "a non-image object"
-        raise InputError(f"{path}: DICOM file has no pixel data ({kind}); open an image series instead")
-    volume = _stack_slices([_Slice(path, ds)], path)
+    try:
+        if "PixelData" not in ds:
+            _refuse_without_pixels(path, ds, truncated)
+        volume = _stack_slices([_Slice(path, ds)], path)
+    except _DAMAGED as exc:
+        raise _damaged(path, exc) from None
     volume.meta["series_count"] = 1
     return volume
+
+
+def _refuse_without_pixels(path: Path, ds: Dataset, truncated: bool) -> None:
+    """Raise the InputError that says what a DICOM file without pixel data is."""
+    modality = _text(ds.get("Modality", "") or "")
+    sop_class = ds.get("SOPClassUID") or getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID")
+    image_class = "Image Storage" in getattr(sop_class, "name", "") or "ImageType" in ds
+    if truncated:
+        raise InputError(f"{path}: DICOM file is truncated (it ends inside a data element)")
+    if not modality and not sop_class and "Rows" not in ds:
+        with open(path, "rb") as f:
+            magic = f.read(132)[128:]
+        if magic == b"DICM":  # pydicom stops silently where a file ends: the header began, nothing usable follows
+            raise InputError(f"{path}: DICOM file is truncated or damaged (no data elements after the file header)")
+        raise InputError(f"{path}: not a DICOM file")
+    kind = f"a {modality} object" if modality else "a non-image object"
+    if image_class or "Rows" in ds:
+        # An image's header without its pixels: pydicom stops silently where a file ends, or the pixels were stripped.
+        raise InputError(f"{path}: DICOM image has no pixel data ({kind}); the file is truncated or its pixels removed")
+    raise InputError(f"{path}: DICOM file has no pixel data ({kind}); open an image series instead")
 
 
 def _float_list(ds: Dataset, keyword: str, n: int, path: Path) -> list[float]:
     value = ds.get(keyword)
     if value is None:
         raise InputError(f"{path}: DICOM image has no {keyword}; its geometry is unknown")
-    values = [float(v) for v in (value if isinstance(value, pydicom.multival.MultiValue | list) else [value])]
+    try:
+        values = [float(v) for v in (value if isinstance(value, pydicom.multival.MultiValue | list) else [value])]
+    except (TypeError, ValueError):
+        values = []  # text where numbers belong (pydicom keeps invalid DS values as strings)
     if len(values) != n or not all(np.isfinite(values)):
-        raise InputError(f"{path}: {keyword} should be {n} finite numbers, got {value}")
+        raise InputError(f"{path}: {keyword} should be {n} finite numbers, got {_text(value)!r}")
     return values
 
 
@@ -152,6 +194,27 @@ def _first(value) -> float | None:
     if isinstance(value, pydicom.multival.MultiValue | list | tuple):
         value = value[0] if len(value) else None
     return None if value is None else float(value)
+
+
+def _number(ds: Dataset, keyword: str, path: Path) -> float | None:
+    """The first value of a numeric attribute; None when absent; InputError when it is not a finite number."""
+    value = ds.get(keyword)
+    try:
+        number = _first(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if number is not None and not np.isfinite(number):
+        raise InputError(f"{path}: {keyword} should be a finite number, got {_text(value)!r}")
+    return number
+
+
+def _optional_number(ds: Dataset, keyword: str) -> float | None:
+    """Like `_number`, but a damaged optional attribute (a display window) is ignored."""
+    try:
+        number = _first(ds.get(keyword))
+    except (TypeError, ValueError):
+        return None
+    return number if number is not None and np.isfinite(number) else None
 
 
 def _geometry(slices: list[_Slice], where: Path):
@@ -165,6 +228,8 @@ def _geometry(slices: list[_Slice], where: Path):
             raise InputError(f"{where}: slices have no ImageOrientationPatient; cannot order them in space")
         iop = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     row, col = np.array(iop[:3]), np.array(iop[3:])
+    if min(np.linalg.norm(row), np.linalg.norm(col)) < 1e-6:
+        raise InputError(f"{slices[0].path}: ImageOrientationPatient has a zero-length direction: {iop}")
     row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
     normal = np.cross(row, col)
     for s in slices[1:]:
@@ -173,6 +238,8 @@ def _geometry(slices: list[_Slice], where: Path):
             raise InputError(f"{where}: slices have inconsistent ImageOrientationPatient; not one image stack")
 
     pixel_spacing = _float_list(first, "PixelSpacing", 2, slices[0].path) if "PixelSpacing" in first else [1.0, 1.0]
+    if min(pixel_spacing) <= 0:
+        raise InputError(f"{slices[0].path}: PixelSpacing should be two positive numbers (mm), got {pixel_spacing}")
     notes: dict = {}
     if len(slices) == 1:
         position = (
@@ -180,7 +247,8 @@ def _geometry(slices: list[_Slice], where: Path):
             if "ImagePositionPatient" in first
             else np.zeros(3)
         )
-        dz = _first(first.get("SpacingBetweenSlices")) or _first(first.get("SliceThickness")) or 1.0
+        # Only a display hint for one slice: a damaged value falls back to 1 mm.
+        dz = _optional_number(first, "SpacingBetweenSlices") or _optional_number(first, "SliceThickness") or 1.0
         return slices, (abs(dz), *pixel_spacing), tuple(position), np.column_stack([row, col, normal]), notes
 
     positions = np.array([_float_list(s.header, "ImagePositionPatient", 3, s.path) for s in slices])
@@ -219,7 +287,12 @@ def _decode(s: _Slice) -> np.ndarray:
     try:
         raw = s.header.pixel_array
     except Exception as exc:  # noqa: BLE001 - missing codec, truncated or corrupt pixel data
-        raise InputError(f"{s.path}: cannot decode pixel data ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        # pydicom lists each decoder plugin's complaint on its own line: keep them all, on one line, without the
+        # object reprs ("<_io.BytesIO object at 0x7f...>") that would make the message differ from run to run.
+        detail = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        detail = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", detail).replace(":; ", ": ")
+        detail = _text(f"{type(exc).__name__}: {detail}", 240)
+        raise InputError(f"{s.path}: cannot decode pixel data ({detail})") from None
     return raw
 
 
@@ -231,6 +304,9 @@ def _stack_slices(slices: list[_Slice], where: Path) -> Volume:
     frames = int(first.get("NumberOfFrames", 1) or 1)
     if frames > 1 and len(slices) > 1:
         raise InputError(f"{where}: a series of multi-frame files is not supported; open one file")
+    missing = [k for k in ("Rows", "Columns") if k not in first]
+    if missing:  # force=True parses damaged headers as far as it can: pixel data may come without its size
+        raise InputError(f"{slices[0].path}: DICOM pixel data without {' and '.join(missing)}; damaged header")
     rows, cols = int(first.Rows), int(first.Columns)
     for s in slices:
         if (int(s.header.Rows), int(s.header.Columns)) != (rows, cols):
@@ -238,11 +314,15 @@ def _stack_slices(slices: list[_Slice], where: Path) -> Volume:
                 f"{where}: slices differ in size ({rows}x{cols} vs {s.header.Rows}x{s.header.Columns}); not one stack"
             )
     if frames > 1:
+        bits = int(first.get("BitsAllocated", 16) or 16)
+        check_memory(frames * rows * cols * max(4, bits // 8), where)  # before SimpleITK allocates the frames
+        _check_native_length(first, frames * rows * cols * samples * bits // 8, where)
         return _multiframe(slices[0], where)
 
     slices, spacing, origin, direction, notes = _geometry(slices, where)
     rescale = [
-        (_first(s.header.get("RescaleSlope")) or 1.0, _first(s.header.get("RescaleIntercept")) or 0.0) for s in slices
+        (_number(s.header, "RescaleSlope", s.path) or 1.0, _number(s.header, "RescaleIntercept", s.path) or 0.0)
+        for s in slices
     ]
     modality = str(first.get("Modality", "") or "")
     integral = all(float(m).is_integer() and float(b).is_integer() for m, b in rescale)
@@ -279,6 +359,14 @@ def _stack_slices(slices: list[_Slice], where: Path) -> Volume:
     return Volume(out, spacing=spacing, origin=origin, direction=direction, meta=meta)
 
 
+def _check_native_length(ds: Dataset, expected: int, where: Path) -> None:
+    """Refuse uncompressed pixel data shorter than the header's size (a header claiming far more than is stored)."""
+    element = ds.get_item("PixelData")
+    length = getattr(element, "length", None)
+    if length is not None and length != 0xFFFFFFFF and length < expected:  # undefined length: encapsulated frames
+        raise InputError(f"{where}: pixel data holds {length} bytes, the header describes {expected}; truncated file")
+
+
 def _multiframe(s: _Slice, where: Path) -> Volume:
     """Multi-frame (enhanced) images: read through SimpleITK/GDCM, which parses the per-frame functional groups."""
     import SimpleITK as sitk
@@ -293,13 +381,14 @@ def _multiframe(s: _Slice, where: Path) -> Volume:
 
 def _meta(ds: Dataset, where: Path) -> dict:
     """What the rest of the program needs to know; no patient identifiers."""
-    centre, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    centre, width = _optional_number(ds, "WindowCenter"), _optional_number(ds, "WindowWidth")
     meta = {
         "source": str(where),
         "format": "dicom",
-        "modality": str(ds.get("Modality", "") or "") or "OT",
-        "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
-        "series_description": str(ds.get("SeriesDescription", "") or ""),
+        # Header text reaches messages and layer names: printable characters only.
+        "modality": _text(ds.get("Modality", "") or "") or "OT",
+        "series_uid": _text(ds.get("SeriesInstanceUID", "") or "", 128),
+        "series_description": _text(ds.get("SeriesDescription", "") or "", 128),
         "transfer_syntax": str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ""),
     }
     if centre is not None and width is not None and width > 0:

@@ -24,7 +24,13 @@ def available_bytes() -> int:
 
 def check_memory(nbytes: int, what: object) -> None:
     """Raise InputError when ``nbytes`` exceeds the budget (a fraction of available RAM)."""
-    fraction = float(os.environ.get("CTCOLOR_MEMORY_FRACTION", DEFAULT_FRACTION))
+    setting = os.environ.get("CTCOLOR_MEMORY_FRACTION", str(DEFAULT_FRACTION))
+    try:
+        fraction = float(setting)
+    except ValueError:
+        fraction = float("nan")
+    if not fraction > 0:  # a typo must not turn the guard off (nan) or crash the reader with a ValueError
+        raise InputError(f"CTCOLOR_MEMORY_FRACTION={setting!r}: give a positive number such as 0.75")
     budget = fraction * available_bytes()
     if nbytes > budget:
         raise InputError(

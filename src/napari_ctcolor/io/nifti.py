@@ -6,12 +6,16 @@ world axes change sign: LPS = diag(-1, -1, 1) @ RAS.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import threading
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from nibabel.filebasedimages import ImageFileError
 
 from .errors import InputError
 from .guard import check_memory
@@ -19,13 +23,82 @@ from .volume import Volume
 from .write import atomic_path
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Deflate expands at most 1032-fold: a .nii.gz under 1/1032 of the voxel bytes its header claims cannot hold them.
+_DEFLATE_MAX_RATIO = 1032
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _detail(exc: Exception) -> str:
+    """``Type: first line of the message``, short enough for a one-line error."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".splitlines()[0].split())
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+class _HeaderFixes(logging.Filter):
+    """Collects (and keeps off stderr) what nibabel logs while it repairs a header on load ("setting 0 dims to 1").
+
+    Only this thread's records: another thread reading a NIfTI at the same time has a filter of its own.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread:
+            return True
+        self.messages.append(record.getMessage())
+        return False
 
 
 def _load_nifti(path: Path):
+    """The nibabel image, refusing files whose header nibabel had to guess at (zero or negative voxel spacing)."""
+    if path.name.lower().endswith(".gz"):
+        with open(path, "rb") as f:
+            if f.read(2) != _GZIP_MAGIC:
+                raise InputError(f"{path}: named .gz but not gzip-compressed; if it is a NIfTI, rename it .nii")
+    fixes = _HeaderFixes()
+    logger = logging.getLogger("nibabel.global")
+    logger.addFilter(fixes)
     try:
-        return nib.load(str(path))
+        img = nib.load(str(path))
+    except ImageFileError:
+        raise InputError(f"{path}: not a readable NIfTI file (no valid NIfTI-1 or NIfTI-2 header)") from None
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for damaged or mislabelled files
-        raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__})") from None
+        raise InputError(f"{path}: not a readable NIfTI file ({_detail(exc)})") from None
+    finally:
+        logger.removeFilter(fixes)
+    pixdim = [m.split(";")[0] for m in fixes.messages if m.startswith("pixdim")]
+    # nibabel replaces zero spacing by 1 and negative by its absolute value; that matters only when the affine comes
+    # from pixdim (no sform), and then the geometry would be invented.
+    if pixdim and not int(img.header["sform_code"]):
+        raise InputError(f"{path}: invalid voxel spacing in the header ({pixdim[0]}); the geometry is unknown")
+    return img
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _check_data_size(path: Path, img, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Refuse a header that claims more voxel bytes than the file can hold, before anything is allocated."""
+    offset = float(img.dataobj.offset)
+    if not (np.isfinite(offset) and offset >= 0):
+        raise InputError(f"{path}: invalid data offset {offset} in the header")
+    needed = int(offset) + math.prod(shape) * dtype.itemsize
+    dtype_name = dtype.name
+    stored = path.stat().st_size
+    gz = path.name.lower().endswith(".gz")
+    if needed > (stored * _DEFLATE_MAX_RATIO if gz else stored):
+        size = "x".join(str(n) for n in shape)
+        raise InputError(
+            f"{path}: header claims {size} {dtype_name} voxels ({_bytes(needed)}) but the file "
+            f"{'cannot hold them' if gz else f'holds only {_bytes(stored)}'}; truncated file or corrupt header"
+        )
 
 
 def read_nifti(path: str | os.PathLike) -> Volume:
@@ -39,25 +112,32 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         shape = (*shape, 1)
     if len(shape) != 3:
         raise InputError(f"{path}: {len(shape)}D image of shape {shape}; extract one 3D volume first")
+    if min(shape) < 1:
+        raise InputError(f"{path}: the header's image size {shape} has a zero or negative dimension")
     dtype = img.header.get_data_dtype()
     if dtype.fields is not None:
         raise InputError(f"{path}: colour ({dtype}) NIfTI cannot be read as a grey volume")
+    _check_data_size(path, img, shape, dtype)
     slope, inter = img.dataobj.slope, img.dataobj.inter
     scaled = not (slope in (None, 1) and inter in (None, 0)) or dtype.kind == "f"
-    check_memory(int(np.prod(shape)) * (4 if scaled else dtype.itemsize), path)
+    check_memory(math.prod(shape) * (4 if scaled else dtype.itemsize), path)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32) if scaled else np.asarray(img.dataobj.get_unscaled())
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt data block
-        raise InputError(f"{path}: cannot read the image data ({type(exc).__name__})") from None
+        raise InputError(f"{path}: cannot read the image data ({_detail(exc)})") from None
     data = data.reshape(shape)
     if data.dtype.kind == "f" and not np.isfinite(data).any():
         raise InputError(f"{path}: every voxel is NaN or infinite")
 
     lps = RAS_TO_LPS @ img.affine
+    if not np.all(np.isfinite(lps)):
+        raise InputError(f"{path}: the header's affine has NaN or infinite entries")
     spacing_xyz = np.linalg.norm(lps[:3, :3], axis=0)
     if not np.all(spacing_xyz > 0):
         raise InputError(f"{path}: the affine has a zero-length axis (spacing {tuple(spacing_xyz)})")
     direction = lps[:3, :3] / spacing_xyz
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+        raise InputError(f"{path}: the affine is sheared (its axes are not orthogonal); resample it to a regular grid")
     return Volume(
         # nibabel's array is (i, j, k) = (X, Y, Z); the project's is (Z, Y, X).
         np.ascontiguousarray(data.transpose(2, 1, 0)),
@@ -119,7 +199,7 @@ def read_itk(path: str | os.PathLike) -> Volume:
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
         size = reader.GetSize()
-        n_bytes = int(np.prod(size)) * reader.GetNumberOfComponents() * 8
+        n_bytes = math.prod(size) * reader.GetNumberOfComponents() * 8  # Python ints: a huge DimSize cannot wrap
         check_memory(n_bytes // 2, path)
         image = reader.Execute()
     except RuntimeError as exc:
