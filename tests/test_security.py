@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from napari_ctcolor.cli import main
-from napari_ctcolor.io import Volume, write_nifti
+from napari_ctcolor.engines import colorize
+from napari_ctcolor.io import InputError, Volume, read_volume, write_nifti
 from napari_ctcolor.io.write import atomic_path
 
 
@@ -93,3 +94,10 @@ def test_existing_outputs_and_outputs_equal_to_inputs_are_refused(tmp_path, caps
     assert existing.read_bytes() == b"keep"
     code, _ = _run(capsys, "checkerboard", str(small_ct), str(small_ct), "-o", str(existing), "--overwrite")
     assert code == 0 and existing.read_bytes() != b"keep"
+
+
+def test_colorize_memory_guard_refuses_before_the_output_is_allocated(monkeypatch, capsys, small_ct, tmp_path):
+    volume = read_volume(small_ct)
+    monkeypatch.setattr("napari_ctcolor.io.guard.available_bytes", lambda: 1000)
+    with pytest.raises(InputError, match="memory budget"):
+        colorize(volume, device="cpu")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..color import compose_rgb, compose_rgb_torch
 from ..io import ColorVolume, InputError, Volume
 from ..io.errors import Cancelled
+from ..io.guard import check_memory
 from ..models.colorizer import Colorizer, context_indices, downsample_hu, prepare_input
 from ..weights import COLORIZER_DEFAULT, load_colorizer
 from ..windowing import Window, parse_window, window, window_tensor
@@ -269,6 +270,8 @@ def iter_compose_chroma(
     z, height, width = volume.shape
     if chroma.ab.shape[0] != z:
         raise InputError(f"chroma has {chroma.ab.shape[0]} slices, the volume {z}")
+    # The uint8 output plus one chunk's float temporaries (~40 bytes per voxel): refuse before allocating.
+    check_memory(z * height * width * 3 + _COMPOSE_CHUNK * height * width * 40, volume.meta.get("source", "volume"))
     rgb = np.empty((z, height, width, 3), dtype=np.uint8)
     for start in range(0, z, _COMPOSE_CHUNK):
         stop = min(z, start + _COMPOSE_CHUNK)

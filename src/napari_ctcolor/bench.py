@@ -1,0 +1,492 @@
+"""`ctcolor bench`: colorize and register throughput, peak memory, and peers measured in the same run.
+
+Importable without Qt. Every timed figure is a median over repeats with its min and max; comparisons (ours vs the
+seed thesis's network, SYMNet vs SimpleITK demons) run in the same process so their ratio is meaningful on a noisy
+shared machine. Rows are plain dicts (JSON-ready); a row that could not be measured has ``median`` None and a
+``note`` starting "not measured" or "not installed".
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+#: The seed thesis's colorizer: (in, out, stride) of its 13 3x3 convolutions, and where the x2 upsamplings go.
+PEER_LAYERS: tuple[tuple[int, int, int] | str, ...] = (
+    (1, 64, 1),
+    (64, 64, 2),
+    (64, 128, 1),
+    (128, 128, 2),
+    (128, 256, 1),
+    (256, 256, 2),
+    (256, 512, 1),
+    (512, 256, 1),
+    (256, 128, 1),
+    "up",
+    (128, 64, 1),
+    "up",
+    (64, 32, 1),
+    (32, 16, 1),
+    (16, 2, 1),  # + tanh
+    "up",
+)
+PEER_PARAMETERS = 3_896_530
+
+#: Realistic pixel sizes: the colorizer resamples to its own grid, so these make it run at its usual ~128^2 / 64^2.
+SIZES: tuple[tuple[int, float], ...] = ((512, 0.78), (256, 1.56))
+MODELS = ("colorizer-2d", "colorizer-3d")
+OASIS_DIR = Path("../shared/data/symnet-oasis")
+OASIS_CHECKPOINT = "SYMNet_neurite_oasis_smo30_update_80000.pth"
+ROW_KEYS = ("section", "item", "device", "size", "unit", "median", "min", "max", "repeats", "note")
+
+
+class PeerColorizer(nn.Module):
+    """The seed thesis's plain encoder-decoder (L in, ab out; 3,896,530 parameters), for speed comparisons only.
+
+    Conv 3x3 + ReLU throughout (stride 2 where marked), three nearest x2 upsamplings, tanh on the last conv.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for spec in PEER_LAYERS:
+            if spec == "up":
+                layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+                continue
+            c_in, c_out, stride = spec
+            layers.append(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1))
+            layers.append(nn.Tanh() if c_out == 2 else nn.ReLU(inplace=True))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, lightness: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) L in [0, 1] -> (N, 2, H, W) ab in [-1, 1]."""
+        return self.net(lightness)
+
+
+def parameter_count(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, RAM, GPU, torch version and threads, Python, commit and date of this run."""
+    cpu = platform.processor() or platform.machine()
+    ram_gb = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                ram_gb = round(int(line.split()[1]) / 2**20, 1)
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {
+        "date": _dt.date.today().isoformat(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gb": ram_gb,
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "commit": _git_commit(),
+    }
+
+
+def _row(section: str, item: str, device: str = "cpu", size: str = "", unit: str = "", **values: Any) -> dict:
+    row = {key: None for key in ROW_KEYS}
+    row.update(section=section, item=item, device=device, size=size, unit=unit, note="")
+    row.update(values)
+    return row
+
+
+def _rate_row(section: str, item: str, device: str, size: str, count: int, seconds: Sequence[float], **extra) -> dict:
+    """A throughput row: ``count`` items per run over the measured ``seconds`` of each repeat."""
+    rates = [count / s for s in seconds]
+    return _row(
+        section,
+        item,
+        device,
+        size,
+        "slices/s",
+        median=round(statistics.median(rates), 2),
+        min=round(min(rates), 2),
+        max=round(max(rates), 2),
+        repeats=len(seconds),
+        **extra,
+    )
+
+
+def _seconds_row(section: str, item: str, device: str, size: str, seconds: Sequence[float], **extra) -> dict:
+    return _row(
+        section,
+        item,
+        device,
+        size,
+        "s",
+        median=round(statistics.median(seconds), 3),
+        min=round(min(seconds), 3),
+        max=round(max(seconds), 3),
+        repeats=len(seconds),
+        **extra,
+    )
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], Any], repeats: int, device: str = "cpu", warmup: int = 1) -> list[float]:
+    """Wall seconds of ``fn()`` for each of ``repeats`` runs, after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _devices() -> list[str]:
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def bench_colorize(slices: int, repeats: int, sizes: Sequence[tuple[int, float]] = SIZES) -> list[dict]:
+    """End-to-end colorize (HU -> network -> sRGB uint8) slices/s per model, size and device, and the peer network.
+
+    Ratio rows give ours / peer at the same size and device.
+    """
+    from .engines.colorize import compose_chroma, get_colorizer, predict_chroma
+    from .phantom import make_phantom
+
+    rows: list[dict] = []
+    peer = PeerColorizer().eval()
+    for size, pixel in sizes:
+        volume = make_phantom(seed=7, shape=(slices, size, size), spacing=(2.0, pixel, pixel)).volume
+        label = f"{size}x{size}"
+        for device in ("cpu", "cuda"):
+            if device not in _devices():
+                for model in (*MODELS, "peer (seed thesis)"):
+                    rows.append(_row("colorize", model, device, label, "slices/s", note="not measured: no CUDA device"))
+                continue
+            ours: dict[str, float] = {}
+            for model in MODELS:
+                get_colorizer(model)
+
+                def run(model: str = model, device: str = device) -> None:
+                    chroma = predict_chroma(volume, model, device=device)
+                    compose_chroma(volume, chroma, "abdomen", 1.0, device=device)
+
+                row = _rate_row("colorize", model, device, label, slices, _time(run, repeats, device))
+                rows.append(row)
+                ours[model] = row["median"]
+            net = peer.to(device)
+            batch = torch.rand(slices, 1, size, size, device=device)
+            batch_size = 8 if device == "cpu" else 64
+
+            def run_peer(net: nn.Module = net, batch: torch.Tensor = batch, step: int = batch_size) -> None:
+                with torch.inference_mode():
+                    for start in range(0, batch.shape[0], step):
+                        net(batch[start : start + step])
+
+            row = _rate_row(
+                "colorize",
+                "peer (seed thesis)",
+                device,
+                label,
+                slices,
+                _time(run_peer, repeats, device),
+                note="network only, random weights, full-resolution input",
+            )
+            rows.append(row)
+            for model, rate in ours.items():
+                rows.append(
+                    _row(
+                        "ratio",
+                        f"{model} / peer",
+                        device,
+                        label,
+                        "x",
+                        median=round(rate / row["median"], 2),
+                        note="end-to-end ours vs peer network alone",
+                    )
+                )
+            peer.to("cpu")
+    return rows
+
+
+def _rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def rss_job(path: str, copies: int, model: str = "colorizer-2d") -> dict:
+    """Run in a fresh process: colorize ``copies`` tiles of the int16 slab at ``path`` and report the peak RSS.
+
+    The baseline is taken after the imports and the model load; the input volume counts as the job's memory.
+    """
+    import resource
+
+    from .engines.colorize import colorize, get_colorizer
+    from .io import Volume
+
+    get_colorizer(model)
+    base = _rss_mb()
+    slab = np.load(path)
+    array = np.tile(slab["array"], (copies, 1, 1))
+    volume = Volume(array, spacing=tuple(slab["spacing"]), meta={"modality": "CT"})
+    del slab
+    start = time.perf_counter()
+    colour = colorize(volume, model, window="abdomen", device="cpu")
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    input_mb = array.nbytes / 2**20
+    return {
+        "shape": list(array.shape),
+        "input_mb": round(input_mb, 1),
+        "output_mb": round(colour.rgb.nbytes / 2**20, 1),
+        "baseline_rss_mb": round(base),
+        "peak_rss_mb": round(peak),
+        "peak_minus_baseline_mb": round(peak - base),
+        "ratio_to_input": round((peak - base) / input_mb, 2),
+        "seconds": round(seconds, 2),
+    }
+
+
+def bench_rss(slices: int = 600, size: int = 512, model: str = "colorizer-2d") -> list[dict]:
+    """Peak RSS of colorizing a (slices, size, size) int16 CT, measured in a subprocess (its own peak)."""
+    from .phantom import make_phantom
+
+    base_slices = 60
+    copies = max(1, slices // base_slices)
+    volume = make_phantom(seed=3, shape=(base_slices, size, size), spacing=(2.0, 0.78, 0.78)).volume
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "slab.npz")
+        np.savez(path, array=volume.array.astype(np.int16), spacing=np.asarray(volume.spacing))
+        code = f"import json; from napari_ctcolor.bench import rss_job; print(json.dumps(rss_job({path!r}, {copies})))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    label = "x".join(str(n) for n in result["shape"][::-1])
+    return [
+        _row(
+            "memory",
+            f"{model} peak RSS - baseline",
+            "cpu",
+            label,
+            "MB",
+            median=result["peak_minus_baseline_mb"],
+            repeats=1,
+            note=f"{result['ratio_to_input']}x the int16 input ({result['input_mb']} MB); baseline "
+            f"{result['baseline_rss_mb']} MB, peak {result['peak_rss_mb']} MB",
+            ratio_to_input=result["ratio_to_input"],
+            **{k: result[k] for k in ("baseline_rss_mb", "peak_rss_mb", "input_mb")},
+        ),
+        _row(
+            "memory",
+            f"{model} end to end",
+            "cpu",
+            label,
+            "s",
+            median=result["seconds"],
+            repeats=1,
+            note=f"{result['shape'][0] / result['seconds']:.1f} slices/s",
+        ),
+    ]
+
+
+def _ncc(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64) - a.mean()
+    b = b.astype(np.float64) - b.mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def _demons(fixed: np.ndarray, moving: np.ndarray, iterations: int) -> float:
+    """SimpleITK fast symmetric forces demons on two arrays (same grid); returns the NCC after warping."""
+    import SimpleITK as sitk
+
+    f = sitk.GetImageFromArray(fixed.astype(np.float32))
+    m = sitk.GetImageFromArray(moving.astype(np.float32))
+    m = sitk.HistogramMatching(m, f, 256, 7, True)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(iterations)
+    demons.SetStandardDeviations(1.5)
+    field = demons.Execute(f, m)
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    warped = sitk.Resample(m, f, transform, sitk.sitkLinear, 0.0)
+    return _ncc(fixed, sitk.GetArrayViewFromImage(warped))
+
+
+def bench_register(quick: bool, repeats: int, data_dir: Path = OASIS_DIR) -> list[dict]:
+    """Seconds for SYMNet exact and fast on the OASIS pair, and SimpleITK demons on the same pair.
+
+    ``quick`` registers a 64^3 crop of the pair instead (a smoke run). ANTs and elastix are reported as not
+    installed unless ``ants`` / ``itk`` with elastix import.
+    """
+    from .engines.register import register
+    from .io import Volume, read_volume
+
+    label = "64x64x64 crop" if quick else "160x192x224"
+    methods = ("SYMNet exact", "SYMNet fast", "SimpleITK demons")
+    checkpoint = data_dir / OASIS_CHECKPOINT
+    fixed_path, moving_path = data_dir / "image_A_full_size.nii.gz", data_dir / "image_B_full_size.nii.gz"
+    if not (checkpoint.is_file() and fixed_path.is_file() and moving_path.is_file()):
+        rows = [_row("register", m, "cpu", label, "s", note="not measured: shared data absent") for m in methods]
+    else:
+        fixed, moving = read_volume(fixed_path), read_volume(moving_path)
+        if quick:
+            crop = tuple(slice(n // 2 - 32, n // 2 + 32) for n in fixed.shape)
+            fixed, moving = (Volume(v.array[crop], spacing=v.spacing, meta=v.meta) for v in (fixed, moving))
+        ncc_before = _ncc(fixed.array, moving.array)
+        rows = []
+        for device in _devices():
+            for fast in (False, True):
+                metrics: dict[str, Any] = {}
+
+                def run(fast: bool = fast, device: str = device, metrics: dict = metrics) -> None:
+                    metrics.update(register(fixed, moving, model=str(checkpoint), fast=fast, device=device).metrics)
+
+                seconds = _time(run, repeats, device, warmup=1 if quick or device == "cuda" else 0)
+                item = "SYMNet fast" if fast else "SYMNet exact"
+                note = f"NCC {metrics['ncc_before']:.3f} -> {metrics['ncc_after']:.3f}"
+                rows.append(_seconds_row("register", item, device, label, seconds, note=note))
+        result: dict[str, float] = {}
+        iterations = 10 if quick else 50
+
+        def run_demons() -> None:
+            result["ncc"] = _demons(fixed.array, moving.array, iterations)
+
+        seconds = _time(run_demons, repeats, "cpu", warmup=0)
+        note = f"{iterations} iterations; NCC {ncc_before:.3f} -> {result['ncc']:.3f}"
+        rows.append(_seconds_row("register", "SimpleITK demons", "cpu", label, seconds, note=note))
+        if not torch.cuda.is_available():
+            for m in methods[:2]:
+                rows.append(_row("register", m, "cuda", label, "s", note="not measured: no CUDA device"))
+    for name, check in (("ANTs SyN", _has_ants), ("elastix B-spline", _has_elastix)):
+        if check():
+            rows.append(_row("register", name, "cpu", label, "s", note="installed but not wired into the bench yet"))
+        else:
+            rows.append(_row("register", name, "cpu", label, "s", note="not installed"))
+    return rows
+
+
+def _has_ants() -> bool:
+    try:
+        import ants  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _has_elastix() -> bool:
+    try:
+        import itk
+
+        return hasattr(itk, "ElastixRegistrationMethod")
+    except ImportError:
+        return False
+
+
+def run_bench(quick: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """All benchmarks; ``quick`` is a smoke run (tiny volumes, 1 warm-up + 2 repeats, no full-size registration or
+    RSS subprocess). Returns ``{"machine": ..., "quick": ..., "seconds": ..., "rows": [...]}``.
+    """
+    log = log or (lambda _message: None)
+    start = time.perf_counter()
+    info = machine_info()
+    rows: list[dict] = []
+    if quick:
+        log("colorize (quick)")
+        rows += bench_colorize(slices=4, repeats=2)
+        log("register (quick, 64^3 crop)")
+        rows += bench_register(quick=True, repeats=1)
+        rows.append(_row("memory", "colorizer-2d peak RSS - baseline", "cpu", "512x512x600", "MB", note="not measured: --quick"))
+    else:
+        log("colorize")
+        rows += bench_colorize(slices=60, repeats=5)
+        log("peak RSS, 512x512x600 (subprocess)")
+        rows += bench_rss()
+        log("register (OASIS pair)")
+        rows += bench_register(quick=False, repeats=3)
+    return {"machine": info, "quick": quick, "seconds": round(time.perf_counter() - start, 1), "rows": rows}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The rows as one markdown table: median (min..max) per row, with notes."""
+    lines = [
+        "| section | item | device | size | median (min..max) | unit | repeats | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row["median"] is None:
+            value = "not measured"
+        elif row["min"] is None:
+            value = _fmt(row["median"])
+        else:
+            value = f"{_fmt(row['median'])} ({_fmt(row['min'])}..{_fmt(row['max'])})"
+        cells = [row["section"], row["item"], row["device"], row["size"], value, row["unit"], row["repeats"]]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + f" | {row['note']} |")
+    return "\n".join(lines)
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    """One line describing the machine and the commit."""
+    return (
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, GPU {info['gpu']}; "
+        f"torch {info['torch']} ({info['torch_threads']} threads), Python {info['python']}. Commit {info['commit']}."
+    )
+
+
+def markdown_section(report: dict[str, Any]) -> str:
+    """A BENCHMARKS.md-style dated section for a `run_bench` report."""
+    info = report["machine"]
+    kind = "quick smoke run" if report["quick"] else "full run"
+    gpu = "GPU" if info["gpu"] != "none" else "CPU"
+    return (
+        f"## {info['date']}, {gpu} (`ctcolor bench`{' --quick' if report['quick'] else ''}, {kind}, "
+        f"{report['seconds']} s)\n\n"
+        f"{machine_line(info)}\n\n"
+        "Colorize: end to end (HU in memory -> network -> sRGB uint8), phantom CT at 0.78 mm (512²) and 1.56 mm "
+        "(256²) pixels, window abdomen, chroma 1; the peer is the seed thesis's network alone (random weights) at full "
+        "resolution. Register: the OASIS pair with the official SYMNet checkpoint, wall seconds of the engine call.\n\n"
+        f"{markdown_table(report['rows'])}\n"
+    )
