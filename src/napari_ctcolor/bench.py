@@ -49,7 +49,8 @@ PEER_PARAMETERS = 3_896_530
 #: Realistic pixel sizes: the colorizer resamples to its own grid, so these make it run at its usual ~128^2 / 64^2.
 SIZES: tuple[tuple[int, float], ...] = ((512, 0.78), (256, 1.56))
 MODELS = ("colorizer-2d", "colorizer-3d")
-OASIS_DIR = Path("../shared/data/symnet-oasis")
+#: The shared OASIS pair beside the checkout (../shared/data/symnet-oasis from the repository root).
+OASIS_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "symnet-oasis"
 OASIS_CHECKPOINT = "SYMNet_neurite_oasis_smo30_update_80000.pth"
 ROW_KEYS = ("section", "item", "device", "size", "unit", "median", "min", "max", "repeats", "note")
 
@@ -190,6 +191,7 @@ def bench_colorize(slices: int, repeats: int, sizes: Sequence[tuple[int, float]]
     Ratio rows give ours / peer at the same size and device.
     """
     from .engines.colorize import compose_chroma, get_colorizer, predict_chroma
+    from .io import Volume
     from .phantom import make_phantom
 
     rows: list[dict] = []
@@ -206,7 +208,7 @@ def bench_colorize(slices: int, repeats: int, sizes: Sequence[tuple[int, float]]
             for model in MODELS:
                 get_colorizer(model)
 
-                def run(model: str = model, device: str = device) -> None:
+                def run(model: str = model, device: str = device, volume: Volume = volume) -> None:
                     chroma = predict_chroma(volume, model, device=device)
                     compose_chroma(volume, chroma, "abdomen", 1.0, device=device)
 
@@ -214,7 +216,8 @@ def bench_colorize(slices: int, repeats: int, sizes: Sequence[tuple[int, float]]
                 rows.append(row)
                 ours[model] = row["median"]
             net = peer.to(device)
-            batch = torch.rand(slices, 1, size, size, device=device)
+            peer_slices = min(slices, 16)  # a rate: fewer slices keep the slow peer's share of the run small
+            batch = torch.rand(peer_slices, 1, size, size, device=device)
             batch_size = 8 if device == "cpu" else 64
 
             def run_peer(net: nn.Module = net, batch: torch.Tensor = batch, step: int = batch_size) -> None:
@@ -227,7 +230,7 @@ def bench_colorize(slices: int, repeats: int, sizes: Sequence[tuple[int, float]]
                 "peer (seed thesis)",
                 device,
                 label,
-                slices,
+                peer_slices,
                 _time(run_peer, repeats, device),
                 note="network only, random weights, full-resolution input",
             )
@@ -252,13 +255,20 @@ def _rss_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM): unlike ``ru_maxrss`` it starts afresh at exec, so a subprocess's peak does
+    not include the RSS of the parent it was forked from."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
 def rss_job(path: str, copies: int, model: str = "colorizer-2d") -> dict:
     """Run in a fresh process: colorize ``copies`` tiles of the int16 slab at ``path`` and report the peak RSS.
 
     The baseline is taken after the imports and the model load; the input volume counts as the job's memory.
     """
-    import resource
-
     from .engines.colorize import colorize, get_colorizer
     from .io import Volume
 
@@ -271,7 +281,7 @@ def rss_job(path: str, copies: int, model: str = "colorizer-2d") -> dict:
     start = time.perf_counter()
     colour = colorize(volume, model, window="abdomen", device="cpu")
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
     input_mb = array.nbytes / 2**20
     return {
         "shape": list(array.shape),
@@ -431,7 +441,9 @@ def run_bench(quick: bool = False, log: Callable[[str], None] | None = None) -> 
         rows += bench_colorize(slices=4, repeats=2)
         log("register (quick, 64^3 crop)")
         rows += bench_register(quick=True, repeats=1)
-        rows.append(_row("memory", "colorizer-2d peak RSS - baseline", "cpu", "512x512x600", "MB", note="not measured: --quick"))
+        rows.append(
+            _row("memory", "colorizer-2d peak RSS - baseline", "cpu", "512x512x600", "MB", note="not measured: --quick")
+        )
     else:
         log("colorize")
         rows += bench_colorize(slices=60, repeats=5)

@@ -225,6 +225,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import markdown_section, markdown_table, run_bench
+
+    outputs = [Path(p) for p in (args.json, args.markdown) if p]
+    for out in outputs:
+        if not out.parent.exists():
+            raise InputError(f"{out}: folder {out.parent} does not exist")
+    report = run_bench(quick=args.quick, log=lambda message: print(f"bench: {message}", file=sys.stderr, flush=True))
+    print(markdown_table(report["rows"]))
+    if args.json:
+        with atomic_path(Path(args.json)) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        with atomic_path(Path(args.markdown)) as tmp:
+            tmp.write_text(markdown_section(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ctcolor", description="Colorize and register CT volumes (napari-ctcolor).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -303,6 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     train.add_argument("--eval-only", action="store_true", help="only evaluate the existing weights, update the card")
     train.set_defaults(run=_cmd_train)
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure colorize and register speed and memory, with the peers in the same run",
+        description="Prints a markdown table (median (min..max) over repeats) with the machine and commit.",
+    )
+    bench.add_argument("--quick", action="store_true", help="smoke run: tiny volumes, few repeats (under a minute)")
+    bench.add_argument("--json", metavar="OUT", help="write the machine description and all rows as JSON")
+    bench.add_argument("--markdown", metavar="OUT", help="write a dated BENCHMARKS.md-style section")
+    bench.set_defaults(run=_cmd_bench)
     return parser
 
 

@@ -43,7 +43,7 @@ R = TypeVar("R")
 Steps = Generator[Step, None, R]
 
 _AIR_HU = -1024.0
-_COMPOSE_CHUNK = 8  # slices per compose step: bounds the float temporaries (~20 bytes per voxel)
+_COMPOSE_CHUNK = 2  # slices per compose step: bounds the float temporaries; 2 was also faster than 8 (cache)
 _ROI_3D = (32, 96, 96)  # 3D model patch (d, h, w) at the network's resolution
 _OVERLAP_3D = 0.5  # overlap of neighbouring 3D patches, blended with a Gaussian weight (MONAI's sliding window)
 _MODEL_CACHE: dict[str, tuple[Colorizer, dict[str, Any]]] = {}

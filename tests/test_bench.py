@@ -1,0 +1,82 @@
+"""`ctcolor bench --quick`: the table and JSON are produced with the expected rows (not the speed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from napari_ctcolor import bench
+from napari_ctcolor.cli import main
+
+
+def test_peer_network_matches_the_seed_thesis() -> None:
+    net = bench.PeerColorizer()
+    assert bench.parameter_count(net) == bench.PEER_PARAMETERS == 3_896_530
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == 13
+    with torch.inference_mode():
+        ab = net(torch.rand(1, 1, 64, 64))
+    assert ab.shape == (1, 2, 64, 64)  # three stride-2 convs, three x2 upsamplings: same size out
+    assert ab.abs().max() <= 1.0  # tanh
+
+
+def test_machine_info_keys() -> None:
+    info = bench.machine_info()
+    for key in ("date", "cpu", "cores", "ram_gb", "gpu", "torch", "commit"):
+        assert info[key] not in (None, ""), key
+    assert info["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+
+
+def test_bench_quick_writes_table_json_and_markdown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    assert main(["bench", "--quick", "--json", str(out_json), "--markdown", str(out_md)]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.startswith("| section | item | device | size | median (min..max) |")
+
+    report = json.loads(out_json.read_text())
+    assert report["quick"] is True
+    assert report["machine"]["torch"] == torch.__version__
+    rows = report["rows"]
+    for row in rows:
+        assert set(bench.ROW_KEYS) <= set(row)
+        if row["median"] is None:
+            assert row["note"].startswith(("not measured", "not installed")), row
+        else:
+            assert row["median"] > 0, row
+            if row["min"] is not None:
+                assert 0 < row["min"] <= row["median"] <= row["max"], row
+
+    def find(section: str, item: str, device: str = "cpu", size: str | None = None) -> list[dict]:
+        return [
+            r
+            for r in rows
+            if (r["section"], r["item"], r["device"]) == (section, item, device) and size in (None, r["size"])
+        ]
+
+    for size in ("512x512", "256x256"):
+        for item in ("colorizer-2d", "colorizer-3d", "peer (seed thesis)"):
+            (row,) = find("colorize", item, size=size)
+            assert row["median"] > 0 and row["unit"] == "slices/s" and row["repeats"] >= 1
+            (cuda,) = find("colorize", item, "cuda", size)
+            assert cuda["median"] is None or torch.cuda.is_available()
+        for model in ("colorizer-2d", "colorizer-3d"):
+            (ratio,) = find("ratio", f"{model} / peer", size=size)
+            assert ratio["median"] > 0
+    for item in ("SYMNet exact", "SYMNet fast", "SimpleITK demons", "ANTs SyN", "elastix B-spline"):
+        assert find("register", item), item
+    (rss,) = find("memory", "colorizer-2d peak RSS - baseline")
+    assert rss["note"] == "not measured: --quick"
+
+    for row in rows:  # every row is in the printed table
+        assert f"| {row['section']} | {row['item']} | {row['device']} | {row['size']} |" in stdout
+    section = out_md.read_text()
+    assert section.startswith(f"## {report['machine']['date']}") and "Machine: " in section
+    assert bench.markdown_table(rows) in section
+
+
+def test_bench_refuses_a_missing_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--quick", "--json", str(tmp_path / "no" / "bench.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
