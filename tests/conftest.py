@@ -25,6 +25,18 @@ def file_hashes(root: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
+def ct_weights_shipped() -> bool:
+    """Whether the project's CT SYMNet weights exist (tests of the "not shipped yet" message depend on it)."""
+    from napari_ctcolor.io import InputError
+    from napari_ctcolor.weights import find_weights
+
+    try:
+        find_weights("symnet-ct")
+    except InputError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="session")
 def dicom_series() -> Path:
     return require_shared(DICOM_SERIES)

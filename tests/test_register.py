@@ -21,9 +21,8 @@ from napari_ctcolor.engines.checkerboard import checkerboard_mask
 from napari_ctcolor.io import ColorVolume, InputError, Volume, read_volume, write_nifti
 from napari_ctcolor.models.diffeo import warp
 from napari_ctcolor.models.symnet import load_symnet_checkpoint, symnet_forward_fields
-from napari_ctcolor.weights import find_weights
 
-from conftest import CT_DIR, SHARED_DATA, require_shared
+from conftest import CT_DIR, SHARED_DATA, ct_weights_shipped, require_shared
 
 OASIS = SHARED_DATA / "symnet-oasis"
 CHECKPOINT = OASIS / "SYMNet_neurite_oasis_smo30_update_80000.pth"
@@ -244,16 +243,8 @@ def test_mismatched_dimensions_and_disjoint_extents_raise_one_line_input_errors(
         register(ct, far, model=_checkpoint())
 
 
-def _ct_weights_shipped() -> bool:
-    try:
-        find_weights("symnet-ct")
-    except InputError:
-        return False
-    return True
-
-
 def test_model_names_and_cancellation(ct):
-    if not _ct_weights_shipped():
+    if not ct_weights_shipped():
         with pytest.raises(InputError, match="CT weights not shipped yet"):
             register(ct, ct, model="ct")
     with pytest.raises(InputError, match="official: model file not found"):
@@ -407,7 +398,7 @@ def test_cli_register_refuses_2d_against_3d_and_inputs_as_outputs_with_one_line(
     args = ["register", str(fixed_path), str(tmp_path / "out" / "warped.nii.gz"), "-o", str(tmp_path / "out")]
     code, err = _run(capsys, *args, "--overwrite")
     assert code == 2 and len(err) == 1 and "would overwrite the input" in err[0]
-    if not _ct_weights_shipped():  # the default --model is ct
+    if not ct_weights_shipped():  # the default --model is ct
         code, err = _run(capsys, "register", str(fixed_path), str(fixed_path), "-o", str(tmp_path / "new"))
         assert code == 2 and len(err) == 1 and "CT weights not shipped yet" in err[0]
 

@@ -18,14 +18,13 @@ import torch
 
 from napari_ctcolor.engines.checkerboard import checkerboard_mask
 from napari_ctcolor.engines.register import global_ncc
-from napari_ctcolor.io import InputError, Volume, read_volume, write_nifti
+from napari_ctcolor.io import Volume, read_volume, write_nifti
 from napari_ctcolor.napari import _register_widget
 from napari_ctcolor.napari._layers import layer_attributes
 from napari_ctcolor.napari._register_widget import MODEL_FILE, RegisterWidget
-from napari_ctcolor.weights import find_weights
 from napari_ctcolor.windowing import window
 
-from conftest import CT_DIR, SHARED_DATA, require_shared
+from conftest import CT_DIR, SHARED_DATA, ct_weights_shipped, require_shared
 
 PLUGIN = "napari-ctcolor"
 TIMEOUT_MS = 90_000
@@ -229,14 +228,6 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     np.testing.assert_array_equal(board.data, np.where(mask, fixed.data, widget.result.warped.array))
 
 
-def _ct_weights_shipped() -> bool:
-    try:
-        find_weights("symnet-ct")
-    except InputError:
-        return False
-    return True
-
-
 def test_unshipped_ct_model_and_bad_choices_are_one_line_errors_and_add_no_layers(
     make_napari_viewer, pair, engine_calls, errors
 ):
@@ -248,7 +239,7 @@ def test_unshipped_ct_model_and_bad_choices_are_one_line_errors_and_add_no_layer
     names = [lyr.name for lyr in viewer.layers]
 
     expected = []
-    if not _ct_weights_shipped():  # refused before any worker starts
+    if not ct_weights_shipped():  # refused before any worker starts
         widget.run_button.native.click()
         expected.append("CT weights not shipped yet (weights/symnet-ct.safetensors); choose Model 'model file...'")
     widget.model.value = MODEL_FILE
