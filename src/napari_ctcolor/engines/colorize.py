@@ -19,9 +19,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,18 +29,12 @@ import torch.nn.functional as F
 
 from ..color import compose_rgb, compose_rgb_torch
 from ..io import ColorVolume, InputError, Volume
-from ..io.errors import Cancelled
 from ..io.guard import check_memory
 from ..models.colorizer import Colorizer, context_indices, downsample_hu, prepare_input
 from ..weights import COLORIZER_DEFAULT, load_colorizer
 from ..windowing import Window, parse_window, window, window_tensor
 from .device import resolve_device
-
-Progress = Callable[[int, int], Any]
-Cancel = Callable[[], bool]
-Step = tuple[int, int]  # (done, total) slices
-R = TypeVar("R")
-Steps = Generator[Step, None, R]
+from .steps import Cancel, Progress, Steps, offset_steps, run_steps
 
 _AIR_HU = -1024.0
 _COMPOSE_CHUNK = 2  # slices per compose step: bounds the float temporaries; 2 was also faster than 8 (cache)
@@ -74,34 +68,6 @@ def get_colorizer(model: str | os.PathLike | Colorizer = COLORIZER_DEFAULT) -> t
     if key not in _MODEL_CACHE:
         _MODEL_CACHE[key] = load_colorizer(model)
     return _MODEL_CACHE[key]
-
-
-def run_steps(steps: Steps[R], progress: Progress | None = None, cancel: Cancel | None = None) -> R:
-    """Drain a step generator: poll ``cancel`` before each step, report each ``(done, total)``, return its value.
-
-    Raises:
-        Cancelled: when ``cancel()`` returns True; the generator is closed first (its ``finally`` blocks run).
-    """
-    while True:
-        if cancel is not None and cancel():
-            steps.close()
-            raise Cancelled("colorize cancelled")
-        try:
-            done, total = next(steps)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(done, total)
-
-
-def offset_steps(steps: Steps[R], offset: int, total: int) -> Steps[R]:
-    """Re-yield a phase's ``(done, _)`` steps as ``(offset + done, total)`` and return its value (for `yield from`)."""
-    while True:
-        try:
-            done, _ = next(steps)
-        except StopIteration as stop:
-            return stop.value
-        yield offset + done, total
 
 
 def _network_padding(size: int, multiple: int) -> tuple[int, int]:

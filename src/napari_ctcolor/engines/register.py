@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,18 +35,17 @@ import torch.nn.functional as F
 from napari_ctcolor.io import InputError, Volume
 from napari_ctcolor.io.errors import Cancelled
 from napari_ctcolor.io.guard import check_memory
-from napari_ctcolor.models.diffeo import _sampling_grid, compose, integrate_velocity, jacobian_determinant
-from napari_ctcolor.models.symnet import SIZE_MULTIPLE, SYMNet
+from napari_ctcolor.models.diffeo import _sampling_grid, integrate_velocity, jacobian_determinant
+from napari_ctcolor.models.symnet import SIZE_MULTIPLE, SYMNet, half_way_fields
 from napari_ctcolor.weights import load_symnet
 from napari_ctcolor.windowing import window_tensor
 
 from .checkerboard import resample_onto, same_grid
 from .device import resolve_device
+from .steps import Cancel, Progress, Steps, run_steps
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[int, int], None]
-CancelCallback = Callable[[], bool]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
 #: The project's CT weights, beside their model card (DESIGN.md "Weights").
@@ -130,9 +129,7 @@ def load_registration_model(model: str | os.PathLike) -> tuple[SYMNet, str, str]
 class _Stages:
     """Progress callbacks, cancellation checks and wall-clock timing of the engine's stages."""
 
-    def __init__(
-        self, total: int, progress: ProgressCallback | None, cancel: CancelCallback | None, device: torch.device
-    ):
+    def __init__(self, total: int, progress: Progress | None, cancel: Cancel | None, device: torch.device):
         self.total, self.done = total, 0
         self.progress, self.cancel, self.device = progress, cancel, device
         self.seconds: dict[str, float] = {}
@@ -349,7 +346,7 @@ def _full_resolution(fields: torch.Tensor, shape: tuple[int, int, int]) -> torch
 
 
 def _integrate_halves(v_xy: torch.Tensor, v_yx: torch.Tensor, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(f_ab, f_ba) as `symnet_forward_fields`: integrate v_xy, v_yx, -v_xy, -v_yx (one batch) and compose halves.
+    """(f_ab, f_ba) as `symnet_forward_fields`: integrate v_xy, v_yx, -v_xy, -v_yx (one batch), `half_way_fields`.
 
     ``fast`` integrates at half resolution (8x fewer voxels per squaring step) and upsamples the four integrated
     fields; the two compositions stay at full resolution.
@@ -360,8 +357,8 @@ def _integrate_halves(v_xy: torch.Tensor, v_yx: torch.Tensor, fast: bool) -> tup
         halves = _full_resolution(integrate_velocity(torch.cat((low, -low), dim=0)), tuple(v.shape[2:]))
     else:
         halves = integrate_velocity(torch.cat((v, -v), dim=0).contiguous())
-    xy_half, yx_half, xy_half_inv, yx_half_inv = halves.chunk(4, dim=0)
-    return compose(xy_half, yx_half_inv), compose(yx_half, xy_half_inv)
+    fields = half_way_fields(halves)
+    return fields.f_ab, fields.f_ba
 
 
 def _crop(field: torch.Tensor, crop: tuple[slice, ...], two_d: bool) -> torch.Tensor:
@@ -425,8 +422,8 @@ def register(
     affine: bool = False,
     fast: bool = False,
     device: Device | str = "auto",
-    progress: ProgressCallback | None = None,
-    cancel: CancelCallback | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
     moving_labels: Volume | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with SYMNet (optionally after an affine pre-alignment).
@@ -464,12 +461,7 @@ def register(
         InputError: 2D vs 3D images, images that do not overlap, a constant image, a missing model file.
         Cancelled: when ``cancel()`` returned True.
     """
-    steps = iter_register(fixed, moving, model, affine, fast, device, progress, cancel, moving_labels)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as finished:
-            return finished.value
+    return run_steps(iter_register(fixed, moving, model, affine, fast, device, progress, cancel, moving_labels))
 
 
 def iter_register(
@@ -479,10 +471,10 @@ def iter_register(
     affine: bool = False,
     fast: bool = False,
     device: Device | str = "auto",
-    progress: ProgressCallback | None = None,
-    cancel: CancelCallback | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
     moving_labels: Volume | None = None,
-) -> Generator[tuple[int, int], None, RegistrationResult]:
+) -> Steps[RegistrationResult]:
     """`register` as a generator: yields ``(done, total)`` after each stage, returns the `RegistrationResult`.
 
     A napari ``GeneratorWorker`` runs it with a progress bar; its ``quit()`` closes the generator between two stages.

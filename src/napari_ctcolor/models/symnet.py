@@ -156,7 +156,16 @@ def symnet_forward_fields(
     v_xy, v_yx = model(fixed, moving)
     # grid_sample is faster on contiguous (channels-first) fields.
     v = torch.cat((v_xy, v_yx, -v_xy, -v_yx), dim=0).contiguous()
-    xy_half, yx_half, xy_half_inv, yx_half_inv = integrate_velocity(v, num_steps).chunk(4, dim=0)
+    return half_way_fields(integrate_velocity(v, num_steps))
+
+
+def half_way_fields(halves: torch.Tensor) -> SymmetricFields:
+    """The full fields from the integrated halves: F_AB = int(v_xy) o int(-v_yx), F_BA = int(v_yx) o int(-v_xy).
+
+    Args:
+        halves: (4B, 3, D0, D1, D2) voxels, the integrals of v_xy, v_yx, -v_xy, -v_yx stacked in that order.
+    """
+    xy_half, yx_half, xy_half_inv, yx_half_inv = halves.chunk(4, dim=0)
     return SymmetricFields(f_ab=compose(xy_half, yx_half_inv), f_ba=compose(yx_half, xy_half_inv))
 
 

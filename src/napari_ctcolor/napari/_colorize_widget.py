@@ -26,8 +26,9 @@ from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error
 
-from ..engines.colorize import Chroma, iter_compose_chroma, iter_predict_chroma, offset_steps
+from ..engines.colorize import Chroma, iter_compose_chroma, iter_predict_chroma
 from ..engines.device import resolve_device
+from ..engines.steps import offset_steps
 from ..io import ColorVolume, Volume
 from ..io.errors import CTColorError, InputError
 from ..models.colorizer import Colorizer

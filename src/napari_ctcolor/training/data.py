@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 
+from ..engines.checkerboard import resample_onto
 from ..io import InputError, Volume, read_volume
 from ..phantom import make_phantom
 
@@ -24,13 +24,13 @@ class LabelledCT:
     label_names: dict[int, str]
 
 
-def shared_data_dir(config_dir: Path | None = None) -> Path:
+def shared_data_dir() -> Path:
     """``../shared/data`` beside the checkout (the project's real data; never committed)."""
-    root = Path(__file__).resolve().parents[3]
-    for candidate in [root.parent / "shared" / "data", *(c / "shared" / "data" for c in [Path.cwd().parent])]:
+    beside = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+    for candidate in (beside, Path.cwd().parent / "shared" / "data"):
         if candidate.is_dir():
             return candidate
-    raise InputError(f"{root.parent / 'shared' / 'data'}: shared data folder not found")
+    raise InputError(f"{beside}: shared data folder not found")
 
 
 def load_real_case(data_dir: Path, ct_name: str, labels_name: str) -> LabelledCT:
@@ -40,8 +40,7 @@ def load_real_case(data_dir: Path, ct_name: str, labels_name: str) -> LabelledCT
     ct = read_volume(data_dir / "ct" / ct_name)
     labels = read_volume(data_dir / "ct" / labels_name)
     # The label files' direction can differ from the CT's (the DICOM one is flipped in y): never trust array order.
-    resampled = sitk.Resample(labels.to_sitk(), ct.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    on_ct = sitk.GetArrayFromImage(resampled).astype(np.uint8)
+    on_ct = resample_onto(labels, ct, interpolator="nearest", default=0).astype(np.uint8)
     return LabelledCT(ct_name.split(".")[0], ct, on_ct, names)
 
 
