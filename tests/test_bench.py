@@ -66,6 +66,11 @@ def test_bench_quick_writes_table_json_and_markdown(tmp_path: Path, capsys: pyte
             assert ratio["median"] > 0
     for item in ("SYMNet exact", "SYMNet fast", "SimpleITK demons", "ANTs SyN", "elastix B-spline"):
         assert find("register", item), item
+    # CT registration quality: Dice after registration on a synthetic deformation, for SYMNet and every peer.
+    for item in ("SYMNet ct exact", "SYMNet ct fast", "SimpleITK demons", "ANTs SyN", "elastix B-spline"):
+        quality = [r for r in find("register CT", item) if r["unit"] == "Dice"]
+        assert len(quality) == 1, item
+        assert quality[0]["median"] is None or 0.0 < quality[0]["median"] <= 1.0, quality
     (rss,) = find("memory", "colorizer-2d peak RSS - baseline")
     assert rss["note"] == "not measured: --quick"
 

@@ -350,7 +350,7 @@ def test_cli_register_writes_outputs_on_the_fixed_grid_usable_by_simpleitk(ct, t
         np.testing.assert_allclose(image.GetOrigin(), fixed_image.GetOrigin(), atol=1e-4)
         np.testing.assert_allclose(image.GetDirection(), fixed_image.GetDirection(), atol=1e-6)
     ddf_image = sitk.ReadImage(str(outdir / "ddf.nii.gz"))
-    assert ddf_image.GetPixelID() == sitk.sitkVectorFloat64 and ddf_image.GetNumberOfComponentsPerPixel() == 3
+    assert ddf_image.GetPixelID() == sitk.sitkVectorFloat32 and ddf_image.GetNumberOfComponentsPerPixel() == 3
     ddf = sitk.GetArrayFromImage(ddf_image)
     # The file round-trips the LPS vectors, and SimpleITK applies it as is to give warped.nii.gz.
     warped = read_volume(outdir / "warped.nii.gz")

@@ -342,90 +342,145 @@ def _ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
-def _demons(fixed: np.ndarray, moving: np.ndarray, iterations: int) -> float:
-    """SimpleITK fast symmetric forces demons on two arrays (same grid); returns the NCC after warping."""
-    import SimpleITK as sitk
+def _warp_image(moving: np.ndarray, ddf_mm: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+    """``moving`` read at p + ddf(p) (trilinear, zeros outside) for a (Z, Y, X, 3) index-axis mm field."""
+    from .models.diffeo import warp
 
-    f = sitk.GetImageFromArray(fixed.astype(np.float32))
-    m = sitk.GetImageFromArray(moving.astype(np.float32))
-    m = sitk.HistogramMatching(m, f, 256, 7, True)
-    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
-    demons.SetNumberOfIterations(iterations)
-    demons.SetStandardDeviations(1.5)
-    field = demons.Execute(f, m)
-    transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
-    warped = sitk.Resample(m, f, transform, sitk.sitkLinear, 0.0)
-    return _ncc(fixed, sitk.GetArrayViewFromImage(warped))
+    voxels = torch.from_numpy(ddf_mm / np.asarray(spacing_zyx[::-1], dtype=np.float32)).permute(3, 0, 1, 2)[None]
+    image = torch.from_numpy(np.ascontiguousarray(moving, dtype=np.float32))[None, None]
+    return warp(image, voxels.contiguous())[0, 0].numpy()
+
+
+def _peer_rows(name: str, fixed, moving, label: str, repeats: int, quick: bool) -> list[dict]:
+    """Seconds and NCC after of one peer on the OASIS pair, or a "not installed" row."""
+    from .peers import PeerUnavailable, run_peer
+
+    results = []
+    try:
+        for _ in range(repeats):
+            results.append(run_peer(name, fixed, moving, quick=quick))
+    except PeerUnavailable as exc:
+        return [_row("register", name, "cpu", label, "s", note=f"not installed: {exc}")]
+    ncc = _ncc(fixed.array, _warp_image(moving.array, results[-1].ddf_mm, fixed.spacing))
+    note = f"NCC {_ncc(fixed.array, moving.array):.3f} -> {ncc:.3f}"
+    return [_seconds_row("register", name, "cpu", label, [r.seconds for r in results], note=note)]
 
 
 def bench_register(quick: bool, repeats: int, data_dir: Path = OASIS_DIR) -> list[dict]:
-    """Seconds for SYMNet exact and fast on the OASIS pair, and SimpleITK demons on the same pair.
+    """Seconds for SYMNet exact and fast on the OASIS pair, and ANTs SyN, elastix B-spline, SimpleITK demons.
 
-    ``quick`` registers a 64^3 crop of the pair instead (a smoke run). ANTs and elastix are reported as not
-    installed unless ``ants`` / ``itk`` with elastix import.
+    ``quick`` registers a 64^3 crop of the pair instead, with fewer peer iterations (a smoke run).
     """
     from .engines.register import register
     from .io import Volume, read_volume
+    from .peers import PEERS
 
     label = "64x64x64 crop" if quick else "160x192x224"
-    methods = ("SYMNet exact", "SYMNet fast", "SimpleITK demons")
+    methods = ("SYMNet exact", "SYMNet fast", *PEERS)
     checkpoint = data_dir / OASIS_CHECKPOINT
     fixed_path, moving_path = data_dir / "image_A_full_size.nii.gz", data_dir / "image_B_full_size.nii.gz"
     if not (checkpoint.is_file() and fixed_path.is_file() and moving_path.is_file()):
-        rows = [_row("register", m, "cpu", label, "s", note="not measured: shared data absent") for m in methods]
-    else:
-        fixed, moving = read_volume(fixed_path), read_volume(moving_path)
-        if quick:
-            crop = tuple(slice(n // 2 - 32, n // 2 + 32) for n in fixed.shape)
-            fixed, moving = (Volume(v.array[crop], spacing=v.spacing, meta=v.meta) for v in (fixed, moving))
-        ncc_before = _ncc(fixed.array, moving.array)
-        rows = []
-        for device in _devices():
-            for fast in (False, True):
-                metrics: dict[str, Any] = {}
+        return [_row("register", m, "cpu", label, "s", note="not measured: shared data absent") for m in methods]
+    fixed, moving = read_volume(fixed_path), read_volume(moving_path)
+    if quick:
+        crop = tuple(slice(n // 2 - 32, n // 2 + 32) for n in fixed.shape)
+        fixed, moving = (Volume(v.array[crop], spacing=v.spacing, meta=v.meta) for v in (fixed, moving))
+    rows = []
+    for device in _devices():
+        for fast in (False, True):
+            metrics: dict[str, Any] = {}
 
-                def run(fast: bool = fast, device: str = device, metrics: dict = metrics) -> None:
-                    metrics.update(register(fixed, moving, model=str(checkpoint), fast=fast, device=device).metrics)
+            def run(fast: bool = fast, device: str = device, metrics: dict = metrics) -> None:
+                metrics.update(register(fixed, moving, model=str(checkpoint), fast=fast, device=device).metrics)
 
-                seconds = _time(run, repeats, device, warmup=1 if quick or device == "cuda" else 0)
-                item = "SYMNet fast" if fast else "SYMNet exact"
-                note = f"NCC {metrics['ncc_before']:.3f} -> {metrics['ncc_after']:.3f}"
-                rows.append(_seconds_row("register", item, device, label, seconds, note=note))
-        result: dict[str, float] = {}
-        iterations = 10 if quick else 50
-
-        def run_demons() -> None:
-            result["ncc"] = _demons(fixed.array, moving.array, iterations)
-
-        seconds = _time(run_demons, repeats, "cpu", warmup=0)
-        note = f"{iterations} iterations; NCC {ncc_before:.3f} -> {result['ncc']:.3f}"
-        rows.append(_seconds_row("register", "SimpleITK demons", "cpu", label, seconds, note=note))
-        if not torch.cuda.is_available():
-            for m in methods[:2]:
-                rows.append(_row("register", m, "cuda", label, "s", note="not measured: no CUDA device"))
-    for name, check in (("ANTs SyN", _has_ants), ("elastix B-spline", _has_elastix)):
-        if check():
-            rows.append(_row("register", name, "cpu", label, "s", note="installed but not wired into the bench yet"))
-        else:
-            rows.append(_row("register", name, "cpu", label, "s", note="not installed"))
+            seconds = _time(run, repeats, device, warmup=1 if quick or device == "cuda" else 0)
+            item = "SYMNet fast" if fast else "SYMNet exact"
+            note = f"NCC {metrics['ncc_before']:.3f} -> {metrics['ncc_after']:.3f}"
+            rows.append(_seconds_row("register", item, device, label, seconds, note=note))
+    if not torch.cuda.is_available():
+        for m in methods[:2]:
+            rows.append(_row("register", m, "cuda", label, "s", note="not measured: no CUDA device"))
+    for name in PEERS:
+        rows += _peer_rows(name, fixed, moving, label, 1 if name != "SimpleITK demons" else repeats, quick)
     return rows
 
 
-def _has_ants() -> bool:
+def bench_register_ct(quick: bool) -> list[dict]:
+    """SYMNet with the CT weights (exact and fast) and the peers on held-out synthetic deformations of the shared
+    labelled CTs (the pairs of the weights' own evaluation, `training.symnet.evaluation_pairs`).
+
+    Per case and method: Dice after registration (median, min..max over the pairs; the note gives the mean Dice
+    before and after, the largest folding fraction and the median seconds) and seconds. ``quick`` uses one pair of
+    the 3 mm CT and fewer peer iterations.
+    """
+    from .engines.register import register
+    from .io import InputError
+    from .peers import PEERS, PeerUnavailable, folding_fraction_mm, run_peer
+    from .training.symnet import SymnetTrainConfig, dice_per_structure, evaluation_pairs
+    from .weights import find_weights, read_card
+
+    methods = ("SYMNet ct exact", "SYMNet ct fast", *PEERS)
     try:
-        import ants  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        weights, card_path = find_weights("symnet-ct")
+        train = SymnetTrainConfig(**read_card(card_path)["training"]["config"])
+        if quick:
+            train.real_val, train.val_pairs_per_case = train.real_val[:1], 1
+        pairs = evaluation_pairs(train)
+    except (InputError, KeyError, TypeError) as exc:
+        reason = str(exc).splitlines()[0]
+        return [_row("register CT", m, "cpu", "", "Dice", note=f"not measured: {reason}") for m in methods]
 
+    def mean_dice(case, labels: np.ndarray) -> float:
+        return float(np.mean(list(dice_per_structure(case.labels, labels, case.label_names).values())))
 
-def _has_elastix() -> bool:
-    try:
-        import itk
-
-        return hasattr(itk, "ElastixRegistrationMethod")
-    except ImportError:
-        return False
+    results: dict[tuple[str, str], list[dict]] = {}
+    unavailable: dict[str, str] = {}
+    for _name, case, moving, moving_labels in pairs:
+        size = "x".join(map(str, case.ct.shape[::-1])) + f" {case.name}"
+        before = mean_dice(case, moving_labels.array)
+        for method in methods:
+            if method in unavailable:
+                continue
+            if method.startswith("SYMNet"):
+                result = register(
+                    case.ct, moving, model=weights, fast=method.endswith("fast"), moving_labels=moving_labels
+                )
+                row = (result.warped_labels.array, result.metrics["folding_fraction"], result.metrics["seconds"])
+            else:
+                try:
+                    peer = run_peer(method, case.ct, moving, moving_labels, quick=quick)
+                except PeerUnavailable as exc:
+                    unavailable[method] = str(exc)
+                    continue
+                row = (peer.warped_labels, folding_fraction_mm(peer.ddf_mm, case.ct.spacing), peer.seconds)
+            after = mean_dice(case, row[0])
+            results.setdefault((size, method), []).append(
+                {"before": before, "after": after, "folding": row[1], "seconds": row[2]}
+            )
+    rows = []
+    for (size, method), runs in results.items():
+        dice, seconds = [r["after"] for r in runs], [r["seconds"] for r in runs]
+        note = (
+            f"{len(runs)} pairs: Dice {np.mean([r['before'] for r in runs]):.3f} -> {np.mean(dice):.3f}, "
+            f"folding max {100 * max(r['folding'] for r in runs):.3f} %, {statistics.median(seconds):.1f} s"
+        )
+        rows.append(
+            _row(
+                "register CT",
+                method,
+                "cpu",
+                size,
+                "Dice",
+                median=round(statistics.median(dice), 4),
+                min=round(min(dice), 4),
+                max=round(max(dice), 4),
+                repeats=len(runs),
+                note=note,
+            )
+        )
+        rows.append(_seconds_row("register CT", method, "cpu", size, seconds))
+    rows += [_row("register CT", m, "cpu", "", "Dice", note=f"not installed: {why}") for m, why in unavailable.items()]
+    return rows
 
 
 def run_bench(quick: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -441,6 +496,8 @@ def run_bench(quick: bool = False, log: Callable[[str], None] | None = None) -> 
         rows += bench_colorize(slices=4, repeats=2)
         log("register (quick, 64^3 crop)")
         rows += bench_register(quick=True, repeats=1)
+        log("register CT (quick, one synthetic pair)")
+        rows += bench_register_ct(quick=True)
         rows.append(
             _row("memory", "colorizer-2d peak RSS - baseline", "cpu", "512x512x600", "MB", note="not measured: --quick")
         )
@@ -451,6 +508,8 @@ def run_bench(quick: bool = False, log: Callable[[str], None] | None = None) -> 
         rows += bench_rss()
         log("register (OASIS pair)")
         rows += bench_register(quick=False, repeats=3)
+        log("register CT (synthetic deformations of the shared labelled CTs)")
+        rows += bench_register_ct(quick=False)
     return {"machine": info, "quick": quick, "seconds": round(time.perf_counter() - start, 1), "rows": rows}
 
 

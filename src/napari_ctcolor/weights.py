@@ -97,16 +97,18 @@ def load_colorizer(name_or_path: str | os.PathLike = COLORIZER_DEFAULT) -> tuple
     return model.eval(), card
 
 
-def load_symnet(name_or_path: str | os.PathLike) -> SYMNet:
-    """SYMNet from shipped safetensors weights (by name, sha256 checked) or an official ``.pth`` checkpoint.
+def load_symnet(name_or_path: str | os.PathLike) -> tuple[SYMNet, dict[str, Any]]:
+    """SYMNet (eval mode, CPU) and its model card, from safetensors weights (by name or path, sha256 checked against
+    the card) or an official ``.pth`` checkpoint (no card: ``{}``).
 
     ``.pth`` files are read by `load_symnet_checkpoint` with ``torch.load(weights_only=True)``: tensors only, no code.
     """
     if str(name_or_path).endswith((".pth", ".pt")):
-        return load_symnet_checkpoint(Path(name_or_path))
+        return load_symnet_checkpoint(Path(name_or_path)), {}
     path, card_path = find_weights(name_or_path)
-    state, _ = load_state(path, read_card(card_path) if card_path else None)
-    return symnet_from_state_dict(state, source=str(path))
+    card = read_card(card_path) if card_path else {}
+    state, _ = load_state(path, card)
+    return symnet_from_state_dict(state, source=str(path)), card
 
 
 def save_weights(model: torch.nn.Module, card: dict[str, Any], folder: Path, name: str) -> Path:

@@ -48,14 +48,11 @@ log = logging.getLogger(__name__)
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
-#: The project's CT weights, beside their model card (DESIGN.md "Weights").
-#: Intensity normalisation per model kind: ``("minmax", None)`` maps each image's own range to [0, 1] (the official
-#: checkpoint); ``("window", (low, high))`` clips HU to [low, high] and maps it to [0, 1] (our CT weights). The
-#: weights loader will read this from the model card.
-NORMALISATION: dict[str, tuple[str, tuple[float, float] | None]] = {
-    "official": ("minmax", None),
-    "ct": ("window", (-1000.0, 1000.0)),
-}
+#: Intensity normalisation ``(mode, window)``: ``("minmax", None)`` maps each image's own range to [0, 1] (the
+#: official checkpoint, per its README); ``("window", (low, high))`` clips HU to [low, high] and maps it to [0, 1]
+#: (our CT weights; the window is read from their model card, ``inputs.normalisation.window_hu``).
+Normalisation = tuple[str, tuple[float, float] | None]
+OFFICIAL_NORMALISATION: Normalisation = ("minmax", None)
 
 #: A 2D pair (one slice each) is registered as a slab of this many copies of the slice (see `register`).
 SLAB_SLICES = SIZE_MULTIPLE
@@ -101,26 +98,39 @@ class RegistrationResult:
 # --- model and device ------------------------------------------------------------------------------------------------
 
 
-def load_registration_model(model: str | os.PathLike) -> tuple[SYMNet, str, str]:
-    """The network for ``model``, its kind (a key of `NORMALISATION`) and its name for the metrics.
+def load_registration_model(model: str | os.PathLike) -> tuple[SYMNet, Normalisation, str]:
+    """The network for ``model``, the intensity normalisation it expects and its name for the metrics.
 
     Args:
         model: ``"ct"`` (the project's CT weights, sha256-checked against their card) or the path of a SYMNet
             checkpoint: an official ``.pth`` state dict (recognised by its keys, read with ``weights_only=True``) or a
-            ``.safetensors`` file of ours.
+            ``.safetensors`` file of ours with its model card beside it.
     """
     if str(model) == "ct":
         try:
-            return load_symnet("symnet-ct"), "ct", "ct"
+            network, card = load_symnet("symnet-ct")
         except InputError:
             raise InputError(
-                "CT weights not shipped yet (weights/symnet-ct.safetensors); use --model FILE with an official "
-                "SYMNet .pth checkpoint"
+                "CT weights not found (weights/symnet-ct.safetensors); use --model FILE with a SYMNet checkpoint"
             ) from None
+        return network, _card_normalisation(card, "symnet-ct"), "ct"
     path = Path(model)
     if not path.is_file():
         raise InputError(f"{path}: model file not found (use 'ct' or the path of a SYMNet .pth checkpoint)")
-    return load_symnet(path), "ct" if path.name.endswith(".safetensors") else "official", path.name
+    network, card = load_symnet(path)
+    if path.suffix.lower() in (".pth", ".pt"):
+        return network, OFFICIAL_NORMALISATION, path.name
+    return network, _card_normalisation(card, path.name), path.name
+
+
+def _card_normalisation(card: dict[str, Any], name: str) -> Normalisation:
+    spec = card.get("inputs", {}).get("normalisation", {})
+    if spec.get("mode") == "minmax":
+        return OFFICIAL_NORMALISATION
+    window = spec.get("window_hu")
+    if spec.get("mode") != "window" or not isinstance(window, list) or len(window) != 2 or window[0] >= window[1]:
+        raise InputError(f"{name}: its model card does not give the intensity normalisation (inputs.normalisation)")
+    return "window", (float(window[0]), float(window[1]))
 
 
 # --- stages ----------------------------------------------------------------------------------------------------------
@@ -301,9 +311,9 @@ def _voxels_to_mm(field: torch.Tensor, grid: Volume) -> torch.Tensor:
 # --- network input and fields ----------------------------------------------------------------------------------------
 
 
-def _normalise(image: torch.Tensor, kind: str, low: float, high: float) -> torch.Tensor:
+def _normalise(image: torch.Tensor, normalisation: Normalisation, low: float, high: float) -> torch.Tensor:
     """Intensities as the weights expect: min-max with the image's own (low, high), or a fixed HU window."""
-    mode, window = NORMALISATION[kind]
+    mode, window = normalisation
     if mode == "minmax":
         return (image - low) * (1.0 / (high - low))
     low_hu, high_hu = window
@@ -493,7 +503,7 @@ def iter_register(
     stages = _Stages(7 + affine, progress, cancel, torch_device)
 
     with stages("model"):
-        network, kind, model_name = load_registration_model(model)
+        network, normalisation, model_name = load_registration_model(model)
         network = network.to(torch_device)
     yield stages.done, stages.total
     transform = None
@@ -517,8 +527,8 @@ def iter_register(
     yield stages.done, stages.total
 
     with stages("forward"), torch.inference_mode():
-        fixed_in, crop = _network_input(_normalise(fixed_t, kind, fixed_low, fixed_high), two_d)
-        moving_in, _ = _network_input(_normalise(moving_t, kind, moving_low, moving_high), two_d)
+        fixed_in, crop = _network_input(_normalise(fixed_t, normalisation, fixed_low, fixed_high), two_d)
+        moving_in, _ = _network_input(_normalise(moving_t, normalisation, moving_low, moving_high), two_d)
         del moving_t
         # channels_last_3d is about twice as fast on the CPU (as in symnet_forward_fields).
         network.to(memory_format=torch.channels_last_3d)

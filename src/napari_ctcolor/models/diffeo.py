@@ -105,7 +105,9 @@ def warp(
     return out.round().to(image.dtype)
 
 
-def integrate_velocity(velocity: torch.Tensor, num_steps: int = INTEGRATION_STEPS) -> torch.Tensor:
+def integrate_velocity(
+    velocity: torch.Tensor, num_steps: int = INTEGRATION_STEPS, padding_mode: PaddingMode = "zeros"
+) -> torch.Tensor:
     """Displacement of the flow of a stationary velocity field, by scaling and squaring.
 
     ddf_0 = v / 2**num_steps, then ``num_steps`` times ddf <- ddf + ddf sampled at (p + ddf(p)) (bilinear,
@@ -115,6 +117,8 @@ def integrate_velocity(velocity: torch.Tensor, num_steps: int = INTEGRATION_STEP
         velocity: (B, 3, D0, D1, D2) in voxels, channels (x, y, z). Put several fields in the batch to integrate them
             in one call (SYMNet integrates v_xy, v_yx, -v_xy, -v_yx as a batch of 4).
         num_steps: squaring steps (7 in SYMNet).
+        padding_mode: how the field is read outside the volume: ``"zeros"`` as SYMNet; ``"border"`` keeps smooth
+            synthetic fields from folding at the edges, where zeros would meet a large displacement.
 
     Returns:
         (B, 3, D0, D1, D2) displacement in voxels, channels (x, y, z).
@@ -126,7 +130,7 @@ def integrate_velocity(velocity: torch.Tensor, num_steps: int = INTEGRATION_STEP
     ddf = velocity / 2.0**num_steps
     for _ in range(num_steps):
         grid = _sampling_grid(ddf, identity)
-        ddf = ddf + F.grid_sample(ddf, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        ddf = ddf + F.grid_sample(ddf, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
     return ddf
 
 

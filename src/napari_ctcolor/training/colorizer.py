@@ -29,10 +29,9 @@ import torch.nn.functional as F
 import yaml
 
 from ..color import load_palette
-from ..io.errors import InputError
 from ..io.write import atomic_path
 from ..models.colorizer import Colorizer, ColorizerConfig, context_indices, downsample_hu, prepare_input
-from .data import LabelledCT, load_real_case, phantom_case, shared_data_dir
+from .data import LabelledCT, load_config, load_real_case, phantom_case, shared_data_dir
 from .targets import ab_targets
 
 # Contrast phases for phantoms: HU overrides of the phantom's tissue table, as (low, high) ranges drawn uniformly.
@@ -68,19 +67,7 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
-        try:
-            raw = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise InputError(f"{path}: unreadable training config ({type(exc).__name__})") from None
-        if not isinstance(raw, dict):
-            raise InputError(f"{path}: a training config is a YAML mapping (name, seed, model, ...)")
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise InputError(f"{path}: unknown config keys: {', '.join(sorted(unknown))}")
-        missing = {"name", "seed", "model"} - set(raw)
-        if missing:
-            raise InputError(f"{path}: missing config keys: {', '.join(sorted(missing))}")
-        return cls(**raw)
+        return load_config(cls, path)
 
 
 def phantom_cases(spec: dict[str, Any]) -> list[LabelledCT]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from ..engines.checkerboard import resample_onto
 from ..io import InputError, Volume, read_volume
@@ -22,6 +23,24 @@ class LabelledCT:
     ct: Volume
     labels: np.ndarray
     label_names: dict[int, str]
+
+
+def load_config(cls: type, path: Path):
+    """A training config dataclass from YAML; unknown keys and missing ``name``/``seed`` are input errors."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(f"{path}: unreadable training config ({type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: a training config is a YAML mapping (name, seed, ...)")
+    unknown = set(raw) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise InputError(f"{path}: unknown config keys: {', '.join(sorted(unknown))}")
+    required = {name for name, f in cls.__dataclass_fields__.items() if f.default is f.default_factory is MISSING}
+    missing = required - set(raw)
+    if missing:
+        raise InputError(f"{path}: missing config keys: {', '.join(sorted(missing))}")
+    return cls(**raw)
 
 
 def shared_data_dir() -> Path:

@@ -1,0 +1,467 @@
+"""Training SYMNet for intra-patient CT-CT registration on synthetic deformations, and its evaluation.
+
+Pairs: a CT (real or phantom, resampled to an isotropic training spacing) and a copy of it deformed by a random
+smooth diffeomorphism (a random velocity field on a coarse control grid, upsampled and integrated by scaling and
+squaring, up to ``max_mm`` of displacement), each with its own noise and intensity jitter. The deformation is
+random per step, so the network sees new pairs throughout.
+
+Loss (Mok and Chung 2020, the official weights): local NCC of the two half-way images and of both fully warped
+images, smoothness of the velocities (divided by ``range_flow`` as in the official code), a penalty on negative
+Jacobian determinants of both full fields, and the magnitude balance of the half-way fields. Where the pair has
+labels, a soft Dice of up to 12 structures is added (weakly supervised, as VoxelMorph's auxiliary segmentation loss):
+it rewards aligning organs rather than only intensity edges.
+
+Evaluation uses the production engine (`engines.register`) on whole volumes on their native grids, with deformations
+from a seed never used in training, and reports Dice before/after, folding and seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from ..io import Volume
+from ..io.write import atomic_path
+from ..models.diffeo import integrate_velocity, warp
+from ..models.symnet import (
+    SYMNet,
+    half_way_fields,
+    load_symnet_checkpoint,
+    local_ncc_loss,
+    magnitude_loss,
+    negative_jacobian_loss,
+    smoothness_loss,
+)
+from ..windowing import window_tensor
+from .colorizer import phantom_cases
+from .data import LabelledCT, load_config, load_real_case, shared_data_dir
+
+#: Labelled structures in the Dice term (the largest in the fixed crop).
+DICE_STRUCTURES = 12
+#: Structures smaller than this (voxels) are left out of the evaluation Dice.
+MIN_EVAL_VOXELS = 100
+
+
+@dataclass
+class SymnetTrainConfig:
+    """A SYMNet training run, read from YAML (see configs/symnet_ct.yaml)."""
+
+    name: str
+    seed: int
+    start_channel: int = 7
+    init: str | None = None  # a SYMNet checkpoint under ../shared/data to start from, or None for random weights
+    window_hu: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])
+    steps: int = 1000
+    lr: float = 1e-4
+    crop: list[int] = field(default_factory=lambda: [48, 96, 96])
+    spacing_mm: list[float] = field(default_factory=lambda: [2.0, 3.0])
+    checkpoint_every: int = 100
+    loss: dict[str, float] = field(default_factory=dict)
+    deformation: dict[str, Any] = field(default_factory=dict)
+    phantoms: dict[str, Any] = field(default_factory=dict)
+    real_train: list[list[str]] = field(default_factory=list)
+    real_val: list[list[str]] = field(default_factory=list)
+    val_seed: int = 990001
+    val_pairs_per_case: int = 3
+
+    @classmethod
+    def load(cls, path: Path) -> SymnetTrainConfig:
+        return load_config(cls, path)
+
+
+# --- synthetic deformations ------------------------------------------------------------------------------------------
+
+
+def random_displacement(
+    shape: tuple[int, int, int],
+    spacing_zyx: tuple[float, float, float],
+    rng: np.random.Generator,
+    max_mm: float,
+    control_mm: float,
+) -> torch.Tensor:
+    """A random smooth diffeomorphic displacement (1, 3, Z, Y, X) in voxels, channels (x, y, z), at most ~max_mm.
+
+    A standard-normal velocity on a control grid of ``control_mm`` spacing is upsampled (trilinear) to ``shape``,
+    scaled so that its largest vector is ``max_mm`` long and integrated by scaling and squaring (border padding),
+    which keeps the map invertible. The displacement's largest vector comes close to ``max_mm`` for such smooth fields.
+    """
+    coarse = [max(2, int(np.ceil(n * s / control_mm)) + 1) for n, s in zip(shape, spacing_zyx, strict=True)]
+    velocity_mm = torch.from_numpy(rng.standard_normal((1, 3, *coarse)).astype(np.float32))
+    velocity_mm = F.interpolate(velocity_mm, size=shape, mode="trilinear", align_corners=True)
+    velocity_mm *= max_mm / float(velocity_mm.norm(dim=1).max())
+    per_voxel = torch.tensor(spacing_zyx[::-1], dtype=torch.float32).view(1, 3, 1, 1, 1)  # channel (x, y, z) mm
+    return integrate_velocity(velocity_mm / per_voxel, padding_mode="border")
+
+
+@dataclass
+class Pair:
+    """A training or evaluation pair on one grid: HU images (1, 1, Z, Y, X) and optional label maps (Z, Y, X)."""
+
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    fixed_labels: np.ndarray | None
+    moving_labels: np.ndarray | None
+
+
+def deform_pair(
+    hu: np.ndarray,
+    labels: np.ndarray | None,
+    spacing_zyx: tuple[float, float, float],
+    rng: np.random.Generator,
+    spec: dict[str, Any],
+    max_mm: float | None = None,
+) -> Pair:
+    """Fixed = the CT with noise; moving = the CT deformed (`random_displacement`), with its own noise and jitter.
+
+    Outside the volume the deformation reads the border voxel (no artificial air wedge at the edges).
+    """
+    max_mm = float(spec.get("max_mm", 15.0)) if max_mm is None else max_mm
+    control_mm = float(rng.uniform(*spec.get("control_mm", (30.0, 80.0))))
+    ddf = random_displacement(hu.shape, spacing_zyx, rng, max_mm, control_mm)
+    base = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None]
+    moving = warp(base, ddf, padding_mode="border")
+    moving_labels = None
+    if labels is not None:
+        moving_labels = warp(torch.from_numpy(labels.astype(np.int32))[None, None], ddf, "nearest", "border")[0, 0]
+        moving_labels = moving_labels.numpy().astype(labels.dtype)
+
+    def jitter(image: torch.Tensor) -> torch.Tensor:
+        noise = float(rng.uniform(*spec.get("noise_hu", (0.0, 25.0))))
+        gain = float(rng.uniform(*spec.get("gain", (0.95, 1.05))))
+        offset = float(rng.uniform(*spec.get("offset_hu", (-20.0, 20.0))))
+        out = image * gain + offset
+        return out + noise * torch.from_numpy(rng.standard_normal(image.shape).astype(np.float32))
+
+    return Pair(jitter(base), jitter(moving), labels, moving_labels)
+
+
+# --- training data ---------------------------------------------------------------------------------------------------
+
+
+def _isotropic(case: LabelledCT | tuple[str, Volume], spacing: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """HU (float32) and labels resampled to ``spacing`` mm along every axis (SimpleITK), same physical box."""
+    import SimpleITK as sitk
+
+    ct, labels = (case.ct, case.labels) if isinstance(case, LabelledCT) else (case[1], None)
+    size = [max(1, int(round(n * s / spacing))) for n, s in zip(ct.shape[::-1], ct.spacing[::-1], strict=True)]
+
+    def resample(image: sitk.Image, interpolator: int, default: float, pixel: int) -> np.ndarray:
+        out = sitk.Resample(
+            image,
+            size,
+            sitk.Transform(),
+            interpolator,
+            ct.origin,
+            [spacing] * 3,
+            ct.direction.flatten(),
+            default,
+            pixel,
+        )
+        return sitk.GetArrayFromImage(out)
+
+    hu = resample(ct.to_sitk(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+    if labels is None:
+        return hu, None
+    label_image = sitk.GetImageFromArray(labels.astype(np.uint8))
+    label_image.CopyInformation(ct.to_sitk())
+    return hu, resample(label_image, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+
+
+class PairSampler:
+    """Random crops of the training cases with random deformations, as network-ready tensors."""
+
+    def __init__(self, train: SymnetTrainConfig, log=print) -> None:
+        from ..io import read_volume
+
+        self.train = train
+        self.rng = np.random.default_rng(train.seed)
+        cases: list[LabelledCT | tuple[str, Volume]] = list(phantom_cases(train.phantoms))
+        data = shared_data_dir() if train.real_train else None
+        for entry in train.real_train:
+            if len(entry) == 2:
+                cases.append(load_real_case(data, entry[0], entry[1]))
+            else:
+                cases.append((entry[0], read_volume(data / "ct" / entry[0])))
+        self.views = [_isotropic(case, s) for case in cases for s in train.spacing_mm]
+        self.spacings = [s for _ in cases for s in train.spacing_mm]
+        self.names = [case.name if isinstance(case, LabelledCT) else case[0] for case in cases]
+        log(f"training data: {len(cases)} cases x {len(train.spacing_mm)} spacings")
+
+    def _crop(self, hu: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        crop = self.train.crop
+        pads = [(0, max(0, c - n)) for c, n in zip(crop, hu.shape, strict=True)]
+        hu = np.pad(hu, pads, constant_values=-1024.0)
+        labels = None if labels is None else np.pad(labels, pads)
+        starts = [int(self.rng.integers(0, n - c + 1)) for c, n in zip(crop, hu.shape, strict=True)]
+        box = tuple(slice(s, s + c) for s, c in zip(starts, crop, strict=True))
+        return hu[box], None if labels is None else labels[box]
+
+    def pair(self) -> Pair:
+        index = int(self.rng.integers(len(self.views)))
+        hu, labels = self._crop(*self.views[index])
+        spacing = self.spacings[index]
+        pair = deform_pair(hu, labels, (spacing,) * 3, self.rng, self.train.deformation)
+        if self.rng.random() < 0.5:  # either image may be the fixed one
+            pair = Pair(pair.moving, pair.fixed, pair.moving_labels, pair.fixed_labels)
+        return pair
+
+
+def normalise(hu: torch.Tensor, window_hu: list[float]) -> torch.Tensor:
+    """HU -> [0, 1] through the config's window (the CT weights' normalisation)."""
+    low, high = window_hu
+    return window_tensor(hu, 0.5 * (low + high), high - low)
+
+
+def _one_hot(fixed_labels: np.ndarray, moving_labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+    ids, counts = np.unique(fixed_labels[fixed_labels > 0], return_counts=True)
+    if ids.size == 0:
+        return None
+    ids = ids[np.argsort(counts)[::-1][:DICE_STRUCTURES]]
+
+    def encode(labels: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.stack([labels == i for i in ids]).astype(np.float32))[None]
+
+    return encode(fixed_labels), encode(moving_labels)
+
+
+def soft_dice_loss(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """1 - mean Dice over channels of two soft one-hot maps (B, K, Z, Y, X)."""
+    dims = (2, 3, 4)
+    dice = (2 * (a * b).sum(dims) + eps) / (a.sum(dims) + b.sum(dims) + eps)
+    return 1.0 - dice.mean()
+
+
+def symnet_loss(
+    model: SYMNet, fixed: torch.Tensor, moving: torch.Tensor, weights: dict[str, float], labels=None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss of one normalised pair (B, 1, Z, Y, X) and its parts (see the module docstring)."""
+    v_xy, v_yx = model(fixed, moving)
+    halves = integrate_velocity(torch.cat((v_xy, v_yx, -v_xy, -v_yx), dim=0))
+    xy_half, yx_half = halves[:1], halves[1:2]
+    fields = half_way_fields(halves)
+    window = int(weights.get("ncc_window", 5))
+    parts = {
+        "ncc_half": local_ncc_loss(warp(fixed, xy_half), warp(moving, yx_half), window),
+        "ncc_full": local_ncc_loss(warp(moving, fields.f_ba), fixed, window)
+        + local_ncc_loss(warp(fixed, fields.f_ab), moving, window),
+        "smooth": smoothness_loss(v_xy / model.range_flow) + smoothness_loss(v_yx / model.range_flow),
+        "antifold": negative_jacobian_loss(fields.f_ab) + negative_jacobian_loss(fields.f_ba),
+        "magnitude": magnitude_loss(xy_half, yx_half),
+    }
+    total = parts["ncc_half"] + parts["ncc_full"]
+    for name in ("smooth", "antifold", "magnitude"):
+        total = total + float(weights.get(name, 0.0)) * parts[name]
+    if labels is not None and weights.get("dice", 0.0) > 0:
+        fixed_one_hot, moving_one_hot = labels
+        parts["dice"] = soft_dice_loss(warp(moving_one_hot, fields.f_ba), fixed_one_hot)
+        total = total + float(weights["dice"]) * parts["dice"]
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def initial_model(train: SymnetTrainConfig) -> SYMNet:
+    """Random weights, or the checkpoint named by ``init`` under ../shared/data (start_channel from its shapes)."""
+    if not train.init:
+        return SYMNet(train.start_channel)
+    model = load_symnet_checkpoint(shared_data_dir() / train.init)
+    if model.start_channel != train.start_channel:
+        raise ValueError(f"init {train.init} has start_channel {model.start_channel}, config {train.start_channel}")
+    return model
+
+
+def train_symnet(
+    config_path: Path, out_dir: Path, device: str = "cpu", resume: bool = False, log=print, stop_at: int | None = None
+) -> tuple[SYMNet, SymnetTrainConfig, dict[str, Any]]:
+    """Train from a config; returns the model, the config and training facts. Seeded; ``resume``/``stop_at`` as
+    `napari_ctcolor.training.colorizer.train_colorizer`."""
+    from tqdm import tqdm
+
+    train = SymnetTrainConfig.load(config_path)
+    torch.manual_seed(train.seed)
+    t0 = time.time()
+    sampler = PairSampler(train, log)
+    model = initial_model(train).to(device).train()
+    model.to(memory_format=torch.channels_last_3d)
+    optimiser = torch.optim.Adam(model.parameters(), lr=train.lr)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = out_dir / f"{train.name}.checkpoint.pt"
+    start, history, seconds_before = 0, [], 0.0
+    if resume and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        torch.set_rng_state(state["torch_rng"])
+        sampler.rng.bit_generator.state = json.loads(state["numpy_rng"])
+        start, history = int(state["step"]), json.loads(state["history"])
+        seconds_before = float(state.get("seconds", 0.0))
+        log(f"resumed from {checkpoint} at step {start}")
+
+    t_loop = time.time()
+    end = train.steps if stop_at is None else min(train.steps, stop_at)
+    bar = tqdm(range(start, end), initial=start, total=train.steps, file=sys.stderr, desc=train.name)
+    for step in bar:
+        pair = sampler.pair()
+        fixed = normalise(pair.fixed, train.window_hu).to(device).contiguous(memory_format=torch.channels_last_3d)
+        moving = normalise(pair.moving, train.window_hu).to(device).contiguous(memory_format=torch.channels_last_3d)
+        labels = None
+        if pair.fixed_labels is not None:
+            encoded = _one_hot(pair.fixed_labels, pair.moving_labels)
+            labels = None if encoded is None else tuple(t.to(device) for t in encoded)
+        loss, parts = symnet_loss(model, fixed, moving, train.loss, labels)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        history.append({"loss": float(loss.detach()), **parts})
+        if step % 10 == 0:
+            recent = history[-50:]
+            bar.set_postfix({k: f"{np.mean([h[k] for h in recent if k in h]):.4f}" for k in ("loss", "ncc_full")})
+        if (step + 1) % train.checkpoint_every == 0 or step + 1 == end:
+            state = {
+                "model": model.state_dict(),
+                "optimiser": optimiser.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "numpy_rng": json.dumps(sampler.rng.bit_generator.state),
+                "step": step + 1,
+                "history": json.dumps(history),
+                "seconds": seconds_before + time.time() - t_loop,
+            }
+            with atomic_path(checkpoint) as tmp:
+                torch.save(state, tmp)
+    model.eval()
+    last = history[-100:]
+    facts = {
+        "steps": train.steps,
+        "final_loss": {k: round(float(np.mean([h[k] for h in last if k in h])), 5) for k in last[0]} if last else {},
+        "data_seconds": round(t_loop - t0, 1),
+        "train_seconds": round(seconds_before + time.time() - t_loop, 1),
+        "train_cases": sampler.names,
+        "device": str(device),
+    }
+    return copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format), train, facts
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------------
+
+
+def dice_per_structure(a: np.ndarray, b: np.ndarray, names: dict[int, str]) -> dict[str, float]:
+    """Dice of every structure with at least `MIN_EVAL_VOXELS` voxels in ``a``."""
+    ids, counts = np.unique(a[a > 0], return_counts=True)
+    out = {}
+    for i in ids[counts >= MIN_EVAL_VOXELS]:
+        in_a, in_b = a == i, b == i
+        out[names.get(int(i), str(i))] = float(2 * np.logical_and(in_a, in_b).sum() / (in_a.sum() + in_b.sum()))
+    return out
+
+
+def evaluation_pairs(train: SymnetTrainConfig) -> list[tuple[str, LabelledCT, Volume, Volume]]:
+    """(name, case, moving CT, moving labels) for the held-out deformations: native grids, seed ``val_seed``."""
+    data = shared_data_dir()
+    rng = np.random.default_rng(train.val_seed)
+    pairs = []
+    for ct_name, labels_name in train.real_val:
+        case = load_real_case(data, ct_name, labels_name)
+        for k in range(train.val_pairs_per_case):
+            pair = deform_pair(case.ct.array, case.labels, case.ct.spacing, rng, train.deformation)
+            geometry = {"spacing": case.ct.spacing, "origin": case.ct.origin, "direction": case.ct.direction}
+            moving = Volume(pair.moving[0, 0].numpy(), **geometry, meta={"source": f"{case.name}-deformed-{k}"})
+            labels = Volume(pair.moving_labels, **geometry, meta={})
+            pairs.append((f"{case.name}/{k}", case, moving, labels))
+    return pairs
+
+
+def evaluate_symnet(weights: Path, train: SymnetTrainConfig, log=print, fast: bool = False) -> dict[str, Any]:
+    """Dice before/after, folding and seconds of the production engine on the held-out deformations."""
+    from ..engines.register import register
+
+    per_pair = []
+    for name, case, moving, moving_labels in evaluation_pairs(train):
+        result = register(case.ct, moving, model=weights, fast=fast, moving_labels=moving_labels)
+        before = dice_per_structure(case.labels, moving_labels.array, case.label_names)
+        after = dice_per_structure(case.labels, result.warped_labels.array, case.label_names)
+        row = {
+            "pair": name,
+            "shape": list(case.ct.shape),
+            "dice_before": round(float(np.mean(list(before.values()))), 4),
+            "dice_after": round(float(np.mean(list(after.values()))), 4),
+            "folding_fraction": result.metrics["folding_fraction"],
+            "seconds": result.metrics["seconds"],
+        }
+        per_pair.append(row)
+        log("  " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    summary = {
+        k: round(float(np.mean([r[k] for r in per_pair])), 5)
+        for k in ("dice_before", "dice_after", "folding_fraction", "seconds")
+    }
+    return {"summary": summary, "pairs": per_pair}
+
+
+CITATIONS = {
+    "totalsegmentator": "Wasserthal J. et al., TotalSegmentator: Robust Segmentation of 104 Anatomic Structures in CT "
+    "Images, Radiology: Artificial Intelligence 2023 (example data, CC BY 4.0 / Apache-2.0)",
+    "symnet": "Mok T.C.W. and Chung A.C.S., Fast Symmetric Diffeomorphic Image Registration with Convolutional Neural "
+    "Networks, CVPR 2020; initial weights: the official neurite-OASIS checkpoint (MIT licence)",
+    "phantom": "napari_ctcolor.phantom procedural torso phantoms (this project)",
+}
+
+
+def model_card(model: SYMNet, train: SymnetTrainConfig, config_path: Path, facts: dict, metrics: dict) -> dict:
+    return {
+        "name": train.name,
+        "task": "intra-patient CT-CT deformable registration (SYMNet, symmetric diffeomorphic)",
+        "architecture": {
+            "class": "napari_ctcolor.models.symnet.SYMNet",
+            "config": {"start_channel": model.start_channel, "range_flow": model.range_flow},
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "inputs": {
+            "normalisation": {"mode": "window", "window_hu": list(train.window_hu)},
+            "note": "HU clipped to window_hu and mapped to [0, 1]; the engine pads each axis to a multiple of 16. "
+            f"Trained at {', '.join(map(str, train.spacing_mm))} mm isotropic voxels.",
+        },
+        "training": {
+            "command": f"ctcolor train symnet --config {config_path.as_posix()}",
+            "config": yaml.safe_load(config_path.read_text()),
+            "data": CITATIONS,
+            **facts,
+        },
+        "metrics": metrics,
+        "limits": [
+            "Trained on synthetic smooth deformations (up to ~15 mm) of a few CTs and phantoms: intra-patient "
+            "motion of that size, not inter-patient registration or large breathing motion of the lung bases.",
+            "Displacements are learned in voxels; voxel sizes far from 1-3 mm move the deformation range accordingly.",
+            "Registration is a visual aid for comparing scans; check the checkerboard and Jacobian before trusting it.",
+        ],
+    }
+
+
+def run(
+    config_path: Path, weights_dir: Path, device: str = "cpu", resume: bool = False, eval_only: bool = False, log=print
+) -> Path:
+    """`ctcolor train symnet`: train (or only evaluate), then write the weights and their model card."""
+    from ..weights import read_card, save_weights
+
+    config_path = Path(config_path)
+    train = SymnetTrainConfig.load(config_path)
+    path = weights_dir / f"{train.name}.safetensors"
+    if eval_only:
+        card = read_card(path.with_suffix(".json"))
+        card["metrics"] = evaluate_symnet(path, train, log)
+        with atomic_path(path.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(card, indent=2) + "\n")
+        return path
+    model, train, facts = train_symnet(config_path, weights_dir / "checkpoints", device, resume, log)
+    card = model_card(model, train, config_path, facts, metrics={})
+    with tempfile.TemporaryDirectory() as tmp:
+        # Evaluate through the production loader and engine: the weights and card as they will ship.
+        metrics = evaluate_symnet(save_weights(model, card, Path(tmp), train.name), train, log)
+    return save_weights(model, {**card, "metrics": metrics}, weights_dir, train.name)
