@@ -66,6 +66,9 @@ def test_bench_quick_writes_table_json_and_markdown(tmp_path: Path, capsys: pyte
             assert ratio["median"] > 0
     for item in ("SYMNet exact", "SYMNet fast", "SimpleITK demons", "ANTs SyN", "elastix B-spline"):
         assert find("register", item), item
+    for item in ("ctcolor register (CLI)", "ctcolor register --fast (CLI)"):
+        (cli,) = find("register", item)
+        assert cli["median"] is None or "write" in cli["note"], cli
     # CT registration quality: Dice after registration on a synthetic deformation, for SYMNet and every peer.
     for item in ("SYMNet ct exact", "SYMNet ct fast", "SimpleITK demons", "ANTs SyN", "elastix B-spline"):
         quality = [r for r in find("register CT", item) if r["unit"] == "Dice"]

@@ -9,11 +9,11 @@ from scipy import ndimage
 from napari_ctcolor.io import InputError, Volume
 from napari_ctcolor.peers import PEERS, PeerUnavailable, folding_fraction_mm, run_peer
 
-SPACING = (2.0, 1.5, 1.5)
-SHIFT_X_MM = 3.0
+SPACING = (2.0, 1.7, 1.4)
+SHIFT_MM = np.array([2.0, -2.5, 3.0])  # (z, y, x)
 
 
-def _blobs(shape=(24, 48, 48), seed: int = 3) -> np.ndarray:
+def _blobs(shape=(24, 40, 52), seed: int = 3) -> np.ndarray:
     """Smooth random blobs in HU-like units: structure at several scales for every method to lock onto."""
     rng = np.random.default_rng(seed)
     image = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=(1.5, 2.5, 2.5))
@@ -41,18 +41,21 @@ def test_folding_fraction_of_analytic_fields() -> None:
 
 @pytest.mark.parametrize("name", PEERS)
 def test_peer_recovers_a_translation_in_the_itk_convention(name: str) -> None:
-    """moving = fixed moved by +3 mm along x, so every fixed point maps to the moving point 3 mm further along x."""
+    """moving = fixed moved by SHIFT_MM, so every fixed point maps to the moving point SHIFT_MM further; sizes and
+    spacings differ per axis, so a swapped axis would show."""
     fixed = _blobs()
-    moving = ndimage.shift(fixed, (0.0, 0.0, SHIFT_X_MM / SPACING[2]), order=3, mode="nearest")
+    shift_voxels = SHIFT_MM / np.asarray(SPACING)
+    moving = ndimage.shift(fixed, shift_voxels, order=3, mode="nearest")
     labels = (fixed > 150).astype(np.uint8)
-    moving_labels = ndimage.shift(labels, (0.0, 0.0, SHIFT_X_MM / SPACING[2]), order=0, mode="nearest")
+    moving_labels = ndimage.shift(labels, shift_voxels, order=0, mode="nearest")
     try:
         result = run_peer(name, _volume(fixed), _volume(moving), _volume(moving_labels), quick=False)
     except PeerUnavailable as exc:
         pytest.skip(str(exc))
-    interior = result.ddf_mm[6:-6, 12:-12, 12:-12]
-    assert np.median(interior[..., 0]) == pytest.approx(SHIFT_X_MM, abs=0.75)
-    assert np.abs(np.median(interior[..., 1:], axis=(0, 1, 2))).max() < 0.5
+    assert result.ddf_mm.shape == (*fixed.shape, 3)
+    interior = result.ddf_mm[6:-6, 10:-10, 12:-12]
+    median_xyz = np.median(interior.reshape(-1, 3), axis=0)
+    np.testing.assert_allclose(median_xyz, SHIFT_MM[::-1], atol=0.75)
     assert folding_fraction_mm(result.ddf_mm, SPACING) == 0.0
     assert result.warped_labels.dtype == np.uint8 and set(np.unique(result.warped_labels)) <= {0, 1}
 

@@ -18,9 +18,18 @@ import torch
 from napari_ctcolor.cli import main
 from napari_ctcolor.engines import Cancelled, checkerboard, register
 from napari_ctcolor.engines.checkerboard import checkerboard_mask
+from napari_ctcolor.engines.register import (
+    MAX_NETWORK_VOXELS,
+    _card_normalisation,
+    _padded_voxels,
+    _resize_field,
+    load_registration_model,
+    working_shape,
+)
 from napari_ctcolor.io import ColorVolume, InputError, Volume, read_volume, write_nifti
 from napari_ctcolor.models.diffeo import warp
 from napari_ctcolor.models.symnet import load_symnet_checkpoint, symnet_forward_fields
+from napari_ctcolor.weights import save_weights
 
 from conftest import CT_DIR, SHARED_DATA, ct_weights_shipped, require_shared
 
@@ -161,6 +170,65 @@ def test_known_translation_is_recovered_with_its_sign_in_mm_lps(ct):
     assert result.metrics["ncc_after"] > result.metrics["ncc_before"] + 0.05
 
 
+def test_working_shape_keeps_small_grids_and_coarsens_large_ones():
+    assert working_shape((160, 192, 224), (1.0, 1.0, 1.0)) == (160, 192, 224)  # OASIS: the network sees every voxel
+    whole_ct = working_shape((300, 512, 512), (1.0, 0.78, 0.78))
+    assert _padded_voxels(whole_ct) <= MAX_NETWORK_VOXELS < _padded_voxels((300, 512, 512))
+    assert whole_ct[1] == whole_ct[2] and whole_ct[0] < 300 and whole_ct[1] < 512
+    # A minimum spacing from the model card: 0.98 mm pixels run at ~1.5 mm; the 2 mm slices keep their count.
+    assert working_shape((20, 512, 512), (2.0, 0.977, 0.977), min_spacing_mm=1.5) == (20, 333, 333)
+    assert working_shape((1, 512, 512), (1.0, 0.5, 0.5), min_spacing_mm=1.0) == (1, 256, 256)  # 2D stays 2D
+
+
+def test_resize_field_is_the_geometric_partner_of_adaptive_average_pooling():
+    """A linear displacement (in voxels) pooled onto a coarser grid and resized back is unchanged in the interior: a
+    half-voxel offset between the two grids, or a channel scaled by the wrong axis ratio, would show."""
+    shape, work = (24, 40, 56), (12, 20, 14)
+    z, y, x = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij")
+    field = torch.stack((0.05 * x + 0.02 * z, -0.03 * y + 1.0, 0.04 * z - 0.01 * x))[None]  # channels (x, y, z)
+    ratio = torch.tensor([w / n for w, n in zip(work[::-1], shape[::-1], strict=True)], dtype=torch.float64)
+    coarse = torch.nn.functional.adaptive_avg_pool3d(field, work) * ratio.view(1, 3, 1, 1, 1)  # in coarse voxels
+    np.testing.assert_allclose(
+        _resize_field(coarse, shape)[..., 3:-3, 3:-3, 5:-5], field[..., 3:-3, 3:-3, 5:-5], atol=1e-9
+    )
+
+
+def test_card_normalisation_and_working_spacing_come_from_the_model_card(tmp_path):
+    card = {"inputs": {"normalisation": {"mode": "window", "window_hu": [-1000, 1000]}, "min_spacing_mm": 1.5}}
+    assert _card_normalisation(card, "x") == ("window", (-1000.0, 1000.0))
+    assert _card_normalisation({"inputs": {"normalisation": {"mode": "minmax"}}}, "x") == ("minmax", None)
+    for bad in ({}, {"inputs": {"normalisation": {"mode": "window", "window_hu": [500, -500]}}}):
+        with pytest.raises(InputError, match="x: its model card does not give the intensity normalisation"):
+            _card_normalisation(bad, "x")
+    weights = tmp_path / "mine.safetensors"
+    save_weights(load_symnet_checkpoint(_checkpoint()), {"name": "mine", **card}, tmp_path, "mine")
+    loaded = load_registration_model(weights)
+    assert loaded.name == "mine.safetensors" and loaded.min_spacing_mm == 1.5
+    assert loaded.normalisation == ("window", (-1000.0, 1000.0))
+    official = load_registration_model(_checkpoint())
+    assert official.normalisation == ("minmax", None) and official.min_spacing_mm is None
+
+
+def test_working_grid_registration_upsamples_fields_onto_the_fixed_grid(ct, monkeypatch):
+    """A translation registered on a coarser working grid (forced by a small voxel cap) gives full-grid outputs and
+    the same displacement as the full-grid run, to a fraction of a working voxel."""
+    shift_mm = np.array([6.0, -4.5, 3.0])
+    moving = _resampled(ct, sitk.TranslationTransform(3, shift_mm.tolist()), AIR_HU)
+    full = register(ct, moving, model=_checkpoint(), device="cpu")
+    monkeypatch.setattr(sys.modules["napari_ctcolor.engines.register"], "MAX_NETWORK_VOXELS", 32 * 64 * 64)
+    coarse = register(ct, moving, model=_checkpoint(), device="cpu")
+    work = coarse.metrics["network_shape"]
+    assert full.metrics["network_shape"] == list(ct.shape) and work != list(ct.shape)
+    assert coarse.ddf.shape == (*ct.shape, 3) and coarse.jacobian.array.shape == ct.shape
+    body = ct.array > -500
+    median_full, median_coarse = np.median(full.ddf[body], axis=0), np.median(coarse.ddf[body], axis=0)
+    print(f"\nworking grid {work}: median ddf {median_coarse} mm vs full grid {median_full} mm")
+    assert np.all(np.sign(median_coarse) == -np.sign(shift_mm))
+    assert np.abs(median_coarse - median_full).max() < 0.5 * max(ct.spacing) * max(np.divide(ct.shape, work))
+    assert coarse.metrics["ncc_after"] > coarse.metrics["ncc_before"] + 0.05
+    assert coarse.metrics["folding_fraction"] == 0.0
+
+
 def test_ddf_applied_by_simpleitk_reproduces_warped_and_inverse_ddf_undoes_it(ct, ct_labels):
     # A smooth deformation of a few mm: moving(x) = ct(x + d(x)).
     index = np.indices(ct.shape)[::-1].reshape(3, -1)
@@ -245,7 +313,7 @@ def test_mismatched_dimensions_and_disjoint_extents_raise_one_line_input_errors(
 
 def test_model_names_and_cancellation(ct):
     if not ct_weights_shipped():
-        with pytest.raises(InputError, match="CT weights not shipped yet"):
+        with pytest.raises(InputError, match="CT weights not found"):
             register(ct, ct, model="ct")
     with pytest.raises(InputError, match="official: model file not found"):
         register(ct, ct, model="official")
@@ -400,7 +468,7 @@ def test_cli_register_refuses_2d_against_3d_and_inputs_as_outputs_with_one_line(
     assert code == 2 and len(err) == 1 and "would overwrite the input" in err[0]
     if not ct_weights_shipped():  # the default --model is ct
         code, err = _run(capsys, "register", str(fixed_path), str(fixed_path), "-o", str(tmp_path / "new"))
-        assert code == 2 and len(err) == 1 and "CT weights not shipped yet" in err[0]
+        assert code == 2 and len(err) == 1 and "CT weights not found" in err[0]
 
 
 def test_cli_checkerboard_writes_nifti_on_a_grid(ct, tmp_path, capsys):

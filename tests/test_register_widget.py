@@ -242,7 +242,7 @@ def test_unshipped_ct_model_and_bad_choices_are_one_line_errors_and_add_no_layer
     expected = []
     if not ct_weights_shipped():  # refused before any worker starts
         widget.run_button.native.click()
-        expected.append("CT weights not shipped yet (weights/symnet-ct.safetensors); choose Model 'model file...'")
+        expected.append("CT weights not found (weights/symnet-ct.safetensors); choose Model 'model file...'")
     widget.model.value = MODEL_FILE
     widget.model_file.value = Path("missing.pth")
     widget.run_button.native.click()

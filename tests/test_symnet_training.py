@@ -57,6 +57,9 @@ def test_deformed_pair_keeps_label_ids_and_moves_the_image():
     np.testing.assert_array_equal(pair.fixed[0, 0].numpy(), hu)  # no noise or jitter asked for
     assert set(np.unique(pair.moving_labels)) <= {0, 5}
     assert not np.array_equal(pair.moving_labels, labels)
+    # The image and its labels move together: the box's voxels in the moving image are where its moved label is.
+    inside = pair.moving[0, 0].numpy() > -475.0
+    assert np.mean(inside == (pair.moving_labels == 5)) > 0.98
 
 
 def test_loss_parts_and_gradients():

@@ -23,7 +23,7 @@ import torch
 
 from .engines.checkerboard import same_grid
 from .io import InputError, Volume
-from .models.diffeo import jacobian_determinant
+from .models.diffeo import folding_fraction
 
 PEERS = ("ANTs SyN", "elastix B-spline", "SimpleITK demons")
 ANTS_ITERATIONS = (100, 70, 50)
@@ -46,10 +46,9 @@ class PeerResult:
 
 
 def folding_fraction_mm(ddf_mm: np.ndarray, spacing_zyx: tuple[float, float, float]) -> float:
-    """Share of voxels where p -> p + ddf(p) folds (det J <= 0), for a (Z, Y, X, 3) field in mm."""
-    voxels = torch.from_numpy(np.ascontiguousarray(ddf_mm, dtype=np.float32) / np.asarray(spacing_zyx[::-1]))
-    det = jacobian_determinant(voxels.permute(3, 0, 1, 2)[None].float())
-    return float((det <= 0).float().mean())
+    """Share of voxels where p -> p + ddf(p) folds (det J <= 0), for a (Z, Y, X, 3) index-axis field in mm."""
+    voxels = np.asarray(ddf_mm, dtype=np.float32) / np.asarray(spacing_zyx[::-1], dtype=np.float32)
+    return float(folding_fraction(torch.from_numpy(voxels).permute(3, 0, 1, 2)[None].contiguous())[0])
 
 
 def _check(fixed: Volume, moving: Volume, labels: Volume | None) -> None:
@@ -76,7 +75,6 @@ def ants_syn(
     except ImportError:
         raise PeerUnavailable("ANTs SyN needs antspyx (pip install 'napari-ctcolor[bench]')") from None
     _check(fixed, moving, moving_labels)
-    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(_threads()))
     spacing = tuple(float(s) for s in fixed.spacing[::-1])
 
     def image(array: np.ndarray) -> ants.ANTsImage:  # antspyx arrays are in ITK index order (X, Y, Z)

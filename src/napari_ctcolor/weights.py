@@ -103,7 +103,7 @@ def load_symnet(name_or_path: str | os.PathLike) -> tuple[SYMNet, dict[str, Any]
 
     ``.pth`` files are read by `load_symnet_checkpoint` with ``torch.load(weights_only=True)``: tensors only, no code.
     """
-    if str(name_or_path).endswith((".pth", ".pt")):
+    if str(name_or_path).lower().endswith((".pth", ".pt")):
         return load_symnet_checkpoint(Path(name_or_path)), {}
     path, card_path = find_weights(name_or_path)
     card = read_card(card_path) if card_path else {}

@@ -5,8 +5,10 @@ Stages (each reports progress and may be cancelled before it starts):
 1. model: load the weights (`load_registration_model`).
 2. prealign (with ``affine=True``): rigid, then affine SimpleITK registration, Mattes mutual information.
 3. resample: the moving image into the fixed image's physical space (SimpleITK, linear, outside = moving minimum).
-4. forward: normalise intensities as the weights expect, pad each axis to a multiple of 16, run the network.
-5. integrate: scaling and squaring of the four half-way velocity fields, and the two compositions.
+4. forward: normalise intensities as the weights expect, average onto the working grid when it is coarser
+   (`working_shape`), pad each axis to a multiple of 16, run the network.
+5. integrate: scaling and squaring of the four half-way velocity fields, the two compositions, and upsampling to
+   the fixed grid from a coarser working grid.
 6. fields: the displacements in mm (LPS), composed with the pre-alignment.
 7. warp: the original moving image through the final ddf in one trilinear interpolation; labels with nearest.
 8. metrics: Jacobian determinant, folding, inverse consistency, NCC.
@@ -37,7 +39,7 @@ from napari_ctcolor.io.errors import Cancelled
 from napari_ctcolor.io.guard import check_memory
 from napari_ctcolor.models.diffeo import _sampling_grid, integrate_velocity, jacobian_determinant
 from napari_ctcolor.models.symnet import SIZE_MULTIPLE, SYMNet, half_way_fields
-from napari_ctcolor.weights import load_symnet
+from napari_ctcolor.weights import find_weights, load_symnet
 from napari_ctcolor.windowing import window_tensor
 
 from .checkerboard import resample_onto, same_grid
@@ -60,6 +62,11 @@ SLAB_SLICES = SIZE_MULTIPLE
 #: Peak memory of a registration per padded voxel (network activations, 4 fields being integrated, their temporaries):
 #: `ctcolor register` on the OASIS pair (160 x 192 x 224) peaks at 2.56 GB resident on the CPU, 372 bytes per voxel.
 BYTES_PER_VOXEL = 400
+#: Memory per fixed-grid voxel of the full-resolution stages (fields in voxels and mm, warp grid, Jacobian).
+FULL_GRID_BYTES_PER_VOXEL = 120
+#: The network runs on at most this many padded voxels (256^3, ~6.7 GB at `BYTES_PER_VOXEL`): a larger fixed image
+#: (a whole 512 x 512 x 300 CT) is registered on a coarser working grid, and the fields are upsampled.
+MAX_NETWORK_VOXELS = 256**3
 
 #: Pre-alignment: multi-resolution levels (shrink factor, smoothing sigma in voxels) and iterations per transform.
 PREALIGN_LEVELS = ((4, 2.0), (2, 1.0))
@@ -83,7 +90,8 @@ class RegistrationResult:
             the fixed grid's points (so it covers the moving image where it overlaps the fixed image's box).
         jacobian: det J of the map p -> p + ddf(p), float32 on the fixed grid (1 keeps volume, <= 0 folds).
         metrics: ncc_before, ncc_after (global NCC over the fixed grid; ncc_prealigned with ``affine``),
-            folding_fraction, inverse_consistency_mm, seconds, stage_seconds, model, device, fast, affine.
+            folding_fraction, inverse_consistency_mm, seconds, stage_seconds, model, network_shape (the grid the
+            network ran on), device, fast, affine.
         warped_labels: the moving labels in the fixed image's space (nearest), when labels were given.
     """
 
@@ -98,7 +106,25 @@ class RegistrationResult:
 # --- model and device ------------------------------------------------------------------------------------------------
 
 
-def load_registration_model(model: str | os.PathLike) -> tuple[SYMNet, Normalisation, str]:
+@dataclass
+class RegistrationModel:
+    """A SYMNet with what the engine needs to know about it.
+
+    Attributes:
+        network: the network, eval mode.
+        normalisation: the intensity normalisation its weights expect.
+        name: for the metrics (``"ct"`` or the file name).
+        min_spacing_mm: the finest voxel the network is run at (coarser working grid below it), from the model card's
+            ``inputs.min_spacing_mm``; None runs it on the fixed grid.
+    """
+
+    network: SYMNet
+    normalisation: Normalisation
+    name: str
+    min_spacing_mm: float | None = None
+
+
+def load_registration_model(model: str | os.PathLike) -> RegistrationModel:
     """The network for ``model``, the intensity normalisation it expects and its name for the metrics.
 
     Args:
@@ -108,19 +134,23 @@ def load_registration_model(model: str | os.PathLike) -> tuple[SYMNet, Normalisa
     """
     if str(model) == "ct":
         try:
-            network, card = load_symnet("symnet-ct")
+            find_weights("symnet-ct")
         except InputError:
             raise InputError(
                 "CT weights not found (weights/symnet-ct.safetensors); use --model FILE with a SYMNet checkpoint"
             ) from None
-        return network, _card_normalisation(card, "symnet-ct"), "ct"
-    path = Path(model)
-    if not path.is_file():
-        raise InputError(f"{path}: model file not found (use 'ct' or the path of a SYMNet .pth checkpoint)")
-    network, card = load_symnet(path)
-    if path.suffix.lower() in (".pth", ".pt"):
-        return network, OFFICIAL_NORMALISATION, path.name
-    return network, _card_normalisation(card, path.name), path.name
+        network, card = load_symnet("symnet-ct")  # a damaged file or sha256 mismatch reports itself
+        name = "ct"
+    else:
+        path = Path(model)
+        if not path.is_file():
+            raise InputError(f"{path}: model file not found (use 'ct' or the path of a SYMNet .pth checkpoint)")
+        network, card = load_symnet(path)
+        if path.suffix.lower() in (".pth", ".pt"):
+            return RegistrationModel(network, OFFICIAL_NORMALISATION, path.name)
+        name = path.name
+    min_spacing = card.get("inputs", {}).get("min_spacing_mm")
+    return RegistrationModel(network, _card_normalisation(card, name), name, min_spacing and float(min_spacing))
 
 
 def _card_normalisation(card: dict[str, Any], name: str) -> Normalisation:
@@ -345,14 +375,42 @@ def _network_input(image: torch.Tensor, two_d: bool) -> tuple[torch.Tensor, tupl
     return padded.contiguous(), crop
 
 
-def _half_resolution(fields: torch.Tensor) -> torch.Tensor:
-    """(B, 3, D0, D1, D2) voxels -> (B, 3, D0/2, D1/2, D2/2) in half-resolution voxels (2x2x2 averages, halved)."""
-    return F.interpolate(fields, scale_factor=0.5, mode="trilinear", align_corners=False) * 0.5
+def _padded_voxels(shape: tuple[int, ...]) -> int:
+    """Voxels of the network input for an image of ``shape`` (padding; a 2D slice becomes a slab)."""
+    padded = [n + before + after for n, (before, after) in zip(shape, _pad_amounts(shape), strict=True)]
+    if shape[0] == 1:
+        padded[0] = SLAB_SLICES
+    return int(np.prod(padded))
 
 
-def _full_resolution(fields: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Inverse of `_half_resolution`: trilinear upsampling to ``shape`` and doubling."""
-    return F.interpolate(fields, size=shape, mode="trilinear", align_corners=False) * 2.0
+def working_shape(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], min_spacing_mm: float | None = None
+) -> tuple[int, int, int]:
+    """The grid the network runs on: ``shape`` itself, or a coarser grid over the same extent.
+
+    Coarser when the weights ask for voxels of at least ``min_spacing_mm`` or when the padded grid would exceed
+    `MAX_NETWORK_VOXELS`: each axis gets about ``extent / t`` voxels for the smallest spacing t that satisfies both,
+    never more than it has (so the coarse axes of an anisotropic CT keep their voxels) and never fewer than 4.
+    """
+
+    def at(t: float) -> tuple[int, int, int]:
+        return tuple(n if n == 1 else min(n, max(4, round(n * s / t))) for n, s in zip(shape, spacing, strict=True))
+
+    t = max(min(spacing), min_spacing_mm or 0.0)
+    while _padded_voxels(at(t)) > MAX_NETWORK_VOXELS:
+        t *= 1.02
+    return at(t)
+
+
+def _resize_field(fields: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """(B, 3, D0, D1, D2) voxels -> the same displacements on a grid of ``shape`` over the same extent.
+
+    Trilinear with ``align_corners=False`` (voxel boxes tile the same extent, as adaptive average pooling's), and each
+    channel (x, y, z) rescaled to the new grid's voxels.
+    """
+    ratio = [new / old for new, old in zip(shape[::-1], fields.shape[2:][::-1], strict=True)]
+    scale = torch.tensor(ratio, dtype=fields.dtype, device=fields.device).view(1, 3, 1, 1, 1)
+    return F.interpolate(fields * scale, size=tuple(shape), mode="trilinear", align_corners=False)
 
 
 def _integrate_halves(v_xy: torch.Tensor, v_yx: torch.Tensor, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,8 +421,8 @@ def _integrate_halves(v_xy: torch.Tensor, v_yx: torch.Tensor, fast: bool) -> tup
     """
     v = torch.cat((v_xy, v_yx), dim=0).float()
     if fast:
-        low = _half_resolution(v)
-        halves = _full_resolution(integrate_velocity(torch.cat((low, -low), dim=0)), tuple(v.shape[2:]))
+        low = _resize_field(v, tuple(n // 2 for n in v.shape[2:]))  # sizes are multiples of 16: 2x2x2 averages
+        halves = _resize_field(integrate_velocity(torch.cat((low, -low), dim=0)), tuple(v.shape[2:]))
     else:
         halves = integrate_velocity(torch.cat((v, -v), dim=0).contiguous())
     fields = half_way_fields(halves)
@@ -450,10 +508,16 @@ def register(
     middle slices with the through-plane component set to 0. The network never saw such slabs in training, so treat
     2D results as approximate.
 
+    The network runs on the fixed grid, or on a coarser grid over the same extent (`working_shape`) when the weights'
+    card asks for a minimum voxel size or the padded grid would exceed `MAX_NETWORK_VOXELS` (a whole 512 x 512 x 300
+    CT); the fields are then upsampled to the fixed grid, and warping, Jacobian and metrics stay at full resolution.
+    ``metrics["network_shape"]`` says which grid was used.
+
     Args:
         fixed: (Z, Y, X) volume in its own units; the output grid.
         moving: (Z, Y, X) volume, any grid overlapping the fixed one in physical (LPS) space.
-        model: ``"ct"`` (the project's CT weights) or the path of a SYMNet checkpoint (official ``.pth``).
+        model: ``"ct"`` (the project's CT weights) or the path of a SYMNet checkpoint: an official ``.pth`` or a
+            ``.safetensors`` file with its model card (`load_registration_model`).
         affine: rigid then affine SimpleITK pre-alignment (Mattes MI, a few seconds), composed into the fields.
         fast: integrate the velocity fields at half resolution: a preview. On the OASIS pair the integration is
             about 4x faster, but warped differs from exact by up to 0.75 (mean 0.0035) in min-max units and tissue
@@ -496,15 +560,18 @@ def iter_register(
     torch_device = resolve_device(device)
     fixed_low, fixed_high = _intensity_range(fixed, "fixed image")
     moving_low, moving_high = _intensity_range(moving, "moving image")
-    padded = [n + p0 + p1 for n, (p0, p1) in zip(fixed.shape, _pad_amounts(fixed.shape), strict=True)]
-    if two_d:
-        padded[0] = SLAB_SLICES
-    check_memory(int(np.prod(padded)) * BYTES_PER_VOXEL, f"registration of {fixed.shape} voxels")
     stages = _Stages(7 + affine, progress, cancel, torch_device)
 
     with stages("model"):
-        network, normalisation, model_name = load_registration_model(model)
-        network = network.to(torch_device)
+        loaded = load_registration_model(model)
+        work = working_shape(fixed.shape, fixed.spacing, loaded.min_spacing_mm)
+        # BYTES_PER_VOXEL covers the whole run when the network sees the fixed grid; a coarser working grid leaves the
+        # full-resolution stages on the fixed grid.
+        needed = _padded_voxels(work) * BYTES_PER_VOXEL
+        if work != fixed.shape:
+            needed += int(np.prod(fixed.shape)) * FULL_GRID_BYTES_PER_VOXEL
+        check_memory(needed, f"registration of {fixed.shape} voxels")
+        network, normalisation = loaded.network.to(torch_device), loaded.normalisation
     yield stages.done, stages.total
     transform = None
     if affine:
@@ -527,9 +594,14 @@ def iter_register(
     yield stages.done, stages.total
 
     with stages("forward"), torch.inference_mode():
-        fixed_in, crop = _network_input(_normalise(fixed_t, normalisation, fixed_low, fixed_high), two_d)
-        moving_in, _ = _network_input(_normalise(moving_t, normalisation, moving_low, moving_high), two_d)
+        fixed_n = _normalise(fixed_t, normalisation, fixed_low, fixed_high)
+        moving_n = _normalise(moving_t, normalisation, moving_low, moving_high)
         del moving_t
+        if work != fixed.shape:  # the working grid: box averages over the same extent
+            fixed_n, moving_n = F.adaptive_avg_pool3d(fixed_n, work), F.adaptive_avg_pool3d(moving_n, work)
+        fixed_in, crop = _network_input(fixed_n, two_d)
+        moving_in, _ = _network_input(moving_n, two_d)
+        del fixed_n, moving_n
         # channels_last_3d is about twice as fast on the CPU (as in symnet_forward_fields).
         network.to(memory_format=torch.channels_last_3d)
         fixed_in = fixed_in.contiguous(memory_format=torch.channels_last_3d)
@@ -543,6 +615,8 @@ def iter_register(
         f_ab, f_ba = _integrate_halves(v_xy, v_yx, fast)
         del v_xy, v_yx
         f_ab, f_ba = _crop(f_ab, crop, two_d), _crop(f_ba, crop, two_d)
+        if work != fixed.shape:
+            f_ab, f_ba = _resize_field(f_ab, fixed.shape), _resize_field(f_ba, fixed.shape)
     yield stages.done, stages.total
 
     with stages("fields"), torch.inference_mode():
@@ -594,7 +668,8 @@ def iter_register(
         "inverse_consistency_mm": inverse_consistency,
         "seconds": round(time.perf_counter() - start, 3),
         "stage_seconds": stages.seconds,
-        "model": model_name,
+        "model": loaded.name,
+        "network_shape": list(work),
         "device": str(torch_device),
         "fast": bool(fast),
         "affine": bool(affine),

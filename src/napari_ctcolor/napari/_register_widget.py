@@ -318,7 +318,7 @@ class RegisterWidget(Container):
             find_weights("symnet-ct")
         except InputError:
             raise InputError(
-                f"CT weights not shipped yet (weights/symnet-ct.safetensors); choose Model '{MODEL_FILE}' and an "
+                f"CT weights not found (weights/symnet-ct.safetensors); choose Model '{MODEL_FILE}' and an "
                 "official SYMNet .pth checkpoint"
             ) from None
         return CT_MODEL

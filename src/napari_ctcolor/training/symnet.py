@@ -66,6 +66,7 @@ class SymnetTrainConfig:
     lr: float = 1e-4
     crop: list[int] = field(default_factory=lambda: [48, 96, 96])
     spacing_mm: list[float] = field(default_factory=lambda: [2.0, 3.0])
+    min_spacing_mm: float | None = None  # the engine runs the network on voxels at least this large (model card)
     checkpoint_every: int = 100
     loss: dict[str, float] = field(default_factory=dict)
     deformation: dict[str, Any] = field(default_factory=dict)
@@ -173,9 +174,9 @@ def _isotropic(case: LabelledCT | tuple[str, Volume], spacing: float) -> tuple[n
     hu = resample(ct.to_sitk(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
     if labels is None:
         return hu, None
-    label_image = sitk.GetImageFromArray(labels.astype(np.uint8))
+    label_image = sitk.GetImageFromArray(labels.astype(np.uint16))
     label_image.CopyInformation(ct.to_sitk())
-    return hu, resample(label_image, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return hu, resample(label_image, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
 
 
 class PairSampler:
@@ -287,6 +288,7 @@ def train_symnet(
     from tqdm import tqdm
 
     train = SymnetTrainConfig.load(config_path)
+    config_snapshot = yaml.safe_load(Path(config_path).read_text())  # what this run was given, for the card
     torch.manual_seed(train.seed)
     t0 = time.time()
     sampler = PairSampler(train, log)
@@ -340,6 +342,7 @@ def train_symnet(
     model.eval()
     last = history[-100:]
     facts = {
+        "config": config_snapshot,
         "steps": train.steps,
         "final_loss": {k: round(float(np.mean([h[k] for h in last if k in h])), 5) for k in last[0]} if last else {},
         "data_seconds": round(t_loop - t0, 1),
@@ -398,11 +401,14 @@ def evaluate_symnet(weights: Path, train: SymnetTrainConfig, log=print, fast: bo
         }
         per_pair.append(row)
         log("  " + ", ".join(f"{k} {v}" for k, v in row.items()))
-    summary = {
-        k: round(float(np.mean([r[k] for r in per_pair])), 5)
-        for k in ("dice_before", "dice_after", "folding_fraction", "seconds")
-    }
-    return {"summary": summary, "pairs": per_pair}
+    keys = ("dice_before", "dice_after", "folding_fraction", "seconds")
+
+    def mean(rows: list[dict]) -> dict[str, float]:
+        return {k: round(float(np.mean([r[k] for r in rows])), 5) for k in keys}
+
+    cases = sorted({r["pair"].split("/")[0] for r in per_pair})
+    by_case = {c: mean([r for r in per_pair if r["pair"].split("/")[0] == c]) for c in cases}
+    return {"summary": mean(per_pair), "by_case": by_case, "pairs": per_pair}
 
 
 CITATIONS = {
@@ -425,12 +431,18 @@ def model_card(model: SYMNet, train: SymnetTrainConfig, config_path: Path, facts
         },
         "inputs": {
             "normalisation": {"mode": "window", "window_hu": list(train.window_hu)},
-            "note": "HU clipped to window_hu and mapped to [0, 1]; the engine pads each axis to a multiple of 16. "
-            f"Trained at {', '.join(map(str, train.spacing_mm))} mm isotropic voxels.",
+            "min_spacing_mm": train.min_spacing_mm,
+            "note": "HU clipped to window_hu and mapped to [0, 1]; the engine pads each axis to a multiple of 16"
+            + (
+                f" and runs the network on voxels of at least {train.min_spacing_mm} mm (fields upsampled to the "
+                "fixed grid)"
+                if train.min_spacing_mm
+                else ""
+            )
+            + f". Trained at {', '.join(map(str, train.spacing_mm))} mm isotropic voxels.",
         },
         "training": {
             "command": f"ctcolor train symnet --config {config_path.as_posix()}",
-            "config": yaml.safe_load(config_path.read_text()),
             "data": CITATIONS,
             **facts,
         },
