@@ -450,7 +450,10 @@ def model_card(model: SYMNet, train: SymnetTrainConfig, config_path: Path, facts
         "limits": [
             "Trained on synthetic smooth deformations (up to ~15 mm) of a few CTs and phantoms: intra-patient "
             "motion of that size, not inter-patient registration or large breathing motion of the lung bases.",
-            "Displacements are learned in voxels; voxel sizes far from 1-3 mm move the deformation range accordingly.",
+            "Displacements are learned in voxels of 1.5-3 mm and the network runs on voxels of at least "
+            "min_spacing_mm, so deformation detail finer than about two such voxels is smoothed over.",
+            "Its Dice is below elastix B-spline and SimpleITK demons on the same synthetic pairs (BENCHMARKS.md): "
+            "one forward pass, fine-tuned for 1500 CPU steps from brain-MRI weights.",
             "Registration is a visual aid for comparing scans; check the checkerboard and Jacobian before trusting it.",
         ],
     }
