@@ -147,19 +147,24 @@ def _rate_row(section: str, item: str, device: str, size: str, count: int, secon
     )
 
 
-def _seconds_row(section: str, item: str, device: str, size: str, seconds: Sequence[float], **extra) -> dict:
+def _stats_row(section: str, item: str, device: str, size: str, unit: str, values: Sequence[float], **extra) -> dict:
+    """Median, min and max of ``values`` (one per repeat or pair)."""
     return _row(
         section,
         item,
         device,
         size,
-        "s",
-        median=round(statistics.median(seconds), 3),
-        min=round(min(seconds), 3),
-        max=round(max(seconds), 3),
-        repeats=len(seconds),
+        unit,
+        median=round(statistics.median(values), 4),
+        min=round(min(values), 4),
+        max=round(max(values), 4),
+        repeats=len(values),
         **extra,
     )
+
+
+def _seconds_row(section: str, item: str, device: str, size: str, seconds: Sequence[float], **extra) -> dict:
+    return _stats_row(section, item, device, size, "s", seconds, **extra)
 
 
 def _sync(device: str) -> None:
@@ -500,20 +505,7 @@ def bench_register_ct(quick: bool) -> list[dict]:
             f"{len(runs)} pairs: Dice {np.mean([r['before'] for r in runs]):.3f} -> {np.mean(dice):.3f}, "
             f"folding max {100 * max(r['folding'] for r in runs):.3f} %, {statistics.median(seconds):.1f} s"
         )
-        rows.append(
-            _row(
-                "register CT",
-                method,
-                "cpu",
-                size,
-                "Dice",
-                median=round(statistics.median(dice), 4),
-                min=round(min(dice), 4),
-                max=round(max(dice), 4),
-                repeats=len(runs),
-                note=note,
-            )
-        )
+        rows.append(_stats_row("register CT", method, "cpu", size, "Dice", dice, note=note))
         rows.append(_seconds_row("register CT", method, "cpu", size, seconds))
     rows += [_row("register CT", m, "cpu", "", "Dice", note=f"not installed: {why}") for m, why in unavailable.items()]
     return rows

@@ -223,7 +223,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         from .training.colorizer import run
     path = run(Path(args.config), Path(args.weights_dir), args.device, args.resume, args.eval_only)
-    print(f"wrote {path} and {path.with_suffix('.json')}")
+    print(f"updated the metrics in {path}" if args.eval_only else f"wrote {path} and {path.with_suffix('.json')}")
     return 0
 
 

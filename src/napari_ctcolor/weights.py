@@ -123,3 +123,12 @@ def save_weights(model: torch.nn.Module, card: dict[str, Any], folder: Path, nam
     with atomic_path(path.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(card, indent=2) + "\n")
     return path
+
+
+def update_card_metrics(weights: Path, metrics: dict[str, Any]) -> Path:
+    """Replace the ``metrics`` of the model card beside ``weights`` (``--eval-only``); atomic. Returns the card."""
+    card = Path(weights).with_suffix(".json")
+    updated = {**read_card(card), "metrics": metrics}
+    with atomic_path(card) as tmp:
+        tmp.write_text(json.dumps(updated, indent=2) + "\n")
+    return card

@@ -330,17 +330,13 @@ def run(
     config_path: Path, weights_dir: Path, device: str = "cpu", resume: bool = False, eval_only: bool = False, log=print
 ) -> Path:
     """`ctcolor train colorizer`: train (or only evaluate), then write the weights and their model card."""
-    from ..weights import load_colorizer, read_card, save_weights
+    from ..weights import load_colorizer, save_weights, update_card_metrics
 
     config_path = Path(config_path)
     if eval_only:
         train = TrainConfig.load(config_path)
-        model, card = load_colorizer(weights_dir / f"{train.name}.safetensors")
-        card["metrics"] = evaluate_all(model, train, log)
-        path = weights_dir / f"{train.name}.json"
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps({**read_card(path), "metrics": card["metrics"]}, indent=2) + "\n")
-        return path
+        path = weights_dir / f"{train.name}.safetensors"
+        return update_card_metrics(path, evaluate_all(load_colorizer(path)[0], train, log))
     model, train, facts = train_colorizer(config_path, weights_dir / "checkpoints", device, resume, log)
     metrics = evaluate_all(model, train, log)
     return save_weights(model, model_card(model, train, config_path, facts, metrics), weights_dir, train.name)

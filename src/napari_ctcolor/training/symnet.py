@@ -463,17 +463,13 @@ def run(
     config_path: Path, weights_dir: Path, device: str = "cpu", resume: bool = False, eval_only: bool = False, log=print
 ) -> Path:
     """`ctcolor train symnet`: train (or only evaluate), then write the weights and their model card."""
-    from ..weights import read_card, save_weights
+    from ..weights import save_weights, update_card_metrics
 
     config_path = Path(config_path)
     train = SymnetTrainConfig.load(config_path)
-    path = weights_dir / f"{train.name}.safetensors"
     if eval_only:
-        card = read_card(path.with_suffix(".json"))
-        card["metrics"] = evaluate_symnet(path, train, log)
-        with atomic_path(path.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps(card, indent=2) + "\n")
-        return path
+        path = weights_dir / f"{train.name}.safetensors"
+        return update_card_metrics(path, evaluate_symnet(path, train, log))
     model, train, facts = train_symnet(config_path, weights_dir / "checkpoints", device, resume, log)
     card = model_card(model, train, config_path, facts, metrics={})
     with tempfile.TemporaryDirectory() as tmp:
