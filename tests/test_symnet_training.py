@@ -26,7 +26,7 @@ from napari_ctcolor.training.symnet import (
 )
 from napari_ctcolor.weights import load_symnet
 
-from conftest import CT_DIR, require_shared
+from conftest import CT_DIR, ct_weights_shipped, require_shared
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = {"log": lambda *_: None}
@@ -122,8 +122,6 @@ def test_training_command_writes_weights_the_engine_loads(tmp_path):
 
 
 def _ct_card() -> dict:
-    from conftest import ct_weights_shipped
-
     if not ct_weights_shipped():
         pytest.skip("weights/symnet-ct.safetensors is not in this checkout")
     return load_symnet("symnet-ct")[1]
