@@ -455,7 +455,7 @@ def bench_register_ct(quick: bool) -> list[dict]:
     from .engines.register import register
     from .io import InputError
     from .peers import PEERS, PeerUnavailable, folding_fraction_mm, run_peer
-    from .training.symnet import SymnetTrainConfig, dice_per_structure, evaluation_pairs
+    from .training.symnet import SymnetTrainConfig, evaluation_pairs, mean_dice
     from .weights import find_weights, read_card
 
     methods = ("SYMNet ct exact", "SYMNet ct fast", *PEERS)
@@ -471,14 +471,11 @@ def bench_register_ct(quick: bool) -> list[dict]:
         reason = str(exc).splitlines()[0]
         return [_row("register CT", m, "cpu", "", "Dice", note=f"not measured: {reason}") for m in methods]
 
-    def mean_dice(case, labels: np.ndarray) -> float:
-        return float(np.mean(list(dice_per_structure(case.labels, labels, case.label_names).values())))
-
     results: dict[tuple[str, str], list[dict]] = {}
     unavailable: dict[str, str] = {}
     for _name, case, moving, moving_labels in pairs:
         size = "x".join(map(str, case.ct.shape[::-1])) + f" {case.name}"
-        before = mean_dice(case, moving_labels.array)
+        before = mean_dice(case.labels, moving_labels.array)
         for method in methods:
             if method in unavailable:
                 continue
@@ -494,7 +491,7 @@ def bench_register_ct(quick: bool) -> list[dict]:
                     unavailable[method] = str(exc)
                     continue
                 row = (peer.warped_labels, folding_fraction_mm(peer.ddf_mm, case.ct.spacing), peer.seconds)
-            after = mean_dice(case, row[0])
+            after = mean_dice(case.labels, row[0])
             results.setdefault((size, method), []).append(
                 {"before": before, "after": after, "folding": row[1], "seconds": row[2]}
             )

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 import yaml
@@ -152,8 +153,6 @@ def deform_pair(
 
 def _isotropic(case: LabelledCT | tuple[str, Volume], spacing: float) -> tuple[np.ndarray, np.ndarray | None]:
     """HU (float32) and labels resampled to ``spacing`` mm along every axis (SimpleITK), same physical box."""
-    import SimpleITK as sitk
-
     ct, labels = (case.ct, case.labels) if isinstance(case, LabelledCT) else (case[1], None)
     size = [max(1, int(round(n * s / spacing))) for n, s in zip(ct.shape[::-1], ct.spacing[::-1], strict=True)]
 
@@ -366,6 +365,11 @@ def dice_per_structure(a: np.ndarray, b: np.ndarray, names: dict[int, str]) -> d
     return out
 
 
+def mean_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean `dice_per_structure` over the structures of ``a`` (the evaluation's summary Dice)."""
+    return float(np.mean(list(dice_per_structure(a, b, {}).values())))
+
+
 def evaluation_pairs(train: SymnetTrainConfig) -> list[tuple[str, LabelledCT, Volume, Volume]]:
     """(name, case, moving CT, moving labels) for the held-out deformations: native grids, seed ``val_seed``."""
     data = shared_data_dir()
@@ -389,13 +393,11 @@ def evaluate_symnet(weights: Path, train: SymnetTrainConfig, log=print, fast: bo
     per_pair = []
     for name, case, moving, moving_labels in evaluation_pairs(train):
         result = register(case.ct, moving, model=weights, fast=fast, moving_labels=moving_labels)
-        before = dice_per_structure(case.labels, moving_labels.array, case.label_names)
-        after = dice_per_structure(case.labels, result.warped_labels.array, case.label_names)
         row = {
             "pair": name,
             "shape": list(case.ct.shape),
-            "dice_before": round(float(np.mean(list(before.values()))), 4),
-            "dice_after": round(float(np.mean(list(after.values()))), 4),
+            "dice_before": round(mean_dice(case.labels, moving_labels.array), 4),
+            "dice_after": round(mean_dice(case.labels, result.warped_labels.array), 4),
             "folding_fraction": result.metrics["folding_fraction"],
             "seconds": result.metrics["seconds"],
         }
