@@ -347,118 +347,102 @@ def _ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
-def _warp_image(moving: np.ndarray, ddf_mm: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
-    """``moving`` read at p + ddf(p) (trilinear, zeros outside) for a (Z, Y, X, 3) index-axis mm field."""
-    from .models.diffeo import warp
-
-    voxels = torch.from_numpy(ddf_mm / np.asarray(spacing_zyx[::-1], dtype=np.float32)).permute(3, 0, 1, 2)[None]
-    image = torch.from_numpy(np.ascontiguousarray(moving, dtype=np.float32))[None, None]
-    return warp(image, voxels.contiguous())[0, 0].numpy()
-
-
-def _peer_rows(name: str, fixed, moving, label: str, repeats: int, quick: bool) -> list[dict]:
-    """Seconds and NCC after of one peer on the OASIS pair, or a "not installed" row."""
-    from .peers import PeerUnavailable, run_peer
-
-    results = []
-    try:
-        for _ in range(repeats):
-            results.append(run_peer(name, fixed, moving, quick=quick))
-    except PeerUnavailable as exc:
-        return [_row("register", name, "cpu", label, "s", note=f"not installed: {exc}")]
-    ncc = _ncc(fixed.array, _warp_image(moving.array, results[-1].ddf_mm, fixed.spacing))
-    note = f"NCC {_ncc(fixed.array, moving.array):.3f} -> {ncc:.3f}"
-    return [_seconds_row("register", name, "cpu", label, [r.seconds for r in results], note=note)]
+def _ctcolor(args: Sequence[str]) -> float:
+    """Wall seconds of ``ctcolor ARGS`` as its own process (start-up, reading and writing included)."""
+    command = [sys.executable, "-m", "napari_ctcolor", *args]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"ctcolor {' '.join(args)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return seconds
 
 
-def _cli_rows(fixed, moving, checkpoint: Path, label: str, device: str) -> list[dict]:
-    """`ctcolor register` end to end (read the two NIfTI files, register, write the six outputs), exact and fast."""
-    from .cli import main
-    from .io import write_nifti
-
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = [str(write_nifti(v, Path(tmp) / f"{name}.nii.gz")) for v, name in ((fixed, "a"), (moving, "b"))]
-        for fast in (False, True):
-            out = Path(tmp) / f"out-{fast}"
-            args = ["register", *paths, "-o", str(out), "--model", str(checkpoint), "--device", device]
-            start = time.perf_counter()
-            if main(args + ["--fast"] * fast) != 0:
-                raise RuntimeError(f"ctcolor {' '.join(args)} failed")
-            seconds = time.perf_counter() - start
-            metrics = json.loads((out / "metrics.json").read_text())
-            note = (
-                f"read {metrics['read_seconds']:.2f} s, engine {metrics['seconds']:.2f} s, "
-                f"write {metrics['write_seconds']:.2f} s"
-            )
-            item = f"ctcolor register{' --fast' if fast else ''} (CLI)"
-            rows.append(_seconds_row("register", item, device, label, [seconds], note=note))
-    return rows
+def _minmax(array: np.ndarray) -> np.ndarray:
+    return (array - array.min()) / (array.max() - array.min())
 
 
 def bench_register(quick: bool, repeats: int, data_dir: Path = OASIS_DIR) -> list[dict]:
-    """Seconds for SYMNet exact and fast on the OASIS pair, and ANTs SyN, elastix B-spline, SimpleITK demons.
+    """The OASIS pair, every method a whole process in this run: ``ctcolor register`` with the official checkpoint,
+    ``ctcolor peer official-symnet`` (the official inference recipe), and ANTs SyN, elastix B-spline and demons
+    (``ctcolor peer``). Notes: the ratio to the official recipe, |warped - official reference| for both SYMNets,
+    NCC before -> after for the peers.
 
-    ``quick`` registers a 64^3 crop of the pair instead, with fewer peer iterations (a smoke run).
+    ``quick`` registers a 64^3 crop of the pair instead, with one repeat and no classical peers (a smoke run).
     """
-    from .engines.register import register
-    from .io import Volume, read_volume
-    from .peers import PEERS
+    import nibabel as nib
+
+    from .peers import PEER_COMMANDS
 
     label = "64x64x64 crop" if quick else "160x192x224"
-    methods = ("SYMNet exact", "SYMNet fast", "ctcolor register (CLI)", "ctcolor register --fast (CLI)", *PEERS)
+    ours, official = "ctcolor register (whole process)", "official SYMNet recipe (whole process)"
+    peers = [] if quick else [name for name in PEER_COMMANDS if name != "official-symnet"]
     checkpoint = data_dir / OASIS_CHECKPOINT
-    fixed_path, moving_path = data_dir / "image_A_full_size.nii.gz", data_dir / "image_B_full_size.nii.gz"
-    if not (checkpoint.is_file() and fixed_path.is_file() and moving_path.is_file()):
-        return [_row("register", m, "cpu", label, "s", note="not measured: shared data absent") for m in methods]
-    fixed, moving = read_volume(fixed_path), read_volume(moving_path)
-    if quick:
-        crop = tuple(slice(n // 2 - 32, n // 2 + 32) for n in fixed.shape)
-        fixed, moving = (Volume(v.array[crop], spacing=v.spacing, meta=v.meta) for v in (fixed, moving))
+    paths = [data_dir / f"image_{x}_full_size.nii.gz" for x in "AB"]
+    reference_path = data_dir / "reference-warped-B-to-A.nii.gz"
+    if not (checkpoint.is_file() and all(p.is_file() for p in paths) and reference_path.is_file()):
+        return [
+            _row("register", m, "cpu", label, "s", note="not measured: shared data absent") for m in (ours, official)
+        ]
+    images = [nib.load(str(p)) for p in paths]
+    reference = nib.load(str(reference_path)).get_fdata(dtype=np.float32)
+    crop = tuple(slice(n // 2 - 32, n // 2 + 32) for n in reference.shape) if quick else (slice(None),) * 3
     rows = []
-    for device in _devices():
-        warped: dict[bool, np.ndarray] = {}
-        for fast in (False, True):
-            metrics: dict[str, Any] = {}
-
-            def run(fast: bool = fast, device: str = device, metrics: dict = metrics, warped: dict = warped) -> None:
-                result = register(fixed, moving, model=str(checkpoint), fast=fast, device=device)
-                metrics.update(result.metrics)
-                warped[fast] = result.warped.array
-
-            seconds = _time(run, repeats, device, warmup=1 if quick or device == "cuda" else 0)
-            item = "SYMNet fast" if fast else "SYMNet exact"
-            note = f"NCC {metrics['ncc_before']:.3f} -> {metrics['ncc_after']:.3f}; stages (s): " + ", ".join(
-                f"{name} {value:.2f}" for name, value in metrics["stage_seconds"].items()
-            )
-            if fast:
-                diff = np.abs(warped[True] - warped[False])
-                note += f"; warped vs exact: max |diff| {diff.max():.3g}, mean {diff.mean():.2g}"
-            rows.append(_seconds_row("register", item, device, label, seconds, note=note))
-        rows += _cli_rows(fixed, moving, checkpoint, label, device)
-    if not torch.cuda.is_available():
-        for m in methods[:4]:
-            rows.append(_row("register", m, "cuda", label, "s", note="not measured: no CUDA device"))
-    for name in PEERS:
-        rows += _peer_rows(name, fixed, moving, label, 1 if name != "SimpleITK demons" else repeats, quick)
+    with tempfile.TemporaryDirectory() as tmp:
+        if quick:  # the crop as NIfTI files of its own (the affine's offset does not matter for this timing)
+            paths = [Path(tmp) / f"{x}.nii.gz" for x in "AB"]
+            for image, path in zip(images, paths, strict=True):
+                nib.save(nib.Nifti1Image(image.get_fdata(dtype=np.float32)[crop], image.affine), str(path))
+        moving = nib.load(str(paths[1])).get_fdata(dtype=np.float32)
+        fixed = nib.load(str(paths[0])).get_fdata(dtype=np.float32)
+        seconds: dict[str, list[float]] = {}
+        warped: dict[str, np.ndarray] = {}
+        # (item, the subcommand and its name, the options after the paths)
+        runs = [(ours, ["register"], ["--model", str(checkpoint), "--no-affine"])]
+        runs.append((official, ["peer", "official-symnet"], ["--model", str(checkpoint)]))
+        runs += [(PEER_COMMANDS[name], ["peer", name], []) for name in peers]
+        for item, command, options in runs:
+            for k in range(1 if item in PEER_COMMANDS.values() else repeats):
+                out = Path(tmp) / f"{len(seconds)}-{k}"
+                seconds.setdefault(item, []).append(_ctcolor([*command, *map(str, paths), "-o", str(out), *options]))
+            warped[item] = nib.load(str(out / "warped.nii.gz")).get_fdata(dtype=np.float32)
+        ratio = statistics.median(seconds[official]) / statistics.median(seconds[ours])
+        for item in (ours, official):
+            # The reference is in min-max units of the moving image: ours is in its original units.
+            note = f"{ratio:.2f}x the official recipe, same run" if item == ours else ""
+            if not quick:  # the network on a crop is not the reference's registration
+                diff = np.abs((_minmax(warped[item]) if item == ours else warped[item]) - reference)
+                note = "; ".join(filter(None, (note, f"max |warped - official reference| {diff.max():.2g}")))
+            rows.append(_seconds_row("register", item, "cpu", label, seconds[item], note=note))
+        for name in peers:
+            item = PEER_COMMANDS[name]
+            note = f"NCC {_ncc(fixed, moving):.3f} -> {_ncc(fixed, warped[item]):.3f}"
+            rows.append(_seconds_row("register", item, "cpu", label, seconds[item], note=note))
     return rows
 
 
-def bench_register_ct(quick: bool) -> list[dict]:
-    """SYMNet with the CT weights (exact and fast) and the peers on held-out synthetic deformations of the shared
-    labelled CTs (the pairs of the weights' own evaluation, `training.symnet.evaluation_pairs`).
+#: The CT bench's SYMNet settings: the network alone, and with test-time refinement.
+CT_REFINE_STEPS = (0, 40)
 
-    Per case and method: Dice after registration (median, min..max over the pairs; the note gives the mean Dice
-    before and after, the largest folding fraction and the median seconds) and seconds. ``quick`` uses one pair of
-    the 3 mm CT and fewer peer iterations.
+
+def bench_register_ct(quick: bool) -> list[dict]:
+    """SYMNet with the CT weights (without and with refinement) and the peers on held-out synthetic deformations of
+    the shared labelled CTs (the pairs of the weights' own evaluation, `training.symnet.evaluation_pairs`), each also
+    in a "phase change" variant: the moving scan in another contrast phase (`training.symnet.phase_change`).
+
+    Per case, variant and method: Dice after registration (median, min..max over the pairs; the note gives the mean
+    Dice before and after, the largest folding fraction and the median seconds) and seconds. Methods run in this
+    process, timed around the registration call alone. ``quick`` uses one pair of the 3 mm CT and fewer peer
+    iterations.
     """
     from .engines.register import register
-    from .io import InputError
+    from .io import InputError, Volume
     from .peers import PEERS, PeerUnavailable, folding_fraction_mm, run_peer
-    from .training.symnet import SymnetTrainConfig, evaluation_pairs, mean_dice
+    from .training.symnet import SymnetTrainConfig, evaluation_pairs, mean_dice, phase_change
     from .weights import find_weights, read_card
 
-    methods = ("SYMNet ct exact", "SYMNet ct fast", *PEERS)
+    symnets = [f"SYMNet ct refine {n}" if n else "SYMNet ct" for n in CT_REFINE_STEPS]
+    methods = (*symnets, *PEERS)
     try:
         weights, card_path = find_weights("symnet-ct")
         if card_path is None:
@@ -471,30 +455,35 @@ def bench_register_ct(quick: bool) -> list[dict]:
         reason = str(exc).splitlines()[0]
         return [_row("register CT", m, "cpu", "", "Dice", note=f"not measured: {reason}") for m in methods]
 
+    rng = np.random.default_rng(train.val_seed + 1)
     results: dict[tuple[str, str], list[dict]] = {}
     unavailable: dict[str, str] = {}
     for _name, case, moving, moving_labels in pairs:
-        size = "x".join(map(str, case.ct.shape[::-1])) + f" {case.name}"
         before = mean_dice(case.labels, moving_labels.array)
-        for method in methods:
-            if method in unavailable:
-                continue
-            if method.startswith("SYMNet"):
-                result = register(
-                    case.ct, moving, model=weights, fast=method.endswith("fast"), moving_labels=moving_labels
-                )
-                row = (result.warped_labels.array, result.metrics["folding_fraction"], result.metrics["seconds"])
-            else:
-                try:
-                    peer = run_peer(method, case.ct, moving, moving_labels, quick=quick)
-                except PeerUnavailable as exc:
-                    unavailable[method] = str(exc)
+        changed = phase_change(moving.array, moving_labels.array, case.label_names, rng)
+        for variant, moving_image in (
+            ("", moving),
+            (" phase change", Volume(changed, moving.spacing, moving.origin, moving.direction, meta=moving.meta)),
+        ):
+            size = "x".join(map(str, case.ct.shape[::-1])) + f" {case.name}{variant}"
+            for method in methods:
+                if method in unavailable:
                     continue
-                row = (peer.warped_labels, folding_fraction_mm(peer.ddf_mm, case.ct.spacing), peer.seconds)
-            after = mean_dice(case.labels, row[0])
-            results.setdefault((size, method), []).append(
-                {"before": before, "after": after, "folding": row[1], "seconds": row[2]}
-            )
+                if method.startswith("SYMNet"):
+                    refine = CT_REFINE_STEPS[symnets.index(method)]
+                    result = register(case.ct, moving_image, model=weights, refine=refine, moving_labels=moving_labels)
+                    row = (result.warped_labels.array, result.metrics["folding_fraction"], result.metrics["seconds"])
+                else:
+                    try:
+                        peer = run_peer(method, case.ct, moving_image, moving_labels, quick=quick)
+                    except PeerUnavailable as exc:
+                        unavailable[method] = str(exc)
+                        continue
+                    row = (peer.warped_labels, folding_fraction_mm(peer.ddf_mm, case.ct.spacing), peer.seconds)
+                after = mean_dice(case.labels, row[0])
+                results.setdefault((size, method), []).append(
+                    {"before": before, "after": after, "folding": row[1], "seconds": row[2]}
+                )
     rows = []
     for (size, method), runs in results.items():
         dice, seconds = [r["after"] for r in runs], [r["seconds"] for r in runs]
@@ -583,13 +572,16 @@ def markdown_section(report: dict[str, Any]) -> str:
         f"{machine_line(info)}\n\n"
         "Colorize: end to end (HU in memory -> network -> sRGB uint8), phantom CT at 0.78 mm (512²) and 1.56 mm "
         "(256²) pixels, window abdomen, chroma 1; the peer is the seed thesis's network alone (random weights) at full "
-        "resolution. Register: the OASIS pair with the official SYMNet checkpoint, wall seconds of the engine call "
-        "(its stages in the note), `ctcolor register` end to end, and the classical peers on the same pair (ANTs SyN: "
-        "SyNOnly, Mattes, 100/70/50 iterations; elastix: default B-spline map, 20 mm grid, 256 iterations; SimpleITK "
-        "fast symmetric demons, 50 iterations). Register CT: Dice (mean over labelled structures of >= 100 voxels) "
+        "resolution. Register: the OASIS pair with the official SYMNet checkpoint; every method is a whole process in "
+        "this run (`ctcolor register`, `ctcolor peer official-symnet`, the official inference recipe reimplemented, "
+        "and `ctcolor peer` for ANTs SyN: SyNOnly, Mattes, 100/70/50 iterations; elastix: default B-spline map, 20 mm "
+        "grid, 256 iterations; SimpleITK fast symmetric demons, 50 iterations), wall seconds including start-up, "
+        "reading and writing. Register CT: Dice (mean over labelled structures of >= 100 voxels) "
         "after registering held-out synthetic deformations (<= 15 mm; seed never used in training) of the shared "
         "labelled CTs on their native grids (the 3 mm CT is in the training set with other deformations, the DICOM "
-        "series never is), SYMNet with the CT weights and every peer on the same pairs; seconds exclude loading and "
+        "series never is), each also with the moving scan in another contrast phase (arteries -150 HU, veins and "
+        "liver brighter, kidneys and spleen darker, 20 HU noise); SYMNet with the CT weights, without and with 40 "
+        "refinement steps, and every peer on the same pairs; seconds of the registration call, excluding loading and "
         "label warping.\n\n"
         f"{markdown_table(report['rows'])}\n"
     )

@@ -24,6 +24,9 @@ from .io import NIFTI_SUFFIXES, InputError, Volume, read_volume, write_nifti, wr
 from .io.write import atomic_path
 from .windowing import default_window
 
+#: ``ctcolor peer`` choices (`napari_ctcolor.peers.PEER_COMMANDS`; listed here so --help needs no torch import).
+PEER_NAMES = ("official-symnet", "ants-syn", "elastix-bspline", "demons")
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's default prints the usage too; keep it to one line
@@ -111,7 +114,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     fixed, moving = read_volume(args.fixed), read_volume(args.moving)
     read_seconds = time.perf_counter() - start
-    result = register(fixed, moving, model=args.model, affine=args.affine, fast=args.fast, device=args.device)
+    result = register(fixed, moving, model=args.model, affine=args.affine, refine=args.refine, device=args.device)
 
     start = time.perf_counter()
     outputs["warped.nii.gz"].parent.mkdir(parents=True, exist_ok=True)
@@ -143,6 +146,74 @@ def _cmd_register(args: argparse.Namespace) -> int:
         metrics["folding_fraction"],
         metrics["seconds"],
     )
+    return 0
+
+
+def _peer_outdir(args: argparse.Namespace) -> Path:
+    """OUTDIR of ``ctcolor peer``, refused like register's when it is an input or holds files (without --overwrite)."""
+    outdir = Path(args.outdir)
+    _refuse_input_paths([outdir], [args.fixed, args.moving])
+    if outdir.exists() and (not outdir.is_dir() or (any(outdir.iterdir()) and not args.overwrite)):
+        raise InputError(f"{outdir}: exists and is not an empty folder; use --overwrite or give a new folder")
+    return outdir
+
+
+def _cmd_peer(args: argparse.Namespace) -> int:
+    """A registration peer as a whole process: the official SYMNet recipe or a classical method (`peers`)."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    from . import peers
+    from .engines.checkerboard import resample_onto, same_grid
+
+    outdir = _peer_outdir(args)
+    if args.name == "official-symnet":
+        if not args.model:
+            raise InputError("official-symnet needs --model, the official SYMNet .pth checkpoint")
+        start = time.perf_counter()
+        warped, f_ba, affine = peers.official_symnet(args.fixed, args.moving, args.model)
+        seconds = time.perf_counter() - start
+        outdir.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(warped, affine), str(outdir / "warped.nii.gz"))
+        nib.save(nib.Nifti1Image(f_ba, affine), str(outdir / "flow.nii.gz"))
+    else:
+        fixed, moving = read_volume(args.fixed), read_volume(args.moving)
+        on_grid = moving if same_grid(fixed, moving) else None
+        if on_grid is None:
+            low = float(np.nanmin(moving.array))
+            on_grid = Volume(
+                resample_onto(moving, fixed, None, "linear", default=low),
+                fixed.spacing,
+                fixed.origin,
+                fixed.direction.copy(),
+                meta=moving.meta,
+            )
+        start = time.perf_counter()
+        result = peers.run_peer(peers.PEER_COMMANDS[args.name], fixed, on_grid)
+        seconds = time.perf_counter() - start
+        # Peers return index-axis mm; the direction turns them into LPS (the ddf convention of `ctcolor register`).
+        ddf = np.ascontiguousarray(result.ddf_mm @ fixed.direction.T, dtype=np.float32)
+        transform = sitk.DisplacementFieldTransform(
+            sitk.Cast(sitk.GetImageFromArray(ddf.astype(np.float64), isVector=True), sitk.sitkVectorFloat64)
+        )
+        field_image = transform.GetDisplacementField()
+        field_image.CopyInformation(sitk.Cast(fixed.to_sitk(), sitk.sitkFloat32))
+        transform = sitk.DisplacementFieldTransform(field_image)
+        moving_image = sitk.Cast(moving.to_sitk(), sitk.sitkFloat32)
+        default = float(np.nanmin(moving.array))
+        warped_image = sitk.Resample(moving_image, fixed.to_sitk(), transform, sitk.sitkLinear, default)
+        warped = Volume(sitk.GetArrayFromImage(warped_image), fixed.spacing, fixed.origin, fixed.direction.copy())
+        outdir.mkdir(parents=True, exist_ok=True)
+        write_nifti(warped, outdir / "warped.nii.gz")
+        write_vector_nifti(ddf, fixed, outdir / "ddf.nii.gz")
+    metrics = {
+        "peer": args.name,
+        "seconds": round(seconds, 3),
+        "fixed": Path(args.fixed).name,
+        "moving": Path(args.moving).name,
+    }
+    with atomic_path(outdir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
 
 
@@ -277,13 +348,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="rigid + affine pre-alignment (SimpleITK, mutual information) before SYMNet (default: off)",
     )
     reg.add_argument(
-        "--fast",
-        action="store_true",
-        help="integrate the velocity fields at half resolution (a quicker, less exact preview)",
+        "--refine",
+        type=int,
+        default=None,
+        metavar="N",
+        help="test-time refinement: N optimiser steps on this pair's velocity fields (0..10000; default: the model "
+        "card's, 0 for an official checkpoint)",
     )
     reg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto")
     reg.add_argument("--overwrite", action="store_true", help="replace the outputs in a non-empty OUTDIR")
     reg.set_defaults(run=_cmd_register)
+
+    peer = sub.add_parser(
+        "peer",
+        help="run a registration peer as its own process: the official SYMNet recipe, ANTs SyN, elastix, demons",
+        description="official-symnet: the official SYMNet inference recipe (nibabel arrays as stored, min-max, plain "
+        "fp32, four sequential integrations), writing OUTDIR/warped.nii.gz (min-max units) and flow.nii.gz (F_BA, "
+        "voxels). ants-syn, elastix-bspline, demons: OUTDIR/warped.nii.gz and ddf.nii.gz (mm, LPS, as register's). "
+        "All write metrics.json with the seconds. For benchmarks: `ctcolor bench` times these and register alike.",
+    )
+    peer.add_argument("name", choices=sorted(PEER_NAMES), help="which peer")
+    peer.add_argument("fixed", help="the reference image")
+    peer.add_argument("moving", help="the image to deform onto FIXED")
+    peer.add_argument("-o", "--output", dest="outdir", required=True, metavar="OUTDIR", help="new or empty folder")
+    peer.add_argument("--model", metavar="FILE", help="official-symnet: the official SYMNet .pth checkpoint")
+    peer.add_argument("--overwrite", action="store_true", help="replace the outputs in a non-empty OUTDIR")
+    peer.set_defaults(run=_cmd_peer)
 
     board = sub.add_parser("checkerboard", help="alternate cubes of two images (B resampled onto A's grid)")
     board.add_argument("a", help="first image; its grid is the output's")

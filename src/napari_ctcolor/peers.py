@@ -1,7 +1,13 @@
-"""Classical deformable registration peers for the benchmarks: ANTs SyN, elastix B-spline and SimpleITK demons.
+"""Registration peers for the benchmarks: the official SYMNet inference recipe, and the classical ANTs SyN, elastix
+B-spline and SimpleITK demons. ``ctcolor peer NAME`` runs each as a whole process, as ``ctcolor register`` runs.
 
-They are compared with SYMNet on the same pairs (`ctcolor bench`). ANTs (``antspyx``) and elastix (``itk-elastix``)
-are optional: install them with ``pip install "napari-ctcolor[bench]"``; `PeerUnavailable` says when one is missing.
+`official_symnet` reimplements the official SYMNet test script's recipe (its code cannot ship here): nibabel arrays as
+stored, min-max to [0, 1], float32, a plain forward pass, four sequential scaling-and-squaring integrations, the two
+half-way compositions, the warp, and NIfTI outputs. It is what ``ctcolor register`` is timed and compared against.
+
+The classical peers are compared with SYMNet on the same pairs (`ctcolor bench`). ANTs (``antspyx``) and elastix
+(``itk-elastix``) are optional: install them with ``pip install "napari-ctcolor[bench]"``; `PeerUnavailable` says
+when one is missing.
 
 Every peer takes a fixed and a moving `Volume` on the same grid (the synthetic-deformation pairs are) and returns
 the displacement field that maps fixed voxels to moving points, in mm along the index axes, so that one Jacobian
@@ -26,6 +32,13 @@ from .io import InputError, Volume
 from .models.diffeo import folding_fraction
 
 PEERS = ("ANTs SyN", "elastix B-spline", "SimpleITK demons")
+#: ``ctcolor peer`` names: the official recipe and the classical peers.
+PEER_COMMANDS = {
+    "official-symnet": "official SYMNet",
+    "ants-syn": PEERS[0],
+    "elastix-bspline": PEERS[1],
+    "demons": PEERS[2],
+}
 ANTS_ITERATIONS = (100, 70, 50)
 
 
@@ -168,3 +181,51 @@ def run_peer(name: str, fixed: Volume, moving: Volume, moving_labels: Volume | N
     if name == "SimpleITK demons":
         return demons(fixed, moving, moving_labels, iterations=10 if quick else 50)
     raise InputError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
+
+
+def official_symnet(fixed_path: str | os.PathLike, moving_path: str | os.PathLike, checkpoint: str | os.PathLike):
+    """The official SYMNet inference recipe on two NIfTI files: (warped moving in min-max units, F_BA, affine).
+
+    As the official test script: each image as nibabel returns it (array axes as stored), min-max normalised, float32
+    (1, 1, D0, D1, D2); the network in its default memory format under ``torch.no_grad``; v_xy, v_yx, -v_xy and -v_yx
+    integrated one after the other (7 squaring steps each); F_BA = compose(int(v_yx), int(-v_xy)) and
+    F_AB = compose(int(v_xy), int(-v_yx)); the moving image warped by F_BA (bilinear, zeros outside).
+
+    Returns:
+        (warped (D0, D1, D2) float32, F_BA (D0, D1, D2, 3) voxels with channel c along array axis 2 - c, the fixed
+        image's affine).
+    """
+    import nibabel as nib
+
+    from .models.diffeo import compose, integrate_velocity, warp
+    from .models.symnet import load_symnet_checkpoint
+
+    def load(path) -> tuple[torch.Tensor, np.ndarray]:
+        try:
+            image = nib.load(str(path))
+            array = np.asarray(image.get_fdata(), dtype=np.float64)
+        except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a file that is not NIfTI
+            raise InputError(f"{path}: the official recipe reads NIfTI files only ({type(exc).__name__})") from None
+        if array.ndim != 3:
+            raise InputError(f"{path}: expected a 3D image, got shape {array.shape}")
+        low, high = array.min(), array.max()
+        if high <= low:
+            raise InputError(f"{path}: the image is constant; there is nothing to register")
+        return torch.from_numpy((array - low) / (high - low)).float()[None, None], image.affine
+
+    fixed, affine = load(fixed_path)
+    moving, _ = load(moving_path)
+    if fixed.shape != moving.shape or any(n % 16 for n in fixed.shape[2:]):
+        raise InputError(
+            f"{moving_path}: the official recipe needs two images of one shape, each size a multiple of 16; "
+            f"got {tuple(fixed.shape[2:])} and {tuple(moving.shape[2:])}"
+        )
+    model = load_symnet_checkpoint(checkpoint)
+    with torch.no_grad():
+        v_xy, v_yx = model(fixed, moving)
+        xy_half, yx_half = integrate_velocity(v_xy), integrate_velocity(v_yx)
+        xy_half_inv, yx_half_inv = integrate_velocity(-v_xy), integrate_velocity(-v_yx)
+        f_ba = compose(yx_half, xy_half_inv)
+        compose(xy_half, yx_half_inv)  # F_AB: the official script computes both full fields
+        warped = warp(moving, f_ba)
+    return warped[0, 0].numpy(), f_ba[0].permute(1, 2, 3, 0).numpy(), affine

@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 
 from .io.errors import InputError
 from .io.write import atomic_path
-from .models.colorizer import Colorizer, ColorizerConfig
 from .models.symnet import SYMNet, load_symnet_checkpoint, symnet_from_state_dict
 
 COLORIZER_DEFAULT = "colorizer-2d"
@@ -80,8 +79,10 @@ def load_state(path: Path, card: dict[str, Any] | None) -> tuple[dict[str, torch
         raise InputError(f"{path}: not a readable safetensors file ({exc})".splitlines()[0]) from None
 
 
-def load_colorizer(name_or_path: str | os.PathLike = COLORIZER_DEFAULT) -> tuple[Colorizer, dict[str, Any]]:
+def load_colorizer(name_or_path: str | os.PathLike = COLORIZER_DEFAULT) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A colorizer in eval mode on the CPU, and its model card (or metadata when it has no card)."""
+    from .models.colorizer import Colorizer, ColorizerConfig  # MONAI: imported only by the colorizer's users
+
     path, card_path = find_weights(name_or_path)
     card = read_card(card_path) if card_path else {}
     state, metadata = load_state(path, card)

@@ -5,17 +5,21 @@ Stages (each reports progress and may be cancelled before it starts):
 1. model: load the weights (`load_registration_model`).
 2. prealign (with ``affine=True``): rigid, then affine SimpleITK registration, Mattes mutual information.
 3. resample: the moving image into the fixed image's physical space (SimpleITK, linear, outside = moving minimum).
-4. forward: normalise intensities as the weights expect, average onto the working grid when it is coarser
+4. forward: normalise intensities as the weights expect, move the arrays into the axis order and orientation the
+   network was trained in (`AxisMap`, from the model card), average onto the working grid when it is coarser
    (`working_shape`), pad each axis to a multiple of 16, run the network.
-5. integrate: scaling and squaring of the four half-way velocity fields, the two compositions, and upsampling to
-   the fixed grid from a coarser working grid.
-6. fields: the displacements in mm (LPS), composed with the pre-alignment.
-7. warp: the original moving image through the final ddf in one trilinear interpolation; labels with nearest.
-8. metrics: Jacobian determinant, folding, inverse consistency, NCC.
+5. refine (with refinement steps): optimise the two velocity fields for this pair (`refine_velocities`), one
+   progress step per optimiser step.
+6. integrate: scaling and squaring of the four half-way velocity fields, the two compositions, upsampling to the
+   fixed grid from a coarser working grid, and the fields moved back to the (Z, Y, X) arrays.
+7. fields: the displacements in mm (LPS), composed with the pre-alignment.
+8. warp: the original moving image through the final ddf in one trilinear interpolation; labels with nearest.
+9. metrics: Jacobian determinant, folding, inverse consistency, NCC.
 
-Axis conventions: our arrays are (Z, Y, X), so the network sees (D0, D1, D2) = (Z, Y, X) and field channel c is the
-displacement along array axis 2 - c, i.e. channels (x, y, z) in voxels. A voxel vector v_xyz is s_xyz * v_xyz mm
-along the index axes, i.e. ``direction @ (spacing_xyz * v_xyz)`` mm in LPS.
+Axis conventions: the network sees (D0, D1, D2) in the orientation its card states (`orientation`); outside the
+network, fields are on the (Z, Y, X) arrays and channel c is the displacement along array axis 2 - c, i.e. channels
+(x, y, z) in voxels. A voxel vector v_xyz is s_xyz * v_xyz mm along the index axes, i.e.
+``direction @ (spacing_xyz * v_xyz)`` mm in LPS.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from napari_ctcolor.windowing import window_tensor
 
 from .checkerboard import resample_onto, same_grid
 from .device import resolve_device
+from .orientation import AxisMap, check_axes
+from .refine import RefineSettings, refine_velocities
 from .steps import Cancel, Progress, Steps, run_steps
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,9 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 #: (our CT weights; the window is read from their model card, ``inputs.normalisation.window_hu``).
 Normalisation = tuple[str, tuple[float, float] | None]
 OFFICIAL_NORMALISATION: Normalisation = ("minmax", None)
+#: The official checkpoint saw nibabel's array of the neurite-OASIS volumes as stored: axes i, j, k pointing to the
+#: patient's left, inferior and anterior (their affine, e.g. ``image_A_full_size.nii.gz``, is LIA).
+OFFICIAL_AXES = ("L", "I", "A")
 
 #: A 2D pair (one slice each) is registered as a slab of this many copies of the slice (see `register`).
 SLAB_SLICES = SIZE_MULTIPLE
@@ -91,7 +100,7 @@ class RegistrationResult:
         jacobian: det J of the map p -> p + ddf(p), float32 on the fixed grid (1 keeps volume, <= 0 folds).
         metrics: ncc_before, ncc_after (global NCC over the fixed grid; ncc_prealigned with ``affine``),
             folding_fraction, inverse_consistency_mm, seconds, stage_seconds, model, network_shape (the grid the
-            network ran on), device, fast, affine.
+            network ran on), device, refine_steps, affine.
         warped_labels: the moving labels in the fixed image's space (nearest), when labels were given.
     """
 
@@ -114,14 +123,18 @@ class RegistrationModel:
         network: the network, eval mode.
         normalisation: the intensity normalisation its weights expect.
         name: for the metrics (``"ct"`` or the file name).
+        axes: the orientation of the network's axes D0, D1, D2 (RAS letters), from the card's ``inputs.axes``.
         min_spacing_mm: the finest voxel the network is run at (coarser working grid below it), from the model card's
             ``inputs.min_spacing_mm``; None runs it on the fixed grid.
+        refine: test-time refinement settings, from the card's ``inference.refine`` (default steps included).
     """
 
     network: SYMNet
     normalisation: Normalisation
     name: str
+    axes: tuple[str, str, str] = OFFICIAL_AXES
     min_spacing_mm: float | None = None
+    refine: RefineSettings = RefineSettings()
 
 
 def load_registration_model(model: str | os.PathLike) -> RegistrationModel:
@@ -149,8 +162,18 @@ def load_registration_model(model: str | os.PathLike) -> RegistrationModel:
         if path.suffix.lower() in (".pth", ".pt"):
             return RegistrationModel(network, OFFICIAL_NORMALISATION, path.name)
         name = path.name
-    min_spacing = card.get("inputs", {}).get("min_spacing_mm")
-    return RegistrationModel(network, _card_normalisation(card, name), name, min_spacing and float(min_spacing))
+    inputs = card.get("inputs", {})
+    if "axes" not in inputs:
+        raise InputError(f"{name}: its model card does not state the network's axes (inputs.axes, e.g. [S, P, L])")
+    min_spacing = inputs.get("min_spacing_mm")
+    return RegistrationModel(
+        network,
+        _card_normalisation(card, name),
+        name,
+        check_axes(inputs["axes"], name),
+        min_spacing and float(min_spacing),
+        RefineSettings.from_card(card.get("inference", {}).get("refine"), None, name),
+    )
 
 
 def _card_normalisation(card: dict[str, Any], name: str) -> Normalisation:
@@ -174,10 +197,21 @@ class _Stages:
         self.progress, self.cancel, self.device = progress, cancel, device
         self.seconds: dict[str, float] = {}
 
+    def _check_cancel(self, what: str) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled(f"registration cancelled {what}")
+
+    def tick(self) -> tuple[int, int]:
+        """One step inside a stage (a refinement step): count it, report it, poll cancel; ``(done, total)``."""
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+        self._check_cancel(f"after step {self.done} of {self.total}")
+        return self.done, self.total
+
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        if self.cancel is not None and self.cancel():
-            raise Cancelled(f"registration cancelled before stage '{name}'")
+        self._check_cancel(f"before stage '{name}'")
         start = time.perf_counter()
         yield
         if self.device.type == "cuda":
@@ -359,28 +393,18 @@ def _pad_amounts(shape: tuple[int, ...]) -> list[tuple[int, int]]:
     return pads
 
 
-def _network_input(image: torch.Tensor, two_d: bool) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """(1, 1, Z, Y, X) -> padded (1, 1, D0, D1, D2) with zeros (the normalised background) and the crop back.
-
-    A 2D image (Z = 1) becomes a slab of `SLAB_SLICES` copies; its crop is the two middle slices (averaged later).
-    """
-    if two_d:
-        image = image.expand(-1, -1, SLAB_SLICES, -1, -1)
+def _network_input(image: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """(1, 1, D0, D1, D2) -> padded to multiples of 16 with zeros (the normalised background), and the crop back."""
     pads = _pad_amounts(tuple(image.shape[2:]))
     flat = [p for before_after in reversed(pads) for p in before_after]  # F.pad wants the last axis first
     padded = F.pad(image, flat) if any(flat) else image
     crop = tuple(slice(before, before + n) for (before, _), n in zip(pads, image.shape[2:], strict=True))
-    if two_d:
-        crop = (slice(SLAB_SLICES // 2 - 1, SLAB_SLICES // 2 + 1), *crop[1:])
     return padded.contiguous(), crop
 
 
 def _padded_voxels(shape: tuple[int, ...]) -> int:
-    """Voxels of the network input for an image of ``shape`` (padding; a 2D slice becomes a slab)."""
-    padded = [n + before + after for n, (before, after) in zip(shape, _pad_amounts(shape), strict=True)]
-    if shape[0] == 1:
-        padded[0] = SLAB_SLICES
-    return int(np.prod(padded))
+    """Voxels of the network input for an image of ``shape`` (each axis padded to a multiple of 16)."""
+    return int(np.prod([n + before + after for n, (before, after) in zip(shape, _pad_amounts(shape), strict=True)]))
 
 
 def working_shape(
@@ -390,7 +414,8 @@ def working_shape(
 
     Coarser when the weights ask for voxels of at least ``min_spacing_mm`` or when the padded grid would exceed
     `MAX_NETWORK_VOXELS`: each axis gets about ``extent / t`` voxels for the smallest spacing t that satisfies both,
-    never more than it has (so the coarse axes of an anisotropic CT keep their voxels) and never fewer than 4.
+    never more than it has (so the coarse axes of an anisotropic CT keep their voxels) and never fewer than 4. An axis
+    of infinite spacing (the copies of a 2D slab) keeps its voxels.
     """
 
     def at(t: float) -> tuple[int, int, int]:
@@ -413,28 +438,18 @@ def _resize_field(fields: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return F.interpolate(fields * scale, size=tuple(shape), mode="trilinear", align_corners=False)
 
 
-def _integrate_halves(v_xy: torch.Tensor, v_yx: torch.Tensor, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(f_ab, f_ba) as `symnet_forward_fields`: integrate v_xy, v_yx, -v_xy, -v_yx (one batch), `half_way_fields`.
-
-    ``fast`` integrates at half resolution (8x fewer voxels per squaring step) and upsamples the four integrated
-    fields; the two compositions stay at full resolution.
-    """
+def _integrate_halves(v_xy: torch.Tensor, v_yx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f_ab, f_ba) as `symnet_forward_fields`: integrate v_xy, v_yx, -v_xy, -v_yx (one batch), `half_way_fields`."""
     v = torch.cat((v_xy, v_yx), dim=0).float()
-    if fast:
-        low = _resize_field(v, tuple(n // 2 for n in v.shape[2:]))  # sizes are multiples of 16: 2x2x2 averages
-        halves = _resize_field(integrate_velocity(torch.cat((low, -low), dim=0)), tuple(v.shape[2:]))
-    else:
-        halves = integrate_velocity(torch.cat((v, -v), dim=0).contiguous())
-    fields = half_way_fields(halves)
+    fields = half_way_fields(integrate_velocity(torch.cat((v, -v), dim=0).contiguous()))
     return fields.f_ab, fields.f_ba
 
 
-def _crop(field: torch.Tensor, crop: tuple[slice, ...], two_d: bool) -> torch.Tensor:
-    """Back to the image's grid; for a 2D slab the mean of the two middle slices, with no through-plane motion."""
-    field = field[(..., *crop)]
-    if two_d:
-        field = field.mean(dim=2, keepdim=True)
-        field[:, 2] = 0.0
+def _slab_to_slice(field: torch.Tensor) -> torch.Tensor:
+    """(1, 3, SLAB_SLICES, Y, X) -> (1, 3, 1, Y, X): the mean of the two middle slices, no through-plane motion."""
+    middle = slice(SLAB_SLICES // 2 - 1, SLAB_SLICES // 2 + 1)
+    field = field[:, :, middle].mean(dim=2, keepdim=True)
+    field[:, 2] = 0.0
     return field.contiguous()
 
 
@@ -480,6 +495,16 @@ def _intensity_range(volume: Volume, what: str) -> tuple[float, float]:
     return float(finite.min()), float(finite.max())
 
 
+def _ticks(steps: Iterator[float], stages: _Stages) -> Steps[tuple[torch.Tensor, torch.Tensor]]:
+    """Run a refinement generator, reporting each of its optimiser steps as a progress tick; return its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+        yield stages.tick()
+
+
 # --- the engine ------------------------------------------------------------------------------------------------------
 
 
@@ -488,7 +513,7 @@ def register(
     moving: Volume,
     model: str | os.PathLike = "ct",
     affine: bool = False,
-    fast: bool = False,
+    refine: int | None = None,
     device: Device | str = "auto",
     progress: Progress | None = None,
     cancel: Cancel | None = None,
@@ -519,9 +544,8 @@ def register(
         model: ``"ct"`` (the project's CT weights) or the path of a SYMNet checkpoint: an official ``.pth`` or a
             ``.safetensors`` file with its model card (`load_registration_model`).
         affine: rigid then affine SimpleITK pre-alignment (Mattes MI, a few seconds), composed into the fields.
-        fast: integrate the velocity fields at half resolution: a preview. On the OASIS pair the integration is
-            about 4x faster, but warped differs from exact by up to 0.75 (mean 0.0035) in min-max units and tissue
-            Dice drops by 0.03-0.05, because the velocities have voxel-scale detail that half resolution loses.
+        refine: test-time refinement steps (0..10000) of the velocity fields for this pair (`refine_velocities`);
+            None takes the model card's default (``inference.refine.steps``; 0 for an official checkpoint).
         device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"`` or ``"mps"``. On CUDA the network runs
             under bfloat16 autocast; integration and warping stay in float32.
         progress: called as ``progress(done, total)`` after each stage.
@@ -532,10 +556,11 @@ def register(
         `RegistrationResult` on the fixed grid.
 
     Raises:
-        InputError: 2D vs 3D images, images that do not overlap, a constant image, a missing model file.
+        InputError: 2D vs 3D images, images that do not overlap, a constant image, a missing model file, a
+            refinement count outside 0..10000.
         Cancelled: when ``cancel()`` returned True.
     """
-    return run_steps(iter_register(fixed, moving, model, affine, fast, device, progress, cancel, moving_labels))
+    return run_steps(iter_register(fixed, moving, model, affine, refine, device, progress, cancel, moving_labels))
 
 
 def iter_register(
@@ -543,7 +568,7 @@ def iter_register(
     moving: Volume,
     model: str | os.PathLike = "ct",
     affine: bool = False,
-    fast: bool = False,
+    refine: int | None = None,
     device: Device | str = "auto",
     progress: Progress | None = None,
     cancel: Cancel | None = None,
@@ -560,15 +585,22 @@ def iter_register(
     torch_device = resolve_device(device)
     fixed_low, fixed_high = _intensity_range(fixed, "fixed image")
     moving_low, moving_high = _intensity_range(moving, "moving image")
-    stages = _Stages(7 + affine, progress, cancel, torch_device)
+    loaded = load_registration_model(model)  # before the stages: a bad file or refinement count fails at once
+    settings = RefineSettings.from_card(loaded.refine.__dict__, refine, loaded.name)
+    # 7 stages, the pre-alignment, and the refinement: one tick per optimiser step, one when its stage ends.
+    stages = _Stages(7 + affine + (settings.steps + 1 if settings.steps else 0), progress, cancel, torch_device)
 
     with stages("model"):
-        loaded = load_registration_model(model)
-        work = working_shape(fixed.shape, fixed.spacing, loaded.min_spacing_mm)
+        # The network's view of the fixed grid: its axes (a 2D slice as a slab whose copies are never averaged).
+        axis_map = AxisMap.between(fixed, loaded.axes)
+        grid_shape = (SLAB_SLICES, *fixed.shape[1:]) if two_d else fixed.shape
+        grid_spacing = (float("inf"), *fixed.spacing[1:]) if two_d else fixed.spacing
+        net_shape = axis_map.shape_to_network(grid_shape)
+        work = working_shape(net_shape, axis_map.shape_to_network(grid_spacing), loaded.min_spacing_mm)
         # BYTES_PER_VOXEL covers the whole run when the network sees the fixed grid; a coarser working grid leaves the
         # full-resolution stages on the fixed grid.
         needed = _padded_voxels(work) * BYTES_PER_VOXEL
-        if work != fixed.shape:
+        if work != net_shape:
             needed += int(np.prod(fixed.shape)) * FULL_GRID_BYTES_PER_VOXEL
         check_memory(needed, f"registration of {fixed.shape} voxels")
         network, normalisation = loaded.network.to(torch_device), loaded.normalisation
@@ -594,29 +626,41 @@ def iter_register(
     yield stages.done, stages.total
 
     with stages("forward"), torch.inference_mode():
-        fixed_n = _normalise(fixed_t, normalisation, fixed_low, fixed_high)
-        moving_n = _normalise(moving_t, normalisation, moving_low, moving_high)
+        inputs = []
+        for image, low, high in ((fixed_t, fixed_low, fixed_high), (moving_t, moving_low, moving_high)):
+            image = _normalise(image, normalisation, low, high).expand(-1, -1, *grid_shape)
+            image = axis_map.to_network(image)
+            if work != net_shape:  # the working grid: box averages over the same extent
+                image = F.adaptive_avg_pool3d(image, work)
+            inputs.append(image)
         del moving_t
-        if work != fixed.shape:  # the working grid: box averages over the same extent
-            fixed_n, moving_n = F.adaptive_avg_pool3d(fixed_n, work), F.adaptive_avg_pool3d(moving_n, work)
-        fixed_in, crop = _network_input(fixed_n, two_d)
-        moving_in, _ = _network_input(moving_n, two_d)
-        del fixed_n, moving_n
+        (fixed_in, crop), (moving_in, _) = _network_input(inputs[0]), _network_input(inputs[1])
+        del inputs
         # channels_last_3d is about twice as fast on the CPU (as in symnet_forward_fields).
         network.to(memory_format=torch.channels_last_3d)
-        fixed_in = fixed_in.contiguous(memory_format=torch.channels_last_3d)
-        moving_in = moving_in.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch_device.type == "cuda"):
-            v_xy, v_yx = network(fixed_in, moving_in)
-        del fixed_in, moving_in
+            v_xy, v_yx = network(
+                fixed_in.contiguous(memory_format=torch.channels_last_3d),
+                moving_in.contiguous(memory_format=torch.channels_last_3d),
+            )
+        v_xy, v_yx = v_xy.float().contiguous(), v_yx.float().contiguous()
     yield stages.done, stages.total
 
+    if settings.steps:
+        with stages("refine"):  # refine_velocities sets its own grad mode: it yields between optimiser steps
+            v_xy, v_yx = yield from _ticks(refine_velocities(v_xy, v_yx, fixed_in, moving_in, settings), stages)
+        yield stages.done, stages.total
+    del fixed_in, moving_in
+
     with stages("integrate"), torch.inference_mode():
-        f_ab, f_ba = _integrate_halves(v_xy, v_yx, fast)
+        f_ab, f_ba = _integrate_halves(v_xy, v_yx)
         del v_xy, v_yx
-        f_ab, f_ba = _crop(f_ab, crop, two_d), _crop(f_ba, crop, two_d)
-        if work != fixed.shape:
-            f_ab, f_ba = _resize_field(f_ab, fixed.shape), _resize_field(f_ba, fixed.shape)
+        f_ab, f_ba = f_ab[(..., *crop)], f_ba[(..., *crop)]
+        if work != net_shape:
+            f_ab, f_ba = _resize_field(f_ab, net_shape), _resize_field(f_ba, net_shape)
+        f_ab, f_ba = axis_map.field_from_network(f_ab), axis_map.field_from_network(f_ba)
+        if two_d:
+            f_ab, f_ba = _slab_to_slice(f_ab), _slab_to_slice(f_ba)
     yield stages.done, stages.total
 
     with stages("fields"), torch.inference_mode():
@@ -671,7 +715,7 @@ def iter_register(
         "model": loaded.name,
         "network_shape": list(work),
         "device": str(torch_device),
-        "fast": bool(fast),
+        "refine_steps": settings.steps,
         "affine": bool(affine),
     }
     if affine:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, Label, PushButton, SpinBox
 from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils import progress
@@ -33,6 +33,7 @@ from napari.utils.notifications import show_error
 
 from ..engines.checkerboard import checkerboard, resample_onto, same_grid
 from ..engines.device import resolve_device
+from ..engines.refine import MAX_REFINE_STEPS
 from ..engines.register import RegistrationResult, iter_register
 from ..io import ColorVolume, Volume
 from ..io.errors import CTColorError, InputError
@@ -46,7 +47,6 @@ TITLE = "Register & checkerboard"
 CT_MODEL = "ct"
 MODEL_FILE = "model file..."
 DEVICES = ("auto", "cpu", "cuda")
-MODES = ("fast", "exact")
 COLOURED = " colorized"  # the suffix "Colorize volume" gives its result layer
 CHECKERBOARD, DIFFERENCE, JACOBIAN = "checkerboard", "difference", "Jacobian"
 #: det J shown on [0, 2]: white at 1 (volume kept), pink where the moving image is compressed, green where stretched.
@@ -156,8 +156,12 @@ class RegisterWidget(Container):
             label="Model file", mode="r", filter="*.pth *.safetensors", visible=False, tooltip="official SYMNet .pth"
         )
         self.affine = CheckBox(text="Affine pre-alignment", value=False)
-        self.mode = ComboBox(
-            label="Integration", choices=list(MODES), value="fast", tooltip="fast: half-resolution preview"
+        self.refine = SpinBox(
+            label="Refine steps",
+            min=0,
+            max=MAX_REFINE_STEPS,
+            value=0,
+            tooltip="test-time refinement of the velocity fields for this pair (0: the network alone)",
         )
         self.device = ComboBox(label="Device", choices=list(DEVICES), value="auto")
         self.warp_colour = CheckBox(text="Warp colorized twin too", value=True, enabled=False, visible=False)
@@ -173,7 +177,7 @@ class RegisterWidget(Container):
                 self.model,
                 self.model_file,
                 self.affine,
-                self.mode,
+                self.refine,
                 self.device,
                 self.warp_colour,
                 self.tile_mm,
@@ -356,7 +360,8 @@ class RegisterWidget(Container):
             show_error(str(exc))
             return
         affine = bool(self.affine.value)
-        total = 7 + affine + (inputs.moving_colour is not None)
+        refine = int(self.refine.value)
+        total = 7 + affine + (refine + 1 if refine else 0) + (inputs.moving_colour is not None)
         transforms = {key: np.array(value) for key, value in layer_attributes(fixed_layer).items() if key != "metadata"}
         fixed_limits = tuple(float(v) for v in fixed_layer.contrast_limits)
         worker = create_worker(
@@ -364,7 +369,7 @@ class RegisterWidget(Container):
             inputs,
             model,
             affine,
-            self.mode.value == "fast",
+            refine,
             device,
             total,
             _ignore_errors=True,  # errors other than ours reach napari's notifier
@@ -390,10 +395,10 @@ class RegisterWidget(Container):
         worker.start()
 
     @staticmethod
-    def _steps(inputs: _Inputs, model: str, affine: bool, fast: bool, device: str, total: int):
+    def _steps(inputs: _Inputs, model: str, affine: bool, refine: int, device: str, total: int):
         """The engine, then the colour warp: yields (done, total), returns an `_Output` or `_Failed`."""
         try:
-            result = yield from iter_register(inputs.fixed, inputs.moving, model, affine, fast, device)
+            result = yield from iter_register(inputs.fixed, inputs.moving, model, affine, refine, device)
             difference = inputs.fixed.array.astype(np.float32) - result.warped.array
             fixed_colour = warped_colour = None
             if inputs.moving_colour is not None:
@@ -456,7 +461,7 @@ class RegisterWidget(Container):
         self.summary.value = (
             f"NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}{prealigned}"
             f" | folding {100 * m['folding_fraction']:.3f} %"
-            f" | {m['seconds']:.1f} s ({m['device']}, {'fast' if m['fast'] else 'exact'})"
+            f" | {m['seconds']:.1f} s ({m['device']}, refine {m['refine_steps']})"
         )
 
     def _redraw_checkerboard(self, *_: Any) -> None:

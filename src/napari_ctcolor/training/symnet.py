@@ -148,6 +148,36 @@ def deform_pair(
     return Pair(jitter(base), jitter(moving), labels, moving_labels)
 
 
+#: A later contrast phase than the fixed scan's: HU change per structure-name prefix (TotalSegmentator v2 names).
+PHASE_CHANGE_HU = {
+    "aorta": -150.0,
+    "iliac_artery": -150.0,
+    "inferior_vena_cava": 60.0,
+    "portal_vein_and_splenic_vein": 60.0,
+    "iliac_vena": 60.0,
+    "liver": 30.0,
+    "spleen": -20.0,
+    "kidney": -40.0,
+}
+#: Noise of the other phase's scan (standard deviation, HU).
+PHASE_NOISE_HU = 20.0
+
+
+def phase_change(hu: np.ndarray, labels: np.ndarray, names: dict[int, str], rng: np.random.Generator) -> np.ndarray:
+    """The same anatomy in another contrast phase: arteries 150 HU darker, veins and liver brighter, kidneys and
+    spleen darker (`PHASE_CHANGE_HU`), and new noise of `PHASE_NOISE_HU`, as between an arterial and a later phase.
+
+    Args:
+        hu: (Z, Y, X) CT in HU; labels: the label map on the same grid; names: label id -> TotalSegmentator name.
+    """
+    out = np.asarray(hu, dtype=np.float32).copy()
+    for label, name in names.items():
+        change = next((v for prefix, v in PHASE_CHANGE_HU.items() if name.startswith(prefix)), None)
+        if change is not None:
+            out[labels == label] += change
+    return out + rng.normal(0.0, PHASE_NOISE_HU, out.shape).astype(np.float32)
+
+
 # --- training data ---------------------------------------------------------------------------------------------------
 
 
@@ -386,13 +416,13 @@ def evaluation_pairs(train: SymnetTrainConfig) -> list[tuple[str, LabelledCT, Vo
     return pairs
 
 
-def evaluate_symnet(weights: Path, train: SymnetTrainConfig, log=print, fast: bool = False) -> dict[str, Any]:
+def evaluate_symnet(weights: Path, train: SymnetTrainConfig, log=print, refine: int | None = None) -> dict[str, Any]:
     """Dice before/after, folding and seconds of the production engine on the held-out deformations."""
     from ..engines.register import register
 
     per_pair = []
     for name, case, moving, moving_labels in evaluation_pairs(train):
-        result = register(case.ct, moving, model=weights, fast=fast, moving_labels=moving_labels)
+        result = register(case.ct, moving, model=weights, refine=refine, moving_labels=moving_labels)
         row = {
             "pair": name,
             "shape": list(case.ct.shape),
