@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +35,7 @@ from napari_ctcolor.weights import save_weights
 from conftest import CT_DIR, SHARED_DATA, ct_weights_shipped, require_shared
 
 OASIS = SHARED_DATA / "symnet-oasis"
+ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = OASIS / "SYMNet_neurite_oasis_smo30_update_80000.pth"
 CT = CT_DIR / "totalseg-body-3mm-30slices.nii.gz"
 CT_LABELS = CT_DIR / "totalseg-body-3mm-30slices-labels.nii.gz"
@@ -129,7 +131,7 @@ def test_oasis_pair_registration_raises_ncc_without_folding(oasis_pair):
     np.testing.assert_allclose(result.warped.affine, fixed.affine)
 
 
-def test_engine_warp_equals_model_level_warp_and_fast_mode_stays_close_on_an_oasis_crop(oasis_pair):
+def test_engine_warp_equals_model_level_warp_on_an_oasis_crop_in_the_checkpoints_axis_order(oasis_pair):
     # 48 x 64 x 64 voxels, multiples of 16: the engine pads nothing, so it must reproduce the model-level call.
     fixed = _crop(oasis_pair[0], slice(88, 136), slice(64, 128), slice(48, 112))
     moving = _crop(oasis_pair[1], slice(88, 136), slice(64, 128), slice(48, 112))
@@ -139,19 +141,137 @@ def test_engine_warp_equals_model_level_warp_and_fast_mode_stays_close_on_an_oas
         a = v.array.astype(np.float32)
         return torch.from_numpy((a - a.min()) / (a.max() - a.min()))[None, None]
 
+    # The official network saw nibabel's array as stored: the (Z, Y, X) array transposed.
     with torch.inference_mode():
-        fields = symnet_forward_fields(load_symnet_checkpoint(CHECKPOINT), minmax(fixed), minmax(moving))
-        expected = warp(minmax(moving), fields.f_ba)[0, 0].numpy()
+        as_stored = [minmax(v).permute(0, 1, 4, 3, 2) for v in (fixed, moving)]
+        fields = symnet_forward_fields(load_symnet_checkpoint(CHECKPOINT), *as_stored)
+        expected = warp(as_stored[1], fields.f_ba)[0, 0].numpy().transpose(2, 1, 0)
     low, high = float(moving.array.min()), float(moving.array.max())
     np.testing.assert_allclose((result.warped.array - low) / (high - low), expected, atol=2e-5, rtol=0)
-    # ddf = direction @ (spacing_xyz * voxels_xyz), channel c of the field being array axis 2 - c.
-    voxels = fields.f_ba[0].permute(1, 2, 3, 0).numpy()
+    # ddf = direction @ (spacing_xyz * voxels_xyz), channel c of the field being array axis 2 - c: in the stored
+    # order channel c runs along stored axis 2 - c, i.e. (Z, Y, X) array axis c, so the channels reverse.
+    voxels = fields.f_ba[0].flip(0).permute(3, 2, 1, 0).numpy()
     m = fixed.direction @ np.diag(fixed.spacing[::-1])
     np.testing.assert_allclose(result.ddf, voxels @ m.T, atol=1e-4, rtol=0)
-    # Half-resolution integration is a preview: close to exact on average, not voxel for voxel.
-    fast = register(fixed, moving, model=_checkpoint(), device="cpu", fast=True)
-    assert fast.metrics["ncc_after"] > result.metrics["ncc_after"] - 0.03 > result.metrics["ncc_before"] + 0.2
-    assert np.mean(np.abs(fast.warped.array - result.warped.array)) / (high - low) < 0.03
+
+
+# --- one axis convention per model, through the command users run -----------------------------------------------------
+
+
+def _ctcolor(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "napari_ctcolor", *args], capture_output=True, text=True, check=False)
+
+
+@pytest.mark.slow  # two whole registrations of the OASIS pair, ~80 s on 2 CPU cores
+def test_cli_register_reproduces_the_official_reference_and_a_restored_copy_gives_the_same_physical_result(tmp_path):
+    checkpoint = _checkpoint()
+    nib = pytest.importorskip("nibabel")
+    paths = [OASIS / "image_A_full_size.nii.gz", OASIS / "image_B_full_size.nii.gz"]
+    reference = nib.load(OASIS / "reference-warped-B-to-A.nii.gz").get_fdata()
+    moving_stored = nib.load(paths[1]).get_fdata()
+    low, high = moving_stored.min(), moving_stored.max()
+
+    done = _ctcolor("register", *map(str, paths), "-o", str(tmp_path / "out"), "--model", checkpoint, "--no-affine")
+    assert done.returncode == 0, done.stderr
+    warped = nib.load(tmp_path / "out" / "warped.nii.gz")
+    diff = np.abs((warped.get_fdata() - low) / (high - low) - reference)
+    print(f"\nctcolor register vs official reference: max {diff.max():.2e}")
+    assert diff.max() <= 1e-3
+    np.testing.assert_allclose(warped.affine, nib.load(paths[0]).affine, atol=1e-6)
+
+    # The same physical images stored in another order: axes (i, j, k) -> (k, i, j), i and k reversed. The affine
+    # changes with the array, so every voxel keeps its position in space.
+    order, flips = (2, 0, 1), (0, 2)
+
+    def restored(path, out):
+        image = nib.load(path)
+        n = np.array(image.shape)
+        flip = np.eye(4)
+        for axis in flips:  # index i -> n - 1 - i along the reversed axes
+            flip[axis, axis], flip[axis, 3] = -1.0, n[axis] - 1
+        data = np.flip(image.get_fdata(dtype=np.float32), flips)
+        affine = image.affine @ flip
+        permute = np.eye(4)[:, [*order, 3]]  # new index axis a is old axis order[a]
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(data.transpose(order)), affine @ permute), out)
+        return out
+
+    copies = [restored(p, tmp_path / f"copy-{k}.nii.gz") for k, p in enumerate(paths)]
+    moved = read_volume(copies[0])
+    original = read_volume(paths[0])
+    np.testing.assert_allclose(
+        moved.to_sitk().TransformIndexToPhysicalPoint((0, 0, 0)),
+        original.to_sitk().TransformIndexToPhysicalPoint((159, 0, 0)),
+        atol=1e-6,
+    )
+    done = _ctcolor("register", *map(str, copies), "-o", str(tmp_path / "copy"), "--model", checkpoint, "--no-affine")
+    assert done.returncode == 0, done.stderr
+    # Back on the original grid (an exact permutation of voxels), the result is the same image.
+    again = read_volume(tmp_path / "copy" / "warped.nii.gz").to_sitk()
+    back = sitk.GetArrayFromImage(sitk.Resample(again, original.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor))
+    first = read_volume(tmp_path / "out" / "warped.nii.gz").array
+    print(f"restored copy vs original: max {np.abs(back - first).max() / (high - low):.2e}")
+    np.testing.assert_allclose(back, first, atol=1e-3 * (high - low), rtol=0)
+
+
+def test_axis_map_moves_images_and_fields_consistently():
+    # Warping in the network's axes and moving the result back equals warping the original with the moved-back field.
+    from napari_ctcolor.engines.orientation import AxisMap
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 1, 6, 7, 8, generator=generator, dtype=torch.float64)
+    for axis_map in (AxisMap((2, 0, 1), (True, False, True)), AxisMap((1, 2, 0), (False, True, False))):
+        net_image = axis_map.to_network(image)
+        field = torch.rand(1, 3, *net_image.shape[2:], generator=generator, dtype=torch.float64) * 2 - 1
+        expected = axis_map.to_network(warp(image, axis_map.field_from_network(field)))
+        torch.testing.assert_close(warp(net_image, field), expected, atol=1e-12, rtol=0)
+
+
+def test_refinement_raises_dice_keeps_folding_near_zero_and_reports_each_step(ct, ct_labels):
+    if not ct_weights_shipped():
+        pytest.skip("weights/symnet-ct.safetensors is not shipped in this checkout")
+    from napari_ctcolor.training.symnet import deform_pair, mean_dice
+
+    pair = deform_pair(ct.array, ct_labels.array, ct.spacing, np.random.default_rng(5), {"max_mm": 12.0})
+    moving = Volume(pair.moving[0, 0].numpy(), ct.spacing, ct.origin, ct.direction)
+    labels = Volume(pair.moving_labels, ct.spacing, ct.origin, ct.direction)
+    plain = register(ct, moving, moving_labels=labels, device="cpu")
+    steps: list[tuple[int, int]] = []
+    refined = register(ct, moving, refine=10, moving_labels=labels, device="cpu", progress=lambda *s: steps.append(s))
+    before = mean_dice(ct_labels.array, labels.array)
+    dice = [mean_dice(ct_labels.array, r.warped_labels.array) for r in (plain, refined)]
+    print(f"\nrefinement: Dice {before:.3f} -> {dice[0]:.3f} (network) -> {dice[1]:.3f} (10 steps)")
+    assert dice[1] > dice[0] > before
+    assert refined.metrics["folding_fraction"] < 5e-4 and refined.metrics["refine_steps"] == 10
+    total = 7 + 11  # 7 stages, 10 refinement steps and the end of the refinement stage
+    assert steps == [(k, total) for k in range(1, total + 1)]
+    with pytest.raises(Cancelled):
+        register(
+            ct,
+            moving,
+            refine=10,
+            device="cpu",
+            cancel=lambda: len(steps) >= total + 3,
+            progress=lambda *s: steps.append(s),
+        )
+    assert len(steps) == total + 3  # cancelled inside the refinement, after its third step
+
+
+def test_cli_refuses_bad_refinement_counts_and_models_of_the_wrong_kind_with_one_line(tmp_path):
+    ct_path = str(require_shared(CT))
+    colorizer = str(require_shared(ROOT / "weights" / "colorizer-2d.safetensors"))
+    cases = {
+        ("--refine", "-1"): "refinement steps must be an integer from 0 to 10000",
+        ("--refine", "10001"): "refinement steps must be an integer from 0 to 10000",
+        ("--refine", "many"): "invalid int value",
+        ("--model", colorizer): "not a SYMNet checkpoint",
+        ("--model", ct_path): "only .safetensors weights are loaded",
+    }
+    for k, (args, message) in enumerate(cases.items()):
+        done = _ctcolor("register", ct_path, ct_path, "-o", str(tmp_path / f"out{k}"), *args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert message in done.stderr, (args, done.stderr)
+        assert not (tmp_path / f"out{k}").exists()
 
 
 # --- conventions and geometry on the shared CT ------------------------------------------------------------------------
@@ -427,7 +547,7 @@ def test_cli_register_writes_outputs_on_the_fixed_grid_usable_by_simpleitk(ct, t
     np.testing.assert_allclose(warped.array[inside], reference[inside], atol=0.05, rtol=0)
     assert np.median(ddf[ct.array > -500][:, 0]) < -1.5  # the translation's x sign, in LPS
     metrics = json.loads((outdir / "metrics.json").read_text())
-    assert {"ncc_before", "ncc_after", "folding_fraction", "seconds", "model", "device", "fast"} <= set(metrics)
+    assert {"ncc_before", "ncc_after", "folding_fraction", "seconds", "model", "device", "refine_steps"} <= set(metrics)
     assert metrics["ncc_after"] > metrics["ncc_before"] and metrics["model"] == CHECKPOINT.name
     assert (outdir / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in outdir.iterdir()) == sorted(

@@ -358,10 +358,6 @@ def _ctcolor(args: Sequence[str]) -> float:
     return seconds
 
 
-def _minmax(array: np.ndarray) -> np.ndarray:
-    return (array - array.min()) / (array.max() - array.min())
-
-
 def bench_register(quick: bool, repeats: int, data_dir: Path = OASIS_DIR) -> list[dict]:
     """The OASIS pair, every method a whole process in this run: ``ctcolor register`` with the official checkpoint,
     ``ctcolor peer official-symnet`` (the official inference recipe), and ANTs SyN, elastix B-spline and demons
@@ -408,10 +404,11 @@ def bench_register(quick: bool, repeats: int, data_dir: Path = OASIS_DIR) -> lis
             warped[item] = nib.load(str(out / "warped.nii.gz")).get_fdata(dtype=np.float32)
         ratio = statistics.median(seconds[official]) / statistics.median(seconds[ours])
         for item in (ours, official):
-            # The reference is in min-max units of the moving image: ours is in its original units.
             note = f"{ratio:.2f}x the official recipe, same run" if item == ours else ""
             if not quick:  # the network on a crop is not the reference's registration
-                diff = np.abs((_minmax(warped[item]) if item == ours else warped[item]) - reference)
+                # The reference is in min-max units of the moving image; ours is in the moving image's own units.
+                low, high = float(moving.min()), float(moving.max())
+                diff = np.abs(((warped[item] - low) / (high - low) if item == ours else warped[item]) - reference)
                 note = "; ".join(filter(None, (note, f"max |warped - official reference| {diff.max():.2g}")))
             rows.append(_seconds_row("register", item, "cpu", label, seconds[item], note=note))
         for name in peers:

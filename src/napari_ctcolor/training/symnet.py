@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from ..engines.orientation import AxisMap
 from ..io import Volume
 from ..io.write import atomic_path
 from ..models.diffeo import integrate_velocity, warp
@@ -63,6 +64,7 @@ class SymnetTrainConfig:
     start_channel: int = 7
     init: str | None = None  # a SYMNet checkpoint under ../shared/data to start from, or None for random weights
     window_hu: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])
+    axes: list[str] = field(default_factory=lambda: ["S", "P", "L"])  # the network's axes (model card inputs.axes)
     steps: int = 1000
     lr: float = 1e-4
     crop: list[int] = field(default_factory=lambda: [48, 96, 96])
@@ -181,8 +183,11 @@ def phase_change(hu: np.ndarray, labels: np.ndarray, names: dict[int, str], rng:
 # --- training data ---------------------------------------------------------------------------------------------------
 
 
-def _isotropic(case: LabelledCT | tuple[str, Volume], spacing: float) -> tuple[np.ndarray, np.ndarray | None]:
-    """HU (float32) and labels resampled to ``spacing`` mm along every axis (SimpleITK), same physical box."""
+def _isotropic(
+    case: LabelledCT | tuple[str, Volume], spacing: float, axes: list[str]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """HU (float32) and labels resampled to ``spacing`` mm along every axis (SimpleITK), same physical box, in the
+    network's axis order and orientation ``axes`` (`AxisMap`, as the engine feeds the network)."""
     ct, labels = (case.ct, case.labels) if isinstance(case, LabelledCT) else (case[1], None)
     size = [max(1, int(round(n * s / spacing))) for n, s in zip(ct.shape[::-1], ct.spacing[::-1], strict=True)]
 
@@ -200,12 +205,17 @@ def _isotropic(case: LabelledCT | tuple[str, Volume], spacing: float) -> tuple[n
         )
         return sitk.GetArrayFromImage(out)
 
-    hu = resample(ct.to_sitk(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+    axis_map = AxisMap.between(ct, axes)  # resampling keeps the direction, so the CT's map holds
+
+    def oriented(array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(axis_map.to_network(torch.from_numpy(array)[None, None])[0, 0].numpy())
+
+    hu = oriented(resample(ct.to_sitk(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32))
     if labels is None:
         return hu, None
     label_image = sitk.GetImageFromArray(labels.astype(np.uint16))
     label_image.CopyInformation(ct.to_sitk())
-    return hu, resample(label_image, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
+    return hu, oriented(resample(label_image, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16))
 
 
 class PairSampler:
@@ -223,7 +233,7 @@ class PairSampler:
                 cases.append(load_real_case(data, entry[0], entry[1]))
             else:
                 cases.append((entry[0], read_volume(data / "ct" / entry[0])))
-        self.views = [_isotropic(case, s) for case in cases for s in train.spacing_mm]
+        self.views = [_isotropic(case, s, train.axes) for case in cases for s in train.spacing_mm]
         self.spacings = [s for _ in cases for s in train.spacing_mm]
         self.names = [case.name if isinstance(case, LabelledCT) else case[0] for case in cases]
         log(f"training data: {len(cases)} cases x {len(train.spacing_mm)} spacings")
@@ -463,6 +473,7 @@ def model_card(model: SYMNet, train: SymnetTrainConfig, config_path: Path, facts
         },
         "inputs": {
             "normalisation": {"mode": "window", "window_hu": list(train.window_hu)},
+            "axes": list(train.axes),
             "min_spacing_mm": train.min_spacing_mm,
             "note": "HU clipped to window_hu and mapped to [0, 1]; the engine pads each axis to a multiple of 16"
             + (
