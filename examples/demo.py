@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from napari_ctcolor.cli import main as ctcolor
-from napari_ctcolor.engines import colorize
+from napari_ctcolor.engines.colorize import colorize
 from napari_ctcolor.io import write_nifti
 from napari_ctcolor.io.export import write_rgb_nifti
 from napari_ctcolor.phantom import make_phantom

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from napari_ctcolor.cli import main
-from napari_ctcolor.engines import colorize
+from napari_ctcolor.engines.colorize import colorize
 from napari_ctcolor.io import InputError, Volume, read_volume, write_nifti
 from napari_ctcolor.io.write import atomic_path
 

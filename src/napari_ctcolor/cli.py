@@ -245,7 +245,7 @@ def _check_output(out: Path, folder: bool, inputs: Sequence[str], overwrite: boo
 def _cmd_colorize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .engines import colorize
+    from .engines.colorize import colorize
     from .io.export import write_png_slices, write_rgb_dicom, write_rgb_nifti
 
     out = Path(args.output)
