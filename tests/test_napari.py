@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from napari_ctcolor.io import read_volume, write_nifti
 from napari_ctcolor.napari._reader import get_reader
 
-from conftest import CT_DIR, require_shared
+from conftest import CT_DIR, SHARED_DATA, require_shared
 from test_io_nifti import rotated_volume
 
 PLUGIN = "napari-ctcolor"
@@ -87,3 +87,15 @@ def test_phantom_sample_adds_ct_and_labels(make_napari_viewer):
     ct, labels = viewer.layers
     assert ct.data.shape == labels.data.shape
     np.testing.assert_allclose(ct.scale, labels.scale)
+
+
+def test_reader_orders_permuted_axes_along_lps_and_keeps_every_voxel_in_place(make_napari_viewer):
+    # The OASIS brains are stored LIA (array axes permuted against LPS): napari could not display them as stored.
+    path = require_shared(SHARED_DATA / "symnet-oasis" / "image_A_full_size.nii.gz")
+    viewer = make_napari_viewer()
+    layer = viewer.open(str(path), plugin=PLUGIN)[0]
+    image = sitk.ReadImage(str(path))  # the independent reading of the file, indices in its stored order
+    for index in [(0, 0, 0), (159, 10, 200), (80, 96, 112), (3, 191, 17)]:
+        point = np.array(image.TransformIndexToPhysicalPoint(index))  # LPS (x, y, z) mm
+        data_index = np.round(layer.world_to_data(point[::-1])).astype(int)  # the layer's world is (z, y, x)
+        assert layer.data[tuple(data_index)] == pytest.approx(image.GetPixel(index)), index

@@ -314,7 +314,13 @@ def test_resize_field_is_the_geometric_partner_of_adaptive_average_pooling():
 
 
 def test_card_normalisation_and_working_spacing_come_from_the_model_card(tmp_path):
-    card = {"inputs": {"normalisation": {"mode": "window", "window_hu": [-1000, 1000]}, "min_spacing_mm": 1.5}}
+    card = {
+        "inputs": {
+            "normalisation": {"mode": "window", "window_hu": [-1000, 1000]},
+            "axes": ["S", "P", "L"],
+            "min_spacing_mm": 1.5,
+        }
+    }
     assert _card_normalisation(card, "x") == ("window", (-1000.0, 1000.0))
     assert _card_normalisation({"inputs": {"normalisation": {"mode": "minmax"}}}, "x") == ("minmax", None)
     for bad in ({}, {"inputs": {"normalisation": {"mode": "window", "window_hu": [500, -500]}}}):
@@ -325,8 +331,15 @@ def test_card_normalisation_and_working_spacing_come_from_the_model_card(tmp_pat
     loaded = load_registration_model(weights)
     assert loaded.name == "mine.safetensors" and loaded.min_spacing_mm == 1.5
     assert loaded.normalisation == ("window", (-1000.0, 1000.0))
+    assert loaded.axes == ("S", "P", "L")
     official = load_registration_model(_checkpoint())
     assert official.normalisation == ("minmax", None) and official.min_spacing_mm is None
+    assert official.axes == ("L", "I", "A")
+    # A card that does not say which axes its network saw is refused: a CNN is not equivariant to transposes.
+    del card["inputs"]["axes"]
+    save_weights(load_symnet_checkpoint(_checkpoint()), {"name": "mine", **card}, tmp_path, "mine")
+    with pytest.raises(InputError, match="does not state the network's axes"):
+        load_registration_model(weights)
 
 
 def test_working_grid_registration_upsamples_fields_onto_the_fixed_grid(ct, monkeypatch):

@@ -298,9 +298,10 @@ def test_widget_with_the_official_checkpoint_reproduces_the_official_warped_imag
     widget.device.value = "cpu"
     click_and_wait(qtbot, widget, widget.run_button)
     assert not errors
-    warped = layer(viewer, f"{moving.name} warped").data  # (Z, Y, X): the NIfTI's (i, j, k) reversed
+    warped = layer(viewer, f"{moving.name} warped").data
     low, high = float(moving.data.min()), float(moving.data.max())
-    reference = read_volume(reference_path).array  # min-max units, same (Z, Y, X) order as the layers
+    # The reader stores these LIA volumes with their axes along LPS (SimpleITK's DICOMOrient): the reference too.
+    reference = sitk.GetArrayFromImage(sitk.DICOMOrient(read_volume(reference_path).to_sitk(), "LPS"))
     diff = np.abs((warped - low) / (high - low) - reference)
     print(f"\nwidget vs official reference: max {diff.max():.2e}")
     assert diff.max() <= 1e-3

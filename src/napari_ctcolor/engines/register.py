@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -419,7 +420,10 @@ def working_shape(
     """
 
     def at(t: float) -> tuple[int, int, int]:
-        return tuple(n if n == 1 else min(n, max(4, round(n * s / t))) for n, s in zip(shape, spacing, strict=True))
+        return tuple(
+            n if n == 1 or math.isinf(s) else min(n, max(4, round(n * s / t)))
+            for n, s in zip(shape, spacing, strict=True)
+        )
 
     t = max(min(spacing), min_spacing_mm or 0.0)
     while _padded_voxels(at(t)) > MAX_NETWORK_VOXELS:
@@ -713,7 +717,8 @@ def iter_register(
         "seconds": round(time.perf_counter() - start, 3),
         "stage_seconds": stages.seconds,
         "model": loaded.name,
-        "network_shape": list(work),
+        # The working grid in the fixed image's (Z, Y, X) order (the network saw it in its own axis order).
+        "network_shape": [work[axis_map.axes.index(a)] for a in range(3)],
         "device": str(torch_device),
         "refine_steps": settings.steps,
         "affine": bool(affine),

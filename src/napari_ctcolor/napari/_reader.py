@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..io import ITK_SUFFIXES, NIFTI_SUFFIXES, read_volume
+import numpy as np
+
+from ..io import ITK_SUFFIXES, NIFTI_SUFFIXES, Volume, read_volume
 from ._layers import image_layer_data
 
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -49,8 +51,23 @@ def get_reader(path):
     return None
 
 
+def axis_ordered(volume: Volume) -> Volume:
+    """``volume`` with its array axes (Z, Y, X) running along LPS z, y, x, each in either sense.
+
+    napari slices world axes: when the array axes are stored permuted (a sagittal or coronal acquisition, or the
+    neurite-OASIS brains, stored LIA), the displayed plane takes its rows and columns from other axes and vispy's
+    transform is singular. Such volumes are reordered with SimpleITK's ``DICOMOrient`` (an exact transpose and
+    reversal of axes, no interpolation); every voxel keeps its physical position. Other volumes are returned as is.
+    """
+    if np.array_equal(np.argmax(np.abs(volume.direction), axis=0), [0, 1, 2]):
+        return volume
+    import SimpleITK as sitk
+
+    return Volume.from_sitk(sitk.DICOMOrient(volume.to_sitk(), "LPS"), meta=dict(volume.meta))
+
+
 def read_ct(path):
     """Read one CT (or other scalar image) into a layer; errors reach napari as one-line InputError messages."""
     if isinstance(path, list):
         path = path[0]
-    return [image_layer_data(read_volume(path))]
+    return [image_layer_data(axis_ordered(read_volume(path)))]
