@@ -24,6 +24,7 @@ from napari_ctcolor.engines.register import (
     _card_normalisation,
     _padded_voxels,
     _resize_field,
+    global_ncc,
     load_registration_model,
     working_shape,
 )
@@ -619,3 +620,32 @@ def test_cli_checkerboard_writes_nifti_on_a_grid(ct, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and ".nii or .nii.gz" in err[0]
     code, err = _run(capsys, "checkerboard", str(a_path), str(b_path), "-o", str(b_path))
     assert code == 2 and len(err) == 1 and "would overwrite the input" in err[0]
+
+
+def test_cli_peer_demons_writes_a_warped_image_and_an_lps_ddf_that_simpleitk_applies(ct, tmp_path):
+    from napari_ctcolor.cli import PEER_NAMES
+    from napari_ctcolor.peers import PEER_COMMANDS
+
+    assert set(PEER_NAMES) == set(PEER_COMMANDS)  # the CLI's choices are the peers module's names
+    moving = _resampled(ct, sitk.TranslationTransform(3, (5.0, -3.0, 0.0)), AIR_HU)
+    paths = [write_nifti(v, tmp_path / f"{name}.nii.gz") for v, name in ((ct, "fixed"), (moving, "moving"))]
+    done = _ctcolor("peer", "demons", *map(str, paths), "-o", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ddf.nii.gz", "metrics.json", "warped.nii.gz"]
+    warped = read_volume(tmp_path / "out" / "warped.nii.gz")
+    ddf = sitk.Cast(sitk.ReadImage(str(tmp_path / "out" / "ddf.nii.gz")), sitk.sitkVectorFloat64)
+    ddf_mm = sitk.GetArrayFromImage(ddf)  # (Z, Y, X, 3) LPS; the transform below takes the image over
+    moving_image = sitk.Cast(moving.to_sitk(), sitk.sitkFloat32)
+    again = sitk.Resample(moving_image, ct.to_sitk(), sitk.DisplacementFieldTransform(ddf), sitk.sitkLinear, AIR_HU)
+    np.testing.assert_allclose(warped.array, sitk.GetArrayFromImage(again), atol=0.05)
+    ncc = [
+        global_ncc(torch.from_numpy(ct.array.astype(np.float32)), torch.from_numpy(v.astype(np.float32)))
+        for v in (moving.array, warped.array)
+    ]
+    assert ncc[1] > ncc[0] + 0.02, ncc
+    # moving(p) = fixed(p + 5 mm x): fixed point p is at moving point p - 5 mm, so ddf_x is about -5 mm.
+    body = ct.array > -500
+    assert np.median(ddf_mm[body][:, 0]) < -2.5
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["peer"] == "demons"
+    done = _ctcolor("peer", "demons", *map(str, paths), "-o", str(tmp_path / "out"))
+    assert done.returncode == 2 and "not empty" in done.stderr and len(done.stderr.strip().splitlines()) == 1

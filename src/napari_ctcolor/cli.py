@@ -95,10 +95,10 @@ def _refuse_input_paths(outputs: Sequence[Path], inputs: Sequence[str]) -> None:
             raise InputError(f"{path}: output would overwrite the input {resolved[path.resolve()]}")
 
 
-def _register_outdir(args: argparse.Namespace) -> dict[str, Path]:
+def _register_outdir(args: argparse.Namespace, names: Sequence[str] = REGISTER_OUTPUTS) -> dict[str, Path]:
     """The output paths in OUTDIR, after refusing a non-empty OUTDIR (without --overwrite) and input paths."""
     outdir = Path(args.outdir)
-    outputs = {name: outdir / name for name in REGISTER_OUTPUTS}
+    outputs = {name: outdir / name for name in names}
     _refuse_input_paths([outdir, *outputs.values()], [args.fixed, args.moving])
     if outdir.exists() and not outdir.is_dir():
         raise InputError(f"{outdir}: exists and is not a folder; give a new or empty output folder")
@@ -149,15 +149,6 @@ def _cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
-def _peer_outdir(args: argparse.Namespace) -> Path:
-    """OUTDIR of ``ctcolor peer``, refused like register's when it is an input or holds files (without --overwrite)."""
-    outdir = Path(args.outdir)
-    _refuse_input_paths([outdir], [args.fixed, args.moving])
-    if outdir.exists() and (not outdir.is_dir() or (any(outdir.iterdir()) and not args.overwrite)):
-        raise InputError(f"{outdir}: exists and is not an empty folder; use --overwrite or give a new folder")
-    return outdir
-
-
 def _cmd_peer(args: argparse.Namespace) -> int:
     """A registration peer as a whole process: the official SYMNet recipe or a classical method (`peers`)."""
     import nibabel as nib
@@ -166,7 +157,9 @@ def _cmd_peer(args: argparse.Namespace) -> int:
     from . import peers
     from .engines.checkerboard import resample_onto, same_grid
 
-    outdir = _peer_outdir(args)
+    names = ("warped.nii.gz", "flow.nii.gz" if args.name == "official-symnet" else "ddf.nii.gz", "metrics.json")
+    outputs = _register_outdir(args, names)
+    outdir = outputs["metrics.json"].parent
     if args.name == "official-symnet":
         if not args.model:
             raise InputError("official-symnet needs --model, the official SYMNet .pth checkpoint")
@@ -193,15 +186,14 @@ def _cmd_peer(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - start
         # Peers return index-axis mm; the direction turns them into LPS (the ddf convention of `ctcolor register`).
         ddf = np.ascontiguousarray(result.ddf_mm @ fixed.direction.T, dtype=np.float32)
-        transform = sitk.DisplacementFieldTransform(
-            sitk.Cast(sitk.GetImageFromArray(ddf.astype(np.float64), isVector=True), sitk.sitkVectorFloat64)
-        )
-        field_image = transform.GetDisplacementField()
-        field_image.CopyInformation(sitk.Cast(fixed.to_sitk(), sitk.sitkFloat32))
-        transform = sitk.DisplacementFieldTransform(field_image)
+        grid = fixed.to_sitk()
+        field = sitk.GetImageFromArray(ddf.astype(np.float64), isVector=True)
+        field.CopyInformation(grid)
         moving_image = sitk.Cast(moving.to_sitk(), sitk.sitkFloat32)
         default = float(np.nanmin(moving.array))
-        warped_image = sitk.Resample(moving_image, fixed.to_sitk(), transform, sitk.sitkLinear, default)
+        warped_image = sitk.Resample(
+            moving_image, grid, sitk.DisplacementFieldTransform(field), sitk.sitkLinear, default
+        )
         warped = Volume(sitk.GetArrayFromImage(warped_image), fixed.spacing, fixed.origin, fixed.direction.copy())
         outdir.mkdir(parents=True, exist_ok=True)
         write_nifti(warped, outdir / "warped.nii.gz")

@@ -55,15 +55,13 @@ class RefineSettings:
     factor: int = 2
 
     @classmethod
-    def from_card(cls, spec: dict | None, steps: int | None, source: str) -> RefineSettings:
-        """The card's settings, with ``steps`` (the user's ``--refine``) replacing the card's when given."""
+    def from_card(cls, spec: dict | None, source: str) -> RefineSettings:
+        """The settings of a model card's ``inference.refine`` (defaults for what it leaves out)."""
         spec = dict(spec or {})
         unknown = set(spec) - set(cls.__dataclass_fields__)
         if unknown:
             raise InputError(f"{source}: unknown refinement settings in its model card: {sorted(unknown)}")
         settings = cls(**spec)
-        if steps is not None:
-            settings = cls(**{**settings.__dict__, "steps": steps})
         check_steps(settings.steps)
         if settings.factor not in (1, 2):
             raise InputError(f"{source}: refinement factor must be 1 or 2, got {settings.factor}")

@@ -25,6 +25,7 @@ network, fields are on the (Z, Y, X) arrays and channel c is the displacement al
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -50,7 +51,7 @@ from napari_ctcolor.windowing import window_tensor
 from .checkerboard import resample_onto, same_grid
 from .device import resolve_device
 from .orientation import AxisMap, check_axes
-from .refine import RefineSettings, refine_velocities
+from .refine import RefineSettings, check_steps, refine_velocities
 from .steps import Cancel, Progress, Steps, run_steps
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def load_registration_model(model: str | os.PathLike) -> RegistrationModel:
         name,
         check_axes(inputs["axes"], name),
         min_spacing and float(min_spacing),
-        RefineSettings.from_card(card.get("inference", {}).get("refine"), None, name),
+        RefineSettings.from_card(card.get("inference", {}).get("refine"), name),
     )
 
 
@@ -590,7 +591,7 @@ def iter_register(
     fixed_low, fixed_high = _intensity_range(fixed, "fixed image")
     moving_low, moving_high = _intensity_range(moving, "moving image")
     loaded = load_registration_model(model)  # before the stages: a bad file or refinement count fails at once
-    settings = RefineSettings.from_card(loaded.refine.__dict__, refine, loaded.name)
+    settings = loaded.refine if refine is None else dataclasses.replace(loaded.refine, steps=check_steps(refine))
     # 7 stages, the pre-alignment, and the refinement: one tick per optimiser step, one when its stage ends.
     stages = _Stages(7 + affine + (settings.steps + 1 if settings.steps else 0), progress, cancel, torch_device)
 
