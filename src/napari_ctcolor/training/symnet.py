@@ -18,6 +18,7 @@ from a seed never used in training, and reports Dice before/after, folding and s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 import tempfile
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 import yaml
 
 from ..engines.orientation import AxisMap
+from ..engines.refine import RefineSettings
 from ..io import Volume
 from ..io.write import atomic_path
 from ..models.diffeo import integrate_velocity, warp
@@ -215,7 +217,8 @@ def _isotropic(
         return hu, None
     label_image = sitk.GetImageFromArray(labels.astype(np.uint16))
     label_image.CopyInformation(ct.to_sitk())
-    return hu, oriented(resample(label_image, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16))
+    # int16: torch cannot reverse uint16 tensors; TotalSegmentator ids are < 200.
+    return hu, oriented(resample(label_image, sitk.sitkNearestNeighbor, 0, sitk.sitkInt16))
 
 
 class PairSampler:
@@ -235,6 +238,9 @@ class PairSampler:
                 cases.append((entry[0], read_volume(data / "ct" / entry[0])))
         self.views = [_isotropic(case, s, train.axes) for case in cases for s in train.spacing_mm]
         self.spacings = [s for _ in cases for s in train.spacing_mm]
+        self.label_names = [
+            case.label_names if isinstance(case, LabelledCT) else {} for case in cases for _ in train.spacing_mm
+        ]
         self.names = [case.name if isinstance(case, LabelledCT) else case[0] for case in cases]
         log(f"training data: {len(cases)} cases x {len(train.spacing_mm)} spacings")
 
@@ -252,6 +258,10 @@ class PairSampler:
         hu, labels = self._crop(*self.views[index])
         spacing = self.spacings[index]
         pair = deform_pair(hu, labels, (spacing,) * 3, self.rng, self.train.deformation)
+        # Follow-ups differ in more than geometry: another contrast phase, other noise (`phase_change`).
+        if pair.moving_labels is not None and self.rng.random() < float(self.train.deformation.get("phase_change", 0)):
+            changed = phase_change(pair.moving[0, 0].numpy(), pair.moving_labels, self.label_names[index], self.rng)
+            pair = Pair(pair.fixed, torch.from_numpy(changed)[None, None], pair.fixed_labels, pair.moving_labels)
         if self.rng.random() < 0.5:  # either image may be the fixed one
             pair = Pair(pair.moving, pair.fixed, pair.moving_labels, pair.fixed_labels)
         return pair
@@ -484,6 +494,10 @@ def model_card(model: SYMNet, train: SymnetTrainConfig, config_path: Path, facts
             )
             + f". Trained at {', '.join(map(str, train.spacing_mm))} mm isotropic voxels.",
         },
+        "inference": {
+            "refine": dataclasses.asdict(RefineSettings()),
+            "note": "ctcolor register --refine N overrides steps; off by default until it wins in ctcolor bench.",
+        },
         "training": {
             "command": f"ctcolor train symnet --config {config_path.as_posix()}",
             "data": CITATIONS,
@@ -496,7 +510,7 @@ def model_card(model: SYMNet, train: SymnetTrainConfig, config_path: Path, facts
             "Displacements are learned in voxels of 1.5-3 mm and the network runs on voxels of at least "
             "min_spacing_mm, so deformation detail finer than about two such voxels is smoothed over.",
             "Its Dice is below elastix B-spline and SimpleITK demons on the same synthetic pairs (BENCHMARKS.md): "
-            "one forward pass, fine-tuned for 1500 CPU steps from brain-MRI weights.",
+            f"one forward pass, fine-tuned for {train.steps} CPU steps from brain-MRI weights.",
             "Registration is a visual aid for comparing scans; check the checkerboard and Jacobian before trusting it.",
         ],
     }
