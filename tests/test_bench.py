@@ -91,3 +91,9 @@ def test_bench_refuses_a_missing_output_folder(tmp_path: Path, capsys: pytest.Ca
     assert main(["bench", "--quick", "--json", str(tmp_path / "no" / "bench.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_bench_refuses_unknown_sections_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--quick", "--only", "register,speed"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --only: unknown sections ['speed']") and len(err.strip().splitlines()) == 1

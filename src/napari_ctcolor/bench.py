@@ -494,34 +494,39 @@ def bench_register_ct(quick: bool) -> list[dict]:
     return rows
 
 
-def run_bench(quick: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """All benchmarks; ``quick`` is a smoke run (tiny volumes, 1 warm-up + 2 repeats, no full-size registration or
-    RSS subprocess). Returns ``{"machine": ..., "quick": ..., "seconds": ..., "rows": [...]}``.
+#: ``ctcolor bench --only`` section names.
+SECTIONS = ("colorize", "memory", "register", "register-ct")
+
+
+def run_bench(
+    quick: bool = False, log: Callable[[str], None] | None = None, only: Sequence[str] = SECTIONS
+) -> dict[str, Any]:
+    """The benchmarks of the sections in ``only`` (all by default); ``quick`` is a smoke run (tiny volumes, 1 warm-up
+    + 2 repeats, no full-size registration or RSS subprocess). Returns ``{"machine": ..., "quick": ..., "seconds":
+    ..., "sections": [...], "rows": [...]}``.
     """
     log = log or (lambda _message: None)
     start = time.perf_counter()
     info = machine_info()
     rows: list[dict] = []
-    if quick:
-        log("colorize (quick)")
-        rows += bench_colorize(slices=4, repeats=2)
-        log("register (quick, 64^3 crop)")
-        rows += bench_register(quick=True, repeats=1)
-        log("register CT (quick, one synthetic pair)")
-        rows += bench_register_ct(quick=True)
-        rows.append(
-            _row("memory", "colorizer-2d peak RSS - baseline", "cpu", "512x512x600", "MB", note="not measured: --quick")
-        )
-    else:
-        log("colorize")
-        rows += bench_colorize(slices=60, repeats=5)
-        log("peak RSS, 512x512x600 (subprocess)")
-        rows += bench_rss()
-        log("register (OASIS pair)")
-        rows += bench_register(quick=False, repeats=3)
-        log("register CT (synthetic deformations of the shared labelled CTs)")
-        rows += bench_register_ct(quick=False)
-    return {"machine": info, "quick": quick, "seconds": round(time.perf_counter() - start, 1), "rows": rows}
+    if "colorize" in only:
+        log("colorize" + " (quick)" * quick)
+        rows += bench_colorize(slices=4, repeats=2) if quick else bench_colorize(slices=60, repeats=5)
+    if "memory" in only:
+        if quick:
+            note = "not measured: --quick"
+            rows.append(_row("memory", "colorizer-2d peak RSS - baseline", "cpu", "512x512x600", "MB", note=note))
+        else:
+            log("peak RSS, 512x512x600 (subprocess)")
+            rows += bench_rss()
+    if "register" in only:
+        log("register (OASIS pair" + ", quick: 64^3 crop)" * quick + ")" * (not quick))
+        rows += bench_register(quick=quick, repeats=1 if quick else 3)
+    if "register-ct" in only:
+        log("register CT (synthetic deformations of the shared labelled CTs" + ", quick: one pair" * quick + ")")
+        rows += bench_register_ct(quick=quick)
+    seconds = round(time.perf_counter() - start, 1)
+    return {"machine": info, "quick": quick, "seconds": seconds, "sections": list(only), "rows": rows}
 
 
 def _fmt(value: Any) -> str:
@@ -562,6 +567,8 @@ def markdown_section(report: dict[str, Any]) -> str:
     """A BENCHMARKS.md-style dated section for a `run_bench` report."""
     info = report["machine"]
     kind = "quick smoke run" if report["quick"] else "full run"
+    if list(report.get("sections", SECTIONS)) != list(SECTIONS):
+        kind += ", sections " + ", ".join(report["sections"])
     gpu = "GPU" if info["gpu"] != "none" else "CPU"
     return (
         f"## {info['date']}, {gpu} (`ctcolor bench`{' --quick' if report['quick'] else ''}, {kind}, "

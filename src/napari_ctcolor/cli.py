@@ -291,13 +291,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import markdown_section, markdown_table, run_bench
+    from .bench import SECTIONS, markdown_section, markdown_table, run_bench
 
     outputs = [Path(p) for p in (args.json, args.markdown) if p]
     for out in outputs:
         if not out.parent.exists():
             raise InputError(f"{out}: folder {out.parent} does not exist")
-    report = run_bench(quick=args.quick, log=lambda message: print(f"bench: {message}", file=sys.stderr, flush=True))
+    only = args.only.split(",") if args.only else SECTIONS
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        raise InputError(f"--only: unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    report = run_bench(
+        quick=args.quick, log=lambda message: print(f"bench: {message}", file=sys.stderr, flush=True), only=only
+    )
     print(markdown_table(report["rows"]))
     if args.json:
         with atomic_path(Path(args.json)) as tmp:
@@ -414,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="smoke run: tiny volumes, few repeats (under a minute)")
     bench.add_argument("--json", metavar="OUT", help="write the machine description and all rows as JSON")
     bench.add_argument("--markdown", metavar="OUT", help="write a dated BENCHMARKS.md-style section")
+    bench.add_argument(
+        "--only", metavar="SECTIONS", help="comma-separated: colorize, memory, register, register-ct (default: all)"
+    )
     bench.set_defaults(run=_cmd_bench)
     return parser
 
