@@ -409,7 +409,7 @@ def bench_register(quick: bool, repeats: int, data_dir: Path = OASIS_DIR) -> lis
                 # The reference is in min-max units of the moving image; ours is in the moving image's own units.
                 low, high = float(moving.min()), float(moving.max())
                 diff = np.abs(((warped[item] - low) / (high - low) if item == ours else warped[item]) - reference)
-                note = "; ".join(filter(None, (note, f"max |warped - official reference| {diff.max():.2g}")))
+                note = "; ".join(filter(None, (note, f"max abs(warped - official reference) {diff.max():.2g}")))
             rows.append(_seconds_row("register", item, "cpu", label, seconds[item], note=note))
         for name in peers:
             item = PEER_COMMANDS[name]
