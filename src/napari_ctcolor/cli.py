@@ -427,8 +427,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reuse_freed_memory() -> None:
+    """Let glibc keep freed memory for reuse in this process instead of handing every large block back to the OS.
+
+    glibc serves blocks over 32 MB with mmap and unmaps them when freed, so each field-sized temporary of a
+    registration (83 MB on the OASIS pair) is page-faulted in afresh: `ctcolor register` spent 11.8 s of system time
+    in 27 s of wall time. Serving them from the heap and trimming it only above 1 GiB free cuts the run to 20 s; peak
+    resident memory rises from 2.6 to 3.9 GB (`BYTES_PER_VOXEL` accounts for it). A no-op where mallopt is absent.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    if mallopt is None:
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    mallopt(m_mmap_max, 0)
+    mallopt(m_trim_threshold, 1 << 30)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Only in the ctcolor process itself, not a caller's (tests, scripts) that shares its allocator; and not for
+    # `ctcolor peer`, which reproduces other tools' recipes as they run, with the default allocator.
+    if argv is None and args.command != "peer":
+        _reuse_freed_memory()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     # pydicom logs every oddity of a damaged file; our own InputError says what matters, in one line.
     logging.getLogger("pydicom").setLevel(logging.INFO if args.verbose else logging.CRITICAL)

@@ -196,9 +196,20 @@ def official_symnet(fixed_path: str | os.PathLike, moving_path: str | os.PathLik
         image's affine).
     """
     import nibabel as nib
+    import torch.nn.functional as F
 
-    from .models.diffeo import compose, integrate_velocity, warp
+    from .models.diffeo import INTEGRATION_STEPS, _identity_grid, _sampling_grid, compose, warp
     from .models.symnet import load_symnet_checkpoint
+
+    def integrate_velocity(velocity: torch.Tensor) -> torch.Tensor:
+        # The official DiffeomorphicTransform, out of place as written there (our `integrate_velocity` updates in
+        # place without autograd; a reimplementation of the official recipe must not inherit our optimisations).
+        identity = _identity_grid(tuple(velocity.shape[2:]), velocity)
+        ddf = velocity / 2.0**INTEGRATION_STEPS
+        for _ in range(INTEGRATION_STEPS):
+            grid = _sampling_grid(ddf, identity)
+            ddf = ddf + F.grid_sample(ddf, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        return ddf
 
     def load(path) -> tuple[torch.Tensor, np.ndarray]:
         try:

@@ -71,11 +71,12 @@ OFFICIAL_AXES = ("L", "I", "A")
 SLAB_SLICES = SIZE_MULTIPLE
 
 #: Peak memory of a registration per padded voxel (network activations, 4 fields being integrated, their temporaries):
-#: `ctcolor register` on the OASIS pair (160 x 192 x 224) peaks at 2.56 GB resident on the CPU, 372 bytes per voxel.
-BYTES_PER_VOXEL = 400
+#: `ctcolor register` on the OASIS pair (160 x 192 x 224) peaks at 3.7-4.1 GB resident on the CPU, up to 590 bytes per
+#: voxel, with the allocator keeping freed memory for reuse (the CLI's `_reuse_freed_memory`; 2.6 GB without).
+BYTES_PER_VOXEL = 600
 #: Memory per fixed-grid voxel of the full-resolution stages (fields in voxels and mm, warp grid, Jacobian).
 FULL_GRID_BYTES_PER_VOXEL = 120
-#: The network runs on at most this many padded voxels (256^3, ~6.7 GB at `BYTES_PER_VOXEL`): a larger fixed image
+#: The network runs on at most this many padded voxels (256^3, ~10 GB at `BYTES_PER_VOXEL`): a larger fixed image
 #: (a whole 512 x 512 x 300 CT) is registered on a coarser working grid, and the fields are upsampled.
 MAX_NETWORK_VOXELS = 256**3
 
