@@ -112,13 +112,21 @@ def test_colorize_cli_refuses_non_ct_existing_outputs_and_bad_settings(tmp_path)
     ct_path = require_shared(CT_DIR / "totalseg-body-3mm-30slices.nii.gz")
     existing = tmp_path / "exists.nii.gz"
     existing.write_bytes(b"keep me")
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("name,R,G,B\nliver,120,40,30\nspleen,300,0,0\n")
     for args in (
         ["-o", str(existing)],
         ["-o", str(tmp_path / "y.nii.gz"), "--window", "nonsense"],
         ["-o", str(tmp_path / "z.nii.gz"), "--chroma", "1.5"],
         ["-o", str(tmp_path / "w.nii.gz"), "--model", str(tmp_path / "missing.safetensors")],
+        ["-o", str(tmp_path / "v.nii.gz"), "--palette", "nonsense"],
+        ["-o", str(tmp_path / "u.nii.gz"), "--palette", str(bad_csv)],
+        ["-o", str(tmp_path / "t.nii.gz"), "--palette", str(tmp_path / "missing.csv")],
     ):
         result = ctcolor("colorize", str(ct_path), *args)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
+        if str(bad_csv) in args:
+            assert "line 3" in lines[0]  # the bad row is named
     assert existing.read_bytes() == b"keep me"
+    assert not any(tmp_path.glob("[tuvwxyz].nii.gz"))

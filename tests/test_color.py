@@ -13,6 +13,7 @@ from skimage.color import lab2rgb, rgb2lab
 
 from napari_ctcolor import color
 from napari_ctcolor.color import (
+    colour_class,
     compose_rgb,
     compose_rgb_torch,
     gamut_map_ab,
@@ -24,11 +25,11 @@ from napari_ctcolor.color import (
     load_palette,
     srgb_to_lab,
     srgb_to_lab_torch,
-    tissue_ab_from_hu,
 )
 from napari_ctcolor.io.errors import InputError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CT_DIR = SHARED_DATA / "ct"
 LABEL_NAMES = SHARED_DATA / "ct" / "totalseg-v2-label-names.json"
 STRUCTURE_TABLE = SHARED_DATA / "ct" / "totalseg-structures-snomed-rgb.csv"
 
@@ -374,8 +375,9 @@ def test_compose_rgb_rejects_bad_arguments():
 @pytest.mark.parametrize("name", ["anatomical", "dicom"])
 def test_palette_covers_all_totalsegmentator_v2_names(name):
     palette = load_palette(name)
-    assert set(palette.names) == set(ts_v2_names())
-    assert len(palette.names) == 117
+    groups = {colour_class(n) for n in ts_v2_names()} - set(ts_v2_names()) - {"lung"}  # lung: a tissue class
+    assert set(ts_v2_names()) <= set(palette.names) <= set(ts_v2_names()) | groups
+    assert len(ts_v2_names()) == 117 and all(palette.class_rgb(g) is not None for g in groups)
 
 
 @pytest.mark.parametrize("name", ["anatomical", "dicom"])
@@ -454,45 +456,59 @@ def test_anatomical_colours_fit_the_gamut_at_mid_lightness():
         np.testing.assert_allclose(mapped, ab, atol=1e-4)
 
 
-def test_tissue_ab_from_hu_classes():
-    pal = load_palette("anatomical")
-    hu = np.array([-1000.0, -800.0, -100.0, 40.0, 210.0, 1200.0])
-    ab = tissue_ab_from_hu(hu)
-    assert ab.shape == (6, 2) and ab.dtype == np.float32
-    by_class = {tc.name: tc.ab for tc in pal.tissue_classes}
-    np.testing.assert_array_equal(ab[0], [0.0, 0.0])  # air: no colour
-    for row, name in enumerate(["lung", "fat", "soft_tissue", "contrast_blood", "bone"], start=1):
-        np.testing.assert_allclose(ab[row], by_class[name], atol=1e-4)
-    hue = np.degrees(np.arctan2(ab[1:, 1], ab[1:, 0]))
-    assert hue[1] > hue[2] + 30  # fat yellower than soft tissue
-    assert hue[0] < hue[2]  # lung pinker than soft tissue
-    assert np.hypot(*ab[5]) < 15  # bone ivory
+def test_colour_classes_join_sides_levels_ribs_and_lobes():
+    got = [
+        colour_class(n)
+        for n in ("kidney_left", "vertebrae_T7", "vertebrae_L5", "vertebrae_S1", "rib_right_11", "lung_upper_lobe_left")
+    ]
+    assert got == ["kidney", "vertebrae_thoracic", "vertebrae_lumbar", "sacrum", "ribs", "lung"]
+    assert [colour_class(n) for n in ("liver", "heart_myocardium", "costal_cartilages")] == [
+        "liver",
+        "heart",
+        "costal_cartilages",
+    ]
 
 
-def test_tissue_ab_from_hu_is_smooth_across_class_boundaries():
-    hu = np.arange(-1100.0, 1500.0, 0.5)
-    ab = tissue_ab_from_hu(hu)
-    assert np.abs(np.diff(ab, axis=0)).max() < 0.5  # no step: at most 1 unit of a* or b* per HU
-    middle = tissue_ab_from_hu(np.array([-30.0]))[0]  # half-way between fat (-50) and soft tissue (-10)
-    fat, soft = tissue_ab_from_hu(np.array([-50.0, -10.0]))
-    np.testing.assert_allclose(middle, (fat + soft) / 2, atol=1e-3)
+def test_class_colours_come_from_structures_groups_tissues_or_members():
+    dicom = load_palette("dicom")
+    table = dicom_table()
+    assert dicom.class_rgb("kidney") == table["kidney"] and dicom.class_rgb("ribs") == table["ribs"]
+    assert dicom.class_rgb("air") is None and dicom.class_rgb("fat") == table["torso_fat"]
+    # A class no palette row names takes the mean Lab of its members: both brachiocephalic veins.
+    left, right = (srgb_to_lab(np.asarray(table[f"brachiocephalic_vein_{s}"], np.uint8)) for s in ("left", "right"))
+    mean = srgb_to_lab(np.asarray(dicom.class_rgb("brachiocephalic_vein"), np.uint8))
+    np.testing.assert_allclose(mean, (left + right) / 2, atol=1.0)
+    assert dicom.class_rgb("not_a_class") is None
+    ab = dicom.class_ab(["air", "liver"])
+    np.testing.assert_allclose(ab[0], [0, 0]) and np.testing.assert_allclose(ab[1], dicom.ab("liver"), atol=1e-5)
 
 
-def test_tissue_ab_from_hu_keeps_volume_shape_and_accepts_a_palette():
-    hu = np.random.default_rng(16).uniform(-1000, 1500, (4, 8, 8))
-    ab = tissue_ab_from_hu(hu, palette=load_palette("dicom"))
-    assert ab.shape == (4, 8, 8, 2)
-
-
-def test_ab_lut_maps_label_ids_to_structure_colours():
-    pal = load_palette("anatomical")
-    lut, known = pal.ab_lut({1: "spleen", 5: "liver", 7: "not_a_structure"})
-    assert lut.shape == (8, 2) and known.tolist() == [False, True, False, False, False, True, False, False]
-    np.testing.assert_allclose(lut[5], pal.ab("liver"), atol=1e-5)
-    labels = np.array([[0, 1], [5, 7]])
-    assert np.array_equal(known[labels], [[False, True], [True, False]])
+def test_a_csv_palette_overrides_what_it_names_and_errors_name_the_line(tmp_path):
+    good = tmp_path / "mine.csv"
+    good.write_text("name,R,G,B\nliver,10,20,200\nkidney_left,200,0,0\nfat,250,250,0\n\n")
+    mine = load_palette(str(good))
+    anatomical = load_palette("anatomical")
+    assert mine.name == "mine" and mine.class_rgb("liver") == (10, 20, 200)
+    assert mine.class_rgb("kidney") == (200, 0, 0)  # the group follows the member the file names
+    assert mine.class_rgb("fat") == (250, 250, 0)  # a tissue class
+    assert mine.class_rgb("spleen") == anatomical.class_rgb("spleen")  # the rest stays anatomical
+    table = load_palette(CT_DIR / "totalseg-structures-snomed-rgb.csv") if CT_DIR.exists() else None
+    if table is not None:  # TotalSegmentator's own table reads as the dicom palette's structure colours
+        assert all(table.class_rgb(n) == load_palette("dicom").class_rgb(n) for n in ("liver", "aorta", "ribs"))
+    for text, message in (
+        ("liver,10,20\n", "line 1"),
+        ("name,R,G,B\nliver,10,20,300\n", "line 2"),
+        ("liver,10,20,30\nlivr,1,2,3\n", r"line 2: unknown name 'livr'"),
+        ("name,R,G,B\n", "no name,R,G,B rows"),
+    ):
+        bad = tmp_path / "bad.csv"
+        bad.write_text(text)
+        with pytest.raises(InputError, match=message):
+            load_palette(bad)
+    with pytest.raises(InputError, match="cannot read"):
+        load_palette(tmp_path / "missing.csv")
 
 
 def test_load_palette_rejects_unknown_names():
-    with pytest.raises(InputError, match="anatomical, dicom"):
+    with pytest.raises(InputError, match="anatomical, dicom or a .csv file"):
         load_palette("rainbow")

@@ -33,7 +33,7 @@ class SlowColorizer(Colorizer):
     """The tiny colorizer, 0.2 s per batch: a run long enough to cancel."""
 
     def __init__(self) -> None:
-        super().__init__(ColorizerConfig(channels=(8, 16, 32, 64)))
+        super().__init__(ColorizerConfig(channels=(8, 16, 32, 64), classes=("air", "fat", "soft_tissue", "bone")))
         self.batches = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,6 +109,29 @@ def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     assert lightness_error(layer.data[::5], ct.data[::5], PRESETS["lung"]) <= 1.0
     assert not np.array_equal(layer.data[..., 0], grey)  # coloured again
     assert len(predictions) == 1
+
+    # Another palette: recomposed too, same luminance, other colours; the legend follows it.
+    before = layer.data.copy()
+    legend_before = widget.legend.value
+    widget.palette.value = "dicom"
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+    assert layer.metadata["ctcolor"]["colorize"]["palette"] == "dicom"
+    assert lightness_error(layer.data[::5], ct.data[::5], PRESETS["lung"]) <= 1.0
+    assert np.abs(layer.data.astype(int) - before).mean() > 2.0
+    assert widget.legend.value != legend_before and "liver" in widget.legend_names()
+    assert len(predictions) == 1
+
+    # What a colour stands for: the class under a voxel inside the liver, and a Labels layer of the classes.
+    liver = np.argwhere(ct.data[10] > 80)[0]  # a contrast-enhanced soft-tissue voxel of slice 10
+    described = widget.describe((10, *liver))
+    assert described.endswith("(colour class, not a segmentation)") and "%" in described
+    classes = widget.show_classes()
+    assert classes.name == f"{ct.name} colour classes" and classes.data.shape == ct.data.shape
+    np.testing.assert_allclose(classes.scale, ct.scale)
+    names = list(classes.features["colour_class"])
+    assert names[int(classes.data[10, liver[0], liver[1]])] == described.split(" ")[0]
+    assert int(classes.data[0, 0, 0]) == 0  # air: no label
+    viewer.layers.remove(classes)
 
     # Opacity only changes the layer.
     widget.opacity.value = 0.4

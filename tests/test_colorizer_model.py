@@ -14,16 +14,17 @@ from napari_ctcolor.color import load_palette
 from napari_ctcolor.io import InputError
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig, context_indices, downsample_hu, prepare_input
 from napari_ctcolor.training.colorizer import run, train_colorizer
-from napari_ctcolor.training.targets import ab_targets
+from napari_ctcolor.training.targets import ab_targets, class_targets
 from napari_ctcolor.weights import find_weights, load_colorizer, save_weights
 from napari_ctcolor.windowing import window
 
 REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("air", "lung", "fat", "soft_tissue", "contrast_blood", "bone", "liver", "kidney")
 TINY = {"channels": [4, 8, 16, 16], "strides": [2, 2, 2], "num_res_units": 0}
 
 
 def test_prepare_input_is_window_major_and_matches_windowing():
-    config = ColorizerConfig()
+    config = ColorizerConfig(classes=CLASSES)
     hu = torch.linspace(-1000, 1500, 3 * 16 * 16).reshape(1, 3, 16, 16)
     x = prepare_input(hu, config)
     assert x.shape == (1, 9, 16, 16)
@@ -35,7 +36,7 @@ def test_prepare_input_is_window_major_and_matches_windowing():
 def test_downsample_is_an_area_mean_and_factor_follows_pixel_size():
     hu = torch.arange(16.0).reshape(1, 4, 4)
     np.testing.assert_allclose(downsample_hu(hu, 2)[0].numpy(), [[2.5, 4.5], [10.5, 12.5]])
-    config = ColorizerConfig(chroma_mm=3.5)
+    config = ColorizerConfig(chroma_mm=3.5, classes=CLASSES)
     assert [config.factor_for(mm) for mm in (0.68, 0.98, 1.8, 3.0, 5.0)] == [5, 4, 2, 1, 1]
 
 
@@ -43,32 +44,50 @@ def test_context_indices_clamp_at_the_volume_ends():
     np.testing.assert_array_equal(context_indices(4, 3).numpy(), [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]])
 
 
-def test_colorizer_output_is_bounded_and_shape_errors_name_both_shapes():
-    config = ColorizerConfig(**TINY)
+def test_colorizer_gives_one_logit_per_class_and_shape_errors_name_both_shapes():
+    config = ColorizerConfig(**TINY, classes=CLASSES)
     model = Colorizer(config).eval()
     with torch.no_grad():
-        ab = model(torch.rand(2, config.in_channels, 32, 32) * 50)
-    assert ab.shape == (2, 2, 32, 32) and ab.abs().max() <= config.ab_max
+        logits = model(torch.rand(2, config.in_channels, 32, 32))
+    assert logits.shape == (2, len(CLASSES), 32, 32)
     with pytest.raises(InputError, match=r"\(B, 9, h, w\).*\(2, 4, 32, 32\)"):
         model(torch.rand(2, 4, 32, 32))
+    for classes in ((), ("fat",), ("fat", "fat")):
+        with pytest.raises(InputError, match="two distinct colour classes"):
+            ColorizerConfig(classes=classes)
 
 
-def test_targets_use_structure_colour_inside_labels_and_tissue_colour_elsewhere():
-    palette = load_palette("anatomical")
+def test_targets_are_the_structure_class_inside_labels_and_the_tissue_class_elsewhere():
     hu = np.full((1, 64, 64), -100, np.int16)  # fat everywhere ...
     hu[0, :, :5] = -1000  # ... an air strip on the left
+    hu[0, 60:, :] = 700  # ... bone at the bottom
     labels = np.zeros_like(hu, dtype=np.uint8)
-    labels[0, 16:48, 16:48] = 7  # ... and a "liver" square
-    ab = ab_targets(hu, labels, {7: "liver"}, palette, smooth_mm=1.0)
-    np.testing.assert_allclose(ab[0, 32, 32], palette.ab("liver"), atol=1e-3)
-    fat_ab = ab_targets(np.full((1, 8, 8), -100, np.int16), None, {}, palette)[0, 4, 4]
-    np.testing.assert_allclose(ab[0, 32, 58], fat_ab, atol=1e-3)
-    np.testing.assert_allclose(ab[0, 32, 0], [0, 0], atol=0.5)  # air has no colour
-    assert not np.allclose(palette.ab("liver"), fat_ab, atol=5)
+    labels[0, 16:48, 16:32] = 7  # ... a "liver" square
+    labels[0, 16:48, 32:48] = 9  # ... the left kidney (class "kidney")
+    labels[0, 0:4, 40:44] = 11  # ... and a structure the model has no class for: its HU decide (fat)
+    names = {7: "liver", 9: "kidney_left", 11: "brain"}
+    classes = class_targets(hu, labels, names, CLASSES)
+    assert [CLASSES[classes[0, y, x]] for y, x in ((32, 20), (32, 40), (32, 0), (32, 58), (62, 30), (2, 42))] == [
+        "liver",
+        "kidney",
+        "air",
+        "fat",
+        "bone",
+        "fat",
+    ]
+    # Between two tissue ranges, the nearer: -600 lung (to -560), -200 fat (from -170), 130 soft tissue (to 110).
+    got = [CLASSES[k] for k in class_targets(np.array([[[-930, -600, -200, 0, 130, 300]]]), None, {}, CLASSES)[0, 0]]
+    assert got == ["air", "lung", "fat", "soft_tissue", "soft_tissue", "contrast_blood"]
+    with pytest.raises(InputError, match="tissue classes"):
+        class_targets(hu, None, {}, ("liver", "fat"))
+    palette = load_palette("dicom")
+    ab = ab_targets(hu, labels, names, CLASSES, palette, smooth_mm=0)
+    np.testing.assert_allclose(ab[0, 32, 20], palette.class_ab(["liver"])[0], atol=1e-4)
+    np.testing.assert_allclose(ab[0, 32, 0], [0, 0], atol=1e-6)  # air has no colour
 
 
 def test_weights_round_trip_and_sha256_mismatch_is_refused(tmp_path):
-    model = Colorizer(ColorizerConfig(**TINY))
+    model = Colorizer(ColorizerConfig(**TINY, classes=CLASSES))
     card = {"architecture": {"config": model.config.to_dict()}}
     path = save_weights(model, card, tmp_path, "tiny")
     loaded, loaded_card = load_colorizer(path)
@@ -133,7 +152,8 @@ def test_training_command_writes_weights_with_a_card_and_metrics(tmp_path):
     card = json.loads(path.with_suffix(".json").read_text())
     assert card["training"]["command"].startswith("ctcolor train colorizer --config")
     summary = card["metrics"]["phantom_val"]["summary"]
-    assert summary["max_abs_dL"] <= 1.0
+    assert set(summary) == {"anatomical", "dicom"} and all(v["max_abs_dL"] <= 1.0 for v in summary.values())
+    assert card["classes"] == yaml.safe_load((REPO / "configs" / "colorizer_2d.yaml").read_text())["model"]["classes"]
     model, _ = load_colorizer(path)
     assert model.config.channels == (4, 8, 16, 16)
 
@@ -147,4 +167,4 @@ def test_shipped_colorizers_load_with_verified_sha256_and_meet_the_luminance_bou
         model, card = load_colorizer(name)
         assert card["sha256"] and card_path is not None
         for group in card["metrics"].values():
-            assert group["summary"]["max_abs_dL"] <= 1.0
+            assert all(palette["max_abs_dL"] <= 1.0 for palette in group["summary"].values())

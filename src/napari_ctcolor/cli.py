@@ -237,8 +237,11 @@ def _check_output(out: Path, folder: bool, inputs: Sequence[str], overwrite: boo
 def _cmd_colorize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .color import load_palette
     from .engines.colorize import colorize
     from .io.export import write_png_slices, write_rgb_dicom, write_rgb_nifti
+
+    palette = load_palette(args.palette)  # a bad palette file fails before any reading or network work
 
     out = Path(args.output)
     fmt = args.format or ("nifti" if out.name.lower().endswith(NIFTI_SUFFIXES) else "png")
@@ -261,7 +264,9 @@ def _cmd_colorize(args: argparse.Namespace) -> int:
         def progress(done: int, _total: int) -> None:
             bar.update(done - bar.n)
 
-        colour = colorize(volume, args.model, args.window, args.chroma, args.device, args.batch_size, progress)
+        colour = colorize(
+            volume, args.model, args.window, args.chroma, args.device, args.batch_size, palette, progress=progress
+        )
     if fmt == "nifti":
         write_rgb_nifti(colour, out, overwrite=args.overwrite)
     elif fmt == "png":
@@ -396,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto")
     col.add_argument("--batch-size", type=int, metavar="N", help="slices per network batch")
     col.add_argument("--chroma", type=float, default=1.0, metavar="0..1", help="colour strength (0: grey CT)")
+    col.add_argument(
+        "--palette",
+        default="anatomical",
+        metavar="anatomical|dicom|FILE.csv",
+        help="colours of the structures: anatomical (cryosection-like, default), dicom (DICOM recommended display "
+        "colours), or a CSV of name,R,G,B",
+    )
     col.add_argument("--format", choices=("nifti", "png", "dicom"), help="default: from OUT's name")
     col.add_argument("--keep-patient-info", action="store_true", help="DICOM export keeps patient identifiers")
     col.add_argument("--allow-non-ct", action="store_true", help="colorize a non-CT image anyway")
@@ -447,8 +459,20 @@ def _reuse_freed_memory() -> None:
     mallopt(m_trim_threshold, 1 << 30)
 
 
+def _join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--window -600,1500`` as ``--window=-600,1500``: argparse takes a value that starts with "-" and is not a
+    plain number for an option, and the lung window's centre is negative."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--window" and arg.startswith("-") and arg[1:2].isdigit():
+            out[-1] = f"--window={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     # Only in the ctcolor process itself, not a caller's (tests, scripts) that shares its allocator; and not for
     # `ctcolor peer`, which reproduces other tools' recipes as they run, with the default allocator.
     if argv is None and args.command != "peer":

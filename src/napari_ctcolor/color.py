@@ -17,21 +17,26 @@ Conventions:
 - Numpy arrays and torch tensors are channel-last: Lab and RGB are (..., 3), a*b* is (..., 2), grey is (...).
 - Grey and sRGB floats are in [0, 1]; L* in [0, 100]; a*, b* are unbounded (the network's range is about +-128).
 
-Example (a colourised slice of the shared CT with the anatomical palette's HU fallback colours)::
+Example (a slice of the shared CT, every voxel given the dicom palette's liver colour at its own lightness)::
 
     hu = read_volume("../shared/data/ct/totalseg-body-3mm.nii.gz").array[60]   # (Y, X) HU
     grey = np.clip((hu - (40 - 200)) / 400, 0, 1)                               # soft-tissue window 40/400
-    rgb = compose_rgb(grey, tissue_ab_from_hu(hu), chroma=0.8)                  # (Y, X, 3) uint8
+    ab = np.broadcast_to(load_palette("dicom").class_ab(["liver"])[0], (*hu.shape, 2))
+    rgb = compose_rgb(grey, ab, chroma=0.8)                                     # (Y, X, 3) uint8
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cache
 from importlib import resources
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +62,6 @@ __all__ = [
     "load_palette",
     "srgb_to_lab",
     "srgb_to_lab_torch",
-    "tissue_ab_from_hu",
 ]
 
 PALETTE_NAMES: tuple[str, ...] = ("anatomical", "dicom")
@@ -725,7 +729,7 @@ class Palette:
     Attributes:
         name: ``"anatomical"`` or ``"dicom"``.
         source: where the colours come from (citation).
-        rgb: structure name -> sRGB (R, G, B) in 0..255.
+        rgb: structure or colour-group name (`colour_class`) -> sRGB (R, G, B) in 0..255.
         tissue_classes: ordered by HU.
     """
 
@@ -736,15 +740,9 @@ class Palette:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """The structure names, in the palette file's order (TotalSegmentator v2 label order)."""
+        """The structure and group names, in the palette file's order (TotalSegmentator v2 label order, then the
+        groups)."""
         return tuple(self.rgb)
-
-    @cached_property
-    def _tissue_knots(self) -> tuple[np.ndarray, np.ndarray]:
-        """HU knots and their (a*, b*): each class contributes its range's two ends, so a*b* is flat inside it."""
-        knots = [h for tc in self.tissue_classes for h in tc.hu_range]
-        ab = [tc.ab for tc in self.tissue_classes for _ in range(2)]
-        return np.asarray(knots, dtype=np.float32), np.asarray(ab, dtype=np.float32)
 
     def lab(self, name: str) -> tuple[float, float, float]:
         """CIE (L*, a*, b*) of a structure's colour."""
@@ -759,42 +757,29 @@ class Palette:
         """(a*, b*) of a structure's colour: what the network is trained to predict for it."""
         return self.lab(name)[1:]
 
-    def ab_lut(self, label_names: Mapping[int, str]) -> tuple[np.ndarray, np.ndarray]:
-        """Lookup table from label id to a*, b*, for turning a label map into colour targets.
+    def class_rgb(self, name: str) -> tuple[int, int, int] | None:
+        """sRGB of a colour class (a structure, a group of structures, or a tissue class); None for no colour.
 
-        Args:
-            label_names: label id -> structure name (e.g. TotalSegmentator's v2 id -> name table).
-
-        Returns:
-            ``(lut, known)``: lut (max_id + 1, 2) float32 a*, b* (0 where unknown), known (max_id + 1,) bool, True
-            where the id names a structure of this palette. Use as ``lut[labels]`` and ``known[labels]``.
+        A class the palette does not name takes the mean CIE Lab colour of the structures it groups (a user's CSV
+        may give ``kidney_left`` and ``kidney_right`` but not ``kidney``), and no colour when it names none of them.
         """
-        size = max(label_names, default=0) + 1
-        lut = np.zeros((size, 2), dtype=np.float32)
-        known = np.zeros(size, dtype=bool)
-        names = [(int(i), n) for i, n in label_names.items() if n in self.rgb]
-        if names:
-            rgb = np.asarray([self.rgb[n] for _, n in names], dtype=np.uint8)
-            ids = [i for i, _ in names]
-            lut[ids] = srgb_to_lab(rgb)[:, 1:]
-            known[ids] = True
-        return lut, known
+        if name in self.rgb:
+            return self.rgb[name]
+        for tissue in self.tissue_classes:
+            if tissue.name == name:
+                return tissue.rgb
+        members = [rgb for structure, rgb in self.rgb.items() if colour_class(structure) == name]
+        return _mean_rgb(members) if members else None
 
-    def tissue_ab_from_hu(self, hu: np.ndarray) -> np.ndarray:
-        """(a*, b*) of the tissue class of each voxel from its HU, blended smoothly across class boundaries.
-
-        Args:
-            hu: (...) Hounsfield units.
-
-        Returns:
-            (..., 2) float32 a*, b*.
-        """
-        hu = np.asarray(hu, dtype=np.float32)
-        knots, ab = self._tissue_knots
-        out = np.empty((*hu.shape, 2), dtype=np.float32)
-        out[..., 0] = np.interp(hu, knots, ab[:, 0])
-        out[..., 1] = np.interp(hu, knots, ab[:, 1])
-        return out
+    def class_ab(self, classes: Sequence[str]) -> np.ndarray:
+        """(K, 2) float32 a*, b* of each colour class (0, 0 for a class without colour): the colorizer's a*, b* are
+        its class probabilities times this table."""
+        table = np.zeros((len(classes), 2), dtype=np.float32)
+        for k, name in enumerate(classes):
+            rgb = self.class_rgb(name)
+            if rgb is not None:
+                table[k] = srgb_to_lab(np.asarray(rgb, dtype=np.uint8))[1:]
+        return table
 
 
 def _parse_rgb(value: Any, kinds: Mapping[str, Any], where: str) -> tuple[int, int, int]:
@@ -811,27 +796,39 @@ def _parse_rgb(value: Any, kinds: Mapping[str, Any], where: str) -> tuple[int, i
     return rgb  # type: ignore[return-value]
 
 
-@cache
-def load_palette(name: str = "anatomical") -> Palette:
-    """Load a palette shipped in ``napari_ctcolor/data/palette_<name>.json``.
+def load_palette(name: str | os.PathLike | Palette = "anatomical") -> Palette:
+    """A shipped palette by name, a user's palette from a CSV file, or a `Palette` passed through.
 
     Args:
-        name: ``"anatomical"`` (default: photographic tissue colours as in cryosection photography) or ``"dicom"``
-            (the DICOM recommended display colours of the TotalSegmentator structure table).
+        name: ``"anatomical"`` (default: photographic tissue colours as in cryosection photography), ``"dicom"``
+            (the DICOM recommended display colours of the TotalSegmentator structure table), or the path of a CSV
+            file (see `read_palette_csv`).
 
     Returns:
-        The `Palette`, covering all 117 TotalSegmentator v2 structure names.
+        The `Palette`, covering all 117 TotalSegmentator v2 structure names, the colour groups and the tissue
+        classes.
 
     Raises:
-        InputError: for an unknown palette name.
+        InputError: for an unknown palette name or a bad CSV file (the message names the line).
     """
-    if name not in PALETTE_NAMES:
-        raise InputError(f"unknown palette {name!r}; choose one of {', '.join(PALETTE_NAMES)}")
+    if isinstance(name, Palette):
+        return name
+    if str(name) in PALETTE_NAMES:
+        return _shipped_palette(str(name))
+    if str(name).lower().endswith(".csv"):
+        return read_palette_csv(name)
+    raise InputError(f"unknown palette {str(name)!r}; choose one of {', '.join(PALETTE_NAMES)} or a .csv file")
+
+
+@cache
+def _shipped_palette(name: str) -> Palette:
+    """The palette in ``napari_ctcolor/data/palette_<name>.json``."""
     path = resources.files("napari_ctcolor") / "data" / f"palette_{name}.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     where = f"palette_{name}.json"
     kinds = data.get("kinds", {})
-    rgb = {s: _parse_rgb(c, kinds, f"{where} structure {s!r}") for s, c in data["structures"].items()}
+    entries = {**data["structures"], **data.get("groups", {})}
+    rgb = {s: _parse_rgb(c, kinds, f"{where} structure {s!r}") for s, c in entries.items()}
     classes = []
     for tc in data["tissue_classes"]:
         low, high = (float(h) for h in tc["hu_range"])
@@ -843,25 +840,97 @@ def load_palette(name: str = "anatomical") -> Palette:
     return Palette(name=data["name"], source=data["source"], rgb=MappingProxyType(rgb), tissue_classes=tuple(classes))
 
 
-def tissue_ab_from_hu(hu: np.ndarray, palette: str | Palette = "anatomical") -> np.ndarray:
-    """(a*, b*) of each voxel's HU tissue class: the colour target of voxels no structure label covers.
+def _mean_rgb(colours: Sequence[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """The sRGB of the mean CIE Lab of ``colours``."""
+    lab = srgb_to_lab(np.asarray(colours, dtype=np.uint8)).mean(axis=0)
+    return tuple(int(c) for c in np.rint(np.clip(lab_to_srgb(lab), 0.0, 1.0) * 255.0))  # type: ignore[return-value]
 
-    Classes (HU ranges are the palette file's; the anatomical palette's are shown):
 
-    - air, below -960: no colour (a* = b* = 0); fades into lung over -960..-880
-    - lung parenchyma, -880..-560: pink; fades into fat up to -170 (partial volume at the lung border)
-    - fat, -170..-50: yellow; fades into soft tissue over -50..-10
-    - fluid, soft tissue and muscle, -10..110: red-brown
-    - contrast-enhanced blood, 170..250: red. HU alone cannot tell contrast-filled vessels (~150..400) from cancellous
-      bone (~150..700); this band is red (enhanced blood, and red marrow is red in cryosections too), fading to
-    - bone, above 400: ivory.
+def colour_class(structure: str) -> str:
+    """The colour class of a TotalSegmentator v2 structure: the structure itself, or the group it is coloured with.
 
-    Args:
-        hu: (...) Hounsfield units, e.g. a CT slice (Y, X) or volume (Z, Y, X).
-        palette: palette name or a loaded `Palette`.
-
-    Returns:
-        (..., 2) float32 a*, b*.
+    The colorizer does not tell apart what a local view of the CT cannot: left from right of paired organs and
+    muscles (``kidney_left`` -> ``kidney``), vertebral levels (``vertebrae_T7`` -> ``vertebrae_thoracic``, S1 ->
+    ``sacrum``), rib numbers (``ribs``), lung lobes (``lung``, the tissue class) and heart chambers (``heart``). Each
+    group is a row of the DICOM structure table, so the ``dicom`` palette has its colour.
     """
-    pal = load_palette(palette) if isinstance(palette, str) else palette
-    return pal.tissue_ab_from_hu(hu)
+    if structure.startswith("lung_") and "_lobe_" in structure:
+        return "lung"
+    if structure.startswith("heart_") or structure == "atrial_appendage_left":
+        return "heart"
+    if re.fullmatch(r"rib_(left|right)_\d+", structure):
+        return "ribs"
+    level = re.fullmatch(r"vertebrae_([CTLS])\d+", structure)
+    if level:
+        region = {"C": "vertebrae_cervical", "T": "vertebrae_thoracic", "L": "vertebrae_lumbar", "S": "sacrum"}
+        return region[level[1]]
+    side = re.fullmatch(r"(.+)_(left|right)", structure)
+    return side[1] if side else structure
+
+
+def read_palette_csv(path: str | os.PathLike) -> Palette:
+    """A user's palette from a CSV file, on top of the anatomical palette.
+
+    Two layouts are read: rows of ``name,R,G,B`` (an optional header row starting with ``name`` or ``structure``),
+    or a table with ``Structure`` and ``DicomRGBColor`` ("R,G,B") columns such as TotalSegmentator's structure
+    table. A name is a TotalSegmentator v2 structure, a colour group (`colour_class`) or a tissue class (air, lung,
+    fat, soft_tissue, contrast_blood, bone); R, G, B are integers 0..255. Everything the file does not name keeps
+    its anatomical colour; a named structure also colours its group when the file does not name the group.
+
+    Raises:
+        InputError: naming the file and line, for an unreadable file, a malformed row or an unknown name.
+    """
+    base = _shipped_palette("anatomical")
+    tissue_names = [t.name for t in base.tissue_classes]
+    known = set(base.rgb) | {colour_class(s) for s in base.rgb} | set(tissue_names)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the palette CSV ({type(exc).__name__})") from None
+    header = [c.strip() for c in rows[0]] if rows else []
+    colours: dict[str, tuple[int, int, int]] = {}
+    table = "Structure" in header and "DicomRGBColor" in header
+    if table:
+        name_col, rgb_col = header.index("Structure"), header.index("DicomRGBColor")
+        parsed = [
+            (i, [r[name_col], *r[rgb_col].split(",")] if len(r) > max(name_col, rgb_col) else r)
+            for i, r in enumerate(rows[1:], start=2)
+        ]
+    else:
+        start = 1 if header and header[0].lower() in ("name", "structure") else 0
+        parsed = [(i, r) for i, r in enumerate(rows[start:], start=start + 1)]
+    for line, row in parsed:
+        if not any(c.strip() for c in row):
+            continue
+        cells = [c.strip() for c in row]
+        try:
+            if len(cells) != 4:
+                raise ValueError
+            rgb = tuple(int(c) for c in cells[1:])
+            if not all(0 <= c <= 255 for c in rgb):
+                raise ValueError
+        except ValueError:
+            shown = ",".join(row)
+            raise InputError(
+                f"{path} line {line}: expected name,R,G,B with R, G, B integers 0..255, got {shown!r}"
+            ) from None
+        if cells[0] not in known:
+            if table:  # a full structure table has rows for anatomy that is not a TotalSegmentator v2 class
+                continue
+            raise InputError(
+                f"{path} line {line}: unknown name {cells[0]!r}; use TotalSegmentator v2 structure names, colour "
+                "groups (kidney, ribs, ...) or tissue classes (air, lung, fat, soft_tissue, contrast_blood, bone)"
+            )
+        colours[cells[0]] = rgb  # type: ignore[assignment]
+    if not colours:
+        raise InputError(f"{path}: the palette CSV has no name,R,G,B rows")
+    rgb_map = dict(base.rgb)
+    rgb_map.update({n: c for n, c in colours.items() if n not in tissue_names})
+    for group in {colour_class(n) for n in colours} - set(colours) - set(tissue_names):
+        # A group the file does not name takes the mean colour of its members that it does name.
+        rgb_map[group] = _mean_rgb([c for n, c in colours.items() if colour_class(n) == group])
+    tissues = tuple(TissueClass(t.name, t.hu_range, colours.get(t.name, t.rgb)) for t in base.tissue_classes)
+    return Palette(
+        Path(path).stem, f"user palette {path} over the anatomical palette", MappingProxyType(rgb_map), tissues
+    )

@@ -1,11 +1,16 @@
-"""CT colorizers: MONAI U-Nets that predict CIE a*, b* (never L*) from windowed CT.
+"""CT colorizers: MONAI U-Nets that predict, per pixel, probabilities over colour classes (never L*).
 
-Chroma is low-frequency, so both models work at a reduced in-plane resolution: the slice is area-averaged by an
+The classes are TotalSegmentator structures and groups of them (`napari_ctcolor.color.colour_class`) plus HU tissue
+classes for voxels no structure covers (air, lung, fat, soft tissue, contrast blood, bone). A palette gives each class
+a colour; the engine's a*, b* are the probability-weighted palette a*, b*, so the palette is chosen at inference,
+without retraining, and the probabilities also say what a colour stands for.
+
+Colour is low-frequency, so both models work at a reduced in-plane resolution: the slice is area-averaged by an
 integer factor chosen so that the network's pixels are about ``chroma_mm`` wide (3.5 mm: a 512x512 slice at 0.98 mm
-is seen as 128x128), and the engine upsamples a*, b* back to full resolution, where the luminance comes unchanged from
-the windowed CT. Fixing the pixel size in mm also means organs have the same size in pixels whatever the scanner's
-field of view. This is the same reasoning as chroma
-subsampling in video and JPEG, and it makes the network ~16x cheaper.
+is seen as 128x128), and the engine upsamples the colour back to full resolution guided by the full-resolution CT,
+where the luminance comes unchanged from the windowed CT. Fixing the pixel size in mm also means organs have the same
+size in pixels whatever the scanner's field of view. This is the reasoning of chroma subsampling in video and JPEG,
+and it makes the network ~16x cheaper.
 
 - 2D (2.5D): input = ``context`` neighbouring slices x ``len(windows)`` windows as channels.
 - 3D: input = ``len(windows)`` channels of a (D, H, W) patch, run with MONAI's sliding-window inferer.
@@ -24,9 +29,6 @@ from torch import nn
 from ..io.errors import InputError
 from ..windowing import window_tensor
 
-# sRGB colours at CT lightness have |a*|, |b*| well below this; tanh * AB_MAX bounds the prediction.
-AB_MAX = 100.0
-
 
 @dataclass
 class ColorizerConfig:
@@ -39,10 +41,13 @@ class ColorizerConfig:
     channels: tuple[int, ...] = (32, 64, 128, 256)
     strides: tuple[int, ...] = (2, 2, 2)
     num_res_units: int = 1
-    ab_max: float = AB_MAX
+    classes: tuple[str, ...] = ()  # colour classes, in the order of the network's output channels
 
     def __post_init__(self) -> None:
         self.windows = [tuple(float(v) for v in w) for w in self.windows]
+        self.classes = tuple(str(c) for c in self.classes)
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise InputError(f"a colorizer needs at least two distinct colour classes, got {list(self.classes)}")
         self.channels = tuple(int(c) for c in self.channels)
         self.strides = tuple(int(s) for s in self.strides)
         if self.dims not in (2, 3):
@@ -75,12 +80,12 @@ class ColorizerConfig:
 
 
 class Colorizer(nn.Module):
-    """a*, b* from windowed CT at reduced resolution.
+    """Colour-class logits from windowed CT at reduced resolution.
 
     forward(x):
         x: 2D (B, context * n_windows, h, w) or 3D (B, n_windows, d, h, w): grey in [0, 1] from `prepare_input`,
            already at the reduced resolution; h, w multiples of prod(strides).
-        returns: (B, 2, h, w) or (B, 2, d, h, w): a*, b* in [-ab_max, ab_max].
+        returns: (B, K, h, w) or (B, K, d, h, w) logits over the K = len(config.classes) colour classes.
     """
 
     def __init__(self, config: ColorizerConfig) -> None:
@@ -89,7 +94,7 @@ class Colorizer(nn.Module):
         self.unet = UNet(
             spatial_dims=config.dims,
             in_channels=config.in_channels,
-            out_channels=2,
+            out_channels=len(config.classes),
             channels=config.channels,
             strides=config.strides,
             num_res_units=config.num_res_units,
@@ -102,7 +107,7 @@ class Colorizer(nn.Module):
                 f"colorizer expects (B, {self.config.in_channels}, {'d, ' if self.config.dims == 3 else ''}h, w), "
                 f"got {tuple(x.shape)}"
             )
-        return torch.tanh(self.unet(x)) * self.config.ab_max
+        return self.unet(x)
 
 
 def downsample_hu(hu: torch.Tensor, factor: int) -> torch.Tensor:

@@ -4,8 +4,12 @@ The widget is a thin front end over `napari_ctcolor.engines.colorize`, the same 
 
 - Run: the network (`iter_predict_chroma`) and the composition (`iter_compose_chroma`) run in a napari
   ``thread_worker`` with a progress bar; Cancel stops the worker between batches (``worker.quit()``).
-- The predicted a*, b* (`Chroma`) are kept, so changing the chroma strength or the window only recomposes (also in a
-  worker, coalescing fast slider moves); the network does not run again. Opacity only changes the layer.
+- The predicted colour-class probabilities (`Chroma`) are kept, so changing the palette, the chroma strength or the
+  window only recomposes (also in a worker, coalescing fast slider moves); the network does not run again. Opacity
+  only changes the layer.
+- Under the result, the pointer's colour class and its probability show in the widget ("Pointer"), and a legend
+  lists the classes the volume shows with their palette swatches. "Show colour classes" adds a Labels layer of the
+  most probable class, named as colour classes: a visual aid, never a validated segmentation.
 - The result is the RGB layer ``"<CT name> colorized"`` at the CT's physical position, blended translucently over
   it; running again replaces that layer.
 - Problems the user can fix (`CTColorError`: a missing weights file, no CUDA, ...) show as one-line napari errors.
@@ -21,11 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSlider, FloatSpinBox, Label, PushButton, SpinBox
-from napari.layers import Image
+from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error
 
+from ..color import PALETTE_NAMES, Palette, load_palette
 from ..engines.colorize import Chroma, iter_compose_chroma, iter_predict_chroma
 from ..engines.device import resolve_device
 from ..engines.steps import offset_steps
@@ -39,6 +44,9 @@ if TYPE_CHECKING:
     import napari
 
 DICOM_DEFAULT = "DICOM default"
+PALETTE_FILE = "palette file..."
+#: The legend lists classes that are the most probable one in at least this share of the volume's pixels.
+LEGEND_MIN_SHARE = 0.001
 CUSTOM = "custom"
 WEIGHTS_FILE = "weights file..."
 SHIPPED_MODELS = ("colorizer-2d", "colorizer-3d")
@@ -95,11 +103,21 @@ class ColorizeWidget(Container):
         self.batch_size = SpinBox(
             label="Batch size", min=0, max=4096, value=0, tooltip="slices per network batch; 0 = automatic"
         )
+        self.palette = ComboBox(
+            label="Palette",
+            choices=[*PALETTE_NAMES, PALETTE_FILE],
+            value="anatomical",
+            tooltip="anatomical: cryosection-like; dicom: DICOM recommended display colours; or a CSV of name,R,G,B",
+        )
+        self.palette_file = FileEdit(label="Palette file", mode="r", filter="*.csv", visible=False)
         self.chroma = FloatSlider(label="Chroma strength", min=0.0, max=1.0, step=0.05, value=1.0)
         self.opacity = FloatSlider(label="Opacity", min=0.0, max=1.0, step=0.05, value=1.0)
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
+        self.pointer = Label(label="Pointer", value="")
+        self.legend = Label(label="Legend", value="")
+        self.classes_button = PushButton(text="Show colour classes", enabled=False)
         super().__init__(
             widgets=[
                 self.ct_layer,
@@ -110,11 +128,16 @@ class ColorizeWidget(Container):
                 self.weights_file,
                 self.device,
                 self.batch_size,
+                self.palette,
+                self.palette_file,
                 self.chroma,
                 self.opacity,
                 self.run_button,
                 self.cancel_button,
                 self.status,
+                self.pointer,
+                self.legend,
+                self.classes_button,
             ]
         )
         self.worker = None  # the running GeneratorWorker (network run or recompose), if any
@@ -129,6 +152,10 @@ class ColorizeWidget(Container):
         self.centre_hu.changed.connect(self._on_custom_window)
         self.width_hu.changed.connect(self._on_custom_window)
         self.chroma.changed.connect(self._recompose)
+        self.palette.changed.connect(self._on_palette)
+        self.palette_file.changed.connect(self._on_palette)
+        self.classes_button.changed.connect(self.show_classes)
+        self._viewer.mouse_move_callbacks.append(self._on_mouse_move)
         self.opacity.changed.connect(self._on_opacity)
         self.model.changed.connect(lambda value: setattr(self.weights_file, "visible", value == WEIGHTS_FILE))
         self.ct_layer.changed.connect(self._fill_window_fields)
@@ -180,6 +207,8 @@ class ColorizeWidget(Container):
         self._closed = True
         for event in self._layer_events:
             event.disconnect(self._on_layers_changed)
+        if self._on_mouse_move in self._viewer.mouse_move_callbacks:
+            self._viewer.mouse_move_callbacks.remove(self._on_mouse_move)
         self.cancel()
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -216,6 +245,20 @@ class ColorizeWidget(Container):
                 raise InputError("choose a .safetensors weights file for the colorizer")
             return path
         return self._models[self.model.value]
+
+    def _palette(self) -> Palette:
+        """The chosen palette; a bad CSV file raises `InputError` naming the line."""
+        if self.palette.value == PALETTE_FILE:
+            path = self.palette_file.value
+            if not (path and os.path.isfile(path)):
+                raise InputError("choose a .csv palette file (name,R,G,B per line)")
+            return load_palette(path)
+        return load_palette(self.palette.value)
+
+    def _on_palette(self, *_: Any) -> None:
+        self.palette_file.visible = self.palette.value == PALETTE_FILE
+        if self.palette.value != PALETTE_FILE or self.palette_file.value:
+            self._recompose()
 
     def _shown_window(self) -> Window | None:
         """The window the current choice means for the chosen CT (else the kept one), for the centre/width fields."""
@@ -276,6 +319,7 @@ class ColorizeWidget(Container):
             model = self._model_spec()
             window = self._window_spec()
             parse_window(window, volume)
+            palette = self._palette()
             device = str(resolve_device(self.device.value))
         except CTColorError as exc:
             show_error(str(exc))
@@ -283,28 +327,29 @@ class ColorizeWidget(Container):
         batch_size = int(self.batch_size.value) or None
         self._start(
             self._colorize_steps,
-            (volume, model, device, batch_size, window, float(self.chroma.value)),
+            (volume, model, device, batch_size, window, float(self.chroma.value), palette),
             total=2 * volume.shape[0],
             desc="Colorize volume",
             on_result=lambda result: self._colorized(layer, volume, result),
         )
 
     @staticmethod
-    def _colorize_steps(volume, model, device, batch_size, window, strength):
+    def _colorize_steps(volume, model, device, batch_size, window, strength, palette):
         """The network, then the composition, as one worker: yields (done, 2 Z), returns (Chroma, ColorVolume)."""
         z = volume.shape[0]
         try:
             chroma = yield from offset_steps(iter_predict_chroma(volume, model, device, batch_size), 0, 2 * z)
-            colour = yield from offset_steps(iter_compose_chroma(volume, chroma, window, strength, device), z, 2 * z)
+            compose = iter_compose_chroma(volume, chroma, window, strength, device, palette)
+            colour = yield from offset_steps(compose, z, 2 * z)
         except CTColorError as exc:
             return _Failed(str(exc))
         return chroma, colour
 
     @staticmethod
-    def _compose_steps(volume, chroma, window, strength, device):
+    def _compose_steps(volume, chroma, window, strength, device, palette):
         """Recompose only: yields (done, Z), returns the ColorVolume."""
         try:
-            return (yield from iter_compose_chroma(volume, chroma, window, strength, device))
+            return (yield from iter_compose_chroma(volume, chroma, window, strength, device, palette))
         except CTColorError as exc:
             return _Failed(str(exc))
 
@@ -324,13 +369,14 @@ class ColorizeWidget(Container):
         try:
             window = self._window_spec()
             parse_window(window, kept.volume)
+            palette = self._palette()
             device = str(resolve_device(self.device.value))
         except CTColorError as exc:
             show_error(str(exc))
             return
         self._start(
             self._compose_steps,
-            (kept.volume, kept.chroma, window, float(self.chroma.value), device),
+            (kept.volume, kept.chroma, window, float(self.chroma.value), device, palette),
             total=kept.volume.shape[0],
             desc="Recompose colours",
             on_result=lambda result: self._recomposed(kept, result),
@@ -390,6 +436,8 @@ class ColorizeWidget(Container):
             return
         chroma, colour = result
         self._kept = _Kept(volume, chroma, ct, self._show(ct, colour))
+        self._fill_legend(colour)
+        self.classes_button.enabled = True
         # Settings changed while the network ran are applied now, from the kept chroma.
         self._recompose_pending = self._recompose_pending or self._settings(colour) != self._current_settings()
 
@@ -401,9 +449,11 @@ class ColorizeWidget(Container):
             return
         if self._kept is kept and self.result_layer is not None:
             self._show(kept.ct, result)
+            self._fill_legend(result)
 
     def _settings(self, colour: ColorVolume) -> tuple:
-        return (tuple(colour.settings.get("window", ())), colour.settings.get("chroma"))
+        settings = colour.settings
+        return (tuple(settings.get("window", ())), settings.get("chroma"), settings.get("palette"))
 
     def _current_settings(self) -> tuple:
         volume = self._kept.volume if self._kept is not None else None
@@ -411,7 +461,11 @@ class ColorizeWidget(Container):
             window = parse_window(self._window_spec(), volume)
         except CTColorError:
             return ()
-        return ((window.centre, window.width), float(self.chroma.value))
+        try:
+            palette = self._palette().name
+        except CTColorError:
+            return ()
+        return ((window.centre, window.width), float(self.chroma.value), palette)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Output layer
@@ -458,3 +512,78 @@ class ColorizeWidget(Container):
         else:
             self._viewer.layers.insert(index, layer)
         return layer
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # What the colours stand for
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _fill_legend(self, colour: ColorVolume) -> None:
+        """Swatches and names of the classes the volume shows, most common first, in the palette just composed."""
+        kept = self._kept
+        if kept is None:
+            return
+        try:
+            palette = self._palette()
+        except CTColorError:
+            return
+        if palette.name != colour.settings.get("palette"):
+            return  # a newer palette choice is being composed; its result fills the legend
+        rows = []
+        shares = sorted(kept.chroma.class_shares().items(), key=lambda item: -item[1])
+        for name, share in shares:
+            rgb = palette.class_rgb(name)
+            if share < LEGEND_MIN_SHARE or rgb is None:
+                continue
+            swatch = "#{:02x}{:02x}{:02x}".format(*rgb)
+            rows.append(f'<span style="background-color:{swatch}">&nbsp;&nbsp;&nbsp;&nbsp;</span> {name}')
+        self.legend.value = "<br>".join(rows)
+
+    def legend_names(self) -> list[str]:
+        """The class names the legend lists, in its order."""
+        return [row.rsplit("</span> ", 1)[1] for row in self.legend.value.split("<br>") if row]
+
+    def _on_mouse_move(self, viewer, event) -> None:
+        """Show the colour class under the pointer and its probability."""
+        kept = self._kept
+        layer = self.result_layer
+        if kept is None or layer is None:
+            return
+        self.pointer.value = self.describe(layer.world_to_data(event.position))
+
+    def describe(self, data_position) -> str:
+        """'<class> <probability> %' for a position in the result layer's data coordinates ('' outside it)."""
+        kept = self._kept
+        index = np.round(np.asarray(data_position, dtype=float)).astype(int)
+        if kept is None:
+            return ""
+        if index.size == 2:  # a 2D result layer shows the volume's only slice
+            index = np.concatenate(([0], index))
+        shape = kept.volume.shape
+        if index.size != 3 or not all(0 <= i < n for i, n in zip(index, shape, strict=True)):
+            return ""
+        name, probability = kept.chroma.class_at(*(int(i) for i in index))
+        return f"{name} {probability:.0%} (colour class, not a segmentation)"
+
+    def show_classes(self, *_: Any) -> Labels | None:
+        """Add (or refresh) the Labels layer "<CT name> colour classes": the most probable class of each voxel."""
+        kept = self._kept
+        if kept is None or self.result_layer is None:
+            return None
+        name = f"{kept.ct.name} colour classes"
+        data = kept.chroma.most_probable(kept.volume.shape)
+        if kept.ct.ndim == 2:
+            data = data[0]
+        features = {"index": np.arange(len(kept.chroma.classes) + 1), "colour_class": ["", *kept.chroma.classes]}
+        existing = next((lyr for lyr in self._viewer.layers if lyr.name == name), None)
+        if existing is not None:
+            self._viewer.layers.remove(existing)
+        layer = Labels(data, name=name, opacity=0.4, features=features, **_transforms(self.result_layer))
+        self._viewer.layers.append(layer)
+        return layer
+
+
+def _transforms(layer: Image) -> dict[str, np.ndarray]:
+    """The placement of a 3D layer (scale, translate, rotate, affine), to put another layer on the same grid."""
+    return {key: np.asarray(getattr(layer, key)) for key in ("scale", "translate", "rotate")} | {
+        "affine": np.asarray(layer.affine.affine_matrix)
+    }

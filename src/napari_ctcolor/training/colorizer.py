@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from ..color import load_palette
+from ..color import PALETTE_NAMES, load_palette
 from ..io.write import atomic_path
 from ..models.colorizer import Colorizer, ColorizerConfig, context_indices, downsample_hu, prepare_input
 from .data import LabelledCT, load_config, load_real_case, phantom_case, shared_data_dir
-from .targets import ab_targets
+from .targets import class_targets
 
 # Contrast phases for phantoms: HU overrides of the phantom's tissue table, as (low, high) ranges drawn uniformly.
 # Arterial: aorta/heart up to ~600 HU, overlapping cancellous and cortical bone; portal-venous: vessels ~140-220 HU
@@ -51,11 +51,12 @@ class TrainConfig:
     name: str
     seed: int
     model: dict[str, Any]
-    palette: str = "anatomical"
     steps: int = 2000
     batch_size: int = 16
     crop: int = 64  # training crop at the network's resolution (pixels); for 3D also `crop_slices`
     crop_slices: int = 16
+    real_weight: float = 1.0  # sampling weight of a real CT's slices relative to a phantom's
+    limbs: float = 0.0  # share of 2D samples given a synthetic limb in their air (`Sampler._add_limb`)
     lr: float = 2e-3
     weight_decay: float = 1e-4
     checkpoint_every: int = 250
@@ -107,43 +108,88 @@ def real_cases(pairs: list[list[str]]) -> list[LabelledCT]:
 
 @dataclass
 class Reduced:
-    """A case at the network's resolution: HU (Z, h, w), target a*, b* (Z, 2, h, w), weights (Z, h, w); float32."""
+    """A case at the network's resolution: HU (Z, h, w) float32, soft class targets (Z, K, h, w) uint8 (area
+    fraction x 255 of each colour class in the pixel), loss weights (Z, h, w) float32, and whether its HU may be
+    given synthetic contrast enhancement (real non-contrast CT)."""
 
     name: str
     hu: torch.Tensor
-    ab: torch.Tensor
+    target: torch.Tensor
     weight: torch.Tensor
+    enhance: bool = False
 
 
-def structure_weights(labels: np.ndarray) -> np.ndarray:
-    """Per-voxel loss weight: sqrt(median structure size / structure size) clipped to 0.5..4; unlabelled 1."""
-    counts = np.bincount(labels.ravel())
-    present = np.flatnonzero(counts[1:]) + 1
-    table = np.ones(len(counts), np.float32)
-    if present.size:
-        table[present] = np.clip(np.sqrt(np.median(counts[present]) / counts[present]), 0.5, 4.0)
-    return table[labels]
+def class_weights(class_map: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per-voxel loss weight: sqrt(median class size / class size) clipped to 0.5..4, so that small structures
+    (adrenals, vessels) count without drowning the large ones."""
+    counts = np.bincount(class_map.ravel(), minlength=n_classes)
+    present = np.flatnonzero(counts)
+    table = np.ones(n_classes, np.float32)
+    table[present] = np.clip(np.sqrt(np.median(counts[present]) / counts[present]), 0.5, 4.0)
+    return table[class_map]
 
 
-def reduce_case(case: LabelledCT, config: ColorizerConfig, palette) -> Reduced:
+def reduce_case(case: LabelledCT, config: ColorizerConfig, enhance: bool = False) -> Reduced:
     factor = config.factor_for(float(np.mean(case.ct.spacing[1:])))
-    ab = ab_targets(case.ct.array, case.labels, case.label_names, palette, case.ct.spacing[1:])
+    classes = class_targets(case.ct.array, case.labels, case.label_names, config.classes)
     z, h, w = case.ct.shape
     h2, w2 = h - h % factor, w - w % factor  # area reduction needs whole blocks; the cut edge is air
-    hu = torch.from_numpy(case.ct.array[:, :h2, :w2].astype(np.float32))
-    ab_t = torch.from_numpy(np.ascontiguousarray(ab[:, :h2, :w2].transpose(0, 3, 1, 2)))
-    weight = torch.from_numpy(structure_weights(case.labels[:, :h2, :w2]))
-    return Reduced(case.name, downsample_hu(hu, factor), downsample_hu(ab_t, factor), downsample_hu(weight, factor))
+    classes = classes[:, :h2, :w2]
+    hu = downsample_hu(torch.from_numpy(case.ct.array[:, :h2, :w2].astype(np.float32)), factor)
+    target = torch.empty((z, len(config.classes), h2 // factor, w2 // factor), dtype=torch.uint8)
+    class_t = torch.from_numpy(classes)
+    for k in range(len(config.classes)):
+        share = downsample_hu((class_t == k).float(), factor)
+        target[:, k] = (share * 255.0).round_().to(torch.uint8)
+    weight = downsample_hu(torch.from_numpy(class_weights(classes, len(config.classes))), factor)
+    return Reduced(case.name, hu, target, weight, enhance)
+
+
+#: Synthetic contrast enhancement of a non-contrast CT (HU added per colour class, drawn uniformly), so that the
+#: real training patient also teaches enhanced vessels and organs: arterial and portal-venous phases at 120 kVp.
+ENHANCEMENT: dict[str, dict[str, tuple[float, float]]] = {
+    "arterial": {
+        "aorta": (150, 450),
+        "iliac_artery": (150, 450),
+        "heart": (100, 350),
+        "kidney": (80, 180),
+        "spleen": (40, 100),
+        "liver": (5, 25),
+        "pancreas": (40, 90),
+        "portal_vein_and_splenic_vein": (20, 80),
+    },
+    "portal_venous": {
+        "aorta": (100, 180),
+        "iliac_artery": (100, 180),
+        "heart": (100, 180),
+        "inferior_vena_cava": (60, 150),
+        "iliac_vena": (60, 150),
+        "portal_vein_and_splenic_vein": (100, 180),
+        "kidney": (100, 160),
+        "spleen": (50, 80),
+        "liver": (40, 70),
+        "pancreas": (40, 70),
+    },
+}
 
 
 class Sampler:
-    """Random training crops (seeded): 2D slices with context, or 3D patches."""
+    """Random training crops (seeded): 2D slices with context, or 3D patches, with augmentation.
+
+    Augmentation per sample: a synthetic limb in the air beside the body (2D, a share ``limbs`` of the samples), a
+    calibration offset (+-8 HU), a gain (+-4 %), for real non-contrast CT a synthetic
+    contrast phase half of the time (`ENHANCEMENT`, added in proportion to each pixel's share of the class), image
+    noise (0-12 HU at the network's resolution) and blur (0-0.8 pixel). Phantoms add what real data lack: varied
+    pixel size, slice thickness and contrast phases.
+    """
 
     def __init__(self, cases: list[Reduced], config: ColorizerConfig, train: TrainConfig, seed: int) -> None:
         self.cases, self.config, self.train = cases, config, train
         self.rng = np.random.default_rng(seed)
         sizes = np.array([c.hu.shape[0] for c in cases], dtype=np.float64)
-        self.p = sizes / sizes.sum()
+        weights = np.array([float(train.real_weight) if c.enhance else 1.0 for c in cases])
+        self.p = sizes * weights / (sizes * weights).sum()
+        self.index = {name: k for k, name in enumerate(config.classes)}
 
     def _crop(self, t: torch.Tensor, y: int, x: int) -> torch.Tensor:
         size = self.train.crop
@@ -155,35 +201,102 @@ class Sampler:
             )
         return t
 
+    def _add_limb(self, hu: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paint an arm or thigh cross-section into the air of a 2D sample: skin, fat, muscle, a bone with cortex and
+        fatty marrow, labelled with tissue classes only. Neither the real patient nor the phantoms have limbs beside
+        the torso; without them the network gave arms the colour of organs it knew.
+
+        Args:
+            hu: (context, h, w) HU at the network's resolution; target: (context, K, h, w) uint8 class shares.
+        """
+        rng, size = self.rng, hu.shape[-1]
+        pixel_mm = self.config.chroma_mm
+        radius = float(rng.uniform(35.0, 90.0)) / pixel_mm
+        cy, cx = (float(v) for v in rng.uniform(0, size, 2))
+        y, x = torch.meshgrid(
+            torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+        )
+        aspect = float(rng.uniform(0.7, 1.0))
+        r = torch.hypot(y - cy, (x - cx) * aspect) / radius
+        fat_inner = 1.0 - float(rng.uniform(4.0, 20.0)) / pixel_mm / radius
+        by, bx = cy + float(rng.normal(0, 0.15)) * radius, cx + float(rng.normal(0, 0.15)) * radius
+        rb = torch.hypot(y - by, x - bx) / (radius * float(rng.uniform(0.15, 0.3)))
+        layers = [  # (inside, HU, tissue class), outermost first
+            (r < 1.0, float(rng.uniform(20, 60)), "soft_tissue"),  # skin
+            (r < 1.0 - 1.5 / pixel_mm / radius, float(rng.uniform(-120, -80)), "fat"),
+            (r < fat_inner, float(rng.uniform(30, 70)), "soft_tissue"),  # muscle
+            (rb < 1.0, float(rng.uniform(700, 1400)), "bone"),  # cortex
+            (rb < 0.6, float(rng.uniform(-80, 60)), None),  # marrow: fatty or red, its HU decide
+        ]
+        free = hu.amax(dim=0) < -900.0  # only where the sample is air: the limb lies beside the body
+        hu, target = hu.clone(), target.clone()
+        for inside, value, tissue in layers:
+            where = inside & free
+            if tissue is None:
+                tissue = "fat" if value < -10 else "soft_tissue"
+            hu[:, where] = value
+            target[:, :, where] = 0
+            target[:, self.index[tissue], where] = 255
+        return hu, target
+
+    def _augment(self, hu: torch.Tensor, target: torch.Tensor, enhance: bool) -> torch.Tensor:
+        """HU (n, h, w) of one sample with its soft targets (n, K, h, w) uint8 -> augmented HU."""
+        rng = self.rng
+        hu = hu * float(rng.uniform(0.96, 1.04)) + float(rng.normal(0, 8))
+        if enhance and rng.random() < 0.5:
+            phase = ENHANCEMENT[list(ENHANCEMENT)[int(rng.integers(len(ENHANCEMENT)))]]
+            for name, (low, high) in phase.items():
+                k = self.index.get(name)
+                if k is not None:
+                    hu = hu + float(rng.uniform(low, high)) * target[:, k].float() / 255.0
+        sigma = float(rng.uniform(0.0, 0.8))
+        if sigma > 0.2:
+            radius = 2
+            taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+            taps = taps / taps.sum()
+            flat = F.pad(hu[:, None], (radius,) * 4, mode="replicate")
+            flat = F.conv2d(F.conv2d(flat, taps.view(1, 1, 1, -1)), taps.view(1, 1, -1, 1))
+            hu = flat[:, 0]
+        noise = float(rng.uniform(0.0, 12.0))
+        generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        return hu + noise * torch.randn(hu.shape, generator=generator)
+
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(network input, target a*b*, weights (B, 1, ...)) of one batch."""
+        """(network input, soft class targets (B, K, ...) float, weights (B, 1, ...)) of one batch."""
         xs, ys, ws = [], [], []
         for _ in range(self.train.batch_size):
             case = self.cases[self.rng.choice(len(self.cases), p=self.p)]
             z_n, h, w = case.hu.shape
             y = int(self.rng.integers(0, max(1, h - self.train.crop + 1)))
             x = int(self.rng.integers(0, max(1, w - self.train.crop + 1)))
-            # Small HU jitter: scanners differ in calibration by a few HU.
-            offset = float(self.rng.normal(0, 8))
             if self.config.dims == 2:
                 z = int(self.rng.integers(0, z_n))
                 idx = context_indices(z_n, self.config.context)[z]
-                xs.append(self._crop(case.hu[idx], y, x) + offset)
-                ys.append(self._crop(case.ab[z], y, x))
+                centre = slice(self.config.context // 2, self.config.context // 2 + 1)
+                hu, target = self._crop(case.hu[idx], y, x), self._crop(case.target[idx], y, x)
+                if self.train.limbs and self.rng.random() < self.train.limbs:
+                    hu, target = self._add_limb(hu, target)
+                xs.append(self._augment(hu, target, case.enhance))
+                ys.append(target[centre][0])
                 ws.append(self._crop(case.weight[z : z + 1], y, x))
             else:
                 d = self.train.crop_slices
                 z = int(self.rng.integers(0, max(1, z_n - d + 1)))
                 idx = torch.arange(z, z + d).clamp_(max=z_n - 1)
-                xs.append(self._crop(case.hu[idx], y, x) + offset)
-                ys.append(self._crop(case.ab[idx].transpose(0, 1), y, x))
+                target = self._crop(case.target[idx], y, x)
+                xs.append(self._augment(self._crop(case.hu[idx], y, x), target, case.enhance))
+                ys.append(target.transpose(0, 1))
                 ws.append(self._crop(case.weight[idx][None], y, x))
-        return prepare_input(torch.stack(xs), self.config), torch.stack(ys), torch.stack(ws)
+        targets = torch.stack(ys).float() / 255.0
+        targets = targets / targets.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        return prepare_input(torch.stack(xs), self.config), targets, torch.stack(ws)
 
 
-def weighted_l1(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Weighted mean |pred - target| over a*, b*; pred, target (B, 2, ...), weight (B, 1, ...)."""
-    return ((pred - target).abs() * weight).sum() / (weight.sum() * pred.shape[1])
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted cross-entropy against soft targets (each pixel's class shares); logits, target (B, K, ...),
+    weight (B, 1, ...)."""
+    per_pixel = -(target * logits.log_softmax(dim=1)).sum(dim=1, keepdim=True)
+    return (per_pixel * weight).sum() / weight.sum()
 
 
 def train_colorizer(
@@ -205,10 +318,10 @@ def train_colorizer(
     torch.manual_seed(train.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     config = ColorizerConfig.from_dict(train.model)
-    palette = load_palette(train.palette)
     t0 = time.time()
-    cases = phantom_cases(train.phantoms) + real_cases(train.real_train)
-    reduced = [reduce_case(c, config, palette) for c in cases]
+    phantoms, real = phantom_cases(train.phantoms), real_cases(train.real_train)
+    cases = phantoms + real
+    reduced = [reduce_case(c, config) for c in phantoms] + [reduce_case(c, config, enhance=True) for c in real]
     log(f"training data: {len(reduced)} cases, {sum(r.hu.shape[0] for r in reduced)} slices ({time.time() - t0:.0f} s)")
     sampler = Sampler(reduced, config, train, train.seed)
 
@@ -235,7 +348,7 @@ def train_colorizer(
     bar = tqdm(range(start, end), initial=start, total=train.steps, file=sys.stderr, desc=train.name)
     for step in bar:
         x, y, w = sampler.batch()
-        loss = weighted_l1(model(x.to(device)), y.to(device), w.to(device))
+        loss = soft_cross_entropy(model(x.to(device)), y.to(device), w.to(device))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -284,8 +397,8 @@ def evaluate_all(model: Colorizer, train: TrainConfig, log=print) -> dict[str, A
     for group, cases in [("real_val", real_cases(train.real_val)), ("phantom_val", phantom_cases(train.val_phantoms))]:
         per_case = []
         for case in cases:
-            per_case.append(evaluate_case(model, case, train.palette))
-            log(f"  {case.name}: " + ", ".join(f"{k} {v}" for k, v in per_case[-1].items() if not isinstance(v, dict)))
+            per_case.append(evaluate_case(model, case))
+            log(f"  {case.name}: {json.dumps(per_case[-1])}")
         if per_case:
             results[group] = {"summary": summarise(per_case), "cases": per_case}
     return results
@@ -297,7 +410,7 @@ def model_card(model: Colorizer, train: TrainConfig, config_path: Path, facts: d
         "name": train.name,
         "task": "CT colorization: CIE a*, b* from windowed CT; L* is the displayed window's grey, never predicted",
         "architecture": {
-            "class": "napari_ctcolor.models.colorizer.Colorizer (MONAI UNet, tanh x ab_max output)",
+            "class": "napari_ctcolor.models.colorizer.Colorizer (MONAI UNet, colour-class logits)",
             "config": config.to_dict(),
             "parameters": sum(p.numel() for p in model.parameters()),
         },
@@ -305,10 +418,13 @@ def model_card(model: Colorizer, train: TrainConfig, config_path: Path, facts: d
             "windows_hu": config.windows,
             "context_slices": config.context if config.dims == 2 else None,
             "chroma_mm": config.chroma_mm,
-            "note": "HU are area-averaged in-plane to about chroma_mm pixels before windowing; a*, b* are upsampled "
-            "bilinearly to the CT grid and composed with the exact luminance of the display window.",
+            "note": "HU are area-averaged in-plane to about chroma_mm pixels before windowing. The network gives "
+            "probabilities over the colour classes; a*, b* = probability-weighted palette a*, b*, upsampled to the CT "
+            "grid guided by the full-resolution HU, none where HU < -900, composed with the exact luminance of the "
+            "display window.",
         },
-        "palette": {"name": train.palette, "source": load_palette(train.palette).source},
+        "classes": list(config.classes),
+        "palettes": {name: load_palette(name).source for name in PALETTE_NAMES},
         "training": {
             "command": f"ctcolor train colorizer --config {config_path.as_posix()}",
             "config": yaml.safe_load(config_path.read_text()),
@@ -317,10 +433,18 @@ def model_card(model: Colorizer, train: TrainConfig, config_path: Path, facts: d
         },
         "metrics": metrics,
         "limits": [
-            "Trained on procedural phantoms and one real labelled CT volume; colours of structures the phantom "
-            "lacks (e.g. pelvis, head, limbs) come only from the HU tissue classes.",
-            "Colour is a visual aid, not a segmentation: it follows the training palette and can be wrong where "
-            "anatomy is unusual (post-surgical, large tumours, implants).",
+            "Trained on procedural phantoms and one real labelled patient (lower chest to pelvis, non-contrast, "
+            "with synthetic contrast phases); its classes are that patient's anatomy. Anatomy outside them (head, "
+            "neck, limbs) mostly falls back to the HU tissue classes but can take an organ class in places "
+            "(tests/test_colorizer_shipped.py measures it on a synthetic thigh and on pydicom's CT_small).",
+            "Colour is a visual aid, not a segmentation: the most probable class names what a colour stands for, "
+            "and it can be wrong where anatomy is unusual (post-surgical, large tumours, implants).",
+            "Left and right, vertebral levels, rib numbers and lung lobes are joined into one colour class each.",
+            *(
+                []
+                if train.limbs
+                else ["Trained without synthetic limbs (config `limbs`): arms beside the torso may take organ colours."]
+            ),
             "Bit-exact reproduction needs the same torch version and thread count (CPU float reductions).",
         ],
     }
