@@ -81,8 +81,8 @@ class Chroma:
         ab = table[self.top[start:stop].long()]  # (n, k, h, w, 2)
         return (ab * prob[..., None]).sum(dim=1).movedim(-1, 1)
 
-    def network_pixel(self, y: int, x: int) -> tuple[int, int]:
-        """The network pixel (row, column) that covers CT voxel column (y, x)."""
+    def network_pixel(self, y, x):
+        """The network pixel (row, column) that covers CT voxel column (y, x); integers or index tensors."""
         (top, _), (left, _) = self.pad
         return (y + top) // self.factor, (x + left) // self.factor
 
@@ -94,10 +94,7 @@ class Chroma:
     def most_probable(self, shape: tuple[int, int, int]) -> np.ndarray:
         """(Z, Y, X) uint8 label map on the CT grid of ``shape``: 1 + the index of each voxel's most probable class,
         0 where it is air (nothing to show)."""
-        (top, _), (left, _) = self.pad
-        z, height, width = shape
-        rows = (torch.arange(height) + top) // self.factor
-        cols = (torch.arange(width) + left) // self.factor
+        rows, cols = self.network_pixel(torch.arange(shape[1]), torch.arange(shape[2]))
         labels = self.top[:, 0].index_select(1, rows).index_select(2, cols).to(torch.uint8) + 1
         if "air" in self.classes:
             labels[labels == self.classes.index("air") + 1] = 0

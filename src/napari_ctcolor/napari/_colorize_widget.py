@@ -577,13 +577,7 @@ class ColorizeWidget(Container):
         existing = next((lyr for lyr in self._viewer.layers if lyr.name == name), None)
         if existing is not None:
             self._viewer.layers.remove(existing)
-        layer = Labels(data, name=name, opacity=0.4, features=features, **_transforms(self.result_layer))
+        placement = {k: v for k, v in layer_attributes(self.result_layer).items() if k != "metadata"}
+        layer = Labels(data, name=name, opacity=0.4, features=features, **placement)
         self._viewer.layers.append(layer)
         return layer
-
-
-def _transforms(layer: Image) -> dict[str, np.ndarray]:
-    """The placement of a 3D layer (scale, translate, rotate, affine), to put another layer on the same grid."""
-    return {key: np.asarray(getattr(layer, key)) for key in ("scale", "translate", "rotate")} | {
-        "affine": np.asarray(layer.affine.affine_matrix)
-    }
