@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
-from napari_ctcolor.io import ColorVolume, write_nifti
+from napari_ctcolor.io import ColorVolume, read_color_volume, write_nifti
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig
 from napari_ctcolor.napari import _colorize_widget
 from napari_ctcolor.napari._colorize_widget import WEIGHTS_FILE, ColorizeWidget
@@ -219,4 +219,8 @@ def test_writer_saves_rgb_layers_as_nifti_rgb24_and_png_slices(make_napari_viewe
 
     written = layer.save(str(tmp_path / "stack.png"), plugin=PLUGIN)
     assert written == [str(tmp_path / "stack")]
-    assert sorted(p.name for p in (tmp_path / "stack").iterdir()) == [f"slice_{k:04d}.png" for k in range(4)]
+    names = sorted(p.name for p in (tmp_path / "stack").iterdir())
+    assert names == ["geometry.json", *(f"slice_{k:04d}.png" for k in range(4))]
+    back = read_color_volume(tmp_path / "stack")  # the folder opens again as the same colour volume, in place
+    np.testing.assert_array_equal(back.rgb, rgb)
+    np.testing.assert_allclose(back.affine, volume.affine, atol=1e-9)

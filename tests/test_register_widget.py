@@ -158,6 +158,7 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     click_and_wait(qtbot, widget, widget.run_button)
     seconds = time.perf_counter() - started
     assert not errors and engine_calls == [fixed.data.shape]
+    assert widget.progress_bar.value == widget.progress_bar.max > 1 and widget.progress_bar.native.isHidden()
     warped = layer(viewer, f"{moving.name} warped")
     board, difference, jacobian = (layer(viewer, name) for name in OUTPUTS)
     for out in (warped, board, difference, jacobian):
@@ -168,9 +169,16 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     np.testing.assert_array_equal(warped.data, result.warped.array)
     np.testing.assert_allclose(difference.data, fixed.data - result.warped.array, atol=1e-3)
     low, high = difference.contrast_limits
-    assert low == -high and difference.colormap.name == "bwr"
     np.testing.assert_array_equal(jacobian.data, result.jacobian.array)
-    assert tuple(jacobian.contrast_limits) == (0.0, 2.0) and jacobian.colormap.name == "PiYG"
+    assert low == -high and tuple(jacobian.contrast_limits) == (0.0, 2.0)
+    # Overlays over the CT: translucent, clear where nothing changed, opaque at the range's ends, with a colour bar;
+    # the widget states the sign conventions.
+    for overlay, clear in ((difference, 0.0), (jacobian, 1.0)):
+        assert overlay.blending == "translucent" and overlay.colorbar.visible and not overlay.visible
+        lo, hi = overlay.contrast_limits
+        alpha = overlay.colormap.map(np.array([0.0, (clear - lo) / (hi - lo), 1.0]))[:, 3]
+        assert alpha[1] < 0.05 and alpha[0] == alpha[2] == 1.0
+    assert "fixed - warped" in widget.summary.value and "compressed" in widget.summary.value
 
     # Numbers: NCC rises; they are shown in the widget with the folding and the time.
     m = result.metrics
@@ -197,6 +205,11 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     mask = checkerboard_mask(fixed.data.shape, pair.fixed.spacing, 35.0)
     np.testing.assert_array_equal(board.data, np.where(mask, fixed.data, result.warped.array))
     assert not np.array_equal(board.data, drawn)
+    # "Before registration": the same tiles from the moving image as it was (same grid here), then back.
+    widget.before.value = True
+    np.testing.assert_array_equal(board.data, np.where(mask, fixed.data, moving.data))
+    widget.before.value = False
+    np.testing.assert_array_equal(board.data, np.where(mask, fixed.data, result.warped.array))
     assert len(engine_calls) == 1
 
     # Colorized twins: the widget offers to warp the moving one; running again replaces every layer, and the

@@ -20,7 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .io import NIFTI_SUFFIXES, InputError, Volume, read_volume, write_nifti, write_vector_nifti
+from .io import (
+    NIFTI_SUFFIXES,
+    ColorVolume,
+    InputError,
+    Volume,
+    read_image,
+    read_volume,
+    write_nifti,
+    write_vector_nifti,
+)
 from .io.write import atomic_path
 from .windowing import default_window
 
@@ -56,8 +65,38 @@ def volume_info(volume: Volume) -> dict:
     }
 
 
+def colour_info(colour: ColorVolume) -> dict:
+    """The `ctcolor info --json` record of an RGB volume (what `ctcolor colorize` writes)."""
+    return {
+        "shape": list(colour.rgb.shape[:3]),
+        "spacing": list(colour.spacing),
+        "origin": list(colour.origin),
+        "direction": colour.direction.flatten().tolist(),
+        "modality": "RGB",
+        "dtype": "uint8 RGB",
+        "format": colour.settings.get("format", ""),
+        "geometry_known": colour.settings.get("geometry") != "none",
+    }
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
-    volume = read_volume(args.path, series_uid=args.series)
+    image = read_image(args.path, series_uid=args.series)
+    if isinstance(image, ColorVolume):
+        info = colour_info(image)
+        if args.json:
+            print(json.dumps(info))
+            return 0
+        z, y, x = info["shape"]
+        print(f"{args.path}")
+        print("  colour       RGB, 8 bits per channel (a colorized rendering, not CT numbers)")
+        print(f"  shape        {z} slices x {y} x {x}")
+        print("  spacing      {:.4g} x {:.4g} x {:.4g} mm (z, y, x)".format(*info["spacing"]))
+        print("  origin       {:.2f}, {:.2f}, {:.2f} mm (x, y, z LPS)".format(*info["origin"]))
+        print("  direction    " + " ".join(f"{v:+.3f}" for v in info["direction"]))
+        if not info["geometry_known"]:
+            print("  geometry     none stored (PNG slices without geometry.json): 1 mm slices at the origin")
+        return 0
+    volume = image
     info = volume_info(volume)
     if args.json:
         print(json.dumps(info))
@@ -255,8 +294,14 @@ def _cmd_colorize(args: argparse.Namespace) -> int:
     volume = read_volume(args.path, series_uid=args.series)
     modality = volume.meta.get("modality", "OT")
     if modality != "CT" and not args.allow_non_ct:
-        raise InputError(
-            f"{args.path}: modality is {modality}, not CT; the colorizer is trained on CT (--allow-non-ct)"
+        # NIfTI/MHA/NRRD carry no modality, only a guess from the values: a CT cropped to soft tissue spans no air or
+        # bone but still has fat below 0 HU, and only warns; an image without negative values is not in HU at all.
+        if not volume.meta.get("modality_guessed") or float(np.min(volume.array)) >= -50.0:
+            what = f"modality is {modality}" if not volume.meta.get("modality_guessed") else "no values below -50 HU"
+            raise InputError(f"{args.path}: {what}, not CT; the colorizer is trained on CT (--allow-non-ct)")
+        warnings.warn(
+            f"{args.path}: its values do not span air to bone in HU; colorizing it as CT (the format has no modality)",
+            stacklevel=1,
         )
     total = 2 * volume.shape[0]
     with tqdm(total=total, desc="colorize", unit="slice", file=sys.stderr, disable=None) as bar:
@@ -473,9 +518,10 @@ def _join_negative_values(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
-    # Only in the ctcolor process itself, not a caller's (tests, scripts) that shares its allocator; and not for
-    # `ctcolor peer`, which reproduces other tools' recipes as they run, with the default allocator.
-    if argv is None and args.command != "peer":
+    # Only for registration (its field-sized temporaries), only in the ctcolor process itself, not a caller's
+    # (tests, scripts) that shares its allocator; not for `ctcolor peer`, which reproduces other tools' recipes as
+    # they run, with the default allocator; and not for colorize, whose peak memory it would raise.
+    if argv is None and args.command == "register":
         _reuse_freed_memory()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     # pydicom logs every oddity of a damaged file; our own InputError says what matters, in one line.

@@ -116,3 +116,27 @@ def window_stack(hu: np.ndarray, windows: Sequence[Window | tuple[float, float]]
     for i, (centre, width) in enumerate(windows):
         out[i] = window(hu, centre, width)
     return out
+
+
+class OpacityRamp(NamedTuple):
+    """Opacity for 3D rendering: 0 below ``low`` HU, rising linearly to ``peak`` at ``high`` HU and above."""
+
+    low: float
+    high: float
+    peak: float
+
+
+#: 3D presets: what shows when the volume is rendered translucently. Air and fat are always clear; contrast-filled
+#: vessels and bone overlap in HU, so "vessels" shows bone too, and the colour tells them apart.
+VOLUME_PRESETS: dict[str, OpacityRamp] = {
+    "bone": OpacityRamp(180.0, 450.0, 1.0),
+    "vessels": OpacityRamp(130.0, 260.0, 1.0),
+    "soft tissue": OpacityRamp(-20.0, 120.0, 0.25),
+}
+
+
+def opacity(hu: np.ndarray, ramp: OpacityRamp) -> np.ndarray:
+    """uint8 alpha (0..255) of HU under an `OpacityRamp`, for an RGBA volume napari renders translucently."""
+    rising = np.subtract(hu, ramp.low, dtype=np.float32)
+    rising *= np.float32(ramp.peak * 255.0 / (ramp.high - ramp.low))
+    return np.rint(np.clip(rising, 0.0, ramp.peak * 255.0, out=rising)).astype(np.uint8)

@@ -238,8 +238,13 @@ def _index_to_mm(volume: Volume) -> np.ndarray:
     return volume.direction @ np.diag(volume.spacing[::-1])
 
 
-def _check_pair(fixed: Volume, moving: Volume) -> None:
-    """Raise InputError for a 2D/3D mismatch, a too small image or images whose physical boxes do not overlap."""
+def _check_pair(fixed: Volume, moving: Volume, prealigned: bool = False) -> None:
+    """Raise InputError for a 2D/3D mismatch, a too small image or images whose physical boxes do not overlap.
+
+    With ``prealigned`` (affine pre-alignment on), disjoint boxes are allowed: a prior and a current scan exported in
+    different coordinate frames (an origin 400 mm away) are brought together by the pre-alignment, which starts by
+    superimposing the two boxes' centres (`_prealign`).
+    """
     fixed_2d, moving_2d = fixed.shape[0] == 1, moving.shape[0] == 1
     if fixed_2d != moving_2d:
         dims = [
@@ -258,10 +263,10 @@ def _check_pair(fixed: Volume, moving: Volume) -> None:
     points = fixed.affine[:3, :3] @ corners + fixed.affine[:3, 3:]
     in_moving = np.linalg.solve(moving.affine[:3, :3], points - moving.affine[:3, 3:])
     size = np.array(moving.shape[::-1])
-    if np.any(in_moving.max(axis=1) < -0.5) or np.any(in_moving.min(axis=1) > size - 0.5):
+    if not prealigned and (np.any(in_moving.max(axis=1) < -0.5) or np.any(in_moving.min(axis=1) > size - 0.5)):
         raise InputError(
             f"{_name(moving, 'moving image')}: its physical extent does not overlap the fixed image "
-            f"({_name(fixed, 'no file')}); check both images' origin and direction"
+            f"({_name(fixed, 'no file')}); check both images' origin and direction, or pre-align (--affine)"
         )
 
 
@@ -587,7 +592,7 @@ def iter_register(
     """
     start = time.perf_counter()
     two_d = fixed.shape[0] == 1
-    _check_pair(fixed, moving)
+    _check_pair(fixed, moving, prealigned=affine)
     torch_device = resolve_device(device)
     fixed_low, fixed_high = _intensity_range(fixed, "fixed image")
     moving_low, moving_high = _intensity_range(moving, "moving image")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .color_read import is_colour, read_color_volume
 from .dicom import read_dicom_file, read_dicom_folder
 from .errors import Cancelled, CTColorError, InputError
 from .nifti import read_itk, read_nifti, write_nifti, write_vector_nifti
@@ -17,6 +18,8 @@ __all__ = [
     "InputError",
     "Volume",
     "read_volume",
+    "read_image",
+    "read_color_volume",
     "write_nifti",
     "write_vector_nifti",
     "NIFTI_SUFFIXES",
@@ -53,6 +56,20 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volum
         raise InputError(message) from None
     except OSError as exc:  # permissions, a file vanishing while read: the user can fix these
         raise InputError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+
+
+def read_image(path: str | os.PathLike, series_uid: str | None = None) -> Volume | ColorVolume:
+    """`read_volume`, or `read_color_volume` for an RGB image (what `ctcolor colorize` writes, in any of its formats).
+
+    Raises:
+        InputError: with a one-line message naming the file and the problem.
+    """
+    if series_uid is None and Path(path).exists() and is_colour(path):
+        try:
+            return read_color_volume(path)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    return read_volume(path, series_uid)
 
 
 def _read_volume(path: Path, series_uid: str | None) -> Volume:

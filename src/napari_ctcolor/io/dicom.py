@@ -64,10 +64,34 @@ def _damaged(where: Path, exc: Exception) -> InputError:
     return InputError(f"{where}: damaged DICOM header ({detail})")
 
 
+def _with_transfer_syntax(ds: Dataset) -> Dataset:
+    """Give a file without a file meta header (no (0002,0010), as older archives hold) the transfer syntax its data
+    set was read in: implicit VR little endian unless pydicom found otherwise. Its pixels are native then (compressed
+    pixels need a transfer syntax to be stored at all). Only the dataset in memory changes, never the file.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return ds
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    if implicit is None:  # nothing was read with an encoding: the standard's default
+        implicit, little = True, True
+    uid = (
+        pydicom.uid.ImplicitVRLittleEndian
+        if implicit
+        else pydicom.uid.ExplicitVRLittleEndian
+        if little
+        else pydicom.uid.ExplicitVRBigEndian
+    )
+    if meta is None:
+        ds.file_meta = meta = pydicom.dataset.FileMetaDataset()
+    meta.TransferSyntaxUID = uid
+    return ds
+
+
 def _read_header(path: Path) -> Dataset | None:
     """The dataset of an image DICOM file, pixel data deferred; None for anything that is not one."""
     try:
-        ds = pydicom.dcmread(path, force=True, defer_size=1024)
+        ds = _with_transfer_syntax(pydicom.dcmread(path, force=True, defer_size=1024))
         # force=True reads files without the 128-byte preamble, but also "reads" arbitrary bytes: insist on the
         # attributes every image has.
         if "PixelData" not in ds or "Rows" not in ds or "Columns" not in ds:
@@ -141,7 +165,7 @@ def read_dicom_file(path: str | os.PathLike) -> Volume:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            ds = pydicom.dcmread(path, force=True, defer_size=1024)
+            ds = _with_transfer_syntax(pydicom.dcmread(path, force=True, defer_size=1024))
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
             raise InputError(f"{path}: not a readable DICOM file ({type(exc).__name__})") from None
     truncated = any("End of file" in str(w.message) for w in caught)

@@ -15,6 +15,7 @@ Example (the shared abdomen series, colorized)::
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -141,7 +142,8 @@ def write_png_slices(cv: ColorVolume, folder: str | os.PathLike, overwrite: bool
     Slices are shown as a radiologist reads an axial image: patient right on the image's left, anterior at the top.
     In LPS that is +x to the right and +y downwards, so an in-plane axis whose direction points the other way (e.g.
     a NIfTI stored RAS) is flipped. The in-plane pixel size is recorded in the PNG
-    pHYs chunk (as dpi); PNG has no slice position, so use NIfTI or DICOM when geometry matters.
+    pHYs chunk (as dpi); PNG has no slice position, so the geometry (and the flips) go into ``geometry.json`` beside
+    the slices, from which `read_color_volume` restores the volume exactly.
 
     Args:
         cv: rgb uint8 (Z, Y, X, 3).
@@ -149,21 +151,35 @@ def write_png_slices(cv: ColorVolume, folder: str | os.PathLike, overwrite: bool
         overwrite: replace existing ``slice_*.png`` files (stale ones beyond this volume's slices are removed).
 
     Returns:
-        The written files.
+        The written slice files (``geometry.json`` is written too).
     """
     from PIL import Image
 
+    from .color_read import PNG_GEOMETRY
+
     folder = Path(folder)
     paths = _slice_paths(folder, cv.rgb.shape[0], ".png")
+    _refuse_existing([folder / PNG_GEOMETRY], overwrite)
     _prepare_folder(folder, paths, ".png", overwrite)
     dpi = (25.4 / cv.spacing[2], 25.4 / cv.spacing[1])  # pixels per inch along x, y
     # Index axis i (columns) and j (rows): flip where the dominant LPS component of the axis direction is negative.
-    flip_x = cv.direction[np.argmax(np.abs(cv.direction[:, 0])), 0] < 0
-    flip_y = cv.direction[np.argmax(np.abs(cv.direction[:, 1])), 1] < 0
+    flip_x = bool(cv.direction[np.argmax(np.abs(cv.direction[:, 0])), 0] < 0)
+    flip_y = bool(cv.direction[np.argmax(np.abs(cv.direction[:, 1])), 1] < 0)
     view = cv.rgb[:, :: -1 if flip_y else 1, :: -1 if flip_x else 1]
     for k, path in enumerate(paths):
         with atomic_path(path) as tmp:
             Image.fromarray(np.ascontiguousarray(view[k])).save(tmp, format="PNG", dpi=dpi)
+    geometry = {
+        "written_by": "napari-ctcolor",
+        "slices": len(paths),
+        "spacing": list(cv.spacing),
+        "origin": list(cv.origin),
+        "direction": cv.direction.flatten().tolist(),
+        "display_flips": [flip_y, flip_x],
+        "note": "LPS mm of the array before the display flips (rows, columns) applied to every PNG",
+    }
+    with atomic_path(folder / PNG_GEOMETRY) as tmp:
+        Path(tmp).write_text(json.dumps(geometry, indent=1))
     return paths
 
 

@@ -144,12 +144,19 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         spacing=tuple(spacing_xyz[::-1]),
         origin=tuple(lps[:3, 3]),
         direction=direction,
-        meta={"source": str(path), "format": "nifti", "modality": _guess_modality(data), "series_count": 1},
+        meta={
+            "source": str(path),
+            "format": "nifti",
+            "modality": _guess_modality(data),
+            "modality_guessed": True,
+            "series_count": 1,
+        },
     )
 
 
 def _guess_modality(data: np.ndarray) -> str:
-    """NIfTI has no modality tag; an image whose values span air to bone in HU is taken as CT."""
+    """NIfTI, MHA and NRRD have no modality tag; an image whose values span air to bone in HU is taken as CT. A guess
+    only (``meta["modality_guessed"]``): a CT cropped to soft tissue spans no air, so it warns, never refuses."""
     if data.size == 0:
         return "OT"
     lo, hi = np.nanpercentile(data[:: max(1, data.shape[0] // 16)], [0.5, 99.5])
@@ -209,5 +216,6 @@ def read_itk(path: str | os.PathLike) -> Volume:
         raise InputError(f"{path}: SimpleITK cannot read it ({detail[-1] if detail else 'unknown error'})") from None
     volume = Volume.from_sitk(image, meta={"source": str(path), "format": path.suffix.lstrip(".").lower()})
     volume.meta["modality"] = _guess_modality(volume.array)
+    volume.meta["modality_guessed"] = True
     volume.meta["series_count"] = 1
     return volume

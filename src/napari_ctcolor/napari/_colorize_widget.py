@@ -7,6 +7,9 @@ The widget is a thin front end over `napari_ctcolor.engines.colorize`, the same 
 - The predicted colour-class probabilities (`Chroma`) are kept, so changing the palette, the chroma strength or the
   window only recomposes (also in a worker, coalescing fast slider moves); the network does not run again. Opacity
   only changes the layer.
+- The window is the CT layer's: choosing a preset sets the layer's contrast limits, and changing the layer's contrast
+  limits (napari's slider) selects the matching preset or "custom" and recomposes the colour with it.
+- A progress bar in the widget; Axial / Coronal / Sagittal buttons show radiologically oriented views (`_view`).
 - Under the result, the pointer's colour class and its probability show in the widget ("Pointer"), and a legend
   lists the classes the volume shows with their palette swatches. "Show colour classes" adds a Labels layer of the
   most probable class, named as colour classes: a visual aid, never a validated segmentation.
@@ -24,7 +27,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, FloatSlider, FloatSpinBox, Label, PushButton, SpinBox
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSlider,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils import progress
@@ -37,8 +50,9 @@ from ..engines.steps import offset_steps
 from ..io import ColorVolume, Volume
 from ..io.errors import CTColorError, InputError
 from ..models.colorizer import Colorizer
-from ..windowing import PRESETS, Window, default_window, parse_window
+from ..windowing import PRESETS, VOLUME_PRESETS, Window, default_window, opacity, parse_window
 from ._layers import META_KEY, layer_attributes, volume_from_layer
+from ._view import anterior_3d, follow_radiological_orientation, plane_buttons, show_plane
 
 if TYPE_CHECKING:
     import napari
@@ -50,6 +64,10 @@ LEGEND_MIN_SHARE = 0.001
 CUSTOM = "custom"
 WEIGHTS_FILE = "weights file..."
 SHIPPED_MODELS = ("colorizer-2d", "colorizer-3d")
+NO_3D = "off"
+#: The 3D layer keeps at most this many voxels per in-plane axis (every n-th voxel): a translucent RGBA volume is
+#: 4 bytes per voxel on the GPU, and a 3D overview needs no more.
+MAX_3D_PIXELS = 256
 DEVICES = ("auto", "cpu", "cuda")
 
 ModelSpec = str | os.PathLike | Colorizer
@@ -101,7 +119,11 @@ class ColorizeWidget(Container):
         self.weights_file = FileEdit(label="Weights file", mode="r", filter="*.safetensors", visible=False)
         self.device = ComboBox(label="Device", choices=list(DEVICES), value="auto")
         self.batch_size = SpinBox(
-            label="Batch size", min=0, max=4096, value=0, tooltip="slices per network batch; 0 = automatic"
+            label="Slices per batch",
+            min=0,
+            max=4096,
+            value=0,
+            tooltip="slices the network takes at once (more: faster on a GPU, more memory); 0 = automatic",
         )
         self.palette = ComboBox(
             label="Palette",
@@ -114,10 +136,18 @@ class ColorizeWidget(Container):
         self.opacity = FloatSlider(label="Opacity", min=0.0, max=1.0, step=0.05, value=1.0)
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress_bar = ProgressBar(value=0, min=0, max=1, visible=False)
         self.status = Label(value="")
         self.pointer = Label(label="Pointer", value="")
         self.legend = Label(label="Legend", value="")
         self.classes_button = PushButton(text="Show colour classes", enabled=False)
+        self.view_3d = ComboBox(
+            label="3D view",
+            choices=[NO_3D, *VOLUME_PRESETS],
+            value=NO_3D,
+            enabled=False,
+            tooltip="render the colorized volume in 3D: air clear, opacity from HU (bone, vessels or soft tissue)",
+        )
         super().__init__(
             widgets=[
                 self.ct_layer,
@@ -134,16 +164,22 @@ class ColorizeWidget(Container):
                 self.opacity,
                 self.run_button,
                 self.cancel_button,
+                self.progress_bar,
                 self.status,
                 self.pointer,
                 self.legend,
                 self.classes_button,
+                self.view_3d,
+                plane_buttons(napari_viewer),
             ]
         )
         self.worker = None  # the running GeneratorWorker (network run or recompose), if any
         self._kept: _Kept | None = None
         self._recompose_pending = False
         self._filling = False  # True while the widget itself writes centre/width
+        self._syncing = False  # True while the widget and the CT layer's contrast limits update each other
+        self._watched: Image | None = None  # the CT layer whose contrast limits the window follows
+        self._hidden_for_3d: list[Image] = []  # layers the 3D view hid, shown again when it is left
         self._closed = False
 
         self.run_button.changed.connect(self._run)
@@ -155,16 +191,18 @@ class ColorizeWidget(Container):
         self.palette.changed.connect(self._on_palette)
         self.palette_file.changed.connect(self._on_palette)
         self.classes_button.changed.connect(self.show_classes)
+        self.view_3d.changed.connect(self._on_view_3d)
         self._viewer.mouse_move_callbacks.append(self._on_mouse_move)
         self.opacity.changed.connect(self._on_opacity)
         self.model.changed.connect(lambda value: setattr(self.weights_file, "visible", value == WEIGHTS_FILE))
-        self.ct_layer.changed.connect(self._fill_window_fields)
+        self.ct_layer.changed.connect(self._watch_ct)
         layer_events = self._viewer.layers.events
         self._layer_events = (layer_events.inserted, layer_events.removed, layer_events.reordered)
         for event in self._layer_events:
             event.connect(self._on_layers_changed)
         self.native.destroyed.connect(self._detach)
-        self._fill_window_fields()
+        follow_radiological_orientation(napari_viewer)
+        self._watch_ct()
 
     # ---------------------------------------------------------------------------------------------------------------
     # State the tests and the user see
@@ -207,6 +245,7 @@ class ColorizeWidget(Container):
         self._closed = True
         for event in self._layer_events:
             event.disconnect(self._on_layers_changed)
+        self._unwatch()
         if self._on_mouse_move in self._viewer.mouse_move_callbacks:
             self._viewer.mouse_move_callbacks.remove(self._on_mouse_move)
         self.cancel()
@@ -265,8 +304,12 @@ class ColorizeWidget(Container):
         choice = self.window.value
         if choice in PRESETS:
             return PRESETS[choice]
-        if choice != DICOM_DEFAULT:
-            return None
+        if choice == DICOM_DEFAULT:
+            return self._dicom_default()
+        return None
+
+    def _dicom_default(self) -> Window | None:
+        """The chosen CT's own default window (DICOM WindowCenter/Width, else the abdomen preset for CT)."""
         layer = self.ct_layer.value
         if layer is not None and isinstance(layer.data, np.ndarray):  # never load a lazy (dask, zarr) array here
             try:
@@ -289,11 +332,90 @@ class ColorizeWidget(Container):
 
     def _on_window(self, _choice: str) -> None:
         self._fill_window_fields()
+        self._push_window()
         self._recompose()
 
     def _on_custom_window(self, _value=None) -> None:
         if self.window.value == CUSTOM and not self._filling:
+            self._push_window()
             self._recompose()
+
+    # The window is one setting shared with the CT layer: the widget's choice sets the layer's contrast limits, and
+    # the layer's contrast limits (napari's slider, another plugin) set the widget's choice; both recompose the
+    # colour from the kept class probabilities, never re-running the network.
+
+    def _watch_ct(self, *_: Any) -> None:
+        """Follow the chosen CT layer's contrast limits, starting from what it shows now."""
+        layer = self.ct_layer.value
+        if layer is self._watched:
+            return
+        self._unwatch()
+        self._watched = layer
+        if layer is not None:
+            layer.events.contrast_limits.connect(self._on_ct_contrast)
+            self._on_ct_contrast()
+        else:
+            self._fill_window_fields()
+
+    def _unwatch(self) -> None:
+        if self._watched is not None:
+            self._watched.events.contrast_limits.disconnect(self._on_ct_contrast)
+            self._watched = None
+
+    def _choice_for(self, win: Window) -> str:
+        """The window choice that means ``win`` for the chosen CT: the current one when it still fits, else the DICOM
+        default, a preset, or custom."""
+
+        def same(other: Window | None) -> bool:
+            return other is not None and np.allclose(other, win, rtol=0, atol=1e-3 * max(win.width, 1.0))
+
+        current = self.window.value
+        if current != CUSTOM and same(self._shown_window()):
+            return current
+        if same(self._dicom_default()):
+            return DICOM_DEFAULT
+        return next((name for name, preset in PRESETS.items() if same(preset)), CUSTOM)
+
+    def _on_ct_contrast(self, *_: Any) -> None:
+        """The CT layer's contrast limits changed: show that window in the widget and recompose the colour."""
+        layer = self._watched
+        if self._syncing or layer is None:
+            return
+        low, high = (float(v) for v in layer.contrast_limits)
+        win = Window((low + high) / 2, max(high - low, 1e-6))
+        choice = self._choice_for(win)
+        with self.window.changed.blocked():
+            self.window.value = choice
+        if choice == CUSTOM:
+            self._filling = True
+            try:
+                self.centre_hu.value, self.width_hu.value = win.centre, win.width
+            finally:
+                self._filling = False
+        self._fill_window_fields()
+        if self._kept is not None and self._kept.ct is layer:
+            self._recompose()
+
+    def _push_window(self) -> None:
+        """Show the widget's window on the CT layer (its contrast limits)."""
+        layer = self._watched
+        if self._syncing or layer is None:
+            return
+        if self.window.value == CUSTOM:
+            win = Window(float(self.centre_hu.value), float(self.width_hu.value))
+        else:
+            win = self._shown_window()
+        if win is None:
+            return
+        low, high = win.limits
+        self._syncing = True
+        try:
+            range_low, range_high = layer.contrast_limits_range
+            if low < range_low or high > range_high:  # a window wider than the data (lung on a cropped CT)
+                layer.contrast_limits_range = (min(low, range_low), max(high, range_high))
+            layer.contrast_limits = (low, high)
+        finally:
+            self._syncing = False
 
     def _on_opacity(self, value: float) -> None:
         layer = self.result_layer
@@ -397,8 +519,9 @@ class ColorizeWidget(Container):
         worker.is_compose = is_compose
         bar = progress(total=total, desc=desc)
         started = time.perf_counter()
+        self.progress_bar.max, self.progress_bar.value, self.progress_bar.visible = total, 0, True
         worker.yielded.connect(lambda step: bar.update(step[0] - bar.n))
-        worker.returned.connect(on_result)
+        worker.yielded.connect(lambda step: self._progress(step[0]))
         worker.aborted.connect(lambda: self._say(f"{desc}: cancelled"))
         worker.errored.connect(lambda _: self._say(f"{desc}: failed"))
         worker.returned.connect(
@@ -406,12 +529,17 @@ class ColorizeWidget(Container):
                 f"{desc}: failed" if isinstance(result, _Failed) else f"{desc}: {time.perf_counter() - started:.1f} s"
             )
         )
+        worker.returned.connect(on_result)  # after the timing message, so that what it says stays
         worker.finished.connect(lambda: self._finished(worker, bar))
         self.worker = worker
         self.run_button.enabled = is_compose  # Run may supersede a recompose, not another run
         self.cancel_button.enabled = True
         self.status.value = f"{desc}..."
         worker.start()
+
+    def _progress(self, done: int) -> None:
+        if not self._closed:
+            self.progress_bar.value = done
 
     def _say(self, text: str) -> None:
         if not self._closed:
@@ -424,6 +552,7 @@ class ColorizeWidget(Container):
         self.worker = None
         self.run_button.enabled = True
         self.cancel_button.enabled = False
+        self.progress_bar.visible = False
         if self._recompose_pending:
             self._recompose_pending = False
             self._recompose()
@@ -434,10 +563,13 @@ class ColorizeWidget(Container):
         if isinstance(result, _Failed):
             show_error(result.message)
             return
+        if not self._in_viewer(ct):  # the CT layer was deleted during the run: no orphan result layer
+            self._say("Colorize volume: the CT layer was removed; result dropped")
+            return
         chroma, colour = result
         self._kept = _Kept(volume, chroma, ct, self._show(ct, colour))
         self._fill_legend(colour)
-        self.classes_button.enabled = True
+        self.classes_button.enabled = self.view_3d.enabled = True
         # Settings changed while the network ran are applied now, from the kept chroma.
         self._recompose_pending = self._recompose_pending or self._settings(colour) != self._current_settings()
 
@@ -450,6 +582,8 @@ class ColorizeWidget(Container):
         if self._kept is kept and self.result_layer is not None:
             self._show(kept.ct, result)
             self._fill_legend(result)
+            if self.view_3d.value != NO_3D:
+                self._on_view_3d()  # the 3D layer shows the new colours too
 
     def _settings(self, colour: ColorVolume) -> tuple:
         settings = colour.settings
@@ -581,3 +715,55 @@ class ColorizeWidget(Container):
         layer = Labels(data, name=name, opacity=0.4, features=features, **placement)
         self._viewer.layers.append(layer)
         return layer
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # 3D
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _on_view_3d(self, *_: Any) -> None:
+        """Show (or leave) the translucent 3D rendering of the colorized volume."""
+        kept = self._kept
+        choice = self.view_3d.value
+        if choice == NO_3D or kept is None or self.result_layer is None or kept.ct.ndim != 3:
+            self._leave_3d()
+            return
+        self.show_3d(choice)
+
+    def show_3d(self, preset: str) -> Image | None:
+        """Add (or refresh) "<CT name> 3D": the colorized volume as RGBA, alpha from HU under ``preset`` (air clear),
+        rendered translucently from the patient's front; the 2D layers are hidden meanwhile."""
+        kept = self._kept
+        colour = self.result_layer
+        if kept is None or colour is None or kept.ct.ndim != 3:
+            return None
+        step = max(1, -(-max(kept.volume.shape[1:]) // MAX_3D_PIXELS))
+        rgb = np.asarray(colour.data)[:, ::step, ::step]
+        alpha = opacity(kept.volume.array[:, ::step, ::step], VOLUME_PRESETS[preset])
+        rgba = np.concatenate([rgb, alpha[..., None]], axis=-1)
+        placement = {k: np.asarray(v) for k, v in layer_attributes(colour).items() if k != "metadata"}
+        placement["scale"] = placement["scale"] * np.array([1.0, step, step])
+        name = f"{kept.ct.name} 3D"
+        existing = next((lyr for lyr in self._viewer.layers if lyr.name == name), None)
+        if existing is not None:
+            self._viewer.layers.remove(existing)
+        layer = Image(rgba, name=name, rgb=True, rendering="translucent", blending="translucent", **placement)
+        if not self._hidden_for_3d:
+            self._hidden_for_3d = [lyr for lyr in self._viewer.layers if lyr.visible]
+            for lyr in self._hidden_for_3d:
+                lyr.visible = False
+        self._viewer.layers.append(layer)
+        anterior_3d(self._viewer)
+        return layer
+
+    def _leave_3d(self) -> None:
+        kept = self._kept
+        if kept is not None:
+            name = f"{kept.ct.name} 3D"
+            for lyr in [lyr for lyr in self._viewer.layers if lyr.name == name]:
+                self._viewer.layers.remove(lyr)
+        for lyr in self._hidden_for_3d:
+            if any(other is lyr for other in self._viewer.layers):
+                lyr.visible = True
+        if self._hidden_for_3d:
+            show_plane(self._viewer, "axial")
+        self._hidden_for_3d = []

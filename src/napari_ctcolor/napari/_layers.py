@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import InputError, Volume
+from ..io import ColorVolume, InputError, Volume
 from ..windowing import default_window
 
 META_KEY = "ctcolor"
@@ -26,6 +26,13 @@ def image_layer_data(volume: Volume, name: str | None = None) -> tuple[np.ndarra
         **volume.napari_kwargs(),
     }
     return volume.array, kwargs, "image"
+
+
+def rgb_layer_data(colour: ColorVolume, name: str | None = None) -> tuple[np.ndarray, dict[str, Any], str]:
+    """A napari LayerDataTuple showing an RGB ``colour`` volume at its physical position."""
+    name = name or _stem(str(colour.settings.get("source", ""))) or "colour"
+    kwargs = {"name": name, "rgb": True, "metadata": {META_KEY: dict(colour.settings)}, **colour.napari_kwargs()}
+    return colour.rgb, kwargs, "image"
 
 
 def _stem(source: str) -> str:

@@ -1,4 +1,5 @@
-"""napari reader: DICOM folders and files, NIfTI, MHA/MHD, NRRD -> one image layer in HU at its physical place."""
+"""napari reader: DICOM folders and files, NIfTI, MHA/MHD, NRRD -> one image layer in HU at its physical place; the
+colour images we write (RGB NIfTI, RGB DICOM series, PNG slice folders) -> one RGB layer at their physical place."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import ITK_SUFFIXES, NIFTI_SUFFIXES, Volume, read_volume
-from ._layers import image_layer_data
+from ..io import ITK_SUFFIXES, NIFTI_SUFFIXES, ColorVolume, Volume, read_image
+from ..io.color_read import PNG_GEOMETRY
+from ._layers import image_layer_data, rgb_layer_data
 
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
@@ -44,7 +46,7 @@ def get_reader(path):
         path = path[0]
     path = Path(path)
     if path.is_dir():
-        return read_ct if _folder_has_dicom(path) else None
+        return read_ct if (path / PNG_GEOMETRY).is_file() or _folder_has_dicom(path) else None
     name = path.name.lower()
     if name.endswith(NIFTI_SUFFIXES + ITK_SUFFIXES) or _looks_like_dicom(path):
         return read_ct
@@ -67,7 +69,11 @@ def axis_ordered(volume: Volume) -> Volume:
 
 
 def read_ct(path):
-    """Read one CT (or other scalar image) into a layer; errors reach napari as one-line InputError messages."""
+    """Read one CT (or other scalar image, or one of our colour images) into a layer; errors reach napari as one-line
+    InputError messages."""
     if isinstance(path, list):
         path = path[0]
-    return [image_layer_data(axis_ordered(read_volume(path)))]
+    image = read_image(path)
+    if isinstance(image, ColorVolume):
+        return [rgb_layer_data(image)]
+    return [image_layer_data(axis_ordered(image))]

@@ -5,9 +5,10 @@ The widget is a thin front end over `napari_ctcolor.engines.register.iter_regist
 - Run: the engine's stages run in a napari ``thread_worker`` with a progress bar; Cancel closes the engine's generator
   between two stages (``worker.quit()``).
 - On completion it adds, or replaces on a re-run, the layers ``"<moving> warped"``, ``"checkerboard"`` (fixed vs
-  warped), ``"difference"`` (fixed - warped, diverging colormap centred on 0) and ``"Jacobian"`` (det J, diverging
-  colormap centred on 1), all placed with the fixed layer's transforms. NCC before/after, folding and time show in
-  the widget.
+  warped, or vs the moving image as it was with "Checkerboard before registration"), ``"difference"`` (fixed -
+  warped in HU) and ``"Jacobian"`` (det J), all placed with the fixed layer's transforms. Difference and Jacobian
+  are translucent overlays, clear where nothing changed (0 HU, det J = 1), with a colour bar; the widget states the
+  sign conventions. NCC before/after, folding and time show in the widget, with a progress bar.
 - The result is kept, so the tile-size slider only recomputes the checkerboard; it never registers again.
 - A layer ``"<name> colorized"`` (what "Colorize volume" makes) is the colorized twin of the grey layer ``"<name>"``.
   When the moving layer has one, the widget offers to warp it through the same displacement field; the checkerboard
@@ -25,10 +26,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, Label, PushButton, SpinBox
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSlider,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
 from napari.layers import Image
 from napari.qt.threading import create_worker
-from napari.utils import progress
+from napari.utils import Colormap, progress
 from napari.utils.notifications import show_error
 
 from ..engines.checkerboard import checkerboard, resample_onto, same_grid
@@ -39,6 +50,7 @@ from ..io import ColorVolume, Volume
 from ..io.errors import CTColorError, InputError
 from ..weights import find_weights
 from ._layers import META_KEY, layer_attributes, volume_from_layer
+from ._view import follow_radiological_orientation, plane_buttons
 
 if TYPE_CHECKING:
     import napari
@@ -49,8 +61,20 @@ MODEL_FILE = "model file..."
 DEVICES = ("auto", "cpu", "cuda")
 COLOURED = " colorized"  # the suffix "Colorize volume" gives its result layer
 CHECKERBOARD, DIFFERENCE, JACOBIAN = "checkerboard", "difference", "Jacobian"
-#: det J shown on [0, 2]: white at 1 (volume kept), pink where the moving image is compressed, green where stretched.
+#: det J shown on [0, 2]: clear at 1 (volume kept), magenta where the moving image is compressed, green where stretched.
 JACOBIAN_LIMITS = (0.0, 2.0)
+#: Overlays drawn over the CT: transparent where nothing changed, opaque at the ends of their range.
+DIFFERENCE_COLORMAP = Colormap(
+    [[0.15, 0.35, 1.0, 1.0], [0.15, 0.35, 1.0, 0.0], [1.0, 0.2, 0.1, 0.0], [1.0, 0.2, 0.1, 1.0]],
+    controls=[0.0, 0.5, 0.5, 1.0],
+    name="ctcolor difference (blue: warped brighter, red: fixed brighter)",
+)
+JACOBIAN_COLORMAP = Colormap(
+    [[0.85, 0.1, 0.75, 1.0], [0.85, 0.1, 0.75, 0.0], [0.1, 0.7, 0.2, 0.0], [0.1, 0.7, 0.2, 1.0]],
+    controls=[0.0, 0.5, 0.5, 1.0],
+    name="ctcolor Jacobian (magenta: compressed, green: expanded)",
+)
+OVERLAY_OPACITY = 0.8
 #: Output roles that are never offered as inputs (a warped layer may be registered again).
 DERIVED_ROLES = ("checkerboard", "difference", "jacobian")
 TRANSFORMS = ("scale", "translate", "rotate", "affine")
@@ -166,8 +190,14 @@ class RegisterWidget(Container):
         self.device = ComboBox(label="Device", choices=list(DEVICES), value="auto")
         self.warp_colour = CheckBox(text="Warp colorized twin too", value=True, enabled=False, visible=False)
         self.tile_mm = FloatSlider(label="Tile (mm)", min=2.0, max=100.0, step=1.0, value=20.0)
+        self.before = CheckBox(
+            text="Checkerboard before registration",
+            value=False,
+            tooltip="fixed against the moving image as it was (on the fixed grid): what the registration corrected",
+        )
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress_bar = ProgressBar(value=0, min=0, max=1, visible=False)
         self.status = Label(value="")
         self.summary = Label(value="")
         super().__init__(
@@ -181,10 +211,13 @@ class RegisterWidget(Container):
                 self.device,
                 self.warp_colour,
                 self.tile_mm,
+                self.before,
                 self.run_button,
                 self.cancel_button,
+                self.progress_bar,
                 self.status,
                 self.summary,
+                plane_buttons(napari_viewer),
             ]
         )
         self.worker = None  # the running GeneratorWorker, if any
@@ -197,11 +230,13 @@ class RegisterWidget(Container):
         self.moving.changed.connect(self._on_moving_chosen)
         self.tile_mm.changed.connect(self._redraw_checkerboard)
         self.warp_colour.changed.connect(self._redraw_checkerboard)
+        self.before.changed.connect(self._redraw_checkerboard)
         layer_events = self._viewer.layers.events
         self._layer_events = (layer_events.inserted, layer_events.removed, layer_events.reordered)
         for event in self._layer_events:
             event.connect(self._on_layers_changed)
         self.native.destroyed.connect(self._detach)
+        follow_radiological_orientation(napari_viewer)
         self._on_layers_changed()
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -377,15 +412,17 @@ class RegisterWidget(Container):
         bar = progress(total=total, desc=TITLE)
         started = time.perf_counter()
         worker.yielded.connect(lambda step: bar.update(step[0] - bar.n))
-        worker.returned.connect(
-            lambda output: self._returned(output, inputs, transforms, fixed_limits, fixed_layer.ndim == 2)
-        )
+        self.progress_bar.max, self.progress_bar.value, self.progress_bar.visible = total, 0, True
+        worker.yielded.connect(lambda step: self._progress(step[0]))
         worker.aborted.connect(lambda: self._say(f"{TITLE}: cancelled"))
         worker.errored.connect(lambda _: self._say(f"{TITLE}: failed"))
         worker.returned.connect(
             lambda output: self._say(
                 f"{TITLE}: failed" if isinstance(output, _Failed) else f"{TITLE}: {time.perf_counter() - started:.1f} s"
             )
+        )
+        worker.returned.connect(  # after the timing message, so that what it says stays
+            lambda output: self._returned(output, inputs, fixed_layer, transforms, fixed_limits)
         )
         worker.finished.connect(lambda: self._finished(worker, bar))
         self.worker = worker
@@ -412,6 +449,10 @@ class RegisterWidget(Container):
             return _Failed(str(exc))
         return _Output(result, difference, fixed_colour, warped_colour)
 
+    def _progress(self, done: int) -> None:
+        if not self._closed:
+            self.progress_bar.value = done
+
     def _say(self, text: str) -> None:
         if not self._closed:
             self.status.value = text
@@ -423,21 +464,25 @@ class RegisterWidget(Container):
         self.worker = None
         self.run_button.enabled = True
         self.cancel_button.enabled = False
+        self.progress_bar.visible = False
 
     def _returned(
         self,
         output: _Output | _Failed,
         inputs: _Inputs,
+        fixed_layer: Image,
         transforms: dict[str, np.ndarray],
         fixed_limits: tuple[float, float],
-        two_d: bool,
     ) -> None:
         if self._closed:
             return
         if isinstance(output, _Failed):
             show_error(output.message)
             return
-        self._kept = _Kept(inputs, output, transforms, fixed_limits, two_d)
+        if not any(layer is fixed_layer for layer in self._viewer.layers):  # deleted during the run: no orphans
+            self._say(f"{TITLE}: the fixed layer was removed; result dropped")
+            return
+        self._kept = _Kept(inputs, output, transforms, fixed_limits, fixed_layer.ndim == 2)
         self._show()
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -452,9 +497,10 @@ class RegisterWidget(Container):
         self._put(f"{inputs.moving_name} warped", result.warped.array, "warped", limits=inputs.moving_limits)
         if output.warped_colour is not None:
             self._put(f"{inputs.moving_colour_name} warped", output.warped_colour.rgb, "warped colour", rgb=True)
-        half = 0.5 * (kept.fixed_limits[1] - kept.fixed_limits[0])  # +- half the fixed window: 0 is white
-        self._put(DIFFERENCE, output.difference, "difference", limits=(-half, half), colormap="bwr", hide=True)
-        self._put(JACOBIAN, result.jacobian.array, "jacobian", limits=JACOBIAN_LIMITS, colormap="PiYG", hide=True)
+        half = 0.5 * (kept.fixed_limits[1] - kept.fixed_limits[0])  # +- half the fixed window: 0 is clear
+        difference, jacobian = output.difference, result.jacobian.array
+        self._put(DIFFERENCE, difference, "difference", limits=(-half, half), colormap=DIFFERENCE_COLORMAP, hide=True)
+        self._put(JACOBIAN, jacobian, "jacobian", limits=JACOBIAN_LIMITS, colormap=JACOBIAN_COLORMAP, hide=True)
         self._redraw_checkerboard()
         m = result.metrics
         prealigned = f" (affine {m['ncc_prealigned']:.3f})" if "ncc_prealigned" in m else ""
@@ -462,6 +508,8 @@ class RegisterWidget(Container):
             f"NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}{prealigned}"
             f" | folding {100 * m['folding_fraction']:.3f} %"
             f" | {m['seconds']:.1f} s ({m['device']}, refine {m['refine_steps']})"
+            "<br>difference = fixed - warped (HU): red where the fixed image is brighter, blue where the warped is"
+            "<br>Jacobian det J: 1 unchanged, &lt; 1 compressed (magenta), &gt; 1 expanded (green), &le; 0 folded"
         )
 
     def _redraw_checkerboard(self, *_: Any) -> None:
@@ -469,13 +517,15 @@ class RegisterWidget(Container):
         kept = self._kept
         if kept is None:
             return
-        output, tile_mm = kept.output, float(self.tile_mm.value)
+        output, tile_mm, inputs = kept.output, float(self.tile_mm.value), kept.inputs
+        before = bool(self.before.value)  # the moving image as it was, resampled onto the fixed grid by position
         if output.warped_colour is not None and self.warp_colour.value:
-            fixed_colour = output.fixed_colour or grey_as_colour(kept.inputs.fixed, kept.fixed_limits)
-            board = checkerboard(fixed_colour, output.warped_colour, tile_mm)
+            fixed_colour = output.fixed_colour or grey_as_colour(inputs.fixed, kept.fixed_limits)
+            other = inputs.moving_colour if before else output.warped_colour
+            board = checkerboard(fixed_colour, other, tile_mm)
             self._put(CHECKERBOARD, board.rgb, "checkerboard", rgb=True)
         else:
-            board = checkerboard(kept.inputs.fixed, output.result.warped, tile_mm)
+            board = checkerboard(inputs.fixed, inputs.moving if before else output.result.warped, tile_mm)
             self._put(CHECKERBOARD, board.array, "checkerboard", limits=kept.fixed_limits)
 
     def _put(
@@ -485,7 +535,7 @@ class RegisterWidget(Container):
         role: str,
         rgb: bool = False,
         limits: tuple[float, float] | None = None,
-        colormap: str = "gray",
+        colormap: str | Colormap = "gray",
         hide: bool = False,
     ) -> Image:
         """Show ``data`` (on the fixed grid) in the layer ``name``: its data replaced when it exists, else added.
@@ -495,7 +545,8 @@ class RegisterWidget(Container):
             data: (Z, Y, X) or (Z, Y, X, 3) uint8 with ``rgb``.
             role: recorded in the layer metadata (the derived roles are not offered as inputs).
             limits: contrast limits of a grey layer.
-            colormap: of a grey layer.
+            colormap: of a grey layer; a `Colormap` (an overlay, clear where nothing changed) is drawn translucently
+                over the CT with its colour bar shown.
             hide: add the layer hidden (the checkerboard is what the user looks at first).
         """
         kept = self._kept
@@ -503,6 +554,8 @@ class RegisterWidget(Container):
             data = data[0]
         metadata = {META_KEY: {"register": role, "metrics": _plain(kept.output.result.metrics)}}
         style = {} if rgb else {"contrast_limits": limits, "colormap": colormap}
+        if isinstance(colormap, Colormap):
+            style.update(blending="translucent", opacity=OVERLAY_OPACITY)
         existing = next((lyr for lyr in self._layers() if lyr.name == name), None)
         if existing is not None and existing.rgb == rgb and existing.data.ndim == data.ndim:
             existing.data = data
@@ -522,6 +575,8 @@ class RegisterWidget(Container):
         if not rgb:
             layer.contrast_limits_range = _range(data, limits)
             layer.contrast_limits = limits
+        if isinstance(colormap, Colormap):
+            layer.colorbar.visible = True
         if index is None:
             self._viewer.layers.append(layer)
         else:

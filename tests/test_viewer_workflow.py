@@ -1,0 +1,298 @@
+"""What a radiologist does in the viewer, step by step, in a real napari viewer (Xvfb + Mesa): the window shared by
+the CT layer and the colour, head-up reformats, progress inside the widgets, results that never orphan, the colour
+files we write opened again, and registration layers that read over the CT."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from napari_ctcolor.io import ColorVolume, Volume, read_volume, write_nifti
+from napari_ctcolor.io.color_read import read_color_volume
+from napari_ctcolor.napari import _colorize_widget
+from napari_ctcolor.napari._layers import image_layer_data
+from napari_ctcolor.napari._view import show_plane
+from napari_ctcolor.windowing import PRESETS
+from test_cli import ctcolor
+from test_colorize_widget import PLUGIN, TIMEOUT_MS, SlowColorizer, click_and_wait, lightness_error, open_widget
+
+from conftest import CT_DIR, require_shared
+
+CUT = CT_DIR / "totalseg-body-3mm-30slices.nii.gz"
+
+
+@pytest.fixture
+def errors(monkeypatch) -> list[str]:
+    shown: list[str] = []
+    monkeypatch.setattr(_colorize_widget, "show_error", shown.append)
+    return shown
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. One window for the CT layer and its colour
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_network(
+    make_napari_viewer, qtbot, monkeypatch, errors
+):
+    require_shared(CUT)
+    predictions = []
+    predict = _colorize_widget.iter_predict_chroma
+
+    def counting_predict(*args, **kwargs):
+        predictions.append(1)
+        return (yield from predict(*args, **kwargs))
+
+    monkeypatch.setattr(_colorize_widget, "iter_predict_chroma", counting_predict)
+    viewer = make_napari_viewer()
+    ct = viewer.open(str(CUT), plugin=PLUGIN)[0]
+    ct.contrast_limits = PRESETS["lung"].limits  # the user looks at the lungs before opening the widget
+    widget = open_widget(viewer)
+    assert widget.window.value == "lung"  # the widget starts from what the CT layer shows
+
+    # Widget -> layer: a preset sets the CT layer's contrast limits.
+    widget.window.value = "bone"
+    assert tuple(ct.contrast_limits) == pytest.approx(PRESETS["bone"].limits)
+    click_and_wait(qtbot, widget, widget.run_button)
+    layer = viewer.layers[f"{ct.name} colorized"]
+    assert layer.metadata["ctcolor"]["colorize"]["window"] == list(PRESETS["bone"])
+    assert lightness_error(layer.data, ct.data, PRESETS["bone"]) <= 0.31
+
+    # Layer -> widget -> colour: dragging the CT layer's contrast recolours with that window, network not re-run.
+    ct.contrast_limits = (-160.0, 240.0)  # the abdomen window
+    # A NIfTI has no DICOM window: its default is the abdomen preset, and either name means the same window.
+    assert widget.window.value in ("DICOM default", "abdomen", "soft_tissue")
+    assert (widget.centre_hu.value, widget.width_hu.value) == (40.0, 400.0)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+    assert layer.metadata["ctcolor"]["colorize"]["window"] == [40.0, 400.0]
+    assert lightness_error(layer.data, ct.data, PRESETS["abdomen"]) <= 0.31
+
+    ct.contrast_limits = (-50.0, 150.0)  # no preset: custom, centre 50, width 200
+    assert widget.window.value == "custom"
+    assert (widget.centre_hu.value, widget.width_hu.value) == (50.0, 200.0)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+    assert layer.metadata["ctcolor"]["colorize"]["window"] == [50.0, 200.0]
+    assert lightness_error(layer.data, ct.data, (50.0, 200.0)) <= 0.31
+
+    widget.width_hu.value = 300.0  # editing the custom window moves the CT layer's limits too
+    assert tuple(ct.contrast_limits) == pytest.approx((-100.0, 200.0))
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+    assert len(predictions) == 1 and not errors
+
+    # 3. 3D: the colours as RGBA, air clear and opacity from HU, seen from the front; "off" restores the 2D view.
+    widget.view_3d.value = "bone"
+    rendered = viewer.layers[f"{ct.name} 3D"]
+    assert viewer.dims.ndisplay == 3 and rendered.rendering == "translucent" and rendered.data.shape[-1] == 4
+    assert [lyr.name for lyr in viewer.layers if lyr.visible] == [rendered.name]
+    hu = ct.data[:, :: int(rendered.scale[1] / ct.scale[1]), :: int(rendered.scale[2] / ct.scale[2])]
+    alpha = rendered.data[..., 3]
+    assert alpha[hu < 180].max() == 0 and alpha[hu > 450].min() == 255
+    np.testing.assert_array_equal(
+        rendered.data[..., :3],
+        layer.data[:, :: int(rendered.scale[1] / ct.scale[1])][:, :, :: int(rendered.scale[2] / ct.scale[2])],
+    )
+    np.testing.assert_allclose(
+        rendered.data_to_world((5, 3, 4)),
+        layer.data_to_world((5, 3 * rendered.scale[1] / ct.scale[1], 4 * rendered.scale[2] / ct.scale[2])),
+        atol=1e-6,
+    )
+    widget.view_3d.value = "off"
+    assert viewer.dims.ndisplay == 2 and f"{ct.name} 3D" not in [lyr.name for lyr in viewer.layers]
+    assert all(lyr.visible for lyr in viewer.layers)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Radiological orientation, checked on the rendered canvas
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _marked_volume() -> Volume:
+    """A 40^3 cube, 1 mm, LPS axes: the head half (z high) adds 1000, the patient's left half (x high) 500 and the
+    anterior half (y low) 250, so each view has a brighter side per axis (146, 73 and 36 grey levels of 255)."""
+    z, y, x = np.meshgrid(*(np.arange(40),) * 3, indexing="ij")
+    array = np.zeros((40, 40, 40), dtype=np.int16)
+    array += np.where(z >= 20, 1000, 0).astype(np.int16)  # head
+    array += np.where(x >= 20, 500, 0).astype(np.int16)  # patient's left
+    array += np.where(y < 20, 250, 0).astype(np.int16)  # anterior
+    return Volume(array, spacing=(1.0, 1.0, 1.0), meta={"modality": "CT"})
+
+
+def _halves(shot: np.ndarray) -> dict[str, float]:
+    grey = shot[..., :3].astype(float).mean(axis=-1)
+    rows, cols = np.nonzero(grey > 5)  # the image, not the black canvas around it
+    grey = grey[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    h, w = grey.shape
+    return {
+        "top": grey[: h // 2].mean(),
+        "bottom": grey[h - h // 2 :].mean(),
+        "left": grey[:, : w // 2].mean(),
+        "right": grey[:, w - w // 2 :].mean(),
+    }
+
+
+def test_views_are_radiological_head_up_and_patient_left_on_screen_right(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)
+    data, kwargs, _ = image_layer_data(_marked_volume(), name="marked")
+    viewer.add_image(data, **{**kwargs, "contrast_limits": (0, 1750)})
+    open_widget(viewer)  # installs the orientation rule
+
+    show_plane(viewer, "axial")
+    axial = _halves(viewer.screenshot(canvas_only=True, flash=False))
+    assert axial["top"] > axial["bottom"] + 20  # anterior up
+    assert axial["right"] > axial["left"] + 40  # the patient's left on the screen's right
+
+    show_plane(viewer, "coronal")
+    assert tuple(viewer.camera.orientation2d) == ("up", "right")
+    coronal = _halves(viewer.screenshot(canvas_only=True, flash=False))
+    assert coronal["top"] > coronal["bottom"] + 80  # head up
+    assert coronal["right"] > coronal["left"] + 40
+
+    show_plane(viewer, "sagittal")
+    sagittal = _halves(viewer.screenshot(canvas_only=True, flash=False))
+    assert sagittal["top"] > sagittal["bottom"] + 80  # head up
+    assert sagittal["left"] > sagittal["right"] + 15  # anterior on the left
+
+    # Rolling the axes by hand (napari's own button) keeps the rule: z vertical points up, y vertical down.
+    viewer.dims.order = (1, 0, 2)
+    assert tuple(viewer.camera.orientation2d) == ("up", "right")
+    viewer.dims.order = (0, 1, 2)
+    assert tuple(viewer.camera.orientation2d) == ("down", "right")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7-8. Progress inside the widget; no orphan result when the CT is deleted during a run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_progress_shows_in_the_widget_and_a_deleted_ct_leaves_no_orphan(make_napari_viewer, qtbot, errors):
+    viewer = make_napari_viewer()
+    ct = viewer.add_image(np.full((6, 64, 64), 40, dtype=np.int16), name="CT")
+    widget = open_widget(viewer, SlowColorizer())
+    widget.batch_size.value = 1
+    seen = []
+    widget.run_button.native.click()
+    widget.worker.yielded.connect(lambda _: seen.append(widget.progress_bar.value))
+    shown = lambda: not widget.progress_bar.native.isHidden()  # noqa: E731 - the viewer window itself is not shown
+    assert shown() and widget.progress_bar.max == 12
+    qtbot.waitUntil(lambda: len(seen) >= 2, timeout=TIMEOUT_MS)
+    viewer.layers.remove(ct)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+    assert seen == sorted(seen) and seen[0] >= 1 and not shown()
+    assert len(viewer.layers) == 0 and widget.result_layer is None
+    assert widget.status.value == "Colorize volume: the CT layer was removed; result dropped" and not errors
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. What we write opens again: RGB NIfTI, RGB DICOM series, PNG folder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt,name", [("nifti", "colour.nii.gz"), ("dicom", "colour-dicom"), ("png", "colour-png")])
+def test_colorized_outputs_open_again_as_rgb_with_their_geometry(make_napari_viewer, tmp_path, fmt, name):
+    require_shared(CUT)
+    out = tmp_path / name
+    done = ctcolor("colorize", str(CUT), "-o", str(out), "--format", fmt, "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    # The independent reference: the same run written as NIfTI and read with SimpleITK.
+    ref_path = tmp_path / "reference.nii.gz"
+    assert ctcolor("colorize", str(CUT), "-o", str(ref_path), "--device", "cpu").returncode == 0
+    ref_image = sitk.ReadImage(str(ref_path))
+    ref_rgb = sitk.GetArrayFromImage(ref_image)
+    ct = read_volume(CUT)
+
+    info = ctcolor("info", str(out), "--json")
+    assert info.returncode == 0, info.stderr
+    described = json.loads(info.stdout)
+    assert described["modality"] == "RGB" and described["shape"] == list(ct.shape)
+    np.testing.assert_allclose(described["spacing"], ct.spacing, rtol=1e-5)
+    np.testing.assert_allclose(described["origin"], ct.origin, atol=1e-3)
+
+    viewer = make_napari_viewer()
+    layer = viewer.open(str(out), plugin=PLUGIN)[0]
+    assert layer.rgb and layer.data.shape == (*ct.shape, 3)
+    np.testing.assert_array_equal(np.asarray(layer.data), ref_rgb)
+    grey = viewer.open(str(CUT), plugin=PLUGIN)[0]
+    for index in [(0, 0, 0), (29, 100, 121), (12, 40, 77)]:
+        np.testing.assert_allclose(layer.data_to_world(index), grey.data_to_world(index), atol=1e-3)
+
+
+def test_png_folder_without_geometry_opens_with_its_pixel_size(tmp_path):
+    from napari_ctcolor.io.export import write_png_slices
+
+    rgb = np.random.default_rng(1).integers(0, 256, (3, 8, 10, 3), dtype=np.uint8)
+    write_png_slices(ColorVolume(rgb, (2.0, 0.5, 0.8), (0.0, 0.0, 0.0), np.eye(3)), tmp_path / "png")
+    (tmp_path / "png" / "geometry.json").unlink()  # e.g. slices copied out of the folder
+    back = read_color_volume(tmp_path / "png")
+    np.testing.assert_array_equal(back.rgb, rgb)
+    np.testing.assert_allclose(back.spacing, (1.0, 0.5, 0.8), rtol=1e-3)  # in-plane from pHYs; slices 1 mm
+    info = ctcolor("info", str(tmp_path / "png"))
+    assert info.returncode == 0 and "none stored" in info.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 9. Reader: DICOM without a file meta header; NIfTI CT without air
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_dicom_without_file_meta_reads_as_simpleitk_reads_it(tmp_path):
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    headless = tmp_path / "headless"  # no preamble, no file meta, no suffix: as old archives hold
+    with open(headless, "wb") as f:
+        fp = pydicom.filebase.DicomFileLike(f)
+        fp.is_little_endian, fp.is_implicit_VR = True, True
+        pydicom.filewriter.write_dataset(fp, pydicom.Dataset(ds))
+    reference = sitk.ReadImage(str(headless))
+    info = ctcolor("info", str(headless), "--json")
+    assert info.returncode == 0, info.stderr
+    volume = read_volume(headless)
+    np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(reference))
+    np.testing.assert_allclose(volume.origin, reference.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(volume.spacing[1:], reference.GetSpacing()[:2][::-1], rtol=1e-6)
+
+
+def test_nifti_ct_cropped_to_soft_tissue_is_colorized_with_a_warning(tmp_path):
+    require_shared(CUT)
+    ct = read_volume(CUT)
+    soft = ct.with_array(np.clip(ct.array, -100, 90).astype(np.int16))  # no air, nothing above 90 HU
+    path = tmp_path / "soft.nii.gz"
+    write_nifti(soft, path)
+    done = ctcolor("colorize", str(path), "-o", str(tmp_path / "out.nii.gz"), "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert "do not span air to bone" in done.stderr and (tmp_path / "out.nii.gz").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. A prior and a current scan in different coordinate frames
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_scans_in_disjoint_frames_register_with_prealignment(tmp_path):
+    require_shared(CUT)
+    ct = read_volume(CUT)
+    image = ct.to_sitk()
+    shift = sitk.TranslationTransform(3, (6.0, -4.0, 3.0))  # the patient lies a little differently
+    moved = sitk.Resample(image, image, shift, sitk.sitkLinear, -1024.0)
+    far = Volume(
+        sitk.GetArrayFromImage(moved).astype(np.int16),
+        ct.spacing,
+        tuple(np.add(ct.origin, (400.0, 0.0, 0.0))),  # exported in another frame: 400 mm away
+        ct.direction,
+        {"modality": "CT"},
+    )
+    moving = write_nifti(far, tmp_path / "prior.nii.gz")
+
+    refused = ctcolor("register", str(CUT), str(moving), "-o", str(tmp_path / "plain"), "--device", "cpu")
+    assert refused.returncode == 2 and "does not overlap" in refused.stderr and "--affine" in refused.stderr
+
+    done = ctcolor("register", str(CUT), str(moving), "-o", str(tmp_path / "out"), "--affine", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    print(f"disjoint frames: NCC {metrics['ncc_before']:.3f} -> {metrics['ncc_after']:.3f}")
+    assert metrics["ncc_before"] < 0.1 and metrics["ncc_after"] > 0.9
