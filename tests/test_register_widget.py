@@ -21,7 +21,7 @@ from napari_ctcolor.engines.register import global_ncc
 from napari_ctcolor.io import Volume, read_volume, write_nifti
 from napari_ctcolor.napari import _register_widget
 from napari_ctcolor.napari._layers import layer_attributes
-from napari_ctcolor.napari._register_widget import MODEL_FILE, RegisterWidget
+from napari_ctcolor.napari._register_widget import MODEL_FILE, RegisterWidget, tile_edges
 from napari_ctcolor.windowing import window
 
 from conftest import CT_DIR, SHARED_DATA, ct_weights_shipped, require_shared
@@ -32,7 +32,7 @@ CT = CT_DIR / "totalseg-body-3mm-30slices.nii.gz"
 CT_LABELS = CT_DIR / "totalseg-body-3mm-30slices-labels.nii.gz"
 CHECKPOINT = SHARED_DATA / "symnet-oasis" / "SYMNet_neurite_oasis_smo30_update_80000.pth"
 AIR_HU = -1100.0  # the shared CT's minimum
-OUTPUTS = ("checkerboard", "difference", "Jacobian")
+OUTPUTS = ("checkerboard", "difference", "Jacobian")  # and "tile edges", checked on its own
 
 
 @dataclass
@@ -163,7 +163,15 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     board, difference, jacobian = (layer(viewer, name) for name in OUTPUTS)
     for out in (warped, board, difference, jacobian):
         assert_on_fixed_grid(out, fixed)
-    assert [lyr.name for lyr in viewer.layers][-1] == "checkerboard"  # on top, where the user looks
+    assert [lyr.name for lyr in viewer.layers][-2:] == ["checkerboard", "tile edges"]  # on top, where one looks
+    # Tile outlines in the displayed plane only: lines, never a whole slice; they follow the view.
+    edges = layer(viewer, "tile edges")
+    assert_on_fixed_grid(edges, fixed)
+    np.testing.assert_array_equal(edges.data, tile_edges(pair.fixed, 20.0, (1, 2)))
+    assert 0 < edges.data.mean() < 0.3 and edges.data.reshape(edges.data.shape[0], -1).mean(axis=1).max() < 0.3
+    viewer.dims.order = (1, 0, 2)  # coronal
+    np.testing.assert_array_equal(edges.data, tile_edges(pair.fixed, 20.0, (0, 2)))
+    viewer.dims.order = (0, 1, 2)
     np.testing.assert_allclose(warped.contrast_limits, moving.contrast_limits)
     result = widget.result
     np.testing.assert_array_equal(warped.data, result.warped.array)

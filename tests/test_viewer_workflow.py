@@ -296,3 +296,69 @@ def test_scans_in_disjoint_frames_register_with_prealignment(tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     print(f"disjoint frames: NCC {metrics['ncc_before']:.3f} -> {metrics['ncc_after']:.3f}")
     assert metrics["ncc_before"] < 0.1 and metrics["ncc_after"] > 0.9
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 8. Export from the widget: de-identified DICOM by default, the source's identity on request
+# ---------------------------------------------------------------------------------------------------------------------
+
+IDENTITY = {"PatientName": "Test^Patient", "PatientID": "CTC-0001", "PatientBirthDate": "19600101"}
+
+
+def _series_with_identity(dicom_series, folder, n_slices: int = 6):
+    """The first slices of the shared series with a patient identity written in (the shared files have none)."""
+    import pydicom
+
+    folder.mkdir()
+    study = pydicom.uid.generate_uid(entropy_srcs=["napari-ctcolor test study"])
+    for path in sorted(dicom_series.iterdir())[:n_slices]:
+        ds = pydicom.dcmread(path)
+        for keyword, value in IDENTITY.items():
+            setattr(ds, keyword, value)
+        ds.StudyInstanceUID = study
+        ds.save_as(folder / path.name)
+    return folder
+
+
+def test_widget_exports_like_the_cli_deidentified_unless_asked(
+    make_napari_viewer, qtbot, tmp_path, dicom_series, errors
+):
+    import pydicom
+
+    source = _series_with_identity(dicom_series, tmp_path / "series")
+    viewer = make_napari_viewer()
+    ct = viewer.open(str(source), plugin=PLUGIN)[0]
+    widget = open_widget(viewer)
+    assert not widget.export_button.enabled  # nothing to export before a run
+    click_and_wait(qtbot, widget, widget.run_button)
+    layer = widget.result_layer
+
+    widget.export_format.value = "NIfTI RGB (.nii.gz)"
+    widget.export_path.value = tmp_path / "colour"
+    [nifti] = widget.export()
+    back = read_color_volume(nifti)
+    np.testing.assert_array_equal(back.rgb, layer.data)
+    np.testing.assert_allclose(back.affine, read_volume(source).affine, atol=1e-4)
+
+    widget.export_format.value = "DICOM series (folder)"
+    widget.export_path.value = tmp_path / "anonymous"
+    files = widget.export()
+    assert len(files) == ct.data.shape[0] and not errors
+    for path in files:
+        ds = pydicom.dcmread(path)
+        assert ds.PatientIdentityRemoved == "YES"
+        leaked = [k for k, v in IDENTITY.items() if str(v) in str(ds.get(k, ""))]
+        assert not leaked and "Test" not in str(ds) and "CTC-0001" not in str(ds)
+    np.testing.assert_array_equal(read_color_volume(tmp_path / "anonymous").rgb, layer.data)
+
+    widget.keep_identity.value = True
+    widget.export_path.value = tmp_path / "for-pacs"
+    files = widget.export()
+    first_source = pydicom.dcmread(sorted(source.iterdir())[0])
+    for path in files:
+        ds = pydicom.dcmread(path)
+        assert {k: str(ds.get(k)) for k in IDENTITY} == IDENTITY
+        assert ds.StudyInstanceUID == first_source.StudyInstanceUID and ds.get("PatientIdentityRemoved") != "YES"
+
+    widget.export()  # the same folder again: refused, nothing replaced
+    assert len(errors) == 1 and "already exists" in errors[0]

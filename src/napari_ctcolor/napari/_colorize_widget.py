@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
     FileEdit,
@@ -65,6 +66,7 @@ CUSTOM = "custom"
 WEIGHTS_FILE = "weights file..."
 SHIPPED_MODELS = ("colorizer-2d", "colorizer-3d")
 NO_3D = "off"
+EXPORT_FORMATS = {"NIfTI RGB (.nii.gz)": "nifti", "DICOM series (folder)": "dicom", "PNG slices (folder)": "png"}
 #: The 3D layer keeps at most this many voxels per in-plane axis (every n-th voxel): a translucent RGBA volume is
 #: 4 bytes per voxel on the GPU, and a 3D overview needs no more.
 MAX_3D_PIXELS = 256
@@ -141,6 +143,17 @@ class ColorizeWidget(Container):
         self.pointer = Label(label="Pointer", value="")
         self.legend = Label(label="Legend", value="")
         self.classes_button = PushButton(text="Show colour classes", enabled=False)
+        self.export_format = ComboBox(label="Export as", choices=list(EXPORT_FORMATS), enabled=False)
+        self.export_path = FileEdit(
+            label="Export to", mode="w", enabled=False, tooltip="a .nii.gz file or a new folder"
+        )
+        self.keep_identity = CheckBox(
+            text="Keep patient identity (DICOM, to send back to the PACS)",
+            value=False,
+            enabled=False,
+            tooltip="off: de-identified (DICOM PS3.15 basic profile); on: the source series' patient and study",
+        )
+        self.export_button = PushButton(text="Export", enabled=False)
         self.view_3d = ComboBox(
             label="3D view",
             choices=[NO_3D, *VOLUME_PRESETS],
@@ -169,6 +182,10 @@ class ColorizeWidget(Container):
                 self.pointer,
                 self.legend,
                 self.classes_button,
+                self.export_format,
+                self.export_path,
+                self.keep_identity,
+                self.export_button,
                 self.view_3d,
                 plane_buttons(napari_viewer),
             ]
@@ -192,6 +209,7 @@ class ColorizeWidget(Container):
         self.palette_file.changed.connect(self._on_palette)
         self.classes_button.changed.connect(self.show_classes)
         self.view_3d.changed.connect(self._on_view_3d)
+        self.export_button.changed.connect(lambda *_: self.export())
         self._viewer.mouse_move_callbacks.append(self._on_mouse_move)
         self.opacity.changed.connect(self._on_opacity)
         self.model.changed.connect(lambda value: setattr(self.weights_file, "visible", value == WEIGHTS_FILE))
@@ -569,7 +587,9 @@ class ColorizeWidget(Container):
         chroma, colour = result
         self._kept = _Kept(volume, chroma, ct, self._show(ct, colour))
         self._fill_legend(colour)
-        self.classes_button.enabled = self.view_3d.enabled = True
+        for control in (self.classes_button, self.view_3d, self.export_format, self.export_path, self.keep_identity):
+            control.enabled = True
+        self.export_button.enabled = True
         # Settings changed while the network ran are applied now, from the kept chroma.
         self._recompose_pending = self._recompose_pending or self._settings(colour) != self._current_settings()
 
@@ -767,3 +787,45 @@ class ColorizeWidget(Container):
         if self._hidden_for_3d:
             show_plane(self._viewer, "axial")
         self._hidden_for_3d = []
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Export
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def export(self) -> list[str]:
+        """Write the colorized volume as the CLI does (`--format nifti|dicom|png`), to "Export to"; DICOM is
+        de-identified unless "Keep patient identity" is ticked. Existing files are never replaced. Returns the paths."""
+        from ..io.export import write_png_slices, write_rgb_dicom, write_rgb_nifti
+
+        kept, layer = self._kept, self.result_layer
+        path = self.export_path.value
+        try:
+            if kept is None or layer is None:
+                raise InputError("Export: colorize a CT first")
+            if not path or str(path) in ("", "."):
+                raise InputError("Export: choose where to write (a .nii.gz file or a new folder)")
+            fmt = EXPORT_FORMATS[self.export_format.value]
+            rgb = np.asarray(layer.data)
+            colour = ColorVolume.on_grid_of(
+                kept.volume, rgb if rgb.ndim == 4 else rgb[np.newaxis], **layer.metadata[META_KEY]["colorize"]
+            )
+            path = str(path)
+            if fmt == "nifti":
+                if not path.lower().endswith((".nii", ".nii.gz")):
+                    path += ".nii.gz"
+                written = [write_rgb_nifti(colour, path)]
+            elif fmt == "png":
+                written = write_png_slices(colour, path)
+            else:
+                keep = bool(self.keep_identity.value)
+                first = kept.volume.meta.get("first_file")  # the read series' own file
+                if keep and not first:
+                    raise InputError("Export: this CT was not read from DICOM; there is no patient identity to keep")
+                written = write_rgb_dicom(
+                    colour, path, kept.volume.meta, keep_patient_info=keep, source_datasets=[first] if keep else None
+                )
+        except CTColorError as exc:
+            show_error(str(exc))
+            return []
+        self._say(f"Exported {len(written)} file(s) to {path}")
+        return [str(p) for p in written]

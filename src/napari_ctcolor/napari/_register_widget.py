@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +43,7 @@ from napari.qt.threading import create_worker
 from napari.utils import Colormap, progress
 from napari.utils.notifications import show_error
 
-from ..engines.checkerboard import checkerboard, resample_onto, same_grid
+from ..engines.checkerboard import checkerboard, checkerboard_mask, resample_onto, same_grid
 from ..engines.device import resolve_device
 from ..engines.refine import MAX_REFINE_STEPS
 from ..engines.register import RegistrationResult, iter_register
@@ -60,7 +61,7 @@ CT_MODEL = "ct"
 MODEL_FILE = "model file..."
 DEVICES = ("auto", "cpu", "cuda")
 COLOURED = " colorized"  # the suffix "Colorize volume" gives its result layer
-CHECKERBOARD, DIFFERENCE, JACOBIAN = "checkerboard", "difference", "Jacobian"
+CHECKERBOARD, DIFFERENCE, JACOBIAN, EDGES = "checkerboard", "difference", "Jacobian", "tile edges"
 #: det J shown on [0, 2]: clear at 1 (volume kept), magenta where the moving image is compressed, green where stretched.
 JACOBIAN_LIMITS = (0.0, 2.0)
 #: Overlays drawn over the CT: transparent where nothing changed, opaque at the ends of their range.
@@ -75,8 +76,12 @@ JACOBIAN_COLORMAP = Colormap(
     name="ctcolor Jacobian (magenta: compressed, green: expanded)",
 )
 OVERLAY_OPACITY = 0.8
+#: Thin yellow lines where the checkerboard's tiles meet: once aligned, fixed and warped tiles look alike.
+EDGES_COLORMAP = Colormap(
+    [[1.0, 0.85, 0.1, 0.0], [1.0, 0.85, 0.1, 1.0]], controls=[0.0, 1.0], name="ctcolor tile edges"
+)
 #: Output roles that are never offered as inputs (a warped layer may be registered again).
-DERIVED_ROLES = ("checkerboard", "difference", "jacobian")
+DERIVED_ROLES = ("checkerboard", "difference", "jacobian", "tile edges")
 TRANSFORMS = ("scale", "translate", "rotate", "affine")
 
 
@@ -237,6 +242,9 @@ class RegisterWidget(Container):
             event.connect(self._on_layers_changed)
         self.native.destroyed.connect(self._detach)
         follow_radiological_orientation(napari_viewer)
+        self._dims_events = (napari_viewer.dims.events.order, napari_viewer.dims.events.ndisplay)
+        for event in self._dims_events:
+            event.connect(self._redraw_edges)
         self._on_layers_changed()
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -267,6 +275,8 @@ class RegisterWidget(Container):
         self._closed = True
         for event in self._layer_events:
             event.disconnect(self._on_layers_changed)
+        for event in self._dims_events:
+            event.disconnect(self._redraw_edges)
         self.cancel()
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -527,6 +537,21 @@ class RegisterWidget(Container):
         else:
             board = checkerboard(inputs.fixed, inputs.moving if before else output.result.warped, tile_mm)
             self._put(CHECKERBOARD, board.array, "checkerboard", limits=kept.fixed_limits)
+        self._redraw_edges()
+
+    def _redraw_edges(self, *_: Any) -> None:
+        """The tile outlines in the plane on screen: lines along the two displayed axes, none across the slice (a
+        slice on a tile boundary would otherwise light up entirely); hidden in 3D."""
+        kept = self._kept
+        if kept is None or self._closed:
+            return
+        dims = self._viewer.dims
+        shown = [axis - (dims.ndim - 3) for axis in dims.order[-2:]] if dims.ndim >= 3 else [1, 2]
+        axes = [1, 2] if kept.two_d else [a for a in shown if 0 <= a < 3]
+        edges = tile_edges(kept.inputs.fixed, float(self.tile_mm.value), axes)
+        layer = self._put(EDGES, edges, "tile edges", limits=(0.0, 1.0), colormap=EDGES_COLORMAP)
+        layer.colorbar.visible = False
+        layer.visible = dims.ndisplay == 2
 
     def _put(
         self,
@@ -582,6 +607,20 @@ class RegisterWidget(Container):
         else:
             self._viewer.layers.insert(index, layer)
         return layer
+
+
+def tile_edges(grid: Volume, tile_mm: float, axes: Sequence[int] = (1, 2)) -> np.ndarray:
+    """uint8 (Z, Y, X): 1 on the first voxel of each new checkerboard tile along any of ``axes`` (array axes), else 0.
+
+    With the two axes of the displayed plane, a slice shows the tiles' outlines as one-voxel lines.
+    """
+    mask = checkerboard_mask(grid.shape, grid.spacing, tile_mm)
+    edges = np.zeros(mask.shape, dtype=bool)
+    for axis in axes:
+        ahead = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
+        behind = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
+        edges[ahead] |= mask[ahead] != mask[behind]
+    return edges.view(np.uint8)
 
 
 def _range(data: np.ndarray, limits: tuple[float, float]) -> tuple[float, float]:
