@@ -1,0 +1,229 @@
+"""3D Slicer logic: the project's engines on MRML volume nodes, without Qt (testable with the ``slicer-core`` wheel).
+
+Geometry: a volume node's IJKToRAS matrix maps voxel index (i, j, k) to RAS mm; a `Volume` keeps the index -> LPS
+affine (spacing, origin, direction). RAS = diag(-1, -1, 1) LPS, so the two are converted exactly (oblique and
+flipped directions included), and ``slicer.util.arrayFromVolume`` gives the (k, j, i) = (Z, Y, X) array a `Volume`
+holds.
+
+Registration: the engine's displacement field (mm, LPS, on the fixed grid; fixed point p maps to moving point
+p + u(p)) becomes a ``vtkMRMLGridTransformNode`` whose "from parent" transform is that mapping in RAS: what Slicer
+uses to resample the moving image into the fixed image's space, so Slicer's Transforms module can apply, harden or
+invert it.
+
+Example (inside Slicer's Python console, or with ``slicer-core``)::
+
+    from napari_ctcolor.slicer.logic import colorize_node, register_nodes
+    colour = colorize_node(ct_node, window=(40, 400))              # a vtkMRMLVectorVolumeNode, RGB
+    result = register_nodes(fixed_node, moving_node)               # .warped, .transform, .checkerboard, .jacobian
+    moving_node.SetAndObserveTransformNodeID(result.transform.GetID())
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..io import ColorVolume, InputError, Volume
+
+#: RAS = FLIP @ LPS (and back: the matrix is its own inverse).
+FLIP = np.diag([-1.0, -1.0, 1.0])
+
+
+def _slicer():
+    try:
+        import slicer
+    except ImportError:
+        raise InputError("3D Slicer's MRML core is not installed: pip install 'napari-ctcolor[slicer]'") from None
+    return slicer
+
+
+def _matrix(vtk_matrix) -> np.ndarray:
+    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _vtk_matrix(array: np.ndarray):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def ijk_to_ras(volume: Volume | ColorVolume) -> np.ndarray:
+    """The 4x4 IJKToRAS matrix of a Volume's grid."""
+    lps = volume.affine
+    out = np.eye(4)
+    out[:3, :4] = FLIP @ lps[:3, :4]
+    return out
+
+
+def _geometry(node) -> tuple[tuple[float, float, float], tuple[float, float, float], np.ndarray]:
+    """(spacing (z, y, x), origin LPS (x, y, z), direction LPS) of a volume node, from its IJKToRAS."""
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    lps = FLIP @ _matrix(matrix)[:3, :4]
+    spacing_xyz = np.linalg.norm(lps[:, :3], axis=0)
+    return tuple(spacing_xyz[::-1]), tuple(lps[:, 3]), lps[:, :3] / spacing_xyz
+
+
+def _name(node) -> str:
+    return node.GetName() or node.GetID() or "volume node"
+
+
+def volume_from_node(node) -> Volume:
+    """A `Volume` (a copy of the voxels, in the node's units) from a scalar volume node.
+
+    Raises:
+        InputError: no node, no image data, or a vector (colour) volume.
+    """
+    slicer = _slicer()
+    if node is None or not node.IsA("vtkMRMLVolumeNode"):
+        raise InputError("expected a volume node")
+    if node.GetImageData() is None:
+        raise InputError(f"{_name(node)}: the volume node has no image data")
+    if node.IsA("vtkMRMLVectorVolumeNode") or node.GetImageData().GetNumberOfScalarComponents() != 1:
+        raise InputError(f"{_name(node)}: a vector (colour) volume cannot be read as a CT; choose a scalar volume")
+    array = np.array(slicer.util.arrayFromVolume(node))
+    spacing, origin, direction = _geometry(node)
+    meta = {"source": _name(node), "modality": "CT"}
+    display = node.GetDisplayNode()
+    if (
+        display is not None
+        and hasattr(display, "GetWindow")
+        and display.GetWindow() > 0
+        and not display.GetAutoWindowLevel()
+    ):
+        meta["window"] = [float(display.GetLevel()), float(display.GetWindow())]
+    return Volume(array, spacing=spacing, origin=origin, direction=direction, meta=meta)
+
+
+def _image_data(array: np.ndarray, components: int):
+    """vtkImageData holding ``array`` ((k, j, i) or (k, j, i, c)), origin 0 and spacing 1 (the node holds geometry)."""
+    import vtk
+    from vtk.util import numpy_support
+
+    image = vtk.vtkImageData()
+    image.SetDimensions(*array.shape[:3][::-1])
+    flat = (
+        np.ascontiguousarray(array).reshape(-1, components) if components > 1 else np.ascontiguousarray(array).ravel()
+    )
+    scalars = numpy_support.numpy_to_vtk(flat, deep=True)
+    scalars.SetNumberOfComponents(components)
+    image.GetPointData().SetScalars(scalars)
+    return image
+
+
+def node_from_volume(volume: Volume | ColorVolume, scene, name: str = "", class_name: str | None = None):
+    """Add a volume node to ``scene`` holding ``volume``'s voxels at its place: a scalar volume node for a `Volume`,
+    an RGB vector volume node for a `ColorVolume`."""
+    colour = isinstance(volume, ColorVolume)
+    class_name = class_name or ("vtkMRMLVectorVolumeNode" if colour else "vtkMRMLScalarVolumeNode")
+    node = scene.AddNewNodeByClass(class_name, name)
+    node.SetAndObserveImageData(_image_data(volume.rgb if colour else volume.array, 3 if colour else 1))
+    node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras(volume)))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def colorize_node(
+    volume_node,
+    window: str | tuple[float, float] | None = None,
+    model: str = "colorizer-2d",
+    palette: str | None = None,
+    device: str = "auto",
+    progress=None,
+    cancel=None,
+):
+    """Colorize a CT volume node; returns a new ``vtkMRMLVectorVolumeNode`` (RGB uint8, the same IJKToRAS) named
+    "<name> colorized" in the node's scene. Nothing is added when it fails."""
+    from ..engines.colorize import colorize
+
+    volume = volume_from_node(volume_node)
+    colour = colorize(volume, model, window, 1.0, device, None, palette or "anatomical", progress, cancel)
+    return node_from_volume(colour, volume_node.GetScene(), f"{_name(volume_node)} colorized")
+
+
+@dataclass
+class NodeRegistration:
+    """What `register_nodes` adds to the scene, and the engine's numbers.
+
+    Attributes:
+        warped: the moving volume resampled onto the fixed grid (scalar volume node).
+        transform: grid transform node; its "from parent" transform maps fixed-space RAS points to moving RAS points.
+        checkerboard: fixed vs warped, 20 mm tiles (scalar volume node).
+        jacobian: det J of the fixed -> moving mapping (scalar volume node).
+        metrics: the engine's metrics (NCC before/after, folding, seconds, ...).
+    """
+
+    warped: Any
+    transform: Any
+    checkerboard: Any
+    jacobian: Any
+    metrics: dict[str, Any]
+
+
+def grid_transform_node(ddf: np.ndarray, grid: Volume, scene, name: str = "ctcolor displacement"):
+    """A ``vtkMRMLGridTransformNode`` whose "from parent" transform is p -> p + ddf(p), converted to RAS.
+
+    Args:
+        ddf: (Z, Y, X, 3) mm, LPS, on ``grid``, ITK convention (as `RegistrationResult.ddf`).
+        grid: the grid the field is sampled on.
+    """
+    slicer = _slicer()
+    ras = np.asarray(ddf, dtype=np.float64) @ FLIP.T  # each displacement vector to RAS
+    image = _image_data(ras, 3)
+    spacing_xyz = np.asarray(grid.spacing, dtype=np.float64)[::-1]
+    image.SetSpacing(*spacing_xyz)
+    matrix = ijk_to_ras(grid)
+    image.SetOrigin(*matrix[:3, 3])
+    transform = slicer.vtkOrientedGridTransform()
+    transform.SetGridDirectionMatrix(
+        _vtk_matrix(np.block([[matrix[:3, :3] / spacing_xyz, np.zeros((3, 1))], [np.zeros((1, 3)), np.ones((1, 1))]]))
+    )
+    transform.SetDisplacementGridData(image)
+    transform.SetInterpolationModeToLinear()
+    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
+    node.SetAndObserveTransformFromParent(transform)
+    return node
+
+
+def register_nodes(
+    fixed_node,
+    moving_node,
+    model: str = "ct",
+    affine: bool = False,
+    device: str = "auto",
+    progress=None,
+    cancel=None,
+) -> NodeRegistration:
+    """Register ``moving_node`` onto ``fixed_node`` with the engine of ``ctcolor register``; the outputs are added to
+    their scene (none when it fails).
+
+    Raises:
+        InputError: nodes in different scenes, a node without image data, a vector volume, and the engine's own
+            input errors.
+    """
+    from ..engines.checkerboard import checkerboard
+    from ..engines.register import register
+
+    if fixed_node is None or moving_node is None:
+        raise InputError("register_nodes needs a fixed and a moving volume node")
+    scene = fixed_node.GetScene()
+    if scene is None or moving_node.GetScene() is not scene:
+        raise InputError(f"{_name(moving_node)}: the fixed and moving nodes are in different scenes")
+    fixed, moving = volume_from_node(fixed_node), volume_from_node(moving_node)
+    result = register(fixed, moving, model=model, affine=affine, device=device, progress=progress, cancel=cancel)
+    name = _name(moving_node)
+    return NodeRegistration(
+        warped=node_from_volume(result.warped, scene, f"{name} warped"),
+        transform=grid_transform_node(result.ddf, fixed, scene, f"{name} to {_name(fixed_node)}"),
+        checkerboard=node_from_volume(checkerboard(fixed, result.warped, 20.0), scene, "checkerboard"),
+        jacobian=node_from_volume(result.jacobian, scene, f"{name} Jacobian"),
+        metrics=dict(result.metrics),
+    )
