@@ -40,3 +40,13 @@ def ct_weights_shipped() -> bool:
 @pytest.fixture(scope="session")
 def dicom_series() -> Path:
     return require_shared(DICOM_SERIES)
+
+
+@pytest.fixture
+def errors(monkeypatch) -> list[str]:
+    """Messages the "Colorize volume" widget shows with napari's show_error (test_register_widget has its own)."""
+    from napari_ctcolor.napari import _colorize_widget
+
+    shown: list[str] = []
+    monkeypatch.setattr(_colorize_widget, "show_error", shown.append)
+    return shown

@@ -60,14 +60,6 @@ def click_and_wait(qtbot, widget: ColorizeWidget, button) -> None:
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
 
 
-@pytest.fixture
-def errors(monkeypatch) -> list[str]:
-    """Messages the widget shows with napari's show_error."""
-    shown: list[str] = []
-    monkeypatch.setattr(_colorize_widget, "show_error", shown.append)
-    return shown
-
-
 def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     make_napari_viewer, qtbot, dicom_series, monkeypatch, errors
 ):

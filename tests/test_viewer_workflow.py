@@ -24,13 +24,6 @@ from conftest import CT_DIR, require_shared
 CUT = CT_DIR / "totalseg-body-3mm-30slices.nii.gz"
 
 
-@pytest.fixture
-def errors(monkeypatch) -> list[str]:
-    shown: list[str] = []
-    monkeypatch.setattr(_colorize_widget, "show_error", shown.append)
-    return shown
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. One window for the CT layer and its colour
 # ---------------------------------------------------------------------------------------------------------------------

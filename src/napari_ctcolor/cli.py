@@ -81,33 +81,26 @@ def colour_info(colour: ColorVolume) -> dict:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     image = read_image(args.path, series_uid=args.series)
-    if isinstance(image, ColorVolume):
-        info = colour_info(image)
-        if args.json:
-            print(json.dumps(info))
-            return 0
-        z, y, x = info["shape"]
-        print(f"{args.path}")
-        print("  colour       RGB, 8 bits per channel (a colorized rendering, not CT numbers)")
-        print(f"  shape        {z} slices x {y} x {x}")
-        print("  spacing      {:.4g} x {:.4g} x {:.4g} mm (z, y, x)".format(*info["spacing"]))
-        print("  origin       {:.2f}, {:.2f}, {:.2f} mm (x, y, z LPS)".format(*info["origin"]))
-        print("  direction    " + " ".join(f"{v:+.3f}" for v in info["direction"]))
-        if not info["geometry_known"]:
-            print("  geometry     none stored (PNG slices without geometry.json): 1 mm slices at the origin")
-        return 0
-    volume = image
-    info = volume_info(volume)
+    colour = isinstance(image, ColorVolume)
+    info = colour_info(image) if colour else volume_info(image)
     if args.json:
         print(json.dumps(info))
         return 0
     z, y, x = info["shape"]
     print(f"{args.path}")
-    print(f"  modality     {info['modality']}  {info['series_description']}".rstrip())
-    print(f"  shape        {z} slices x {y} x {x} ({info['dtype']})")
+    if colour:
+        print("  colour       RGB, 8 bits per channel (a colorized rendering, not CT numbers)")
+        print(f"  shape        {z} slices x {y} x {x}")
+    else:
+        print(f"  modality     {info['modality']}  {info['series_description']}".rstrip())
+        print(f"  shape        {z} slices x {y} x {x} ({info['dtype']})")
     print("  spacing      {:.4g} x {:.4g} x {:.4g} mm (z, y, x)".format(*info["spacing"]))
     print("  origin       {:.2f}, {:.2f}, {:.2f} mm (x, y, z LPS)".format(*info["origin"]))
     print("  direction    " + " ".join(f"{v:+.3f}" for v in info["direction"]))
+    if colour:
+        if not info["geometry_known"]:
+            print("  geometry     none stored (PNG slices without geometry.json): 1 mm slices at the origin")
+        return 0
     print(f"  range        {info['hu_min']} .. {info['hu_max']}")
     print("  window       centre {:g}, width {:g}".format(*info["window"]))
     if info["series_count"] > 1:
