@@ -57,6 +57,24 @@ def test_colorizer_gives_one_logit_per_class_and_shape_errors_name_both_shapes()
             ColorizerConfig(classes=classes)
 
 
+def test_a_narrow_head_gives_the_same_logits_shape_from_a_1x1_classifier_over_its_features():
+    wide = Colorizer(ColorizerConfig(classes=CLASSES)).eval()
+    narrow = Colorizer(ColorizerConfig(classes=CLASSES, head=4)).eval()
+    x = torch.rand(2, 9, 32, 32)
+    with torch.no_grad():
+        features = narrow.unet(x)
+        logits = narrow(x)
+    assert features.shape == (2, 4, 32, 32) and logits.shape == wide(x).shape == (2, len(CLASSES), 32, 32)
+    # The classifier is pointwise: PReLU then a 1x1 convolution, so each pixel's logits depend on its features only.
+    conv = narrow.head[1].conv
+    expected = (
+        torch.einsum("kc,bchw->bkhw", conv.weight[:, :, 0, 0], narrow.head[0](features)) + conv.bias[:, None, None]
+    )
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match="head must be >= 0"):
+        ColorizerConfig(classes=CLASSES, head=-1)
+
+
 def test_targets_are_the_structure_class_inside_labels_and_the_tissue_class_elsewhere():
     hu = np.full((1, 64, 64), -100, np.int16)  # fat everywhere ...
     hu[0, :, :5] = -1000  # ... an air strip on the left

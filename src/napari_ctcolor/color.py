@@ -573,11 +573,32 @@ def compose_rgb(grey: np.ndarray, ab: np.ndarray, chroma: float = 1.0) -> np.nda
     np.copyto(a, 0.0, where=extreme)
     np.copyto(b, 0.0, where=extreme)
     out = np.empty((g.size, 3), dtype=np.uint8)
-    for start in range(0, g.size, _CHUNK):
+
+    def piece(start: int) -> None:
         sl = slice(start, start + _CHUNK)
         rgb, _ = _gamut_linear_np(np.take(fy_table, level[sl]), np.take(lum_table, level[sl]), a[sl], b[sl])
         _quantise_linear_np(rgb, out[sl])
+
+    starts = range(0, g.size, _CHUNK)
+    if len(starts) > 1 and _compose_threads() > 1:
+        # numpy releases the GIL inside its loops and BLAS calls, so cache-sized pieces run on all cores.
+        list(_compose_pool().map(piece, starts))
+    else:
+        for start in starts:
+            piece(start)
     return out.reshape(*grey.shape, 3)
+
+
+def _compose_threads() -> int:
+    """Threads for the numpy compose: as many as torch uses for its CPU work (the user's or OMP_NUM_THREADS)."""
+    return max(1, _torch().get_num_threads())
+
+
+@cache
+def _compose_pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=_compose_threads(), thread_name_prefix="ctcolor-compose")
 
 
 # --------------------------------------------------------------------------------------------------------------------

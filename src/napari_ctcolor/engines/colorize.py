@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..color import Palette, compose_rgb, compose_rgb_torch, load_palette
 from ..io import ColorVolume, InputError, Volume
-from ..io.guard import check_memory
+from ..io.guard import check_memory, release_free_memory
 from ..models.colorizer import Colorizer, context_indices, downsample_hu, prepare_input
 from ..weights import COLORIZER_DEFAULT, load_colorizer
 from ..windowing import Window, parse_window, window, window_tensor
@@ -268,7 +268,9 @@ def iter_predict_chroma(
     multiple = factor * config.net_multiple
     z, height, width = volume.shape
     pad = (_network_padding(height, multiple), _network_padding(width, multiple))
-    batch = batch_size or (64 if device.type == "cuda" else 16)
+    # CPU, 2D: 8 slices per batch were faster than 16 (13.8 against 17.8 ms per 512² slice, cache) and keep the
+    # network's temporaries smaller; 3D: 16, i.e. 4 patches per step.
+    batch = batch_size or (64 if device.type == "cuda" else 8 if config.dims == 2 else 16)
     if batch < 1:
         raise InputError(f"batch size must be >= 1, got {batch}")
 
@@ -298,6 +300,9 @@ def iter_predict_chroma(
         with _inference(device):
             x = prepare_input(small_slices(0, z)[None], config)  # (1, windows, Z, h, w)
         yield from _sliding_window_3d(net, x, max(1, batch // 4), top, prob)
+        del x
+    if device.type == "cpu":  # the network's freed temporaries, before the compose phase allocates the RGB output
+        release_free_memory()
     return Chroma(top, prob, config.classes, factor, pad, str(card.get("name", "custom")))
 
 

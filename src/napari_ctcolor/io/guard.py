@@ -37,3 +37,20 @@ def check_memory(nbytes: int, what: object) -> None:
             f"{what}: needs about {nbytes / 2**30:.1f} GiB, more than the memory budget of {budget / 2**30:.1f} GiB "
             f"({fraction:.0%} of available RAM; set CTCOLOR_MEMORY_FRACTION to change it)"
         )
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    glibc raises its mmap threshold after large blocks are freed, so later temporaries come from the heap, and
+    freed heap memory stays resident. After the colorizer's network phase that was ~200 MB of nothing on a
+    512x512x600 CT, resident through the compose phase that allocates the RGB output. One call between the phases,
+    with no lasting effect on the allocator, frees it; written here because neither numpy nor torch exposes it.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim(0)

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks import Convolution
 from monai.networks.nets import UNet
 from torch import nn
 
@@ -42,6 +43,10 @@ class ColorizerConfig:
     strides: tuple[int, ...] = (2, 2, 2)
     num_res_units: int = 1
     classes: tuple[str, ...] = ()  # colour classes, in the order of the network's output channels
+    # Features the U-Net's top level gives a 1x1 classifier (0: the U-Net outputs the class logits itself). Its
+    # top level runs at the network's full resolution, so 3x3 convolutions into ~40 class channels there cost more
+    # than the rest of the network; a narrow head makes the 2D model about 2x faster.
+    head: int = 0
 
     def __post_init__(self) -> None:
         self.windows = [tuple(float(v) for v in w) for w in self.windows]
@@ -50,6 +55,9 @@ class ColorizerConfig:
             raise InputError(f"a colorizer needs at least two distinct colour classes, got {list(self.classes)}")
         self.channels = tuple(int(c) for c in self.channels)
         self.strides = tuple(int(s) for s in self.strides)
+        self.head = int(self.head)
+        if self.head < 0:
+            raise InputError(f"colorizer head must be >= 0 features, got {self.head}")
         if self.dims not in (2, 3):
             raise InputError(f"colorizer dims must be 2 or 3, got {self.dims}")
         if self.dims == 2 and (self.context < 1 or self.context % 2 == 0):
@@ -94,10 +102,19 @@ class Colorizer(nn.Module):
         self.unet = UNet(
             spatial_dims=config.dims,
             in_channels=config.in_channels,
-            out_channels=len(config.classes),
+            out_channels=config.head or len(config.classes),
             channels=config.channels,
             strides=config.strides,
             num_res_units=config.num_res_units,
+        )
+        # MONAI's UNet ends without an activation: PReLU, then the 1x1 classifier (MONAI's own blocks).
+        self.head = (
+            nn.Sequential(
+                nn.PReLU(),
+                Convolution(config.dims, config.head, len(config.classes), kernel_size=1, conv_only=True),
+            )
+            if config.head
+            else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +124,7 @@ class Colorizer(nn.Module):
                 f"colorizer expects (B, {self.config.in_channels}, {'d, ' if self.config.dims == 3 else ''}h, w), "
                 f"got {tuple(x.shape)}"
             )
-        return self.unet(x)
+        return self.head(self.unet(x))
 
 
 def downsample_hu(hu: torch.Tensor, factor: int) -> torch.Tensor:

@@ -1,15 +1,12 @@
-"""Training the colorizers: data from phantoms (all contrast phases) and real labelled CT, L1 on a*, b*.
-
-Why L1 on a*, b*: the targets are a deterministic function of anatomy (one palette colour per structure), so the
-colour is not multimodal the way natural-image colour is; plain regression does not wash out to grey here, and L1 is
-robust to the blurred label boundaries.
+"""Training the colorizers: data from phantoms (all contrast phases) and real labelled CT, cross-entropy against soft
+colour-class targets (each network pixel's area share of every class), so the palette stays free at inference.
 
 Pixels are weighted so that small structures count: every labelled structure gets a weight that grows as its size
 shrinks (square root of median size / size, clipped to 0.5..4), unlabelled tissue 1. Without it the model learned
 the large red-brown soft tissue and painted vertebrae and ribs reddish (bone hue on only ~40 % of bone voxels).
 
 Everything is computed at the network's reduced resolution: the HU are area-averaged by the factor that brings the
-pixels to ``chroma_mm``, and the a*, b* targets and the weights are area-averaged the same way.
+pixels to ``chroma_mm``, and the class targets and the weights are area-averaged the same way.
 """
 
 from __future__ import annotations
@@ -57,6 +54,7 @@ class TrainConfig:
     crop_slices: int = 16
     real_weight: float = 1.0  # sampling weight of a real CT's slices relative to a phantom's
     limbs: float = 0.0  # share of 2D samples given a synthetic limb in their air (`Sampler._add_limb`)
+    elastic: float = 0.0  # share of 2D samples elastically deformed, rotated and scaled (`Sampler._deform`)
     lr: float = 2e-3
     weight_decay: float = 1e-4
     checkpoint_every: int = 250
@@ -176,11 +174,11 @@ ENHANCEMENT: dict[str, dict[str, tuple[float, float]]] = {
 class Sampler:
     """Random training crops (seeded): 2D slices with context, or 3D patches, with augmentation.
 
-    Augmentation per sample: a synthetic limb in the air beside the body (2D, a share ``limbs`` of the samples), a
-    calibration offset (+-8 HU), a gain (+-4 %), for real non-contrast CT a synthetic
-    contrast phase half of the time (`ENHANCEMENT`, added in proportion to each pixel's share of the class), image
-    noise (0-12 HU at the network's resolution) and blur (0-0.8 pixel). Phantoms add what real data lack: varied
-    pixel size, slice thickness and contrast phases.
+    Augmentation per sample: a synthetic limb in the air beside the body (2D, a share ``limbs`` of the samples), an
+    elastic deformation with rotation and scaling (2D, a share ``elastic``), a calibration offset (+-8 HU), a gain
+    (+-4 %), for real non-contrast CT a synthetic contrast phase half of the time (`ENHANCEMENT`, added in proportion
+    to each pixel's share of the class), image noise (0-12 HU at the network's resolution) and blur (0-0.8 pixel).
+    Phantoms add what real data lack: varied pixel size, slice thickness and contrast phases.
     """
 
     def __init__(self, cases: list[Reduced], config: ColorizerConfig, train: TrainConfig, seed: int) -> None:
@@ -190,6 +188,23 @@ class Sampler:
         weights = np.array([float(train.real_weight) if c.enhance else 1.0 for c in cases])
         self.p = sizes * weights / (sizes * weights).sum()
         self.index = {name: k for k, name in enumerate(config.classes)}
+        self.deform = None
+        if train.elastic and config.dims == 2:
+            from monai.transforms import Rand2DElastic
+
+            # Control points every 20 pixels (70 mm) moved up to 2.5 pixels (9 mm), rotation up to 10 degrees and
+            # scale +-12 % (patient size and pixel spacing): organs take shapes and positions the one real patient
+            # does not have.
+            self.deform = Rand2DElastic(
+                spacing=(20, 20),
+                magnitude_range=(0.0, 2.5),
+                prob=1.0,
+                rotate_range=(0.17,),
+                scale_range=(0.12, 0.12),
+                padding_mode="border",
+                mode="bilinear",
+            )
+            self.deform.set_random_state(seed=int(self.rng.integers(2**31)))
 
     def _crop(self, t: torch.Tensor, y: int, x: int) -> torch.Tensor:
         size = self.train.crop
@@ -239,6 +254,16 @@ class Sampler:
             target[:, self.index[tissue], where] = 255
         return hu, target
 
+    def _deform_2d(
+        self, hu: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One random elastic deformation (MONAI's `Rand2DElastic`) applied alike to a 2D sample's HU (context, h, w),
+        class shares (context, K, h, w) and weights (1, h, w); the shares are interpolated too, so they stay shares."""
+        n, k = target.shape[:2]
+        stack = torch.cat([hu, target.reshape(n * k, *target.shape[2:]).float(), weight])
+        out = torch.as_tensor(self.deform(stack))
+        return out[:n], out[n : n + n * k].reshape(target.shape), out[n + n * k :]
+
     def _augment(self, hu: torch.Tensor, target: torch.Tensor, enhance: bool) -> torch.Tensor:
         """HU (n, h, w) of one sample with its soft targets (n, K, h, w) uint8 -> augmented HU."""
         rng = self.rng
@@ -276,9 +301,12 @@ class Sampler:
                 hu, target = self._crop(case.hu[idx], y, x), self._crop(case.target[idx], y, x)
                 if self.train.limbs and self.rng.random() < self.train.limbs:
                     hu, target = self._add_limb(hu, target)
+                weight = self._crop(case.weight[z : z + 1], y, x)
+                if self.deform is not None and self.rng.random() < self.train.elastic:
+                    hu, target, weight = self._deform_2d(hu, target, weight)
                 xs.append(self._augment(hu, target, case.enhance))
-                ys.append(target[centre][0])
-                ws.append(self._crop(case.weight[z : z + 1], y, x))
+                ys.append(target[centre][0].float())
+                ws.append(weight)
             else:
                 d = self.train.crop_slices
                 z = int(self.rng.integers(0, max(1, z_n - d + 1)))
@@ -287,7 +315,7 @@ class Sampler:
                 xs.append(self._augment(self._crop(case.hu[idx], y, x), target, case.enhance))
                 ys.append(target.transpose(0, 1))
                 ws.append(self._crop(case.weight[idx][None], y, x))
-        targets = torch.stack(ys).float() / 255.0
+        targets = torch.stack([y.float() for y in ys]) / 255.0
         targets = targets / targets.sum(dim=1, keepdim=True).clamp_min(1e-6)
         return prepare_input(torch.stack(xs), self.config), targets, torch.stack(ws)
 
