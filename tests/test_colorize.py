@@ -30,7 +30,7 @@ from napari_ctcolor.engines.colorize import (
     iter_predict_chroma,
     predict_chroma,
 )
-from napari_ctcolor.io import InputError, Volume, read_volume, write_nifti
+from napari_ctcolor.io import InputError, Volume, read_color_volume, read_volume, write_nifti
 from napari_ctcolor.io.export import DICOM_MODALITY, write_png_slices, write_rgb_dicom, write_rgb_nifti
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig, downsample_hu, prepare_input
 from napari_ctcolor.windowing import PRESETS, window
@@ -332,7 +332,11 @@ def test_png_slices_round_trip_one_file_per_slice(colour, tmp_path):
     folder = tmp_path / "png"
     paths = write_png_slices(colour, folder)
     assert [p.name for p in paths] == [f"slice_{k:04d}.png" for k in range(20)]
-    assert sorted(folder.iterdir()) == paths  # no temporary files left behind
+    # No temporary files left behind; geometry.json lets the folder open again in place.
+    assert sorted(folder.iterdir()) == sorted([*paths, folder / "geometry.json"])
+    back = read_color_volume(folder)
+    np.testing.assert_array_equal(back.rgb, colour.rgb)
+    np.testing.assert_allclose(back.affine, colour.affine, atol=1e-9)
     for k in (0, 13):
         with Image.open(paths[k]) as png:
             assert png.mode == "RGB"
