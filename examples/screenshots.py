@@ -68,7 +68,7 @@ def main() -> None:
 
     # Colorize volume: the lower-chest-to-pelvis CT, abdomen window.
     viewer = napari.Viewer(show=True)
-    viewer.window._qt_window.resize(1100, 1000)
+    viewer.window._qt_window.resize(1500, 1000)
     ct = viewer.open(str(ct_dir / "totalseg-body-3mm.nii.gz"), plugin="napari-ctcolor")[0]
     _, widget = viewer.window.add_plugin_dock_widget("napari-ctcolor", "Colorize volume")
     widget.window.value = "abdomen"
@@ -89,7 +89,7 @@ def main() -> None:
         fixed = read_volume(ct_dir / "totalseg-body-3mm-30slices.nii.gz")
         moving_path = write_nifti(_deformed(fixed), Path(tmp) / "deformed.nii.gz")
         viewer = napari.Viewer(show=True)
-        viewer.window._qt_window.resize(1100, 1000)
+        viewer.window._qt_window.resize(1500, 1000)
         fixed_layer = viewer.open(str(ct_dir / "totalseg-body-3mm-30slices.nii.gz"), plugin="napari-ctcolor")[0]
         moving_layer = viewer.open(str(moving_path), plugin="napari-ctcolor")[0]
         _, widget = viewer.window.add_plugin_dock_widget("napari-ctcolor", "Register & checkerboard")
@@ -98,6 +98,7 @@ def main() -> None:
         _wait(app, widget)
         viewer.dims.set_point(0, fixed_layer.data_to_world((15, 0, 0))[0])
         moving_layer.visible = False
+        viewer.reset_view()
         shot(viewer, "checkerboard.png")
         for name in ("difference", "Jacobian"):
             for layer in viewer.layers:

@@ -142,16 +142,19 @@ class ColorizeWidget(Container):
         self.status = Label(value="")
         self.pointer = Label(label="Pointer", value="")
         self.legend = Label(label="Legend", value="")
+        for label in (self.status, self.pointer):  # long text wraps instead of widening the dock over the canvas
+            label.native.setWordWrap(True)
         self.classes_button = PushButton(text="Show colour classes", enabled=False)
         self.export_format = ComboBox(label="Export as", choices=list(EXPORT_FORMATS), enabled=False)
         self.export_path = FileEdit(
             label="Export to", mode="w", enabled=False, tooltip="a .nii.gz file or a new folder"
         )
         self.keep_identity = CheckBox(
-            text="Keep patient identity (DICOM, to send back to the PACS)",
+            text="Keep patient identity (DICOM)",
             value=False,
             enabled=False,
-            tooltip="off: de-identified (DICOM PS3.15 basic profile); on: the source series' patient and study",
+            tooltip="off: de-identified (DICOM PS3.15 basic profile); on: the source series' patient and study, so "
+            "the result can go back to the PACS",
         )
         self.export_button = PushButton(text="Export", enabled=False)
         self.view_3d = ComboBox(

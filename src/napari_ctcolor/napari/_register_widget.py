@@ -77,6 +77,7 @@ JACOBIAN_COLORMAP = Colormap(
 )
 OVERLAY_OPACITY = 0.8
 #: Thin yellow lines where the checkerboard's tiles meet: once aligned, fixed and warped tiles look alike.
+EDGES_OPACITY = 0.35
 EDGES_COLORMAP = Colormap(
     [[1.0, 0.85, 0.1, 0.0], [1.0, 0.85, 0.1, 1.0]], controls=[0.0, 1.0], name="ctcolor tile edges"
 )
@@ -205,6 +206,8 @@ class RegisterWidget(Container):
         self.progress_bar = ProgressBar(value=0, min=0, max=1, visible=False)
         self.status = Label(value="")
         self.summary = Label(value="")
+        for label in (self.status, self.summary):  # long text wraps instead of widening the dock over the canvas
+            label.native.setWordWrap(True)
         super().__init__(
             widgets=[
                 self.fixed,
@@ -551,6 +554,7 @@ class RegisterWidget(Container):
         edges = tile_edges(kept.inputs.fixed, float(self.tile_mm.value), axes)
         layer = self._put(EDGES, edges, "tile edges", limits=(0.0, 1.0), colormap=EDGES_COLORMAP)
         layer.colorbar.visible = False
+        layer.opacity = EDGES_OPACITY
         layer.visible = dims.ndisplay == 2
 
     def _put(
