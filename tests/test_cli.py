@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
 from napari_ctcolor.io import read_volume
 from napari_ctcolor.windowing import window
+from test_color import LUMINANCE_BOUND
 
 from conftest import CT_DIR, SHARED_DATA, file_hashes, require_shared
 from test_io_dicom import bad_inputs
@@ -87,7 +88,7 @@ def test_colorize_cli_writes_rgb24_nifti_png_and_deidentified_dicom(tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(itk), rgb)  # nibabel and SimpleITK agree on colours
     ct = read_volume(ct_path)
     lightness = srgb_to_lab(rgb)[..., 0]
-    assert np.abs(lightness - grey_to_lightness(window(ct.array, 40, 400))).max() <= 1.0
+    assert np.abs(lightness - grey_to_lightness(window(ct.array, 40, 400))).max() <= LUMINANCE_BOUND
     assert np.hypot(*srgb_to_lab(rgb)[..., 1:].transpose(3, 0, 1, 2)).max() > 20  # it is in colour
 
     png_dir = tmp_path / "png"

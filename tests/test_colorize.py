@@ -34,6 +34,7 @@ from napari_ctcolor.io import InputError, Volume, read_color_volume, read_volume
 from napari_ctcolor.io.export import DICOM_MODALITY, write_png_slices, write_rgb_dicom, write_rgb_nifti
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig, downsample_hu, prepare_input
 from napari_ctcolor.windowing import PRESETS, window
+from test_color import LUMINANCE_BOUND
 
 WINDOW = "abdomen"
 
@@ -91,7 +92,7 @@ def test_colour_volume_has_the_ct_shape_and_geometry(ct, chroma, colour):
 
 
 def test_luminance_is_the_windowed_ct_on_every_voxel(ct, colour):
-    assert lightness_error(colour.rgb, ct.array) <= 1.0
+    assert lightness_error(colour.rgb, ct.array) <= LUMINANCE_BOUND
     # ... while the output really is coloured (the untrained net predicts non-zero a*, b*).
     lab = srgb_to_lab(colour.rgb[10])
     assert np.hypot(lab[..., 1], lab[..., 2]).max() > 5.0
@@ -173,7 +174,7 @@ def test_3d_model_matches_monai_sliding_window_and_keeps_luminance(ct):
     assert (got.prob.int() - prob.int()).abs().max() <= 1
     colour = compose_chroma(crop, got, WINDOW, 1.0, device="cpu")
     assert colour.rgb.shape == (20, 256, 256, 3)
-    assert lightness_error(colour.rgb, crop.array) <= 1.0
+    assert lightness_error(colour.rgb, crop.array) <= LUMINANCE_BOUND
 
 
 def test_3d_slabs_cover_a_long_volume_like_one_sliding_window(ct):
@@ -241,7 +242,7 @@ def test_palette_colours_the_class_and_switching_needs_no_network(ct, tmp_path):
     hues = {}
     for palette in ("anatomical", "dicom"):
         rgb = compose_chroma(ct, chroma, (60, 400), 1.0, device="cpu", palette=palette).rgb
-        assert lightness_error(rgb, ct.array, win=(60, 400)) <= 1.0
+        assert lightness_error(rgb, ct.array, win=(60, 400)) <= LUMINANCE_BOUND
         lab = srgb_to_lab(rgb[body])
         hues[palette] = np.degrees(np.arctan2(lab[:, 2], lab[:, 1]))
         want = load_palette(palette).class_ab(["liver"])[0]
@@ -283,7 +284,7 @@ def test_class_at_and_most_probable_follow_the_network_grid(ct, chroma):
 def test_cuda_keeps_luminance_exact_and_colours_close_to_cpu(ct, model, colour):
     gpu = colorize(ct, copy.deepcopy(model), WINDOW, device="cuda")  # a copy: the engine moves the model it is given
     assert gpu.rgb.shape == colour.rgb.shape
-    assert lightness_error(gpu.rgb, ct.array) <= 1.0
+    assert lightness_error(gpu.rgb, ct.array) <= LUMINANCE_BOUND
     # bf16 network + float32 torch composition vs the float32 CPU path: the same picture, not the same bytes.
     delta_e = np.linalg.norm(srgb_to_lab(gpu.rgb[::4]) - srgb_to_lab(colour.rgb[::4]), axis=-1)  # CIE76
     assert delta_e.mean() < 2.0 and np.percentile(delta_e, 99) < 6.0

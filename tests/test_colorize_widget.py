@@ -19,6 +19,7 @@ from napari_ctcolor.napari import _colorize_widget
 from napari_ctcolor.napari._colorize_widget import WEIGHTS_FILE, ColorizeWidget
 from napari_ctcolor.napari._layers import image_layer_data
 from napari_ctcolor.windowing import PRESETS, default_window, window
+from test_color import LUMINANCE_BOUND
 
 from test_io_nifti import rotated_volume
 
@@ -85,7 +86,7 @@ def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     np.testing.assert_allclose(layer.scale, ct.scale)
     np.testing.assert_allclose(layer.translate, ct.translate)
     assert layer.blending == "translucent" and list(viewer.layers) == [ct, layer]
-    assert lightness_error(layer.data, ct.data, PRESETS["abdomen"]) <= 1.0
+    assert lightness_error(layer.data, ct.data, PRESETS["abdomen"]) <= LUMINANCE_BOUND
     assert predictions == [ct.data.shape]
 
     # Chroma 0 and another window: recomposed from the kept chroma, the network does not run again.
@@ -98,7 +99,7 @@ def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     assert layer.metadata["ctcolor"]["colorize"]["window"] == [-600.0, 1500.0]
     widget.chroma.value = 0.6
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
-    assert lightness_error(layer.data[::5], ct.data[::5], PRESETS["lung"]) <= 1.0
+    assert lightness_error(layer.data[::5], ct.data[::5], PRESETS["lung"]) <= LUMINANCE_BOUND
     assert not np.array_equal(layer.data[..., 0], grey)  # coloured again
     assert len(predictions) == 1
 
@@ -108,7 +109,7 @@ def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     widget.palette.value = "dicom"
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
     assert layer.metadata["ctcolor"]["colorize"]["palette"] == "dicom"
-    assert lightness_error(layer.data[::5], ct.data[::5], PRESETS["lung"]) <= 1.0
+    assert lightness_error(layer.data[::5], ct.data[::5], PRESETS["lung"]) <= LUMINANCE_BOUND
     assert np.abs(layer.data.astype(int) - before).mean() > 2.0
     assert widget.legend.value != legend_before and "liver" in widget.legend_names()
     assert len(predictions) == 1
@@ -150,7 +151,7 @@ def test_result_overlays_an_oblique_ct_voxel_for_voxel(make_napari_viewer, qtbot
     for index in [(0, 0, 0), (3, 4, 5), (1, 2, 3)]:
         np.testing.assert_allclose(layer.data_to_world(index), ct.data_to_world(index), atol=1e-6)
     win = default_window(volume)
-    assert lightness_error(layer.data, volume.array, win) <= 1.0
+    assert lightness_error(layer.data, volume.array, win) <= LUMINANCE_BOUND
 
 
 def test_cancel_stops_a_slow_run_and_adds_no_layer(make_napari_viewer, qtbot, errors):

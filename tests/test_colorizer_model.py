@@ -17,6 +17,7 @@ from napari_ctcolor.training.colorizer import run, train_colorizer
 from napari_ctcolor.training.targets import ab_targets, class_targets
 from napari_ctcolor.weights import find_weights, load_colorizer, save_weights
 from napari_ctcolor.windowing import window
+from test_color import LUMINANCE_BOUND
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("air", "lung", "fat", "soft_tissue", "contrast_blood", "bone", "liver", "kidney")
@@ -170,7 +171,7 @@ def test_training_command_writes_weights_with_a_card_and_metrics(tmp_path):
     card = json.loads(path.with_suffix(".json").read_text())
     assert card["training"]["command"].startswith("ctcolor train colorizer --config")
     summary = card["metrics"]["phantom_val"]["summary"]
-    assert set(summary) == {"anatomical", "dicom"} and all(v["max_abs_dL"] <= 1.0 for v in summary.values())
+    assert set(summary) == {"anatomical", "dicom"} and all(v["max_abs_dL"] <= LUMINANCE_BOUND for v in summary.values())
     assert card["classes"] == yaml.safe_load((REPO / "configs" / "colorizer_2d.yaml").read_text())["model"]["classes"]
     model, _ = load_colorizer(path)
     assert model.config.channels == (4, 8, 16, 16)
@@ -185,4 +186,4 @@ def test_shipped_colorizers_load_with_verified_sha256_and_meet_the_luminance_bou
         model, card = load_colorizer(name)
         assert card["sha256"] and card_path is not None
         for group in card["metrics"].values():
-            assert all(palette["max_abs_dL"] <= 1.0 for palette in group["summary"].values())
+            assert all(palette["max_abs_dL"] <= LUMINANCE_BOUND for palette in group["summary"].values())

@@ -17,6 +17,7 @@ from napari_ctcolor.napari._layers import image_layer_data
 from napari_ctcolor.napari._view import show_plane
 from napari_ctcolor.windowing import PRESETS
 from test_cli import ctcolor
+from test_color import LUMINANCE_BOUND
 from test_colorize_widget import PLUGIN, TIMEOUT_MS, SlowColorizer, click_and_wait, lightness_error, open_widget
 
 from conftest import CT_DIR, require_shared
@@ -53,7 +54,7 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
     click_and_wait(qtbot, widget, widget.run_button)
     layer = viewer.layers[f"{ct.name} colorized"]
     assert layer.metadata["ctcolor"]["colorize"]["window"] == list(PRESETS["bone"])
-    assert lightness_error(layer.data, ct.data, PRESETS["bone"]) <= 0.31
+    assert lightness_error(layer.data, ct.data, PRESETS["bone"]) <= LUMINANCE_BOUND
 
     # Layer -> widget -> colour: dragging the CT layer's contrast recolours with that window, network not re-run.
     ct.contrast_limits = (-160.0, 240.0)  # the abdomen window
@@ -62,14 +63,14 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
     assert (widget.centre_hu.value, widget.width_hu.value) == (40.0, 400.0)
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
     assert layer.metadata["ctcolor"]["colorize"]["window"] == [40.0, 400.0]
-    assert lightness_error(layer.data, ct.data, PRESETS["abdomen"]) <= 0.31
+    assert lightness_error(layer.data, ct.data, PRESETS["abdomen"]) <= LUMINANCE_BOUND
 
     ct.contrast_limits = (-50.0, 150.0)  # no preset: custom, centre 50, width 200
     assert widget.window.value == "custom"
     assert (widget.centre_hu.value, widget.width_hu.value) == (50.0, 200.0)
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
     assert layer.metadata["ctcolor"]["colorize"]["window"] == [50.0, 200.0]
-    assert lightness_error(layer.data, ct.data, (50.0, 200.0)) <= 0.31
+    assert lightness_error(layer.data, ct.data, (50.0, 200.0)) <= LUMINANCE_BOUND
 
     widget.width_hu.value = 300.0  # editing the custom window moves the CT layer's limits too
     assert tuple(ct.contrast_limits) == pytest.approx((-100.0, 200.0))
