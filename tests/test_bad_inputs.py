@@ -169,5 +169,6 @@ def test_corpus_has_at_least_30_cases_and_reports_the_tally(corpus):
     assert len(MAKERS) >= 30
     shared = sum(m.needs_shared for m in MAKERS.values())
     print(f"\nbad-input corpus: {len(MAKERS)} cases ({shared} from the shared CT, {len(corpus)} made here); {TALLY}")
-    if TALLY["cases"]:
-        assert TALLY["clean_errors"] == TALLY["commands"]
+    if not TALLY["cases"]:
+        pytest.skip("the tally reports the corpus tests of this run; run it with them (file order)")
+    assert TALLY["clean_errors"] == TALLY["commands"] > 0

@@ -329,8 +329,9 @@ def test_mutated_nifti_reads_or_raises_input_error(fuzz_dir, seed, edits, ops, c
 def test_fuzz_case_counts_are_reported():
     """Runs after the two fuzz tests (file order): prints the counts for the issue note."""
     print(f"\nfuzz cases run: {RUN_COUNTS} (CTCOLOR_FUZZ_EXAMPLES={TOTAL_EXAMPLES})")
-    if RUN_COUNTS:
-        assert sum(RUN_COUNTS.values()) >= TOTAL_EXAMPLES * 0.9
+    if len(RUN_COUNTS) < 2:
+        pytest.skip("the counts report the two fuzz tests of this run; run them together (file order)")
+    assert sum(RUN_COUNTS.values()) >= TOTAL_EXAMPLES * 0.9
 
 
 def test_mutations_leave_the_unmutated_seeds_readable(fuzz_dir):
