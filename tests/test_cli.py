@@ -186,3 +186,35 @@ def test_moving_on_its_own_grid_matches_simpleitk_applying_the_written_fields(tm
                 p = fixed.TransformIndexToPhysicalPoint((i, j, k))
                 errors.append(np.linalg.norm(np.subtract(backward.TransformPoint(forward.TransformPoint(p)), p)))
     assert np.median(errors) < 0.5, np.median(errors)  # measured 0.30 mm on 3 mm voxels
+
+
+def test_colorize_flags_do_what_they_say(tmp_path):
+    """Success paths of `--chroma`, `--batch-size` and `--model colorizer-3d`, each checked for its effect against the
+    default run of the same CT."""
+    from napari_ctcolor.color import srgb_to_lab
+
+    ct_path = require_shared(CT_DIR / "totalseg-body-3mm-30slices.nii.gz")
+    runs = {
+        "default": [],
+        "half chroma": ["--chroma", "0.5"],
+        "batch 3": ["--batch-size", "3"],
+        "3d": ["--model", "colorizer-3d"],
+    }
+    lab = {}
+    for name, flags in runs.items():
+        out = tmp_path / f"{name.replace(' ', '_')}.nii.gz"
+        done = ctcolor("colorize", str(ct_path), "-o", str(out), "--device", "cpu", *flags)
+        assert done.returncode == 0, (name, done.stderr)
+        lab[name] = srgb_to_lab(sitk.GetArrayFromImage(sitk.ReadImage(str(out))))
+    chroma = {name: np.hypot(v[..., 1], v[..., 2]) for name, v in lab.items()}
+    coloured = chroma["default"] > 10.0
+    # Half the a*, b* at the same L*: C* halves where the full colour is in gamut (rounding moves C* by < 1).
+    ratio = np.median(chroma["half chroma"][coloured] / chroma["default"][coloured])
+    assert ratio == pytest.approx(0.5, abs=0.03), ratio
+    np.testing.assert_allclose(lab["half chroma"][..., 0], lab["default"][..., 0], atol=0.6)
+    # The batch size changes only how the slices are grouped, not the colours (a rare pixel may round differently).
+    changed = np.any(np.abs(lab["batch 3"] - lab["default"]) > 1.0, axis=-1).mean()
+    assert changed < 1e-3, changed
+    # Another model: the same luminance, other colours.
+    np.testing.assert_allclose(lab["3d"][..., 0], lab["default"][..., 0], atol=0.6)
+    assert np.abs(chroma["3d"] - chroma["default"])[coloured].mean() > 1.0
