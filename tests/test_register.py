@@ -287,7 +287,10 @@ def test_known_translation_is_recovered_with_its_sign_in_mm_lps(ct):
     median = np.median(result.ddf[body], axis=0)
     print(f"\nCT translation {-shift_mm} mm: median ddf in the body {median} mm (MRI-trained weights)")
     assert np.all(np.sign(median) == -np.sign(shift_mm))
-    assert np.all(np.abs(median) >= 0.25 * np.abs(shift_mm)) and np.all(np.abs(median) <= 1.2 * np.abs(shift_mm))
+    # Measured: 0.39, 0.51 and 0.37 of the shift per axis (the MRI-trained weights under-register CT); the bounds
+    # leave +-0.07..0.14 for other torch versions, not for a field in the wrong units or sense.
+    recovered = np.abs(median) / np.abs(shift_mm)
+    assert np.all(recovered >= 0.3) and np.all(recovered <= 0.65), recovered
     assert result.metrics["ncc_after"] > result.metrics["ncc_before"] + 0.05
 
 
@@ -386,7 +389,7 @@ def test_ddf_applied_by_simpleitk_reproduces_warped_and_inverse_ddf_undoes_it(ct
     dice_before = _dice(ct_labels.array, moving_labels.array)
     dice_after = _dice(ct_labels.array, result.warped_labels.array)
     print(f"\nCT smooth deformation: label Dice {dice_before:.3f} -> {dice_after:.3f}")
-    assert dice_after > dice_before
+    assert dice_after >= dice_before + 0.12  # measured 0.621 -> 0.779
     assert set(np.unique(result.warped_labels.array)) <= set(np.unique(moving_labels.array))
     assert result.warped_labels.array.dtype == moving_labels.array.dtype
     # Round trip: fixed point p -> moving point q = p + ddf(p) -> q + inverse_ddf(q) ~ p (interior points).

@@ -190,7 +190,8 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
 
     # Numbers: NCC rises; they are shown in the widget with the folding and the time.
     m = result.metrics
-    assert m["ncc_after"] > m["ncc_before"] and m["refine_steps"] == 0 and m["folding_fraction"] < 0.01
+    assert m["ncc_after"] > m["ncc_before"] and m["refine_steps"] == 0
+    assert m["folding_fraction"] <= 5e-4  # the target, at most 0.05 % of the voxels
     assert f"NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}" in widget.summary.value
     assert "folding" in widget.summary.value and f"{m['seconds']:.1f} s" in widget.summary.value
     # The moving labels warped through the widget's displacement field (SimpleITK, nearest) overlap better.
@@ -202,7 +203,7 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
         f"{dice_after:.4f}, folding {m['folding_fraction']:.2e}, engine {m['seconds']:.2f} s, click to layers "
         f"{seconds:.2f} s"
     )
-    assert dice_after > dice_before + (0.05 if m["model"] == "ct" else 0.0)
+    assert dice_after > dice_before + (0.15 if m["model"] == "ct" else 0.0)  # measured with the CT weights: +0.24
 
     # The checkerboard alternates 20 mm tiles of fixed and warped; the slider redraws it without registering again.
     mask = checkerboard_mask(fixed.data.shape, pair.fixed.spacing, 20.0)
