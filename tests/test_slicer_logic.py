@@ -24,17 +24,9 @@ logic = pytest.importorskip("napari_ctcolor.slicer.logic")
 CUT = CT_DIR / "totalseg-body-3mm-30slices.nii.gz"
 
 
-def ijk_to_ras_of(node) -> np.ndarray:
-    import vtk
-
-    matrix = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(matrix)
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
 def assert_same_grid(node, volume) -> None:
     """The node's IJKToRAS and voxel counts are those of ``volume``'s grid."""
-    np.testing.assert_allclose(ijk_to_ras_of(node), logic.ijk_to_ras(volume), atol=1e-9)
+    np.testing.assert_allclose(logic.node_ijk_to_ras(node), logic.ijk_to_ras(volume), atol=1e-9)
     assert node.GetImageData().GetDimensions() == volume.shape[::-1]
 
 
@@ -49,7 +41,7 @@ def test_an_oblique_flipped_volume_round_trips_node_volume_node_unchanged():
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(again), volume.array)
     assert_same_grid(again, volume)
     # Slicer's own view of a voxel's position: IJK (i, j, k) -> RAS equals our LPS position with x, y negated.
-    ras = ijk_to_ras_of(node) @ (3, 2, 1, 1)
+    ras = logic.node_ijk_to_ras(node) @ (3, 2, 1, 1)
     lps = volume.affine @ (3, 2, 1, 1)
     np.testing.assert_allclose(ras[:3], (-lps[0], -lps[1], lps[2]), atol=1e-9)
 

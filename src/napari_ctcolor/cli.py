@@ -485,11 +485,9 @@ def _reuse_freed_memory() -> None:
     in 27 s of wall time. Serving them from the heap and trimming it only above 1 GiB free cuts the run to 20 s; peak
     resident memory rises from 2.6 to 3.9 GB (`BYTES_PER_VOXEL` accounts for it). A no-op where mallopt is absent.
     """
-    import ctypes
-    import ctypes.util
+    from .io.guard import libc_function
 
-    name = ctypes.util.find_library("c")
-    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    mallopt = libc_function("mallopt")
     if mallopt is None:
         return
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>

@@ -47,10 +47,15 @@ def release_free_memory() -> None:
     512x512x600 CT, resident through the compose phase that allocates the RGB output. One call between the phases,
     with no lasting effect on the allocator, frees it; written here because neither numpy nor torch exposes it.
     """
+    trim = libc_function("malloc_trim")
+    if trim is not None:
+        trim(0)
+
+
+def libc_function(name: str):
+    """A function of the C library by name (``malloc_trim``, ``mallopt``), or None where there is none (not glibc)."""
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    if trim is not None:
-        trim(0)
+    library = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(library), name, None) if library else None

@@ -390,10 +390,10 @@ class ColorizeWidget(Container):
         def same(other: Window | None) -> bool:
             return other is not None and np.allclose(other, win, rtol=0, atol=1e-3 * max(win.width, 1.0))
 
-        current = self.window.value
-        if current != CUSTOM and same(self._shown_window()):
+        current, default = self.window.value, self._dicom_default()  # the default once: a slider drag calls this often
+        if current in PRESETS and same(PRESETS[current]) or current == DICOM_DEFAULT and same(default):
             return current
-        if same(self._dicom_default()):
+        if same(default):
             return DICOM_DEFAULT
         return next((name for name, preset in PRESETS.items() if same(preset)), CUSTOM)
 

@@ -511,9 +511,13 @@ class RegisterWidget(Container):
         if output.warped_colour is not None:
             self._put(f"{inputs.moving_colour_name} warped", output.warped_colour.rgb, "warped colour", rgb=True)
         half = 0.5 * (kept.fixed_limits[1] - kept.fixed_limits[0])  # +- half the fixed window: 0 is clear
-        difference, jacobian = output.difference, result.jacobian.array
-        self._put(DIFFERENCE, difference, "difference", limits=(-half, half), colormap=DIFFERENCE_COLORMAP, hide=True)
-        self._put(JACOBIAN, jacobian, "jacobian", limits=JACOBIAN_LIMITS, colormap=JACOBIAN_COLORMAP, hide=True)
+        overlay = {"opacity": OVERLAY_OPACITY, "colorbar": True, "hide": True}
+        self._put(
+            DIFFERENCE, output.difference, "difference", limits=(-half, half), colormap=DIFFERENCE_COLORMAP, **overlay
+        )
+        self._put(
+            JACOBIAN, result.jacobian.array, "jacobian", limits=JACOBIAN_LIMITS, colormap=JACOBIAN_COLORMAP, **overlay
+        )
         self._redraw_checkerboard()
         m = result.metrics
         prealigned = f" (affine {m['ncc_prealigned']:.3f})" if "ncc_prealigned" in m else ""
@@ -552,9 +556,7 @@ class RegisterWidget(Container):
         shown = [axis - (dims.ndim - 3) for axis in dims.order[-2:]] if dims.ndim >= 3 else [1, 2]
         axes = [1, 2] if kept.two_d else [a for a in shown if 0 <= a < 3]
         edges = tile_edges(kept.inputs.fixed, float(self.tile_mm.value), axes)
-        layer = self._put(EDGES, edges, "tile edges", limits=(0.0, 1.0), colormap=EDGES_COLORMAP)
-        layer.colorbar.visible = False
-        layer.opacity = EDGES_OPACITY
+        layer = self._put(EDGES, edges, "tile edges", limits=(0.0, 1.0), colormap=EDGES_COLORMAP, opacity=EDGES_OPACITY)
         layer.visible = dims.ndisplay == 2
 
     def _put(
@@ -566,6 +568,8 @@ class RegisterWidget(Container):
         limits: tuple[float, float] | None = None,
         colormap: str | Colormap = "gray",
         hide: bool = False,
+        opacity: float | None = None,
+        colorbar: bool = False,
     ) -> Image:
         """Show ``data`` (on the fixed grid) in the layer ``name``: its data replaced when it exists, else added.
 
@@ -574,17 +578,19 @@ class RegisterWidget(Container):
             data: (Z, Y, X) or (Z, Y, X, 3) uint8 with ``rgb``.
             role: recorded in the layer metadata (the derived roles are not offered as inputs).
             limits: contrast limits of a grey layer.
-            colormap: of a grey layer; a `Colormap` (an overlay, clear where nothing changed) is drawn translucently
-                over the CT with its colour bar shown.
+            colormap: of a grey layer.
             hide: add the layer hidden (the checkerboard is what the user looks at first).
+            opacity: draw the layer translucently over the CT with this opacity (an overlay whose colormap is clear
+                where nothing changed); None: napari's default blending.
+            colorbar: show the colormap's colour bar on a new layer.
         """
         kept = self._kept
         if kept.two_d:
             data = data[0]
         metadata = {META_KEY: {"register": role, "metrics": _plain(kept.output.result.metrics)}}
         style = {} if rgb else {"contrast_limits": limits, "colormap": colormap}
-        if isinstance(colormap, Colormap):
-            style.update(blending="translucent", opacity=OVERLAY_OPACITY)
+        if opacity is not None:
+            style.update(blending="translucent", opacity=opacity)
         existing = next((lyr for lyr in self._layers() if lyr.name == name), None)
         if existing is not None and existing.rgb == rgb and existing.data.ndim == data.ndim:
             existing.data = data
@@ -604,8 +610,7 @@ class RegisterWidget(Container):
         if not rgb:
             layer.contrast_limits_range = _range(data, limits)
             layer.contrast_limits = limits
-        if isinstance(colormap, Colormap):
-            layer.colorbar.visible = True
+        layer.colorbar.visible = colorbar
         if index is None:
             self._viewer.layers.append(layer)
         else:

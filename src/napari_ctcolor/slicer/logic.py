@@ -61,13 +61,18 @@ def ijk_to_ras(volume: Volume | ColorVolume) -> np.ndarray:
     return out
 
 
-def _geometry(node) -> tuple[tuple[float, float, float], tuple[float, float, float], np.ndarray]:
-    """(spacing (z, y, x), origin LPS (x, y, z), direction LPS) of a volume node, from its IJKToRAS."""
+def node_ijk_to_ras(node) -> np.ndarray:
+    """The 4x4 IJKToRAS matrix of a volume node."""
     import vtk
 
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
-    lps = FLIP @ _matrix(matrix)[:3, :4]
+    return _matrix(matrix)
+
+
+def _geometry(node) -> tuple[tuple[float, float, float], tuple[float, float, float], np.ndarray]:
+    """(spacing (z, y, x), origin LPS (x, y, z), direction LPS) of a volume node, from its IJKToRAS."""
+    lps = FLIP @ node_ijk_to_ras(node)[:3, :4]
     spacing_xyz = np.linalg.norm(lps[:, :3], axis=0)
     return tuple(spacing_xyz[::-1]), tuple(lps[:, 3]), lps[:, :3] / spacing_xyz
 
@@ -183,9 +188,9 @@ def grid_transform_node(ddf: np.ndarray, grid: Volume, scene, name: str = "ctcol
     matrix = ijk_to_ras(grid)
     image.SetOrigin(*matrix[:3, 3])
     transform = slicer.vtkOrientedGridTransform()
-    transform.SetGridDirectionMatrix(
-        _vtk_matrix(np.block([[matrix[:3, :3] / spacing_xyz, np.zeros((3, 1))], [np.zeros((1, 3)), np.ones((1, 1))]]))
-    )
+    direction = np.eye(4)
+    direction[:3, :3] = matrix[:3, :3] / spacing_xyz  # the grid's axes in RAS
+    transform.SetGridDirectionMatrix(_vtk_matrix(direction))
     transform.SetDisplacementGridData(image)
     transform.SetInterpolationModeToLinear()
     node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
