@@ -99,3 +99,23 @@ def test_reader_orders_permuted_axes_along_lps_and_keeps_every_voxel_in_place(ma
         point = np.array(image.TransformIndexToPhysicalPoint(index))  # LPS (x, y, z) mm
         data_index = np.round(layer.world_to_data(point[::-1])).astype(int)  # the layer's world is (z, y, x)
         assert layer.data[tuple(data_index)] == pytest.approx(image.GetPixel(index)), index
+
+
+@pytest.mark.parametrize("sample", ["phantom", "ct_small"])
+def test_a_sample_opened_beside_a_patient_is_in_view(make_napari_viewer, dicom_series, sample):
+    from napari_ctcolor.napari._sample_data import ct_small_path
+
+    if sample == "ct_small" and ct_small_path() is None:
+        pytest.skip("this pydicom does not ship CT_small.dcm")
+    viewer = make_napari_viewer()
+    patient = viewer.open(str(dicom_series), plugin=PLUGIN)[0]
+    viewer.dims.set_point(0, patient.extent.world[0][0])  # the patient's first slice, far from the sample's
+    added = viewer.open_sample(PLUGIN, sample)
+    extent = added[0].extent.world  # (2, 3): world min and max, z y x
+    # The slider shows one of the sample's slices, and the camera centre is inside its displayed extent.
+    shown = round(float(added[0].world_to_data(viewer.dims.point)[0]))
+    assert 0 <= shown < added[0].data.shape[0], (shown, viewer.dims.point)
+    for axis, centre in zip(viewer.dims.displayed, viewer.camera.center[-2:], strict=True):
+        assert extent[0][axis] <= centre <= extent[1][axis], (axis, centre, extent)
+    # An empty viewer keeps napari's own first-layer fit and no handler stays connected.
+    assert len(viewer.layers.events.inserted.callbacks) == len(make_napari_viewer().layers.events.inserted.callbacks)

@@ -227,6 +227,32 @@ def test_png_folder_without_geometry_opens_with_its_pixel_size(tmp_path):
     assert info.returncode == 0 and "none stored" in info.stdout
 
 
+def test_file_save_offers_the_png_folder_writer_and_it_round_trips(make_napari_viewer, tmp_path):
+    # napari ranks its own image writer first for ".png" (it writes one image file), and no plugin can outrank a
+    # built-in; its Save dialog lists ours as a file type of its own. This drives that dialog's own decoding.
+    from napari._qt.qt_viewer import _npe2_decode_selected_filter
+    from napari.plugins._npe2 import file_extensions_string_for_layers
+
+    from napari_ctcolor.napari._layers import rgb_layer_data
+
+    rng = np.random.default_rng(3)
+    colour = ColorVolume(rng.integers(0, 256, (4, 24, 20, 3), dtype=np.uint8), (2.5, 0.7, 0.9), (-5, 10, 30), np.eye(3))
+    viewer = make_napari_viewer()
+    data, kwargs, _ = rgb_layer_data(colour, name="colour")
+    layer = viewer.add_image(data, **kwargs)
+    viewer.layers.selection = {layer}
+    filters, writers = file_extensions_string_for_layers([layer])
+    ours = [entry for entry in filters.split(";;") if "PNG slices (folder)" in entry]
+    assert ours == ["CT Color PNG slices (folder) (*.png)"]
+    writer = _npe2_decode_selected_filter(filters, ours[0], writers)
+    written = viewer.layers.save(str(tmp_path / "colour.png"), selected=True, _writer=writer)
+    assert written == [str(tmp_path / "colour")] and len(list((tmp_path / "colour").glob("*.png"))) == 4
+    back = read_color_volume(tmp_path / "colour")
+    np.testing.assert_array_equal(back.rgb, colour.rgb)
+    np.testing.assert_allclose(back.spacing, colour.spacing, rtol=1e-6)
+    np.testing.assert_allclose(back.origin, colour.origin, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 9. Reader: DICOM without a file meta header; NIfTI CT without air
 # ---------------------------------------------------------------------------------------------------------------------

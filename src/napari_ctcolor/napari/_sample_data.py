@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..io import read_volume
 from ..phantom import make_phantom
 from ._layers import image_layer_data
+from ._view import show_layers_when_added
 
 
 def phantom_ct():
@@ -18,6 +19,7 @@ def phantom_ct():
         "metadata": {"label_names": phantom.label_names},
         **phantom.volume.napari_kwargs(),
     }
+    show_layers_when_added(2)
     return [image, (phantom.labels, labels_kwargs, "labels")]
 
 
@@ -36,4 +38,6 @@ def ct_small():
     path = ct_small_path()
     if path is None:
         raise FileNotFoundError("pydicom's CT_small.dcm is not installed")
-    return [image_layer_data(read_volume(path), name="CT_small (pydicom)")]
+    volume = read_volume(path)
+    show_layers_when_added(1)
+    return [image_layer_data(volume, name="CT_small (pydicom)")]

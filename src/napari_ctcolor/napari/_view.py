@@ -86,3 +86,35 @@ def anterior_3d(viewer: napari.Viewer) -> None:
     viewer.camera.orientation = ("away", "up", "right")
     viewer.camera.angles = (0.0, 0.0, 0.0)
     viewer.reset_view()
+
+
+def show_layers_when_added(count: int) -> None:
+    """Bring the next ``count`` layers added to the current viewer into view: camera fitted to them, slider at their
+    middle.
+
+    napari fits the camera only to a viewer's first layer, so a sample opened beside a patient lands wherever the
+    patient's camera and slice happen to be, usually off-screen or on a slice outside the sample. Sample commands get
+    no viewer, so this waits for the layers to arrive in `napari.current_viewer()`; with no viewer, or an empty one
+    (napari fits that itself), it does nothing.
+    """
+    from napari import current_viewer
+
+    viewer = current_viewer()
+    if viewer is None or not len(viewer.layers):
+        return
+    added = []
+
+    def on_inserted(event) -> None:
+        added.append(event.value)
+        if len(added) < count:
+            return
+        viewer.layers.events.inserted.disconnect(on_inserted)
+        viewer.fit_to_view(layers=added)
+        extent = added[0].extent.world  # (2, ndim) world min/max of the first layer
+        middle = (extent[0] + extent[1]) / 2
+        offset = viewer.dims.ndim - middle.size  # layer axes are the viewer's last ones
+        axes = [offset + axis for axis in range(middle.size) if offset + axis not in viewer.dims.displayed]
+        if axes:
+            viewer.dims.set_point(axes, [middle[axis - offset] for axis in axes])
+
+    viewer.layers.events.inserted.connect(on_inserted)
