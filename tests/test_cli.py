@@ -89,7 +89,10 @@ def test_colorize_cli_writes_rgb24_nifti_png_and_deidentified_dicom(tmp_path):
     ct = read_volume(ct_path)
     lightness = srgb_to_lab(rgb)[..., 0]
     assert np.abs(lightness - grey_to_lightness(window(ct.array, 40, 400))).max() <= LUMINANCE_BOUND
-    assert np.hypot(*srgb_to_lab(rgb)[..., 1:].transpose(3, 0, 1, 2)).max() > 20  # it is in colour
+    chroma = np.hypot(*srgb_to_lab(rgb)[..., 1:].transpose(3, 0, 1, 2))
+    soft_tissue = (ct.array > -100) & (ct.array < 200)
+    # Colour on soft tissue (measured: 10th percentile C* 26), none in air (the target: C* <= 2 where HU < -900).
+    assert np.percentile(chroma[soft_tissue], 10) > 13 and chroma[ct.array < -900].max() <= 2.0
 
     png_dir = tmp_path / "png"
     assert ctcolor("colorize", str(ct_path), "-o", str(png_dir), timeout=300).returncode == 0
@@ -189,16 +192,24 @@ def test_moving_on_its_own_grid_matches_simpleitk_applying_the_written_fields(tm
 
 
 def test_colorize_flags_do_what_they_say(tmp_path):
-    """Success paths of `--chroma`, `--batch-size` and `--model colorizer-3d`, each checked for its effect against the
-    default run of the same CT."""
-    from napari_ctcolor.color import srgb_to_lab
+    """Success paths of `--chroma`, `--batch-size`, `--model colorizer-3d`, `--model FILE` and `--window C,W`, each
+    checked for its effect against the default run of the same CT."""
+    import shutil
+
+    from napari_ctcolor.weights import find_weights
 
     ct_path = require_shared(CT_DIR / "totalseg-body-3mm-30slices.nii.gz")
+    shipped_copy = tmp_path / "my-colorizer.safetensors"  # the shipped weights, given as a file
+    weights, card = find_weights("colorizer-2d")
+    shutil.copyfile(weights, shipped_copy)
+    shutil.copyfile(card, shipped_copy.with_suffix(".json"))
     runs = {
         "default": [],
         "half chroma": ["--chroma", "0.5"],
         "batch 3": ["--batch-size", "3"],
         "3d": ["--model", "colorizer-3d"],
+        "weights file": ["--model", str(shipped_copy)],
+        "lung window": ["--window", "-600,1500"],
     }
     lab = {}
     for name, flags in runs.items():
@@ -218,3 +229,134 @@ def test_colorize_flags_do_what_they_say(tmp_path):
     # Another model: the same luminance, other colours.
     np.testing.assert_allclose(lab["3d"][..., 0], lab["default"][..., 0], atol=0.6)
     assert np.abs(chroma["3d"] - chroma["default"])[coloured].mean() > 1.0
+    # The same weights from a file: the same colours, byte for byte.
+    np.testing.assert_array_equal(lab["weights file"], lab["default"])
+    # A window given as centre,width (negative centre included): luminance is the CT in exactly that window.
+    ct = read_volume(ct_path)
+    lung = grey_to_lightness(window(ct.array, -600.0, 1500.0))
+    assert np.abs(lab["lung window"][..., 0] - lung).max() <= LUMINANCE_BOUND
+    assert np.abs(lab["default"][..., 0] - lung).max() > 10  # the default (DICOM) window is another one
+
+
+def _two_series_folder(dicom_series, folder):
+    """Slices 0-5 of the shared series as series A (with a patient identity) and slices 10-13 as series B."""
+    from test_viewer_workflow import IDENTITY
+
+    folder.mkdir()
+    study = pydicom.uid.generate_uid(entropy_srcs=["napari-ctcolor cli study"])
+    uids = {}
+    for name, picks in {"A": range(0, 6), "B": range(10, 14)}.items():
+        uids[name] = pydicom.uid.generate_uid(entropy_srcs=[f"napari-ctcolor cli series {name}"])
+        for k in picks:
+            path = sorted(dicom_series.iterdir())[k]
+            ds = pydicom.dcmread(path)
+            for keyword, value in IDENTITY.items():
+                setattr(ds, keyword, value)
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, uids[name]
+            ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[f"napari-ctcolor cli {name} {k}"])
+            ds.save_as(folder / f"{name}{k:02d}.dcm")
+    return uids
+
+
+def test_series_choice_dicom_export_and_identity_from_a_dicom_folder(tmp_path, dicom_series):
+    """`info --series`, `colorize --series`, and DICOM export from DICOM input: de-identified by default, exactly the
+    source's identity with `--keep-patient-info`."""
+    from test_viewer_workflow import IDENTITY
+
+    folder = tmp_path / "two-series"
+    uids = _two_series_folder(dicom_series, folder)
+    before = file_hashes(folder)
+    reader = sitk.ImageSeriesReader()  # the independent reading of series B
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), uids["B"]))
+    series_b = reader.Execute()
+
+    info = {
+        name: ctcolor("info", str(folder), "--json", *flags)
+        for name, flags in {"default": [], "B": ["--series", uids["B"]]}.items()
+    }
+    assert all(done.returncode == 0 for done in info.values()), [d.stderr for d in info.values()]
+    described = {name: json.loads(done.stdout) for name, done in info.items()}
+    assert described["default"]["series_count"] == 2 and described["default"]["shape"] == [6, 512, 512]
+    assert described["B"]["shape"] == [4, 512, 512]
+    np.testing.assert_allclose(described["B"]["origin"], series_b.GetOrigin(), atol=1e-3)
+
+    out = tmp_path / "b.nii.gz"
+    done = ctcolor("colorize", str(folder), "--series", uids["B"], "-o", str(out), "--device", "cpu", timeout=300)
+    assert done.returncode == 0, done.stderr
+    colour = sitk.ReadImage(str(out))
+    np.testing.assert_allclose(colour.GetOrigin(), series_b.GetOrigin(), atol=1e-3)
+    lightness = srgb_to_lab(sitk.GetArrayFromImage(colour))[..., 0]
+    centre, width = described["B"]["window"]  # the series' own DICOM window, the default
+    grey = grey_to_lightness(window(sitk.GetArrayFromImage(series_b).astype(np.float32), centre, width))
+    assert np.abs(lightness - grey).max() <= LUMINANCE_BOUND
+
+    first_source = pydicom.dcmread(folder / "A00.dcm")
+    for flags, kept in (([], False), (["--keep-patient-info"], True)):
+        dcm = tmp_path / ("kept" if kept else "anonymous")
+        done = ctcolor(
+            "colorize", str(folder), "-o", str(dcm), "--format", "dicom", "--device", "cpu", *flags, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+        files = sorted(dcm.iterdir())
+        assert len(files) == 6  # series A, the one with the most slices
+        for path in files:
+            ds = pydicom.dcmread(path)
+            if kept:
+                assert {k: str(ds.get(k)) for k in IDENTITY} == IDENTITY
+                assert ds.StudyInstanceUID == first_source.StudyInstanceUID
+                assert ds.SeriesInstanceUID not in uids.values()  # a new series in the same study
+            else:
+                assert ds.PatientIdentityRemoved == "YES" and ds.StudyInstanceUID != first_source.StudyInstanceUID
+                text = str(ds)
+                assert not [v for v in (*IDENTITY.values(), "Test^Patient", "CTC-0001") if v in text], text[:200]
+    assert file_hashes(folder) == before  # the inputs are never modified
+
+
+def test_unavailable_device_is_a_one_line_error_and_writes_nothing(tmp_path):
+    import torch
+
+    ct_path = require_shared(CT_DIR / "totalseg-body-3mm-30slices.nii.gz")
+    absent = [
+        d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if not ok
+    ]
+    if not absent:
+        pytest.skip("this machine has both a CUDA and an Apple GPU")
+    for device in absent:
+        for args in (
+            ("colorize", str(ct_path), "-o", str(tmp_path / "c.nii.gz")),
+            ("register", str(ct_path), str(ct_path), "-o", str(tmp_path / "r")),
+        ):
+            done = ctcolor(*args, "--device", device)
+            assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+            assert f"device {device} requested" in done.stderr and "--device cpu" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_make_demo_main_job_writes_what_the_readme_says(tmp_path):
+    """`make demo` is `make setup` and then this script: the CT, its colour as NIfTI RGB24 and the montage."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from napari_ctcolor.phantom import make_phantom
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
+    assert "examples/demo.py --out demo-out" in (script.parents[1] / "Makefile").read_text()
+    done = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "modality     CT" in done.stdout and "colorized 48 slices" in done.stdout
+    phantom = make_phantom(seed=0, shape=(48, 384, 384), spacing=(2.5, 0.9, 0.9)).volume  # the README's default
+    np.testing.assert_array_equal(read_volume(tmp_path / "phantom.nii.gz").array, phantom.array)
+    rgb = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "phantom_colorized.nii.gz")))
+    lightness = srgb_to_lab(rgb)[..., 0]
+    assert np.abs(lightness - grey_to_lightness(window(phantom.array, 40, 400))).max() <= LUMINANCE_BOUND
+    chroma = np.hypot(*srgb_to_lab(rgb)[..., 1:].transpose(3, 0, 1, 2))
+    assert (
+        np.median(chroma[(phantom.array > -100) & (phantom.array < 200)]) > 10
+        and chroma[phantom.array < -900].max() <= 2
+    )
+    montage = np.asarray(Image.open(tmp_path / "montage.png"))
+    assert montage.shape == (2 * 384, 4 * 384, 3)
+    np.testing.assert_array_equal(montage[384:, :384], rgb[48 // 5])  # the colour row holds the written colours

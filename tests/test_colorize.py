@@ -29,6 +29,7 @@ from napari_ctcolor.engines.colorize import (
     iter_colorize,
     iter_predict_chroma,
     predict_chroma,
+    upsample_chroma,
 )
 from napari_ctcolor.io import InputError, Volume, read_color_volume, read_volume, write_nifti
 from napari_ctcolor.io.export import DICOM_MODALITY, write_png_slices, write_rgb_dicom, write_rgb_nifti
@@ -93,9 +94,21 @@ def test_colour_volume_has_the_ct_shape_and_geometry(ct, chroma, colour):
 
 def test_luminance_is_the_windowed_ct_on_every_voxel(ct, colour):
     assert lightness_error(colour.rgb, ct.array) <= LUMINANCE_BOUND
-    # ... while the output really is coloured (the untrained net predicts non-zero a*, b*).
+
+
+def test_colour_lands_where_the_network_put_it_and_never_in_air(ct, chroma, colour):
+    # The composed a*, b* against the network's own upsampled palette colour, on voxels the window shows mid-grey
+    # (black and white hold no colour). Measured: median 0.25 a*b* units (gamut mapping moves the most saturated);
+    # the same colour moved 4 network pixels (14 mm) sideways gives 4.7.
     lab = srgb_to_lab(colour.rgb[10])
-    assert np.hypot(lab[..., 1], lab[..., 2]).max() > 5.0
+    hu = torch.from_numpy(ct.array[10:11].astype(np.float32))
+    expected = upsample_chroma(chroma, load_palette("anatomical"), hu, 10)
+    grey = window(ct.array[10], *PRESETS[WINDOW])
+    mid = (grey > 0.1) & (grey < 0.9)
+    offset = np.hypot(*(lab[..., 1:] - expected[0].numpy()).transpose(2, 0, 1))
+    assert mid.mean() > 0.2 and np.median(offset[mid]) < 1.0, np.median(offset[mid])
+    # No chroma in air (the target: C* <= 2 where HU < -900).
+    assert np.hypot(lab[..., 1], lab[..., 2])[ct.array[10] < -900].max() <= 2.0
 
 
 def test_zero_chroma_is_exactly_the_grey_ct(ct, chroma):
@@ -193,7 +206,8 @@ def test_3d_slabs_cover_a_long_volume_like_one_sliding_window(ct):
     diff = (got.ab(palette) - want).abs()
     # Measured: mean 0.003 a*b* units, 0.05 % of values off by more than 1 (an untrained network's nearly flat
     # distribution lets float rounding reorder near-tied classes); a missing or misplaced slab is off by tens.
-    assert diff.mean() < 0.03 and (diff > 1.0).float().mean() < 0.005
+    # Limits: about 3x and 4x those.
+    assert diff.mean() < 0.01 and (diff > 1.0).float().mean() < 0.002, (diff.mean(), (diff > 1.0).float().mean())
 
 
 def test_guided_upsampling_is_smooth_in_uniform_tissue_and_stops_at_an_edge():

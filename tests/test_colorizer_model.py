@@ -13,7 +13,7 @@ import yaml
 from napari_ctcolor.color import load_palette
 from napari_ctcolor.io import InputError
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig, context_indices, downsample_hu, prepare_input
-from napari_ctcolor.training.colorizer import run, train_colorizer
+from napari_ctcolor.training.colorizer import train_colorizer
 from napari_ctcolor.training.targets import ab_targets, class_targets
 from napari_ctcolor.weights import find_weights, load_colorizer, save_weights
 from napari_ctcolor.windowing import window
@@ -166,9 +166,22 @@ def test_training_is_deterministic_and_resume_continues_the_same_run(tmp_path):
         torch.testing.assert_close(c.state_dict()[key], value, rtol=0, atol=0)
 
 
-def test_training_command_writes_weights_with_a_card_and_metrics(tmp_path):
-    path = run(_tiny_config(tmp_path, steps=2), tmp_path / "weights", log=lambda *_: None)
+def test_training_command_writes_weights_with_a_card_and_metrics_and_eval_only_recomputes_them(tmp_path):
+    from test_cli import ctcolor
+
+    config, weights = _tiny_config(tmp_path, steps=2), tmp_path / "weights"
+    done = ctcolor("train", "colorizer", "--config", str(config), "--weights-dir", str(weights), timeout=300)
+    assert done.returncode == 0, done.stderr
+    path = weights / "tiny.safetensors"
     card = json.loads(path.with_suffix(".json").read_text())
+    # --eval-only recomputes the metrics from the weights alone: blank them, and the same numbers come back.
+    path.with_suffix(".json").write_text(json.dumps({**card, "metrics": {}}))
+    before = path.read_bytes()
+    args = ("train", "colorizer", "--config", str(config), "--weights-dir", str(weights), "--eval-only")
+    done = ctcolor(*args, timeout=300)
+    assert done.returncode == 0 and "updated the metrics" in done.stdout, done.stderr
+    assert json.loads(path.with_suffix(".json").read_text())["metrics"] == card["metrics"]
+    assert path.read_bytes() == before  # the weights are not touched
     assert card["training"]["command"].startswith("ctcolor train colorizer --config")
     summary = card["metrics"]["phantom_val"]["summary"]
     assert set(summary) == {"anatomical", "dicom"} and all(v["max_abs_dL"] <= LUMINANCE_BOUND for v in summary.values())

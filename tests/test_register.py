@@ -109,7 +109,7 @@ def ct_labels() -> Volume:
 @pytest.fixture(scope="module")
 def oasis_pair() -> tuple[Volume, Volume]:
     require_shared(CHECKPOINT)
-    return read_volume(OASIS / "image_A_full_size.nii.gz"), read_volume(OASIS / "image_B_full_size.nii.gz")
+    return tuple(read_volume(require_shared(OASIS / f"image_{ab}_full_size.nii.gz")) for ab in "AB")
 
 
 # --- the engine on the OASIS pair -------------------------------------------------------------------------------------

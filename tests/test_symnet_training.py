@@ -20,7 +20,6 @@ from napari_ctcolor.training.symnet import (
     deform_pair,
     dice_per_structure,
     random_displacement,
-    run,
     symnet_loss,
     train_symnet,
 )
@@ -108,15 +107,35 @@ def test_training_is_deterministic_and_resume_continues_the_same_run(tmp_path):
     assert facts["steps"] == 4 and set(facts["final_loss"]) >= {"loss", "ncc_full", "antifold"}
 
 
-def test_training_command_writes_weights_the_engine_loads(tmp_path):
-    require_shared(CT_DIR)
+def _without_timings(metrics):
+    """The card's metrics without wall-clock seconds, which differ from run to run."""
+    if isinstance(metrics, dict):
+        return {k: _without_timings(v) for k, v in metrics.items() if k != "seconds"}
+    if isinstance(metrics, list):
+        return [_without_timings(v) for v in metrics]
+    return metrics
+
+
+def test_training_command_writes_weights_the_engine_loads_and_eval_only_recomputes_the_card(tmp_path):
+    from test_cli import ctcolor
+
     val = [["totalseg-body-3mm-30slices.nii.gz", "totalseg-body-3mm-30slices-labels.nii.gz"]]
-    path = run(_tiny_config(tmp_path, steps=2, real_val=val), tmp_path / "weights", **QUIET)
+    for name in val[0]:
+        require_shared(CT_DIR / name)
+    config, weights = _tiny_config(tmp_path, steps=2, real_val=val), tmp_path / "weights"
+    args = ("train", "symnet", "--config", str(config), "--weights-dir", str(weights))
+    done = ctcolor(*args, timeout=600)
+    assert done.returncode == 0, done.stderr
+    [path] = weights.glob("*.safetensors")
     card = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".json").write_text(json.dumps({**card, "metrics": {}}))
+    done = ctcolor(*args, "--eval-only", timeout=600)
+    assert done.returncode == 0 and "updated the metrics" in done.stdout, done.stderr
+    recomputed = json.loads(path.with_suffix(".json").read_text())["metrics"]
+    assert _without_timings(recomputed) == _without_timings(card["metrics"])
     assert card["training"]["command"].startswith("ctcolor train symnet --config")
     assert card["inputs"]["normalisation"] == {"mode": "window", "window_hu": [-1000, 1000]}
-    (pair,) = card["metrics"]["pairs"]
-    assert 0.0 < pair["dice_before"] < 1.0 and 0.0 <= pair["folding_fraction"] <= 1.0
+    assert [pair["pair"] for pair in card["metrics"]["pairs"]] == ["totalseg-body-3mm-30slices/0"]
     model, loaded_card = load_symnet(path)
     assert model.start_channel == 2 and loaded_card["sha256"] == card["sha256"]
 
@@ -127,19 +146,12 @@ def _ct_card() -> dict:
     return load_symnet("symnet-ct")[1]
 
 
-def test_shipped_ct_weights_card_reports_held_out_dice_and_folding():
-    card = _ct_card()
-    summary = card["metrics"]["summary"]
-    assert summary["dice_after"] > summary["dice_before"] + 0.05
-    assert summary["folding_fraction"] <= 5e-4  # the issue's target: at most 0.05 %
-    assert "Wasserthal" in card["training"]["data"]["totalsegmentator"] and "Mok" in card["training"]["data"]["symnet"]
-
-
 def test_shipped_ct_weights_register_a_fresh_deformation_of_the_real_ct():
     """A deformation from a seed used neither in training nor in the card's evaluation."""
     _ct_card()
-    require_shared(CT_DIR)
     names = ("totalseg-body-3mm-30slices.nii.gz", "totalseg-body-3mm-30slices-labels.nii.gz")
+    for name in names:
+        require_shared(CT_DIR / name)
     case = load_real_case(CT_DIR.parent, *names)
     spec = {"max_mm": 12.0, "control_mm": [40.0, 60.0], "noise_hu": [10.0, 10.0]}
     pair = deform_pair(case.ct.array, case.labels, case.ct.spacing, np.random.default_rng(424242), spec)
@@ -168,7 +180,8 @@ def test_ct_default_through_ctcolor_register_reproduces_the_cards_held_out_dicom
     from test_cli import ctcolor
 
     card = _ct_card()
-    require_shared(CT_DIR)
+    require_shared(CT_DIR / "totalseg-abdomen-dicom")
+    require_shared(CT_DIR / "totalseg-abdomen-dicom-labels.nii.gz")
     train = SymnetTrainConfig.load(REPO / "configs" / "symnet_ct.yaml")
     name, case, moving, moving_labels = next(p for p in evaluation_pairs(train) if p[0] == "totalseg-abdomen-dicom/0")
     expected = next(p for p in card["metrics"]["pairs"] if p["pair"] == name)
