@@ -2,10 +2,11 @@
 # `make test` (set up, lint, run the tests under a virtual X server).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# What napari's Qt needs on a headless Debian: a virtual X server, Mesa OpenGL and the xcb/xkbcommon libraries.
+# What napari's Qt needs on a headless Debian: a virtual X server, Mesa OpenGL and the xcb/xkbcommon libraries;
+# Orthanc with its DICOMweb plugin: the PACS that tests/test_dicomweb.py starts on a free port.
 APT_PACKAGES := xvfb xauth libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0 \
 	libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 libxcb-xinput0 libxcb-xfixes0 \
-	libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1
+	libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1 orthanc orthanc-dicomweb
 
 .PHONY: setup apt demo test lint clean
 setup: apt $(VENV)/.installed

@@ -30,6 +30,7 @@ from .io import (
     write_nifti,
     write_vector_nifti,
 )
+from .io.dicomweb import ENV_PASSWORD, ENV_TIMEOUT, ENV_USER, is_series_url, read_series, send_colour
 from .io.write import atomic_path
 from .windowing import default_window
 
@@ -283,8 +284,15 @@ def _cmd_colorize(args: argparse.Namespace) -> int:
         raise InputError(f"{out}: a {fmt} export is a folder; give a folder name, not .nii")
     if args.keep_patient_info and fmt != "dicom":
         raise InputError("--keep-patient-info applies to --format dicom only")
-    _check_output(out, folder=fmt != "nifti", inputs=[args.path], overwrite=args.overwrite)
-    volume = read_volume(args.path, series_uid=args.series)
+    remote = is_series_url(args.path)
+    if args.send and (fmt != "dicom" or not remote):
+        raise InputError("--send stores a --format dicom output back into the study of a DICOMweb series URL input")
+    _check_output(out, folder=fmt != "nifti", inputs=[] if remote else [args.path], overwrite=args.overwrite)
+    source = None  # a DICOMweb series' first header: the patient and study that --send and --keep-patient-info keep
+    if remote and (args.send or args.keep_patient_info):
+        volume, source = read_series(args.path, series_uid=args.series, with_source=True)
+    else:
+        volume = read_volume(args.path, series_uid=args.series)
     modality = volume.meta.get("modality", "OT")
     if modality != "CT" and not args.allow_non_ct:
         # NIfTI/MHA/NRRD carry no modality, only a guess from the values: a CT cropped to soft tissue spans no air or
@@ -310,9 +318,9 @@ def _cmd_colorize(args: argparse.Namespace) -> int:
     elif fmt == "png":
         write_png_slices(colour, out, overwrite=args.overwrite)
     else:
-        first = volume.meta.get("first_file")  # the read series' own file, never another series' or patient's
+        first = source or volume.meta.get("first_file")  # the read series' own header, never another's
         sources = [first] if args.keep_patient_info and first else None
-        write_rgb_dicom(
+        written = write_rgb_dicom(
             colour,
             out,
             volume.meta,
@@ -320,6 +328,40 @@ def _cmd_colorize(args: argparse.Namespace) -> int:
             source_datasets=sources,
             overwrite=args.overwrite,
         )
+        if args.send:  # the sent series always keeps the patient's identity: it joins the patient's own study
+            url, count = send_colour(colour, volume.meta, source, written if args.keep_patient_info else None)
+            print(f"sent {count} instances to {url}")
+    return 0
+
+
+def _cmd_pacs_find(args: argparse.Namespace) -> int:
+    from .io.dicomweb import find_series
+
+    rows = find_series(args.server, args.patient_id, args.accession, args.study_date, args.modality)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print("no matching series", file=sys.stderr)
+        return 0
+    header = ("PATIENT ID", "STUDY DATE", "MODALITY", "SLICES", "DESCRIPTION", "URL")
+    table = [
+        tuple(
+            "" if v is None else str(v)
+            for v in (
+                r["PatientID"],
+                r["StudyDate"],
+                r["Modality"],
+                r["NumberOfSeriesRelatedInstances"],
+                r["SeriesDescription"],
+                r["url"],
+            )
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in (header, *table)) for i in range(len(header) - 1)]
+    for row in (header, *table):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1])
     return 0
 
 
@@ -364,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     info = sub.add_parser("info", help="describe a CT: shape, spacing, origin, direction, HU range, window")
-    info.add_argument("path", help="DICOM folder or file, .nii/.nii.gz, .mha/.mhd, .nrrd")
+    info.add_argument("path", help="DICOM folder or file, .nii/.nii.gz, .mha/.mhd, .nrrd, DICOMweb series URL")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read from a folder with several series")
     info.set_defaults(run=_cmd_info)
@@ -430,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="OUT *.nii/*.nii.gz: NIfTI-1 RGB24 with the input's affine; a folder: one PNG per slice; "
         "--format dicom: an RGB DICOM series (Secondary Capture), de-identified unless --keep-patient-info.",
     )
-    col.add_argument("path", help="CT: DICOM folder or file, .nii/.nii.gz, .mha/.mhd, .nrrd")
+    col.add_argument("path", help="CT: DICOM folder or file, .nii/.nii.gz, .mha/.mhd, .nrrd, DICOMweb series URL")
     col.add_argument("-o", "--output", required=True, metavar="OUT", help=".nii/.nii.gz file or a folder")
     col.add_argument("--window", metavar="NAME|CENTRE,WIDTH", help="display window (default: the DICOM window)")
     col.add_argument(
@@ -451,7 +493,29 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--allow-non-ct", action="store_true", help="colorize a non-CT image anyway")
     col.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read from a folder with several series")
     col.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    col.add_argument(
+        "--send",
+        action="store_true",
+        help="with a DICOMweb series URL and --format dicom: also store the series into the source study (STOW-RS), "
+        "keeping the patient's identity there",
+    )
     col.set_defaults(run=_cmd_colorize)
+
+    pacs = sub.add_parser(
+        "pacs",
+        help="find series on a PACS over DICOMweb (their URLs work wherever a PATH does)",
+        description=f"Credentials: {ENV_USER} and {ENV_PASSWORD}, or a netrc entry for the server's host; "
+        f"{ENV_TIMEOUT} sets the seconds to wait (default 60).",
+    )
+    pacs_sub = pacs.add_subparsers(dest="pacs_command", required=True, parser_class=_Parser)
+    find = pacs_sub.add_parser("find", help="list series (QIDO-RS): patient ID, study date, description, slices")
+    find.add_argument("--server", required=True, metavar="URL", help="DICOMweb root, e.g. http://host:8042/dicom-web")
+    find.add_argument("--patient-id", metavar="ID", help="PatientID (wildcards * and ? as the server supports)")
+    find.add_argument("--accession", metavar="N", help="AccessionNumber")
+    find.add_argument("--study-date", metavar="YYYYMMDD[-YYYYMMDD]", help="study date or range")
+    find.add_argument("--modality", metavar="CT", help="series modality")
+    find.add_argument("--json", action="store_true", help="print a JSON list (UIDs and url of each series)")
+    find.set_defaults(run=_cmd_pacs_find)
 
     train = sub.add_parser("train", help="train shipped weights from a config (colorizer or symnet)")
     train.add_argument("what", choices=("colorizer", "symnet"), help="what to train")

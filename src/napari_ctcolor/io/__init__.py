@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .color_read import is_colour, read_color_volume
 from .dicom import read_dicom_file, read_dicom_folder
+from .dicomweb import is_series_url
 from .errors import Cancelled, CTColorError, InputError
 from .nifti import read_itk, read_nifti, write_nifti, write_vector_nifti
 from .volume import ColorVolume, Volume
@@ -35,7 +36,8 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volum
 
     Args:
         path: a folder of DICOM files (the CT series with the most slices is read, or ``series_uid``), a DICOM
-            file (any or no extension), ``.nii``/``.nii.gz``, ``.mha``/``.mhd``, ``.nrrd``/``.nhdr``.
+            file (any or no extension), ``.nii``/``.nii.gz``, ``.mha``/``.mhd``, ``.nrrd``/``.nhdr``, or a DICOMweb
+            series URL ``ROOT/studies/<StudyInstanceUID>/series/<SeriesInstanceUID>`` (`io.dicomweb`).
         series_uid: SeriesInstanceUID to pick in a folder with several series.
 
     Returns:
@@ -44,6 +46,10 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volum
     Raises:
         InputError: with a one-line message naming the file and the problem.
     """
+    if is_series_url(path):  # DICOMweb: the same folder reader, on the series' instances retrieved as stored
+        from .dicomweb import read_series
+
+        return read_series(path, series_uid)
     path = Path(path)
     try:
         return _read_volume(path, series_uid)
@@ -64,6 +70,10 @@ def read_image(path: str | os.PathLike, series_uid: str | None = None) -> Volume
     Raises:
         InputError: with a one-line message naming the file and the problem.
     """
+    if is_series_url(path):
+        from .dicomweb import read_series_image
+
+        return read_series_image(path, series_uid)
     if series_uid is None and Path(path).exists() and is_colour(path):
         try:
             return read_color_volume(path)
