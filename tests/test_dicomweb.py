@@ -286,3 +286,87 @@ def test_non_ct_series_unknown_series_and_misuse_exit_2(pacs, dicom_series, tmp_
     ):
         _one_error_line(ctcolor("colorize", *args), "--send")
     assert not any(tmp_path.iterdir())
+
+
+# --- napari: the reader, "Open from PACS" and the Colorize widget's send ---------------------------------------------
+
+
+def test_napari_opens_a_series_url_and_the_pacs_widget_finds_and_opens_it(make_napari_viewer, qtbot, pacs, monkeypatch):
+    from napari_ctcolor.napari import _pacs_widget
+    from napari_ctcolor.napari._pacs_widget import PacsWidget
+
+    shown: list[str] = []
+    monkeypatch.setattr(_pacs_widget, "show_error", shown.append)
+    local = read_volume(DICOM_SERIES)
+    viewer = make_napari_viewer()
+    [by_reader] = viewer.open(pacs.ct_url, plugin="napari-ctcolor")  # File > Open with a URL, or a drop
+    np.testing.assert_array_equal(by_reader.data, local.array)
+
+    _, widget = viewer.window.add_plugin_dock_widget("napari-ctcolor", "Open from PACS")
+    assert isinstance(widget, PacsWidget)
+    widget.server.value = pacs.root
+    widget.patient_id.value = "*" + PATIENT_ID[-5:]  # a wildcard, as typed: this patient only, not PAT-2
+    widget.modality.value = "any"
+    widget.search_button.native.click()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=30_000)
+    # The patient's CT and MR by series number (and any colour series an earlier test sent), not the other patient.
+    found = [row["url"] for row in widget._rows]
+    assert found[:2] == [pacs.ct_url, pacs.mr_url] and pacs.other_url not in found and not shown
+    assert widget.status.value == f"{len(found)} series found"
+    assert widget.results.value == f"1. CT Body 3.0  |  20 slices  |  CT  |  2022-12-08  |  {PATIENT_ID}"
+
+    widget.modality.value = "CT"
+    widget.search_button.native.click()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=30_000)
+    assert widget.selected_url == pacs.ct_url
+    widget.open_button.native.click()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    opened = viewer.layers[-1]
+    assert opened is not by_reader and not shown
+    assert widget.selected_url == pacs.ct_url  # napari's reset_choices on the new layer keeps the results
+    np.testing.assert_array_equal(opened.data, local.array)
+    np.testing.assert_allclose(opened.data_to_world((3, 100, 200)), by_reader.data_to_world((3, 100, 200)))
+    assert tuple(opened.contrast_limits) == tuple(by_reader.contrast_limits)  # the series' DICOM window
+
+    # A wrong password: one line in the widget and napari's notification, no layer added.
+    monkeypatch.setenv(ENV_PASSWORD, "Not-The-Secret-42")
+    widget.open_button.native.click()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    assert len(shown) == 1 and "HTTP 401" in shown[0] and "Not-The-Secret" not in shown[0], shown
+    assert widget.status.value == shown[0] and len(viewer.layers) == 2
+
+
+def test_colorize_widget_exports_and_sends_to_the_cts_pacs(make_napari_viewer, qtbot, pacs, tmp_path, monkeypatch):
+    from napari_ctcolor.napari import _colorize_widget
+    from napari_ctcolor.napari._colorize_widget import ColorizeWidget
+
+    shown: list[str] = []
+    monkeypatch.setattr(_colorize_widget, "show_error", shown.append)
+    viewer = make_napari_viewer()
+    [ct] = viewer.open(pacs.ct_url, plugin="napari-ctcolor")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-ctcolor", "Colorize volume")
+    assert isinstance(widget, ColorizeWidget)
+    widget.device.value = "cpu"
+    widget.run_button.native.click()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    assert widget.send_to_pacs.enabled and not shown  # the CT came from a DICOMweb series
+
+    sent_before = find_series(pacs.root, patient_id=PATIENT_ID, modality="OT")
+    widget.export_format.value = "DICOM series (folder)"
+    widget.export_path.value = tmp_path / "local"
+    widget.send_to_pacs.value = True
+    files = widget.export()
+    assert len(files) == 20 and not shown, shown
+    # The local copy is de-identified (the box was not ticked); the sent series keeps the patient, in their study.
+    assert pydicom.dcmread(files[0]).PatientIdentityRemoved == "YES"
+    new = [row for row in find_series(pacs.root, patient_id=PATIENT_ID, modality="OT") if row not in sent_before]
+    assert len(new) == 1 and new[0]["StudyInstanceUID"] == pacs.study_uid and new[0]["PatientID"] == PATIENT_ID
+    back = read_image(new[0]["url"])
+    np.testing.assert_array_equal(back.rgb, widget.result_layer.data)
+    np.testing.assert_allclose(back.origin, read_volume(DICOM_SERIES).origin, atol=1e-3)
+    assert "sent 20 to" in widget.status.value
+
+    # A PNG export cannot go to the PACS: refused in one line, nothing written.
+    widget.export_format.value = "PNG slices (folder)"
+    widget.export_path.value = tmp_path / "png"
+    assert widget.export() == [] and "needs the DICOM series format" in shown[-1] and not (tmp_path / "png").exists()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import netrc
 import os
@@ -52,6 +53,8 @@ __all__ = [
     "parse_series_url",
     "read_series",
     "read_series_image",
+    "send_colour",
+    "series_header",
     "store_series",
 ]
 
@@ -174,17 +177,37 @@ def _timeout() -> float:
     return seconds
 
 
+@functools.cache
+def _wildcard_session_class() -> type:
+    """A `requests.Session` that sends the DICOM wildcards ``*`` and ``?`` in query values as written.
+
+    requests percent-encodes them (``%2A``, ``%3F``); both are legal as they are in a URL's query (RFC 3986), and some
+    servers match only the literal characters: Orthanc 1.10 with its DICOMweb plugin finds nothing for
+    ``PatientID=DEMO%2A`` and the patient for ``PatientID=DEMO*``.
+    """
+    import requests
+
+    class WildcardSession(requests.Session):
+        def prepare_request(self, request):
+            prepared = super().prepare_request(request)
+            base, mark, query = (prepared.url or "").partition("?")
+            if mark:
+                prepared.url = f"{base}?{query.replace('%2A', '*').replace('%3F', '?')}"
+            return prepared
+
+    return WildcardSession
+
+
 def connect(root: str) -> DICOMwebClient:
     """A `dicomweb_client.DICOMwebClient` for the service at ``root``, authenticated when credentials are set.
 
     Basic authentication goes on the `requests.Session` handed to the client, so no header or URL carries it into
     dicomweb-client's logs. Retries are off: a server that does not answer fails once, within the timeout.
     """
-    import requests
     from dicomweb_client import DICOMwebClient
 
     root = _check_root(root)
-    session = requests.Session()
+    session = _wildcard_session_class()()
     auth = _credentials(urlsplit(root).hostname or "")
     if auth is not None:
         session.auth = auth
@@ -389,6 +412,27 @@ def read_series_image(url: str, series_uid: str | None = None) -> Volume | Color
     return read_series(url, series_uid)
 
 
+def series_header(url: str | SeriesURL) -> Dataset:
+    """The header of a series' first instance, from its WADO-RS metadata (no pixels are retrieved): the patient and
+    study attributes that `send_colour` keeps, for a series read earlier whose files are gone (the napari widget).
+
+    Raises:
+        InputError: one line naming the URL (server errors, authentication, an empty series).
+    """
+    from pydicom import Dataset
+
+    series = parse_series_url(url) if isinstance(url, str) else url
+    client = connect(series.root)
+    with _server_errors(str(series), "retrieving the series' metadata (WADO-RS)"):
+        instances = client.retrieve_series_metadata(series.study_uid, series.series_uid)
+    if not instances:
+        raise InputError(f"{series}: the server returned no instances for this series")
+    try:  # bulk data (pixels) are only referenced in metadata: leave them empty
+        return Dataset.from_json(instances[0], bulk_data_uri_handler=lambda *_: b"")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InputError(f"{series}: the server sent damaged metadata ({type(exc).__name__})") from None
+
+
 def store_series(root: str, study_uid: str, files: Sequence[Path]) -> str:
     """Store DICOM files into the study ``study_uid`` with STOW-RS; return the stored series' URL.
 
@@ -422,7 +466,7 @@ def store_series(root: str, study_uid: str, files: Sequence[Path]) -> str:
 
 
 def send_colour(
-    colour: ColorVolume, source_meta: dict, source: Dataset, files: Sequence[Path] | None = None
+    colour: ColorVolume, source_meta: dict, source: Dataset | None = None, files: Sequence[Path] | None = None
 ) -> tuple[str, int]:
     """Store a colorized series into the study of the DICOMweb series it was made from (STOW-RS).
 
@@ -433,7 +477,7 @@ def send_colour(
     Args:
         colour: the `ColorVolume`.
         source_meta: the source Volume's ``meta`` (from `read_series`: names the server and study).
-        source: the source series' first header.
+        source: the source series' first header; by default fetched from the server (`series_header`).
         files: already written files of this series that keep the patient's identity (sent as they are); by
             default the series is written into a temporary folder first.
 
@@ -445,6 +489,8 @@ def send_colour(
     web = source_meta.get("dicomweb")
     if not web:
         raise InputError("the colorized series can be sent only to the DICOMweb server its CT was read from")
+    if source is None:
+        source = series_header(SeriesURL(web["root"], web["study_uid"], web["series_uid"]))
     if str(source.get("StudyInstanceUID", "")) != web["study_uid"]:
         raise InputError(f"{source_meta.get('source')}: the retrieved instances belong to another study than the URL")
     if files is not None:

@@ -156,6 +156,13 @@ class ColorizeWidget(Container):
             tooltip="off: de-identified (DICOM PS3.15 basic profile); on: the source series' patient and study, so "
             "the result can go back to the PACS",
         )
+        self.send_to_pacs = CheckBox(
+            text="Also send to the CT's PACS (DICOMweb)",
+            value=False,
+            enabled=False,
+            tooltip="for a CT opened from a DICOMweb series: the DICOM export is also stored into that CT's study on "
+            "its server, as a new series with the patient's identity",
+        )
         self.export_button = PushButton(text="Export", enabled=False)
         self.view_3d = ComboBox(
             label="3D view",
@@ -188,6 +195,7 @@ class ColorizeWidget(Container):
                 self.export_format,
                 self.export_path,
                 self.keep_identity,
+                self.send_to_pacs,
                 self.export_button,
                 self.view_3d,
                 plane_buttons(napari_viewer),
@@ -593,6 +601,8 @@ class ColorizeWidget(Container):
         for control in (self.classes_button, self.view_3d, self.export_format, self.export_path, self.keep_identity):
             control.enabled = True
         self.export_button.enabled = True
+        self.send_to_pacs.enabled = "dicomweb" in volume.meta  # read from a DICOMweb series: its server is known
+        self.send_to_pacs.value = self.send_to_pacs.value and self.send_to_pacs.enabled
         # Settings changed while the network ran are applied now, from the kept chroma.
         self._recompose_pending = self._recompose_pending or self._settings(colour) != self._current_settings()
 
@@ -797,7 +807,10 @@ class ColorizeWidget(Container):
 
     def export(self) -> list[str]:
         """Write the colorized volume as the CLI does (`--format nifti|dicom|png`), to "Export to"; DICOM is
-        de-identified unless "Keep patient identity" is ticked. Existing files are never replaced. Returns the paths."""
+        de-identified unless "Keep patient identity" is ticked. Existing files are never replaced. With "Also send to
+        the CT's PACS", a DICOM export is also stored into the CT's study on its DICOMweb server (as ``ctcolor
+        colorize URL --format dicom --send``: the patient's identity kept there). Returns the paths written."""
+        from ..io.dicomweb import SeriesURL, send_colour, series_header
         from ..io.export import write_png_slices, write_rgb_dicom, write_rgb_nifti
 
         kept, layer = self._kept, self.result_layer
@@ -808,6 +821,9 @@ class ColorizeWidget(Container):
             if not path or str(path) in ("", "."):
                 raise InputError("Export: choose where to write (a .nii.gz file or a new folder)")
             fmt = EXPORT_FORMATS[self.export_format.value]
+            send = bool(self.send_to_pacs.value)
+            if send and fmt != "dicom":
+                raise InputError("Export: sending to the PACS needs the DICOM series format")
             rgb = np.asarray(layer.data)
             colour = ColorVolume.on_grid_of(
                 kept.volume, rgb if rgb.ndim == 4 else rgb[np.newaxis], **layer.metadata[META_KEY]["colorize"]
@@ -822,11 +838,18 @@ class ColorizeWidget(Container):
             else:
                 keep = bool(self.keep_identity.value)
                 first = kept.volume.meta.get("first_file")  # the read series' own file
+                web = kept.volume.meta.get("dicomweb")
+                if keep and not first and web:  # read from a DICOMweb series: its header, from the server
+                    first = series_header(SeriesURL(**web))
                 if keep and not first:
                     raise InputError("Export: this CT was not read from DICOM; there is no patient identity to keep")
                 written = write_rgb_dicom(
                     colour, path, kept.volume.meta, keep_patient_info=keep, source_datasets=[first] if keep else None
                 )
+                if send:  # synchronous like the file export: a series of a few hundred slices, over the network
+                    url, count = send_colour(colour, kept.volume.meta, files=written if keep else None)
+                    self._say(f"Exported {len(written)} file(s) to {path} and sent {count} to {url}")
+                    return [str(p) for p in written]
         except CTColorError as exc:
             show_error(str(exc))
             return []

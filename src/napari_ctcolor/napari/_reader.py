@@ -1,5 +1,6 @@
-"""napari reader: DICOM folders and files, NIfTI, MHA/MHD, NRRD -> one image layer in HU at its physical place; the
-colour images we write (RGB NIfTI, RGB DICOM series, PNG slice folders) -> one RGB layer at their physical place."""
+"""napari reader: DICOM folders and files, NIfTI, MHA/MHD, NRRD and DICOMweb series URLs -> one image layer in HU at
+its physical place; the colour images we write (RGB NIfTI, RGB DICOM series, PNG slice folders) -> one RGB layer at
+their physical place."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from ..io import ITK_SUFFIXES, NIFTI_SUFFIXES, ColorVolume, Volume, read_image
 from ..io.color_read import PNG_GEOMETRY
+from ..io.dicomweb import is_series_url
 from ._layers import image_layer_data, rgb_layer_data
 
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -44,6 +46,8 @@ def get_reader(path):
         if len(path) != 1:
             return None
         path = path[0]
+    if is_series_url(path):  # ROOT/studies/<uid>/series/<uid>: read over DICOMweb
+        return read_ct
     path = Path(path)
     if path.is_dir():
         return read_ct if (path / PNG_GEOMETRY).is_file() or _folder_has_dicom(path) else None
