@@ -24,8 +24,14 @@ CONTRACT_KEYS = {"shape", "spacing", "origin", "direction", "modality", "hu_min"
 
 
 def ctcolor(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    # UTF-8 whatever the locale (make runs under C/ASCII): progress bars draw with block characters.
     return subprocess.run(
-        [sys.executable, "-m", "napari_ctcolor", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "napari_ctcolor", *args],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=timeout,
     )
 
 

@@ -494,8 +494,59 @@ def bench_register_ct(quick: bool) -> list[dict]:
     return rows
 
 
+#: Inputs of the batch bench: this many copies of a CT, through one `ctcolor batch` on this many local workers.
+BATCH_INPUTS, BATCH_WORKERS = 8, 2
+BATCH_CT = OASIS_DIR.parent / "ct" / "totalseg-body-3mm-30slices.nii.gz"
+
+
+def bench_batch(quick: bool, repeats: int, ct_path: Path = BATCH_CT) -> list[dict]:
+    """`ctcolor batch colorize` of `BATCH_INPUTS` series on a `BATCH_WORKERS`-worker LocalCluster against as many
+    sequential `ctcolor colorize` processes, each a whole process (start-up, cluster, reading, writing) in this run;
+    the ratio row is batch / sequential (the target is <= 0.6x). The series are the shared 30-slice CT written as
+    NIfTI (``quick``: 8-slice 64x64 crops of it, one repeat), or phantoms when the shared data is absent.
+    """
+    from .io import Volume, read_volume, write_nifti
+    from .phantom import make_phantom
+
+    n, workers = BATCH_INPUTS, BATCH_WORKERS
+    if ct_path.is_file():
+        ct = read_volume(ct_path)
+        source = "shared 30-slice CT"
+    else:
+        ct = make_phantom(seed=5, shape=(30, 128, 128), spacing=(3.0, 3.0, 3.0)).volume
+        source = "phantom (shared CT absent)"
+    array = ct.array[:8, 20:84, 30:94] if quick else ct.array
+    label = f"{n} x " + "x".join(map(str, array.shape[::-1]))
+    batch_item = f"ctcolor batch colorize, {workers} workers (whole process)"
+    single_item = f"{n} x ctcolor colorize (sequential processes)"
+    seconds: dict[str, list[float]] = {batch_item: [], single_item: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = []
+        for k in range(n):  # the copies differ by one voxel, so no two inputs are the same file
+            copy = array.copy()
+            copy.flat[k] += 1
+            path = Path(tmp) / f"series{k}.nii.gz"
+            write_nifti(Volume(copy, ct.spacing, ct.origin, ct.direction.copy(), meta=dict(ct.meta)), path)
+            inputs.append(str(path))
+        for r in range(repeats):
+            out = Path(tmp) / f"batch{r}"
+            seconds[batch_item].append(
+                _ctcolor(["batch", "colorize", *inputs, "-o", str(out), "--workers", str(workers), "--device", "cpu"])
+            )
+            start = time.perf_counter()
+            for k, path in enumerate(inputs):
+                _ctcolor(["colorize", path, "-o", str(Path(tmp) / f"single{r}-{k}.nii.gz"), "--device", "cpu"])
+            seconds[single_item].append(time.perf_counter() - start)
+    rows = [_seconds_row("batch", item, "cpu", label, values, note=source) for item, values in seconds.items()]
+    ratio = statistics.median(seconds[batch_item]) / statistics.median(seconds[single_item])
+    rows.append(
+        _row("ratio", "batch / sequential processes", "cpu", label, "x", median=round(ratio, 2), note="target <= 0.6x")
+    )
+    return rows
+
+
 #: ``ctcolor bench --only`` section names.
-SECTIONS = ("colorize", "memory", "register", "register-ct")
+SECTIONS = ("colorize", "memory", "register", "register-ct", "batch")
 
 
 def run_bench(
@@ -525,6 +576,9 @@ def run_bench(
     if "register-ct" in only:
         log("register CT (synthetic deformations of the shared labelled CTs" + ", quick: one pair" * quick + ")")
         rows += bench_register_ct(quick=quick)
+    if "batch" in only:
+        log(f"batch ({BATCH_INPUTS} series, {BATCH_WORKERS}-worker LocalCluster vs sequential processes)")
+        rows += bench_batch(quick=quick, repeats=1 if quick else 3)
     seconds = round(time.perf_counter() - start, 1)
     return {"machine": info, "quick": quick, "seconds": seconds, "sections": list(only), "rows": rows}
 

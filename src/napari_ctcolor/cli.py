@@ -141,6 +141,16 @@ def _register_outdir(args: argparse.Namespace, names: Sequence[str] = REGISTER_O
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
+    register_command(args)
+    return 0
+
+
+def register_command(args: argparse.Namespace) -> dict:
+    """Everything one `ctcolor register` run does with its parsed options (``fixed``, ``moving``, ``outdir``,
+    ``model``, ``affine``, ``refine``, ``device``, ``overwrite``): refuse bad outputs, read, register, write OUTDIR.
+
+    Returns the metrics written to metrics.json. `ctcolor batch register` runs exactly this for each pair.
+    """
     from .engines import checkerboard, register  # torch is imported only by the commands that need it
 
     outputs = _register_outdir(args)
@@ -179,7 +189,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
         metrics["folding_fraction"],
         metrics["seconds"],
     )
-    return 0
+    return metrics
 
 
 def _cmd_peer(args: argparse.Namespace) -> int:
@@ -268,6 +278,14 @@ def _check_output(out: Path, folder: bool, inputs: Sequence[str], overwrite: boo
 
 
 def _cmd_colorize(args: argparse.Namespace) -> int:
+    colorize_command(args)
+    return 0
+
+
+def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Path:
+    """Everything one `ctcolor colorize` run does with its parsed options: validate, read, colorize, write OUT
+    (and --send). Returns OUT. `ctcolor batch colorize` runs exactly this for each input (without the progress bar).
+    """
     from tqdm import tqdm
 
     from .color import load_palette
@@ -305,7 +323,9 @@ def _cmd_colorize(args: argparse.Namespace) -> int:
             stacklevel=1,
         )
     total = 2 * volume.shape[0]
-    with tqdm(total=total, desc="colorize", unit="slice", file=sys.stderr, disable=None) as bar:
+    with tqdm(
+        total=total, desc="colorize", unit="slice", file=sys.stderr, disable=None if show_progress else True
+    ) as bar:
 
         def progress(done: int, _total: int) -> None:
             bar.update(done - bar.n)
@@ -331,7 +351,13 @@ def _cmd_colorize(args: argparse.Namespace) -> int:
         if args.send:  # the sent series always keeps the patient's identity: it joins the patient's own study
             url, count = send_colour(colour, volume.meta, source, written if args.keep_patient_info else None)
             print(f"sent {count} instances to {url}")
-    return 0
+    return out
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import run_batch  # dask is imported only by `ctcolor batch`
+
+    return run_batch(args)
 
 
 def _cmd_pacs_find(args: argparse.Namespace) -> int:
@@ -399,6 +425,55 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_register_options(reg: argparse.ArgumentParser) -> None:
+    """The options of `ctcolor register` that `ctcolor batch register` shares."""
+    reg.add_argument(
+        "--model", default="ct", metavar="ct|FILE", help="'ct' (the project's CT weights) or a SYMNet .pth checkpoint"
+    )
+    reg.add_argument(
+        "--affine",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="rigid + affine pre-alignment (SimpleITK, mutual information) before SYMNet (default: off)",
+    )
+    reg.add_argument(
+        "--refine",
+        type=int,
+        default=None,
+        metavar="N",
+        help="test-time refinement: N optimiser steps on this pair's velocity fields (0..10000; default: the model "
+        "card's, 0 for an official checkpoint)",
+    )
+    reg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto")
+
+
+def _add_colorize_options(col: argparse.ArgumentParser) -> None:
+    """The options of `ctcolor colorize` that `ctcolor batch colorize` shares."""
+    col.add_argument("--window", metavar="NAME|CENTRE,WIDTH", help="display window (default: the DICOM window)")
+    col.add_argument(
+        "--model", default="colorizer-2d", metavar="NAME|FILE", help="colorizer-2d, colorizer-3d or a .safetensors file"
+    )
+    col.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto")
+    col.add_argument("--batch-size", type=int, metavar="N", help="slices per network batch")
+    col.add_argument("--chroma", type=float, default=1.0, metavar="0..1", help="colour strength (0: grey CT)")
+    col.add_argument(
+        "--palette",
+        default="anatomical",
+        metavar="anatomical|dicom|FILE.csv",
+        help="colours of the structures: anatomical (cryosection-like, default), dicom (DICOM recommended display "
+        "colours), or a CSV of name,R,G,B",
+    )
+    col.add_argument("--format", choices=("nifti", "png", "dicom"), help="default: from OUT's name")
+    col.add_argument("--keep-patient-info", action="store_true", help="DICOM export keeps patient identifiers")
+    col.add_argument("--allow-non-ct", action="store_true", help="colorize a non-CT image anyway")
+    col.add_argument(
+        "--send",
+        action="store_true",
+        help="with a DICOMweb series URL and --format dicom: also store the series into the source study (STOW-RS), "
+        "keeping the patient's identity there",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ctcolor", description="Colorize and register CT volumes (napari-ctcolor).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -421,24 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("fixed", help="the reference image (its grid is the outputs' grid)")
     reg.add_argument("moving", help="the image to deform onto FIXED")
     reg.add_argument("-o", "--output", dest="outdir", required=True, metavar="OUTDIR", help="new or empty folder")
-    reg.add_argument(
-        "--model", default="ct", metavar="ct|FILE", help="'ct' (the project's CT weights) or a SYMNet .pth checkpoint"
-    )
-    reg.add_argument(
-        "--affine",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="rigid + affine pre-alignment (SimpleITK, mutual information) before SYMNet (default: off)",
-    )
-    reg.add_argument(
-        "--refine",
-        type=int,
-        default=None,
-        metavar="N",
-        help="test-time refinement: N optimiser steps on this pair's velocity fields (0..10000; default: the model "
-        "card's, 0 for an official checkpoint)",
-    )
-    reg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto")
+    _add_register_options(reg)
     reg.add_argument("--overwrite", action="store_true", help="replace the outputs in a non-empty OUTDIR")
     reg.set_defaults(run=_cmd_register)
 
@@ -474,32 +532,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     col.add_argument("path", help="CT: DICOM folder or file, .nii/.nii.gz, .mha/.mhd, .nrrd, DICOMweb series URL")
     col.add_argument("-o", "--output", required=True, metavar="OUT", help=".nii/.nii.gz file or a folder")
-    col.add_argument("--window", metavar="NAME|CENTRE,WIDTH", help="display window (default: the DICOM window)")
-    col.add_argument(
-        "--model", default="colorizer-2d", metavar="NAME|FILE", help="colorizer-2d, colorizer-3d or a .safetensors file"
-    )
-    col.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto")
-    col.add_argument("--batch-size", type=int, metavar="N", help="slices per network batch")
-    col.add_argument("--chroma", type=float, default=1.0, metavar="0..1", help="colour strength (0: grey CT)")
-    col.add_argument(
-        "--palette",
-        default="anatomical",
-        metavar="anatomical|dicom|FILE.csv",
-        help="colours of the structures: anatomical (cryosection-like, default), dicom (DICOM recommended display "
-        "colours), or a CSV of name,R,G,B",
-    )
-    col.add_argument("--format", choices=("nifti", "png", "dicom"), help="default: from OUT's name")
-    col.add_argument("--keep-patient-info", action="store_true", help="DICOM export keeps patient identifiers")
-    col.add_argument("--allow-non-ct", action="store_true", help="colorize a non-CT image anyway")
+    _add_colorize_options(col)
     col.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read from a folder with several series")
     col.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    col.add_argument(
-        "--send",
-        action="store_true",
-        help="with a DICOMweb series URL and --format dicom: also store the series into the source study (STOW-RS), "
-        "keeping the patient's identity there",
-    )
     col.set_defaults(run=_cmd_colorize)
+
+    batch = sub.add_parser(
+        "batch",
+        help="colorize many CTs or register many pairs on Dask (a local cluster or a given scheduler)",
+        description="Each input runs exactly what the single command runs, on Dask workers; OUTDIR/report.csv says "
+        "per input: input, output, status (ok or error), seconds, error. A re-run skips the inputs a previous report "
+        "lists as ok whose output exists. Exit 0 when all are ok, 1 when some failed.",
+    )
+    batch_sub = batch.add_subparsers(dest="batch_command", required=True, parser_class=_Parser)
+    bcol = batch_sub.add_parser("colorize", help="colorize each INPUT into OUTDIR (NIfTI RGB24 by default)")
+    bcol.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help="CT path, DICOMweb series URL, or @LIST.txt (one per line; blank lines and # comments ignored; "
+        "relative paths are from the list's folder)",
+    )
+    breg = batch_sub.add_parser("register", help="register each fixed,moving pair of a CSV, one subfolder each")
+    breg.add_argument(
+        "--pairs", required=True, metavar="PAIRS.csv", help="CSV with columns fixed,moving (paths relative to it)"
+    )
+    for parser_, options in ((bcol, _add_colorize_options), (breg, _add_register_options)):
+        parser_.add_argument("-o", "--output", dest="outdir", required=True, metavar="OUTDIR", help="output folder")
+        parser_.add_argument(
+            "--workers", type=int, metavar="N", help="local worker processes, one thread each (default: cores, <= 4)"
+        )
+        parser_.add_argument(
+            "--scheduler", metavar="tcp://HOST:PORT", help="run on this Dask cluster instead of a local one"
+        )
+        options(parser_)
+        parser_.add_argument(
+            "--overwrite", action="store_true", help="redo every input, replacing its output (default: skip finished)"
+        )
+        parser_.set_defaults(run=_cmd_batch)
 
     pacs = sub.add_parser(
         "pacs",
@@ -535,7 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="OUT", help="write the machine description and all rows as JSON")
     bench.add_argument("--markdown", metavar="OUT", help="write a dated BENCHMARKS.md-style section")
     bench.add_argument(
-        "--only", metavar="SECTIONS", help="comma-separated: colorize, memory, register, register-ct (default: all)"
+        "--only",
+        metavar="SECTIONS",
+        help="comma-separated: colorize, memory, register, register-ct, batch (default: all)",
     )
     bench.set_defaults(run=_cmd_bench)
     return parser

@@ -140,14 +140,29 @@ class RegistrationModel:
     refine: RefineSettings = RefineSettings()
 
 
+_MODEL_CACHE: dict[tuple, RegistrationModel] = {}
+
+
 def load_registration_model(model: str | os.PathLike) -> RegistrationModel:
     """The network for ``model``, the intensity normalisation it expects and its name for the metrics.
+
+    Cached per process (as the colorizers are), keyed by the name or by the file with its size and modification
+    time, so a re-run in the viewer or a batch worker's next task does not load it again; the network is only read
+    (test-time refinement optimises the velocity fields, never the weights).
 
     Args:
         model: ``"ct"`` (the project's CT weights, sha256-checked against their card) or the path of a SYMNet
             checkpoint: an official ``.pth`` state dict (recognised by its keys, read with ``weights_only=True``) or a
             ``.safetensors`` file of ours with its model card beside it.
     """
+    path = Path(model)
+    key = (str(model), *((path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else ()))
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE[key] = _load_registration_model(model)
+    return _MODEL_CACHE[key]
+
+
+def _load_registration_model(model: str | os.PathLike) -> RegistrationModel:
     if str(model) == "ct":
         try:
             find_weights("symnet-ct")
