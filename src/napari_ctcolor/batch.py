@@ -233,9 +233,10 @@ def run_task(
 ) -> dict[str, Any]:
     """One input on a worker: the single command into a temporary name beside ``output``, then renamed onto it.
 
-    ``threads``: torch's intra-op threads for this task, those a single ``ctcolor`` process started by the client
-    would use (Dask starts workers with OMP_NUM_THREADS=1, and a CPU registration's floats depend on the thread
-    count: with the same count the outputs equal the single command's bit for bit).
+    ``threads``: torch's intra-op threads for this task (None: the worker's own, one): for registration those a single
+    ``ctcolor`` process started by the client would use (Dask starts workers with OMP_NUM_THREADS=1, and a CPU
+    registration's floats depend on the thread count: with the same count the outputs equal the single command's bit
+    for bit).
 
     Returns ``{"status", "seconds", "error", "warnings"}``; an input's error never raises (Dask would retry it).
     """
@@ -420,7 +421,11 @@ def run_batch(args: argparse.Namespace, out: Callable[[str], None] | None = None
         _check_register_options(args)
         names = REGISTER_OPTIONS
     options = {name: getattr(args, name) for name in names}
-    threads = single_process_threads()
+    # Registration's CPU floats depend on torch's thread count: its tasks use a single process's count, so that each
+    # output equals the single command's bit for bit. Colorize outputs are the same on 1 thread or several (uint8
+    # colour from class probabilities; checked on the shared CT), so its workers keep Dask's one thread each rather
+    # than oversubscribing the cores (8 small CTs on 2 workers here: 31 s with 2 threads each, 15.5 s with one).
+    threads = single_process_threads() if args.batch_command == "register" else None
     todo, skipped = plan_jobs(args, outdir)
     created = not outdir.exists()
     outdir.mkdir(exist_ok=True)

@@ -617,6 +617,41 @@ def machine_line(info: dict[str, Any]) -> str:
     )
 
 
+#: What each section measures, for the markdown section (only the sections that ran are described).
+_DESCRIPTIONS = (
+    (
+        ("colorize", "memory"),
+        "Colorize: end to end (HU in memory -> network -> sRGB uint8), phantom CT at 0.78 mm (512²) and 1.56 mm "
+        "(256²) pixels, window abdomen, chroma 1; the peer is the seed thesis's network alone (random weights) at full "
+        "resolution.",
+    ),
+    (
+        ("register",),
+        "Register: the OASIS pair with the official SYMNet checkpoint; every method is a whole process in "
+        "this run (`ctcolor register`, `ctcolor peer official-symnet`, the official inference recipe reimplemented, "
+        "and `ctcolor peer` for ANTs SyN: SyNOnly, Mattes, 100/70/50 iterations; elastix: default B-spline map, 20 mm "
+        "grid, 256 iterations; SimpleITK fast symmetric demons, 50 iterations), wall seconds including start-up, "
+        "reading and writing.",
+    ),
+    (
+        ("register-ct",),
+        "Register CT: Dice (mean over labelled structures of >= 100 voxels) "
+        "after registering held-out synthetic deformations (<= 15 mm; seed never used in training) of the shared "
+        "labelled CTs on their native grids (the 3 mm CT is in the training set with other deformations, the DICOM "
+        "series never is), each also with the moving scan in another contrast phase (arteries -150 HU, veins and "
+        "liver brighter, kidneys and spleen darker, 20 HU noise); SYMNet with the CT weights, without and with 40 "
+        "refinement steps, and every peer on the same pairs; seconds of the registration call, excluding loading and "
+        "label warping.",
+    ),
+    (
+        ("batch",),
+        "Batch: `ctcolor batch colorize` of 8 series (copies of the shared 30-slice CT) on a 2-worker LocalCluster "
+        "against 8 sequential `ctcolor colorize` processes, each a whole process in this run, wall seconds including "
+        "start-up, reading and writing.",
+    ),
+)
+
+
 def markdown_section(report: dict[str, Any]) -> str:
     """A BENCHMARKS.md-style dated section for a `run_bench` report."""
     info = report["machine"]
@@ -628,18 +663,6 @@ def markdown_section(report: dict[str, Any]) -> str:
         f"## {info['date']}, {gpu} (`ctcolor bench`{' --quick' if report['quick'] else ''}, {kind}, "
         f"{report['seconds']} s)\n\n"
         f"{machine_line(info)}\n\n"
-        "Colorize: end to end (HU in memory -> network -> sRGB uint8), phantom CT at 0.78 mm (512²) and 1.56 mm "
-        "(256²) pixels, window abdomen, chroma 1; the peer is the seed thesis's network alone (random weights) at full "
-        "resolution. Register: the OASIS pair with the official SYMNet checkpoint; every method is a whole process in "
-        "this run (`ctcolor register`, `ctcolor peer official-symnet`, the official inference recipe reimplemented, "
-        "and `ctcolor peer` for ANTs SyN: SyNOnly, Mattes, 100/70/50 iterations; elastix: default B-spline map, 20 mm "
-        "grid, 256 iterations; SimpleITK fast symmetric demons, 50 iterations), wall seconds including start-up, "
-        "reading and writing. Register CT: Dice (mean over labelled structures of >= 100 voxels) "
-        "after registering held-out synthetic deformations (<= 15 mm; seed never used in training) of the shared "
-        "labelled CTs on their native grids (the 3 mm CT is in the training set with other deformations, the DICOM "
-        "series never is), each also with the moving scan in another contrast phase (arteries -150 HU, veins and "
-        "liver brighter, kidneys and spleen darker, 20 HU noise); SYMNet with the CT weights, without and with 40 "
-        "refinement steps, and every peer on the same pairs; seconds of the registration call, excluding loading and "
-        "label warping.\n\n"
+        f"{' '.join(text for names, text in _DESCRIPTIONS if set(names) & set(report.get('sections', SECTIONS)))}\n\n"
         f"{markdown_table(report['rows'])}\n"
     )
