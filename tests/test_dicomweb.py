@@ -370,3 +370,35 @@ def test_colorize_widget_exports_and_sends_to_the_cts_pacs(make_napari_viewer, q
     widget.export_format.value = "PNG slices (folder)"
     widget.export_path.value = tmp_path / "png"
     assert widget.export() == [] and "needs the DICOM series format" in shown[-1] and not (tmp_path / "png").exists()
+
+
+def test_register_send_stores_the_warped_ct_in_the_fixed_study(pacs, tmp_path):
+    """`ctcolor register FIXED_URL MOVING --send`: the warped image, on FIXED's grid, in HU and FIXED's window, joins
+    FIXED's study as a new series with the patient's identity; equal to the warped.nii.gz written beside it."""
+    before = find_series(pacs.root, patient_id=PATIENT_ID)
+    out = tmp_path / "reg"
+    done = ctcolor("register", pacs.ct_url, pacs.ct_url, "-o", str(out), "--send", "--device", "cpu", timeout=900)
+    assert done.returncode == 0, done.stderr
+    new = [row for row in find_series(pacs.root, patient_id=PATIENT_ID) if row not in before]
+    assert len(new) == 1 and new[0]["url"] in done.stdout and "sent 20 instances" in done.stdout
+    row = new[0]
+    assert row["StudyInstanceUID"] == pacs.study_uid and row["Modality"] == "CT"
+    assert row["SeriesDescription"] == "CT Body 3.0 registered"
+    sent = read_volume(row["url"])
+    warped = read_volume(out / "warped.nii.gz")
+    np.testing.assert_array_equal(sent.array, np.rint(warped.array).astype(np.int16))  # whole HU
+    fixed = read_volume(pacs.ct_url)
+    np.testing.assert_allclose(sent.affine, fixed.affine, atol=1e-3)
+    assert sent.meta["window"] == fixed.meta["window"]
+    back = tmp_path / "back"
+    back.mkdir()
+    header = pydicom.dcmread(download_series(row["url"], back)[0], stop_before_pixels=True)
+    assert (header.PatientID, str(header.PatientName)) == (PATIENT_ID, PATIENT_NAME)
+    assert header.RescaleType == "HU" and "SYMNet" in header.DerivationDescription
+
+    # Refused in one line, before anything is stored: a local FIXED, or a MOVING of another patient.
+    local = ctcolor("register", str(out / "warped.nii.gz"), pacs.ct_url, "-o", str(tmp_path / "r2"), "--send")
+    _one_error_line(local, "FIXED, which must be a DICOMweb series URL")
+    other = ctcolor("register", pacs.ct_url, pacs.other_url, "-o", str(tmp_path / "r3"), "--send", timeout=300)
+    _one_error_line(other, "another patient")
+    assert len(find_series(pacs.root, patient_id=PATIENT_ID)) == len(before) + 1

@@ -60,7 +60,7 @@ COLORIZE_OPTIONS = (
     "allow_non_ct",
     "send",
 )
-REGISTER_OPTIONS = ("model", "affine", "refine", "device")
+REGISTER_OPTIONS = ("model", "affine", "refine", "device", "send")
 
 
 @dataclass

@@ -30,7 +30,7 @@ from .io import (
     write_nifti,
     write_vector_nifti,
 )
-from .io.dicomweb import ENV_PASSWORD, ENV_TIMEOUT, ENV_USER, is_series_url, read_series, send_colour
+from .io.dicomweb import ENV_PASSWORD, ENV_TIMEOUT, ENV_USER, is_series_url, read_series, send_series
 from .io.write import atomic_path
 from .windowing import default_window
 
@@ -153,10 +153,14 @@ def register_command(args: argparse.Namespace) -> dict:
     """
     from .engines import checkerboard, register  # torch is imported only by the commands that need it
 
+    send = getattr(args, "send", False)
+    if send and not is_series_url(args.fixed):
+        raise InputError("--send stores the warped image into the study of FIXED, which must be a DICOMweb series URL")
     outputs = _register_outdir(args)
     start = time.perf_counter()
     fixed, moving = read_volume(args.fixed), read_volume(args.moving)
     read_seconds = time.perf_counter() - start
+    source = _same_patient_header(args.fixed, args.moving) if send else None
     result = register(fixed, moving, model=args.model, affine=args.affine, refine=args.refine, device=args.device)
 
     start = time.perf_counter()
@@ -182,6 +186,16 @@ def register_command(args: argparse.Namespace) -> dict:
     }
     with atomic_path(outputs["metrics.json"]) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    if send:  # the warped moving image, on FIXED's grid, joins FIXED's study (the same patient's)
+        own = ("modality", "series_description", "window")
+        describe = {
+            "source_meta": {key: moving.meta[key] for key in own if key in moving.meta},
+            "derivation": f"{moving.meta.get('modality') or 'CT'} resampled onto another series' grid by SYMNet "
+            f"({result.metrics.get('model', args.model)}, napari-ctcolor)",
+            "suffix": "registered",
+        }
+        url, count = send_series(result.warped, fixed.meta, source, describe=describe)
+        print(f"sent {count} instances to {url}")
     logging.getLogger(__name__).info(
         "NCC %.4f -> %.4f, folding %.2g, %.1f s",
         metrics["ncc_before"],
@@ -190,6 +204,19 @@ def register_command(args: argparse.Namespace) -> dict:
         metrics["seconds"],
     )
     return metrics
+
+
+def _same_patient_header(fixed_url: str, moving: str):
+    """FIXED's first header (for the sent series' identity); refuses a MOVING from a DICOMweb series of another
+    patient, whose image must not be stored in FIXED's patient's study."""
+    from .io.dicomweb import series_header
+
+    header = series_header(fixed_url)
+    if is_series_url(moving):
+        other = series_header(moving)
+        if str(other.get("PatientID", "")) != str(header.get("PatientID", "")):
+            raise InputError("--send: MOVING belongs to another patient than FIXED; nothing is stored")
+    return header
 
 
 def _cmd_peer(args: argparse.Namespace) -> int:
@@ -349,7 +376,7 @@ def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Pa
             overwrite=args.overwrite,
         )
         if args.send:  # the sent series always keeps the patient's identity: it joins the patient's own study
-            url, count = send_colour(colour, volume.meta, source, written if args.keep_patient_info else None)
+            url, count = send_series(colour, volume.meta, source, written if args.keep_patient_info else None)
             print(f"sent {count} instances to {url}")
     return out
 
@@ -445,6 +472,12 @@ def _add_register_options(reg: argparse.ArgumentParser) -> None:
         "card's, 0 for an official checkpoint)",
     )
     reg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto")
+    reg.add_argument(
+        "--send",
+        action="store_true",
+        help="with FIXED a DICOMweb series URL: also store the warped image as a DICOM series into FIXED's study "
+        "(STOW-RS), keeping the patient's identity there",
+    )
 
 
 def _add_colorize_options(col: argparse.ArgumentParser) -> None:

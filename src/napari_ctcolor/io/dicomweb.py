@@ -53,7 +53,7 @@ __all__ = [
     "parse_series_url",
     "read_series",
     "read_series_image",
-    "send_colour",
+    "send_series",
     "series_header",
     "store_series",
 ]
@@ -414,7 +414,7 @@ def read_series_image(url: str, series_uid: str | None = None) -> Volume | Color
 
 def series_header(url: str | SeriesURL) -> Dataset:
     """The header of a series' first instance, from its WADO-RS metadata (no pixels are retrieved): the patient and
-    study attributes that `send_colour` keeps, for a series read earlier whose files are gone (the napari widget).
+    study attributes that `send_series` keeps, for a series read earlier whose files are gone (the napari widget).
 
     Raises:
         InputError: one line naming the URL (server errors, authentication, an empty series).
@@ -465,30 +465,40 @@ def store_series(root: str, study_uid: str, files: Sequence[Path]) -> str:
     return str(SeriesURL(root, study_uid, series_uid))
 
 
-def send_colour(
-    colour: ColorVolume, source_meta: dict, source: Dataset | None = None, files: Sequence[Path] | None = None
+def send_series(
+    image: ColorVolume | Volume,
+    source_meta: dict,
+    source: Dataset | None = None,
+    files: Sequence[Path] | None = None,
+    describe: dict | None = None,
 ) -> tuple[str, int]:
-    """Store a colorized series into the study of the DICOMweb series it was made from (STOW-RS).
+    """Store a result into the study of the DICOMweb series it was made from (STOW-RS): a colorized CT, or a
+    registered CT (a grey `Volume` in HU on that series' grid).
 
     The stored series keeps the patient and study of ``source`` (the first slice's header, `read_series` with
-    ``with_source``): a new SeriesInstanceUID, the source's StudyInstanceUID and FrameOfReferenceUID, a
-    SeriesDescription ending in "colorized", Modality "OT" (`write_rgb_dicom` with ``keep_patient_info``).
+    ``with_source``): a new SeriesInstanceUID, the source's StudyInstanceUID and FrameOfReferenceUID, and a
+    SeriesDescription saying what it is ("... colorized": Modality "OT", `write_rgb_dicom`; "... registered": the
+    source's modality and window, `write_grey_dicom`), always with the patient's identity kept.
 
     Args:
-        colour: the `ColorVolume`.
-        source_meta: the source Volume's ``meta`` (from `read_series`: names the server and study).
+        image: the `ColorVolume` or grey `Volume`.
+        source_meta: the ``meta`` of the Volume read from the series (from `read_series`: names the server and
+            study).
         source: the source series' first header; by default fetched from the server (`series_header`).
         files: already written files of this series that keep the patient's identity (sent as they are); by
             default the series is written into a temporary folder first.
+        describe: for a grey image, what `write_grey_dicom` takes besides the geometry: ``source_meta`` (modality,
+            description and window of the image's own source), ``derivation`` and ``suffix``.
 
     Returns:
         (the stored series' URL, the number of instances).
     """
-    from .export import write_rgb_dicom
+    from .export import write_grey_dicom, write_rgb_dicom
+    from .volume import ColorVolume
 
     web = source_meta.get("dicomweb")
     if not web:
-        raise InputError("the colorized series can be sent only to the DICOMweb server its CT was read from")
+        raise InputError("a result can be sent only to the DICOMweb server its CT was read from (a series URL)")
     if source is None:
         source = series_header(SeriesURL(web["root"], web["study_uid"], web["series_uid"]))
     if str(source.get("StudyInstanceUID", "")) != web["study_uid"]:
@@ -496,7 +506,10 @@ def send_colour(
     if files is not None:
         return store_series(web["root"], web["study_uid"], list(files)), len(files)
     with tempfile.TemporaryDirectory(prefix="ctcolor-stow-") as tmp:
-        written = write_rgb_dicom(
-            colour, Path(tmp) / "series", source_meta, keep_patient_info=True, source_datasets=[source]
-        )
+        folder = Path(tmp) / "series"
+        if isinstance(image, ColorVolume):
+            written = write_rgb_dicom(image, folder, source_meta, keep_patient_info=True, source_datasets=[source])
+        else:
+            options = {"source_meta": source_meta, **(describe or {})}
+            written = write_grey_dicom(image, folder, keep_patient_info=True, source_datasets=[source], **options)
         return store_series(web["root"], web["study_uid"], written), len(written)

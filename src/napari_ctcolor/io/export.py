@@ -1,4 +1,5 @@
-"""Writers for `ColorVolume`: NIfTI-1 RGB24, a folder of PNG slices, an RGB DICOM series.
+"""Writers for `ColorVolume`: NIfTI-1 RGB24, a folder of PNG slices, an RGB DICOM series; and a grey DICOM series
+(`write_grey_dicom`, a registered CT in HU).
 
 All writers are atomic per file (`atomic_path`: a temporary file renamed into place) and refuse to replace existing
 files unless ``overwrite=True``, so a mistyped output path never destroys data.
@@ -26,7 +27,7 @@ import numpy as np
 
 from .errors import InputError
 from .nifti import nifti_affine
-from .volume import ColorVolume
+from .volume import ColorVolume, Volume
 from .write import atomic_path
 
 __all__ = ["DICOM_MODALITY", "write_png_slices", "write_rgb_dicom", "write_rgb_nifti"]
@@ -215,32 +216,94 @@ def write_rgb_dicom(
     Returns:
         The written files, in slice order.
     """
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    meta = dict(source_meta or {})
+    series = _series_dataset(
+        cv,
+        meta,
+        keep_patient_info,
+        source_datasets,
+        modality=DICOM_MODALITY,
+        derivation=_description(cv, str(meta.get("modality") or "CT")),
+        suffix="colorized",
+    )
+    series.SamplesPerPixel = 3
+    series.PhotometricInterpretation = "RGB"
+    series.PlanarConfiguration = 0  # R, G, B interleaved per pixel
+    series.BitsAllocated, series.BitsStored, series.HighBit = 8, 8, 7
+    series.PixelRepresentation = 0
+    return _write_series(series, cv, folder, lambda k: np.ascontiguousarray(cv.rgb[k]).tobytes(), "OB", overwrite)
+
+
+def write_grey_dicom(
+    volume: Volume,
+    folder: str | os.PathLike,
+    source_meta: Mapping[str, Any] | None = None,
+    keep_patient_info: bool = False,
+    source_datasets: Sequence[Any] | None = None,
+    overwrite: bool = False,
+    derivation: str = "registered (napari-ctcolor)",
+    suffix: str = "registered",
+) -> list[Path]:
+    """Write a grey volume in HU (a registered CT) as a DICOM series, as `write_rgb_dicom` writes colour.
+
+    Secondary Capture Image Storage with the source's modality, MONOCHROME2 signed 16-bit values rounded to whole HU
+    (RescaleSlope 1, RescaleIntercept 0, RescaleType "HU") and the source's display window, so a PACS viewer windows
+    it as the CT it came from. Identity, geometry and UIDs as in `write_rgb_dicom`.
+
+    Args:
+        volume: values in HU with their geometry.
+        derivation: DerivationDescription (how the image was made).
+        suffix: appended to the source's SeriesDescription ("<description> <suffix>").
+        Others: as `write_rgb_dicom`.
+    """
+    meta = dict(source_meta or {})
+    modality = str(meta.get("modality") or "CT")
+    series = _series_dataset(
+        volume, meta, keep_patient_info, source_datasets, modality=modality, derivation=derivation, suffix=suffix
+    )
+    series.SamplesPerPixel = 1
+    series.PhotometricInterpretation = "MONOCHROME2"
+    series.BitsAllocated, series.BitsStored, series.HighBit = 16, 16, 15
+    series.PixelRepresentation = 1
+    series.RescaleIntercept, series.RescaleSlope, series.RescaleType = "0", "1", "HU"
+    if meta.get("window"):
+        centre, width = meta["window"]
+        series.WindowCenter, series.WindowWidth = _ds([centre])[0], _ds([width])[0]
+    info = np.iinfo(np.int16)
+    values = np.clip(np.rint(np.asarray(volume.array, dtype=np.float64)), info.min, info.max).astype("<i2")
+    return _write_series(series, volume, folder, lambda k: np.ascontiguousarray(values[k]).tobytes(), "OW", overwrite)
+
+
+def _series_dataset(
+    image: Volume | ColorVolume,
+    meta: Mapping[str, Any],
+    keep_patient_info: bool,
+    source_datasets: Sequence[Any] | None,
+    modality: str,
+    derivation: str,
+    suffix: str,
+):
+    """The attributes every slice of a written series shares: SOP class, identity (kept or removed), UIDs, Image
+    Plane geometry; the pixel module is the caller's."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
     from .. import __version__
 
-    folder = Path(folder)
-    n_slices, rows, cols, _ = cv.rgb.shape
-    paths = _slice_paths(folder, n_slices, ".dcm")
     source = _first_source(source_datasets) if keep_patient_info else None
-    _prepare_folder(folder, paths, ".dcm", overwrite)
-    meta = dict(source_meta or {})
-
     series = Dataset()
     series.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: copied names keep their characters
     series.SOPClassUID = SecondaryCaptureImageStorage
-    series.Modality = DICOM_MODALITY
+    series.Modality = modality
     series.ConversionType = "WSD"  # workstation
     series.Manufacturer = "napari-ctcolor"
     series.SecondaryCaptureDeviceManufacturer = "napari-ctcolor"
     series.SecondaryCaptureDeviceSoftwareVersions = __version__
     series.ImageType = ["DERIVED", "SECONDARY"]
-    series.DerivationDescription = _description(cv, str(meta.get("modality") or "CT"))[:1024]
+    series.DerivationDescription = derivation[:1024]
     # Free text can identify the patient (PS3.15 basic profile removes SeriesDescription): copied only on request.
     described = str(meta.get("series_description") or "").strip() if keep_patient_info else ""
-    series.SeriesDescription = f"{described} colorized"[:64] if described else "colorized CT"
+    series.SeriesDescription = f"{described} {suffix}"[:64] if described else f"{suffix} {meta.get('modality') or 'CT'}"
     series.SeriesInstanceUID = generate_uid()
     series.SeriesNumber = None
     for keyword in _TYPE2_EMPTY:
@@ -267,31 +330,38 @@ def write_rgb_dicom(
         series.SeriesTime = series.ContentTime = now.strftime("%H%M%S")
 
     # Image Plane: row direction = index i (X), column direction = index j (Y), slices along index k (Z).
-    direction = cv.direction
+    direction = image.direction
     series.ImageOrientationPatient = _ds([*direction[:, 0], *direction[:, 1]])
     series.PatientOrientation = [_orientation_letters(direction[:, 0]), _orientation_letters(direction[:, 1])]
-    series.PixelSpacing = _ds([cv.spacing[1], cv.spacing[2]])  # (between rows, between columns) mm
-    series.SliceThickness = _ds([cv.spacing[0]])[0]
-    series.SpacingBetweenSlices = _ds([cv.spacing[0]])[0]
-    series.Rows, series.Columns = rows, cols
-    series.SamplesPerPixel = 3
-    series.PhotometricInterpretation = "RGB"
-    series.PlanarConfiguration = 0  # R, G, B interleaved per pixel
-    series.BitsAllocated, series.BitsStored, series.HighBit = 8, 8, 7
-    series.PixelRepresentation = 0
+    series.PixelSpacing = _ds([image.spacing[1], image.spacing[2]])  # (between rows, between columns) mm
+    series.SliceThickness = _ds([image.spacing[0]])[0]
+    series.SpacingBetweenSlices = _ds([image.spacing[0]])[0]
+    series.Rows, series.Columns = image.shape[1], image.shape[2]
     series.BurnedInAnnotation = "NO"
     series.LossyImageCompression = "00"
+    return series
 
-    affine = cv.affine
+
+def _write_series(series, image: Volume | ColorVolume, folder, slice_bytes, vr: str, overwrite: bool) -> list[Path]:
+    """One file per slice of ``image`` (``slice_0000.dcm`` ...): ``series`` plus the slice's UID, number, position
+    and pixels (``slice_bytes(k)``); explicit VR little endian, each file written atomically."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder = Path(folder)
+    paths = _slice_paths(folder, image.shape[0], ".dcm")
+    _prepare_folder(folder, paths, ".dcm", overwrite)
+    affine = image.affine
     for k, path in enumerate(paths):
         ds = Dataset()
         ds.update(series)
         ds.SOPInstanceUID = generate_uid()
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = _ds(affine[:3, :3] @ (0.0, 0.0, float(k)) + affine[:3, 3])
-        pixels = np.ascontiguousarray(cv.rgb[k]).tobytes()
+        pixels = slice_bytes(k)
         ds.PixelData = pixels + b"\0" * (len(pixels) % 2)  # values have even length
-        ds["PixelData"].VR = "OB"
+        ds["PixelData"].VR = vr
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

@@ -159,6 +159,11 @@ class ColorVolume:
         self.direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
         _check_geometry(self.rgb.shape[:3], self.spacing, self.origin, self.direction)
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(Z, Y, X): the grid, as `Volume.shape` (the colour axis is not spatial)."""
+        return tuple(self.rgb.shape[:3])
+
     @classmethod
     def on_grid_of(cls, volume: Volume, rgb: np.ndarray, **settings: Any) -> ColorVolume:
         return cls(rgb, volume.spacing, volume.origin, volume.direction.copy(), dict(settings))

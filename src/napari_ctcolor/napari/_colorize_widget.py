@@ -810,7 +810,7 @@ class ColorizeWidget(Container):
         de-identified unless "Keep patient identity" is ticked. Existing files are never replaced. With "Also send to
         the CT's PACS", a DICOM export is also stored into the CT's study on its DICOMweb server (as ``ctcolor
         colorize URL --format dicom --send``: the patient's identity kept there). Returns the paths written."""
-        from ..io.dicomweb import SeriesURL, send_colour, series_header
+        from ..io.dicomweb import SeriesURL, send_series, series_header
         from ..io.export import write_png_slices, write_rgb_dicom, write_rgb_nifti
 
         kept, layer = self._kept, self.result_layer
@@ -847,7 +847,7 @@ class ColorizeWidget(Container):
                     colour, path, kept.volume.meta, keep_patient_info=keep, source_datasets=[first] if keep else None
                 )
                 if send:  # synchronous like the file export: a series of a few hundred slices, over the network
-                    url, count = send_colour(colour, kept.volume.meta, files=written if keep else None)
+                    url, count = send_series(colour, kept.volume.meta, files=written if keep else None)
                     self._say(f"Exported {len(written)} file(s) to {path} and sent {count} to {url}")
                     return [str(p) for p in written]
         except CTColorError as exc:
