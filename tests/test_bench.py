@@ -82,6 +82,11 @@ def test_bench_quick_writes_table_json_and_markdown(tmp_path: Path, capsys: pyte
         quality = [r for r in find("register CT", item) if r["unit"] == "Dice"]
         assert len(quality) == 2 and sum("phase change" in r["size"] for r in quality) == 1, item
         assert all(0.0 < r["median"] <= 1.0 for r in quality), quality
+    # Batch: one `ctcolor batch colorize` against the same inputs as sequential processes; the ratio of this run's two.
+    (batch,) = find("batch", "ctcolor batch colorize, 2 workers (whole process)")
+    (sequential,) = find("batch", "2 x ctcolor colorize (sequential processes)")
+    (ratio,) = find("ratio", "batch / sequential processes")
+    assert ratio["median"] == pytest.approx(batch["median"] / sequential["median"], abs=0.006)
     (rss,) = find("memory", "colorizer-2d peak RSS - baseline")
     assert rss["note"] == "not measured: --quick"
 

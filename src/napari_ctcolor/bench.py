@@ -503,12 +503,12 @@ def bench_batch(quick: bool, repeats: int, ct_path: Path = BATCH_CT) -> list[dic
     """`ctcolor batch colorize` of `BATCH_INPUTS` series on a `BATCH_WORKERS`-worker LocalCluster against as many
     sequential `ctcolor colorize` processes, each a whole process (start-up, cluster, reading, writing) in this run;
     the ratio row is batch / sequential (the target is <= 0.6x). The series are the shared 30-slice CT written as
-    NIfTI (``quick``: 8-slice 64x64 crops of it, one repeat), or phantoms when the shared data is absent.
+    NIfTI (``quick``: two 8-slice 64x64 crops of it, one repeat), or phantoms when the shared data is absent.
     """
     from .io import Volume, read_volume, write_nifti
     from .phantom import make_phantom
 
-    n, workers = BATCH_INPUTS, BATCH_WORKERS
+    n, workers = (2 if quick else BATCH_INPUTS), BATCH_WORKERS
     if ct_path.is_file():
         ct = read_volume(ct_path)
         source = "shared 30-slice CT"
