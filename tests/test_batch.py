@@ -184,10 +184,13 @@ def test_batch_usage_errors_exit_2_with_one_line(tmp_path, small_cts):
         ("register", "--pairs", str(bad_pairs), "-o", str(tmp_path / "o6")),
         ("register", "--pairs", str(tmp_path / "none.csv"), "-o", str(tmp_path / "o7")),
         ("colorize", str(small_cts[0]), "-o", str(tmp_path / "o8"), "--scheduler", f"tcp://127.0.0.1:{_closed_port()}"),
+        # Credentials written into a URL never reach the report or the terminal: refused before anything runs.
+        ("colorize", "http://alice:s3cret@127.0.0.1:9/dicom-web/studies/1.2/series/1.3", "-o", str(tmp_path / "o9")),
     ]
     for args in cases:
         done = _batch(*args, timeout=60)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, done.stderr)
+        assert "s3cret" not in done.stderr + done.stdout
     assert a_file.read_text() == "x"
-    assert not any((tmp_path / f"o{k}").exists() for k in range(1, 9))  # nothing written, not even the folder
+    assert not any((tmp_path / f"o{k}").exists() for k in range(1, 10))  # nothing written, not even the folder

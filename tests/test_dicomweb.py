@@ -401,4 +401,6 @@ def test_register_send_stores_the_warped_ct_in_the_fixed_study(pacs, tmp_path):
     _one_error_line(local, "FIXED, which must be a DICOMweb series URL")
     other = ctcolor("register", pacs.ct_url, pacs.other_url, "-o", str(tmp_path / "r3"), "--send", timeout=300)
     _one_error_line(other, "another patient")
+    unknown = ctcolor("register", pacs.ct_url, str(out / "warped.nii.gz"), "-o", str(tmp_path / "r4"), "--send")
+    _one_error_line(unknown, "cannot be confirmed as FIXED's patient")
     assert len(find_series(pacs.root, patient_id=PATIENT_ID)) == len(before) + 1

@@ -78,9 +78,14 @@ class Job:
 
 
 def _resolve(entry: str, base: Path) -> str:
-    """A URL as given; a path made absolute (relative to ``base``), so workers with another cwd find it."""
-    if is_series_url(entry) or re.match(r"^[a-z][a-z0-9+.-]*://", entry, re.IGNORECASE):
+    """A DICOMweb series URL as given (checked now: a malformed one, or one with credentials written into it, stops
+    the batch before they reach the report); a path made absolute (relative to ``base``), so workers with another
+    cwd find it."""
+    if is_series_url(entry):
+        parse_series_url(entry)
         return entry
+    if re.match(r"^[a-z][a-z0-9+.-]*://", entry, re.IGNORECASE):
+        raise InputError(f"{entry.split('://')[0]}://...: only http(s) DICOMweb series URLs and paths are inputs")
     path = Path(entry).expanduser()
     return str(path if path.is_absolute() else (base / path).absolute())
 
@@ -112,14 +117,16 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
         text = csv_path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{csv_path}: cannot read the pairs CSV ({type(exc).__name__})") from None
-    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    reader = csv.DictReader(lines)
+    numbered = enumerate(text.splitlines(), 1)
+    kept = [(n, line) for n, line in numbered if line.strip() and not line.lstrip().startswith("#")]
+    reader = csv.DictReader([line for _, line in kept])
     names = {(name or "").strip().lower(): name for name in reader.fieldnames or []}
     if not {"fixed", "moving"} <= set(names):
         raise InputError(f"{csv_path}: the pairs CSV needs a header with the columns fixed,moving")
     base = csv_path.parent.absolute()
     pairs = []
-    for number, row in enumerate(reader, start=2):
+    for index, row in enumerate(reader, start=1):
+        number = kept[index][0] if index < len(kept) else index + 1  # the file's own line number
         fixed, moving = ((row.get(names[c]) or "").strip() for c in ("fixed", "moving"))
         if not fixed or not moving:
             raise InputError(f"{csv_path}: line {number} needs both a fixed and a moving image")

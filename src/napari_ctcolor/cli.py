@@ -160,7 +160,7 @@ def register_command(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     fixed, moving = read_volume(args.fixed), read_volume(args.moving)
     read_seconds = time.perf_counter() - start
-    source = _same_patient_header(args.fixed, args.moving) if send else None
+    source = _same_patient_header(args.fixed, args.moving, moving.meta) if send else None
     result = register(fixed, moving, model=args.model, affine=args.affine, refine=args.refine, device=args.device)
 
     start = time.perf_counter()
@@ -206,16 +206,23 @@ def register_command(args: argparse.Namespace) -> dict:
     return metrics
 
 
-def _same_patient_header(fixed_url: str, moving: str):
-    """FIXED's first header (for the sent series' identity); refuses a MOVING from a DICOMweb series of another
-    patient, whose image must not be stored in FIXED's patient's study."""
+def _same_patient_header(fixed_url: str, moving: str, moving_meta: dict):
+    """FIXED's first header (for the sent series' identity), once MOVING is known to be the same patient's: its
+    image must never be stored in another patient's study. MOVING must be DICOM (a series URL or a DICOM folder or
+    file) so that its PatientID can be compared."""
+    import pydicom
+
     from .io.dicomweb import series_header
 
     header = series_header(fixed_url)
     if is_series_url(moving):
         other = series_header(moving)
-        if str(other.get("PatientID", "")) != str(header.get("PatientID", "")):
-            raise InputError("--send: MOVING belongs to another patient than FIXED; nothing is stored")
+    elif moving_meta.get("first_file"):
+        other = pydicom.dcmread(moving_meta["first_file"], stop_before_pixels=True)
+    else:
+        raise InputError("--send: MOVING is not DICOM, so it cannot be confirmed as FIXED's patient; nothing is stored")
+    if str(other.get("PatientID", "")) != str(header.get("PatientID", "")):
+        raise InputError("--send: MOVING belongs to another patient than FIXED; nothing is stored")
     return header
 
 

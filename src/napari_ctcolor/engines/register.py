@@ -147,8 +147,9 @@ def load_registration_model(model: str | os.PathLike) -> RegistrationModel:
     """The network for ``model``, the intensity normalisation it expects and its name for the metrics.
 
     Cached per process (as the colorizers are), keyed by the name or by the file with its size and modification
-    time, so a re-run in the viewer or a batch worker's next task does not load it again; the network is only read
-    (test-time refinement optimises the velocity fields, never the weights).
+    time, so a re-run in the viewer or a batch worker's next task does not load it again. Its weights are never
+    changed (test-time refinement optimises the velocity fields); `register` moves the cached module to the run's
+    device and memory format in place, which every run sets again.
 
     Args:
         model: ``"ct"`` (the project's CT weights, sha256-checked against their card) or the path of a SYMNet

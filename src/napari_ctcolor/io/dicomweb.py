@@ -48,6 +48,7 @@ __all__ = [
     "ENV_USER",
     "SeriesURL",
     "connect",
+    "download_series",
     "find_series",
     "is_series_url",
     "parse_series_url",
@@ -105,7 +106,11 @@ def is_series_url(path: object) -> bool:
 
 def _check_root(root: str) -> str:
     """``root`` without a trailing slash; refuse credentials written into the URL (they would reach messages)."""
-    parts = urlsplit(root.strip())
+    try:
+        parts = urlsplit(root.strip())
+        parts.port  # noqa: B018 - reading it raises ValueError for a malformed port
+    except ValueError:
+        raise InputError(f"{_display(root)}: not a valid URL") from None
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise InputError(f"{_display(root)}: not an http(s) DICOMweb address")
     if parts.username or parts.password:
@@ -387,14 +392,20 @@ def read_series(url: str, series_uid: str | None = None, with_source: bool = Fal
     Raises:
         InputError: one line naming the URL (server errors, authentication, unreadable series).
     """
+    with _retrieved(url, series_uid) as (series, tmp):
+        return _series_volume(series, tmp, with_source)
+
+
+def _series_volume(series: SeriesURL, folder: str, with_source: bool = False) -> Volume | tuple[Volume, Dataset]:
+    """The retrieved series in ``folder`` read as a DICOM folder on disk, its ``meta`` naming the URL (not the
+    temporary folder) and the server."""
     import pydicom
 
     from .dicom import read_dicom_folder
 
-    with _retrieved(url, series_uid) as (series, tmp):
-        volume = read_dicom_folder(tmp, series.series_uid)
-        first = volume.meta.pop("first_file", None)
-        header = pydicom.dcmread(first, stop_before_pixels=True) if with_source and first else None
+    volume = read_dicom_folder(folder, series.series_uid)
+    first = volume.meta.pop("first_file", None)
+    header = pydicom.dcmread(first, stop_before_pixels=True) if with_source and first else None
     volume.meta["source"] = str(series)
     volume.meta["dicomweb"] = {"root": series.root, "study_uid": series.study_uid, "series_uid": series.series_uid}
     return (volume, header) if with_source else volume
@@ -404,12 +415,12 @@ def read_series_image(url: str, series_uid: str | None = None) -> Volume | Color
     """`read_series`, or a `ColorVolume` for an RGB series (what ``ctcolor colorize --send`` stores)."""
     from .color_read import is_colour, read_color_volume
 
-    with _retrieved(url, series_uid) as (series, tmp):
+    with _retrieved(url, series_uid) as (series, tmp):  # retrieved once, whichever it is
         if is_colour(tmp):
             colour = read_color_volume(tmp)
             colour.settings["source"] = str(series)
             return colour
-    return read_series(url, series_uid)
+        return _series_volume(series, tmp)
 
 
 def series_header(url: str | SeriesURL) -> Dataset:
@@ -456,11 +467,17 @@ def store_series(root: str, study_uid: str, files: Sequence[Path]) -> str:
     failed = 0
     for start in range(0, len(files), STORE_BATCH):
         batch = [pydicom.dcmread(p) for p in files[start : start + STORE_BATCH]]
-        with _server_errors(where, "storing the series (STOW-RS)"):
+        # A refusal after the first request leaves the earlier instances stored (STOW-RS has no transaction): say so.
+        stored = f"; {start} instances of series {series_uid} are stored" if start else ""
+        action = f"storing the series (STOW-RS){stored}"
+        with _server_errors(where, action):
             reply = client.store_instances(batch, study_instance_uid=study_uid)
         failed += len(reply.get("FailedSOPSequence", []) or []) if reply is not None else 0
     if failed:
-        raise InputError(f"{where}: the server refused {failed} of {len(files)} instances (STOW-RS)")
+        raise InputError(
+            f"{where}: the server refused {failed} of {len(files)} instances of series {series_uid} (STOW-RS); "
+            "the others may be stored"
+        )
     log.info("stored %d instances in %s", len(files), where)
     return str(SeriesURL(root, study_uid, series_uid))
 

@@ -30,7 +30,7 @@ from .nifti import nifti_affine
 from .volume import ColorVolume, Volume
 from .write import atomic_path
 
-__all__ = ["DICOM_MODALITY", "write_png_slices", "write_rgb_dicom", "write_rgb_nifti"]
+__all__ = ["DICOM_MODALITY", "write_grey_dicom", "write_png_slices", "write_rgb_dicom", "write_rgb_nifti"]
 
 # NIfTI-1 datatype 128 (DT_RGB24): one voxel = three uint8 samples R, G, B.
 RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])

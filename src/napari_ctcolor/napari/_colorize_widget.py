@@ -847,7 +847,12 @@ class ColorizeWidget(Container):
                     colour, path, kept.volume.meta, keep_patient_info=keep, source_datasets=[first] if keep else None
                 )
                 if send:  # synchronous like the file export: a series of a few hundred slices, over the network
-                    url, count = send_series(colour, kept.volume.meta, files=written if keep else None)
+                    header = first if keep and not isinstance(first, str) else None  # already fetched
+                    try:
+                        url, count = send_series(colour, kept.volume.meta, header, files=written if keep else None)
+                    except CTColorError as exc:  # the files are written all the same: say so, and return them
+                        show_error(f"Exported {len(written)} file(s) to {path}, but not sent: {exc}")
+                        return [str(p) for p in written]
                     self._say(f"Exported {len(written)} file(s) to {path} and sent {count} to {url}")
                     return [str(p) for p in written]
         except CTColorError as exc:
