@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cli import OUT_OF_MEMORY, check_export_flags, colorize_command, register_command
 from .io import NIFTI_SUFFIXES, InputError
 from .io.dicomweb import is_series_url, parse_series_url
 from .io.write import atomic_path
@@ -254,8 +255,6 @@ def run_task(
     result: dict[str, Any] = {"status": "ok", "error": "", "warnings": []}
     try:
         _worker_setup()
-        from .cli import colorize_command, register_command
-
         if threads:
             import torch
 
@@ -275,7 +274,7 @@ def run_task(
         result["warnings"] = list(dict.fromkeys(str(w.message) for w in caught if w.category is not DeprecationWarning))
     except Exception as exc:  # noqa: BLE001 - every failure of one input becomes its report row
         if isinstance(exc, RuntimeError) and "out of memory" in str(exc):
-            exc = InputError("the GPU ran out of memory; use a smaller --batch-size or --device cpu")
+            exc = InputError(OUT_OF_MEMORY)
         result.update(status="error", error=_one_line(exc))
     finally:
         if tmp.exists() or tmp.is_symlink():
@@ -308,10 +307,7 @@ def _check_colorize_options(args: argparse.Namespace) -> None:
         raise InputError(f"chroma strength must be in [0, 1], got {args.chroma}")
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.keep_patient_info and (args.format or "nifti") != "dicom":
-        raise InputError("--keep-patient-info applies to --format dicom only")
-    if args.send and args.format != "dicom":
-        raise InputError("--send stores a --format dicom output back into the study of a DICOMweb series URL input")
+    check_export_flags(args.format or "nifti", args.keep_patient_info, args.send)  # URL inputs: checked per input
 
 
 def _check_register_options(args: argparse.Namespace) -> None:

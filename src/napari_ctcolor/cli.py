@@ -43,6 +43,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
+#: What a CUDA out-of-memory error becomes (the single commands and each batch input).
+OUT_OF_MEMORY = "the GPU ran out of memory; use a smaller --batch-size or --device cpu"
+
+
 def volume_info(volume: Volume) -> dict:
     """The `ctcolor info --json` record of a volume (keys fixed by the CLI contract, a few more after them)."""
     array = volume.array
@@ -334,11 +338,8 @@ def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Pa
         raise InputError(f"{out}: NIfTI output needs a .nii or .nii.gz name")
     if fmt != "nifti" and out.name.lower().endswith(NIFTI_SUFFIXES):
         raise InputError(f"{out}: a {fmt} export is a folder; give a folder name, not .nii")
-    if args.keep_patient_info and fmt != "dicom":
-        raise InputError("--keep-patient-info applies to --format dicom only")
     remote = is_series_url(args.path)
-    if args.send and (fmt != "dicom" or not remote):
-        raise InputError("--send stores a --format dicom output back into the study of a DICOMweb series URL input")
+    check_export_flags(fmt, args.keep_patient_info, args.send, remote)
     _check_output(out, folder=fmt != "nifti", inputs=[] if remote else [args.path], overwrite=args.overwrite)
     source = None  # a DICOMweb series' first header: the patient and study that --send and --keep-patient-info keep
     if remote and (args.send or args.keep_patient_info):
@@ -386,6 +387,15 @@ def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Pa
             url, count = send_series(colour, volume.meta, source, written if args.keep_patient_info else None)
             print(f"sent {count} instances to {url}")
     return out
+
+
+def check_export_flags(fmt: str, keep_patient_info: bool, send: bool, remote: bool = True) -> None:
+    """`--keep-patient-info` and `--send` need `--format dicom`; `--send` also a DICOMweb series URL input
+    (``remote``). Shared with `ctcolor batch colorize`, which checks them once before any input is read."""
+    if keep_patient_info and fmt != "dicom":
+        raise InputError("--keep-patient-info applies to --format dicom only")
+    if send and (fmt != "dicom" or not remote):
+        raise InputError("--send stores a --format dicom output back into the study of a DICOMweb series URL input")
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
@@ -707,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except RuntimeError as exc:
             if "out of memory" not in str(exc):
                 raise
-            print("error: the GPU ran out of memory; use a smaller --batch-size or --device cpu", file=sys.stderr)
+            print(f"error: {OUT_OF_MEMORY}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
