@@ -1,11 +1,42 @@
-"""Shared fixtures: the real data in ../shared/data (skipped cleanly when absent)."""
+"""Shared fixtures: the real data in ../shared/data (skipped cleanly when absent); torch's thread count; the
+tolerances within which two runs of the same computation agree.
+
+``CTCOLOR_TEST_THREADS=N`` runs the suite, and every ``ctcolor`` process it starts, on N torch threads (`make test`
+runs it with 2, then the `numeric` tests again with 1). A CPU's float results depend on the thread count, so a test
+that compares two runs (two processes, a worker and the command, the engine and a front end) asserts a stated
+tolerance, never bit equality; a test run twice on the same thread count gives the same result bit for bit.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from napari_ctcolor.batch import SAME_AS_SINGLE
+
+THREADS = os.environ.get("CTCOLOR_TEST_THREADS")
+if THREADS:
+    # Inherited by every subprocess (ctcolor, examples); torch in this process follows in pytest_configure.
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = THREADS
+
+
+def pytest_configure(config) -> None:
+    if THREADS:
+        import torch
+
+        torch.set_num_threads(int(THREADS))
+
+
+def pytest_report_header(config) -> str:
+    import torch
+
+    return f"torch threads: {torch.get_num_threads()} (CTCOLOR_TEST_THREADS={THREADS or 'unset'})"
+
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CT_DIR = SHARED_DATA / "ct"
@@ -50,3 +81,25 @@ def errors(monkeypatch) -> list[str]:
     shown: list[str] = []
     monkeypatch.setattr(_colorize_widget, "show_error", shown.append)
     return shown
+
+
+def assert_same_colours(got: np.ndarray, want: np.ndarray, what: str = "") -> None:
+    """Two uint8 RGB renderings of one colorization whose runs may differ in thread count: each channel within
+    `SAME_AS_SINGLE`'s step on at most its share of voxels, all other voxels equal."""
+    assert got.shape == want.shape and got.dtype == want.dtype == np.uint8, (what, got.shape, want.shape)
+    step = np.abs(got.astype(np.int16) - want.astype(np.int16)).max(axis=-1)
+    share = float((step > 0).mean())
+    assert step.max() <= SAME_AS_SINGLE["colour_step"], (what, int(step.max()), share)
+    assert share <= SAME_AS_SINGLE["colour_fraction"], (what, share)
+
+
+def assert_same_registration(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    """Two registrations of one pair (arrays by output name: warped, checkerboard, ddf, inverse_ddf, jacobian) whose
+    runs may differ in thread count: within `SAME_AS_SINGLE`."""
+    assert sorted(got) == sorted(want)
+    bounds = {"ddf": "ddf_mm", "inverse_ddf": "ddf_mm", "jacobian": "jacobian"}
+    for name in got:
+        a, b = (np.asarray(x, dtype=np.float64) for x in (got[name], want[name]))
+        assert a.shape == b.shape, name
+        bound = SAME_AS_SINGLE[bounds.get(name, "warped_hu")]
+        np.testing.assert_allclose(a, b, rtol=0, atol=bound, err_msg=name)

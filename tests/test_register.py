@@ -164,6 +164,7 @@ def _ctcolor(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow  # two whole registrations of the OASIS pair, ~80 s on 2 CPU cores
+@pytest.mark.numeric
 def test_cli_register_reproduces_the_official_reference_and_a_restored_copy_gives_the_same_physical_result(tmp_path):
     checkpoint = _checkpoint()
     nib = pytest.importorskip("nibabel")

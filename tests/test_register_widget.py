@@ -437,6 +437,7 @@ def test_two_2d_layers_register_in_plane_and_every_output_is_2d(make_napari_view
 
 
 @pytest.mark.slow  # the full OASIS pair: ~40 s on 2 CPU cores
+@pytest.mark.numeric
 def test_widget_with_the_official_checkpoint_reproduces_the_official_warped_image(make_napari_viewer, qtbot, errors):
     oasis = SHARED_DATA / "symnet-oasis"
     reference_path = require_shared(oasis / "reference-warped-B-to-A.nii.gz")

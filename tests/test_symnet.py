@@ -73,6 +73,7 @@ def _load_minmax(path: Path) -> torch.Tensor:
 
 
 @pytest.mark.slow  # ~30 s on 2 CPU cores; still the key parity check, run in CI
+@pytest.mark.numeric
 def test_official_checkpoint_reproduces_reference_warped_image_and_flow():
     _require_oasis()
     nib = pytest.importorskip("nibabel")

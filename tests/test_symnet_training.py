@@ -168,6 +168,7 @@ def test_shipped_ct_weights_register_a_fresh_deformation_of_the_real_ct():
     assert result.metrics["ncc_after"] > result.metrics["ncc_before"]
 
 
+@pytest.mark.numeric
 def test_ct_default_through_ctcolor_register_reproduces_the_cards_held_out_dicom_pair(tmp_path):
     """The user's path: `ctcolor register FIXED MOVING` with the default `--model ct` (padding, window normalisation,
     2 mm working grid) on the card's first held-out deformation of the DICOM patient (never trained on). The moving

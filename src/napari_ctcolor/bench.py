@@ -433,7 +433,8 @@ def bench_register_ct(quick: bool) -> list[dict]:
     iterations.
     """
     from .engines.register import register
-    from .io import InputError, Volume
+    from .errors import InputError
+    from .io import Volume
     from .peers import PEERS, PeerUnavailable, folding_fraction_mm, run_peer
     from .training.symnet import SymnetTrainConfig, evaluation_pairs, mean_dice, phase_change
     from .weights import find_weights, read_card

@@ -8,29 +8,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .io import (
-    NIFTI_SUFFIXES,
-    ColorVolume,
-    InputError,
-    Volume,
-    read_image,
-    read_volume,
-    write_nifti,
-    write_vector_nifti,
-)
-from .io.dicomweb import ENV_PASSWORD, ENV_TIMEOUT, ENV_USER, is_series_url, read_series, send_series
+from .batch import run_batch
+from .commands import OUT_OF_MEMORY, check_output, colorize_command, register_command, register_outdir
+from .errors import InputError
+from .io import NIFTI_SUFFIXES, ColorVolume, Volume, read_image, read_volume, write_nifti, write_vector_nifti
+from .io.dicomweb import ENV_PASSWORD, ENV_TIMEOUT, ENV_USER
 from .io.write import atomic_path
 from .windowing import default_window
 
@@ -41,10 +32,6 @@ PEER_NAMES = ("official-symnet", "ants-syn", "elastix-bspline", "demons")
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's default prints the usage too; keep it to one line
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
-
-
-#: What a CUDA out-of-memory error becomes (the single commands and each batch input).
-OUT_OF_MEMORY = "the GPU ran out of memory; use a smaller --batch-size or --device cpu"
 
 
 def volume_info(volume: Volume) -> dict:
@@ -113,121 +100,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-#: `ctcolor register` writes exactly these files into OUTDIR (the CLI contract).
-REGISTER_OUTPUTS = (
-    "warped.nii.gz",
-    "ddf.nii.gz",
-    "inverse_ddf.nii.gz",
-    "jacobian.nii.gz",
-    "checkerboard.nii.gz",
-    "metrics.json",
-)
-
-
-def _refuse_input_paths(outputs: Sequence[Path], inputs: Sequence[str]) -> None:
-    """Raise InputError when an output path is one of the inputs (a file, or the folder of a DICOM series)."""
-    resolved = {Path(p).resolve(): p for p in inputs}
-    for path in outputs:
-        if path.resolve() in resolved:
-            raise InputError(f"{path}: output would overwrite the input {resolved[path.resolve()]}")
-
-
-def _register_outdir(args: argparse.Namespace, names: Sequence[str] = REGISTER_OUTPUTS) -> dict[str, Path]:
-    """The output paths in OUTDIR, after refusing a non-empty OUTDIR (without --overwrite) and input paths."""
-    outdir = Path(args.outdir)
-    outputs = {name: outdir / name for name in names}
-    _refuse_input_paths([outdir, *outputs.values()], [args.fixed, args.moving])
-    if outdir.exists() and not outdir.is_dir():
-        raise InputError(f"{outdir}: exists and is not a folder; give a new or empty output folder")
-    if outdir.is_dir() and any(outdir.iterdir()) and not args.overwrite:
-        raise InputError(f"{outdir}: output folder is not empty; use --overwrite to replace the registration outputs")
-    return outputs
-
-
 def _cmd_register(args: argparse.Namespace) -> int:
     register_command(args)
     return 0
-
-
-def register_command(args: argparse.Namespace) -> dict:
-    """Everything one `ctcolor register` run does with its parsed options (``fixed``, ``moving``, ``outdir``,
-    ``model``, ``affine``, ``refine``, ``device``, ``overwrite``): refuse bad outputs, read, register, write OUTDIR.
-
-    Returns the metrics written to metrics.json. `ctcolor batch register` runs exactly this for each pair.
-    """
-    from .engines import checkerboard, register  # torch is imported only by the commands that need it
-
-    send = getattr(args, "send", False)
-    if send and not is_series_url(args.fixed):
-        raise InputError("--send stores the warped image into the study of FIXED, which must be a DICOMweb series URL")
-    outputs = _register_outdir(args)
-    start = time.perf_counter()
-    fixed, moving = read_volume(args.fixed), read_volume(args.moving)
-    read_seconds = time.perf_counter() - start
-    source = _same_patient_header(args.fixed, args.moving, moving.meta) if send else None
-    result = register(fixed, moving, model=args.model, affine=args.affine, refine=args.refine, device=args.device)
-
-    start = time.perf_counter()
-    outputs["warped.nii.gz"].parent.mkdir(parents=True, exist_ok=True)
-    jobs = [
-        partial(write_vector_nifti, result.ddf, fixed, outputs["ddf.nii.gz"]),
-        partial(write_vector_nifti, result.inverse_ddf, fixed, outputs["inverse_ddf.nii.gz"]),
-        partial(write_nifti, result.warped, outputs["warped.nii.gz"]),
-        partial(write_nifti, result.jacobian, outputs["jacobian.nii.gz"]),
-        partial(write_nifti, checkerboard(fixed, result.warped, tile_mm=20.0), outputs["checkerboard.nii.gz"]),
-    ]
-    # gzip of the two fields dominates (3.5 s each on OASIS); zlib releases the GIL, so threads overlap it.
-    with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
-        for future in [pool.submit(job) for job in jobs]:
-            future.result()
-    metrics = {
-        **result.metrics,
-        "read_seconds": round(read_seconds, 3),
-        "write_seconds": round(time.perf_counter() - start, 3),
-        # File names only: full paths often carry patient names or record numbers.
-        "fixed": Path(args.fixed).name,
-        "moving": Path(args.moving).name,
-    }
-    with atomic_path(outputs["metrics.json"]) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    if send:  # the warped moving image, on FIXED's grid, joins FIXED's study (the same patient's)
-        own = ("modality", "series_description", "window")
-        describe = {
-            "source_meta": {key: moving.meta[key] for key in own if key in moving.meta},
-            "derivation": f"{moving.meta.get('modality') or 'CT'} resampled onto another series' grid by SYMNet "
-            f"({result.metrics.get('model', args.model)}, napari-ctcolor)",
-            "suffix": "registered",
-        }
-        url, count = send_series(result.warped, fixed.meta, source, describe=describe)
-        print(f"sent {count} instances to {url}")
-    logging.getLogger(__name__).info(
-        "NCC %.4f -> %.4f, folding %.2g, %.1f s",
-        metrics["ncc_before"],
-        metrics["ncc_after"],
-        metrics["folding_fraction"],
-        metrics["seconds"],
-    )
-    return metrics
-
-
-def _same_patient_header(fixed_url: str, moving: str, moving_meta: dict):
-    """FIXED's first header (for the sent series' identity), once MOVING is known to be the same patient's: its
-    image must never be stored in another patient's study. MOVING must be DICOM (a series URL or a DICOM folder or
-    file) so that its PatientID can be compared."""
-    import pydicom
-
-    from .io.dicomweb import series_header
-
-    header = series_header(fixed_url)
-    if is_series_url(moving):
-        other = series_header(moving)
-    elif moving_meta.get("first_file"):
-        other = pydicom.dcmread(moving_meta["first_file"], stop_before_pixels=True)
-    else:
-        raise InputError("--send: MOVING is not DICOM, so it cannot be confirmed as FIXED's patient; nothing is stored")
-    if str(other.get("PatientID", "")) != str(header.get("PatientID", "")):
-        raise InputError("--send: MOVING belongs to another patient than FIXED; nothing is stored")
-    return header
 
 
 def _cmd_peer(args: argparse.Namespace) -> int:
@@ -239,7 +114,7 @@ def _cmd_peer(args: argparse.Namespace) -> int:
     from .engines.checkerboard import resample_onto, same_grid
 
     names = ("warped.nii.gz", "flow.nii.gz" if args.name == "official-symnet" else "ddf.nii.gz", "metrics.json")
-    outputs = _register_outdir(args, names)
+    outputs = register_outdir(args, names)
     outdir = outputs["metrics.json"].parent
     if args.name == "official-symnet":
         if not args.model:
@@ -296,23 +171,10 @@ def _cmd_checkerboard(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if not out.name.lower().endswith(NIFTI_SUFFIXES):
         raise InputError(f"{out}: the checkerboard is written as NIfTI; name it .nii or .nii.gz")
-    _check_output(out, folder=False, inputs=[args.a, args.b], overwrite=args.overwrite)
+    check_output(out, folder=False, inputs=[args.a, args.b], overwrite=args.overwrite)
     a, b = read_volume(args.a), read_volume(args.b)
     write_nifti(checkerboard(a, b, tile_mm=args.tile_mm), out)
     return 0
-
-
-def _check_output(out: Path, folder: bool, inputs: Sequence[str], overwrite: bool) -> None:
-    """Refuse, before any work: outputs that are or contain an input, and existing outputs without --overwrite."""
-    _refuse_input_paths([out], inputs)
-    resolved = out.resolve()
-    for given in inputs:
-        if folder and resolved in Path(given).resolve().parents:
-            raise InputError(f"{out}: the input {given} is inside this output folder; choose another folder")
-    if not out.parent.exists():
-        raise InputError(f"{out}: folder {out.parent} does not exist")
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out}: exists; use --overwrite to replace it")
 
 
 def _cmd_colorize(args: argparse.Namespace) -> int:
@@ -320,88 +182,8 @@ def _cmd_colorize(args: argparse.Namespace) -> int:
     return 0
 
 
-def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Path:
-    """Everything one `ctcolor colorize` run does with its parsed options: validate, read, colorize, write OUT
-    (and --send). Returns OUT. `ctcolor batch colorize` runs exactly this for each input (without the progress bar).
-    """
-    from tqdm import tqdm
-
-    from .color import load_palette
-    from .engines.colorize import colorize
-    from .io.export import write_png_slices, write_rgb_dicom, write_rgb_nifti
-
-    palette = load_palette(args.palette)  # a bad palette file fails before any reading or network work
-
-    out = Path(args.output)
-    fmt = args.format or ("nifti" if out.name.lower().endswith(NIFTI_SUFFIXES) else "png")
-    if fmt == "nifti" and not out.name.lower().endswith(NIFTI_SUFFIXES):
-        raise InputError(f"{out}: NIfTI output needs a .nii or .nii.gz name")
-    if fmt != "nifti" and out.name.lower().endswith(NIFTI_SUFFIXES):
-        raise InputError(f"{out}: a {fmt} export is a folder; give a folder name, not .nii")
-    remote = is_series_url(args.path)
-    check_export_flags(fmt, args.keep_patient_info, args.send, remote)
-    _check_output(out, folder=fmt != "nifti", inputs=[] if remote else [args.path], overwrite=args.overwrite)
-    source = None  # a DICOMweb series' first header: the patient and study that --send and --keep-patient-info keep
-    if remote and (args.send or args.keep_patient_info):
-        volume, source = read_series(args.path, series_uid=args.series, with_source=True)
-    else:
-        volume = read_volume(args.path, series_uid=args.series)
-    modality = volume.meta.get("modality", "OT")
-    if modality != "CT" and not args.allow_non_ct:
-        # NIfTI/MHA/NRRD carry no modality, only a guess from the values: a CT cropped to soft tissue spans no air or
-        # bone but still has fat below 0 HU, and only warns; an image without negative values is not in HU at all.
-        if not volume.meta.get("modality_guessed") or float(np.min(volume.array)) >= -50.0:
-            what = f"modality is {modality}" if not volume.meta.get("modality_guessed") else "no values below -50 HU"
-            raise InputError(f"{args.path}: {what}, not CT; the colorizer is trained on CT (--allow-non-ct)")
-        warnings.warn(
-            f"{args.path}: its values do not span air to bone in HU; colorizing it as CT (the format has no modality)",
-            stacklevel=1,
-        )
-    total = 2 * volume.shape[0]
-    with tqdm(
-        total=total, desc="colorize", unit="slice", file=sys.stderr, disable=None if show_progress else True
-    ) as bar:
-
-        def progress(done: int, _total: int) -> None:
-            bar.update(done - bar.n)
-
-        colour = colorize(
-            volume, args.model, args.window, args.chroma, args.device, args.batch_size, palette, progress=progress
-        )
-    if fmt == "nifti":
-        write_rgb_nifti(colour, out, overwrite=args.overwrite)
-    elif fmt == "png":
-        write_png_slices(colour, out, overwrite=args.overwrite)
-    else:
-        first = source or volume.meta.get("first_file")  # the read series' own header, never another's
-        sources = [first] if args.keep_patient_info and first else None
-        written = write_rgb_dicom(
-            colour,
-            out,
-            volume.meta,
-            keep_patient_info=args.keep_patient_info,
-            source_datasets=sources,
-            overwrite=args.overwrite,
-        )
-        if args.send:  # the sent series always keeps the patient's identity: it joins the patient's own study
-            url, count = send_series(colour, volume.meta, source, written if args.keep_patient_info else None)
-            print(f"sent {count} instances to {url}")
-    return out
-
-
-def check_export_flags(fmt: str, keep_patient_info: bool, send: bool, remote: bool = True) -> None:
-    """`--keep-patient-info` and `--send` need `--format dicom`; `--send` also a DICOMweb series URL input
-    (``remote``). Shared with `ctcolor batch colorize`, which checks them once before any input is read."""
-    if keep_patient_info and fmt != "dicom":
-        raise InputError("--keep-patient-info applies to --format dicom only")
-    if send and (fmt != "dicom" or not remote):
-        raise InputError("--send stores a --format dicom output back into the study of a DICOMweb series URL input")
-
-
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from .batch import run_batch  # dask is imported only by `ctcolor batch`
-
-    return run_batch(args)
+    return run_batch(args)  # dask itself is imported only when a batch runs
 
 
 def _cmd_pacs_find(args: argparse.Namespace) -> int:

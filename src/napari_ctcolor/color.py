@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .io.errors import InputError
+from .errors import InputError
 
 if TYPE_CHECKING:
     import torch

@@ -28,7 +28,8 @@ import SimpleITK as sitk
 import torch
 
 from .engines.checkerboard import same_grid
-from .io import InputError, Volume
+from .errors import InputError
+from .io import Volume
 from .models.diffeo import folding_fraction
 
 PEERS = ("ANTs SyN", "elastix B-spline", "SimpleITK demons")

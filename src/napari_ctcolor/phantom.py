@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .io.errors import InputError
+from .errors import InputError
 from .io.volume import Volume
 
 # Mean attenuation of each tissue in HU: non-contrast adult CT at 120 kVp, typical literature values. One table so

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .io.errors import InputError
+from .errors import InputError
 from .io.write import atomic_path
 from .models.symnet import SYMNet, load_symnet_checkpoint, symnet_from_state_dict
 

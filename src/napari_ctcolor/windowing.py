@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from .io.errors import InputError
+from .errors import InputError
 from .io.volume import Volume
 
 if TYPE_CHECKING:

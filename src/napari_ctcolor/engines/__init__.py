@@ -6,7 +6,7 @@ start-up on 2 CPU cores that ``ctcolor register`` should not pay. Import it from
 
 from __future__ import annotations
 
-from ..io.errors import Cancelled
+from ..errors import Cancelled
 from .checkerboard import checkerboard
 from .register import RegistrationResult, register
 

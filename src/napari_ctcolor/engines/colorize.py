@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from ..color import Palette, compose_rgb, compose_rgb_torch, load_palette
-from ..io import ColorVolume, InputError, Volume
+from ..errors import InputError
+from ..io import ColorVolume, Volume
 from ..io.guard import check_memory, release_free_memory
 from ..models.colorizer import Colorizer, context_indices, downsample_hu, prepare_input
 from ..weights import COLORIZER_DEFAULT, load_colorizer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..io.errors import InputError
+from ..errors import InputError
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

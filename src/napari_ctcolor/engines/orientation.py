@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from nibabel.orientations import axcodes2ornt, io_orientation
 
-from ..io import InputError, Volume
+from ..errors import InputError
+from ..io import Volume
 
 #: LPS (ours, DICOM/ITK) -> RAS (nibabel): the first two world axes change sign.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..io.errors import InputError
+from ..errors import InputError
 from ..models.diffeo import integrate_velocity, warp
 from ..models.symnet import negative_jacobian_loss, smoothness_loss
 

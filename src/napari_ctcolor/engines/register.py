@@ -40,8 +40,8 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from napari_ctcolor.errors import Cancelled
 from napari_ctcolor.io import InputError, Volume
-from napari_ctcolor.io.errors import Cancelled
 from napari_ctcolor.io.guard import check_memory
 from napari_ctcolor.models.diffeo import _sampling_grid, integrate_velocity, jacobian_determinant
 from napari_ctcolor.models.symnet import SIZE_MULTIPLE, SYMNet, half_way_fields

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
-from ..io.errors import Cancelled
+from ..errors import Cancelled
 
 Progress = Callable[[int, int], Any]
 Cancel = Callable[[], bool]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import Cancelled, CTColorError, InputError
 from .color_read import is_colour, read_color_volume
 from .dicom import read_dicom_file, read_dicom_folder
 from .dicomweb import is_series_url
-from .errors import Cancelled, CTColorError, InputError
 from .nifti import read_itk, read_nifti, write_nifti, write_vector_nifti
 from .volume import ColorVolume, Volume
 

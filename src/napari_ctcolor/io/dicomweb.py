@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import InputError
+from ..errors import InputError
 
 if TYPE_CHECKING:  # imported lazily: `ctcolor info file.nii` needs neither requests nor dicomweb-client
     from dicomweb_client import DICOMwebClient

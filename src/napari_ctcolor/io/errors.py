@@ -1,21 +1,7 @@
-"""Errors raised by napari-ctcolor.
-
-Every layer raises these; the CLI turns `InputError` into one ``error: ...`` line and exit code 2.
-"""
+"""The error types, re-exported where they lived before (`napari_ctcolor.errors` holds them, below every layer)."""
 
 from __future__ import annotations
 
+from ..errors import Cancelled, CTColorError, InputError
 
-class CTColorError(Exception):
-    """Base class of all napari-ctcolor errors."""
-
-
-class Cancelled(CTColorError):
-    """The user cancelled a running job; the engine stopped between two steps and returned nothing."""
-
-
-class InputError(CTColorError):
-    """Something the user can fix: a bad file, a wrong modality, mismatched dimensions.
-
-    The message is one line that names the file (when there is one) and the problem.
-    """
+__all__ = ["CTColorError", "Cancelled", "InputError"]

@@ -25,7 +25,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .nifti import nifti_affine
 from .volume import ColorVolume, Volume
 from .write import atomic_path

@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 from nibabel.filebasedimages import ImageFileError
 
-from .errors import InputError
+from ..errors import InputError
 from .guard import check_memory
 from .volume import Volume
 from .write import atomic_path

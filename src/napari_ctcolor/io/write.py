@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 # Read once at import: os.umask can only be read by setting it, which is not thread-safe (writers run in threads).
 _UMASK = os.umask(0o022)

@@ -27,7 +27,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.nets import UNet
 from torch import nn
 
-from ..io.errors import InputError
+from ..errors import InputError
 from ..windowing import window_tensor
 
 

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from napari_ctcolor.io.errors import InputError
+from napari_ctcolor.errors import InputError
 
 InterpolationMode = Literal["bilinear", "nearest"]
 PaddingMode = Literal["zeros", "border", "reflection"]

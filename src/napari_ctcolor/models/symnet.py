@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_ctcolor.io.errors import InputError
+from napari_ctcolor.errors import InputError
 from napari_ctcolor.models.diffeo import INTEGRATION_STEPS, compose, integrate_velocity, jacobian_determinant
 
 #: Velocities are softsign outputs in (-1, 1) scaled to at most this many voxels (official ``range_flow``).

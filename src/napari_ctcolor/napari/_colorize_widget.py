@@ -48,8 +48,8 @@ from ..color import PALETTE_NAMES, Palette, load_palette
 from ..engines.colorize import Chroma, iter_compose_chroma, iter_predict_chroma
 from ..engines.device import resolve_device
 from ..engines.steps import offset_steps
+from ..errors import CTColorError, InputError
 from ..io import ColorVolume, Volume
-from ..io.errors import CTColorError, InputError
 from ..models.colorizer import Colorizer
 from ..windowing import PRESETS, VOLUME_PRESETS, Window, default_window, opacity, parse_window
 from ._layers import META_KEY, layer_attributes, volume_from_layer

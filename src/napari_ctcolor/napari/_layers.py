@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ..io import ColorVolume, InputError, Volume
+from ..errors import InputError
+from ..io import ColorVolume, Volume
 from ..windowing import default_window
 
 META_KEY = "ctcolor"

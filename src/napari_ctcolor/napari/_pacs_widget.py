@@ -19,7 +19,7 @@ from magicgui.widgets import ComboBox, Container, Label, LineEdit, ProgressBar, 
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
 
-from ..io import CTColorError
+from ..errors import CTColorError
 from ..io.dicomweb import find_series
 from ._reader import read_ct
 

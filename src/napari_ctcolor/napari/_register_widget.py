@@ -47,8 +47,8 @@ from ..engines.checkerboard import checkerboard, checkerboard_mask, resample_ont
 from ..engines.device import resolve_device
 from ..engines.refine import MAX_REFINE_STEPS
 from ..engines.register import RegistrationResult, iter_register
+from ..errors import CTColorError, InputError
 from ..io import ColorVolume, Volume
-from ..io.errors import CTColorError, InputError
 from ..weights import find_weights
 from ._layers import META_KEY, layer_attributes, volume_from_layer
 from ._view import follow_radiological_orientation, plane_buttons

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from ..io import ColorVolume, InputError, write_nifti
+from ..errors import InputError
+from ..io import ColorVolume, write_nifti
 from ..io.export import write_png_slices, write_rgb_nifti
 from ._layers import volume_from_layer
 

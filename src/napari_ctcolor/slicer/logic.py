@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ..io import ColorVolume, InputError, Volume
+from ..errors import InputError
+from ..io import ColorVolume, Volume
 
 #: RAS = FLIP @ LPS (and back: the matrix is its own inverse).
 FLIP = np.diag([-1.0, -1.0, 1.0])

@@ -28,7 +28,7 @@ import yaml
 from ..color import PALETTE_NAMES, load_palette
 from ..io.write import atomic_path
 from ..models.colorizer import Colorizer, ColorizerConfig, context_indices, downsample_hu, prepare_input
-from .data import LabelledCT, load_config, load_real_case, phantom_case, shared_data_dir
+from .data import REPRODUCTION_NOTE, LabelledCT, load_config, load_real_case, phantom_case, shared_data_dir
 from .targets import class_targets
 
 # Contrast phases for phantoms: HU overrides of the phantom's tissue table, as (low, high) ranges drawn uniformly.
@@ -473,7 +473,7 @@ def model_card(model: Colorizer, train: TrainConfig, config_path: Path, facts: d
                 if train.limbs
                 else ["Trained without synthetic limbs (config `limbs`): arms beside the torso may take organ colours."]
             ),
-            "Bit-exact reproduction needs the same torch version and thread count (CPU float reductions).",
+            REPRODUCTION_NOTE,
         ],
     }
 

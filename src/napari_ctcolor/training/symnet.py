@@ -49,7 +49,7 @@ from ..models.symnet import (
 )
 from ..windowing import window_tensor
 from .colorizer import phantom_cases
-from .data import LabelledCT, load_config, load_real_case, shared_data_dir
+from .data import REPRODUCTION_NOTE, LabelledCT, load_config, load_real_case, shared_data_dir
 
 #: Labelled structures in the Dice term (the largest in the fixed crop).
 DICE_STRUCTURES = 12
@@ -512,6 +512,7 @@ def model_card(model: SYMNet, train: SymnetTrainConfig, config_path: Path, facts
             "Its Dice is below elastix B-spline and SimpleITK demons on the same synthetic pairs (BENCHMARKS.md): "
             f"one forward pass, fine-tuned for {train.steps} CPU steps from brain-MRI weights.",
             "Registration is a visual aid for comparing scans; check the checkerboard and Jacobian before trusting it.",
+            REPRODUCTION_NOTE,
         ],
     }
 

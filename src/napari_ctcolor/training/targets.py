@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..color import Palette, colour_class, load_palette
-from ..io.errors import InputError
+from ..errors import InputError
 
 #: The tissue classes, in HU order; every model's classes include them.
 TISSUE_CLASSES = tuple(t.name for t in load_palette("anatomical").tissue_classes)
