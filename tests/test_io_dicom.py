@@ -183,6 +183,65 @@ def test_single_file_with_and_without_preamble(decoded_slices, tmp_path):
     assert a.spacing[0] == pytest.approx(float(ds.SliceThickness))
 
 
+def _write_headless(ds: Dataset, path: Path) -> Path:
+    """``ds`` as old archives hold it: implicit VR little endian, no preamble, no file meta header."""
+    with open(path, "wb") as f:
+        fp = pydicom.filebase.DicomFileLike(f)
+        fp.is_little_endian, fp.is_implicit_VR = True, True
+        pydicom.filewriter.write_dataset(fp, Dataset(ds))
+    return path
+
+
+@pytest.mark.parametrize("source", ["CT_small", "shared"])
+def test_headless_ct_without_photometric_interpretation_reads_as_simpleitk_reads_it(decoded_slices, tmp_path, source):
+    """PhotometricInterpretation is type 1, yet old CT files omit it; GDCM (SimpleITK) reads one sample per pixel as
+    MONOCHROME2, and `ctcolor info` must agree with it: shape, spacing, origin and HU range (exact: integers)."""
+    from pydicom.data import get_testdata_file
+
+    from test_cli import ctcolor
+
+    if source == "CT_small":
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # signed 16 bit, 128 x 128, a real CT crop
+    else:
+        ds = subset(decoded_slices, 1)[0]  # 512 x 512, the shared series' first slice, decompressed
+        # This de-identified series has an empty SOPClassUID; without a CT SOP class GDCM ignores the position.
+        ds.SOPClassUID = pydicom.uid.CTImageStorage
+    del ds.PhotometricInterpretation
+    path = _write_headless(ds, tmp_path / "headless")
+    before = file_hashes(path)
+    reference = sitk.ReadImage(str(path))
+    expected = sitk.GetArrayFromImage(reference)
+    done = ctcolor("info", str(path), "--json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["shape"] == list(expected.shape)
+    np.testing.assert_allclose(info["spacing"][1:], reference.GetSpacing()[:2][::-1], rtol=1e-6)
+    np.testing.assert_allclose(info["origin"], reference.GetOrigin(), atol=1e-4)
+    assert (info["hu_min"], info["hu_max"]) == (expected.min(), expected.max())
+    np.testing.assert_array_equal(read_volume(path).array, expected)
+    assert "PhotometricInterpretation" not in pydicom.dcmread(path, force=True)  # the file is left as it was
+    assert file_hashes(path) == before
+
+
+def test_headless_three_sample_image_without_photometric_interpretation_is_refused_in_one_line(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    from test_cli import ctcolor
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.PhotometricInterpretation
+    ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.zeros((ds.Rows, ds.Columns, 3), np.uint8).tobytes()
+    path = _write_headless(ds, tmp_path / "colour")
+    done = ctcolor("info", str(path))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"error: {path}")
+    assert "3 samples per pixel, PhotometricInterpretation missing" in done.stderr
+    with pytest.raises(InputError, match="PhotometricInterpretation missing"):
+        read_volume(path)  # the grey reader refuses it too
+
+
 def test_missing_slice_warns_and_is_reported(decoded_slices, tmp_path):
     slices = subset(decoded_slices, 8)
     del slices[3]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from ..errors import InputError
 from .volume import ColorVolume
 
 #: The sidecar `write_png_slices` writes beside the slices.
@@ -88,9 +88,13 @@ def read_color_volume(path: str | os.PathLike) -> ColorVolume:
     Raises:
         InputError: not a colour image, or not 8-bit RGB; one line naming the file.
     """
+    from . import ITK_SUFFIXES, NIFTI_SUFFIXES
+
     path = Path(path)
     if path.is_dir() and _png_slices(path):
         return _read_png_folder(path)
+    if path.is_dir() or not path.name.lower().endswith(NIFTI_SUFFIXES + ITK_SUFFIXES):
+        _refuse_unstated_colour_space(path)
     try:
         if path.is_dir():
             files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path))
@@ -119,6 +123,20 @@ def read_color_volume(path: str | os.PathLike) -> ColorVolume:
         direction = np.asarray(image.GetDirection()).reshape(3, 3)
     settings = {"source": str(path), "format": _format(path)}
     return ColorVolume(np.ascontiguousarray(rgb), spacing, origin, direction, settings)
+
+
+def _refuse_unstated_colour_space(path: Path) -> None:
+    """A DICOM colour image must say how its three samples are coded (RGB, YBR_FULL, ...): without
+    PhotometricInterpretation any colours read from it would be a guess."""
+    from .dicom import _read_header
+
+    header = _first_dicom(path) if path.is_dir() else _read_header(path)
+    if header is not None and "PhotometricInterpretation" not in header:
+        samples = int(header.get("SamplesPerPixel", 1) or 1)
+        raise InputError(
+            f"{path}: colour DICOM ({samples} samples per pixel, PhotometricInterpretation missing): "
+            "its colour space is unknown"
+        )
 
 
 def _format(path: Path) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from .errors import InputError
+from ..errors import InputError
 from .guard import check_memory
 from .volume import Volume
 
@@ -308,6 +308,10 @@ def _geometry(slices: list[_Slice], where: Path):
 
 
 def _decode(s: _Slice) -> np.ndarray:
+    if "PhotometricInterpretation" not in s.header:
+        # Type 1, yet old CT files often omit it. For one sample per pixel (checked before decoding) GDCM and
+        # SimpleITK read such a file as MONOCHROME2, and so do we: set in memory only, the file is never changed.
+        s.header.PhotometricInterpretation = "MONOCHROME2"
     try:
         raw = s.header.pixel_array
     except Exception as exc:  # noqa: BLE001 - missing codec, truncated or corrupt pixel data
@@ -324,7 +328,10 @@ def _stack_slices(slices: list[_Slice], where: Path) -> Volume:
     first = slices[0].header
     samples = int(first.get("SamplesPerPixel", 1) or 1)
     if samples != 1:
-        raise InputError(f"{where}: colour DICOM ({samples} samples per pixel) cannot be read as a grey volume")
+        unstated = "" if "PhotometricInterpretation" in first else ", PhotometricInterpretation missing"
+        raise InputError(
+            f"{where}: colour DICOM ({samples} samples per pixel{unstated}) cannot be read as a grey volume"
+        )
     frames = int(first.get("NumberOfFrames", 1) or 1)
     if frames > 1 and len(slices) > 1:
         raise InputError(f"{where}: a series of multi-frame files is not supported; open one file")
