@@ -119,7 +119,9 @@ def test_zero_chroma_is_exactly_the_grey_ct(ct, chroma):
 
 
 def test_cpu_runs_are_byte_identical_and_colorize_equals_predict_then_compose(ct, model, colour):
-    # `colour` is a first run (predict_chroma + compose_chroma, same default batch size); this is the second.
+    # `colour` is a first run (predict_chroma + compose_chroma, same default batch size); this is the second, in the
+    # same process on the same thread count: the same float operations, so bit for bit (other thread counts or CPUs
+    # agree only within batch.SAME_AS_SINGLE).
     again = colorize(ct, model, WINDOW, device="cpu")
     assert again.rgb.tobytes() == colour.rgb.tobytes()
 

@@ -174,7 +174,8 @@ def test_training_command_writes_weights_with_a_card_and_metrics_and_eval_only_r
     assert done.returncode == 0, done.stderr
     path = weights / "tiny.safetensors"
     card = json.loads(path.with_suffix(".json").read_text())
-    # --eval-only recomputes the metrics from the weights alone: blank them, and the same numbers come back.
+    # --eval-only recomputes the metrics from the weights alone: blank them, and the same numbers come back (two
+    # processes with the same thread count on one CPU: the same float operations, bit for bit).
     path.with_suffix(".json").write_text(json.dumps({**card, "metrics": {}}))
     before = path.read_bytes()
     args = ("train", "colorizer", "--config", str(config), "--weights-dir", str(weights), "--eval-only")

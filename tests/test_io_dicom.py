@@ -183,7 +183,7 @@ def test_single_file_with_and_without_preamble(decoded_slices, tmp_path):
     assert a.spacing[0] == pytest.approx(float(ds.SliceThickness))
 
 
-def _write_headless(ds: Dataset, path: Path) -> Path:
+def write_headless(ds: Dataset, path: Path) -> Path:
     """``ds`` as old archives hold it: implicit VR little endian, no preamble, no file meta header."""
     with open(path, "wb") as f:
         fp = pydicom.filebase.DicomFileLike(f)
@@ -207,7 +207,7 @@ def test_headless_ct_without_photometric_interpretation_reads_as_simpleitk_reads
         # This de-identified series has an empty SOPClassUID; without a CT SOP class GDCM ignores the position.
         ds.SOPClassUID = pydicom.uid.CTImageStorage
     del ds.PhotometricInterpretation
-    path = _write_headless(ds, tmp_path / "headless")
+    path = write_headless(ds, tmp_path / "headless")
     before = file_hashes(path)
     reference = sitk.ReadImage(str(path))
     expected = sitk.GetArrayFromImage(reference)
@@ -233,7 +233,7 @@ def test_headless_three_sample_image_without_photometric_interpretation_is_refus
     ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.PixelData = np.zeros((ds.Rows, ds.Columns, 3), np.uint8).tobytes()
-    path = _write_headless(ds, tmp_path / "colour")
+    path = write_headless(ds, tmp_path / "colour")
     done = ctcolor("info", str(path))
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"error: {path}")

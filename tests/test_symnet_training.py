@@ -132,6 +132,7 @@ def test_training_command_writes_weights_the_engine_loads_and_eval_only_recomput
     done = ctcolor(*args, "--eval-only", timeout=600)
     assert done.returncode == 0 and "updated the metrics" in done.stdout, done.stderr
     recomputed = json.loads(path.with_suffix(".json").read_text())["metrics"]
+    # Two processes with the same thread count on one CPU: the same float operations, bit for bit.
     assert _without_timings(recomputed) == _without_timings(card["metrics"])
     assert card["training"]["command"].startswith("ctcolor train symnet --config")
     assert card["inputs"]["normalisation"] == {"mode": "window", "window_hu": [-1000, 1000]}

@@ -262,12 +262,10 @@ def test_dicom_without_file_meta_reads_as_simpleitk_reads_it(tmp_path):
     import pydicom
     from pydicom.data import get_testdata_file
 
+    from test_io_dicom import write_headless
+
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    headless = tmp_path / "headless"  # no preamble, no file meta, no suffix: as old archives hold
-    with open(headless, "wb") as f:
-        fp = pydicom.filebase.DicomFileLike(f)
-        fp.is_little_endian, fp.is_implicit_VR = True, True
-        pydicom.filewriter.write_dataset(fp, pydicom.Dataset(ds))
+    headless = write_headless(ds, tmp_path / "headless")  # no preamble, no file meta, no suffix
     reference = sitk.ReadImage(str(headless))
     info = ctcolor("info", str(headless), "--json")
     assert info.returncode == 0, info.stderr
