@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import InputError
 from .nifti import nifti_affine
 from .volume import ColorVolume, Volume
-from .write import atomic_path
+from .write import atomic_path, save_nifti
 
 __all__ = ["DICOM_MODALITY", "write_grey_dicom", "write_png_slices", "write_rgb_dicom", "write_rgb_nifti"]
 
@@ -132,9 +132,7 @@ def write_rgb_nifti(cv: ColorVolume, path: str | os.PathLike, overwrite: bool = 
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
     img.header["descrip"] = _description(cv)[:79].encode("ascii", "replace")
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return path
+    return save_nifti(img, path)
 
 
 def write_png_slices(cv: ColorVolume, folder: str | os.PathLike, overwrite: bool = False) -> list[Path]:

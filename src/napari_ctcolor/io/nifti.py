@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import threading
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from nibabel.filebasedimages import ImageFileError
 from ..errors import InputError
 from .guard import check_memory
 from .volume import Volume
-from .write import atomic_path
+from .write import save_nifti
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Deflate expands at most 1032-fold: a .nii.gz under 1/1032 of the voxel bytes its header claims cannot hold them.
@@ -176,9 +177,7 @@ def write_nifti(volume: Volume, path: str | os.PathLike) -> Path:
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return path
+    return save_nifti(img, path)
 
 
 def write_vector_nifti(field: np.ndarray, grid: Volume, path: str | Path) -> Path:
@@ -187,17 +186,19 @@ def write_vector_nifti(field: np.ndarray, grid: Volume, path: str | Path) -> Pat
     The file is 5D (X, Y, Z, 1, 3), float32, intent VECTOR (1007), with the vectors in LPS as ITK, ANTs and
     SimpleITK store them, so SimpleITK applies it as is:
     ``sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(path), sitk.sitkVectorFloat64))`` (the transform
-    wants float64; float32 halves the file and its gzip time, 3.5 s instead of 7 s for a 160x192x224 field, at 1e-7
-    relative precision). ITK reads files marked DISPVECT (1006) as RAS and negates x and y; do not relabel the
-    intent. nibabel users get the LPS components raw: negate x and y for RAS.
+    wants float64; float32 halves the file, at 1e-7 relative precision). ITK reads files marked DISPVECT (1006) as
+    RAS and negates x and y; do not relabel the intent. nibabel users get the LPS components raw: negate x and y for
+    RAS.
     """
     image = sitk.GetImageFromArray(np.ascontiguousarray(field, dtype=np.float32), isVector=True)
     image.SetSpacing(grid.spacing[::-1])
     image.SetOrigin(grid.origin)
     image.SetDirection(grid.direction.flatten().tolist())
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
-    return Path(path)
+    # ITK writes the file (5D, its intent, LPS vectors) uncompressed; `save_nifti` compresses those bytes as they are.
+    with tempfile.TemporaryDirectory() as folder:
+        raw = Path(folder) / "field.nii"
+        sitk.WriteImage(image, str(raw), useCompression=False)
+        return save_nifti(raw.read_bytes(), path)
 
 
 def read_itk(path: str | os.PathLike) -> Volume:
