@@ -193,7 +193,7 @@ def write_headless(ds: Dataset, path: Path) -> Path:
 
 
 @pytest.mark.parametrize("source", ["CT_small", "shared"])
-def test_headless_ct_without_photometric_interpretation_reads_as_simpleitk_reads_it(decoded_slices, tmp_path, source):
+def test_headless_ct_without_photometric_interpretation_reads_as_simpleitk_reads_it(request, tmp_path, source):
     """PhotometricInterpretation is type 1, yet old CT files omit it; GDCM (SimpleITK) reads one sample per pixel as
     MONOCHROME2, and `ctcolor info` must agree with it: shape, spacing, origin and HU range (exact: integers)."""
     from pydicom.data import get_testdata_file
@@ -203,7 +203,8 @@ def test_headless_ct_without_photometric_interpretation_reads_as_simpleitk_reads
     if source == "CT_small":
         ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # signed 16 bit, 128 x 128, a real CT crop
     else:
-        ds = subset(decoded_slices, 1)[0]  # 512 x 512, the shared series' first slice, decompressed
+        # 512 x 512, the shared series' first slice, decompressed (skipped without the shared data)
+        ds = subset(request.getfixturevalue("decoded_slices"), 1)[0]
         # This de-identified series has an empty SOPClassUID; without a CT SOP class GDCM ignores the position.
         ds.SOPClassUID = pydicom.uid.CTImageStorage
     del ds.PhotometricInterpretation
