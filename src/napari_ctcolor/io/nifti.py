@@ -194,11 +194,11 @@ def write_vector_nifti(field: np.ndarray, grid: Volume, path: str | Path) -> Pat
     image.SetSpacing(grid.spacing[::-1])
     image.SetOrigin(grid.origin)
     image.SetDirection(grid.direction.flatten().tolist())
-    # ITK writes the file (5D, its intent, LPS vectors) uncompressed; `save_nifti` compresses those bytes as they are.
+    # ITK writes the file (5D, its intent, LPS vectors) uncompressed; `save_nifti` compresses its bytes as they are.
     with tempfile.TemporaryDirectory() as folder:
         raw = Path(folder) / "field.nii"
         sitk.WriteImage(image, str(raw), useCompression=False)
-        return save_nifti(raw.read_bytes(), path)
+        return save_nifti(raw, path)
 
 
 def read_itk(path: str | os.PathLike) -> Volume:

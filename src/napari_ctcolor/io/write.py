@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,8 +44,9 @@ GZIP_LEVEL = 1
 
 
 def save_nifti(image, path: str | os.PathLike) -> Path:
-    """Write a nibabel NIfTI image, or the bytes of an uncompressed NIfTI file, to ``path`` atomically; a ``.gz``
-    name is compressed with ISA-L's igzip (python-isal).
+    """Write a nibabel NIfTI image, or copy an uncompressed NIfTI file (a path) that another library wrote, to
+    ``path`` atomically; a ``.gz`` name is compressed with ISA-L's igzip (python-isal). Both stream: no second copy
+    of the voxels is held in memory.
 
     The output is a standard gzip stream that nibabel, SimpleITK and 3D Slicer read. nibabel and ITK compress with
     zlib on one thread: a 160 x 192 x 224 displacement field (83 MB) took 2.1 s there and 0.2 s with igzip at level 1
@@ -52,12 +54,13 @@ def save_nifti(image, path: str | os.PathLike) -> Path:
     """
     from isal import igzip
 
-    data = image if isinstance(image, bytes) else image.to_bytes()
     path = Path(path)
     with atomic_path(path) as tmp:
-        if path.name.lower().endswith(".gz"):
-            with igzip.open(tmp, "wb", compresslevel=GZIP_LEVEL) as out:
-                out.write(data)
-        else:
-            tmp.write_bytes(data)
+        gz = path.name.lower().endswith(".gz")
+        with igzip.open(tmp, "wb", compresslevel=GZIP_LEVEL) if gz else tmp.open("wb") as out:
+            if isinstance(image, (str, os.PathLike)):
+                with open(image, "rb") as source:
+                    shutil.copyfileobj(source, out, 1 << 22)
+            else:
+                image.to_stream(out)
     return path
