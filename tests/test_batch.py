@@ -153,14 +153,18 @@ def test_batch_register_pairs_give_the_single_runs_results(tmp_path):
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("fixed,moving\nf0.nii.gz,m0.nii.gz\nf1.nii.gz,m1.nii.gz\n")  # relative to the CSV
     outdir = tmp_path / "out"
-    done = _batch("register", "--pairs", str(pairs), "-o", str(outdir), "--workers", "2", "--device", "cpu")
+    # The network alone: `SAME_AS_SINGLE` bounds it (the card's pre-alignment and refinement are not held to them).
+    network_alone = ("--refine", "0", "--no-affine")
+    done = _batch(
+        "register", "--pairs", str(pairs), "-o", str(outdir), "--workers", "2", "--device", "cpu", *network_alone
+    )
     assert done.returncode == 0, done.stderr
     rows = _report(outdir)
     assert [(r["output"], r["status"]) for r in rows] == [("f0__m0", "ok"), ("f1__m1", "ok")]
     for k in range(2):
         single = tmp_path / f"single{k}"
         fixed, moving = images[f"f{k}"], images[f"m{k}"]
-        alone = ctcolor("register", str(fixed), str(moving), "-o", str(single), "--device", "cpu")
+        alone = ctcolor("register", str(fixed), str(moving), "-o", str(single), "--device", "cpu", *network_alone)
         assert alone.returncode == 0, alone.stderr
         batch_dir = outdir / rows[k]["output"]
         assert sorted(p.name for p in batch_dir.iterdir()) == sorted(p.name for p in single.iterdir())
@@ -196,6 +200,7 @@ def test_batch_usage_errors_exit_2_with_one_line(tmp_path, small_cts):
         ("colorize", str(small_cts[0]), "-o", str(tmp_path / "o5"), "--workers", "0"),
         ("register", "--pairs", str(bad_pairs), "-o", str(tmp_path / "o6")),
         ("register", "--pairs", str(tmp_path / "none.csv"), "-o", str(tmp_path / "o7")),
+        ("register", "--pairs", str(bad_pairs), "-o", str(tmp_path / "o10"), "--refine", "banana"),
         ("colorize", str(small_cts[0]), "-o", str(tmp_path / "o8"), "--scheduler", f"tcp://127.0.0.1:{_closed_port()}"),
         # Credentials written into a URL never reach the report or the terminal: refused before anything runs.
         ("colorize", "http://alice:s3cret@127.0.0.1:9/dicom-web/studies/1.2/series/1.3", "-o", str(tmp_path / "o9")),
@@ -205,5 +210,7 @@ def test_batch_usage_errors_exit_2_with_one_line(tmp_path, small_cts):
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, done.stderr)
         assert "s3cret" not in done.stderr + done.stdout
+        if "--refine" in args:  # the single command's message, once, before any pair is read
+            assert "--refine must be 'auto' or a number of iterations" in lines[0], lines
     assert a_file.read_text() == "x"
-    assert not any((tmp_path / f"o{k}").exists() for k in range(1, 10))  # nothing written, not even the folder
+    assert not any((tmp_path / f"o{k}").exists() for k in range(1, 11))  # nothing written, not even the folder

@@ -77,11 +77,13 @@ def test_bench_quick_writes_table_json_and_markdown(tmp_path: Path, capsys: pyte
     ratio = float(ours["note"].split("x the official recipe")[0])  # the two medians of this run
     assert ratio == pytest.approx(official["median"] / ours["median"], rel=0.01)
     # CT registration quality: Dice after registration on a synthetic deformation and its phase-change variant, for
-    # SYMNet (with and without refinement) and every peer.
-    for item in ("SYMNet ct", "SYMNet ct refine 40", "SimpleITK demons", "ANTs SyN", "elastix B-spline"):
+    # the default `ctcolor register`, the network alone and (--quick) the demons peer, each a whole process.
+    for item in ("ctcolor register", "ctcolor register --refine 0", "SimpleITK demons"):
         quality = [r for r in find("register CT", item) if r["unit"] == "Dice"]
         assert len(quality) == 2 and sum("phase change" in r["size"] for r in quality) == 1, item
         assert all(0.0 < r["median"] <= 1.0 for r in quality), quality
+        seconds = [r for r in find("register CT", item) if r["unit"] == "s"]
+        assert len(seconds) == 2 and all(r["median"] > 0 and r["note"] == "whole process" for r in seconds), seconds
     # Batch: one `ctcolor batch colorize` against the same inputs as sequential processes; the ratio of this run's two.
     (batch,) = find("batch", "ctcolor batch colorize, 2 workers (whole process)")
     (sequential,) = find("batch", "2 x ctcolor colorize (sequential processes)")

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
-from napari_ctcolor.io import read_volume
+from napari_ctcolor.io import read_volume, write_nifti
 from napari_ctcolor.windowing import window
 from test_color import LUMINANCE_BOUND
 
@@ -163,7 +163,9 @@ def test_moving_on_its_own_grid_matches_simpleitk_applying_the_written_fields(tm
     moving_path = tmp_path / "moving.nii.gz"
     sitk.WriteImage(moving, str(moving_path))
     out = tmp_path / "out"
-    done = ctcolor("register", str(fixed_path), str(moving_path), "-o", str(out), "--device", "cpu")
+    done = ctcolor(
+        "register", str(fixed_path), str(moving_path), "-o", str(out), "--device", "cpu", "--refine", "0", "--no-affine"
+    )
     assert done.returncode == 0, done.stderr
 
     field = sitk.ReadImage(str(out / "ddf.nii.gz"))
@@ -199,6 +201,51 @@ def test_moving_on_its_own_grid_matches_simpleitk_applying_the_written_fields(tm
                 p = fixed.TransformIndexToPhysicalPoint((i, j, k))
                 errors.append(np.linalg.norm(np.subtract(backward.TransformPoint(forward.TransformPoint(p)), p)))
     assert np.median(errors) < 0.5, np.median(errors)  # measured 0.30 mm on 3 mm voxels
+
+
+def _phantom_pair(tmp_path, moving: str) -> tuple[str, str]:
+    """A small phantom CT and a moving image on its grid: the phantom moved by one voxel, or noise."""
+    from napari_ctcolor.phantom import make_phantom
+
+    fixed = make_phantom(seed=0, shape=(16, 96, 96), spacing=(3.0, 3.6, 3.6)).volume
+    if moving == "moved":
+        array = np.roll(fixed.array, 1, axis=2)
+    else:
+        array = np.random.default_rng(0).integers(-1000, 1000, fixed.shape).astype(np.int16)
+    fixed_path, moving_path = tmp_path / "fixed.nii.gz", tmp_path / f"{moving}.nii.gz"
+    write_nifti(fixed, fixed_path)
+    write_nifti(fixed.with_array(array), moving_path)
+    return str(fixed_path), str(moving_path)
+
+
+def test_register_refine_must_be_auto_or_an_iteration_count(tmp_path):
+    fixed, moving = _phantom_pair(tmp_path, "moved")
+    out = tmp_path / "out"
+    for value in ("banana", "-3", "20000"):
+        done = ctcolor("register", fixed, moving, "-o", str(out), "--refine", value, "--device", "cpu")
+        lines = done.stderr.splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (value, done.stderr)
+        assert "--refine must be" in lines[0] and value in lines[0] and done.stdout == ""
+        assert not out.exists()
+
+
+def test_register_prints_the_registrations_warnings_and_still_succeeds(tmp_path):
+    """Default flags (the card's pre-alignment) with the network alone: a sound pair prints no warning; noise against
+    the phantom is registered, written, and its warnings (metrics.json's) are stderr lines ``warning: ...``."""
+    for moving in ("moved", "noise"):
+        fixed, moving_path = _phantom_pair(tmp_path, moving)
+        out = tmp_path / moving
+        done = ctcolor("register", fixed, moving_path, "-o", str(out), "--refine", "0", "--device", "cpu")
+        assert done.returncode == 0, done.stderr
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["affine"] and metrics["refine_iterations"] == 0
+        printed = [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
+        assert printed == [f"warning: {w}" for w in metrics["warnings"]], (done.stderr, metrics["warnings"])
+        if moving == "moved":
+            assert metrics["warnings"] == []
+        else:
+            assert any("local NCC in the body" in w for w in metrics["warnings"]), metrics["warnings"]
+            assert (out / "warped.nii.gz").exists()
 
 
 def test_colorize_flags_do_what_they_say(tmp_path):

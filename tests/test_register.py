@@ -228,43 +228,154 @@ def test_axis_map_moves_images_and_fields_consistently():
         torch.testing.assert_close(warp(net_image, field), expected, atol=1e-12, rtol=0)
 
 
-def test_refinement_raises_dice_keeps_folding_near_zero_and_reports_each_step(ct, ct_labels):
+def _rigid_motion(ct: Volume, degrees: float, shift_mm: tuple[float, float, float]) -> tuple[Volume, np.ndarray]:
+    """``ct`` moved rigidly (rotation about its centre's z axis, then ``shift_mm``), and the true ddf (mm, LPS)."""
+    image = ct.to_sitk()
+    rigid = sitk.Euler3DTransform()
+    rigid.SetCenter(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+    rigid.SetRotation(0.0, 0.0, np.deg2rad(degrees))
+    rigid.SetTranslation(shift_mm)
+    moving = _resampled(ct, rigid, AIR_HU)  # moving(q) = ct(T(q)): fixed point p is at T^-1(p) in the moving image
+    index = np.indices(ct.shape)[::-1].reshape(3, -1)
+    points = ct.affine[:3, :3] @ index + ct.affine[:3, 3:]
+    inverse = rigid.GetInverse()
+    moved = np.array([inverse.TransformPoint(p) for p in points.T.tolist()]).T
+    return moving, (moved - points).T.reshape(*ct.shape, 3)
+
+
+def _deformed(ct: Volume, labels: Volume, seed: int) -> tuple[Volume, Volume]:
+    from napari_ctcolor.training.symnet import deform_pair
+
+    pair = deform_pair(ct.array, labels.array, ct.spacing, np.random.default_rng(seed), {"max_mm": 12.0})
+    moving = Volume(pair.moving[0, 0].numpy(), ct.spacing, ct.origin, ct.direction, {"source": "deformed"})
+    return moving, Volume(pair.moving_labels, ct.spacing, ct.origin, ct.direction)
+
+
+def _register_files(tmp_path: Path, fixed: Volume, moving: Volume, *options: str) -> tuple[dict, np.ndarray, str]:
+    """``ctcolor register`` of the two volumes written as NIfTI: (metrics.json, ddf (Z, Y, X, 3) mm LPS, stderr)."""
+    paths = [tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz"]
+    write_nifti(fixed, paths[0])
+    write_nifti(moving, paths[1])
+    done = _ctcolor("register", *map(str, paths), "-o", str(tmp_path / "out"), *options)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    return metrics, sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "ddf.nii.gz"))), done.stderr
+
+
+def test_cli_register_default_recovers_a_rigid_motion_without_inventing_volume_change(ct, tmp_path):
+    """Issue 23: a plain repositioning (8 degrees, 14 mm) with no flags. The defaults pre-align, run the network and
+    refine at full resolution; the error is measured in the body where the true moving point lies in the moving
+    image's field of view (6 mm of the 90 mm slab leave it)."""
     if not ct_weights_shipped():
         pytest.skip("weights/symnet-ct.safetensors is not shipped in this checkout")
-    from napari_ctcolor.training.symnet import deform_pair, mean_dice
+    moving, truth = _rigid_motion(ct, 8.0, (10.0, -8.0, 6.0))
+    metrics, ddf, _ = _register_files(tmp_path, ct, moving)
+    jacobian = read_volume(tmp_path / "out" / "jacobian.nii.gz").array
+    body = (ct.array > -500) & _points_inside(moving, ct, truth, margin=0.0)
+    error = np.linalg.norm(ddf - truth, axis=-1)[body]
+    in_range = float(np.mean((jacobian[body] >= 0.8) & (jacobian[body] <= 1.25)))
+    print(
+        f"\nrigid 8 deg, 14 mm: error {error.mean():.2f} / {np.percentile(error, 95):.2f} mm (mean / p95), "
+        f"det J in 0.8..1.25 on {100 * in_range:.1f} % of the body, {metrics['seconds']:.1f} s"
+    )
+    assert metrics["affine"] and metrics["symmetric"] and metrics["refine_iterations"] == 50
+    # Measured 0.36 / 1.01 mm and 99.9 %; the issue's targets are 1.5 / 3 mm and 98 %.
+    assert error.mean() <= 1.5 and np.percentile(error, 95) <= 3.0
+    assert in_range >= 0.98 and metrics["folding_fraction"] <= 5e-4
+    assert metrics["lncc_after"] > metrics["lncc_before"] + 0.3 and not metrics["warnings"], metrics["warnings"]
 
-    pair = deform_pair(ct.array, ct_labels.array, ct.spacing, np.random.default_rng(5), {"max_mm": 12.0})
-    moving = Volume(pair.moving[0, 0].numpy(), ct.spacing, ct.origin, ct.direction)
-    labels = Volume(pair.moving_labels, ct.spacing, ct.origin, ct.direction)
-    plain = register(ct, moving, moving_labels=labels, device="cpu")
+
+def test_cli_register_without_prealignment_warns_that_a_rigid_motion_was_not_recovered(ct, tmp_path):
+    """The failure issue 23 found silent: a large repositioning registered by the network alone. NCC still rises;
+    the warnings must say the result is doubtful."""
+    if not ct_weights_shipped():
+        pytest.skip("weights/symnet-ct.safetensors is not shipped in this checkout")
+    moving, truth = _rigid_motion(ct, 10.0, (15.0, -12.0, 8.0))
+    metrics, ddf, stderr = _register_files(tmp_path, ct, moving, "--no-affine", "--refine", "0")
+    error = np.linalg.norm(ddf - truth, axis=-1)[ct.array > -500]
+    print(f"\nno pre-alignment: error {error.mean():.1f} mm, warnings {metrics['warnings']}")
+    assert error.mean() > 5.0  # the premise: the network alone does not recover this motion
+    assert metrics["warnings"], metrics
+    printed = [line[len("warning: ") :] for line in stderr.splitlines() if line.startswith("warning: ")]
+    assert printed == metrics["warnings"]
+
+
+def test_cli_register_swapped_pair_gives_the_inverse_map(ct, ct_labels, tmp_path):
+    """SYMNet's promise kept through the refinement: registering (B, A) gives the inverse of registering (A, B), and
+    each run's inverse_ddf undoes its ddf. Measured in the body, away from the 2-voxel border, on this 3 mm grid:
+    swap 0.41 / 1.20 mm, round trip 0.03 / 0.08 mm (median / p95). The demons refinement is symmetric in its forces,
+    not exactly in its arithmetic, so the bounds are a third of a voxel / one voxel for the swap and 0.5 / 1.5 mm for
+    the round trip (ITK's inversion stops at 0.1 voxel), far below the 12 mm deformation.
+    """
+    if not ct_weights_shipped():
+        pytest.skip("weights/symnet-ct.safetensors is not shipped in this checkout")
+    moving, _ = _deformed(ct, ct_labels, seed=5)
+    paths = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
+    write_nifti(ct, paths[0])
+    write_nifti(moving, paths[1])
+    fields = {}
+    for name, pair in (("ab", paths), ("ba", paths[::-1])):
+        done = _ctcolor("register", *map(str, pair), "-o", str(tmp_path / name))
+        assert done.returncode == 0, done.stderr
+        fields[name] = [
+            sitk.ReadImage(str(tmp_path / name / f"{f}.nii.gz"), sitk.sitkVectorFloat64) for f in ("ddf", "inverse_ddf")
+        ]
+    inner = (slice(2, -2),) * 3
+    body = (ct.array > -500)[inner]
+    swap = np.linalg.norm(sitk.GetArrayFromImage(fields["ba"][0]) - sitk.GetArrayFromImage(fields["ab"][1]), axis=-1)
+    swap = swap[inner][body]
+    # Round trip p -> p + ddf(p) -> that point + inverse_ddf(...) as one composed SimpleITK transform.
+    grid = fields["ab"][0]
+    forward = sitk.DisplacementFieldTransform(sitk.Image(fields["ab"][0]))
+    backward = sitk.DisplacementFieldTransform(sitk.Image(fields["ab"][1]))
+    round_trip = sitk.TransformToDisplacementField(
+        sitk.CompositeTransform([backward, forward]),  # applied last to first: forward, then backward
+        sitk.sitkVectorFloat64,
+        grid.GetSize(),
+        grid.GetOrigin(),
+        grid.GetSpacing(),
+        grid.GetDirection(),
+    )
+    residual = np.linalg.norm(sitk.GetArrayFromImage(round_trip), axis=-1)[inner][body]
+    print(
+        f"\nswap: {np.median(swap):.2f} / {np.percentile(swap, 95):.2f} mm, round trip "
+        f"{np.median(residual):.2f} / {np.percentile(residual, 95):.2f} mm (median / p95)"
+    )
+    assert np.median(swap) < 1.0 and np.percentile(swap, 95) < 3.0
+    assert np.median(residual) < 0.5 and np.percentile(residual, 95) < 1.5
+
+
+def test_refinement_raises_dice_and_reports_each_chunk_of_iterations_with_cancel_inside_it(ct, ct_labels):
+    if not ct_weights_shipped():
+        pytest.skip("weights/symnet-ct.safetensors is not shipped in this checkout")
+    from napari_ctcolor.engines.refine import CHUNK_ITERATIONS
+    from napari_ctcolor.training.symnet import mean_dice
+
+    moving, labels = _deformed(ct, ct_labels, seed=5)
+    plain = register(ct, moving, refine=0, moving_labels=labels, device="cpu")
     steps: list[tuple[int, int]] = []
-    refined = register(ct, moving, refine=10, moving_labels=labels, device="cpu", progress=lambda *s: steps.append(s))
+    refined = register(ct, moving, refine=20, moving_labels=labels, device="cpu", progress=lambda *s: steps.append(s))
     before = mean_dice(ct_labels.array, labels.array)
     dice = [mean_dice(ct_labels.array, r.warped_labels.array) for r in (plain, refined)]
-    print(f"\nrefinement: Dice {before:.3f} -> {dice[0]:.3f} (network) -> {dice[1]:.3f} (10 steps)")
-    assert dice[1] > dice[0] > before
-    assert refined.metrics["folding_fraction"] < 5e-4 and refined.metrics["refine_steps"] == 10
-    total = 7 + 11  # 7 stages, 10 refinement steps and the end of the refinement stage
+    print(f"\nrefinement: Dice {before:.3f} -> {dice[0]:.3f} (network) -> {dice[1]:.3f} (20 iterations)")
+    assert dice[1] > dice[0] + 0.02 and dice[0] > before
+    assert refined.metrics["folding_fraction"] <= 5e-4 and refined.metrics["refine_iterations"] == 20
+    # 7 stages, the pre-alignment, a tick per chunk of iterations (3 mm: no coarser level) and the refinement's end.
+    total = 7 + 1 + 20 // CHUNK_ITERATIONS + 1
     assert steps == [(k, total) for k in range(1, total + 1)]
     with pytest.raises(Cancelled):
-        register(
-            ct,
-            moving,
-            refine=10,
-            device="cpu",
-            cancel=lambda: len(steps) >= total + 3,
-            progress=lambda *s: steps.append(s),
-        )
-    assert len(steps) == total + 3  # cancelled inside the refinement, after its third step
+        register(ct, moving, refine=20, cancel=lambda: len(steps) >= total + 5, progress=lambda *s: steps.append(s))
+    assert len(steps) == total + 5  # cancelled inside the refinement, after its second chunk
 
 
 def test_cli_refuses_bad_refinement_counts_and_models_of_the_wrong_kind_with_one_line(tmp_path):
     ct_path = str(require_shared(CT))
     colorizer = str(require_shared(ROOT / "weights" / "colorizer-2d.safetensors"))
+    refine_message = "--refine must be 'auto' or a number of iterations from 0 to 10000"
     cases = {
-        ("--refine", "-1"): "refinement steps must be an integer from 0 to 10000",
-        ("--refine", "10001"): "refinement steps must be an integer from 0 to 10000",
-        ("--refine", "many"): "invalid int value",
+        ("--refine", "-1"): refine_message,
+        ("--refine", "10001"): refine_message,
+        ("--refine", "many"): refine_message,
         ("--model", colorizer): "not a SYMNet checkpoint",
         ("--model", ct_path): "only .safetensors weights are loaded",
     }
@@ -565,7 +676,16 @@ def test_cli_register_writes_outputs_on_the_fixed_grid_usable_by_simpleitk(ct, t
     np.testing.assert_allclose(warped.array[inside], reference[inside], atol=0.05, rtol=0)
     assert np.median(ddf[ct.array > -500][:, 0]) < -1.5  # the translation's x sign, in LPS
     metrics = json.loads((outdir / "metrics.json").read_text())
-    assert {"ncc_before", "ncc_after", "folding_fraction", "seconds", "model", "device", "refine_steps"} <= set(metrics)
+    assert {
+        "ncc_before",
+        "ncc_after",
+        "folding_fraction",
+        "seconds",
+        "model",
+        "device",
+        "refine_iterations",
+        "warnings",
+    } <= set(metrics)
     assert metrics["ncc_after"] > metrics["ncc_before"] and metrics["model"] == CHECKPOINT.name
     assert (outdir / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in outdir.iterdir()) == sorted(

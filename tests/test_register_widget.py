@@ -7,6 +7,7 @@ gain on CT is modest, but NCC and label Dice must still improve).
 
 from __future__ import annotations
 
+import html
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from scipy import ndimage
 
 from napari_ctcolor.engines.checkerboard import checkerboard_mask
-from napari_ctcolor.engines.register import global_ncc
+from napari_ctcolor.engines.register import global_ncc, load_registration_model
 from napari_ctcolor.io import Volume, read_volume, write_nifti
 from napari_ctcolor.napari import _register_widget
 from napari_ctcolor.napari._layers import image_layer_data, layer_attributes
@@ -116,15 +117,24 @@ def engine_calls(monkeypatch) -> list[tuple]:
     return calls
 
 
-def open_widget(viewer, fixed, moving) -> RegisterWidget:
-    """The widget as the Plugins menu opens it, on the CPU, with the CT weights (else the official checkpoint)."""
+def open_widget(viewer, fixed, moving, prealign: str = "off", refine: int | None = 0) -> RegisterWidget:
+    """The widget as the Plugins menu opens it, on the CPU, with the CT weights (else the official checkpoint).
+
+    It opens on the model card's defaults ("auto" both); the tests of other things than the pre-alignment and the
+    refinement run the network alone (``prealign="off"``, ``refine=0``), which is quicker. ``refine=None`` keeps auto.
+    """
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Register & checkerboard")
     assert isinstance(widget, RegisterWidget)
+    assert widget.prealign.value == "auto" and widget.refine.value == -1 and widget.refine.native.text() == "auto"
     widget.fixed.value, widget.moving.value = fixed, moving
     if not ct_weights_shipped():
         widget.model.value = MODEL_FILE
         widget.model_file.value = CHECKPOINT
     widget.device.value = "cpu"
+    widget.prealign.value = prealign
+    if refine is not None:
+        widget.refine.value = refine
+        assert widget.refine.native.text() == str(refine)
     return widget
 
 
@@ -154,7 +164,7 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     fixed = viewer.open(str(CT), plugin=PLUGIN)[0]
     moving = viewer.open(str(pair.moving_path), plugin=PLUGIN)[0]
     widget = open_widget(viewer, fixed, moving)
-    assert widget.refine.value == 0 and not widget.warp_colour.enabled  # no colorized twin yet
+    assert not widget.warp_colour.enabled  # no colorized twin yet
 
     started = time.perf_counter()
     click_and_wait(qtbot, widget, widget.run_button)
@@ -192,7 +202,9 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
 
     # Numbers: NCC rises; they are shown in the widget with the folding and the time.
     m = result.metrics
-    assert m["ncc_after"] > m["ncc_before"] and m["refine_steps"] == 0
+    assert m["ncc_after"] > m["ncc_before"] and m["refine_iterations"] == 0 and not m["affine"]
+    assert "pre-alignment off, refine 0" in widget.summary.value
+    assert m["warnings"] == [] and "⚠" not in widget.summary.value  # a sound registration shows no warning
     assert m["folding_fraction"] <= 5e-4  # the target, at most 0.05 % of the voxels
     assert f"NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}" in widget.summary.value
     assert "folding" in widget.summary.value and f"{m['seconds']:.1f} s" in widget.summary.value
@@ -232,8 +244,10 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     assert widget.fixed.value is fixed and widget.moving.value is moving  # layer changes keep the choices
     assert widget.warp_colour.enabled and widget.warp_colour.value
     names = [lyr.name for lyr in viewer.layers]
+    engine_total = widget.progress_bar.max
     click_and_wait(qtbot, widget, widget.run_button)
     assert not errors and len(engine_calls) == 2
+    assert widget.progress_bar.value == widget.progress_bar.max == engine_total + 1  # the colour warp: one step more
     assert sorted(lyr.name for lyr in viewer.layers) == sorted([*names, f"{moving.name} colorized warped"])
     assert layer(viewer, f"{moving.name} warped") is warped and layer(viewer, "Jacobian") is jacobian
     board = layer(viewer, "checkerboard")
@@ -283,29 +297,108 @@ def test_unshipped_ct_model_and_bad_choices_are_one_line_errors_and_add_no_layer
     assert [lyr.name for lyr in viewer.layers] == names and widget.run_button.enabled
 
 
-def test_cancel_stops_between_stages_and_adds_no_layer(make_napari_viewer, qtbot, pair, monkeypatch, errors):
-    stages: list[int] = []
+def test_auto_settings_take_the_cards_defaults_and_a_doubtful_registration_says_so(
+    make_napari_viewer, qtbot, pair, monkeypatch, errors
+):
+    if not ct_weights_shipped():
+        pytest.skip("the CT weights' card defaults (pre-alignment on, refinement) are what this checks")
+    shown: list[str] = []
+    monkeypatch.setattr(_register_widget, "show_warning", shown.append)
+    totals: list[int] = []
+    engine = _register_widget.iter_register
+
+    def recording_engine(*args, **kwargs):  # the engine's own (done, total) steps, as the widget receives them
+        steps = engine(*args, **kwargs)
+        while True:
+            try:
+                done, total = next(steps)
+            except StopIteration as stop:
+                return stop.value
+            totals.append(total)
+            yield done, total
+
+    monkeypatch.setattr(_register_widget, "iter_register", recording_engine)
+    # An 8-slice crop of the CT, the same crop shifted by 2 voxels, and noise on the same grid.
+    ct = pair.fixed
+    crop = np.ascontiguousarray(ct.array[4:12, 18:82, 29:93])
+    fixed_volume = Volume(crop, ct.spacing, ct.origin, ct.direction.copy(), {"modality": "CT"})
+    shifted = fixed_volume.with_array(np.roll(crop, 2, axis=2))
+    noise = fixed_volume.with_array(np.random.default_rng(0).integers(-1000, 1000, crop.shape).astype(np.int16))
+    viewer = make_napari_viewer()
+    layers = []
+    for volume, name in ((fixed_volume, "crop"), (shifted, "shifted"), (noise, "noise")):
+        data, kwargs, _ = image_layer_data(volume, name=name)
+        layers.append(viewer.add_image(data, **kwargs))
+    fixed, moving, unrelated = layers
+    widget = open_widget(viewer, fixed, moving, prealign="auto", refine=None)
+
+    # auto, auto: the CT card's pre-alignment and refinement; the bar's total is the engine's, refinement included.
+    click_and_wait(qtbot, widget, widget.run_button)
+    m, card = widget.result.metrics, load_registration_model("ct")
+    iterations = card.refine.auto_iterations(crop.shape)
+    assert card.prealign and iterations > 0  # the CT card's defaults
+    assert not errors and m["affine"] and m["refine_iterations"] == iterations and m["warnings"] == []
+    assert f"pre-alignment on, refine {iterations}" in widget.summary.value
+    assert "⚠" not in widget.summary.value and not shown
+    assert widget.progress_bar.value == widget.progress_bar.max == totals[-1] > 9  # 8 stages and refinement steps
+
+    # Noise against the CT, the network alone: the registration finishes, its layers are added, and its warnings
+    # show under the numbers and once as a napari warning.
+    widget.moving.value = unrelated
+    widget.prealign.value, widget.refine.value = "off", 0
+    click_and_wait(qtbot, widget, widget.run_button)
+    m = widget.result.metrics
+    assert not errors and not m["affine"] and m["refine_iterations"] == 0
+    assert "pre-alignment off, refine 0" in widget.summary.value
+    assert m["warnings"] and any("local NCC" in w for w in m["warnings"]), m["warnings"]
+    for warning in m["warnings"]:
+        assert f"⚠ {html.escape(warning)}" in widget.summary.value
+    assert len(shown) == 1 and all(warning in shown[0] for warning in m["warnings"])
+    assert layer(viewer, "noise warped").data.shape == crop.shape
+
+
+def test_cancel_stops_inside_the_refinement_and_adds_no_layer(make_napari_viewer, qtbot, pair, monkeypatch, errors):
+    steps: list[tuple[int, int]] = []
     engine = _register_widget.iter_register
 
     def slow(*args, **kwargs):
-        # The engine's progress callback runs inside each stage: 0.5 s more per stage gives time to click Cancel.
-        return engine(*args, **kwargs, progress=lambda done, total: (stages.append(done), time.sleep(0.5)))
+        # The engine's progress callback runs at the end of each stage and after every few demons iterations: 0.5 s
+        # more per step gives time to click Cancel.
+        return engine(*args, **kwargs, progress=lambda done, total: (steps.append((done, total)), time.sleep(0.5)))
 
     monkeypatch.setattr(_register_widget, "iter_register", slow)
     viewer = make_napari_viewer()
     fixed = viewer.open(str(CT), plugin=PLUGIN)[0]
     moving = viewer.open(str(pair.moving_path), plugin=PLUGIN)[0]
-    widget = open_widget(viewer, fixed, moving)
+    widget = open_widget(viewer, fixed, moving, refine=1000)  # hundreds of refinement steps
     widget.run_button.native.click()
     aborted = []
     widget.worker.aborted.connect(lambda: aborted.append(True))
     assert widget.busy and widget.cancel_button.enabled and not widget.run_button.enabled
-    qtbot.waitUntil(lambda: len(stages) >= 1, timeout=TIMEOUT_MS)
+    # Four stages (model, resample, forward, integrate), then the refinement's steps.
+    qtbot.waitUntil(lambda: len(steps) >= 6, timeout=TIMEOUT_MS)
     click_and_wait(qtbot, widget, widget.cancel_button)
-    assert aborted and len(stages) < 7  # stopped between two stages, long before the last
+    done, total = steps[-1]
+    assert aborted and 6 <= done < total - 100, steps  # stopped inside the refinement, long before its end
+    assert widget.progress_bar.max == total  # the engine's total, with the refinement's steps
     assert [lyr.name for lyr in viewer.layers] == [fixed.name, moving.name] and widget.result is None
     assert widget.run_button.enabled and not widget.cancel_button.enabled
     assert widget.status.value == "Register & checkerboard: cancelled" and not errors
+
+
+def test_an_unexpected_runtime_error_is_one_line_and_frees_the_widget(make_napari_viewer, qtbot, monkeypatch, errors):
+    # superqt ends a worker that raised a RuntimeError without its finished signal: the widget must not stay busy.
+    def broken(*args, **kwargs):
+        yield 1, 7
+        raise RuntimeError("input image smaller than kernel size\nmore detail")
+
+    monkeypatch.setattr(_register_widget, "iter_register", broken)
+    viewer = make_napari_viewer()
+    volume = np.zeros((8, 16, 16), np.float32)
+    widget = open_widget(viewer, viewer.add_image(volume, name="a"), viewer.add_image(volume, name="b"))
+    click_and_wait(qtbot, widget, widget.run_button)
+    assert errors == ["Register & checkerboard failed: input image smaller than kernel size"]
+    assert widget.run_button.enabled and widget.result is None and len(viewer.layers) == 2
 
 
 def _moved(volume: Volume, transform: sitk.Transform, default: float, nearest: bool = False) -> Volume:
@@ -321,7 +414,7 @@ def _ncc(a: np.ndarray, b: np.ndarray) -> float:
     return global_ncc(torch.from_numpy(np.asarray(a, dtype=np.float32)), torch.from_numpy(np.asarray(b, np.float32)))
 
 
-def test_affine_checkbox_registers_a_prior_scan_in_a_disjoint_frame(make_napari_viewer, qtbot, pair, errors):
+def test_prealignment_registers_a_prior_scan_in_a_disjoint_frame(make_napari_viewer, qtbot, pair, errors):
     # The deformed CT, also turned 5 degrees and shifted 12 mm as a patient lies differently, in a frame 400 mm away.
     rigid = sitk.Euler3DTransform()
     image = pair.fixed.to_sitk()
@@ -333,16 +426,16 @@ def test_affine_checkbox_registers_a_prior_scan_in_a_disjoint_frame(make_napari_
     fixed = viewer.open(str(CT), plugin=PLUGIN)[0]
     data, kwargs, _ = image_layer_data(prior, name="prior")
     moving = viewer.add_image(data, **kwargs)
-    widget = open_widget(viewer, fixed, moving)
-    assert not widget.affine.value  # off by default
+    widget = open_widget(viewer, fixed, moving, prealign="off")
 
     click_and_wait(qtbot, widget, widget.run_button)  # without pre-alignment the frames do not even overlap
     assert len(errors) == 1 and "does not overlap" in errors[0] and "\n" not in errors[0]
     assert [lyr.name for lyr in viewer.layers] == [fixed.name, "prior"] and widget.result is None
 
-    widget.affine.value = True
+    widget.prealign.value = "on"
     click_and_wait(qtbot, widget, widget.run_button)
     assert len(errors) == 1 and widget.progress_bar.max == 8  # the pre-alignment is one stage more
+    assert "pre-alignment on, refine 0" in widget.summary.value
     warped = layer(viewer, "prior warped")
     assert_on_fixed_grid(warped, fixed)
     result = widget.result
@@ -397,11 +490,11 @@ def test_two_2d_layers_register_in_plane_and_every_output_is_2d(make_napari_view
     moving = viewer.add_image(moving_hu, name="moving slice", **placement)
     widget = open_widget(viewer, fixed, moving)
 
-    widget.affine.value = True  # a 2D pair cannot be pre-aligned: one line, nothing added
+    widget.prealign.value = "on"  # a 2D pair cannot be pre-aligned: one line, nothing added
     click_and_wait(qtbot, widget, widget.run_button)
     assert len(errors) == 1 and "pre-alignment works on 3D volumes" in errors[0] and "\n" not in errors[0]
     assert len(viewer.layers) == 2 and widget.result is None
-    widget.affine.value = False
+    widget.prealign.value = "off"
     click_and_wait(qtbot, widget, widget.run_button)
     assert len(errors) == 1
     result = widget.result

@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -19,11 +20,16 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from .io import Volume
 
 #: The seed thesis's colorizer: (in, out, stride) of its 13 3x3 convolutions, and where the x2 upsamplings go.
 PEER_LAYERS: tuple[tuple[int, int, int] | str, ...] = (
@@ -196,7 +202,6 @@ def bench_colorize(slices: int, repeats: int, sizes: Sequence[tuple[int, float]]
     Ratio rows give ours / peer at the same size and device.
     """
     from .engines.colorize import compose_chroma, get_colorizer, predict_chroma
-    from .io import Volume
     from .phantom import make_phantom
 
     rows: list[dict] = []
@@ -418,81 +423,129 @@ def bench_register(quick: bool, repeats: int, data_dir: Path = OASIS_DIR) -> lis
     return rows
 
 
-#: The CT bench's SYMNet settings: the network alone, and with test-time refinement.
-CT_REFINE_STEPS = (0, 40)
+#: The CT bench's runs of ``ctcolor register`` (item, options): the card's default (pre-alignment, demons refinement)
+#: and the network alone after the same pre-alignment.
+CT_REGISTER_RUNS = (("ctcolor register", []), ("ctcolor register --refine 0", ["--refine", "0"]))
+
+
+def _register_ct_pairs(quick: bool) -> list[tuple[str, Volume, np.ndarray, Volume, Volume]]:
+    """(size label, fixed, fixed labels, moving, moving labels) of every validation pair and its phase-change variant:
+    the CT weights' held-out deformations of the labelled CTs and the breathing-like deformations of the unlabelled
+    chest CTs (`training.symnet.chest_pairs`; ``quick``: one labelled pair). Raises InputError or KeyError when the
+    weights' card or the shared data is missing."""
+    from .io import Volume
+    from .training.symnet import (
+        SymnetTrainConfig,
+        chest_pairs,
+        chest_phase_change,
+        evaluation_pairs,
+        phase_change,
+    )
+    from .weights import find_weights, read_card
+
+    _, card_path = find_weights("symnet-ct")
+    if card_path is None:
+        raise InputError("symnet-ct has no model card (its evaluation pairs are defined there)")
+    train = SymnetTrainConfig(**read_card(card_path)["training"]["config"])
+    if quick:
+        train.real_val, train.val_pairs_per_case = train.real_val[:1], 1
+    rng = np.random.default_rng(train.val_seed + 1)
+    out = []
+
+    def both(size: str, fixed: Volume, labels: np.ndarray, moving: Volume, moving_labels: Volume, changed) -> None:
+        out.append((size, fixed, labels, moving, moving_labels))
+        variant = Volume(changed, moving.spacing, moving.origin, moving.direction, meta=moving.meta)
+        out.append((f"{size} phase change", fixed, labels, variant, moving_labels))
+
+    for _name, case, moving, moving_labels in evaluation_pairs(train):
+        size = "x".join(map(str, case.ct.shape[::-1])) + f" {case.name}"
+        changed = phase_change(moving.array, moving_labels.array, case.label_names, rng)
+        both(size, case.ct, case.labels, moving, moving_labels, changed)
+    if not quick:
+        for name, fixed, labels, moving, moving_labels in chest_pairs(rng):
+            size = "x".join(map(str, fixed.shape[::-1])) + f" {name} breathing 20 mm"
+            both(size, fixed, labels, moving, moving_labels, chest_phase_change(moving.array, rng))
+    return out
 
 
 def bench_register_ct(quick: bool) -> list[dict]:
-    """SYMNet with the CT weights (without and with refinement) and the peers on held-out synthetic deformations of
-    the shared labelled CTs (the pairs of the weights' own evaluation, `training.symnet.evaluation_pairs`), each also
-    in a "phase change" variant: the moving scan in another contrast phase (`training.symnet.phase_change`).
+    """The default ``ctcolor register`` (CT weights), the network alone, and the peers (``ctcolor peer demons``,
+    ``elastix-bspline``, ``ants-syn``) on the validation pairs (`_register_ct_pairs`), each a whole process in this
+    run reading and writing NIfTI files.
 
-    Per case, variant and method: Dice after registration (median, min..max over the pairs; the note gives the mean
-    Dice before and after, the largest folding fraction and the median seconds) and seconds. Methods run in this
-    process, timed around the registration call alone. ``quick`` uses one pair of the 3 mm CT and fewer peer
-    iterations.
+    Per pair and method: Dice of the moving labels warped by the written ``ddf.nii.gz`` (nearest neighbour) against
+    the fixed labels (mean over structures), folding of that ddf, and wall seconds of the process. A peer that is not
+    installed gets a row saying so. ``quick`` runs one labelled pair and the demons peer only.
     """
-    from .engines.register import register
-    from .errors import InputError
-    from .io import Volume
-    from .peers import PEERS, PeerUnavailable, folding_fraction_mm, run_peer
-    from .training.symnet import SymnetTrainConfig, evaluation_pairs, mean_dice, phase_change
-    from .weights import find_weights, read_card
+    import SimpleITK as sitk
 
-    symnets = [f"SYMNet ct refine {n}" if n else "SYMNet ct" for n in CT_REFINE_STEPS]
-    methods = (*symnets, *PEERS)
+    from .io import write_nifti
+    from .peers import PEER_COMMANDS, folding_fraction_mm
+    from .training.symnet import mean_dice
+
+    peers = ["demons"] if quick else [name for name in PEER_COMMANDS if name != "official-symnet"]
+    items = [item for item, _ in CT_REGISTER_RUNS] + [PEER_COMMANDS[name] for name in peers]
     try:
-        weights, card_path = find_weights("symnet-ct")
-        if card_path is None:
-            raise InputError("symnet-ct has no model card (its evaluation pairs are defined there)")
-        train = SymnetTrainConfig(**read_card(card_path)["training"]["config"])
-        if quick:
-            train.real_val, train.val_pairs_per_case = train.real_val[:1], 1
-        pairs = evaluation_pairs(train)
+        pairs = _register_ct_pairs(quick)
     except (InputError, KeyError, TypeError) as exc:
         reason = str(exc).splitlines()[0]
-        return [_row("register CT", m, "cpu", "", "Dice", note=f"not measured: {reason}") for m in methods]
-
-    rng = np.random.default_rng(train.val_seed + 1)
+        return [_row("register CT", m, "cpu", "", "Dice", note=f"not measured: {reason}") for m in items]
+    runs = [(item, ["register"], options) for item, options in CT_REGISTER_RUNS]
+    runs += [(PEER_COMMANDS[name], ["peer", name], []) for name in peers]
     results: dict[tuple[str, str], list[dict]] = {}
     unavailable: dict[str, str] = {}
-    for _name, case, moving, moving_labels in pairs:
-        before = mean_dice(case.labels, moving_labels.array)
-        changed = phase_change(moving.array, moving_labels.array, case.label_names, rng)
-        for variant, moving_image in (
-            ("", moving),
-            (" phase change", Volume(changed, moving.spacing, moving.origin, moving.direction, meta=moving.meta)),
-        ):
-            size = "x".join(map(str, case.ct.shape[::-1])) + f" {case.name}{variant}"
-            for method in methods:
-                if method in unavailable:
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, (size, fixed, labels, moving, moving_labels) in enumerate(pairs):
+            paths = [Path(tmp) / f"{k}-{x}.nii.gz" for x in ("fixed", "moving")]
+            write_nifti(fixed, paths[0])
+            write_nifti(moving, paths[1])
+            before = mean_dice(labels, moving_labels.array)
+            for item, command, options in runs:
+                if item in unavailable:
                     continue
-                if method.startswith("SYMNet"):
-                    refine = CT_REFINE_STEPS[symnets.index(method)]
-                    result = register(case.ct, moving_image, model=weights, refine=refine, moving_labels=moving_labels)
-                    row = (result.warped_labels.array, result.metrics["folding_fraction"], result.metrics["seconds"])
-                else:
-                    try:
-                        peer = run_peer(method, case.ct, moving_image, moving_labels, quick=quick)
-                    except PeerUnavailable as exc:
-                        unavailable[method] = str(exc)
-                        continue
-                    row = (peer.warped_labels, folding_fraction_mm(peer.ddf_mm, case.ct.spacing), peer.seconds)
-                after = mean_dice(case.labels, row[0])
-                results.setdefault((size, method), []).append(
-                    {"before": before, "after": after, "folding": row[1], "seconds": row[2]}
+                out = Path(tmp) / f"{k}-{len(results)}"
+                try:
+                    seconds = _ctcolor([*command, *map(str, paths), "-o", str(out), *options])
+                except RuntimeError as exc:
+                    if command[0] == "register" or "pip install" not in str(exc):  # only a missing peer is skipped
+                        raise
+                    unavailable[item] = str(exc)
+                    continue
+                ddf = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ddf.nii.gz")))  # (Z, Y, X, 3) LPS mm
+                warped = _warp_labels(moving_labels, fixed, ddf)
+                folding = folding_fraction_mm(ddf @ fixed.direction, fixed.spacing)  # LPS -> index axes
+                after = mean_dice(labels, warped)
+                results.setdefault((size, item), []).append(
+                    {"before": before, "after": after, "folding": folding, "seconds": seconds}
                 )
+                # A long section: each run as it ends, so that an interrupted bench still says something.
+                line = f"  {size}: {item}: Dice {before:.3f} -> {after:.3f}, {seconds:.1f} s"
+                print(line, file=sys.stderr, flush=True)
+                shutil.rmtree(out)
     rows = []
-    for (size, method), runs in results.items():
-        dice, seconds = [r["after"] for r in runs], [r["seconds"] for r in runs]
+    for (size, item), found in results.items():
+        dice, seconds = [r["after"] for r in found], [r["seconds"] for r in found]
         note = (
-            f"{len(runs)} pairs: Dice {np.mean([r['before'] for r in runs]):.3f} -> {np.mean(dice):.3f}, "
-            f"folding max {100 * max(r['folding'] for r in runs):.3f} %, {statistics.median(seconds):.1f} s"
+            f"{len(found)} pairs: Dice {np.mean([r['before'] for r in found]):.3f} -> {np.mean(dice):.3f}, "
+            f"folding max {100 * max(r['folding'] for r in found):.3f} %, {statistics.median(seconds):.1f} s"
         )
-        rows.append(_stats_row("register CT", method, "cpu", size, "Dice", dice, note=note))
-        rows.append(_seconds_row("register CT", method, "cpu", size, seconds))
-    rows += [_row("register CT", m, "cpu", "", "Dice", note=f"not installed: {why}") for m, why in unavailable.items()]
+        rows.append(_stats_row("register CT", item, "cpu", size, "Dice", dice, note=note))
+        rows.append(_seconds_row("register CT", item, "cpu", size, seconds, note="whole process"))
+    rows += [_row("register CT", m, "cpu", "", "Dice", note=f"not run: {why}") for m, why in unavailable.items()]
     return rows
+
+
+def _warp_labels(labels: Volume, fixed: Volume, ddf_lps: np.ndarray) -> np.ndarray:
+    """``labels`` (on the moving grid) read at p + ddf(p) for every fixed voxel p, nearest neighbour (SimpleITK)."""
+    import SimpleITK as sitk
+
+    grid = fixed.to_sitk()
+    field = sitk.GetImageFromArray(np.asarray(ddf_lps, dtype=np.float64), isVector=True)
+    field.CopyInformation(grid)
+    transform = sitk.DisplacementFieldTransform(field)  # takes the field's buffer: ``field`` is empty after this
+    moving = sitk.Cast(labels.to_sitk(), sitk.sitkInt32)
+    out = sitk.Resample(moving, grid, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
+    return sitk.GetArrayFromImage(out)
 
 
 #: Inputs of the batch bench: this many copies of a CT, through one `ctcolor batch` on this many local workers.
@@ -575,7 +628,7 @@ def run_bench(
         log("register (OASIS pair" + ", quick: 64^3 crop)" * quick + ")" * (not quick))
         rows += bench_register(quick=quick, repeats=1 if quick else 3)
     if "register-ct" in only:
-        log("register CT (synthetic deformations of the shared labelled CTs" + ", quick: one pair" * quick + ")")
+        log("register CT (deformations of the shared CTs, whole processes" + ", quick: one pair" * quick + ")")
         rows += bench_register_ct(quick=quick)
     if "batch" in only:
         log(f"batch ({BATCH_INPUTS} series, {BATCH_WORKERS}-worker LocalCluster vs sequential processes)")
@@ -636,13 +689,15 @@ _DESCRIPTIONS = (
     ),
     (
         ("register-ct",),
-        "Register CT: Dice (mean over labelled structures of >= 100 voxels) "
-        "after registering held-out synthetic deformations (<= 15 mm; seed never used in training) of the shared "
-        "labelled CTs on their native grids (the 3 mm CT is in the training set with other deformations, the DICOM "
-        "series never is), each also with the moving scan in another contrast phase (arteries -150 HU, veins and "
-        "liver brighter, kidneys and spleen darker, 20 HU noise); SYMNet with the CT weights, without and with 40 "
-        "refinement steps, and every peer on the same pairs; seconds of the registration call, excluding loading and "
-        "label warping.",
+        "Register CT: Dice (mean over structures of >= 100 voxels) after registering held-out synthetic "
+        "deformations (<= 15 mm; seed never used in training) of the shared labelled CTs on their native grids (the "
+        "3 mm CT is in the training set with other deformations, the DICOM series never is), and a breathing-like "
+        "deformation (<= 20 mm, the lung bases most) of each unlabelled chest CT (in-plane pixels averaged 2x2) with "
+        "lungs, bone and airways from HU as labels; each pair also with the moving scan in another contrast phase "
+        "(labelled: arteries -150 HU, veins and liver brighter, kidneys and spleen darker; chest: enhancing soft "
+        "tissue +80 HU; 20 HU noise). `ctcolor register` with its defaults and with `--refine 0`, and `ctcolor peer` "
+        "for each peer, every one a whole process in this run (start-up, reading and writing NIfTI included); the "
+        "moving labels are warped through each written ddf.nii.gz by SimpleITK (nearest).",
     ),
     (
         ("batch",),

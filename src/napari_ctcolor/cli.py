@@ -259,16 +259,17 @@ def _add_register_options(reg: argparse.ArgumentParser) -> None:
     reg.add_argument(
         "--affine",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="rigid + affine pre-alignment (SimpleITK, mutual information) before SYMNet (default: off)",
+        default=None,
+        help="rigid + affine pre-alignment (SimpleITK, mutual information) before SYMNet (default: the model card's; "
+        "on for the CT weights, off for an official checkpoint)",
     )
     reg.add_argument(
         "--refine",
-        type=int,
-        default=None,
-        metavar="N",
-        help="test-time refinement: N optimiser steps on this pair's velocity fields (0..10000; default: the model "
-        "card's, 0 for an official checkpoint)",
+        default="auto",
+        metavar="auto|0|N",
+        help="demons iterations at the fixed image's full resolution, seeded by the network's field (0: the network "
+        "alone; auto: the model card's default, which refines with the CT weights and not with an official "
+        "checkpoint)",
     )
     reg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: auto")
     reg.add_argument(

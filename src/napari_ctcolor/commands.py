@@ -64,12 +64,21 @@ def register_outdir(args: argparse.Namespace, names: Sequence[str] = REGISTER_OU
 
 def register_command(args: argparse.Namespace) -> dict:
     """Everything one `ctcolor register` run does with its parsed options (``fixed``, ``moving``, ``outdir``,
-    ``model``, ``affine``, ``refine``, ``device``, ``overwrite``): refuse bad outputs, read, register, write OUTDIR.
+    ``model``, ``affine``, ``refine``, ``device``, ``overwrite``): refuse bad options and outputs, read, register,
+    write OUTDIR.
 
-    Returns the metrics written to metrics.json. `ctcolor batch register` runs exactly this for each pair.
+    ``affine`` is True, False or None (the model card's default); ``refine`` is the CLI's text (``auto`` or an
+    iteration count, `parse_refine`) or an already parsed count or None.
+
+    Returns the metrics written to metrics.json. `ctcolor batch register` runs exactly this for each pair. Each of
+    the registration's quality warnings (``metrics["warnings"]``, also in metrics.json) is issued as a Python
+    warning once the outputs are written: `cli.main` prints it as a ``warning: ...`` line on stderr (exit code 0),
+    a batch as a warning of that input.
     """
     from .engines import checkerboard, register  # torch is imported only by the commands that need it
+    from .engines.refine import parse_refine
 
+    refine = parse_refine(args.refine) if isinstance(args.refine, str) else args.refine  # before any reading
     send = getattr(args, "send", False)
     if send and not is_series_url(args.fixed):
         raise InputError("--send stores the warped image into the study of FIXED, which must be a DICOMweb series URL")
@@ -78,7 +87,7 @@ def register_command(args: argparse.Namespace) -> dict:
     fixed, moving = read_volume(args.fixed), read_volume(args.moving)
     read_seconds = time.perf_counter() - start
     source = same_patient_header(args.fixed, args.moving, moving.meta) if send else None
-    result = register(fixed, moving, model=args.model, affine=args.affine, refine=args.refine, device=args.device)
+    result = register(fixed, moving, model=args.model, affine=args.affine, refine=refine, device=args.device)
 
     start = time.perf_counter()
     outputs["warped.nii.gz"].parent.mkdir(parents=True, exist_ok=True)
@@ -120,6 +129,8 @@ def register_command(args: argparse.Namespace) -> dict:
         metrics["folding_fraction"],
         metrics["seconds"],
     )
+    for message in metrics.get("warnings", []):  # a doubtful registration, not a failure: the outputs are written
+        warnings.warn(message, stacklevel=1)
     return metrics
 
 

@@ -1,58 +1,86 @@
-"""Test-time refinement (instance optimisation) of SYMNet's two half-way velocity fields for one pair.
+"""Refinement of the network's displacement at the fixed image's full resolution, seeded by it.
 
-After the network's forward pass, residual velocities dv_xy, dv_yx are optimised with Adam for a few steps so that
-the pair itself fits better, the standard way learning-based registration closes the gap to classical optimisers
-(e.g. uniGradICON's instance optimisation). The construction stays SYMNet's: v = v_net + dv is integrated by scaling
-and squaring (`integrate_velocity`) for v_xy, v_yx and their negatives, and the full fields are the half-way
-compositions (`half_way_fields`), so the maps remain diffeomorphic and inverse-consistent by construction.
+SYMNet runs on a working grid of at least 2 mm (the CT weights' card), so a vertebra or a vessel wall cannot align
+better than that grid. The refinement starts SimpleITK's fast symmetric-forces demons (Vercauteren et al. 2007/2009;
+ITK's ``FastSymmetricForcesDemonsRegistrationFilter``) from the network's field and runs it coarse to fine, ending
+at the fixed image's own voxels. Demons is used rather than an own optimiser because it is the field library's
+well-tested full-resolution method and because it measured best (issue 23, 2 CPU threads, held-out deformations of
+the labelled CTs, Dice): seeded demons 0.887 / 0.862 against the network alone 0.822 / 0.778 and demons from zero
+0.875 / 0.802 (3 mm CT / 1 mm DICOM), phase-change variants likewise; the former Adam refinement of the velocities on
+a 4 mm grid gained 0.003 Dice in 45 s.
 
-Loss per step, on the refinement grid (by default the working grid averaged 2x2x2, so a step costs 1/8 of a
-full-grid step), SYMNet's half-way similarity, which needs two integrations instead of four:
-    LNCC(fixed o int(v_xy), moving o int(v_yx))                     (MONAI LocalNormalizedCrossCorrelationLoss)
-    + smooth * (|grad dv_xy|^2 + |grad dv_yx|^2)                     (mean squared forward differences, voxels^2)
-    + antifold * mean(max(0, -det J)) of both half-way maps            (keeps folding near 0)
-The residuals are then upsampled to the working grid (trilinear) and added to the network's velocities.
-
-Measured (`ctcolor bench`, 2026-11-22, 2 CPU cores, factor 2, 40 steps): on held-out deformations of the unseen
-DICOM patient Dice 0.792 -> 0.838 (6 s -> 25 s); on the 3 mm CT 0.838 -> 0.856. A larger step (lr 0.2, smooth 0.3)
-lost Dice in the first 10 steps on one pair (0.850 -> 0.837). Factor 1 gains more but costs about 8x per step.
+- Intensities: both images as the network saw them (the card's window mapped to [0, 1]), the moving one histogram
+  matched to the fixed one (``sitk.HistogramMatching``), so a contrast-phase shift of whole organs is matched before
+  the demons force, which assumes equal intensities, sees it.
+- Levels: for a fixed image finer than 2 mm, first the images averaged by integer factors to about `COARSE_SHRINK`
+  times its finest spacing (none coarser than `COARSEST_MM`), `COARSE_ITERATIONS` on each, then ``iterations`` at
+  the full grid. ``--refine auto`` takes the card's count within its budget (`RefineSettings`): 50 on a 3 mm abdomen,
+  14 on a 512 x 512 x 20 series. The field is smoothed with a Gaussian of `SMOOTHING_VOXELS` after every iteration,
+  which keeps it smooth and folding-free (measured folding 0 on every pair).
+- The inverse field, which SYMNet gets by construction, is computed by ITK's fixed-point inversion
+  (``sitk.InvertDisplacementField``) on a grid of about 2 mm; `invert_field`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
+import numpy as np
+import SimpleITK as sitk
 
 from ..errors import InputError
-from ..models.diffeo import integrate_velocity, warp
-from ..models.symnet import negative_jacobian_loss, smoothness_loss
+from ..io import Volume
 
-#: The most refinement steps accepted (a typo guard: 10,000 steps would take hours on a CPU).
-MAX_REFINE_STEPS = 10000
+#: The most iterations accepted (a typo guard: 10,000 full-resolution iterations would take hours on a CPU).
+MAX_REFINE_ITERATIONS = 10000
+#: The fewest full-resolution iterations ``--refine auto`` runs on a large image (`RefineSettings.voxel_iterations`).
+MIN_AUTO_ITERATIONS = 5
+#: Demons iterations per call: Progress and Cancel are served between calls (the field carries over exactly).
+CHUNK_ITERATIONS = 5
+#: Coarser levels: the fixed grid averaged to about these multiples of its finest spacing, coarsest first.
+COARSE_SHRINK = (4, 2)
+#: No level coarser than this (mm): a 1 mm CT gets two coarse levels (4 and 2 mm), a 2 mm CT one (4 mm), a 3 mm CT
+#: none. On the 3 mm CT's held-out pairs a 6 mm level cost Dice (0.883 against 0.890 for 50 iterations at 3 mm alone).
+COARSEST_MM = 4.0
+#: Iterations on each coarser level (when the refinement runs at all).
+COARSE_ITERATIONS = 30
+#: Gaussian smoothing of the displacement field after each iteration, in voxels of the level.
+SMOOTHING_VOXELS = 1.5
+#: Extra memory per fixed-grid voxel while refining: float64 fields (the seed, SimpleITK's copy, the demons filter's
+#: output and update buffers, the inverse and its iteration), the two float32 images and their matched copy.
+REFINE_BYTES_PER_VOXEL = 200
+#: Inversion: on a grid of voxels of about INVERSE_MM (axes finer than that box-averaged), then upsampled; ITK's
+#: fixed-point iterations and its stopping tolerances (voxels).
+INVERSE_MM = 2.0
+INVERSE_ITERATIONS = 20
+INVERSE_MAX_ERROR = 0.1
+INVERSE_MEAN_ERROR = 0.001
 
 
 @dataclass(frozen=True)
 class RefineSettings:
-    """Refinement hyper-parameters (the model card's ``inference.refine`` may set any of them).
+    """The model card's ``inference.refine``: how many full-resolution iterations ``--refine auto`` runs.
 
     Attributes:
-        steps: Adam steps (0 = no refinement).
-        lr: Adam learning rate, in refinement-grid voxels of velocity per step.
-        ncc_window: LNCC box side in refinement-grid voxels.
-        smooth: weight of the residuals' smoothness.
-        antifold: weight of the negative-Jacobian penalty.
-        factor: the refinement grid is the working grid averaged by this factor along each axis (1 or 2).
+        iterations: the most demons iterations at the fixed image's resolution (0: the network alone).
+        voxel_iterations: a budget of full-resolution voxel-iterations: a large image gets fewer iterations, so that
+            the refinement costs about as much as `iterations` on an image of ``voxel_iterations / iterations`` voxels
+            (1.5 million: a 3 mm abdomen), and never fewer than `MIN_AUTO_ITERATIONS`. None: no budget.
     """
 
-    steps: int = 0
-    lr: float = 0.1
-    ncc_window: int = 5
-    smooth: float = 1.0
-    antifold: float = 10.0
-    factor: int = 2
+    iterations: int = 0
+    voxel_iterations: float | None = None
+
+    def auto_iterations(self, shape: tuple[int, ...]) -> int:
+        """Full-resolution iterations for a fixed image of ``shape`` (the card's default, within its budget)."""
+        if not self.iterations or not self.voxel_iterations:
+            return self.iterations
+        return max(
+            min(self.iterations, MIN_AUTO_ITERATIONS),
+            min(self.iterations, int(self.voxel_iterations / math.prod(shape))),
+        )
 
     @classmethod
     def from_card(cls, spec: dict | None, source: str) -> RefineSettings:
@@ -62,69 +90,114 @@ class RefineSettings:
         if unknown:
             raise InputError(f"{source}: unknown refinement settings in its model card: {sorted(unknown)}")
         settings = cls(**spec)
-        check_steps(settings.steps)
-        if settings.factor not in (1, 2):
-            raise InputError(f"{source}: refinement factor must be 1 or 2, got {settings.factor}")
+        check_iterations(settings.iterations)
         return settings
 
 
-def check_steps(steps: int) -> int:
-    """``steps`` if it is a refinement count in 0..`MAX_REFINE_STEPS`; `InputError` otherwise."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_REFINE_STEPS:
-        raise InputError(f"refinement steps must be an integer from 0 to {MAX_REFINE_STEPS}, got {steps!r}")
-    return steps
+def check_iterations(iterations: int) -> int:
+    """``iterations`` if it is a count in 0..`MAX_REFINE_ITERATIONS`; `InputError` otherwise."""
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or not 0 <= iterations <= MAX_REFINE_ITERATIONS:
+        raise InputError(
+            f"--refine must be 'auto' or a number of iterations from 0 to {MAX_REFINE_ITERATIONS}, got {iterations!r}"
+        )
+    return iterations
 
 
-def _down(image: torch.Tensor, factor: int) -> torch.Tensor:
-    return F.avg_pool3d(image, factor) if factor > 1 else image
+def parse_refine(text: str) -> int | None:
+    """A ``--refine`` value: ``"auto"`` (None: the model card's default) or an iteration count."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = text
+    return check_iterations(value)
 
 
-def refine_velocities(
-    v_xy: torch.Tensor,
-    v_yx: torch.Tensor,
-    fixed: torch.Tensor,
-    moving: torch.Tensor,
-    settings: RefineSettings,
-) -> Generator[float, None, tuple[torch.Tensor, torch.Tensor]]:
-    """Optimise the pair's velocities; yields the loss after each step, returns the refined (v_xy, v_yx).
+def levels(spacing_zyx: tuple[float, float, float], iterations: int) -> list[tuple[tuple[int, int, int], int]]:
+    """``[(shrink factors (x, y, z), iterations), ...]``, coarsest first, ending with the full grid."""
+    finest = min(spacing_zyx)
+    out: list[tuple[tuple[int, int, int], int]] = []
+    for shrink in COARSE_SHRINK:
+        factors = tuple(max(1, round(shrink * finest / s)) for s in spacing_zyx[::-1])
+        coarse_mm = max(f * s for f, s in zip(factors, spacing_zyx[::-1], strict=True))
+        if max(factors) > 1 and coarse_mm <= COARSEST_MM and all(factors != f for f, _ in out):
+            out.append((factors, COARSE_ITERATIONS))
+    return [*out, ((1, 1, 1), iterations)]
+
+
+def chunks(spacing_zyx: tuple[float, float, float], iterations: int) -> int:
+    """How many progress ticks `refine_field` yields."""
+    return sum(math.ceil(n / CHUNK_ITERATIONS) for _, n in levels(spacing_zyx, iterations)) if iterations else 0
+
+
+def _image(array: np.ndarray, grid: Volume, pixel: type = np.float32) -> sitk.Image:
+    """(Z, Y, X[, 3]) array on ``grid`` -> a SimpleITK image with ``grid``'s spacing, origin and direction."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=pixel), isVector=array.ndim == 4)
+    image.SetSpacing([float(s) for s in grid.spacing[::-1]])
+    image.SetOrigin([float(o) for o in grid.origin])
+    image.SetDirection([float(d) for d in grid.direction.flatten()])
+    return image
+
+
+def refine_field(
+    fixed: Volume, moving: Volume, seed_mm: np.ndarray, iterations: int
+) -> Generator[None, None, np.ndarray]:
+    """Demons from ``seed_mm``, coarse to fine; yields after every `CHUNK_ITERATIONS`, returns the refined field.
 
     Args:
-        v_xy, v_yx: (1, 3, D0, D1, D2) the network's velocities in voxels, channels (x, y, z); sizes divisible by
-            ``settings.factor``.
-        fixed, moving: (1, 1, D0, D1, D2) the normalised images the network saw.
-        settings: `RefineSettings` with steps >= 1.
+        fixed, moving: the two images, normalised as the network saw them, each on its own grid (the moving image as
+            it was read: a fixed point whose moving point falls outside it gets no demons force, where a resampled
+            copy would show an edge of padding there).
+        seed_mm: (Z, Y, X, 3) on the fixed grid, LPS mm: fixed point p maps to moving point p + seed(p) (the
+            network's field composed with the pre-alignment).
+        iterations: full-resolution iterations (>= 1).
 
     Returns:
-        The refined velocities, same shapes, detached.
+        (Z, Y, X, 3) float64, LPS mm, same convention as the seed.
     """
-    from monai.losses import LocalNormalizedCrossCorrelationLoss  # MONAI: only when refining (2 s of import)
+    fixed_image = _image(fixed.array, fixed)
+    moving_image = sitk.HistogramMatching(_image(moving.array, moving), fixed_image, 256, 7, True)
+    field = _image(seed_mm, fixed, np.float64)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetStandardDeviations(SMOOTHING_VOXELS)
+    finest = min(fixed.spacing)
+    for factors, count in levels(fixed.spacing, iterations):
+        if max(factors) > 1:
+            # Box averages over the same extent (BinShrink), as the network's working grid is made; the moving image
+            # to about the same voxel size.
+            target = max(factors) * finest
+            level_fixed = sitk.BinShrink(fixed_image, factors)
+            level_moving = sitk.BinShrink(moving_image, [max(1, round(target / s)) for s in moving_image.GetSpacing()])
+        else:
+            level_fixed, level_moving = fixed_image, moving_image
+        field = sitk.Resample(field, level_fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+        for start in range(0, count, CHUNK_ITERATIONS):
+            demons.SetNumberOfIterations(min(CHUNK_ITERATIONS, count - start))
+            field = demons.Execute(level_fixed, level_moving, field)
+            yield
+    return sitk.GetArrayFromImage(field)
 
-    factor = settings.factor
-    if any(n % factor for n in v_xy.shape[2:]):
-        raise InputError(f"velocity sizes {tuple(v_xy.shape[2:])} are not divisible by the refinement factor {factor}")
-    lncc = LocalNormalizedCrossCorrelationLoss(
-        spatial_dims=3, kernel_size=settings.ncc_window, kernel_type="rectangular", smooth_nr=0.0, smooth_dr=1e-5
+
+def invert_field(field_mm: np.ndarray, grid: Volume) -> np.ndarray:
+    """The inverse of a (Z, Y, X, 3) LPS displacement in mm on ``grid``, sampled at the same grid's points (ITK's
+    fixed-point inversion).
+
+    Axes finer than `INVERSE_MM` are inverted on a grid averaged to about that voxel size and the inverse is upsampled
+    (linear): on the 512 x 512 x 20 DICOM series (0.98 mm pixels) this took 1.2 s instead of 4.4 s, and on a smooth
+    field of up to 10 mm the round trip stayed within 0.001 mm (p95) of the full-grid inversion's. The demons field is
+    smoothed by `SMOOTHING_VOXELS` after each iteration, so it holds no detail a 2 mm grid would lose.
+    """
+    image = _image(field_mm, grid, np.float64)
+    factors = [max(1, round(INVERSE_MM / s)) for s in image.GetSpacing()]
+    small = sitk.BinShrink(image, factors) if max(factors) > 1 else image
+    inverse = sitk.InvertDisplacementField(
+        small,
+        maximumNumberOfIterations=INVERSE_ITERATIONS,
+        maxErrorToleranceThreshold=INVERSE_MAX_ERROR,
+        meanErrorToleranceThreshold=INVERSE_MEAN_ERROR,
+        enforceBoundaryCondition=False,  # the map may move the border (a pre-aligned 20 mm shift)
     )
-    with torch.inference_mode(False), torch.enable_grad():
-        # Inference tensors cannot take part in autograd: fresh copies of the inputs.
-        fixed_c, moving_c = _down(fixed.clone(), factor), _down(moving.clone(), factor)
-        base = _down(torch.cat((v_xy, v_yx)).float().clone(), factor) / factor  # coarse voxels
-        residual = torch.zeros_like(base, requires_grad=True)
-        optimiser = torch.optim.Adam([residual], lr=settings.lr)
-        for _ in range(settings.steps):
-            halves = integrate_velocity(base + residual)  # int(v_xy), int(v_yx): both images into the half-way space
-            loss = lncc(warp(fixed_c, halves[:1]), warp(moving_c, halves[1:]))
-            if settings.smooth:
-                loss = loss + settings.smooth * (smoothness_loss(residual[:1]) + smoothness_loss(residual[1:]))
-            if settings.antifold:
-                loss = loss + settings.antifold * (
-                    negative_jacobian_loss(halves[:1]) + negative_jacobian_loss(halves[1:])
-                )
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            yield float(loss.detach())
-        residual = residual.detach()
-    if factor > 1:
-        residual = F.interpolate(residual * factor, size=tuple(v_xy.shape[2:]), mode="trilinear", align_corners=False)
-    return v_xy + residual[:1].to(v_xy.dtype), v_yx + residual[1:].to(v_yx.dtype)
+    if small is not image:
+        inverse = sitk.Resample(inverse, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+    return sitk.GetArrayFromImage(inverse)

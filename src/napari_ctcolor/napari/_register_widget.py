@@ -2,13 +2,17 @@
 
 The widget is a thin front end over `napari_ctcolor.engines.register.iter_register`, the engine of ``ctcolor register``:
 
-- Run: the engine's stages run in a napari ``thread_worker`` with a progress bar; Cancel closes the engine's generator
-  between two stages (``worker.quit()``).
+- Run: the engine's stages run in a napari ``thread_worker`` with a progress bar whose total is the engine's own (it
+  depends on the model card's defaults: pre-alignment, refinement), plus one step for a colour warp; Cancel closes
+  the engine's generator between two steps (``worker.quit()``), refinement iterations included.
+- "Pre-alignment" (auto, on, off) and "Refine (demons its)" (auto or a number) are ``--affine`` and ``--refine``;
+  auto is the model card's default.
 - On completion it adds, or replaces on a re-run, the layers ``"<moving> warped"``, ``"checkerboard"`` (fixed vs
   warped, or vs the moving image as it was with "Checkerboard before registration"), ``"difference"`` (fixed -
   warped in HU) and ``"Jacobian"`` (det J), all placed with the fixed layer's transforms. Difference and Jacobian
   are translucent overlays, clear where nothing changed (0 HU, det J = 1), with a colour bar; the widget states the
-  sign conventions. NCC before/after, folding and time show in the widget, with a progress bar.
+  sign conventions. NCC before/after, folding, time, whether the pre-alignment ran and the refinement iterations
+  show in the widget, with the engine's quality warnings (also once as a napari warning).
 - The result is kept, so the tile-size slider only recomputes the checkerboard; it never registers again.
 - A layer ``"<name> colorized"`` (what "Colorize volume" makes) is the colorized twin of the grey layer ``"<name>"``.
   When the moving layer has one, the widget offers to warp it through the same displacement field; the checkerboard
@@ -19,6 +23,7 @@ The widget is a thin front end over `napari_ctcolor.engines.register.iter_regist
 
 from __future__ import annotations
 
+import html
 import os
 import time
 from collections.abc import Sequence
@@ -33,19 +38,19 @@ from magicgui.widgets import (
     Container,
     FileEdit,
     FloatSlider,
+    FloatSpinBox,
     Label,
     ProgressBar,
     PushButton,
-    SpinBox,
 )
 from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils import Colormap, progress
-from napari.utils.notifications import show_error
+from napari.utils.notifications import show_error, show_warning
 
 from ..engines.checkerboard import checkerboard, checkerboard_mask, resample_onto, same_grid
 from ..engines.device import resolve_device
-from ..engines.refine import MAX_REFINE_STEPS
+from ..engines.refine import MAX_REFINE_ITERATIONS
 from ..engines.register import RegistrationResult, iter_register
 from ..errors import CTColorError, InputError
 from ..io import ColorVolume, Volume
@@ -60,6 +65,10 @@ TITLE = "Register & checkerboard"
 CT_MODEL = "ct"
 MODEL_FILE = "model file..."
 DEVICES = ("auto", "cpu", "cuda")
+#: "Pre-alignment" choices -> the engine's ``affine``: auto is the model card's default (on for the CT weights).
+PREALIGN = {"auto": None, "on": True, "off": False}
+#: The "Refine" spin box's minimum, shown as "auto": the model card's default iterations (the engine's None).
+REFINE_AUTO = -1
 COLOURED = " colorized"  # the suffix "Colorize volume" gives its result layer
 CHECKERBOARD, DIFFERENCE, JACOBIAN, EDGES = "checkerboard", "difference", "Jacobian", "tile edges"
 #: det J shown on [0, 2]: clear at 1 (volume kept), magenta where the moving image is compressed, green where stretched.
@@ -185,14 +194,29 @@ class RegisterWidget(Container):
         self.model_file = FileEdit(
             label="Model file", mode="r", filter="*.pth *.safetensors", visible=False, tooltip="official SYMNet .pth"
         )
-        self.affine = CheckBox(text="Affine pre-alignment", value=False)
-        self.refine = SpinBox(
-            label="Refine steps",
-            min=0,
-            max=MAX_REFINE_STEPS,
-            value=0,
-            tooltip="test-time refinement of the velocity fields for this pair (0: the network alone)",
+        self.prealign = ComboBox(
+            label="Pre-alignment",
+            choices=list(PREALIGN),
+            value="auto",
+            tooltip="rigid + affine pre-alignment before the network (auto: the model card's default, on for the CT "
+            "weights, off for an official checkpoint)",
         )
+        # Qt's spin boxes show their special value text instead of the number when the value is the minimum: -1
+        # reads "auto" (the model card's default), one step below 0 (the network alone). magicgui's SpinBox is
+        # superqt's QLargeIntSpinBox, which has no special value; FloatSpinBox is Qt's QDoubleSpinBox, here with no
+        # decimals, so only whole iteration counts can be entered.
+        self.refine = FloatSpinBox(
+            label="Refine (demons its)",
+            min=REFINE_AUTO,
+            max=MAX_REFINE_ITERATIONS,
+            step=1,
+            value=REFINE_AUTO,
+            tooltip="demons iterations at the fixed image's full resolution, seeded by the network's field (0: the "
+            "network alone; auto: the model card's default, which refines with the CT weights and not with an "
+            "official checkpoint)",
+        )
+        self.refine.native.setDecimals(0)
+        self.refine.native.setSpecialValueText("auto")
         self.device = ComboBox(label="Device", choices=list(DEVICES), value="auto")
         self.warp_colour = CheckBox(text="Warp colorized twin too", value=True, enabled=False, visible=False)
         self.tile_mm = FloatSlider(label="Tile (mm)", min=2.0, max=100.0, step=1.0, value=20.0)
@@ -214,7 +238,7 @@ class RegisterWidget(Container):
                 self.moving,
                 self.model,
                 self.model_file,
-                self.affine,
+                self.prealign,
                 self.refine,
                 self.device,
                 self.warp_colour,
@@ -407,9 +431,9 @@ class RegisterWidget(Container):
         except CTColorError as exc:
             show_error(str(exc))
             return
-        affine = bool(self.affine.value)
-        refine = int(self.refine.value)
-        total = 7 + affine + (refine + 1 if refine else 0) + (inputs.moving_colour is not None)
+        affine = PREALIGN[self.prealign.value]
+        iterations = round(self.refine.value)
+        refine = None if iterations == REFINE_AUTO else iterations
         transforms = {key: np.array(value) for key, value in layer_attributes(fixed_layer).items() if key != "metadata"}
         fixed_limits = tuple(float(v) for v in fixed_layer.contrast_limits)
         worker = create_worker(
@@ -419,14 +443,14 @@ class RegisterWidget(Container):
             affine,
             refine,
             device,
-            total,
             _ignore_errors=True,  # errors other than ours reach napari's notifier
         )
-        bar = progress(total=total, desc=TITLE)
+        # The total is the engine's (it depends on the model card's defaults), known from its first step: until
+        # then both bars are busy indicators (total 0).
+        bar = progress(total=0, desc=TITLE)
         started = time.perf_counter()
-        worker.yielded.connect(lambda step: bar.update(step[0] - bar.n))
-        self.progress_bar.max, self.progress_bar.value, self.progress_bar.visible = total, 0, True
-        worker.yielded.connect(lambda step: self._progress(step[0]))
+        self.progress_bar.max, self.progress_bar.value, self.progress_bar.visible = 0, 0, True
+        worker.yielded.connect(lambda step: self._progress(step, bar))
         worker.aborted.connect(lambda: self._say(f"{TITLE}: cancelled"))
         worker.errored.connect(lambda _: self._say(f"{TITLE}: failed"))
         worker.returned.connect(
@@ -445,10 +469,26 @@ class RegisterWidget(Container):
         worker.start()
 
     @staticmethod
-    def _steps(inputs: _Inputs, model: str, affine: bool, refine: int, device: str, total: int):
-        """The engine, then the colour warp: yields (done, total), returns an `_Output` or `_Failed`."""
+    def _steps(inputs: _Inputs, model: str, affine: bool | None, refine: int | None, device: str):
+        """The engine, then the colour warp: yields (done, total), returns an `_Output` or `_Failed`.
+
+        ``total`` is the engine's, taken from each of its steps, plus one step for the colour warp.
+        """
+        extra = int(inputs.moving_colour is not None)
+        total = 0
         try:
-            result = yield from iter_register(inputs.fixed, inputs.moving, model, affine, refine, device)
+            engine = iter_register(inputs.fixed, inputs.moving, model, affine, refine, device)
+            try:
+                while True:
+                    try:
+                        done, total = next(engine)
+                    except StopIteration as stop:
+                        result = stop.value
+                        break
+                    total += extra
+                    yield done, total
+            finally:
+                engine.close()  # Cancel closes this generator at a yield: the engine's own finally blocks run
             difference = inputs.fixed.array.astype(np.float32) - result.warped.array
             fixed_colour = warped_colour = None
             if inputs.moving_colour is not None:
@@ -460,10 +500,22 @@ class RegisterWidget(Container):
                 yield total, total
         except CTColorError as exc:
             return _Failed(str(exc))
+        except RuntimeError as exc:
+            # superqt takes a RuntimeError out of a worker for a deleted Qt object and ends the worker without its
+            # errored and finished signals, which would leave the widget busy for good (torch's out-of-memory error
+            # is a RuntimeError too): shown as a one-line error instead.
+            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            return _Failed(f"{TITLE} failed: {lines[0]}")
         return _Output(result, difference, fixed_colour, warped_colour)
 
-    def _progress(self, done: int) -> None:
+    def _progress(self, step: tuple[int, int], bar: progress) -> None:
+        """One step of the job: both bars take its total (the engine's) and its count."""
+        done, total = step
+        if bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
         if not self._closed:
+            self.progress_bar.max = total
             self.progress_bar.value = done
 
     def _say(self, text: str) -> None:
@@ -497,6 +549,9 @@ class RegisterWidget(Container):
             return
         self._kept = _Kept(inputs, output, transforms, fixed_limits, fixed_layer.ndim == 2)
         self._show()
+        warnings = output.result.metrics.get("warnings", [])
+        if warnings:  # the layers are added: a doubtful result is shown, and said so once
+            show_warning(f"{TITLE}: " + "; ".join(warnings))
 
     # ---------------------------------------------------------------------------------------------------------------
     # Output layers
@@ -521,10 +576,13 @@ class RegisterWidget(Container):
         self._redraw_checkerboard()
         m = result.metrics
         prealigned = f" (affine {m['ncc_prealigned']:.3f})" if "ncc_prealigned" in m else ""
+        warnings = "".join(f"<br>⚠ {html.escape(w)}" for w in m.get("warnings", []))
         self.summary.value = (
             f"NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}{prealigned}"
             f" | folding {100 * m['folding_fraction']:.3f} %"
-            f" | {m['seconds']:.1f} s ({m['device']}, refine {m['refine_steps']})"
+            f" | {m['seconds']:.1f} s ({m['device']}, pre-alignment {'on' if m['affine'] else 'off'},"
+            f" refine {m['refine_iterations']})"
+            f"{warnings}"
             "<br>difference = fixed - warped (HU): red where the fixed image is brighter, blue where the warped is"
             "<br>Jacobian det J: 1 unchanged, &lt; 1 compressed (magenta), &gt; 1 expanded (green), &le; 0 folded"
         )

@@ -203,13 +203,27 @@ def register_nodes(
     fixed_node,
     moving_node,
     model: str = "ct",
-    affine: bool = False,
+    affine: bool | None = None,
+    refine: int | None = None,
     device: str = "auto",
     progress=None,
     cancel=None,
 ) -> NodeRegistration:
     """Register ``moving_node`` onto ``fixed_node`` with the engine of ``ctcolor register``; the outputs are added to
     their scene (none when it fails).
+
+    Args:
+        fixed_node, moving_node: scalar volume nodes of one scene.
+        model: ``"ct"`` (the project's CT weights) or the path of a SYMNet checkpoint.
+        affine: rigid then affine pre-alignment (``--affine``); None takes the model card's default (on for the CT
+            weights, off for an official checkpoint).
+        refine: demons iterations at the fixed image's resolution (``--refine``; 0: the network alone); None takes
+            the model card's default (refinement with the CT weights, none with an official checkpoint).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
+        progress: called as ``progress(done, total)``; ``total`` comes from the engine (it depends on the card).
+        cancel: polled between progress steps; True stops the registration (`Cancelled`).
+
+    The engine's quality warnings are in ``metrics["warnings"]`` (empty when the registration looks sound).
 
     Raises:
         InputError: nodes in different scenes, a node without image data, a vector volume, and the engine's own
@@ -224,7 +238,9 @@ def register_nodes(
     if scene is None or moving_node.GetScene() is not scene:
         raise InputError(f"{_name(moving_node)}: the fixed and moving nodes are in different scenes")
     fixed, moving = volume_from_node(fixed_node), volume_from_node(moving_node)
-    result = register(fixed, moving, model=model, affine=affine, device=device, progress=progress, cancel=cancel)
+    result = register(
+        fixed, moving, model=model, affine=affine, refine=refine, device=device, progress=progress, cancel=cancel
+    )
     name = _name(moving_node)
     return NodeRegistration(
         warped=node_from_volume(result.warped, scene, f"{name} warped"),

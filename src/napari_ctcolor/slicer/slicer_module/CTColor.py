@@ -19,6 +19,8 @@ from slicer.ScriptedLoadableModule import (
 
 from napari_ctcolor.slicer.logic import colorize_node, register_nodes
 
+#: Pre-alignment choices: "auto" is the model card's default (on for the CT weights, off for an official checkpoint).
+PREALIGN = {"auto": None, "on": True, "off": False}
 WINDOWS = ("DICOM default", "abdomen", "lung", "bone", "liver", "mediastinum", "brain", "cta")
 PALETTES = ("anatomical", "dicom")
 
@@ -38,6 +40,8 @@ class CTColor(ScriptedLoadableModule):
 
 class CTColorWidget(ScriptedLoadableModuleWidget):
     def setup(self):
+        from napari_ctcolor.engines.refine import MAX_REFINE_ITERATIONS  # torch's import when the module opens
+
         super().setup()
         self.logic = CTColorLogic()
 
@@ -59,11 +63,16 @@ class CTColorWidget(ScriptedLoadableModuleWidget):
         form = qt.QFormLayout(register)
         self.fixedSelector = self._volume_selector()
         self.movingSelector = self._volume_selector()
-        self.affineBox = qt.QCheckBox("Affine pre-alignment")
+        self.prealignBox = qt.QComboBox()
+        self.prealignBox.addItems(list(PREALIGN))
+        self.refineBox = qt.QSpinBox()
+        self.refineBox.minimum, self.refineBox.maximum, self.refineBox.value = -1, MAX_REFINE_ITERATIONS, -1
+        self.refineBox.specialValueText = "auto"  # Qt shows it at the minimum, -1: the model card's default
         self.registerButton = qt.QPushButton("Register")
         form.addRow("Fixed:", self.fixedSelector)
         form.addRow("Moving:", self.movingSelector)
-        form.addRow(self.affineBox)
+        form.addRow("Pre-alignment:", self.prealignBox)
+        form.addRow("Refine (demons its):", self.refineBox)
         form.addRow(self.registerButton)
         self.layout.addWidget(register)
 
@@ -108,8 +117,9 @@ class CTColorWidget(ScriptedLoadableModuleWidget):
 
     def onRegister(self):
         fixed, moving = self.fixedSelector.currentNode(), self.movingSelector.currentNode()
-        affine = self.affineBox.checked
-        self._run("Register & checkerboard", lambda: self.logic.register(fixed, moving, affine, self._progress))
+        affine = PREALIGN[self.prealignBox.currentText]
+        refine = None if self.refineBox.value < 0 else self.refineBox.value
+        self._run("Register & checkerboard", lambda: self.logic.register(fixed, moving, affine, refine, self._progress))
 
 
 class CTColorLogic(ScriptedLoadableModuleLogic):
@@ -120,11 +130,18 @@ class CTColorLogic(ScriptedLoadableModuleLogic):
         slicer.util.setSliceViewerLayers(background=colour, fit=True)
         return f"Colorize volume: {colour.GetName()}"
 
-    def register(self, fixed, moving, affine, progress=None):
-        result = register_nodes(fixed, moving, affine=affine, progress=progress)
+    def register(self, fixed, moving, affine=None, refine=None, progress=None):
+        result = register_nodes(fixed, moving, affine=affine, refine=refine, progress=progress)
         slicer.util.setSliceViewerLayers(background=result.checkerboard, fit=True)
         m = result.metrics
-        return f"NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}, folding {100 * m['folding_fraction']:.3f} %"
+        text = (
+            f"NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}, folding {100 * m['folding_fraction']:.3f} %, "
+            f"pre-alignment {'on' if m['affine'] else 'off'}, refine {m['refine_iterations']}"
+        )
+        warnings = m.get("warnings", [])  # a doubtful registration: the outputs are added, the user is told why
+        if warnings:
+            slicer.util.warningDisplay("\n".join(warnings), windowTitle="Register & checkerboard")
+        return "\n".join([text, *(f"warning: {w}" for w in warnings)])
 
 
 class CTColorTest(ScriptedLoadableModuleTest):
