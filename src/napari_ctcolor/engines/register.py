@@ -122,9 +122,11 @@ class RegistrationResult:
         inverse_ddf: float32 (Z, Y, X, 3), mm, LPS: moving point q maps to fixed point q + inverse_ddf(q), sampled at
             the fixed grid's points (so it covers the moving image where it overlaps the fixed image's box).
         jacobian: det J of the map p -> p + ddf(p), float32 on the fixed grid (1 keeps volume, <= 0 folds).
-        metrics: ncc_before, ncc_after (global NCC over the fixed grid; ncc_prealigned with ``affine``),
-            folding_fraction, inverse_consistency_mm, seconds, stage_seconds, model, network_shape (the grid the
-            network ran on), device, refine_steps, affine.
+        metrics: ncc_before, ncc_after (global NCC over the fixed grid; ncc_prealigned, prealign_matrix and
+            prealign_offset_mm with the pre-alignment), lncc_before, lncc_after (`local_ncc` in the body),
+            folding_fraction, volume_change_fraction (det J outside 0.8..1.25 in the body), inverse_consistency_mm,
+            overlap_fraction (of the body covered by the moving image), seconds, stage_seconds, model, network_shape
+            (the grid the network ran on), device, refine_iterations, affine, symmetric, and warnings (`warnings`).
         warped_labels: the moving labels in the fixed image's space (nearest), when labels were given.
     """
 
