@@ -838,7 +838,7 @@ def iter_register(
             forward = _symmetric_forward if loaded.symmetric else _forward
             v_xy, v_yx = forward(network, fixed_in, moving_in)
         v_xy, v_yx = v_xy.float().contiguous(), v_yx.float().contiguous()
-        del fixed_in, moving_in
+        del fixed_in, moving_in, moving_t  # the refinement reads the moving image as it was read
     yield stages.done, stages.total
 
     with stages("integrate"), torch.inference_mode():
@@ -852,7 +852,6 @@ def iter_register(
             f_ab, f_ba = _slab_to_slice(f_ab), _slab_to_slice(f_ba)
     yield stages.done, stages.total
 
-    spacing_xyz = torch.tensor(fixed.spacing[::-1], dtype=torch.float32, device=torch_device).view(1, 3, 1, 1, 1)
     with stages("fields"), torch.inference_mode():
         ddf, inverse_ddf = _voxels_to_mm(f_ba, fixed), _voxels_to_mm(f_ab, fixed)
         a, b = _affine_parts(transform)
@@ -885,7 +884,6 @@ def iter_register(
             f_ba, f_ab = _mm_to_voxels(ddf, fixed), _mm_to_voxels(inverse_ddf, fixed)
             a = np.eye(3)
         yield stages.done, stages.total
-    del moving_t
 
     with stages("warp"), torch.inference_mode():
         # One interpolation of the original moving image through the final ddf (no resample-then-warp blur), with
@@ -906,7 +904,8 @@ def iter_register(
         # det J is invariant under the voxel -> mm similarity, so the voxel field gives it; the affine part is constant.
         slab = f_ba.expand(-1, -1, 2, -1, -1) if two_d else f_ba  # a 2D field needs 2 slices for its gradient
         jacobian = jacobian_determinant(slab)[0, : fixed.shape[0]] * float(np.linalg.det(a))
-        inverse_consistency = _inverse_consistency_mm(f_ab, f_ba, spacing_xyz.flatten())
+        spacing_xyz = torch.tensor(fixed.spacing[::-1], dtype=f_ba.dtype, device=f_ba.device)
+        inverse_consistency = _inverse_consistency_mm(f_ab, f_ba, spacing_xyz)
         ncc_after = global_ncc(fixed_t, warped_t)
         lncc_after = local_ncc(fixed_n, _normalise(warped_t, normalisation, moving_low, moving_high), body)
         in_body = jacobian[body[0, 0]]

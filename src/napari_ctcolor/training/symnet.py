@@ -276,11 +276,11 @@ def chest_pairs(
 
     The masks are `chest_masks` of the fixed CT, and the same masks moved with the CT (nearest neighbour).
     """
+    from ..io import read_volume  # the readers are needed only by the evaluation, not by training
+
     data = shared_data_dir() / "ct"
     pairs = []
     for name in CHEST_CTS:
-        from ..io import read_volume  # the readers are needed only by the evaluation, not by training
-
         ct = read_volume(data / name)
         if shrink > 1:
             image = sitk.BinShrink(sitk.Cast(ct.to_sitk(), sitk.sitkFloat32), [shrink, shrink, 1])
