@@ -20,12 +20,15 @@ from napari_ctcolor.cli import main
 from napari_ctcolor.engines import Cancelled, checkerboard, register
 from napari_ctcolor.engines.checkerboard import checkerboard_mask
 from napari_ctcolor.engines.register import (
+    IC_STRIDE,
+    LNCC_WINDOW,
     MAX_NETWORK_VOXELS,
     _card_normalisation,
     _padded_voxels,
     _resize_field,
     global_ncc,
     load_registration_model,
+    local_ncc,
     working_shape,
 )
 from napari_ctcolor.io import ColorVolume, InputError, Volume, read_volume, write_nifti
@@ -773,3 +776,22 @@ def test_cli_peer_demons_writes_a_warped_image_and_an_lps_ddf_that_simpleitk_app
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["peer"] == "demons"
     done = _ctcolor("peer", "demons", *map(str, paths), "-o", str(tmp_path / "out"))
     assert done.returncode == 2 and "not empty" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_local_ncc_equals_a_direct_window_computation_at_its_sampled_voxels():
+    """The strided separable boxes against the definition: per sampled voxel, Pearson correlation over the box
+    clipped at the border, averaged over the mask. Float32 sums of 7^3 values: agreement to 1e-4."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(9, 12, 11)).astype(np.float32)
+    b = (0.5 * a + rng.normal(size=a.shape)).astype(np.float32)
+    mask = rng.random(a.shape) < 0.6
+    half, values = LNCC_WINDOW // 2, []
+    for z, y, x in zip(*np.nonzero(mask), strict=True):
+        if z % IC_STRIDE or y % IC_STRIDE or x % IC_STRIDE:
+            continue
+        box = tuple(slice(max(c - half, 0), c + half + 1) for c in (z, y, x))
+        values.append(np.corrcoef(a[box].ravel(), b[box].ravel())[0, 1])
+    as_tensor = lambda v: torch.from_numpy(v)[None, None]  # noqa: E731
+    measured = local_ncc(as_tensor(a), as_tensor(b), as_tensor(mask))
+    assert measured == pytest.approx(float(np.mean(values)), abs=1e-4)
+    assert local_ncc(as_tensor(a), as_tensor(2 * a + 1), as_tensor(mask)) == pytest.approx(1.0, abs=1e-4)

@@ -582,19 +582,28 @@ def local_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     boxes clipped at the border), as MONAI's ``LocalNormalizedCrossCorrelationLoss`` with a rectangular kernel, and
     written here with separable average pooling because importing ``monai.losses`` costs every ``ctcolor register``
     about 3 s of start-up. A voxel whose box is constant in either image counts as 0. 0 for an empty mask.
+
+    The mean is taken at every `IC_STRIDE`-th voxel along each axis (the pooling strides there, so the boxes cost
+    about a third of full resolution: 2.4 s -> 0.8 s on a 160x192x224 pair); like the inverse-consistency sample, it
+    estimates the mean over the mask to well under 1 %.
     """
     if not bool(mask.any()):
         return 0.0
     k, pad = LNCC_WINDOW, LNCC_WINDOW // 2
 
     def box(t: torch.Tensor) -> torch.Tensor:
-        for axis in range(3):
+        for axis in (2, 1, 0):  # the contiguous axis first, at full resolution; each pass strides its own axis
             if t.shape[2 + axis] == 1:  # a 2D image: no box across its single slice
                 continue
-            kernel, padding = [1, 1, 1], [0, 0, 0]
-            kernel[axis], padding[axis] = k, pad
-            t = F.avg_pool3d(t, tuple(kernel), stride=1, padding=tuple(padding), count_include_pad=False)
+            kernel, stride, padding = [1, 1, 1], [1, 1, 1], [0, 0, 0]
+            kernel[axis], stride[axis], padding[axis] = k, IC_STRIDE, pad
+            t = F.avg_pool3d(t, tuple(kernel), stride=tuple(stride), padding=tuple(padding), count_include_pad=False)
         return t
+
+    # Box centres at 0, s, 2s, ... on each pooled axis: the voxels mask[::s, ::s, ::s] (a singleton axis keeps its one).
+    mask = mask[..., :: IC_STRIDE, :: IC_STRIDE, :: IC_STRIDE]
+    if not bool(mask.any()):
+        return 0.0
 
     a, b = a.float(), b.float()
     mean_a, mean_b = box(a), box(b)
