@@ -601,7 +601,7 @@ def local_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
         return t
 
     # Box centres at 0, s, 2s, ... on each pooled axis: the voxels mask[::s, ::s, ::s] (a singleton axis keeps its one).
-    mask = mask[..., :: IC_STRIDE, :: IC_STRIDE, :: IC_STRIDE]
+    mask = mask[..., ::IC_STRIDE, ::IC_STRIDE, ::IC_STRIDE]
     if not bool(mask.any()):
         return 0.0
 
