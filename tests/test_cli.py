@@ -136,6 +136,9 @@ def test_colorize_cli_refuses_non_ct_existing_outputs_and_bad_settings(tmp_path)
         ["-o", str(tmp_path / "v.nii.gz"), "--palette", "nonsense"],
         ["-o", str(tmp_path / "u.nii.gz"), "--palette", str(bad_csv)],
         ["-o", str(tmp_path / "t.nii.gz"), "--palette", str(tmp_path / "missing.csv")],
+        ["-o", str(tmp_path / "x.nii.gz"), "--classes", str(tmp_path / "labels.txt")],
+        ["-o", str(tmp_path / "x.nii.gz"), "--classes", str(tmp_path / "x.nii.gz")],
+        ["-o", str(tmp_path / "x.nii.gz"), "--classes", str(existing)],
     ):
         result = ctcolor("colorize", str(ct_path), *args)
         lines = result.stderr.strip().splitlines()

@@ -174,7 +174,7 @@ def test_3d_model_matches_monai_sliding_window_and_keeps_luminance(ct):
     # so the padding path runs too.
     crop = Volume(ct.array[:, 128:384, 128:384], ct.spacing, ct.origin, ct.direction, dict(ct.meta))
     net = tiny_colorizer(dims=3)
-    got = predict_chroma(crop, net, device="cpu", batch_size=8)
+    got = predict_chroma(crop, net, device="cpu", batch_size=8, anatomy=False)  # the network's own probabilities
     # Reference: MONAI's inferer blending the class probabilities of the same network input (the engine runs its own
     # loop to report progress), reduced to the 4 most probable classes as the engine keeps them.
     with torch.inference_mode():
@@ -197,7 +197,7 @@ def test_3d_slabs_cover_a_long_volume_like_one_sliding_window(ct):
     crop = ct.array[:, 192:320, 192:320]
     long = Volume(np.concatenate([crop, crop[::-1], crop]), ct.spacing, ct.origin, ct.direction, dict(ct.meta))
     net = tiny_colorizer(dims=3)
-    got = predict_chroma(long, net, device="cpu", batch_size=8)
+    got = predict_chroma(long, net, device="cpu", batch_size=8, anatomy=False)  # the network's own probabilities
     with torch.inference_mode():
         x = prepare_input(downsample_hu(torch.from_numpy(long.array.astype(np.float32)), 4)[None], net.config)
         inferer = SlidingWindowInferer(_ROI_3D, sw_batch_size=2, overlap=0.5, mode="gaussian", padding_mode="replicate")

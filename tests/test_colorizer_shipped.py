@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from napari_ctcolor.color import srgb_to_lab
 from napari_ctcolor.engines.colorize import predict_chroma
 from napari_ctcolor.training.data import LabelledCT, load_real_case
-from napari_ctcolor.training.evaluate import colour_metrics
+from napari_ctcolor.training.evaluate import class_metrics, colour_metrics, tissue_metrics
 from napari_ctcolor.weights import find_weights, load_colorizer
 from napari_ctcolor.windowing import PRESETS
 from test_color import LUMINANCE_BOUND
@@ -42,7 +42,8 @@ def validation_case() -> LabelledCT:
 
 
 def cli_render(tmp_path, model: str):
-    """render(window, palette) for `colour_metrics`: one `ctcolor colorize` process per window and palette."""
+    """render(window, palette) for `colour_metrics`: one `ctcolor colorize` process per window and palette. The
+    first also writes the class map (``--classes``) to tmp_path / "classes.nii.gz"."""
     done: dict[tuple, np.ndarray] = {}
 
     def render(win, palette: str) -> np.ndarray:
@@ -52,6 +53,7 @@ def cli_render(tmp_path, model: str):
             out = tmp_path / f"{len(done)}.nii.gz"
             command = [sys.executable, "-m", "napari_ctcolor", "colorize", str(DICOM_SERIES), "-o", str(out)]
             command += ["--model", model, "--palette", palette, "--window", f"{centre},{width}", "--device", "cpu"]
+            command += [] if done else ["--classes", str(tmp_path / "classes.nii.gz")]
             # "--window -600,1500" works too: the CLI reads a negative centre as the option's value
             result = subprocess.run(command, capture_output=True, text=True, timeout=300)
             assert result.returncode == 0, result.stderr
@@ -67,9 +69,27 @@ def test_validation_patient_through_the_cli_matches_the_model_card(validation_ca
     scatter of other kernels (it passed on 1 and on 2 threads of an AVX-512 EPYC; not in `make test`'s 1-thread pass,
     where its 11 CLI runs would cost 2 minutes)."""
     net, card = load_colorizer(model)
-    got = colour_metrics(validation_case, net.config.classes, cli_render(tmp_path, model), ["dicom", "anatomical"])
+    render = cli_render(tmp_path, model)
+    got = colour_metrics(validation_case, net.config.classes, render, ["dicom", "anatomical"])
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "classes.nii.gz")))
+    table = json.loads((tmp_path / "classes.json").read_text())["labels"]
+    assert [table[str(k + 1)] for k in range(1, len(net.config.classes))] == list(net.config.classes[1:])
+    classes = class_metrics(validation_case, labels, net.config.classes)
+    tissues = tissue_metrics(validation_case.ct, labels, net.config.classes, render)
     card_case = card["metrics"]["real_val"]["cases"][0]
-    print(json.dumps(got))
+    print(json.dumps([got, classes, tissues]))
+    # The class map as `ctcolor colorize --classes` writes it names the anatomy as the card says; a class can flip
+    # where two were nearly equally probable, hence 0.01 (0.002 for the shares of absent structures).
+    for group, value in classes["right_or_tissue"].items():
+        expected = card_case["classes"]["right_or_tissue"][group]
+        assert (value is None) == (expected is None) and (value is None or value == pytest.approx(expected, abs=0.01))
+    assert classes["absent_named"] == pytest.approx(card_case["classes"]["absent_named"], abs=0.002)
+    assert classes["flicker"] == pytest.approx(card_case["classes"]["flicker"], abs=0.01)
+    for key, value in tissues.items():
+        expected = card_case["tissues"][key]
+        assert (value is None) == (expected is None) and (value is None or value == pytest.approx(expected, abs=0.01))
+    # Lung keeps its colour family on this unseen patient (the palette's lung hue, within 25 degrees).
+    assert tissues["lung_hue"] >= 0.9
     for palette in ("dicom", "anatomical"):
         mine, theirs = got[palette], card_case[palette]
         # The card was computed by the engine in one process; the CLI must give the same pictures.

@@ -367,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("-o", "--output", required=True, metavar="OUT", help=".nii/.nii.gz file or a folder")
     _add_colorize_options(col)
     col.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read from a folder with several series")
+    col.add_argument(
+        "--classes",
+        metavar="LABELS.nii.gz",
+        help="also write each voxel's most probable colour class as a label map on the CT's grid (uint8: 0 air, k "
+        "the k-th class; names and palette colours in LABELS.json beside it)",
+    )
     col.add_argument("--overwrite", action="store_true", help="replace an existing output")
     col.set_defaults(run=_cmd_colorize)
 

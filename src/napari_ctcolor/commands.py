@@ -188,6 +188,14 @@ def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Pa
     remote = is_series_url(args.path)
     check_export_flags(fmt, args.keep_patient_info, args.send, remote)
     check_output(out, folder=fmt != "nifti", inputs=[] if remote else [args.path], overwrite=args.overwrite)
+    classes_out = Path(args.classes) if getattr(args, "classes", None) else None
+    if classes_out is not None:
+        if not classes_out.name.lower().endswith(NIFTI_SUFFIXES):
+            raise InputError(f"{classes_out}: --classes writes NIfTI; give a .nii or .nii.gz name")
+        if classes_out.resolve() == out.resolve():
+            raise InputError(f"{classes_out}: --classes needs a file of its own, not OUT")
+        for path in (classes_out, _classes_table(classes_out)):
+            check_output(path, folder=False, inputs=[] if remote else [args.path], overwrite=args.overwrite)
     source = None  # a DICOMweb series' first header: the patient and study that --send and --keep-patient-info keep
     if remote and (args.send or args.keep_patient_info):
         volume, source = read_series(args.path, series_uid=args.series, with_source=True)
@@ -215,6 +223,8 @@ def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Pa
         colour = colorize(
             volume, args.model, args.window, args.chroma, args.device, args.batch_size, palette, progress=progress
         )
+    if classes_out is not None:
+        _write_classes(colour, volume, palette, classes_out)
     if fmt == "nifti":
         write_rgb_nifti(colour, out, overwrite=args.overwrite)
     elif fmt == "png":
@@ -234,6 +244,32 @@ def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Pa
             url, count = send_series(colour, volume.meta, source, written if args.keep_patient_info else None)
             print(f"sent {count} instances to {url}")
     return out
+
+
+def _classes_table(labels_path: Path) -> Path:
+    """LABELS.nii.gz -> LABELS.json beside it."""
+    name = labels_path.name
+    stem = name[: -len(next(x for x in NIFTI_SUFFIXES if name.lower().endswith(x)))]
+    return labels_path.with_name(stem + ".json")
+
+
+def _write_classes(colour, volume, palette, path: Path) -> None:
+    """`ctcolor colorize --classes`: the most probable class of each voxel (what the widget's pointer and class
+    layer show) as a uint8 label map on the CT's grid, and its names and palette colours as JSON."""
+    from .io import Volume
+
+    chroma = colour.chroma
+    labels = chroma.most_probable(volume.shape)
+    write_nifti(Volume(labels, volume.spacing, volume.origin, volume.direction), path)
+    table = {
+        "labels": {str(k + 1): name for k, name in enumerate(chroma.classes) if name != "air"},
+        "rgb": {name: palette.class_rgb(name) for name in chroma.classes if name != "air"},
+        "palette": palette.name,
+        "model": chroma.model,
+        "note": "0: air (no colour class shown); the class a voxel is coloured as, not a segmentation",
+    }
+    with atomic_path(_classes_table(path)) as tmp:
+        tmp.write_text(json.dumps(table, indent=1))
 
 
 def check_export_flags(fmt: str, keep_patient_info: bool, send: bool, remote: bool = True) -> None:

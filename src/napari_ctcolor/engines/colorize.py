@@ -38,6 +38,7 @@ from ..io.guard import check_memory, release_free_memory
 from ..models.colorizer import Colorizer, context_indices, downsample_hu, prepare_input
 from ..weights import COLORIZER_DEFAULT, load_colorizer
 from ..windowing import Window, parse_window, window, window_tensor
+from . import anatomy
 from .device import resolve_device
 from .steps import Cancel, Progress, Steps, offset_steps, run_steps
 
@@ -131,8 +132,13 @@ AIR_HU, _AIR_FADE_HU = -900.0, 20.0
 def _compact(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, K, h, w) probabilities -> the `TOP_K` (uint8 indices, uint8 probabilities x 255), renormalised."""
     values, indices = probs.topk(min(TOP_K, probs.shape[1]), dim=1)
-    values = values / values.sum(dim=1, keepdim=True)
-    return indices.to(torch.uint8), (values * 255.0).round_().to(torch.uint8)
+    return indices.to(torch.uint8), _quantise(values)
+
+
+def _quantise(values: torch.Tensor) -> torch.Tensor:
+    """(n, k, h, w) probabilities -> uint8 x 255, renormalised over k."""
+    values = values / values.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return (values * 255.0).round_().to(torch.uint8)
 
 
 def get_colorizer(model: str | os.PathLike | Colorizer = COLORIZER_DEFAULT) -> tuple[Colorizer, dict[str, Any]]:
@@ -251,8 +257,10 @@ def iter_predict_chroma(
     model: str | os.PathLike | Colorizer = COLORIZER_DEFAULT,
     device: str | torch.device = "auto",
     batch_size: int | None = None,
+    anatomy: bool = True,
 ) -> Steps[Chroma]:
-    """`predict_chroma` as a generator: yields ``(done, Z)`` slices after each batch, returns the `Chroma`.
+    """`predict_chroma` as a generator: yields ``(done, Z)`` slices after each batch, returns the `Chroma` (made
+    anatomically consistent by `anatomy` unless ``anatomy=False``).
 
     A 2D model advances ``batch_size`` slices per step; a 3D model ``batch_size // 4`` sliding-window patches per
     step, reported as the matching fraction of Z. Nothing runs until the first ``next()``.
@@ -285,13 +293,16 @@ def iter_predict_chroma(
     k = min(TOP_K, len(config.classes))
     top = torch.empty((z, k, *low), dtype=torch.uint8)
     prob = torch.empty((z, k, *low), dtype=torch.uint8)
+    small_hu = torch.empty((z, *low), dtype=torch.float32)  # for the anatomy step (`_make_consistent`)
     if config.dims == 2:
         neighbours = context_indices(z, config.context)
         for start in range(0, z, batch):
             stop = min(z, start + batch)
             lo, hi = int(neighbours[start:stop].min()), int(neighbours[start:stop].max()) + 1
             with _inference(device):
-                x = prepare_input(small_slices(lo, hi)[neighbours[start:stop] - lo], config)
+                small = small_slices(lo, hi)
+                small_hu[start:stop] = small[start - lo : stop - lo].float().cpu()
+                x = prepare_input(small[neighbours[start:stop] - lo], config)
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 indices, values = _compact(net(x).float().softmax(dim=1))
@@ -299,12 +310,51 @@ def iter_predict_chroma(
             yield stop, z
     else:
         with _inference(device):
-            x = prepare_input(small_slices(0, z)[None], config)  # (1, windows, Z, h, w)
+            small = small_slices(0, z)
+            small_hu[:] = small.float().cpu()
+            x = prepare_input(small[None], config)  # (1, windows, Z, h, w)
+        del small
         yield from _sliding_window_3d(net, x, max(1, batch // 4), top, prob)
         del x
+    if anatomy:
+        _make_consistent(top, prob, small_hu, config.classes, volume, factor)
+    del small_hu
     if device.type == "cpu":  # the network's freed temporaries, before the compose phase allocates the RGB output
         release_free_memory()
     return Chroma(top, prob, config.classes, factor, pad, str(card.get("name", "custom")))
+
+
+#: Slices per chunk of the anatomy step.
+_ANATOMY_CHUNK = 32
+
+
+def _make_consistent(
+    top: torch.Tensor, prob: torch.Tensor, small_hu: torch.Tensor, classes: tuple[str, ...], volume: Volume, factor: int
+) -> None:
+    """`anatomy`'s steps on the kept classes (`TOP_K` per pixel), in place, chunk by chunk (with a halo of
+    neighbour slices for the z smoothing): smoothed along z, restricted to the body region, named by tissue where
+    unsure."""
+    spacing_z, pixel_y, pixel_x = volume.spacing
+    region = anatomy.body_region(
+        small_hu.numpy(),
+        pixel_y * pixel_x * factor * factor,
+        anatomy.slice_superior_mm(volume.shape[0], spacing_z, volume.origin, volume.direction),
+    )
+    allowed = region.allowed(classes)
+    kernel = anatomy.z_smoothing_kernel(spacing_z) if volume.shape[0] > 1 else None
+    radius = 0 if kernel is None else len(kernel) // 2
+    z = top.shape[0]
+    source_top, source_prob = top.long(), prob.float().div_(255.0)
+    for start in range(0, z, _ANATOMY_CHUNK):
+        stop = min(z, start + _ANATOMY_CHUNK)
+        rows = torch.arange(start - radius, stop + radius).clamp(0, z - 1)  # edge slices repeated
+        chunk_top, chunk_prob = source_top[start:stop], source_prob[start:stop]
+        if kernel is not None:
+            chunk_prob = anatomy.smooth_along_z(source_top[rows], source_prob[rows], small_hu[rows], kernel)
+        chunk_top, chunk_prob = anatomy.consistent_top(
+            chunk_top, chunk_prob, small_hu[start:stop], classes, allowed[start:stop]
+        )
+        top[start:stop], prob[start:stop] = chunk_top.to(torch.uint8), _quantise(chunk_prob)
 
 
 def _sliding_window_3d(
@@ -362,12 +412,14 @@ def predict_chroma(
     batch_size: int | None = None,
     progress: Progress | None = None,
     cancel: Cancel | None = None,
+    anatomy: bool = True,
 ) -> Chroma:
     """Run the colorizer on a CT volume (HU) and return its a*, b* at the network's resolution.
 
     ``progress(done, Z)`` is called after each batch; ``cancel()`` is polled before each and raises `Cancelled`.
+    ``anatomy=False`` keeps the network's own probabilities (no `anatomy` step).
     """
-    return run_steps(iter_predict_chroma(volume, model, device, batch_size), progress, cancel)
+    return run_steps(iter_predict_chroma(volume, model, device, batch_size, anatomy), progress, cancel)
 
 
 def iter_compose_chroma(
@@ -402,7 +454,9 @@ def iter_compose_chroma(
                 rgb[start:stop] = compose_rgb_torch(window_tensor(hu, *win), ab, chroma=strength).cpu().numpy()
         yield stop, z
     settings = {"window": [win.centre, win.width], "model": chroma.model, "chroma": strength, "palette": palette.name}
-    return ColorVolume.on_grid_of(volume, rgb, **settings)
+    colour = ColorVolume.on_grid_of(volume, rgb, **settings)
+    colour.chroma = chroma
+    return colour
 
 
 def compose_chroma(

@@ -150,6 +150,8 @@ class ColorVolume:
     origin: tuple[float, float, float]
     direction: np.ndarray
     settings: dict[str, Any] = field(default_factory=dict)
+    #: The colour classes it was composed from (the colorize engine's ``Chroma``), when it has them.
+    chroma: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.rgb.ndim != 4 or self.rgb.shape[-1] != 3 or self.rgb.dtype != np.uint8:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import yaml
 
 from ..color import PALETTE_NAMES, load_palette
+from ..engines import anatomy
 from ..io.write import atomic_path
 from ..models.colorizer import Colorizer, ColorizerConfig, context_indices, downsample_hu, prepare_input
 from .data import REPRODUCTION_NOTE, LabelledCT, load_config, load_real_case, phantom_case, shared_data_dir
@@ -449,7 +450,10 @@ def model_card(model: Colorizer, train: TrainConfig, config_path: Path, facts: d
             "note": "HU are area-averaged in-plane to about chroma_mm pixels before windowing. The network gives "
             "probabilities over the colour classes; a*, b* = probability-weighted palette a*, b*, upsampled to the CT "
             "grid guided by the full-resolution HU, none where HU < -900, composed with the exact luminance of the "
-            "display window.",
+            "display window. Before that, the engine's anatomy step (napari_ctcolor.engines.anatomy) smooths the "
+            "probabilities along z where the HU does not change, rules out structures that do not fit the slice's "
+            f"position relative to the lungs, and names pixels where no structure reaches {anatomy.CONFIDENT} by "
+            "their tissue; the metrics include it.",
         },
         "classes": list(config.classes),
         "palettes": {name: load_palette(name).source for name in PALETTE_NAMES},

@@ -15,6 +15,8 @@ Metrics per case and palette:
 - ``air_max_chroma``: the largest C* where HU < -900, over the lung, abdomen and bone windows.
 - ``flicker_ratio``: mean |a*b*(z+1) - a*b*(z)| of the output over that of the reference.
 - ``max_abs_dL``: the largest |L*(output) - L*(windowed grey)| (8-bit rounding bounds it at about 0.27).
+
+And, once per case, ``classes`` (`class_metrics`): how the most probable class names the labelled structures.
 """
 
 from __future__ import annotations
@@ -91,7 +93,11 @@ def evaluate_case(
     def render(win: tuple[float, float] | str, palette: str) -> np.ndarray:
         return compose_chroma(case.ct, chroma, win, 1.0, "cpu", palette).rgb
 
-    return colour_metrics(case, model.config.classes, render, palettes, display)
+    result = colour_metrics(case, model.config.classes, render, palettes, display)
+    labels = chroma.most_probable(case.ct.shape)
+    result["classes"] = class_metrics(case, labels, chroma.classes)
+    result["tissues"] = tissue_metrics(case.ct, labels, chroma.classes, render)
+    return result
 
 
 def group_windows(case: LabelledCT) -> dict[str, tuple[float, float]]:
@@ -168,10 +174,123 @@ def colour_metrics(
     return result
 
 
+#: Structures whose naming is checked (`class_metrics`): group -> (colour classes, the tissue classes that also
+#: count as right: the plain colour the engine falls back to where it is unsure).
+CLASS_GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "aorta": (("aorta",), ("contrast_blood", "soft_tissue")),
+    "heart": (("heart",), ("contrast_blood", "soft_tissue")),
+    "liver": (("liver",), ("soft_tissue",)),
+    "spleen": (("spleen",), ("soft_tissue",)),
+    "kidneys": (("kidney",), ("soft_tissue", "contrast_blood")),
+    "vertebrae": (("vertebrae_thoracic", "vertebrae_lumbar"), ("bone",)),
+    "ribs": (("ribs",), ("bone",)),
+}
+#: Large organs whose class must not flicker between slices (`class_metrics`).
+FLICKER_ORGANS = ("liver", "spleen", "kidney")
+
+
+def class_metrics(case: LabelledCT, labels: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """How the most probable class (what the pointer, legend and class layer show, and ``ctcolor colorize --classes``
+    writes: ``labels``, 0 for air, k for ``classes[k - 1]``) names the labelled anatomy.
+
+    - ``right_or_tissue``: per `CLASS_GROUPS` group with at least `MIN_GROUP_VOXELS` inner voxels, the share named
+      as the structure, or as its tissue class.
+    - ``absent_named``: share of body voxels (HU >= -900) named as a structure that is not labelled anywhere in the
+      case (a femur in a chest CT).
+    - ``flicker``: inside the `FLICKER_ORGANS` (inner voxels), P(class differs from the next slice's) minus
+      P(class differs from the next row's); 0 when the class is as steady through the slices as within one.
+    """
+    hu = np.asarray(case.ct.array, dtype=np.float32)
+    most = np.asarray(labels).astype(np.int16) - 1  # -1: air
+    index = {name: k for k, name in enumerate(classes)}
+    in_volume = set(np.unique(case.labels).tolist())
+    label_class = {label: colour_class(name) for label, name in case.label_names.items() if label in in_volume}
+    present = set(label_class.values())
+    out: dict[str, Any] = {"right_or_tissue": {}}
+    for group, (members, tissues) in CLASS_GROUPS.items():
+        labels = [label for label, c in label_class.items() if c in members]
+        mask = _inner(np.isin(case.labels, labels)) & (hu >= AIR_HU)
+        if mask.sum() < MIN_GROUP_VOXELS:
+            out["right_or_tissue"][group] = None
+            continue
+        ok = [index[c] for c in (*members, *tissues) if c in index]
+        out["right_or_tissue"][group] = round(float(np.isin(most[mask], ok).mean()), 3)
+    body = hu >= AIR_HU
+    absent = [k for k, c in enumerate(classes) if c not in TISSUE_CLASSES and c not in present]
+    out["absent_named"] = round(float(np.isin(most[body], absent).mean()), 4)
+    organs = [label for label, c in label_class.items() if c in FLICKER_ORGANS]
+    inner = ndimage.binary_erosion(np.isin(case.labels, organs), iterations=2)
+    through = (inner[1:] & inner[:-1]), (inner[:, 1:] & inner[:, :-1])
+    if through[0].sum() >= MIN_GROUP_VOXELS:
+        p_z = float((most[1:] != most[:-1])[through[0]].mean())
+        p_y = float((most[:, 1:] != most[:, :-1])[through[1]].mean())
+        out["flicker"] = round(p_z - p_y, 3)
+    else:
+        out["flicker"] = None
+    return out
+
+
+#: Bone ivory (`tissue_metrics`): bone voxels (HU >= BONE_HU) that the bone window shows between 40 % and 85 % grey
+#: must have a hue in IVORY_HUE_DEG and C* >= IVORY_MIN_CHROMA under the anatomical palette.
+BONE_HU, IVORY_HUE_DEG, IVORY_MIN_CHROMA, IVORY_GREY = 300.0, (60.0, 110.0), 8.0, (0.40, 0.85)
+#: HU of lung parenchyma and of fat for `tissue_metrics` (inner voxels only).
+LUNG_HU, FAT_HU = (-900.0, -600.0), (-150.0, -60.0)
+#: Abdominal organs that must not be named in the chest (`tissue_metrics`).
+ABDOMINAL = ("liver", "spleen", "kidney", "small_bowel", "duodenum", "colon", "stomach")
+
+
+def _lung_below(hu: np.ndarray, superior_sign: float) -> np.ndarray:
+    """Voxels with aerated lung at the same (y, x) in a more inferior slice: above the diaphragm, by HU alone."""
+    lung = (hu >= LUNG_HU[0]) & (hu <= LUNG_HU[1])
+    lung = ndimage.binary_opening(lung, iterations=1)  # not the thin rims of bowel gas
+    order = slice(None) if superior_sign > 0 else slice(None, None, -1)  # index 0 = most inferior
+    seen = np.logical_or.accumulate(lung[order], axis=0)
+    below = np.zeros_like(seen)
+    below[1:] = seen[:-1]
+    return below[order]
+
+
+def tissue_metrics(ct, labels: np.ndarray, classes: Sequence[str], render: Render) -> dict[str, Any]:
+    """What the HU alone can check, on any CT (labelled or not): under the anatomical palette, the share of bone
+    shown ivory (`BONE_HU`, `IVORY_HUE_DEG`) and of lung and fat within 25 degrees of their palette hues; and the
+    share of body voxels above the diaphragm (aerated lung below them in their column) whose most probable class
+    (``labels`` as `class_metrics`) is an abdominal organ."""
+    hu = np.asarray(ct.array, dtype=np.float32)
+    palette = load_palette("anatomical")
+    out: dict[str, Any] = {}
+    bone = _inner(hu >= BONE_HU)
+    grey = window(hu, *PRESETS["bone"])
+    shown = bone & (grey >= IVORY_GREY[0]) & (grey <= IVORY_GREY[1])
+    if shown.sum() >= MIN_GROUP_VOXELS:
+        lab = srgb_to_lab(render("bone", "anatomical")[shown])
+        hue, chroma = _hue(lab[:, 1:]) % 360.0, np.hypot(lab[:, 1], lab[:, 2])
+        ivory = (hue >= IVORY_HUE_DEG[0]) & (hue <= IVORY_HUE_DEG[1]) & (chroma >= IVORY_MIN_CHROMA)
+        out["bone_ivory"] = round(float(ivory.mean()), 3)
+    else:
+        out["bone_ivory"] = None
+    for name, (low, high), win in (("lung", LUNG_HU, "lung"), ("fat", FAT_HU, "abdomen")):
+        mask = _inner((hu >= low) & (hu <= high))
+        grey = window(hu, *PRESETS[win])
+        mask &= (grey >= 0.1) & (grey <= 0.9)
+        if mask.sum() < MIN_GROUP_VOXELS:
+            out[f"{name}_hue"] = None
+            continue
+        lab = srgb_to_lab(render(win, "anatomical")[mask])
+        target = palette.class_ab([name])
+        close = _hue_diff(_hue(lab[:, 1:]), _hue(target)) <= HUE_TOLERANCE_DEG
+        out[f"{name}_hue"] = round(float((close & (np.hypot(lab[:, 1], lab[:, 2]) >= MIN_CHROMA)).mean()), 3)
+    chest = _lung_below(hu, float(np.asarray(ct.direction)[2, 2])) & (hu >= AIR_HU)
+    abdominal = [k + 1 for k, c in enumerate(classes) if c in ABDOMINAL]
+    out["abdominal_above_diaphragm"] = (
+        round(float(np.isin(labels[chest], abdominal).mean()), 4) if chest.sum() >= MIN_GROUP_VOXELS else None
+    )
+    return out
+
+
 def summarise(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per palette: means over cases of each metric (groups absent from a case are skipped); worst dL* and air C*."""
     summary: dict[str, Any] = {}
-    palettes = [k for k in results[0] if k != "case"]
+    palettes = [k for k in results[0] if k not in ("case", "classes", "tissues")]
     for palette in palettes:
         rows = [r[palette] for r in results]
         groups = {}

@@ -1,0 +1,255 @@
+"""Anatomical consistency of the colorizer's class probabilities, applied before they are kept (`Chroma`).
+
+The 2D network colours each axial slice on its own and names a structure wherever one is most probable, however
+unsure. A radiologist reads a wrong name as a wrong answer, and a colour that changes from slice to slice as noise.
+Three steps, each at the network's resolution (16x fewer pixels than the CT) and each on the full distribution:
+
+1. **One colour through the volume**: the probabilities are smoothed along z with a Gaussian of `Z_SMOOTH_MM`
+   (not across slices thicker than that: a 5 mm slice keeps its own), weighted by HU likeness, so the smoothing stops
+   where the CT changes along z as the guided upsampling does in-plane.
+2. **Anatomy that fits the body region**: each slice's position relative to the lungs, found from HU alone
+   (`body_region`), rules out structures that cannot be there: no femur, bladder or gluteal muscle beside the lungs,
+   no liver or bowel well above the diaphragm, no heart below the lung bases (`REGION_RULES`). Their probability
+   goes to zero.
+3. **"Tissue" when unsure**: where no named structure reaches `CONFIDENT`, the structures' probability moves to the
+   tissue class that the HU gives (fat, soft tissue, contrast blood or bone), so the voxel takes a plain tissue
+   colour and the pointer says "soft_tissue" rather than a guess.
+
+Written here rather than taken from a library: these are rules about this model's classes and the CT's HU.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+#: Gaussian width (mm) of the probabilities' smoothing along z; not applied when a slice is thicker than this.
+Z_SMOOTH_MM = 3.0
+#: HU range of that smoothing's weights (`smooth_along_z`): a neighbour this much denser or lighter counts exp(-1/2).
+Z_SMOOTH_HU = 35.0
+#: A named structure keeps its name where its probability reaches this; below it the voxel is named by tissue.
+CONFIDENT = 0.35
+#: Lung parenchyma at the network's resolution (HU): aerated lung, not bowel gas (below -950) nor soft tissue.
+LUNG_HU = (-950.0, -500.0)
+#: A slice "has lung" when its lung area is at least LUNG_SLICE_CM2 and this share of the largest slice's. Bowel gas
+#: mixed with its wall at the network's resolution reaches the lung HU range too, but on the 3 mm CT (3 mm pixels)
+#: covered at most 13 cm² of a slice, where the lung bases covered 22-54 cm².
+LUNG_SLICE_SHARE, LUNG_SLICE_CM2 = 0.1, 20.0
+
+TISSUES = ("air", "lung", "fat", "soft_tissue", "contrast_blood", "bone")
+_BONE = ("vertebrae_", "ribs", "sacrum", "hip", "femur", "sternum", "costal_cartilages")
+_VESSELS = ("heart", "aorta", "inferior_vena_cava", "portal_vein_and_splenic_vein", "iliac_artery", "iliac_vena")
+#: Fallback HU thresholds (`_fallback_tissue`): the midpoints between the palettes' tissue ranges (fat | soft tissue,
+#: soft tissue | contrast blood).
+FAT_MAX_HU, CONTRAST_MIN_HU = -30.0, 140.0
+
+PELVIS = ("urinary_bladder", "prostate", "sacrum", "hip", "femur", "iliac_artery", "iliac_vena", "gluteus_")
+ABDOMEN = (
+    "liver", "spleen", "kidney", "gallbladder", "stomach", "pancreas", "adrenal_gland", "small_bowel", "duodenum",
+    "colon", "portal_vein_and_splenic_vein",
+)  # fmt: skip
+
+#: (class prefixes, relation, mm): the classes are ruled out on slices whose height above the lung bases (the most
+#: inferior slice with lung; negative below it) satisfies the relation, or, for "above_dome", whose height above the
+#: slice of largest lung area exceeds mm. Margins are generous: checked against the labelled CTs (tests).
+REGION_RULES: tuple[tuple[tuple[str, ...], str, float], ...] = (
+    (PELVIS, "above_base", -60.0),  # nothing pelvic within 60 mm below the lung bases, or higher
+    (ABDOMEN, "above_dome", 30.0),  # no abdominal organ 30 mm above the largest lung section
+    (("vertebrae_lumbar",), "above_dome", 20.0),
+    (("heart",), "below_base", 0.0),  # the heart sits on the diaphragm, above the lung bases
+    (("sternum",), "below_base", 30.0),
+    (("vertebrae_thoracic",), "below_base", 80.0),
+    (("ribs",), "below_base", 150.0),
+)
+#: Ruled out when the scan shows no lung at all (an abdomen or pelvis series).
+NO_LUNG_RULES = ("heart", "sternum")
+
+
+@dataclass(frozen=True)
+class Region:
+    """Where each slice lies relative to the lungs (mm along the patient's head-foot axis; None without lungs)."""
+
+    slices: int
+    above_base: np.ndarray | None  # (Z,) height above the most inferior lung slice
+    above_dome: np.ndarray | None  # (Z,) height above the slice of largest lung area
+
+    def allowed(self, classes: tuple[str, ...]) -> torch.Tensor:
+        """(Z, K) bool: which classes may be named on each slice."""
+        out = torch.ones((self.slices, len(classes)), dtype=torch.bool)
+        for k, name in enumerate(classes):
+            if self.above_base is None:
+                if name.startswith(NO_LUNG_RULES):
+                    out[:, k] = False
+                continue
+            for prefixes, relation, mm in REGION_RULES:
+                if not name.startswith(prefixes):
+                    continue
+                if relation == "above_base":
+                    out[:, k] &= torch.from_numpy(~(self.above_base > mm))
+                elif relation == "below_base":
+                    out[:, k] &= torch.from_numpy(~(self.above_base < -mm))
+                else:
+                    out[:, k] &= torch.from_numpy(~(self.above_dome > mm))
+        return out
+
+
+def body_region(small_hu: np.ndarray, pixel_mm2: float, slice_superior_mm: np.ndarray) -> Region:
+    """Each slice's height above the lung bases and above the largest lung section, from HU at any resolution.
+
+    Args:
+        small_hu: (Z, h, w) HU.
+        pixel_mm2: area of one pixel of ``small_hu``.
+        slice_superior_mm: (Z,) each slice's position along the patient's superior direction (LPS S), mm.
+    """
+    lung = (small_hu >= LUNG_HU[0]) & (small_hu <= LUNG_HU[1])
+    body = np.stack([ndimage.binary_fill_holes(s > LUNG_HU[1]) for s in small_hu])  # air outside the body is open
+    area_cm2 = (lung & body).sum(axis=(1, 2)) * pixel_mm2 / 100.0
+    has_lung = (area_cm2 >= LUNG_SLICE_CM2) & (area_cm2 >= LUNG_SLICE_SHARE * area_cm2.max(initial=0.0))
+    if not has_lung.any():
+        return Region(len(small_hu), None, None)
+    base = float(slice_superior_mm[has_lung].min())
+    dome = float(slice_superior_mm[int(np.argmax(area_cm2))])
+    return Region(len(small_hu), slice_superior_mm - base, slice_superior_mm - dome)
+
+
+def slice_superior_mm(shape_z: int, spacing_z: float, origin, direction) -> np.ndarray:
+    """(Z,) the LPS S coordinate (mm) of each slice's first voxel: origin S + direction[S, k] * k * spacing."""
+    return float(origin[2]) + float(np.asarray(direction)[2, 2]) * spacing_z * np.arange(shape_z)
+
+
+def _family(name: str) -> str:
+    """The tissue a class belongs to: bone, contrast_blood (vessels and heart), lung, fat, air or soft_tissue."""
+    if name in TISSUES:
+        return name
+    if name.startswith(_BONE):
+        return "bone"
+    return "contrast_blood" if name.startswith(_VESSELS) else "soft_tissue"
+
+
+@dataclass(frozen=True)
+class _Tables:
+    named: torch.Tensor  # (K,) bool: a named structure, not a tissue class
+    family_of: torch.Tensor  # (K,) the tissue family of each class, an index into `tissue`
+    tissue: torch.Tensor  # (F,) index of each family's tissue class
+    soft: int
+    fat: int
+    blood: int
+
+
+@functools.lru_cache(maxsize=8)
+def _tables(classes: tuple[str, ...]) -> _Tables | None:
+    if any(t not in classes for t in TISSUES) or all(name in TISSUES for name in classes):
+        return None
+    return _Tables(
+        named=torch.tensor([name not in TISSUES for name in classes]),
+        family_of=torch.tensor([TISSUES.index(_family(n)) for n in classes]),
+        tissue=torch.tensor([classes.index(t) for t in TISSUES]),
+        soft=classes.index("soft_tissue"),
+        fat=classes.index("fat"),
+        blood=classes.index("contrast_blood"),
+    )
+
+
+def consistent_top(
+    top: torch.Tensor, prob: torch.Tensor, small_hu: torch.Tensor, classes: tuple[str, ...], allowed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 2 and 3 of the module docstring on the kept classes of n slices: ``top`` (n, k, h, w) class indices,
+    ``prob`` (n, k, h, w) float probabilities, their (n, h, w) HU and (n, K) ``allowed``. Returns the new (top,
+    prob), most probable first.
+
+    Where no named structure reaches `CONFIDENT`, the structures' probability moves to one tissue class: the tissue
+    family with the most probability in the pixel, ruled-out classes included (a rib pixel split between ribs, heart
+    and liver is bone if the bone classes together outweigh the vessels and the soft organs; a humerus beside the
+    lungs that the network calls femur is bone), a vessel below `CONTRAST_MIN_HU` soft tissue, soft tissue below
+    `FAT_MAX_HU` fat. It works on the k kept classes (not all K): the classes beyond them carry
+    almost no probability, and the step then costs a few passes over 4 values per pixel instead of 39.
+    """
+    n = top.shape[0]
+    tables = _tables(classes)
+    if tables is not None:  # the tissue families by all that the network said, ruled-out classes included
+        mass = prob.new_zeros((n, len(TISSUES), *top.shape[2:])).scatter_add_(1, tables.family_of[top], prob)
+    prob = prob * allowed[torch.arange(n)[:, None, None, None], top]
+    total = prob.sum(dim=1, keepdim=True)
+    prob = prob / total.clamp_min(1e-12)
+    if tables is None:
+        return _sorted(top, prob)
+    named = tables.named[top]  # (n, k, h, w)
+    named_prob = prob * named
+    unsure = named_prob.amax(dim=1) < CONFIDENT  # (n, h, w)
+    # Everything kept ruled out (a pixel sure of a femur beside the lungs): all of it goes to the tissue class.
+    moved = torch.where(total[:, 0] > 0, named_prob.sum(dim=1), 1.0) * unsure
+    target = tables.tissue[_argmax(mass)]  # (n, h, w) class index
+    target[(target == tables.blood) & (small_hu < CONTRAST_MIN_HU)] = tables.soft
+    target[(target == tables.soft) & (small_hu < FAT_MAX_HU)] = tables.fat
+    prob = prob * ~(named & unsure[:, None])
+    # The target's entry if it is kept, else the first (now empty) named entry takes it.
+    slot = _first(top == target[:, None], _first(named, torch.zeros_like(target)))[:, None]
+    top = top.scatter(1, slot, torch.where(moved > 0, target, top.gather(1, slot)[:, 0])[:, None])
+    prob = prob.scatter_add(1, slot, moved[:, None])
+    return _sorted(top, prob)
+
+
+def _argmax(values: torch.Tensor) -> torch.Tensor:
+    """(n, F, h, w) -> (n, h, w) index of the largest along F, the first on ties (F is small: a running maximum is
+    several times faster than argmax across a strided axis)."""
+    best, out = values[:, 0], torch.zeros(values[:, 0].shape, dtype=torch.long)
+    for f in range(1, values.shape[1]):
+        better = values[:, f] > best
+        best = torch.where(better, values[:, f], best)
+        out = torch.where(better, f, out)
+    return out
+
+
+def _first(mask: torch.Tensor, otherwise: torch.Tensor) -> torch.Tensor:
+    """(n, k, h, w) bool -> (n, h, w) index of the first True along k, ``otherwise`` where none (k is small: a few
+    selections are faster than argmax across a strided axis)."""
+    out = otherwise
+    for j in reversed(range(mask.shape[1])):
+        out = torch.where(mask[:, j], j, out)
+    return out
+
+
+def _sorted(top: torch.Tensor, prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    prob, order = prob.sort(dim=1, descending=True)
+    return top.gather(1, order), prob
+
+
+def z_smoothing_kernel(spacing_z: float) -> torch.Tensor | None:
+    """1D Gaussian of `Z_SMOOTH_MM` in slices (odd length, sum 1), None when a slice is thicker than that."""
+    sigma = Z_SMOOTH_MM / spacing_z
+    if sigma < 1.0:
+        return None
+    radius = int(np.ceil(2.0 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def smooth_along_z(top: torch.Tensor, prob: torch.Tensor, hu: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """The kept classes' probabilities smoothed along z: ``top``, ``prob`` (n + 2r, k, h, w), ``hu`` (n + 2r, h, w)
+    -> (n, k, h, w) new probabilities of the middle n slices' own kept classes (summing to 1).
+
+    Each neighbour slice counts by the Gaussian ``kernel`` (length 2r + 1) and by its HU's likeness
+    (`Z_SMOOTH_HU`): a joint bilateral filter, so a rib or a vessel crossing the slice keeps its own class where the
+    next slice shows soft tissue, and the class of a uniform organ stops changing from slice to slice. A neighbour's
+    probability of a class counts where that class is among its kept ones (classes beyond them carry almost none).
+    """
+    r = len(kernel) // 2
+    n = top.shape[0] - 2 * r
+    centre_top, centre_hu = top[r : r + n], hu[r : r + n]
+    total = torch.zeros(prob[r : r + n].shape, dtype=prob.dtype)
+    norm = torch.zeros(centre_hu.shape, dtype=prob.dtype)
+    for offset in range(2 * r + 1):
+        weight = (hu[offset : offset + n] - centre_hu).mul_(1.0 / Z_SMOOTH_HU).square_().mul_(-0.5).exp_()
+        weight.mul_(float(kernel[offset]))
+        neighbour_top, neighbour_prob = top[offset : offset + n], prob[offset : offset + n]
+        for b in range(top.shape[1]):  # the neighbour's b-th class, wherever it is one of the centre's
+            same = (centre_top == neighbour_top[:, b : b + 1]).to(prob.dtype)
+            total.addcmul_(same, (weight * neighbour_prob[:, b])[:, None])
+        norm += weight
+    total /= norm[:, None]
+    return total / total.sum(dim=1, keepdim=True).clamp_min(1e-12)

@@ -1,0 +1,90 @@
+"""The colorizer's anatomy step (`engines.anatomy`): its body-region rules against the labelled CTs, and its
+probability arithmetic on analytic cases. What it does to the shipped model's output is measured through
+`ctcolor colorize` in test_colorizer_shipped.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_ctcolor.color import colour_class
+from napari_ctcolor.engines import anatomy
+from napari_ctcolor.models.colorizer import downsample_hu
+from napari_ctcolor.training.data import load_real_case
+from napari_ctcolor.weights import load_colorizer
+
+from conftest import CT_DIR, require_shared
+
+LABELLED = (
+    ("totalseg-body-3mm.nii.gz", "totalseg-body-3mm-labels.nii.gz"),
+    ("totalseg-abdomen-dicom", "totalseg-abdomen-dicom-labels.nii.gz"),
+)
+
+
+@pytest.mark.parametrize("names", LABELLED, ids=lambda n: n[0])
+def test_region_rules_never_rule_out_a_structure_where_the_labels_put_it(names):
+    """On both labelled patients (lower chest to pelvis; upper abdomen with lung bases), found from HU alone: every
+    labelled voxel of a class lies on a slice where that class is allowed."""
+    require_shared(CT_DIR / names[0])
+    case = load_real_case(CT_DIR.parent, *names)
+    ct = case.ct
+    factor = load_colorizer("colorizer-2d")[0].config.factor_for(float(np.mean(ct.spacing[1:])))
+    small = downsample_hu(torch.from_numpy(np.asarray(ct.array, dtype=np.float32))[:, None], factor)[:, 0].numpy()
+    superior = anatomy.slice_superior_mm(ct.shape[0], ct.spacing[0], ct.origin, ct.direction)
+    region = anatomy.body_region(small, ct.spacing[1] * ct.spacing[2] * factor**2, superior)
+    classes = tuple(sorted({colour_class(n) for n in case.label_names.values()}))
+    allowed = region.allowed(classes).numpy()
+    present = set(np.unique(case.labels).tolist()) - {0}
+    ruled_out = {}
+    for label in present:
+        k = classes.index(colour_class(case.label_names[label]))
+        per_slice = (case.labels == label).sum(axis=(1, 2))
+        if per_slice[~allowed[:, k]].sum():
+            ruled_out[case.label_names[label]] = int(per_slice[~allowed[:, k]].sum())
+    assert not ruled_out, ruled_out
+    # ... and the rules bite: the 3 mm CT shows its lung bases, so no femur beside them and no heart below them; the
+    # upper-abdomen series shows no lung (20 slices below the bases), so no heart anywhere.
+    if names[0].startswith("totalseg-body"):
+        assert region.above_base is not None
+        assert not allowed[-1, classes.index("femur")] and not allowed[0, classes.index("heart")]
+    else:
+        assert region.above_base is None and not allowed[:, classes.index("heart")].any()
+
+
+def test_unsure_structures_are_named_by_their_tissue_and_impossible_ones_removed():
+    classes = ("air", "lung", "fat", "soft_tissue", "contrast_blood", "bone", "liver", "ribs", "heart", "femur")
+    # Four pixels, their kept classes (most probable first) and probabilities:
+    top = torch.tensor([[6, 3, 0, 1], [3, 6, 8, 0], [5, 7, 8, 0], [9, 7, 0, 1], [9, 0, 1, 2]]).T[None, :, None, :]
+    prob = torch.tensor([[0.9, 0.1, 0, 0], [0.4, 0.3, 0.3, 0], [0.5, 0.3, 0.2, 0], [0.8, 0.2, 0, 0], [1, 0, 0, 0]])
+    prob = prob.T[None, :, None, :]
+    hu = torch.tensor([[[60.0, 40.0, 300.0, 500.0, 40.0]]])
+    allowed = torch.ones((1, len(classes)), dtype=torch.bool)
+    allowed[0, 9] = False  # no femur on this slice
+    new_top, new_prob = anatomy.consistent_top(top, prob, hu, classes, allowed)
+    assert torch.allclose(new_prob.sum(dim=1), torch.ones(1, 1, 5))
+    # sure liver kept; liver vs heart unsure at soft-tissue HU -> soft tissue; rib vs heart with the bone family
+    # ahead -> bone; a femur ruled out leaves ribs, sure -> ribs; a pixel of femur alone (a humerus beside the lungs)
+    # -> its tissue family, bone.
+    assert new_top[0, 0, 0].tolist() == [6, 3, 5, 7, 5]
+    assert new_prob[0, 0, 0].tolist() == pytest.approx([0.9, 1.0, 1.0, 1.0, 1.0])
+
+
+def test_z_smoothing_keeps_a_constant_distribution_spreads_within_a_tissue_and_stops_at_an_hu_step():
+    kernel = anatomy.z_smoothing_kernel(1.0)  # sigma 3 slices
+    assert kernel is not None and kernel.sum() == pytest.approx(1.0) and anatomy.z_smoothing_kernel(5.0) is None
+    r = len(kernel) // 2
+    n = 2 * r + 1
+    top = torch.tensor([6, 7]).view(1, 2, 1, 1).repeat(n, 1, 1, 1)  # liver, then spleen, on every slice
+    prob = torch.tensor([0.6, 0.4]).view(1, 2, 1, 1).repeat(n, 1, 1, 1)
+    hu = torch.zeros((n, 1, 1))
+    assert torch.allclose(anatomy.smooth_along_z(top, prob, hu, kernel), prob[:1])
+    # The middle slice alone says spleen: its neighbours outvote it, by the kernel's weights.
+    flipped = prob.clone()
+    flipped[r] = torch.tensor([0.4, 0.6]).view(2, 1, 1)
+    spleen = float(anatomy.smooth_along_z(top, flipped, hu, kernel)[0, 1])
+    assert spleen == pytest.approx(0.4 + 0.2 * float(kernel[r]), abs=1e-6)
+    # ... unless it is 400 HU denser than they are (something else crosses it): then it keeps its own.
+    step = hu.clone()
+    step[r] = 400.0
+    assert float(anatomy.smooth_along_z(top, flipped, step, kernel)[0, 1]) == pytest.approx(0.6, abs=1e-6)
