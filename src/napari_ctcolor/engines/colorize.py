@@ -38,7 +38,7 @@ from ..io.guard import check_memory, release_free_memory
 from ..models.colorizer import Colorizer, context_indices, downsample_hu, prepare_input
 from ..weights import COLORIZER_DEFAULT, load_colorizer
 from ..windowing import Window, parse_window, window, window_tensor
-from . import anatomy
+from . import anatomy as _anatomy
 from .device import resolve_device
 from .steps import Cancel, Progress, Steps, offset_steps, run_steps
 
@@ -335,24 +335,26 @@ def _make_consistent(
     neighbour slices for the z smoothing): smoothed along z, restricted to the body region, named by tissue where
     unsure."""
     spacing_z, pixel_y, pixel_x = volume.spacing
-    region = anatomy.body_region(
+    region = _anatomy.body_region(
         small_hu.numpy(),
         pixel_y * pixel_x * factor * factor,
-        anatomy.slice_superior_mm(volume.shape[0], spacing_z, volume.origin, volume.direction),
+        _anatomy.slice_superior_mm(volume.shape[0], spacing_z, volume.origin, volume.direction),
     )
     allowed = region.allowed(classes)
-    kernel = anatomy.z_smoothing_kernel(spacing_z) if volume.shape[0] > 1 else None
+    kernel = _anatomy.z_smoothing_kernel(spacing_z) if volume.shape[0] > 1 else None
     radius = 0 if kernel is None else len(kernel) // 2
     z = top.shape[0]
-    source_top, source_prob = top.long(), prob.float().div_(255.0)
+    source_top, source_prob = top.clone(), prob.clone()  # uint8: the chunks below read their neighbours' originals
     for start in range(0, z, _ANATOMY_CHUNK):
         stop = min(z, start + _ANATOMY_CHUNK)
         rows = torch.arange(start - radius, stop + radius).clamp(0, z - 1)  # edge slices repeated
-        chunk_top, chunk_prob = source_top[start:stop], source_prob[start:stop]
+        chunk_top, chunk_prob = source_top[rows].long(), source_prob[rows].float().div_(255.0)
         if kernel is not None:
-            chunk_prob = anatomy.smooth_along_z(source_top[rows], source_prob[rows], small_hu[rows], kernel)
-        chunk_top, chunk_prob = anatomy.consistent_top(
-            chunk_top, chunk_prob, small_hu[start:stop], classes, allowed[start:stop]
+            chunk_prob = _anatomy.smooth_along_z(chunk_top, chunk_prob, small_hu[rows], kernel)
+        else:
+            chunk_prob = chunk_prob[radius : len(rows) - radius]
+        chunk_top, chunk_prob = _anatomy.consistent_top(
+            chunk_top[radius : len(rows) - radius], chunk_prob, small_hu[start:stop], classes, allowed[start:stop]
         )
         top[start:stop], prob[start:stop] = chunk_top.to(torch.uint8), _quantise(chunk_prob)
 
