@@ -13,7 +13,7 @@ import yaml
 from napari_ctcolor.color import load_palette
 from napari_ctcolor.io import InputError
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig, context_indices, downsample_hu, prepare_input
-from napari_ctcolor.training.colorizer import train_colorizer
+from napari_ctcolor.training.colorizer import contrast_flags, real_cases, train_colorizer
 from napari_ctcolor.training.targets import ab_targets, class_targets
 from napari_ctcolor.weights import find_weights, load_colorizer, save_weights
 from napari_ctcolor.windowing import window
@@ -234,3 +234,11 @@ def test_shipped_colorizers_load_with_verified_sha256_and_meet_the_luminance_bou
         assert card["sha256"] and card_path is not None
         for group in card["metrics"].values():
             assert all(palette["max_abs_dL"] <= LUMINANCE_BOUND for palette in group["summary"].values())
+
+
+def test_real_training_cases_marked_contrast_get_no_synthetic_enhancement_and_bad_marks_are_refused():
+    entries = [["a.nii.gz", "a-labels.nii.gz"], ["series", "series-labels.nii.gz", "contrast"]]
+    assert contrast_flags(entries) == [False, True]
+    for bad in (["a.nii.gz"], ["a.nii.gz", "a-labels.nii.gz", "arterial"]):
+        with pytest.raises(InputError, match="contrast"):
+            real_cases([bad])

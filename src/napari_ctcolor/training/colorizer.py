@@ -27,6 +27,7 @@ import yaml
 
 from ..color import PALETTE_NAMES, load_palette
 from ..engines import anatomy
+from ..errors import InputError
 from ..io.write import atomic_path
 from ..models.colorizer import Colorizer, ColorizerConfig, context_indices, downsample_hu, prepare_input
 from .data import REPRODUCTION_NOTE, LabelledCT, load_config, load_real_case, phantom_case, shared_data_dir
@@ -98,11 +99,25 @@ def phantom_cases(spec: dict[str, Any]) -> list[LabelledCT]:
     return cases
 
 
+#: A third item in a ``real_train`` entry: the CT already shows contrast, so it gets no synthetic enhancement.
+CONTRAST_FLAG = "contrast"
+
+
 def real_cases(pairs: list[list[str]]) -> list[LabelledCT]:
+    """The labelled CTs of ``[[ct, labels], ...]`` entries (a third item, `CONTRAST_FLAG`, is read by
+    `contrast_flags`)."""
     if not pairs:
         return []
     data = shared_data_dir()
-    return [load_real_case(data, ct, labels) for ct, labels in pairs]
+    for entry in pairs:
+        if len(entry) not in (2, 3) or (len(entry) == 3 and entry[2] != CONTRAST_FLAG):
+            raise InputError(f"a real CT entry is [ct, labels] or [ct, labels, {CONTRAST_FLAG}], got {entry}")
+    return [load_real_case(data, entry[0], entry[1]) for entry in pairs]
+
+
+def contrast_flags(pairs: list[list[str]]) -> list[bool]:
+    """True for the ``real_train`` entries marked as contrast-enhanced CT."""
+    return [len(entry) == 3 for entry in pairs]
 
 
 @dataclass
@@ -116,6 +131,7 @@ class Reduced:
     target: torch.Tensor
     weight: torch.Tensor
     enhance: bool = False
+    real: bool = False  # a real CT: sampled `TrainConfig.real_weight` times as often as a phantom
 
 
 def class_weights(class_map: np.ndarray, n_classes: int) -> np.ndarray:
@@ -128,7 +144,7 @@ def class_weights(class_map: np.ndarray, n_classes: int) -> np.ndarray:
     return table[class_map]
 
 
-def reduce_case(case: LabelledCT, config: ColorizerConfig, enhance: bool = False) -> Reduced:
+def reduce_case(case: LabelledCT, config: ColorizerConfig, enhance: bool = False, real: bool = False) -> Reduced:
     factor = config.factor_for(float(np.mean(case.ct.spacing[1:])))
     classes = class_targets(case.ct.array, case.labels, case.label_names, config.classes)
     z, h, w = case.ct.shape
@@ -141,7 +157,7 @@ def reduce_case(case: LabelledCT, config: ColorizerConfig, enhance: bool = False
         share = downsample_hu((class_t == k).float(), factor)
         target[:, k] = (share * 255.0).round_().to(torch.uint8)
     weight = downsample_hu(torch.from_numpy(class_weights(classes, len(config.classes))), factor)
-    return Reduced(case.name, hu, target, weight, enhance)
+    return Reduced(case.name, hu, target, weight, enhance, real)
 
 
 #: Synthetic contrast enhancement of a non-contrast CT (HU added per colour class, drawn uniformly), so that the
@@ -186,7 +202,7 @@ class Sampler:
         self.cases, self.config, self.train = cases, config, train
         self.rng = np.random.default_rng(seed)
         sizes = np.array([c.hu.shape[0] for c in cases], dtype=np.float64)
-        weights = np.array([float(train.real_weight) if c.enhance else 1.0 for c in cases])
+        weights = np.array([float(train.real_weight) if c.real else 1.0 for c in cases])
         self.p = sizes * weights / (sizes * weights).sum()
         self.index = {name: k for k, name in enumerate(config.classes)}
         self.deform = None
@@ -350,7 +366,10 @@ def train_colorizer(
     t0 = time.time()
     phantoms, real = phantom_cases(train.phantoms), real_cases(train.real_train)
     cases = phantoms + real
-    reduced = [reduce_case(c, config) for c in phantoms] + [reduce_case(c, config, enhance=True) for c in real]
+    reduced = [reduce_case(c, config) for c in phantoms] + [
+        reduce_case(c, config, enhance=not contrast, real=True)
+        for c, contrast in zip(real, contrast_flags(train.real_train), strict=True)
+    ]
     log(f"training data: {len(reduced)} cases, {sum(r.hu.shape[0] for r in reduced)} slices ({time.time() - t0:.0f} s)")
     sampler = Sampler(reduced, config, train, train.seed)
 
