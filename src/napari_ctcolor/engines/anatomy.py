@@ -2,7 +2,7 @@
 
 The 2D network colours each axial slice on its own and names a structure wherever one is most probable, however
 unsure. A radiologist reads a wrong name as a wrong answer, and a colour that changes from slice to slice as noise.
-Three steps, each at the network's resolution (16x fewer pixels than the CT) and each on the full distribution:
+Three steps, each at the network's resolution (16x fewer pixels than the CT), on the classes kept per pixel:
 
 1. **One colour through the volume**: the probabilities are smoothed along z with a Gaussian of `Z_SMOOTH_MM`
    (not across slices thicker than that: a 5 mm slice keeps its own), weighted by HU likeness, so the smoothing stops
@@ -11,9 +11,10 @@ Three steps, each at the network's resolution (16x fewer pixels than the CT) and
    (`body_region`), rules out structures that cannot be there: no femur, bladder or gluteal muscle beside the lungs,
    no liver or bowel well above the diaphragm, no heart below the lung bases (`REGION_RULES`). Their probability
    goes to zero.
-3. **"Tissue" when unsure**: where no named structure reaches `CONFIDENT`, the structures' probability moves to the
-   tissue class that the HU gives (fat, soft tissue, contrast blood or bone), so the voxel takes a plain tissue
-   colour and the pointer says "soft_tissue" rather than a guess.
+3. **"Tissue" when unsure**: where no named structure reaches `CONFIDENT`, the structures' probability moves to a
+   tissue class (fat, soft tissue, contrast blood or bone): the tissue family the network's probabilities favour,
+   checked against the HU, so the voxel takes a plain tissue colour and the pointer says "bone" or "soft_tissue"
+   rather than a guess.
 
 Written here rather than taken from a library: these are rules about this model's classes and the CT's HU.
 """
@@ -43,7 +44,7 @@ LUNG_SLICE_SHARE, LUNG_SLICE_CM2 = 0.1, 20.0
 TISSUES = ("air", "lung", "fat", "soft_tissue", "contrast_blood", "bone")
 _BONE = ("vertebrae_", "ribs", "sacrum", "hip", "femur", "sternum", "costal_cartilages")
 _VESSELS = ("heart", "aorta", "inferior_vena_cava", "portal_vein_and_splenic_vein", "iliac_artery", "iliac_vena")
-#: Fallback HU thresholds (`_fallback_tissue`): the midpoints between the palettes' tissue ranges (fat | soft tissue,
+#: Fallback HU thresholds (`consistent_top`): the midpoints between the palettes' tissue ranges (fat | soft tissue,
 #: soft tissue | contrast blood).
 FAT_MAX_HU, CONTRAST_MIN_HU = -30.0, 140.0
 
