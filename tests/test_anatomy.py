@@ -24,7 +24,7 @@ LABELLED = (
 
 @pytest.mark.parametrize("names", LABELLED, ids=lambda n: n[0])
 def test_region_rules_never_rule_out_a_structure_where_the_labels_put_it(names):
-    """On both labelled patients (lower chest to pelvis; upper abdomen with lung bases), found from HU alone: every
+    """On both labelled patients (lower chest to pelvis; upper abdomen below the lungs), found from HU alone: every
     labelled voxel of a class lies on a slice where that class is allowed."""
     require_shared(CT_DIR / names[0])
     case = load_real_case(CT_DIR.parent, *names)

@@ -16,7 +16,8 @@ Metrics per case and palette:
 - ``flicker_ratio``: mean |a*b*(z+1) - a*b*(z)| of the output over that of the reference.
 - ``max_abs_dL``: the largest |L*(output) - L*(windowed grey)| (8-bit rounding bounds it at about 0.27).
 
-And, once per case, ``classes`` (`class_metrics`): how the most probable class names the labelled structures.
+And, once per case, ``classes`` (`class_metrics`): how the most probable class names the labelled structures; and
+``tissues`` (`tissue_metrics`): bone ivory, lung and fat hues, abdominal organs named above the diaphragm.
 """
 
 from __future__ import annotations
@@ -208,8 +209,8 @@ def class_metrics(case: LabelledCT, labels: np.ndarray, classes: Sequence[str]) 
     present = set(label_class.values())
     out: dict[str, Any] = {"right_or_tissue": {}}
     for group, (members, tissues) in CLASS_GROUPS.items():
-        labels = [label for label, c in label_class.items() if c in members]
-        mask = _inner(np.isin(case.labels, labels)) & (hu >= AIR_HU)
+        ids = [label for label, c in label_class.items() if c in members]
+        mask = _inner(np.isin(case.labels, ids)) & (hu >= AIR_HU)
         if mask.sum() < MIN_GROUP_VOXELS:
             out["right_or_tissue"][group] = None
             continue
