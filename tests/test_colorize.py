@@ -15,10 +15,10 @@ import torch
 from monai.inferers import SlidingWindowInferer
 from pydicom.dataset import Dataset
 
-from napari_ctcolor.color import grey_to_lightness, load_palette, srgb_to_lab
+from napari_ctcolor.color import compose_rgb, grey_to_lightness, load_palette, srgb_to_lab
 from napari_ctcolor.engines import Cancelled
 from napari_ctcolor.engines.colorize import (
-    _COMPOSE_CHUNK,
+    _FUSED_CHUNK,
     _ROI_3D,
     TOP_K,
     Chroma,
@@ -118,6 +118,34 @@ def test_zero_chroma_is_exactly_the_grey_ct(ct, chroma):
         np.testing.assert_array_equal(grey[..., channel], expected)
 
 
+def _unfused(volume, chroma, palette, win, strength):
+    """The composition as two separate passes (guided upsampling, then `compose_rgb`): the fused kernel's reference."""
+    out = np.empty((*volume.shape, 3), dtype=np.uint8)
+    for z in range(volume.shape[0]):
+        hu = torch.from_numpy(volume.array[z : z + 1].astype(np.float32))
+        ab = upsample_chroma(chroma, load_palette(palette), hu, z)
+        out[z : z + 1] = compose_rgb(window(hu.numpy(), *win), ab.numpy(), chroma=strength)
+    return out
+
+
+@pytest.mark.parametrize(("palette", "strength", "pixel_mm"), [("anatomical", 1.0, None), ("dicom", 0.6, 4.5)])
+def test_fused_compose_equals_the_two_pass_composition(ct, model, palette, strength, pixel_mm):
+    # compose_chroma on the CPU runs engines.fused (one pass per voxel); the same float32 arithmetic in another order,
+    # so every channel within one 8-bit code of upsample_chroma + compose_rgb, and rarely off at all. 4.5 mm pixels:
+    # the network's own resolution (factor 1, no upsampling).
+    volume = ct
+    if pixel_mm is not None:
+        step = round(pixel_mm / ct.spacing[1])
+        volume = Volume(ct.array[:6, ::step, ::step], spacing=(ct.spacing[0], pixel_mm, pixel_mm), meta=ct.meta)
+    chroma = predict_chroma(volume, model, device="cpu")
+    assert chroma.factor == (4 if pixel_mm is None else 1)
+    fused = compose_chroma(volume, chroma, WINDOW, strength, device="cpu", palette=palette).rgb
+    reference = _unfused(volume, chroma, palette, PRESETS[WINDOW], strength)
+    difference = np.abs(fused.astype(np.int16) - reference)
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, ((difference > 0).mean(), difference.max())
+    assert lightness_error(fused, volume.array) <= LUMINANCE_BOUND
+
+
 def test_cpu_runs_are_byte_identical_and_colorize_equals_predict_then_compose(ct, model, colour):
     # `colour` is a first run (predict_chroma + compose_chroma, same default batch size); this is the second, in the
     # same process on the same thread count: the same float operations, so bit for bit (other thread counts or CPUs
@@ -129,8 +157,8 @@ def test_cpu_runs_are_byte_identical_and_colorize_equals_predict_then_compose(ct
 def test_progress_reaches_total_and_cancel_raises(ct, model):
     steps = []
     colorize(ct, model, WINDOW, device="cpu", batch_size=8, progress=lambda done, total: steps.append((done, total)))
-    # network: 8, 16, 20 slices; compose: chunks of _COMPOSE_CHUNK slices; reported out of 2 x 20.
-    compose = [(20 + min(20, k), 40) for k in range(_COMPOSE_CHUNK, 20 + _COMPOSE_CHUNK, _COMPOSE_CHUNK)]
+    # network: 8, 16, 20 slices; compose (CPU, fused kernel): chunks of _FUSED_CHUNK slices; out of 2 x 20.
+    compose = [(20 + min(20, k), 40) for k in range(_FUSED_CHUNK, 20 + _FUSED_CHUNK, _FUSED_CHUNK)]
     assert steps == [(8, 40), (16, 40), (20, 40), *compose]
 
     reported = []

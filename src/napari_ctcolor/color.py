@@ -38,7 +38,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -51,8 +51,10 @@ __all__ = [
     "PALETTE_NAMES",
     "Palette",
     "TissueClass",
+    "ComposeTables",
     "compose_rgb",
     "compose_rgb_torch",
+    "compose_tables",
     "gamut_map_ab",
     "gamut_map_ab_torch",
     "grey_to_lightness",
@@ -587,6 +589,29 @@ def compose_rgb(grey: np.ndarray, ab: np.ndarray, chroma: float = 1.0) -> np.nda
         for start in starts:
             piece(start)
     return out.reshape(*grey.shape, 3)
+
+
+class ComposeTables(NamedTuple):
+    """The constants of `compose_rgb`, for a kernel that composes the same way in one pass (engines.fused)."""
+
+    fy: np.ndarray  # (16385,) float32 f(Y) of the greys k / 16384
+    lum: np.ndarray  # (16385,) float32 Y of those greys
+    cmax: np.ndarray  # (281, 721) float32 first-exit chroma (`_cmax_table`)
+    codes: np.ndarray  # (65536,) uint8 sRGB codes of linear light k / 65535
+    m_lab: np.ndarray  # (3, 3) float32 (finv(fx), Y, finv(fz)) -> linear RGB
+    grey_levels: int = _GREY_LEVELS
+    q_steps: int = _Q_STEPS
+    gamut_top: float = _GAMUT_TOP
+    f_threshold: float = _LAB_F_THRESHOLD
+    kappa: float = _LAB_KAPPA
+    cmax_rows: int = _CMAX_L_ROWS
+    cmax_hue_steps: int = _CMAX_H_STEPS
+
+
+def compose_tables() -> ComposeTables:
+    """The lookup tables and constants `compose_rgb` uses (built once)."""
+    fy, lum = _grey_tables()
+    return ComposeTables(fy, lum, _cmax_table(), _Q_CODES, _M_LAB32)
 
 
 def _compose_threads() -> int:

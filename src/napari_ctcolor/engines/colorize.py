@@ -44,6 +44,7 @@ from .steps import Cancel, Progress, Steps, offset_steps, run_steps
 
 _AIR_HU = -1024.0
 _COMPOSE_CHUNK = 2  # slices per compose step: bounds the float temporaries; 2 was also faster than 8 (cache)
+_FUSED_CHUNK = 8  # slices per compose step of the fused CPU kernel (no full-resolution temporaries)
 _ROI_3D = (32, 96, 96)  # 3D model patch (d, h, w) at the network's resolution
 _OVERLAP_3D = 0.5  # overlap of neighbouring 3D patches, blended with a Gaussian weight (MONAI's sliding window)
 _MODEL_CACHE: dict[str, tuple[Colorizer, dict[str, Any]]] = {}
@@ -172,6 +173,16 @@ def _hu_slices(volume: Volume, start: int, stop: int) -> np.ndarray:
     return hu
 
 
+def _spatial_weights(
+    factor: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """(3, factor) distance weights of the network pixels at offsets -1, 0, +1 from the pixel that holds a voxel,
+    for each position of the voxel inside its pixel (Gaussian, `_GUIDE_SIGMA_PIXELS`, in network pixels)."""
+    inside = (torch.arange(factor, dtype=dtype, device=device) + 0.5) / factor - 0.5
+    offsets = torch.tensor([-1.0, 0.0, 1.0], dtype=dtype, device=device)[:, None]
+    return torch.exp(-0.5 * ((offsets - inside) / _GUIDE_SIGMA_PIXELS) ** 2)
+
+
 def guided_upsample(ab: torch.Tensor, guide: torch.Tensor, factor: int) -> torch.Tensor:
     """Joint bilateral upsampling (Kopf et al., SIGGRAPH 2007) of a*, b* by an integer factor, guided by HU.
 
@@ -203,9 +214,7 @@ def guided_upsample(ab: torch.Tensor, guide: torch.Tensor, factor: int) -> torch
     # Neighbours by shifting the edge-padded network-resolution arrays (the edges clamp).
     guide_pad = F.pad(guide_low[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
     ab_pad = F.pad(ab, (1, 1, 1, 1), mode="replicate")
-    # Position of each voxel inside its pixel, in network pixels from the pixel centre: (factor,).
-    inside = (torch.arange(factor, dtype=ab.dtype, device=ab.device) + 0.5) / factor - 0.5
-    spatial = [torch.exp(-0.5 * ((offset - inside) / _GUIDE_SIGMA_PIXELS) ** 2) for offset in (-1, 0, 1)]
+    spatial = _spatial_weights(factor, ab.dtype, ab.device)
     scale = -0.5 / GUIDE_SIGMA_HU**2
     total = torch.zeros((n, 2, factor, factor, h, w), dtype=ab.dtype, device=ab.device)
     weight_sum = torch.zeros_like(blocks)
@@ -234,6 +243,40 @@ def upsample_chroma(chroma: Chroma, palette: Palette, hu: torch.Tensor, start: i
     ab = guided_upsample(ab, guide, chroma.factor)[:, :, top : top + height, left : left + width]
     air = ((hu - AIR_HU) / _AIR_FADE_HU).clamp_(0.0, 1.0)
     return (ab * air[:, None]).movedim(1, -1)
+
+
+def _upsample_compose_cpu(
+    chroma: Chroma, palette: Palette, hu: torch.Tensor, start: int, win: Window, strength: float, out: np.ndarray
+) -> None:
+    """`upsample_chroma` and `compose_rgb` of the slices whose HU are ``hu`` (n, Y, X, CPU) in one pass per voxel
+    (`fused.upsample_compose`), written into ``out`` (n, Y, X, 3) uint8. Only the network-resolution inputs are made
+    here: the palette's a*, b* and each network pixel's mean clipped HU, both edge-padded by one pixel."""
+    from .fused import upsample_compose
+
+    (top, bottom), (left, right) = chroma.pad
+    factor = chroma.factor
+    ab = chroma.ab(palette, start, start + hu.shape[0])
+    guide = F.pad(hu[:, None].clamp(*_GUIDE_CLIP_HU), (left, right, top, bottom), mode="replicate")
+    guide_low = F.avg_pool2d(guide, factor) if factor > 1 else guide
+    if factor > 1:
+        spatial = _spatial_weights(factor)
+    else:  # no upsampling: the voxel's own network pixel only, as `guided_upsample` returns a*, b* unchanged
+        spatial = torch.tensor([[0.0], [1.0], [0.0]])
+    upsample_compose(
+        hu.numpy(),
+        F.pad(ab, (1, 1, 1, 1), mode="replicate").numpy(),
+        F.pad(guide_low, (1, 1, 1, 1), mode="replicate")[:, 0].numpy(),
+        spatial.numpy(),
+        (top, left),
+        factor,
+        GUIDE_SIGMA_HU,
+        _GUIDE_CLIP_HU,
+        (AIR_HU, _AIR_FADE_HU),
+        (win.centre, win.width),
+        strength,
+        out,
+        torch.get_num_threads(),
+    )
 
 
 @contextlib.contextmanager
@@ -445,14 +488,19 @@ def iter_compose_chroma(
     # refuse before allocating.
     check_memory(z * height * width * 3 + _COMPOSE_CHUNK * height * width * 100, volume.meta.get("source", "volume"))
     rgb = np.empty((z, height, width, 3), dtype=np.uint8)
-    for start in range(0, z, _COMPOSE_CHUNK):
-        stop = min(z, start + _COMPOSE_CHUNK)
+    fused = device.type == "cpu" and strength > 0.0  # strength 0 is the plain grey: compose_rgb's exact codes
+    step = _FUSED_CHUNK if fused else _COMPOSE_CHUNK
+    for start in range(0, z, step):
+        stop = min(z, start + step)
         with torch.inference_mode():
             hu = torch.from_numpy(_hu_slices(volume, start, stop)).to(device)
-            ab = upsample_chroma(chroma, palette, hu, start)
-            if device.type == "cpu":
+            if fused:
+                _upsample_compose_cpu(chroma, palette, hu, start, win, strength, rgb[start:stop])
+            elif device.type == "cpu":
+                ab = upsample_chroma(chroma, palette, hu, start)
                 rgb[start:stop] = compose_rgb(window(hu.numpy(), *win), ab.numpy(), chroma=strength)
             else:
+                ab = upsample_chroma(chroma, palette, hu, start)
                 rgb[start:stop] = compose_rgb_torch(window_tensor(hu, *win), ab, chroma=strength).cpu().numpy()
         yield stop, z
     settings = {"window": [win.centre, win.width], "model": chroma.model, "chroma": strength, "palette": palette.name}
