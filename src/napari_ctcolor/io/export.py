@@ -125,8 +125,10 @@ def write_rgb_nifti(cv: ColorVolume, path: str | os.PathLike, overwrite: bool = 
         raise InputError(f"{path}: an RGB NIfTI needs a .nii or .nii.gz name")
     _refuse_existing([path], overwrite)
     affine = nifti_affine(cv.affine)
-    # NIfTI stores (i, j, k) = (X, Y, Z) with i fastest; each voxel's three bytes become one RGB24 record.
-    voxels = np.ascontiguousarray(cv.rgb.transpose(2, 1, 0, 3)).view(RGB24)[..., 0]
+    # NIfTI stores (i, j, k) = (X, Y, Z) with i fastest, which is the memory order of our C-ordered (Z, Y, X, 3):
+    # each voxel's three bytes become one RGB24 record and the transpose is a Fortran-ordered view, written as it
+    # lies in memory (a transposed copy cost 2.5 s for 282 slices of 512², five times the compression).
+    voxels = np.ascontiguousarray(cv.rgb).view(RGB24)[..., 0].T
     img = nib.Nifti1Image(voxels, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
