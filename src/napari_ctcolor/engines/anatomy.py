@@ -22,8 +22,10 @@ Written here rather than taken from a library: these are rules about this model'
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 from scipy import ndimage
@@ -238,19 +240,49 @@ def smooth_along_z(top: torch.Tensor, prob: torch.Tensor, hu: torch.Tensor, kern
     (`Z_SMOOTH_HU`): a joint bilateral filter, so a rib or a vessel crossing the slice keeps its own class where the
     next slice shows soft tissue, and the class of a uniform organ stops changing from slice to slice. A neighbour's
     probability of a class counts where that class is among its kept ones (classes beyond them carry almost none).
+
+    One numba pass per pixel (`_smooth_z`): in tensor ops, 1 mm slices (13 neighbours) x 4 x 4 class comparisons
+    took as long as the network.
     """
     r = len(kernel) // 2
     n = top.shape[0] - 2 * r
-    centre_top, centre_hu = top[r : r + n], hu[r : r + n]
-    total = torch.zeros(prob[r : r + n].shape, dtype=prob.dtype)
-    norm = torch.zeros(centre_hu.shape, dtype=prob.dtype)
-    for offset in range(2 * r + 1):
-        weight = (hu[offset : offset + n] - centre_hu).mul_(1.0 / Z_SMOOTH_HU).square_().mul_(-0.5).exp_()
-        weight.mul_(float(kernel[offset]))
-        neighbour_top, neighbour_prob = top[offset : offset + n], prob[offset : offset + n]
-        for b in range(top.shape[1]):  # the neighbour's b-th class, wherever it is one of the centre's
-            same = (centre_top == neighbour_top[:, b : b + 1]).to(prob.dtype)
-            total.addcmul_(same, (weight * neighbour_prob[:, b])[:, None])
-        norm += weight
-    total /= norm[:, None]
-    return total / total.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    out = np.empty((n, *prob.shape[1:]), dtype=np.float32)
+    _smooth_z(
+        np.ascontiguousarray(top.numpy()),
+        np.ascontiguousarray(prob.numpy(), dtype=np.float32),
+        np.ascontiguousarray(hu.numpy(), dtype=np.float32),
+        kernel.numpy().astype(np.float32),
+        np.float32(-0.5 / Z_SMOOTH_HU**2),
+        out,
+    )
+    return torch.from_numpy(out)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _smooth_z(top, prob, hu, kernel, scale, out):
+    n, k, height, width = out.shape
+    taps = kernel.shape[0]
+    r = taps // 2
+    for job in numba.prange(n * height):
+        z, y = job // height, job % height
+        total = np.empty(k, dtype=np.float32)
+        for x in range(width):
+            centre_hu = hu[z + r, y, x]
+            total[:] = 0.0
+            norm = np.float32(0.0)
+            for offset in range(taps):
+                d = hu[z + offset, y, x] - centre_hu
+                weight = np.float32(math.exp(d * d * scale)) * kernel[offset]
+                norm += weight
+                for b in range(k):
+                    neighbour = top[z + offset, b, y, x]
+                    for c in range(k):
+                        if top[z + r, c, y, x] == neighbour:
+                            total[c] += weight * prob[z + offset, b, y, x]
+            mass = np.float32(0.0)
+            for c in range(k):
+                total[c] /= norm
+                mass += total[c]
+            mass = max(mass, np.float32(1e-12))
+            for c in range(k):
+                out[z, c, y, x] = total[c] / mass
