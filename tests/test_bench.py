@@ -89,6 +89,9 @@ def test_bench_quick_writes_table_json_and_markdown(tmp_path: Path, capsys: pyte
     (sequential,) = find("batch", "2 x ctcolor colorize (sequential processes)")
     (ratio,) = find("ratio", "batch / sequential processes")
     assert ratio["median"] == pytest.approx(batch["median"] / sequential["median"], abs=0.006)
+    # What a user waits for: a whole `ctcolor colorize` process on a real DICOM folder (quick: 20 slices of 512²).
+    (series,) = find("series", "ctcolor colorize DICOM folder -> .nii.gz (whole process)", size="512x512x20")
+    assert series["unit"] == "slices/s" and "peak RSS" in series["note"] and "x the int16 input" in series["note"]
     (rss,) = find("memory", "colorizer-2d peak RSS - baseline")
     assert rss["note"] == "not measured: --quick"
 
