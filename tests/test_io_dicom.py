@@ -170,6 +170,26 @@ def test_folder_with_several_series_reads_the_largest_ct_or_the_one_asked(decode
         read_volume(root, series_uid="9.9")
 
 
+def test_integral_rescale_reads_as_int16_and_widens_to_int32_only_when_a_slice_does_not_fit(decoded_slices, tmp_path):
+    slices = subset(decoded_slices, 3, "1.2.3.3")
+    write_series(tmp_path / "ct", slices)
+    vol = read_volume(tmp_path / "ct")
+    assert vol.array.dtype == np.int16
+    by_z = sorted(slices, key=lambda d: float(d.ImagePositionPatient[2]))
+    for z, ds in enumerate(by_z):  # the stored values times the slope plus the intercept, exactly
+        np.testing.assert_array_equal(vol.array[z], ds.pixel_array.astype(np.int32) + int(ds.RescaleIntercept))
+    # A slope of 20 on the middle slice: its values leave int16, so the whole volume is int32, every slice exact.
+    wide = subset(decoded_slices, 3, "1.2.3.4")
+    wide[1].RescaleSlope = 20
+    write_series(tmp_path / "wide", wide)
+    vol = read_volume(tmp_path / "wide")
+    assert vol.array.dtype == np.int32 and vol.array.max() > np.iinfo(np.int16).max
+    by_z = sorted(wide, key=lambda d: float(d.ImagePositionPatient[2]))
+    for z, ds in enumerate(by_z):
+        expected = ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
+        np.testing.assert_array_equal(vol.array[z], expected)
+
+
 def test_single_file_with_and_without_preamble(decoded_slices, tmp_path):
     ds = subset(decoded_slices, 1)[0]
     with_preamble = tmp_path / "slice.dcm"

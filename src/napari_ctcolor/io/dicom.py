@@ -324,6 +324,9 @@ def _decode(s: _Slice) -> np.ndarray:
     return raw
 
 
+_INT16 = np.iinfo(np.int16)
+
+
 def _stack_slices(slices: list[_Slice], where: Path) -> Volume:
     first = slices[0].header
     samples = int(first.get("SamplesPerPixel", 1) or 1)
@@ -357,9 +360,10 @@ def _stack_slices(slices: list[_Slice], where: Path) -> Volume:
     ]
     modality = str(first.get("Modality", "") or "")
     integral = all(float(m).is_integer() and float(b).is_integer() for m, b in rescale)
-    # int32 while rescaling, then the int16 copy: 6 bytes per voxel at the peak (float32: 4).
-    check_memory(len(slices) * rows * cols * (6 if integral else 4), where)
-    out = np.empty((len(slices), rows, cols), dtype=np.float32 if not integral else np.int32)
+    # Integral rescaling goes straight into int16 (CT's stored range fits it), widened to int32 only when a slice does
+    # not fit: 2 bytes per voxel, where an int32 volume and its int16 copy took 6 (float32: 4).
+    check_memory(len(slices) * rows * cols * (2 if integral else 4), where)
+    out = np.empty((len(slices), rows, cols), dtype=np.float32 if not integral else np.int16)
     padding = first.get("PixelPaddingValue")
     padding_limit = first.get("PixelPaddingRangeLimit")
     padded_voxels = 0
@@ -368,7 +372,13 @@ def _stack_slices(slices: list[_Slice], where: Path) -> Volume:
         if raw.shape != (rows, cols):
             raise InputError(f"{s.path}: decoded pixels have shape {raw.shape}, header says {rows}x{cols}")
         if integral:
-            out[z] = raw.astype(np.int32) * int(slope) + int(intercept)
+            values = raw.astype(np.int32)
+            values *= int(slope)
+            values += int(intercept)
+            if out.dtype == np.int16 and not _INT16.min <= values.min() <= values.max() <= _INT16.max:
+                check_memory(len(slices) * rows * cols * 4, where)
+                out = out.astype(np.int32)
+            out[z] = values
         else:
             out[z] = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
         if padding is not None:
@@ -378,10 +388,6 @@ def _stack_slices(slices: list[_Slice], where: Path) -> Volume:
             # Padding marks voxels outside the reconstructed field of view: they are air, not -3000 HU.
             out[z][mask] = AIR_HU if modality == "CT" else 0
         s.header = None  # drop the decoded pixels as we go: peak memory stays near the output array
-    if integral:
-        lo, hi = out.min(initial=0), out.max(initial=0)
-        if np.iinfo(np.int16).min <= lo and hi <= np.iinfo(np.int16).max:
-            out = out.astype(np.int16)
     meta = _meta(first, where)
     meta.update(notes)
     meta["first_file"] = str(slices[0].path)  # the series' own file, for exports that keep patient information
