@@ -23,12 +23,14 @@ from napari_ctcolor.engines.register import (
     IC_STRIDE,
     LNCC_WINDOW,
     MAX_NETWORK_VOXELS,
+    QUALITY_LIMITS,
     _card_normalisation,
     _padded_voxels,
     _resize_field,
     global_ncc,
     load_registration_model,
     local_ncc,
+    warnings,
     working_shape,
 )
 from napari_ctcolor.io import ColorVolume, InputError, Volume, read_volume, write_nifti
@@ -183,6 +185,10 @@ def test_cli_register_reproduces_the_official_reference_and_a_restored_copy_give
     print(f"\nctcolor register vs official reference: max {diff.max():.2e}")
     assert diff.max() <= 1e-3
     np.testing.assert_allclose(warped.affine, nib.load(paths[0]).affine, atol=1e-6)
+    # Inter-subject brains change local volume: with CT's limits det J would be reported as a failure here.
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["volume_change_fraction"] > 0.5 and metrics["quality_limits"]["volume_change_fraction"] is None
+    assert not any("det J" in line for line in metrics["warnings"]), metrics["warnings"]
 
     # The same physical images stored in another order: axes (i, j, k) -> (k, i, j), i and k reversed. The affine
     # changes with the array, so every voxel keeps its position in space.
@@ -454,6 +460,22 @@ def test_card_normalisation_and_working_spacing_come_from_the_model_card(tmp_pat
     official = load_registration_model(_checkpoint())
     assert official.normalisation == ("minmax", None) and official.min_spacing_mm is None
     assert official.axes == ("L", "I", "A")
+    # Quality limits: CT's by default; the official inter-subject brain checkpoint does not report volume change; a
+    # card may change a limit or switch it off, and names only known ones.
+    assert loaded.limits == QUALITY_LIMITS and official.limits["volume_change_fraction"] is None
+    card["inference"] = {"quality_limits": {"inverse_consistency_mm": 2, "volume_change_fraction": None}}
+    save_weights(load_symnet_checkpoint(_checkpoint()), {"name": "mine", **card}, tmp_path, "mine")
+    limits = load_registration_model(weights).limits
+    assert limits["inverse_consistency_mm"] == 2.0 and limits["volume_change_fraction"] is None
+    assert limits["lncc_after"] == QUALITY_LIMITS["lncc_after"]
+    sound = {"overlap_fraction": 1.0, "lncc_after": 0.9, "folding_fraction": 0.0, "inverse_consistency_mm": 1.5}
+    assert len(warnings({**sound, "volume_change_fraction": 0.9, "affine": True})) == 2  # CT limits: two lines
+    assert warnings({**sound, "volume_change_fraction": 0.9, "affine": True}, limits) == []
+    card["inference"] = {"quality_limits": {"jacobian": 0.5}}
+    save_weights(load_symnet_checkpoint(_checkpoint()), {"name": "mine", **card}, tmp_path, "mine")
+    with pytest.raises(InputError, match="quality_limits may set only"):
+        load_registration_model(weights)
+    del card["inference"]
     # A card that does not say which axes its network saw is refused: a CNN is not equivariant to transposes.
     del card["inputs"]["axes"]
     save_weights(load_symnet_checkpoint(_checkpoint()), {"name": "mine", **card}, tmp_path, "mine")

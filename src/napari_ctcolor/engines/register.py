@@ -32,9 +32,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import numpy as np
@@ -101,13 +102,21 @@ LNCC_EPSILON = 1e-6
 BODY_LEVEL = 0.25
 #: A registration is reported as doubtful (`warnings`) when a measure is beyond its limit: less overlap or local NCC,
 #: more folding, inverse inconsistency or share of the body with det J outside 0.8..1.25.
-QUALITY_LIMITS = {
-    "overlap_fraction": 0.8,
-    "lncc_after": 0.3,
-    "folding_fraction": 5e-4,
-    "inverse_consistency_mm": 1.0,
-    "volume_change_fraction": 0.5,
-}
+#: These suit intra-patient CT (a follow-up scan, breathing): a model card can change any of them, or switch one off
+#: with null, in ``inference.quality_limits``.
+QUALITY_LIMITS: Mapping[str, float | None] = MappingProxyType(
+    {
+        "overlap_fraction": 0.8,
+        "lncc_after": 0.3,
+        "folding_fraction": 5e-4,
+        "inverse_consistency_mm": 1.0,
+        "volume_change_fraction": 0.5,
+    }
+)
+#: The official OASIS checkpoint registers one subject's brain to another's: local volume change there is anatomy
+#: (ventricles, sulci), not a failure, so det J far from 1 is not reported (on the OASIS pair it is on 59 % of the
+#: brain). The other limits hold.
+INTER_SUBJECT_LIMITS: Mapping[str, float | None] = MappingProxyType({**QUALITY_LIMITS, "volume_change_fraction": None})
 
 
 @dataclass
@@ -155,6 +164,7 @@ class RegistrationModel:
         refine: full-resolution refinement settings, from the card's ``inference.refine`` (default iterations).
         prealign: whether the affine pre-alignment runs by default (the card's ``inference.prealign``: "affine").
         symmetric: run the network on (fixed, moving) and (moving, fixed) and average (``inference.symmetric``).
+        limits: the quality limits of `warnings` (`QUALITY_LIMITS` with the card's ``inference.quality_limits``).
     """
 
     network: SYMNet
@@ -165,6 +175,7 @@ class RegistrationModel:
     refine: RefineSettings = RefineSettings()
     prealign: bool = False
     symmetric: bool = False
+    limits: Mapping[str, float | None] = field(default_factory=lambda: QUALITY_LIMITS)
 
 
 _MODEL_CACHE: dict[tuple, RegistrationModel] = {}
@@ -206,7 +217,7 @@ def _load_registration_model(model: str | os.PathLike) -> RegistrationModel:
             raise InputError(f"{path}: model file not found (use 'ct' or the path of a SYMNet .pth checkpoint)")
         network, card = load_symnet(path)
         if path.suffix.lower() in (".pth", ".pt"):
-            return RegistrationModel(network, OFFICIAL_NORMALISATION, path.name)
+            return RegistrationModel(network, OFFICIAL_NORMALISATION, path.name, limits=INTER_SUBJECT_LIMITS)
         name = path.name
     inputs = card.get("inputs", {})
     if "axes" not in inputs:
@@ -224,7 +235,19 @@ def _load_registration_model(model: str | os.PathLike) -> RegistrationModel:
         RefineSettings.from_card(inference.get("refine"), name),
         inference.get("prealign") == "affine",
         bool(inference.get("symmetric", False)),
+        _card_limits(inference.get("quality_limits"), name),
     )
+
+
+def _card_limits(spec: Any, name: str) -> Mapping[str, float | None]:
+    """`QUALITY_LIMITS` updated by a card's ``inference.quality_limits`` (numbers, or null to switch one off)."""
+    if spec is None:
+        return QUALITY_LIMITS
+    if not isinstance(spec, dict) or set(spec) - set(QUALITY_LIMITS):
+        raise InputError(f"{name}: inference.quality_limits may set only {', '.join(QUALITY_LIMITS)}")
+    if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in spec.values()):
+        raise InputError(f"{name}: inference.quality_limits values are numbers or null")
+    return MappingProxyType({**QUALITY_LIMITS, **{k: None if v is None else float(v) for k, v in spec.items()}})
 
 
 def _card_normalisation(card: dict[str, Any], name: str) -> Normalisation:
@@ -615,25 +638,33 @@ def local_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     return float(ncc[mask].double().mean())
 
 
-def warnings(metrics: dict[str, Any]) -> list[str]:
-    """One line per quality measure out of its range (`QUALITY_LIMITS`); empty when the registration looks sound."""
+def warnings(metrics: dict[str, Any], limits: Mapping[str, float | None] = QUALITY_LIMITS) -> list[str]:
+    """One line per quality measure out of its range (``limits``; a None limit is not checked); empty when the
+    registration looks sound."""
     out = []
-    if metrics["overlap_fraction"] < QUALITY_LIMITS["overlap_fraction"]:
+
+    def below(key: str) -> bool:
+        return limits[key] is not None and metrics[key] < limits[key]
+
+    def above(key: str) -> bool:
+        return limits[key] is not None and metrics[key] > limits[key]
+
+    if below("overlap_fraction"):
         out.append(
             f"the moving image covers only {100 * metrics['overlap_fraction']:.0f}% of the fixed image's body; "
             "the rest is not registered"
         )
-    if metrics["lncc_after"] < QUALITY_LIMITS["lncc_after"]:
+    if below("lncc_after"):
         out.append(
             f"local NCC in the body is {metrics['lncc_after']:.2f} after registration (below "
-            f"{QUALITY_LIMITS['lncc_after']}): the images are not aligned; check that they show the same anatomy"
+            f"{limits['lncc_after']}): the images are not aligned; check that they show the same anatomy"
             + ("" if metrics["affine"] else ", or pre-align (--affine)")
         )
-    if metrics["folding_fraction"] > QUALITY_LIMITS["folding_fraction"]:
+    if above("folding_fraction"):
         out.append(f"the field folds on {100 * metrics['folding_fraction']:.3f}% of voxels (det J <= 0)")
-    if metrics["inverse_consistency_mm"] > QUALITY_LIMITS["inverse_consistency_mm"]:
+    if above("inverse_consistency_mm"):
         out.append(f"forward and inverse fields disagree by {metrics['inverse_consistency_mm']:.1f} mm on average")
-    if metrics["volume_change_fraction"] > QUALITY_LIMITS["volume_change_fraction"]:
+    if above("volume_change_fraction"):
         out.append(
             f"det J is outside 0.8..1.25 on {100 * metrics['volume_change_fraction']:.0f}% of the body: "
             "large local volume changes; check the warped image"
@@ -952,7 +983,8 @@ def iter_register(
         metrics["prealign_offset_mm"] = b.tolist()
     if two_d:
         metrics["two_d"] = True
-    metrics["warnings"] = warnings(metrics)
+    metrics["quality_limits"] = dict(loaded.limits)
+    metrics["warnings"] = warnings(metrics, loaded.limits)
 
     def on_fixed_grid(array: np.ndarray, **meta: Any) -> Volume:
         return Volume(array, fixed.spacing, fixed.origin, fixed.direction.copy(), meta=meta)
