@@ -21,12 +21,13 @@ cached on disk; rows of voxels are spread over `numba.set_num_threads` threads (
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
 import numpy as np
 
-from ..color import ComposeTables, compose_tables
+from ..color import compose_tables
 
 __all__ = ["upsample_compose"]
 
@@ -54,15 +55,58 @@ def _code(value, codes, q_steps):
     return codes[min(max(k, 0), q_steps)]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _kernel(hu, ab_pad, guide_pad, spatial, offset, factor, likeness, clip, air, window, strength, tables, out):
+@numba.njit(inline="always")
+def _srgb(level, a, b, out, tables):
+    """Steps 3 and 4 for one voxel: grey ``level`` and a*, b* -> three sRGB codes written into ``out``."""
     fy_table, lum_table, cmax, codes, m = tables[0], tables[1], tables[2], tables[3], tables[4]
-    levels, q_steps, gamut_top, f0, kappa, rows_l, steps_h = tables[5:]
+    q_steps, gamut_top, f0, kappa, rows_l, steps_h = tables[6:]
+    tiny = np.float32(1e-30)
+    fy, lum = fy_table[level], lum_table[level]
+    r, gg, bb = _linear_rgb(fy, lum, a, b, m, f0, kappa)
+    if min(r, gg, bb) < 0.0 or max(r, gg, bb) > gamut_top:  # along the hue to the gamut boundary, then to grey
+        light = min(max(fy * np.float32(116.0) - np.float32(16.0), np.float32(0.0)), np.float32(100.0))
+        li = np.float32(2.0) * light + np.float32(8.0) * min(light, np.float32(10.0))
+        row = min(np.float32(math.floor(li)), np.float32(rows_l - 2))
+        li -= row
+        hj = (np.float32(math.atan2(b, a)) + np.float32(math.pi)) * np.float32(steps_h / (2 * math.pi))
+        col = min(np.float32(math.floor(hj)), np.float32(steps_h - 1))
+        hj -= col
+        i, j = int(row), int(col)
+        upper = cmax[i, j] + hj * (cmax[i, j + 1] - cmax[i, j])
+        lower = cmax[i + 1, j] + hj * (cmax[i + 1, j + 1] - cmax[i + 1, j])
+        limit = upper + li * (lower - upper)
+        c = max(np.float32(math.sqrt(a * a + b * b)), tiny)
+        scale = min(limit / c, np.float32(1.0))
+        r, gg, bb = _linear_rgb(fy, lum, a * scale, b * scale, m, f0, kappa)
+        hi = max(max(r, gg, bb) - lum, tiny)
+        lo = max(lum - min(r, gg, bb), tiny)
+        t = min((np.float32(1.0) - lum) / hi, lum / lo, np.float32(1.0))
+        r = min(max(lum + t * (r - lum), np.float32(0.0)), np.float32(1.0))
+        gg = min(max(lum + t * (gg - lum), np.float32(0.0)), np.float32(1.0))
+        bb = min(max(lum + t * (bb - lum), np.float32(0.0)), np.float32(1.0))
+    out[0] = _code(r, codes, q_steps)
+    out[1] = _code(gg, codes, q_steps)
+    out[2] = _code(bb, codes, q_steps)
+
+
+@numba.njit(cache=True)
+def _grey_codes(tables):
+    """(levels + 1, 3) uint8: the codes `_srgb` gives every grey level without colour (a lookup for the voxels
+    that carry none, computed by the same arithmetic)."""
+    levels = tables[5]
+    out = np.empty((levels + 1, 3), dtype=np.uint8)
+    for level in range(levels + 1):
+        _srgb(level, np.float32(0.0), np.float32(0.0), out[level], tables)
+    return out
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _kernel(hu, ab_pad, guide_pad, spatial, offset, factor, likeness, clip, air, window, strength, tables, grey, out):
+    levels = tables[5]
     n, height, width = hu.shape
     top, left = offset
     air_hu, air_fade = air
     low, inv_width = window
-    tiny = np.float32(1e-30)
     like_steps = likeness.shape[0] - 1
     lim = np.float32(like_steps - 1)  # the table's last step ends at 0: no branch at its end
     slope = np.empty_like(likeness)
@@ -76,61 +120,35 @@ def _kernel(hu, ab_pad, guide_pad, spatial, offset, factor, likeness, clip, air,
         sy0, sy1, sy2 = spatial[0, iy], spatial[1, iy], spatial[2, iy]  # this row's distance weights
         for x in range(width):
             h = hu[s, y, x]
-            # 1. the window's grey; black, white and air carry no colour (and skip the upsampling)
-            grey = min(max((h - low) * inv_width, np.float32(0.0)), np.float32(1.0))
-            level = int(grey * np.float32(levels) + np.float32(0.5))
-            a = np.float32(0.0)
-            b = np.float32(0.0)
-            if 0 < level < levels and h > air_hu:
-                # 2. guided upsampling (the voxel's own HU, clipped, against each pixel's mean HU)
-                px = x + left
-                bx, ix = px // factor, px % factor
-                g = min(max(h, clip[0]), clip[1])
-                total_a = np.float32(0.0)
-                total_b = np.float32(0.0)
-                weight_sum = np.float32(0.0)
-                for dx in range(3):
-                    sx = spatial[dx, ix]
-                    for dy in range(3):
-                        sw = sx * (sy0 if dy == 0 else sy1 if dy == 1 else sy2)
-                        d = min(abs(g - guide_pad[s, by + dy, bx + dx]) * per_hu, lim)
-                        k = int(d)
-                        like = likeness[k] + (d - np.float32(k)) * slope[k]
-                        w = (like + np.float32(1e-4)) * sw
-                        total_a += ab_pad[s, 0, by + dy, bx + dx] * w
-                        total_b += ab_pad[s, 1, by + dy, bx + dx] * w
-                        weight_sum += w
-                fade = min((h - air_hu) / air_fade, np.float32(1.0)) * strength
-                a = total_a / weight_sum * fade
-                b = total_b / weight_sum * fade
-            fy, lum = fy_table[level], lum_table[level]
-            # 3. linear RGB, mapped into the gamut along the hue when outside
-            r, gg, bb = _linear_rgb(fy, lum, a, b, m, f0, kappa)
-            if min(r, gg, bb) < 0.0 or max(r, gg, bb) > gamut_top:
-                light = min(max(fy * np.float32(116.0) - np.float32(16.0), np.float32(0.0)), np.float32(100.0))
-                li = np.float32(2.0) * light + np.float32(8.0) * min(light, np.float32(10.0))
-                row = min(np.float32(math.floor(li)), np.float32(rows_l - 2))
-                li -= row
-                hj = (np.float32(math.atan2(b, a)) + np.float32(math.pi)) * np.float32(steps_h / (2 * math.pi))
-                col = min(np.float32(math.floor(hj)), np.float32(steps_h - 1))
-                hj -= col
-                i, j = int(row), int(col)
-                upper = cmax[i, j] + hj * (cmax[i, j + 1] - cmax[i, j])
-                lower = cmax[i + 1, j] + hj * (cmax[i + 1, j + 1] - cmax[i + 1, j])
-                limit = upper + li * (lower - upper)
-                c = max(np.float32(math.sqrt(a * a + b * b)), tiny)
-                scale = min(limit / c, np.float32(1.0))
-                r, gg, bb = _linear_rgb(fy, lum, a * scale, b * scale, m, f0, kappa)
-                hi = max(max(r, gg, bb) - lum, tiny)
-                lo = max(lum - min(r, gg, bb), tiny)
-                t = min((np.float32(1.0) - lum) / hi, lum / lo, np.float32(1.0))
-                r = min(max(lum + t * (r - lum), np.float32(0.0)), np.float32(1.0))
-                gg = min(max(lum + t * (gg - lum), np.float32(0.0)), np.float32(1.0))
-                bb = min(max(lum + t * (bb - lum), np.float32(0.0)), np.float32(1.0))
-            # 4. sRGB codes
-            out[s, y, x, 0] = _code(r, codes, q_steps)
-            out[s, y, x, 1] = _code(gg, codes, q_steps)
-            out[s, y, x, 2] = _code(bb, codes, q_steps)
+            # 1. the window's grey; black, white and air carry no colour: their codes come from the grey table
+            value = min(max((h - low) * inv_width, np.float32(0.0)), np.float32(1.0))
+            level = int(value * np.float32(levels) + np.float32(0.5))
+            if not (0 < level < levels and h > air_hu):
+                out[s, y, x, 0] = grey[level, 0]
+                out[s, y, x, 1] = grey[level, 1]
+                out[s, y, x, 2] = grey[level, 2]
+                continue
+            # 2. guided upsampling (the voxel's own HU, clipped, against each pixel's mean HU)
+            px = x + left
+            bx, ix = px // factor, px % factor
+            g = min(max(h, clip[0]), clip[1])
+            total_a = np.float32(0.0)
+            total_b = np.float32(0.0)
+            weight_sum = np.float32(0.0)
+            for dx in range(3):
+                sx = spatial[dx, ix]
+                for dy in range(3):
+                    sw = sx * (sy0 if dy == 0 else sy1 if dy == 1 else sy2)
+                    d = min(abs(g - guide_pad[s, by + dy, bx + dx]) * per_hu, lim)
+                    k = int(d)
+                    like = likeness[k] + (d - np.float32(k)) * slope[k]
+                    w = (like + np.float32(1e-4)) * sw
+                    total_a += ab_pad[s, 0, by + dy, bx + dx] * w
+                    total_b += ab_pad[s, 1, by + dy, bx + dx] * w
+                    weight_sum += w
+            fade = min((h - air_hu) / air_fade, np.float32(1.0)) * strength
+            # 3-4. linear RGB (mapped into the gamut along the hue when outside) and its sRGB codes
+            _srgb(level, total_a / weight_sum * fade, total_b / weight_sum * fade, out[s, y, x], tables)
 
 
 #: Step (HU) of the likeness table: exp(-d² / 2 sigma²) interpolated linearly between steps of 0.25 HU differs from
@@ -145,7 +163,15 @@ def _likeness_table(sigma_hu: float) -> np.ndarray:
     return np.append(np.exp(-0.5 * (d / sigma_hu) ** 2), 0.0).astype(np.float32)
 
 
-def _numba_tables(tables: ComposeTables) -> tuple:
+@functools.cache
+def _grey_table() -> np.ndarray:
+    return _grey_codes(_numba_tables())
+
+
+@functools.cache
+def _numba_tables() -> tuple:
+    """`color.compose_tables` as the kernel takes them: a tuple of arrays and scalars."""
+    tables = compose_tables()
     f32 = np.float32
     return (
         tables.fy,
@@ -196,6 +222,7 @@ def upsample_compose(
     """
     f32 = np.float32
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    tables = _numba_tables()
     centre, width = window
     _kernel(
         np.ascontiguousarray(hu, dtype=f32),
@@ -209,6 +236,7 @@ def upsample_compose(
         (f32(air[0]), f32(air[1])),
         (f32(centre - width / 2), f32(1.0 / width)),
         f32(strength),
-        _numba_tables(compose_tables()),
+        tables,
+        _grey_table(),
         out,
     )
