@@ -92,6 +92,21 @@ def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     assert layer.blending == "translucent" and list(viewer.layers) == [ct, layer]
     assert lightness_error(layer.data, ct.data, PRESETS["abdomen"]) <= LUMINANCE_BOUND
     assert predictions == [ct.data.shape]
+    assert viewer.layers.selection.active is ct  # napari's status bar shows the CT's HU, not the colour layer's RGB
+
+    # The Pointer line under napari's cursor: the CT's HU at that voxel, its LPS position in mm, its slice and its
+    # colour class; references from the series read again (SimpleITK-convention affine: index (i, j, k) -> LPS).
+    reference = read_volume(dicom_series)
+    for k, j, i in [(10, 200, 300), (3, 120, 400), (19, 256, 256)]:
+        viewer.cursor.position = ct.data_to_world((k, j, i))
+        fields = widget.pointer.value.split(" | ")
+        assert fields[0] == f"HU {reference.array[k, j, i]:.0f}"
+        x, y, z = (float(v.split(" ")[1]) for v in fields[1].removeprefix("LPS ").removesuffix(" mm").split(", "))
+        np.testing.assert_allclose((x, y, z), (reference.affine @ [i, j, k, 1])[:3], atol=0.051)  # printed to 0.1 mm
+        assert fields[2] == f"slice {k}/{ct.data.shape[0] - 1}"
+        assert fields[3] == widget.describe((k, j, i))
+    viewer.cursor.position = ct.data_to_world((0, -5, 0))  # outside the CT: nothing to say
+    assert widget.pointer.value == ""
 
     # Chroma 0 and another window: recomposed from the kept chroma, the network does not run again.
     widget.chroma.value = 0.0

@@ -10,9 +10,11 @@ The widget is a thin front end over `napari_ctcolor.engines.colorize`, the same 
 - The window is the CT layer's: choosing a preset sets the layer's contrast limits, and changing the layer's contrast
   limits (napari's slider) selects the matching preset or "custom" and recomposes the colour with it.
 - A progress bar in the widget; Axial / Coronal / Sagittal buttons show radiologically oriented views (`_view`).
-- Under the result, the pointer's colour class and its probability show in the widget ("Pointer"), and a legend
-  lists the classes the volume shows with their palette swatches. "Show colour classes" adds a Labels layer of the
-  most probable class, named as colour classes: a visual aid, never a validated segmentation.
+- The widget's "Pointer" line shows the CT's HU under napari's cursor, the voxel's position in mm (LPS) and its
+  slice; after Run also the colour class there and its probability. The CT stays the selected layer after Run, so
+  napari's status bar shows HU too. A legend lists the classes the volume shows with their palette swatches. "Show
+  colour classes" adds a Labels layer of the most probable class, named as colour classes: a visual aid, never a
+  validated segmentation.
 - The result is the RGB layer ``"<CT name> colorized"`` at the CT's physical position, blended translucently over
   it; running again replaces that layer.
 - Problems the user can fix (`CTColorError`: a missing weights file, no CUDA, ...) show as one-line napari errors.
@@ -221,7 +223,7 @@ class ColorizeWidget(Container):
         self.classes_button.changed.connect(self.show_classes)
         self.view_3d.changed.connect(self._on_view_3d)
         self.export_button.changed.connect(lambda *_: self.export())
-        self._viewer.mouse_move_callbacks.append(self._on_mouse_move)
+        self._viewer.cursor.events.position.connect(self._on_cursor)
         self.opacity.changed.connect(self._on_opacity)
         self.model.changed.connect(lambda value: setattr(self.weights_file, "visible", value == WEIGHTS_FILE))
         self.ct_layer.changed.connect(self._watch_ct)
@@ -275,8 +277,7 @@ class ColorizeWidget(Container):
         for event in self._layer_events:
             event.disconnect(self._on_layers_changed)
         self._unwatch()
-        if self._on_mouse_move in self._viewer.mouse_move_callbacks:
-            self._viewer.mouse_move_callbacks.remove(self._on_mouse_move)
+        self._viewer.cursor.events.position.disconnect(self._on_cursor)
         self.cancel()
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -597,6 +598,9 @@ class ColorizeWidget(Container):
             return
         chroma, colour = result
         self._kept = _Kept(volume, chroma, ct, self._show(ct, colour))
+        # The CT stays the selected layer: napari's status bar then shows its HU, not the colour layer's RGB, and
+        # its contrast slider is the window.
+        self._viewer.layers.selection.active = ct
         self._fill_legend(colour)
         for control in (self.classes_button, self.view_3d, self.export_format, self.export_path, self.keep_identity):
             control.enabled = True
@@ -709,13 +713,32 @@ class ColorizeWidget(Container):
         """The class names the legend lists, in its order."""
         return [row.rsplit("</span> ", 1)[1] for row in self.legend.value.split("<br>") if row]
 
-    def _on_mouse_move(self, viewer, event) -> None:
-        """Show the colour class under the pointer and its probability."""
+    def _on_cursor(self, _event=None) -> None:
+        """The pointer moved (napari's cursor position): show what is under it."""
+        if not self._closed:
+            self.pointer.value = self.pointer_line(self._viewer.cursor.position)
+
+    def pointer_line(self, world_position) -> str:
+        """What the Pointer line shows for a world position: the CT's HU there, the voxel's position in mm (LPS x,
+        y, z), its axial slice (napari's slider index) and, after Run, the colour class with its probability; ''
+        outside the CT."""
         kept = self._kept
-        layer = self.result_layer
-        if kept is None or layer is None:
-            return
-        self.pointer.value = self.describe(layer.world_to_data(event.position))
+        ct = kept.ct if kept is not None and self._in_viewer(kept.ct) else self.ct_layer.value
+        if ct is None or ct.multiscale:
+            return ""
+        index = np.round(np.asarray(ct.world_to_data(world_position), dtype=float)).astype(int)
+        shape = ct.data.shape
+        if index.size != len(shape) or not all(0 <= i < n for i, n in zip(index, shape, strict=True)):
+            return ""
+        hu = float(ct.data[tuple(index)])
+        lps = np.asarray(ct.data_to_world(index), dtype=float)[::-1]  # world (z, y, x) -> LPS x, y, z
+        position = ", ".join(f"{axis} {value:.1f}" for axis, value in zip("xyz", lps, strict=False))
+        parts = [f"HU {hu:.0f}", f"LPS {position} mm"]
+        if ct.ndim == 3:
+            parts.append(f"slice {index[0]}/{shape[0] - 1}")
+        if kept is not None and kept.ct is ct and self.result_layer is not None:
+            parts.append(self.describe(index))
+        return " | ".join(parts)
 
     def describe(self, data_position) -> str:
         """'<class> <probability> %' for a position in the result layer's data coordinates ('' outside it)."""
