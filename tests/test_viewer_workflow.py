@@ -99,6 +99,33 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
     assert all(lyr.visible for lyr in viewer.layers)
 
 
+def test_all_three_docks_with_a_long_legend_fit_a_1080_px_screen_as_tabs(make_napari_viewer):
+    from qtpy.QtWidgets import QApplication, QDockWidget
+
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(np.zeros((20, 64, 64), dtype=np.int16), name="CT")
+    window = viewer.window._qt_window
+    docks = []
+    for name in ("Colorize volume", "Register & checkerboard", "Open from PACS"):
+        dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+        docks.append(dock)
+        if name == "Colorize volume":  # a legend as long as the one that pushed the window to 1226 px: 27 classes
+            rows = [
+                f'<span style="background-color:#a0522d">&nbsp;&nbsp;&nbsp;&nbsp;</span> class {k}' for k in range(27)
+            ]
+            widget.legend.value = "<br>".join(rows)
+            assert widget.legend.native.sizeHint().height() > 300  # the legend itself is tall; its box scrolls
+        QApplication.processEvents()
+    window.resize(1920, 1080)
+    QApplication.processEvents()
+    heights = [dock.minimumSizeHint().height() for dock in docks]
+    print(f"\nwindow {window.height()} px (minimum {window.minimumSizeHint().height()}), docks' minimum {heights}")
+    assert window.minimumSizeHint().height() <= 1080 and window.height() <= 1080
+    # The three docks share one column as tabs (napari's own tabify), not stacked heights.
+    tabbed = {id(d) for d in window.tabifiedDockWidgets(docks[0])}
+    assert {id(docks[1]), id(docks[2])} <= tabbed and all(isinstance(d, QDockWidget) for d in docks)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 2. Radiological orientation, checked on the rendered canvas
 # ---------------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QFrame, QScrollArea, QWidget
 
 from ..color import PALETTE_NAMES, Palette, load_palette
 from ..engines.colorize import Chroma, iter_compose_chroma, iter_predict_chroma
@@ -54,6 +56,7 @@ from ..errors import CTColorError, InputError
 from ..io import ColorVolume, Volume
 from ..models.colorizer import Colorizer
 from ..windowing import PRESETS, VOLUME_PRESETS, Window, default_window, opacity, parse_window
+from ._docks import tab_with_siblings
 from ._layers import META_KEY, layer_attributes, volume_from_layer
 from ._view import anterior_3d, follow_radiological_orientation, plane_buttons, show_plane
 
@@ -64,6 +67,8 @@ DICOM_DEFAULT = "DICOM default"
 PALETTE_FILE = "palette file..."
 #: The legend lists classes that are the most probable one in at least this share of the volume's pixels.
 LEGEND_MIN_SHARE = 0.001
+#: The legend scrolls beyond this height (pixels): a long one would push the viewer's window off a 1080 px screen.
+LEGEND_MAX_HEIGHT = 160
 CUSTOM = "custom"
 WEIGHTS_FILE = "weights file..."
 SHIPPED_MODELS = ("colorizer-2d", "colorizer-3d")
@@ -99,6 +104,19 @@ class _Kept:
     chroma: Chroma
     ct: Image
     layer: Image
+
+
+def _scroll_within(widget: QWidget, max_height: int) -> None:
+    """Put ``widget`` (in a magicgui container's layout) into a scroll area at most ``max_height`` pixels high."""
+    layout = widget.parentWidget().layout()
+    index = layout.indexOf(widget)
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setMaximumHeight(max_height)
+    layout.insertWidget(index, scroll)
+    scroll.setWidget(widget)
 
 
 class ColorizeWidget(Container):
@@ -203,6 +221,8 @@ class ColorizeWidget(Container):
                 plane_buttons(napari_viewer),
             ]
         )
+        _scroll_within(self.legend.native, LEGEND_MAX_HEIGHT)
+        tab_with_siblings(self.native)
         self.worker = None  # the running GeneratorWorker (network run or recompose), if any
         self._kept: _Kept | None = None
         self._recompose_pending = False

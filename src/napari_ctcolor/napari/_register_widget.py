@@ -60,6 +60,7 @@ from ..engines.register import RegistrationResult, iter_register
 from ..errors import CTColorError, InputError
 from ..io import ColorVolume, Volume
 from ..weights import find_weights
+from ._docks import tab_with_siblings
 from ._layers import META_KEY, layer_attributes, volume_from_layer
 from ._view import follow_radiological_orientation, plane_buttons
 
@@ -258,6 +259,7 @@ class RegisterWidget(Container):
                 plane_buttons(napari_viewer),
             ]
         )
+        tab_with_siblings(self.native)
         self.worker = None  # the running GeneratorWorker, if any
         self._kept: _Kept | None = None
         self._closed = False
