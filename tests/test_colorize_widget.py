@@ -80,6 +80,16 @@ def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     ct = viewer.open(str(dicom_series), plugin=PLUGIN)[0]
     widget = open_widget(viewer)
     assert widget.ct_layer.value is ct
+    # The series is contrast-enhanced (its header's ContrastBolusAgent): it opens in the CTA window, and both of its
+    # header's windows (40/300, the default, and 300/1500) are offered; the slider reaches the whole HU range.
+    assert widget.window.value == "cta" and tuple(ct.contrast_limits) == (0.0, 600.0)
+    shown = [widget.window.native.itemText(i) for i in range(widget.window.native.count())]
+    assert shown[:2] == ["DICOM default", "DICOM 300/1500"] and "CTA" in shown and "cta" not in shown
+    assert ct.contrast_limits_range[0] <= ct.data.min() and ct.contrast_limits_range[1] >= ct.data.max()
+    widget.window.value = "DICOM 300/1500"
+    assert tuple(ct.contrast_limits) == (-450.0, 1050.0)
+    widget.window.value = "DICOM default"
+    assert tuple(ct.contrast_limits) == (-110.0, 190.0)
     widget.window.value = "abdomen"
     assert (widget.centre_hu.value, widget.width_hu.value) == (40, 400)
 
@@ -145,9 +155,13 @@ def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     assert int(classes.data[0, 0, 0]) == 0  # air: no label
     viewer.layers.remove(classes)
 
-    # Opacity only changes the layer.
+    # Opacity only changes the layer; its contrast limits and gamma stay put (the window is the CT's), said so.
     widget.opacity.value = 0.4
     assert layer.opacity == pytest.approx(0.4) and not widget.busy
+    layer.contrast_limits = (60.0, 120.0)
+    layer.gamma = 0.5
+    assert tuple(layer.contrast_limits) == (0.0, 255.0) and layer.gamma == 1.0 and not widget.busy
+    assert "contrast stays fixed" in widget.status.value
 
     # Running again replaces the result layer instead of adding another.
     click_and_wait(qtbot, widget, widget.run_button)

@@ -23,7 +23,12 @@ def test_dropping_the_dicom_folder_gives_one_hu_layer_at_physical_scale(make_nap
     assert layer.data.shape == (20, 512, 512)
     np.testing.assert_allclose(layer.scale, (2.0, 0.9765625, 0.9765625))
     np.testing.assert_allclose(layer.translate, (-804.5, -437.51171875, -249.51171875))
-    assert tuple(layer.contrast_limits) == (-110.0, 190.0)  # the DICOM default window 40 / 300
+    # Contrast-enhanced (ContrastBolusAgent in its header): opened in the CTA window, not its header's 40 / 300 (under
+    # which the contrast-filled vessels are white); the header's windows are kept.
+    assert tuple(layer.contrast_limits) == (0.0, 600.0)
+    meta = layer.metadata["ctcolor"]
+    assert meta["contrast"] == "APPLIED" and meta["window"] == (40.0, 300.0)
+    assert meta["windows"] == [(40.0, 300.0), (300.0, 1500.0)]
     assert layer.name == "CT Body 3.0"
     assert layer.data.min() == -1024  # HU, not stored values
 

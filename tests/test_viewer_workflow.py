@@ -57,13 +57,31 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
     assert lightness_error(layer.data, ct.data, PRESETS["bone"]) <= LUMINANCE_BOUND
 
     # Layer -> widget -> colour: dragging the CT layer's contrast recolours with that window, network not re-run.
+    # The slice on screen is recoloured at once, before the worker recomposes the rest of the volume; the worker's
+    # full recomposition then gives that slice the same colours (within one 8-bit code: other float batching).
+    show_plane(viewer, "axial")
+    k = 11
+    viewer.dims.set_point(0, ct.data_to_world((k, 0, 0))[0])
+    before = layer.data.copy()
     ct.contrast_limits = (-160.0, 240.0)  # the abdomen window
+    assert widget.busy and widget.recoloured_first == k  # the worker runs; no event has reached the layer from it
+    first = layer.data[k].copy()
+    assert np.abs(first.astype(int) - before[k]).max() > 20  # recoloured: bone window -> abdomen window
+    others = [z for z in range(ct.data.shape[0]) if z != k]
+    np.testing.assert_array_equal(layer.data[others], before[others])  # the rest follows in the background
     # A NIfTI has no DICOM window: its default is the abdomen preset, and either name means the same window.
     assert widget.window.value in ("DICOM default", "abdomen", "soft_tissue")
     assert (widget.centre_hu.value, widget.width_hu.value) == (40.0, 400.0)
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
     assert layer.metadata["ctcolor"]["colorize"]["window"] == [40.0, 400.0]
     assert lightness_error(layer.data, ct.data, PRESETS["abdomen"]) <= LUMINANCE_BOUND
+    step = np.abs(layer.data[k].astype(int) - first)
+    print(
+        f"\nvisible slice first vs full recomposition: max {step.max()} code(s), "
+        f"share differing {(step > 0).mean():.1e}"
+    )
+    assert step.max() <= 1
+    assert np.abs(layer.data[others].astype(int) - before[others]).max() > 20  # and the rest is recoloured now
 
     ct.contrast_limits = (-50.0, 150.0)  # no preset: custom, centre 50, width 200
     assert widget.window.value == "custom"

@@ -7,8 +7,11 @@ The widget is a thin front end over `napari_ctcolor.engines.colorize`, the same 
 - The predicted colour-class probabilities (`Chroma`) are kept, so changing the palette, the chroma strength or the
   window only recomposes (also in a worker, coalescing fast slider moves); the network does not run again. Opacity
   only changes the layer.
-- The window is the CT layer's: choosing a preset sets the layer's contrast limits, and changing the layer's contrast
-  limits (napari's slider) selects the matching preset or "custom" and recomposes the colour with it.
+- The window is the CT layer's: choosing a preset (or one of the windows in the CT's DICOM header) sets the layer's
+  contrast limits, and changing the layer's contrast limits (napari's slider, whose range is widened to the CT's
+  whole HU range) selects the matching choice or "custom" and recomposes the colour with it: the axial slice on
+  screen at once in the main thread (`compose_slice`), then the whole volume in a worker. The colour layer's own
+  contrast limits and gamma stay fixed (its luminance is the window already).
 - A progress bar in the widget; Axial / Coronal / Sagittal buttons show radiologically oriented views (`_view`).
 - The widget's "Pointer" line shows the CT's HU under napari's cursor, the voxel's position in mm (LPS) and its
   slice; after Run also the colour class there and its probability. The CT stays the selected layer after Run, so
@@ -25,7 +28,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,7 +52,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFrame, QScrollArea, QWidget
 
 from ..color import PALETTE_NAMES, Palette, load_palette
-from ..engines.colorize import Chroma, iter_compose_chroma, iter_predict_chroma
+from ..engines.colorize import Chroma, compose_chroma, iter_compose_chroma, iter_predict_chroma
 from ..engines.device import resolve_device
 from ..engines.steps import offset_steps
 from ..errors import CTColorError, InputError
@@ -78,6 +81,8 @@ EXPORT_FORMATS = {"NIfTI RGB (.nii.gz)": "nifti", "DICOM series (folder)": "dico
 #: 4 bytes per voxel on the GPU, and a 3D overview needs no more.
 MAX_3D_PIXELS = 256
 DEVICES = ("auto", "cpu", "cuda")
+#: The colour layer's contrast limits: its RGB shown as composed.
+COLOUR_LIMITS = (0.0, 255.0)
 
 ModelSpec = str | os.PathLike | Colorizer
 
@@ -106,6 +111,32 @@ class _Kept:
     layer: Image
 
 
+def preset_label(name: str) -> str:
+    """How a window preset is shown to the user: "CTA" for ``cta``, words for the others (``soft_tissue``)."""
+    return "CTA" if name == "cta" else name.replace("_", " ")
+
+
+def widen_contrast_range(layer: Image) -> None:
+    """Let a grey layer's contrast slider reach the whole of its data (napari limits it to the opening window when a
+    layer is given contrast limits), so a window can be dragged wider than the one it opened with."""
+    if not isinstance(layer.data, np.ndarray) or layer.data.size == 0:  # never load a lazy (dask, zarr) array here
+        return
+    low, high = float(np.nanmin(layer.data)), float(np.nanmax(layer.data))
+    range_low, range_high = layer.contrast_limits_range
+    if low < range_low or high > range_high:
+        layer.contrast_limits_range = (min(low, range_low), max(high, range_high))
+
+
+def compose_slice(
+    volume: Volume, chroma: Chroma, z: int, window, strength: float, device: str, palette: Palette
+) -> np.ndarray:
+    """(Y, X, 3) uint8: slice ``z`` as `compose_chroma` composes it in the whole volume (the composition works slice
+    by slice), from a one-slice view of the volume and its chroma."""
+    one = Volume(volume.array[z : z + 1], volume.spacing, volume.origin, volume.direction, volume.meta)
+    part = replace(chroma, top=chroma.top[z : z + 1], prob=chroma.prob[z : z + 1])
+    return compose_chroma(one, part, window, strength, device, palette).rgb[0]
+
+
 def _scroll_within(widget: QWidget, max_height: int) -> None:
     """Put ``widget`` (in a magicgui container's layout) into a scroll area at most ``max_height`` pixels high."""
     layout = widget.parentWidget().layout()
@@ -132,7 +163,8 @@ class ColorizeWidget(Container):
         self._viewer = napari_viewer
         self._models: dict[str, ModelSpec] = dict(models) if models else {name: name for name in SHIPPED_MODELS}
         self.ct_layer = ComboBox(label="CT layer", choices=self._grey_layers, tooltip="a grey image layer in HU")
-        self.window = ComboBox(label="Window", choices=[DICOM_DEFAULT, *PRESETS, CUSTOM], value=DICOM_DEFAULT)
+        # Choices from a callable: the chosen CT's own header windows are offered beside the presets.
+        self.window = ComboBox(label="Window", choices=self._window_choices, value=DICOM_DEFAULT)
         self.centre_hu = FloatSpinBox(label="Centre (HU)", min=-5000, max=5000, step=5, value=40, enabled=False)
         self.width_hu = FloatSpinBox(label="Width (HU)", min=1, max=10000, step=10, value=400, enabled=False)
         # Choices are callables: napari calls reset_choices() on layer changes, which would drop a static list's
@@ -231,6 +263,8 @@ class ColorizeWidget(Container):
         self._watched: Image | None = None  # the CT layer whose contrast limits the window follows
         self._hidden_for_3d: list[Image] = []  # layers the 3D view hid, shown again when it is left
         self._closed = False
+        #: The slice the last recompose recoloured at once, before the rest of the volume (None: none on screen).
+        self.recoloured_first: int | None = None
 
         self.run_button.changed.connect(self._run)
         self.cancel_button.changed.connect(self.cancel)
@@ -325,7 +359,8 @@ class ColorizeWidget(Container):
             return None
         if choice == CUSTOM:
             return (float(self.centre_hu.value), float(self.width_hu.value))
-        return choice
+        header = self._header_windows().get(choice)
+        return tuple(header) if header is not None else choice
 
     def _model_spec(self) -> ModelSpec:
         if self.model.value == WEIGHTS_FILE:
@@ -356,7 +391,26 @@ class ColorizeWidget(Container):
             return PRESETS[choice]
         if choice == DICOM_DEFAULT:
             return self._dicom_default()
-        return None
+        return self._header_windows().get(choice)
+
+    def _meta_of_ct(self) -> dict:
+        """The chosen CT layer's reader metadata (else the kept run's)."""
+        layer = self.ct_layer.value
+        if layer is not None:
+            meta = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
+            return meta if isinstance(meta, dict) else {}
+        return self._kept.volume.meta if self._kept is not None else {}
+
+    def _header_windows(self) -> dict[str, Window]:
+        """The chosen CT's DICOM header windows after the first (which is "DICOM default"), by choice name."""
+        windows = [Window(*(float(v) for v in pair)) for pair in self._meta_of_ct().get("windows", [])[1:]]
+        return {f"DICOM {win.centre:g}/{win.width:g}": win for win in windows}
+
+    def _window_choices(self, _widget=None) -> list[tuple[str, str]]:
+        """(shown name, value) of the window choices: DICOM default, the header's other windows, presets, custom."""
+        header = [(name, name) for name in self._header_windows()]
+        presets = [(preset_label(name), name) for name in PRESETS]
+        return [(DICOM_DEFAULT, DICOM_DEFAULT), *header, *presets, (CUSTOM, CUSTOM)]
 
     def _dicom_default(self) -> Window | None:
         """The chosen CT's own default window (DICOM WindowCenter/Width, else the abdomen preset for CT)."""
@@ -401,7 +455,10 @@ class ColorizeWidget(Container):
             return
         self._unwatch()
         self._watched = layer
+        with self.window.changed.blocked():
+            self.window.reset_choices()  # this CT's header windows
         if layer is not None:
+            widen_contrast_range(layer)
             layer.events.contrast_limits.connect(self._on_ct_contrast)
             self._on_ct_contrast()
         else:
@@ -420,11 +477,12 @@ class ColorizeWidget(Container):
             return other is not None and np.allclose(other, win, rtol=0, atol=1e-3 * max(win.width, 1.0))
 
         current, default = self.window.value, self._dicom_default()  # the default once: a slider drag calls this often
-        if current in PRESETS and same(PRESETS[current]) or current == DICOM_DEFAULT and same(default):
+        named = {**self._header_windows(), **PRESETS}
+        if current in named and same(named[current]) or current == DICOM_DEFAULT and same(default):
             return current
         if same(default):
             return DICOM_DEFAULT
-        return next((name for name, preset in PRESETS.items() if same(preset)), CUSTOM)
+        return next((name for name, preset in named.items() if same(preset)), CUSTOM)
 
     def _on_ct_contrast(self, *_: Any) -> None:
         """The CT layer's contrast limits changed: show that window in the widget and recompose the colour."""
@@ -526,16 +584,12 @@ class ColorizeWidget(Container):
             return _Failed(str(exc))
 
     def _recompose(self, *_: Any) -> None:
-        """Recompose the kept chroma with the current window and strength; coalesces requests while one runs."""
+        """Recolour the slice on screen at once, then recompose the whole volume from the kept chroma with the
+        current window, strength and palette in a worker; requests coalesce while one runs."""
         if self._kept is None:
             return
         if self.result_layer is None:  # the user deleted the result: nothing to update
             self._kept = None
-            return
-        if self.busy:
-            self._recompose_pending = True
-            if self.worker.is_compose:
-                self.worker.quit()  # its result is stale; the pending recompose starts when it has stopped
             return
         kept = self._kept
         try:
@@ -546,6 +600,12 @@ class ColorizeWidget(Container):
         except CTColorError as exc:
             show_error(str(exc))
             return
+        self._recolour_visible_slice(kept, window, device, palette)
+        if self.busy:
+            self._recompose_pending = True
+            if self.worker.is_compose:
+                self.worker.quit()  # its result is stale; the pending recompose starts when it has stopped
+            return
         self._start(
             self._compose_steps,
             (kept.volume, kept.chroma, window, float(self.chroma.value), device, palette),
@@ -554,6 +614,33 @@ class ColorizeWidget(Container):
             on_result=lambda result: self._recomposed(kept, result),
             is_compose=True,
         )
+
+    def visible_slice(self) -> int | None:
+        """The axial slice of the kept CT on screen (an axial 2D view of a 3D CT), else None."""
+        kept, dims = self._kept, self._viewer.dims
+        if kept is None or kept.ct.ndim != 3 or dims.ndisplay != 2 or dims.ndim < 3:
+            return None
+        if set(dims.order[-2:]) != {dims.ndim - 2, dims.ndim - 1}:  # coronal or sagittal: every slice shows a line
+            return None
+        index = np.asarray(kept.ct.world_to_data(dims.point), dtype=float)
+        z = round(float(index[0]))
+        return z if 0 <= z < kept.volume.shape[0] else None
+
+    def _recolour_visible_slice(self, kept: _Kept, window, device: str, palette: Palette) -> None:
+        """Recolour the slice on screen at once, in the main thread (one slice: tens of milliseconds); the recompose
+        worker then replaces the whole volume with the same colours."""
+        z = self.visible_slice()
+        layer = self.result_layer
+        if z is None or layer is None:
+            return
+        try:
+            rgb = compose_slice(kept.volume, kept.chroma, z, window, float(self.chroma.value), device, palette)
+        except CTColorError as exc:
+            show_error(str(exc))
+            return
+        layer.data[z] = rgb
+        layer.refresh()
+        self.recoloured_first = z
 
     def _start(
         self,
@@ -698,11 +785,22 @@ class ColorizeWidget(Container):
             metadata=metadata,
             **transforms,
         )
+        layer.events.contrast_limits.connect(lambda _event: self._keep_full_range(layer))
+        layer.events.gamma.connect(lambda _event: self._keep_full_range(layer))
         if index is None:
             self._viewer.layers.append(layer)
         else:
             self._viewer.layers.insert(index, layer)
         return layer
+
+    def _keep_full_range(self, layer: Image) -> None:
+        """The colour layer's own contrast limits and gamma stay at 0..255 and 1: its luminance is the CT's window
+        already, and stretching the RGB would distort both grey and colour. The window is the CT layer's."""
+        if tuple(layer.contrast_limits) != COLOUR_LIMITS or layer.gamma != 1.0:
+            with layer.events.contrast_limits.blocker(), layer.events.gamma.blocker():
+                layer.contrast_limits, layer.gamma = COLOUR_LIMITS, 1.0
+            layer.refresh()
+            self._say(f"{layer.name}: its contrast stays fixed; set the window on the CT layer or in this widget")
 
     # ---------------------------------------------------------------------------------------------------------------
     # What the colours stand for

@@ -22,17 +22,19 @@ def tab_with_siblings(native: QWidget) -> None:
 
 
 def _dock_of(widget: QWidget) -> QDockWidget | None:
-    parent = widget.parentWidget()
+    """The dock holding ``widget``; None when it is not docked or its Qt object is gone (a closed viewer's)."""
+    try:
+        parent = widget.parentWidget()
+    except RuntimeError:
+        _OURS.discard(widget)
+        return None
     while parent is not None and not isinstance(parent, QDockWidget):
         parent = parent.parentWidget()
     return parent
 
 
 def _tab(native: QWidget) -> None:
-    try:
-        dock = _dock_of(native)
-    except RuntimeError:  # deleted before the event loop came back
-        return
+    dock = _dock_of(native)
     window = dock.parentWidget() if dock is not None else None
     if not isinstance(window, QMainWindow):
         return

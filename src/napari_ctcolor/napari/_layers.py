@@ -9,14 +9,14 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import ColorVolume, Volume
-from ..windowing import default_window
+from ..windowing import PRESETS, Window, default_window
 
 META_KEY = "ctcolor"
 
 
 def image_layer_data(volume: Volume, name: str | None = None) -> tuple[np.ndarray, dict[str, Any], str]:
     """A napari LayerDataTuple showing ``volume`` in its own units at its physical position."""
-    window = default_window(volume)
+    window = opening_window(volume)
     meta = volume.meta
     name = name or meta.get("series_description") or _stem(meta.get("source", "")) or "CT"
     kwargs = {
@@ -27,6 +27,15 @@ def image_layer_data(volume: Volume, name: str | None = None) -> tuple[np.ndarra
         **volume.napari_kwargs(),
     }
     return volume.array, kwargs, "image"
+
+
+def opening_window(volume: Volume) -> Window:
+    """The window a CT opens in: `CTA <napari_ctcolor.windowing.PRESETS>` when its DICOM header says contrast was
+    given (ContrastBolusAgent), so contrast-filled vessels and heart show mid-grey instead of white; else its default
+    window (the header's first, else the abdomen preset). Its header's windows stay offered in the colorize widget."""
+    if volume.meta.get("contrast") and volume.meta.get("modality", "CT") == "CT":
+        return PRESETS["cta"]
+    return default_window(volume)
 
 
 def rgb_layer_data(colour: ColorVolume, name: str | None = None) -> tuple[np.ndarray, dict[str, Any], str]:
