@@ -80,9 +80,10 @@ def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     ct = viewer.open(str(dicom_series), plugin=PLUGIN)[0]
     widget = open_widget(viewer)
     assert widget.ct_layer.value is ct
-    # The series is contrast-enhanced (its header's ContrastBolusAgent): it opens in the CTA window, and both of its
-    # header's windows (40/300, the default, and 300/1500) are offered; the slider reaches the whole HU range.
-    assert widget.window.value == "cta" and tuple(ct.contrast_limits) == (0.0, 600.0)
+    # The series is contrast-enhanced (its header's ContrastBolusAgent): it opens in a window of its own (test_napari),
+    # and both of its header's windows (40/300, the default, and 300/1500) are offered beside the presets (CTA among
+    # them); the slider reaches the whole HU range.
+    assert widget.window.value == "custom" and tuple(ct.contrast_limits) != (-110.0, 190.0)
     shown = [widget.window.native.itemText(i) for i in range(widget.window.native.count())]
     assert shown[:2] == ["DICOM default", "DICOM 300/1500"] and "CTA" in shown and "cta" not in shown
     assert ct.contrast_limits_range[0] <= ct.data.min() and ct.contrast_limits_range[1] >= ct.data.max()
@@ -154,6 +155,16 @@ def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     assert names[int(classes.data[10, liver[0], liver[1]])] == described.split(" ")[0]
     assert int(classes.data[0, 0, 0]) == 0  # air: no label
     viewer.layers.remove(classes)
+
+    # The 3D view leaves the patient table out: rows 215-244 of the 256 it keeps (every 2nd), behind the patient,
+    # hold the table (above -400 HU) and nothing of the body.
+    widget.view_3d.value = "bone"
+    bone = viewer.layers[f"{ct.name} 3D bone"]
+    table = ct.data[:, ::2, ::2][:, 215:]
+    assert bone.scale[1] == pytest.approx(2 * ct.scale[1]) and (table > -400).sum() > 1000
+    assert np.all(bone.data[:, 215:] == -1024) and (bone.data[:, :215] > 200).sum() > 1000
+    widget.view_3d.value = "off"
+    assert viewer.dims.ndisplay == 2 and [lyr.name for lyr in viewer.layers] == [ct.name, layer.name]
 
     # Opacity only changes the layer; its contrast limits and gamma stay put (the window is the CT's), said so.
     widget.opacity.value = 0.4

@@ -95,23 +95,28 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
     assert len(predictions) == 1 and not errors
 
-    # 3. 3D: the colours as RGBA, air clear and opacity from HU, seen from the front; "off" restores the 2D view.
+    # 3. 3D, seen from the front: a lit iso surface of the bone, the CTA surfaces, the colours as RGBA; the body's HU
+    # as they are, nothing outside it; "off" restores the 2D view.
     widget.view_3d.value = "bone"
-    rendered = viewer.layers[f"{ct.name} 3D"]
-    assert viewer.dims.ndisplay == 3 and rendered.rendering == "translucent" and rendered.data.shape[-1] == 4
+    rendered = viewer.layers[f"{ct.name} 3D bone"]
+    assert viewer.dims.ndisplay == 3 and rendered.rendering == "iso" and rendered.iso_threshold == 200.0
     assert [lyr.name for lyr in viewer.layers if lyr.visible] == [rendered.name]
-    hu = ct.data[:, :: int(rendered.scale[1] / ct.scale[1]), :: int(rendered.scale[2] / ct.scale[2])]
+    s = int(rendered.scale[1] / ct.scale[1])
+    hu = ct.data[:, ::s, ::s]
+    inside = rendered.data > -1024
+    np.testing.assert_array_equal(rendered.data[inside], hu[inside])
+    assert 0.3 < inside.mean() < 0.9 and np.all(hu[~inside] < 200)  # no bone-bright voxel is left out
+    np.testing.assert_allclose(rendered.data_to_world((5, 3, 4)), layer.data_to_world((5, 3 * s, 4 * s)), atol=1e-6)
+    widget.view_3d.value = "CTA"
+    names = [lyr.name for lyr in viewer.layers if lyr.visible]
+    assert names == [f"{ct.name} 3D bone", f"{ct.name} 3D vessels"]
+    assert all(lyr.rendering == "iso" for lyr in viewer.layers if lyr.visible)
+    widget.view_3d.value = "colour"
+    rendered = viewer.layers[f"{ct.name} 3D colour"]
+    assert rendered.rendering == "translucent" and rendered.data.shape[-1] == 4
     alpha = rendered.data[..., 3]
-    assert alpha[hu < 180].max() == 0 and alpha[hu > 450].min() == 255
-    np.testing.assert_array_equal(
-        rendered.data[..., :3],
-        layer.data[:, :: int(rendered.scale[1] / ct.scale[1])][:, :, :: int(rendered.scale[2] / ct.scale[2])],
-    )
-    np.testing.assert_allclose(
-        rendered.data_to_world((5, 3, 4)),
-        layer.data_to_world((5, 3 * rendered.scale[1] / ct.scale[1], 4 * rendered.scale[2] / ct.scale[2])),
-        atol=1e-6,
-    )
+    assert alpha[hu < 130].max() == 0 and alpha[(hu > 260) & inside].min() == 255 and alpha[~inside].max() == 0
+    np.testing.assert_array_equal(rendered.data[..., :3], layer.data[:, ::s, ::s])
     widget.view_3d.value = "off"
     assert viewer.dims.ndisplay == 2 and f"{ct.name} 3D" not in [lyr.name for lyr in viewer.layers]
     assert all(lyr.visible for lyr in viewer.layers)

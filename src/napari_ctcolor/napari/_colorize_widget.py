@@ -20,6 +20,7 @@ The widget is a thin front end over `napari_ctcolor.engines.colorize`, the same 
   validated segmentation.
 - The result is the RGB layer ``"<CT name> colorized"`` at the CT's physical position, blended translucently over
   it; running again replaces that layer.
+- "3D view" shows a preset of `_volume.PRESETS_3D` (lit bone, CTA, soft tissue, colour) without table and air.
 - Problems the user can fix (`CTColorError`: a missing weights file, no CUDA, ...) show as one-line napari errors.
 """
 
@@ -58,10 +59,12 @@ from ..engines.steps import offset_steps
 from ..errors import CTColorError, InputError
 from ..io import ColorVolume, Volume
 from ..models.colorizer import Colorizer
-from ..windowing import PRESETS, VOLUME_PRESETS, Window, default_window, opacity, parse_window
+from ..windowing import COLOUR_3D_OPACITY, PRESETS, Window, default_window, opacity, parse_window
 from ._docks import tab_with_siblings
 from ._layers import META_KEY, layer_attributes, volume_from_layer
 from ._view import anterior_3d, follow_radiological_orientation, plane_buttons, show_plane
+from ._volume import AIR_HU as AIR_HU_3D
+from ._volume import PRESETS_3D, body_mask, vessel_hu
 
 if TYPE_CHECKING:
     import napari
@@ -218,10 +221,11 @@ class ColorizeWidget(Container):
         self.export_button = PushButton(text="Export", enabled=False)
         self.view_3d = ComboBox(
             label="3D view",
-            choices=[NO_3D, *VOLUME_PRESETS],
+            choices=[NO_3D, *PRESETS_3D],
             value=NO_3D,
             enabled=False,
-            tooltip="render the colorized volume in 3D: air clear, opacity from HU (bone, vessels or soft tissue)",
+            tooltip="3D rendering without table and air: lit bone surface; CTA: bone and contrast-filled vessels; "
+            "soft tissue: translucent HU transfer function; colour: the colorized volume, translucent",
         )
         super().__init__(
             widgets=[
@@ -262,6 +266,7 @@ class ColorizeWidget(Container):
         self._syncing = False  # True while the widget and the CT layer's contrast limits update each other
         self._watched: Image | None = None  # the CT layer whose contrast limits the window follows
         self._hidden_for_3d: list[Image] = []  # layers the 3D view hid, shown again when it is left
+        self._body_cache: tuple | None = None  # (kept, HU, body mask, spacing) of the 3D view
         self._closed = False
         #: The slice the last recompose recoloured at once, before the rest of the volume (None: none on screen).
         self.recoloured_first: int | None = None
@@ -903,38 +908,64 @@ class ColorizeWidget(Container):
             return
         self.show_3d(choice)
 
-    def show_3d(self, preset: str) -> Image | None:
-        """Add (or refresh) "<CT name> 3D": the colorized volume as RGBA, alpha from HU under ``preset`` (air clear),
-        rendered translucently from the patient's front; the 2D layers are hidden meanwhile."""
+    def show_3d(self, preset: str) -> list[Image]:
+        """Add (or refresh) the layers "<CT name> 3D <part>" of a `PRESETS_3D` preset, the table and air removed,
+        seen from the patient's front; the 2D layers are hidden meanwhile. Returns the added layers."""
         kept = self._kept
         colour = self.result_layer
         if kept is None or colour is None or kept.ct.ndim != 3:
-            return None
+            return []
         step = max(1, -(-max(kept.volume.shape[1:]) // MAX_3D_PIXELS))
-        rgb = np.asarray(colour.data)[:, ::step, ::step]
-        alpha = opacity(kept.volume.array[:, ::step, ::step], VOLUME_PRESETS[preset])
-        rgba = np.concatenate([rgb, alpha[..., None]], axis=-1)
         placement = {k: np.asarray(v) for k, v in layer_attributes(colour).items() if k != "metadata"}
         placement["scale"] = placement["scale"] * np.array([1.0, step, step])
-        name = f"{kept.ct.name} 3D"
-        existing = next((lyr for lyr in self._viewer.layers if lyr.name == name), None)
-        if existing is not None:
-            self._viewer.layers.remove(existing)
-        layer = Image(rgba, name=name, rgb=True, rendering="translucent", blending="translucent", **placement)
+        hu, body, spacing = self._body_3d(kept, step)
+        self._remove_3d()
         if not self._hidden_for_3d:
             self._hidden_for_3d = [lyr for lyr in self._viewer.layers if lyr.visible]
             for lyr in self._hidden_for_3d:
                 lyr.visible = False
-        self._viewer.layers.append(layer)
+        added = []
+        for part in PRESETS_3D[preset]:
+            name = f"{kept.ct.name} 3D {part.name}"
+            if part.source == "colour":  # the colorized RGB, alpha from HU, nothing outside the body
+                alpha = opacity(hu, COLOUR_3D_OPACITY) * body
+                rgba = np.concatenate([np.asarray(colour.data)[:, ::step, ::step], alpha[..., None]], axis=-1)
+                layer = Image(rgba, name=name, rgb=True, rendering="translucent", blending="translucent", **placement)
+            else:
+                data = vessel_hu(hu, body, spacing) if part.source == "vessels" else np.where(body, hu, AIR_HU_3D)
+                layer = Image(
+                    data.astype(np.float32),
+                    name=name,
+                    rendering=part.rendering,
+                    colormap=part.colormap,
+                    contrast_limits=part.limits,
+                    blending="translucent",
+                    **({"iso_threshold": part.iso_threshold} if part.iso_threshold is not None else {}),
+                    **placement,
+                )
+            layer.interpolation3d = "linear"  # trilinear sampling: no blocky voxels
+            self._viewer.layers.append(layer)
+            added.append(layer)
         anterior_3d(self._viewer)
-        return layer
+        return added
 
-    def _leave_3d(self) -> None:
+    def _body_3d(self, kept: _Kept, step: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+        """The 3D view's HU (every ``step``-th voxel in-plane), body mask and voxel spacing, computed once per run."""
+        if self._body_cache is None or self._body_cache[0] is not kept:
+            hu = np.asarray(kept.volume.array[:, ::step, ::step], dtype=np.float32)
+            spacing = (kept.volume.spacing[0], kept.volume.spacing[1] * step, kept.volume.spacing[2] * step)
+            self._body_cache = (kept, hu, body_mask(hu, spacing), spacing)
+        return self._body_cache[1:]
+
+    def _remove_3d(self) -> None:
         kept = self._kept
         if kept is not None:
-            name = f"{kept.ct.name} 3D"
-            for lyr in [lyr for lyr in self._viewer.layers if lyr.name == name]:
+            prefix = f"{kept.ct.name} 3D "
+            for lyr in [lyr for lyr in self._viewer.layers if lyr.name.startswith(prefix)]:
                 self._viewer.layers.remove(lyr)
+
+    def _leave_3d(self) -> None:
+        self._remove_3d()
         for lyr in self._hidden_for_3d:
             if any(other is lyr for other in self._viewer.layers):
                 lyr.visible = True

@@ -9,7 +9,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import ColorVolume, Volume
-from ..windowing import PRESETS, Window, default_window
+from ..windowing import Window, default_window
+from ._volume import contrast_window
 
 META_KEY = "ctcolor"
 
@@ -30,11 +31,12 @@ def image_layer_data(volume: Volume, name: str | None = None) -> tuple[np.ndarra
 
 
 def opening_window(volume: Volume) -> Window:
-    """The window a CT opens in: `CTA <napari_ctcolor.windowing.PRESETS>` when its DICOM header says contrast was
-    given (ContrastBolusAgent), so contrast-filled vessels and heart show mid-grey instead of white; else its default
-    window (the header's first, else the abdomen preset). Its header's windows stay offered in the colorize widget."""
+    """The window a CT opens in. A CT whose DICOM header says contrast was given (ContrastBolusAgent) opens with its
+    contrast-filled vessels mid-grey (`contrast_window`), not white as under its header's or the abdomen window;
+    another opens in its default window (the header's first, else the abdomen preset). The header's windows stay
+    offered in the colorize widget."""
     if volume.meta.get("contrast") and volume.meta.get("modality", "CT") == "CT":
-        return PRESETS["cta"]
+        return contrast_window(volume.array, volume.spacing)
     return default_window(volume)
 
 
