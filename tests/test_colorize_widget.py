@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
+from napari_ctcolor.color import grey_to_lightness, load_palette, srgb_to_lab
 from napari_ctcolor.engines.colorize import colorize
 from napari_ctcolor.io import ColorVolume, Volume, read_color_volume, read_volume, write_nifti
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig
@@ -101,6 +101,7 @@ def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     np.testing.assert_allclose(layer.scale, ct.scale)
     np.testing.assert_allclose(layer.translate, ct.translate)
     assert layer.blending == "translucent" and list(viewer.layers) == [ct, layer]
+    assert ct.interpolation2d == layer.interpolation2d == "linear"  # no blocky voxels when magnified
     assert lightness_error(layer.data, ct.data, PRESETS["abdomen"]) <= LUMINANCE_BOUND
     assert predictions == [ct.data.shape]
     assert viewer.layers.selection.active is ct  # napari's status bar shows the CT's HU, not the colour layer's RGB
@@ -154,6 +155,14 @@ def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     names = list(classes.features["colour_class"])
     assert names[int(classes.data[10, liver[0], liver[1]])] == described.split(" ")[0]
     assert int(classes.data[0, 0, 0]) == 0  # air: no label
+    # Drawn in the palette's colours (the one chosen, "dicom"), not napari's random label colours.
+    palette = load_palette(widget.palette.value)
+    shown = np.unique(classes.data[10])
+    assert len(shown) > 3
+    for label in shown[shown > 0]:
+        want = np.array([*palette.class_rgb(names[label]), 255]) / 255.0
+        np.testing.assert_allclose(classes.colormap.map(np.array([label]))[0], want, atol=1e-6)
+    assert classes.colormap.map(np.array([0]))[0][3] == 0.0
     viewer.layers.remove(classes)
 
     # The 3D view leaves the patient table out: rows 215-244 of the 256 it keeps (every 2nd), behind the patient,
@@ -360,3 +369,32 @@ def test_a_2d_slice_layer_gives_a_2d_rgb_result_in_place(make_napari_viewer, qtb
     y, x = np.argwhere(hu > 80)[0]
     described = widget.describe((y, x))
     assert described.split(" ")[0] == list(classes.features["colour_class"])[int(classes.data[y, x])]
+
+
+def test_each_colour_layer_keeps_following_its_own_ct_window(make_napari_viewer, qtbot, errors):
+    viewer = make_napari_viewer()
+    first, first_volume = _cut_layer(viewer, slice(12, 16))
+    data, kwargs, _ = image_layer_data(first_volume, name="second cut")
+    second = viewer.add_image(data[::-1].copy(), **kwargs)  # another CT: the slices in the other order
+    widget = open_widget(viewer)
+    widget.ct_layer.value = first
+    click_and_wait(qtbot, widget, widget.run_button)
+    widget.ct_layer.value = second
+    click_and_wait(qtbot, widget, widget.run_button)
+    first_colour, second_colour = viewer.layers["cut colorized"], viewer.layers["second cut colorized"]
+    assert first_colour.metadata["ctcolor"]["colorize"]["window"] == [40.0, 400.0]
+
+    # Windowing the first CT still recolours the first colour layer (with the first CT's network output), and leaves
+    # the second alone.
+    second_before = second_colour.data.copy()
+    first.contrast_limits = PRESETS["lung"].limits
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+    assert first_colour.metadata["ctcolor"]["colorize"]["window"] == list(PRESETS["lung"])
+    assert lightness_error(first_colour.data, first.data, PRESETS["lung"]) <= LUMINANCE_BOUND
+    np.testing.assert_array_equal(second_colour.data, second_before)
+    assert widget.ct_layer.value is first and widget.window.value == "lung"
+    second.contrast_limits = PRESETS["bone"].limits  # and the second follows its own
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+    assert second_colour.metadata["ctcolor"]["colorize"]["window"] == list(PRESETS["bone"])
+    assert lightness_error(second_colour.data, second.data, PRESETS["bone"]) <= LUMINANCE_BOUND
+    assert first_colour.metadata["ctcolor"]["colorize"]["window"] == list(PRESETS["lung"]) and not errors

@@ -433,3 +433,4 @@ def test_widget_exports_like_the_cli_deidentified_unless_asked(
 
     widget.export()  # the same folder again: refused, nothing replaced
     assert len(errors) == 1 and "already exists" in errors[0]
+    assert "Exported" not in widget.status.value and "nothing written" in widget.status.value

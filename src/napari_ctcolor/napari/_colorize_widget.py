@@ -48,6 +48,7 @@ from magicgui.widgets import (
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils import progress
+from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFrame, QScrollArea, QWidget
@@ -260,7 +261,8 @@ class ColorizeWidget(Container):
         _scroll_within(self.legend.native, LEGEND_MAX_HEIGHT)
         tab_with_siblings(self.native)
         self.worker = None  # the running GeneratorWorker (network run or recompose), if any
-        self._kept: _Kept | None = None
+        self._kept: _Kept | None = None  # the run of the chosen CT layer (else the last run)
+        self._runs: list[_Kept] = []  # every CT's last run: each colour layer follows its own CT's window
         self._recompose_pending = False
         self._filling = False  # True while the widget itself writes centre/width
         self._syncing = False  # True while the widget and the CT layer's contrast limits update each other
@@ -336,6 +338,8 @@ class ColorizeWidget(Container):
         for event in self._layer_events:
             event.disconnect(self._on_layers_changed)
         self._unwatch()
+        for run in list(self._runs):
+            self._unlink(run.ct)
         self._viewer.cursor.events.position.disconnect(self._on_cursor)
         self.cancel()
 
@@ -352,6 +356,21 @@ class ColorizeWidget(Container):
 
     def _on_layers_changed(self, _event=None) -> None:
         self.ct_layer.reset_choices()
+        for run in [run for run in self._runs if not (self._in_viewer(run.ct) and self._in_viewer(run.layer))]:
+            self._unlink(run.ct)
+
+    def _unlink(self, ct: Image) -> None:
+        """Forget ``ct``'s run: its colour layer no longer follows its window."""
+        if any(run.ct is ct for run in self._runs):
+            self._runs = [run for run in self._runs if run.ct is not ct]  # by identity: runs hold arrays
+            ct.events.contrast_limits.disconnect(self._on_linked_window)
+
+    def _on_linked_window(self, event) -> None:
+        """The window of a colorized CT other than the chosen one changed: choose that CT, whose run then recomposes
+        its colour layer (as for the chosen CT), so no colour layer is left with a stale window."""
+        layer = event.source
+        if layer is not self._watched and not self._closed and any(run.ct is layer for run in self._runs):
+            self.ct_layer.value = layer
 
     def _volume_of(self, layer: Image) -> Volume:
         data = layer.data[0] if layer.multiscale else layer.data
@@ -460,6 +479,7 @@ class ColorizeWidget(Container):
             return
         self._unwatch()
         self._watched = layer
+        self._kept = next((run for run in self._runs if run.ct is layer), self._kept)
         with self.window.changed.blocked():
             self.window.reset_choices()  # this CT's header windows
         if layer is not None:
@@ -710,6 +730,9 @@ class ColorizeWidget(Container):
             return
         chroma, colour = result
         self._kept = _Kept(volume, chroma, ct, self._show(ct, colour))
+        self._unlink(ct)
+        self._runs.append(self._kept)
+        ct.events.contrast_limits.connect(self._on_linked_window)
         # The CT stays the selected layer: napari's status bar then shows its HU, not the colour layer's RGB, and
         # its contrast slider is the window.
         self._viewer.layers.selection.active = ct
@@ -787,6 +810,7 @@ class ColorizeWidget(Container):
             rgb=True,
             blending="translucent",
             opacity=float(self.opacity.value),
+            interpolation2d="linear",  # as the CT layer (`image_layer_data`): no blocky voxels, both alike
             metadata=metadata,
             **transforms,
         )
@@ -877,6 +901,20 @@ class ColorizeWidget(Container):
         name, probability = kept.chroma.class_at(*(int(i) for i in index))
         return f"{name} {probability:.0%} (colour class, not a segmentation)"
 
+    def _class_colours(self) -> DirectLabelColormap:
+        """Each class label (1 + class index, `Chroma.most_probable`) in its colour under the current palette; the
+        air (0) and classes the palette does not colour are clear."""
+        classes = self._kept.chroma.classes
+        try:
+            palette = self._palette()
+        except CTColorError:
+            palette = load_palette("anatomical")
+        colours: dict[int | None, tuple[float, ...]] = {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0)}
+        for index, name in enumerate(classes, start=1):
+            rgb = palette.class_rgb(name)
+            colours[index] = (*(c / 255.0 for c in rgb), 1.0) if rgb is not None else (0.0, 0.0, 0.0, 0.0)
+        return DirectLabelColormap(color_dict=colours)
+
     def show_classes(self, *_: Any) -> Labels | None:
         """Add (or refresh) the Labels layer "<CT name> colour classes": the most probable class of each voxel."""
         kept = self._kept
@@ -891,7 +929,7 @@ class ColorizeWidget(Container):
         if existing is not None:
             self._viewer.layers.remove(existing)
         placement = {k: v for k, v in layer_attributes(self.result_layer).items() if k != "metadata"}
-        layer = Labels(data, name=name, opacity=0.4, features=features, **placement)
+        layer = Labels(data, name=name, opacity=0.4, features=features, colormap=self._class_colours(), **placement)
         self._viewer.layers.append(layer)
         return layer
 
@@ -1029,6 +1067,7 @@ class ColorizeWidget(Container):
                     return [str(p) for p in written]
         except CTColorError as exc:
             show_error(str(exc))
+            self._say("Export: nothing written (see the message)")
             return []
         self._say(f"Exported {len(written)} file(s) to {path}")
         return [str(p) for p in written]
