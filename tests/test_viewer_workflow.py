@@ -9,6 +9,9 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from napari.utils._proxies import ReadOnlyWrapper
+from napari.utils.events import Event
+from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
 
 from napari_ctcolor.io import ColorVolume, Volume, read_volume, write_nifti
 from napari_ctcolor.io.color_read import read_color_volume
@@ -93,6 +96,22 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
     widget.width_hu.value = 300.0  # editing the custom window moves the CT layer's limits too
     assert tuple(ct.contrast_limits) == pytest.approx((-100.0, 200.0))
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+
+    # Right-drag on the canvas, through napari's mouse dispatch: 200 px right doubles the width, 100 px down raises
+    # the centre by half the starting width; the colour follows. The camera does not zoom meanwhile.
+    zoom = viewer.camera.zoom
+    drag = dict(button=2, modifiers=[], position=viewer.cursor.position, view_direction=None, dims_displayed=[1, 2])
+    mouse_press_callbacks(viewer, ReadOnlyWrapper(Event("mouse_press", pos=(300, 300), is_dragging=False, **drag)))
+    assert not viewer.camera.mouse_pan
+    for pos in ((350, 320), (500, 400)):
+        mouse_move_callbacks(viewer, ReadOnlyWrapper(Event("mouse_move", pos=pos, is_dragging=True, **drag)))
+    mouse_release_callbacks(viewer, ReadOnlyWrapper(Event("mouse_release", pos=(500, 400), is_dragging=True, **drag)))
+    assert tuple(ct.contrast_limits) == pytest.approx((200.0 - 300.0, 200.0 + 300.0))  # centre 200, width 600
+    assert viewer.camera.mouse_pan and viewer.camera.zoom == zoom
+    assert widget.window.value == "custom" and (widget.centre_hu.value, widget.width_hu.value) == (200.0, 600.0)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+    assert layer.metadata["ctcolor"]["colorize"]["window"] == [200.0, 600.0]
+    assert lightness_error(layer.data, ct.data, (200.0, 600.0)) <= LUMINANCE_BOUND
     assert len(predictions) == 1 and not errors
 
     # 3. 3D, seen from the front: a lit iso surface of the bone, the CTA surfaces, the colours as RGBA; the body's HU

@@ -12,7 +12,8 @@ The widget is a thin front end over `napari_ctcolor.engines.colorize`, the same 
   whole HU range) selects the matching choice or "custom" and recomposes the colour with it: the axial slice on
   screen at once in the main thread (`compose_slice`), then the whole volume in a worker. The colour layer's own
   contrast limits and gamma stay fixed (its luminance is the window already).
-- A progress bar in the widget; Axial / Coronal / Sagittal buttons show radiologically oriented views (`_view`).
+- Right-drag on the canvas sets the window (`_window_drag`). A progress bar in the widget; Axial / Coronal /
+  Sagittal buttons show radiologically oriented views (`_view`).
 - The widget's "Pointer" line shows the CT's HU under napari's cursor, the voxel's position in mm (LPS) and its
   slice; after Run also the colour class there and its probability. The CT stays the selected layer after Run, so
   napari's status bar shows HU too. A legend lists the classes the volume shows with their palette swatches. "Show
@@ -85,6 +86,8 @@ EXPORT_FORMATS = {"NIfTI RGB (.nii.gz)": "nifti", "DICOM series (folder)": "dico
 #: 4 bytes per voxel on the GPU, and a 3D overview needs no more.
 MAX_3D_PIXELS = 256
 DEVICES = ("auto", "cpu", "cuda")
+#: Right-drag window/level: pixels of mouse travel that double the width or move the centre by one width.
+WINDOW_DRAG_PX = 200.0
 #: The colour layer's contrast limits: its RGB shown as composed.
 COLOUR_LIMITS = (0.0, 255.0)
 
@@ -285,6 +288,7 @@ class ColorizeWidget(Container):
         self.view_3d.changed.connect(self._on_view_3d)
         self.export_button.changed.connect(lambda *_: self.export())
         self._viewer.cursor.events.position.connect(self._on_cursor)
+        self._viewer.mouse_drag_callbacks.append(self._window_drag)
         self.opacity.changed.connect(self._on_opacity)
         self.model.changed.connect(lambda value: setattr(self.weights_file, "visible", value == WEIGHTS_FILE))
         self.ct_layer.changed.connect(self._watch_ct)
@@ -341,6 +345,8 @@ class ColorizeWidget(Container):
         for run in list(self._runs):
             self._unlink(run.ct)
         self._viewer.cursor.events.position.disconnect(self._on_cursor)
+        if self._window_drag in self._viewer.mouse_drag_callbacks:
+            self._viewer.mouse_drag_callbacks.remove(self._window_drag)
         self.cancel()
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -528,6 +534,32 @@ class ColorizeWidget(Container):
         self._fill_window_fields()
         if self._kept is not None and self._kept.ct is layer:
             self._recompose()
+
+    def _window_drag(self, viewer, event):
+        """Right-drag on the canvas (2D): window/level of the chosen CT layer, as on a PACS workstation. Rightwards
+        widens the window (x2 per `WINDOW_DRAG_PX` pixels), leftwards narrows it; downwards raises its centre (the
+        image darkens, one starting width per `WINDOW_DRAG_PX`), upwards lowers it. The colour follows as for any
+        window change. napari's camera, which zooms on a right-drag, is held meanwhile."""
+        layer = self._watched
+        if event.button != 2 or layer is None or viewer.dims.ndisplay != 2:
+            return
+        low, high = (float(v) for v in layer.contrast_limits)
+        centre, width = (low + high) / 2, high - low
+        start = np.asarray(event.pos, dtype=float)
+        viewer.camera.mouse_pan = False
+        try:
+            yield
+            while event.type == "mouse_move":
+                dx, dy = np.asarray(event.pos, dtype=float) - start
+                win = Window(centre + dy * width / WINDOW_DRAG_PX, max(1.0, width * 2.0 ** (dx / WINDOW_DRAG_PX)))
+                range_low, range_high = layer.contrast_limits_range
+                low, high = win.limits
+                if low < range_low or high > range_high:
+                    layer.contrast_limits_range = (min(low, range_low), max(high, range_high))
+                layer.contrast_limits = win.limits
+                yield
+        finally:
+            viewer.camera.mouse_pan = True
 
     def _push_window(self) -> None:
         """Show the widget's window on the CT layer (its contrast limits)."""
