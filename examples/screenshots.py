@@ -3,9 +3,11 @@
     xvfb-run -a -s "-screen 0 1600x1200x24" python examples/screenshots.py [--data ../shared/data] [--out docs/images]
 
 Needs the shared TotalSegmentator CT (``ct/totalseg-body-3mm.nii.gz`` and its 30-slice cut). Writes
-``colorized-axial.png``, ``colorized-coronal.png``, ``3d-bone.png``, ``checkerboard.png``, ``difference.png`` and
-``jacobian.png``: canvas screenshots, the CT colorized with the shipped ``colorizer-2d`` (abdomen window) and a
-registration of the 30-slice cut to a smoothly deformed copy of itself (up to 6 mm) with the shipped CT weights.
+``colorized-axial.png``, ``colorized-coronal.png``, ``3d-bone.png``, ``3d-soft-tissue.png``, ``checkerboard.png``,
+``difference.png`` and ``jacobian.png``: canvas screenshots, the CT colorized with the shipped ``colorizer-2d``
+(abdomen window) and its 3D views (lit bone surface; translucent soft-tissue transfer function; table and air
+removed), and a registration of the 30-slice cut to a smoothly deformed copy of itself (up to 6 mm) with the shipped
+CT weights.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ def main() -> None:
     shot(viewer, "colorized-coronal.png")
     widget.view_3d.value = "bone"
     shot(viewer, "3d-bone.png")
+    widget.view_3d.value = "soft tissue"
+    shot(viewer, "3d-soft-tissue.png")
     viewer.close()
 
     # Register & checkerboard: the 30-slice cut against a deformed copy of itself.

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
+from napari_ctcolor.color import grey_to_lightness, load_palette, srgb_to_lab
 from napari_ctcolor.engines.colorize import colorize
 from napari_ctcolor.io import ColorVolume, Volume, read_color_volume, read_volume, write_nifti
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig
@@ -80,6 +80,17 @@ def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     ct = viewer.open(str(dicom_series), plugin=PLUGIN)[0]
     widget = open_widget(viewer)
     assert widget.ct_layer.value is ct
+    # The series is contrast-enhanced (its header's ContrastBolusAgent): it opens in a window of its own (test_napari),
+    # and both of its header's windows (40/300, the default, and 300/1500) are offered beside the presets (CTA among
+    # them); the slider reaches the whole HU range.
+    assert widget.window.value == "custom" and tuple(ct.contrast_limits) != (-110.0, 190.0)
+    shown = [widget.window.native.itemText(i) for i in range(widget.window.native.count())]
+    assert shown[:2] == ["DICOM default", "DICOM 300/1500"] and "CTA" in shown and "cta" not in shown
+    assert ct.contrast_limits_range[0] <= ct.data.min() and ct.contrast_limits_range[1] >= ct.data.max()
+    widget.window.value = "DICOM 300/1500"
+    assert tuple(ct.contrast_limits) == (-450.0, 1050.0)
+    widget.window.value = "DICOM default"
+    assert tuple(ct.contrast_limits) == (-110.0, 190.0)
     widget.window.value = "abdomen"
     assert (widget.centre_hu.value, widget.width_hu.value) == (40, 400)
 
@@ -90,8 +101,24 @@ def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     np.testing.assert_allclose(layer.scale, ct.scale)
     np.testing.assert_allclose(layer.translate, ct.translate)
     assert layer.blending == "translucent" and list(viewer.layers) == [ct, layer]
+    assert ct.interpolation2d == layer.interpolation2d == "linear"  # no blocky voxels when magnified
     assert lightness_error(layer.data, ct.data, PRESETS["abdomen"]) <= LUMINANCE_BOUND
     assert predictions == [ct.data.shape]
+    assert viewer.layers.selection.active is ct  # napari's status bar shows the CT's HU, not the colour layer's RGB
+
+    # The Pointer line under napari's cursor: the CT's HU at that voxel, its LPS position in mm, its slice and its
+    # colour class; references from the series read again (SimpleITK-convention affine: index (i, j, k) -> LPS).
+    reference = read_volume(dicom_series)
+    for k, j, i in [(10, 200, 300), (3, 120, 400), (19, 256, 256)]:
+        viewer.cursor.position = ct.data_to_world((k, j, i))
+        fields = widget.pointer.value.split(" | ")
+        assert fields[0] == f"HU {reference.array[k, j, i]:.0f}"
+        x, y, z = (float(v.split(" ")[1]) for v in fields[1].removeprefix("LPS ").removesuffix(" mm").split(", "))
+        np.testing.assert_allclose((x, y, z), (reference.affine @ [i, j, k, 1])[:3], atol=0.051)  # printed to 0.1 mm
+        assert fields[2] == f"slice {k}/{ct.data.shape[0] - 1}"
+        assert fields[3] == widget.describe((k, j, i))
+    viewer.cursor.position = ct.data_to_world((0, -5, 0))  # outside the CT: nothing to say
+    assert widget.pointer.value == ""
 
     # Chroma 0 and another window: recomposed from the kept chroma, the network does not run again.
     widget.chroma.value = 0.0
@@ -128,11 +155,33 @@ def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     names = list(classes.features["colour_class"])
     assert names[int(classes.data[10, liver[0], liver[1]])] == described.split(" ")[0]
     assert int(classes.data[0, 0, 0]) == 0  # air: no label
+    # Drawn in the palette's colours (the one chosen, "dicom"), not napari's random label colours.
+    palette = load_palette(widget.palette.value)
+    shown = np.unique(classes.data[10])
+    assert len(shown) > 3
+    for label in shown[shown > 0]:
+        want = np.array([*palette.class_rgb(names[label]), 255]) / 255.0
+        np.testing.assert_allclose(classes.colormap.map(np.array([label]))[0], want, atol=1e-6)
+    assert classes.colormap.map(np.array([0]))[0][3] == 0.0
     viewer.layers.remove(classes)
 
-    # Opacity only changes the layer.
+    # The 3D view leaves the patient table out: rows 215-244 of the 256 it keeps (every 2nd), behind the patient,
+    # hold the table (above -400 HU) and nothing of the body.
+    widget.view_3d.value = "bone"
+    bone = viewer.layers[f"{ct.name} 3D bone"]
+    table = ct.data[:, ::2, ::2][:, 215:]
+    assert bone.scale[1] == pytest.approx(2 * ct.scale[1]) and (table > -400).sum() > 1000
+    assert np.all(bone.data[:, 215:] == -1024) and (bone.data[:, :215] > 200).sum() > 1000
+    widget.view_3d.value = "off"
+    assert viewer.dims.ndisplay == 2 and [lyr.name for lyr in viewer.layers] == [ct.name, layer.name]
+
+    # Opacity only changes the layer; its contrast limits and gamma stay put (the window is the CT's), said so.
     widget.opacity.value = 0.4
     assert layer.opacity == pytest.approx(0.4) and not widget.busy
+    layer.contrast_limits = (60.0, 120.0)
+    layer.gamma = 0.5
+    assert tuple(layer.contrast_limits) == (0.0, 255.0) and layer.gamma == 1.0 and not widget.busy
+    assert "contrast stays fixed" in widget.status.value
 
     # Running again replaces the result layer instead of adding another.
     click_and_wait(qtbot, widget, widget.run_button)
@@ -320,3 +369,32 @@ def test_a_2d_slice_layer_gives_a_2d_rgb_result_in_place(make_napari_viewer, qtb
     y, x = np.argwhere(hu > 80)[0]
     described = widget.describe((y, x))
     assert described.split(" ")[0] == list(classes.features["colour_class"])[int(classes.data[y, x])]
+
+
+def test_each_colour_layer_keeps_following_its_own_ct_window(make_napari_viewer, qtbot, errors):
+    viewer = make_napari_viewer()
+    first, first_volume = _cut_layer(viewer, slice(12, 16))
+    data, kwargs, _ = image_layer_data(first_volume, name="second cut")
+    second = viewer.add_image(data[::-1].copy(), **kwargs)  # another CT: the slices in the other order
+    widget = open_widget(viewer)
+    widget.ct_layer.value = first
+    click_and_wait(qtbot, widget, widget.run_button)
+    widget.ct_layer.value = second
+    click_and_wait(qtbot, widget, widget.run_button)
+    first_colour, second_colour = viewer.layers["cut colorized"], viewer.layers["second cut colorized"]
+    assert first_colour.metadata["ctcolor"]["colorize"]["window"] == [40.0, 400.0]
+
+    # Windowing the first CT still recolours the first colour layer (with the first CT's network output), and leaves
+    # the second alone.
+    second_before = second_colour.data.copy()
+    first.contrast_limits = PRESETS["lung"].limits
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+    assert first_colour.metadata["ctcolor"]["colorize"]["window"] == list(PRESETS["lung"])
+    assert lightness_error(first_colour.data, first.data, PRESETS["lung"]) <= LUMINANCE_BOUND
+    np.testing.assert_array_equal(second_colour.data, second_before)
+    assert widget.ct_layer.value is first and widget.window.value == "lung"
+    second.contrast_limits = PRESETS["bone"].limits  # and the second follows its own
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+    assert second_colour.metadata["ctcolor"]["colorize"]["window"] == list(PRESETS["bone"])
+    assert lightness_error(second_colour.data, second.data, PRESETS["bone"]) <= LUMINANCE_BOUND
+    assert first_colour.metadata["ctcolor"]["colorize"]["window"] == list(PRESETS["lung"]) and not errors

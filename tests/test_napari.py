@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -23,7 +25,25 @@ def test_dropping_the_dicom_folder_gives_one_hu_layer_at_physical_scale(make_nap
     assert layer.data.shape == (20, 512, 512)
     np.testing.assert_allclose(layer.scale, (2.0, 0.9765625, 0.9765625))
     np.testing.assert_allclose(layer.translate, (-804.5, -437.51171875, -249.51171875))
-    assert tuple(layer.contrast_limits) == (-110.0, 190.0)  # the DICOM default window 40 / 300
+    # Contrast-enhanced (ContrastBolusAgent in its header): opened with its contrast-filled vessels mid-grey. The
+    # reference is the TotalSegmentator segmentation of its portal and splenic veins and its inferior vena cava
+    # (portal-venous phase, median 100-120 HU): light grey under the header's 40 / 300 (measured 0.71), mid-grey now
+    # (measured 0.42); an arterial phase's 300-400 HU would be white under the header's window.
+    labels = read_volume(require_shared(CT_DIR / "totalseg-abdomen-dicom-labels.nii.gz")).array
+    names = json.loads((CT_DIR / "totalseg-v2-label-names.json").read_text())
+    veins = np.isin(
+        labels, [int(k) for k, v in names.items() if v in ("portal_vein_and_splenic_vein", "inferior_vena_cava")]
+    )
+    low, high = layer.contrast_limits
+    grey = (np.median(layer.data[veins]) - low) / (high - low)
+    header_grey = (np.median(layer.data[veins]) + 110.0) / 300.0
+    print(
+        f"\nopening window {low:g}..{high:g} HU: the veins' median at grey {grey:.2f} (header window {header_grey:.2f})"
+    )
+    assert veins.sum() > 1000 and 0.3 <= grey <= 0.6 and header_grey > grey + 0.2
+    meta = layer.metadata["ctcolor"]
+    assert meta["contrast"] == "APPLIED" and meta["window"] == (40.0, 300.0)
+    assert meta["windows"] == [(40.0, 300.0), (300.0, 1500.0)]
     assert layer.name == "CT Body 3.0"
     assert layer.data.min() == -1024  # HU, not stored values
 

@@ -176,18 +176,41 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     for out in (warped, board, difference, jacobian):
         assert_on_fixed_grid(out, fixed)
     assert [lyr.name for lyr in viewer.layers][-2:] == ["checkerboard", "tile edges"]  # on top, where one looks
-    # Tile outlines in the displayed plane only: lines, never a whole slice; they follow the view.
+    # Tile outlines in the displayed plane only: lines, never a whole slice; they follow the view. They start
+    # hidden (they sit where the eye looks for steps), and stay as the user leaves them whatever the view buttons do.
     edges = layer(viewer, "tile edges")
     assert_on_fixed_grid(edges, fixed)
+    assert not edges.visible
     np.testing.assert_array_equal(edges.data, tile_edges(pair.fixed, 20.0, (1, 2)))
     assert 0 < edges.data.mean() < 0.3 and edges.data.reshape(edges.data.shape[0], -1).mean(axis=1).max() < 0.3
-    viewer.dims.order = (1, 0, 2)  # coronal
+    view_buttons = {button.text: button for button in widget[-1]}
+    view_buttons["Coronal"].native.click()
     np.testing.assert_array_equal(edges.data, tile_edges(pair.fixed, 20.0, (0, 2)))
-    viewer.dims.order = (0, 1, 2)
+    for shown in (True, False):  # the user shows the outlines, then hides them again
+        edges.visible = shown
+        for plane in ("Sagittal", "Axial", "Coronal", "Axial"):
+            view_buttons[plane].native.click()
+            assert edges.visible is shown, plane
+    np.testing.assert_array_equal(edges.data, tile_edges(pair.fixed, 20.0, (1, 2)))
     np.testing.assert_allclose(warped.contrast_limits, moving.contrast_limits)
     result = widget.result
     np.testing.assert_array_equal(warped.data, result.warped.array)
-    np.testing.assert_allclose(difference.data, fixed.data - result.warped.array, atol=1e-3)
+    # The difference of what the fixed layer's window shows: HU clipped to it, then subtracted; under a soft-tissue
+    # window the lungs (both sides below it) are clear instead of noise, and it follows a change of window.
+    lo, hi = fixed.contrast_limits
+    np.testing.assert_allclose(
+        difference.data, np.clip(fixed.data, lo, hi) - np.clip(result.warped.array, lo, hi), atol=1e-3
+    )
+    lungs = (fixed.data < -600) & (result.warped.array < -600)
+    assert lungs.sum() > 1000 and np.all(difference.data[lungs] == 0)
+    assert np.abs(fixed.data - result.warped.array)[lungs].mean() > 10  # measured: they differ in HU
+    fixed.contrast_limits = (-1350.0, 150.0)  # the lung window
+    qtbot.waitUntil(lambda: tuple(difference.contrast_limits) == (-750.0, 750.0), timeout=TIMEOUT_MS)
+    np.testing.assert_allclose(
+        difference.data, np.clip(fixed.data, -1350, 150) - np.clip(result.warped.array, -1350, 150), atol=1e-3
+    )
+    fixed.contrast_limits = (lo, hi)
+    qtbot.waitUntil(lambda: tuple(difference.contrast_limits) == (-(hi - lo) / 2, (hi - lo) / 2), timeout=TIMEOUT_MS)
     low, high = difference.contrast_limits
     np.testing.assert_array_equal(jacobian.data, result.jacobian.array)
     assert low == -high and tuple(jacobian.contrast_limits) == (0.0, 2.0)

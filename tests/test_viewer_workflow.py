@@ -9,6 +9,9 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from napari.utils._proxies import ReadOnlyWrapper
+from napari.utils.events import Event
+from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
 
 from napari_ctcolor.io import ColorVolume, Volume, read_volume, write_nifti
 from napari_ctcolor.io.color_read import read_color_volume
@@ -57,13 +60,31 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
     assert lightness_error(layer.data, ct.data, PRESETS["bone"]) <= LUMINANCE_BOUND
 
     # Layer -> widget -> colour: dragging the CT layer's contrast recolours with that window, network not re-run.
+    # The slice on screen is recoloured at once, before the worker recomposes the rest of the volume; the worker's
+    # full recomposition then gives that slice the same colours (within one 8-bit code: other float batching).
+    show_plane(viewer, "axial")
+    k = 11
+    viewer.dims.set_point(0, ct.data_to_world((k, 0, 0))[0])
+    before = layer.data.copy()
     ct.contrast_limits = (-160.0, 240.0)  # the abdomen window
+    assert widget.busy and widget.recoloured_first == k  # the worker runs; no event has reached the layer from it
+    first = layer.data[k].copy()
+    assert np.abs(first.astype(int) - before[k]).max() > 20  # recoloured: bone window -> abdomen window
+    others = [z for z in range(ct.data.shape[0]) if z != k]
+    np.testing.assert_array_equal(layer.data[others], before[others])  # the rest follows in the background
     # A NIfTI has no DICOM window: its default is the abdomen preset, and either name means the same window.
     assert widget.window.value in ("DICOM default", "abdomen", "soft_tissue")
     assert (widget.centre_hu.value, widget.width_hu.value) == (40.0, 400.0)
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
     assert layer.metadata["ctcolor"]["colorize"]["window"] == [40.0, 400.0]
     assert lightness_error(layer.data, ct.data, PRESETS["abdomen"]) <= LUMINANCE_BOUND
+    step = np.abs(layer.data[k].astype(int) - first)
+    print(
+        f"\nvisible slice first vs full recomposition: max {step.max()} code(s), "
+        f"share differing {(step > 0).mean():.1e}"
+    )
+    assert step.max() <= 1
+    assert np.abs(layer.data[others].astype(int) - before[others]).max() > 20  # and the rest is recoloured now
 
     ct.contrast_limits = (-50.0, 150.0)  # no preset: custom, centre 50, width 200
     assert widget.window.value == "custom"
@@ -75,28 +96,76 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
     widget.width_hu.value = 300.0  # editing the custom window moves the CT layer's limits too
     assert tuple(ct.contrast_limits) == pytest.approx((-100.0, 200.0))
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+
+    # Right-drag on the canvas, through napari's mouse dispatch: 200 px right doubles the width, 100 px down raises
+    # the centre by half the starting width; the colour follows. The camera does not zoom meanwhile.
+    zoom = viewer.camera.zoom
+    drag = dict(button=2, modifiers=[], position=viewer.cursor.position, view_direction=None, dims_displayed=[1, 2])
+    mouse_press_callbacks(viewer, ReadOnlyWrapper(Event("mouse_press", pos=(300, 300), is_dragging=False, **drag)))
+    assert not viewer.camera.mouse_pan
+    for pos in ((350, 320), (500, 400)):
+        mouse_move_callbacks(viewer, ReadOnlyWrapper(Event("mouse_move", pos=pos, is_dragging=True, **drag)))
+    mouse_release_callbacks(viewer, ReadOnlyWrapper(Event("mouse_release", pos=(500, 400), is_dragging=True, **drag)))
+    assert tuple(ct.contrast_limits) == pytest.approx((200.0 - 300.0, 200.0 + 300.0))  # centre 200, width 600
+    assert viewer.camera.mouse_pan and viewer.camera.zoom == zoom
+    assert widget.window.value == "custom" and (widget.centre_hu.value, widget.width_hu.value) == (200.0, 600.0)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+    assert layer.metadata["ctcolor"]["colorize"]["window"] == [200.0, 600.0]
+    assert lightness_error(layer.data, ct.data, (200.0, 600.0)) <= LUMINANCE_BOUND
     assert len(predictions) == 1 and not errors
 
-    # 3. 3D: the colours as RGBA, air clear and opacity from HU, seen from the front; "off" restores the 2D view.
+    # 3. 3D, seen from the front: a lit iso surface of the bone, the CTA surfaces, the colours as RGBA; the body's HU
+    # as they are, nothing outside it; "off" restores the 2D view.
     widget.view_3d.value = "bone"
-    rendered = viewer.layers[f"{ct.name} 3D"]
-    assert viewer.dims.ndisplay == 3 and rendered.rendering == "translucent" and rendered.data.shape[-1] == 4
+    rendered = viewer.layers[f"{ct.name} 3D bone"]
+    assert viewer.dims.ndisplay == 3 and rendered.rendering == "iso" and rendered.iso_threshold == 200.0
     assert [lyr.name for lyr in viewer.layers if lyr.visible] == [rendered.name]
-    hu = ct.data[:, :: int(rendered.scale[1] / ct.scale[1]), :: int(rendered.scale[2] / ct.scale[2])]
+    s = int(rendered.scale[1] / ct.scale[1])
+    hu = ct.data[:, ::s, ::s]
+    inside = rendered.data > -1024
+    np.testing.assert_array_equal(rendered.data[inside], hu[inside])
+    assert 0.3 < inside.mean() < 0.9 and np.all(hu[~inside] < 200)  # no bone-bright voxel is left out
+    np.testing.assert_allclose(rendered.data_to_world((5, 3, 4)), layer.data_to_world((5, 3 * s, 4 * s)), atol=1e-6)
+    widget.view_3d.value = "CTA"
+    names = [lyr.name for lyr in viewer.layers if lyr.visible]
+    assert names == [f"{ct.name} 3D bone", f"{ct.name} 3D vessels"]
+    assert all(lyr.rendering == "iso" for lyr in viewer.layers if lyr.visible)
+    widget.view_3d.value = "colour"
+    rendered = viewer.layers[f"{ct.name} 3D colour"]
+    assert rendered.rendering == "translucent" and rendered.data.shape[-1] == 4
     alpha = rendered.data[..., 3]
-    assert alpha[hu < 180].max() == 0 and alpha[hu > 450].min() == 255
-    np.testing.assert_array_equal(
-        rendered.data[..., :3],
-        layer.data[:, :: int(rendered.scale[1] / ct.scale[1])][:, :, :: int(rendered.scale[2] / ct.scale[2])],
-    )
-    np.testing.assert_allclose(
-        rendered.data_to_world((5, 3, 4)),
-        layer.data_to_world((5, 3 * rendered.scale[1] / ct.scale[1], 4 * rendered.scale[2] / ct.scale[2])),
-        atol=1e-6,
-    )
+    assert alpha[hu < 130].max() == 0 and alpha[(hu > 260) & inside].min() == 255 and alpha[~inside].max() == 0
+    np.testing.assert_array_equal(rendered.data[..., :3], layer.data[:, ::s, ::s])
     widget.view_3d.value = "off"
     assert viewer.dims.ndisplay == 2 and f"{ct.name} 3D" not in [lyr.name for lyr in viewer.layers]
     assert all(lyr.visible for lyr in viewer.layers)
+
+
+def test_all_three_docks_with_a_long_legend_fit_a_1080_px_screen_as_tabs(make_napari_viewer):
+    from qtpy.QtWidgets import QApplication, QDockWidget
+
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(np.zeros((20, 64, 64), dtype=np.int16), name="CT")
+    window = viewer.window._qt_window
+    docks = []
+    for name in ("Colorize volume", "Register & checkerboard", "Open from PACS"):
+        dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+        docks.append(dock)
+        if name == "Colorize volume":  # a legend as long as the one that pushed the window to 1226 px: 27 classes
+            rows = [
+                f'<span style="background-color:#a0522d">&nbsp;&nbsp;&nbsp;&nbsp;</span> class {k}' for k in range(27)
+            ]
+            widget.legend.value = "<br>".join(rows)
+            assert widget.legend.native.sizeHint().height() > 300  # the legend itself is tall; its box scrolls
+        QApplication.processEvents()
+    window.resize(1920, 1080)
+    QApplication.processEvents()
+    heights = [dock.minimumSizeHint().height() for dock in docks]
+    print(f"\nwindow {window.height()} px (minimum {window.minimumSizeHint().height()}), docks' minimum {heights}")
+    assert window.minimumSizeHint().height() <= 1080 and window.height() <= 1080
+    # The three docks share one column as tabs (napari's own tabify), not stacked heights.
+    tabbed = {id(d) for d in window.tabifiedDockWidgets(docks[0])}
+    assert {id(docks[1]), id(docks[2])} <= tabbed and all(isinstance(d, QDockWidget) for d in docks)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -383,3 +452,4 @@ def test_widget_exports_like_the_cli_deidentified_unless_asked(
 
     widget.export()  # the same folder again: refused, nothing replaced
     assert len(errors) == 1 and "already exists" in errors[0]
+    assert "Exported" not in widget.status.value and "nothing written" in widget.status.value

@@ -126,13 +126,9 @@ class OpacityRamp(NamedTuple):
     peak: float
 
 
-#: 3D presets: what shows when the volume is rendered translucently. Air and fat are always clear; contrast-filled
-#: vessels and bone overlap in HU, so "vessels" shows bone too, and the colour tells them apart.
-VOLUME_PRESETS: dict[str, OpacityRamp] = {
-    "bone": OpacityRamp(180.0, 450.0, 1.0),
-    "vessels": OpacityRamp(130.0, 260.0, 1.0),
-    "soft tissue": OpacityRamp(-20.0, 120.0, 0.25),
-}
+#: Opacity of the colorized volume in napari's "colour" 3D view: contrast-filled vessels and bone show in their
+#: colours, soft tissue, fat and air are clear.
+COLOUR_3D_OPACITY = OpacityRamp(130.0, 260.0, 1.0)
 
 
 def opacity(hu: np.ndarray, ramp: OpacityRamp) -> np.ndarray:

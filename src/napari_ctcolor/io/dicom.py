@@ -418,7 +418,7 @@ def _multiframe(s: _Slice, where: Path) -> Volume:
 
 def _meta(ds: Dataset, where: Path) -> dict:
     """What the rest of the program needs to know; no patient identifiers."""
-    centre, width = _optional_number(ds, "WindowCenter"), _optional_number(ds, "WindowWidth")
+    windows = _windows(ds)
     meta = {
         "source": str(where),
         "format": "dicom",
@@ -428,6 +428,32 @@ def _meta(ds: Dataset, where: Path) -> dict:
         "series_description": _text(ds.get("SeriesDescription", "") or "", 128),
         "transfer_syntax": str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ""),
     }
-    if centre is not None and width is not None and width > 0:
-        meta["window"] = (centre, width)
+    if windows:  # the first is the default; a header may offer more (e.g. 40/300 and 300/1500)
+        meta["window"] = windows[0]
+        if len(windows) > 1:
+            meta["windows"] = windows
+    agent = _text(ds.get("ContrastBolusAgent", "") or "", 64)
+    if agent:  # (0018,0010): contrast was given (its name, or e.g. "APPLIED")
+        meta["contrast"] = agent
     return meta
+
+
+def _windows(ds: Dataset) -> list[tuple[float, float]]:
+    """Every (WindowCenter, WindowWidth) pair of the header with a finite centre and a positive width, in order; a
+    damaged pair (an optional attribute) is left out."""
+
+    def values(keyword: str) -> list:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return []
+        return list(value) if isinstance(value, pydicom.multival.MultiValue | list | tuple) else [value]
+
+    pairs = []
+    for centre, width in zip(values("WindowCenter"), values("WindowWidth"), strict=False):
+        try:
+            centre, width = float(centre), float(width)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(centre) and np.isfinite(width) and width > 0:
+            pairs.append((centre, width))
+    return pairs

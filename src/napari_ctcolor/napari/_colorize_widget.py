@@ -7,14 +7,21 @@ The widget is a thin front end over `napari_ctcolor.engines.colorize`, the same 
 - The predicted colour-class probabilities (`Chroma`) are kept, so changing the palette, the chroma strength or the
   window only recomposes (also in a worker, coalescing fast slider moves); the network does not run again. Opacity
   only changes the layer.
-- The window is the CT layer's: choosing a preset sets the layer's contrast limits, and changing the layer's contrast
-  limits (napari's slider) selects the matching preset or "custom" and recomposes the colour with it.
-- A progress bar in the widget; Axial / Coronal / Sagittal buttons show radiologically oriented views (`_view`).
-- Under the result, the pointer's colour class and its probability show in the widget ("Pointer"), and a legend
-  lists the classes the volume shows with their palette swatches. "Show colour classes" adds a Labels layer of the
-  most probable class, named as colour classes: a visual aid, never a validated segmentation.
+- The window is the CT layer's: choosing a preset (or one of the windows in the CT's DICOM header) sets the layer's
+  contrast limits, and changing the layer's contrast limits (napari's slider, whose range is widened to the CT's
+  whole HU range) selects the matching choice or "custom" and recomposes the colour with it: the axial slice on
+  screen at once in the main thread (`compose_slice`), then the whole volume in a worker. The colour layer's own
+  contrast limits and gamma stay fixed (its luminance is the window already).
+- Right-drag on the canvas sets the window (`_window_drag`). A progress bar in the widget; Axial / Coronal /
+  Sagittal buttons show radiologically oriented views (`_view`).
+- The widget's "Pointer" line shows the CT's HU under napari's cursor, the voxel's position in mm (LPS) and its
+  slice; after Run also the colour class there and its probability. The CT stays the selected layer after Run, so
+  napari's status bar shows HU too. A legend lists the classes the volume shows with their palette swatches. "Show
+  colour classes" adds a Labels layer of the most probable class, named as colour classes: a visual aid, never a
+  validated segmentation.
 - The result is the RGB layer ``"<CT name> colorized"`` at the CT's physical position, blended translucently over
   it; running again replaces that layer.
+- "3D view" shows a preset of `_volume.PRESETS_3D` (lit bone, CTA, soft tissue, colour) without table and air.
 - Problems the user can fix (`CTColorError`: a missing weights file, no CUDA, ...) show as one-line napari errors.
 """
 
@@ -23,7 +30,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,18 +49,24 @@ from magicgui.widgets import (
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils import progress
+from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QFrame, QScrollArea, QWidget
 
 from ..color import PALETTE_NAMES, Palette, load_palette
-from ..engines.colorize import Chroma, iter_compose_chroma, iter_predict_chroma
+from ..engines.colorize import Chroma, compose_chroma, iter_compose_chroma, iter_predict_chroma
 from ..engines.device import resolve_device
 from ..engines.steps import offset_steps
 from ..errors import CTColorError, InputError
 from ..io import ColorVolume, Volume
 from ..models.colorizer import Colorizer
-from ..windowing import PRESETS, VOLUME_PRESETS, Window, default_window, opacity, parse_window
+from ..windowing import COLOUR_3D_OPACITY, PRESETS, Window, default_window, opacity, parse_window
+from ._docks import tab_with_siblings
 from ._layers import META_KEY, layer_attributes, volume_from_layer
 from ._view import anterior_3d, follow_radiological_orientation, plane_buttons, show_plane
+from ._volume import AIR_HU as AIR_HU_3D
+from ._volume import PRESETS_3D, body_mask, vessel_hu
 
 if TYPE_CHECKING:
     import napari
@@ -62,6 +75,8 @@ DICOM_DEFAULT = "DICOM default"
 PALETTE_FILE = "palette file..."
 #: The legend lists classes that are the most probable one in at least this share of the volume's pixels.
 LEGEND_MIN_SHARE = 0.001
+#: The legend scrolls beyond this height (pixels): a long one would push the viewer's window off a 1080 px screen.
+LEGEND_MAX_HEIGHT = 160
 CUSTOM = "custom"
 WEIGHTS_FILE = "weights file..."
 SHIPPED_MODELS = ("colorizer-2d", "colorizer-3d")
@@ -71,6 +86,10 @@ EXPORT_FORMATS = {"NIfTI RGB (.nii.gz)": "nifti", "DICOM series (folder)": "dico
 #: 4 bytes per voxel on the GPU, and a 3D overview needs no more.
 MAX_3D_PIXELS = 256
 DEVICES = ("auto", "cpu", "cuda")
+#: Right-drag window/level: pixels of mouse travel that double the width or move the centre by one width.
+WINDOW_DRAG_PX = 200.0
+#: The colour layer's contrast limits: its RGB shown as composed.
+COLOUR_LIMITS = (0.0, 255.0)
 
 ModelSpec = str | os.PathLike | Colorizer
 
@@ -99,6 +118,45 @@ class _Kept:
     layer: Image
 
 
+def preset_label(name: str) -> str:
+    """How a window preset is shown to the user: "CTA" for ``cta``, words for the others (``soft_tissue``)."""
+    return "CTA" if name == "cta" else name.replace("_", " ")
+
+
+def widen_contrast_range(layer: Image) -> None:
+    """Let a grey layer's contrast slider reach the whole of its data (napari limits it to the opening window when a
+    layer is given contrast limits), so a window can be dragged wider than the one it opened with."""
+    if not isinstance(layer.data, np.ndarray) or layer.data.size == 0:  # never load a lazy (dask, zarr) array here
+        return
+    low, high = float(np.nanmin(layer.data)), float(np.nanmax(layer.data))
+    range_low, range_high = layer.contrast_limits_range
+    if low < range_low or high > range_high:
+        layer.contrast_limits_range = (min(low, range_low), max(high, range_high))
+
+
+def compose_slice(
+    volume: Volume, chroma: Chroma, z: int, window, strength: float, device: str, palette: Palette
+) -> np.ndarray:
+    """(Y, X, 3) uint8: slice ``z`` as `compose_chroma` composes it in the whole volume (the composition works slice
+    by slice), from a one-slice view of the volume and its chroma."""
+    one = Volume(volume.array[z : z + 1], volume.spacing, volume.origin, volume.direction, volume.meta)
+    part = replace(chroma, top=chroma.top[z : z + 1], prob=chroma.prob[z : z + 1])
+    return compose_chroma(one, part, window, strength, device, palette).rgb[0]
+
+
+def _scroll_within(widget: QWidget, max_height: int) -> None:
+    """Put ``widget`` (in a magicgui container's layout) into a scroll area at most ``max_height`` pixels high."""
+    layout = widget.parentWidget().layout()
+    index = layout.indexOf(widget)
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setMaximumHeight(max_height)
+    layout.insertWidget(index, scroll)
+    scroll.setWidget(widget)
+
+
 class ColorizeWidget(Container):
     """Dock widget "Colorize volume".
 
@@ -112,7 +170,8 @@ class ColorizeWidget(Container):
         self._viewer = napari_viewer
         self._models: dict[str, ModelSpec] = dict(models) if models else {name: name for name in SHIPPED_MODELS}
         self.ct_layer = ComboBox(label="CT layer", choices=self._grey_layers, tooltip="a grey image layer in HU")
-        self.window = ComboBox(label="Window", choices=[DICOM_DEFAULT, *PRESETS, CUSTOM], value=DICOM_DEFAULT)
+        # Choices from a callable: the chosen CT's own header windows are offered beside the presets.
+        self.window = ComboBox(label="Window", choices=self._window_choices, value=DICOM_DEFAULT)
         self.centre_hu = FloatSpinBox(label="Centre (HU)", min=-5000, max=5000, step=5, value=40, enabled=False)
         self.width_hu = FloatSpinBox(label="Width (HU)", min=1, max=10000, step=10, value=400, enabled=False)
         # Choices are callables: napari calls reset_choices() on layer changes, which would drop a static list's
@@ -166,10 +225,11 @@ class ColorizeWidget(Container):
         self.export_button = PushButton(text="Export", enabled=False)
         self.view_3d = ComboBox(
             label="3D view",
-            choices=[NO_3D, *VOLUME_PRESETS],
+            choices=[NO_3D, *PRESETS_3D],
             value=NO_3D,
             enabled=False,
-            tooltip="render the colorized volume in 3D: air clear, opacity from HU (bone, vessels or soft tissue)",
+            tooltip="3D rendering without table and air: lit bone surface; CTA: bone and contrast-filled vessels; "
+            "soft tissue: translucent HU transfer function; colour: the colorized volume, translucent",
         )
         super().__init__(
             widgets=[
@@ -201,14 +261,20 @@ class ColorizeWidget(Container):
                 plane_buttons(napari_viewer),
             ]
         )
+        _scroll_within(self.legend.native, LEGEND_MAX_HEIGHT)
+        tab_with_siblings(self.native)
         self.worker = None  # the running GeneratorWorker (network run or recompose), if any
-        self._kept: _Kept | None = None
+        self._kept: _Kept | None = None  # the run of the chosen CT layer (else the last run)
+        self._runs: list[_Kept] = []  # every CT's last run: each colour layer follows its own CT's window
         self._recompose_pending = False
         self._filling = False  # True while the widget itself writes centre/width
         self._syncing = False  # True while the widget and the CT layer's contrast limits update each other
         self._watched: Image | None = None  # the CT layer whose contrast limits the window follows
         self._hidden_for_3d: list[Image] = []  # layers the 3D view hid, shown again when it is left
+        self._body_cache: tuple | None = None  # (kept, HU, body mask, spacing) of the 3D view
         self._closed = False
+        #: The slice the last recompose recoloured at once, before the rest of the volume (None: none on screen).
+        self.recoloured_first: int | None = None
 
         self.run_button.changed.connect(self._run)
         self.cancel_button.changed.connect(self.cancel)
@@ -221,7 +287,8 @@ class ColorizeWidget(Container):
         self.classes_button.changed.connect(self.show_classes)
         self.view_3d.changed.connect(self._on_view_3d)
         self.export_button.changed.connect(lambda *_: self.export())
-        self._viewer.mouse_move_callbacks.append(self._on_mouse_move)
+        self._viewer.cursor.events.position.connect(self._on_cursor)
+        self._viewer.mouse_drag_callbacks.append(self._window_drag)
         self.opacity.changed.connect(self._on_opacity)
         self.model.changed.connect(lambda value: setattr(self.weights_file, "visible", value == WEIGHTS_FILE))
         self.ct_layer.changed.connect(self._watch_ct)
@@ -275,8 +342,11 @@ class ColorizeWidget(Container):
         for event in self._layer_events:
             event.disconnect(self._on_layers_changed)
         self._unwatch()
-        if self._on_mouse_move in self._viewer.mouse_move_callbacks:
-            self._viewer.mouse_move_callbacks.remove(self._on_mouse_move)
+        for run in list(self._runs):
+            self._unlink(run.ct)
+        self._viewer.cursor.events.position.disconnect(self._on_cursor)
+        if self._window_drag in self._viewer.mouse_drag_callbacks:
+            self._viewer.mouse_drag_callbacks.remove(self._window_drag)
         self.cancel()
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -292,6 +362,21 @@ class ColorizeWidget(Container):
 
     def _on_layers_changed(self, _event=None) -> None:
         self.ct_layer.reset_choices()
+        for run in [run for run in self._runs if not (self._in_viewer(run.ct) and self._in_viewer(run.layer))]:
+            self._unlink(run.ct)
+
+    def _unlink(self, ct: Image) -> None:
+        """Forget ``ct``'s run: its colour layer no longer follows its window."""
+        if any(run.ct is ct for run in self._runs):
+            self._runs = [run for run in self._runs if run.ct is not ct]  # by identity: runs hold arrays
+            ct.events.contrast_limits.disconnect(self._on_linked_window)
+
+    def _on_linked_window(self, event) -> None:
+        """The window of a colorized CT other than the chosen one changed: choose that CT, whose run then recomposes
+        its colour layer (as for the chosen CT), so no colour layer is left with a stale window."""
+        layer = event.source
+        if layer is not self._watched and not self._closed and any(run.ct is layer for run in self._runs):
+            self.ct_layer.value = layer
 
     def _volume_of(self, layer: Image) -> Volume:
         data = layer.data[0] if layer.multiscale else layer.data
@@ -304,7 +389,8 @@ class ColorizeWidget(Container):
             return None
         if choice == CUSTOM:
             return (float(self.centre_hu.value), float(self.width_hu.value))
-        return choice
+        header = self._header_windows().get(choice)
+        return tuple(header) if header is not None else choice
 
     def _model_spec(self) -> ModelSpec:
         if self.model.value == WEIGHTS_FILE:
@@ -335,7 +421,26 @@ class ColorizeWidget(Container):
             return PRESETS[choice]
         if choice == DICOM_DEFAULT:
             return self._dicom_default()
-        return None
+        return self._header_windows().get(choice)
+
+    def _meta_of_ct(self) -> dict:
+        """The chosen CT layer's reader metadata (else the kept run's)."""
+        layer = self.ct_layer.value
+        if layer is not None:
+            meta = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
+            return meta if isinstance(meta, dict) else {}
+        return self._kept.volume.meta if self._kept is not None else {}
+
+    def _header_windows(self) -> dict[str, Window]:
+        """The chosen CT's DICOM header windows after the first (which is "DICOM default"), by choice name."""
+        windows = [Window(*(float(v) for v in pair)) for pair in self._meta_of_ct().get("windows", [])[1:]]
+        return {f"DICOM {win.centre:g}/{win.width:g}": win for win in windows}
+
+    def _window_choices(self, _widget=None) -> list[tuple[str, str]]:
+        """(shown name, value) of the window choices: DICOM default, the header's other windows, presets, custom."""
+        header = [(name, name) for name in self._header_windows()]
+        presets = [(preset_label(name), name) for name in PRESETS]
+        return [(DICOM_DEFAULT, DICOM_DEFAULT), *header, *presets, (CUSTOM, CUSTOM)]
 
     def _dicom_default(self) -> Window | None:
         """The chosen CT's own default window (DICOM WindowCenter/Width, else the abdomen preset for CT)."""
@@ -380,7 +485,11 @@ class ColorizeWidget(Container):
             return
         self._unwatch()
         self._watched = layer
+        self._kept = next((run for run in self._runs if run.ct is layer), self._kept)
+        with self.window.changed.blocked():
+            self.window.reset_choices()  # this CT's header windows
         if layer is not None:
+            widen_contrast_range(layer)
             layer.events.contrast_limits.connect(self._on_ct_contrast)
             self._on_ct_contrast()
         else:
@@ -399,11 +508,12 @@ class ColorizeWidget(Container):
             return other is not None and np.allclose(other, win, rtol=0, atol=1e-3 * max(win.width, 1.0))
 
         current, default = self.window.value, self._dicom_default()  # the default once: a slider drag calls this often
-        if current in PRESETS and same(PRESETS[current]) or current == DICOM_DEFAULT and same(default):
+        named = {**self._header_windows(), **PRESETS}
+        if current in named and same(named[current]) or current == DICOM_DEFAULT and same(default):
             return current
         if same(default):
             return DICOM_DEFAULT
-        return next((name for name, preset in PRESETS.items() if same(preset)), CUSTOM)
+        return next((name for name, preset in named.items() if same(preset)), CUSTOM)
 
     def _on_ct_contrast(self, *_: Any) -> None:
         """The CT layer's contrast limits changed: show that window in the widget and recompose the colour."""
@@ -424,6 +534,32 @@ class ColorizeWidget(Container):
         self._fill_window_fields()
         if self._kept is not None and self._kept.ct is layer:
             self._recompose()
+
+    def _window_drag(self, viewer, event):
+        """Right-drag on the canvas (2D): window/level of the chosen CT layer, as on a PACS workstation. Rightwards
+        widens the window (x2 per `WINDOW_DRAG_PX` pixels), leftwards narrows it; downwards raises its centre (the
+        image darkens, one starting width per `WINDOW_DRAG_PX`), upwards lowers it. The colour follows as for any
+        window change. napari's camera, which zooms on a right-drag, is held meanwhile."""
+        layer = self._watched
+        if event.button != 2 or layer is None or viewer.dims.ndisplay != 2:
+            return
+        low, high = (float(v) for v in layer.contrast_limits)
+        centre, width = (low + high) / 2, high - low
+        start = np.asarray(event.pos, dtype=float)
+        viewer.camera.mouse_pan = False
+        try:
+            yield
+            while event.type == "mouse_move":
+                dx, dy = np.asarray(event.pos, dtype=float) - start
+                win = Window(centre + dy * width / WINDOW_DRAG_PX, max(1.0, width * 2.0 ** (dx / WINDOW_DRAG_PX)))
+                range_low, range_high = layer.contrast_limits_range
+                low, high = win.limits
+                if low < range_low or high > range_high:
+                    layer.contrast_limits_range = (min(low, range_low), max(high, range_high))
+                layer.contrast_limits = win.limits
+                yield
+        finally:
+            viewer.camera.mouse_pan = True
 
     def _push_window(self) -> None:
         """Show the widget's window on the CT layer (its contrast limits)."""
@@ -505,16 +641,12 @@ class ColorizeWidget(Container):
             return _Failed(str(exc))
 
     def _recompose(self, *_: Any) -> None:
-        """Recompose the kept chroma with the current window and strength; coalesces requests while one runs."""
+        """Recolour the slice on screen at once, then recompose the whole volume from the kept chroma with the
+        current window, strength and palette in a worker; requests coalesce while one runs."""
         if self._kept is None:
             return
         if self.result_layer is None:  # the user deleted the result: nothing to update
             self._kept = None
-            return
-        if self.busy:
-            self._recompose_pending = True
-            if self.worker.is_compose:
-                self.worker.quit()  # its result is stale; the pending recompose starts when it has stopped
             return
         kept = self._kept
         try:
@@ -525,6 +657,12 @@ class ColorizeWidget(Container):
         except CTColorError as exc:
             show_error(str(exc))
             return
+        self._recolour_visible_slice(kept, window, device, palette)
+        if self.busy:
+            self._recompose_pending = True
+            if self.worker.is_compose:
+                self.worker.quit()  # its result is stale; the pending recompose starts when it has stopped
+            return
         self._start(
             self._compose_steps,
             (kept.volume, kept.chroma, window, float(self.chroma.value), device, palette),
@@ -533,6 +671,33 @@ class ColorizeWidget(Container):
             on_result=lambda result: self._recomposed(kept, result),
             is_compose=True,
         )
+
+    def visible_slice(self) -> int | None:
+        """The axial slice of the kept CT on screen (an axial 2D view of a 3D CT), else None."""
+        kept, dims = self._kept, self._viewer.dims
+        if kept is None or kept.ct.ndim != 3 or dims.ndisplay != 2 or dims.ndim < 3:
+            return None
+        if set(dims.order[-2:]) != {dims.ndim - 2, dims.ndim - 1}:  # coronal or sagittal: every slice shows a line
+            return None
+        index = np.asarray(kept.ct.world_to_data(dims.point), dtype=float)
+        z = round(float(index[0]))
+        return z if 0 <= z < kept.volume.shape[0] else None
+
+    def _recolour_visible_slice(self, kept: _Kept, window, device: str, palette: Palette) -> None:
+        """Recolour the slice on screen at once, in the main thread (one slice: tens of milliseconds); the recompose
+        worker then replaces the whole volume with the same colours."""
+        z = self.visible_slice()
+        layer = self.result_layer
+        if z is None or layer is None:
+            return
+        try:
+            rgb = compose_slice(kept.volume, kept.chroma, z, window, float(self.chroma.value), device, palette)
+        except CTColorError as exc:
+            show_error(str(exc))
+            return
+        layer.data[z] = rgb
+        layer.refresh()
+        self.recoloured_first = z
 
     def _start(
         self,
@@ -597,6 +762,12 @@ class ColorizeWidget(Container):
             return
         chroma, colour = result
         self._kept = _Kept(volume, chroma, ct, self._show(ct, colour))
+        self._unlink(ct)
+        self._runs.append(self._kept)
+        ct.events.contrast_limits.connect(self._on_linked_window)
+        # The CT stays the selected layer: napari's status bar then shows its HU, not the colour layer's RGB, and
+        # its contrast slider is the window.
+        self._viewer.layers.selection.active = ct
         self._fill_legend(colour)
         for control in (self.classes_button, self.view_3d, self.export_format, self.export_path, self.keep_identity):
             control.enabled = True
@@ -671,14 +842,26 @@ class ColorizeWidget(Container):
             rgb=True,
             blending="translucent",
             opacity=float(self.opacity.value),
+            interpolation2d="linear",  # as the CT layer (`image_layer_data`): no blocky voxels, both alike
             metadata=metadata,
             **transforms,
         )
+        layer.events.contrast_limits.connect(lambda _event: self._keep_full_range(layer))
+        layer.events.gamma.connect(lambda _event: self._keep_full_range(layer))
         if index is None:
             self._viewer.layers.append(layer)
         else:
             self._viewer.layers.insert(index, layer)
         return layer
+
+    def _keep_full_range(self, layer: Image) -> None:
+        """The colour layer's own contrast limits and gamma stay at 0..255 and 1: its luminance is the CT's window
+        already, and stretching the RGB would distort both grey and colour. The window is the CT layer's."""
+        if tuple(layer.contrast_limits) != COLOUR_LIMITS or layer.gamma != 1.0:
+            with layer.events.contrast_limits.blocker(), layer.events.gamma.blocker():
+                layer.contrast_limits, layer.gamma = COLOUR_LIMITS, 1.0
+            layer.refresh()
+            self._say(f"{layer.name}: its contrast stays fixed; set the window on the CT layer or in this widget")
 
     # ---------------------------------------------------------------------------------------------------------------
     # What the colours stand for
@@ -709,13 +892,32 @@ class ColorizeWidget(Container):
         """The class names the legend lists, in its order."""
         return [row.rsplit("</span> ", 1)[1] for row in self.legend.value.split("<br>") if row]
 
-    def _on_mouse_move(self, viewer, event) -> None:
-        """Show the colour class under the pointer and its probability."""
+    def _on_cursor(self, _event=None) -> None:
+        """The pointer moved (napari's cursor position): show what is under it."""
+        if not self._closed:
+            self.pointer.value = self.pointer_line(self._viewer.cursor.position)
+
+    def pointer_line(self, world_position) -> str:
+        """What the Pointer line shows for a world position: the CT's HU there, the voxel's position in mm (LPS x,
+        y, z), its axial slice (napari's slider index) and, after Run, the colour class with its probability; ''
+        outside the CT."""
         kept = self._kept
-        layer = self.result_layer
-        if kept is None or layer is None:
-            return
-        self.pointer.value = self.describe(layer.world_to_data(event.position))
+        ct = kept.ct if kept is not None and self._in_viewer(kept.ct) else self.ct_layer.value
+        if ct is None or ct.multiscale:
+            return ""
+        index = np.round(np.asarray(ct.world_to_data(world_position), dtype=float)).astype(int)
+        shape = ct.data.shape
+        if index.size != len(shape) or not all(0 <= i < n for i, n in zip(index, shape, strict=True)):
+            return ""
+        hu = float(ct.data[tuple(index)])
+        lps = np.asarray(ct.data_to_world(index), dtype=float)[::-1]  # world (z, y, x) -> LPS x, y, z
+        position = ", ".join(f"{axis} {value:.1f}" for axis, value in zip("xyz", lps, strict=False))
+        parts = [f"HU {hu:.0f}", f"LPS {position} mm"]
+        if ct.ndim == 3:
+            parts.append(f"slice {index[0]}/{shape[0] - 1}")
+        if kept is not None and kept.ct is ct and self.result_layer is not None:
+            parts.append(self.describe(index))
+        return " | ".join(parts)
 
     def describe(self, data_position) -> str:
         """'<class> <probability> %' for a position in the result layer's data coordinates ('' outside it)."""
@@ -731,6 +933,20 @@ class ColorizeWidget(Container):
         name, probability = kept.chroma.class_at(*(int(i) for i in index))
         return f"{name} {probability:.0%} (colour class, not a segmentation)"
 
+    def _class_colours(self) -> DirectLabelColormap:
+        """Each class label (1 + class index, `Chroma.most_probable`) in its colour under the current palette; the
+        air (0) and classes the palette does not colour are clear."""
+        classes = self._kept.chroma.classes
+        try:
+            palette = self._palette()
+        except CTColorError:
+            palette = load_palette("anatomical")
+        colours: dict[int | None, tuple[float, ...]] = {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0)}
+        for index, name in enumerate(classes, start=1):
+            rgb = palette.class_rgb(name)
+            colours[index] = (*(c / 255.0 for c in rgb), 1.0) if rgb is not None else (0.0, 0.0, 0.0, 0.0)
+        return DirectLabelColormap(color_dict=colours)
+
     def show_classes(self, *_: Any) -> Labels | None:
         """Add (or refresh) the Labels layer "<CT name> colour classes": the most probable class of each voxel."""
         kept = self._kept
@@ -745,7 +961,7 @@ class ColorizeWidget(Container):
         if existing is not None:
             self._viewer.layers.remove(existing)
         placement = {k: v for k, v in layer_attributes(self.result_layer).items() if k != "metadata"}
-        layer = Labels(data, name=name, opacity=0.4, features=features, **placement)
+        layer = Labels(data, name=name, opacity=0.4, features=features, colormap=self._class_colours(), **placement)
         self._viewer.layers.append(layer)
         return layer
 
@@ -762,38 +978,64 @@ class ColorizeWidget(Container):
             return
         self.show_3d(choice)
 
-    def show_3d(self, preset: str) -> Image | None:
-        """Add (or refresh) "<CT name> 3D": the colorized volume as RGBA, alpha from HU under ``preset`` (air clear),
-        rendered translucently from the patient's front; the 2D layers are hidden meanwhile."""
+    def show_3d(self, preset: str) -> list[Image]:
+        """Add (or refresh) the layers "<CT name> 3D <part>" of a `PRESETS_3D` preset, the table and air removed,
+        seen from the patient's front; the 2D layers are hidden meanwhile. Returns the added layers."""
         kept = self._kept
         colour = self.result_layer
         if kept is None or colour is None or kept.ct.ndim != 3:
-            return None
+            return []
         step = max(1, -(-max(kept.volume.shape[1:]) // MAX_3D_PIXELS))
-        rgb = np.asarray(colour.data)[:, ::step, ::step]
-        alpha = opacity(kept.volume.array[:, ::step, ::step], VOLUME_PRESETS[preset])
-        rgba = np.concatenate([rgb, alpha[..., None]], axis=-1)
         placement = {k: np.asarray(v) for k, v in layer_attributes(colour).items() if k != "metadata"}
         placement["scale"] = placement["scale"] * np.array([1.0, step, step])
-        name = f"{kept.ct.name} 3D"
-        existing = next((lyr for lyr in self._viewer.layers if lyr.name == name), None)
-        if existing is not None:
-            self._viewer.layers.remove(existing)
-        layer = Image(rgba, name=name, rgb=True, rendering="translucent", blending="translucent", **placement)
+        hu, body, spacing = self._body_3d(kept, step)
+        self._remove_3d()
         if not self._hidden_for_3d:
             self._hidden_for_3d = [lyr for lyr in self._viewer.layers if lyr.visible]
             for lyr in self._hidden_for_3d:
                 lyr.visible = False
-        self._viewer.layers.append(layer)
+        added = []
+        for part in PRESETS_3D[preset]:
+            name = f"{kept.ct.name} 3D {part.name}"
+            if part.source == "colour":  # the colorized RGB, alpha from HU, nothing outside the body
+                alpha = opacity(hu, COLOUR_3D_OPACITY) * body
+                rgba = np.concatenate([np.asarray(colour.data)[:, ::step, ::step], alpha[..., None]], axis=-1)
+                layer = Image(rgba, name=name, rgb=True, rendering="translucent", blending="translucent", **placement)
+            else:
+                data = vessel_hu(hu, body, spacing) if part.source == "vessels" else np.where(body, hu, AIR_HU_3D)
+                layer = Image(
+                    data.astype(np.float32),
+                    name=name,
+                    rendering=part.rendering,
+                    colormap=part.colormap,
+                    contrast_limits=part.limits,
+                    blending="translucent",
+                    **({"iso_threshold": part.iso_threshold} if part.iso_threshold is not None else {}),
+                    **placement,
+                )
+            layer.interpolation3d = "linear"  # trilinear sampling: no blocky voxels
+            self._viewer.layers.append(layer)
+            added.append(layer)
         anterior_3d(self._viewer)
-        return layer
+        return added
 
-    def _leave_3d(self) -> None:
+    def _body_3d(self, kept: _Kept, step: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+        """The 3D view's HU (every ``step``-th voxel in-plane), body mask and voxel spacing, computed once per run."""
+        if self._body_cache is None or self._body_cache[0] is not kept:
+            hu = np.asarray(kept.volume.array[:, ::step, ::step], dtype=np.float32)
+            spacing = (kept.volume.spacing[0], kept.volume.spacing[1] * step, kept.volume.spacing[2] * step)
+            self._body_cache = (kept, hu, body_mask(hu, spacing), spacing)
+        return self._body_cache[1:]
+
+    def _remove_3d(self) -> None:
         kept = self._kept
         if kept is not None:
-            name = f"{kept.ct.name} 3D"
-            for lyr in [lyr for lyr in self._viewer.layers if lyr.name == name]:
+            prefix = f"{kept.ct.name} 3D "
+            for lyr in [lyr for lyr in self._viewer.layers if lyr.name.startswith(prefix)]:
                 self._viewer.layers.remove(lyr)
+
+    def _leave_3d(self) -> None:
+        self._remove_3d()
         for lyr in self._hidden_for_3d:
             if any(other is lyr for other in self._viewer.layers):
                 lyr.visible = True
@@ -857,6 +1099,7 @@ class ColorizeWidget(Container):
                     return [str(p) for p in written]
         except CTColorError as exc:
             show_error(str(exc))
+            self._say("Export: nothing written (see the message)")
             return []
         self._say(f"Exported {len(written)} file(s) to {path}")
         return [str(p) for p in written]

@@ -21,6 +21,7 @@ from napari.utils.notifications import show_error
 
 from ..errors import CTColorError
 from ..io.dicomweb import find_series
+from ._docks import tab_with_siblings
 from ._reader import read_ct
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class PacsWidget(Container):
                 self.status,
             ]
         )
+        tab_with_siblings(self.native)
         self.search_button.changed.connect(lambda *_: self.search())
         self.open_button.changed.connect(lambda *_: self.open_selected())
         self._worker = None

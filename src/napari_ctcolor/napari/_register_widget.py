@@ -9,10 +9,13 @@ The widget is a thin front end over `napari_ctcolor.engines.register.iter_regist
   auto is the model card's default.
 - On completion it adds, or replaces on a re-run, the layers ``"<moving> warped"``, ``"checkerboard"`` (fixed vs
   warped, or vs the moving image as it was with "Checkerboard before registration"), ``"difference"`` (fixed -
-  warped in HU) and ``"Jacobian"`` (det J), all placed with the fixed layer's transforms. Difference and Jacobian
-  are translucent overlays, clear where nothing changed (0 HU, det J = 1), with a colour bar; the widget states the
-  sign conventions. NCC before/after, folding, time, whether the pre-alignment ran and the refinement iterations
-  show in the widget, with the engine's quality warnings (also once as a napari warning).
+  warped in HU, both clipped to the fixed layer's window: the difference of what the window shows, so lung texture
+  is not noise under a soft-tissue window; it follows that window) and ``"Jacobian"`` (det J), all placed with the
+  fixed layer's transforms. Difference and Jacobian are translucent overlays, clear where nothing changed (0 HU,
+  det J = 1), with a colour bar; the widget states the sign conventions. ``"tile edges"`` (the tiles' outlines in
+  the displayed plane) is added hidden: the user shows it from the layer list, and it stays as the user left it.
+  NCC before/after, folding, time, whether the pre-alignment ran and the refinement iterations show in the widget,
+  with the engine's quality warnings (also once as a napari warning).
 - The result is kept, so the tile-size slider only recomputes the checkerboard; it never registers again.
 - A layer ``"<name> colorized"`` (what "Colorize volume" makes) is the colorized twin of the grey layer ``"<name>"``.
   When the moving layer has one, the widget offers to warp it through the same displacement field; the checkerboard
@@ -23,6 +26,7 @@ The widget is a thin front end over `napari_ctcolor.engines.register.iter_regist
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import time
@@ -47,6 +51,7 @@ from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils import Colormap, progress
 from napari.utils.notifications import show_error, show_warning
+from superqt.utils import qdebounced
 
 from ..engines.checkerboard import checkerboard, checkerboard_mask, resample_onto, same_grid
 from ..engines.device import resolve_device
@@ -55,6 +60,7 @@ from ..engines.register import RegistrationResult, iter_register
 from ..errors import CTColorError, InputError
 from ..io import ColorVolume, Volume
 from ..weights import find_weights
+from ._docks import tab_with_siblings
 from ._layers import META_KEY, layer_attributes, volume_from_layer
 from ._view import follow_radiological_orientation, plane_buttons
 
@@ -125,10 +131,9 @@ class _Inputs:
 
 @dataclass
 class _Output:
-    """What the worker returns: the engine's result and the arrays derived from it off the main thread."""
+    """What the worker returns: the engine's result and the colours derived from it off the main thread."""
 
     result: RegistrationResult
-    difference: np.ndarray
     fixed_colour: ColorVolume | None
     warped_colour: ColorVolume | None
 
@@ -143,6 +148,7 @@ class _Kept:
         transforms: the fixed layer's scale/translate/rotate/affine at run time (every output layer gets them).
         fixed_limits: the fixed layer's contrast limits at run time.
         two_d: the fixed layer is 2D; output layers then show the single slice.
+        fixed_layer: the fixed grey layer; the difference follows its window.
     """
 
     inputs: _Inputs
@@ -150,6 +156,7 @@ class _Kept:
     transforms: dict[str, np.ndarray]
     fixed_limits: tuple[float, float]
     two_d: bool
+    fixed_layer: Image
 
 
 def warp_colour(colour: ColorVolume, grid: Volume, ddf: np.ndarray) -> ColorVolume:
@@ -252,9 +259,13 @@ class RegisterWidget(Container):
                 plane_buttons(napari_viewer),
             ]
         )
+        tab_with_siblings(self.native)
         self.worker = None  # the running GeneratorWorker, if any
         self._kept: _Kept | None = None
         self._closed = False
+        self._edges_hidden_for_3d = False  # the 3D view hid the tile edges the user had shown
+        # The difference follows the fixed layer's window, redrawn once a slider drag pauses (a volume's worth).
+        self._window_changed = qdebounced(self._redraw_difference, timeout=200)
 
         self.run_button.changed.connect(self._run)
         self.cancel_button.changed.connect(self.cancel)
@@ -304,6 +315,7 @@ class RegisterWidget(Container):
             event.disconnect(self._on_layers_changed)
         for event in self._dims_events:
             event.disconnect(self._redraw_edges)
+        self._follow_window(None)
         self.cancel()
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -489,7 +501,6 @@ class RegisterWidget(Container):
                     yield done, total
             finally:
                 engine.close()  # Cancel closes this generator at a yield: the engine's own finally blocks run
-            difference = inputs.fixed.array.astype(np.float32) - result.warped.array
             fixed_colour = warped_colour = None
             if inputs.moving_colour is not None:
                 warped_colour = warp_colour(inputs.moving_colour, inputs.fixed, result.ddf)
@@ -506,7 +517,7 @@ class RegisterWidget(Container):
             # is a RuntimeError too): shown as a one-line error instead.
             lines = str(exc).strip().splitlines() or [type(exc).__name__]
             return _Failed(f"{TITLE} failed: {lines[0]}")
-        return _Output(result, difference, fixed_colour, warped_colour)
+        return _Output(result, fixed_colour, warped_colour)
 
     def _progress(self, step: tuple[int, int], bar: progress) -> None:
         """One step of the job: both bars take its total (the engine's) and its count."""
@@ -547,7 +558,9 @@ class RegisterWidget(Container):
         if not any(layer is fixed_layer for layer in self._viewer.layers):  # deleted during the run: no orphans
             self._say(f"{TITLE}: the fixed layer was removed; result dropped")
             return
-        self._kept = _Kept(inputs, output, transforms, fixed_limits, fixed_layer.ndim == 2)
+        self._follow_window(None)
+        self._kept = _Kept(inputs, output, transforms, fixed_limits, fixed_layer.ndim == 2, fixed_layer)
+        self._follow_window(fixed_layer)
         self._show()
         warnings = output.result.metrics.get("warnings", [])
         if warnings:  # the layers are added: a doubtful result is shown, and said so once
@@ -565,11 +578,8 @@ class RegisterWidget(Container):
         self._put(f"{inputs.moving_name} warped", result.warped.array, "warped", limits=inputs.moving_limits)
         if output.warped_colour is not None:
             self._put(f"{inputs.moving_colour_name} warped", output.warped_colour.rgb, "warped colour", rgb=True)
-        half = 0.5 * (kept.fixed_limits[1] - kept.fixed_limits[0])  # +- half the fixed window: 0 is clear
+        self._redraw_difference()
         overlay = {"opacity": OVERLAY_OPACITY, "colorbar": True, "hide": True}
-        self._put(
-            DIFFERENCE, output.difference, "difference", limits=(-half, half), colormap=DIFFERENCE_COLORMAP, **overlay
-        )
         self._put(
             JACOBIAN, result.jacobian.array, "jacobian", limits=JACOBIAN_LIMITS, colormap=JACOBIAN_COLORMAP, **overlay
         )
@@ -583,8 +593,37 @@ class RegisterWidget(Container):
             f" | {m['seconds']:.1f} s ({m['device']}, pre-alignment {'on' if m['affine'] else 'off'},"
             f" refine {m['refine_iterations']})"
             f"{warnings}"
-            "<br>difference = fixed - warped (HU): red where the fixed image is brighter, blue where the warped is"
+            "<br>difference = fixed - warped (HU within the fixed layer's window): red where the fixed image is"
+            " brighter, blue where the warped is"
             "<br>Jacobian det J: 1 unchanged, &lt; 1 compressed (magenta), &gt; 1 expanded (green), &le; 0 folded"
+        )
+
+    def _follow_window(self, layer: Image | None) -> None:
+        """Redraw the difference when ``layer``'s (the fixed layer's) window changes; None: stop following."""
+        kept = self._kept
+        if kept is not None:
+            with contextlib.suppress(TypeError, ValueError):  # never connected (a run that failed) or already gone
+                kept.fixed_layer.events.contrast_limits.disconnect(self._window_changed)
+        if layer is not None:
+            layer.events.contrast_limits.connect(self._window_changed)
+
+    def _redraw_difference(self) -> None:
+        """The difference layer under the fixed layer's current window, opaque at +- half its width, clear at 0."""
+        kept = self._kept
+        if kept is None or self._closed:
+            return
+        limits = tuple(float(v) for v in kept.fixed_layer.contrast_limits)
+        difference = windowed_difference(kept.inputs.fixed.array, kept.output.result.warped.array, limits)
+        half = 0.5 * (limits[1] - limits[0])
+        self._put(
+            DIFFERENCE,
+            difference,
+            "difference",
+            limits=(-half, half),
+            colormap=DIFFERENCE_COLORMAP,
+            opacity=OVERLAY_OPACITY,
+            colorbar=True,
+            hide=True,
         )
 
     def _redraw_checkerboard(self, *_: Any) -> None:
@@ -606,7 +645,11 @@ class RegisterWidget(Container):
 
     def _redraw_edges(self, *_: Any) -> None:
         """The tile outlines in the plane on screen: lines along the two displayed axes, none across the slice (a
-        slice on a tile boundary would otherwise light up entirely); hidden in 3D."""
+        slice on a tile boundary would otherwise light up entirely).
+
+        The layer is added hidden (outlines sit where the eye looks for steps between tiles); its visibility is the
+        user's, except that a shown layer is hidden in 3D and shown again on return to 2D.
+        """
         kept = self._kept
         if kept is None or self._closed:
             return
@@ -614,8 +657,15 @@ class RegisterWidget(Container):
         shown = [axis - (dims.ndim - 3) for axis in dims.order[-2:]] if dims.ndim >= 3 else [1, 2]
         axes = [1, 2] if kept.two_d else [a for a in shown if 0 <= a < 3]
         edges = tile_edges(kept.inputs.fixed, float(self.tile_mm.value), axes)
-        layer = self._put(EDGES, edges, "tile edges", limits=(0.0, 1.0), colormap=EDGES_COLORMAP, opacity=EDGES_OPACITY)
-        layer.visible = dims.ndisplay == 2
+        layer = self._put(
+            EDGES, edges, "tile edges", limits=(0.0, 1.0), colormap=EDGES_COLORMAP, opacity=EDGES_OPACITY, hide=True
+        )
+        if dims.ndisplay == 3 and layer.visible:
+            layer.visible = False
+            self._edges_hidden_for_3d = True
+        elif dims.ndisplay == 2 and self._edges_hidden_for_3d:
+            layer.visible = True
+            self._edges_hidden_for_3d = False
 
     def _put(
         self,
@@ -688,6 +738,13 @@ def tile_edges(grid: Volume, tile_mm: float, axes: Sequence[int] = (1, 2)) -> np
         behind = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
         edges[ahead] |= mask[ahead] != mask[behind]
     return edges.view(np.uint8)
+
+
+def windowed_difference(fixed: np.ndarray, warped: np.ndarray, limits: tuple[float, float]) -> np.ndarray:
+    """float32 fixed - warped (HU) with both clipped to the window ``limits``: the difference of what that window
+    shows (two voxels both below or both above it differ by 0)."""
+    low, high = limits
+    return np.clip(fixed, low, high, dtype=np.float32) - np.clip(warped, low, high, dtype=np.float32)
 
 
 def _range(data: np.ndarray, limits: tuple[float, float]) -> tuple[float, float]:

@@ -1,0 +1,54 @@
+"""The plugin's dock widgets share one column of the viewer window as tabs: stacked, their heights add up and push
+the viewer's slice slider and status bar off a 1080 px screen."""
+
+from __future__ import annotations
+
+import weakref
+
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QDockWidget, QMainWindow, QWidget
+
+_OURS: weakref.WeakSet[QWidget] = weakref.WeakSet()  # the Qt widgets of this plugin's dock widgets
+
+
+def tab_with_siblings(native: QWidget) -> None:
+    """Once ``native`` sits in its dock, tab that dock with this plugin's other docks in the same window area.
+
+    napari docks a plugin widget after constructing it, so this waits for the event loop to come back; a widget
+    that is not docked (used on its own) is left alone.
+    """
+    _OURS.add(native)
+    QTimer.singleShot(0, lambda: _tab(native))
+
+
+def _dock_of(widget: QWidget) -> QDockWidget | None:
+    """The dock holding ``widget``; None when it is not docked or its Qt object is gone (a closed viewer's)."""
+    try:
+        parent = widget.parentWidget()
+    except RuntimeError:
+        _OURS.discard(widget)
+        return None
+    while parent is not None and not isinstance(parent, QDockWidget):
+        parent = parent.parentWidget()
+    return parent
+
+
+def _tab(native: QWidget) -> None:
+    dock = _dock_of(native)
+    window = dock.parentWidget() if dock is not None else None
+    if not isinstance(window, QMainWindow):
+        return
+    area = window.dockWidgetArea(dock)
+    siblings = [
+        other
+        for other in (_dock_of(widget) for widget in list(_OURS) if widget is not native)
+        if other is not None
+        and other is not dock
+        and other.parentWidget() is window
+        and window.dockWidgetArea(other) == area
+        and not other.isFloating()
+    ]
+    if siblings:
+        window.tabifyDockWidget(siblings[-1], dock)
+        dock.show()
+        dock.raise_()
