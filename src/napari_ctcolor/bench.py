@@ -201,7 +201,7 @@ def bench_colorize(slices: int, repeats: int, sizes: Sequence[tuple[int, float]]
 
     Ratio rows give ours / peer at the same size and device.
     """
-    from .engines.colorize import compose_chroma, get_colorizer, predict_chroma
+    from .engines.colorize import compose_chroma, cpu_bf16, get_colorizer, predict_chroma
     from .phantom import make_phantom
 
     rows: list[dict] = []
@@ -222,9 +222,18 @@ def bench_colorize(slices: int, repeats: int, sizes: Sequence[tuple[int, float]]
                     chroma = predict_chroma(volume, model, device=device)
                     compose_chroma(volume, chroma, "abdomen", 1.0, device=device)
 
-                row = _rate_row("colorize", model, device, label, slices, _time(run, repeats, device))
+                note = "network in bfloat16 (CPU with bf16 instructions)" if device == "cpu" and cpu_bf16() else ""
+                row = _rate_row("colorize", model, device, label, slices, _time(run, repeats, device), note=note)
                 rows.append(row)
                 ours[model] = row["median"]
+                if device == "cpu" and cpu_bf16():  # the same in float32, as on a CPU without bf16
+
+                    def run_fp32(model: str = model, volume: Volume = volume) -> None:
+                        chroma = predict_chroma(volume, model, device="cpu", bf16=False)
+                        compose_chroma(volume, chroma, "abdomen", 1.0, device="cpu")
+
+                    seconds = _time(run_fp32, repeats)
+                    rows.append(_rate_row("colorize", f"{model} float32", device, label, slices, seconds))
             net = peer.to(device)
             peer_slices = min(slices, 16)  # a rate: fewer slices keep the slow peer's share of the run small
             batch = torch.rand(peer_slices, 1, size, size, device=device)

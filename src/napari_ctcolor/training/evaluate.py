@@ -89,7 +89,7 @@ def evaluate_case(
     """Metrics of one labelled CT for each palette (see the module docstring): the network once, then
     `compose_chroma` per palette and window."""
     with torch.no_grad():
-        chroma = predict_chroma(case.ct, model, device="cpu")
+        chroma = predict_chroma(case.ct, model, device="cpu", bf16=False)  # the card's figures: float32
 
     def render(win: tuple[float, float] | str, palette: str) -> np.ndarray:
         return compose_chroma(case.ct, chroma, win, 1.0, "cpu", palette).rgb
