@@ -78,38 +78,40 @@ def test_z_smoothing_keeps_a_constant_distribution_spreads_within_a_tissue_and_s
     top = torch.tensor([6, 7]).view(1, 2, 1, 1).repeat(n, 1, 1, 1)  # liver, then spleen, on every slice
     prob = torch.tensor([0.6, 0.4]).view(1, 2, 1, 1).repeat(n, 1, 1, 1)
     hu = torch.zeros((n, 1, 1))
-    assert torch.allclose(anatomy.smooth_along_z(top, prob, hu, kernel), prob[:1])
+    assert torch.allclose(anatomy.smooth_along_z(top, prob, hu, kernel, r, r + 1), prob[:1])
     # The middle slice alone says spleen: its neighbours outvote it, by the kernel's weights.
     flipped = prob.clone()
     flipped[r] = torch.tensor([0.4, 0.6]).view(2, 1, 1)
-    spleen = float(anatomy.smooth_along_z(top, flipped, hu, kernel)[0, 1])
+    spleen = float(anatomy.smooth_along_z(top, flipped, hu, kernel, r, r + 1)[0, 1])
     assert spleen == pytest.approx(0.4 + 0.2 * float(kernel[r]), abs=1e-6)
     # ... unless it is 400 HU denser than they are (something else crosses it): then it keeps its own.
     step = hu.clone()
     step[r] = 400.0
-    assert float(anatomy.smooth_along_z(top, flipped, step, kernel)[0, 1]) == pytest.approx(0.6, abs=1e-6)
+    assert float(anatomy.smooth_along_z(top, flipped, step, kernel, r, r + 1)[0, 1]) == pytest.approx(0.6, abs=1e-5)
 
 
 def test_z_smoothing_equals_its_definition_pixel_by_pixel():
-    # The numba pass against the filter written out for each pixel: sum over neighbours o and their kept classes b of
-    # kernel[o] * exp(-dHU² / 2 Z_SMOOTH_HU²) * p_o,b, onto the centre's class equal to b; normalised. float32: 1e-5.
+    # The numba pass against the filter written out for each pixel: sum over neighbours o (the edge slice repeated
+    # beyond the ends) and their kept classes b of kernel[o] * exp(-dHU² / 2 Z_SMOOTH_HU²) * p_o,b, onto the centre's
+    # class equal to b; normalised. float32 and the tabulated exp: 1e-5. Probabilities stored as uint8 x 255 give the
+    # same (the filter is normalised).
     generator = torch.Generator().manual_seed(0)
     kernel = anatomy.z_smoothing_kernel(1.5)
     r = len(kernel) // 2
-    top = torch.randint(0, 6, (3 + 2 * r, 4, 5, 7), generator=generator)
+    top = torch.randint(0, 6, (5, 4, 5, 7), generator=generator, dtype=torch.uint8)
     prob = torch.rand(top.shape, generator=generator)
     prob /= prob.sum(dim=1, keepdim=True)
     hu = torch.randn(top.shape[0], 5, 7, generator=generator) * 40.0
     got = anatomy.smooth_along_z(top, prob, hu, kernel).numpy()
-    for z, y, x in np.ndindex(3, 5, 7):
+    for z, y, x in np.ndindex(5, 5, 7):
         total = np.zeros(4)
-        for o in range(2 * r + 1):
-            like = np.exp(-0.5 * ((hu[z + o, y, x] - hu[z + r, y, x]).item() / anatomy.Z_SMOOTH_HU) ** 2)
+        for o in range(-r, r + 1):
+            n = min(max(z + o, 0), 4)
+            like = np.exp(-0.5 * ((hu[n, y, x] - hu[z, y, x]).item() / anatomy.Z_SMOOTH_HU) ** 2)
             for b in range(4):
-                total += (
-                    float(kernel[o])
-                    * like
-                    * float(prob[z + o, b, y, x])
-                    * (top[z + r, :, y, x] == top[z + o, b, y, x]).numpy()
-                )
+                same = (top[z, :, y, x] == top[n, b, y, x]).numpy()
+                total += float(kernel[o + r]) * like * float(prob[n, b, y, x]) * same
         np.testing.assert_allclose(got[z, :, y, x], total / total.sum(), atol=1e-5)
+    stored = (prob * 255).round().to(torch.uint8)
+    middle = anatomy.smooth_along_z(top, stored, hu, kernel, 1, 4).numpy()
+    np.testing.assert_allclose(middle, got[1:4], atol=0.01)  # uint8 rounding of the inputs only

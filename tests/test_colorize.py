@@ -32,6 +32,7 @@ from napari_ctcolor.engines.colorize import (
     predict_chroma,
     upsample_chroma,
 )
+from napari_ctcolor.engines.fused import top_classes
 from napari_ctcolor.io import InputError, Volume, read_color_volume, read_volume, write_nifti
 from napari_ctcolor.io.export import DICOM_MODALITY, write_png_slices, write_rgb_dicom, write_rgb_nifti
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig, downsample_hu, prepare_input
@@ -145,6 +146,18 @@ def test_fused_compose_equals_the_two_pass_composition(ct, model, palette, stren
     difference = np.abs(fused.astype(np.int16) - reference)
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, ((difference > 0).mean(), difference.max())
     assert lightness_error(fused, volume.array) <= LUMINANCE_BOUND
+
+
+def test_top_classes_from_logits_equal_softmax_then_top_k():
+    # fused.top_classes (the CPU path) against torch's softmax over all classes, topk and renormalisation (the GPU
+    # path): the same classes in the same order where no two logits tie, probabilities within one uint8 step.
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, len(CLASSES) * 4, 20, 30, generator=generator) * 3.0
+    top, prob = top_classes(logits.numpy(), TOP_K, 2)
+    expected_top, expected_prob = _compact(logits.softmax(dim=1))
+    assert (torch.from_numpy(top) == expected_top).all()
+    assert (torch.from_numpy(prob).int() - expected_prob.int()).abs().max() <= 1
+    assert top.dtype == prob.dtype == np.uint8 and (prob.astype(int).sum(axis=1) - 255).max() <= 2
 
 
 def test_cpu_runs_are_byte_identical_and_colorize_equals_predict_then_compose(ct, model, colour):

@@ -22,13 +22,14 @@ Written here rather than taken from a library: these are rules about this model'
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 import torch
 from scipy import ndimage
+
+from .fused import LIKENESS_STEP_HU, likeness_table, use_threads
 
 #: Gaussian width (mm) of the probabilities' smoothing along z; not applied when a slice is thicker than this.
 Z_SMOOTH_MM = 3.0
@@ -232,57 +233,71 @@ def z_smoothing_kernel(spacing_z: float) -> torch.Tensor | None:
     return kernel / kernel.sum()
 
 
-def smooth_along_z(top: torch.Tensor, prob: torch.Tensor, hu: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """The kept classes' probabilities smoothed along z: ``top``, ``prob`` (n + 2r, k, h, w), ``hu`` (n + 2r, h, w)
-    -> (n, k, h, w) new probabilities of the middle n slices' own kept classes (summing to 1).
+def smooth_along_z(
+    top: torch.Tensor,
+    prob: torch.Tensor,
+    hu: torch.Tensor,
+    kernel: torch.Tensor,
+    start: int = 0,
+    stop: int | None = None,
+) -> torch.Tensor:
+    """The kept classes' probabilities smoothed along z for slices [start, stop): ``top``, ``prob`` (Z, k, h, w)
+    (float, or uint8 probabilities x 255), ``hu`` (Z, h, w) -> (stop - start, k, h, w) float32 new probabilities of
+    those slices' own kept classes (summing to 1). Beyond the first and last slice the edge slice repeats.
 
     Each neighbour slice counts by the Gaussian ``kernel`` (length 2r + 1) and by its HU's likeness
     (`Z_SMOOTH_HU`): a joint bilateral filter, so a rib or a vessel crossing the slice keeps its own class where the
     next slice shows soft tissue, and the class of a uniform organ stops changing from slice to slice. A neighbour's
     probability of a class counts where that class is among its kept ones (classes beyond them carry almost none).
 
-    One numba pass per pixel (`_smooth_z`): in tensor ops, 1 mm slices (13 neighbours) x 4 x 4 class comparisons
-    took as long as the network.
+    One numba pass per pixel (`_smooth_z`) straight on the stored arrays: in tensor ops, 1 mm slices (13 neighbours)
+    x 4 x 4 class comparisons took as long as the network.
     """
-    r = len(kernel) // 2
-    n = top.shape[0] - 2 * r
-    out = np.empty((n, *prob.shape[1:]), dtype=np.float32)
+    stop = top.shape[0] if stop is None else stop
+    out = np.empty((stop - start, *prob.shape[1:]), dtype=np.float32)
+    use_threads(torch.get_num_threads())
     _smooth_z(
-        np.ascontiguousarray(top.numpy()),
-        np.ascontiguousarray(prob.numpy(), dtype=np.float32),
+        top.numpy(),
+        prob.numpy(),
         np.ascontiguousarray(hu.numpy(), dtype=np.float32),
         kernel.numpy().astype(np.float32),
-        np.float32(-0.5 / Z_SMOOTH_HU**2),
+        likeness_table(Z_SMOOTH_HU),
+        start,
         out,
     )
     return torch.from_numpy(out)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _smooth_z(top, prob, hu, kernel, scale, out):
+def _smooth_z(top, prob, hu, kernel, likeness, start, out):
     n, k, height, width = out.shape
-    taps = kernel.shape[0]
-    r = taps // 2
+    last = top.shape[0] - 1
+    r = kernel.shape[0] // 2
+    steps = likeness.shape[0] - 1
+    limit = np.float32(steps - 1)  # the table ends at 0: no branch at its end
+    per_hu = np.float32(1.0 / LIKENESS_STEP_HU)
     for job in numba.prange(n * height):
-        z, y = job // height, job % height
-        total = np.empty(k, dtype=np.float32)
+        z, y = start + job // height, job % height
+        total = np.zeros(k, dtype=np.float32)
+        centre = np.empty(k, dtype=top.dtype)
         for x in range(width):
-            centre_hu = hu[z + r, y, x]
-            total[:] = 0.0
-            norm = np.float32(0.0)
-            for offset in range(taps):
-                d = hu[z + offset, y, x] - centre_hu
-                weight = np.float32(math.exp(d * d * scale)) * kernel[offset]
-                norm += weight
+            centre_hu = hu[z, y, x]
+            for c in range(k):
+                centre[c] = top[z, c, y, x]
+                total[c] = 0.0
+            for offset in range(-r, r + 1):
+                zz = min(max(z + offset, 0), last)
+                d = min(abs(hu[zz, y, x] - centre_hu) * per_hu, limit)
+                i = int(d)
+                weight = (likeness[i] + (d - np.float32(i)) * (likeness[i + 1] - likeness[i])) * kernel[offset + r]
                 for b in range(k):
-                    neighbour = top[z + offset, b, y, x]
+                    neighbour = top[zz, b, y, x]
                     for c in range(k):
-                        if top[z + r, c, y, x] == neighbour:
-                            total[c] += weight * prob[z + offset, b, y, x]
+                        if centre[c] == neighbour:
+                            total[c] += weight * np.float32(prob[zz, b, y, x])
             mass = np.float32(0.0)
             for c in range(k):
-                total[c] /= norm
                 mass += total[c]
-            mass = max(mass, np.float32(1e-12))
+            mass = max(mass, np.float32(1e-30))
             for c in range(k):
-                out[z, c, y, x] = total[c] / mass
+                out[z - start, c, y, x] = total[c] / mass

@@ -40,6 +40,7 @@ from ..weights import COLORIZER_DEFAULT, load_colorizer
 from ..windowing import Window, parse_window, window, window_tensor
 from . import anatomy as _anatomy
 from .device import resolve_device
+from .fused import top_classes
 from .steps import Cancel, Progress, Steps, offset_steps, run_steps
 
 _AIR_HU = -1024.0
@@ -370,7 +371,12 @@ def iter_predict_chroma(
                 x = prepare_input(small[neighbours[start:stop] - lo], config)
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
-                indices, values = _compact(net(x).float().softmax(dim=1))
+                logits = net(x).float()
+                if device.type == "cpu":  # one numba pass from the logits (`fused.top_classes`)
+                    found = top_classes(logits.numpy(), k, torch.get_num_threads())
+                    indices, values = torch.from_numpy(found[0]), torch.from_numpy(found[1])
+                else:
+                    indices, values = _compact(logits.softmax(dim=1))
             top[start:stop], prob[start:stop] = indices.cpu(), values.cpu()
             yield stop, z
     else:
@@ -396,9 +402,9 @@ _ANATOMY_CHUNK = 32
 def _make_consistent(
     top: torch.Tensor, prob: torch.Tensor, small_hu: torch.Tensor, classes: tuple[str, ...], volume: Volume, factor: int
 ) -> None:
-    """`anatomy`'s steps on the kept classes (`TOP_K` per pixel), in place, chunk by chunk (with a halo of
-    neighbour slices for the z smoothing): smoothed along z, restricted to the body region, named by tissue where
-    unsure."""
+    """`anatomy`'s steps on the kept classes (`TOP_K` per pixel), in place, chunk by chunk (the z smoothing reads
+    each chunk's neighbours from a copy of the network's output): smoothed along z, restricted to the body region,
+    named by tissue where unsure."""
     spacing_z, pixel_y, pixel_x = volume.spacing
     region = _anatomy.body_region(
         small_hu.numpy(),
@@ -407,19 +413,16 @@ def _make_consistent(
     )
     allowed = region.allowed(classes)
     kernel = _anatomy.z_smoothing_kernel(spacing_z) if volume.shape[0] > 1 else None
-    radius = 0 if kernel is None else len(kernel) // 2
     z = top.shape[0]
     source_top, source_prob = top.clone(), prob.clone()  # uint8: the chunks below read their neighbours' originals
     for start in range(0, z, _ANATOMY_CHUNK):
         stop = min(z, start + _ANATOMY_CHUNK)
-        rows = torch.arange(start - radius, stop + radius).clamp(0, z - 1)  # edge slices repeated
-        chunk_top, chunk_prob = source_top[rows].long(), source_prob[rows].float().div_(255.0)
         if kernel is not None:
-            chunk_prob = _anatomy.smooth_along_z(chunk_top, chunk_prob, small_hu[rows], kernel)
+            chunk_prob = _anatomy.smooth_along_z(source_top, source_prob, small_hu, kernel, start, stop)
         else:
-            chunk_prob = chunk_prob[radius : len(rows) - radius]
+            chunk_prob = source_prob[start:stop].float().div_(255.0)
         chunk_top, chunk_prob = _anatomy.consistent_top(
-            chunk_top[radius : len(rows) - radius], chunk_prob, small_hu[start:stop], classes, allowed[start:stop]
+            source_top[start:stop].long(), chunk_prob, small_hu[start:stop], classes, allowed[start:stop]
         )
         top[start:stop], prob[start:stop] = chunk_top.to(torch.uint8), _quantise(chunk_prob)
 

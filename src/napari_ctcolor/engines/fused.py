@@ -1,4 +1,5 @@
-"""Guided upsampling and the luminance-exact composition in one pass per voxel (numba, CPU).
+"""The colorize engine's numba kernels (CPU): guided upsampling and the luminance-exact composition in one pass per
+voxel (`upsample_compose`), and the network's most probable classes straight from its logits (`top_classes`).
 
 `colorize.upsample_chroma` followed by `color.compose_rgb` makes about ten full-resolution float32 temporaries per
 slice (weights, a*, b*, grey, linear RGB, quantisation indices), each written and read back from memory: on two cores
@@ -29,7 +30,7 @@ import numpy as np
 
 from ..color import compose_tables
 
-__all__ = ["upsample_compose"]
+__all__ = ["LIKENESS_STEP_HU", "likeness_table", "top_classes", "upsample_compose", "use_threads"]
 
 
 @numba.njit(inline="always")
@@ -112,7 +113,7 @@ def _kernel(hu, ab_pad, guide_pad, spatial, offset, factor, likeness, clip, air,
     slope = np.empty_like(likeness)
     slope[:-1] = likeness[1:] - likeness[:-1]
     slope[-1] = 0
-    per_hu = np.float32(1.0 / _LIKENESS_STEP_HU)
+    per_hu = np.float32(1.0 / LIKENESS_STEP_HU)
     for job in numba.prange(n * height):
         s, y = job // height, job % height
         py = y + top
@@ -151,15 +152,21 @@ def _kernel(hu, ab_pad, guide_pad, spatial, offset, factor, likeness, clip, air,
             _srgb(level, total_a / weight_sum * fade, total_b / weight_sum * fade, out[s, y, x], tables)
 
 
+def use_threads(threads: int) -> None:
+    """Run this thread's numba kernels on ``threads`` threads (torch's count: one per core, or one per batch worker),
+    capped by numba's pool."""
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+
+
 #: Step (HU) of the likeness table: exp(-d² / 2 sigma²) interpolated linearly between steps of 0.25 HU differs from
 #: the exact value by at most step² / 8 / sigma² (5e-6 for sigma 35 HU); beyond 8 sigma it is 0 (exactly, < 1e-13).
-_LIKENESS_STEP_HU = 0.25
+LIKENESS_STEP_HU = 0.25
 
 
-def _likeness_table(sigma_hu: float) -> np.ndarray:
+def likeness_table(sigma_hu: float) -> np.ndarray:
     """exp(-d² / 2 sigma²) for d = 0, 0.25, ... 8 sigma HU, and a final 0 (float32): one lookup per neighbour instead
     of an exp (scalar exp dominated the kernel)."""
-    d = np.arange(0.0, 8.0 * sigma_hu, _LIKENESS_STEP_HU)
+    d = np.arange(0.0, 8.0 * sigma_hu, LIKENESS_STEP_HU)
     return np.append(np.exp(-0.5 * (d / sigma_hu) ** 2), 0.0).astype(np.float32)
 
 
@@ -221,7 +228,7 @@ def upsample_compose(
         threads: threads for the rows.
     """
     f32 = np.float32
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    use_threads(threads)
     tables = _numba_tables()
     centre, width = window
     _kernel(
@@ -231,7 +238,7 @@ def upsample_compose(
         np.ascontiguousarray(spatial, dtype=f32),
         (int(offset[0]), int(offset[1])),
         int(factor),
-        _likeness_table(sigma_hu),
+        likeness_table(sigma_hu),
         (f32(clip_hu[0]), f32(clip_hu[1])),
         (f32(air[0]), f32(air[1])),
         (f32(centre - width / 2), f32(1.0 / width)),
@@ -240,3 +247,51 @@ def upsample_compose(
         _grey_table(),
         out,
     )
+
+
+def top_classes(logits: np.ndarray, k: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most probable classes of each pixel from the network's (n, K, h, w) float32 logits, in one pass:
+    (n, k, h, w) uint8 class indices, most probable first, and uint8 probabilities x 255 renormalised over those k.
+
+    The softmax over all K classes followed by the top k and their renormalisation equals the softmax over the k
+    largest logits (the normaliser cancels), so neither the full softmax nor torch's topk across the strided class
+    axis (as costly as the network's last layers) is computed.
+    """
+    use_threads(threads)
+    n, _, height, width = logits.shape
+    top = np.empty((n, k, height, width), dtype=np.uint8)
+    prob = np.empty((n, k, height, width), dtype=np.uint8)
+    _top_classes(np.ascontiguousarray(logits, dtype=np.float32), top, prob)
+    return top, prob
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _top_classes(logits, top, prob):
+    n, classes, height, width = logits.shape
+    k = top.shape[1]
+    for job in numba.prange(n * height):
+        s, y = job // height, job % height
+        best = np.empty(k, dtype=np.float32)
+        index = np.empty(k, dtype=np.int64)
+        for x in range(width):
+            for j in range(k):
+                best[j] = -np.inf
+                index[j] = 0
+            for c in range(classes):  # insertion into the sorted k best; the first of equal logits stays first
+                value = logits[s, c, y, x]
+                if value > best[k - 1]:
+                    j = k - 1
+                    while j > 0 and value > best[j - 1]:
+                        best[j] = best[j - 1]
+                        index[j] = index[j - 1]
+                        j -= 1
+                    best[j] = value
+                    index[j] = c
+            largest = best[0]
+            total = np.float32(0.0)
+            for j in range(k):
+                best[j] = np.float32(math.exp(best[j] - largest))
+                total += best[j]
+            for j in range(k):
+                top[s, j, y, x] = index[j]
+                prob[s, j, y, x] = np.uint8(round(best[j] / total * np.float32(255.0)))
