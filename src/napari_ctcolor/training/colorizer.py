@@ -1,6 +1,9 @@
 """Training the colorizers: data from phantoms (all contrast phases) and real labelled CT, cross-entropy against soft
 colour-class targets (each network pixel's area share of every class), so the palette stays free at inference.
 
+Real CT without labels (``real_partial``) trains through partial labels derived from its HU (`training.partial`):
+pixels without a derived label have weight 0, so they carry no loss.
+
 Pixels are weighted so that small structures count: every labelled structure gets a weight that grows as its size
 shrinks (square root of median size / size, clipped to 0.5..4), unlabelled tissue 1. Without it the model learned
 the large red-brown soft tissue and painted vertebrae and ribs reddish (bone hue on only ~40 % of bone voxels).
@@ -55,6 +58,7 @@ class TrainConfig:
     crop: int = 64  # training crop at the network's resolution (pixels); for 3D also `crop_slices`
     crop_slices: int = 16
     real_weight: float = 1.0  # sampling weight of a real CT's slices relative to a phantom's
+    partial_weight: float = 1.0  # the same for a `real_partial` CT's slices
     limbs: float = 0.0  # share of 2D samples given a synthetic limb in their air (`Sampler._add_limb`)
     elastic: float = 0.0  # share of 2D samples elastically deformed, rotated and scaled (`Sampler._deform`)
     lr: float = 2e-3
@@ -62,7 +66,9 @@ class TrainConfig:
     checkpoint_every: int = 250
     phantoms: dict[str, Any] = field(default_factory=dict)
     real_train: list[list[str]] = field(default_factory=list)
+    real_partial: list[list[str]] = field(default_factory=list)  # [ct, derivation] (training.partial.DERIVATIONS)
     real_val: list[list[str]] = field(default_factory=list)
+    tissue_val: list[str] = field(default_factory=list)  # unlabelled CTs validated by `evaluate.tissue_metrics`
     val_phantoms: dict[str, Any] = field(default_factory=dict)
     command: str = ""
 
@@ -120,6 +126,23 @@ def contrast_flags(pairs: list[list[str]]) -> list[bool]:
     return [len(entry) == 3 for entry in pairs]
 
 
+def partial_cases(entries: list[list[str]], config: ColorizerConfig) -> list[Reduced]:
+    """The ``real_partial`` entries ``[[ct, derivation], ...]`` at the network's resolution, their labels derived from
+    the HU by `training.partial.partial_class_map`."""
+    from ..io import read_volume
+    from .partial import partial_class_map
+
+    data = shared_data_dir()
+    out = []
+    for entry in entries:
+        if len(entry) != 2:
+            raise InputError(f"a real_partial entry is [ct, derivation], got {entry}")
+        ct = read_volume(data / "ct" / entry[0])
+        classes = partial_class_map(ct, entry[1], config.classes)
+        out.append(reduce_classes(entry[0].split(".")[0], ct.array, ct.spacing, classes, config, partial=True))
+    return out
+
+
 @dataclass
 class Reduced:
     """A case at the network's resolution: HU (Z, h, w) float32, soft class targets (Z, K, h, w) uint8 (area
@@ -132,32 +155,50 @@ class Reduced:
     weight: torch.Tensor
     enhance: bool = False
     real: bool = False  # a real CT: sampled `TrainConfig.real_weight` times as often as a phantom
+    partial: bool = False  # labels derived from HU: sampled `TrainConfig.partial_weight` times as often
 
 
 def class_weights(class_map: np.ndarray, n_classes: int) -> np.ndarray:
     """Per-voxel loss weight: sqrt(median class size / class size) clipped to 0.5..4, so that small structures
-    (adrenals, vessels) count without drowning the large ones."""
-    counts = np.bincount(class_map.ravel(), minlength=n_classes)
+    (adrenals, vessels) count without drowning the large ones; 0 for voxels without a class (index >= n_classes,
+    `partial.IGNORE`)."""
+    counts = np.bincount(class_map.ravel(), minlength=n_classes)[:n_classes]
     present = np.flatnonzero(counts)
-    table = np.ones(n_classes, np.float32)
+    table = np.zeros(max(n_classes, int(class_map.max()) + 1), np.float32)
+    table[:n_classes] = 1.0
     table[present] = np.clip(np.sqrt(np.median(counts[present]) / counts[present]), 0.5, 4.0)
     return table[class_map]
 
 
 def reduce_case(case: LabelledCT, config: ColorizerConfig, enhance: bool = False, real: bool = False) -> Reduced:
-    factor = config.factor_for(float(np.mean(case.ct.spacing[1:])))
     classes = class_targets(case.ct.array, case.labels, case.label_names, config.classes)
-    z, h, w = case.ct.shape
+    return reduce_classes(case.name, case.ct.array, case.ct.spacing, classes, config, enhance, real)
+
+
+def reduce_classes(
+    name: str,
+    hu_full: np.ndarray,
+    spacing: tuple[float, float, float],
+    classes: np.ndarray,
+    config: ColorizerConfig,
+    enhance: bool = False,
+    real: bool = False,
+    partial: bool = False,
+) -> Reduced:
+    """A CT (HU, spacing) and its voxels' class indices into ``config.classes`` (any larger index: no class, no loss)
+    at the network's resolution."""
+    factor = config.factor_for(float(np.mean(spacing[1:])))
+    z, h, w = hu_full.shape
     h2, w2 = h - h % factor, w - w % factor  # area reduction needs whole blocks; the cut edge is air
     classes = classes[:, :h2, :w2]
-    hu = downsample_hu(torch.from_numpy(case.ct.array[:, :h2, :w2].astype(np.float32)), factor)
+    hu = downsample_hu(torch.from_numpy(hu_full[:, :h2, :w2].astype(np.float32)), factor)
     target = torch.empty((z, len(config.classes), h2 // factor, w2 // factor), dtype=torch.uint8)
     class_t = torch.from_numpy(classes)
     for k in range(len(config.classes)):
         share = downsample_hu((class_t == k).float(), factor)
         target[:, k] = (share * 255.0).round_().to(torch.uint8)
     weight = downsample_hu(torch.from_numpy(class_weights(classes, len(config.classes))), factor)
-    return Reduced(case.name, hu, target, weight, enhance, real)
+    return Reduced(name, hu, target, weight, enhance, real, partial)
 
 
 #: Synthetic contrast enhancement of a non-contrast CT (HU added per colour class, drawn uniformly), so that the
@@ -202,7 +243,9 @@ class Sampler:
         self.cases, self.config, self.train = cases, config, train
         self.rng = np.random.default_rng(seed)
         sizes = np.array([c.hu.shape[0] for c in cases], dtype=np.float64)
-        weights = np.array([float(train.real_weight) if c.real else 1.0 for c in cases])
+        weights = np.array(
+            [float(train.real_weight) if c.real else float(train.partial_weight) if c.partial else 1.0 for c in cases]
+        )
         self.p = sizes * weights / (sizes * weights).sum()
         self.index = {name: k for k, name in enumerate(config.classes)}
         self.deform = None
@@ -370,6 +413,8 @@ def train_colorizer(
         reduce_case(c, config, enhance=not contrast, real=True)
         for c, contrast in zip(real, contrast_flags(train.real_train), strict=True)
     ]
+    partial = partial_cases(train.real_partial, config)
+    reduced += partial
     log(f"training data: {len(reduced)} cases, {sum(r.hu.shape[0] for r in reduced)} slices ({time.time() - t0:.0f} s)")
     sampler = Sampler(reduced, config, train, train.seed)
 
@@ -423,7 +468,7 @@ def train_colorizer(
         "final_loss": float(np.mean(losses[-100:])),
         "data_seconds": round(t_loop - t0, 1),
         "train_seconds": round(seconds_before + time.time() - t_loop, 1),
-        "train_cases": [c.name for c in cases],
+        "train_cases": [c.name for c in cases] + [f"{p.name} (partial labels)" for p in partial],
         "device": str(device),
     }
     return copy.deepcopy(model).cpu(), train, facts
@@ -432,20 +477,41 @@ def train_colorizer(
 CITATIONS = {
     "totalsegmentator": "Wasserthal J. et al., TotalSegmentator: Robust Segmentation of 104 Anatomic Structures in CT "
     "Images, Radiology: Artificial Intelligence 2023 (example data, CC BY 4.0 / Apache-2.0)",
+    "chest_popi": "chest-popi-2mm: POPI-model 4D CT (Vandemeulebroucke J. et al., The POPI-model, a point-validated "
+    "pixel-based breathing thorax model, ICCR 2007), one phase as shipped with ITKElastix's examples (Apache-2.0); "
+    "unlabelled, trained through HU-derived partial labels",
+    "chest_lung": "chest-lung1-5mm, chest-lung2-5mm: pyradiomics example data (van Griethuysen J.J.M. et al., Cancer "
+    "Research 2017; BSD-3-Clause, Harvard Medical School); unlabelled (lung2 trained through HU-derived partial "
+    "labels, lung1 held out)",
     "phantom": "napari_ctcolor.phantom procedural torso phantoms (this project), contrast phases from "
     "CONTRAST_PHASES in napari_ctcolor.training.colorizer",
 }
 
 
 def evaluate_all(model: Colorizer, train: TrainConfig, log=print) -> dict[str, Any]:
-    """Metrics on the held-out real CTs and held-out phantoms (seeds never used in training)."""
-    from .evaluate import evaluate_case, summarise
+    """Metrics on the validation real CTs (``real_val``; a CT that is also in ``real_train`` is reported but not held
+    out), the unlabelled ones (``tissue_val``: `evaluate.tissue_metrics`) and held-out phantoms (seeds never used in
+    training)."""
+    from ..io import read_volume
+    from .evaluate import evaluate_case, evaluate_tissues, summarise
 
     results: dict[str, Any] = {}
+    trained = {entry[0] for entry in train.real_train}
+    if train.tissue_val:
+        data = shared_data_dir()
+        per_ct = []
+        for name in train.tissue_val:
+            per_ct.append(
+                {"case": name.split(".")[0], "tissues": evaluate_tissues(model, read_volume(data / "ct" / name))}
+            )
+            log(f"  {name}: {json.dumps(per_ct[-1])}")
+        results["tissue_val"] = {"cases": per_ct}
     for group, cases in [("real_val", real_cases(train.real_val)), ("phantom_val", phantom_cases(train.val_phantoms))]:
         per_case = []
         for case in cases:
             per_case.append(evaluate_case(model, case))
+            if group == "real_val":
+                per_case[-1]["trained_on"] = any(case.name == name.split(".")[0] for name in trained)
             log(f"  {case.name}: {json.dumps(per_case[-1])}")
         if per_case:
             results[group] = {"summary": summarise(per_case), "cases": per_case}
@@ -484,10 +550,14 @@ def model_card(model: Colorizer, train: TrainConfig, config_path: Path, facts: d
         },
         "metrics": metrics,
         "limits": [
-            "Trained on procedural phantoms and one real labelled patient (lower chest to pelvis, non-contrast, "
-            "with synthetic contrast phases); its classes are that patient's anatomy. Anatomy outside them (head, "
-            "neck, limbs) mostly falls back to the HU tissue classes but can take an organ class in places "
-            "(tests/test_colorizer_shipped.py measures it on a synthetic thigh and on pydicom's CT_small).",
+            f"Trained on procedural phantoms, {len(train.real_train)} real labelled patient(s) "
+            f"({', '.join(entry[0] for entry in train.real_train) or 'none'}; non-contrast ones also with synthetic "
+            f"contrast phases) and {len(train.real_partial)} unlabelled chest CT(s) with partial labels derived from "
+            f"their HU ({', '.join(entry[0] for entry in train.real_partial) or 'none'}: lung, airways, bone, fat, "
+            "chest-wall muscle; napari_ctcolor.training.partial). Its structure classes are the labelled patients' "
+            "anatomy. Anatomy outside them (head, neck, limbs) mostly falls back to the HU tissue classes but can "
+            "take an organ class in places (tests/test_colorizer_shipped.py measures it on a synthetic thigh and on "
+            "pydicom's CT_small).",
             "Colour is a visual aid, not a segmentation: the most probable class names what a colour stands for, "
             "and it can be wrong where anatomy is unusual (post-surgical, large tumours, implants).",
             "Left and right, vertebral levels, rib numbers and lung lobes are joined into one colour class each.",

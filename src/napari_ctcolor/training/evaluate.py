@@ -17,7 +17,8 @@ Metrics per case and palette:
 - ``max_abs_dL``: the largest |L*(output) - L*(windowed grey)| (8-bit rounding bounds it at about 0.27).
 
 And, once per case, ``classes`` (`class_metrics`): how the most probable class names the labelled structures; and
-``tissues`` (`tissue_metrics`): bone ivory, lung and fat hues, abdominal organs named above the diaphragm.
+``tissues`` (`tissue_metrics`): bone ivory, lung and fat hues, abdominal organs named above the diaphragm, dense
+voxels named contrast blood.
 """
 
 from __future__ import annotations
@@ -99,6 +100,17 @@ def evaluate_case(
     result["classes"] = class_metrics(case, labels, chroma.classes)
     result["tissues"] = tissue_metrics(case.ct, labels, chroma.classes, render)
     return result
+
+
+def evaluate_tissues(model: Colorizer, ct) -> dict[str, Any]:
+    """`tissue_metrics` of an unlabelled CT through the production path (the network once, composed per window)."""
+    with torch.no_grad():
+        chroma = predict_chroma(ct, model, device="cpu")
+
+    def render(win: tuple[float, float] | str, palette: str) -> np.ndarray:
+        return compose_chroma(ct, chroma, win, 1.0, "cpu", palette).rgb
+
+    return tissue_metrics(ct, chroma.most_probable(ct.shape), chroma.classes, render)
 
 
 def group_windows(case: LabelledCT) -> dict[str, tuple[float, float]]:
@@ -234,6 +246,8 @@ def class_metrics(case: LabelledCT, labels: np.ndarray, classes: Sequence[str]) 
 #: Bone ivory (`tissue_metrics`): bone voxels (HU >= BONE_HU) that the bone window shows between 40 % and 85 % grey
 #: must have a hue in IVORY_HUE_DEG and C* >= IVORY_MIN_CHROMA under the anatomical palette.
 BONE_HU, IVORY_HUE_DEG, IVORY_MIN_CHROMA, IVORY_GREY = 300.0, (60.0, 110.0), 8.0, (0.40, 0.85)
+#: HU above which `tissue_metrics` checks that voxels are not named contrast blood (bone on non-contrast CT).
+DENSE_HU = 250.0
 #: HU of lung parenchyma and of fat for `tissue_metrics` (inner voxels only).
 LUNG_HU, FAT_HU = (-900.0, -600.0), (-150.0, -60.0)
 #: Abdominal organs that must not be named in the chest (`tissue_metrics`).
@@ -255,7 +269,9 @@ def tissue_metrics(ct, labels: np.ndarray, classes: Sequence[str], render: Rende
     """What the HU alone can check, on any CT (labelled or not): under the anatomical palette, the share of bone
     shown ivory (`BONE_HU`, `IVORY_HUE_DEG`) and of lung and fat within 25 degrees of their palette hues; and the
     share of body voxels above the diaphragm (aerated lung below them in their column) whose most probable class
-    (``labels`` as `class_metrics`) is an abdominal organ."""
+    (``labels`` as `class_metrics`) is an abdominal organ; and ``dense_contrast_blood``, the share of inner voxels
+    above `DENSE_HU` named contrast blood: on non-contrast CT they are all bone (on contrast CT they include the
+    enhanced blood, which is right there)."""
     hu = np.asarray(ct.array, dtype=np.float32)
     palette = load_palette("anatomical")
     out: dict[str, Any] = {}
@@ -280,6 +296,11 @@ def tissue_metrics(ct, labels: np.ndarray, classes: Sequence[str], render: Rende
         target = palette.class_ab([name])
         close = _hue_diff(_hue(lab[:, 1:]), _hue(target)) <= HUE_TOLERANCE_DEG
         out[f"{name}_hue"] = round(float((close & (np.hypot(lab[:, 1], lab[:, 2]) >= MIN_CHROMA)).mean()), 3)
+    dense = _inner(hu > DENSE_HU)
+    blood = [k + 1 for k, c in enumerate(classes) if c == "contrast_blood"]
+    out["dense_contrast_blood"] = (
+        round(float(np.isin(labels[dense], blood).mean()), 4) if dense.sum() >= MIN_GROUP_VOXELS else None
+    )
     chest = _lung_below(hu, float(np.asarray(ct.direction)[2, 2])) & (hu >= AIR_HU)
     abdominal = [k + 1 for k, c in enumerate(classes) if c in ABDOMINAL]
     out["abdominal_above_diaphragm"] = (
@@ -291,7 +312,7 @@ def tissue_metrics(ct, labels: np.ndarray, classes: Sequence[str], render: Rende
 def summarise(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per palette: means over cases of each metric (groups absent from a case are skipped); worst dL* and air C*."""
     summary: dict[str, Any] = {}
-    palettes = [k for k in results[0] if k not in ("case", "classes", "tissues")]
+    palettes = [k for k in results[0] if k in PALETTE_NAMES]
     for palette in palettes:
         rows = [r[palette] for r in results]
         groups = {}

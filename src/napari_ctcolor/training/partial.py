@@ -1,0 +1,185 @@
+"""Partial labels derived from HU and simple anatomy, for real CT that nobody labelled (the shared chest CTs).
+
+A derivation gives some voxels a tissue colour class and leaves the rest without one (`IGNORE`): those carry no loss
+in training. Derivation ``chest_non_contrast`` (`derive_chest`), for a non-contrast chest CT, axial slices, direction
+with +z superior or inferior:
+
+- body: the largest 3D component of HU > -500 after an in-plane opening (detaches the table), holes filled per slice.
+  Outside it, every voxel takes its HU tissue class (`targets.tissue_class_index`), as the labelled patients' do.
+- airways (class ``air``): the 3D component of air inside the body that holds the trachea, found in the most
+  superior slice as the largest air section of 40-700 mm² within the middle third of the body's width, at the
+  first air threshold of `AIRWAY_HU` at which that component reaches at least `AIRWAY_MIN_MM` down without exceeding
+  `AIRWAY_MAX_ML` (a leak into lung); none found: no airway labels.
+- lung parenchyma (class ``lung``): 3D components of HU < -400 inside the body, not airway, of at least 50 mL and
+  median HU between -950 and -600 (stomach and bowel gas are below -950), closed in-plane (radius 3 pixels) so that
+  the small vessels inside are lung, as they are in TotalSegmentator's lobes.
+- bone (class ``bone``): HU >= `BONE_SEED_HU` inside the body (no soft tissue, blood or organ of a non-contrast CT
+  reaches 200 HU: muscle, liver and blood stay below 80; cortical bone is 700-1900 HU, adult cancellous bone
+  150-400), components under 0.3 mL dropped (vessel-wall and coronary calcifications), closed in-plane, holes filled
+  per slice where HU > 100 (the cancellous marrow inside the cortex, not the spinal canal's cord at ~30 HU). Other
+  voxels above 200 HU get no label.
+- fat (class ``fat``): HU -190..-30 (adipose tissue, the range of body-composition CT studies) inside the body, not
+  lung, airway or bone, nor within 2 pixels of air or lung (partial volume of their edges falls in the fat range),
+  opened in-plane (single noisy voxels).
+- muscle (class ``soft_tissue``, the tissue class the labelled patients' unnamed muscles take): HU -29..150 (skeletal
+  muscle, same studies) in slices whose lung section is at least 30 % of the largest, more than 10 mm outside the
+  convex hull of the lungs (not mediastinum, heart, great vessels, liver dome), not within one pixel of bone, and not
+  in the paraspinal box (posterior to the lungs' centre, within 80 mm of the body's midline: the autochthonous back
+  muscles, which the model names). Opened in-plane.
+
+Everything else (mediastinum, heart, vessels, abdominal organs below the diaphragm, calcifications) gets no label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+from skimage.morphology import convex_hull_image, disk
+
+from ..errors import InputError
+from ..io import Volume
+from .targets import TISSUE_CLASSES, tissue_class_index
+
+#: Class index of a voxel without a derived label: it carries no loss.
+IGNORE = 255
+#: HU above which a non-contrast CT shows only bone (and calcifications, removed by size): see the module docstring.
+BONE_SEED_HU = 200.0
+BONE_MIN_ML = 0.3
+#: Airway thresholds, tried in turn on the HU (the first) and on the HU smoothed 1 mm in-plane (all): the first whose
+#: trachea component reaches `AIRWAY_MIN_MM` down from the top slice without exceeding `AIRWAY_MAX_ML` (a leak into the
+#: lung) is kept. Noise lifts much of the trachea's lumen from -1000 to about -920 HU (chest-popi: fragments at -950,
+#: smoothing joins them); smoothing narrows a small glottis (chest-lung1, 5 mm slices: only the raw HU connect it).
+#: Lung parenchyma is -700 to -880.
+AIRWAY_HU = (-950.0, -925.0, -900.0)
+AIRWAY_MIN_MM = 50.0
+AIRWAY_MAX_ML = 300.0
+FAT_HU = (-190.0, -30.0)
+MUSCLE_HU = (-29.0, 150.0)
+#: Derived mask -> the colour class it trains.
+MASK_CLASSES = {"airway": "air", "lung": "lung", "bone": "bone", "fat": "fat", "muscle": "soft_tissue"}
+
+
+def _per_slice(fn, mask: np.ndarray) -> np.ndarray:
+    return np.stack([fn(s) for s in mask])
+
+
+def _ml(voxels: int, spacing: Sequence[float]) -> float:
+    return voxels * float(np.prod(spacing)) / 1000.0
+
+
+def _body(hu: np.ndarray) -> np.ndarray:
+    tissue = ndimage.binary_opening(hu > -500.0, structure=np.ones((1, 5, 5), bool))
+    components, n = ndimage.label(tissue)
+    if n == 0:
+        raise InputError("no body in the CT (nothing above -500 HU)")
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return _per_slice(ndimage.binary_fill_holes, components == int(sizes.argmax()))
+
+
+def _airways(hu: np.ndarray, body: np.ndarray, spacing: Sequence[float], superior: int) -> np.ndarray:
+    """The air connected to the trachea (empty when no trachea is found in the most superior slice)."""
+    pixel_mm2 = spacing[1] * spacing[2]
+    smooth = ndimage.gaussian_filter(hu, (0.0, 1.0 / spacing[1], 1.0 / spacing[2]))  # noise: 1 mm in-plane
+    for image, threshold in ((hu, AIRWAY_HU[0]), *((smooth, t) for t in AIRWAY_HU)):
+        air = (image < threshold) & body
+        top, n = ndimage.label(air[superior])
+        cols = np.flatnonzero(body[superior].any(axis=0))
+        if n == 0 or cols.size == 0:
+            continue
+        third = (cols[-1] - cols[0]) / 3.0
+        best, best_area = 0, 0.0
+        for k, (sy, sx) in enumerate(ndimage.find_objects(top), start=1):
+            area = float((top[sy, sx] == k).sum()) * pixel_mm2
+            centre_x = (sx.start + sx.stop) / 2.0
+            if 40.0 <= area <= 700.0 and cols[0] + third <= centre_x <= cols[-1] - third and area > best_area:
+                best, best_area = k, area
+        if not best:
+            continue
+        components, _ = ndimage.label(air)
+        airway = components == components[superior][top == best][0]
+        length_mm = np.count_nonzero(airway.any(axis=(1, 2))) * spacing[0]
+        if length_mm >= AIRWAY_MIN_MM and _ml(int(airway.sum()), spacing) <= AIRWAY_MAX_ML:
+            return airway
+    return np.zeros_like(body)
+
+
+def _lungs(hu: np.ndarray, body: np.ndarray, airway: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    near_airway = ndimage.binary_dilation(airway, iterations=1)
+    components, n = ndimage.label((hu < -400.0) & body & ~near_airway)
+    lung = np.zeros_like(body)
+    if n == 0:
+        return lung
+    sizes = np.bincount(components.ravel())
+    for k in np.flatnonzero(sizes):
+        if k == 0 or _ml(int(sizes[k]), spacing) < 50.0:
+            continue
+        median = float(np.median(hu[components == k]))
+        if -950.0 < median < -600.0:
+            lung |= components == k
+    return ndimage.binary_closing(lung, structure=disk(3)[None]) & body
+
+
+def derive_chest(ct: Volume) -> dict[str, np.ndarray]:
+    """The derived masks of a non-contrast chest CT (module docstring): ``body``, ``airway``, ``lung``, ``bone``,
+    ``fat``, ``muscle``, each (Z, Y, X) bool; the last five do not overlap."""
+    hu = np.asarray(ct.array, dtype=np.float32)
+    spacing = tuple(float(s) for s in ct.spacing)
+    superior = -1 if float(np.asarray(ct.direction)[2, 2]) > 0 else 0
+    body = _body(hu)
+    airway = _airways(hu, body, spacing, superior)
+    lung = _lungs(hu, body, airway, spacing) & ~airway
+
+    seed = (hu >= BONE_SEED_HU) & body
+    components, _ = ndimage.label(seed)
+    sizes = np.bincount(components.ravel())
+    keep = sizes * np.prod(spacing) / 1000.0 >= BONE_MIN_ML
+    keep[0] = False
+    bone = ndimage.binary_closing(keep[components], structure=disk(1)[None])
+    bone = (bone | _per_slice(ndimage.binary_fill_holes, bone)) & (hu > 100.0) & body & ~lung & ~airway
+
+    edge = ndimage.binary_dilation((hu < -400.0) | lung | airway, structure=disk(2)[None])
+    fat = (hu >= FAT_HU[0]) & (hu <= FAT_HU[1]) & body & ~edge & ~bone
+    fat = ndimage.binary_opening(fat, structure=disk(1)[None])
+
+    muscle = np.zeros_like(body)
+    lung_area = lung.sum(axis=(1, 2))
+    if lung_area.max() > 0:
+        pixel_mm = (spacing[1], spacing[2])
+        near_bone = ndimage.binary_dilation(bone, structure=disk(1)[None])
+        soft = (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1]) & body & ~near_bone
+        yy, xx = np.mgrid[: hu.shape[1], : hu.shape[2]]
+        for z in np.flatnonzero(lung_area >= 0.3 * lung_area.max()):
+            hull = convex_hull_image(lung[z])
+            outside = ndimage.distance_transform_edt(~hull, sampling=pixel_mm) > 10.0
+            mid_x = float(xx[body[z]].mean())
+            lung_y = float(yy[lung[z]].mean())
+            posterior = (yy > lung_y) if float(np.asarray(ct.direction)[1, 1]) > 0 else (yy < lung_y)
+            paraspinal = posterior & (np.abs(xx - mid_x) * spacing[2] < 80.0)
+            muscle[z] = soft[z] & outside & ~paraspinal
+        muscle = ndimage.binary_opening(muscle, structure=disk(1)[None])
+    return {"body": body, "airway": airway, "lung": lung, "bone": bone, "fat": fat, "muscle": muscle}
+
+
+#: Derivation name (the second item of a ``real_partial`` config entry) -> function.
+DERIVATIONS = {"chest_non_contrast": derive_chest}
+
+
+def partial_class_map(ct: Volume, derivation: str, classes: Sequence[str]) -> np.ndarray:
+    """(Z, Y, X) uint8 index into ``classes`` of each voxel's derived colour class, `IGNORE` where none is derived.
+
+    Outside the body a voxel takes its HU tissue class; inside, a derived mask's class (`MASK_CLASSES`).
+    """
+    if derivation not in DERIVATIONS:
+        raise InputError(f"unknown label derivation {derivation!r}; known: {', '.join(DERIVATIONS)}")
+    masks = DERIVATIONS[derivation](ct)
+    index = {name: k for k, name in enumerate(classes)}
+    tissue_lut = np.asarray([index[t] for t in TISSUE_CLASSES], dtype=np.uint8)
+    out = np.full(ct.shape, IGNORE, dtype=np.uint8)
+    outside = ~masks["body"]
+    out[outside] = tissue_lut[tissue_class_index(np.asarray(ct.array)[outside])]
+    for name, cls in MASK_CLASSES.items():
+        out[masks[name]] = index[cls]
+    return out
