@@ -402,9 +402,10 @@ _ANATOMY_CHUNK = 32
 def _make_consistent(
     top: torch.Tensor, prob: torch.Tensor, small_hu: torch.Tensor, classes: tuple[str, ...], volume: Volume, factor: int
 ) -> None:
-    """`anatomy`'s steps on the kept classes (`TOP_K` per pixel), in place, chunk by chunk (the z smoothing reads
-    each chunk's neighbours from a copy of the network's output): smoothed along z, restricted to the body region,
-    named by tissue where unsure."""
+    """`anatomy`'s steps on the kept classes (`TOP_K` per pixel), in place, chunk by chunk: smoothed along z,
+    restricted to the body region, named by tissue where unsure. The z smoothing reads each chunk's neighbours as the
+    network gave them: the rows after the chunk are not yet rewritten, and the few before it were saved before the
+    previous chunk rewrote them (a copy of the whole output would add a quarter of the int16 CT's size)."""
     spacing_z, pixel_y, pixel_x = volume.spacing
     region = _anatomy.body_region(
         small_hu.numpy(),
@@ -413,17 +414,22 @@ def _make_consistent(
     )
     allowed = region.allowed(classes)
     kernel = _anatomy.z_smoothing_kernel(spacing_z) if volume.shape[0] > 1 else None
+    radius = 0 if kernel is None else len(kernel) // 2
     z = top.shape[0]
-    source_top, source_prob = top.clone(), prob.clone()  # uint8: the chunks below read their neighbours' originals
+    saved_top, saved_prob = top[:0], prob[:0]  # the original rows just before the chunk (rewritten by the last one)
     for start in range(0, z, _ANATOMY_CHUNK):
         stop = min(z, start + _ANATOMY_CHUNK)
-        if kernel is not None:
-            chunk_prob = _anatomy.smooth_along_z(source_top, source_prob, small_hu, kernel, start, stop)
+        lo, hi = max(0, start - radius), min(z, stop + radius)
+        block_top, block_prob = torch.cat([saved_top, top[start:hi]]), torch.cat([saved_prob, prob[start:hi]])
+        if kernel is not None:  # the block's ends are the volume's ends or a whole radius away: its clamping is right
+            chunk_prob = _anatomy.smooth_along_z(block_top, block_prob, small_hu[lo:hi], kernel, start - lo, stop - lo)
         else:
-            chunk_prob = source_prob[start:stop].float().div_(255.0)
+            chunk_prob = block_prob[start - lo : stop - lo].float().div_(255.0)
         chunk_top, chunk_prob = _anatomy.consistent_top(
-            source_top[start:stop].long(), chunk_prob, small_hu[start:stop], classes, allowed[start:stop]
+            block_top[start - lo : stop - lo].long(), chunk_prob, small_hu[start:stop], classes, allowed[start:stop]
         )
+        keep = slice(max(stop - radius, 0) - lo, stop - lo)
+        saved_top, saved_prob = block_top[keep].clone(), block_prob[keep].clone()
         top[start:stop], prob[start:stop] = chunk_top.to(torch.uint8), _quantise(chunk_prob)
 
 
