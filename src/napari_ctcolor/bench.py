@@ -806,7 +806,7 @@ _DESCRIPTIONS = (
         ("series",),
         "Series: a whole `ctcolor colorize FOLDER -o out.nii.gz` process (start-up, DICOM reading, network, "
         "composition, gzip NIfTI writing) on the shared 2 mm Philips chest CT resampled to 1 mm and written as an "
-        "uncompressed DICOM series of 282 slices of 512²; peak RSS of that process (ru_maxrss).",
+        "uncompressed DICOM series of 282 slices of 512²; peak RSS of that process (its VmHWM).",
     ),
     (
         ("register",),

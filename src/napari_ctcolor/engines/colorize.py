@@ -8,7 +8,8 @@ Two phases, so the UI can change palette, chroma strength or window without re-r
 2. `compose_chroma`: streams slice chunks: a*, b* = probability-weighted palette a*, b*; upsampled to full
    resolution guided by the full-resolution CT (`guided_upsample`), so colour stops at boundaries; no colour where
    HU < -900 (air); then the windowed CT's grey composed into sRGB with the exact luminance, written into one
-   preallocated uint8 array. Peak memory stays near input + output.
+   preallocated uint8 array (on the CPU both in one numba pass per voxel, `fused.upsample_compose`). Peak memory
+   stays near input + output.
 
 Each phase is written once, as a generator (`iter_predict_chroma`, `iter_compose_chroma`, `iter_colorize`) that
 yields ``(done, total)`` slices after every batch and *returns* its result. The plain functions drain these
