@@ -13,10 +13,18 @@ import yaml
 from napari_ctcolor.color import load_palette
 from napari_ctcolor.io import InputError
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig, context_indices, downsample_hu, prepare_input
-from napari_ctcolor.training.colorizer import contrast_flags, real_cases, train_colorizer
+from napari_ctcolor.training.colorizer import (
+    Sampler,
+    TrainConfig,
+    contrast_flags,
+    real_cases,
+    reduce_case,
+    train_colorizer,
+)
 from napari_ctcolor.training.targets import ab_targets, class_targets
 from napari_ctcolor.weights import find_weights, load_colorizer, save_weights
 from napari_ctcolor.windowing import window
+from conftest import DICOM_SERIES, require_shared
 from test_color import LUMINANCE_BOUND
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,3 +253,37 @@ def test_real_training_cases_marked_contrast_get_no_synthetic_enhancement_and_ba
     for bad in (["a.nii.gz"], ["a.nii.gz", "a-labels.nii.gz", "arterial"]):
         with pytest.raises(InputError, match="contrast"):
             real_cases([bad])
+
+
+def test_the_contrast_patient_is_also_drawn_unenhanced_with_its_anatomy_and_noise_unchanged():
+    """The labelled contrast patient (portal-venous aorta ~150 HU) also teaches a non-contrast aorta: half of its
+    samples have each blood pool and enhancing organ moved down to non-contrast HU; other tissue keeps its HU."""
+    require_shared(DICOM_SERIES)
+    train = TrainConfig.load(Path(__file__).resolve().parents[1] / "configs" / "colorizer_2d.yaml")
+    config = ColorizerConfig.from_dict(train.model)
+    case = reduce_case(
+        real_cases([["totalseg-abdomen-dicom", "totalseg-abdomen-dicom-labels.nii.gz", "contrast"]])[0],
+        config,
+        real=True,
+        contrast=True,
+    )
+    assert case.deenhance and not case.enhance
+    sampler = Sampler([case], config, train, seed=3)
+    aorta, fat = config.classes.index("aorta"), config.classes.index("fat")
+    z = int((case.target[:, aorta] > 200).sum(dim=(1, 2)).argmax())
+    hu, target = case.hu[z : z + 1], case.target[z : z + 1]
+    in_aorta, in_fat = target[0, aorta] > 200, target[0, fat] > 200
+    assert float(hu[0][in_aorta].mean()) > 120  # enhanced as scanned
+    aorta_means, fat_shift = [], []
+    for _ in range(40):
+        out = sampler._augment(hu, target, case)[0]
+        aorta_means.append(float(out[in_aorta].mean()))
+        fat_shift.append(float((out[in_fat] - hu[0][in_fat]).mean()))
+    aorta_means = np.array(aorta_means)
+    # De-enhanced draws: blood 35-50 HU, then gain (+-4 %), offset (sd 8 HU) and noise (<=12 HU sd, mean 0 over the
+    # aorta's pixels): within 35-50 +-30 HU. Enhanced draws stay above 120 HU.
+    low = aorta_means < 100
+    assert 8 <= low.sum() <= 32, aorta_means
+    assert np.all((aorta_means[low] > 5) & (aorta_means[low] < 80)), aorta_means[low]
+    assert np.all(aorta_means[~low] > 120), aorta_means[~low]
+    assert np.abs(fat_shift).max() < 40  # fat only gets the global gain, offset and noise

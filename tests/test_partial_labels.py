@@ -105,7 +105,7 @@ def test_voxels_without_a_derived_label_carry_no_loss():
     require_shared(CT_DIR / TRAINING_CHESTS[1])
     ct = read_volume(CT_DIR / TRAINING_CHESTS[1])
     config = ColorizerConfig.from_dict(
-        yaml.safe_load((REPO / "configs" / "colorizer_2d_chest.yaml").read_text())["model"]
+        yaml.safe_load((REPO / "configs" / "colorizer_2d.yaml").read_text())["model"]
     )
     classes = partial_class_map(ct, "chest_non_contrast", config.classes)
     assert 0.2 <= (classes == IGNORE).mean() <= 0.5  # the mediastinum, heart, vessels, abdomen (measured 0.31)
@@ -123,7 +123,7 @@ def test_training_command_derives_the_partial_labels_itself_and_validates_on_an_
     from test_cli import ctcolor
 
     require_shared(CT_DIR / "chest-lung1-5mm.nrrd")
-    config = yaml.safe_load((REPO / "configs" / "colorizer_2d_chest.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs" / "colorizer_2d.yaml").read_text())
     config.update(
         name="tiny-partial",
         steps=2,

@@ -69,6 +69,7 @@ class TrainConfig:
     real_partial: list[list[str]] = field(default_factory=list)  # [ct, derivation] (training.partial.DERIVATIONS)
     real_val: list[list[str]] = field(default_factory=list)
     tissue_val: list[str] = field(default_factory=list)  # unlabelled CTs validated by `evaluate.tissue_metrics`
+    leave_one_out: list[str] = field(default_factory=list)  # models of this recipe less one patient (`leave_one_out`)
     val_phantoms: dict[str, Any] = field(default_factory=dict)
     command: str = ""
 
@@ -146,14 +147,16 @@ def partial_cases(entries: list[list[str]], config: ColorizerConfig) -> list[Red
 @dataclass
 class Reduced:
     """A case at the network's resolution: HU (Z, h, w) float32, soft class targets (Z, K, h, w) uint8 (area
-    fraction x 255 of each colour class in the pixel), loss weights (Z, h, w) float32, and whether its HU may be
-    given synthetic contrast enhancement (real non-contrast CT)."""
+    fraction x 255 of each colour class in the pixel), loss weights (Z, h, w) float32, and which synthetic contrast
+    phase its HU may be given: enhancement for real non-contrast CT (`ENHANCEMENT`), the reverse for real contrast CT
+    (`DE_ENHANCEMENT`)."""
 
     name: str
     hu: torch.Tensor
     target: torch.Tensor
     weight: torch.Tensor
     enhance: bool = False
+    deenhance: bool = False
     real: bool = False  # a real CT: sampled `TrainConfig.real_weight` times as often as a phantom
     partial: bool = False  # labels derived from HU: sampled `TrainConfig.partial_weight` times as often
 
@@ -170,9 +173,13 @@ def class_weights(class_map: np.ndarray, n_classes: int) -> np.ndarray:
     return table[class_map]
 
 
-def reduce_case(case: LabelledCT, config: ColorizerConfig, enhance: bool = False, real: bool = False) -> Reduced:
+def reduce_case(case: LabelledCT, config: ColorizerConfig, real: bool = False, contrast: bool = False) -> Reduced:
+    """A labelled CT at the network's resolution; a real one (``real``) gets synthetic enhancement if it is
+    non-contrast, synthetic de-enhancement if it shows contrast (``contrast``)."""
     classes = class_targets(case.ct.array, case.labels, case.label_names, config.classes)
-    return reduce_classes(case.name, case.ct.array, case.ct.spacing, classes, config, enhance, real)
+    reduced = reduce_classes(case.name, case.ct.array, case.ct.spacing, classes, config, real=real)
+    reduced.enhance, reduced.deenhance = real and not contrast, real and contrast
+    return reduced
 
 
 def reduce_classes(
@@ -181,7 +188,6 @@ def reduce_classes(
     spacing: tuple[float, float, float],
     classes: np.ndarray,
     config: ColorizerConfig,
-    enhance: bool = False,
     real: bool = False,
     partial: bool = False,
 ) -> Reduced:
@@ -198,7 +204,7 @@ def reduce_classes(
         share = downsample_hu((class_t == k).float(), factor)
         target[:, k] = (share * 255.0).round_().to(torch.uint8)
     weight = downsample_hu(torch.from_numpy(class_weights(classes, len(config.classes))), factor)
-    return Reduced(name, hu, target, weight, enhance, real, partial)
+    return Reduced(name, hu, target, weight, real=real, partial=partial)
 
 
 #: Synthetic contrast enhancement of a non-contrast CT (HU added per colour class, drawn uniformly), so that the
@@ -229,13 +235,33 @@ ENHANCEMENT: dict[str, dict[str, tuple[float, float]]] = {
 }
 
 
+#: Synthetic de-enhancement of a contrast CT: each class's mean HU in the sample is moved down to a non-contrast value
+#: drawn uniformly (never up; texture kept, added in proportion to each pixel's share of the class). Without it the
+#: only labelled aorta a model sees on real CT may be an enhanced one, and a non-contrast aorta (~40 HU) is named
+#: soft tissue: the leave-one-out row of the non-contrast patient had 17 % of its aorta right. Non-contrast values at
+#: 120 kVp: blood 35-50 HU, liver 50-65, spleen 40-55, kidney 25-40, pancreas 30-45.
+DE_ENHANCEMENT: dict[str, tuple[float, float]] = {
+    "aorta": (35, 50),
+    "heart": (35, 50),
+    "inferior_vena_cava": (35, 50),
+    "portal_vein_and_splenic_vein": (35, 50),
+    "iliac_artery": (35, 50),
+    "iliac_vena": (35, 50),
+    "liver": (50, 65),
+    "spleen": (40, 55),
+    "kidney": (25, 40),
+    "pancreas": (30, 45),
+}
+
+
 class Sampler:
     """Random training crops (seeded): 2D slices with context, or 3D patches, with augmentation.
 
     Augmentation per sample: a synthetic limb in the air beside the body (2D, a share ``limbs`` of the samples), an
     elastic deformation with rotation and scaling (2D, a share ``elastic``), a calibration offset (+-8 HU), a gain
     (+-4 %), for real non-contrast CT a synthetic contrast phase half of the time (`ENHANCEMENT`, added in proportion
-    to each pixel's share of the class), image noise (0-12 HU at the network's resolution) and blur (0-0.8 pixel).
+    to each pixel's share of the class), for real contrast CT a synthetic non-contrast phase half of the time
+    (`DE_ENHANCEMENT`), image noise (0-12 HU at the network's resolution) and blur (0-0.8 pixel).
     Phantoms add what real data lack: varied pixel size, slice thickness and contrast phases.
     """
 
@@ -324,11 +350,20 @@ class Sampler:
         out = torch.as_tensor(self.deform(stack))
         return out[:n], out[n : n + n * k].reshape(target.shape), out[n + n * k :]
 
-    def _augment(self, hu: torch.Tensor, target: torch.Tensor, enhance: bool) -> torch.Tensor:
+    def _augment(self, hu: torch.Tensor, target: torch.Tensor, case: Reduced) -> torch.Tensor:
         """HU (n, h, w) of one sample with its soft targets (n, K, h, w) uint8 -> augmented HU."""
         rng = self.rng
+        if case.deenhance and rng.random() < 0.5:  # before the gain: the drawn values are HU of the scan
+            for name, (low, high) in DE_ENHANCEMENT.items():
+                k = self.index.get(name)
+                share = target[:, k].float() / 255.0 if k is not None else None
+                if share is None or not bool((share > 0.5).any()):
+                    continue
+                excess = float(hu[share > 0.5].mean()) - float(rng.uniform(low, high))
+                if excess > 0:
+                    hu = hu - excess * share
         hu = hu * float(rng.uniform(0.96, 1.04)) + float(rng.normal(0, 8))
-        if enhance and rng.random() < 0.5:
+        if case.enhance and rng.random() < 0.5:
             phase = ENHANCEMENT[list(ENHANCEMENT)[int(rng.integers(len(ENHANCEMENT)))]]
             for name, (low, high) in phase.items():
                 k = self.index.get(name)
@@ -364,7 +399,7 @@ class Sampler:
                 weight = self._crop(case.weight[z : z + 1], y, x)
                 if self.deform is not None and self.rng.random() < self.train.elastic:
                     hu, target, weight = self._deform_2d(hu, target, weight)
-                xs.append(self._augment(hu, target, case.enhance))
+                xs.append(self._augment(hu, target, case))
                 ys.append(target[centre][0].float())
                 ws.append(weight)
             else:
@@ -372,7 +407,7 @@ class Sampler:
                 z = int(self.rng.integers(0, max(1, z_n - d + 1)))
                 idx = torch.arange(z, z + d).clamp_(max=z_n - 1)
                 target = self._crop(case.target[idx], y, x)
-                xs.append(self._augment(self._crop(case.hu[idx], y, x), target, case.enhance))
+                xs.append(self._augment(self._crop(case.hu[idx], y, x), target, case))
                 ys.append(target.transpose(0, 1))
                 ws.append(self._crop(case.weight[idx][None], y, x))
         targets = torch.stack([y.float() for y in ys]) / 255.0
@@ -410,7 +445,7 @@ def train_colorizer(
     phantoms, real = phantom_cases(train.phantoms), real_cases(train.real_train)
     cases = phantoms + real
     reduced = [reduce_case(c, config) for c in phantoms] + [
-        reduce_case(c, config, enhance=not contrast, real=True)
+        reduce_case(c, config, real=True, contrast=contrast)
         for c, contrast in zip(real, contrast_flags(train.real_train), strict=True)
     ]
     partial = partial_cases(train.real_partial, config)
@@ -552,8 +587,9 @@ def model_card(model: Colorizer, train: TrainConfig, config_path: Path, facts: d
         "limits": [
             f"Trained on procedural phantoms, {len(train.real_train)} real labelled patient(s) "
             f"({', '.join(entry[0] for entry in train.real_train) or 'none'}; non-contrast ones also with synthetic "
-            f"contrast phases) and {len(train.real_partial)} unlabelled chest CT(s) with partial labels derived from "
-            f"their HU ({', '.join(entry[0] for entry in train.real_partial) or 'none'}: lung, airways, bone, fat, "
+            "contrast phases, contrast ones also with a synthetic non-contrast phase) and "
+            f"{len(train.real_partial)} unlabelled chest CT(s) with partial labels derived from their HU "
+            f"({', '.join(entry[0] for entry in train.real_partial) or 'none'}: lung, airways, bone, fat, "
             "chest-wall muscle; napari_ctcolor.training.partial). Its structure classes are the labelled patients' "
             "anatomy. Anatomy outside them (head, neck, limbs) mostly falls back to the HU tissue classes but can "
             "take an organ class in places (tests/test_colorizer_shipped.py measures it on a synthetic thigh and on "
@@ -571,6 +607,33 @@ def model_card(model: Colorizer, train: TrainConfig, config_path: Path, facts: d
     }
 
 
+#: Where `leave_one_out` models live, under the weights folder: weights/validation/ for the shipped ones.
+VALIDATION_DIR = "validation"
+
+
+def leave_one_out(train: TrainConfig, weights_dir: Path) -> list[dict[str, Any]]:
+    """The held-out rows of the recipe: for each model named in ``train.leave_one_out`` (the same recipe trained
+    without one labelled patient, in ``weights_dir/validation``), its card's rows of the patients it was not trained
+    on, with its file and sha256, so that the shipped card states validation that its own training data cannot give.
+    Those models are trained first (their configs' first line says how)."""
+    from ..weights import find_weights, read_card
+
+    rows = []
+    for name in train.leave_one_out:
+        path = weights_dir / VALIDATION_DIR / f"{name}.safetensors"
+        if not path.is_file():
+            raise InputError(
+                f"{path}: leave-one-out model not found; train it first (ctcolor train colorizer --config "
+                f"configs/<its config>.yaml --weights-dir {weights_dir / VALIDATION_DIR})"
+            )
+        card = read_card(find_weights(path)[1] or path.with_suffix(".json"))
+        held_out = [c for c in card["metrics"].get("real_val", {}).get("cases", []) if not c.get("trained_on")]
+        if not held_out:
+            raise InputError(f"{path}: its card has no held-out real_val case")
+        rows.append({"model": f"{VALIDATION_DIR}/{path.name}", "sha256": card["sha256"], "cases": held_out})
+    return rows
+
+
 def run(
     config_path: Path, weights_dir: Path, device: str = "cpu", resume: bool = False, eval_only: bool = False, log=print
 ) -> Path:
@@ -581,7 +644,14 @@ def run(
     if eval_only:
         train = TrainConfig.load(config_path)
         path = weights_dir / f"{train.name}.safetensors"
-        return update_card_metrics(path, evaluate_all(load_colorizer(path)[0], train, log))
+        metrics = evaluate_all(load_colorizer(path)[0], train, log)
+        if train.leave_one_out:
+            metrics["leave_one_out"] = leave_one_out(train, weights_dir)
+        return update_card_metrics(path, metrics)
+    if train.leave_one_out:
+        leave_one_out(train, weights_dir)  # refused before hours of training, not after
     model, train, facts = train_colorizer(config_path, weights_dir / "checkpoints", device, resume, log)
     metrics = evaluate_all(model, train, log)
+    if train.leave_one_out:
+        metrics["leave_one_out"] = leave_one_out(train, weights_dir)
     return save_weights(model, model_card(model, train, config_path, facts, metrics), weights_dir, train.name)

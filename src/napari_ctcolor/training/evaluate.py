@@ -105,7 +105,7 @@ def evaluate_case(
 def evaluate_tissues(model: Colorizer, ct) -> dict[str, Any]:
     """`tissue_metrics` of an unlabelled CT through the production path (the network once, composed per window)."""
     with torch.no_grad():
-        chroma = predict_chroma(ct, model, device="cpu")
+        chroma = predict_chroma(ct, model, device="cpu", bf16=False)  # the card's figures: float32
 
     def render(win: tuple[float, float] | str, palette: str) -> np.ndarray:
         return compose_chroma(ct, chroma, win, 1.0, "cpu", palette).rgb
