@@ -255,11 +255,13 @@ def test_real_training_cases_marked_contrast_get_no_synthetic_enhancement_and_ba
             real_cases([bad])
 
 
-def test_the_contrast_patient_is_also_drawn_unenhanced_with_its_anatomy_and_noise_unchanged():
-    """The labelled contrast patient (portal-venous aorta ~150 HU) also teaches a non-contrast aorta: half of its
-    samples have each blood pool and enhancing organ moved down to non-contrast HU; other tissue keeps its HU."""
+def test_de_enhancement_draws_the_contrast_patient_unenhanced_and_leaves_other_tissue():
+    """With ``deenhance: 0.5`` (off in the shipped recipe) half of the labelled contrast patient's samples have each
+    blood pool and enhancing organ moved down to non-contrast HU (its portal-venous aorta is ~150 HU); other tissue
+    keeps its HU."""
     require_shared(DICOM_SERIES)
     train = TrainConfig.load(Path(__file__).resolve().parents[1] / "configs" / "colorizer_2d.yaml")
+    train.deenhance = 0.5
     config = ColorizerConfig.from_dict(train.model)
     case = reduce_case(
         real_cases([["totalseg-abdomen-dicom", "totalseg-abdomen-dicom-labels.nii.gz", "contrast"]])[0],

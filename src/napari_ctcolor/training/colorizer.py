@@ -61,6 +61,7 @@ class TrainConfig:
     partial_weight: float = 1.0  # the same for a `real_partial` CT's slices
     limbs: float = 0.0  # share of 2D samples given a synthetic limb in their air (`Sampler._add_limb`)
     elastic: float = 0.0  # share of 2D samples elastically deformed, rotated and scaled (`Sampler._deform`)
+    deenhance: float = 0.0  # share of a real contrast CT's samples given a non-contrast phase (`DE_ENHANCEMENT`)
     lr: float = 2e-3
     weight_decay: float = 1e-4
     checkpoint_every: int = 250
@@ -235,11 +236,12 @@ ENHANCEMENT: dict[str, dict[str, tuple[float, float]]] = {
 }
 
 
-#: Synthetic de-enhancement of a contrast CT: each class's mean HU in the sample is moved down to a non-contrast value
-#: drawn uniformly (never up; texture kept, added in proportion to each pixel's share of the class). Without it the
-#: only labelled aorta a model sees on real CT may be an enhanced one, and a non-contrast aorta (~40 HU) is named
-#: soft tissue: the leave-one-out row of the non-contrast patient had 17 % of its aorta right. Non-contrast values at
-#: 120 kVp: blood 35-50 HU, liver 50-65, spleen 40-55, kidney 25-40, pancreas 30-45.
+#: Synthetic de-enhancement of a contrast CT (config ``deenhance``, off in the shipped recipe): each class's mean HU in
+#: the sample is moved down to a non-contrast value drawn uniformly (never up; texture kept, applied in proportion to
+#: each pixel's share of the class). Meant to teach a non-contrast aorta from the contrast patient; measured on the
+#: 3 mm patient's leave-one-out row it left the aorta where it was (17 % right) and lost spleen (0.86 -> 0.42), so
+#: it stays off (BENCHMARKS.md). Non-contrast values at 120 kVp: blood 35-50 HU, liver 50-65, spleen 40-55, kidney
+#: 25-40, pancreas 30-45.
 DE_ENHANCEMENT: dict[str, tuple[float, float]] = {
     "aorta": (35, 50),
     "heart": (35, 50),
@@ -260,8 +262,8 @@ class Sampler:
     Augmentation per sample: a synthetic limb in the air beside the body (2D, a share ``limbs`` of the samples), an
     elastic deformation with rotation and scaling (2D, a share ``elastic``), a calibration offset (+-8 HU), a gain
     (+-4 %), for real non-contrast CT a synthetic contrast phase half of the time (`ENHANCEMENT`, added in proportion
-    to each pixel's share of the class), for real contrast CT a synthetic non-contrast phase half of the time
-    (`DE_ENHANCEMENT`), image noise (0-12 HU at the network's resolution) and blur (0-0.8 pixel).
+    to each pixel's share of the class), for real contrast CT a synthetic non-contrast phase in a share ``deenhance``
+    of the samples (`DE_ENHANCEMENT`), image noise (0-12 HU at the network's resolution) and blur (0-0.8 pixel).
     Phantoms add what real data lack: varied pixel size, slice thickness and contrast phases.
     """
 
@@ -353,7 +355,8 @@ class Sampler:
     def _augment(self, hu: torch.Tensor, target: torch.Tensor, case: Reduced) -> torch.Tensor:
         """HU (n, h, w) of one sample with its soft targets (n, K, h, w) uint8 -> augmented HU."""
         rng = self.rng
-        if case.deenhance and rng.random() < 0.5:  # before the gain: the drawn values are HU of the scan
+        share = self.train.deenhance if case.deenhance else 0.0
+        if share and rng.random() < share:  # before the gain: the drawn values are HU of the scan
             for name, (low, high) in DE_ENHANCEMENT.items():
                 k = self.index.get(name)
                 share = target[:, k].float() / 255.0 if k is not None else None
@@ -587,8 +590,8 @@ def model_card(model: Colorizer, train: TrainConfig, config_path: Path, facts: d
         "limits": [
             f"Trained on procedural phantoms, {len(train.real_train)} real labelled patient(s) "
             f"({', '.join(entry[0] for entry in train.real_train) or 'none'}; non-contrast ones also with synthetic "
-            "contrast phases, contrast ones also with a synthetic non-contrast phase) and "
-            f"{len(train.real_partial)} unlabelled chest CT(s) with partial labels derived from their HU "
+            f"contrast phases{', contrast ones also with a synthetic non-contrast phase' if train.deenhance else ''}) "
+            f"and {len(train.real_partial)} unlabelled chest CT(s) with partial labels derived from their HU "
             f"({', '.join(entry[0] for entry in train.real_partial) or 'none'}: lung, airways, bone, fat, "
             "chest-wall muscle; napari_ctcolor.training.partial). Its structure classes are the labelled patients' "
             "anatomy. Anatomy outside them (head, neck, limbs) mostly falls back to the HU tissue classes but can "
@@ -641,8 +644,8 @@ def run(
     from ..weights import load_colorizer, save_weights, update_card_metrics
 
     config_path = Path(config_path)
+    train = TrainConfig.load(config_path)
     if eval_only:
-        train = TrainConfig.load(config_path)
         path = weights_dir / f"{train.name}.safetensors"
         metrics = evaluate_all(load_colorizer(path)[0], train, log)
         if train.leave_one_out:
