@@ -38,6 +38,11 @@ def _tab(native: QWidget) -> None:
     window = dock.parentWidget() if dock is not None else None
     if not isinstance(window, QMainWindow):
         return
+    # Qt reads "&" in a tab's or a menu action's text as a shortcut marker (the tab showed "Register _checkerboard");
+    # the tab bar and the Window menu take their text from the dock's title, so "&" is escaped there, once.
+    title = dock.windowTitle()
+    if "&" in title.replace("&&", ""):
+        dock.setWindowTitle(title.replace("&", "&&"))
     area = window.dockWidgetArea(dock)
     siblings = [
         other
