@@ -24,8 +24,9 @@ from napari_ctcolor.training.colorizer import (
 from napari_ctcolor.training.targets import ab_targets, class_targets
 from napari_ctcolor.weights import find_weights, load_colorizer, save_weights
 from napari_ctcolor.windowing import window
-from conftest import DICOM_SERIES, require_shared
 from test_color import LUMINANCE_BOUND
+
+from conftest import DICOM_SERIES, require_shared
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("air", "lung", "fat", "soft_tissue", "contrast_blood", "bone", "liver", "kidney")

@@ -104,9 +104,7 @@ def test_fat_and_muscle_keep_their_hu_and_muscle_stays_out_of_the_chest_cavity(d
 def test_voxels_without_a_derived_label_carry_no_loss():
     require_shared(CT_DIR / TRAINING_CHESTS[1])
     ct = read_volume(CT_DIR / TRAINING_CHESTS[1])
-    config = ColorizerConfig.from_dict(
-        yaml.safe_load((REPO / "configs" / "colorizer_2d.yaml").read_text())["model"]
-    )
+    config = ColorizerConfig.from_dict(yaml.safe_load((REPO / "configs" / "colorizer_2d.yaml").read_text())["model"])
     classes = partial_class_map(ct, "chest_non_contrast", config.classes)
     assert 0.2 <= (classes == IGNORE).mean() <= 0.5  # the mediastinum, heart, vessels, abdomen (measured 0.31)
     case = reduce_classes("lung2", ct.array, ct.spacing, classes, config, partial=True)
