@@ -243,9 +243,12 @@ def test_shipped_colorizers_load_with_verified_sha256_and_meet_the_luminance_bou
             pytest.fail(f"shipped weights {name} are missing from weights/")
         model, card = load_colorizer(name)
         assert card["sha256"] and card_path is not None
-        for name, group in card["metrics"].items():
-            if name != "tissue_val":  # unlabelled CTs: tissue metrics only, no colour summary
-                assert all(palette["max_abs_dL"] <= LUMINANCE_BOUND for palette in group["summary"].values())
+        metrics = card["metrics"]
+        for group in ("real_val", "phantom_val"):
+            assert all(palette["max_abs_dL"] <= LUMINANCE_BOUND for palette in metrics[group]["summary"].values())
+        for row in metrics.get("leave_one_out", []):  # the held-out patients of the leave-one-out models
+            for case in row["cases"]:
+                assert all(case[palette]["max_abs_dL"] <= LUMINANCE_BOUND for palette in ("anatomical", "dicom"))
 
 
 def test_real_training_cases_marked_contrast_get_no_synthetic_enhancement_and_bad_marks_are_refused():
