@@ -143,9 +143,10 @@ def test_pickled_weights_are_refused_without_running_them(tmp_path):
     assert not marker.exists()
 
 
-def _tiny_config(tmp_path: Path, steps: int) -> Path:
+def _tiny_config(tmp_path: Path, steps: int, leave_one_out: list[str] | None = None) -> Path:
     config = yaml.safe_load((REPO / "configs" / "colorizer_2d.yaml").read_text())
     config.update(
+        leave_one_out=leave_one_out or [],
         name="tiny",
         steps=steps,
         batch_size=2,
@@ -159,7 +160,7 @@ def _tiny_config(tmp_path: Path, steps: int) -> Path:
         val_phantoms={"first_seed": 900, "count": 1, "slices": 3, "pixel_mm": [1.7, 1.8], "fov_mm": 340},
     )
     config["model"].update(TINY)
-    path = tmp_path / f"tiny-{steps}.yaml"
+    path = tmp_path / f"tiny-{steps}{'-loo' if leave_one_out else ''}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -293,3 +294,33 @@ def test_de_enhancement_draws_the_contrast_patient_unenhanced_and_leaves_other_t
     assert np.all((aorta_means[low] > 5) & (aorta_means[low] < 80)), aorta_means[low]
     assert np.all(aorta_means[~low] > 120), aorta_means[~low]
     assert np.abs(fat_shift).max() < 40  # fat only gets the global gain, offset and noise
+
+
+def test_a_recipe_with_leave_one_out_rows_collects_them_and_refuses_to_train_without_them(tmp_path):
+    """The shipped recipe's card carries its leave-one-out models' held-out rows: without those models, `ctcolor
+    train` stops before training (one line, exit 2, nothing written); with one in weights/validation, the card gets
+    its held-out case, its file and sha256."""
+    from test_cli import ctcolor
+
+    weights = tmp_path / "weights"
+    config = _tiny_config(tmp_path, steps=2, leave_one_out=["tiny-held-out"])
+    done = ctcolor("train", "colorizer", "--config", str(config), "--weights-dir", str(weights), timeout=300)
+    assert done.returncode == 2 and "leave-one-out model not found" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not weights.exists()
+    # A leave-one-out model: the tiny recipe with a held-out "real" case in its card.
+    plain = _tiny_config(tmp_path, steps=2)
+    assert (
+        ctcolor("train", "colorizer", "--config", str(plain), "--weights-dir", str(weights / "validation")).returncode
+        == 0
+    )
+    card_path = weights / "validation" / "tiny.json"
+    held_out = {"case": "patient-x", "trained_on": False, "classes": {}}
+    card = json.loads(card_path.read_text())
+    card["metrics"]["real_val"] = {"summary": {}, "cases": [held_out, {"case": "patient-y", "trained_on": True}]}
+    card_path.write_text(json.dumps(card))
+    for suffix in (".safetensors", ".json"):
+        (weights / "validation" / f"tiny{suffix}").rename(weights / "validation" / f"tiny-held-out{suffix}")
+    done = ctcolor("train", "colorizer", "--config", str(config), "--weights-dir", str(weights), timeout=300)
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads((weights / "tiny.json").read_text())["metrics"]["leave_one_out"]
+    assert row == {"model": "validation/tiny-held-out.safetensors", "sha256": card["sha256"], "cases": [held_out]}
