@@ -15,6 +15,7 @@ pixels to ``chroma_mm``, and the class targets and the weights are area-averaged
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import sys
@@ -355,8 +356,8 @@ class Sampler:
     def _augment(self, hu: torch.Tensor, target: torch.Tensor, case: Reduced) -> torch.Tensor:
         """HU (n, h, w) of one sample with its soft targets (n, K, h, w) uint8 -> augmented HU."""
         rng = self.rng
-        share = self.train.deenhance if case.deenhance else 0.0
-        if share and rng.random() < share:  # before the gain: the drawn values are HU of the scan
+        deenhance = self.train.deenhance if case.deenhance else 0.0
+        if deenhance and rng.random() < deenhance:  # before the gain: the drawn values are HU of the scan
             for name, (low, high) in DE_ENHANCEMENT.items():
                 k = self.index.get(name)
                 share = target[:, k].float() / 255.0 if k is not None else None
@@ -619,7 +620,7 @@ def leave_one_out(train: TrainConfig, weights_dir: Path) -> list[dict[str, Any]]
     without one labelled patient, in ``weights_dir/validation``), its card's rows of the patients it was not trained
     on, with its file and sha256, so that the shipped card states validation that its own training data cannot give.
     Those models are trained first (their configs' first line says how)."""
-    from ..weights import find_weights, read_card
+    from ..weights import read_card
 
     rows = []
     for name in train.leave_one_out:
@@ -629,7 +630,9 @@ def leave_one_out(train: TrainConfig, weights_dir: Path) -> list[dict[str, Any]]
                 f"{path}: leave-one-out model not found; train it first (ctcolor train colorizer --config "
                 f"configs/<its config>.yaml --weights-dir {weights_dir / VALIDATION_DIR})"
             )
-        card = read_card(find_weights(path)[1] or path.with_suffix(".json"))
+        card = read_card(path.with_suffix(".json"))
+        if hashlib.sha256(path.read_bytes()).hexdigest() != card.get("sha256"):
+            raise InputError(f"{path}: does not match the sha256 of its model card")
         held_out = [c for c in card["metrics"].get("real_val", {}).get("cases", []) if not c.get("trained_on")]
         if not held_out:
             raise InputError(f"{path}: its card has no held-out real_val case")
@@ -645,16 +648,15 @@ def run(
 
     config_path = Path(config_path)
     train = TrainConfig.load(config_path)
+    held_out = leave_one_out(train, weights_dir)  # a missing model is refused before hours of training, not after
+    path = weights_dir / f"{train.name}.safetensors"
     if eval_only:
-        path = weights_dir / f"{train.name}.safetensors"
-        metrics = evaluate_all(load_colorizer(path)[0], train, log)
-        if train.leave_one_out:
-            metrics["leave_one_out"] = leave_one_out(train, weights_dir)
-        return update_card_metrics(path, metrics)
-    if train.leave_one_out:
-        leave_one_out(train, weights_dir)  # refused before hours of training, not after
-    model, train, facts = train_colorizer(config_path, weights_dir / "checkpoints", device, resume, log)
+        model = load_colorizer(path)[0]
+    else:
+        model, train, facts = train_colorizer(config_path, weights_dir / "checkpoints", device, resume, log)
     metrics = evaluate_all(model, train, log)
-    if train.leave_one_out:
-        metrics["leave_one_out"] = leave_one_out(train, weights_dir)
+    if held_out:
+        metrics["leave_one_out"] = held_out
+    if eval_only:
+        return update_card_metrics(path, metrics)
     return save_weights(model, model_card(model, train, config_path, facts, metrics), weights_dir, train.name)
