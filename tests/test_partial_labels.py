@@ -129,6 +129,7 @@ def test_training_command_derives_the_partial_labels_itself_and_validates_on_an_
         crop=32,
         real_train=[],
         real_val=[],
+        leave_one_out=[],
         real_partial=[["chest-lung2-5mm.nrrd", "chest_non_contrast"]],
         phantoms={"first_seed": 5, "count": 1, "slices": 4, "pixel_mm": [1.7, 1.8], "fov_mm": 340},
         val_phantoms={},
