@@ -29,6 +29,7 @@ import numba
 import numpy as np
 
 from ..color import compose_tables
+from ..models._field_kernels import use_threads
 
 __all__ = ["LIKENESS_STEP_HU", "likeness_table", "top_classes", "upsample_compose", "use_threads"]
 
@@ -150,12 +151,6 @@ def _kernel(hu, ab_pad, guide_pad, spatial, offset, factor, likeness, clip, air,
             fade = min((h - air_hu) / air_fade, np.float32(1.0)) * strength
             # 3-4. linear RGB (mapped into the gamut along the hue when outside) and its sRGB codes
             _srgb(level, total_a / weight_sum * fade, total_b / weight_sum * fade, out[s, y, x], tables)
-
-
-def use_threads(threads: int) -> None:
-    """Run this thread's numba kernels on ``threads`` threads (torch's count: one per core, or one per batch worker),
-    capped by numba's pool."""
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
 
 
 #: Step (HU) of the likeness table: exp(-d² / 2 sigma²) interpolated linearly between steps of 0.25 HU differs from

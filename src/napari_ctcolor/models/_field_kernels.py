@@ -23,9 +23,10 @@ import numpy as np
 __all__ = ["sample_add", "use_threads"]
 
 
-def use_threads(n: int) -> None:
-    """Run the kernels on ``n`` threads (the caller passes torch's count)."""
-    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+def use_threads(threads: int) -> None:
+    """Run this thread's numba kernels (these and `engines.fused`) on ``threads`` threads (torch's count: one per
+    core, or one per batch worker), capped by numba's pool."""
+    numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
 
 
 @numba.njit(parallel=True, cache=True)
@@ -67,8 +68,10 @@ def _sample_add(f1, f2, out):  # pragma: no cover - compiled
                 out[b, 2, z, y, x] = f2[b, 2, z, y, x] + s2
 
 
-def sample_add(f1: np.ndarray, f2: np.ndarray, out: np.ndarray) -> np.ndarray:
+def sample_add(f1: np.ndarray, f2: np.ndarray, out: np.ndarray, threads: int) -> np.ndarray:
     """``out = f2 + f1 sampled at p + f2(p)`` for float32 C-contiguous (B, 3, D0, D1, D2) fields in voxels, channels
-    (x, y, z); ``out`` must not be ``f1`` or ``f2`` (they are read while it is written). Returns ``out``."""
+    (x, y, z), on ``threads`` threads; ``out`` must not be ``f1`` or ``f2`` (they are read while it is written).
+    Returns ``out``."""
+    use_threads(threads)
     _sample_add(f1, f2, out)
     return out

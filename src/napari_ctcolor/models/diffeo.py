@@ -143,12 +143,11 @@ def integrate_velocity(
     ddf = velocity / 2.0**num_steps
     if _cpu_kernel(ddf, padding_mode):
         # One numba pass per step (models/_field_kernels.py), ping-ponging between two buffers.
-        from ._field_kernels import sample_add, use_threads
+        from ._field_kernels import sample_add
 
-        use_threads(torch.get_num_threads())
         src, dst = ddf.contiguous().numpy(), np.empty(tuple(ddf.shape), np.float32)
         for _ in range(num_steps):
-            src, dst = sample_add(src, src, dst), src
+            src, dst = sample_add(src, src, dst, torch.get_num_threads()), src
         return torch.from_numpy(src)
     identity = _identity_grid(tuple(velocity.shape[2:]), velocity)
     if torch.is_grad_enabled() and velocity.requires_grad:
@@ -182,11 +181,10 @@ def compose(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
     _check_field("f1", f1)
     _check_same_shape("f1", f1, "f2", f2)
     if _cpu_kernel(f1, "zeros") and _cpu_kernel(f2, "zeros"):
-        from ._field_kernels import sample_add, use_threads
+        from ._field_kernels import sample_add
 
-        use_threads(torch.get_num_threads())
-        out = np.empty(tuple(f1.shape), np.float32)
-        return torch.from_numpy(sample_add(f1.contiguous().numpy(), f2.contiguous().numpy(), out))
+        a, b = f1.contiguous().numpy(), f2.contiguous().numpy()
+        return torch.from_numpy(sample_add(a, b, np.empty(a.shape, np.float32), torch.get_num_threads()))
     return F.grid_sample(f1, _sampling_grid(f2), mode="bilinear", padding_mode="zeros", align_corners=True) + f2
 
 
