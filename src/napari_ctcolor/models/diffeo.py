@@ -145,7 +145,7 @@ def integrate_velocity(
         # One numba pass per step (models/_field_kernels.py), ping-ponging between two buffers.
         from ._field_kernels import sample_add
 
-        src, dst = ddf.contiguous().numpy(), np.empty(tuple(ddf.shape), np.float32)
+        src, dst = ddf.detach().contiguous().numpy(), np.empty(tuple(ddf.shape), np.float32)
         for _ in range(num_steps):
             src, dst = sample_add(src, src, dst, torch.get_num_threads()), src
         return torch.from_numpy(src)
@@ -183,7 +183,7 @@ def compose(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
     if _cpu_kernel(f1, "zeros") and _cpu_kernel(f2, "zeros"):
         from ._field_kernels import sample_add
 
-        a, b = f1.contiguous().numpy(), f2.contiguous().numpy()
+        a, b = f1.detach().contiguous().numpy(), f2.detach().contiguous().numpy()
         return torch.from_numpy(sample_add(a, b, np.empty(a.shape, np.float32), torch.get_num_threads()))
     return F.grid_sample(f1, _sampling_grid(f2), mode="bilinear", padding_mode="zeros", align_corners=True) + f2
 
