@@ -15,7 +15,6 @@ pixels to ``chroma_mm``, and the class targets and the weights are area-averaged
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import sys
@@ -157,10 +156,17 @@ class Reduced:
     hu: torch.Tensor
     target: torch.Tensor
     weight: torch.Tensor
-    enhance: bool = False
-    deenhance: bool = False
     real: bool = False  # a real CT: sampled `TrainConfig.real_weight` times as often as a phantom
     partial: bool = False  # labels derived from HU: sampled `TrainConfig.partial_weight` times as often
+    contrast: bool = False  # a real CT that shows contrast (`CONTRAST_FLAG`)
+
+    @property
+    def enhance(self) -> bool:
+        return self.real and not self.contrast
+
+    @property
+    def deenhance(self) -> bool:
+        return self.real and self.contrast
 
 
 def class_weights(class_map: np.ndarray, n_classes: int) -> np.ndarray:
@@ -180,7 +186,7 @@ def reduce_case(case: LabelledCT, config: ColorizerConfig, real: bool = False, c
     non-contrast, synthetic de-enhancement if it shows contrast (``contrast``)."""
     classes = class_targets(case.ct.array, case.labels, case.label_names, config.classes)
     reduced = reduce_classes(case.name, case.ct.array, case.ct.spacing, classes, config, real=real)
-    reduced.enhance, reduced.deenhance = real and not contrast, real and contrast
+    reduced.contrast = contrast
     return reduced
 
 
@@ -620,7 +626,7 @@ def leave_one_out(train: TrainConfig, weights_dir: Path) -> list[dict[str, Any]]
     without one labelled patient, in ``weights_dir/validation``), its card's rows of the patients it was not trained
     on, with its file and sha256, so that the shipped card states validation that its own training data cannot give.
     Those models are trained first (their configs' first line says how)."""
-    from ..weights import read_card
+    from ..weights import read_card, sha256
 
     rows = []
     for name in train.leave_one_out:
@@ -631,7 +637,7 @@ def leave_one_out(train: TrainConfig, weights_dir: Path) -> list[dict[str, Any]]
                 f"configs/<its config>.yaml --weights-dir {weights_dir / VALIDATION_DIR})"
             )
         card = read_card(path.with_suffix(".json"))
-        if hashlib.sha256(path.read_bytes()).hexdigest() != card.get("sha256"):
+        if sha256(path) != card.get("sha256"):
             raise InputError(f"{path}: does not match the sha256 of its model card")
         held_out = [c for c in card["metrics"].get("real_val", {}).get("cases", []) if not c.get("trained_on")]
         if not held_out:
