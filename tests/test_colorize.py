@@ -25,13 +25,13 @@ from napari_ctcolor.engines.colorize import (
     _compact,
     colorize,
     compose_chroma,
-    cpu_bf16,
     guided_upsample,
     iter_colorize,
     iter_predict_chroma,
     predict_chroma,
     upsample_chroma,
 )
+from napari_ctcolor.engines.device import cpu_bf16
 from napari_ctcolor.engines.fused import top_classes
 from napari_ctcolor.io import InputError, Volume, read_color_volume, read_volume, write_nifti
 from napari_ctcolor.io.export import DICOM_MODALITY, write_png_slices, write_rgb_dicom, write_rgb_nifti
@@ -335,12 +335,19 @@ def _inner_mask(mask: np.ndarray) -> np.ndarray:
 
 
 def test_class_at_and_most_probable_follow_the_network_grid(ct, chroma):
-    name, probability = chroma.class_at(3, 200, 301)
+    # At or below 200 HU the HU weights are all 1: the network pixel's most probable class.
+    assert ct.array[3, 200, 301] <= 200
+    name, probability = chroma.class_at(3, 200, 301, float(ct.array[3, 200, 301]))
     assert name == CLASSES[int(chroma.top[3, 0, 50, 75])] and probability == chroma.prob[3, 0, 50, 75].item() / 255
-    labels = chroma.most_probable(ct.shape)
+    labels = chroma.most_probable(ct.array)
     assert labels.shape == ct.shape and labels.dtype == np.uint8
     expected = chroma.top[3, 0, 50, 75].item() + 1
     assert labels[3, 200, 301] == (0 if CLASSES[expected - 1] == "air" else expected)
+    soft = ct.array <= 200
+    rows, cols = torch.arange(ct.shape[1]) // 4, torch.arange(ct.shape[2]) // 4  # no padding at 512²
+    labels_by_pixel = chroma.top[:, 0].index_select(1, rows).index_select(2, cols)
+    labels_by_pixel = (labels_by_pixel.numpy() + 1) * (labels_by_pixel.numpy() != CLASSES.index("air"))
+    np.testing.assert_array_equal(labels[soft], labels_by_pixel[soft])
     assert abs(sum(chroma.class_shares().values()) - 1.0) < 1e-9
 
 
@@ -451,3 +458,41 @@ def test_rgb_dicom_keeps_patient_and_study_only_when_asked(colour, tmp_path):
     assert "PatientIdentityRemoved" not in kept
     removed = pydicom.dcmread(write_rgb_dicom(colour, tmp_path / "removed", source_datasets=[source])[0])
     assert not removed.PatientName and removed.StudyInstanceUID != "1.2.3.4" and "InstitutionName" not in removed
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_dense_voxel_takes_the_bone_colour_of_a_pixel_it_shares_with_muscle(fused):
+    # One network pixel class mix everywhere: 30 % bone, 70 % soft tissue, as on a thin rib at 3.5 mm. Voxels at
+    # 700 HU (cortex) must show the bone's palette colour, voxels at 40 HU keep the network's mix exactly (all group
+    # weights are 1 at or below 200 HU).
+    shape = (2, 32, 32)
+    top = torch.zeros((2, TOP_K, 8, 8), dtype=torch.uint8)
+    mix = ["bone", "soft_tissue", "aorta", "fat"]
+    top[:] = torch.tensor([CLASSES.index(n) for n in mix], dtype=torch.uint8).view(1, -1, 1, 1)
+    prob = torch.zeros_like(top)
+    prob[:, 0], prob[:, 1] = 77, 178
+    chroma = Chroma(top, prob, CLASSES, 4, ((0, 0), (0, 0)), "handmade")
+    hu = np.full(shape, 40, dtype=np.int16)
+    hu[:, :, 12:20] = 700  # a band of cortex, in every network pixel's neighbourhood
+    volume = Volume(hu, spacing=(2.0, 0.875, 0.875), meta={"modality": "CT"})
+    palette = load_palette("anatomical")
+    rib, muscle = palette.class_ab(["bone", "soft_tissue"])
+    win = (300.0, 1800.0)  # 700 HU at 72 % grey, 40 HU at 36 %: both with room for chroma
+    if fused:
+        rgb = compose_chroma(volume, chroma, win, 1.0, device="cpu").rgb
+        lab = srgb_to_lab(rgb)[..., 1:]
+    else:  # the torch path (GPUs) with the same arithmetic
+        lab = upsample_chroma(chroma, palette, torch.from_numpy(hu.astype(np.float32)), 0).numpy()
+    # Within 1.5 a*b* units of the bone colour (8-bit rounding and the 1e-3 floor of soft tissue's weight); the mix
+    # is 0.7 of the way to soft tissue, 10+ units away.
+    cortex = lab[:, 4:28, 13:19]
+    assert np.abs(cortex - rib).max() < 1.5, np.abs(cortex - rib).max()
+    expected_mix = 0.3 * rib + 0.7 * muscle
+    assert np.linalg.norm(expected_mix - rib) > 10.0
+    soft = lab[:, 4:28, 2:8]
+    assert np.abs(soft - expected_mix).max() < 1.5, np.abs(soft - expected_mix).max()
+    # The names follow: the cortex is bone, the rest soft tissue (the pixel's most probable class).
+    labels = chroma.most_probable(hu)
+    assert (labels[:, :, 12:20] == CLASSES.index("bone") + 1).all()
+    assert (labels[:, :, :12] == CLASSES.index("soft_tissue") + 1).all()
+    assert chroma.class_at(0, 5, 14, 700.0)[0] == "bone" and chroma.class_at(0, 5, 5, 40.0)[0] == "soft_tissue"

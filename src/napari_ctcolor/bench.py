@@ -201,7 +201,8 @@ def bench_colorize(slices: int, repeats: int, sizes: Sequence[tuple[int, float]]
 
     Ratio rows give ours / peer at the same size and device.
     """
-    from .engines.colorize import compose_chroma, cpu_bf16, get_colorizer, predict_chroma
+    from .engines.colorize import compose_chroma, get_colorizer, predict_chroma
+    from .engines.device import cpu_bf16
     from .phantom import make_phantom
 
     rows: list[dict] = []

@@ -259,7 +259,7 @@ def _write_classes(colour, volume, palette, path: Path) -> None:
     from .io import Volume
 
     chroma = colour.chroma
-    labels = chroma.most_probable(volume.shape)
+    labels = chroma.most_probable(volume.array)
     write_nifti(Volume(labels, volume.spacing, volume.origin, volume.direction), path)
     table = {
         "labels": {str(k + 1): name for k, name in enumerate(chroma.classes) if name != "air"},

@@ -125,7 +125,7 @@ def slice_superior_mm(shape_z: int, spacing_z: float, origin, direction) -> np.n
     return float(origin[2]) + float(np.asarray(direction)[2, 2]) * spacing_z * np.arange(shape_z)
 
 
-def _family(name: str) -> str:
+def family(name: str) -> str:
     """The tissue a class belongs to: bone, contrast_blood (vessels and heart), lung, fat, air or soft_tissue."""
     if name in TISSUES:
         return name
@@ -150,7 +150,7 @@ def _tables(classes: tuple[str, ...]) -> _Tables | None:
         return None
     return _Tables(
         named=torch.tensor([name not in TISSUES for name in classes]),
-        family_of=torch.tensor([TISSUES.index(_family(n)) for n in classes]),
+        family_of=torch.tensor([TISSUES.index(family(n)) for n in classes]),
         tissue=torch.tensor([classes.index(t) for t in TISSUES]),
         soft=classes.index("soft_tissue"),
         fat=classes.index("fat"),

@@ -40,7 +40,8 @@ from ..models.colorizer import Colorizer, context_indices, downsample_hu, prepar
 from ..weights import COLORIZER_DEFAULT, load_colorizer
 from ..windowing import Window, parse_window, window, window_tensor
 from . import anatomy as _anatomy
-from .device import resolve_device
+from .body import body_mask
+from .device import cpu_bf16, resolve_device
 from .fused import top_classes
 from .steps import Cancel, Progress, Steps, offset_steps, run_steps
 
@@ -86,24 +87,54 @@ class Chroma:
         ab = table[self.top[start:stop].long()]  # (n, k, h, w, 2)
         return (ab * prob[..., None]).sum(dim=1).movedim(-1, 1)
 
+    def ab_groups(self, palette: Palette, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """(n, 3, 3, h, w) float32: for each of the `HU_GROUPS` (bone, blood, other), the probability-weighted a*, b*
+        of its kept classes and its probability (a*·p, b*·p, p); summed over the groups, (a*, b*) is `ab`."""
+        table = _class_table(palette, self.classes)
+        prob = self.prob[start:stop].float()
+        prob = prob / prob.sum(dim=1, keepdim=True).clamp_min(1.0)
+        top = self.top[start:stop].long()
+        terms = torch.cat((table[top] * prob[..., None], prob[..., None]), dim=-1)  # (n, k, h, w, 3)
+        member = _hu_group_of(self.classes)[top][:, None] == torch.arange(len(HU_GROUPS)).view(1, -1, 1, 1, 1)
+        return (terms[:, None] * member[..., None]).sum(dim=2).movedim(-1, 2)
+
     def network_pixel(self, y, x):
         """The network pixel (row, column) that covers CT voxel column (y, x); integers or index tensors."""
         (top, _), (left, _) = self.pad
         return (y + top) // self.factor, (x + left) // self.factor
 
-    def class_at(self, z: int, y: int, x: int) -> tuple[str, float]:
-        """The most probable colour class at CT voxel (z, y, x) and its probability."""
+    def class_at(self, z: int, y: int, x: int, hu: float) -> tuple[str, float]:
+        """The most probable colour class at CT voxel (z, y, x) of HU ``hu`` and its probability in the network pixel
+        (the classes re-weighted by the HU as in the composition: `HU_GROUPS`)."""
         row, col = self.network_pixel(y, x)
-        return self.classes[int(self.top[z, 0, row, col])], float(self.prob[z, 0, row, col]) / 255.0
+        top, prob = self.top[z, :, row, col].long(), self.prob[z, :, row, col].float()
+        fit = hu_group_weights(torch.tensor(float(hu)))[_hu_group_of(self.classes)[top]]
+        best = int((prob * fit).argmax())
+        return self.classes[int(top[best])], float(prob[best]) / 255.0
 
-    def most_probable(self, shape: tuple[int, int, int]) -> np.ndarray:
-        """(Z, Y, X) uint8 label map on the CT grid of ``shape``: 1 + the index of each voxel's most probable class,
-        0 where it is air (nothing to show)."""
-        rows, cols = self.network_pixel(torch.arange(shape[1]), torch.arange(shape[2]))
-        labels = self.top[:, 0].index_select(1, rows).index_select(2, cols).to(torch.uint8) + 1
-        if "air" in self.classes:
-            labels[labels == self.classes.index("air") + 1] = 0
-        return labels.numpy()
+    def most_probable(self, hu: np.ndarray) -> np.ndarray:
+        """(Z, Y, X) uint8 label map on the CT grid of ``hu`` (the CT's HU): 1 + the index of each voxel's most probable
+        class, 0 where it is air (nothing to show).
+
+        Most probable given the voxel's HU: the kept classes of its network pixel re-weighted by the `HU_GROUPS`
+        weights of its HU, as the composition colours it, so that a thin rib's cortex in a pixel the network mostly
+        called muscle is named bone. Below 200 HU every weight is 1 and it is the pixel's most probable class.
+        """
+        rows, cols = self.network_pixel(torch.arange(hu.shape[1]), torch.arange(hu.shape[2]))
+        group_of = _hu_group_of(self.classes)
+        air = self.classes.index("air") if "air" in self.classes else -1
+        out = np.empty(hu.shape, dtype=np.uint8)
+        for start in range(0, hu.shape[0], _LABEL_CHUNK):
+            stop = min(hu.shape[0], start + _LABEL_CHUNK)
+            top = self.top[start:stop].index_select(2, rows).index_select(3, cols).long()  # (n, k, Y, X)
+            prob = self.prob[start:stop].index_select(2, rows).index_select(3, cols).float()
+            fit = hu_group_weights(torch.from_numpy(np.nan_to_num(np.asarray(hu[start:stop], dtype=np.float32))))
+            score = prob * fit.movedim(-1, 1).gather(1, group_of[top])
+            best = top.gather(1, score.argmax(dim=1, keepdim=True))[:, 0]  # the first of equal scores: the likelier
+            labels = (best + 1).to(torch.uint8)
+            labels[best == air] = 0
+            out[start:stop] = labels.numpy()
+        return out
 
     def class_shares(self) -> dict[str, float]:
         """Share of network pixels whose most probable class is each class (classes that win somewhere only)."""
@@ -118,6 +149,15 @@ def _class_table(palette: Palette, classes: tuple[str, ...]) -> torch.Tensor:
     return torch.from_numpy(palette.class_ab(classes))
 
 
+@functools.lru_cache(maxsize=16)
+def _hu_group_of(classes: tuple[str, ...]) -> torch.Tensor:
+    """(K,) index into `HU_GROUPS` of each class, by its tissue family (`anatomy.family`)."""
+    group = {"bone": 0, "contrast_blood": 1}
+    return torch.tensor([group.get(_anatomy.family(name), 2) for name in classes])
+
+
+#: Slices per chunk of `Chroma.most_probable` (its full-resolution class and probability temporaries).
+_LABEL_CHUNK = 8
 #: Classes kept per network pixel (`Chroma`).
 TOP_K = 4
 #: Range (HU) of the guided upsampling's weights: a network pixel whose mean HU differs from a CT voxel's by this
@@ -130,6 +170,29 @@ _GUIDE_SIGMA_PIXELS = 0.7
 _GUIDE_CLIP_HU = (-1000.0, 1000.0)
 #: No colour below -900 HU (air), full colour from -880 HU: aerated lung parenchyma sits at -850 to -900 HU.
 AIR_HU, _AIR_FADE_HU = -900.0, 20.0
+
+
+#: A network pixel (3.5 mm) mixes the classes of what it holds: a rib's thin cortex with the muscle around it, a
+#: vertebra's rim with the vessel beside it; its colour lands between them (thin bone came out salmon, not ivory).
+#: Each voxel therefore re-weights its network pixels' classes by whether its own HU fits their group: bone at any
+#: HU; contrast-filled blood up to `_BLOOD_FADE_HU` (an arterial CTA lumen reaches 300-500 HU, cortical bone
+#: 500-1500); everything else (soft tissue, organs, fat, lung, air) up to `_SOFT_FADE_HU`. The weight falls linearly
+#: from the first HU to `_GROUP_FLOOR` at the second; a voxel that fits none of its pixels' groups keeps their mix.
+#: At or below `_SOFT_FADE_HU[0]` every weight is 1: the network's mix is kept exactly (an osteoporotic vertebra's
+#: cancellous bone or an enhancing kidney beside a rib keep the colour the network gave them).
+HU_GROUPS = ("bone", "blood", "other")
+_SOFT_FADE_HU = (200.0, 300.0)
+_BLOOD_FADE_HU = (400.0, 600.0)
+_GROUP_FLOOR = 1e-3
+
+
+def hu_group_weights(hu: torch.Tensor) -> torch.Tensor:
+    """(..., 3) weights of the `HU_GROUPS` for voxels of HU ``hu`` (...)."""
+
+    def falling(low: float, high: float) -> torch.Tensor:
+        return ((high - hu) / (high - low)).clamp(0.0, 1.0) * (1.0 - _GROUP_FLOOR) + _GROUP_FLOOR
+
+    return torch.stack((torch.ones_like(hu), falling(*_BLOOD_FADE_HU), falling(*_SOFT_FADE_HU)), dim=-1)
 
 
 def _compact(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,14 +248,18 @@ def _spatial_weights(
     return torch.exp(-0.5 * ((offsets - inside) / _GUIDE_SIGMA_PIXELS) ** 2)
 
 
-def guided_upsample(ab: torch.Tensor, guide: torch.Tensor, factor: int) -> torch.Tensor:
+def guided_upsample(
+    ab: torch.Tensor, guide: torch.Tensor, factor: int, groups: torch.Tensor | None = None
+) -> torch.Tensor:
     """Joint bilateral upsampling (Kopf et al., SIGGRAPH 2007) of a*, b* by an integer factor, guided by HU.
 
     Each full-resolution voxel takes the a*, b* of the 3 x 3 network pixels around it, weighted by distance
     (Gaussian, `_GUIDE_SIGMA_PIXELS`) and by how close each pixel's mean HU is to the voxel's own HU (Gaussian,
     `GUIDE_SIGMA_HU`). A fat voxel beside the liver takes the colour of the fat pixels near it, not that of the
     boundary pixel, whose colour (like its HU) is a blend; so colour stops at the boundary instead of bleeding 3.5 mm
-    across it. In uniform tissue it is a smooth spatial interpolation.
+    across it. In uniform tissue it is a smooth spatial interpolation. With ``groups``, each pixel's classes are also
+    re-weighted by the voxel's HU (`HU_GROUPS`, `hu_group_weights`): within a pixel, dense voxels take the bone's
+    colour rather than the mix.
 
     Written here because neither MONAI nor kornia upsamples guided by another image (kornia's joint bilateral blur
     works at one resolution, where the low-resolution colour has already spread across the boundary). The voxels
@@ -203,20 +270,28 @@ def guided_upsample(ab: torch.Tensor, guide: torch.Tensor, factor: int) -> torch
         ab: (n, 2, h, w) a*, b* at the network's resolution.
         guide: (n, h * factor, w * factor) HU at full resolution (padded as the network's input was).
         factor: in-plane reduction factor of the network.
+        groups: optional (n, 3, 3, h, w) `Chroma.ab_groups` of the same pixels (``ab`` is their sum).
 
     Returns:
         (n, 2, h * factor, w * factor) a*, b*.
     """
-    if factor == 1:
-        return ab
     n, _, h, w = ab.shape
+    if factor == 1 and groups is None:
+        return ab
     # (n, factor, factor, h, w): voxel (i, j) of every block, so the inner loops run along whole network rows.
-    blocks = guide.clamp(*_GUIDE_CLIP_HU).reshape(n, h, factor, w, factor).permute(0, 2, 4, 1, 3).contiguous()
+    raw = guide.reshape(n, h, factor, w, factor).permute(0, 2, 4, 1, 3).contiguous()
+    blocks = raw.clamp(*_GUIDE_CLIP_HU)
     guide_low = blocks.mean(dim=(1, 2))
     # Neighbours by shifting the edge-padded network-resolution arrays (the edges clamp).
     guide_pad = F.pad(guide_low[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
     ab_pad = F.pad(ab, (1, 1, 1, 1), mode="replicate")
-    spatial = _spatial_weights(factor, ab.dtype, ab.device)
+    if groups is not None:
+        groups_pad = F.pad(groups.flatten(1, 2), (1, 1, 1, 1), mode="replicate").unflatten(1, groups.shape[1:3])
+        fit = hu_group_weights(raw).movedim(-1, 1)[:, :, None]  # (n, G, 1, factor, factor, h, w)
+    if factor > 1:
+        spatial = _spatial_weights(factor, ab.dtype, ab.device)
+    else:  # no upsampling: the voxel's own network pixel only
+        spatial = torch.tensor([[0.0], [1.0], [0.0]], dtype=ab.dtype, device=ab.device)
     scale = -0.5 / GUIDE_SIGMA_HU**2
     total = torch.zeros((n, 2, factor, factor, h, w), dtype=ab.dtype, device=ab.device)
     weight_sum = torch.zeros_like(blocks)
@@ -226,8 +301,13 @@ def guided_upsample(ab: torch.Tensor, guide: torch.Tensor, factor: int) -> torch
             # A small floor keeps a voxel unlike all nine pixels (a thin vessel) defined: then it is spatial only.
             weight = (blocks - near).square_().mul_(scale).exp_().add_(1e-4)
             weight.mul_((spatial[dy][:, None] * spatial[dx][None, :])[:, :, None, None])
-            total.addcmul_(ab_pad[:, :, None, None, dy : dy + h, dx : dx + w], weight[:, None])
-            weight_sum += weight
+            if groups is None:
+                total.addcmul_(ab_pad[:, :, None, None, dy : dy + h, dx : dx + w], weight[:, None])
+                weight_sum += weight
+            else:  # (a*·p, b*·p, p) of the groups that fit the voxel's HU
+                fitted = (groups_pad[:, :, :, None, None, dy : dy + h, dx : dx + w] * fit).sum(dim=1)
+                total.addcmul_(fitted[:, :2], weight[:, None])
+                weight_sum.addcmul_(fitted[:, 2], weight)
     total /= weight_sum[:, None]
     return total.permute(0, 1, 4, 2, 5, 3).reshape(n, 2, h * factor, w * factor)
 
@@ -235,14 +315,17 @@ def guided_upsample(ab: torch.Tensor, guide: torch.Tensor, factor: int) -> torch
 def upsample_chroma(chroma: Chroma, palette: Palette, hu: torch.Tensor, start: int) -> torch.Tensor:
     """a*, b* of the slices whose HU are ``hu`` (n, Y, X), starting at slice ``start``, at full resolution.
 
-    The palette's a*, b* at the network's resolution, upsampled guided by ``hu`` (`guided_upsample`), faded to none
-    where HU < `AIR_HU`. Returns (n, Y, X, 2) float32 on ``hu``'s device.
+    The palette's a*, b* at the network's resolution, upsampled guided by ``hu`` and re-weighted by it
+    (`guided_upsample` with the `HU_GROUPS`), faded to none where HU < `AIR_HU`. Returns (n, Y, X, 2) float32 on
+    ``hu``'s device.
     """
     (top, bottom), (left, right) = chroma.pad
     height, width = hu.shape[-2:]
-    ab = chroma.ab(palette, start, start + hu.shape[0]).to(hu.device)
+    stop = start + hu.shape[0]
+    ab = chroma.ab(palette, start, stop).to(hu.device)
+    groups = chroma.ab_groups(palette, start, stop).to(hu.device)
     guide = F.pad(hu[:, None], (left, right, top, bottom), mode="replicate")[:, 0]
-    ab = guided_upsample(ab, guide, chroma.factor)[:, :, top : top + height, left : left + width]
+    ab = guided_upsample(ab, guide, chroma.factor, groups)[:, :, top : top + height, left : left + width]
     air = ((hu - AIR_HU) / _AIR_FADE_HU).clamp_(0.0, 1.0)
     return (ab * air[:, None]).movedim(1, -1)
 
@@ -252,12 +335,15 @@ def _upsample_compose_cpu(
 ) -> None:
     """`upsample_chroma` and `compose_rgb` of the slices whose HU are ``hu`` (n, Y, X, CPU) in one pass per voxel
     (`fused.upsample_compose`), written into ``out`` (n, Y, X, 3) uint8. Only the network-resolution inputs are made
-    here: the palette's a*, b* and each network pixel's mean clipped HU, both edge-padded by one pixel."""
+    here: the palette's a*, b*, its `HU_GROUPS` terms and each network pixel's mean clipped HU, edge-padded by one
+    pixel."""
     from .fused import upsample_compose
 
     (top, bottom), (left, right) = chroma.pad
     factor = chroma.factor
-    ab = chroma.ab(palette, start, start + hu.shape[0])
+    stop = start + hu.shape[0]
+    ab = chroma.ab(palette, start, stop)
+    groups = chroma.ab_groups(palette, start, stop).flatten(1, 2)
     guide = F.pad(hu[:, None].clamp(*_GUIDE_CLIP_HU), (left, right, top, bottom), mode="replicate")
     guide_low = F.avg_pool2d(guide, factor) if factor > 1 else guide
     if factor > 1:
@@ -267,6 +353,8 @@ def _upsample_compose_cpu(
     upsample_compose(
         hu.numpy(),
         F.pad(ab, (1, 1, 1, 1), mode="replicate").numpy(),
+        F.pad(groups, (1, 1, 1, 1), mode="replicate").numpy(),
+        (*_SOFT_FADE_HU, *_BLOOD_FADE_HU, _GROUP_FLOOR),
         F.pad(guide_low, (1, 1, 1, 1), mode="replicate")[:, 0].numpy(),
         spatial.numpy(),
         (top, left),
@@ -279,25 +367,6 @@ def _upsample_compose_cpu(
         out,
         torch.get_num_threads(),
     )
-
-
-#: Set to 0 to keep the CPU network in float32 on a CPU with bfloat16 instructions (comparisons, benchmarks).
-CPU_BF16_ENV = "CTCOLOR_CPU_BF16"
-
-
-@functools.cache
-def cpu_bf16() -> bool:
-    """Whether the network runs under bfloat16 autocast on this CPU: where it has AVX512-BF16 or AMX (oneDNN's
-    bf16 kernels; 2.3x faster on an AMD EPYC with avx512_bf16), unless ``CTCOLOR_CPU_BF16=0``. Elsewhere float32
-    (emulated bf16 would be slower). On the validation CT bf16 changed the most probable class of 0.2 % of pixels
-    and 0.16 % of voxels' colour by more than one code (BENCHMARKS.md); the model cards' figures hold either way.
-    """
-    if os.environ.get(CPU_BF16_ENV, "1").strip() == "0":
-        return False
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without these probes: assume no bf16 instructions
-        return False
 
 
 @contextlib.contextmanager
@@ -404,10 +473,14 @@ def _make_consistent(
     top: torch.Tensor, prob: torch.Tensor, small_hu: torch.Tensor, classes: tuple[str, ...], volume: Volume, factor: int
 ) -> None:
     """`anatomy`'s steps on the kept classes (`TOP_K` per pixel), in place, chunk by chunk: smoothed along z,
-    restricted to the body region, named by tissue where unsure. The z smoothing reads each chunk's neighbours as the
+    restricted to the body region, named by tissue where unsure; air outside the body (`body.body_mask`: the table,
+    which the network sees as tissue, gets no colour). The z smoothing reads each chunk's neighbours as the
     network gave them: the rows after the chunk are not yet rewritten, and the few before it were saved before the
     previous chunk rewrote them (a copy of the whole output would add a quarter of the int16 CT's size)."""
     spacing_z, pixel_y, pixel_x = volume.spacing
+    outside = None
+    if "air" in classes:  # the table and anything else outside the body take no colour and no name
+        outside = torch.from_numpy(~body_mask(small_hu.numpy(), (spacing_z, pixel_y * factor, pixel_x * factor)))
     region = _anatomy.body_region(
         small_hu.numpy(),
         pixel_y * pixel_x * factor * factor,
@@ -432,6 +505,9 @@ def _make_consistent(
         keep = slice(max(stop - radius, 0) - lo, stop - lo)
         saved_top, saved_prob = block_top[keep].clone(), block_prob[keep].clone()
         top[start:stop], prob[start:stop] = chunk_top.to(torch.uint8), _quantise(chunk_prob)
+    if outside is not None:
+        top[:, 0][outside], prob[:, 0][outside] = classes.index("air"), 255
+        prob[:, 1:].masked_fill_(outside[:, None], 0)
 
 
 def _sliding_window_3d(

@@ -8,7 +8,9 @@ those passes cost more than the network. This kernel computes, for each CT voxel
 1. the window's grey, its f(Y) and Y from `compose_rgb`'s tables; black, white and air carry no colour (in an
    abdomen window most of a slice: the air around the body, lung, bone), and skip step 2;
 2. a*, b* from the 3 x 3 network pixels around it, weighted by distance and by HU likeness (`guided_upsample`,
-   the likeness from a table instead of an exp), faded to none in air (`AIR_HU`) and scaled by the chroma strength;
+   the likeness from a table instead of an exp); above 200 HU each pixel's bone, blood and other classes are
+   re-weighted by the voxel's HU (`colorize.HU_GROUPS`); faded to none in air (`AIR_HU`) and scaled by the chroma
+   strength;
 3. (L*, a*, b*) to linear RGB; out of gamut: chroma scaled to the first exit along the hue (the Cmax table,
    bilinear), then desaturated towards grey at constant Y (`compose_rgb`'s algorithm);
 4. the sRGB code from the 65536-entry table.
@@ -103,8 +105,12 @@ def _grey_codes(tables):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _kernel(hu, ab_pad, guide_pad, spatial, offset, factor, likeness, clip, air, window, strength, tables, grey, out):
+def _kernel(
+    hu, ab_pad, gp, fades, guide_pad, spatial, offset, factor, likeness, clip, air, window, strength, tables,
+    grey, out,
+):  # fmt: skip
     levels = tables[5]
+    soft_low, soft_high, blood_low, blood_high, floor = fades  # gp: the groups_pad of `upsample_compose`
     n, height, width = hu.shape
     top, left = offset
     air_hu, air_fade = air
@@ -137,6 +143,11 @@ def _kernel(hu, ab_pad, guide_pad, spatial, offset, factor, likeness, clip, air,
             total_a = np.float32(0.0)
             total_b = np.float32(0.0)
             weight_sum = np.float32(0.0)
+            dense = h > soft_low  # the HU groups' weights (bone 1, blood, other), all 1 at or below soft_low
+            fit_blood = min(max((blood_high - h) / (blood_high - blood_low), np.float32(0.0)), np.float32(1.0))
+            fit_blood = fit_blood * (np.float32(1.0) - floor) + floor
+            fit_other = min(max((soft_high - h) / (soft_high - soft_low), np.float32(0.0)), np.float32(1.0))
+            fit_other = fit_other * (np.float32(1.0) - floor) + floor
             for dx in range(3):
                 sx = spatial[dx, ix]
                 for dy in range(3):
@@ -145,9 +156,16 @@ def _kernel(hu, ab_pad, guide_pad, spatial, offset, factor, likeness, clip, air,
                     k = int(d)
                     like = likeness[k] + (d - np.float32(k)) * slope[k]
                     w = (like + np.float32(1e-4)) * sw
-                    total_a += ab_pad[s, 0, by + dy, bx + dx] * w
-                    total_b += ab_pad[s, 1, by + dy, bx + dx] * w
-                    weight_sum += w
+                    ny, nx = by + dy, bx + dx
+                    if dense:  # (a*·p, b*·p, p) of the bone, blood and other groups as they fit the voxel's HU
+                        wb, wo = w * fit_blood, w * fit_other
+                        total_a += gp[s, 0, ny, nx] * w + gp[s, 3, ny, nx] * wb + gp[s, 6, ny, nx] * wo
+                        total_b += gp[s, 1, ny, nx] * w + gp[s, 4, ny, nx] * wb + gp[s, 7, ny, nx] * wo
+                        weight_sum += gp[s, 2, ny, nx] * w + gp[s, 5, ny, nx] * wb + gp[s, 8, ny, nx] * wo
+                    else:
+                        total_a += ab_pad[s, 0, ny, nx] * w
+                        total_b += ab_pad[s, 1, ny, nx] * w
+                        weight_sum += w
             fade = min((h - air_hu) / air_fade, np.float32(1.0)) * strength
             # 3-4. linear RGB (mapped into the gamut along the hue when outside) and its sRGB codes
             _srgb(level, total_a / weight_sum * fade, total_b / weight_sum * fade, out[s, y, x], tables)
@@ -194,6 +212,8 @@ def _numba_tables() -> tuple:
 def upsample_compose(
     hu: np.ndarray,
     ab_pad: np.ndarray,
+    groups_pad: np.ndarray,
+    fades: tuple[float, float, float, float, float],
     guide_pad: np.ndarray,
     spatial: np.ndarray,
     offset: tuple[int, int],
@@ -211,6 +231,10 @@ def upsample_compose(
     Args:
         hu: (n, Y, X) float32 HU.
         ab_pad: (n, 2, h + 2, w + 2) float32 a*, b* at the network's resolution, edge-padded by one pixel.
+        groups_pad: (n, 9, h + 2, w + 2) float32 (a*·p, b*·p, p) of the bone, blood and other classes of each pixel
+            (`colorize.Chroma.ab_groups`), edge-padded the same way; ``ab_pad`` is their sum.
+        fades: (soft low, soft high, blood low, blood high, floor): the HU over which the other and the blood
+            groups' weights fall from 1 to the floor (`colorize.HU_GROUPS`); bone keeps weight 1.
         guide_pad: (n, h + 2, w + 2) float32 mean clipped HU of each network pixel, edge-padded by one pixel.
         spatial: (3, factor) float32 distance weights of the neighbours -1, 0, +1 for each position in a pixel.
         offset: (top, left) full-resolution padding before the network (voxel (y, x) is (y + top, x + left) there).
@@ -229,6 +253,8 @@ def upsample_compose(
     _kernel(
         np.ascontiguousarray(hu, dtype=f32),
         np.ascontiguousarray(ab_pad, dtype=f32),
+        np.ascontiguousarray(groups_pad, dtype=f32),
+        tuple(f32(v) for v in fades),
         np.ascontiguousarray(guide_pad, dtype=f32),
         np.ascontiguousarray(spatial, dtype=f32),
         (int(offset[0]), int(offset[1])),

@@ -52,7 +52,7 @@ from napari_ctcolor.weights import find_weights, load_symnet
 from napari_ctcolor.windowing import window_tensor
 
 from .checkerboard import resample_onto, same_grid
-from .device import resolve_device
+from .device import cpu_bf16, resolve_device
 from .orientation import AxisMap, check_axes
 from .refine import REFINE_BYTES_PER_VOXEL, RefineSettings, check_iterations, chunks, invert_field, refine_field
 from .steps import Cancel, Progress, Steps, run_steps
@@ -165,6 +165,8 @@ class RegistrationModel:
         prealign: whether the affine pre-alignment runs by default (the card's ``inference.prealign``: "affine").
         symmetric: run the network on (fixed, moving) and (moving, fixed) and average (``inference.symmetric``).
         limits: the quality limits of `warnings` (`QUALITY_LIMITS` with the card's ``inference.quality_limits``).
+        cpu_bf16: the network may run under bfloat16 autocast on a CPU with bf16 instructions (``inference.cpu_bf16``,
+            `device.cpu_bf16`); never for an official checkpoint, whose parity is to 1e-3.
     """
 
     network: SYMNet
@@ -176,6 +178,7 @@ class RegistrationModel:
     prealign: bool = False
     symmetric: bool = False
     limits: Mapping[str, float | None] = field(default_factory=lambda: QUALITY_LIMITS)
+    cpu_bf16: bool = False
 
 
 _MODEL_CACHE: dict[tuple, RegistrationModel] = {}
@@ -236,6 +239,7 @@ def _load_registration_model(model: str | os.PathLike) -> RegistrationModel:
         inference.get("prealign") == "affine",
         bool(inference.get("symmetric", False)),
         _card_limits(inference.get("quality_limits"), name),
+        bool(inference.get("cpu_bf16", False)),
     )
 
 
@@ -766,7 +770,8 @@ def register(
             0: the network alone); None takes the model card's default (``inference.refine.iterations``; 0 for an
             official checkpoint). 2D pairs are not refined.
         device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"`` or ``"mps"``. On CUDA the network runs
-            under bfloat16 autocast; integration and warping stay in float32.
+            under bfloat16 autocast, on a CPU with bf16 instructions too where the card allows it
+            (``inference.cpu_bf16``: the CT weights); integration and warping stay in float32.
         progress: called as ``progress(done, total)`` after each stage.
         cancel: called before each stage; when it returns True the engine raises `Cancelled`.
         moving_labels: an optional label map on the moving image's grid (or any grid), warped with nearest.
@@ -874,7 +879,8 @@ def iter_register(
         del inputs
         # channels_last_3d is about twice as fast on the CPU (as in symnet_forward_fields).
         network.to(memory_format=torch.channels_last_3d)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch_device.type == "cuda"):
+        bf16 = torch_device.type == "cuda" or (torch_device.type == "cpu" and loaded.cpu_bf16 and cpu_bf16())
+        with torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=bf16):
             forward = _symmetric_forward if loaded.symmetric else _forward
             v_xy, v_yx = forward(network, fixed_in, moving_in)
         v_xy, v_yx = v_xy.float().contiguous(), v_yx.float().contiguous()
@@ -973,6 +979,7 @@ def iter_register(
         # The working grid in the fixed image's (Z, Y, X) order (the network saw it in its own axis order).
         "network_shape": [work[axis_map.axes.index(a)] for a in range(3)],
         "device": str(torch_device),
+        "network_dtype": "bfloat16" if bf16 else "float32",
         "refine_iterations": iterations,
         "affine": bool(affine),
         "symmetric": loaded.symmetric,

@@ -55,6 +55,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFrame, QScrollArea, QWidget
 
 from ..color import PALETTE_NAMES, Palette, load_palette
+from ..engines.body import body_mask
 from ..engines.colorize import Chroma, compose_chroma, iter_compose_chroma, iter_predict_chroma
 from ..engines.device import resolve_device
 from ..engines.steps import offset_steps
@@ -66,7 +67,7 @@ from ._docks import tab_with_siblings
 from ._layers import META_KEY, layer_attributes, volume_from_layer
 from ._view import anterior_3d, follow_radiological_orientation, plane_buttons, show_plane
 from ._volume import AIR_HU as AIR_HU_3D
-from ._volume import PRESETS_3D, body_mask, vessel_hu
+from ._volume import PRESETS_3D, vessel_hu
 
 if TYPE_CHECKING:
     import napari
@@ -930,7 +931,7 @@ class ColorizeWidget(Container):
         shape = kept.volume.shape
         if index.size != 3 or not all(0 <= i < n for i, n in zip(index, shape, strict=True)):
             return ""
-        name, probability = kept.chroma.class_at(*(int(i) for i in index))
+        name, probability = kept.chroma.class_at(*(int(i) for i in index), float(kept.volume.array[tuple(index)]))
         return f"{name} {probability:.0%} (colour class, not a segmentation)"
 
     def _class_colours(self) -> DirectLabelColormap:
@@ -953,7 +954,7 @@ class ColorizeWidget(Container):
         if kept is None or self.result_layer is None:
             return None
         name = f"{kept.ct.name} colour classes"
-        data = kept.chroma.most_probable(kept.volume.shape)
+        data = kept.chroma.most_probable(kept.volume.array)
         if kept.ct.ndim == 2:
             data = data[0]
         features = {"index": np.arange(len(kept.chroma.classes) + 1), "colour_class": ["", *kept.chroma.classes]}

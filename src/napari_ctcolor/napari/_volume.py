@@ -14,9 +14,9 @@ colormap a HU transfer function, unlit. The presets (`PRESETS_3D`):
   ivory.
 - colour: the colorized RGB with alpha from HU, translucent.
 
-The table and the air are removed first (`body_mask`): the largest connected component above -400 HU after a small
-opening (which cuts the thin contacts between body and table), with its holes (lungs, bowel gas) filled slice by
-slice.
+The table and the air are removed first (`engines.body.body_mask`: the large connected pieces above -400 HU after a
+small opening, which removes the table's shells and cuts the thin contacts between body and table, with their holes
+filled).
 """
 
 from __future__ import annotations
@@ -27,13 +27,10 @@ import numpy as np
 from napari.utils import Colormap
 from scipy import ndimage
 
+from ..engines.body import body_mask, ellipsoid
 from ..windowing import PRESETS, Window
 
 AIR_HU = -1024.0
-#: Above this HU a voxel may belong to the body (skin, fat, soft tissue, bone); the mattress (foam) and air lie below.
-BODY_HU = -400.0
-#: Radius (mm) of the opening that separates the body from the table before the largest component is kept.
-TABLE_GAP_MM = 4.0
 #: Cortical bone: above this HU. Vessel-bright voxels within `BONE_REACH_MM` of it count as bone (cancellous bone).
 CORTEX_HU = 650.0
 BONE_REACH_MM = 5.0
@@ -121,24 +118,6 @@ PRESETS_3D: dict[str, tuple[Layer3D, ...]] = {
 }
 
 
-def body_mask(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
-    """bool (Z, Y, X): the patient's body, without the table and the air around it (see the module docstring)."""
-    inside = hu > BODY_HU
-    radius = [max(1, round(TABLE_GAP_MM / s)) if i else 1 for i, s in enumerate(spacing)]
-    ball = _ellipsoid(radius)
-    opened = ndimage.binary_opening(inside, structure=ball)
-    labels, count = ndimage.label(opened)
-    if count == 0:
-        return np.zeros(hu.shape, dtype=bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    body = labels == int(np.argmax(sizes))
-    body = ndimage.binary_dilation(body, structure=ball) & inside  # the skin the opening shaved off
-    for z in range(body.shape[0]):  # lungs and bowel gas are inside the body
-        body[z] = ndimage.binary_fill_holes(body[z])
-    return body
-
-
 def vessel_hu(
     hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float, float], low: float = VESSEL_SURFACE_HU
 ) -> np.ndarray:
@@ -150,9 +129,9 @@ def vessel_hu(
     """
     grow = [max(1, round(BONE_REACH_MM / s)) for s in spacing]
     cortex = body & (hu > CORTEX_HU)
-    closed = ndimage.binary_closing(cortex, structure=_ellipsoid([1, *grow[1:]]))
+    closed = ndimage.binary_closing(cortex, structure=ellipsoid([1, *grow[1:]]))
     bone = np.stack([ndimage.binary_fill_holes(plane) for plane in closed])
-    bone = ndimage.binary_dilation(bone, structure=_ellipsoid(grow))
+    bone = ndimage.binary_dilation(bone, structure=ellipsoid(grow))
     keep = body & (hu > low) & (hu < 600.0) & ~bone
     labels, count = ndimage.label(keep)
     if count:
@@ -175,8 +154,3 @@ def contrast_window(hu: np.ndarray, spacing: tuple[float, float, float]) -> Wind
     if values.size * float(np.prod(grid)) < 5000.0:  # under 5 ml: nothing enhanced to centre on
         return PRESETS["cta"]
     return Window(float(np.round(np.percentile(values, 75))), PRESETS["cta"].width)
-
-
-def _ellipsoid(radius: list[int]) -> np.ndarray:
-    grid = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
-    return sum((g / max(r, 1)) ** 2 for g, r in zip(grid, radius, strict=True)) <= 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import MISSING, dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ..engines.body import body_mask
 from ..engines.checkerboard import resample_onto
 from ..errors import InputError
 from ..io import Volume, read_volume
@@ -24,6 +26,11 @@ class LabelledCT:
     ct: Volume
     labels: np.ndarray
     label_names: dict[int, str]
+
+    @functools.cached_property
+    def body(self) -> np.ndarray:
+        """bool (Z, Y, X): the patient's body (`engines.body.body_mask`), without the table and blankets."""
+        return body_mask(np.asarray(self.ct.array, dtype=np.float32), self.ct.spacing)
 
 
 #: The model cards' word on reproducing weights (every training command writes it into "limits").

@@ -32,6 +32,7 @@ from scipy import ndimage
 from skimage.color import deltaE_ciede2000
 
 from ..color import PALETTE_NAMES, colour_class, compose_rgb, grey_to_lightness, load_palette, srgb_to_lab
+from ..engines.body import body_mask
 from ..engines.colorize import AIR_HU, compose_chroma, predict_chroma
 from ..models.colorizer import Colorizer
 from ..windowing import PRESETS, window
@@ -96,7 +97,7 @@ def evaluate_case(
         return compose_chroma(case.ct, chroma, win, 1.0, "cpu", palette).rgb
 
     result = colour_metrics(case, model.config.classes, render, palettes, display)
-    labels = chroma.most_probable(case.ct.shape)
+    labels = chroma.most_probable(case.ct.array)
     result["classes"] = class_metrics(case, labels, chroma.classes)
     result["tissues"] = tissue_metrics(case.ct, labels, chroma.classes, render)
     return result
@@ -110,7 +111,7 @@ def evaluate_tissues(model: Colorizer, ct) -> dict[str, Any]:
     def render(win: tuple[float, float] | str, palette: str) -> np.ndarray:
         return compose_chroma(ct, chroma, win, 1.0, "cpu", palette).rgb
 
-    return tissue_metrics(ct, chroma.most_probable(ct.shape), chroma.classes, render)
+    return tissue_metrics(ct, chroma.most_probable(ct.array), chroma.classes, render)
 
 
 def group_windows(case: LabelledCT) -> dict[str, tuple[float, float]]:
@@ -124,12 +125,16 @@ def group_windows(case: LabelledCT) -> dict[str, tuple[float, float]]:
 
 
 def _group_masks(case: LabelledCT) -> dict[str, np.ndarray | None]:
-    """Each group's inner voxels (in-plane border removed), None when it has fewer than `MIN_GROUP_VOXELS`."""
+    """Each group's inner voxels (in-plane border removed) in the body (tissue classes by HU would otherwise count
+    the blankets as lung and the table as bone; lung: aerated lung, `_aerated_lung`), None when it has fewer than
+    `MIN_GROUP_VOXELS`."""
     ref_index, ref_names = _reference_classes(case)
     masks = {}
     for group, member in GROUPS.items():
         ids = [k for k, n in enumerate(ref_names) if member(n)]
-        mask = _inner(np.isin(ref_index, ids)) & (np.asarray(case.ct.array) >= AIR_HU)
+        mask = _inner(np.isin(ref_index, ids)) & (np.asarray(case.ct.array) >= AIR_HU) & case.body
+        if group == "lung":
+            mask &= _aerated_lung(np.asarray(case.ct.array, dtype=np.float32), case.body, case.ct.spacing)
         masks[group] = mask if mask.sum() >= MIN_GROUP_VOXELS else None
     return masks
 
@@ -166,6 +171,7 @@ def colour_metrics(
         out = render(display, palette_name)
         grey = window(hu, *win)
         reference_ab = ab_targets(hu, case.labels, case.label_names, classes, palette, ct.spacing[1:])
+        reference_ab[~case.body] = 0.0  # no colour outside the body
         lab_out, lab_ref = srgb_to_lab(out), srgb_to_lab(compose_rgb(grey, reference_ab))
         shown = (grey > 0) & (grey < 1)
         de = deltaE_ciede2000(lab_out[shown], lab_ref[shown])
@@ -248,16 +254,27 @@ def class_metrics(case: LabelledCT, labels: np.ndarray, classes: Sequence[str]) 
 BONE_HU, IVORY_HUE_DEG, IVORY_MIN_CHROMA, IVORY_GREY = 300.0, (60.0, 110.0), 8.0, (0.40, 0.85)
 #: HU above which `tissue_metrics` checks that voxels are not named contrast blood (bone on non-contrast CT).
 DENSE_HU = 250.0
-#: HU of lung parenchyma and of fat for `tissue_metrics` (inner voxels only).
-LUNG_HU, FAT_HU = (-900.0, -600.0), (-150.0, -60.0)
+#: HU of lung parenchyma and of fat for `tissue_metrics` (inner voxels only); lung counts in pieces of this size.
+LUNG_HU, FAT_HU, LUNG_MIN_ML = (-900.0, -600.0), (-150.0, -60.0), 20.0
 #: Abdominal organs that must not be named in the chest (`tissue_metrics`).
 ABDOMINAL = ("liver", "spleen", "kidney", "small_bowel", "duodenum", "colon", "stomach")
 
 
-def _lung_below(hu: np.ndarray, superior_sign: float) -> np.ndarray:
-    """Voxels with aerated lung at the same (y, x) in a more inferior slice: above the diaphragm, by HU alone."""
-    lung = (hu >= LUNG_HU[0]) & (hu <= LUNG_HU[1])
-    lung = ndimage.binary_opening(lung, iterations=1)  # not the thin rims of bowel gas
+def _aerated_lung(hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """The body's aerated lung by HU alone: `LUNG_HU` voxels in connected pieces of at least `LUNG_MIN_ML` after an
+    opening (not the thin rims of bowel and stomach gas: on the upper-abdomen DICOM patient, whose slab holds no lung,
+    the largest such piece is 0.5 mL)."""
+    lung = ndimage.binary_opening((hu >= LUNG_HU[0]) & (hu <= LUNG_HU[1]) & body, iterations=1)
+    labels, count = ndimage.label(lung)
+    if count == 0:
+        return lung
+    sizes = np.bincount(labels.ravel()) * float(np.prod(spacing)) / 1000.0
+    sizes[0] = 0.0
+    return (sizes >= LUNG_MIN_ML)[labels]
+
+
+def _lung_below(lung: np.ndarray, superior_sign: float) -> np.ndarray:
+    """Voxels with aerated ``lung`` at the same (y, x) in a more inferior slice: above the diaphragm."""
     order = slice(None) if superior_sign > 0 else slice(None, None, -1)  # index 0 = most inferior
     seen = np.logical_or.accumulate(lung[order], axis=0)
     below = np.zeros_like(seen)
@@ -266,16 +283,17 @@ def _lung_below(hu: np.ndarray, superior_sign: float) -> np.ndarray:
 
 
 def tissue_metrics(ct, labels: np.ndarray, classes: Sequence[str], render: Render) -> dict[str, Any]:
-    """What the HU alone can check, on any CT (labelled or not): under the anatomical palette, the share of bone
-    shown ivory (`BONE_HU`, `IVORY_HUE_DEG`) and of lung and fat within 25 degrees of their palette hues; and the
-    share of body voxels above the diaphragm (aerated lung below them in their column) whose most probable class
-    (``labels`` as `class_metrics`) is an abdominal organ; and ``dense_contrast_blood``, the share of inner voxels
-    above `DENSE_HU` named contrast blood: on non-contrast CT they are all bone (on contrast CT they include the
-    enhanced blood, which is right there)."""
+    """What the HU alone can check, on any CT (labelled or not), inside the body (`body_mask`: not the table nor
+    blankets): under the anatomical palette, the share of bone shown ivory (`BONE_HU`, `IVORY_HUE_DEG`) and of lung
+    and fat within 25 degrees of their palette hues; the share of body voxels above the diaphragm (aerated lung below
+    them in their column) whose most probable class (``labels`` as `class_metrics`) is an abdominal organ; and
+    ``dense_contrast_blood``, the share of inner voxels above `DENSE_HU` named contrast blood: on non-contrast CT
+    they are all bone (on contrast CT they include the enhanced blood, which is right there)."""
     hu = np.asarray(ct.array, dtype=np.float32)
+    body = body_mask(hu, ct.spacing)  # not the table (dense, but no bone)
     palette = load_palette("anatomical")
     out: dict[str, Any] = {}
-    bone = _inner(hu >= BONE_HU)
+    bone = _inner(hu >= BONE_HU) & body
     grey = window(hu, *PRESETS["bone"])
     shown = bone & (grey >= IVORY_GREY[0]) & (grey <= IVORY_GREY[1])
     if shown.sum() >= MIN_GROUP_VOXELS:
@@ -285,8 +303,9 @@ def tissue_metrics(ct, labels: np.ndarray, classes: Sequence[str], render: Rende
         out["bone_ivory"] = round(float(ivory.mean()), 3)
     else:
         out["bone_ivory"] = None
-    for name, (low, high), win in (("lung", LUNG_HU, "lung"), ("fat", FAT_HU, "abdomen")):
-        mask = _inner((hu >= low) & (hu <= high))
+    lung = _aerated_lung(hu, body, ct.spacing)
+    fat = _inner((hu >= FAT_HU[0]) & (hu <= FAT_HU[1])) & body
+    for name, mask, win in (("lung", _inner(lung), "lung"), ("fat", fat, "abdomen")):
         grey = window(hu, *PRESETS[win])
         mask &= (grey >= 0.1) & (grey <= 0.9)
         if mask.sum() < MIN_GROUP_VOXELS:
@@ -296,12 +315,12 @@ def tissue_metrics(ct, labels: np.ndarray, classes: Sequence[str], render: Rende
         target = palette.class_ab([name])
         close = _hue_diff(_hue(lab[:, 1:]), _hue(target)) <= HUE_TOLERANCE_DEG
         out[f"{name}_hue"] = round(float((close & (np.hypot(lab[:, 1], lab[:, 2]) >= MIN_CHROMA)).mean()), 3)
-    dense = _inner(hu > DENSE_HU)
+    dense = _inner(hu > DENSE_HU) & body
     blood = [k + 1 for k, c in enumerate(classes) if c == "contrast_blood"]
     out["dense_contrast_blood"] = (
         round(float(np.isin(labels[dense], blood).mean()), 4) if dense.sum() >= MIN_GROUP_VOXELS else None
     )
-    chest = _lung_below(hu, float(np.asarray(ct.direction)[2, 2])) & (hu >= AIR_HU)
+    chest = _lung_below(lung, float(np.asarray(ct.direction)[2, 2])) & (hu >= AIR_HU) & body
     abdominal = [k + 1 for k, c in enumerate(classes) if c in ABDOMINAL]
     out["abdominal_above_diaphragm"] = (
         round(float(np.isin(labels[chest], abdominal).mean()), 4) if chest.sum() >= MIN_GROUP_VOXELS else None
