@@ -94,9 +94,10 @@ class Chroma:
         prob = self.prob[start:stop].float()
         prob = prob / prob.sum(dim=1, keepdim=True).clamp_min(1.0)
         top = self.top[start:stop].long()
-        terms = torch.cat((table[top] * prob[..., None], prob[..., None]), dim=-1)  # (n, k, h, w, 3)
-        member = _hu_group_of(self.classes)[top][:, None] == torch.arange(len(HU_GROUPS)).view(1, -1, 1, 1, 1)
-        return (terms[:, None] * member[..., None]).sum(dim=2).movedim(-1, 2)
+        terms = torch.cat((table[top] * prob[..., None], prob[..., None]), dim=-1).movedim(-1, 2)  # (n, k, 3, h, w)
+        group = _hu_group_of(self.classes)[top][:, :, None].expand_as(terms)
+        out = terms.new_zeros((terms.shape[0], len(HU_GROUPS), *terms.shape[2:]))
+        return out.scatter_add_(1, group, terms)
 
     def network_pixel(self, y, x):
         """The network pixel (row, column) that covers CT voxel column (y, x); integers or index tensors."""
@@ -335,15 +336,19 @@ def _upsample_compose_cpu(
 ) -> None:
     """`upsample_chroma` and `compose_rgb` of the slices whose HU are ``hu`` (n, Y, X, CPU) in one pass per voxel
     (`fused.upsample_compose`), written into ``out`` (n, Y, X, 3) uint8. Only the network-resolution inputs are made
-    here: the palette's a*, b*, its `HU_GROUPS` terms and each network pixel's mean clipped HU, edge-padded by one
-    pixel."""
-    from .fused import upsample_compose
+    here, edge-padded by one pixel: the palette's a*, b* and its `HU_GROUPS` terms (`fused.class_terms`), and each
+    network pixel's mean clipped HU."""
+    from .fused import class_terms, upsample_compose
 
     (top, bottom), (left, right) = chroma.pad
     factor = chroma.factor
     stop = start + hu.shape[0]
-    ab = chroma.ab(palette, start, stop)
-    groups = chroma.ab_groups(palette, start, stop).flatten(1, 2)
+    threads = torch.get_num_threads()
+    table = _class_table(palette, chroma.classes).numpy()
+    group_of = _hu_group_of(chroma.classes).numpy()
+    ab_pad, groups_pad = class_terms(
+        chroma.top[start:stop].numpy(), chroma.prob[start:stop].numpy(), table, group_of, threads
+    )
     guide = F.pad(hu[:, None].clamp(*_GUIDE_CLIP_HU), (left, right, top, bottom), mode="replicate")
     guide_low = F.avg_pool2d(guide, factor) if factor > 1 else guide
     if factor > 1:
@@ -352,8 +357,8 @@ def _upsample_compose_cpu(
         spatial = torch.tensor([[0.0], [1.0], [0.0]])
     upsample_compose(
         hu.numpy(),
-        F.pad(ab, (1, 1, 1, 1), mode="replicate").numpy(),
-        F.pad(groups, (1, 1, 1, 1), mode="replicate").numpy(),
+        ab_pad,
+        groups_pad,
         (*_SOFT_FADE_HU, *_BLOOD_FADE_HU, _GROUP_FLOOR),
         F.pad(guide_low, (1, 1, 1, 1), mode="replicate")[:, 0].numpy(),
         spatial.numpy(),
@@ -365,7 +370,7 @@ def _upsample_compose_cpu(
         (win.centre, win.width),
         strength,
         out,
-        torch.get_num_threads(),
+        threads,
     )
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from ..color import compose_tables
 from ..models._field_kernels import use_threads
 
-__all__ = ["LIKENESS_STEP_HU", "likeness_table", "top_classes", "upsample_compose", "use_threads"]
+__all__ = ["LIKENESS_STEP_HU", "class_terms", "likeness_table", "top_classes", "upsample_compose", "use_threads"]
 
 
 @numba.njit(inline="always")
@@ -268,6 +268,55 @@ def upsample_compose(
         _grey_table(),
         out,
     )
+
+
+def class_terms(
+    top: np.ndarray, prob: np.ndarray, table: np.ndarray, group_of: np.ndarray, threads: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`upsample_compose`'s network-resolution inputs from the kept classes, edge-padded by one pixel, in one pass:
+    ``ab_pad`` (n, 2, h + 2, w + 2), the probability-weighted a*, b* (`colorize.Chroma.ab`), and ``groups_pad``
+    (n, 9, h + 2, w + 2), the (a*·p, b*·p, p) of each HU group (`colorize.Chroma.ab_groups`). In torch the same
+    took several passes over (n, k, 3, h, w) temporaries, as long as the network's last layers.
+
+    Args:
+        top: (n, k, h, w) uint8 class indices; prob: (n, k, h, w) uint8 probabilities x 255.
+        table: (K, 2) float32 a*, b* of the classes; group_of: (K,) int64 HU group of each class.
+        threads: threads for the rows.
+    """
+    use_threads(threads)
+    n, _, height, width = top.shape
+    ab_pad = np.empty((n, 2, height + 2, width + 2), dtype=np.float32)
+    groups_pad = np.empty((n, 9, height + 2, width + 2), dtype=np.float32)
+    _class_terms(top, prob, np.ascontiguousarray(table, dtype=np.float32), group_of, ab_pad, groups_pad)
+    return ab_pad, groups_pad
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _class_terms(top, prob, table, group_of, ab_pad, groups_pad):
+    n, k, height, width = top.shape
+    for job in numba.prange(n * (height + 2)):
+        s, py = job // (height + 2), job % (height + 2)
+        y = min(max(py - 1, 0), height - 1)
+        for px in range(width + 2):
+            x = min(max(px - 1, 0), width - 1)
+            total = np.float32(0.0)
+            for j in range(k):
+                total += np.float32(prob[s, j, y, x])
+            scale = np.float32(1.0) / max(total, np.float32(1.0))
+            for c in range(9):
+                groups_pad[s, c, py, px] = 0.0
+            ab_pad[s, 0, py, px] = 0.0
+            ab_pad[s, 1, py, px] = 0.0
+            for j in range(k):
+                c = top[s, j, y, x]
+                p = np.float32(prob[s, j, y, x]) * scale
+                g = 3 * group_of[c]
+                a, b = table[c, 0] * p, table[c, 1] * p
+                groups_pad[s, g, py, px] += a
+                groups_pad[s, g + 1, py, px] += b
+                groups_pad[s, g + 2, py, px] += p
+                ab_pad[s, 0, py, px] += a
+                ab_pad[s, 1, py, px] += b
 
 
 def top_classes(logits: np.ndarray, k: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
