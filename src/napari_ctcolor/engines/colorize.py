@@ -363,12 +363,14 @@ def iter_predict_chroma(
     small_hu = torch.empty((z, *low), dtype=torch.float32)  # for the anatomy step (`_make_consistent`)
     if config.dims == 2:
         neighbours = context_indices(z, config.context)
-        for start in range(0, z, batch):
-            stop = min(z, start + batch)
+
+        def predict_batch(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """(class indices, probabilities, small HU) of slices [start, stop) on the CPU. A function, so that the
+            batch's tensors (the logits: 20 MB for 8 slices of 512²) are freed when it returns, not kept in the
+            generator's frame through the anatomy step and past the hand-back of free memory below."""
             lo, hi = int(neighbours[start:stop].min()), int(neighbours[start:stop].max()) + 1
             with _inference(device, bf16):
                 small = small_slices(lo, hi)
-                small_hu[start:stop] = small[start - lo : stop - lo].float().cpu()
                 x = prepare_input(small[neighbours[start:stop] - lo], config)
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -378,7 +380,11 @@ def iter_predict_chroma(
                     indices, values = torch.from_numpy(found[0]), torch.from_numpy(found[1])
                 else:
                     indices, values = _compact(logits.softmax(dim=1))
-            top[start:stop], prob[start:stop] = indices.cpu(), values.cpu()
+                return indices.cpu(), values.cpu(), small[start - lo : stop - lo].float().cpu()
+
+        for start in range(0, z, batch):
+            stop = min(z, start + batch)
+            top[start:stop], prob[start:stop], small_hu[start:stop] = predict_batch(start, stop)
             yield stop, z
     else:
         with _inference(device, bf16):
