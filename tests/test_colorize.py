@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from napari_ctcolor.color import compose_rgb, grey_to_lightness, load_palette, srgb_to_lab
 from napari_ctcolor.engines import Cancelled
 from napari_ctcolor.engines.colorize import (
-    _FUSED_CHUNK,
+    _COMPOSE_CHUNK,
     _ROI_3D,
     TOP_K,
     Chroma,
@@ -172,8 +172,8 @@ def test_cpu_runs_are_byte_identical_and_colorize_equals_predict_then_compose(ct
 def test_progress_reaches_total_and_cancel_raises(ct, model):
     steps = []
     colorize(ct, model, WINDOW, device="cpu", batch_size=8, progress=lambda done, total: steps.append((done, total)))
-    # network: 8, 16, 20 slices; compose (CPU, fused kernel): chunks of _FUSED_CHUNK slices; out of 2 x 20.
-    compose = [(20 + min(20, k), 40) for k in range(_FUSED_CHUNK, 20 + _FUSED_CHUNK, _FUSED_CHUNK)]
+    # network: 8, 16, 20 slices; compose: chunks of _COMPOSE_CHUNK slices; out of 2 x 20.
+    compose = [(20 + min(20, k), 40) for k in range(_COMPOSE_CHUNK, 20 + _COMPOSE_CHUNK, _COMPOSE_CHUNK)]
     assert steps == [(8, 40), (16, 40), (20, 40), *compose]
 
     reported = []

@@ -9,7 +9,7 @@ Two phases, so the UI can change palette, chroma strength or window without re-r
    resolution guided by the full-resolution CT (`guided_upsample`), so colour stops at boundaries; no colour where
    HU < -900 (air); then the windowed CT's grey composed into sRGB with the exact luminance, written into one
    preallocated uint8 array (on the CPU both in one numba pass per voxel, `fused.upsample_compose`). Peak memory
-   stays near input + output.
+   stays near input + output + the kept classes: 2.8x an int16 CT of 512² slices (1x + 1.5x + 0.26x).
 
 Each phase is written once, as a generator (`iter_predict_chroma`, `iter_compose_chroma`, `iter_colorize`) that
 yields ``(done, total)`` slices after every batch and *returns* its result. The plain functions drain these
@@ -46,8 +46,11 @@ from .fused import top_classes
 from .steps import Cancel, Progress, Steps, offset_steps, run_steps
 
 _AIR_HU = -1024.0
-_COMPOSE_CHUNK = 2  # slices per compose step: bounds the float temporaries; 2 was also faster than 8 (cache)
-_FUSED_CHUNK = 8  # slices per compose step of the fused CPU kernel (no full-resolution temporaries)
+# Slices per compose step: bounds the chunk's float temporaries (the fused CPU kernel's too: its float HU, clipped
+# guide and a*, b*). glibc serves them from its heap, which keeps what they touched resident while the RGB output
+# grows: 8 slices left 50-115 MB there at the peak of 600 slices of 512² (0.15-0.4x the int16 input), 2 slices
+# 5-10 MB. 2 was also faster than 8 for the two-pass path (cache).
+_COMPOSE_CHUNK = 2
 _ROI_3D = (32, 96, 96)  # 3D model patch (d, h, w) at the network's resolution
 _OVERLAP_3D = 0.5  # overlap of neighbouring 3D patches, blended with a Gaussian weight (MONAI's sliding window)
 _MODEL_CACHE: dict[str, tuple[Colorizer, dict[str, Any]]] = {}
@@ -437,12 +440,14 @@ def iter_predict_chroma(
     small_hu = torch.empty((z, *low), dtype=torch.float32)  # for the anatomy step (`_make_consistent`)
     if config.dims == 2:
         neighbours = context_indices(z, config.context)
-        for start in range(0, z, batch):
-            stop = min(z, start + batch)
+
+        def predict_batch(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """(class indices, probabilities, small HU) of slices [start, stop) on the CPU. A function, so that the
+            batch's tensors (the logits: 20 MB for 8 slices of 512²) are freed when it returns, not kept in the
+            generator's frame through the anatomy step and past the hand-back of free memory below."""
             lo, hi = int(neighbours[start:stop].min()), int(neighbours[start:stop].max()) + 1
             with _inference(device, bf16):
                 small = small_slices(lo, hi)
-                small_hu[start:stop] = small[start - lo : stop - lo].float().cpu()
                 x = prepare_input(small[neighbours[start:stop] - lo], config)
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -452,7 +457,11 @@ def iter_predict_chroma(
                     indices, values = torch.from_numpy(found[0]), torch.from_numpy(found[1])
                 else:
                     indices, values = _compact(logits.softmax(dim=1))
-            top[start:stop], prob[start:stop] = indices.cpu(), values.cpu()
+                return indices.cpu(), values.cpu(), small[start - lo : stop - lo].float().cpu()
+
+        for start in range(0, z, batch):
+            stop = min(z, start + batch)
+            top[start:stop], prob[start:stop], small_hu[start:stop] = predict_batch(start, stop)
             yield stop, z
     else:
         with _inference(device, bf16):
@@ -604,9 +613,8 @@ def iter_compose_chroma(
     check_memory(z * height * width * 3 + _COMPOSE_CHUNK * height * width * 100, volume.meta.get("source", "volume"))
     rgb = np.empty((z, height, width, 3), dtype=np.uint8)
     fused = device.type == "cpu" and strength > 0.0  # strength 0 is the plain grey: compose_rgb's exact codes
-    step = _FUSED_CHUNK if fused else _COMPOSE_CHUNK
-    for start in range(0, z, step):
-        stop = min(z, start + step)
+    for start in range(0, z, _COMPOSE_CHUNK):
+        stop = min(z, start + _COMPOSE_CHUNK)
         with torch.inference_mode():
             hu = torch.from_numpy(_hu_slices(volume, start, stop)).to(device)
             if fused:
