@@ -25,6 +25,7 @@ from napari_ctcolor.engines.colorize import (
     _compact,
     colorize,
     compose_chroma,
+    compose_plane,
     guided_upsample,
     iter_colorize,
     iter_predict_chroma,
@@ -496,3 +497,20 @@ def test_a_dense_voxel_takes_the_bone_colour_of_a_pixel_it_shares_with_muscle(fu
     assert (labels[:, :, 12:20] == CLASSES.index("bone") + 1).all()
     assert (labels[:, :, :12] == CLASSES.index("soft_tissue") + 1).all()
     assert chroma.class_at(0, 5, 14, 700.0)[0] == "bone" and chroma.class_at(0, 5, 5, 40.0)[0] == "soft_tissue"
+
+
+def test_a_plane_composed_alone_equals_that_plane_of_the_whole_volume(ct, model):
+    # An odd in-plane size, so the network's padding and pixel grid do not line up with the crop (what the viewer
+    # recolours first, in any orientation, must be what the full recomposition then writes there: exactly).
+    volume = Volume(ct.array[:6, 40:341, 13:300], ct.spacing, meta=ct.meta)
+    chroma = predict_chroma(volume, model, device="cpu")
+    assert chroma.pad != ((0, 0), (0, 0))
+    whole = compose_chroma(volume, chroma, "abdomen", 0.8, device="cpu", palette="dicom").rgb
+    for axis in (0, 1, 2):
+        for index in (0, 1, 2, 3, 5, 150, volume.shape[axis] - 2, volume.shape[axis] - 1):
+            if index >= volume.shape[axis]:
+                continue
+            plane = compose_plane(volume, chroma, axis, index, "abdomen", 0.8, device="cpu", palette="dicom")
+            np.testing.assert_array_equal(plane, np.take(whole, index, axis=axis), err_msg=f"axis {axis} {index}")
+    with pytest.raises(InputError):
+        compose_plane(volume, chroma, 1, volume.shape[1], "abdomen")

@@ -67,7 +67,7 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
     viewer.dims.set_point(0, ct.data_to_world((k, 0, 0))[0])
     before = layer.data.copy()
     ct.contrast_limits = (-160.0, 240.0)  # the abdomen window
-    assert widget.busy and widget.recoloured_first == k  # the worker runs; no event has reached the layer from it
+    assert widget.busy and widget.recoloured_first == (0, k)  # the worker runs; no event has reached the layer
     first = layer.data[k].copy()
     assert np.abs(first.astype(int) - before[k]).max() > 20  # recoloured: bone window -> abdomen window
     others = [z for z in range(ct.data.shape[0]) if z != k]
@@ -93,9 +93,20 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
     assert layer.metadata["ctcolor"]["colorize"]["window"] == [50.0, 200.0]
     assert lightness_error(layer.data, ct.data, (50.0, 200.0)) <= LUMINANCE_BOUND
 
+    # A coronal view recolours its own plane first (the row on screen across every slice).
+    show_plane(viewer, "coronal")
+    y = ct.data.shape[1] // 2 + 7
+    viewer.dims.set_point(1, ct.data_to_world((0, y, 0))[1])
+    before = layer.data.copy()
     widget.width_hu.value = 300.0  # editing the custom window moves the CT layer's limits too
     assert tuple(ct.contrast_limits) == pytest.approx((-100.0, 200.0))
+    assert widget.recoloured_first == (1, y)
+    rows = [r for r in range(ct.data.shape[1]) if r != y]
+    assert np.abs(layer.data[:, y].astype(int) - before[:, y]).max() > 20
+    np.testing.assert_array_equal(layer.data[:, rows], before[:, rows])
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+    assert lightness_error(layer.data, ct.data, (50.0, 300.0)) <= LUMINANCE_BOUND
+    show_plane(viewer, "axial")
 
     # Right-drag on the canvas, through napari's mouse dispatch: 200 px right doubles the width, 100 px down raises
     # the centre by half the starting width; the colour follows. The camera does not zoom meanwhile.

@@ -25,7 +25,7 @@ import copy
 import functools
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -645,6 +645,53 @@ def compose_chroma(
     """sRGB uint8 (Z, Y, X, 3) from the CT's windowed grey (luminance, exact) and the colour classes' a*, b* under
     ``palette`` ("anatomical", "dicom", a CSV file or a `Palette`)."""
     return run_steps(iter_compose_chroma(volume, chroma, window_spec, strength, device, palette), progress, cancel)
+
+
+def compose_plane(
+    volume: Volume,
+    chroma: Chroma,
+    axis: int,
+    index: int,
+    window_spec: str | Window | tuple[float, float] | None = None,
+    strength: float = 1.0,
+    device: str | torch.device = "auto",
+    palette: str | os.PathLike | Palette = "anatomical",
+) -> np.ndarray:
+    """One plane of the colour volume, exactly as `compose_chroma` composes it in the whole volume, at a small part of
+    its cost (what the viewer shows first when the window changes): the axial slice ``index`` (``axis`` 0, (Y, X, 3)),
+    the coronal row (1, (Z, X, 3)) or the sagittal column (2, (Z, Y, 3)), uint8.
+
+    A row or column is composed from the band of network pixels around it (the one that holds it and one on each
+    side: all the guided upsampling reads), cut on the network's pixel grid so each kept pixel's mean HU is that of
+    the whole volume; the voxels' arithmetic is then the same.
+    """
+    if axis == 0:
+        one = Volume(volume.array[index : index + 1], volume.spacing, volume.origin, volume.direction, volume.meta)
+        return compose_chroma(
+            one,
+            replace(chroma, top=chroma.top[index : index + 1], prob=chroma.prob[index : index + 1]),
+            window_spec,
+            strength,
+            device,
+            palette,
+        ).rgb[0]
+    if axis not in (1, 2) or not 0 <= index < volume.shape[axis]:
+        raise InputError(f"no plane {index} along axis {axis} of a volume of shape {volume.shape}")
+    factor, size = chroma.factor, volume.shape[axis]
+    pads = list(chroma.pad)
+    before, _ = pads[axis - 1]
+    row = (index + before) // factor
+    first, last = max(row - 1, 0), min(row + 2, chroma.top.shape[axis + 1])  # network pixels kept
+    start, stop = max(first * factor - before, 0), min(last * factor - before, size)  # the voxels they cover
+    pads[axis - 1] = (max(before - first * factor, 0), max(last * factor - before - size, 0))
+    band = [slice(None)] * 3
+    band[axis] = slice(start, stop)
+    low = [slice(None)] * 4
+    low[axis + 1] = slice(first, last)
+    part = Volume(volume.array[tuple(band)], volume.spacing, volume.origin, volume.direction, volume.meta)
+    sub = replace(chroma, top=chroma.top[tuple(low)], prob=chroma.prob[tuple(low)], pad=tuple(pads))
+    rgb = compose_chroma(part, sub, window_spec, strength, device, palette).rgb
+    return rgb[:, index - start] if axis == 1 else rgb[:, :, index - start]
 
 
 def iter_colorize(

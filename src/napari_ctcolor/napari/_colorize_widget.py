@@ -9,8 +9,9 @@ The widget is a thin front end over `napari_ctcolor.engines.colorize`, the same 
   only changes the layer.
 - The window is the CT layer's: choosing a preset (or one of the windows in the CT's DICOM header) sets the layer's
   contrast limits, and changing the layer's contrast limits (napari's slider, whose range is widened to the CT's
-  whole HU range) selects the matching choice or "custom" and recomposes the colour with it: the axial slice on
-  screen at once in the main thread (`compose_slice`), then the whole volume in a worker. The colour layer's own
+  whole HU range) selects the matching choice or "custom" and recomposes the colour with it: the plane on screen
+  (axial, coronal or sagittal) at once in the main thread (`engines.colorize.compose_plane`), then the whole volume
+  in a worker. The colour layer's own
   contrast limits and gamma stay fixed (its luminance is the window already).
 - Right-drag on the canvas sets the window (`_window_drag`). A progress bar in the widget; Axial / Coronal /
   Sagittal buttons show radiologically oriented views (`_view`).
@@ -30,7 +31,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -56,7 +57,7 @@ from qtpy.QtWidgets import QFrame, QScrollArea, QWidget
 
 from ..color import PALETTE_NAMES, Palette, load_palette
 from ..engines.body import body_mask
-from ..engines.colorize import Chroma, compose_chroma, iter_compose_chroma, iter_predict_chroma
+from ..engines.colorize import Chroma, compose_plane, iter_compose_chroma, iter_predict_chroma
 from ..engines.device import resolve_device
 from ..engines.steps import offset_steps
 from ..errors import CTColorError, InputError
@@ -133,16 +134,6 @@ def widen_contrast_range(layer: Image) -> None:
     range_low, range_high = layer.contrast_limits_range
     if low < range_low or high > range_high:
         layer.contrast_limits_range = (min(low, range_low), max(high, range_high))
-
-
-def compose_slice(
-    volume: Volume, chroma: Chroma, z: int, window, strength: float, device: str, palette: Palette
-) -> np.ndarray:
-    """(Y, X, 3) uint8: slice ``z`` as `compose_chroma` composes it in the whole volume (the composition works slice
-    by slice), from a one-slice view of the volume and its chroma."""
-    one = Volume(volume.array[z : z + 1], volume.spacing, volume.origin, volume.direction, volume.meta)
-    part = replace(chroma, top=chroma.top[z : z + 1], prob=chroma.prob[z : z + 1])
-    return compose_chroma(one, part, window, strength, device, palette).rgb[0]
 
 
 def _scroll_within(widget: QWidget, max_height: int) -> None:
@@ -274,8 +265,9 @@ class ColorizeWidget(Container):
         self._hidden_for_3d: list[Image] = []  # layers the 3D view hid, shown again when it is left
         self._body_cache: tuple | None = None  # (kept, HU, body mask, spacing) of the 3D view
         self._closed = False
-        #: The slice the last recompose recoloured at once, before the rest of the volume (None: none on screen).
-        self.recoloured_first: int | None = None
+        #: The plane (axis, index) the last recompose recoloured at once, before the rest of the volume (None: none
+        #: on screen).
+        self.recoloured_first: tuple[int, int] | None = None
 
         self.run_button.changed.connect(self._run)
         self.cancel_button.changed.connect(self.cancel)
@@ -642,7 +634,7 @@ class ColorizeWidget(Container):
             return _Failed(str(exc))
 
     def _recompose(self, *_: Any) -> None:
-        """Recolour the slice on screen at once, then recompose the whole volume from the kept chroma with the
+        """Recolour the plane on screen at once, then recompose the whole volume from the kept chroma with the
         current window, strength and palette in a worker; requests coalesce while one runs."""
         if self._kept is None:
             return
@@ -658,7 +650,7 @@ class ColorizeWidget(Container):
         except CTColorError as exc:
             show_error(str(exc))
             return
-        self._recolour_visible_slice(kept, window, device, palette)
+        self._recolour_visible_plane(kept, window, device, palette)
         if self.busy:
             self._recompose_pending = True
             if self.worker.is_compose:
@@ -673,32 +665,40 @@ class ColorizeWidget(Container):
             is_compose=True,
         )
 
-    def visible_slice(self) -> int | None:
-        """The axial slice of the kept CT on screen (an axial 2D view of a 3D CT), else None."""
+    def visible_plane(self) -> tuple[int, int] | None:
+        """(axis, index) of the kept CT's plane on screen in a 2D view of a 3D CT (axis 0 axial, 1 coronal, 2
+        sagittal, in the CT's array order), else None."""
         kept, dims = self._kept, self._viewer.dims
         if kept is None or kept.ct.ndim != 3 or dims.ndisplay != 2 or dims.ndim < 3:
             return None
-        if set(dims.order[-2:]) != {dims.ndim - 2, dims.ndim - 1}:  # coronal or sagittal: every slice shows a line
+        first = dims.ndim - 3  # the CT's axes are the viewer's last three
+        sliced = {first, first + 1, first + 2} - set(dims.order[-2:])
+        if len(sliced) != 1:
             return None
-        index = np.asarray(kept.ct.world_to_data(dims.point), dtype=float)
-        z = round(float(index[0]))
-        return z if 0 <= z < kept.volume.shape[0] else None
+        axis = sliced.pop() - first
+        index = round(float(np.asarray(kept.ct.world_to_data(dims.point), dtype=float)[axis]))
+        return (axis, index) if 0 <= index < kept.volume.shape[axis] else None
 
-    def _recolour_visible_slice(self, kept: _Kept, window, device: str, palette: Palette) -> None:
-        """Recolour the slice on screen at once, in the main thread (one slice: tens of milliseconds); the recompose
-        worker then replaces the whole volume with the same colours."""
-        z = self.visible_slice()
+    def _recolour_visible_plane(self, kept: _Kept, window, device: str, palette: Palette) -> None:
+        """Recolour the plane on screen at once, in the main thread (`compose_plane`: tens of milliseconds); the
+        recompose worker then replaces the whole volume with the same colours."""
+        plane = self.visible_plane()
         layer = self.result_layer
-        if z is None or layer is None:
+        if plane is None or layer is None:
             return
+        axis, index = plane
         try:
-            rgb = compose_slice(kept.volume, kept.chroma, z, window, float(self.chroma.value), device, palette)
+            rgb = compose_plane(
+                kept.volume, kept.chroma, axis, index, window, float(self.chroma.value), device, palette
+            )
         except CTColorError as exc:
             show_error(str(exc))
             return
-        layer.data[z] = rgb
+        where = [slice(None)] * 3
+        where[axis] = index
+        layer.data[tuple(where)] = rgb
         layer.refresh()
-        self.recoloured_first = z
+        self.recoloured_first = plane
 
     def _start(
         self,
