@@ -19,6 +19,7 @@ import torch
 from napari_ctcolor.cli import main
 from napari_ctcolor.engines import Cancelled, checkerboard, register
 from napari_ctcolor.engines.checkerboard import checkerboard_mask
+from napari_ctcolor.engines.device import cpu_bf16
 from napari_ctcolor.engines.register import (
     IC_STRIDE,
     LNCC_WINDOW,
@@ -188,6 +189,7 @@ def test_cli_register_reproduces_the_official_reference_and_a_restored_copy_give
     # Inter-subject brains change local volume: with CT's limits det J would be reported as a failure here.
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["volume_change_fraction"] > 0.5 and metrics["quality_limits"]["volume_change_fraction"] is None
+    assert metrics["network_dtype"] == "float32"  # an official checkpoint never runs in bf16: parity
     assert not any("det J" in line for line in metrics["warnings"]), metrics["warnings"]
 
     # The same physical images stored in another order: axes (i, j, k) -> (k, i, j), i and k reversed. The affine
@@ -288,6 +290,8 @@ def test_cli_register_default_recovers_a_rigid_motion_without_inventing_volume_c
         f"det J in 0.8..1.25 on {100 * in_range:.1f} % of the body, {metrics['seconds']:.1f} s"
     )
     assert metrics["affine"] and metrics["symmetric"] and metrics["refine_iterations"] == 50
+    # The CT card allows bf16 on a CPU with bf16 instructions (the accuracy below holds either way).
+    assert metrics["network_dtype"] == ("bfloat16" if cpu_bf16() else "float32")
     # Measured 0.36 / 1.01 mm and 99.9 %; the targets are 1.5 / 3 mm and 98 %.
     assert error.mean() <= 1.5 and np.percentile(error, 95) <= 3.0
     assert in_range >= 0.98 and metrics["folding_fraction"] <= 5e-4
