@@ -381,17 +381,16 @@ def _prealign(fixed: Volume, moving: Volume) -> sitk.AffineTransform:
         method = sitk.ImageRegistrationMethod()
         method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
         method.SetMetricSamplingStrategy(method.RANDOM)
+        # Gradients at the sampled points only: ITK's default gradient filters compute them over the whole image at
+        # every level (on the 256 x 256 x 141 chest CT that was 12 of the 15 s the pre-alignment took).
+        method.MetricUseFixedImageGradientFilterOff()
+        method.MetricUseMovingImageGradientFilterOff()
         method.SetInterpolator(sitk.sitkLinear)
         return method
 
-    def metric(transform: sitk.Transform) -> float:
-        """Mattes MI of the two base images under ``transform`` (lower is better), on a fixed random sample."""
-        method = method_with_metric()
-        method.SetMetricSamplingPercentage(min(1.0, 4 * PREALIGN_SAMPLES / voxels), seed=1)
-        method.SetInitialTransform(transform)
-        return method.MetricEvaluate(fixed_image, moving_image)
-
-    def run(initial: sitk.Transform) -> sitk.Transform:
+    def run(initial: sitk.Transform) -> tuple[sitk.Transform, float]:
+        """The registered transform and its Mattes MI at the finest level (lower is better; the same seeded samples
+        in every run)."""
         method = method_with_metric()
         # Seeded: the same inputs give the same result.
         percentages = [min(1.0, PREALIGN_SAMPLES * shrink**3 / voxels) for shrink, _ in levels]
@@ -404,23 +403,25 @@ def _prealign(fixed: Volume, moving: Volume) -> sitk.AffineTransform:
         method.SetSmoothingSigmasPerLevel([0.5 * mm for _, mm in levels])
         method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
         method.SetInitialTransform(initial, inPlace=False)
-        return method.Execute(fixed_image, moving_image)
+        transform = method.Execute(fixed_image, moving_image)
+        return transform, method.GetMetricValue()
 
     try:
         initial = sitk.CenteredTransformInitializer(
             fixed_image, moving_image, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY
         )
-        rigid = sitk.Euler3DTransform(sitk.CompositeTransform(run(initial)).GetNthTransform(0))
+        found, rigid_metric = run(initial)
+        rigid = sitk.Euler3DTransform(sitk.CompositeTransform(found).GetNthTransform(0))
         affine = sitk.AffineTransform(3)
         affine.SetCenter(rigid.GetCenter())
         affine.SetMatrix(rigid.GetMatrix())
         affine.SetTranslation(rigid.GetTranslation())
-        refined = sitk.AffineTransform(sitk.CompositeTransform(run(affine)).GetNthTransform(0))
+        found, affine_metric = run(affine)
+        refined = sitk.AffineTransform(sitk.CompositeTransform(found).GetNthTransform(0))
         # The affine stage stays only where it explains the images better than the rigid one: where nothing
         # constrains a scale (an image registered to itself that varies little along one axis), MI is as good at
         # any scale and the optimiser drifts (a z scale of 0.74 on a small phantom registered to itself).
-        rigid_metric = metric(affine)
-        return refined if metric(refined) < rigid_metric - AFFINE_MIN_GAIN * abs(rigid_metric) else affine
+        return refined if affine_metric < rigid_metric - AFFINE_MIN_GAIN * abs(rigid_metric) else affine
     except RuntimeError as exc:
         detail = [line for line in str(exc).splitlines() if line.strip()]
         raise InputError(
