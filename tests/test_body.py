@@ -26,3 +26,10 @@ def test_the_table_goes_and_both_arms_stay():
     assert body[:, trunk].all() and all(body[:, arm].all() for arm in arms)
     assert not body[:, 122:124].any()  # the table
     assert not body[:, hu == -1000].any()  # the air
+
+
+def test_a_single_slice_keeps_its_body():
+    hu = np.full((1, 64, 64), -1000.0)
+    hu[0, 10:50, 12:52] = 40.0
+    body = body_mask(hu, (5.0, 1.0, 1.0))
+    assert body[0, 10:50, 12:52].all() and body.sum() == 40 * 40

@@ -1,9 +1,9 @@
 """The patient's body in a CT, without the table and the air around it: what gets colour, a 3D view and metrics.
 
-Thresholded above `BODY_HU` (skin, fat, soft tissue, bone; the mattress foam and air lie below), opened by a ball of
-`TABLE_GAP_MM` (which removes the table's thin shells and cuts thin contacts between the body and the table),
+Thresholded above `BODY_HU` (skin, fat, soft tissue, bone; the mattress foam and air lie below), opened in-plane by
+a disc of `TABLE_GAP_MM` (which removes the table's thin shells and cuts thin contacts between the body and the table),
 reduced to its large connected pieces: the largest and every piece of at least `LIMB_SHARE` of it (an arm lying
-beside the abdomen, the second leg of a leg scan), then grown back by the same ball within the threshold (the skin the
+beside the abdomen, the second leg of a leg scan), then grown back by the same disc within the threshold (the skin the
 opening shaved off), its holes (lungs, bowel gas) filled slice by slice. Written with scipy.ndimage's morphology:
 the rules are about CT, not a library's.
 """
@@ -30,7 +30,8 @@ def ellipsoid(radius: list[int]) -> np.ndarray:
 def body_mask(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
     """bool (Z, Y, X): the patient's body, without the table and the air around it (see the module docstring)."""
     inside = hu > BODY_HU
-    radius = [max(1, round(TABLE_GAP_MM / s)) if i else 1 for i, s in enumerate(spacing)]
+    # In-plane only: along z a ball would erode a one-slice image (or the end slices) away entirely.
+    radius = [max(1, round(TABLE_GAP_MM / s)) if i else 0 for i, s in enumerate(spacing)]
     ball = ellipsoid(radius)
     opened = ndimage.binary_opening(inside, structure=ball)
     labels, count = ndimage.label(opened)
