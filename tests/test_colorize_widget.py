@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from napari_ctcolor.color import grey_to_lightness, load_palette, srgb_to_lab
+from napari_ctcolor.engines.body import body_mask
 from napari_ctcolor.engines.colorize import colorize
 from napari_ctcolor.io import ColorVolume, Volume, read_color_volume, read_volume, write_nifti
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig
@@ -366,9 +367,13 @@ def test_a_2d_slice_layer_gives_a_2d_rgb_result_in_place(make_napari_viewer, qtb
     classes = widget.show_classes()  # the colour classes of a 2D result are 2D too, on the same pixels
     assert classes.data.shape == hu.shape
     np.testing.assert_allclose(classes.scale, image.scale)
-    y, x = np.argwhere(hu > 80)[0]
+    body = body_mask(hu[None].astype(np.float32), ct.spacing)[0]
+    y, x = np.argwhere((hu > 80) & body)[0]
     described = widget.describe((y, x))
     assert described.split(" ")[0] == list(classes.features["colour_class"])[int(classes.data[y, x])]
+    y, x = np.argwhere((hu > 80) & ~body)[0]  # the table: no colour, no class, and the pointer says so
+    assert classes.data[y, x] == 0 and widget.describe((y, x)) == "no colour (air or outside the body)"
+    assert np.abs(layer.data[y, x].astype(int) - layer.data[y, x, 0]).max() == 0  # grey
 
 
 def test_each_colour_layer_keeps_following_its_own_ct_window(make_napari_viewer, qtbot, errors):

@@ -921,7 +921,8 @@ class ColorizeWidget(Container):
         return " | ".join(parts)
 
     def describe(self, data_position) -> str:
-        """'<class> <probability> %' for a position in the result layer's data coordinates ('' outside it)."""
+        """'<class> <probability> %' for a position in the result layer's data coordinates ('' outside it; no class
+        where the class layer shows none)."""
         kept = self._kept
         index = np.round(np.asarray(data_position, dtype=float)).astype(int)
         if kept is None:
@@ -932,6 +933,8 @@ class ColorizeWidget(Container):
         if index.size != 3 or not all(0 <= i < n for i, n in zip(index, shape, strict=True)):
             return ""
         name, probability = kept.chroma.class_at(*(int(i) for i in index), float(kept.volume.array[tuple(index)]))
+        if name == "air":  # what the class layer leaves clear: air, and the table or blankets outside the body
+            return "no colour (air or outside the body)"
         return f"{name} {probability:.0%} (colour class, not a segmentation)"
 
     def _class_colours(self) -> DirectLabelColormap:
