@@ -501,7 +501,9 @@ def test_a_dense_voxel_takes_the_bone_colour_of_a_pixel_it_shares_with_muscle(fu
 
 def test_a_plane_composed_alone_equals_that_plane_of_the_whole_volume(ct, model):
     # An odd in-plane size, so the network's padding and pixel grid do not line up with the crop (what the viewer
-    # recolours first, in any orientation, must be what the full recomposition then writes there: exactly).
+    # recolours first, in any orientation, must be what the full recomposition then writes there). The same kernel on
+    # the same inputs: identical here; one 8-bit code of slack on 0.1 % of voxels in case another CPU's pooling
+    # vectorises a band and a whole slice differently.
     volume = Volume(ct.array[:6, 40:341, 13:300], ct.spacing, meta=ct.meta)
     chroma = predict_chroma(volume, model, device="cpu")
     assert chroma.pad != ((0, 0), (0, 0))
@@ -511,6 +513,7 @@ def test_a_plane_composed_alone_equals_that_plane_of_the_whole_volume(ct, model)
             if index >= volume.shape[axis]:
                 continue
             plane = compose_plane(volume, chroma, axis, index, "abdomen", 0.8, device="cpu", palette="dicom")
-            np.testing.assert_array_equal(plane, np.take(whole, index, axis=axis), err_msg=f"axis {axis} {index}")
+            diff = np.abs(plane.astype(int) - np.take(whole, index, axis=axis))
+            assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (axis, index, diff.max())
     with pytest.raises(InputError):
         compose_plane(volume, chroma, 1, volume.shape[1], "abdomen")
