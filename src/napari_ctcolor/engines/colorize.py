@@ -288,8 +288,9 @@ def guided_upsample(
     guide_low = blocks.mean(dim=(1, 2))
     # Neighbours by shifting the edge-padded network-resolution arrays (the edges clamp).
     guide_pad = F.pad(guide_low[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
-    ab_pad = F.pad(ab, (1, 1, 1, 1), mode="replicate")
-    if groups is not None:
+    if groups is None:
+        ab_pad = F.pad(ab, (1, 1, 1, 1), mode="replicate")
+    else:
         groups_pad = F.pad(groups.flatten(1, 2), (1, 1, 1, 1), mode="replicate").unflatten(1, groups.shape[1:3])
         fit = hu_group_weights(raw).movedim(-1, 1)[:, :, None]  # (n, G, 1, factor, factor, h, w)
     if factor > 1:
@@ -326,8 +327,8 @@ def upsample_chroma(chroma: Chroma, palette: Palette, hu: torch.Tensor, start: i
     (top, bottom), (left, right) = chroma.pad
     height, width = hu.shape[-2:]
     stop = start + hu.shape[0]
-    ab = chroma.ab(palette, start, stop).to(hu.device)
     groups = chroma.ab_groups(palette, start, stop).to(hu.device)
+    ab = groups[:, :, :2].sum(dim=1)
     guide = F.pad(hu[:, None], (left, right, top, bottom), mode="replicate")[:, 0]
     ab = guided_upsample(ab, guide, chroma.factor, groups)[:, :, top : top + height, left : left + width]
     air = ((hu - AIR_HU) / _AIR_FADE_HU).clamp_(0.0, 1.0)

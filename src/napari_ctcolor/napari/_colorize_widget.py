@@ -11,8 +11,7 @@ The widget is a thin front end over `napari_ctcolor.engines.colorize`, the same 
   contrast limits, and changing the layer's contrast limits (napari's slider, whose range is widened to the CT's
   whole HU range) selects the matching choice or "custom" and recomposes the colour with it: the plane on screen
   (axial, coronal or sagittal) at once in the main thread (`engines.colorize.compose_plane`), then the whole volume
-  in a worker. The colour layer's own
-  contrast limits and gamma stay fixed (its luminance is the window already).
+  in a worker. The colour layer's own contrast limits and gamma stay fixed (its luminance is the window already).
 - Right-drag on the canvas sets the window (`_window_drag`). A progress bar in the widget; Axial / Coronal /
   Sagittal buttons show radiologically oriented views (`_view`).
 - The widget's "Pointer" line shows the CT's HU under napari's cursor, the voxel's position in mm (LPS) and its

@@ -15,8 +15,8 @@ colormap a HU transfer function, unlit. The presets (`PRESETS_3D`):
 - colour: the colorized RGB with alpha from HU, translucent.
 
 The table and the air are removed first (`engines.body.body_mask`: the large connected pieces above -400 HU after a
-small opening, which removes the table's shells and cuts the thin contacts between body and table, with their holes
-filled).
+small in-plane opening, which removes the table's shells and cuts the thin contacts between body and table, with
+their holes filled).
 """
 
 from __future__ import annotations
