@@ -167,12 +167,15 @@ def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     viewer.layers.remove(classes)
 
     # The 3D view leaves the patient table out: rows 215-244 of the 256 it keeps (every 2nd), behind the patient,
-    # hold the table (above -400 HU) and nothing of the body.
+    # hold the table (above -400 HU) and nothing of the body; the skin surface of "soft tissue" stops at the body too.
     widget.view_3d.value = "bone"
     bone = viewer.layers[f"{ct.name} 3D bone"]
     table = ct.data[:, ::2, ::2][:, 215:]
     assert bone.scale[1] == pytest.approx(2 * ct.scale[1]) and (table > -400).sum() > 1000
-    assert np.all(bone.data[:, 215:] == -1024) and (bone.data[:, :215] > 200).sum() > 1000
+    assert np.all(bone.data[:, 215:] == 0) and (bone.data[:, :215] > 0.5).sum() > 1000
+    widget.view_3d.value = "soft tissue"
+    skin = viewer.layers[f"{ct.name} 3D skin"]
+    assert np.all(skin.data[:, 215:] < 0.5) and (skin.data[:, :215] > 0.5).sum() > 100000
     widget.view_3d.value = "off"
     assert viewer.dims.ndisplay == 2 and [lyr.name for lyr in viewer.layers] == [ct.name, layer.name]
 

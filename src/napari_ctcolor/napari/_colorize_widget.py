@@ -66,8 +66,7 @@ from ..windowing import COLOUR_3D_OPACITY, PRESETS, Window, default_window, opac
 from ._docks import tab_with_siblings
 from ._layers import META_KEY, layer_attributes, volume_from_layer
 from ._view import anterior_3d, follow_radiological_orientation, plane_buttons, show_plane
-from ._volume import AIR_HU as AIR_HU_3D
-from ._volume import PRESETS_3D, vessel_hu
+from ._volume import PRESETS_3D, layer_data, vessel_mask
 
 if TYPE_CHECKING:
     import napari
@@ -998,20 +997,22 @@ class ColorizeWidget(Container):
             for lyr in self._hidden_for_3d:
                 lyr.visible = False
         added = []
-        for part in PRESETS_3D[preset]:
+        parts = PRESETS_3D[preset]
+        vessels = vessel_mask(hu, body, spacing) if any(p.source in ("vessels", "CTA bone") for p in parts) else None
+        for part in parts:
             name = f"{kept.ct.name} 3D {part.name}"
             if part.source == "colour":  # the colorized RGB, alpha from HU, nothing outside the body
                 alpha = opacity(hu, COLOUR_3D_OPACITY) * body
                 rgba = np.concatenate([np.asarray(colour.data)[:, ::step, ::step], alpha[..., None]], axis=-1)
                 layer = Image(rgba, name=name, rgb=True, rendering="translucent", blending="translucent", **placement)
             else:
-                data = vessel_hu(hu, body, spacing) if part.source == "vessels" else np.where(body, hu, AIR_HU_3D)
                 layer = Image(
-                    data.astype(np.float32),
+                    layer_data(part, hu, body, spacing, vessels),
                     name=name,
                     rendering=part.rendering,
                     colormap=part.colormap,
                     contrast_limits=part.limits,
+                    opacity=part.opacity,
                     blending="translucent",
                     **({"iso_threshold": part.iso_threshold} if part.iso_threshold is not None else {}),
                     **placement,

@@ -1,17 +1,34 @@
-"""3D views of a CT in napari: the patient's body without the table and the air, shown with HU transfer functions.
+"""3D views of a CT in napari: the patient's body without the table and the air, as lit surfaces and HU colours.
 
-napari renders a volume layer by ray casting (vispy). Its ``iso`` mode draws the first surface above a threshold,
-lit by a head light (the only lit mode: vispy's ``translucent`` compositing has no gradient shading, and vispy
-lights the value before the colormap, so a lit surface needs a colormap that runs from dark to its colour,
-`lit_surface`); ``translucent`` composites every sample through the colormap's colour and alpha, which makes the
-colormap a HU transfer function, unlit. The presets (`PRESETS_3D`):
+napari renders a volume layer by ray casting (vispy). What its public API offers, and what it lacks:
 
-- bone: a lit iso surface of bone (200 HU).
-- CTA: the bone surface and a red lit surface of contrast-filled vessels and heart (`vessel_hu`: 150-600 HU, not
-  bone; HU alone cannot tell contrast blood from bone there). A portal-venous phase's vessels (100-140 HU) stay
-  below it.
-- soft tissue: a translucent transfer function: fat and lung clear, soft tissue faint, contrast blood redder, bone
-  ivory.
+- ``iso`` draws the first surface above a threshold, lit by a head light (ambient + Lambert + a fixed specular term).
+  It is the only lit mode: ``translucent`` composites each sample's colormap colour and alpha (a HU transfer
+  function) without gradient shading, so napari cannot do a shaded composite rendering like 3D Slicer's CT-Bone or
+  OHIF's presets. vispy lights the *value* at the hit (the largest value 1.5 voxels around it) before the colormap,
+  and estimates the normal from differences 1.5 voxels either side; a raw HU surface is therefore lit by its HU
+  (cortical bone saturates the colormap: washed out) and its normals step with the voxels (crosshatch). The surfaces
+  here are drawn from a field made for that renderer (`surface_field`, `lit_surface`).
+- ``interpolation3d = "linear"`` samples trilinearly; the shading's normals still show the voxel grid faintly on broad
+  curved surfaces of a coarse CT (3 mm), because trilinear gradients jump at voxel faces.
+- No public control of the ray step (vispy's ``relative_step_size``, 0.8 voxel, refined to a tenth at a surface), of
+  the light (a head light only), or of the specular term; iso surfaces are opaque (a see-through surface is a layer
+  opacity below 1). A translucent layer writes the depth of its volume's front face, hiding an iso surface drawn
+  after it, so the presets draw surfaces only (and the colorized RGB on its own).
+- The voxel size is the layer's scale (anisotropic voxels respected); vispy computes the lighting in voxel
+  coordinates, so a CT of thick slices is shaded as if its voxels were cubes.
+
+The presets (`PRESETS_3D`):
+
+- bone: a lit ivory surface at `BONE_SURFACE_HU` of the CT smoothed by `SMOOTH_MM`, its pieces under `MIN_BONE_ML`
+  left out (calcifications, stones, bowel content). Contrast-filled vessels above it show as bone too (HU alone
+  cannot tell them apart, as in Slicer's CT-Bone).
+- CTA: that bone surface without the contrast-filled vessels and heart, which are a red lit surface (`vessel_mask`:
+  150-600 HU, away from cortical bone). The rule needs cortical bone above `CORTEX_HU`: on a thick-slice or
+  non-contrast CT whose cortex stays below it (partial volume, osteopenia), cancellous bone shows red too.
+- soft tissue: the lit bone surface inside a see-through lit skin (`SKIN_SURFACE_HU`, smoothed by
+  `SKIN_SMOOTH_MM`): the body's outline. Organs and muscles cannot be shown shaded (HU cannot tell them apart
+  without contrast, and napari's translucent rendering is unlit); the colour preset shows them by colour.
 - colour: the colorized RGB with alpha from HU, translucent.
 
 The table and the air are removed first (`engines.body.body_mask`: the large connected pieces above -400 HU after a
@@ -34,6 +51,9 @@ AIR_HU = -1024.0
 #: Cortical bone: above this HU. Vessel-bright voxels within `BONE_REACH_MM` of it count as bone (cancellous bone).
 CORTEX_HU = 650.0
 BONE_REACH_MM = 5.0
+#: Soft tissue's HU: what replaces the voxels a surface leaves out (the vessels under the CTA bone, the bone and
+#: organs around the vessels), so that smoothing does not pull the surface of what stays towards air.
+SOFT_HU = 40.0
 
 
 @dataclass(frozen=True)
@@ -42,12 +62,15 @@ class Layer3D:
 
     Attributes:
         name: the layer's name suffix.
-        source: "body" (the CT's HU without table and air), "vessels" (`vessel_hu`) or "colour" (the colorized RGB
-            with alpha from HU, `napari_ctcolor.windowing.COLOUR_3D_OPACITY`).
+        source: what the layer shows (`surface_field` for the surfaces): "bone" (the bone surface's field), "CTA
+            bone" (the same without the contrast-filled vessels, `vessel_mask`), "vessels" (the vessels' field),
+            "skin" (the body's outline) or "colour" (the colorized RGB with alpha from HU,
+            `napari_ctcolor.windowing.COLOUR_3D_OPACITY`).
         rendering: napari's ``rendering``: "iso" (a lit surface) or "translucent".
         colormap: the transfer function over ``limits``; None for the RGB colour.
-        limits: contrast limits (HU).
-        iso_threshold: HU of the surface (``iso``).
+        limits: contrast limits (HU, or the lit value of a surface, `lit_surface`).
+        iso_threshold: the surface's value (``iso``).
+        opacity: the layer's opacity (below 1: a see-through surface).
     """
 
     name: str
@@ -56,6 +79,7 @@ class Layer3D:
     colormap: Colormap | None = None
     limits: tuple[float, float] = (AIR_HU, 2000.0)
     iso_threshold: float | None = None
+    opacity: float = 1.0
 
 
 def transfer_function(
@@ -67,65 +91,134 @@ def transfer_function(
     return Colormap(np.array([rgba for _, rgba in points]), controls=controls, name=f"ctcolor 3D {name}")
 
 
-def lit_surface(name: str, source: str, rgb: tuple[float, float, float], threshold: float) -> Layer3D:
-    """An iso surface at ``threshold`` HU in colour ``rgb``, lit.
+#: The top of a lit surface's colormap: the brightest lit value (facing the viewer, with the specular highlight).
+LIT_TOP = 2.0
 
-    vispy lights an iso surface by scaling the *value* at the hit (ambient + Lambert, a head light) before the
-    colormap, so the colormap must run from dark to the colour for the light to show: the limits put the threshold
-    at 0.25 of the range and the colormap rises from black to ``rgb`` at 0.5; a surface facing the viewer shows
-    ``rgb``, one seen at a grazing angle darkens.
+
+def lit_surface(name: str, source: str, rgb: tuple[float, float, float], opacity: float = 1.0) -> Layer3D:
+    """The surface of a `surface_field` (0.5) in colour ``rgb``, lit by the head light, shaded dark at grazing angles.
+
+    vispy lights an iso surface by scaling the *value* at the hit before the colormap: its lit value is the largest
+    field value 1.5 voxels around the hit (0.8-1 for a `surface_field`) times ambient + Lambert (0.2 + the cosine of
+    the angle to the viewer), plus a specular term (up to 1, shininess 40, fixed in vispy's shader). The colormap
+    over (0, `LIT_TOP`) turns that into shading: black at a grazing surface, a darker tone of ``rgb`` half-turned
+    away, ``rgb`` facing the viewer; it stays nearly flat above that, because the specular term turns the smoothed
+    CT's small normal wobbles into bands on a surface facing the viewer.
     """
-    limits = (threshold - 250.0, threshold + 750.0)
-    points = [(limits[0], (0.0, 0.0, 0.0, 1.0)), (threshold + 250.0, (*rgb, 1.0)), (limits[1], (*rgb, 1.0))]
-    return Layer3D(name, source, "iso", transfer_function(name, points, limits), limits, threshold)
+    points = [
+        (0.0, (0.0, 0.0, 0.0, 1.0)),
+        (0.2, (*(0.2 * c for c in rgb), 1.0)),
+        (0.6, (*(0.6 * c for c in rgb), 1.0)),
+        (1.1, (*rgb, 1.0)),
+        (LIT_TOP, (*(c + 0.15 * (1.0 - c) for c in rgb), 1.0)),
+    ]
+    limits = (0.0, LIT_TOP)
+    return Layer3D(name, source, "iso", transfer_function(name, points, limits), limits, 0.5, opacity)
 
 
-IVORY = (0.95, 0.90, 0.78)
-RED = (0.85, 0.10, 0.08)
-#: HU of the bone surface: above cancellous bone's partial-volume fringe, below cortical bone.
-BONE_SURFACE_HU = 200.0
-#: HU of the vessel surface in the vessel-only volume: contrast blood is 150-500 HU, unenhanced blood 30-60 HU.
+IVORY = (0.93, 0.87, 0.72)
+RED = (0.80, 0.12, 0.10)
+SKIN = (0.85, 0.62, 0.50)
+#: HU of the bone surface in the smoothed CT: where 3D Slicer's CT-Bone opacity ramps up (145-220 HU), so that the
+#: thin cortex over a 3 mm CT's cancellous bone (100-150 HU there) and its ribs stay closed.
+BONE_SURFACE_HU = 150.0
+#: HU of the vessel surface: contrast blood is 150-500 HU, unenhanced blood 30-60 HU.
 VESSEL_SURFACE_HU = 150.0
-_SOFT_LIMITS = (AIR_HU, 1500.0)
+#: HU of the skin surface: between air and fat.
+SKIN_SURFACE_HU = -300.0
+#: A bone surface's pieces smaller than this (ml) are left out: calcifications, stones, bowel content, noise. On the
+#: shared 3 mm CT the largest piece that is not bone is 0.9 ml (a stone), the smallest rib piece kept 1.1 ml; one
+#: 0.6 ml rib end at the scan's edge goes.
+MIN_BONE_ML = 1.0
+#: Gaussian smoothing of the HU under a surface: sigma (mm, at least half a voxel). More loses a 3 mm CT's thin
+#: bone (ribs, the cortex over cancellous bone); the skin takes more (its outline needs no detail, and a flat surface
+#: facing the viewer shows every wobble of its normal).
+SMOOTH_MM = 1.5
+SKIN_SMOOTH_MM = 4.0
+#: A surface's field runs from 0 to 1 over this many voxels across the surface.
+SURFACE_RAMP_VOXELS = 3.0
 PRESETS_3D: dict[str, tuple[Layer3D, ...]] = {
-    "bone": (lit_surface("bone", "body", IVORY, BONE_SURFACE_HU),),
-    "CTA": (
-        lit_surface("bone", "body", IVORY, BONE_SURFACE_HU),
-        lit_surface("vessels", "vessels", RED, VESSEL_SURFACE_HU),
-    ),
+    "bone": (lit_surface("bone", "bone", IVORY),),
+    "CTA": (lit_surface("bone", "CTA bone", IVORY), lit_surface("vessels", "vessels", RED)),
     "soft tissue": (
-        Layer3D(
-            "soft tissue",
-            "body",
-            "translucent",
-            transfer_function(
-                "soft tissue",
-                [
-                    (AIR_HU, (0.0, 0.0, 0.0, 0.0)),
-                    (-200.0, (0.0, 0.0, 0.0, 0.0)),  # fat and lung clear
-                    (0.0, (0.80, 0.50, 0.40, 0.0)),
-                    (60.0, (0.85, 0.45, 0.38, 0.04)),  # muscle and organs faint
-                    (150.0, (0.85, 0.20, 0.15, 0.08)),  # contrast blood redder
-                    (300.0, (*IVORY, 0.15)),  # bone
-                    (1500.0, (*IVORY, 0.6)),
-                ],
-                _SOFT_LIMITS,
-            ),
-            _SOFT_LIMITS,
-        ),
+        lit_surface("bone", "bone", IVORY),
+        lit_surface("skin", "skin", SKIN, opacity=0.35),
     ),
     "colour": (Layer3D("colour", "colour", "translucent"),),
 }
 
 
-def vessel_hu(
+def surface_field(
+    hu: np.ndarray,
+    spacing: tuple[float, float, float],
+    threshold: float,
+    min_ml: float = 0.0,
+    smooth_mm: float | None = None,
+) -> np.ndarray:
+    """float32 (Z, Y, X) in [0, 1] whose 0.5 surface is the ``threshold`` HU surface of ``hu`` smoothed, for a lit
+    iso surface (`lit_surface`).
+
+    The HU are smoothed by a Gaussian of ``smooth_mm`` (default `SMOOTH_MM`; at least half a voxel), so that a CT
+    of thick slices gives a smooth surface rather than its voxels' steps; the connected pieces above ``threshold``
+    (26-connected) smaller than ``min_ml`` are left out. The field is then 0.5 plus the signed distance to the
+    surface (in voxels, first order: (HU - threshold) / |HU gradient|) over `SURFACE_RAMP_VOXELS`, clipped to
+    [0, 1]. vispy estimates a surface's normal from differences 1.5 voxels either side of the hit, which a steeper
+    field (a cortex's HU jump) saturates into steps that show as bands; with this ramp the normal is the smoothed
+    CT's, and the lit value (`lit_surface`) depends on the angle to the viewer rather than on the HU behind the
+    surface (which washed cortical bone out).
+    """
+    sigma = [max((SMOOTH_MM if smooth_mm is None else smooth_mm) / s, 0.5) for s in spacing]
+    smooth = ndimage.gaussian_filter(np.asarray(hu, dtype=np.float32), sigma)
+    removed = None
+    if min_ml > 0:
+        labels, count = ndimage.label(smooth > threshold, structure=np.ones((3, 3, 3), dtype=bool))
+        sizes = np.bincount(labels.ravel()) * float(np.prod(spacing))
+        small = sizes < min_ml * 1000.0
+        small[0] = False
+        removed = small[labels]
+        del labels
+    gradient = np.zeros_like(smooth)
+    for axis in range(smooth.ndim):
+        gradient += np.gradient(smooth, axis=axis) ** 2
+    np.sqrt(gradient, out=gradient)
+    np.maximum(gradient, 1.0, out=gradient)  # HU per voxel: flat regions lie far from the surface, clipped below
+    smooth -= threshold
+    smooth /= gradient
+    del gradient
+    smooth /= SURFACE_RAMP_VOXELS
+    smooth += 0.5
+    if removed is not None:
+        smooth[removed] = 0.0  # its neighbours lie below the surface already
+    return np.clip(smooth, 0.0, 1.0, out=smooth)
+
+
+def layer_data(
+    part: Layer3D, hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float, float], vessels: np.ndarray | None
+) -> np.ndarray:
+    """float32 (Z, Y, X): the `surface_field` a surface layer ``part`` of a preset shows, from the HU within ``body``
+    (without table and air); ``vessels`` (`vessel_mask`) for "CTA bone" and "vessels"."""
+    inside = np.where(body, hu, AIR_HU).astype(np.float32)
+    if part.source in ("bone", "CTA bone"):
+        if part.source == "CTA bone":
+            inside[vessels] = SOFT_HU
+        return surface_field(inside, spacing, BONE_SURFACE_HU, MIN_BONE_ML)
+    if part.source == "vessels":
+        inside = np.where(vessels, inside, np.minimum(inside, SOFT_HU))
+        return surface_field(inside, spacing, VESSEL_SURFACE_HU)
+    if part.source == "skin":
+        return surface_field(inside, spacing, SKIN_SURFACE_HU, smooth_mm=SKIN_SMOOTH_MM)
+    raise ValueError(f"no 3D source {part.source!r}")
+
+
+def vessel_mask(
     hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float, float], low: float = VESSEL_SURFACE_HU
 ) -> np.ndarray:
-    """The HU of the body's voxels of ``low``-600 HU that are not bone, air elsewhere: the contrast-filled vessels and
-    heart of a contrast CT (kidneys and other enhancing organs too), in pieces of at least 0.5 ml.
+    """bool (Z, Y, X): the body's voxels of ``low``-600 HU that are not bone: the contrast-filled vessels and heart of
+    a contrast CT (kidneys and other enhancing organs too), in pieces of at least 0.5 ml.
 
     Bone is cortical bone (above `CORTEX_HU`) with what it encloses in each axial slice (cancellous bone, marrow),
-    grown by `BONE_REACH_MM`: where HU alone cannot tell contrast blood from bone (150-600 HU).
+    grown by `BONE_REACH_MM`: where HU alone cannot tell contrast blood from bone (150-600 HU). Where a thick-slice
+    CT's cortex stays below `CORTEX_HU` (partial volume), cancellous bone counts as vessel.
     """
     grow = [max(1, round(BONE_REACH_MM / s)) for s in spacing]
     cortex = body & (hu > CORTEX_HU)
@@ -138,7 +231,14 @@ def vessel_hu(
         sizes = np.bincount(labels.ravel()) * float(np.prod(spacing))
         sizes[0] = 0
         keep = sizes[labels] >= 500.0  # mm^3
-    return np.where(keep, hu, AIR_HU).astype(np.float32)
+    return keep
+
+
+def vessel_hu(
+    hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float, float], low: float = VESSEL_SURFACE_HU
+) -> np.ndarray:
+    """float32: the HU of `vessel_mask`'s voxels, air elsewhere."""
+    return np.where(vessel_mask(hu, body, spacing, low), hu, AIR_HU).astype(np.float32)
 
 
 def contrast_window(hu: np.ndarray, spacing: tuple[float, float, float]) -> Window:
