@@ -10,18 +10,26 @@ the labelled CTs, Dice): seeded demons 0.887 / 0.862 against the network alone 0
 a 4 mm grid gained 0.003 Dice in 45 s.
 
 - Intensities: both images as the network saw them (the card's window mapped to [0, 1]), the moving one histogram
-  matched to the fixed one (``sitk.HistogramMatching``), so a contrast-phase shift of whole organs is matched before
-  the demons force, which assumes equal intensities, sees it. Tried and rejected (issue 23, 2026-11-23): demons on
-  locally normalised images ((I - G*I) / local std, the quantity local NCC compares, 5 mm Gaussian). It raised Dice
-  on every phase-change validation pair (3 mm CT 0.874 -> 0.891, DICOM 0.876 -> 0.904, 5 mm chest 0.962 -> 0.971)
-  but on a plain rigid motion it invented volume change: det J within 0.8..1.25 on 84-90 % of the body instead of
-  99.9 % (any window from 5 to 20 mm, any floor of the local std), which tests/test_register.py refuses.
+  matched to the fixed one (``sitk.HistogramMatching``), each plus `LOCAL_WEIGHT` times its local structure: the image
+  minus its local mean, over its local standard deviation (the quantity local NCC compares, Gaussian window of
+  `LOCAL_WINDOW_MM`), computed over tissue only and zero in air (`_local_structure`). The demons force assumes equal
+  intensities; a contrast-phase change breaks that organ by organ, which histogram matching cannot undo, while the
+  local structure of an enhanced organ or vessel stays. Measured in-process from the same cached seeds (issue 23,
+  2026-11-24; Dice on the CT bench pairs): with the local term, the phase-change pairs 0.877 -> 0.897 (DICOM) and
+  0.898 -> 0.922 (3 mm CT), popi 0.967 -> 0.966, lung1 0.959 -> 0.961, a plain 3 mm pair 0.887 -> 0.885, and the
+  rigid motion of the CLI test 0.39 / 1.13 -> 0.37 / 0.99 mm with det J in range on 99.8 % of the body. Rejected:
+  the local structure alone (the phase-change pairs gain as much, but with a 3 mm window the chest pairs lose
+  0.003-0.010; with statistics that include air, up to 1.2 % of the voxels folded in the noisy air around the body
+  and det J left 0.8..1.25 on 5 % of the body near a resampled image's padded border); histogram matching of the
+  normalised images (DICOM phase change 0.73); a joint-histogram intensity mapping (DICOM pairs 0.007-0.03 worse);
+  more displacement smoothing (2 voxels: chest pairs up to 0.01 better, abdomen pairs up to 0.03 worse). Whole
+  processes against elastix and demons: BENCHMARKS.md.
 - Levels: for a fixed image finer than 2 mm, first the images averaged by integer factors to about `COARSE_SHRINK`
   times its finest spacing (none coarser than `COARSEST_MM`), `COARSE_ITERATIONS` on each, then ``iterations`` at
   the full grid. ``--refine auto`` takes the card's count within its budget (`RefineSettings`): 50 on a 3 mm abdomen,
   14 on a 512 x 512 x 20 series. The field is smoothed with a Gaussian of `SMOOTHING_VOXELS` after every iteration,
-  which keeps it smooth: folding 0 on the 3 mm CT's and the chest CTs' pairs, at most 0.018 % of the voxels on the
-  DICOM series' (BENCHMARKS.md, 2026-11-23).
+  which keeps it smooth: folding 0 on the 3 mm CT's and the chest CTs' pairs, at most 0.027 % of the voxels on the
+  DICOM series' (BENCHMARKS.md, 2026-11-24, third session).
 - The inverse field, which SYMNet gets by construction, is computed by ITK's fixed-point inversion
   (``sitk.InvertDisplacementField``) on a grid of about 2 mm; `invert_field`.
 """
@@ -38,6 +46,15 @@ import SimpleITK as sitk
 from ..errors import InputError
 from ..io import Volume
 
+#: Weight of each image's local structure added to its intensities (`_local_structure`; unit local variance against
+#: intensities in [0, 1]: 0.1 is the step of 200 HU under the CT weights' window).
+LOCAL_WEIGHT = 0.1
+#: Gaussian window (standard deviation, mm) of the local mean and variance.
+LOCAL_WINDOW_MM = 3.0
+#: Air carries no local structure: the tissue weight rises from 0 to 1 over this range of the normalised intensity
+#: (-950 to -850 HU under the CT weights' -1000..1000 window): noise in the air around the body and padding at a
+#: resampled image's border neither count in the statistics nor get a force.
+AIR_RAMP = (0.025, 0.075)
 #: The most iterations accepted (a typo guard: 10,000 full-resolution iterations would take hours on a CPU).
 MAX_REFINE_ITERATIONS = 10000
 #: The fewest full-resolution iterations ``--refine auto`` runs on a large image (`RefineSettings.voxel_iterations`).
@@ -54,8 +71,9 @@ COARSE_ITERATIONS = 30
 #: Gaussian smoothing of the displacement field after each iteration, in voxels of the level.
 SMOOTHING_VOXELS = 1.5
 #: Extra memory per fixed-grid voxel while refining: float64 fields (the seed, SimpleITK's copy, the demons filter's
-#: output and update buffers, the inverse and its iteration), the two float32 images and their matched copy.
-REFINE_BYTES_PER_VOXEL = 200
+#: output and update buffers, the inverse and its iteration), the two float32 images, their matched copy and the
+#: local-structure temporaries (`_local_structure`: six float32 arrays while an image is made).
+REFINE_BYTES_PER_VOXEL = 224
 #: Inversion: on a grid of voxels of about INVERSE_MM (axes finer than that box-averaged), then upsampled; ITK's
 #: fixed-point iterations and its stopping tolerances (voxels).
 INVERSE_MM = 2.0
@@ -145,6 +163,26 @@ def _image(array: np.ndarray, grid: Volume, pixel: type = np.float32) -> sitk.Im
     return image
 
 
+def _local_structure(image: sitk.Image) -> sitk.Image:
+    """``image`` plus `LOCAL_WEIGHT` x w (I - mean) / std, with mean and variance Gaussian averages over tissue only
+    (normalised convolution with weights w: 0 in air, 1 in tissue, `AIR_RAMP`)."""
+    array = sitk.GetArrayViewFromImage(image).astype(np.float32)
+    low, high = AIR_RAMP
+    weight = np.clip((array - low) / (high - low), 0.0, 1.0)
+
+    def smooth(values: np.ndarray) -> np.ndarray:
+        out = sitk.GetImageFromArray(values)
+        out.CopyInformation(image)
+        return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(out, LOCAL_WINDOW_MM))
+
+    total = np.maximum(smooth(weight), 1e-3)
+    deviation = array - smooth(weight * array) / total
+    std = np.sqrt(np.maximum(smooth(weight * deviation * deviation) / total, 0.0))
+    out = sitk.GetImageFromArray(array + LOCAL_WEIGHT * weight * deviation / np.maximum(std, 1e-3))
+    out.CopyInformation(image)
+    return out
+
+
 def refine_field(
     fixed: Volume, moving: Volume, seed_mm: np.ndarray, iterations: int
 ) -> Generator[None, None, np.ndarray]:
@@ -162,7 +200,8 @@ def refine_field(
         (Z, Y, X, 3) float64, LPS mm, same convention as the seed.
     """
     fixed_image = _image(fixed.array, fixed)
-    moving_image = sitk.HistogramMatching(_image(moving.array, moving), fixed_image, 256, 7, True)
+    moving_image = _local_structure(sitk.HistogramMatching(_image(moving.array, moving), fixed_image, 256, 7, True))
+    fixed_image = _local_structure(fixed_image)
     field = _image(seed_mm, fixed, np.float64)
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetStandardDeviations(SMOOTHING_VOXELS)
