@@ -70,6 +70,32 @@ def test_unsure_structures_are_named_by_their_tissue_and_impossible_ones_removed
     assert new_prob[0, 0, 0].tolist() == pytest.approx([0.9, 1.0, 1.0, 1.0, 1.0])
 
 
+def test_fat_in_a_pixel_denser_than_fat_allows_moves_to_the_denser_tissue_around_it():
+    # A non-contrast kidney at 10-20 HU that the network calls fat: a pixel above FAT_RAMP_HU cannot be mostly fat.
+    # Fat's probability goes to the tissue of the family the pixel's other classes favour (soft tissue beside a
+    # kidney, bone beside a vertebra): added to its entry, or fat's entry renamed, or the weakest entry replaced when
+    # only part of fat moves (inside the ramp). A pixel at fat's own HU keeps it; named structures keep theirs.
+    classes = ("air", "lung", "fat", "soft_tissue", "contrast_blood", "bone", "kidney", "vertebrae_lumbar")
+    top = torch.tensor([[2, 6, 3, 0], [2, 6, 1, 0], [2, 6, 3, 0], [2, 6, 1, 0], [2, 7, 3, 0]]).T[None, :, None, :]
+    prob = torch.tensor(
+        [[0.5, 0.4, 0.1, 0], [0.5, 0.4, 0.1, 0], [0.5, 0.4, 0.1, 0], [0.5, 0.4, 0.1, 0], [0.4, 0.5, 0.1, 0]]
+    )
+    low, high = anatomy.FAT_RAMP_HU
+    hu = torch.tensor([[[high + 20, high + 20, low - 50, (low + high) / 2, high + 100]]])
+    allowed = torch.ones((1, len(classes)), dtype=torch.bool)
+    new_top, new_prob = anatomy.consistent_top(top, prob.T[None, :, None, :], hu, classes, allowed)
+    got = [
+        dict(zip(t.tolist(), p.tolist(), strict=True))
+        for t, p in zip(new_top[0, :, 0].T, new_prob[0, :, 0].T, strict=True)
+    ]
+    assert got[0] == pytest.approx({3: 0.6, 6: 0.4, 2: 0.0, 0: 0.0})
+    assert got[1] == pytest.approx({3: 0.5, 6: 0.4, 1: 0.1, 0: 0.0})
+    assert got[2] == pytest.approx({2: 0.5, 6: 0.4, 3: 0.1, 0: 0.0})
+    assert got[3] == pytest.approx({6: 0.4, 2: 0.25, 3: 0.25, 1: 0.1})
+    assert got[4] == pytest.approx({7: 0.5, 5: 0.4, 3: 0.1, 0: 0.0})  # a fatty vertebra: fat -> bone
+    assert torch.allclose(new_prob.sum(dim=1), torch.ones(1, 1, 5))
+
+
 def test_z_smoothing_keeps_a_constant_distribution_spreads_within_a_tissue_and_stops_at_an_hu_step():
     kernel = anatomy.z_smoothing_kernel(1.0)  # sigma 3 slices
     assert kernel is not None and kernel.sum() == pytest.approx(1.0) and anatomy.z_smoothing_kernel(5.0) is None

@@ -160,6 +160,11 @@ def test_top_classes_from_logits_equal_softmax_then_top_k():
     assert (torch.from_numpy(top) == expected_top).float().mean() >= 0.999
     assert (torch.from_numpy(prob).int() - expected_prob.int()).abs().max() <= 1
     assert top.dtype == prob.dtype == np.uint8 and (prob.astype(int).sum(axis=1) - 255).max() <= 2
+    # bfloat16 logits (the CPU network under autocast) given as their bits: exactly the float32 of those values.
+    half = logits.to(torch.bfloat16)
+    from_bits = top_classes(half.view(torch.int16).numpy().view(np.uint16), TOP_K, 2)
+    from_float = top_classes(half.float().numpy(), TOP_K, 2)
+    assert all((a == b).all() for a, b in zip(from_bits, from_float, strict=True))
 
 
 def test_cpu_runs_are_byte_identical_and_colorize_equals_predict_then_compose(ct, model, colour):

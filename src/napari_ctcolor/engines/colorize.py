@@ -452,12 +452,13 @@ def iter_predict_chroma(
                 x = prepare_input(small[neighbours[start:stop] - lo], config)
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
-                logits = net(x).float()
-                if device.type == "cpu":  # one numba pass from the logits (`fused.top_classes`)
-                    found = top_classes(logits.numpy(), k, torch.get_num_threads())
+                logits = net(x)
+                if device.type == "cpu":  # one numba pass from the logits (`fused.top_classes`), bfloat16 as its bits
+                    bits = logits.view(torch.int16).numpy().view(np.uint16) if logits.dtype == torch.bfloat16 else None
+                    found = top_classes(logits.float().numpy() if bits is None else bits, k, torch.get_num_threads())
                     indices, values = torch.from_numpy(found[0]), torch.from_numpy(found[1])
                 else:
-                    indices, values = _compact(logits.softmax(dim=1))
+                    indices, values = _compact(logits.float().softmax(dim=1))
                 return indices.cpu(), values.cpu(), small[start - lo : stop - lo].float().cpu()
 
         for start in range(0, z, batch):
@@ -510,12 +511,15 @@ def _make_consistent(
         stop = min(z, start + _ANATOMY_CHUNK)
         lo, hi = max(0, start - radius), min(z, stop + radius)
         block_top, block_prob = torch.cat([saved_top, top[start:hi]]), torch.cat([saved_prob, prob[start:hi]])
+        skip = None if outside is None else outside[start:stop]  # named air below: no work there
         if kernel is not None:  # the block's ends are the volume's ends or a whole radius away: its clamping is right
-            chunk_prob = _anatomy.smooth_along_z(block_top, block_prob, small_hu[lo:hi], kernel, start - lo, stop - lo)
+            chunk_prob = _anatomy.smooth_along_z(
+                block_top, block_prob, small_hu[lo:hi], kernel, start - lo, stop - lo, skip
+            )
         else:
             chunk_prob = block_prob[start - lo : stop - lo].float().div_(255.0)
         chunk_top, chunk_prob = _anatomy.consistent_top(
-            block_top[start - lo : stop - lo].long(), chunk_prob, small_hu[start:stop], classes, allowed[start:stop]
+            block_top[start - lo : stop - lo], chunk_prob, small_hu[start:stop], classes, allowed[start:stop], skip
         )
         keep = slice(max(stop - radius, 0) - lo, stop - lo)
         saved_top, saved_prob = block_top[keep].clone(), block_prob[keep].clone()

@@ -322,8 +322,11 @@ def _class_terms(top, prob, table, group_of, ab_pad, groups_pad):
 
 
 def top_classes(logits: np.ndarray, k: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` most probable classes of each pixel from the network's (n, K, h, w) float32 logits, in one pass:
-    (n, k, h, w) uint8 class indices, most probable first, and uint8 probabilities x 255 renormalised over those k.
+    """The ``k`` most probable classes of each pixel from the network's (n, K, h, w) logits, in one pass: (n, k, h, w)
+    uint8 class indices, most probable first, and uint8 probabilities x 255 renormalised over those k.
+
+    ``logits``: float32, or the bits of bfloat16 logits as uint16 (a bfloat16 is the upper half of a float32: each
+    class row is widened in the kernel, instead of a float32 copy of all the logits, 2 x the bfloat16's size).
 
     The softmax over all K classes followed by the top k and their renormalisation equals the softmax over the k
     largest logits (the normaliser cancels), so neither the full softmax nor torch's topk across the strided class
@@ -333,37 +336,47 @@ def top_classes(logits: np.ndarray, k: int, threads: int) -> tuple[np.ndarray, n
     n, _, height, width = logits.shape
     top = np.empty((n, k, height, width), dtype=np.uint8)
     prob = np.empty((n, k, height, width), dtype=np.uint8)
-    _top_classes(np.ascontiguousarray(logits, dtype=np.float32), top, prob)
+    if logits.dtype == np.uint16:
+        _top_classes(np.ascontiguousarray(logits), True, top, prob)
+    else:
+        _top_classes(np.ascontiguousarray(logits, dtype=np.float32), False, top, prob)
     return top, prob
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _top_classes(logits, top, prob):
+def _top_classes(logits, bf16, top, prob):
     n, classes, height, width = logits.shape
     k = top.shape[1]
     for job in numba.prange(n * height):
         s, y = job // height, job % height
-        best = np.empty(k, dtype=np.float32)
-        index = np.empty(k, dtype=np.int64)
-        for x in range(width):
-            for j in range(k):
-                best[j] = -np.inf
-                index[j] = 0
-            for c in range(classes):  # insertion into the sorted k best; the first of equal logits stays first
-                value = logits[s, c, y, x]
-                if value > best[k - 1]:
+        # A row at a time, class by class: each class's row of logits is read contiguously (a pixel at a time, the
+        # 39 class planes were 39 strided streams).
+        best = np.full((k, width), -np.inf, dtype=np.float32)
+        index = np.zeros((k, width), dtype=np.int64)
+        bits = np.empty(width, dtype=np.uint32)
+        row = bits.view(np.float32)
+        for c in range(classes):
+            for x in range(width):
+                if bf16:
+                    bits[x] = np.uint32(logits[s, c, y, x]) << np.uint32(16)
+                else:
+                    row[x] = logits[s, c, y, x]
+            for x in range(width):  # insertion into the sorted k best; the first of equal logits stays first
+                value = row[x]
+                if value > best[k - 1, x]:
                     j = k - 1
-                    while j > 0 and value > best[j - 1]:
-                        best[j] = best[j - 1]
-                        index[j] = index[j - 1]
+                    while j > 0 and value > best[j - 1, x]:
+                        best[j, x] = best[j - 1, x]
+                        index[j, x] = index[j - 1, x]
                         j -= 1
-                    best[j] = value
-                    index[j] = c
-            largest = best[0]
+                    best[j, x] = value
+                    index[j, x] = c
+        for x in range(width):
+            largest = best[0, x]
             total = np.float32(0.0)
             for j in range(k):
-                best[j] = np.float32(math.exp(best[j] - largest))
-                total += best[j]
+                best[j, x] = np.float32(math.exp(best[j, x] - largest))
+                total += best[j, x]
             for j in range(k):
-                top[s, j, y, x] = index[j]
-                prob[s, j, y, x] = np.uint8(round(best[j] / total * np.float32(255.0)))
+                top[s, j, y, x] = index[j, x]
+                prob[s, j, y, x] = np.uint8(round(best[j, x] / total * np.float32(255.0)))
