@@ -346,3 +346,53 @@ def test_bad_inputs_raise_input_error_and_stay_unchanged(dicom_series, tmp_path)
         message = str(info.value)
         assert str(path) in message and "\n" not in message, (what, message)
     assert file_hashes(tmp_path) == before
+
+
+_CHILD_READ = """
+import sys, pickle, warnings
+from napari_ctcolor.io import InputError, read_volume
+from napari_ctcolor.io import prefetch
+assert prefetch._can_fork(), "this process has not imported torch: the child read must be used"
+out = {}
+for path in sys.argv[2:]:
+    said = []
+    for how in (prefetch.read_volume_soon(path), lambda: read_volume(path)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                volume = how()
+                said.append(([str(w.message) for w in caught], volume.array.tobytes(), str(volume.array.dtype),
+                             volume.spacing, volume.origin, volume.direction.tolist(), repr(volume.meta)))
+            except InputError as exc:
+                said.append(([str(w.message) for w in caught], "error", str(exc)))
+    out[path] = said
+with open(sys.argv[1], "wb") as f:
+    pickle.dump(out, f)
+"""
+
+
+def test_ctcolor_reads_the_series_in_a_child_process_exactly_as_in_its_own(decoded_slices, dicom_series, tmp_path):
+    # `ctcolor colorize` reads its input in a forked child while it imports torch and MONAI (io.prefetch): the
+    # Volume it gets must be the one read_volume gives, voxel for voxel with the same geometry and metadata, with the
+    # same warnings (a missing slice), and a bad input must give read_volume's one-line error. Run in a fresh
+    # interpreter without torch, as the CLI is.
+    import pickle
+    import subprocess
+    import sys
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    slices = subset(decoded_slices, 8)
+    del slices[3]
+    gap = write_series(tmp_path / "gap", slices)
+    shm = set(Path("/dev/shm").iterdir())
+    result = tmp_path / "result.pkl"
+    paths = [str(dicom_series), str(gap), str(empty)]
+    subprocess.run([sys.executable, "-c", _CHILD_READ, str(result), *paths], check=True)
+    got = pickle.loads(result.read_bytes())  # written by the test's own script just above
+    for path in paths:
+        child, here = got[path]
+        assert child == here, path
+    assert any("irregular slice spacing" in m for m in got[str(gap)][0][0])
+    assert got[str(empty)][0][1] == "error" and "no DICOM" in got[str(empty)][0][2]
+    assert set(Path("/dev/shm").iterdir()) == shm  # the shared-memory file is gone

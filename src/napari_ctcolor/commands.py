@@ -25,6 +25,7 @@ import numpy as np
 from .errors import InputError
 from .io import NIFTI_SUFFIXES, read_volume, write_nifti, write_vector_nifti
 from .io.dicomweb import is_series_url, read_series, send_series
+from .io.prefetch import read_volume_soon
 from .io.write import atomic_path
 
 #: What a CUDA out-of-memory error becomes (the single commands and each batch input).
@@ -171,11 +172,7 @@ def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Pa
     """Everything one `ctcolor colorize` run does with its parsed options: validate, read, colorize, write OUT
     (and --send). Returns OUT. `ctcolor batch colorize` runs exactly this for each input (without the progress bar).
     """
-    from tqdm import tqdm
-
     from .color import load_palette
-    from .engines.colorize import colorize
-    from .io.export import write_png_slices, write_rgb_dicom, write_rgb_nifti
 
     palette = load_palette(args.palette)  # a bad palette file fails before any reading or network work
 
@@ -199,8 +196,16 @@ def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Pa
     source = None  # a DICOMweb series' first header: the patient and study that --send and --keep-patient-info keep
     if remote and (args.send or args.keep_patient_info):
         volume, source = read_series(args.path, series_uid=args.series, with_source=True)
-    else:
-        volume = read_volume(args.path, series_uid=args.series)
+        read = None
+    else:  # read in a child process while this one imports the engine (torch, MONAI: seconds) on the other core
+        read = read_volume_soon(args.path, series_uid=args.series)
+    from tqdm import tqdm
+
+    from .engines.colorize import colorize
+    from .io.export import write_png_slices, write_rgb_dicom, write_rgb_nifti
+
+    if read is not None:
+        volume = read()
     modality = volume.meta.get("modality", "OT")
     if modality != "CT" and not args.allow_non_ct:
         # NIfTI/MHA/NRRD carry no modality, only a guess from the values: a CT cropped to soft tissue spans no air or
