@@ -3,13 +3,14 @@
 `ctcolor colorize` spends its first seconds importing torch and MONAI and then reading the series, both single
 threaded Python that holds the GIL: a reader thread gains nothing, and the second core waits. A child forked before
 those imports reads the volume on that core and hands the voxels back through a file in shared memory (/dev/shm, a
-tmpfs; the temporary folder where /dev/shm is too small, as in a default container), which the parent maps without
-copying and unlinks; the geometry and metadata come through a pipe.
+tmpfs; the temporary folder where /dev/shm is too small, as in a default container) that the parent opened and
+unlinked before the fork, so that nothing is left behind whatever happens; the parent maps it without copying. The
+geometry, metadata and the reader's warnings come through a pipe.
 
-The standard library does this (`multiprocessing` with the fork start method, `numpy.load` with a memory map). It
-is used only where it is safe: on Linux, in a single-threaded process that has not yet imported torch (whose thread
-pools a fork must not copy) and is not a daemonic worker. Anywhere else, and when the child fails for a reason other
-than the input, the caller reads in its own process, as before.
+The standard library and numpy do this (`multiprocessing` with the fork start method, the .npy format and
+`numpy.memmap`). It is used only where it is safe: on Linux, in a single-threaded process that has not yet imported
+torch (whose thread pools a fork must not copy) and is not a daemonic worker. Anywhere else, and when the child fails
+for a reason other than the input, the caller reads in its own process, as before.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from ..errors import InputError
 from .volume import Volume
 
 SHARED_MEMORY_DIR = Path("/dev/shm")
+#: The voxels go to /dev/shm when it has this much room (a default container gives it 64 MB), else to the temporary
+#: folder; a write that still runs out of room makes the parent read the volume itself.
+SHARED_MEMORY_MIN_FREE = 2 << 30
 
 
 def read_volume_soon(path: str | os.PathLike, series_uid: str | None = None) -> Callable[[], Volume]:
@@ -43,39 +47,54 @@ def read_volume_soon(path: str | os.PathLike, series_uid: str | None = None) -> 
 
     if not _can_fork():
         return here
+    try:
+        fd, name = tempfile.mkstemp(prefix="ctcolor-read-", suffix=".npy", dir=_folder())
+    except OSError:
+        return here
+    os.unlink(name)  # nameless from the start: it lives while a process holds it open, so nothing can be left behind
+    voxels = os.fdopen(fd, "w+b")
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_read_into, args=(send, str(path), series_uid), daemon=True)
+    child = context.Process(target=_read_into, args=(send, voxels, str(path), series_uid), daemon=True)
     try:
         child.start()
     except Exception:  # noqa: BLE001 - no child (out of processes, a restricted sandbox): read here
-        receive.close()
-        send.close()
+        for end in (receive, send, voxels):
+            end.close()
         return here
     send.close()
 
     def wait() -> Volume:
         try:
-            result = receive.recv()
-        except EOFError:  # the child died without an answer (killed, out of memory): read here instead
-            result = ("failed",)
+            try:
+                result = receive.recv()
+            except EOFError:  # the child died without an answer (killed, out of memory): read here instead
+                result = ("failed",)
+            finally:
+                receive.close()
+                child.join()
+            if result[0] == "failed":
+                return here()
+            for category, message in result[-1]:  # the reader's warnings, as if it had run here
+                warnings.warn(message, category, stacklevel=2)
+            if result[0] == "input":
+                raise InputError(result[1])
+            _, spacing, origin, direction, meta, _ = result
+            return Volume(_map_npy(voxels), spacing, origin, direction, meta)
         finally:
-            receive.close()
-            child.join()
-        if result[0] == "failed":
-            return here()
-        for category, message in result[-1]:  # the reader's warnings, as if it had run here
-            warnings.warn(message, category, stacklevel=2)
-        if result[0] == "input":
-            raise InputError(result[1])
-        _, voxels, spacing, origin, direction, meta, _ = result
-        try:  # copy-on-write: reads share the child's pages, a writer gets its own copy of what it writes
-            array = np.load(voxels, mmap_mode="c")
-        finally:
-            os.unlink(voxels)  # the mapping outlives the file's name
-        return Volume(array, spacing, origin, direction, meta)
+            voxels.close()  # the mapping keeps the pages
 
     return wait
+
+
+def _map_npy(file) -> np.ndarray:
+    """The .npy array in ``file``, mapped copy-on-write: reads share the pages the child wrote, a writer gets its own
+    copy of what it writes. (`numpy.load` maps only files it opens by name.)"""
+    file.seek(0)
+    version = np.lib.format.read_magic(file)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(file)
+    return np.memmap(file, dtype=dtype, mode="c", shape=shape, offset=file.tell(), order="F" if fortran else "C")
 
 
 def _can_fork() -> bool:
@@ -89,12 +108,11 @@ def _can_fork() -> bool:
     )
 
 
-def _read_into(send, path: str, series_uid: str | None) -> None:
-    """The child: read, write the voxels as .npy into shared memory (or the temporary folder), send the rest of the
-    Volume and the reader's warnings."""
+def _read_into(send, voxels, path: str, series_uid: str | None) -> None:
+    """The child: read, write the voxels as .npy into ``voxels`` (a file shared with the parent), send the rest of
+    the Volume and the reader's warnings."""
     from . import read_volume
 
-    voxels = None
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -106,23 +124,20 @@ def _read_into(send, path: str, series_uid: str | None) -> None:
         if volume is None:
             send.send(("input", error, said))
             return
-        fd, voxels = tempfile.mkstemp(prefix="ctcolor-read-", suffix=".npy", dir=_folder_for(volume.array.nbytes))
-        with os.fdopen(fd, "wb") as file:
-            np.save(file, volume.array)
-        send.send(("ok", voxels, volume.spacing, volume.origin, volume.direction, volume.meta, said))
+        np.save(voxels, volume.array)
+        voxels.flush()
+        send.send(("ok", volume.spacing, volume.origin, volume.direction, volume.meta, said))
     except BaseException:  # noqa: BLE001 - the parent reads again in its own process and raises what it meets
-        if voxels is not None:
-            Path(voxels).unlink(missing_ok=True)
         send.send(("failed",))
     finally:
         send.close()
 
 
-def _folder_for(nbytes: int) -> str:
-    """/dev/shm when it has room for twice ``nbytes``, else the temporary folder."""
+def _folder() -> str:
+    """/dev/shm when it has `SHARED_MEMORY_MIN_FREE` free, else the temporary folder."""
     try:
         stat = os.statvfs(SHARED_MEMORY_DIR)
-        if stat.f_bavail * stat.f_frsize >= 2 * nbytes + (64 << 20) and os.access(SHARED_MEMORY_DIR, os.W_OK):
+        if stat.f_bavail * stat.f_frsize >= SHARED_MEMORY_MIN_FREE and os.access(SHARED_MEMORY_DIR, os.W_OK):
             return str(SHARED_MEMORY_DIR)
     except OSError:
         pass
