@@ -52,6 +52,49 @@ def test_region_rules_never_rule_out_a_structure_where_the_labels_put_it(names):
         assert region.above_base is None and not allowed[:, classes.index("heart")].any()
 
 
+MODELS = (
+    "colorizer-2d",
+    "weights/validation/colorizer-2d-heldout-body3mm.safetensors",
+    "weights/validation/colorizer-2d-heldout-dicom.safetensors",
+)
+
+
+@pytest.mark.parametrize("names", LABELLED, ids=lambda n: n[0])
+def test_liver_level_rule_never_rules_out_a_labelled_pelvic_structure_and_bites_on_the_upper_abdomen(names):
+    """The network's own sure liver (`at_liver_level`), from the shipped model and both leave-one-out models (each
+    blind to one of these patients): no slice that holds a labelled pelvic structure is at the liver's level; on
+    the upper-abdomen series, which shows no lung, every slice is (where the lung rules cannot place it)."""
+    from napari_ctcolor.engines.colorize import predict_chroma
+
+    require_shared(CT_DIR / names[0])
+    case = load_real_case(CT_DIR.parent, *names)
+    ct = case.ct
+    pelvic_ids = [k for k, n in case.label_names.items() if colour_class(n).startswith(anatomy.PELVIS)]
+    pelvic = np.isin(case.labels, pelvic_ids).any(axis=(1, 2))
+    for model in MODELS:
+        chroma = predict_chroma(ct, model, device="cpu", anatomy=False, bf16=False)
+        pixel_mm2 = ct.spacing[1] * ct.spacing[2] * chroma.factor**2
+        allowed = anatomy.at_liver_level(chroma.top, chroma.prob, chroma.classes, pixel_mm2).numpy()
+        femur = chroma.classes.index("femur")
+        assert allowed[pelvic, femur].all(), model
+        if names[0].startswith("totalseg-abdomen"):
+            assert not allowed[:, femur].any(), model
+
+
+def test_a_large_sure_liver_section_rules_out_the_pelvis_on_its_slice_only():
+    classes = ("air", "fat", "soft_tissue", "liver", "femur", "gluteus_maximus", "kidney")
+    top = torch.zeros((3, 2, 10, 10), dtype=torch.uint8)
+    prob = torch.zeros((3, 2, 10, 10), dtype=torch.uint8)
+    top[:, 0], prob[:, 0] = 3, 200  # liver at 0.78 everywhere...
+    prob[1, 0] = 100  # ... except slice 1, where it is unsure (0.39)
+    top[2, 0, 5:] = 6  # slice 2: half of it kidney
+    pixel_mm2 = anatomy.LIVER_LEVEL_CM2 * 100.0 / 60.0  # 60 pixels of liver make the threshold
+    allowed = anatomy.at_liver_level(top, prob, classes, pixel_mm2)
+    pelvic = [classes.index("femur"), classes.index("gluteus_maximus")]
+    assert not allowed[0, pelvic].any() and allowed[1, pelvic].all() and allowed[2, pelvic].all()
+    assert allowed[:, [0, 1, 2, 3, 6]].all()
+
+
 def test_unsure_structures_are_named_by_their_tissue_and_impossible_ones_removed():
     classes = ("air", "lung", "fat", "soft_tissue", "contrast_blood", "bone", "liver", "ribs", "heart", "femur")
     # Four pixels, their kept classes (most probable first) and probabilities:

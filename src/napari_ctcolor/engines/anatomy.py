@@ -9,8 +9,9 @@ Three steps, each at the network's resolution (16x fewer pixels than the CT), on
    where the CT changes along z as the guided upsampling does in-plane.
 2. **Anatomy that fits the body region**: each slice's position relative to the lungs, found from HU alone
    (`body_region`), rules out structures that cannot be there: no femur, bladder or gluteal muscle beside the lungs,
-   no liver or bowel well above the diaphragm, no heart below the lung bases (`REGION_RULES`). Their probability
-   goes to zero.
+   no liver or bowel well above the diaphragm, no heart below the lung bases (`REGION_RULES`); and no pelvic
+   structure on a slice where the network is sure of a large liver section (`at_liver_level`: an upper-abdomen series
+   shows no lung to place it). Their probability goes to zero.
 3. **"Tissue" when unsure**: where no named structure reaches `CONFIDENT`, the structures' probability moves to a
    tissue class (fat, soft tissue, contrast blood or bone): the tissue family the network's probabilities favour,
    checked against the HU, so the voxel takes a plain tissue colour and the pointer says "bone" or "soft_tissue"
@@ -78,6 +79,12 @@ REGION_RULES: tuple[tuple[tuple[str, ...], str, float], ...] = (
 )
 #: Ruled out when the scan shows no lung at all (an abdomen or pelvis series).
 NO_LUNG_RULES = ("heart", "sternum")
+#: A slice on which the network is sure (probability >= `LIVER_SURE`) of at least this much liver (cm²) lies at the
+#: liver's level, far above the pelvis: no `PELVIS` class there (`at_liver_level`). It tells an upper-abdomen series
+#: without lungs from a pelvis, which the lung rules cannot. The liver's axial section reaches 150-250 cm² (the
+#: DICOM patient's slab: 200-236 cm² on every slice); on the labelled CTs' 62 pelvic slices the model trained
+#: without that patient was sure of at most 33 cm² of liver, the shipped model of 0.5 cm².
+LIVER_LEVEL_CM2, LIVER_SURE = 100.0, 0.5
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,19 @@ class Region:
                 else:
                     out[:, k] &= torch.from_numpy(~(self.above_dome > mm))
         return out
+
+
+def at_liver_level(top: torch.Tensor, prob: torch.Tensor, classes: tuple[str, ...], pixel_mm2: float) -> torch.Tensor:
+    """(Z, K) bool: which classes may be named on each slice given the liver the network is sure of (`LIVER_LEVEL_CM2`);
+    ``top``, ``prob``: (Z, k, h, w) kept classes, most probable first (probabilities x 255 as uint8, or float)."""
+    allowed = torch.ones((top.shape[0], len(classes)), dtype=torch.bool)
+    if "liver" not in classes:
+        return allowed
+    sure = prob[:, 0].float() >= LIVER_SURE * (255.0 if prob.dtype == torch.uint8 else 1.0)
+    area_cm2 = ((top[:, 0] == classes.index("liver")) & sure).sum(dim=(1, 2)) * pixel_mm2 / 100.0
+    pelvic = torch.tensor([name.startswith(PELVIS) for name in classes])
+    allowed[(area_cm2 >= LIVER_LEVEL_CM2)[:, None] & pelvic[None, :]] = False
+    return allowed
 
 
 def body_region(small_hu: np.ndarray, pixel_mm2: float, slice_superior_mm: np.ndarray) -> Region:
@@ -193,8 +213,8 @@ def consistent_top(
        tissue, soft tissue below `FAT_MAX_HU` fat; a pixel whose kept classes are all ruled out takes that class
        entirely.
 
-    One numba pass per pixel (`_consistent`): in tensor ops the same took as long as the network (39 passes over
-    (n, k, h, w) arrays per chunk).
+    One numba pass per pixel (`_consistent`): in tensor ops (a few dozen passes over (n, k, h, w) arrays) the same
+    took 0.86 s on a 282-slice 1 mm series, against 0.09 s.
     """
     tables = _tables(classes)
     top_np = np.ascontiguousarray(top.numpy())

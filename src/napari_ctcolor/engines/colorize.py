@@ -502,7 +502,7 @@ def _make_consistent(
         pixel_y * pixel_x * factor * factor,
         _anatomy.slice_superior_mm(volume.shape[0], spacing_z, volume.origin, volume.direction),
     )
-    allowed = region.allowed(classes)
+    allowed = region.allowed(classes) & _anatomy.at_liver_level(top, prob, classes, pixel_y * pixel_x * factor * factor)
     kernel = _anatomy.z_smoothing_kernel(spacing_z) if volume.shape[0] > 1 else None
     radius = 0 if kernel is None else len(kernel) // 2
     z = top.shape[0]
