@@ -139,6 +139,29 @@ def test_fat_in_a_pixel_denser_than_fat_allows_moves_to_the_denser_tissue_around
     assert torch.allclose(new_prob.sum(dim=1), torch.ones(1, 1, 5))
 
 
+def test_an_organ_named_in_several_pieces_keeps_its_name_only_on_the_largest():
+    # Liver named on a large block and on a small separate blob (a psoas the network took for liver): the blob is
+    # renamed by its HU (soft tissue; fat below FAT_MAX_HU), its probability kept. Kidneys keep two pieces (left and
+    # right) and lose a third. The second kept class is untouched.
+    classes = ("air", "lung", "fat", "soft_tissue", "contrast_blood", "bone", "liver", "kidney")
+    top = torch.zeros((4, 2, 12, 12), dtype=torch.uint8)
+    top[:, 1] = 2
+    top[:, 0] = 3
+    top[:, 0, 0:6, 0:6] = 6  # the liver
+    top[1:3, 0, 9:11, 9:11] = 6  # a stray liver blob
+    top[:, 0, 8:10, 0:2] = 7  # kidney 1
+    top[:, 0, 8:10, 4:6] = 7  # kidney 2 (as large)
+    top[0, 0, 11, 8] = 7  # a one-pixel third kidney piece
+    hu = torch.full((4, 12, 12), 40.0)
+    hu[2] = -80.0  # the blob's lower slice at fat's HU
+    anatomy.keep_main_pieces(top, hu, classes)
+    assert (
+        (top[:, 0, 0:6, 0:6] == 6).all() and (top[1, 0, 9:11, 9:11] == 3).all() and (top[2, 0, 9:11, 9:11] == 2).all()
+    )
+    assert (top[:, 0, 8:10, 0:2] == 7).all() and (top[:, 0, 8:10, 4:6] == 7).all() and top[0, 0, 11, 8] == 3
+    assert (top[:, 1] == 2).all()
+
+
 def test_z_smoothing_keeps_a_constant_distribution_spreads_within_a_tissue_and_stops_at_an_hu_step():
     kernel = anatomy.z_smoothing_kernel(1.0)  # sigma 3 slices
     assert kernel is not None and kernel.sum() == pytest.approx(1.0) and anatomy.z_smoothing_kernel(5.0) is None
