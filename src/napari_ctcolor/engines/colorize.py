@@ -494,15 +494,16 @@ def _make_consistent(
     network gave them: the rows after the chunk are not yet rewritten, and the few before it were saved before the
     previous chunk rewrote them (a copy of the whole output would add a quarter of the int16 CT's size)."""
     spacing_z, pixel_y, pixel_x = volume.spacing
+    pixel_mm2 = pixel_y * pixel_x * factor * factor  # one network pixel
     outside = None
     if "air" in classes:  # the table and anything else outside the body take no colour and no name
         outside = torch.from_numpy(~body_mask(small_hu.numpy(), (spacing_z, pixel_y * factor, pixel_x * factor)))
     region = _anatomy.body_region(
         small_hu.numpy(),
-        pixel_y * pixel_x * factor * factor,
+        pixel_mm2,
         _anatomy.slice_superior_mm(volume.shape[0], spacing_z, volume.origin, volume.direction),
     )
-    allowed = region.allowed(classes) & _anatomy.at_liver_level(top, prob, classes, pixel_y * pixel_x * factor * factor)
+    allowed = region.allowed(classes) & _anatomy.at_liver_level(top, prob, classes, pixel_mm2)
     kernel = _anatomy.z_smoothing_kernel(spacing_z) if volume.shape[0] > 1 else None
     radius = 0 if kernel is None else len(kernel) // 2
     z = top.shape[0]
