@@ -107,10 +107,66 @@ def test_unsure_structures_are_named_by_their_tissue_and_impossible_ones_removed
     new_top, new_prob = anatomy.consistent_top(top, prob, hu, classes, allowed)
     assert torch.allclose(new_prob.sum(dim=1), torch.ones(1, 1, 5))
     # sure liver kept; liver vs heart unsure at soft-tissue HU -> soft tissue; rib vs heart with the bone family
-    # ahead -> bone; a femur ruled out leaves ribs, sure -> ribs; a pixel of femur alone (a humerus beside the lungs)
-    # -> its tissue family, bone.
-    assert new_top[0, 0, 0].tolist() == [6, 3, 5, 7, 5]
+    # ahead -> bone; a femur ruled out leaves ribs at 0.2 of what the network said, unsure -> bone (the ruled-out
+    # femur counts as doubt, not as support for ribs); a pixel of femur alone (a humerus beside the lungs) -> its
+    # tissue family, bone.
+    assert new_top[0, 0, 0].tolist() == [6, 3, 5, 5, 5]
     assert new_prob[0, 0, 0].tolist() == pytest.approx([0.9, 1.0, 1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("names", LABELLED, ids=lambda n: n[0])
+def test_lateral_rules_never_rule_out_a_structure_where_the_labels_put_it(names):
+    """`LATERAL_MM` against both labelled patients, the midline found as the engine finds it (the body at the
+    network's resolution): every labelled voxel of the spleen, gallbladder and heart lies where its class is allowed,
+    and the spleen, present in both, at least 30 mm inside its bound."""
+    from napari_ctcolor.engines.body import body_mask
+
+    require_shared(CT_DIR / names[0])
+    case = load_real_case(CT_DIR.parent, *names)
+    ct = case.ct
+    factor = load_colorizer("colorizer-2d")[0].config.factor_for(float(np.mean(ct.spacing[1:])))
+    small = downsample_hu(torch.from_numpy(np.asarray(ct.array, dtype=np.float32))[:, None], factor)[:, 0].numpy()
+    pixel_mm = (ct.spacing[1] * factor, ct.spacing[2] * factor)
+    lateral = anatomy.lateral_mm(body_mask(small, (ct.spacing[0], *pixel_mm)), pixel_mm, ct.direction)
+    assert lateral is not None
+    z, y, x = np.indices(ct.shape)
+    at_voxel = lateral[z, np.minimum(y // factor, lateral.shape[1] - 1), np.minimum(x // factor, lateral.shape[2] - 1)]
+    checked = {}
+    for label, name in case.label_names.items():
+        low, high = anatomy.LATERAL_MM.get(colour_class(name), (None, None))
+        mask = case.labels == label
+        if low is None or not mask.any():
+            continue
+        where = at_voxel[mask]
+        assert np.isfinite(where).all() and (where >= low).all() and (where <= high).all(), name
+        checked[colour_class(name)] = float(where.min() - low) if np.isfinite(low) else float(high - where.max())
+    assert checked["spleen"] >= 30.0, checked
+
+
+def test_an_organ_on_the_wrong_side_of_the_midline_is_not_named_nor_is_its_second_guess():
+    # The patient's left is +: the spleen on the right (lateral -50 mm) loses its name. The kidney behind it keeps
+    # 0.3 of what the network said: unsure, so the pixel is named by its tissue, soft tissue. At +50 mm the spleen
+    # stays; without a known midline (NaN: no body on the slice) too.
+    classes = ("air", "lung", "fat", "soft_tissue", "contrast_blood", "bone", "spleen", "kidney")
+    top = torch.tensor([[6, 7, 3, 0]] * 3).T[None, :, None, :]
+    prob = torch.tensor([[0.6, 0.3, 0.1, 0.0]] * 3).T[None, :, None, :]
+    hu = torch.full((1, 1, 3), 45.0)
+    allowed = torch.ones((1, len(classes)), dtype=torch.bool)
+    lateral = np.array([[[-50.0, 50.0, np.nan]]], dtype=np.float32)
+    new_top, new_prob = anatomy.consistent_top(top, prob, hu, classes, allowed, lateral=lateral)
+    assert new_top[0, 0, 0].tolist() == [3, 6, 6]
+    assert new_prob[0, 0, 0].tolist() == pytest.approx([1.0, 0.6, 0.6])
+
+
+def test_lateral_mm_measures_towards_the_patients_left_from_each_slices_body_midline():
+    body = np.zeros((2, 4, 10), dtype=bool)
+    body[0, :, 2:7] = True  # midline at column 4
+    direction = np.diag([-1.0, -1.0, 1.0])  # columns run to the patient's right (a NIfTI's RAS grid read as LPS)
+    lateral = anatomy.lateral_mm(body, (1.0, 2.0), direction)
+    assert lateral[0, 0].tolist() == pytest.approx([8.0, 6.0, 4.0, 2.0, 0.0, -2.0, -4.0, -6.0, -8.0, -10.0])
+    assert np.isnan(lateral[1]).all()  # no body on the slice
+    sagittal = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # rows and columns run A-P and S-I
+    assert anatomy.lateral_mm(body, (1.0, 2.0), sagittal) is None
 
 
 def test_fat_in_a_pixel_denser_than_fat_allows_moves_to_the_denser_tissue_around_it():

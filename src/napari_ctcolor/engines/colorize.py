@@ -504,6 +504,8 @@ def _make_consistent(
         _anatomy.slice_superior_mm(volume.shape[0], spacing_z, volume.origin, volume.direction),
     )
     allowed = region.allowed(classes) & _anatomy.at_liver_level(top, prob, classes, pixel_mm2)
+    body = ~outside.numpy() if outside is not None else small_hu.numpy() > _anatomy.LUNG_HU[1]
+    lateral = _anatomy.lateral_mm(body, (pixel_y * factor, pixel_x * factor), volume.direction)
     kernel = _anatomy.z_smoothing_kernel(spacing_z) if volume.shape[0] > 1 else None
     radius = 0 if kernel is None else len(kernel) // 2
     z = top.shape[0]
@@ -520,7 +522,13 @@ def _make_consistent(
         else:
             chunk_prob = block_prob[start - lo : stop - lo].float().div_(255.0)
         chunk_top, chunk_prob = _anatomy.consistent_top(
-            block_top[start - lo : stop - lo], chunk_prob, small_hu[start:stop], classes, allowed[start:stop], skip
+            block_top[start - lo : stop - lo],
+            chunk_prob,
+            small_hu[start:stop],
+            classes,
+            allowed[start:stop],
+            skip,
+            None if lateral is None else lateral[start:stop],
         )
         keep = slice(max(stop - radius, 0) - lo, stop - lo)
         saved_top, saved_prob = block_top[keep].clone(), block_prob[keep].clone()

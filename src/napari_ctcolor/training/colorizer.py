@@ -582,10 +582,11 @@ def model_card(model: Colorizer, train: TrainConfig, config_path: Path, facts: d
             "grid guided by the full-resolution HU, none where HU < -900, composed with the exact luminance of the "
             "display window. Before that, the engine's anatomy step (napari_ctcolor.engines.anatomy) smooths the "
             "probabilities along z where the HU does not change, rules out structures that do not fit the slice's "
-            "position relative to the lungs or to a large liver section, moves fat's probability to a denser tissue "
-            f"where a pixel is denser than fat allows, names pixels where no structure reaches {anatomy.CONFIDENT} "
-            "by their tissue, and keeps an organ's name only on its largest connected piece(s); the metrics include "
-            "it.",
+            "position relative to the lungs or to a large liver section, or an organ's side of the body's midline, "
+            "moves fat's probability to a denser tissue where a pixel is denser than fat allows, names pixels where "
+            f"no structure reaches {anatomy.CONFIDENT} of what the network said (ruled-out classes counting as "
+            "doubt) by their tissue, and keeps an organ's name only on its largest connected piece(s); the metrics "
+            "include it.",
         },
         "classes": list(config.classes),
         "palettes": {name: load_palette(name).source for name in PALETTE_NAMES},
