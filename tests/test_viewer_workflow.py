@@ -14,13 +14,15 @@ from napari.utils.events import Event
 from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
 from scipy import ndimage
 
+from napari_ctcolor.color import colour_class
+from napari_ctcolor.engines.anatomy import family
 from napari_ctcolor.engines.body import body_mask
 from napari_ctcolor.io import ColorVolume, Volume, read_volume, write_nifti
 from napari_ctcolor.io.color_read import read_color_volume
 from napari_ctcolor.napari import _colorize_widget
 from napari_ctcolor.napari._layers import image_layer_data
 from napari_ctcolor.napari._view import show_plane
-from napari_ctcolor.napari._volume import MIN_BONE_ML
+from napari_ctcolor.napari._volume import MIN_BONE_ML, vessel_mask
 from napari_ctcolor.windowing import PRESETS
 from test_cli import ctcolor
 from test_color import LUMINANCE_BOUND
@@ -155,10 +157,21 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
     pieces, count = ndimage.label(surface, structure=np.ones((3, 3, 3), dtype=bool))
     volumes_ml = np.bincount(pieces.ravel())[1:] * 27.0 * s * s / 1000.0
     assert count >= 5 and volumes_ml.min() >= MIN_BONE_ML  # the spine and the ribs that are whole at 3 mm
+    bones = np.isin(labels, [i for name, i in names.items() if family(colour_class(name)) == "bone"])
     widget.view_3d.value = "CTA"
-    names = [lyr.name for lyr in viewer.layers if lyr.visible]
-    assert names == [f"{ct.name} 3D bone", f"{ct.name} 3D vessels"]
+    shown = [lyr.name for lyr in viewer.layers if lyr.visible]
+    assert shown == [f"{ct.name} 3D bone", f"{ct.name} 3D vessels"]
     assert all(lyr.rendering == "iso" for lyr in viewer.layers if lyr.visible)
+    # A non-contrast CT: nothing is contrast-filled. Its cancellous bone (150-600 HU, the cortex below 650 HU at
+    # 3 mm), which HU alone takes for contrast blood, is named bone by the colorizer and stays out of the red surface.
+    spacing = (3.0, 3.0 * s, 3.0 * s)
+    red = viewer.layers[f"{ct.name} 3D vessels"].data > 0.5
+    dense_bone = bones & (hu > 150)
+    by_hu = vessel_mask(hu, inside, spacing)[dense_bone].mean()
+    print(
+        f"\nCTA, non-contrast CT: red on {red[dense_bone].mean():.4f} of the bone above 150 HU (HU alone {by_hu:.3f})"
+    )
+    assert red[dense_bone].mean() < 0.02 and by_hu > 0.1
     widget.view_3d.value = "soft tissue"
     skin = viewer.layers[f"{ct.name} 3D skin"]
     assert [lyr.name for lyr in viewer.layers if lyr.visible] == [f"{ct.name} 3D bone", skin.name]

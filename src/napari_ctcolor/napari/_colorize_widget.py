@@ -66,7 +66,7 @@ from ..windowing import COLOUR_3D_OPACITY, PRESETS, Window, default_window, opac
 from ._docks import tab_with_siblings
 from ._layers import META_KEY, layer_attributes, volume_from_layer
 from ._view import anterior_3d, follow_radiological_orientation, plane_buttons, show_plane
-from ._volume import PRESETS_3D, layer_data, vessel_mask
+from ._volume import PRESETS_3D, layer_data, named_bone, vessel_mask
 
 if TYPE_CHECKING:
     import napari
@@ -998,7 +998,9 @@ class ColorizeWidget(Container):
                 lyr.visible = False
         added = []
         parts = PRESETS_3D[preset]
-        vessels = vessel_mask(hu, body, spacing) if any(p.source in ("vessels", "CTA bone") for p in parts) else None
+        vessels = None
+        if any(p.source in ("vessels", "CTA bone") for p in parts):
+            vessels = vessel_mask(hu, body, spacing, named_bone=named_bone(kept.chroma, kept.volume.shape, step))
         for part in parts:
             name = f"{kept.ct.name} 3D {part.name}"
             if part.source == "colour":  # the colorized RGB, alpha from HU, nothing outside the body
