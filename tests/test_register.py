@@ -416,6 +416,17 @@ def test_refinement_raises_dice_and_reports_each_chunk_of_iterations_with_cancel
     assert len(steps) == total + 5  # cancelled inside the refinement, after its second chunk
 
 
+def test_refinement_levels_coarsen_the_fine_axes_to_at_most_4_mm_and_keep_thick_slices():
+    from napari_ctcolor.engines.refine import COARSE_ITERATIONS as N
+    from napari_ctcolor.engines.refine import levels
+
+    assert levels((1.0, 1.0, 1.0), 9) == [((4, 4, 4), N), ((2, 2, 2), N), ((1, 1, 1), 9)]
+    assert levels((2.0, 0.98, 0.98), 9) == [((4, 4, 2), N), ((2, 2, 1), N), ((1, 1, 1), 9)]
+    assert levels((3.0, 3.0, 3.0), 9) == [((1, 1, 1), 9)]  # 6 mm would be too coarse
+    # 5 mm slices of 1.14 mm pixels: the pixels averaged to 2.3 mm (4.6 mm is too coarse), the slices kept as they are.
+    assert levels((5.0, 1.14, 1.14), 9) == [((2, 2, 1), N), ((1, 1, 1), 9)]
+
+
 def test_cli_refuses_bad_refinement_counts_and_models_of_the_wrong_kind_with_one_line(tmp_path):
     ct_path = str(require_shared(CT))
     colorizer = str(require_shared(ROOT / "weights" / "colorizer-2d.safetensors"))
