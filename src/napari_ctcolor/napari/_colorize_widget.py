@@ -12,6 +12,9 @@ The widget is a thin front end over `napari_ctcolor.engines.colorize`, the same 
   whole HU range) selects the matching choice or "custom" and recomposes the colour with it: the plane on screen
   (axial, coronal or sagittal) at once in the main thread (`engines.colorize.compose_plane`), then the whole volume
   in a worker. The colour layer's own contrast limits and gamma stay fixed (its luminance is the window already).
+- A contrast CT opens with its enhanced blood mid-grey when its DICOM header says contrast was given
+  (`_layers.opening_window`). A CT without such a header (NIfTI, NRRD, MHA) moves to that window after Run when the
+  blood the network names is enhanced and the CT still shows the window it opened in (`_window_for_contrast`).
 - Right-drag on the canvas sets the window (`_window_drag`). A progress bar in the widget; Axial / Coronal /
   Sagittal buttons show radiologically oriented views (`_view`).
 - The widget's "Pointer" line shows the CT's HU under napari's cursor, the voxel's position in mm (LPS) and its
@@ -50,7 +53,7 @@ from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.colormaps import DirectLabelColormap
-from napari.utils.notifications import show_error
+from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFrame, QScrollArea, QWidget
 
@@ -64,9 +67,9 @@ from ..io import ColorVolume, Volume
 from ..models.colorizer import Colorizer
 from ..windowing import COLOUR_3D_OPACITY, PRESETS, Window, default_window, opacity, parse_window
 from ._docks import tab_with_siblings
-from ._layers import META_KEY, layer_attributes, volume_from_layer
+from ._layers import META_KEY, layer_attributes, opening_window, volume_from_layer
 from ._view import anterior_3d, follow_radiological_orientation, plane_buttons, show_plane
-from ._volume import PRESETS_3D, layer_data, named_bone, vessel_mask
+from ._volume import PRESETS_3D, contrast_window, layer_data, named_bone, vessel_mask
 
 if TYPE_CHECKING:
     import napari
@@ -773,8 +776,30 @@ class ColorizeWidget(Container):
         self.export_button.enabled = True
         self.send_to_pacs.enabled = "dicomweb" in volume.meta  # read from a DICOMweb series: its server is known
         self.send_to_pacs.value = self.send_to_pacs.value and self.send_to_pacs.enabled
+        self._window_for_contrast(ct, volume, chroma)
         # Settings changed while the network ran are applied now, from the kept chroma.
         self._recompose_pending = self._recompose_pending or self._settings(colour) != self._current_settings()
+
+    def _window_for_contrast(self, ct: Image, volume: Volume, chroma: Chroma) -> None:
+        """A CT without a header that says contrast was given (NIfTI, NRRD, MHA) opens in its default window, where
+        contrast-filled vessels are white and can carry no colour. When the network finds the blood it names enhanced
+        (`Chroma.enhanced_blood_hu`) and the CT still shows the window it opened in, move it to the window a DICOM
+        contrast CT opens in (`contrast_window`: the enhanced blood mid-grey), and say so."""
+        if volume.meta.get("contrast") or ct.ndim != 3:
+            return
+        opened = opening_window(volume)
+        if not np.allclose(ct.contrast_limits, opened.limits, rtol=0, atol=0.5):
+            return  # the reader chose the window, or the user did: leave it
+        blood = chroma.enhanced_blood_hu(volume.array, volume.spacing)
+        if blood is None:
+            return
+        win = contrast_window(volume.array, volume.spacing)
+        ct.contrast_limits = win.limits  # the widget follows, and the colour is recomposed from the kept run
+        # A notification as well as the status line, which the recompose's own message replaces a moment later.
+        show_info(
+            f"{ct.name}: contrast-enhanced blood found (median {blood:.0f} HU); window {win.centre:g}/{win.width:g} "
+            "so that it shows grey and takes colour, as for a contrast CT"
+        )
 
     def _recomposed(self, kept: _Kept, result: ColorVolume | _Failed) -> None:
         if self._closed:
