@@ -147,24 +147,25 @@ class Chroma:
             out[start:stop] = labels.numpy()
         return out
 
+    def first_class(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """(Z, len(rows), len(cols)) uint8: the most probable class (an index into `classes`) of the network pixel
+        that covers each CT voxel column (row, col)."""
+        r, c = self.network_pixel(torch.as_tensor(rows), torch.as_tensor(cols))
+        return self.top[:, 0].index_select(1, r).index_select(2, c).numpy()
+
     def enhanced_blood_hu(self, hu: np.ndarray, spacing: tuple[float, float, float]) -> float | None:
         """The median HU of the blood the network names (the pixels whose most probable class is the heart or a named
         vessel, read at each pixel's centre in the CT ``hu``) when it is contrast-enhanced: at least `ENHANCED_HU` over
         at least `ENHANCED_MIN_ML`; else None."""
-        vessels = [k for k, name in enumerate(self.classes) if _anatomy.family(name) == "contrast_blood"]
-        vessels = [k for k in vessels if self.classes[k] != "contrast_blood"]  # the tissue class is named by HU
-        if not vessels:
-            return None
+        named = [k for k, name in enumerate(self.classes) if _anatomy.family(name) == "contrast_blood"]
+        named = [k for k in named if self.classes[k] != "contrast_blood"]  # the tissue class is named by HU
         (top, _), (left, _) = self.pad
-        rows = np.arange(self.top.shape[2]) * self.factor - top + self.factor // 2
-        cols = np.arange(self.top.shape[3]) * self.factor - left + self.factor // 2
-        rows, cols = rows[(rows >= 0) & (rows < hu.shape[1])], cols[(cols >= 0) & (cols < hu.shape[2])]
-        first = self.top[:, 0].numpy()[:, (rows + top) // self.factor][:, :, (cols + left) // self.factor]
-        named = np.isin(first, vessels)
-        pixel_ml = float(np.prod(spacing)) * self.factor**2 / 1000.0
-        if named.sum() * pixel_ml < ENHANCED_MIN_ML:
+        rows = np.arange((self.factor // 2 - top) % self.factor, hu.shape[1], self.factor)  # the pixels' centres
+        cols = np.arange((self.factor // 2 - left) % self.factor, hu.shape[2], self.factor)
+        blood = np.isin(self.first_class(rows, cols), named)
+        if blood.sum() * float(np.prod(spacing)) * self.factor**2 / 1000.0 < ENHANCED_MIN_ML:
             return None
-        median = float(np.median(np.asarray(hu)[:, rows][:, :, cols][named]))
+        median = float(np.median(np.asarray(hu)[:, rows][:, :, cols][blood]))
         return median if median >= ENHANCED_HU else None
 
     def class_shares(self) -> dict[str, float]:

@@ -795,7 +795,7 @@ class ColorizeWidget(Container):
             return
         win = contrast_window(volume.array, volume.spacing)
         ct.contrast_limits = win.limits  # the widget follows, and the colour is recomposed from the kept run
-        # A notification as well as the status line, which the recompose's own message replaces a moment later.
+        # A notification: the status line shows the recompose's own message a moment later.
         show_info(
             f"{ct.name}: contrast-enhanced blood found (median {blood:.0f} HU); window {win.centre:g}/{win.width:g} "
             "so that it shows grey and takes colour, as for a contrast CT"

@@ -43,7 +43,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from napari.utils import Colormap
 from scipy import ndimage
 
@@ -249,8 +248,7 @@ def vessel_mask(
 def named_bone(chroma: Chroma, shape: tuple[int, int, int], step: int = 1) -> np.ndarray:
     """bool (Z, Y / step, X / step): where the colorizer's most probable class in the network pixel is a bone (a
     vertebra, a rib, ..., or the tissue class bone), on every ``step``-th voxel in-plane of a CT of ``shape``."""
-    rows, cols = chroma.network_pixel(torch.arange(0, shape[1], step), torch.arange(0, shape[2], step))
-    first = chroma.top[:, 0].index_select(1, rows).index_select(2, cols).numpy()
+    first = chroma.first_class(np.arange(0, shape[1], step), np.arange(0, shape[2], step))
     return np.array([family(name) == "bone" for name in chroma.classes])[first]
 
 
