@@ -308,7 +308,7 @@ def consistent_top(
         np.ascontiguousarray(small_hu.numpy(), dtype=np.float32),
         np.ascontiguousarray(allowed.numpy(), dtype=np.bool_),
         _skip_mask(skip, small_hu.shape),
-        np.zeros(small_hu.shape, np.float32) if lateral is None else np.ascontiguousarray(lateral, dtype=np.float32),
+        np.full(small_hu.shape, np.nan, np.float32) if lateral is None else np.ascontiguousarray(lateral, np.float32),
         np.array([LATERAL_MM.get(name, (-np.inf, np.inf)) for name in classes], dtype=np.float32),
         tables is not None,
         *_kernel_tables(tables, len(classes)),
@@ -358,12 +358,12 @@ def _consistent(
             for f in range(families):
                 mass[f] = 0.0
             said = np.float32(0.0)
+            side = lateral[s, y, x]  # NaN (no body on the slice, or no side rule) passes both tests below
             for j in range(k):
                 t[j] = top[s, j, y, x]
                 p[j] = prob[s, j, y, x]
                 said += p[j]
                 mass[family_of[t[j]]] += p[j]  # by all that the network said, ruled-out classes included
-                side = lateral[s, y, x]  # NaN (no body on the slice) passes both tests
                 if not allowed[s, t[j]] or side < across[t[j], 0] or side > across[t[j], 1]:
                     p[j] = 0.0
             if has_tables:
