@@ -185,7 +185,15 @@ def test_moving_on_its_own_grid_matches_simpleitk_applying_the_written_fields(tm
     continuous = np.linalg.solve(moving_to_mm, points - np.array(moving.GetOrigin())[:, None])
     inside = np.all((continuous >= 0) & (continuous <= np.array(moving.GetSize())[:, None] - 1), axis=0)
     difference = np.abs(warped - sitk.GetArrayFromImage(reference)).reshape(-1)[inside]
-    assert inside.mean() > 0.4 and difference.max() <= 0.01, (inside.mean(), difference.max())
+    # The engine maps positions between the two grids in float32: a position of up to `reach` mm from the scanner's
+    # origin carries a rounding of 2**-24 of it on each of the three axes, i.e. up to `shift` of the moving image's
+    # voxels; times the steepest step between neighbouring voxels of the moving image (a bone edge) that is the bound
+    # (measured 0.010 HU against a bound of 0.023).
+    values = sitk.GetArrayFromImage(moving).astype(np.float64)
+    steepest = max(float(np.abs(np.diff(values, axis=axis)).max()) for axis in range(3))
+    reach = float(np.abs(points).max())
+    shift = 3.0 * reach * 2.0**-24 / min(moving.GetSpacing())
+    assert inside.mean() > 0.4 and difference.max() <= shift * steepest, (difference.max(), shift * steepest)
 
     # det(I + du/dx), du/dx from central differences along the index axes and the grid's index -> mm matrix.
     gradient = np.stack([np.stack(np.gradient(u[..., c], axis=(2, 1, 0)), axis=-1) for c in range(3)], axis=-2)

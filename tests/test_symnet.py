@@ -296,6 +296,7 @@ def test_cpu_kernel_integrates_and_composes_as_grid_sample(shape, monkeypatch):
         torch.randn(shape[0], 3, 3, 3, 3, generator=generator) * 6.0, size=shape[2:], mode="trilinear"
     )
     f2 = velocity.flip(0) * 0.5
+    monkeypatch.setattr(diffeo, "KERNEL_MIN_VOXELS", 0)  # these small fields would otherwise take grid_sample
     with torch.inference_mode():
         fast = diffeo.integrate_velocity(velocity), diffeo.compose(velocity, f2)
         monkeypatch.setattr(diffeo, "_cpu_kernel", lambda field, padding: False)
@@ -303,3 +304,12 @@ def test_cpu_kernel_integrates_and_composes_as_grid_sample(shape, monkeypatch):
     for a, b in zip(fast, slow, strict=True):
         assert a.shape == b.shape and float((a - b).abs().max()) < 1e-4
     assert float(fast[0].abs().max()) > 3.0  # the fields do move by voxels
+
+
+def test_cpu_kernel_only_where_its_load_pays():
+    """numba's one-time load (about 0.45 s) pays only on large fields: a 3 mm abdomen's four fields take grid_sample,
+    OASIS's four the kernel."""
+    import napari_ctcolor.models.diffeo as diffeo
+
+    assert not diffeo._cpu_kernel(torch.empty(4, 3, 30, 101, 122), "zeros")
+    assert diffeo._cpu_kernel(torch.empty(4, 3, 160, 192, 224), "zeros")

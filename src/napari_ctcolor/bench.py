@@ -445,8 +445,9 @@ CT_REGISTER_RUNS = (("ctcolor register", []), ("ctcolor register --refine 0", ["
 
 def _register_ct_pairs(quick: bool) -> list[tuple[str, Volume, np.ndarray, Volume, Volume]]:
     """(size label, fixed, fixed labels, moving, moving labels) of every validation pair and its phase-change variant:
-    the CT weights' held-out deformations of the labelled CTs and the breathing-like deformations of the unlabelled
-    chest CTs (`training.symnet.chest_pairs`; ``quick``: one labelled pair). Raises InputError or KeyError when the
+    the CT weights' held-out deformations of the labelled CTs and two breathing-like deformations of each unlabelled
+    chest CT, one smooth across the chest and one that slides along the chest wall (`training.symnet.chest_pairs`;
+    ``quick``: one labelled pair). Raises InputError or KeyError when the
     weights' card or the shared data is missing."""
     from .io import Volume
     from .training.symnet import (
@@ -477,9 +478,10 @@ def _register_ct_pairs(quick: bool) -> list[tuple[str, Volume, np.ndarray, Volum
         changed = phase_change(moving.array, moving_labels.array, case.label_names, rng)
         both(size, case.ct, case.labels, moving, moving_labels, changed)
     if not quick:
-        for name, fixed, labels, moving, moving_labels in chest_pairs(rng):
-            size = "x".join(map(str, fixed.shape[::-1])) + f" {name} breathing 20 mm"
-            both(size, fixed, labels, moving, moving_labels, chest_phase_change(moving.array, rng))
+        for motion, what in (("smooth", "breathing"), ("sliding", "sliding breathing")):
+            for name, fixed, labels, moving, moving_labels in chest_pairs(rng, motion=motion):
+                size = "x".join(map(str, fixed.shape[::-1])) + f" {name} {what} 20 mm"
+                both(size, fixed, labels, moving, moving_labels, chest_phase_change(moving.array, rng))
     return out
 
 
@@ -819,15 +821,17 @@ _DESCRIPTIONS = (
     ),
     (
         ("register-ct",),
-        "Register CT: Dice (mean over structures of >= 100 voxels) after registering held-out synthetic "
-        "deformations (<= 15 mm; seed never used in training) of the shared labelled CTs on their native grids (the "
-        "3 mm CT is in the training set with other deformations, the DICOM series never is), and a breathing-like "
-        "deformation (<= 20 mm, the lung bases most) of each unlabelled chest CT (in-plane pixels averaged 2x2) with "
-        "lungs, bone and airways from HU as labels; each pair also with the moving scan in another contrast phase "
-        "(labelled: arteries -150 HU, veins and liver brighter, kidneys and spleen darker; chest: enhancing soft "
-        "tissue +80 HU; 20 HU noise). `ctcolor register` with its defaults and with `--refine 0`, and `ctcolor peer` "
-        "for each peer, every one a whole process in this run (start-up, reading and writing NIfTI included); the "
-        "moving labels are warped through each written ddf.nii.gz by SimpleITK (nearest).",
+        "Register CT: Dice (mean over structures of >= 100 voxels) after registering held-out synthetic deformations "
+        "(<= 15 mm; seed never used in training) of the shared labelled CTs on their native grids (the 3 mm CT is in "
+        "the training set with other deformations, the DICOM series never is), and two breathing-like deformations (<="
+        " 20 mm, the lung bases most) of each unlabelled chest CT (in-plane pixels averaged 2x2) with lungs, bone and "
+        "airways from HU as labels: one smooth across the chest (the spine moves too), one that slides along the chest"
+        " wall (the lungs, mediastinum and abdomen move; the spine, ribs and body wall stay); each pair also with the "
+        "moving scan in another contrast phase (labelled: arteries -150 HU, veins and liver brighter, kidneys and "
+        "spleen darker; chest: enhancing soft tissue +80 HU; 20 HU noise). `ctcolor register` with its defaults and "
+        "with `--refine 0`, and `ctcolor peer` for each peer, every one a whole process in this run (start-up, reading"
+        " and writing NIfTI included); the moving labels are warped through each written ddf.nii.gz by SimpleITK "
+        "(nearest).",
     ),
     (
         ("batch",),

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .io import NIFTI_SUFFIXES, read_volume, write_nifti, write_vector_nifti
+from .io import NIFTI_SUFFIXES, write_nifti, write_vector_nifti
 from .io.dicomweb import is_series_url, read_series, send_series
 from .io.prefetch import read_volume_soon
 from .io.write import atomic_path
@@ -76,17 +76,20 @@ def register_command(args: argparse.Namespace) -> dict:
     warning once the outputs are written: `cli.main` prints it as a ``warning: ...`` line on stderr (exit code 0),
     a batch as a warning of that input.
     """
-    from .engines import checkerboard, register  # torch is imported only by the commands that need it
-    from .engines.refine import parse_refine
-
-    refine = parse_refine(args.refine) if isinstance(args.refine, str) else args.refine  # before any reading
     send = getattr(args, "send", False)
     if send and not is_series_url(args.fixed):
         raise InputError("--send stores the warped image into the study of FIXED, which must be a DICOMweb series URL")
     outputs = register_outdir(args)
+    # Both inputs are read in child processes while this one imports the engine (torch: about 1 s on 2 cores).
+    reads = [read_volume_soon(args.fixed), read_volume_soon(args.moving)]
+    from .engines import checkerboard, register  # torch is imported only by the commands that need it
+    from .engines.refine import parse_refine
+
+    # A bad --refine stops here: the readers are daemonic children, ended at exit, and nothing has been written.
+    refine = parse_refine(args.refine) if isinstance(args.refine, str) else args.refine
     start = time.perf_counter()
-    fixed, moving = read_volume(args.fixed), read_volume(args.moving)
-    read_seconds = time.perf_counter() - start
+    fixed, moving = (read() for read in reads)
+    read_seconds = time.perf_counter() - start  # what reading added after the import: the wait for the children
     source = same_patient_header(args.fixed, args.moving, moving.meta) if send else None
     result = register(fixed, moving, model=args.model, affine=args.affine, refine=refine, device=args.device)
 

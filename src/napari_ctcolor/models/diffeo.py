@@ -17,8 +17,8 @@ need two channel flips (copies of the field). They also renormalise the grid wit
 gather at every squaring step, cache the reference grid on the module (an inference tensor if first built under
 ``torch.inference_mode``, which then breaks training with the same module), and warn at construction when MONAI's C++
 extension is absent. Measured on 2 CPU cores, 4 fields of 160x192x224: ``DVF2DDF`` with flips 31 s, this module's
-``grid_sample`` path 14 s; on the CPU at inference `_field_kernels` now does each step in one pass (2.0 s against
-8.9 s for the ``grid_sample`` path, BENCHMARKS.md).
+``grid_sample`` path 14 s; on the CPU at inference `_field_kernels` now does each step of a large field in one pass
+(2.0 s against 8.9 s for the ``grid_sample`` path, BENCHMARKS.md; `KERNEL_MIN_VOXELS`).
 ``tests/test_symnet.py`` checks that ``warp`` equals MONAI's ``Warp`` on channel-flipped fields.
 """
 
@@ -37,6 +37,12 @@ PaddingMode = Literal["zeros", "border", "reflection"]
 
 #: Squaring steps of the official SYMNet integration: the velocity is divided by 2**7 and self-composed 7 times.
 INTEGRATION_STEPS = 7
+#: `_field_kernels` takes a step only for fields of at least this many voxels (summed over the batch). Loading numba
+#: and its cached kernel costs about 0.45 s once per process, and the kernel saves about 12 ns per voxel and step
+#: against ``grid_sample`` (2 CPU cores, 2026-11-24): it pays from about 4 million voxel-fields integrated (four
+#: fields of 1 million voxels; OASIS's four are 6.9 million each). A 3 mm abdomen (four fields of 0.37 million
+#: voxels) integrates in 0.2 s with ``grid_sample`` against 0.65 s with numba's load.
+KERNEL_MIN_VOXELS = 4_000_000
 
 
 def _check_field(name: str, field: torch.Tensor) -> None:
@@ -67,11 +73,13 @@ def _identity_grid(spatial_shape: tuple[int, ...], like: torch.Tensor) -> torch.
 
 def _cpu_kernel(field: torch.Tensor, padding_mode: str) -> bool:
     """Whether `_field_kernels` computes this step: a float32 CPU field without autograd, zeros outside (SYMNet's
-    integration and composition at inference). Training, GPUs and other paddings keep ``grid_sample``."""
+    integration and composition at inference), of at least `KERNEL_MIN_VOXELS`. Training, GPUs, other paddings and
+    small fields keep ``grid_sample``."""
     return (
         field.device.type == "cpu"
         and field.dtype == torch.float32
         and padding_mode == "zeros"
+        and field.numel() // 3 >= KERNEL_MIN_VOXELS
         and not (torch.is_grad_enabled() and field.requires_grad)
     )
 

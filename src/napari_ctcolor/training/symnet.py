@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import yaml
 from scipy import ndimage
 
+from ..engines.body import ellipsoid
 from ..engines.orientation import AxisMap
 from ..io import Volume
 from ..io.write import atomic_path
@@ -203,8 +204,12 @@ def phase_change(hu: np.ndarray, labels: np.ndarray, names: dict[int, str], rng:
 #: the bench finishes on two CPU cores (a 512 x 512 x 141 chest CT takes ANTs SyN many minutes).
 CHEST_CTS = ("chest-popi-2mm.nii.gz", "chest-lung1-5mm.nrrd", "chest-lung2-5mm.nrrd")
 CHEST_LABELS = {1: "lungs", 2: "bone", 3: "airways"}
+CHEST_LABEL_IDS = {name: label for label, name in CHEST_LABELS.items()}
 CHEST_SHRINK = 2
 BREATHING_MM = 20.0
+#: The sliding variant's shear layer at the chest wall (mm): the Gaussian that smooths its motion mask; twice this is
+#: the margin kept around bone.
+SLIDING_LAYER_MM = 3.0
 #: The chest phase-change variant: soft tissue that enhances (80..400 HU) this much brighter, and new noise.
 CHEST_ENHANCEMENT_HU = 80.0
 
@@ -255,11 +260,7 @@ def breathing_displacement(volume: Volume, max_mm: float = BREATHING_MM) -> torc
     apices, less towards the body wall (a Gaussian across the slice, sigma a third of the field of view), as between
     expiration and inspiration. Integrated as a stationary velocity (scaling and squaring), so it is invertible.
     """
-    shape = volume.shape
-    lps = volume.affine[:3, :3] @ np.stack(np.meshgrid(*[np.arange(n) for n in shape[::-1]], indexing="ij")).reshape(
-        3, -1
-    )
-    lps = lps.reshape(3, *shape[::-1]).transpose(0, 3, 2, 1)  # (3, Z, Y, X) mm, without the origin
+    lps = _lps_mm(volume)
     superior = (lps[2] - lps[2].min()) / max(float(np.ptp(lps[2])), 1e-6)  # 0 at the feet end, 1 at the head end
     centre = [0.5 * (lps[k].min() + lps[k].max()) for k in range(2)]
     sigma = min(float(np.ptp(lps[0])), float(np.ptp(lps[1]))) / 3.0
@@ -267,16 +268,67 @@ def breathing_displacement(volume: Volume, max_mm: float = BREATHING_MM) -> torc
     weight = (1.0 - superior) ** 1.5 * across
     # LPS: feet is -z, forwards (anterior) is -y.
     velocity_lps = np.stack([np.zeros_like(weight), -0.25 * weight, -weight]) * max_mm
+    return integrate_velocity(_velocity_voxels(volume, velocity_lps), padding_mode="border")
+
+
+def _lps_mm(volume: Volume) -> np.ndarray:
+    """(3, Z, Y, X) LPS position of every voxel in mm, without the origin."""
+    shape = volume.shape
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape[::-1]], indexing="ij")).reshape(3, -1)
+    return (volume.affine[:3, :3] @ grid).reshape(3, *shape[::-1]).transpose(0, 3, 2, 1)
+
+
+def _velocity_voxels(volume: Volume, velocity_lps: np.ndarray) -> torch.Tensor:
+    """A velocity in LPS mm (3, Z, Y, X) -> (1, 3, Z, Y, X) in voxels, channels (x, y, z)."""
     to_index = np.linalg.inv(volume.direction @ np.diag(volume.spacing[::-1]))  # mm (LPS) -> voxels (x, y, z)
     velocity = np.einsum("ij,j...->i...", to_index, velocity_lps).astype(np.float32)
-    return integrate_velocity(torch.from_numpy(velocity)[None].contiguous(), padding_mode="border")
+    return torch.from_numpy(velocity)[None].contiguous()
+
+
+def sliding_breathing_displacement(
+    volume: Volume, labels: np.ndarray, max_mm: float = BREATHING_MM, layer_mm: float = SLIDING_LAYER_MM
+) -> torch.Tensor:
+    """A breathing displacement that slides at the chest wall, (1, 3, Z, Y, X) in voxels, channels (x, y, z).
+
+    Inspiration moves the lungs, the mediastinum and what lies under the diaphragm towards the feet (most at the
+    lung bases, none at the apices) and slightly forwards, while the spine, the ribs and the body wall stay: the
+    pleura lets the lungs slide along the wall. `breathing_displacement` moves everything together, smoothly across
+    the slice, which favours methods that regularise strongly. The moving part (the motion mask of Vandemeulebroucke
+    et al., Med Phys 2012) is, on each axial slice, the convex hull of the lungs of ``labels`` (`chest_masks`) on that
+    slice and every slice above it (so that the liver dome under a lung base, and the abdomen below the lungs, move
+    with the diaphragm), less the bone dilated by twice ``layer_mm``. The velocity
+    is that mask smoothed with a Gaussian of ``layer_mm`` (a thin shear layer instead of a tear, which leaves the bone
+    within about 1 mm of where it was) times the motion, and it is integrated as a stationary velocity (scaling and
+    squaring), so the map is invertible.
+    """
+    from skimage.morphology import convex_hull_image
+
+    lps = _lps_mm(volume)
+    superior = (lps[2] - lps[2].min()) / max(float(np.ptp(lps[2])), 1e-6)  # 0 at the feet end, 1 at the head end
+    lungs = labels == CHEST_LABEL_IDS["lungs"]
+    cavity = np.zeros(lungs.shape, dtype=bool)
+    above = np.zeros(lungs.shape[1:], dtype=bool)
+    for z in np.argsort(-superior[:, 0, 0], kind="stable"):  # from the head end down
+        above |= lungs[z]
+        if above.any():
+            cavity[z] = convex_hull_image(above)
+    bone = ndimage.binary_dilation(
+        labels == CHEST_LABEL_IDS["bone"],
+        structure=ellipsoid([round(2.0 * layer_mm / s) for s in volume.spacing]),
+    )
+    moving = ndimage.gaussian_filter((cavity & ~bone).astype(np.float32), [layer_mm / s for s in volume.spacing])
+    weight = (1.0 - superior) ** 1.5 * moving
+    # LPS: feet is -z, forwards (anterior) is -y.
+    velocity_lps = np.stack([np.zeros_like(weight), -0.25 * weight, -weight]) * max_mm
+    return integrate_velocity(_velocity_voxels(volume, velocity_lps), padding_mode="border")
 
 
 def chest_pairs(
-    rng: np.random.Generator, shrink: int = CHEST_SHRINK
+    rng: np.random.Generator, shrink: int = CHEST_SHRINK, motion: str = "smooth"
 ) -> list[tuple[str, Volume, np.ndarray, Volume, Volume]]:
     """(name, fixed CT, fixed masks, moving CT, moving masks) for each of `CHEST_CTS`: the CT (in-plane pixels
-    box-averaged by ``shrink``) with noise, and the same CT moved by `breathing_displacement` with its own noise.
+    box-averaged by ``shrink``) with noise, and the same CT moved by `breathing_displacement` (``motion="smooth"``)
+    or `sliding_breathing_displacement` (``"sliding"``) with its own noise.
 
     The masks are `chest_masks` of the fixed CT, and the same masks moved with the CT (nearest neighbour).
     """
@@ -290,7 +342,7 @@ def chest_pairs(
             image = sitk.BinShrink(sitk.Cast(ct.to_sitk(), sitk.sitkFloat32), [shrink, shrink, 1])
             ct = Volume.from_sitk(image, meta=ct.meta)
         labels = chest_masks(ct.array)
-        ddf = breathing_displacement(ct)
+        ddf = breathing_displacement(ct) if motion == "smooth" else sliding_breathing_displacement(ct, labels)
         base = torch.from_numpy(np.ascontiguousarray(ct.array, dtype=np.float32))[None, None]
         moving = warp(base, ddf, padding_mode="border")[0, 0].numpy()
         moving_labels = warp(torch.from_numpy(labels.astype(np.int32))[None, None], ddf, "nearest", "border")
