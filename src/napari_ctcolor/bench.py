@@ -447,8 +447,8 @@ def _register_ct_pairs(quick: bool) -> list[tuple[str, Volume, np.ndarray, Volum
     """(size label, fixed, fixed labels, moving, moving labels) of every validation pair and its phase-change variant:
     the CT weights' held-out deformations of the labelled CTs and two breathing-like deformations of each unlabelled
     chest CT, one smooth across the chest and one that slides along the chest wall (`training.symnet.chest_pairs`;
-    ``quick``: one labelled pair). Raises InputError or KeyError when the
-    weights' card or the shared data is missing."""
+    ``quick``: one labelled pair). Raises InputError or KeyError when the weights' card or the shared data is
+    missing."""
     from .io import Volume
     from .training.symnet import (
         SymnetTrainConfig,

@@ -265,10 +265,7 @@ def breathing_displacement(volume: Volume, max_mm: float = BREATHING_MM) -> torc
     centre = [0.5 * (lps[k].min() + lps[k].max()) for k in range(2)]
     sigma = min(float(np.ptp(lps[0])), float(np.ptp(lps[1]))) / 3.0
     across = np.exp(-((lps[0] - centre[0]) ** 2 + (lps[1] - centre[1]) ** 2) / (2.0 * sigma**2))
-    weight = (1.0 - superior) ** 1.5 * across
-    # LPS: feet is -z, forwards (anterior) is -y.
-    velocity_lps = np.stack([np.zeros_like(weight), -0.25 * weight, -weight]) * max_mm
-    return integrate_velocity(_velocity_voxels(volume, velocity_lps), padding_mode="border")
+    return _inspiration((1.0 - superior) ** 1.5 * across, volume, max_mm)
 
 
 def _lps_mm(volume: Volume) -> np.ndarray:
@@ -278,11 +275,13 @@ def _lps_mm(volume: Volume) -> np.ndarray:
     return (volume.affine[:3, :3] @ grid).reshape(3, *shape[::-1]).transpose(0, 3, 2, 1)
 
 
-def _velocity_voxels(volume: Volume, velocity_lps: np.ndarray) -> torch.Tensor:
-    """A velocity in LPS mm (3, Z, Y, X) -> (1, 3, Z, Y, X) in voxels, channels (x, y, z)."""
+def _inspiration(weight: np.ndarray, volume: Volume, max_mm: float) -> torch.Tensor:
+    """The flow of a stationary velocity towards the feet by ``weight`` (Z, Y, X) x ``max_mm`` and forwards by a
+    quarter of that, integrated by scaling and squaring: (1, 3, Z, Y, X) in voxels, channels (x, y, z)."""
+    velocity_lps = np.stack([np.zeros_like(weight), -0.25 * weight, -weight]) * max_mm  # LPS: feet -z, forwards -y
     to_index = np.linalg.inv(volume.direction @ np.diag(volume.spacing[::-1]))  # mm (LPS) -> voxels (x, y, z)
     velocity = np.einsum("ij,j...->i...", to_index, velocity_lps).astype(np.float32)
-    return torch.from_numpy(velocity)[None].contiguous()
+    return integrate_velocity(torch.from_numpy(velocity)[None].contiguous(), padding_mode="border")
 
 
 def sliding_breathing_displacement(
@@ -296,10 +295,10 @@ def sliding_breathing_displacement(
     the slice, which favours methods that regularise strongly. The moving part (the motion mask of Vandemeulebroucke
     et al., Med Phys 2012) is, on each axial slice, the convex hull of the lungs of ``labels`` (`chest_masks`) on that
     slice and every slice above it (so that the liver dome under a lung base, and the abdomen below the lungs, move
-    with the diaphragm), less the bone dilated by twice ``layer_mm``. The velocity
-    is that mask smoothed with a Gaussian of ``layer_mm`` (a thin shear layer instead of a tear, which leaves the bone
-    within about 1 mm of where it was) times the motion, and it is integrated as a stationary velocity (scaling and
-    squaring), so the map is invertible.
+    with the diaphragm), less the bone dilated by twice ``layer_mm``. The velocity is that mask smoothed with a
+    Gaussian of ``layer_mm`` (a thin shear layer instead of a tear, which leaves the bone within about 1 mm of where it
+    was) times the motion, and it is integrated as a stationary velocity (scaling and squaring), so the map is
+    invertible.
     """
     from skimage.morphology import convex_hull_image
 
@@ -317,10 +316,7 @@ def sliding_breathing_displacement(
         structure=ellipsoid([round(2.0 * layer_mm / s) for s in volume.spacing]),
     )
     moving = ndimage.gaussian_filter((cavity & ~bone).astype(np.float32), [layer_mm / s for s in volume.spacing])
-    weight = (1.0 - superior) ** 1.5 * moving
-    # LPS: feet is -z, forwards (anterior) is -y.
-    velocity_lps = np.stack([np.zeros_like(weight), -0.25 * weight, -weight]) * max_mm
-    return integrate_velocity(_velocity_voxels(volume, velocity_lps), padding_mode="border")
+    return _inspiration((1.0 - superior) ** 1.5 * moving, volume, max_mm)
 
 
 def chest_pairs(
@@ -333,6 +329,9 @@ def chest_pairs(
     The masks are `chest_masks` of the fixed CT, and the same masks moved with the CT (nearest neighbour).
     """
     from ..io import read_volume  # the readers are needed only by the evaluation, not by training
+
+    if motion not in ("smooth", "sliding"):
+        raise ValueError(f"motion must be 'smooth' or 'sliding', got {motion!r}")
 
     data = shared_data_dir() / "ct"
     pairs = []
