@@ -70,7 +70,9 @@ COARSE_SHRINK = (4, 2)
 COARSEST_MM = 4.0
 #: Iterations on each coarser level (when the refinement runs at all).
 COARSE_ITERATIONS = 30
-#: Gaussian smoothing of the displacement field after each iteration, in voxels of the level.
+#: Gaussian smoothing of the displacement field after each iteration, in voxels of the level. 2.5 voxels in-plane wins
+#: the smooth chest deformations (lung1 0.963 -> 0.970) but loses the ones that slide along the chest wall (lung1
+#: 0.943 -> 0.926, popi 0.963 -> 0.951) and the 3 mm abdomen (up to 0.03): BENCHMARKS.md, 2026-11-24, sixth session.
 SMOOTHING_VOXELS = 1.5
 #: Extra memory per fixed-grid voxel while refining: float64 fields (the seed, SimpleITK's copy, the demons filter's
 #: output and update buffers, the inverse and its iteration), the two float32 images, their matched copy and the
