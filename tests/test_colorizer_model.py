@@ -178,6 +178,30 @@ def test_training_is_deterministic_and_resume_continues_the_same_run(tmp_path):
         torch.testing.assert_close(c.state_dict()[key], value, rtol=0, atol=0)
 
 
+def test_loader_workers_draw_a_fixed_sequence_of_their_own_and_the_card_names_the_device(tmp_path):
+    """``loader_workers`` (the GPU recipes): batches from DataLoader worker processes, each with a `Sampler` seeded by
+    (seed, worker). Two runs with the same count give the same weights; the sequence is not the in-process one."""
+    config = _tiny_config(tmp_path, steps=3)
+    workers = tmp_path / "workers.yaml"
+    workers.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "loader_workers": 2}))
+    a, _, facts = train_colorizer(workers, tmp_path / "a", log=lambda *_: None)
+    b, _, _ = train_colorizer(workers, tmp_path / "b", log=lambda *_: None)
+    serial, _, _ = train_colorizer(config, tmp_path / "c", log=lambda *_: None)
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[key], value, rtol=0, atol=0)
+    assert any(not torch.equal(serial.state_dict()[k], v) for k, v in a.state_dict().items())
+    assert facts["device"] == "cpu"
+    # A run trained on a GPU and resumed after its last step on a CPU (to be evaluated there) keeps the GPU's name.
+    checkpoint = tmp_path / "a" / "tiny.checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["devices"] == ["cpu"]
+    torch.save({**state, "devices": ["cuda"]}, checkpoint)
+    again, _, facts = train_colorizer(workers, tmp_path / "a", resume=True, log=lambda *_: None)
+    assert facts["device"] == "cuda" and facts["steps"] == 3
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[key], value, rtol=0, atol=0)
+
+
 def test_training_command_writes_weights_with_a_card_and_metrics_and_eval_only_recomputes_them(tmp_path):
     from test_cli import ctcolor
 

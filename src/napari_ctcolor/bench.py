@@ -712,7 +712,7 @@ def bench_series(quick: bool, repeats: int, source: Path = SERIES_CT) -> list[di
         _rate_row(
             "series",
             "ctcolor colorize DICOM folder -> .nii.gz (whole process)",
-            "cpu",
+            _devices()[-1],  # the command's --device auto
             label,
             count,
             seconds,

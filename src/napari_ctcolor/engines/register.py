@@ -165,8 +165,9 @@ class RegistrationModel:
         prealign: whether the affine pre-alignment runs by default (the card's ``inference.prealign``: "affine").
         symmetric: run the network on (fixed, moving) and (moving, fixed) and average (``inference.symmetric``).
         limits: the quality limits of `warnings` (`QUALITY_LIMITS` with the card's ``inference.quality_limits``).
-        cpu_bf16: the network may run under bfloat16 autocast on a CPU with bf16 instructions (``inference.cpu_bf16``,
-            `device.cpu_bf16`); never for an official checkpoint, whose parity is to 1e-3.
+        bf16: the network may run under bfloat16 autocast (``inference.bf16``): on CUDA, and on a CPU with bf16
+            instructions (`device.cpu_bf16`). Never for an official checkpoint, whose parity is to 1e-3: it runs in
+            float32, on CUDA without TF32 convolutions too (`_float32_convolutions`).
     """
 
     network: SYMNet
@@ -178,7 +179,7 @@ class RegistrationModel:
     prealign: bool = False
     symmetric: bool = False
     limits: Mapping[str, float | None] = field(default_factory=lambda: QUALITY_LIMITS)
-    cpu_bf16: bool = False
+    bf16: bool = False
 
 
 _MODEL_CACHE: dict[tuple, RegistrationModel] = {}
@@ -239,7 +240,7 @@ def _load_registration_model(model: str | os.PathLike) -> RegistrationModel:
         inference.get("prealign") == "affine",
         bool(inference.get("symmetric", False)),
         _card_limits(inference.get("quality_limits"), name),
-        bool(inference.get("cpu_bf16", False)),
+        bool(inference.get("bf16", False)),
     )
 
 
@@ -677,6 +678,20 @@ def warnings(metrics: dict[str, Any], limits: Mapping[str, float | None] = QUALI
     return out
 
 
+@contextlib.contextmanager
+def _float32_convolutions(strict: bool) -> Iterator[None]:
+    """With ``strict``, cuDNN convolutions in true float32: PyTorch lets them use TF32 by default (10-bit mantissa),
+    which moves the official checkpoint's output by more than its 1e-3 parity. No effect on the CPU."""
+    if not strict:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(
+        enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
+    ):
+        yield
+
+
 def _forward(network: SYMNet, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return network(
         fixed.contiguous(memory_format=torch.channels_last_3d), moving.contiguous(memory_format=torch.channels_last_3d)
@@ -770,9 +785,10 @@ def register(
         refine: demons iterations (0..10000) at the fixed image's resolution, seeded by the network (`refine_field`;
             0: the network alone); None takes the model card's default (``inference.refine.iterations``; 0 for an
             official checkpoint). 2D pairs are not refined.
-        device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"`` or ``"mps"``. On CUDA the network runs
-            under bfloat16 autocast, on a CPU with bf16 instructions too where the card allows it
-            (``inference.cpu_bf16``: the CT weights); integration and warping stay in float32.
+        device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"`` or ``"mps"``. Where the card allows it
+            (``inference.bf16``: the CT weights) the network runs under bfloat16 autocast on CUDA and on a CPU with
+            bf16 instructions; an official checkpoint runs in float32 everywhere. Integration and warping stay in
+            float32.
         progress: called as ``progress(done, total)`` after each stage.
         cancel: called before each stage; when it returns True the engine raises `Cancelled`.
         moving_labels: an optional label map on the moving image's grid (or any grid), warped with nearest.
@@ -880,8 +896,8 @@ def iter_register(
         del inputs
         # channels_last_3d is about twice as fast on the CPU (as in symnet_forward_fields).
         network.to(memory_format=torch.channels_last_3d)
-        bf16 = torch_device.type == "cuda" or (torch_device.type == "cpu" and loaded.cpu_bf16 and cpu_bf16())
-        with torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=bf16):
+        bf16 = loaded.bf16 and (torch_device.type == "cuda" or (torch_device.type == "cpu" and cpu_bf16()))
+        with torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=bf16), _float32_convolutions(not bf16):
             forward = _symmetric_forward if loaded.symmetric else _forward
             v_xy, v_yx = forward(network, fixed_in, moving_in)
         v_xy, v_yx = v_xy.float().contiguous(), v_yx.float().contiguous()

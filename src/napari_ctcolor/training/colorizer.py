@@ -64,6 +64,10 @@ class TrainConfig:
     deenhance: float = 0.0  # share of a real contrast CT's samples given a non-contrast phase (`DE_ENHANCEMENT`)
     lr: float = 2e-3
     weight_decay: float = 1e-4
+    # Processes drawing batches (`batch_stream`): 0 draws them in the training process, in the order the seed gives
+    # (the shipped recipes); N > 0 gives each of N DataLoader workers a `Sampler` of its own, seeded by (seed, worker),
+    # so that a GPU is not left waiting for the CPU-bound sampler. Deterministic for a given N, not equal to 0's order.
+    loader_workers: int = 0
     checkpoint_every: int = 250
     phantoms: dict[str, Any] = field(default_factory=dict)
     real_train: list[list[str]] = field(default_factory=list)
@@ -274,7 +278,9 @@ class Sampler:
     Phantoms add what real data lack: varied pixel size, slice thickness and contrast phases.
     """
 
-    def __init__(self, cases: list[Reduced], config: ColorizerConfig, train: TrainConfig, seed: int) -> None:
+    def __init__(
+        self, cases: list[Reduced], config: ColorizerConfig, train: TrainConfig, seed: int | list[int]
+    ) -> None:
         self.cases, self.config, self.train = cases, config, train
         self.rng = np.random.default_rng(seed)
         sizes = np.array([c.hu.shape[0] for c in cases], dtype=np.float64)
@@ -425,6 +431,37 @@ class Sampler:
         return prepare_input(torch.stack(xs), self.config), targets, torch.stack(ws)
 
 
+class _WorkerBatches(torch.utils.data.IterableDataset):
+    """Endless batches for one DataLoader worker: a `Sampler` seeded by (the run's seed, the worker's index)."""
+
+    def __init__(self, cases: list[Reduced], config: ColorizerConfig, train: TrainConfig) -> None:
+        super().__init__()
+        self.cases, self.config, self.train = cases, config, train
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        sampler = Sampler(self.cases, self.config, self.train, [self.train.seed, worker.id])
+        while True:
+            yield sampler.batch()
+
+
+def batch_stream(sampler: Sampler, train: TrainConfig, pin_memory: bool = False):
+    """The training batches: ``sampler``'s own with ``train.loader_workers`` 0, else from that many DataLoader worker
+    processes (torch's DataLoader, taken in turn from each worker, so the order is fixed). Nothing starts before the
+    first batch is asked for: a resumed run that is already complete starts no worker."""
+    if not train.loader_workers:
+        yield from iter(sampler.batch, None)
+        return
+    loader = torch.utils.data.DataLoader(
+        _WorkerBatches(sampler.cases, sampler.config, train),
+        batch_size=None,
+        num_workers=int(train.loader_workers),
+        prefetch_factor=4,
+        pin_memory=pin_memory,
+    )
+    yield from loader
+
+
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Weighted cross-entropy against soft targets (each pixel's class shares); logits, target (B, K, ...),
     weight (B, 1, ...)."""
@@ -468,7 +505,7 @@ def train_colorizer(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=train.lr, total_steps=train.steps, pct_start=0.1)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / f"{train.name}.checkpoint.pt"
-    start, losses, seconds_before = 0, [], 0.0
+    start, losses, seconds_before, devices = 0, [], 0.0, []
     if resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
@@ -478,14 +515,18 @@ def train_colorizer(
         sampler.rng.bit_generator.state = json.loads(state["numpy_rng"])
         start, losses = int(state["step"]), list(state["losses"])
         seconds_before = float(state.get("seconds", 0.0))
+        devices = list(state.get("devices", []))  # where the steps so far ran (a GPU run evaluated on a CPU, say)
         log(f"resumed from {checkpoint} at step {start}")
 
     model.train()
     t_loop = time.time()
     end = train.steps if stop_at is None else min(train.steps, stop_at)
+    if start < end and str(device) not in devices:
+        devices.append(str(device))
     bar = tqdm(range(start, end), initial=start, total=train.steps, file=sys.stderr, desc=train.name)
+    batches = batch_stream(sampler, train, pin_memory=torch.device(device).type == "cuda")
     for step in bar:
-        x, y, w = sampler.batch()
+        x, y, w = next(batches)
         loss = soft_cross_entropy(model(x.to(device)), y.to(device), w.to(device))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -504,6 +545,7 @@ def train_colorizer(
                 "step": step + 1,
                 "losses": losses,
                 "seconds": seconds_before + time.time() - t_loop,  # optimisation time over all resumed runs
+                "devices": devices,
             }
             with atomic_path(checkpoint) as tmp:
                 torch.save(state, tmp)
@@ -514,7 +556,7 @@ def train_colorizer(
         "data_seconds": round(t_loop - t0, 1),
         "train_seconds": round(seconds_before + time.time() - t_loop, 1),
         "train_cases": [c.name for c in cases] + [f"{p.name} (partial labels)" for p in partial],
-        "device": str(device),
+        "device": ", then ".join(devices) or str(device),
     }
     return copy.deepcopy(model).cpu(), train, facts
 

@@ -95,7 +95,7 @@ INFERENCE = {
     "prealign": "affine",
     "symmetric": True,
     "refine": {"iterations": 50, "voxel_iterations": 75_000_000},
-    "cpu_bf16": True,
+    "bf16": True,
     "note": "ctcolor register pre-aligns (rigid, then affine), runs the network on the pair and on the swapped pair "
     "(averaged; in bfloat16 on a CPU with bf16 instructions: Dice within 0.0002 of float32 on every validation pair), "
     "and refines its field with SimpleITK's fast symmetric demons on intensities plus each image's local structure (so "
