@@ -13,6 +13,10 @@ Tolerances come from the arithmetic, not from bit equality across devices:
   0.01.
 - register with the official checkpoint: float32 on CUDA, without TF32 convolutions, so parity with the official
   reference holds to the same 1e-3 as on the CPU.
+
+Measured on a lent H100 (2026-11-24, torch 2.11.0+cu130, against its 16-core Xeon): CIE76 mean 0.022 / 0.020, 99th
+percentile 0.62 / 0.59 (2D / 3D); ddf gap 0.001 / 0.011 mm (mean / p99), Dice 0.9613 / 0.9614; official parity
+3.0e-05.
 """
 
 from __future__ import annotations

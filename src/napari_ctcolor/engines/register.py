@@ -680,8 +680,8 @@ def warnings(metrics: dict[str, Any], limits: Mapping[str, float | None] = QUALI
 
 @contextlib.contextmanager
 def _float32_convolutions(strict: bool) -> Iterator[None]:
-    """With ``strict``, cuDNN convolutions in true float32: PyTorch lets them use TF32 by default (10-bit mantissa),
-    which moves the official checkpoint's output by more than its 1e-3 parity. No effect on the CPU."""
+    """With ``strict``, cuDNN convolutions in true float32. PyTorch lets them use TF32 by default: a 10-bit mantissa,
+    whose rounding (about 1e-3 relative) is as large as the official checkpoint's parity bound. No effect on the CPU."""
     if not strict:
         yield
         return
