@@ -414,7 +414,8 @@ def bench_register(quick: bool, repeats: int, data_dir: Path = OASIS_DIR) -> lis
         seconds: dict[str, list[float]] = {}
         warped: dict[str, np.ndarray] = {}
         # (item, the subcommand and its name, the options after the paths)
-        runs = [(ours, ["register"], ["--model", str(checkpoint), "--no-affine"])]
+        # On the CPU, where the official recipe and every peer run: a GPU machine's ratio compares recipes, not devices.
+        runs = [(ours, ["register"], ["--model", str(checkpoint), "--no-affine", "--device", "cpu"])]
         runs.append((official, ["peer", "official-symnet"], ["--model", str(checkpoint)]))
         runs += [(PEER_COMMANDS[name], ["peer", name], []) for name in peers]
         for item, command, options in runs:
@@ -507,7 +508,8 @@ def bench_register_ct(quick: bool) -> list[dict]:
     except (InputError, KeyError, TypeError) as exc:
         reason = str(exc).splitlines()[0]
         return [_row("register CT", m, "cpu", "", "Dice", note=f"not measured: {reason}") for m in items]
-    runs = [(item, ["register"], options) for item, options in CT_REGISTER_RUNS]
+    # On the CPU, as every peer runs (a GPU machine's figures compare methods, not devices).
+    runs = [(item, ["register"], [*options, "--device", "cpu"]) for item, options in CT_REGISTER_RUNS]
     runs += [(PEER_COMMANDS[name], ["peer", name], []) for name in peers]
     results: dict[tuple[str, str], list[dict]] = {}
     unavailable: dict[str, str] = {}
