@@ -22,9 +22,6 @@ percentile 0.62 / 0.59 (2D / 3D); ddf gap 0.001 / 0.011 mm (mean / p99), Dice 0.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -32,31 +29,27 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from napari_ctcolor.bench import _warp_labels
 from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
-from napari_ctcolor.io import Volume, read_volume, write_nifti
+from napari_ctcolor.engines.checkerboard import resample_onto
+from napari_ctcolor.io import Volume, read_color_volume, read_volume, write_nifti
 from napari_ctcolor.windowing import window
+from test_cli import ctcolor
 from test_color import LUMINANCE_BOUND
+from test_register import CT, OASIS, _deformed
 
-from conftest import CT_DIR, SHARED_DATA, ct_weights_shipped, require_shared
+from conftest import CT_DIR, ct_weights_shipped, require_shared
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-OASIS = SHARED_DATA / "symnet-oasis"
 
-
-def ctcolor(*args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "napari_ctcolor", *args], capture_output=True, text=True, timeout=900)
+def run(*args: str) -> None:
+    """``ctcolor ARGS`` as its own process, which must succeed."""
+    done = ctcolor(*args, timeout=900)
     assert done.returncode == 0, done.stderr
-    return done
-
-
-def rgb_nifti(path: Path) -> np.ndarray:
-    """(Z, Y, X, 3) uint8 of an RGB24 NIfTI."""
-    voxels = np.asarray(nib.load(path).dataobj)
-    return np.stack([voxels["R"], voxels["G"], voxels["B"]], axis=-1).transpose(2, 1, 0, 3)
 
 
 @pytest.mark.parametrize("model", ["colorizer-2d", "colorizer-3d"])
@@ -65,10 +58,8 @@ def test_cli_colorize_on_cuda_keeps_luminance_exact_and_the_cpu_colours(dicom_se
     rgb = {}
     for k, device in enumerate(("cuda", "cpu")):
         out = tmp_path / f"{k}-{device}.nii.gz"
-        ctcolor(
-            "colorize", str(dicom_series), "-o", str(out), "--window", "abdomen", "--model", model, "--device", device
-        )
-        rgb[device] = rgb_nifti(out)
+        run("colorize", str(dicom_series), "-o", str(out), "--window", "abdomen", "--model", model, "--device", device)
+        rgb[device] = read_color_volume(out).rgb
     grey = grey_to_lightness(window(ct.array, 40, 400))
     for device, colour in rgb.items():
         assert colour.shape == (*ct.shape, 3)
@@ -81,22 +72,18 @@ def test_cli_colorize_on_cuda_keeps_luminance_exact_and_the_cpu_colours(dicom_se
 def test_cli_register_ct_on_cuda_gives_the_cpu_registration(tmp_path):
     if not ct_weights_shipped():
         pytest.skip("weights/symnet-ct.safetensors is not shipped in this checkout")
-    from napari_ctcolor.training.symnet import deform_pair
-
-    ct = read_volume(require_shared(CT_DIR / "totalseg-body-3mm-30slices.nii.gz"))
+    ct = read_volume(require_shared(CT))
+    # The whole CT's labels on this 30-slice grid (as the GPU run of 2026-11-24 measured them).
     labels = read_volume(require_shared(CT_DIR / "totalseg-body-3mm-labels.nii.gz"))
-    labels = sitk.GetArrayFromImage(
-        sitk.Resample(labels.to_sitk(), ct.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    )
-    pair = deform_pair(ct.array, labels, ct.spacing, np.random.default_rng(5), {"max_mm": 12.0})
-    moving = Volume(pair.moving[0, 0].numpy(), ct.spacing, ct.origin, ct.direction)
+    labels = Volume(resample_onto(labels, ct, interpolator="nearest"), ct.spacing, ct.origin, ct.direction)
+    moving, moving_labels = _deformed(ct, labels, seed=5)
     paths = [tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz"]
     write_nifti(ct, paths[0])
     write_nifti(moving, paths[1])
     out = {}
     for k, device in enumerate(("cuda", "cpu")):
         folder = tmp_path / f"{k}-{device}"
-        ctcolor("register", *map(str, paths), "-o", str(folder), "--device", device)
+        run("register", *map(str, paths), "-o", str(folder), "--device", device)
         metrics = json.loads((folder / "metrics.json").read_text())
         ddf = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "ddf.nii.gz")))
         out[device] = metrics, ddf
@@ -106,9 +93,11 @@ def test_cli_register_ct_on_cuda_gives_the_cpu_registration(tmp_path):
     gap = np.linalg.norm(out["cuda"][1] - out["cpu"][1], axis=-1)[body]
     dice = {}
     for device, (_, ddf) in out.items():
-        warped = _warp_labels(pair.moving_labels, ct, ddf)
-        organs = labels > 0
-        dice[device] = 2 * float((warped[organs] == labels[organs]).sum()) / float(organs.sum() + (warped > 0).sum())
+        warped = _warp_labels(moving_labels, ct, ddf)
+        organs = labels.array > 0
+        dice[device] = (
+            2 * float((warped[organs] == labels.array[organs]).sum()) / float(organs.sum() + (warped > 0).sum())
+        )
     print(
         f"\nsymnet-ct cuda vs cpu: ddf gap {gap.mean():.3f} / {np.percentile(gap, 99):.3f} mm (mean / p99), "
         f"Dice {dice['cuda']:.4f} / {dice['cpu']:.4f}, seconds {out['cuda'][0]['seconds']:.1f} / "
@@ -118,16 +107,6 @@ def test_cli_register_ct_on_cuda_gives_the_cpu_registration(tmp_path):
     assert abs(dice["cuda"] - dice["cpu"]) <= 0.01
 
 
-def _warp_labels(labels: np.ndarray, grid: Volume, ddf: np.ndarray) -> np.ndarray:
-    """``labels`` (on ``grid``) pulled through ``ddf`` (mm, LPS) with nearest neighbour, as SimpleITK applies it."""
-    image = sitk.GetImageFromArray(labels.astype(np.uint8))
-    image.CopyInformation(grid.to_sitk())
-    field = sitk.GetImageFromArray(ddf.astype(np.float64), isVector=True)
-    field.CopyInformation(grid.to_sitk())
-    transform = sitk.DisplacementFieldTransform(field)
-    return sitk.GetArrayFromImage(sitk.Resample(image, image, transform, sitk.sitkNearestNeighbor, 0))
-
-
 def test_cli_register_official_checkpoint_on_cuda_keeps_parity(tmp_path):
     checkpoint = require_shared(OASIS / "SYMNet_neurite_oasis_smo30_update_80000.pth")
     paths = [OASIS / "image_A_full_size.nii.gz", OASIS / "image_B_full_size.nii.gz"]
@@ -135,7 +114,7 @@ def test_cli_register_official_checkpoint_on_cuda_keeps_parity(tmp_path):
     moving = nib.load(paths[1]).get_fdata()
     low, high = moving.min(), moving.max()
     out = tmp_path / "out"
-    ctcolor("register", *map(str, paths), "-o", str(out), "--model", str(checkpoint), "--device", "cuda")
+    run("register", *map(str, paths), "-o", str(out), "--model", str(checkpoint), "--device", "cuda")
     diff = np.abs((nib.load(out / "warped.nii.gz").get_fdata() - low) / (high - low) - reference)
     metrics = json.loads((out / "metrics.json").read_text())
     print(f"\nofficial checkpoint on cuda vs official reference: max {diff.max():.2e}, {metrics['seconds']:.1f} s")

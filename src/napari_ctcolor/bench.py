@@ -690,6 +690,8 @@ def bench_series(quick: bool, repeats: int, source: Path = SERIES_CT) -> list[di
     """What a user waits for: a whole ``ctcolor colorize FOLDER -o out.nii.gz`` process on a real uncompressed DICOM
     series of 512² slices (`write_bench_series`; ``quick``: its first 2 mm slices, 20 of them), slices/s and the
     process's peak RSS against the int16 input."""
+    from .engines.device import resolve_device
+
     if not source.is_file():
         return [_row("series", "ctcolor colorize (whole process)", "cpu", "", "slices/s", note="not measured: no CT")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -714,7 +716,7 @@ def bench_series(quick: bool, repeats: int, source: Path = SERIES_CT) -> list[di
         _rate_row(
             "series",
             "ctcolor colorize DICOM folder -> .nii.gz (whole process)",
-            _devices()[-1],  # the command's --device auto
+            resolve_device("auto").type,  # what the command's default --device auto runs on
             label,
             count,
             seconds,

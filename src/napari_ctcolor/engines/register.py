@@ -678,18 +678,15 @@ def warnings(metrics: dict[str, Any], limits: Mapping[str, float | None] = QUALI
     return out
 
 
-@contextlib.contextmanager
-def _float32_convolutions(strict: bool) -> Iterator[None]:
+def _float32_convolutions(strict: bool) -> contextlib.AbstractContextManager:
     """With ``strict``, cuDNN convolutions in true float32. PyTorch lets them use TF32 by default: a 10-bit mantissa,
     whose rounding (about 1e-3 relative) is as large as the official checkpoint's parity bound. No effect on the CPU."""
     if not strict:
-        yield
-        return
+        return contextlib.nullcontext()
     cudnn = torch.backends.cudnn
-    with cudnn.flags(
+    return cudnn.flags(
         enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
-    ):
-        yield
+    )
 
 
 def _forward(network: SYMNet, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,7 +66,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     # Processes drawing batches (`batch_stream`): 0 draws them in the training process, in the order the seed gives
     # (the shipped recipes); N > 0 gives each of N DataLoader workers a `Sampler` of its own, seeded by (seed, worker),
-    # so that a GPU is not left waiting for the CPU-bound sampler. Deterministic for a given N, not equal to 0's order.
+    # so that a GPU is not left waiting for the CPU-bound sampler. Deterministic for a given N, not equal to 0's order;
+    # a run resumed part-way with N > 0 starts the workers' sequences again (their state is not checkpointed).
     loader_workers: int = 0
     checkpoint_every: int = 250
     phantoms: dict[str, Any] = field(default_factory=dict)
