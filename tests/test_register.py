@@ -292,7 +292,8 @@ def test_cli_register_default_recovers_a_rigid_motion_without_inventing_volume_c
     assert metrics["affine"] and metrics["symmetric"] and metrics["refine_iterations"] == 50
     # The CT card allows bf16 on a CPU with bf16 instructions (the accuracy below holds either way).
     assert metrics["network_dtype"] == ("bfloat16" if cpu_bf16() else "float32")
-    # Measured 0.36 / 1.01 mm and 99.9 %; the targets are 1.5 / 3 mm and 98 %.
+    # Measured 0.38 / 0.93 mm and 99.6 % (Thirion's 0.5-voxel demons steps: 0.34 / 0.89 mm, 99.8 %); the targets
+    # are 1.5 / 3 mm and 98 %.
     assert error.mean() <= 1.5 and np.percentile(error, 95) <= 3.0
     assert in_range >= 0.98 and metrics["folding_fraction"] <= 5e-4
     assert metrics["lncc_after"] > metrics["lncc_before"] + 0.3 and not metrics["warnings"], metrics["warnings"]

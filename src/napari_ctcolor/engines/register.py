@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from napari_ctcolor.errors import Cancelled
 from napari_ctcolor.io import InputError, Volume
 from napari_ctcolor.io.guard import check_memory
-from napari_ctcolor.models.diffeo import _sampling_grid, integrate_velocity, jacobian_determinant
+from napari_ctcolor.models.diffeo import _sampling_grid, compose, integrate_velocity, jacobian_determinant
 from napari_ctcolor.models.symnet import SIZE_MULTIPLE, SYMNet, half_way_fields
 from napari_ctcolor.weights import find_weights, load_symnet
 from napari_ctcolor.windowing import window_tensor
@@ -559,8 +559,15 @@ def _resize_field(fields: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return F.interpolate(fields * scale, size=tuple(shape), mode="trilinear", align_corners=False)
 
 
-def _integrate_halves(v_xy: torch.Tensor, v_yx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(f_ab, f_ba) as `symnet_forward_fields`: integrate v_xy, v_yx, -v_xy, -v_yx (one batch), `half_way_fields`."""
+def _integrate_halves(
+    v_xy: torch.Tensor, v_yx: torch.Tensor, inverse: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(f_ab, f_ba) as `symnet_forward_fields`: integrate v_xy, v_yx, -v_xy, -v_yx (one batch), `half_way_fields`.
+    ``inverse=False``: f_ab is None, and only the two halves that f_ba composes (v_yx, -v_xy) are integrated (half the
+    work; each field of a batch is integrated on its own, so f_ba is the same)."""
+    if not inverse:
+        yx_half, xy_half_inv = integrate_velocity(torch.cat((v_yx, -v_xy), dim=0).float().contiguous()).chunk(2)
+        return None, compose(yx_half, xy_half_inv)
     v = torch.cat((v_xy, v_yx), dim=0).float()
     fields = half_way_fields(integrate_velocity(torch.cat((v, -v), dim=0).contiguous()))
     return fields.f_ab, fields.f_ba
@@ -902,23 +909,28 @@ def iter_register(
     yield stages.done, stages.total
 
     with stages("integrate"), torch.inference_mode():
-        f_ab, f_ba = _integrate_halves(v_xy, v_yx)
+        # A refined map gets its inverse from ITK's inversion (below): then only the forward map is integrated.
+        f_ab, f_ba = _integrate_halves(v_xy, v_yx, inverse=not iterations)
         del v_xy, v_yx
-        f_ab, f_ba = f_ab[(..., *crop)], f_ba[(..., *crop)]
-        if work != net_shape:
-            f_ab, f_ba = _resize_field(f_ab, net_shape), _resize_field(f_ba, net_shape)
-        f_ab, f_ba = axis_map.field_from_network(f_ab), axis_map.field_from_network(f_ba)
-        if two_d:
-            f_ab, f_ba = _slab_to_slice(f_ab), _slab_to_slice(f_ba)
+
+        def on_fixed_axes(f: torch.Tensor) -> torch.Tensor:
+            f = f[(..., *crop)]
+            if work != net_shape:
+                f = _resize_field(f, net_shape)
+            f = axis_map.field_from_network(f)
+            return _slab_to_slice(f) if two_d else f
+
+        f_ab, f_ba = (None if f_ab is None else on_fixed_axes(f_ab)), on_fixed_axes(f_ba)
     yield stages.done, stages.total
 
     with stages("fields"), torch.inference_mode():
-        ddf, inverse_ddf = _voxels_to_mm(f_ba, fixed), _voxels_to_mm(f_ab, fixed)
+        ddf, inverse_ddf = _voxels_to_mm(f_ba, fixed), (None if f_ab is None else _voxels_to_mm(f_ab, fixed))
         a, b = _affine_parts(transform)
         if transform is not None:
             # The network registered M(T(x)); the full map is x -> T(x + u(x)), so ddf(x) = A u(x) + (A x + b - x).
             a_t = torch.as_tensor(a, dtype=ddf.dtype, device=ddf.device)
             ddf = ddf @ a_t.T + _affine_displacement(fixed, a, b, ddf)
+        if transform is not None and inverse_ddf is not None:
             # Its inverse maps q to y + u_inv(y) with y = T^-1(q): sample u_inv at y (zeros outside the fixed grid).
             a_inv = np.linalg.inv(a)
             to_y = _affine_displacement(fixed, a_inv, -a_inv @ b, ddf)
