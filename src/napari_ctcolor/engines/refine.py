@@ -76,7 +76,7 @@ COARSE_ITERATIONS = 30
 #: iteration and 50 iterations leave Dice on the table. Measured on the 3 mm CT (2 CPU threads; Dice: mean of its six
 #: held-out pairs, in process from the same seeds; rigid: the CLI test's 8 and 10 degree motions, `ctcolor register`,
 #: det J in 0.8..1.25 in the body), 50 iterations unless said:
-#:   0.5: Dice 0.8967; rigid 99.8 / 99.7 %, 0.34 / 0.45 mm mean error.   0.75: 0.9048 (every pair up, by 0.003-0.012);
+#:   0.5: Dice 0.8967; rigid 99.8 / 99.7 %, 0.34 / 0.45 mm mean error.   0.75: 0.9048 (every pair up, by 0.002-0.014);
 #:   99.6 / 99.2 %, 0.38 / 0.48 mm.   1.0: 0.9069; 99.3 / 98.5 %.   1.0 with 25 iterations: 0.9036; 98.8 / 96.7 %.
 #: Finer grids fold with longer updates: on the 1 mm DICOM series' pairs, 0.98 mm updates on the full grid folded
 #: 0.09-0.20 % of the voxels, 1.95 mm ones on its 2 mm level 0.44-0.69 % (Thirion's: at most 0.027 %); on the 5 mm
