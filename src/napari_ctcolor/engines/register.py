@@ -564,7 +564,9 @@ def _integrate_halves(
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(f_ab, f_ba) as `symnet_forward_fields`: integrate v_xy, v_yx, -v_xy, -v_yx (one batch), `half_way_fields`.
     ``inverse=False``: f_ab is None, and only the two halves that f_ba composes (v_yx, -v_xy) are integrated (half the
-    work; each field of a batch is integrated on its own, so f_ba is the same)."""
+    work). Each field of a batch is integrated on its own, but the halved batch may fall below
+    `diffeo.KERNEL_MIN_VOXELS` and take ``grid_sample`` instead of the numba kernel: f_ba then differs by float32
+    rounding (1e-3 voxels measured on a 1.3-million-voxel field)."""
     if not inverse:
         yx_half, xy_half_inv = integrate_velocity(torch.cat((v_yx, -v_xy), dim=0).float().contiguous()).chunk(2)
         return None, compose(yx_half, xy_half_inv)
