@@ -17,20 +17,23 @@ import SimpleITK as sitk
 import torch
 
 from napari_ctcolor.cli import main
-from napari_ctcolor.engines import Cancelled, checkerboard, register
+from napari_ctcolor.engines import Cancelled, checkerboard
 from napari_ctcolor.engines.checkerboard import checkerboard_mask
 from napari_ctcolor.engines.device import cpu_bf16
+from napari_ctcolor.engines.prealign import prealign
 from napari_ctcolor.engines.register import (
     IC_STRIDE,
     LNCC_WINDOW,
     MAX_NETWORK_VOXELS,
     QUALITY_LIMITS,
+    _affine_parts,
     _card_normalisation,
     _padded_voxels,
     _resize_field,
     global_ncc,
     load_registration_model,
     local_ncc,
+    register,
     warnings,
     working_shape,
 )
@@ -297,6 +300,11 @@ def test_cli_register_default_recovers_a_rigid_motion_without_inventing_volume_c
     assert error.mean() <= 1.5 and np.percentile(error, 95) <= 3.0
     assert in_range >= 0.98 and metrics["folding_fraction"] <= 5e-4
     assert metrics["lncc_after"] > metrics["lncc_before"] + 0.3 and not metrics["warnings"], metrics["warnings"]
+    # The CLI pre-aligns in the child that reads the inputs while torch imports (tests/test_prefetch.py): the same
+    # transform as the engine's own on the same files, to the rounding of ITK's threaded sums.
+    here = _affine_parts(prealign(read_volume(tmp_path / "fixed.nii.gz"), read_volume(tmp_path / "moving.nii.gz")))
+    np.testing.assert_allclose(metrics["prealign_matrix"], here[0], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(metrics["prealign_offset_mm"], here[1], rtol=0, atol=1e-6)
 
 
 def test_cli_register_without_prealignment_warns_that_a_rigid_motion_was_not_recovered(ct, tmp_path):

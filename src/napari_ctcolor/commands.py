@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .io import NIFTI_SUFFIXES, write_nifti, write_vector_nifti
+from .io import NIFTI_SUFFIXES, Volume, write_nifti, write_vector_nifti
 from .io.dicomweb import is_series_url, read_series, send_series
-from .io.prefetch import read_volume_soon
+from .io.prefetch import read_volume_soon, read_volumes_soon
 from .io.write import atomic_path
 
 #: What a CUDA out-of-memory error becomes (the single commands and each batch input).
@@ -63,6 +63,13 @@ def register_outdir(args: argparse.Namespace, names: Sequence[str] = REGISTER_OU
     return outputs
 
 
+def _prealign_pair(volumes: list[Volume]):
+    """The reader child's job for ``ctcolor register``: `prealign` of (fixed, moving), without torch."""
+    from .engines.prealign import prealign
+
+    return prealign(*volumes)
+
+
 def register_command(args: argparse.Namespace) -> dict:
     """Everything one `ctcolor register` run does with its parsed options (``fixed``, ``moving``, ``outdir``,
     ``model``, ``affine``, ``refine``, ``device``, ``overwrite``): refuse bad options and outputs, read, register,
@@ -80,18 +87,33 @@ def register_command(args: argparse.Namespace) -> dict:
     if send and not is_series_url(args.fixed):
         raise InputError("--send stores the warped image into the study of FIXED, which must be a DICOMweb series URL")
     outputs = register_outdir(args)
-    # Both inputs are read in child processes while this one imports the engine (torch: about 1 s on 2 cores).
-    reads = [read_volume_soon(args.fixed), read_volume_soon(args.moving)]
-    from .engines import checkerboard, register  # torch is imported only by the commands that need it
-    from .engines.refine import parse_refine
+    # A child process reads both inputs, and pre-aligns them where the pre-alignment will run (SimpleITK only), while
+    # this one imports the engine (torch: 1-1.5 s on 2 cores). The CT weights' card turns it on unless --no-affine;
+    # any other model's card is read with torch, too late for this, so its pre-alignment runs in the engine.
+    early = args.affine or (args.affine is None and str(args.model) == "ct")
+    reads, prealigned = read_volumes_soon([args.fixed, args.moving], then=_prealign_pair if early else None)
+    try:
+        from .engines import checkerboard
+        from .engines.refine import parse_refine
+        from .engines.register import register  # torch is imported only by the commands that need it
 
-    # A bad --refine stops here: the readers are daemonic children, ended at exit, and nothing has been written.
-    refine = parse_refine(args.refine) if isinstance(args.refine, str) else args.refine
-    start = time.perf_counter()
-    fixed, moving = (read() for read in reads)
-    read_seconds = time.perf_counter() - start  # what reading added after the import: the wait for the children
-    source = same_patient_header(args.fixed, args.moving, moving.meta) if send else None
-    result = register(fixed, moving, model=args.model, affine=args.affine, refine=refine, device=args.device)
+        # A bad --refine stops here: the reader is a daemonic child, ended at exit, and nothing has been written.
+        refine = parse_refine(args.refine) if isinstance(args.refine, str) else args.refine
+        start = time.perf_counter()
+        fixed, moving = (read() for read in reads)
+        read_seconds = time.perf_counter() - start  # what reading added after the import: the wait for the child
+        source = same_patient_header(args.fixed, args.moving, moving.meta) if send else None
+        result = register(
+            fixed,
+            moving,
+            model=args.model,
+            affine=args.affine,
+            refine=refine,
+            device=args.device,
+            prealignment=prealigned.result,
+        )
+    finally:
+        prealigned.cancel()  # unused (a card without pre-alignment, an error before it): the child ends now
 
     start = time.perf_counter()
     outputs["warped.nii.gz"].parent.mkdir(parents=True, exist_ok=True)
@@ -264,8 +286,6 @@ def _classes_table(labels_path: Path) -> Path:
 def _write_classes(colour, volume, palette, path: Path) -> None:
     """`ctcolor colorize --classes`: the most probable class of each voxel (what the widget's pointer and class
     layer show) as a uint8 label map on the CT's grid, and its names and palette colours as JSON."""
-    from .io import Volume
-
     chroma = colour.chroma
     labels = chroma.most_probable(volume.array)
     write_nifti(Volume(labels, volume.spacing, volume.origin, volume.direction), path)

@@ -32,7 +32,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -54,6 +54,7 @@ from napari_ctcolor.windowing import window_tensor
 from .checkerboard import resample_onto, same_grid
 from .device import cpu_bf16, resolve_device
 from .orientation import AxisMap, check_axes
+from .prealign import prealign
 from .refine import REFINE_BYTES_PER_VOXEL, RefineSettings, check_iterations, chunks, invert_field, refine_field
 from .steps import Cancel, Progress, Steps, run_steps
 
@@ -82,15 +83,6 @@ FULL_GRID_BYTES_PER_VOXEL = 120
 #: The network runs on at most this many padded voxels (256^3, ~10 GB at `BYTES_PER_VOXEL`): a larger fixed image
 #: (a whole 512 x 512 x 300 CT) is registered on a coarser working grid, and the fields are upsampled.
 MAX_NETWORK_VOXELS = 256**3
-
-#: Pre-alignment (`_prealign`): the images' voxel size before it starts, its levels (voxel size in mm, coarsest
-#: first; Gaussian smoothing of half that), random metric samples per level and iterations per level and transform.
-PREALIGN_BASE_MM = 2.0
-PREALIGN_LEVELS_MM = (8.0, 4.0, 2.0)
-PREALIGN_SAMPLES = 10000
-PREALIGN_ITERATIONS = 100
-#: The affine stage is kept only when it lowers the rigid stage's Mattes MI by at least this share (`_prealign`).
-AFFINE_MIN_GAIN = 0.01
 
 #: The inverse-consistency metric is evaluated at every IC_STRIDE-th voxel along each axis.
 IC_STRIDE = 2
@@ -319,7 +311,7 @@ def _check_pair(fixed: Volume, moving: Volume, prealigned: bool = False) -> None
 
     With ``prealigned`` (affine pre-alignment on), disjoint boxes are allowed: a prior and a current scan exported in
     different coordinate frames (an origin 400 mm away) are brought together by the pre-alignment, which starts by
-    superimposing the two boxes' centres (`_prealign`).
+    superimposing the two boxes' centres (`prealign`).
     """
     fixed_2d, moving_2d = fixed.shape[0] == 1, moving.shape[0] == 1
     if fixed_2d != moving_2d:
@@ -344,91 +336,6 @@ def _check_pair(fixed: Volume, moving: Volume, prealigned: bool = False) -> None
             f"{_name(moving, 'moving image')}: its physical extent does not overlap the fixed image "
             f"({_name(fixed, 'no file')}); check both images' origin and direction, or pre-align (--affine)"
         )
-
-
-def _prealign(fixed: Volume, moving: Volume) -> sitk.AffineTransform:
-    """Rigid, then affine SimpleITK registration (Mattes MI, coarse to fine): the transform fixed point -> moving point.
-
-    Both images are first box-averaged to voxels of about `PREALIGN_BASE_MM` (a 512 x 512 slice of 0.8 mm pixels to
-    256 x 256): ITK smooths the moving image at every level, and at full size that alone took most of a minute on a
-    512 x 512 x 141 chest CT. Each level then draws the same number of random samples (`PREALIGN_SAMPLES`), so the
-    cost does not grow with the image. Ending at 2 mm rather than 4 mm brought the error of a pure rigid motion
-    (10 degrees, 19 mm) from 0.60 / 1.24 mm to 0.35 / 0.69 mm (mean / p95 in the body, the 3 mm CT).
-
-    Raises:
-        InputError: for 2D images (one slice), or when SimpleITK fails.
-    """
-    if fixed.shape[0] == 1:
-        raise InputError(
-            f"{_name(moving, 'moving image')}: the affine pre-alignment works on 3D volumes; register 2D slices "
-            "without --affine"
-        )
-
-    def base(volume: Volume) -> sitk.Image:
-        image = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
-        factors = [max(1, int(PREALIGN_BASE_MM // s)) for s in image.GetSpacing()]
-        return sitk.BinShrink(image, factors) if max(factors) > 1 else image
-
-    fixed_image, moving_image = base(fixed), base(moving)
-    coarsest = max(fixed_image.GetSpacing())
-    voxels = math.prod(fixed_image.GetSize())
-    # Shrink factors of the fixed grid per level (a level that shrinks as much as the next keeps the finer smoothing);
-    # ITK's smoothing needs 4 voxels along every axis of a level.
-    smallest = min(*fixed_image.GetSize(), *moving_image.GetSize())
-    by_shrink = {max(1, round(mm / coarsest)): mm for mm in PREALIGN_LEVELS_MM}
-    levels = [(shrink, mm) for shrink, mm in by_shrink.items() if smallest // shrink >= 4] or [(1, 1.0)]
-
-    def method_with_metric() -> sitk.ImageRegistrationMethod:
-        method = sitk.ImageRegistrationMethod()
-        method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-        method.SetMetricSamplingStrategy(method.RANDOM)
-        # Gradients at the sampled points only: ITK's default gradient filters compute them over the whole image at
-        # every level (on the 256 x 256 x 141 chest CT that was 12 of the 15 s the pre-alignment took).
-        method.MetricUseFixedImageGradientFilterOff()
-        method.MetricUseMovingImageGradientFilterOff()
-        method.SetInterpolator(sitk.sitkLinear)
-        return method
-
-    def run(initial: sitk.Transform) -> tuple[sitk.Transform, float]:
-        """The registered transform and its Mattes MI at the finest level (lower is better; the same seeded samples
-        in every run)."""
-        method = method_with_metric()
-        # Seeded: the same inputs give the same result.
-        percentages = [min(1.0, PREALIGN_SAMPLES * shrink**3 / voxels) for shrink, _ in levels]
-        method.SetMetricSamplingPercentagePerLevel(percentages, seed=1)
-        method.SetOptimizerAsRegularStepGradientDescent(
-            learningRate=1.0, minStep=1e-3, numberOfIterations=PREALIGN_ITERATIONS, relaxationFactor=0.6
-        )
-        method.SetOptimizerScalesFromPhysicalShift()
-        method.SetShrinkFactorsPerLevel([shrink for shrink, _ in levels])
-        method.SetSmoothingSigmasPerLevel([0.5 * mm for _, mm in levels])
-        method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-        method.SetInitialTransform(initial, inPlace=False)
-        transform = method.Execute(fixed_image, moving_image)
-        return transform, method.GetMetricValue()
-
-    try:
-        initial = sitk.CenteredTransformInitializer(
-            fixed_image, moving_image, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY
-        )
-        found, rigid_metric = run(initial)
-        rigid = sitk.Euler3DTransform(sitk.CompositeTransform(found).GetNthTransform(0))
-        affine = sitk.AffineTransform(3)
-        affine.SetCenter(rigid.GetCenter())
-        affine.SetMatrix(rigid.GetMatrix())
-        affine.SetTranslation(rigid.GetTranslation())
-        found, affine_metric = run(affine)
-        refined = sitk.AffineTransform(sitk.CompositeTransform(found).GetNthTransform(0))
-        # The affine stage stays only where it explains the images better than the rigid one: where nothing
-        # constrains a scale (an image registered to itself that varies little along one axis), MI is as good at
-        # any scale and the optimiser drifts (a z scale of 0.74 on a small phantom registered to itself).
-        return refined if affine_metric < rigid_metric - AFFINE_MIN_GAIN * abs(rigid_metric) else affine
-    except RuntimeError as exc:
-        detail = [line for line in str(exc).splitlines() if line.strip()]
-        raise InputError(
-            f"{_name(moving, 'moving image')}: affine pre-alignment failed ({detail[-1] if detail else exc}); "
-            "try without --affine"
-        ) from None
 
 
 def _affine_parts(transform: sitk.AffineTransform | None) -> tuple[np.ndarray, np.ndarray]:
@@ -760,6 +667,7 @@ def register(
     progress: Progress | None = None,
     cancel: Cancel | None = None,
     moving_labels: Volume | None = None,
+    prealignment: Callable[[], sitk.Transform | None] | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with SYMNet (optionally after an affine pre-alignment).
 
@@ -792,12 +700,15 @@ def register(
             0: the network alone); None takes the model card's default (``inference.refine.iterations``; 0 for an
             official checkpoint). 2D pairs are not refined.
         device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"`` or ``"mps"``. Where the card allows it
-            (``inference.bf16``: the CT weights) the network runs under bfloat16 autocast on CUDA and on a CPU with
-            bf16 instructions; an official checkpoint runs in float32 everywhere. Integration and warping stay in
+            (``inference.bf16``: the CT weights) the network runs under bfloat16 autocast on CUDA and on a CPU where
+            that is faster (`device.cpu_bf16`); an official checkpoint runs in float32 everywhere. Integration and warping stay in
             float32.
         progress: called as ``progress(done, total)`` after each stage.
         cancel: called before each stage; when it returns True the engine raises `Cancelled`.
         moving_labels: an optional label map on the moving image's grid (or any grid), warped with nearest.
+        prealignment: used when the pre-alignment runs: a function that returns `prealign`'s transform of this
+            pair computed elsewhere (``ctcolor register`` runs it in the child that reads the inputs while this
+            process imports torch), or None where that could not run. None: computed here.
 
     Returns:
         `RegistrationResult` on the fixed grid.
@@ -807,7 +718,9 @@ def register(
             refinement count outside 0..10000, a refinement too large for the memory.
         Cancelled: when ``cancel()`` returned True.
     """
-    return run_steps(iter_register(fixed, moving, model, affine, refine, device, progress, cancel, moving_labels))
+    return run_steps(
+        iter_register(fixed, moving, model, affine, refine, device, progress, cancel, moving_labels, prealignment)
+    )
 
 
 def iter_register(
@@ -820,6 +733,7 @@ def iter_register(
     progress: Progress | None = None,
     cancel: Cancel | None = None,
     moving_labels: Volume | None = None,
+    prealignment: Callable[[], sitk.Transform | None] | None = None,
 ) -> Steps[RegistrationResult]:
     """`register` as a generator: yields ``(done, total)`` after each stage, returns the `RegistrationResult`.
 
@@ -863,7 +777,7 @@ def iter_register(
     transform = None
     if affine:
         with stages("prealign"):
-            transform = _prealign(fixed, moving)
+            transform = (prealignment and prealignment()) or prealign(fixed, moving)
         yield stages.done, stages.total
 
     with stages("resample"):
@@ -928,6 +842,7 @@ def iter_register(
     with stages("fields"), torch.inference_mode():
         ddf, inverse_ddf = _voxels_to_mm(f_ba, fixed), (None if f_ab is None else _voxels_to_mm(f_ab, fixed))
         a, b = _affine_parts(transform)
+        affine_det = float(np.linalg.det(a))  # the Jacobian's constant factor where f_ba leaves the affine out
         if transform is not None:
             # The network registered M(T(x)); the full map is x -> T(x + u(x)), so ddf(x) = A u(x) + (A x + b - x).
             a_t = torch.as_tensor(a, dtype=ddf.dtype, device=ddf.device)
@@ -956,7 +871,7 @@ def iter_register(
             del refined
             # The metrics below see the whole map: its fields in fixed voxels, and no separate affine factor.
             f_ba, f_ab = _mm_to_voxels(ddf, fixed), _mm_to_voxels(inverse_ddf, fixed)
-            a = np.eye(3)
+            affine_det = 1.0
         yield stages.done, stages.total
 
     with stages("warp"), torch.inference_mode():
@@ -977,7 +892,7 @@ def iter_register(
     with stages("metrics"), torch.inference_mode():
         # det J is invariant under the voxel -> mm similarity, so the voxel field gives it; the affine part is constant.
         slab = f_ba.expand(-1, -1, 2, -1, -1) if two_d else f_ba  # a 2D field needs 2 slices for its gradient
-        jacobian = jacobian_determinant(slab)[0, : fixed.shape[0]] * float(np.linalg.det(a))
+        jacobian = jacobian_determinant(slab)[0, : fixed.shape[0]] * affine_det
         spacing_xyz = torch.tensor(fixed.spacing[::-1], dtype=f_ba.dtype, device=f_ba.device)
         inverse_consistency = _inverse_consistency_mm(f_ab, f_ba, spacing_xyz)
         ncc_after = global_ncc(fixed_t, warped_t)

@@ -21,8 +21,9 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,51 +41,125 @@ def read_volume_soon(path: str | os.PathLike, series_uid: str | None = None) -> 
 
     Raises (from the returned function): what `read_volume` raises for that input.
     """
+    waits, _ = read_volumes_soon([path], series_uid=series_uid)
+    return waits[0]
+
+
+def read_volumes_soon(
+    paths: Sequence[str | os.PathLike],
+    then: Callable[[list[Volume]], Any] | None = None,
+    series_uid: str | None = None,
+) -> tuple[list[Callable[[], Volume]], Later]:
+    """Read ``paths`` one after another in one child process, then run ``then(volumes)`` there too.
+
+    Returns one wait per path (as `read_volume_soon`'s) and a `Later` for ``then``'s result. ``then`` must be
+    picklable in its result and must not need torch (the child is forked before the parent imports it); ``ctcolor
+    register`` pre-aligns the pair there (`napari_ctcolor.engines.prealign`). Where no child can run, the waits read
+    in this process and the `Later` has no result (None), so that the caller runs ``then`` itself.
+    """
     from . import read_volume
 
-    def here() -> Volume:
-        return read_volume(path, series_uid)
+    def here(path) -> Callable[[], Volume]:
+        return lambda: read_volume(path, series_uid)
 
     if not _can_fork():
-        return here
+        return [here(path) for path in paths], Later(None)
+    files = []
     try:
-        fd, name = tempfile.mkstemp(prefix="ctcolor-read-", suffix=".npy", dir=_folder())
+        for _ in paths:
+            fd, name = tempfile.mkstemp(prefix="ctcolor-read-", suffix=".npy", dir=_folder())
+            os.unlink(name)  # nameless from the start: it lives while a process holds it open, nothing is left behind
+            files.append(os.fdopen(fd, "w+b"))
     except OSError:
-        return here
-    os.unlink(name)  # nameless from the start: it lives while a process holds it open, so nothing can be left behind
-    voxels = os.fdopen(fd, "w+b")
+        for file in files:
+            file.close()
+        return [here(path) for path in paths], Later(None)
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_read_into, args=(send, voxels, str(path), series_uid), daemon=True)
+    args = (send, files, [str(path) for path in paths], series_uid, then)
+    child = context.Process(target=_read_into, args=args, daemon=True)
     try:
         child.start()
     except Exception:  # noqa: BLE001 - no child (out of processes, a restricted sandbox): read here
-        for end in (receive, send, voxels):
+        for end in (receive, send, *files):
             end.close()
-        return here
+        return [here(path) for path in paths], Later(None)
     send.close()
+    answers = _Answers(receive, child, expected=len(paths) + (then is not None))
 
-    def wait() -> Volume:
-        try:
+    def wait(index: int, path) -> Callable[[], Volume]:
+        def volume() -> Volume:
             try:
-                result = receive.recv()
-            except EOFError:  # the child died without an answer (killed, out of memory): read here instead
-                result = ("failed",)
+                result = answers.get(index)
+                if result[0] == "failed":  # the child died or failed for another reason than the input: read here
+                    return here(path)()
+                for category, message in result[-1]:  # the reader's warnings, as if it had run here
+                    warnings.warn(message, category, stacklevel=2)
+                if result[0] == "input":
+                    raise InputError(result[1])
+                _, spacing, origin, direction, meta, _ = result
+                return Volume(_map_npy(files[index]), spacing, origin, direction, meta)
             finally:
-                receive.close()
-                child.join()
-            if result[0] == "failed":
-                return here()
-            for category, message in result[-1]:  # the reader's warnings, as if it had run here
-                warnings.warn(message, category, stacklevel=2)
-            if result[0] == "input":
-                raise InputError(result[1])
-            _, spacing, origin, direction, meta, _ = result
-            return Volume(_map_npy(voxels), spacing, origin, direction, meta)
-        finally:
-            voxels.close()  # the mapping keeps the pages
+                files[index].close()  # the mapping keeps the pages
 
-    return wait
+        return volume
+
+    return [wait(index, path) for index, path in enumerate(paths)], Later(answers if then is not None else None)
+
+
+class Later:
+    """The result of the job a reader child runs after reading (`read_volumes_soon`'s ``then``)."""
+
+    def __init__(self, answers: _Answers | None) -> None:
+        self._answers = answers
+
+    def result(self) -> Any:
+        """Wait for the job: its return value; None when the child could not run it (the caller runs it itself).
+
+        Raises:
+            InputError: the job's own (a pair that cannot be pre-aligned), with its message.
+        """
+        if self._answers is None:
+            return None
+        answer = self._answers.get("then")
+        self.cancel()
+        if answer[0] == "input":
+            raise InputError(answer[1])
+        return answer[1] if answer[0] == "ok" else None
+
+    def cancel(self) -> None:
+        """End the child if it is still at work (its result is no longer wanted) and let it go."""
+        if self._answers is not None:
+            self._answers.close()
+            self._answers = None
+
+
+class _Answers:
+    """The child's answers by key (a volume's index, or "then"), received in the order it sends them."""
+
+    def __init__(self, receive, child, expected: int) -> None:
+        self.receive, self.child, self.expected, self.got = receive, child, expected, {}
+
+    def get(self, key: int | str) -> tuple:
+        while key not in self.got and self.receive is not None:
+            try:
+                answer = self.receive.recv()
+            except (EOFError, OSError):  # the child died without an answer (killed, out of memory)
+                self.close()
+                break
+            self.got[answer[0]] = answer[1:]
+            if len(self.got) == self.expected:
+                self.close()
+        return self.got.get(key, ("failed",))
+
+    def close(self) -> None:
+        if self.receive is None:
+            return
+        if self.child.is_alive() and len(self.got) < self.expected:
+            self.child.terminate()
+        self.receive.close()
+        self.receive = None
+        self.child.join()
 
 
 def _map_npy(file) -> np.ndarray:
@@ -108,27 +183,35 @@ def _can_fork() -> bool:
     )
 
 
-def _read_into(send, voxels, path: str, series_uid: str | None) -> None:
-    """The child: read, write the voxels as .npy into ``voxels`` (a file shared with the parent), send the rest of
-    the Volume and the reader's warnings."""
+def _read_into(send, files, paths: list[str], series_uid: str | None, then) -> None:
+    """The child: read each path, write its voxels as .npy into its file (shared with the parent), send the rest of
+    the Volume and the reader's warnings; then run ``then`` on the volumes and send its result."""
     from . import read_volume
 
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        volumes = []
+        for index, (path, voxels) in enumerate(zip(paths, files, strict=True)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    volume, error = read_volume(path, series_uid), None
+                except InputError as exc:
+                    volume, error = None, str(exc)
+            said = [(w.category, str(w.message)) for w in caught]
+            if volume is None:
+                send.send((index, "input", error, said))
+                return
+            np.save(voxels, volume.array)
+            voxels.flush()
+            send.send((index, "ok", volume.spacing, volume.origin, volume.direction, volume.meta, said))
+            volumes.append(volume)
+        if then is not None:
             try:
-                volume, error = read_volume(path, series_uid), None
+                send.send(("then", "ok", then(volumes)))
             except InputError as exc:
-                volume, error = None, str(exc)
-        said = [(w.category, str(w.message)) for w in caught]
-        if volume is None:
-            send.send(("input", error, said))
-            return
-        np.save(voxels, volume.array)
-        voxels.flush()
-        send.send(("ok", volume.spacing, volume.origin, volume.direction, volume.meta, said))
-    except BaseException:  # noqa: BLE001 - the parent reads again in its own process and raises what it meets
-        send.send(("failed",))
+                send.send(("then", "input", str(exc)))
+    except BaseException:  # noqa: BLE001 - the parent reads (or runs the job) in its own process instead
+        pass
     finally:
         send.close()
 
