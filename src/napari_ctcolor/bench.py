@@ -202,7 +202,7 @@ def bench_colorize(slices: int, repeats: int, sizes: Sequence[tuple[int, float]]
     Ratio rows give ours / peer at the same size and device.
     """
     from .engines.colorize import compose_chroma, get_colorizer, predict_chroma
-    from .engines.device import cpu_bf16
+    from .engines.device import cpu_bf16, cpu_bf16_instructions
     from .phantom import make_phantom
 
     rows: list[dict] = []
@@ -223,18 +223,19 @@ def bench_colorize(slices: int, repeats: int, sizes: Sequence[tuple[int, float]]
                     chroma = predict_chroma(volume, model, device=device)
                     compose_chroma(volume, chroma, "abdomen", 1.0, device=device)
 
-                note = "network in bfloat16 (CPU with bf16 instructions)" if device == "cpu" and cpu_bf16() else ""
+                bf16 = device == "cpu" and cpu_bf16()
+                note = "network in bfloat16 (this CPU's default, engines.device.cpu_bf16)" if bf16 else ""
                 row = _rate_row("colorize", model, device, label, slices, _time(run, repeats, device), note=note)
                 rows.append(row)
                 ours[model] = row["median"]
-                if device == "cpu" and cpu_bf16():  # the same in float32, as on a CPU without bf16
+                if device == "cpu" and cpu_bf16_instructions():  # the other precision, which this CPU also runs
 
-                    def run_fp32(model: str = model, volume: Volume = volume) -> None:
-                        chroma = predict_chroma(volume, model, device="cpu", bf16=False)
+                    def run_other(model: str = model, volume: Volume = volume, bf16: bool = not bf16) -> None:
+                        chroma = predict_chroma(volume, model, device="cpu", bf16=bf16)
                         compose_chroma(volume, chroma, "abdomen", 1.0, device="cpu")
 
-                    seconds = _time(run_fp32, repeats)
-                    rows.append(_rate_row("colorize", f"{model} float32", device, label, slices, seconds))
+                    name = f"{model} {'float32' if bf16 else 'bfloat16'}"
+                    rows.append(_rate_row("colorize", name, device, label, slices, _time(run_other, repeats)))
             net = peer.to(device)
             peer_slices = min(slices, 16)  # a rate: fewer slices keep the slow peer's share of the run small
             batch = torch.rand(peer_slices, 1, size, size, device=device)

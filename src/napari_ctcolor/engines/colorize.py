@@ -408,7 +408,7 @@ def _upsample_compose_cpu(
 
 @contextlib.contextmanager
 def _inference(device: torch.device, bf16: bool | None = None) -> Iterator[None]:
-    """No autograd, and bf16 autocast on CUDA and on CPUs with bf16 instructions (`cpu_bf16`): the network's chroma
+    """No autograd, and bf16 autocast on CUDA and on CPUs where it is faster (`cpu_bf16`): the network's chroma
     needs no more precision; luminance never passes through the network.
 
     Entered around each step, never across a ``yield``: grad mode and autocast are thread-local state, and a
@@ -629,7 +629,7 @@ def predict_chroma(
 
     ``progress(done, Z)`` is called after each batch; ``cancel()`` is polled before each and raises `Cancelled`.
     ``anatomy=False`` keeps the network's own probabilities (no `anatomy` step). ``bf16``: None runs the CPU
-    network in bfloat16 where the CPU has bf16 instructions (`cpu_bf16`), False in float32, True in bfloat16.
+    network in bfloat16 where that is faster on this CPU (`cpu_bf16`), False in float32, True in bfloat16.
     """
     return run_steps(iter_predict_chroma(volume, model, device, batch_size, anatomy, bf16), progress, cancel)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 
 import torch
 
@@ -32,20 +33,51 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-#: Set to 0 to keep the CPU networks in float32 on a CPU with bfloat16 instructions (comparisons, benchmarks).
+#: ``0`` keeps the CPU networks in float32, ``1`` runs them in bfloat16 wherever the CPU has bf16 instructions
+#: (comparisons, benchmarks); unset or ``auto``: `cpu_bf16`'s rule.
 CPU_BF16_ENV = "CTCOLOR_CPU_BF16"
+
+
+def cpu_bf16_instructions() -> bool:
+    """Whether this CPU has bfloat16 instructions that oneDNN uses: AVX512-BF16 or AMX."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: assume none
+        return False
 
 
 @functools.cache
 def cpu_bf16() -> bool:
-    """Whether a network that allows it runs under bfloat16 autocast on this CPU: where it has AVX512-BF16 or AMX
-    (oneDNN's bf16 kernels; 2.3x faster for the colorizer on an AMD EPYC with avx512_bf16), unless
-    ``CTCOLOR_CPU_BF16=0``. Elsewhere float32 (emulated bf16 would be slower). The colorizer always allows it; a
-    registration model when its card says so (``inference.cpu_bf16``). Their tolerances: BENCHMARKS.md.
+    """Whether a network that allows it runs under bfloat16 autocast on this CPU by default: with AMX, or on an AMD
+    CPU with AVX512-BF16; float32 elsewhere (``CTCOLOR_CPU_BF16`` overrides). The colorizer always allows it; a
+    registration model when its card says so (``inference.bf16``). Their tolerances: BENCHMARKS.md.
+
+    Measured, 2 threads, same run each (BENCHMARKS.md): on an AMD EPYC with AVX512-BF16, bf16 made the colorizer 2.3x
+    faster. On an Intel Xeon (Emerald Rapids, AMX not exposed to the virtual machine) with AVX512-BF16, it made
+    things slower: the CT registration network 0.70 s against 0.49 s on a 3 mm pair, colorizer-3d 8.65 against 9.46
+    slices/s, a 32-channel 3D convolution 46-50 against 29-34 ms. Intel's 512-bit float32 FMA units keep pace with
+    its bf16 dot products, where AMD's double-pumped AVX-512 gains from them; AMX is the matrix unit bf16 exists for.
     """
-    if os.environ.get(CPU_BF16_ENV, "1").strip() == "0":
+    override = os.environ.get(CPU_BF16_ENV, "auto").strip().lower()
+    if override == "0":
         return False
+    if override == "1":
+        return cpu_bf16_instructions()
     try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without these probes: assume no bf16 instructions
-        return False
+        amx = bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        amx = False
+    return amx or (cpu_bf16_instructions() and _cpu_vendor() == "AuthenticAMD")
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``), or "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    processor = platform.processor()  # Windows: "AMD64 Family 25 Model 17 Stepping 1, AuthenticAMD"
+    return next((v for v in ("AuthenticAMD", "GenuineIntel") if v in processor), "")
