@@ -42,7 +42,7 @@ waits, later = read_volumes_soon([fixed, moving], then=_prealign_pair)
 child = [wait() for wait in waits]
 transform = later.result()
 said["volumes_equal"] = all(
-    (a.array == b.array).all() and a.spacing == b.spacing and a.origin == b.origin and (a.direction == b.direction).all()
+    (a.array == b.array).all() and (a.spacing, a.origin) == (b.spacing, b.origin) and (a.direction == b.direction).all()
     for a, b in zip(child, (read_volume(fixed), read_volume(moving)))
 )
 said["parameters"] = list(transform.GetParameters()) + list(transform.GetFixedParameters())

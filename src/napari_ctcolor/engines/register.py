@@ -701,8 +701,8 @@ def register(
             official checkpoint). 2D pairs are not refined.
         device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"`` or ``"mps"``. Where the card allows it
             (``inference.bf16``: the CT weights) the network runs under bfloat16 autocast on CUDA and on a CPU where
-            that is faster (`device.cpu_bf16`); an official checkpoint runs in float32 everywhere. Integration and warping stay in
-            float32.
+            that is faster (`device.cpu_bf16`); an official checkpoint runs in float32 everywhere. Integration and
+            warping stay in float32.
         progress: called as ``progress(done, total)`` after each stage.
         cancel: called before each stage; when it returns True the engine raises `Cancelled`.
         moving_labels: an optional label map on the moving image's grid (or any grid), warped with nearest.

@@ -98,12 +98,13 @@ INFERENCE = {
     "bf16": True,
     "note": "ctcolor register pre-aligns (rigid, then affine), runs the network on the pair and on the swapped pair "
     "(averaged; in bfloat16 on CUDA and on CPUs where it is faster, engines.device.cpu_bf16; on the CPU, Dice "
-    "within 0.0002 of float32 on every validation pair), and refines its field with SimpleITK's fast symmetric demons on intensities plus "
-    "each image's local structure (so that a contrast-phase change does not pull vessels apart): 30 iterations on "
-    "each coarser level (their finer axes averaged to about 2 and 4 mm, for images finer than 2 mm), then up to 50 "
-    "at full resolution (fewer on large images: 75 million voxel-iterations, at least 5; on a grid whose voxels are "
-    "all 2.5 mm or larger, each update may move three quarters of a voxel instead of Thirion's half). --no-affine, "
-    "--refine 0 (the network alone) or --refine N override.",
+    "within 0.0002 of float32 on every validation pair), and refines its field with SimpleITK's fast symmetric "
+    "demons on intensities plus each image's local structure (so that a contrast-phase change does not pull "
+    "vessels apart): 30 iterations on each coarser level (their finer axes averaged to about 2 and 4 mm, for "
+    "images finer than 2 mm), then up to 50 at full resolution (fewer on large images: 75 million "
+    "voxel-iterations, at least 5; on a grid whose voxels are all 2.5 mm or larger, each update may move three "
+    "quarters of a voxel instead of Thirion's half). --no-affine, --refine 0 (the network alone) or --refine N "
+    "override.",
 }
 
 
