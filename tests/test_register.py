@@ -506,6 +506,12 @@ def test_working_shape_keeps_small_grids_and_coarsens_large_ones():
     # A minimum spacing from the model card: 0.98 mm pixels run at ~1.5 mm; the 2 mm slices keep their count.
     assert working_shape((20, 512, 512), (2.0, 0.977, 0.977), min_spacing_mm=1.5) == (20, 333, 333)
     assert working_shape((1, 512, 512), (1.0, 0.5, 0.5), min_spacing_mm=1.0) == (1, 256, 256)  # 2D stays 2D
+    # The CT card's network budget (inference.network_voxels, 4.2 million): the 2 mm chest CT of 512 x 512 x 141
+    # (1.95 mm pixels) runs at about 2.65 mm; the 5 mm chest CTs and the DICOM series' 2 mm grid keep theirs.
+    popi = working_shape((141, 256, 256), (2.0, 1.953125, 1.953125), 2.0, 4_194_304)
+    assert popi == (107, 189, 189) and _padded_voxels(popi) <= 4_194_304
+    assert working_shape((61, 160, 160), (5.0, 2.0, 2.0), 2.0, 4_194_304) == (61, 160, 160)
+    assert working_shape((20, 512, 512), (2.0, 0.977, 0.977), 2.0, 4_194_304) == (20, 250, 250)
 
 
 def test_resize_field_is_the_geometric_partner_of_adaptive_average_pooling():
@@ -558,6 +564,16 @@ def test_card_normalisation_and_working_spacing_come_from_the_model_card(tmp_pat
     save_weights(load_symnet_checkpoint(_checkpoint()), {"name": "mine", **card}, tmp_path, "mine")
     with pytest.raises(InputError, match="quality_limits may set only"):
         load_registration_model(weights)
+    # The network's voxel budget: the card's, never above the engine's own limit; a bad one is refused.
+    assert official.network_voxels == MAX_NETWORK_VOXELS
+    for given, expected in ((2_000_000, 2_000_000), (10**9, MAX_NETWORK_VOXELS), (0.5, None), (True, None)):
+        card["inference"] = {"network_voxels": given}
+        save_weights(load_symnet_checkpoint(_checkpoint()), {"name": "mine", **card}, tmp_path, "mine")
+        if expected is None:
+            with pytest.raises(InputError, match="inference.network_voxels must be a whole number"):
+                load_registration_model(weights)
+        else:
+            assert load_registration_model(weights).network_voxels == expected
     del card["inference"]
     # A card that does not say which axes its network saw is refused: a CNN is not equivariant to transposes.
     del card["inputs"]["axes"]
@@ -567,12 +583,12 @@ def test_card_normalisation_and_working_spacing_come_from_the_model_card(tmp_pat
 
 
 def test_working_grid_registration_upsamples_fields_onto_the_fixed_grid(ct, monkeypatch):
-    """A translation registered on a coarser working grid (forced by a small voxel cap) gives full-grid outputs and
+    """A translation registered on a coarser working grid (forced by a small voxel budget) gives full-grid outputs and
     the same displacement as the full-grid run, to a fraction of a working voxel."""
     shift_mm = np.array([6.0, -4.5, 3.0])
     moving = _resampled(ct, sitk.TranslationTransform(3, shift_mm.tolist()), AIR_HU)
     full = register(ct, moving, model=_checkpoint(), device="cpu")
-    monkeypatch.setattr(sys.modules["napari_ctcolor.engines.register"], "MAX_NETWORK_VOXELS", 32 * 64 * 64)
+    monkeypatch.setattr(load_registration_model(_checkpoint()), "network_voxels", 32 * 64 * 64)  # the cached model
     coarse = register(ct, moving, model=_checkpoint(), device="cpu")
     work = coarse.metrics["network_shape"]
     assert full.metrics["network_shape"] == list(ct.shape) and work != list(ct.shape)

@@ -157,9 +157,12 @@ class RegistrationModel:
         prealign: whether the affine pre-alignment runs by default (the card's ``inference.prealign``: "affine").
         symmetric: run the network on (fixed, moving) and (moving, fixed) and average (``inference.symmetric``).
         limits: the quality limits of `warnings` (`QUALITY_LIMITS` with the card's ``inference.quality_limits``).
-        bf16: the network may run under bfloat16 autocast (``inference.bf16``): on CUDA, and on a CPU with bf16
-            instructions (`device.cpu_bf16`). Never for an official checkpoint, whose parity is to 1e-3: it runs in
+        bf16: the network may run under bfloat16 autocast (``inference.bf16``): on CUDA, and on a CPU where that
+            is faster (`device.cpu_bf16`). Never for an official checkpoint, whose parity is to 1e-3: it runs in
             float32, on CUDA without TF32 convolutions too (`_float32_convolutions`).
+        network_voxels: the most padded voxels the network runs on (`working_shape`): the card's
+            ``inference.network_voxels`` (at most `MAX_NETWORK_VOXELS`, the default), so that a large CT is
+            registered on a coarser working grid and the refinement adds the detail.
     """
 
     network: SYMNet
@@ -172,6 +175,7 @@ class RegistrationModel:
     symmetric: bool = False
     limits: Mapping[str, float | None] = field(default_factory=lambda: QUALITY_LIMITS)
     bf16: bool = False
+    network_voxels: int = MAX_NETWORK_VOXELS
 
 
 _MODEL_CACHE: dict[tuple, RegistrationModel] = {}
@@ -233,7 +237,17 @@ def _load_registration_model(model: str | os.PathLike) -> RegistrationModel:
         bool(inference.get("symmetric", False)),
         _card_limits(inference.get("quality_limits"), name),
         bool(inference.get("bf16", False)),
+        _card_network_voxels(inference.get("network_voxels"), name),
     )
+
+
+def _card_network_voxels(value: Any, name: str) -> int:
+    """A card's ``inference.network_voxels``: a whole number of voxels (at least 16^3), at most `MAX_NETWORK_VOXELS`."""
+    if value is None:
+        return MAX_NETWORK_VOXELS
+    if isinstance(value, bool) or not isinstance(value, int) or value < 16**3:
+        raise InputError(f"{name}: its model card's inference.network_voxels must be a whole number >= 4096")
+    return min(value, MAX_NETWORK_VOXELS)
 
 
 def _card_limits(spec: Any, name: str) -> Mapping[str, float | None]:
@@ -433,14 +447,18 @@ def _padded_voxels(shape: tuple[int, ...]) -> int:
 
 
 def working_shape(
-    shape: tuple[int, int, int], spacing: tuple[float, float, float], min_spacing_mm: float | None = None
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    min_spacing_mm: float | None = None,
+    max_voxels: int = MAX_NETWORK_VOXELS,
 ) -> tuple[int, int, int]:
     """The grid the network runs on: ``shape`` itself, or a coarser grid over the same extent.
 
     Coarser when the weights ask for voxels of at least ``min_spacing_mm`` or when the padded grid would exceed
-    `MAX_NETWORK_VOXELS`: each axis gets about ``extent / t`` voxels for the smallest spacing t that satisfies both,
-    never more than it has (so the coarse axes of an anisotropic CT keep their voxels) and never fewer than 4. An axis
-    of infinite spacing (the copies of a 2D slab) keeps its voxels.
+    ``max_voxels`` (the card's ``inference.network_voxels``, at most `MAX_NETWORK_VOXELS`): each axis gets about
+    ``extent / t`` voxels for the smallest spacing t that satisfies both, never more than it has (so the coarse axes
+    of an anisotropic CT keep their voxels) and never fewer than 4. An axis of infinite spacing (the copies of a 2D
+    slab) keeps its voxels.
     """
 
     def at(t: float) -> tuple[int, int, int]:
@@ -450,7 +468,7 @@ def working_shape(
         )
 
     t = max(min(spacing), min_spacing_mm or 0.0)
-    while _padded_voxels(at(t)) > MAX_NETWORK_VOXELS:
+    while _padded_voxels(at(t)) > max_voxels:
         t *= 1.02
     return at(t)
 
@@ -684,8 +702,9 @@ def register(
     2D results as approximate.
 
     The network runs on the fixed grid, or on a coarser grid over the same extent (`working_shape`) when the weights'
-    card asks for a minimum voxel size or the padded grid would exceed `MAX_NETWORK_VOXELS` (a whole 512 x 512 x 300
-    CT); the fields are then upsampled to the fixed grid, and warping, Jacobian and metrics stay at full resolution.
+    card asks for a minimum voxel size or the padded grid would exceed the card's voxel budget (``network_voxels``;
+    at most `MAX_NETWORK_VOXELS`, a whole 512 x 512 x 300 CT exceeds it); the fields are then upsampled to the fixed
+    grid, and warping, Jacobian and metrics stay at full resolution.
     ``metrics["network_shape"]`` says which grid was used.
 
     Args:
@@ -762,7 +781,9 @@ def iter_register(
         grid_shape = (SLAB_SLICES, *fixed.shape[1:]) if two_d else fixed.shape
         grid_spacing = (float("inf"), *fixed.spacing[1:]) if two_d else fixed.spacing
         net_shape = axis_map.shape_to_network(grid_shape)
-        work = working_shape(net_shape, axis_map.shape_to_network(grid_spacing), loaded.min_spacing_mm)
+        work = working_shape(
+            net_shape, axis_map.shape_to_network(grid_spacing), loaded.min_spacing_mm, loaded.network_voxels
+        )
         # BYTES_PER_VOXEL covers the whole run when the network sees the fixed grid (twice the activations for the
         # swapped pair); a coarser working grid leaves the full-resolution stages on the fixed grid.
         needed = _padded_voxels(work) * BYTES_PER_VOXEL * (1 + loaded.symmetric)

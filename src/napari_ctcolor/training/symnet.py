@@ -96,6 +96,7 @@ INFERENCE = {
     "symmetric": True,
     "refine": {"iterations": 50, "voxel_iterations": 75_000_000},
     "bf16": True,
+    "network_voxels": 4_194_304,
     "note": "ctcolor register pre-aligns (rigid, then affine), runs the network on the pair and on the swapped pair "
     "(averaged; in bfloat16 on CUDA and on CPUs where it is faster, engines.device.cpu_bf16; on the CPU, Dice "
     "within 0.0002 of float32 on every validation pair), and refines its field with SimpleITK's fast symmetric "
@@ -103,8 +104,9 @@ INFERENCE = {
     "vessels apart): 30 iterations on each coarser level (their finer axes averaged to about 2 and 4 mm, for "
     "images finer than 2 mm), then up to 50 at full resolution (fewer on large images: 75 million "
     "voxel-iterations, at least 5; on a grid whose voxels are all 2.5 mm or larger, each update may move three "
-    "quarters of a voxel instead of Thirion's half). --no-affine, --refine 0 (the network alone) or --refine N "
-    "override.",
+    "quarters of a voxel instead of Thirion's half). The network runs on at most 4.2 million padded voxels "
+    "(network_voxels): a larger CT, such as a 2 mm chest of 512 x 512 x 141, on a coarser working grid, refined at "
+    "full resolution. --no-affine, --refine 0 (the network alone) or --refine N override.",
 }
 
 
