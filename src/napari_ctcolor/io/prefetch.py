@@ -5,9 +5,9 @@ threaded Python that holds the GIL: a reader thread gains nothing, and the secon
 those imports reads the volume on that core and hands the voxels back through a file in shared memory (/dev/shm, a
 tmpfs; the temporary folder where /dev/shm is too small, as in a default container) that the parent opened and
 unlinked before the fork, so that nothing is left behind whatever happens; the parent maps it without copying. The
-geometry, metadata and the reader's warnings come through a pipe. `read_volumes_soon` reads several volumes in one
-child and may then run a job on them there: ``ctcolor register`` pre-aligns its pair (SimpleITK, 0.3-1.2 s) while the
-parent is still importing torch.
+geometry, metadata and the reader's warnings come through a pipe. `read_volumes_soon` reads several volumes, each in
+its own child, and may then run a job on them in the last child: ``ctcolor register`` pre-aligns its pair (SimpleITK,
+0.3-4 s) while the parent is still importing torch.
 
 The standard library and numpy do this (`multiprocessing` with the fork start method, the .npy format and
 `numpy.memmap`). It is used only where it is safe: on Linux, in a single-threaded process that has not yet imported
@@ -52,12 +52,13 @@ def read_volumes_soon(
     then: Callable[[list[Volume]], Any] | None = None,
     series_uid: str | None = None,
 ) -> tuple[list[Callable[[], Volume]], Later]:
-    """Read ``paths`` one after another in one child process, then run ``then(volumes)`` there too.
+    """Read each of ``paths`` in a child process of its own, side by side, and then run ``then(volumes)`` in the last
+    one, which maps the others' voxels once their readers hand them over.
 
     Returns one wait per path (as `read_volume_soon`'s) and a `Later` for ``then``'s result. ``then`` must be
-    picklable in its result and must not need torch (the child is forked before the parent imports it); ``ctcolor
-    register`` pre-aligns the pair there (`napari_ctcolor.engines.prealign`). Where no child can run, the waits read
-    in this process and the `Later` has no result (None), so that the caller runs ``then`` itself.
+    picklable in its result and must not need torch (the children are forked before the parent imports it);
+    ``ctcolor register`` pre-aligns the pair there (`napari_ctcolor.engines.prealign`). Where no child can run, the
+    waits read in this process and the `Later` has no result (None), so that the caller runs ``then`` itself.
     """
     from . import read_volume
 
@@ -77,22 +78,34 @@ def read_volumes_soon(
             file.close()
         return [here(path) for path in paths], Later(None)
     context = multiprocessing.get_context("fork")
-    receive, send = context.Pipe(duplex=False)
-    args = (send, files, [str(path) for path in paths], series_uid, then)
-    child = context.Process(target=_read_into, args=args, daemon=True)
+    # One pipe from each child to this process; with a job, one from each other child to the last (the hand-over).
+    pipes = [context.Pipe(duplex=False) for _ in paths]
+    handover = [context.Pipe(duplex=False) for _ in paths[:-1]] if then is not None else []
+    children = []
     try:
-        child.start()
+        for index, path in enumerate(paths):
+            args = (index, str(path), series_uid, files, pipes, handover, then)
+            children.append(context.Process(target=_read_into, args=args, daemon=True))
+            children[-1].start()
     except Exception:  # noqa: BLE001 - no child (out of processes, a restricted sandbox): read here
-        for end in (receive, send, *files):
+        for child in children:
+            if child.is_alive():
+                child.terminate()
+        for end in (*files, *(end for pipe in (*pipes, *handover) for end in pipe)):
             end.close()
         return [here(path) for path in paths], Later(None)
-    send.close()
-    answers = _Answers(receive, child, expected=len(paths) + (then is not None))
+    for end in (*(send for _, send in pipes), *(end for pipe in handover for end in pipe)):
+        end.close()  # the children hold their own ends: a child that dies reads as the end of its pipe
+    last = len(paths) - 1
+    answers = [
+        _Answers(receive, child, expected=1 + (then is not None and index == last))
+        for index, ((receive, _), child) in enumerate(zip(pipes, children, strict=True))
+    ]
 
     def wait(index: int, path) -> Callable[[], Volume]:
         def volume() -> Volume:
             try:
-                result = answers.get(index)
+                result = answers[index].get(index)
                 if result[0] == "failed":  # the child died or failed for another reason than the input: read here
                     return here(path)()
                 for category, message in result[-1]:  # the reader's warnings, as if it had run here
@@ -106,7 +119,7 @@ def read_volumes_soon(
 
         return volume
 
-    return [wait(index, path) for index, path in enumerate(paths)], Later(answers if then is not None else None)
+    return [wait(index, path) for index, path in enumerate(paths)], Later(answers[last] if then is not None else None)
 
 
 class Later:
@@ -185,31 +198,50 @@ def _can_fork() -> bool:
     )
 
 
-def _read_into(send, files, paths: list[str], series_uid: str | None, then) -> None:
-    """The child: read each path, write its voxels as .npy into its file (shared with the parent), send the rest of
-    the Volume and the reader's warnings; then run ``then`` on the volumes and send its result."""
+def _read_into(index: int, path: str, series_uid: str | None, files, pipes, handover, then) -> None:
+    """Child ``index``: read ``path``, write its voxels as .npy into its file (shared with the parent), send the rest
+    of the Volume and the reader's warnings to the parent (and, with a job, to the last child). The last child then
+    maps the other children's voxels as each hands them over, runs ``then`` on all the volumes and sends its result.
+    """
     from . import read_volume
 
+    send = pipes[index][1]
+    job = then is not None and index == len(pipes) - 1
+    for number, (receive_end, send_end) in enumerate(pipes):  # keep only this child's own ends
+        receive_end.close()
+        if number != index:
+            send_end.close()
+    for number, (receive_end, send_end) in enumerate(handover):
+        if number != index:
+            send_end.close()
+        if not job:
+            receive_end.close()
     try:
-        volumes = []
-        for index, (path, voxels) in enumerate(zip(paths, files, strict=True)):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    volume, error = read_volume(path, series_uid), None
-                except InputError as exc:
-                    volume, error = None, str(exc)
-            said = [(w.category, str(w.message)) for w in caught]
-            if volume is None:
-                send.send((index, "input", error, said))
-                return
-            np.save(voxels, volume.array)
-            voxels.flush()
-            send.send((index, "ok", volume.spacing, volume.origin, volume.direction, volume.meta, said))
-            volumes.append(volume)
-        if then is not None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             try:
-                send.send(("then", "ok", then(volumes)))
+                volume, error = read_volume(path, series_uid), None
+            except InputError as exc:
+                volume, error = None, str(exc)
+        said = [(w.category, str(w.message)) for w in caught]
+        if volume is None:
+            send.send((index, "input", error, said))
+            return
+        np.save(files[index], volume.array)
+        files[index].flush()
+        geometry = (volume.spacing, volume.origin, volume.direction, volume.meta)
+        send.send((index, "ok", *geometry, said))
+        if index < len(handover):
+            handover[index][1].send(geometry)
+        if job:
+            volumes = []
+            for number, (receive_end, _) in enumerate(handover):
+                geometry = receive_end.recv()  # once that reader has written its voxels; EOFError: it failed, no job
+                # A new descriptor of the shared file, so that its offset is this child's own.
+                voxels = np.load(f"/proc/self/fd/{files[number].fileno()}", mmap_mode="r")
+                volumes.append(Volume(voxels, *geometry))
+            try:
+                send.send(("then", "ok", then([*volumes, volume])))
             except InputError as exc:
                 send.send(("then", "input", str(exc)))
     except BaseException:  # noqa: BLE001 - the parent reads (or runs the job) in its own process instead
