@@ -897,6 +897,12 @@ def test_cli_peer_demons_writes_a_warped_image_and_an_lps_ddf_that_simpleitk_app
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["peer"] == "demons"
     done = _ctcolor("peer", "demons", *map(str, paths), "-o", str(tmp_path / "out"))
     assert done.returncode == 2 and "not empty" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    # Timed against `ctcolor register` as a whole process, the demons peer runs as a demons user would: without torch.
+    args = [sys.executable, "-X", "importtime", "-m", "napari_ctcolor", "peer", "demons", *map(str, paths)]
+    done = subprocess.run([*args, "-o", str(tmp_path / "out"), "--overwrite"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "SimpleITK" in imported and "torch" not in imported
 
 
 def test_local_ncc_equals_a_direct_window_computation_at_its_sampled_voxels():
