@@ -1,6 +1,6 @@
-"""The reader child of ``ctcolor register`` (io.prefetch.read_volumes_soon): both inputs read, then the pre-alignment
-run there, while the parent imports torch. Each case runs in a fresh interpreter that has not imported torch, as the
-CLI is when it starts the child."""
+"""The reader children of ``ctcolor register`` (io.prefetch.read_volumes_soon): each input read in a child of its own,
+then the pre-alignment run in the last one, while the parent imports torch. Each case runs in a fresh interpreter
+that has not imported torch, as the CLI is when it starts the children."""
 
 from __future__ import annotations
 

@@ -87,9 +87,10 @@ def register_command(args: argparse.Namespace) -> dict:
     if send and not is_series_url(args.fixed):
         raise InputError("--send stores the warped image into the study of FIXED, which must be a DICOMweb series URL")
     outputs = register_outdir(args)
-    # A child process reads both inputs, and pre-aligns them where the pre-alignment will run (SimpleITK only), while
-    # this one imports the engine (torch: 1-1.5 s on 2 cores). The CT weights' card turns it on unless --no-affine;
-    # any other model's card is read with torch, too late for this, so its pre-alignment runs in the engine.
+    # Child processes read the two inputs side by side, and the second pre-aligns them where the pre-alignment will
+    # run (SimpleITK only), while this one imports the engine (torch: 1-1.5 s on 2 cores). The CT weights' card turns
+    # it on unless --no-affine; any other model's card is read with torch, too late for this, so its pre-alignment
+    # runs in the engine.
     early = args.affine or (args.affine is None and str(args.model) == "ct")
     reads, prealigned = read_volumes_soon([args.fixed, args.moving], then=_prealign_pair if early else None)
     try:

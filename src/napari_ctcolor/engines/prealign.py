@@ -1,7 +1,7 @@
 """Rigid, then affine pre-alignment of two CT volumes (SimpleITK, Mattes mutual information), without torch.
 
-It lives apart from the registration engine so that ``ctcolor register`` can run it in the child process that reads
-the inputs while the parent imports torch (`napari_ctcolor.io.prefetch.read_volumes_soon`); the engine runs it
+It lives apart from the registration engine so that ``ctcolor register`` can run it in a child process that reads
+its inputs while the parent imports torch (`napari_ctcolor.io.prefetch.read_volumes_soon`); the engine runs it
 itself everywhere else (the widget, a batch, the Slicer logic).
 """
 

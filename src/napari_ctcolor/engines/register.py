@@ -726,7 +726,7 @@ def register(
         cancel: called before each stage; when it returns True the engine raises `Cancelled`.
         moving_labels: an optional label map on the moving image's grid (or any grid), warped with nearest.
         prealignment: used when the pre-alignment runs: a function that returns `prealign`'s transform of this
-            pair computed elsewhere (``ctcolor register`` runs it in the child that reads the inputs while this
+            pair computed elsewhere (``ctcolor register`` runs it in a child that reads its inputs while this
             process imports torch), or None where that could not run. None: computed here.
 
     Returns:
