@@ -97,21 +97,26 @@ def test_a_large_sure_liver_section_rules_out_the_pelvis_on_its_slice_only():
 
 def test_unsure_structures_are_named_by_their_tissue_and_impossible_ones_removed():
     classes = ("air", "lung", "fat", "soft_tissue", "contrast_blood", "bone", "liver", "ribs", "heart", "femur")
-    # Four pixels, their kept classes (most probable first) and probabilities:
-    top = torch.tensor([[6, 3, 0, 1], [3, 6, 8, 0], [5, 7, 8, 0], [9, 7, 0, 1], [9, 0, 1, 2]]).T[None, :, None, :]
-    prob = torch.tensor([[0.9, 0.1, 0, 0], [0.4, 0.3, 0.3, 0], [0.5, 0.3, 0.2, 0], [0.8, 0.2, 0, 0], [1, 0, 0, 0]])
-    prob = prob.T[None, :, None, :]
-    hu = torch.tensor([[[60.0, 40.0, 300.0, 500.0, 40.0]]])
+    # Six pixels, their kept classes (most probable first) and probabilities:
+    top = torch.tensor([[6, 3, 0, 1], [3, 6, 8, 0], [5, 7, 8, 0], [9, 7, 0, 1], [9, 0, 1, 2], [1, 6, 7, 0]])
+    prob = torch.tensor(
+        [[0.9, 0.1, 0, 0], [0.4, 0.3, 0.3, 0], [0.5, 0.3, 0.2, 0], [0.8, 0.2, 0, 0], [1, 0, 0, 0], [0.6, 0.25, 0.15, 0]]
+    )
+    top, prob = top.T[None, :, None, :], prob.T[None, :, None, :]
+    hu = torch.tensor([[[60.0, 40.0, 300.0, 500.0, 40.0, -600.0]]])
     allowed = torch.ones((1, len(classes)), dtype=torch.bool)
     allowed[0, 9] = False  # no femur on this slice
     new_top, new_prob = anatomy.consistent_top(top, prob, hu, classes, allowed)
-    assert torch.allclose(new_prob.sum(dim=1), torch.ones(1, 1, 5))
-    # sure liver kept; liver vs heart unsure at soft-tissue HU -> soft tissue; rib vs heart with the bone family
-    # ahead -> bone; a femur ruled out leaves ribs at 0.2 of what the network said, unsure -> bone (the ruled-out
-    # femur counts as doubt, not as support for ribs); a pixel of femur alone (a humerus beside the lungs) -> its
-    # tissue family, bone.
-    assert new_top[0, 0, 0].tolist() == [6, 3, 5, 5, 5]
-    assert new_prob[0, 0, 0].tolist() == pytest.approx([0.9, 1.0, 1.0, 1.0, 1.0])
+    assert torch.allclose(new_prob.sum(dim=1), torch.ones(1, 1, 6))
+    # 0: sure liver kept. 1: liver vs heart unsure at soft-tissue HU -> soft tissue (the heart's blood is soft tissue
+    # below CONTRAST_MIN_HU). 2: rib vs heart unsure at 300 HU -> each structure's probability to its own tissue,
+    # bone 0.8 and contrast blood 0.2, so that each CT voxel's own HU chooses between them. 3: a femur ruled out
+    # leaves ribs at 0.2 of what the network said, unsure -> bone (the ruled-out femur counts as doubt, not as support
+    # for ribs, but as bone). 4: a pixel of femur alone (a humerus beside the lungs) -> its tissue family, bone.
+    # 5: a pixel mostly lung, unsure of liver and rib -> all lung (no bone or soft tissue tint in the parenchyma).
+    assert new_top[0, 0, 0].tolist() == [6, 3, 5, 5, 5, 1]
+    assert new_prob[0, 0, 0].tolist() == pytest.approx([0.9, 1.0, 0.8, 1.0, 1.0, 1.0])
+    assert int(new_top[0, 1, 0, 2]) == 4 and float(new_prob[0, 1, 0, 2]) == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize("names", LABELLED, ids=lambda n: n[0])

@@ -628,7 +628,8 @@ def model_card(model: Colorizer, train: TrainConfig, config_path: Path, facts: d
             "position relative to the lungs or to a large liver section, or an organ's side of the body's midline, "
             "moves fat's probability to a denser tissue where a pixel is denser than fat allows, names pixels where "
             f"no structure reaches {anatomy.CONFIDENT} of what the network said (ruled-out classes counting as "
-            "doubt) by their tissue, and keeps an organ's name only on its largest connected piece(s); the metrics "
+            "doubt) by their tissues (each structure's probability to its own tissue, so each voxel's HU can "
+            "choose), and keeps an organ's name only on its largest connected piece(s); the metrics "
             "include it.",
         },
         "classes": list(config.classes),
