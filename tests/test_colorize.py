@@ -522,3 +522,33 @@ def test_a_plane_composed_alone_equals_that_plane_of_the_whole_volume(ct, model)
             assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (axis, index, diff.max())
     with pytest.raises(InputError):
         compose_plane(volume, chroma, 1, volume.shape[1], "abdomen")
+
+
+def test_axial_view_matches_simpleitk_dicom_orient_for_every_axial_storage_order():
+    """`AxialView` (what a canonical 2D colorizer's slices are moved by) against SimpleITK's own reorientation to
+    LPS (``DICOMOrient``) for the 16 axial storage orders: rows and columns swapped or not, each axis reversed or not.
+    The moved arrays equal SimpleITK's, whose direction is then the identity, and `to_view`/`from_view` undo each
+    other. A non-axial series (slices along left-right) is left as stored."""
+    import itertools
+
+    import SimpleITK as sitk
+
+    from napari_ctcolor.engines.orientation import AxialView
+
+    array = np.random.default_rng(0).random((4, 5, 6)).astype(np.float32)
+    for swap, signs in itertools.product((False, True), itertools.product((1.0, -1.0), repeat=3)):
+        direction = np.zeros((3, 3))
+        direction[1 if swap else 0, 0], direction[0 if swap else 1, 1], direction[2, 2] = signs
+        image = sitk.GetImageFromArray(array)
+        image.SetDirection(direction.ravel().tolist())
+        image.SetSpacing((0.7, 0.9, 3.0))
+        reference = sitk.DICOMOrient(image, "LPS")
+        assert np.allclose(np.reshape(reference.GetDirection(), (3, 3)), np.eye(3))
+        view = AxialView.of(direction)
+        spacing, (moved,) = view.arrays((3.0, 0.9, 0.7), array)
+        np.testing.assert_array_equal(moved, sitk.GetArrayFromImage(reference))
+        assert spacing == pytest.approx(reference.GetSpacing()[::-1])
+        plane = torch.from_numpy(array)
+        assert torch.equal(view.from_view(view.to_view(plane)), plane)
+    sagittal = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # slices along left-right
+    assert AxialView.of(sagittal) == AxialView()

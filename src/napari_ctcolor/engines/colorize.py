@@ -43,6 +43,7 @@ from . import anatomy as _anatomy
 from .body import body_mask
 from .device import cpu_bf16, resolve_device
 from .fused import top_classes
+from .orientation import AxialView
 from .steps import Cancel, Progress, Steps, offset_steps, run_steps
 
 _AIR_HU = -1024.0
@@ -468,7 +469,10 @@ def iter_predict_chroma(
     prob = torch.empty((z, k, *low), dtype=torch.uint8)
     small_hu = torch.empty((z, *low), dtype=torch.float32)  # for the anatomy step (`_make_consistent`)
     if config.dims == 2:
+        view = AxialView.of(volume.direction) if config.canonical else AxialView()
         neighbours = context_indices(z, config.context)
+        if view.reverse_z:  # each slice's neighbours in inferior-to-superior order, as the network saw them
+            neighbours = neighbours.flip(1)
 
         def predict_batch(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             """(class indices, probabilities, small HU) of slices [start, stop) on the CPU. A function, so that the
@@ -477,10 +481,10 @@ def iter_predict_chroma(
             lo, hi = int(neighbours[start:stop].min()), int(neighbours[start:stop].max()) + 1
             with _inference(device, bf16):
                 small = small_slices(lo, hi)
-                x = prepare_input(small[neighbours[start:stop] - lo], config)
+                x = view.to_view(prepare_input(small[neighbours[start:stop] - lo], config))
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
-                logits = net(x)
+                logits = view.from_view(net(x))
                 if device.type == "cpu":  # one numba pass from the logits (`fused.top_classes`), bfloat16 as its bits
                     bits = logits.view(torch.int16).numpy().view(np.uint16) if logits.dtype == torch.bfloat16 else None
                     found = top_classes(logits.float().numpy() if bits is None else bits, k, torch.get_num_threads())

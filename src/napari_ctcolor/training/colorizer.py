@@ -30,6 +30,7 @@ import yaml
 
 from ..color import PALETTE_NAMES, load_palette
 from ..engines import anatomy
+from ..engines.orientation import AxialView
 from ..errors import InputError
 from ..io.write import atomic_path
 from ..models.colorizer import Colorizer, ColorizerConfig, context_indices, downsample_hu, prepare_input
@@ -146,8 +147,17 @@ def partial_cases(entries: list[list[str]], config: ColorizerConfig) -> list[Red
             raise InputError(f"a real_partial entry is [ct, derivation], got {entry}")
         ct = read_volume(data / "ct" / entry[0])
         classes = partial_class_map(ct, entry[1], config.classes)
-        out.append(reduce_classes(entry[0].split(".")[0], ct.array, ct.spacing, classes, config, partial=True))
+        spacing, (hu, classes) = _network_view(ct, config, ct.array, classes)
+        out.append(reduce_classes(entry[0].split(".")[0], hu, spacing, classes, config, partial=True))
     return out
+
+
+def _network_view(ct, config: ColorizerConfig, *arrays: np.ndarray) -> tuple[tuple[float, float, float], list]:
+    """A CT's (Z, Y, X) arrays as the network sees its slices: in the radiological orientation for a 2D model with
+    ``canonical`` (`AxialView`, as `engines.colorize` shows them at inference), else as stored; with their spacing."""
+    if config.dims == 2 and config.canonical:
+        return AxialView.of(ct.direction).arrays(ct.spacing, *arrays)
+    return tuple(float(v) for v in ct.spacing), list(arrays)
 
 
 @dataclass
@@ -190,7 +200,8 @@ def reduce_case(case: LabelledCT, config: ColorizerConfig, real: bool = False, c
     """A labelled CT at the network's resolution; a real one (``real``) gets synthetic enhancement if it is
     non-contrast, synthetic de-enhancement if it shows contrast (``contrast``)."""
     classes = class_targets(case.ct.array, case.labels, case.label_names, config.classes)
-    reduced = reduce_classes(case.name, case.ct.array, case.ct.spacing, classes, config, real=real)
+    spacing, (hu, classes) = _network_view(case.ct, config, case.ct.array, classes)
+    reduced = reduce_classes(case.name, hu, spacing, classes, config, real=real)
     reduced.contrast = contrast
     return reduced
 
@@ -630,7 +641,14 @@ def model_card(model: Colorizer, train: TrainConfig, config_path: Path, facts: d
             f"no structure reaches {anatomy.CONFIDENT} of what the network said (ruled-out classes counting as "
             "doubt) by their tissues (each structure's probability to its own tissue, so each voxel's HU can "
             "choose), and keeps an organ's name only on its largest connected piece(s); the metrics "
-            "include it.",
+            "include it."
+            + (
+                " Slices reach the network in the radiological orientation (rows anterior to posterior, columns "
+                "right to left, context slices inferior to superior) whatever order the file stores them in "
+                "(config canonical, napari_ctcolor.engines.orientation.AxialView), in training as at inference."
+                if config.dims == 2 and config.canonical
+                else ""
+            ),
         },
         "classes": list(config.classes),
         "palettes": {name: load_palette(name).source for name in PALETTE_NAMES},
