@@ -544,11 +544,11 @@ def test_axial_view_matches_simpleitk_dicom_orient_for_every_axial_storage_order
         image.SetSpacing((0.7, 0.9, 3.0))
         reference = sitk.DICOMOrient(image, "LPS")
         assert np.allclose(np.reshape(reference.GetDirection(), (3, 3)), np.eye(3))
-        view = AxialView.of(direction)
+        view = AxialView.of(Volume(array, (3.0, 0.9, 0.7), (0.0, 0.0, 0.0), direction))
         spacing, (moved,) = view.arrays((3.0, 0.9, 0.7), array)
         np.testing.assert_array_equal(moved, sitk.GetArrayFromImage(reference))
         assert spacing == pytest.approx(reference.GetSpacing()[::-1])
         plane = torch.from_numpy(array)
         assert torch.equal(view.from_view(view.to_view(plane)), plane)
     sagittal = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # slices along left-right
-    assert AxialView.of(sagittal) == AxialView()
+    assert AxialView.of(Volume(array, (3.0, 0.9, 0.7), (0.0, 0.0, 0.0), sagittal)) == AxialView()

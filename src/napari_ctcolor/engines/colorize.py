@@ -469,7 +469,7 @@ def iter_predict_chroma(
     prob = torch.empty((z, k, *low), dtype=torch.uint8)
     small_hu = torch.empty((z, *low), dtype=torch.float32)  # for the anatomy step (`_make_consistent`)
     if config.dims == 2:
-        view = AxialView.of(volume.direction) if config.canonical else AxialView()
+        view = AxialView.of(volume) if config.canonical else AxialView()
         neighbours = context_indices(z, config.context)
         if view.reverse_z:  # each slice's neighbours in inferior-to-superior order, as the network saw them
             neighbours = neighbours.flip(1)

@@ -121,15 +121,14 @@ class AxialView:
     reverse_z: bool = False  # the slices run from superior to inferior
 
     @classmethod
-    def of(cls, direction) -> AxialView:
-        """The moves for a volume of 3 x 3 ``direction`` (columns: the LPS direction of the x, y, z index axes); none
-        when its slices are not axial (the slice axis closer to left-right or anterior-posterior than to head-foot)."""
-        d = np.asarray(direction, dtype=np.float64)
-        if abs(d[2, 2]) < max(abs(d[0, 2]), abs(d[1, 2])):
+    def of(cls, volume: Volume) -> AxialView:
+        """The moves for ``volume``: `AxisMap.between` it and the axes ("S", "P", "L"), kept only when its slices are
+        axial (the slice axis maps to head-foot); otherwise none, the slices as stored."""
+        axis_map = AxisMap.between(volume, ("S", "P", "L"))
+        if axis_map.axes[0] != 0:
             return cls()
-        transpose = bool(abs(d[0, 1]) > abs(d[0, 0]))  # the row axis (y) runs more left-right than the columns
-        cols, rows = (d[:, 1], d[:, 0]) if transpose else (d[:, 0], d[:, 1])
-        return cls(transpose, bool(rows[1] < 0), bool(cols[0] < 0), bool(d[2, 2] < 0))
+        reverse_z, flip_rows, flip_cols = axis_map.flips
+        return cls(axis_map.axes[1] == 2, flip_rows, flip_cols, reverse_z)
 
     def _plane_dims(self, ndim: int) -> list[int]:
         return [d for d, flip in ((ndim - 2, self.flip_rows), (ndim - 1, self.flip_cols)) if flip]

@@ -156,7 +156,7 @@ def _network_view(ct, config: ColorizerConfig, *arrays: np.ndarray) -> tuple[tup
     """A CT's (Z, Y, X) arrays as the network sees its slices: in the radiological orientation for a 2D model with
     ``canonical`` (`AxialView`, as `engines.colorize` shows them at inference), else as stored; with their spacing."""
     if config.dims == 2 and config.canonical:
-        return AxialView.of(ct.direction).arrays(ct.spacing, *arrays)
+        return AxialView.of(ct).arrays(ct.spacing, *arrays)
     return tuple(float(v) for v in ct.spacing), list(arrays)
 
 
