@@ -525,7 +525,7 @@ def test_a_plane_composed_alone_equals_that_plane_of_the_whole_volume(ct, model)
 
 
 def test_axial_view_matches_simpleitk_dicom_orient_for_every_axial_storage_order():
-    """`AxialView` (what a canonical 2D colorizer's slices are moved by) against SimpleITK's own reorientation to
+    """`AxialView` (what a canonical colorizer's slices are moved by) against SimpleITK's own reorientation to
     LPS (``DICOMOrient``) for the 16 axial storage orders: rows and columns swapped or not, each axis reversed or not.
     The moved arrays equal SimpleITK's, whose direction is then the identity, and `to_view`/`from_view` undo each
     other. A non-axial series (slices along left-right) is left as stored."""
@@ -550,5 +550,7 @@ def test_axial_view_matches_simpleitk_dicom_orient_for_every_axial_storage_order
         assert spacing == pytest.approx(reference.GetSpacing()[::-1])
         plane = torch.from_numpy(array)
         assert torch.equal(view.from_view(view.to_view(plane)), plane)
+        assert torch.equal(view.volume_to_view(plane), torch.from_numpy(moved))  # a 3D network's input
+        assert torch.equal(view.volume_from_view(view.volume_to_view(plane)), plane)
     sagittal = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # slices along left-right
     assert AxialView.of(Volume(array, (3.0, 0.9, 0.7), (0.0, 0.0, 0.0), sagittal)) == AxialView()

@@ -498,12 +498,20 @@ def iter_predict_chroma(
             top[start:stop], prob[start:stop], small_hu[start:stop] = predict_batch(start, stop)
             yield stop, z
     else:
+        view = AxialView.of(volume) if config.canonical else AxialView()
         with _inference(device, bf16):
             small = small_slices(0, z)
             small_hu[:] = small.float().cpu()
-            x = prepare_input(small[None], config)  # (1, windows, Z, h, w)
+            x = view.volume_to_view(prepare_input(small[None], config))  # (1, windows, Z, h, w) in the view
         del small
-        yield from _sliding_window_3d(net, x, max(1, batch // 4), top, prob, bf16)
+        if view == AxialView():
+            yield from _sliding_window_3d(net, x, max(1, batch // 4), top, prob, bf16)
+        else:  # filled in the view's order, then moved back: (Z, k, h, w) uint8, a few MB
+            top_view = torch.empty((z, k, *x.shape[-2:]), dtype=torch.uint8)
+            prob_view = torch.empty_like(top_view)
+            yield from _sliding_window_3d(net, x, max(1, batch // 4), top_view, prob_view, bf16)
+            top[:] = view.volume_from_view(top_view.movedim(0, 1)).movedim(1, 0)
+            prob[:] = view.volume_from_view(prob_view.movedim(0, 1)).movedim(1, 0)
         del x
     if anatomy:
         _make_consistent(top, prob, small_hu, config.classes, volume, factor)

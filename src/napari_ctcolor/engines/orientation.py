@@ -109,7 +109,7 @@ class AxialView:
     posterior, columns from the patient's right to left, slices from inferior to superior: a DICOM series read
     with the identity direction), whatever order the file stored them in.
 
-    A 2D colorizer is not equivariant to flips either: the shipped network, trained on slices in one orientation,
+    A colorizer is not equivariant to flips either: the shipped network, trained on slices in one orientation,
     named 33 % of the DICOM patient's body otherwise (spleen 126,131 -> 160 voxels) when the same series was stored
     in NIfTI's RAS order, which many tools write. Its card's ``canonical`` flag makes training and inference show it
     every slice this way (moves of the array only, no interpolation).
@@ -145,6 +145,15 @@ class AxialView:
         dims = self._plane_dims(x.ndim)
         x = x.flip(dims) if dims else x
         return x.transpose(-1, -2).contiguous() if self.transpose else x
+
+    def volume_to_view(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., Z, rows, cols) as stored -> the view, slices in inferior-to-superior order too (a 3D network)."""
+        x = self.to_view(x)
+        return x.flip(-3) if self.reverse_z else x
+
+    def volume_from_view(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `volume_to_view`."""
+        return self.from_view(x.flip(-3) if self.reverse_z else x)
 
     def arrays(self, spacing: Sequence[float], *arrays: np.ndarray) -> tuple[tuple[float, float, float], list]:
         """(Z, Y, X, ...) arrays moved to the view, all axes (training), with the (z, y, x) ``spacing`` they then

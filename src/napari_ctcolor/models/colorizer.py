@@ -47,7 +47,7 @@ class ColorizerConfig:
     # top level runs at the network's full resolution, so 3x3 convolutions into ~40 class channels there cost more
     # than the rest of the network; a narrow head makes the 2D model about 2x faster.
     head: int = 0
-    # 2D only: every slice reaches the network in the radiological orientation, whatever order the file stored it in
+    # Every slice reaches the network in the radiological orientation, whatever order the file stored it in
     # (`engines.orientation.AxialView`), in training and at inference; False: as stored (older cards).
     canonical: bool = False
 

@@ -153,9 +153,9 @@ def partial_cases(entries: list[list[str]], config: ColorizerConfig) -> list[Red
 
 
 def _network_view(ct, config: ColorizerConfig, *arrays: np.ndarray) -> tuple[tuple[float, float, float], list]:
-    """A CT's (Z, Y, X) arrays as the network sees its slices: in the radiological orientation for a 2D model with
+    """A CT's (Z, Y, X) arrays as the network sees them: in the radiological orientation for a model with
     ``canonical`` (`AxialView`, as `engines.colorize` shows them at inference), else as stored; with their spacing."""
-    if config.dims == 2 and config.canonical:
+    if config.canonical:
         return AxialView.of(ct).arrays(ct.spacing, *arrays)
     return tuple(float(v) for v in ct.spacing), list(arrays)
 
@@ -644,9 +644,10 @@ def model_card(model: Colorizer, train: TrainConfig, config_path: Path, facts: d
             "include it."
             + (
                 " Slices reach the network in the radiological orientation (rows anterior to posterior, columns "
-                "right to left, context slices inferior to superior) whatever order the file stores them in "
-                "(config canonical, napari_ctcolor.engines.orientation.AxialView), in training as at inference."
-                if config.dims == 2 and config.canonical
+                f"right to left, {'context slices' if config.dims == 2 else 'slices'} inferior to superior) whatever "
+                "order the file stores them in (config canonical, napari_ctcolor.engines.orientation.AxialView), in "
+                "training as at inference."
+                if config.canonical
                 else ""
             ),
         },
