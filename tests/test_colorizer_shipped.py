@@ -21,6 +21,7 @@ import SimpleITK as sitk
 
 from napari_ctcolor.color import srgb_to_lab
 from napari_ctcolor.engines.colorize import predict_chroma
+from napari_ctcolor.engines.device import cpu_bf16
 from napari_ctcolor.io import read_volume
 from napari_ctcolor.training.data import LabelledCT, load_real_case
 from napari_ctcolor.training.evaluate import class_metrics, colour_metrics, tissue_metrics
@@ -91,11 +92,19 @@ def assert_figures(got: dict, expected: dict, tol: float) -> None:
         assert (mine is None) == (value is None) and (value is None or mine == pytest.approx(value, abs=tol)), key
 
 
+def share_tolerance() -> float:
+    """How far a share of voxels (a hue share, a structure named right) may move from a card computed in float32:
+    0.01 where `ctcolor colorize` runs in float32 too (another CPU's rounding), 0.02 where it runs in bfloat16."""
+    return 0.02 if cpu_bf16() else 0.01
+
+
 @pytest.mark.parametrize("model_file,case_name", held_out_rows())
 def test_held_out_patient_through_the_cli_matches_the_model_card(tmp_path, model_file, case_name):
-    """The card's figures were computed in float32 on another CPU; the CLI may run bfloat16 here. Hue shares within
-    0.01 and dE00 within 0.05 allow that scatter (a class flips only where two were nearly equally probable); 0.002
-    for the share of absent structures named."""
+    """The card's figures were computed in float32 on another CPU; the CLI may run bfloat16 here (`cpu_bf16`). A class
+    flips only where two were nearly equally probable, so shares scatter a little: in float32 on another Intel CPU
+    they matched the card to the third decimal; bfloat16 on a Xeon with AMX moved the DICOM row's vessel hue and aorta
+    name by 0.010 and 0.009 (2026-11-25). Shares within `share_tolerance`, dE00 within 0.05, the share of absent
+    structures named within 0.002."""
     shipped = json.loads((WEIGHTS / "colorizer-2d.json").read_text())
     path = WEIGHTS / model_file
     net, card = load_colorizer(str(path))  # checks the file against its own card's sha256
@@ -110,10 +119,11 @@ def test_held_out_patient_through_the_cli_matches_the_model_card(tmp_path, model
     classes = class_metrics(case, labels, net.config.classes)
     tissues = tissue_metrics(case.ct, labels, net.config.classes, render)
     print(json.dumps([got, classes, tissues]))
-    assert_figures(classes["right_or_tissue"], card_case["classes"]["right_or_tissue"], 0.01)
+    share_tol = share_tolerance()
+    assert_figures(classes["right_or_tissue"], card_case["classes"]["right_or_tissue"], share_tol)
     assert classes["absent_named"] == pytest.approx(card_case["classes"]["absent_named"], abs=0.002)
     assert classes["flicker"] == pytest.approx(card_case["classes"]["flicker"], abs=0.01)
-    assert_figures(tissues, card_case["tissues"], 0.01)
+    assert_figures(tissues, card_case["tissues"], share_tol)
     # Bone and lung keep their colour families on a patient the model never saw (the DICOM slab holds no lung).
     assert tissues["lung_hue"] is None or tissues["lung_hue"] >= 0.9
     assert tissues["bone_ivory"] is None or tissues["bone_ivory"] >= BONE_IVORY_MIN
@@ -121,7 +131,7 @@ def test_held_out_patient_through_the_cli_matches_the_model_card(tmp_path, model
     assert_grey_outside_the_body(case.ct, render("bone", "anatomical"))
     for palette in ("dicom", "anatomical"):
         mine, theirs = got[palette], card_case[palette]
-        assert_figures(mine["hue_within_25deg"], theirs["hue_within_25deg"], 0.01)
+        assert_figures(mine["hue_within_25deg"], theirs["hue_within_25deg"], share_tol)
         assert mine["dE00_mean"] == pytest.approx(theirs["dE00_mean"], abs=0.05)
         # No chroma in air, in every window; the luminance contract.
         assert mine["air_max_chroma"] <= 2.0 and mine["max_abs_dL"] <= LUMINANCE_BOUND
@@ -129,7 +139,8 @@ def test_held_out_patient_through_the_cli_matches_the_model_card(tmp_path, model
 
 def test_held_out_chest_ct_through_the_cli_matches_the_model_card(tmp_path):
     """The chest CT no model was trained on (lung1, contrast, 5 mm): bone ivory, lung and fat hues and organs named
-    above the diaphragm, recomputed from `ctcolor colorize` with the shipped model, within 0.01 of its card."""
+    above the diaphragm, recomputed from `ctcolor colorize` with the shipped model, within `share_tolerance` of its
+    card."""
     net, card = load_colorizer("colorizer-2d")
     (row,) = card["metrics"]["tissue_val"]["cases"]
     assert row["case"] + ".nrrd" in card["training"]["config"]["tissue_val"]
@@ -139,7 +150,7 @@ def test_held_out_chest_ct_through_the_cli_matches_the_model_card(tmp_path):
     render("lung", "anatomical")  # the first run writes the class map
     tissues = tissue_metrics(read_volume(source), cli_classes(tmp_path, net.config.classes), net.config.classes, render)
     print(json.dumps(tissues))
-    assert_figures(tissues, row["tissues"], 0.01)
+    assert_figures(tissues, row["tissues"], share_tolerance())
     assert tissues["bone_ivory"] >= BONE_IVORY_MIN and tissues["lung_hue"] >= 0.9
     assert tissues["abdominal_above_diaphragm"] < 0.02
 
