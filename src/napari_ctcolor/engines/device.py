@@ -55,8 +55,9 @@ def cpu_bf16() -> bool:
     Measured, 2 threads, same run each (BENCHMARKS.md): on an AMD EPYC with AVX512-BF16, bf16 made the colorizer 2.3x
     faster. On an Intel Xeon (Emerald Rapids, AMX not exposed to the virtual machine) with AVX512-BF16, it made
     things slower: the CT registration network 0.70 s against 0.49 s on a 3 mm pair, colorizer-3d 8.65 against 9.46
-    slices/s, a 32-channel 3D convolution 46-50 against 29-34 ms (why is not established). With AMX, never measured
-    here, bf16 stays on as before: AMX is the matrix unit that oneDNN's bf16 kernels are built for.
+    slices/s, a 32-channel 3D convolution 46-50 against 29-34 ms (why is not established). On an Intel Xeon with AMX
+    (family 6, model 167 as its virtual machine reports it), bf16 was faster: colorizer-2d 92.5 against 76.0
+    slices/s at 512², colorizer-3d 16.2 against 11.3 (`ctcolor bench --only colorize`, one run, 2026-11-25).
     """
     override = os.environ.get(CPU_BF16_ENV, "auto").strip().lower()
     if override == "0":
