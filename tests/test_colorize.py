@@ -341,15 +341,19 @@ def _inner_mask(mask: np.ndarray) -> np.ndarray:
 
 
 def test_class_at_and_most_probable_follow_the_network_grid(ct, chroma):
-    # At or below 200 HU the HU weights are all 1: the network pixel's most probable class.
-    assert ct.array[3, 200, 301] <= 200
-    name, probability = chroma.class_at(3, 200, 301, float(ct.array[3, 200, 301]))
+    # At or below the plain tissue's fade start (110 HU) the HU weights are all 1: the network pixel's most probable
+    # class. Voxel (3, y, x) is one such in network pixel (50, 75) (factor 4, no padding at 512²).
+    from napari_ctcolor.engines.colorize import _PLAIN_FADE_HU
+
+    dy, dx = np.argwhere(ct.array[3, 200:204, 300:304] <= _PLAIN_FADE_HU[0])[0]
+    y, x = 200 + int(dy), 300 + int(dx)
+    name, probability = chroma.class_at(3, y, x, float(ct.array[3, y, x]))
     assert name == CLASSES[int(chroma.top[3, 0, 50, 75])] and probability == chroma.prob[3, 0, 50, 75].item() / 255
     labels = chroma.most_probable(ct.array)
     assert labels.shape == ct.shape and labels.dtype == np.uint8
     expected = chroma.top[3, 0, 50, 75].item() + 1
-    assert labels[3, 200, 301] == (0 if CLASSES[expected - 1] == "air" else expected)
-    soft = ct.array <= 200
+    assert labels[3, y, x] == (0 if CLASSES[expected - 1] == "air" else expected)
+    soft = ct.array <= _PLAIN_FADE_HU[0]
     rows, cols = torch.arange(ct.shape[1]) // 4, torch.arange(ct.shape[2]) // 4  # no padding at 512²
     labels_by_pixel = chroma.top[:, 0].index_select(1, rows).index_select(2, cols)
     labels_by_pixel = (labels_by_pixel.numpy() + 1) * (labels_by_pixel.numpy() != CLASSES.index("air"))
@@ -470,7 +474,7 @@ def test_rgb_dicom_keeps_patient_and_study_only_when_asked(colour, tmp_path):
 def test_a_dense_voxel_takes_the_bone_colour_of_a_pixel_it_shares_with_muscle(fused):
     # One network pixel class mix everywhere: 30 % bone, 70 % soft tissue, as on a thin rib at 3.5 mm. Voxels at
     # 700 HU (cortex) must show the bone's palette colour, voxels at 40 HU keep the network's mix exactly (all group
-    # weights are 1 at or below 200 HU).
+    # weights are 1 at or below 110 HU).
     shape = (2, 32, 32)
     top = torch.zeros((2, TOP_K, 8, 8), dtype=torch.uint8)
     mix = ["bone", "soft_tissue", "aorta", "fat"]
@@ -502,6 +506,29 @@ def test_a_dense_voxel_takes_the_bone_colour_of_a_pixel_it_shares_with_muscle(fu
     assert (labels[:, :, 12:20] == CLASSES.index("bone") + 1).all()
     assert (labels[:, :, :12] == CLASSES.index("soft_tissue") + 1).all()
     assert chroma.class_at(0, 5, 14, 700.0)[0] == "bone" and chroma.class_at(0, 5, 5, 40.0)[0] == "soft_tissue"
+
+
+@pytest.mark.parametrize("other", ["soft_tissue", "kidney"])
+def test_a_voxel_denser_than_muscle_is_the_bone_of_its_pixel_not_the_muscle_but_an_organ_keeps_it(other):
+    # A pixel 40 % vertebra, 60 % something else, as at a vertebral body's rim at 3.5 mm. A 180 HU voxel there is the
+    # vertebra's cancellous bone when the other is muscle (skeletal muscle stays below about 100 HU, enhanced or not:
+    # its weight is (210 - 180) / 100 = 0.3, so 0.6 x 0.3 < 0.4), but stays the organ's when the other is a kidney,
+    # whose enhancing cortex reaches 150-250 HU (an organ's weight is 1 up to 200 HU). At 90 HU both keep the
+    # network's most probable class.
+    classes = (*CLASSES, "vertebrae_lumbar", "kidney")
+    top = torch.zeros((1, TOP_K, 4, 4), dtype=torch.uint8)
+    mix = ["vertebrae_lumbar", other, "aorta", "fat"]
+    top[:] = torch.tensor([classes.index(n) for n in mix], dtype=torch.uint8).view(1, -1, 1, 1)
+    prob = torch.zeros_like(top)
+    prob[:, 0], prob[:, 1] = 102, 153
+    chroma = Chroma(top, prob, classes, 4, ((0, 0), (0, 0)), "handmade")
+    hu = np.full((1, 16, 16), 90, dtype=np.int16)
+    hu[:, :, 8:] = 180
+    labels = chroma.most_probable(hu)
+    dense_name = "vertebrae_lumbar" if other == "soft_tissue" else other
+    assert (labels[:, :, 8:] == classes.index(dense_name) + 1).all()
+    assert (labels[:, :, :8] == classes.index(other) + 1).all()
+    assert chroma.class_at(0, 3, 12, 180.0)[0] == dense_name and chroma.class_at(0, 3, 3, 90.0)[0] == other
 
 
 def test_a_plane_composed_alone_equals_that_plane_of_the_whole_volume(ct, model):

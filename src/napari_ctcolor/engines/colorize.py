@@ -99,8 +99,8 @@ class Chroma:
         return (ab * prob[..., None]).sum(dim=1).movedim(-1, 1)
 
     def ab_groups(self, palette: Palette, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """(n, 3, 3, h, w) float32: for each of the `HU_GROUPS` (bone, blood, other), the probability-weighted a*, b*
-        of its kept classes and its probability (a*·p, b*·p, p); summed over the groups, (a*, b*) is `ab`."""
+        """(n, 4, 3, h, w) float32: for each of the `HU_GROUPS` (bone, blood, organ, plain), the probability-weighted
+        a*, b* of its kept classes and its probability (a*·p, b*·p, p); summed over the groups, (a*, b*) is `ab`."""
         table = _class_table(palette, self.classes)
         prob = self.prob[start:stop].float()
         prob = prob / prob.sum(dim=1, keepdim=True).clamp_min(1.0)
@@ -130,7 +130,8 @@ class Chroma:
 
         Most probable given the voxel's HU: the kept classes of its network pixel re-weighted by the `HU_GROUPS`
         weights of its HU, as the composition colours it, so that a thin rib's cortex in a pixel the network mostly
-        called muscle is named bone. Below 200 HU every weight is 1 and it is the pixel's most probable class.
+        called muscle is named bone. At or below `_PLAIN_FADE_HU`'s start every weight is 1: the pixel's most probable
+        class.
         """
         rows, cols = self.network_pixel(torch.arange(hu.shape[1]), torch.arange(hu.shape[2]))
         group_of = _hu_group_of(self.classes)
@@ -184,9 +185,9 @@ def _class_table(palette: Palette, classes: tuple[str, ...]) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=16)
 def _hu_group_of(classes: tuple[str, ...]) -> torch.Tensor:
-    """(K,) index into `HU_GROUPS` of each class, by its tissue family (`anatomy.family`)."""
+    """(K,) index into `HU_GROUPS` of each class: by its tissue family (`anatomy.family`), plain tissue by name."""
     group = {"bone": 0, "contrast_blood": 1}
-    return torch.tensor([group.get(_anatomy.family(name), 2) for name in classes])
+    return torch.tensor([3 if name.startswith(_PLAIN) else group.get(_anatomy.family(name), 2) for name in classes])
 
 
 #: Slices per chunk of `Chroma.most_probable` (its full-resolution class and probability temporaries).
@@ -209,23 +210,29 @@ AIR_HU, _AIR_FADE_HU = -900.0, 20.0
 #: vertebra's rim with the vessel beside it; its colour lands between them (thin bone came out salmon, not ivory).
 #: Each voxel therefore re-weights its network pixels' classes by whether its own HU fits their group: bone at any
 #: HU; contrast-filled blood up to `_BLOOD_FADE_HU` (an arterial CTA lumen reaches 300-500 HU, cortical bone
-#: 500-1500); everything else (soft tissue, organs, fat, lung, air) up to `_SOFT_FADE_HU`. The weight falls linearly
-#: from the first HU to `_GROUP_FLOOR` at the second; a voxel that fits none of its pixels' groups keeps their mix.
-#: At or below `_SOFT_FADE_HU[0]` every weight is 1: the network's mix is kept exactly (an osteoporotic vertebra's
-#: cancellous bone or an enhancing kidney beside a rib keep the colour the network gave them).
-HU_GROUPS = ("bone", "blood", "other")
+#: 500-1500); organs (liver, spleen, kidney, bowel, ...: an enhancing kidney cortex reaches 150-250 HU) up to
+#: `_SOFT_FADE_HU`; plain tissue (`_PLAIN`: muscle, fat, soft tissue, spinal cord, lung, air) up to `_PLAIN_FADE_HU`:
+#: skeletal muscle is 40-60 HU and about 80 enhanced, so a 150 HU voxel in a pixel of vertebra and psoas is the
+#: vertebra's cancellous bone. The weight falls linearly from the first HU to `_GROUP_FLOOR` at the second; a voxel
+#: that fits none of its pixels' groups keeps their mix. At or below `_PLAIN_FADE_HU[0]` every weight is 1: the
+#: network's mix is kept exactly (an osteoporotic vertebra's marrow or an enhancing kidney beside a rib keep the
+#: colour the network gave them).
+HU_GROUPS = ("bone", "blood", "organ", "plain")
+_PLAIN = ("air", "lung", "fat", "soft_tissue", "spinal_cord", "autochthon", "iliopsoas", "gluteus_")
+_PLAIN_FADE_HU = (110.0, 210.0)
 _SOFT_FADE_HU = (200.0, 300.0)
 _BLOOD_FADE_HU = (400.0, 600.0)
 _GROUP_FLOOR = 1e-3
 
 
 def hu_group_weights(hu: torch.Tensor) -> torch.Tensor:
-    """(..., 3) weights of the `HU_GROUPS` for voxels of HU ``hu`` (...)."""
+    """(..., 4) weights of the `HU_GROUPS` for voxels of HU ``hu`` (...)."""
 
     def falling(low: float, high: float) -> torch.Tensor:
         return ((high - hu) / (high - low)).clamp(0.0, 1.0) * (1.0 - _GROUP_FLOOR) + _GROUP_FLOOR
 
-    return torch.stack((torch.ones_like(hu), falling(*_BLOOD_FADE_HU), falling(*_SOFT_FADE_HU)), dim=-1)
+    fits = (torch.ones_like(hu), falling(*_BLOOD_FADE_HU), falling(*_SOFT_FADE_HU), falling(*_PLAIN_FADE_HU))
+    return torch.stack(fits, dim=-1)
 
 
 def _compact(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,7 +310,7 @@ def guided_upsample(
         ab: (n, 2, h, w) a*, b* at the network's resolution.
         guide: (n, h * factor, w * factor) HU at full resolution (padded as the network's input was).
         factor: in-plane reduction factor of the network.
-        groups: optional (n, 3, 3, h, w) `Chroma.ab_groups` of the same pixels (``ab`` is their sum).
+        groups: optional (n, 4, 3, h, w) `Chroma.ab_groups` of the same pixels (``ab`` is their sum).
 
     Returns:
         (n, 2, h * factor, w * factor) a*, b*.
@@ -392,7 +399,7 @@ def _upsample_compose_cpu(
         hu.numpy(),
         ab_pad,
         groups_pad,
-        (*_SOFT_FADE_HU, *_BLOOD_FADE_HU, _GROUP_FLOOR),
+        (*_PLAIN_FADE_HU, *_SOFT_FADE_HU, *_BLOOD_FADE_HU, _GROUP_FLOOR),
         F.pad(guide_low, (1, 1, 1, 1), mode="replicate")[:, 0].numpy(),
         spatial.numpy(),
         (top, left),

@@ -8,9 +8,9 @@ those passes cost more than the network. This kernel computes, for each CT voxel
 1. the window's grey, its f(Y) and Y from `compose_rgb`'s tables; black, white and air carry no colour (in an
    abdomen window most of a slice: the air around the body, lung, bone), and skip step 2;
 2. a*, b* from the 3 x 3 network pixels around it, weighted by distance and by HU likeness (`guided_upsample`,
-   the likeness from a table instead of an exp); above 200 HU each pixel's bone, blood and other classes are
-   re-weighted by the voxel's HU (`colorize.HU_GROUPS`); faded to none in air (`AIR_HU`) and scaled by the chroma
-   strength;
+   the likeness from a table instead of an exp); above 110 HU each pixel's bone, blood, organ and plain tissue
+   classes are re-weighted by the voxel's HU (`colorize.HU_GROUPS`); faded to none in air (`AIR_HU`) and scaled
+   by the chroma strength;
 3. (L*, a*, b*) to linear RGB; out of gamut: chroma scaled to the first exit along the hue (the Cmax table,
    bilinear), then desaturated towards grey at constant Y (`compose_rgb`'s algorithm);
 4. the sRGB code from the 65536-entry table.
@@ -104,13 +104,19 @@ def _grey_codes(tables):
     return out
 
 
+@numba.njit(inline="always", cache=True)
+def _mix(gp, s, c, ny, nx, w, wb, wo, wp):
+    """Term c (0: a*·p, 1: b*·p, 2: p) of a pixel's four HU groups, each weighted by its fit."""
+    return gp[s, c, ny, nx] * w + gp[s, 3 + c, ny, nx] * wb + gp[s, 6 + c, ny, nx] * wo + gp[s, 9 + c, ny, nx] * wp
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _kernel(
     hu, ab_pad, gp, fades, guide_pad, spatial, offset, factor, likeness, clip, air, window, strength, tables,
     grey, out,
 ):  # fmt: skip
     levels = tables[5]
-    soft_low, soft_high, blood_low, blood_high, floor = fades  # gp: the groups_pad of `upsample_compose`
+    plain_low, plain_high, soft_low, soft_high, blood_low, blood_high, floor = fades  # gp: groups_pad
     n, height, width = hu.shape
     top, left = offset
     air_hu, air_fade = air
@@ -143,13 +149,15 @@ def _kernel(
             total_a = np.float32(0.0)
             total_b = np.float32(0.0)
             weight_sum = np.float32(0.0)
-            dense = h > soft_low  # the HU groups' weights (bone 1, blood, other), all 1 at or below soft_low
-            fit_blood = fit_other = np.float32(1.0)
+            dense = h > plain_low  # the HU groups' weights (bone 1, blood, organ, plain), all 1 up to plain_low
+            fit_blood = fit_other = fit_plain = np.float32(1.0)
             if dense:
                 fit_blood = min(max((blood_high - h) / (blood_high - blood_low), np.float32(0.0)), np.float32(1.0))
                 fit_blood = fit_blood * (np.float32(1.0) - floor) + floor
                 fit_other = min(max((soft_high - h) / (soft_high - soft_low), np.float32(0.0)), np.float32(1.0))
                 fit_other = fit_other * (np.float32(1.0) - floor) + floor
+                fit_plain = min(max((plain_high - h) / (plain_high - plain_low), np.float32(0.0)), np.float32(1.0))
+                fit_plain = fit_plain * (np.float32(1.0) - floor) + floor
             for dx in range(3):
                 sx = spatial[dx, ix]
                 for dy in range(3):
@@ -159,11 +167,11 @@ def _kernel(
                     like = likeness[k] + (d - np.float32(k)) * slope[k]
                     w = (like + np.float32(1e-4)) * sw
                     ny, nx = by + dy, bx + dx
-                    if dense:  # (a*·p, b*·p, p) of the bone, blood and other groups as they fit the voxel's HU
-                        wb, wo = w * fit_blood, w * fit_other
-                        total_a += gp[s, 0, ny, nx] * w + gp[s, 3, ny, nx] * wb + gp[s, 6, ny, nx] * wo
-                        total_b += gp[s, 1, ny, nx] * w + gp[s, 4, ny, nx] * wb + gp[s, 7, ny, nx] * wo
-                        weight_sum += gp[s, 2, ny, nx] * w + gp[s, 5, ny, nx] * wb + gp[s, 8, ny, nx] * wo
+                    if dense:  # (a*·p, b*·p, p) of the bone, blood, organ and plain groups as they fit the HU
+                        wb, wo, wp = w * fit_blood, w * fit_other, w * fit_plain
+                        total_a += _mix(gp, s, 0, ny, nx, w, wb, wo, wp)
+                        total_b += _mix(gp, s, 1, ny, nx, w, wb, wo, wp)
+                        weight_sum += _mix(gp, s, 2, ny, nx, w, wb, wo, wp)
                     else:
                         total_a += ab_pad[s, 0, ny, nx] * w
                         total_b += ab_pad[s, 1, ny, nx] * w
@@ -215,7 +223,7 @@ def upsample_compose(
     hu: np.ndarray,
     ab_pad: np.ndarray,
     groups_pad: np.ndarray,
-    fades: tuple[float, float, float, float, float],
+    fades: tuple[float, float, float, float, float, float, float],
     guide_pad: np.ndarray,
     spatial: np.ndarray,
     offset: tuple[int, int],
@@ -233,10 +241,10 @@ def upsample_compose(
     Args:
         hu: (n, Y, X) float32 HU.
         ab_pad: (n, 2, h + 2, w + 2) float32 a*, b* at the network's resolution, edge-padded by one pixel.
-        groups_pad: (n, 9, h + 2, w + 2) float32 (a*·p, b*·p, p) of the bone, blood and other classes of each pixel
-            (`colorize.Chroma.ab_groups`), edge-padded the same way; ``ab_pad`` is their sum.
-        fades: (soft low, soft high, blood low, blood high, floor): the HU over which the other and the blood
-            groups' weights fall from 1 to the floor (`colorize.HU_GROUPS`); bone keeps weight 1.
+        groups_pad: (n, 12, h + 2, w + 2) float32 (a*·p, b*·p, p) of the bone, blood, organ and plain classes of
+            each pixel (`colorize.Chroma.ab_groups`), edge-padded the same way; ``ab_pad`` is their sum.
+        fades: (plain low, plain high, organ low, organ high, blood low, blood high, floor): the HU over which the
+            plain, organ and blood groups' weights fall from 1 to the floor (`colorize.HU_GROUPS`); bone keeps 1.
         guide_pad: (n, h + 2, w + 2) float32 mean clipped HU of each network pixel, edge-padded by one pixel.
         spatial: (3, factor) float32 distance weights of the neighbours -1, 0, +1 for each position in a pixel.
         offset: (top, left) full-resolution padding before the network (voxel (y, x) is (y + top, x + left) there).
@@ -277,7 +285,7 @@ def class_terms(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`upsample_compose`'s network-resolution inputs from the kept classes, edge-padded by one pixel, in one pass:
     ``ab_pad`` (n, 2, h + 2, w + 2), the probability-weighted a*, b* (`colorize.Chroma.ab`), and ``groups_pad``
-    (n, 9, h + 2, w + 2), the (a*·p, b*·p, p) of each HU group (`colorize.Chroma.ab_groups`). In torch the same
+    (n, 12, h + 2, w + 2), the (a*·p, b*·p, p) of each HU group (`colorize.Chroma.ab_groups`). In torch the same
     took several passes over (n, k, 3, h, w) temporaries, 4x as long (8 slices of 128², measured).
 
     Args:
@@ -288,7 +296,7 @@ def class_terms(
     use_threads(threads)
     n, _, height, width = top.shape
     ab_pad = np.empty((n, 2, height + 2, width + 2), dtype=np.float32)
-    groups_pad = np.empty((n, 9, height + 2, width + 2), dtype=np.float32)
+    groups_pad = np.empty((n, 12, height + 2, width + 2), dtype=np.float32)
     _class_terms(top, prob, np.ascontiguousarray(table, dtype=np.float32), group_of, ab_pad, groups_pad)
     return ab_pad, groups_pad
 
@@ -305,7 +313,7 @@ def _class_terms(top, prob, table, group_of, ab_pad, groups_pad):
             for j in range(k):
                 total += np.float32(prob[s, j, y, x])
             scale = np.float32(1.0) / max(total, np.float32(1.0))
-            for c in range(9):
+            for c in range(12):
                 groups_pad[s, c, py, px] = 0.0
             ab_pad[s, 0, py, px] = 0.0
             ab_pad[s, 1, py, px] = 0.0
