@@ -19,6 +19,7 @@ from napari_ctcolor.color import compose_rgb, grey_to_lightness, load_palette, s
 from napari_ctcolor.engines import Cancelled
 from napari_ctcolor.engines.colorize import (
     _COMPOSE_CHUNK,
+    _PLAIN_FADE_HU,
     _ROI_3D,
     TOP_K,
     Chroma,
@@ -343,8 +344,6 @@ def _inner_mask(mask: np.ndarray) -> np.ndarray:
 def test_class_at_and_most_probable_follow_the_network_grid(ct, chroma):
     # At or below the plain tissue's fade start (110 HU) the HU weights are all 1: the network pixel's most probable
     # class. Voxel (3, y, x) is one such in network pixel (50, 75) (factor 4, no padding at 512²).
-    from napari_ctcolor.engines.colorize import _PLAIN_FADE_HU
-
     dy, dx = np.argwhere(ct.array[3, 200:204, 300:304] <= _PLAIN_FADE_HU[0])[0]
     y, x = 200 + int(dy), 300 + int(dx)
     name, probability = chroma.class_at(3, y, x, float(ct.array[3, y, x]))

@@ -211,7 +211,7 @@ AIR_HU, _AIR_FADE_HU = -900.0, 20.0
 #: Each voxel therefore re-weights its network pixels' classes by whether its own HU fits their group: bone at any
 #: HU; contrast-filled blood up to `_BLOOD_FADE_HU` (an arterial CTA lumen reaches 300-500 HU, cortical bone
 #: 500-1500); organs (liver, spleen, kidney, bowel, ...: an enhancing kidney cortex reaches 150-250 HU) up to
-#: `_SOFT_FADE_HU`; plain tissue (`_PLAIN`: muscle, fat, soft tissue, spinal cord, lung, air) up to `_PLAIN_FADE_HU`:
+#: `_ORGAN_FADE_HU`; plain tissue (`_PLAIN`: muscle, fat, soft tissue, spinal cord, lung, air) up to `_PLAIN_FADE_HU`:
 #: skeletal muscle is 40-60 HU and about 80 enhanced, so a 150 HU voxel in a pixel of vertebra and psoas is the
 #: vertebra's cancellous bone. The weight falls linearly from the first HU to `_GROUP_FLOOR` at the second; a voxel
 #: that fits none of its pixels' groups keeps their mix. At or below `_PLAIN_FADE_HU[0]` every weight is 1: the
@@ -220,7 +220,7 @@ AIR_HU, _AIR_FADE_HU = -900.0, 20.0
 HU_GROUPS = ("bone", "blood", "organ", "plain")
 _PLAIN = ("air", "lung", "fat", "soft_tissue", "spinal_cord", "autochthon", "iliopsoas", "gluteus_")
 _PLAIN_FADE_HU = (110.0, 210.0)
-_SOFT_FADE_HU = (200.0, 300.0)
+_ORGAN_FADE_HU = (200.0, 300.0)
 _BLOOD_FADE_HU = (400.0, 600.0)
 _GROUP_FLOOR = 1e-3
 
@@ -231,7 +231,7 @@ def hu_group_weights(hu: torch.Tensor) -> torch.Tensor:
     def falling(low: float, high: float) -> torch.Tensor:
         return ((high - hu) / (high - low)).clamp(0.0, 1.0) * (1.0 - _GROUP_FLOOR) + _GROUP_FLOOR
 
-    fits = (torch.ones_like(hu), falling(*_BLOOD_FADE_HU), falling(*_SOFT_FADE_HU), falling(*_PLAIN_FADE_HU))
+    fits = (torch.ones_like(hu), falling(*_BLOOD_FADE_HU), falling(*_ORGAN_FADE_HU), falling(*_PLAIN_FADE_HU))
     return torch.stack(fits, dim=-1)
 
 
@@ -399,7 +399,7 @@ def _upsample_compose_cpu(
         hu.numpy(),
         ab_pad,
         groups_pad,
-        (*_PLAIN_FADE_HU, *_SOFT_FADE_HU, *_BLOOD_FADE_HU, _GROUP_FLOOR),
+        (*_PLAIN_FADE_HU, *_ORGAN_FADE_HU, *_BLOOD_FADE_HU, _GROUP_FLOOR),
         F.pad(guide_low, (1, 1, 1, 1), mode="replicate")[:, 0].numpy(),
         spatial.numpy(),
         (top, left),

@@ -116,7 +116,7 @@ def _kernel(
     grey, out,
 ):  # fmt: skip
     levels = tables[5]
-    plain_low, plain_high, soft_low, soft_high, blood_low, blood_high, floor = fades  # gp: groups_pad
+    plain_low, plain_high, organ_low, organ_high, blood_low, blood_high, floor = fades  # gp: groups_pad
     n, height, width = hu.shape
     top, left = offset
     air_hu, air_fade = air
@@ -150,12 +150,12 @@ def _kernel(
             total_b = np.float32(0.0)
             weight_sum = np.float32(0.0)
             dense = h > plain_low  # the HU groups' weights (bone 1, blood, organ, plain), all 1 up to plain_low
-            fit_blood = fit_other = fit_plain = np.float32(1.0)
+            fit_blood = fit_organ = fit_plain = np.float32(1.0)
             if dense:
                 fit_blood = min(max((blood_high - h) / (blood_high - blood_low), np.float32(0.0)), np.float32(1.0))
                 fit_blood = fit_blood * (np.float32(1.0) - floor) + floor
-                fit_other = min(max((soft_high - h) / (soft_high - soft_low), np.float32(0.0)), np.float32(1.0))
-                fit_other = fit_other * (np.float32(1.0) - floor) + floor
+                fit_organ = min(max((organ_high - h) / (organ_high - organ_low), np.float32(0.0)), np.float32(1.0))
+                fit_organ = fit_organ * (np.float32(1.0) - floor) + floor
                 fit_plain = min(max((plain_high - h) / (plain_high - plain_low), np.float32(0.0)), np.float32(1.0))
                 fit_plain = fit_plain * (np.float32(1.0) - floor) + floor
             for dx in range(3):
@@ -168,7 +168,7 @@ def _kernel(
                     w = (like + np.float32(1e-4)) * sw
                     ny, nx = by + dy, bx + dx
                     if dense:  # (a*·p, b*·p, p) of the bone, blood, organ and plain groups as they fit the HU
-                        wb, wo, wp = w * fit_blood, w * fit_other, w * fit_plain
+                        wb, wo, wp = w * fit_blood, w * fit_organ, w * fit_plain
                         total_a += _mix(gp, s, 0, ny, nx, w, wb, wo, wp)
                         total_b += _mix(gp, s, 1, ny, nx, w, wb, wo, wp)
                         weight_sum += _mix(gp, s, 2, ny, nx, w, wb, wo, wp)
