@@ -105,6 +105,12 @@ def _grey_codes(tables):
 
 
 @numba.njit(inline="always", cache=True)
+def _fit(h, low, high, floor):
+    """A group's weight at HU h: 1 up to ``low``, falling linearly to ``floor`` at ``high`` (`hu_group_weights`)."""
+    return min(max((high - h) / (high - low), np.float32(0.0)), np.float32(1.0)) * (np.float32(1.0) - floor) + floor
+
+
+@numba.njit(inline="always", cache=True)
 def _mix(gp, s, c, ny, nx, w, wb, wo, wp):
     """Term c (0: a*·p, 1: b*·p, 2: p) of a pixel's four HU groups, each weighted by its fit."""
     return gp[s, c, ny, nx] * w + gp[s, 3 + c, ny, nx] * wb + gp[s, 6 + c, ny, nx] * wo + gp[s, 9 + c, ny, nx] * wp
@@ -152,12 +158,9 @@ def _kernel(
             dense = h > plain_low  # the HU groups' weights (bone 1, blood, organ, plain), all 1 up to plain_low
             fit_blood = fit_organ = fit_plain = np.float32(1.0)
             if dense:
-                fit_blood = min(max((blood_high - h) / (blood_high - blood_low), np.float32(0.0)), np.float32(1.0))
-                fit_blood = fit_blood * (np.float32(1.0) - floor) + floor
-                fit_organ = min(max((organ_high - h) / (organ_high - organ_low), np.float32(0.0)), np.float32(1.0))
-                fit_organ = fit_organ * (np.float32(1.0) - floor) + floor
-                fit_plain = min(max((plain_high - h) / (plain_high - plain_low), np.float32(0.0)), np.float32(1.0))
-                fit_plain = fit_plain * (np.float32(1.0) - floor) + floor
+                fit_blood = _fit(h, blood_low, blood_high, floor)
+                fit_organ = _fit(h, organ_low, organ_high, floor)
+                fit_plain = _fit(h, plain_low, plain_high, floor)
             for dx in range(3):
                 sx = spatial[dx, ix]
                 for dy in range(3):
