@@ -7,6 +7,9 @@ untrained network predicts arbitrary a*, b*, which exercises the gamut mapping a
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pydicom
@@ -174,6 +177,27 @@ def test_cpu_runs_are_byte_identical_and_colorize_equals_predict_then_compose(ct
     # agree only within batch.SAME_AS_SINGLE).
     again = colorize(ct, model, WINDOW, device="cpu")
     assert again.rgb.tobytes() == colour.rgb.tobytes()
+
+
+_THREADS_AFTER_COLORIZE = """
+import torch
+torch.set_num_threads(1)
+from napari_ctcolor.engines.colorize import colorize
+from napari_ctcolor.phantom import make_phantom
+colorize(make_phantom(shape=(6, 96, 96), spacing=(3.0, 3.6, 3.6)).volume, device="cpu")
+print(torch.get_num_threads())
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: numba's pool has one thread, nothing to change")
+def test_a_colorize_leaves_torch_on_the_thread_count_the_process_chose():
+    # A fresh process: numba's OpenMP pool starts with the first kernel and once set the OpenMP count that torch reads
+    # to every core, so a process on 1 torch thread (a Dask batch worker, OMP_NUM_THREADS=1) ran its later networks
+    # on 2 threads and its first colorize differed from the next in the last bits.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _THREADS_AFTER_COLORIZE], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1"]
 
 
 def test_progress_reaches_total_and_cancel_raises(ct, model):
