@@ -32,11 +32,14 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests examples
 	$(VENV)/bin/npe2 validate napari-ctcolor
 
-# The whole suite on 2 torch threads, then the tests that compare runs or official outputs (marker `numeric`) again on
-# 1: a CPU's floats depend on the thread count, and every claim must hold on both (tests/conftest.py).
+# The whole suite in TEST_WORKERS pytest-xdist processes of 1 torch thread each (the 2 cores busy, not oversubscribed;
+# worksteal hands a free worker the tests another has not begun), then the tests that compare runs or official outputs
+# (marker `numeric`) again in one process on 2 threads: a CPU's floats depend on the thread count, and every claim
+# must hold on both (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: lint
-	CTCOLOR_TEST_THREADS=2 xvfb-run -a $(PY) -m pytest
-	CTCOLOR_TEST_THREADS=1 xvfb-run -a $(PY) -m pytest -m numeric
+	CTCOLOR_TEST_THREADS=1 xvfb-run -a $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
+	CTCOLOR_TEST_THREADS=2 xvfb-run -a $(PY) -m pytest -m numeric
 
 demo: setup
 	$(PY) examples/demo.py --out demo-out

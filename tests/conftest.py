@@ -2,9 +2,10 @@
 tolerances within which two runs of the same computation agree.
 
 ``CTCOLOR_TEST_THREADS=N`` runs the suite, and every ``ctcolor`` process it starts, on N torch threads (`make test`
-runs it with 2, then the `numeric` tests again with 1). A CPU's float results depend on the thread count, so a test
-that compares two runs (two processes, a worker and the command, the engine and a front end) asserts a stated
-tolerance, never bit equality; a test run twice on the same thread count gives the same result bit for bit.
+runs it with 1 in two pytest-xdist workers, then the `numeric` tests again with 2). A CPU's float results depend on
+the thread count, so a test that compares two runs (two processes, a worker and the command, the engine and a front
+end) asserts a stated tolerance, never bit equality; a test run twice on the same thread count gives the same result
+bit for bit.
 """
 
 from __future__ import annotations
