@@ -441,7 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure colorize and register speed and memory, with the peers in the same run",
         description="Prints a markdown table (median (min..max) over repeats) with the machine and commit.",
     )
-    bench.add_argument("--quick", action="store_true", help="smoke run: tiny volumes, few repeats (under a minute)")
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny volumes, few repeats, every section (about 2.5 minutes on 2 cores)",
+    )
     bench.add_argument("--json", metavar="OUT", help="write the machine description and all rows as JSON")
     bench.add_argument("--markdown", metavar="OUT", help="write a dated BENCHMARKS.md-style section")
     bench.add_argument(
