@@ -195,7 +195,8 @@ def test_a_colorize_leaves_torch_on_the_thread_count_the_process_chose():
     # to every core, so a process on 1 torch thread (a Dask batch worker, OMP_NUM_THREADS=1) ran its later networks
     # on 2 threads and its first colorize differed from the next in the last bits.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _THREADS_AFTER_COLORIZE], capture_output=True, text=True, env=env)
+    command = [sys.executable, "-c", _THREADS_AFTER_COLORIZE]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1"]
 
