@@ -27,6 +27,7 @@ from napari_ctcolor.engines.colorize import (
     TOP_K,
     Chroma,
     _compact,
+    _enclosure_bits,
     colorize,
     compose_chroma,
     compose_plane,
@@ -367,9 +368,11 @@ def _inner_mask(mask: np.ndarray) -> np.ndarray:
 
 
 def test_class_at_and_most_probable_follow_the_network_grid(ct, chroma):
-    # At or below the plain tissue's fade start (110 HU) the HU weights are all 1: the network pixel's most probable
-    # class. Voxel (3, y, x) is one such in network pixel (50, 75) (factor 4, no padding at 512²).
-    dy, dx = np.argwhere(ct.array[3, 200:204, 300:304] <= _PLAIN_FADE_HU[0])[0]
+    # At or below the plain tissue's fade start (110 HU) the HU weights are all 1 outside the marrow and away from
+    # unenclosed bone classes (`Chroma.enclosure`): the network pixel's most probable class. Voxel (3, y, x) is one
+    # such in network pixel (50, 75) (factor 4, no padding at 512²).
+    either = np.unpackbits(chroma.enclosure, axis=-1, count=ct.shape[2]).view(bool).any(axis=0)
+    dy, dx = np.argwhere((ct.array[3, 200:204, 300:304] <= _PLAIN_FADE_HU[0]) & ~either[3, 200:204, 300:304])[0]
     y, x = 200 + int(dy), 300 + int(dx)
     name, probability = chroma.class_at(3, y, x, float(ct.array[3, y, x]))
     assert name == CLASSES[int(chroma.top[3, 0, 50, 75])] and probability == chroma.prob[3, 0, 50, 75].item() / 255
@@ -377,7 +380,7 @@ def test_class_at_and_most_probable_follow_the_network_grid(ct, chroma):
     assert labels.shape == ct.shape and labels.dtype == np.uint8
     expected = chroma.top[3, 0, 50, 75].item() + 1
     assert labels[3, y, x] == (0 if CLASSES[expected - 1] == "air" else expected)
-    soft = ct.array <= _PLAIN_FADE_HU[0]
+    soft = (ct.array <= _PLAIN_FADE_HU[0]) & ~either
     rows, cols = torch.arange(ct.shape[1]) // 4, torch.arange(ct.shape[2]) // 4  # no padding at 512²
     labels_by_pixel = chroma.top[:, 0].index_select(1, rows).index_select(2, cols)
     labels_by_pixel = (labels_by_pixel.numpy() + 1) * (labels_by_pixel.numpy() != CLASSES.index("air"))
@@ -553,6 +556,62 @@ def test_a_voxel_denser_than_muscle_is_the_bone_of_its_pixel_not_the_muscle_but_
     assert (labels[:, :, 8:] == classes.index(dense_name) + 1).all()
     assert (labels[:, :, :8] == classes.index(other) + 1).all()
     assert chroma.class_at(0, 3, 12, 180.0)[0] == dense_name and chroma.class_at(0, 3, 3, 90.0)[0] == other
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bone_is_named_by_what_its_cortex_encloses(fused):
+    # Every network pixel: 30 % bone, 70 % soft tissue. One slice holds, at 1 mm pixels, in 40 HU tissue: a ring of
+    # cortex (700 HU) around 120 HU marrow (a vertebral body); the same ring around 30 HU (the spinal canal); the same
+    # ring open on one side around 120 HU (not enclosed); a ring around 120 HU of 60 x 60 mm (3600 mm², more than a
+    # vertebral body: a pelvic or thoracic ring). Only the first is marrow: named and coloured bone. The canal keeps
+    # the network's mix (all group weights are 1 at 30 HU; bone may lie below 60 HU inside a rim). The 120 HU
+    # voxels that are not marrow keep the mix as 120 HU weighs it; the 40 HU tissue outside every ring takes soft
+    # tissue's own colour: below 60 HU, bone is not named where no rim encloses it (`colorize.CORTEX_HU`).
+    size = 128
+    top = torch.zeros((1, TOP_K, size // 4, size // 4), dtype=torch.uint8)
+    mix = ["bone", "soft_tissue", "aorta", "fat"]
+    top[:] = torch.tensor([CLASSES.index(n) for n in mix], dtype=torch.uint8).view(1, -1, 1, 1)
+    prob = torch.zeros_like(top)
+    prob[:, 0], prob[:, 1] = 77, 178
+    chroma = Chroma(top, prob, CLASSES, 4, ((0, 0), (0, 0)), "handmade")
+    hu = np.full((1, size, size), 40, dtype=np.int16)
+
+    def ring(y0, x0, side, inside, open_side=False):
+        hu[0, y0 : y0 + side, x0 : x0 + side] = 700
+        hu[0, y0 + 3 : y0 + side - 3, x0 + 3 : x0 + side - 3] = inside
+        if open_side:
+            hu[0, y0 + side // 2 - 2 : y0 + side // 2 + 2, x0 : x0 + 3] = inside
+        return (0, slice(y0 + 5, y0 + side - 5), slice(x0 + 5, x0 + side - 5))  # well inside, away from cortex
+
+    body, canal, opened = ring(4, 4, 30, 120), ring(4, 44, 20, 30), ring(44, 4, 30, 120, open_side=True)
+    large = ring(44, 44, 66, 120)
+    volume = Volume(hu, spacing=(2.0, 1.0, 1.0), meta={"modality": "CT"})
+    chroma.enclosure = _enclosure_bits(volume, chroma)
+    labels = chroma.most_probable(hu)
+    bone, soft = CLASSES.index("bone") + 1, CLASSES.index("soft_tissue") + 1
+    assert (labels[body] == bone).all()
+    assert all((labels[where] == soft).all() for where in (canal, opened, large))
+    assert chroma.class_at(0, 19, 19, 120.0)[0] == "bone" and chroma.class_at(0, 59, 19, 120.0)[0] == "soft_tissue"
+    palette = load_palette("anatomical")
+    rib, muscle = palette.class_ab(["bone", "soft_tissue"])
+    if fused:
+        lab = srgb_to_lab(compose_chroma(volume, chroma, (100.0, 400.0), 1.0, device="cpu").rgb)[..., 1:]
+    else:  # the torch path (GPUs) with the same arithmetic
+        lab = upsample_chroma(chroma, palette, torch.from_numpy(hu.astype(np.float32)), 0).numpy()
+    # 1.5 a*b* units: 8-bit rounding and the 1e-3 floor of soft tissue's weight; the mix is 10+ units from bone.
+    assert np.abs(lab[body] - rib).max() < 1.5
+    plain = (210.0 - 120.0) / 100.0 * (1.0 - 1e-3) + 1e-3  # soft tissue's weight at 120 HU (`_PLAIN_FADE_HU`)
+    mix_ab = (0.3 * rib + 0.7 * plain * muscle) / (0.3 + 0.7 * plain)
+    assert np.linalg.norm(mix_ab - rib) > 10.0
+    assert all(np.abs(lab[where] - mix_ab).max() < 1.5 for where in (opened, large))
+    assert np.abs(lab[canal] - (0.3 * rib + 0.7 * muscle)).max() < 1.5
+    outside = (0, slice(114, 126), slice(2, 40))
+    assert (labels[outside] == soft).all() and np.abs(lab[outside] - muscle).max() < 1.5
+    # A plane composed alone (what the viewer recolours first) keeps the marrow of the whole slice.
+    for axis, index in ((1, 19), (2, 19)):
+        plane = compose_plane(volume, chroma, axis, index, (100.0, 400.0), 1.0, "cpu")
+        whole = compose_chroma(volume, chroma, (100.0, 400.0), 1.0, device="cpu").rgb
+        np.testing.assert_array_equal(plane, whole[:, index] if axis == 1 else whole[:, :, index])
 
 
 def test_a_plane_composed_alone_equals_that_plane_of_the_whole_volume(ct, model):

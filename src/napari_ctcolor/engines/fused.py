@@ -9,8 +9,8 @@ those passes cost more than the network. This kernel computes, for each CT voxel
    abdomen window most of a slice: the air around the body, lung, bone), and skip step 2;
 2. a*, b* from the 3 x 3 network pixels around it, weighted by distance and by HU likeness (`guided_upsample`,
    the likeness from a table instead of an exp); above 110 HU each pixel's bone, blood, organ and plain tissue
-   classes are re-weighted by the voxel's HU (`colorize.HU_GROUPS`); faded to none in air (`AIR_HU`) and scaled
-   by the chroma strength;
+   classes are re-weighted by the voxel's HU (`colorize.HU_GROUPS`, the marrow's raised); faded to none in air
+   (`AIR_HU`) and scaled by the chroma strength;
 3. (L*, a*, b*) to linear RGB; out of gamut: chroma scaled to the first exit along the hue (the Cmax table,
    bilinear), then desaturated towards grey at constant Y (`compose_rgb`'s algorithm);
 4. the sRGB code from the 65536-entry table.
@@ -118,8 +118,8 @@ def _mix(gp, s, c, ny, nx, w, wb, wo, wp):
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _kernel(
-    hu, ab_pad, gp, fades, guide_pad, spatial, offset, factor, likeness, clip, air, window, strength, tables,
-    grey, out,
+    hu, group_hu, no_bone, ab_pad, gp, fades, guide_pad, spatial, offset, factor, likeness, clip, air, window,
+    strength, tables, grey, out,
 ):  # fmt: skip
     levels = tables[5]
     plain_low, plain_high, organ_low, organ_high, blood_low, blood_high, floor = fades  # gp: groups_pad
@@ -155,12 +155,16 @@ def _kernel(
             total_a = np.float32(0.0)
             total_b = np.float32(0.0)
             weight_sum = np.float32(0.0)
-            dense = h > plain_low  # the HU groups' weights (bone 1, blood, organ, plain), all 1 up to plain_low
+            # the HU groups' weights (bone, blood, organ, plain): all 1 up to plain_low, unless the bone gives way
+            hg = group_hu[s, y, x]
+            loose = no_bone[s, y, x]
+            dense = hg > plain_low or loose
+            fit_bone = floor if loose else np.float32(1.0)
             fit_blood = fit_organ = fit_plain = np.float32(1.0)
             if dense:
-                fit_blood = _fit(h, blood_low, blood_high, floor)
-                fit_organ = _fit(h, organ_low, organ_high, floor)
-                fit_plain = _fit(h, plain_low, plain_high, floor)
+                fit_blood = _fit(hg, blood_low, blood_high, floor)
+                fit_organ = _fit(hg, organ_low, organ_high, floor)
+                fit_plain = _fit(hg, plain_low, plain_high, floor)
             for dx in range(3):
                 sx = spatial[dx, ix]
                 for dy in range(3):
@@ -171,10 +175,10 @@ def _kernel(
                     w = (like + np.float32(1e-4)) * sw
                     ny, nx = by + dy, bx + dx
                     if dense:  # (a*·p, b*·p, p) of the bone, blood, organ and plain groups as they fit the HU
-                        wb, wo, wp = w * fit_blood, w * fit_organ, w * fit_plain
-                        total_a += _mix(gp, s, 0, ny, nx, w, wb, wo, wp)
-                        total_b += _mix(gp, s, 1, ny, nx, w, wb, wo, wp)
-                        weight_sum += _mix(gp, s, 2, ny, nx, w, wb, wo, wp)
+                        ws, wb, wo, wp = w * fit_bone, w * fit_blood, w * fit_organ, w * fit_plain
+                        total_a += _mix(gp, s, 0, ny, nx, ws, wb, wo, wp)
+                        total_b += _mix(gp, s, 1, ny, nx, ws, wb, wo, wp)
+                        weight_sum += _mix(gp, s, 2, ny, nx, ws, wb, wo, wp)
                     else:
                         total_a += ab_pad[s, 0, ny, nx] * w
                         total_b += ab_pad[s, 1, ny, nx] * w
@@ -224,6 +228,8 @@ def _numba_tables() -> tuple:
 
 def upsample_compose(
     hu: np.ndarray,
+    group_hu: np.ndarray,
+    no_bone: np.ndarray,
     ab_pad: np.ndarray,
     groups_pad: np.ndarray,
     fades: tuple[float, float, float, float, float, float, float],
@@ -243,6 +249,8 @@ def upsample_compose(
 
     Args:
         hu: (n, Y, X) float32 HU.
+        group_hu, no_bone: (n, Y, X) float32 HU and bool that weigh the HU groups (`colorize.Chroma.hu_groups`:
+            ``hu``, the marrow's raised; where the bone gives way).
         ab_pad: (n, 2, h + 2, w + 2) float32 a*, b* at the network's resolution, edge-padded by one pixel.
         groups_pad: (n, 12, h + 2, w + 2) float32 (a*·p, b*·p, p) of the bone, blood, organ and plain classes of
             each pixel (`colorize.Chroma.ab_groups`), edge-padded the same way; ``ab_pad`` is their sum.
@@ -265,6 +273,8 @@ def upsample_compose(
     centre, width = window
     _kernel(
         np.ascontiguousarray(hu, dtype=f32),
+        np.ascontiguousarray(group_hu, dtype=f32),
+        np.ascontiguousarray(no_bone, dtype=np.bool_),
         np.ascontiguousarray(ab_pad, dtype=f32),
         np.ascontiguousarray(groups_pad, dtype=f32),
         tuple(f32(v) for v in fades),
