@@ -491,7 +491,8 @@ def _upsample_compose_cpu(
         spatial = torch.tensor([[0.0], [1.0], [0.0]])
     upsample_compose(
         hu.numpy(),
-        *chroma.hu_groups(hu.numpy(), start),
+        None if chroma.enclosure is None else chroma.enclosure[:, start:stop],
+        MARROW_GROUP_HU,
         ab_pad,
         groups_pad,
         (*_PLAIN_FADE_HU, *_ORGAN_FADE_HU, *_BLOOD_FADE_HU, _GROUP_FLOOR),

@@ -118,7 +118,7 @@ def _mix(gp, s, c, ny, nx, w, wb, wo, wp):
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _kernel(
-    hu, group_hu, no_bone, ab_pad, gp, fades, guide_pad, spatial, offset, factor, likeness, clip, air, window,
+    hu, enclosure, marrow_hu, ab_pad, gp, fades, guide_pad, spatial, offset, factor, likeness, clip, air, window,
     strength, tables, grey, out,
 ):  # fmt: skip
     levels = tables[5]
@@ -155,9 +155,11 @@ def _kernel(
             total_a = np.float32(0.0)
             total_b = np.float32(0.0)
             weight_sum = np.float32(0.0)
-            # the HU groups' weights (bone, blood, organ, plain): all 1 up to plain_low, unless the bone gives way
-            hg = group_hu[s, y, x]
-            loose = no_bone[s, y, x]
+            # the HU groups' weights (bone, blood, organ, plain): all 1 up to plain_low, unless the bone gives way;
+            # the marrow's as at marrow_hu (the enclosure bits, packed along x)
+            byte, shift = x >> 3, 7 - (x & 7)
+            hg = max(h, marrow_hu) if (enclosure[0, s, y, byte] >> shift) & 1 else h
+            loose = (enclosure[1, s, y, byte] >> shift) & 1 == 1
             dense = hg > plain_low or loose
             fit_bone = floor if loose else np.float32(1.0)
             fit_blood = fit_organ = fit_plain = np.float32(1.0)
@@ -228,8 +230,8 @@ def _numba_tables() -> tuple:
 
 def upsample_compose(
     hu: np.ndarray,
-    group_hu: np.ndarray,
-    no_bone: np.ndarray,
+    enclosure: np.ndarray | None,
+    marrow_hu: float,
     ab_pad: np.ndarray,
     groups_pad: np.ndarray,
     fades: tuple[float, float, float, float, float, float, float],
@@ -249,8 +251,9 @@ def upsample_compose(
 
     Args:
         hu: (n, Y, X) float32 HU.
-        group_hu, no_bone: (n, Y, X) float32 HU and bool that weigh the HU groups (`colorize.Chroma.hu_groups`:
-            ``hu``, the marrow's raised; where the bone gives way).
+        enclosure: (2, n, Y, ceil(X / 8)) uint8 bits packed along X (`colorize.Chroma.enclosure`): [0] marrow,
+            whose HU groups are weighed as at ``marrow_hu`` or its own HU if higher, [1] where the bone group gives
+            way; None: neither.
         ab_pad: (n, 2, h + 2, w + 2) float32 a*, b* at the network's resolution, edge-padded by one pixel.
         groups_pad: (n, 12, h + 2, w + 2) float32 (a*·p, b*·p, p) of the bone, blood, organ and plain classes of
             each pixel (`colorize.Chroma.ab_groups`), edge-padded the same way; ``ab_pad`` is their sum.
@@ -273,8 +276,8 @@ def upsample_compose(
     centre, width = window
     _kernel(
         np.ascontiguousarray(hu, dtype=f32),
-        np.ascontiguousarray(group_hu, dtype=f32),
-        np.ascontiguousarray(no_bone, dtype=np.bool_),
+        _no_enclosure(hu.shape) if enclosure is None else np.ascontiguousarray(enclosure, dtype=np.uint8),
+        f32(marrow_hu),
         np.ascontiguousarray(ab_pad, dtype=f32),
         np.ascontiguousarray(groups_pad, dtype=f32),
         tuple(f32(v) for v in fades),
@@ -291,6 +294,11 @@ def upsample_compose(
         _grey_table(),
         out,
     )
+
+
+def _no_enclosure(shape: tuple[int, int, int]) -> np.ndarray:
+    """Enclosure bits that are all clear, for (n, Y, X) slices."""
+    return np.zeros((2, *shape[:2], -(-shape[2] // 8)), dtype=np.uint8)
 
 
 def class_terms(
