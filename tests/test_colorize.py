@@ -566,18 +566,22 @@ def test_bone_is_named_by_what_its_cortex_encloses(fused):
     # vertebral body: a pelvic or thoracic ring). Only the first is marrow: named and coloured bone. The canal keeps
     # the network's mix (all group weights are 1 at 30 HU; bone may lie below 60 HU inside a rim). The 120 HU
     # voxels that are not marrow keep the mix as 120 HU weighs it; the 40 HU tissue outside every ring takes soft
-    # tissue's own colour: below 60 HU, bone is not named where no rim encloses it (`colorize.CORTEX_HU`).
+    # tissue's own colour: below 60 HU, bone is not named where no rim encloses it (`colorize.CORTEX_HU`). Where the
+    # pixels hold 30 % bone and 70 % liver, a partial-volumed cortex of 200 HU around marrow is bone where it reaches
+    # 700 HU somewhere (compact bone); the same ring that nowhere does (an enhancing kidney's cortex around its
+    # medulla) is liver, inside and out.
     size = 128
     top = torch.zeros((1, TOP_K, size // 4, size // 4), dtype=torch.uint8)
     mix = ["bone", "soft_tissue", "aorta", "fat"]
     top[:] = torch.tensor([CLASSES.index(n) for n in mix], dtype=torch.uint8).view(1, -1, 1, 1)
     prob = torch.zeros_like(top)
     prob[:, 0], prob[:, 1] = 77, 178
+    top[0, 1, 0:8, 17:32] = CLASSES.index("liver")  # network pixels of the two faint rings
     chroma = Chroma(top, prob, CLASSES, 4, ((0, 0), (0, 0)), "handmade")
     hu = np.full((1, size, size), 40, dtype=np.int16)
 
-    def ring(y0, x0, side, inside, open_side=False):
-        hu[0, y0 : y0 + side, x0 : x0 + side] = 700
+    def ring(y0, x0, side, inside, open_side=False, cortex=700):
+        hu[0, y0 : y0 + side, x0 : x0 + side] = cortex
         hu[0, y0 + 3 : y0 + side - 3, x0 + 3 : x0 + side - 3] = inside
         if open_side:
             hu[0, y0 + side // 2 - 2 : y0 + side // 2 + 2, x0 : x0 + 3] = inside
@@ -585,12 +589,19 @@ def test_bone_is_named_by_what_its_cortex_encloses(fused):
 
     body, canal, opened = ring(4, 4, 30, 120), ring(4, 44, 20, 30), ring(44, 4, 30, 120, open_side=True)
     large = ring(44, 44, 66, 120)
+    ring(4, 70, 24, 120, cortex=200)
+    hu[0, 4:7, 70:73] = 700
+    kidney = ring(4, 100, 24, 120, cortex=200)
+    faint_cortex, kidney_cortex = (0, slice(4, 7), slice(74, 92)), (0, slice(4, 7), slice(100, 124))
     volume = Volume(hu, spacing=(2.0, 1.0, 1.0), meta={"modality": "CT"})
     chroma.enclosure = _enclosure_bits(volume, chroma)
     labels = chroma.most_probable(hu)
     bone, soft = CLASSES.index("bone") + 1, CLASSES.index("soft_tissue") + 1
     assert (labels[body] == bone).all()
     assert all((labels[where] == soft).all() for where in (canal, opened, large))
+    liver = CLASSES.index("liver") + 1
+    assert (labels[faint_cortex] == bone).all()
+    assert (labels[kidney_cortex] == liver).all() and (labels[kidney] == liver).all()
     assert chroma.class_at(0, 19, 19, 120.0)[0] == "bone" and chroma.class_at(0, 59, 19, 120.0)[0] == "soft_tissue"
     palette = load_palette("anatomical")
     rib, muscle = palette.class_ab(["bone", "soft_tissue"])
