@@ -569,7 +569,7 @@ def test_bone_is_named_by_what_its_cortex_encloses(fused):
     # tissue's own colour: below 60 HU, bone is not named where no rim encloses it (`colorize.CORTEX_HU`). Where the
     # pixels hold 30 % bone and 70 % liver, a partial-volumed cortex of 200 HU around marrow is bone where it reaches
     # 700 HU somewhere (compact bone); the same ring that nowhere does (an enhancing kidney's cortex around its
-    # medulla) is liver, inside and out.
+    # medulla) is liver, inside and out. A rib's fatty marrow (20 HU) in a 36 mm² hole is bone, unlike the canal.
     size = 128
     top = torch.zeros((1, TOP_K, size // 4, size // 4), dtype=torch.uint8)
     mix = ["bone", "soft_tissue", "aorta", "fat"]
@@ -589,6 +589,7 @@ def test_bone_is_named_by_what_its_cortex_encloses(fused):
 
     body, canal, opened = ring(4, 4, 30, 120), ring(4, 44, 20, 30), ring(44, 4, 30, 120, open_side=True)
     large = ring(44, 44, 66, 120)
+    fatty_rib = ring(80, 4, 12, 20)
     ring(4, 70, 24, 120, cortex=200)
     hu[0, 4:7, 70:73] = 700
     kidney = ring(4, 100, 24, 120, cortex=200)
@@ -597,7 +598,7 @@ def test_bone_is_named_by_what_its_cortex_encloses(fused):
     chroma.enclosure = _enclosure_bits(volume, chroma)
     labels = chroma.most_probable(hu)
     bone, soft = CLASSES.index("bone") + 1, CLASSES.index("soft_tissue") + 1
-    assert (labels[body] == bone).all()
+    assert (labels[body] == bone).all() and (labels[fatty_rib] == bone).all()
     assert all((labels[where] == soft).all() for where in (canal, opened, large))
     liver = CLASSES.index("liver") + 1
     assert (labels[faint_cortex] == bone).all()
@@ -610,7 +611,7 @@ def test_bone_is_named_by_what_its_cortex_encloses(fused):
     else:  # the torch path (GPUs) with the same arithmetic
         lab = upsample_chroma(chroma, palette, torch.from_numpy(hu.astype(np.float32)), 0).numpy()
     # 1.5 a*b* units: 8-bit rounding and the 1e-3 floor of soft tissue's weight; the mix is 10+ units from bone.
-    assert np.abs(lab[body] - rib).max() < 1.5
+    assert np.abs(lab[body] - rib).max() < 1.5 and np.abs(lab[fatty_rib] - rib).max() < 1.5
     plain = (210.0 - 120.0) / 100.0 * (1.0 - 1e-3) + 1e-3  # soft tissue's weight at 120 HU (`_PLAIN_FADE_HU`)
     mix_ab = (0.3 * rib + 0.7 * plain * muscle) / (0.3 + 0.7 * plain)
     assert np.linalg.norm(mix_ab - rib) > 10.0
