@@ -120,16 +120,15 @@ class Chroma:
         (top, _), (left, _) = self.pad
         return (y + top) // self.factor, (x + left) // self.factor
 
-    def hu_groups(self, hu: np.ndarray, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """What weighs each voxel's `HU_GROUPS` (`hu_group_weights`), for ``hu``, the (n, Y, X) slices from ``start``:
-        float32 HU, the voxel's own raised to `MARROW_GROUP_HU` in the marrow, and bool where the bone gives way
-        (`enclosure_masks`)."""
-        hu = np.nan_to_num(np.asarray(hu, dtype=np.float32))
+    def hu_groups(self, hu: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """What weighs each voxel's `HU_GROUPS` (`hu_group_weights`), for ``hu``, the (n, Y, X) float HU of the slices
+        from ``start``, on its device: the voxel's HU, raised to `MARROW_GROUP_HU` in the marrow, and bool where the
+        bone gives way (`enclosure_masks`). Only the packed bits are unpacked on the CPU."""
         if self.enclosure is None:
-            return hu, np.zeros(hu.shape, dtype=bool)
-        bits = self.enclosure[:, start : start + hu.shape[0]]
-        marrow, no_bone = np.unpackbits(bits, axis=-1, count=hu.shape[-1]).view(bool)
-        return np.where(marrow, np.maximum(hu, MARROW_GROUP_HU), hu), no_bone
+            return hu, torch.zeros(hu.shape, dtype=torch.bool, device=hu.device)
+        bits = np.unpackbits(self.enclosure[:, start : start + hu.shape[0]], axis=-1, count=hu.shape[-1])
+        marrow, no_bone = (torch.from_numpy(b).to(hu.device) for b in bits.view(bool))
+        return torch.where(marrow, hu.clamp(min=MARROW_GROUP_HU), hu), no_bone
 
     def class_at(self, z: int, y: int, x: int, hu: float) -> tuple[str, float]:
         """The most probable colour class at CT voxel (z, y, x) of HU ``hu`` and its probability in the network pixel
@@ -159,7 +158,8 @@ class Chroma:
             stop = min(hu.shape[0], start + _LABEL_CHUNK)
             top = self.top[start:stop].index_select(2, rows).index_select(3, cols).long()  # (n, k, Y, X)
             prob = self.prob[start:stop].index_select(2, rows).index_select(3, cols).float()
-            fit = hu_group_weights(*(torch.from_numpy(a) for a in self.hu_groups(hu[start:stop], start)))
+            chunk = torch.from_numpy(np.nan_to_num(np.asarray(hu[start:stop], dtype=np.float32)))
+            fit = hu_group_weights(*self.hu_groups(chunk, start))
             score = prob * fit.movedim(-1, 1).gather(1, group_of[top])
             best = top.gather(1, score.argmax(dim=1, keepdim=True))[:, 0]  # the first of equal scores: the likelier
             labels = (best + 1).to(torch.uint8)
@@ -341,15 +341,15 @@ def _bony_enclosure(hu: np.ndarray, pixel_mm2: float) -> tuple[np.ndarray, np.nd
 def enclosure_masks(hu: np.ndarray, pixel_mm2: float, bone_pixel: np.ndarray) -> np.ndarray:
     """(2, Y, X) bool for one (Y, X) slice of HU (see `CORTEX_HU`): [0] marrow (fatty too in a hole of at most
     `SMALL_MARROW_MM2`) and the cortex around it, below `MARROW_GROUP_HU`, [1] below `MARROW_MIN_HU`, not marrow and
-    inside no rim of bone; ``pixel_mm2`` the area of one CT pixel,
-    ``bone_pixel`` (Y, X) whether each voxel's network pixel keeps a bone class (elsewhere neither applies: the HU
-    weights would not change)."""
+    inside no rim of bone; ``pixel_mm2`` the area of one CT pixel, ``bone_pixel`` (Y, X) whether each voxel's network
+    pixel keeps a bone class (elsewhere neither applies: the HU weights would not change)."""
     out = np.zeros((2, *hu.shape), dtype=bool)
     marrow = bone_pixel & (hu >= MARROW_MIN_HU) & (hu < MARROW_GROUP_HU)
     fatty = bone_pixel & (hu >= FATTY_MARROW_HU) & (hu < MARROW_MIN_HU)
     if marrow.any() or fatty.any():
         holes, rims = _bony_enclosure(hu, pixel_mm2)
-        out[0] = marrow & ((holes > 0) | rims) | fatty & (holes > 0) & (holes <= SMALL_MARROW_MM2)
+        enclosed = holes > 0
+        out[0] = marrow & (enclosed | rims) | fatty & enclosed & (holes <= SMALL_MARROW_MM2)
     low = bone_pixel & (hu < MARROW_MIN_HU) & ~out[0]
     if low.any():
         out[1] = low & (_holes(hu >= RIM_HU, pixel_mm2) == 0)
@@ -513,10 +513,10 @@ def upsample_chroma(chroma: Chroma, palette: Palette, hu: torch.Tensor, start: i
     ab = groups[:, :, :2].sum(dim=1)
     guide = F.pad(hu[:, None], (left, right, top, bottom), mode="replicate")[:, 0]
     group_hu, no_bone = (
-        F.pad(torch.from_numpy(a).to(hu.device, torch.float32)[:, None], (left, right, top, bottom), mode="replicate")
-        for a in chroma.hu_groups(hu.cpu().numpy(), start)
+        F.pad(a.to(hu.dtype)[:, None], (left, right, top, bottom), mode="replicate")[:, 0]
+        for a in chroma.hu_groups(hu, start)
     )
-    ab = guided_upsample(ab, guide, chroma.factor, groups, group_hu[:, 0], no_bone[:, 0] > 0.5)
+    ab = guided_upsample(ab, guide, chroma.factor, groups, group_hu, no_bone > 0.5)
     ab = ab[:, :, top : top + height, left : left + width]
     air = ((hu - AIR_HU) / _AIR_FADE_HU).clamp_(0.0, 1.0)
     return (ab * air[:, None]).movedim(1, -1)
