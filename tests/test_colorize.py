@@ -619,11 +619,13 @@ def test_bone_is_named_by_what_its_cortex_encloses(fused):
     assert np.abs(lab[canal] - (0.3 * rib + 0.7 * muscle)).max() < 1.5
     outside = (0, slice(114, 126), slice(2, 40))
     assert (labels[outside] == soft).all() and np.abs(lab[outside] - muscle).max() < 1.5
-    # A plane composed alone (what the viewer recolours first) keeps the marrow of the whole slice.
+    # A plane composed alone (what the viewer recolours first) keeps the marrow of the whole slice: within one 8-bit
+    # code (another CPU may vectorise a band and a whole slice differently); marrow lost would move it by far more.
     for axis, index in ((1, 19), (2, 19)):
         plane = compose_plane(volume, chroma, axis, index, (100.0, 400.0), 1.0, "cpu")
         whole = compose_chroma(volume, chroma, (100.0, 400.0), 1.0, device="cpu").rgb
-        np.testing.assert_array_equal(plane, whole[:, index] if axis == 1 else whole[:, :, index])
+        diff = np.abs(plane.astype(int) - (whole[:, index] if axis == 1 else whole[:, :, index]))
+        assert diff.max() <= 1, (axis, diff.max())
 
 
 def test_a_plane_composed_alone_equals_that_plane_of_the_whole_volume(ct, model):
