@@ -215,12 +215,32 @@ def test_an_organ_named_in_several_pieces_keeps_its_name_only_on_the_largest():
     top[0, 0, 11, 8] = 7  # a one-pixel third kidney piece
     hu = torch.full((4, 12, 12), 40.0)
     hu[2] = -80.0  # the blob's lower slice at fat's HU
-    anatomy.keep_main_pieces(top, hu, classes)
+    anatomy.keep_main_pieces(top, hu, classes, voxel_ml=1.0)  # every piece above MIN_PIECE_ML
     assert (
         (top[:, 0, 0:6, 0:6] == 6).all() and (top[1, 0, 9:11, 9:11] == 3).all() and (top[2, 0, 9:11, 9:11] == 2).all()
     )
     assert (top[:, 0, 8:10, 0:2] == 7).all() and (top[:, 0, 8:10, 4:6] == 7).all() and top[0, 0, 11, 8] == 3
     assert (top[:, 1] == 2).all()
+
+
+def test_a_structure_named_on_an_island_smaller_than_the_minimum_piece_takes_its_tissue_name():
+    # 0.1 ml pixels, MIN_PIECE_ML 0.5: islands of 4 pixels (0.4 ml) lose their names, to the tissue of their family
+    # (bone for a rib, contrast blood for an aorta island at 200 HU, soft tissue for a small-bowel island); pieces of
+    # 5 or more pixels keep theirs, whichever class.
+    classes = ("air", "lung", "fat", "soft_tissue", "contrast_blood", "bone", "small_bowel", "aorta", "ribs")
+    top = torch.full((3, 2, 10, 10), 3, dtype=torch.uint8)
+    hu = torch.full((3, 10, 10), 40.0)
+    top[0, 0, 0:2, 0:2] = 6  # 4 pixels of small bowel
+    top[0:2, 0, 5, 0:2] = 7  # 4 pixels of aorta over two slices
+    hu[0:2, 5, 0:2] = 200.0
+    top[2, 0, 8, 0:4] = 8  # 4 pixels of rib
+    top[1:3, 0, 0:1, 6:9] = 7  # 6 pixels of aorta: kept
+    top[0, 0, 8:9, 6:9] = 8  # 3 pixels of rib beside 2 more in the next slice (faces and edges): 5, kept
+    top[1, 0, 9, 8:10] = 8
+    assert anatomy.MIN_PIECE_ML == 0.5
+    anatomy.keep_main_pieces(top, hu, classes, voxel_ml=0.1)
+    assert (top[0, 0, 0:2, 0:2] == 3).all() and (top[0:2, 0, 5, 0:2] == 4).all() and (top[2, 0, 8, 0:4] == 5).all()
+    assert (top[1:3, 0, 0:1, 6:9] == 7).all() and (top[0, 0, 8:9, 6:9] == 8).all() and (top[1, 0, 9, 8:10] == 8).all()
 
 
 def test_z_smoothing_keeps_a_constant_distribution_spreads_within_a_tissue_and_stops_at_an_hu_step():
