@@ -45,6 +45,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from ..io import Volume
+from .checkerboard import resample_onto, same_grid
 
 #: Weight of each image's local structure added to its intensities (`_local_structure`; unit local variance against
 #: intensities in [0, 1]: 0.1 is the step of 200 HU under the CT weights' window).
@@ -217,9 +218,10 @@ def refine_field(
     """Demons from ``seed_mm``, coarse to fine; yields after every `CHUNK_ITERATIONS`, returns the refined field.
 
     Args:
-        fixed, moving: the two images, normalised as the network saw them, each on its own grid (the moving image as
-            it was read: a fixed point whose moving point falls outside it gets no demons force, where a resampled
-            copy would show an edge of padding there).
+        fixed, moving: the two images, normalised as the network saw them (0 is the background). ITK's demons takes
+            both on one grid: a moving image on another grid (any other size, spacing, origin or direction: two
+            scans) is first sampled onto the fixed grid (linear, 0 outside it), so the part of the moving image
+            outside the fixed field of view gives no force there.
         seed_mm: (Z, Y, X, 3) on the fixed grid, LPS mm: fixed point p maps to moving point p + seed(p) (the
             network's field composed with the pre-alignment).
         iterations: full-resolution iterations (>= 1).
@@ -228,19 +230,16 @@ def refine_field(
         (Z, Y, X, 3) float64, LPS mm, same convention as the seed.
     """
     fixed_image = _image(fixed.array, fixed)
+    if not same_grid(moving, fixed):
+        moving = Volume(resample_onto(moving, fixed, default=0.0), fixed.spacing, fixed.origin, fixed.direction)
     moving_image = _local_structure(sitk.HistogramMatching(_image(moving.array, moving), fixed_image, 256, 7, True))
     fixed_image = _local_structure(fixed_image)
     field = _image(seed_mm, fixed, np.float64)
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetStandardDeviations(SMOOTHING_VOXELS)
-    finest = min(fixed.spacing)
     for factors, count in levels(fixed.spacing, iterations):
-        if max(factors) > 1:
-            # Box averages over the same extent (BinShrink), as the network's working grid is made; the moving image
-            # to about the same voxel size.
-            target = max(factors) * finest
-            level_fixed = sitk.BinShrink(fixed_image, factors)
-            level_moving = sitk.BinShrink(moving_image, [max(1, round(target / s)) for s in moving_image.GetSpacing()])
+        if max(factors) > 1:  # box averages over the same extent (BinShrink), as the network's working grid is made
+            level_fixed, level_moving = sitk.BinShrink(fixed_image, factors), sitk.BinShrink(moving_image, factors)
         else:
             level_fixed, level_moving = fixed_image, moving_image
         field = sitk.Resample(field, level_fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)

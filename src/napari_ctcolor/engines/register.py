@@ -6,6 +6,8 @@ Stages (each reports progress and may be cancelled before it starts):
 2. prealign (the CT card's default, or ``affine=True``): rigid, then affine SimpleITK registration, Mattes mutual
    information.
 3. resample: the moving image into the fixed image's physical space (SimpleITK, linear, outside = moving minimum).
+   Where the moving image does not reach (two scans of different extent), the fixed image is shown to the network
+   and to the refinement as background too, so that neither pulls tissue towards the edge of the moving scan.
 4. forward: normalise intensities as the weights expect, move the arrays into the axis order and orientation the
    network was trained in (`AxisMap`, from the model card), average onto the working grid when it is coarser
    (`working_shape`), pad each axis to a multiple of 16, run the network; with the card's ``inference.symmetric``
@@ -414,6 +416,18 @@ def _voxels_to_mm(field: torch.Tensor, grid: Volume) -> torch.Tensor:
 # --- network input and fields ----------------------------------------------------------------------------------------
 
 
+def _covered(image: torch.Tensor, outside: np.ndarray | None) -> torch.Tensor:
+    """``image`` (1, 1, Z, Y, X), normalised, with the background's 0 where ``outside`` (the fixed voxels a moving
+    scan on another grid does not cover): both images then show background there, which gives no force. Without it
+    the fixed image's tissue faced the moving scan's padding, and the network and demons pulled it towards that edge:
+    a rigid motion onto a moving scan 24 mm shorter was recovered to 5.7 mm on the fixed slice next to its edge,
+    0.7 mm in the middle (1.82 / 5.26 mm mean / p95 in the body, 0.93 / 1.88 with it). Not on one grid, where only the
+    motion takes content out of the field: there it cost a plain deformation of the 3 mm CT 0.006 Dice."""
+    if outside is None or not outside.any():
+        return image
+    return image.masked_fill(torch.from_numpy(outside).to(image.device)[None, None], 0.0)
+
+
 def _normalise(image: torch.Tensor, normalisation: Normalisation, low: float, high: float) -> torch.Tensor:
     """Intensities as the weights expect: min-max with the image's own (low, high), or a fixed HU window."""
     mode, window = normalisation
@@ -808,6 +822,9 @@ def iter_register(
             # NaN marks the fixed voxels the moving image does not cover (the overlap metric), then the minimum.
             moving_on_fixed = resample_onto(moving, fixed, transform, "linear", default=np.nan)
             outside = np.isnan(moving_on_fixed)
+        # Background for both images where a moving scan on another grid does not reach (`_covered`); on one grid the
+        # scans cover the same field and only the motion takes content out of it, which the network may still follow.
+        unreached = None if same_grid(fixed, moving) else outside
         fixed_t = _as_tensor(fixed.array, fixed_low, torch_device)
         moving_t = _as_tensor(moving_on_fixed, moving_low, torch_device)
         del moving_on_fixed
@@ -828,7 +845,7 @@ def iter_register(
     with stages("forward"), torch.inference_mode():
         inputs = []
         for image, low, high in ((fixed_t, fixed_low, fixed_high), (moving_t, moving_low, moving_high)):
-            image = _normalise(image, normalisation, low, high).expand(-1, -1, *grid_shape)
+            image = _covered(_normalise(image, normalisation, low, high), unreached).expand(-1, -1, *grid_shape)
             image = axis_map.to_network(image)
             if work != net_shape:  # the working grid: box averages over the same extent
                 image = F.adaptive_avg_pool3d(image, work)
@@ -881,7 +898,7 @@ def iter_register(
             cpu = torch.device("cpu")
             moving_n = _normalise(_as_tensor(moving.array, moving_low, cpu), normalisation, moving_low, moving_high)
             normalised = (
-                Volume(fixed_n[0, 0].cpu().numpy(), fixed.spacing, fixed.origin, fixed.direction),
+                Volume(_covered(fixed_n, unreached)[0, 0].cpu().numpy(), fixed.spacing, fixed.origin, fixed.direction),
                 Volume(moving_n[0, 0].numpy(), moving.spacing, moving.origin, moving.direction),
             )
             del moving_n
