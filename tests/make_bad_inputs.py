@@ -591,6 +591,21 @@ def _(root: Path, _real: Path | None) -> Case:
     return Case("register_no_overlap", (fixed, moving), "does not overlap", moving, register=True)
 
 
+@_case("register_submillimetre_extent")
+def _(root: Path, _real: Path | None) -> Case:
+    fixed = _write(root / "reg_fixed_mm.nii.gz", nifti_bytes(small_ct_array(), gz=True))
+    micro = np.diag([0.001, 0.001, 0.001, 1.0])  # a header with microns for millimetres: 16 voxels span 0.016 mm
+    moving = _write(root / "reg_moving_micro.nii.gz", nifti_bytes(small_ct_array(seed=1), micro, gz=True))
+    return Case("register_submillimetre_extent", (fixed, moving), "too small to register", moving, register=True)
+
+
+@_case("nifti_submillimetre_pixels")
+def _(root: Path, _real: Path | None) -> Case:
+    micro = np.diag([0.001, 0.001, 0.002, 1.0])  # 512 pixels of 0.001 mm: the colorizer's grid would need 100 GiB
+    path = _write(root / "micro_pixels.nii.gz", nifti_bytes(small_ct_array((512, 512, 2)), micro, gz=True))
+    return _one("nifti_submillimetre_pixels", path, "finer than any CT", info_reads=True)
+
+
 def make_corpus(root: Path, shared_data: Path | None = SHARED_DATA) -> dict[str, Case]:
     """Write every case under ``root``; the cases needing the shared CT are left out when it is missing."""
     series = None if shared_data is None else shared_data / "ct" / "totalseg-abdomen-dicom"

@@ -398,6 +398,10 @@ def _network_padding(size: int, multiple: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+#: Finer pixels than this are not CT (clinical CT: 0.2 mm and up): a wrong spacing in the file's header.
+MIN_PIXEL_MM = 0.05
+
+
 def _check_volume(volume: Volume) -> None:
     if volume.array.dtype.kind not in "iuf":
         raise InputError(f"cannot colorize an array of type {volume.array.dtype}")
@@ -607,7 +611,13 @@ def iter_predict_chroma(
         net = copy.deepcopy(net).to(device)
     if device.type == "cuda" and config.dims == 2:  # channels_last exists for 4D tensors only
         net = net.to(memory_format=torch.channels_last)
-    factor = config.factor_for(float(np.mean(volume.spacing[1:])))
+    pixel_mm = float(np.mean(volume.spacing[1:]))
+    if pixel_mm < MIN_PIXEL_MM:  # the network's grid is padded to multiples of chroma_mm / pixel_mm pixels
+        raise InputError(
+            f"{volume.meta.get('source') or 'the image'}: pixels of {pixel_mm:.3g} mm are finer than any CT's "
+            f"(at least {MIN_PIXEL_MM} mm); check its voxel spacing"
+        )
+    factor = config.factor_for(pixel_mm)
     multiple = factor * config.net_multiple
     z, height, width = volume.shape
     pad = (_network_padding(height, multiple), _network_padding(width, multiple))

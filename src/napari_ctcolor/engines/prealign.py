@@ -45,7 +45,10 @@ def prealign(fixed: Volume, moving: Volume) -> sitk.AffineTransform:
         factors = [max(1, int(PREALIGN_BASE_MM // s)) for s in image.GetSpacing()]
         return sitk.BinShrink(image, factors) if max(factors) > 1 else image
 
-    fixed_image, moving_image = base(fixed), base(moving)
+    try:
+        fixed_image, moving_image = base(fixed), base(moving)
+    except RuntimeError as exc:  # ITK's own message: "InputImage is too small!" for a sub-millimetre image
+        raise InputError(f"{name}: cannot be pre-aligned ({str(exc).strip().splitlines()[-1]})") from None
     coarsest = max(fixed_image.GetSpacing())
     voxels = math.prod(fixed_image.GetSize())
     # Shrink factors of the fixed grid per level (a level that shrinks as much as the next keeps the finer smoothing);

@@ -322,6 +322,10 @@ def _index_to_mm(volume: Volume) -> np.ndarray:
     return volume.direction @ np.diag(volume.spacing[::-1])
 
 
+#: The least extent per axis (mm) of an image to register: two of the pre-alignment's voxels (`PREALIGN_BASE_MM`).
+MIN_EXTENT_MM = 4.0
+
+
 def _check_pair(fixed: Volume, moving: Volume, prealigned: bool = False) -> None:
     """Raise InputError for a 2D/3D mismatch, a too small image or images whose physical boxes do not overlap.
 
@@ -342,6 +346,12 @@ def _check_pair(fixed: Volume, moving: Volume, prealigned: bool = False) -> None
     for volume, what in ((fixed, "fixed image"), (moving, "moving image")):
         if min(volume.shape[1:]) < 4 or (not fixed_2d and volume.shape[0] < 4):
             raise InputError(f"{_name(volume, what)}: {volume.shape} voxels is too small to register (4 per axis)")
+        extent = [n * s for n, s in zip(volume.shape, volume.spacing, strict=True)][1 if fixed_2d else 0 :]
+        if min(extent) < MIN_EXTENT_MM:
+            raise InputError(
+                f"{_name(volume, what)}: covers only {' x '.join(f'{e:.3g}' for e in extent)} mm, too small to register "
+                f"(at least {MIN_EXTENT_MM:g} mm per axis); check its voxel spacing"
+            )
     # Boxes (voxel centres +- half a voxel) of the fixed grid, mapped into the moving image's continuous index space.
     corners = np.array(np.meshgrid(*[(-0.5, n - 0.5) for n in fixed.shape[::-1]], indexing="ij")).reshape(3, -1)
     points = fixed.affine[:3, :3] @ corners + fixed.affine[:3, 3:]
