@@ -194,6 +194,13 @@ def check_output(out: Path, folder: bool, inputs: Sequence[str], overwrite: bool
         raise InputError(f"{out}: exists; use --overwrite to replace it")
 
 
+#: Output names that look like a file of another format: ``colorize -o x.mha`` is refused, not made a PNG folder.
+FILE_SUFFIXES = (
+    ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".gz", ".zip", ".txt",
+    ".json", ".csv", ".npy", ".npz", ".h5",
+)  # fmt: skip
+
+
 def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Path:
     """Everything one `ctcolor colorize` run does with its parsed options: validate, read, colorize, write OUT
     (and --send). Returns OUT. `ctcolor batch colorize` runs exactly this for each input (without the progress bar).
@@ -208,6 +215,11 @@ def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Pa
         raise InputError(f"{out}: NIfTI output needs a .nii or .nii.gz name")
     if fmt != "nifti" and out.name.lower().endswith(NIFTI_SUFFIXES):
         raise InputError(f"{out}: a {fmt} export is a folder; give a folder name, not .nii")
+    if fmt != "nifti" and out.suffix.lower() in FILE_SUFFIXES:  # not a folder a user would name so
+        raise InputError(
+            f"{out}: colorize writes a .nii or .nii.gz file, or a folder of PNG slices or DICOM files "
+            f"(--format), not {out.suffix} files"
+        )
     remote = is_series_url(args.path)
     check_export_flags(fmt, args.keep_patient_info, args.send, remote)
     check_output(out, folder=fmt != "nifti", inputs=[] if remote else [args.path], overwrite=args.overwrite)
