@@ -430,3 +430,46 @@ def test_make_demo_main_job_writes_what_the_readme_says(tmp_path):
     montage = np.asarray(Image.open(tmp_path / "montage.png"))
     assert montage.shape == (2 * 384, 4 * 384, 3)
     np.testing.assert_array_equal(montage[384:, :384], rgb[48 // 5])  # the colour row holds the written colours
+
+
+def test_a_write_that_fails_half_way_leaves_no_partial_output(tmp_path, monkeypatch, capsys):
+    """A full disk in the middle of an export: `ctcolor colorize` to a PNG folder and to a DICOM folder, and
+    `ctcolor register` to OUTDIR, each fail on a later file than the first (in-process `main`, the writer patched to
+    raise ENOSPC as a full disk does). Exit 2 with one error line, and neither the output folder nor a temporary one is
+    left; an existing empty output folder stays as it was."""
+    import errno
+
+    import pydicom
+    from PIL import Image
+
+    from napari_ctcolor import commands
+    from napari_ctcolor.cli import main
+
+    ct_path = str(require_shared(CT_DIR / "totalseg-body-3mm-30slices.nii.gz"))
+
+    def fail_on(write, count: int):
+        calls = []
+
+        def patched(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == count:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(*args, **kwargs)
+
+        return patched
+
+    (tmp_path / "empty").mkdir()
+    runs = [
+        (Image.Image, "save", 4, ["colorize", ct_path, "-o", str(tmp_path / "pngs")]),
+        (Image.Image, "save", 4, ["colorize", ct_path, "-o", str(tmp_path / "empty")]),
+        (pydicom, "dcmwrite", 4, ["colorize", ct_path, "-o", str(tmp_path / "dcm"), "--format", "dicom"]),
+        (commands, "write_nifti", 3, ["register", ct_path, ct_path, "-o", str(tmp_path / "reg"), "--refine", "0"]),
+    ]
+    for owner, name, count, args in runs:
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, name, fail_on(getattr(owner, name), count))
+            capsys.readouterr()
+            code = main(args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "No space left" in err[0], (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any((tmp_path / "empty").iterdir())

@@ -26,7 +26,7 @@ from .errors import InputError
 from .io import NIFTI_SUFFIXES, Volume, write_nifti, write_vector_nifti
 from .io.dicomweb import is_series_url, read_series, send_series
 from .io.prefetch import read_volume_soon, read_volumes_soon
-from .io.write import atomic_path
+from .io.write import atomic_path, new_folder
 
 #: What a CUDA out-of-memory error becomes (the single commands and each batch input).
 OUT_OF_MEMORY = "the GPU ran out of memory; use a smaller --batch-size or --device cpu"
@@ -117,28 +117,31 @@ def register_command(args: argparse.Namespace) -> dict:
         prealigned.cancel()  # unused (a card without pre-alignment, an error before it): the child ends now
 
     start = time.perf_counter()
-    outputs["warped.nii.gz"].parent.mkdir(parents=True, exist_ok=True)
-    jobs = [
-        partial(write_vector_nifti, result.ddf, fixed, outputs["ddf.nii.gz"]),
-        partial(write_vector_nifti, result.inverse_ddf, fixed, outputs["inverse_ddf.nii.gz"]),
-        partial(write_nifti, result.warped, outputs["warped.nii.gz"]),
-        partial(write_nifti, result.jacobian, outputs["jacobian.nii.gz"]),
-        partial(write_nifti, checkerboard(fixed, result.warped, tile_mm=20.0), outputs["checkerboard.nii.gz"]),
-    ]
-    # The two fields dominate (83 MB each on OASIS, ~0.2 s each with igzip, which releases the GIL): threads overlap.
-    with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
-        for future in [pool.submit(job) for job in jobs]:
-            future.result()
-    metrics = {
-        **result.metrics,
-        "read_seconds": round(read_seconds, 3),
-        "write_seconds": round(time.perf_counter() - start, 3),
-        # File names only: full paths often carry patient names or record numbers.
-        "fixed": Path(args.fixed).name,
-        "moving": Path(args.moving).name,
-    }
-    with atomic_path(outputs["metrics.json"]) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    outdir = outputs["metrics.json"].parent
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    with new_folder(outdir) as target:  # a new OUTDIR appears only with every output in it
+        jobs = [
+            partial(write_vector_nifti, result.ddf, fixed, target / "ddf.nii.gz"),
+            partial(write_vector_nifti, result.inverse_ddf, fixed, target / "inverse_ddf.nii.gz"),
+            partial(write_nifti, result.warped, target / "warped.nii.gz"),
+            partial(write_nifti, result.jacobian, target / "jacobian.nii.gz"),
+            partial(write_nifti, checkerboard(fixed, result.warped, tile_mm=20.0), target / "checkerboard.nii.gz"),
+        ]
+        # The two fields dominate (83 MB each on OASIS, ~0.2 s each with igzip, which releases the GIL): threads
+        # overlap.
+        with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+            for future in [pool.submit(job) for job in jobs]:
+                future.result()
+        metrics = {
+            **result.metrics,
+            "read_seconds": round(read_seconds, 3),
+            "write_seconds": round(time.perf_counter() - start, 3),
+            # File names only: full paths often carry patient names or record numbers.
+            "fixed": Path(args.fixed).name,
+            "moving": Path(args.moving).name,
+        }
+        with atomic_path(target / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     if send:  # the warped moving image, on FIXED's grid, joins FIXED's study (the same patient's)
         own = ("modality", "series_description", "window")
         describe = {

@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import InputError
 from .nifti import nifti_affine
 from .volume import ColorVolume, Volume
-from .write import atomic_path, save_nifti
+from .write import atomic_path, new_folder, save_nifti
 
 __all__ = ["DICOM_MODALITY", "write_grey_dicom", "write_png_slices", "write_rgb_dicom", "write_rgb_nifti"]
 
@@ -92,14 +92,16 @@ def _slice_paths(folder: Path, n_slices: int, suffix: str) -> list[Path]:
 
 
 def _prepare_folder(folder: Path, paths: list[Path], suffix: str, overwrite: bool) -> None:
-    """Create ``folder`` (its parent must exist), refuse existing slices, and with ``overwrite`` remove stale
-    ``slice_*`` files of an earlier, longer stack so the folder never mixes two volumes."""
+    """Check ``folder`` (its parent must exist), refuse existing slices, and with ``overwrite`` remove stale
+    ``slice_*`` files of an earlier, longer stack so the folder never mixes two volumes. The writers create the
+    folder through `new_folder`."""
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder}: exists and is not a folder")
     if not folder.parent.exists():
         raise InputError(f"{folder}: parent folder {folder.parent} does not exist")
     _refuse_existing(paths, overwrite)
-    folder.mkdir(exist_ok=True)
+    if not folder.is_dir():
+        return
     keep = set(paths)
     for stale in folder.glob(f"slice_*{suffix}"):
         if stale not in keep:
@@ -159,29 +161,29 @@ def write_png_slices(cv: ColorVolume, folder: str | os.PathLike, overwrite: bool
     from .color_read import PNG_GEOMETRY
 
     folder = Path(folder)
-    paths = _slice_paths(folder, cv.rgb.shape[0], ".png")
     _refuse_existing([folder / PNG_GEOMETRY], overwrite)
-    _prepare_folder(folder, paths, ".png", overwrite)
+    _prepare_folder(folder, _slice_paths(folder, cv.rgb.shape[0], ".png"), ".png", overwrite)
     dpi = (25.4 / cv.spacing[2], 25.4 / cv.spacing[1])  # pixels per inch along x, y
     # Index axis i (columns) and j (rows): flip where the dominant LPS component of the axis direction is negative.
     flip_x = bool(cv.direction[np.argmax(np.abs(cv.direction[:, 0])), 0] < 0)
     flip_y = bool(cv.direction[np.argmax(np.abs(cv.direction[:, 1])), 1] < 0)
     view = cv.rgb[:, :: -1 if flip_y else 1, :: -1 if flip_x else 1]
-    for k, path in enumerate(paths):
-        with atomic_path(path) as tmp:
-            Image.fromarray(np.ascontiguousarray(view[k])).save(tmp, format="PNG", dpi=dpi)
     geometry = {
         "written_by": "napari-ctcolor",
-        "slices": len(paths),
+        "slices": cv.rgb.shape[0],
         "spacing": list(cv.spacing),
         "origin": list(cv.origin),
         "direction": cv.direction.flatten().tolist(),
         "display_flips": [flip_y, flip_x],
         "note": "LPS mm of the array before the display flips (rows, columns) applied to every PNG",
     }
-    with atomic_path(folder / PNG_GEOMETRY) as tmp:
-        Path(tmp).write_text(json.dumps(geometry, indent=1))
-    return paths
+    with new_folder(folder) as target:
+        for k, path in enumerate(_slice_paths(target, cv.rgb.shape[0], ".png")):
+            with atomic_path(path) as tmp:
+                Image.fromarray(np.ascontiguousarray(view[k])).save(tmp, format="PNG", dpi=dpi)
+        with atomic_path(target / PNG_GEOMETRY) as tmp:
+            Path(tmp).write_text(json.dumps(geometry, indent=1))
+    return _slice_paths(folder, cv.rgb.shape[0], ".png")
 
 
 def write_rgb_dicom(
@@ -344,31 +346,32 @@ def _series_dataset(
 
 def _write_series(series, image: Volume | ColorVolume, folder, slice_bytes, vr: str, overwrite: bool) -> list[Path]:
     """One file per slice of ``image`` (``slice_0000.dcm`` ...): ``series`` plus the slice's UID, number, position
-    and pixels (``slice_bytes(k)``); explicit VR little endian, each file written atomically."""
+    and pixels (``slice_bytes(k)``); explicit VR little endian, each file written atomically, a new series into a
+    folder that takes its name only when every slice is written (`new_folder`)."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     folder = Path(folder)
-    paths = _slice_paths(folder, image.shape[0], ".dcm")
-    _prepare_folder(folder, paths, ".dcm", overwrite)
+    _prepare_folder(folder, _slice_paths(folder, image.shape[0], ".dcm"), ".dcm", overwrite)
     affine = image.affine
-    for k, path in enumerate(paths):
-        ds = Dataset()
-        ds.update(series)
-        ds.SOPInstanceUID = generate_uid()
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = _ds(affine[:3, :3] @ (0.0, 0.0, float(k)) + affine[:3, 3])
-        pixels = slice_bytes(k)
-        ds.PixelData = pixels + b"\0" * (len(pixels) % 2)  # values have even length
-        ds["PixelData"].VR = vr
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        with atomic_path(path) as tmp:
-            pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
-    return paths
+    with new_folder(folder) as target:
+        for k, path in enumerate(_slice_paths(target, image.shape[0], ".dcm")):
+            ds = Dataset()
+            ds.update(series)
+            ds.SOPInstanceUID = generate_uid()
+            ds.InstanceNumber = k + 1
+            ds.ImagePositionPatient = _ds(affine[:3, :3] @ (0.0, 0.0, float(k)) + affine[:3, 3])
+            pixels = slice_bytes(k)
+            ds.PixelData = pixels + b"\0" * (len(pixels) % 2)  # values have even length
+            ds["PixelData"].VR = vr
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            with atomic_path(path) as tmp:
+                pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+    return _slice_paths(folder, image.shape[0], ".dcm")
 
 
 def _first_source(source_datasets: Sequence[Any] | None):

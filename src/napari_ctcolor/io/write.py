@@ -39,6 +39,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def new_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield where to write the files of ``folder``: while ``folder`` is missing or empty, a temporary folder beside
+    it that takes its name only if the block succeeds, so that a failed export (a full disk) leaves no partial
+    series; ``folder`` itself when it already holds files (an ``--overwrite`` replaces them one by one)."""
+    folder = Path(folder)
+    if folder.is_dir() and any(folder.iterdir()):
+        yield folder
+        return
+    if not folder.parent.is_dir():
+        raise InputError(f"{folder}: parent folder {folder.parent} does not exist")
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: exists and is not a folder")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes it owner-only; the output gets a plain mkdir's permissions
+    try:
+        yield tmp
+        os.replace(tmp, folder)  # onto a missing or empty folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 #: Deflate level of the ``.nii.gz`` outputs: 1, nibabel's own default for writing (speed over a few % of size).
 GZIP_LEVEL = 1
 
