@@ -473,3 +473,26 @@ def test_a_write_that_fails_half_way_leaves_no_partial_output(tmp_path, monkeypa
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and "No space left" in err[0], (args, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any((tmp_path / "empty").iterdir())
+
+
+def test_register_reads_nan_voxels_as_air_and_writes_finite_outputs(tmp_path):
+    """Some NIfTI files mark unreconstructed voxels NaN. `ctcolor register` with such a fixed image (a corner of
+    the 3 mm slab NaN, and a voxel +inf) and `ctcolor peer demons` read them as the image's minimum, as the
+    colorizer does: no SimpleITK noise on stderr, and every output finite (the checkerboard, the warped image and
+    the fields carried NaN before)."""
+    ct_path = require_shared(CT_DIR / "totalseg-body-3mm-30slices.nii.gz")
+    image = sitk.Cast(sitk.ReadImage(str(ct_path)), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    array[:, :20, :20] = np.nan
+    array[15, 50, 60] = np.inf
+    nan_image = sitk.GetImageFromArray(array)
+    nan_image.CopyInformation(image)
+    nan_path = tmp_path / "nan.nii.gz"
+    sitk.WriteImage(nan_image, str(nan_path))
+    for command, out in (("register", tmp_path / "reg"), ("peer", tmp_path / "peer")):
+        args = [command, str(nan_path), str(ct_path), "-o", str(out)]
+        done = ctcolor(*(args + ["--refine", "5"] if command == "register" else ["peer", "demons", *args[1:]]))
+        assert done.returncode == 0, done.stderr
+        assert all(line.startswith("warning: ") for line in done.stderr.strip().splitlines()), done.stderr
+        for path in out.glob("*.nii.gz"):
+            assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).all(), path.name

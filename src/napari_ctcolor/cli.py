@@ -127,7 +127,7 @@ def _cmd_peer(args: argparse.Namespace) -> int:
         nib.save(nib.Nifti1Image(warped, affine), str(outdir / "warped.nii.gz"))
         nib.save(nib.Nifti1Image(f_ba, affine), str(outdir / "flow.nii.gz"))
     else:
-        fixed, moving = read_volume(args.fixed), read_volume(args.moving)
+        fixed, moving = read_volume(args.fixed).finite(), read_volume(args.moving).finite()
         on_grid = moving if same_grid(fixed, moving) else None
         if on_grid is None:
             low = float(np.nanmin(moving.array))
@@ -173,7 +173,7 @@ def _cmd_checkerboard(args: argparse.Namespace) -> int:
     if not out.name.lower().endswith(NIFTI_SUFFIXES):
         raise InputError(f"{out}: the checkerboard is written as NIfTI; name it .nii or .nii.gz")
     check_output(out, folder=False, inputs=[args.a, args.b], overwrite=args.overwrite)
-    a, b = read_volume(args.a), read_volume(args.b)
+    a, b = read_volume(args.a).finite(), read_volume(args.b).finite()
     write_nifti(checkerboard(a, b, tile_mm=args.tile_mm), out)
     return 0
 

@@ -101,7 +101,7 @@ def register_command(args: argparse.Namespace) -> dict:
         # A bad --refine stops here: the reader is a daemonic child, ended at exit, and nothing has been written.
         refine = parse_refine(args.refine) if isinstance(args.refine, str) else args.refine
         start = time.perf_counter()
-        fixed, moving = (read() for read in reads)
+        fixed, moving = (read().finite() for read in reads)  # the checkerboard below reads fixed too
         read_seconds = time.perf_counter() - start  # what reading added after the import: the wait for the child
         source = same_patient_header(args.fixed, args.moving, moving.meta) if send else None
         result = register(

@@ -37,6 +37,7 @@ def prealign(fixed: Volume, moving: Volume) -> sitk.AffineTransform:
         InputError: for 2D images (one slice), or when SimpleITK fails.
     """
     name = str(moving.meta.get("source") or "moving image")
+    fixed, moving = fixed.finite(), moving.finite()
     if fixed.shape[0] == 1:
         raise InputError(f"{name}: the affine pre-alignment works on 3D volumes; register 2D slices without --affine")
 

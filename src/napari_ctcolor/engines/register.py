@@ -788,6 +788,7 @@ def iter_register(
     loaded = load_registration_model(model)  # before the stages: a bad file or refinement count fails at once
     affine = (loaded.prealign and not two_d) if affine is None else bool(affine)  # 2D: never by default
     _check_pair(fixed, moving, prealigned=affine)
+    fixed, moving = fixed.finite(), moving.finite()
     torch_device = resolve_device(device)
     fixed_low, fixed_high = _intensity_range(fixed, "fixed image")
     moving_low, moving_high = _intensity_range(moving, "moving image")

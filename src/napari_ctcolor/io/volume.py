@@ -101,6 +101,18 @@ class Volume:
             raise InputError(f"array shape {array.shape} does not match the volume's {self.array.shape}")
         return replace(self, array=array, meta={**self.meta, **meta})
 
+    def finite(self) -> Volume:
+        """This volume, or a copy with NaN as the finite minimum (air in a CT: some NIfTI files mark unreconstructed
+        voxels so) and +-inf clipped to the finite range, as the colorizer reads them. Registration and its
+        pre-alignment need it: SimpleITK's optimiser and the warped image would carry the NaN."""
+        if self.array.dtype.kind != "f" or np.isfinite(self.array).all():
+            return self
+        values = self.array[np.isfinite(self.array)]
+        if values.size == 0:
+            raise InputError(f"{self.meta.get('source') or 'the image'}: no finite voxel values")
+        low, high = float(values.min()), float(values.max())
+        return self.with_array(np.nan_to_num(self.array, nan=low, posinf=high, neginf=low))
+
     def napari_kwargs(self) -> dict[str, Any]:
         """``scale``/``translate`` (or ``affine`` when the direction is not the identity) for a napari layer."""
         return _napari_kwargs(self.spacing, self.origin, self.direction)
