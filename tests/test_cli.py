@@ -140,6 +140,8 @@ def test_colorize_cli_refuses_non_ct_existing_outputs_and_bad_settings(tmp_path)
         ["-o", str(tmp_path / "x.nii.gz"), "--classes", str(tmp_path / "x.nii.gz")],
         ["-o", str(tmp_path / "x.nii.gz"), "--classes", str(existing)],
         ["-o", str(tmp_path / "s.mha")],  # another file format's name, not a folder of PNG slices
+        ["-o", str(existing / "r.nii.gz")],  # a file where the folder should be: refused before the network runs
+        ["-o", str(tmp_path / "q.nii.gz"), "--batch-size", "0"],
     ):
         result = ctcolor("colorize", str(ct_path), *args)
         lines = result.stderr.strip().splitlines()
@@ -147,7 +149,7 @@ def test_colorize_cli_refuses_non_ct_existing_outputs_and_bad_settings(tmp_path)
         if str(bad_csv) in args:
             assert "line 3" in lines[0]  # the bad row is named
     assert existing.read_bytes() == b"keep me"
-    assert not any(tmp_path.glob("[tuvwxyz].nii.gz")) and not (tmp_path / "s.mha").exists()
+    assert not any(tmp_path.glob("[qtuvwxyz].nii.gz")) and not (tmp_path / "s.mha").exists()
 
 
 def test_moving_on_its_own_grid_matches_simpleitk_applying_the_written_fields(tmp_path):

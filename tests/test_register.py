@@ -493,7 +493,7 @@ def test_cli_refuses_bad_refinement_counts_and_models_of_the_wrong_kind_with_one
         ("--refine", "10001"): refine_message,
         ("--refine", "many"): refine_message,
         ("--model", colorizer): "not a SYMNet checkpoint",
-        ("--model", ct_path): "only .safetensors weights are loaded",
+        ("--model", ct_path): "SYMNet weights are a .safetensors file with its card or an official .pth checkpoint",
     }
     for k, (args, message) in enumerate(cases.items()):
         done = _ctcolor("register", ct_path, ct_path, "-o", str(tmp_path / f"out{k}"), *args)

@@ -193,6 +193,8 @@ def check_output(out: Path, folder: bool, inputs: Sequence[str], overwrite: bool
             raise InputError(f"{out}: the input {given} is inside this output folder; choose another folder")
     if not out.parent.exists():
         raise InputError(f"{out}: folder {out.parent} does not exist")
+    if not out.parent.is_dir():
+        raise InputError(f"{out}: {out.parent} is a file, not a folder")
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out}: exists; use --overwrite to replace it")
 

@@ -107,6 +107,8 @@ def load_symnet(name_or_path: str | os.PathLike) -> tuple[SYMNet, dict[str, Any]
     if str(name_or_path).lower().endswith((".pth", ".pt")):
         return load_symnet_checkpoint(Path(name_or_path)), {}
     path, card_path = find_weights(name_or_path)
+    if path.suffix.lower() != ".safetensors":
+        raise InputError(f"{path}: SYMNet weights are a .safetensors file with its card or an official .pth checkpoint")
     card = read_card(card_path) if card_path else {}
     state, _ = load_state(path, card)
     return symnet_from_state_dict(state, source=str(path)), card

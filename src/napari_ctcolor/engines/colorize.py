@@ -623,7 +623,7 @@ def iter_predict_chroma(
     pad = (_network_padding(height, multiple), _network_padding(width, multiple))
     # CPU, 2D: 8 slices per batch were faster than 16 (13.8 against 17.8 ms per 512² slice, cache) and keep the
     # network's temporaries smaller; 3D: 16, i.e. 4 patches per step.
-    batch = batch_size or (64 if device.type == "cuda" else 8 if config.dims == 2 else 16)
+    batch = (64 if device.type == "cuda" else 8 if config.dims == 2 else 16) if batch_size is None else batch_size
     if batch < 1:
         raise InputError(f"batch size must be >= 1, got {batch}")
 
