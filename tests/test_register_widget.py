@@ -176,6 +176,7 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     for out in (warped, board, difference, jacobian):
         assert_on_fixed_grid(out, fixed)
     assert [lyr.name for lyr in viewer.layers][-2:] == ["checkerboard", "tile edges"]  # on top, where one looks
+    assert viewer.layers.selection.active is board  # its HU in the status bar, not the hidden outlines'
     # Tile outlines in the displayed plane only: lines, never a whole slice; they follow the view. They start
     # hidden (they sit where the eye looks for steps), and stay as the user leaves them whatever the view buttons do.
     edges = layer(viewer, "tile edges")

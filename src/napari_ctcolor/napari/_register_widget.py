@@ -83,12 +83,12 @@ JACOBIAN_LIMITS = (0.0, 2.0)
 DIFFERENCE_COLORMAP = Colormap(
     [[0.15, 0.35, 1.0, 1.0], [0.15, 0.35, 1.0, 0.0], [1.0, 0.2, 0.1, 0.0], [1.0, 0.2, 0.1, 1.0]],
     controls=[0.0, 0.5, 0.5, 1.0],
-    name="ctcolor difference (blue: warped brighter, red: fixed brighter)",
+    name="ctcolor difference",  # blue: warped brighter, red: fixed brighter (the summary says so)
 )
 JACOBIAN_COLORMAP = Colormap(
     [[0.85, 0.1, 0.75, 1.0], [0.85, 0.1, 0.75, 0.0], [0.1, 0.7, 0.2, 0.0], [0.1, 0.7, 0.2, 1.0]],
     controls=[0.0, 0.5, 0.5, 1.0],
-    name="ctcolor Jacobian (magenta: compressed, green: expanded)",
+    name="ctcolor Jacobian",  # magenta: compressed, green: expanded (the summary says so)
 )
 OVERLAY_OPACITY = 0.8
 #: Thin yellow lines where the checkerboard's tiles meet: once aligned, fixed and warped tiles look alike.
@@ -584,6 +584,9 @@ class RegisterWidget(Container):
             JACOBIAN, result.jacobian.array, "jacobian", limits=JACOBIAN_LIMITS, colormap=JACOBIAN_COLORMAP, **overlay
         )
         self._redraw_checkerboard()
+        # The checkerboard, on top, is what the user reads first (its HU in the status bar), not the hidden tile edges
+        # that were appended last.
+        self._viewer.layers.selection.active = next(lyr for lyr in self._layers() if lyr.name == CHECKERBOARD)
         m = result.metrics
         prealigned = f" (affine {m['ncc_prealigned']:.3f})" if "ncc_prealigned" in m else ""
         warnings = "".join(f"<br>⚠ {html.escape(w)}" for w in m.get("warnings", []))
