@@ -348,8 +348,9 @@ def _check_pair(fixed: Volume, moving: Volume, prealigned: bool = False) -> None
             raise InputError(f"{_name(volume, what)}: {volume.shape} voxels is too small to register (4 per axis)")
         extent = [n * s for n, s in zip(volume.shape, volume.spacing, strict=True)][1 if fixed_2d else 0 :]
         if min(extent) < MIN_EXTENT_MM:
+            size = " x ".join(f"{e:.3g}" for e in extent)
             raise InputError(
-                f"{_name(volume, what)}: covers only {' x '.join(f'{e:.3g}' for e in extent)} mm, too small to register "
+                f"{_name(volume, what)}: covers only {size} mm, too small to register "
                 f"(at least {MIN_EXTENT_MM:g} mm per axis); check its voxel spacing"
             )
     # Boxes (voxel centres +- half a voxel) of the fixed grid, mapped into the moving image's continuous index space.

@@ -135,7 +135,8 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         raise InputError(f"{path}: the header's affine has NaN or infinite entries")
     spacing_xyz = np.linalg.norm(lps[:3, :3], axis=0)
     if not np.all(spacing_xyz > 0):
-        raise InputError(f"{path}: the affine has a zero-length axis (spacing {', '.join(f'{s:g}' for s in spacing_xyz)} mm)")
+        spacing = ", ".join(f"{s:g}" for s in spacing_xyz)
+        raise InputError(f"{path}: the affine has a zero-length axis (spacing {spacing} mm)")
     direction = lps[:3, :3] / spacing_xyz
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
         raise InputError(f"{path}: the affine is sheared (its axes are not orthogonal); resample it to a regular grid")
