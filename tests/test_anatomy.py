@@ -238,6 +238,9 @@ def test_a_structure_named_on_an_island_smaller_than_the_minimum_piece_takes_its
     top[0, 0, 8:9, 6:9] = 8  # 3 pixels of rib beside 2 more in the next slice (faces and edges): 5, kept
     top[1, 0, 9, 8:10] = 8
     assert anatomy.MIN_PIECE_ML == 0.5
+    lone = top[:1].clone()  # a lone slice has no extent through the plane: its islands keep their names
+    anatomy.keep_main_pieces(lone, hu[:1], classes, voxel_ml=None)
+    assert torch.equal(lone, top[:1])
     anatomy.keep_main_pieces(top, hu, classes, voxel_ml=0.1)
     assert (top[0, 0, 0:2, 0:2] == 3).all() and (top[0:2, 0, 5, 0:2] == 4).all() and (top[2, 0, 8, 0:4] == 5).all()
     assert (top[1:3, 0, 0:1, 6:9] == 7).all() and (top[0, 0, 8:9, 6:9] == 8).all() and (top[1, 0, 9, 8:10] == 8).all()

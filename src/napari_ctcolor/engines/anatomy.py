@@ -160,11 +160,14 @@ PIECES = {
 MIN_PIECE_ML = 0.5
 
 
-def keep_main_pieces(top: torch.Tensor, small_hu: torch.Tensor, classes: tuple[str, ...], voxel_ml: float) -> None:
+def keep_main_pieces(
+    top: torch.Tensor, small_hu: torch.Tensor, classes: tuple[str, ...], voxel_ml: float | None
+) -> None:
     """Rename, in place, the pixels whose most probable class is a named structure on a connected piece (3D, faces
     and edges) smaller than `MIN_PIECE_ML`, or a `PIECES` organ outside its largest piece(s), to their tissue: bone
     for a bone, else by HU (soft tissue; fat below `FAT_MAX_HU`; for the heart and vessels contrast blood from
-    `CONTRAST_MIN_HU`). ``top``: (Z, k, h, w) kept classes, most probable first; ``voxel_ml``: one pixel's volume.
+    `CONTRAST_MIN_HU`). ``top``: (Z, k, h, w) kept classes, most probable first; ``voxel_ml``: one pixel's volume,
+    None for a lone slice, which has no extent through the plane to weigh (only the `PIECES` rule applies).
     Their probabilities stay, so the pixel keeps its confidence under its tissue's name. A class may then appear
     twice among a pixel's kept ones (the sum of both is what the composition and the names use).
 
@@ -182,7 +185,7 @@ def keep_main_pieces(top: torch.Tensor, small_hu: torch.Tensor, classes: tuple[s
     sizes = np.bincount(pieces.ravel())
     piece_class = np.zeros(len(sizes), dtype=np.int64)
     piece_class[pieces.ravel()] = first.ravel()
-    stray = sizes * voxel_ml < MIN_PIECE_ML
+    stray = sizes * voxel_ml < MIN_PIECE_ML if voxel_ml is not None else np.zeros(len(sizes), dtype=bool)
     for name, count in PIECES.items():
         if name in classes:
             ids = np.flatnonzero(piece_class[1:] == classes.index(name)) + 1

@@ -767,7 +767,7 @@ def _make_consistent(
         keep = slice(max(stop - radius, 0) - lo, stop - lo)
         saved_top, saved_prob = block_top[keep].clone(), block_prob[keep].clone()
         top[start:stop], prob[start:stop] = chunk_top.to(torch.uint8), _quantise(chunk_prob)
-    _anatomy.keep_main_pieces(top, small_hu, classes, spacing_z * pixel_mm2 / 1000.0)
+    _anatomy.keep_main_pieces(top, small_hu, classes, spacing_z * pixel_mm2 / 1000.0 if top.shape[0] > 1 else None)
     if outside is not None:
         top[:, 0][outside], prob[:, 0][outside] = classes.index("air"), 255
         prob[:, 1:].masked_fill_(outside[:, None], 0)
