@@ -491,9 +491,10 @@ def test_register_reads_nan_voxels_as_air_and_writes_finite_outputs(tmp_path):
     nan_image.CopyInformation(image)
     nan_path = tmp_path / "nan.nii.gz"
     sitk.WriteImage(nan_image, str(nan_path))
-    for command, out in (("register", tmp_path / "reg"), ("peer", tmp_path / "peer")):
-        args = [command, str(nan_path), str(ct_path), "-o", str(out)]
-        done = ctcolor(*(args + ["--refine", "5"] if command == "register" else ["peer", "demons", *args[1:]]))
+    pair = [str(nan_path), str(ct_path)]
+    for command, out in ((["register"], tmp_path / "reg"), (["peer", "demons"], tmp_path / "peer")):
+        options = ["--refine", "5"] if command == ["register"] else []
+        done = ctcolor(*command, *pair, "-o", str(out), *options)
         assert done.returncode == 0, done.stderr
         assert all(line.startswith("warning: ") for line in done.stderr.strip().splitlines()), done.stderr
         for path in out.glob("*.nii.gz"):
