@@ -1,10 +1,19 @@
-"""`engines.body.body_mask`: the body without the table, its arms kept (colour, 3D views and metrics use it)."""
+"""`engines.body.body_mask`: the body without the table, its arms kept (colour, 3D views and metrics use it); and
+when the field of view cuts through the chest wall, the lungs stay the patient's and the air around the patient stays
+outside, on crops of the shared chest CTs and on synthetic slices beyond their range (emphysematous lung, noisy air,
+padding outside the reconstruction circle)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from napari_ctcolor.engines.body import body_mask
+from napari_ctcolor.io import Volume, read_volume
+from napari_ctcolor.training.exams import cut_fov
+from napari_ctcolor.training.partial import derive_chest
+
+from conftest import CT_DIR, require_shared
 
 
 def test_the_table_goes_and_both_arms_stay():
@@ -33,3 +42,52 @@ def test_a_single_slice_keeps_its_body():
     hu[0, 10:50, 12:52] = 40.0
     body = body_mask(hu, (5.0, 1.0, 1.0))
     assert body[0, 10:50, 12:52].all() and body.sum() == 40 * 40
+
+
+CHEST = ("chest-popi-2mm.nii.gz", "chest-lung2-5mm.nrrd", "chest-lung1-5mm.nrrd")
+
+
+@pytest.mark.parametrize("name", CHEST)
+def test_the_lungs_stay_inside_the_body_when_the_field_of_view_cuts_the_chest_wall(name):
+    """Crops to 60 and 50 % of each slice's rows and columns (a cardiac or CTA field of view): the lungs found on the
+    whole slices (`derive_chest`) lie inside the crop's body on at least 99.5 % of their voxels (before the cut-lung
+    rule: 0.4-63 %), and the body takes at most 4 % of voxels that the whole slices' body does not hold (a foam
+    mattress shown without the air beside it, module docstring of `engines.body`)."""
+    ct = read_volume(require_shared(CT_DIR / name))
+    masks = derive_chest(ct)
+    for keep in (0.6, 0.5):
+        cut, (lung, whole) = cut_fov(ct, keep, masks["lung"], masks["body"])
+        body = body_mask(np.asarray(cut.array, dtype=np.float32), cut.spacing)
+        inside, beyond = float(body[lung].mean()), float((body & ~whole).sum() / body.sum())
+        print(name, keep, inside, beyond)
+        assert inside >= 0.995 and beyond <= 0.04, (keep, inside, beyond)
+
+
+def _slice(lung_hu: float, air_hu: float, noise: float, seed: int = 0) -> np.ndarray:
+    """A synthetic axial slice at 1 mm (240 x 240): a 300 x 236 mm chest of soft tissue, cut by the image's left and
+    right edges, its wall at least 26 mm thick elsewhere, with two lungs of ``lung_hu`` that reach those edges, in air
+    of ``air_hu``; Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:240, :240].astype(np.float32)
+    hu = np.full((240, 240), air_hu, np.float32)
+    chest = ((y - 120) / 118) ** 2 + ((x - 120) / 150) ** 2 <= 1.0
+    hu[chest] = 40.0
+    lungs = (((y - 120) / 60) ** 2 + ((np.abs(x - 120) - 80) / 60) ** 2 <= 1.0) & (np.abs(x - 120) > 25)
+    hu[lungs] = lung_hu
+    return hu + rng.normal(0, noise, hu.shape).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("lung_hu", "air_hu", "noise"),
+    [(-850, -1000, 10), (-940, -1000, 10), (-850, -1000, 40), (-850, -3024, 10)],
+    ids=["normal", "emphysema", "noisy", "padding"],
+)
+def test_synthetic_cut_lungs_are_inside_and_the_air_outside(lung_hu, air_hu, noise):
+    """Beyond the shared CTs: lung at -850 and -940 HU (emphysema), air noise of 10 and 40 HU, the scanner's padding
+    (-3024) as the air. Each lung reaches the image's left or right edge; 12 slices of 3 mm."""
+    hu = np.stack([_slice(lung_hu, air_hu, noise, seed) for seed in range(12)])
+    volume = Volume(hu, (3.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    body = body_mask(volume.array, volume.spacing)
+    truth = np.stack([_slice(lung_hu, air_hu, 0.0)] * 12) > (air_hu + 1.0)
+    assert body[truth].mean() >= 0.99
+    assert body[~truth].mean() <= 0.001
