@@ -60,10 +60,11 @@ MODELS = (
 
 
 @pytest.mark.parametrize("names", LABELLED, ids=lambda n: n[0])
-def test_liver_level_rule_never_rules_out_a_labelled_pelvic_structure_and_bites_on_the_upper_abdomen(names):
-    """The network's own sure liver (`at_liver_level`), from the shipped model and both leave-one-out models (each
-    blind to one of these patients): no slice that holds a labelled pelvic structure is at the liver's level; on
-    the upper-abdomen series, which shows no lung, every slice is (where the lung rules cannot place it)."""
+def test_pelvis_rule_never_rules_out_a_labelled_pelvic_structure_and_bites_above_it(names):
+    """The network's own sure liver, spleen and kidney sections (`above_pelvis`), from the shipped model and both
+    leave-one-out models (each blind to one of these patients): no slice that holds a labelled pelvic structure is
+    ruled out; on the upper-abdomen series, which shows no lung, every slice is, and on the 3 mm CT every slice from
+    the kidneys' lowest labelled slice up."""
     from napari_ctcolor.engines.colorize import predict_chroma
 
     require_shared(CT_DIR / names[0])
@@ -71,28 +72,43 @@ def test_liver_level_rule_never_rules_out_a_labelled_pelvic_structure_and_bites_
     ct = case.ct
     pelvic_ids = [k for k, n in case.label_names.items() if colour_class(n).startswith(anatomy.PELVIS)]
     pelvic = np.isin(case.labels, pelvic_ids).any(axis=(1, 2))
+    kidney_ids = [k for k, n in case.label_names.items() if colour_class(n) == "kidney"]
+    superior = anatomy.slice_superior_mm(ct.shape[0], ct.spacing[0], ct.origin, ct.direction)
     for model in MODELS:
         chroma = predict_chroma(ct, model, device="cpu", anatomy=False, bf16=False)
         pixel_mm2 = ct.spacing[1] * ct.spacing[2] * chroma.factor**2
-        allowed = anatomy.at_liver_level(chroma.top, chroma.prob, chroma.classes, pixel_mm2).numpy()
+        allowed = anatomy.above_pelvis(chroma.top, chroma.prob, chroma.classes, pixel_mm2, superior).numpy()
         femur = chroma.classes.index("femur")
         assert allowed[pelvic, femur].all(), model
         if names[0].startswith("totalseg-abdomen"):
             assert not allowed[:, femur].any(), model
+        else:
+            kidney_low = superior[np.isin(case.labels, kidney_ids).any(axis=(1, 2))].min()
+            assert not allowed[superior >= kidney_low + 3 * ct.spacing[0], femur].any(), model
 
 
-def test_a_large_sure_liver_section_rules_out_the_pelvis_on_its_slice_only():
+def test_a_sure_organ_section_rules_out_the_pelvis_on_and_above_its_slices():
+    """Analytic: slices ordered inferior (0) to superior (5); liver sure on slices 3-4 (with a neighbour), a lone
+    kidney section on slice 1 (no neighbour: not enough), nothing on 0, 2 and 5. The pelvis is ruled out on 3, 4
+    and 5 (above the liver's lowest sure slice, although 5 shows no organ), allowed on 0-2."""
     classes = ("air", "fat", "soft_tissue", "liver", "femur", "gluteus_maximus", "kidney")
-    top = torch.zeros((3, 2, 10, 10), dtype=torch.uint8)
-    prob = torch.zeros((3, 2, 10, 10), dtype=torch.uint8)
-    top[:, 0], prob[:, 0] = 3, 200  # liver at 0.78 everywhere...
-    prob[1, 0] = 100  # ... except slice 1, where it is unsure (0.39)
-    top[2, 0, 5:] = 6  # slice 2: half of it kidney
-    pixel_mm2 = anatomy.LIVER_LEVEL_CM2 * 100.0 / 60.0  # 60 pixels of liver make the threshold
-    allowed = anatomy.at_liver_level(top, prob, classes, pixel_mm2)
+    top = torch.zeros((6, 2, 10, 10), dtype=torch.uint8)
+    prob = torch.zeros((6, 2, 10, 10), dtype=torch.uint8)
+    top[:, 0], prob[:, 0] = 2, 200  # soft tissue, sure, everywhere...
+    top[3:5, 0] = 3  # ... liver on slices 3 and 4
+    top[1, 0] = 6  # a kidney section on slice 1 alone
+    pixel_mm2 = anatomy.ABOVE_PELVIS_CM2["liver"] * 100.0 / 60.0  # 60 pixels of liver make the threshold
+    superior = np.arange(6) * 5.0
+    allowed = anatomy.above_pelvis(top, prob, classes, pixel_mm2, superior)
     pelvic = [classes.index("femur"), classes.index("gluteus_maximus")]
-    assert not allowed[0, pelvic].any() and allowed[1, pelvic].all() and allowed[2, pelvic].all()
+    assert allowed[:3][:, pelvic].all() and not allowed[3:][:, pelvic].any()
     assert allowed[:, [0, 1, 2, 3, 6]].all()
+    prob[3:5, 0] = 100  # unsure (0.39) liver places nothing
+    assert anatomy.above_pelvis(top, prob, classes, pixel_mm2, superior).all()
+    # the order is the patient's, not the array's: the same volume stored superior first
+    prob[3:5, 0] = 200
+    flipped = anatomy.above_pelvis(top.flip(0), prob.flip(0), classes, pixel_mm2, superior[::-1].copy())
+    assert torch.equal(flipped, allowed.flip(0))
 
 
 def test_unsure_structures_are_named_by_their_tissue_and_impossible_ones_removed():

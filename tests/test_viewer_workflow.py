@@ -162,7 +162,7 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
     shown = [lyr.name for lyr in viewer.layers if lyr.visible]
     assert shown == [f"{ct.name} 3D bone", f"{ct.name} 3D vessels"]
     assert all(lyr.rendering == "iso" for lyr in viewer.layers if lyr.visible)
-    # A non-contrast CT: nothing is contrast-filled. Its cancellous bone (150-600 HU, the cortex below 650 HU at
+    # A non-contrast CT: nothing is contrast-filled. Its cancellous bone (150-800 HU, the cortex below 800 HU at
     # 3 mm), which HU alone takes for contrast blood, is named bone by the colorizer and stays out of the red surface.
     spacing = (3.0, 3.0 * s, 3.0 * s)
     red = viewer.layers[f"{ct.name} 3D vessels"].data > 0.5

@@ -8,11 +8,12 @@ Four steps, each at the network's resolution (16x fewer pixels than the CT), on 
    (not across slices thicker than that: a 5 mm slice keeps its own), weighted by HU likeness, so the smoothing stops
    where the CT changes along z as the guided upsampling does in-plane.
 2. **Anatomy that fits the body region**: each slice's position relative to the lungs, found from HU alone
-   (`body_region`), rules out structures that cannot be there: no femur, bladder or gluteal muscle beside the lungs,
-   no liver or bowel well above the diaphragm, no heart below the lung bases (`REGION_RULES`); no pelvic structure
-   on a slice where the network is sure of a large liver section (`at_liver_level`: an upper-abdomen series shows no
-   lung to place it); no spleen right of the body's midline, no gallbladder left of it and no heart far right of it
-   (`LATERAL_MM`). Their probability goes to zero.
+   (`body_region`), rules out structures that cannot be there: no femur, bladder or gluteal muscle beside the lungs, no
+   liver or bowel well above the diaphragm, no heart below the lung bases (`REGION_RULES`); no pelvic structure on or
+   above the most inferior slices where the network is sure of a large liver, spleen or kidney section (`above_pelvis`:
+   the volume's own order of what it shows; an upper-abdomen series shows no lung to place it, and a
+   chest-to-upper-abdomen CT angiography ends well below its lung bases); no spleen right of the body's midline, no
+   gallbladder left of it and no heart far right of it (`LATERAL_MM`). Their probability goes to zero.
 3. **"Tissue" when unsure**: where no named structure reaches `CONFIDENT` (ruled-out probability counting as
    doubt), the structures' probability moves to tissue classes (fat, soft tissue, contrast blood or bone): each
    structure's to its own tissue family, checked against the HU, so the voxel takes a plain tissue colour and the
@@ -85,12 +86,16 @@ REGION_RULES: tuple[tuple[tuple[str, ...], str, float], ...] = (
 )
 #: Ruled out when the scan shows no lung at all (an abdomen or pelvis series).
 NO_LUNG_RULES = ("heart", "sternum")
-#: A slice on which the network is sure (probability >= `LIVER_SURE`) of at least this much liver (cm²) lies at the
-#: liver's level, far above the pelvis: no `PELVIS` class there (`at_liver_level`). It tells an upper-abdomen series
-#: without lungs from a pelvis, which the lung rules cannot. The liver's axial section reaches 150-250 cm² (the
-#: DICOM patient's slab: 200-236 cm² on every slice); on the labelled CTs' 62 pelvic slices the model trained
-#: without that patient was sure of at most 33 cm² of liver, the shipped model of 0.5 cm².
-LIVER_LEVEL_CM2, LIVER_SURE = 100.0, 0.5
+#: The organs whose sure section (probability >= `ORGAN_SURE`) of at least this many cm² places a slice above the
+#: pelvis (`above_pelvis`): the pelvis (iliac crest, iliac vessels, L4 and below) lies below the kidneys' lower poles
+#: and the liver's and spleen's lower tips. On the 3 mm patient the iliac arteries begin 15 mm below the kidneys'
+#: lowest slice and 24 mm below the liver's; the liver's axial section reaches 150-250 cm² (the DICOM patient's slab:
+#: 200-236 cm² on every slice), the spleen's 45 cm², each kidney's 20-25 cm². On the labelled CTs' 62 pelvic slices
+#: the model trained without that patient was sure of at most 33 cm² of liver, the shipped model of 0.5 cm²
+#: (2026-11-25); the spleen and kidney figures are checked on the same slices by tests/test_anatomy.py with the
+#: shipped and both leave-one-out models.
+ABOVE_PELVIS_CM2 = {"liver": 100.0, "spleen": 20.0, "kidney": 10.0}
+ORGAN_SURE = 0.5
 #: Where organs lie across the body in any CT (`lateral_mm`): (least, most) mm from the slice's midline towards the
 #: patient's left (the midline: the median left-right position of the slice's body). On the labelled CTs the spleen
 #: lies 38 mm or more left of the midline and the gallbladder 54 mm or more right of it. The heart's right border (the
@@ -128,16 +133,38 @@ class Region:
         return out
 
 
-def at_liver_level(top: torch.Tensor, prob: torch.Tensor, classes: tuple[str, ...], pixel_mm2: float) -> torch.Tensor:
-    """(Z, K) bool: which classes may be named on each slice given the liver the network is sure of (`LIVER_LEVEL_CM2`);
-    ``top``, ``prob``: (Z, k, h, w) kept classes, most probable first (probabilities x 255 as uint8, or float)."""
-    allowed = torch.ones((top.shape[0], len(classes)), dtype=torch.bool)
-    if "liver" not in classes:
+def above_pelvis(
+    top: torch.Tensor, prob: torch.Tensor, classes: tuple[str, ...], pixel_mm2: float, slice_superior_mm: np.ndarray
+) -> torch.Tensor:
+    """(Z, K) bool: which classes may be named on each slice given the organs the network is sure of: no `PELVIS`
+    class on or above the most inferior slice that, with a neighbour, shows a sure section of an organ that lies above
+    the pelvis (`ABOVE_PELVIS_CM2`). The whole volume's order decides, not each slice alone: a CT angiography's lowest
+    slices, through the liver's and the kidneys' lower parts, are above the pelvis although their own liver section
+    is small. One slice alone does not place it (a stray section).
+
+    Args:
+        top, prob: (Z, k, h, w) kept classes, most probable first (probabilities x 255 as uint8, or float).
+        pixel_mm2: one network pixel's area; slice_superior_mm: (Z,) each slice's LPS S position (`slice_superior_mm`).
+    """
+    z = top.shape[0]
+    allowed = torch.ones((z, len(classes)), dtype=torch.bool)
+    sure = prob[:, 0].float() >= ORGAN_SURE * (255.0 if prob.dtype == torch.uint8 else 1.0)
+    passing = np.zeros(z, dtype=bool)
+    for name, cm2 in ABOVE_PELVIS_CM2.items():
+        if name in classes:
+            area_cm2 = ((top[:, 0] == classes.index(name)) & sure).sum(dim=(1, 2)).numpy() * pixel_mm2 / 100.0
+            passing |= area_cm2 >= cm2
+    confirmed = passing.copy()
+    if z > 1:
+        neighbour = np.zeros(z, dtype=bool)
+        neighbour[1:] |= passing[:-1]
+        neighbour[:-1] |= passing[1:]
+        confirmed &= neighbour
+    if not confirmed.any():
         return allowed
-    sure = prob[:, 0].float() >= LIVER_SURE * (255.0 if prob.dtype == torch.uint8 else 1.0)
-    area_cm2 = ((top[:, 0] == classes.index("liver")) & sure).sum(dim=(1, 2)) * pixel_mm2 / 100.0
+    above = torch.from_numpy(np.asarray(slice_superior_mm) >= float(np.asarray(slice_superior_mm)[confirmed].min()))
     pelvic = torch.tensor([name.startswith(PELVIS) for name in classes])
-    allowed[(area_cm2 >= LIVER_LEVEL_CM2)[:, None] & pelvic[None, :]] = False
+    allowed[above[:, None] & pelvic[None, :]] = False
     return allowed
 
 
@@ -202,16 +229,21 @@ def keep_main_pieces(
     first[mask] = tissue
 
 
-def body_region(small_hu: np.ndarray, pixel_mm2: float, slice_superior_mm: np.ndarray) -> Region:
+def body_region(
+    small_hu: np.ndarray, pixel_mm2: float, slice_superior_mm: np.ndarray, body: np.ndarray | None = None
+) -> Region:
     """Each slice's height above the lung bases and above the largest lung section, from HU at any resolution.
 
     Args:
         small_hu: (Z, h, w) HU.
         pixel_mm2: area of one pixel of ``small_hu``.
         slice_superior_mm: (Z,) each slice's position along the patient's superior direction (LPS S), mm.
+        body: (Z, h, w) bool the patient's body (`body.body_mask`: with the lungs that a field of view cutting the
+            chest wall leaves open to the edge); None: the holes of the tissue above the lung HU, slice by slice.
     """
     lung = (small_hu >= LUNG_HU[0]) & (small_hu <= LUNG_HU[1])
-    body = np.stack([ndimage.binary_fill_holes(s > LUNG_HU[1]) for s in small_hu])  # air outside the body is open
+    if body is None:  # air outside the body is open
+        body = np.stack([ndimage.binary_fill_holes(s > LUNG_HU[1]) for s in small_hu])
     area_cm2 = (lung & body).sum(axis=(1, 2)) * pixel_mm2 / 100.0
     has_lung = (area_cm2 >= LUNG_SLICE_CM2) & (area_cm2 >= LUNG_SLICE_SHARE * area_cm2.max(initial=0.0))
     if not has_lung.any():

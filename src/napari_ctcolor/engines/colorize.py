@@ -227,8 +227,9 @@ AIR_HU, _AIR_FADE_HU = -900.0, 20.0
 #: A network pixel (3.5 mm) mixes the classes of what it holds: a rib's thin cortex with the muscle around it, a
 #: vertebra's rim with the vessel beside it; its colour lands between them (thin bone came out salmon, not ivory).
 #: Each voxel therefore re-weights its network pixels' classes by whether its own HU fits their group: bone at any
-#: HU; contrast-filled blood up to `_BLOOD_FADE_HU` (an arterial CTA lumen reaches 300-500 HU, cortical bone
-#: 500-1500); organs (liver, spleen, kidney, bowel, ...: an enhancing kidney cortex reaches 150-250 HU) up to
+#: HU; contrast-filled blood up to `_BLOOD_FADE_HU` (a CT angiography's aorta and heart reach 500-700 HU, more at
+#: 80-100 kVp or beside the injected vein; cortical bone is 500-1500: where both occur, the network's probabilities
+#: choose, not the HU); organs (liver, spleen, kidney, bowel, ...: an enhancing kidney cortex reaches 150-250 HU) up to
 #: `_ORGAN_FADE_HU`; plain tissue (`_PLAIN`: muscle, fat, soft tissue, spinal cord, lung, air) up to `_PLAIN_FADE_HU`:
 #: skeletal muscle is 40-60 HU and about 80 enhanced, so a 150 HU voxel in a pixel of vertebra and psoas is the
 #: vertebra's cancellous bone. The weight falls linearly from the first HU to `_GROUP_FLOOR` at the second; a voxel
@@ -239,7 +240,7 @@ HU_GROUPS = ("bone", "blood", "organ", "plain")
 _PLAIN = ("air", "lung", "fat", "soft_tissue", "spinal_cord", "autochthon", "iliopsoas", "gluteus_")
 _PLAIN_FADE_HU = (110.0, 210.0)
 _ORGAN_FADE_HU = (200.0, 300.0)
-_BLOOD_FADE_HU = (400.0, 600.0)
+_BLOOD_FADE_HU = (700.0, 1000.0)
 _GROUP_FLOOR = 1e-3
 
 
@@ -732,13 +733,12 @@ def _make_consistent(
     outside = None
     if "air" in classes:  # the table and anything else outside the body take no colour and no name
         outside = torch.from_numpy(~body_mask(small_hu.numpy(), (spacing_z, pixel_y * factor, pixel_x * factor)))
-    region = _anatomy.body_region(
-        small_hu.numpy(),
-        pixel_mm2,
-        _anatomy.slice_superior_mm(volume.shape[0], spacing_z, volume.origin, volume.direction),
-    )
-    allowed = region.allowed(classes) & _anatomy.at_liver_level(top, prob, classes, pixel_mm2)
-    body = ~outside.numpy() if outside is not None else small_hu.numpy() > _anatomy.LUNG_HU[1]
+    superior = _anatomy.slice_superior_mm(volume.shape[0], spacing_z, volume.origin, volume.direction)
+    body = ~outside.numpy() if outside is not None else None
+    region = _anatomy.body_region(small_hu.numpy(), pixel_mm2, superior, body)
+    allowed = region.allowed(classes) & _anatomy.above_pelvis(top, prob, classes, pixel_mm2, superior)
+    if body is None:
+        body = small_hu.numpy() > _anatomy.LUNG_HU[1]
     lateral = _anatomy.lateral_mm(body, (pixel_y * factor, pixel_x * factor), volume.direction)
     kernel = _anatomy.z_smoothing_kernel(spacing_z) if volume.shape[0] > 1 else None
     radius = 0 if kernel is None else len(kernel) // 2

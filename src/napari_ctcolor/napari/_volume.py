@@ -24,7 +24,7 @@ The presets (`PRESETS_3D`):
   left out (calcifications, stones, bowel content). Contrast-filled vessels above it show as bone too (HU alone
   cannot tell them apart, as in Slicer's CT-Bone).
 - CTA: that bone surface without the contrast-filled vessels and heart, which are a red lit surface (`vessel_mask`:
-  150-600 HU, away from cortical bone, and not where the colorizer names bone, `named_bone`). HU alone cannot tell
+  150-800 HU, away from cortical bone, and not where the colorizer names bone, `named_bone`). HU alone cannot tell
   cancellous bone from contrast blood where the cortex stays below `CORTEX_HU` (3-5 mm slices, osteopenia). On the
   3 mm non-contrast CT 37 % of the labelled bone turned red by HU alone, 0.5 % with the colorizer's names; the
   contrast DICOM series kept its enhanced vessels red (63 % of their voxels above 150 HU, as by HU alone).
@@ -53,7 +53,11 @@ from ..windowing import PRESETS, Window
 
 AIR_HU = -1024.0
 #: Cortical bone: above this HU. Vessel-bright voxels within `BONE_REACH_MM` of it count as bone (cancellous bone).
-CORTEX_HU = 650.0
+#: Above a CT angiography's blood (its aorta and heart reach 500-700 HU); thinner cortex, partial-volumed below it,
+#: is found by the colorizer's names (`named_bone`).
+CORTEX_HU = 800.0
+#: Contrast-filled blood: up to this HU (`vessel_mask`).
+VESSEL_MAX_HU = 800.0
 BONE_REACH_MM = 5.0
 #: Soft tissue's HU: what replaces the voxels a surface leaves out (the vessels under the CTA bone, the bone and
 #: organs around the vessels), so that smoothing does not pull the surface of what stays towards air.
@@ -221,12 +225,12 @@ def vessel_mask(
     low: float = VESSEL_SURFACE_HU,
     named_bone: np.ndarray | None = None,
 ) -> np.ndarray:
-    """bool (Z, Y, X): the body's voxels of ``low``-600 HU that are not bone: the contrast-filled vessels and heart of
-    a contrast CT (kidneys and other enhancing organs too), in pieces of at least 0.5 ml.
+    """bool (Z, Y, X): the body's voxels of ``low`` to `VESSEL_MAX_HU` that are not bone: the contrast-filled vessels
+    and heart of a contrast CT (kidneys and other enhancing organs too), in pieces of at least 0.5 ml.
 
     Bone is cortical bone (above `CORTEX_HU`) with what it encloses in each axial slice (cancellous bone, marrow),
     grown by `BONE_REACH_MM`, and ``named_bone`` (bool, the same grid) where the colorizer names bone: where HU alone
-    cannot tell contrast blood from bone (150-600 HU). Without the colorizer's names, where a thick-slice CT's cortex
+    cannot tell contrast blood from bone (150-800 HU). Without the colorizer's names, where a thick-slice CT's cortex
     stays below `CORTEX_HU` (partial volume), cancellous bone counts as vessel.
     """
     grow = [max(1, round(BONE_REACH_MM / s)) for s in spacing]
@@ -234,7 +238,7 @@ def vessel_mask(
     closed = ndimage.binary_closing(cortex, structure=ellipsoid([1, *grow[1:]]))
     bone = np.stack([ndimage.binary_fill_holes(plane) for plane in closed])
     bone = ndimage.binary_dilation(bone, structure=ellipsoid(grow))
-    keep = body & (hu > low) & (hu < 600.0) & ~bone
+    keep = body & (hu > low) & (hu < VESSEL_MAX_HU) & ~bone
     if named_bone is not None:
         keep &= ~named_bone
     labels, count = ndimage.label(keep)
@@ -261,7 +265,7 @@ def vessel_hu(
 
 def contrast_window(hu: np.ndarray, spacing: tuple[float, float, float]) -> Window:
     """A window for a contrast-enhanced CT that shows its contrast-filled vessels mid-grey: width 600 HU (as CTA),
-    centred on the enhanced blood, estimated as the 75th percentile of the body's non-bone voxels of 100-600 HU
+    centred on the enhanced blood, estimated as the 75th percentile of the body's non-bone voxels of 100-800 HU
     (enhancing organs and vessels; 120-140 HU in a portal-venous phase, 300-400 HU in an arterial one). The CTA
     window when the CT shows none. Computed on at most 128 pixels in-plane."""
     step = max(1, -(-max(hu.shape[1:]) // 128))
