@@ -24,7 +24,7 @@ from napari_ctcolor.engines.colorize import predict_chroma
 from napari_ctcolor.engines.device import cpu_bf16
 from napari_ctcolor.io import read_volume
 from napari_ctcolor.training.data import LabelledCT, load_real_case
-from napari_ctcolor.training.evaluate import class_metrics, colour_metrics, tissue_metrics
+from napari_ctcolor.training.evaluate import class_metrics, colour_metrics, tissue_metrics, vessel_mask
 from napari_ctcolor.weights import find_weights, load_colorizer
 from napari_ctcolor.windowing import PRESETS
 from test_color import LUMINANCE_BOUND
@@ -117,7 +117,7 @@ def test_held_out_patient_through_the_cli_matches_the_model_card(tmp_path, model
     got = colour_metrics(case, net.config.classes, render, ["dicom", "anatomical"])
     labels = cli_classes(tmp_path, net.config.classes)
     classes = class_metrics(case, labels, net.config.classes)
-    tissues = tissue_metrics(case.ct, labels, net.config.classes, render)
+    tissues = tissue_metrics(case.ct, labels, net.config.classes, render, vessel_mask(case))
     print(json.dumps([got, classes, tissues]))
     share_tol = share_tolerance()
     assert_figures(classes["right_or_tissue"], card_case["classes"]["right_or_tissue"], share_tol)

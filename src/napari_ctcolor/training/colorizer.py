@@ -35,14 +35,15 @@ from ..errors import InputError
 from ..io.write import atomic_path
 from ..models.colorizer import Colorizer, ColorizerConfig, context_indices, downsample_hu, prepare_input
 from .data import REPRODUCTION_NOTE, LabelledCT, load_config, load_real_case, phantom_case, shared_data_dir
+from .partial import BLOOD
 from .targets import class_targets
 
 # Contrast phases for phantoms: HU overrides of the phantom's tissue table, as (low, high) ranges drawn uniformly.
-# Arterial: aorta/heart up to ~600 HU, overlapping cancellous and cortical bone; portal-venous: vessels ~140-220 HU
-# and enhanced parenchyma. Values from typical clinical protocols (120 kVp).
+# Arterial: aorta/heart up to ~700 HU (a CT angiography's bolus), overlapping cancellous and cortical bone;
+# portal-venous: vessels ~140-220 HU and enhanced parenchyma. Values from typical clinical protocols (120 kVp).
 CONTRAST_PHASES: dict[str, dict[str, tuple[float, float]]] = {
     "non_contrast": {"blood": (35, 50)},
-    "arterial": {"blood": (250, 600), "kidney": (120, 200), "spleen": (90, 140), "liver": (60, 80)},
+    "arterial": {"blood": (250, 700), "kidney": (120, 200), "spleen": (90, 140), "liver": (60, 80)},
     "portal_venous": {"blood": (140, 220), "kidney": (140, 200), "spleen": (100, 130), "liver": (95, 120)},
 }
 
@@ -63,6 +64,10 @@ class TrainConfig:
     limbs: float = 0.0  # share of 2D samples given a synthetic limb in their air (`Sampler._add_limb`)
     elastic: float = 0.0  # share of 2D samples elastically deformed, rotated and scaled (`Sampler._deform`)
     deenhance: float = 0.0  # share of a real contrast CT's samples given a non-contrast phase (`DE_ENHANCEMENT`)
+    # share of a partial-label chest CT's 2D samples whose mediastinal blood pool gets a contrast phase
+    # (`CHEST_BLOOD_HU`) and trains as contrast blood (`training.partial.BLOOD`)
+    chest_blood: float = 0.0
+    boost: float = 0.0  # share of a real contrast CT's samples whose blood is made brighter (`BOOST`)
     lr: float = 2e-3
     weight_decay: float = 1e-4
     # Processes drawing batches (`batch_stream`): 0 draws them in the training process, in the order the seed gives
@@ -174,6 +179,7 @@ class Reduced:
     real: bool = False  # a real CT: sampled `TrainConfig.real_weight` times as often as a phantom
     partial: bool = False  # labels derived from HU: sampled `TrainConfig.partial_weight` times as often
     contrast: bool = False  # a real CT that shows contrast (`CONTRAST_FLAG`)
+    blood: torch.Tensor | None = None  # (Z, h, w) uint8 share x 255 of the partial labels' blood pool (`partial.BLOOD`)
 
     @property
     def enhance(self) -> bool:
@@ -228,16 +234,19 @@ def reduce_classes(
         share = downsample_hu((class_t == k).float(), factor)
         target[:, k] = (share * 255.0).round_().to(torch.uint8)
     weight = downsample_hu(torch.from_numpy(class_weights(classes, len(config.classes))), factor)
-    return Reduced(name, hu, target, weight, real=real, partial=partial)
+    blood = None
+    if partial and (classes == BLOOD).any():
+        blood = (downsample_hu(torch.from_numpy(classes == BLOOD).float(), factor) * 255.0).round_().to(torch.uint8)
+    return Reduced(name, hu, target, weight, real=real, partial=partial, blood=blood)
 
 
 #: Synthetic contrast enhancement of a non-contrast CT (HU added per colour class, drawn uniformly), so that the
 #: real training patient also teaches enhanced vessels and organs: arterial and portal-venous phases at 120 kVp.
 ENHANCEMENT: dict[str, dict[str, tuple[float, float]]] = {
     "arterial": {
-        "aorta": (150, 450),
-        "iliac_artery": (150, 450),
-        "heart": (100, 350),
+        "aorta": (150, 650),
+        "iliac_artery": (150, 650),
+        "heart": (100, 650),
         "kidney": (80, 180),
         "spleen": (40, 100),
         "liver": (5, 25),
@@ -257,6 +266,21 @@ ENHANCEMENT: dict[str, dict[str, tuple[float, float]]] = {
         "pancreas": (40, 70),
     },
 }
+
+
+#: A brighter bolus for a real contrast CT (config ``boost``): HU added per class, drawn uniformly, so that the
+#: portal-venous DICOM patient's aorta (about 150-200 HU) also shows the 300-700 HU of an arterial phase or a CTA.
+BOOST: dict[str, tuple[float, float]] = {
+    "aorta": (50, 500),
+    "heart": (50, 500),
+    "iliac_artery": (50, 500),
+}
+#: Synthetic contrast of a partial-label chest CT's mediastinal blood pool (config ``chest_blood``): the pool's HU
+#: (about 40, unenhanced) is raised to a value drawn uniformly from this range, times 1 +- up to `CHEST_BLOOD_TILT`
+#: across the sample (the left heart brighter than the right in an arterial phase, or the reverse early in a bolus).
+#: No labelled patient shows the heart or the thoracic aorta with contrast: without it, bright in the chest only ever
+#: meant bone, and a CT angiography's aorta and heart were named bone (issue 49).
+CHEST_BLOOD_HU, CHEST_BLOOD_TILT = (150.0, 700.0), 0.3
 
 
 #: Synthetic de-enhancement of a contrast CT (config ``deenhance``, off in the shipped recipe): each class's mean HU in
@@ -367,6 +391,28 @@ class Sampler:
             target[:, self.index[tissue], where] = 255
         return hu, target
 
+    def _enhance_pool(
+        self, hu: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, pool: torch.Tensor, centre: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A 2D sample's mediastinal blood pool given contrast (`CHEST_BLOOD_HU`) and trained as contrast blood.
+
+        Args:
+            hu: (context, h, w) HU; target: (context, K, h, w) uint8 class shares (none in the pool: it is unlabelled);
+            weight: (1, h, w) the centre slice's loss weights; pool: (context, h, w) uint8 the pool's share x 255;
+            centre: the centre slice's index in the context.
+        """
+        rng, share = self.rng, pool.float() / 255.0
+        size_y, size_x = hu.shape[-2:]
+        y = torch.linspace(-1.0, 1.0, size_y)[:, None]
+        x = torch.linspace(-1.0, 1.0, size_x)[None, :]
+        tilt = 1.0 + float(rng.uniform(-CHEST_BLOOD_TILT, CHEST_BLOOD_TILT)) * x
+        tilt = tilt + float(rng.uniform(-CHEST_BLOOD_TILT, CHEST_BLOOD_TILT)) / 2.0 * y
+        value = float(rng.uniform(*CHEST_BLOOD_HU))
+        hu = hu + share * (value - 45.0) * tilt
+        target = target.clone()
+        target[:, self.index["contrast_blood"]] += pool
+        return hu, target, weight + share[centre : centre + 1]
+
     def _deform_2d(
         self, hu: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -390,6 +436,11 @@ class Sampler:
                 excess = float(hu[share > 0.5].mean()) - float(rng.uniform(low, high))
                 if excess > 0:
                     hu = hu - excess * share
+        if case.deenhance and self.train.boost and rng.random() < self.train.boost:
+            for name, (low, high) in BOOST.items():
+                k = self.index.get(name)
+                if k is not None:
+                    hu = hu + float(rng.uniform(low, high)) * target[:, k].float() / 255.0
         hu = hu * float(rng.uniform(0.96, 1.04)) + float(rng.normal(0, 8))
         if case.enhance and rng.random() < 0.5:
             phase = ENHANCEMENT[list(ENHANCEMENT)[int(rng.integers(len(ENHANCEMENT)))]]
@@ -422,9 +473,13 @@ class Sampler:
                 idx = context_indices(z_n, self.config.context)[z]
                 centre = slice(self.config.context // 2, self.config.context // 2 + 1)
                 hu, target = self._crop(case.hu[idx], y, x), self._crop(case.target[idx], y, x)
+                weight = self._crop(case.weight[z : z + 1], y, x)
+                if case.blood is not None and self.rng.random() < self.train.chest_blood:
+                    hu, target, weight = self._enhance_pool(
+                        hu, target, weight, self._crop(case.blood[idx], y, x), self.config.context // 2
+                    )
                 if self.train.limbs and self.rng.random() < self.train.limbs:
                     hu, target = self._add_limb(hu, target)
-                weight = self._crop(case.weight[z : z + 1], y, x)
                 if self.deform is not None and self.rng.random() < self.train.elastic:
                     hu, target, weight = self._deform_2d(hu, target, weight)
                 xs.append(self._augment(hu, target, case))
@@ -589,10 +644,11 @@ CITATIONS = {
 
 def evaluate_all(model: Colorizer, train: TrainConfig, log=print) -> dict[str, Any]:
     """Metrics on the validation real CTs (``real_val``; a CT that is also in ``real_train`` is reported but not held
-    out), the unlabelled ones (``tissue_val``: `evaluate.tissue_metrics`) and held-out phantoms (seeds never used in
-    training)."""
+    out), each also as other exams would show it (``exams``: `evaluate.exam_metrics`), the unlabelled ones
+    (``tissue_val``: `evaluate.tissue_metrics`, and ``exams``: `evaluate.chest_exam_metrics`) and held-out phantoms
+    (seeds never used in training)."""
     from ..io import read_volume
-    from .evaluate import evaluate_case, evaluate_tissues, summarise
+    from .evaluate import chest_exam_metrics, evaluate_case, evaluate_tissues, exam_metrics, summarise
 
     results: dict[str, Any] = {}
     trained = {entry[0] for entry in train.real_train}
@@ -600,8 +656,13 @@ def evaluate_all(model: Colorizer, train: TrainConfig, log=print) -> dict[str, A
         data = shared_data_dir()
         per_ct = []
         for name in train.tissue_val:
+            ct = read_volume(data / "ct" / name)
             per_ct.append(
-                {"case": name.split(".")[0], "tissues": evaluate_tissues(model, read_volume(data / "ct" / name))}
+                {
+                    "case": name.split(".")[0],
+                    "tissues": evaluate_tissues(model, ct),
+                    "exams": chest_exam_metrics(model, ct),
+                }
             )
             log(f"  {name}: {json.dumps(per_ct[-1])}")
         results["tissue_val"] = {"cases": per_ct}
@@ -611,6 +672,7 @@ def evaluate_all(model: Colorizer, train: TrainConfig, log=print) -> dict[str, A
             per_case.append(evaluate_case(model, case))
             if group == "real_val":
                 per_case[-1]["trained_on"] = any(case.name == name.split(".")[0] for name in trained)
+                per_case[-1]["exams"] = exam_metrics(model, case)
             log(f"  {case.name}: {json.dumps(per_case[-1])}")
         if per_case:
             results[group] = {"summary": summarise(per_case), "cases": per_case}

@@ -32,6 +32,7 @@ from scipy import ndimage
 from skimage.color import deltaE_ciede2000
 
 from ..color import PALETTE_NAMES, colour_class, compose_rgb, grey_to_lightness, load_palette, srgb_to_lab
+from ..engines.anatomy import PELVIS, family
 from ..engines.body import body_mask
 from ..engines.colorize import AIR_HU, compose_chroma, predict_chroma
 from ..models.colorizer import Colorizer
@@ -99,8 +100,14 @@ def evaluate_case(
     result = colour_metrics(case, model.config.classes, render, palettes, display)
     labels = chroma.most_probable(case.ct.array)
     result["classes"] = class_metrics(case, labels, chroma.classes)
-    result["tissues"] = tissue_metrics(case.ct, labels, chroma.classes, render)
+    result["tissues"] = tissue_metrics(case.ct, labels, chroma.classes, render, vessel_mask(case))
     return result
+
+
+def vessel_mask(case: LabelledCT) -> np.ndarray:
+    """(Z, Y, X) bool: the labelled heart and vessels of a case (`tissue_metrics`'s ``vessels``)."""
+    ids = [label for label, name in case.label_names.items() if colour_class(name).startswith(_VESSELS)]
+    return np.isin(case.labels, ids)
 
 
 def evaluate_tissues(model: Colorizer, ct) -> dict[str, Any]:
@@ -146,27 +153,12 @@ def colour_metrics(
     expected colours are those of ``classes`` (the model's colour classes)."""
     ct = case.ct
     hu = np.asarray(ct.array, dtype=np.float32)
-    masks = _group_masks(case)
-    windows = group_windows(case)
-    # The colour each voxel should have: its class's if the model has that class, else its tissue class's.
-    expected_classes = class_targets(hu, case.labels, case.label_names, classes)
     air = hu < -900.0
     result: dict[str, Any] = {"case": case.name}
+    hues = group_hues(case, classes, render, palettes)
     for palette_name in palettes:
         palette = load_palette(palette_name)
-        expected_ab = palette.class_ab(classes)[expected_classes]
-        groups = {}
-        for group, mask in masks.items():
-            if mask is None:
-                groups[group] = None  # absent from this case
-                continue
-            grey = window(hu[mask], *windows[group])
-            shown = (grey >= 0.1) & (grey <= 0.9)
-            lab = srgb_to_lab(render(windows[group], palette_name)[mask][shown])
-            chroma_out = np.hypot(lab[:, 1], lab[:, 2])
-            close = _hue_diff(_hue(lab[:, 1:]), _hue(expected_ab[mask][shown])) <= HUE_TOLERANCE_DEG
-            groups[group] = round(float((close & (chroma_out >= MIN_CHROMA)).mean()), 3)
-
+        groups = hues[palette_name]
         win = PRESETS[display]
         out = render(display, palette_name)
         grey = window(hu, *win)
@@ -193,6 +185,37 @@ def colour_metrics(
     return result
 
 
+def group_hues(
+    case: LabelledCT,
+    classes: Sequence[str],
+    render: Render,
+    palettes: Sequence[str],
+    groups: Sequence[str] = tuple(GROUPS),
+) -> dict[str, dict[str, float | None]]:
+    """Per palette, ``hue_within_25deg`` of each of the structure ``groups`` (module docstring); None for a group
+    absent from the case."""
+    hu = np.asarray(case.ct.array, dtype=np.float32)
+    masks = {group: mask for group, mask in _group_masks(case).items() if group in groups}
+    windows = group_windows(case)
+    # The colour each voxel should have: its class's if the model has that class, else its tissue class's.
+    expected_classes = class_targets(hu, case.labels, case.label_names, classes)
+    out = {}
+    for palette_name in palettes:
+        expected_ab = load_palette(palette_name).class_ab(classes)[expected_classes]
+        out[palette_name] = {}
+        for group, mask in masks.items():
+            if mask is None:
+                out[palette_name][group] = None  # absent from this case
+                continue
+            grey = window(hu[mask], *windows[group])
+            shown = (grey >= 0.1) & (grey <= 0.9)
+            lab = srgb_to_lab(render(windows[group], palette_name)[mask][shown])
+            chroma_out = np.hypot(lab[:, 1], lab[:, 2])
+            close = _hue_diff(_hue(lab[:, 1:]), _hue(expected_ab[mask][shown])) <= HUE_TOLERANCE_DEG
+            out[palette_name][group] = round(float((close & (chroma_out >= MIN_CHROMA)).mean()), 3)
+    return out
+
+
 #: Structures whose naming is checked (`class_metrics`): group -> (colour classes, the tissue classes that also
 #: count as right: the plain colour the engine falls back to where it is unsure).
 CLASS_GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -214,6 +237,10 @@ def class_metrics(case: LabelledCT, labels: np.ndarray, classes: Sequence[str]) 
 
     - ``right_or_tissue``: per `CLASS_GROUPS` group with at least `MIN_GROUP_VOXELS` inner voxels, the share named
       as the structure, or as its tissue class.
+    - ``named``: per such group, the shares named ``right`` (the structure), ``tissue`` (its tissue class) and
+      ``wrong`` (anything else), and of those wrong ones the share named as bone (any bone structure or the bone
+      tissue: ``bone``) and as blood (the heart, a vessel or contrast blood: ``blood``), for the wrong names that
+      cost most: bone on a vessel, blood on a bone.
     - ``absent_named``: share of body voxels (HU >= -900) named as a structure that is not labelled anywhere in the
       case (a femur in a chest CT).
     - ``flicker``: inside the `FLICKER_ORGANS` (inner voxels), P(class differs from the next slice's) minus
@@ -225,15 +252,27 @@ def class_metrics(case: LabelledCT, labels: np.ndarray, classes: Sequence[str]) 
     in_volume = set(np.unique(case.labels).tolist())
     label_class = {label: colour_class(name) for label, name in case.label_names.items() if label in in_volume}
     present = set(label_class.values())
-    out: dict[str, Any] = {"right_or_tissue": {}}
+    out: dict[str, Any] = {"right_or_tissue": {}, "named": {}}
+    bone = [k for k, c in enumerate(classes) if family(c) == "bone"]
+    blood = [k for k, c in enumerate(classes) if family(c) == "contrast_blood"]
     for group, (members, tissues) in CLASS_GROUPS.items():
         ids = [label for label, c in label_class.items() if c in members]
         mask = _inner(np.isin(case.labels, ids)) & (hu >= AIR_HU)
         if mask.sum() < MIN_GROUP_VOXELS:
-            out["right_or_tissue"][group] = None
+            out["right_or_tissue"][group] = out["named"][group] = None
             continue
-        ok = [index[c] for c in (*members, *tissues) if c in index]
-        out["right_or_tissue"][group] = round(float(np.isin(most[mask], ok).mean()), 3)
+        named = most[mask]
+        right = np.isin(named, [index[c] for c in members if c in index])
+        tissue = np.isin(named, [index[c] for c in tissues if c in index])
+        wrong = ~right & ~tissue
+        out["right_or_tissue"][group] = round(float((right | tissue).mean()), 3)
+        out["named"][group] = {
+            "right": round(float(right.mean()), 3),
+            "tissue": round(float(tissue.mean()), 3),
+            "wrong": round(float(wrong.mean()), 3),
+            "bone": round(float((wrong & np.isin(named, bone)).mean()), 3),
+            "blood": round(float((wrong & np.isin(named, blood)).mean()), 3),
+        }
     body = hu >= AIR_HU
     absent = [k for k, c in enumerate(classes) if c not in TISSUE_CLASSES and c not in present]
     out["absent_named"] = round(float(np.isin(most[body], absent).mean()), 4)
@@ -282,18 +321,24 @@ def _lung_below(lung: np.ndarray, superior_sign: float) -> np.ndarray:
     return below[order]
 
 
-def tissue_metrics(ct, labels: np.ndarray, classes: Sequence[str], render: Render) -> dict[str, Any]:
+def tissue_metrics(
+    ct, labels: np.ndarray, classes: Sequence[str], render: Render, vessels: np.ndarray | None = None
+) -> dict[str, Any]:
     """What the HU alone can check, on any CT (labelled or not), inside the body (`body_mask`: not the table nor
     blankets): under the anatomical palette, the share of bone shown ivory (`BONE_HU`, `IVORY_HUE_DEG`) and of lung
     and fat within 25 degrees of their palette hues; the share of body voxels above the diaphragm (aerated lung below
     them in their column) whose most probable class (``labels`` as `class_metrics`) is an abdominal organ; and
     ``dense_contrast_blood``, the share of inner voxels above `DENSE_HU` named contrast blood: on non-contrast CT
-    they are all bone (on contrast CT they include the enhanced blood, which is right there)."""
+    they are all bone (on contrast CT they include the enhanced blood, which is right there). ``vessels``: (Z, Y, X)
+    bool, where a labelled CT has its heart and vessels (`vessel_mask`), left out of the bone: an arterial phase's
+    blood reaches 300-700 HU and must not be ivory."""
     hu = np.asarray(ct.array, dtype=np.float32)
     body = body_mask(hu, ct.spacing)  # not the table (dense, but no bone)
     palette = load_palette("anatomical")
     out: dict[str, Any] = {}
     bone = _inner(hu >= BONE_HU) & body
+    if vessels is not None:
+        bone &= ~vessels
     grey = window(hu, *PRESETS["bone"])
     shown = bone & (grey >= IVORY_GREY[0]) & (grey <= IVORY_GREY[1])
     if shown.sum() >= MIN_GROUP_VOXELS:
@@ -346,3 +391,97 @@ def summarise(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "max_abs_dL": max(r["max_abs_dL"] for r in rows),
         }
     return summary
+
+
+#: Exams of a labelled validation patient (`exam_metrics`; `training.exams`): its blood in each phase of
+#: `exams.PHASES`; where its scan reaches the pelvis, the same scan ending at the kidneys' lowest labelled slice (a
+#: chest-to-upper-abdomen exam); where it shows lung, a field of view of `CUT_FOV` of each slice's rows and columns.
+CUT_FOV = 0.6
+#: The `CLASS_GROUPS` an exam row reports.
+EXAM_GROUPS = ("aorta", "heart", "vertebrae", "ribs")
+#: The mediastinal blood pool's HU in the exams of an unlabelled chest CT (`chest_exam_metrics`).
+POOL_HU = (300.0, 450.0, 600.0)
+
+
+def exam_metrics(model: Colorizer, case: LabelledCT) -> list[dict[str, Any]]:
+    """One row per exam of ``case`` (`CUT_FOV`): how the most probable class names the aorta, heart, vertebrae and
+    ribs (`class_metrics`'s ``named``), the share of the body named as a structure the exam does not show
+    (``absent_named``), and the hues of the vessels, bone and lung (`group_hues`)."""
+    from .exams import PHASES, crop_z, cut_fov, with_blood
+
+    versions = [(phase, with_blood(case, phase)) for phase in PHASES]
+    pelvic = [label for label, name in case.label_names.items() if colour_class(name).startswith(PELVIS)]
+    kidney = [label for label, name in case.label_names.items() if colour_class(name) == "kidney"]
+    superior = np.asarray(case.ct.direction)[2, 2] > 0
+    if np.isin(case.labels, pelvic).any() and np.isin(case.labels, kidney).any():
+        slices = np.flatnonzero(np.isin(case.labels, kidney).any(axis=(1, 2)))
+        start, stop = (int(slices.min()), case.ct.shape[0]) if superior else (0, int(slices.max()) + 1)
+        ct, (labels,) = crop_z(case.ct, start, stop, case.labels)
+        versions.append(("above_pelvis", LabelledCT(f"{case.name}-above-pelvis", ct, labels, case.label_names)))
+    if _aerated_lung(np.asarray(case.ct.array, np.float32), case.body, case.ct.spacing).any():
+        ct, (labels,) = cut_fov(case.ct, CUT_FOV, case.labels)
+        versions.append(("cut_fov", LabelledCT(f"{case.name}-cut-fov", ct, labels, case.label_names)))
+    rows = []
+    for name, version in versions:
+        with torch.no_grad():
+            chroma = predict_chroma(version.ct, model, device="cpu", bf16=False)
+
+        def render(win, palette, ct=version.ct, chroma=chroma):
+            return compose_chroma(ct, chroma, win, 1.0, "cpu", palette).rgb
+
+        named = class_metrics(version, chroma.most_probable(version.ct.array), chroma.classes)
+        rows.append(
+            {
+                "exam": name,
+                "named": {group: named["named"][group] for group in EXAM_GROUPS},
+                "absent_named": named["absent_named"],
+                "hue_within_25deg": group_hues(
+                    version, model.config.classes, render, PALETTE_NAMES, ("contrast_vessels", "bone", "lung")
+                ),
+            }
+        )
+    return rows
+
+
+def chest_exam_metrics(model: Colorizer, ct) -> list[dict[str, Any]]:
+    """Exams of an unlabelled chest CT: its mediastinal blood pool (`training.partial.derive_chest`) raised to each of
+    `POOL_HU`, the share of the pool's inner voxels named bone (``pool_bone``) and blood (``pool_blood``: the heart, a
+    vessel or contrast blood); and a field of view of `CUT_FOV`, which cuts the chest wall: the share of aerated
+    lung named lung (``lung_named``) and shown in the lung's hue (``lung_hue``, `tissue_metrics`)."""
+    from .exams import cut_fov, with_pool
+    from .partial import derive_chest
+
+    pool = _inner(derive_chest(ct)["blood"])
+    rows = []
+    for value in POOL_HU:
+        version = with_pool(ct, pool, value)
+        with torch.no_grad():
+            chroma = predict_chroma(version, model, device="cpu", bf16=False)
+        named = np.asarray(chroma.most_probable(version.array)).astype(np.int16)[pool] - 1
+        families = np.array([family(c) for c in chroma.classes] + ["air"])
+        rows.append(
+            {
+                "exam": f"pool_{value:.0f}",
+                "pool_bone": round(float((families[named] == "bone").mean()), 3),
+                "pool_blood": round(float((families[named] == "contrast_blood").mean()), 3),
+            }
+        )
+    version, _ = cut_fov(ct, CUT_FOV)
+    with torch.no_grad():
+        chroma = predict_chroma(version, model, device="cpu", bf16=False)
+
+    def render(win, palette):
+        return compose_chroma(version, chroma, win, 1.0, "cpu", palette).rgb
+
+    labels = chroma.most_probable(version.array)
+    hu = np.asarray(version.array, dtype=np.float32)
+    lung = _inner(_aerated_lung(hu, body_mask(hu, version.spacing), version.spacing))
+    lung_class = chroma.classes.index("lung") + 1
+    rows.append(
+        {
+            "exam": "cut_fov",
+            "lung_named": round(float((np.asarray(labels)[lung] == lung_class).mean()), 3) if lung.any() else None,
+            "lung_hue": tissue_metrics(version, labels, chroma.classes, render)["lung_hue"],
+        }
+    )
+    return rows
