@@ -213,9 +213,15 @@ def write_headless(ds: Dataset, path: Path) -> Path:
 
 
 @pytest.mark.parametrize("source", ["CT_small", "shared"])
-def test_headless_ct_without_photometric_interpretation_reads_as_simpleitk_reads_it(request, tmp_path, source):
-    """PhotometricInterpretation is type 1, yet old CT files omit it; GDCM (SimpleITK) reads one sample per pixel as
-    MONOCHROME2, and `ctcolor info` must agree with it: shape, spacing, origin and HU range (exact: integers)."""
+@pytest.mark.parametrize(
+    "missing",
+    [("PhotometricInterpretation",), ("PhotometricInterpretation", "SamplesPerPixel", "ImagePositionPatient")],
+    ids=["photometric", "photometric-samples-position"],
+)
+def test_headless_ct_without_photometric_interpretation_reads_as_simpleitk_reads_it(request, tmp_path, source, missing):
+    """PhotometricInterpretation and SamplesPerPixel are type 1, yet old CT files omit them (and the position); GDCM
+    (SimpleITK) reads one sample per pixel as MONOCHROME2, and `ctcolor info` must agree with it: shape, spacing,
+    origin and HU range (exact: integers)."""
     from pydicom.data import get_testdata_file
 
     from test_cli import ctcolor
@@ -227,7 +233,8 @@ def test_headless_ct_without_photometric_interpretation_reads_as_simpleitk_reads
         ds = subset(request.getfixturevalue("decoded_slices"), 1)[0]
         # This de-identified series has an empty SOPClassUID; without a CT SOP class GDCM ignores the position.
         ds.SOPClassUID = pydicom.uid.CTImageStorage
-    del ds.PhotometricInterpretation
+    for keyword in missing:
+        delattr(ds, keyword)
     path = write_headless(ds, tmp_path / "headless")
     before = file_hashes(path)
     reference = sitk.ReadImage(str(path))

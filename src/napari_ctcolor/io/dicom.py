@@ -308,9 +308,12 @@ def _geometry(slices: list[_Slice], where: Path):
 
 
 def _decode(s: _Slice) -> np.ndarray:
+    # Type 1, yet old CT files often omit them. For one sample per pixel (a missing SamplesPerPixel reads as one,
+    # checked before decoding) GDCM and SimpleITK read such a file as MONOCHROME2, and so do we: set in memory only,
+    # the file is never changed.
+    if "SamplesPerPixel" not in s.header:
+        s.header.SamplesPerPixel = 1
     if "PhotometricInterpretation" not in s.header:
-        # Type 1, yet old CT files often omit it. For one sample per pixel (checked before decoding) GDCM and
-        # SimpleITK read such a file as MONOCHROME2, and so do we: set in memory only, the file is never changed.
         s.header.PhotometricInterpretation = "MONOCHROME2"
     try:
         raw = s.header.pixel_array
