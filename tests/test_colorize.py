@@ -678,3 +678,33 @@ def test_axial_view_matches_simpleitk_dicom_orient_for_every_axial_storage_order
         assert torch.equal(view.volume_from_view(view.volume_to_view(plane)), plane)
     sagittal = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # slices along left-right
     assert AxialView.of(Volume(array, (3.0, 0.9, 0.7), (0.0, 0.0, 0.0), sagittal)) == AxialView()
+
+
+def test_blood_as_bright_as_the_scans_own_blood_keeps_its_name_beside_bone():
+    """A pixel 45 % vertebra, 55 % aorta, as where the aorta lies against the spine. A 550 HU voxel there is bone in a
+    non-contrast scan (no blood that bright: named blood up to 60 HU, blood fades from 240 HU, `blood_fade`) and where
+    too little blood is named to tell (400 HU), and aorta in a CT angiography whose named blood reaches 550 HU (blood
+    keeps its weight up to 650 HU); at 900 HU it is bone in all. Through `most_probable` (``ctcolor colorize
+    --classes``) and `class_at` (the pointer)."""
+    from napari_ctcolor.engines.colorize import blood_fade
+
+    assert blood_fade(None) == (400.0, 600.0) and blood_fade(60.0) == (240.0, 440.0)
+    assert blood_fade(550.0) == (650.0, 850.0) and blood_fade(2000.0) == (800.0, 1000.0)
+    classes = (*CLASSES, "vertebrae_lumbar")
+    top = torch.zeros((1, TOP_K, 4, 4), dtype=torch.uint8)
+    mix = ["aorta", "vertebrae_lumbar", "soft_tissue", "fat"]
+    top[:] = torch.tensor([classes.index(n) for n in mix], dtype=torch.uint8).view(1, -1, 1, 1)
+    prob = torch.zeros_like(top)
+    prob[:, 0], prob[:, 1] = 140, 115
+    hu = np.full((1, 16, 16), 550, dtype=np.int16)
+    hu[:, :, 8:] = 900
+    for fade, name in (
+        (blood_fade(60.0), "vertebrae_lumbar"),
+        (blood_fade(None), "vertebrae_lumbar"),
+        (blood_fade(550.0), "aorta"),
+    ):
+        chroma = Chroma(top, prob, classes, 4, ((0, 0), (0, 0)), "handmade", blood_fade_hu=fade)
+        labels = chroma.most_probable(hu)
+        assert (labels[:, :, :8] == classes.index(name) + 1).all(), fade
+        assert (labels[:, :, 8:] == classes.index("vertebrae_lumbar") + 1).all(), fade
+        assert chroma.class_at(0, 3, 3, 550.0)[0] == name and chroma.class_at(0, 3, 12, 900.0)[0] == "vertebrae_lumbar"

@@ -128,10 +128,12 @@ def save_weights(model: torch.nn.Module, card: dict[str, Any], folder: Path, nam
     return path
 
 
-def update_card_metrics(weights: Path, metrics: dict[str, Any]) -> Path:
-    """Replace the ``metrics`` of the model card beside ``weights`` (``--eval-only``); atomic. Returns the card."""
+def update_card_metrics(weights: Path, metrics: dict[str, Any], **fields: Any) -> Path:
+    """Replace the ``metrics`` of the model card beside ``weights``, and any other top-level ``fields`` given (the
+    description of the engine around the weights, which changes without retraining: ``--eval-only``); atomic.
+    Returns the card."""
     card = Path(weights).with_suffix(".json")
-    updated = {**read_card(card), "metrics": metrics}
+    updated = {**read_card(card), **fields, "metrics": metrics}
     with atomic_path(card) as tmp:
         tmp.write_text(json.dumps(updated, indent=2) + "\n")
     return card

@@ -26,7 +26,7 @@ import copy
 import functools
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -85,6 +85,7 @@ class Chroma:
         enclosure: (2, Z, Y, ceil(X / 8)) uint8, bits packed along X (``np.packbits(..., axis=-1)``), one per CT
             voxel (`enclosure_masks`): [0] the voxels that count as marrow (and the cortex around it), [1] those no
             bone encloses, below `MARROW_MIN_HU`; None: neither (plain HU weights).
+        blood_fade_hu: where contrast blood's `HU_GROUPS` weight falls for this scan (`blood_fade`).
     """
 
     top: torch.Tensor
@@ -94,6 +95,7 @@ class Chroma:
     pad: tuple[tuple[int, int], tuple[int, int]]
     model: str
     enclosure: np.ndarray | None = None
+    blood_fade_hu: tuple[float, float] = field(default_factory=lambda: _BLOOD_FADE_HU)
 
     def ab(self, palette: Palette, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """(n, 2, h, w) float32 a*, b* of slices [start, stop) at the network's resolution under ``palette``."""
@@ -137,7 +139,8 @@ class Chroma:
         top, prob = self.top[z, :, row, col].long(), self.prob[z, :, row, col].float()
         marrow, no_bone = (0, 0) if self.enclosure is None else self.enclosure[:, z, y, x // 8] >> (7 - x % 8) & 1
         hu = max(float(hu), MARROW_GROUP_HU) if marrow else float(hu)
-        fit = hu_group_weights(torch.tensor(hu), torch.tensor(bool(no_bone)))[_hu_group_of(self.classes)[top]]
+        fit = hu_group_weights(torch.tensor(hu), torch.tensor(bool(no_bone)), self.blood_fade_hu)
+        fit = fit[_hu_group_of(self.classes)[top]]
         best = int((prob * fit).argmax())
         return self.classes[int(top[best])], float(prob[best]) / 255.0
 
@@ -159,7 +162,7 @@ class Chroma:
             top = self.top[start:stop].index_select(2, rows).index_select(3, cols).long()  # (n, k, Y, X)
             prob = self.prob[start:stop].index_select(2, rows).index_select(3, cols).float()
             chunk = torch.from_numpy(np.nan_to_num(np.asarray(hu[start:stop], dtype=np.float32)))
-            fit = hu_group_weights(*self.hu_groups(chunk, start))
+            fit = hu_group_weights(*self.hu_groups(chunk, start), self.blood_fade_hu)
             score = prob * fit.movedim(-1, 1).gather(1, group_of[top])
             best = top.gather(1, score.argmax(dim=1, keepdim=True))[:, 0]  # the first of equal scores: the likelier
             labels = (best + 1).to(torch.uint8)
@@ -174,9 +177,16 @@ class Chroma:
         return self.top[:, 0].index_select(1, r).index_select(2, c).numpy()
 
     def enhanced_blood_hu(self, hu: np.ndarray, spacing: tuple[float, float, float]) -> float | None:
-        """The median HU of the blood the network names (the pixels whose most probable class is the heart or a named
-        vessel, read at each pixel's centre in the CT ``hu``) when it is contrast-enhanced: at least `ENHANCED_HU` over
-        at least `ENHANCED_MIN_ML`; else None."""
+        """The median `named_blood_hu` when the blood is contrast-enhanced (at least `ENHANCED_HU`), else None."""
+        median = self.named_blood_hu(hu, spacing)
+        return median if median is not None and median >= ENHANCED_HU else None
+
+    def named_blood_hu(
+        self, hu: np.ndarray, spacing: tuple[float, float, float], percentile: float = 50.0
+    ) -> float | None:
+        """A ``percentile`` (the median by default) of the HU of the blood the network names (the pixels whose most
+        probable class is the heart or a named vessel, read at each pixel's centre in the CT ``hu``) when it names at
+        least `ENHANCED_MIN_ML`; else None."""
         named = [k for k, name in enumerate(self.classes) if _anatomy.family(name) == "contrast_blood"]
         named = [k for k in named if self.classes[k] != "contrast_blood"]  # the tissue class is named by HU
         (top, _), (left, _) = self.pad
@@ -185,8 +195,7 @@ class Chroma:
         blood = np.isin(self.first_class(rows, cols), named)
         if blood.sum() * float(np.prod(spacing)) * self.factor**2 / 1000.0 < ENHANCED_MIN_ML:
             return None
-        median = float(np.median(np.asarray(hu)[:, rows][:, :, cols][blood]))
-        return median if median >= ENHANCED_HU else None
+        return float(np.percentile(np.asarray(hu)[:, rows][:, :, cols][blood], percentile))
 
     def class_shares(self) -> dict[str, float]:
         """Share of network pixels whose most probable class is each class (classes that win somewhere only)."""
@@ -225,22 +234,44 @@ AIR_HU, _AIR_FADE_HU = -900.0, 20.0
 
 
 #: A network pixel (3.5 mm) mixes the classes of what it holds: a rib's thin cortex with the muscle around it, a
-#: vertebra's rim with the vessel beside it; its colour lands between them (thin bone came out salmon, not ivory).
-#: Each voxel therefore re-weights its network pixels' classes by whether its own HU fits their group: bone at any
-#: HU; contrast-filled blood up to `_BLOOD_FADE_HU` (a CT angiography's aorta and heart reach 500-700 HU, more at
-#: 80-100 kVp or beside the injected vein; cortical bone is 500-1500: where both occur, the network's probabilities
+#: vertebra's rim with the vessel beside it; its colour lands between them (thin bone came out salmon, not ivory). Each
+#: voxel therefore re-weights its network pixels' classes by whether its own HU fits their group: bone at any HU;
+#: contrast-filled blood up to `_BLOOD_FADE_HU`, or up to what this scan's own blood shows (`blood_fade`: a CT
+#: angiography's aorta and heart reach 500-700 HU, where cortical bone lies too, and there the network's probabilities
 #: choose, not the HU); organs (liver, spleen, kidney, bowel, ...: an enhancing kidney cortex reaches 150-250 HU) up to
 #: `_ORGAN_FADE_HU`; plain tissue (`_PLAIN`: muscle, fat, soft tissue, spinal cord, lung, air) up to `_PLAIN_FADE_HU`:
 #: skeletal muscle is 40-60 HU and about 80 enhanced, so a 150 HU voxel in a pixel of vertebra and psoas is the
-#: vertebra's cancellous bone. The weight falls linearly from the first HU to `_GROUP_FLOOR` at the second; a voxel
-#: that fits none of its pixels' groups keeps their mix. At or below `_PLAIN_FADE_HU[0]` every weight is 1: the
-#: network's mix is kept exactly (an osteoporotic vertebra's marrow or an enhancing kidney beside a rib keep the
-#: colour the network gave them).
+#: vertebra's cancellous bone. The weight falls linearly from the first HU to `_GROUP_FLOOR` at the second; a voxel that
+#: fits none of its pixels' groups keeps their mix. At or below `_PLAIN_FADE_HU[0]` every weight is 1: the network's mix
+#: is kept exactly (an osteoporotic vertebra's marrow or an enhancing kidney beside a rib keep the colour the network
+#: gave them).
 HU_GROUPS = ("bone", "blood", "organ", "plain")
 _PLAIN = ("air", "lung", "fat", "soft_tissue", "spinal_cord", "autochthon", "iliopsoas", "gluteus_")
 _PLAIN_FADE_HU = (110.0, 210.0)
 _ORGAN_FADE_HU = (200.0, 300.0)
-_BLOOD_FADE_HU = (700.0, 1000.0)
+_BLOOD_FADE_HU = (400.0, 600.0)
+#: Blood may be as bright as the brightest blood the network names in this scan (`Chroma.named_blood_hu`, its
+#: `BLOOD_PERCENTILE`: the arteries of an arterial phase, not its less enhanced veins) plus `BLOOD_FADE_ABOVE_HU`: its
+#: fade starts there (between `BLOOD_FADE_MIN_HU` and `BLOOD_FADE_MAX_HU`) and ends `_BLOOD_FADE_HU`'s width higher;
+#: `_BLOOD_FADE_HU` when the network names too little blood to tell. Unenhanced blood is 30-60 HU, so in a
+#: non-contrast scan a 300-600 HU voxel is bone whatever its pixel's mix (the shipped model, unsure between the hips
+#: and the iliac vessels beside them, named 26 % of the non-contrast 3 mm patient's dense pelvic voxels contrast blood
+#: with a fixed 400-600 HU fade); a CTA whose aorta is at 600 HU keeps blood up to about 700. With the median instead
+#: of the 90th percentile, the aorta of the 600 HU exams was named bone on 56-72 % of its voxels (the veins' 60-120 HU
+#: pulled the median down). Checked on the exam rows of the model cards (`training.exams`: each labelled patient's
+#: blood at 40-600 HU) and on the unlabelled chest CT's blood pool at 300-600 HU (2026-11-26).
+BLOOD_PERCENTILE, BLOOD_FADE_ABOVE_HU, BLOOD_FADE_MIN_HU, BLOOD_FADE_MAX_HU = 90.0, 100.0, 240.0, 800.0
+
+
+def blood_fade(named_hu: float | None) -> tuple[float, float]:
+    """The HU over which contrast blood's weight falls (`HU_GROUPS`), given the `BLOOD_PERCENTILE` of the HU of the
+    scan's named blood (`Chroma.named_blood_hu`; None: too little named to tell)."""
+    if named_hu is None:
+        return _BLOOD_FADE_HU
+    low = min(max(named_hu + BLOOD_FADE_ABOVE_HU, BLOOD_FADE_MIN_HU), BLOOD_FADE_MAX_HU)
+    return (low, low + _BLOOD_FADE_HU[1] - _BLOOD_FADE_HU[0])
+
+
 _GROUP_FLOOR = 1e-3
 
 
@@ -357,15 +388,17 @@ def enclosure_masks(hu: np.ndarray, pixel_mm2: float, bone_pixel: np.ndarray) ->
     return out
 
 
-def hu_group_weights(hu: torch.Tensor, no_bone: torch.Tensor | None = None) -> torch.Tensor:
+def hu_group_weights(
+    hu: torch.Tensor, no_bone: torch.Tensor | None = None, blood: tuple[float, float] = _BLOOD_FADE_HU
+) -> torch.Tensor:
     """(..., 4) weights of the `HU_GROUPS` for voxels of HU ``hu`` (...); bone's is 1, or the floor where ``no_bone``
-    (bool, as ``hu``: `Chroma.hu_groups`)."""
+    (bool, as ``hu``: `Chroma.hu_groups`); blood's falls over ``blood`` (`Chroma.blood_fade_hu`)."""
 
     def falling(low: float, high: float) -> torch.Tensor:
         return ((high - hu) / (high - low)).clamp(0.0, 1.0) * (1.0 - _GROUP_FLOOR) + _GROUP_FLOOR
 
     bone = torch.ones_like(hu) if no_bone is None else 1.0 - no_bone.to(hu.dtype) * (1.0 - _GROUP_FLOOR)
-    fits = (bone, falling(*_BLOOD_FADE_HU), falling(*_ORGAN_FADE_HU), falling(*_PLAIN_FADE_HU))
+    fits = (bone, falling(*blood), falling(*_ORGAN_FADE_HU), falling(*_PLAIN_FADE_HU))
     return torch.stack(fits, dim=-1)
 
 
@@ -433,6 +466,7 @@ def guided_upsample(
     groups: torch.Tensor | None = None,
     group_hu: torch.Tensor | None = None,
     no_bone: torch.Tensor | None = None,
+    blood_fade_hu: tuple[float, float] = _BLOOD_FADE_HU,
 ) -> torch.Tensor:
     """Joint bilateral upsampling (Kopf et al., SIGGRAPH 2007) of a*, b* by an integer factor, guided by HU.
 
@@ -456,6 +490,7 @@ def guided_upsample(
         groups: optional (n, 4, 3, h, w) `Chroma.ab_groups` of the same pixels (``ab`` is their sum).
         group_hu, no_bone: with ``groups``, optional (n, h * factor, w * factor) HU and bool that weigh them
             (`Chroma.hu_groups`); default ``guide`` and none.
+        blood_fade_hu: where contrast blood's weight falls (`Chroma.blood_fade_hu`).
 
     Returns:
         (n, 2, h * factor, w * factor) a*, b*.
@@ -478,7 +513,9 @@ def guided_upsample(
             return a.reshape(n, h, factor, w, factor).permute(0, 2, 4, 1, 3)
 
         fit = hu_group_weights(
-            raw if group_hu is None else blocked(group_hu), None if no_bone is None else blocked(no_bone)
+            raw if group_hu is None else blocked(group_hu),
+            None if no_bone is None else blocked(no_bone),
+            blood_fade_hu,
         ).movedim(-1, 1)[:, :, None]  # (n, G, 1, factor, factor, h, w)
     if factor > 1:
         spatial = _spatial_weights(factor, ab.dtype, ab.device)
@@ -521,7 +558,7 @@ def upsample_chroma(chroma: Chroma, palette: Palette, hu: torch.Tensor, start: i
         F.pad(a.to(hu.dtype)[:, None], (left, right, top, bottom), mode="replicate")[:, 0]
         for a in chroma.hu_groups(hu, start)
     )
-    ab = guided_upsample(ab, guide, chroma.factor, groups, group_hu, no_bone > 0.5)
+    ab = guided_upsample(ab, guide, chroma.factor, groups, group_hu, no_bone > 0.5, chroma.blood_fade_hu)
     ab = ab[:, :, top : top + height, left : left + width]
     air = ((hu - AIR_HU) / _AIR_FADE_HU).clamp_(0.0, 1.0)
     return (ab * air[:, None]).movedim(1, -1)
@@ -557,7 +594,7 @@ def _upsample_compose_cpu(
         MARROW_GROUP_HU,
         ab_pad,
         groups_pad,
-        (*_PLAIN_FADE_HU, *_ORGAN_FADE_HU, *_BLOOD_FADE_HU, _GROUP_FLOOR),
+        (*_PLAIN_FADE_HU, *_ORGAN_FADE_HU, *chroma.blood_fade_hu, _GROUP_FLOOR),
         F.pad(guide_low, (1, 1, 1, 1), mode="replicate")[:, 0].numpy(),
         spatial.numpy(),
         (top, left),
@@ -691,6 +728,7 @@ def iter_predict_chroma(
         release_free_memory()
     chroma = Chroma(top, prob, config.classes, factor, pad, str(card.get("name", "custom")))
     chroma.enclosure = _enclosure_bits(volume, chroma)
+    chroma.blood_fade_hu = blood_fade(chroma.named_blood_hu(volume.array, volume.spacing, BLOOD_PERCENTILE))
     return chroma
 
 
