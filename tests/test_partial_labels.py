@@ -14,7 +14,7 @@ from scipy import ndimage
 from napari_ctcolor.io import read_volume
 from napari_ctcolor.models.colorizer import ColorizerConfig
 from napari_ctcolor.training.colorizer import reduce_classes
-from napari_ctcolor.training.partial import IGNORE, derive_chest, partial_class_map
+from napari_ctcolor.training.partial import BLOOD, derive_chest, partial_class_map
 from test_colorizer_model import REPO, TINY
 
 from conftest import CT_DIR, require_shared
@@ -106,15 +106,18 @@ def test_voxels_without_a_derived_label_carry_no_loss():
     ct = read_volume(CT_DIR / TRAINING_CHESTS[1])
     config = ColorizerConfig.from_dict(yaml.safe_load((REPO / "configs" / "colorizer_2d.yaml").read_text())["model"])
     classes = partial_class_map(ct, "chest_non_contrast", config.classes)
-    assert 0.2 <= (classes == IGNORE).mean() <= 0.5  # the mediastinum, heart, vessels, abdomen (measured 0.31)
+    # No derived class: the mediastinum, heart, vessels, abdomen (measured 0.31), the blood pool among them (`BLOOD`,
+    # trained only when a sample enhances it)
+    assert 0.2 <= (classes >= BLOOD).mean() <= 0.5 and (classes == BLOOD).any()
     case = reduce_classes("lung2", ct.array, ct.spacing, classes, config, partial=True)
     factor = config.factor_for(float(np.mean(ct.spacing[1:])))
     z, h, w = classes.shape
     blocks = classes[:, : h - h % factor, : w - w % factor].reshape(z, h // factor, factor, w // factor, factor)
-    unlabelled = torch.from_numpy((blocks == IGNORE).all(axis=(2, 4)))
+    unlabelled = torch.from_numpy((blocks >= BLOOD).all(axis=(2, 4)))
     assert unlabelled.any()
     assert (case.weight[unlabelled] == 0).all() and (case.target.sum(dim=1)[unlabelled] == 0).all()
     assert (case.weight[~unlabelled] > 0).all()
+    assert case.blood is not None and (case.blood[unlabelled] > 0).any()
 
 
 def test_training_command_derives_the_partial_labels_itself_and_validates_on_an_unlabelled_ct(tmp_path):
