@@ -11,15 +11,15 @@ A field of view that cuts through the chest wall (small-FOV cardiac and CT angio
 open to the image's edge: they are no hole of the body, yet they are the patient. So the opening's erosion counts beyond
 the edge as tissue (the cut chest wall stays), and slice by slice, each region outside the body whose median HU is that
 of lung (`CUT_LUNG_HU`) and whose centre lies within the body's bounding box joins it, less its voxels below
-`OUTSIDE_AIR_HU`. The air around a patient, and any region that holds it (with the table, a cushion, a
-blanket), has a median below `OUTSIDE_AIR_HU`. Not told apart from lung: a foam mattress beneath the back (-890 to
--950 HU on the shared CTs, as the lung bases) when the cut field of view shows it without the air beside it and the
-body reaches past it on either side (crops to half the width of the shared chest CTs' shoulder slices): it joins
-the body, stays without colour (below -900 HU, `colorize.AIR_HU`), and the pointer names it lung. Checked on crops
-of the three shared chest CTs to 80, 60 and 50 % of their rows and columns (tests/test_body.py): their lungs
-(`training.partial.derive_chest` on the whole slice) lie inside the body on 99.85 % or more of their voxels, against
-0.4-63 % before this rule (100 % only where the 80 % crop kept popi's chest wall), and the body gains at most 3.5 %
-of voxels the whole slice's body does not hold (the mattress above) (2026-11-26).
+`OUTSIDE_AIR_HU`. The air around a patient, and any region that holds it (with the table, a cushion, a blanket), has a
+median below `OUTSIDE_AIR_HU`. Not told apart from lung: a foam mattress beneath the back (-890 to -950 HU on the shared
+CTs, as the lung bases) when the cut field of view shows it without the air beside it and the body reaches past it on
+either side (crops to half the width of the shared chest CTs' shoulder slices): it joins the body, stays without colour
+(below -900 HU, `colorize.AIR_HU`), and the pointer names it lung. Checked on crops of the three shared chest CTs to 80,
+60 and 50 % of their rows and columns (tests/test_body.py: 60 and 50 %): their lungs (`training.partial.derive_chest` on
+the whole slice) lie inside the body on 99.85 % or more of their voxels, against 0.4-63 % before this rule (100 % only
+where the 80 % crop kept popi's chest wall), and the body gains at most 3.5 % of voxels the whole slice's body does not
+hold (the mattress above) (2026-11-26).
 """
 
 from __future__ import annotations
