@@ -66,6 +66,12 @@ def click_and_wait(qtbot, widget: ColorizeWidget, button) -> None:
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
 
 
+def view_3d(qtbot, widget: ColorizeWidget, preset: str) -> None:
+    """Choose a 3D view and wait for its surfaces, computed in a worker."""
+    widget.view_3d.value = preset
+    qtbot.waitUntil(lambda: not widget.busy_3d, timeout=TIMEOUT_MS)
+
+
 def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     make_napari_viewer, qtbot, dicom_series, monkeypatch, errors
 ):
@@ -84,7 +90,7 @@ def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     # The series is contrast-enhanced (its header's ContrastBolusAgent): it opens in a window of its own (test_napari),
     # and both of its header's windows (40/300, the default, and 300/1500) are offered beside the presets (CTA among
     # them); the slider reaches the whole HU range.
-    assert widget.window.value == "custom" and tuple(ct.contrast_limits) != (-110.0, 190.0)
+    assert widget.window.value.startswith("contrast ") and tuple(ct.contrast_limits) != (-110.0, 190.0)
     shown = [widget.window.native.itemText(i) for i in range(widget.window.native.count())]
     assert shown[:2] == ["DICOM default", "DICOM 300/1500"] and "CTA" in shown and "cta" not in shown
     assert ct.contrast_limits_range[0] <= ct.data.min() and ct.contrast_limits_range[1] >= ct.data.max()
@@ -168,12 +174,12 @@ def test_run_colours_the_ct_and_settings_recompose_without_the_network(
 
     # The 3D view leaves the patient table out: rows 215-244 of the 256 it keeps (every 2nd), behind the patient,
     # hold the table (above -400 HU) and nothing of the body; the skin surface of "soft tissue" stops at the body too.
-    widget.view_3d.value = "bone"
+    view_3d(qtbot, widget, "bone")
     bone = viewer.layers[f"{ct.name} 3D bone"]
     table = ct.data[:, ::2, ::2][:, 215:]
     assert bone.scale[1] == pytest.approx(2 * ct.scale[1]) and (table > -400).sum() > 1000
     assert np.all(bone.data[:, 215:] == 0) and (bone.data[:, :215] > 0.5).sum() > 1000
-    widget.view_3d.value = "soft tissue"
+    view_3d(qtbot, widget, "soft tissue")
     skin = viewer.layers[f"{ct.name} 3D skin"]
     assert np.all(skin.data[:, 215:] < 0.5) and (skin.data[:, :215] > 0.5).sum() > 100000
     widget.view_3d.value = "off"
@@ -408,3 +414,19 @@ def test_each_colour_layer_keeps_following_its_own_ct_window(make_napari_viewer,
     assert second_colour.metadata["ctcolor"]["colorize"]["window"] == list(PRESETS["bone"])
     assert lightness_error(second_colour.data, second.data, PRESETS["bone"]) <= LUMINANCE_BOUND
     assert first_colour.metadata["ctcolor"]["colorize"]["window"] == list(PRESETS["lung"]) and not errors
+
+
+def test_the_window_menu_lists_each_header_window_once(make_napari_viewer):
+    """A chest CT whose header repeats its first window (-450/2000 twice) shows it once, as "DICOM default"; a
+    second, different window is listed by its values."""
+    viewer = make_napari_viewer()
+    meta = {"modality": "CT", "window": (-450.0, 2000.0), "windows": [(-450.0, 2000.0), (-450.0, 2000.0)]}
+    viewer.add_image(np.zeros((4, 16, 16), np.int16), name="chest", metadata={"ctcolor": meta})
+    widget = open_widget(viewer)
+    shown = [widget.window.native.itemText(i) for i in range(widget.window.native.count())]
+    assert shown[0] == "DICOM default" and not any(name.startswith("DICOM -450") for name in shown)
+    meta = {**meta, "windows": [*meta["windows"], (40.0, 400.0)]}
+    viewer.add_image(np.zeros((4, 16, 16), np.int16), name="abdomen", metadata={"ctcolor": meta})
+    widget.ct_layer.value = viewer.layers["abdomen"]
+    shown = [widget.window.native.itemText(i) for i in range(widget.window.native.count())]
+    assert "DICOM 40/400" in shown and sum(name.startswith("DICOM") for name in shown) == 2

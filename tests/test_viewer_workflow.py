@@ -26,7 +26,15 @@ from napari_ctcolor.napari._volume import MIN_BONE_ML, contrast_window, vessel_m
 from napari_ctcolor.windowing import PRESETS
 from test_cli import ctcolor
 from test_color import LUMINANCE_BOUND
-from test_colorize_widget import PLUGIN, TIMEOUT_MS, SlowColorizer, click_and_wait, lightness_error, open_widget
+from test_colorize_widget import (
+    PLUGIN,
+    TIMEOUT_MS,
+    SlowColorizer,
+    click_and_wait,
+    lightness_error,
+    open_widget,
+    view_3d,
+)
 
 from conftest import CT_DIR, assert_same_colours, require_shared
 
@@ -133,7 +141,7 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
 
     # 3. 3D, seen from the front: lit iso surfaces of the bone (and skin, vessels), the colours as RGBA; nothing outside
     # the body; "off" restores the 2D view.
-    widget.view_3d.value = "bone"
+    view_3d(qtbot, widget, "bone")
     rendered = viewer.layers[f"{ct.name} 3D bone"]
     assert viewer.dims.ndisplay == 3 and rendered.rendering == "iso" and rendered.iso_threshold == 0.5
     assert rendered.interpolation3d == "linear" and rendered.data.dtype == np.float32
@@ -158,7 +166,7 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
     volumes_ml = np.bincount(pieces.ravel())[1:] * 27.0 * s * s / 1000.0
     assert count >= 5 and volumes_ml.min() >= MIN_BONE_ML  # the spine and the ribs that are whole at 3 mm
     bones = np.isin(labels, [i for name, i in names.items() if family(colour_class(name)) == "bone"])
-    widget.view_3d.value = "CTA"
+    view_3d(qtbot, widget, "CTA")
     shown = [lyr.name for lyr in viewer.layers if lyr.visible]
     assert shown == [f"{ct.name} 3D bone", f"{ct.name} 3D vessels"]
     assert all(lyr.rendering == "iso" for lyr in viewer.layers if lyr.visible)
@@ -172,16 +180,10 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
         f"\nCTA, non-contrast CT: red on {red[dense_bone].mean():.4f} of the bone above 150 HU (HU alone {by_hu:.3f})"
     )
     assert red[dense_bone].mean() < 0.02 and by_hu > 0.1
-    widget.view_3d.value = "soft tissue"
+    view_3d(qtbot, widget, "soft tissue")
     skin = viewer.layers[f"{ct.name} 3D skin"]
     assert [lyr.name for lyr in viewer.layers if lyr.visible] == [f"{ct.name} 3D bone", skin.name]
     assert skin.rendering == "iso" and skin.opacity < 1.0 and (skin.data > 0.5).mean() > 0.3  # the body, see-through
-    widget.view_3d.value = "colour"
-    rendered = viewer.layers[f"{ct.name} 3D colour"]
-    assert rendered.rendering == "translucent" and rendered.data.shape[-1] == 4
-    alpha = rendered.data[..., 3]
-    assert alpha[hu < 130].max() == 0 and alpha[(hu > 260) & inside].min() == 255 and alpha[~inside].max() == 0
-    np.testing.assert_array_equal(rendered.data[..., :3], layer.data[:, ::s, ::s])
     widget.view_3d.value = "off"
     assert viewer.dims.ndisplay == 2 and f"{ct.name} 3D" not in [lyr.name for lyr in viewer.layers]
     assert all(lyr.visible for lyr in viewer.layers)
@@ -515,9 +517,18 @@ def test_a_contrast_ct_read_from_nifti_moves_to_the_contrast_window_after_run_an
     """NIfTI carries no contrast flag: the DICOM patient's portal-venous CT written as NIfTI opens in the abdomen
     window, its enhanced vessels near white. After Run the blood the network names (median 100-118 HU with every
     shipped and left-out model, against 28-47 HU on the four non-contrast CTs) moves it to the window the DICOM series
-    itself opens in, and the colour follows; the non-contrast 3 mm cut keeps its window."""
+    itself opens in, composed in it once (no second composition for the new window), named in the window menu; the
+    non-contrast 3 mm cut keeps its window."""
     said: list[str] = []
     monkeypatch.setattr(_colorize_widget, "show_info", said.append)
+    compose = _colorize_widget.iter_compose_chroma
+    windows: list = []
+
+    def counting_compose(volume, chroma, window, *args):
+        windows.append(window)
+        return (yield from compose(volume, chroma, window, *args))
+
+    monkeypatch.setattr(_colorize_widget, "iter_compose_chroma", counting_compose)
     dicom = read_volume(dicom_series)
     assert dicom.meta.get("contrast")  # its header says so: the DICOM series opens in the contrast window
     nifti = tmp_path / "contrast.nii.gz"
@@ -529,9 +540,13 @@ def test_a_contrast_ct_read_from_nifti_moves_to_the_contrast_window_after_run_an
     click_and_wait(qtbot, widget, widget.run_button)
     want = contrast_window(dicom.array, dicom.spacing)
     assert want != PRESETS["abdomen"] and tuple(ct.contrast_limits) == pytest.approx(want.limits)
-    assert len(said) == 1 and "contrast-enhanced blood found" in said[0] and f"{want.centre:g}/600" in said[0]
-    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)  # the colour recomposed for that window
+    name = f"{want.centre:g}/{want.width:g}"
+    assert len(said) == 1 and "contrast-enhanced blood found" in said[0] and name in said[0]
+    assert widget.window.value == f"contrast {name}"  # named, not "custom"
+    qtbot.wait(200)
+    assert not widget.busy and len(windows) == 1 and windows[0] == pytest.approx(tuple(want))
     assert widget.result_layer.metadata["ctcolor"]["colorize"]["window"] == pytest.approx([want.centre, want.width])
+    assert lightness_error(widget.result_layer.data, ct.data, tuple(want)) <= LUMINANCE_BOUND
 
     plain = viewer.open(str(CUT), plugin=PLUGIN)[0]
     widget.ct_layer.value = plain

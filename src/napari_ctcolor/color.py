@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from .errors import InputError
+from .threads import cpu_threads
 
 if TYPE_CHECKING:
     import torch
@@ -615,8 +616,8 @@ def compose_tables() -> ComposeTables:
 
 
 def _compose_threads() -> int:
-    """Threads for the numpy compose: as many as torch uses for its CPU work (the user's or OMP_NUM_THREADS)."""
-    return max(1, _torch().get_num_threads())
+    """Threads for the numpy compose (`threads.cpu_threads`)."""
+    return cpu_threads()
 
 
 @cache

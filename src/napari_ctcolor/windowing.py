@@ -116,23 +116,3 @@ def window_stack(hu: np.ndarray, windows: Sequence[Window | tuple[float, float]]
     for i, (centre, width) in enumerate(windows):
         out[i] = window(hu, centre, width)
     return out
-
-
-class OpacityRamp(NamedTuple):
-    """Opacity for 3D rendering: 0 below ``low`` HU, rising linearly to ``peak`` at ``high`` HU and above."""
-
-    low: float
-    high: float
-    peak: float
-
-
-#: Opacity of the colorized volume in napari's "colour" 3D view: contrast-filled vessels and bone show in their
-#: colours, soft tissue, fat and air are clear.
-COLOUR_3D_OPACITY = OpacityRamp(130.0, 260.0, 1.0)
-
-
-def opacity(hu: np.ndarray, ramp: OpacityRamp) -> np.ndarray:
-    """uint8 alpha (0..255) of HU under an `OpacityRamp`, for an RGBA volume napari renders translucently."""
-    rising = np.subtract(hu, ramp.low, dtype=np.float32)
-    rising *= np.float32(ramp.peak * 255.0 / (ramp.high - ramp.low))
-    return np.rint(np.clip(rising, 0.0, ramp.peak * 255.0, out=rising)).astype(np.uint8)

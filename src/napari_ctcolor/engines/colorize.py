@@ -38,6 +38,7 @@ from ..errors import InputError
 from ..io import ColorVolume, Volume
 from ..io.guard import check_memory, release_free_memory
 from ..models.colorizer import Colorizer, context_indices, downsample_hu, prepare_input
+from ..threads import cpu_threads
 from ..weights import COLORIZER_DEFAULT, load_colorizer
 from ..windowing import Window, parse_window, window, window_tensor
 from . import anatomy as _anatomy
@@ -576,7 +577,7 @@ def _upsample_compose_cpu(
     (top, bottom), (left, right) = chroma.pad
     factor = chroma.factor
     stop = start + hu.shape[0]
-    threads = torch.get_num_threads()
+    threads = cpu_threads()
     table = _class_table(palette, chroma.classes).numpy()
     group_of = _hu_group_of(chroma.classes).numpy()
     ab_pad, groups_pad = class_terms(
@@ -733,8 +734,9 @@ def iter_predict_chroma(
 
 
 def _enclosure_bits(volume: Volume, chroma: Chroma) -> np.ndarray:
-    """`Chroma.enclosure` of ``volume``: `enclosure_masks` of each slice, packed along X. Slices run in torch's
-    thread count of threads (``ndimage.label`` releases the GIL: 2.2 instead of 4.0 ms per 512² slice on 2 cores)."""
+    """`Chroma.enclosure` of ``volume``: `enclosure_masks` of each slice, packed along X. Slices run in
+    `threads.cpu_threads` threads (``ndimage.label`` releases the GIL: 2.2 instead of 4.0 ms per 512² slice on 2
+    cores)."""
     from concurrent.futures import ThreadPoolExecutor
 
     z, height, width = volume.shape
@@ -749,7 +751,7 @@ def _enclosure_bits(volume: Volume, chroma: Chroma) -> np.ndarray:
         masks = enclosure_masks(_hu_slices(volume, k, k + 1)[0], pixel_mm2, kept[rows][:, cols])
         out[:, k] = np.packbits(masks, axis=-1)
 
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+    with ThreadPoolExecutor(cpu_threads()) as pool:
         list(pool.map(one, range(z)))
     return out
 

@@ -628,7 +628,12 @@ def warnings(metrics: dict[str, Any], limits: Mapping[str, float | None] = QUALI
     if above("folding_fraction"):
         out.append(f"the field folds on {100 * metrics['folding_fraction']:.3f}% of voxels (det J <= 0)")
     if above("inverse_consistency_mm"):
-        out.append(f"forward and inverse fields disagree by {metrics['inverse_consistency_mm']:.1f} mm on average")
+        out.append(
+            f"the field does not undo itself: mapped forward and back, points land "
+            f"{metrics['inverse_consistency_mm']:.1f} mm from where they started on average (sound: under "
+            f"{limits['inverse_consistency_mm']:g} mm); the scans may not show the same region or anatomy"
+            + ("" if metrics.get("affine") else ", or need pre-alignment (--affine)")
+        )
     if above("volume_change_fraction"):
         out.append(
             f"det J is outside 0.8..1.25 on {100 * metrics['volume_change_fraction']:.0f}% of the body: "
@@ -949,6 +954,7 @@ def iter_register(
         lncc_after = local_ncc(fixed_n, _normalise(warped_t, normalisation, moving_low, moving_high), body)
         in_body = jacobian[body[0, 0]]
         volume_change = float(((in_body < 0.8) | (in_body > 1.25)).float().mean()) if in_body.numel() else 0.0
+        spread = np.percentile(in_body.cpu().numpy(), (1, 99)).tolist() if in_body.numel() else [1.0, 1.0]
         ddf = ddf.cpu().numpy().astype(np.float32, copy=False)
         inverse_ddf = inverse_ddf.cpu().numpy().astype(np.float32, copy=False)
         jacobian = jacobian.cpu().numpy().astype(np.float32, copy=False)
@@ -964,6 +970,7 @@ def iter_register(
         "lncc_after": lncc_after,
         "folding_fraction": float(np.mean(jacobian <= 0)),
         "volume_change_fraction": volume_change,
+        "jacobian_body_p1_p99": [round(float(v), 3) for v in spread],
         "inverse_consistency_mm": inverse_consistency,
         "overlap_fraction": overlap,
         "seconds": round(time.perf_counter() - start, 3),

@@ -24,7 +24,8 @@ The widget is a thin front end over `napari_ctcolor.engines.colorize`, the same 
   validated segmentation.
 - The result is the RGB layer ``"<CT name> colorized"`` at the CT's physical position, blended translucently over
   it; running again replaces that layer.
-- "3D view" shows a preset of `_volume.PRESETS_3D` (lit bone, CTA, soft tissue, colour) without table and air.
+- "3D view" shows a preset of `_volume.PRESETS_3D` (lit bone, CTA, soft tissue) without table and air, computed in
+  a worker.
 - Problems the user can fix (`CTColorError`: a missing weights file, no CUDA, ...) show as one-line napari errors.
 """
 
@@ -65,9 +66,10 @@ from ..engines.steps import offset_steps
 from ..errors import CTColorError, InputError
 from ..io import ColorVolume, Volume
 from ..models.colorizer import Colorizer
-from ..windowing import COLOUR_3D_OPACITY, PRESETS, Window, default_window, opacity, parse_window
-from ._docks import tab_with_siblings
-from ._layers import META_KEY, layer_attributes, opening_window, volume_from_layer
+from ..threads import at_most
+from ..windowing import PRESETS, Window, default_window, parse_window
+from ._docks import settle_heap, tab_with_siblings
+from ._layers import CONTRAST_WINDOW_KEY, META_KEY, layer_attributes, opening_window, volume_from_layer
 from ._view import anterior_3d, follow_radiological_orientation, plane_buttons, show_plane
 from ._volume import PRESETS_3D, contrast_window, layer_data, named_bone, vessel_mask
 
@@ -256,6 +258,7 @@ class ColorizeWidget(Container):
         )
         _scroll_within(self.legend.native, LEGEND_MAX_HEIGHT)
         tab_with_siblings(self.native)
+        settle_heap()
         self.worker = None  # the running GeneratorWorker (network run or recompose), if any
         self._kept: _Kept | None = None  # the run of the chosen CT layer (else the last run)
         self._runs: list[_Kept] = []  # every CT's last run: each colour layer follows its own CT's window
@@ -265,6 +268,7 @@ class ColorizeWidget(Container):
         self._watched: Image | None = None  # the CT layer whose contrast limits the window follows
         self._hidden_for_3d: list[Image] = []  # layers the 3D view hid, shown again when it is left
         self._body_cache: tuple | None = None  # (kept, HU, body mask, spacing) of the 3D view
+        self._worker_3d = None  # the worker computing a 3D preset's surfaces
         self._closed = False
         #: The plane (axis, index) the last recompose recoloured at once, before the rest of the volume (None: none
         #: on screen).
@@ -342,6 +346,8 @@ class ColorizeWidget(Container):
         if self._window_drag in self._viewer.mouse_drag_callbacks:
             self._viewer.mouse_drag_callbacks.remove(self._window_drag)
         self.cancel()
+        if self._worker_3d is not None:
+            self._worker_3d.quit()
 
     # ---------------------------------------------------------------------------------------------------------------
     # Inputs
@@ -426,12 +432,20 @@ class ColorizeWidget(Container):
         return self._kept.volume.meta if self._kept is not None else {}
 
     def _header_windows(self) -> dict[str, Window]:
-        """The chosen CT's DICOM header windows after the first (which is "DICOM default"), by choice name."""
-        windows = [Window(*(float(v) for v in pair)) for pair in self._meta_of_ct().get("windows", [])[1:]]
-        return {f"DICOM {win.centre:g}/{win.width:g}": win for win in windows}
+        """The chosen CT's own windows by choice name: its DICOM header's windows other than the first (which is
+        "DICOM default"), and the contrast window chosen for it (`CONTRAST_WINDOW_KEY`: as it opened, or after Run)."""
+        meta = self._meta_of_ct()
+        windows = [Window(*(float(v) for v in pair)) for pair in meta.get("windows", [])]
+        named = {f"DICOM {win.centre:g}/{win.width:g}": win for win in windows[1:] if win != windows[0]}
+        layer = self.ct_layer.value
+        contrast = layer.metadata.get(CONTRAST_WINDOW_KEY) if layer is not None else None
+        if contrast is not None:
+            win = Window(*(float(v) for v in contrast))
+            named[f"contrast {win.centre:g}/{win.width:g}"] = win
+        return named
 
     def _window_choices(self, _widget=None) -> list[tuple[str, str]]:
-        """(shown name, value) of the window choices: DICOM default, the header's other windows, presets, custom."""
+        """(shown name, value) of the window choices: DICOM default, the CT's own windows, presets, custom."""
         header = [(name, name) for name in self._header_windows()]
         presets = [(preset_label(name), name) for name in PRESETS]
         return [(DICOM_DEFAULT, DICOM_DEFAULT), *header, *presets, (CUSTOM, CUSTOM)]
@@ -606,31 +620,49 @@ class ColorizeWidget(Container):
             show_error(str(exc))
             return
         batch_size = int(self.batch_size.value) or None
+        # A CT without a header that says contrast was given, still in the window it opened in: the worker looks for
+        # enhanced blood and, finding it, composes in the contrast window (`_adopt_contrast_window`).
+        limits = tuple(float(v) for v in layer.contrast_limits)
+        find_contrast = (
+            layer.ndim == 3
+            and not volume.meta.get("contrast")
+            and np.allclose(limits, opening_window(volume).limits, rtol=0, atol=0.5)
+        )
         self._start(
             self._colorize_steps,
-            (volume, model, device, batch_size, window, float(self.chroma.value), palette),
+            (volume, model, device, batch_size, window, float(self.chroma.value), palette, find_contrast),
             total=2 * volume.shape[0],
             desc="Colorize volume",
-            on_result=lambda result: self._colorized(layer, volume, result),
+            on_result=lambda result: self._colorized(layer, volume, limits, result),
         )
 
     @staticmethod
-    def _colorize_steps(volume, model, device, batch_size, window, strength, palette):
-        """The network, then the composition, as one worker: yields (done, 2 Z), returns (Chroma, ColorVolume)."""
+    def _colorize_steps(volume, model, device, batch_size, window, strength, palette, find_contrast=False):
+        """The network, then the composition, as one worker: yields (done, 2 Z), returns (Chroma, ColorVolume,
+        (median HU of the enhanced blood, its `contrast_window`) or None). With ``find_contrast``, where the network
+        names enhanced blood (`Chroma.enhanced_blood_hu`) the composition uses the contrast window."""
         z = volume.shape[0]
         try:
             chroma = yield from offset_steps(iter_predict_chroma(volume, model, device, batch_size), 0, 2 * z)
+            found = None
+            if find_contrast:
+                blood = chroma.enhanced_blood_hu(volume.array, volume.spacing)
+                if blood is not None:
+                    found = (blood, contrast_window(volume.array, volume.spacing))
+                    window = tuple(found[1])
             compose = iter_compose_chroma(volume, chroma, window, strength, device, palette)
             colour = yield from offset_steps(compose, z, 2 * z)
         except CTColorError as exc:
             return _Failed(str(exc))
-        return chroma, colour
+        return chroma, colour, found
 
     @staticmethod
     def _compose_steps(volume, chroma, window, strength, device, palette):
-        """Recompose only: yields (done, Z), returns the ColorVolume."""
+        """Recompose only, on one CPU thread (the interface keeps a core while the reader drags the window, and the
+        plane on screen is recoloured already): yields (done, Z), returns the ColorVolume."""
         try:
-            return (yield from iter_compose_chroma(volume, chroma, window, strength, device, palette))
+            with at_most(1):
+                return (yield from iter_compose_chroma(volume, chroma, window, strength, device, palette))
         except CTColorError as exc:
             return _Failed(str(exc))
 
@@ -651,6 +683,8 @@ class ColorizeWidget(Container):
         except CTColorError as exc:
             show_error(str(exc))
             return
+        if not self.busy and self._shown_settings() == self._current_settings():
+            return  # the colour shown was composed with these settings (the contrast window a run chose)
         self._recolour_visible_plane(kept, window, device, palette)
         if self.busy:
             self._recompose_pending = True
@@ -753,7 +787,7 @@ class ColorizeWidget(Container):
             self._recompose_pending = False
             self._recompose()
 
-    def _colorized(self, ct: Image, volume: Volume, result: tuple[Chroma, ColorVolume] | _Failed) -> None:
+    def _colorized(self, ct: Image, volume: Volume, limits: tuple[float, float], result: tuple | _Failed) -> None:
         if self._closed:
             return
         if isinstance(result, _Failed):
@@ -762,7 +796,7 @@ class ColorizeWidget(Container):
         if not self._in_viewer(ct):  # the CT layer was deleted during the run: no orphan result layer
             self._say("Colorize volume: the CT layer was removed; result dropped")
             return
-        chroma, colour = result
+        chroma, colour, found = result
         self._kept = _Kept(volume, chroma, ct, self._show(ct, colour))
         self._unlink(ct)
         self._runs.append(self._kept)
@@ -776,26 +810,22 @@ class ColorizeWidget(Container):
         self.export_button.enabled = True
         self.send_to_pacs.enabled = "dicomweb" in volume.meta  # read from a DICOMweb series: its server is known
         self.send_to_pacs.value = self.send_to_pacs.value and self.send_to_pacs.enabled
-        self._window_for_contrast(ct, volume, chroma)
+        if found is not None and np.allclose(ct.contrast_limits, limits, rtol=0, atol=0.5):
+            self._adopt_contrast_window(ct, *found)
         # Settings changed while the network ran are applied now, from the kept chroma.
         self._recompose_pending = self._recompose_pending or self._settings(colour) != self._current_settings()
 
-    def _window_for_contrast(self, ct: Image, volume: Volume, chroma: Chroma) -> None:
+    def _adopt_contrast_window(self, ct: Image, blood: float, win: Window) -> None:
         """A CT without a header that says contrast was given (NIfTI, NRRD, MHA) opens in its default window, where
-        contrast-filled vessels are white and can carry no colour. When the network finds the blood it names enhanced
-        (`Chroma.enhanced_blood_hu`) and the CT still shows the window it opened in, move it to the window a DICOM
-        contrast CT opens in (`contrast_window`: the enhanced blood mid-grey), and say so."""
-        if volume.meta.get("contrast") or ct.ndim != 3:
-            return
-        opened = opening_window(volume)
-        if not np.allclose(ct.contrast_limits, opened.limits, rtol=0, atol=0.5):
-            return  # the reader chose the window, or the user did: leave it
-        blood = chroma.enhanced_blood_hu(volume.array, volume.spacing)
-        if blood is None:
-            return
-        win = contrast_window(volume.array, volume.spacing)
-        ct.contrast_limits = win.limits  # the widget follows, and the colour is recomposed from the kept run
-        # A notification: the status line shows the recompose's own message a moment later.
+        contrast-filled vessels are white and can carry no colour. Where the network found the blood it names
+        enhanced and the CT still shows the window it opened in, the worker composed the colour in the contrast
+        window (`contrast_window`: the blood light grey, fat, muscle and organs in greys that carry colour); the CT
+        moves to it, the menu names it, and a notification says why."""
+        ct.metadata = {**ct.metadata, CONTRAST_WINDOW_KEY: tuple(win)}
+        if self.ct_layer.value is ct:
+            with self.window.changed.blocked():
+                self.window.reset_choices()
+        ct.contrast_limits = win.limits  # the widget follows; the colour was composed in it already
         show_info(
             f"{ct.name}: contrast-enhanced blood found (median {blood:.0f} HU); window {win.centre:g}/{win.width:g} "
             "so that it shows grey and takes colour, as for a contrast CT"
@@ -810,12 +840,19 @@ class ColorizeWidget(Container):
         if self._kept is kept and self.result_layer is not None:
             self._show(kept.ct, result)
             self._fill_legend(result)
-            if self.view_3d.value != NO_3D:
-                self._on_view_3d()  # the 3D layer shows the new colours too
 
     def _settings(self, colour: ColorVolume) -> tuple:
-        settings = colour.settings
+        return self._settings_of(colour.settings)
+
+    @staticmethod
+    def _settings_of(settings: Mapping) -> tuple:
         return (tuple(settings.get("window", ())), settings.get("chroma"), settings.get("palette"))
+
+    def _shown_settings(self) -> tuple:
+        """The settings the result layer's colour was composed with (from its metadata), () when unknown."""
+        layer = self.result_layer
+        settings = layer.metadata.get(META_KEY, {}).get("colorize") if layer is not None else None
+        return self._settings_of(settings) if isinstance(settings, Mapping) else ()
 
     def _current_settings(self) -> tuple:
         volume = self._kept.volume if self._kept is not None else None
@@ -997,66 +1034,84 @@ class ColorizeWidget(Container):
     # ---------------------------------------------------------------------------------------------------------------
 
     def _on_view_3d(self, *_: Any) -> None:
-        """Show (or leave) the translucent 3D rendering of the colorized volume."""
+        """Show (or leave) the 3D rendering of the colorized CT: its surfaces are computed in a worker (seconds on a
+        chest CT), then added."""
+        if self._worker_3d is not None:
+            self._worker_3d.quit()  # a preset chosen before: its surfaces are moot
+            self._worker_3d = None
         kept = self._kept
         choice = self.view_3d.value
         if choice == NO_3D or kept is None or self.result_layer is None or kept.ct.ndim != 3:
             self._leave_3d()
             return
-        self.show_3d(choice)
-
-    def show_3d(self, preset: str) -> list[Image]:
-        """Add (or refresh) the layers "<CT name> 3D <part>" of a `PRESETS_3D` preset, the table and air removed,
-        seen from the patient's front; the 2D layers are hidden meanwhile. Returns the added layers."""
-        kept = self._kept
-        colour = self.result_layer
-        if kept is None or colour is None or kept.ct.ndim != 3:
-            return []
         step = max(1, -(-max(kept.volume.shape[1:]) // MAX_3D_PIXELS))
+        cached = self._body_cache[1:] if self._body_cache is not None and self._body_cache[0] is kept else None
+        parts = PRESETS_3D[choice]
+        worker = create_worker(self._steps_3d, kept.volume, kept.chroma, parts, step, cached, _ignore_errors=True)
+        bar = progress(total=len(parts) + 1, desc=f"3D view: {choice}")
+        worker.yielded.connect(lambda done: bar.update(done - bar.n))
+        worker.returned.connect(lambda result: self._show_3d(kept, choice, step, result))
+        worker.finished.connect(bar.close)
+        worker.finished.connect(lambda: self._worker_3d is worker and setattr(self, "_worker_3d", None))
+        self._worker_3d = worker
+        self._say(f"3D view: computing {choice}...")
+        worker.start()
+
+    @property
+    def busy_3d(self) -> bool:
+        """True while a 3D preset's surfaces are being computed."""
+        return self._worker_3d is not None
+
+    @staticmethod
+    def _steps_3d(volume: Volume, chroma: Chroma, parts, step: int, cached):
+        """The 3D preset's data, in a worker: yields the parts done, returns ((HU, body, spacing), [each part's
+        float32 field])."""
+        if cached is None:
+            hu = np.asarray(volume.array[:, ::step, ::step], dtype=np.float32)
+            spacing = (volume.spacing[0], volume.spacing[1] * step, volume.spacing[2] * step)
+            cached = (hu, body_mask(hu, spacing), spacing)
+        hu, body, spacing = cached
+        yield 1
+        vessels = None
+        if any(p.source in ("vessels", "CTA bone") for p in parts):
+            vessels = vessel_mask(hu, body, spacing, named_bone=named_bone(chroma, volume.shape, step))
+        fields = []
+        for part in parts:
+            fields.append(layer_data(part, hu, body, spacing, vessels))
+            yield len(fields) + 1
+        return cached, fields
+
+    def _show_3d(self, kept: _Kept, preset: str, step: int, result: tuple) -> None:
+        """Add the layers "<CT name> 3D <part>" of a `PRESETS_3D` preset computed by `_steps_3d`, seen from the
+        patient's front; the 2D layers are hidden meanwhile."""
+        colour = self.result_layer
+        if self._closed or kept is not self._kept or colour is None or self.view_3d.value != preset:
+            return  # another run, CT or preset since
+        cached, fields = result
+        self._body_cache = (kept, *cached)
         placement = {k: np.asarray(v) for k, v in layer_attributes(colour).items() if k != "metadata"}
         placement["scale"] = placement["scale"] * np.array([1.0, step, step])
-        hu, body, spacing = self._body_3d(kept, step)
         self._remove_3d()
         if not self._hidden_for_3d:
             self._hidden_for_3d = [lyr for lyr in self._viewer.layers if lyr.visible]
             for lyr in self._hidden_for_3d:
                 lyr.visible = False
-        added = []
-        parts = PRESETS_3D[preset]
-        vessels = None
-        if any(p.source in ("vessels", "CTA bone") for p in parts):
-            vessels = vessel_mask(hu, body, spacing, named_bone=named_bone(kept.chroma, kept.volume.shape, step))
-        for part in parts:
-            name = f"{kept.ct.name} 3D {part.name}"
-            if part.source == "colour":  # the colorized RGB, alpha from HU, nothing outside the body
-                alpha = opacity(hu, COLOUR_3D_OPACITY) * body
-                rgba = np.concatenate([np.asarray(colour.data)[:, ::step, ::step], alpha[..., None]], axis=-1)
-                layer = Image(rgba, name=name, rgb=True, rendering="translucent", blending="translucent", **placement)
-            else:
-                layer = Image(
-                    layer_data(part, hu, body, spacing, vessels),
-                    name=name,
-                    rendering=part.rendering,
-                    colormap=part.colormap,
-                    contrast_limits=part.limits,
-                    opacity=part.opacity,
-                    blending="translucent",
-                    **({"iso_threshold": part.iso_threshold} if part.iso_threshold is not None else {}),
-                    **placement,
-                )
+        for part, field in zip(PRESETS_3D[preset], fields, strict=True):
+            layer = Image(
+                field,
+                name=f"{kept.ct.name} 3D {part.name}",
+                rendering=part.rendering,
+                colormap=part.colormap,
+                contrast_limits=part.limits,
+                opacity=part.opacity,
+                blending="translucent",
+                **({"iso_threshold": part.iso_threshold} if part.iso_threshold is not None else {}),
+                **placement,
+            )
             layer.interpolation3d = "linear"  # trilinear sampling: no blocky voxels
             self._viewer.layers.append(layer)
-            added.append(layer)
         anterior_3d(self._viewer)
-        return added
-
-    def _body_3d(self, kept: _Kept, step: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-        """The 3D view's HU (every ``step``-th voxel in-plane), body mask and voxel spacing, computed once per run."""
-        if self._body_cache is None or self._body_cache[0] is not kept:
-            hu = np.asarray(kept.volume.array[:, ::step, ::step], dtype=np.float32)
-            spacing = (kept.volume.spacing[0], kept.volume.spacing[1] * step, kept.volume.spacing[2] * step)
-            self._body_cache = (kept, hu, body_mask(hu, spacing), spacing)
-        return self._body_cache[1:]
+        self._say(f"3D view: {preset}")
 
     def _remove_3d(self) -> None:
         kept = self._kept

@@ -13,6 +13,9 @@ from ..windowing import Window, default_window
 from ._volume import contrast_window
 
 META_KEY = "ctcolor"
+#: A CT layer's metadata key for the contrast window chosen for it ((centre, width): `contrast_window`, when it opened
+#: in it or the colorizer found enhanced blood), offered by name in the colorize widget's window menu.
+CONTRAST_WINDOW_KEY = "ctcolor_contrast_window"
 
 
 def image_layer_data(volume: Volume, name: str | None = None) -> tuple[np.ndarray, dict[str, Any], str]:
@@ -28,6 +31,8 @@ def image_layer_data(volume: Volume, name: str | None = None) -> tuple[np.ndarra
         "metadata": {META_KEY: dict(meta)},
         **volume.napari_kwargs(),
     }
+    if _opens_in_contrast(volume):  # named in the colorize widget's menu
+        kwargs["metadata"][CONTRAST_WINDOW_KEY] = tuple(window)
     return volume.array, kwargs, "image"
 
 
@@ -36,9 +41,13 @@ def opening_window(volume: Volume) -> Window:
     contrast-filled vessels mid-grey (`contrast_window`), not white as under its header's or the abdomen window;
     another opens in its default window (the header's first, else the abdomen preset). The header's windows stay
     offered in the colorize widget."""
-    if volume.meta.get("contrast") and volume.meta.get("modality", "CT") == "CT":
+    if _opens_in_contrast(volume):
         return contrast_window(volume.array, volume.spacing)
     return default_window(volume)
+
+
+def _opens_in_contrast(volume: Volume) -> bool:
+    return bool(volume.meta.get("contrast")) and volume.meta.get("modality", "CT") == "CT"
 
 
 def rgb_layer_data(colour: ColorVolume, name: str | None = None) -> tuple[np.ndarray, dict[str, Any], str]:

@@ -30,7 +30,7 @@ import contextlib
 import html
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +51,7 @@ from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils import Colormap, progress
 from napari.utils.notifications import show_error, show_warning
+from qtpy.QtCore import QTimer
 from superqt.utils import qdebounced
 
 from ..engines.checkerboard import checkerboard, checkerboard_mask, resample_onto, same_grid
@@ -60,7 +61,7 @@ from ..engines.register import RegistrationResult, iter_register
 from ..errors import CTColorError, InputError
 from ..io import ColorVolume, Volume
 from ..weights import find_weights
-from ._docks import tab_with_siblings
+from ._docks import settle_heap, tab_with_siblings
 from ._layers import META_KEY, layer_attributes, volume_from_layer
 from ._view import follow_radiological_orientation, plane_buttons
 
@@ -260,9 +261,11 @@ class RegisterWidget(Container):
             ]
         )
         tab_with_siblings(self.native)
+        settle_heap()
         self.worker = None  # the running GeneratorWorker, if any
         self._kept: _Kept | None = None
         self._closed = False
+        self._turns = 0  # steps of showing a result still to run (`_in_turns`)
         self._edges_hidden_for_3d = False  # the 3D view hid the tile edges the user had shown
         # The difference follows the fixed layer's window, redrawn once a slider drag pauses (a volume's worth).
         self._window_changed = qdebounced(self._redraw_difference, timeout=200)
@@ -291,8 +294,8 @@ class RegisterWidget(Container):
 
     @property
     def busy(self) -> bool:
-        """True while a registration runs."""
-        return self.worker is not None
+        """True while a registration runs, until its layers are all shown."""
+        return self.worker is not None or self._turns > 0
 
     @property
     def result(self) -> RegistrationResult | None:
@@ -561,33 +564,72 @@ class RegisterWidget(Container):
         self._follow_window(None)
         self._kept = _Kept(inputs, output, transforms, fixed_limits, fixed_layer.ndim == 2, fixed_layer)
         self._follow_window(fixed_layer)
-        self._show()
         warnings = output.result.metrics.get("warnings", [])
-        if warnings:  # the layers are added: a doubtful result is shown, and said so once
-            show_warning(f"{TITLE}: " + "; ".join(warnings))
+        self._show(then=lambda: warnings and show_warning(f"{TITLE}: " + "; ".join(warnings)))
+        # (the layers are added first: a doubtful result is shown, and said so once)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Output layers
     # ---------------------------------------------------------------------------------------------------------------
 
-    def _show(self) -> None:
-        """Show the kept run: warped, difference, Jacobian, checkerboard (on top), and the numbers."""
+    def _show(self, then: Callable[[], Any] | None = None) -> None:
+        """Show the kept run: warped, difference, Jacobian, checkerboard (on top), and the numbers; then ``then``.
+
+        napari adds a layer in about 0.1 s of the main thread (its visual, its controls), so the layers are added one
+        per turn of the event loop: the viewer repaints and answers the mouse in between (`_in_turns`)."""
         kept = self._kept
         inputs, output = kept.inputs, kept.output
         result = output.result
-        self._put(f"{inputs.moving_name} warped", result.warped.array, "warped", limits=inputs.moving_limits)
-        if output.warped_colour is not None:
-            self._put(f"{inputs.moving_colour_name} warped", output.warped_colour.rgb, "warped colour", rgb=True)
-        self._redraw_difference()
         overlay = {"opacity": OVERLAY_OPACITY, "colorbar": True, "hide": True}
-        self._put(
-            JACOBIAN, result.jacobian.array, "jacobian", limits=JACOBIAN_LIMITS, colormap=JACOBIAN_COLORMAP, **overlay
-        )
-        self._redraw_checkerboard()
+        warped = f"{inputs.moving_name} warped"
+        steps = [lambda: self._put(warped, result.warped.array, "warped", limits=inputs.moving_limits)]
+        if output.warped_colour is not None:
+            steps.append(
+                lambda: self._put(
+                    f"{inputs.moving_colour_name} warped", output.warped_colour.rgb, "warped colour", rgb=True
+                )
+            )
+        steps += [
+            self._redraw_difference,
+            lambda: self._put(
+                JACOBIAN,
+                result.jacobian.array,
+                "jacobian",
+                limits=JACOBIAN_LIMITS,
+                colormap=JACOBIAN_COLORMAP,
+                **overlay,
+            ),
+            lambda: self._redraw_checkerboard(edges=False),
+            self._redraw_edges,
+            self._summarise,
+        ]
+        if then is not None:
+            steps.append(then)
+        self._in_turns(kept, steps)
+
+    def _in_turns(self, kept: _Kept, steps: list[Callable[[], Any]]) -> None:
+        """Run ``steps`` one per turn of the Qt event loop, from the next one on (the worker's last signals are
+        handled first), while ``kept`` is still the run shown."""
+        self._turns = len(steps)
+
+        def turn() -> None:
+            if self._closed or self._kept is not kept or not steps:
+                self._turns = 0
+                return
+            steps.pop(0)()
+            self._turns = len(steps)
+            if steps:
+                QTimer.singleShot(0, turn)
+
+        QTimer.singleShot(0, turn)
+
+    def _summarise(self) -> None:
+        """Select the checkerboard and write the kept run's numbers."""
         # The checkerboard, on top, is what the user reads first (its HU in the status bar), not the hidden tile edges
         # that were appended last.
         self._viewer.layers.selection.active = next(lyr for lyr in self._layers() if lyr.name == CHECKERBOARD)
-        m = result.metrics
+        m = self._kept.output.result.metrics
+        spread = m.get("jacobian_body_p1_p99", (1.0, 1.0))
         prealigned = f" (affine {m['ncc_prealigned']:.3f})" if "ncc_prealigned" in m else ""
         warnings = "".join(f"<br>⚠ {html.escape(w)}" for w in m.get("warnings", []))
         self.summary.value = (
@@ -599,6 +641,9 @@ class RegisterWidget(Container):
             "<br>difference = fixed - warped (HU within the fixed layer's window): red where the fixed image is"
             " brighter, blue where the warped is"
             "<br>Jacobian det J: 1 unchanged, &lt; 1 compressed (magenta), &gt; 1 expanded (green), &le; 0 folded"
+            f"; in the body {spread[0]:.2f}-{spread[1]:.2f} (1st-99th percentile). A rigid or affine motion alone is"
+            " 1 everywhere: colour is the field's own local deformation, real or fitted to noise and contrast"
+            " (vessel lumens), not the interpolation of the moved scan"
         )
 
     def _follow_window(self, layer: Image | None) -> None:
@@ -629,8 +674,9 @@ class RegisterWidget(Container):
             hide=True,
         )
 
-    def _redraw_checkerboard(self, *_: Any) -> None:
-        """The checkerboard of the kept result at the current tile size (colour when the warped colours exist)."""
+    def _redraw_checkerboard(self, *_: Any, edges: bool = True) -> None:
+        """The checkerboard of the kept result at the current tile size (colour when the warped colours exist), and
+        with ``edges`` its tile outlines."""
         kept = self._kept
         if kept is None:
             return
@@ -644,7 +690,8 @@ class RegisterWidget(Container):
         else:
             board = checkerboard(inputs.fixed, inputs.moving if before else output.result.warped, tile_mm)
             self._put(CHECKERBOARD, board.array, "checkerboard", limits=kept.fixed_limits)
-        self._redraw_edges()
+        if edges:
+            self._redraw_edges()
 
     def _redraw_edges(self, *_: Any) -> None:
         """The tile outlines in the plane on screen: lines along the two displayed axes, none across the slice (a
@@ -717,7 +764,18 @@ class RegisterWidget(Container):
         if existing is not None:  # same name but another kind of layer: replace it where it was
             index = list(self._viewer.layers).index(existing)
             self._viewer.layers.remove(existing)
-        layer = Image(data, name=name, rgb=rgb, visible=not hide, metadata=metadata, **style, **kept.transforms)
+        # Linear in-plane sampling as the CT layers (no blocky voxels); the tile edges stay one-voxel lines.
+        interpolation = "nearest" if role == "tile edges" else "linear"
+        layer = Image(
+            data,
+            name=name,
+            rgb=rgb,
+            visible=not hide,
+            metadata=metadata,
+            interpolation2d=interpolation,
+            **style,
+            **kept.transforms,
+        )
         if not rgb:
             layer.contrast_limits_range = _range(data, limits)
             layer.contrast_limits = limits

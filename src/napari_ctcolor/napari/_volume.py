@@ -30,8 +30,10 @@ The presets (`PRESETS_3D`):
   contrast DICOM series kept its enhanced vessels red (63 % of their voxels above 150 HU, as by HU alone).
 - soft tissue: the lit bone surface inside a see-through lit skin (`SKIN_SURFACE_HU`, smoothed by
   `SKIN_SMOOTH_MM`): the body's outline. Organs and muscles cannot be shown shaded (HU cannot tell them apart
-  without contrast, and napari's translucent rendering is unlit); the colour preset shows them by colour.
-- colour: the colorized RGB with alpha from HU, translucent.
+  without contrast, and napari's translucent rendering is unlit); the 2D colour shows them.
+
+A "colour" preset (the colorized RGB translucent, alpha from HU) was dropped: unlit, it looked murky, with
+stripes from the ray steps, on the chest CT and the CTA alike.
 
 The table and the air are removed first (`engines.body.body_mask`: the large connected pieces above -400 HU after a
 small in-plane opening, which removes the table's shells and cuts the thin contacts between body and table, with
@@ -72,10 +74,9 @@ class Layer3D:
         name: the layer's name suffix.
         source: what the layer shows (`surface_field` for the surfaces): "bone" (the bone surface's field), "CTA
             bone" (the same without the contrast-filled vessels, `vessel_mask`), "vessels" (the vessels' field),
-            "skin" (the body's outline) or "colour" (the colorized RGB with alpha from HU,
-            `napari_ctcolor.windowing.COLOUR_3D_OPACITY`).
+            or "skin" (the body's outline).
         rendering: napari's ``rendering``: "iso" (a lit surface) or "translucent".
-        colormap: the transfer function over ``limits``; None for the RGB colour.
+        colormap: the transfer function over ``limits``.
         limits: contrast limits (HU, or the lit value of a surface, `lit_surface`).
         iso_threshold: the surface's value (``iso``).
         opacity: the layer's opacity (below 1: a see-through surface).
@@ -152,7 +153,6 @@ PRESETS_3D: dict[str, tuple[Layer3D, ...]] = {
         lit_surface("bone", "bone", IVORY),
         lit_surface("skin", "skin", SKIN, opacity=0.35),
     ),
-    "colour": (Layer3D("colour", "colour", "translucent"),),
 }
 
 
@@ -263,11 +263,20 @@ def vessel_hu(
     return np.where(vessel_mask(hu, body, spacing, low), hu, AIR_HU).astype(np.float32)
 
 
+#: The contrast window (`contrast_window`): its lower edge, so that fat (-100 HU) keeps a grey that carries colour
+#: (0.13-0.2 of the grey scale) and muscle (50 HU) and organs (100 HU) a quarter to a third; the enhanced blood at
+#: `CONTRAST_BLOOD_GREY` (light grey: bone above it still brighter); at least the CTA preset's width.
+CONTRAST_LOW_HU, CONTRAST_BLOOD_GREY = -250.0, 0.6
+
+
 def contrast_window(hu: np.ndarray, spacing: tuple[float, float, float]) -> Window:
-    """A window for a contrast-enhanced CT that shows its contrast-filled vessels mid-grey: width 600 HU (as CTA),
-    centred on the enhanced blood, estimated as the 75th percentile of the body's non-bone voxels of 100-800 HU
-    (enhancing organs and vessels; 120-140 HU in a portal-venous phase, 300-400 HU in an arterial one). The CTA
-    window when the CT shows none. Computed on at most 128 pixels in-plane."""
+    """A window for a contrast-enhanced CT in which its contrast-filled vessels are light grey and fat, muscle and
+    organs keep greys that carry colour: from `CONTRAST_LOW_HU` to where the enhanced blood shows at
+    `CONTRAST_BLOOD_GREY`, and at least the CTA preset's width (600 HU). The enhanced blood is estimated as the 75th
+    percentile of the body's non-bone voxels of 100-800 HU (enhancing organs and vessels; 120-140 HU in a
+    portal-venous phase: window -250..350; 300-500 HU in an arterial one: a CTA whose blood is at 463 HU gets
+    -250..938, fat at grey 0.13, muscle 0.25, the blood 0.6). The CTA window when the CT shows none. Computed on at
+    most 128 pixels in-plane."""
     step = max(1, -(-max(hu.shape[1:]) // 128))
     sub = np.asarray(hu[:, ::step, ::step], dtype=np.float32)
     grid = (spacing[0], spacing[1] * step, spacing[2] * step)
@@ -275,4 +284,6 @@ def contrast_window(hu: np.ndarray, spacing: tuple[float, float, float]) -> Wind
     values = enhanced[enhanced > AIR_HU]
     if values.size * float(np.prod(grid)) < 5000.0:  # under 5 ml: nothing enhanced to centre on
         return PRESETS["cta"]
-    return Window(float(np.round(np.percentile(values, 75))), PRESETS["cta"].width)
+    blood = float(np.percentile(values, 75))
+    width = float(np.round(max((blood - CONTRAST_LOW_HU) / CONTRAST_BLOOD_GREY, PRESETS["cta"].width)))
+    return Window(CONTRAST_LOW_HU + width / 2, width)
