@@ -216,12 +216,20 @@ def test_all_three_docks_with_a_long_legend_fit_a_1080_px_screen_as_tabs(make_na
     assert {id(docks[1]), id(docks[2])} <= tabbed and all(isinstance(d, QDockWidget) for d in docks)
     # The tabs read as the docks are named: Qt takes a lone "&" as a shortcut marker ("Register _checkerboard"), so
     # the tab text carries it escaped, and the shortcut-stripped text is the name again.
+    from qtpy.QtCore import Qt
     from qtpy.QtWidgets import QTabBar
 
     docks[0].raise_()  # a relayout rebuilds the tab texts from the docks' titles
     QApplication.processEvents()
     tabs = [bar.tabText(i).split(" (")[0] for bar in window.findChildren(QTabBar) for i in range(bar.count())]
     assert {"Colorize volume", "Register && checkerboard", "Open from PACS"} <= set(tabs), tabs
+    # Their whole titles show (Qt's default cut them to "Regis..."); the bar scrolls when they are wider.
+    ours = [
+        bar
+        for bar in window.findChildren(QTabBar)
+        if any("Colorize volume" in bar.tabText(i) for i in range(bar.count()))
+    ]
+    assert ours and all(bar.elideMode() == Qt.TextElideMode.ElideNone and bar.usesScrollButtons() for bar in ours)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

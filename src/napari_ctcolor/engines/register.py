@@ -129,7 +129,8 @@ class RegistrationResult:
             prealign_offset_mm with the pre-alignment), lncc_before, lncc_after (`local_ncc` in the body),
             folding_fraction, volume_change_fraction (det J outside 0.8..1.25 in the body), inverse_consistency_mm,
             overlap_fraction (of the body covered by the moving image), seconds, stage_seconds, model, network_shape
-            (the grid the network ran on), device, refine_iterations, affine, symmetric, and warnings (`warnings`).
+            (the grid the network ran on), device, refine_iterations, refine_matched (the refinement stopped early: the
+            images agreed within noise, `refine.MATCHED_METRIC`), affine, symmetric, and warnings (`warnings`).
         warped_labels: the moving labels in the fixed image's space (nearest), when labels were given.
     """
 
@@ -281,6 +282,7 @@ class _Stages:
 
     def __init__(self, total: int, progress: Progress | None, cancel: Cancel | None, device: torch.device):
         self.total, self.done = total, 0
+        self.skipped = 0  # refinement ticks not run: it stopped early (`refine.MATCHED_METRIC`)
         self.progress, self.cancel, self.device = progress, cancel, device
         self.seconds: dict[str, float] = {}
 
@@ -692,12 +694,15 @@ def _intensity_range(volume: Volume, what: str) -> tuple[float, float]:
     return float(finite.min()), float(finite.max())
 
 
-def _ticks(steps: Iterator[None], stages: _Stages) -> Steps[np.ndarray]:
-    """Run a refinement generator, reporting each of its yields as a progress tick; return its value."""
+def _ticks(steps: Iterator[None], stages: _Stages, count: int) -> Steps[np.ndarray]:
+    """Run a refinement generator of at most ``count`` yields, reporting each as a progress tick (those it skipped
+    by stopping early are counted at its end); return its value."""
+    end = stages.done + count
     while True:
         try:
             next(steps)
         except StopIteration as stop:
+            stages.skipped, stages.done = end - stages.done, end
             return stop.value
         yield stages.tick()
 
@@ -919,7 +924,7 @@ def iter_register(
                 Volume(moving_n[0, 0].numpy(), moving.spacing, moving.origin, moving.direction),
             )
             del moving_n
-            refined = yield from _ticks(refine_field(*normalised, ddf.cpu().numpy(), iterations), stages)
+            refined = yield from _ticks(refine_field(*normalised, ddf.cpu().numpy(), iterations), stages, ticks)
             del normalised
             ddf = torch.from_numpy(refined.astype(np.float32)).to(torch_device)
             inverse_ddf = torch.from_numpy(invert_field(refined, fixed).astype(np.float32)).to(torch_device)
@@ -981,6 +986,7 @@ def iter_register(
         "device": str(torch_device),
         "network_dtype": "bfloat16" if bf16 else "float32",
         "refine_iterations": iterations,
+        "refine_matched": stages.skipped > 0,
         "affine": bool(affine),
         "symmetric": loaded.symmetric,
     }

@@ -52,7 +52,6 @@ from magicgui.widgets import (
 )
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
-from napari.utils import progress
 from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt
@@ -744,13 +743,12 @@ class ColorizeWidget(Container):
         on_result: Callable[[Any], None],
         is_compose: bool = False,
     ) -> None:
-        """Run a step generator function in a thread_worker with a napari progress bar and the Cancel button."""
+        """Run a step generator function in a thread_worker with the widget's progress bar and the Cancel button
+        (`_docks.NO_NAPARI_PROGRESS`: not napari's activity indicator)."""
         worker = create_worker(steps, *args, _ignore_errors=True)  # errors other than ours reach napari's notifier
         worker.is_compose = is_compose
-        bar = progress(total=total, desc=desc)
         started = time.perf_counter()
         self.progress_bar.max, self.progress_bar.value, self.progress_bar.visible = total, 0, True
-        worker.yielded.connect(lambda step: bar.update(step[0] - bar.n))
         worker.yielded.connect(lambda step: self._progress(step[0]))
         worker.aborted.connect(lambda: self._say(f"{desc}: cancelled"))
         worker.errored.connect(lambda _: self._say(f"{desc}: failed"))
@@ -760,7 +758,7 @@ class ColorizeWidget(Container):
             )
         )
         worker.returned.connect(on_result)  # after the timing message, so that what it says stays
-        worker.finished.connect(lambda: self._finished(worker, bar))
+        worker.finished.connect(lambda: self._finished(worker))
         self.worker = worker
         self.run_button.enabled = is_compose  # Run may supersede a recompose, not another run
         self.cancel_button.enabled = True
@@ -775,8 +773,7 @@ class ColorizeWidget(Container):
         if not self._closed:
             self.status.value = text
 
-    def _finished(self, worker, bar: progress) -> None:
-        bar.close()
+    def _finished(self, worker) -> None:
         if self.worker is not worker or self._closed:  # a recompose that a new run superseded, or no widget left
             return
         self.worker = None
@@ -1048,10 +1045,7 @@ class ColorizeWidget(Container):
         cached = self._body_cache[1:] if self._body_cache is not None and self._body_cache[0] is kept else None
         parts = PRESETS_3D[choice]
         worker = create_worker(self._steps_3d, kept.volume, kept.chroma, parts, step, cached, _ignore_errors=True)
-        bar = progress(total=len(parts) + 1, desc=f"3D view: {choice}")
-        worker.yielded.connect(lambda done: bar.update(done - bar.n))
         worker.returned.connect(lambda result: self._show_3d(kept, choice, step, result))
-        worker.finished.connect(bar.close)
         worker.finished.connect(lambda: self._worker_3d is worker and setattr(self, "_worker_3d", None))
         self._worker_3d = worker
         self._say(f"3D view: computing {choice}...")

@@ -49,7 +49,7 @@ from magicgui.widgets import (
 )
 from napari.layers import Image
 from napari.qt.threading import create_worker
-from napari.utils import Colormap, progress
+from napari.utils import Colormap
 from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import QTimer
 from superqt.utils import qdebounced
@@ -460,12 +460,12 @@ class RegisterWidget(Container):
             device,
             _ignore_errors=True,  # errors other than ours reach napari's notifier
         )
-        # The total is the engine's (it depends on the model card's defaults), known from its first step: until
-        # then both bars are busy indicators (total 0).
-        bar = progress(total=0, desc=TITLE)
+        # The total is the engine's (it depends on the model card's defaults), known from its first step; until then
+        # the bar shows 0 of 1, not a busy indicator, whose animation repaints the window continuously
+        # (`_docks.NO_NAPARI_PROGRESS`).
         started = time.perf_counter()
-        self.progress_bar.max, self.progress_bar.value, self.progress_bar.visible = 0, 0, True
-        worker.yielded.connect(lambda step: self._progress(step, bar))
+        self.progress_bar.max, self.progress_bar.value, self.progress_bar.visible = 1, 0, True
+        worker.yielded.connect(self._progress)
         worker.aborted.connect(lambda: self._say(f"{TITLE}: cancelled"))
         worker.errored.connect(lambda _: self._say(f"{TITLE}: failed"))
         worker.returned.connect(
@@ -476,7 +476,7 @@ class RegisterWidget(Container):
         worker.returned.connect(  # after the timing message, so that what it says stays
             lambda output: self._returned(output, inputs, fixed_layer, transforms, fixed_limits)
         )
-        worker.finished.connect(lambda: self._finished(worker, bar))
+        worker.finished.connect(lambda: self._finished(worker))
         self.worker = worker
         self.run_button.enabled = False
         self.cancel_button.enabled = True
@@ -522,12 +522,9 @@ class RegisterWidget(Container):
             return _Failed(f"{TITLE} failed: {lines[0]}")
         return _Output(result, fixed_colour, warped_colour)
 
-    def _progress(self, step: tuple[int, int], bar: progress) -> None:
-        """One step of the job: both bars take its total (the engine's) and its count."""
+    def _progress(self, step: tuple[int, int]) -> None:
+        """One step of the job: the bar takes its total (the engine's) and its count."""
         done, total = step
-        if bar.total != total:
-            bar.total = total
-        bar.update(done - bar.n)
         if not self._closed:
             self.progress_bar.max = total
             self.progress_bar.value = done
@@ -536,8 +533,7 @@ class RegisterWidget(Container):
         if not self._closed:
             self.status.value = text
 
-    def _finished(self, worker, bar: progress) -> None:
-        bar.close()
+    def _finished(self, worker) -> None:
         if self.worker is not worker or self._closed:
             return
         self.worker = None
