@@ -132,11 +132,13 @@ class _Inputs:
 
 @dataclass
 class _Output:
-    """What the worker returns: the engine's result and the colours derived from it off the main thread."""
+    """What the worker returns: the engine's result and what is derived from it off the main thread (the colours,
+    the first difference)."""
 
     result: RegistrationResult
     fixed_colour: ColorVolume | None
     warped_colour: ColorVolume | None
+    difference: np.ndarray | None = None  # `windowed_difference` under the fixed layer's window at run time
 
 
 @dataclass
@@ -458,6 +460,7 @@ class RegisterWidget(Container):
             affine,
             refine,
             device,
+            fixed_limits,
             _ignore_errors=True,  # errors other than ours reach napari's notifier
         )
         # The total is the engine's (it depends on the model card's defaults), known from its first step; until then
@@ -484,8 +487,16 @@ class RegisterWidget(Container):
         worker.start()
 
     @staticmethod
-    def _steps(inputs: _Inputs, model: str, affine: bool | None, refine: int | None, device: str):
-        """The engine, then the colour warp: yields (done, total), returns an `_Output` or `_Failed`.
+    def _steps(
+        inputs: _Inputs,
+        model: str,
+        affine: bool | None,
+        refine: int | None,
+        device: str,
+        fixed_limits: tuple[float, float] | None = None,
+    ):
+        """The engine, then the colour warp and the difference under ``fixed_limits`` (a volume's worth of
+        arithmetic, off the main thread): yields (done, total), returns an `_Output` or `_Failed`.
 
         ``total`` is the engine's, taken from each of its steps, plus one step for the colour warp.
         """
@@ -520,7 +531,10 @@ class RegisterWidget(Container):
             # is a RuntimeError too): shown as a one-line error instead.
             lines = str(exc).strip().splitlines() or [type(exc).__name__]
             return _Failed(f"{TITLE} failed: {lines[0]}")
-        return _Output(result, fixed_colour, warped_colour)
+        difference = None
+        if fixed_limits is not None:
+            difference = windowed_difference(inputs.fixed.array, result.warped.array, fixed_limits)
+        return _Output(result, fixed_colour, warped_colour, difference)
 
     def _progress(self, step: tuple[int, int]) -> None:
         """One step of the job: the bar takes its total (the engine's) and its count."""
@@ -657,7 +671,10 @@ class RegisterWidget(Container):
         if kept is None or self._closed:
             return
         limits = tuple(float(v) for v in kept.fixed_layer.contrast_limits)
-        difference = windowed_difference(kept.inputs.fixed.array, kept.output.result.warped.array, limits)
+        difference = kept.output.difference
+        if difference is None or limits != kept.fixed_limits:  # the worker's was for the window at run time
+            difference = windowed_difference(kept.inputs.fixed.array, kept.output.result.warped.array, limits)
+        kept.output.difference = None  # shown once; a redraw follows the window
         half = 0.5 * (limits[1] - limits[0])
         self._put(
             DIFFERENCE,
@@ -806,8 +823,12 @@ def windowed_difference(fixed: np.ndarray, warped: np.ndarray, limits: tuple[flo
 
 def _range(data: np.ndarray, limits: tuple[float, float]) -> tuple[float, float]:
     """A contrast-limits range covering both the data and the chosen limits (so the limits are never clipped)."""
-    finite = data[np.isfinite(data)] if data.dtype.kind == "f" else data
-    low, high = (float(finite.min()), float(finite.max())) if finite.size else limits
+    if not data.size:
+        return limits
+    low, high = float(data.min()), float(data.max())
+    if not (np.isfinite(low) and np.isfinite(high)):  # the engine's outputs are finite: only then the slower pass
+        finite = data[np.isfinite(data)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else limits
     return min(low, limits[0]), max(high, limits[1])
 
 
