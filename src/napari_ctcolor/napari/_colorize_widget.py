@@ -744,7 +744,7 @@ class ColorizeWidget(Container):
         is_compose: bool = False,
     ) -> None:
         """Run a step generator function in a thread_worker with the widget's progress bar and the Cancel button
-        (`_docks.NO_NAPARI_PROGRESS`: not napari's activity indicator)."""
+        (not napari's progress: `_docks`)."""
         worker = create_worker(steps, *args, _ignore_errors=True)  # errors other than ours reach napari's notifier
         worker.is_compose = is_compose
         started = time.perf_counter()

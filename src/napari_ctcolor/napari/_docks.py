@@ -1,5 +1,14 @@
-"""The plugin's dock widgets share one column of the viewer window as tabs: stacked, their heights add up and push
-the viewer's slice slider and status bar off a 1080 px screen."""
+"""What the plugin's dock widgets share.
+
+- One column of the viewer window, as tabs: stacked, their heights add up and push the viewer's slice slider and
+  status bar off a 1080 px screen (`tab_with_siblings`).
+- A main thread kept free (`settle_heap`).
+- Progress in each widget's own bar and status line, not through napari's `progress`: while a napari progress runs,
+  its activity button animates a GIF, and in a window that holds an OpenGL canvas each frame recomposes the window.
+  Under Mesa's software renderer (a virtual X server, a remote desktop without a GPU) that took a core: the same
+  registration of the 3 mm CT to a rotated copy of itself took 11.6-12.0 s in the widget with napari's progress,
+  9.3 s without, 8.9 s in a bare process (2-core AMD EPYC, 2026-11-26).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +18,6 @@ import weakref
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QDockWidget, QMainWindow, QTabBar, QWidget
 
-#: Progress shows in each widget's own bar and status line, not through napari's `progress`: while any napari
-#: progress runs, its activity button animates a GIF, and in a window that holds an OpenGL canvas each frame
-#: recomposes the window. Under Mesa's software renderer (a virtual X server, remote desktops without a GPU) that
-#: took a core: the same registration of the 3 mm CT to a rotated copy took 11.6-12.0 s in the widget with napari's
-#: progress, 9.3 s without, 8.9 s in a bare process (2-core AMD EPYC, 2026-11-26).
-NO_NAPARI_PROGRESS = True
 _OURS: weakref.WeakSet[QWidget] = weakref.WeakSet()  # the Qt widgets of this plugin's dock widgets
 _SETTLED = False
 

@@ -465,7 +465,7 @@ class RegisterWidget(Container):
         )
         # The total is the engine's (it depends on the model card's defaults), known from its first step; until then
         # the bar shows 0 of 1, not a busy indicator, whose animation repaints the window continuously
-        # (`_docks.NO_NAPARI_PROGRESS`).
+        # (nor napari's progress: `_docks`).
         started = time.perf_counter()
         self.progress_bar.max, self.progress_bar.value, self.progress_bar.visible = 1, 0, True
         worker.yielded.connect(self._progress)
