@@ -85,6 +85,43 @@ def test_a_narrow_head_gives_the_same_logits_shape_from_a_1x1_classifier_over_it
         ColorizerConfig(classes=CLASSES, head=-1)
 
 
+@pytest.mark.parametrize("card", ["colorizer-2d", "colorizer-3d"])
+def test_the_inference_unet_is_monais_unet_module_for_module_and_gives_its_outputs(card):
+    """`models._unet` rebuilds MONAI's UNet for inference without importing MONAI: for the shipped configurations
+    (2D and 3D) the same state-dict keys and shapes, and, with MONAI's random weights loaded, the same logits within
+    float32 rounding (the same operations in the same order: measured 0.0)."""
+    _, card_path = find_weights(card)
+    config = ColorizerConfig.from_dict(json.loads(card_path.read_text())["architecture"]["config"])
+    torch.manual_seed(3)
+    reference, light = Colorizer(config, monai=True).eval(), Colorizer(config).eval()
+    want = reference.state_dict()
+    assert {k: v.shape for k, v in light.state_dict().items()} == {k: v.shape for k, v in want.items()}
+    light.load_state_dict(want)
+    size = (2, config.in_channels, 48, 64) if config.dims == 2 else (1, config.in_channels, 16, 32, 32)
+    x = torch.rand(size, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected, got = reference(x), light(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_ctcolor_colorize_never_imports_monai(tmp_path):
+    """The whole `ctcolor colorize` of the DICOM series with the default model imports no MONAI module
+    (``python -X importtime`` lists every module a process imports)."""
+    import subprocess
+    import sys
+
+    series = require_shared(DICOM_SERIES)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "napari_ctcolor", "colorize", str(series), "-o",
+         str(tmp_path / "out.nii.gz"), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
+    assert "napari_ctcolor.engines.colorize" in imported and "torch" in imported
+    assert not [name for name in imported if name.split(".")[0] == "monai"]
+
+
 def test_targets_are_the_structure_class_inside_labels_and_the_tissue_class_elsewhere():
     hu = np.full((1, 64, 64), -100, np.int16)  # fat everywhere ...
     hu[0, :, :5] = -1000  # ... an air strip on the left

@@ -23,8 +23,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution
-from monai.networks.nets import UNet
 from torch import nn
 
 from ..errors import InputError
@@ -99,9 +97,16 @@ class Colorizer(nn.Module):
         returns: (B, K, h, w) or (B, K, d, h, w) logits over the K = len(config.classes) colour classes.
     """
 
-    def __init__(self, config: ColorizerConfig) -> None:
+    def __init__(self, config: ColorizerConfig, monai: bool = False) -> None:
+        """``monai``: MONAI's own UNet and Convolution blocks (training); else their rebuild under the same module
+        names (`_unet`: the same state dict, without importing MONAI's 2-3 s of subpackages at inference)."""
         super().__init__()
         self.config = config
+        if monai:
+            from monai.networks.blocks import Convolution
+            from monai.networks.nets import UNet
+        else:
+            from ._unet import Convolution, UNet
         self.unet = UNet(
             spatial_dims=config.dims,
             in_channels=config.in_channels,

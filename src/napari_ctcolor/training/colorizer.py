@@ -572,7 +572,7 @@ def train_colorizer(
     log(f"training data: {len(reduced)} cases, {sum(r.hu.shape[0] for r in reduced)} slices ({time.time() - t0:.0f} s)")
     sampler = Sampler(reduced, config, train, train.seed)
 
-    model = Colorizer(config).to(device)
+    model = Colorizer(config, monai=True).to(device)  # MONAI's definition; inference loads it into `_unet`'s
     optimiser = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=train.lr, total_steps=train.steps, pct_start=0.1)
     out_dir.mkdir(parents=True, exist_ok=True)
