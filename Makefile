@@ -25,6 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
+	$(VENV)/bin/ctcolor warmup
 	touch $@
 
 lint: setup

@@ -228,6 +228,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_warmup(args: argparse.Namespace) -> int:
+    from .engines.warmup import warm_kernels
+
+    seconds = warm_kernels()
+    print("kernels ready: " + ", ".join(f"{name} {value:.1f} s" for name, value in seconds.items()))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import SECTIONS, markdown_section, markdown_table, run_bench
 
@@ -435,6 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     train.add_argument("--eval-only", action="store_true", help="only evaluate the existing weights, update the card")
     train.set_defaults(run=_cmd_train)
+
+    warm = sub.add_parser(
+        "warmup",
+        help="compile the engines' kernels once (the first colorize after an install otherwise spends ~15 s on it)",
+    )
+    warm.set_defaults(run=_cmd_warmup)
 
     bench = sub.add_parser(
         "bench",
