@@ -85,13 +85,17 @@ def test_a_narrow_head_gives_the_same_logits_shape_from_a_1x1_classifier_over_it
         ColorizerConfig(classes=CLASSES, head=-1)
 
 
-@pytest.mark.parametrize("card", ["colorizer-2d", "colorizer-3d"])
-def test_the_inference_unet_is_monais_unet_module_for_module_and_gives_its_outputs(card):
+@pytest.mark.parametrize(
+    ("card", "units"), [("colorizer-2d", None), ("colorizer-3d", None), ("colorizer-2d", 0), ("colorizer-2d", 2)]
+)
+def test_the_inference_unet_is_monais_unet_module_for_module_and_gives_its_outputs(card, units):
     """`models._unet` rebuilds MONAI's UNet for inference without importing MONAI: for the shipped configurations
-    (2D and 3D) the same state-dict keys and shapes, and, with MONAI's random weights loaded, the same logits within
-    float32 rounding (the same operations in the same order: measured 0.0)."""
+    (2D and 3D, and the 2D one with 0 and 2 residual units) the same state-dict keys and shapes, and, with MONAI's
+    random weights loaded, the same logits within float32 rounding (the same operations in the same order: measured
+    0.0)."""
     _, card_path = find_weights(card)
-    config = ColorizerConfig.from_dict(json.loads(card_path.read_text())["architecture"]["config"])
+    spec = json.loads(card_path.read_text())["architecture"]["config"]
+    config = ColorizerConfig.from_dict(spec if units is None else {**spec, "num_res_units": units})
     torch.manual_seed(3)
     reference, light = Colorizer(config, monai=True).eval(), Colorizer(config).eval()
     want = reference.state_dict()

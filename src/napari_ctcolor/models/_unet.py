@@ -1,4 +1,4 @@
-"""MONAI's residual U-Net (`monai.networks.nets.UNet` with ``num_res_units >= 1``, instance norm, PReLU, no dropout)
+"""MONAI's U-Net (`monai.networks.nets.UNet`: residual units or plain convolutions, instance norm, PReLU, no dropout)
 rebuilt from torch modules under the same module names, so the same state dict loads into either.
 
 Why by hand: importing ``monai`` imports every MONAI subpackage (its ``__init__`` loads them all: transforms, data,
@@ -10,8 +10,10 @@ keys and shapes and the same outputs within float32 tolerance, in 2D and 3D.
 The structure (MONAI 1.x, `UNet._create_block`): each level is ``Sequential(down, SkipConnection(inner), up)``;
 ``down`` is a residual unit with the level's stride; the innermost level is a residual unit of stride 1; ``up`` is
 a transposed convolution (kernel 3, output padding stride - 1) with norm and activation, then a residual unit of
-stride 1 whose last convolution is bare at the top level. A residual unit adds its convolutions' output to a
-shortcut: identity, or a convolution (kernel 3 with the stride, else 1) where the stride or the channels change.
+stride 1 whose last convolution is bare at the top level. With ``num_res_units=0`` each residual unit is a single
+convolution with norm and activation, and ``up`` is the transposed convolution alone (bare at the top level). A
+residual unit adds its convolutions' output to a shortcut: identity, or a convolution (kernel 3 with the stride,
+else 1) where the stride or the channels change.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ class SkipConnection(nn.Module):
 
 class UNet(nn.Module):
     """``monai.networks.nets.UNet(spatial_dims, in_channels, out_channels, channels, strides, num_res_units)`` with
-    MONAI's defaults otherwise (kernel 3, instance norm, PReLU, no dropout), for ``num_res_units >= 1``."""
+    MONAI's defaults otherwise (kernel 3, instance norm, PReLU, no dropout)."""
 
     def __init__(
         self,
@@ -108,8 +110,8 @@ class UNet(nn.Module):
         num_res_units: int,
     ) -> None:
         super().__init__()
-        if num_res_units < 1 or len(channels) < 2 or len(strides) != len(channels) - 1:
-            raise ValueError("the light U-Net needs num_res_units >= 1 and one stride per level below the top")
+        if len(channels) < 2 or len(strides) < len(channels) - 1:
+            raise ValueError("the U-Net needs at least two levels and a stride for each level below the top")
         self.dims, self.units = spatial_dims, num_res_units
         self.model = self._block(in_channels, out_channels, list(channels), list(strides), top=True)
 
@@ -119,14 +121,17 @@ class UNet(nn.Module):
             inner = self._block(c, c, channels[1:], strides[1:], top=False)
             upc = 2 * c
         else:
-            inner = ResidualUnit(self.dims, c, channels[1], 1, self.units)
+            inner = self._down(c, channels[1], 1)
             upc = c + channels[1]
-        down = ResidualUnit(self.dims, inc, c, s, self.units)
-        up = nn.Sequential(
-            Convolution(self.dims, upc, outc, s, transposed=True),
-            ResidualUnit(self.dims, outc, outc, 1, 1, last_conv_only=top),
-        )
-        return nn.Sequential(down, SkipConnection(inner), up)
+        up: nn.Module = Convolution(self.dims, upc, outc, s, transposed=True, conv_only=top and not self.units)
+        if self.units:
+            up = nn.Sequential(up, ResidualUnit(self.dims, outc, outc, 1, 1, last_conv_only=top))
+        return nn.Sequential(self._down(inc, c, s), SkipConnection(inner), up)
+
+    def _down(self, inc: int, outc: int, strides: int) -> nn.Module:
+        if self.units:
+            return ResidualUnit(self.dims, inc, outc, strides, self.units)
+        return Convolution(self.dims, inc, outc, strides)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
