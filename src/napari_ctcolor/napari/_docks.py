@@ -23,7 +23,7 @@ _SETTLED = False
 
 
 def settle_heap() -> None:
-    """Move the objects alive once the plugin is loaded (torch, MONAI, napari: 600 000 of them) out of the reach of
+    """Move the objects alive once the plugin is loaded (torch, napari, Qt: 600 000 of them) out of the reach of
     Python's cyclic garbage collector (`gc.freeze`), once per process.
 
     napari runs a full `gc.collect` in the main thread for each layer it removes; with torch loaded that took 0.3 s a

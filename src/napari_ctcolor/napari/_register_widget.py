@@ -493,7 +493,7 @@ class RegisterWidget(Container):
         affine: bool | None,
         refine: int | None,
         device: str,
-        fixed_limits: tuple[float, float] | None = None,
+        fixed_limits: tuple[float, float],
     ):
         """The engine, then the colour warp and the difference under ``fixed_limits`` (a volume's worth of
         arithmetic, off the main thread): yields (done, total), returns an `_Output` or `_Failed`.
@@ -531,9 +531,7 @@ class RegisterWidget(Container):
             # is a RuntimeError too): shown as a one-line error instead.
             lines = str(exc).strip().splitlines() or [type(exc).__name__]
             return _Failed(f"{TITLE} failed: {lines[0]}")
-        difference = None
-        if fixed_limits is not None:
-            difference = windowed_difference(inputs.fixed.array, result.warped.array, fixed_limits)
+        difference = windowed_difference(inputs.fixed.array, result.warped.array, fixed_limits)
         return _Output(result, fixed_colour, warped_colour, difference)
 
     def _progress(self, step: tuple[int, int]) -> None:
