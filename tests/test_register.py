@@ -931,6 +931,29 @@ def test_cli_peer_demons_writes_a_warped_image_and_an_lps_ddf_that_simpleitk_app
     assert "SimpleITK" in imported and "torch" not in imported
 
 
+@pytest.mark.parametrize("name", ["greedy", "convexadam"])
+def test_cli_peer_greedy_and_convexadam_recover_a_shift_in_the_lps_convention(ct, tmp_path, name):
+    """The fast optimisation peers through ``ctcolor peer``: moving(p) = fixed(p + 5 mm x - 3 mm y), so the written
+    LPS ddf is about (-5, +3) mm in the body (tolerance 1 mm: a 3 mm grid's registration, not its voxels, decides)."""
+    pytest.importorskip({"greedy": "picsl_greedy", "convexadam": "convexAdam"}[name])
+    moving = _resampled(ct, sitk.TranslationTransform(3, (5.0, -3.0, 0.0)), AIR_HU)
+    paths = [write_nifti(v, tmp_path / f"{n}.nii.gz") for v, n in ((ct, "fixed"), (moving, "moving"))]
+    done = _ctcolor("peer", name, *map(str, paths), "-o", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert "Iter" not in done.stdout  # no optimiser log (Greedy prints one per iteration unless told not to)
+    ddf_mm = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "ddf.nii.gz")))
+    inner = ct.array > -500
+    inner[:4], inner[-4:] = False, False  # the first and last slices see the shift's edge
+    np.testing.assert_allclose(np.median(ddf_mm[inner], axis=0), [-5.0, 3.0, 0.0], atol=1.0)
+    warped = read_volume(tmp_path / "out" / "warped.nii.gz")
+    ncc = [
+        global_ncc(torch.from_numpy(ct.array.astype(np.float32)), torch.from_numpy(v.astype(np.float32)))
+        for v in (moving.array, warped.array)
+    ]
+    assert ncc[1] > ncc[0] + 0.02, ncc
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["peer"] == name
+
+
 def test_local_ncc_equals_a_direct_window_computation_at_its_sampled_voxels():
     """The strided separable boxes against the definition: per sampled voxel, Pearson correlation over the box
     clipped at the border, averaged over the mask. Float32 sums of 7^3 values: agreement to 1e-4."""

@@ -27,7 +27,7 @@ from .io.write import atomic_path
 from .windowing import default_window
 
 #: ``ctcolor peer`` choices (`napari_ctcolor.peers.PEER_COMMANDS`; listed here so --help needs no torch import).
-PEER_NAMES = ("official-symnet", "ants-syn", "elastix-bspline", "demons")
+PEER_NAMES = ("official-symnet", "ants-syn", "elastix-bspline", "demons", "greedy", "convexadam")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -344,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     peer = sub.add_parser(
         "peer",
-        help="run a registration peer as its own process: the official SYMNet recipe, ANTs SyN, elastix, demons",
+        help="run a registration peer as its own process: the official SYMNet recipe, ANTs SyN, elastix, demons, "
+        "Greedy, ConvexAdam",
         description="official-symnet: the official SYMNet inference recipe (nibabel arrays as stored, min-max, plain "
         "fp32, four sequential integrations), writing OUTDIR/warped.nii.gz (min-max units) and flow.nii.gz (F_BA, "
         "voxels). ants-syn, elastix-bspline, demons: OUTDIR/warped.nii.gz and ddf.nii.gz (mm, LPS, as register's). "

@@ -1,13 +1,14 @@
-"""Registration peers for the benchmarks: the official SYMNet inference recipe, and the classical ANTs SyN, elastix
-B-spline and SimpleITK demons. ``ctcolor peer NAME`` runs each as a whole process, as ``ctcolor register`` runs.
+"""Registration peers for the benchmarks: the official SYMNet inference recipe, the classical ANTs SyN, elastix
+B-spline and SimpleITK demons, and the fast optimisation methods Greedy (PICSL) and ConvexAdam (the Learn2Reg
+challenge's winning method). ``ctcolor peer NAME`` runs each as a whole process, as ``ctcolor register`` runs.
 
 `official_symnet` reimplements the official SYMNet test script's recipe (its code cannot ship here): nibabel arrays as
 stored, min-max to [0, 1], float32, a plain forward pass, four sequential scaling-and-squaring integrations, the two
 half-way compositions, the warp, and NIfTI outputs. It is what ``ctcolor register`` is timed and compared against.
 
-The classical peers are compared with SYMNet on the same pairs (`ctcolor bench`). ANTs (``antspyx``) and elastix
-(``itk-elastix``) are optional: install them with ``pip install "napari-ctcolor[bench]"``; `PeerUnavailable` says
-when one is missing.
+The other peers are compared with SYMNet on the same pairs (`ctcolor bench`). ANTs (``antspyx``), elastix
+(``itk-elastix``), Greedy (``picsl-greedy``) and ConvexAdam (``convexadam``) are optional: install them with
+``pip install "napari-ctcolor[bench]"``; `PeerUnavailable` says when one is missing.
 
 Every peer takes a fixed and a moving `Volume` on the same grid (the synthetic-deformation pairs are) and returns
 the displacement field that maps fixed voxels to moving points, in mm along the index axes, so that one Jacobian
@@ -33,15 +34,20 @@ from .engines.checkerboard import same_grid
 from .errors import InputError
 from .io import Volume
 
-PEERS = ("ANTs SyN", "elastix B-spline", "SimpleITK demons")
-#: ``ctcolor peer`` names: the official recipe and the classical peers.
+PEERS = ("ANTs SyN", "elastix B-spline", "SimpleITK demons", "Greedy", "ConvexAdam")
+#: ``ctcolor peer`` names: the official recipe and the other peers.
 PEER_COMMANDS = {
     "official-symnet": "official SYMNet",
     "ants-syn": PEERS[0],
     "elastix-bspline": PEERS[1],
     "demons": PEERS[2],
+    "greedy": PEERS[3],
+    "convexadam": PEERS[4],
 }
 ANTS_ITERATIONS = (100, 70, 50)
+#: Greedy's documented deformable recipe (``-n``, coarsest level first) and ConvexAdam's default Adam iterations.
+GREEDY_ITERATIONS = "100x50x10"
+CONVEXADAM_ITERATIONS = 80
 
 
 class PeerUnavailable(RuntimeError):
@@ -153,29 +159,84 @@ def elastix_bspline(
 def demons(fixed: Volume, moving: Volume, moving_labels: Volume | None = None, iterations: int = 50) -> PeerResult:
     """SimpleITK fast symmetric forces demons (histogram-matched moving image, field smoothing sigma 1.5 voxels)."""
     _check(fixed, moving, moving_labels)
-    spacing = [float(s) for s in fixed.spacing[::-1]]
-
-    def image(array: np.ndarray, pixel: int = sitk.sitkFloat32) -> sitk.Image:
-        out = sitk.Cast(sitk.GetImageFromArray(np.ascontiguousarray(array)), pixel)
-        out.SetSpacing(spacing)
-        return out
-
     start = time.perf_counter()
-    f = image(fixed.array)
-    m = sitk.HistogramMatching(image(moving.array), f, 256, 7, True)
+    f = _sitk_image(fixed)
+    m = sitk.HistogramMatching(_sitk_image(moving), f, 256, 7, True)
     filter_ = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     filter_.SetNumberOfIterations(iterations)
     filter_.SetStandardDeviations(1.5)
     field = filter_.Execute(f, m)
     seconds = time.perf_counter() - start
     ddf = sitk.GetArrayFromImage(field)  # (Z, Y, X, 3), mm
-    warped_labels = None
-    if moving_labels is not None:
-        transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
-        labels = image(moving_labels.array.astype(np.int32), sitk.sitkInt32)
-        out = sitk.Resample(labels, f, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
-        warped_labels = sitk.GetArrayFromImage(out).astype(moving_labels.array.dtype)
-    return PeerResult(np.ascontiguousarray(ddf, dtype=np.float32), warped_labels, seconds)
+    return PeerResult(np.ascontiguousarray(ddf, dtype=np.float32), _warp_labels(ddf, moving_labels), seconds)
+
+
+def _sitk_image(volume: Volume, pixel: type = np.float32) -> sitk.Image:
+    """``volume``'s array as a SimpleITK image with its spacing, at the origin with identity direction (the peers
+    work in index-axis millimetres)."""
+    out = sitk.GetImageFromArray(np.ascontiguousarray(volume.array, dtype=pixel))
+    out.SetSpacing([float(s) for s in volume.spacing[::-1]])
+    return out
+
+
+def _warp_labels(ddf_mm: np.ndarray, labels: Volume | None) -> np.ndarray | None:
+    """``labels`` read at p + ddf(p) for every voxel p of their grid (index-axis mm), nearest neighbour."""
+    if labels is None:
+        return None
+    field = sitk.GetImageFromArray(np.asarray(ddf_mm, dtype=np.float64), isVector=True)
+    field.SetSpacing([float(s) for s in labels.spacing[::-1]])
+    image = _sitk_image(labels, np.int32)
+    transform = sitk.DisplacementFieldTransform(field)
+    out = sitk.Resample(image, image, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
+    return sitk.GetArrayFromImage(out).astype(labels.array.dtype)
+
+
+def greedy(
+    fixed: Volume, moving: Volume, moving_labels: Volume | None = None, iterations: str = GREEDY_ITERATIONS
+) -> PeerResult:
+    """Greedy (PICSL; ``picsl-greedy``), its documented deformable recipe: NCC over a 2 x 2 x 2 voxel patch,
+    ``-n 100x50x10`` (three levels, coarsest first), its default regularisation (Gaussians of sqrt(3) and
+    sqrt(0.5) voxels) and step; every core, as its command-line tool runs."""
+    try:
+        from picsl_greedy import Greedy3D
+    except ImportError:
+        raise PeerUnavailable("Greedy needs picsl-greedy (pip install 'napari-ctcolor[bench]')") from None
+    _check(fixed, moving, moving_labels)
+    start = time.perf_counter()
+    runner = Greedy3D()
+    command = f"-d 3 -V 0 -i fixed moving -m NCC 2x2x2 -n {iterations} -o warp"
+    runner.execute(command, fixed=_sitk_image(fixed), moving=_sitk_image(moving), warp=None)
+    # The warp is an ITK displacement image: physical (here index-axis) mm per fixed voxel, x first.
+    ddf = sitk.GetArrayFromImage(runner["warp"])
+    seconds = time.perf_counter() - start
+    return PeerResult(np.ascontiguousarray(ddf, dtype=np.float32), _warp_labels(ddf, moving_labels), seconds)
+
+
+def convexadam(
+    fixed: Volume, moving: Volume, moving_labels: Volume | None = None, iterations: int = CONVEXADAM_ITERATIONS
+) -> PeerResult:
+    """ConvexAdam (Siebert et al., IEEE TMI 2024; ``convexadam``), its package defaults: MIND-SSC features (radius 1,
+    dilation 2), a coupled convex search of +-4 grid steps on a grid of 6 voxels made inverse consistent, then 80 Adam
+    iterations on a grid of 2 voxels with diffusion regularisation 1.25; float32 on the CPU (the package's own
+    fallback from float16). It works in voxels, as the Learn2Reg data it was tuned on are isotropic: the images are
+    given as stored, and its voxel field is turned into millimetres."""
+    try:
+        import torch
+        from convexAdam.convex_adam_MIND import convex_adam_pt
+    except ImportError:
+        raise PeerUnavailable("ConvexAdam needs convexadam (pip install 'napari-ctcolor[bench]')") from None
+    _check(fixed, moving, moving_labels)
+    start = time.perf_counter()
+    voxels = convex_adam_pt(
+        np.ascontiguousarray(fixed.array, dtype=np.float32),
+        np.ascontiguousarray(moving.array, dtype=np.float32),
+        selected_niter=iterations,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )  # (Z, Y, X, 3): voxels along the array axes (z, y, x), fixed voxel p -> moving voxel p + d
+    ddf = voxels[..., ::-1] * np.asarray(fixed.spacing[::-1])
+    seconds = time.perf_counter() - start
+    return PeerResult(np.ascontiguousarray(ddf, dtype=np.float32), _warp_labels(ddf, moving_labels), seconds)
 
 
 def run_peer(name: str, fixed: Volume, moving: Volume, moving_labels: Volume | None = None, quick: bool = False):
@@ -186,6 +247,10 @@ def run_peer(name: str, fixed: Volume, moving: Volume, moving_labels: Volume | N
         return elastix_bspline(fixed, moving, moving_labels, iterations=32 if quick else 256)
     if name == "SimpleITK demons":
         return demons(fixed, moving, moving_labels, iterations=10 if quick else 50)
+    if name == "Greedy":
+        return greedy(fixed, moving, moving_labels, iterations="20x10x5" if quick else GREEDY_ITERATIONS)
+    if name == "ConvexAdam":
+        return convexadam(fixed, moving, moving_labels, iterations=16 if quick else CONVEXADAM_ITERATIONS)
     raise InputError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
 
 
