@@ -84,6 +84,16 @@ def test_bench_quick_writes_table_json_and_markdown(tmp_path: Path, capsys: pyte
         assert all(0.0 < r["median"] <= 1.0 for r in quality), quality
         seconds = [r for r in find("register CT", item) if r["unit"] == "s"]
         assert len(seconds) == 2 and all(r["median"] > 0 and r["note"] == "whole process" for r in seconds), seconds
+    # Registration speed (issue 51): ours in process (as the widget) and as a process, and (--quick) the demons and
+    # Greedy peers as processes, each with the Dice of its ddf; a ratio against the fastest peer ours beats on Dice.
+    speed = {r["item"]: r for r in rows if r["section"] == "register speed"}
+    assert {bench.IN_PROCESS, bench.WHOLE_PROCESS, "SimpleITK demons", "Greedy"} == set(speed), sorted(speed)
+    assert all(r["unit"] == "s" and 0.0 < r["dice"] <= 1.0 and r["median"] > 0 for r in speed.values()), speed
+    for ratio in (r for r in rows if r["item"].endswith("/ fastest peer beaten on Dice")):
+        peer = speed[ratio["note"].split(":")[0]]
+        ours = speed[ratio["item"].split(" / ")[0]]
+        assert ours["dice"] > peer["dice"] + bench.DICE_TIE
+        assert ratio["median"] == pytest.approx(ours["median"] / peer["median"], rel=0.01)
     # Batch: one `ctcolor batch colorize` against the same inputs as sequential processes; the ratio of this run's two.
     (batch,) = find("batch", "ctcolor batch colorize, 2 workers (whole process)")
     (sequential,) = find("batch", "2 x ctcolor colorize (sequential processes)")

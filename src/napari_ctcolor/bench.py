@@ -58,6 +58,8 @@ MODELS = ("colorizer-2d", "colorizer-3d")
 #: The shared OASIS pair beside the checkout (../shared/data/symnet-oasis from the repository root).
 OASIS_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "symnet-oasis"
 OASIS_CHECKPOINT = "SYMNet_neurite_oasis_smo30_update_80000.pth"
+#: Issue 51's decision 3: a Dice difference within this of a peer is a tie on any one pair.
+DICE_TIE = 0.002
 ROW_KEYS = ("section", "item", "device", "size", "unit", "median", "min", "max", "repeats", "note")
 
 
@@ -568,6 +570,155 @@ def _warp_labels(labels: Volume, fixed: Volume, ddf_lps: np.ndarray) -> np.ndarr
     return sitk.GetArrayFromImage(out)
 
 
+#: The registration speed bench's pairs (issue 51): a chest CT at the size of a held-out contrast exam (popi resampled
+#: to 1.5 mm and cut to 164 x 126 x 120 voxels, a smooth 15 mm deformation of itself) and the full 512 x 512 x 141
+#: popi CT against a 20 mm breathing motion of itself (over 10 million voxels); ``--quick``: a 64 x 64 x 48 cut.
+SPEED_SHAPE_XYZ, SPEED_MM, QUICK_SPEED_SHAPE_XYZ = (164, 126, 120), 1.5, (64, 64, 48)
+SPEED_CT = "chest-popi-2mm.nii.gz"
+#: What ``ctcolor register`` is measured as in the speed bench: the whole process, and the engine in a process that
+#: has imported it and read the images already, as the napari widget runs it (its first registration: the model is
+#: loaded in the timed call).
+IN_PROCESS = "ctcolor register in process (as the napari widget)"
+WHOLE_PROCESS = "ctcolor register (whole process)"
+
+
+def register_job(fixed_path: str, moving_path: str, ddf_path: str) -> dict:
+    """Run in a fresh process: read two images, then time `register` (CT weights, CPU) as the widget calls it; write
+    its ddf (LPS mm) for the Dice. Returns ``{"seconds": ...}``."""
+    from .engines.register import register
+    from .io import read_volume, write_vector_nifti
+
+    fixed, moving = read_volume(fixed_path), read_volume(moving_path)
+    start = time.perf_counter()
+    result = register(fixed, moving, model="ct", device="cpu")
+    seconds = time.perf_counter() - start
+    write_vector_nifti(result.ddf, fixed, Path(ddf_path))
+    return {"seconds": round(seconds, 3)}
+
+
+def _speed_pairs(quick: bool) -> list[tuple[str, Volume, np.ndarray, Volume, Volume]]:
+    """(size label, fixed, fixed masks, moving, moving masks) of the speed bench (`SPEED_SHAPE_XYZ`)."""
+    import SimpleITK as sitk
+
+    from .io import Volume, read_volume
+    from .training.symnet import PHASE_NOISE_HU, chest_masks, chest_pairs, deform_pair, shared_data_dir
+
+    ct = read_volume(shared_data_dir() / "ct" / SPEED_CT)
+    image = sitk.Cast(ct.to_sitk(), sitk.sitkFloat32)
+    size = [round(n * s / SPEED_MM) for n, s in zip(image.GetSize(), image.GetSpacing(), strict=True)]
+    iso = sitk.Resample(
+        image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [SPEED_MM] * 3, image.GetDirection(), -1024.0
+    )
+    want = QUICK_SPEED_SHAPE_XYZ if quick else SPEED_SHAPE_XYZ
+    cut = Volume.from_sitk(sitk.RegionOfInterest(iso, want, [(n - w) // 2 for n, w in zip(size, want, strict=True)]))
+    rng = np.random.default_rng(51)
+    labels = chest_masks(cut.array)
+    pair = deform_pair(cut.array, labels, cut.spacing, rng, {"max_mm": 15.0, "noise_hu": (PHASE_NOISE_HU,) * 2})
+    geometry = {"spacing": cut.spacing, "origin": cut.origin, "direction": cut.direction}
+    moving = Volume(pair.moving[0, 0].numpy(), **geometry)
+    fixed = Volume(pair.fixed[0, 0].numpy(), **geometry)
+    label = "x".join(map(str, want)) + f" {SPEED_MM:g} mm chest, smooth 15 mm"
+    out = [(label, fixed, labels, moving, Volume(pair.moving_labels, **geometry))]
+    if not quick:
+        ((name, fixed, labels, moving, moving_labels),) = chest_pairs(rng, shrink=1, names=[SPEED_CT])
+        out.append(
+            ("x".join(map(str, fixed.shape[::-1])) + f" {name} breathing 20 mm", fixed, labels, moving, moving_labels)
+        )
+    return out
+
+
+def bench_register_speed(quick: bool) -> list[dict]:
+    """Decision 1 of issue 51, measured: on each speed pair (`_speed_pairs`), `IN_PROCESS`, `WHOLE_PROCESS` and every
+    installed peer's whole process (``ctcolor peer``), one after the other in this run, each with the Dice of the
+    moving masks (lungs, body, ...) warped by its ddf. Ratio rows: ours in process and as a whole process against the
+    fastest peer whose Dice ours beats (within 0.002 counts as a tie, not a win). ``quick``: the small cut, demons and
+    Greedy."""
+    import SimpleITK as sitk
+
+    from .io import write_nifti
+    from .peers import PEER_COMMANDS
+    from .training.symnet import mean_dice
+
+    peers = ["demons", "greedy"] if quick else [name for name in PEER_COMMANDS if name != "official-symnet"]
+    try:
+        pairs = _speed_pairs(quick)
+    except (InputError, OSError) as exc:
+        reason = str(exc).splitlines()[0]
+        return [_row("register speed", WHOLE_PROCESS, "cpu", "", "s", note=f"not measured: {reason}")]
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, (size, fixed, labels, moving, moving_labels) in enumerate(pairs):
+            paths = [Path(tmp) / f"{k}-{x}.nii.gz" for x in ("fixed", "moving")]
+            write_nifti(fixed, paths[0])
+            write_nifti(moving, paths[1])
+            found: dict[str, tuple[float, float]] = {}
+            for item in (IN_PROCESS, WHOLE_PROCESS, *(PEER_COMMANDS[name] for name in peers)):
+                out = Path(tmp) / f"{k}-{len(found)}"
+                if item == IN_PROCESS:
+                    out.mkdir()
+                    ddf_path = out / "ddf.nii.gz"
+                    code = (
+                        "import json; from napari_ctcolor.bench import register_job; "
+                        f"print(json.dumps(register_job({str(paths[0])!r}, {str(paths[1])!r}, {str(ddf_path)!r})))"
+                    )
+                    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                    seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+                else:
+                    command = (
+                        ["register"]
+                        if item == WHOLE_PROCESS
+                        else ["peer", next(n for n in peers if PEER_COMMANDS[n] == item)]
+                    )
+                    options = ["--device", "cpu"] if item == WHOLE_PROCESS else []
+                    try:
+                        seconds = _ctcolor([*command, *map(str, paths), "-o", str(out), *options])
+                    except RuntimeError as exc:
+                        if item == WHOLE_PROCESS or "pip install" not in str(exc):
+                            raise
+                        rows.append(_row("register speed", item, "cpu", size, "s", note=f"not run: {exc}"))
+                        continue
+                ddf = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ddf.nii.gz")))
+                dice = mean_dice(labels, _warp_labels(moving_labels, fixed, ddf))
+                found[item] = (seconds, dice)
+                print(f"  {size}: {item}: Dice {dice:.3f}, {seconds:.1f} s", file=sys.stderr, flush=True)
+                rows.append(
+                    _row(
+                        "register speed",
+                        item,
+                        "cpu",
+                        size,
+                        "s",
+                        median=round(seconds, 2),
+                        repeats=1,
+                        note=f"Dice {dice:.3f}",
+                        dice=round(dice, 4),
+                    )
+                )
+            ours = found[IN_PROCESS][1]
+            beaten = {
+                item: sec
+                for item, (sec, dice) in found.items()
+                if item not in (IN_PROCESS, WHOLE_PROCESS) and ours > dice + DICE_TIE
+            }
+            if beaten:
+                peer = min(beaten, key=beaten.get)
+                for item in (IN_PROCESS, WHOLE_PROCESS):
+                    ratio = found[item][0] / beaten[peer]
+                    rows.append(
+                        _row(
+                            "ratio",
+                            f"{item} / fastest peer beaten on Dice",
+                            "cpu",
+                            size,
+                            "x",
+                            median=round(ratio, 3),
+                            repeats=1,
+                            note=f"{peer}: {beaten[peer]:.1f} s, Dice {found[peer][1]:.3f}; same run",
+                        )
+                    )
+    return rows
+
+
 #: Inputs of the batch bench: this many copies of a CT, through one `ctcolor batch` on this many local workers.
 BATCH_INPUTS, BATCH_WORKERS = 8, 2
 BATCH_CT = OASIS_DIR.parent / "ct" / "totalseg-body-3mm-30slices.nii.gz"
@@ -728,7 +879,7 @@ def bench_series(quick: bool, repeats: int, source: Path = SERIES_CT) -> list[di
 
 
 #: ``ctcolor bench --only`` section names.
-SECTIONS = ("colorize", "series", "memory", "register", "register-ct", "batch")
+SECTIONS = ("colorize", "series", "memory", "register", "register-ct", "register-speed", "batch")
 
 
 def run_bench(
@@ -761,6 +912,11 @@ def run_bench(
     if "register-ct" in only:
         log("register CT (deformations of the shared CTs, whole processes" + ", quick: one pair" * quick + ")")
         rows += bench_register_ct(quick=quick)
+    if "register-speed" in only:
+        log(
+            "register speed (ours in process and as a process against every peer" + ", quick: a small cut" * quick + ")"
+        )
+        rows += bench_register_speed(quick=quick)
     if "batch" in only:
         log(f"batch ({BATCH_INPUTS} series, {BATCH_WORKERS}-worker LocalCluster vs sequential processes)")
         rows += bench_batch(quick=quick, repeats=1 if quick else 3)

@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--only",
         metavar="SECTIONS",
-        help="comma-separated: colorize, series, memory, register, register-ct, batch (default: all)",
+        help="comma-separated: colorize, series, memory, register, register-ct, register-speed, batch (default: all)",
     )
     bench.set_defaults(run=_cmd_bench)
     return parser

@@ -64,14 +64,22 @@ MIN_AUTO_ITERATIONS = 5
 CHUNK_ITERATIONS = 5
 #: The refinement stops once the two images agree within a CT's own noise: demons' metric (the mean squared difference
 #: of the two normalised images under the current field) below MATCHED_METRIC, an RMS difference of 1 % of the
-#: normalised range (about 10-20 HU, one scan's noise). Two copies of one scan are already there (the 3 mm CT against
-#: itself: 1e-5 after the first 5 iterations), so their registration skips the rest; two scans or a moved copy
-#: never get there (the 3 mm CT against a 6 degree, 11 mm rigid motion of itself: 3.3e-3, flat over its 50
-#: iterations; two acquisitions differ by two scans' noise at least). A coarse level averages boxes of k voxels,
-#: which divides white noise's mean square by k (CT noise is correlated: less), so its threshold is MATCHED_METRIC / k:
-#: a level whose images agree within that skips its remaining iterations, and the full grid's ends the refinement.
+#: normalised range (about 10-20 HU, one scan's noise). A copy of one scan with a second scan's noise gets there (an
+#: exact copy never reaches the refinement: `register.COPIES_METRIC`); a moved copy never does (the 3 mm CT against
+#: a 6 degree, 11 mm rigid motion of itself: 3.3e-3, flat over its 50 iterations). A coarse level averages boxes of k
+#: voxels, which divides white noise's mean square by k (CT noise is correlated: less), so its threshold is
+#: MATCHED_METRIC / k: a level whose images agree within that skips its remaining iterations, and the full grid's ends
+#: the refinement.
 #: Measured 2026-11-26.
 MATCHED_METRIC = 1e-4
+#: A level also stops when `CHUNK_ITERATIONS` iterations lowered demons' metric by less than this fraction of its value
+#: (its plateau). Chosen on the 3 mm CT's six held-out pairs and checked on pairs it was not chosen on (2 CPU threads,
+#: in process from the network's cached fields, Dice as in BENCHMARKS.md, 2026-11-26): at 0.002 the 3 mm pairs kept
+#: their Dice but one (-0.0019, a tie by issue 51's 0.002; 50 -> 41 iterations); the DICOM series', popi's and lung1's
+#: sliding pairs never reach it (the same iterations and Dice); lung1's smooth pair stops earlier on both levels (Dice
+#: 0.9631 -> 0.9634, refinement 9.2 -> 7.1 s). 0.005 cost the 3 mm pairs up to 0.0034 Dice, 0.01 up to 0.008: demons'
+#: metric falls by 0.3-1 % per chunk there while Dice still rises.
+PLATEAU = 0.002
 #: Coarser levels: the fixed grid averaged to about these multiples of its finest spacing, coarsest first.
 COARSE_SHRINK = (4, 2)
 #: No level coarser than this (mm) along the axes it averages: a 1 mm CT gets two coarse levels (4 and 2 mm), a 2 mm CT
@@ -103,13 +111,16 @@ SMOOTHING_VOXELS = 1.5
 #: output and update buffers, the inverse and its iteration), the two float32 images, their matched copy and the
 #: local-structure temporaries (`_local_structure`: six float32 arrays while an image is made).
 REFINE_BYTES_PER_VOXEL = 224
-#: Inversion: on a grid of voxels of about INVERSE_MM (axes finer than that box-averaged), then upsampled; ITK's
-#: fixed-point iterations and its stopping tolerances (voxels). The mean tolerance is rarely met, so the count decides
-#: the time: 10 iterations instead of 20 took 0.14 s instead of 0.35 s on a 3 mm pair, with the forward and inverse
-#: fields' round trip (`ctcolor register`'s inverse_consistency_mm) 0.030 -> 0.031 mm there, 0.106 -> 0.092 on a DICOM
-#: pair, 0.086 -> 0.092 on lung1, 0.051 -> 0.052 on popi, 0.35 -> 0.23 and 0.50 -> 0.48 on the CLI test's rigid motions
-#: of 8 and 10 degrees; 6 iterations doubled it (issue 23, 2026-11-25).
-INVERSE_MM = 2.0
+#: Inversion: on a grid of boxes of whole voxels no larger than INVERSE_MM along each axis (axes at least half as fine
+#: box-averaged), then upsampled; ITK's fixed-point iterations and its stopping tolerances (voxels). The mean tolerance
+#: is rarely met, so the count decides the time: 10 iterations instead of 20 took 0.14 s instead of 0.35 s on a 3 mm
+#: pair, with the forward and inverse fields' round trip (`ctcolor register`'s inverse_consistency_mm) 0.030 -> 0.031
+#: mm there, 0.106 -> 0.092 on a DICOM pair, 0.086 -> 0.092 on lung1, 0.051 -> 0.052 on popi, 0.35 -> 0.23 and 0.50 ->
+#: 0.48 on the CLI test's rigid motions of 8 and 10 degrees; 6 iterations doubled it (issue 23, 2026-11-25). Boxes of
+#: up to 3 mm instead of about 2 mm (2 CPU threads, 2026-11-26): a 164 x 126 x 120 chest CT of 1.5 mm voxels 1.0 ->
+#: 0.2 s, round trip 0.017 -> 0.068 mm; a DICOM pair (0.98 mm pixels) 0.7 -> 0.4 s, 0.09 -> 0.18 mm: a fifth of a
+#: voxel at most, against a warning at 1 mm.
+INVERSE_MM = 3.0
 INVERSE_ITERATIONS = 10
 INVERSE_MAX_ERROR = 0.1
 INVERSE_MEAN_ERROR = 0.001
@@ -210,29 +221,29 @@ def _image(array: np.ndarray, grid: Volume, pixel: type = np.float32) -> sitk.Im
 
 def _local_structure(image: sitk.Image) -> sitk.Image:
     """``image`` plus `LOCAL_WEIGHT` x w (I - mean) / std, with mean and variance Gaussian averages over tissue only
-    (normalised convolution with weights w: 0 in air, 1 in tissue, `AIR_RAMP`)."""
-    array = sitk.GetArrayViewFromImage(image).astype(np.float32)
+    (normalised convolution with weights w: 0 in air, 1 in tissue, `AIR_RAMP`).
+
+    SimpleITK's filters rather than numpy: they run on every core and need no array copies (on a 256 x 256 x 141
+    chest CT 1.0 s instead of 1.4 s per image, 2 cores, 2026-11-26; the same values within 3e-5)."""
     low, high = AIR_RAMP
-    weight = np.clip((array - low) / (high - low), 0.0, 1.0)
+    weight = sitk.Clamp(sitk.ShiftScale(image, -low, 1.0 / (high - low)), sitk.sitkFloat32, 0.0, 1.0)
 
-    def smooth(values: np.ndarray) -> np.ndarray:
-        out = sitk.GetImageFromArray(values)
-        out.CopyInformation(image)
-        return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(out, LOCAL_WINDOW_MM))
+    def smooth(values: sitk.Image) -> sitk.Image:
+        return sitk.SmoothingRecursiveGaussian(values, LOCAL_WINDOW_MM)
 
-    total = np.maximum(smooth(weight), 1e-3)
-    deviation = array - smooth(weight * array) / total
-    std = np.sqrt(np.maximum(smooth(weight * deviation * deviation) / total, 0.0))
-    out = sitk.GetImageFromArray(array + LOCAL_WEIGHT * weight * deviation / np.maximum(std, 1e-3))
-    out.CopyInformation(image)
-    return out
+    total = sitk.Maximum(smooth(weight), 1e-3)
+    deviation = image - sitk.Divide(smooth(weight * image), total)
+    variance = sitk.Maximum(sitk.Divide(smooth(weight * deviation * deviation), total), 0.0)
+    std = sitk.Maximum(sitk.Sqrt(variance), 1e-3)
+    return image + LOCAL_WEIGHT * sitk.Divide(weight * deviation, std)
 
 
 def refine_field(
     fixed: Volume, moving: Volume, seed_mm: np.ndarray, iterations: int
 ) -> Generator[None, None, np.ndarray]:
     """Demons from ``seed_mm``, coarse to fine; yields after each call (`_level_chunks`), returns the refined field.
-    Each level stops early where its images already agree within noise (`MATCHED_METRIC`).
+    Each level stops early where its images already agree within noise (`MATCHED_METRIC`) or its metric no longer
+    improves (`PLATEAU`).
 
     Args:
         fixed, moving: the two images, normalised as the network saw them (0 is the background). ITK's demons takes
@@ -261,12 +272,17 @@ def refine_field(
             level_fixed, level_moving = fixed_image, moving_image
         field = sitk.Resample(field, level_fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
         demons.SetMaximumUpdateStepLength(THIRION_STEP if max(factors) > 1 else step_length(fixed.spacing))
+        previous = math.inf
         for chunk in _level_chunks(count):
             demons.SetNumberOfIterations(chunk)
             field = demons.Execute(level_fixed, level_moving, field)
             yield
-            if demons.GetMetric() < MATCHED_METRIC / math.prod(factors):
+            metric = demons.GetMetric()
+            if metric < MATCHED_METRIC / math.prod(factors):
                 break  # this level's images agree within noise (averaged over its boxes): on to the next
+            if previous - metric < PLATEAU * previous:
+                break  # these iterations no longer improved the match: on to the next level
+            previous = metric
     return sitk.GetArrayFromImage(field)
 
 
@@ -274,13 +290,14 @@ def invert_field(field_mm: np.ndarray, grid: Volume) -> np.ndarray:
     """The inverse of a (Z, Y, X, 3) LPS displacement in mm on ``grid``, sampled at the same grid's points (ITK's
     fixed-point inversion).
 
-    Axes finer than `INVERSE_MM` are inverted on a grid averaged to about that voxel size and the inverse is upsampled
-    (linear): on the 512 x 512 x 20 DICOM series (0.98 mm pixels) this took 1.2 s instead of 4.4 s, and on a smooth
-    field of up to 10 mm the round trip stayed within 0.001 mm (p95) of the full-grid inversion's. The demons field is
-    smoothed by `SMOOTHING_VOXELS` after each iteration, so it holds no detail a 2 mm grid would lose.
+    Axes of voxels up to half `INVERSE_MM` are inverted on a grid averaged by whole voxels to at most that size and the
+    inverse is upsampled (linear): on the 512 x 512 x 20 DICOM series (0.98 mm pixels) boxes of about 2 mm took 1.2 s
+    instead of 4.4 s, and on a smooth field of up to 10 mm the round trip stayed within 0.001 mm (p95) of the full-grid
+    inversion's. The demons field is smoothed by `SMOOTHING_VOXELS` after each iteration, so it holds little detail
+    finer than its boxes.
     """
     image = _image(field_mm, grid, np.float64)
-    factors = [max(1, round(INVERSE_MM / s)) for s in image.GetSpacing()]
+    factors = [max(1, int(INVERSE_MM / s)) for s in image.GetSpacing()]
     small = sitk.BinShrink(image, factors) if max(factors) > 1 else image
     inverse = sitk.InvertDisplacementField(
         small,

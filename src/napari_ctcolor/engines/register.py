@@ -57,7 +57,14 @@ from .checkerboard import resample_onto, same_grid
 from .device import cpu_bf16, resolve_device
 from .orientation import AxisMap, check_axes
 from .prealign import prealign
-from .refine import REFINE_BYTES_PER_VOXEL, RefineSettings, check_iterations, chunks, invert_field, refine_field
+from .refine import (
+    REFINE_BYTES_PER_VOXEL,
+    RefineSettings,
+    check_iterations,
+    chunks,
+    invert_field,
+    refine_field,
+)
 from .steps import Cancel, Progress, Steps, run_steps
 
 log = logging.getLogger(__name__)
@@ -80,6 +87,12 @@ SLAB_SLICES = SIZE_MULTIPLE
 #: `ctcolor register` on the OASIS pair (160 x 192 x 224) peaks at 3.7-4.1 GB resident on the CPU, up to 590 bytes per
 #: voxel, with the allocator keeping freed memory for reuse (the CLI's `_reuse_freed_memory`; 2.6 GB without).
 BYTES_PER_VOXEL = 600
+#: Two images on one grid whose normalised intensities differ by less than this in mean square over the body are one
+#: scan twice and get the identity without the network (`_copies`): an RMS of 0.1 % of the range, 2 HU under the CT
+#: weights' 2000 HU window. The same series read from DICOM (integers) and from a float NIfTI differs by rounding,
+#: under 0.5 HU; two acquisitions differ at least by both scans' noise (5-20 HU each: 7 HU RMS and more, a mean
+#: square of 1.2e-5), which goes to the registration.
+COPIES_METRIC = 1e-6
 #: Memory per fixed-grid voxel of the full-resolution stages (fields in voxels and mm, warp grid, Jacobian).
 FULL_GRID_BYTES_PER_VOXEL = 120
 #: The network runs on at most this many padded voxels (256^3, ~10 GB at `BYTES_PER_VOXEL`): a larger fixed image
@@ -130,7 +143,8 @@ class RegistrationResult:
             folding_fraction, volume_change_fraction (det J outside 0.8..1.25 in the body), inverse_consistency_mm,
             overlap_fraction (of the body covered by the moving image), seconds, stage_seconds, model, network_shape
             (the grid the network ran on), device, refine_iterations, refine_matched (the refinement stopped early: the
-            images agreed within noise, `refine.MATCHED_METRIC`), affine, symmetric, and warnings (`warnings`).
+            images agreed within noise, `refine.MATCHED_METRIC`), copies (one scan twice: the identity without the
+            network, `COPIES_METRIC`), affine, symmetric, and warnings (`warnings`).
         warped_labels: the moving labels in the fixed image's space (nearest), when labels were given.
     """
 
@@ -694,6 +708,17 @@ def _intensity_range(volume: Volume, what: str) -> tuple[float, float]:
     return float(finite.min()), float(finite.max())
 
 
+def _copies(fixed: Volume, moving: Volume, normalisation: Normalisation, lows: tuple, highs: tuple) -> bool:
+    """Whether two images on one grid are one scan twice (the same series read from DICOM and from NIfTI, say): their
+    normalised intensities differ by less than `COPIES_METRIC` in mean square over the body (either image above
+    `BODY_LEVEL`)."""
+    cpu = torch.device("cpu")
+    a = _normalise(_as_tensor(fixed.array, lows[0], cpu), normalisation, lows[0], highs[0])
+    b = _normalise(_as_tensor(moving.array, lows[1], cpu), normalisation, lows[1], highs[1])
+    body = (a > BODY_LEVEL) | (b > BODY_LEVEL)
+    return bool(body.any()) and float(((a - b)[body] ** 2).mean()) < COPIES_METRIC
+
+
 def _ticks(steps: Iterator[None], stages: _Stages, count: int) -> Steps[np.ndarray]:
     """Run a refinement generator of at most ``count`` yields, reporting each as a progress tick (those it skipped
     by stopping early are counted at its end); return its value."""
@@ -807,9 +832,17 @@ def iter_register(
         iterations = 0
     else:
         iterations = loaded.refine.auto_iterations(fixed.shape) if refine is None else check_iterations(refine)
+    # One scan twice: the identity, without pre-alignment, network or refinement (seconds instead of minutes).
+    check_start = time.perf_counter()
+    lows, highs = (fixed_low, moving_low), (fixed_high, moving_high)
+    copies = not two_d and same_grid(fixed, moving) and _copies(fixed, moving, loaded.normalisation, lows, highs)
+    check_seconds = round(time.perf_counter() - check_start, 3)
+    if copies:
+        affine, iterations = False, 0
     ticks = chunks(fixed.spacing, iterations)
     # 7 stages, the pre-alignment, and the refinement: one tick per few demons iterations, one when its stage ends.
     stages = _Stages(7 + affine + (ticks + 1 if iterations else 0), progress, cancel, torch_device)
+    stages.seconds["copies"] = check_seconds
 
     with stages("model"):
         # The network's view of the fixed grid: its axes (a 2D slice as a slab whose copies are never averaged).
@@ -865,29 +898,31 @@ def iter_register(
     yield stages.done, stages.total
 
     with stages("forward"), torch.inference_mode():
-        inputs = []
-        for image, low, high in ((fixed_t, fixed_low, fixed_high), (moving_t, moving_low, moving_high)):
-            image = _covered(_normalise(image, normalisation, low, high), unreached).expand(-1, -1, *grid_shape)
-            image = axis_map.to_network(image)
-            if work != net_shape:  # the working grid: box averages over the same extent
-                image = F.adaptive_avg_pool3d(image, work)
-            inputs.append(image)
-        (fixed_in, crop), (moving_in, _) = _network_input(inputs[0]), _network_input(inputs[1])
-        del inputs
-        # channels_last_3d is about twice as fast on the CPU (as in symnet_forward_fields).
-        network.to(memory_format=torch.channels_last_3d)
-        bf16 = loaded.bf16 and (torch_device.type == "cuda" or (torch_device.type == "cpu" and cpu_bf16()))
-        with torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=bf16), _float32_convolutions(not bf16):
-            forward = _symmetric_forward if loaded.symmetric else _forward
-            v_xy, v_yx = forward(network, fixed_in, moving_in)
-        v_xy, v_yx = v_xy.float().contiguous(), v_yx.float().contiguous()
-        del fixed_in, moving_in, moving_t  # the refinement reads the moving image as it was read
+        bf16 = False
+        if copies:
+            v_xy = v_yx = None
+        else:
+            inputs = []
+            for image, low, high in ((fixed_t, fixed_low, fixed_high), (moving_t, moving_low, moving_high)):
+                image = _covered(_normalise(image, normalisation, low, high), unreached).expand(-1, -1, *grid_shape)
+                image = axis_map.to_network(image)
+                if work != net_shape:  # the working grid: box averages over the same extent
+                    image = F.adaptive_avg_pool3d(image, work)
+                inputs.append(image)
+            (fixed_in, crop), (moving_in, _) = _network_input(inputs[0]), _network_input(inputs[1])
+            del inputs
+            # channels_last_3d is about twice as fast on the CPU (as in symnet_forward_fields).
+            network.to(memory_format=torch.channels_last_3d)
+            bf16 = loaded.bf16 and (torch_device.type == "cuda" or (torch_device.type == "cpu" and cpu_bf16()))
+            with torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=bf16), _float32_convolutions(not bf16):
+                forward = _symmetric_forward if loaded.symmetric else _forward
+                v_xy, v_yx = forward(network, fixed_in, moving_in)
+            v_xy, v_yx = v_xy.float().contiguous(), v_yx.float().contiguous()
+            del fixed_in, moving_in
+        del moving_t  # the refinement reads the moving image as it was read
     yield stages.done, stages.total
 
     with stages("integrate"), torch.inference_mode():
-        # A refined map gets its inverse from ITK's inversion (below): then only the forward map is integrated.
-        f_ab, f_ba = _integrate_halves(v_xy, v_yx, inverse=not iterations)
-        del v_xy, v_yx
 
         def on_fixed_axes(f: torch.Tensor) -> torch.Tensor:
             f = f[(..., *crop)]
@@ -896,7 +931,13 @@ def iter_register(
             f = axis_map.field_from_network(f)
             return _slab_to_slice(f) if two_d else f
 
-        f_ab, f_ba = (None if f_ab is None else on_fixed_axes(f_ab)), on_fixed_axes(f_ba)
+        if copies:
+            f_ab = f_ba = torch.zeros((1, 3, *fixed.shape), device=torch_device)
+        else:
+            # A refined map gets its inverse from ITK's inversion (below): then only the forward map is integrated.
+            f_ab, f_ba = _integrate_halves(v_xy, v_yx, inverse=not iterations)
+            f_ab, f_ba = (None if f_ab is None else on_fixed_axes(f_ab)), on_fixed_axes(f_ba)
+        del v_xy, v_yx
     yield stages.done, stages.total
 
     with stages("fields"), torch.inference_mode():
@@ -938,10 +979,15 @@ def iter_register(
         # One interpolation of the original moving image through the final ddf (no resample-then-warp blur), with
         # (moving - low) sampled so that zeros outside means "the moving minimum" (air for CT), not 0 HU.
         original = _as_tensor(moving.array, moving_low, torch_device)
-        warped_t = _sample(original - moving_low, _physical_sampling_grid(moving, fixed, ddf)) + moving_low
+        if copies:  # the identity on one grid: the moving image itself
+            warped_t = original
+        else:
+            warped_t = _sample(original - moving_low, _physical_sampling_grid(moving, fixed, ddf)) + moving_low
         del original
         warped_labels = None
-        if moving_labels is not None:
+        if copies and moving_labels is not None and same_grid(moving_labels, fixed):
+            warped_labels = moving_labels.array.copy()
+        elif moving_labels is not None:
             # float64 holds every integer label exactly; nearest never mixes two labels.
             labels = torch.from_numpy(np.asarray(moving_labels.array, dtype=np.float64))[None, None].to(torch_device)
             grid = _physical_sampling_grid(moving_labels, fixed, ddf.double())
@@ -951,12 +997,16 @@ def iter_register(
 
     with stages("metrics"), torch.inference_mode():
         # det J is invariant under the voxel -> mm similarity, so the voxel field gives it; the affine part is constant.
-        slab = f_ba.expand(-1, -1, 2, -1, -1) if two_d else f_ba  # a 2D field needs 2 slices for its gradient
-        jacobian = jacobian_determinant(slab)[0, : fixed.shape[0]] * affine_det
-        spacing_xyz = torch.tensor(fixed.spacing[::-1], dtype=f_ba.dtype, device=f_ba.device)
-        inverse_consistency = _inverse_consistency_mm(f_ab, f_ba, spacing_xyz)
-        ncc_after = global_ncc(fixed_t, warped_t)
-        lncc_after = local_ncc(fixed_n, _normalise(warped_t, normalisation, moving_low, moving_high), body)
+        if copies:  # the identity's values, exactly
+            jacobian = torch.ones(fixed.shape, device=torch_device)
+            inverse_consistency, ncc_after, lncc_after = 0.0, ncc_before, lncc_before
+        else:
+            slab = f_ba.expand(-1, -1, 2, -1, -1) if two_d else f_ba  # a 2D field needs 2 slices for its gradient
+            jacobian = jacobian_determinant(slab)[0, : fixed.shape[0]] * affine_det
+            spacing_xyz = torch.tensor(fixed.spacing[::-1], dtype=f_ba.dtype, device=f_ba.device)
+            inverse_consistency = _inverse_consistency_mm(f_ab, f_ba, spacing_xyz)
+            ncc_after = global_ncc(fixed_t, warped_t)
+            lncc_after = local_ncc(fixed_n, _normalise(warped_t, normalisation, moving_low, moving_high), body)
         in_body = jacobian[body[0, 0]]
         volume_change = float(((in_body < 0.8) | (in_body > 1.25)).float().mean()) if in_body.numel() else 0.0
         spread = np.percentile(in_body.cpu().numpy(), (1, 99)).tolist() if in_body.numel() else [1.0, 1.0]
@@ -987,6 +1037,7 @@ def iter_register(
         "network_dtype": "bfloat16" if bf16 else "float32",
         "refine_iterations": iterations,
         "refine_matched": stages.skipped > 0,
+        "copies": copies,
         "affine": bool(affine),
         "symmetric": loaded.symmetric,
     }

@@ -22,6 +22,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,9 +325,9 @@ def sliding_breathing_displacement(
 
 
 def chest_pairs(
-    rng: np.random.Generator, shrink: int = CHEST_SHRINK, motion: str = "smooth"
+    rng: np.random.Generator, shrink: int = CHEST_SHRINK, motion: str = "smooth", names: Sequence[str] = CHEST_CTS
 ) -> list[tuple[str, Volume, np.ndarray, Volume, Volume]]:
-    """(name, fixed CT, fixed masks, moving CT, moving masks) for each of `CHEST_CTS`: the CT (in-plane pixels
+    """(name, fixed CT, fixed masks, moving CT, moving masks) for each of ``names``: the CT (in-plane pixels
     box-averaged by ``shrink``) with noise, and the same CT moved by `breathing_displacement` (``motion="smooth"``)
     or `sliding_breathing_displacement` (``"sliding"``) with its own noise.
 
@@ -339,7 +340,7 @@ def chest_pairs(
 
     data = shared_data_dir() / "ct"
     pairs = []
-    for name in CHEST_CTS:
+    for name in names:
         ct = read_volume(data / name)
         if shrink > 1:
             image = sitk.BinShrink(sitk.Cast(ct.to_sitk(), sitk.sitkFloat32), [shrink, shrink, 1])
