@@ -370,11 +370,12 @@ def _ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
-def _ctcolor(args: Sequence[str]) -> float:
-    """Wall seconds of ``ctcolor ARGS`` as its own process (start-up, reading and writing included)."""
+def _ctcolor(args: Sequence[str], timeout: float | None = None) -> float:
+    """Wall seconds of ``ctcolor ARGS`` as its own process (start-up, reading and writing included); a process still
+    running after ``timeout`` seconds is stopped (`subprocess.TimeoutExpired`)."""
     command = [sys.executable, "-m", "napari_ctcolor", *args]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=timeout)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"ctcolor {' '.join(args)} failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -579,6 +580,8 @@ SPEED_CT = "chest-popi-2mm.nii.gz"
 #: has imported it and read the images already, as the napari widget runs it (its first registration: the model is
 #: loaded in the timed call).
 IN_PROCESS = "ctcolor register in process (as the napari widget)"
+#: A peer's process still running after this many seconds is stopped and reported as slower than that.
+SPEED_PEER_TIMEOUT_S = 600
 WHOLE_PROCESS = "ctcolor register (whole process)"
 
 
@@ -639,7 +642,7 @@ def bench_register_speed(quick: bool) -> list[dict]:
     from .peers import PEER_COMMANDS
     from .training.symnet import mean_dice
 
-    peers = ["demons", "greedy"] if quick else [name for name in PEER_COMMANDS if name != "official-symnet"]
+    peers = ["demons", "greedy"] if quick else ["demons", "greedy", "convexadam", "elastix-bspline", "ants-syn"]
     try:
         pairs = _speed_pairs(quick)
     except (InputError, OSError) as exc:
@@ -671,7 +674,12 @@ def bench_register_speed(quick: bool) -> list[dict]:
                     )
                     options = ["--device", "cpu"] if item == WHOLE_PROCESS else []
                     try:
-                        seconds = _ctcolor([*command, *map(str, paths), "-o", str(out), *options])
+                        timeout = None if item == WHOLE_PROCESS else SPEED_PEER_TIMEOUT_S
+                        seconds = _ctcolor([*command, *map(str, paths), "-o", str(out), *options], timeout)
+                    except subprocess.TimeoutExpired:
+                        note = f"slower than {SPEED_PEER_TIMEOUT_S} s: stopped"
+                        rows.append(_row("register speed", item, "cpu", size, "s", note=note))
+                        continue
                     except RuntimeError as exc:
                         if item == WHOLE_PROCESS or "pip install" not in str(exc):
                             raise
