@@ -275,16 +275,19 @@ def test_register_of_one_scan_twice_is_the_identity_and_two_acquisitions_are_reg
     noisy = tmp_path / "noisy.nii.gz"
     noise = np.random.default_rng(5).normal(0.0, 15.0, volume.shape).astype(np.float32)
     write_nifti(volume.__class__(volume.array + noise, volume.spacing, volume.origin, volume.direction), noisy)
-    metrics = {}
+    metrics, stderr = {}, {}
     for name, moving in (("twice", nifti), ("noisy", noisy), ("rotated", rotated)):
         out = tmp_path / name
         done = ctcolor("register", str(series), str(moving), "-o", str(out), "--device", "cpu")
         assert done.returncode == 0, done.stderr
-        metrics[name] = json.loads((out / "metrics.json").read_text())
+        metrics[name], stderr[name] = json.loads((out / "metrics.json").read_text()), done.stderr
     twice = metrics["twice"]
     assert twice["copies"] and not twice["affine"] and twice["refine_iterations"] == 0, twice
     assert {"prealign", "refine"}.isdisjoint(twice["stage_seconds"]) and twice["stage_seconds"]["forward"] < 0.01
-    assert twice["ncc_after"] == twice["ncc_before"] and twice["inverse_consistency_mm"] == 0 and not twice["warnings"]
+    assert twice["ncc_after"] == twice["ncc_before"] and twice["inverse_consistency_mm"] == 0
+    # The same series twice is most often a slip (the moving series picked twice): said once, on stderr too.
+    assert len(twice["warnings"]) == 1 and "one scan twice" in twice["warnings"][0], twice["warnings"]
+    assert f"warning: {twice['warnings'][0]}" in stderr["twice"].splitlines()
     np.testing.assert_array_equal(read_volume(tmp_path / "twice" / "warped.nii.gz").array, read_volume(nifti).array)
     assert np.all(sitk.GetArrayViewFromImage(sitk.ReadImage(str(tmp_path / "twice" / "ddf.nii.gz"))) == 0)
     assert np.all(read_volume(tmp_path / "twice" / "jacobian.nii.gz").array == 1)

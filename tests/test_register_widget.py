@@ -380,6 +380,18 @@ def test_auto_settings_take_the_cards_defaults_and_a_doubtful_registration_says_
     assert len(shown) == 1 and all(warning in shown[0] for warning in m["warnings"])
     assert layer(viewer, "noise warped").data.shape == crop.shape
 
+    # The same scan opened twice, auto settings: the identity without pre-alignment, network or refinement, and a
+    # warning that the moving image may be the wrong series.
+    data, kwargs, _ = image_layer_data(fixed_volume, name="crop again")
+    widget.moving.value = viewer.add_image(data, **kwargs)
+    widget.prealign.value, widget.refine.value = "auto", -1
+    click_and_wait(qtbot, widget, widget.run_button)
+    m = widget.result.metrics
+    assert not errors and m["copies"] and not m["affine"] and m["refine_iterations"] == 0
+    assert "pre-alignment off, refine 0" in widget.summary.value and "one scan twice" in widget.summary.value
+    np.testing.assert_array_equal(layer(viewer, "crop again warped").data, crop)
+    assert len(shown) == 2 and "one scan twice" in shown[1]
+
 
 def test_cancel_stops_inside_the_refinement_and_adds_no_layer(make_napari_viewer, qtbot, pair, monkeypatch, errors):
     steps: list[tuple[int, int]] = []

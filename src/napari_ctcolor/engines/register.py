@@ -57,14 +57,7 @@ from .checkerboard import resample_onto, same_grid
 from .device import cpu_bf16, resolve_device
 from .orientation import AxisMap, check_axes
 from .prealign import prealign
-from .refine import (
-    REFINE_BYTES_PER_VOXEL,
-    RefineSettings,
-    check_iterations,
-    chunks,
-    invert_field,
-    refine_field,
-)
+from .refine import REFINE_BYTES_PER_VOXEL, RefineSettings, check_iterations, chunks, invert_field, refine_field
 from .steps import Cancel, Progress, Steps, run_steps
 
 log = logging.getLogger(__name__)
@@ -623,6 +616,11 @@ def warnings(metrics: dict[str, Any], limits: Mapping[str, float | None] = QUALI
     """One line per quality measure out of its range (``limits``; a None limit is not checked); empty when the
     registration looks sound."""
     out = []
+    if metrics.get("copies"):
+        out.append(
+            "the two images are one scan twice (intensities within 2 HU on one grid): the result is the identity; "
+            "check that the moving image is the series you meant"
+        )
 
     def below(key: str) -> bool:
         return limits[key] is not None and metrics[key] < limits[key]
