@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Greedy, ConvexAdam",
         description="official-symnet: the official SYMNet inference recipe (nibabel arrays as stored, min-max, plain "
         "fp32, four sequential integrations), writing OUTDIR/warped.nii.gz (min-max units) and flow.nii.gz (F_BA, "
-        "voxels). ants-syn, elastix-bspline, demons: OUTDIR/warped.nii.gz and ddf.nii.gz (mm, LPS, as register's). "
+        "voxels). The others: OUTDIR/warped.nii.gz and ddf.nii.gz (mm, LPS, as register's). "
         "All write metrics.json with the seconds. For benchmarks: `ctcolor bench` times these and register alike.",
     )
     peer.add_argument("name", choices=sorted(PEER_NAMES), help="which peer")

@@ -709,12 +709,21 @@ def _intensity_range(volume: Volume, what: str) -> tuple[float, float]:
 def _copies(fixed: Volume, moving: Volume, normalisation: Normalisation, lows: tuple, highs: tuple) -> bool:
     """Whether two images on one grid are one scan twice (the same series read from DICOM and from NIfTI, say): their
     normalised intensities differ by less than `COPIES_METRIC` in mean square over the body (either image above
-    `BODY_LEVEL`)."""
+    `BODY_LEVEL`).
+
+    Every fourth voxel along each axis is compared first: its squared differences are part of the whole sum, so when
+    they alone reach `COPIES_METRIC` times the voxel count the images differ, without reading the rest (two scans of
+    the 512 x 512 x 141 chest CT: 0.8 s for every voxel)."""
     cpu = torch.device("cpu")
-    a = _normalise(_as_tensor(fixed.array, lows[0], cpu), normalisation, lows[0], highs[0])
-    b = _normalise(_as_tensor(moving.array, lows[1], cpu), normalisation, lows[1], highs[1])
-    body = (a > BODY_LEVEL) | (b > BODY_LEVEL)
-    return bool(body.any()) and float(((a - b)[body] ** 2).mean()) < COPIES_METRIC
+    for step in (4, 1):
+        cut = (slice(None, None, step),) * 3
+        a = _normalise(_as_tensor(fixed.array[cut], lows[0], cpu), normalisation, lows[0], highs[0])
+        b = _normalise(_as_tensor(moving.array[cut], lows[1], cpu), normalisation, lows[1], highs[1])
+        body = (a > BODY_LEVEL) | (b > BODY_LEVEL)
+        squares = float(((a - b)[body] ** 2).sum())
+        if step > 1 and squares >= COPIES_METRIC * math.prod(fixed.shape):
+            return False
+    return bool(body.any()) and squares / int(body.sum()) < COPIES_METRIC
 
 
 def _ticks(steps: Iterator[None], stages: _Stages, count: int) -> Steps[np.ndarray]:
