@@ -648,6 +648,9 @@ def bench_register_speed(quick: bool) -> list[dict]:
     except (InputError, OSError) as exc:
         reason = str(exc).splitlines()[0]
         return [_row("register speed", WHOLE_PROCESS, "cpu", "", "s", note=f"not measured: {reason}")]
+    # (item, ctcolor command, options, timeout); the in-process run is a job of its own (`register_job`).
+    runs = [(IN_PROCESS, None, None, None), (WHOLE_PROCESS, ["register"], ["--device", "cpu"], None)]
+    runs += [(PEER_COMMANDS[name], ["peer", name], [], SPEED_PEER_TIMEOUT_S) for name in peers]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for k, (size, fixed, labels, moving, moving_labels) in enumerate(pairs):
@@ -655,7 +658,7 @@ def bench_register_speed(quick: bool) -> list[dict]:
             write_nifti(fixed, paths[0])
             write_nifti(moving, paths[1])
             found: dict[str, tuple[float, float]] = {}
-            for item in (IN_PROCESS, WHOLE_PROCESS, *(PEER_COMMANDS[name] for name in peers)):
+            for item, command, options, timeout in runs:
                 out = Path(tmp) / f"{k}-{len(found)}"
                 if item == IN_PROCESS:
                     out.mkdir()
@@ -667,14 +670,7 @@ def bench_register_speed(quick: bool) -> list[dict]:
                     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
                     seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
                 else:
-                    command = (
-                        ["register"]
-                        if item == WHOLE_PROCESS
-                        else ["peer", next(n for n in peers if PEER_COMMANDS[n] == item)]
-                    )
-                    options = ["--device", "cpu"] if item == WHOLE_PROCESS else []
                     try:
-                        timeout = None if item == WHOLE_PROCESS else SPEED_PEER_TIMEOUT_S
                         seconds = _ctcolor([*command, *map(str, paths), "-o", str(out), *options], timeout)
                     except subprocess.TimeoutExpired:
                         note = f"slower than {SPEED_PEER_TIMEOUT_S} s: stopped"
