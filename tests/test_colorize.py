@@ -19,7 +19,6 @@ from monai.inferers import SlidingWindowInferer
 from pydicom.dataset import Dataset
 
 from napari_ctcolor.color import compose_rgb, grey_to_lightness, load_palette, srgb_to_lab
-from napari_ctcolor.engines import Cancelled
 from napari_ctcolor.engines.colorize import (
     _COMPOSE_CHUNK,
     _PLAIN_FADE_HU,
@@ -39,6 +38,7 @@ from napari_ctcolor.engines.colorize import (
 )
 from napari_ctcolor.engines.device import cpu_bf16
 from napari_ctcolor.engines.fused import top_classes
+from napari_ctcolor.errors import Cancelled
 from napari_ctcolor.io import InputError, Volume, read_color_volume, read_volume, write_nifti
 from napari_ctcolor.io.export import DICOM_MODALITY, write_png_slices, write_rgb_dicom, write_rgb_nifti
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig, downsample_hu, prepare_input

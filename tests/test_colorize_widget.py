@@ -20,7 +20,7 @@ from napari_ctcolor.io import ColorVolume, Volume, read_color_volume, read_volum
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig
 from napari_ctcolor.napari import _colorize_widget
 from napari_ctcolor.napari._colorize_widget import WEIGHTS_FILE, ColorizeWidget
-from napari_ctcolor.napari._layers import image_layer_data
+from napari_ctcolor.napari._layers import image_layer_data, placement
 from napari_ctcolor.windowing import PRESETS, default_window, window
 from test_color import LUMINANCE_BOUND
 
@@ -263,7 +263,7 @@ def test_writer_saves_rgb_layers_as_nifti_rgb24_and_png_slices(make_napari_viewe
     volume = rotated_volume()  # oblique, flipped, anisotropic: the affine path of the layer transforms
     rgb = np.random.default_rng(0).integers(0, 256, (*volume.shape, 3), dtype=np.uint8)
     viewer = make_napari_viewer()
-    layer = viewer.add_image(rgb, rgb=True, **ColorVolume.on_grid_of(volume, rgb).napari_kwargs())
+    layer = viewer.add_image(rgb, rgb=True, **placement(ColorVolume.on_grid_of(volume, rgb)))
 
     written = layer.save(str(tmp_path / "colour.nii.gz"), plugin=PLUGIN)
     assert written == [str(tmp_path / "colour.nii.gz")]

@@ -31,7 +31,7 @@ import torch
 
 from napari_ctcolor.bench import _warp_labels
 from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
-from napari_ctcolor.engines.checkerboard import resample_onto
+from napari_ctcolor.engines.geometry import resample_onto
 from napari_ctcolor.io import Volume, read_color_volume, read_volume, write_nifti
 from napari_ctcolor.windowing import window
 from test_cli import ctcolor

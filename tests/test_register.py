@@ -17,8 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from napari_ctcolor.cli import main
-from napari_ctcolor.engines import Cancelled, checkerboard
-from napari_ctcolor.engines.checkerboard import checkerboard_mask
+from napari_ctcolor.engines.checkerboard import checkerboard, checkerboard_mask
 from napari_ctcolor.engines.device import cpu_bf16
 from napari_ctcolor.engines.prealign import prealign
 from napari_ctcolor.engines.register import (
@@ -33,10 +32,11 @@ from napari_ctcolor.engines.register import (
     global_ncc,
     load_registration_model,
     local_ncc,
+    quality_warnings,
     register,
-    warnings,
     working_shape,
 )
+from napari_ctcolor.errors import Cancelled
 from napari_ctcolor.io import ColorVolume, InputError, Volume, read_volume, write_nifti
 from napari_ctcolor.models.diffeo import warp
 from napari_ctcolor.models.symnet import load_symnet_checkpoint, symnet_forward_fields
@@ -584,8 +584,8 @@ def test_card_normalisation_and_working_spacing_come_from_the_model_card(tmp_pat
     assert limits["inverse_consistency_mm"] == 2.0 and limits["volume_change_fraction"] is None
     assert limits["lncc_after"] == QUALITY_LIMITS["lncc_after"]
     sound = {"overlap_fraction": 1.0, "lncc_after": 0.9, "folding_fraction": 0.0, "inverse_consistency_mm": 1.5}
-    assert len(warnings({**sound, "volume_change_fraction": 0.9, "affine": True})) == 2  # CT limits: two lines
-    assert warnings({**sound, "volume_change_fraction": 0.9, "affine": True}, limits) == []
+    assert len(quality_warnings({**sound, "volume_change_fraction": 0.9, "affine": True})) == 2  # CT limits: two lines
+    assert quality_warnings({**sound, "volume_change_fraction": 0.9, "affine": True}, limits) == []
     card["inference"] = {"quality_limits": {"jacobian": 0.5}}
     save_weights(load_symnet_checkpoint(_checkpoint()), {"name": "mine", **card}, tmp_path, "mine")
     with pytest.raises(InputError, match="quality_limits may set only"):

@@ -98,6 +98,6 @@ def test_existing_outputs_and_outputs_equal_to_inputs_are_refused(tmp_path, caps
 
 def test_colorize_memory_guard_refuses_before_the_output_is_allocated(monkeypatch, capsys, small_ct, tmp_path):
     volume = read_volume(small_ct)
-    monkeypatch.setattr("napari_ctcolor.io.guard.available_bytes", lambda: 1000)
+    monkeypatch.setattr("napari_ctcolor.memory.available_bytes", lambda: 1000)
     with pytest.raises(InputError, match="memory budget"):
         colorize(volume, device="cpu")

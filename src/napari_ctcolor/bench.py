@@ -559,16 +559,10 @@ def bench_register_ct(quick: bool) -> list[dict]:
 
 
 def _warp_labels(labels: Volume, fixed: Volume, ddf_lps: np.ndarray) -> np.ndarray:
-    """``labels`` (on the moving grid) read at p + ddf(p) for every fixed voxel p, nearest neighbour (SimpleITK)."""
-    import SimpleITK as sitk
+    """``labels`` (on the moving grid) read at p + ddf(p) for every fixed voxel p, nearest neighbour."""
+    from .engines.geometry import warp
 
-    grid = fixed.to_sitk()
-    field = sitk.GetImageFromArray(np.asarray(ddf_lps, dtype=np.float64), isVector=True)
-    field.CopyInformation(grid)
-    transform = sitk.DisplacementFieldTransform(field)  # takes the field's buffer: ``field`` is empty after this
-    moving = sitk.Cast(labels.to_sitk(), sitk.sitkInt32)
-    out = sitk.Resample(moving, grid, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
-    return sitk.GetArrayFromImage(out)
+    return warp(labels, fixed, ddf_lps, "nearest", 0)
 
 
 #: The registration speed bench's pairs (issue 51): a chest CT at the size of a held-out contrast exam (popi resampled

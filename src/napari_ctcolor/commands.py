@@ -94,7 +94,7 @@ def register_command(args: argparse.Namespace) -> dict:
     early = args.affine or (args.affine is None and str(args.model) == "ct")
     reads, prealigned = read_volumes_soon([args.fixed, args.moving], then=_prealign_pair if early else None)
     try:
-        from .engines import checkerboard
+        from .engines.checkerboard import checkerboard
         from .engines.refine import parse_refine
         from .engines.register import register  # torch is imported only by the commands that need it
 

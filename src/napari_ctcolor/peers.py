@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from .engines.checkerboard import same_grid
+from .engines.geometry import same_grid, warp
 from .errors import InputError
 from .io import Volume
 
@@ -183,12 +183,7 @@ def _warp_labels(ddf_mm: np.ndarray, labels: Volume | None) -> np.ndarray | None
     """``labels`` read at p + ddf(p) for every voxel p of their grid (index-axis mm), nearest neighbour."""
     if labels is None:
         return None
-    field = sitk.GetImageFromArray(np.asarray(ddf_mm, dtype=np.float64), isVector=True)
-    field.SetSpacing([float(s) for s in labels.spacing[::-1]])
-    image = _sitk_image(labels, np.int32)
-    transform = sitk.DisplacementFieldTransform(field)
-    out = sitk.Resample(image, image, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
-    return sitk.GetArrayFromImage(out).astype(labels.array.dtype)
+    return warp(labels, labels, ddf_mm @ labels.direction.T, "nearest", 0)  # index-axis mm -> LPS
 
 
 def greedy(
@@ -270,16 +265,16 @@ def official_symnet(fixed_path: str | os.PathLike, moving_path: str | os.PathLik
     import torch
     import torch.nn.functional as F
 
-    from .models.diffeo import INTEGRATION_STEPS, _identity_grid, _sampling_grid, compose, warp
+    from .models.diffeo import INTEGRATION_STEPS, compose, identity_grid, sampling_grid, warp
     from .models.symnet import load_symnet_checkpoint
 
     def integrate_velocity(velocity: torch.Tensor) -> torch.Tensor:
         # The official DiffeomorphicTransform, out of place as written there (our `integrate_velocity` updates in
         # place without autograd; a reimplementation of the official recipe must not inherit our optimisations).
-        identity = _identity_grid(tuple(velocity.shape[2:]), velocity)
+        identity = identity_grid(tuple(velocity.shape[2:]), velocity)
         ddf = velocity / 2.0**INTEGRATION_STEPS
         for _ in range(INTEGRATION_STEPS):
-            grid = _sampling_grid(ddf, identity)
+            grid = sampling_grid(ddf, identity)
             ddf = ddf + F.grid_sample(ddf, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         return ddf
 

@@ -1,4 +1,4 @@
-"""Checkerboard of two images on one grid, and the small grid helpers it needs (shared with `register`).
+"""Checkerboard of two images on one grid.
 
 A checkerboard alternates cubes of ``tile_mm`` from two aligned images: where the alignment is good, edges run
 straight across the tile borders. Tiles are laid out in the grid's own physical frame, index * spacing mm from the
@@ -7,80 +7,15 @@ centre of voxel 0 along each array axis, so they are cubes in mm whatever the vo
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import numpy as np
-import SimpleITK as sitk
 
-from napari_ctcolor.io import ColorVolume, InputError, Volume
+from ..errors import InputError
+from ..io import ColorVolume, Volume
+from .geometry import resample_onto, same_grid, shape_of
 
 Image = TypeVar("Image", Volume, ColorVolume)
-
-#: Geometry closer than this (mm for origins and spacings, cosine for directions) is the same grid.
-GRID_TOLERANCE = 1e-4
-
-
-def _shape(image: Volume | ColorVolume) -> tuple[int, int, int]:
-    return tuple(image.rgb.shape[:3]) if isinstance(image, ColorVolume) else tuple(image.array.shape)
-
-
-def same_grid(a: Volume | ColorVolume, b: Volume | ColorVolume) -> bool:
-    """True when ``a`` and ``b`` have the same shape, spacing, origin and direction (to `GRID_TOLERANCE`)."""
-    return (
-        _shape(a) == _shape(b)
-        and np.allclose(a.spacing, b.spacing, rtol=0, atol=GRID_TOLERANCE)
-        and np.allclose(a.origin, b.origin, rtol=0, atol=GRID_TOLERANCE)
-        and np.allclose(a.direction, b.direction, rtol=0, atol=GRID_TOLERANCE)
-    )
-
-
-def resample_onto(
-    image: Volume | ColorVolume,
-    grid: Volume | ColorVolume,
-    transform: sitk.Transform | None = None,
-    interpolator: Literal["linear", "nearest"] = "linear",
-    default: float | None = None,
-) -> np.ndarray:
-    """``image`` sampled on ``grid``'s voxels through physical (LPS) space, with SimpleITK.
-
-    Output voxel p takes ``image`` at the physical point ``transform(x_p)`` (identity when None), where x_p is p's
-    position on ``grid``.
-
-    Args:
-        image: a Volume (Z, Y, X) or ColorVolume (rgb (Z, Y, X, 3) uint8), any geometry.
-        grid: the target geometry (its pixels are not read).
-        transform: SimpleITK transform from grid points to ``image`` points, e.g. an affine pre-alignment.
-        interpolator: ``"linear"`` for intensities, ``"nearest"`` for label maps.
-        default: value outside ``image``; its minimum (air for CT) for a Volume, black for a ColorVolume.
-
-    Returns:
-        (Z, Y, X) on ``grid``: float32 when linear, the input dtype when nearest; for a ColorVolume (Z, Y, X, 3) uint8.
-    """
-    color = isinstance(image, ColorVolume)
-    if color:
-        source = sitk.GetImageFromArray(np.ascontiguousarray(image.rgb), isVector=True)
-        source.SetSpacing(image.spacing[::-1])
-        source.SetOrigin(image.origin)
-        source.SetDirection(image.direction.flatten().tolist())
-        default = 0.0 if default is None else default
-    else:
-        source = image.to_sitk()
-        default = float(np.nanmin(image.array)) if default is None else default
-    linear = interpolator == "linear"
-    if linear:
-        source = sitk.Cast(source, sitk.sitkVectorFloat32 if color else sitk.sitkFloat32)
-    resampler = sitk.ResampleImageFilter()
-    resampler.SetSize(_shape(grid)[::-1])
-    resampler.SetOutputSpacing(grid.spacing[::-1])
-    resampler.SetOutputOrigin(grid.origin)
-    resampler.SetOutputDirection(grid.direction.flatten().tolist())
-    resampler.SetTransform(transform if transform is not None else sitk.Transform())
-    resampler.SetInterpolator(sitk.sitkLinear if linear else sitk.sitkNearestNeighbor)
-    resampler.SetDefaultPixelValue(float(default))
-    out = sitk.GetArrayFromImage(resampler.Execute(source))
-    if color and linear:
-        out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    return out
 
 
 def checkerboard_mask(shape: tuple[int, int, int], spacing: tuple[float, float, float], tile_mm: float) -> np.ndarray:
@@ -129,7 +64,7 @@ def checkerboard(a: Image, b: Image, tile_mm: float = 20.0) -> Image:
     if isinstance(a, ColorVolume) != isinstance(b, ColorVolume):
         kinds = ["colour" if isinstance(x, ColorVolume) else "grey" for x in (a, b)]
         raise InputError(f"checkerboard needs two grey or two colour images, got {kinds[0]} and {kinds[1]}")
-    mask = checkerboard_mask(_shape(a), a.spacing, tile_mm)
+    mask = checkerboard_mask(shape_of(a), a.spacing, tile_mm)
     b_pixels = (b.rgb if isinstance(b, ColorVolume) else b.array) if same_grid(a, b) else resample_onto(b, a)
     if isinstance(a, ColorVolume):
         rgb = np.where(mask[..., None], a.rgb, b_pixels)

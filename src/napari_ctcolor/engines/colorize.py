@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..color import Palette, compose_rgb, compose_rgb_torch, load_palette
 from ..errors import InputError
 from ..io import ColorVolume, Volume
-from ..io.guard import check_memory, release_free_memory
+from ..memory import check_memory, release_free_memory
 from ..models.colorizer import Colorizer, context_indices, downsample_hu, prepare_input
 from ..threads import cpu_threads
 from ..weights import COLORIZER_DEFAULT, load_colorizer
@@ -203,6 +203,15 @@ class Chroma:
         counts = torch.bincount(self.top[:, 0].flatten().long(), minlength=len(self.classes)).double()
         shares = counts / counts.sum()
         return {self.classes[i]: float(shares[i]) for i in torch.nonzero(counts).flatten().tolist()}
+
+
+@dataclass
+class Colorized(ColorVolume):
+    """The `ColorVolume` the colorize engine returns: the rgb plus the `Chroma` it was composed from, which names the
+    class of each voxel (``ctcolor colorize --classes``, the widget's pointer) and lets a front end recompose it with
+    another window, palette or strength without the network. A ColorVolume read from a file has no chroma."""
+
+    chroma: Chroma | None = field(default=None, repr=False, compare=False)
 
 
 @functools.lru_cache(maxsize=16)
@@ -887,7 +896,7 @@ def iter_compose_chroma(
     strength: float = 1.0,
     device: str | torch.device = "auto",
     palette: str | os.PathLike | Palette = "anatomical",
-) -> Steps[ColorVolume]:
+) -> Steps[Colorized]:
     """`compose_chroma` as a generator: yields ``(done, Z)`` after each chunk of slices, returns the `ColorVolume`."""
     if not 0.0 <= strength <= 1.0:
         raise InputError(f"chroma strength must be in [0, 1], got {strength}")
@@ -916,7 +925,7 @@ def iter_compose_chroma(
                 rgb[start:stop] = compose_rgb_torch(window_tensor(hu, *win), ab, chroma=strength).cpu().numpy()
         yield stop, z
     settings = {"window": [win.centre, win.width], "model": chroma.model, "chroma": strength, "palette": palette.name}
-    colour = ColorVolume.on_grid_of(volume, rgb, **settings)
+    colour = Colorized.on_grid_of(volume, rgb, **settings)
     colour.chroma = chroma
     return colour
 
@@ -930,7 +939,7 @@ def compose_chroma(
     palette: str | os.PathLike | Palette = "anatomical",
     progress: Progress | None = None,
     cancel: Cancel | None = None,
-) -> ColorVolume:
+) -> Colorized:
     """sRGB uint8 (Z, Y, X, 3) from the CT's windowed grey (luminance, exact) and the colour classes' a*, b* under
     ``palette`` ("anatomical", "dicom", a CSV file or a `Palette`)."""
     return run_steps(iter_compose_chroma(volume, chroma, window_spec, strength, device, palette), progress, cancel)
@@ -1013,7 +1022,7 @@ def iter_colorize(
     device: str | torch.device = "auto",
     batch_size: int | None = None,
     palette: str | os.PathLike | Palette = "anatomical",
-) -> Steps[ColorVolume]:
+) -> Steps[Colorized]:
     """`colorize` as a generator: yields ``(done, 2 * Z)`` (network, then compose), returns the `ColorVolume`."""
     z = volume.shape[0]
     # Check the cheap settings before the network runs, not after.
@@ -1035,7 +1044,7 @@ def colorize(
     palette: str | os.PathLike | Palette = "anatomical",
     progress: Progress | None = None,
     cancel: Cancel | None = None,
-) -> ColorVolume:
+) -> Colorized:
     """Colorize a CT: the network's colour classes under a palette, with the windowed CT as exact luminance.
 
     Example::

@@ -45,7 +45,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from ..io import Volume
-from .checkerboard import resample_onto, same_grid
+from .geometry import resample_onto, same_grid
 
 #: Weight of each image's local structure added to its intensities (`_local_structure`; unit local variance against
 #: intensities in [0, 1]: 0.1 is the step of 200 HU under the CT weights' window).

@@ -47,14 +47,14 @@ import torch.nn.functional as F
 
 from napari_ctcolor.errors import Cancelled
 from napari_ctcolor.io import InputError, Volume
-from napari_ctcolor.io.guard import check_memory
-from napari_ctcolor.models.diffeo import _sampling_grid, compose, integrate_velocity, jacobian_determinant
+from napari_ctcolor.memory import check_memory
+from napari_ctcolor.models.diffeo import compose, integrate_velocity, jacobian_determinant, sampling_grid
 from napari_ctcolor.models.symnet import SIZE_MULTIPLE, SYMNet, half_way_fields
 from napari_ctcolor.weights import find_weights, load_symnet
 from napari_ctcolor.windowing import window_tensor
 
-from .checkerboard import resample_onto, same_grid
 from .device import cpu_bf16, resolve_device
+from .geometry import resample_onto, same_grid
 from .orientation import AxisMap, check_axes
 from .prealign import prealign
 from .refine import REFINE_BYTES_PER_VOXEL, RefineSettings, check_iterations, chunks, invert_field, refine_field
@@ -563,7 +563,7 @@ def _inverse_consistency_mm(f_ab: torch.Tensor, f_ba: torch.Tensor, spacing_xyz:
     step = slice(None, None, IC_STRIDE)
 
     def residual_mm(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
-        grid = _sampling_grid(f2)[:, step, step, step]
+        grid = sampling_grid(f2)[:, step, step, step]
         moved = F.grid_sample(f1, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         residual = ((moved + f2[:, :, step, step, step]) * scale).norm(dim=1)
         on_grid = (grid.abs() <= 1.0).all(dim=-1)
@@ -612,7 +612,7 @@ def local_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     return float(ncc[mask].double().mean())
 
 
-def warnings(metrics: dict[str, Any], limits: Mapping[str, float | None] = QUALITY_LIMITS) -> list[str]:
+def quality_warnings(metrics: dict[str, Any], limits: Mapping[str, float | None] = QUALITY_LIMITS) -> list[str]:
     """One line per quality measure out of its range (``limits``; a None limit is not checked); empty when the
     registration looks sound."""
     out = []
@@ -1059,7 +1059,7 @@ def iter_register(
     if two_d:
         metrics["two_d"] = True
     metrics["quality_limits"] = dict(loaded.limits)
-    metrics["warnings"] = warnings(metrics, loaded.limits)
+    metrics["warnings"] = quality_warnings(metrics, loaded.limits)
 
     def on_fixed_grid(array: np.ndarray, **meta: Any) -> Volume:
         return Volume(array, fixed.spacing, fixed.origin, fixed.direction.copy(), meta=meta)

@@ -9,7 +9,7 @@ from ..errors import Cancelled, CTColorError, InputError
 from .color_read import is_colour, read_color_volume
 from .dicom import read_dicom_file, read_dicom_folder
 from .dicomweb import is_series_url
-from .nifti import read_itk, read_nifti, write_nifti, write_vector_nifti
+from .nifti import ITK_SUFFIXES, NIFTI_SUFFIXES, read_itk, read_nifti, write_nifti, write_vector_nifti
 from .volume import ColorVolume, Volume
 
 __all__ = [
@@ -26,9 +26,6 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "ITK_SUFFIXES",
 ]
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 
 
 def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volume:

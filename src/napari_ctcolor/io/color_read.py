@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from .nifti import ITK_SUFFIXES, NIFTI_SUFFIXES
 from .volume import ColorVolume
 
 #: The sidecar `write_png_slices` writes beside the slices.
@@ -33,7 +34,7 @@ def _png_slices(folder: Path) -> list[Path]:
 
 def _first_dicom(folder: Path, max_files: int = 64):
     """The header of the first DICOM image file below ``folder`` (a few files looked at), or None."""
-    from .dicom import _read_header
+    from .dicom import read_header
 
     seen = 0
     for root, dirs, files in os.walk(folder):
@@ -42,7 +43,7 @@ def _first_dicom(folder: Path, max_files: int = 64):
             path = Path(root) / name
             if path.suffix.lower() not in _DICOM_SUFFIXES:
                 continue
-            header = _read_header(path)
+            header = read_header(path)
             if header is not None:
                 return header
             seen += 1
@@ -63,8 +64,6 @@ def _itk_components(path: Path) -> int:
 
 def is_colour(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds a colour (RGB) image: cheap, headers only."""
-    from . import ITK_SUFFIXES, NIFTI_SUFFIXES
-
     path = Path(path)
     if path.is_dir():
         if _png_slices(path):
@@ -76,9 +75,9 @@ def is_colour(path: str | os.PathLike) -> bool:
         return False
     if name.endswith(NIFTI_SUFFIXES + ITK_SUFFIXES):
         return _itk_components(path) == 3
-    from .dicom import _read_header
+    from .dicom import read_header
 
-    header = _read_header(path)
+    header = read_header(path)
     return header is not None and int(header.get("SamplesPerPixel", 1) or 1) == 3
 
 
@@ -88,8 +87,6 @@ def read_color_volume(path: str | os.PathLike) -> ColorVolume:
     Raises:
         InputError: not a colour image, or not 8-bit RGB; one line naming the file.
     """
-    from . import ITK_SUFFIXES, NIFTI_SUFFIXES
-
     path = Path(path)
     if path.is_dir() and _png_slices(path):
         return _read_png_folder(path)
@@ -128,9 +125,9 @@ def read_color_volume(path: str | os.PathLike) -> ColorVolume:
 def _refuse_unstated_colour_space(path: Path) -> None:
     """A DICOM colour image must say how its three samples are coded (RGB, YBR_FULL, ...): without
     PhotometricInterpretation any colours read from it would be a guess."""
-    from .dicom import _read_header
+    from .dicom import read_header
 
-    header = _first_dicom(path) if path.is_dir() else _read_header(path)
+    header = _first_dicom(path) if path.is_dir() else read_header(path)
     if header is not None and "PhotometricInterpretation" not in header:
         samples = int(header.get("SamplesPerPixel", 1) or 1)
         raise InputError(
@@ -140,8 +137,6 @@ def _refuse_unstated_colour_space(path: Path) -> None:
 
 
 def _format(path: Path) -> str:
-    from . import NIFTI_SUFFIXES
-
     if path.is_dir():
         return "dicom"
     name = path.name.lower()

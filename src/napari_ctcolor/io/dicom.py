@@ -20,7 +20,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from ..errors import InputError
-from .guard import check_memory
+from ..memory import check_memory
 from .volume import Volume
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def _with_transfer_syntax(ds: Dataset) -> Dataset:
     return ds
 
 
-def _read_header(path: Path) -> Dataset | None:
+def read_header(path: Path) -> Dataset | None:
     """The dataset of an image DICOM file, pixel data deferred; None for anything that is not one."""
     try:
         ds = _with_transfer_syntax(pydicom.dcmread(path, force=True, defer_size=1024))
@@ -114,7 +114,7 @@ def scan_folder(folder: Path) -> list[SeriesInfo]:
             if name.startswith(".") or name.upper() == "DICOMDIR":
                 continue
             path = Path(root) / name
-            ds = _read_header(path)
+            ds = read_header(path)
             if ds is None:
                 continue
             uid = str(ds.get("SeriesInstanceUID", "") or "")

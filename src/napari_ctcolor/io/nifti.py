@@ -19,10 +19,13 @@ import SimpleITK as sitk
 from nibabel.filebasedimages import ImageFileError
 
 from ..errors import InputError
-from .guard import check_memory
+from ..memory import check_memory
 from .volume import Volume
 from .write import save_nifti
 
+#: The file names read as NIfTI (nibabel) and as ITK images (SimpleITK: MetaImage, NRRD).
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Deflate expands at most 1032-fold: a .nii.gz under 1/1032 of the voxel bytes its header claims cannot hold them.
 _DEFLATE_MAX_RATIO = 1032

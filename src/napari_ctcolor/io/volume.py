@@ -18,8 +18,6 @@ import numpy as np
 
 from ..errors import InputError
 
-_ORTHONORMAL_TOL = 1e-4
-
 
 def _geometry_affine(spacing: tuple[float, float, float], origin, direction) -> np.ndarray:
     """4x4 matrix mapping homogeneous index (i, j, k, 1) = (X, Y, Z, 1) to LPS (x, y, z, 1) in mm."""
@@ -28,23 +26,6 @@ def _geometry_affine(spacing: tuple[float, float, float], origin, direction) -> 
     affine[:3, :3] = np.asarray(direction, dtype=np.float64) @ np.diag(spacing_xyz)
     affine[:3, 3] = np.asarray(origin, dtype=np.float64)
     return affine
-
-
-def _napari_kwargs(spacing, origin, direction) -> dict[str, Any]:
-    """Layer kwargs that place a (Z, Y, X) array at its physical position in napari world coordinates.
-
-    napari's world axes follow the array axes, so world = (z, y, x) LPS mm. With an identity direction that is
-    just ``scale`` and ``translate``; otherwise the full ``affine`` (rotation/flip times spacing) is given.
-    """
-    direction = np.asarray(direction, dtype=np.float64)
-    if np.allclose(direction, np.eye(3), atol=_ORTHONORMAL_TOL):
-        return {"scale": tuple(float(s) for s in spacing), "translate": tuple(float(o) for o in origin[::-1])}
-    # Reverse both the index axes and the world axes: napari sees (k, j, i) -> (z, y, x).
-    rotation_zyx = direction[::-1, ::-1]
-    affine = np.eye(4)
-    affine[:3, :3] = rotation_zyx @ np.diag(np.asarray(spacing, dtype=np.float64))
-    affine[:3, 3] = np.asarray(origin, dtype=np.float64)[::-1]
-    return {"affine": affine}
 
 
 def _check_geometry(shape: tuple[int, ...], spacing, origin, direction) -> None:
@@ -113,10 +94,6 @@ class Volume:
         low, high = float(values.min()), float(values.max())
         return self.with_array(np.nan_to_num(self.array, nan=low, posinf=high, neginf=low))
 
-    def napari_kwargs(self) -> dict[str, Any]:
-        """``scale``/``translate`` (or ``affine`` when the direction is not the identity) for a napari layer."""
-        return _napari_kwargs(self.spacing, self.origin, self.direction)
-
     def to_sitk(self):
         """The same image as a ``SimpleITK.Image`` (lossless: array, spacing, origin, direction)."""
         import SimpleITK as sitk
@@ -162,8 +139,6 @@ class ColorVolume:
     origin: tuple[float, float, float]
     direction: np.ndarray
     settings: dict[str, Any] = field(default_factory=dict)
-    #: The colour classes it was composed from (the colorize engine's ``Chroma``), when it has them.
-    chroma: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.rgb.ndim != 4 or self.rgb.shape[-1] != 3 or self.rgb.dtype != np.uint8:
@@ -185,6 +160,3 @@ class ColorVolume:
     @property
     def affine(self) -> np.ndarray:
         return _geometry_affine(self.spacing, self.origin, self.direction)
-
-    def napari_kwargs(self) -> dict[str, Any]:
-        return _napari_kwargs(self.spacing, self.origin, self.direction)

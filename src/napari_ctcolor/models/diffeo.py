@@ -63,7 +63,7 @@ def _grid_scale(spatial_shape: tuple[int, ...], like: torch.Tensor) -> torch.Ten
     return torch.tensor([2.0 / max(n - 1, 1) for n in (d2, d1, d0)], dtype=like.dtype, device=like.device)
 
 
-def _identity_grid(spatial_shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+def identity_grid(spatial_shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """Normalised identity sampling grid (1, D0, D1, D2, 3), last axis (x, y, z), values in [-1, 1]."""
     # linspace(-1, 1, 1) is [-1], consistent with _grid_scale for singleton axes.
     axes = [torch.linspace(-1.0, 1.0, n, dtype=like.dtype, device=like.device) for n in spatial_shape]
@@ -84,11 +84,11 @@ def _cpu_kernel(field: torch.Tensor, padding_mode: str) -> bool:
     )
 
 
-def _sampling_grid(ddf: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
+def sampling_grid(ddf: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
     """grid_sample grid (B, D0, D1, D2, 3) for the points p + ddf(p); ``identity`` may be passed to reuse it."""
     spatial = tuple(ddf.shape[2:])
     if identity is None:
-        identity = _identity_grid(spatial, ddf)
+        identity = identity_grid(spatial, ddf)
     return torch.addcmul(identity, ddf.movedim(1, -1), _grid_scale(spatial, ddf))
 
 
@@ -118,11 +118,11 @@ def warp(
         expected = (ddf.shape[0], "C", *ddf.shape[2:])
         raise InputError(f"image must have shape {expected} to match ddf {tuple(ddf.shape)}, got {tuple(image.shape)}")
     if image.is_floating_point():
-        grid = _sampling_grid(ddf.to(image.dtype))
+        grid = sampling_grid(ddf.to(image.dtype))
         return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     # float64 holds every int32 label exactly (float32 only up to 2**24).
     values = image.to(torch.float64)
-    grid = _sampling_grid(ddf.to(torch.float64))
+    grid = sampling_grid(ddf.to(torch.float64))
     out = F.grid_sample(values, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     return out.round().to(image.dtype)
 
@@ -157,10 +157,10 @@ def integrate_velocity(
         for _ in range(num_steps):
             src, dst = sample_add(src, src, dst, torch.get_num_threads()), src
         return torch.from_numpy(src)
-    identity = _identity_grid(tuple(velocity.shape[2:]), velocity)
+    identity = identity_grid(tuple(velocity.shape[2:]), velocity)
     if torch.is_grad_enabled() and velocity.requires_grad:
         for _ in range(num_steps):
-            grid = _sampling_grid(ddf, identity)
+            grid = sampling_grid(ddf, identity)
             ddf = ddf + F.grid_sample(ddf, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
         return ddf
     # Without autograd (on a GPU, or with other padding), the same arithmetic in place: one new field-sized tensor
@@ -193,7 +193,7 @@ def compose(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
 
         a, b = f1.detach().contiguous().numpy(), f2.detach().contiguous().numpy()
         return torch.from_numpy(sample_add(a, b, np.empty(a.shape, np.float32), torch.get_num_threads()))
-    return F.grid_sample(f1, _sampling_grid(f2), mode="bilinear", padding_mode="zeros", align_corners=True) + f2
+    return F.grid_sample(f1, sampling_grid(f2), mode="bilinear", padding_mode="zeros", align_corners=True) + f2
 
 
 def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:

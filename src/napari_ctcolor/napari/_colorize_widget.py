@@ -68,7 +68,14 @@ from ..models.colorizer import Colorizer
 from ..threads import at_most
 from ..windowing import PRESETS, Window, default_window, parse_window
 from ._docks import settle_heap, tab_with_siblings
-from ._layers import CONTRAST_WINDOW_KEY, META_KEY, layer_attributes, opening_window, volume_from_layer
+from ._layers import (
+    CONTRAST_WINDOW_KEY,
+    META_KEY,
+    layer_attributes,
+    opening_window,
+    placement,
+    volume_from_layer,
+)
 from ._view import anterior_3d, follow_radiological_orientation, plane_buttons, show_plane
 from ._volume import PRESETS_3D, contrast_window, layer_data, named_bone, vessel_mask
 
@@ -873,14 +880,14 @@ class ColorizeWidget(Container):
         if ct.ndim == 2:  # a 2D CT layer: one slice, placed by the CT layer's own 2D transforms
             data = colour.rgb[0]
             transforms = {k: np.asarray(v) for k, v in layer_attributes(ct).items() if k != "metadata"}
-        else:  # identity for whichever of scale/translate or affine napari_kwargs leaves out
+        else:  # identity for whichever of scale/translate or affine `placement` leaves out
             data = colour.rgb
             transforms = {
                 "scale": np.ones(3),
                 "translate": np.zeros(3),
                 "rotate": np.eye(3),
                 "affine": np.eye(4),
-                **colour.napari_kwargs(),
+                **placement(colour),
             }
         metadata = {META_KEY: {"colorize": dict(colour.settings)}}
         existing = next((lyr for lyr in self._viewer.layers if lyr.name == name), None)

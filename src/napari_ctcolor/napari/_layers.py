@@ -16,6 +16,26 @@ META_KEY = "ctcolor"
 #: A CT layer's metadata key for the contrast window chosen for it ((centre, width): `contrast_window`, when it opened
 #: in it or the colorizer found enhanced blood), offered by name in the colorize widget's window menu.
 CONTRAST_WINDOW_KEY = "ctcolor_contrast_window"
+#: A direction this close to the identity (cosines) places a layer by ``scale`` and ``translate`` alone.
+ORTHONORMAL_TOLERANCE = 1e-4
+
+
+def placement(image: Volume | ColorVolume) -> dict[str, Any]:
+    """Layer kwargs that place ``image``'s (Z, Y, X) array at its physical position in napari world coordinates.
+
+    napari's world axes follow the array axes, so world = (z, y, x) LPS mm. With an identity direction that is
+    just ``scale`` and ``translate``; otherwise the full ``affine`` (rotation/flip times spacing) is given.
+    """
+    spacing, origin = image.spacing, image.origin
+    direction = np.asarray(image.direction, dtype=np.float64)
+    if np.allclose(direction, np.eye(3), atol=ORTHONORMAL_TOLERANCE):
+        return {"scale": tuple(float(s) for s in spacing), "translate": tuple(float(o) for o in origin[::-1])}
+    # Reverse both the index axes and the world axes: napari sees (k, j, i) -> (z, y, x).
+    rotation_zyx = direction[::-1, ::-1]
+    affine = np.eye(4)
+    affine[:3, :3] = rotation_zyx @ np.diag(np.asarray(spacing, dtype=np.float64))
+    affine[:3, 3] = np.asarray(origin, dtype=np.float64)[::-1]
+    return {"affine": affine}
 
 
 def image_layer_data(volume: Volume, name: str | None = None) -> tuple[np.ndarray, dict[str, Any], str]:
@@ -29,7 +49,7 @@ def image_layer_data(volume: Volume, name: str | None = None) -> tuple[np.ndarra
         "contrast_limits": window.limits,
         "interpolation2d": "linear",  # as PACS viewers show CT: voxels of 0.5-1.5 mm look blocky when magnified
         "metadata": {META_KEY: dict(meta)},
-        **volume.napari_kwargs(),
+        **placement(volume),
     }
     if _opens_in_contrast(volume):  # named in the colorize widget's menu
         kwargs["metadata"][CONTRAST_WINDOW_KEY] = tuple(window)
@@ -58,7 +78,7 @@ def rgb_layer_data(colour: ColorVolume, name: str | None = None) -> tuple[np.nda
         "rgb": True,
         "interpolation2d": "linear",
         "metadata": {META_KEY: dict(colour.settings)},
-        **colour.napari_kwargs(),
+        **placement(colour),
     }
     return colour.rgb, kwargs, "image"
 

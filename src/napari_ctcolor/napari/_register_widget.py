@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import SimpleITK as sitk
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -54,8 +53,9 @@ from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import QTimer
 from superqt.utils import qdebounced
 
-from ..engines.checkerboard import checkerboard, checkerboard_mask, resample_onto, same_grid
+from ..engines.checkerboard import checkerboard, checkerboard_mask
 from ..engines.device import resolve_device
+from ..engines.geometry import resample_onto, same_grid, warp
 from ..engines.refine import MAX_REFINE_ITERATIONS
 from ..engines.register import RegistrationResult, iter_register
 from ..errors import CTColorError, InputError
@@ -171,11 +171,7 @@ def warp_colour(colour: ColorVolume, grid: Volume, ddf: np.ndarray) -> ColorVolu
         ddf: (Z, Y, X, 3) mm, LPS, ITK convention: grid point p takes ``colour`` at p + ddf(p) (as
             `RegistrationResult.ddf`).
     """
-    field = sitk.GetImageFromArray(np.asarray(ddf, dtype=np.float64), isVector=True)
-    field.SetSpacing(grid.spacing[::-1])
-    field.SetOrigin(grid.origin)
-    field.SetDirection(grid.direction.flatten().tolist())
-    rgb = resample_onto(colour, grid, sitk.DisplacementFieldTransform(field), "linear")
+    rgb = warp(colour, grid, ddf)
     return ColorVolume.on_grid_of(grid, rgb, **colour.settings, registered=True)
 
 

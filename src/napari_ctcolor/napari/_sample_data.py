@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..io import read_volume
 from ..phantom import make_phantom
-from ._layers import image_layer_data
+from ._layers import image_layer_data, placement
 from ._view import show_layers_when_added
 
 
@@ -17,7 +17,7 @@ def phantom_ct():
         "opacity": 0.4,
         "visible": False,
         "metadata": {"label_names": phantom.label_names},
-        **phantom.volume.napari_kwargs(),
+        **placement(phantom.volume),
     }
     show_layers_when_added(2)
     return [image, (phantom.labels, labels_kwargs, "labels")]

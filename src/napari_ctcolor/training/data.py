@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 
 from ..engines.body import body_mask
-from ..engines.checkerboard import resample_onto
+from ..engines.geometry import resample_onto
 from ..errors import InputError
 from ..io import Volume, read_volume
 from ..phantom import make_phantom

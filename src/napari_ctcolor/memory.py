@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import InputError
+from .errors import InputError
 
 # Share of the currently available RAM one operation may claim; override with CTCOLOR_MEMORY_FRACTION.
 DEFAULT_FRACTION = 0.75
