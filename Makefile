@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # What napari's Qt needs on a headless Debian: a virtual X server, Mesa OpenGL and the xcb/xkbcommon libraries;
-# Orthanc with its DICOMweb plugin: the PACS that tests/test_dicomweb.py starts on a free port.
+# Orthanc with its DICOMweb plugin: the PACS that tests/cli/test_dicomweb.py starts on a free port.
 APT_PACKAGES := xvfb xauth libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0 \
 	libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 libxcb-xinput0 libxcb-xfixes0 \
 	libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1 orthanc orthanc-dicomweb
@@ -32,6 +32,8 @@ lint: setup
 	$(VENV)/bin/ruff check src tests examples
 	$(VENV)/bin/ruff format --check src tests examples
 	$(VENV)/bin/npe2 validate napari-ctcolor
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mkdocs build --strict --quiet
 
 # The whole suite in TEST_WORKERS pytest-xdist processes of 1 torch thread each (the 2 cores busy, not oversubscribed;
 # worksteal hands a free worker the tests another has not begun), then the tests that compare runs or official outputs
@@ -47,4 +49,4 @@ demo: setup
 	$(PY) examples/demo.py --out demo-out
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out .pytest_cache .site .import_linter_cache

@@ -2,12 +2,12 @@
 
     xvfb-run -a -s "-screen 0 1600x1200x24" python examples/screenshots.py [--data ../shared/data] [--out docs/images]
 
-Needs the shared TotalSegmentator CT (``ct/totalseg-body-3mm.nii.gz`` and its 30-slice cut). Writes
-``colorized-axial.png``, ``colorized-coronal.png``, ``3d-bone.png``, ``3d-soft-tissue.png``, ``checkerboard.png``,
-``difference.png`` and ``jacobian.png``: canvas screenshots, the CT colorized with the shipped ``colorizer-2d``
-(abdomen window) and its 3D views (lit bone surface; translucent soft-tissue transfer function; table and air
-removed), and a registration of the 30-slice cut to a smoothly deformed copy of itself (up to 6 mm) with the shipped
-CT weights.
+Needs the shared CTs in ``ct/``. Writes canvas screenshots: ``colorized-axial.png``, ``colorized-coronal.png``,
+``3d-bone.png`` and ``3d-soft-tissue.png`` (the TotalSegmentator 3 mm CT colorized with the shipped ``colorizer-2d``
+in the abdomen window, and its 3D views without table and air); ``contrast-abdomen-axial.png`` (the contrast-enhanced
+upper-abdomen DICOM series, in the contrast window it opens in); ``chest-axial.png`` (a contrast chest CT no model
+was trained on, mediastinal window); and ``checkerboard.png``, ``difference.png`` and ``jacobian.png`` (a registration
+of the 30-slice cut to a smoothly deformed copy of itself, up to 6 mm, with the shipped CT weights).
 """
 
 from __future__ import annotations
@@ -87,6 +87,25 @@ def main() -> None:
     widget.view_3d.value = "soft tissue"
     shot(viewer, "3d-soft-tissue.png")
     viewer.close()
+
+    # A contrast-enhanced upper abdomen (it opens in its contrast window) and a contrast chest CT never trained on.
+    for source, name, window in (
+        (ct_dir / "totalseg-abdomen-dicom", "contrast-abdomen-axial.png", None),
+        (ct_dir / "chest-lung1-5mm.nrrd", "chest-axial.png", "mediastinum"),
+    ):
+        viewer = napari.Viewer(show=True)
+        viewer.window._qt_window.resize(1500, 1000)
+        ct = viewer.open(str(source), plugin="napari-ctcolor")[0]
+        _, widget = viewer.window.add_plugin_dock_widget("napari-ctcolor", "Colorize volume")
+        if window is not None:
+            widget.window.value = window
+        widget.run()
+        _wait(app, widget)
+        show_plane(viewer, "axial")
+        viewer.dims.set_point(0, ct.data_to_world((ct.data.shape[0] // 2, 0, 0))[0])
+        viewer.reset_view()
+        shot(viewer, name)
+        viewer.close()
 
     # Register & checkerboard: the 30-slice cut against a deformed copy of itself.
     with tempfile.TemporaryDirectory() as tmp:

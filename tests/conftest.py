@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
+from pydicom.dataset import Dataset
 
-from napari_ctcolor.batch import SAME_AS_SINGLE
+from napari_ctcolor.app.batch import SAME_AS_SINGLE
+from napari_ctcolor.io import Volume
 
 THREADS = os.environ.get("CTCOLOR_TEST_THREADS")
 if THREADS:
@@ -104,3 +109,51 @@ def assert_same_registration(got: dict[str, np.ndarray], want: dict[str, np.ndar
         assert a.shape == b.shape, name
         bound = SAME_AS_SINGLE[bounds.get(name, "warped_hu")]
         np.testing.assert_allclose(a, b, rtol=0, atol=bound, err_msg=name)
+
+
+def ctcolor(*args: str, timeout: float = 120, threads: int | None = None) -> subprocess.CompletedProcess:
+    """`ctcolor ARGS` as its own process (``threads``: its torch thread count, else this environment's)."""
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    # UTF-8 whatever the locale (make runs under C/ASCII): progress bars draw with block characters.
+    return subprocess.run(
+        [sys.executable, "-m", "napari_ctcolor", *args],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=timeout,
+        env=env,
+    )
+
+
+#: |dL*| of every composed pixel against the windowed grey: 8-bit rounding moves L* by at most 0.274 (derived in
+#: `test_uint8_rounding_error_bound_over_the_whole_srgb_cube`) and the float path by <= 0.03. Every test of the
+#: luminance invariant (engine, CLI, widgets, model cards) uses this bound, not the documented ceiling of 1.0.
+LUMINANCE_BOUND = 0.31
+
+
+def rotated_volume() -> Volume:
+    """A small analytic volume with an oblique, left-handed direction and anisotropic spacing."""
+    angle = np.deg2rad(30)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    direction = rotation @ np.diag([1.0, -1.0, 1.0])
+    array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) - 60
+    return Volume(array, spacing=(2.5, 0.7, 0.9), origin=(-10.0, 20.0, 30.5), direction=direction)
+
+
+IDENTITY = {"PatientName": "Test^Patient", "PatientID": "CTC-0001", "PatientBirthDate": "19600101"}
+
+
+def write_headless(ds: Dataset, path: Path) -> Path:
+    """``ds`` as old archives hold it: implicit VR little endian, no preamble, no file meta header."""
+    with open(path, "wb") as f:
+        fp = pydicom.filebase.DicomFileLike(f)
+        fp.is_little_endian, fp.is_implicit_VR = True, True
+        pydicom.filewriter.write_dataset(fp, Dataset(ds))
+    return path
+
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout
+
+
+TINY = {"channels": [4, 8, 16, 16], "strides": [2, 2, 2], "num_res_units": 0}

@@ -205,7 +205,7 @@ def _(root: Path, _real: Path | None) -> Case:
     return _one("dicom_header_without_pixel_data_synthetic", path, r"no pixel data \(a CT object\)")
 
 
-def _non_image(modality: str, sop_class: str) -> Dataset:
+def non_image(modality: str, sop_class: str) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class
@@ -220,7 +220,7 @@ def _non_image(modality: str, sop_class: str) -> Dataset:
 
 @_case("rtstruct")
 def _(root: Path, _real: Path | None) -> Case:
-    ds = _non_image("RTSTRUCT", RTSTRUCT_STORAGE)
+    ds = non_image("RTSTRUCT", RTSTRUCT_STORAGE)
     ds.StructureSetLabel = "contours"
     path = root / "rtstruct.dcm"
     ds.save_as(path, enforce_file_format=True)
@@ -229,7 +229,7 @@ def _(root: Path, _real: Path | None) -> Case:
 
 @_case("structured_report")
 def _(root: Path, _real: Path | None) -> Case:
-    ds = _non_image("SR", SR_STORAGE)
+    ds = non_image("SR", SR_STORAGE)
     ds.ValueType = "CONTAINER"
     path = root / "sr.dcm"
     ds.save_as(path, enforce_file_format=True)
@@ -240,7 +240,7 @@ def _(root: Path, _real: Path | None) -> Case:
 def _(root: Path, _real: Path | None) -> Case:
     folder = root / "rtstruct_folder"
     folder.mkdir()
-    _non_image("RTSTRUCT", RTSTRUCT_STORAGE).save_as(folder / "rs.dcm", enforce_file_format=True)
+    non_image("RTSTRUCT", RTSTRUCT_STORAGE).save_as(folder / "rs.dcm", enforce_file_format=True)
     return _one("folder_of_non_image_dicom", folder, "no DICOM image files")
 
 
@@ -636,3 +636,20 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def bad_inputs(root: Path, real_file: Path) -> dict[str, Path]:
+    """The foundation's bad inputs, made fresh under ``root``."""
+    rng = np.random.default_rng(0)
+    (root / "empty_folder").mkdir()
+    (root / "random.dcm").write_bytes(rng.bytes(4096))
+    data = real_file.read_bytes()
+    (root / "truncated.dcm").write_bytes(data[: len(data) // 2])
+    non_image("SR", "1.2.840.10008.5.1.4.1.1.88.22").save_as(root / "no_pixels.dcm", enforce_file_format=True)
+    return {
+        "empty folder": root / "empty_folder",
+        "random bytes": root / "random.dcm",
+        "truncated": root / "truncated.dcm",
+        "no pixel data": root / "no_pixels.dcm",
+        "nonexistent": root / "does_not_exist.dcm",
+    }

@@ -1,13 +1,13 @@
 """Colour science for CT colorization: grey -> CIE L*, Lab <-> sRGB, luminance-exact gamut mapping, palettes.
 
-The product's invariant (DESIGN.md, "Luminance, precisely"): the CIE L* (D65) of every output sRGB pixel equals the
-L* of the grey pixel (g, g, g) that the windowed CT shows, to within 1.0 after 8-bit quantisation. This module is
-where that is made true:
+The product's invariant (docs/architecture.md, "Luminance, precisely"): the CIE L* (D65) of every output sRGB pixel
+equals the L* of the grey pixel (g, g, g) that the windowed CT shows, to within 1.0 after 8-bit quantisation. This
+module is where that is made true:
 
 - The network predicts only a*, b*; L* always comes from the CT grey ``g`` in [0, 1].
 - Out-of-gamut colours lose chroma along their own hue (a*, b* scaled by s in [0, 1]); L* is never changed.
 - Quantisation to uint8 rounds to the nearest code (to within 0.025 of a code); the worst L* error that this can
-  cause anywhere in the sRGB cube is 0.274, found by checking all 2**24 codes (``tests/test_color.py``), so with
+  cause anywhere in the sRGB cube is 0.274, found by checking all 2**24 codes (``tests/colour/test_color.py``), so with
   the float path's <= 0.03 every output pixel is within 0.31 of its grey's L*, well inside the 1.0 budget.
 
 Conventions:
@@ -508,7 +508,7 @@ def gamut_map_ab(lightness: np.ndarray, ab: np.ndarray) -> np.ndarray:
 # uint8 quantisation of linear light without a per-pixel power: a 65536-entry table of codes, indexed by the nearest
 # multiple of 1/65535. The table holds round(255 * encode(k / 65535)); the table step moves the encoded value by at
 # most 12.92 * 0.5 / 65535 * 255 = 0.025 of a code, so each code is within 0.525 of 255 * encode(y) (exact rounding
-# would be within 0.5). The L* bound in `compose_rgb` is proven with that 0.525 (tests/test_color.py).
+# would be within 0.5). The L* bound in `compose_rgb` is proven with that 0.525 (tests/colour/test_color.py).
 # --------------------------------------------------------------------------------------------------------------------
 
 _Q_STEPS = 65535

@@ -92,7 +92,7 @@ NO_LUNG_RULES = ("heart", "sternum")
 #: lowest slice and 24 mm below the liver's; the liver's axial section reaches 150-250 cm² (the DICOM patient's slab:
 #: 200-236 cm² on every slice), the spleen's 45 cm², each kidney's 20-25 cm². On the labelled CTs' 62 pelvic slices
 #: the model trained without that patient was sure of at most 33 cm² of liver, the shipped model of 0.5 cm²
-#: (2026-11-25); the spleen and kidney figures are checked on the same slices by tests/test_anatomy.py with the
+#: (2026-11-25); the spleen and kidney figures are checked on the same slices by tests/engines/test_anatomy.py with the
 #: shipped and both leave-one-out models.
 ABOVE_PELVIS_CM2 = {"liver": 100.0, "spleen": 20.0, "kidney": 10.0}
 ORGAN_SURE = 0.5

@@ -16,10 +16,10 @@ median below `OUTSIDE_AIR_HU`. Not told apart from lung: a foam mattress beneath
 CTs, as the lung bases) when the cut field of view shows it without the air beside it and the body reaches past it on
 either side (crops to half the width of the shared chest CTs' shoulder slices): it joins the body, stays without colour
 (below -900 HU, `colorize.AIR_HU`), and the pointer names it lung. Checked on crops of the three shared chest CTs to 80,
-60 and 50 % of their rows and columns (tests/test_body.py: 60 and 50 %): their lungs (`training.partial.derive_chest` on
-the whole slice) lie inside the body on 99.85 % or more of their voxels, against 0.4-63 % before this rule (100 % only
-where the 80 % crop kept popi's chest wall), and the body gains at most 3.5 % of voxels the whole slice's body does not
-hold (the mattress above) (2026-11-26).
+60 and 50 % of their rows and columns (tests/engines/test_body.py: 60 and 50 %): their lungs
+(`training.partial.derive_chest` on the whole slice) lie inside the body on 99.85 % or more of their voxels, against
+0.4-63 % before this rule (100 % only where the 80 % crop kept popi's chest wall), and the body gains at most 3.5 % of
+voxels the whole slice's body does not hold (the mattress above) (2026-11-26).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ those passes cost more than the network. This kernel computes, for each CT voxel
 
 The arithmetic is that of the numpy/torch path in float32, only in another order (no temporaries), so its colours
 agree with `compose_rgb(window(hu), upsample_chroma(...))` within one 8-bit code and L* stays within the same
-derived bound (tests/test_colorize.py). Written by hand because the fusion is the point: no library composes a
+derived bound (tests/engines/test_colorize.py). Written by hand because the fusion is the point: no library composes a
 guided upsampling with a gamut mapping. `numba.njit(parallel=True, cache=True)`: compiled once per machine and
 cached on disk; rows of voxels are spread over `numba.set_num_threads` threads (torch's count).
 """

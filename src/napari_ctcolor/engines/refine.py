@@ -29,7 +29,8 @@ a 4 mm grid gained 0.003 Dice in 45 s.
   the full grid. ``--refine auto`` takes the card's count within its budget (`RefineSettings`): 50 on a 3 mm abdomen
   (whose updates may be longer, `step_length`), 14 on a 512 x 512 x 20 series. The field is smoothed with a Gaussian
   of `SMOOTHING_VOXELS` after every iteration, which keeps it smooth: folding 0 on the 3 mm CT's and the chest CTs'
-  pairs, at most 0.027 % of the voxels on the DICOM series' (BENCHMARKS.md, 2026-11-24, third session).
+  pairs, at most 0.027 % of the voxels on the DICOM series' (BENCHMARKS.md, 2026-11-24, "CT registration refined on
+  local structure").
 - The inverse field, which SYMNet gets by construction, is computed by ITK's fixed-point inversion
   (``sitk.InvertDisplacementField``) on a grid of about 2 mm; `invert_field`.
 """
@@ -102,7 +103,8 @@ LONG_STEP = 0.75
 LONG_STEP_MIN_MM = 2.5
 #: Gaussian smoothing of the displacement field after each iteration, in voxels of the level. 2.5 voxels in-plane wins
 #: the smooth chest deformations (lung1 0.963 -> 0.970) but loses the ones that slide along the chest wall (lung1
-#: 0.943 -> 0.926, popi 0.963 -> 0.951) and the 3 mm abdomen (up to 0.03): BENCHMARKS.md, 2026-11-24, sixth session.
+#: 0.943 -> 0.926, popi 0.963 -> 0.951) and the 3 mm abdomen (up to 0.03): BENCHMARKS.md, 2026-11-24, "a sliding
+#: breathing validation for the chest".
 SMOOTHING_VOXELS = 1.5
 #: Extra memory per fixed-grid voxel while refining: float64 fields (the seed, SimpleITK's copy, the demons filter's
 #: output and update buffers, the inverse and its iteration), the two float32 images, their matched copy and the

@@ -4,8 +4,8 @@ rebuilt from torch modules under the same module names, so the same state dict l
 Why by hand: importing ``monai`` imports every MONAI subpackage (its ``__init__`` loads them all: transforms, data,
 apps, and through them matplotlib and pandas), 2.0-3.2 s on 2 cores, more than torch itself; every ``ctcolor
 colorize`` and the first colorize in napari paid it for one network definition. Training keeps MONAI's own
-definition (`Colorizer` with ``monai=True``); tests/test_colorizer_model.py checks that both give the same state dict
-keys and shapes and the same outputs within float32 tolerance, in 2D and 3D.
+definition (`Colorizer` with ``monai=True``); tests/models/test_colorizer_model.py checks that both give the same
+state dict keys and shapes and the same outputs within float32 tolerance, in 2D and 3D.
 
 The structure (MONAI 1.x, `UNet._create_block`): each level is ``Sequential(down, SkipConnection(inner), up)``;
 ``down`` is a residual unit with the level's stride; the innermost level is a residual unit of stride 1; ``up`` is

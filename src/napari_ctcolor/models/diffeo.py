@@ -19,7 +19,7 @@ gather at every squaring step, cache the reference grid on the module (an infere
 extension is absent. Measured on 2 CPU cores, 4 fields of 160x192x224: ``DVF2DDF`` with flips 31 s, this module's
 ``grid_sample`` path 14 s; on the CPU at inference `_field_kernels` now does each step of a large field in one pass
 (2.0 s against 8.9 s for the ``grid_sample`` path, BENCHMARKS.md; `KERNEL_MIN_VOXELS`).
-``tests/test_symnet.py`` checks that ``warp`` equals MONAI's ``Warp`` on channel-flipped fields.
+``tests/models/test_symnet.py`` checks that ``warp`` equals MONAI's ``Warp`` on channel-flipped fields.
 """
 
 from __future__ import annotations

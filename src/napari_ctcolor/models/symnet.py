@@ -121,7 +121,8 @@ class SymmetricFields:
     """Full displacement fields of a registered pair, each (B, 3, D0, D1, D2) in voxels, channels (x, y, z).
 
     ``f_ba`` warps the moving image B onto the fixed image A: ``warp(moving, f_ba)``; it maps fixed point p to moving
-    point p + f_ba(p), so it is the ``ddf`` of DESIGN.md's ``RegistrationResult`` (in voxels, before conversion to mm).
+    point p + f_ba(p), so it is the ``ddf`` of ``RegistrationResult`` (docs/architecture.md, "Core types"), in
+    voxels before conversion to mm.
     ``f_ab`` warps the fixed image onto the moving one and is the ``inverse_ddf``.
     """
 

@@ -3,6 +3,7 @@
 - One column of the viewer window, as tabs: stacked, their heights add up and push the viewer's slice slider and
   status bar off a 1080 px screen (`tab_with_siblings`).
 - A main thread kept free (`settle_heap`).
+- Following the viewer: its layer list, the dock's deletion, radiological orientation (`attach_to_viewer`).
 - Progress in each widget's own bar and status line, not through napari's `progress`: while a napari progress runs,
   its activity button animates a GIF, and in a window that holds an OpenGL canvas each frame recomposes the window.
   Under Mesa's software renderer (a virtual X server, a remote desktop without a GPU) that took a core: the same
@@ -14,9 +15,13 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QDockWidget, QMainWindow, QTabBar, QWidget
+
+from ._view import follow_radiological_orientation
 
 _OURS: weakref.WeakSet[QWidget] = weakref.WeakSet()  # the Qt widgets of this plugin's dock widgets
 _SETTLED = False
@@ -95,3 +100,21 @@ def _unelided_tabs(window: QMainWindow) -> None:
         if any(bar.tabText(i) in titles for i in range(bar.count())):
             bar.setElideMode(Qt.TextElideMode.ElideNone)
             bar.setUsesScrollButtons(True)
+
+
+def attach_to_viewer(native: QWidget, viewer: Any, on_layers: Callable, on_closed: Callable) -> Callable[[], None]:
+    """Wire a dock widget to its viewer: ``on_layers`` whenever a layer is added, removed or moved, ``on_closed`` when
+    the dock's Qt widget ``native`` is deleted, and radiologically oriented views. Returns the function that stops
+    ``on_layers`` (for ``on_closed`` to call)."""
+    events = viewer.layers.events
+    layer_events = (events.inserted, events.removed, events.reordered)
+    for event in layer_events:
+        event.connect(on_layers)
+    native.destroyed.connect(on_closed)
+    follow_radiological_orientation(viewer)
+
+    def detach() -> None:
+        for event in layer_events:
+            event.disconnect(on_layers)
+
+    return detach

@@ -738,8 +738,8 @@ def model_card(model: Colorizer, train: TrainConfig, config_path: Path, facts: d
             + (", and the mediastinal blood pool given synthetic contrast" if train.chest_blood else "")
             + "). Its structure classes are the labelled patients' "
             "anatomy. Anatomy outside them (head, neck, limbs) mostly falls back to the HU tissue classes but can "
-            "take an organ class in places (tests/test_colorizer_shipped.py measures it on a synthetic thigh and on "
-            "pydicom's CT_small).",
+            "take an organ class in places (tests/models/test_colorizer_shipped.py measures it on a synthetic thigh "
+            "and on pydicom's CT_small).",
             "Colour is a visual aid, not a segmentation: the most probable class names what a colour stands for, "
             "and it can be wrong where anatomy is unusual (post-surgical, large tumours, implants).",
             "Left and right, vertebral levels, rib numbers and lung lobes are joined into one colour class each.",

@@ -39,7 +39,7 @@ REPRODUCTION_NOTE = (
     "count and CPU kind (its vector instructions choose the float kernels). Elsewhere float rounding differs in the "
     "last bits, and Adam, whose step does not shrink with the gradient, can move a parameter whose gradient is near "
     "zero by up to its step size: the same 4-step run with 1 and with 2 threads kept 99 % of the parameters within "
-    "1e-6 and gave the same validation metrics (tests/test_colorizer_model.py)."
+    "1e-6 and gave the same validation metrics (tests/models/test_colorizer_model.py)."
 )
 
 

@@ -3,7 +3,7 @@
 A colour rule or a network tuned on two patients as they were scanned can fail on the third exam of the same
 anatomy: a CT angiography's 450 HU aorta, a field of view that cuts the chest wall, a scan that ends above the
 pelvis. These versions of the shared CTs put every validation row through those exams (the model cards'
-``exams``, tests/test_exam_matrix.py through ``ctcolor colorize --classes``):
+``exams``, tests/models/test_exam_matrix.py through ``ctcolor colorize --classes``):
 
 - `with_blood`: a labelled CT whose vessels and heart take other HU (`PHASES`): each structure's voxels are moved
   by the difference between the wanted HU and their median, texture and noise kept, in proportion to a mask blurred by

@@ -1,0 +1,139 @@
+"""The work behind one ``ctcolor colorize`` call: check the options and outputs, read, colorize, write OUT (and
+``--classes``), send. The CLI and ``ctcolor batch colorize`` (on Dask workers) both run `colorize_command`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..io import NIFTI_SUFFIXES, Volume, write_nifti
+from ..io.dicomweb import is_series_url, read_series
+from ..io.prefetch import read_volume_soon
+from ..io.write import atomic_path
+from .export import export_colour, identity_of, send_colour
+from .outputs import FILE_SUFFIXES, check_export_flags, check_output
+
+
+def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Path:
+    """Everything one `ctcolor colorize` run does with its parsed options: validate, read, colorize, write OUT
+    (and --send). Returns OUT. `ctcolor batch colorize` runs exactly this for each input (without the progress bar).
+    """
+    from ..color import load_palette
+
+    palette = load_palette(args.palette)  # a bad palette file fails before any reading or network work
+    out, fmt, classes_out = _check_outputs(args)
+    remote = is_series_url(args.path)
+    source = None  # a DICOMweb series' first header: the patient and study that --send and --keep-patient-info keep
+    if remote and (args.send or args.keep_patient_info):
+        volume, source = read_series(args.path, series_uid=args.series, with_source=True)
+        read = None
+    else:  # read in a child process while this one imports the engine (torch, MONAI: seconds) on the other core
+        read = read_volume_soon(args.path, series_uid=args.series)
+    from tqdm import tqdm
+
+    from ..engines.colorize import colorize
+
+    if read is not None:
+        volume = read()
+    try:  # before the network: a DICOM export that cannot keep the identity asked for is refused now
+        identity = identity_of(volume.meta, args.keep_patient_info, fetched=source)
+    except InputError as exc:
+        raise InputError(f"{args.path}: {exc}") from None
+    _check_modality(volume, args)
+    with tqdm(
+        total=2 * volume.shape[0],
+        desc="colorize",
+        unit="slice",
+        file=sys.stderr,
+        disable=None if show_progress else True,
+    ) as bar:
+
+        def progress(done: int, _total: int) -> None:
+            bar.update(done - bar.n)
+
+        colour = colorize(
+            volume, args.model, args.window, args.chroma, args.device, args.batch_size, palette, progress=progress
+        )
+    if classes_out is not None:
+        _write_classes(colour, volume, palette, classes_out)
+    written = export_colour(colour, volume.meta, out, fmt, identity, overwrite=args.overwrite)
+    if args.send:
+        url, count = send_colour(colour, volume.meta, written, identity, fetched=source)
+        print(f"sent {count} instances to {url}")
+    return out
+
+
+def _check_outputs(args: argparse.Namespace) -> tuple[Path, str, Path | None]:
+    """OUT, its format and the ``--classes`` path, refused before any work when they cannot be written."""
+    out = Path(args.output)
+    fmt = args.format or ("nifti" if out.name.lower().endswith(NIFTI_SUFFIXES) else "png")
+    if fmt == "nifti" and not out.name.lower().endswith(NIFTI_SUFFIXES):
+        raise InputError(f"{out}: NIfTI output needs a .nii or .nii.gz name")
+    if fmt != "nifti" and out.name.lower().endswith(NIFTI_SUFFIXES):
+        raise InputError(f"{out}: a {fmt} export is a folder; give a folder name, not .nii")
+    if fmt != "nifti" and out.suffix.lower() in FILE_SUFFIXES:  # not a folder a user would name so
+        raise InputError(
+            f"{out}: colorize writes a .nii or .nii.gz file, or a folder of PNG slices or DICOM files "
+            f"(--format), not {out.suffix} files"
+        )
+    remote = is_series_url(args.path)
+    check_export_flags(fmt, args.keep_patient_info, args.send, remote)
+    inputs = [] if remote else [args.path]
+    check_output(out, folder=fmt != "nifti", inputs=inputs, overwrite=args.overwrite)
+    classes_out = Path(args.classes) if getattr(args, "classes", None) else None
+    if classes_out is not None:
+        if not classes_out.name.lower().endswith(NIFTI_SUFFIXES):
+            raise InputError(f"{classes_out}: --classes writes NIfTI; give a .nii or .nii.gz name")
+        if classes_out.resolve() == out.resolve():
+            raise InputError(f"{classes_out}: --classes needs a file of its own, not OUT")
+        for path in (classes_out, _classes_table(classes_out)):
+            check_output(path, folder=False, inputs=inputs, overwrite=args.overwrite)
+    return out, fmt, classes_out
+
+
+def _check_modality(volume: Volume, args: argparse.Namespace) -> None:
+    """Refuse an image that is not CT (unless ``--allow-non-ct``); warn for a file format without a modality whose
+    values do not span air to bone."""
+    modality = volume.meta.get("modality", "OT")
+    if modality == "CT" or args.allow_non_ct:
+        return
+    # NIfTI/MHA/NRRD carry no modality, only a guess from the values: a CT cropped to soft tissue spans no air or
+    # bone but still has fat below 0 HU, and only warns; an image without negative values is not in HU at all.
+    if not volume.meta.get("modality_guessed") or float(np.min(volume.array)) >= -50.0:
+        what = f"modality is {modality}" if not volume.meta.get("modality_guessed") else "no values below -50 HU"
+        raise InputError(f"{args.path}: {what}, not CT; the colorizer is trained on CT (--allow-non-ct)")
+    warnings.warn(
+        f"{args.path}: its values do not span air to bone in HU; colorizing it as CT (the format has no modality)",
+        stacklevel=1,
+    )
+
+
+def _classes_table(labels_path: Path) -> Path:
+    """LABELS.nii.gz -> LABELS.json beside it."""
+    name = labels_path.name
+    stem = name[: -len(next(x for x in NIFTI_SUFFIXES if name.lower().endswith(x)))]
+    return labels_path.with_name(stem + ".json")
+
+
+def _write_classes(colour, volume, palette, path: Path) -> None:
+    """`ctcolor colorize --classes`: the most probable class of each voxel (what the widget's pointer and class
+    layer show) as a uint8 label map on the CT's grid, and its names and palette colours as JSON."""
+    chroma = colour.chroma
+    labels = chroma.most_probable(volume.array)
+    write_nifti(Volume(labels, volume.spacing, volume.origin, volume.direction), path)
+    table = {
+        "labels": {str(k + 1): name for k, name in enumerate(chroma.classes) if name != "air"},
+        "rgb": {name: palette.class_rgb(name) for name in chroma.classes if name != "air"},
+        "palette": palette.name,
+        "model": chroma.model,
+        "note": "0: air (no colour class shown); the class a voxel is coloured as, not a segmentation",
+    }
+    with atomic_path(_classes_table(path)) as tmp:
+        tmp.write_text(json.dumps(table, indent=1))

@@ -1,0 +1,46 @@
+"""What ``ctcolor info`` reports of an image: its geometry, modality, value range and default window, as the
+CLI contract's JSON record."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..io import ColorVolume, Volume
+from ..windowing import default_window
+
+
+def volume_info(volume: Volume) -> dict:
+    """The `ctcolor info --json` record of a volume (keys fixed by the CLI contract, a few more after them)."""
+    array = volume.array
+    finite = array if array.dtype.kind in "iu" else array[np.isfinite(array)]
+    lo, hi = (finite.min(), finite.max()) if finite.size else (float("nan"), float("nan"))
+    as_number = int if array.dtype.kind in "iu" else float
+    return {
+        "shape": list(volume.shape),
+        "spacing": list(volume.spacing),
+        "origin": list(volume.origin),
+        "direction": volume.direction.flatten().tolist(),
+        "modality": volume.meta.get("modality", "OT"),
+        "hu_min": as_number(lo),
+        "hu_max": as_number(hi),
+        "window": list(default_window(volume)),
+        "series_count": int(volume.meta.get("series_count", 1)),
+        "series_description": volume.meta.get("series_description", ""),
+        "dtype": str(array.dtype),
+        "format": volume.meta.get("format", ""),
+        **{k: volume.meta[k] for k in ("irregular_spacing", "missing_slices") if k in volume.meta},
+    }
+
+
+def colour_info(colour: ColorVolume) -> dict:
+    """The `ctcolor info --json` record of an RGB volume (what `ctcolor colorize` writes)."""
+    return {
+        "shape": list(colour.rgb.shape[:3]),
+        "spacing": list(colour.spacing),
+        "origin": list(colour.origin),
+        "direction": colour.direction.flatten().tolist(),
+        "modality": "RGB",
+        "dtype": "uint8 RGB",
+        "format": colour.settings.get("format", ""),
+        "geometry_known": colour.settings.get("geometry") != "none",
+    }

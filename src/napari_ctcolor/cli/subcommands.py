@@ -1,0 +1,152 @@
+"""What each ``ctcolor`` subcommand runs: a call into the application layer (`napari_ctcolor.app`), training or
+the bench, and the lines it prints. Each returns the exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+from ..io import ColorVolume, read_image
+from ..io.write import atomic_path
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ..app.info import colour_info, volume_info
+
+    image = read_image(args.path, series_uid=args.series)
+    colour = isinstance(image, ColorVolume)
+    info = colour_info(image) if colour else volume_info(image)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    z, y, x = info["shape"]
+    print(f"{args.path}")
+    if colour:
+        print("  colour       RGB, 8 bits per channel (a colorized rendering, not CT numbers)")
+        print(f"  shape        {z} slices x {y} x {x}")
+    else:
+        print(f"  modality     {info['modality']}  {info['series_description']}".rstrip())
+        print(f"  shape        {z} slices x {y} x {x} ({info['dtype']})")
+    print("  spacing      {:.4g} x {:.4g} x {:.4g} mm (z, y, x)".format(*info["spacing"]))
+    print("  origin       {:.2f}, {:.2f}, {:.2f} mm (x, y, z LPS)".format(*info["origin"]))
+    print("  direction    " + " ".join(f"{v:+.3f}" for v in info["direction"]))
+    if colour:
+        if not info["geometry_known"]:
+            print("  geometry     none stored (PNG slices without geometry.json): 1 mm slices at the origin")
+        return 0
+    print(f"  range        {info['hu_min']} .. {info['hu_max']}")
+    print("  window       centre {:g}, width {:g}".format(*info["window"]))
+    if info["series_count"] > 1:
+        print(f"  series       {info['series_count']} in the folder (this is the largest CT one; --series UID picks)")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from ..app.register import register_command
+
+    register_command(args)
+    return 0
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    """A registration peer as a whole process: the official SYMNet recipe or a classical method (`peers`)."""
+    from ..app.peer import peer_command
+
+    peer_command(args)
+    return 0
+
+
+def cmd_checkerboard(args: argparse.Namespace) -> int:
+    from ..app.checkerboard import checkerboard_command
+
+    checkerboard_command(args)
+    return 0
+
+
+def cmd_colorize(args: argparse.Namespace) -> int:
+    from ..app.colorize import colorize_command
+
+    colorize_command(args)
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from ..app.batch import run_batch
+
+    return run_batch(args)  # dask itself is imported only when a batch runs
+
+
+def cmd_pacs_find(args: argparse.Namespace) -> int:
+    from ..io.dicomweb import find_series
+
+    rows = find_series(args.server, args.patient_id, args.accession, args.study_date, args.modality)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print("no matching series", file=sys.stderr)
+        return 0
+    header = ("PATIENT ID", "STUDY DATE", "MODALITY", "SLICES", "DESCRIPTION", "URL")
+    table = [
+        tuple(
+            "" if v is None else str(v)
+            for v in (
+                r["PatientID"],
+                r["StudyDate"],
+                r["Modality"],
+                r["NumberOfSeriesRelatedInstances"],
+                r["SeriesDescription"],
+                r["url"],
+            )
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in (header, *table)) for i in range(len(header) - 1)]
+    for row in (header, *table):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1])
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.what == "symnet":
+        from ..training.symnet import run
+    else:
+        from ..training.colorizer import run
+    path = run(Path(args.config), Path(args.weights_dir), args.device, args.resume, args.eval_only)
+    print(f"updated the metrics in {path}" if args.eval_only else f"wrote {path} and {path.with_suffix('.json')}")
+    return 0
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    from ..engines.warmup import warm_kernels
+
+    seconds = warm_kernels()
+    print("kernels ready: " + ", ".join(f"{name} {value:.1f} s" for name, value in seconds.items()))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ..bench.runs import SECTIONS, markdown_section, markdown_table, run_bench
+
+    outputs = [Path(p) for p in (args.json, args.markdown) if p]
+    for out in outputs:
+        if not out.parent.exists():
+            raise InputError(f"{out}: folder {out.parent} does not exist")
+    only = args.only.split(",") if args.only else SECTIONS
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        raise InputError(f"--only: unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    report = run_bench(
+        quick=args.quick, log=lambda message: print(f"bench: {message}", file=sys.stderr, flush=True), only=only
+    )
+    print(markdown_table(report["rows"]))
+    if args.json:
+        with atomic_path(Path(args.json)) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        with atomic_path(Path(args.markdown)) as tmp:
+            tmp.write_text(markdown_section(report))
+    return 0

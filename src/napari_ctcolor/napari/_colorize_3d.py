@@ -1,0 +1,141 @@
+"""The colorize widget's "3D view": a preset of `_volume.PRESETS_3D` (lit bone, CTA, soft tissue)
+without table and air, its surfaces computed in a worker, seen from the patient's front; the 2D layers are hidden
+meanwhile and shown again when the view is left."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import ComboBox
+from napari.layers import Image
+from napari.qt.threading import create_worker
+
+from ..engines.body import body_mask
+from ..engines.colorize import Chroma
+from ..io import Volume
+from ._layers import layer_attributes
+from ._view import anterior_3d, show_plane
+from ._volume import PRESETS_3D, layer_data, named_bone, vessel_mask
+
+if TYPE_CHECKING:
+    from ._colorize_run import Kept
+
+NO_3D = "off"
+#: The 3D layer keeps at most this many voxels per in-plane axis (every n-th voxel): a translucent RGBA volume is
+#: 4 bytes per voxel on the GPU, and a 3D overview needs no more.
+MAX_3D_PIXELS = 256
+
+
+class View3D:
+    """The 3D part of `ColorizeWidget` (a mixin: it uses the widget's ``_viewer``, ``_kept``, ``result_layer``,
+    ``_closed`` and ``_say``)."""
+
+    def _view_3d_control(self) -> ComboBox:
+        """Create the "3D view" menu."""
+        self.view_3d = ComboBox(
+            label="3D view",
+            choices=[NO_3D, *PRESETS_3D],
+            value=NO_3D,
+            enabled=False,
+            tooltip="3D rendering without table and air: bone: a lit bone surface; CTA: bone and contrast-filled "
+            "vessels; soft tissue: the bone inside a see-through skin",
+        )
+        self._hidden_for_3d: list[Image] = []  # layers the 3D view hid, shown again when it is left
+        self._body_cache: tuple | None = None  # (kept, HU, body mask, spacing) of the 3D view
+        self._worker_3d = None  # the worker computing a 3D preset's surfaces
+        self.view_3d.changed.connect(self._on_view_3d)
+        return self.view_3d
+
+    def _on_view_3d(self, *_: Any) -> None:
+        """Show (or leave) the 3D rendering of the colorized CT: its surfaces are computed in a worker (seconds on a
+        chest CT), then added."""
+        if self._worker_3d is not None:
+            self._worker_3d.quit()  # a preset chosen before: its surfaces are moot
+            self._worker_3d = None
+        kept = self._kept
+        choice = self.view_3d.value
+        if choice == NO_3D or kept is None or self.result_layer is None or kept.ct.ndim != 3:
+            self._leave_3d()
+            return
+        step = max(1, -(-max(kept.volume.shape[1:]) // MAX_3D_PIXELS))
+        cached = self._body_cache[1:] if self._body_cache is not None and self._body_cache[0] is kept else None
+        parts = PRESETS_3D[choice]
+        worker = create_worker(self._steps_3d, kept.volume, kept.chroma, parts, step, cached, _ignore_errors=True)
+        worker.returned.connect(lambda result: self._show_3d(kept, choice, step, result))
+        worker.finished.connect(lambda: self._worker_3d is worker and setattr(self, "_worker_3d", None))
+        self._worker_3d = worker
+        self._say(f"3D view: computing {choice}...")
+        worker.start()
+
+    @property
+    def busy_3d(self) -> bool:
+        """True while a 3D preset's surfaces are being computed."""
+        return self._worker_3d is not None
+
+    @staticmethod
+    def _steps_3d(volume: Volume, chroma: Chroma, parts, step: int, cached):
+        """The 3D preset's data, in a worker: yields the parts done, returns ((HU, body, spacing), [each part's
+        float32 field])."""
+        if cached is None:
+            hu = np.asarray(volume.array[:, ::step, ::step], dtype=np.float32)
+            spacing = (volume.spacing[0], volume.spacing[1] * step, volume.spacing[2] * step)
+            cached = (hu, body_mask(hu, spacing), spacing)
+        hu, body, spacing = cached
+        yield 1
+        vessels = None
+        if any(p.source in ("vessels", "CTA bone") for p in parts):
+            vessels = vessel_mask(hu, body, spacing, named_bone=named_bone(chroma, volume.shape, step))
+        fields = []
+        for part in parts:
+            fields.append(layer_data(part, hu, body, spacing, vessels))
+            yield len(fields) + 1
+        return cached, fields
+
+    def _show_3d(self, kept: Kept, preset: str, step: int, result: tuple) -> None:
+        """Add the layers "<CT name> 3D <part>" of a `PRESETS_3D` preset computed by `_steps_3d`, seen from the
+        patient's front; the 2D layers are hidden meanwhile."""
+        colour = self.result_layer
+        if self._closed or kept is not self._kept or colour is None or self.view_3d.value != preset:
+            return  # another run, CT or preset since
+        cached, fields = result
+        self._body_cache = (kept, *cached)
+        placement = {k: np.asarray(v) for k, v in layer_attributes(colour).items() if k != "metadata"}
+        placement["scale"] = placement["scale"] * np.array([1.0, step, step])
+        self._remove_3d()
+        if not self._hidden_for_3d:
+            self._hidden_for_3d = [lyr for lyr in self._viewer.layers if lyr.visible]
+            for lyr in self._hidden_for_3d:
+                lyr.visible = False
+        for part, field in zip(PRESETS_3D[preset], fields, strict=True):
+            layer = Image(
+                field,
+                name=f"{kept.ct.name} 3D {part.name}",
+                rendering=part.rendering,
+                colormap=part.colormap,
+                contrast_limits=part.limits,
+                opacity=part.opacity,
+                blending="translucent",
+                **({"iso_threshold": part.iso_threshold} if part.iso_threshold is not None else {}),
+                **placement,
+            )
+            layer.interpolation3d = "linear"  # trilinear sampling: no blocky voxels
+            self._viewer.layers.append(layer)
+        anterior_3d(self._viewer)
+        self._say(f"3D view: {preset}")
+
+    def _remove_3d(self) -> None:
+        kept = self._kept
+        if kept is not None:
+            prefix = f"{kept.ct.name} 3D "
+            for lyr in [lyr for lyr in self._viewer.layers if lyr.name.startswith(prefix)]:
+                self._viewer.layers.remove(lyr)
+
+    def _leave_3d(self) -> None:
+        self._remove_3d()
+        for lyr in self._hidden_for_3d:
+            if any(other is lyr for other in self._viewer.layers):
+                lyr.visible = True
+        if self._hidden_for_3d:
+            show_plane(self._viewer, "axial")
+        self._hidden_for_3d = []

@@ -1,0 +1,154 @@
+"""What the colours stand for, in the colorize widget: the legend (the classes the volume shows, with their palette
+swatches), the Pointer line (HU, position in mm, slice, and the colour class under napari's cursor with its
+probability) and "Show colour classes" (a Labels layer of the most probable class: a visual aid, never a validated
+segmentation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from magicgui.widgets import Label, PushButton
+from napari.layers import Labels
+from napari.utils.colormaps import DirectLabelColormap
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QFrame, QScrollArea, QWidget
+
+from ..color import load_palette
+from ..errors import CTColorError
+from ..io import ColorVolume
+from ._layers import layer_attributes
+
+#: The legend lists classes that are the most probable one in at least this share of the volume's pixels.
+LEGEND_MIN_SHARE = 0.001
+#: The legend scrolls beyond this height (pixels): a long one would push the viewer's window off a 1080 px screen.
+LEGEND_MAX_HEIGHT = 160
+
+
+def scroll_within(widget: QWidget, max_height: int) -> None:
+    """Put ``widget`` (in a magicgui container's layout) into a scroll area at most ``max_height`` pixels high."""
+    layout = widget.parentWidget().layout()
+    index = layout.indexOf(widget)
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setMaximumHeight(max_height)
+    layout.insertWidget(index, scroll)
+    scroll.setWidget(widget)
+
+
+class ClassesAndPointer:
+    """The legend, Pointer and colour-class part of `ColorizeWidget` (a mixin: it uses the widget's ``_viewer``,
+    ``_kept``, ``ct_layer``, ``result_layer``, ``_palette``, ``_in_viewer`` and ``_closed``)."""
+
+    def _class_controls(self) -> list:
+        """Create the Pointer line, the legend and "Show colour classes"; returns them in their order in the dock."""
+        self.pointer = Label(label="Pointer", value="")
+        self.pointer.native.setWordWrap(True)  # long text wraps instead of widening the dock over the canvas
+        self.legend = Label(label="Legend", value="")
+        self.classes_button = PushButton(text="Show colour classes", enabled=False)
+        self.classes_button.changed.connect(self.show_classes)
+        return [self.pointer, self.legend, self.classes_button]
+
+    def _fill_legend(self, colour: ColorVolume) -> None:
+        """Swatches and names of the classes the volume shows, most common first, in the palette just composed."""
+        kept = self._kept
+        if kept is None:
+            return
+        try:
+            palette = self._palette()
+        except CTColorError:
+            return
+        if palette.name != colour.settings.get("palette"):
+            return  # a newer palette choice is being composed; its result fills the legend
+        rows = []
+        shares = sorted(kept.chroma.class_shares().items(), key=lambda item: -item[1])
+        for name, share in shares:
+            rgb = palette.class_rgb(name)
+            if share < LEGEND_MIN_SHARE or rgb is None:
+                continue
+            swatch = "#{:02x}{:02x}{:02x}".format(*rgb)
+            rows.append(f'<span style="background-color:{swatch}">&nbsp;&nbsp;&nbsp;&nbsp;</span> {name}')
+        self.legend.value = "<br>".join(rows)
+
+    def legend_names(self) -> list[str]:
+        """The class names the legend lists, in its order."""
+        return [row.rsplit("</span> ", 1)[1] for row in self.legend.value.split("<br>") if row]
+
+    def _on_cursor(self, _event=None) -> None:
+        """The pointer moved (napari's cursor position): show what is under it."""
+        if not self._closed:
+            self.pointer.value = self.pointer_line(self._viewer.cursor.position)
+
+    def pointer_line(self, world_position) -> str:
+        """What the Pointer line shows for a world position: the CT's HU there, the voxel's position in mm (LPS x,
+        y, z), its axial slice (napari's slider index) and, after Run, the colour class with its probability; ''
+        outside the CT."""
+        kept = self._kept
+        ct = kept.ct if kept is not None and self._in_viewer(kept.ct) else self.ct_layer.value
+        if ct is None or ct.multiscale:
+            return ""
+        index = np.round(np.asarray(ct.world_to_data(world_position), dtype=float)).astype(int)
+        shape = ct.data.shape
+        if index.size != len(shape) or not all(0 <= i < n for i, n in zip(index, shape, strict=True)):
+            return ""
+        hu = float(ct.data[tuple(index)])
+        lps = np.asarray(ct.data_to_world(index), dtype=float)[::-1]  # world (z, y, x) -> LPS x, y, z
+        position = ", ".join(f"{axis} {value:.1f}" for axis, value in zip("xyz", lps, strict=False))
+        parts = [f"HU {hu:.0f}", f"LPS {position} mm"]
+        if ct.ndim == 3:
+            parts.append(f"slice {index[0]}/{shape[0] - 1}")
+        if kept is not None and kept.ct is ct and self.result_layer is not None:
+            parts.append(self.describe(index))
+        return " | ".join(parts)
+
+    def describe(self, data_position) -> str:
+        """'<class> <probability> %' for a position in the result layer's data coordinates ('' outside it; no class
+        where the class layer shows none)."""
+        kept = self._kept
+        index = np.round(np.asarray(data_position, dtype=float)).astype(int)
+        if kept is None:
+            return ""
+        if index.size == 2:  # a 2D result layer shows the volume's only slice
+            index = np.concatenate(([0], index))
+        shape = kept.volume.shape
+        if index.size != 3 or not all(0 <= i < n for i, n in zip(index, shape, strict=True)):
+            return ""
+        name, probability = kept.chroma.class_at(*(int(i) for i in index), float(kept.volume.array[tuple(index)]))
+        if name == "air":  # what the class layer leaves clear: air, and the table or blankets outside the body
+            return "no colour (air or outside the body)"
+        return f"{name} {probability:.0%} (colour class, not a segmentation)"
+
+    def _class_colours(self) -> DirectLabelColormap:
+        """Each class label (1 + class index, `Chroma.most_probable`) in its colour under the current palette; the
+        air (0) and classes the palette does not colour are clear."""
+        classes = self._kept.chroma.classes
+        try:
+            palette = self._palette()
+        except CTColorError:
+            palette = load_palette("anatomical")
+        colours: dict[int | None, tuple[float, ...]] = {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0)}
+        for index, name in enumerate(classes, start=1):
+            rgb = palette.class_rgb(name)
+            colours[index] = (*(c / 255.0 for c in rgb), 1.0) if rgb is not None else (0.0, 0.0, 0.0, 0.0)
+        return DirectLabelColormap(color_dict=colours)
+
+    def show_classes(self, *_: Any) -> Labels | None:
+        """Add (or refresh) the Labels layer "<CT name> colour classes": the most probable class of each voxel."""
+        kept = self._kept
+        if kept is None or self.result_layer is None:
+            return None
+        name = f"{kept.ct.name} colour classes"
+        data = kept.chroma.most_probable(kept.volume.array)
+        if kept.ct.ndim == 2:
+            data = data[0]
+        features = {"index": np.arange(len(kept.chroma.classes) + 1), "colour_class": ["", *kept.chroma.classes]}
+        existing = next((lyr for lyr in self._viewer.layers if lyr.name == name), None)
+        if existing is not None:
+            self._viewer.layers.remove(existing)
+        placement = {k: v for k, v in layer_attributes(self.result_layer).items() if k != "metadata"}
+        layer = Labels(data, name=name, opacity=0.4, features=features, colormap=self._class_colours(), **placement)
+        self._viewer.layers.append(layer)
+        return layer

@@ -1,0 +1,335 @@
+"""The colorize widget's Run and recompose.
+
+Run: the network (`iter_predict_chroma`) and the composition (`iter_compose_chroma`) in one worker with the widget's
+progress bar; Cancel stops it between batches. The predicted colour-class probabilities (`Chroma`) are kept, so a
+change of palette, chroma strength or window only recomposes: the plane on screen at once in the main thread
+(`compose_plane`), then the whole volume in a worker on one CPU thread, coalescing fast slider moves. The result is
+the RGB layer "<CT name> colorized" at the CT's physical position, blended translucently over it; running again
+replaces it. A CT without a header that says contrast was given moves to the contrast window after Run when the
+blood the network names is enhanced and the CT still shows the window it opened in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from napari.layers import Image
+
+from ..color import Palette
+from ..engines.colorize import Chroma, compose_plane, iter_compose_chroma, iter_predict_chroma
+from ..engines.device import resolve_device
+from ..engines.steps import offset_steps
+from ..errors import CTColorError
+from ..io import ColorVolume, Volume
+from ..threads import at_most
+from ..windowing import Window, parse_window
+from ._jobs import Failed
+from ._layers import CONTRAST_WINDOW_KEY, META_KEY, layer_attributes, opening_window, placement
+from ._volume import contrast_window
+
+#: The colour layer's contrast limits: its RGB shown as composed.
+COLOUR_LIMITS = (0.0, 255.0)
+
+
+@dataclass
+class Kept:
+    """What a finished run leaves so that chroma and window changes only recompose.
+
+    Attributes:
+        volume: the CT the network saw (HU, geometry).
+        chroma: its predicted a*, b*.
+        ct: the CT layer; the result layer overlays it.
+        layer: the result RGB layer.
+    """
+
+    volume: Volume
+    chroma: Chroma
+    ct: Image
+    layer: Image
+
+
+class RunAndRecompose:
+    """The Run and recompose part of `ColorizeWidget` (a mixin: it uses the widget's controls, ``jobs``, ``_kept``,
+    ``_runs``, ``_closed`` and the window, legend and export parts)."""
+
+    def _start(self, steps, args: tuple, total: int, desc: str, on_result, is_compose: bool = False) -> None:
+        """Run a step generator function as the widget's job (`JobRunner`); Run may supersede a recompose, not another
+        run. A recompose requested meanwhile starts when it ends."""
+        worker = self.jobs.start(
+            steps, args, desc, on_result, total=total, run_stays_enabled=is_compose, then=self._after_job
+        )
+        worker.is_compose = is_compose
+
+    def _after_job(self) -> None:
+        if self._recompose_pending:
+            self._recompose_pending = False
+            self._recompose()
+
+    def _run(self, *_: Any) -> None:
+        if self.busy:
+            if not self.worker.is_compose:
+                return  # one network run at a time
+            self.worker.quit()  # a recompose of the previous result is moot now
+            self._recompose_pending = False
+        layer = self.ct_layer.value
+        if layer is None:
+            self._error("Colorize volume: open a CT first (a grey image layer)")
+            return
+        try:
+            volume = self._volume_of(layer)
+            model = self._model_spec()
+            window = self._window_spec()
+            parse_window(window, volume)
+            palette = self._palette()
+            device = str(resolve_device(self.device.value))
+        except CTColorError as exc:
+            self._error(str(exc))
+            return
+        batch_size = int(self.batch_size.value) or None
+        # A CT without a header that says contrast was given, still in the window it opened in: the worker looks for
+        # enhanced blood and, finding it, composes in the contrast window (`_adopt_contrast_window`).
+        limits = tuple(float(v) for v in layer.contrast_limits)
+        find_contrast = (
+            layer.ndim == 3
+            and not volume.meta.get("contrast")
+            and np.allclose(limits, opening_window(volume).limits, rtol=0, atol=0.5)
+        )
+        self._start(
+            self._colorize_steps,
+            (volume, model, device, batch_size, window, float(self.chroma.value), palette, find_contrast),
+            total=2 * volume.shape[0],
+            desc="Colorize volume",
+            on_result=lambda result: self._colorized(layer, volume, limits, result),
+        )
+
+    @staticmethod
+    def _colorize_steps(volume, model, device, batch_size, window, strength, palette, find_contrast=False):
+        """The network, then the composition, as one worker: yields (done, 2 Z), returns (Chroma, ColorVolume,
+        (median HU of the enhanced blood, its `contrast_window`) or None). With ``find_contrast``, where the network
+        names enhanced blood (`Chroma.enhanced_blood_hu`) the composition uses the contrast window."""
+        z = volume.shape[0]
+        try:
+            chroma = yield from offset_steps(iter_predict_chroma(volume, model, device, batch_size), 0, 2 * z)
+            found = None
+            if find_contrast:
+                blood = chroma.enhanced_blood_hu(volume.array, volume.spacing)
+                if blood is not None:
+                    found = (blood, contrast_window(volume.array, volume.spacing))
+                    window = tuple(found[1])
+            compose = iter_compose_chroma(volume, chroma, window, strength, device, palette)
+            colour = yield from offset_steps(compose, z, 2 * z)
+        except CTColorError as exc:
+            return Failed(str(exc))
+        return chroma, colour, found
+
+    @staticmethod
+    def _compose_steps(volume, chroma, window, strength, device, palette):
+        """Recompose only, on one CPU thread (the interface keeps a core while the reader drags the window, and the
+        plane on screen is recoloured already): yields (done, Z), returns the ColorVolume."""
+        try:
+            with at_most(1):
+                return (yield from iter_compose_chroma(volume, chroma, window, strength, device, palette))
+        except CTColorError as exc:
+            return Failed(str(exc))
+
+    def _recompose(self, *_: Any) -> None:
+        """Recolour the plane on screen at once, then recompose the whole volume from the kept chroma with the
+        current window, strength and palette in a worker; requests coalesce while one runs."""
+        if self._kept is None:
+            return
+        if self.result_layer is None:  # the user deleted the result: nothing to update
+            self._kept = None
+            return
+        kept = self._kept
+        try:
+            window = self._window_spec()
+            parse_window(window, kept.volume)
+            palette = self._palette()
+            device = str(resolve_device(self.device.value))
+        except CTColorError as exc:
+            self._error(str(exc))
+            return
+        if not self.busy and self._shown_settings() == self._current_settings():
+            return  # the colour shown was composed with these settings (the contrast window a run chose)
+        self._recolour_visible_plane(kept, window, device, palette)
+        if self.busy:
+            self._recompose_pending = True
+            if self.worker.is_compose:
+                self.worker.quit()  # its result is stale; the pending recompose starts when it has stopped
+            return
+        self._start(
+            self._compose_steps,
+            (kept.volume, kept.chroma, window, float(self.chroma.value), device, palette),
+            total=kept.volume.shape[0],
+            desc="Recompose colours",
+            on_result=lambda result: self._recomposed(kept, result),
+            is_compose=True,
+        )
+
+    def visible_plane(self) -> tuple[int, int] | None:
+        """(axis, index) of the kept CT's plane on screen in a 2D view of a 3D CT (axis 0 axial, 1 coronal, 2
+        sagittal, in the CT's array order), else None."""
+        kept, dims = self._kept, self._viewer.dims
+        if kept is None or kept.ct.ndim != 3 or dims.ndisplay != 2 or dims.ndim < 3:
+            return None
+        first = dims.ndim - 3  # the CT's axes are the viewer's last three
+        sliced = {first, first + 1, first + 2} - set(dims.order[-2:])
+        if len(sliced) != 1:
+            return None
+        axis = sliced.pop() - first
+        index = round(float(np.asarray(kept.ct.world_to_data(dims.point), dtype=float)[axis]))
+        return (axis, index) if 0 <= index < kept.volume.shape[axis] else None
+
+    def _recolour_visible_plane(self, kept: Kept, window, device: str, palette: Palette) -> None:
+        """Recolour the plane on screen at once, in the main thread (`compose_plane`: tens of milliseconds); the
+        recompose worker then replaces the whole volume with the same colours."""
+        plane = self.visible_plane()
+        layer = self.result_layer
+        if plane is None or layer is None:
+            return
+        axis, index = plane
+        try:
+            rgb = compose_plane(
+                kept.volume, kept.chroma, axis, index, window, float(self.chroma.value), device, palette
+            )
+        except CTColorError as exc:
+            self._error(str(exc))
+            return
+        where = [slice(None)] * 3
+        where[axis] = index
+        layer.data[tuple(where)] = rgb
+        layer.refresh()
+        self.recoloured_first = plane
+
+    def _colorized(self, ct: Image, volume: Volume, limits: tuple[float, float], result: tuple | Failed) -> None:
+        if self._closed:
+            return
+        if isinstance(result, Failed):
+            self._error(result.message)
+            return
+        if not self._in_viewer(ct):  # the CT layer was deleted during the run: no orphan result layer
+            self._say("Colorize volume: the CT layer was removed; result dropped")
+            return
+        chroma, colour, found = result
+        self._kept = Kept(volume, chroma, ct, self._show(ct, colour))
+        self._unlink(ct)
+        self._runs.append(self._kept)
+        ct.events.contrast_limits.connect(self._on_linked_window)
+        # The CT stays the selected layer: napari's status bar then shows its HU, not the colour layer's RGB, and
+        # its contrast slider is the window.
+        self._viewer.layers.selection.active = ct
+        self._fill_legend(colour)
+        self.classes_button.enabled = self.view_3d.enabled = True
+        self._enable_export(volume.meta)
+        if found is not None and np.allclose(ct.contrast_limits, limits, rtol=0, atol=0.5):
+            self._adopt_contrast_window(ct, *found)
+        # Settings changed while the network ran are applied now, from the kept chroma.
+        self._recompose_pending = self._recompose_pending or self._settings(colour) != self._current_settings()
+
+    def _adopt_contrast_window(self, ct: Image, blood: float, win: Window) -> None:
+        """A CT without a header that says contrast was given (NIfTI, NRRD, MHA) opens in its default window, where
+        contrast-filled vessels are white and can carry no colour. Where the network found the blood it names
+        enhanced and the CT still shows the window it opened in, the worker composed the colour in the contrast
+        window (`contrast_window`: the blood light grey, fat, muscle and organs in greys that carry colour); the CT
+        moves to it, the menu names it, and a notification says why."""
+        ct.metadata = {**ct.metadata, CONTRAST_WINDOW_KEY: tuple(win)}
+        if self.ct_layer.value is ct:
+            with self.window.changed.blocked():
+                self.window.reset_choices()
+        ct.contrast_limits = win.limits  # the widget follows; the colour was composed in it already
+        self._info(
+            f"{ct.name}: contrast-enhanced blood found (median {blood:.0f} HU); window {win.centre:g}/{win.width:g} "
+            "so that it shows grey and takes colour, as for a contrast CT"
+        )
+
+    def _recomposed(self, kept: Kept, result: ColorVolume | Failed) -> None:
+        if self._closed:
+            return
+        if isinstance(result, Failed):
+            self._error(result.message)
+            return
+        if self._kept is kept and self.result_layer is not None:
+            self._show(kept.ct, result)
+            self._fill_legend(result)
+
+    def _settings(self, colour: ColorVolume) -> tuple:
+        return self._settings_of(colour.settings)
+
+    @staticmethod
+    def _settings_of(settings: Mapping) -> tuple:
+        return (tuple(settings.get("window", ())), settings.get("chroma"), settings.get("palette"))
+
+    def _shown_settings(self) -> tuple:
+        """The settings the result layer's colour was composed with (from its metadata), () when unknown."""
+        layer = self.result_layer
+        settings = layer.metadata.get(META_KEY, {}).get("colorize") if layer is not None else None
+        return self._settings_of(settings) if isinstance(settings, Mapping) else ()
+
+    def _current_settings(self) -> tuple:
+        volume = self._kept.volume if self._kept is not None else None
+        try:
+            window = parse_window(self._window_spec(), volume)
+        except CTColorError:
+            return ()
+        try:
+            palette = self._palette().name
+        except CTColorError:
+            return ()
+        return ((window.centre, window.width), float(self.chroma.value), palette)
+
+    def _show(self, ct: Image, colour: ColorVolume) -> Image:
+        """Put ``colour`` into the layer "<CT name> colorized", replacing its data when it exists, else adding it."""
+        name = f"{ct.name} colorized"
+        if ct.ndim == 2:  # a 2D CT layer: one slice, placed by the CT layer's own 2D transforms
+            data = colour.rgb[0]
+            transforms = {k: np.asarray(v) for k, v in layer_attributes(ct).items() if k != "metadata"}
+        else:  # identity for whichever of scale/translate or affine `placement` leaves out
+            data = colour.rgb
+            transforms = {
+                "scale": np.ones(3),
+                "translate": np.zeros(3),
+                "rotate": np.eye(3),
+                "affine": np.eye(4),
+                **placement(colour),
+            }
+        metadata = {META_KEY: {"colorize": dict(colour.settings)}}
+        existing = next((lyr for lyr in self._viewer.layers if lyr.name == name), None)
+        if isinstance(existing, Image) and existing.rgb and existing.data.ndim == data.ndim:
+            existing.data = data
+            for key, value in transforms.items():
+                setattr(existing, key, value)
+            existing.metadata = {**existing.metadata, **metadata}
+            return existing
+        index = None
+        if existing is not None:  # same name but not ours to update in place (another kind of layer)
+            index = self._viewer.layers.index(existing)
+            self._viewer.layers.remove(existing)
+        layer = Image(
+            data,
+            name=name,
+            rgb=True,
+            blending="translucent",
+            opacity=float(self.opacity.value),
+            interpolation2d="linear",  # as the CT layer (`image_layer_data`): no blocky voxels, both alike
+            metadata=metadata,
+            **transforms,
+        )
+        layer.events.contrast_limits.connect(lambda _event: self._keep_full_range(layer))
+        layer.events.gamma.connect(lambda _event: self._keep_full_range(layer))
+        if index is None:
+            self._viewer.layers.append(layer)
+        else:
+            self._viewer.layers.insert(index, layer)
+        return layer
+
+    def _keep_full_range(self, layer: Image) -> None:
+        """The colour layer's own contrast limits and gamma stay at 0..255 and 1: its luminance is the CT's window
+        already, and stretching the RGB would distort both grey and colour. The window is the CT layer's."""
+        if tuple(layer.contrast_limits) != COLOUR_LIMITS or layer.gamma != 1.0:
+            with layer.events.contrast_limits.blocker(), layer.events.gamma.blocker():
+                layer.contrast_limits, layer.gamma = COLOUR_LIMITS, 1.0
+            layer.refresh()
+            self._say(f"{layer.name}: its contrast stays fixed; set the window on the CT layer or in this widget")

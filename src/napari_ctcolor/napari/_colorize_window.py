@@ -1,0 +1,255 @@
+"""The colorize widget's window: one setting shared with the CT layer.
+
+The widget's choice (a preset, one of the windows in the CT's DICOM header, the contrast window chosen for it, or
+custom centre/width) sets the CT layer's contrast limits; the layer's contrast limits (napari's slider, a right-drag
+on the canvas, another plugin) set the widget's choice. Both recompose the colour from the kept class probabilities
+(`_colorize_run`), never re-running the network. A colorized CT other than the chosen one keeps following its own
+window: changing it chooses that CT.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from magicgui.widgets import ComboBox, FloatSpinBox
+from napari.layers import Image
+
+from ..errors import CTColorError
+from ..windowing import PRESETS, Window, default_window
+from ._layers import CONTRAST_WINDOW_KEY, META_KEY
+
+DICOM_DEFAULT = "DICOM default"
+CUSTOM = "custom"
+#: Right-drag window/level: pixels of mouse travel that double the width or move the centre by one width.
+WINDOW_DRAG_PX = 200.0
+
+
+def preset_label(name: str) -> str:
+    """How a window preset is shown to the user: "CTA" for ``cta``, words for the others (``soft_tissue``)."""
+    return "CTA" if name == "cta" else name.replace("_", " ")
+
+
+def widen_contrast_range(layer: Image) -> None:
+    """Let a grey layer's contrast slider reach the whole of its data (napari limits it to the opening window when a
+    layer is given contrast limits), so a window can be dragged wider than the one it opened with."""
+    if not isinstance(layer.data, np.ndarray) or layer.data.size == 0:  # never load a lazy (dask, zarr) array here
+        return
+    low, high = float(np.nanmin(layer.data)), float(np.nanmax(layer.data))
+    range_low, range_high = layer.contrast_limits_range
+    if low < range_low or high > range_high:
+        layer.contrast_limits_range = (min(low, range_low), max(high, range_high))
+
+
+class WindowControl:
+    """The window part of `ColorizeWidget` (a mixin: it uses the widget's ``ct_layer``, ``_kept``, ``_runs``,
+    ``_closed``, ``_volume_of`` and ``_recompose``)."""
+
+    def _window_controls(self) -> list:
+        """Create the window menu and the custom centre/width fields; returns them in their order in the dock."""
+        # Choices from a callable: the chosen CT's own header windows are offered beside the presets.
+        self.window = ComboBox(label="Window", choices=self._window_choices, value=DICOM_DEFAULT)
+        self.centre_hu = FloatSpinBox(label="Centre (HU)", min=-5000, max=5000, step=5, value=40, enabled=False)
+        self.width_hu = FloatSpinBox(label="Width (HU)", min=1, max=10000, step=10, value=400, enabled=False)
+        self._filling = False  # True while the widget itself writes centre/width
+        self._syncing = False  # True while the widget and the CT layer's contrast limits update each other
+        self._watched: Image | None = None  # the CT layer whose contrast limits the window follows
+        self.window.changed.connect(self._on_window)
+        self.centre_hu.changed.connect(self._on_custom_window)
+        self.width_hu.changed.connect(self._on_custom_window)
+        return [self.window, self.centre_hu, self.width_hu]
+
+    def _window_spec(self) -> str | tuple[float, float] | None:
+        """The engine's window argument: None (the volume's DICOM default), a preset name, or (centre, width)."""
+        choice = self.window.value
+        if choice == DICOM_DEFAULT:
+            return None
+        if choice == CUSTOM:
+            return (float(self.centre_hu.value), float(self.width_hu.value))
+        header = self._header_windows().get(choice)
+        return tuple(header) if header is not None else choice
+
+    def _shown_window(self) -> Window | None:
+        """The window the current choice means for the chosen CT (else the kept one), for the centre/width fields."""
+        choice = self.window.value
+        if choice in PRESETS:
+            return PRESETS[choice]
+        if choice == DICOM_DEFAULT:
+            return self._dicom_default()
+        return self._header_windows().get(choice)
+
+    def _meta_of_ct(self) -> dict:
+        """The chosen CT layer's reader metadata (else the kept run's)."""
+        layer = self.ct_layer.value
+        if layer is not None:
+            meta = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
+            return meta if isinstance(meta, dict) else {}
+        return self._kept.volume.meta if self._kept is not None else {}
+
+    def _header_windows(self) -> dict[str, Window]:
+        """The chosen CT's own windows by choice name: its DICOM header's windows other than the first (which is
+        "DICOM default"), and the contrast window chosen for it (`CONTRAST_WINDOW_KEY`: as it opened, or after Run)."""
+        meta = self._meta_of_ct()
+        windows = [Window(*(float(v) for v in pair)) for pair in meta.get("windows", [])]
+        named = {f"DICOM {win.centre:g}/{win.width:g}": win for win in windows[1:] if win != windows[0]}
+        layer = self.ct_layer.value
+        contrast = layer.metadata.get(CONTRAST_WINDOW_KEY) if layer is not None else None
+        if contrast is not None:
+            win = Window(*(float(v) for v in contrast))
+            named[f"contrast {win.centre:g}/{win.width:g}"] = win
+        return named
+
+    def _window_choices(self, _widget=None) -> list[tuple[str, str]]:
+        """(shown name, value) of the window choices: DICOM default, the CT's own windows, presets, custom."""
+        header = [(name, name) for name in self._header_windows()]
+        presets = [(preset_label(name), name) for name in PRESETS]
+        return [(DICOM_DEFAULT, DICOM_DEFAULT), *header, *presets, (CUSTOM, CUSTOM)]
+
+    def _dicom_default(self) -> Window | None:
+        """The chosen CT's own default window (DICOM WindowCenter/Width, else the abdomen preset for CT)."""
+        layer = self.ct_layer.value
+        if layer is not None and isinstance(layer.data, np.ndarray):  # never load a lazy (dask, zarr) array here
+            try:
+                return default_window(self._volume_of(layer))
+            except CTColorError:
+                return None
+        return default_window(self._kept.volume) if self._kept is not None else None
+
+    def _fill_window_fields(self, *_: Any) -> None:
+        """Show the chosen window's centre/width (editable for "custom", which then starts from them)."""
+        custom = self.window.value == CUSTOM
+        self.centre_hu.enabled = self.width_hu.enabled = custom
+        shown = None if custom else self._shown_window()
+        if shown is not None:
+            self._filling = True
+            try:
+                self.centre_hu.value, self.width_hu.value = shown.centre, shown.width
+            finally:
+                self._filling = False
+
+    def _on_window(self, _choice: str) -> None:
+        self._fill_window_fields()
+        self._push_window()
+        self._recompose()
+
+    def _on_custom_window(self, _value=None) -> None:
+        if self.window.value == CUSTOM and not self._filling:
+            self._push_window()
+            self._recompose()
+
+    def _watch_ct(self, *_: Any) -> None:
+        """Follow the chosen CT layer's contrast limits, starting from what it shows now."""
+        layer = self.ct_layer.value
+        if layer is self._watched:
+            return
+        self._unwatch()
+        self._watched = layer
+        self._kept = next((run for run in self._runs if run.ct is layer), self._kept)
+        with self.window.changed.blocked():
+            self.window.reset_choices()  # this CT's header windows
+        if layer is not None:
+            widen_contrast_range(layer)
+            layer.events.contrast_limits.connect(self._on_ct_contrast)
+            self._on_ct_contrast()
+        else:
+            self._fill_window_fields()
+
+    def _unwatch(self) -> None:
+        if self._watched is not None:
+            self._watched.events.contrast_limits.disconnect(self._on_ct_contrast)
+            self._watched = None
+
+    def _choice_for(self, win: Window) -> str:
+        """The window choice that means ``win`` for the chosen CT: the current one when it still fits, else the DICOM
+        default, a preset, or custom."""
+
+        def same(other: Window | None) -> bool:
+            return other is not None and np.allclose(other, win, rtol=0, atol=1e-3 * max(win.width, 1.0))
+
+        current, default = self.window.value, self._dicom_default()  # the default once: a slider drag calls this often
+        named = {**self._header_windows(), **PRESETS}
+        if current in named and same(named[current]) or current == DICOM_DEFAULT and same(default):
+            return current
+        if same(default):
+            return DICOM_DEFAULT
+        return next((name for name, preset in named.items() if same(preset)), CUSTOM)
+
+    def _on_ct_contrast(self, *_: Any) -> None:
+        """The CT layer's contrast limits changed: show that window in the widget and recompose the colour."""
+        layer = self._watched
+        if self._syncing or layer is None:
+            return
+        low, high = (float(v) for v in layer.contrast_limits)
+        win = Window((low + high) / 2, max(high - low, 1e-6))
+        choice = self._choice_for(win)
+        with self.window.changed.blocked():
+            self.window.value = choice
+        if choice == CUSTOM:
+            self._filling = True
+            try:
+                self.centre_hu.value, self.width_hu.value = win.centre, win.width
+            finally:
+                self._filling = False
+        self._fill_window_fields()
+        if self._kept is not None and self._kept.ct is layer:
+            self._recompose()
+
+    def _window_drag(self, viewer, event):
+        """Right-drag on the canvas (2D): window/level of the chosen CT layer, as on a PACS workstation. Rightwards
+        widens the window (x2 per `WINDOW_DRAG_PX` pixels), leftwards narrows it; downwards raises its centre (the
+        image darkens, one starting width per `WINDOW_DRAG_PX`), upwards lowers it. The colour follows as for any
+        window change. napari's camera, which zooms on a right-drag, is held meanwhile."""
+        layer = self._watched
+        if event.button != 2 or layer is None or viewer.dims.ndisplay != 2:
+            return
+        low, high = (float(v) for v in layer.contrast_limits)
+        centre, width = (low + high) / 2, high - low
+        start = np.asarray(event.pos, dtype=float)
+        viewer.camera.mouse_pan = False
+        try:
+            yield
+            while event.type == "mouse_move":
+                dx, dy = np.asarray(event.pos, dtype=float) - start
+                win = Window(centre + dy * width / WINDOW_DRAG_PX, max(1.0, width * 2.0 ** (dx / WINDOW_DRAG_PX)))
+                range_low, range_high = layer.contrast_limits_range
+                low, high = win.limits
+                if low < range_low or high > range_high:
+                    layer.contrast_limits_range = (min(low, range_low), max(high, range_high))
+                layer.contrast_limits = win.limits
+                yield
+        finally:
+            viewer.camera.mouse_pan = True
+
+    def _push_window(self) -> None:
+        """Show the widget's window on the CT layer (its contrast limits)."""
+        layer = self._watched
+        if self._syncing or layer is None:
+            return
+        if self.window.value == CUSTOM:
+            win = Window(float(self.centre_hu.value), float(self.width_hu.value))
+        else:
+            win = self._shown_window()
+        if win is None:
+            return
+        low, high = win.limits
+        self._syncing = True
+        try:
+            range_low, range_high = layer.contrast_limits_range
+            if low < range_low or high > range_high:  # a window wider than the data (lung on a cropped CT)
+                layer.contrast_limits_range = (min(low, range_low), max(high, range_high))
+            layer.contrast_limits = (low, high)
+        finally:
+            self._syncing = False
+
+    def _unlink(self, ct: Image) -> None:
+        """Forget ``ct``'s run: its colour layer no longer follows its window."""
+        if any(run.ct is ct for run in self._runs):
+            self._runs = [run for run in self._runs if run.ct is not ct]  # by identity: runs hold arrays
+            ct.events.contrast_limits.disconnect(self._on_linked_window)
+
+    def _on_linked_window(self, event) -> None:
+        """The window of a colorized CT other than the chosen one changed: choose that CT, whose run then recomposes
+        its colour layer (as for the chosen CT), so no colour layer is left with a stale window."""
+        layer = event.source
+        if layer is not self._watched and not self._closed and any(run.ct is layer for run in self._runs):
+            self.ct_layer.value = layer

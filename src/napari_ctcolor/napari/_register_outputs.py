@@ -1,0 +1,384 @@
+"""The "Register & checkerboard" widget's output layers: the warped image (and its colorized twin), the difference,
+the Jacobian, the checkerboard and its tile edges, each placed with the fixed layer's transforms and replaced in
+place on a re-run; and the summary of the run's numbers. The tile slider and the colour toggle only redraw the
+checkerboard from the kept run; the difference follows the fixed layer's window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from magicgui.widgets import CheckBox, FloatSlider, Label
+from napari.layers import Image
+from napari.utils import Colormap
+from qtpy.QtCore import QTimer
+from superqt.utils import qdebounced
+
+from ..engines.checkerboard import checkerboard, checkerboard_mask
+from ..engines.register import RegistrationResult
+from ..io import ColorVolume, Volume
+from ._layers import META_KEY
+
+CHECKERBOARD, DIFFERENCE, JACOBIAN, EDGES = "checkerboard", "difference", "Jacobian", "tile edges"
+#: det J shown on [0, 2]: clear at 1 (volume kept), magenta where the moving image is compressed, green where stretched.
+JACOBIAN_LIMITS = (0.0, 2.0)
+#: Overlays drawn over the CT: transparent where nothing changed, opaque at the ends of their range.
+DIFFERENCE_COLORMAP = Colormap(
+    [[0.15, 0.35, 1.0, 1.0], [0.15, 0.35, 1.0, 0.0], [1.0, 0.2, 0.1, 0.0], [1.0, 0.2, 0.1, 1.0]],
+    controls=[0.0, 0.5, 0.5, 1.0],
+    name="ctcolor difference",  # blue: warped brighter, red: fixed brighter (the summary says so)
+)
+JACOBIAN_COLORMAP = Colormap(
+    [[0.85, 0.1, 0.75, 1.0], [0.85, 0.1, 0.75, 0.0], [0.1, 0.7, 0.2, 0.0], [0.1, 0.7, 0.2, 1.0]],
+    controls=[0.0, 0.5, 0.5, 1.0],
+    name="ctcolor Jacobian",  # magenta: compressed, green: expanded (the summary says so)
+)
+OVERLAY_OPACITY = 0.8
+#: Thin yellow lines where the checkerboard's tiles meet: once aligned, fixed and warped tiles look alike.
+EDGES_OPACITY = 0.35
+EDGES_COLORMAP = Colormap(
+    [[1.0, 0.85, 0.1, 0.0], [1.0, 0.85, 0.1, 1.0]], controls=[0.0, 1.0], name="ctcolor tile edges"
+)
+
+
+@dataclass
+class Inputs:
+    """What one run registers, read from the layers in the main thread.
+
+    Attributes:
+        fixed, moving: the grey volumes (own units, physical geometry).
+        fixed_colour: the fixed layer's colorized twin, if any (any grid; resampled onto the fixed one in the worker).
+        moving_colour: the moving layer's colorized twin, when it is to be warped too.
+        moving_name, moving_colour_name: layer names, for the output layers' names.
+        moving_limits: the moving layer's contrast limits, copied to the warped layer.
+    """
+
+    fixed: Volume
+    moving: Volume
+    fixed_colour: ColorVolume | None
+    moving_colour: ColorVolume | None
+    moving_name: str
+    moving_colour_name: str | None
+    moving_limits: tuple[float, float]
+
+
+@dataclass
+class Output:
+    """What the worker returns: the engine's result and what is derived from it off the main thread (the colours,
+    the first difference)."""
+
+    result: RegistrationResult
+    fixed_colour: ColorVolume | None
+    warped_colour: ColorVolume | None
+    difference: np.ndarray | None = None  # `windowed_difference` under the fixed layer's window at run time
+
+
+@dataclass
+class Kept:
+    """A finished run, kept so that the tile slider and the colour toggle only redraw the checkerboard.
+
+    Attributes:
+        inputs: what was registered.
+        output: the worker's output.
+        transforms: the fixed layer's scale/translate/rotate/affine at run time (every output layer gets them).
+        fixed_limits: the fixed layer's contrast limits at run time.
+        two_d: the fixed layer is 2D; output layers then show the single slice.
+        fixed_layer: the fixed grey layer; the difference follows its window.
+    """
+
+    inputs: Inputs
+    output: Output
+    transforms: dict[str, np.ndarray]
+    fixed_limits: tuple[float, float]
+    two_d: bool
+    fixed_layer: Image
+
+
+def grey_as_colour(volume: Volume, limits: tuple[float, float]) -> ColorVolume:
+    """``volume`` windowed to ``limits`` (the layer's contrast limits) as grey sRGB, for a colour checkerboard."""
+    low, high = limits
+    grey = np.clip((volume.array.astype(np.float32) - low) / max(high - low, 1e-6), 0.0, 1.0)
+    value = np.rint(grey * 255).astype(np.uint8)
+    return ColorVolume.on_grid_of(volume, np.repeat(value[..., None], 3, axis=-1))
+
+
+class RegisterOutputs:
+    """The output part of `RegisterWidget` (a mixin: it uses the widget's ``_viewer``, ``_kept``, ``_closed``,
+    ``_layers`` and ``warp_colour``)."""
+
+    def _output_controls(self) -> tuple[FloatSlider, CheckBox, Label]:
+        """Create the tile slider, "Checkerboard before registration" and the summary line."""
+        self.tile_mm = FloatSlider(label="Tile (mm)", min=2.0, max=100.0, step=1.0, value=20.0)
+        self.before = CheckBox(
+            text="Checkerboard before registration",
+            value=False,
+            tooltip="fixed against the moving image as it was (on the fixed grid): what the registration corrected",
+        )
+        self.summary = Label(value="")
+        self.summary.native.setWordWrap(True)  # long text wraps instead of widening the dock over the canvas
+        self._turns = 0  # steps of showing a result still to run (`_in_turns`)
+        self._edges_hidden_for_3d = False  # the 3D view hid the tile edges the user had shown
+        # The difference follows the fixed layer's window, redrawn once a slider drag pauses (a volume's worth).
+        self._window_changed = qdebounced(self._redraw_difference, timeout=200)
+        self.tile_mm.changed.connect(self._redraw_checkerboard)
+        self.before.changed.connect(self._redraw_checkerboard)
+        return self.tile_mm, self.before, self.summary
+
+    def _show(self, then: Callable[[], Any] | None = None) -> None:
+        """Show the kept run: warped, difference, Jacobian, checkerboard (on top), and the numbers; then ``then``.
+
+        napari adds a layer in about 0.1 s of the main thread (its visual, its controls), so the layers are added one
+        per turn of the event loop: the viewer repaints and answers the mouse in between (`_in_turns`)."""
+        kept = self._kept
+        inputs, output = kept.inputs, kept.output
+        result = output.result
+        overlay = {"opacity": OVERLAY_OPACITY, "colorbar": True, "hide": True}
+        warped = f"{inputs.moving_name} warped"
+        steps = [lambda: self._put(warped, result.warped.array, "warped", limits=inputs.moving_limits)]
+        if output.warped_colour is not None:
+            steps.append(
+                lambda: self._put(
+                    f"{inputs.moving_colour_name} warped", output.warped_colour.rgb, "warped colour", rgb=True
+                )
+            )
+        steps += [
+            self._redraw_difference,
+            lambda: self._put(
+                JACOBIAN,
+                result.jacobian.array,
+                "jacobian",
+                limits=JACOBIAN_LIMITS,
+                colormap=JACOBIAN_COLORMAP,
+                **overlay,
+            ),
+            lambda: self._redraw_checkerboard(edges=False),
+            self._redraw_edges,
+            self._summarise,
+        ]
+        if then is not None:
+            steps.append(then)
+        self._in_turns(kept, steps)
+
+    def _in_turns(self, kept: Kept, steps: list[Callable[[], Any]]) -> None:
+        """Run ``steps`` one per turn of the Qt event loop, from the next one on (the worker's last signals are
+        handled first), while ``kept`` is still the run shown."""
+        self._turns = len(steps)
+
+        def turn() -> None:
+            if self._closed or self._kept is not kept or not steps:
+                self._turns = 0
+                return
+            steps.pop(0)()
+            self._turns = len(steps)
+            if steps:
+                QTimer.singleShot(0, turn)
+
+        QTimer.singleShot(0, turn)
+
+    def _summarise(self) -> None:
+        """Select the checkerboard and write the kept run's numbers."""
+        # The checkerboard, on top, is what the user reads first (its HU in the status bar), not the hidden tile edges
+        # that were appended last.
+        self._viewer.layers.selection.active = next(lyr for lyr in self._layers() if lyr.name == CHECKERBOARD)
+        m = self._kept.output.result.metrics
+        spread = m.get("jacobian_body_p1_p99", (1.0, 1.0))
+        prealigned = f" (affine {m['ncc_prealigned']:.3f})" if "ncc_prealigned" in m else ""
+        warnings = "".join(f"<br>⚠ {html.escape(w)}" for w in m.get("warnings", []))
+        self.summary.value = (
+            f"NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}{prealigned}"
+            f" | folding {100 * m['folding_fraction']:.3f} %"
+            f" | {m['seconds']:.1f} s ({m['device']}, pre-alignment {'on' if m['affine'] else 'off'},"
+            f" refine {m['refine_iterations']})"
+            f"{warnings}"
+            "<br>difference = fixed - warped (HU within the fixed layer's window): red where the fixed image is"
+            " brighter, blue where the warped is"
+            "<br>Jacobian det J: 1 unchanged, &lt; 1 compressed (magenta), &gt; 1 expanded (green), &le; 0 folded"
+            f"; in the body {spread[0]:.2f}-{spread[1]:.2f} (1st-99th percentile). A rigid or affine motion alone is"
+            " 1 everywhere: colour is the field's own local deformation, real or fitted to noise and contrast"
+            " (vessel lumens), not the interpolation of the moved scan"
+        )
+
+    def _follow_window(self, layer: Image | None) -> None:
+        """Redraw the difference when ``layer``'s (the fixed layer's) window changes; None: stop following."""
+        kept = self._kept
+        if kept is not None:
+            with contextlib.suppress(TypeError, ValueError):  # never connected (a run that failed) or already gone
+                kept.fixed_layer.events.contrast_limits.disconnect(self._window_changed)
+        if layer is not None:
+            layer.events.contrast_limits.connect(self._window_changed)
+
+    def _redraw_difference(self) -> None:
+        """The difference layer under the fixed layer's current window, opaque at +- half its width, clear at 0."""
+        kept = self._kept
+        if kept is None or self._closed:
+            return
+        limits = tuple(float(v) for v in kept.fixed_layer.contrast_limits)
+        difference = kept.output.difference
+        if difference is None or limits != kept.fixed_limits:  # the worker's was for the window at run time
+            difference = windowed_difference(kept.inputs.fixed.array, kept.output.result.warped.array, limits)
+        kept.output.difference = None  # shown once; a redraw follows the window
+        half = 0.5 * (limits[1] - limits[0])
+        self._put(
+            DIFFERENCE,
+            difference,
+            "difference",
+            limits=(-half, half),
+            colormap=DIFFERENCE_COLORMAP,
+            opacity=OVERLAY_OPACITY,
+            colorbar=True,
+            hide=True,
+        )
+
+    def _redraw_checkerboard(self, *_: Any, edges: bool = True) -> None:
+        """The checkerboard of the kept result at the current tile size (colour when the warped colours exist), and
+        with ``edges`` its tile outlines."""
+        kept = self._kept
+        if kept is None:
+            return
+        output, tile_mm, inputs = kept.output, float(self.tile_mm.value), kept.inputs
+        before = bool(self.before.value)  # the moving image as it was, resampled onto the fixed grid by position
+        if output.warped_colour is not None and self.warp_colour.value:
+            fixed_colour = output.fixed_colour or grey_as_colour(inputs.fixed, kept.fixed_limits)
+            other = inputs.moving_colour if before else output.warped_colour
+            board = checkerboard(fixed_colour, other, tile_mm)
+            self._put(CHECKERBOARD, board.rgb, "checkerboard", rgb=True)
+        else:
+            board = checkerboard(inputs.fixed, inputs.moving if before else output.result.warped, tile_mm)
+            self._put(CHECKERBOARD, board.array, "checkerboard", limits=kept.fixed_limits)
+        if edges:
+            self._redraw_edges()
+
+    def _redraw_edges(self, *_: Any) -> None:
+        """The tile outlines in the plane on screen: lines along the two displayed axes, none across the slice (a
+        slice on a tile boundary would otherwise light up entirely).
+
+        The layer is added hidden (outlines sit where the eye looks for steps between tiles); its visibility is the
+        user's, except that a shown layer is hidden in 3D and shown again on return to 2D.
+        """
+        kept = self._kept
+        if kept is None or self._closed:
+            return
+        dims = self._viewer.dims
+        shown = [axis - (dims.ndim - 3) for axis in dims.order[-2:]] if dims.ndim >= 3 else [1, 2]
+        axes = [1, 2] if kept.two_d else [a for a in shown if 0 <= a < 3]
+        edges = tile_edges(kept.inputs.fixed, float(self.tile_mm.value), axes)
+        layer = self._put(
+            EDGES, edges, "tile edges", limits=(0.0, 1.0), colormap=EDGES_COLORMAP, opacity=EDGES_OPACITY, hide=True
+        )
+        if dims.ndisplay == 3 and layer.visible:
+            layer.visible = False
+            self._edges_hidden_for_3d = True
+        elif dims.ndisplay == 2 and self._edges_hidden_for_3d:
+            layer.visible = True
+            self._edges_hidden_for_3d = False
+
+    def _put(
+        self,
+        name: str,
+        data: np.ndarray,
+        role: str,
+        rgb: bool = False,
+        limits: tuple[float, float] | None = None,
+        colormap: str | Colormap = "gray",
+        hide: bool = False,
+        opacity: float | None = None,
+        colorbar: bool = False,
+    ) -> Image:
+        """Show ``data`` (on the fixed grid) in the layer ``name``: its data replaced when it exists, else added.
+
+        Args:
+            name: layer name; a re-run updates the same layer, never stacks another.
+            data: (Z, Y, X) or (Z, Y, X, 3) uint8 with ``rgb``.
+            role: recorded in the layer metadata (the derived roles are not offered as inputs).
+            limits: contrast limits of a grey layer.
+            colormap: of a grey layer.
+            hide: add the layer hidden (the checkerboard is what the user looks at first).
+            opacity: draw the layer translucently over the CT with this opacity (an overlay whose colormap is clear
+                where nothing changed); None: napari's default blending.
+            colorbar: show the colormap's colour bar on a new layer.
+        """
+        kept = self._kept
+        if kept.two_d:
+            data = data[0]
+        metadata = {META_KEY: {"register": role, "metrics": plain_metrics(kept.output.result.metrics)}}
+        style = {} if rgb else {"contrast_limits": limits, "colormap": colormap}
+        if opacity is not None:
+            style.update(blending="translucent", opacity=opacity)
+        existing = next((lyr for lyr in self._layers() if lyr.name == name), None)
+        if existing is not None and existing.rgb == rgb and existing.data.ndim == data.ndim:
+            existing.data = data
+            for key, value in kept.transforms.items():
+                setattr(existing, key, value)
+            if not rgb:
+                existing.contrast_limits_range = value_range(data, limits)
+            for key, value in style.items():
+                setattr(existing, key, value)
+            existing.metadata = {**existing.metadata, **metadata}
+            return existing
+        index = None
+        if existing is not None:  # same name but another kind of layer: replace it where it was
+            index = list(self._viewer.layers).index(existing)
+            self._viewer.layers.remove(existing)
+        # Linear in-plane sampling as the CT layers (no blocky voxels); the tile edges stay one-voxel lines.
+        interpolation = "nearest" if role == "tile edges" else "linear"
+        layer = Image(
+            data,
+            name=name,
+            rgb=rgb,
+            visible=not hide,
+            metadata=metadata,
+            interpolation2d=interpolation,
+            **style,
+            **kept.transforms,
+        )
+        if not rgb:
+            layer.contrast_limits_range = value_range(data, limits)
+            layer.contrast_limits = limits
+        layer.colorbar.visible = colorbar
+        if index is None:
+            self._viewer.layers.append(layer)
+        else:
+            self._viewer.layers.insert(index, layer)
+        return layer
+
+
+def tile_edges(grid: Volume, tile_mm: float, axes: Sequence[int] = (1, 2)) -> np.ndarray:
+    """uint8 (Z, Y, X): 1 on the first voxel of each new checkerboard tile along any of ``axes`` (array axes), else 0.
+
+    With the two axes of the displayed plane, a slice shows the tiles' outlines as one-voxel lines.
+    """
+    mask = checkerboard_mask(grid.shape, grid.spacing, tile_mm)
+    edges = np.zeros(mask.shape, dtype=bool)
+    for axis in axes:
+        ahead = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
+        behind = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
+        edges[ahead] |= mask[ahead] != mask[behind]
+    return edges.view(np.uint8)
+
+
+def windowed_difference(fixed: np.ndarray, warped: np.ndarray, limits: tuple[float, float]) -> np.ndarray:
+    """float32 fixed - warped (HU) with both clipped to the window ``limits``: the difference of what that window
+    shows (two voxels both below or both above it differ by 0)."""
+    low, high = limits
+    return np.clip(fixed, low, high, dtype=np.float32) - np.clip(warped, low, high, dtype=np.float32)
+
+
+def value_range(data: np.ndarray, limits: tuple[float, float]) -> tuple[float, float]:
+    """A contrast-limits range covering both the data and the chosen limits (so the limits are never clipped)."""
+    if not data.size:
+        return limits
+    low, high = float(data.min()), float(data.max())
+    if not (np.isfinite(low) and np.isfinite(high)):  # the engine's outputs are finite: only then the slower pass
+        finite = data[np.isfinite(data)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else limits
+    return min(low, limits[0]), max(high, limits[1])
+
+
+def plain_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics without nested containers napari would have to copy on every metadata event."""
+    return {key: value for key, value in metrics.items() if isinstance(value, str | int | float | bool)}

@@ -1,0 +1,140 @@
+"""The napari front end in a real viewer (Xvfb + Mesa): reader, writer, sample data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from napari_ctcolor.io import read_volume, write_nifti
+from napari_ctcolor.napari._reader import get_reader
+
+from conftest import CT_DIR, SHARED_DATA, require_shared, rotated_volume
+
+PLUGIN = "napari-ctcolor"
+
+
+def test_dropping_the_dicom_folder_gives_one_hu_layer_at_physical_scale(make_napari_viewer, dicom_series):
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(dicom_series), plugin=PLUGIN)
+    assert len(layers) == 1 and len(viewer.layers) == 1
+    layer = viewer.layers[0]
+    assert layer.data.shape == (20, 512, 512)
+    np.testing.assert_allclose(layer.scale, (2.0, 0.9765625, 0.9765625))
+    np.testing.assert_allclose(layer.translate, (-804.5, -437.51171875, -249.51171875))
+    # Contrast-enhanced (ContrastBolusAgent in its header): opened with its contrast-filled vessels mid-grey. The
+    # reference is the TotalSegmentator segmentation of its portal and splenic veins and its inferior vena cava
+    # (portal-venous phase, median 100-120 HU): light grey under the header's 40 / 300 (measured 0.71), mid-grey now
+    # (measured 0.42); an arterial phase's 300-400 HU would be white under the header's window.
+    labels = read_volume(require_shared(CT_DIR / "totalseg-abdomen-dicom-labels.nii.gz")).array
+    names = json.loads((CT_DIR / "totalseg-v2-label-names.json").read_text())
+    veins = np.isin(
+        labels, [int(k) for k, v in names.items() if v in ("portal_vein_and_splenic_vein", "inferior_vena_cava")]
+    )
+    low, high = layer.contrast_limits
+    grey = (np.median(layer.data[veins]) - low) / (high - low)
+    header_grey = (np.median(layer.data[veins]) + 110.0) / 300.0
+    print(
+        f"\nopening window {low:g}..{high:g} HU: the veins' median at grey {grey:.2f} (header window {header_grey:.2f})"
+    )
+    assert veins.sum() > 1000 and 0.3 <= grey <= 0.6 and header_grey > grey + 0.2
+    meta = layer.metadata["ctcolor"]
+    assert meta["contrast"] == "APPLIED" and meta["window"] == (40.0, 300.0)
+    assert meta["windows"] == [(40.0, 300.0), (300.0, 1500.0)]
+    assert layer.name == "CT Body 3.0"
+    assert layer.data.min() == -1024  # HU, not stored values
+
+
+def test_oblique_nifti_keeps_its_geometry_in_the_layer(make_napari_viewer, tmp_path):
+    vol = rotated_volume()
+    path = write_nifti(vol, tmp_path / "oblique.nii.gz")
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin=PLUGIN)
+    layer = viewer.layers[0]
+    ref = sitk.ReadImage(str(path))
+    for index_xyz in [(0, 0, 0), (5, 4, 3), (1, 2, 3)]:
+        world_zyx = layer.data_to_world(index_xyz[::-1])
+        np.testing.assert_allclose(world_zyx[::-1], ref.TransformIndexToPhysicalPoint(index_xyz), atol=1e-4)
+
+
+def test_labels_overlay_the_ct_in_the_viewer_despite_the_flipped_direction(make_napari_viewer, dicom_series):
+    labels_path = require_shared(CT_DIR / "totalseg-abdomen-dicom-labels.nii.gz")
+    viewer = make_napari_viewer()
+    ct = viewer.open(str(dicom_series), plugin=PLUGIN)[0]
+    labels = viewer.open(str(labels_path), plugin=PLUGIN)[0]
+    # The same world point must land on voxels that the resampled label map and the CT share.
+    world = ct.data_to_world((10, 300, 200))
+    k, j, i = np.round(labels.world_to_data(world)).astype(int)
+    assert (k, j, i) == (10, 511 - 300, 200)
+
+
+def test_writer_saves_an_image_layer_to_nifti_with_its_geometry(make_napari_viewer, tmp_path, dicom_series):
+    viewer = make_napari_viewer()
+    viewer.open(str(dicom_series), plugin=PLUGIN)
+    out = tmp_path / "ct.nii.gz"
+    written = viewer.layers.save(str(out), plugin=PLUGIN)
+    assert written == [str(out)]
+    saved, original = read_volume(out), read_volume(dicom_series)
+    np.testing.assert_array_equal(saved.array, original.array)
+    np.testing.assert_allclose(saved.affine, original.affine, atol=1e-4)
+
+
+def test_reader_declines_files_it_does_not_read(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert get_reader(str(tmp_path / "notes.txt")) is None
+    assert get_reader(str(tmp_path)) is None  # a folder without DICOM
+
+
+def test_ct_small_sample_is_the_real_pydicom_slice(make_napari_viewer):
+    from napari_ctcolor.napari._sample_data import ct_small_path
+
+    if ct_small_path() is None:
+        pytest.skip("this pydicom does not ship CT_small.dcm")
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "ct_small")
+    layer = viewer.layers[0]
+    assert layer.data.shape == (1, 128, 128)
+    assert layer.data.min() < -800 and layer.data.max() > 1000
+
+
+def test_phantom_sample_adds_ct_and_labels(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "phantom")
+    assert [type(layer).__name__ for layer in viewer.layers] == ["Image", "Labels"]
+    ct, labels = viewer.layers
+    assert ct.data.shape == labels.data.shape
+    np.testing.assert_allclose(ct.scale, labels.scale)
+
+
+def test_reader_orders_permuted_axes_along_lps_and_keeps_every_voxel_in_place(make_napari_viewer):
+    # The OASIS brains are stored LIA (array axes permuted against LPS): napari could not display them as stored.
+    path = require_shared(SHARED_DATA / "symnet-oasis" / "image_A_full_size.nii.gz")
+    viewer = make_napari_viewer()
+    layer = viewer.open(str(path), plugin=PLUGIN)[0]
+    image = sitk.ReadImage(str(path))  # the independent reading of the file, indices in its stored order
+    for index in [(0, 0, 0), (159, 10, 200), (80, 96, 112), (3, 191, 17)]:
+        point = np.array(image.TransformIndexToPhysicalPoint(index))  # LPS (x, y, z) mm
+        data_index = np.round(layer.world_to_data(point[::-1])).astype(int)  # the layer's world is (z, y, x)
+        assert layer.data[tuple(data_index)] == pytest.approx(image.GetPixel(index)), index
+
+
+@pytest.mark.parametrize("sample", ["phantom", "ct_small"])
+def test_a_sample_opened_beside_a_patient_is_in_view(make_napari_viewer, dicom_series, sample):
+    from napari_ctcolor.napari._sample_data import ct_small_path
+
+    if sample == "ct_small" and ct_small_path() is None:
+        pytest.skip("this pydicom does not ship CT_small.dcm")
+    viewer = make_napari_viewer()
+    patient = viewer.open(str(dicom_series), plugin=PLUGIN)[0]
+    viewer.dims.set_point(0, patient.extent.world[0][0])  # the patient's first slice, far from the sample's
+    added = viewer.open_sample(PLUGIN, sample)
+    extent = added[0].extent.world  # (2, 3): world min and max, z y x
+    # The slider shows one of the sample's slices, and the camera centre is inside its displayed extent.
+    shown = round(float(added[0].world_to_data(viewer.dims.point)[0]))
+    assert 0 <= shown < added[0].data.shape[0], (shown, viewer.dims.point)
+    for axis, centre in zip(viewer.dims.displayed, viewer.camera.center[-2:], strict=True):
+        assert extent[0][axis] <= centre <= extent[1][axis], (axis, centre, extent)
+    # Once the sample's layers arrived, no handler of ours stays connected (as many as a fresh viewer has).
+    assert len(viewer.layers.events.inserted.callbacks) == len(make_napari_viewer().layers.events.inserted.callbacks)

@@ -1,0 +1,78 @@
+"""NIfTI (nibabel) and MHA/NRRD (SimpleITK) reading and writing, checked against SimpleITK's reading."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from napari_ctcolor.io import InputError, Volume, read_volume, write_nifti
+
+from conftest import CT_DIR, require_shared, rotated_volume
+
+
+@pytest.mark.parametrize("name", ["totalseg-body-3mm.nii.gz", "totalseg-abdomen-dicom-labels.nii.gz"])
+def test_nifti_geometry_and_values_match_simpleitk(name):
+    path = require_shared(CT_DIR / name)
+    vol = read_volume(path)
+    ref = sitk.ReadImage(str(path))
+    np.testing.assert_array_equal(vol.array, sitk.GetArrayFromImage(ref))
+    np.testing.assert_allclose(vol.spacing[::-1], ref.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(vol.origin, ref.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(vol.direction.flatten(), ref.GetDirection(), atol=1e-6)
+
+
+def test_nifti_round_trip_keeps_array_and_affine_exactly(tmp_path):
+    path = require_shared(CT_DIR / "totalseg-body-3mm.nii.gz")
+    first = read_volume(path)
+    write_nifti(first, tmp_path / "copy.nii.gz")
+    second = read_volume(tmp_path / "copy.nii.gz")
+    np.testing.assert_array_equal(second.array, first.array)
+    assert second.array.dtype == first.array.dtype
+    np.testing.assert_array_equal(nib.load(tmp_path / "copy.nii.gz").affine, nib.load(path).affine)
+    np.testing.assert_array_equal(second.affine, first.affine)
+
+
+def test_oblique_volume_round_trips_through_nifti_and_matches_simpleitk_points(tmp_path):
+    vol = rotated_volume()
+    write_nifti(vol, tmp_path / "oblique.nii")
+    back = read_volume(tmp_path / "oblique.nii")
+    np.testing.assert_array_equal(back.array, vol.array)
+    np.testing.assert_allclose(back.affine, vol.affine, atol=1e-5)  # NIfTI stores float32
+    ref = sitk.ReadImage(str(tmp_path / "oblique.nii"))
+    for index in [(0, 0, 0), (5, 4, 3), (2, 1, 3)]:
+        np.testing.assert_allclose((back.affine @ [*index, 1])[:3], ref.TransformIndexToPhysicalPoint(index), atol=1e-4)
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+def test_itk_formats_read_through_simpleitk(tmp_path, suffix):
+    vol = rotated_volume()
+    sitk.WriteImage(vol.to_sitk(), str(tmp_path / f"v{suffix}"))
+    back = read_volume(tmp_path / f"v{suffix}")
+    np.testing.assert_array_equal(back.array, vol.array)
+    np.testing.assert_allclose(back.affine, vol.affine, atol=1e-9)
+
+
+def test_volume_to_and_from_sitk_is_lossless():
+    vol = rotated_volume()
+    back = Volume.from_sitk(vol.to_sitk())
+    np.testing.assert_array_equal(back.array, vol.array)
+    assert back.spacing == vol.spacing and back.origin == vol.origin
+    np.testing.assert_array_equal(back.direction, vol.direction)
+
+
+def test_four_d_and_colour_nifti_are_input_errors(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)), tmp_path / "4d.nii.gz")
+    with pytest.raises(InputError, match="4D image"):
+        read_volume(tmp_path / "4d.nii.gz")
+    rgb = np.zeros((4, 4, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii.gz")
+    with pytest.raises(InputError, match="colour"):
+        read_volume(tmp_path / "rgb.nii.gz")
+
+
+def test_text_named_nii_is_an_input_error(tmp_path):
+    (tmp_path / "notes.nii").write_text("this is not an image\n" * 40)
+    with pytest.raises(InputError, match="notes.nii"):
+        read_volume(tmp_path / "notes.nii")

@@ -1,0 +1,95 @@
+"""The architecture's rules, checked on the source (docs/architecture.md): no import cycle between any two modules, no
+private name imported from another module, and short functions and classes in the application layer and the front
+ends. The floors themselves (each imports only those below it) are `lint-imports`' contract in pyproject.toml, run by
+the lint step."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import grimp
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "napari_ctcolor"
+#: The application layer and the front ends: a newcomer reads these first.
+READABLE = ("app", "cli", "napari", "slicer")
+MAX_FUNCTION_LINES, MAX_CLASS_LINES = 80, 400
+
+
+def _sources() -> list[Path]:
+    return sorted(p for p in SRC.rglob("*.py") if "slicer_module" not in p.parts)
+
+
+def test_no_import_cycle_between_any_two_modules():
+    """A package and its own modules count too (``io`` and ``io.color_read`` imported each other)."""
+    graph = grimp.build_graph("napari_ctcolor")
+    cycles = []
+    for module in sorted(graph.modules):
+        for imported in graph.find_modules_directly_imported_by(module):
+            chain = graph.find_shortest_chain(importer=imported, imported=module)
+            if chain:
+                cycles.append(" -> ".join((module, *chain)))
+    assert cycles == []
+
+
+def test_the_checks_see_a_cycle_and_a_private_import():
+    """The two checks above and below, on a graph and a module built to break them."""
+    graph = grimp.ImportGraph()
+    for name in ("pkg", "pkg.a", "pkg.b"):
+        graph.add_module(name)
+    graph.add_import(importer="pkg.a", imported="pkg.b")
+    graph.add_import(importer="pkg.b", imported="pkg")
+    graph.add_import(importer="pkg", imported="pkg.a")
+    assert graph.find_shortest_chain(importer="pkg.b", imported="pkg.a") == ("pkg.b", "pkg", "pkg.a")
+    assert _private_imports(ast.parse("from .dicom import _read_header\nfrom os import path")) == ["_read_header"]
+
+
+def _private_imports(tree: ast.Module) -> list[str]:
+    return [
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+        if alias.name.startswith("_") and not alias.name.startswith("__")
+    ]
+
+
+def test_no_private_name_is_imported_from_another_module():
+    found = {
+        str(p.relative_to(SRC)): names for p in _sources() if (names := _private_imports(ast.parse(p.read_text())))
+    }
+    assert found == {}
+
+
+def _long_definitions(tree: ast.Module) -> list[str]:
+    """Functions over `MAX_FUNCTION_LINES` and classes over `MAX_CLASS_LINES` whose docstring does not say why they
+    must be one piece."""
+    long = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            continue
+        limit = MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_FUNCTION_LINES
+        lines = node.end_lineno - node.lineno + 1
+        if lines > limit and "one piece" not in (ast.get_docstring(node) or ""):
+            long.append(f"{node.name} ({lines} lines)")
+    return long
+
+
+def test_the_length_check_sees_a_long_function_and_accepts_an_explained_one():
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    long = ast.parse(f"def long():\n{body}\n")
+    explained = ast.parse(f'def long():\n    """It must be one piece: ..."""\n{body}\n')
+    assert _long_definitions(long) == [f"long ({MAX_FUNCTION_LINES + 1} lines)"] and _long_definitions(explained) == []
+
+
+@pytest.mark.parametrize("floor", READABLE)
+def test_functions_and_classes_of_the_application_and_front_ends_are_short(floor):
+    """At most `MAX_FUNCTION_LINES` per function and `MAX_CLASS_LINES` per class, unless the docstring says why it
+    must be one piece."""
+    long = {
+        str(path.relative_to(SRC)): found
+        for path in sorted((SRC / floor).rglob("*.py"))
+        if (found := _long_definitions(ast.parse(path.read_text())))
+    }
+    assert long == {}
