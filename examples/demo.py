@@ -53,13 +53,13 @@ def run(out: Path, seed: int = 0, view: bool = False) -> None:
     ctcolor(["info", str(ct_path)])
 
     start = time.perf_counter()
-    colour = colorize(phantom.volume, model="colorizer-2d", window="abdomen")
+    color = colorize(phantom.volume, model="colorizer-2d", window="abdomen")
     seconds = time.perf_counter() - start
     rgb_path = out / "phantom_colorized.nii.gz"
-    write_rgb_nifti(colour, rgb_path, overwrite=True)
+    write_rgb_nifti(color, rgb_path, overwrite=True)
     grey = window(phantom.volume.array, *PRESETS["abdomen"])
     z = phantom.volume.shape[0]
-    Image.fromarray(montage(grey, colour.rgb, [z // 5, 2 * z // 5, 3 * z // 5, 4 * z // 5])).save(out / "montage.png")
+    Image.fromarray(montage(grey, color.rgb, [z // 5, 2 * z // 5, 3 * z // 5, 4 * z // 5])).save(out / "montage.png")
     print(f"colorized {z} slices in {seconds:.1f} s -> {rgb_path}, {out / 'montage.png'}")
 
     if view and os.environ.get("DISPLAY"):

@@ -28,8 +28,8 @@ def main() -> None:
     ct = read_volume(args.path)
     chroma = predict_chroma(ct, "colorizer-2d")  # the network, once: class probabilities at ~3.5 mm
     for palette in ("anatomical", "dicom"):
-        colour = compose_chroma(ct, chroma, "abdomen", palette=palette)  # no network run
-        write_rgb_nifti(colour, out / f"{palette}.nii.gz", overwrite=True)
+        color = compose_chroma(ct, chroma, "abdomen", palette=palette)  # no network run
+        write_rgb_nifti(color, out / f"{palette}.nii.gz", overwrite=True)
     shares = sorted(chroma.class_shares().items(), key=lambda item: -item[1])[:12]
     anatomical, dicom = load_palette("anatomical"), load_palette("dicom")
     for name, share in shares:

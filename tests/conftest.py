@@ -89,14 +89,14 @@ def errors(monkeypatch) -> list[str]:
     return shown
 
 
-def assert_same_colours(got: np.ndarray, want: np.ndarray, what: str = "") -> None:
+def assert_same_colors(got: np.ndarray, want: np.ndarray, what: str = "") -> None:
     """Two uint8 RGB renderings of one colorization whose runs may differ in thread count: each channel within
     `SAME_AS_SINGLE`'s step on at most its share of voxels, all other voxels equal."""
     assert got.shape == want.shape and got.dtype == want.dtype == np.uint8, (what, got.shape, want.shape)
     step = np.abs(got.astype(np.int16) - want.astype(np.int16)).max(axis=-1)
     share = float((step > 0).mean())
-    assert step.max() <= SAME_AS_SINGLE["colour_step"], (what, int(step.max()), share)
-    assert share <= SAME_AS_SINGLE["colour_fraction"], (what, share)
+    assert step.max() <= SAME_AS_SINGLE["color_step"], (what, int(step.max()), share)
+    assert share <= SAME_AS_SINGLE["color_fraction"], (what, share)
 
 
 def assert_same_registration(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:

@@ -43,7 +43,7 @@ class Case:
         problem: regex (case-insensitive) the one-line error must match, besides naming ``culprit``.
         culprit: the path the error must name (the input itself; MOVING for most registration cases).
         info_reads: the input is a valid image (an MR slice) that ``info`` reads and ``colorize`` refuses.
-        colour_reads: a valid colour image that ``info`` and the napari reader read as RGB; ``colorize`` and
+        color_reads: a valid colour image that ``info`` and the napari reader read as RGB; ``colorize`` and
             ``register`` refuse it (they need HU).
         register: a registration case: ``ctcolor register FIXED MOVING`` must refuse it (``info`` reads each).
     """
@@ -53,7 +53,7 @@ class Case:
     problem: str
     culprit: Path
     info_reads: bool = False
-    colour_reads: bool = False
+    color_reads: bool = False
     register: bool = False
 
 
@@ -278,7 +278,7 @@ def _(root: Path, _real: Path | None) -> Case:
     ds.PixelData = np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8).tobytes()
     path = root / "ultrasound_rgb.dcm"
     ds.save_as(path, enforce_file_format=True)
-    return _one("rgb_ultrasound", path, "colour DICOM|3 samples per pixel", colour_reads=True)
+    return _one("rgb_ultrasound", path, "colour DICOM|3 samples per pixel", color_reads=True)
 
 
 @_case("pixel_data_shorter_than_rows_columns")

@@ -776,7 +776,7 @@ class Palette:
     Attributes:
         name: ``"anatomical"`` or ``"dicom"``.
         source: where the colours come from (citation).
-        rgb: structure or colour-group name (`colour_class`) -> sRGB (R, G, B) in 0..255.
+        rgb: structure or colour-group name (`color_class`) -> sRGB (R, G, B) in 0..255.
         tissue_classes: ordered by HU.
     """
 
@@ -815,7 +815,7 @@ class Palette:
         for tissue in self.tissue_classes:
             if tissue.name == name:
                 return tissue.rgb
-        members = [rgb for structure, rgb in self.rgb.items() if colour_class(structure) == name]
+        members = [rgb for structure, rgb in self.rgb.items() if color_class(structure) == name]
         return _mean_rgb(members) if members else None
 
     def class_ab(self, classes: Sequence[str]) -> np.ndarray:
@@ -879,21 +879,21 @@ def _shipped_palette(name: str) -> Palette:
     classes = []
     for tc in data["tissue_classes"]:
         low, high = (float(h) for h in tc["hu_range"])
-        colour = None if tc["rgb"] is None else _parse_rgb(tc["rgb"], kinds, f"{where} tissue class {tc['name']!r}")
-        classes.append(TissueClass(tc["name"], (low, high), colour))
+        color = None if tc["rgb"] is None else _parse_rgb(tc["rgb"], kinds, f"{where} tissue class {tc['name']!r}")
+        classes.append(TissueClass(tc["name"], (low, high), color))
     bounds = [h for tc in classes for h in tc.hu_range]
     if bounds != sorted(bounds):
         raise InputError(f"{where}: tissue class HU ranges must be increasing and not overlap, got {bounds}")
     return Palette(name=data["name"], source=data["source"], rgb=MappingProxyType(rgb), tissue_classes=tuple(classes))
 
 
-def _mean_rgb(colours: Sequence[tuple[int, int, int]]) -> tuple[int, int, int]:
+def _mean_rgb(colors: Sequence[tuple[int, int, int]]) -> tuple[int, int, int]:
     """The sRGB of the mean CIE Lab of ``colours``."""
-    lab = srgb_to_lab(np.asarray(colours, dtype=np.uint8)).mean(axis=0)
+    lab = srgb_to_lab(np.asarray(colors, dtype=np.uint8)).mean(axis=0)
     return tuple(int(c) for c in np.rint(np.clip(lab_to_srgb(lab), 0.0, 1.0) * 255.0))  # type: ignore[return-value]
 
 
-def colour_class(structure: str) -> str:
+def color_class(structure: str) -> str:
     """The colour class of a TotalSegmentator v2 structure: the structure itself, or the group it is coloured with.
 
     The colorizer does not tell apart what a local view of the CT cannot: left from right of paired organs and
@@ -920,7 +920,7 @@ def read_palette_csv(path: str | os.PathLike) -> Palette:
 
     Two layouts are read: rows of ``name,R,G,B`` (an optional header row starting with ``name`` or ``structure``),
     or a table with ``Structure`` and ``DicomRGBColor`` ("R,G,B") columns such as TotalSegmentator's structure
-    table. A name is a TotalSegmentator v2 structure, a colour group (`colour_class`) or a tissue class (air, lung,
+    table. A name is a TotalSegmentator v2 structure, a colour group (`color_class`) or a tissue class (air, lung,
     fat, soft_tissue, contrast_blood, bone); R, G, B are integers 0..255. Everything the file does not name keeps
     its anatomical colour; a named structure also colours its group when the file does not name the group.
 
@@ -929,14 +929,14 @@ def read_palette_csv(path: str | os.PathLike) -> Palette:
     """
     base = _shipped_palette("anatomical")
     tissue_names = [t.name for t in base.tissue_classes]
-    known = set(base.rgb) | {colour_class(s) for s in base.rgb} | set(tissue_names)
+    known = set(base.rgb) | {color_class(s) for s in base.rgb} | set(tissue_names)
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.reader(handle))
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read the palette CSV ({type(exc).__name__})") from None
     header = [c.strip() for c in rows[0]] if rows else []
-    colours: dict[str, tuple[int, int, int]] = {}
+    colors: dict[str, tuple[int, int, int]] = {}
     table = "Structure" in header and "DicomRGBColor" in header
     if table:
         name_col, rgb_col = header.index("Structure"), header.index("DicomRGBColor")
@@ -969,15 +969,15 @@ def read_palette_csv(path: str | os.PathLike) -> Palette:
                 f"{path} line {line}: unknown name {cells[0]!r}; use TotalSegmentator v2 structure names, colour "
                 "groups (kidney, ribs, ...) or tissue classes (air, lung, fat, soft_tissue, contrast_blood, bone)"
             )
-        colours[cells[0]] = rgb  # type: ignore[assignment]
-    if not colours:
+        colors[cells[0]] = rgb  # type: ignore[assignment]
+    if not colors:
         raise InputError(f"{path}: the palette CSV has no name,R,G,B rows")
     rgb_map = dict(base.rgb)
-    rgb_map.update({n: c for n, c in colours.items() if n not in tissue_names})
-    for group in {colour_class(n) for n in colours} - set(colours) - set(tissue_names):
+    rgb_map.update({n: c for n, c in colors.items() if n not in tissue_names})
+    for group in {color_class(n) for n in colors} - set(colors) - set(tissue_names):
         # A group the file does not name takes the mean colour of its members that it does name.
-        rgb_map[group] = _mean_rgb([c for n, c in colours.items() if colour_class(n) == group])
-    tissues = tuple(TissueClass(t.name, t.hu_range, colours.get(t.name, t.rgb)) for t in base.tissue_classes)
+        rgb_map[group] = _mean_rgb([c for n, c in colors.items() if color_class(n) == group])
+    tissues = tuple(TissueClass(t.name, t.hu_range, colors.get(t.name, t.rgb)) for t in base.tissue_classes)
     return Palette(
         Path(path).stem, f"user palette {path} over the anatomical palette", MappingProxyType(rgb_map), tissues
     )

@@ -86,7 +86,7 @@ def assert_clean_error(case: Case, args: list, result: tuple[int, str, str, floa
 def test_bad_input_exits_2_with_one_error_line_and_stays_unchanged(name, corpus, good_fixed, tmp_path, capsys, caplog):
     case = _case(corpus, name)
     before, existed = _hashes(case), [p.exists() for p in case.inputs]
-    colour, reg_dir = tmp_path / "colour.nii.gz", tmp_path / "registration"
+    color, reg_dir = tmp_path / "colour.nii.gz", tmp_path / "registration"
     if case.register:
         for path in case.inputs:  # each image alone is valid; the pair is what cannot be registered
             assert run_cli(capsys, caplog, "info", path)[0] == 0
@@ -94,17 +94,17 @@ def test_bad_input_exits_2_with_one_error_line_and_stays_unchanged(name, corpus,
         commands = [["register", *case.inputs, "-o", reg_dir, "--no-affine", "--refine", "0"]]
     else:
         path = case.inputs[0]
-        commands = [["colorize", path, "-o", colour, "--model", "colorizer-2d"]]
+        commands = [["colorize", path, "-o", color, "--model", "colorizer-2d"]]
         if case.info_reads:
             assert run_cli(capsys, caplog, "info", path, "--json")[0] == 0  # a valid image, of the wrong modality
         else:
             commands += [
                 # Reading fails before the modality check: --allow-non-ct cannot make an RGB ultrasound readable.
-                ["colorize", path, "-o", colour, "--model", "colorizer-2d", "--allow-non-ct"],
+                ["colorize", path, "-o", color, "--model", "colorizer-2d", "--allow-non-ct"],
                 ["register", good_fixed, path, "-o", reg_dir],
                 ["register", path, good_fixed, "-o", reg_dir],
             ]
-            if case.colour_reads:  # a colour image is described as such; only the commands that need HU refuse it
+            if case.color_reads:  # a colour image is described as such; only the commands that need HU refuse it
                 code, out, _, _ = run_cli(capsys, caplog, "info", path, "--json")
                 assert code == 0 and json.loads(out)["modality"] == "RGB"
             else:
@@ -112,7 +112,7 @@ def test_bad_input_exits_2_with_one_error_line_and_stays_unchanged(name, corpus,
     for args in commands:
         assert_clean_error(case, args, run_cli(capsys, caplog, *args))
         TALLY["commands"] += 1
-    assert not colour.exists() and not (reg_dir.exists() and any(reg_dir.iterdir()))
+    assert not color.exists() and not (reg_dir.exists() and any(reg_dir.iterdir()))
     assert _hashes(case) == before and [p.exists() for p in case.inputs] == existed
     TALLY["cases"] += 1
 
@@ -129,7 +129,7 @@ def test_napari_reader_returns_none_or_raises_the_cli_message(name, corpus, caps
     elif case.info_reads:
         [(data, kwargs, kind)] = reader(str(path))
         assert kind == "image" and data.ndim == 3
-    elif case.colour_reads:
+    elif case.color_reads:
         [(data, kwargs, kind)] = reader(str(path))
         assert kind == "image" and kwargs["rgb"] and data.shape[-1] == 3
     else:

@@ -16,7 +16,7 @@ from napari_ctcolor.io import Volume, read_volume, write_nifti
 
 from conftest import (
     CT_DIR,
-    assert_same_colours,
+    assert_same_colors,
     assert_same_registration,
     ct_weights_shipped,
     ctcolor,
@@ -105,7 +105,7 @@ def test_batch_colorize_reports_failures_matches_single_runs_and_skips_finished_
         alone = ctcolor("colorize", str(ct), "-o", str(single), "--device", "cpu")
         assert alone.returncode == 0, alone.stderr
         (got, got_affine), (want, want_affine) = _voxels(output), _voxels(single)
-        assert_same_colours(_rgb(got), _rgb(want), ct.name)
+        assert_same_colors(_rgb(got), _rgb(want), ct.name)
         np.testing.assert_array_equal(got_affine, want_affine)
 
     stamps = {p: p.stat().st_mtime_ns for p in outputs}

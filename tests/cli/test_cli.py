@@ -17,7 +17,7 @@ from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
 from napari_ctcolor.io import read_volume, write_nifti
 from napari_ctcolor.windowing import window
 
-from conftest import CT_DIR, LUMINANCE_BOUND, SHARED_DATA, assert_same_colours, ctcolor, file_hashes, require_shared
+from conftest import CT_DIR, LUMINANCE_BOUND, SHARED_DATA, assert_same_colors, ctcolor, file_hashes, require_shared
 from make_bad_inputs import bad_inputs
 
 CONTRACT_KEYS = {"shape", "spacing", "origin", "direction", "modality", "hu_min", "hu_max", "window", "series_count"}
@@ -330,9 +330,9 @@ def test_colorize_flags_do_what_they_say(tmp_path):
         rgb[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     lab = {name: srgb_to_lab(v) for name, v in rgb.items()}
     chroma = {name: np.hypot(v[..., 1], v[..., 2]) for name, v in lab.items()}
-    coloured = chroma["default"] > 10.0
+    colored = chroma["default"] > 10.0
     # Half the a*, b* at the same L*: C* halves where the full colour is in gamut (rounding moves C* by < 1).
-    ratio = np.median(chroma["half chroma"][coloured] / chroma["default"][coloured])
+    ratio = np.median(chroma["half chroma"][colored] / chroma["default"][colored])
     assert ratio == pytest.approx(0.5, abs=0.03), ratio
     np.testing.assert_allclose(lab["half chroma"][..., 0], lab["default"][..., 0], atol=0.6)
     # The batch size changes only how the slices are grouped, not the colours (a rare pixel may round differently).
@@ -340,9 +340,9 @@ def test_colorize_flags_do_what_they_say(tmp_path):
     assert changed < 1e-3, changed
     # Another model: the same luminance, other colours.
     np.testing.assert_allclose(lab["3d"][..., 0], lab["default"][..., 0], atol=0.6)
-    assert np.abs(chroma["3d"] - chroma["default"])[coloured].mean() > 1.0
+    assert np.abs(chroma["3d"] - chroma["default"])[colored].mean() > 1.0
     # The same weights from a file: the same colours (two processes: within the stated run-to-run tolerance).
-    assert_same_colours(rgb["weights file"], rgb["default"])
+    assert_same_colors(rgb["weights file"], rgb["default"])
     # A window given as centre,width (negative centre included): luminance is the CT in exactly that window.
     ct = read_volume(ct_path)
     lung = grey_to_lightness(window(ct.array, -600.0, 1500.0))
@@ -395,9 +395,9 @@ def test_series_choice_dicom_export_and_identity_from_a_dicom_folder(tmp_path, d
     out = tmp_path / "b.nii.gz"
     done = ctcolor("colorize", str(folder), "--series", uids["B"], "-o", str(out), "--device", "cpu", timeout=300)
     assert done.returncode == 0, done.stderr
-    colour = sitk.ReadImage(str(out))
-    np.testing.assert_allclose(colour.GetOrigin(), series_b.GetOrigin(), atol=1e-3)
-    lightness = srgb_to_lab(sitk.GetArrayFromImage(colour))[..., 0]
+    color = sitk.ReadImage(str(out))
+    np.testing.assert_allclose(color.GetOrigin(), series_b.GetOrigin(), atol=1e-3)
+    lightness = srgb_to_lab(sitk.GetArrayFromImage(color))[..., 0]
     centre, width = described["B"]["window"]  # the series' own DICOM window, the default
     grey = grey_to_lightness(window(sitk.GetArrayFromImage(series_b).astype(np.float32), centre, width))
     assert np.abs(lightness - grey).max() <= LUMINANCE_BOUND

@@ -13,7 +13,7 @@ from skimage.color import lab2rgb, rgb2lab
 
 from napari_ctcolor import color
 from napari_ctcolor.color import (
-    colour_class,
+    color_class,
     compose_rgb,
     compose_rgb_torch,
     gamut_map_ab,
@@ -181,11 +181,11 @@ def test_gamut_map_keeps_lightness_and_hue_and_lands_in_gamut(wild_lab):
     assert np.all(chroma_out <= chroma_in + 1e-3)  # chroma only ever goes down
     changed = np.any(mapped != ab.astype(np.float32), axis=1)
     assert changed.mean() > 0.5  # the case is really adversarial
-    coloured = changed & (chroma_out > 1.0)  # hue is meaningless for (near) greys
-    assert hue_difference_deg(mapped[coloured], ab[coloured]).max() <= 0.5
+    colored = changed & (chroma_out > 1.0)  # hue is meaningless for (near) greys
+    assert hue_difference_deg(mapped[colored], ab[colored]).max() <= 0.5
 
 
-def test_gamut_map_leaves_in_gamut_colours_unchanged():
+def test_gamut_map_leaves_in_gamut_colors_unchanged():
     lab = random_in_gamut_lab(50000, seed=8)
     lab = lab[np.all((linear_rgb_unclipped(lab) >= 0) & (linear_rgb_unclipped(lab) <= 1), axis=1)]
     mapped = gamut_map_ab(lab[:, 0], lab[:, 1:])
@@ -308,7 +308,7 @@ def test_compose_rgb_with_zero_ab_is_grey_within_one_code():
     assert np.abs(rgb.astype(int) - rgb[:, 1:2]).max() <= 1  # R = G = B up to rounding
 
 
-def test_compose_rgb_keeps_hue_of_in_gamut_colours():
+def test_compose_rgb_keeps_hue_of_in_gamut_colors():
     """In-gamut colours pass through unchanged apart from 8-bit rounding."""
     rgb_in = np.random.default_rng(13).integers(30, 226, (20000, 3), dtype=np.uint8)
     lab = srgb_to_lab(rgb_in)
@@ -375,7 +375,7 @@ def test_compose_rgb_rejects_bad_arguments():
 @pytest.mark.parametrize("name", ["anatomical", "dicom"])
 def test_palette_covers_all_totalsegmentator_v2_names(name):
     palette = load_palette(name)
-    groups = {colour_class(n) for n in ts_v2_names()} - set(ts_v2_names()) - {"lung"}  # lung: a tissue class
+    groups = {color_class(n) for n in ts_v2_names()} - set(ts_v2_names()) - {"lung"}  # lung: a tissue class
     assert set(ts_v2_names()) <= set(palette.names) <= set(ts_v2_names()) | groups
     assert len(ts_v2_names()) == 117 and all(palette.class_rgb(g) is not None for g in groups)
 
@@ -416,7 +416,7 @@ def test_palette_ab_is_the_lab_of_its_rgb():
         palette.ab("appendix")
 
 
-def test_anatomical_palette_tissue_colours_are_ordered_like_cryosections():
+def test_anatomical_palette_tissue_colors_are_ordered_like_cryosections():
     """Hue h = atan2(b*, a*) in degrees: red ~ 30, yellow ~ 90, purple < 0."""
     pal = load_palette("anatomical")
 
@@ -447,7 +447,7 @@ def test_anatomical_palette_tissue_colours_are_ordered_like_cryosections():
         assert 60 < lch(fluid)[2] < 110  # yellowish
 
 
-def test_anatomical_colours_fit_the_gamut_at_mid_lightness():
+def test_anatomical_colors_fit_the_gamut_at_mid_lightness():
     """The colour is shown at the CT's L*, not its own: its chroma must be reachable at typical soft-tissue L*."""
     pal = load_palette("anatomical")
     ab = np.array([pal.ab(n) for n in pal.names])
@@ -456,20 +456,20 @@ def test_anatomical_colours_fit_the_gamut_at_mid_lightness():
         np.testing.assert_allclose(mapped, ab, atol=1e-4)
 
 
-def test_colour_classes_join_sides_levels_ribs_and_lobes():
+def test_color_classes_join_sides_levels_ribs_and_lobes():
     got = [
-        colour_class(n)
+        color_class(n)
         for n in ("kidney_left", "vertebrae_T7", "vertebrae_L5", "vertebrae_S1", "rib_right_11", "lung_upper_lobe_left")
     ]
     assert got == ["kidney", "vertebrae_thoracic", "vertebrae_lumbar", "sacrum", "ribs", "lung"]
-    assert [colour_class(n) for n in ("liver", "heart_myocardium", "costal_cartilages")] == [
+    assert [color_class(n) for n in ("liver", "heart_myocardium", "costal_cartilages")] == [
         "liver",
         "heart",
         "costal_cartilages",
     ]
 
 
-def test_class_colours_come_from_structures_groups_tissues_or_members():
+def test_class_colors_come_from_structures_groups_tissues_or_members():
     dicom = load_palette("dicom")
     table = dicom_table()
     assert dicom.class_rgb("kidney") == table["kidney"] and dicom.class_rgb("ribs") == table["ribs"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_ctcolor.color import colour_class
+from napari_ctcolor.color import color_class
 from napari_ctcolor.engines import anatomy
 from napari_ctcolor.models.colorizer import downsample_hu
 from napari_ctcolor.training.data import load_real_case
@@ -33,12 +33,12 @@ def test_region_rules_never_rule_out_a_structure_where_the_labels_put_it(names):
     small = downsample_hu(torch.from_numpy(np.asarray(ct.array, dtype=np.float32))[:, None], factor)[:, 0].numpy()
     superior = anatomy.slice_superior_mm(ct.shape[0], ct.spacing[0], ct.origin, ct.direction)
     region = anatomy.body_region(small, ct.spacing[1] * ct.spacing[2] * factor**2, superior)
-    classes = tuple(sorted({colour_class(n) for n in case.label_names.values()}))
+    classes = tuple(sorted({color_class(n) for n in case.label_names.values()}))
     allowed = region.allowed(classes).numpy()
     present = set(np.unique(case.labels).tolist()) - {0}
     ruled_out = {}
     for label in present:
-        k = classes.index(colour_class(case.label_names[label]))
+        k = classes.index(color_class(case.label_names[label]))
         per_slice = (case.labels == label).sum(axis=(1, 2))
         if per_slice[~allowed[:, k]].sum():
             ruled_out[case.label_names[label]] = int(per_slice[~allowed[:, k]].sum())
@@ -71,9 +71,9 @@ def test_pelvis_rule_never_rules_out_a_labelled_pelvic_structure_and_bites_above
     require_shared(CT_DIR / names[0])
     case = load_real_case(CT_DIR.parent, *names)
     ct = case.ct
-    pelvic_ids = [k for k, n in case.label_names.items() if colour_class(n).startswith(anatomy.PELVIS)]
+    pelvic_ids = [k for k, n in case.label_names.items() if color_class(n).startswith(anatomy.PELVIS)]
     pelvic = np.isin(case.labels, pelvic_ids).any(axis=(1, 2))
-    kidney_ids = [k for k, n in case.label_names.items() if colour_class(n) == "kidney"]
+    kidney_ids = [k for k, n in case.label_names.items() if color_class(n) == "kidney"]
     superior = anatomy.slice_superior_mm(ct.shape[0], ct.spacing[0], ct.origin, ct.direction)
     for model in MODELS:
         chroma = predict_chroma(ct, model, device="cpu", anatomy=False, bf16=False)
@@ -157,13 +157,13 @@ def test_lateral_rules_never_rule_out_a_structure_where_the_labels_put_it(names)
     at_voxel = lateral[z, np.minimum(y // factor, lateral.shape[1] - 1), np.minimum(x // factor, lateral.shape[2] - 1)]
     checked = {}
     for label, name in case.label_names.items():
-        low, high = anatomy.LATERAL_MM.get(colour_class(name), (None, None))
+        low, high = anatomy.LATERAL_MM.get(color_class(name), (None, None))
         mask = case.labels == label
         if low is None or not mask.any():
             continue
         where = at_voxel[mask]
         assert np.isfinite(where).all() and (where >= low).all() and (where <= high).all(), name
-        checked[colour_class(name)] = float(where.min() - low) if np.isfinite(low) else float(high - where.max())
+        checked[color_class(name)] = float(where.min() - low) if np.isfinite(low) else float(high - where.max())
     assert checked["spleen"] >= 30.0, checked
 
 

@@ -81,7 +81,7 @@ def chroma(ct, model):
 
 
 @pytest.fixture(scope="module")
-def colour(ct, chroma):
+def color(ct, chroma):
     return compose_chroma(ct, chroma, WINDOW, 1.0, device="cpu")
 
 
@@ -90,11 +90,11 @@ def colour(ct, chroma):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def test_colour_volume_has_the_ct_shape_and_geometry(ct, chroma, colour):
-    assert colour.rgb.shape == (20, 512, 512, 3) and colour.rgb.dtype == np.uint8
-    assert colour.spacing == ct.spacing and colour.origin == ct.origin
-    np.testing.assert_array_equal(colour.direction, ct.direction)
-    assert colour.settings == {"window": [40.0, 400.0], "model": "custom", "chroma": 1.0, "palette": "anatomical"}
+def test_color_volume_has_the_ct_shape_and_geometry(ct, chroma, color):
+    assert color.rgb.shape == (20, 512, 512, 3) and color.rgb.dtype == np.uint8
+    assert color.spacing == ct.spacing and color.origin == ct.origin
+    np.testing.assert_array_equal(color.direction, ct.direction)
+    assert color.settings == {"window": [40.0, 400.0], "model": "custom", "chroma": 1.0, "palette": "anatomical"}
     # 512 px at 0.98 mm -> 4x reduction to the network's 3.5 mm pixels; the 4 most probable classes per pixel.
     assert chroma.factor == 4 and tuple(chroma.top.shape) == tuple(chroma.prob.shape) == (20, TOP_K, 128, 128)
     assert chroma.top.dtype == chroma.prob.dtype == torch.uint8 and chroma.classes == CLASSES
@@ -102,15 +102,15 @@ def test_colour_volume_has_the_ct_shape_and_geometry(ct, chroma, colour):
     assert (chroma.prob.int().sum(dim=1) - 255).abs().max() <= 2
 
 
-def test_luminance_is_the_windowed_ct_on_every_voxel(ct, colour):
-    assert lightness_error(colour.rgb, ct.array) <= LUMINANCE_BOUND
+def test_luminance_is_the_windowed_ct_on_every_voxel(ct, color):
+    assert lightness_error(color.rgb, ct.array) <= LUMINANCE_BOUND
 
 
-def test_colour_lands_where_the_network_put_it_and_never_in_air(ct, chroma, colour):
+def test_color_lands_where_the_network_put_it_and_never_in_air(ct, chroma, color):
     # The composed a*, b* against the network's own upsampled palette colour, on voxels the window shows mid-grey
     # (black and white hold no colour). Measured: median 0.25 a*b* units (gamut mapping moves the most saturated);
     # the same colour moved 4 network pixels (14 mm) sideways gives 4.7.
-    lab = srgb_to_lab(colour.rgb[10])
+    lab = srgb_to_lab(color.rgb[10])
     hu = torch.from_numpy(ct.array[10:11].astype(np.float32))
     expected = upsample_chroma(chroma, load_palette("anatomical"), hu, 10)
     grey = window(ct.array[10], *PRESETS[WINDOW])
@@ -174,12 +174,12 @@ def test_top_classes_from_logits_equal_softmax_then_top_k():
     assert all((a == b).all() for a, b in zip(from_bits, from_float, strict=True))
 
 
-def test_cpu_runs_are_byte_identical_and_colorize_equals_predict_then_compose(ct, model, colour):
+def test_cpu_runs_are_byte_identical_and_colorize_equals_predict_then_compose(ct, model, color):
     # `colour` is a first run (predict_chroma + compose_chroma, same default batch size); this is the second, in the
     # same process on the same thread count: the same float operations, so bit for bit (other thread counts or CPUs
     # agree only within batch.SAME_AS_SINGLE).
     again = colorize(ct, model, WINDOW, device="cpu")
-    assert again.rgb.tobytes() == colour.rgb.tobytes()
+    assert again.rgb.tobytes() == color.rgb.tobytes()
 
 
 _THREADS_AFTER_COLORIZE = """
@@ -266,9 +266,9 @@ def test_3d_model_matches_monai_sliding_window_and_keeps_luminance(ct):
     # Where two classes are nearly tied, float rounding may order them either way; the probabilities still agree.
     assert (got.top == top).float().mean() > 0.99
     assert (got.prob.int() - prob.int()).abs().max() <= 1
-    colour = compose_chroma(crop, got, WINDOW, 1.0, device="cpu")
-    assert colour.rgb.shape == (20, 256, 256, 3)
-    assert lightness_error(colour.rgb, crop.array) <= LUMINANCE_BOUND
+    color = compose_chroma(crop, got, WINDOW, 1.0, device="cpu")
+    assert color.rgb.shape == (20, 256, 256, 3)
+    assert lightness_error(color.rgb, crop.array) <= LUMINANCE_BOUND
 
 
 def test_3d_slabs_cover_a_long_volume_like_one_sliding_window(ct):
@@ -336,7 +336,7 @@ def _uniform_chroma(name: str, shape: tuple[int, int, int], factor: int = 4) -> 
     return Chroma(top, prob, CLASSES, factor, ((0, 0), (0, 0)), "handmade")
 
 
-def test_palette_colours_the_class_and_switching_needs_no_network(ct, tmp_path):
+def test_palette_colors_the_class_and_switching_needs_no_network(ct, tmp_path):
     chroma = _uniform_chroma("liver", ct.shape)
     body = _inner_mask((ct.array > -100) & (ct.array < 220))  # mid-grey in the 60/400 window: room for chroma
     hues = {}
@@ -392,12 +392,12 @@ def test_class_at_and_most_probable_follow_the_network_grid(ct, chroma):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_keeps_luminance_exact_and_colours_close_to_cpu(ct, model, colour):
+def test_cuda_keeps_luminance_exact_and_colors_close_to_cpu(ct, model, color):
     gpu = colorize(ct, copy.deepcopy(model), WINDOW, device="cuda")  # a copy: the engine moves the model it is given
-    assert gpu.rgb.shape == colour.rgb.shape
+    assert gpu.rgb.shape == color.rgb.shape
     assert lightness_error(gpu.rgb, ct.array) <= LUMINANCE_BOUND
     # bf16 network + float32 torch composition vs the float32 CPU path: the same picture, not the same bytes.
-    delta_e = np.linalg.norm(srgb_to_lab(gpu.rgb[::4]) - srgb_to_lab(colour.rgb[::4]), axis=-1)  # CIE76
+    delta_e = np.linalg.norm(srgb_to_lab(gpu.rgb[::4]) - srgb_to_lab(color.rgb[::4]), axis=-1)  # CIE76
     assert delta_e.mean() < 2.0 and np.percentile(delta_e, 99) < 6.0
 
 
@@ -406,11 +406,11 @@ def test_cuda_keeps_luminance_exact_and_colours_close_to_cpu(ct, model, colour):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def test_rgb_nifti_has_the_colours_and_the_affine_of_the_grey_nifti(ct, colour, tmp_path):
+def test_rgb_nifti_has_the_colors_and_the_affine_of_the_grey_nifti(ct, color, tmp_path):
     import nibabel as nib
     import SimpleITK as sitk
 
-    path = write_rgb_nifti(colour, tmp_path / "colour.nii.gz")
+    path = write_rgb_nifti(color, tmp_path / "colour.nii.gz")
     grey = nib.load(write_nifti(ct, tmp_path / "grey.nii.gz"))
     img = nib.load(path)
     assert int(img.header["datatype"]) == 128  # DT_RGB24
@@ -420,46 +420,46 @@ def test_rgb_nifti_has_the_colours_and_the_affine_of_the_grey_nifti(ct, colour, 
     assert int(img.header["qform_code"]) == int(img.header["sform_code"]) == 1
     voxels = np.asarray(img.dataobj)  # (X, Y, Z) RGB24 records
     rgb = np.stack([voxels["R"], voxels["G"], voxels["B"]], axis=-1).transpose(2, 1, 0, 3)
-    np.testing.assert_array_equal(rgb, colour.rgb)
+    np.testing.assert_array_equal(rgb, color.rgb)
 
     image = sitk.ReadImage(str(path))  # what ITK-SNAP and 3D Slicer use
     assert image.GetNumberOfComponentsPerPixel() == 3
     assert image.GetPixelID() == sitk.sitkVectorUInt8
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), colour.rgb)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), color.rgb)
     reference = ct.to_sitk()
     np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-5)
     np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-4)
     np.testing.assert_allclose(image.GetDirection(), reference.GetDirection(), atol=1e-6)
 
     with pytest.raises(InputError, match="already exists"):
-        write_rgb_nifti(colour, path)
-    write_rgb_nifti(colour, path, overwrite=True)
+        write_rgb_nifti(color, path)
+    write_rgb_nifti(color, path, overwrite=True)
     with pytest.raises(InputError, match=r"\.nii"):
-        write_rgb_nifti(colour, tmp_path / "colour.png")
+        write_rgb_nifti(color, tmp_path / "colour.png")
 
 
-def test_png_slices_round_trip_one_file_per_slice(colour, tmp_path):
+def test_png_slices_round_trip_one_file_per_slice(color, tmp_path):
     from PIL import Image
 
     folder = tmp_path / "png"
-    paths = write_png_slices(colour, folder)
+    paths = write_png_slices(color, folder)
     assert [p.name for p in paths] == [f"slice_{k:04d}.png" for k in range(20)]
     # No temporary files left behind; geometry.json lets the folder open again in place.
     assert sorted(folder.iterdir()) == sorted([*paths, folder / "geometry.json"])
     back = read_color_volume(folder)
-    np.testing.assert_array_equal(back.rgb, colour.rgb)
-    np.testing.assert_allclose(back.affine, colour.affine, atol=1e-9)
+    np.testing.assert_array_equal(back.rgb, color.rgb)
+    np.testing.assert_allclose(back.affine, color.affine, atol=1e-9)
     for k in (0, 13):
         with Image.open(paths[k]) as png:
             assert png.mode == "RGB"
-            np.testing.assert_array_equal(np.asarray(png), colour.rgb[k])
+            np.testing.assert_array_equal(np.asarray(png), color.rgb[k])
             assert png.info["dpi"][0] == pytest.approx(25.4 / 0.9765625, rel=1e-3)
     with pytest.raises(InputError, match="already exists"):
-        write_png_slices(colour, folder)
+        write_png_slices(color, folder)
 
 
-def test_rgb_dicom_series_has_the_pixels_and_geometry_and_no_patient_identity(ct, colour, tmp_path):
-    paths = write_rgb_dicom(colour, tmp_path / "dicom", source_meta=ct.meta)
+def test_rgb_dicom_series_has_the_pixels_and_geometry_and_no_patient_identity(ct, color, tmp_path):
+    paths = write_rgb_dicom(color, tmp_path / "dicom", source_meta=ct.meta)
     assert len(paths) == 20
     series_uids = set()
     for k, path in enumerate(paths):
@@ -468,7 +468,7 @@ def test_rgb_dicom_series_has_the_pixels_and_geometry_and_no_patient_identity(ct
         assert ds.Modality == DICOM_MODALITY == "OT"
         assert (ds.PhotometricInterpretation, ds.SamplesPerPixel, ds.PlanarConfiguration) == ("RGB", 3, 0)
         assert ds.BitsAllocated == 8
-        np.testing.assert_array_equal(ds.pixel_array, colour.rgb[k])
+        np.testing.assert_array_equal(ds.pixel_array, color.rgb[k])
         np.testing.assert_allclose(
             [float(v) for v in ds.ImagePositionPatient], (ct.affine @ (0, 0, k, 1))[:3], atol=1e-4
         )
@@ -483,24 +483,24 @@ def test_rgb_dicom_series_has_the_pixels_and_geometry_and_no_patient_identity(ct
     assert len(series_uids) == 1 and ct.meta["series_uid"] not in series_uids
     assert ds.SeriesDescription == "colorized CT"  # free text of the source can identify a patient
     with pytest.raises(InputError, match="already exists"):
-        write_rgb_dicom(colour, tmp_path / "dicom")
+        write_rgb_dicom(color, tmp_path / "dicom")
 
 
-def test_rgb_dicom_keeps_patient_and_study_only_when_asked(colour, tmp_path):
+def test_rgb_dicom_keeps_patient_and_study_only_when_asked(color, tmp_path):
     source = Dataset()
     source.PatientName, source.PatientID, source.StudyInstanceUID = "Doe^Jane", "12345", "1.2.3.4"
     source.InstitutionName, source.StudyDate, source.SeriesNumber = "General Hospital", "20240102", 3
-    written = write_rgb_dicom(colour, tmp_path / "kept", keep_patient_info=True, source_datasets=[source])
+    written = write_rgb_dicom(color, tmp_path / "kept", keep_patient_info=True, source_datasets=[source])
     kept = pydicom.dcmread(written[0])
     assert (kept.PatientName, kept.PatientID, kept.StudyInstanceUID) == ("Doe^Jane", "12345", "1.2.3.4")
     assert (kept.InstitutionName, kept.StudyDate, kept.SeriesNumber) == ("General Hospital", "20240102", 1003)
     assert "PatientIdentityRemoved" not in kept
-    removed = pydicom.dcmread(write_rgb_dicom(colour, tmp_path / "removed", source_datasets=[source])[0])
+    removed = pydicom.dcmread(write_rgb_dicom(color, tmp_path / "removed", source_datasets=[source])[0])
     assert not removed.PatientName and removed.StudyInstanceUID != "1.2.3.4" and "InstitutionName" not in removed
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_a_dense_voxel_takes_the_bone_colour_of_a_pixel_it_shares_with_muscle(fused):
+def test_a_dense_voxel_takes_the_bone_color_of_a_pixel_it_shares_with_muscle(fused):
     # One network pixel class mix everywhere: 30 % bone, 70 % soft tissue, as on a thin rib at 3.5 mm. Voxels at
     # 700 HU (cortex) must show the bone's palette colour, voxels at 40 HU keep the network's mix exactly (all group
     # weights are 1 at or below 110 HU).
@@ -621,7 +621,7 @@ def test_bone_is_named_by_what_its_cortex_encloses(fused):
     assert np.abs(lab[canal] - (0.3 * rib + 0.7 * muscle)).max() < 1.5
     outside = (0, slice(114, 126), slice(2, 40))
     assert (labels[outside] == soft).all() and np.abs(lab[outside] - muscle).max() < 1.5
-    # A plane composed alone (what the viewer recolours first) keeps the marrow of the whole slice: within one 8-bit
+    # A plane composed alone (what the viewer recolors first) keeps the marrow of the whole slice: within one 8-bit
     # code (another CPU may vectorise a band and a whole slice differently); marrow lost would move it by far more.
     for axis, index in ((1, 19), (2, 19)):
         plane = compose_plane(volume, chroma, axis, index, (100.0, 400.0), 1.0, "cpu")
@@ -632,7 +632,7 @@ def test_bone_is_named_by_what_its_cortex_encloses(fused):
 
 def test_a_plane_composed_alone_equals_that_plane_of_the_whole_volume(ct, model):
     # An odd in-plane size, so the network's padding and pixel grid do not line up with the crop (what the viewer
-    # recolours first, in any orientation, must be what the full recomposition then writes there). The same kernel on
+    # recolors first, in any orientation, must be what the full recomposition then writes there). The same kernel on
     # the same inputs: identical here; one 8-bit code of slack on 0.1 % of voxels in case another CPU's pooling
     # vectorises a band and a whole slice differently.
     volume = Volume(ct.array[:6, 40:341, 13:300], ct.spacing, meta=ct.meta)

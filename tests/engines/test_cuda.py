@@ -50,7 +50,7 @@ def run(*args: str) -> None:
 
 
 @pytest.mark.parametrize("model", ["colorizer-2d", "colorizer-3d"])
-def test_cli_colorize_on_cuda_keeps_luminance_exact_and_the_cpu_colours(dicom_series, tmp_path, model):
+def test_cli_colorize_on_cuda_keeps_luminance_exact_and_the_cpu_colors(dicom_series, tmp_path, model):
     ct = read_volume(dicom_series)
     rgb = {}
     for k, device in enumerate(("cuda", "cpu")):
@@ -58,9 +58,9 @@ def test_cli_colorize_on_cuda_keeps_luminance_exact_and_the_cpu_colours(dicom_se
         run("colorize", str(dicom_series), "-o", str(out), "--window", "abdomen", "--model", model, "--device", device)
         rgb[device] = read_color_volume(out).rgb
     grey = grey_to_lightness(window(ct.array, 40, 400))
-    for device, colour in rgb.items():
-        assert colour.shape == (*ct.shape, 3)
-        assert np.abs(srgb_to_lab(colour)[..., 0] - grey).max() <= LUMINANCE_BOUND, device
+    for device, color in rgb.items():
+        assert color.shape == (*ct.shape, 3)
+        assert np.abs(srgb_to_lab(color)[..., 0] - grey).max() <= LUMINANCE_BOUND, device
     delta_e = np.linalg.norm(srgb_to_lab(rgb["cuda"]) - srgb_to_lab(rgb["cpu"]), axis=-1)  # CIE76
     print(f"\n{model} cuda vs cpu: CIE76 mean {delta_e.mean():.3f}, p99 {np.percentile(delta_e, 99):.2f}")
     assert delta_e.mean() < 2.0 and np.percentile(delta_e, 99) < 6.0

@@ -740,7 +740,7 @@ def test_checkerboard_tiles_alternate_in_physical_mm_on_anisotropic_grey_volume(
     assert list(out.array[0, 0, :9]) == [0] * 8 + [1]
 
 
-def test_checkerboard_of_colour_slices_keeps_both_colours_exactly():
+def test_checkerboard_of_color_slices_keeps_both_colors_exactly():
     red = np.zeros((1, 6, 8, 3), np.uint8)
     red[..., 0] = 255
     blue = np.zeros((1, 6, 8, 3), np.uint8)
@@ -771,9 +771,9 @@ def test_checkerboard_resamples_b_onto_a_grid_first():
 
 def test_checkerboard_refuses_mixed_kinds_and_bad_tile_size():
     grey = Volume(np.zeros((1, 4, 4), np.float32))
-    colour = ColorVolume(np.zeros((1, 4, 4, 3), np.uint8), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    color = ColorVolume(np.zeros((1, 4, 4, 3), np.uint8), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
     with pytest.raises(InputError, match="grey and colour"):
-        checkerboard(grey, colour)
+        checkerboard(grey, color)
     with pytest.raises(InputError, match="positive"):
         checkerboard(grey, grey, tile_mm=0.0)
 

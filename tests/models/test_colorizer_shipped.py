@@ -3,7 +3,7 @@
 
 colorizer-2d is trained on both labelled patients, so its card's held-out rows come from its leave-one-out models
 (the same recipe less one patient, shipped in weights/validation/ for this test): each is run through the CLI on the
-patient it never saw, and the figures are recomputed by the same `colour_metrics`, `class_metrics` and
+patient it never saw, and the figures are recomputed by the same `color_metrics`, `class_metrics` and
 `tissue_metrics` as the card, from the CLI's own output files, so the card, the engine and the command must agree.
 The unlabelled chest CT held out of every training (lung1) is the shipped model's own held-out row.
 """
@@ -24,7 +24,7 @@ from napari_ctcolor.engines.colorize import predict_chroma
 from napari_ctcolor.engines.device import cpu_bf16
 from napari_ctcolor.io import read_volume
 from napari_ctcolor.training.data import LabelledCT, load_real_case
-from napari_ctcolor.training.evaluate import class_metrics, colour_metrics, tissue_metrics, vessel_mask
+from napari_ctcolor.training.evaluate import class_metrics, color_metrics, tissue_metrics, vessel_mask
 from napari_ctcolor.weights import find_weights, load_colorizer
 from napari_ctcolor.windowing import PRESETS
 
@@ -56,7 +56,7 @@ def validation_case(model_card: dict, name: str) -> tuple[LabelledCT, Path]:
 
 
 def cli_render(tmp_path, model: str, source: Path = DICOM_SERIES):
-    """render(window, palette) for `colour_metrics`: one `ctcolor colorize` process of ``source`` per window and
+    """render(window, palette) for `color_metrics`: one `ctcolor colorize` process of ``source`` per window and
     palette. The first also writes the class map (``--classes``) to tmp_path / "classes.nii.gz"."""
     done: dict[tuple, np.ndarray] = {}
 
@@ -113,7 +113,7 @@ def test_held_out_patient_through_the_cli_matches_the_model_card(tmp_path, model
     assert not card_case["trained_on"] and card_case in row["cases"]  # the shipped card states this model's row
     case, source = validation_case(card, case_name)
     render = cli_render(tmp_path, str(path), source)
-    got = colour_metrics(case, net.config.classes, render, ["dicom", "anatomical"])
+    got = color_metrics(case, net.config.classes, render, ["dicom", "anatomical"])
     labels = cli_classes(tmp_path, net.config.classes)
     classes = class_metrics(case, labels, net.config.classes)
     tissues = tissue_metrics(case.ct, labels, net.config.classes, render, vessel_mask(case))
@@ -200,7 +200,7 @@ def _limb_slab(seed: int = 0) -> np.ndarray:
     return slab.astype(np.int16)
 
 
-def test_anatomy_outside_the_classes_falls_back_to_tissue_colours():
+def test_anatomy_outside_the_classes_falls_back_to_tissue_colors():
     import pydicom
     from pydicom.data import get_testdata_file
 
@@ -246,7 +246,7 @@ def test_palettes_example_recomposes_one_run_in_both_palettes(tmp_path):
 
 @pytest.mark.slow  # two whole ctcolor colorize processes of a 20-slice 512² series per model
 @pytest.mark.parametrize("model", ["colorizer-2d", "colorizer-3d"])  # the shipped weights, by name
-def test_the_same_series_stored_in_another_order_gets_the_same_colours_and_names(tmp_path, model):
+def test_the_same_series_stored_in_another_order_gets_the_same_colors_and_names(tmp_path, model):
     """The DICOM patient as read (rows towards posterior, columns towards the patient's left, slices towards
     superior) and the same image saved in the reverse order on all three axes (the affine adjusted: every voxel
     keeps its place in space; in-plane this is NIfTI's RAS order), each colorized by `ctcolor colorize`: the class
@@ -280,6 +280,6 @@ def test_the_same_series_stored_in_another_order_gets_the_same_colours_and_names
         ]
     body = out["lps"][0] > 0
     named_otherwise = float((out["lps"][0] != out["ras"][0])[body].mean())
-    colour_otherwise = float((np.abs(out["lps"][1].astype(int) - out["ras"][1].astype(int)).max(-1) > 8)[body].mean())
-    print(f"\n{model}, reversed: named otherwise {named_otherwise:.4%}, colour >8 codes {colour_otherwise:.4%}")
-    assert named_otherwise <= 0.005 and colour_otherwise <= 0.005
+    color_otherwise = float((np.abs(out["lps"][1].astype(int) - out["ras"][1].astype(int)).max(-1) > 8)[body].mean())
+    print(f"\n{model}, reversed: named otherwise {named_otherwise:.4%}, colour >8 codes {color_otherwise:.4%}")
+    assert named_otherwise <= 0.005 and color_otherwise <= 0.005

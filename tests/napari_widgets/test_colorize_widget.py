@@ -70,7 +70,7 @@ def view_3d(qtbot, widget: ColorizeWidget, preset: str) -> None:
     qtbot.waitUntil(lambda: not widget.busy_3d, timeout=TIMEOUT_MS)
 
 
-def test_run_colours_the_ct_and_settings_recompose_without_the_network(
+def test_run_colors_the_ct_and_settings_recompose_without_the_network(
     make_napari_viewer, qtbot, dicom_series, monkeypatch, errors
 ):
     predictions = []
@@ -157,7 +157,7 @@ def test_run_colours_the_ct_and_settings_recompose_without_the_network(
     classes = widget.show_classes()
     assert classes.name == f"{ct.name} colour classes" and classes.data.shape == ct.data.shape
     np.testing.assert_allclose(classes.scale, ct.scale)
-    names = list(classes.features["colour_class"])
+    names = list(classes.features["color_class"])
     assert names[int(classes.data[10, liver[0], liver[1]])] == described.split(" ")[0]
     assert int(classes.data[0, 0, 0]) == 0  # air: no label
     # Drawn in the palette's colours (the one chosen, "dicom"), not napari's random label colours.
@@ -289,7 +289,7 @@ def _cut_layer(viewer, z: slice = slice(12, 18)):
     return viewer.add_image(data, **kwargs), volume
 
 
-def test_custom_window_entry_colours_with_exactly_that_centre_and_width(make_napari_viewer, qtbot, errors):
+def test_custom_window_entry_colors_with_exactly_that_centre_and_width(make_napari_viewer, qtbot, errors):
     viewer = make_napari_viewer()
     ct, volume = _cut_layer(viewer)
     widget = open_widget(viewer)
@@ -321,7 +321,7 @@ def test_custom_window_entry_colours_with_exactly_that_centre_and_width(make_nap
     assert widget.window.value == "custom" and not errors
 
 
-def test_colorizer_3d_gives_other_colours_than_colorizer_2d_at_the_same_luminance(make_napari_viewer, qtbot, errors):
+def test_colorizer_3d_gives_other_colors_than_colorizer_2d_at_the_same_luminance(make_napari_viewer, qtbot, errors):
     viewer = make_napari_viewer()
     ct, volume = _cut_layer(viewer)
     widget = open_widget(viewer)  # colorizer-2d
@@ -337,11 +337,11 @@ def test_colorizer_3d_gives_other_colours_than_colorizer_2d_at_the_same_luminanc
     assert layer.metadata["ctcolor"]["colorize"]["model"] == "colorizer-3d"
     three_d = srgb_to_lab(layer.data)
     assert lightness_error(layer.data, volume.array, PRESETS["abdomen"]) <= LUMINANCE_BOUND
-    coloured = np.hypot(two_d[..., 1], two_d[..., 2]) > 10.0
-    moved = np.hypot(*(three_d[..., c] - two_d[..., c] for c in (1, 2)))[coloured]
+    colored = np.hypot(two_d[..., 1], two_d[..., 2]) > 10.0
+    moved = np.hypot(*(three_d[..., c] - two_d[..., c] for c in (1, 2)))[colored]
     print(
         f"\n3d vs 2d: L* max diff {np.abs(three_d[..., 0] - two_d[..., 0]).max():.3f}, coloured share "
-        f"{coloured.mean():.3f}, a*b* distance mean {moved.mean():.2f}, median {np.median(moved):.2f}"
+        f"{colored.mean():.3f}, a*b* distance mean {moved.mean():.2f}, median {np.median(moved):.2f}"
     )
     np.testing.assert_allclose(three_d[..., 0], two_d[..., 0], atol=2 * LUMINANCE_BOUND)  # measured at most 0.40
     assert moved.mean() > 2.5  # measured 5.2 on the coloured 61 % of the voxels (median 1.7)
@@ -379,13 +379,13 @@ def test_a_2d_slice_layer_gives_a_2d_rgb_result_in_place(make_napari_viewer, qtb
     body = body_mask(hu[None].astype(np.float32), ct.spacing)[0]
     y, x = np.argwhere((hu > 80) & body)[0]
     described = widget.describe((y, x))
-    assert described.split(" ")[0] == list(classes.features["colour_class"])[int(classes.data[y, x])]
+    assert described.split(" ")[0] == list(classes.features["color_class"])[int(classes.data[y, x])]
     y, x = np.argwhere((hu > 80) & ~body)[0]  # the table: no colour, no class, and the pointer says so
     assert classes.data[y, x] == 0 and widget.describe((y, x)) == "no colour (air or outside the body)"
     assert np.abs(layer.data[y, x].astype(int) - layer.data[y, x, 0]).max() == 0  # grey
 
 
-def test_each_colour_layer_keeps_following_its_own_ct_window(make_napari_viewer, qtbot, errors):
+def test_each_color_layer_keeps_following_its_own_ct_window(make_napari_viewer, qtbot, errors):
     viewer = make_napari_viewer()
     first, first_volume = _cut_layer(viewer, slice(12, 16))
     data, kwargs, _ = image_layer_data(first_volume, name="second cut")
@@ -395,23 +395,23 @@ def test_each_colour_layer_keeps_following_its_own_ct_window(make_napari_viewer,
     click_and_wait(qtbot, widget, widget.run_button)
     widget.ct_layer.value = second
     click_and_wait(qtbot, widget, widget.run_button)
-    first_colour, second_colour = viewer.layers["cut colorized"], viewer.layers["second cut colorized"]
-    assert first_colour.metadata["ctcolor"]["colorize"]["window"] == [40.0, 400.0]
+    first_color, second_color = viewer.layers["cut colorized"], viewer.layers["second cut colorized"]
+    assert first_color.metadata["ctcolor"]["colorize"]["window"] == [40.0, 400.0]
 
-    # Windowing the first CT still recolours the first colour layer (with the first CT's network output), and leaves
+    # Windowing the first CT still recolors the first colour layer (with the first CT's network output), and leaves
     # the second alone.
-    second_before = second_colour.data.copy()
+    second_before = second_color.data.copy()
     first.contrast_limits = PRESETS["lung"].limits
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
-    assert first_colour.metadata["ctcolor"]["colorize"]["window"] == list(PRESETS["lung"])
-    assert lightness_error(first_colour.data, first.data, PRESETS["lung"]) <= LUMINANCE_BOUND
-    np.testing.assert_array_equal(second_colour.data, second_before)
+    assert first_color.metadata["ctcolor"]["colorize"]["window"] == list(PRESETS["lung"])
+    assert lightness_error(first_color.data, first.data, PRESETS["lung"]) <= LUMINANCE_BOUND
+    np.testing.assert_array_equal(second_color.data, second_before)
     assert widget.ct_layer.value is first and widget.window.value == "lung"
     second.contrast_limits = PRESETS["bone"].limits  # and the second follows its own
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
-    assert second_colour.metadata["ctcolor"]["colorize"]["window"] == list(PRESETS["bone"])
-    assert lightness_error(second_colour.data, second.data, PRESETS["bone"]) <= LUMINANCE_BOUND
-    assert first_colour.metadata["ctcolor"]["colorize"]["window"] == list(PRESETS["lung"]) and not errors
+    assert second_color.metadata["ctcolor"]["colorize"]["window"] == list(PRESETS["bone"])
+    assert lightness_error(second_color.data, second.data, PRESETS["bone"]) <= LUMINANCE_BOUND
+    assert first_color.metadata["ctcolor"]["colorize"]["window"] == list(PRESETS["lung"]) and not errors
 
 
 def test_the_window_menu_lists_each_header_window_once(make_napari_viewer):

@@ -165,7 +165,7 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     fixed = viewer.open(str(CT), plugin=PLUGIN)[0]
     moving = viewer.open(str(pair.moving_path), plugin=PLUGIN)[0]
     widget = open_widget(viewer, fixed, moving)
-    assert not widget.warp_colour.enabled  # no colorized twin yet
+    assert not widget.warp_color.enabled  # no colorized twin yet
 
     started = time.perf_counter()
     click_and_wait(qtbot, widget, widget.run_button)
@@ -267,7 +267,7 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     viewer.add_image(fixed_rgb, rgb=True, name=f"{fixed.name} colorized", **transforms)
     viewer.add_image(moving_rgb, rgb=True, name=f"{moving.name} colorized", **transforms)
     assert widget.fixed.value is fixed and widget.moving.value is moving  # layer changes keep the choices
-    assert widget.warp_colour.enabled and widget.warp_colour.value
+    assert widget.warp_color.enabled and widget.warp_color.value
     names = [lyr.name for lyr in viewer.layers]
     engine_total = widget.progress_bar.max
     click_and_wait(qtbot, widget, widget.run_button)
@@ -286,7 +286,7 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     assert ncc[1] > ncc[0]
 
     # Unticking the colour warp redraws the grey checkerboard from the kept result, again without registering.
-    widget.warp_colour.value = False
+    widget.warp_color.value = False
     board = layer(viewer, "checkerboard")
     assert not board.rgb and len(engine_calls) == 2
     np.testing.assert_array_equal(board.data, np.where(mask, fixed.data, widget.result.warped.array))

@@ -4,7 +4,7 @@ A Qt timer asks to run every `TICK_MS`; how late each tick arrives is how long t
 busy, i.e. how long the interface could not repaint or answer the mouse. Each workflow is driven as a user drives it
 (buttons, menus, the 3D view), from the click until its result is on screen.
 
-A window change must reach the screen soon after the event (`latency_to_screen`): the plane on screen is recoloured
+A window change must reach the screen soon after the event (`latency_to_screen`): the plane on screen is recolored
 in the main thread, the rest of the volume in a worker on one core.
 
 The target (issue 50) is 100 ms on 2 cores. What stays in the main thread is napari's own work: creating a layer (its

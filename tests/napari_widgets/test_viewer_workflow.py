@@ -14,7 +14,7 @@ from napari.utils.events import Event
 from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
 from scipy import ndimage
 
-from napari_ctcolor.color import colour_class
+from napari_ctcolor.color import color_class
 from napari_ctcolor.engines.anatomy import family
 from napari_ctcolor.engines.body import body_mask
 from napari_ctcolor.io import ColorVolume, Volume, read_volume, write_nifti
@@ -25,7 +25,7 @@ from napari_ctcolor.napari._view import show_plane
 from napari_ctcolor.napari._volume import MIN_BONE_ML, contrast_window, vessel_mask
 from napari_ctcolor.windowing import PRESETS
 
-from conftest import CT_DIR, IDENTITY, LUMINANCE_BOUND, assert_same_colours, ctcolor, require_shared
+from conftest import CT_DIR, IDENTITY, LUMINANCE_BOUND, assert_same_colors, ctcolor, require_shared
 from test_colorize_widget import (
     PLUGIN,
     TIMEOUT_MS,
@@ -45,7 +45,7 @@ CUT_LABELS = CT_DIR / "totalseg-body-3mm-30slices-labels.nii.gz"
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_network(
+def test_window_is_shared_with_the_ct_layer_both_ways_and_recolors_without_the_network(
     make_napari_viewer, qtbot, monkeypatch, errors
 ):
     require_shared(CUT)
@@ -71,17 +71,17 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
     assert layer.metadata["ctcolor"]["colorize"]["window"] == list(PRESETS["bone"])
     assert lightness_error(layer.data, ct.data, PRESETS["bone"]) <= LUMINANCE_BOUND
 
-    # Layer -> widget -> colour: dragging the CT layer's contrast recolours with that window, network not re-run.
-    # The slice on screen is recoloured at once, before the worker recomposes the rest of the volume; the worker's
+    # Layer -> widget -> colour: dragging the CT layer's contrast recolors with that window, network not re-run.
+    # The slice on screen is recolored at once, before the worker recomposes the rest of the volume; the worker's
     # full recomposition then gives that slice the same colours (within one 8-bit code: other float batching).
     show_plane(viewer, "axial")
     k = 11
     viewer.dims.set_point(0, ct.data_to_world((k, 0, 0))[0])
     before = layer.data.copy()
     ct.contrast_limits = (-160.0, 240.0)  # the abdomen window
-    assert widget.busy and widget.recoloured_first == (0, k)  # the worker runs; no event has reached the layer
+    assert widget.busy and widget.recolored_first == (0, k)  # the worker runs; no event has reached the layer
     first = layer.data[k].copy()
-    assert np.abs(first.astype(int) - before[k]).max() > 20  # recoloured: bone window -> abdomen window
+    assert np.abs(first.astype(int) - before[k]).max() > 20  # recolored: bone window -> abdomen window
     others = [z for z in range(ct.data.shape[0]) if z != k]
     np.testing.assert_array_equal(layer.data[others], before[others])  # the rest follows in the background
     # A NIfTI has no DICOM window: its default is the abdomen preset, and either name means the same window.
@@ -96,7 +96,7 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
         f"share differing {(step > 0).mean():.1e}"
     )
     assert step.max() <= 1
-    assert np.abs(layer.data[others].astype(int) - before[others]).max() > 20  # and the rest is recoloured now
+    assert np.abs(layer.data[others].astype(int) - before[others]).max() > 20  # and the rest is recolored now
 
     ct.contrast_limits = (-50.0, 150.0)  # no preset: custom, centre 50, width 200
     assert widget.window.value == "custom"
@@ -105,14 +105,14 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
     assert layer.metadata["ctcolor"]["colorize"]["window"] == [50.0, 200.0]
     assert lightness_error(layer.data, ct.data, (50.0, 200.0)) <= LUMINANCE_BOUND
 
-    # A coronal view recolours its own plane first (the row on screen across every slice).
+    # A coronal view recolors its own plane first (the row on screen across every slice).
     show_plane(viewer, "coronal")
     y = ct.data.shape[1] // 2 + 7
     viewer.dims.set_point(1, ct.data_to_world((0, y, 0))[1])
     before = layer.data.copy()
     widget.width_hu.value = 300.0  # editing the custom window moves the CT layer's limits too
     assert tuple(ct.contrast_limits) == pytest.approx((-100.0, 200.0))
-    assert widget.recoloured_first == (1, y)
+    assert widget.recolored_first == (1, y)
     rows = [r for r in range(ct.data.shape[1]) if r != y]
     assert np.abs(layer.data[:, y].astype(int) - before[:, y]).max() > 20
     np.testing.assert_array_equal(layer.data[:, rows], before[:, rows])
@@ -163,7 +163,7 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolours_without_the_
     pieces, count = ndimage.label(surface, structure=np.ones((3, 3, 3), dtype=bool))
     volumes_ml = np.bincount(pieces.ravel())[1:] * 27.0 * s * s / 1000.0
     assert count >= 5 and volumes_ml.min() >= MIN_BONE_ML  # the spine and the ribs that are whole at 3 mm
-    bones = np.isin(labels, [i for name, i in names.items() if family(colour_class(name)) == "bone"])
+    bones = np.isin(labels, [i for name, i in names.items() if family(color_class(name)) == "bone"])
     view_3d(qtbot, widget, "CTA")
     shown = [lyr.name for lyr in viewer.layers if lyr.visible]
     assert shown == [f"{ct.name} 3D bone", f"{ct.name} 3D vessels"]
@@ -339,7 +339,7 @@ def test_colorized_outputs_open_again_as_rgb_with_their_geometry(make_napari_vie
     viewer = make_napari_viewer()
     layer = viewer.open(str(out), plugin=PLUGIN)[0]
     assert layer.rgb and layer.data.shape == (*ct.shape, 3)
-    assert_same_colours(np.asarray(layer.data), ref_rgb)  # two ctcolor processes: the run-to-run tolerance
+    assert_same_colors(np.asarray(layer.data), ref_rgb)  # two ctcolor processes: the run-to-run tolerance
     grey = viewer.open(str(CUT), plugin=PLUGIN)[0]
     for index in [(0, 0, 0), (29, 100, 121), (12, 40, 77)]:
         np.testing.assert_allclose(layer.data_to_world(index), grey.data_to_world(index), atol=1e-3)
@@ -367,9 +367,9 @@ def test_file_save_offers_the_png_folder_writer_and_it_round_trips(make_napari_v
     from napari_ctcolor.napari._layers import rgb_layer_data
 
     rng = np.random.default_rng(3)
-    colour = ColorVolume(rng.integers(0, 256, (4, 24, 20, 3), dtype=np.uint8), (2.5, 0.7, 0.9), (-5, 10, 30), np.eye(3))
+    color = ColorVolume(rng.integers(0, 256, (4, 24, 20, 3), dtype=np.uint8), (2.5, 0.7, 0.9), (-5, 10, 30), np.eye(3))
     viewer = make_napari_viewer()
-    data, kwargs, _ = rgb_layer_data(colour, name="colour")
+    data, kwargs, _ = rgb_layer_data(color, name="colour")
     layer = viewer.add_image(data, **kwargs)
     viewer.layers.selection = {layer}
     filters, writers = file_extensions_string_for_layers([layer])
@@ -379,9 +379,9 @@ def test_file_save_offers_the_png_folder_writer_and_it_round_trips(make_napari_v
     written = viewer.layers.save(str(tmp_path / "colour.png"), selected=True, _writer=writer)
     assert written == [str(tmp_path / "colour")] and len(list((tmp_path / "colour").glob("*.png"))) == 4
     back = read_color_volume(tmp_path / "colour")
-    np.testing.assert_array_equal(back.rgb, colour.rgb)
-    np.testing.assert_allclose(back.spacing, colour.spacing, rtol=1e-6)
-    np.testing.assert_allclose(back.origin, colour.origin, atol=1e-6)
+    np.testing.assert_array_equal(back.rgb, color.rgb)
+    np.testing.assert_allclose(back.spacing, color.spacing, rtol=1e-6)
+    np.testing.assert_allclose(back.origin, color.origin, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

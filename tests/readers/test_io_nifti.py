@@ -62,7 +62,7 @@ def test_volume_to_and_from_sitk_is_lossless():
     np.testing.assert_array_equal(back.direction, vol.direction)
 
 
-def test_four_d_and_colour_nifti_are_input_errors(tmp_path):
+def test_four_d_and_color_nifti_are_input_errors(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)), tmp_path / "4d.nii.gz")
     with pytest.raises(InputError, match="4D image"):
         read_volume(tmp_path / "4d.nii.gz")

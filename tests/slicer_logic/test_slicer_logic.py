@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from napari_ctcolor.io import ColorVolume, read_volume, write_nifti
 from napari_ctcolor.io.errors import InputError
 
-from conftest import CT_DIR, assert_same_colours, assert_same_registration, ctcolor, require_shared, rotated_volume
+from conftest import CT_DIR, assert_same_colors, assert_same_registration, ctcolor, require_shared, rotated_volume
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (pip install 'napari-ctcolor[slicer]') is not installed")
 logic = pytest.importorskip("napari_ctcolor.slicer.logic")
@@ -49,16 +49,16 @@ def test_colorize_node_equals_the_cli_on_the_same_grid(tmp_path):
     require_shared(CUT)
     scene = slicer.vtkMRMLScene()
     node = logic.node_from_volume(read_volume(CUT), scene, "CT")
-    colour = logic.colorize_node(node, window=(40, 400), palette="dicom", device="cpu")
-    assert colour.IsA("vtkMRMLVectorVolumeNode") and colour.GetScene() is scene
-    assert colour.GetName() == "CT colorized"
-    rgb = slicer.util.arrayFromVolume(colour)
+    color = logic.colorize_node(node, window=(40, 400), palette="dicom", device="cpu")
+    assert color.IsA("vtkMRMLVectorVolumeNode") and color.GetScene() is scene
+    assert color.GetName() == "CT colorized"
+    rgb = slicer.util.arrayFromVolume(color)
     out = tmp_path / "colour.nii.gz"
     done = ctcolor("colorize", str(CUT), "-o", str(out), "--window", "40,400", "--palette", "dicom", "--device", "cpu")
     assert done.returncode == 0, done.stderr
     reference = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
-    assert_same_colours(rgb, reference)  # this process's engine and a ctcolor process: the run-to-run tolerance
-    assert_same_grid(colour, read_volume(CUT))
+    assert_same_colors(rgb, reference)  # this process's engine and a ctcolor process: the run-to-run tolerance
+    assert_same_grid(color, read_volume(CUT))
 
 
 @pytest.mark.numeric

@@ -77,8 +77,8 @@ REGISTER_OPTIONS = ("model", "affine", "refine", "device", "send")
 #: refinement: iterative, multi-threaded SimpleITK optimisations that start from the network's answer, so a last-bit
 #: difference may grow in them; those outputs are not held to these bounds.
 SAME_AS_SINGLE = {
-    "colour_step": 1,  # RGB: each channel within 1 of 255 ...
-    "colour_fraction": 1e-4,  # ... on at most this share of the voxels; all others equal
+    "color_step": 1,  # RGB: each channel within 1 of 255 ...
+    "color_fraction": 1e-4,  # ... on at most this share of the voxels; all others equal
     "ddf_mm": 1e-3,  # ddf and inverse_ddf, per component
     "jacobian": 1e-3,
     "warped_hu": 1.0,  # the warped image and the checkerboard, in the image's units

@@ -17,7 +17,7 @@ from ..io import NIFTI_SUFFIXES, Volume, write_nifti
 from ..io.dicomweb import is_series_url, read_series
 from ..io.prefetch import read_volume_soon
 from ..io.write import atomic_path
-from .export import export_colour, identity_of, send_colour
+from .export import export_color, identity_of, send_color
 from .outputs import FILE_SUFFIXES, check_export_flags, check_output
 
 
@@ -58,14 +58,14 @@ def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Pa
         def progress(done: int, _total: int) -> None:
             bar.update(done - bar.n)
 
-        colour = colorize(
+        color = colorize(
             volume, args.model, args.window, args.chroma, args.device, args.batch_size, palette, progress=progress
         )
     if classes_out is not None:
-        _write_classes(colour, volume, palette, classes_out)
-    written = export_colour(colour, volume.meta, out, fmt, identity, overwrite=args.overwrite)
+        _write_classes(color, volume, palette, classes_out)
+    written = export_color(color, volume.meta, out, fmt, identity, overwrite=args.overwrite)
     if args.send:
-        url, count = send_colour(colour, volume.meta, written, identity, fetched=source)
+        url, count = send_color(color, volume.meta, written, identity, fetched=source)
         print(f"sent {count} instances to {url}")
     return out
 
@@ -122,10 +122,10 @@ def _classes_table(labels_path: Path) -> Path:
     return labels_path.with_name(stem + ".json")
 
 
-def _write_classes(colour, volume, palette, path: Path) -> None:
+def _write_classes(color, volume, palette, path: Path) -> None:
     """`ctcolor colorize --classes`: the most probable class of each voxel (what the widget's pointer and class
     layer show) as a uint8 label map on the CT's grid, and its names and palette colours as JSON."""
-    chroma = colour.chroma
+    chroma = color.chroma
     labels = chroma.most_probable(volume.array)
     write_nifti(Volume(labels, volume.spacing, volume.origin, volume.direction), path)
     table = {

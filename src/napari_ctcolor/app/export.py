@@ -56,8 +56,8 @@ def identity_of(meta: dict, keep: bool, fetched: Any = None) -> Identity:
     return Identity(True, header)
 
 
-def export_colour(
-    colour: ColorVolume,
+def export_color(
+    color: ColorVolume,
     meta: dict,
     path: str | os.PathLike,
     fmt: str,
@@ -71,18 +71,18 @@ def export_colour(
     from ..io.export import write_png_slices, write_rgb_dicom, write_rgb_nifti
 
     if fmt == "nifti":
-        return [write_rgb_nifti(colour, path, overwrite=overwrite)]
+        return [write_rgb_nifti(color, path, overwrite=overwrite)]
     if fmt == "png":
-        return write_png_slices(colour, path, overwrite=overwrite)
+        return write_png_slices(color, path, overwrite=overwrite)
     if fmt != "dicom":
         raise InputError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     keep = identity is not None and identity.keep
     sources = [identity.header] if keep else None
-    return write_rgb_dicom(colour, path, meta, keep_patient_info=keep, source_datasets=sources, overwrite=overwrite)
+    return write_rgb_dicom(color, path, meta, keep_patient_info=keep, source_datasets=sources, overwrite=overwrite)
 
 
-def send_colour(
-    colour: ColorVolume, meta: dict, written: list[Path], identity: Identity, fetched: Any = None
+def send_color(
+    color: ColorVolume, meta: dict, written: list[Path], identity: Identity, fetched: Any = None
 ) -> tuple[str, int]:
     """Store the DICOM export ``written`` into the study of the DICOMweb series the CT was read from (STOW-RS; the
     sent series always keeps the patient's identity: it joins the patient's own study). Returns (server URL, count).
@@ -92,4 +92,4 @@ def send_colour(
     from ..io.dicomweb import send_series
 
     header = identity.header if identity.keep and not isinstance(identity.header, str | os.PathLike) else fetched
-    return send_series(colour, meta, header, files=written if identity.keep else None)
+    return send_series(color, meta, header, files=written if identity.keep else None)

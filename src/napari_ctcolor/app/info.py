@@ -32,15 +32,15 @@ def volume_info(volume: Volume) -> dict:
     }
 
 
-def colour_info(colour: ColorVolume) -> dict:
+def color_info(color: ColorVolume) -> dict:
     """The `ctcolor info --json` record of an RGB volume (what `ctcolor colorize` writes)."""
     return {
-        "shape": list(colour.rgb.shape[:3]),
-        "spacing": list(colour.spacing),
-        "origin": list(colour.origin),
-        "direction": colour.direction.flatten().tolist(),
+        "shape": list(color.rgb.shape[:3]),
+        "spacing": list(color.spacing),
+        "origin": list(color.origin),
+        "direction": color.direction.flatten().tolist(),
         "modality": "RGB",
         "dtype": "uint8 RGB",
-        "format": colour.settings.get("format", ""),
-        "geometry_known": colour.settings.get("geometry") != "none",
+        "format": color.settings.get("format", ""),
+        "geometry_known": color.settings.get("geometry") != "none",
     }

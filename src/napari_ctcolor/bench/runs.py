@@ -307,14 +307,14 @@ def rss_job(path: str, copies: int, model: str = "colorizer-2d") -> dict:
     volume = Volume(array, spacing=tuple(slab["spacing"]), meta={"modality": "CT"})
     del slab
     start = time.perf_counter()
-    colour = colorize(volume, model, window="abdomen", device="cpu")
+    color = colorize(volume, model, window="abdomen", device="cpu")
     seconds = time.perf_counter() - start
     peak = _peak_rss_mb()
     input_mb = array.nbytes / 2**20
     return {
         "shape": list(array.shape),
         "input_mb": round(input_mb, 1),
-        "output_mb": round(colour.rgb.nbytes / 2**20, 1),
+        "output_mb": round(color.rgb.nbytes / 2**20, 1),
         "baseline_rss_mb": round(base),
         "peak_rss_mb": round(peak),
         "peak_minus_baseline_mb": round(peak - base),

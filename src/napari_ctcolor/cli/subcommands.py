@@ -14,17 +14,17 @@ from ..io.write import atomic_path
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from ..app.info import colour_info, volume_info
+    from ..app.info import color_info, volume_info
 
     image = read_image(args.path, series_uid=args.series)
-    colour = isinstance(image, ColorVolume)
-    info = colour_info(image) if colour else volume_info(image)
+    color = isinstance(image, ColorVolume)
+    info = color_info(image) if color else volume_info(image)
     if args.json:
         print(json.dumps(info))
         return 0
     z, y, x = info["shape"]
     print(f"{args.path}")
-    if colour:
+    if color:
         print("  colour       RGB, 8 bits per channel (a colorized rendering, not CT numbers)")
         print(f"  shape        {z} slices x {y} x {x}")
     else:
@@ -33,7 +33,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("  spacing      {:.4g} x {:.4g} x {:.4g} mm (z, y, x)".format(*info["spacing"]))
     print("  origin       {:.2f}, {:.2f}, {:.2f} mm (x, y, z LPS)".format(*info["origin"]))
     print("  direction    " + " ".join(f"{v:+.3f}" for v in info["direction"]))
-    if colour:
+    if color:
         if not info["geometry_known"]:
             print("  geometry     none stored (PNG slices without geometry.json): 1 mm slices at the origin")
         return 0

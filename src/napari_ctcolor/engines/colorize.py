@@ -925,9 +925,9 @@ def iter_compose_chroma(
                 rgb[start:stop] = compose_rgb_torch(window_tensor(hu, *win), ab, chroma=strength).cpu().numpy()
         yield stop, z
     settings = {"window": [win.centre, win.width], "model": chroma.model, "chroma": strength, "palette": palette.name}
-    colour = Colorized.on_grid_of(volume, rgb, **settings)
-    colour.chroma = chroma
-    return colour
+    color = Colorized.on_grid_of(volume, rgb, **settings)
+    color.chroma = chroma
+    return color
 
 
 def compose_chroma(

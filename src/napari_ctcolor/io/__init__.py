@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import Cancelled, CTColorError, InputError
-from .color_read import is_colour, read_color_volume
+from .color_read import is_color, read_color_volume
 from .dicom import read_dicom_file, read_dicom_folder
 from .dicomweb import is_series_url
 from .nifti import ITK_SUFFIXES, NIFTI_SUFFIXES, read_itk, read_nifti, write_nifti, write_vector_nifti
@@ -71,7 +71,7 @@ def read_image(path: str | os.PathLike, series_uid: str | None = None) -> Volume
         from .dicomweb import read_series_image
 
         return read_series_image(path, series_uid)
-    if series_uid is None and Path(path).exists() and is_colour(path):
+    if series_uid is None and Path(path).exists() and is_color(path):
         try:
             return read_color_volume(path)
         except OSError as exc:

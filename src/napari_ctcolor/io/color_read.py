@@ -62,7 +62,7 @@ def _itk_components(path: Path) -> int:
     return reader.GetNumberOfComponents()
 
 
-def is_colour(path: str | os.PathLike) -> bool:
+def is_color(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds a colour (RGB) image: cheap, headers only."""
     path = Path(path)
     if path.is_dir():
@@ -91,7 +91,7 @@ def read_color_volume(path: str | os.PathLike) -> ColorVolume:
     if path.is_dir() and _png_slices(path):
         return _read_png_folder(path)
     if path.is_dir() or not path.name.lower().endswith(NIFTI_SUFFIXES + ITK_SUFFIXES):
-        _refuse_unstated_colour_space(path)
+        _refuse_unstated_color_space(path)
     try:
         if path.is_dir():
             files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path))
@@ -122,7 +122,7 @@ def read_color_volume(path: str | os.PathLike) -> ColorVolume:
     return ColorVolume(np.ascontiguousarray(rgb), spacing, origin, direction, settings)
 
 
-def _refuse_unstated_colour_space(path: Path) -> None:
+def _refuse_unstated_color_space(path: Path) -> None:
     """A DICOM colour image must say how its three samples are coded (RGB, YBR_FULL, ...): without
     PhotometricInterpretation any colours read from it would be a guess."""
     from .dicom import read_header

@@ -413,13 +413,13 @@ def _series_volume(series: SeriesURL, folder: str, with_source: bool = False) ->
 
 def read_series_image(url: str, series_uid: str | None = None) -> Volume | ColorVolume:
     """`read_series`, or a `ColorVolume` for an RGB series (what ``ctcolor colorize --send`` stores)."""
-    from .color_read import is_colour, read_color_volume
+    from .color_read import is_color, read_color_volume
 
     with _retrieved(url, series_uid) as (series, tmp):  # retrieved once, whichever it is
-        if is_colour(tmp):
-            colour = read_color_volume(tmp)
-            colour.settings["source"] = str(series)
-            return colour
+        if is_color(tmp):
+            color = read_color_volume(tmp)
+            color.settings["source"] = str(series)
+            return color
         return _series_volume(series, tmp)
 
 

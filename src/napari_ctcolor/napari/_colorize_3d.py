@@ -95,12 +95,12 @@ class View3D:
     def _show_3d(self, kept: Kept, preset: str, step: int, result: tuple) -> None:
         """Add the layers "<CT name> 3D <part>" of a `PRESETS_3D` preset computed by `_steps_3d`, seen from the
         patient's front; the 2D layers are hidden meanwhile."""
-        colour = self.result_layer
-        if self._closed or kept is not self._kept or colour is None or self.view_3d.value != preset:
+        color = self.result_layer
+        if self._closed or kept is not self._kept or color is None or self.view_3d.value != preset:
             return  # another run, CT or preset since
         cached, fields = result
         self._body_cache = (kept, *cached)
-        placement = {k: np.asarray(v) for k, v in layer_attributes(colour).items() if k != "metadata"}
+        placement = {k: np.asarray(v) for k, v in layer_attributes(color).items() if k != "metadata"}
         placement["scale"] = placement["scale"] * np.array([1.0, step, step])
         self._remove_3d()
         if not self._hidden_for_3d:

@@ -53,7 +53,7 @@ class ExportPanel:
         de-identified unless "Keep patient identity" is ticked. Existing files are never replaced. With "Also send to
         the CT's PACS", a DICOM export is also stored into the CT's study on its DICOMweb server (as ``ctcolor
         colorize URL --format dicom --send``: the patient's identity kept there). Returns the paths written."""
-        from ..app.export import export_colour, identity_of, send_colour
+        from ..app.export import export_color, identity_of, send_color
 
         kept, layer = self._kept, self.result_layer
         path = self.export_path.value
@@ -67,7 +67,7 @@ class ExportPanel:
             if send and fmt != "dicom":
                 raise InputError("Export: sending to the PACS needs the DICOM series format")
             rgb = np.asarray(layer.data)
-            colour = ColorVolume.on_grid_of(
+            color = ColorVolume.on_grid_of(
                 kept.volume, rgb if rgb.ndim == 4 else rgb[np.newaxis], **layer.metadata[META_KEY]["colorize"]
             )
             path = str(path)
@@ -78,10 +78,10 @@ class ExportPanel:
                 identity = identity_of(meta, fmt == "dicom" and bool(self.keep_identity.value))
             except InputError as exc:
                 raise InputError(f"Export: {exc}") from None
-            written = export_colour(colour, meta, path, fmt, identity)
+            written = export_color(color, meta, path, fmt, identity)
             if send:  # synchronous like the file export: a series of a few hundred slices, over the network
                 try:
-                    url, count = send_colour(colour, meta, written, identity)
+                    url, count = send_color(color, meta, written, identity)
                 except CTColorError as exc:  # the files are written all the same: say so, and return them
                     self._error(f"Exported {len(written)} file(s) to {path}, but not sent: {exc}")
                     return [str(p) for p in written]

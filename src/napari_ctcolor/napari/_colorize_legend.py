@@ -52,7 +52,7 @@ class ClassesAndPointer:
         self.classes_button.changed.connect(self.show_classes)
         return [self.pointer, self.legend, self.classes_button]
 
-    def _fill_legend(self, colour: ColorVolume) -> None:
+    def _fill_legend(self, color: ColorVolume) -> None:
         """Swatches and names of the classes the volume shows, most common first, in the palette just composed."""
         kept = self._kept
         if kept is None:
@@ -61,7 +61,7 @@ class ClassesAndPointer:
             palette = self._palette()
         except CTColorError:
             return
-        if palette.name != colour.settings.get("palette"):
+        if palette.name != color.settings.get("palette"):
             return  # a newer palette choice is being composed; its result fills the legend
         rows = []
         shares = sorted(kept.chroma.class_shares().items(), key=lambda item: -item[1])
@@ -121,7 +121,7 @@ class ClassesAndPointer:
             return "no colour (air or outside the body)"
         return f"{name} {probability:.0%} (colour class, not a segmentation)"
 
-    def _class_colours(self) -> DirectLabelColormap:
+    def _class_colors(self) -> DirectLabelColormap:
         """Each class label (1 + class index, `Chroma.most_probable`) in its colour under the current palette; the
         air (0) and classes the palette does not colour are clear."""
         classes = self._kept.chroma.classes
@@ -129,11 +129,11 @@ class ClassesAndPointer:
             palette = self._palette()
         except CTColorError:
             palette = load_palette("anatomical")
-        colours: dict[int | None, tuple[float, ...]] = {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0)}
+        colors: dict[int | None, tuple[float, ...]] = {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0)}
         for index, name in enumerate(classes, start=1):
             rgb = palette.class_rgb(name)
-            colours[index] = (*(c / 255.0 for c in rgb), 1.0) if rgb is not None else (0.0, 0.0, 0.0, 0.0)
-        return DirectLabelColormap(color_dict=colours)
+            colors[index] = (*(c / 255.0 for c in rgb), 1.0) if rgb is not None else (0.0, 0.0, 0.0, 0.0)
+        return DirectLabelColormap(color_dict=colors)
 
     def show_classes(self, *_: Any) -> Labels | None:
         """Add (or refresh) the Labels layer "<CT name> colour classes": the most probable class of each voxel."""
@@ -144,11 +144,11 @@ class ClassesAndPointer:
         data = kept.chroma.most_probable(kept.volume.array)
         if kept.ct.ndim == 2:
             data = data[0]
-        features = {"index": np.arange(len(kept.chroma.classes) + 1), "colour_class": ["", *kept.chroma.classes]}
+        features = {"index": np.arange(len(kept.chroma.classes) + 1), "color_class": ["", *kept.chroma.classes]}
         existing = next((lyr for lyr in self._viewer.layers if lyr.name == name), None)
         if existing is not None:
             self._viewer.layers.remove(existing)
         placement = {k: v for k, v in layer_attributes(self.result_layer).items() if k != "metadata"}
-        layer = Labels(data, name=name, opacity=0.4, features=features, colormap=self._class_colours(), **placement)
+        layer = Labels(data, name=name, opacity=0.4, features=features, colormap=self._class_colors(), **placement)
         self._viewer.layers.append(layer)
         return layer

@@ -120,15 +120,15 @@ class RunAndRecompose:
                     found = (blood, contrast_window(volume.array, volume.spacing))
                     window = tuple(found[1])
             compose = iter_compose_chroma(volume, chroma, window, strength, device, palette)
-            colour = yield from offset_steps(compose, z, 2 * z)
+            color = yield from offset_steps(compose, z, 2 * z)
         except CTColorError as exc:
             return Failed(str(exc))
-        return chroma, colour, found
+        return chroma, color, found
 
     @staticmethod
     def _compose_steps(volume, chroma, window, strength, device, palette):
         """Recompose only, on one CPU thread (the interface keeps a core while the reader drags the window, and the
-        plane on screen is recoloured already): yields (done, Z), returns the ColorVolume."""
+        plane on screen is recolored already): yields (done, Z), returns the ColorVolume."""
         try:
             with at_most(1):
                 return (yield from iter_compose_chroma(volume, chroma, window, strength, device, palette))
@@ -154,7 +154,7 @@ class RunAndRecompose:
             return
         if not self.busy and self._shown_settings() == self._current_settings():
             return  # the colour shown was composed with these settings (the contrast window a run chose)
-        self._recolour_visible_plane(kept, window, device, palette)
+        self._recolor_visible_plane(kept, window, device, palette)
         if self.busy:
             self._recompose_pending = True
             if self.worker.is_compose:
@@ -183,7 +183,7 @@ class RunAndRecompose:
         index = round(float(np.asarray(kept.ct.world_to_data(dims.point), dtype=float)[axis]))
         return (axis, index) if 0 <= index < kept.volume.shape[axis] else None
 
-    def _recolour_visible_plane(self, kept: Kept, window, device: str, palette: Palette) -> None:
+    def _recolor_visible_plane(self, kept: Kept, window, device: str, palette: Palette) -> None:
         """Recolour the plane on screen at once, in the main thread (`compose_plane`: tens of milliseconds); the
         recompose worker then replaces the whole volume with the same colours."""
         plane = self.visible_plane()
@@ -202,7 +202,7 @@ class RunAndRecompose:
         where[axis] = index
         layer.data[tuple(where)] = rgb
         layer.refresh()
-        self.recoloured_first = plane
+        self.recolored_first = plane
 
     def _colorized(self, ct: Image, volume: Volume, limits: tuple[float, float], result: tuple | Failed) -> None:
         if self._closed:
@@ -213,21 +213,21 @@ class RunAndRecompose:
         if not self._in_viewer(ct):  # the CT layer was deleted during the run: no orphan result layer
             self._say("Colorize volume: the CT layer was removed; result dropped")
             return
-        chroma, colour, found = result
-        self._kept = Kept(volume, chroma, ct, self._show(ct, colour))
+        chroma, color, found = result
+        self._kept = Kept(volume, chroma, ct, self._show(ct, color))
         self._unlink(ct)
         self._runs.append(self._kept)
         ct.events.contrast_limits.connect(self._on_linked_window)
         # The CT stays the selected layer: napari's status bar then shows its HU, not the colour layer's RGB, and
         # its contrast slider is the window.
         self._viewer.layers.selection.active = ct
-        self._fill_legend(colour)
+        self._fill_legend(color)
         self.classes_button.enabled = self.view_3d.enabled = True
         self._enable_export(volume.meta)
         if found is not None and np.allclose(ct.contrast_limits, limits, rtol=0, atol=0.5):
             self._adopt_contrast_window(ct, *found)
         # Settings changed while the network ran are applied now, from the kept chroma.
-        self._recompose_pending = self._recompose_pending or self._settings(colour) != self._current_settings()
+        self._recompose_pending = self._recompose_pending or self._settings(color) != self._current_settings()
 
     def _adopt_contrast_window(self, ct: Image, blood: float, win: Window) -> None:
         """A CT without a header that says contrast was given (NIfTI, NRRD, MHA) opens in its default window, where
@@ -255,8 +255,8 @@ class RunAndRecompose:
             self._show(kept.ct, result)
             self._fill_legend(result)
 
-    def _settings(self, colour: ColorVolume) -> tuple:
-        return self._settings_of(colour.settings)
+    def _settings(self, color: ColorVolume) -> tuple:
+        return self._settings_of(color.settings)
 
     @staticmethod
     def _settings_of(settings: Mapping) -> tuple:
@@ -280,22 +280,22 @@ class RunAndRecompose:
             return ()
         return ((window.centre, window.width), float(self.chroma.value), palette)
 
-    def _show(self, ct: Image, colour: ColorVolume) -> Image:
+    def _show(self, ct: Image, color: ColorVolume) -> Image:
         """Put ``colour`` into the layer "<CT name> colorized", replacing its data when it exists, else adding it."""
         name = f"{ct.name} colorized"
         if ct.ndim == 2:  # a 2D CT layer: one slice, placed by the CT layer's own 2D transforms
-            data = colour.rgb[0]
+            data = color.rgb[0]
             transforms = {k: np.asarray(v) for k, v in layer_attributes(ct).items() if k != "metadata"}
         else:  # identity for whichever of scale/translate or affine `placement` leaves out
-            data = colour.rgb
+            data = color.rgb
             transforms = {
                 "scale": np.ones(3),
                 "translate": np.zeros(3),
                 "rotate": np.eye(3),
                 "affine": np.eye(4),
-                **placement(colour),
+                **placement(color),
             }
-        metadata = {META_KEY: {"colorize": dict(colour.settings)}}
+        metadata = {META_KEY: {"colorize": dict(color.settings)}}
         existing = next((lyr for lyr in self._viewer.layers if lyr.name == name), None)
         if isinstance(existing, Image) and existing.rgb and existing.data.ndim == data.ndim:
             existing.data = data

@@ -83,9 +83,9 @@ class ColorizeWidget(WindowControl, RunAndRecompose, ClassesAndPointer, View3D, 
         self._runs: list[Kept] = []  # every CT's last run: each colour layer follows its own CT's window
         self._recompose_pending = False
         self._closed = False
-        #: The plane (axis, index) the last recompose recoloured at once, before the rest of the volume (None: none
+        #: The plane (axis, index) the last recompose recolored at once, before the rest of the volume (None: none
         #: on screen).
-        self.recoloured_first: tuple[int, int] | None = None
+        self.recolored_first: tuple[int, int] | None = None
         self.ct_layer = ComboBox(label="CT layer", choices=self._grey_layers, tooltip="a grey image layer in HU")
         super().__init__(
             widgets=[

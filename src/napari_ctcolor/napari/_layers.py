@@ -70,17 +70,17 @@ def _opens_in_contrast(volume: Volume) -> bool:
     return bool(volume.meta.get("contrast")) and volume.meta.get("modality", "CT") == "CT"
 
 
-def rgb_layer_data(colour: ColorVolume, name: str | None = None) -> tuple[np.ndarray, dict[str, Any], str]:
+def rgb_layer_data(color: ColorVolume, name: str | None = None) -> tuple[np.ndarray, dict[str, Any], str]:
     """A napari LayerDataTuple showing an RGB ``colour`` volume at its physical position."""
-    name = name or _stem(str(colour.settings.get("source", ""))) or "colour"
+    name = name or _stem(str(color.settings.get("source", ""))) or "colour"
     kwargs = {
         "name": name,
         "rgb": True,
         "interpolation2d": "linear",
-        "metadata": {META_KEY: dict(colour.settings)},
-        **placement(colour),
+        "metadata": {META_KEY: dict(color.settings)},
+        **placement(color),
     }
-    return colour.rgb, kwargs, "image"
+    return color.rgb, kwargs, "image"
 
 
 def _stem(source: str) -> str:

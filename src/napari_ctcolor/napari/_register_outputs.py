@@ -52,18 +52,18 @@ class Inputs:
 
     Attributes:
         fixed, moving: the grey volumes (own units, physical geometry).
-        fixed_colour: the fixed layer's colorized twin, if any (any grid; resampled onto the fixed one in the worker).
-        moving_colour: the moving layer's colorized twin, when it is to be warped too.
-        moving_name, moving_colour_name: layer names, for the output layers' names.
+        fixed_color: the fixed layer's colorized twin, if any (any grid; resampled onto the fixed one in the worker).
+        moving_color: the moving layer's colorized twin, when it is to be warped too.
+        moving_name, moving_color_name: layer names, for the output layers' names.
         moving_limits: the moving layer's contrast limits, copied to the warped layer.
     """
 
     fixed: Volume
     moving: Volume
-    fixed_colour: ColorVolume | None
-    moving_colour: ColorVolume | None
+    fixed_color: ColorVolume | None
+    moving_color: ColorVolume | None
     moving_name: str
-    moving_colour_name: str | None
+    moving_color_name: str | None
     moving_limits: tuple[float, float]
 
 
@@ -73,8 +73,8 @@ class Output:
     the first difference)."""
 
     result: RegistrationResult
-    fixed_colour: ColorVolume | None
-    warped_colour: ColorVolume | None
+    fixed_color: ColorVolume | None
+    warped_color: ColorVolume | None
     difference: np.ndarray | None = None  # `windowed_difference` under the fixed layer's window at run time
 
 
@@ -99,7 +99,7 @@ class Kept:
     fixed_layer: Image
 
 
-def grey_as_colour(volume: Volume, limits: tuple[float, float]) -> ColorVolume:
+def grey_as_color(volume: Volume, limits: tuple[float, float]) -> ColorVolume:
     """``volume`` windowed to ``limits`` (the layer's contrast limits) as grey sRGB, for a colour checkerboard."""
     low, high = limits
     grey = np.clip((volume.array.astype(np.float32) - low) / max(high - low, 1e-6), 0.0, 1.0)
@@ -109,7 +109,7 @@ def grey_as_colour(volume: Volume, limits: tuple[float, float]) -> ColorVolume:
 
 class RegisterOutputs:
     """The output part of `RegisterWidget` (a mixin: it uses the widget's ``_viewer``, ``_kept``, ``_closed``,
-    ``_layers`` and ``warp_colour``)."""
+    ``_layers`` and ``warp_color``)."""
 
     def _output_controls(self) -> tuple[FloatSlider, CheckBox, Label]:
         """Create the tile slider, "Checkerboard before registration" and the summary line."""
@@ -140,10 +140,10 @@ class RegisterOutputs:
         overlay = {"opacity": OVERLAY_OPACITY, "colorbar": True, "hide": True}
         warped = f"{inputs.moving_name} warped"
         steps = [lambda: self._put(warped, result.warped.array, "warped", limits=inputs.moving_limits)]
-        if output.warped_colour is not None:
+        if output.warped_color is not None:
             steps.append(
                 lambda: self._put(
-                    f"{inputs.moving_colour_name} warped", output.warped_colour.rgb, "warped colour", rgb=True
+                    f"{inputs.moving_color_name} warped", output.warped_color.rgb, "warped colour", rgb=True
                 )
             )
         steps += [
@@ -242,10 +242,10 @@ class RegisterOutputs:
             return
         output, tile_mm, inputs = kept.output, float(self.tile_mm.value), kept.inputs
         before = bool(self.before.value)  # the moving image as it was, resampled onto the fixed grid by position
-        if output.warped_colour is not None and self.warp_colour.value:
-            fixed_colour = output.fixed_colour or grey_as_colour(inputs.fixed, kept.fixed_limits)
-            other = inputs.moving_colour if before else output.warped_colour
-            board = checkerboard(fixed_colour, other, tile_mm)
+        if output.warped_color is not None and self.warp_color.value:
+            fixed_color = output.fixed_color or grey_as_color(inputs.fixed, kept.fixed_limits)
+            other = inputs.moving_color if before else output.warped_color
+            board = checkerboard(fixed_color, other, tile_mm)
             self._put(CHECKERBOARD, board.rgb, "checkerboard", rgb=True)
         else:
             board = checkerboard(inputs.fixed, inputs.moving if before else output.result.warped, tile_mm)

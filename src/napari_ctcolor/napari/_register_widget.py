@@ -73,7 +73,7 @@ DERIVED_ROLES = ("checkerboard", "difference", "jacobian", "tile edges")
 TRANSFORMS = ("scale", "translate", "rotate", "affine")
 
 
-def warp_colour(colour: ColorVolume, grid: Volume, ddf: np.ndarray) -> ColorVolume:
+def warp_color(color: ColorVolume, grid: Volume, ddf: np.ndarray) -> ColorVolume:
     """``colour`` warped onto ``grid`` by a displacement field, with SimpleITK (linear, black outside).
 
     Args:
@@ -82,8 +82,8 @@ def warp_colour(colour: ColorVolume, grid: Volume, ddf: np.ndarray) -> ColorVolu
         ddf: (Z, Y, X, 3) mm, LPS, ITK convention: grid point p takes ``colour`` at p + ddf(p) (as
             `RegistrationResult.ddf`).
     """
-    rgb = warp(colour, grid, ddf)
-    return ColorVolume.on_grid_of(grid, rgb, **colour.settings, registered=True)
+    rgb = warp(color, grid, ddf)
+    return ColorVolume.on_grid_of(grid, rgb, **color.settings, registered=True)
 
 
 def _refine_box() -> FloatSpinBox:
@@ -134,7 +134,7 @@ class RegisterWidget(RegisterOutputs, Container):
         )
         self.refine = _refine_box()
         self.device = ComboBox(label="Device", choices=list(DEVICES), value="auto")
-        self.warp_colour = CheckBox(text="Warp colorized twin too", value=True, enabled=False, visible=False)
+        self.warp_color = CheckBox(text="Warp colorized twin too", value=True, enabled=False, visible=False)
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress_bar = ProgressBar(value=0, min=0, max=1, visible=False)
@@ -150,7 +150,7 @@ class RegisterWidget(RegisterOutputs, Container):
                 self.prealign,
                 self.refine,
                 self.device,
-                self.warp_colour,
+                self.warp_color,
                 tile_mm,
                 before,
                 self.run_button,
@@ -171,7 +171,7 @@ class RegisterWidget(RegisterOutputs, Container):
         self.cancel_button.changed.connect(self.cancel)
         self.model.changed.connect(lambda value: setattr(self.model_file, "visible", value == MODEL_FILE))
         self.moving.changed.connect(self._on_moving_chosen)
-        self.warp_colour.changed.connect(self._redraw_checkerboard)
+        self.warp_color.changed.connect(self._redraw_checkerboard)
         self._stop_following_layers = attach_to_viewer(
             self.native, napari_viewer, self._on_layers_changed, self._detach
         )
@@ -240,7 +240,7 @@ class RegisterWidget(RegisterOutputs, Container):
         meta = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
         return meta.get("register") if isinstance(meta, dict) else None
 
-    def _grey_and_colour(self, layer: Image) -> tuple[Image, Image | None]:
+    def _grey_and_color(self, layer: Image) -> tuple[Image, Image | None]:
         """(grey layer, colorized twin or None) for a chosen layer, grey or colorized.
 
         Raises:
@@ -263,24 +263,24 @@ class RegisterWidget(RegisterOutputs, Container):
         if self.moving.value is not None and self.moving.value is self.fixed.value and len(choices) > 1:
             # Registering a layer to itself is never what a fresh choice means: take the next layer.
             self.moving.value = next(layer for layer in choices if layer is not self.fixed.value)
-        self._offer_colour()
+        self._offer_color()
 
     def _on_moving_chosen(self, layer: Image | None) -> None:
-        self._offer_colour()
+        self._offer_color()
         if layer is not None and layer.rgb:
-            self.warp_colour.value = True  # a colorized moving layer was picked: its colours are what to compare
+            self.warp_color.value = True  # a colorized moving layer was picked: its colours are what to compare
 
-    def _offer_colour(self) -> None:
+    def _offer_color(self) -> None:
         """Offer "warp colorized twin" only when the moving layer has one (or is one)."""
         layer = self.moving.value
         twin = None
         if layer is not None:
             try:
-                twin = self._grey_and_colour(layer)[1]
+                twin = self._grey_and_color(layer)[1]
             except InputError:
                 twin = None
-        self.warp_colour.enabled = twin is not None
-        self.warp_colour.visible = twin is not None
+        self.warp_color.enabled = twin is not None
+        self.warp_color.visible = twin is not None
 
     @staticmethod
     def _volume_of(layer: Image) -> Volume:
@@ -288,7 +288,7 @@ class RegisterWidget(RegisterOutputs, Container):
         return volume_from_layer(data, layer_attributes(layer))
 
     @staticmethod
-    def _colour_of(layer: Image) -> ColorVolume:
+    def _color_of(layer: Image) -> ColorVolume:
         data = np.asarray(layer.data[0] if layer.multiscale else layer.data)[..., :3]  # RGBA: drop alpha
         geometry = volume_from_layer(data[..., 0], layer_attributes(layer))  # a view: geometry only
         rgb = data if data.ndim == 4 else data[np.newaxis]
@@ -313,16 +313,16 @@ class RegisterWidget(RegisterOutputs, Container):
         """The volumes of the chosen layers and the fixed grey layer (its transforms place the outputs)."""
         if self.fixed.value is None or self.moving.value is None:
             raise InputError(f"{TITLE}: open a fixed and a moving CT first (grey image layers)")
-        fixed_layer, fixed_twin = self._grey_and_colour(self.fixed.value)
-        moving_layer, moving_twin = self._grey_and_colour(self.moving.value)
-        warp = moving_twin is not None and self.warp_colour.value
+        fixed_layer, fixed_twin = self._grey_and_color(self.fixed.value)
+        moving_layer, moving_twin = self._grey_and_color(self.moving.value)
+        warp = moving_twin is not None and self.warp_color.value
         inputs = Inputs(
             fixed=self._volume_of(fixed_layer),
             moving=self._volume_of(moving_layer),
-            fixed_colour=self._colour_of(fixed_twin) if warp and fixed_twin is not None else None,
-            moving_colour=self._colour_of(moving_twin) if warp else None,
+            fixed_color=self._color_of(fixed_twin) if warp and fixed_twin is not None else None,
+            moving_color=self._color_of(moving_twin) if warp else None,
             moving_name=moving_layer.name,
-            moving_colour_name=moving_twin.name if warp else None,
+            moving_color_name=moving_twin.name if warp else None,
             moving_limits=tuple(float(v) for v in moving_layer.contrast_limits),
         )
         return inputs, fixed_layer
@@ -369,7 +369,7 @@ class RegisterWidget(RegisterOutputs, Container):
 
         ``total`` is the engine's, taken from each of its steps, plus one step for the colour warp.
         """
-        extra = int(inputs.moving_colour is not None)
+        extra = int(inputs.moving_color is not None)
         total = 0
         try:
             engine = iter_register(inputs.fixed, inputs.moving, model, affine, refine, device)
@@ -384,13 +384,13 @@ class RegisterWidget(RegisterOutputs, Container):
                     yield done, total
             finally:
                 engine.close()  # Cancel closes this generator at a yield: the engine's own finally blocks run
-            fixed_colour = warped_colour = None
-            if inputs.moving_colour is not None:
-                warped_colour = warp_colour(inputs.moving_colour, inputs.fixed, result.ddf)
-                fixed_colour = inputs.fixed_colour
-                if fixed_colour is not None and not same_grid(fixed_colour, inputs.fixed):
-                    rgb = resample_onto(fixed_colour, inputs.fixed)
-                    fixed_colour = ColorVolume.on_grid_of(inputs.fixed, rgb, **fixed_colour.settings)
+            fixed_color = warped_color = None
+            if inputs.moving_color is not None:
+                warped_color = warp_color(inputs.moving_color, inputs.fixed, result.ddf)
+                fixed_color = inputs.fixed_color
+                if fixed_color is not None and not same_grid(fixed_color, inputs.fixed):
+                    rgb = resample_onto(fixed_color, inputs.fixed)
+                    fixed_color = ColorVolume.on_grid_of(inputs.fixed, rgb, **fixed_color.settings)
                 yield total, total
         except CTColorError as exc:
             return Failed(str(exc))
@@ -401,7 +401,7 @@ class RegisterWidget(RegisterOutputs, Container):
             lines = str(exc).strip().splitlines() or [type(exc).__name__]
             return Failed(f"{TITLE} failed: {lines[0]}")
         difference = windowed_difference(inputs.fixed.array, result.warped.array, fixed_limits)
-        return Output(result, fixed_colour, warped_colour, difference)
+        return Output(result, fixed_color, warped_color, difference)
 
     def _say(self, text: str) -> None:
         self.jobs.say(text)

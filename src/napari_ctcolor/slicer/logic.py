@@ -128,10 +128,10 @@ def _image_data(array: np.ndarray, components: int):
 def node_from_volume(volume: Volume | ColorVolume, scene, name: str = "", class_name: str | None = None):
     """Add a volume node to ``scene`` holding ``volume``'s voxels at its place: a scalar volume node for a `Volume`,
     an RGB vector volume node for a `ColorVolume`."""
-    colour = isinstance(volume, ColorVolume)
-    class_name = class_name or ("vtkMRMLVectorVolumeNode" if colour else "vtkMRMLScalarVolumeNode")
+    color = isinstance(volume, ColorVolume)
+    class_name = class_name or ("vtkMRMLVectorVolumeNode" if color else "vtkMRMLScalarVolumeNode")
     node = scene.AddNewNodeByClass(class_name, name)
-    node.SetAndObserveImageData(_image_data(volume.rgb if colour else volume.array, 3 if colour else 1))
+    node.SetAndObserveImageData(_image_data(volume.rgb if color else volume.array, 3 if color else 1))
     node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras(volume)))
     node.CreateDefaultDisplayNodes()
     return node
@@ -151,8 +151,8 @@ def colorize_node(
     from ..engines.colorize import colorize
 
     volume = volume_from_node(volume_node)
-    colour = colorize(volume, model, window, 1.0, device, None, palette or "anatomical", progress, cancel)
-    return node_from_volume(colour, volume_node.GetScene(), f"{_name(volume_node)} colorized")
+    color = colorize(volume, model, window, 1.0, device, None, palette or "anatomical", progress, cancel)
+    return node_from_volume(color, volume_node.GetScene(), f"{_name(volume_node)} colorized")
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch
 from scipy import ndimage
 from skimage.color import deltaE_ciede2000
 
-from ..color import PALETTE_NAMES, colour_class, compose_rgb, grey_to_lightness, load_palette, srgb_to_lab
+from ..color import PALETTE_NAMES, color_class, compose_rgb, grey_to_lightness, load_palette, srgb_to_lab
 from ..engines.anatomy import PELVIS, family
 from ..engines.body import body_mask
 from ..engines.colorize import AIR_HU, compose_chroma, predict_chroma
@@ -73,7 +73,7 @@ def _hue_diff(h1, h2) -> np.ndarray:
 def _reference_classes(case: LabelledCT) -> tuple[np.ndarray, list[str]]:
     """Each voxel's reference colour class, whatever the model knows: (Z, Y, X) indices into the returned names
     (every labelled structure's colour class, then the tissue classes)."""
-    names = sorted({colour_class(n) for n in case.label_names.values()} | set(TISSUE_CLASSES))
+    names = sorted({color_class(n) for n in case.label_names.values()} | set(TISSUE_CLASSES))
     return class_targets(case.ct.array, case.labels, case.label_names, names), names
 
 
@@ -97,7 +97,7 @@ def evaluate_case(
     def render(win: tuple[float, float] | str, palette: str) -> np.ndarray:
         return compose_chroma(case.ct, chroma, win, 1.0, "cpu", palette).rgb
 
-    result = colour_metrics(case, model.config.classes, render, palettes, display)
+    result = color_metrics(case, model.config.classes, render, palettes, display)
     labels = chroma.most_probable(case.ct.array)
     result["classes"] = class_metrics(case, labels, chroma.classes)
     result["tissues"] = tissue_metrics(case.ct, labels, chroma.classes, render, vessel_mask(case))
@@ -106,7 +106,7 @@ def evaluate_case(
 
 def vessel_mask(case: LabelledCT) -> np.ndarray:
     """(Z, Y, X) bool: the labelled heart and vessels of a case (`tissue_metrics`'s ``vessels``)."""
-    ids = [label for label, name in case.label_names.items() if colour_class(name).startswith(_VESSELS)]
+    ids = [label for label, name in case.label_names.items() if color_class(name).startswith(_VESSELS)]
     return np.isin(case.labels, ids)
 
 
@@ -146,7 +146,7 @@ def _group_masks(case: LabelledCT) -> dict[str, np.ndarray | None]:
     return masks
 
 
-def colour_metrics(
+def color_metrics(
     case: LabelledCT, classes: Sequence[str], render: Render, palettes: Sequence[str], display: str = "abdomen"
 ) -> dict[str, Any]:
     """The metrics of the module docstring for any colorizer, given how it renders the case (``render``); the
@@ -250,7 +250,7 @@ def class_metrics(case: LabelledCT, labels: np.ndarray, classes: Sequence[str]) 
     most = np.asarray(labels).astype(np.int16) - 1  # -1: air
     index = {name: k for k, name in enumerate(classes)}
     in_volume = set(np.unique(case.labels).tolist())
-    label_class = {label: colour_class(name) for label, name in case.label_names.items() if label in in_volume}
+    label_class = {label: color_class(name) for label, name in case.label_names.items() if label in in_volume}
     present = set(label_class.values())
     out: dict[str, Any] = {"right_or_tissue": {}, "named": {}}
     bone = [k for k, c in enumerate(classes) if family(c) == "bone"]
@@ -410,8 +410,8 @@ def exam_metrics(model: Colorizer, case: LabelledCT) -> list[dict[str, Any]]:
     from .exams import PHASES, crop_z, cut_fov, with_blood
 
     versions = [(phase, with_blood(case, phase)) for phase in PHASES]
-    pelvic = [label for label, name in case.label_names.items() if colour_class(name).startswith(PELVIS)]
-    kidney = [label for label, name in case.label_names.items() if colour_class(name) == "kidney"]
+    pelvic = [label for label, name in case.label_names.items() if color_class(name).startswith(PELVIS)]
+    kidney = [label for label, name in case.label_names.items() if color_class(name) == "kidney"]
     superior = np.asarray(case.ct.direction)[2, 2] > 0
     if np.isin(case.labels, pelvic).any() and np.isin(case.labels, kidney).any():
         slices = np.flatnonzero(np.isin(case.labels, kidney).any(axis=(1, 2)))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from ..color import colour_class
+from ..color import color_class
 from ..io import Volume
 from .data import LabelledCT
 
@@ -56,7 +56,7 @@ def with_blood(case: LabelledCT, phase: str) -> LabelledCT:
     """The labelled CT as the exam ``phase`` (`PHASES`) would show its blood; structures it lacks are skipped."""
     hu = np.asarray(case.ct.array, dtype=np.float32)
     for structure, value in PHASES[phase].items():
-        ids = [label for label, name in case.label_names.items() if colour_class(name) == structure]
+        ids = [label for label, name in case.label_names.items() if color_class(name) == structure]
         mask = np.isin(case.labels, ids)
         if mask.sum() >= 8:
             hu = _shifted(hu, mask, value)

@@ -1,6 +1,6 @@
 """Colour targets: which colour class each voxel of a labelled CT belongs to, and the a*, b* that gives.
 
-- A labelled voxel belongs to its structure's colour class (`napari_ctcolor.color.colour_class`: ``kidney_left``
+- A labelled voxel belongs to its structure's colour class (`napari_ctcolor.color.color_class`: ``kidney_left``
   -> ``kidney``), when the model has that class.
 - Any other voxel, unlabelled or of a structure the model has no class for, belongs to the HU tissue class whose
   range (the anatomical palette's ``tissue_classes``) is nearest its HU: air, lung, fat, soft tissue, contrast blood,
@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..color import Palette, colour_class, load_palette
+from ..color import Palette, color_class, load_palette
 from ..errors import InputError
 
 #: The tissue classes, in HU order; every model's classes include them.
@@ -51,7 +51,7 @@ def class_targets(
     if labels is not None:
         table = np.full(int(labels.max()) + 1, 255, dtype=np.uint8)  # 255: no class of the model
         for label, name in label_names.items():
-            k = index.get(colour_class(name))
+            k = index.get(color_class(name))
             if 0 < label < len(table) and k is not None:
                 table[label] = k
         per_voxel = table[labels]

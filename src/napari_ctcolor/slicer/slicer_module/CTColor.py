@@ -45,8 +45,8 @@ class CTColorWidget(ScriptedLoadableModuleWidget):
         super().setup()
         self.logic = CTColorLogic()
 
-        colour = qt.QGroupBox("Colorize volume")
-        form = qt.QFormLayout(colour)
+        color = qt.QGroupBox("Colorize volume")
+        form = qt.QFormLayout(color)
         self.ctSelector = self._volume_selector()
         self.windowBox = qt.QComboBox()
         self.windowBox.addItems(list(WINDOWS))
@@ -57,7 +57,7 @@ class CTColorWidget(ScriptedLoadableModuleWidget):
         form.addRow("Window:", self.windowBox)
         form.addRow("Palette:", self.paletteBox)
         form.addRow(self.colorizeButton)
-        self.layout.addWidget(colour)
+        self.layout.addWidget(color)
 
         register = qt.QGroupBox("Register & checkerboard")
         form = qt.QFormLayout(register)
@@ -126,9 +126,9 @@ class CTColorLogic(ScriptedLoadableModuleLogic):
     """Slicer's logic class for this module: the project's tested logic, plus what the views should show."""
 
     def colorize(self, node, window, palette, progress=None):
-        colour = colorize_node(node, window=window, palette=palette, progress=progress)
-        slicer.util.setSliceViewerLayers(background=colour, fit=True)
-        return f"Colorize volume: {colour.GetName()}"
+        color = colorize_node(node, window=window, palette=palette, progress=progress)
+        slicer.util.setSliceViewerLayers(background=color, fit=True)
+        return f"Colorize volume: {color.GetName()}"
 
     def register(self, fixed, moving, affine=None, refine=None, progress=None):
         result = register_nodes(fixed, moving, affine=affine, refine=refine, progress=progress)
@@ -156,8 +156,8 @@ class CTColorTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear(0)
         volume = make_phantom(seed=3, shape=(16, 64, 64), spacing=(3.0, 1.5, 1.5)).volume
         node = node_from_volume(volume, slicer.mrmlScene, "phantom")
-        colour = colorize_node(node, window=(40, 400))
-        self.assertEqual(slicer.util.arrayFromVolume(colour).shape, (*volume.shape, 3))
+        color = colorize_node(node, window=(40, 400))
+        self.assertEqual(slicer.util.arrayFromVolume(color).shape, (*volume.shape, 3))
         result = register_nodes(node, node)
         self.assertTrue(np.allclose(slicer.util.arrayFromVolume(result.warped), volume.array, atol=40))
         self.delayDisplay("CT Color test passed")
