@@ -38,9 +38,7 @@ def montage(grey: np.ndarray, rgb: np.ndarray, slices: list[int]) -> np.ndarray:
 
 def followup(volume: Volume) -> Volume:
     """``volume`` turned by 4 degrees about the patient's long axis and moved by (6, -4, 3) mm (LPS), on its grid."""
-    centre = np.asarray(volume.origin) + volume.direction @ (
-        np.asarray(volume.spacing[::-1]) * (np.asarray(volume.shape[::-1]) - 1) / 2
-    )
+    centre = (volume.affine @ [*(np.asarray(volume.shape[::-1]) - 1) / 2, 1.0])[:3]  # the middle voxel, LPS mm
     motion = sitk.Euler3DTransform(centre.tolist(), 0.0, 0.0, np.deg2rad(4.0), (6.0, -4.0, 3.0))
     return volume.with_array(resample_onto(volume, volume, motion, "linear", default=-1000.0))
 

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 
 from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
 from napari_ctcolor.io import read_volume, write_nifti
+from napari_ctcolor.phantom import make_phantom
 from napari_ctcolor.windowing import window
 
 from conftest import CT_DIR, LUMINANCE_BOUND, SHARED_DATA, assert_same_colors, ctcolor, file_hashes, require_shared
@@ -203,8 +204,6 @@ def test_moving_on_its_own_grid_matches_simpleitk_applying_the_written_fields(tm
 
 def _phantom_pair(tmp_path, moving: str) -> tuple[str, str]:
     """A small phantom CT and a moving image on its grid: the phantom moved by one voxel, or noise."""
-    from napari_ctcolor.phantom import make_phantom
-
     fixed = make_phantom(seed=0, shape=(16, 96, 96), spacing=(3.0, 3.6, 3.6)).volume
     if moving == "moved":
         array = np.roll(fixed.array, 1, axis=2)
@@ -368,6 +367,18 @@ def _two_series_folder(dicom_series, folder):
             ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[f"napari-ctcolor cli {name} {k}"])
             ds.save_as(folder / f"{name}{k:02d}.dcm")
     return uids
+
+
+def test_keeping_the_identity_of_a_ct_not_read_from_dicom_is_refused_before_any_work(tmp_path):
+    """A NIfTI CT has no patient header to keep: `--keep-patient-info` is one line, exit 2, nothing written (the
+    colorize widget's Export refuses it through the same `app.export.identity_of`)."""
+    ct = write_nifti(make_phantom(seed=0, shape=(8, 64, 64)).volume, tmp_path / "ct.nii.gz")
+    out = tmp_path / "dcm"
+    done = ctcolor("colorize", str(ct), "-o", str(out), "--format", "dicom", "--keep-patient-info", "--device", "cpu")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "not read from DICOM" in lines[0] and str(ct) in lines[0]
+    assert not out.exists()
 
 
 def test_series_choice_dicom_export_and_identity_from_a_dicom_folder(tmp_path, dicom_series):
