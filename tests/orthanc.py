@@ -96,7 +96,7 @@ class OrthancServer:
 
     def start(self, timeout: float = 60.0) -> OrthancServer:
         config = self.folder / "orthanc.json"
-        config.write_text(json.dumps(self._config(), indent=1))
+        config.write_text(json.dumps(self._config(), indent=1), encoding="utf-8")
         self.process = subprocess.Popen(
             [orthanc_binary(), f"--logfile={self.log}", "--no-jobs", str(config)],
             stdin=subprocess.DEVNULL,
@@ -123,7 +123,7 @@ class OrthancServer:
 
     def _log_tail(self) -> str:
         try:
-            return " | ".join(self.log.read_text(errors="replace").splitlines()[-5:])
+            return " | ".join(self.log.read_text(errors="replace", encoding="utf-8").splitlines()[-5:])
         except OSError:
             return "(no log)"
 

@@ -57,7 +57,9 @@ def _private_imports(tree: ast.Module) -> list[str]:
 
 def test_no_private_name_is_imported_from_another_module():
     found = {
-        str(p.relative_to(SRC)): names for p in _sources() if (names := _private_imports(ast.parse(p.read_text())))
+        str(p.relative_to(SRC)): names
+        for p in _sources()
+        if (names := _private_imports(ast.parse(p.read_text(encoding="utf-8"))))
     }
     assert found == {}
 
@@ -90,6 +92,6 @@ def test_functions_and_classes_of_the_application_and_front_ends_are_short(floor
     long = {
         str(path.relative_to(SRC)): found
         for path in sorted((SRC / floor).rglob("*.py"))
-        if (found := _long_definitions(ast.parse(path.read_text())))
+        if (found := _long_definitions(ast.parse(path.read_text(encoding="utf-8"))))
     }
     assert long == {}

@@ -13,7 +13,7 @@ DEFAULT_FRACTION = 0.75
 def available_bytes() -> int:
     """Available physical memory in bytes (MemAvailable on Linux, free pages elsewhere)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open("/proc/meminfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024

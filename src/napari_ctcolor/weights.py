@@ -60,7 +60,7 @@ def find_weights(name_or_path: str | os.PathLike) -> tuple[Path, Path | None]:
 
 def read_card(card: Path) -> dict[str, Any]:
     try:
-        return json.loads(card.read_text())
+        return json.loads(card.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"{card}: unreadable model card ({type(exc).__name__})") from None
 
@@ -124,7 +124,7 @@ def save_weights(model: torch.nn.Module, card: dict[str, Any], folder: Path, nam
         save_file(state, str(tmp), metadata=metadata)
     card = {**card, "name": name, "sha256": sha256(path)}
     with atomic_path(path.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(card, indent=2) + "\n")
+        tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -135,5 +135,5 @@ def update_card_metrics(weights: Path, metrics: dict[str, Any], **fields: Any) -
     card = Path(weights).with_suffix(".json")
     updated = {**read_card(card), **fields, "metrics": metrics}
     with atomic_path(card) as tmp:
-        tmp.write_text(json.dumps(updated, indent=2) + "\n")
+        tmp.write_text(json.dumps(updated, indent=2) + "\n", encoding="utf-8")
     return card

@@ -78,7 +78,7 @@ def _batch(*args, env=None, timeout=240):
 @pytest.mark.numeric
 def test_batch_colorize_reports_failures_matches_single_runs_and_skips_finished_on_rerun(small_cts, tmp_path):
     bad = tmp_path / "notes.txt"
-    bad.write_text("not a CT\n")
+    bad.write_text("not a CT\n", encoding="utf-8")
     missing = tmp_path / "missing.nii.gz"
     inputs = [*map(str, small_cts[:2]), str(bad), *map(str, small_cts[2:]), str(missing)]
     before = file_hashes(small_cts[0].parent)
@@ -124,7 +124,7 @@ def test_batch_list_file_and_a_worker_killed_mid_batch_loses_nothing(small_cts, 
     (listing.parent / "data").mkdir(parents=True)
     (listing.parent / "data" / small_cts[0].name).write_bytes(small_cts[0].read_bytes())
     lines = ["# four small CTs", "", f"data/{small_cts[0].name}", *(str(p) for p in small_cts[1:]), "  # done", ""]
-    listing.write_text("\n".join(lines))  # the relative entry is resolved from the list's folder
+    listing.write_text("\n".join(lines), encoding="utf-8")  # the relative entry is resolved from the list's folder
     marker = tmp_path / "killed"
     outdir = tmp_path / "out"
     done = _batch(
@@ -151,7 +151,9 @@ def test_batch_register_pairs_give_the_single_runs_results(tmp_path):
         for name, z in (("f0", 4), ("m0", 6), ("f1", 14), ("m1", 12))
     }
     pairs = tmp_path / "pairs.csv"
-    pairs.write_text("fixed,moving\nf0.nii.gz,m0.nii.gz\nf1.nii.gz,m1.nii.gz\n")  # relative to the CSV
+    pairs.write_text(
+        "fixed,moving\nf0.nii.gz,m0.nii.gz\nf1.nii.gz,m1.nii.gz\n", encoding="utf-8"
+    )  # relative to the CSV
     outdir = tmp_path / "out"
     # The network alone: `SAME_AS_SINGLE` bounds it (the card's pre-alignment and refinement are not held to them).
     network_alone = ("--refine", "0", "--no-affine")
@@ -186,9 +188,9 @@ def _closed_port() -> int:
 
 def test_batch_usage_errors_exit_2_with_one_line(tmp_path, small_cts):
     a_file = tmp_path / "file"
-    a_file.write_text("x")
+    a_file.write_text("x", encoding="utf-8")
     empty_list = tmp_path / "empty.txt"
-    empty_list.write_text("# nothing\n\n")
+    empty_list.write_text("# nothing\n\n", encoding="utf-8")
     bad_pairs = tmp_path / "pairs.csv"
     bad_pairs.write_text("a,b\nx,y\n")
     cases = [
@@ -212,5 +214,5 @@ def test_batch_usage_errors_exit_2_with_one_line(tmp_path, small_cts):
         assert "s3cret" not in done.stderr + done.stdout
         if "--refine" in args:  # the single command's message, once, before any pair is read
             assert "--refine must be 'auto' or a number of iterations" in lines[0], lines
-    assert a_file.read_text() == "x"
+    assert a_file.read_text(encoding="utf-8") == "x"
     assert not any((tmp_path / f"o{k}").exists() for k in range(1, 11))  # nothing written, not even the folder

@@ -38,7 +38,7 @@ def test_bench_quick_writes_table_json_and_markdown(tmp_path: Path, capsys: pyte
     stdout = capsys.readouterr().out
     assert stdout.startswith("| section | item | device | size | median (min..max) |")
 
-    report = json.loads(out_json.read_text())
+    report = json.loads(out_json.read_text(encoding="utf-8"))
     assert report["quick"] is True
     assert report["machine"]["torch"] == torch.__version__
     rows = report["rows"]
@@ -107,7 +107,7 @@ def test_bench_quick_writes_table_json_and_markdown(tmp_path: Path, capsys: pyte
 
     for row in rows:  # every row is in the printed table
         assert f"| {row['section']} | {row['item']} | {row['device']} | {row['size']} |" in stdout
-    section = out_md.read_text()
+    section = out_md.read_text(encoding="utf-8")
     assert section.startswith(f"## {report['machine']['date']}") and "Machine: " in section
     assert bench.markdown_table(rows) in section
 

@@ -112,7 +112,7 @@ def test_colorize_cli_refuses_non_ct_existing_outputs_and_bad_settings(tmp_path)
     existing = tmp_path / "exists.nii.gz"
     existing.write_bytes(b"keep me")
     bad_csv = tmp_path / "bad.csv"
-    bad_csv.write_text("name,R,G,B\nliver,120,40,30\nspleen,300,0,0\n")
+    bad_csv.write_text("name,R,G,B\nliver,120,40,30\nspleen,300,0,0\n", encoding="utf-8")
     for args in (
         ["-o", str(existing)],
         ["-o", str(tmp_path / "y.nii.gz"), "--window", "nonsense"],
@@ -263,7 +263,7 @@ def test_register_of_one_scan_twice_is_the_identity_and_two_acquisitions_are_reg
         out = tmp_path / name
         done = ctcolor("register", str(series), str(moving), "-o", str(out), "--device", "cpu")
         assert done.returncode == 0, done.stderr
-        metrics[name], stderr[name] = json.loads((out / "metrics.json").read_text()), done.stderr
+        metrics[name], stderr[name] = json.loads((out / "metrics.json").read_text(encoding="utf-8")), done.stderr
     twice = metrics["twice"]
     assert twice["copies"] and not twice["affine"] and twice["refine_iterations"] == 0, twice
     assert {"prealign", "refine"}.isdisjoint(twice["stage_seconds"]) and twice["stage_seconds"]["forward"] < 0.01
@@ -290,7 +290,7 @@ def test_register_prints_the_registrations_warnings_and_still_succeeds(tmp_path)
         out = tmp_path / moving
         done = ctcolor("register", fixed, moving_path, "-o", str(out), "--refine", "0", "--device", "cpu")
         assert done.returncode == 0, done.stderr
-        metrics = json.loads((out / "metrics.json").read_text())
+        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
         assert metrics["affine"] and metrics["refine_iterations"] == 0
         printed = [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
         assert printed == [f"warning: {w}" for w in metrics["warnings"]], (done.stderr, metrics["warnings"])
@@ -464,7 +464,7 @@ def test_make_demo_main_job_writes_what_the_readme_says(tmp_path):
     from napari_ctcolor.phantom import make_phantom
 
     script = Path(__file__).resolve().parents[2] / "examples" / "demo.py"
-    assert "examples/demo.py --out demo-out" in (script.parents[1] / "Makefile").read_text()
+    assert "examples/demo.py --out demo-out" in (script.parents[1] / "Makefile").read_text(encoding="utf-8")
     done = subprocess.run(
         [sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
     )

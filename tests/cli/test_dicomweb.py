@@ -244,7 +244,7 @@ def test_netrc_credentials(pacs, monkeypatch, tmp_path):
     monkeypatch.delenv(ENV_USER)
     monkeypatch.delenv(ENV_PASSWORD)
     netrc = tmp_path / "netrc"
-    netrc.write_text(f"machine 127.0.0.1 login {USER} password {PASSWORD}\n")
+    netrc.write_text(f"machine 127.0.0.1 login {USER} password {PASSWORD}\n", encoding="utf-8")
     netrc.chmod(0o600)
     monkeypatch.setenv("NETRC", str(netrc))
     result = ctcolor("pacs", "find", "--server", pacs.root, "--patient-id", PATIENT_ID, "--json")

@@ -26,9 +26,11 @@ def _pages(nav) -> list[str]:
 
 
 def _blocks() -> list[tuple[str, str]]:
-    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
     return [
-        (page, block) for page in _pages(config["nav"]) for block in BLOCK.findall((ROOT / "docs" / page).read_text())
+        (page, block)
+        for page in _pages(config["nav"])
+        for block in BLOCK.findall((ROOT / "docs" / page).read_text(encoding="utf-8"))
     ]
 
 
@@ -51,4 +53,4 @@ def test_every_command_in_the_guide_runs(tmp_path):
         )
         assert run.returncode == 0, f"{page}:\n{block}\n{run.stderr[-2000:]}"
     assert (tmp_path / "demo-out" / "registration" / "metrics.json").exists()
-    assert (tmp_path / "demo-out" / "batch" / "report.csv").read_text().count(",ok,") == 2
+    assert (tmp_path / "demo-out" / "batch" / "report.csv").read_text(encoding="utf-8").count(",ok,") == 2

@@ -43,7 +43,7 @@ def shared(path: Path) -> Path:
 
 
 def ts_v2_names() -> list[str]:
-    return list(json.loads(shared(LABEL_NAMES).read_text()).values())
+    return list(json.loads(shared(LABEL_NAMES).read_text(encoding="utf-8")).values())
 
 
 def dicom_table() -> dict[str, tuple[int, int, int]]:
@@ -485,7 +485,7 @@ def test_class_colors_come_from_structures_groups_tissues_or_members():
 
 def test_a_csv_palette_overrides_what_it_names_and_errors_name_the_line(tmp_path):
     good = tmp_path / "mine.csv"
-    good.write_text("name,R,G,B\nliver,10,20,200\nkidney_left,200,0,0\nfat,250,250,0\n\n")
+    good.write_text("name,R,G,B\nliver,10,20,200\nkidney_left,200,0,0\nfat,250,250,0\n\n", encoding="utf-8")
     mine = load_palette(str(good))
     anatomical = load_palette("anatomical")
     assert mine.name == "mine" and mine.class_rgb("liver") == (10, 20, 200)
@@ -502,7 +502,7 @@ def test_a_csv_palette_overrides_what_it_names_and_errors_name_the_line(tmp_path
         ("name,R,G,B\n", "no name,R,G,B rows"),
     ):
         bad = tmp_path / "bad.csv"
-        bad.write_text(text)
+        bad.write_text(text, encoding="utf-8")
         with pytest.raises(InputError, match=message):
             load_palette(bad)
     with pytest.raises(InputError, match="cannot read"):

@@ -233,7 +233,7 @@ def test_bad_arguments_raise_input_error():
 
 def test_every_label_name_is_a_totalsegmentator_v2_name(phantoms):
     names_file = require_shared(CT_DIR / "totalseg-v2-label-names.json")
-    valid = set(json.loads(names_file.read_text()).values())
+    valid = set(json.loads(names_file.read_text(encoding="utf-8")).values())
     assert not set(STRUCTURES) - valid
     for ph in phantoms.values():
         assert not set(ph.label_names.values()) - valid

@@ -350,7 +350,7 @@ def test_palette_colors_the_class_and_switching_needs_no_network(ct, tmp_path):
         assert np.percentile(hue_diff, 99) < 5.0  # 8-bit rounding moves hue by a few degrees at most
     assert np.abs(np.median(hues["anatomical"]) - np.median(hues["dicom"])) > 60  # brown-red vs green
     csv = tmp_path / "mine.csv"
-    csv.write_text("name,R,G,B\nliver,40,60,200\n")
+    csv.write_text("name,R,G,B\nliver,40,60,200\n", encoding="utf-8")
     lab = srgb_to_lab(compose_chroma(ct, chroma, (60, 400), 1.0, device="cpu", palette=csv).rgb[body])
     assert np.median(lab[:, 2]) < -20  # blue: b* well below zero
 

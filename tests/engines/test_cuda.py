@@ -81,7 +81,7 @@ def test_cli_register_ct_on_cuda_gives_the_cpu_registration(tmp_path):
     for k, device in enumerate(("cuda", "cpu")):
         folder = tmp_path / f"{k}-{device}"
         run("register", *map(str, paths), "-o", str(folder), "--device", device)
-        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
         ddf = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "ddf.nii.gz")))
         out[device] = metrics, ddf
         assert metrics["folding_fraction"] <= 5e-4 and not metrics["warnings"], (device, metrics["warnings"])
@@ -113,6 +113,6 @@ def test_cli_register_official_checkpoint_on_cuda_keeps_parity(tmp_path):
     out = tmp_path / "out"
     run("register", *map(str, paths), "-o", str(out), "--model", str(checkpoint), "--device", "cuda")
     diff = np.abs((nib.load(out / "warped.nii.gz").get_fdata() - low) / (high - low) - reference)
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     print(f"\nofficial checkpoint on cuda vs official reference: max {diff.max():.2e}, {metrics['seconds']:.1f} s")
     assert metrics["network_dtype"] == "float32" and diff.max() <= 1e-3

@@ -190,7 +190,7 @@ def test_cli_register_reproduces_the_official_reference_and_a_restored_copy_give
     assert diff.max() <= 1e-3
     np.testing.assert_allclose(warped.affine, nib.load(paths[0]).affine, atol=1e-6)
     # Inter-subject brains change local volume: with CT's limits det J would be reported as a failure here.
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["volume_change_fraction"] > 0.5 and metrics["quality_limits"]["volume_change_fraction"] is None
     assert metrics["network_dtype"] == "float32"  # an official checkpoint never runs in bf16: parity
     assert not any("det J" in line for line in metrics["warnings"]), metrics["warnings"]
@@ -272,7 +272,7 @@ def _register_files(tmp_path: Path, fixed: Volume, moving: Volume, *options: str
     write_nifti(moving, paths[1])
     done = _ctcolor("register", *map(str, paths), "-o", str(tmp_path / "out"), *options)
     assert done.returncode == 0, done.stderr
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
     return metrics, sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "ddf.nii.gz"))), done.stderr
 
 
@@ -792,7 +792,7 @@ def test_cli_register_writes_outputs_on_the_fixed_grid_usable_by_simpleitk(ct, t
     moving = _resampled(ct, sitk.TranslationTransform(3, (6.0, -4.5, 3.0)), AIR_HU)
     write_nifti(moving, moving_path)
     outdir.mkdir()
-    (outdir / "notes.txt").write_text("keep me")
+    (outdir / "notes.txt").write_text("keep me", encoding="utf-8")
 
     code, err = _run(capsys, "register", str(fixed_path), str(moving_path), "-o", str(outdir), "--model", _checkpoint())
     assert code == 2 and len(err) == 1 and "not empty; use --overwrite" in err[0]
@@ -825,7 +825,7 @@ def test_cli_register_writes_outputs_on_the_fixed_grid_usable_by_simpleitk(ct, t
     reference = _sitk_warped(moving, ct, ddf, AIR_HU)
     np.testing.assert_allclose(warped.array[inside], reference[inside], atol=0.05, rtol=0)
     assert np.median(ddf[ct.array > -500][:, 0]) < -1.5  # the translation's x sign, in LPS
-    metrics = json.loads((outdir / "metrics.json").read_text())
+    metrics = json.loads((outdir / "metrics.json").read_text(encoding="utf-8"))
     assert {
         "ncc_before",
         "ncc_after",
@@ -837,7 +837,7 @@ def test_cli_register_writes_outputs_on_the_fixed_grid_usable_by_simpleitk(ct, t
         "warnings",
     } <= set(metrics)
     assert metrics["ncc_after"] > metrics["ncc_before"] and metrics["model"] == CHECKPOINT.name
-    assert (outdir / "notes.txt").read_text() == "keep me"
+    assert (outdir / "notes.txt").read_text(encoding="utf-8") == "keep me"
     assert sorted(p.name for p in outdir.iterdir()) == sorted(
         ["warped.nii.gz", "ddf.nii.gz", "inverse_ddf.nii.gz", "jacobian.nii.gz", "checkerboard.nii.gz"]
         + ["metrics.json", "notes.txt"]
@@ -920,7 +920,7 @@ def test_cli_peer_demons_writes_a_warped_image_and_an_lps_ddf_that_simpleitk_app
     # moving(p) = fixed(p + 5 mm x): fixed point p is at moving point p - 5 mm, so ddf_x is about -5 mm.
     body = ct.array > -500
     assert np.median(ddf_mm[body][:, 0]) < -2.5
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["peer"] == "demons"
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))["peer"] == "demons"
     done = _ctcolor("peer", "demons", *map(str, paths), "-o", str(tmp_path / "out"))
     assert done.returncode == 2 and "not empty" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     # Timed against `ctcolor register` as a whole process, the demons peer runs as a demons user would: without torch.
@@ -951,7 +951,7 @@ def test_cli_peer_greedy_and_convexadam_recover_a_shift_in_the_lps_convention(ct
         for v in (moving.array, warped.array)
     ]
     assert ncc[1] > ncc[0] + 0.02, ncc
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["peer"] == name
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))["peer"] == name
 
 
 def test_local_ncc_equals_a_direct_window_computation_at_its_sampled_voxels():

@@ -91,7 +91,7 @@ def test_the_inference_unet_is_monais_unet_module_for_module_and_gives_its_outpu
     random weights loaded, the same logits within float32 rounding (the same operations in the same order: measured
     0.0)."""
     _, card_path = find_weights(card)
-    spec = json.loads(card_path.read_text())["architecture"]["config"]
+    spec = json.loads(card_path.read_text(encoding="utf-8"))["architecture"]["config"]
     config = ColorizerConfig.from_dict(spec if units is None else {**spec, "num_res_units": units})
     torch.manual_seed(3)
     reference, light = Colorizer(config, monai=True).eval(), Colorizer(config).eval()
@@ -159,7 +159,7 @@ def test_weights_round_trip_and_sha256_mismatch_is_refused(tmp_path):
     loaded, loaded_card = load_colorizer(path)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
-    assert loaded_card["sha256"] == json.loads(path.with_suffix(".json").read_text())["sha256"]
+    assert loaded_card["sha256"] == json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))["sha256"]
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -182,7 +182,7 @@ def test_pickled_weights_are_refused_without_running_them(tmp_path):
 
 
 def _tiny_config(tmp_path: Path, steps: int, leave_one_out: list[str] | None = None) -> Path:
-    config = yaml.safe_load((REPO / "configs" / "colorizer_2d.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs" / "colorizer_2d.yaml").read_text(encoding="utf-8"))
     config.update(
         leave_one_out=leave_one_out or [],
         name="tiny",
@@ -199,7 +199,7 @@ def _tiny_config(tmp_path: Path, steps: int, leave_one_out: list[str] | None = N
     )
     config["model"].update(TINY)
     path = tmp_path / f"tiny-{steps}{'-loo' if leave_one_out else ''}.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
 
 
@@ -221,7 +221,9 @@ def test_loader_workers_draw_a_fixed_sequence_of_their_own_and_the_card_names_th
     (seed, worker). Two runs with the same count give the same weights; the sequence is not the in-process one."""
     config = _tiny_config(tmp_path, steps=3)
     workers = tmp_path / "workers.yaml"
-    workers.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "loader_workers": 2}))
+    workers.write_text(
+        yaml.safe_dump({**yaml.safe_load(config.read_text(encoding="utf-8")), "loader_workers": 2}), encoding="utf-8"
+    )
     a, _, facts = train_colorizer(workers, tmp_path / "a", log=lambda *_: None)
     b, _, _ = train_colorizer(workers, tmp_path / "b", log=lambda *_: None)
     serial, _, _ = train_colorizer(config, tmp_path / "c", log=lambda *_: None)
@@ -247,20 +249,23 @@ def test_training_command_writes_weights_with_a_card_and_metrics_and_eval_only_r
     done = ctcolor("train", "colorizer", "--config", str(config), "--weights-dir", str(weights), timeout=300)
     assert done.returncode == 0, done.stderr
     path = weights / "tiny.safetensors"
-    card = json.loads(path.with_suffix(".json").read_text())
+    card = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
     # --eval-only recomputes the metrics from the weights alone: blank them, and the same numbers come back (two
     # processes with the same thread count on one CPU: the same float operations, bit for bit).
-    path.with_suffix(".json").write_text(json.dumps({**card, "metrics": {}}))
+    path.with_suffix(".json").write_text(json.dumps({**card, "metrics": {}}), encoding="utf-8")
     before = path.read_bytes()
     args = ("train", "colorizer", "--config", str(config), "--weights-dir", str(weights), "--eval-only")
     done = ctcolor(*args, timeout=300)
     assert done.returncode == 0 and "updated the metrics" in done.stdout, done.stderr
-    assert json.loads(path.with_suffix(".json").read_text())["metrics"] == card["metrics"]
+    assert json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))["metrics"] == card["metrics"]
     assert path.read_bytes() == before  # the weights are not touched
     assert card["training"]["command"].startswith("ctcolor train colorizer --config")
     summary = card["metrics"]["phantom_val"]["summary"]
     assert set(summary) == {"anatomical", "dicom"} and all(v["max_abs_dL"] <= LUMINANCE_BOUND for v in summary.values())
-    assert card["classes"] == yaml.safe_load((REPO / "configs" / "colorizer_2d.yaml").read_text())["model"]["classes"]
+    assert (
+        card["classes"]
+        == yaml.safe_load((REPO / "configs" / "colorizer_2d.yaml").read_text(encoding="utf-8"))["model"]["classes"]
+    )
     model, _ = load_colorizer(path)
     assert model.config.channels == (4, 8, 16, 16)
 
@@ -275,14 +280,14 @@ def test_training_command_on_1_and_2_threads_gives_close_weights_and_the_same_me
 
     steps = 4
     config = _tiny_config(tmp_path, steps=steps)
-    lr = float(yaml.safe_load(config.read_text())["lr"])
+    lr = float(yaml.safe_load(config.read_text(encoding="utf-8"))["lr"])
     cards, weights = [], []
     for threads in (1, 2):
         out = tmp_path / f"threads-{threads}"
         done = ctcolor("train", "colorizer", "--config", str(config), "--weights-dir", str(out), threads=threads)
         assert done.returncode == 0, done.stderr
         weights.append(load_file(out / "tiny.safetensors"))
-        cards.append(json.loads((out / "tiny.json").read_text()))
+        cards.append(json.loads((out / "tiny.json").read_text(encoding="utf-8")))
     difference = torch.cat([(weights[0][k] - weights[1][k]).abs().flatten() for k in weights[0]])
     # Adam moves each parameter by at most ~lr per step whatever its gradient: the bound any run obeys ...
     assert difference.max() <= 2 * lr * steps, float(difference.max())
@@ -377,12 +382,12 @@ def test_a_recipe_with_leave_one_out_rows_collects_them_and_refuses_to_train_wit
     )
     card_path = weights / "validation" / "tiny.json"
     held_out = {"case": "patient-x", "trained_on": False, "classes": {}}
-    card = json.loads(card_path.read_text())
+    card = json.loads(card_path.read_text(encoding="utf-8"))
     card["metrics"]["real_val"] = {"summary": {}, "cases": [held_out, {"case": "patient-y", "trained_on": True}]}
-    card_path.write_text(json.dumps(card))
+    card_path.write_text(json.dumps(card), encoding="utf-8")
     for suffix in (".safetensors", ".json"):
         (weights / "validation" / f"tiny{suffix}").rename(weights / "validation" / f"tiny-held-out{suffix}")
     done = ctcolor("train", "colorizer", "--config", str(config), "--weights-dir", str(weights), timeout=300)
     assert done.returncode == 0, done.stderr
-    (row,) = json.loads((weights / "tiny.json").read_text())["metrics"]["leave_one_out"]
+    (row,) = json.loads((weights / "tiny.json").read_text(encoding="utf-8"))["metrics"]["leave_one_out"]
     assert row == {"model": "validation/tiny-held-out.safetensors", "sha256": card["sha256"], "cases": [held_out]}

@@ -43,7 +43,7 @@ WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
 
 def held_out_rows() -> list[tuple[str, str]]:
     """(leave-one-out model file under weights/, held-out case) for each row of colorizer-2d's card."""
-    card = json.loads((WEIGHTS / "colorizer-2d.json").read_text())
+    card = json.loads((WEIGHTS / "colorizer-2d.json").read_text(encoding="utf-8"))
     return [(row["model"], case["case"]) for row in card["metrics"]["leave_one_out"] for case in row["cases"]]
 
 
@@ -79,7 +79,7 @@ def cli_render(tmp_path, model: str, source: Path = DICOM_SERIES):
 
 def cli_classes(tmp_path, classes) -> np.ndarray:
     """The class map `ctcolor colorize --classes` wrote (0 air, k for ``classes[k - 1]``), its table checked."""
-    table = json.loads((tmp_path / "classes.json").read_text())["labels"]
+    table = json.loads((tmp_path / "classes.json").read_text(encoding="utf-8"))["labels"]
     assert [table[str(k + 1)] for k in range(1, len(classes))] == list(classes[1:])
     return sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "classes.nii.gz")))
 
@@ -104,7 +104,7 @@ def test_held_out_patient_through_the_cli_matches_the_model_card(tmp_path, model
     they matched the card to the third decimal; bfloat16 on a Xeon with AMX moved the DICOM row's vessel hue and aorta
     name by 0.010 and 0.009 (2026-11-25). Shares within `share_tolerance`, dE00 within 0.05, the share of absent
     structures named within 0.002."""
-    shipped = json.loads((WEIGHTS / "colorizer-2d.json").read_text())
+    shipped = json.loads((WEIGHTS / "colorizer-2d.json").read_text(encoding="utf-8"))
     path = WEIGHTS / model_file
     net, card = load_colorizer(str(path))  # checks the file against its own card's sha256
     (row,) = [r for r in shipped["metrics"]["leave_one_out"] if r["model"] == model_file]

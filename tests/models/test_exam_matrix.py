@@ -70,7 +70,7 @@ def colorize_classes(tmp_path: Path, ct: Volume, name: str, model: str) -> tuple
     command += ["--model", model, "--classes", str(classes), "--device", "cpu"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    table = json.loads(classes.with_name(f"{name}-classes.json").read_text())["labels"]
+    table = json.loads(classes.with_name(f"{name}-classes.json").read_text(encoding="utf-8"))["labels"]
     names = [table.get(str(k), "air") for k in range(1, max(map(int, table)) + 1)]
     return sitk.GetArrayFromImage(sitk.ReadImage(str(classes))), names
 

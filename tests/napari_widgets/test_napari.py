@@ -29,7 +29,7 @@ def test_dropping_the_dicom_folder_gives_one_hu_layer_at_physical_scale(make_nap
     # (portal-venous phase, median 100-120 HU): light grey under the header's 40 / 300 (measured 0.71), mid-grey now
     # (measured 0.42); an arterial phase's 300-400 HU would be white under the header's window.
     labels = read_volume(require_shared(CT_DIR / "totalseg-abdomen-dicom-labels.nii.gz")).array
-    names = json.loads((CT_DIR / "totalseg-v2-label-names.json").read_text())
+    names = json.loads((CT_DIR / "totalseg-v2-label-names.json").read_text(encoding="utf-8"))
     veins = np.isin(
         labels, [int(k) for k, v in names.items() if v in ("portal_vein_and_splenic_vein", "inferior_vena_cava")]
     )
@@ -82,7 +82,7 @@ def test_writer_saves_an_image_layer_to_nifti_with_its_geometry(make_napari_view
 
 
 def test_reader_declines_files_it_does_not_read(tmp_path):
-    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "notes.txt").write_text("hello", encoding="utf-8")
     assert get_reader(str(tmp_path / "notes.txt")) is None
     assert get_reader(str(tmp_path)) is None  # a folder without DICOM
 

@@ -155,7 +155,10 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolors_without_the_n
     # of the surface has at least MIN_BONE_ML (1 ml), so the specks go: the left kidney's stone (1092 HU, 0.14 ml)
     # and the 3 mm CT's loose rib fragments (0.03-0.57 ml).
     labels = read_volume(CUT_LABELS).array[:, ::s, ::s]
-    names = {name: int(key) for key, name in json.loads((CT_DIR / "totalseg-v2-label-names.json").read_text()).items()}
+    names = {
+        name: int(key)
+        for key, name in json.loads((CT_DIR / "totalseg-v2-label-names.json").read_text(encoding="utf-8")).items()
+    }
     vertebrae = np.isin(labels, [i for name, i in names.items() if name.startswith("vertebrae")]) & (hu > 200)
     assert vertebrae.sum() > 1000 and surface[vertebrae].mean() > 0.95
     stone = (labels == names["kidney_left"]) & (hu > 600)
@@ -444,7 +447,7 @@ def test_scans_in_disjoint_frames_register_with_prealignment(tmp_path):
     # The CT card's default pre-aligns (the refinement, another default, is not what this checks: --refine 0).
     done = ctcolor("register", str(CUT), str(moving), "-o", str(tmp_path / "out"), "--refine", "0", "--device", "cpu")
     assert done.returncode == 0, done.stderr
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["affine"] and metrics["refine_iterations"] == 0
     print(f"disjoint frames: NCC {metrics['ncc_before']:.3f} -> {metrics['ncc_after']:.3f}")
     assert metrics["ncc_before"] < 0.1 and metrics["ncc_after"] > 0.9

@@ -72,7 +72,9 @@ def test_dicom_series_hu_and_geometry_match_simpleitk(dicom_series):
 
 def test_labels_with_flipped_direction_overlay_ct_only_in_physical_space(dicom_series):
     labels_path = require_shared(CT_DIR / "totalseg-abdomen-dicom-labels.nii.gz")
-    names = {int(k): v for k, v in json.loads((CT_DIR / "totalseg-v2-label-names.json").read_text()).items()}
+    names = {
+        int(k): v for k, v in json.loads((CT_DIR / "totalseg-v2-label-names.json").read_text(encoding="utf-8")).items()
+    }
     ct = read_volume(dicom_series)
     labels = read_volume(labels_path)
     assert labels.direction[1, 1] == -1.0 and ct.direction[1, 1] == 1.0  # the Y flip this test is about

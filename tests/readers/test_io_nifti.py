@@ -73,6 +73,6 @@ def test_four_d_and_color_nifti_are_input_errors(tmp_path):
 
 
 def test_text_named_nii_is_an_input_error(tmp_path):
-    (tmp_path / "notes.nii").write_text("this is not an image\n" * 40)
+    (tmp_path / "notes.nii").write_text("this is not an image\n" * 40, encoding="utf-8")
     with pytest.raises(InputError, match="notes.nii"):
         read_volume(tmp_path / "notes.nii")

@@ -95,7 +95,7 @@ def test_reader_child_reads_both_inputs_and_prealigns_them_as_this_process_does(
     fixed, moving, flat = pair
     out = tmp_path / "said.json"
     subprocess.run([sys.executable, "-c", _SCRIPT, str(fixed), str(moving), str(flat), str(out)], check=True)
-    said = json.loads(out.read_text())  # written by the test's own script just above
+    said = json.loads(out.read_text(encoding="utf-8"))  # written by the test's own script just above
     assert said["volumes_equal"] and said["other_process"] and said["same_sums"]
     # The same code on the same voxels with the same seeded metric samples: equal up to the rounding of ITK's
     # threaded sums (1e-9 relative allowed; the optimiser's path would part far more for different inputs).

@@ -140,7 +140,7 @@ def test_bad_nodes_are_one_line_errors_and_add_nothing():
 def test_the_scripted_module_compiles_and_its_logic_is_the_tested_one():
     module = Path(logic.__file__).parent / "slicer_module" / "CTColor.py"
     py_compile.compile(str(module), doraise=True)  # Slicer's Qt classes are not in slicer-core: compile only
-    source = module.read_text()
+    source = module.read_text(encoding="utf-8")
     assert "from napari_ctcolor.slicer.logic import colorize_node, register_nodes" in source
     for name in ("class CTColor(", "class CTColorWidget(", "class CTColorLogic(", "class CTColorTest("):
         assert name in source

@@ -103,7 +103,9 @@ def test_fat_and_muscle_keep_their_hu_and_muscle_stays_out_of_the_chest_cavity(d
 def test_voxels_without_a_derived_label_carry_no_loss():
     require_shared(CT_DIR / TRAINING_CHESTS[1])
     ct = read_volume(CT_DIR / TRAINING_CHESTS[1])
-    config = ColorizerConfig.from_dict(yaml.safe_load((REPO / "configs" / "colorizer_2d.yaml").read_text())["model"])
+    config = ColorizerConfig.from_dict(
+        yaml.safe_load((REPO / "configs" / "colorizer_2d.yaml").read_text(encoding="utf-8"))["model"]
+    )
     classes = partial_class_map(ct, "chest_non_contrast", config.classes)
     # No derived class: the mediastinum, heart, vessels, abdomen (measured 0.31), the blood pool among them (`BLOOD`,
     # trained only when a sample enhances it)
@@ -123,7 +125,7 @@ def test_training_command_derives_the_partial_labels_itself_and_validates_on_an_
     from conftest import ctcolor
 
     require_shared(CT_DIR / "chest-lung1-5mm.nrrd")
-    config = yaml.safe_load((REPO / "configs" / "colorizer_2d.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs" / "colorizer_2d.yaml").read_text(encoding="utf-8"))
     config.update(
         name="tiny-partial",
         steps=2,
@@ -138,10 +140,10 @@ def test_training_command_derives_the_partial_labels_itself_and_validates_on_an_
     )
     config["model"].update(TINY)
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
     done = ctcolor("train", "colorizer", "--config", str(path), "--weights-dir", str(tmp_path / "w"), timeout=600)
     assert done.returncode == 0, done.stderr
-    card = json.loads((tmp_path / "w" / "tiny-partial.json").read_text())
+    card = json.loads((tmp_path / "w" / "tiny-partial.json").read_text(encoding="utf-8"))
     assert card["training"]["train_cases"][-1] == "chest-lung2-5mm (partial labels)"
     (row,) = card["metrics"]["tissue_val"]["cases"]
     assert row["case"] == "chest-lung1-5mm"
@@ -150,7 +152,7 @@ def test_training_command_derives_the_partial_labels_itself_and_validates_on_an_
     }  # fmt: skip
     # A derivation the trainer does not know: one line, exit 2.
     config["real_partial"] = [["chest-lung2-5mm.nrrd", "chest_by_hand"]]
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
     done = ctcolor("train", "colorizer", "--config", str(path), "--weights-dir", str(tmp_path / "w2"), timeout=300)
     assert done.returncode == 2 and "chest_by_hand" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -75,7 +75,7 @@ def test_loss_parts_and_gradients():
 
 
 def _tiny_config(tmp_path: Path, steps: int, real_val: list | None = None) -> Path:
-    config = yaml.safe_load((REPO / "configs" / "symnet_ct.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs" / "symnet_ct.yaml").read_text(encoding="utf-8"))
     config.update(
         name="tiny-symnet",
         start_channel=2,
@@ -90,7 +90,7 @@ def _tiny_config(tmp_path: Path, steps: int, real_val: list | None = None) -> Pa
         phantoms={"first_seed": 7, "count": 1, "slices": 12, "pixel_mm": [3.0, 3.2], "slice_mm": [5, 6], "fov_mm": 340},
     )
     path = tmp_path / f"tiny-{steps}.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
 
 
@@ -127,11 +127,11 @@ def test_training_command_writes_weights_the_engine_loads_and_eval_only_recomput
     done = ctcolor(*args, timeout=600)
     assert done.returncode == 0, done.stderr
     [path] = weights.glob("*.safetensors")
-    card = json.loads(path.with_suffix(".json").read_text())
-    path.with_suffix(".json").write_text(json.dumps({**card, "metrics": {}}))
+    card = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    path.with_suffix(".json").write_text(json.dumps({**card, "metrics": {}}), encoding="utf-8")
     done = ctcolor(*args, "--eval-only", timeout=600)
     assert done.returncode == 0 and "updated the metrics" in done.stdout, done.stderr
-    recomputed = json.loads(path.with_suffix(".json").read_text())["metrics"]
+    recomputed = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))["metrics"]
     # Two processes with the same thread count on one CPU: the same float operations, bit for bit.
     assert _without_timings(recomputed) == _without_timings(card["metrics"])
     assert card["training"]["command"].startswith("ctcolor train symnet --config")
@@ -191,7 +191,7 @@ def test_ct_default_through_ctcolor_register_reproduces_the_cards_held_out_dicom
     moving_path = write_nifti(moving, tmp_path / "moving.nii.gz")
     done = ctcolor("register", str(CT_DIR / "totalseg-abdomen-dicom"), str(moving_path), "-o", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
     field = sitk.ReadImage(str(tmp_path / "out" / "ddf.nii.gz"))
     transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
     labels = moving_labels.to_sitk()

@@ -136,4 +136,4 @@ def _write_classes(color, volume, palette, path: Path) -> None:
         "note": "0: air (no colour class shown); the class a voxel is coloured as, not a segmentation",
     }
     with atomic_path(_classes_table(path)) as tmp:
-        tmp.write_text(json.dumps(table, indent=1))
+        tmp.write_text(json.dumps(table, indent=1), encoding="utf-8")

@@ -65,5 +65,5 @@ def peer_command(args: argparse.Namespace) -> dict:
         "moving": Path(args.moving).name,
     }
     with atomic_path(outdir / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics

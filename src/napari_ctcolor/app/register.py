@@ -120,7 +120,7 @@ def _write_outdir(outdir: Path, fixed: Volume, result, read_seconds: float, args
             "moving": Path(args.moving).name,
         }
         with atomic_path(target / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+            tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics
 
 

@@ -107,11 +107,11 @@ def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     ram_gb = None
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("MemTotal"):
                 ram_gb = round(int(line.split()[1]) / 2**20, 1)
                 break
@@ -275,13 +275,13 @@ def bench_colorize(slices: int, repeats: int, sizes: Sequence[tuple[int, float]]
 
 
 def _rss_mb() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return int(Path("/proc/self/statm").read_text(encoding="utf-8").split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _peak_rss_mb() -> float:
     """This process's peak RSS (VmHWM): unlike ``ru_maxrss`` it starts afresh at exec, so a subprocess's peak does
     not include the RSS of the parent it was forked from."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise OSError("no VmHWM in /proc/self/status")
@@ -820,7 +820,7 @@ def _ctcolor_peak(args: Sequence[str]) -> tuple[float, float]:
         status = Path(f"/proc/{process.pid}/status")
         while process.poll() is None:
             try:
-                line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
+                line = next(x for x in status.read_text(encoding="utf-8").splitlines() if x.startswith("VmHWM:"))
                 peak = max(peak, int(line.split()[1]) / 1024)
             except (OSError, StopIteration):  # exiting: the last reading stands
                 pass

@@ -145,8 +145,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(markdown_table(report["rows"]))
     if args.json:
         with atomic_path(Path(args.json)) as tmp:
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.markdown:
         with atomic_path(Path(args.markdown)) as tmp:
-            tmp.write_text(markdown_section(report))
+            tmp.write_text(markdown_section(report), encoding="utf-8")
     return 0

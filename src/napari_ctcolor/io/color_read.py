@@ -162,7 +162,7 @@ def _read_png_folder(folder: Path) -> ColorVolume:
     sidecar = folder / PNG_GEOMETRY
     if sidecar.is_file():
         try:
-            geometry = json.loads(sidecar.read_text())
+            geometry = json.loads(sidecar.read_text(encoding="utf-8"))
             flip_y, flip_x = (bool(v) for v in geometry["display_flips"])
             spacing, origin = geometry["spacing"], geometry["origin"]
             direction = np.asarray(geometry["direction"], dtype=np.float64).reshape(3, 3)

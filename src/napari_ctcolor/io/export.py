@@ -182,7 +182,7 @@ def write_png_slices(cv: ColorVolume, folder: str | os.PathLike, overwrite: bool
             with atomic_path(path) as tmp:
                 Image.fromarray(np.ascontiguousarray(view[k])).save(tmp, format="PNG", dpi=dpi)
         with atomic_path(target / PNG_GEOMETRY) as tmp:
-            Path(tmp).write_text(json.dumps(geometry, indent=1))
+            Path(tmp).write_text(json.dumps(geometry, indent=1), encoding="utf-8")
     return _slice_paths(folder, cv.rgb.shape[0], ".png")
 
 

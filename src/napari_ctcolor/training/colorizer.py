@@ -723,7 +723,7 @@ def model_card(model: Colorizer, train: TrainConfig, config_path: Path, facts: d
         "palettes": {name: load_palette(name).source for name in PALETTE_NAMES},
         "training": {
             "command": f"ctcolor train colorizer --config {config_path.as_posix()}",
-            "config": yaml.safe_load(config_path.read_text()),
+            "config": yaml.safe_load(config_path.read_text(encoding="utf-8")),
             "data": CITATIONS,
             **facts,
         },

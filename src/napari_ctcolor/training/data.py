@@ -46,7 +46,7 @@ REPRODUCTION_NOTE = (
 def load_config(cls: type, path: Path):
     """A training config dataclass from YAML; unknown keys and missing ``name``/``seed`` are input errors."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise InputError(f"{path}: unreadable training config ({type(exc).__name__})") from None
     if not isinstance(raw, dict):
@@ -73,7 +73,7 @@ def shared_data_dir() -> Path:
 def load_real_case(data_dir: Path, ct_name: str, labels_name: str) -> LabelledCT:
     """A shared CT and its labels, the labels resampled onto the CT grid in physical space (nearest)."""
     names_path = data_dir / "ct" / "totalseg-v2-label-names.json"
-    names = {int(k): v for k, v in json.loads(names_path.read_text()).items()}
+    names = {int(k): v for k, v in json.loads(names_path.read_text(encoding="utf-8")).items()}
     ct = read_volume(data_dir / "ct" / ct_name)
     labels = read_volume(data_dir / "ct" / labels_name)
     # The label files' direction can differ from the CT's (the DICOM one is flipped in y): never trust array order.

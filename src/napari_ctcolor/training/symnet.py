@@ -527,7 +527,9 @@ def train_symnet(
     from tqdm import tqdm
 
     train = SymnetTrainConfig.load(config_path)
-    config_snapshot = yaml.safe_load(Path(config_path).read_text())  # what this run was given, for the card
+    config_snapshot = yaml.safe_load(
+        Path(config_path).read_text(encoding="utf-8")
+    )  # what this run was given, for the card
     torch.manual_seed(train.seed)
     t0 = time.time()
     sampler = PairSampler(train, log)
