@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,27 @@ REPO = Path(__file__).resolve().parents[1]  # the checkout
 
 
 TINY = {"channels": [4, 8, 16, 16], "strides": [2, 2, 2], "num_res_units": 0}
+
+
+#: The placeholders docs/troubleshooting.md writes for the file, folder, address or option an error line names first.
+_NAMED = r"(PATH|OUT|OUTDIR|MOVING|URL|LIST|CSV|ADDRESS|LAYER|NODE|CONFIG)"
+
+
+def troubleshooting_messages() -> list[str]:
+    """The error lines docs/troubleshooting.md lists: each backticked message in the first cell of a table row."""
+    page = (REPO / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
+    rows = [line for line in page.splitlines() if line.startswith("| `")]
+    return [m for row in rows for m in re.findall(r"`([^`]+)`", row.split(" | ")[0])]
+
+
+def assert_documented(line: str) -> None:
+    """``line`` (``error: ...``, as ``ctcolor`` prints it) matches a message of docs/troubleshooting.md, where ``...``
+    and a leading placeholder (`_NAMED`) stand for any text."""
+    message = line.removeprefix("error: ")
+    for documented in troubleshooting_messages():
+        named = re.match(rf"{_NAMED}(?=:| line)", documented)
+        rest = documented[named.end() :] if named else documented
+        pattern = (".*" if named else "") + re.escape(rest).replace(re.escape("..."), ".*")
+        if re.fullmatch(pattern, message, re.DOTALL):
+            return
+    raise AssertionError(f"not in docs/troubleshooting.md: {message!r}")

@@ -20,7 +20,7 @@ from napari_ctcolor.cli import main
 from napari_ctcolor.io import InputError, read_volume
 from napari_ctcolor.napari._reader import get_reader
 
-from conftest import file_hashes
+from conftest import assert_documented, file_hashes
 from make_bad_inputs import MAKERS, Case, make_corpus, nifti_bytes, small_ct_array
 
 #: Each command must answer within this (imports are warmed up first; the slowest case decodes one 512^2 slice).
@@ -78,6 +78,7 @@ def assert_clean_error(case: Case, args: list, result: tuple[int, str, str, floa
     assert re.search(case.problem, lines[0], re.IGNORECASE), (case.problem, *where)
     assert "Traceback" not in err and out == "", where
     assert seconds < CALL_SECONDS, (seconds, *where)
+    assert_documented(lines[0])  # the user can look the line up
     TALLY["clean_errors"] += 1
     return lines[0]
 

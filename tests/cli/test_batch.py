@@ -16,6 +16,7 @@ from napari_ctcolor.io import Volume, read_volume, write_nifti
 
 from conftest import (
     CT_DIR,
+    assert_documented,
     assert_same_colors,
     assert_same_registration,
     ct_weights_shipped,
@@ -211,6 +212,7 @@ def test_batch_usage_errors_exit_2_with_one_line(tmp_path, small_cts):
         done = _batch(*args, timeout=60)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, done.stderr)
+        assert_documented(lines[0])
         assert "s3cret" not in done.stderr + done.stdout
         if "--refine" in args:  # the single command's message, once, before any pair is read
             assert "--refine must be 'auto' or a number of iterations" in lines[0], lines

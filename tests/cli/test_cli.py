@@ -18,7 +18,16 @@ from napari_ctcolor.io import read_volume, write_nifti
 from napari_ctcolor.phantom import make_phantom
 from napari_ctcolor.windowing import window
 
-from conftest import CT_DIR, LUMINANCE_BOUND, SHARED_DATA, assert_same_colors, ctcolor, file_hashes, require_shared
+from conftest import (
+    CT_DIR,
+    LUMINANCE_BOUND,
+    SHARED_DATA,
+    assert_documented,
+    assert_same_colors,
+    ctcolor,
+    file_hashes,
+    require_shared,
+)
 from make_bad_inputs import bad_inputs
 
 CONTRACT_KEYS = {"shape", "spacing", "origin", "direction", "modality", "hu_min", "hu_max", "window", "series_count"}
@@ -62,9 +71,11 @@ def test_bad_inputs_exit_2_with_one_error_line_and_unchanged_files(dicom_series,
 
 
 def test_usage_errors_are_one_line_with_exit_2():
-    result = ctcolor("info")
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    for args in (["info"], ["colorise", "ct.nii.gz"], ["colorize", "ct.nii.gz", "-o", "c.nii.gz", "--chroma", "x"]):
+        result = ctcolor(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
+        assert_documented(lines[0])
 
 
 def test_colorize_cli_writes_rgb24_nifti_png_and_deidentified_dicom(tmp_path):
@@ -131,6 +142,7 @@ def test_colorize_cli_refuses_non_ct_existing_outputs_and_bad_settings(tmp_path)
         result = ctcolor("colorize", str(ct_path), *args)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
+        assert_documented(lines[0])
         if str(bad_csv) in args:
             assert "line 3" in lines[0]  # the bad row is named
     assert existing.read_bytes() == b"keep me"
@@ -222,6 +234,7 @@ def test_register_refine_must_be_auto_or_an_iteration_count(tmp_path):
         done = ctcolor("register", fixed, moving, "-o", str(out), "--refine", value, "--device", "cpu")
         lines = done.stderr.splitlines()
         assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (value, done.stderr)
+        assert_documented(lines[0])
         assert "--refine must be" in lines[0] and value in lines[0] and done.stdout == ""
         assert not out.exists()
 

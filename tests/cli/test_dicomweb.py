@@ -19,7 +19,7 @@ from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 from napari_ctcolor.io import read_image, read_volume
 from napari_ctcolor.io.dicomweb import ENV_PASSWORD, ENV_TIMEOUT, ENV_USER, download_series, find_series
 
-from conftest import DICOM_SERIES, ctcolor, file_hashes, require_shared
+from conftest import DICOM_SERIES, assert_documented, ctcolor, file_hashes, require_shared
 from orthanc import PASSWORD, USER, OrthancServer, free_port, skip_reason
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
@@ -115,6 +115,7 @@ def _one_error_line(result, *fragments: str) -> str:
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert_documented(lines[0])
     assert "Traceback" not in result.stderr and PASSWORD not in result.stderr + result.stdout
     for fragment in fragments:
         assert fragment in lines[0], lines[0]

@@ -14,6 +14,8 @@ from napari_ctcolor.engines.colorize import colorize
 from napari_ctcolor.io import InputError, Volume, read_volume, write_nifti
 from napari_ctcolor.io.write import atomic_path
 
+from conftest import assert_documented
+
 
 class _CreatesFile:
     """A pickle payload that would create a file when unpickled."""
@@ -52,6 +54,7 @@ def test_crafted_pickle_model_is_refused_and_never_runs(tmp_path, capsys, small_
             args = ["register", str(small_ct), str(small_ct), "-o", str(tmp_path / "reg"), "--model", str(model)]
         code, err = _run(capsys, *args)
         assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and str(model) in err[0], err
+        assert_documented(err[0])
     assert not marker.exists()
 
 

@@ -23,7 +23,7 @@ from napari_ctcolor.napari._colorize_widget import WEIGHTS_FILE, ColorizeWidget
 from napari_ctcolor.napari._layers import image_layer_data, placement
 from napari_ctcolor.windowing import PRESETS, default_window, window
 
-from conftest import CT_DIR, LUMINANCE_BOUND, require_shared, rotated_volume
+from conftest import CT_DIR, LUMINANCE_BOUND, assert_documented, require_shared, rotated_volume
 
 PLUGIN = "napari-ctcolor"
 TIMEOUT_MS = 60_000
@@ -248,6 +248,7 @@ def test_problems_are_one_line_errors_and_the_viewer_carries_on(make_napari_view
     widget.weights_file.value = damaged
     click_and_wait(qtbot, widget, widget.run_button)  # fails inside the worker
     assert len(errors) == 2 and str(damaged) in errors[1] and "\n" not in errors[1]
+    assert_documented(errors[1])
     assert [lyr.name for lyr in viewer.layers] == ["CT"] and widget.run_button.enabled
 
     if not torch.cuda.is_available():
@@ -255,6 +256,7 @@ def test_problems_are_one_line_errors_and_the_viewer_carries_on(make_napari_view
         widget.device.value = "cuda"
         widget.run_button.native.click()
         assert "no CUDA GPU" in errors[-1] and not widget.busy
+        assert_documented(errors[-1])
 
 
 def test_writer_saves_rgb_layers_as_nifti_rgb24_and_png_slices(make_napari_viewer, tmp_path):

@@ -27,7 +27,7 @@ from napari_ctcolor.napari._register_outputs import tile_edges
 from napari_ctcolor.napari._register_widget import MODEL_FILE, RegisterWidget
 from napari_ctcolor.windowing import window
 
-from conftest import CT_DIR, SHARED_DATA, ct_weights_shipped, require_shared
+from conftest import CT_DIR, SHARED_DATA, assert_documented, ct_weights_shipped, require_shared
 
 PLUGIN = "napari-ctcolor"
 TIMEOUT_MS = 90_000
@@ -467,6 +467,7 @@ def test_prealignment_registers_a_prior_scan_in_a_disjoint_frame(make_napari_vie
 
     click_and_wait(qtbot, widget, widget.run_button)  # without pre-alignment the frames do not even overlap
     assert len(errors) == 1 and "does not overlap" in errors[0] and "\n" not in errors[0]
+    assert_documented(errors[0])
     assert [lyr.name for lyr in viewer.layers] == [fixed.name, "prior"] and widget.result is None
 
     widget.prealign.value = "on"
@@ -530,6 +531,7 @@ def test_two_2d_layers_register_in_plane_and_every_output_is_2d(make_napari_view
     widget.prealign.value = "on"  # a 2D pair cannot be pre-aligned: one line, nothing added
     click_and_wait(qtbot, widget, widget.run_button)
     assert len(errors) == 1 and "pre-alignment works on 3D volumes" in errors[0] and "\n" not in errors[0]
+    assert_documented(errors[0])
     assert len(viewer.layers) == 2 and widget.result is None
     widget.prealign.value = "off"
     click_and_wait(qtbot, widget, widget.run_button)

@@ -25,7 +25,15 @@ from napari_ctcolor.napari._view import show_plane
 from napari_ctcolor.napari._volume import MIN_BONE_ML, contrast_window, vessel_mask
 from napari_ctcolor.windowing import PRESETS
 
-from conftest import CT_DIR, IDENTITY, LUMINANCE_BOUND, assert_same_colors, ctcolor, require_shared
+from conftest import (
+    CT_DIR,
+    IDENTITY,
+    LUMINANCE_BOUND,
+    assert_documented,
+    assert_same_colors,
+    ctcolor,
+    require_shared,
+)
 from test_colorize_widget import (
     PLUGIN,
     TIMEOUT_MS,
@@ -515,6 +523,7 @@ def test_widget_exports_like_the_cli_deidentified_unless_asked(
 
     widget.export()  # the same folder again: refused, nothing replaced
     assert len(errors) == 1 and "already exists" in errors[0]
+    assert_documented(errors[0])
     assert "Exported" not in widget.status.value and "nothing written" in widget.status.value
 
 
