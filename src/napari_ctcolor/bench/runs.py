@@ -138,6 +138,11 @@ def _row(section: str, item: str, device: str = "cpu", size: str = "", unit: str
     return row
 
 
+def _once_row(section: str, item: str, size: str, unit: str, value: float, note: str, **extra) -> dict:
+    """A row of one measurement on the CPU (one run, or one run per peer in the same process)."""
+    return _row(section, item, "cpu", size, unit, median=value, repeats=1, note=note, **extra)
+
+
 def _rate_row(section: str, item: str, device: str, size: str, count: int, seconds: Sequence[float], **extra) -> dict:
     """A throughput row: ``count`` items per run over the measured ``seconds`` of each repeat."""
     rates = [count / s for s in seconds]
@@ -339,28 +344,24 @@ def bench_rss(slices: int = 600, size: int = 512, model: str = "colorizer-2d") -
     result = json.loads(out.stdout.strip().splitlines()[-1])
     label = "x".join(str(n) for n in result["shape"][::-1])
     return [
-        _row(
+        _once_row(
             "memory",
             f"{model} peak RSS - baseline",
-            "cpu",
             label,
             "MB",
-            median=result["peak_minus_baseline_mb"],
-            repeats=1,
-            note=f"{result['ratio_to_input']}x the int16 input ({result['input_mb']} MB); baseline "
+            result["peak_minus_baseline_mb"],
+            f"{result['ratio_to_input']}x the int16 input ({result['input_mb']} MB); baseline "
             f"{result['baseline_rss_mb']} MB, peak {result['peak_rss_mb']} MB",
             ratio_to_input=result["ratio_to_input"],
             **{k: result[k] for k in ("baseline_rss_mb", "peak_rss_mb", "input_mb")},
         ),
-        _row(
+        _once_row(
             "memory",
             f"{model} end to end",
-            "cpu",
             label,
             "s",
-            median=result["seconds"],
-            repeats=1,
-            note=f"{result['shape'][0] / result['seconds']:.1f} slices/s",
+            result["seconds"],
+            f"{result['shape'][0] / result['seconds']:.1f} slices/s",
         ),
     ]
 
@@ -675,19 +676,8 @@ def bench_register_speed(quick: bool) -> list[dict]:
                 dice = mean_dice(labels, warp(moving_labels, fixed, ddf, "nearest", 0))
                 found[item] = (seconds, dice)
                 print(f"  {size}: {item}: Dice {dice:.3f}, {seconds:.1f} s", file=sys.stderr, flush=True)
-                rows.append(
-                    _row(
-                        "register speed",
-                        item,
-                        "cpu",
-                        size,
-                        "s",
-                        median=round(seconds, 2),
-                        repeats=1,
-                        note=f"Dice {dice:.3f}",
-                        dice=round(dice, 4),
-                    )
-                )
+                note = f"Dice {dice:.3f}"
+                rows.append(_once_row("register speed", item, size, "s", round(seconds, 2), note, dice=round(dice, 4)))
             ours = found[IN_PROCESS][1]
             beaten = {
                 item: sec
@@ -698,17 +688,9 @@ def bench_register_speed(quick: bool) -> list[dict]:
                 peer = min(beaten, key=beaten.get)
                 for item in (IN_PROCESS, WHOLE_PROCESS):
                     ratio = found[item][0] / beaten[peer]
+                    note = f"{peer}: {beaten[peer]:.1f} s, Dice {found[peer][1]:.3f}; same run"
                     rows.append(
-                        _row(
-                            "ratio",
-                            f"{item} / fastest peer beaten on Dice",
-                            "cpu",
-                            size,
-                            "x",
-                            median=round(ratio, 3),
-                            repeats=1,
-                            note=f"{peer}: {beaten[peer]:.1f} s, Dice {found[peer][1]:.3f}; same run",
-                        )
+                        _once_row("ratio", f"{item} / fastest peer beaten on Dice", size, "x", round(ratio, 3), note)
                     )
     return rows
 

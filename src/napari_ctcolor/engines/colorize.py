@@ -46,7 +46,7 @@ from .body import body_mask
 from .device import cpu_bf16, resolve_device
 from .fused import top_classes
 from .orientation import AxialView
-from .steps import Cancel, Progress, Steps, offset_steps, run_steps
+from .steps import Steps, blocking, offset_steps
 
 _AIR_HU = -1024.0
 # Slices per compose step: bounds the chunk's float temporaries (the fused CPU kernel's too: its float HU, clipped
@@ -645,11 +645,14 @@ def iter_predict_chroma(
     anatomy: bool = True,
     bf16: bool | None = None,
 ) -> Steps[Chroma]:
-    """`predict_chroma` as a generator: yields ``(done, Z)`` slices after each batch, returns the `Chroma` (made
-    anatomically consistent by `anatomy` unless ``anatomy=False``).
+    """Run the colorizer on a CT volume (HU): its a*, b* at the network's resolution, as a `Chroma` made anatomically
+    consistent by `anatomy` (``anatomy=False`` keeps the network's own probabilities).
 
-    A 2D model advances ``batch_size`` slices per step; a 3D model ``batch_size // 4`` sliding-window patches per
-    step, reported as the matching fraction of Z. Nothing runs until the first ``next()``.
+    A generator of ``(done, Z)`` steps: a 2D model advances ``batch_size`` slices per step, a 3D model
+    ``batch_size // 4`` sliding-window patches per step, reported as the matching fraction of Z. Nothing runs until
+    the first ``next()``. `predict_chroma` runs it to the end, calling ``progress(done, Z)`` after each step and
+    polling ``cancel()`` before each (`Cancelled`). ``bf16``: None runs the CPU network in bfloat16 where that is
+    faster on this CPU (`cpu_bf16`), False in float32, True in bfloat16.
     """
     _check_volume(volume)
     net, card = get_colorizer(model)
@@ -870,23 +873,7 @@ def _sliding_window_3d(
         top[slab_start:slab_stop], prob[slab_start:slab_stop] = indices.cpu(), values.cpu()
 
 
-def predict_chroma(
-    volume: Volume,
-    model: str | os.PathLike | Colorizer = COLORIZER_DEFAULT,
-    device: str | torch.device = "auto",
-    batch_size: int | None = None,
-    progress: Progress | None = None,
-    cancel: Cancel | None = None,
-    anatomy: bool = True,
-    bf16: bool | None = None,
-) -> Chroma:
-    """Run the colorizer on a CT volume (HU) and return its a*, b* at the network's resolution.
-
-    ``progress(done, Z)`` is called after each batch; ``cancel()`` is polled before each and raises `Cancelled`.
-    ``anatomy=False`` keeps the network's own probabilities (no `anatomy` step). ``bf16``: None runs the CPU
-    network in bfloat16 where that is faster on this CPU (`cpu_bf16`), False in float32, True in bfloat16.
-    """
-    return run_steps(iter_predict_chroma(volume, model, device, batch_size, anatomy, bf16), progress, cancel)
+predict_chroma = blocking(iter_predict_chroma)
 
 
 def iter_compose_chroma(
@@ -897,7 +884,11 @@ def iter_compose_chroma(
     device: str | torch.device = "auto",
     palette: str | os.PathLike | Palette = "anatomical",
 ) -> Steps[Colorized]:
-    """`compose_chroma` as a generator: yields ``(done, Z)`` after each chunk of slices, returns the `ColorVolume`."""
+    """sRGB uint8 (Z, Y, X, 3) from the CT's windowed grey (luminance, exact) and the colour classes' a*, b* under
+    ``palette`` ("anatomical", "dicom", a CSV file or a `Palette`), as a `Colorized`.
+
+    A generator of ``(done, Z)`` steps, one per chunk of slices; `compose_chroma` runs it to the end (``progress``,
+    ``cancel`` as `predict_chroma`)."""
     if not 0.0 <= strength <= 1.0:
         raise InputError(f"chroma strength must be in [0, 1], got {strength}")
     win = parse_window(window_spec, volume)
@@ -930,19 +921,7 @@ def iter_compose_chroma(
     return color
 
 
-def compose_chroma(
-    volume: Volume,
-    chroma: Chroma,
-    window_spec: str | Window | tuple[float, float] | None = None,
-    strength: float = 1.0,
-    device: str | torch.device = "auto",
-    palette: str | os.PathLike | Palette = "anatomical",
-    progress: Progress | None = None,
-    cancel: Cancel | None = None,
-) -> Colorized:
-    """sRGB uint8 (Z, Y, X, 3) from the CT's windowed grey (luminance, exact) and the colour classes' a*, b* under
-    ``palette`` ("anatomical", "dicom", a CSV file or a `Palette`)."""
-    return run_steps(iter_compose_chroma(volume, chroma, window_spec, strength, device, palette), progress, cancel)
+compose_chroma = blocking(iter_compose_chroma)
 
 
 def compose_plane(
@@ -1023,29 +1002,10 @@ def iter_colorize(
     batch_size: int | None = None,
     palette: str | os.PathLike | Palette = "anatomical",
 ) -> Steps[Colorized]:
-    """`colorize` as a generator: yields ``(done, 2 * Z)`` (network, then compose), returns the `ColorVolume`."""
-    z = volume.shape[0]
-    # Check the cheap settings before the network runs, not after.
-    parse_window(window, volume)
-    palette = load_palette(palette)
-    if not 0.0 <= chroma <= 1.0:
-        raise InputError(f"chroma strength must be in [0, 1], got {chroma}")
-    chroma_ab = yield from offset_steps(iter_predict_chroma(volume, model, device, batch_size), 0, 2 * z)
-    return (yield from offset_steps(iter_compose_chroma(volume, chroma_ab, window, chroma, device, palette), z, 2 * z))
-
-
-def colorize(
-    volume: Volume,
-    model: str | os.PathLike | Colorizer = COLORIZER_DEFAULT,
-    window: str | Window | tuple[float, float] | None = None,
-    chroma: float = 1.0,
-    device: str | torch.device = "auto",
-    batch_size: int | None = None,
-    palette: str | os.PathLike | Palette = "anatomical",
-    progress: Progress | None = None,
-    cancel: Cancel | None = None,
-) -> Colorized:
     """Colorize a CT: the network's colour classes under a palette, with the windowed CT as exact luminance.
+
+    A generator of ``(done, 2 * Z)`` steps (network, then compose) that returns the `Colorized`; `colorize` runs it
+    to the end.
 
     Example::
 
@@ -1061,7 +1021,18 @@ def colorize(
         batch_size: slices per network batch (2D) or windows per batch x 4 (3D).
         palette: "anatomical" (cryosection-like), "dicom" (DICOM recommended display colours), a CSV file of
             name,R,G,B, or a `Palette`.
-        progress: called as progress(done, total) with total = 2 * slices (network, then compose).
-        cancel: polled between batches; when it returns True, `Cancelled` is raised.
+        progress: (`colorize` only) called as progress(done, total) with total = 2 * slices (network, then
+            compose).
+        cancel: (`colorize` only) polled between batches; when it returns True, `Cancelled` is raised.
     """
-    return run_steps(iter_colorize(volume, model, window, chroma, device, batch_size, palette), progress, cancel)
+    z = volume.shape[0]
+    # Check the cheap settings before the network runs, not after.
+    parse_window(window, volume)
+    palette = load_palette(palette)
+    if not 0.0 <= chroma <= 1.0:
+        raise InputError(f"chroma strength must be in [0, 1], got {chroma}")
+    chroma_ab = yield from offset_steps(iter_predict_chroma(volume, model, device, batch_size), 0, 2 * z)
+    return (yield from offset_steps(iter_compose_chroma(volume, chroma_ab, window, chroma, device, palette), z, 2 * z))
+
+
+colorize = blocking(iter_colorize)

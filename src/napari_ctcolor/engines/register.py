@@ -58,7 +58,7 @@ from .geometry import resample_onto, same_grid
 from .orientation import AxisMap, check_axes
 from .prealign import prealign
 from .refine import REFINE_BYTES_PER_VOXEL, RefineSettings, check_iterations, chunks, invert_field, refine_field
-from .steps import Cancel, Progress, Steps, run_steps
+from .steps import Cancel, Progress, Steps, blocking
 
 log = logging.getLogger(__name__)
 
@@ -742,7 +742,7 @@ def _ticks(steps: Iterator[None], stages: _Stages, count: int) -> Steps[np.ndarr
 # --- the engine ------------------------------------------------------------------------------------------------------
 
 
-def register(
+def iter_register(
     fixed: Volume,
     moving: Volume,
     model: str | os.PathLike = "ct",
@@ -753,7 +753,7 @@ def register(
     cancel: Cancel | None = None,
     moving_labels: Volume | None = None,
     prealignment: Callable[[], sitk.Transform | None] | None = None,
-) -> RegistrationResult:
+) -> Steps[RegistrationResult]:
     """Register ``moving`` to ``fixed`` with SYMNet (optionally after an affine pre-alignment).
 
     Example (the official checkpoint on the shared OASIS pair)::
@@ -763,6 +763,10 @@ def register(
         checkpoint = "../shared/data/symnet-oasis/SYMNet_neurite_oasis_smo30_update_80000.pth"
         result = register(fixed, moving, model=checkpoint)
         result.metrics["ncc_before"], result.metrics["ncc_after"]   # 0.888 -> 0.983
+
+    A generator of ``(done, total)`` steps, one per refinement chunk, that returns the `RegistrationResult`: a napari
+    ``GeneratorWorker`` runs it with a progress bar, and its ``quit()`` closes the generator between two steps.
+    `register` runs it to the end.
 
     2D pairs (one slice each) are registered as a slab of 16 copies of the slice; the fields are the mean of the two
     middle slices with the through-plane component set to 0. The network never saw such slabs in training, so treat
@@ -803,28 +807,6 @@ def register(
         InputError: 2D vs 3D images, images that do not overlap, a constant image, a missing model file, a
             refinement count outside 0..10000, a refinement too large for the memory.
         Cancelled: when ``cancel()`` returned True.
-    """
-    return run_steps(
-        iter_register(fixed, moving, model, affine, refine, device, progress, cancel, moving_labels, prealignment)
-    )
-
-
-def iter_register(
-    fixed: Volume,
-    moving: Volume,
-    model: str | os.PathLike = "ct",
-    affine: bool | None = None,
-    refine: int | None = None,
-    device: Device | str = "auto",
-    progress: Progress | None = None,
-    cancel: Cancel | None = None,
-    moving_labels: Volume | None = None,
-    prealignment: Callable[[], sitk.Transform | None] | None = None,
-) -> Steps[RegistrationResult]:
-    """`register` as a generator: yields ``(done, total)`` after each stage, returns the `RegistrationResult`.
-
-    A napari ``GeneratorWorker`` runs it with a progress bar; its ``quit()`` closes the generator between two stages.
-    Arguments and errors as `register`.
     """
     start = time.perf_counter()
     two_d = fixed.shape[0] == 1
@@ -1072,3 +1054,6 @@ def iter_register(
         metrics=metrics,
         warped_labels=None if warped_labels is None else on_fixed_grid(warped_labels, **moving_labels.meta),
     )
+
+
+register = blocking(iter_register)

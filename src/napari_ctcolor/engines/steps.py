@@ -1,11 +1,14 @@
 """Engine work as generators of ``(done, total)`` steps: one mechanism for the CLI (callbacks) and napari workers.
 
 A napari ``GeneratorWorker`` runs a step generator directly (``worker.quit()`` closes it between steps); the CLI and
-library calls drain it with `run_steps`, which reports progress and polls a cancel callback.
+library calls drain it with `run_steps`, which reports progress and polls a cancel callback. Each engine function
+``iter_X`` is written once; `blocking` makes its ``X``.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
@@ -44,3 +47,35 @@ def offset_steps(steps: Steps[R], offset: int, total: int) -> Steps[R]:
         except StopIteration as stop:
             return stop.value
         yield offset + done, total
+
+
+def blocking(iterate: Callable[..., Steps[R]]) -> Callable[..., R]:
+    """The function that runs the step generator function ``iter_X`` to its end, named ``X``, with its docstring.
+
+    Its arguments are ``iterate``'s, plus keyword-only ``progress(done, total)`` and ``cancel()`` (`run_steps`) where
+    ``iterate`` has no parameters of those names (a generator that reports its own stages takes them itself). Its
+    ``__signature__`` is the whole list, for help(), IDEs and the napari console.
+    """
+    signature = inspect.signature(iterate)
+    parameters = list(signature.parameters.values())
+    if {"progress", "cancel"} <= signature.parameters.keys():
+
+        def run(*args: Any, **kwargs: Any) -> R:
+            return run_steps(iterate(*args, **kwargs))
+
+    else:
+
+        def run(*args: Any, progress: Progress | None = None, cancel: Cancel | None = None, **kwargs: Any) -> R:
+            return run_steps(iterate(*args, **kwargs), progress, cancel)
+
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        parameters += [
+            inspect.Parameter("progress", keyword, default=None, annotation="Progress | None"),
+            inspect.Parameter("cancel", keyword, default=None, annotation="Cancel | None"),
+        ]
+    functools.update_wrapper(run, iterate)
+    run.__name__ = iterate.__name__.removeprefix("iter_")
+    run.__qualname__ = iterate.__qualname__.removeprefix("iter_")
+    returns = str(signature.return_annotation).removeprefix("Steps[").removesuffix("]")
+    run.__signature__ = signature.replace(parameters=parameters, return_annotation=returns)
+    return run

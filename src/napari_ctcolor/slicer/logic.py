@@ -151,7 +151,9 @@ def colorize_node(
     from ..engines.colorize import colorize
 
     volume = volume_from_node(volume_node)
-    color = colorize(volume, model, window, 1.0, device, None, palette or "anatomical", progress, cancel)
+    color = colorize(
+        volume, model, window, 1.0, device, None, palette or "anatomical", progress=progress, cancel=cancel
+    )
     return node_from_volume(color, volume_node.GetScene(), f"{_name(volume_node)} colorized")
 
 
