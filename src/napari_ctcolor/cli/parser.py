@@ -219,7 +219,7 @@ def _add_tools(sub) -> None:
 
     warm = sub.add_parser(
         "warmup",
-        help="compile the engines' kernels once (the first colorize after an install otherwise spends ~15 s on it)",
+        help="compile the engines' kernels once (otherwise the first colorize after an install compiles them)",
     )
     warm.set_defaults(run=run.cmd_warmup)
 

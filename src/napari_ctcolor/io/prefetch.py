@@ -1,6 +1,6 @@
-"""Read a volume in a child process while the caller goes on (the CLI imports torch and MONAI meanwhile).
+"""Read a volume in a child process while the caller goes on (the CLI imports torch meanwhile).
 
-`ctcolor colorize` spends its first seconds importing torch and MONAI and then reading the series, both single
+`ctcolor colorize` spends its first seconds importing torch (and MONAI, for the 3D model) and then reading the series, both single
 threaded Python that holds the GIL: a reader thread gains nothing, and the second core waits. A child forked before
 those imports reads the volume on that core and hands the voxels back through a file in shared memory (/dev/shm, a
 tmpfs; the temporary folder where /dev/shm is too small, as in a default container) that the parent opened and
