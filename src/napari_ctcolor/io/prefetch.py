@@ -1,13 +1,13 @@
 """Read a volume in a child process while the caller goes on (the CLI imports torch meanwhile).
 
-`ctcolor colorize` spends its first seconds importing torch (and MONAI, for the 3D model) and then reading the series, both single
-threaded Python that holds the GIL: a reader thread gains nothing, and the second core waits. A child forked before
-those imports reads the volume on that core and hands the voxels back through a file in shared memory (/dev/shm, a
-tmpfs; the temporary folder where /dev/shm is too small, as in a default container) that the parent opened and
+`ctcolor colorize` spends its first seconds importing torch (and MONAI, for the 3D model) and then reading the series,
+both single threaded Python that holds the GIL: a reader thread gains nothing, and the second core waits. A child forked
+before those imports reads the volume on that core and hands the voxels back through a file in shared memory (/dev/shm,
+a tmpfs; the temporary folder where /dev/shm is too small, as in a default container) that the parent opened and
 unlinked before the fork, so that nothing is left behind whatever happens; the parent maps it without copying. The
-geometry, metadata and the reader's warnings come through a pipe. `read_volumes_soon` reads several volumes, each in
-its own child, and may then run a job on them in the last child: ``ctcolor register`` pre-aligns its pair (SimpleITK,
-0.3-4 s) while the parent is still importing torch.
+geometry, metadata and the reader's warnings come through a pipe. `read_volumes_soon` reads several volumes, each in its
+own child, and may then run a job on them in the last child: ``ctcolor register`` pre-aligns its pair (SimpleITK, 0.3-4
+s) while the parent is still importing torch.
 
 The standard library and numpy do this (`multiprocessing` with the fork start method, the .npy format and
 `numpy.memmap`). It is used only where it is safe: on Linux, in a single-threaded process that has not yet imported
