@@ -764,9 +764,9 @@ def iter_register(
         result = register(fixed, moving, model=checkpoint)
         result.metrics["ncc_before"], result.metrics["ncc_after"]   # 0.888 -> 0.983
 
-    A generator of ``(done, total)`` steps, one per refinement chunk, that returns the `RegistrationResult`: a napari
-    ``GeneratorWorker`` runs it with a progress bar, and its ``quit()`` closes the generator between two steps.
-    `register` runs it to the end.
+    A generator of ``(done, total)`` steps, one after each stage and each refinement chunk, that returns the
+    `RegistrationResult`: a napari ``GeneratorWorker`` runs it with a progress bar, and its ``quit()`` closes the
+    generator between two steps. `register` runs it to the end.
 
     2D pairs (one slice each) are registered as a slab of 16 copies of the slice; the fields are the mean of the two
     middle slices with the through-plane component set to 0. The network never saw such slabs in training, so treat
