@@ -10,6 +10,7 @@ bit for bit.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -164,21 +165,28 @@ TINY = {"channels": [4, 8, 16, 16], "strides": [2, 2, 2], "num_res_units": 0}
 _NAMED = r"(PATH|OUT|OUTDIR|MOVING|URL|LIST|CSV|ADDRESS|LAYER|NODE|CONFIG)"
 
 
-def troubleshooting_messages() -> list[str]:
+@functools.cache
+def troubleshooting_messages() -> tuple[str, ...]:
     """The error lines docs/troubleshooting.md lists: each backticked message in the first cell of a table row."""
     page = (REPO / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
     rows = [line for line in page.splitlines() if line.startswith("| `")]
-    return [m for row in rows for m in re.findall(r"`([^`]+)`", row.split(" | ")[0])]
+    return tuple(m for row in rows for m in re.findall(r"`([^`]+)`", row.split(" | ")[0]))
 
 
-def assert_documented(line: str) -> None:
-    """``line`` (``error: ...``, as ``ctcolor`` prints it) matches a message of docs/troubleshooting.md, where ``...``
-    and a leading placeholder (`_NAMED`) stand for any text."""
-    message = line.removeprefix("error: ")
+@functools.cache
+def _documented_patterns() -> tuple[re.Pattern, ...]:
+    """`troubleshooting_messages` as patterns: ``...`` and a leading placeholder (`_NAMED`) stand for any text."""
+    patterns = []
     for documented in troubleshooting_messages():
         named = re.match(rf"{_NAMED}(?=:| line)", documented)
         rest = documented[named.end() :] if named else documented
         pattern = (".*" if named else "") + re.escape(rest).replace(re.escape("..."), ".*")
-        if re.fullmatch(pattern, message, re.DOTALL):
-            return
-    raise AssertionError(f"not in docs/troubleshooting.md: {message!r}")
+        patterns.append(re.compile(pattern, re.DOTALL))
+    return tuple(patterns)
+
+
+def assert_documented(line: str) -> None:
+    """``line`` (``error: ...``, as ``ctcolor`` prints it) matches a message of docs/troubleshooting.md."""
+    message = line.removeprefix("error: ")
+    if not any(pattern.fullmatch(message) for pattern in _documented_patterns()):
+        raise AssertionError(f"not in docs/troubleshooting.md: {message!r}")
