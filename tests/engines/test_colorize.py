@@ -21,13 +21,8 @@ from pydicom.dataset import Dataset
 
 from napari_ctcolor.color import compose_rgb, grey_to_lightness, load_palette, srgb_to_lab
 from napari_ctcolor.engines.colorize import (
-    _COMPOSE_CHUNK,
-    _PLAIN_FADE_HU,
-    _ROI_3D,
     TOP_K,
     Chroma,
-    _compact,
-    _enclosure_bits,
     colorize,
     compose_chroma,
     compose_plane,
@@ -37,6 +32,11 @@ from napari_ctcolor.engines.colorize import (
     predict_chroma,
     upsample_chroma,
 )
+from napari_ctcolor.engines.colorize.chroma import compact
+from napari_ctcolor.engines.colorize.compose import COMPOSE_CHUNK
+from napari_ctcolor.engines.colorize.enclosure import enclosure_bits
+from napari_ctcolor.engines.colorize.groups import PLAIN_FADE_HU
+from napari_ctcolor.engines.colorize.predict import ROI_3D
 from napari_ctcolor.engines.device import cpu_bf16
 from napari_ctcolor.engines.fused import top_classes
 from napari_ctcolor.errors import Cancelled
@@ -163,7 +163,7 @@ def test_top_classes_from_logits_equal_softmax_then_top_k():
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(3, len(CLASSES) * 4, 20, 30, generator=generator) * 3.0
     top, prob = top_classes(logits.numpy(), TOP_K, 2)
-    expected_top, expected_prob = _compact(logits.softmax(dim=1))
+    expected_top, expected_prob = compact(logits.softmax(dim=1))
     assert (torch.from_numpy(top) == expected_top).float().mean() >= 0.999
     assert (torch.from_numpy(prob).int() - expected_prob.int()).abs().max() <= 1
     assert top.dtype == prob.dtype == np.uint8 and (prob.astype(int).sum(axis=1) - 255).max() <= 2
@@ -207,8 +207,8 @@ def test_a_colorize_leaves_torch_on_the_thread_count_the_process_chose():
 def test_progress_reaches_total_and_cancel_raises(ct, model):
     steps = []
     colorize(ct, model, WINDOW, device="cpu", batch_size=8, progress=lambda done, total: steps.append((done, total)))
-    # network: 8, 16, 20 slices; compose: chunks of _COMPOSE_CHUNK slices; out of 2 x 20.
-    compose = [(20 + min(20, k), 40) for k in range(_COMPOSE_CHUNK, 20 + _COMPOSE_CHUNK, _COMPOSE_CHUNK)]
+    # network: 8, 16, 20 slices; compose: chunks of COMPOSE_CHUNK slices; out of 2 x 20.
+    compose = [(20 + min(20, k), 40) for k in range(COMPOSE_CHUNK, 20 + COMPOSE_CHUNK, COMPOSE_CHUNK)]
     assert steps == [(8, 40), (16, 40), (20, 40), *compose]
 
     reported = []
@@ -259,9 +259,9 @@ def test_3d_model_matches_monai_sliding_window_and_keeps_luminance(ct):
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16()):
         small = downsample_hu(torch.from_numpy(crop.array.astype(np.float32)), 4)
         x = prepare_input(small[None], net.config)
-        inferer = SlidingWindowInferer(_ROI_3D, sw_batch_size=2, overlap=0.5, mode="gaussian", padding_mode="replicate")
+        inferer = SlidingWindowInferer(ROI_3D, sw_batch_size=2, overlap=0.5, mode="gaussian", padding_mode="replicate")
         expected = inferer(x, lambda patch: net(patch).softmax(dim=1))[0].permute(1, 0, 2, 3)
-        top, prob = _compact(expected)
+        top, prob = compact(expected)
     assert tuple(got.top.shape) == (20, TOP_K, 64, 64)
     # Where two classes are nearly tied, float rounding may order them either way; the probabilities still agree.
     assert (got.top == top).float().mean() > 0.99
@@ -279,9 +279,9 @@ def test_3d_slabs_cover_a_long_volume_like_one_sliding_window(ct):
     got = predict_chroma(long, net, device="cpu", batch_size=8, anatomy=False)  # the network's own probabilities
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16()):  # as the engine
         x = prepare_input(downsample_hu(torch.from_numpy(long.array.astype(np.float32)), 4)[None], net.config)
-        inferer = SlidingWindowInferer(_ROI_3D, sw_batch_size=2, overlap=0.5, mode="gaussian", padding_mode="replicate")
+        inferer = SlidingWindowInferer(ROI_3D, sw_batch_size=2, overlap=0.5, mode="gaussian", padding_mode="replicate")
         expected = inferer(x, lambda patch: net(patch).softmax(dim=1))[0].permute(1, 0, 2, 3)
-        top, prob = _compact(expected)
+        top, prob = compact(expected)
     palette = load_palette("anatomical")
     want = Chroma(top, prob, CLASSES, 4, got.pad, "reference").ab(palette)
     diff = (got.ab(palette) - want).abs()
@@ -374,7 +374,7 @@ def test_class_at_and_most_probable_follow_the_network_grid(ct, chroma):
     # unenclosed bone classes (`Chroma.enclosure`): the network pixel's most probable class. Voxel (3, y, x) is one
     # such in network pixel (50, 75) (factor 4, no padding at 512²).
     either = np.unpackbits(chroma.enclosure, axis=-1, count=ct.shape[2]).view(bool).any(axis=0)
-    dy, dx = np.argwhere((ct.array[3, 200:204, 300:304] <= _PLAIN_FADE_HU[0]) & ~either[3, 200:204, 300:304])[0]
+    dy, dx = np.argwhere((ct.array[3, 200:204, 300:304] <= PLAIN_FADE_HU[0]) & ~either[3, 200:204, 300:304])[0]
     y, x = 200 + int(dy), 300 + int(dx)
     name, probability = chroma.class_at(3, y, x, float(ct.array[3, y, x]))
     assert name == CLASSES[int(chroma.top[3, 0, 50, 75])] and probability == chroma.prob[3, 0, 50, 75].item() / 255
@@ -382,7 +382,7 @@ def test_class_at_and_most_probable_follow_the_network_grid(ct, chroma):
     assert labels.shape == ct.shape and labels.dtype == np.uint8
     expected = chroma.top[3, 0, 50, 75].item() + 1
     assert labels[3, y, x] == (0 if CLASSES[expected - 1] == "air" else expected)
-    soft = (ct.array <= _PLAIN_FADE_HU[0]) & ~either
+    soft = (ct.array <= PLAIN_FADE_HU[0]) & ~either
     rows, cols = torch.arange(ct.shape[1]) // 4, torch.arange(ct.shape[2]) // 4  # no padding at 512²
     labels_by_pixel = chroma.top[:, 0].index_select(1, rows).index_select(2, cols)
     labels_by_pixel = (labels_by_pixel.numpy() + 1) * (labels_by_pixel.numpy() != CLASSES.index("air"))
@@ -597,7 +597,7 @@ def test_bone_is_named_by_what_its_cortex_encloses(fused):
     kidney = ring(4, 100, 24, 120, cortex=200)
     faint_cortex, kidney_cortex = (0, slice(4, 7), slice(74, 92)), (0, slice(4, 7), slice(100, 124))
     volume = Volume(hu, spacing=(2.0, 1.0, 1.0), meta={"modality": "CT"})
-    chroma.enclosure = _enclosure_bits(volume, chroma)
+    chroma.enclosure = enclosure_bits(volume, chroma)
     labels = chroma.most_probable(hu)
     bone, soft = CLASSES.index("bone") + 1, CLASSES.index("soft_tissue") + 1
     assert (labels[body] == bone).all() and (labels[fatty_rib] == bone).all()
@@ -614,7 +614,7 @@ def test_bone_is_named_by_what_its_cortex_encloses(fused):
         lab = upsample_chroma(chroma, palette, torch.from_numpy(hu.astype(np.float32)), 0).numpy()
     # 1.5 a*b* units: 8-bit rounding and the 1e-3 floor of soft tissue's weight; the mix is 10+ units from bone.
     assert np.abs(lab[body] - rib).max() < 1.5 and np.abs(lab[fatty_rib] - rib).max() < 1.5
-    plain = (210.0 - 120.0) / 100.0 * (1.0 - 1e-3) + 1e-3  # soft tissue's weight at 120 HU (`_PLAIN_FADE_HU`)
+    plain = (210.0 - 120.0) / 100.0 * (1.0 - 1e-3) + 1e-3  # soft tissue's weight at 120 HU (`PLAIN_FADE_HU`)
     mix_ab = (0.3 * rib + 0.7 * plain * muscle) / (0.3 + 0.7 * plain)
     assert np.linalg.norm(mix_ab - rib) > 10.0
     assert all(np.abs(lab[where] - mix_ab).max() < 1.5 for where in (opened, large))
