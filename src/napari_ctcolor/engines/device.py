@@ -33,6 +33,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+#: ``1`` runs the colorize stages around the network as torch operations on the CPU too (`runs_torch_stages`): the
+#: GPU's pipeline, checked on a machine without one.
+TORCH_STAGES_ENV = "CTCOLOR_TORCH_STAGES"
+
+
+def runs_torch_stages(device: torch.device) -> bool:
+    """Whether the colorize stages around the network (enclosure, upsampling, composition) run as batched torch
+    operations on ``device`` (a GPU) rather than as the CPU's numba and scipy kernels, which are faster there
+    (`TORCH_STAGES_ENV` makes the CPU run them too)."""
+    return device.type != "cpu" or os.environ.get(TORCH_STAGES_ENV, "") == "1"
+
+
 #: ``0`` keeps the CPU networks in float32, ``1`` runs them in bfloat16 wherever the CPU has bf16 instructions
 #: (comparisons, benchmarks); unset or ``auto``: `cpu_bf16`'s rule.
 CPU_BF16_ENV = "CTCOLOR_CPU_BF16"

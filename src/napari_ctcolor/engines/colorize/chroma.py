@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ...color import Palette
 from ...io import ColorVolume
@@ -61,15 +62,19 @@ class Chroma:
         ab = table[self.top[start:stop].long()]  # (n, k, h, w, 2)
         return (ab * prob[..., None]).sum(dim=1).movedim(-1, 1)
 
-    def ab_groups(self, palette: Palette, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def ab_groups(
+        self, palette: Palette, start: int = 0, stop: int | None = None, device: torch.device | None = None
+    ) -> torch.Tensor:
         """(n, 4, 3, h, w) float32: for each of the `HU_GROUPS` (bone, blood, organ, plain), the probability-weighted
-        a*, b* of its kept classes and its probability (a*·p, b*·p, p); summed over the groups, (a*, b*) is `ab`."""
-        table = class_table(palette, self.classes)
-        prob = self.prob[start:stop].float()
+        a*, b* of its kept classes and its probability (a*·p, b*·p, p); summed over the groups, (a*, b*) is `ab`.
+        Computed on ``device`` (default the CPU): only the slices' uint8 classes and probabilities are copied there."""
+        device = self.top.device if device is None else device
+        table = class_table(palette, self.classes).to(device)
+        prob = self.prob[start:stop].to(device).float()
         prob = prob / prob.sum(dim=1, keepdim=True).clamp_min(1.0)
-        top = self.top[start:stop].long()
+        top = self.top[start:stop].to(device).long()
         terms = torch.cat((table[top] * prob[..., None], prob[..., None]), dim=-1).movedim(-1, 2)  # (n, k, 3, h, w)
-        group = hu_group_of(self.classes)[top][:, :, None].expand_as(terms)
+        group = hu_group_of(self.classes).to(device)[top][:, :, None].expand_as(terms)
         out = terms.new_zeros((terms.shape[0], len(HU_GROUPS), *terms.shape[2:]))
         return out.scatter_add_(1, group, terms)
 
@@ -81,11 +86,11 @@ class Chroma:
     def hu_groups(self, hu: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """What weighs each voxel's `HU_GROUPS` (`hu_group_weights`), for ``hu``, the (n, Y, X) float HU of the slices
         from ``start``, on its device: the voxel's HU, raised to `MARROW_GROUP_HU` in the marrow, and bool where the
-        bone gives way (`enclosure_masks`). Only the packed bits are unpacked on the CPU."""
+        bone gives way (`enclosure_masks`). Only the packed bits are copied to ``hu``'s device, and unpacked there."""
         if self.enclosure is None:
             return hu, torch.zeros(hu.shape, dtype=torch.bool, device=hu.device)
-        bits = np.unpackbits(self.enclosure[:, start : start + hu.shape[0]], axis=-1, count=hu.shape[-1])
-        marrow, no_bone = (torch.from_numpy(b).to(hu.device) for b in bits.view(bool))
+        bits = torch.from_numpy(self.enclosure[:, start : start + hu.shape[0]]).to(hu.device)
+        marrow, no_bone = unpack_bits(bits, hu.shape[-1])
         return torch.where(marrow, hu.clamp(min=MARROW_GROUP_HU), hu), no_bone
 
     def class_at(self, z: int, y: int, x: int, hu: float) -> tuple[str, float]:
@@ -167,6 +172,20 @@ class Colorized(ColorVolume):
     another window, palette or strength without the network. A ColorVolume read from a file has no chroma."""
 
     chroma: Chroma | None = field(default=None, repr=False, compare=False)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """``np.packbits(mask, axis=-1)`` on the mask's device: (..., X) bool -> (..., ceil(X / 8)) uint8."""
+    width = mask.shape[-1]
+    padded = F.pad(mask.to(torch.uint8), (0, -width % 8))
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=mask.device)
+    return (padded.unflatten(-1, (-1, 8)) * weights).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, width: int) -> torch.Tensor:
+    """``np.unpackbits(bits, axis=-1, count=width).view(bool)`` on the bits' device: (..., B) uint8 -> (..., width)."""
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
+    return ((bits[..., None] >> shifts) & 1).flatten(-2)[..., :width].bool()
 
 
 @functools.lru_cache(maxsize=16)

@@ -16,12 +16,13 @@ from ...io import Volume
 from ...memory import check_memory
 from ...threads import cpu_threads
 from ...windowing import Window, parse_window, window, window_tensor
+from .. import device as devices
 from ..device import resolve_device
 from ..steps import Steps, blocking
 from .chroma import Chroma, Colorized, class_table
-from .enclosure import enclosure_band
+from .enclosure import DEVICE_SLICES, enclosure_band
 from .groups import GROUP_FLOOR, MARROW_GROUP_HU, ORGAN_FADE_HU, PLAIN_FADE_HU, hu_group_of
-from .hu import hu_slices
+from .hu import device_hu, hu_slices
 from .upsample import AIR_FADE_HU, AIR_HU, GUIDE_CLIP_HU, GUIDE_SIGMA_HU, spatial_weights, upsample_chroma
 
 # Slices per compose step: bounds the chunk's float temporaries (the fused CPU kernel's too: its float HU, clipped
@@ -102,18 +103,21 @@ def iter_compose_chroma(
     check_memory(z * height * width * 3 + COMPOSE_CHUNK * height * width * 100, volume.meta.get("source", "volume"))
     rgb = np.empty((z, height, width, 3), dtype=np.uint8)
     fused = device.type == "cpu" and strength > 0.0  # strength 0 is the plain grey: compose_rgb's exact codes
-    for start in range(0, z, COMPOSE_CHUNK):
-        stop = min(z, start + COMPOSE_CHUNK)
+    chunk = DEVICE_SLICES if devices.runs_torch_stages(device) else COMPOSE_CHUNK
+    for start in range(0, z, chunk):
+        stop = min(z, start + chunk)
         with torch.inference_mode():
-            hu = torch.from_numpy(hu_slices(volume, start, stop)).to(device)
-            if fused:
-                upsample_compose_cpu(chroma, palette, hu, start, win, strength, rgb[start:stop])
-            elif device.type == "cpu":
-                ab = upsample_chroma(chroma, palette, hu, start)
-                rgb[start:stop] = compose_rgb(window(hu.numpy(), *win), ab.numpy(), chroma=strength)
-            else:
+            if devices.runs_torch_stages(device):  # HU in, uint8 sRGB out: one copy each way per batch of slices
+                hu = device_hu(volume, start, stop, device)
                 ab = upsample_chroma(chroma, palette, hu, start)
                 rgb[start:stop] = compose_rgb_torch(window_tensor(hu, *win), ab, chroma=strength).cpu().numpy()
+            elif fused:
+                hu = torch.from_numpy(hu_slices(volume, start, stop))
+                upsample_compose_cpu(chroma, palette, hu, start, win, strength, rgb[start:stop])
+            else:
+                hu = torch.from_numpy(hu_slices(volume, start, stop))
+                ab = upsample_chroma(chroma, palette, hu, start)
+                rgb[start:stop] = compose_rgb(window(hu.numpy(), *win), ab.numpy(), chroma=strength)
         yield stop, z
     settings = {"window": [win.centre, win.width], "model": chroma.model, "chroma": strength, "palette": palette.name}
     color = Colorized.on_grid_of(volume, rgb, **settings)

@@ -181,7 +181,7 @@ def iter_predict_chroma(
     if device.type == "cpu":  # the network's freed temporaries, before the compose phase allocates the RGB output
         release_free_memory()
     chroma = Chroma(top, prob, config.classes, factor, pad, str(card.get("name", "custom")))
-    chroma.enclosure = enclosure_bits(volume, chroma)
+    chroma.enclosure = enclosure_bits(volume, chroma, device)
     chroma.blood_fade_hu = blood_fade(chroma.named_blood_hu(volume.array, volume.spacing, BLOOD_PERCENTILE))
     return chroma
 

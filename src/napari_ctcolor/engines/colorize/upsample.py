@@ -124,7 +124,7 @@ def upsample_chroma(chroma: Chroma, palette: Palette, hu: torch.Tensor, start: i
     (top, bottom), (left, right) = chroma.pad
     height, width = hu.shape[-2:]
     stop = start + hu.shape[0]
-    groups = chroma.ab_groups(palette, start, stop).to(hu.device)
+    groups = chroma.ab_groups(palette, start, stop, hu.device)
     ab = groups[:, :, :2].sum(dim=1)
     guide = F.pad(hu[:, None], (left, right, top, bottom), mode="replicate")[:, 0]
     group_hu, no_bone = (
