@@ -854,8 +854,87 @@ def bench_series(quick: bool, repeats: int, source: Path = SERIES_CT) -> list[di
     ]
 
 
+PIPELINE_CT = OASIS_DIR.parent / "ct" / "totalseg-abdomen-dicom"
+PIPELINE_SLICES = 400
+
+
+def _network_share(volume: Volume, device: str) -> tuple[float, float]:
+    """(seconds in the network's forward passes, seconds of the whole call) of one `colorize` of ``volume``: the
+    shipped 2D network timed inside the real pipeline by hooks around its forward (they wait for the device, so
+    this call runs a little slower than an untimed one)."""
+    from ..engines.colorize import colorize, get_colorizer
+
+    net, _ = get_colorizer("colorizer-2d")
+    started, spent = [0.0], [0.0]
+
+    def before(_module: nn.Module, _args: Any) -> None:
+        _sync(device)
+        started[0] = time.perf_counter()
+
+    def after(_module: nn.Module, _args: Any, _out: Any) -> None:
+        _sync(device)
+        spent[0] += time.perf_counter() - started[0]
+
+    hooks = net.register_forward_pre_hook(before), net.register_forward_hook(after)
+    try:
+        start = time.perf_counter()
+        colorize(volume, net, window="abdomen", device=device)
+        _sync(device)
+        return spent[0], time.perf_counter() - start
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def bench_pipeline(quick: bool, repeats: int, source: Path = PIPELINE_CT) -> list[dict]:
+    """Where colorize's time goes, per device: the network's forward passes alone, the whole pipeline in process
+    (reading HU from memory to the sRGB array) with the share of its time outside the network, and whole
+    ``ctcolor colorize`` processes (start-up, reading and writing included) of the DICOM series and of a
+    `PIPELINE_SLICES`-slice ``.nii.gz`` (the series repeated forwards and backwards; ``quick``: 20 slices)."""
+    from ..engines.colorize import colorize
+    from ..io import Volume, read_volume, write_nifti
+
+    if not source.is_dir():
+        return [_row("pipeline", "colorize() in process", "cpu", "", "slices/s", note=f"not measured: no {source}")]
+    series = read_volume(source)
+    count = series.shape[0] if quick else PIPELINE_SLICES
+    order = np.concatenate(
+        [np.arange(series.shape[0])[:: 1 - 2 * (k % 2)] for k in range(-(-count // series.shape[0]))]
+    )
+    volume = Volume(series.array[order[:count]], series.spacing, series.origin, series.direction, dict(series.meta))
+    size = "x".join(str(n) for n in volume.shape[::-1])
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        nifti = Path(tmp) / "ct.nii.gz"
+        write_nifti(volume, nifti)
+        for device in _devices():
+            network, hooked = _network_share(volume, device)  # also the warm-up of the timed runs below
+            share = f"outside the network: {1 - network / hooked:.0%} of a call timed with it (same run)"
+            rows.append(
+                _rate_row("pipeline", "network alone (forward passes inside colorize)", device, size, count, [network])
+            )
+
+            def run(device: str = device) -> None:
+                colorize(volume, window="abdomen", device=device)
+
+            seconds = _time(run, repeats, device, warmup=0)
+            rows.append(_rate_row("pipeline", "colorize() in process", device, size, count, seconds, note=share))
+            for label, path, slices in (
+                ("ctcolor colorize .nii.gz -> .nii.gz (whole process)", nifti, count),
+                ("ctcolor colorize DICOM folder -> .nii.gz (whole process)", source, series.shape[0]),
+            ):
+                out = str(Path(tmp) / f"out-{device}.nii.gz")
+                arguments = ["colorize", str(path), "-o", out, "--window", "abdomen", "--device", device, "--overwrite"]
+                walls = [_ctcolor(arguments)]
+                shape = size if slices == count else "x".join(str(n) for n in series.shape[::-1])
+                rows.append(
+                    _rate_row("pipeline", label, device, shape, slices, walls, note="start-up, reading, writing")
+                )
+    return rows
+
+
 #: ``ctcolor bench --only`` section names.
-SECTIONS = ("colorize", "series", "memory", "register", "register-ct", "register-speed", "batch")
+SECTIONS = ("colorize", "pipeline", "series", "memory", "register", "register-ct", "register-speed", "batch")
 
 
 def run_bench(
@@ -872,6 +951,9 @@ def run_bench(
     if "colorize" in only:
         log("colorize" + " (quick)" * quick)
         rows += bench_colorize(slices=4, repeats=2) if quick else bench_colorize(slices=60, repeats=5)
+    if "pipeline" in only:
+        log("pipeline (network alone, in process and whole processes, per device" + ", quick: 20 slices" * quick + ")")
+        rows += bench_pipeline(quick=quick, repeats=1 if quick else 3)
     if "series" in only:
         log("series (a whole ctcolor colorize process on a real DICOM folder" + ", quick: 20 slices" * quick + ")")
         rows += bench_series(quick=quick, repeats=1 if quick else 3)
@@ -941,6 +1023,13 @@ _DESCRIPTIONS = (
         "Colorize: end to end (HU in memory -> network -> sRGB uint8), phantom CT at 0.78 mm (512²) and 1.56 mm "
         "(256²) pixels, window abdomen, chroma 1; the peer is the seed thesis's network alone (random weights) at full "
         "resolution.",
+    ),
+    (
+        ("pipeline",),
+        "Pipeline: the shared 20-slice contrast abdomen DICOM series (512²) repeated forwards and backwards to "
+        f"{PIPELINE_SLICES} slices; the network's forward passes timed inside one colorize call (hooks that wait "
+        "for the device), the whole colorize call in process (HU in memory -> sRGB uint8, window abdomen), and whole "
+        "`ctcolor colorize` processes of that volume as .nii.gz and of the DICOM series, on each device.",
     ),
     (
         ("series",),

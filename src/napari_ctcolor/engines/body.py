@@ -64,26 +64,55 @@ def body_mask(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray
     body = (sizes >= LIMB_SHARE * sizes.max())[labels]
     del labels
     body = ndimage.binary_dilation(body, structure=ball) & inside  # the skin the opening shaved off
-    for z in range(body.shape[0]):  # lungs and bowel gas are inside the body
-        body[z] = ndimage.binary_fill_holes(body[z])
-        _add_cut_lung(body[z], hu[z])
+    for z in range(body.shape[0]):  # lungs and bowel gas are inside the body; a cut chest wall's lung joins it
+        _fill_and_add_cut_lung(body[z], hu[z])
     return body
 
 
-def _add_cut_lung(body: np.ndarray, hu: np.ndarray) -> None:
-    """Add to one slice's ``body`` (Y, X), in place, the lung that a field of view cutting the chest wall leaves open
-    to the image's edge (module docstring)."""
-    if body.all() or not body.any():
-        return
-    parts, count = ndimage.label(~body)  # after the holes' filling, each part reaches the edge
+def _fill_and_add_cut_lung(body: np.ndarray, hu: np.ndarray) -> None:
+    """One slice's ``body`` (Y, X), in place: its holes filled, then the lung that a field of view cutting the chest
+    wall leaves open to the image's edge added (module docstring).
+
+    The parts outside the body are labelled once (4-connected, as ``binary_fill_holes`` fills): those that do not
+    reach the edge are holes; each that does is lung when its median HU lies in `CUT_LUNG_HU` (counted, not sorted:
+    `_median_between`) and its centre within the body's bounding box."""
+    parts, count = ndimage.label(~body)
     if count == 0:
         return
-    index = np.arange(1, count + 1)
-    median = np.asarray(ndimage.median(hu, parts, index))
-    centre = np.asarray(ndimage.center_of_mass(np.ones_like(hu), parts, index)).reshape(-1, 2)
+    index = np.arange(count + 1)
+    edge = np.zeros(count + 1, dtype=bool)
+    edge[np.concatenate((parts[0], parts[-1], parts[:, 0], parts[:, -1]))] = True
+    edge[0] = False
+    body |= ~edge[parts] & (parts > 0)  # the holes
+    if body.all() or not body.any():
+        return
+    size = np.bincount(parts.ravel(), minlength=count + 1)
+    rows, cols = np.indices(parts.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centre_row = np.bincount(parts.ravel(), rows.ravel(), minlength=count + 1) / size
+        centre_col = np.bincount(parts.ravel(), cols.ravel(), minlength=count + 1) / size
     rows, cols = np.flatnonzero(body.any(axis=1)), np.flatnonzero(body.any(axis=0))
-    within = (centre[:, 0] > rows[0]) & (centre[:, 0] < rows[-1]) & (centre[:, 1] > cols[0]) & (centre[:, 1] < cols[-1])
-    lung = np.concatenate(([False], (median > CUT_LUNG_HU[0]) & (median < CUT_LUNG_HU[1]) & within))
+    within = (centre_row > rows[0]) & (centre_row < rows[-1]) & (centre_col > cols[0]) & (centre_col < cols[-1])
+    candidates = edge & within
+    if not candidates.any():
+        return
+    lung = candidates & _median_between(hu, parts, size, index, *CUT_LUNG_HU)
     if lung.any():
         body |= lung[parts] & (hu > OUTSIDE_AIR_HU)
         body[:] = ndimage.binary_fill_holes(body)
+
+
+def _median_between(hu: np.ndarray, parts: np.ndarray, size: np.ndarray, index: np.ndarray, low: float, high: float):
+    """bool per part (``index``): whether the median HU of the part's voxels lies strictly between ``low`` and
+    ``high``, as ``ndimage.median`` gives it (the mean of the two middle values of an even count). Counted: fewer
+    than half of a part's voxels at or below ``low`` puts both middle values above it, more than half puts both at
+    or below; only a part with exactly half (even count) is sorted."""
+    labels = parts.ravel()
+    below = np.bincount(labels[hu.ravel() <= low], minlength=len(index))
+    above = np.bincount(labels[hu.ravel() >= high], minlength=len(index))
+    twice = 2 * below, 2 * above
+    result = (twice[0] < size) & (twice[1] < size)
+    for k in np.flatnonzero(((twice[0] == size) | (twice[1] == size)) & (size > 0)):
+        median = float(np.median(hu[parts == k]))
+        result[k] = low < median < high
+    return result

@@ -1,14 +1,15 @@
 """Connected components of 2D masks on any torch device, batched over slices: what the enclosure stage
-(`enclosure.enclosure_masks_torch`) needs on a GPU, where ``scipy.ndimage.label`` cannot run.
+(`enclosure.bone_topology_torch`) needs on a GPU, where ``scipy.ndimage.label`` cannot run.
 
 Written here because torch has no connected-component labelling (kornia's ``connected_components`` propagates one
-pixel per iteration, thousands of iterations for a 512² slice, and is not exact until it has converged). The
-labelling is label propagation with pointer jumping: every voxel of the mask starts with its own index (plus
-``seed`` times the slice's size for seed voxels), takes the largest label among its neighbours in the mask, then
-the label of the voxel its label names (a voxel's label never decreases, so the named voxel's label is at least as
-large). It converges to the largest starting label of each component, exactly, in far fewer iterations than the
-component's diameter; the loop stops when an iteration changes nothing (one host synchronisation per
-`_CHECK_EVERY` iterations).
+pixel per iteration, thousands of iterations for a 512² slice). Two operations, both exact once converged:
+- `reconstruct`: the voxels of a mask connected to seed voxels, as one byte per voxel; each step spreads the seeds
+  along the whole rows and columns of the mask they touch (a running count per run), then to the neighbours.
+- `label_components`: label propagation with pointer jumping: every voxel of the mask starts with its own index,
+  takes the largest label of its row and column runs and of its neighbours, then the label of the voxel its label
+  names (labels never decrease, so the named voxel's is at least as large). It converges to the largest index of
+  each component in far fewer iterations than the component's diameter.
+Both stop when `_CHECK_EVERY` steps change nothing (one host synchronisation per check).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _prefix_run_max(label: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.
     run's maximum carries into the next."""
     previous = F.pad(mask, (1, 0) if dim == 2 else (0, 0, 1, 0))
     starts = mask & ~(previous[:, :, :-1] if dim == 2 else previous[:, :-1])
-    lift = starts.to(torch.int64).cumsum(dim) * (2 * label.shape[1] * label.shape[2] + 1)
+    lift = starts.to(torch.int64).cumsum(dim) * (label.shape[1] * label.shape[2] + 1)
     return (label + lift).cummax(dim).values - lift
 
 
@@ -48,25 +49,15 @@ def _run_max(label: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.maximum(_prefix_run_max(label, mask, dim), backward)
 
 
-def label_components(mask: torch.Tensor, connectivity: int = 4, seed: torch.Tensor | None = None) -> torch.Tensor:
-    """The components of each slice of ``mask``: (n, Y, X) int64, the largest ``index + seed * Y * X`` over the
-    voxel's component (``index`` the voxel's row-major index in its slice), -1 outside the mask.
-
-    So two voxels of one slice share a label exactly when they are connected, and a component holds a seed voxel
-    exactly when its label is at least Y * X (`seeded`).
-
-    Args:
-        mask: (n, Y, X) bool.
-        connectivity: 4 (edges) or 8 (edges and corners), in-plane.
-        seed: optional (n, Y, X) bool, the voxels that mark their components.
-    """
+def label_components(mask: torch.Tensor, connectivity: int = 4) -> torch.Tensor:
+    """The components of each slice of ``mask`` (n, Y, X) bool, 4- or 8-connected in-plane: (n, Y, X) int64, the
+    largest row-major index of the voxel's component in its slice, -1 outside the mask. So two voxels of one slice
+    share a label exactly when they are connected."""
     if connectivity not in (4, 8):
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
     n, height, width = mask.shape
     size = height * width
     label = torch.arange(size, device=mask.device, dtype=torch.int64).reshape(1, height, width).expand(n, -1, -1)
-    if seed is not None:
-        label = label + seed.to(torch.int64) * size
     outside = torch.full_like(label, -1)
     label = torch.where(mask, label, outside)
     while True:
@@ -82,9 +73,45 @@ def label_components(mask: torch.Tensor, connectivity: int = 4, seed: torch.Tens
             return label
 
 
-def seeded(label: torch.Tensor) -> torch.Tensor:
-    """(n, Y, X) bool: the voxels whose component (`label_components`) holds a seed voxel."""
-    return label >= label.shape[-2] * label.shape[-1]
+def _prefix_run_any(flag: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """(n, Y, X) bool: whether a flagged voxel lies at or before each voxel within its run (consecutive ``mask``
+    voxels along ``dim``, 1 or 2): the running count of flags, less its value where the run starts (the count is
+    non-decreasing, so the latest start's value is a running maximum)."""
+    previous = F.pad(mask, (1, 0) if dim == 2 else (0, 0, 1, 0))
+    starts = mask & ~(previous[:, :, :-1] if dim == 2 else previous[:, :-1])
+    flags = (flag & mask).to(torch.int32)
+    count = flags.cumsum(dim, dtype=torch.int32)
+    before = torch.where(starts, count - flags, 0).cummax(dim).values
+    return mask & (count > before)
+
+
+def _spread(flag: torch.Tensor, mask: torch.Tensor, connectivity: int) -> torch.Tensor:
+    """One step of `reconstruct`: ``flag`` spread over the rows and columns of ``mask`` it touches, then to its 4 or 8
+    neighbours in ``mask``."""
+    for dim in (2, 1):
+        flag = _prefix_run_any(flag, mask, dim) | _prefix_run_any(flag.flip(dim), mask.flip(dim), dim).flip(dim)
+    padded = F.pad(flag, (1, 1, 1, 1))
+    if connectivity == 8:
+        rows = padded[:, :-2] | padded[:, 1:-1] | padded[:, 2:]
+        grown = rows[:, :, :-2] | rows[:, :, 1:-1] | rows[:, :, 2:]
+    else:
+        grown = flag | padded[:, :-2, 1:-1] | padded[:, 2:, 1:-1] | padded[:, 1:-1, :-2] | padded[:, 1:-1, 2:]
+    return grown & mask
+
+
+def reconstruct(seed: torch.Tensor, mask: torch.Tensor, connectivity: int = 4) -> torch.Tensor:
+    """(n, Y, X) bool: the voxels of ``mask`` connected (4 or 8 in-plane neighbours) to a ``seed`` voxel in it, the
+    morphological reconstruction of the seed under the mask (the components of `label_components` that hold a
+    seed), with one byte per voxel instead of eight and whole rows and columns crossed per step."""
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+    flag = seed & mask
+    while True:
+        before = flag
+        for _ in range(_CHECK_EVERY):
+            flag = _spread(flag, mask, connectivity)
+        if torch.equal(flag, before):
+            return flag
 
 
 def component_sizes(label: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ import torch
 from ...io import Volume
 from ...threads import cpu_threads
 from .. import device as devices
-from .chroma import Chroma, pack_bits
-from .components import component_sizes, label_components, seeded
+from .chroma import Chroma, pack_bits, unpack_bits
+from .components import component_sizes, label_components, reconstruct
 from .groups import MARROW_GROUP_HU, hu_group_of
 from .hu import device_hu, hu_slices
 
@@ -128,49 +128,60 @@ def enclosure_masks(hu: np.ndarray, pixel_mm2: float, bone_pixel: np.ndarray) ->
 
 
 def _holes_torch(dense: torch.Tensor, pixel_mm2: float) -> torch.Tensor:
-    """`_holes` of each slice of ``dense`` (n, Y, X) bool, on its device: (n, Y, X) float32 hole areas in mm²."""
+    """`_holes` of each slice of ``dense`` (n, Y, X) bool, on its device: (n, Y, X) float32 hole areas in mm². The
+    parts of the rest that reach the slice's edge are found by `components.reconstruct`; only the holes left, within
+    the bounding box of all of them, are labelled for their areas."""
     free = ~dense
     edge = torch.zeros_like(free)
     edge[:, 0], edge[:, -1], edge[:, :, 0], edge[:, :, -1] = True, True, True, True
-    parts = label_components(free, 4, seed=free & edge)
-    area = component_sizes(parts).to(torch.float64) * pixel_mm2
-    hole = free & ~seeded(parts) & (area <= MARROW_MAX_MM2)
-    return torch.where(hole, area, 0.0).to(torch.float32)
+    holes = free & ~reconstruct(free & edge, free, 4)
+    out = torch.zeros(holes.shape, dtype=torch.float32, device=holes.device)
+    rows, cols = torch.nonzero(holes.any(dim=(0, 2))).flatten(), torch.nonzero(holes.any(dim=(0, 1))).flatten()
+    if rows.numel():
+        box = (slice(None), slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+        area = component_sizes(label_components(holes[box], 4)).to(torch.float64) * pixel_mm2
+        out[box] = torch.where(holes[box] & (area <= MARROW_MAX_MM2), area, 0.0).to(torch.float32)
+    return out
 
 
-def enclosure_masks_torch(hu: torch.Tensor, pixel_mm2: float, bone_pixel: torch.Tensor) -> torch.Tensor:
-    """`enclosure_masks` of a batch of slices on their device (a GPU: no ``scipy.ndimage``): ``hu`` (n, Y, X) float,
-    ``bone_pixel`` (n, Y, X) bool; returns (2, n, Y, X) bool, equal to `enclosure_masks` of each slice (the same
-    components, `components.label_components`, with the same connectivity)."""
+def bone_topology_torch(hu: torch.Tensor, pixel_mm2: float) -> torch.Tensor:
+    """What `enclosure_masks` reads from a slice's HU alone, for a batch of slices on their device (a GPU: no
+    ``scipy.ndimage``), before the network's classes are known: ``hu`` (n, Y, X) float; returns (4, n, Y, X) bool:
+    in a hole of the peaked bone (`CORTEX_HU`), in one of at most `SMALL_MARROW_MM2`, in a rim (the pieces that
+    border such a hole), and in no hole of the mask HU >= `RIM_HU` (`gate_topology` makes the masks)."""
+    cortex = hu >= CORTEX_HU
+    holes = _holes_torch(reconstruct(hu >= CORTEX_PEAK_HU, cortex, 8), pixel_mm2)  # of the peaked pieces
+    enclosed = holes > 0
+    grown = enclosed.clone()  # the holes grown by their 4 neighbours
+    grown[:, 1:] |= enclosed[:, :-1]
+    grown[:, :-1] |= enclosed[:, 1:]
+    grown[:, :, 1:] |= enclosed[:, :, :-1]
+    grown[:, :, :-1] |= enclosed[:, :, 1:]
+    rims = reconstruct(grown & cortex, cortex, 8)  # the pieces that touch a grown hole
+    small = enclosed & (holes <= SMALL_MARROW_MM2)
+    return torch.stack((enclosed, small, rims, _holes_torch(hu >= RIM_HU, pixel_mm2) == 0))
+
+
+def gate_topology(topology: torch.Tensor, hu: torch.Tensor, bone_pixel: torch.Tensor) -> torch.Tensor:
+    """`enclosure_masks` (2, n, Y, X) bool from a batch's `bone_topology_torch`, its HU and where each voxel's network
+    pixel keeps a bone class (n, Y, X) bool: equal to `enclosure_masks` of each slice."""
+    enclosed, small, rims, open_rim = topology
     marrow = bone_pixel & (hu >= MARROW_MIN_HU) & (hu < MARROW_GROUP_HU)
     fatty = bone_pixel & (hu >= FATTY_MARROW_HU) & (hu < MARROW_MIN_HU)
-    cortex = hu >= CORTEX_HU
-    pieces = label_components(cortex, 8, seed=hu >= CORTEX_PEAK_HU)  # the 8-connected pieces; peaked: seeded
-    holes = _holes_torch(seeded(pieces), pixel_mm2)
-    inner = holes > 0
-    grown = inner.clone()  # the holes grown by their 4 neighbours
-    grown[:, 1:] |= inner[:, :-1]
-    grown[:, :-1] |= inner[:, 1:]
-    grown[:, :, 1:] |= inner[:, :, :-1]
-    grown[:, :, :-1] |= inner[:, :, 1:]
-    touched = torch.zeros(pieces.numel(), dtype=torch.bool, device=hu.device)
-    offsets = torch.arange(hu.shape[0], device=hu.device)[:, None, None] * pieces[0].numel()
-    key = pieces.remainder(pieces[0].numel()) + offsets
-    touched[key[grown & cortex]] = True  # the pieces that touch a grown hole
-    rims = cortex & touched[key]
-    enclosed = holes > 0
-    first = marrow & (enclosed | rims) | fatty & enclosed & (holes <= SMALL_MARROW_MM2)
+    first = marrow & (enclosed | rims) | fatty & small
     low = bone_pixel & (hu < MARROW_MIN_HU) & ~first
-    return torch.stack((first, low & (_holes_torch(hu >= RIM_HU, pixel_mm2) == 0)))
+    return torch.stack((first, low & open_rim))
 
 
-def enclosure_bits(volume: Volume, chroma: Chroma, device: torch.device | None = None) -> np.ndarray:
+def enclosure_bits(
+    volume: Volume, chroma: Chroma, device: torch.device | None = None, topology: BoneTopology | None = None
+) -> np.ndarray:
     """`Chroma.enclosure` of ``volume``: `enclosure_masks` of each slice, packed along X. On the CPU slice by slice in
     `threads.cpu_threads` threads (``ndimage.label`` releases the GIL: 2.2 instead of 4.0 ms per 512² slice on 2
-    cores); on another ``device`` in batches of `DEVICE_SLICES` there (`enclosure_masks_torch`), only the bits coming
-    back."""
+    cores); where `devices.runs_torch_stages`, in batches of `DEVICE_SLICES` on ``device`` from the `BoneTopology`
+    ``topology`` (started before the classes were known; started here when None), only the bits coming back."""
     if device is not None and devices.runs_torch_stages(device):
-        return _enclosure_bits_on(device, volume, chroma)
+        return (topology or BoneTopology(volume, device)).gate(chroma)
     from concurrent.futures import ThreadPoolExecutor
 
     z, height, width = volume.shape
@@ -190,26 +201,52 @@ def enclosure_bits(volume: Volume, chroma: Chroma, device: torch.device | None =
     return out
 
 
-#: Slices per batch of the enclosure and compose stages on a GPU: their int64 labels and float temporaries take
-#: about 100 bytes per voxel, 0.4 GB for 16 slices of 512².
-DEVICE_SLICES = 16
+#: Slices per batch of the enclosure and compose stages on a GPU: their temporaries take about 100 bytes per voxel,
+#: 0.8 GB for 32 slices of 512²; fewer, larger batches spend less of the time launching kernels.
+DEVICE_SLICES = 32
 
 
-def _enclosure_bits_on(device: torch.device, volume: Volume, chroma: Chroma) -> np.ndarray:
-    """`enclosure_bits` on a torch ``device``, `DEVICE_SLICES` slices per batch."""
-    z, height, width = volume.shape
-    rows, cols = chroma.network_pixel(torch.arange(height, device=device), torch.arange(width, device=device))
-    bone = (hu_group_of(chroma.classes) == 0).to(device)
-    pixel_mm2 = float(volume.spacing[1] * volume.spacing[2])
-    out = np.empty((2, z, height, -(-width // 8)), dtype=np.uint8)
-    for start in range(0, z, DEVICE_SLICES):
-        stop = min(z, start + DEVICE_SLICES)
-        top, prob = chroma.top[start:stop].to(device), chroma.prob[start:stop].to(device)
-        kept = (bone[top.long()] & (prob > 0)).any(dim=1)  # (n, h, w)
-        bone_pixel = kept.index_select(1, rows).index_select(2, cols)
-        masks = enclosure_masks_torch(device_hu(volume, start, stop, device), pixel_mm2, bone_pixel)
-        out[:, start:stop] = pack_bits(masks).cpu().numpy()
-    return out
+class BoneTopology:
+    """The HU-only half of the enclosure stage on a GPU (`bone_topology_torch`), computed in a background thread
+    from its construction, while the host makes the network's classes consistent (`consistency.make_consistent`);
+    `gate` waits for it and makes `Chroma.enclosure`. Kept on the device as packed bits: half a byte per voxel."""
+
+    def __init__(self, volume: Volume, device: torch.device) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.volume, self.device = volume, device
+        self._pool = ThreadPoolExecutor(1)
+        self._bits = self._pool.submit(self._compute)
+
+    def _compute(self) -> list[torch.Tensor]:
+        z = self.volume.shape[0]
+        pixel_mm2 = float(self.volume.spacing[1] * self.volume.spacing[2])
+        packed = []
+        with torch.inference_mode():
+            for start in range(0, z, DEVICE_SLICES):
+                hu = device_hu(self.volume, start, min(z, start + DEVICE_SLICES), self.device)
+                packed.append(pack_bits(bone_topology_torch(hu, pixel_mm2)))
+        return packed
+
+    def gate(self, chroma: Chroma) -> np.ndarray:
+        """`Chroma.enclosure` (2, Z, Y, ceil(X / 8)) uint8 of ``chroma``'s classes on this volume."""
+        packed = self._bits.result()
+        self._pool.shutdown()
+        z, height, width = self.volume.shape
+        device = self.device
+        rows, cols = chroma.network_pixel(torch.arange(height, device=device), torch.arange(width, device=device))
+        bone = (hu_group_of(chroma.classes) == 0).to(device)
+        out = np.empty((2, z, height, -(-width // 8)), dtype=np.uint8)
+        with torch.inference_mode():
+            for k, start in enumerate(range(0, z, DEVICE_SLICES)):
+                stop = min(z, start + DEVICE_SLICES)
+                top, prob = chroma.top[start:stop].to(device), chroma.prob[start:stop].to(device)
+                kept = (bone[top.long()] & (prob > 0)).any(dim=1)  # (n, h, w)
+                bone_pixel = kept.index_select(1, rows).index_select(2, cols)
+                hu = device_hu(self.volume, start, stop, device)
+                masks = gate_topology(unpack_bits(packed[k], width), hu, bone_pixel)
+                out[:, start:stop] = pack_bits(masks).cpu().numpy()
+        return out
 
 
 def enclosure_band(bits: np.ndarray | None, axis: int, start: int, stop: int) -> np.ndarray | None:

@@ -18,13 +18,14 @@ from ...io import Volume
 from ...memory import release_free_memory
 from ...models.colorizer import Colorizer, context_indices, downsample_hu, prepare_input
 from ...weights import COLORIZER_DEFAULT, load_colorizer
+from .. import device as devices
 from ..device import cpu_bf16, resolve_device
 from ..fused import top_classes
 from ..orientation import AxialView
 from ..steps import Steps, blocking
 from .chroma import TOP_K, Chroma, compact
 from .consistency import make_consistent
-from .enclosure import enclosure_bits
+from .enclosure import BoneTopology, enclosure_bits
 from .groups import BLOOD_PERCENTILE, blood_fade
 from .hu import hu_slices
 
@@ -175,13 +176,15 @@ def iter_predict_chroma(
             top[:] = view.volume_from_view(top_view.movedim(0, 1)).movedim(1, 0)
             prob[:] = view.volume_from_view(prob_view.movedim(0, 1)).movedim(1, 0)
         del x
+    # On a GPU the enclosure's HU-only half runs there meanwhile (`BoneTopology`).
+    topology = BoneTopology(volume, device) if devices.runs_torch_stages(device) else None
     if anatomy:
         make_consistent(top, prob, small_hu, config.classes, volume, factor)
     del small_hu
     if device.type == "cpu":  # the network's freed temporaries, before the compose phase allocates the RGB output
         release_free_memory()
     chroma = Chroma(top, prob, config.classes, factor, pad, str(card.get("name", "custom")))
-    chroma.enclosure = enclosure_bits(volume, chroma, device)
+    chroma.enclosure = enclosure_bits(volume, chroma, device, topology)
     chroma.blood_fade_hu = blood_fade(chroma.named_blood_hu(volume.array, volume.spacing, BLOOD_PERCENTILE))
     return chroma
 
