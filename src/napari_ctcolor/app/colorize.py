@@ -39,7 +39,9 @@ def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Pa
     from tqdm import tqdm
 
     from ..engines.colorize import colorize
+    from ..engines.device import start_device
 
+    start_device(args.device)  # while the child process reads
     if read is not None:
         volume = read()
     try:  # before the network: a DICOM export that cannot keep the identity asked for is refused now

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import threading
 
 import torch
 
@@ -31,6 +32,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if resolved.type == "mps" and not mps_ok:
         raise InputError("device mps requested, but PyTorch sees no Apple GPU (use --device cpu or auto)")
     return resolved
+
+
+def start_device(device: str | torch.device = "auto") -> None:
+    """Start CUDA (its context: one to four seconds) in a background thread when ``device`` resolves to a CUDA GPU,
+    so that it overlaps what the caller does next (reading the CT); nothing for other devices or a bad name (the
+    job reports that)."""
+    try:
+        resolved = resolve_device(device)
+    except InputError:
+        return
+    if resolved.type == "cuda":
+        threading.Thread(target=torch.zeros, args=(1,), kwargs={"device": resolved}, daemon=True).start()
 
 
 #: ``1`` runs the colorize stages around the network as torch operations on the CPU too (`runs_torch_stages`): the

@@ -136,9 +136,8 @@ def _holes_torch(dense: torch.Tensor, pixel_mm2: float) -> torch.Tensor:
     edge[:, 0], edge[:, -1], edge[:, :, 0], edge[:, :, -1] = True, True, True, True
     holes = free & ~reconstruct(free & edge, free, 4)
     out = torch.zeros(holes.shape, dtype=torch.float32, device=holes.device)
-    rows, cols = torch.nonzero(holes.any(dim=(0, 2))).flatten(), torch.nonzero(holes.any(dim=(0, 1))).flatten()
-    if rows.numel():
-        box = (slice(None), slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+    box = _box_torch(holes)  # a margin of voxels outside the holes: the same components
+    if box is not None:
         area = component_sizes(label_components(holes[box], 4)).to(torch.float64) * pixel_mm2
         out[box] = torch.where(holes[box] & (area <= MARROW_MAX_MM2), area, 0.0).to(torch.float32)
     return out
@@ -148,7 +147,29 @@ def bone_topology_torch(hu: torch.Tensor, pixel_mm2: float) -> torch.Tensor:
     """What `enclosure_masks` reads from a slice's HU alone, for a batch of slices on their device (a GPU: no
     ``scipy.ndimage``), before the network's classes are known: ``hu`` (n, Y, X) float; returns (4, n, Y, X) bool:
     in a hole of the peaked bone (`CORTEX_HU`), in one of at most `SMALL_MARROW_MM2`, in a rim (the pieces that
-    border such a hole), and in no hole of the mask HU >= `RIM_HU` (`gate_topology` makes the masks)."""
+    border such a hole), and in no hole of the mask HU >= `RIM_HU` (`gate_topology` makes the masks).
+
+    Only the bounding box of the voxels at or above `RIM_HU` over the batch, and a one-voxel margin, is worked on (a
+    third to a half of a 512² slice): outside it there is no hole and no rim."""
+    out = torch.zeros((4, *hu.shape), dtype=torch.bool, device=hu.device)
+    out[3] = True
+    box = _box_torch(hu >= RIM_HU)
+    if box is not None:
+        out[(slice(None), *box)] = _bone_topology_in(hu[box], pixel_mm2)
+    return out
+
+
+def _box_torch(mask: torch.Tensor) -> tuple[slice, slice, slice] | None:
+    """The bounding box over a batch of slices of a (n, Y, X) ``mask`` and a one-voxel margin; None if empty."""
+    rows, cols = torch.nonzero(mask.any(dim=(0, 2))).flatten(), torch.nonzero(mask.any(dim=(0, 1))).flatten()
+    if rows.numel() == 0:
+        return None
+    first_row, last_row, first_col, last_col = (int(v) for v in (rows[0], rows[-1], cols[0], cols[-1]))
+    return slice(None), slice(max(first_row - 1, 0), last_row + 2), slice(max(first_col - 1, 0), last_col + 2)
+
+
+def _bone_topology_in(hu: torch.Tensor, pixel_mm2: float) -> torch.Tensor:
+    """`bone_topology_torch` of slices cropped to their box."""
     cortex = hu >= CORTEX_HU
     holes = _holes_torch(reconstruct(hu >= CORTEX_PEAK_HU, cortex, 8), pixel_mm2)  # of the peaked pieces
     enclosed = holes > 0

@@ -22,6 +22,8 @@ def device_hu(volume: Volume, start: int, stop: int, device: torch.device) -> to
     """(n, Y, X) float32 HU of slices [start, stop) on ``device``, as `hu_slices` gives them: the stored integers
     are copied as they are (an int16 CT: half the bytes of float32) and converted there."""
     array = np.ascontiguousarray(volume.array[start:stop])
+    if not array.flags.writeable:  # a read-only memory map: torch shares only writeable memory
+        array = array.copy()
     if array.dtype in (np.int16, np.uint8, np.int32, np.float32):
         hu = torch.from_numpy(array).to(device).float()
         if array.dtype == np.float32:

@@ -27,7 +27,7 @@ from .chroma import TOP_K, Chroma, compact
 from .consistency import make_consistent
 from .enclosure import BoneTopology, enclosure_bits
 from .groups import BLOOD_PERCENTILE, blood_fade
-from .hu import hu_slices
+from .hu import device_hu
 
 ROI_3D = (32, 96, 96)  # 3D model patch (d, h, w) at the network's resolution
 _OVERLAP_3D = 0.5  # overlap of neighbouring 3D patches, blended with a Gaussian weight (MONAI's sliding window)
@@ -122,7 +122,7 @@ def iter_predict_chroma(
 
     def small_slices(start: int, stop: int) -> torch.Tensor:
         """(n, h, w) HU of slices [start, stop), padded (edge values) and area-reduced on the device."""
-        hu = torch.from_numpy(hu_slices(volume, start, stop)).to(device)
+        hu = device_hu(volume, start, stop, device)  # an int16 CT travels as int16
         hu = F.pad(hu[:, None], (*pad[1], *pad[0]), mode="replicate")[:, 0]
         return downsample_hu(hu, factor)
 
