@@ -99,6 +99,18 @@ def test_bench_quick_writes_table_json_and_markdown(tmp_path: Path, capsys: pyte
     (sequential,) = find("batch", "2 x ctcolor colorize (sequential processes)")
     (ratio,) = find("ratio", "batch / sequential processes")
     assert ratio["median"] == pytest.approx(batch["median"] / sequential["median"], abs=0.006)
+    # Where colorize's time goes (quick: the 20-slice series): the network's forward passes alone, the call in process
+    # with the share of it outside the network (both from this run), and whole processes.
+    (network,) = find("pipeline", "network alone (forward passes inside colorize)", size="512x512x20")
+    (call,) = find("pipeline", "colorize() in process", size="512x512x20")
+    share = float(call["note"].split("outside the network: ")[1].split("%")[0])
+    assert network["median"] > 0 and call["repeats"] >= 1 and 0 < share < 100, call
+    for item in (
+        "ctcolor colorize .nii.gz -> .nii.gz (whole process)",
+        "ctcolor colorize DICOM folder -> .nii.gz (whole process)",
+    ):
+        (whole,) = find("pipeline", item, size="512x512x20")
+        assert whole["median"] > 0 and whole["note"] == "start-up, reading, writing", whole
     # What a user waits for: a whole `ctcolor colorize` process on a real DICOM folder (quick: 20 slices of 512²).
     (series,) = find("series", "ctcolor colorize DICOM folder -> .nii.gz (whole process)", size="512x512x20")
     assert series["unit"] == "slices/s" and "peak RSS" in series["note"] and "x the int16 input" in series["note"]
