@@ -53,9 +53,10 @@ TORCH_STAGES_ENV = "CTCOLOR_TORCH_STAGES"
 
 def runs_torch_stages(device: torch.device) -> bool:
     """Whether the colorize stages around the network (enclosure, upsampling, composition) run as batched torch
-    operations on ``device`` (a GPU) rather than as the CPU's numba and scipy kernels, which are faster there
-    (`TORCH_STAGES_ENV` makes the CPU run them too)."""
-    return device.type != "cpu" or os.environ.get(TORCH_STAGES_ENV, "") == "1"
+    operations on ``device``: on a CUDA GPU, rather than as the CPU's numba and scipy kernels, which are faster on
+    the CPU (`TORCH_STAGES_ENV` makes the CPU run them too). Apple's MPS composes in torch but keeps the CPU's
+    enclosure: the connected components' operations (cummax, index_add on integers) are untested there."""
+    return device.type == "cuda" or os.environ.get(TORCH_STAGES_ENV, "") == "1"
 
 
 #: ``0`` keeps the CPU networks in float32, ``1`` runs them in bfloat16 wherever the CPU has bf16 instructions

@@ -103,11 +103,13 @@ def iter_compose_chroma(
     check_memory(z * height * width * 3 + COMPOSE_CHUNK * height * width * 100, volume.meta.get("source", "volume"))
     rgb = np.empty((z, height, width, 3), dtype=np.uint8)
     fused = device.type == "cpu" and strength > 0.0  # strength 0 is the plain grey: compose_rgb's exact codes
-    chunk = DEVICE_SLICES if devices.runs_torch_stages(device) else COMPOSE_CHUNK
+    # In torch on a GPU (MPS too), or on the CPU under `devices.TORCH_STAGES_ENV`.
+    on_device = device.type != "cpu" or devices.runs_torch_stages(device)
+    chunk = DEVICE_SLICES if on_device else COMPOSE_CHUNK
     for start in range(0, z, chunk):
         stop = min(z, start + chunk)
         with torch.inference_mode():
-            if devices.runs_torch_stages(device):  # HU in, uint8 sRGB out: one copy each way per batch of slices
+            if on_device:  # HU in, uint8 sRGB out: one copy each way per batch of slices
                 hu = device_hu(volume, start, stop, device)
                 ab = upsample_chroma(chroma, palette, hu, start)
                 rgb[start:stop] = compose_rgb_torch(window_tensor(hu, *win), ab, chroma=strength).cpu().numpy()
