@@ -16,8 +16,7 @@ from ...io import Volume
 from ...memory import check_memory
 from ...threads import cpu_threads
 from ...windowing import Window, parse_window, window, window_tensor
-from .. import device as devices
-from ..device import resolve_device
+from ..device import resolve_device, runs_torch_stages
 from ..steps import Steps, blocking
 from .chroma import Chroma, Colorized, class_table
 from .enclosure import DEVICE_SLICES, enclosure_band
@@ -103,8 +102,8 @@ def iter_compose_chroma(
     check_memory(z * height * width * 3 + COMPOSE_CHUNK * height * width * 100, volume.meta.get("source", "volume"))
     rgb = np.empty((z, height, width, 3), dtype=np.uint8)
     fused = device.type == "cpu" and strength > 0.0  # strength 0 is the plain grey: compose_rgb's exact codes
-    # In torch on a GPU (MPS too), or on the CPU under `devices.TORCH_STAGES_ENV`.
-    on_device = device.type != "cpu" or devices.runs_torch_stages(device)
+    # In torch on a GPU (MPS too), or on the CPU under `engines.device.TORCH_STAGES_ENV`.
+    on_device = device.type != "cpu" or runs_torch_stages(device)
     chunk = DEVICE_SLICES if on_device else COMPOSE_CHUNK
     for start in range(0, z, chunk):
         stop = min(z, start + chunk)

@@ -18,8 +18,7 @@ from ...io import Volume
 from ...memory import release_free_memory
 from ...models.colorizer import Colorizer, context_indices, downsample_hu, prepare_input
 from ...weights import COLORIZER_DEFAULT, load_colorizer
-from .. import device as devices
-from ..device import cpu_bf16, resolve_device
+from ..device import cpu_bf16, resolve_device, runs_torch_stages
 from ..fused import top_classes
 from ..orientation import AxialView
 from ..steps import Steps, blocking
@@ -177,7 +176,7 @@ def iter_predict_chroma(
             prob[:] = view.volume_from_view(prob_view.movedim(0, 1)).movedim(1, 0)
         del x
     # On a GPU the enclosure's HU-only half runs there meanwhile (`BoneTopology`).
-    topology = BoneTopology(volume, device) if devices.runs_torch_stages(device) else None
+    topology = BoneTopology(volume, device) if runs_torch_stages(device) else None
     if anatomy:
         make_consistent(top, prob, small_hu, config.classes, volume, factor)
     del small_hu
