@@ -902,7 +902,7 @@ def bench_pipeline(quick: bool, repeats: int, source: Path = PIPELINE_CT) -> lis
         [np.arange(series.shape[0])[:: 1 - 2 * (k % 2)] for k in range(-(-count // series.shape[0]))]
     )
     volume = Volume(series.array[order[:count]], series.spacing, series.origin, series.direction, dict(series.meta))
-    size = "x".join(str(n) for n in volume.shape[::-1])
+    size = "x".join(str(n) for n in volume.shape[::-1])  # the in-process rows
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         nifti = Path(tmp) / "ct.nii.gz"
@@ -920,16 +920,18 @@ def bench_pipeline(quick: bool, repeats: int, source: Path = PIPELINE_CT) -> lis
 
             seconds = _time(run, repeats, device, warmup=0)
             rows.append(_rate_row("pipeline", "colorize() in process", device, size, count, seconds, note=share))
-            for label, path, slices in (
-                ("ctcolor colorize .nii.gz -> .nii.gz (whole process)", nifti, count),
-                ("ctcolor colorize DICOM folder -> .nii.gz (whole process)", source, series.shape[0]),
+            for label, path, processed in (
+                ("ctcolor colorize .nii.gz -> .nii.gz (whole process)", nifti, volume),
+                ("ctcolor colorize DICOM folder -> .nii.gz (whole process)", source, series),
             ):
                 out = str(Path(tmp) / f"out-{device}.nii.gz")
                 arguments = ["colorize", str(path), "-o", out, "--window", "abdomen", "--device", device, "--overwrite"]
+                shape = "x".join(str(n) for n in processed.shape[::-1])
                 walls = [_ctcolor(arguments)]
-                shape = size if slices == count else "x".join(str(n) for n in series.shape[::-1])
                 rows.append(
-                    _rate_row("pipeline", label, device, shape, slices, walls, note="start-up, reading, writing")
+                    _rate_row(
+                        "pipeline", label, device, shape, processed.shape[0], walls, note="start-up, reading, writing"
+                    )
                 )
     return rows
 

@@ -21,7 +21,7 @@ from ..steps import Steps, blocking
 from .chroma import Chroma, Colorized, class_table
 from .enclosure import DEVICE_SLICES, enclosure_band
 from .groups import GROUP_FLOOR, MARROW_GROUP_HU, ORGAN_FADE_HU, PLAIN_FADE_HU, hu_group_of
-from .hu import device_hu, hu_slices
+from .hu import device_hu
 from .upsample import AIR_FADE_HU, AIR_HU, GUIDE_CLIP_HU, GUIDE_SIGMA_HU, spatial_weights, upsample_chroma
 
 # Slices per compose step: bounds the chunk's float temporaries (the fused CPU kernel's too: its float HU, clipped
@@ -108,15 +108,13 @@ def iter_compose_chroma(
     for start in range(0, z, chunk):
         stop = min(z, start + chunk)
         with torch.inference_mode():
+            hu = device_hu(volume, start, stop, device)
             if on_device:  # HU in, uint8 sRGB out: one copy each way per batch of slices
-                hu = device_hu(volume, start, stop, device)
                 ab = upsample_chroma(chroma, palette, hu, start)
                 rgb[start:stop] = compose_rgb_torch(window_tensor(hu, *win), ab, chroma=strength).cpu().numpy()
             elif fused:
-                hu = torch.from_numpy(hu_slices(volume, start, stop))
                 upsample_compose_cpu(chroma, palette, hu, start, win, strength, rgb[start:stop])
             else:
-                hu = torch.from_numpy(hu_slices(volume, start, stop))
                 ab = upsample_chroma(chroma, palette, hu, start)
                 rgb[start:stop] = compose_rgb(window(hu.numpy(), *win), ab.numpy(), chroma=strength)
         yield stop, z

@@ -145,17 +145,22 @@ def _holes_torch(dense: torch.Tensor, pixel_mm2: float) -> torch.Tensor:
 
 def bone_topology_torch(hu: torch.Tensor, pixel_mm2: float) -> torch.Tensor:
     """What `enclosure_masks` reads from a slice's HU alone, for a batch of slices on their device (a GPU: no
-    ``scipy.ndimage``), before the network's classes are known: ``hu`` (n, Y, X) float; returns (4, n, Y, X) bool:
+    ``scipy.ndimage``), before the network's classes are known: ``hu`` (n, Y, X) float; returns (7, n, Y, X) bool:
     in a hole of the peaked bone (`CORTEX_HU`), in one of at most `SMALL_MARROW_MM2`, in a rim (the pieces that
-    border such a hole), and in no hole of the mask HU >= `RIM_HU` (`gate_topology` makes the masks).
+    border such a hole), in no hole of the mask HU >= `RIM_HU`, and the HU ranges of marrow (`MARROW_MIN_HU` up to
+    `MARROW_GROUP_HU`), of fatty marrow (`FATTY_MARROW_HU` up to `MARROW_MIN_HU`) and below `MARROW_MIN_HU`
+    (`gate_topology` makes the masks from these alone).
 
-    Only the bounding box of the voxels at or above `RIM_HU` over the batch, and a one-voxel margin, is worked on (a
-    third to a half of a 512² slice): outside it there is no hole and no rim."""
-    out = torch.zeros((4, *hu.shape), dtype=torch.bool, device=hu.device)
+    The topology is worked out only on the bounding box of the voxels at or above `RIM_HU` over the batch, and a
+    one-voxel margin (a third to a half of a 512² slice): outside it there is no hole and no rim."""
+    out = torch.zeros((7, *hu.shape), dtype=torch.bool, device=hu.device)
     out[3] = True
     box = _box_torch(hu >= RIM_HU)
     if box is not None:
-        out[(slice(None), *box)] = _bone_topology_in(hu[box], pixel_mm2)
+        out[(slice(0, 4), *box)] = _bone_topology_in(hu[box], pixel_mm2)
+    out[4] = (hu >= MARROW_MIN_HU) & (hu < MARROW_GROUP_HU)
+    out[5] = (hu >= FATTY_MARROW_HU) & (hu < MARROW_MIN_HU)
+    out[6] = hu < MARROW_MIN_HU
     return out
 
 
@@ -183,14 +188,12 @@ def _bone_topology_in(hu: torch.Tensor, pixel_mm2: float) -> torch.Tensor:
     return torch.stack((enclosed, small, rims, _holes_torch(hu >= RIM_HU, pixel_mm2) == 0))
 
 
-def gate_topology(topology: torch.Tensor, hu: torch.Tensor, bone_pixel: torch.Tensor) -> torch.Tensor:
-    """`enclosure_masks` (2, n, Y, X) bool from a batch's `bone_topology_torch`, its HU and where each voxel's network
-    pixel keeps a bone class (n, Y, X) bool: equal to `enclosure_masks` of each slice."""
-    enclosed, small, rims, open_rim = topology
-    marrow = bone_pixel & (hu >= MARROW_MIN_HU) & (hu < MARROW_GROUP_HU)
-    fatty = bone_pixel & (hu >= FATTY_MARROW_HU) & (hu < MARROW_MIN_HU)
-    first = marrow & (enclosed | rims) | fatty & small
-    low = bone_pixel & (hu < MARROW_MIN_HU) & ~first
+def gate_topology(topology: torch.Tensor, bone_pixel: torch.Tensor) -> torch.Tensor:
+    """`enclosure_masks` (2, n, Y, X) bool from a batch's `bone_topology_torch` and where each voxel's network pixel
+    keeps a bone class (n, Y, X) bool: equal to `enclosure_masks` of each slice."""
+    enclosed, small, rims, open_rim, marrow_hu, fatty_hu, below_marrow_hu = topology
+    first = bone_pixel & (marrow_hu & (enclosed | rims) | fatty_hu & small)
+    low = bone_pixel & below_marrow_hu & ~first
     return torch.stack((first, low & open_rim))
 
 
@@ -230,7 +233,8 @@ DEVICE_SLICES = 32
 class BoneTopology:
     """The HU-only half of the enclosure stage on a GPU (`bone_topology_torch`), computed in a background thread
     from its construction, while the host makes the network's classes consistent (`consistency.make_consistent`);
-    `gate` waits for it and makes `Chroma.enclosure`. Kept on the device as packed bits: half a byte per voxel."""
+    `gate` waits for it and makes `Chroma.enclosure` without reading the HU again. Kept on the device as packed
+    bits: seven bits per voxel."""
 
     def __init__(self, volume: Volume, device: torch.device) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -264,8 +268,7 @@ class BoneTopology:
                 top, prob = chroma.top[start:stop].to(device), chroma.prob[start:stop].to(device)
                 kept = (bone[top.long()] & (prob > 0)).any(dim=1)  # (n, h, w)
                 bone_pixel = kept.index_select(1, rows).index_select(2, cols)
-                hu = device_hu(self.volume, start, stop, device)
-                masks = gate_topology(unpack_bits(packed[k], width), hu, bone_pixel)
+                masks = gate_topology(unpack_bits(packed[k], width), bone_pixel)
                 out[:, start:stop] = pack_bits(masks).cpu().numpy()
         return out
 
