@@ -44,6 +44,8 @@ EDGES_OPACITY = 0.35
 EDGES_COLORMAP = Colormap(
     [[1.0, 0.85, 0.1, 0.0], [1.0, 0.85, 0.1, 1.0]], controls=[0.0, 1.0], name="ctcolor tile edges"
 )
+#: Milliseconds between two steps of showing a result (`RegisterOutputs._in_turns`): time for a repaint in between.
+TURN_GAP_MS = 20
 
 
 @dataclass
@@ -166,7 +168,10 @@ class RegisterOutputs:
 
     def _in_turns(self, kept: Kept, steps: list[Callable[[], Any]]) -> None:
         """Run ``steps`` one per turn of the Qt event loop, from the next one on (the worker's last signals are
-        handled first), while ``kept`` is still the run shown."""
+        handled first), while ``kept`` is still the run shown.
+
+        Each next step waits `TURN_GAP_MS`: a zero-delay timer runs before the canvas's repaint and the other timers
+        are served, so two layer additions would otherwise block the viewer as one."""
         self._turns = len(steps)
 
         def turn() -> None:
@@ -176,7 +181,7 @@ class RegisterOutputs:
             steps.pop(0)()
             self._turns = len(steps)
             if steps:
-                QTimer.singleShot(0, turn)
+                QTimer.singleShot(TURN_GAP_MS, turn)
 
         QTimer.singleShot(0, turn)
 
