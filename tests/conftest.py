@@ -155,6 +155,57 @@ def write_headless(ds: Dataset, path: Path) -> Path:
     return path
 
 
+#: The image position and orientation an ACR-NEMA file gives in the retired (0020,0030) and (0020,0035).
+RETIRED_POSITION = [-80.31, -111.31, 52.0]
+
+
+def write_acr_nema(path: Path, orientation: list[float], sop_class: bool = False) -> Path:
+    """pydicom's CT_small slice as an ACR-NEMA archive holds it: its plane only in the retired Image Position and
+    Image Orientation (no (0020,0032) nor (0020,0037)), without a SOP class (``sop_class``: with CT Image Storage's),
+    implicit VR without a file meta header."""
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.ImagePositionPatient, ds.ImageOrientationPatient
+    if not sop_class:
+        del ds.SOPClassUID
+    ds.add_new(0x00200030, "DS", RETIRED_POSITION)  # Image Position (RET)
+    ds.add_new(0x00200035, "DS", orientation)  # Image Orientation (RET)
+    return write_headless(ds, path)
+
+
+def write_enhanced(series: Path, path: Path, contrast: str = "agent") -> Path:
+    """The DICOM ``series`` converted by highdicom to one Legacy Converted Enhanced CT file: the windows of its
+    slices (40/300 and 300/1500 for the shared series) in the Frame VOI LUT functional group. ``contrast``: "agent"
+    keeps the series' Contrast/Bolus Agent (0018,0010) as converted; "usage" states it only as a Contrast/Bolus Usage
+    item (0018,9341) with the agent administered, as an Enhanced CT does; "none" says nothing of contrast."""
+    import highdicom
+
+    slices = []
+    for file in sorted(series.iterdir()):
+        ds = pydicom.dcmread(file)
+        ds.decompress()
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID  # empty in the de-identified series
+        slices.append(ds)
+    enhanced = highdicom.legacy.LegacyConvertedEnhancedCTImage(
+        slices,
+        series_instance_uid=highdicom.UID(),
+        series_number=900,
+        sop_instance_uid=highdicom.UID(),
+        instance_number=1,
+    )
+    if contrast != "agent":
+        for keyword in [k for k in enhanced.dir() if k.startswith("Contrast")]:
+            delattr(enhanced, keyword)
+    if contrast == "usage":
+        usage = Dataset()
+        usage.ContrastBolusAgentNumber = 1
+        usage.ContrastBolusAgentAdministered = "YES"
+        enhanced.SharedFunctionalGroupsSequence[0].ContrastBolusUsageSequence = [usage]
+    enhanced.save_as(path, enforce_file_format=True)
+    return path
+
+
 REPO = Path(__file__).resolve().parents[1]  # the checkout
 
 

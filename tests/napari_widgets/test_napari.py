@@ -138,3 +138,44 @@ def test_a_sample_opened_beside_a_patient_is_in_view(make_napari_viewer, dicom_s
         assert extent[0][axis] <= centre <= extent[1][axis], (axis, centre, extent)
     # Once the sample's layers arrived, no handler of ours stays connected (as many as a fresh viewer has).
     assert len(viewer.layers.events.inserted.callbacks) == len(make_napari_viewer().layers.events.inserted.callbacks)
+
+
+def test_an_acr_nema_slice_opens_where_its_retired_header_places_it(make_napari_viewer, tmp_path):
+    """A file with its plane only in the retired Image Position/Orientation (0020,0030)/(0020,0035): the layer's
+    voxels at SimpleITK's physical points (1e-4 mm), the metadata saying where the geometry came from."""
+    from conftest import write_acr_nema
+
+    path = write_acr_nema(tmp_path / "acr-nema", [0.8660254, 0.5, 0, -0.5, 0.8660254, 0])
+    viewer = make_napari_viewer()
+    layer = viewer.open(str(path), plugin=PLUGIN)[0]
+    reference = sitk.ReadImage(str(path))
+    for index_xyz in [(0, 0, 0), (127, 0, 0), (40, 100, 0)]:
+        world_zyx = layer.data_to_world(index_xyz[::-1])
+        np.testing.assert_allclose(world_zyx[::-1], reference.TransformIndexToPhysicalPoint(index_xyz), atol=1e-4)
+    assert "(0020,0030)" in layer.metadata["ctcolor"]["geometry_source"]
+
+
+@pytest.mark.parametrize("contrast", ["usage", "none"])
+def test_an_enhanced_ct_opens_in_its_header_window_and_offers_the_others(
+    make_napari_viewer, dicom_series, tmp_path, contrast
+):
+    """The shared series as one Enhanced CT file, its windows in the Frame VOI LUT functional group: without contrast
+    it opens in the first of them (40/300) and the colorize widget offers the second (300/1500); with its contrast
+    stated only as a Contrast/Bolus Usage item it opens in the contrast window, as the series itself does (the same
+    HU: within 1 HU)."""
+    from conftest import write_enhanced
+    from test_colorize_widget import open_widget
+
+    path = write_enhanced(dicom_series, tmp_path / "enhanced.dcm", contrast)
+    viewer = make_napari_viewer()
+    layer = viewer.open(str(path), plugin=PLUGIN)[0]
+    widget = open_widget(viewer)
+    shown = [widget.window.native.itemText(i) for i in range(widget.window.native.count())]
+    assert "DICOM 300/1500" in shown, shown
+    if contrast == "none":
+        assert tuple(layer.contrast_limits) == (-110.0, 190.0) and "contrast" not in layer.metadata["ctcolor"]
+    else:
+        series = viewer.open(str(dicom_series), plugin=PLUGIN)[0]
+        assert layer.metadata["ctcolor"]["contrast"] == "APPLIED"
+        np.testing.assert_allclose(layer.contrast_limits, series.contrast_limits, atol=1.0)
+        assert tuple(layer.contrast_limits) != (-110.0, 190.0)

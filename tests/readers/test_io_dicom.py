@@ -368,3 +368,91 @@ def test_ctcolor_reads_the_series_in_a_child_process_exactly_as_in_its_own(decod
     assert any("irregular slice spacing" in m for m in got[str(gap)][0][0])
     assert got[str(empty)][0][1] == "error" and "no DICOM" in got[str(empty)][0][2]
     assert set(Path("/dev/shm").iterdir()) == shm  # no shared-memory file is left, even by the abandoned read
+
+
+@pytest.mark.parametrize(
+    "orientation",
+    [[1, 0, 0, 0, 1, 0], [0.8660254, 0.5, 0, -0.5, 0.8660254, 0], [0, 1, 0, 0, 0, -1]],
+    ids=["axial", "axial-turned-30", "sagittal"],
+)
+def test_acr_nema_position_and_orientation_read_as_simpleitk_reads_them(tmp_path, orientation):
+    """An old file with its plane only in the retired Image Position (0020,0030) and Image Orientation (0020,0035),
+    as `ctcolor info` reports it: GDCM's (SimpleITK's) origin and direction (1e-4 mm and 1e-6: the header's decimal
+    strings read by two parsers), and a line that says where they came from; the file is left as it was."""
+    from conftest import RETIRED_POSITION, ctcolor, write_acr_nema
+
+    path = write_acr_nema(tmp_path / "acr-nema", orientation)
+    before = file_hashes(path)
+    reference = sitk.ReadImage(str(path))
+    np.testing.assert_allclose(reference.GetOrigin(), RETIRED_POSITION, atol=1e-4)  # GDCM does read them
+    done = ctcolor("info", str(path), "--json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    np.testing.assert_allclose(info["origin"], reference.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(info["direction"], reference.GetDirection(), atol=1e-6)
+    assert info["position_known"] and "(0020,0030)" in info["geometry_source"]
+    text = ctcolor("info", str(path)).stdout
+    assert "geometry     from the retired ACR-NEMA Image Position (0020,0030)" in text, text
+    assert file_hashes(path) == before
+
+
+def test_retired_position_beside_a_sop_class_is_read_where_gdcm_drops_it(tmp_path):
+    """GDCM ignores the retired position of a file that names a SOP class and places it at (0, 0, 0) without a word;
+    ctcolor reads the header's position and says where it came from."""
+    from conftest import RETIRED_POSITION, write_acr_nema
+
+    path = write_acr_nema(tmp_path / "acr-nema-ct", [1, 0, 0, 0, 1, 0], sop_class=True)
+    assert sitk.ReadImage(str(path)).GetOrigin() == (0.0, 0.0, 0.0)
+    volume = read_volume(path)
+    np.testing.assert_allclose(volume.origin, RETIRED_POSITION, atol=1e-9)
+    assert "(0020,0035)" in volume.meta["geometry_source"]
+
+
+def test_a_slice_without_any_position_is_said_to_have_none(tmp_path):
+    """No Image Position at all, patient or retired: the placeholder origin (0, 0, 0), as SimpleITK's, is flagged in
+    `ctcolor info` and in the metadata napari's layer carries, never silent."""
+    from pydicom.data import get_testdata_file
+
+    from conftest import ctcolor
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.ImagePositionPatient
+    path = write_headless(ds, tmp_path / "no-position")
+    assert sitk.ReadImage(str(path)).GetOrigin() == (0.0, 0.0, 0.0)
+    info = json.loads(ctcolor("info", str(path), "--json").stdout)
+    assert info["origin"] == [0.0, 0.0, 0.0] and info["position_known"] is False
+    assert "position     unknown" in ctcolor("info", str(path)).stdout
+    assert read_volume(path).meta["position_known"] is False
+
+
+@pytest.fixture(scope="module")
+def enhanced(dicom_series, tmp_path_factory) -> dict[str, Path]:
+    """The shared series as one Legacy Converted Enhanced CT file per way of stating its contrast."""
+    from conftest import write_enhanced
+
+    folder = tmp_path_factory.mktemp("enhanced")
+    return {how: write_enhanced(dicom_series, folder / f"{how}.dcm", how) for how in ("agent", "usage", "none")}
+
+
+@pytest.mark.parametrize("contrast", ["agent", "usage", "none"])
+def test_enhanced_ct_keeps_its_windows_and_its_contrast(enhanced, dicom_series, contrast):
+    """An Enhanced CT keeps its windows in its functional groups (Frame VOI LUT) and may state its contrast only as a
+    Contrast/Bolus Usage item: `ctcolor info` reports the first window as the default, every window the header
+    offers and the contrast, as for the series it was made from; voxels and geometry as SimpleITK reads the file
+    (exact HU: integers; 1e-4 mm)."""
+    from conftest import ctcolor
+
+    path = enhanced[contrast]
+    done = ctcolor("info", str(path), "--json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    series = json.loads(ctcolor("info", str(dicom_series), "--json").stdout)
+    assert info["window"] == series["window"] == [40, 300]
+    assert info["windows"] == series["windows"] == [[40, 300], [300, 1500]]
+    assert info.get("contrast") == ("APPLIED" if contrast != "none" else None)
+    text = ctcolor("info", str(path)).stdout
+    assert "centre 300, width 1500 (also offered by the header)" in text
+    reference = sitk.ReadImage(str(path))
+    volume = read_volume(path)
+    np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(reference))
+    np.testing.assert_allclose(volume.origin, reference.GetOrigin(), atol=1e-4)

@@ -29,6 +29,9 @@ def volume_info(volume: Volume) -> dict:
         "dtype": str(array.dtype),
         "format": volume.meta.get("format", ""),
         **{k: volume.meta[k] for k in ("irregular_spacing", "missing_slices") if k in volume.meta},
+        # Where the header says so: every window it offers, the contrast given, where the geometry came from.
+        **{k: volume.meta[k] for k in ("windows", "contrast", "geometry_source") if k in volume.meta},
+        "position_known": bool(volume.meta.get("position_known", True)),
     }
 
 

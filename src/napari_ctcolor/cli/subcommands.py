@@ -33,12 +33,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("  spacing      {:.4g} x {:.4g} x {:.4g} mm (z, y, x)".format(*info["spacing"]))
     print("  origin       {:.2f}, {:.2f}, {:.2f} mm (x, y, z LPS)".format(*info["origin"]))
     print("  direction    " + " ".join(f"{v:+.3f}" for v in info["direction"]))
+    if not info.get("position_known", True):
+        print("  position     unknown: the header gives none, the origin above is a placeholder (0, 0, 0)")
+    if info.get("geometry_source"):
+        print(f"  geometry     from the {info['geometry_source']}")
     if color:
         if not info["geometry_known"]:
             print("  geometry     none stored (PNG slices without geometry.json): 1 mm slices at the origin")
         return 0
     print(f"  range        {info['hu_min']} .. {info['hu_max']}")
     print("  window       centre {:g}, width {:g}".format(*info["window"]))
+    for centre, width in info.get("windows", [])[1:]:
+        print(f"               centre {centre:g}, width {width:g} (also offered by the header)")
+    if info.get("contrast"):
+        print(f"  contrast     {info['contrast']} (the header says contrast was given)")
     if info["series_count"] > 1:
         print(f"  series       {info['series_count']} in the folder (this is the largest CT one; --series UID picks)")
     return 0

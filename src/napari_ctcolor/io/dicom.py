@@ -7,6 +7,7 @@ projected on the slice normal, never by file name or InstanceNumber.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -241,12 +242,29 @@ def _optional_number(ds: Dataset, keyword: str) -> float | None:
     return number if number is not None and np.isfinite(number) else None
 
 
+#: Where a slice's plane is read: the image plane module's attributes (PS3.3 C.7.6.2), else the ACR-NEMA attributes
+#: DICOM retired for them, Image Position (0020,0030) and Image Orientation (0020,0035), which old files carry instead.
+#: GDCM (SimpleITK) reads the retired pair for a file without a SOP class; it ignores them beside one (origin 0, 0, 0).
+_POSITION, _ORIENTATION = ("ImagePositionPatient", "ImagePosition"), ("ImageOrientationPatient", "ImageOrientation")
+RETIRED_GEOMETRY = "retired ACR-NEMA Image Position (0020,0030) and Image Orientation (0020,0035)"
+
+
+def _plane(ds: Dataset, keywords: tuple[str, str], n: int, path: Path) -> tuple[list[float] | None, bool]:
+    """(values, retired) of the first of ``keywords`` present in ``ds``; (None, False) when neither is."""
+    for keyword in keywords:
+        if keyword in ds:
+            return _float_list(ds, keyword, n, path), keyword != keywords[0]
+    return None, False
+
+
 def _geometry(slices: list[_Slice], where: Path):
-    """Sort slices along their normal; return (sorted slices, spacing zyx, origin, direction, geometry notes)."""
+    """Sort slices along their normal; return (sorted slices, spacing zyx, origin, direction, geometry notes).
+
+    The notes say where the geometry came from when it is not the image plane module: ``geometry_source`` (the
+    retired ACR-NEMA attributes), ``position_known`` False (no position at all: a single slice placed at 0, 0, 0).
+    """
     first = slices[0].header
-    iop = (
-        _float_list(first, "ImageOrientationPatient", 6, slices[0].path) if "ImageOrientationPatient" in first else None
-    )
+    iop, retired = _plane(first, _ORIENTATION, 6, slices[0].path)
     if iop is None:
         if len(slices) > 1:
             raise InputError(f"{where}: slices have no ImageOrientationPatient; cannot order them in space")
@@ -257,25 +275,28 @@ def _geometry(slices: list[_Slice], where: Path):
     row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
     normal = np.cross(row, col)
     for s in slices[1:]:
-        other = _float_list(s.header, "ImageOrientationPatient", 6, s.path)
-        if not np.allclose(other, iop, atol=1e-4):
+        other, _ = _plane(s.header, _ORIENTATION, 6, s.path)
+        if other is None or not np.allclose(other, iop, atol=1e-4):
             raise InputError(f"{where}: slices have inconsistent ImageOrientationPatient; not one image stack")
 
     pixel_spacing = _float_list(first, "PixelSpacing", 2, slices[0].path) if "PixelSpacing" in first else [1.0, 1.0]
     if min(pixel_spacing) <= 0:
         raise InputError(f"{slices[0].path}: PixelSpacing should be two positive numbers (mm), got {pixel_spacing}")
-    notes: dict = {}
+    planes = [_plane(s.header, _POSITION, 3, s.path) for s in slices]
+    notes: dict = {"geometry_source": RETIRED_GEOMETRY} if retired or any(old for _, old in planes) else {}
     if len(slices) == 1:
-        position = (
-            np.array(_float_list(first, "ImagePositionPatient", 3, slices[0].path))
-            if "ImagePositionPatient" in first
-            else np.zeros(3)
-        )
+        position = planes[0][0]
+        if position is None:
+            notes["position_known"] = False
         # Only a display hint for one slice: a damaged value falls back to 1 mm.
         dz = _optional_number(first, "SpacingBetweenSlices") or _optional_number(first, "SliceThickness") or 1.0
-        return slices, (abs(dz), *pixel_spacing), tuple(position), np.column_stack([row, col, normal]), notes
+        origin = tuple(np.zeros(3) if position is None else np.array(position))
+        return slices, (abs(dz), *pixel_spacing), origin, np.column_stack([row, col, normal]), notes
 
-    positions = np.array([_float_list(s.header, "ImagePositionPatient", 3, s.path) for s in slices])
+    for s, (position, _) in zip(slices, planes, strict=True):
+        if position is None:
+            raise InputError(f"{s.path}: DICOM image has no ImagePositionPatient; its geometry is unknown")
+    positions = np.array([position for position, _ in planes])
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     slices = [slices[i] for i in order]
@@ -294,7 +315,7 @@ def _geometry(slices: list[_Slice], where: Path):
     dz = float(np.median(gaps))
     if np.max(np.abs(gaps - dz)) > _IRREGULAR_FRACTION * dz:
         missing = int(np.sum((np.round(gaps / dz) - 1).clip(0)))
-        notes = {
+        notes |= {
             "irregular_spacing": True,
             "missing_slices": missing,
             "slice_gaps_mm": [round(float(g), 4) for g in gaps],
@@ -435,18 +456,61 @@ def _meta(ds: Dataset, where: Path) -> dict:
         meta["window"] = windows[0]
         if len(windows) > 1:
             meta["windows"] = windows
-    agent = _text(ds.get("ContrastBolusAgent", "") or "", 64)
-    if agent:  # (0018,0010): contrast was given (its name, or e.g. "APPLIED")
+    agent = _contrast(ds)
+    if agent:
         meta["contrast"] = agent
     return meta
 
 
+def _frame_groups(ds: Dataset) -> list[Dataset]:
+    """The functional groups of a multi-frame (enhanced) image: the shared item, then each frame's; [] otherwise."""
+    groups = []
+    for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        with contextlib.suppress(*_DAMAGED):  # optional here: a damaged sequence only loses its windows
+            groups += list(ds.get(keyword) or [])
+    return groups
+
+
+def _contrast(ds: Dataset) -> str:
+    """What the header says of contrast, or "" when it says none was given: Contrast/Bolus Agent (0018,0010) (its
+    name, or e.g. "APPLIED"), else an enhanced image's Contrast/Bolus Agent Sequence (0018,0012) or a frame's
+    Contrast/Bolus Usage (0018,9341) with the agent administered."""
+    agent = _text(ds.get("ContrastBolusAgent", "") or "", 64)
+    if agent:
+        return agent
+    with contextlib.suppress(*_DAMAGED):
+        for item in ds.get("ContrastBolusAgentSequence") or []:
+            return _text(item.get("CodeMeaning", "") or "", 64) or "APPLIED"
+        for group in _frame_groups(ds):
+            for usage in group.get("ContrastBolusUsageSequence") or []:
+                if str(usage.get("ContrastBolusAgentAdministered", "") or "").upper() == "YES":
+                    return "APPLIED"
+    return ""
+
+
 def _windows(ds: Dataset) -> list[tuple[float, float]]:
     """Every (WindowCenter, WindowWidth) pair of the header with a finite centre and a positive width, in order; a
-    damaged pair (an optional attribute) is left out."""
+    damaged pair (an optional attribute) is left out. An enhanced image keeps them in its functional groups (Frame
+    VOI LUT, (0028,9132)): the shared group's, then each frame's not seen before."""
+    sources = [ds] if "WindowCenter" in ds else [item for group in _frame_groups(ds) for item in _voi(group)]
+    pairs: list[tuple[float, float]] = []
+    for source in sources:
+        pairs += [pair for pair in _window_pairs(source) if pair not in pairs]
+    return pairs
 
+
+def _voi(group: Dataset) -> list[Dataset]:
+    with contextlib.suppress(*_DAMAGED):
+        return list(group.get("FrameVOILUTSequence") or [])
+    return []
+
+
+def _window_pairs(ds: Dataset) -> list[tuple[float, float]]:
     def values(keyword: str) -> list:
-        value = ds.get(keyword)
+        try:
+            value = ds.get(keyword)
+        except _DAMAGED:
+            return []
         if value is None or value == "":
             return []
         return list(value) if isinstance(value, pydicom.multival.MultiValue | list | tuple) else [value]

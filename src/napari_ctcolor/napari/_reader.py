@@ -5,6 +5,7 @@ their physical place."""
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,21 @@ _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 
 def _looks_like_dicom(path: Path) -> bool:
+    """A DICOM suffix, the "DICM" magic after the preamble, or the start of an old archive's file without either: an
+    implicit VR little endian data set whose first element is in group 0008 (identifying) with a short length."""
     if path.suffix.lower() in _DICOM_SUFFIXES:
         return True
     try:
         with open(path, "rb") as f:
-            return f.read(132)[128:132] == b"DICM"
+            head = f.read(132)
     except OSError:
         return False
+    if head[128:132] == b"DICM":
+        return True
+    if len(head) < 8:
+        return False
+    group, _, length = struct.unpack("<HHI", head[:8])
+    return group == 0x0008 and length < 1024
 
 
 def _folder_has_dicom(folder: Path, max_files: int = 64) -> bool:
