@@ -597,7 +597,7 @@ def test_bone_is_named_by_what_its_cortex_encloses(fused):
     kidney = ring(4, 100, 24, 120, cortex=200)
     faint_cortex, kidney_cortex = (0, slice(4, 7), slice(74, 92)), (0, slice(4, 7), slice(100, 124))
     volume = Volume(hu, spacing=(2.0, 1.0, 1.0), meta={"modality": "CT"})
-    chroma.enclosure = enclosure_bits(volume, chroma)
+    chroma.enclosure = enclosure_bits(volume, chroma, torch.device("cpu"))
     labels = chroma.most_probable(hu)
     bone, soft = CLASSES.index("bone") + 1, CLASSES.index("soft_tissue") + 1
     assert (labels[body] == bone).all() and (labels[fatty_rib] == bone).all()

@@ -24,9 +24,9 @@ from napari_ctcolor.engines.colorize import compose_chroma, predict_chroma
 from napari_ctcolor.engines.colorize.components import component_sizes, label_components, reconstruct
 from napari_ctcolor.engines.colorize.enclosure import (
     DEVICE_SLICES,
+    bone_topology,
     bone_topology_torch,
     enclosure_bits,
-    enclosure_masks,
     gate_topology,
 )
 from napari_ctcolor.engines.device import TORCH_STAGES_ENV
@@ -66,16 +66,18 @@ def test_torch_components_are_scipys_components(connectivity):
 
 @pytest.mark.parametrize("name", ["totalseg-abdomen-dicom", "chest-popi-2mm.nii.gz"])
 def test_enclosure_on_the_device_is_the_cpu_enclosure_on_real_slices(name):
-    """`bone_topology_torch` then `gate_topology` against `enclosure_masks` (scipy) on 512² slices of a contrast
-    abdomen and a chest, every voxel a network pixel of bone (all the rules apply everywhere): the same bits."""
+    """`bone_topology_torch` (connected components from tensor operations) against `bone_topology` (scipy's), both
+    gated by `gate_topology`, on 512² slices of a contrast abdomen and a chest, every voxel a network pixel of bone
+    (all the rules apply everywhere): the same topology and the same bits."""
     ct = read_volume(require_shared(CT_DIR / name))
     hu = ct.array[np.linspace(0, ct.shape[0] - 1, 3).astype(int)].astype(np.float32)
     pixel_mm2 = float(ct.spacing[1] * ct.spacing[2])
     bone = np.ones(hu.shape, dtype=bool)
-    want = np.stack([enclosure_masks(slice_, pixel_mm2, bone[0]) for slice_ in hu], axis=1)
-    hu_t = torch.from_numpy(hu)
-    got = gate_topology(bone_topology_torch(hu_t, pixel_mm2), torch.from_numpy(bone)).numpy()
-    assert want.sum() > 1000 and (got == want).all(), int((got != want).sum())
+    want = torch.from_numpy(np.stack([bone_topology(slice_, pixel_mm2) for slice_ in hu], axis=1))
+    got = bone_topology_torch(torch.from_numpy(hu), pixel_mm2)
+    assert (got == want).all(), (got != want).sum(dim=(1, 2, 3)).tolist()
+    masks = gate_topology(got, torch.from_numpy(bone))
+    assert masks.sum() > 1000 and (masks == gate_topology(want, torch.from_numpy(bone))).all()
 
 
 def test_cli_colorize_with_the_gpu_stages_gives_the_cpu_kernels_colors(tmp_path, monkeypatch):

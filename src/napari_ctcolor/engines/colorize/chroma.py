@@ -40,8 +40,8 @@ class Chroma:
         pad: ((top, bottom), (left, right)) full-resolution padding added before the network, removed after.
         model: model name.
         enclosure: (2, Z, Y, ceil(X / 8)) uint8, bits packed along X (``np.packbits(..., axis=-1)``), one per CT
-            voxel (`enclosure_masks`): [0] the voxels that count as marrow (and the cortex around it), [1] those no
-            bone encloses, below `MARROW_MIN_HU`; None: neither (plain HU weights).
+            voxel (`enclosure.gate_topology`): [0] the voxels that count as marrow (and the cortex around it), [1]
+            those no bone encloses, below `MARROW_MIN_HU`; None: neither (plain HU weights).
         blood_fade_hu: where contrast blood's `HU_GROUPS` weight falls for this scan (`blood_fade`).
     """
 
@@ -86,7 +86,8 @@ class Chroma:
     def hu_groups(self, hu: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """What weighs each voxel's `HU_GROUPS` (`hu_group_weights`), for ``hu``, the (n, Y, X) float HU of the slices
         from ``start``, on its device: the voxel's HU, raised to `MARROW_GROUP_HU` in the marrow, and bool where the
-        bone gives way (`enclosure_masks`). Only the packed bits are copied to ``hu``'s device, and unpacked there."""
+        bone gives way (`enclosure.gate_topology`). Only the packed bits are copied to ``hu``'s device, and unpacked
+        there."""
         if self.enclosure is None:
             return hu, torch.zeros(hu.shape, dtype=torch.bool, device=hu.device)
         bits = torch.from_numpy(self.enclosure[:, start : start + hu.shape[0]]).to(hu.device)
@@ -176,6 +177,8 @@ class Colorized(ColorVolume):
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """``np.packbits(mask, axis=-1)`` on the mask's device: (..., X) bool -> (..., ceil(X / 8)) uint8."""
+    if mask.device.type == "cpu":  # numpy's own: no uint8 and product temporaries
+        return torch.from_numpy(np.packbits(mask.numpy(), axis=-1))
     width = mask.shape[-1]
     padded = F.pad(mask.to(torch.uint8), (0, -width % 8))
     weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=mask.device)
@@ -184,6 +187,8 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(bits: torch.Tensor, width: int) -> torch.Tensor:
     """``np.unpackbits(bits, axis=-1, count=width).view(bool)`` on the bits' device: (..., B) uint8 -> (..., width)."""
+    if bits.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(bits.numpy(), axis=-1, count=width).view(bool))
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
     return ((bits[..., None] >> shifts) & 1).flatten(-2)[..., :width].bool()
 

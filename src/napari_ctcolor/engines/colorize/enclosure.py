@@ -3,13 +3,15 @@ bone group gives way (`CORTEX_HU`), as bits packed along X (`colorize.chroma.Chr
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
 from ...io import Volume
 from ...threads import cpu_threads
 from ..device import runs_torch_stages
-from .chroma import Chroma, pack_bits, unpack_bits
+from .chroma import Chroma, pack_bits
 from .components import component_sizes, label_components, reconstruct
 from .groups import MARROW_GROUP_HU, hu_group_of
 from .hu import device_hu, hu_slices
@@ -17,9 +19,9 @@ from .hu import device_hu, hu_slices
 #: Marrow: cancellous bone and marrow (a vertebral body at 80-190 HU, a rib's at 30-250) lie in the HU of muscle,
 #: organs and enhanced blood, so a voxel's own HU cannot tell them apart, and its 3.5 mm network pixel often holds
 #: the muscle or liver beside a thin bone as well; conversely an unenhanced aorta (30-60 HU) beside a vertebra shares
-#: pixels with it. What tells them apart is that bone's cortex encloses its marrow (`enclosure_masks`), in the
-#: voxel's axial slice, within a hole no larger than `MARROW_MAX_MM2` (a lumbar vertebral body is 1200-1800 mm²; the
-#: pelvic ring and the thoracic cage enclose far more):
+#: pixels with it. What tells them apart is that bone's cortex encloses its marrow (`bone_topology`, `gate_topology`),
+#: in the voxel's axial slice, within a hole no larger than `MARROW_MAX_MM2` (a lumbar vertebral body is 1200-1800
+#: mm²; the pelvic ring and the thoracic cage enclose far more):
 #: - From `MARROW_MIN_HU` up, a voxel in a hole of the mask HU >= `CORTEX_HU`, less its pieces that nowhere reach
 #:   `CORTEX_PEAK_HU`, whose network pixel keeps a bone class, is marrow, and so is the partial-volumed cortex around
 #:   it (up to `MARROW_GROUP_HU`: the pieces that border such a hole): their `HU_GROUPS` are weighed as at
@@ -109,22 +111,21 @@ def _bony_enclosure(hu: np.ndarray, pixel_mm2: float) -> tuple[np.ndarray, np.nd
     return holes, rims
 
 
-def enclosure_masks(hu: np.ndarray, pixel_mm2: float, bone_pixel: np.ndarray) -> np.ndarray:
-    """(2, Y, X) bool for one (Y, X) slice of HU (see `CORTEX_HU`): [0] marrow (fatty too in a hole of at most
-    `SMALL_MARROW_MM2`) and the cortex around it, below `MARROW_GROUP_HU`, [1] below `MARROW_MIN_HU`, not marrow and
-    inside no rim of bone; ``pixel_mm2`` the area of one CT pixel, ``bone_pixel`` (Y, X) whether each voxel's network
-    pixel keeps a bone class (elsewhere neither applies: the HU weights would not change)."""
-    out = np.zeros((2, *hu.shape), dtype=bool)
-    marrow = bone_pixel & (hu >= MARROW_MIN_HU) & (hu < MARROW_GROUP_HU)
-    fatty = bone_pixel & (hu >= FATTY_MARROW_HU) & (hu < MARROW_MIN_HU)
-    if marrow.any() or fatty.any():
-        holes, rims = _bony_enclosure(hu, pixel_mm2)
-        enclosed = holes > 0
-        out[0] = marrow & (enclosed | rims) | fatty & enclosed & (holes <= SMALL_MARROW_MM2)
-    low = bone_pixel & (hu < MARROW_MIN_HU) & ~out[0]
-    if low.any():
-        out[1] = low & (_holes(hu >= RIM_HU, pixel_mm2) == 0)
-    return out
+def bone_topology(hu: np.ndarray, pixel_mm2: float) -> np.ndarray:
+    """`bone_topology_torch` of one (Y, X) slice of HU by ``scipy.ndimage`` (the CPU's way): (7, Y, X) bool."""
+    holes, rims = _bony_enclosure(hu, pixel_mm2)
+    enclosed = holes > 0
+    return np.stack(
+        (
+            enclosed,
+            enclosed & (holes <= SMALL_MARROW_MM2),
+            rims,
+            _holes(hu >= RIM_HU, pixel_mm2) == 0,
+            (hu >= MARROW_MIN_HU) & (hu < MARROW_GROUP_HU),
+            (hu >= FATTY_MARROW_HU) & (hu < MARROW_MIN_HU),
+            hu < MARROW_MIN_HU,
+        )
+    )
 
 
 def _holes_torch(dense: torch.Tensor, pixel_mm2: float) -> torch.Tensor:
@@ -144,7 +145,7 @@ def _holes_torch(dense: torch.Tensor, pixel_mm2: float) -> torch.Tensor:
 
 
 def bone_topology_torch(hu: torch.Tensor, pixel_mm2: float) -> torch.Tensor:
-    """What `enclosure_masks` reads from a slice's HU alone, for a batch of slices on their device (a GPU: no
+    """What the enclosure reads from a slice's HU alone, for a batch of slices on their device (a GPU: no
     ``scipy.ndimage``), before the network's classes are known: ``hu`` (n, Y, X) float; returns (7, n, Y, X) bool:
     in a hole of the peaked bone (`CORTEX_HU`), in one of at most `SMALL_MARROW_MM2`, in a rim (the pieces that
     border such a hole), in no hole of the mask HU >= `RIM_HU`, and the HU ranges of marrow (`MARROW_MIN_HU` up to
@@ -189,40 +190,20 @@ def _bone_topology_in(hu: torch.Tensor, pixel_mm2: float) -> torch.Tensor:
 
 
 def gate_topology(topology: torch.Tensor, bone_pixel: torch.Tensor) -> torch.Tensor:
-    """`enclosure_masks` (2, n, Y, X) bool from a batch's `bone_topology_torch` and where each voxel's network pixel
-    keeps a bone class (n, Y, X) bool: equal to `enclosure_masks` of each slice."""
+    """The enclosure's masks (2, n, Y, X) from a batch's `bone_topology_torch` (7, n, Y, X) and where each voxel's
+    network pixel keeps a bone class (n, Y, X): [0] marrow (fatty too in a hole of at most `SMALL_MARROW_MM2`) and the
+    cortex around it, below `MARROW_GROUP_HU`, [1] below `MARROW_MIN_HU`, not marrow and inside no rim of bone.
+    Bitwise operations only, so the masks may be bool or bits packed along X alike (uint8: no unpacking)."""
     enclosed, small, rims, open_rim, marrow_hu, fatty_hu, below_marrow_hu = topology
     first = bone_pixel & (marrow_hu & (enclosed | rims) | fatty_hu & small)
     low = bone_pixel & below_marrow_hu & ~first
     return torch.stack((first, low & open_rim))
 
 
-def enclosure_bits(
-    volume: Volume, chroma: Chroma, device: torch.device | None = None, topology: BoneTopology | None = None
-) -> np.ndarray:
-    """`Chroma.enclosure` of ``volume``: `enclosure_masks` of each slice, packed along X. On the CPU slice by slice in
-    `threads.cpu_threads` threads (``ndimage.label`` releases the GIL: 2.2 instead of 4.0 ms per 512² slice on 2
-    cores); where `runs_torch_stages`, in batches of `DEVICE_SLICES` on ``device`` from the `BoneTopology`
-    ``topology`` (started before the classes were known; started here when None), only the bits coming back."""
-    if device is not None and runs_torch_stages(device):
-        return (topology or BoneTopology(volume, device)).gate(chroma)
-    from concurrent.futures import ThreadPoolExecutor
-
-    z, height, width = volume.shape
-    rows, cols = (i.numpy() for i in chroma.network_pixel(torch.arange(height), torch.arange(width)))
-    bone = (hu_group_of(chroma.classes) == 0).numpy()
-    top, prob = chroma.top.numpy(), chroma.prob.numpy()
-    pixel_mm2 = float(volume.spacing[1] * volume.spacing[2])
-    out = np.empty((2, z, height, -(-width // 8)), dtype=np.uint8)
-
-    def one(k: int) -> None:
-        kept = (bone[top[k]] & (prob[k] > 0)).any(axis=0)  # (h, w)
-        masks = enclosure_masks(hu_slices(volume, k, k + 1)[0], pixel_mm2, kept[rows][:, cols])
-        out[:, k] = np.packbits(masks, axis=-1)
-
-    with ThreadPoolExecutor(cpu_threads()) as pool:
-        list(pool.map(one, range(z)))
-    return out
+def enclosure_bits(volume: Volume, chroma: Chroma, device: torch.device, topology: BoneTopology | None = None):
+    """`Chroma.enclosure` (2, Z, Y, ceil(X / 8)) uint8 of ``chroma``'s classes on ``volume``: the `BoneTopology`
+    ``topology`` (started before the classes were known; here when None) gated by the classes."""
+    return (topology or BoneTopology(volume, device)).gate(chroma)
 
 
 #: Slices per batch of the enclosure and compose stages on a GPU: their temporaries take about 100 bytes per voxel,
@@ -231,27 +212,57 @@ DEVICE_SLICES = 32
 
 
 class BoneTopology:
-    """The HU-only half of the enclosure stage on a GPU (`bone_topology_torch`), computed in a background thread
-    from its construction, while the host makes the network's classes consistent (`consistency.make_consistent`);
-    `gate` waits for it and makes `Chroma.enclosure` without reading the HU again. Kept on the device as packed
-    bits: seven bits per voxel."""
+    """The HU-only half of the enclosure stage, computed in the background from its construction while the host makes
+    the network's classes consistent (`consistency.make_consistent`); `gate` waits for it and makes `Chroma.enclosure`
+    from the classes without reading the HU again. Kept as bits packed along X, seven per voxel (0.44x the size of
+    an int16 CT, freed with the object).
+
+    Where `runs_torch_stages`, `bone_topology_torch` in batches of `DEVICE_SLICES` on the device, in one thread;
+    elsewhere (the CPU, Apple's MPS) `bone_topology` slice by slice in `threads.cpu_threads` threads
+    (``ndimage.label`` releases the GIL), then gated on bits packed along X, never unpacked. The CPU's colours are
+    those of commit 8732aa4's slice-by-slice masks, byte for byte, at the same speed (120 slices of 512²,
+    2026-11-26, AMD EPYC without AVX-512, alternating runs: 3.7-5.3 s in process against 3.2-5.3 s); started beside
+    the network's forward passes instead (one thread) it gained nothing measurable on 2 cores (4.1-5.6 s against
+    4.3-5.0 s)."""
 
     def __init__(self, volume: Volume, device: torch.device) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.volume, self.device = volume, device
+        self.volume = volume
+        on_device = runs_torch_stages(device)
+        self.device = device if on_device else torch.device("cpu")
+        self._stop = False
         self._pool = ThreadPoolExecutor(1)
-        self._bits = self._pool.submit(self._compute)
+        self._bits = self._pool.submit(self._on_device if on_device else self._on_cpu)
 
-    def _compute(self) -> list[torch.Tensor]:
+    def _on_device(self) -> list[torch.Tensor]:
         z = self.volume.shape[0]
         pixel_mm2 = float(self.volume.spacing[1] * self.volume.spacing[2])
         packed = []
         with torch.inference_mode():
             for start in range(0, z, DEVICE_SLICES):
+                if self._stop:
+                    break
                 hu = device_hu(self.volume, start, min(z, start + DEVICE_SLICES), self.device)
                 packed.append(pack_bits(bone_topology_torch(hu, pixel_mm2)))
         return packed
+
+    def _on_cpu(self) -> list[torch.Tensor]:
+        """The CPU's slices in the pool's other threads (this one waits), in batches of `DEVICE_SLICES` as on a GPU."""
+        z, height, width = self.volume.shape
+        pixel_mm2 = float(self.volume.spacing[1] * self.volume.spacing[2])
+        out = np.empty((7, z, height, -(-width // 8)), dtype=np.uint8)
+
+        def one(k: int) -> None:
+            if not self._stop:
+                out[:, k] = np.packbits(bone_topology(hu_slices(self.volume, k, k + 1)[0], pixel_mm2), axis=-1)
+
+        with ThreadPoolExecutor(cpu_threads()) as pool:
+            list(pool.map(one, range(z)))
+        return [torch.from_numpy(out[:, start : start + DEVICE_SLICES]) for start in range(0, z, DEVICE_SLICES)]
+
+    def close(self) -> None:
+        """Stop after the batch in progress (a run abandoned before `gate`)."""
+        self._stop = True
+        self._pool.shutdown(wait=False)
 
     def gate(self, chroma: Chroma) -> np.ndarray:
         """`Chroma.enclosure` (2, Z, Y, ceil(X / 8)) uint8 of ``chroma``'s classes on this volume."""
@@ -267,9 +278,8 @@ class BoneTopology:
                 stop = min(z, start + DEVICE_SLICES)
                 top, prob = chroma.top[start:stop].to(device), chroma.prob[start:stop].to(device)
                 kept = (bone[top.long()] & (prob > 0)).any(dim=1)  # (n, h, w)
-                bone_pixel = kept.index_select(1, rows).index_select(2, cols)
-                masks = gate_topology(unpack_bits(packed[k], width), bone_pixel)
-                out[:, start:stop] = pack_bits(masks).cpu().numpy()
+                bone_pixel = pack_bits(kept.index_select(1, rows).index_select(2, cols))
+                out[:, start:stop] = gate_topology(packed[k], bone_pixel).cpu().numpy()
         return out
 
 

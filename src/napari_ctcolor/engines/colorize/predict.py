@@ -7,6 +7,7 @@ import contextlib
 import copy
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from ...io import Volume
 from ...memory import release_free_memory
 from ...models.colorizer import Colorizer, context_indices, downsample_hu, prepare_input
 from ...weights import COLORIZER_DEFAULT, load_colorizer
-from ..device import cpu_bf16, resolve_device, runs_torch_stages
+from ..device import cpu_bf16, resolve_device
 from ..fused import top_classes
 from ..orientation import AxialView
 from ..steps import Steps, blocking
@@ -58,6 +59,12 @@ MIN_PIXEL_MM = 0.05
 def _check_volume(volume: Volume) -> None:
     if volume.array.dtype.kind not in "iuf":
         raise InputError(f"cannot colorize an array of type {volume.array.dtype}")
+    pixel_mm = float(np.mean(volume.spacing[1:]))
+    if pixel_mm < MIN_PIXEL_MM:  # the network's grid is padded to multiples of chroma_mm / pixel_mm pixels
+        raise InputError(
+            f"{volume.meta.get('source') or 'the image'}: pixels of {pixel_mm:.3g} mm are finer than any CT's "
+            f"(at least {MIN_PIXEL_MM} mm); check its voxel spacing"
+        )
 
 
 @contextlib.contextmanager
@@ -97,19 +104,47 @@ def iter_predict_chroma(
     """
     _check_volume(volume)
     net, card = get_colorizer(model)
-    config = net.config
     device = resolve_device(device)
+    classes = yield from _network_classes(volume, net, device, batch_size, bf16)
+    # The enclosure's HU-only half (`BoneTopology`) in the background, while the host runs the anatomy step.
+    topology = BoneTopology(volume, device)
+    try:
+        if anatomy:
+            make_consistent(classes.top, classes.prob, classes.small_hu, net.config.classes, volume, classes.factor)
+        del classes.small_hu
+        if device.type == "cpu":  # the network's freed temporaries, before the compose phase allocates the RGB output
+            release_free_memory()
+        name = str(card.get("name", "custom"))
+        chroma = Chroma(classes.top, classes.prob, net.config.classes, classes.factor, classes.pad, name)
+        chroma.enclosure = enclosure_bits(volume, chroma, device, topology)
+    finally:
+        topology.close()  # a run stopped here (an error) stops it too
+    chroma.blood_fade_hu = blood_fade(chroma.named_blood_hu(volume.array, volume.spacing, BLOOD_PERCENTILE))
+    return chroma
+
+
+@dataclass
+class _Classes:
+    """The network's kept classes of a volume: (Z, k, h, w) uint8 ``top`` and ``prob``, (Z, h, w) ``small_hu`` (the
+    HU on the network's grid, for the anatomy step), the in-plane reduction ``factor`` and full-resolution ``pad``."""
+
+    top: torch.Tensor
+    prob: torch.Tensor
+    small_hu: torch.Tensor
+    factor: int
+    pad: tuple[tuple[int, int], tuple[int, int]]
+
+
+def _network_classes(
+    volume: Volume, net: Colorizer, device: torch.device, batch_size: int | None, bf16: bool | None
+) -> Steps[_Classes]:
+    """The network's forward passes over ``volume`` (`iter_predict_chroma`'s steps), its kept classes returned."""
+    config = net.config
     if device.type != "cpu":  # a copy: the cached (or caller's) model stays on the CPU for other callers
         net = copy.deepcopy(net).to(device)
     if device.type == "cuda" and config.dims == 2:  # channels_last exists for 4D tensors only
         net = net.to(memory_format=torch.channels_last)
-    pixel_mm = float(np.mean(volume.spacing[1:]))
-    if pixel_mm < MIN_PIXEL_MM:  # the network's grid is padded to multiples of chroma_mm / pixel_mm pixels
-        raise InputError(
-            f"{volume.meta.get('source') or 'the image'}: pixels of {pixel_mm:.3g} mm are finer than any CT's "
-            f"(at least {MIN_PIXEL_MM} mm); check its voxel spacing"
-        )
-    factor = config.factor_for(pixel_mm)
+    factor = config.factor_for(float(np.mean(volume.spacing[1:])))
     multiple = factor * config.net_multiple
     z, height, width = volume.shape
     pad = (_network_padding(height, multiple), _network_padding(width, multiple))
@@ -175,17 +210,7 @@ def iter_predict_chroma(
             top[:] = view.volume_from_view(top_view.movedim(0, 1)).movedim(1, 0)
             prob[:] = view.volume_from_view(prob_view.movedim(0, 1)).movedim(1, 0)
         del x
-    # On a GPU the enclosure's HU-only half runs there meanwhile (`BoneTopology`).
-    topology = BoneTopology(volume, device) if runs_torch_stages(device) else None
-    if anatomy:
-        make_consistent(top, prob, small_hu, config.classes, volume, factor)
-    del small_hu
-    if device.type == "cpu":  # the network's freed temporaries, before the compose phase allocates the RGB output
-        release_free_memory()
-    chroma = Chroma(top, prob, config.classes, factor, pad, str(card.get("name", "custom")))
-    chroma.enclosure = enclosure_bits(volume, chroma, device, topology)
-    chroma.blood_fade_hu = blood_fade(chroma.named_blood_hu(volume.array, volume.spacing, BLOOD_PERCENTILE))
-    return chroma
+    return _Classes(top, prob, small_hu, factor, pad)
 
 
 def _sliding_window_3d(
