@@ -179,3 +179,36 @@ def test_an_enhanced_ct_opens_in_its_header_window_and_offers_the_others(
         assert layer.metadata["ctcolor"]["contrast"] == "APPLIED"
         np.testing.assert_allclose(layer.contrast_limits, series.contrast_limits, atol=1.0)
         assert tuple(layer.contrast_limits) != (-110.0, 190.0)
+
+
+def _right_drag(viewer, start: tuple[int, int], end: tuple[int, int]) -> None:
+    """A right-button drag on the canvas through napari's own mouse dispatch (what a user's mouse reaches)."""
+    from napari.utils._proxies import ReadOnlyWrapper
+    from napari.utils.events import Event
+    from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
+
+    drag = dict(button=2, modifiers=[], position=viewer.cursor.position, view_direction=None, dims_displayed=[1, 2])
+    mouse_press_callbacks(viewer, ReadOnlyWrapper(Event("mouse_press", pos=start, is_dragging=False, **drag)))
+    mouse_move_callbacks(viewer, ReadOnlyWrapper(Event("mouse_move", pos=end, is_dragging=True, **drag)))
+    mouse_release_callbacks(viewer, ReadOnlyWrapper(Event("mouse_release", pos=end, is_dragging=True, **drag)))
+
+
+def test_right_drag_windows_a_freshly_opened_ct_without_any_panel(make_napari_viewer):
+    """Open a CT and right-drag at once, no panel open: the window changes as on a PACS (200 px right doubles the
+    width, 100 px down raises the centre by half the starting width), the camera does not zoom; with a grey image
+    of another plugin selected the drag still windows the CT, never that image."""
+    path = require_shared(CT_DIR / "totalseg-body-3mm-30slices.nii.gz")
+    viewer = make_napari_viewer()
+    ct = viewer.open(str(path), plugin=PLUGIN)[0]
+    low, high = ct.contrast_limits
+    centre, width = (low + high) / 2, high - low
+    zoom = viewer.camera.zoom
+    _right_drag(viewer, (300, 300), (500, 400))
+    np.testing.assert_allclose(ct.contrast_limits, (centre + width / 2 - width, centre + width / 2 + width))
+    assert viewer.camera.zoom == zoom and viewer.camera.mouse_pan
+    other = viewer.add_image(np.zeros((4, 4, 4), dtype=np.float32), name="not ours", contrast_limits=(0.0, 1.0))
+    assert viewer.layers.selection.active is other
+    before = tuple(ct.contrast_limits)
+    _right_drag(viewer, (300, 300), (300, 200))  # 100 px up: the centre down by half the width
+    assert tuple(other.contrast_limits) == (0.0, 1.0)
+    np.testing.assert_allclose(ct.contrast_limits, np.array(before) - (before[1] - before[0]) / 2)

@@ -24,7 +24,7 @@ from napari_ctcolor.io import Volume, read_volume, write_nifti
 from napari_ctcolor.napari import _register_widget
 from napari_ctcolor.napari._layers import image_layer_data, layer_attributes
 from napari_ctcolor.napari._register_outputs import tile_edges
-from napari_ctcolor.napari._register_widget import MODEL_FILE, RegisterWidget
+from napari_ctcolor.napari._register_widget import MODEL_FILE, TITLE, RegisterWidget
 from napari_ctcolor.windowing import window
 
 from conftest import CT_DIR, SHARED_DATA, assert_documented, ct_weights_shipped, require_shared
@@ -336,11 +336,11 @@ def test_auto_settings_take_the_cards_defaults_and_a_doubtful_registration_says_
         steps = engine(*args, **kwargs)
         while True:
             try:
-                done, total = next(steps)
+                done, total, *stage = next(steps)
             except StopIteration as stop:
                 return stop.value
             totals.append(total)
-            yield done, total
+            yield (done, total, *stage)
 
     monkeypatch.setattr(_register_widget, "iter_register", recording_engine)
     # An 8-slice crop of the CT, the same crop shifted by 2 voxels, and noise on the same grid.
@@ -357,7 +357,16 @@ def test_auto_settings_take_the_cards_defaults_and_a_doubtful_registration_says_
     fixed, moving, unrelated = layers
     widget = open_widget(viewer, fixed, moving, prealign="auto", refine=None)
 
-    # auto, auto: the CT card's pre-alignment and refinement; the bar's total is the engine's, refinement included.
+    # auto, auto: the CT card's pre-alignment and refinement; the bar's total is the engine's, refinement included;
+    # the status line names each stage as it runs.
+    said: list[str] = []
+    shown_progress = widget.jobs.progress
+
+    def progress_seen(step):  # the status line as each step left it
+        shown_progress(step)
+        said.append(widget.status.value)
+
+    monkeypatch.setattr(widget.jobs, "progress", progress_seen)
     click_and_wait(qtbot, widget, widget.run_button)
     m, card = widget.result.metrics, load_registration_model("ct")
     iterations = card.refine.auto_iterations(crop.shape)
@@ -366,6 +375,9 @@ def test_auto_settings_take_the_cards_defaults_and_a_doubtful_registration_says_
     assert f"pre-alignment on, refine {iterations}" in widget.summary.value
     assert "⚠" not in widget.summary.value and not shown
     assert widget.progress_bar.value == widget.progress_bar.max == totals[-1] > 9  # 8 stages and refinement steps
+    stages = [text.removeprefix(f"{TITLE}: ").removesuffix("...") for text in said if text.endswith("...")]
+    named = ["pre-alignment", "resampling", "network", "refinement", "inversion", "warping", "metrics", "outputs"]
+    assert [name for name in dict.fromkeys(stages) if name in named] == named, said
 
     # Noise against the CT, the network alone: the registration finishes, its layers are added, and its warnings
     # show under the numbers and once as a napari warning.

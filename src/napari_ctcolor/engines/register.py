@@ -297,13 +297,17 @@ class _Stages:
         if self.cancel is not None and self.cancel():
             raise Cancelled(f"registration cancelled {what}")
 
-    def tick(self) -> tuple[int, int]:
-        """One step inside a stage (a refinement step): count it, report it, poll cancel; ``(done, total)``."""
+    def tick(self) -> tuple[int, int, str]:
+        """One step inside a stage (a refinement step): count it, report it, poll cancel; ``(done, total, stage)``."""
         self.done += 1
         if self.progress is not None:
             self.progress(self.done, self.total)
         self._check_cancel(f"after step {self.done} of {self.total}")
-        return self.done, self.total
+        return self.done, self.total, "refinement"
+
+    def step(self, following: str) -> tuple[int, int, str]:
+        """The step after a stage: ``(done, total, following)``, the name of the stage that runs next."""
+        return self.done, self.total, following
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -856,12 +860,12 @@ def iter_register(
         what = f"registration of {fixed.shape} voxels" + (" with refinement (try --refine 0)" if iterations else "")
         check_memory(needed, what)
         network, normalisation = loaded.network.to(torch_device), loaded.normalisation
-    yield stages.done, stages.total
+    yield stages.step("pre-alignment" if affine else "resampling")
     transform = None
     if affine:
         with stages("prealign"):
             transform = (prealignment and prealignment()) or prealign(fixed, moving)
-        yield stages.done, stages.total
+        yield stages.step("resampling")
 
     with stages("resample"):
         if transform is None and same_grid(fixed, moving):
@@ -888,7 +892,7 @@ def iter_register(
             unaligned = moving_t
         lncc_before = local_ncc(fixed_n, _normalise(unaligned, normalisation, moving_low, moving_high), body)
         del unaligned
-    yield stages.done, stages.total
+    yield stages.step("network")
 
     with stages("forward"), torch.inference_mode():
         bf16 = False
@@ -913,7 +917,7 @@ def iter_register(
             v_xy, v_yx = v_xy.float().contiguous(), v_yx.float().contiguous()
             del fixed_in, moving_in
         del moving_t  # the refinement reads the moving image as it was read
-    yield stages.done, stages.total
+    yield stages.step("integration")
 
     with stages("integrate"), torch.inference_mode():
 
@@ -931,7 +935,7 @@ def iter_register(
             f_ab, f_ba = _integrate_halves(v_xy, v_yx, inverse=not iterations)
             f_ab, f_ba = (None if f_ab is None else on_fixed_axes(f_ab)), on_fixed_axes(f_ba)
         del v_xy, v_yx
-    yield stages.done, stages.total
+    yield stages.step("fields")
 
     with stages("fields"), torch.inference_mode():
         ddf, inverse_ddf = _voxels_to_mm(f_ba, fixed), (None if f_ab is None else _voxels_to_mm(f_ab, fixed))
@@ -947,7 +951,7 @@ def iter_register(
             to_y = _affine_displacement(fixed, a_inv, -a_inv @ b, ddf)
             u_inv_at_y = _sample(inverse_ddf.permute(3, 0, 1, 2)[None], _physical_sampling_grid(fixed, fixed, to_y))
             inverse_ddf = u_inv_at_y[0].permute(1, 2, 3, 0) + to_y
-    yield stages.done, stages.total
+    yield stages.step("refinement" if iterations else "warping")
 
     if iterations:
         with stages("refine"):  # SimpleITK on the CPU, in LPS mm, from the whole map (pre-alignment included)
@@ -960,13 +964,14 @@ def iter_register(
             del moving_n
             refined = yield from _ticks(refine_field(*normalised, ddf.cpu().numpy(), iterations), stages, ticks)
             del normalised
+            yield stages.step("inversion")
             ddf = torch.from_numpy(refined.astype(np.float32)).to(torch_device)
             inverse_ddf = torch.from_numpy(invert_field(refined, fixed).astype(np.float32)).to(torch_device)
             del refined
             # The metrics below see the whole map: its fields in fixed voxels, and no separate affine factor.
             f_ba, f_ab = _mm_to_voxels(ddf, fixed), _mm_to_voxels(inverse_ddf, fixed)
             affine_det = 1.0
-        yield stages.done, stages.total
+        yield stages.step("warping")
 
     with stages("warp"), torch.inference_mode():
         # One interpolation of the original moving image through the final ddf (no resample-then-warp blur), with
@@ -986,7 +991,7 @@ def iter_register(
             grid = _physical_sampling_grid(moving_labels, fixed, ddf.double())
             warped_labels = _sample(labels, grid, mode="nearest")[0, 0].cpu().numpy().astype(moving_labels.array.dtype)
             del labels, grid
-    yield stages.done, stages.total
+    yield stages.step("metrics")
 
     with stages("metrics"), torch.inference_mode():
         # det J is invariant under the voxel -> mm similarity, so the voxel field gives it; the affine part is constant.
@@ -1009,7 +1014,7 @@ def iter_register(
         warped = warped_t[0, 0].cpu().numpy()
         body_np = body[0, 0].cpu().numpy()
         overlap = 1.0 if outside is None or not body_np.any() else float(1.0 - outside[body_np].mean())
-    yield stages.done, stages.total
+    yield stages.step("outputs")
 
     metrics: dict[str, Any] = {
         "ncc_before": ncc_before,

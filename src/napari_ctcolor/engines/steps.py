@@ -16,7 +16,9 @@ from ..errors import Cancelled
 
 Progress = Callable[[int, int], Any]
 Cancel = Callable[[], bool]
-Step = tuple[int, int]  # (done, total)
+#: (done, total), or (done, total, stage): ``stage`` names what runs until the next step ("refinement"), for a
+#: progress line; callers that only count take the first two.
+Step = tuple[int, int] | tuple[int, int, str]
 R = TypeVar("R")
 Steps = Generator[Step, None, R]
 
@@ -32,7 +34,7 @@ def run_steps(steps: Steps[R], progress: Progress | None = None, cancel: Cancel 
             steps.close()
             raise Cancelled("cancelled")
         try:
-            done, total = next(steps)
+            done, total = next(steps)[:2]
         except StopIteration as stop:
             return stop.value
         if progress is not None:
@@ -40,13 +42,14 @@ def run_steps(steps: Steps[R], progress: Progress | None = None, cancel: Cancel 
 
 
 def offset_steps(steps: Steps[R], offset: int, total: int) -> Steps[R]:
-    """Re-yield a phase's ``(done, _)`` steps as ``(offset + done, total)`` and return its value (for `yield from`)."""
+    """Re-yield a phase's ``(done, _)`` steps as ``(offset + done, total)`` (a stage name kept) and return its value
+    (for `yield from`)."""
     while True:
         try:
-            done, _ = next(steps)
+            done, _, *stage = next(steps)
         except StopIteration as stop:
             return stop.value
-        yield offset + done, total
+        yield (offset + done, total, *stage)
 
 
 def blocking(iterate: Callable[..., Steps[R]]) -> Callable[..., R]:

@@ -15,7 +15,7 @@ The widget is a thin front end over `napari_ctcolor.engines.colorize`, the same 
 - A contrast CT opens with its enhanced blood mid-grey when its DICOM header says contrast was given
   (`_layers.opening_window`). A CT without such a header (NIfTI, NRRD, MHA) moves to that window after Run when the
   blood the network names is enhanced and the CT still shows the window it opened in (`_window_for_contrast`).
-- Right-drag on the canvas sets the window (`_window_drag`). A progress bar in the widget; Axial / Coronal /
+- Right-drag on the canvas sets the window (`_window_drag.window_drag`). A progress bar in the widget; Axial / Coronal /
   Sagittal buttons show radiologically oriented views (`_view`).
 - The widget's "Pointer" line shows the CT's HU under napari's cursor, the voxel's position in mm (LPS) and its
   slice; after Run also the colour class there and its probability. The CT stays the selected layer after Run, so
@@ -52,6 +52,7 @@ from ._docks import attach_to_viewer, settle_heap, tab_with_siblings
 from ._jobs import JobRunner
 from ._layers import layer_attributes, volume_from_layer
 from ._view import plane_buttons
+from ._window_drag import install_window_drag
 
 if TYPE_CHECKING:
     import napari
@@ -103,7 +104,7 @@ class ColorizeWidget(WindowControl, RunAndRecompose, ClassesAndPointer, View3D, 
         settle_heap()
         self.jobs = JobRunner(self.progress_bar, self.status, self.run_button, self.cancel_button)
         self._viewer.cursor.events.position.connect(self._on_cursor)
-        self._viewer.mouse_drag_callbacks.append(self._window_drag)
+        install_window_drag(napari_viewer)
         self.ct_layer.changed.connect(self._watch_ct)
         self._stop_following_layers = attach_to_viewer(
             self.native, napari_viewer, self._on_layers_changed, self._detach
@@ -199,8 +200,6 @@ class ColorizeWidget(WindowControl, RunAndRecompose, ClassesAndPointer, View3D, 
         for run in list(self._runs):
             self._unlink(run.ct)
         self._viewer.cursor.events.position.disconnect(self._on_cursor)
-        if self._window_drag in self._viewer.mouse_drag_callbacks:
-            self._viewer.mouse_drag_callbacks.remove(self._window_drag)
         self.cancel()
         if self._worker_3d is not None:
             self._worker_3d.quit()

@@ -21,8 +21,6 @@ from ._layers import CONTRAST_WINDOW_KEY, META_KEY
 
 DICOM_DEFAULT = "DICOM default"
 CUSTOM = "custom"
-#: Right-drag window/level: pixels of mouse travel that double the width or move the centre by one width.
-WINDOW_DRAG_PX = 200.0
 
 
 def preset_label(name: str) -> str:
@@ -193,32 +191,6 @@ class WindowControl:
         self._fill_window_fields()
         if self._kept is not None and self._kept.ct is layer:
             self._recompose()
-
-    def _window_drag(self, viewer, event):
-        """Right-drag on the canvas (2D): window/level of the chosen CT layer, as on a PACS workstation. Rightwards
-        widens the window (x2 per `WINDOW_DRAG_PX` pixels), leftwards narrows it; downwards raises its centre (the
-        image darkens, one starting width per `WINDOW_DRAG_PX`), upwards lowers it. The colour follows as for any
-        window change. napari's camera, which zooms on a right-drag, is held meanwhile."""
-        layer = self._watched
-        if event.button != 2 or layer is None or viewer.dims.ndisplay != 2:
-            return
-        low, high = (float(v) for v in layer.contrast_limits)
-        centre, width = (low + high) / 2, high - low
-        start = np.asarray(event.pos, dtype=float)
-        viewer.camera.mouse_pan = False
-        try:
-            yield
-            while event.type == "mouse_move":
-                dx, dy = np.asarray(event.pos, dtype=float) - start
-                win = Window(centre + dy * width / WINDOW_DRAG_PX, max(1.0, width * 2.0 ** (dx / WINDOW_DRAG_PX)))
-                range_low, range_high = layer.contrast_limits_range
-                low, high = win.limits
-                if low < range_low or high > range_high:
-                    layer.contrast_limits_range = (min(low, range_low), max(high, range_high))
-                layer.contrast_limits = win.limits
-                yield
-        finally:
-            viewer.camera.mouse_pan = True
 
     def _push_window(self) -> None:
         """Show the widget's window on the CT layer (its contrast limits)."""

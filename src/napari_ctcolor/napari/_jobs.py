@@ -36,6 +36,7 @@ class JobRunner:
         self.progress_bar, self.status = progress_bar, status
         self.run_button, self.cancel_button = run_button, cancel_button
         self.worker = None  # the running GeneratorWorker, if any
+        self._desc = ""  # its name, for the status line
         self.closed = False  # the widget is gone: nothing is shown any more
 
     @property
@@ -78,6 +79,7 @@ class JobRunner:
         self.run_button.enabled = run_stays_enabled
         self.cancel_button.enabled = True
         self.status.value = f"{desc}..."
+        self._desc = desc
         worker.start()
         return worker
 
@@ -86,12 +88,15 @@ class JobRunner:
         if self.worker is not None:
             self.worker.quit()
 
-    def progress(self, step: tuple[int, int]) -> None:
-        """One ``(done, total)`` step: the bar takes the job's own total and its count."""
-        done, total = step
+    def progress(self, step: tuple[int, int] | tuple[int, int, str]) -> None:
+        """One ``(done, total)`` step: the bar takes the job's own total and its count; a step that names the stage
+        to come (``(done, total, stage)``) says it in the status line ("Register & checkerboard: refinement...")."""
+        done, total, *stage = step
         if not self.closed:
             self.progress_bar.max = total
             self.progress_bar.value = done
+            if stage:
+                self.status.value = f"{self._desc}: {stage[0]}..."
 
     def say(self, text: str) -> None:
         if not self.closed:

@@ -14,6 +14,7 @@ from ..io import ITK_SUFFIXES, NIFTI_SUFFIXES, ColorVolume, Volume, read_image
 from ..io.color_read import PNG_GEOMETRY
 from ..io.dicomweb import is_series_url
 from ._layers import image_layer_data, rgb_layer_data
+from ._window_drag import install_window_drag
 
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
@@ -89,4 +90,7 @@ def read_ct(path):
     image = read_image(path)
     if isinstance(image, ColorVolume):
         return [rgb_layer_data(image)]
+    import napari
+
+    install_window_drag(napari.current_viewer())  # right-drag windows the CT from its first image
     return [image_layer_data(axis_ordered(image))]

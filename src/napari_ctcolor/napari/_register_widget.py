@@ -376,12 +376,12 @@ class RegisterWidget(RegisterOutputs, Container):
             try:
                 while True:
                     try:
-                        done, total = next(engine)
+                        done, total, *stage = next(engine)
                     except StopIteration as stop:
                         result = stop.value
                         break
                     total += extra
-                    yield done, total
+                    yield (done, total, *stage)
             finally:
                 engine.close()  # Cancel closes this generator at a yield: the engine's own finally blocks run
             fixed_color = warped_color = None
