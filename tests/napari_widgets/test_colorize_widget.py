@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from napari_ctcolor.color import grey_to_lightness, load_palette, srgb_to_lab
+from napari_ctcolor.engines.anatomy import family
 from napari_ctcolor.engines.body import body_mask
 from napari_ctcolor.engines.colorize import colorize
 from napari_ctcolor.io import ColorVolume, Volume, read_color_volume, read_volume, write_nifti
@@ -153,7 +154,20 @@ def test_run_colors_the_ct_and_settings_recompose_without_the_network(
     # What a colour stands for: the class under a voxel inside the liver, and a Labels layer of the classes.
     liver = np.argwhere(ct.data[10] > 80)[0]  # a contrast-enhanced soft-tissue voxel of slice 10
     described = widget.describe((10, *liver))
-    assert described.endswith("(colour class, not a segmentation)") and "%" in described
+    assert described.endswith(("(colour class, not a segmentation)", "(tissue; no structure above 50%)"))
+    # A structure is named at 50 % or more, else its tissue with the summed share of that tissue's classes.
+    chroma, seen = widget._kept.chroma, set()
+    for k, j, i in np.argwhere(ct.data[::4, ::16, ::16] > -500) * (4, 16, 16):
+        name, probability = chroma.class_at(k, j, i, float(ct.data[k, j, i]))
+        said = widget.describe((k, j, i))
+        if name == "air":
+            continue
+        sure = probability >= 0.5
+        seen.add(sure)
+        tissue, share = chroma.tissue_at(k, j, i, float(ct.data[k, j, i]))
+        assert said.startswith(f"{name} " if sure else f"{family(name).replace('_', ' ')} "), (said, name, probability)
+        assert sure or (share >= probability and said.endswith("(tissue; no structure above 50%)")), said
+    assert seen == {True, False}  # both kinds of voxel were met
     classes = widget.show_classes()
     assert classes.name == f"{ct.name} colour classes" and classes.data.shape == ct.data.shape
     np.testing.assert_allclose(classes.scale, ct.scale)
@@ -381,7 +395,8 @@ def test_a_2d_slice_layer_gives_a_2d_rgb_result_in_place(make_napari_viewer, qtb
     body = body_mask(hu[None].astype(np.float32), ct.spacing)[0]
     y, x = np.argwhere((hu > 80) & body)[0]
     described = widget.describe((y, x))
-    assert described.split(" ")[0] == list(classes.features["color_class"])[int(classes.data[y, x])]
+    named = list(classes.features["color_class"])[int(classes.data[y, x])]
+    assert described.split(" ")[0] == (named if "(colour class" in described else family(named).split("_")[0])
     y, x = np.argwhere((hu > 80) & ~body)[0]  # the table: no colour, no class, and the pointer says so
     assert classes.data[y, x] == 0 and widget.describe((y, x)) == "no colour (air or outside the body)"
     assert np.abs(layer.data[y, x].astype(int) - layer.data[y, x, 0]).max() == 0  # grey

@@ -24,6 +24,10 @@ from ._layers import layer_attributes
 LEGEND_MIN_SHARE = 0.001
 #: The legend scrolls beyond this height (pixels): a long one would push the viewer's window off a 1080 px screen.
 LEGEND_MAX_HEIGHT = 160
+#: The pointer names a structure (liver, ribs) only when its probability in the network pixel is at least this; below
+#: it says the structure's tissue (bone, soft tissue) with the summed probability of that tissue's classes: a name at
+#: 9-15 % reads as a finding, and is not one.
+POINTER_MIN_PROBABILITY = 0.5
 
 
 def scroll_within(widget: QWidget, max_height: int) -> None:
@@ -116,10 +120,14 @@ class ClassesAndPointer:
         shape = kept.volume.shape
         if index.size != 3 or not all(0 <= i < n for i, n in zip(index, shape, strict=True)):
             return ""
-        name, probability = kept.chroma.class_at(*(int(i) for i in index), float(kept.volume.array[tuple(index)]))
+        where = (*(int(i) for i in index), float(kept.volume.array[tuple(index)]))
+        name, probability = kept.chroma.class_at(*where)
         if name == "air":  # what the class layer leaves clear: air, and the table or blankets outside the body
             return "no colour (air or outside the body)"
-        return f"{name} {probability:.0%} (colour class, not a segmentation)"
+        if probability >= POINTER_MIN_PROBABILITY:
+            return f"{name} {probability:.0%} (colour class, not a segmentation)"
+        tissue, share = kept.chroma.tissue_at(*where)  # a guessed structure is not named: its tissue is
+        return f"{tissue.replace('_', ' ')} {share:.0%} (tissue; no structure above {POINTER_MIN_PROBABILITY:.0%})"
 
     def _class_colors(self) -> DirectLabelColormap:
         """Each class label (1 + class index, `Chroma.most_probable`) in its colour under the current palette; the

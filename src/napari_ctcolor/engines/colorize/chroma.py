@@ -106,6 +106,14 @@ class Chroma:
         best = int((prob * fit).argmax())
         return self.classes[int(top[best])], float(prob[best]) / 255.0
 
+    def tissue_at(self, z: int, y: int, x: int, hu: float) -> tuple[str, float]:
+        """The tissue (`anatomy.family`: bone, contrast_blood, soft_tissue, ...) of `class_at`'s class and the summed
+        probability of the kept classes of that tissue in the network pixel."""
+        tissue = _anatomy.family(self.class_at(z, y, x, hu)[0])
+        row, col = self.network_pixel(y, x)
+        kept = zip(self.top[z, :, row, col].tolist(), self.prob[z, :, row, col].tolist(), strict=True)
+        return tissue, sum(p for k, p in kept if p > 0 and _anatomy.family(self.classes[k]) == tissue) / 255.0
+
     def most_probable(self, hu: np.ndarray) -> np.ndarray:
         """(Z, Y, X) uint8 label map on the CT grid of ``hu`` (the CT's HU): 1 + the index of each voxel's most probable
         class, 0 where it is air (nothing to show).
