@@ -197,22 +197,17 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     np.testing.assert_allclose(warped.contrast_limits, moving.contrast_limits)
     result = widget.result
     np.testing.assert_array_equal(warped.data, result.warped.array)
-    # The difference of what the fixed layer's window shows: HU clipped to it, then subtracted; under a soft-tissue
-    # window the lungs (both sides below it) are clear instead of noise, and it follows a change of window.
-    lo, hi = fixed.contrast_limits
-    np.testing.assert_allclose(
-        difference.data, np.clip(fixed.data, lo, hi) - np.clip(result.warped.array, lo, hi), atol=1e-3
-    )
+    # The difference in HU with both sides clipped to -1000..400 HU, opaque at +-400 HU, whatever the fixed layer's
+    # window: the lungs' misalignment shows under a soft-tissue window, and a window change redraws nothing.
+    expected = np.clip(fixed.data, -1000, 400) - np.clip(result.warped.array, -1000, 400)
+    np.testing.assert_allclose(difference.data, expected, atol=1e-3)
+    assert tuple(difference.contrast_limits) == (-400.0, 400.0)
     lungs = (fixed.data < -600) & (result.warped.array < -600)
-    assert lungs.sum() > 1000 and np.all(difference.data[lungs] == 0)
-    assert np.abs(fixed.data - result.warped.array)[lungs].mean() > 10  # measured: they differ in HU
+    assert lungs.sum() > 1000 and np.abs(difference.data[lungs]).mean() > 10  # lung texture, not clipped away
+    shown = difference.data
     fixed.contrast_limits = (-1350.0, 150.0)  # the lung window
-    qtbot.waitUntil(lambda: tuple(difference.contrast_limits) == (-750.0, 750.0), timeout=TIMEOUT_MS)
-    np.testing.assert_allclose(
-        difference.data, np.clip(fixed.data, -1350, 150) - np.clip(result.warped.array, -1350, 150), atol=1e-3
-    )
-    fixed.contrast_limits = (lo, hi)
-    qtbot.waitUntil(lambda: tuple(difference.contrast_limits) == (-(hi - lo) / 2, (hi - lo) / 2), timeout=TIMEOUT_MS)
+    qtbot.wait(400)
+    assert difference.data is shown and tuple(difference.contrast_limits) == (-400.0, 400.0)
     low, high = difference.contrast_limits
     np.testing.assert_array_equal(jacobian.data, result.jacobian.array)
     assert low == -high and tuple(jacobian.contrast_limits) == (0.0, 2.0)

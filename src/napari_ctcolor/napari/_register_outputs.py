@@ -1,12 +1,12 @@
 """The "Register & checkerboard" widget's output layers: the warped image (and its colorized twin), the difference,
 the Jacobian, the checkerboard and its tile edges, each placed with the fixed layer's transforms and replaced in
 place on a re-run; and the summary of the run's numbers. The tile slider and the colour toggle only redraw the
-checkerboard from the kept run; the difference follows the fixed layer's window.
+checkerboard from the kept run. The difference shows lung and soft tissue alike, whatever the fixed layer's window
+(`difference_of`), so a window change redraws nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import html
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,7 +17,6 @@ from magicgui.widgets import CheckBox, FloatSlider, Label
 from napari.layers import Image
 from napari.utils import Colormap
 from qtpy.QtCore import QTimer
-from superqt.utils import qdebounced
 
 from ..engines.checkerboard import checkerboard, checkerboard_mask
 from ..engines.register import RegistrationResult
@@ -77,7 +76,8 @@ class Output:
     result: RegistrationResult
     fixed_color: ColorVolume | None
     warped_color: ColorVolume | None
-    difference: np.ndarray | None = None  # `windowed_difference` under the fixed layer's window at run time
+    difference: np.ndarray  # `difference_of`
+    difference_limits: tuple[float, float]
 
 
 @dataclass
@@ -90,7 +90,6 @@ class Kept:
         transforms: the fixed layer's scale/translate/rotate/affine at run time (every output layer gets them).
         fixed_limits: the fixed layer's contrast limits at run time.
         two_d: the fixed layer is 2D; output layers then show the single slice.
-        fixed_layer: the fixed grey layer; the difference follows its window.
     """
 
     inputs: Inputs
@@ -98,7 +97,6 @@ class Kept:
     transforms: dict[str, np.ndarray]
     fixed_limits: tuple[float, float]
     two_d: bool
-    fixed_layer: Image
 
 
 def grey_as_color(volume: Volume, limits: tuple[float, float]) -> ColorVolume:
@@ -125,8 +123,6 @@ class RegisterOutputs:
         self.summary.native.setWordWrap(True)  # long text wraps instead of widening the dock over the canvas
         self._turns = 0  # steps of showing a result still to run (`_in_turns`)
         self._edges_hidden_for_3d = False  # the 3D view hid the tile edges the user had shown
-        # The difference follows the fixed layer's window, redrawn once a slider drag pauses (a volume's worth).
-        self._window_changed = qdebounced(self._redraw_difference, timeout=200)
         self.tile_mm.changed.connect(self._redraw_checkerboard)
         self.before.changed.connect(self._redraw_checkerboard)
         return self.tile_mm, self.before, self.summary
@@ -149,7 +145,14 @@ class RegisterOutputs:
                 )
             )
         steps += [
-            self._redraw_difference,
+            lambda: self._put(
+                DIFFERENCE,
+                output.difference,
+                "difference",
+                limits=output.difference_limits,
+                colormap=DIFFERENCE_COLORMAP,
+                **overlay,
+            ),
             lambda: self._put(
                 JACOBIAN,
                 result.jacobian.array,
@@ -200,43 +203,12 @@ class RegisterOutputs:
             f" | {m['seconds']:.1f} s ({m['device']}, pre-alignment {'on' if m['affine'] else 'off'},"
             f" refine {m['refine_iterations']})"
             f"{warnings}"
-            "<br>difference = fixed - warped (HU within the fixed layer's window): red where the fixed image is"
-            " brighter, blue where the warped is"
+            "<br>difference = fixed - warped (HU, both from -1000 to 400; +-400 HU opaque): red where the fixed image"
+            " is brighter, blue where the warped is"
             "<br>Jacobian det J: 1 unchanged, &lt; 1 compressed (magenta), &gt; 1 expanded (green), &le; 0 folded"
             f"; in the body {spread[0]:.2f}-{spread[1]:.2f} (1st-99th percentile). A rigid or affine motion alone is"
             " 1 everywhere: colour is the field's own local deformation, real or fitted to noise and contrast"
             " (vessel lumens), not the interpolation of the moved scan"
-        )
-
-    def _follow_window(self, layer: Image | None) -> None:
-        """Redraw the difference when ``layer``'s (the fixed layer's) window changes; None: stop following."""
-        kept = self._kept
-        if kept is not None:
-            with contextlib.suppress(TypeError, ValueError):  # never connected (a run that failed) or already gone
-                kept.fixed_layer.events.contrast_limits.disconnect(self._window_changed)
-        if layer is not None:
-            layer.events.contrast_limits.connect(self._window_changed)
-
-    def _redraw_difference(self) -> None:
-        """The difference layer under the fixed layer's current window, opaque at +- half its width, clear at 0."""
-        kept = self._kept
-        if kept is None or self._closed:
-            return
-        limits = tuple(float(v) for v in kept.fixed_layer.contrast_limits)
-        difference = kept.output.difference
-        if difference is None or limits != kept.fixed_limits:  # the worker's was for the window at run time
-            difference = windowed_difference(kept.inputs.fixed.array, kept.output.result.warped.array, limits)
-        kept.output.difference = None  # shown once; a redraw follows the window
-        half = 0.5 * (limits[1] - limits[0])
-        self._put(
-            DIFFERENCE,
-            difference,
-            "difference",
-            limits=(-half, half),
-            colormap=DIFFERENCE_COLORMAP,
-            opacity=OVERLAY_OPACITY,
-            colorbar=True,
-            hide=True,
         )
 
     def _redraw_checkerboard(self, *_: Any, edges: bool = True) -> None:
@@ -366,11 +338,25 @@ def tile_edges(grid: Volume, tile_mm: float, axes: Sequence[int] = (1, 2)) -> np
     return edges.view(np.uint8)
 
 
-def windowed_difference(fixed: np.ndarray, warped: np.ndarray, limits: tuple[float, float]) -> np.ndarray:
-    """float32 fixed - warped (HU) with both clipped to the window ``limits``: the difference of what that window
-    shows (two voxels both below or both above it differ by 0)."""
-    low, high = limits
-    return np.clip(fixed, low, high, dtype=np.float32) - np.clip(warped, low, high, dtype=np.float32)
+#: The difference layer: fixed - warped in HU with both clipped to `DIFFERENCE_CLIP_HU` (air to contrast-filled
+#: vessels: a lung's and a soft tissue's misalignment alike; bone differs no more than its edge), opaque at
+#: +-`DIFFERENCE_RANGE_HU`, whatever the fixed layer's window (a soft-tissue window hid the lungs' misalignment).
+DIFFERENCE_CLIP_HU, DIFFERENCE_RANGE_HU = (-1000.0, 400.0), 400.0
+#: Below this HU somewhere in the fixed image: it is in HU (a CT); else the difference uses the fixed layer's window.
+HU_MIN = -500.0
+
+
+def difference_of(
+    fixed: np.ndarray, warped: np.ndarray, limits: tuple[float, float]
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """(float32 fixed - warped with both clipped to `DIFFERENCE_CLIP_HU`, its display limits +-`DIFFERENCE_RANGE_HU`)
+    for a CT; an image not in HU (nothing below `HU_MIN`) is clipped to its window ``limits`` and shown at +- half
+    its width. Two voxels both beyond one end of the clip differ by 0."""
+    ct = float(np.min(fixed)) < HU_MIN
+    low, high = DIFFERENCE_CLIP_HU if ct else limits
+    half = DIFFERENCE_RANGE_HU if ct else (high - low) / 2
+    difference = np.clip(fixed, low, high).astype(np.float32) - np.clip(warped, low, high).astype(np.float32)
+    return difference, (-half, half)
 
 
 def value_range(data: np.ndarray, limits: tuple[float, float]) -> tuple[float, float]:

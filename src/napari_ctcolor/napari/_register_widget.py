@@ -9,8 +9,8 @@ The widget is a thin front end over `napari_ctcolor.engines.register.iter_regist
   auto is the model card's default.
 - On completion it adds, or replaces on a re-run, the layers ``"<moving> warped"``, ``"checkerboard"`` (fixed vs
   warped, or vs the moving image as it was with "Checkerboard before registration"), ``"difference"`` (fixed -
-  warped in HU, both clipped to the fixed layer's window: the difference of what the window shows, so lung texture
-  is not noise under a soft-tissue window; it follows that window) and ``"Jacobian"`` (det J), all placed with the
+  warped in HU, both clipped to -1000..400 HU: lung and soft tissue alike, whatever the fixed layer's window;
+  `_register_outputs.difference_of`) and ``"Jacobian"`` (det J), all placed with the
   fixed layer's transforms. Difference and Jacobian are translucent overlays, clear where nothing changed (0 HU,
   det J = 1), with a colour bar; the widget states the sign conventions. ``"tile edges"`` (the tiles' outlines in
   the displayed plane) is added hidden: the user shows it from the layer list, and it stays as the user left it.
@@ -53,7 +53,7 @@ from ..weights import find_weights
 from ._docks import attach_to_viewer, settle_heap, tab_with_siblings
 from ._jobs import Failed, JobRunner
 from ._layers import META_KEY, layer_attributes, volume_from_layer
-from ._register_outputs import Inputs, Kept, Output, RegisterOutputs, windowed_difference
+from ._register_outputs import Inputs, Kept, Output, RegisterOutputs, difference_of
 from ._view import plane_buttons
 
 if TYPE_CHECKING:
@@ -213,7 +213,6 @@ class RegisterWidget(RegisterOutputs, Container):
         self._stop_following_layers()
         for event in self._dims_events:
             event.disconnect(self._redraw_edges)
-        self._follow_window(None)
         self.cancel()
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -364,8 +363,8 @@ class RegisterWidget(RegisterOutputs, Container):
         device: str,
         fixed_limits: tuple[float, float],
     ):
-        """The engine, then the colour warp and the difference under ``fixed_limits`` (a volume's worth of
-        arithmetic, off the main thread): yields (done, total), returns an `Output` or `Failed`.
+        """The engine, then the colour warp and the difference (``fixed_limits`` for an image not in HU; a volume's
+        worth of arithmetic, off the main thread): yields (done, total), returns an `Output` or `Failed`.
 
         ``total`` is the engine's, taken from each of its steps, plus one step for the colour warp.
         """
@@ -400,8 +399,9 @@ class RegisterWidget(RegisterOutputs, Container):
             # is a RuntimeError too): shown as a one-line error instead.
             lines = str(exc).strip().splitlines() or [type(exc).__name__]
             return Failed(f"{TITLE} failed: {lines[0]}")
-        difference = windowed_difference(inputs.fixed.array, result.warped.array, fixed_limits)
-        return Output(result, fixed_color, warped_color, difference)
+        return Output(
+            result, fixed_color, warped_color, *difference_of(inputs.fixed.array, result.warped.array, fixed_limits)
+        )
 
     def _say(self, text: str) -> None:
         self.jobs.say(text)
@@ -422,9 +422,7 @@ class RegisterWidget(RegisterOutputs, Container):
         if not any(layer is fixed_layer for layer in self._viewer.layers):  # deleted during the run: no orphans
             self._say(f"{TITLE}: the fixed layer was removed; result dropped")
             return
-        self._follow_window(None)
-        self._kept = Kept(inputs, output, transforms, fixed_limits, fixed_layer.ndim == 2, fixed_layer)
-        self._follow_window(fixed_layer)
+        self._kept = Kept(inputs, output, transforms, fixed_limits, fixed_layer.ndim == 2)
         warnings = output.result.metrics.get("warnings", [])
         self._show(then=lambda: warnings and show_warning(f"{TITLE}: " + "; ".join(warnings)))
         # (the layers are added first: a doubtful result is shown, and said so once)
