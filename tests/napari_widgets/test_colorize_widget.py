@@ -22,6 +22,7 @@ from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig
 from napari_ctcolor.napari import _colorize_run
 from napari_ctcolor.napari._colorize_widget import WEIGHTS_FILE, ColorizeWidget
 from napari_ctcolor.napari._layers import image_layer_data, placement
+from napari_ctcolor.napari._view import show_plane
 from napari_ctcolor.windowing import PRESETS, default_window, window
 
 from conftest import CT_DIR, LUMINANCE_BOUND, assert_documented, require_shared, rotated_volume
@@ -445,3 +446,32 @@ def test_the_window_menu_lists_each_header_window_once(make_napari_viewer):
     widget.ct_layer.value = viewer.layers["abdomen"]
     shown = [widget.window.native.itemText(i) for i in range(widget.window.native.count())]
     assert "DICOM 40/400" in shown and sum(name.startswith("DICOM") for name in shown) == 2
+
+
+def test_slab_mip_projects_the_ct_and_hides_its_colour_meanwhile(make_napari_viewer, qtbot, errors):
+    """ "Slab MIP (mm)" on the 3 mm cut: a layer over the CT whose every voxel is the maximum of the CT over the slices
+    within half the slab of its own (10.5 mm: 3 slices), along the axis the slider moves through (axial, then
+    coronal), in the CT's window and following it; the colour layer hidden meanwhile and shown again at 0."""
+    viewer = make_napari_viewer()
+    ct = viewer.open(str(require_shared(CUT)), plugin=PLUGIN)[0]
+    widget = open_widget(viewer)
+    click_and_wait(qtbot, widget, widget.run_button)
+    color = widget.result_layer
+    assert color is not None and color.visible and not errors
+    widget.slab.slider.value = 10.5
+    qtbot.waitUntil(lambda: f"{ct.name} slab MIP" in viewer.layers and not widget.slab.busy, timeout=TIMEOUT_MS)
+    mip = viewer.layers[f"{ct.name} slab MIP"]
+    hu = ct.data.astype(np.int32)
+    padded = np.concatenate((hu[:1], hu, hu[-1:]))  # the edge slices repeat (a slab cut by the volume's end)
+    np.testing.assert_array_equal(mip.data, np.maximum(np.maximum(padded[:-2], padded[1:-1]), padded[2:]))
+    assert not color.visible and tuple(mip.contrast_limits) == tuple(ct.contrast_limits)
+    np.testing.assert_allclose(mip.data_to_world((3, 4, 5)), ct.data_to_world((3, 4, 5)))
+    ct.contrast_limits = (-200.0, 300.0)
+    assert tuple(mip.contrast_limits) == (-200.0, 300.0)
+    show_plane(viewer, "coronal")  # along y now
+    qtbot.waitUntil(lambda: not widget.slab.busy, timeout=TIMEOUT_MS)
+    padded = np.concatenate((hu[:, :1], hu, hu[:, -1:]), axis=1)
+    np.testing.assert_array_equal(mip.data, np.maximum(np.maximum(padded[:, :-2], padded[:, 1:-1]), padded[:, 2:]))
+    widget.slab.slider.value = 0.0
+    qtbot.waitUntil(lambda: f"{ct.name} slab MIP" not in viewer.layers, timeout=TIMEOUT_MS)
+    assert color.visible and not errors

@@ -51,6 +51,7 @@ from ._colorize_window import WindowControl
 from ._docks import attach_to_viewer, settle_heap, tab_with_siblings
 from ._jobs import JobRunner
 from ._layers import layer_attributes, volume_from_layer
+from ._slab import SlabControl
 from ._view import plane_buttons
 from ._window_drag import install_window_drag
 
@@ -88,10 +89,12 @@ class ColorizeWidget(WindowControl, RunAndRecompose, ClassesAndPointer, View3D, 
         #: on screen).
         self.recolored_first: tuple[int, int] | None = None
         self.ct_layer = ComboBox(label="CT layer", choices=self._grey_layers, tooltip="a grey image layer in HU")
+        self.slab = SlabControl(napari_viewer, lambda: (self.ct_layer.value, self.result_layer))
         super().__init__(
             widgets=[
                 self.ct_layer,
                 *self._window_controls(),
+                self.slab.slider,
                 *self._run_controls(),
                 *self._class_controls(),
                 *self._export_controls(),
@@ -200,6 +203,7 @@ class ColorizeWidget(WindowControl, RunAndRecompose, ClassesAndPointer, View3D, 
         for run in list(self._runs):
             self._unlink(run.ct)
         self._viewer.cursor.events.position.disconnect(self._on_cursor)
+        self.slab.close()
         self.cancel()
         if self._worker_3d is not None:
             self._worker_3d.quit()
