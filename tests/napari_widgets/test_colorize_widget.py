@@ -48,6 +48,14 @@ class SlowColorizer(Colorizer):
         return super().forward(x)
 
 
+def show_classes(qtbot, viewer, widget: ColorizeWidget):
+    """Click "Show colour classes" and wait for its layer (computed in a worker)."""
+    widget.classes_button.native.click()
+    qtbot.waitUntil(lambda: not widget.classes_busy, timeout=TIMEOUT_MS)
+    name = f"{widget._kept.ct.name} colour classes"
+    return next(layer for layer in viewer.layers if layer.name == name)
+
+
 def lightness_error(rgb: np.ndarray, hu: np.ndarray, win) -> float:
     return float(np.abs(srgb_to_lab(rgb)[..., 0] - grey_to_lightness(window(hu, *win))).max())
 
@@ -169,7 +177,7 @@ def test_run_colors_the_ct_and_settings_recompose_without_the_network(
         assert said.startswith(f"{name} " if sure else f"{family(name).replace('_', ' ')} "), (said, name, probability)
         assert sure or (share >= probability and said.endswith("(tissue; no structure above 50%)")), said
     assert seen == {True, False}  # both kinds of voxel were met
-    classes = widget.show_classes()
+    classes = show_classes(qtbot, viewer, widget)
     assert classes.name == f"{ct.name} colour classes" and classes.data.shape == ct.data.shape
     np.testing.assert_allclose(classes.scale, ct.scale)
     names = list(classes.features["color_class"])
@@ -390,7 +398,7 @@ def test_a_2d_slice_layer_gives_a_2d_rgb_result_in_place(make_napari_viewer, qtb
     # composition keeps the 4 most probable classes, and a near-tie for the fourth can change hands with the rounding.
     assert (diff > 1).mean() <= 1e-3 and diff.max() <= 8
 
-    classes = widget.show_classes()  # the colour classes of a 2D result are 2D too, on the same pixels
+    classes = show_classes(qtbot, viewer, widget)  # the colour classes of a 2D result are 2D too, on its pixels
     assert classes.data.shape == hu.shape
     np.testing.assert_allclose(classes.scale, image.scale)
     body = body_mask(hu[None].astype(np.float32), ct.spacing)[0]
