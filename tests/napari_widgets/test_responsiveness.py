@@ -107,13 +107,15 @@ def labels_floor(qtbot, viewer, reference, meter: StallMeter) -> float:
     return next(iter(stalls.values()))
 
 
-def latency_to_screen(qtbot, viewer, change) -> float:
-    """Seconds from ``change()`` until the viewer's canvas next draws (the change on screen)."""
+def latency_to_screen(qtbot, viewer, change, ready=lambda: True) -> float:
+    """Seconds from ``change()`` until the viewer's canvas draws once ``ready()`` holds (the change on screen: the
+    colour's plane is composed in a worker)."""
     canvas = viewer.window._qt_viewer.canvas._scene_canvas  # napari 0.9: the vispy canvas the viewer draws on
     drawn: list[float] = []
 
     def on_draw(_event) -> None:
-        drawn.append(time.perf_counter())
+        if ready():
+            drawn.append(time.perf_counter())
 
     canvas.events.draw.connect(on_draw)
     try:
@@ -134,8 +136,10 @@ def window_latencies(qtbot, viewer, widget) -> dict[str, float]:
         show_plane(viewer, plane)
         qtbot.wait(100)
         for choice in ("abdomen", "DICOM default"):
+            widget.recolored_first = None  # set again when the colour's plane on screen is put into its layer
+            ready = (lambda: widget.recolored_first is not None) if widget.result_layer is not None else (lambda: True)
             out[f"{plane} {choice}"] = latency_to_screen(
-                qtbot, viewer, lambda c=choice: setattr(widget.window, "value", c)
+                qtbot, viewer, lambda c=choice: setattr(widget.window, "value", c), ready
             )
             qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
     show_plane(viewer, "axial")

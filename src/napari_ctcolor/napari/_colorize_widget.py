@@ -84,6 +84,7 @@ class ColorizeWidget(WindowControl, RunAndRecompose, ClassesAndPointer, View3D, 
         self._kept: Kept | None = None  # the run of the chosen CT layer (else the last run)
         self._runs: list[Kept] = []  # every CT's last run: each colour layer follows its own CT's window
         self._recompose_pending = False
+        self._plane_worker = self._plane_pending = None  # the plane on screen being recoloured, the newest waiting
         self._closed = False
         #: The plane (axis, index) the last recompose recolored at once, before the rest of the volume (None: none
         #: on screen).
@@ -171,8 +172,8 @@ class ColorizeWidget(WindowControl, RunAndRecompose, ClassesAndPointer, View3D, 
 
     @property
     def busy(self) -> bool:
-        """True while a network run or a recompose is in progress."""
-        return self.jobs.busy
+        """True while a network run or a recompose (its plane on screen included) is in progress."""
+        return self.jobs.busy or self._plane_worker is not None
 
     @property
     def worker(self):
