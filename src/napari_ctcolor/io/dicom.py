@@ -294,8 +294,8 @@ def _geometry(slices: list[_Slice], where: Path):
         return slices, (abs(dz), *pixel_spacing), origin, np.column_stack([row, col, normal]), notes
 
     for s, (position, _) in zip(slices, planes, strict=True):
-        if position is None:
-            raise InputError(f"{s.path}: DICOM image has no ImagePositionPatient; its geometry is unknown")
+        if position is None:  # the same line as `_float_list`'s for a missing attribute
+            raise InputError(f"{s.path}: DICOM image has no {_POSITION[0]}; its geometry is unknown")
     positions = np.array([position for position, _ in planes])
     along = positions @ normal
     order = np.argsort(along, kind="stable")

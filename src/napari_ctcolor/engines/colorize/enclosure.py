@@ -200,7 +200,9 @@ def gate_topology(topology: torch.Tensor, bone_pixel: torch.Tensor) -> torch.Ten
     return torch.stack((first, low & open_rim))
 
 
-def enclosure_bits(volume: Volume, chroma: Chroma, device: torch.device, topology: BoneTopology | None = None):
+def enclosure_bits(
+    volume: Volume, chroma: Chroma, device: torch.device, topology: BoneTopology | None = None
+) -> np.ndarray:
     """`Chroma.enclosure` (2, Z, Y, ceil(X / 8)) uint8 of ``chroma``'s classes on ``volume``: the `BoneTopology`
     ``topology`` (started before the classes were known; here when None) gated by the classes."""
     return (topology or BoneTopology(volume, device)).gate(chroma)
