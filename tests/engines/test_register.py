@@ -475,6 +475,31 @@ def test_refinement_raises_dice_and_reports_each_chunk_of_iterations_with_cancel
     assert len(steps) == total + 5  # cancelled inside the refinement, after its second chunk
 
 
+def test_cancel_stops_simpleitk_within_an_iteration_of_the_prealignment_and_the_refinement(ct):
+    """Cancel polled inside SimpleITK's own iterations (`prealign.stop_on_cancel`): the pre-alignment of the 3 mm
+    cut against a turned copy and a demons call of 40 iterations at full resolution stop at the iteration after
+    Cancel, not at the end of the call (hundreds of optimiser iterations; 40 demons iterations)."""
+    from napari_ctcolor.engines.refine import refine_field
+
+    turned, _ = _rigid_motion(ct, 5.0, (8.0, 0.0, 0.0))
+    polls: list[int] = []
+
+    def cancel_after(n: int):
+        return lambda: polls.append(1) is None and len(polls) > n
+
+    with pytest.raises(Cancelled, match="pre-alignment"):
+        prealign(ct, turned, cancel_after(3))
+    assert len(polls) <= 8  # polled at 3 iterations, then ITK stops within the next ones (a full run: hundreds)
+    polls.clear()
+    seed = np.zeros((*ct.shape, 3))
+    fixed = ct.with_array(np.clip((ct.array.astype(np.float32) + 1000) / 2000, 0, 1))
+    refining = refine_field(fixed, fixed.with_array(np.roll(fixed.array, 2, axis=2)), seed, 40, cancel_after(2))
+    with pytest.raises(Cancelled, match="refinement"):
+        while True:
+            next(refining)
+    assert len(polls) == 4  # stopped inside the first demons call
+
+
 def test_refinement_levels_coarsen_the_fine_axes_to_at_most_4_mm_and_keep_thick_slices():
     from napari_ctcolor.engines.refine import COARSE_ITERATIONS as N
     from napari_ctcolor.engines.refine import levels

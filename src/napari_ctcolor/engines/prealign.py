@@ -8,10 +8,11 @@ itself everywhere else (the widget, a batch, the Slicer logic).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import SimpleITK as sitk
 
-from ..errors import InputError
+from ..errors import Cancelled, InputError
 from ..io import Volume
 
 #: Pre-alignment (`prealign`): the images' voxel size before it starts, its levels (voxel size in mm, coarsest
@@ -24,7 +25,14 @@ PREALIGN_ITERATIONS = 100
 AFFINE_MIN_GAIN = 0.01
 
 
-def prealign(fixed: Volume, moving: Volume) -> sitk.AffineTransform:
+def stop_on_cancel(method, cancel: Callable[[], bool] | None) -> None:
+    """Make a SimpleITK registration (``ImageRegistrationMethod`` or a demons filter) stop at its next iteration once
+    ``cancel()`` returns True: a Cancel then waits one iteration, not the whole call (seconds on a 512² chest CT)."""
+    if cancel is not None:
+        method.AddCommand(sitk.sitkIterationEvent, lambda: cancel() and method.StopRegistration())
+
+
+def prealign(fixed: Volume, moving: Volume, cancel: Callable[[], bool] | None = None) -> sitk.AffineTransform:
     """Rigid, then affine SimpleITK registration (Mattes MI, coarse to fine): the transform fixed point -> moving point.
 
     Both images are first box-averaged to voxels of about `PREALIGN_BASE_MM` (a 512 x 512 slice of 0.8 mm pixels to
@@ -33,8 +41,11 @@ def prealign(fixed: Volume, moving: Volume) -> sitk.AffineTransform:
     cost does not grow with the image. Ending at 2 mm rather than 4 mm brought the error of a pure rigid motion
     (10 degrees, 19 mm) from 0.60 / 1.24 mm to 0.35 / 0.69 mm (mean / p95 in the body, the 3 mm CT).
 
+    ``cancel`` is polled after every optimiser iteration (`stop_on_cancel`): a cancelled run stops within one.
+
     Raises:
         InputError: for 2D images (one slice), or when SimpleITK fails.
+        Cancelled: ``cancel()`` returned True.
     """
     name = str(moving.meta.get("source") or "moving image")
     fixed, moving = fixed.finite(), moving.finite()
@@ -84,7 +95,10 @@ def prealign(fixed: Volume, moving: Volume) -> sitk.AffineTransform:
         method.SetSmoothingSigmasPerLevel([0.5 * mm for _, mm in levels])
         method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
         method.SetInitialTransform(initial, inPlace=False)
+        stop_on_cancel(method, cancel)
         transform = method.Execute(fixed_image, moving_image)
+        if cancel is not None and cancel():
+            raise Cancelled("registration cancelled during the pre-alignment")
         return transform, method.GetMetricValue()
 
     try:

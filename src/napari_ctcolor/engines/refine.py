@@ -38,15 +38,16 @@ a 4 mm grid gained 0.003 Dice in 45 s.
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError
+from ..errors import Cancelled, InputError
 from ..io import Volume
 from .geometry import resample_onto, same_grid
+from .prealign import stop_on_cancel
 
 #: Weight of each image's local structure added to its intensities (`_local_structure`; unit local variance against
 #: intensities in [0, 1]: 0.1 is the step of 200 HU under the CT weights' window).
@@ -238,7 +239,7 @@ def _local_structure(image: sitk.Image) -> sitk.Image:
 
 
 def refine_field(
-    fixed: Volume, moving: Volume, seed_mm: np.ndarray, iterations: int
+    fixed: Volume, moving: Volume, seed_mm: np.ndarray, iterations: int, cancel: Callable[[], bool] | None = None
 ) -> Generator[None, None, np.ndarray]:
     """Demons from ``seed_mm``, coarse to fine; yields after each call (`_level_chunks`), returns the refined field.
     Each level stops early where its images already agree within noise (`MATCHED_METRIC`).
@@ -251,6 +252,7 @@ def refine_field(
         seed_mm: (Z, Y, X, 3) on the fixed grid, LPS mm: fixed point p maps to moving point p + seed(p) (the
             network's field composed with the pre-alignment).
         iterations: full-resolution iterations (>= 1).
+        cancel: polled after every demons iteration (`prealign.stop_on_cancel`); True raises `Cancelled` within one.
 
     Returns:
         (Z, Y, X, 3) float64, LPS mm, same convention as the seed.
@@ -263,6 +265,7 @@ def refine_field(
     field = _image(seed_mm, fixed, np.float64)
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetStandardDeviations(SMOOTHING_VOXELS)
+    stop_on_cancel(demons, cancel)
     for factors, count in levels(fixed.spacing, iterations):
         if max(factors) > 1:  # box averages over the same extent (BinShrink), as the network's working grid is made
             level_fixed, level_moving = sitk.BinShrink(fixed_image, factors), sitk.BinShrink(moving_image, factors)
@@ -273,6 +276,8 @@ def refine_field(
         for chunk in _level_chunks(count):
             demons.SetNumberOfIterations(chunk)
             field = demons.Execute(level_fixed, level_moving, field)
+            if cancel is not None and cancel():
+                raise Cancelled("registration cancelled during the refinement")
             yield
             if demons.GetMetric() < MATCHED_METRIC / math.prod(factors):
                 break  # this level's images agree within noise (averaged over its boxes): on to the next

@@ -864,7 +864,7 @@ def iter_register(
     transform = None
     if affine:
         with stages("prealign"):
-            transform = (prealignment and prealignment()) or prealign(fixed, moving)
+            transform = (prealignment and prealignment()) or prealign(fixed, moving, cancel)
         yield stages.step("resampling")
 
     with stages("resample"):
@@ -962,7 +962,8 @@ def iter_register(
                 Volume(moving_n[0, 0].numpy(), moving.spacing, moving.origin, moving.direction),
             )
             del moving_n
-            refined = yield from _ticks(refine_field(*normalised, ddf.cpu().numpy(), iterations), stages, ticks)
+            refining = refine_field(*normalised, ddf.cpu().numpy(), iterations, cancel)
+            refined = yield from _ticks(refining, stages, ticks)
             del normalised
             yield stages.step("inversion")
             ddf = torch.from_numpy(refined.astype(np.float32)).to(torch_device)

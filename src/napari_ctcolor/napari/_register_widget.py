@@ -27,6 +27,8 @@ The widget is a thin front end over `napari_ctcolor.engines.register.iter_regist
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,7 +49,7 @@ from ..engines.device import resolve_device
 from ..engines.geometry import resample_onto, same_grid, warp
 from ..engines.refine import MAX_REFINE_ITERATIONS
 from ..engines.register import RegistrationResult, iter_register
-from ..errors import CTColorError, InputError
+from ..errors import Cancelled, CTColorError, InputError
 from ..io import ColorVolume, Volume
 from ..weights import find_weights
 from ._docks import attach_to_viewer, settle_heap, tab_with_siblings
@@ -166,6 +168,7 @@ class RegisterWidget(RegisterOutputs, Container):
         self.jobs = JobRunner(self.progress_bar, self.status, self.run_button, self.cancel_button)
         self._kept: Kept | None = None
         self._closed = False
+        self._stop = threading.Event()  # the running job's Cancel (a new one per run)
 
         self.run_button.changed.connect(self._run)
         self.cancel_button.changed.connect(self.cancel)
@@ -204,7 +207,9 @@ class RegisterWidget(RegisterOutputs, Container):
         self._run()
 
     def cancel(self, *_: Any) -> None:
-        """Stop the running registration between two stages; the previous result, if any, stays."""
+        """Stop the running registration within a SimpleITK iteration or between two stages; the previous result, if
+        any, stays."""
+        self._stop.set()
         self.jobs.cancel()
 
     def _detach(self, *_: Any) -> None:
@@ -345,11 +350,12 @@ class RegisterWidget(RegisterOutputs, Container):
         refine = None if iterations == REFINE_AUTO else iterations
         transforms = {key: np.array(value) for key, value in layer_attributes(fixed_layer).items() if key != "metadata"}
         fixed_limits = tuple(float(v) for v in fixed_layer.contrast_limits)
+        self._stop = threading.Event()  # set by Cancel; the engine polls it inside SimpleITK's iterations
         # The total is the engine's (it depends on the model card's defaults), known from its first step; until then
         # the bar shows 0 of 1, not a busy indicator, whose animation repaints the window continuously.
         self.jobs.start(
             self._steps,
-            (inputs, model, affine, refine, device, fixed_limits),
+            (inputs, model, affine, refine, device, fixed_limits, self._stop.is_set),
             TITLE,
             lambda output: self._returned(output, inputs, fixed_layer, transforms, fixed_limits),
         )
@@ -362,6 +368,7 @@ class RegisterWidget(RegisterOutputs, Container):
         refine: int | None,
         device: str,
         fixed_limits: tuple[float, float],
+        cancel: Callable[[], bool],
     ):
         """The engine, then the colour warp and the difference (``fixed_limits`` for an image not in HU; a volume's
         worth of arithmetic, off the main thread): yields (done, total), returns an `Output` or `Failed`.
@@ -369,9 +376,9 @@ class RegisterWidget(RegisterOutputs, Container):
         ``total`` is the engine's, taken from each of its steps, plus one step for the colour warp.
         """
         extra = int(inputs.moving_color is not None)
-        total = 0
+        done = total = 0
         try:
-            engine = iter_register(inputs.fixed, inputs.moving, model, affine, refine, device)
+            engine = iter_register(inputs.fixed, inputs.moving, model, affine, refine, device, cancel=cancel)
             try:
                 while True:
                     try:
@@ -391,6 +398,11 @@ class RegisterWidget(RegisterOutputs, Container):
                     rgb = resample_onto(fixed_color, inputs.fixed)
                     fixed_color = ColorVolume.on_grid_of(inputs.fixed, rgb, **fixed_color.settings)
                 yield total, total
+        except Cancelled:
+            # Cancel stopped SimpleITK within an iteration; the worker, asked to quit, closes this generator at this
+            # yield, so the job ends as cancelled.
+            yield done, total
+            return None
         except CTColorError as exc:
             return Failed(str(exc))
         except RuntimeError as exc:
@@ -408,13 +420,13 @@ class RegisterWidget(RegisterOutputs, Container):
 
     def _returned(
         self,
-        output: Output | Failed,
+        output: Output | Failed | None,
         inputs: Inputs,
         fixed_layer: Image,
         transforms: dict[str, np.ndarray],
         fixed_limits: tuple[float, float],
     ) -> None:
-        if self._closed:
+        if self._closed or output is None:  # closed, or cancelled inside SimpleITK (`_steps`)
             return
         if isinstance(output, Failed):
             show_error(output.message)
