@@ -212,3 +212,35 @@ def test_right_drag_windows_a_freshly_opened_ct_without_any_panel(make_napari_vi
     _right_drag(viewer, (300, 300), (300, 200))  # 100 px up: the centre down by half the width
     assert tuple(other.contrast_limits) == (0.0, 1.0)
     np.testing.assert_allclose(ct.contrast_limits, np.array(before) - (before[1] - before[0]) / 2)
+
+
+def test_a_double_click_centres_the_other_planes_on_the_point(make_napari_viewer):
+    """Double-click a voxel in the axial plane: the coronal and sagittal planes then pass through it (the viewer's
+    point on every axis is the clicked world position)."""
+    from napari.utils._proxies import ReadOnlyWrapper
+    from napari.utils.events import Event
+    from napari.utils.interactions import mouse_double_click_callbacks
+
+    from napari_ctcolor.napari._view import show_plane
+
+    path = require_shared(CT_DIR / "totalseg-body-3mm-30slices.nii.gz")
+    viewer = make_napari_viewer()
+    ct = viewer.open(str(path), plugin=PLUGIN)[0]
+    k, j, i = 12, 40, 70
+    viewer.dims.set_point(0, ct.data_to_world((k, 0, 0))[0])
+    clicked = tuple(float(v) for v in ct.data_to_world((k, j, i)))
+    event = Event(
+        "mouse_double_click",
+        pos=(200, 200),
+        position=clicked,
+        button=1,
+        modifiers=[],
+        view_direction=None,
+        dims_displayed=[1, 2],
+    )
+    mouse_double_click_callbacks(viewer, ReadOnlyWrapper(event))
+    np.testing.assert_allclose(viewer.dims.point, clicked)
+    show_plane(viewer, "coronal")
+    np.testing.assert_allclose(np.round(ct.world_to_data(viewer.dims.point)), (k, j, i))
+    show_plane(viewer, "sagittal")
+    np.testing.assert_allclose(np.round(ct.world_to_data(viewer.dims.point)), (k, j, i))

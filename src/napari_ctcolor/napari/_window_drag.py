@@ -1,4 +1,5 @@
-"""Window/level by right-drag on the canvas, as on a PACS workstation, from the first image a CT opens in.
+"""Window/level by right-drag on the canvas, as on a PACS workstation, from the first image a CT opens in; and a
+double-click that centres the other planes on the point clicked.
 
 The napari reader installs it on the viewer it opens a CT into (`install_window_drag`, once per viewer), so a reader
 can window a freshly opened CT before any panel is open; the colorize panel installs it too. The drag windows the
@@ -66,7 +67,15 @@ def window_drag(viewer: napari.Viewer, event):
         viewer.camera.mouse_pan = True
 
 
+def centre_on_click(viewer: napari.Viewer, event) -> None:
+    """Double-click (2D): every axis of the viewer's point moves to the position clicked, so the axial, coronal and
+    sagittal planes (the panels' plane buttons) all pass through it, as a PACS's linked cursor does."""
+    if viewer.dims.ndisplay == 2 and event.position is not None:
+        viewer.dims.point = tuple(float(v) for v in event.position)
+
+
 def install_window_drag(viewer: napari.Viewer | None) -> None:
-    """Add `window_drag` to ``viewer``'s mouse drag callbacks once (None: no viewer, nothing to do)."""
+    """Add `window_drag` and `centre_on_click` to ``viewer``'s mouse callbacks once (None: no viewer)."""
     if viewer is not None and window_drag not in viewer.mouse_drag_callbacks:
         viewer.mouse_drag_callbacks.append(window_drag)
+        viewer.mouse_double_click_callbacks.append(centre_on_click)
