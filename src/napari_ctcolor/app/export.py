@@ -14,8 +14,9 @@ from typing import Any
 from ..errors import InputError
 from ..io import ColorVolume
 
-#: ``--format`` values (and the widget's export formats).
-FORMATS = ("nifti", "png", "dicom")
+#: The export formats, each with what the widget's menu calls it: ``--format``'s values, and every front end's list.
+FORMAT_NAMES = {"nifti": "NIfTI RGB (.nii.gz)", "dicom": "DICOM series (folder)", "png": "PNG slices (folder)"}
+FORMATS = tuple(FORMAT_NAMES)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
+from ..app.export import FORMATS
 from ..io.dicomweb import ENV_PASSWORD, ENV_TIMEOUT, ENV_USER
 from . import subcommands as run
 
@@ -63,7 +64,7 @@ def _add_colorize_options(col: argparse.ArgumentParser) -> None:
         help="colours of the structures: anatomical (cryosection-like, default), dicom (DICOM recommended display "
         "colours), or a CSV of name,R,G,B",
     )
-    col.add_argument("--format", choices=("nifti", "png", "dicom"), help="default: from OUT's name")
+    col.add_argument("--format", choices=FORMATS, help="default: from OUT's name")
     col.add_argument("--keep-patient-info", action="store_true", help="DICOM export keeps patient identifiers")
     col.add_argument("--allow-non-ct", action="store_true", help="colorize a non-CT image anyway")
     col.add_argument(

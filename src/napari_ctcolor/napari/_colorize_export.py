@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, PushButton
 
+from ..app.export import FORMAT_NAMES
 from ..errors import CTColorError, InputError
 from ..io import ColorVolume
 from ._layers import META_KEY
 
-EXPORT_FORMATS = {"NIfTI RGB (.nii.gz)": "nifti", "DICOM series (folder)": "dicom", "PNG slices (folder)": "png"}
+EXPORT_FORMATS = {name: fmt for fmt, name in FORMAT_NAMES.items()}  # the menu's names -> `--format` values
 
 
 class ExportPanel:

@@ -25,7 +25,7 @@ The presets (`PRESETS_3D`):
   cannot tell them apart, as in Slicer's CT-Bone).
 - CTA: that bone surface without the contrast-filled vessels and heart, which are a red lit surface (`vessel_mask`:
   150-800 HU, away from cortical bone, and not where the colorizer names bone, `named_bone`). HU alone cannot tell
-  cancellous bone from contrast blood where the cortex stays below `CORTEX_HU` (3-5 mm slices, osteopenia). On the
+  cancellous bone from contrast blood where the cortex stays below `COMPACT_BONE_HU` (3-5 mm slices, osteopenia). On the
   3 mm non-contrast CT 37 % of the labelled bone turned red by HU alone, 0.5 % with the colorizer's names; the
   contrast DICOM series kept its enhanced vessels red (63 % of their voxels above 150 HU, as by HU alone).
 - soft tissue: the lit bone surface inside a see-through lit skin (`SKIN_SURFACE_HU`, smoothed by
@@ -57,7 +57,7 @@ AIR_HU = -1024.0
 #: Cortical bone: above this HU. Vessel-bright voxels within `BONE_REACH_MM` of it count as bone (cancellous bone).
 #: Above a CT angiography's blood (its aorta and heart reach 500-700 HU); thinner cortex, partial-volumed below it,
 #: is found by the colorizer's names (`named_bone`).
-CORTEX_HU = 800.0
+COMPACT_BONE_HU = 800.0
 #: Contrast-filled blood: up to this HU (`vessel_mask`).
 VESSEL_MAX_HU = 800.0
 BONE_REACH_MM = 5.0
@@ -228,13 +228,13 @@ def vessel_mask(
     """bool (Z, Y, X): the body's voxels of ``low`` to `VESSEL_MAX_HU` that are not bone: the contrast-filled vessels
     and heart of a contrast CT (kidneys and other enhancing organs too), in pieces of at least 0.5 ml.
 
-    Bone is cortical bone (above `CORTEX_HU`) with what it encloses in each axial slice (cancellous bone, marrow),
+    Bone is cortical bone (above `COMPACT_BONE_HU`) with what it encloses in each axial slice (cancellous bone, marrow),
     grown by `BONE_REACH_MM`, and ``named_bone`` (bool, the same grid) where the colorizer names bone: where HU alone
     cannot tell contrast blood from bone (150-800 HU). Without the colorizer's names, where a thick-slice CT's cortex
-    stays below `CORTEX_HU` (partial volume), cancellous bone counts as vessel.
+    stays below `COMPACT_BONE_HU` (partial volume), cancellous bone counts as vessel.
     """
     grow = [max(1, round(BONE_REACH_MM / s)) for s in spacing]
-    cortex = body & (hu > CORTEX_HU)
+    cortex = body & (hu > COMPACT_BONE_HU)
     closed = ndimage.binary_closing(cortex, structure=ellipsoid([1, *grow[1:]]))
     bone = np.stack([ndimage.binary_fill_holes(plane) for plane in closed])
     bone = ndimage.binary_dilation(bone, structure=ellipsoid(grow))
