@@ -6,6 +6,7 @@ tiny slowed-down colorizer.
 
 from __future__ import annotations
 
+import re
 import time
 
 import nibabel as nib
@@ -483,3 +484,41 @@ def test_slab_mip_projects_the_ct_and_hides_its_colour_meanwhile(make_napari_vie
     widget.slab.slider.value = 0.0
     qtbot.waitUntil(lambda: f"{ct.name} slab MIP" not in viewer.layers, timeout=TIMEOUT_MS)
     assert color.visible and not errors
+
+
+def legend_swatches(widget: ColorizeWidget) -> dict[str, np.ndarray]:
+    """The legend's swatch of each class, as sRGB."""
+    rows = re.findall(r"background-color:#([0-9a-f]{6})\">(?:&nbsp;)+</span> ([^<]+)", widget.legend.value)
+    return {name: np.array([int(code[i : i + 2], 16) for i in (0, 2, 4)], dtype=np.uint8) for code, name in rows}
+
+
+def test_legend_swatches_look_as_their_classes_do_on_screen(make_napari_viewer, qtbot, errors):
+    """The 3 mm cut colorized in the abdomen window, then in the lung window: each swatch of a class on at least 2 %
+    of the body is within 8 L* of the median lightness of the voxels named that class in the colour layer (the
+    anatomical palette's own colours, drawn at its brightness as before, are up to 66 L* off on this cut: the
+    liver's 28 against 55 in the abdomen window and 94 in the lung window), and the swatches follow the window."""
+    viewer = make_napari_viewer()
+    viewer.open(str(require_shared(CUT)), plugin=PLUGIN)
+    widget = open_widget(viewer)
+    click_and_wait(qtbot, widget, widget.run_button)
+    classes = show_classes(qtbot, viewer, widget)
+    names = list(classes.features["color_class"])
+    checked = {}
+    for preset in ("abdomen", "lung"):
+        widget.window.value = preset
+        qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+        lightness = srgb_to_lab(widget.result_layer.data)[..., 0]
+        swatches = legend_swatches(widget)
+        body = classes.data > 0
+        for name, rgb in swatches.items():
+            named = classes.data == names.index(name)
+            if named.sum() < 0.02 * body.sum():
+                continue
+            on_screen = float(np.median(lightness[named]))
+            swatch = float(srgb_to_lab(rgb[None])[0, 0])
+            checked[(preset, name)] = (round(swatch, 1), round(on_screen, 1))
+            assert abs(swatch - on_screen) <= 8.0, (preset, name, swatch, on_screen)
+    print(checked)
+    assert len(checked) >= 6 and not errors
+    fat = [checked[(p, "fat")][0] for p in ("abdomen", "lung") if (p, "fat") in checked]
+    assert len(fat) == 2 and fat[1] > fat[0] + 20  # fat (-100 HU) is much lighter in the lung window

@@ -16,9 +16,10 @@ from napari.utils.colormaps import DirectLabelColormap
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFrame, QScrollArea, QWidget
 
-from ..color import load_palette
+from ..color import compose_rgb, load_palette
 from ..errors import CTColorError
 from ..io import ColorVolume
+from ..windowing import window
 from ._layers import layer_attributes
 
 #: The legend lists classes that are the most probable one in at least this share of the volume's pixels.
@@ -59,7 +60,10 @@ class ClassesAndPointer:
         return [self.pointer, self.legend, self.classes_button]
 
     def _fill_legend(self, color: ColorVolume) -> None:
-        """Swatches and names of the classes the volume shows, most common first, in the palette just composed."""
+        """Swatches and names of the classes the volume shows, most common first, in the palette just composed; each
+        swatch as the class looks on screen: its colour composed at the grey its median HU takes in the window and
+        at the chroma strength just composed (a palette's own colour is drawn at the palette's brightness, which the
+        window may be far from: the liver's in a lung window)."""
         kept = self._kept
         if kept is None:
             return
@@ -71,10 +75,15 @@ class ClassesAndPointer:
             return  # a newer palette choice is being composed; its result fills the legend
         rows = []
         shares = sorted(kept.chroma.class_shares().items(), key=lambda item: -item[1])
-        for name, share in shares:
-            rgb = palette.class_rgb(name)
-            if share < LEGEND_MIN_SHARE or rgb is None:
-                continue
+        shown = [name for name, share in shares if share >= LEGEND_MIN_SHARE and palette.class_rgb(name) is not None]
+        if not shown:
+            self.legend.value = ""
+            return
+        centre, width = color.settings.get("window", (40.0, 400.0))
+        median_hu = kept.chroma.class_hu(kept.volume.array)
+        grey = window(np.array([median_hu[name] for name in shown], dtype=np.float32), centre, width)
+        swatches = compose_rgb(grey, palette.class_ab(shown).astype(np.float32), float(color.settings.get("chroma", 1)))
+        for name, rgb in zip(shown, swatches.tolist(), strict=True):
             swatch = "#{:02x}{:02x}{:02x}".format(*rgb)
             rows.append(f'<span style="background-color:{swatch}">&nbsp;&nbsp;&nbsp;&nbsp;</span> {name}')
         self.legend.value = "<br>".join(rows)

@@ -167,6 +167,16 @@ class Chroma:
             return None
         return float(np.percentile(np.asarray(hu)[:, rows][:, :, cols][blood], percentile))
 
+    def class_hu(self, hu: np.ndarray) -> dict[str, float]:
+        """The median HU, read at each network pixel's centre in the CT ``hu``, of the pixels whose most probable class
+        is each class (classes that win somewhere only)."""
+        (top, _), (left, _) = self.pad
+        rows = np.arange((self.factor // 2 - top) % self.factor, hu.shape[1], self.factor)  # the pixels' centres
+        cols = np.arange((self.factor // 2 - left) % self.factor, hu.shape[2], self.factor)
+        first = self.first_class(rows, cols).ravel()
+        values = np.asarray(hu)[:, rows][:, :, cols].ravel()
+        return {self.classes[k]: float(np.median(values[first == k])) for k in np.unique(first).tolist()}
+
     def class_shares(self) -> dict[str, float]:
         """Share of network pixels whose most probable class is each class (classes that win somewhere only)."""
         counts = torch.bincount(self.top[:, 0].flatten().long(), minlength=len(self.classes)).double()
