@@ -75,12 +75,12 @@ class ClassesAndPointer:
             return  # a newer palette choice is being composed; its result fills the legend
         rows = []
         shares = sorted(kept.chroma.class_shares().items(), key=lambda item: -item[1])
-        shown = [name for name, share in shares if share >= LEGEND_MIN_SHARE and palette.class_rgb(name) is not None]
+        median_hu = kept.chroma.class_hu(kept.volume.array)  # classes that win only in the padding have none
+        shown = [n for n, share in shares if share >= LEGEND_MIN_SHARE and n in median_hu and palette.class_rgb(n)]
         if not shown:
             self.legend.value = ""
             return
         centre, width = color.settings.get("window", (40.0, 400.0))
-        median_hu = kept.chroma.class_hu(kept.volume.array)
         grey = window(np.array([median_hu[name] for name in shown], dtype=np.float32), centre, width)
         swatches = compose_rgb(grey, palette.class_ab(shown).astype(np.float32), float(color.settings.get("chroma", 1)))
         for name, rgb in zip(shown, swatches.tolist(), strict=True):
