@@ -53,7 +53,7 @@ from ._jobs import JobRunner
 from ._layers import layer_attributes, volume_from_layer
 from ._slab import SlabControl
 from ._view import plane_buttons
-from ._window_drag import install_window_drag
+from ._window_drag import install_mouse_controls
 
 if TYPE_CHECKING:
     import napari
@@ -108,7 +108,7 @@ class ColorizeWidget(WindowControl, RunAndRecompose, ClassesAndPointer, View3D, 
         settle_heap()
         self.jobs = JobRunner(self.progress_bar, self.status, self.run_button, self.cancel_button)
         self._viewer.cursor.events.position.connect(self._on_cursor)
-        install_window_drag(napari_viewer)
+        install_mouse_controls(napari_viewer)
         self.ct_layer.changed.connect(self._watch_ct)
         self._stop_following_layers = attach_to_viewer(
             self.native, napari_viewer, self._on_layers_changed, self._detach

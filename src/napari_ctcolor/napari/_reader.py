@@ -14,7 +14,7 @@ from ..io import ITK_SUFFIXES, NIFTI_SUFFIXES, ColorVolume, Volume, read_image
 from ..io.color_read import PNG_GEOMETRY
 from ..io.dicomweb import is_series_url
 from ._layers import image_layer_data, rgb_layer_data
-from ._window_drag import install_window_drag
+from ._window_drag import install_mouse_controls
 
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
@@ -92,5 +92,5 @@ def read_ct(path):
         return [rgb_layer_data(image)]
     import napari
 
-    install_window_drag(napari.current_viewer())  # right-drag windows the CT from its first image
+    install_mouse_controls(napari.current_viewer())  # right-drag window/level and double-click, from the first image
     return [image_layer_data(axis_ordered(image))]

@@ -1,9 +1,9 @@
 """Window/level by right-drag on the canvas, as on a PACS workstation, from the first image a CT opens in; and a
 double-click that centres the other planes on the point clicked.
 
-The napari reader installs it on the viewer it opens a CT into (`install_window_drag`, once per viewer), so a reader
-can window a freshly opened CT before any panel is open; the colorize panel installs it too. The drag windows the
-active layer when it is one of the plugin's grey images (a CT, or a registration output), else the topmost visible
+The napari reader installs both on the viewer it opens a CT into (`install_mouse_controls`, once per viewer), so a
+reader can window a freshly opened CT before any panel is open; the colorize panel installs them too. The drag windows
+the active layer when it is one of the plugin's grey images (a CT, or a registration output), else the topmost visible
 one: a colour layer on top (a Run's result) leaves the drag to the CT under it, whose colour follows its window.
 """
 
@@ -74,7 +74,7 @@ def centre_on_click(viewer: napari.Viewer, event) -> None:
         viewer.dims.point = tuple(float(v) for v in event.position)
 
 
-def install_window_drag(viewer: napari.Viewer | None) -> None:
+def install_mouse_controls(viewer: napari.Viewer | None) -> None:
     """Add `window_drag` and `centre_on_click` to ``viewer``'s mouse callbacks once (None: no viewer)."""
     if viewer is not None and window_drag not in viewer.mouse_drag_callbacks:
         viewer.mouse_drag_callbacks.append(window_drag)
