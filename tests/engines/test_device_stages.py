@@ -145,3 +145,26 @@ def test_gpu_stages_wait_for_the_device_once_per_batch_not_per_slice(monkeypatch
     for stage, (one, whole) in enumerate(zip(counts[1], counts[ct.shape[0]], strict=True)):
         print(f"stage {stage}: {one} synchronisations for one slice, {whole} for {ct.shape[0]}")
         assert whole <= batches * (one + 3) < ct.shape[0], (stage, one, whole)
+
+
+def test_gpu_stages_give_the_same_colours_in_any_batch_size(monkeypatch):
+    """On a GPU the enclosure and compose stages take as many slices per batch as its free memory allows
+    (`device_slices`); the slices of a batch never meet (in-plane components, a bounding box with no hole or rim
+    outside it), so batches of 7, 13 and 32 slices give the same enclosure bits, the CPU kernels' too, and the same
+    RGB on this float32 CPU arithmetic (a GPU's may round a voxel one code apart: BENCHMARKS.md)."""
+    from napari_ctcolor.engines.colorize import compose, enclosure
+
+    ct = read_volume(require_shared(CUT))
+    chroma = predict_chroma(ct, device="cpu")
+    monkeypatch.setenv(TORCH_STAGES_ENV, "1")
+    results = {}
+    for batch in (7, 13, 32):
+        monkeypatch.setattr(enclosure, "device_slices", lambda _device, _h, _w, batch=batch: batch)
+        monkeypatch.setattr(compose, "device_slices", lambda _device, _h, _w, batch=batch: batch)
+        bits = enclosure_bits(ct, chroma, torch.device("cpu"))
+        sub = type(chroma)(**{**vars(chroma), "enclosure": bits})
+        results[batch] = bits, compose_chroma(ct, sub, "abdomen", device="cpu").rgb
+    assert (results[32][0] == chroma.enclosure).all()  # the CPU kernels' bits (predict_chroma's own)
+    for batch in (7, 13):
+        assert (results[batch][0] == results[32][0]).all(), batch
+        assert (results[batch][1] == results[32][1]).all(), batch

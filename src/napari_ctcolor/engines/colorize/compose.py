@@ -19,7 +19,7 @@ from ...windowing import Window, parse_window, window, window_tensor
 from ..device import resolve_device, runs_torch_stages
 from ..steps import Steps, blocking
 from .chroma import Chroma, Colorized, class_table
-from .enclosure import DEVICE_SLICES, enclosure_band
+from .enclosure import device_slices, enclosure_band
 from .groups import GROUP_FLOOR, MARROW_GROUP_HU, ORGAN_FADE_HU, PLAIN_FADE_HU, hu_group_of
 from .hu import device_hu
 from .upsample import AIR_FADE_HU, AIR_HU, GUIDE_CLIP_HU, GUIDE_SIGMA_HU, spatial_weights, upsample_chroma
@@ -104,7 +104,7 @@ def iter_compose_chroma(
     fused = device.type == "cpu" and strength > 0.0  # strength 0 is the plain grey: compose_rgb's exact codes
     # In torch on a GPU (MPS too), or on the CPU under `engines.device.TORCH_STAGES_ENV`.
     on_device = device.type != "cpu" or runs_torch_stages(device)
-    chunk = DEVICE_SLICES if on_device else COMPOSE_CHUNK
+    chunk = device_slices(device, height, width) if on_device else COMPOSE_CHUNK
     for start in range(0, z, chunk):
         stop = min(z, start + chunk)
         with torch.inference_mode():

@@ -208,9 +208,24 @@ def enclosure_bits(
     return (topology or BoneTopology(volume, device)).gate(chroma)
 
 
-#: Slices per batch of the enclosure and compose stages on a GPU: their temporaries take about 100 bytes per voxel,
-#: 0.8 GB for 32 slices of 512²; fewer, larger batches spend less of the time launching kernels.
+#: Slices per batch of the enclosure and compose stages on the torch path (`device_slices`): their temporaries take
+#: about `DEVICE_BYTES_PER_VOXEL`, 0.8 GB for 32 slices of 512².
 DEVICE_SLICES = 32
+DEVICE_BYTES_PER_VOXEL = 100
+#: The share of a CUDA GPU's free memory that one batch of the enclosure or compose stage may take.
+DEVICE_MEMORY_SHARE = 0.25
+
+
+def device_slices(device: torch.device, height: int, width: int) -> int:
+    """Slices per batch of the torch stages: on a CUDA GPU as many as `DEVICE_MEMORY_SHARE` of its free memory holds
+    at `DEVICE_BYTES_PER_VOXEL` (the whole 400-slice bench volume on a 139 GiB H200), else `DEVICE_SLICES`. Fewer,
+    larger batches launch fewer kernels and wait for fewer convergence checks: a batch's count of both is about that
+    of its slowest slice, whatever its number of slices."""
+    if device.type != "cuda":
+        return DEVICE_SLICES
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # this process's cached blocks
+    return max(1, int(free * DEVICE_MEMORY_SHARE) // (DEVICE_BYTES_PER_VOXEL * height * width))
 
 
 class BoneTopology:
@@ -219,7 +234,7 @@ class BoneTopology:
     from the classes without reading the HU again. Kept as bits packed along X, seven per voxel (0.44x the size of
     an int16 CT, freed with the object).
 
-    Where `runs_torch_stages`, `bone_topology_torch` in batches of `DEVICE_SLICES` on the device, in one thread;
+    Where `runs_torch_stages`, `bone_topology_torch` in batches of `device_slices` on the device, in one thread;
     elsewhere (the CPU, Apple's MPS) `bone_topology` slice by slice in `threads.cpu_threads` threads
     (``ndimage.label`` releases the GIL), then gated on bits packed along X, never unpacked. The CPU's colours are
     those of commit 8732aa4's slice-by-slice masks, byte for byte, at the same speed (120 slices of 512²,
@@ -232,6 +247,7 @@ class BoneTopology:
         on_device = runs_torch_stages(device)
         self.device = device if on_device else torch.device("cpu")
         self._stop = False
+        self.slices = device_slices(self.device, *volume.shape[1:])  # per batch, here and in `gate`
         self._pool = ThreadPoolExecutor(1)
         self._bits = self._pool.submit(self._on_device if on_device else self._on_cpu)
 
@@ -240,15 +256,15 @@ class BoneTopology:
         pixel_mm2 = float(self.volume.spacing[1] * self.volume.spacing[2])
         packed = []
         with torch.inference_mode():
-            for start in range(0, z, DEVICE_SLICES):
+            for start in range(0, z, self.slices):
                 if self._stop:
                     break
-                hu = device_hu(self.volume, start, min(z, start + DEVICE_SLICES), self.device)
+                hu = device_hu(self.volume, start, min(z, start + self.slices), self.device)
                 packed.append(pack_bits(bone_topology_torch(hu, pixel_mm2)))
         return packed
 
     def _on_cpu(self) -> list[torch.Tensor]:
-        """The CPU's slices in the pool's other threads (this one waits), in batches of `DEVICE_SLICES` as on a GPU."""
+        """The CPU's slices in the pool's other threads (this one waits), in batches of `slices` as on a GPU."""
         z, height, width = self.volume.shape
         pixel_mm2 = float(self.volume.spacing[1] * self.volume.spacing[2])
         out = np.empty((7, z, height, -(-width // 8)), dtype=np.uint8)
@@ -259,7 +275,7 @@ class BoneTopology:
 
         with ThreadPoolExecutor(cpu_threads()) as pool:
             list(pool.map(one, range(z)))
-        return [torch.from_numpy(out[:, start : start + DEVICE_SLICES]) for start in range(0, z, DEVICE_SLICES)]
+        return [torch.from_numpy(out[:, start : start + self.slices]) for start in range(0, z, self.slices)]
 
     def close(self) -> None:
         """Stop after the batch in progress (a run abandoned before `gate`)."""
@@ -276,8 +292,8 @@ class BoneTopology:
         bone = (hu_group_of(chroma.classes) == 0).to(device)
         out = np.empty((2, z, height, -(-width // 8)), dtype=np.uint8)
         with torch.inference_mode():
-            for k, start in enumerate(range(0, z, DEVICE_SLICES)):
-                stop = min(z, start + DEVICE_SLICES)
+            for k, start in enumerate(range(0, z, self.slices)):
+                stop = min(z, start + self.slices)
                 top, prob = chroma.top[start:stop].to(device), chroma.prob[start:stop].to(device)
                 kept = (bone[top.long()] & (prob > 0)).any(dim=1)  # (n, h, w)
                 bone_pixel = pack_bits(kept.index_select(1, rows).index_select(2, cols))
