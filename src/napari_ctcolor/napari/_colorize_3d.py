@@ -75,22 +75,34 @@ class View3D:
 
     @staticmethod
     def _steps_3d(volume: Volume, chroma: Chroma, parts, step: int, cached):
-        """The 3D preset's data, in a worker: yields the parts done, returns ((HU, body, spacing), [each part's
-        float32 field])."""
+        """The 3D preset's data, in a worker: yields the parts done, returns ((HU, body, spacing), [(part, its
+        float32 field)], a note for the status line).
+
+        The CTA preset shows vessels only where the colorizer names contrast-enhanced blood
+        (`Chroma.enhanced_blood_hu`): in a CT without contrast, what lies at 150-800 HU away from cortical bone is
+        cancellous bone the colorizer did not name bone (a scapula, a sternum), and red there would read as
+        vessels."""
         if cached is None:
             hu = np.asarray(volume.array[:, ::step, ::step], dtype=np.float32)
             spacing = (volume.spacing[0], volume.spacing[1] * step, volume.spacing[2] * step)
             cached = (hu, body_mask(hu, spacing), spacing)
         hu, body, spacing = cached
         yield 1
-        vessels = None
+        vessels, note = None, ""
         if any(p.source in ("vessels", "CTA bone") for p in parts):
-            vessels = vessel_mask(hu, body, spacing, named_bone=named_bone(chroma, volume.shape, step))
-        fields = []
+            if chroma.enhanced_blood_hu(volume.array, volume.spacing) is None:
+                blood = chroma.named_blood_hu(volume.array, volume.spacing)
+                parts = [p for p in parts if p.source != "vessels"]
+                found = "the colorizer names none" if blood is None else f"the blood it names: median {blood:.0f} HU"
+                note = f"; no vessels shown: no contrast-enhanced blood ({found})"
+                vessels = np.zeros(hu.shape, dtype=bool)  # the bone surface whole: what HU took for vessels is bone
+            else:
+                vessels = vessel_mask(hu, body, spacing, named_bone=named_bone(chroma, volume.shape, step))
+        shown = []
         for part in parts:
-            fields.append(layer_data(part, hu, body, spacing, vessels))
-            yield len(fields) + 1
-        return cached, fields
+            shown.append((part, layer_data(part, hu, body, spacing, vessels)))
+            yield len(shown) + 1
+        return cached, shown, note
 
     def _show_3d(self, kept: Kept, preset: str, step: int, result: tuple) -> None:
         """Add the layers "<CT name> 3D <part>" of a `PRESETS_3D` preset computed by `_steps_3d`, seen from the
@@ -98,7 +110,7 @@ class View3D:
         color = self.result_layer
         if self._closed or kept is not self._kept or color is None or self.view_3d.value != preset:
             return  # another run, CT or preset since
-        cached, fields = result
+        cached, shown, note = result
         self._body_cache = (kept, *cached)
         placement = {k: np.asarray(v) for k, v in layer_attributes(color).items() if k != "metadata"}
         placement["scale"] = placement["scale"] * np.array([1.0, step, step])
@@ -107,7 +119,7 @@ class View3D:
             self._hidden_for_3d = [lyr for lyr in self._viewer.layers if lyr.visible]
             for lyr in self._hidden_for_3d:
                 lyr.visible = False
-        for part, field in zip(PRESETS_3D[preset], fields, strict=True):
+        for part, field in shown:
             layer = Image(
                 field,
                 name=f"{kept.ct.name} 3D {part.name}",
@@ -122,7 +134,7 @@ class View3D:
             layer.interpolation3d = "linear"  # trilinear sampling: no blocky voxels
             self._viewer.layers.append(layer)
         anterior_3d(self._viewer)
-        self._say(f"3D view: {preset}")
+        self._say(f"3D view: {preset}{note}")
 
     def _remove_3d(self) -> None:
         kept = self._kept

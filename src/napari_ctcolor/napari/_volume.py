@@ -27,7 +27,13 @@ The presets (`PRESETS_3D`):
   150-800 HU, away from cortical bone, and not where the colorizer names bone, `named_bone`). HU alone cannot tell
   cancellous bone from contrast blood where the cortex stays below `COMPACT_BONE_HU` (3-5 mm slices, osteopenia). On the
   3 mm non-contrast CT 37 % of the labelled bone turned red by HU alone, 0.5 % with the colorizer's names; the
-  contrast DICOM series kept its enhanced vessels red (63 % of their voxels above 150 HU, as by HU alone).
+  contrast DICOM series kept its enhanced vessels red (63 % of their voxels above 150 HU, as by HU alone). A CT in
+  which the colorizer names no contrast-enhanced blood (`Chroma.enhanced_blood_hu`: the blood it names below 80 HU,
+  median) shows the bone surface alone, and the status line says so: on a non-contrast chest, the cancellous bone of
+  a scapula that the colorizer does not name bone was red. Checked on the shared exams only (2026-11-27): the
+  portal-venous DICOM series' named blood at 102 HU (vessels shown); the 3 mm body's, the popi chest's and the
+  lung2 chest's at 37-53 HU, and lung1's at 38 HU, which its source calls contrast-enhanced (no vessels shown:
+  nothing in it is enhanced enough to tell from the surface at 150 HU).
 - soft tissue: the lit bone surface inside a see-through lit skin (`SKIN_SURFACE_HU`, smoothed by
   `SKIN_SMOOTH_MM`): the body's outline. Organs and muscles cannot be shown shaded (HU cannot tell them apart
   without contrast, and napari's translucent rendering is unlit); the 2D colour shows them.
