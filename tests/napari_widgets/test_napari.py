@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -45,6 +47,28 @@ def test_dropping_the_dicom_folder_gives_one_hu_layer_at_physical_scale(make_nap
     assert meta["windows"] == [(40.0, 300.0), (300.0, 1500.0)]
     assert layer.name == "CT Body 3.0"
     assert layer.data.min() == -1024  # HU, not stored values
+
+
+_OPEN_WITHOUT_TORCH = """
+import sys
+import napari
+viewer = napari.Viewer(show=False)
+layer = viewer.open(sys.argv[1], plugin="napari-ctcolor")[0]
+print(layer.data.shape, tuple(layer.contrast_limits), "torch" in sys.modules, "monai" in sys.modules)
+viewer.close()
+"""
+
+
+def test_opening_a_contrast_ct_in_a_viewer_does_not_import_torch(dicom_series):
+    """The first open of a CT pays the imports of the reader's modules in napari's main thread: torch was 2.8 s of
+    them (2 cores, 2026-11-27), and the reader needs none of it, also not for a contrast CT's opening window. A fresh
+    viewer in its own process opens the contrast series: its layer in the contrast window, torch and MONAI not
+    imported."""
+    done = subprocess.run(
+        [sys.executable, "-c", _OPEN_WITHOUT_TORCH, str(dicom_series)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == "(20, 512, 512) (-250.0, 440.0) False False", done.stdout
 
 
 def test_oblique_nifti_keeps_its_geometry_in_the_layer(make_napari_viewer, tmp_path):

@@ -14,15 +14,17 @@ from napari.utils.events import Event
 from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
 from scipy import ndimage
 
+from napari_ctcolor.app.window import contrast_window
 from napari_ctcolor.color import color_class
 from napari_ctcolor.engines.anatomy import family
 from napari_ctcolor.engines.body import body_mask
+from napari_ctcolor.engines.vessels import vessel_mask
 from napari_ctcolor.io import ColorVolume, Volume, read_volume, write_nifti
 from napari_ctcolor.io.color_read import read_color_volume
 from napari_ctcolor.napari import _colorize_run, _colorize_widget
 from napari_ctcolor.napari._layers import image_layer_data
 from napari_ctcolor.napari._view import show_plane
-from napari_ctcolor.napari._volume import MIN_BONE_ML, contrast_window, vessel_mask
+from napari_ctcolor.napari._volume import MIN_BONE_ML
 from napari_ctcolor.windowing import PRESETS
 
 from conftest import (

@@ -13,10 +13,11 @@ from napari.qt.threading import create_worker
 
 from ..engines.body import body_mask
 from ..engines.colorize import Chroma
+from ..engines.vessels import vessel_mask
 from ..io import Volume
 from ._layers import layer_attributes
 from ._view import anterior_3d, show_plane
-from ._volume import PRESETS_3D, layer_data, named_bone, vessel_mask
+from ._volume import PRESETS_3D, layer_data, named_bone
 
 if TYPE_CHECKING:
     from ._colorize_run import Kept

@@ -19,6 +19,7 @@ import numpy as np
 from napari.layers import Image
 from napari.qt.threading import create_worker
 
+from ..app.window import contrast_window, opening_window
 from ..color import Palette
 from ..engines.colorize import Chroma, compose_plane, iter_compose_chroma, iter_predict_chroma
 from ..engines.device import resolve_device
@@ -28,8 +29,7 @@ from ..io import ColorVolume, Volume
 from ..threads import at_most
 from ..windowing import Window, parse_window
 from ._jobs import Failed
-from ._layers import CONTRAST_WINDOW_KEY, META_KEY, layer_attributes, opening_window, placement
-from ._volume import contrast_window
+from ._layers import CONTRAST_WINDOW_KEY, META_KEY, layer_attributes, placement
 
 #: A coronal or sagittal plane of a CT of more slices than this is recoloured in a worker, not the main thread
 #: (`RunAndRecompose._recolor_visible_plane`): about 1 ms per slice on 2 cores.

@@ -13,7 +13,7 @@ The widget is a thin front end over `napari_ctcolor.engines.colorize`, the same 
   (axial, coronal or sagittal) at once in the main thread (`engines.colorize.compose_plane`), then the whole volume
   in a worker. The colour layer's own contrast limits and gamma stay fixed (its luminance is the window already).
 - A contrast CT opens with its enhanced blood mid-grey when its DICOM header says contrast was given
-  (`_layers.opening_window`). A CT without such a header (NIfTI, NRRD, MHA) moves to that window after Run when the
+  (`app.window.opening_window`). A CT without such a header (NIfTI, NRRD, MHA) moves to that window after Run when the
   blood the network names is enhanced and the CT still shows the window it opened in (`_window_for_contrast`).
 - Right-drag on the canvas sets the window (`_window_drag.window_drag`). A progress bar in the widget; Axial / Coronal /
   Sagittal buttons show radiologically oriented views (`_view`).

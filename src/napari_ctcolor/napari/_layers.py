@@ -7,10 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from ..app.window import opening_window, opens_in_contrast
 from ..errors import InputError
 from ..io import ColorVolume, Volume
-from ..windowing import Window, default_window
-from ._volume import contrast_window
 
 META_KEY = "ctcolor"
 #: A CT layer's metadata key for the contrast window chosen for it ((centre, width): `contrast_window`, when it opened
@@ -51,23 +50,9 @@ def image_layer_data(volume: Volume, name: str | None = None) -> tuple[np.ndarra
         "metadata": {META_KEY: dict(meta)},
         **placement(volume),
     }
-    if _opens_in_contrast(volume):  # named in the colorize widget's menu
+    if opens_in_contrast(volume):  # named in the colorize widget's menu
         kwargs["metadata"][CONTRAST_WINDOW_KEY] = tuple(window)
     return volume.array, kwargs, "image"
-
-
-def opening_window(volume: Volume) -> Window:
-    """The window a CT opens in. A CT whose DICOM header says contrast was given (ContrastBolusAgent) opens with its
-    contrast-filled vessels mid-grey (`contrast_window`), not white as under its header's or the abdomen window;
-    another opens in its default window (the header's first, else the abdomen preset). The header's windows stay
-    offered in the colorize widget."""
-    if _opens_in_contrast(volume):
-        return contrast_window(volume.array, volume.spacing)
-    return default_window(volume)
-
-
-def _opens_in_contrast(volume: Volume) -> bool:
-    return bool(volume.meta.get("contrast")) and volume.meta.get("modality", "CT") == "CT"
 
 
 def rgb_layer_data(color: ColorVolume, name: str | None = None) -> tuple[np.ndarray, dict[str, Any], str]:
