@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from napari_ctcolor.io import read_volume, write_nifti
+from napari_ctcolor.io import InputError, read_volume, write_nifti
 from napari_ctcolor.napari._reader import get_reader
 
 from conftest import CT_DIR, SHARED_DATA, require_shared, rotated_volume
@@ -268,3 +268,57 @@ def test_a_double_click_centres_the_other_planes_on_the_point(make_napari_viewer
     np.testing.assert_allclose(np.round(ct.world_to_data(viewer.dims.point)), (k, j, i))
     show_plane(viewer, "sagittal")
     np.testing.assert_allclose(np.round(ct.world_to_data(viewer.dims.point)), (k, j, i))
+
+
+def test_a_ct_opened_in_a_running_viewer_is_read_in_a_worker(make_napari_viewer, qtbot, dicom_series):
+    """Opened from inside the viewer's event loop (the menu, a drop on the canvas), the contrast series comes back at
+    once as a placeholder layer that a worker fills; meanwhile the widgets refuse the layer; then it holds the series
+    as the reader gives it when it reads before returning (voxels, geometry, window, metadata), the view on its
+    middle slice. The main thread's longest stall while it opens: test_responsiveness."""
+    from napari.utils.notifications import notification_manager
+    from qtpy.QtCore import QTimer
+
+    from napari_ctcolor.napari._layers import READING_KEY, layer_attributes, volume_from_layer
+    from napari_ctcolor.napari._reader import read_ct
+
+    viewer = make_napari_viewer()
+    want = read_ct(str(dicom_series))[0]  # outside the event loop: read before returning
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Colorize volume")  # open before the CT
+    opened = []
+    QTimer.singleShot(0, lambda: opened.extend(viewer.open(str(dicom_series), plugin=PLUGIN)))
+    qtbot.waitUntil(lambda: len(opened) == 1, timeout=10_000)
+    layer = opened[0]
+    assert layer.data.shape == (1, 1, 1) and READING_KEY in layer.metadata
+    with pytest.raises(InputError, match="still being read"):
+        volume_from_layer(layer.data, layer_attributes(layer))
+    qtbot.waitUntil(lambda: READING_KEY not in layer.metadata, timeout=60_000)
+    data, kwargs, _ = want
+    np.testing.assert_array_equal(layer.data, data)
+    assert layer.name == kwargs["name"] and tuple(layer.contrast_limits) == kwargs["contrast_limits"]
+    np.testing.assert_allclose(layer.scale, kwargs["scale"])
+    np.testing.assert_allclose(layer.translate, kwargs["translate"])
+    assert layer.metadata == kwargs["metadata"] and len(viewer.layers) == 1
+    assert viewer.dims.current_step[0] == 10
+    # The open colorize widget follows the filled layer: its header's windows offered, its contrast window chosen.
+    shown = [widget.window.native.itemText(i) for i in range(widget.window.native.count())]
+    assert widget.ct_layer.value is layer and shown[:2] == ["DICOM default", "DICOM 300/1500"]
+    assert widget.window.value.startswith("contrast ")
+    assert not [n for n in notification_manager.records if "Error" in type(n).__name__]
+
+
+def test_a_file_that_fails_in_the_worker_leaves_no_layer_and_says_why(make_napari_viewer, qtbot, tmp_path):
+    """A damaged NIfTI opened from inside the event loop: the worker's InputError becomes napari's one-line error
+    notification and the placeholder goes."""
+    from napari.utils.notifications import notification_manager
+    from qtpy.QtCore import QTimer
+
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti file at all" * 20)
+    viewer = make_napari_viewer()
+    before = len(notification_manager.records)
+    QTimer.singleShot(0, lambda: viewer.open(str(broken), plugin=PLUGIN))
+    qtbot.waitUntil(lambda: len(notification_manager.records) > before, timeout=30_000)
+    qtbot.waitUntil(lambda: len(viewer.layers) == 0, timeout=5_000)
+    message = str(notification_manager.records[-1].message)
+    print(f"\n{message}")
+    assert str(broken) in message and "\n" not in message

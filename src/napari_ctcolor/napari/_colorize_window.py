@@ -143,18 +143,36 @@ class WindowControl:
         self._unwatch()
         self._watched = layer
         self._kept = next((run for run in self._runs if run.ct is layer), self._kept)
-        with self.window.changed.blocked():
-            self.window.reset_choices()  # this CT's header windows
+        self._rebuild_window_choices()  # this CT's header windows
         if layer is not None:
             widen_contrast_range(layer)
             layer.events.contrast_limits.connect(self._on_ct_contrast)
+            layer.events.data.connect(self._on_ct_data)
             self._on_ct_contrast()
         else:
             self._fill_window_fields()
 
+    def _on_ct_data(self, *_: Any) -> None:
+        """The CT layer's voxels were replaced (the reader's worker filled its placeholder): its header's windows and
+        HU range, again."""
+        layer = self._watched
+        if layer is None:
+            return
+        self._rebuild_window_choices()
+        widen_contrast_range(layer)
+        self._on_ct_contrast()
+
+    def _rebuild_window_choices(self) -> None:
+        """The window menu for the chosen CT, in its order (magicgui keeps the choices that stay and appends new ones
+        after them: a CT's header windows would come after "custom")."""
+        with self.window.changed.blocked():
+            self.window.choices = [(DICOM_DEFAULT, DICOM_DEFAULT)]
+            self.window.reset_choices()
+
     def _unwatch(self) -> None:
         if self._watched is not None:
             self._watched.events.contrast_limits.disconnect(self._on_ct_contrast)
+            self._watched.events.data.disconnect(self._on_ct_data)
             self._watched = None
 
     def _choice_for(self, win: Window) -> str:

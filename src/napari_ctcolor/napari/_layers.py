@@ -12,6 +12,9 @@ from ..errors import InputError
 from ..io import ColorVolume, Volume
 
 META_KEY = "ctcolor"
+#: A layer's metadata key while the reader fills it from a worker (`_reader.read_ct`): it holds a one-voxel
+#: placeholder until then, which no widget or writer takes.
+READING_KEY = "ctcolor_reading"
 #: A CT layer's metadata key for the contrast window chosen for it ((centre, width): `contrast_window`, when it opened
 #: in it or the colorizer found enhanced blood), offered by name in the colorize widget's window menu.
 CONTRAST_WINDOW_KEY = "ctcolor_contrast_window"
@@ -41,7 +44,7 @@ def image_layer_data(volume: Volume, name: str | None = None) -> tuple[np.ndarra
     """A napari LayerDataTuple showing ``volume`` in its own units at its physical position."""
     window = opening_window(volume)
     meta = volume.meta
-    name = name or meta.get("series_description") or _stem(meta.get("source", "")) or "CT"
+    name = name or meta.get("series_description") or stem(meta.get("source", "")) or "CT"
     kwargs = {
         "name": name,
         "colormap": "gray",
@@ -57,7 +60,7 @@ def image_layer_data(volume: Volume, name: str | None = None) -> tuple[np.ndarra
 
 def rgb_layer_data(color: ColorVolume, name: str | None = None) -> tuple[np.ndarray, dict[str, Any], str]:
     """A napari LayerDataTuple showing an RGB ``colour`` volume at its physical position."""
-    name = name or _stem(str(color.settings.get("source", ""))) or "colour"
+    name = name or stem(str(color.settings.get("source", ""))) or "colour"
     kwargs = {
         "name": name,
         "rgb": True,
@@ -68,7 +71,8 @@ def rgb_layer_data(color: ColorVolume, name: str | None = None) -> tuple[np.ndar
     return color.rgb, kwargs, "image"
 
 
-def _stem(source: str) -> str:
+def stem(source: str) -> str:
+    """A file's or folder's name without the image suffixes we read."""
     name = Path(source).name
     for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm"):
         if name.lower().endswith(suffix):
@@ -96,6 +100,8 @@ def volume_from_layer(data: np.ndarray, attributes: dict[str, Any]) -> Volume:
     ``attributes`` is what napari passes to writers (``layer._get_state()``-like dict) or built from a layer with
     `layer_attributes`.
     """
+    if READING_KEY in (attributes.get("metadata") or {}):
+        raise InputError("the CT is still being read: wait until its layer shows it")
     data = np.asarray(data)
     if data.ndim == 2:
         matrix = _lift_2d(attributes)

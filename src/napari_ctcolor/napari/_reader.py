@@ -1,19 +1,28 @@
 """napari reader: DICOM folders and files, NIfTI, MHA/MHD, NRRD and DICOMweb series URLs -> one image layer in HU at
 its physical place; the colour images we write (RGB NIfTI, RGB DICOM series, PNG slice folders) -> one RGB layer at
-their physical place."""
+their physical place.
+
+In a running viewer (Qt's event loop running: a file opened from the menu, dropped on the canvas, or opened from
+napari's console) a CT is read in a worker: the reader returns at once with a one-voxel placeholder layer, which
+the worker's result fills (its voxels, geometry, window and metadata); the viewer keeps answering meanwhile, and the
+widgets refuse the layer until then (`READING_KEY`). Elsewhere (a script before ``napari.run()``, a test) the reader
+reads before it returns, as napari's own readers do, so that the returned layer holds the CT.
+"""
 
 from __future__ import annotations
 
 import os
 import struct
+import uuid
 from pathlib import Path
 
 import numpy as np
 
-from ..io import ITK_SUFFIXES, NIFTI_SUFFIXES, ColorVolume, Volume, read_image
+from ..errors import CTColorError
+from ..io import ITK_SUFFIXES, NIFTI_SUFFIXES, ColorVolume, Volume, is_color, read_image
 from ..io.color_read import PNG_GEOMETRY
 from ..io.dicomweb import is_series_url
-from ._layers import image_layer_data, rgb_layer_data
+from ._layers import READING_KEY, image_layer_data, rgb_layer_data, stem
 from ._window_drag import install_mouse_controls
 
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -83,14 +92,81 @@ def axis_ordered(volume: Volume) -> Volume:
 
 
 def read_ct(path):
-    """Read one CT (or other scalar image, or one of our colour images) into a layer; errors reach napari as one-line
-    InputError messages."""
+    """Read one CT (or other scalar image, or one of our colour images) into a layer: in a worker where the viewer's
+    event loop runs (module docstring), else before returning. Errors reach napari as one-line InputError messages
+    (from the worker: as a napari error notification, the placeholder removed)."""
     if isinstance(path, list):
         path = path[0]
-    image = read_image(path)
-    if isinstance(image, ColorVolume):
-        return [rgb_layer_data(image)]
     import napari
 
-    install_mouse_controls(napari.current_viewer())  # right-drag window/level and double-click, from the first image
-    return [image_layer_data(axis_ordered(image))]
+    viewer = napari.current_viewer()
+    install_mouse_controls(viewer)  # right-drag window/level and double-click, from the first image
+    if viewer is None or not _event_loop_running() or is_series_url(path) or is_color(path):
+        return [_layer_data(read_image(path))]
+    return [_read_in_worker(viewer, path)]
+
+
+def _layer_data(image: Volume | ColorVolume) -> tuple:
+    if isinstance(image, ColorVolume):
+        return rgb_layer_data(image)
+    return image_layer_data(axis_ordered(image))
+
+
+def _event_loop_running() -> bool:
+    """Whether this is Qt's main thread inside its running event loop (an interactive viewer)."""
+    from qtpy.QtCore import QCoreApplication, QThread
+
+    app = QCoreApplication.instance()
+    thread = QThread.currentThread()
+    return app is not None and thread is app.thread() and thread.loopLevel() > 0
+
+
+def _read_in_worker(viewer, path) -> tuple:
+    """A placeholder layer named as the CT will be, filled by a worker that reads ``path``."""
+    from napari.qt.threading import create_worker
+    from napari.utils.notifications import show_error
+
+    token = uuid.uuid4().hex
+
+    def placeholder():
+        return next((lyr for lyr in viewer.layers if lyr.metadata.get(READING_KEY) == token), None)
+
+    def fill(result: tuple) -> None:
+        layer = placeholder()
+        if layer is not None:  # not closed meanwhile
+            _fill_layer(viewer, layer, result)
+
+    def failed(exc: Exception) -> None:
+        layer = placeholder()
+        if layer is not None:
+            viewer.layers.remove(layer)
+        if not isinstance(exc, CTColorError):
+            raise exc  # a bug: napari's error reporter shows its traceback
+        show_error(str(exc))
+
+    worker = create_worker(lambda: _layer_data(read_image(path)), _ignore_errors=True)
+    worker.returned.connect(fill)
+    worker.errored.connect(failed)
+    worker.start()
+    empty = np.full((1, 1, 1), -1024, dtype=np.int16)
+    return empty, {"name": stem(str(path)) or "CT", "colormap": "gray", "metadata": {READING_KEY: token}}, "image"
+
+
+def _fill_layer(viewer, layer, result: tuple) -> None:
+    """Give the placeholder ``layer`` the read CT ``result`` (a LayerDataTuple of `image_layer_data`): its geometry,
+    voxels, window, name and metadata; the view reset when it is the viewer's only layer, as napari resets it for a
+    first layer."""
+    data, kwargs, _ = result
+    with layer.events.blocker_all():
+        for key in ("scale", "translate", "affine"):
+            if key in kwargs:
+                setattr(layer, key, kwargs[key])
+        layer.metadata = kwargs["metadata"]
+        layer.interpolation2d = kwargs["interpolation2d"]
+    layer.data = data
+    layer.name = kwargs["name"]
+    layer.reset_contrast_limits_range()
+    layer.contrast_limits = kwargs["contrast_limits"]
+    if len(viewer.layers) == 1:
+        viewer.reset_view()
+        viewer.dims.current_step = tuple(n // 2 for n in viewer.dims.nsteps)
