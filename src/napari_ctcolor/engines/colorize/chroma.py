@@ -159,23 +159,24 @@ class Chroma:
         least `ENHANCED_MIN_ML`; else None."""
         named = [k for k, name in enumerate(self.classes) if _anatomy.family(name) == "contrast_blood"]
         named = [k for k in named if self.classes[k] != "contrast_blood"]  # the tissue class is named by HU
-        (top, _), (left, _) = self.pad
-        rows = np.arange((self.factor // 2 - top) % self.factor, hu.shape[1], self.factor)  # the pixels' centres
-        cols = np.arange((self.factor // 2 - left) % self.factor, hu.shape[2], self.factor)
-        blood = np.isin(self.first_class(rows, cols), named)
+        first, values = self._at_centres(hu)
+        blood = np.isin(first, named)
         if blood.sum() * float(np.prod(spacing)) * self.factor**2 / 1000.0 < ENHANCED_MIN_ML:
             return None
-        return float(np.percentile(np.asarray(hu)[:, rows][:, :, cols][blood], percentile))
+        return float(np.percentile(values[blood], percentile))
 
     def class_hu(self, hu: np.ndarray) -> dict[str, float]:
         """The median HU, read at each network pixel's centre in the CT ``hu``, of the pixels whose most probable class
         is each class (classes that win somewhere only)."""
-        (top, _), (left, _) = self.pad
-        rows = np.arange((self.factor // 2 - top) % self.factor, hu.shape[1], self.factor)  # the pixels' centres
-        cols = np.arange((self.factor // 2 - left) % self.factor, hu.shape[2], self.factor)
-        first = self.first_class(rows, cols).ravel()
-        values = np.asarray(hu)[:, rows][:, :, cols].ravel()
+        first, values = self._at_centres(hu)
         return {self.classes[k]: float(np.median(values[first == k])) for k in np.unique(first).tolist()}
+
+    def _at_centres(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(most probable class, HU) at each network pixel's centre voxel in the CT ``hu``, both (Z, h', w')."""
+        (top, _), (left, _) = self.pad
+        rows = np.arange((self.factor // 2 - top) % self.factor, hu.shape[1], self.factor)
+        cols = np.arange((self.factor // 2 - left) % self.factor, hu.shape[2], self.factor)
+        return self.first_class(rows, cols), np.asarray(hu)[:, rows][:, :, cols]
 
     def class_shares(self) -> dict[str, float]:
         """Share of network pixels whose most probable class is each class (classes that win somewhere only)."""
