@@ -11,9 +11,9 @@ from magicgui.widgets import ComboBox
 from napari.layers import Image
 from napari.qt.threading import create_worker
 
+from ..app.vessels import no_vessels_reason, vessel_mask
 from ..engines.body import body_mask
 from ..engines.colorize import Chroma
-from ..engines.vessels import vessel_mask
 from ..io import Volume
 from ._layers import layer_attributes
 from ._view import anterior_3d, show_plane
@@ -79,10 +79,7 @@ class View3D:
         """The 3D preset's data, in a worker: yields the parts done, returns ((HU, body, spacing), [(part, its
         float32 field)], a note for the status line).
 
-        The CTA preset shows vessels only where the colorizer names contrast-enhanced blood
-        (`Chroma.enhanced_blood_hu`): in a CT without contrast, what lies at 150-800 HU away from cortical bone is
-        cancellous bone the colorizer did not name bone (a scapula, a sternum), and red there would read as
-        vessels."""
+        The CTA preset shows vessels only where the colorizer names contrast-enhanced blood (`no_vessels_reason`)."""
         if cached is None:
             hu = np.asarray(volume.array[:, ::step, ::step], dtype=np.float32)
             spacing = (volume.spacing[0], volume.spacing[1] * step, volume.spacing[2] * step)
@@ -91,11 +88,10 @@ class View3D:
         yield 1
         vessels, note = None, ""
         if any(p.source in ("vessels", "CTA bone") for p in parts):
-            if chroma.enhanced_blood_hu(volume.array, volume.spacing) is None:
-                blood = chroma.named_blood_hu(volume.array, volume.spacing)
+            reason = no_vessels_reason(volume, chroma)
+            if reason is not None:
                 parts = [p for p in parts if p.source != "vessels"]
-                found = "the colorizer names none" if blood is None else f"the blood it names: median {blood:.0f} HU"
-                note = f"; no vessels shown: no contrast-enhanced blood ({found})"
+                note = f"; {reason}"
                 vessels = np.zeros(hu.shape, dtype=bool)  # the bone surface whole: what HU took for vessels is bone
             else:
                 vessels = vessel_mask(hu, body, spacing, named_bone=named_bone(chroma, volume.shape, step))

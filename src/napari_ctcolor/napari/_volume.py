@@ -54,9 +54,9 @@ import numpy as np
 from napari.utils import Colormap
 from scipy import ndimage
 
+from ..app.vessels import AIR_HU, VESSEL_SURFACE_HU
 from ..engines.anatomy import family
 from ..engines.colorize import Chroma
-from ..engines.vessels import AIR_HU, VESSEL_SURFACE_HU
 
 #: Soft tissue's HU: what replaces the voxels a surface leaves out (the vessels under the CTA bone, the bone and
 #: organs around the vessels), so that smoothing does not pull the surface of what stays towards air.
