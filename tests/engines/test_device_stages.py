@@ -150,8 +150,9 @@ def test_gpu_stages_wait_for_the_device_once_per_batch_not_per_slice(monkeypatch
 def test_gpu_stages_give_the_same_colours_in_any_batch_size(monkeypatch):
     """On a GPU the enclosure and compose stages take as many slices per batch as its free memory allows
     (`device_slices`); the slices of a batch never meet (in-plane components, a bounding box with no hole or rim
-    outside it), so batches of 7, 13 and 32 slices give the same enclosure bits, the CPU kernels' too, and the same
-    RGB on this float32 CPU arithmetic (a GPU's may round a voxel one code apart: BENCHMARKS.md)."""
+    outside it), so batches of 7, 13 and 32 slices give the same enclosure bits (integer work), the CPU kernels' too,
+    and the same colours: the same float32 arithmetic per voxel, which a kernel may vectorise differently for another
+    batch shape, so one 8-bit code apart on at most 1e-4 of the voxels (on an H200, 1.05e-7: BENCHMARKS.md)."""
     from napari_ctcolor.engines.colorize import compose, enclosure
 
     ct = read_volume(require_shared(CUT))
@@ -167,4 +168,5 @@ def test_gpu_stages_give_the_same_colours_in_any_batch_size(monkeypatch):
     assert (results[32][0] == chroma.enclosure).all()  # the CPU kernels' bits (predict_chroma's own)
     for batch in (7, 13):
         assert (results[batch][0] == results[32][0]).all(), batch
-        assert (results[batch][1] == results[32][1]).all(), batch
+        step = np.abs(results[batch][1].astype(np.int16) - results[32][1]).max(axis=-1)
+        assert step.max() <= 1 and (step > 0).mean() <= 1e-4, (batch, int(step.max()), float((step > 0).mean()))
