@@ -95,3 +95,28 @@ def test_functions_and_classes_of_the_application_and_front_ends_are_short(floor
         if (found := _long_definitions(ast.parse(path.read_text(encoding="utf-8"))))
     }
     assert long == {}
+
+
+def _imported_modules(tree: ast.Module) -> list[str]:
+    """The absolute names of the modules a script imports (``from napari_ctcolor.engines.refine import X`` ->
+    ``napari_ctcolor.engines.refine``)."""
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    return names
+
+
+def test_the_slicer_module_script_calls_the_application_not_the_engines():
+    """Slicer loads ``slicer_module/CTColor.py`` as a script, outside the package, so `lint-imports`' contract that
+    the front ends never import the engines does not see it: checked here."""
+    below = ("napari_ctcolor.engines", "napari_ctcolor.models", "napari_ctcolor.training")
+    script = SRC / "slicer" / "slicer_module" / "CTColor.py"
+    imported = _imported_modules(ast.parse(script.read_text(encoding="utf-8")))
+    assert any(name.startswith("napari_ctcolor.app") for name in imported)
+    assert [name for name in imported if name.startswith(below)] == []
+    assert _imported_modules(ast.parse("from napari_ctcolor.engines.refine import X")) == [
+        "napari_ctcolor.engines.refine"
+    ]

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from napari_ctcolor.app import colorize_job
 from napari_ctcolor.color import grey_to_lightness, load_palette, srgb_to_lab
 from napari_ctcolor.engines.anatomy import family
 from napari_ctcolor.engines.body import body_mask
 from napari_ctcolor.engines.colorize import colorize
 from napari_ctcolor.io import ColorVolume, Volume, read_color_volume, read_volume, write_nifti
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig
-from napari_ctcolor.napari import _colorize_run
 from napari_ctcolor.napari._colorize_widget import WEIGHTS_FILE, ColorizeWidget
 from napari_ctcolor.napari._layers import image_layer_data, placement
 from napari_ctcolor.napari._view import show_plane
@@ -86,13 +86,13 @@ def test_run_colors_the_ct_and_settings_recompose_without_the_network(
     make_napari_viewer, qtbot, dicom_series, monkeypatch, errors
 ):
     predictions = []
-    predict = _colorize_run.iter_predict_chroma
+    predict = colorize_job.iter_predict_chroma
 
     def counting_predict(*args, **kwargs):
         predictions.append(args[0].shape)
         return (yield from predict(*args, **kwargs))
 
-    monkeypatch.setattr(_colorize_run, "iter_predict_chroma", counting_predict)
+    monkeypatch.setattr(colorize_job, "iter_predict_chroma", counting_predict)
     viewer = make_napari_viewer()
     ct = viewer.open(str(dicom_series), plugin=PLUGIN)[0]
     widget = open_widget(viewer)

@@ -18,6 +18,7 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
+from napari_ctcolor.app import register_job
 from napari_ctcolor.engines.checkerboard import checkerboard_mask
 from napari_ctcolor.engines.register import global_ncc, load_registration_model
 from napari_ctcolor.io import Volume, read_volume, write_nifti
@@ -108,13 +109,13 @@ def errors(monkeypatch) -> list[str]:
 def engine_calls(monkeypatch) -> list[tuple]:
     """Counts registrations: every call of the engine the widget makes."""
     calls: list[tuple] = []
-    engine = _register_widget.iter_register
+    engine = register_job.iter_register
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
         return engine(*args, **kwargs)
 
-    monkeypatch.setattr(_register_widget, "iter_register", counting)
+    monkeypatch.setattr(register_job, "iter_register", counting)
     return calls
 
 
@@ -325,7 +326,7 @@ def test_auto_settings_take_the_cards_defaults_and_a_doubtful_registration_says_
     shown: list[str] = []
     monkeypatch.setattr(_register_widget, "show_warning", shown.append)
     totals: list[int] = []
-    engine = _register_widget.iter_register
+    engine = register_job.iter_register
 
     def recording_engine(*args, **kwargs):  # the engine's own (done, total) steps, as the widget receives them
         steps = engine(*args, **kwargs)
@@ -337,7 +338,7 @@ def test_auto_settings_take_the_cards_defaults_and_a_doubtful_registration_says_
             totals.append(total)
             yield (done, total, *stage)
 
-    monkeypatch.setattr(_register_widget, "iter_register", recording_engine)
+    monkeypatch.setattr(register_job, "iter_register", recording_engine)
     # An 8-slice crop of the CT, the same crop shifted by 2 voxels, and noise on the same grid.
     ct = pair.fixed
     crop = np.ascontiguousarray(ct.array[4:12, 18:82, 29:93])
@@ -403,14 +404,14 @@ def test_auto_settings_take_the_cards_defaults_and_a_doubtful_registration_says_
 
 def test_cancel_stops_inside_the_refinement_and_adds_no_layer(make_napari_viewer, qtbot, pair, monkeypatch, errors):
     steps: list[tuple[int, int]] = []
-    engine = _register_widget.iter_register
+    engine = register_job.iter_register
 
     def slow(*args, **kwargs):
         # The engine's progress callback runs at the end of each stage and after every few demons iterations: 0.5 s
         # more per step gives time to click Cancel.
         return engine(*args, **kwargs, progress=lambda done, total: (steps.append((done, total)), time.sleep(0.5)))
 
-    monkeypatch.setattr(_register_widget, "iter_register", slow)
+    monkeypatch.setattr(register_job, "iter_register", slow)
     viewer = make_napari_viewer()
     fixed = viewer.open(str(CT), plugin=PLUGIN)[0]
     moving = viewer.open(str(pair.moving_path), plugin=PLUGIN)[0]
@@ -436,7 +437,7 @@ def test_an_unexpected_runtime_error_is_one_line_and_frees_the_widget(make_napar
         yield 1, 7
         raise RuntimeError("input image smaller than kernel size\nmore detail")
 
-    monkeypatch.setattr(_register_widget, "iter_register", broken)
+    monkeypatch.setattr(register_job, "iter_register", broken)
     viewer = make_napari_viewer()
     volume = np.zeros((8, 16, 16), np.float32)
     widget = open_widget(viewer, viewer.add_image(volume, name="a"), viewer.add_image(volume, name="b"))

@@ -14,6 +14,7 @@ from napari.utils.events import Event
 from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
 from scipy import ndimage
 
+from napari_ctcolor.app import colorize_job
 from napari_ctcolor.app.window import contrast_window
 from napari_ctcolor.color import color_class
 from napari_ctcolor.engines.anatomy import family
@@ -60,13 +61,13 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolors_without_the_n
 ):
     require_shared(CUT)
     predictions = []
-    predict = _colorize_run.iter_predict_chroma
+    predict = colorize_job.iter_predict_chroma
 
     def counting_predict(*args, **kwargs):
         predictions.append(1)
         return (yield from predict(*args, **kwargs))
 
-    monkeypatch.setattr(_colorize_run, "iter_predict_chroma", counting_predict)
+    monkeypatch.setattr(colorize_job, "iter_predict_chroma", counting_predict)
     viewer = make_napari_viewer()
     ct = viewer.open(str(CUT), plugin=PLUGIN)[0]
     ct.contrast_limits = PRESETS["lung"].limits  # the user looks at the lungs before opening the widget
@@ -550,14 +551,14 @@ def test_a_contrast_ct_read_from_nifti_moves_to_the_contrast_window_after_run_an
     non-contrast 3 mm cut keeps its window."""
     said: list[str] = []
     monkeypatch.setattr(_colorize_widget, "show_info", said.append)
-    compose = _colorize_run.iter_compose_chroma
+    compose = colorize_job.iter_compose_chroma
     windows: list = []
 
     def counting_compose(volume, chroma, window, *args):
         windows.append(window)
         return (yield from compose(volume, chroma, window, *args))
 
-    monkeypatch.setattr(_colorize_run, "iter_compose_chroma", counting_compose)
+    monkeypatch.setattr(colorize_job, "iter_compose_chroma", counting_compose)
     dicom = read_volume(dicom_series)
     assert dicom.meta.get("contrast")  # its header says so: the DICOM series opens in the contrast window
     nifti = tmp_path / "contrast.nii.gz"

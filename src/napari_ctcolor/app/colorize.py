@@ -38,8 +38,8 @@ def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Pa
         read = read_volume_soon(args.path, series_uid=args.series)
     from tqdm import tqdm
 
-    from ..engines.colorize import colorize
     from ..engines.device import start_device
+    from .colorize_job import ColorizeRequest, colorize_job
 
     start_device(args.device)  # while the child process reads
     if read is not None:
@@ -49,6 +49,9 @@ def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Pa
     except InputError as exc:
         raise InputError(f"{args.path}: {exc}") from None
     _check_modality(volume, args)
+    request = ColorizeRequest.checked(
+        volume, args.window, palette, args.chroma, args.device, args.model, args.batch_size
+    )
     with tqdm(
         total=2 * volume.shape[0],
         desc="colorize",
@@ -60,9 +63,7 @@ def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Pa
         def progress(done: int, _total: int) -> None:
             bar.update(done - bar.n)
 
-        color = colorize(
-            volume, args.model, args.window, args.chroma, args.device, args.batch_size, palette, progress=progress
-        )
+        color = colorize_job(volume, request, progress=progress).color
     if classes_out is not None:
         _write_classes(color, volume, palette, classes_out)
     written = export_color(color, volume.meta, out, fmt, identity, overwrite=args.overwrite)

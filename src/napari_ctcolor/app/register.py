@@ -56,24 +56,16 @@ def register_command(args: argparse.Namespace) -> dict:
     early = args.affine or (args.affine is None and str(args.model) == "ct")
     reads, prealigned = read_volumes_soon([args.fixed, args.moving], then=prealign_pair if early else None)
     try:
-        from ..engines.refine import parse_refine
-        from ..engines.register import register  # torch is imported only by the commands that need it
+        from .register_job import RegisterRequest, register_job  # torch: only the commands that need it import it
 
-        # A bad --refine stops here: the reader is a daemonic child, ended at exit, and nothing has been written.
-        refine = parse_refine(args.refine) if isinstance(args.refine, str) else args.refine
+        # A bad --refine or --device stops here: the reader is a daemonic child, ended at exit, and nothing has been
+        # written.
+        request = RegisterRequest.checked(args.model, args.affine, args.refine, args.device)
         start = time.perf_counter()
         fixed, moving = (read().finite() for read in reads)  # the checkerboard below reads fixed too
         read_seconds = time.perf_counter() - start  # what reading added after the import: the wait for the child
         source = same_patient_header(args.fixed, args.moving, moving.meta) if send else None
-        result = register(
-            fixed,
-            moving,
-            model=args.model,
-            affine=args.affine,
-            refine=refine,
-            device=args.device,
-            prealignment=prealigned.result,
-        )
+        result = register_job(fixed, moving, request, prealignment=prealigned.result).result
     finally:
         prealigned.cancel()  # unused (a card without pre-alignment, an error before it): the child ends now
 
@@ -94,7 +86,7 @@ def register_command(args: argparse.Namespace) -> dict:
 
 def _write_outdir(outdir: Path, fixed: Volume, result, read_seconds: float, args: argparse.Namespace) -> dict:
     """Write OUTDIR (`REGISTER_OUTPUTS`), all or nothing; returns the metrics written to metrics.json."""
-    from ..engines.checkerboard import checkerboard
+    from .register_job import checkerboard
 
     start = time.perf_counter()
     outdir.parent.mkdir(parents=True, exist_ok=True)

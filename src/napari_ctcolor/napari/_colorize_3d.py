@@ -11,13 +11,12 @@ from magicgui.widgets import ComboBox
 from napari.layers import Image
 from napari.qt.threading import create_worker
 
-from ..app.vessels import no_vessels_reason, vessel_mask
-from ..engines.body import body_mask
-from ..engines.colorize import Chroma
+from ..app.colorize_job import Chroma
+from ..app.vessels import body_3d, cta_vessels
 from ..io import Volume
 from ._layers import layer_attributes
 from ._view import anterior_3d, show_plane
-from ._volume import PRESETS_3D, layer_data, named_bone
+from ._volume import PRESETS_3D, layer_data
 
 if TYPE_CHECKING:
     from ._colorize_run import Kept
@@ -81,20 +80,15 @@ class View3D:
 
         The CTA preset shows vessels only where the colorizer names contrast-enhanced blood (`no_vessels_reason`)."""
         if cached is None:
-            hu = np.asarray(volume.array[:, ::step, ::step], dtype=np.float32)
-            spacing = (volume.spacing[0], volume.spacing[1] * step, volume.spacing[2] * step)
-            cached = (hu, body_mask(hu, spacing), spacing)
+            cached = body_3d(volume, step)
         hu, body, spacing = cached
         yield 1
         vessels, note = None, ""
         if any(p.source in ("vessels", "CTA bone") for p in parts):
-            reason = no_vessels_reason(volume, chroma)
-            if reason is not None:
+            vessels, reason = cta_vessels(volume, chroma, cached, step)
+            if reason is not None:  # the bone surface whole: what HU took for vessels is bone
                 parts = [p for p in parts if p.source != "vessels"]
                 note = f"; {reason}"
-                vessels = np.zeros(hu.shape, dtype=bool)  # the bone surface whole: what HU took for vessels is bone
-            else:
-                vessels = vessel_mask(hu, body, spacing, named_bone=named_bone(chroma, volume.shape, step))
         shown = []
         for part in parts:
             shown.append((part, layer_data(part, hu, body, spacing, vessels)))

@@ -1,9 +1,10 @@
 """The colorize widget's Run and recompose.
 
-Run: the network (`iter_predict_chroma`) and the composition (`iter_compose_chroma`) in one worker with the widget's
-progress bar; Cancel stops it between batches. The predicted colour-class probabilities (`Chroma`) are kept, so a
-change of palette, chroma strength or window only recomposes: the plane on screen at once in the main thread
-(`compose_plane`), then the whole volume in a worker on one CPU thread, coalescing fast slider moves. The result is
+Run: the application's colorize job (`app.colorize_job.iter_colorize_job`: the network, then the composition) in one
+worker with the widget's progress bar; Cancel stops it between batches. The predicted colour-class probabilities
+(`Chroma`) are kept, so a change of palette, chroma strength or window only recomposes: the plane on screen at once in
+the main thread (`compose_plane`), then the whole volume in a worker on one CPU thread (`iter_recompose`), coalescing
+fast slider moves. The result is
 the RGB layer "<CT name> colorized" at the CT's physical position, blended translucently over it; running again
 replaces it. A CT without a header that says contrast was given moves to the contrast window after Run when the
 blood the network names is enhanced and the CT still shows the window it opened in.
@@ -19,15 +20,20 @@ import numpy as np
 from napari.layers import Image
 from napari.qt.threading import create_worker
 
-from ..app.window import contrast_window, opening_window
-from ..color import Palette
-from ..engines.colorize import Chroma, compose_plane, iter_compose_chroma, iter_predict_chroma
-from ..engines.device import resolve_device
-from ..engines.steps import offset_steps
+from ..app.colorize_job import (
+    Chroma,
+    ColorizeOutcome,
+    ColorizeRequest,
+    compose_plane,
+    iter_colorize_job,
+    iter_recompose,
+    settings_of,
+)
+from ..app.window import opening_window
 from ..errors import CTColorError
 from ..io import ColorVolume, Volume
 from ..threads import at_most
-from ..windowing import Window, parse_window
+from ..windowing import Window
 from ._jobs import Failed
 from ._layers import CONTRAST_WINDOW_KEY, META_KEY, layer_attributes, placement
 
@@ -72,6 +78,19 @@ class RunAndRecompose:
             self._recompose_pending = False
             self._recompose()
 
+    def _request(self, volume: Volume, find_contrast: bool = False) -> ColorizeRequest:
+        """The panel's settings as the colorize job's request, checked (`ColorizeRequest.checked`)."""
+        return ColorizeRequest.checked(
+            volume,
+            window=self._window_spec(),
+            palette=self._palette(),
+            strength=float(self.chroma.value),
+            device=self.device.value,
+            model=self._model_spec(),
+            batch_size=int(self.batch_size.value) or None,
+            find_contrast=find_contrast,
+        )
+
     def _run(self, *_: Any) -> None:
         if self.jobs.busy:
             if not self.worker.is_compose:
@@ -82,60 +101,43 @@ class RunAndRecompose:
         if layer is None:
             self._error("Colorize volume: open a CT first (a grey image layer)")
             return
+        # A CT without a header that says contrast was given, still in the window it opened in: the job looks for
+        # enhanced blood and, finding it, composes in the contrast window (`_adopt_contrast_window`).
+        limits = tuple(float(v) for v in layer.contrast_limits)
         try:
             volume = self._volume_of(layer)
-            model = self._model_spec()
-            window = self._window_spec()
-            parse_window(window, volume)
-            palette = self._palette()
-            device = str(resolve_device(self.device.value))
+            find_contrast = (
+                layer.ndim == 3
+                and not volume.meta.get("contrast")
+                and np.allclose(limits, opening_window(volume).limits, rtol=0, atol=0.5)
+            )
+            request = self._request(volume, find_contrast)
         except CTColorError as exc:
             self._error(str(exc))
             return
-        batch_size = int(self.batch_size.value) or None
-        # A CT without a header that says contrast was given, still in the window it opened in: the worker looks for
-        # enhanced blood and, finding it, composes in the contrast window (`_adopt_contrast_window`).
-        limits = tuple(float(v) for v in layer.contrast_limits)
-        find_contrast = (
-            layer.ndim == 3
-            and not volume.meta.get("contrast")
-            and np.allclose(limits, opening_window(volume).limits, rtol=0, atol=0.5)
-        )
         self._start(
             self._colorize_steps,
-            (volume, model, device, batch_size, window, float(self.chroma.value), palette, find_contrast),
+            (volume, request),
             total=2 * volume.shape[0],
             desc="Colorize volume",
             on_result=lambda result: self._colorized(layer, volume, limits, result),
         )
 
     @staticmethod
-    def _colorize_steps(volume, model, device, batch_size, window, strength, palette, find_contrast=False):
-        """The network, then the composition, as one worker: yields (done, 2 Z), returns (Chroma, ColorVolume,
-        (median HU of the enhanced blood, its `contrast_window`) or None). With ``find_contrast``, where the network
-        names enhanced blood (`Chroma.enhanced_blood_hu`) the composition uses the contrast window."""
-        z = volume.shape[0]
+    def _colorize_steps(volume: Volume, request: ColorizeRequest):
+        """The colorize job in a worker: yields (done, 2 Z), returns its `ColorizeOutcome` or `Failed`."""
         try:
-            chroma = yield from offset_steps(iter_predict_chroma(volume, model, device, batch_size), 0, 2 * z)
-            found = None
-            if find_contrast:
-                blood = chroma.enhanced_blood_hu(volume.array, volume.spacing)
-                if blood is not None:
-                    found = (blood, contrast_window(volume.array, volume.spacing))
-                    window = tuple(found[1])
-            compose = iter_compose_chroma(volume, chroma, window, strength, device, palette)
-            color = yield from offset_steps(compose, z, 2 * z)
+            return (yield from iter_colorize_job(volume, request))
         except CTColorError as exc:
             return Failed(str(exc))
-        return chroma, color, found
 
     @staticmethod
-    def _compose_steps(volume, chroma, window, strength, device, palette):
+    def _compose_steps(volume: Volume, chroma: Chroma, request: ColorizeRequest):
         """Recompose only, on one CPU thread (the interface keeps a core while the reader drags the window, and the
         plane on screen is recolored already): yields (done, Z), returns the ColorVolume."""
         try:
             with at_most(1):
-                return (yield from iter_compose_chroma(volume, chroma, window, strength, device, palette))
+                return (yield from iter_recompose(volume, chroma, request))
         except CTColorError as exc:
             return Failed(str(exc))
 
@@ -150,16 +152,13 @@ class RunAndRecompose:
             return
         kept = self._kept
         try:
-            window = self._window_spec()
-            parse_window(window, kept.volume)
-            palette = self._palette()
-            device = str(resolve_device(self.device.value))
+            request = self._request(kept.volume)
         except CTColorError as exc:
             self._error(str(exc))
             return
-        if not self.jobs.busy and self._shown_settings() == self._current_settings():
+        if not self.jobs.busy and self._shown_settings() == request.settings:
             return  # the colour shown was composed with these settings (the contrast window a run chose)
-        if plane and self._recolor_visible_plane(kept, window, device, palette):
+        if plane and self._recolor_visible_plane(kept, request):
             return  # the whole volume follows once the plane is on screen (`_plane_done`)
         if self.jobs.busy:
             self._recompose_pending = True
@@ -168,7 +167,7 @@ class RunAndRecompose:
             return
         self._start(
             self._compose_steps,
-            (kept.volume, kept.chroma, window, float(self.chroma.value), device, palette),
+            (kept.volume, kept.chroma, request),
             total=kept.volume.shape[0],
             desc="Recompose colours",
             on_result=lambda result: self._recomposed(kept, result),
@@ -189,7 +188,7 @@ class RunAndRecompose:
         index = round(float(np.asarray(kept.ct.world_to_data(dims.point), dtype=float)[axis]))
         return (axis, index) if 0 <= index < kept.volume.shape[axis] else None
 
-    def _recolor_visible_plane(self, kept: Kept, window, device: str, palette: Palette) -> bool:
+    def _recolor_visible_plane(self, kept: Kept, request: ColorizeRequest) -> bool:
         """Recolour the plane on screen before the rest of the volume (`compose_plane`). An axial plane, or another
         of a CT of at most `MAIN_THREAD_PLANE_SLICES` slices, is composed at once in the main thread (10-40 ms for
         512²); a coronal or sagittal plane of a taller CT costs about 1 ms per slice (107-142 ms for 141 slices of
@@ -200,27 +199,26 @@ class RunAndRecompose:
         plane = self.visible_plane()
         if plane is None or self.result_layer is None:
             return False
-        request = (kept, plane, window, float(self.chroma.value), device, palette)
+        wanted = (kept, plane, request)
         if plane[0] == 0 or kept.volume.shape[0] <= MAIN_THREAD_PLANE_SLICES:
             try:
-                rgb = compose_plane(kept.volume, kept.chroma, *plane, window, request[3], device, palette)
+                rgb = compose_plane(kept.volume, kept.chroma, *plane, request)
             except CTColorError as exc:
                 self._error(str(exc))
                 return False
-            self._put_plane(request, rgb)
+            self._put_plane(wanted, rgb)
             return False
         if self._plane_worker is not None:
-            self._plane_pending = request
+            self._plane_pending = wanted
         else:
-            self._compose_plane(request)
+            self._compose_plane(wanted)
         return True
 
-    def _compose_plane(self, request: tuple) -> None:
-        kept, (axis, index), window, strength, device, palette = request
-        worker = create_worker(
-            compose_plane, kept.volume, kept.chroma, axis, index, window, strength, device, palette, _ignore_errors=True
-        )
-        worker.returned.connect(lambda rgb: self._put_plane(request, rgb))
+    def _compose_plane(self, wanted: tuple) -> None:
+        """Compose ``wanted`` (kept, (axis, index), request) in a worker of its own."""
+        kept, (axis, index), request = wanted
+        worker = create_worker(compose_plane, kept.volume, kept.chroma, axis, index, request, _ignore_errors=True)
+        worker.returned.connect(lambda rgb: self._put_plane(wanted, rgb))
         worker.errored.connect(lambda exc: self._error(str(exc)) if isinstance(exc, CTColorError) else None)
         worker.finished.connect(self._plane_done)
         self._plane_worker = worker
@@ -249,7 +247,9 @@ class RunAndRecompose:
         else:
             self._recompose(plane=False)
 
-    def _colorized(self, ct: Image, volume: Volume, limits: tuple[float, float], result: tuple | Failed) -> None:
+    def _colorized(
+        self, ct: Image, volume: Volume, limits: tuple[float, float], result: ColorizeOutcome | Failed
+    ) -> None:
         if self._closed:
             return
         if isinstance(result, Failed):
@@ -258,8 +258,8 @@ class RunAndRecompose:
         if not self._in_viewer(ct):  # the CT layer was deleted during the run: no orphan result layer
             self._say("Colorize volume: the CT layer was removed; result dropped")
             return
-        chroma, color, found = result
-        self._kept = Kept(volume, chroma, ct, self._show(ct, color))
+        color, found = result.color, result.contrast
+        self._kept = Kept(volume, result.chroma, ct, self._show(ct, color))
         self._unlink(ct)
         self._runs.append(self._kept)
         ct.events.contrast_limits.connect(self._on_linked_window)
@@ -272,7 +272,7 @@ class RunAndRecompose:
         if found is not None and np.allclose(ct.contrast_limits, limits, rtol=0, atol=0.5):
             self._adopt_contrast_window(ct, *found)
         # Settings changed while the network ran are applied now, from the kept chroma.
-        self._recompose_pending = self._recompose_pending or self._settings(color) != self._current_settings()
+        self._recompose_pending = self._recompose_pending or settings_of(color.settings) != self._current_settings()
 
     def _adopt_contrast_window(self, ct: Image, blood: float, win: Window) -> None:
         """A CT without a header that says contrast was given (NIfTI, NRRD, MHA) opens in its default window, where
@@ -300,30 +300,18 @@ class RunAndRecompose:
             self._show(kept.ct, result)
             self._fill_legend(result)
 
-    def _settings(self, color: ColorVolume) -> tuple:
-        return self._settings_of(color.settings)
-
-    @staticmethod
-    def _settings_of(settings: Mapping) -> tuple:
-        return (tuple(settings.get("window", ())), settings.get("chroma"), settings.get("palette"))
-
     def _shown_settings(self) -> tuple:
         """The settings the result layer's colour was composed with (from its metadata), () when unknown."""
         layer = self.result_layer
         settings = layer.metadata.get(META_KEY, {}).get("colorize") if layer is not None else None
-        return self._settings_of(settings) if isinstance(settings, Mapping) else ()
+        return settings_of(settings) if isinstance(settings, Mapping) else ()
 
     def _current_settings(self) -> tuple:
-        volume = self._kept.volume if self._kept is not None else None
+        """The panel's `ColorizeRequest.settings`, () while one of them cannot be used."""
         try:
-            window = parse_window(self._window_spec(), volume)
+            return self._request(self._kept.volume if self._kept is not None else None).settings
         except CTColorError:
             return ()
-        try:
-            palette = self._palette().name
-        except CTColorError:
-            return ()
-        return ((window.centre, window.width), float(self.chroma.value), palette)
 
     def _show(self, ct: Image, color: ColorVolume) -> Image:
         """Put ``colour`` into the layer "<CT name> colorized", replacing its data when it exists, else adding it."""

@@ -1,20 +1,21 @@
 """napari widget "Colorize volume": a grey CT layer -> an RGB layer whose luminance is exactly the windowed CT.
 
-The widget is a thin front end over `napari_ctcolor.engines.colorize`, the same engine as ``ctcolor colorize``:
+The widget is a thin front end over the application's colorize job (`app.colorize_job`), the same job as ``ctcolor
+colorize``:
 
-- Run: the network (`iter_predict_chroma`) and the composition (`iter_compose_chroma`) run in a napari
-  ``thread_worker`` with a progress bar; Cancel stops the worker between batches (``worker.quit()``).
+- Run: the job (the network, then the composition) runs in a napari ``thread_worker`` with a progress bar; Cancel
+  stops the worker between batches (``worker.quit()``).
 - The predicted colour-class probabilities (`Chroma`) are kept, so changing the palette, the chroma strength or the
   window only recomposes (also in a worker, coalescing fast slider moves); the network does not run again. Opacity
   only changes the layer.
 - The window is the CT layer's: choosing a preset (or one of the windows in the CT's DICOM header) sets the layer's
   contrast limits, and changing the layer's contrast limits (napari's slider, whose range is widened to the CT's
   whole HU range) selects the matching choice or "custom" and recomposes the colour with it: the plane on screen
-  (axial, coronal or sagittal) at once in the main thread (`engines.colorize.compose_plane`), then the whole volume
+  (axial, coronal or sagittal) at once in the main thread (`app.colorize_job.compose_plane`), then the whole volume
   in a worker. The colour layer's own contrast limits and gamma stay fixed (its luminance is the window already).
 - A contrast CT opens with its enhanced blood mid-grey when its DICOM header says contrast was given
   (`app.window.opening_window`). A CT without such a header (NIfTI, NRRD, MHA) moves to that window after Run when the
-  blood the network names is enhanced and the CT still shows the window it opened in (`_window_for_contrast`).
+  blood the network names is enhanced and the CT still shows the window it opened in (`_adopt_contrast_window`).
 - Right-drag on the canvas sets the window (`_window_drag.window_drag`). A progress bar in the widget; Axial / Coronal /
   Sagittal buttons show radiologically oriented views (`_view`).
 - The widget's "Pointer" line shows the CT's HU under napari's cursor, the voxel's position in mm (LPS) and its
@@ -39,10 +40,10 @@ from magicgui.widgets import ComboBox, Container, FileEdit, FloatSlider, Label, 
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
+from ..app.colorize_job import ModelSpec
 from ..color import PALETTE_NAMES, Palette, load_palette
 from ..errors import InputError
 from ..io import Volume
-from ..models.colorizer import Colorizer
 from ._colorize_3d import View3D
 from ._colorize_export import ExportPanel
 from ._colorize_legend import LEGEND_MAX_HEIGHT, ClassesAndPointer, scroll_within
@@ -62,8 +63,6 @@ PALETTE_FILE = "palette file..."
 WEIGHTS_FILE = "weights file..."
 SHIPPED_MODELS = ("colorizer-2d", "colorizer-3d")
 DEVICES = ("auto", "cpu", "cuda")
-
-ModelSpec = str | os.PathLike | Colorizer
 
 
 class ColorizeWidget(WindowControl, RunAndRecompose, ClassesAndPointer, View3D, ExportPanel, Container):

@@ -18,8 +18,7 @@ from napari.layers import Image
 from napari.utils import Colormap
 from qtpy.QtCore import QTimer
 
-from ..engines.checkerboard import checkerboard, checkerboard_mask
-from ..engines.register import RegistrationResult
+from ..app.register_job import RegistrationResult, checkerboard, checkerboard_mask
 from ..io import ColorVolume, Volume
 from ._layers import META_KEY
 

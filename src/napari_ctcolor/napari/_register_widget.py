@@ -1,6 +1,6 @@
 """napari widget "Register & checkerboard": SYMNet registration of two CT layers, shown as a live checkerboard.
 
-The widget is a thin front end over `napari_ctcolor.engines.register.iter_register`, the engine of ``ctcolor register``:
+The widget is a thin front end over `app.register_job.iter_register_job`, the job of ``ctcolor register``:
 
 - Run: the engine's stages run in a napari ``thread_worker`` with a progress bar whose total is the engine's own (it
   depends on the model card's defaults: pre-alignment, refinement), plus one step for a colour warp; Cancel closes
@@ -45,10 +45,13 @@ from magicgui.widgets import (
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_warning
 
-from ..engines.device import resolve_device
-from ..engines.geometry import resample_onto, same_grid, warp
-from ..engines.refine import MAX_REFINE_ITERATIONS
-from ..engines.register import RegistrationResult, iter_register
+from ..app.register_job import (
+    MAX_REFINE_ITERATIONS,
+    RegisterOutcome,
+    RegisterRequest,
+    RegistrationResult,
+    iter_register_job,
+)
 from ..errors import Cancelled, CTColorError, InputError
 from ..io import ColorVolume, Volume
 from ..weights import find_weights
@@ -73,19 +76,6 @@ COLOURED = " colorized"  # the suffix "Colorize volume" gives its result layer
 #: Output roles that are never offered as inputs (a warped layer may be registered again).
 DERIVED_ROLES = ("checkerboard", "difference", "jacobian", "tile edges")
 TRANSFORMS = ("scale", "translate", "rotate", "affine")
-
-
-def warp_color(color: ColorVolume, grid: Volume, ddf: np.ndarray) -> ColorVolume:
-    """``colour`` warped onto ``grid`` by a displacement field, with SimpleITK (linear, black outside).
-
-    Args:
-        colour: rgb uint8 (Z, Y, X, 3), any grid (the moving image's colorized twin).
-        grid: the output grid, the one ``ddf`` is sampled on (the fixed image).
-        ddf: (Z, Y, X, 3) mm, LPS, ITK convention: grid point p takes ``colour`` at p + ddf(p) (as
-            `RegistrationResult.ddf`).
-    """
-    rgb = warp(color, grid, ddf)
-    return ColorVolume.on_grid_of(grid, rgb, **color.settings, registered=True)
 
 
 def _refine_box() -> FloatSpinBox:
@@ -338,16 +328,18 @@ class RegisterWidget(RegisterOutputs, Container):
     def _run(self, *_: Any) -> None:
         if self.busy:
             return  # one registration at a time
+        iterations = round(self.refine.value)
         try:
             inputs, fixed_layer = self._inputs()
-            model = self._model_spec()
-            device = str(resolve_device(self.device.value))
+            request = RegisterRequest.checked(
+                model=self._model_spec(),
+                affine=PREALIGN[self.prealign.value],
+                refine=None if iterations == REFINE_AUTO else iterations,
+                device=self.device.value,
+            )
         except CTColorError as exc:
             show_error(str(exc))
             return
-        affine = PREALIGN[self.prealign.value]
-        iterations = round(self.refine.value)
-        refine = None if iterations == REFINE_AUTO else iterations
         transforms = {key: np.array(value) for key, value in layer_attributes(fixed_layer).items() if key != "metadata"}
         fixed_limits = tuple(float(v) for v in fixed_layer.contrast_limits)
         self._stop = threading.Event()  # set by Cancel; the engine polls it inside SimpleITK's iterations
@@ -355,53 +347,32 @@ class RegisterWidget(RegisterOutputs, Container):
         # the bar shows 0 of 1, not a busy indicator, whose animation repaints the window continuously.
         self.jobs.start(
             self._steps,
-            (inputs, model, affine, refine, device, fixed_limits, self._stop.is_set),
+            (inputs, request, fixed_limits, self._stop.is_set),
             TITLE,
             lambda output: self._returned(output, inputs, fixed_layer, transforms, fixed_limits),
         )
 
     @staticmethod
-    def _steps(
-        inputs: Inputs,
-        model: str,
-        affine: bool | None,
-        refine: int | None,
-        device: str,
-        fixed_limits: tuple[float, float],
-        cancel: Callable[[], bool],
-    ):
-        """The engine, then the colour warp and the difference (``fixed_limits`` for an image not in HU; a volume's
-        worth of arithmetic, off the main thread): yields (done, total), returns an `Output` or `Failed`.
-
-        ``total`` is the engine's, taken from each of its steps, plus one step for the colour warp.
-        """
-        extra = int(inputs.moving_color is not None)
-        done = total = 0
+    def _steps(inputs: Inputs, request: RegisterRequest, fixed_limits: tuple[float, float], cancel: Callable[[], bool]):
+        """The registration job (`iter_register_job`: the engine, then the colour warp), then the difference
+        (``fixed_limits`` for an image not in HU; a volume's worth of arithmetic, off the main thread): yields (done,
+        total[, stage]), returns an `Output` or `Failed`."""
+        job = iter_register_job(
+            inputs.fixed, inputs.moving, request, inputs.moving_color, inputs.fixed_color, cancel=cancel
+        )
+        step = (0, 0)
         try:
-            engine = iter_register(inputs.fixed, inputs.moving, model, affine, refine, device, cancel=cancel)
-            try:
-                while True:
-                    try:
-                        done, total, *stage = next(engine)
-                    except StopIteration as stop:
-                        result = stop.value
-                        break
-                    total += extra
-                    yield (done, total, *stage)
-            finally:
-                engine.close()  # Cancel closes this generator at a yield: the engine's own finally blocks run
-            fixed_color = warped_color = None
-            if inputs.moving_color is not None:
-                warped_color = warp_color(inputs.moving_color, inputs.fixed, result.ddf)
-                fixed_color = inputs.fixed_color
-                if fixed_color is not None and not same_grid(fixed_color, inputs.fixed):
-                    rgb = resample_onto(fixed_color, inputs.fixed)
-                    fixed_color = ColorVolume.on_grid_of(inputs.fixed, rgb, **fixed_color.settings)
-                yield total, total
+            while True:
+                try:
+                    step = next(job)
+                except StopIteration as stop:
+                    outcome: RegisterOutcome = stop.value
+                    break
+                yield step
         except Cancelled:
             # Cancel stopped SimpleITK within an iteration; the worker, asked to quit, closes this generator at this
             # yield, so the job ends as cancelled.
-            yield done, total
+            yield step[:2]
             return None
         except CTColorError as exc:
             return Failed(str(exc))
@@ -411,9 +382,11 @@ class RegisterWidget(RegisterOutputs, Container):
             # is a RuntimeError too): shown as a one-line error instead.
             lines = str(exc).strip().splitlines() or [type(exc).__name__]
             return Failed(f"{TITLE} failed: {lines[0]}")
-        return Output(
-            result, fixed_color, warped_color, *difference_of(inputs.fixed.array, result.warped.array, fixed_limits)
-        )
+        finally:
+            job.close()  # Cancel closes this generator at a yield: the job's and the engine's finally blocks run
+        result = outcome.result
+        difference = difference_of(inputs.fixed.array, result.warped.array, fixed_limits)
+        return Output(result, outcome.fixed_color, outcome.warped_color, *difference)
 
     def _say(self, text: str) -> None:
         self.jobs.say(text)

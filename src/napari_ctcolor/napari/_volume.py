@@ -24,8 +24,9 @@ The presets (`PRESETS_3D`):
   left out (calcifications, stones, bowel content). Contrast-filled vessels above it show as bone too (HU alone
   cannot tell them apart, as in Slicer's CT-Bone).
 - CTA: that bone surface without the contrast-filled vessels and heart, which are a red lit surface (`vessel_mask`:
-  150-800 HU, away from cortical bone, and not where the colorizer names bone, `named_bone`). HU alone cannot tell
-  cancellous bone from contrast blood where the cortex stays below `COMPACT_BONE_HU` (3-5 mm slices, osteopenia). On the
+  150-800 HU, away from cortical bone, and not where the colorizer names bone, `app.vessels.named_bone`). HU alone
+  cannot tell cancellous bone from contrast blood where the cortex stays below `COMPACT_BONE_HU` (3-5 mm slices,
+  osteopenia). On the
   3 mm non-contrast CT 37 % of the labelled bone turned red by HU alone, 0.5 % with the colorizer's names; the
   contrast DICOM series kept its enhanced vessels red (63 % of their voxels above 150 HU, as by HU alone). A CT in
   which the colorizer names no contrast-enhanced blood (`Chroma.enhanced_blood_hu`: the blood it names below 80 HU,
@@ -41,7 +42,7 @@ The presets (`PRESETS_3D`):
 A "colour" preset (the colorized RGB translucent, alpha from HU) was dropped: unlit, it looked murky, with
 stripes from the ray steps, on the chest CT and the CTA alike.
 
-The table and the air are removed first (`engines.body.body_mask`: the large connected pieces above -400 HU after a
+The table and the air are removed first (`app.vessels.body_3d`: the large connected pieces above -400 HU after a
 small in-plane opening, which removes the table's shells and cuts the thin contacts between body and table, with
 their holes filled).
 """
@@ -55,8 +56,6 @@ from napari.utils import Colormap
 from scipy import ndimage
 
 from ..app.vessels import AIR_HU, VESSEL_SURFACE_HU
-from ..engines.anatomy import family
-from ..engines.colorize import Chroma
 
 #: Soft tissue's HU: what replaces the voxels a surface leaves out (the vessels under the CTA bone, the bone and
 #: organs around the vessels), so that smoothing does not pull the surface of what stays towards air.
@@ -211,10 +210,3 @@ def layer_data(
     if part.source == "skin":
         return surface_field(inside, spacing, SKIN_SURFACE_HU, smooth_mm=SKIN_SMOOTH_MM)
     raise ValueError(f"no 3D source {part.source!r}")
-
-
-def named_bone(chroma: Chroma, shape: tuple[int, int, int], step: int = 1) -> np.ndarray:
-    """bool (Z, Y / step, X / step): where the colorizer's most probable class in the network pixel is a bone (a
-    vertebra, a rib, ..., or the tissue class bone), on every ``step``-th voxel in-plane of a CT of ``shape``."""
-    first = chroma.first_class(np.arange(0, shape[1], step), np.arange(0, shape[2], step))
-    return np.array([family(name) == "bone" for name in chroma.classes])[first]

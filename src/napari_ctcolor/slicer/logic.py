@@ -1,4 +1,4 @@
-"""3D Slicer logic: the project's engines on MRML volume nodes, without Qt (testable with the ``slicer-core`` wheel).
+"""3D Slicer logic: the jobs of `app` on MRML volume nodes, without Qt (testable with the ``slicer-core`` wheel).
 
 Geometry: a volume node's IJKToRAS matrix maps voxel index (i, j, k) to RAS mm; a `Volume` keeps the index -> LPS
 affine (spacing, origin, direction). RAS = diag(-1, -1, 1) LPS, so the two are converted exactly (oblique and
@@ -148,12 +148,11 @@ def colorize_node(
 ):
     """Colorize a CT volume node; returns a new ``vtkMRMLVectorVolumeNode`` (RGB uint8, the same IJKToRAS) named
     "<name> colorized" in the node's scene. Nothing is added when it fails."""
-    from ..engines.colorize import colorize
+    from ..app.colorize_job import ColorizeRequest, colorize_job
 
     volume = volume_from_node(volume_node)
-    color = colorize(
-        volume, model, window, 1.0, device, None, palette or "anatomical", progress=progress, cancel=cancel
-    )
+    request = ColorizeRequest.checked(volume, window, palette or "anatomical", device=device, model=model)
+    color = colorize_job(volume, request, progress=progress, cancel=cancel).color
     return node_from_volume(color, volume_node.GetScene(), f"{_name(volume_node)} colorized")
 
 
@@ -211,8 +210,8 @@ def register_nodes(
     progress=None,
     cancel=None,
 ) -> NodeRegistration:
-    """Register ``moving_node`` onto ``fixed_node`` with the engine of ``ctcolor register``; the outputs are added to
-    their scene (none when it fails).
+    """Register ``moving_node`` onto ``fixed_node`` with the job of ``ctcolor register`` (`app.register_job`); the
+    outputs are added to their scene (none when it fails).
 
     Args:
         fixed_node, moving_node: scalar volume nodes of one scene.
@@ -231,18 +230,16 @@ def register_nodes(
         InputError: nodes in different scenes, a node without image data, a vector volume, and the engine's own
             input errors.
     """
-    from ..engines.checkerboard import checkerboard
-    from ..engines.register import register
+    from ..app.register_job import RegisterRequest, checkerboard, register_job
 
     if fixed_node is None or moving_node is None:
         raise InputError("register_nodes needs a fixed and a moving volume node")
     scene = fixed_node.GetScene()
     if scene is None or moving_node.GetScene() is not scene:
         raise InputError(f"{_name(moving_node)}: the fixed and moving nodes are in different scenes")
+    request = RegisterRequest.checked(model, affine, refine, device)
     fixed, moving = volume_from_node(fixed_node), volume_from_node(moving_node)
-    result = register(
-        fixed, moving, model=model, affine=affine, refine=refine, device=device, progress=progress, cancel=cancel
-    )
+    result = register_job(fixed, moving, request, progress=progress, cancel=cancel).result
     name = _name(moving_node)
     return NodeRegistration(
         warped=node_from_volume(result.warped, scene, f"{name} warped"),

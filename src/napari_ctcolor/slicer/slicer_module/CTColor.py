@@ -1,4 +1,4 @@
-"""3D Slicer scripted module "CT Color": colorize a CT and register two CTs, with napari-ctcolor's engines.
+"""3D Slicer scripted module "CT Color": colorize a CT and register two CTs, with napari-ctcolor's jobs.
 
 Add this folder to Slicer's additional module paths (Edit > Application Settings > Modules) after installing the
 package into Slicer's Python (``slicer.util.pip_install("napari-ctcolor[slicer]")``, or ``pip install -e`` of a
@@ -40,7 +40,7 @@ class CTColor(ScriptedLoadableModule):
 
 class CTColorWidget(ScriptedLoadableModuleWidget):
     def setup(self):
-        from napari_ctcolor.engines.refine import MAX_REFINE_ITERATIONS  # torch's import when the module opens
+        from napari_ctcolor.app.register_job import MAX_REFINE_ITERATIONS  # torch's import when the module opens
 
         super().setup()
         self.logic = CTColorLogic()
