@@ -25,10 +25,6 @@ from napari_ctcolor.engines.register import (
     LNCC_WINDOW,
     MAX_NETWORK_VOXELS,
     QUALITY_LIMITS,
-    _affine_parts,
-    _card_normalisation,
-    _padded_voxels,
-    _resize_field,
     global_ncc,
     load_registration_model,
     local_ncc,
@@ -36,6 +32,9 @@ from napari_ctcolor.engines.register import (
     register,
     working_shape,
 )
+from napari_ctcolor.engines.register.fields import affine_parts, resize_field
+from napari_ctcolor.engines.register.model import card_normalisation
+from napari_ctcolor.engines.register.network import padded_voxels
 from napari_ctcolor.errors import Cancelled
 from napari_ctcolor.io import ColorVolume, InputError, Volume, read_volume, write_nifti
 from napari_ctcolor.models.diffeo import warp
@@ -302,7 +301,7 @@ def test_cli_register_default_recovers_a_rigid_motion_without_inventing_volume_c
     assert metrics["lncc_after"] > metrics["lncc_before"] + 0.3 and not metrics["warnings"], metrics["warnings"]
     # The CLI pre-aligns in the child that reads the inputs while torch imports (tests/readers/test_prefetch.py): the
     # same transform as the engine's own on the same files, to the rounding of ITK's threaded sums.
-    here = _affine_parts(prealign(read_volume(tmp_path / "fixed.nii.gz"), read_volume(tmp_path / "moving.nii.gz")))
+    here = affine_parts(prealign(read_volume(tmp_path / "fixed.nii.gz"), read_volume(tmp_path / "moving.nii.gz")))
     np.testing.assert_allclose(metrics["prealign_matrix"], here[0], rtol=0, atol=1e-9)
     np.testing.assert_allclose(metrics["prealign_offset_mm"], here[1], rtol=0, atol=1e-6)
 
@@ -552,7 +551,7 @@ def test_known_translation_is_recovered_with_its_sign_in_mm_lps(ct):
 def test_working_shape_keeps_small_grids_and_coarsens_large_ones():
     assert working_shape((160, 192, 224), (1.0, 1.0, 1.0)) == (160, 192, 224)  # OASIS: the network sees every voxel
     whole_ct = working_shape((300, 512, 512), (1.0, 0.78, 0.78))
-    assert _padded_voxels(whole_ct) <= MAX_NETWORK_VOXELS < _padded_voxels((300, 512, 512))
+    assert padded_voxels(whole_ct) <= MAX_NETWORK_VOXELS < padded_voxels((300, 512, 512))
     assert whole_ct[1] == whole_ct[2] and whole_ct[0] < 300 and whole_ct[1] < 512
     # A minimum spacing from the model card: 0.98 mm pixels run at ~1.5 mm; the 2 mm slices keep their count.
     assert working_shape((20, 512, 512), (2.0, 0.977, 0.977), min_spacing_mm=1.5) == (20, 333, 333)
@@ -560,7 +559,7 @@ def test_working_shape_keeps_small_grids_and_coarsens_large_ones():
     # The CT card's network budget (inference.network_voxels, 4.2 million): the 2 mm chest CT of 512 x 512 x 141
     # (1.95 mm pixels) runs at about 2.65 mm; the 5 mm chest CTs and the DICOM series' 2 mm grid keep theirs.
     popi = working_shape((141, 256, 256), (2.0, 1.953125, 1.953125), 2.0, 4_194_304)
-    assert popi == (107, 189, 189) and _padded_voxels(popi) <= 4_194_304
+    assert popi == (107, 189, 189) and padded_voxels(popi) <= 4_194_304
     assert working_shape((61, 160, 160), (5.0, 2.0, 2.0), 2.0, 4_194_304) == (61, 160, 160)
     assert working_shape((20, 512, 512), (2.0, 0.977, 0.977), 2.0, 4_194_304) == (20, 250, 250)
 
@@ -574,7 +573,7 @@ def test_resize_field_is_the_geometric_partner_of_adaptive_average_pooling():
     ratio = torch.tensor([w / n for w, n in zip(work[::-1], shape[::-1], strict=True)], dtype=torch.float64)
     coarse = torch.nn.functional.adaptive_avg_pool3d(field, work) * ratio.view(1, 3, 1, 1, 1)  # in coarse voxels
     np.testing.assert_allclose(
-        _resize_field(coarse, shape)[..., 3:-3, 3:-3, 5:-5], field[..., 3:-3, 3:-3, 5:-5], atol=1e-9
+        resize_field(coarse, shape)[..., 3:-3, 3:-3, 5:-5], field[..., 3:-3, 3:-3, 5:-5], atol=1e-9
     )
 
 
@@ -586,11 +585,11 @@ def test_card_normalisation_and_working_spacing_come_from_the_model_card(tmp_pat
             "min_spacing_mm": 1.5,
         }
     }
-    assert _card_normalisation(card, "x") == ("window", (-1000.0, 1000.0))
-    assert _card_normalisation({"inputs": {"normalisation": {"mode": "minmax"}}}, "x") == ("minmax", None)
+    assert card_normalisation(card, "x") == ("window", (-1000.0, 1000.0))
+    assert card_normalisation({"inputs": {"normalisation": {"mode": "minmax"}}}, "x") == ("minmax", None)
     for bad in ({}, {"inputs": {"normalisation": {"mode": "window", "window_hu": [500, -500]}}}):
         with pytest.raises(InputError, match="x: its model card does not give the intensity normalisation"):
-            _card_normalisation(bad, "x")
+            card_normalisation(bad, "x")
     weights = tmp_path / "mine.safetensors"
     save_weights(load_symnet_checkpoint(_checkpoint()), {"name": "mine", **card}, tmp_path, "mine")
     loaded = load_registration_model(weights)

@@ -32,6 +32,60 @@ def stop_on_cancel(method, cancel: Callable[[], bool] | None) -> None:
         method.AddCommand(sitk.sitkIterationEvent, lambda: cancel() and method.StopRegistration())
 
 
+def _base_image(volume: Volume) -> sitk.Image:
+    """``volume`` as float32, box-averaged to voxels of about `PREALIGN_BASE_MM`."""
+    image = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
+    factors = [max(1, int(PREALIGN_BASE_MM // s)) for s in image.GetSpacing()]
+    return sitk.BinShrink(image, factors) if max(factors) > 1 else image
+
+
+def _levels(fixed_image: sitk.Image, moving_image: sitk.Image) -> list[tuple[int, float]]:
+    """(shrink factor of the fixed grid, smoothing mm) per level, coarsest first: a level that shrinks as much as the
+    next keeps the finer smoothing; ITK's smoothing needs 4 voxels along every axis of a level."""
+    coarsest = max(fixed_image.GetSpacing())
+    smallest = min(*fixed_image.GetSize(), *moving_image.GetSize())
+    by_shrink = {max(1, round(mm / coarsest)): mm for mm in PREALIGN_LEVELS_MM}
+    return [(shrink, mm) for shrink, mm in by_shrink.items() if smallest // shrink >= 4] or [(1, 1.0)]
+
+
+def _mattes_method(levels: list[tuple[int, float]], voxels: int) -> sitk.ImageRegistrationMethod:
+    """The registration method of each stage: Mattes MI on seeded random samples (the same inputs give the same
+    result), `PREALIGN_SAMPLES` per level whatever its size, regular step gradient descent, coarse to fine."""
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    # Gradients at the sampled points only: ITK's default gradient filters compute them over the whole image at
+    # every level (on the 256 x 256 x 141 chest CT that was 12 of the 15 s the pre-alignment took).
+    method.MetricUseFixedImageGradientFilterOff()
+    method.MetricUseMovingImageGradientFilterOff()
+    method.SetInterpolator(sitk.sitkLinear)
+    percentages = [min(1.0, PREALIGN_SAMPLES * shrink**3 / voxels) for shrink, _ in levels]
+    method.SetMetricSamplingPercentagePerLevel(percentages, seed=1)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=1.0, minStep=1e-3, numberOfIterations=PREALIGN_ITERATIONS, relaxationFactor=0.6
+    )
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([shrink for shrink, _ in levels])
+    method.SetSmoothingSigmasPerLevel([0.5 * mm for _, mm in levels])
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    return method
+
+
+def _stage(
+    images: tuple[sitk.Image, sitk.Image], initial: sitk.Transform, cancel: Callable[[], bool] | None
+) -> tuple[sitk.Transform, float]:
+    """One stage from ``initial``: the registered transform (the first of its composite) and its Mattes MI at the
+    finest level (lower is better; the same seeded samples in every run)."""
+    fixed_image, moving_image = images
+    method = _mattes_method(_levels(fixed_image, moving_image), math.prod(fixed_image.GetSize()))
+    method.SetInitialTransform(initial, inPlace=False)
+    stop_on_cancel(method, cancel)
+    transform = method.Execute(fixed_image, moving_image)
+    if cancel is not None and cancel():
+        raise Cancelled("registration cancelled during the pre-alignment")
+    return sitk.CompositeTransform(transform).GetNthTransform(0), method.GetMetricValue()
+
+
 def prealign(fixed: Volume, moving: Volume, cancel: Callable[[], bool] | None = None) -> sitk.AffineTransform:
     """Rigid, then affine SimpleITK registration (Mattes MI, coarse to fine): the transform fixed point -> moving point.
 
@@ -51,68 +105,22 @@ def prealign(fixed: Volume, moving: Volume, cancel: Callable[[], bool] | None = 
     fixed, moving = fixed.finite(), moving.finite()
     if fixed.shape[0] == 1:
         raise InputError(f"{name}: the affine pre-alignment works on 3D volumes; register 2D slices without --affine")
-
-    def base(volume: Volume) -> sitk.Image:
-        image = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
-        factors = [max(1, int(PREALIGN_BASE_MM // s)) for s in image.GetSpacing()]
-        return sitk.BinShrink(image, factors) if max(factors) > 1 else image
-
     try:
-        fixed_image, moving_image = base(fixed), base(moving)
+        images = _base_image(fixed), _base_image(moving)
     except RuntimeError as exc:  # ITK's own message: "InputImage is too small!" for a sub-millimetre image
         raise InputError(f"{name}: cannot be pre-aligned ({str(exc).strip().splitlines()[-1]})") from None
-    coarsest = max(fixed_image.GetSpacing())
-    voxels = math.prod(fixed_image.GetSize())
-    # Shrink factors of the fixed grid per level (a level that shrinks as much as the next keeps the finer smoothing);
-    # ITK's smoothing needs 4 voxels along every axis of a level.
-    smallest = min(*fixed_image.GetSize(), *moving_image.GetSize())
-    by_shrink = {max(1, round(mm / coarsest)): mm for mm in PREALIGN_LEVELS_MM}
-    levels = [(shrink, mm) for shrink, mm in by_shrink.items() if smallest // shrink >= 4] or [(1, 1.0)]
-
-    def method_with_metric() -> sitk.ImageRegistrationMethod:
-        method = sitk.ImageRegistrationMethod()
-        method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-        method.SetMetricSamplingStrategy(method.RANDOM)
-        # Gradients at the sampled points only: ITK's default gradient filters compute them over the whole image at
-        # every level (on the 256 x 256 x 141 chest CT that was 12 of the 15 s the pre-alignment took).
-        method.MetricUseFixedImageGradientFilterOff()
-        method.MetricUseMovingImageGradientFilterOff()
-        method.SetInterpolator(sitk.sitkLinear)
-        return method
-
-    def run(initial: sitk.Transform) -> tuple[sitk.Transform, float]:
-        """The registered transform and its Mattes MI at the finest level (lower is better; the same seeded samples
-        in every run)."""
-        method = method_with_metric()
-        # Seeded: the same inputs give the same result.
-        percentages = [min(1.0, PREALIGN_SAMPLES * shrink**3 / voxels) for shrink, _ in levels]
-        method.SetMetricSamplingPercentagePerLevel(percentages, seed=1)
-        method.SetOptimizerAsRegularStepGradientDescent(
-            learningRate=1.0, minStep=1e-3, numberOfIterations=PREALIGN_ITERATIONS, relaxationFactor=0.6
-        )
-        method.SetOptimizerScalesFromPhysicalShift()
-        method.SetShrinkFactorsPerLevel([shrink for shrink, _ in levels])
-        method.SetSmoothingSigmasPerLevel([0.5 * mm for _, mm in levels])
-        method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-        method.SetInitialTransform(initial, inPlace=False)
-        stop_on_cancel(method, cancel)
-        transform = method.Execute(fixed_image, moving_image)
-        if cancel is not None and cancel():
-            raise Cancelled("registration cancelled during the pre-alignment")
-        return transform, method.GetMetricValue()
-
     try:
         initial = sitk.CenteredTransformInitializer(
-            fixed_image, moving_image, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY
+            *images, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY
         )
-        found, rigid_metric = run(initial)
-        rigid = sitk.Euler3DTransform(sitk.CompositeTransform(found).GetNthTransform(0))
+        found, rigid_metric = _stage(images, initial, cancel)
+        rigid = sitk.Euler3DTransform(found)
         affine = sitk.AffineTransform(3)
         affine.SetCenter(rigid.GetCenter())
         affine.SetMatrix(rigid.GetMatrix())
         affine.SetTranslation(rigid.GetTranslation())
-        found, affine_metric = run(affine)
-        refined = sitk.AffineTransform(sitk.CompositeTransform(found).GetNthTransform(0))
+        found, affine_metric = _stage(images, affine, cancel)
+        refined = sitk.AffineTransform(found)
         # The affine stage stays only where it explains the images better than the rigid one: where nothing
         # constrains a scale (an image registered to itself that varies little along one axis), MI is as good at
         # any scale and the optimiser drifts (a z scale of 0.74 on a small phantom registered to itself).

@@ -1,0 +1,173 @@
+"""Registration engine: SYMNet deformable registration of two volumes, with physical geometry throughout.
+
+Stages (each reports progress and may be cancelled before it starts):
+
+1. model: load the weights (`load_registration_model`).
+2. prealign (the CT card's default, or ``affine=True``): rigid, then affine SimpleITK registration, Mattes mutual
+   information.
+3. resample: the moving image into the fixed image's physical space (SimpleITK, linear, outside = moving minimum).
+   Where the moving image does not reach (two scans of different extent), the fixed image is shown to the network
+   and to the refinement as background too, so that neither pulls tissue towards the edge of the moving scan.
+4. forward: normalise intensities as the weights expect, move the arrays into the axis order and orientation the
+   network was trained in (`AxisMap`, from the model card), average onto the working grid when it is coarser
+   (`working_shape`), pad each axis to a multiple of 16, run the network; with the card's ``inference.symmetric``
+   also on the swapped pair, averaging the two answers (`_symmetric_forward`).
+5. integrate: scaling and squaring of the four half-way velocity fields, the two compositions, upsampling to the
+   fixed grid from a coarser working grid, and the fields moved back to the (Z, Y, X) arrays.
+6. fields: the displacements in mm (LPS), composed with the pre-alignment.
+7. refine (the CT card's default, or ``refine=N``): SimpleITK demons from that whole map, on the fixed image and the
+   moving image as read, coarse to fine and ending at the fixed image's full resolution (`refine_field`), one
+   progress step per few iterations; its inverse by ITK's fixed-point inversion (`invert_field`).
+8. warp: the original moving image through the final ddf in one trilinear interpolation; labels with nearest.
+9. metrics: Jacobian determinant, folding, inverse consistency, NCC, local NCC inside the body, overlap; `warnings`.
+
+Axis conventions: the network sees (D0, D1, D2) in the orientation its card states (`orientation`); outside the
+network, fields are on the (Z, Y, X) arrays and channel c is the displacement along array axis 2 - c, i.e. channels
+(x, y, z) in voxels. A voxel vector v_xyz is s_xyz * v_xyz mm along the index axes, i.e.
+``direction @ (spacing_xyz * v_xyz)`` mm in LPS.
+
+2D pairs (one slice each) are registered as a slab of 16 copies of the slice; the fields are the mean of the two
+middle slices with the through-plane component set to 0. The network never saw such slabs in training, so treat 2D
+results as approximate.
+
+The network runs on the fixed grid, or on a coarser grid over the same extent (`working_shape`) when the weights' card
+asks for a minimum voxel size or the padded grid would exceed the card's voxel budget (``network_voxels``; at most
+`MAX_NETWORK_VOXELS`, a whole 512 x 512 x 300 CT exceeds it); the fields are then upsampled to the fixed grid, and
+warping, Jacobian and metrics stay at full resolution. ``metrics["network_shape"]`` says which grid was used.
+
+Modules: `model` (the network and its card), `network` (the pair as the network sees it), `fields` (displacements,
+sampling, integration), `metrics` (NCC, inverse consistency, quality warnings), `stages` (each stage a function);
+`iter_register` here runs the stages in order.
+
+Example (the official checkpoint on the shared OASIS pair)::
+
+    fixed = read_volume("../shared/data/symnet-oasis/image_A_full_size.nii.gz")
+    moving = read_volume("../shared/data/symnet-oasis/image_B_full_size.nii.gz")
+    checkpoint = "../shared/data/symnet-oasis/SYMNet_neurite_oasis_smo30_update_80000.pth"
+    result = register(fixed, moving, model=checkpoint)
+    result.metrics["ncc_before"], result.metrics["ncc_after"]   # 0.888 -> 0.983
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import SimpleITK as sitk
+import torch
+
+from ...io import Volume
+from ..prealign import prealign
+from ..steps import Cancel, Progress, Steps, blocking
+from . import stages as _stages
+from .fields import SLAB_SLICES
+from .metrics import IC_STRIDE, LNCC_WINDOW, QUALITY_LIMITS, global_ncc, local_ncc, quality_warnings
+from .model import RegistrationModel, load_registration_model
+from .network import BODY_LEVEL, MAX_NETWORK_VOXELS, working_shape
+from .stages import BYTES_PER_VOXEL, RegistrationResult, Stages
+
+__all__ = [
+    "BODY_LEVEL",
+    "BYTES_PER_VOXEL",
+    "IC_STRIDE",
+    "LNCC_WINDOW",
+    "MAX_NETWORK_VOXELS",
+    "QUALITY_LIMITS",
+    "SLAB_SLICES",
+    "RegistrationModel",
+    "RegistrationResult",
+    "global_ncc",
+    "iter_register",
+    "load_registration_model",
+    "local_ncc",
+    "quality_warnings",
+    "register",
+    "working_shape",
+]
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+
+
+def iter_register(
+    fixed: Volume,
+    moving: Volume,
+    model: str | os.PathLike = "ct",
+    affine: bool | None = None,
+    refine: int | None = None,
+    device: Device | str = "auto",
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    moving_labels: Volume | None = None,
+    prealignment: Callable[[], sitk.Transform | None] | None = None,
+) -> Steps[RegistrationResult]:
+    """Register ``moving`` to ``fixed`` with SYMNet (optionally after an affine pre-alignment): a generator of
+    ``(done, total, stage)`` steps, one after each stage (``stage`` names the next) and each refinement chunk, that
+    returns the `RegistrationResult` on the fixed grid; `register` runs it to the end, a napari worker's ``quit()``
+    closes it between two steps.
+
+    Args:
+        fixed: (Z, Y, X) volume in its own units; the output grid.
+        moving: (Z, Y, X) volume, any grid overlapping the fixed one in physical (LPS) space.
+        model: ``"ct"`` (the project's CT weights) or a SYMNet checkpoint: an official ``.pth`` or a ``.safetensors``
+            file with its model card (`load_registration_model`).
+        affine: rigid then affine SimpleITK pre-alignment (Mattes MI), composed into the fields; None takes the card's
+            default (``inference.prealign``: on for the CT weights, off for an official checkpoint).
+        refine: demons iterations (0..10000) at the fixed image's resolution, seeded by the network (`refine_field`;
+            0: the network alone); None takes the card's default (``inference.refine.iterations``; 0 for an official
+            checkpoint). 2D pairs are not refined.
+        device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"`` or ``"mps"``. Where the card allows it
+            (``inference.bf16``) the network runs under bfloat16 autocast on CUDA and on a CPU where that is faster
+            (`device.cpu_bf16`); integration and warping stay in float32.
+        progress: called as ``progress(done, total)`` after each stage; cancel: polled before each stage.
+        moving_labels: an optional label map on any grid, warped with nearest.
+        prealignment: a function that returns `prealign`'s transform of this pair computed elsewhere (``ctcolor
+            register`` runs it in a child that reads the inputs), or None where that could not run.
+
+    Raises:
+        InputError: 2D vs 3D images, images that do not overlap, a constant image, a missing model file, a
+            refinement count outside 0..10000, a registration too large for the memory.
+        Cancelled: when ``cancel()`` returned True.
+    """
+    start = time.perf_counter()
+    plan = _stages.plan(fixed, moving, model, affine, refine, device)
+    stages = Stages(plan.stage_count, progress, cancel, plan.device)
+    stages.seconds["copies"] = plan.check_seconds
+    with stages("model"):
+        grid = _stages.network_grid(plan)
+    yield stages.step("pre-alignment" if plan.affine else "resampling")
+    transform = None
+    if plan.affine:
+        with stages("prealign"):
+            transform = (prealignment and prealignment()) or prealign(plan.fixed, plan.moving, cancel)
+        yield stages.step("resampling")
+    with stages("resample"):
+        pair = _stages.resample_pair(plan, transform)
+    yield stages.step("network")
+    with stages("forward"), torch.inference_mode():
+        v_xy, v_yx, crop, bf16 = _stages.run_network(plan, grid, pair)
+    yield stages.step("integration")
+    with stages("integrate"), torch.inference_mode():
+        f_ab, f_ba = _stages.integrate(plan, grid, v_xy, v_yx, crop)
+        del v_xy, v_yx
+    yield stages.step("fields")
+    with stages("fields"), torch.inference_mode():
+        fields = _stages.to_mm(plan, f_ab, f_ba, transform)
+        del f_ab, f_ba
+    yield stages.step("refinement" if plan.iterations else "warping")
+    if plan.iterations:
+        with stages("refine"):
+            fields = yield from _stages.refine(plan, pair, fields, stages, cancel)
+        yield stages.step("warping")
+    with stages("warp"), torch.inference_mode():
+        warped_t, warped_labels = _stages.warp_moving(plan, fields.ddf, moving_labels)
+    yield stages.step("metrics")
+    with stages("metrics"), torch.inference_mode():
+        measured = _stages.measure(plan, pair, fields, warped_t)
+    yield stages.step("outputs")
+    metrics = _stages.metrics_of(plan, grid, pair, fields, measured, stages, bf16, time.perf_counter() - start)
+    return _stages.result_of(plan, measured, metrics, warped_labels, moving_labels)
+
+
+register = blocking(iter_register)

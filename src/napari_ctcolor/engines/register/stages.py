@@ -1,0 +1,570 @@
+"""The registration engine's stages, each a function of what the stages before it made (`iter_register` runs them in
+order): the plan (what was asked, and what the images and the model card decide before any work), the network's grid,
+the resampled pair, the network's velocities, their integration, the fields in mm, the refinement, the warp, and the
+measures and result.
+
+Tensors a later stage no longer needs are dropped as soon as their stage ends (the peak memory `BYTES_PER_VOXEL`
+and `FULL_GRID_BYTES_PER_VOXEL` describe was measured with these lifetimes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from ...errors import Cancelled
+from ...io import Volume
+from ...memory import check_memory
+from ...models.diffeo import jacobian_determinant
+from ..device import cpu_bf16, resolve_device
+from ..geometry import resample_onto, same_grid
+from ..orientation import AxisMap
+from ..refine import REFINE_BYTES_PER_VOXEL, check_iterations, chunks, invert_field, refine_field
+from ..steps import Cancel, Progress, Steps
+from .fields import (
+    SLAB_SLICES,
+    affine_displacement,
+    affine_parts,
+    integrate_halves,
+    mm_to_voxels,
+    physical_sampling_grid,
+    resize_field,
+    sample,
+    slab_to_slice,
+    voxels_to_mm,
+)
+from .metrics import global_ncc, inverse_consistency_mm, local_ncc, quality_warnings
+from .model import RegistrationModel, load_registration_model
+from .network import (
+    BODY_LEVEL,
+    are_copies,
+    as_tensor,
+    check_pair,
+    covered,
+    float32_convolutions,
+    forward_pair,
+    intensity_range,
+    network_input,
+    normalise,
+    padded_voxels,
+    symmetric_forward,
+    working_shape,
+)
+
+log = logging.getLogger(__name__)
+
+#: Peak memory of a registration per padded voxel (network activations, 4 fields being integrated, their temporaries):
+#: `ctcolor register` on the OASIS pair (160 x 192 x 224) peaks at 3.7-4.1 GB resident on the CPU, up to 590 bytes per
+#: voxel, with the allocator keeping freed memory for reuse (the CLI's `_reuse_freed_memory`; 2.6 GB without).
+BYTES_PER_VOXEL = 600
+
+
+#: Memory per fixed-grid voxel of the full-resolution stages (fields in voxels and mm, warp grid, Jacobian).
+FULL_GRID_BYTES_PER_VOXEL = 120
+
+
+@dataclass
+class RegistrationResult:
+    """The output of `register`, all on the fixed image's grid.
+
+    Attributes:
+        warped: the moving image in the fixed image's space, in its original units (float32; HU for CT).
+        ddf: float32 (Z, Y, X, 3), mm, LPS (x, y, z) components, ITK convention: fixed point p maps to moving point
+            p + ddf(p) (the original moving image's space, pre-alignment included). ``sitk.DisplacementFieldTransform``
+            of it resamples the moving image onto the fixed grid like ``warped``.
+        inverse_ddf: float32 (Z, Y, X, 3), mm, LPS: moving point q maps to fixed point q + inverse_ddf(q), sampled at
+            the fixed grid's points (so it covers the moving image where it overlaps the fixed image's box).
+        jacobian: det J of the map p -> p + ddf(p), float32 on the fixed grid (1 keeps volume, <= 0 folds).
+        metrics: ncc_before, ncc_after (global NCC over the fixed grid; ncc_prealigned, prealign_matrix and
+            prealign_offset_mm with the pre-alignment), lncc_before, lncc_after (`local_ncc` in the body),
+            folding_fraction, volume_change_fraction (det J outside 0.8..1.25 in the body), inverse_consistency_mm,
+            overlap_fraction (of the body covered by the moving image), seconds, stage_seconds, model, network_shape
+            (the grid the network ran on), device, refine_iterations, refine_matched (the refinement stopped early: the
+            images agreed within noise, `refine.MATCHED_METRIC`), copies (one scan twice: the identity without the
+            network, `COPIES_METRIC`), affine, symmetric, and warnings (`warnings`).
+        warped_labels: the moving labels in the fixed image's space (nearest), when labels were given.
+    """
+
+    warped: Volume
+    ddf: np.ndarray
+    inverse_ddf: np.ndarray
+    jacobian: Volume
+    metrics: dict[str, Any]
+    warped_labels: Volume | None = None
+
+
+class Stages:
+    """Progress callbacks, cancellation checks and wall-clock timing of the engine's stages."""
+
+    def __init__(self, total: int, progress: Progress | None, cancel: Cancel | None, device: torch.device):
+        self.total, self.done = total, 0
+        self.skipped = 0  # refinement ticks not run: it stopped early (`refine.MATCHED_METRIC`)
+        self.progress, self.cancel, self.device = progress, cancel, device
+        self.seconds: dict[str, float] = {}
+
+    def _check_cancel(self, what: str) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled(f"registration cancelled {what}")
+
+    def tick(self) -> tuple[int, int, str]:
+        """One step inside a stage (a refinement step): count it, report it, poll cancel; ``(done, total, stage)``."""
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+        self._check_cancel(f"after step {self.done} of {self.total}")
+        return self.done, self.total, "refinement"
+
+    def step(self, following: str) -> tuple[int, int, str]:
+        """The step after a stage: ``(done, total, following)``, the name of the stage that runs next."""
+        return self.done, self.total, following
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self._check_cancel(f"before stage '{name}'")
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # kernels are asynchronous: charge them to their own stage
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        log.info("register: %-10s %6.2f s", name, self.seconds[name])
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def refine_ticks(steps: Iterator[None], stages: Stages, count: int) -> Steps[np.ndarray]:
+    """Run a refinement generator of at most ``count`` yields, reporting each as a progress tick (those it skipped
+    by stopping early are counted at its end); return its value."""
+    end = stages.done + count
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            stages.skipped, stages.done = end - stages.done, end
+            return stop.value
+        yield stages.tick()
+
+
+@dataclass
+class Plan:
+    """What a registration was asked and what the images and the model card decide before any stage runs.
+
+    Attributes:
+        fixed, moving: the images, their non-finite voxels replaced (`Volume.finite`).
+        loaded: the network and its card's settings.
+        device: where the network and the fields are computed.
+        affine: whether the pre-alignment runs.
+        iterations: demons iterations of the refinement (0: none).
+        copies: one scan twice: the identity, without pre-alignment, network or refinement.
+        two_d: a pair of single slices (a slab of `SLAB_SLICES` copies for the network).
+        lows, highs: each image's intensity range (fixed, moving).
+        check_seconds: the time the copies check took.
+    """
+
+    fixed: Volume
+    moving: Volume
+    loaded: RegistrationModel
+    device: torch.device
+    affine: bool
+    iterations: int
+    copies: bool
+    two_d: bool
+    lows: tuple[float, float]
+    highs: tuple[float, float]
+    check_seconds: float
+
+    @property
+    def stage_count(self) -> int:
+        """7 stages, the pre-alignment, and the refinement: one tick per few demons iterations, one when it ends."""
+        return 7 + self.affine + (self.ticks + 1 if self.iterations else 0)
+
+    @property
+    def ticks(self) -> int:
+        return chunks(self.fixed.spacing, self.iterations)
+
+    def normalised(self, image: torch.Tensor, which: int) -> torch.Tensor:
+        """``image`` of the fixed (0) or moving (1) image, normalised as the weights expect."""
+        return normalise(image, self.loaded.normalisation, self.lows[which], self.highs[which])
+
+
+def plan(fixed: Volume, moving: Volume, model, affine: bool | None, refine: int | None, device: Any) -> Plan:
+    """The `Plan`; `InputError` for a bad model file, refinement count or pair, before any stage."""
+    two_d = fixed.shape[0] == 1
+    loaded = load_registration_model(model)  # before the stages: a bad file or refinement count fails at once
+    affine = (loaded.prealign and not two_d) if affine is None else bool(affine)  # 2D: never by default
+    check_pair(fixed, moving, prealigned=affine)
+    fixed, moving = fixed.finite(), moving.finite()
+    torch_device = resolve_device(device)
+    (fixed_low, fixed_high), (moving_low, moving_high) = (
+        intensity_range(fixed, "fixed image"),
+        intensity_range(moving, "moving image"),
+    )
+    if two_d:
+        iterations = 0
+    else:
+        iterations = loaded.refine.auto_iterations(fixed.shape) if refine is None else check_iterations(refine)
+    # One scan twice: the identity, without pre-alignment, network or refinement (seconds instead of minutes).
+    check_start = time.perf_counter()
+    lows, highs = (fixed_low, moving_low), (fixed_high, moving_high)
+    copies = not two_d and same_grid(fixed, moving) and are_copies(fixed, moving, loaded.normalisation, lows, highs)
+    check_seconds = round(time.perf_counter() - check_start, 3)
+    if copies:
+        affine, iterations = False, 0
+    return Plan(fixed, moving, loaded, torch_device, affine, iterations, copies, two_d, lows, highs, check_seconds)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The network's view of the fixed grid.
+
+    Attributes:
+        axis_map: the fixed arrays' axes to the network's.
+        grid_shape: the fixed grid (a 2D slice as a slab whose copies are never averaged).
+        net_shape: that grid in the network's axis order.
+        work: the working grid the network runs on (`working_shape`): ``net_shape`` or coarser.
+    """
+
+    axis_map: AxisMap
+    grid_shape: tuple[int, int, int]
+    net_shape: tuple[int, int, int]
+    work: tuple[int, int, int]
+
+
+def network_grid(plan: Plan) -> Grid:
+    """The network's `Grid`, after checking that the registration fits in memory; the network moved to the device."""
+    fixed, loaded = plan.fixed, plan.loaded
+    axis_map = AxisMap.between(fixed, loaded.axes)
+    grid_shape = (SLAB_SLICES, *fixed.shape[1:]) if plan.two_d else fixed.shape
+    grid_spacing = (float("inf"), *fixed.spacing[1:]) if plan.two_d else fixed.spacing
+    net_shape = axis_map.shape_to_network(grid_shape)
+    work = working_shape(
+        net_shape, axis_map.shape_to_network(grid_spacing), loaded.min_spacing_mm, loaded.network_voxels
+    )
+    # BYTES_PER_VOXEL covers the whole run when the network sees the fixed grid (twice the activations for the
+    # swapped pair); a coarser working grid leaves the full-resolution stages on the fixed grid, and the network's
+    # activations are freed before the refinement: the larger of the two phases counts, not their sum. The 512 x 512
+    # x 141 chest CT against a breathing motion of itself (network on 107 x 189 x 189, refined) peaked at 8.5 GB
+    # resident, estimated 12.7 GB (17.7 GB as a sum; 2 threads, 2026-11-26).
+    network_bytes = padded_voxels(work) * BYTES_PER_VOXEL * (1 + loaded.symmetric)
+    refine_bytes = int(np.prod(fixed.shape)) * REFINE_BYTES_PER_VOXEL if plan.iterations else 0
+    if work != net_shape:
+        needed = int(np.prod(fixed.shape)) * FULL_GRID_BYTES_PER_VOXEL + max(network_bytes, refine_bytes)
+    else:
+        needed = network_bytes + refine_bytes
+    what = f"registration of {fixed.shape} voxels" + (" with refinement (try --refine 0)" if plan.iterations else "")
+    check_memory(needed, what)
+    loaded.network.to(plan.device)  # in place: the cached module moves to this run's device
+    return Grid(axis_map, grid_shape, net_shape, work)
+
+
+@dataclass
+class Pair:
+    """The pair on the fixed grid (`resample_pair`).
+
+    Attributes:
+        fixed_t: the fixed image (1, 1, Z, Y, X) on the device.
+        moving_t: the moving image resampled onto the fixed grid (pre-alignment included); dropped after the network.
+        fixed_n: the fixed image normalised.
+        body: where ``fixed_n`` exceeds `BODY_LEVEL` (the local NCC's and the Jacobian's region).
+        outside: bool (Z, Y, X), the fixed voxels the moving image does not cover, or None (one grid, no
+            pre-alignment).
+        unreached: ``outside`` where the moving image is on another grid (`covered`), else None.
+        ncc_before, lncc_before: the measures before registration (without the pre-alignment).
+        ncc_prealigned: the global NCC after the pre-alignment, when it ran.
+    """
+
+    fixed_t: torch.Tensor
+    moving_t: torch.Tensor | None
+    fixed_n: torch.Tensor
+    body: torch.Tensor
+    outside: np.ndarray | None
+    unreached: np.ndarray | None
+    ncc_before: float
+    lncc_before: float
+    ncc_prealigned: float | None = None
+
+
+def resample_pair(plan: Plan, transform: sitk.Transform | None) -> Pair:
+    """The moving image on the fixed grid through the pre-alignment (linear), and the measures before registration."""
+    fixed, moving, device = plan.fixed, plan.moving, plan.device
+    (fixed_low, moving_low) = plan.lows
+    if transform is None and same_grid(fixed, moving):
+        moving_on_fixed, outside = moving.array, None
+    else:
+        # NaN marks the fixed voxels the moving image does not cover (the overlap metric), then the minimum.
+        moving_on_fixed = resample_onto(moving, fixed, transform, "linear", default=np.nan)
+        outside = np.isnan(moving_on_fixed)
+    # Background for both images where a moving scan on another grid does not reach (`covered`); on one grid the
+    # scans cover the same field and only the motion takes content out of it, which the network may still follow.
+    unreached = None if same_grid(fixed, moving) else outside
+    fixed_t = as_tensor(fixed.array, fixed_low, device)
+    moving_t = as_tensor(moving_on_fixed, moving_low, device)
+    del moving_on_fixed
+    fixed_n = plan.normalised(fixed_t, 0)
+    body = fixed_n > BODY_LEVEL
+    ncc_before = global_ncc(fixed_t, moving_t)
+    ncc_prealigned = None
+    if plan.affine:
+        ncc_prealigned = ncc_before
+        unaligned = resample_onto(moving, fixed, None, "linear", default=moving_low)
+        unaligned = as_tensor(unaligned, moving_low, device)
+        ncc_before = global_ncc(fixed_t, unaligned)
+    else:
+        unaligned = moving_t
+    lncc_before = local_ncc(fixed_n, plan.normalised(unaligned, 1), body)
+    return Pair(fixed_t, moving_t, fixed_n, body, outside, unreached, ncc_before, lncc_before, ncc_prealigned)
+
+
+def run_network(plan: Plan, grid: Grid, pair: Pair) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple, bool]:
+    """(v_xy, v_yx, the crop back from the padded grid, whether bfloat16 ran): the network's half-way velocities on
+    its working grid (None for copies). Drops ``pair.moving_t``: the refinement reads the moving image as it was read.
+    """
+    bf16, crop = False, ()
+    if plan.copies:
+        v_xy = v_yx = None
+    else:
+        inputs = []
+        for which, image in enumerate((pair.fixed_t, pair.moving_t)):
+            image = covered(plan.normalised(image, which), pair.unreached).expand(-1, -1, *grid.grid_shape)
+            image = grid.axis_map.to_network(image)
+            if grid.work != grid.net_shape:  # the working grid: box averages over the same extent
+                image = F.adaptive_avg_pool3d(image, grid.work)
+            inputs.append(image)
+        (fixed_in, crop), (moving_in, _) = network_input(inputs[0]), network_input(inputs[1])
+        del inputs
+        # channels_last_3d is about twice as fast on the CPU (as in symnet_forward_fields).
+        loaded, device = plan.loaded, plan.device
+        network = loaded.network.to(memory_format=torch.channels_last_3d)
+        bf16 = loaded.bf16 and (device.type == "cuda" or (device.type == "cpu" and cpu_bf16()))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), float32_convolutions(not bf16):
+            forward = symmetric_forward if loaded.symmetric else forward_pair
+            v_xy, v_yx = forward(network, fixed_in, moving_in)
+        v_xy, v_yx = v_xy.float().contiguous(), v_yx.float().contiguous()
+        del fixed_in, moving_in
+    pair.moving_t = None
+    return v_xy, v_yx, crop, bf16
+
+
+def integrate(
+    plan: Plan, grid: Grid, v_xy: torch.Tensor | None, v_yx: torch.Tensor | None, crop: tuple
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(f_ab, f_ba) in fixed voxels on the fixed grid: the velocities integrated, composed half-way, upsampled from a
+    coarser working grid and moved back to the (Z, Y, X) arrays. A refined map gets its inverse from ITK's inversion
+    (`refine`): then only the forward map is integrated and f_ab is None."""
+    fixed = plan.fixed
+    if plan.copies:
+        f_ab = f_ba = torch.zeros((1, 3, *fixed.shape), device=plan.device)
+        return f_ab, f_ba
+
+    def on_fixed_axes(f: torch.Tensor) -> torch.Tensor:
+        f = f[(..., *crop)]
+        if grid.work != grid.net_shape:
+            f = resize_field(f, grid.net_shape)
+        f = grid.axis_map.field_from_network(f)
+        return slab_to_slice(f) if plan.two_d else f
+
+    f_ab, f_ba = integrate_halves(v_xy, v_yx, inverse=not plan.iterations)
+    return (None if f_ab is None else on_fixed_axes(f_ab)), on_fixed_axes(f_ba)
+
+
+@dataclass
+class Fields:
+    """The map in both forms.
+
+    Attributes:
+        ddf: (Z, Y, X, 3) mm, LPS, the whole map (pre-alignment included).
+        inverse_ddf: its inverse, the same form; None until the refinement inverts a refined map.
+        f_ba, f_ab: the network's maps in fixed voxels (the Jacobian and inverse consistency read them).
+        affine_det: the Jacobian's constant factor where f_ba leaves the pre-alignment out (1 once refined).
+        a, b: the pre-alignment x -> A x + b (LPS mm); the identity without it.
+    """
+
+    ddf: torch.Tensor
+    inverse_ddf: torch.Tensor | None
+    f_ba: torch.Tensor
+    f_ab: torch.Tensor | None
+    affine_det: float
+    a: np.ndarray
+    b: np.ndarray
+
+
+def to_mm(plan: Plan, f_ab: torch.Tensor | None, f_ba: torch.Tensor, transform: sitk.Transform | None) -> Fields:
+    """The network's maps in mm, composed with the pre-alignment."""
+    fixed = plan.fixed
+    ddf, inverse_ddf = voxels_to_mm(f_ba, fixed), (None if f_ab is None else voxels_to_mm(f_ab, fixed))
+    a, b = affine_parts(transform)
+    if transform is not None:
+        # The network registered M(T(x)); the full map is x -> T(x + u(x)), so ddf(x) = A u(x) + (A x + b - x).
+        a_t = torch.as_tensor(a, dtype=ddf.dtype, device=ddf.device)
+        ddf = ddf @ a_t.T + affine_displacement(fixed, a, b, ddf)
+    if transform is not None and inverse_ddf is not None:
+        # Its inverse maps q to y + u_inv(y) with y = T^-1(q): sample u_inv at y (zeros outside the fixed grid).
+        a_inv = np.linalg.inv(a)
+        to_y = affine_displacement(fixed, a_inv, -a_inv @ b, ddf)
+        u_inv_at_y = sample(inverse_ddf.permute(3, 0, 1, 2)[None], physical_sampling_grid(fixed, fixed, to_y))
+        inverse_ddf = u_inv_at_y[0].permute(1, 2, 3, 0) + to_y
+    return Fields(ddf, inverse_ddf, f_ba, f_ab, float(np.linalg.det(a)), a, b)
+
+
+def refine(plan: Plan, pair: Pair, fields: Fields, stages: Stages, cancel: Cancel | None) -> Steps[Fields]:
+    """SimpleITK demons on the CPU, in LPS mm, from the whole map (pre-alignment included), one progress tick per few
+    iterations; then its inverse (`invert_field`, after a step named "inversion"). Returns the refined `Fields`."""
+    fixed, moving, (_, moving_low) = plan.fixed, plan.moving, plan.lows
+    cpu = torch.device("cpu")
+    moving_n = plan.normalised(as_tensor(moving.array, moving_low, cpu), 1)
+    normalised = (
+        Volume(covered(pair.fixed_n, pair.unreached)[0, 0].cpu().numpy(), fixed.spacing, fixed.origin, fixed.direction),
+        Volume(moving_n[0, 0].numpy(), moving.spacing, moving.origin, moving.direction),
+    )
+    del moving_n
+    refining = refine_field(*normalised, fields.ddf.cpu().numpy(), plan.iterations, cancel)
+    refined = yield from refine_ticks(refining, stages, plan.ticks)
+    del normalised
+    yield stages.step("inversion")
+    ddf = torch.from_numpy(refined.astype(np.float32)).to(plan.device)
+    inverse_ddf = torch.from_numpy(invert_field(refined, fixed).astype(np.float32)).to(plan.device)
+    del refined
+    # The metrics see the whole map: its fields in fixed voxels, and no separate affine factor.
+    return Fields(ddf, inverse_ddf, mm_to_voxels(ddf, fixed), mm_to_voxels(inverse_ddf, fixed), 1.0, fields.a, fields.b)
+
+
+def warp_moving(plan: Plan, ddf: torch.Tensor, moving_labels: Volume | None) -> tuple[torch.Tensor, np.ndarray | None]:
+    """(the moving image through ``ddf`` on the fixed grid, (1, 1, Z, Y, X); the labels through it, or None).
+
+    One interpolation of the original moving image through the final ddf (no resample-then-warp blur), with
+    (moving - low) sampled so that zeros outside means "the moving minimum" (air for CT), not 0 HU. Labels are
+    sampled nearest, in float64, which holds every integer label exactly."""
+    fixed, moving, (_, moving_low) = plan.fixed, plan.moving, plan.lows
+    original = as_tensor(moving.array, moving_low, plan.device)
+    if plan.copies:  # the identity on one grid: the moving image itself
+        warped_t = original
+    else:
+        warped_t = sample(original - moving_low, physical_sampling_grid(moving, fixed, ddf)) + moving_low
+    del original
+    warped_labels = None
+    if plan.copies and moving_labels is not None and same_grid(moving_labels, fixed):
+        warped_labels = moving_labels.array.copy()
+    elif moving_labels is not None:
+        labels = torch.from_numpy(np.asarray(moving_labels.array, dtype=np.float64))[None, None].to(plan.device)
+        grid = physical_sampling_grid(moving_labels, fixed, ddf.double())
+        warped_labels = sample(labels, grid, mode="nearest")[0, 0].cpu().numpy().astype(moving_labels.array.dtype)
+    return warped_t, warped_labels
+
+
+@dataclass
+class Measured:
+    """The measures of a finished registration and its outputs on the host (`measure`)."""
+
+    jacobian: np.ndarray
+    ddf: np.ndarray
+    inverse_ddf: np.ndarray
+    warped: np.ndarray
+    inverse_consistency: float
+    ncc_after: float
+    lncc_after: float
+    volume_change: float
+    spread: list[float]
+    overlap: float
+
+
+def measure(plan: Plan, pair: Pair, fields: Fields, warped_t: torch.Tensor) -> Measured:
+    """The Jacobian determinant, inverse consistency, NCC and local NCC after registration, the share of the body
+    whose volume changes by more than 0.8..1.25 and its 1st-99th percentiles, the overlap; the outputs moved to the
+    host as float32. det J is invariant under the voxel -> mm similarity, so the voxel field gives it; the
+    pre-alignment's part is a constant factor."""
+    fixed, f_ba = plan.fixed, fields.f_ba
+    if plan.copies:  # the identity's values, exactly
+        jacobian = torch.ones(fixed.shape, device=plan.device)
+        inverse_consistency, ncc_after, lncc_after = 0.0, pair.ncc_before, pair.lncc_before
+    else:
+        slab = f_ba.expand(-1, -1, 2, -1, -1) if plan.two_d else f_ba  # a 2D field needs 2 slices for its gradient
+        jacobian = jacobian_determinant(slab)[0, : fixed.shape[0]] * fields.affine_det
+        spacing_xyz = torch.tensor(fixed.spacing[::-1], dtype=f_ba.dtype, device=f_ba.device)
+        inverse_consistency = inverse_consistency_mm(fields.f_ab, f_ba, spacing_xyz)
+        ncc_after = global_ncc(pair.fixed_t, warped_t)
+        lncc_after = local_ncc(pair.fixed_n, plan.normalised(warped_t, 1), pair.body)
+    in_body = jacobian[pair.body[0, 0]]
+    volume_change = float(((in_body < 0.8) | (in_body > 1.25)).float().mean()) if in_body.numel() else 0.0
+    spread = np.percentile(in_body.cpu().numpy(), (1, 99)).tolist() if in_body.numel() else [1.0, 1.0]
+    body_np = pair.body[0, 0].cpu().numpy()
+    outside = pair.outside
+    overlap = 1.0 if outside is None or not body_np.any() else float(1.0 - outside[body_np].mean())
+    return Measured(
+        jacobian=jacobian.cpu().numpy().astype(np.float32, copy=False),
+        ddf=fields.ddf.cpu().numpy().astype(np.float32, copy=False),
+        inverse_ddf=fields.inverse_ddf.cpu().numpy().astype(np.float32, copy=False),
+        warped=warped_t[0, 0].cpu().numpy(),
+        inverse_consistency=inverse_consistency,
+        ncc_after=ncc_after,
+        lncc_after=lncc_after,
+        volume_change=volume_change,
+        spread=spread,
+        overlap=overlap,
+    )
+
+
+def metrics_of(
+    plan: Plan, grid: Grid, pair: Pair, fields: Fields, measured: Measured, stages: Stages, bf16: bool, seconds: float
+) -> dict[str, Any]:
+    """The `RegistrationResult.metrics` record, with its quality `warnings`."""
+    loaded = plan.loaded
+    metrics: dict[str, Any] = {
+        "ncc_before": pair.ncc_before,
+        "ncc_after": measured.ncc_after,
+        "lncc_before": pair.lncc_before,
+        "lncc_after": measured.lncc_after,
+        "folding_fraction": float(np.mean(measured.jacobian <= 0)),
+        "volume_change_fraction": measured.volume_change,
+        "jacobian_body_p1_p99": [round(float(v), 3) for v in measured.spread],
+        "inverse_consistency_mm": measured.inverse_consistency,
+        "overlap_fraction": measured.overlap,
+        "seconds": round(seconds, 3),
+        "stage_seconds": stages.seconds,
+        "model": loaded.name,
+        # The working grid in the fixed image's (Z, Y, X) order (the network saw it in its own axis order).
+        "network_shape": [grid.work[grid.axis_map.axes.index(a)] for a in range(3)],
+        "device": str(plan.device),
+        "network_dtype": "bfloat16" if bf16 else "float32",
+        "refine_iterations": plan.iterations,
+        "refine_matched": stages.skipped > 0,
+        "copies": plan.copies,
+        "affine": bool(plan.affine),
+        "symmetric": loaded.symmetric,
+    }
+    if plan.affine:
+        metrics["ncc_prealigned"] = pair.ncc_prealigned
+        metrics["prealign_matrix"] = fields.a.tolist()
+        metrics["prealign_offset_mm"] = fields.b.tolist()
+    if plan.two_d:
+        metrics["two_d"] = True
+    metrics["quality_limits"] = dict(loaded.limits)
+    metrics["warnings"] = quality_warnings(metrics, loaded.limits)
+    return metrics
+
+
+def result_of(
+    plan: Plan, measured: Measured, metrics: dict[str, Any], warped_labels: np.ndarray | None, labels: Volume | None
+) -> RegistrationResult:
+    """The `RegistrationResult` on the fixed grid."""
+    fixed, moving = plan.fixed, plan.moving
+
+    def on_fixed_grid(array: np.ndarray, **meta: Any) -> Volume:
+        return Volume(array, fixed.spacing, fixed.origin, fixed.direction.copy(), meta=meta)
+
+    return RegistrationResult(
+        warped=on_fixed_grid(measured.warped, **{**moving.meta, "registered_to": fixed.meta.get("source", "")}),
+        ddf=measured.ddf,
+        inverse_ddf=measured.inverse_ddf,
+        jacobian=on_fixed_grid(measured.jacobian, quantity="jacobian_determinant"),
+        metrics=metrics,
+        warped_labels=None if warped_labels is None else on_fixed_grid(warped_labels, **labels.meta),
+    )
