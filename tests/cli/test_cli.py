@@ -468,36 +468,6 @@ def test_unavailable_device_is_a_one_line_error_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_make_demo_main_job_writes_what_the_readme_says(tmp_path):
-    """`make demo` is `make setup` and then this script: the CT, its colour as NIfTI RGB24 and the montage."""
-    from pathlib import Path
-
-    from PIL import Image
-
-    from napari_ctcolor.phantom import make_phantom
-
-    script = Path(__file__).resolve().parents[2] / "examples" / "demo.py"
-    assert "examples/demo.py --out demo-out" in (script.parents[1] / "Makefile").read_text(encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
-    assert "modality     CT" in done.stdout and "colorized 48 slices" in done.stdout
-    phantom = make_phantom(seed=0, shape=(48, 384, 384), spacing=(2.5, 0.9, 0.9)).volume  # the README's default
-    np.testing.assert_array_equal(read_volume(tmp_path / "phantom.nii.gz").array, phantom.array)
-    rgb = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "phantom_colorized.nii.gz")))
-    lightness = srgb_to_lab(rgb)[..., 0]
-    assert np.abs(lightness - grey_to_lightness(window(phantom.array, 40, 400))).max() <= LUMINANCE_BOUND
-    chroma = np.hypot(*srgb_to_lab(rgb)[..., 1:].transpose(3, 0, 1, 2))
-    assert (
-        np.median(chroma[(phantom.array > -100) & (phantom.array < 200)]) > 10
-        and chroma[phantom.array < -900].max() <= 2
-    )
-    montage = np.asarray(Image.open(tmp_path / "montage.png"))
-    assert montage.shape == (2 * 384, 4 * 384, 3)
-    np.testing.assert_array_equal(montage[384:, :384], rgb[48 // 5])  # the colour row holds the written colours
-
-
 def test_a_write_that_fails_half_way_leaves_no_partial_output(tmp_path, monkeypatch, capsys):
     """A full disk in the middle of an export: `ctcolor colorize` to a PNG folder and to a DICOM folder, and
     `ctcolor register` to OUTDIR, each fail on a later file than the first (in-process `main`, the writer patched to

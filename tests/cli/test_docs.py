@@ -13,9 +13,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import SimpleITK as sitk
 import yaml
+from PIL import Image
 
-from conftest import troubleshooting_messages
+from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
+from napari_ctcolor.io import read_volume
+from napari_ctcolor.phantom import make_phantom
+from napari_ctcolor.windowing import window
+
+from conftest import LUMINANCE_BOUND, troubleshooting_messages
 
 ROOT = Path(__file__).resolve().parents[2]
 #: A message's literal pieces shorter than this say nothing on their own: ``f"{path}: {exc}"`` passes on another
@@ -48,8 +56,11 @@ def test_the_guide_has_commands_to_run():
 
 
 def test_every_command_in_the_guide_runs(tmp_path):
+    """The guide's first command is `make demo`'s main job (`examples/demo.py`); its outputs are checked here too
+    (`_assert_demo_outputs`), so the demo runs once."""
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    printed = ""
     for page, block in _blocks():
         run = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", block],
@@ -60,8 +71,30 @@ def test_every_command_in_the_guide_runs(tmp_path):
             timeout=900,
         )
         assert run.returncode == 0, f"{page}:\n{block}\n{run.stderr[-2000:]}"
+        printed += run.stdout
+    assert "examples/demo.py --out demo-out" in _blocks()[0][1]
+    assert "examples/demo.py --out demo-out" in (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert "modality     CT" in printed and "colorized 48 slices" in printed
+    _assert_demo_outputs(tmp_path / "demo-out")
     assert (tmp_path / "demo-out" / "registration" / "metrics.json").exists()
     assert (tmp_path / "demo-out" / "batch" / "report.csv").read_text(encoding="utf-8").count(",ok,") == 2
+
+
+def _assert_demo_outputs(out: Path) -> None:
+    """What `make demo` writes, as the README says: the phantom CT (the README's default phantom, voxel for voxel),
+    its colour as NIfTI RGB24 (luminance within the bound, coloured soft tissue, grey air) and the montage (grey above,
+    the written colours below)."""
+    phantom = make_phantom(seed=0, shape=(48, 384, 384), spacing=(2.5, 0.9, 0.9)).volume
+    np.testing.assert_array_equal(read_volume(out / "phantom.nii.gz").array, phantom.array)
+    rgb = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "phantom_colorized.nii.gz")))
+    lab = srgb_to_lab(rgb)
+    assert np.abs(lab[..., 0] - grey_to_lightness(window(phantom.array, 40, 400))).max() <= LUMINANCE_BOUND
+    chroma = np.hypot(lab[..., 1], lab[..., 2])
+    assert np.median(chroma[(phantom.array > -100) & (phantom.array < 200)]) > 10
+    assert chroma[phantom.array < -900].max() <= 2
+    montage = np.asarray(Image.open(out / "montage.png"))
+    assert montage.shape == (2 * 384, 4 * 384, 3)
+    np.testing.assert_array_equal(montage[384:, :384], rgb[48 // 5])  # the colour row holds the written colours
 
 
 def _template(node: ast.expr, constants: dict[str, str]) -> str:

@@ -35,7 +35,7 @@ from ..io import ColorVolume, Volume
 from ..threads import at_most
 from ..windowing import Window
 from ._jobs import Failed
-from ._layers import CONTRAST_WINDOW_KEY, META_KEY, layer_attributes, placement
+from ._layers import CONTRAST_WINDOW_KEY, META_KEY, layer_attributes, placement, put_image
 
 #: A coronal or sagittal plane of a CT of more slices than this is recoloured in a worker, not the main thread
 #: (`RunAndRecompose._recolor_visible_plane`): about 1 ms per slice on 2 cores.
@@ -329,33 +329,15 @@ class RunAndRecompose:
                 **placement(color),
             }
         metadata = {META_KEY: {"colorize": dict(color.settings)}}
-        existing = next((lyr for lyr in self._viewer.layers if lyr.name == name), None)
-        if isinstance(existing, Image) and existing.rgb and existing.data.ndim == data.ndim:
-            existing.data = data
-            for key, value in transforms.items():
-                setattr(existing, key, value)
-            existing.metadata = {**existing.metadata, **metadata}
-            return existing
-        index = None
-        if existing is not None:  # same name but not ours to update in place (another kind of layer)
-            index = self._viewer.layers.index(existing)
-            self._viewer.layers.remove(existing)
-        layer = Image(
-            data,
-            name=name,
-            rgb=True,
-            blending="translucent",
-            opacity=float(self.opacity.value),
-            interpolation2d="linear",  # as the CT layer (`image_layer_data`): no blocky voxels, both alike
-            metadata=metadata,
-            **transforms,
-        )
-        layer.events.contrast_limits.connect(lambda _event: self._keep_full_range(layer))
-        layer.events.gamma.connect(lambda _event: self._keep_full_range(layer))
-        if index is None:
-            self._viewer.layers.append(layer)
-        else:
-            self._viewer.layers.insert(index, layer)
+        created = {
+            "blending": "translucent",
+            "opacity": float(self.opacity.value),
+            "interpolation2d": "linear",  # as the CT layer (`image_layer_data`): no blocky voxels, both alike
+        }
+        layer, new = put_image(self._viewer, name, data, True, transforms, metadata, created)
+        if new:
+            layer.events.contrast_limits.connect(lambda _event: self._keep_full_range(layer))
+            layer.events.gamma.connect(lambda _event: self._keep_full_range(layer))
         return layer
 
     def _keep_full_range(self, layer: Image) -> None:

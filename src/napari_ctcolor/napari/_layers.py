@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +141,50 @@ def layer_attributes(layer) -> dict[str, Any]:
         "affine": np.asarray(layer.affine.affine_matrix),
         "metadata": layer.metadata,
     }
+
+
+def put_image(
+    viewer,
+    name: str,
+    data: np.ndarray,
+    rgb: bool = False,
+    kept: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    created: dict[str, Any] | None = None,
+) -> tuple[Any, bool]:
+    """Show ``data`` in the image layer ``name``, the one place the widgets put their results into the viewer.
+
+    Where that layer exists as an image of the same kind (RGB or grey, as many dimensions), its data is replaced and
+    ``kept``'s attributes (placement, contrast, colormap: what the result decides) are set again, in order; what the
+    user set on it otherwise (opacity, visibility) stays. Otherwise a new layer is made with ``created``'s keyword
+    arguments (its first visibility, opacity, interpolation) and then ``kept``'s attributes, where the layer of that
+    name of another kind was (replaced), else on top. ``metadata`` is merged into the layer's. Returns (the layer,
+    whether it is new)."""
+    from napari.layers import Image
+
+    kept, metadata = kept or {}, metadata or {}
+    existing = next((layer for layer in viewer.layers if layer.name == name), None)
+    if isinstance(existing, Image) and existing.rgb == rgb and existing.data.ndim == data.ndim:
+        existing.data = data
+        for key, value in kept.items():
+            setattr(existing, key, value)
+        existing.metadata = {**existing.metadata, **metadata}
+        return existing, False
+    index = None
+    if existing is not None:  # same name, another kind of layer: replaced where it was
+        index = list(viewer.layers).index(existing)
+        viewer.layers.remove(existing)
+    # What the constructor takes goes to it: each attribute set afterwards would slice the layer again.
+    accepted = inspect.signature(Image.__init__).parameters
+    later = {key: value for key, value in kept.items() if key not in accepted}
+    first = {key: value for key, value in kept.items() if key in accepted}
+    layer = Image(data, name=name, rgb=rgb, metadata=dict(metadata), **{**(created or {}), **first})
+    for key, value in later.items():
+        setattr(layer, key, value)
+    if "contrast_limits_range" in later and "contrast_limits" in kept:
+        layer.contrast_limits = kept["contrast_limits"]  # a new range may have clipped them
+    if index is None:
+        viewer.layers.append(layer)
+    else:
+        viewer.layers.insert(index, layer)
+    return layer, True

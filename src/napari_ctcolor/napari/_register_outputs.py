@@ -20,7 +20,7 @@ from qtpy.QtCore import QTimer
 
 from ..app.register_job import RegistrationResult, checkerboard, checkerboard_mask
 from ..io import ColorVolume, Volume
-from ._layers import META_KEY
+from ._layers import META_KEY, put_image
 
 CHECKERBOARD, DIFFERENCE, JACOBIAN, EDGES = "checkerboard", "difference", "Jacobian", "tile edges"
 #: det J shown on [0, 2]: clear at 1 (volume kept), magenta where the moving image is compressed, green where stretched.
@@ -282,44 +282,16 @@ class RegisterOutputs:
         if kept.two_d:
             data = data[0]
         metadata = {META_KEY: {"register": role, "metrics": plain_metrics(kept.output.result.metrics)}}
-        style = {} if rgb else {"contrast_limits": limits, "colormap": colormap}
+        style: dict[str, Any] = {**kept.transforms}
+        if not rgb:
+            style.update(contrast_limits_range=value_range(data, limits), contrast_limits=limits, colormap=colormap)
         if opacity is not None:
             style.update(blending="translucent", opacity=opacity)
-        existing = next((lyr for lyr in self._layers() if lyr.name == name), None)
-        if existing is not None and existing.rgb == rgb and existing.data.ndim == data.ndim:
-            existing.data = data
-            for key, value in kept.transforms.items():
-                setattr(existing, key, value)
-            if not rgb:
-                existing.contrast_limits_range = value_range(data, limits)
-            for key, value in style.items():
-                setattr(existing, key, value)
-            existing.metadata = {**existing.metadata, **metadata}
-            return existing
-        index = None
-        if existing is not None:  # same name but another kind of layer: replace it where it was
-            index = list(self._viewer.layers).index(existing)
-            self._viewer.layers.remove(existing)
         # Linear in-plane sampling as the CT layers (no blocky voxels); the tile edges stay one-voxel lines.
-        interpolation = "nearest" if role == "tile edges" else "linear"
-        layer = Image(
-            data,
-            name=name,
-            rgb=rgb,
-            visible=not hide,
-            metadata=metadata,
-            interpolation2d=interpolation,
-            **style,
-            **kept.transforms,
-        )
-        if not rgb:
-            layer.contrast_limits_range = value_range(data, limits)
-            layer.contrast_limits = limits
-        layer.colorbar.visible = colorbar
-        if index is None:
-            self._viewer.layers.append(layer)
-        else:
-            self._viewer.layers.insert(index, layer)
+        created = {"visible": not hide, "interpolation2d": "nearest" if role == "tile edges" else "linear"}
+        layer, new = put_image(self._viewer, name, data, rgb, style, metadata, created)
+        if new:
+            layer.colorbar.visible = colorbar
         return layer
 
 
