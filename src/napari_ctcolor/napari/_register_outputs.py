@@ -107,11 +107,19 @@ def grey_as_color(volume: Volume, limits: tuple[float, float]) -> ColorVolume:
 
 
 class RegisterOutputs:
-    """The output part of `RegisterWidget` (a mixin: it uses the widget's ``_viewer``, ``_kept``, ``_closed``,
-    ``_layers`` and ``warp_color``)."""
+    """The output layers of `RegisterWidget`, and their controls: the tile slider, "Checkerboard before registration"
+    and the summary line. It keeps the finished run (`kept`), so that the slider and the toggles only redraw.
 
-    def _output_controls(self) -> tuple[FloatSlider, CheckBox, Label]:
-        """Create the tile slider, "Checkerboard before registration" and the summary line."""
+    Args:
+        viewer: the viewer the layers go into.
+        layers: the viewer's image layers (`RegisterWidget._layers`).
+        warp_color: the widget's "Warp colorized twin too" box (a colour checkerboard when it is ticked).
+        closed: True once the dock is closing (nothing more is added).
+    """
+
+    def __init__(self, viewer, layers: Callable[[], list[Image]], warp_color: CheckBox, closed: Callable[[], bool]):
+        self._viewer, self._layers, self.warp_color, self._closed = viewer, layers, warp_color, closed
+        self.kept: Kept | None = None
         self.tile_mm = FloatSlider(label="Tile (mm)", min=2.0, max=100.0, step=1.0, value=20.0)
         self.before = CheckBox(
             text="Checkerboard before registration",
@@ -120,18 +128,19 @@ class RegisterOutputs:
         )
         self.summary = Label(value="")
         self.summary.native.setWordWrap(True)  # long text wraps instead of widening the dock over the canvas
-        self._turns = 0  # steps of showing a result still to run (`_in_turns`)
+        self.turns = 0  # steps of showing a result still to run (`_in_turns`)
         self._edges_hidden_for_3d = False  # the 3D view hid the tile edges the user had shown
-        self.tile_mm.changed.connect(self._redraw_checkerboard)
-        self.before.changed.connect(self._redraw_checkerboard)
-        return self.tile_mm, self.before, self.summary
+        self.tile_mm.changed.connect(self.redraw_checkerboard)
+        self.before.changed.connect(self.redraw_checkerboard)
+        warp_color.changed.connect(self.redraw_checkerboard)
 
-    def _show(self, then: Callable[[], Any] | None = None) -> None:
-        """Show the kept run: warped, difference, Jacobian, checkerboard (on top), and the numbers; then ``then``.
+    def show(self, kept: Kept, then: Callable[[], Any] | None = None) -> None:
+        """Keep ``kept`` and show it: warped, difference, Jacobian, checkerboard (on top), and the numbers; then
+        ``then``.
 
         napari adds a layer in about 0.1 s of the main thread (its visual, its controls), so the layers are added one
         per turn of the event loop: the viewer repaints and answers the mouse in between (`_in_turns`)."""
-        kept = self._kept
+        self.kept = kept
         inputs, output = kept.inputs, kept.output
         result = output.result
         overlay = {"opacity": OVERLAY_OPACITY, "colorbar": True, "hide": True}
@@ -160,8 +169,8 @@ class RegisterOutputs:
                 colormap=JACOBIAN_COLORMAP,
                 **overlay,
             ),
-            lambda: self._redraw_checkerboard(edges=False),
-            self._redraw_edges,
+            lambda: self.redraw_checkerboard(edges=False),
+            self.redraw_edges,
             self._summarise,
         ]
         if then is not None:
@@ -174,14 +183,14 @@ class RegisterOutputs:
 
         Each next step waits `TURN_GAP_MS`: a zero-delay timer runs before the canvas's repaint and the other timers
         are served, so two layer additions would otherwise block the viewer as one."""
-        self._turns = len(steps)
+        self.turns = len(steps)
 
         def turn() -> None:
-            if self._closed or self._kept is not kept or not steps:
-                self._turns = 0
+            if self._closed() or self.kept is not kept or not steps:
+                self.turns = 0
                 return
             steps.pop(0)()
-            self._turns = len(steps)
+            self.turns = len(steps)
             if steps:
                 QTimer.singleShot(TURN_GAP_MS, turn)
 
@@ -192,7 +201,7 @@ class RegisterOutputs:
         # The checkerboard, on top, is what the user reads first (its HU in the status bar), not the hidden tile edges
         # that were appended last.
         self._viewer.layers.selection.active = next(lyr for lyr in self._layers() if lyr.name == CHECKERBOARD)
-        m = self._kept.output.result.metrics
+        m = self.kept.output.result.metrics
         spread = m.get("jacobian_body_p1_p99", (1.0, 1.0))
         prealigned = f" (affine {m['ncc_prealigned']:.3f})" if "ncc_prealigned" in m else ""
         warnings = "".join(f"<br>⚠ {html.escape(w)}" for w in m.get("warnings", []))
@@ -210,10 +219,10 @@ class RegisterOutputs:
             " (vessel lumens), not the interpolation of the moved scan"
         )
 
-    def _redraw_checkerboard(self, *_: Any, edges: bool = True) -> None:
+    def redraw_checkerboard(self, *_: Any, edges: bool = True) -> None:
         """The checkerboard of the kept result at the current tile size (colour when the warped colours exist), and
         with ``edges`` its tile outlines."""
-        kept = self._kept
+        kept = self.kept
         if kept is None:
             return
         output, tile_mm, inputs = kept.output, float(self.tile_mm.value), kept.inputs
@@ -227,17 +236,17 @@ class RegisterOutputs:
             board = checkerboard(inputs.fixed, inputs.moving if before else output.result.warped, tile_mm)
             self._put(CHECKERBOARD, board.array, "checkerboard", limits=kept.fixed_limits)
         if edges:
-            self._redraw_edges()
+            self.redraw_edges()
 
-    def _redraw_edges(self, *_: Any) -> None:
+    def redraw_edges(self, *_: Any) -> None:
         """The tile outlines in the plane on screen: lines along the two displayed axes, none across the slice (a
         slice on a tile boundary would otherwise light up entirely).
 
         The layer is added hidden (outlines sit where the eye looks for steps between tiles); its visibility is the
         user's, except that a shown layer is hidden in 3D and shown again on return to 2D.
         """
-        kept = self._kept
-        if kept is None or self._closed:
+        kept = self.kept
+        if kept is None or self._closed():
             return
         dims = self._viewer.dims
         shown = [axis - (dims.ndim - 3) for axis in dims.order[-2:]] if dims.ndim >= 3 else [1, 2]
@@ -278,7 +287,7 @@ class RegisterOutputs:
                 where nothing changed); None: napari's default blending.
             colorbar: show the colormap's colour bar on a new layer.
         """
-        kept = self._kept
+        kept = self.kept
         if kept.two_d:
             data = data[0]
         metadata = {META_KEY: {"register": role, "metrics": plain_metrics(kept.output.result.metrics)}}

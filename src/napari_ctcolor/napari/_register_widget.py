@@ -100,7 +100,7 @@ def _refine_box() -> FloatSpinBox:
     return box
 
 
-class RegisterWidget(RegisterOutputs, Container):
+class RegisterWidget(Container):
     """Dock widget "Register & checkerboard": the inputs and the job here, the output layers in `RegisterOutputs`.
 
     Args:
@@ -132,7 +132,9 @@ class RegisterWidget(RegisterOutputs, Container):
         self.progress_bar = ProgressBar(value=0, min=0, max=1, visible=False)
         self.status = Label(value="")
         self.status.native.setWordWrap(True)  # long text wraps instead of widening the dock over the canvas
-        tile_mm, before, summary = self._output_controls()
+        self._closed = False
+        self.outputs = RegisterOutputs(napari_viewer, self._layers, self.warp_color, lambda: self._closed)
+        self.tile_mm, self.before, self.summary = self.outputs.tile_mm, self.outputs.before, self.outputs.summary
         super().__init__(
             widgets=[
                 self.fixed,
@@ -143,34 +145,31 @@ class RegisterWidget(RegisterOutputs, Container):
                 self.refine,
                 self.device,
                 self.warp_color,
-                tile_mm,
-                before,
+                self.tile_mm,
+                self.before,
                 self.run_button,
                 self.cancel_button,
                 self.progress_bar,
                 self.status,
-                summary,
+                self.summary,
                 plane_buttons(napari_viewer),
             ]
         )
         tab_with_siblings(self.native)
         settle_heap()
         self.jobs = JobRunner(self.progress_bar, self.status, self.run_button, self.cancel_button)
-        self._kept: Kept | None = None
-        self._closed = False
         self._stop = threading.Event()  # the running job's Cancel (a new one per run)
 
         self.run_button.changed.connect(self._run)
         self.cancel_button.changed.connect(self.cancel)
         self.model.changed.connect(lambda value: setattr(self.model_file, "visible", value == MODEL_FILE))
         self.moving.changed.connect(self._on_moving_chosen)
-        self.warp_color.changed.connect(self._redraw_checkerboard)
         self._stop_following_layers = attach_to_viewer(
             self.native, napari_viewer, self._on_layers_changed, self._detach
         )
         self._dims_events = (napari_viewer.dims.events.order, napari_viewer.dims.events.ndisplay)
         for event in self._dims_events:
-            event.connect(self._redraw_edges)
+            event.connect(self.outputs.redraw_edges)
         self._on_layers_changed()
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -180,7 +179,7 @@ class RegisterWidget(RegisterOutputs, Container):
     @property
     def busy(self) -> bool:
         """True while a registration runs, until its layers are all shown."""
-        return self.jobs.busy or self._turns > 0
+        return self.jobs.busy or self.outputs.turns > 0
 
     @property
     def worker(self):
@@ -190,7 +189,8 @@ class RegisterWidget(RegisterOutputs, Container):
     @property
     def result(self) -> RegistrationResult | None:
         """The last finished registration (ddf, Jacobian, metrics), on the fixed layer's grid."""
-        return self._kept.output.result if self._kept is not None else None
+        kept = self.outputs.kept
+        return kept.output.result if kept is not None else None
 
     def run(self) -> None:
         """Start registering the moving layer to the fixed one (what the Run button does)."""
@@ -207,7 +207,7 @@ class RegisterWidget(RegisterOutputs, Container):
         self._closed = self.jobs.closed = True
         self._stop_following_layers()
         for event in self._dims_events:
-            event.disconnect(self._redraw_edges)
+            event.disconnect(self.outputs.redraw_edges)
         self.cancel()
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -407,7 +407,7 @@ class RegisterWidget(RegisterOutputs, Container):
         if not any(layer is fixed_layer for layer in self._viewer.layers):  # deleted during the run: no orphans
             self._say(f"{TITLE}: the fixed layer was removed; result dropped")
             return
-        self._kept = Kept(inputs, output, transforms, fixed_limits, fixed_layer.ndim == 2)
+        kept = Kept(inputs, output, transforms, fixed_limits, fixed_layer.ndim == 2)
         warnings = output.result.metrics.get("warnings", [])
-        self._show(then=lambda: warnings and show_warning(f"{TITLE}: " + "; ".join(warnings)))
+        self.outputs.show(kept, then=lambda: warnings and show_warning(f"{TITLE}: " + "; ".join(warnings)))
         # (the layers are added first: a doubtful result is shown, and said so once)
