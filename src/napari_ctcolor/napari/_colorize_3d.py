@@ -28,11 +28,14 @@ MAX_3D_PIXELS = 256
 
 
 class View3D:
-    """The 3D part of `ColorizeWidget` (a mixin: it uses the widget's ``_viewer``, ``_kept``, ``result_layer``,
-    ``_closed`` and ``_say``)."""
+    """The 3D part of `ColorizeWidget`: its menu (``view_3d``, enabled after a run) and the 3D layers.
 
-    def _view_3d_control(self) -> ComboBox:
-        """Create the "3D view" menu."""
+    Args:
+        owner: the widget, whose viewer, finished run (``_kept``), result layer and status line (``_say``) it uses.
+    """
+
+    def __init__(self, owner) -> None:
+        self._owner = owner
         self.view_3d = ComboBox(
             label="3D view",
             choices=[NO_3D, *PRESETS_3D],
@@ -45,7 +48,6 @@ class View3D:
         self._body_cache: tuple | None = None  # (kept, HU, body mask, spacing) of the 3D view
         self._worker_3d = None  # the worker computing a 3D preset's surfaces
         self.view_3d.changed.connect(self._on_view_3d)
-        return self.view_3d
 
     def _on_view_3d(self, *_: Any) -> None:
         """Show (or leave) the 3D rendering of the colorized CT: its surfaces are computed in a worker (seconds on a
@@ -53,9 +55,9 @@ class View3D:
         if self._worker_3d is not None:
             self._worker_3d.quit()  # a preset chosen before: its surfaces are moot
             self._worker_3d = None
-        kept = self._kept
+        kept = self._owner._kept
         choice = self.view_3d.value
-        if choice == NO_3D or kept is None or self.result_layer is None or kept.ct.ndim != 3:
+        if choice == NO_3D or kept is None or self._owner.result_layer is None or kept.ct.ndim != 3:
             self._leave_3d()
             return
         step = max(1, -(-max(kept.volume.shape[1:]) // MAX_3D_PIXELS))
@@ -65,11 +67,11 @@ class View3D:
         worker.returned.connect(lambda result: self._show_3d(kept, choice, step, result))
         worker.finished.connect(lambda: self._worker_3d is worker and setattr(self, "_worker_3d", None))
         self._worker_3d = worker
-        self._say(f"3D view: computing {choice}...")
+        self._owner._say(f"3D view: computing {choice}...")
         worker.start()
 
     @property
-    def busy_3d(self) -> bool:
+    def busy(self) -> bool:
         """True while a 3D preset's surfaces are being computed."""
         return self._worker_3d is not None
 
@@ -98,8 +100,8 @@ class View3D:
     def _show_3d(self, kept: Kept, preset: str, step: int, result: tuple) -> None:
         """Add the layers "<CT name> 3D <part>" of a `PRESETS_3D` preset computed by `_steps_3d`, seen from the
         patient's front; the 2D layers are hidden meanwhile."""
-        color = self.result_layer
-        if self._closed or kept is not self._kept or color is None or self.view_3d.value != preset:
+        color = self._owner.result_layer
+        if self._owner._closed or kept is not self._owner._kept or color is None or self.view_3d.value != preset:
             return  # another run, CT or preset since
         cached, shown, note = result
         self._body_cache = (kept, *cached)
@@ -107,7 +109,7 @@ class View3D:
         placement["scale"] = placement["scale"] * np.array([1.0, step, step])
         self._remove_3d()
         if not self._hidden_for_3d:
-            self._hidden_for_3d = [lyr for lyr in self._viewer.layers if lyr.visible]
+            self._hidden_for_3d = [lyr for lyr in self._owner._viewer.layers if lyr.visible]
             for lyr in self._hidden_for_3d:
                 lyr.visible = False
         for part, field in shown:
@@ -123,22 +125,27 @@ class View3D:
                 **placement,
             )
             layer.interpolation3d = "linear"  # trilinear sampling: no blocky voxels
-            self._viewer.layers.append(layer)
-        anterior_3d(self._viewer)
-        self._say(f"3D view: {preset}{note}")
+            self._owner._viewer.layers.append(layer)
+        anterior_3d(self._owner._viewer)
+        self._owner._say(f"3D view: {preset}{note}")
 
     def _remove_3d(self) -> None:
-        kept = self._kept
+        kept = self._owner._kept
         if kept is not None:
             prefix = f"{kept.ct.name} 3D "
-            for lyr in [lyr for lyr in self._viewer.layers if lyr.name.startswith(prefix)]:
-                self._viewer.layers.remove(lyr)
+            for lyr in [lyr for lyr in self._owner._viewer.layers if lyr.name.startswith(prefix)]:
+                self._owner._viewer.layers.remove(lyr)
+
+    def close(self) -> None:
+        """Stop computing a preset (the dock is closing)."""
+        if self._worker_3d is not None:
+            self._worker_3d.quit()
 
     def _leave_3d(self) -> None:
         self._remove_3d()
         for lyr in self._hidden_for_3d:
-            if any(other is lyr for other in self._viewer.layers):
+            if any(other is lyr for other in self._owner._viewer.layers):
                 lyr.visible = True
         if self._hidden_for_3d:
-            show_plane(self._viewer, "axial")
+            show_plane(self._owner._viewer, "axial")
         self._hidden_for_3d = []

@@ -16,14 +16,17 @@ EXPORT_FORMATS = {name: fmt for fmt, name in FORMAT_NAMES.items()}  # the menu's
 
 
 class ExportPanel:
-    """The export part of `ColorizeWidget` (a mixin: it uses the widget's ``_kept``, ``result_layer`` and ``_say``)."""
+    """The export part of `ColorizeWidget`: its controls (``controls``, enabled after a run) and the export.
 
-    def _export_controls(self) -> list:
-        """Create the export controls (enabled after a run); returns them in their order in the dock."""
+    Args:
+        owner: the widget, whose finished run (``_kept``), result layer and status line (``_say``, ``_error``) the
+            export reads and writes.
+    """
+
+    def __init__(self, owner) -> None:
+        self._owner = owner
         self.export_format = ComboBox(label="Export as", choices=list(EXPORT_FORMATS), enabled=False)
-        self.export_path = FileEdit(
-            label="Export to", mode="w", enabled=False, tooltip="a .nii.gz file or a new folder"
-        )
+        self.path = FileEdit(label="Export to", mode="w", enabled=False, tooltip="a .nii.gz file or a new folder")
         self.keep_identity = CheckBox(
             text="Keep patient identity (DICOM)",
             value=False,
@@ -38,13 +41,13 @@ class ExportPanel:
             tooltip="for a CT opened from a DICOMweb series: the DICOM export is also stored into that CT's study on "
             "its server, as a new series with the patient's identity",
         )
-        self.export_button = PushButton(text="Export", enabled=False)
-        self.export_button.changed.connect(lambda *_: self.export())
-        return [self.export_format, self.export_path, self.keep_identity, self.send_to_pacs, self.export_button]
+        self.button = PushButton(text="Export", enabled=False)
+        self.button.changed.connect(lambda *_: self.export())
+        self.controls = [self.export_format, self.path, self.keep_identity, self.send_to_pacs, self.button]
 
-    def _enable_export(self, meta: dict) -> None:
+    def enable(self, meta: dict) -> None:
         """After a run: the export controls are offered; sending only for a CT read from a DICOMweb series."""
-        for control in (self.export_format, self.export_path, self.keep_identity, self.export_button):
+        for control in (self.export_format, self.path, self.keep_identity, self.button):
             control.enabled = True
         self.send_to_pacs.enabled = "dicomweb" in meta  # read from a DICOMweb series: its server is known
         self.send_to_pacs.value = self.send_to_pacs.value and self.send_to_pacs.enabled
@@ -56,8 +59,9 @@ class ExportPanel:
         colorize URL --format dicom --send``: the patient's identity kept there). Returns the paths written."""
         from ..app.export import export_color, identity_of, send_color
 
-        kept, layer = self._kept, self.result_layer
-        path = self.export_path.value
+        owner = self._owner
+        kept, layer = owner._kept, owner.result_layer
+        path = self.path.value
         try:
             if kept is None or layer is None:
                 raise InputError("Export: colorize a CT first")
@@ -84,13 +88,13 @@ class ExportPanel:
                 try:
                     url, count = send_color(color, meta, written, identity)
                 except CTColorError as exc:  # the files are written all the same: say so, and return them
-                    self._error(f"Exported {len(written)} file(s) to {path}, but not sent: {exc}")
+                    owner._error(f"Exported {len(written)} file(s) to {path}, but not sent: {exc}")
                     return [str(p) for p in written]
-                self._say(f"Exported {len(written)} file(s) to {path} and sent {count} to {url}")
+                owner._say(f"Exported {len(written)} file(s) to {path} and sent {count} to {url}")
                 return [str(p) for p in written]
         except CTColorError as exc:
-            self._error(str(exc))
-            self._say("Export: nothing written (see the message)")
+            owner._error(str(exc))
+            owner._say("Export: nothing written (see the message)")
             return []
-        self._say(f"Exported {len(written)} file(s) to {path}")
+        owner._say(f"Exported {len(written)} file(s) to {path}")
         return [str(p) for p in written]

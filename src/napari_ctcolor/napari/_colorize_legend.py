@@ -46,29 +46,32 @@ def scroll_within(widget: QWidget, max_height: int) -> None:
 
 
 class ClassesAndPointer:
-    """The legend, Pointer and colour-class part of `ColorizeWidget` (a mixin: it uses the widget's ``_viewer``,
-    ``_kept``, ``ct_layer``, ``result_layer``, ``_palette``, ``_in_viewer`` and ``_closed``)."""
+    """The legend, Pointer and colour-class part of `ColorizeWidget`: its controls (``controls``) and what they show.
 
-    def _class_controls(self) -> list:
-        """Create the Pointer line, the legend and "Show colour classes"; returns them in their order in the dock."""
+    Args:
+        owner: the widget, whose viewer, finished run (``_kept``), CT and result layers and palette these read.
+    """
+
+    def __init__(self, owner) -> None:
+        self._owner = owner
         self.pointer = Label(label="Pointer", value="")
         self.pointer.native.setWordWrap(True)  # long text wraps instead of widening the dock over the canvas
         self.legend = Label(label="Legend", value="")
         self.classes_button = PushButton(text="Show colour classes", enabled=False)
         self.classes_button.changed.connect(self.show_classes)
         self._classes_worker = None  # the worker computing the class map
-        return [self.pointer, self.legend, self.classes_button]
+        self.controls = [self.pointer, self.legend, self.classes_button]
 
-    def _fill_legend(self, color: ColorVolume) -> None:
+    def fill_legend(self, color: ColorVolume) -> None:
         """Swatches and names of the classes the volume shows, most common first, in the palette just composed; each
         swatch as the class looks on screen: its colour composed at the grey its median HU takes in the window and
         at the chroma strength just composed (a palette's own colour is drawn at the palette's brightness, which the
         window may be far from: the liver's in a lung window)."""
-        kept = self._kept
+        kept = self._owner._kept
         if kept is None:
             return
         try:
-            palette = self._palette()
+            palette = self._owner._palette()
         except CTColorError:
             return
         if palette.name != color.settings.get("palette"):
@@ -92,17 +95,17 @@ class ClassesAndPointer:
         """The class names the legend lists, in its order."""
         return [row.rsplit("</span> ", 1)[1] for row in self.legend.value.split("<br>") if row]
 
-    def _on_cursor(self, _event=None) -> None:
+    def on_cursor(self, _event=None) -> None:
         """The pointer moved (napari's cursor position): show what is under it."""
-        if not self._closed:
-            self.pointer.value = self.pointer_line(self._viewer.cursor.position)
+        if not self._owner._closed:
+            self.pointer.value = self.pointer_line(self._owner._viewer.cursor.position)
 
     def pointer_line(self, world_position) -> str:
         """What the Pointer line shows for a world position: the CT's HU there, the voxel's position in mm (LPS x,
         y, z), its axial slice (napari's slider index) and, after Run, the colour class with its probability; ''
         outside the CT."""
-        kept = self._kept
-        ct = kept.ct if kept is not None and self._in_viewer(kept.ct) else self.ct_layer.value
+        kept = self._owner._kept
+        ct = kept.ct if kept is not None and self._owner._in_viewer(kept.ct) else self._owner.ct_layer.value
         if ct is None or ct.multiscale:
             return ""
         index = np.round(np.asarray(ct.world_to_data(world_position), dtype=float)).astype(int)
@@ -115,14 +118,14 @@ class ClassesAndPointer:
         parts = [f"HU {hu:.0f}", f"LPS {position} mm"]
         if ct.ndim == 3:
             parts.append(f"slice {index[0]}/{shape[0] - 1}")
-        if kept is not None and kept.ct is ct and self.result_layer is not None:
+        if kept is not None and kept.ct is ct and self._owner.result_layer is not None:
             parts.append(self.describe(index))
         return " | ".join(parts)
 
     def describe(self, data_position) -> str:
         """'<class> <probability> %' for a position in the result layer's data coordinates ('' outside it; no class
         where the class layer shows none)."""
-        kept = self._kept
+        kept = self._owner._kept
         index = np.round(np.asarray(data_position, dtype=float)).astype(int)
         if kept is None:
             return ""
@@ -143,9 +146,9 @@ class ClassesAndPointer:
     def _class_colors(self) -> DirectLabelColormap:
         """Each class label (1 + class index, `Chroma.most_probable`) in its colour under the current palette; the
         air (0) and classes the palette does not colour are clear."""
-        classes = self._kept.chroma.classes
+        classes = self._owner._kept.chroma.classes
         try:
-            palette = self._palette()
+            palette = self._owner._palette()
         except CTColorError:
             palette = load_palette("anatomical")
         colors: dict[int | None, tuple[float, ...]] = {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0)}
@@ -159,11 +162,11 @@ class ClassesAndPointer:
         worker; returns the worker, None when there is no result to show. The class map and the layer (napari maps a
         direct colormap over the whole volume when it makes one: about 1 s for 20 slices of 512², on top of the map's
         3-38 s on 2 cores) are made there; the main thread only adds it (`classes_busy` meanwhile)."""
-        kept = self._kept
-        if kept is None or self.result_layer is None:
+        kept = self._owner._kept
+        if kept is None or self._owner.result_layer is None:
             return None
         name = f"{kept.ct.name} colour classes"
-        placement = {k: v for k, v in layer_attributes(self.result_layer).items() if k != "metadata"}
+        placement = {k: v for k, v in layer_attributes(self._owner.result_layer).items() if k != "metadata"}
         features = {"index": np.arange(len(kept.chroma.classes) + 1), "color_class": ["", *kept.chroma.classes]}
         style = {"name": name, "opacity": 0.4, "features": features, "colormap": self._class_colors(), **placement}
 
@@ -187,14 +190,14 @@ class ClassesAndPointer:
     def _classes_done(self, worker: Any) -> None:
         if self._classes_worker is worker:
             self._classes_worker = None
-        if not self._closed:
-            self.classes_button.enabled = self.result_layer is not None
+        if not self._owner._closed:
+            self.classes_button.enabled = self._owner.result_layer is not None
 
     def _show_class_layer(self, kept: Any, layer: Labels) -> None:
         """Add (or replace) the class layer of ``kept``'s run, unless the run changed meanwhile."""
-        if self._closed or kept is not self._kept or self.result_layer is None:
+        if self._owner._closed or kept is not self._owner._kept or self._owner.result_layer is None:
             return
-        existing = next((lyr for lyr in self._viewer.layers if lyr.name == layer.name), None)
+        existing = next((lyr for lyr in self._owner._viewer.layers if lyr.name == layer.name), None)
         if existing is not None:
-            self._viewer.layers.remove(existing)
-        self._viewer.layers.append(layer)
+            self._owner._viewer.layers.remove(existing)
+        self._owner._viewer.layers.append(layer)

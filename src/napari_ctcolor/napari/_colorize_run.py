@@ -266,9 +266,9 @@ class RunAndRecompose:
         # The CT stays the selected layer: napari's status bar then shows its HU, not the colour layer's RGB, and
         # its contrast slider is the window.
         self._viewer.layers.selection.active = ct
-        self._fill_legend(color)
+        self.classes.fill_legend(color)
         self.classes_button.enabled = self.view_3d.enabled = True
-        self._enable_export(volume.meta)
+        self.exporter.enable(volume.meta)
         if found is not None and np.allclose(ct.contrast_limits, limits, rtol=0, atol=0.5):
             self._adopt_contrast_window(ct, *found)
         # Settings changed while the network ran are applied now, from the kept chroma.
@@ -298,7 +298,7 @@ class RunAndRecompose:
             return
         if self._kept is kept and self.result_layer is not None:
             self._show(kept.ct, result)
-            self._fill_legend(result)
+            self.classes.fill_legend(result)
 
     def _shown_settings(self) -> tuple:
         """The settings the result layer's colour was composed with (from its metadata), () when unknown."""

@@ -65,7 +65,7 @@ SHIPPED_MODELS = ("colorizer-2d", "colorizer-3d")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ColorizeWidget(WindowControl, RunAndRecompose, ClassesAndPointer, View3D, ExportPanel, Container):
+class ColorizeWidget(WindowControl, RunAndRecompose, Container):
     """Dock widget "Colorize volume". Its parts, one job each, are mixins in their own modules: the window
     (`_colorize_window`), Run and recompose (`_colorize_run`), the legend and Pointer (`_colorize_legend`), the 3D view
     (`_colorize_3d`) and the export (`_colorize_export`); this class builds the dock, holds the state they share and
@@ -90,15 +90,23 @@ class ColorizeWidget(WindowControl, RunAndRecompose, ClassesAndPointer, View3D, 
         self.recolored_first: tuple[int, int] | None = None
         self.ct_layer = ComboBox(label="CT layer", choices=self._grey_layers, tooltip="a grey image layer in HU")
         self.slab = SlabControl(napari_viewer, lambda: (self.ct_layer.value, self.result_layer))
+        self.classes = ClassesAndPointer(self)
+        self.pointer, self.legend, self.classes_button = self.classes.controls
+        self.view3d = View3D(self)
+        self.view_3d = self.view3d.view_3d
+        self.exporter = ExportPanel(self)
+        export = self.exporter
+        self.export_format, self.export_path, self.export_button = export.export_format, export.path, export.button
+        self.keep_identity, self.send_to_pacs = export.keep_identity, export.send_to_pacs
         super().__init__(
             widgets=[
                 self.ct_layer,
                 *self._window_controls(),
                 self.slab.slider,
                 *self._run_controls(),
-                *self._class_controls(),
-                *self._export_controls(),
-                self._view_3d_control(),
+                *self.classes.controls,
+                *self.exporter.controls,
+                self.view_3d,
                 plane_buttons(napari_viewer),
             ]
         )
@@ -106,7 +114,7 @@ class ColorizeWidget(WindowControl, RunAndRecompose, ClassesAndPointer, View3D, 
         tab_with_siblings(self.native)
         settle_heap()
         self.jobs = JobRunner(self.progress_bar, self.status, self.run_button, self.cancel_button)
-        self._viewer.cursor.events.position.connect(self._on_cursor)
+        self._viewer.cursor.events.position.connect(self.classes.on_cursor)
         install_mouse_controls(napari_viewer)
         self.ct_layer.changed.connect(self._watch_ct)
         self._stop_following_layers = attach_to_viewer(
@@ -202,11 +210,10 @@ class ColorizeWidget(WindowControl, RunAndRecompose, ClassesAndPointer, View3D, 
         self._unwatch()
         for run in list(self._runs):
             self._unlink(run.ct)
-        self._viewer.cursor.events.position.disconnect(self._on_cursor)
+        self._viewer.cursor.events.position.disconnect(self.classes.on_cursor)
         self.slab.close()
         self.cancel()
-        if self._worker_3d is not None:
-            self._worker_3d.quit()
+        self.view3d.close()
 
     # ---------------------------------------------------------------------------------------------------------------
     # Inputs
@@ -217,6 +224,28 @@ class ColorizeWidget(WindowControl, RunAndRecompose, ClassesAndPointer, View3D, 
         """The colorized layer of the last run, while it is still in the viewer."""
         kept = self._kept
         return kept.layer if kept is not None and self._in_viewer(kept.layer) else None
+
+    @property
+    def busy_3d(self) -> bool:
+        """True while a 3D preset's surfaces are being computed."""
+        return self.view3d.busy
+
+    @property
+    def classes_busy(self) -> bool:
+        """True while the colour classes' layer is being made (`ClassesAndPointer.show_classes`)."""
+        return self.classes.classes_busy
+
+    def describe(self, data_position) -> str:
+        """The colour class at a position of the result layer's data (`ClassesAndPointer.describe`)."""
+        return self.classes.describe(data_position)
+
+    def legend_names(self) -> list[str]:
+        """The classes the legend lists."""
+        return self.classes.legend_names()
+
+    def export(self) -> list[str]:
+        """What the Export button does (`ExportPanel.export`): the paths written."""
+        return self.exporter.export()
 
     def add_model(self, label: str, model: ModelSpec) -> None:
         """Offer another model (shipped name, ``.safetensors`` file or `Colorizer` object) and select it."""
