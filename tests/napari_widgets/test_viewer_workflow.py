@@ -86,7 +86,7 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolors_without_the_n
     # The slice on screen is recolored first, then a worker recomposes the whole volume; that full recomposition gives
     # the slice the same colours (within one 8-bit code: other float batching).
     shown: list[str] = []
-    kind = type(widget)
+    kind = type(widget.runner)
     put_plane, recomposed = kind._put_plane, kind._recomposed
     monkeypatch.setattr(kind, "_put_plane", lambda self, *a: (shown.append("plane"), put_plane(self, *a)))
     monkeypatch.setattr(kind, "_recomposed", lambda self, *a: (shown.append("volume"), recomposed(self, *a)))

@@ -62,13 +62,35 @@ class Kept:
 
 
 class RunAndRecompose:
-    """The Run and recompose part of `ColorizeWidget` (a mixin: it uses the widget's controls, ``jobs``, ``_kept``,
-    ``_runs``, ``_closed`` and the window, legend and export parts)."""
+    """Run and recompose for `ColorizeWidget`: the colorize job in a worker, the kept run's recompositions (the plane on
+    screen first), and the result layer.
+
+    Args:
+        owner: the widget, whose controls (CT layer, model, device, palette, strength, opacity), job runner, status
+            line and runs (``_kept``: the chosen CT's; ``_runs``: every CT's last) this reads and writes.
+    """
+
+    def __init__(self, owner) -> None:
+        self._owner = owner
+        self._recompose_pending = False
+        self._plane_worker = self._plane_pending = None  # the plane on screen being recoloured, the newest waiting
+        #: The plane (axis, index) the last recompose recolored at once, before the rest of the volume (None: none
+        #: on screen).
+        self.recolored_first: tuple[int, int] | None = None
+
+    def cancel_pending(self) -> None:
+        """Drop a recompose waiting for the running job (Cancel)."""
+        self._recompose_pending = False
+
+    @property
+    def plane_busy(self) -> bool:
+        """True while the plane on screen is recoloured in a worker."""
+        return self._plane_worker is not None
 
     def _start(self, steps, args: tuple, total: int, desc: str, on_result, is_compose: bool = False) -> None:
         """Run a step generator function as the widget's job (`JobRunner`); Run may supersede a recompose, not another
         run. A recompose requested meanwhile starts when it ends."""
-        worker = self.jobs.start(
+        worker = self._owner.jobs.start(
             steps, args, desc, on_result, total=total, run_stays_enabled=is_compose, then=self._after_job
         )
         worker.is_compose = is_compose
@@ -76,36 +98,36 @@ class RunAndRecompose:
     def _after_job(self) -> None:
         if self._recompose_pending:
             self._recompose_pending = False
-            self._recompose()
+            self.recompose()
 
     def _request(self, volume: Volume, find_contrast: bool = False) -> ColorizeRequest:
         """The panel's settings as the colorize job's request, checked (`ColorizeRequest.checked`)."""
         return ColorizeRequest.checked(
             volume,
-            window=self._window_spec(),
-            palette=self._palette(),
-            strength=float(self.chroma.value),
-            device=self.device.value,
-            model=self._model_spec(),
-            batch_size=int(self.batch_size.value) or None,
+            window=self._owner.windows.spec(),
+            palette=self._owner._palette(),
+            strength=float(self._owner.chroma.value),
+            device=self._owner.device.value,
+            model=self._owner._model_spec(),
+            batch_size=int(self._owner.batch_size.value) or None,
             find_contrast=find_contrast,
         )
 
-    def _run(self, *_: Any) -> None:
-        if self.jobs.busy:
-            if not self.worker.is_compose:
+    def run(self, *_: Any) -> None:
+        if self._owner.jobs.busy:
+            if not self._owner.worker.is_compose:
                 return  # one network run at a time
-            self.worker.quit()  # a recompose of the previous result is moot now
+            self._owner.worker.quit()  # a recompose of the previous result is moot now
             self._recompose_pending = False
-        layer = self.ct_layer.value
+        layer = self._owner.ct_layer.value
         if layer is None:
-            self._error("Colorize volume: open a CT first (a grey image layer)")
+            self._owner._error("Colorize volume: open a CT first (a grey image layer)")
             return
         # A CT without a header that says contrast was given, still in the window it opened in: the job looks for
         # enhanced blood and, finding it, composes in the contrast window (`_adopt_contrast_window`).
         limits = tuple(float(v) for v in layer.contrast_limits)
         try:
-            volume = self._volume_of(layer)
+            volume = self._owner._volume_of(layer)
             find_contrast = (
                 layer.ndim == 3
                 and not volume.meta.get("contrast")
@@ -113,7 +135,7 @@ class RunAndRecompose:
             )
             request = self._request(volume, find_contrast)
         except CTColorError as exc:
-            self._error(str(exc))
+            self._owner._error(str(exc))
             return
         self._start(
             self._colorize_steps,
@@ -141,29 +163,29 @@ class RunAndRecompose:
         except CTColorError as exc:
             return Failed(str(exc))
 
-    def _recompose(self, *_: Any, plane: bool = True) -> None:
+    def recompose(self, *_: Any, plane: bool = True) -> None:
         """Recolour the plane on screen first (with ``plane``: `_recolor_visible_plane`), then recompose the whole
         volume from the kept chroma with the current window, strength and palette in a worker; requests coalesce while
         one runs."""
-        if self._kept is None:
+        if self._owner._kept is None:
             return
-        if self.result_layer is None:  # the user deleted the result: nothing to update
-            self._kept = None
+        if self._owner.result_layer is None:  # the user deleted the result: nothing to update
+            self._owner._kept = None
             return
-        kept = self._kept
+        kept = self._owner._kept
         try:
             request = self._request(kept.volume)
         except CTColorError as exc:
-            self._error(str(exc))
+            self._owner._error(str(exc))
             return
-        if not self.jobs.busy and self._shown_settings() == request.settings:
+        if not self._owner.jobs.busy and self._shown_settings() == request.settings:
             return  # the colour shown was composed with these settings (the contrast window a run chose)
         if plane and self._recolor_visible_plane(kept, request):
             return  # the whole volume follows once the plane is on screen (`_plane_done`)
-        if self.jobs.busy:
+        if self._owner.jobs.busy:
             self._recompose_pending = True
-            if self.worker.is_compose:
-                self.worker.quit()  # its result is stale; the pending recompose starts when it has stopped
+            if self._owner.worker.is_compose:
+                self._owner.worker.quit()  # its result is stale; the pending recompose starts when it has stopped
             return
         self._start(
             self._compose_steps,
@@ -177,7 +199,7 @@ class RunAndRecompose:
     def visible_plane(self) -> tuple[int, int] | None:
         """(axis, index) of the kept CT's plane on screen in a 2D view of a 3D CT (axis 0 axial, 1 coronal, 2
         sagittal, in the CT's array order), else None."""
-        kept, dims = self._kept, self._viewer.dims
+        kept, dims = self._owner._kept, self._owner._viewer.dims
         if kept is None or kept.ct.ndim != 3 or dims.ndisplay != 2 or dims.ndim < 3:
             return None
         first = dims.ndim - 3  # the CT's axes are the viewer's last three
@@ -197,14 +219,14 @@ class RunAndRecompose:
         request waits. True when the whole volume is to follow from that worker (`_plane_done`); False when no plane
         is on screen (a 3D view, a 2D layer) or it is already shown."""
         plane = self.visible_plane()
-        if plane is None or self.result_layer is None:
+        if plane is None or self._owner.result_layer is None:
             return False
         wanted = (kept, plane, request)
         if plane[0] == 0 or kept.volume.shape[0] <= MAIN_THREAD_PLANE_SLICES:
             try:
                 rgb = compose_plane(kept.volume, kept.chroma, *plane, request)
             except CTColorError as exc:
-                self._error(str(exc))
+                self._owner._error(str(exc))
                 return False
             self._put_plane(wanted, rgb)
             return False
@@ -219,7 +241,7 @@ class RunAndRecompose:
         kept, (axis, index), request = wanted
         worker = create_worker(compose_plane, kept.volume, kept.chroma, axis, index, request, _ignore_errors=True)
         worker.returned.connect(lambda rgb: self._put_plane(wanted, rgb))
-        worker.errored.connect(lambda exc: self._error(str(exc)) if isinstance(exc, CTColorError) else None)
+        worker.errored.connect(lambda exc: self._owner._error(str(exc)) if isinstance(exc, CTColorError) else None)
         worker.finished.connect(self._plane_done)
         self._plane_worker = worker
         worker.start()
@@ -227,8 +249,8 @@ class RunAndRecompose:
     def _put_plane(self, request: tuple, rgb: np.ndarray) -> None:
         """Show a composed plane, unless a newer request follows or the run changed."""
         kept, plane = request[:2]
-        layer = self.result_layer
-        if self._closed or self._plane_pending is not None or kept is not self._kept or layer is None:
+        layer = self._owner.result_layer
+        if self._owner._closed or self._plane_pending is not None or kept is not self._owner._kept or layer is None:
             return
         where = [slice(None)] * 3
         where[plane[0]] = plane[1]
@@ -240,35 +262,35 @@ class RunAndRecompose:
         """The plane worker ended: the newest waiting plane next, else the whole volume."""
         self._plane_worker = None
         pending, self._plane_pending = self._plane_pending, None
-        if self._closed:
+        if self._owner._closed:
             return
         if pending is not None:
             self._compose_plane(pending)
         else:
-            self._recompose(plane=False)
+            self.recompose(plane=False)
 
     def _colorized(
         self, ct: Image, volume: Volume, limits: tuple[float, float], result: ColorizeOutcome | Failed
     ) -> None:
-        if self._closed:
+        if self._owner._closed:
             return
         if isinstance(result, Failed):
-            self._error(result.message)
+            self._owner._error(result.message)
             return
-        if not self._in_viewer(ct):  # the CT layer was deleted during the run: no orphan result layer
-            self._say("Colorize volume: the CT layer was removed; result dropped")
+        if not self._owner._in_viewer(ct):  # the CT layer was deleted during the run: no orphan result layer
+            self._owner._say("Colorize volume: the CT layer was removed; result dropped")
             return
         color, found = result.color, result.contrast
-        self._kept = Kept(volume, result.chroma, ct, self._show(ct, color))
-        self._unlink(ct)
-        self._runs.append(self._kept)
-        ct.events.contrast_limits.connect(self._on_linked_window)
+        self._owner._kept = Kept(volume, result.chroma, ct, self._show(ct, color))
+        self._owner.windows.unlink(ct)
+        self._owner._runs.append(self._owner._kept)
+        ct.events.contrast_limits.connect(self._owner.windows.on_linked_window)
         # The CT stays the selected layer: napari's status bar then shows its HU, not the colour layer's RGB, and
         # its contrast slider is the window.
-        self._viewer.layers.selection.active = ct
-        self.classes.fill_legend(color)
-        self.classes_button.enabled = self.view_3d.enabled = True
-        self.exporter.enable(volume.meta)
+        self._owner._viewer.layers.selection.active = ct
+        self._owner.classes.fill_legend(color)
+        self._owner.classes_button.enabled = self._owner.view_3d.enabled = True
+        self._owner.exporter.enable(volume.meta)
         if found is not None and np.allclose(ct.contrast_limits, limits, rtol=0, atol=0.5):
             self._adopt_contrast_window(ct, *found)
         # Settings changed while the network ran are applied now, from the kept chroma.
@@ -281,35 +303,35 @@ class RunAndRecompose:
         window (`contrast_window`: the blood light grey, fat, muscle and organs in greys that carry colour); the CT
         moves to it, the menu names it, and a notification says why."""
         ct.metadata = {**ct.metadata, CONTRAST_WINDOW_KEY: tuple(win)}
-        if self.ct_layer.value is ct:
-            with self.window.changed.blocked():
-                self.window.reset_choices()
+        if self._owner.ct_layer.value is ct:
+            with self._owner.window.changed.blocked():
+                self._owner.window.reset_choices()
         ct.contrast_limits = win.limits  # the widget follows; the colour was composed in it already
-        self._info(
+        self._owner._info(
             f"{ct.name}: contrast-enhanced blood found (median {blood:.0f} HU); window {win.centre:g}/{win.width:g} "
             "so that it shows grey and takes colour, as for a contrast CT"
         )
 
     def _recomposed(self, kept: Kept, result: ColorVolume | Failed) -> None:
-        if self._closed:
+        if self._owner._closed:
             return
         if isinstance(result, Failed):
-            self._error(result.message)
+            self._owner._error(result.message)
             return
-        if self._kept is kept and self.result_layer is not None:
+        if self._owner._kept is kept and self._owner.result_layer is not None:
             self._show(kept.ct, result)
-            self.classes.fill_legend(result)
+            self._owner.classes.fill_legend(result)
 
     def _shown_settings(self) -> tuple:
         """The settings the result layer's colour was composed with (from its metadata), () when unknown."""
-        layer = self.result_layer
+        layer = self._owner.result_layer
         settings = layer.metadata.get(META_KEY, {}).get("colorize") if layer is not None else None
         return settings_of(settings) if isinstance(settings, Mapping) else ()
 
     def _current_settings(self) -> tuple:
         """The panel's `ColorizeRequest.settings`, () while one of them cannot be used."""
         try:
-            return self._request(self._kept.volume if self._kept is not None else None).settings
+            return self._request(self._owner._kept.volume if self._owner._kept is not None else None).settings
         except CTColorError:
             return ()
 
@@ -331,10 +353,10 @@ class RunAndRecompose:
         metadata = {META_KEY: {"colorize": dict(color.settings)}}
         created = {
             "blending": "translucent",
-            "opacity": float(self.opacity.value),
+            "opacity": float(self._owner.opacity.value),
             "interpolation2d": "linear",  # as the CT layer (`image_layer_data`): no blocky voxels, both alike
         }
-        layer, new = put_image(self._viewer, name, data, True, transforms, metadata, created)
+        layer, new = put_image(self._owner._viewer, name, data, True, transforms, metadata, created)
         if new:
             layer.events.contrast_limits.connect(lambda _event: self._keep_full_range(layer))
             layer.events.gamma.connect(lambda _event: self._keep_full_range(layer))
@@ -347,4 +369,6 @@ class RunAndRecompose:
             with layer.events.contrast_limits.blocker(), layer.events.gamma.blocker():
                 layer.contrast_limits, layer.gamma = COLOUR_LIMITS, 1.0
             layer.refresh()
-            self._say(f"{layer.name}: its contrast stays fixed; set the window on the CT layer or in this widget")
+            self._owner._say(
+                f"{layer.name}: its contrast stays fixed; set the window on the CT layer or in this widget"
+            )

@@ -65,11 +65,12 @@ SHIPPED_MODELS = ("colorizer-2d", "colorizer-3d")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ColorizeWidget(WindowControl, RunAndRecompose, Container):
-    """Dock widget "Colorize volume". Its parts, one job each, are mixins in their own modules: the window
-    (`_colorize_window`), Run and recompose (`_colorize_run`), the legend and Pointer (`_colorize_legend`), the 3D view
-    (`_colorize_3d`) and the export (`_colorize_export`); this class builds the dock, holds the state they share and
-    reads the inputs.
+class ColorizeWidget(Container):
+    """Dock widget "Colorize volume". Its parts, one job each, are objects it holds, each in its own module: the window
+    (``windows``, `_colorize_window.WindowControl`), Run and recompose (``runner``, `_colorize_run.RunAndRecompose`),
+    the legend and Pointer (``classes``, `_colorize_legend.ClassesAndPointer`), the 3D view (``view3d``,
+    `_colorize_3d.View3D`) and the export (``exporter``, `_colorize_export.ExportPanel`); this class builds the dock
+    from their controls, holds the state they share (the runs: ``_kept``, ``_runs``) and reads the inputs.
 
     Args:
         napari_viewer: the viewer (napari passes it).
@@ -82,14 +83,12 @@ class ColorizeWidget(WindowControl, RunAndRecompose, Container):
         self._models: dict[str, ModelSpec] = dict(models) if models else {name: name for name in SHIPPED_MODELS}
         self._kept: Kept | None = None  # the run of the chosen CT layer (else the last run)
         self._runs: list[Kept] = []  # every CT's last run: each colour layer follows its own CT's window
-        self._recompose_pending = False
-        self._plane_worker = self._plane_pending = None  # the plane on screen being recoloured, the newest waiting
         self._closed = False
-        #: The plane (axis, index) the last recompose recolored at once, before the rest of the volume (None: none
-        #: on screen).
-        self.recolored_first: tuple[int, int] | None = None
         self.ct_layer = ComboBox(label="CT layer", choices=self._grey_layers, tooltip="a grey image layer in HU")
         self.slab = SlabControl(napari_viewer, lambda: (self.ct_layer.value, self.result_layer))
+        self.runner = RunAndRecompose(self)
+        self.windows = WindowControl(self)
+        self.window, self.centre_hu, self.width_hu = self.windows.controls
         self.classes = ClassesAndPointer(self)
         self.pointer, self.legend, self.classes_button = self.classes.controls
         self.view3d = View3D(self)
@@ -101,7 +100,7 @@ class ColorizeWidget(WindowControl, RunAndRecompose, Container):
         super().__init__(
             widgets=[
                 self.ct_layer,
-                *self._window_controls(),
+                *self.windows.controls,
                 self.slab.slider,
                 *self._run_controls(),
                 *self.classes.controls,
@@ -116,11 +115,11 @@ class ColorizeWidget(WindowControl, RunAndRecompose, Container):
         self.jobs = JobRunner(self.progress_bar, self.status, self.run_button, self.cancel_button)
         self._viewer.cursor.events.position.connect(self.classes.on_cursor)
         install_mouse_controls(napari_viewer)
-        self.ct_layer.changed.connect(self._watch_ct)
+        self.ct_layer.changed.connect(self.windows.watch_ct)
         self._stop_following_layers = attach_to_viewer(
             self.native, napari_viewer, self._on_layers_changed, self._detach
         )
-        self._watch_ct()
+        self.windows.watch_ct()
 
     def _run_controls(self) -> list:
         """Create the model, device, palette, strength and opacity controls, Run, Cancel, the progress bar and the
@@ -151,7 +150,7 @@ class ColorizeWidget(WindowControl, RunAndRecompose, Container):
         self.progress_bar = ProgressBar(value=0, min=0, max=1, visible=False)
         self.status = Label(value="")
         self.status.native.setWordWrap(True)  # long text wraps instead of widening the dock over the canvas
-        self.run_button.changed.connect(self._run)
+        self.run_button.changed.connect(self.runner.run)
         self.cancel_button.changed.connect(self.cancel)
         self.chroma.changed.connect(self._recompose)
         self.palette.changed.connect(self._on_palette)
@@ -180,7 +179,7 @@ class ColorizeWidget(WindowControl, RunAndRecompose, Container):
     @property
     def busy(self) -> bool:
         """True while a network run or a recompose (its plane on screen included) is in progress."""
-        return self.jobs.busy or self._plane_worker is not None
+        return self.jobs.busy or self.runner.plane_busy
 
     @property
     def worker(self):
@@ -190,8 +189,22 @@ class ColorizeWidget(WindowControl, RunAndRecompose, Container):
     def cancel(self, *_: Any) -> None:
         """Stop the running job between two batches; the previous result, if any, is left as it was."""
         if self.jobs.busy:
-            self._recompose_pending = False
+            self.runner.cancel_pending()
             self.jobs.cancel()
+
+    @property
+    def recolored_first(self) -> tuple[int, int] | None:
+        """The plane (axis, index) the last recompose recolored at once, before the rest of the volume (None: none on
+        screen)."""
+        return self.runner.recolored_first
+
+    @recolored_first.setter
+    def recolored_first(self, value: tuple[int, int] | None) -> None:
+        self.runner.recolored_first = value
+
+    def _recompose(self, *_: Any, plane: bool = True) -> None:
+        """Recompose the kept run with the panel's settings (`RunAndRecompose.recompose`)."""
+        self.runner.recompose(plane=plane)
 
     def _say(self, text: str) -> None:
         self.jobs.say(text)
@@ -207,9 +220,9 @@ class ColorizeWidget(WindowControl, RunAndRecompose, Container):
         """The dock widget is being deleted: stop listening to the viewer and stop the job (its result is dropped)."""
         self._closed = self.jobs.closed = True
         self._stop_following_layers()
-        self._unwatch()
+        self.windows.unwatch()
         for run in list(self._runs):
-            self._unlink(run.ct)
+            self.windows.unlink(run.ct)
         self._viewer.cursor.events.position.disconnect(self.classes.on_cursor)
         self.slab.close()
         self.cancel()
@@ -255,7 +268,7 @@ class ColorizeWidget(WindowControl, RunAndRecompose, Container):
 
     def run(self) -> None:
         """Start colorizing the chosen CT layer (what the Run button does)."""
-        self._run()
+        self.runner.run()
 
     def _in_viewer(self, layer: Image) -> bool:
         # Identity, not `in`: napari hands plugins a proxy viewer whose lookups return fresh proxy objects; iterating
@@ -272,7 +285,7 @@ class ColorizeWidget(WindowControl, RunAndRecompose, Container):
     def _on_layers_changed(self, _event=None) -> None:
         self.ct_layer.reset_choices()
         for run in [run for run in self._runs if not (self._in_viewer(run.ct) and self._in_viewer(run.layer))]:
-            self._unlink(run.ct)
+            self.windows.unlink(run.ct)
 
     def _volume_of(self, layer: Image) -> Volume:
         data = layer.data[0] if layer.multiscale else layer.data

@@ -40,11 +40,16 @@ def widen_contrast_range(layer: Image) -> None:
 
 
 class WindowControl:
-    """The window part of `ColorizeWidget` (a mixin: it uses the widget's ``ct_layer``, ``_kept``, ``_runs``,
-    ``_closed``, ``_volume_of`` and ``_recompose``)."""
+    """The window part of `ColorizeWidget`: the window menu and the custom centre/width fields (``controls``), kept in
+    step with the chosen CT layer's contrast limits, and each colorized CT's colour layer with its CT's window.
 
-    def _window_controls(self) -> list:
-        """Create the window menu and the custom centre/width fields; returns them in their order in the dock."""
+    Args:
+        owner: the widget, whose CT layer menu, runs (``_kept``, ``_runs``), recompose and reading of a layer
+            (``_volume_of``) this uses.
+    """
+
+    def __init__(self, owner) -> None:
+        self._owner = owner
         # Choices from a callable: the chosen CT's own header windows are offered beside the presets.
         self.window = ComboBox(label="Window", choices=self._window_choices, value=DICOM_DEFAULT)
         self.centre_hu = FloatSpinBox(label="Centre (HU)", min=-5000, max=5000, step=5, value=40, enabled=False)
@@ -55,9 +60,9 @@ class WindowControl:
         self.window.changed.connect(self._on_window)
         self.centre_hu.changed.connect(self._on_custom_window)
         self.width_hu.changed.connect(self._on_custom_window)
-        return [self.window, self.centre_hu, self.width_hu]
+        self.controls = [self.window, self.centre_hu, self.width_hu]
 
-    def _window_spec(self) -> str | tuple[float, float] | None:
+    def spec(self) -> str | tuple[float, float] | None:
         """The engine's window argument: None (the volume's DICOM default), a preset name, or (centre, width)."""
         choice = self.window.value
         if choice == DICOM_DEFAULT:
@@ -78,11 +83,11 @@ class WindowControl:
 
     def _meta_of_ct(self) -> dict:
         """The chosen CT layer's reader metadata (else the kept run's)."""
-        layer = self.ct_layer.value
+        layer = self._owner.ct_layer.value
         if layer is not None:
             meta = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
             return meta if isinstance(meta, dict) else {}
-        return self._kept.volume.meta if self._kept is not None else {}
+        return self._owner._kept.volume.meta if self._owner._kept is not None else {}
 
     def _header_windows(self) -> dict[str, Window]:
         """The chosen CT's own windows by choice name: its DICOM header's windows other than the first (which is
@@ -90,7 +95,7 @@ class WindowControl:
         meta = self._meta_of_ct()
         windows = [Window(*(float(v) for v in pair)) for pair in meta.get("windows", [])]
         named = {f"DICOM {win.centre:g}/{win.width:g}": win for win in windows[1:] if win != windows[0]}
-        layer = self.ct_layer.value
+        layer = self._owner.ct_layer.value
         contrast = layer.metadata.get(CONTRAST_WINDOW_KEY) if layer is not None else None
         if contrast is not None:
             win = Window(*(float(v) for v in contrast))
@@ -105,13 +110,13 @@ class WindowControl:
 
     def _dicom_default(self) -> Window | None:
         """The chosen CT's own default window (DICOM WindowCenter/Width, else the abdomen preset for CT)."""
-        layer = self.ct_layer.value
+        layer = self._owner.ct_layer.value
         if layer is not None and isinstance(layer.data, np.ndarray):  # never load a lazy (dask, zarr) array here
             try:
-                return default_window(self._volume_of(layer))
+                return default_window(self._owner._volume_of(layer))
             except CTColorError:
                 return None
-        return default_window(self._kept.volume) if self._kept is not None else None
+        return default_window(self._owner._kept.volume) if self._owner._kept is not None else None
 
     def _fill_window_fields(self, *_: Any) -> None:
         """Show the chosen window's centre/width (editable for "custom", which then starts from them)."""
@@ -128,21 +133,21 @@ class WindowControl:
     def _on_window(self, _choice: str) -> None:
         self._fill_window_fields()
         self._push_window()
-        self._recompose()
+        self._owner._recompose()
 
     def _on_custom_window(self, _value=None) -> None:
         if self.window.value == CUSTOM and not self._filling:
             self._push_window()
-            self._recompose()
+            self._owner._recompose()
 
-    def _watch_ct(self, *_: Any) -> None:
+    def watch_ct(self, *_: Any) -> None:
         """Follow the chosen CT layer's contrast limits, starting from what it shows now."""
-        layer = self.ct_layer.value
+        layer = self._owner.ct_layer.value
         if layer is self._watched:
             return
-        self._unwatch()
+        self.unwatch()
         self._watched = layer
-        self._kept = next((run for run in self._runs if run.ct is layer), self._kept)
+        self._owner._kept = next((run for run in self._owner._runs if run.ct is layer), self._owner._kept)
         self._rebuild_window_choices()  # this CT's header windows
         if layer is not None:
             widen_contrast_range(layer)
@@ -169,7 +174,7 @@ class WindowControl:
             self.window.choices = [(DICOM_DEFAULT, DICOM_DEFAULT)]
             self.window.reset_choices()
 
-    def _unwatch(self) -> None:
+    def unwatch(self) -> None:
         if self._watched is not None:
             self._watched.events.contrast_limits.disconnect(self._on_ct_contrast)
             self._watched.events.data.disconnect(self._on_ct_data)
@@ -207,8 +212,8 @@ class WindowControl:
             finally:
                 self._filling = False
         self._fill_window_fields()
-        if self._kept is not None and self._kept.ct is layer:
-            self._recompose()
+        if self._owner._kept is not None and self._owner._kept.ct is layer:
+            self._owner._recompose()
 
     def _push_window(self) -> None:
         """Show the widget's window on the CT layer (its contrast limits)."""
@@ -231,15 +236,15 @@ class WindowControl:
         finally:
             self._syncing = False
 
-    def _unlink(self, ct: Image) -> None:
+    def unlink(self, ct: Image) -> None:
         """Forget ``ct``'s run: its colour layer no longer follows its window."""
-        if any(run.ct is ct for run in self._runs):
-            self._runs = [run for run in self._runs if run.ct is not ct]  # by identity: runs hold arrays
-            ct.events.contrast_limits.disconnect(self._on_linked_window)
+        if any(run.ct is ct for run in self._owner._runs):
+            self._owner._runs = [run for run in self._owner._runs if run.ct is not ct]  # by identity: runs hold arrays
+            ct.events.contrast_limits.disconnect(self.on_linked_window)
 
-    def _on_linked_window(self, event) -> None:
+    def on_linked_window(self, event) -> None:
         """The window of a colorized CT other than the chosen one changed: choose that CT, whose run then recomposes
         its colour layer (as for the chosen CT), so no colour layer is left with a stale window."""
         layer = event.source
-        if layer is not self._watched and not self._closed and any(run.ct is layer for run in self._runs):
-            self.ct_layer.value = layer
+        if layer is not self._watched and not self._owner._closed and any(run.ct is layer for run in self._owner._runs):
+            self._owner.ct_layer.value = layer
