@@ -25,12 +25,14 @@ from napari_ctcolor.models.symnet import (
     SYMNet,
     is_symnet_state_dict,
     load_symnet_checkpoint,
+    symnet_forward_fields,
+    symnet_from_state_dict,
+)
+from napari_ctcolor.training.symnet_losses import (
     local_ncc_loss,
     magnitude_loss,
     negative_jacobian_loss,
     smoothness_loss,
-    symnet_forward_fields,
-    symnet_from_state_dict,
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
