@@ -533,3 +533,29 @@ def test_register_reads_nan_voxels_as_air_and_writes_finite_outputs(tmp_path):
         assert all(line.startswith("warning: ") for line in done.stderr.strip().splitlines()), done.stderr
         for path in out.glob("*.nii.gz"):
             assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).all(), path.name
+
+
+def test_window_auto_takes_the_contrast_window_where_the_colorizer_finds_enhanced_blood(tmp_path, dicom_series):
+    """``--window auto``: the shared contrast series stored as NIfTI (no header that says contrast was given) is
+    composed in its contrast window, where the colorizer names enhanced blood (its named blood: a median of 102 HU),
+    and the CLI says so; the luminance is that window's grey. The non-contrast 3 mm cut keeps its default window."""
+    from napari_ctcolor.app.window import contrast_window
+
+    series = read_volume(dicom_series)
+    nifti = tmp_path / "contrast.nii.gz"
+    write_nifti(series, nifti)
+    win = contrast_window(series.array, series.spacing)
+    out = tmp_path / "c.nii.gz"
+    done = ctcolor("colorize", str(nifti), "-o", str(out), "--window", "auto", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert f"window {win.centre:g}/{win.width:g}: contrast-enhanced blood found" in done.stdout
+    assert f"window {win.centre:g}/{win.width:g} HU" in nib.load(out).header["descrip"].tobytes().decode()
+    lightness = srgb_to_lab(sitk.GetArrayFromImage(sitk.ReadImage(str(out))))[..., 0]
+    grey = grey_to_lightness(window(np.asarray(series.array, np.float32), *win))
+    assert np.abs(lightness - grey).max() <= LUMINANCE_BOUND
+
+    cut = require_shared(CT_DIR / "totalseg-body-3mm-30slices.nii.gz")
+    plain = tmp_path / "p.nii.gz"
+    done = ctcolor("colorize", str(cut), "-o", str(plain), "--window", "auto", "--device", "cpu")
+    assert done.returncode == 0 and "contrast-enhanced" not in done.stdout, done.stderr
+    assert "window 40/400 HU" in nib.load(plain).header["descrip"].tobytes().decode()

@@ -307,10 +307,11 @@ def _check_colorize_options(args: argparse.Namespace) -> None:
     from ..color import load_palette
     from ..weights import find_weights
     from ..windowing import parse_window
+    from .window import AUTO_WINDOW
 
     load_palette(args.palette)
     find_weights(args.model)
-    if args.window is not None:
+    if args.window is not None and args.window.strip().lower() != AUTO_WINDOW:  # "auto": chosen per CT
         parse_window(args.window)
     if not 0.0 <= args.chroma <= 1.0:
         raise InputError(f"chroma strength must be in [0, 1], got {args.chroma}")

@@ -63,7 +63,11 @@ def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Pa
         def progress(done: int, _total: int) -> None:
             bar.update(done - bar.n)
 
-        color = colorize_job(volume, request, progress=progress).color
+        outcome = colorize_job(volume, request, progress=progress)
+    color = outcome.color
+    if outcome.contrast is not None:
+        blood, win = outcome.contrast
+        print(f"window {win.centre:g}/{win.width:g}: contrast-enhanced blood found (median {blood:.0f} HU)")
     if classes_out is not None:
         _write_classes(color, volume, palette, classes_out)
     written = export_color(color, volume.meta, out, fmt, identity, overwrite=args.overwrite)

@@ -27,9 +27,10 @@ from ..io import ColorVolume, Volume
 from ..models.colorizer import Colorizer
 from ..weights import COLORIZER_DEFAULT
 from ..windowing import Window, parse_window
-from .window import contrast_window
+from .window import AUTO_WINDOW, contrast_window, opening_window, opens_in_contrast
 
 __all__ = [
+    "AUTO_WINDOW",
     "Chroma",
     "ColorizeOutcome",
     "ColorizeRequest",
@@ -81,7 +82,16 @@ class ColorizeRequest:
         find_contrast: bool = False,
     ) -> ColorizeRequest:
         """The request for ``volume`` (its header's window when ``window`` is None), or `InputError` naming the first
-        setting that cannot be used: before any reading of weights or running of the network."""
+        setting that cannot be used: before any reading of weights or running of the network.
+
+        ``window="auto"`` is the window the CT opens in (`app.window.opening_window`: the contrast window where its
+        DICOM header says contrast was given), and for a CT without such a header the contrast window where the
+        network names contrast-enhanced blood (``find_contrast``): what napari's Run gives a CT still in the window
+        it opened in."""
+        if isinstance(window, str) and window.strip().lower() == AUTO_WINDOW:
+            if volume is None:
+                raise InputError("window 'auto' needs the CT: it is chosen from its header and HU")
+            window, find_contrast = opening_window(volume), not opens_in_contrast(volume)
         if not 0.0 <= float(strength) <= 1.0:
             raise InputError(f"chroma strength must be in [0, 1], got {strength}")
         if batch_size is not None and int(batch_size) < 1:

@@ -11,7 +11,11 @@ from ..engines.vessels import contrast_window
 from ..io import Volume
 from ..windowing import Window, default_window
 
-__all__ = ["contrast_window", "opening_window", "opens_in_contrast"]
+__all__ = ["AUTO_WINDOW", "contrast_window", "opening_window", "opens_in_contrast"]
+
+#: The window spec that lets the CT and the colorizer choose (`app.colorize_job.ColorizeRequest.checked`): the window
+#: the CT opens in, or the contrast window where the colorizer finds contrast-enhanced blood.
+AUTO_WINDOW = "auto"
 
 
 def opens_in_contrast(volume: Volume) -> bool:

@@ -50,7 +50,12 @@ def _add_register_options(reg: argparse.ArgumentParser) -> None:
 
 def _add_colorize_options(col: argparse.ArgumentParser) -> None:
     """The options of `ctcolor colorize` that `ctcolor batch colorize` shares."""
-    col.add_argument("--window", metavar="NAME|CENTRE,WIDTH", help="display window (default: the DICOM window)")
+    col.add_argument(
+        "--window",
+        metavar="NAME|CENTRE,WIDTH|auto",
+        help="display window (default: the DICOM window); auto: the window napari opens the CT in, or the contrast "
+        "window where the colorizer finds contrast-enhanced blood",
+    )
     col.add_argument(
         "--model", default="colorizer-2d", metavar="NAME|FILE", help="colorizer-2d, colorizer-3d or a .safetensors file"
     )
