@@ -145,11 +145,16 @@ def test_run_colors_the_ct_and_settings_recompose_without_the_network(
     for channel in range(3):
         np.testing.assert_array_equal(layer.data[..., channel], grey)
     assert layer.metadata["ctcolor"]["colorize"]["window"] == [-600.0, 1500.0]
+    # A recompose reads no model: the model menu left on "weights file..." without a file does not stop it.
+    model = widget.model.value
+    widget.model.value = WEIGHTS_FILE
     widget.chroma.value = 0.6
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+    assert not errors and layer.metadata["ctcolor"]["colorize"]["chroma"] == 0.6
     assert lightness_error(layer.data[::5], ct.data[::5], PRESETS["lung"]) <= LUMINANCE_BOUND
     assert not np.array_equal(layer.data[..., 0], grey)  # coloured again
     assert len(predictions) == 1
+    widget.model.value = model
 
     # Another palette: recomposed too, same luminance, other colours; the legend follows it.
     before = layer.data.copy()

@@ -100,17 +100,20 @@ class RunAndRecompose:
             self._recompose_pending = False
             self.recompose()
 
-    def _request(self, volume: Volume, find_contrast: bool = False) -> ColorizeRequest:
-        """The panel's settings as the colorize job's request, checked (`ColorizeRequest.checked`)."""
+    def _request(self, volume: Volume | None, find_contrast: bool | None = None) -> ColorizeRequest:
+        """The panel's settings as the colorize job's request, checked (`ColorizeRequest.checked`): for a run (with
+        ``find_contrast``) its model and batch size too; for a recompose (None) only what the composition reads, so
+        that a model menu left on "weights file..." without a file does not stop a window change."""
+        owner = self._owner
+        run = {} if find_contrast is None else {"model": owner._model_spec(), "find_contrast": find_contrast}
         return ColorizeRequest.checked(
             volume,
-            window=self._owner.windows.spec(),
-            palette=self._owner._palette(),
-            strength=float(self._owner.chroma.value),
-            device=self._owner.device.value,
-            model=self._owner._model_spec(),
-            batch_size=int(self._owner.batch_size.value) or None,
-            find_contrast=find_contrast,
+            window=owner.windows.spec(),
+            palette=owner._palette(),
+            strength=float(owner.chroma.value),
+            device=owner.device.value,
+            batch_size=int(owner.batch_size.value) or None,
+            **run,
         )
 
     def run(self, *_: Any) -> None:
