@@ -143,3 +143,28 @@ def test_lungs_are_named_lung_when_the_field_of_view_cuts_the_chest_wall(tmp_pat
     share = float((labels[lung] == names.index("lung") + 1).mean())
     print("lung named lung", share)
     assert share >= LUNG_NAMED
+
+
+#: Issue 61's target: on a scan without contrast, the tissue class contrast blood on at most this share of the body's
+#: voxels below 100 HU (the heart and great vessels, unenhanced: 30-60 HU).
+NO_CONTRAST_BLOOD = 0.001
+
+
+@pytest.mark.parametrize("case", ["chest-popi-2mm.nii.gz", "chest-lung2-5mm.nrrd", "lung1 pool 45 HU"])
+def test_a_ct_without_contrast_names_no_contrast_blood(tmp_path, lung1, case):
+    """Two non-contrast chests the shipped model never saw (the Philips popi chest and lung2), and lung1 with its
+    mediastinal blood pool set to unenhanced blood's 45 HU (the same CT at 300-600 HU keeps its pool contrast blood:
+    `test_a_dense_blood_pool_in_the_chest_is_blood_not_bone`), through ``ctcolor colorize --classes``."""
+    from napari_ctcolor.engines.body import body_mask
+
+    if case.startswith("lung1"):
+        ct, masks = lung1
+        ct = exams.with_pool(ct, _inner(masks["blood"]), 45.0)
+    else:
+        ct = read_volume(require_shared(CT_DIR / case))
+    labels, names = colorize_classes(tmp_path, ct, "plain", "colorizer-2d")
+    hu = np.asarray(ct.array, dtype=np.float32)
+    low = body_mask(hu, ct.spacing) & (hu < 100.0)
+    share = float((labels[low] == names.index("contrast_blood") + 1).mean())
+    print(case, "contrast blood on the body below 100 HU", share)
+    assert share <= NO_CONTRAST_BLOOD
