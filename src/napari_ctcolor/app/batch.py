@@ -40,9 +40,9 @@ from ..errors import InputError
 from ..io import NIFTI_SUFFIXES
 from ..io.dicomweb import is_series_url, parse_series_url
 from ..io.write import atomic_path
-from .colorize import colorize_command
+from .colorize import ColorizeTask, colorize_command
 from .outputs import OUT_OF_MEMORY, check_export_flags
-from .register import register_command
+from .register import RegisterTask, register_command
 
 REPORT = "report.csv"
 REPORT_COLUMNS = ("input", "output", "status", "seconds", "error")
@@ -272,13 +272,11 @@ def run_task(command: str, options: dict[str, Any], sources: Sequence[str], outp
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
             if command == "colorize":
-                args = argparse.Namespace(**options, path=sources[0], output=str(tmp), series=None, overwrite=False)
-                colorize_command(args, show_progress=False)
+                colorize_command(ColorizeTask.of({**options, "path": sources[0], "output": str(tmp)}), False)
             else:
-                args = argparse.Namespace(
-                    **options, fixed=sources[0], moving=sources[1], outdir=str(tmp), overwrite=False
+                register_command(
+                    RegisterTask.of({**options, "fixed": sources[0], "moving": sources[1], "outdir": str(tmp)})
                 )
-                register_command(args)
         _commit(tmp, final)
         result["warnings"] = list(dict.fromkeys(str(w.message) for w in caught if w.category is not DeprecationWarning))
     except Exception as exc:  # noqa: BLE001 - every failure of one input becomes its report row

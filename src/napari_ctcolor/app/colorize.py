@@ -1,14 +1,17 @@
 """The work behind one ``ctcolor colorize`` call: check the options and outputs, read, colorize, write OUT (and
-``--classes``), send. The CLI and ``ctcolor batch colorize`` (on Dask workers) both run `colorize_command`.
+``--classes``), send. The CLI and ``ctcolor batch colorize`` (on Dask workers) both run `colorize_command` on a
+`ColorizeTask`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,9 +24,38 @@ from .export import export_color, identity_of, send_color
 from .outputs import FILE_SUFFIXES, check_export_flags, check_output
 
 
-def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Path:
-    """Everything one `ctcolor colorize` run does with its parsed options: validate, read, colorize, write OUT
-    (and --send). Returns OUT. `ctcolor batch colorize` runs exactly this for each input (without the progress bar).
+@dataclass(frozen=True)
+class ColorizeTask:
+    """One ``ctcolor colorize`` run, as its options name it: the CT (``path``: a file, a folder or a DICOMweb series
+    URL; ``series``), OUT and what is written with it (``format``, ``classes``, ``keep_patient_info``, ``send``,
+    ``overwrite``), and the colour settings as given (checked into a `ColorizeRequest` once the CT is read)."""
+
+    path: str
+    output: str
+    window: str | None = None
+    model: str = "colorizer-2d"  # `weights.COLORIZER_DEFAULT`, written out: this module imports no torch
+    device: str = "auto"
+    batch_size: int | None = None
+    chroma: float = 1.0
+    palette: str = "anatomical"
+    format: str | None = None
+    classes: str | None = None
+    series: str | None = None
+    keep_patient_info: bool = False
+    allow_non_ct: bool = False
+    send: bool = False
+    overwrite: bool = False
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any]) -> ColorizeTask:
+        """The task of parsed options (the CLI's, or a batch's per input); options of other commands are ignored."""
+        names = {field.name for field in fields(cls)}
+        return cls(**{name: value for name, value in options.items() if name in names})
+
+
+def colorize_command(args: ColorizeTask, show_progress: bool = True) -> Path:
+    """Everything one `ctcolor colorize` run does: validate, read, colorize, write OUT (and --send). Returns OUT.
+    `ctcolor batch colorize` runs exactly this for each input (without the progress bar).
     """
     from ..color import load_palette
 
@@ -77,7 +109,7 @@ def colorize_command(args: argparse.Namespace, show_progress: bool = True) -> Pa
     return out
 
 
-def _check_outputs(args: argparse.Namespace) -> tuple[Path, str, Path | None]:
+def _check_outputs(args: ColorizeTask) -> tuple[Path, str, Path | None]:
     """OUT, its format and the ``--classes`` path, refused before any work when they cannot be written."""
     out = Path(args.output)
     fmt = args.format or ("nifti" if out.name.lower().endswith(NIFTI_SUFFIXES) else "png")
@@ -94,7 +126,7 @@ def _check_outputs(args: argparse.Namespace) -> tuple[Path, str, Path | None]:
     check_export_flags(fmt, args.keep_patient_info, args.send, remote)
     inputs = [] if remote else [args.path]
     check_output(out, folder=fmt != "nifti", inputs=inputs, overwrite=args.overwrite)
-    classes_out = Path(args.classes) if getattr(args, "classes", None) else None
+    classes_out = Path(args.classes) if args.classes else None
     if classes_out is not None:
         if not classes_out.name.lower().endswith(NIFTI_SUFFIXES):
             raise InputError(f"{classes_out}: --classes writes NIfTI; give a .nii or .nii.gz name")
@@ -105,7 +137,7 @@ def _check_outputs(args: argparse.Namespace) -> tuple[Path, str, Path | None]:
     return out, fmt, classes_out
 
 
-def _check_modality(volume: Volume, args: argparse.Namespace) -> None:
+def _check_modality(volume: Volume, args: ColorizeTask) -> None:
     """Refuse an image that is not CT (unless ``--allow-non-ct``); warn for a file format without a modality whose
     values do not span air to bone."""
     modality = volume.meta.get("modality", "OT")

@@ -1,21 +1,21 @@
 """The work behind one ``ctcolor register`` call: check the outputs, read, register, write OUTDIR, send. The CLI
-and ``ctcolor batch register`` (on Dask workers) both run `register_command`.
-
-It takes the parsed options as an `argparse.Namespace` (the attributes are the CLI's option names) and raises
+and ``ctcolor batch register`` (on Dask workers) both run `register_command` on a `RegisterTask`, and it raises
 `InputError` for anything the user can fix.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import time
 import warnings
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputError
 from ..io import Volume, write_nifti, write_vector_nifti
@@ -32,20 +32,38 @@ def prealign_pair(volumes: list[Volume]):
     return prealign(*volumes)
 
 
-def register_command(args: argparse.Namespace) -> dict:
-    """Everything one `ctcolor register` run does with its parsed options (``fixed``, ``moving``, ``outdir``,
-    ``model``, ``affine``, ``refine``, ``device``, ``overwrite``): refuse bad options and outputs, read, register,
-    write OUTDIR.
+@dataclass(frozen=True)
+class RegisterTask:
+    """One ``ctcolor register`` run, as its options name it: ``fixed``, ``moving`` (files, folders or DICOMweb series
+    URLs), ``outdir``, and the settings as given: ``affine`` True, False or None (the model card's default);
+    ``refine`` the CLI's text (``auto`` or an iteration count, `parse_refine`), a count, or None."""
 
-    ``affine`` is True, False or None (the model card's default); ``refine`` is the CLI's text (``auto`` or an
-    iteration count, `parse_refine`) or an already parsed count or None.
+    fixed: str
+    moving: str
+    outdir: str
+    model: str = "ct"
+    affine: bool | None = None
+    refine: str | int | None = "auto"
+    device: str = "auto"
+    send: bool = False
+    overwrite: bool = False
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any]) -> RegisterTask:
+        """The task of parsed options (the CLI's, or a batch's per pair); options of other commands are ignored."""
+        names = {field.name for field in fields(cls)}
+        return cls(**{name: value for name, value in options.items() if name in names})
+
+
+def register_command(args: RegisterTask) -> dict:
+    """Everything one `ctcolor register` run does: refuse bad options and outputs, read, register, write OUTDIR.
 
     Returns the metrics written to metrics.json. `ctcolor batch register` runs exactly this for each pair. Each of
     the registration's quality warnings (``metrics["warnings"]``, also in metrics.json) is issued as a Python
     warning once the outputs are written: `cli.main` prints it as a ``warning: ...`` line on stderr (exit code 0),
     a batch as a warning of that input.
     """
-    send = getattr(args, "send", False)
+    send = args.send
     if send and not is_series_url(args.fixed):
         raise InputError("--send stores the warped image into the study of FIXED, which must be a DICOMweb series URL")
     outputs = register_outdir(args)
@@ -84,7 +102,7 @@ def register_command(args: argparse.Namespace) -> dict:
     return metrics
 
 
-def _write_outdir(outdir: Path, fixed: Volume, result, read_seconds: float, args: argparse.Namespace) -> dict:
+def _write_outdir(outdir: Path, fixed: Volume, result, read_seconds: float, args: RegisterTask) -> dict:
     """Write OUTDIR (`REGISTER_OUTPUTS`), all or nothing; returns the metrics written to metrics.json."""
     from .register_job import checkerboard
 

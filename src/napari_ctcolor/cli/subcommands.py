@@ -53,9 +53,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from ..app.register import register_command
+    from ..app.register import RegisterTask, register_command
 
-    register_command(args)
+    register_command(RegisterTask.of(vars(args)))
     return 0
 
 
@@ -75,9 +75,9 @@ def cmd_checkerboard(args: argparse.Namespace) -> int:
 
 
 def cmd_colorize(args: argparse.Namespace) -> int:
-    from ..app.colorize import colorize_command
+    from ..app.colorize import ColorizeTask, colorize_command
 
-    colorize_command(args)
+    colorize_command(ColorizeTask.of(vars(args)))
     return 0
 
 
