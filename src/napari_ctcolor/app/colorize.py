@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -21,11 +19,11 @@ from ..io.dicomweb import is_series_url, read_series
 from ..io.prefetch import read_volume_soon
 from ..io.write import atomic_path
 from .export import export_color, identity_of, send_color
-from .outputs import FILE_SUFFIXES, check_export_flags, check_output
+from .outputs import FILE_SUFFIXES, FromOptions, check_export_flags, check_output
 
 
 @dataclass(frozen=True)
-class ColorizeTask:
+class ColorizeTask(FromOptions):
     """One ``ctcolor colorize`` run, as its options name it: the CT (``path``: a file, a folder or a DICOMweb series
     URL; ``series``), OUT and what is written with it (``format``, ``classes``, ``keep_patient_info``, ``send``,
     ``overwrite``), and the colour settings as given (checked into a `ColorizeRequest` once the CT is read)."""
@@ -45,12 +43,6 @@ class ColorizeTask:
     allow_non_ct: bool = False
     send: bool = False
     overwrite: bool = False
-
-    @classmethod
-    def of(cls, options: Mapping[str, Any]) -> ColorizeTask:
-        """The task of parsed options (the CLI's, or a batch's per input); options of other commands are ignored."""
-        names = {field.name for field in fields(cls)}
-        return cls(**{name: value for name, value in options.items() if name in names})
 
 
 def colorize_command(args: ColorizeTask, show_progress: bool = True) -> Path:

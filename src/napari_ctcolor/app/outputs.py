@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputError
 
@@ -32,8 +33,9 @@ def refuse_input_paths(outputs: Sequence[Path], inputs: Sequence[str]) -> None:
             raise InputError(f"{path}: output would overwrite the input {resolved[path.resolve()]}")
 
 
-def register_outdir(args: argparse.Namespace, names: Sequence[str] = REGISTER_OUTPUTS) -> dict[str, Path]:
-    """The output paths in OUTDIR, after refusing a non-empty OUTDIR (without --overwrite) and input paths."""
+def register_outdir(args: Any, names: Sequence[str] = REGISTER_OUTPUTS) -> dict[str, Path]:
+    """The output paths in OUTDIR, after refusing a non-empty OUTDIR (without --overwrite) and input paths. ``args``:
+    a `RegisterTask` or ``ctcolor peer``'s parsed options (``outdir``, ``fixed``, ``moving``, ``overwrite``)."""
     outdir = Path(args.outdir)
     outputs = {name: outdir / name for name in names}
     refuse_input_paths([outdir, *outputs.values()], [args.fixed, args.moving])
@@ -73,3 +75,13 @@ def check_export_flags(fmt: str, keep_patient_info: bool, send: bool, remote: bo
         raise InputError("--keep-patient-info applies to --format dicom only")
     if send and (fmt != "dicom" or not remote):
         raise InputError("--send stores a --format dicom output back into the study of a DICOMweb series URL input")
+
+
+class FromOptions:
+    """A command's task (a dataclass) built from parsed options: the CLI's, or a batch's for one input."""
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any]):
+        """The task of ``options``; the options of other commands (a batch's own, say) are ignored."""
+        names = {field.name for field in fields(cls)}
+        return cls(**{name: value for name, value in options.items() if name in names})

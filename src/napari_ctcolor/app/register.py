@@ -10,19 +10,17 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 from ..errors import InputError
 from ..io import Volume, write_nifti, write_vector_nifti
 from ..io.dicomweb import is_series_url, send_series
 from ..io.prefetch import read_volumes_soon
 from ..io.write import atomic_path, new_folder
-from .outputs import register_outdir
+from .outputs import FromOptions, register_outdir
 
 
 def prealign_pair(volumes: list[Volume]):
@@ -33,7 +31,7 @@ def prealign_pair(volumes: list[Volume]):
 
 
 @dataclass(frozen=True)
-class RegisterTask:
+class RegisterTask(FromOptions):
     """One ``ctcolor register`` run, as its options name it: ``fixed``, ``moving`` (files, folders or DICOMweb series
     URLs), ``outdir``, and the settings as given: ``affine`` True, False or None (the model card's default);
     ``refine`` the CLI's text (``auto`` or an iteration count, `parse_refine`), a count, or None."""
@@ -47,12 +45,6 @@ class RegisterTask:
     device: str = "auto"
     send: bool = False
     overwrite: bool = False
-
-    @classmethod
-    def of(cls, options: Mapping[str, Any]) -> RegisterTask:
-        """The task of parsed options (the CLI's, or a batch's per pair); options of other commands are ignored."""
-        names = {field.name for field in fields(cls)}
-        return cls(**{name: value for name, value in options.items() if name in names})
 
 
 def register_command(args: RegisterTask) -> dict:
