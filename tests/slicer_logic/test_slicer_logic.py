@@ -44,6 +44,28 @@ def test_an_oblique_flipped_volume_round_trips_node_volume_node_unchanged():
     np.testing.assert_allclose(ras[:3], (-lps[0], -lps[1], lps[2]), atol=1e-9)
 
 
+def test_colorize_node_with_window_auto_takes_the_contrast_window_where_the_colorizer_finds_enhanced_blood():
+    """A volume node carries no DICOM header that says contrast was given: ``window="auto"`` composes the shared
+    contrast series in its contrast window (the named blood is enhanced), as ``ctcolor colorize --window auto``; the
+    node's L* is that window's grey within the luminance bound, and not the default window's."""
+    from napari_ctcolor.app.window import contrast_window
+    from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
+    from napari_ctcolor.windowing import default_window, window
+
+    from conftest import LUMINANCE_BOUND
+
+    series = read_volume(require_shared(CT_DIR / "totalseg-abdomen-dicom"))
+    scene = slicer.vtkMRMLScene()
+    node = logic.node_from_volume(series, scene, "CTA")
+    color = logic.colorize_node(node, window="auto", device="cpu")
+    lightness = srgb_to_lab(slicer.util.arrayFromVolume(color))[..., 0]
+    hu = np.asarray(series.array, np.float32)
+    error = np.abs(lightness - grey_to_lightness(window(hu, *contrast_window(hu, series.spacing))))
+    assert error.max() <= LUMINANCE_BOUND
+    plain = np.abs(lightness - grey_to_lightness(window(hu, *default_window(series))))
+    assert plain.max() > 10 * LUMINANCE_BOUND
+
+
 @pytest.mark.numeric
 def test_colorize_node_equals_the_cli_on_the_same_grid(tmp_path):
     require_shared(CUT)
