@@ -54,7 +54,7 @@ def show_classes(qtbot, viewer, widget: ColorizeWidget):
     """Click "Show colour classes" and wait for its layer (computed in a worker)."""
     widget.classes_button.native.click()
     qtbot.waitUntil(lambda: not widget.classes_busy, timeout=TIMEOUT_MS)
-    name = f"{widget._kept.ct.name} colour classes"
+    name = f"{widget.session.current.ct.name} colour classes"
     return next(layer for layer in viewer.layers if layer.name == name)
 
 
@@ -172,7 +172,7 @@ def test_run_colors_the_ct_and_settings_recompose_without_the_network(
     described = widget.describe((10, *liver))
     assert described.endswith(("(colour class, not a segmentation)", "(tissue; no structure above 50%)"))
     # A structure is named at 50 % or more, else its tissue with the summed share of that tissue's classes.
-    chroma, seen = widget._kept.chroma, set()
+    chroma, seen = widget.session.current.chroma, set()
     for k, j, i in np.argwhere(ct.data[::4, ::16, ::16] > -500) * (4, 16, 16):
         name, probability = chroma.class_at(k, j, i, float(ct.data[k, j, i]))
         said = widget.describe((k, j, i))

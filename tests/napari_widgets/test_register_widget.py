@@ -19,12 +19,12 @@ import torch
 from scipy import ndimage
 
 from napari_ctcolor.app import register_job
+from napari_ctcolor.app.register_session import tile_edges
 from napari_ctcolor.engines.checkerboard import checkerboard_mask
 from napari_ctcolor.engines.register import global_ncc, load_registration_model
 from napari_ctcolor.io import Volume, read_volume, write_nifti
 from napari_ctcolor.napari import _register_widget
 from napari_ctcolor.napari._layers import image_layer_data, layer_attributes
-from napari_ctcolor.napari._register_outputs import tile_edges
 from napari_ctcolor.napari._register_widget import MODEL_FILE, TITLE, RegisterWidget
 from napari_ctcolor.windowing import window
 

@@ -31,7 +31,8 @@ class View3D:
     """The 3D part of `ColorizeWidget`: its menu (``view_3d``, enabled after a run) and the 3D layers.
 
     Args:
-        owner: the widget, whose viewer, finished run (``_kept``), result layer and status line (``_say``) it uses.
+        owner: the widget, whose viewer, session (``session.current``: the finished run), result layer and status line
+            (``_say``) it uses.
     """
 
     def __init__(self, owner) -> None:
@@ -55,7 +56,7 @@ class View3D:
         if self._worker_3d is not None:
             self._worker_3d.quit()  # a preset chosen before: its surfaces are moot
             self._worker_3d = None
-        kept = self._owner._kept
+        kept = self._owner.session.current
         choice = self.view_3d.value
         if choice == NO_3D or kept is None or self._owner.result_layer is None or kept.ct.ndim != 3:
             self._leave_3d()
@@ -101,7 +102,8 @@ class View3D:
         """Add the layers "<CT name> 3D <part>" of a `PRESETS_3D` preset computed by `_steps_3d`, seen from the
         patient's front; the 2D layers are hidden meanwhile."""
         color = self._owner.result_layer
-        if self._owner._closed or kept is not self._owner._kept or color is None or self.view_3d.value != preset:
+        current = self._owner.session.current
+        if self._owner._closed or kept is not current or color is None or self.view_3d.value != preset:
             return  # another run, CT or preset since
         cached, shown, note = result
         self._body_cache = (kept, *cached)
@@ -130,7 +132,7 @@ class View3D:
         self._owner._say(f"3D view: {preset}{note}")
 
     def _remove_3d(self) -> None:
-        kept = self._owner._kept
+        kept = self._owner.session.current
         if kept is not None:
             prefix = f"{kept.ct.name} 3D "
             for lyr in [lyr for lyr in self._owner._viewer.layers if lyr.name.startswith(prefix)]:

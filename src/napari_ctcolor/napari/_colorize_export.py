@@ -19,8 +19,8 @@ class ExportPanel:
     """The export part of `ColorizeWidget`: its controls (``controls``, enabled after a run) and the export.
 
     Args:
-        owner: the widget, whose finished run (``_kept``), result layer and status line (``_say``, ``_error``) the
-            export reads and writes.
+        owner: the widget, whose session (``session.current``: the finished run), result layer and status line
+            (``_say``, ``_error``) the export reads and writes.
     """
 
     def __init__(self, owner) -> None:
@@ -60,7 +60,7 @@ class ExportPanel:
         from ..app.export import export_color, identity_of, send_color
 
         owner = self._owner
-        kept, layer = owner._kept, owner.result_layer
+        kept, layer = owner.session.current, owner.result_layer
         path = self.path.value
         try:
             if kept is None or layer is None:

@@ -49,7 +49,8 @@ class ClassesAndPointer:
     """The legend, Pointer and colour-class part of `ColorizeWidget`: its controls (``controls``) and what they show.
 
     Args:
-        owner: the widget, whose viewer, finished run (``_kept``), CT and result layers and palette these read.
+        owner: the widget, whose viewer, session (``session.current``: the finished run), CT and result layers and
+            palette these read.
     """
 
     def __init__(self, owner) -> None:
@@ -67,7 +68,7 @@ class ClassesAndPointer:
         swatch as the class looks on screen: its colour composed at the grey its median HU takes in the window and
         at the chroma strength just composed (a palette's own colour is drawn at the palette's brightness, which the
         window may be far from: the liver's in a lung window)."""
-        kept = self._owner._kept
+        kept = self._owner.session.current
         if kept is None:
             return
         try:
@@ -104,7 +105,7 @@ class ClassesAndPointer:
         """What the Pointer line shows for a world position: the CT's HU there, the voxel's position in mm (LPS x,
         y, z), its axial slice (napari's slider index) and, after Run, the colour class with its probability; ''
         outside the CT."""
-        kept = self._owner._kept
+        kept = self._owner.session.current
         ct = kept.ct if kept is not None and self._owner._in_viewer(kept.ct) else self._owner.ct_layer.value
         if ct is None or ct.multiscale:
             return ""
@@ -125,7 +126,7 @@ class ClassesAndPointer:
     def describe(self, data_position) -> str:
         """'<class> <probability> %' for a position in the result layer's data coordinates ('' outside it; no class
         where the class layer shows none)."""
-        kept = self._owner._kept
+        kept = self._owner.session.current
         index = np.round(np.asarray(data_position, dtype=float)).astype(int)
         if kept is None:
             return ""
@@ -146,7 +147,7 @@ class ClassesAndPointer:
     def _class_colors(self) -> DirectLabelColormap:
         """Each class label (1 + class index, `Chroma.most_probable`) in its colour under the current palette; the
         air (0) and classes the palette does not colour are clear."""
-        classes = self._owner._kept.chroma.classes
+        classes = self._owner.session.current.chroma.classes
         try:
             palette = self._owner._palette()
         except CTColorError:
@@ -162,7 +163,7 @@ class ClassesAndPointer:
         worker; returns the worker, None when there is no result to show. The class map and the layer (napari maps a
         direct colormap over the whole volume when it makes one: about 1 s for 20 slices of 512², on top of the map's
         3-38 s on 2 cores) are made there; the main thread only adds it (`classes_busy` meanwhile)."""
-        kept = self._owner._kept
+        kept = self._owner.session.current
         if kept is None or self._owner.result_layer is None:
             return None
         name = f"{kept.ct.name} colour classes"
@@ -195,7 +196,7 @@ class ClassesAndPointer:
 
     def _show_class_layer(self, kept: Any, layer: Labels) -> None:
         """Add (or replace) the class layer of ``kept``'s run, unless the run changed meanwhile."""
-        if self._owner._closed or kept is not self._owner._kept or self._owner.result_layer is None:
+        if self._owner._closed or kept is not self._owner.session.current or self._owner.result_layer is None:
             return
         existing = next((lyr for lyr in self._owner._viewer.layers if lyr.name == layer.name), None)
         if existing is not None:

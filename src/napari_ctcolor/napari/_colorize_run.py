@@ -1,10 +1,10 @@
 """The colorize widget's Run and recompose.
 
-Run: the application's colorize job (`app.colorize_job.iter_colorize_job`: the network, then the composition) in one
-worker with the widget's progress bar; Cancel stops it between batches. The predicted colour-class probabilities
-(`Chroma`) are kept, so a change of palette, chroma strength or window only recomposes: the plane on screen at once in
-the main thread (`compose_plane`), then the whole volume in a worker on one CPU thread (`iter_recompose`), coalescing
-fast slider moves. The result is
+Run: the session's colorize job (`app.colorize_session.ColorizeSession.run_steps`: the network, then the composition)
+in one worker with the widget's progress bar; Cancel stops it between batches. The session keeps the predicted
+colour-class probabilities (`Chroma`), so a change of palette, chroma strength or window only recomposes: the plane on
+screen at once in the main thread (`ColorizeSession.plane`), then the whole volume in a worker on one CPU thread
+(`ColorizeSession.recompose_steps`), coalescing fast slider moves. The result is
 the RGB layer "<CT name> colorized" at the CT's physical position, blended translucently over it; running again
 replaces it. A CT without a header that says contrast was given moves to the contrast window after Run when the
 blood the network names is enhanced and the CT still shows the window it opened in.
@@ -12,29 +12,18 @@ blood the network names is enhanced and the CT still shows the window it opened 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from napari.layers import Image
 from napari.qt.threading import create_worker
 
-from ..app.colorize_job import (
-    Chroma,
-    ColorizeOutcome,
-    ColorizeRequest,
-    compose_plane,
-    iter_colorize_job,
-    iter_recompose,
-    settings_of,
-)
-from ..app.window import opening_window
+from ..app.colorize_job import ColorizeOutcome, ColorizeRequest
+from ..app.colorize_session import ColorizeRun, ColorizeSession
+from ..app.session import Failed
 from ..errors import CTColorError
 from ..io import ColorVolume, Volume
-from ..threads import at_most
 from ..windowing import Window
-from ._jobs import Failed
 from ._layers import CONTRAST_WINDOW_KEY, META_KEY, layer_attributes, placement, put_image
 
 #: A coronal or sagittal plane of a CT of more slices than this is recoloured in a worker, not the main thread
@@ -44,30 +33,13 @@ MAIN_THREAD_PLANE_SLICES = 48
 COLOUR_LIMITS = (0.0, 255.0)
 
 
-@dataclass
-class Kept:
-    """What a finished run leaves so that chroma and window changes only recompose.
-
-    Attributes:
-        volume: the CT the network saw (HU, geometry).
-        chroma: its predicted a*, b*.
-        ct: the CT layer; the result layer overlays it.
-        layer: the result RGB layer.
-    """
-
-    volume: Volume
-    chroma: Chroma
-    ct: Image
-    layer: Image
-
-
 class RunAndRecompose:
     """Run and recompose for `ColorizeWidget`: the colorize job in a worker, the kept run's recompositions (the plane on
     screen first), and the result layer.
 
     Args:
         owner: the widget, whose controls (CT layer, model, device, palette, strength, opacity), job runner, status
-            line and runs (``_kept``: the chosen CT's; ``_runs``: every CT's last) this reads and writes.
+            line and session (`ColorizeSession`: the runs, the jobs) this reads and writes.
     """
 
     def __init__(self, owner) -> None:
@@ -131,57 +103,35 @@ class RunAndRecompose:
         limits = tuple(float(v) for v in layer.contrast_limits)
         try:
             volume = self._owner._volume_of(layer)
-            find_contrast = (
-                layer.ndim == 3
-                and not volume.meta.get("contrast")
-                and np.allclose(limits, opening_window(volume).limits, rtol=0, atol=0.5)
-            )
-            request = self._request(volume, find_contrast)
+            request = self._request(volume, layer.ndim == 3 and ColorizeSession.finds_contrast(volume, limits))
         except CTColorError as exc:
             self._owner._error(str(exc))
             return
         self._start(
-            self._colorize_steps,
+            ColorizeSession.run_steps,
             (volume, request),
             total=2 * volume.shape[0],
             desc="Colorize volume",
             on_result=lambda result: self._colorized(layer, volume, limits, result),
         )
 
-    @staticmethod
-    def _colorize_steps(volume: Volume, request: ColorizeRequest):
-        """The colorize job in a worker: yields (done, 2 Z), returns its `ColorizeOutcome` or `Failed`."""
-        try:
-            return (yield from iter_colorize_job(volume, request))
-        except CTColorError as exc:
-            return Failed(str(exc))
-
-    @staticmethod
-    def _compose_steps(volume: Volume, chroma: Chroma, request: ColorizeRequest):
-        """Recompose only, on one CPU thread (the interface keeps a core while the reader drags the window, and the
-        plane on screen is recolored already): yields (done, Z), returns the ColorVolume."""
-        try:
-            with at_most(1):
-                return (yield from iter_recompose(volume, chroma, request))
-        except CTColorError as exc:
-            return Failed(str(exc))
-
     def recompose(self, *_: Any, plane: bool = True) -> None:
         """Recolour the plane on screen first (with ``plane``: `_recolor_visible_plane`), then recompose the whole
         volume from the kept chroma with the current window, strength and palette in a worker; requests coalesce while
         one runs."""
-        if self._owner._kept is None:
+        session = self._owner.session
+        if session.current is None:
             return
         if self._owner.result_layer is None:  # the user deleted the result: nothing to update
-            self._owner._kept = None
+            session.current = None
             return
-        kept = self._owner._kept
+        kept = session.current
         try:
             request = self._request(kept.volume)
         except CTColorError as exc:
             self._owner._error(str(exc))
             return
-        if not self._owner.jobs.busy and self._shown_settings() == request.settings:
+        if not self._owner.jobs.busy and ColorizeSession.composed_with(request, self._shown_settings()):
             return  # the colour shown was composed with these settings (the contrast window a run chose)
         if plane and self._recolor_visible_plane(kept, request):
             return  # the whole volume follows once the plane is on screen (`_plane_done`)
@@ -191,8 +141,8 @@ class RunAndRecompose:
                 self._owner.worker.quit()  # its result is stale; the pending recompose starts when it has stopped
             return
         self._start(
-            self._compose_steps,
-            (kept.volume, kept.chroma, request),
+            ColorizeSession.recompose_steps,
+            (kept, request),
             total=kept.volume.shape[0],
             desc="Recompose colours",
             on_result=lambda result: self._recomposed(kept, result),
@@ -202,7 +152,7 @@ class RunAndRecompose:
     def visible_plane(self) -> tuple[int, int] | None:
         """(axis, index) of the kept CT's plane on screen in a 2D view of a 3D CT (axis 0 axial, 1 coronal, 2
         sagittal, in the CT's array order), else None."""
-        kept, dims = self._owner._kept, self._owner._viewer.dims
+        kept, dims = self._owner.session.current, self._owner._viewer.dims
         if kept is None or kept.ct.ndim != 3 or dims.ndisplay != 2 or dims.ndim < 3:
             return None
         first = dims.ndim - 3  # the CT's axes are the viewer's last three
@@ -213,21 +163,21 @@ class RunAndRecompose:
         index = round(float(np.asarray(kept.ct.world_to_data(dims.point), dtype=float)[axis]))
         return (axis, index) if 0 <= index < kept.volume.shape[axis] else None
 
-    def _recolor_visible_plane(self, kept: Kept, request: ColorizeRequest) -> bool:
-        """Recolour the plane on screen before the rest of the volume (`compose_plane`). An axial plane, or another
-        of a CT of at most `MAIN_THREAD_PLANE_SLICES` slices, is composed at once in the main thread (10-40 ms for
-        512²); a coronal or sagittal plane of a taller CT costs about 1 ms per slice (107-142 ms for 141 slices of
-        512², 2026-11-26, 2-core AMD EPYC), which blocked every step of a window drag, so it is composed in a worker
-        of its own and the main thread only puts its RGB into the layer; while one is composed, only the newest
-        request waits. True when the whole volume is to follow from that worker (`_plane_done`); False when no plane
-        is on screen (a 3D view, a 2D layer) or it is already shown."""
+    def _recolor_visible_plane(self, kept: ColorizeRun, request: ColorizeRequest) -> bool:
+        """Recolour the plane on screen before the rest of the volume (`ColorizeSession.plane`). An axial plane, or
+        another of a CT of at most `MAIN_THREAD_PLANE_SLICES` slices, is composed at once in the main thread (10-40
+        ms for 512²); a coronal or sagittal plane of a taller CT costs about 1 ms per slice (107-142 ms for 141
+        slices of 512², 2026-11-26, 2-core AMD EPYC), which blocked every step of a window drag, so it is composed in
+        a worker of its own and the main thread only puts its RGB into the layer; while one is composed, only the
+        newest request waits. True when the whole volume is to follow from that worker (`_plane_done`); False when no
+        plane is on screen (a 3D view, a 2D layer) or it is already shown."""
         plane = self.visible_plane()
         if plane is None or self._owner.result_layer is None:
             return False
         wanted = (kept, plane, request)
         if plane[0] == 0 or kept.volume.shape[0] <= MAIN_THREAD_PLANE_SLICES:
             try:
-                rgb = compose_plane(kept.volume, kept.chroma, *plane, request)
+                rgb = ColorizeSession.plane(kept, *plane, request)
             except CTColorError as exc:
                 self._owner._error(str(exc))
                 return False
@@ -242,7 +192,7 @@ class RunAndRecompose:
     def _compose_plane(self, wanted: tuple) -> None:
         """Compose ``wanted`` (kept, (axis, index), request) in a worker of its own."""
         kept, (axis, index), request = wanted
-        worker = create_worker(compose_plane, kept.volume, kept.chroma, axis, index, request, _ignore_errors=True)
+        worker = create_worker(ColorizeSession.plane, kept, axis, index, request, _ignore_errors=True)
         worker.returned.connect(lambda rgb: self._put_plane(wanted, rgb))
         worker.errored.connect(lambda exc: self._owner._error(str(exc)) if isinstance(exc, CTColorError) else None)
         worker.finished.connect(self._plane_done)
@@ -253,7 +203,8 @@ class RunAndRecompose:
         """Show a composed plane, unless a newer request follows or the run changed."""
         kept, plane = request[:2]
         layer = self._owner.result_layer
-        if self._owner._closed or self._plane_pending is not None or kept is not self._owner._kept or layer is None:
+        current = self._owner.session.current
+        if self._owner._closed or self._plane_pending is not None or kept is not current or layer is None:
             return
         where = [slice(None)] * 3
         where[plane[0]] = plane[1]
@@ -283,10 +234,9 @@ class RunAndRecompose:
         if not self._owner._in_viewer(ct):  # the CT layer was deleted during the run: no orphan result layer
             self._owner._say("Colorize volume: the CT layer was removed; result dropped")
             return
-        color, found = result.color, result.contrast
-        self._owner._kept = Kept(volume, result.chroma, ct, self._show(ct, color))
+        color = result.color
         self._owner.windows.unlink(ct)
-        self._owner._runs.append(self._owner._kept)
+        self._owner.session.keep(volume, result, ct, self._show(ct, color))
         ct.events.contrast_limits.connect(self._owner.windows.on_linked_window)
         # The CT stays the selected layer: napari's status bar then shows its HU, not the colour layer's RGB, and
         # its contrast slider is the window.
@@ -294,10 +244,11 @@ class RunAndRecompose:
         self._owner.classes.fill_legend(color)
         self._owner.classes_button.enabled = self._owner.view_3d.enabled = True
         self._owner.exporter.enable(volume.meta)
-        if found is not None and np.allclose(ct.contrast_limits, limits, rtol=0, atol=0.5):
+        found = ColorizeSession.contrast_to_adopt(result, limits, tuple(float(v) for v in ct.contrast_limits))
+        if found is not None:
             self._adopt_contrast_window(ct, *found)
         # Settings changed while the network ran are applied now, from the kept chroma.
-        self._recompose_pending = self._recompose_pending or settings_of(color.settings) != self._current_settings()
+        self._recompose_pending = self._recompose_pending or not self._panel_composed(color)
 
     def _adopt_contrast_window(self, ct: Image, blood: float, win: Window) -> None:
         """A CT without a header that says contrast was given (NIfTI, NRRD, MHA) opens in its default window, where
@@ -315,28 +266,29 @@ class RunAndRecompose:
             "so that it shows grey and takes colour, as for a contrast CT"
         )
 
-    def _recomposed(self, kept: Kept, result: ColorVolume | Failed) -> None:
+    def _recomposed(self, kept: ColorizeRun, result: ColorVolume | Failed) -> None:
         if self._owner._closed:
             return
         if isinstance(result, Failed):
             self._owner._error(result.message)
             return
-        if self._owner._kept is kept and self._owner.result_layer is not None:
+        if self._owner.session.current is kept and self._owner.result_layer is not None:
             self._show(kept.ct, result)
             self._owner.classes.fill_legend(result)
 
-    def _shown_settings(self) -> tuple:
-        """The settings the result layer's colour was composed with (from its metadata), () when unknown."""
+    def _shown_settings(self) -> dict | None:
+        """The settings the result layer's colour was composed with (from its metadata), None when unknown."""
         layer = self._owner.result_layer
-        settings = layer.metadata.get(META_KEY, {}).get("colorize") if layer is not None else None
-        return settings_of(settings) if isinstance(settings, Mapping) else ()
+        return layer.metadata.get(META_KEY, {}).get("colorize") if layer is not None else None
 
-    def _current_settings(self) -> tuple:
-        """The panel's `ColorizeRequest.settings`, () while one of them cannot be used."""
+    def _panel_composed(self, color: ColorVolume) -> bool:
+        """True when ``color`` was composed with the panel's settings (False while one of them cannot be used)."""
+        current = self._owner.session.current
         try:
-            return self._request(self._owner._kept.volume if self._owner._kept is not None else None).settings
+            request = self._request(current.volume if current is not None else None)
         except CTColorError:
-            return ()
+            return False
+        return ColorizeSession.composed_with(request, color.settings)
 
     def _show(self, ct: Image, color: ColorVolume) -> Image:
         """Put ``colour`` into the layer "<CT name> colorized", replacing its data when it exists, else adding it."""

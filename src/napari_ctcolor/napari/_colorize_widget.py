@@ -41,13 +41,14 @@ from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
 from ..app.colorize_job import ModelSpec
+from ..app.colorize_session import ColorizeSession
 from ..color import PALETTE_NAMES, Palette, load_palette
 from ..errors import InputError
 from ..io import Volume
 from ._colorize_3d import View3D
 from ._colorize_export import ExportPanel
 from ._colorize_legend import LEGEND_MAX_HEIGHT, ClassesAndPointer, scroll_within
-from ._colorize_run import Kept, RunAndRecompose
+from ._colorize_run import RunAndRecompose
 from ._colorize_window import WindowControl
 from ._docks import attach_to_viewer, settle_heap, tab_with_siblings
 from ._jobs import JobRunner
@@ -70,7 +71,8 @@ class ColorizeWidget(Container):
     (``windows``, `_colorize_window.WindowControl`), Run and recompose (``runner``, `_colorize_run.RunAndRecompose`),
     the legend and Pointer (``classes``, `_colorize_legend.ClassesAndPointer`), the 3D view (``view3d``,
     `_colorize_3d.View3D`) and the export (``exporter``, `_colorize_export.ExportPanel`); this class builds the dock
-    from their controls, holds the state they share (the runs: ``_kept``, ``_runs``) and reads the inputs.
+    from their controls, holds the state they share (``session``, `app.colorize_session.ColorizeSession`: the runs
+    and the jobs, without Qt) and reads the inputs.
 
     Args:
         napari_viewer: the viewer (napari passes it).
@@ -81,8 +83,9 @@ class ColorizeWidget(Container):
     def __init__(self, napari_viewer: napari.viewer.Viewer, models: Mapping[str, ModelSpec] | None = None) -> None:
         self._viewer = napari_viewer
         self._models: dict[str, ModelSpec] = dict(models) if models else {name: name for name in SHIPPED_MODELS}
-        self._kept: Kept | None = None  # the run of the chosen CT layer (else the last run)
-        self._runs: list[Kept] = []  # every CT's last run: each colour layer follows its own CT's window
+        #: The runs (each CT's last: each colour layer follows its own CT's window; the chosen CT's is the current
+        #: one) and the jobs, without Qt.
+        self.session = ColorizeSession()
         self._closed = False
         self.ct_layer = ComboBox(label="CT layer", choices=self._grey_layers, tooltip="a grey image layer in HU")
         self.slab = SlabControl(napari_viewer, lambda: (self.ct_layer.value, self.result_layer))
@@ -221,7 +224,7 @@ class ColorizeWidget(Container):
         self._closed = self.jobs.closed = True
         self._stop_following_layers()
         self.windows.unwatch()
-        for run in list(self._runs):
+        for run in list(self.session.runs):
             self.windows.unlink(run.ct)
         self._viewer.cursor.events.position.disconnect(self.classes.on_cursor)
         self.slab.close()
@@ -235,8 +238,8 @@ class ColorizeWidget(Container):
     @property
     def result_layer(self) -> Image | None:
         """The colorized layer of the last run, while it is still in the viewer."""
-        kept = self._kept
-        return kept.layer if kept is not None and self._in_viewer(kept.layer) else None
+        kept = self.session.current
+        return kept.shown if kept is not None and self._in_viewer(kept.shown) else None
 
     @property
     def busy_3d(self) -> bool:
@@ -284,7 +287,7 @@ class ColorizeWidget(Container):
 
     def _on_layers_changed(self, _event=None) -> None:
         self.ct_layer.reset_choices()
-        for run in [run for run in self._runs if not (self._in_viewer(run.ct) and self._in_viewer(run.layer))]:
+        for run in [run for run in self.session.runs if not (self._in_viewer(run.ct) and self._in_viewer(run.shown))]:
             self.windows.unlink(run.ct)
 
     def _volume_of(self, layer: Image) -> Volume:

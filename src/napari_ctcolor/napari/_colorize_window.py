@@ -44,7 +44,7 @@ class WindowControl:
     step with the chosen CT layer's contrast limits, and each colorized CT's colour layer with its CT's window.
 
     Args:
-        owner: the widget, whose CT layer menu, runs (``_kept``, ``_runs``), recompose and reading of a layer
+        owner: the widget, whose CT layer menu, session (its runs), recompose and reading of a layer
             (``_volume_of``) this uses.
     """
 
@@ -87,7 +87,7 @@ class WindowControl:
         if layer is not None:
             meta = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
             return meta if isinstance(meta, dict) else {}
-        return self._owner._kept.volume.meta if self._owner._kept is not None else {}
+        return self._owner.session.current.volume.meta if self._owner.session.current is not None else {}
 
     def _header_windows(self) -> dict[str, Window]:
         """The chosen CT's own windows by choice name: its DICOM header's windows other than the first (which is
@@ -116,7 +116,7 @@ class WindowControl:
                 return default_window(self._owner._volume_of(layer))
             except CTColorError:
                 return None
-        return default_window(self._owner._kept.volume) if self._owner._kept is not None else None
+        return default_window(self._owner.session.current.volume) if self._owner.session.current is not None else None
 
     def _fill_window_fields(self, *_: Any) -> None:
         """Show the chosen window's centre/width (editable for "custom", which then starts from them)."""
@@ -147,7 +147,7 @@ class WindowControl:
             return
         self.unwatch()
         self._watched = layer
-        self._owner._kept = next((run for run in self._owner._runs if run.ct is layer), self._owner._kept)
+        self._owner.session.choose(layer)
         self._rebuild_window_choices()  # this CT's header windows
         if layer is not None:
             widen_contrast_range(layer)
@@ -212,7 +212,7 @@ class WindowControl:
             finally:
                 self._filling = False
         self._fill_window_fields()
-        if self._owner._kept is not None and self._owner._kept.ct is layer:
+        if self._owner.session.current is not None and self._owner.session.current.ct is layer:
             self._owner._recompose()
 
     def _push_window(self) -> None:
@@ -238,13 +238,12 @@ class WindowControl:
 
     def unlink(self, ct: Image) -> None:
         """Forget ``ct``'s run: its colour layer no longer follows its window."""
-        if any(run.ct is ct for run in self._owner._runs):
-            self._owner._runs = [run for run in self._owner._runs if run.ct is not ct]  # by identity: runs hold arrays
+        if self._owner.session.forget(ct):
             ct.events.contrast_limits.disconnect(self.on_linked_window)
 
     def on_linked_window(self, event) -> None:
         """The window of a colorized CT other than the chosen one changed: choose that CT, whose run then recomposes
         its colour layer (as for the chosen CT), so no colour layer is left with a stale window."""
         layer = event.source
-        if layer is not self._watched and not self._owner._closed and any(run.ct is layer for run in self._owner._runs):
+        if layer is not self._watched and not self._owner._closed and self._owner.session.run_of(layer) is not None:
             self._owner.ct_layer.value = layer

@@ -11,18 +11,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from magicgui.widgets import Label, ProgressBar, PushButton
 from napari.qt.threading import create_worker
 
-
-@dataclass
-class Failed:
-    """A job's return value when it stopped on a `CTColorError` (shown to the user, not a crash)."""
-
-    message: str
+from ..app.session import Failed
 
 
 class JobRunner:

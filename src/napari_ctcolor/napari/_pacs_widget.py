@@ -12,13 +12,13 @@ netrc entry of the server's host, as for the CLI (`io.dicomweb`).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from magicgui.widgets import ComboBox, Container, Label, LineEdit, ProgressBar, PushButton
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
 
+from ..app.session import Failed
 from ..errors import CTColorError
 from ..io.dicomweb import find_series
 from ._docks import tab_with_siblings
@@ -30,13 +30,6 @@ if TYPE_CHECKING:
 #: The server field starts from this environment variable when set (e.g. the department's DICOMweb root).
 ENV_SERVER = "CTCOLOR_DICOMWEB_SERVER"
 NO_RESULTS = "(search first)"
-
-
-@dataclass(frozen=True)
-class _Failed:
-    """A job's return value when it stopped on a `CTColorError` (shown to the user, not a crash)."""
-
-    message: str
 
 
 def series_label(row: dict) -> str:
@@ -134,11 +127,11 @@ class PacsWidget(Container):
             try:
                 return function(*args, **kwargs)
             except CTColorError as exc:  # the user's to fix (server, login, series): shown, not a crash
-                return _Failed(str(exc))
+                return Failed(str(exc))
 
         worker = create_worker(job)
         worker.returned.connect(
-            lambda result: self._failed(result.message) if isinstance(result, _Failed) else on_done(result)
+            lambda result: self._failed(result.message) if isinstance(result, Failed) else on_done(result)
         )
         worker.finished.connect(self._finished)
         self._worker = worker

@@ -1,14 +1,14 @@
 """The "Register & checkerboard" widget's output layers: the warped image (and its colorized twin), the difference,
 the Jacobian, the checkerboard and its tile edges, each placed with the fixed layer's transforms and replaced in
 place on a re-run; and the summary of the run's numbers. The tile slider and the colour toggle only redraw the
-checkerboard from the kept run. The difference shows lung and soft tissue alike, whatever the fixed layer's window
-(`difference_of`), so a window change redraws nothing.
+checkerboard from the session's run (`app.register_session`). The difference shows lung and soft tissue alike,
+whatever the fixed layer's window (`app.register_session.difference_of`), so a window change redraws nothing.
 """
 
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +18,7 @@ from napari.layers import Image
 from napari.utils import Colormap
 from qtpy.QtCore import QTimer
 
-from ..app.register_job import RegistrationResult, checkerboard, checkerboard_mask
-from ..io import ColorVolume, Volume
+from ..app.register_session import RegisterRun, RegisterSession
 from ._layers import META_KEY, put_image
 
 CHECKERBOARD, DIFFERENCE, JACOBIAN, EDGES = "checkerboard", "difference", "Jacobian", "tile edges"
@@ -47,78 +46,43 @@ TURN_GAP_MS = 20
 
 
 @dataclass
-class Inputs:
-    """What one run registers, read from the layers in the main thread.
-
-    Attributes:
-        fixed, moving: the grey volumes (own units, physical geometry).
-        fixed_color: the fixed layer's colorized twin, if any (any grid; resampled onto the fixed one in the worker).
-        moving_color: the moving layer's colorized twin, when it is to be warped too.
-        moving_name, moving_color_name: layer names, for the output layers' names.
-        moving_limits: the moving layer's contrast limits, copied to the warped layer.
-    """
-
-    fixed: Volume
-    moving: Volume
-    fixed_color: ColorVolume | None
-    moving_color: ColorVolume | None
-    moving_name: str
-    moving_color_name: str | None
-    moving_limits: tuple[float, float]
-
-
-@dataclass
-class Output:
-    """What the worker returns: the engine's result and what is derived from it off the main thread (the colours,
-    the first difference)."""
-
-    result: RegistrationResult
-    fixed_color: ColorVolume | None
-    warped_color: ColorVolume | None
-    difference: np.ndarray  # `difference_of`
-    difference_limits: tuple[float, float]
-
-
-@dataclass
 class Kept:
-    """A finished run, kept so that the tile slider and the colour toggle only redraw the checkerboard.
+    """A finished run as the viewer places it.
 
     Attributes:
-        inputs: what was registered.
-        output: the worker's output.
+        run: the session's run.
         transforms: the fixed layer's scale/translate/rotate/affine at run time (every output layer gets them).
-        fixed_limits: the fixed layer's contrast limits at run time.
         two_d: the fixed layer is 2D; output layers then show the single slice.
     """
 
-    inputs: Inputs
-    output: Output
+    run: RegisterRun
     transforms: dict[str, np.ndarray]
-    fixed_limits: tuple[float, float]
     two_d: bool
-
-
-def grey_as_color(volume: Volume, limits: tuple[float, float]) -> ColorVolume:
-    """``volume`` windowed to ``limits`` (the layer's contrast limits) as grey sRGB, for a colour checkerboard."""
-    low, high = limits
-    grey = np.clip((volume.array.astype(np.float32) - low) / max(high - low, 1e-6), 0.0, 1.0)
-    value = np.rint(grey * 255).astype(np.uint8)
-    return ColorVolume.on_grid_of(volume, np.repeat(value[..., None], 3, axis=-1))
 
 
 class RegisterOutputs:
     """The output layers of `RegisterWidget`, and their controls: the tile slider, "Checkerboard before registration"
-    and the summary line. It keeps the finished run (`kept`), so that the slider and the toggles only redraw.
+    and the summary line. The run shown (`kept`) is the session's, which the slider and the toggles only redraw
+    (`RegisterSession.checkerboard`).
 
     Args:
         viewer: the viewer the layers go into.
+        session: the widget's `RegisterSession`.
         layers: the viewer's image layers (`RegisterWidget._layers`).
         warp_color: the widget's "Warp colorized twin too" box (a colour checkerboard when it is ticked).
         closed: True once the dock is closing (nothing more is added).
     """
 
-    def __init__(self, viewer, layers: Callable[[], list[Image]], warp_color: CheckBox, closed: Callable[[], bool]):
-        self._viewer, self._layers, self.warp_color, self._closed = viewer, layers, warp_color, closed
+    def __init__(
+        self,
+        viewer,
+        session: RegisterSession,
+        layers: Callable[[], list[Image]],
+        warp_color: CheckBox,
+        closed: Callable[[], bool],
+    ):
+        self._viewer, self.session, self._layers, self.warp_color = viewer, session, layers, warp_color
+        self._closed = closed
         self.kept: Kept | None = None
         self.tile_mm = FloatSlider(label="Tile (mm)", min=2.0, max=100.0, step=1.0, value=20.0)
         self.before = CheckBox(
@@ -141,23 +105,22 @@ class RegisterOutputs:
         napari adds a layer in about 0.1 s of the main thread (its visual, its controls), so the layers are added one
         per turn of the event loop: the viewer repaints and answers the mouse in between (`_in_turns`)."""
         self.kept = kept
-        inputs, output = kept.inputs, kept.output
-        result = output.result
+        self.session.keep(kept.run)
+        run = kept.run
+        inputs, result = run.inputs, run.result
         overlay = {"opacity": OVERLAY_OPACITY, "colorbar": True, "hide": True}
         warped = f"{inputs.moving_name} warped"
         steps = [lambda: self._put(warped, result.warped.array, "warped", limits=inputs.moving_limits)]
-        if output.warped_color is not None:
+        if run.warped_color is not None:
             steps.append(
-                lambda: self._put(
-                    f"{inputs.moving_color_name} warped", output.warped_color.rgb, "warped colour", rgb=True
-                )
+                lambda: self._put(f"{inputs.moving_color_name} warped", run.warped_color.rgb, "warped colour", rgb=True)
             )
         steps += [
             lambda: self._put(
                 DIFFERENCE,
-                output.difference,
+                run.difference,
                 "difference",
-                limits=output.difference_limits,
+                limits=run.difference_limits,
                 colormap=DIFFERENCE_COLORMAP,
                 **overlay,
             ),
@@ -201,7 +164,7 @@ class RegisterOutputs:
         # The checkerboard, on top, is what the user reads first (its HU in the status bar), not the hidden tile edges
         # that were appended last.
         self._viewer.layers.selection.active = next(lyr for lyr in self._layers() if lyr.name == CHECKERBOARD)
-        m = self.kept.output.result.metrics
+        m = self.kept.run.result.metrics
         spread = m.get("jacobian_body_p1_p99", (1.0, 1.0))
         prealigned = f" (affine {m['ncc_prealigned']:.3f})" if "ncc_prealigned" in m else ""
         warnings = "".join(f"<br>⚠ {html.escape(w)}" for w in m.get("warnings", []))
@@ -225,16 +188,12 @@ class RegisterOutputs:
         kept = self.kept
         if kept is None:
             return
-        output, tile_mm, inputs = kept.output, float(self.tile_mm.value), kept.inputs
-        before = bool(self.before.value)  # the moving image as it was, resampled onto the fixed grid by position
-        if output.warped_color is not None and self.warp_color.value:
-            fixed_color = output.fixed_color or grey_as_color(inputs.fixed, kept.fixed_limits)
-            other = inputs.moving_color if before else output.warped_color
-            board = checkerboard(fixed_color, other, tile_mm)
+        colour = bool(self.warp_color.value) and kept.run.warped_color is not None
+        board = self.session.checkerboard(float(self.tile_mm.value), bool(self.before.value), colour)
+        if colour:
             self._put(CHECKERBOARD, board.rgb, "checkerboard", rgb=True)
         else:
-            board = checkerboard(inputs.fixed, inputs.moving if before else output.result.warped, tile_mm)
-            self._put(CHECKERBOARD, board.array, "checkerboard", limits=kept.fixed_limits)
+            self._put(CHECKERBOARD, board.array, "checkerboard", limits=kept.run.inputs.fixed_limits)
         if edges:
             self.redraw_edges()
 
@@ -251,7 +210,7 @@ class RegisterOutputs:
         dims = self._viewer.dims
         shown = [axis - (dims.ndim - 3) for axis in dims.order[-2:]] if dims.ndim >= 3 else [1, 2]
         axes = [1, 2] if kept.two_d else [a for a in shown if 0 <= a < 3]
-        edges = tile_edges(kept.inputs.fixed, float(self.tile_mm.value), axes)
+        edges = self.session.tile_edges(float(self.tile_mm.value), axes)
         layer = self._put(
             EDGES, edges, "tile edges", limits=(0.0, 1.0), colormap=EDGES_COLORMAP, opacity=EDGES_OPACITY, hide=True
         )
@@ -290,7 +249,7 @@ class RegisterOutputs:
         kept = self.kept
         if kept.two_d:
             data = data[0]
-        metadata = {META_KEY: {"register": role, "metrics": plain_metrics(kept.output.result.metrics)}}
+        metadata = {META_KEY: {"register": role, "metrics": plain_metrics(kept.run.result.metrics)}}
         style: dict[str, Any] = {**kept.transforms}
         if not rgb:
             style.update(contrast_limits_range=value_range(data, limits), contrast_limits=limits, colormap=colormap)
@@ -302,41 +261,6 @@ class RegisterOutputs:
         if new:
             layer.colorbar.visible = colorbar
         return layer
-
-
-def tile_edges(grid: Volume, tile_mm: float, axes: Sequence[int] = (1, 2)) -> np.ndarray:
-    """uint8 (Z, Y, X): 1 on the first voxel of each new checkerboard tile along any of ``axes`` (array axes), else 0.
-
-    With the two axes of the displayed plane, a slice shows the tiles' outlines as one-voxel lines.
-    """
-    mask = checkerboard_mask(grid.shape, grid.spacing, tile_mm)
-    edges = np.zeros(mask.shape, dtype=bool)
-    for axis in axes:
-        ahead = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
-        behind = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
-        edges[ahead] |= mask[ahead] != mask[behind]
-    return edges.view(np.uint8)
-
-
-#: The difference layer: fixed - warped in HU with both clipped to `DIFFERENCE_CLIP_HU` (air to contrast-filled
-#: vessels: a lung's and a soft tissue's misalignment alike; bone differs no more than its edge), opaque at
-#: +-`DIFFERENCE_RANGE_HU`, whatever the fixed layer's window (a soft-tissue window hid the lungs' misalignment).
-DIFFERENCE_CLIP_HU, DIFFERENCE_RANGE_HU = (-1000.0, 400.0), 400.0
-#: Below this HU somewhere in the fixed image: it is in HU (a CT); else the difference uses the fixed layer's window.
-HU_MIN = -500.0
-
-
-def difference_of(
-    fixed: np.ndarray, warped: np.ndarray, limits: tuple[float, float]
-) -> tuple[np.ndarray, tuple[float, float]]:
-    """(float32 fixed - warped with both clipped to `DIFFERENCE_CLIP_HU`, its display limits +-`DIFFERENCE_RANGE_HU`)
-    for a CT; an image not in HU (nothing below `HU_MIN`) is clipped to its window ``limits`` and shown at +- half
-    its width. Two voxels both beyond one end of the clip differ by 0."""
-    ct = float(np.min(fixed)) < HU_MIN
-    low, high = DIFFERENCE_CLIP_HU if ct else limits
-    half = DIFFERENCE_RANGE_HU if ct else (high - low) / 2
-    difference = np.clip(fixed, low, high).astype(np.float32) - np.clip(warped, low, high).astype(np.float32)
-    return difference, (-half, half)
 
 
 def value_range(data: np.ndarray, limits: tuple[float, float]) -> tuple[float, float]:

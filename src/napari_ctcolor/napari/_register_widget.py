@@ -10,13 +10,14 @@ The widget is a thin front end over `app.register_job.iter_register_job`, the jo
 - On completion it adds, or replaces on a re-run, the layers ``"<moving> warped"``, ``"checkerboard"`` (fixed vs
   warped, or vs the moving image as it was with "Checkerboard before registration"), ``"difference"`` (fixed -
   warped in HU, both clipped to -1000..400 HU: lung and soft tissue alike, whatever the fixed layer's window;
-  `_register_outputs.difference_of`) and ``"Jacobian"`` (det J), all placed with the
+  `app.register_session.difference_of`) and ``"Jacobian"`` (det J), all placed with the
   fixed layer's transforms. Difference and Jacobian are translucent overlays, clear where nothing changed (0 HU,
   det J = 1), with a colour bar; the widget states the sign conventions. ``"tile edges"`` (the tiles' outlines in
   the displayed plane) is added hidden: the user shows it from the layer list, and it stays as the user left it.
   NCC before/after, folding, time, whether the pre-alignment ran and the refinement iterations show in the widget,
   with the engine's quality warnings (also once as a napari warning).
-- The result is kept, so the tile-size slider only recomputes the checkerboard; it never registers again.
+- The result is kept (``session``, `app.register_session.RegisterSession`: the job and the run, without Qt), so the
+  tile-size slider only recomputes the checkerboard; it never registers again.
 - A layer ``"<name> colorized"`` (what "Colorize volume" makes) is the colorized twin of the grey layer ``"<name>"``.
   When the moving layer has one, the widget offers to warp it through the same displacement field; the checkerboard
   then compares the fixed layer's colorized twin (or its grey as RGB) with the warped colours.
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,20 +45,16 @@ from magicgui.widgets import (
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_warning
 
-from ..app.register_job import (
-    MAX_REFINE_ITERATIONS,
-    RegisterOutcome,
-    RegisterRequest,
-    RegistrationResult,
-    iter_register_job,
-)
-from ..errors import Cancelled, CTColorError, InputError
+from ..app.register_job import MAX_REFINE_ITERATIONS, RegisterRequest, RegistrationResult
+from ..app.register_session import RegisterInputs, RegisterSession
+from ..app.session import Failed
+from ..errors import CTColorError, InputError
 from ..io import ColorVolume, Volume
 from ..weights import find_weights
 from ._docks import attach_to_viewer, settle_heap, tab_with_siblings
-from ._jobs import Failed, JobRunner
+from ._jobs import JobRunner
 from ._layers import META_KEY, layer_attributes, volume_from_layer
-from ._register_outputs import Inputs, Kept, Output, RegisterOutputs, difference_of
+from ._register_outputs import Kept, RegisterOutputs
 from ._view import plane_buttons
 
 if TYPE_CHECKING:
@@ -133,7 +129,8 @@ class RegisterWidget(Container):
         self.status = Label(value="")
         self.status.native.setWordWrap(True)  # long text wraps instead of widening the dock over the canvas
         self._closed = False
-        self.outputs = RegisterOutputs(napari_viewer, self._layers, self.warp_color, lambda: self._closed)
+        self.session = RegisterSession()
+        self.outputs = RegisterOutputs(napari_viewer, self.session, self._layers, self.warp_color, lambda: self._closed)
         self.tile_mm, self.before, self.summary = self.outputs.tile_mm, self.outputs.before, self.outputs.summary
         super().__init__(
             widgets=[
@@ -189,8 +186,7 @@ class RegisterWidget(Container):
     @property
     def result(self) -> RegistrationResult | None:
         """The last finished registration (ddf, Jacobian, metrics), on the fixed layer's grid."""
-        kept = self.outputs.kept
-        return kept.output.result if kept is not None else None
+        return self.session.run.result if self.session.run is not None else None
 
     def run(self) -> None:
         """Start registering the moving layer to the fixed one (what the Run button does)."""
@@ -303,20 +299,21 @@ class RegisterWidget(Container):
             ) from None
         return CT_MODEL
 
-    def _inputs(self) -> tuple[Inputs, Image]:
+    def _inputs(self) -> tuple[RegisterInputs, Image]:
         """The volumes of the chosen layers and the fixed grey layer (its transforms place the outputs)."""
         if self.fixed.value is None or self.moving.value is None:
             raise InputError(f"{TITLE}: open a fixed and a moving CT first (grey image layers)")
         fixed_layer, fixed_twin = self._grey_and_color(self.fixed.value)
         moving_layer, moving_twin = self._grey_and_color(self.moving.value)
         warp = moving_twin is not None and self.warp_color.value
-        inputs = Inputs(
+        inputs = RegisterInputs(
             fixed=self._volume_of(fixed_layer),
             moving=self._volume_of(moving_layer),
             fixed_color=self._color_of(fixed_twin) if warp and fixed_twin is not None else None,
             moving_color=self._color_of(moving_twin) if warp else None,
             moving_name=moving_layer.name,
             moving_color_name=moving_twin.name if warp else None,
+            fixed_limits=tuple(float(v) for v in fixed_layer.contrast_limits),
             moving_limits=tuple(float(v) for v in moving_layer.contrast_limits),
         )
         return inputs, fixed_layer
@@ -341,73 +338,32 @@ class RegisterWidget(Container):
             show_error(str(exc))
             return
         transforms = {key: np.array(value) for key, value in layer_attributes(fixed_layer).items() if key != "metadata"}
-        fixed_limits = tuple(float(v) for v in fixed_layer.contrast_limits)
         self._stop = threading.Event()  # set by Cancel; the engine polls it inside SimpleITK's iterations
         # The total is the engine's (it depends on the model card's defaults), known from its first step; until then
         # the bar shows 0 of 1, not a busy indicator, whose animation repaints the window continuously.
         self.jobs.start(
-            self._steps,
-            (inputs, request, fixed_limits, self._stop.is_set),
+            RegisterSession.job,
+            (inputs, request, self._stop.is_set, TITLE),
             TITLE,
-            lambda output: self._returned(output, inputs, fixed_layer, transforms, fixed_limits),
+            lambda run: self._returned(run, fixed_layer, transforms),
         )
-
-    @staticmethod
-    def _steps(inputs: Inputs, request: RegisterRequest, fixed_limits: tuple[float, float], cancel: Callable[[], bool]):
-        """The registration job (`iter_register_job`: the engine, then the colour warp), then the difference
-        (``fixed_limits`` for an image not in HU; a volume's worth of arithmetic, off the main thread): yields (done,
-        total[, stage]), returns an `Output` or `Failed`."""
-        job = iter_register_job(
-            inputs.fixed, inputs.moving, request, inputs.moving_color, inputs.fixed_color, cancel=cancel
-        )
-        step = (0, 0)
-        try:
-            while True:
-                try:
-                    step = next(job)
-                except StopIteration as stop:
-                    outcome: RegisterOutcome = stop.value
-                    break
-                yield step
-        except Cancelled:
-            # Cancel stopped SimpleITK within an iteration; the worker, asked to quit, closes this generator at this
-            # yield, so the job ends as cancelled.
-            yield step[:2]
-            return None
-        except CTColorError as exc:
-            return Failed(str(exc))
-        except RuntimeError as exc:
-            # superqt takes a RuntimeError out of a worker for a deleted Qt object and ends the worker without its
-            # errored and finished signals, which would leave the widget busy for good (torch's out-of-memory error
-            # is a RuntimeError too): shown as a one-line error instead.
-            lines = str(exc).strip().splitlines() or [type(exc).__name__]
-            return Failed(f"{TITLE} failed: {lines[0]}")
-        finally:
-            job.close()  # Cancel closes this generator at a yield: the job's and the engine's finally blocks run
-        result = outcome.result
-        difference = difference_of(inputs.fixed.array, result.warped.array, fixed_limits)
-        return Output(result, outcome.fixed_color, outcome.warped_color, *difference)
 
     def _say(self, text: str) -> None:
         self.jobs.say(text)
 
-    def _returned(
-        self,
-        output: Output | Failed | None,
-        inputs: Inputs,
-        fixed_layer: Image,
-        transforms: dict[str, np.ndarray],
-        fixed_limits: tuple[float, float],
-    ) -> None:
-        if self._closed or output is None:  # closed, or cancelled inside SimpleITK (`_steps`)
+    def _returned(self, run, fixed_layer: Image, transforms: dict[str, np.ndarray]) -> None:
+        """The job's end in the main thread: a `RegisterRun` shown, a `Failed` said, None (cancelled) dropped."""
+        if self._closed or run is None:  # closed, or cancelled inside SimpleITK (`RegisterSession.steps`)
             return
-        if isinstance(output, Failed):
-            show_error(output.message)
+        if isinstance(run, Failed):
+            show_error(run.message)
             return
         if not any(layer is fixed_layer for layer in self._viewer.layers):  # deleted during the run: no orphans
             self._say(f"{TITLE}: the fixed layer was removed; result dropped")
             return
-        kept = Kept(inputs, output, transforms, fixed_limits, fixed_layer.ndim == 2)
-        warnings = output.result.metrics.get("warnings", [])
-        self.outputs.show(kept, then=lambda: warnings and show_warning(f"{TITLE}: " + "; ".join(warnings)))
+        warnings = run.result.metrics.get("warnings", [])
+        self.outputs.show(
+            Kept(run, transforms, fixed_layer.ndim == 2),
+            then=lambda: warnings and show_warning(f"{TITLE}: " + "; ".join(warnings)),
+        )
         # (the layers are added first: a doubtful result is shown, and said so once)
