@@ -4,7 +4,9 @@
 colorizer-2d is trained on both labelled patients, so its card's held-out rows come from its leave-one-out models
 (the same recipe less one patient, shipped in weights/validation/ for this test): each is run through the CLI on the
 patient it never saw, and the figures are recomputed by the same `color_metrics`, `class_metrics` and
-`tissue_metrics` as the card, from the CLI's own output files, so the card, the engine and the command must agree.
+`tissue_metrics` as the card, from the CLI's own class map and colours (the other windows the figures read composed
+in process from the same network, once equal to the CLI's: `cli_render`), so the card, the engine and the command
+must agree.
 The unlabelled chest CT held out of every training (lung1) is the shipped model's own held-out row.
 """
 
@@ -20,7 +22,7 @@ import pytest
 import SimpleITK as sitk
 
 from napari_ctcolor.color import srgb_to_lab
-from napari_ctcolor.engines.colorize import predict_chroma
+from napari_ctcolor.engines.colorize import compose_chroma, predict_chroma
 from napari_ctcolor.engines.device import cpu_bf16
 from napari_ctcolor.io import read_volume
 from napari_ctcolor.training.data import LabelledCT, load_real_case
@@ -28,7 +30,7 @@ from napari_ctcolor.training.evaluate import class_metrics, color_metrics, tissu
 from napari_ctcolor.weights import find_weights, load_colorizer
 from napari_ctcolor.windowing import PRESETS
 
-from conftest import CT_DIR, DICOM_SERIES, LUMINANCE_BOUND, require_shared
+from conftest import CT_DIR, DICOM_SERIES, LUMINANCE_BOUND, assert_same_colors, require_shared
 
 PALETTES = ("anatomical", "dicom")
 #: Organs and vessels: a colour class a limb or a vertebra crop must not take.
@@ -55,23 +57,40 @@ def validation_case(model_card: dict, name: str) -> tuple[LabelledCT, Path]:
     return load_real_case(CT_DIR.parent, entry[0], entry[1]), source
 
 
+#: The renders `cli_render` takes from ``ctcolor colorize`` processes: the card's display window in both palettes.
+THROUGH_CLI = (("abdomen", "dicom"), ("abdomen", "anatomical"))
+
+
 def cli_render(tmp_path, model: str, source: Path = DICOM_SERIES):
-    """render(window, palette) for `color_metrics`: one `ctcolor colorize` process of ``source`` per window and
-    palette. The first also writes the class map (``--classes``) to tmp_path / "classes.nii.gz"."""
+    """render(window, palette) for `color_metrics`: one ``ctcolor colorize`` process of ``source`` for each window and
+    palette of `THROUGH_CLI` (the first also writes the class map, ``--classes``, to tmp_path / "classes.nii.gz"),
+    and every other window composed in this process from one run of the network (`predict_chroma`, `compose_chroma`:
+    the code the command runs), once its colours are those of the processes within `assert_same_colors`' bound. A
+    card's figures read 10-20 windows; a process for each took 150-200 s of a test (2026-11-27, 2-core AMD EPYC)."""
     done: dict[tuple, np.ndarray] = {}
+    volume = read_volume(source)
+    chroma = predict_chroma(volume, model, device="cpu")  # the command's precision on this CPU (`cpu_bf16`)
+
+    def composed(centre: float, width: float, palette: str) -> np.ndarray:
+        return compose_chroma(volume, chroma, (centre, width), 1.0, "cpu", palette).rgb
+
+    for number, (win, palette) in enumerate(THROUGH_CLI):
+        centre, width = PRESETS[win]
+        out = tmp_path / f"{number}.nii.gz"
+        command = [sys.executable, "-m", "napari_ctcolor", "colorize", str(source), "-o", str(out)]
+        command += ["--model", model, "--palette", palette, "--window", f"{centre},{width}", "--device", "cpu"]
+        command += [] if number else ["--classes", str(tmp_path / "classes.nii.gz")]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        rgb = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))  # (Z, Y, X, 3), the CT's grid
+        assert_same_colors(rgb, composed(centre, width, palette), f"{win} {palette}")
+        done[(centre, width, palette)] = rgb
 
     def render(win, palette: str) -> np.ndarray:
         centre, width = PRESETS[win] if isinstance(win, str) else win
         key = (centre, width, palette)
         if key not in done:
-            out = tmp_path / f"{len(done)}.nii.gz"
-            command = [sys.executable, "-m", "napari_ctcolor", "colorize", str(source), "-o", str(out)]
-            command += ["--model", model, "--palette", palette, "--window", f"{centre},{width}", "--device", "cpu"]
-            command += [] if done else ["--classes", str(tmp_path / "classes.nii.gz")]
-            # "--window -600,1500" works too: the CLI reads a negative centre as the option's value
-            result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-            assert result.returncode == 0, result.stderr
-            done[key] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))  # (Z, Y, X, 3), the CT's grid
+            done[key] = composed(centre, width, palette)
         return done[key]
 
     return render
@@ -146,7 +165,6 @@ def test_held_out_chest_ct_through_the_cli_matches_the_model_card(tmp_path):
     assert all(row["case"] not in str(entry) for entry in card["training"]["config"]["real_partial"])
     source = require_shared(CT_DIR / f"{row['case']}.nrrd")
     render = cli_render(tmp_path, "colorizer-2d", source)
-    render("lung", "anatomical")  # the first run writes the class map
     labels = cli_classes(tmp_path, net.config.classes)
     tissues = tissue_metrics(read_volume(source), labels, net.config.classes, render)
     print(json.dumps(tissues))
