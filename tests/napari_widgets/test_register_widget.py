@@ -23,7 +23,7 @@ from napari_ctcolor.app.register_session import tile_edges
 from napari_ctcolor.engines.checkerboard import checkerboard_mask
 from napari_ctcolor.engines.register import global_ncc, load_registration_model
 from napari_ctcolor.io import Volume, read_volume, write_nifti
-from napari_ctcolor.napari import _register_widget
+from napari_ctcolor.napari import _register_outputs, _register_widget
 from napari_ctcolor.napari._layers import image_layer_data, layer_attributes
 from napari_ctcolor.napari._register_widget import MODEL_FILE, TITLE, RegisterWidget
 from napari_ctcolor.windowing import window
@@ -160,7 +160,7 @@ def assert_on_fixed_grid(out, fixed) -> None:
 
 
 def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slider_only_redraws(
-    make_napari_viewer, qtbot, pair, engine_calls, errors
+    make_napari_viewer, qtbot, pair, engine_calls, errors, monkeypatch
 ):
     viewer = make_napari_viewer()
     fixed = viewer.open(str(CT), plugin=PLUGIN)[0]
@@ -188,11 +188,13 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     assert 0 < edges.data.mean() < 0.3 and edges.data.reshape(edges.data.shape[0], -1).mean(axis=1).max() < 0.3
     view_buttons = {button.text: button for button in widget[-1]}
     view_buttons["Coronal"].native.click()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)  # the outlines are redrawn in a worker
     np.testing.assert_array_equal(edges.data, tile_edges(pair.fixed, 20.0, (0, 2)))
     for shown in (True, False):  # the user shows the outlines, then hides them again
         edges.visible = shown
         for plane in ("Sagittal", "Axial", "Coronal", "Axial"):
             view_buttons[plane].native.click()
+            qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
             assert edges.visible is shown, plane
     np.testing.assert_array_equal(edges.data, tile_edges(pair.fixed, 20.0, (1, 2)))
     np.testing.assert_allclose(warped.contrast_limits, moving.contrast_limits)
@@ -244,15 +246,25 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     mask = checkerboard_mask(fixed.data.shape, pair.fixed.spacing, 20.0)
     np.testing.assert_array_equal(board.data, np.where(mask, fixed.data, result.warped.array))
     drawn = board.data.copy()
-    widget.tile_mm.value = 35.0
-    assert layer(viewer, "checkerboard") is board and not widget.busy
+    # A slider dragged through many values: each redraw is computed in a worker, and while one is, only the newest
+    # value waits; the checkerboard ends at the last value.
+    computed = []
+    draw = _register_outputs._board_images
+    monkeypatch.setattr(_register_outputs, "_board_images", lambda *a: (computed.append(a[1].tile_mm), draw(*a))[1])
+    for tile in (10.0, 14.0, 18.0, 22.0, 26.0, 35.0):
+        widget.tile_mm.value = tile
+    assert widget.busy
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+    assert computed == [10.0, 35.0] and layer(viewer, "checkerboard") is board
     mask = checkerboard_mask(fixed.data.shape, pair.fixed.spacing, 35.0)
     np.testing.assert_array_equal(board.data, np.where(mask, fixed.data, result.warped.array))
     assert not np.array_equal(board.data, drawn)
     # "Before registration": the same tiles from the moving image as it was (same grid here), then back.
     widget.before.value = True
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
     np.testing.assert_array_equal(board.data, np.where(mask, fixed.data, moving.data))
     widget.before.value = False
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
     np.testing.assert_array_equal(board.data, np.where(mask, fixed.data, result.warped.array))
     assert len(engine_calls) == 1
 
@@ -283,6 +295,7 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
 
     # Unticking the colour warp redraws the grey checkerboard from the kept result, again without registering.
     widget.warp_color.value = False
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
     board = layer(viewer, "checkerboard")
     assert not board.rgb and len(engine_calls) == 2
     np.testing.assert_array_equal(board.data, np.where(mask, fixed.data, widget.result.warped.array))

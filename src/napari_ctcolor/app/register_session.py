@@ -9,10 +9,11 @@ the tests drive it without a viewer.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..engines.geometry import resample_onto, same_grid
 from ..errors import Cancelled
 from ..io import ColorVolume, Volume
 from .register_job import (
@@ -71,6 +72,20 @@ class RegisterRun:
     warped_color: ColorVolume | None
     difference: np.ndarray
     difference_limits: tuple[float, float]
+    _moved: dict[bool, Volume | ColorVolume] = field(default_factory=dict, repr=False)
+
+    def moving_on_fixed(self, colour: bool) -> Volume | ColorVolume:
+        """The moving image (``colour``: its colorized twin) as it was, resampled onto the fixed grid by position
+        (linear; outside: the grey image's minimum, black): kept once made."""
+        if colour not in self._moved:
+            fixed, moving = self.inputs.fixed, self.inputs.moving_color if colour else self.inputs.moving
+            if same_grid(moving, fixed):
+                self._moved[colour] = moving
+            elif colour:
+                self._moved[colour] = ColorVolume.on_grid_of(fixed, resample_onto(moving, fixed), **moving.settings)
+            else:
+                self._moved[colour] = fixed.with_array(resample_onto(moving, fixed))
+        return self._moved[colour]
 
 
 class RegisterSession:
@@ -124,18 +139,21 @@ class RegisterSession:
         """``run`` is the one shown from now on."""
         self.run = run
 
-    def checkerboard(self, tile_mm: float, before: bool, colour: bool) -> Volume | ColorVolume:
+    def checkerboard(
+        self, tile_mm: float, before: bool, colour: bool, run: RegisterRun | None = None
+    ) -> Volume | ColorVolume:
         """The fixed image and the warped one (``before``: the moving one as it was, on the fixed grid by position) in
         alternating cubes of ``tile_mm``; with ``colour`` and warped colours, the colorized twins (the fixed CT's grey
-        in its window where it has none)."""
-        run = self.run
+        in its window where it has none). Of ``run``, else the session's. The moving image is resampled onto the
+        fixed grid once per run, the first time ``before`` asks for it (a second's work on a 512² CT)."""
+        run = run or self.run
         if run is None:
             raise ValueError("no registration yet")
         inputs = run.inputs
         if colour and run.warped_color is not None:
             fixed_color = run.fixed_color or grey_as_color(inputs.fixed, inputs.fixed_limits)
-            return checkerboard(fixed_color, inputs.moving_color if before else run.warped_color, tile_mm)
-        return checkerboard(inputs.fixed, inputs.moving if before else run.result.warped, tile_mm)
+            return checkerboard(fixed_color, run.moving_on_fixed(colour=True) if before else run.warped_color, tile_mm)
+        return checkerboard(inputs.fixed, run.moving_on_fixed(colour=False) if before else run.result.warped, tile_mm)
 
     def tile_edges(self, tile_mm: float, axes: Sequence[int] = (1, 2)) -> np.ndarray:
         """`tile_edges` of the run's checkerboard at ``tile_mm``."""

@@ -953,7 +953,7 @@ def run_bench(
     rows: list[dict] = []
     if "colorize" in only:
         log("colorize" + " (quick)" * quick)
-        rows += bench_colorize(slices=4, repeats=2) if quick else bench_colorize(slices=60, repeats=5)
+        rows += bench_colorize(slices=4, repeats=1) if quick else bench_colorize(slices=60, repeats=5)
     if "pipeline" in only:
         log("pipeline (network alone, in process and whole processes, per device" + ", quick: 20 slices" * quick + ")")
         rows += bench_pipeline(quick=quick, repeats=1 if quick else 3)

@@ -175,8 +175,8 @@ class RegisterWidget(Container):
 
     @property
     def busy(self) -> bool:
-        """True while a registration runs, until its layers are all shown."""
-        return self.jobs.busy or self.outputs.turns > 0
+        """True while a registration runs, until its layers are all shown, and while the checkerboard is redrawn."""
+        return self.jobs.busy or self.outputs.busy
 
     @property
     def worker(self):
