@@ -204,13 +204,15 @@ def test_colorize_window_and_3d_never_stall_the_viewer(make_napari_viewer, qtbot
 
 def test_registration_never_stalls_the_viewer(make_napari_viewer, qtbot, monkeypatch):
     """The 3 mm cut registered to a shifted copy of itself, from Run until the warped image, checkerboard, difference
-    and Jacobian are shown."""
+    and Jacobian are shown; then the tile slider dragged and the checkerboard before registration (the moving image
+    placed 3 mm off the fixed grid: resampled onto it), each redrawn in a worker."""
     errors: list[str] = []
     monkeypatch.setattr(_register_widget, "show_error", errors.append)
     require_shared(CUT)
     viewer = make_napari_viewer(show=True)
     fixed = viewer.open(str(CUT), plugin=PLUGIN)[0]
     placement = {k: v for k, v in layer_attributes(fixed).items() if k != "metadata"}
+    placement["translate"] = np.asarray(placement["translate"]) + (0.0, 3.0, 0.0)
     moving = viewer.add_image(np.roll(fixed.data, 2, axis=2), name="moved", **placement)
     widget = open_register(viewer, fixed, moving)
     qtbot.wait(500)
@@ -221,4 +223,12 @@ def test_registration_never_stalls_the_viewer(make_napari_viewer, qtbot, monkeyp
         qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
         qtbot.wait(200)
     assert f"{moving.name} warped" in viewer.layers and not errors, (errors, widget.status.value)
-    assert stalls["register"] <= LAYERS_PER_TURN * add + MARGIN_S, stalls
+    for what, value in (("tile slider", (10.0, 14.0, 18.0, 35.0)), ("before registration", (True,))):
+        control = widget.tile_mm if what == "tile slider" else widget.before
+        with meter.measure(what, stalls):
+            for step in value:
+                control.value = step
+            qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+            qtbot.wait(200)
+    ours = ("register", "tile slider", "before registration")
+    assert not errors and max(stalls[what] for what in ours) <= LAYERS_PER_TURN * add + MARGIN_S, stalls

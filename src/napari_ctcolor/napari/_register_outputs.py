@@ -116,6 +116,7 @@ class RegisterOutputs:
         self.turns = 0  # steps of showing a result still to run (`_in_turns`)
         self._edges_hidden_for_3d = False  # the 3D view hid the tile edges the user had shown
         self._board_worker = self._board_pending = None  # the checkerboard being computed, the newest request waiting
+        self._drawn_axes: list[int] | None = None  # the array axes of the tile outlines shown
         self.tile_mm.changed.connect(self.redraw_checkerboard)
         self.before.changed.connect(self.redraw_checkerboard)
         warp_color.changed.connect(self.redraw_checkerboard)
@@ -230,8 +231,15 @@ class RegisterOutputs:
         self._board_pending = wanted
 
     def redraw_edges(self, *_: Any) -> None:
-        """The view's planes changed: the tile outlines follow them (`redraw_checkerboard`)."""
-        self.redraw_checkerboard()
+        """The view changed: the tile outlines are hidden in 3D and shown again on return to 2D (`_show_edges`), and
+        follow the plane on screen (`redraw_checkerboard`, when its axes changed and the outlines are still in the
+        viewer: a view changing as the viewer closes starts no work)."""
+        kept, layer = self.kept, next((lyr for lyr in self._layers() if lyr.name == EDGES), None)
+        if kept is None or layer is None or self._closed():
+            return
+        self._show_edges(layer)
+        if self._edge_axes(kept) != self._drawn_axes:
+            self.redraw_checkerboard()
 
     def _edge_axes(self, kept: Kept) -> list[int]:
         """The CT's array axes of the plane on screen (a 2D CT: its own two)."""
@@ -260,6 +268,7 @@ class RegisterOutputs:
             limits = wanted.kept.run.inputs.fixed_limits
             steps = [lambda: self._put(CHECKERBOARD, board.array, "checkerboard", limits=limits)]
         steps.append(lambda: self._put_edges(edges))
+        self._drawn_axes = wanted.axes
         self._in_turns(wanted.kept, steps + ([wanted.then] if wanted.then is not None else []))
 
     def _board_done(self) -> None:
@@ -278,6 +287,10 @@ class RegisterOutputs:
         layer = self._put(
             EDGES, edges, "tile edges", limits=(0.0, 1.0), colormap=EDGES_COLORMAP, opacity=EDGES_OPACITY, hide=True
         )
+        self._show_edges(layer)
+
+    def _show_edges(self, layer: Image) -> None:
+        """A shown outline layer is hidden in 3D and shown again on return to 2D."""
         ndisplay = self._viewer.dims.ndisplay
         if ndisplay == 3 and layer.visible:
             layer.visible = False
