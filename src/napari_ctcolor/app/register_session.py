@@ -2,8 +2,8 @@
 
 A session runs the register job and what a reader looks at after it (the difference, off the main thread), keeps the
 finished run, and derives from it what the panel's controls redraw without registering again: the checkerboard at a
-tile size, before or after registration, in grey or in colour, and its tile edges. The dock only shows the session:
-the tests drive it without a viewer.
+tile size, before or after registration, in grey or in colour, and its tile edges (`tile_edges`). The dock only
+shows the session: the tests drive it without a viewer.
 """
 
 from __future__ import annotations
@@ -154,10 +154,6 @@ class RegisterSession:
             fixed_color = run.fixed_color or grey_as_color(inputs.fixed, inputs.fixed_limits)
             return checkerboard(fixed_color, run.moving_on_fixed(colour=True) if before else run.warped_color, tile_mm)
         return checkerboard(inputs.fixed, run.moving_on_fixed(colour=False) if before else run.result.warped, tile_mm)
-
-    def tile_edges(self, tile_mm: float, axes: Sequence[int] = (1, 2)) -> np.ndarray:
-        """`tile_edges` of the run's checkerboard at ``tile_mm``."""
-        return tile_edges(self.run.inputs.fixed, tile_mm, axes)
 
 
 def tile_edges(grid: Volume, tile_mm: float, axes: Sequence[int] = (1, 2)) -> np.ndarray:

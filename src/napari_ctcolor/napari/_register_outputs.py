@@ -1,8 +1,8 @@
 """The "Register & checkerboard" widget's output layers: the warped image (and its colorized twin), the difference,
 the Jacobian, the checkerboard and its tile edges, each placed with the fixed layer's transforms and replaced in
-place on a re-run; and the summary of the run's numbers. The tile slider and the colour toggle only redraw the
-checkerboard from the session's run (`app.register_session`). The difference shows lung and soft tissue alike,
-whatever the fixed layer's window (`app.register_session.difference_of`), so a window change redraws nothing.
+place on a re-run; and the summary of the run's numbers. The tile slider and the toggles only redraw the
+checkerboard from the session's run (`app.register_session`), in a worker. The difference shows lung and soft tissue
+alike, whatever the fixed layer's window (`app.register_session.difference_of`), so a window change redraws nothing.
 """
 
 from __future__ import annotations
