@@ -157,7 +157,7 @@ def iter_register(
         del f_ab, f_ba
     yield stages.step("refinement" if plan.iterations else "warping")
     if plan.iterations:
-        with stages("refine"):
+        with stages("refine", polled=False):
             fields = yield from _stages.refine(plan, pair, fields, stages, cancel)
         yield stages.step("warping")
     with stages("warp"), torch.inference_mode():
