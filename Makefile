@@ -40,7 +40,7 @@ lint: setup
 # (marker `numeric`) again in one process on 2 threads: a CPU's floats depend on the thread count, and every claim
 # must hold on both (tests/conftest.py); with them the viewer's responsiveness tests (marker `alone`), which need the
 # machine to themselves.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: lint
 	CTCOLOR_TEST_THREADS=1 xvfb-run -a $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not alone"
 	CTCOLOR_TEST_THREADS=2 xvfb-run -a $(PY) -m pytest -m "numeric or alone"

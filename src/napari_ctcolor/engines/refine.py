@@ -309,7 +309,7 @@ def _inverse(image: sitk.Image) -> np.ndarray:
         meanErrorToleranceThreshold=INVERSE_MEAN_ERROR,
         enforceBoundaryCondition=False,  # the map may move the border (a pre-aligned 20 mm shift)
     )
-    return sitk.GetArrayViewFromImage(inverse)
+    return sitk.GetArrayFromImage(inverse)  # a copy: a view would outlive the image it reads
 
 
 def upsample_binned(small: np.ndarray, factors: tuple[int, ...], shape: tuple[int, int, int]) -> np.ndarray:
