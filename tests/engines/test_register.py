@@ -519,7 +519,8 @@ def test_cancel_stops_a_stage_between_its_torch_operations(ct):
 def test_cancel_stops_simpleitk_within_an_iteration_of_the_prealignment_and_the_refinement(ct):
     """Cancel polled inside SimpleITK's own iterations (`prealign.stop_on_cancel`): the pre-alignment of the 3 mm
     cut against a turned copy and a demons call of 40 iterations at full resolution stop at the iteration after
-    Cancel, not at the end of the call (hundreds of optimiser iterations; 40 demons iterations)."""
+    Cancel, not at the end of the call (hundreds of optimiser iterations; 40 demons iterations); the refinement's
+    set-up stops between its filters."""
     from napari_ctcolor.engines.refine import refine_field
 
     turned, _ = _rigid_motion(ct, 5.0, (8.0, 0.0, 0.0))
@@ -534,11 +535,16 @@ def test_cancel_stops_simpleitk_within_an_iteration_of_the_prealignment_and_the_
     polls.clear()
     seed = np.zeros((*ct.shape, 3))
     fixed = ct.with_array(np.clip((ct.array.astype(np.float32) + 1000) / 2000, 0, 1))
-    refining = refine_field(fixed, fixed.with_array(np.roll(fixed.array, 2, axis=2)), seed, 40, cancel_after(2))
-    with pytest.raises(Cancelled, match="refinement"):
-        while True:
-            next(refining)
-    assert len(polls) == 4  # stopped inside the first demons call
+    moved = fixed.with_array(np.roll(fixed.array, 2, axis=2))
+    # The set-up polls 8 times: before and after the histogram matching, and after each image's three smoothings.
+    setup = 8
+    for n, polled in ((3, 4), (setup + 2, setup + 4)):  # stopped inside the set-up; inside the first demons call
+        polls.clear()
+        refining = refine_field(fixed, moved, seed, 40, cancel_after(n))
+        with pytest.raises(Cancelled, match="refinement"):
+            while True:
+                next(refining)
+        assert len(polls) == polled, n
 
 
 def test_refinement_levels_coarsen_the_fine_axes_to_at_most_4_mm_and_keep_thick_slices():
