@@ -35,13 +35,12 @@ lint: setup
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mkdocs build --strict --quiet
 
-# The whole suite in TEST_WORKERS pytest-xdist processes of 1 torch thread each (three on two cores: much of a test's
-# time is a ctcolor process starting, reading or writing, or a viewer waiting, which leaves a core idle; worksteal
-# hands a free worker the tests another has not begun), then the tests that compare runs or official outputs
+# The whole suite in TEST_WORKERS pytest-xdist processes of 1 torch thread each (the 2 cores busy; worksteal hands a
+# free worker the tests another has not begun), then the tests that compare runs or official outputs
 # (marker `numeric`) again in one process on 2 threads: a CPU's floats depend on the thread count, and every claim
 # must hold on both (tests/conftest.py); with them the viewer's responsiveness tests (marker `alone`), which need the
 # machine to themselves.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 test: lint
 	CTCOLOR_TEST_THREADS=1 xvfb-run -a $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not alone"
 	CTCOLOR_TEST_THREADS=2 xvfb-run -a $(PY) -m pytest -m "numeric or alone"
