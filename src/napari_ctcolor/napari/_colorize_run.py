@@ -103,7 +103,7 @@ class RunAndRecompose:
         limits = tuple(float(v) for v in layer.contrast_limits)
         try:
             volume = self._owner._volume_of(layer)
-            request = self._request(volume, layer.ndim == 3 and ColorizeSession.finds_contrast(volume, limits))
+            request = self._request(volume, ColorizeSession.finds_contrast(volume, limits))
         except CTColorError as exc:
             self._owner._error(str(exc))
             return
