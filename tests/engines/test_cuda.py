@@ -10,7 +10,7 @@ Tolerances come from the arithmetic, not from bit equality across devices:
 - register with the CT weights: the network runs in bfloat16 on CUDA; the field it seeds is refined by the same CPU
   demons on both, so the two ddfs may differ by a fraction of a voxel where the images give no contrast. Bounded in the
   body at a tenth of the 3 mm voxel on average, a voxel at the 99th percentile, and the warped labels' Dice within
-  0.01.
+  0.01. The inverse of the refined map is computed on each device (`register.inverse`) within the same bounds.
 - register with the official checkpoint: float32 on CUDA, without TF32 convolutions, so parity with the official
   reference holds to the same 1e-3 as on the CPU.
 
@@ -82,14 +82,15 @@ def test_cli_register_ct_on_cuda_gives_the_cpu_registration(tmp_path):
         folder = tmp_path / f"{k}-{device}"
         run("register", *map(str, paths), "-o", str(folder), "--device", device)
         metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-        ddf = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "ddf.nii.gz")))
-        out[device] = metrics, ddf
+        fields = (sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{f}.nii.gz"))) for f in ("ddf", "inverse_ddf"))
+        out[device] = metrics, *fields
         assert metrics["folding_fraction"] <= 5e-4 and not metrics["warnings"], (device, metrics["warnings"])
     assert out["cuda"][0]["network_dtype"] == "bfloat16"
     body = ct.array > -500
     gap = np.linalg.norm(out["cuda"][1] - out["cpu"][1], axis=-1)[body]
+    inverse_gap = np.linalg.norm(out["cuda"][2] - out["cpu"][2], axis=-1)[body]  # inverted on each device
     dice = {}
-    for device, (_, ddf) in out.items():
+    for device, (_, ddf, _) in out.items():
         warped = warp(moving_labels, ct, ddf, "nearest", 0)
         organs = labels.array > 0
         dice[device] = (
@@ -97,10 +98,12 @@ def test_cli_register_ct_on_cuda_gives_the_cpu_registration(tmp_path):
         )
     print(
         f"\nsymnet-ct cuda vs cpu: ddf gap {gap.mean():.3f} / {np.percentile(gap, 99):.3f} mm (mean / p99), "
+        f"inverse {inverse_gap.mean():.3f} / {np.percentile(inverse_gap, 99):.3f} mm, "
         f"Dice {dice['cuda']:.4f} / {dice['cpu']:.4f}, seconds {out['cuda'][0]['seconds']:.1f} / "
         f"{out['cpu'][0]['seconds']:.1f}"
     )
     assert gap.mean() <= 0.3 and np.percentile(gap, 99) <= 3.0
+    assert inverse_gap.mean() <= 0.3 and np.percentile(inverse_gap, 99) <= 3.0
     assert abs(dice["cuda"] - dice["cpu"]) <= 0.01
 
 

@@ -31,8 +31,7 @@ a 4 mm grid gained 0.003 Dice in 45 s.
   of `SMOOTHING_VOXELS` after every iteration, which keeps it smooth: folding 0 on the 3 mm CT's and the chest CTs'
   pairs, at most 0.027 % of the voxels on the DICOM series' (BENCHMARKS.md, 2026-11-24, "CT registration refined on
   local structure").
-- The inverse field, which SYMNet gets by construction, is computed by ITK's fixed-point inversion
-  (``sitk.InvertDisplacementField``) on a grid of about 2 mm; `invert_field`.
+- The inverse of the refined map, which SYMNet gets by construction, is `register.inverse.invert_field`.
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -48,6 +48,9 @@ from ..errors import Cancelled, InputError
 from ..io import Volume
 from .geometry import resample_onto, same_grid
 from .prealign import stop_on_cancel
+
+if TYPE_CHECKING:
+    import torch
 
 #: Weight of each image's local structure added to its intensities (`_local_structure`; unit local variance against
 #: intensities in [0, 1]: 0.1 is the step of 200 HU under the CT weights' window).
@@ -111,19 +114,6 @@ SMOOTHING_VOXELS = 1.5
 #: output and update buffers, the inverse and its iteration), the two float32 images, their matched copy and the
 #: local-structure temporaries (`_local_structure`: six float32 arrays while an image is made).
 REFINE_BYTES_PER_VOXEL = 224
-#: Inversion: on a grid of boxes of whole voxels no larger than INVERSE_MM along each axis (axes at least half as fine
-#: box-averaged), then upsampled; ITK's fixed-point iterations and its stopping tolerances (voxels). The mean tolerance
-#: is rarely met, so the count decides the time: 10 iterations instead of 20 took 0.14 s instead of 0.35 s on a 3 mm
-#: pair, with the forward and inverse fields' round trip (`ctcolor register`'s inverse_consistency_mm) 0.030 -> 0.031
-#: mm there, 0.106 -> 0.092 on a DICOM pair, 0.086 -> 0.092 on lung1, 0.051 -> 0.052 on popi, 0.35 -> 0.23 and 0.50 ->
-#: 0.48 on the CLI test's rigid motions of 8 and 10 degrees; 6 iterations doubled it (issue 23, 2026-11-25). Boxes of
-#: up to 3 mm instead of about 2 mm (2 CPU threads, 2026-11-26): a 164 x 126 x 120 chest CT of 1.5 mm voxels 1.0 ->
-#: 0.2 s, round trip 0.017 -> 0.068 mm; a DICOM pair (0.98 mm pixels) 0.7 -> 0.4 s, 0.09 -> 0.18 mm: a fifth of a
-#: voxel at most, against a warning at 1 mm.
-INVERSE_MM = 3.0
-INVERSE_ITERATIONS = 10
-INVERSE_MAX_ERROR = 0.1
-INVERSE_MEAN_ERROR = 0.001
 
 
 @dataclass(frozen=True)
@@ -241,6 +231,29 @@ def _local_structure(image: sitk.Image, check: Callable[[], None] = lambda: None
     return image + LOCAL_WEIGHT * sitk.Divide(weight * deviation, std)
 
 
+def cancel_check(cancel: Callable[[], bool] | None) -> Callable[[], None]:
+    """A function that raises `Cancelled` once ``cancel()`` is True (a no-op without ``cancel``)."""
+
+    def check() -> None:
+        if cancel is not None and cancel():
+            raise Cancelled("registration cancelled during the refinement")
+
+    return check
+
+
+def demons_images(fixed: Volume, moving: Volume, check: Callable[[], None]) -> tuple[sitk.Image, sitk.Image]:
+    """The two images demons compares, on the fixed grid (see the module's notes): the moving one sampled onto the
+    fixed grid where it lies on another (linear, 0 outside) and histogram matched to the fixed one, each plus its local
+    structure. ``check`` runs between the filters (each takes about a second on a 512² CT of 141 slices)."""
+    fixed_image = _image(fixed.array, fixed)
+    if not same_grid(moving, fixed):
+        moving = Volume(resample_onto(moving, fixed, default=0.0), fixed.spacing, fixed.origin, fixed.direction)
+    check()
+    matched = sitk.HistogramMatching(_image(moving.array, moving), fixed_image, 256, 7, True)
+    check()
+    return _local_structure(fixed_image, check), _local_structure(matched, check)
+
+
 def refine_field(
     fixed: Volume, moving: Volume, seed_mm: np.ndarray, iterations: int, cancel: Callable[[], bool] | None = None
 ) -> Generator[None, None, np.ndarray]:
@@ -261,29 +274,20 @@ def refine_field(
     Returns:
         (Z, Y, X, 3) float64, LPS mm, same convention as the seed.
     """
-    fixed_image = _image(fixed.array, fixed)
-    if not same_grid(moving, fixed):
-        moving = Volume(resample_onto(moving, fixed, default=0.0), fixed.spacing, fixed.origin, fixed.direction)
-
-    def check() -> None:  # between the set-up's filters: each takes about a second on a 512² CT of 141 slices
-        if cancel is not None and cancel():
-            raise Cancelled("registration cancelled during the refinement")
-
-    check()
-    matched = sitk.HistogramMatching(_image(moving.array, moving), fixed_image, 256, 7, True)
-    check()
-    moving_image, fixed_image = _local_structure(matched, check), _local_structure(fixed_image, check)
-    del matched
+    check = cancel_check(cancel)
+    fixed_image, moving_image = demons_images(fixed, moving, check)
     field = _image(seed_mm, fixed, np.float64)
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetStandardDeviations(SMOOTHING_VOXELS)
     stop_on_cancel(demons, cancel)
+    previous = (1, 1, 1)
     for factors, count in levels(fixed.spacing, iterations):
         if max(factors) > 1:  # box averages over the same extent (BinShrink), as the network's working grid is made
             level_fixed, level_moving = sitk.BinShrink(fixed_image, factors), sitk.BinShrink(moving_image, factors)
         else:
             level_fixed, level_moving = fixed_image, moving_image
-        field = sitk.Resample(field, level_fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+        field = _onto_level(field, level_fixed, previous, factors, fixed)
+        previous = factors
         demons.SetMaximumUpdateStepLength(THIRION_STEP if max(factors) > 1 else step_length(fixed.spacing))
         for chunk in _level_chunks(count):
             demons.SetNumberOfIterations(chunk)
@@ -295,48 +299,30 @@ def refine_field(
     return sitk.GetArrayFromImage(field)
 
 
-def invert_field(field_mm: np.ndarray, grid: Volume) -> np.ndarray:
-    """The inverse of a (Z, Y, X, 3) LPS displacement in mm on ``grid``, sampled at the same grid's points (ITK's
-    fixed-point inversion), as float32.
+def _onto_level(field: sitk.Image, level: sitk.Image, previous: tuple, factors: tuple, grid: Volume) -> sitk.Image:
+    """``field`` resampled linearly onto ``level``'s grid (demons' starting field there). From a coarser level onto the
+    full grid in torch (`upsample_binned`, the same values within 1e-5 mm; 8 s of the level change on a 512² CT of 141
+    slices had been ``sitk.Resample`` of the float64 vector image); otherwise by SimpleITK."""
+    if max(previous) > 1 and max(factors) == 1:
+        import torch
 
-    Axes of voxels up to half `INVERSE_MM` are inverted on a grid averaged by whole voxels to at most that size and the
-    inverse is upsampled (linear, `upsample_binned`): on the 512 x 512 x 20 DICOM series (0.98 mm pixels) boxes of
-    about 2 mm took 1.2 s instead of 4.4 s, and on a smooth field of up to 10 mm the round trip stayed within 0.001 mm
-    (p95) of the full-grid inversion's. The demons field is smoothed by `SMOOTHING_VOXELS` after each iteration, so it
-    holds little detail finer than its boxes.
-    """
-    image = _image(field_mm, grid, np.float64)
-    factors = [max(1, int(INVERSE_MM / s)) for s in image.GetSpacing()]
-    if max(factors) == 1:
-        return _inverse(image).astype(np.float32)
-    return upsample_binned(_inverse(sitk.BinShrink(image, factors)), factors[::-1], grid.shape)
+        small = torch.from_numpy(sitk.GetArrayFromImage(field)).permute(3, 0, 1, 2)[None]
+        return _image(upsample_binned(small, previous[::-1], grid.shape).numpy(), grid, np.float64)
+    return sitk.Resample(field, level, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
 
 
-def _inverse(image: sitk.Image) -> np.ndarray:
-    inverse = sitk.InvertDisplacementField(
-        image,
-        maximumNumberOfIterations=INVERSE_ITERATIONS,
-        maxErrorToleranceThreshold=INVERSE_MAX_ERROR,
-        meanErrorToleranceThreshold=INVERSE_MEAN_ERROR,
-        enforceBoundaryCondition=False,  # the map may move the border (a pre-aligned 20 mm shift)
-    )
-    return sitk.GetArrayFromImage(inverse)  # a copy: a view would outlive the image it reads
-
-
-def upsample_binned(small: np.ndarray, factors: tuple[int, ...], shape: tuple[int, int, int]) -> np.ndarray:
-    """float32 (Z, Y, X, C) on a grid of ``shape`` from ``small`` (z, y, x, C) on its ``sitk.BinShrink`` by
-    ``factors`` (z, y, x), linear: what SimpleITK's linear resampling onto the full grid gives, in torch (a 512² CT of
-    141 slices: about 1 s, against 9 s for ``sitk.Resample`` of the vector image and 3 s for its array). Voxel i of an
-    axis binned by k lies at (i - (k - 1) / 2) / k on the small grid: edge values up to half a small voxel beyond its
-    first and last centres, 0 farther (the last ``shape % k`` voxels, which no box covered), as ITK's interpolator
-    gives them."""
+def upsample_binned(small: torch.Tensor, factors: tuple[int, ...], shape: tuple[int, int, int]) -> torch.Tensor:
+    """float32 (Z, Y, X, C) on a grid of ``shape`` from (1, C, z, y, x) ``small`` on its box average by ``factors``
+    (z, y, x), linear: what SimpleITK's linear resampling of the ``BinShrink``-ed grid onto the full grid gives. Voxel
+    i of an axis binned by k lies at (i - (k - 1) / 2) / k on the small grid: edge values up to half a small voxel
+    beyond its first and last centres, 0 farther (the last ``shape % k`` voxels, which no box covered), as ITK's
+    interpolator gives them. The refinement's last level change and the inversion use it: on a 512² CT of 141 slices
+    about 1 s, against 9 s for ``sitk.Resample`` of the vector image."""
     import torch
     import torch.nn.functional as F
 
-    covered = tuple(k * n for k, n in zip(factors, small.shape[:3], strict=True))
-    values = torch.from_numpy(np.ascontiguousarray(small, dtype=np.float32)).permute(3, 0, 1, 2)[None]
-    out = np.zeros((*shape, small.shape[3]), dtype=np.float32)
-    with torch.inference_mode():
-        up = F.interpolate(values, size=covered, mode="trilinear", align_corners=False)
-        out[: covered[0], : covered[1], : covered[2]] = up[0].permute(1, 2, 3, 0).numpy()
+    covered = tuple(k * n for k, n in zip(factors, small.shape[2:], strict=True))
+    out = small.new_zeros((*shape, small.shape[1]), dtype=torch.float32)
+    up = F.interpolate(small.float(), size=covered, mode="trilinear", align_corners=False)
+    out[: covered[0], : covered[1], : covered[2]] = up[0].permute(1, 2, 3, 0)
     return out

@@ -17,9 +17,11 @@ Stages (each reports progress and may be cancelled before it starts):
 6. fields: the displacements in mm (LPS), composed with the pre-alignment.
 7. refine (the CT card's default, or ``refine=N``): SimpleITK demons from that whole map, on the fixed image and the
    moving image as read, coarse to fine and ending at the fixed image's full resolution (`refine_field`), one
-   progress step per few iterations; its inverse by ITK's fixed-point inversion (`invert_field`).
-8. warp: the original moving image through the final ddf in one trilinear interpolation; labels with nearest.
-9. metrics: Jacobian determinant, folding, inverse consistency, NCC, local NCC inside the body, overlap; `warnings`.
+   progress step per few iterations.
+8. invert (after a refinement): the refined map's inverse by the fixed-point iteration, in torch on the device
+   (`inverse.invert_field`).
+9. warp: the original moving image through the final ddf in one trilinear interpolation; labels with nearest.
+10. metrics: Jacobian determinant, folding, inverse consistency, NCC, local NCC inside the body, overlap; `warnings`.
 
 Axis conventions: the network sees (D0, D1, D2) in the orientation its card states (`orientation`); outside the
 network, fields are on the (Z, Y, X) arrays and channel c is the displacement along array axis 2 - c, i.e. channels
@@ -36,8 +38,8 @@ asks for a minimum voxel size or the padded grid would exceed the card's voxel b
 warping, Jacobian and metrics stay at full resolution. ``metrics["network_shape"]`` says which grid was used.
 
 Modules: `model` (the network and its card), `network` (the pair as the network sees it), `fields` (displacements,
-sampling, integration), `metrics` (NCC, inverse consistency, quality warnings), `stages` (each stage a function);
-`iter_register` here runs the stages in order.
+sampling, integration), `inverse` (the refined map's inverse), `metrics` (NCC, inverse consistency, quality
+warnings), `stages` (each stage a function); `iter_register` here runs the stages in order.
 
 Example (the official checkpoint on the shared OASIS pair)::
 
@@ -158,7 +160,11 @@ def iter_register(
     yield stages.step("refinement" if plan.iterations else "warping")
     if plan.iterations:
         with stages("refine", polled=False):
-            fields = yield from _stages.refine(plan, pair, fields, stages, cancel)
+            refined = yield from _stages.refine(plan, pair, fields, stages, cancel)
+        yield stages.step("inversion")
+        with stages("invert"), torch.inference_mode():
+            fields = _stages.invert(plan, refined, fields)
+            del refined
         yield stages.step("warping")
     with stages("warp"), torch.inference_mode():
         warped_t, warped_labels = _stages.warp_moving(plan, fields.ddf, moving_labels)

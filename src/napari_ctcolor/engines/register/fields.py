@@ -73,6 +73,16 @@ def physical_sampling_grid(image: Volume, grid: Volume, offset_mm: torch.Tensor)
     return (_affine_field(grid.shape, linear, const, offset_mm) + offset_mm @ to_normalised.T).unsqueeze(0)
 
 
+def to_edge_within_half_voxel(grid: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A ``grid_sample`` grid (normalised, ``align_corners=True``) into an image of ``shape`` (Z, Y, X) whose
+    coordinates up to half a voxel beyond the first or last voxel centre are moved onto it: sampling reads
+    the edge voxel there, as ITK's interpolators (SimpleITK's ``Resample``) do, instead of mixing in the zeros
+    outside. A pre-alignment tilted by 0.02 degrees had darkened the first slice of the 20-slice DICOM series by 13 HU
+    on average, and lowered its local NCC against the resampling by 0.03."""
+    half = torch.tensor([1.0 / max(n - 1, 1) for n in shape[::-1]], dtype=grid.dtype, device=grid.device)
+    return torch.where(grid.abs() <= 1 + half, grid.clamp(-1.0, 1.0), grid)  # elementwise: a masked put took 10 s
+
+
 def sample(image: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """``grid_sample`` with the project's conventions (``align_corners=True``, zeros outside)."""
     return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode="zeros", align_corners=True)

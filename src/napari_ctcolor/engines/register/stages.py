@@ -29,7 +29,7 @@ from ...models.diffeo import jacobian_determinant
 from ..device import cpu_bf16, resolve_device
 from ..geometry import resample_onto, same_grid
 from ..orientation import AxisMap
-from ..refine import REFINE_BYTES_PER_VOXEL, check_iterations, chunks, invert_field, refine_field
+from ..refine import REFINE_BYTES_PER_VOXEL, check_iterations, chunks, refine_field
 from ..steps import Cancel, Progress, Steps
 from .fields import (
     SLAB_SLICES,
@@ -41,8 +41,10 @@ from .fields import (
     resize_field,
     sample,
     slab_to_slice,
+    to_edge_within_half_voxel,
     voxels_to_mm,
 )
+from .inverse import invert_field
 from .metrics import global_ncc, inverse_consistency_mm, local_ncc, quality_warnings
 from .model import RegistrationModel, load_registration_model
 from .network import (
@@ -212,8 +214,9 @@ class Plan:
 
     @property
     def stage_count(self) -> int:
-        """7 stages, the pre-alignment, and the refinement: one tick per few demons iterations, one when it ends."""
-        return 7 + self.affine + (self.ticks + 1 if self.iterations else 0)
+        """7 stages, the pre-alignment, and the refinement: one tick per few demons iterations, one when it ends, and
+        the inversion."""
+        return 7 + self.affine + (self.ticks + 2 if self.iterations else 0)
 
     @property
     def ticks(self) -> int:
@@ -386,8 +389,8 @@ def integrate(
     plan: Plan, grid: Grid, v_xy: torch.Tensor | None, v_yx: torch.Tensor | None, crop: tuple
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(f_ab, f_ba) in fixed voxels on the fixed grid: the velocities integrated, composed half-way, upsampled from a
-    coarser working grid and moved back to the (Z, Y, X) arrays. A refined map gets its inverse from ITK's inversion
-    (`refine`): then only the forward map is integrated and f_ab is None."""
+    coarser working grid and moved back to the (Z, Y, X) arrays. A refined map gets its inverse by inversion
+    (`invert`): then only the forward map is integrated and f_ab is None."""
     fixed = plan.fixed
     if plan.copies:
         f_ab = f_ba = torch.zeros((1, 3, *fixed.shape), device=plan.device)
@@ -443,9 +446,9 @@ def to_mm(plan: Plan, f_ab: torch.Tensor | None, f_ba: torch.Tensor, transform: 
     return Fields(ddf, inverse_ddf, f_ba, f_ab, float(np.linalg.det(a)), a, b)
 
 
-def refine(plan: Plan, pair: Pair, fields: Fields, stages: Stages, cancel: Cancel | None) -> Steps[Fields]:
+def refine(plan: Plan, pair: Pair, fields: Fields, stages: Stages, cancel: Cancel | None) -> Steps[torch.Tensor]:
     """SimpleITK demons on the CPU, in LPS mm, from the whole map (pre-alignment included), one progress tick per few
-    iterations; then its inverse (`invert_field`, after a step named "inversion"). Returns the refined `Fields`."""
+    iterations. Returns the refined map, (Z, Y, X, 3) float32 mm on the plan's device."""
     fixed, moving, (_, moving_low) = plan.fixed, plan.moving, plan.lows
     cpu = torch.device("cpu")
     moving_n = plan.normalised(as_tensor(moving.array, moving_low, cpu), 1)
@@ -457,11 +460,14 @@ def refine(plan: Plan, pair: Pair, fields: Fields, stages: Stages, cancel: Cance
     refining = refine_field(*normalised, fields.ddf.cpu().numpy(), plan.iterations, cancel)
     refined = yield from refine_ticks(refining, stages, plan.ticks)
     del normalised
-    yield stages.step("inversion")
-    ddf = torch.from_numpy(refined.astype(np.float32)).to(plan.device)
-    inverse_ddf = torch.from_numpy(invert_field(refined, fixed)).to(plan.device)
-    del refined
-    # The metrics see the whole map: its fields in fixed voxels, and no separate affine factor.
+    return torch.from_numpy(refined.astype(np.float32)).to(plan.device)
+
+
+def invert(plan: Plan, ddf: torch.Tensor, fields: Fields) -> Fields:
+    """The refined map with its inverse (`invert_field`, on the plan's device) as `Fields`: the metrics see the whole
+    map, its fields in fixed voxels, and no separate affine factor."""
+    fixed = plan.fixed
+    inverse_ddf = invert_field(ddf, fixed)
     return Fields(ddf, inverse_ddf, mm_to_voxels(ddf, fixed), mm_to_voxels(inverse_ddf, fixed), 1.0, fields.a, fields.b)
 
 
@@ -469,14 +475,19 @@ def warp_moving(plan: Plan, ddf: torch.Tensor, moving_labels: Volume | None) -> 
     """(the moving image through ``ddf`` on the fixed grid, (1, 1, Z, Y, X); the labels through it, or None).
 
     One interpolation of the original moving image through the final ddf (no resample-then-warp blur), with
-    (moving - low) sampled so that zeros outside means "the moving minimum" (air for CT), not 0 HU. Labels are
-    sampled nearest, in float64, which holds every integer label exactly."""
+    (moving - low) sampled so that zeros outside means "the moving minimum" (air for CT), not 0 HU. After a
+    pre-alignment, points up to half a voxel outside the moving image read its edge voxel, as SimpleITK's resampling
+    does (`to_edge_within_half_voxel`); without one, zeros there, as the official SYMNet recipe warps (its parity).
+    Labels are sampled nearest, in float64, which holds every integer label exactly."""
     fixed, moving, (_, moving_low) = plan.fixed, plan.moving, plan.lows
     original = as_tensor(moving.array, moving_low, plan.device)
     if plan.copies:  # the identity on one grid: the moving image itself
         warped_t = original
     else:
-        warped_t = sample(original - moving_low, physical_sampling_grid(moving, fixed, ddf)) + moving_low
+        at = physical_sampling_grid(moving, fixed, ddf)
+        at = to_edge_within_half_voxel(at, moving.shape) if plan.affine else at
+        warped_t = sample(original - moving_low, at) + moving_low
+        del at
     del original
     warped_labels = None
     if plan.copies and moving_labels is not None and same_grid(moving_labels, fixed):
@@ -484,6 +495,7 @@ def warp_moving(plan: Plan, ddf: torch.Tensor, moving_labels: Volume | None) -> 
     elif moving_labels is not None:
         labels = torch.from_numpy(np.asarray(moving_labels.array, dtype=np.float64))[None, None].to(plan.device)
         grid = physical_sampling_grid(moving_labels, fixed, ddf.double())
+        grid = to_edge_within_half_voxel(grid, moving_labels.shape) if plan.affine else grid
         warped_labels = sample(labels, grid, mode="nearest")[0, 0].cpu().numpy().astype(moving_labels.array.dtype)
     return warped_t, warped_labels
 
