@@ -15,7 +15,8 @@ options; the scheme is Vercauteren et al.'s (NeuroImage 2009) symmetric (ESM) fo
   voxel size (ITK's ``MaximumUpdateStepLength``);
 - no update where |f - m o phi| is below 0.001 (ITK's ``IntensityDifferenceThreshold``) or the denominator is 0;
 - the field plus the update is smoothed by a Gaussian of `refine.SMOOTHING_VOXELS` voxels of the level;
-- gradients by central differences in mm (one-sided at the border), the moving image sampled linearly, 0 outside.
+- gradients by central differences in mm (0 across the border), the moving image sampled linearly; a voxel
+  that maps more than half a voxel outside the moving image gets no update and does not count in the metric.
 
 It is not bit-equal to ITK's filter (its Gaussian kernel and border rules differ in detail); `tests/engines/
 test_register.py` bounds the difference on a real pair.
@@ -91,6 +92,7 @@ class _Level:
         axes = [torch.arange(n, dtype=torch.float32, device=fixed.device) for n in shape]
         z, y, x = torch.meshgrid(*axes, indexing="ij")
         scale = [2.0 / max(n - 1, 1) for n in shape[::-1]]  # (x, y, z)
+        self.half = torch.tensor([k / 2.0 for k in scale], device=fixed.device)  # half a voxel, normalised
         self.base = torch.stack((x * scale[0] - 1, y * scale[1] - 1, z * scale[2] - 1), dim=-1)[None]
         # mm along index axis (x, y, z) -> normalised coordinate
         self.mm_to_normalised = torch.tensor(
@@ -101,33 +103,46 @@ class _Level:
         """One demons iteration: the new field and the mean squared difference before it (a tensor: read once per
         chunk, not a host synchronisation per iteration)."""
         at = self.base + field[0].permute(1, 2, 3, 0)[None] * self.mm_to_normalised
-        warped = F.grid_sample(self.moving, at, mode="bilinear", padding_mode="zeros", align_corners=True)
+        inside = (at.abs() <= 1 + self.half).all(dim=-1)[:, None]  # within half a voxel of the moving image
+        warped = F.grid_sample(self.moving, at.clamp(-1.0, 1.0), mode="bilinear", align_corners=True)
         del at
         difference = self.fixed - warped
         j = (self.fixed_gradient + _gradient(warped, self.spacing_zyx)) * 0.5
         del warped
         denominator = (j * j).sum(1, keepdim=True) + difference * difference / self.k
-        usable = (difference.abs() >= INTENSITY_THRESHOLD) & (denominator > 1e-9)
+        usable = inside & (difference.abs() >= INTENSITY_THRESHOLD) & (denominator > 1e-9)
         update = torch.where(usable, difference / denominator.clamp_min(1e-9), 0.0) * j
-        metric = (difference * difference).mean()
+        squares = torch.where(inside, difference * difference, 0.0)
+        metric = squares.sum() / inside.sum().clamp_min(1)
         return _smooth(field + update, self.kernel), metric
 
 
 def _gradient(image: torch.Tensor, spacing_zyx: list[float]) -> torch.Tensor:
-    """(1, 3, Z, Y, X) gradient of a (1, 1, Z, Y, X) image in mm, channels (x, y, z): central differences, one-sided
-    at the border (replicated edge)."""
-    padded = F.pad(image, (1, 1, 1, 1, 1, 1), mode="replicate")
-    gx = (padded[..., 1:-1, 1:-1, 2:] - padded[..., 1:-1, 1:-1, :-2]) / (2 * spacing_zyx[2])
-    gy = (padded[..., 1:-1, 2:, 1:-1] - padded[..., 1:-1, :-2, 1:-1]) / (2 * spacing_zyx[1])
-    gz = (padded[..., 2:, 1:-1, 1:-1] - padded[..., :-2, 1:-1, 1:-1]) / (2 * spacing_zyx[0])
-    return torch.cat((gx, gy, gz), dim=1)
+    """(1, 3, Z, Y, X) gradient of a (1, 1, Z, Y, X) image in mm, channels (x, y, z): central differences, 0 across
+    the border (the first and last voxels of an axis have no derivative along it), as ITK's
+    ``CentralDifferenceImageFunction`` gives them."""
+    gradient = torch.zeros((1, 3, *image.shape[2:]), dtype=image.dtype, device=image.device)
+    for channel, (axis, spacing) in enumerate(zip((4, 3, 2), spacing_zyx[::-1], strict=True)):
+        n = image.shape[axis]
+        if n > 2:
+            ahead, behind = image.narrow(axis, 2, n - 2), image.narrow(axis, 0, n - 2)
+            gradient[:, channel : channel + 1].narrow(axis, 1, n - 2).copy_((ahead - behind) / (2.0 * spacing))
+    return gradient
 
 
 def _gaussian(sigma: float, device: torch.device) -> torch.Tensor:
-    radius = max(1, math.ceil(3.0 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return kernel / kernel.sum()
+    """ITK's ``GaussianOperator`` kernel for ``sigma`` voxels: the discrete Gaussian (Lindeberg's, e^-t I_n(t) with
+    t = sigma^2), cut at the first radius whose weights sum to 0.9 (its maximum error of 0.1; radius 2 for 1.5 voxels)
+    and normalised to sum 1. A sampled Gaussian cut at 3 sigma had smoothed more: the 3 mm pair's Dice 0.896 against
+    ITK's 0.902."""
+    from scipy.special import ive
+
+    t = sigma * sigma
+    weights = [float(ive(0, t))]
+    while weights[0] + 2.0 * sum(weights[1:]) < 0.9:
+        weights.append(float(ive(len(weights), t)))
+    kernel = torch.tensor(weights[:0:-1] + weights, dtype=torch.float64)
+    return (kernel / kernel.sum()).float().to(device)
 
 
 def _smooth(field: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
