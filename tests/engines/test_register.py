@@ -483,8 +483,8 @@ def test_the_inverse_is_upsampled_from_its_binned_grid_as_simpleitk_resamples_it
     """`inverse.upsample_binned` (torch) against SimpleITK's linear resampling of a ``BinShrink``-ed field onto the
     full grid: within 1e-5 mm (float32 against float64), the voxels past the last whole box 0 alike, on an
     anisotropic grid and a turned one whose sizes are no multiple of the boxes."""
-    from napari_ctcolor.engines.refine import _image, upsample_binned
-    from napari_ctcolor.engines.register.inverse import INVERSE_MM
+    from napari_ctcolor.engines.refine import _image
+    from napari_ctcolor.engines.register.inverse import INVERSE_MM, upsample_binned
 
     shape = (17, 64, 70)
     grid = Volume(np.zeros(shape, np.int16), spacing, (3.0, -20.0, 7.5), direction)

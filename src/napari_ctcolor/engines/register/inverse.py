@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from ...io import Volume
-from ..refine import upsample_binned
 from .fields import index_to_mm
 
 #: Inversion on boxes of whole voxels no larger than INVERSE_MM along each axis (axes at least half as fine are
@@ -76,3 +75,16 @@ def _fixed_point(u: torch.Tensor) -> torch.Tensor:
             break
         inverse -= residual
     return inverse
+
+
+def upsample_binned(small: torch.Tensor, factors: tuple[int, ...], shape: tuple[int, int, int]) -> torch.Tensor:
+    """float32 (Z, Y, X, C) on a grid of ``shape`` from (1, C, z, y, x) ``small`` on its box average by ``factors``
+    (z, y, x), linear: what SimpleITK's linear resampling of the ``BinShrink``-ed grid onto the full grid gives. Voxel
+    i of an axis binned by k lies at (i - (k - 1) / 2) / k on the small grid: edge values up to half a small voxel
+    beyond its first and last centres, 0 farther (the last ``shape % k`` voxels, which no box covered), as ITK's
+    interpolator gives them."""
+    covered = tuple(k * n for k, n in zip(factors, small.shape[2:], strict=True))
+    out = small.new_zeros((*shape, small.shape[1]), dtype=torch.float32)
+    up = F.interpolate(small.float(), size=covered, mode="trilinear", align_corners=False)
+    out[: covered[0], : covered[1], : covered[2]] = up[0].permute(1, 2, 3, 0)
+    return out
