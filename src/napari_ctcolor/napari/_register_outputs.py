@@ -203,8 +203,9 @@ class RegisterOutputs:
             " is brighter, blue where the warped is"
             "<br>Jacobian det J: 1 unchanged, &lt; 1 compressed (magenta), &gt; 1 expanded (green), &le; 0 folded"
             f"; in the body {spread[0]:.2f}-{spread[1]:.2f} (1st-99th percentile). A rigid or affine motion alone is"
-            " 1 everywhere: colour is the field's own local deformation, real or fitted to noise and contrast"
-            " (vessel lumens), not the interpolation of the moved scan"
+            " 1 everywhere: colour is the field's own local deformation, real or fitted to noise, contrast (vessel"
+            " lumens) and the moved scan's interpolation (the refinement does that: a rigid motion of a 3 mm CT keeps"
+            " only 63 % of the body within 0.95-1.05)"
         )
 
     @property
