@@ -453,7 +453,7 @@ def test_cli_register_beats_demons_on_a_plain_deformation_of_a_3mm_ct(tmp_path):
 def test_refinement_raises_dice_and_reports_each_chunk_of_iterations_with_cancel_inside_it(ct, ct_labels):
     if not ct_weights_shipped():
         pytest.skip("weights/symnet-ct.safetensors is not shipped in this checkout")
-    from napari_ctcolor.engines.refine import CHUNK_ITERATIONS, _level_chunks
+    from napari_ctcolor.engines.refine import CHUNK_ITERATIONS, level_chunks
     from napari_ctcolor.training.symnet import mean_dice
 
     moving, labels = _deformed(ct, ct_labels, seed=5)
@@ -467,8 +467,8 @@ def test_refinement_raises_dice_and_reports_each_chunk_of_iterations_with_cancel
     assert refined.metrics["folding_fraction"] <= 5e-4 and refined.metrics["refine_iterations"] == 20
     # 7 stages, the pre-alignment, a tick per call of demons (3 mm: no coarser level; a probe iteration, then
     # CHUNK_ITERATIONS at a time), the refinement's end and the inversion.
-    assert _level_chunks(20) == [1, *[CHUNK_ITERATIONS] * 3, 4] and CHUNK_ITERATIONS == 5
-    total = 7 + 1 + len(_level_chunks(20)) + 2
+    assert level_chunks(20) == [1, *[CHUNK_ITERATIONS] * 3, 4] and CHUNK_ITERATIONS == 5
+    total = 7 + 1 + len(level_chunks(20)) + 2
     assert steps == [(k, total) for k in range(1, total + 1)]
     with pytest.raises(Cancelled):
         register(ct, moving, refine=20, cancel=lambda: len(steps) >= total + 5, progress=lambda *s: steps.append(s))

@@ -185,7 +185,7 @@ def levels(spacing_zyx: tuple[float, float, float], iterations: int) -> list[tup
     return [*out, ((1, 1, 1), iterations)]
 
 
-def _level_chunks(count: int) -> list[int]:
+def level_chunks(count: int) -> list[int]:
     """The demons calls of one level of ``count`` iterations: one iteration first (the probe whose metric says
     whether the images already agree, `MATCHED_METRIC`), then `CHUNK_ITERATIONS` at a time."""
     return [1, *(min(CHUNK_ITERATIONS, count - start) for start in range(1, count, CHUNK_ITERATIONS))] if count else []
@@ -193,7 +193,7 @@ def _level_chunks(count: int) -> list[int]:
 
 def chunks(spacing_zyx: tuple[float, float, float], iterations: int) -> int:
     """How many progress ticks `refine_field` yields."""
-    return sum(len(_level_chunks(n)) for _, n in levels(spacing_zyx, iterations)) if iterations else 0
+    return sum(len(level_chunks(n)) for _, n in levels(spacing_zyx, iterations)) if iterations else 0
 
 
 def _image(array: np.ndarray, grid: Volume, pixel: type = np.float32) -> sitk.Image:
@@ -253,7 +253,7 @@ def demons_images(fixed: Volume, moving: Volume, check: Callable[[], None]) -> t
 def refine_field(
     fixed: Volume, moving: Volume, seed_mm: np.ndarray, iterations: int, cancel: Callable[[], bool] | None = None
 ) -> Generator[None, None, np.ndarray]:
-    """Demons from ``seed_mm``, coarse to fine; yields after each call (`_level_chunks`), returns the refined field.
+    """Demons from ``seed_mm``, coarse to fine; yields after each call (`level_chunks`), returns the refined field.
     Each level stops early where its images already agree within noise (`MATCHED_METRIC`).
 
     Args:
@@ -283,7 +283,7 @@ def refine_field(
             level_fixed, level_moving = fixed_image, moving_image
         field = sitk.Resample(field, level_fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
         demons.SetMaximumUpdateStepLength(THIRION_STEP if max(factors) > 1 else step_length(fixed.spacing))
-        for chunk in _level_chunks(count):
+        for chunk in level_chunks(count):
             demons.SetNumberOfIterations(chunk)
             field = demons.Execute(level_fixed, level_moving, field)
             check()

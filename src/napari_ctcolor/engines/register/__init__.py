@@ -15,9 +15,9 @@ Stages (each reports progress and may be cancelled before it starts):
 5. integrate: scaling and squaring of the four half-way velocity fields, the two compositions, upsampling to the
    fixed grid from a coarser working grid, and the fields moved back to the (Z, Y, X) arrays.
 6. fields: the displacements in mm (LPS), composed with the pre-alignment.
-7. refine (the CT card's default, or ``refine=N``): SimpleITK demons from that whole map, on the fixed image and the
-   moving image as read, coarse to fine and ending at the fixed image's full resolution (`refine_field`), one
-   progress step per few iterations.
+7. refine (the CT card's default, or ``refine=N``): demons from that whole map, on the fixed image and the moving
+   image as read, coarse to fine and ending at the fixed image's full resolution, one progress step per few
+   iterations: SimpleITK's on the CPU (`refine_field`), the same scheme in torch on a GPU (`demons`).
 8. invert (after a refinement): the refined map's inverse by the fixed-point iteration, in torch on the device
    (`inverse.invert_field`).
 9. warp: the original moving image through the final ddf in one trilinear interpolation; labels with nearest.
@@ -38,8 +38,8 @@ asks for a minimum voxel size or the padded grid would exceed the card's voxel b
 warping, Jacobian and metrics stay at full resolution. ``metrics["network_shape"]`` says which grid was used.
 
 Modules: `model` (the network and its card), `network` (the pair as the network sees it), `fields` (displacements,
-sampling, integration), `inverse` (the refined map's inverse), `metrics` (NCC, inverse consistency, quality
-warnings), `stages` (each stage a function); `iter_register` here runs the stages in order.
+sampling, integration), `demons` (the refinement on a GPU), `inverse` (the refined map's inverse), `metrics` (NCC,
+inverse consistency, quality warnings), `stages` (each stage a function); `iter_register` here runs the stages.
 
 Example (the official checkpoint on the shared OASIS pair)::
 
@@ -116,13 +116,12 @@ def iter_register(
             file with its model card (`load_registration_model`).
         affine: rigid then affine SimpleITK pre-alignment (Mattes MI), composed into the fields; None takes the card's
             default (``inference.prealign``: on for the CT weights, off for an official checkpoint).
-        refine: demons iterations (0..10000) at the fixed image's resolution, seeded by the network (`refine_field`;
-            0: the network alone); None takes the card's default (``inference.refine.iterations``; 0 for an official
-            checkpoint). 2D pairs are not refined.
+        refine: demons iterations (0..10000) at the fixed image's resolution, seeded by the network (0: the network
+            alone); None takes the card's ``inference.refine`` (0 for an official checkpoint). 2D: not refined.
         device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"`` or ``"mps"``. Where the card allows it
             (``inference.bf16``) the network runs under bfloat16 autocast on CUDA and on a CPU where that is faster
             (`device.cpu_bf16`); integration and warping stay in float32.
-        progress: called as ``progress(done, total)`` after each stage; cancel: polled before each stage.
+        progress: called as ``progress(done, total)`` after each step; cancel: polled before and within each stage.
         moving_labels: an optional label map on any grid, warped with nearest.
         prealignment: a function that returns `prealign`'s transform of this pair computed elsewhere (``ctcolor
             register`` runs it in a child that reads the inputs), or None where that could not run.
@@ -163,8 +162,7 @@ def iter_register(
             refined = yield from _stages.refine(plan, pair, fields, stages, cancel)
         yield stages.step("inversion")
         with stages("invert"), torch.inference_mode():
-            fields = _stages.invert(plan, refined, fields)
-            del refined
+            fields = _stages.invert(plan, refined, fields)  # its ddf is the refined map
         yield stages.step("warping")
     with stages("warp"), torch.inference_mode():
         warped_t, warped_labels = _stages.warp_moving(plan, fields.ddf, moving_labels)

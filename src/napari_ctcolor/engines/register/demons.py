@@ -18,8 +18,8 @@ options; the scheme is Vercauteren et al.'s (NeuroImage 2009) symmetric (ESM) fo
 - gradients by central differences in mm (0 across the border), the moving image sampled linearly; a voxel
   that maps more than half a voxel outside the moving image gets no update and does not count in the metric.
 
-It is not bit-equal to ITK's filter (its Gaussian kernel and border rules differ in detail); `tests/engines/
-test_register.py` bounds the difference on a real pair.
+It is not bit-equal to ITK's filter (interpolation and summation differ in detail); `tests/engines/test_register.py`
+bounds the difference on a real pair.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from ..refine import (
     MATCHED_METRIC,
     SMOOTHING_VOXELS,
     THIRION_STEP,
-    _level_chunks,
     demons_images,
+    level_chunks,
     levels,
     step_length,
 )
@@ -68,7 +68,7 @@ def refine_on_device(
         spacing = [s * k for s, k in zip(fixed.spacing, zyx, strict=True)]  # (z, y, x) mm
         step = THIRION_STEP if max(factors) > 1 else step_length(fixed.spacing)
         level = _Level(f, m, spacing, step)
-        for chunk in _level_chunks(count):
+        for chunk in level_chunks(count):
             for _ in range(chunk):
                 field, metric = level.iterate(field)
                 check()
