@@ -435,7 +435,11 @@ def test_cancel_stops_inside_the_refinement_and_adds_no_layer(make_napari_viewer
     assert widget.busy and widget.cancel_button.enabled and not widget.run_button.enabled
     # Four stages (model, resample, forward, integrate), then the refinement's steps.
     qtbot.waitUntil(lambda: len(steps) >= 6, timeout=TIMEOUT_MS)
-    click_and_wait(qtbot, widget, widget.cancel_button)
+    widget.cancel_button.native.click()
+    # Said at once, before the worker reaches its next step; a second press is not offered.
+    assert widget.status.value == "Register & checkerboard: cancelling (at the end of the current step)..."
+    assert widget.busy and not widget.cancel_button.enabled
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
     done, total = steps[-1]
     assert aborted and 6 <= done < total - 100, steps  # stopped inside the refinement, long before its end
     assert widget.progress_bar.max == total  # the engine's total, with the refinement's steps

@@ -30,6 +30,7 @@ class JobRunner:
         self.progress_bar, self.status = progress_bar, status
         self.run_button, self.cancel_button = run_button, cancel_button
         self.worker = None  # the running GeneratorWorker, if any
+        self.cancelling = False  # Cancel was pressed; the worker stops at its next step
         self._desc = ""  # its name, for the status line
         self.closed = False  # the widget is gone: nothing is shown any more
 
@@ -69,7 +70,7 @@ class JobRunner:
         )
         worker.returned.connect(on_result)  # after the timing message, so that what it says stays
         worker.finished.connect(lambda: self._finished(worker, then))
-        self.worker = worker
+        self.worker, self.cancelling = worker, False
         self.run_button.enabled = run_stays_enabled
         self.cancel_button.enabled = True
         self.status.value = f"{desc}..."
@@ -78,9 +79,14 @@ class JobRunner:
         return worker
 
     def cancel(self) -> None:
-        """Stop the running job at its next step (its generator is closed there)."""
+        """Stop the running job at its next step (its generator is closed there). The status line says so at once
+        and Cancel is disabled: a registration's step can run for seconds on a CPU (one demons iteration of a 512²
+        chest CT: about 3 s on 2 cores), and a second press would change nothing."""
         if self.worker is not None:
             self.worker.quit()
+            self.cancelling = True
+            self.cancel_button.enabled = False
+            self.say(f"{self._desc}: cancelling (at the end of the current step)...")
 
     def progress(self, step: tuple[int, int] | tuple[int, int, str]) -> None:
         """One ``(done, total)`` step: the bar takes the job's own total and its count; a step that names the stage
@@ -89,7 +95,7 @@ class JobRunner:
         if not self.closed:
             self.progress_bar.max = total
             self.progress_bar.value = done
-            if stage:
+            if stage and not self.cancelling:
                 self.status.value = f"{self._desc}: {stage[0]}..."
 
     def say(self, text: str) -> None:
