@@ -119,11 +119,12 @@ def _mix(gp, s, c, ny, nx, w, wb, wo, wp):
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _kernel(
     hu, enclosure, marrow_hu, ab_pad, gp, fades, guide_pad, spatial, offset, factor, likeness, clip, air, window,
-    strength, tables, grey, out,
+    strength, tables, grey, out, rows, columns,
 ):  # fmt: skip
     levels = tables[5]
     plain_low, plain_high, organ_low, organ_high, blood_low, blood_high, floor = fades  # gp: groups_pad
-    n, height, width = hu.shape
+    n = hu.shape[0]
+    first_row, height = rows[0], rows[1] - rows[0]
     top, left = offset
     air_hu, air_fade = air
     low, inv_width = window
@@ -134,11 +135,11 @@ def _kernel(
     slope[-1] = 0
     per_hu = np.float32(1.0 / LIKENESS_STEP_HU)
     for job in numba.prange(n * height):
-        s, y = job // height, job % height
+        s, y = job // height, first_row + job % height
         py = y + top
         by, iy = py // factor, py % factor
         sy0, sy1, sy2 = spatial[0, iy], spatial[1, iy], spatial[2, iy]  # this row's distance weights
-        for x in range(width):
+        for x in range(columns[0], columns[1]):
             h = hu[s, y, x]
             # 1. the window's grey; black, white and air carry no colour: their codes come from the grey table
             value = min(max((h - low) * inv_width, np.float32(0.0)), np.float32(1.0))
@@ -246,6 +247,8 @@ def upsample_compose(
     strength: float,
     out: np.ndarray,
     threads: int,
+    rows: tuple[int, int] | None = None,
+    columns: tuple[int, int] | None = None,
 ) -> None:
     """Compose slices of uint8 sRGB into ``out`` from their HU and the network's a*, b* (see the module notes).
 
@@ -269,6 +272,9 @@ def upsample_compose(
         strength: chroma strength in (0, 1].
         out: (n, Y, X, 3) uint8, written.
         threads: threads for the rows.
+        rows, columns: (first, stop) of the rows and columns written (the others are left as they are); None: all.
+            A plane across the slices needs one row or column of a band whose other rows only make the network
+            pixels' mean HU.
     """
     f32 = np.float32
     use_threads(threads)
@@ -293,6 +299,8 @@ def upsample_compose(
         tables,
         _grey_table(),
         out,
+        (0, hu.shape[1]) if rows is None else (int(rows[0]), int(rows[1])),
+        (0, hu.shape[2]) if columns is None else (int(columns[0]), int(columns[1])),
     )
 
 

@@ -32,12 +32,19 @@ COMPOSE_CHUNK = 2
 
 
 def upsample_compose_cpu(
-    chroma: Chroma, palette: Palette, hu: torch.Tensor, start: int, win: Window, strength: float, out: np.ndarray
+    chroma: Chroma,
+    palette: Palette,
+    hu: torch.Tensor,
+    start: int,
+    win: Window,
+    strength: float,
+    out: np.ndarray,
+    only: tuple[int, int] | None = None,
 ) -> None:
     """`upsample_chroma` and `compose_rgb` of the slices whose HU are ``hu`` (n, Y, X, CPU) in one pass per voxel
     (`fused.upsample_compose`), written into ``out`` (n, Y, X, 3) uint8. Only the network-resolution inputs are made
     here, edge-padded by one pixel: the palette's a*, b* and its `HU_GROUPS` terms (`fused.class_terms`), and each
-    network pixel's mean clipped HU."""
+    network pixel's mean clipped HU. ``only`` (axis 1 or 2, index): write that row or column alone."""
     from ..fused import class_terms, upsample_compose
 
     (top, bottom), (left, right) = chroma.pad
@@ -73,6 +80,8 @@ def upsample_compose_cpu(
         strength,
         out,
         threads,
+        rows=(only[1], only[1] + 1) if only is not None and only[0] == 1 else None,
+        columns=(only[1], only[1] + 1) if only is not None and only[0] == 2 else None,
     )
 
 
@@ -83,12 +92,14 @@ def iter_compose_chroma(
     strength: float = 1.0,
     device: str | torch.device = "auto",
     palette: str | os.PathLike | Palette = "anatomical",
+    only: tuple[int, int] | None = None,
 ) -> Steps[Colorized]:
     """sRGB uint8 (Z, Y, X, 3) from the CT's windowed grey (luminance, exact) and the colour classes' a*, b* under
     ``palette`` ("anatomical", "dicom", a CSV file or a `Palette`), as a `Colorized`.
 
     A generator of ``(done, Z)`` steps, one per chunk of slices; `compose_chroma` runs it to the end (``progress``,
-    ``cancel`` as `predict_chroma`)."""
+    ``cancel`` as `predict_chroma`). ``only`` (axis 1 or 2, index), for `compose_plane`: the fused CPU kernel
+    composes that row or column alone (the rest of the output is undefined); other paths compose everything."""
     if not 0.0 <= strength <= 1.0:
         raise InputError(f"chroma strength must be in [0, 1], got {strength}")
     win = parse_window(window_spec, volume)
@@ -113,7 +124,7 @@ def iter_compose_chroma(
                 ab = upsample_chroma(chroma, palette, hu, start)
                 rgb[start:stop] = compose_rgb_torch(window_tensor(hu, *win), ab, chroma=strength).cpu().numpy()
             elif fused:
-                upsample_compose_cpu(chroma, palette, hu, start, win, strength, rgb[start:stop])
+                upsample_compose_cpu(chroma, palette, hu, start, win, strength, rgb[start:stop], only)
             else:
                 ab = upsample_chroma(chroma, palette, hu, start)
                 rgb[start:stop] = compose_rgb(window(hu.numpy(), *win), ab.numpy(), chroma=strength)
@@ -181,5 +192,5 @@ def compose_plane(
         pad=tuple(pads),
         enclosure=enclosure_band(chroma.enclosure, axis, start, stop),
     )
-    rgb = compose_chroma(part, sub, window_spec, strength, device, palette).rgb
+    rgb = compose_chroma(part, sub, window_spec, strength, device, palette, only=(axis, index - start)).rgb
     return rgb[:, index - start] if axis == 1 else rgb[:, :, index - start]
