@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ...io import Volume
+from ...models.diffeo import identity_grid
 from ..refine import (
     MATCHED_METRIC,
     SMOOTHING_VOXELS,
@@ -89,11 +90,9 @@ class _Level:
         self.k = (2.0 * step * rms) ** 2
         shape = fixed.shape[2:]
         self.kernel = _gaussian(SMOOTHING_VOXELS, fixed.device)
-        axes = [torch.arange(n, dtype=torch.float32, device=fixed.device) for n in shape]
-        z, y, x = torch.meshgrid(*axes, indexing="ij")
-        scale = [2.0 / max(n - 1, 1) for n in shape[::-1]]  # (x, y, z)
+        scale = [2.0 / max(n - 1, 1) for n in shape[::-1]]  # voxels -> normalised units, (x, y, z)
         self.half = torch.tensor([k / 2.0 for k in scale], device=fixed.device)  # half a voxel, normalised
-        self.base = torch.stack((x * scale[0] - 1, y * scale[1] - 1, z * scale[2] - 1), dim=-1)[None]
+        self.base = identity_grid(tuple(shape), fixed)
         # mm along index axis (x, y, z) -> normalised coordinate
         self.mm_to_normalised = torch.tensor(
             [c / s for c, s in zip(scale, spacing_zyx[::-1], strict=True)], device=fixed.device

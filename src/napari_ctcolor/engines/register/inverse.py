@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ...io import Volume
+from ...models.diffeo import identity_grid, sampling_grid
 from .fields import index_to_mm
 
 #: Inversion on boxes of whole voxels no larger than INVERSE_MM along each axis (axes at least half as fine are
@@ -60,15 +61,10 @@ def invert_field(field_mm: torch.Tensor, grid: Volume) -> torch.Tensor:
 
 def _fixed_point(u: torch.Tensor) -> torch.Tensor:
     """v with v(i) = -u(i + v(i)) for (1, 3, z, y, x) ``u`` in voxels, channels (x, y, z)."""
-    sizes = torch.tensor(u.shape[:1:-1], dtype=u.dtype, device=u.device)  # (x, y, z) sizes
-    scale = (2.0 / torch.clamp(sizes - 1, min=1)).view(1, 3, 1, 1, 1)
-    axes = [torch.arange(n, dtype=u.dtype, device=u.device) for n in u.shape[2:]]
-    zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
-    base = torch.stack((xx, yy, zz))[None] * scale - 1.0  # normalised positions of the grid points, (x, y, z)
-    del zz, yy, xx
+    identity = identity_grid(tuple(u.shape[2:]), u)
     inverse = torch.zeros_like(u)
     for _ in range(INVERSE_ITERATIONS):
-        at = (base + inverse * scale).permute(0, 2, 3, 4, 1)
+        at = sampling_grid(inverse, identity)
         residual = inverse + F.grid_sample(u, at, mode="bilinear", padding_mode="border", align_corners=True)
         norm = (residual[:, 0] ** 2 + residual[:, 1] ** 2 + residual[:, 2] ** 2).sqrt()  # vector_norm(dim=1): 8x slower
         if float(norm.max()) < INVERSE_MAX_ERROR or float(norm.mean()) < INVERSE_MEAN_ERROR:
