@@ -68,6 +68,9 @@ class TrainConfig:
     # (`CHEST_BLOOD_HU`) and trains as contrast blood (`training.partial.BLOOD`)
     chest_blood: float = 0.0
     boost: float = 0.0  # share of a real contrast CT's samples whose blood is made brighter (`BOOST`)
+    # label the partial-label chest CTs' derived descending aorta as aorta (`training.partial._descending_aorta`;
+    # off in the shipped recipes: configs/derived_aorta/ says why)
+    partial_aorta: bool = False
     lr: float = 2e-3
     weight_decay: float = 1e-4
     # Processes drawing batches (`batch_stream`): 0 draws them in the training process, in the order the seed gives
@@ -139,19 +142,21 @@ def contrast_flags(pairs: list[list[str]]) -> list[bool]:
     return [len(entry) == 3 for entry in pairs]
 
 
-def partial_cases(entries: list[list[str]], config: ColorizerConfig) -> list[Reduced]:
-    """The ``real_partial`` entries ``[[ct, derivation], ...]`` at the network's resolution, their labels derived from
-    the HU by `training.partial.partial_class_map`."""
+def partial_cases(entries: list[list[str]], config: ColorizerConfig, aorta: bool = False) -> list[Reduced]:
+    """The ``real_partial`` entries ``[[ct, derivation], ...]`` or ``[ct, derivation, lesion mask]`` at the network's
+    resolution, their labels derived from the HU by `training.partial.partial_class_map` (with the descending aorta
+    where ``aorta``)."""
     from ..io import read_volume
     from .partial import partial_class_map
 
     data = shared_data_dir()
     out = []
     for entry in entries:
-        if len(entry) != 2:
-            raise InputError(f"a real_partial entry is [ct, derivation], got {entry}")
+        if len(entry) not in (2, 3):
+            raise InputError(f"a real_partial entry is [ct, derivation] or [ct, derivation, lesion mask], got {entry}")
         ct = read_volume(data / "ct" / entry[0])
-        classes = partial_class_map(ct, entry[1], config.classes)
+        lesion = np.asarray(read_volume(data / "ct" / entry[2]).array) > 0 if len(entry) == 3 else None
+        classes = partial_class_map(ct, entry[1], config.classes, lesion, aorta)
         spacing, (hu, classes) = _network_view(ct, config, ct.array, classes)
         out.append(reduce_classes(entry[0].split(".")[0], hu, spacing, classes, config, partial=True))
     return out
@@ -236,7 +241,10 @@ def reduce_classes(
     weight = downsample_hu(torch.from_numpy(class_weights(classes, len(config.classes))), factor)
     blood = None
     if partial and (classes == BLOOD).any():
-        blood = (downsample_hu(torch.from_numpy(classes == BLOOD).float(), factor) * 255.0).round_().to(torch.uint8)
+        enhanced = classes == BLOOD
+        if "aorta" in config.classes:  # the derived aorta, enhanced with the pool (`Sampler._enhance_pool`)
+            enhanced |= classes == config.classes.index("aorta")
+        blood = (downsample_hu(torch.from_numpy(enhanced).float(), factor) * 255.0).round_().to(torch.uint8)
     return Reduced(name, hu, target, weight, real=real, partial=partial, blood=blood)
 
 
@@ -399,12 +407,13 @@ class Sampler:
     def _enhance_pool(
         self, hu: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, pool: torch.Tensor, centre: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A 2D sample's mediastinal blood pool given contrast (`CHEST_BLOOD_HU`) and trained as contrast blood.
+        """A 2D sample's mediastinal blood pool given contrast (`CHEST_BLOOD_HU`) and trained as contrast blood; the
+        derived aorta in it is enhanced alike and keeps its class.
 
         Args:
-            hu: (context, h, w) HU; target: (context, K, h, w) uint8 class shares (none in the pool: it is unlabelled);
-            weight: (1, h, w) the centre slice's loss weights; pool: (context, h, w) uint8 the pool's share x 255;
-            centre: the centre slice's index in the context.
+            hu: (context, h, w) HU; target: (context, K, h, w) uint8 class shares (none in the pool but the aorta's);
+            weight: (1, h, w) the centre slice's loss weights; pool: (context, h, w) uint8 the share x 255 of the pool
+            and the aorta; centre: the centre slice's index in the context.
         """
         rng, share = self.rng, pool.float() / 255.0
         size_y, size_x = hu.shape[-2:]
@@ -415,8 +424,10 @@ class Sampler:
         value = float(rng.uniform(*CHEST_BLOOD_HU))
         hu = hu + share * (value - 45.0) * tilt
         target = target.clone()
-        target[:, self.index["contrast_blood"]] += pool
-        return hu, target, weight + share[centre : centre + 1]
+        aorta = self.index.get("aorta")
+        unlabelled = pool if aorta is None else (pool.int() - target[:, aorta].int()).clamp_(min=0).to(torch.uint8)
+        target[:, self.index["contrast_blood"]] += unlabelled
+        return hu, target, weight + unlabelled[centre : centre + 1].float() / 255.0
 
     def _deform_2d(
         self, hu: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
@@ -567,7 +578,7 @@ def train_colorizer(
         reduce_case(c, config, real=True, contrast=contrast)
         for c, contrast in zip(real, contrast_flags(train.real_train), strict=True)
     ]
-    partial = partial_cases(train.real_partial, config)
+    partial = partial_cases(train.real_partial, config, train.partial_aorta)
     reduced += partial
     log(f"training data: {len(reduced)} cases, {sum(r.hu.shape[0] for r in reduced)} slices ({time.time() - t0:.0f} s)")
     sampler = Sampler(reduced, config, train, train.seed)
@@ -734,7 +745,8 @@ def model_card(model: Colorizer, train: TrainConfig, config_path: Path, facts: d
             f"contrast phases{', contrast ones also with a synthetic non-contrast phase' if train.deenhance else ''}) "
             f"and {len(train.real_partial)} unlabelled chest CT(s) with partial labels derived from their HU "
             f"({', '.join(entry[0] for entry in train.real_partial) or 'none'}: lung, airways, bone, fat, "
-            "chest-wall muscle; napari_ctcolor.training.partial"
+            f"chest-wall muscle{', the descending aorta' if train.partial_aorta else ''}; "
+            "napari_ctcolor.training.partial"
             + (", and the mediastinal blood pool given synthetic contrast" if train.chest_blood else "")
             + "). Its structure classes are the labelled patients' "
             "anatomy. Anatomy outside them (head, neck, limbs) mostly falls back to the HU tissue classes but can "
