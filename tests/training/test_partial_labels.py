@@ -127,8 +127,8 @@ def test_the_descending_aorta_is_one_tube_of_unenhanced_blood_beside_the_spine(d
     if ct.shape == read_volume(CT_DIR / LUNG2_TUMOUR).shape:  # lung2: a round mass in the lung beside its spine
         tumour = np.asarray(read_volume(CT_DIR / LUNG2_TUMOUR).array) > 0
         assert not (aorta & tumour).any()
-        # Without its mask the blood pool takes the mass (measured 0.6 of it): the config passes the mask.
-        assert masks["blood"][tumour].mean() > 0.5
+        # Without its mask the blood pool takes half the mass (measured 0.52): configs/derived_aorta/ passes the mask.
+        assert masks["blood"][tumour].mean() > 0.4
 
 
 @pytest.mark.parametrize("seed", [0, 5])
