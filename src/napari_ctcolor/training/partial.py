@@ -66,6 +66,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
+from skimage.measure import label, regionprops
 from skimage.morphology import convex_hull_image, disk
 
 from ..errors import InputError
@@ -207,8 +208,8 @@ def derive_chest(ct: Volume, lesion: np.ndarray | None = None, aorta: bool = Fal
     masks = {"body": body, "airway": airway, "lung": lung, "bone": bone, "fat": fat, "muscle": muscle}
     masks["blood"] = _blood_pool(hu, body, lung, airway, bone, spacing)
     if lesion is not None:
-        for name in masks:
-            masks[name] = masks[name] & ~lesion if name != "body" else masks[name]
+        for name in masks.keys() - {"body"}:
+            masks[name] &= ~lesion
     if aorta:
         masks["aorta"] = _descending_aorta(hu, masks, spacing, ct.direction)
     return masks
@@ -250,8 +251,6 @@ def _aorta_seeds(
 ) -> dict[int, tuple[np.ndarray, float]]:
     """Slice -> (centre (y, x) in pixels, radius in mm) of each round blood-pool piece where the descending aorta lies
     (module docstring)."""
-    from skimage.measure import label, regionprops
-
     pixel = np.asarray(spacing[1:], dtype=float)
     left = 1.0 if float(direction[0, 0]) > 0 else -1.0  # +x towards the patient's left (LPS)
     back = 1.0 if float(direction[1, 1]) > 0 else -1.0  # +y towards the back
