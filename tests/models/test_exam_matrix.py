@@ -42,10 +42,12 @@ PATIENTS = (
 #: patient's aorta named bone on 14-24 % of its inner voxels in the portal-venous and arterial exams (0.60-1.00 with
 #: the models and rules before), named right or by tissue on 0.755 without contrast (0.98 before: 19 % now named
 #: oesophagus); the held-out DICOM patient's aorta bone 0.1-7.7 % (2.5-24 % before); lung1's blood pool bone
-#: 0.8-1.9 % (33-47 % before), its cut lungs named lung 0.999 (0.024 before). The bounds below sit between the two,
-#: so that the test fails on the earlier code and models, with room for another CPU's float kernels (bfloat16 moves
-#: a share by about 0.01).
-VESSEL_RIGHT, VESSEL_AS_BONE = 0.70, 0.30
+#: 0.8-1.9 % (33-47 % before), its cut lungs named lung 0.999 (0.024 before). With the chest CTs' derived aorta in
+#: training (2026-11-27, same machine) the held-out aortas in these exams are named bone on 0-4.4 % (3 mm patient)
+#: and 1.1-13.2 % (DICOM patient), against 1.5-24.9 % for the models of commit 2716ae8. The bounds below sit between
+#: the two, so that the test fails on the earlier code and models, with room for another CPU's float kernels
+#: (bfloat16 moves a share by about 0.01).
+VESSEL_RIGHT, VESSEL_AS_BONE = 0.70, 0.20
 BONE_RIGHT, BONE_AS_BLOOD = 0.85, 0.05
 ABSENT_PELVIS = 0.002
 POOL_AS_BONE, POOL_BLOOD = 0.05, 0.90

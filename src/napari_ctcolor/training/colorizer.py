@@ -68,8 +68,7 @@ class TrainConfig:
     # (`CHEST_BLOOD_HU`) and trains as contrast blood (`training.partial.BLOOD`)
     chest_blood: float = 0.0
     boost: float = 0.0  # share of a real contrast CT's samples whose blood is made brighter (`BOOST`)
-    # label the partial-label chest CTs' derived descending aorta as aorta (`training.partial._descending_aorta`;
-    # off in the shipped recipes: configs/derived_aorta/ says why)
+    # label the partial-label chest CTs' derived descending aorta as aorta (`training.partial._descending_aorta`)
     partial_aorta: bool = False
     lr: float = 2e-3
     weight_decay: float = 1e-4

@@ -47,7 +47,7 @@ with +z superior or inferior:
   slice, or 1 mm per 5 mm of thick slices), centred by mean shift on the voxels of blood HU (not lung or bone), at
   least `AORTA_FILL` full of them, and moving at most 1 mm plus 0.3 mm per mm of slice. The disc, less 3 mm next to
   bone, is labelled aorta in every training sample and is enhanced with the blood pool, where the training config asks
-  for it (``partial_aorta``; off in the shipped recipes, configs/derived_aorta/ says why). Checked by eye on chest-popi
+  for it (``partial_aorta``, on in the shipped recipes). Checked by eye on chest-popi
   (the descending aorta from the lungs' bases to the arch, 172 mm) and chest-lung2 (its calcified descending aorta up
   to the arch, 115 mm), and against the procedural phantom's aorta (tests/training/test_partial_labels.py). It
   teaches a blood tube against a thoracic vertebra, where the held-out contrast patient's aorta was named vertebra
