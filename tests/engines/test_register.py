@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -628,33 +629,43 @@ def test_cancel_stops_a_stage_between_its_torch_operations(ct):
 
 def test_cancel_stops_simpleitk_within_an_iteration_of_the_prealignment_and_the_refinement(ct):
     """Cancel polled inside SimpleITK's own iterations (`prealign.stop_on_cancel`): the pre-alignment of the 3 mm
-    cut against a turned copy and a demons call of 40 iterations at full resolution stop at the iteration after
-    Cancel, not at the end of the call (hundreds of optimiser iterations; 40 demons iterations); the refinement's
-    set-up stops between its filters."""
+    cut against a turned copy stops at the iteration after Cancel, not at the end of the call (hundreds of optimiser
+    iterations). The refinement's SimpleITK calls run in a thread of their own (`refine.in_thread`): Cancel returns
+    while the set-up's filters or a 40-iteration demons call still run, and the call left behind stops at its own
+    next poll (its next filter; the end of its demons iteration) instead of running to its end."""
     from napari_ctcolor.engines.refine import refine_field
 
     turned, _ = _rigid_motion(ct, 5.0, (8.0, 0.0, 0.0))
     polls: list[int] = []
-
-    def cancel_after(n: int):
-        return lambda: polls.append(1) is None and len(polls) > n
-
     with pytest.raises(Cancelled, match="pre-alignment"):
-        prealign(ct, turned, cancel_after(3))
+        prealign(ct, turned, lambda: polls.append(1) is None and len(polls) > 3)
     assert len(polls) <= 8  # polled at 3 iterations, then ITK stops within the next ones (a full run: hundreds)
-    polls.clear()
+
     seed = np.zeros((*ct.shape, 3))
     fixed = ct.with_array(np.clip((ct.array.astype(np.float32) + 1000) / 2000, 0, 1))
     moved = fixed.with_array(np.roll(fixed.array, 2, axis=2))
-    # The set-up polls 8 times: before and after the histogram matching, and after each image's three smoothings.
-    setup = 8
-    for n, polled in ((3, 4), (setup + 2, setup + 4)):  # stopped inside the set-up; inside the first demons call
-        polls.clear()
-        refining = refine_field(fixed, moved, seed, 40, cancel_after(n))
+    for chunks_first in (0, 1):  # Cancel during the set-up; during the second demons call of 5 iterations
+        pressed = threading.Event()
+        iterations: list[int] = []
+
+        def cancel(pressed=pressed, iterations=iterations):
+            in_call = threading.current_thread().name == "ctcolor-refinement"
+            if in_call and pressed.is_set():
+                iterations.append(1)  # polled by the call left behind (a demons iteration's end, or a filter)
+            return pressed.is_set()
+
+        refining = refine_field(fixed, moved, seed, 40, cancel)
+        for _ in range(chunks_first):
+            next(refining)
+        pressed.set()
         with pytest.raises(Cancelled, match="refinement"):
-            while True:
-                next(refining)
-        assert len(polls) == polled, n
+            next(refining)
+        behind = [t for t in threading.enumerate() if t.name == "ctcolor-refinement"]
+        for thread in behind:
+            thread.join(timeout=60)
+        assert not any(t.is_alive() for t in behind)
+        # The call left behind stopped at its first poll after Cancel: at most one more demons iteration or filter.
+        assert len(iterations) <= 2, iterations
 
 
 def test_refinement_levels_coarsen_the_fine_axes_to_at_most_4_mm_and_keep_thick_slices():

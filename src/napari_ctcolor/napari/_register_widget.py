@@ -193,8 +193,8 @@ class RegisterWidget(Container):
         self._run()
 
     def cancel(self, *_: Any) -> None:
-        """Stop the running registration within a SimpleITK iteration or between two stages; the previous result, if
-        any, stays."""
+        """Stop the running registration within a poll of its engine (`refine.in_thread`, `prealign.stop_on_cancel`,
+        a torch operation) or between two stages; the previous result, if any, stays."""
         self._stop.set()
         self.jobs.cancel()
 
