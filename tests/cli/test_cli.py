@@ -154,9 +154,9 @@ def _warped_against_simpleitk(out, fixed, moving):
 
     Returns: |warped - SimpleITK's| per fixed voxel (flat); p + ddf(p) of each fixed voxel as a continuous index of
     the moving image ((3, N), x y z); the bound of the difference: the engine maps positions between the two grids in
-    float32, so a position up to `reach` mm from the scanner's origin carries a rounding of 2**-24 of it on each of
-    the three axes, up to `shift` of the moving image's voxels, times the steepest step between neighbouring voxels of
-    the moving image (a bone edge); the field (Z, Y, X, 3) LPS mm; the fixed grid's index -> mm matrix.
+    float32, so a position up to R mm from the scanner's origin carries a rounding of 2**-24 R on each of the three
+    axes, up to `shift` of the moving image's voxels, times the steepest step between neighbouring voxels of the
+    moving image (a bone edge); the field (Z, Y, X, 3) LPS mm; the fixed grid's index -> mm matrix.
     """
     field = sitk.ReadImage(str(out / "ddf.nii.gz"))
     forward = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
