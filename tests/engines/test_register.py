@@ -627,6 +627,32 @@ def test_cancel_stops_a_stage_between_its_torch_operations(ct):
     assert len(steps) == 2  # the model and the resampling ended; the network did not
 
 
+def test_cancel_returns_while_one_operation_of_a_stage_still_runs(ct, monkeypatch):
+    """Each stage runs in a thread of its own (`Stages.run`) while the registration polls Cancel: pressed while one
+    operation holds the stage (a torch operation on a whole CT, an iteration of the pre-alignment: up to 1.9 s each on
+    popi's 512² chest, 2 cores), Cancel returns while that operation still runs, and the stage left behind stops
+    before its next torch operation. The operation here is a wait that only the test ends: no timing."""
+    from napari_ctcolor.engines.register import stages
+
+    real, entered, release, after = stages.run_network, threading.Event(), threading.Event(), []
+
+    def held_network(*args):
+        entered.set()
+        release.wait(60)  # one long operation (it releases the GIL, as torch and SimpleITK do)
+        torch.zeros(1).add_(1)  # the stage's next torch operation: never reached after Cancel
+        after.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(stages, "run_network", held_network)
+    with pytest.raises(Cancelled, match="during stage 'forward'"):
+        register(ct, ct, refine=0, affine=False, cancel=entered.is_set)
+    behind = [t for t in threading.enumerate() if t.name == "ctcolor-forward"]
+    assert len(behind) == 1 and behind[0].is_alive()  # Cancel returned before the operation ended
+    release.set()
+    behind[0].join(timeout=60)
+    assert not behind[0].is_alive() and not after
+
+
 def test_cancel_stops_simpleitk_within_an_iteration_of_the_prealignment_and_the_refinement(ct):
     """Cancel polled inside SimpleITK's own iterations (`prealign.stop_on_cancel`): the pre-alignment of the 3 mm
     cut against a turned copy stops at the iteration after Cancel, not at the end of the call (hundreds of optimiser

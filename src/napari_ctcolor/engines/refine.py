@@ -37,11 +37,9 @@ a 4 mm grid gained 0.003 Dice in 45 s.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -50,6 +48,7 @@ from ..errors import Cancelled, InputError
 from ..io import Volume
 from .geometry import resample_onto, same_grid
 from .prealign import stop_on_cancel
+from .steps import in_thread
 
 #: Weight of each image's local structure added to its intensities (`_local_structure`; unit local variance against
 #: intensities in [0, 1]: 0.1 is the step of 200 HU under the CT weights' window).
@@ -109,8 +108,8 @@ LONG_STEP_MIN_MM = 2.5
 #: 0.943 -> 0.926, popi 0.963 -> 0.951) and the 3 mm abdomen (up to 0.03): BENCHMARKS.md, 2026-11-24, "a sliding
 #: breathing validation for the chest".
 SMOOTHING_VOXELS = 1.5
-#: Seconds between two polls of Cancel while a SimpleITK call of the refinement runs in its own thread (`in_thread`).
-CANCEL_POLL_S = 0.05
+#: The name of the thread each SimpleITK call of the refinement runs in (`steps.in_thread`).
+REFINEMENT_THREAD = "ctcolor-refinement"
 #: Extra memory per fixed-grid voxel while refining: float64 fields (the seed, SimpleITK's copy, the demons filter's
 #: output and update buffers, the inverse and its iteration), the two float32 images, their matched copy and the
 #: local-structure temporaries (`_local_structure`: six float32 arrays while an image is made).
@@ -242,31 +241,6 @@ def cancel_check(cancel: Callable[[], bool] | None) -> Callable[[], None]:
     return check
 
 
-def in_thread(call: Callable[[], Any], check: Callable[[], None]) -> Any:
-    """``call()`` in a thread of its own while this one polls ``check`` every `CANCEL_POLL_S`; its value or error.
-
-    SimpleITK releases the GIL while a filter runs but polls Cancel only between iterations (`stop_on_cancel`), and
-    one demons iteration on a 512 x 512 x 141 chest CT takes 3.3 s on 2 cores (2026-11-27). Waiting here instead, a
-    Cancel returns within `CANCEL_POLL_S`; the call left behind stops at its own next poll of Cancel (the end of its
-    demons iteration, or its next filter) and its result is dropped."""
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = call()
-        except BaseException as error:  # handed to the waiting thread, which raises it
-            outcome["error"] = error
-
-    thread = threading.Thread(target=run, name="ctcolor-refinement", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(CANCEL_POLL_S)
-        check()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
 def demons_images(fixed: Volume, moving: Volume, check: Callable[[], None]) -> tuple[sitk.Image, sitk.Image]:
     """The two images demons compares, on the fixed grid (see the module's notes): the moving one sampled onto the
     fixed grid where it lies on another (linear, 0 outside) and histogram matched to the fixed one, each plus its local
@@ -294,15 +268,16 @@ def refine_field(
         seed_mm: (Z, Y, X, 3) on the fixed grid, LPS mm: fixed point p maps to moving point p + seed(p) (the
             network's field composed with the pre-alignment).
         iterations: full-resolution iterations (>= 1).
-        cancel: polled every `CANCEL_POLL_S` while SimpleITK works (`in_thread`), after every demons iteration
-            (`prealign.stop_on_cancel`) and between the set-up's filters; True raises `Cancelled` within a poll.
+        cancel: polled every `steps.CANCEL_POLL_S` while SimpleITK works (`steps.in_thread`), after every demons
+            iteration (`prealign.stop_on_cancel`) and between the set-up's filters; True raises `Cancelled` within a
+            poll.
 
     Returns:
         (Z, Y, X, 3) float64, LPS mm, same convention as the seed.
     """
     check = cancel_check(cancel)
-    fixed_image, moving_image = in_thread(partial(demons_images, fixed, moving, check), check)
-    field = in_thread(partial(_image, seed_mm, fixed, np.float64), check)
+    fixed_image, moving_image = in_thread(partial(demons_images, fixed, moving, check), check, REFINEMENT_THREAD)
+    field = in_thread(partial(_image, seed_mm, fixed, np.float64), check, REFINEMENT_THREAD)
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetStandardDeviations(SMOOTHING_VOXELS)
     stop_on_cancel(demons, cancel)
@@ -312,12 +287,12 @@ def refine_field(
         else:
             level_fixed, level_moving = fixed_image, moving_image
         onto_level = (field, level_fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
-        field = in_thread(partial(sitk.Resample, *onto_level), check)
+        field = in_thread(partial(sitk.Resample, *onto_level), check, REFINEMENT_THREAD)
         demons.SetMaximumUpdateStepLength(THIRION_STEP if max(factors) > 1 else step_length(fixed.spacing))
         for chunk in level_chunks(count):
             demons.SetNumberOfIterations(chunk)
-            field = in_thread(partial(demons.Execute, level_fixed, level_moving, field), check)
+            field = in_thread(partial(demons.Execute, level_fixed, level_moving, field), check, REFINEMENT_THREAD)
             yield
             if demons.GetMetric() < MATCHED_METRIC / math.prod(factors):
                 break  # this level's images agree within noise (averaged over its boxes): on to the next
-    return in_thread(partial(sitk.GetArrayFromImage, field), check)
+    return in_thread(partial(sitk.GetArrayFromImage, field), check, REFINEMENT_THREAD)

@@ -193,8 +193,9 @@ class RegisterWidget(Container):
         self._run()
 
     def cancel(self, *_: Any) -> None:
-        """Stop the running registration within a poll of its engine (`refine.in_thread`, `prealign.stop_on_cancel`,
-        a torch operation) or between two stages; the previous result, if any, stays."""
+        """Stop the running registration within a poll of its engine (every stage and each SimpleITK call of the
+        refinement run in a thread of their own while it polls: `steps.in_thread`); the previous result, if any,
+        stays."""
         self._stop.set()
         self.jobs.cancel()
 

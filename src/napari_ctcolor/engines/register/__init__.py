@@ -1,6 +1,6 @@
 """Registration engine: SYMNet deformable registration of two volumes, with physical geometry throughout.
 
-Stages (each reports progress and may be cancelled before it starts):
+Stages (each reports progress; each runs in a thread of its own while Cancel is polled, `stages.Stages.run`):
 
 1. model: load the weights (`load_registration_model`).
 2. prealign (the CT card's default, or ``affine=True``): rigid, then affine SimpleITK registration, Mattes mutual
@@ -55,10 +55,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 import SimpleITK as sitk
-import torch
 
 from ...io import Volume
 from ..prealign import prealign
@@ -135,40 +135,33 @@ def iter_register(
     plan = _stages.plan(fixed, moving, model, affine, refine, device)
     stages = Stages(plan.stage_count, progress, cancel, plan.device)
     stages.seconds["copies"] = plan.check_seconds
-    with stages("model"):
-        grid = _stages.network_grid(plan)
+    grid = stages.run("model", partial(_stages.network_grid, plan), inference=False)
     yield stages.step("pre-alignment" if plan.affine else "resampling")
     transform = None
     if plan.affine:
-        with stages("prealign"):
-            transform = (prealignment and prealignment()) or prealign(plan.fixed, plan.moving, cancel)
+        transform = stages.run(
+            "prealign", lambda: (prealignment and prealignment()) or prealign(plan.fixed, plan.moving, cancel), False
+        )
         yield stages.step("resampling")
-    with stages("resample"):
-        pair = _stages.resample_pair(plan, transform)
+    pair = stages.run("resample", partial(_stages.resample_pair, plan, transform), inference=False)
     yield stages.step("network")
-    with stages("forward"), torch.inference_mode():
-        v_xy, v_yx, crop, bf16 = _stages.run_network(plan, grid, pair)
+    v_xy, v_yx, crop, bf16 = stages.run("forward", partial(_stages.run_network, plan, grid, pair))
     yield stages.step("integration")
-    with stages("integrate"), torch.inference_mode():
-        f_ab, f_ba = _stages.integrate(plan, grid, v_xy, v_yx, crop)
-        del v_xy, v_yx
+    f_ab, f_ba = stages.run("integrate", partial(_stages.integrate, plan, grid, v_xy, v_yx, crop))
+    del v_xy, v_yx
     yield stages.step("fields")
-    with stages("fields"), torch.inference_mode():
-        fields = _stages.to_mm(plan, f_ab, f_ba, transform)
-        del f_ab, f_ba
+    fields = stages.run("fields", partial(_stages.to_mm, plan, f_ab, f_ba, transform))
+    del f_ab, f_ba
     yield stages.step("refinement" if plan.iterations else "warping")
     if plan.iterations:
-        with stages("refine", polled=False):
+        with stages("refine"):
             refined = yield from _stages.refine(plan, pair, fields, stages, cancel)
         yield stages.step("inversion")
-        with stages("invert"), torch.inference_mode():
-            fields = _stages.invert(plan, refined, fields)  # its ddf is the refined map
+        fields = stages.run("invert", partial(_stages.invert, plan, refined, fields))  # its ddf is the refined map
         yield stages.step("warping")
-    with stages("warp"), torch.inference_mode():
-        warped_t, warped_labels = _stages.warp_moving(plan, fields.ddf, moving_labels)
+    warped_t, warped_labels = stages.run("warp", partial(_stages.warp_moving, plan, fields.ddf, moving_labels))
     yield stages.step("metrics")
-    with stages("metrics"), torch.inference_mode():
-        measured = _stages.measure(plan, pair, fields, warped_t)
+    measured = stages.run("metrics", partial(_stages.measure, plan, pair, fields, warped_t))
     yield stages.step("outputs")
     metrics = _stages.metrics_of(plan, grid, pair, fields, measured, stages, bf16, time.perf_counter() - start)
     return _stages.result_of(plan, measured, metrics, warped_labels, moving_labels)

@@ -41,8 +41,8 @@ INVERSE_MEAN_ERROR = 0.001
 
 def invert_field(field_mm: torch.Tensor, grid: Volume) -> torch.Tensor:
     """The inverse of a (Z, Y, X, 3) LPS displacement in mm on ``grid``, sampled at the same grid's points, as float32
-    on the field's device. It is a few tensor operations per iteration, so a stage polling cancel between torch
-    operations (`stages.PolledTorch`) stops it within one.
+    on the field's device. It is a few tensor operations per iteration, so a cancelled stage left behind
+    (`stages.Stages.run`) stops within one.
 
     Where q + v(q) leaves the grid, u is read at the nearest border voxel (the map may move the border: a pre-aligned
     20 mm shift), as ITK's filter reads it.

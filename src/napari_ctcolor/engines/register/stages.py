@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -30,7 +31,7 @@ from ..device import cpu_bf16, resolve_device
 from ..geometry import resample_onto, same_grid
 from ..orientation import AxisMap
 from ..refine import REFINE_BYTES_PER_VOXEL, cancel_check, check_iterations, chunks, refine_field
-from ..steps import Cancel, Progress, Steps
+from ..steps import Cancel, Progress, Steps, in_thread
 from .demons import refine_on_device
 from .fields import (
     SLAB_SLICES,
@@ -65,6 +66,7 @@ from .network import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Peak memory of a registration per padded voxel (network activations, 4 fields being integrated, their temporaries):
 #: `ctcolor register` on the OASIS pair (160 x 192 x 224) peaks at 3.7-4.1 GB resident on the CPU, up to 590 bytes per
@@ -113,8 +115,8 @@ POLL_SECONDS = 0.1
 class PolledTorch(TorchFunctionMode):
     """Within it, ``check`` (which raises `Cancelled` once cancel is asked) runs before a torch operation at most every
     `POLL_SECONDS`: a stage of a few large tensor operations (the network's convolutions, the integration's
-    compositions, the Jacobian, the local NCC) stops within one of them after Cancel, not at its end. On popi's
-    512 x 512 x 141 chest, a stage had taken up to 19 s between two polls (2026-11-27, 2-core AMD EPYC)."""
+    compositions, the Jacobian, the local NCC) left behind by Cancel (`Stages.run`) stops within one of them, not at
+    its end."""
 
     def __init__(self, check: Callable[[], None]) -> None:
         super().__init__()
@@ -154,15 +156,12 @@ class Stages:
         return self.done, self.total, following
 
     @contextlib.contextmanager
-    def __call__(self, name: str, polled: bool = True) -> Iterator[None]:
-        """Time stage ``name``, polling cancel before it and, with ``polled``, between its torch operations
-        (`PolledTorch`). A stage that yields (the refinement) polls by itself: a torch mode must not stay pushed
-        while the generator is suspended."""
+    def __call__(self, name: str) -> Iterator[None]:
+        """Time stage ``name``, polling cancel before it. A stage that yields (the refinement) polls by itself; the
+        others run through `run`."""
         self._check_cancel(f"before stage '{name}'")
         start = time.perf_counter()
-        polling = PolledTorch(lambda: self._check_cancel(f"during stage '{name}'"))
-        with polling if polled and self.cancel is not None else contextlib.nullcontext():
-            yield
+        yield
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # kernels are asynchronous: charge them to their own stage
         self.seconds[name] = round(time.perf_counter() - start, 3)
@@ -170,6 +169,34 @@ class Stages:
         self.done += 1
         if self.progress is not None:
             self.progress(self.done, self.total)
+
+    def run(self, name: str, call: Callable[[], T], inference: bool = True) -> T:
+        """Stage ``name`` (timed as `__call__` times it): ``call()``, under torch's inference mode with
+        ``inference``, in a thread of its own (`steps.in_thread`) while this one polls cancel every
+        `steps.CANCEL_POLL_S`. One operation can hold its thread for seconds (on popi's 512 x 512 x 141 chest, 2
+        cores, 2026-11-27: an iteration of the pre-alignment 1.4 s, a torch operation of the warp 1.9 s); Cancel
+        returns within a poll all the same, and the call left behind stops before its next torch operation
+        (`PolledTorch`) or at its SimpleITK optimiser's next iteration (which polls cancel itself)."""
+        with self(name):
+            mode = torch.inference_mode if inference else contextlib.nullcontext
+            if self.cancel is None:
+                with mode():
+                    return call()
+            stopped = threading.Event()
+
+            def left_behind() -> None:
+                if stopped.is_set():
+                    raise Cancelled(f"registration cancelled during stage '{name}'")
+
+            def work() -> T:
+                with mode(), PolledTorch(left_behind):
+                    return call()
+
+            try:
+                return in_thread(work, lambda: self._check_cancel(f"during stage '{name}'"), f"ctcolor-{name}")
+            except Cancelled:
+                stopped.set()
+                raise
 
 
 def refine_ticks(steps: Iterator[None], stages: Stages, count: int) -> Steps[np.ndarray | torch.Tensor]:
