@@ -27,7 +27,7 @@ from .colorize_job import (
     iter_recompose,
     settings_of,
 )
-from .session import failing_as_value
+from .session import Failed, failing_as_value
 from .window import opening_window
 
 #: Two contrast limits within this many HU are the same window (napari's sliders round).
@@ -108,7 +108,10 @@ class ColorizeSession:
     def run_steps(volume: Volume, request: ColorizeRequest):
         """The colorize job (the network, then the composition): yields (done, 2 Z), returns its `ColorizeOutcome`,
         or `Failed`. A generator function (napari's ``create_worker`` tells a generator worker by that)."""
-        return (yield from failing_as_value(iter_colorize_job(volume, request)))
+        outcome = yield from failing_as_value(iter_colorize_job(volume, request))
+        if not isinstance(outcome, Failed):
+            outcome.chroma.legend_figures(volume.array)  # here in the worker, not in the viewer's main thread
+        return outcome
 
     @staticmethod
     def contrast_to_adopt(

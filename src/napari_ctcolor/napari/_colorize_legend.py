@@ -78,9 +78,9 @@ class ClassesAndPointer:
         if palette.name != color.settings.get("palette"):
             return  # a newer palette choice is being composed; its result fills the legend
         rows = []
-        shares = sorted(kept.chroma.class_shares().items(), key=lambda item: -item[1])
-        median_hu = kept.chroma.class_hu(kept.volume.array)  # classes that win only in the padding have none
-        shown = [n for n, share in shares if share >= LEGEND_MIN_SHARE and n in median_hu and palette.class_rgb(n)]
+        figures = kept.chroma.legend_figures(kept.volume.array)  # made in the run's worker (`ColorizeSession`)
+        median_hu = {name: hu for name, _, hu in figures}
+        shown = [n for n, share, _ in figures if share >= LEGEND_MIN_SHARE and palette.class_rgb(n)]
         if not shown:
             self.legend.value = ""
             return

@@ -53,6 +53,9 @@ class Chroma:
     model: str
     enclosure: np.ndarray | None = None
     blood_fade_hu: tuple[float, float] = field(default_factory=lambda: BLOOD_FADE_HU)
+    _legend: tuple[np.ndarray, list[tuple[str, float, float]]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def ab(self, palette: Palette, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """(n, 2, h, w) float32 a*, b* of slices [start, stop) at the network's resolution under ``palette``."""
@@ -170,6 +173,16 @@ class Chroma:
         is each class (classes that win somewhere only)."""
         first, values = self._at_centres(hu)
         return {self.classes[k]: float(np.median(values[first == k])) for k in np.unique(first).tolist()}
+
+    def legend_figures(self, hu: np.ndarray) -> list[tuple[str, float, float]]:
+        """(class, `class_shares` share, `class_hu` median HU) of each class most probable somewhere inside the CT
+        ``hu``, most common first: what a legend lists. Kept for the last ``hu`` asked: a front end asks once in a
+        worker, then at every recomposition in its main thread (0.3 s on 275 slices of 512², 2 cores, 2026-11-27)."""
+        if self._legend is None or self._legend[0] is not hu:
+            median_hu = self.class_hu(hu)  # classes that win only in the padding have none
+            shares = sorted(self.class_shares().items(), key=lambda item: -item[1])
+            self._legend = hu, [(name, share, median_hu[name]) for name, share in shares if name in median_hu]
+        return self._legend[1]
 
     def _at_centres(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(most probable class, HU) at each network pixel's centre voxel in the CT ``hu``, both (Z, h', w')."""
