@@ -203,8 +203,14 @@ def _tiny_config(tmp_path: Path, steps: int, leave_one_out: list[str] | None = N
     return path
 
 
-def test_training_is_deterministic_and_resume_continues_the_same_run(tmp_path):
+@pytest.mark.parametrize("elastic", [0.0, 1.0])
+def test_training_is_deterministic_and_resume_continues_the_same_run(tmp_path, elastic):
+    """Two runs of a seed give the same weights, and so does a run stopped and resumed: with the elastic
+    deformation too (``elastic``), whose own random state travels in the checkpoint."""
     config = _tiny_config(tmp_path, steps=4)
+    config.write_text(
+        yaml.safe_dump({**yaml.safe_load(config.read_text(encoding="utf-8")), "elastic": elastic}), encoding="utf-8"
+    )
     a, _, _ = train_colorizer(config, tmp_path / "a", log=lambda *_: None)
     b, _, _ = train_colorizer(config, tmp_path / "b", log=lambda *_: None)
     for key, value in a.state_dict().items():

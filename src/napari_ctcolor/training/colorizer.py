@@ -355,6 +355,27 @@ class Sampler:
             )
             self.deform.set_random_state(seed=int(self.rng.integers(2**31)))
 
+    def _deform_generators(self) -> list[np.random.RandomState]:
+        """The elastic deformation's random states: MONAI's `Rand2DElastic` draws from one of its own, its deformation
+        grid's and its affine grid's."""
+        return [self.deform.R, self.deform.deform_grid.R, self.deform.rand_affine_grid.R]
+
+    def deform_state(self) -> str:
+        """The elastic deformation's random states as JSON for a checkpoint; '' without one. A resumed run that
+        re-seeded them would deform differently from the run it continues."""
+        if self.deform is None:
+            return ""
+        states = [r.get_state() for r in self._deform_generators()]
+        return json.dumps([[kind, keys.tolist(), pos, gauss, cached] for kind, keys, pos, gauss, cached in states])
+
+    def set_deform_state(self, state: str) -> None:
+        """Restore `deform_state` (a checkpoint without one leaves the deformation as seeded)."""
+        if self.deform is not None and state:
+            for generator, (kind, keys, pos, gauss, cached) in zip(
+                self._deform_generators(), json.loads(state), strict=True
+            ):
+                generator.set_state((kind, np.array(keys, dtype=np.uint32), pos, gauss, cached))
+
     def _crop(self, t: torch.Tensor, y: int, x: int) -> torch.Tensor:
         size = self.train.crop
         t = t[..., y : y + size, x : x + size]
@@ -595,6 +616,7 @@ def train_colorizer(
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["torch_rng"])
         sampler.rng.bit_generator.state = json.loads(state["numpy_rng"])
+        sampler.set_deform_state(state.get("deform_rng", ""))
         start, losses = int(state["step"]), list(state["losses"])
         seconds_before = float(state.get("seconds", 0.0))
         devices = list(state.get("devices", []))  # where the steps so far ran (a GPU run evaluated on a CPU, say)
@@ -624,6 +646,7 @@ def train_colorizer(
                 "schedule": schedule.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "numpy_rng": json.dumps(sampler.rng.bit_generator.state),
+                "deform_rng": sampler.deform_state(),
                 "step": step + 1,
                 "losses": losses,
                 "seconds": seconds_before + time.time() - t_loop,  # optimisation time over all resumed runs
