@@ -369,6 +369,22 @@ def _inner_mask(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_erosion(mask, structure=np.ones((1, 9, 9), bool))
 
 
+def test_most_probable_names_every_voxel_as_the_pointer_does(ct, chroma):
+    """`Chroma.most_probable` (one numba pass per voxel: the class map of ``--classes`` and the viewer's class layer)
+    against `Chroma.class_at` (the pointer's, in torch, voxel by voxel) on 3000 voxels drawn at random and on every
+    voxel of the series at or above 110 HU in rows 150-350 of three slices, where the HU weights and the bone
+    enclosure decide: the same class everywhere (the same float32 arithmetic, the first of equal scores)."""
+    labels = chroma.most_probable(ct.array)
+    rng = np.random.default_rng(7)
+    picked = [tuple(rng.integers(0, n, 3000)) for n in ct.shape]
+    dense = np.argwhere(ct.array[:3, 150:350] >= PLAIN_FADE_HU[0]) + [0, 150, 0]
+    voxels = list(zip(*picked, strict=True)) + [tuple(v) for v in dense[:: max(1, len(dense) // 3000)]]
+    for z, y, x in voxels:
+        name = chroma.class_at(int(z), int(y), int(x), float(ct.array[z, y, x]))[0]
+        assert labels[z, y, x] == (0 if name == "air" else CLASSES.index(name) + 1), (z, y, x)
+    assert len(voxels) > 5000
+
+
 def test_class_at_and_most_probable_follow_the_network_grid(ct, chroma):
     # At or below the plain tissue's fade start (110 HU) the HU weights are all 1 outside the marrow and away from
     # unenclosed bone classes (`Chroma.enclosure`): the network pixel's most probable class. Voxel (3, y, x) is one

@@ -13,15 +13,17 @@ import time
 
 
 def warm_kernels() -> dict[str, float]:
-    """Colorize and register a small built-in phantom on the CPU; returns the seconds each took (compilation, or
-    loading the cache when the kernels were compiled already)."""
+    """Colorize (with its class map) and register a small built-in phantom on the CPU; returns the seconds each took
+    (compilation, or loading the cache when the kernels were compiled already)."""
     from ..phantom import make_phantom
     from .colorize import colorize
     from .register import register
 
     seconds = {}
     start = time.perf_counter()
-    colorize(make_phantom(shape=(8, 96, 96), spacing=(3.0, 3.6, 3.6)).volume, device="cpu")
+    phantom = make_phantom(shape=(8, 96, 96), spacing=(3.0, 3.6, 3.6)).volume
+    color = colorize(phantom, device="cpu")
+    color.chroma.most_probable(phantom.array)  # the class map (`ctcolor colorize --classes`, the viewer's classes)
     seconds["colorize"] = time.perf_counter() - start
     # Large enough for the field kernels (`models.diffeo.KERNEL_MIN_VOXELS` on the network's grid).
     # Two different phantoms: one image twice would be the identity without the network (`register.COPIES_METRIC`).

@@ -13,7 +13,16 @@ import torch.nn.functional as F
 from ...color import Palette
 from ...io import ColorVolume
 from .. import anatomy as _anatomy
-from .groups import BLOOD_FADE_HU, HU_GROUPS, MARROW_GROUP_HU, hu_group_of, hu_group_weights
+from .groups import (
+    BLOOD_FADE_HU,
+    GROUP_FLOOR,
+    HU_GROUPS,
+    MARROW_GROUP_HU,
+    ORGAN_FADE_HU,
+    PLAIN_FADE_HU,
+    hu_group_of,
+    hu_group_weights,
+)
 
 #: Contrast-enhanced blood (`Chroma.enhanced_blood_hu`): the heart and vessels the network names, at least
 #: ENHANCED_MIN_ML of them, with a median of at least ENHANCED_HU. Unenhanced blood is 30-60 HU (up to about 70 at a
@@ -126,21 +135,21 @@ class Chroma:
         cortex in a pixel the network mostly called muscle is named bone. At or below `PLAIN_FADE_HU`'s start every
         weight is 1: the pixel's most probable class.
         """
-        rows, cols = self.network_pixel(torch.arange(hu.shape[1]), torch.arange(hu.shape[2]))
-        group_of = hu_group_of(self.classes)
+        from ...threads import cpu_threads
+        from ..fused import most_probable
+
+        rows, cols = self.network_pixel(np.arange(hu.shape[1]), np.arange(hu.shape[2]))
+        group_of = hu_group_of(self.classes).numpy()
         air = self.classes.index("air") if "air" in self.classes else -1
+        fades = (*PLAIN_FADE_HU, *ORGAN_FADE_HU, *self.blood_fade_hu, GROUP_FLOOR)
         out = np.empty(hu.shape, dtype=np.uint8)
         for start in range(0, hu.shape[0], _LABEL_CHUNK):
             stop = min(hu.shape[0], start + _LABEL_CHUNK)
-            top = self.top[start:stop].index_select(2, rows).index_select(3, cols).long()  # (n, k, Y, X)
-            prob = self.prob[start:stop].index_select(2, rows).index_select(3, cols).float()
-            chunk = torch.from_numpy(np.nan_to_num(np.asarray(hu[start:stop], dtype=np.float32)))
-            fit = hu_group_weights(*self.hu_groups(chunk, start), self.blood_fade_hu)
-            score = prob * fit.movedim(-1, 1).gather(1, group_of[top])
-            best = top.gather(1, score.argmax(dim=1, keepdim=True))[:, 0]  # the first of equal scores: the likelier
-            labels = (best + 1).to(torch.uint8)
-            labels[best == air] = 0
-            out[start:stop] = labels.numpy()
+            chunk = np.nan_to_num(np.asarray(hu[start:stop], dtype=np.float32))
+            enclosure = None if self.enclosure is None else self.enclosure[:, start:stop]
+            top, prob = self.top[start:stop].numpy(), self.prob[start:stop].numpy()
+            args = (chunk, enclosure, MARROW_GROUP_HU, top, prob, rows, cols, group_of, fades, air, out[start:stop])
+            most_probable(*args, cpu_threads())
         return out
 
     def first_class(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -231,7 +240,7 @@ def class_table(palette: Palette, classes: tuple[str, ...]) -> torch.Tensor:
     return torch.from_numpy(palette.class_ab(classes))
 
 
-#: Slices per chunk of `Chroma.most_probable` (its full-resolution class and probability temporaries).
+#: Slices per call of `Chroma.most_probable`'s kernel (its float32 HU copy).
 _LABEL_CHUNK = 8
 #: Classes kept per network pixel (`Chroma`).
 TOP_K = 4
