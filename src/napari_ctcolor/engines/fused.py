@@ -465,6 +465,7 @@ def most_probable(
         np.ascontiguousarray(cols, dtype=np.int64),
         np.ascontiguousarray(group_of, dtype=np.int64),
         tuple(f32(v) for v in fades[:6]),
+        tuple(f32(fades[i + 1] - fades[i]) for i in (0, 2, 4)),  # each span as torch rounds it: once, from doubles
         (f32(1.0 - fades[6]), f32(fades[6])),
         int(air),
         out,
@@ -479,12 +480,12 @@ def _falling(h, low, high, span, rise, floor):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _most_probable(hu, enclosure, marrow_hu, top, prob, rows, cols, group_of, fades, floors, air, out):
+def _most_probable(hu, enclosure, marrow_hu, top, prob, rows, cols, group_of, fades, spans, floors, air, out):
     n, height, width = hu.shape
     k = top.shape[1]
     plain_low, plain_high, organ_low, organ_high, blood_low, blood_high = fades
+    plain_span, organ_span, blood_span = spans
     rise, floor = floors
-    plain_span, organ_span, blood_span = plain_high - plain_low, organ_high - organ_low, blood_high - blood_low
     no_bone = np.float32(1.0) - rise  # 1 - 1 x (1 - floor), as torch computes it
     for job in numba.prange(n * height):
         s, y = job // height, job % height
