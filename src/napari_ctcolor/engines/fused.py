@@ -113,9 +113,17 @@ def _grey_codes(tables):
 
 
 @numba.njit(inline="always", cache=True)
+def _falling(h, high, span, rise, floor):
+    """A group's weight at HU h (`hu_group_weights`), in float32 and torch's order: ((high - h) / span) clamped to
+    [0, 1], x rise + floor, where span is high - low and rise 1 - floor."""
+    return min(max((high - h) / span, np.float32(0.0)), np.float32(1.0)) * rise + floor
+
+
+@numba.njit(inline="always", cache=True)
 def _fit(h, low, high, floor):
-    """A group's weight at HU h: 1 up to ``low``, falling linearly to ``floor`` at ``high`` (`hu_group_weights`)."""
-    return min(max((high - h) / (high - low), np.float32(0.0)), np.float32(1.0)) * (np.float32(1.0) - floor) + floor
+    """A group's weight at HU h: 1 up to ``low``, falling linearly to ``floor`` at ``high`` (`_falling`, the span and
+    rise rounded in float32; `_most_probable` passes them rounded once from doubles, as torch does)."""
+    return _falling(h, high, high - low, np.float32(1.0) - floor, floor)
 
 
 @numba.njit(inline="always", cache=True)
@@ -464,7 +472,7 @@ def most_probable(
         np.ascontiguousarray(rows, dtype=np.int64),
         np.ascontiguousarray(cols, dtype=np.int64),
         np.ascontiguousarray(group_of, dtype=np.int64),
-        tuple(f32(v) for v in fades[:6]),
+        tuple(f32(fades[i + 1]) for i in (0, 2, 4)),
         tuple(f32(fades[i + 1] - fades[i]) for i in (0, 2, 4)),  # each span as torch rounds it: once, from doubles
         (f32(1.0 - fades[6]), f32(fades[6])),
         int(air),
@@ -472,18 +480,11 @@ def most_probable(
     )
 
 
-@numba.njit(inline="always")
-def _falling(h, low, high, span, rise, floor):
-    """`groups.hu_group_weights`'s falling weight in float32, in its order: ((high - h) / span) clamped, x rise + floor
-    (span: high - low, rise: 1 - floor, each rounded to float32 as torch rounds a Python scalar)."""
-    return min(max((high - h) / span, np.float32(0.0)), np.float32(1.0)) * rise + floor
-
-
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _most_probable(hu, enclosure, marrow_hu, top, prob, rows, cols, group_of, fades, spans, floors, air, out):
+def _most_probable(hu, enclosure, marrow_hu, top, prob, rows, cols, group_of, highs, spans, floors, air, out):
     n, height, width = hu.shape
     k = top.shape[1]
-    plain_low, plain_high, organ_low, organ_high, blood_low, blood_high = fades
+    plain_high, organ_high, blood_high = highs
     plain_span, organ_span, blood_span = spans
     rise, floor = floors
     no_bone = np.float32(1.0) - rise  # 1 - 1 x (1 - floor), as torch computes it
@@ -497,9 +498,9 @@ def _most_probable(hu, enclosure, marrow_hu, top, prob, rows, cols, group_of, fa
             if (enclosure[0, s, y, byte] >> shift) & 1:
                 h = max(h, marrow_hu)
             fit[0] = no_bone if (enclosure[1, s, y, byte] >> shift) & 1 else np.float32(1.0)
-            fit[1] = _falling(h, blood_low, blood_high, blood_span, rise, floor)
-            fit[2] = _falling(h, organ_low, organ_high, organ_span, rise, floor)
-            fit[3] = _falling(h, plain_low, plain_high, plain_span, rise, floor)
+            fit[1] = _falling(h, blood_high, blood_span, rise, floor)
+            fit[2] = _falling(h, organ_high, organ_span, rise, floor)
+            fit[3] = _falling(h, plain_high, plain_span, rise, floor)
             c = cols[x]
             best, best_score = top[s, 0, r, c], np.float32(prob[s, 0, r, c]) * fit[group_of[top[s, 0, r, c]]]
             for j in range(1, k):

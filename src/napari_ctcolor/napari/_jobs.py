@@ -80,8 +80,8 @@ class JobRunner:
 
     def cancel(self) -> None:
         """Stop the running job at its next step (its generator is closed there). The status line says so at once
-        and Cancel is disabled: a step can run for seconds on a CPU (up to 1.9 s between two of a registration's polls
-        of Cancel on a 512² chest CT, 2 cores), and a second press would change nothing."""
+        and Cancel is disabled: a step can run for seconds on a CPU (a colorize batch, a refinement step of a 512²
+        chest CT), and a second press would change nothing."""
         if self.worker is not None:
             self.worker.quit()
             self.cancelling = True
