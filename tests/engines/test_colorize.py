@@ -373,16 +373,37 @@ def test_most_probable_names_every_voxel_as_the_pointer_does(ct, chroma):
     """`Chroma.most_probable` (one numba pass per voxel: the class map of ``--classes`` and the viewer's class layer)
     against `Chroma.class_at` (the pointer's, in torch, voxel by voxel) on 3000 voxels drawn at random and on every
     voxel of the series at or above 110 HU in rows 150-350 of three slices, where the HU weights and the bone
-    enclosure decide: the same class everywhere (the same float32 arithmetic, the first of equal scores)."""
+    enclosure decide: the same class wherever the two best scores differ by more than float32 rounding (the same
+    float32 arithmetic in the same order; another CPU may round an operation differently, so a near-tie may go
+    either way, and only there)."""
     labels = chroma.most_probable(ct.array)
     rng = np.random.default_rng(7)
     picked = [tuple(rng.integers(0, n, 3000)) for n in ct.shape]
     dense = np.argwhere(ct.array[:3, 150:350] >= PLAIN_FADE_HU[0]) + [0, 150, 0]
     voxels = list(zip(*picked, strict=True)) + [tuple(v) for v in dense[:: max(1, len(dense) // 3000)]]
+    differ = 0
     for z, y, x in voxels:
-        name = chroma.class_at(int(z), int(y), int(x), float(ct.array[z, y, x]))[0]
-        assert labels[z, y, x] == (0 if name == "air" else CLASSES.index(name) + 1), (z, y, x)
-    assert len(voxels) > 5000
+        hu = float(ct.array[z, y, x])
+        name = chroma.class_at(int(z), int(y), int(x), hu)[0]
+        if labels[z, y, x] != (0 if name == "air" else CLASSES.index(name) + 1):
+            differ += 1
+            scores = _pointer_scores(chroma, int(z), int(y), int(x), hu)
+            kernel = "air" if labels[z, y, x] == 0 else CLASSES[labels[z, y, x] - 1]
+            assert abs(scores[kernel] - scores[name]) <= 1e-5 * scores[name], (z, y, x, scores)
+    assert len(voxels) > 5000 and differ <= 5
+
+
+def _pointer_scores(chroma, z: int, y: int, x: int, hu: float) -> dict[str, float]:
+    """Each kept class's score at a voxel as `Chroma.class_at` weighs it (probability x its HU group's weight)."""
+    from napari_ctcolor.engines.colorize.groups import MARROW_GROUP_HU, hu_group_of, hu_group_weights
+
+    row, col = chroma.network_pixel(y, x)
+    marrow, no_bone = chroma.enclosure[:, z, y, x // 8] >> (7 - x % 8) & 1
+    hu = max(hu, MARROW_GROUP_HU) if marrow else hu
+    fit = hu_group_weights(torch.tensor(hu), torch.tensor(bool(no_bone)), chroma.blood_fade_hu)
+    top, prob = chroma.top[z, :, row, col].long(), chroma.prob[z, :, row, col].float()
+    scores = (prob * fit[hu_group_of(chroma.classes)[top]]).tolist()
+    return {chroma.classes[int(k)]: score for k, score in zip(top, scores, strict=True)}
 
 
 def test_class_at_and_most_probable_follow_the_network_grid(ct, chroma):
