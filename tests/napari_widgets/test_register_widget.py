@@ -214,6 +214,12 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     low, high = difference.contrast_limits
     np.testing.assert_array_equal(jacobian.data, result.jacobian.array)
     assert low == -high and tuple(jacobian.contrast_limits) == (0.0, 2.0)
+    # Each contrast slider spans the data and the window together (the data's extremes are found in the run's and
+    # the checkerboard's workers, not in the viewer's thread): float32 extremes, compared within 1e-4.
+    for out in (warped, board, difference, jacobian):
+        lo, hi = out.contrast_limits
+        spans = (min(float(out.data.min()), lo), max(float(out.data.max()), hi))
+        np.testing.assert_allclose(out.contrast_limits_range, spans, rtol=0, atol=1e-4, err_msg=out.name)
     # Overlays over the CT: translucent, clear where nothing changed, opaque at the range's ends, with a colour bar;
     # the widget states the sign conventions.
     for overlay, clear in ((difference, 0.0), (jacobian, 1.0)):

@@ -64,6 +64,9 @@ class RegisterRun:
         result: the registration (warped image, fields, Jacobian, metrics) on the fixed grid.
         fixed_color, warped_color: the colorized twins on the fixed grid, when the moving one was warped.
         difference, difference_limits: `difference_of` the fixed and the warped image.
+        ranges: (lowest, highest) finite value of the warped image, the difference and the Jacobian (``"warped"``,
+            ``"difference"``, ``"jacobian"``): found here, off the main thread (a pass over a 512² chest CT of 141
+            slices takes 25 ms, which the layers' contrast-limit ranges would otherwise spend in the viewer's thread).
     """
 
     inputs: RegisterInputs
@@ -72,6 +75,7 @@ class RegisterRun:
     warped_color: ColorVolume | None
     difference: np.ndarray
     difference_limits: tuple[float, float]
+    ranges: dict[str, tuple[float, float] | None] = field(default_factory=dict)
     _moved: dict[bool, Volume | ColorVolume] = field(default_factory=dict, repr=False)
 
     def moving_on_fixed(self, colour: bool) -> Volume | ColorVolume:
@@ -121,8 +125,10 @@ class RegisterSession:
         finally:
             job.close()  # closed at a yield (Cancel): the job's and the engine's finally blocks run
         result = outcome.result
-        difference = difference_of(inputs.fixed.array, result.warped.array, inputs.fixed_limits)
-        return RegisterRun(inputs, result, outcome.fixed_color, outcome.warped_color, *difference)
+        difference, limits = difference_of(inputs.fixed.array, result.warped.array, inputs.fixed_limits)
+        arrays = {"warped": result.warped.array, "difference": difference, "jacobian": result.jacobian.array}
+        ranges = {key: finite_range(array) for key, array in arrays.items()}
+        return RegisterRun(inputs, result, outcome.fixed_color, outcome.warped_color, difference, limits, ranges)
 
     @classmethod
     def job(cls, inputs: RegisterInputs, request: RegisterRequest, cancel: Callable[[], bool], name: str):
@@ -174,6 +180,17 @@ def grey_as_color(volume: Volume, limits: tuple[float, float]) -> ColorVolume:
     grey = np.clip((volume.array.astype(np.float32) - low) / max(high - low, 1e-6), 0.0, 1.0)
     value = np.rint(grey * 255).astype(np.uint8)
     return ColorVolume.on_grid_of(volume, np.repeat(value[..., None], 3, axis=-1))
+
+
+def finite_range(data: np.ndarray) -> tuple[float, float] | None:
+    """(lowest, highest) finite value of ``data``; None for an empty array or one without a finite value."""
+    if not data.size:
+        return None
+    low, high = float(data.min()), float(data.max())
+    if not (np.isfinite(low) and np.isfinite(high)):  # the engine's outputs are finite: only then the slower pass
+        finite = data[np.isfinite(data)]
+        return (float(finite.min()), float(finite.max())) if finite.size else None
+    return low, high
 
 
 def difference_of(

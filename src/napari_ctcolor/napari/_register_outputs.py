@@ -19,7 +19,7 @@ from napari.qt.threading import create_worker
 from napari.utils import Colormap
 from qtpy.QtCore import QTimer
 
-from ..app.register_session import RegisterRun, RegisterSession, tile_edges
+from ..app.register_session import RegisterRun, RegisterSession, finite_range, tile_edges
 from ._layers import META_KEY, put_image
 
 CHECKERBOARD, DIFFERENCE, JACOBIAN, EDGES = "checkerboard", "difference", "Jacobian", "tile edges"
@@ -75,10 +75,11 @@ class Board:
 
 
 def _board_images(session: RegisterSession, wanted: Board) -> tuple:
-    """(checkerboard, tile edges) of ``wanted``, in a worker."""
+    """(checkerboard, its `finite_range` (None in colour), tile edges) of ``wanted``, in a worker."""
     run = wanted.kept.run
     board = session.checkerboard(wanted.tile_mm, wanted.before, wanted.colour, run)
-    return board, tile_edges(run.inputs.fixed, wanted.tile_mm, wanted.axes)
+    span = None if wanted.colour else finite_range(board.array)
+    return board, span, tile_edges(run.inputs.fixed, wanted.tile_mm, wanted.axes)
 
 
 class RegisterOutputs:
@@ -139,7 +140,10 @@ class RegisterOutputs:
         inputs, result = run.inputs, run.result
         overlay = {"opacity": OVERLAY_OPACITY, "colorbar": True, "hide": True}
         warped = f"{inputs.moving_name} warped"
-        steps = [lambda: self._put(warped, result.warped.array, "warped", limits=inputs.moving_limits)]
+        spans = run.ranges
+        steps = [
+            lambda: self._put(warped, result.warped.array, "warped", limits=inputs.moving_limits, span=spans["warped"])
+        ]
         if run.warped_color is not None:
             steps.append(
                 lambda: self._put(f"{inputs.moving_color_name} warped", run.warped_color.rgb, "warped colour", rgb=True)
@@ -150,6 +154,7 @@ class RegisterOutputs:
                 run.difference,
                 "difference",
                 limits=run.difference_limits,
+                span=spans["difference"],
                 colormap=DIFFERENCE_COLORMAP,
                 **overlay,
             ),
@@ -158,6 +163,7 @@ class RegisterOutputs:
                 result.jacobian.array,
                 "jacobian",
                 limits=JACOBIAN_LIMITS,
+                span=spans["jacobian"],
                 colormap=JACOBIAN_COLORMAP,
                 **overlay,
             ),
@@ -255,7 +261,7 @@ class RegisterOutputs:
         self._board_worker = worker
         worker.start()
 
-    def _put_board(self, wanted: Board, board, edges: np.ndarray) -> None:
+    def _put_board(self, wanted: Board, board, span: tuple[float, float] | None, edges: np.ndarray) -> None:
         """Show a computed checkerboard and its outlines, one layer per turn of the event loop (`_in_turns`), unless a
         newer request follows (which takes over what was to follow this one) or the run changed."""
         if self._closed() or self.kept is not wanted.kept:
@@ -267,7 +273,7 @@ class RegisterOutputs:
             steps = [lambda: self._put(CHECKERBOARD, board.rgb, "checkerboard", rgb=True)]
         else:
             limits = wanted.kept.run.inputs.fixed_limits
-            steps = [lambda: self._put(CHECKERBOARD, board.array, "checkerboard", limits=limits)]
+            steps = [lambda: self._put(CHECKERBOARD, board.array, "checkerboard", limits=limits, span=span)]
         steps.append(lambda: self._put_edges(edges))
         self._drawn_axes = wanted.axes
         self._in_turns(wanted.kept, steps + ([wanted.then] if wanted.then is not None else []))
@@ -286,7 +292,14 @@ class RegisterOutputs:
         user's, except that a shown layer is hidden in 3D and shown again on return to 2D.
         """
         layer = self._put(
-            EDGES, edges, "tile edges", limits=(0.0, 1.0), colormap=EDGES_COLORMAP, opacity=EDGES_OPACITY, hide=True
+            EDGES,
+            edges,
+            "tile edges",
+            limits=(0.0, 1.0),
+            span=(0.0, 1.0),
+            colormap=EDGES_COLORMAP,
+            opacity=EDGES_OPACITY,
+            hide=True,
         )
         self._show_edges(layer)
 
@@ -307,6 +320,7 @@ class RegisterOutputs:
         role: str,
         rgb: bool = False,
         limits: tuple[float, float] | None = None,
+        span: tuple[float, float] | None = None,
         colormap: str | Colormap = "gray",
         hide: bool = False,
         opacity: float | None = None,
@@ -319,6 +333,7 @@ class RegisterOutputs:
             data: (Z, Y, X) or (Z, Y, X, 3) uint8 with ``rgb``.
             role: recorded in the layer metadata (the derived roles are not offered as inputs).
             limits: contrast limits of a grey layer.
+            span: ``data``'s `finite_range`, found in a worker (None: none found).
             colormap: of a grey layer.
             hide: add the layer hidden (the checkerboard is what the user looks at first).
             opacity: draw the layer translucently over the CT with this opacity (an overlay whose colormap is clear
@@ -331,7 +346,7 @@ class RegisterOutputs:
         metadata = {META_KEY: {"register": role, "metrics": plain_metrics(kept.run.result.metrics)}}
         style: dict[str, Any] = {**kept.transforms}
         if not rgb:
-            style.update(contrast_limits_range=value_range(data, limits), contrast_limits=limits, colormap=colormap)
+            style.update(contrast_limits_range=value_range(span, limits), contrast_limits=limits, colormap=colormap)
         if opacity is not None:
             style.update(blending="translucent", opacity=opacity)
         # Linear in-plane sampling as the CT layers (no blocky voxels); the tile edges stay one-voxel lines.
@@ -342,14 +357,9 @@ class RegisterOutputs:
         return layer
 
 
-def value_range(data: np.ndarray, limits: tuple[float, float]) -> tuple[float, float]:
-    """A contrast-limits range covering both the data and the chosen limits (so the limits are never clipped)."""
-    if not data.size:
-        return limits
-    low, high = float(data.min()), float(data.max())
-    if not (np.isfinite(low) and np.isfinite(high)):  # the engine's outputs are finite: only then the slower pass
-        finite = data[np.isfinite(data)]
-        low, high = (float(finite.min()), float(finite.max())) if finite.size else limits
+def value_range(span: tuple[float, float] | None, limits: tuple[float, float]) -> tuple[float, float]:
+    """A contrast-limits range covering both the data's ``span`` and the chosen limits (never clipping them)."""
+    low, high = span or limits
     return min(low, limits[0]), max(high, limits[1])
 
 
