@@ -75,7 +75,7 @@ class RegisterRun:
     warped_color: ColorVolume | None
     difference: np.ndarray
     difference_limits: tuple[float, float]
-    ranges: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+    ranges: dict[str, tuple[float, float] | None]
     _moved: dict[bool, Volume | ColorVolume] = field(default_factory=dict, repr=False)
 
     def moving_on_fixed(self, colour: bool) -> Volume | ColorVolume:
