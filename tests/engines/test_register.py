@@ -289,17 +289,20 @@ def test_cli_register_default_recovers_a_rigid_motion_without_inventing_volume_c
     body = (ct.array > -500) & _points_inside(moving, ct, truth, margin=0.0)
     error = np.linalg.norm(ddf - truth, axis=-1)[body]
     in_range = float(np.mean((jacobian[body] >= 0.8) & (jacobian[body] <= 1.25)))
+    near_one = float(np.mean((jacobian[body] >= 0.95) & (jacobian[body] <= 1.05)))
     print(
         f"\nrigid 8 deg, 14 mm: error {error.mean():.2f} / {np.percentile(error, 95):.2f} mm (mean / p95), "
-        f"det J in 0.8..1.25 on {100 * in_range:.1f} % of the body, {metrics['seconds']:.1f} s"
+        f"det J in 0.8..1.25 on {100 * in_range:.1f} %, in 0.95..1.05 on {100 * near_one:.1f} % of the body, "
+        f"{metrics['seconds']:.1f} s"
     )
     assert metrics["affine"] and metrics["symmetric"] and metrics["refine_iterations"] == 50
     # The CT card allows bf16 on a CPU with bf16 instructions (the accuracy below holds either way).
     assert metrics["network_dtype"] == ("bfloat16" if cpu_bf16() else "float32")
-    # Measured 0.38 / 0.93 mm and 99.6 % (Thirion's 0.5-voxel demons steps: 0.34 / 0.89 mm, 99.8 %); the issue's targets
-    # are 1.5 / 3 mm and 98 %.
+    # Measured 0.29 / 0.71 mm, 100 % and 93 % (2026-11-28; with the field's smoothing alone 0.38 / 0.93 mm, 99.6 % and
+    # 66 %); issue 23's targets are 1.5 / 3 mm and 98 %, issue 62 asks 99 % in 0.95..1.05 (not met: engines.refine).
+    # The 0.90 bound leaves 3 points for other CPUs and thread counts; the old refinement fails it.
     assert error.mean() <= 1.5 and np.percentile(error, 95) <= 3.0
-    assert in_range >= 0.98 and metrics["folding_fraction"] <= 5e-4
+    assert in_range >= 0.98 and near_one >= 0.90 and metrics["folding_fraction"] <= 5e-4
     assert metrics["lncc_after"] > metrics["lncc_before"] + 0.3 and not metrics["warnings"], metrics["warnings"]
     # The CLI pre-aligns in the child that reads the inputs while torch imports (tests/readers/test_prefetch.py): the
     # same transform as the engine's own on the same files, to the rounding of ITK's threaded sums.
@@ -426,28 +429,30 @@ def test_cli_register_keeps_vessels_together_across_a_contrast_phase_change_wher
     and spleen darker, new noise: `training.symnet.phase_change`) after a 12 mm deformation. ``ctcolor register``
     (defaults) against ``ctcolor peer demons`` on the same files, in the same run; Dice through each written ddf.
     The refinement sees each image's local structure as well as its intensities (`engines.refine._local_structure`).
-    Measured here (all structures / aorta, vena cava and iliac vessels): ours 0.927 / 0.925 (0.925 / 0.942
-    with Thirion's 0.5-voxel demons updates, before `engines.refine.step_length`), demons 0.919 / 0.909;
-    with intensities alone (``LOCAL_WEIGHT = 0``) ours was 0.919 / 0.907 and this test failed."""
+    Measured here (all structures / aorta, vena cava and iliac vessels): ours 0.933 / 0.931 (2026-11-28; 0.927 /
+    0.925 with the field's smoothing alone, 0.925 / 0.942 with Thirion's 0.5-voxel demons updates, before
+    `engines.refine.step_length`), demons 0.919 / 0.909; with intensities alone (``LOCAL_WEIGHT = 0``) ours was
+    0.919 / 0.907 and this test failed."""
     if not ct_weights_shipped():
         pytest.skip("weights/symnet-ct.safetensors is not shipped in this checkout")
     scores = _ours_and_demons(tmp_path, seed=7, phase=True)
     print(f"\nphase change, Dice all / vessels: ours {scores['ours']}, demons {scores['demons']}")
-    # Margins of 0.007 / 0.017: far above the ~1e-3 that thread counts and CPUs move a Dice of either method.
+    # Margins of 0.014 / 0.022: far above the ~1e-3 that thread counts and CPUs move a Dice of either method.
     assert scores["ours"][0] >= scores["demons"][0] and scores["ours"][1] >= scores["demons"][1]
 
 
 def test_cli_register_beats_demons_on_a_plain_deformation_of_a_3mm_ct(tmp_path):
     """Issue 23: a 3 mm grid's demons updates may move 0.75 of a voxel (`engines.refine.step_length`; Thirion's 0.5
     stopped 50 iterations short of convergence there). ``ctcolor register`` (defaults) against ``ctcolor peer demons``
-    on a 12 mm deformation of the 3 mm CT, same run. Measured (mean Dice over all structures): ours 0.9101, demons
-    0.9055; with Thirion's 0.5 ours was 0.9006 and this test failed (seeds 7 and 11: 0.9350 / 0.9270 against demons'
-    0.9295 / 0.9162)."""
+    on a 12 mm deformation of the 3 mm CT, same run. Measured (mean Dice over all structures): ours 0.9066 (2026-11-28,
+    with the update's smoothing; 0.9101 with the field's alone), demons 0.9055; with Thirion's 0.5 ours was 0.9006 and
+    this test failed (seeds 7 and 11: 0.9350 / 0.9270 against demons' 0.9295 / 0.9162)."""
     if not ct_weights_shipped():
         pytest.skip("weights/symnet-ct.safetensors is not shipped in this checkout")
     scores = _ours_and_demons(tmp_path, seed=3, phase=False)
     print(f"\nplain 3 mm deformation, Dice all: ours {scores['ours'][0]:.4f}, demons {scores['demons'][0]:.4f}")
-    # A margin of 0.0046: above the ~1e-3 that thread counts and CPUs move a Dice of either method.
+    # A margin of 0.0011 (0.0046 before the update's smoothing): ours and demons gave the same four decimals with one
+    # ITK thread as with two; the network in bfloat16 or float32 moves Dice by at most 0.0002 (the CT card).
     assert scores["ours"][0] >= scores["demons"][0]
 
 
@@ -562,7 +567,8 @@ def test_the_device_demons_refine_as_simpleitks_demons_do(ct, ct_labels):
     CPU's) from the same seed, here both on the CPU: the refined maps within the bounds the CUDA test allows between
     the two devices (a tenth of the 3 mm voxel in the body on average, a voxel at the 99th percentile), and the warped
     labels' Dice within 0.005. Measured (2026-11-27): 0.17 / 1.4 mm, Dice 0.9014 against 0.9023 on the 3 mm pair;
-    0.06 / 0.34 mm, 0.9116 against 0.9121 on a DICOM pair. Cancel is polled after every iteration."""
+    0.06 / 0.34 mm, 0.9116 against 0.9121 on a DICOM pair; with the update's smoothing (2026-11-28) 0.18 / 1.6 mm,
+    0.9302 against 0.9314 on the 3 mm pair. Cancel is polled after every iteration."""
     if not ct_weights_shipped():
         pytest.skip("weights/symnet-ct.safetensors is not shipped in this checkout")
     from napari_ctcolor.engines.geometry import warp as warp_labels

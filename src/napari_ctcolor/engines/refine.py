@@ -27,22 +27,24 @@ a 4 mm grid gained 0.003 Dice in 45 s.
 - Levels: for a fixed image finer than 2 mm, first the images averaged by integer factors to about `COARSE_SHRINK`
   times its finest spacing (none coarser than `COARSEST_MM`), `COARSE_ITERATIONS` on each, then ``iterations`` at
   the full grid. ``--refine auto`` takes the card's count within its budget (`RefineSettings`): 50 on a 3 mm abdomen
-  (whose updates may be longer, `step_length`), 14 on a 512 x 512 x 20 series. The field is smoothed with a Gaussian
-  of `SMOOTHING_VOXELS` after every iteration, which keeps it smooth: folding 0 on the 3 mm CT's and the chest CTs'
-  pairs, at most 0.027 % of the voxels on the DICOM series' (BENCHMARKS.md, 2026-11-24, "CT registration refined on
-  local structure").
+  (whose updates may be longer, `step_length`), 14 on a 512 x 512 x 20 series. Each iteration's update is smoothed
+  with a Gaussian of `UPDATE_SMOOTHING_VOXELS` before it is added, and the field with one of `SMOOTHING_VOXELS`
+  after: folding 0 on the 24 bench pairs (2026-11-28; at most 0.027 % of the DICOM series' voxels with the field's
+  smoothing alone, BENCHMARKS.md, 2026-11-24, "CT registration refined on local structure").
 - The inverse of the refined map, which SYMNet gets by construction, is `register.inverse.invert_field`.
-- det J of a rigid motion: the refinement fits noise and the moved scan's interpolation. The 30-slice 3 mm CT
-  against itself turned 5 degrees and moved 8 mm keeps det J within 0.95-1.05 on 62 % of the body refined from the
-  network's field or from the pre-alignment alone (whose det J is 1.000 everywhere); the same CT against a copy with
-  independent 15 HU noise keeps 75 %, against one shifted half a voxel 69 %. Measured in process, 2 CPU threads,
-  2026-11-27, each variant against the same cached seeds; none kept, as none reached 99 % without losing Dice on the
-  3 mm CT's six held-out pairs (mean 0.9048): demons' ``IntensityDifferenceThreshold`` at 0.01-0.03 (20-60 HU)
-  63-71 %; the local structure's deviation floored at 0.02-0.10 56-61 %; a threshold of 0.03 with a floor of 0.05
-  78 %; a threshold of 0.02 without the local term 83 %; the images smoothed by 0.5-1 voxel first 46-61 %; the
-  refinement's increment smoothed once at the end by 2 / 3 voxels 93 / 99 %, Dice -0.012 / -0.021 (the DICOM pairs
-  -0.012, popi's breathing -0.007 at 3 voxels); that smoothing undone where the increment's detail lowers the local
-  squared difference by 20-50 % 98 %, Dice -0.019.
+- det J of a rigid motion: demons fits noise and the moved scan's interpolation. With the field's smoothing alone
+  (before 2026-11-28) the 30-slice 3 mm CT against itself turned 5 degrees and moved 8 mm kept det J within 0.95-1.05 on
+  62 % of the body, refined from the network's field or from the pre-alignment alone (whose det J is 1.000 everywhere);
+  against a copy with independent 15 HU noise 75 %, against one shifted half a voxel 69 %. The update's smoothing
+  (`UPDATE_SMOOTHING_VOXELS`) raised that to 89 %, and 98 % on a 512² chest: short of the 99 % issue 62 asks for. Tried
+  before it and not kept (2026-11-27, in process, 2 CPU threads, from the same cached seeds; Dice: mean of the 3 mm CT's
+  six held-out pairs, 0.9048 then): demons' ``IntensityDifferenceThreshold`` at 0.01-0.03 (20-60 HU) 63-71 %; the local
+  structure's deviation floored at 0.02-0.10 56-61 %; a threshold of 0.03 with a floor of 0.05 78 %; a threshold of 0.02
+  without the local term 83 %; the images smoothed by 0.5-1 voxel first 46-61 %; the refinement's increment smoothed
+  once at the end by 2 / 3 voxels 93 / 99 %, Dice -0.012 / -0.021 (the DICOM pairs -0.012, popi's breathing -0.007 at 3
+  voxels); that smoothing undone where the increment's detail lowers the local squared difference by 20-50 % 98 %, Dice
+  -0.019; (2026-11-28) the non-affine field's detail beyond a 2-3 voxel Gaussian shrunk towards 0 by 0.2-1 mm 84-99 %,
+  Dice -0.004 to -0.035.
 """
 
 from __future__ import annotations
@@ -111,14 +113,34 @@ COARSE_ITERATIONS = 30
 #: Finer grids fold with longer updates: on the 1 mm DICOM series' pairs, 0.98 mm updates on the full grid folded
 #: 0.09-0.20 % of the voxels, 1.95 mm ones on its 2 mm level 0.44-0.69 % (Thirion's: at most 0.027 %); on the 5 mm
 #: chest CTs one in-plane voxel moved Dice by -0.003..+0.002. Grids of 2 to 2.5 mm were not measured.
+#: Those figures predate `UPDATE_SMOOTHING_VOXELS`, which shortens a smoothed update, so `LONG_STEP` went from 0.75 to
+#: 1.5 with it (2026-11-28, the 3 mm CT's six pairs, Dice: update smoothing with 0.75 0.8966, with 1.5 0.9051).
 THIRION_STEP = 0.5
-LONG_STEP = 0.75
+LONG_STEP = 1.5
 LONG_STEP_MIN_MM = 2.5
 #: Gaussian smoothing of the displacement field after each iteration, in voxels of the level. 2.5 voxels in-plane wins
 #: the smooth chest deformations (lung1 0.963 -> 0.970) but loses the ones that slide along the chest wall (lung1
 #: 0.943 -> 0.926, popi 0.963 -> 0.951) and the 3 mm abdomen (up to 0.03): BENCHMARKS.md, 2026-11-24, "a sliding
 #: breathing validation for the chest".
 SMOOTHING_VOXELS = 1.5
+#: Gaussian smoothing of each iteration's update before it is added, in voxels of the level (ITK's
+#: ``SmoothUpdateField``; a viscous-fluid regulariser besides the field's own, elastic-like `SMOOTHING_VOXELS`). A
+#: demons force is as long where a gradient is noise as where it is an edge (its length is bounded by the step, not by
+#: the gradient), so each iteration moved every voxel by up to a step in the direction of its noise; smoothing the
+#: field alone left that as a mottle of det J. Smoothed over 3 voxels, a noise-driven update mostly cancels, and a
+#: misaligned edge's does not. Measured 2026-11-28 (2 CPU threads, in process from the same cached seeds as
+#: `MATCHED_METRIC`'s notes; rigid: det J within 0.95-1.05 in the body; docs/history/measurements.md has every
+#: variant): with `LONG_STEP` 1.5, the 30-slice 3 mm CT turned 5 / 8 degrees 62 / 66 % -> 89 / 93 %, the 112-slice
+#: one 63 -> 90 %, a 512² chest 83 -> 98 %; Dice of the 24 bench pairs 3 mm 0.9048 -> 0.9051, DICOM 0.9036 -> 0.9074
+#: (folding 0.027 -> 0 %), popi 0.9644 -> 0.9733, lung1/lung2 0.9679 -> 0.9708, their sliding pairs 0.9507 -> 0.9447
+#: (popi's 0.9607 -> 0.9615). Smoothed over 2 voxels (step 0.75): rigid 3 mm 84 / 87 %, its Dice 0.9025; over 4
+#: (step 1.5) 95 / 98 %, 0.8988; over 6 (step 2.5) 97 / 99 %, 0.8856: none reaches 99 % on the 3 mm CT without losing
+#: Dice. A step of 1.0 where this keeps Thirion's 0.5 (the coarser levels, the finer grids) folded the DICOM series'
+#: pairs on up to 0.53 % of their voxels. The cost: ITK smooths the update with a kernel of 11 taps per axis, and the
+#: refinement takes about 1.5x as long (whole ``ctcolor register`` processes, same run: the 3 mm CT 8.0 -> 8.9-11.3 s,
+#: popi's 512 x 512 x 141 chest 158 -> 231 s; BENCHMARKS.md, 2026-11-28). With 55 % of the iterations (the old
+#: time) the DICOM pairs lost 0.009 Dice against the field smoothing alone, with 75 % 0.005.
+UPDATE_SMOOTHING_VOXELS = 3.0
 #: The name of the thread each SimpleITK call of the refinement runs in (`steps.in_thread`).
 REFINEMENT_THREAD = "ctcolor-refinement"
 #: Extra memory per fixed-grid voxel while refining: float64 fields (the seed, SimpleITK's copy, the demons filter's
@@ -291,6 +313,8 @@ def refine_field(
     field = in_thread(partial(_image, seed_mm, fixed, np.float64), check, REFINEMENT_THREAD)
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetStandardDeviations(SMOOTHING_VOXELS)
+    demons.SetSmoothUpdateField(True)
+    demons.SetUpdateFieldStandardDeviations(UPDATE_SMOOTHING_VOXELS)
     stop_on_cancel(demons, cancel)
     for factors, count in levels(fixed.spacing, iterations):
         if max(factors) > 1:  # box averages over the same extent (BinShrink), as the network's working grid is made

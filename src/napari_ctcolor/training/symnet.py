@@ -97,8 +97,9 @@ INFERENCE = {
     "demons on intensities plus each image's local structure (so that a contrast-phase change does not pull "
     "vessels apart): 30 iterations on each coarser level (their finer axes averaged to about 2 and 4 mm, for "
     "images finer than 2 mm), then up to 50 at full resolution (fewer on large images: 75 million "
-    "voxel-iterations, at least 5; on a grid whose voxels are all 2.5 mm or larger, each update may move three "
-    "quarters of a voxel instead of Thirion's half). The network runs on at most 4.2 million padded voxels "
+    "voxel-iterations, at least 5), each update smoothed over 3 voxels before it is added (which keeps a rigid "
+    "motion's det J near 1) and, on a grid whose voxels are all 2.5 mm or larger, up to one and a half voxels long "
+    "instead of Thirion's half. The network runs on at most 4.2 million padded voxels "
     "(network_voxels): a larger CT, such as a 2 mm chest of 512 x 512 x 141, on a coarser working grid, refined at "
     "full resolution. --no-affine, --refine 0 (the network alone) or --refine N override.",
 }

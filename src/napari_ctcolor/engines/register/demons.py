@@ -14,7 +14,8 @@ options; the scheme is Vercauteren et al.'s (NeuroImage 2009) symmetric (ESM) fo
   whose length cannot exceed sqrt(K) / 2: K = (2 L)^2 for a longest update of L = step x the level's root-mean-square
   voxel size (ITK's ``MaximumUpdateStepLength``);
 - no update where |f - m o phi| is below 0.001 (ITK's ``IntensityDifferenceThreshold``) or the denominator is 0;
-- the field plus the update is smoothed by a Gaussian of `refine.SMOOTHING_VOXELS` voxels of the level;
+- the update is smoothed by a Gaussian of `refine.UPDATE_SMOOTHING_VOXELS` voxels of the level (ITK's
+  ``SmoothUpdateField``), then the field plus the update by one of `refine.SMOOTHING_VOXELS`;
 - gradients by central differences in mm (0 across the border), the moving image sampled linearly; a voxel
   that maps more than half a voxel outside the moving image gets no update and does not count in the metric.
 
@@ -37,6 +38,7 @@ from ..refine import (
     MATCHED_METRIC,
     SMOOTHING_VOXELS,
     THIRION_STEP,
+    UPDATE_SMOOTHING_VOXELS,
     demons_images,
     level_chunks,
     levels,
@@ -90,6 +92,7 @@ class _Level:
         self.k = (2.0 * step * rms) ** 2
         shape = fixed.shape[2:]
         self.kernel = _gaussian(SMOOTHING_VOXELS, fixed.device)
+        self.update_kernel = _gaussian(UPDATE_SMOOTHING_VOXELS, fixed.device)
         scale = [2.0 / max(n - 1, 1) for n in shape[::-1]]  # voxels -> normalised units, (x, y, z)
         self.half = torch.tensor([k / 2.0 for k in scale], device=fixed.device)  # half a voxel, normalised
         self.base = identity_grid(tuple(shape), fixed)
@@ -113,7 +116,7 @@ class _Level:
         update = torch.where(usable, difference / denominator.clamp_min(1e-9), 0.0) * j
         squares = torch.where(inside, difference * difference, 0.0)
         metric = squares.sum() / inside.sum().clamp_min(1)
-        return _smooth(field + update, self.kernel), metric
+        return _smooth(field + _smooth(update, self.update_kernel), self.kernel), metric
 
 
 def _gradient(image: torch.Tensor, spacing_zyx: list[float]) -> torch.Tensor:
