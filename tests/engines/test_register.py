@@ -6,6 +6,7 @@ sign and units in mm LPS, agreement with SimpleITK's DisplacementFieldTransform)
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -563,12 +564,12 @@ def test_the_inverse_undoes_the_field_and_agrees_with_itks_inversion(spacing, di
 
 
 def test_the_device_demons_refine_as_simpleitks_demons_do(ct, ct_labels):
-    """`demons.refine_on_device` (torch; what a CUDA registration runs) against `refine.refine_field` (SimpleITK, the
-    CPU's) from the same seed, here both on the CPU: the refined maps within the bounds the CUDA test allows between
-    the two devices (a tenth of the 3 mm voxel in the body on average, a voxel at the 99th percentile), and the warped
-    labels' Dice within 0.005. Measured (2026-11-27): 0.17 / 1.4 mm, Dice 0.9014 against 0.9023 on the 3 mm pair;
-    0.06 / 0.34 mm, 0.9116 against 0.9121 on a DICOM pair; with the update's smoothing (2026-11-28) 0.18 / 1.6 mm,
-    0.9302 against 0.9314 on the 3 mm pair. Cancel is polled after every iteration."""
+    """`demons.refine_on_device` (torch; what every registration runs) against `refine.refine_field` (SimpleITK's
+    filter, its reference) from the same seed, both on the CPU: the refined maps within the bounds the CUDA test
+    allows between the two devices (a tenth of the 3 mm voxel in the body on average, a voxel at the 99th percentile),
+    and the warped labels' Dice within 0.005. Measured (2026-11-27): 0.17 / 1.4 mm, Dice 0.9014 against 0.9023 on
+    the 3 mm pair; 0.06 / 0.34 mm, 0.9116 against 0.9121 on a DICOM pair; with the update's smoothing (2026-11-28)
+    0.18 / 1.6 mm, 0.9302 against 0.9314 on the 3 mm pair. Cancel is polled after every iteration."""
     if not ct_weights_shipped():
         pytest.skip("weights/symnet-ct.safetensors is not shipped in this checkout")
     from napari_ctcolor.engines.geometry import warp as warp_labels
@@ -659,13 +660,15 @@ def test_cancel_returns_while_one_operation_of_a_stage_still_runs(ct, monkeypatc
     assert not behind[0].is_alive() and not after
 
 
-def test_cancel_stops_simpleitk_within_an_iteration_of_the_prealignment_and_the_refinement(ct):
+def test_cancel_stops_the_prealignment_and_the_refinement_within_an_iteration(ct):
     """Cancel polled inside SimpleITK's own iterations (`prealign.stop_on_cancel`): the pre-alignment of the 3 mm
     cut against a turned copy stops at the iteration after Cancel, not at the end of the call (hundreds of optimiser
-    iterations). The refinement's SimpleITK calls run in a thread of their own (`refine.in_thread`): Cancel returns
-    while the set-up's filters or a 40-iteration demons call still run, and the call left behind stops at its own
-    next poll (its next filter; the end of its demons iteration) instead of running to its end."""
-    from napari_ctcolor.engines.refine import refine_field
+    iterations). The refinement on the CPU (torch, `demons.refine_on_device`, what a registration runs; and
+    SimpleITK's `refine.refine_field`, its reference) works in threads of its own (`steps.in_thread`): Cancel returns
+    while the set-up's filters or a demons iteration still run, and the work left behind stops at its own next poll
+    (its next filter; the end of its demons iteration) instead of running to its end."""
+    from napari_ctcolor.engines.refine import cancel_check, refine_field
+    from napari_ctcolor.engines.register.demons import refine_on_device
 
     turned, _ = _rigid_motion(ct, 5.0, (8.0, 0.0, 0.0))
     polls: list[int] = []
@@ -676,7 +679,13 @@ def test_cancel_stops_simpleitk_within_an_iteration_of_the_prealignment_and_the_
     seed = np.zeros((*ct.shape, 3))
     fixed = ct.with_array(np.clip((ct.array.astype(np.float32) + 1000) / 2000, 0, 1))
     moved = fixed.with_array(np.roll(fixed.array, 2, axis=2))
-    for chunks_first in (0, 1):  # Cancel during the set-up; during the second demons call of 5 iterations
+    torch_seed = torch.from_numpy(seed)
+    refiners = {
+        "SimpleITK": lambda cancel: refine_field(fixed, moved, seed, 40, cancel),
+        "torch": lambda cancel: refine_on_device(fixed, moved, torch_seed, 40, cancel_check(cancel)),
+    }
+    # Cancel during the set-up; during the second chunk of 5 demons iterations.
+    for (which, refiner), chunks_first in itertools.product(refiners.items(), (0, 1)):
         pressed = threading.Event()
         iterations: list[int] = []
 
@@ -686,7 +695,7 @@ def test_cancel_stops_simpleitk_within_an_iteration_of_the_prealignment_and_the_
                 iterations.append(1)  # polled by the call left behind (a demons iteration's end, or a filter)
             return pressed.is_set()
 
-        refining = refine_field(fixed, moved, seed, 40, cancel)
+        refining = refiner(cancel)
         for _ in range(chunks_first):
             next(refining)
         pressed.set()
@@ -695,9 +704,9 @@ def test_cancel_stops_simpleitk_within_an_iteration_of_the_prealignment_and_the_
         behind = [t for t in threading.enumerate() if t.name == "ctcolor-refinement"]
         for thread in behind:
             thread.join(timeout=60)
-        assert not any(t.is_alive() for t in behind)
+        assert not any(t.is_alive() for t in behind), which
         # The call left behind stopped at its first poll after Cancel: at most one more demons iteration or filter.
-        assert len(iterations) <= 2, iterations
+        assert len(iterations) <= 2, (which, iterations)
 
 
 def test_refinement_levels_coarsen_the_fine_axes_to_at_most_4_mm_and_keep_thick_slices():
