@@ -7,10 +7,7 @@ at the fixed image's own voxels. Demons is used rather than an own optimiser bec
 well-tested full-resolution method and because it measured best (issue 23, 2 CPU threads, held-out deformations of
 the labelled CTs, Dice): seeded demons 0.887 / 0.862 against the network alone 0.822 / 0.778 and demons from zero
 0.875 / 0.802 (3 mm CT / 1 mm DICOM), phase-change variants likewise; the former Adam refinement of the velocities on
-a 4 mm grid gained 0.003 Dice in 45 s. Registrations run the same scheme in torch on their own device
-(`register.demons.refine_on_device`): on 2 CPU cores it took 0.5-0.8x this filter's time for the same Dice (the 24 CT
-bench pairs within 0.0015 per group, 2026-11-28); `refine_field`, SimpleITK's filter with these settings, is the
-reference the tests hold it to. The settings below are both's.
+a 4 mm grid gained 0.003 Dice in 45 s.
 
 - Intensities: both images as the network saw them (the card's window mapped to [0, 1]), the moving one histogram
   matched to the fixed one (``sitk.HistogramMatching``), each plus `LOCAL_WEIGHT` times its local structure: the image
@@ -139,11 +136,10 @@ SMOOTHING_VOXELS = 1.5
 #: (popi's 0.9607 -> 0.9615). Smoothed over 2 voxels (step 0.75): rigid 3 mm 84 / 87 %, its Dice 0.9025; over 4
 #: (step 1.5) 95 / 98 %, 0.8988; over 6 (step 2.5) 97 / 99 %, 0.8856: none reaches 99 % on the 3 mm CT without losing
 #: Dice. A step of 1.0 where this keeps Thirion's 0.5 (the coarser levels, the finer grids) folded the DICOM series'
-#: pairs on up to 0.53 % of their voxels. The cost: ITK smooths the update with a kernel of 11 taps per axis, and
-#: SimpleITK's refinement took about 1.5x as long (whole ``ctcolor register`` processes, same run: the 3 mm CT 8.0 ->
-#: 8.9-11.3 s, popi's 512 x 512 x 141 chest 158 -> 231 s; BENCHMARKS.md, 2026-11-28; the torch refinement that
-#: registrations now run on the CPU takes 0.5-0.8x SimpleITK's time). With 55 % of the iterations (the old time) the
-#: DICOM pairs lost 0.009 Dice against the field smoothing alone, with 75 % 0.005.
+#: pairs on up to 0.53 % of their voxels. The cost: ITK smooths the update with a kernel of 11 taps per axis, and the
+#: refinement takes about 1.5x as long (whole ``ctcolor register`` processes, same run: the 3 mm CT 8.0 -> 8.9-11.3 s,
+#: popi's 512 x 512 x 141 chest 158 -> 231 s; BENCHMARKS.md, 2026-11-28). With 55 % of the iterations (the old
+#: time) the DICOM pairs lost 0.009 Dice against the field smoothing alone, with 75 % 0.005.
 UPDATE_SMOOTHING_VOXELS = 3.0
 #: The name of the thread each SimpleITK call of the refinement runs in (`steps.in_thread`).
 REFINEMENT_THREAD = "ctcolor-refinement"

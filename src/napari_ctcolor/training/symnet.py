@@ -93,9 +93,8 @@ INFERENCE = {
     "network_voxels": 4_194_304,
     "note": "ctcolor register pre-aligns (rigid, then affine), runs the network on the pair and on the swapped pair "
     "(averaged; in bfloat16 on CUDA and on CPUs where it is faster, engines.device.cpu_bf16; on the CPU, Dice "
-    "within 0.0002 of float32 on every validation pair), and refines its field with SimpleITK's fast symmetric-"
-    "forces demons scheme (in torch, on the registration's device) on intensities plus each image's local "
-    "structure (so that a contrast-phase change does not pull "
+    "within 0.0002 of float32 on every validation pair), and refines its field with SimpleITK's fast symmetric "
+    "demons on intensities plus each image's local structure (so that a contrast-phase change does not pull "
     "vessels apart): 30 iterations on each coarser level (their finer axes averaged to about 2 and 4 mm, for "
     "images finer than 2 mm), then up to 50 at full resolution (fewer on large images: 75 million "
     "voxel-iterations, at least 5), each update smoothed over 3 voxels before it is added (which keeps a rigid "

@@ -30,7 +30,7 @@ from ...models.diffeo import jacobian_determinant
 from ..device import cpu_bf16, resolve_device
 from ..geometry import resample_onto, same_grid
 from ..orientation import AxisMap
-from ..refine import REFINE_BYTES_PER_VOXEL, cancel_check, check_iterations, chunks
+from ..refine import REFINE_BYTES_PER_VOXEL, cancel_check, check_iterations, chunks, refine_field
 from ..steps import Cancel, Progress, Steps, in_thread
 from .demons import refine_on_device
 from .fields import (
@@ -199,7 +199,7 @@ class Stages:
                 raise
 
 
-def refine_ticks(steps: Iterator[None], stages: Stages, count: int) -> Steps[torch.Tensor]:
+def refine_ticks(steps: Iterator[None], stages: Stages, count: int) -> Steps[np.ndarray | torch.Tensor]:
     """Run a refinement generator of at most ``count`` yields, reporting each as a progress tick (those it skipped
     by stopping early are counted at its end); return its value."""
     end = stages.done + count
@@ -475,9 +475,9 @@ def to_mm(plan: Plan, f_ab: torch.Tensor | None, f_ba: torch.Tensor, transform: 
 
 
 def refine(plan: Plan, pair: Pair, fields: Fields, stages: Stages, cancel: Cancel | None) -> Steps[torch.Tensor]:
-    """Demons in LPS mm from the whole map (pre-alignment included), one progress tick per few iterations, in torch on
-    the plan's device (`demons.refine_on_device`, SimpleITK's scheme). Returns the refined map, (Z, Y, X, 3) float32 mm
-    on the plan's device."""
+    """Demons in LPS mm from the whole map (pre-alignment included), one progress tick per few iterations: SimpleITK's
+    on the CPU, the same scheme in torch on a GPU (`demons.refine_on_device`). Returns the refined map, (Z, Y, X, 3)
+    float32 mm on the plan's device."""
     fixed, moving, (_, moving_low) = plan.fixed, plan.moving, plan.lows
     cpu = torch.device("cpu")
     moving_n = plan.normalised(as_tensor(moving.array, moving_low, cpu), 1)
@@ -486,8 +486,12 @@ def refine(plan: Plan, pair: Pair, fields: Fields, stages: Stages, cancel: Cance
         Volume(moving_n[0, 0].numpy(), moving.spacing, moving.origin, moving.direction),
     )
     del moving_n
-    refining = refine_on_device(*normalised, fields.ddf, plan.iterations, cancel_check(cancel))
-    return (yield from refine_ticks(refining, stages, plan.ticks))
+    if plan.device.type != "cpu":
+        refining = refine_on_device(*normalised, fields.ddf, plan.iterations, cancel_check(cancel))
+        return (yield from refine_ticks(refining, stages, plan.ticks))
+    refining = refine_field(*normalised, fields.ddf.numpy(), plan.iterations, cancel)
+    refined = yield from refine_ticks(refining, stages, plan.ticks)
+    return torch.from_numpy(refined.astype(np.float32))
 
 
 def invert(plan: Plan, ddf: torch.Tensor, fields: Fields) -> Fields:
