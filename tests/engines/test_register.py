@@ -562,10 +562,19 @@ def test_the_inverse_undoes_the_field_and_agrees_with_itks_inversion(spacing, di
     np.testing.assert_allclose(got[covered], -shift[covered], atol=1e-4)
 
 
+def _drained(steps):
+    """The value a refinement generator returns, its progress yields ignored."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
 def test_the_device_demons_take_a_direction_matrix_with_negative_strides(ct):
-    """A volume made from a napari layer carries its direction as a view with negative strides, which torch refuses
-    to wrap: `demons.refine_on_device` (a GPU registration's refinement) copies it first and refines as with a
-    contiguous copy of the same matrix."""
+    """A napari layer's direction matrix may be a view with negative strides, which torch refuses to wrap: `Volume`
+    keeps a contiguous copy, so `demons.refine_on_device` (a GPU registration's refinement) refines as with a
+    contiguous matrix."""
     from napari_ctcolor.engines.register.demons import refine_on_device
 
     crop = np.clip((ct.array[4:12, 20:52, 30:62].astype(np.float32) + 1000) / 2000, 0, 1)
@@ -576,13 +585,7 @@ def test_the_device_demons_take_a_direction_matrix_with_negative_strides(ct):
     for direction in (flipped_view, np.ascontiguousarray(flipped_view)):
         fixed = Volume(crop, ct.spacing, ct.origin, direction)
         moving = fixed.with_array(np.roll(crop, 1, axis=2))
-        steps = refine_on_device(fixed, moving, seed, 3, lambda: None)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as stop:
-                fields.append(stop.value)
-                break
+        fields.append(_drained(refine_on_device(fixed, moving, seed, 3, lambda: None)))
     assert fields[0].shape == (*crop.shape, 3)
     # The same arithmetic on the same values in one process; 1e-6 mm leaves room for a threaded sum's order.
     torch.testing.assert_close(fields[0], fields[1], rtol=0, atol=1e-6)
@@ -613,15 +616,8 @@ def test_the_device_demons_refine_as_simpleitks_demons_do(ct, ct_labels):
 
     images = normalised(ct, 0), normalised(moving, 1)
 
-    def drained(steps):
-        while True:
-            try:
-                next(steps)
-            except StopIteration as stop:
-                return stop.value
-
-    theirs = drained(refine_field(*images, seed, plan.iterations))
-    ours = drained(refine_on_device(*images, torch.from_numpy(seed), plan.iterations, lambda: None)).numpy()
+    theirs = _drained(refine_field(*images, seed, plan.iterations))
+    ours = _drained(refine_on_device(*images, torch.from_numpy(seed), plan.iterations, lambda: None)).numpy()
     gap = np.linalg.norm(ours - theirs, axis=-1)[ct.array > -500]
     dice = [mean_dice(ct_labels.array, warp_labels(labels, ct, d, "nearest", 0)) for d in (ours, theirs)]
     print(f"\ndevice demons against SimpleITK's: {gap.mean():.3f} / {np.percentile(gap, 99):.3f} mm, Dice {dice}")
@@ -636,7 +632,7 @@ def test_the_device_demons_refine_as_simpleitks_demons_do(ct, ct_labels):
             raise Cancelled("registration cancelled during the refinement")
 
     with pytest.raises(Cancelled):
-        drained(refine_on_device(*images, torch.from_numpy(seed), 20, check))
+        _drained(refine_on_device(*images, torch.from_numpy(seed), 20, check))
     assert len(polls) == 12
 
 

@@ -63,7 +63,8 @@ class Volume:
         self.array = np.asarray(self.array)
         self.spacing = tuple(float(s) for s in self.spacing)
         self.origin = tuple(float(o) for o in self.origin)
-        self.direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+        # Contiguous: a napari layer's matrix may be a view with negative strides, which torch refuses to wrap.
+        self.direction = np.ascontiguousarray(self.direction, dtype=np.float64).reshape(3, 3)
         _check_geometry(self.array.shape, self.spacing, self.origin, self.direction)
 
     @property
@@ -145,7 +146,8 @@ class ColorVolume:
             raise InputError(f"expected uint8 RGB of shape (Z, Y, X, 3), got {self.rgb.dtype} {self.rgb.shape}")
         self.spacing = tuple(float(s) for s in self.spacing)
         self.origin = tuple(float(o) for o in self.origin)
-        self.direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+        # Contiguous: a napari layer's matrix may be a view with negative strides, which torch refuses to wrap.
+        self.direction = np.ascontiguousarray(self.direction, dtype=np.float64).reshape(3, 3)
         _check_geometry(self.rgb.shape[:3], self.spacing, self.origin, self.direction)
 
     @property

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Generator
 
-import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
@@ -60,8 +59,7 @@ def refine_on_device(
     fixed_image, moving_image = demons_images(fixed, moving, check)
     images = [torch.from_numpy(sitk.GetArrayFromImage(i))[None, None].to(device) for i in (fixed_image, moving_image)]
     del fixed_image, moving_image
-    # A layer's direction may be a view with negative strides, which torch does not take.
-    direction = torch.as_tensor(np.ascontiguousarray(fixed.direction), dtype=torch.float32, device=device)
+    direction = torch.as_tensor(fixed.direction, dtype=torch.float32, device=device)
     # Along the index axes (x, y, z) in mm, channels first: (1, 3, Z, Y, X).
     field = (seed_mm.float() @ direction).permute(3, 0, 1, 2)[None].contiguous()
     previous = (1, 1, 1)
