@@ -44,7 +44,8 @@ a 4 mm grid gained 0.003 Dice in 45 s.
   once at the end by 2 / 3 voxels 93 / 99 %, Dice -0.012 / -0.021 (the DICOM pairs -0.012, popi's breathing -0.007 at 3
   voxels); that smoothing undone where the increment's detail lowers the local squared difference by 20-50 % 98 %, Dice
   -0.019; (2026-11-28) the non-affine field's detail beyond a 2-3 voxel Gaussian shrunk towards 0 by 0.2-1 mm 84-99 %,
-  Dice -0.004 to -0.035.
+  Dice -0.004 to -0.035; that detail kept only where a 10-20 mm average of the image error needs it: 99 % where the
+  Dice fell 0.008-0.03 (docs/history/measurements.md).
 """
 
 from __future__ import annotations
