@@ -456,3 +456,56 @@ def test_enhanced_ct_keeps_its_windows_and_its_contrast(enhanced, dicom_series, 
     volume = read_volume(path)
     np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(reference))
     np.testing.assert_allclose(volume.origin, reference.GetOrigin(), atol=1e-4)
+
+
+def test_enhanced_ct_applies_each_frames_rescale_and_makes_its_padding_air(decoded_slices, tmp_path):
+    """An Enhanced CT may give each frame its own Pixel Value Transformation (a Legacy Converted one keeps each
+    source slice's), and marks voxels outside the field of view with PixelPaddingValue. GDCM applies the first
+    frame's rescale to every frame and keeps the padding code. `ctcolor info` of the converted file reports what it
+    reports for the series it was made from, and the voxels equal SimpleITK's reading of that series (which rescales
+    each slice by its own header), padding made air: exact, integers."""
+    import highdicom
+
+    from conftest import ctcolor
+
+    slices = subset(decoded_slices, 6)
+    for k, ds in enumerate(slices):
+        hu = ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
+        intercept = -1000 if k % 2 else -1024  # stored values differ by 24 between neighbouring slices
+        stored = hu - intercept
+        stored[:30, :30] = -2000  # a scanner's padding code (stored)
+        ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 1, 16, 15
+        ds.RescaleSlope, ds.RescaleIntercept = 1, intercept
+        ds.PixelData = stored.astype(np.int16).tobytes()
+        ds.add_new(0x00280120, "SS", -2000)  # PixelPaddingValue
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    series = write_series(tmp_path / "series", slices)
+    enhanced = highdicom.legacy.LegacyConvertedEnhancedCTImage(
+        [pydicom.dcmread(f) for f in sorted(series.iterdir())],
+        series_instance_uid=highdicom.UID(),
+        series_number=901,
+        sop_instance_uid=highdicom.UID(),
+        instance_number=1,
+    )
+    per_frame = [
+        float(f.PixelValueTransformationSequence[0].RescaleIntercept) for f in enhanced.PerFrameFunctionalGroupsSequence
+    ]
+    assert sorted(set(per_frame)) == [-1024.0, -1000.0]  # the converter kept each slice's own
+    path = tmp_path / "enhanced.dcm"
+    enhanced.save_as(path, enforce_file_format=True)
+
+    done = ctcolor("info", str(path), "--json")
+    assert done.returncode == 0, done.stderr
+    info, reference = json.loads(done.stdout), json.loads(ctcolor("info", str(series), "--json").stdout)
+    assert (info["hu_min"], info["hu_max"]) == (reference["hu_min"], reference["hu_max"])
+    assert info["hu_min"] >= -1024  # neither the padding code nor a 24 HU shift on every other frame
+
+    want = sitk_series(series)
+    expected = sitk.GetArrayFromImage(want)
+    expected[:, :30, :30] = -1024
+    volume = read_volume(path)
+    order = slice(None) if np.allclose(volume.origin, want.GetOrigin(), atol=1e-3) else slice(None, None, -1)
+    np.testing.assert_array_equal(volume.array[order], expected)
+    assert volume.meta["padded_voxels"] == 6 * 30 * 30
+    normal = np.asarray(want.GetDirection()).reshape(3, 3)[:, 2]
+    assert abs(abs(float(volume.direction[:, 2] @ normal)) - 1.0) < 1e-6

@@ -13,6 +13,7 @@ import os
 import re
 import struct
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -351,6 +352,43 @@ def _decode(s: _Slice) -> np.ndarray:
 _INT16 = np.iinfo(np.int16)
 
 
+def _rescale(ds: Dataset, path: Path) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) of a slice or a frame's Pixel Value Transformation item; (1, 0) if absent."""
+    return _number(ds, "RescaleSlope", path) or 1.0, _number(ds, "RescaleIntercept", path) or 0.0
+
+
+def _to_hu(
+    stored: Iterable[np.ndarray], rescale: list[tuple[float, float]], header: Dataset, shape: tuple[int, int], where
+) -> tuple[np.ndarray, int]:
+    """(Z, Y, X) values of the slices' ``stored`` pixels under each one's ``rescale``, and the number of padding
+    voxels (``header``'s PixelPaddingValue and range limit), which become air: the series' and the multi-frame path's
+    one conversion. Integral rescaling goes straight into int16 (CT's stored range fits it), widened to int32 only
+    when a slice does not fit: 2 bytes per voxel, where an int32 volume and its int16 copy took 6 (float32: 4)."""
+    integral = all(float(m).is_integer() and float(b).is_integer() for m, b in rescale)
+    check_memory(len(rescale) * shape[0] * shape[1] * (2 if integral else 4), where)
+    out = np.empty((len(rescale), *shape), dtype=np.float32 if not integral else np.int16)
+    padding, padding_limit = header.get("PixelPaddingValue"), header.get("PixelPaddingRangeLimit")
+    air = AIR_HU if str(header.get("Modality", "") or "") == "CT" else 0
+    padded_voxels = 0
+    for z, (raw, (slope, intercept)) in enumerate(zip(stored, rescale, strict=True)):
+        if integral:
+            values = raw.astype(np.int32)
+            values *= int(slope)
+            values += int(intercept)
+            if out.dtype == np.int16 and not _INT16.min <= values.min() <= values.max() <= _INT16.max:
+                check_memory(len(rescale) * shape[0] * shape[1] * 4, where)
+                out = out.astype(np.int32)
+            out[z] = values
+        else:
+            out[z] = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        if padding is not None:
+            lo, hi = sorted((int(padding), int(padding if padding_limit is None else padding_limit)))
+            mask = (raw >= lo) & (raw <= hi)
+            padded_voxels += int(mask.sum())
+            out[z][mask] = air  # padding marks voxels outside the reconstructed field of view: air, not -3000 HU
+    return out, padded_voxels
+
+
 def _stack_slices(slices: list[_Slice], where: Path) -> Volume:
     first = slices[0].header
     samples = int(first.get("SamplesPerPixel", 1) or 1)
@@ -378,40 +416,17 @@ def _stack_slices(slices: list[_Slice], where: Path) -> Volume:
         return _multiframe(slices[0], where)
 
     slices, spacing, origin, direction, notes = _geometry(slices, where)
-    rescale = [
-        (_number(s.header, "RescaleSlope", s.path) or 1.0, _number(s.header, "RescaleIntercept", s.path) or 0.0)
-        for s in slices
-    ]
-    modality = str(first.get("Modality", "") or "")
-    integral = all(float(m).is_integer() and float(b).is_integer() for m, b in rescale)
-    # Integral rescaling goes straight into int16 (CT's stored range fits it), widened to int32 only when a slice does
-    # not fit: 2 bytes per voxel, where an int32 volume and its int16 copy took 6 (float32: 4).
-    check_memory(len(slices) * rows * cols * (2 if integral else 4), where)
-    out = np.empty((len(slices), rows, cols), dtype=np.float32 if not integral else np.int16)
-    padding = first.get("PixelPaddingValue")
-    padding_limit = first.get("PixelPaddingRangeLimit")
-    padded_voxels = 0
-    for z, (s, (slope, intercept)) in enumerate(zip(slices, rescale, strict=True)):
-        raw = _decode(s)
-        if raw.shape != (rows, cols):
-            raise InputError(f"{s.path}: decoded pixels have shape {raw.shape}, header says {rows}x{cols}")
-        if integral:
-            values = raw.astype(np.int32)
-            values *= int(slope)
-            values += int(intercept)
-            if out.dtype == np.int16 and not _INT16.min <= values.min() <= values.max() <= _INT16.max:
-                check_memory(len(slices) * rows * cols * 4, where)
-                out = out.astype(np.int32)
-            out[z] = values
-        else:
-            out[z] = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-        if padding is not None:
-            lo, hi = sorted((int(padding), int(padding if padding_limit is None else padding_limit)))
-            mask = (raw >= lo) & (raw <= hi)
-            padded_voxels += int(mask.sum())
-            # Padding marks voxels outside the reconstructed field of view: they are air, not -3000 HU.
-            out[z][mask] = AIR_HU if modality == "CT" else 0
-        s.header = None  # drop the decoded pixels as we go: peak memory stays near the output array
+    rescale = [_rescale(s.header, s.path) for s in slices]
+
+    def stored() -> Iterator[np.ndarray]:
+        for s in slices:
+            raw = _decode(s)
+            if raw.shape != (rows, cols):
+                raise InputError(f"{s.path}: decoded pixels have shape {raw.shape}, header says {rows}x{cols}")
+            s.header = None  # drop the decoded pixels as we go: peak memory stays near the output array
+            yield raw
+
+    out, padded_voxels = _to_hu(stored(), rescale, first, (rows, cols), where)
     meta = _meta(first, where)
     meta.update(notes)
     meta["first_file"] = str(slices[0].path)  # the series' own file, for exports that keep patient information
@@ -429,15 +444,63 @@ def _check_native_length(ds: Dataset, expected: int, where: Path) -> None:
 
 
 def _multiframe(s: _Slice, where: Path) -> Volume:
-    """Multi-frame (enhanced) images: read through SimpleITK/GDCM, which parses the per-frame functional groups."""
+    """Multi-frame (enhanced) images: the geometry as SimpleITK/GDCM reads it from the functional groups (the header
+    only), the values from the stored frames under each frame's own Pixel Value Transformation, padding made air, as
+    for a series (`_to_hu`). GDCM applies one rescale to every frame; an Enhanced CT may give each frame its own."""
     import SimpleITK as sitk
 
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(s.path))
     try:
-        image = sitk.ReadImage(str(s.path))
+        reader.ReadImageInformation()
     except RuntimeError as exc:
         raise InputError(f"{where}: cannot read multi-frame DICOM ({str(exc).splitlines()[-1]})") from None
-    volume = Volume.from_sitk(image, meta=_meta(s.header, where))
-    return volume
+    ds = s.header
+    stored = _decode(s)
+    size = reader.GetSize()
+    if stored.ndim != 3 or stored.shape[::-1] != tuple(size[:2]) + (size[2] if len(size) > 2 else 1,):
+        raise InputError(f"{where}: decoded frames have shape {stored.shape}, the header describes {size[::-1]}")
+    # GDCM's header reading states frames stored against the normal as a negative spacing; reading the pixels, ITK
+    # turns that into a flipped direction column, which this does too.
+    signs = np.sign(reader.GetSpacing())
+    spacing, origin = tuple(np.abs(reader.GetSpacing())[::-1]), reader.GetOrigin()
+    direction = np.asarray(reader.GetDirection()).reshape(3, 3) * np.where(signs == 0, 1.0, signs)
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    _check_frame_positions(per_frame, origin, direction[:, 2] * spacing[0], where)
+    rescale = [_frame_rescale(ds, per_frame[k] if k < len(per_frame) else None, s.path) for k in range(len(stored))]
+    array, padded_voxels = _to_hu(iter(stored), rescale, ds, stored.shape[1:], where)
+    meta = _meta(ds, where)
+    if padded_voxels:
+        meta["padded_voxels"] = padded_voxels
+    return Volume(array, spacing=spacing, origin=origin, direction=direction, meta=meta)
+
+
+def _frame_rescale(ds: Dataset, frame: Dataset | None, path: Path) -> tuple[float, float]:
+    """A frame's (slope, intercept): its own Pixel Value Transformation item, else the shared one, else the
+    top-level attributes (a multi-frame file of an older kind), else (1, 0)."""
+    shared = list(ds.get("SharedFunctionalGroupsSequence") or [])
+    for group in (frame, shared[0] if shared else None):
+        items = list(group.get("PixelValueTransformationSequence") or []) if group is not None else []
+        if items:
+            return _rescale(items[0], path)
+    return _rescale(ds, path)
+
+
+def _check_frame_positions(per_frame: list[Dataset], origin, step: np.ndarray, where: Path) -> None:
+    """Refuse an Enhanced image whose frames' Image Position (Patient) do not lie where GDCM's grid puts frame k
+    (origin + k x step, file order): frames stored out of order, or unevenly spaced, would be read misplaced. Frames
+    without a position say nothing."""
+    for k, frame in enumerate(per_frame):
+        items = list(frame.get("PlanePositionSequence") or [])
+        if not items or "ImagePositionPatient" not in items[0]:
+            return
+        position = np.asarray(_float_list(items[0], "ImagePositionPatient", 3, where))
+        gap = float(np.linalg.norm(position - (np.asarray(origin) + k * step)))
+        if gap > max(_SAME_POSITION_MM, _IRREGULAR_FRACTION * float(np.linalg.norm(step))):
+            raise InputError(
+                f"{where}: frame {k + 1} lies {gap:.2f} mm from where an evenly spaced stack of the file's frames "
+                "puts it; frames out of order or unevenly spaced are not supported"
+            )
 
 
 def _meta(ds: Dataset, where: Path) -> dict:
