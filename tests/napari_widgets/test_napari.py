@@ -299,6 +299,12 @@ def test_a_ct_opened_in_a_running_viewer_is_read_in_a_worker(make_napari_viewer,
     np.testing.assert_allclose(layer.translate, kwargs["translate"])
     assert layer.metadata == kwargs["metadata"] and len(viewer.layers) == 1
     assert viewer.dims.current_step[0] == 10
+    # Drawn as it is set (linear, as PACS viewers show CT), not only set on the layer's model: the canvas's node and
+    # the layer controls' menu.
+    assert layer.interpolation2d == kwargs["interpolation2d"] == "linear"
+    assert viewer.window._qt_viewer.canvas.layer_to_visual[layer].node.interpolation == "linear"
+    controls = viewer.window._qt_viewer.controls.widgets[layer]
+    assert controls._interpolation_control.interpolation_combobox.currentText() == "linear"
     # The open colorize widget follows the filled layer: its header's windows offered, its contrast window chosen.
     shown = [widget.window.native.itemText(i) for i in range(widget.window.native.count())]
     assert widget.ct_layer.value is layer and shown[:2] == ["DICOM default", "DICOM 300/1500"]

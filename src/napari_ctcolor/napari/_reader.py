@@ -162,8 +162,8 @@ def _fill_layer(viewer, layer, result: tuple) -> None:
             if key in kwargs:
                 setattr(layer, key, kwargs[key])
         layer.metadata = kwargs["metadata"]
-        layer.interpolation2d = kwargs["interpolation2d"]
     layer.data = data
+    layer.interpolation2d = kwargs["interpolation2d"]  # its event reaches the drawn node and the layer's control
     layer.name = kwargs["name"]
     layer.reset_contrast_limits_range()
     layer.contrast_limits = kwargs["contrast_limits"]
