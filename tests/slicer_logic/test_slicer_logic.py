@@ -146,12 +146,17 @@ def test_bad_nodes_are_one_line_errors_and_add_nothing():
     other_scene = slicer.vtkMRMLScene()
     elsewhere = logic.node_from_volume(rotated_volume(), other_scene, "elsewhere")
     ct = logic.node_from_volume(rotated_volume(), scene, "ct")
+    sheared = logic.node_from_volume(rotated_volume(), scene, "sheared")
+    shear = logic.node_ijk_to_ras(sheared)
+    shear[0, 1] += 0.5 * np.linalg.norm(shear[:3, 1])
+    sheared.SetIJKToRASMatrix(logic._vtk_matrix(shear))
     count = scene.GetNumberOfNodes()
     for call, message in [
         (lambda: logic.colorize_node(empty, device="cpu"), "empty: the volume node has no image data"),
         (lambda: logic.colorize_node(rgb, device="cpu"), "rgb: a vector \\(colour\\) volume cannot be read as a CT"),
         (lambda: logic.register_nodes(ct, elsewhere, device="cpu"), "elsewhere: the fixed and moving nodes are in"),
         (lambda: logic.register_nodes(ct, rgb, device="cpu"), "rgb: a vector"),
+        (lambda: logic.colorize_node(sheared, device="cpu"), "sheared: direction cosines are not orthonormal"),
     ]:
         with pytest.raises(InputError, match=message) as info:
             call()
@@ -166,3 +171,53 @@ def test_the_scripted_module_compiles_and_its_logic_is_the_tested_one():
     assert "from napari_ctcolor.slicer.logic import colorize_node, register_nodes" in source
     for name in ("class CTColor(", "class CTColorWidget(", "class CTColorLogic(", "class CTColorTest("):
         assert name in source
+
+
+def _moved_by_hand(scene, node, matrix: np.ndarray):
+    """Put ``node`` under a new linear transform node (as the Transforms module does), ``matrix`` to its parent."""
+    import vtk
+
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved by hand")
+    vtk_matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            vtk_matrix.SetElement(r, c, float(matrix[r, c]))
+    transform.SetMatrixTransformToParent(vtk_matrix)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    return transform
+
+
+def test_volumes_moved_by_hand_are_colorized_and_registered_where_the_scene_shows_them():
+    """A volume under a linear transform (moved by hand in the Transforms module): its colour comes under the same
+    transform, so it shows where the CT shows; a registration takes both volumes where the scene shows them. The fixed
+    CT moved 40 mm to the right and turned 10 degrees, the moving one the same CT with that placement written into its
+    own grid: in the scene they coincide, so the registration finds one scan twice (NCC before 1 within 1e-6) and its
+    outputs lie on the fixed volume's world grid (1e-6 mm), under no transform. A non-linear parent is refused."""
+    volume = read_volume(require_shared(CUT))
+    scene = slicer.vtkMRMLScene()
+    fixed = logic.node_from_volume(volume, scene, "fixed")
+    angle = np.deg2rad(10.0)
+    to_parent = np.eye(4)
+    to_parent[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    to_parent[0, 3] = 40.0
+    transform = _moved_by_hand(scene, fixed, to_parent)
+
+    color = logic.colorize_node(fixed, window=(40, 400), device="cpu")
+    assert color.GetTransformNodeID() == transform.GetID()
+    np.testing.assert_allclose(logic.node_ijk_to_ras(color), logic.node_ijk_to_ras(fixed), atol=1e-9)
+
+    world = to_parent @ logic.node_ijk_to_ras(fixed)
+    moving = logic.node_from_volume(volume, scene, "moving")
+    moving.SetIJKToRASMatrix(logic._vtk_matrix(world))
+    result = logic.register_nodes(fixed, moving, device="cpu")
+    assert result.metrics["ncc_before"] > 1 - 1e-6
+    for node in (result.warped, result.checkerboard, result.jacobian):
+        assert node.GetParentTransformNode() is None
+        np.testing.assert_allclose(logic.node_ijk_to_ras(node), world, atol=1e-6)
+    assert result.transform.GetParentTransformNode() is None
+
+    bent = logic.grid_transform_node(np.zeros((*volume.shape, 3)), volume, scene, "bent")
+    moving.SetAndObserveTransformNodeID(bent.GetID())
+    with pytest.raises(InputError, match="moving: the volume is under a non-linear transform \\(bent\\)") as info:
+        logic.register_nodes(fixed, moving, device="cpu")
+    assert "\n" not in str(info.value)

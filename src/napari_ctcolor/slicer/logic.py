@@ -71,9 +71,29 @@ def node_ijk_to_ras(node) -> np.ndarray:
     return _matrix(matrix)
 
 
-def _geometry(node) -> tuple[tuple[float, float, float], tuple[float, float, float], np.ndarray]:
-    """(spacing (z, y, x), origin LPS (x, y, z), direction LPS) of a volume node, from its IJKToRAS."""
-    lps = FLIP @ node_ijk_to_ras(node)[:3, :4]
+def _to_world(node) -> np.ndarray:
+    """The 4x4 matrix from the node's RAS to the scene's world RAS: its parent transforms composed (the identity
+    without any); `InputError` for a non-linear one, which no grid holds."""
+    import vtk
+
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return np.eye(4)
+    if not parent.IsTransformToWorldLinear():
+        raise InputError(
+            f"{_name(node)}: the volume is under a non-linear transform ({_name(parent)}); harden it first "
+            "(Transforms module) or use the volume without it"
+        )
+    matrix = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(matrix)
+    return _matrix(matrix)
+
+
+def _geometry(node, world: bool = False) -> tuple[tuple[float, float, float], tuple[float, float, float], np.ndarray]:
+    """(spacing (z, y, x), origin LPS (x, y, z), direction LPS) of a volume node, from its IJKToRAS; ``world``: in
+    the scene's world coordinates, its linear parent transforms applied (`_to_world`)."""
+    ijk_to_ras_ = _to_world(node) @ node_ijk_to_ras(node) if world else node_ijk_to_ras(node)
+    lps = FLIP @ ijk_to_ras_[:3, :4]
     spacing_xyz = np.linalg.norm(lps[:, :3], axis=0)
     return tuple(spacing_xyz[::-1]), tuple(lps[:, 3]), lps[:, :3] / spacing_xyz
 
@@ -82,11 +102,14 @@ def _name(node) -> str:
     return node.GetName() or node.GetID() or "volume node"
 
 
-def volume_from_node(node) -> Volume:
-    """A `Volume` (a copy of the voxels, in the node's units) from a scalar volume node.
+def volume_from_node(node, world: bool = False) -> Volume:
+    """A `Volume` (a copy of the voxels, in the node's units) from a scalar volume node: on the node's own grid, or
+    with ``world`` where the scene shows it (its linear parent transforms applied: a volume moved by hand in the
+    Transforms module).
 
     Raises:
-        InputError: no node, no image data, or a vector (colour) volume.
+        InputError: no node, no image data, a vector (colour) volume, geometry that is no grid (sheared), or with
+            ``world`` a non-linear parent transform.
     """
     slicer = _slicer()
     if node is None or not node.IsA("vtkMRMLVolumeNode"):
@@ -96,7 +119,7 @@ def volume_from_node(node) -> Volume:
     if node.IsA("vtkMRMLVectorVolumeNode") or node.GetImageData().GetNumberOfScalarComponents() != 1:
         raise InputError(f"{_name(node)}: a vector (colour) volume cannot be read as a CT; choose a scalar volume")
     array = np.array(slicer.util.arrayFromVolume(node))
-    spacing, origin, direction = _geometry(node)
+    spacing, origin, direction = _geometry(node, world)
     meta = {"source": _name(node), "modality": "CT"}
     display = node.GetDisplayNode()
     if (
@@ -106,7 +129,10 @@ def volume_from_node(node) -> Volume:
         and not display.GetAutoWindowLevel()
     ):
         meta["window"] = [float(display.GetLevel()), float(display.GetWindow())]
-    return Volume(array, spacing=spacing, origin=origin, direction=direction, meta=meta)
+    try:
+        return Volume(array, spacing=spacing, origin=origin, direction=direction, meta=meta)
+    except InputError as exc:  # the geometry's own message ("direction cosines are not orthonormal ..."), named
+        raise InputError(f"{_name(node)}: {exc}") from None
 
 
 def _image_data(array: np.ndarray, components: int):
@@ -146,14 +172,17 @@ def colorize_node(
     progress=None,
     cancel=None,
 ):
-    """Colorize a CT volume node; returns a new ``vtkMRMLVectorVolumeNode`` (RGB uint8, the same IJKToRAS) named
-    "<name> colorized" in the node's scene. Nothing is added when it fails."""
+    """Colorize a CT volume node; returns a new ``vtkMRMLVectorVolumeNode`` (RGB uint8, the same IJKToRAS, under the
+    same parent transform: it shows where the CT shows) named "<name> colorized" in the node's scene. Nothing is
+    added when it fails."""
     from ..app.colorize_job import ColorizeRequest, colorize_job
 
     volume = volume_from_node(volume_node)
     request = ColorizeRequest.checked(volume, window, palette or "anatomical", device=device, model=model)
     color = colorize_job(volume, request, progress=progress, cancel=cancel).color
-    return node_from_volume(color, volume_node.GetScene(), f"{_name(volume_node)} colorized")
+    node = node_from_volume(color, volume_node.GetScene(), f"{_name(volume_node)} colorized")
+    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    return node
 
 
 @dataclass
@@ -226,9 +255,13 @@ def register_nodes(
 
     The engine's quality warnings are in ``metrics["warnings"]`` (empty when the registration looks sound).
 
+    Both volumes are registered where the scene shows them: a linear parent transform (a volume moved by hand in the
+    Transforms module) is applied first, and the outputs lie in world coordinates, under no transform. To resample
+    a moving volume that has a parent transform with the result, put that parent under ``transform``.
+
     Raises:
-        InputError: nodes in different scenes, a node without image data, a vector volume, and the engine's own
-            input errors.
+        InputError: nodes in different scenes, a node without image data, a vector volume, a node under a
+            non-linear transform, and the engine's own input errors.
     """
     from ..app.register_job import RegisterRequest, checkerboard, register_job
 
@@ -238,7 +271,7 @@ def register_nodes(
     if scene is None or moving_node.GetScene() is not scene:
         raise InputError(f"{_name(moving_node)}: the fixed and moving nodes are in different scenes")
     request = RegisterRequest.checked(model, affine, refine, device)
-    fixed, moving = volume_from_node(fixed_node), volume_from_node(moving_node)
+    fixed, moving = volume_from_node(fixed_node, world=True), volume_from_node(moving_node, world=True)
     result = register_job(fixed, moving, request, progress=progress, cancel=cancel).result
     name = _name(moving_node)
     return NodeRegistration(
