@@ -447,10 +447,23 @@ def test_each_color_layer_keeps_following_its_own_ct_window(make_napari_viewer, 
     assert lightness_error(second_color.data, second.data, PRESETS["bone"]) <= LUMINANCE_BOUND
     assert first_color.metadata["ctcolor"]["colorize"]["window"] == list(PRESETS["lung"]) and not errors
 
+    # A run's CT and colour removed: the panel shows the run of the CT it now chooses (the first, whose legend is
+    # its own); with that one removed too, no legend, status line or class button is left describing nothing the
+    # viewer holds.
+    assert widget.session.current.ct is second and widget.legend_names() and widget.status.value
+    viewer.layers.remove(second_color)
+    viewer.layers.remove(second)
+    assert widget.ct_layer.value is first and widget.session.current is widget.session.run_of(first)
+    assert widget.legend_names() and widget.classes_button.enabled
+    viewer.layers.remove(first_color)
+    assert widget.session.current is None and widget.legend_names() == [] and widget.status.value == ""
+    assert not widget.classes_button.enabled
+
 
 def test_the_window_menu_lists_each_header_window_once(make_napari_viewer):
     """A chest CT whose header repeats its first window (-450/2000 twice) shows it once, as "DICOM default"; a
-    second, different window is listed by its values."""
+    second, different window is listed by its values; a CT without a header window has a "default" named by its
+    preset."""
     viewer = make_napari_viewer()
     meta = {"modality": "CT", "window": (-450.0, 2000.0), "windows": [(-450.0, 2000.0), (-450.0, 2000.0)]}
     viewer.add_image(np.zeros((4, 16, 16), np.int16), name="chest", metadata={"ctcolor": meta})
@@ -462,6 +475,14 @@ def test_the_window_menu_lists_each_header_window_once(make_napari_viewer):
     widget.ct_layer.value = viewer.layers["abdomen"]
     shown = [widget.window.native.itemText(i) for i in range(widget.window.native.count())]
     assert "DICOM 40/400" in shown and sum(name.startswith("DICOM") for name in shown) == 2
+    # A NIfTI CT has no header window: its default is the abdomen preset, and the menu calls it so, not "DICOM".
+    viewer.add_image(np.zeros((4, 16, 16), np.int16), name="nifti", metadata={"ctcolor": {"modality": "CT"}})
+    widget.ct_layer.value = viewer.layers["nifti"]
+    shown = [widget.window.native.itemText(i) for i in range(widget.window.native.count())]
+    assert shown[0] == "default (abdomen)" and not any(name.startswith("DICOM") for name in shown)
+    widget.window.value = "lung"
+    widget.window.native.setCurrentIndex(0)  # as the user picks it
+    assert (widget.centre_hu.value, widget.width_hu.value) == (40, 400)
 
 
 def test_slab_mip_projects_the_ct_and_hides_its_colour_meanwhile(make_napari_viewer, qtbot, errors):

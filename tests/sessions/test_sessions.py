@@ -82,8 +82,9 @@ def test_a_colorize_session_keeps_each_cts_last_run_and_chooses_by_the_cts_handl
     assert session.choose(object()) is a  # a CT without a run leaves the current run as it is
     again = session.keep(cut, outcome, first, "a colour again")  # a re-run replaces that CT's run
     assert session.runs == [b, again] and session.run_of(first) is again
-    assert session.forget(first) and not session.forget(first)
-    assert session.runs == [b] and session.current is again  # the current run stays until another is chosen
+    assert session.choose(second) is b and session.forget(first) and not session.forget(first)
+    assert session.runs == [b] and session.current is b  # another CT's run gone: the current one stays
+    assert session.forget(second) and session.runs == [] and session.current is None  # its own gone: none is
 
 
 def test_a_run_looks_for_enhanced_blood_only_on_a_ct_without_a_contrast_header_still_in_its_opening_window(cut):

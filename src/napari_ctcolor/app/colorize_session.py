@@ -87,10 +87,13 @@ class ColorizeSession:
         return self.current
 
     def forget(self, ct: Any) -> bool:
-        """Drop ``ct``'s run (its CT or its colour is gone); True when it had one. The current run stays."""
-        had = self.run_of(ct) is not None
+        """Drop ``ct``'s run (its CT or its colour is gone); True when it had one. The current run stays, unless it
+        was that one: then there is none (its legend and figures describe nothing the viewer shows)."""
+        had = self.run_of(ct)
         self.runs = [run for run in self.runs if run.ct is not ct]
-        return had
+        if had is not None and self.current is had:
+            self.current = None
+        return had is not None
 
     # -- Run ---------------------------------------------------------------------------------------------------------
 

@@ -18,7 +18,6 @@ from qtpy.QtWidgets import QFrame, QScrollArea, QWidget
 
 from ..color import compose_rgb, load_palette
 from ..errors import CTColorError
-from ..io import ColorVolume
 from ..windowing import window
 from ._layers import layer_attributes
 
@@ -63,19 +62,21 @@ class ClassesAndPointer:
         self._classes_worker = None  # the worker computing the class map
         self.controls = [self.pointer, self.legend, self.classes_button]
 
-    def fill_legend(self, color: ColorVolume) -> None:
-        """Swatches and names of the classes the volume shows, most common first, in the palette just composed; each
-        swatch as the class looks on screen: its colour composed at the grey its median HU takes in the window and
-        at the chroma strength just composed (a palette's own colour is drawn at the palette's brightness, which the
-        window may be far from: the liver's in a lung window)."""
+    def fill_legend(self, settings: dict) -> None:
+        """Swatches and names of the classes the current run's volume shows, most common first, in the palette its
+        colour was composed with (``settings``: a `ColorVolume`'s); each swatch as the class looks on screen: its
+        colour composed at the grey its median HU takes in the window and at the chroma strength composed (a
+        palette's own colour is drawn at the palette's brightness, which the window may be far from: the liver's in
+        a lung window). Empty without a current run."""
         kept = self._owner.session.current
         if kept is None:
+            self.legend.value = ""
             return
         try:
             palette = self._owner._palette()
         except CTColorError:
             return
-        if palette.name != color.settings.get("palette"):
+        if palette.name != settings.get("palette"):
             return  # a newer palette choice is being composed; its result fills the legend
         rows = []
         figures = kept.chroma.legend_figures(kept.volume.array)  # made in the run's worker (`ColorizeSession`)
@@ -84,9 +85,9 @@ class ClassesAndPointer:
         if not shown:
             self.legend.value = ""
             return
-        centre, width = color.settings.get("window", (40.0, 400.0))
+        centre, width = settings.get("window", (40.0, 400.0))
         grey = window(np.array([median_hu[name] for name in shown], dtype=np.float32), centre, width)
-        swatches = compose_rgb(grey, palette.class_ab(shown).astype(np.float32), float(color.settings.get("chroma", 1)))
+        swatches = compose_rgb(grey, palette.class_ab(shown).astype(np.float32), float(settings.get("chroma", 1)))
         for name, rgb in zip(shown, swatches.tolist(), strict=True):
             swatch = "#{:02x}{:02x}{:02x}".format(*rgb)
             rows.append(f'<span style="background-color:{swatch}">&nbsp;&nbsp;&nbsp;&nbsp;</span> {name}')

@@ -131,7 +131,7 @@ class RunAndRecompose:
         except CTColorError as exc:
             self._owner._error(str(exc))
             return
-        if not self._owner.jobs.busy and ColorizeSession.composed_with(request, self._shown_settings()):
+        if not self._owner.jobs.busy and ColorizeSession.composed_with(request, self.shown_settings()):
             return  # the colour shown was composed with these settings (the contrast window a run chose)
         if plane and self._recolor_visible_plane(kept, request):
             return  # the whole volume follows once the plane is on screen (`_plane_done`)
@@ -241,7 +241,7 @@ class RunAndRecompose:
         # The CT stays the selected layer: napari's status bar then shows its HU, not the colour layer's RGB, and
         # its contrast slider is the window.
         self._owner._viewer.layers.selection.active = ct
-        self._owner.classes.fill_legend(color)
+        self._owner.classes.fill_legend(color.settings)
         self._owner.classes_button.enabled = self._owner.view_3d.enabled = True
         self._owner.exporter.enable(volume.meta)
         found = ColorizeSession.contrast_to_adopt(result, limits, tuple(float(v) for v in ct.contrast_limits))
@@ -274,9 +274,9 @@ class RunAndRecompose:
             return
         if self._owner.session.current is kept and self._owner.result_layer is not None:
             self._show(kept.ct, result)
-            self._owner.classes.fill_legend(result)
+            self._owner.classes.fill_legend(result.settings)
 
-    def _shown_settings(self) -> dict | None:
+    def shown_settings(self) -> dict | None:
         """The settings the result layer's colour was composed with (from its metadata), None when unknown."""
         layer = self._owner.result_layer
         return layer.metadata.get(META_KEY, {}).get("colorize") if layer is not None else None

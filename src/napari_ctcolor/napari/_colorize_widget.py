@@ -287,8 +287,23 @@ class ColorizeWidget(Container):
 
     def _on_layers_changed(self, _event=None) -> None:
         self.ct_layer.reset_choices()
+        had_current = self.session.current is not None
         for run in [run for run in self.session.runs if not (self._in_viewer(run.ct) and self._in_viewer(run.shown))]:
             self.windows.unlink(run.ct)
+        if had_current and self.session.current is None:  # the shown run's CT or colour was removed
+            self.show_current_run()
+
+    def show_current_run(self) -> None:
+        """The legend and the colour-class button of the current run (`ColorizeSession.current`: the chosen CT's,
+        else the last one); with none (its CT or colour left the viewer), an empty legend and status line."""
+        settings = self.runner.shown_settings()
+        if self.session.current is None or settings is None:
+            self.classes.legend.value = ""
+            self.status.value = ""
+            self.classes_button.enabled = False
+            return
+        self.classes.fill_legend(settings)
+        self.classes_button.enabled = not self.classes.classes_busy
 
     def _volume_of(self, layer: Image) -> Volume:
         data = layer.data[0] if layer.multiscale else layer.data

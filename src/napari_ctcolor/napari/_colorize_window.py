@@ -16,7 +16,7 @@ from magicgui.widgets import ComboBox, FloatSpinBox
 from napari.layers import Image
 
 from ..errors import CTColorError
-from ..windowing import PRESETS, Window, default_window
+from ..windowing import DEFAULT_PRESET, PRESETS, Window, default_window
 from ._layers import CONTRAST_WINDOW_KEY, META_KEY
 
 DICOM_DEFAULT = "DICOM default"
@@ -106,7 +106,17 @@ class WindowControl:
         """(shown name, value) of the window choices: DICOM default, the CT's own windows, presets, custom."""
         header = [(name, name) for name in self._header_windows()]
         presets = [(preset_label(name), name) for name in PRESETS]
-        return [(DICOM_DEFAULT, DICOM_DEFAULT), *header, *presets, (CUSTOM, CUSTOM)]
+        return [(self._default_label(), DICOM_DEFAULT), *header, *presets, (CUSTOM, CUSTOM)]
+
+    def _default_label(self) -> str:
+        """What the default window is called: "DICOM default" where the CT's header gives one; a NIfTI, MHA or NRRD
+        has none, and its default is a preset (`windowing.default_window`), named as such."""
+        meta = self._meta_of_ct()
+        if "window" in meta:
+            return DICOM_DEFAULT
+        if meta.get("modality", "CT") == "CT":
+            return f"default ({preset_label(DEFAULT_PRESET)})"
+        return "default (1-99 % of the values)"
 
     def _dicom_default(self) -> Window | None:
         """The chosen CT's own default window (DICOM WindowCenter/Width, else the abdomen preset for CT)."""
@@ -147,7 +157,9 @@ class WindowControl:
             return
         self.unwatch()
         self._watched = layer
-        self._owner.session.choose(layer)
+        before = self._owner.session.current
+        if self._owner.session.choose(layer) is not before:
+            self._owner.show_current_run()  # another CT's run: its legend
         self._rebuild_window_choices()  # this CT's header windows
         if layer is not None:
             widen_contrast_range(layer)
