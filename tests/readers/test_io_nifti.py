@@ -76,3 +76,30 @@ def test_text_named_nii_is_an_input_error(tmp_path):
     (tmp_path / "notes.nii").write_text("this is not an image\n" * 40, encoding="utf-8")
     with pytest.raises(InputError, match="notes.nii"):
         read_volume(tmp_path / "notes.nii")
+
+
+def test_a_nifti_without_any_orientation_reads_as_simpleitk_reads_it_and_says_its_position_is_unknown(tmp_path):
+    """qform_code = sform_code = 0 (an ANALYZE-style header: voxel sizes only). nibabel's fallback centres the grid
+    and flips x; SimpleITK puts it at the origin along LPS. `ctcolor info` reports SimpleITK's geometry (1e-6 mm)
+    and says the position is unknown, as for a DICOM slice without one."""
+    import json
+
+    from conftest import ctcolor
+
+    data = (np.arange(6 * 7 * 8, dtype=np.int16).reshape(8, 7, 6) - 1000).astype(np.int16)
+    image = nib.Nifti1Image(data, None)
+    image.header.set_zooms((0.8, 0.9, 2.5))
+    image.set_qform(None, code=0)
+    image.set_sform(None, code=0)
+    path = tmp_path / "analyze-style.nii.gz"
+    nib.save(image, path)
+    done = ctcolor("info", str(path), "--json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    reference = sitk.ReadImage(str(path))
+    np.testing.assert_allclose(info["origin"], reference.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(info["direction"], reference.GetDirection(), atol=1e-6)
+    np.testing.assert_allclose(info["spacing"][::-1], reference.GetSpacing(), atol=1e-6)
+    assert info["position_known"] is False
+    assert "position     unknown" in ctcolor("info", str(path)).stdout
+    np.testing.assert_array_equal(read_volume(path).array, sitk.GetArrayFromImage(reference))

@@ -133,7 +133,11 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     if data.dtype.kind == "f" and not np.isfinite(data).any():
         raise InputError(f"{path}: every voxel is NaN or infinite")
 
-    lps = RAS_TO_LPS @ img.affine
+    placed = bool(int(img.header["qform_code"]) or int(img.header["sform_code"]))
+    if placed:
+        lps = RAS_TO_LPS @ img.affine
+    else:  # no orientation at all (an ANALYZE-style header): as SimpleITK reads it, spacing only, at the origin
+        lps = np.diag([*(float(z) for z in img.header.get_zooms()[:3]), 1.0])
     if not np.all(np.isfinite(lps)):
         raise InputError(f"{path}: the header's affine has NaN or infinite entries")
     spacing_xyz = np.linalg.norm(lps[:3, :3], axis=0)
@@ -155,6 +159,7 @@ def read_nifti(path: str | os.PathLike) -> Volume:
             "modality": _guess_modality(data),
             "modality_guessed": True,
             "series_count": 1,
+            **({} if placed else {"position_known": False}),
         },
     )
 
