@@ -152,8 +152,11 @@ def iter_register(
     yield stages.step("fields")
     fields = stages.run("fields", partial(_stages.to_mm, plan, f_ab, f_ba, transform))
     del f_ab, f_ba
-    yield stages.step("refinement" if plan.iterations else "warping")
-    if plan.iterations:
+    refining = plan.iterations and not pair.prealigned_matched
+    yield stages.step("refinement" if refining else "warping")
+    if plan.iterations and not refining:
+        stages.skip(plan.ticks + 2)  # the refinement's ticks, its end and the inversion
+    if refining:
         with stages("refine"):
             refined = yield from _stages.refine(plan, pair, fields, stages, cancel)
         yield stages.step("inversion")
