@@ -92,8 +92,8 @@ def _to_world(node) -> np.ndarray:
 def _geometry(node, world: bool = False) -> tuple[tuple[float, float, float], tuple[float, float, float], np.ndarray]:
     """(spacing (z, y, x), origin LPS (x, y, z), direction LPS) of a volume node, from its IJKToRAS; ``world``: in
     the scene's world coordinates, its linear parent transforms applied (`_to_world`)."""
-    ijk_to_ras_ = _to_world(node) @ node_ijk_to_ras(node) if world else node_ijk_to_ras(node)
-    lps = FLIP @ ijk_to_ras_[:3, :4]
+    to_ras = _to_world(node) @ node_ijk_to_ras(node) if world else node_ijk_to_ras(node)
+    lps = FLIP @ to_ras[:3, :4]
     spacing_xyz = np.linalg.norm(lps[:, :3], axis=0)
     return tuple(spacing_xyz[::-1]), tuple(lps[:, 3]), lps[:, :3] / spacing_xyz
 
