@@ -503,6 +503,10 @@ def test_slab_mip_projects_the_ct_and_hides_its_colour_meanwhile(make_napari_vie
     np.testing.assert_array_equal(mip.data, np.maximum(np.maximum(padded[:-2], padded[1:-1]), padded[2:]))
     assert not color.visible and tuple(mip.contrast_limits) == tuple(ct.contrast_limits)
     np.testing.assert_allclose(mip.data_to_world((3, 4, 5)), ct.data_to_world((3, 4, 5)))
+    # The Pointer gives the slice's HU and, beside it, the slab's value that the screen shows there.
+    where = (12, 50, 60)
+    line = widget.classes.pointer_line(ct.data_to_world(where))
+    assert line.startswith(f"HU {ct.data[where]:.0f} (slab MIP {mip.data[where]:.0f} over 10.5 mm) | "), line
     ct.contrast_limits = (-200.0, 300.0)
     assert tuple(mip.contrast_limits) == (-200.0, 300.0)
     show_plane(viewer, "coronal")  # along y now

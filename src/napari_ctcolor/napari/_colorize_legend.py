@@ -20,6 +20,7 @@ from ..color import compose_rgb, load_palette
 from ..errors import CTColorError
 from ..windowing import window
 from ._layers import layer_attributes
+from ._slab import slab_value
 
 #: The legend lists classes that are the most probable one in at least this share of the volume's pixels.
 LEGEND_MIN_SHARE = 0.001
@@ -103,9 +104,9 @@ class ClassesAndPointer:
             self.pointer.value = self.pointer_line(self._owner._viewer.cursor.position)
 
     def pointer_line(self, world_position) -> str:
-        """What the Pointer line shows for a world position: the CT's HU there, the voxel's position in mm (LPS x,
-        y, z), its axial slice (napari's slider index) and, after Run, the colour class with its probability; ''
-        outside the CT."""
+        """What the Pointer line shows for a world position: the CT's HU there (and the slab MIP's while one is
+        shown), the voxel's position in mm (LPS x, y, z), its axial slice (napari's slider index) and, after Run, the
+        colour class with its probability; '' outside the CT."""
         kept = self._owner.session.current
         ct = kept.ct if kept is not None and self._owner._in_viewer(kept.ct) else self._owner.ct_layer.value
         if ct is None or ct.multiscale:
@@ -117,7 +118,8 @@ class ClassesAndPointer:
         hu = float(ct.data[tuple(index)])
         lps = np.asarray(ct.data_to_world(index), dtype=float)[::-1]  # world (z, y, x) -> LPS x, y, z
         position = ", ".join(f"{axis} {value:.1f}" for axis, value in zip("xyz", lps, strict=False))
-        parts = [f"HU {hu:.0f}", f"LPS {position} mm"]
+        slab = slab_value(self._owner._viewer, ct, tuple(index))  # what the screen shows there, beside the slice's HU
+        parts = [f"HU {hu:.0f}" + (f" ({slab})" if slab else ""), f"LPS {position} mm"]
         if ct.ndim == 3:
             parts.append(f"slice {index[0]}/{shape[0] - 1}")
         if kept is not None and kept.ct is ct and self._owner.result_layer is not None:

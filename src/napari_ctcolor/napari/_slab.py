@@ -46,6 +46,14 @@ def axis_spacing(layer: Image, axis: int) -> float:
     return float(np.linalg.norm(np.asarray(layer.data_to_world(step)) - np.asarray(layer.data_to_world(0 * step))))
 
 
+def slab_value(viewer: napari.Viewer, ct: Image, index: tuple[int, ...]) -> str:
+    """ "slab MIP <HU> over <mm> mm" at the data ``index`` of ``ct`` while its slab layer is shown, else ''."""
+    slab = next((lyr for lyr in viewer.layers if lyr.name == f"{ct.name}{MIP_SUFFIX}"), None)
+    if slab is None or not slab.visible or slab.data.shape != ct.data.shape:
+        return ""
+    return f"slab MIP {float(slab.data[index]):.0f} over {slab.metadata.get('slab_mip_mm', 0):g} mm"
+
+
 class SlabControl:
     """The "Slab MIP (mm)" slider for the CT that ``layers()`` returns with its colour layer (either may be None)."""
 
