@@ -458,7 +458,7 @@ def _multiframe(s: _Slice, where: Path) -> Volume:
     ds = s.header
     stored = _decode(s)
     size = reader.GetSize()
-    if stored.ndim != 3 or stored.shape[::-1] != tuple(size[:2]) + (size[2] if len(size) > 2 else 1,):
+    if stored.shape[::-1] != tuple(size):
         raise InputError(f"{where}: decoded frames have shape {stored.shape}, the header describes {size[::-1]}")
     # GDCM's header reading states frames stored against the normal as a negative spacing; reading the pixels, ITK
     # turns that into a flipped direction column, which this does too.

@@ -68,10 +68,9 @@ class ClassesAndPointer:
         colour was composed with (``settings``: a `ColorVolume`'s); each swatch as the class looks on screen: its
         colour composed at the grey its median HU takes in the window and at the chroma strength composed (a
         palette's own colour is drawn at the palette's brightness, which the window may be far from: the liver's in
-        a lung window). Empty without a current run."""
+        a lung window)."""
         kept = self._owner.session.current
         if kept is None:
-            self.legend.value = ""
             return
         try:
             palette = self._owner._palette()
