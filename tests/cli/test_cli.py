@@ -348,7 +348,8 @@ def test_register_of_one_scan_twice_is_the_identity_and_two_acquisitions_are_reg
     # such a pair's NCC from 0.99999 to 0.985 and spread its det J over 0.88-1.09).
     again = metrics["reheadered"]
     assert again["prealigned_matched"] and not again["copies"] and again["stage_seconds"]["forward"] < 0.01, again
-    assert "refine" not in again["stage_seconds"] and again["jacobian_body_p1_p99"] == [1.0, 1.0]
+    # det J of the pre-alignment alone: its affine's determinant, 1 for this rigid placement (1e-3: the optimiser's)
+    assert "refine" not in again["stage_seconds"] and np.allclose(again["jacobian_body_p1_p99"], 1.0, atol=1e-3)
     assert again["ncc_after"] >= again["ncc_prealigned"] - 1e-6 and again["ncc_prealigned"] > 0.999
     assert not again["warnings"] and again["folding_fraction"] == 0, again["warnings"]
     seconds = {name: m["seconds"] for name, m in metrics.items()}

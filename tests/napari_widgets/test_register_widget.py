@@ -422,6 +422,17 @@ def test_auto_settings_take_the_cards_defaults_and_a_doubtful_registration_says_
     np.testing.assert_array_equal(layer(viewer, "crop again warped").data, crop)
     assert len(shown) == 2 and "one scan twice" in shown[1]
 
+    # The same voxels placed two voxels further along x (another header): the pre-alignment alone registers them, and
+    # the summary says so instead of a refinement count that did not run.
+    origin = np.asarray(fixed_volume.origin) + fixed_volume.direction[:, 0] * 2 * fixed_volume.spacing[2]
+    moved = Volume(crop, fixed_volume.spacing, tuple(origin), fixed_volume.direction.copy(), {"modality": "CT"})
+    data, kwargs, _ = image_layer_data(moved, name="crop moved")
+    widget.moving.value = viewer.add_image(data, **kwargs)
+    click_and_wait(qtbot, widget, widget.run_button)
+    m = widget.result.metrics
+    assert not errors and m["prealigned_matched"] and m["affine"] and "refine" not in m["stage_seconds"]
+    assert "no network or refinement: the pre-aligned images agree" in widget.summary.value
+
 
 def test_cancel_stops_inside_the_refinement_and_adds_no_layer(make_napari_viewer, qtbot, pair, monkeypatch, errors):
     steps: list[tuple[int, int]] = []
