@@ -180,6 +180,7 @@ class ClassesAndPointer:
             # napari maps labels through a numba typed dict that numba compiles once per session: 1-3 s of the main
             # thread when the layer is first drawn (a 275-slice CT, 2 cores, 2026-11-27), here in the worker.
             layer.colormap.map(data.ravel()[:2])
+            _warm_labels_overlay()
             return layer
 
         worker = create_worker(make, _ignore_errors=True)
@@ -209,3 +210,15 @@ class ClassesAndPointer:
         if existing is not None:
             self._owner._viewer.layers.remove(existing)
         self._owner._viewer.layers.append(layer)
+
+
+def _warm_labels_overlay() -> None:
+    """Build vispy's dash patterns, which napari's Labels layer needs for its polygon tool (agg lines) when its visual
+    is made: 13 patterns in a Python loop, 0.22 s of the main thread the first time in a session (Sapphire Rapids, 2
+    cores, 2026-11-28). vispy caches them (`functools.lru_cache`), so building them here, in the worker that makes the
+    class layer, leaves the main thread only the cached copy."""
+    try:
+        from vispy.visuals.line.dash_atlas import DashAtlas
+    except ImportError:  # a vispy that moved it: the main thread builds them, as without this
+        return
+    DashAtlas()
