@@ -203,6 +203,7 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     # The difference in HU with both sides clipped to -1000..400 HU, opaque at +-400 HU, whatever the fixed layer's
     # window: the lungs' misalignment shows under a soft-tissue window, and a window change redraws nothing.
     expected = np.clip(fixed.data, -1000, 400) - np.clip(result.warped.array, -1000, 400)
+    expected[~result.covered] = 0.0  # where the map leads beyond the moving scan (its first and last slices)
     np.testing.assert_allclose(difference.data, expected, atol=1e-3)
     assert tuple(difference.contrast_limits) == (-400.0, 400.0)
     lungs = (fixed.data < -600) & (result.warped.array < -600)
@@ -237,6 +238,10 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     assert m["folding_fraction"] <= 5e-4  # the target, at most 0.05 % of the voxels
     assert f"NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}" in widget.summary.value
     assert "folding" in widget.summary.value and f"{m['seconds']:.1f} s" in widget.summary.value
+    near_one = np.mean((result.jacobian.array >= 0.95) & (result.jacobian.array <= 1.05), where=fixed.data > -500)
+    assert m["jacobian_body_near_1_fraction"] == pytest.approx(near_one, abs=0.01)  # body: > -500 HU, as measured
+    assert f"{100 * m['jacobian_body_near_1_fraction']:.0f} % within 0.95-1.05" in widget.summary.value
+    assert "no data" not in widget.summary.value  # one field of view
     # The moving labels warped through the widget's displacement field (SimpleITK, nearest) overlap better.
     warped_labels = _resampled(pair.moving_labels, pair.fixed, result.ddf, 0, nearest=True)
     dice_before = _dice(pair.fixed_labels.array, pair.moving_labels.array)
@@ -544,6 +549,40 @@ def test_prealignment_registers_a_prior_scan_in_a_disjoint_frame(make_napari_vie
     assert ncc_after > ncc_voxelwise + 0.15
     assert dice_after > dice_voxelwise + 0.3
     assert m["folding_fraction"] <= 5e-4
+
+
+def test_a_moving_scan_with_a_shorter_field_of_view_shows_no_change_where_it_has_no_data(
+    make_napari_viewer, qtbot, pair, errors
+):
+    """The deformed CT without its last 8 slices (24 mm): the warped image holds air there, which is no data, not a
+    change; the difference is left clear there and the summary says how much of the body the moving scan misses."""
+    cut = Volume(pair.moving.array[:-8], pair.moving.spacing, pair.moving.origin, pair.moving.direction)
+    viewer = make_napari_viewer()
+    fixed = viewer.open(str(CT), plugin=PLUGIN)[0]
+    data, kwargs, _ = image_layer_data(cut, name="shorter")
+    moving = viewer.add_image(data, **kwargs)
+    widget = open_widget(viewer, fixed, moving)
+    click_and_wait(qtbot, widget, widget.run_button)
+    assert not errors, errors
+    result, difference = widget.result, layer(viewer, "difference")
+    # Independent reference: each fixed voxel centre p mapped to p + ddf(p), in the shorter scan's voxel indices, lies
+    # within its first and last voxel centres (what linear sampling reads without the zeros outside).
+    index = np.indices(pair.fixed.shape)[::-1].reshape(3, -1)
+    points = pair.fixed.affine[:3, :3] @ index + pair.fixed.affine[:3, 3:] + result.ddf.reshape(-1, 3).T
+    inside = np.linalg.solve(cut.affine[:3, :3], points - cut.affine[:3, 3:])
+    limits = np.array(cut.shape[::-1])[:, None] - 1
+    reference = np.all((inside >= -1e-4) & (inside <= limits + 1e-4), axis=0).reshape(pair.fixed.shape)
+    assert np.mean(result.covered != reference) < 1e-3  # float32 against float64 on the boundary
+    body = fixed.data > -500
+    # None beyond the cut; inside it all but the body at the image's sides, which the deformation moves out of it.
+    assert not result.covered[-6:].any() and np.mean(result.covered[4:-12][body[4:-12]]) > 0.98
+    assert np.all(difference.data[~result.covered] == 0.0)
+    changed = np.abs(np.clip(fixed.data, -1000, 400) - np.clip(result.warped.array, -1000, 400)) > 100
+    assert (changed & body & ~result.covered).sum() > 10000  # what the band had shown: fixed tissue against air
+    m = result.metrics
+    missed = 1.0 - m["overlap_fraction"]
+    assert 0.15 < missed < 0.35 and np.mean(~result.covered[body]) == pytest.approx(missed, abs=0.03)
+    assert f"no data on {100 * missed:.0f} % of the fixed image's body" in widget.summary.value
 
 
 def _in_plane(image: np.ndarray, d: np.ndarray, spacing: float, default: float, nearest: bool = False) -> np.ndarray:

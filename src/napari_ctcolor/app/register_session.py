@@ -125,7 +125,7 @@ class RegisterSession:
         finally:
             job.close()  # closed at a yield (Cancel): the job's and the engine's finally blocks run
         result = outcome.result
-        difference, limits = difference_of(inputs.fixed.array, result.warped.array, inputs.fixed_limits)
+        difference, limits = difference_of(inputs.fixed.array, result.warped.array, inputs.fixed_limits, result.covered)
         arrays = {"warped": result.warped.array, "difference": difference, "jacobian": result.jacobian.array}
         ranges = {key: finite_range(array) for key, array in arrays.items()}
         return RegisterRun(inputs, result, outcome.fixed_color, outcome.warped_color, difference, limits, ranges)
@@ -194,13 +194,16 @@ def finite_range(data: np.ndarray) -> tuple[float, float] | None:
 
 
 def difference_of(
-    fixed: np.ndarray, warped: np.ndarray, limits: tuple[float, float]
+    fixed: np.ndarray, warped: np.ndarray, limits: tuple[float, float], covered: np.ndarray | None = None
 ) -> tuple[np.ndarray, tuple[float, float]]:
     """(float32 fixed - warped with both clipped to `DIFFERENCE_CLIP_HU`, its display limits +-`DIFFERENCE_RANGE_HU`)
     for a CT; an image not in HU (nothing below `HU_MIN`) is clipped to its window ``limits`` and shown at +- half
-    its width. Two voxels both beyond one end of the clip differ by 0."""
+    its width. Two voxels both beyond one end of the clip differ by 0, and so do voxels outside ``covered`` (where
+    the warped image holds no moving data: a shorter moving scan is not a change)."""
     ct = float(np.min(fixed)) < HU_MIN
     low, high = DIFFERENCE_CLIP_HU if ct else limits
     half = DIFFERENCE_RANGE_HU if ct else (high - low) / 2
     difference = np.clip(fixed, low, high).astype(np.float32) - np.clip(warped, low, high).astype(np.float32)
+    if covered is not None:
+        difference[~covered] = 0.0
     return difference, (-half, half)

@@ -162,12 +162,12 @@ def iter_register(
         yield stages.step("inversion")
         fields = stages.run("invert", partial(_stages.invert, plan, refined, fields))  # its ddf is the refined map
         yield stages.step("warping")
-    warped_t, warped_labels = stages.run("warp", partial(_stages.warp_moving, plan, fields.ddf, moving_labels))
+    warped_t, covered, warped_labels = stages.run("warp", partial(_stages.warp_moving, plan, fields.ddf, moving_labels))
     yield stages.step("metrics")
     measured = stages.run("metrics", partial(_stages.measure, plan, pair, fields, warped_t))
     yield stages.step("outputs")
     metrics = _stages.metrics_of(plan, grid, pair, fields, measured, stages, bf16, time.perf_counter() - start)
-    return _stages.result_of(plan, measured, metrics, warped_labels, moving_labels)
+    return _stages.result_of(plan, measured, metrics, warped_labels, moving_labels, covered)
 
 
 register = blocking(iter_register)

@@ -92,7 +92,8 @@ class RegistrationResult:
         jacobian: det J of the map p -> p + ddf(p), float32 on the fixed grid (1 keeps volume, <= 0 folds).
         metrics: ncc_before, ncc_after (global NCC over the fixed grid; ncc_prealigned, prealign_matrix and
             prealign_offset_mm with the pre-alignment), lncc_before, lncc_after (`local_ncc` in the body),
-            folding_fraction, volume_change_fraction (det J outside 0.8..1.25 in the body), inverse_consistency_mm,
+            folding_fraction, volume_change_fraction (det J outside 0.8..1.25 in the body),
+            jacobian_body_near_1_fraction (within `NEAR_ONE`), jacobian_body_p1_p99, inverse_consistency_mm,
             overlap_fraction (of the body covered by the moving image), seconds, stage_seconds, model, network_shape
             (the grid the network ran on), device, refine_iterations, refine_matched (the refinement stopped early: the
             images agreed within noise, `refine.MATCHED_METRIC`), copies (one scan twice: the identity without the
@@ -100,6 +101,8 @@ class RegistrationResult:
             acquisition does with itself, and it is the registration: `PREALIGNED_MATCHED_METRIC`), affine, symmetric,
             and warnings (`warnings`).
         warped_labels: the moving labels in the fixed image's space (nearest), when labels were given.
+        covered: bool on the fixed grid, True where ``warped`` holds the moving image, False where the map leads
+            beyond it (a moving scan with a shorter field of view: ``warped`` holds its minimum there, no data).
     """
 
     warped: Volume
@@ -108,6 +111,7 @@ class RegistrationResult:
     jacobian: Volume
     metrics: dict[str, Any]
     warped_labels: Volume | None = None
+    covered: np.ndarray | None = None
 
 
 #: Seconds between two polls of cancel inside a stage's torch operations (`PolledTorch`).
@@ -535,8 +539,12 @@ def invert(plan: Plan, ddf: torch.Tensor, fields: Fields) -> Fields:
     return Fields(ddf, inverse_ddf, mm_to_voxels(ddf, fixed), mm_to_voxels(inverse_ddf, fixed), 1.0, fields.a, fields.b)
 
 
-def warp_moving(plan: Plan, ddf: torch.Tensor, moving_labels: Volume | None) -> tuple[torch.Tensor, np.ndarray | None]:
-    """(the moving image through ``ddf`` on the fixed grid, (1, 1, Z, Y, X); the labels through it, or None).
+def warp_moving(
+    plan: Plan, ddf: torch.Tensor, moving_labels: Volume | None
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray | None]:
+    """(the moving image through ``ddf`` on the fixed grid, (1, 1, Z, Y, X); where that reads the moving image, bool
+    (Z, Y, X): False where the point lies beyond it, which ``warped`` fills with the moving minimum; the labels
+    through it, or None).
 
     One interpolation of the original moving image through the final ddf (no resample-then-warp blur), with
     (moving - low) sampled so that zeros outside means "the moving minimum" (air for CT), not 0 HU. After a
@@ -546,11 +554,12 @@ def warp_moving(plan: Plan, ddf: torch.Tensor, moving_labels: Volume | None) -> 
     fixed, moving, (_, moving_low) = plan.fixed, plan.moving, plan.lows
     original = as_tensor(moving.array, moving_low, plan.device)
     if plan.copies:  # the identity on one grid: the moving image itself
-        warped_t = original
+        warped_t, covered = original, np.ones(fixed.shape, dtype=bool)
     else:
         at = physical_sampling_grid(moving, fixed, ddf)
         at = to_edge_within_half_voxel(at, moving.shape) if plan.affine else at
         warped_t = sample(original - moving_low, at) + moving_low
+        covered = (at.abs() <= 1).all(dim=-1)[0].cpu().numpy()
         del at
     del original
     warped_labels = None
@@ -561,7 +570,7 @@ def warp_moving(plan: Plan, ddf: torch.Tensor, moving_labels: Volume | None) -> 
         grid = physical_sampling_grid(moving_labels, fixed, ddf.double())
         grid = to_edge_within_half_voxel(grid, moving_labels.shape) if plan.affine else grid
         warped_labels = sample(labels, grid, mode="nearest")[0, 0].cpu().numpy().astype(moving_labels.array.dtype)
-    return warped_t, warped_labels
+    return warped_t, covered, warped_labels
 
 
 @dataclass
@@ -576,13 +585,19 @@ class Measured:
     ncc_after: float
     lncc_after: float
     volume_change: float
+    near_one: float
     spread: list[float]
     overlap: float
 
 
+#: det J within this range: the volume kept within 5 %, where the Jacobian layer is nearly clear.
+NEAR_ONE = (0.95, 1.05)
+
+
 def measure(plan: Plan, pair: Pair, fields: Fields, warped_t: torch.Tensor) -> Measured:
     """The Jacobian determinant, inverse consistency, NCC and local NCC after registration, the share of the body
-    whose volume changes by more than 0.8..1.25 and its 1st-99th percentiles, the overlap; the outputs moved to the
+    whose volume changes by more than 0.8..1.25, the share within `NEAR_ONE` and its 1st-99th percentiles, the
+    overlap; the outputs moved to the
     host as float32. det J is invariant under the voxel -> mm similarity, so the voxel field gives it; the
     pre-alignment's part is a constant factor."""
     fixed, f_ba = plan.fixed, fields.f_ba
@@ -598,6 +613,7 @@ def measure(plan: Plan, pair: Pair, fields: Fields, warped_t: torch.Tensor) -> M
         lncc_after = local_ncc(pair.fixed_n, plan.normalised(warped_t, 1), pair.body)
     in_body = jacobian[pair.body[0, 0]]
     volume_change = float(((in_body < 0.8) | (in_body > 1.25)).float().mean()) if in_body.numel() else 0.0
+    near_one = float(((in_body >= NEAR_ONE[0]) & (in_body <= NEAR_ONE[1])).float().mean()) if in_body.numel() else 1.0
     spread = np.percentile(in_body.cpu().numpy(), (1, 99)).tolist() if in_body.numel() else [1.0, 1.0]
     body_np = pair.body[0, 0].cpu().numpy()
     outside = pair.outside
@@ -611,6 +627,7 @@ def measure(plan: Plan, pair: Pair, fields: Fields, warped_t: torch.Tensor) -> M
         ncc_after=ncc_after,
         lncc_after=lncc_after,
         volume_change=volume_change,
+        near_one=near_one,
         spread=spread,
         overlap=overlap,
     )
@@ -629,6 +646,7 @@ def metrics_of(
         "folding_fraction": float(np.mean(measured.jacobian <= 0)),
         "volume_change_fraction": measured.volume_change,
         "jacobian_body_p1_p99": [round(float(v), 3) for v in measured.spread],
+        "jacobian_body_near_1_fraction": round(measured.near_one, 4),
         "inverse_consistency_mm": measured.inverse_consistency,
         "overlap_fraction": measured.overlap,
         "seconds": round(seconds, 3),
@@ -657,7 +675,12 @@ def metrics_of(
 
 
 def result_of(
-    plan: Plan, measured: Measured, metrics: dict[str, Any], warped_labels: np.ndarray | None, labels: Volume | None
+    plan: Plan,
+    measured: Measured,
+    metrics: dict[str, Any],
+    warped_labels: np.ndarray | None,
+    labels: Volume | None,
+    covered: np.ndarray,
 ) -> RegistrationResult:
     """The `RegistrationResult` on the fixed grid."""
     fixed, moving = plan.fixed, plan.moving
@@ -672,4 +695,5 @@ def result_of(
         jacobian=on_fixed_grid(measured.jacobian, quantity="jacobian_determinant"),
         metrics=metrics,
         warped_labels=None if warped_labels is None else on_fixed_grid(warped_labels, **labels.meta),
+        covered=covered,
     )
