@@ -30,7 +30,7 @@ from ...models.diffeo import jacobian_determinant
 from ..device import cpu_bf16, resolve_device
 from ..geometry import resample_onto, same_grid
 from ..orientation import AxisMap
-from ..refine import REFINE_BYTES_PER_VOXEL, cancel_check, check_iterations, chunks, refine_field
+from ..refine import REFINE_BYTES_PER_VOXEL, cancel_check, check_iterations, chunks, match_resolution, refine_field
 from ..steps import Cancel, Progress, Steps, in_thread
 from .demons import refine_on_device
 from .fields import (
@@ -518,7 +518,7 @@ def refine(plan: Plan, pair: Pair, fields: Fields, stages: Stages, cancel: Cance
     fixed, moving, (_, moving_low) = plan.fixed, plan.moving, plan.lows
     cpu = torch.device("cpu")
     moving_n = plan.normalised(as_tensor(moving.array, moving_low, cpu), 1)
-    normalised = (
+    normalised = match_resolution(
         Volume(covered(pair.fixed_n, pair.unreached)[0, 0].cpu().numpy(), fixed.spacing, fixed.origin, fixed.direction),
         Volume(moving_n[0, 0].numpy(), moving.spacing, moving.origin, moving.direction),
     )
