@@ -559,7 +559,10 @@ def warp_moving(
         at = physical_sampling_grid(moving, fixed, ddf)
         at = to_edge_within_half_voxel(at, moving.shape) if plan.affine else at
         warped_t = sample(original - moving_low, at) + moving_low
-        covered = (at.abs() <= 1).all(dim=-1)[0].cpu().numpy()
+        covered = torch.ones(at.shape[1:-1], dtype=torch.bool, device=at.device)
+        for axis in range(3):  # one component at a time: a bool per voxel, no float copy of the grid
+            covered &= (at[0, ..., axis] >= -1) & (at[0, ..., axis] <= 1)
+        covered = covered.cpu().numpy()
         del at
     del original
     warped_labels = None
@@ -597,9 +600,8 @@ NEAR_ONE = (0.95, 1.05)
 def measure(plan: Plan, pair: Pair, fields: Fields, warped_t: torch.Tensor) -> Measured:
     """The Jacobian determinant, inverse consistency, NCC and local NCC after registration, the share of the body
     whose volume changes by more than 0.8..1.25, the share within `NEAR_ONE` and its 1st-99th percentiles, the
-    overlap; the outputs moved to the
-    host as float32. det J is invariant under the voxel -> mm similarity, so the voxel field gives it; the
-    pre-alignment's part is a constant factor."""
+    overlap; the outputs moved to the host as float32. det J is invariant under the voxel -> mm similarity, so the
+    voxel field gives it; the pre-alignment's part is a constant factor."""
     fixed, f_ba = plan.fixed, fields.f_ba
     if plan.copies:  # the identity's values, exactly
         jacobian = torch.ones(fixed.shape, device=plan.device)
