@@ -37,8 +37,8 @@ JACOBIAN_COLORMAP = Colormap(
     name="ctcolor Jacobian",  # magenta: compressed, green: expanded (the summary says so)
 )
 OVERLAY_OPACITY = 0.8
-#: The summary says what share of the fixed body the moving scan does not reach from this share up (1 %: a body edge
-#: lost to a rotation's corners stays below it; a moving scan shorter by a few slices does not).
+#: The summary says what share of the fixed body the moving scan does not reach (`overlap_fraction`) from this share
+#: up: a moving scan a few slices shorter is above it.
 UNCOVERED_SHOWN = 0.01
 #: Thin yellow lines where the checkerboard's tiles meet: once aligned, fixed and warped tiles look alike.
 EDGES_OPACITY = 0.35
@@ -200,7 +200,7 @@ class RegisterOutputs:
         self._viewer.layers.selection.active = next(lyr for lyr in self._layers() if lyr.name == CHECKERBOARD)
         m = self.kept.run.result.metrics
         spread = m.get("jacobian_body_p1_p99", (1.0, 1.0))
-        kept = m.get("jacobian_body_near_1_fraction", 1.0)
+        near_one = m.get("jacobian_body_near_1_fraction", 1.0)
         prealigned = f" (affine {m['ncc_prealigned']:.3f})" if "ncc_prealigned" in m else ""
         warnings = "".join(f"<br>⚠ {html.escape(w)}" for w in m.get("warnings", []))
         refined = (
@@ -216,7 +216,7 @@ class RegisterOutputs:
             "<br>difference = fixed - warped (HU, both from -1000 to 400; +-400 HU opaque): red where the fixed image"
             " is brighter, blue where the warped is"
             "<br>Jacobian det J: 1 unchanged, &lt; 1 compressed (magenta), &gt; 1 expanded (green), &le; 0 folded"
-            f"; in the body {spread[0]:.2f}-{spread[1]:.2f} (1st-99th percentile), {100 * kept:.0f} % within"
+            f"; in the body {spread[0]:.2f}-{spread[1]:.2f} (1st-99th percentile), {100 * near_one:.0f} % within"
             " 0.95-1.05. A rigid or affine motion alone is 1 everywhere: colour is the field's own local deformation,"
             " real or fitted to noise, contrast (vessel lumens), another slice thickness and the moved scan's"
             f" interpolation{self._coverage_line(m)}"
