@@ -13,14 +13,8 @@ import yaml
 from napari_ctcolor.color import load_palette
 from napari_ctcolor.io import InputError
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig, context_indices, downsample_hu, prepare_input
-from napari_ctcolor.training.colorizer import (
-    Sampler,
-    TrainConfig,
-    contrast_flags,
-    real_cases,
-    reduce_case,
-    train_colorizer,
-)
+from napari_ctcolor.training.colorizer import Sampler, TrainConfig, train_colorizer
+from napari_ctcolor.training.prepare import contrast_flags, real_cases, reduce_case
 from napari_ctcolor.training.targets import ab_targets, class_targets
 from napari_ctcolor.weights import find_weights, load_colorizer, save_weights
 from napari_ctcolor.windowing import window

@@ -13,8 +13,9 @@ from scipy import ndimage
 
 from napari_ctcolor.io import read_volume
 from napari_ctcolor.models.colorizer import ColorizerConfig
-from napari_ctcolor.training.colorizer import CHEST_BLOOD_HU, Sampler, TrainConfig, reduce_classes
+from napari_ctcolor.training.colorizer import CHEST_BLOOD_HU, Sampler, TrainConfig
 from napari_ctcolor.training.partial import BLOOD, IGNORE, derive_chest, partial_class_map
+from napari_ctcolor.training.prepare import reduce_classes
 
 from conftest import CT_DIR, REPO, TINY, require_shared
 

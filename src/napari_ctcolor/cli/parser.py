@@ -214,14 +214,42 @@ def _add_tools(sub) -> None:
     find.add_argument("--json", action="store_true", help="print a JSON list (UIDs and url of each series)")
     find.set_defaults(run=run.cmd_pacs_find)
 
-    train = sub.add_parser("train", help="train shipped weights from a config (colorizer or symnet)")
-    train.add_argument("what", choices=("colorizer", "symnet"), help="what to train")
-    train.add_argument("--config", required=True, help="YAML config, e.g. configs/colorizer_2d.yaml or symnet_ct.yaml")
-    train.add_argument("--device", default="cpu", help="cpu (reproducible) or cuda")
-    train.add_argument("--weights-dir", default="weights", help="where the weights and card go (default: weights)")
-    train.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
-    train.add_argument("--eval-only", action="store_true", help="only evaluate the existing weights, update the card")
-    train.set_defaults(run=run.cmd_train)
+    train = sub.add_parser("train", help="train shipped weights from a config, or compare recipes with paired seeds")
+    train_sub = train.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    for what, example in (("colorizer", "configs/colorizer_2d.yaml"), ("symnet", "configs/symnet_ct.yaml")):
+        one = train_sub.add_parser(what, help=f"train the {what} of a config and write its weights and model card")
+        one.add_argument("--config", required=True, help=f"YAML config, e.g. {example}")
+        one.add_argument("--device", default="cpu", help="cpu (reproducible) or cuda")
+        one.add_argument("--weights-dir", default="weights", help="where the weights and card go (default: weights)")
+        one.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+        one.add_argument("--eval-only", action="store_true", help="only evaluate the existing weights, update the card")
+        one.set_defaults(run=run.cmd_train)
+    compare = train_sub.add_parser(
+        "compare",
+        help="train a colorizer recipe and its variants with the same seeds; print the paired differences",
+        description="Each VARIANT file holds only the keys it changes in BASE. Every arm trains with the same seeds; "
+        "the table gives, per measure, the mean of each arm, the per-seed difference (paired) with its spread, and "
+        "the unpaired spread. Runs already in OUT are not repeated.",
+    )
+    compare.add_argument("base", metavar="BASE", help="the recipe, e.g. configs/colorizer_2d_heldout_dicom.yaml")
+    compare.add_argument("variants", metavar="VARIANT", nargs="+", help="YAML with the keys a variant changes")
+    compare.add_argument("-o", "--out", required=True, metavar="DIR", help="folder for runs, compare.json, compare.md")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per arm: the recipe's seed, +1, ... (default 3)")
+    compare.add_argument(
+        "--finetune",
+        action="store_true",
+        help="start every arm from BASE's own weights (weights/ or weights/validation/) at a tenth of its rate",
+    )
+    compare.add_argument("--steps", type=int, help="steps per run (default: 300 with --finetune, else the recipe's)")
+    compare.add_argument("--weights-dir", default="weights", help="where BASE's weights are (default: weights)")
+    compare.add_argument(
+        "--data-cache", metavar="DIR", help="prepared training data (default: ~/.cache/napari-ctcolor)"
+    )
+    compare.add_argument("--device", default="cpu", help="cpu or cuda")
+    compare.add_argument(
+        "--exams", metavar="NAMES", help="comma-separated exams to measure, e.g. arterial_300,pool_450 (default: all)"
+    )
+    compare.set_defaults(run=run.cmd_train_compare)
 
     warm = sub.add_parser(
         "warmup",

@@ -128,6 +128,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_compare(args: argparse.Namespace) -> int:
+    from ..training.compare import compare, markdown
+    from ..training.prepare import default_cache_dir
+
+    if args.steps is not None and args.steps < 1:
+        raise InputError(f"--steps {args.steps}: at least one step")
+    summary = compare(
+        Path(args.base),
+        [Path(v) for v in args.variants],
+        Path(args.out),
+        seeds=args.seeds,
+        finetune=args.finetune,
+        steps=args.steps,
+        weights_dir=Path(args.weights_dir),
+        data_cache=Path(args.data_cache) if args.data_cache else default_cache_dir(),
+        device=args.device,
+        exams=args.exams.split(",") if args.exams else None,
+        log=lambda message: print(message, file=sys.stderr),
+    )
+    print(markdown(summary["rows"], only_changed=0.005))
+    print(f"all rows: {Path(args.out) / 'compare.md'}")
+    return 0
+
+
 def cmd_warmup(args: argparse.Namespace) -> int:
     from ..engines.warmup import warm_kernels
 

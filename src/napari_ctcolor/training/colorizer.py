@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,22 +29,11 @@ import yaml
 
 from ..color import PALETTE_NAMES, load_palette
 from ..engines import anatomy
-from ..engines.orientation import AxialView
 from ..errors import InputError
 from ..io.write import atomic_path
-from ..models.colorizer import Colorizer, ColorizerConfig, context_indices, downsample_hu, prepare_input
-from .data import REPRODUCTION_NOTE, LabelledCT, load_config, load_real_case, phantom_case, shared_data_dir
-from .partial import BLOOD
-from .targets import class_targets
-
-# Contrast phases for phantoms: HU overrides of the phantom's tissue table, as (low, high) ranges drawn uniformly.
-# Arterial: aorta/heart up to ~700 HU (a CT angiography's bolus), overlapping cancellous and cortical bone;
-# portal-venous: vessels ~140-220 HU and enhanced parenchyma. Values from typical clinical protocols (120 kVp).
-CONTRAST_PHASES: dict[str, dict[str, tuple[float, float]]] = {
-    "non_contrast": {"blood": (35, 50)},
-    "arterial": {"blood": (250, 700), "kidney": (120, 200), "spleen": (90, 140), "liver": (60, 80)},
-    "portal_venous": {"blood": (140, 220), "kidney": (140, 200), "spleen": (100, 130), "liver": (95, 120)},
-}
+from ..models.colorizer import Colorizer, ColorizerConfig, context_indices, prepare_input
+from .data import REPRODUCTION_NOTE, config_from_dict, load_config, shared_data_dir
+from .prepare import Reduced, phantom_cases, prepare_training_data, real_cases
 
 
 @dataclass
@@ -70,8 +58,17 @@ class TrainConfig:
     boost: float = 0.0  # share of a real contrast CT's samples whose blood is made brighter (`BOOST`)
     # label the partial-label chest CTs' derived descending aorta as aorta (`training.partial._descending_aorta`)
     partial_aorta: bool = False
+    # share of a real non-contrast CT's samples given the arterial phase of `ENHANCEMENT` before the usual draw (half
+    # the samples enhanced, arterial or portal-venous alike): more enhanced aortas on the vertebra to learn from
+    arterial: float = 0.0
+    # weight of `family_confusion` beside the cross-entropy: the probability a blood pixel gives bone, and a bone
+    # pixel gives blood, penalised on their own
+    confusion: float = 0.0
     lr: float = 2e-3
     weight_decay: float = 1e-4
+    # weights the run starts from (a name or a .safetensors file, `weights.find_weights`): a fine-tuning; "" from
+    # scratch. Set by `ctcolor train compare --finetune` (`training.compare`)
+    init: str = ""
     # Processes drawing batches (`batch_stream`): 0 draws them in the training process, in the order the seed gives
     # (the shipped recipes); N > 0 gives each of N DataLoader workers a `Sampler` of its own, seeded by (seed, worker),
     # so that a GPU is not left waiting for the CPU-bound sampler. Deterministic for a given N, not equal to 0's order;
@@ -91,160 +88,10 @@ class TrainConfig:
     def load(cls, path: Path) -> TrainConfig:
         return load_config(cls, path)
 
-
-def phantom_cases(spec: dict[str, Any]) -> list[LabelledCT]:
-    """Phantoms with seeds ``first_seed ..``, cycling through the contrast phases and varying the acquisition."""
-    cases = []
-    phases = list(spec.get("phases", CONTRAST_PHASES))
-    for i in range(int(spec.get("count", 0))):
-        seed = int(spec["first_seed"]) + i
-        rng = np.random.default_rng(seed)
-        phase = phases[i % len(phases)]
-        hu = {tissue: float(rng.uniform(*r)) for tissue, r in CONTRAST_PHASES[phase].items()}
-        pixel_mm = float(rng.uniform(*spec.get("pixel_mm", (0.7, 1.0))))
-        slice_mm = float(rng.uniform(*spec.get("slice_mm", (0.5, 5.0))))
-        n_xy = int(math.ceil(spec.get("fov_mm", 360) / pixel_mm / 32) * 32)
-        n_z = int(spec.get("slices", 24))
-        options = {
-            "shape": (n_z, n_xy, n_xy),
-            "spacing": (slice_mm, pixel_mm, pixel_mm),
-            "noise_hu": float(rng.uniform(*spec.get("noise_hu", (6, 30)))),
-            "blur_mm": float(rng.uniform(*spec.get("blur_mm", (0.3, 1.2)))),
-            "torso_length_mm": float(rng.uniform(*spec.get("torso_length_mm", (160, 260)))),
-            "centre_z_mm": float(rng.uniform(-60, 60)),
-            "hu": hu,
-        }
-        case = phantom_case(seed, options)
-        case.name = f"phantom-{seed}-{phase}"
-        cases.append(case)
-    return cases
-
-
-#: A third item in a ``real_train`` entry: the CT already shows contrast, so it gets no synthetic enhancement.
-CONTRAST_FLAG = "contrast"
-
-
-def real_cases(pairs: list[list[str]]) -> list[LabelledCT]:
-    """The labelled CTs of ``[[ct, labels], ...]`` entries (a third item, `CONTRAST_FLAG`, is read by
-    `contrast_flags`)."""
-    if not pairs:
-        return []
-    data = shared_data_dir()
-    for entry in pairs:
-        if len(entry) not in (2, 3) or (len(entry) == 3 and entry[2] != CONTRAST_FLAG):
-            raise InputError(f"a real CT entry is [ct, labels] or [ct, labels, {CONTRAST_FLAG}], got {entry}")
-    return [load_real_case(data, entry[0], entry[1]) for entry in pairs]
-
-
-def contrast_flags(pairs: list[list[str]]) -> list[bool]:
-    """True for the ``real_train`` entries marked as contrast-enhanced CT."""
-    return [len(entry) == 3 for entry in pairs]
-
-
-def partial_cases(entries: list[list[str]], config: ColorizerConfig, aorta: bool = False) -> list[Reduced]:
-    """The ``real_partial`` entries ``[[ct, derivation], ...]`` or ``[ct, derivation, lesion mask]`` at the network's
-    resolution, their labels derived from the HU by `training.partial.partial_class_map` (with the descending aorta
-    where ``aorta``)."""
-    from ..io import read_volume
-    from .partial import partial_class_map
-
-    data = shared_data_dir()
-    out = []
-    for entry in entries:
-        if len(entry) not in (2, 3):
-            raise InputError(f"a real_partial entry is [ct, derivation] or [ct, derivation, lesion mask], got {entry}")
-        ct = read_volume(data / "ct" / entry[0])
-        lesion = np.asarray(read_volume(data / "ct" / entry[2]).array) > 0 if len(entry) == 3 else None
-        classes = partial_class_map(ct, entry[1], config.classes, lesion, aorta)
-        spacing, (hu, classes) = _network_view(ct, config, ct.array, classes)
-        out.append(reduce_classes(entry[0].split(".")[0], hu, spacing, classes, config, partial=True))
-    return out
-
-
-def _network_view(ct, config: ColorizerConfig, *arrays: np.ndarray) -> tuple[tuple[float, float, float], list]:
-    """A CT's (Z, Y, X) arrays as the network sees them: in the radiological orientation for a model with
-    ``canonical`` (`AxialView`, as `engines.colorize` shows them at inference), else as stored; with their spacing."""
-    if config.canonical:
-        return AxialView.of(ct).arrays(ct.spacing, *arrays)
-    return tuple(float(v) for v in ct.spacing), list(arrays)
-
-
-@dataclass
-class Reduced:
-    """A case at the network's resolution: HU (Z, h, w) float32, soft class targets (Z, K, h, w) uint8 (area
-    fraction x 255 of each colour class in the pixel), loss weights (Z, h, w) float32, and which synthetic contrast
-    phase its HU may be given: enhancement for real non-contrast CT (`ENHANCEMENT`), the reverse for real contrast CT
-    (`DE_ENHANCEMENT`)."""
-
-    name: str
-    hu: torch.Tensor
-    target: torch.Tensor
-    weight: torch.Tensor
-    real: bool = False  # a real CT: sampled `TrainConfig.real_weight` times as often as a phantom
-    partial: bool = False  # labels derived from HU: sampled `TrainConfig.partial_weight` times as often
-    contrast: bool = False  # a real CT that shows contrast (`CONTRAST_FLAG`)
-    blood: torch.Tensor | None = None  # (Z, h, w) uint8 share x 255 of the partial labels' blood pool (`partial.BLOOD`)
-
-    @property
-    def enhance(self) -> bool:
-        return self.real and not self.contrast
-
-    @property
-    def deenhance(self) -> bool:
-        return self.real and self.contrast
-
-
-def class_weights(class_map: np.ndarray, n_classes: int) -> np.ndarray:
-    """Per-voxel loss weight: sqrt(median class size / class size) clipped to 0.5..4, so that small structures
-    (adrenals, vessels) count without drowning the large ones; 0 for voxels without a class (index >= n_classes,
-    `partial.IGNORE`)."""
-    counts = np.bincount(class_map.ravel(), minlength=n_classes)[:n_classes]
-    present = np.flatnonzero(counts)
-    table = np.zeros(max(n_classes, int(class_map.max()) + 1), np.float32)
-    table[:n_classes] = 1.0
-    table[present] = np.clip(np.sqrt(np.median(counts[present]) / counts[present]), 0.5, 4.0)
-    return table[class_map]
-
-
-def reduce_case(case: LabelledCT, config: ColorizerConfig, real: bool = False, contrast: bool = False) -> Reduced:
-    """A labelled CT at the network's resolution; a real one (``real``) gets synthetic enhancement if it is
-    non-contrast, synthetic de-enhancement if it shows contrast (``contrast``)."""
-    classes = class_targets(case.ct.array, case.labels, case.label_names, config.classes)
-    spacing, (hu, classes) = _network_view(case.ct, config, case.ct.array, classes)
-    reduced = reduce_classes(case.name, hu, spacing, classes, config, real=real)
-    reduced.contrast = contrast
-    return reduced
-
-
-def reduce_classes(
-    name: str,
-    hu_full: np.ndarray,
-    spacing: tuple[float, float, float],
-    classes: np.ndarray,
-    config: ColorizerConfig,
-    real: bool = False,
-    partial: bool = False,
-) -> Reduced:
-    """A CT (HU, spacing) and its voxels' class indices into ``config.classes`` (any larger index: no class, no loss)
-    at the network's resolution."""
-    factor = config.factor_for(float(np.mean(spacing[1:])))
-    z, h, w = hu_full.shape
-    h2, w2 = h - h % factor, w - w % factor  # area reduction needs whole blocks; the cut edge is air
-    classes = classes[:, :h2, :w2]
-    hu = downsample_hu(torch.from_numpy(hu_full[:, :h2, :w2].astype(np.float32)), factor)
-    target = torch.empty((z, len(config.classes), h2 // factor, w2 // factor), dtype=torch.uint8)
-    class_t = torch.from_numpy(classes)
-    for k in range(len(config.classes)):
-        share = downsample_hu((class_t == k).float(), factor)
-        target[:, k] = (share * 255.0).round_().to(torch.uint8)
-    weight = downsample_hu(torch.from_numpy(class_weights(classes, len(config.classes))), factor)
-    blood = None
-    if partial and (classes == BLOOD).any():
-        enhanced = classes == BLOOD
-        if "aorta" in config.classes:  # the derived aorta, enhanced with the pool (`Sampler._enhance_pool`)
-            enhanced |= classes == config.classes.index("aorta")
-        blood = (downsample_hu(torch.from_numpy(enhanced).float(), factor) * 255.0).round_().to(torch.uint8)
-    return Reduced(name, hu, target, weight, real=real, partial=partial, blood=blood)
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], path: Path) -> TrainConfig:
+        """From a config's mapping (``path``: the file the errors name)."""
+        return config_from_dict(cls, raw, path)
 
 
 #: Synthetic contrast enhancement of a non-contrast CT (HU added per colour class, drawn uniformly), so that the
@@ -478,8 +325,13 @@ class Sampler:
                 if k is not None:
                     hu = hu + float(rng.uniform(low, high)) * target[:, k].float() / 255.0
         hu = hu * float(rng.uniform(0.96, 1.04)) + float(rng.normal(0, 8))
-        if case.enhance and rng.random() < 0.5:
+        if case.enhance and self.train.arterial and rng.random() < self.train.arterial:
+            phase = ENHANCEMENT["arterial"]
+        elif case.enhance and rng.random() < 0.5:
             phase = ENHANCEMENT[list(ENHANCEMENT)[int(rng.integers(len(ENHANCEMENT)))]]
+        else:
+            phase = None
+        if phase is not None:
             for name, (low, high) in phase.items():
                 k = self.index.get(name)
                 if k is not None:
@@ -572,38 +424,71 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch
     return (per_pixel * weight).sum() / weight.sum()
 
 
+def family_confusion(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, classes) -> torch.Tensor:
+    """The bone-for-blood and blood-for-bone confusions on their own (config ``confusion``): per pixel, its blood
+    share (heart, vessels, contrast blood: `anatomy.family`) times -log(1 - the probability it gives all bone
+    classes), and its bone share times -log(1 - its blood probability), weighted as the cross-entropy. The
+    cross-entropy already penalises them, but no more than any other wrong class; this is the confusion a reader
+    sees first (an ivory strip on the aorta). logits, target (B, K, ...), weight (B, 1, ...)."""
+    families = [anatomy.family(c) for c in classes]
+    bone = torch.tensor([f == "bone" for f in families], device=logits.device)
+    blood = torch.tensor([f == "contrast_blood" for f in families], device=logits.device)
+    p = logits.float().softmax(dim=1)
+    shape = (1, -1) + (1,) * (logits.dim() - 2)
+    p_bone, p_blood = (p * bone.view(shape)).sum(1, keepdim=True), (p * blood.view(shape)).sum(1, keepdim=True)
+    t_bone, t_blood = (
+        (target * bone.view(shape)).sum(1, keepdim=True),
+        (target * blood.view(shape)).sum(1, keepdim=True),
+    )
+    eps = 1e-6
+    per_pixel = -(t_blood * torch.log1p(-p_bone.clamp(max=1 - eps)) + t_bone * torch.log1p(-p_blood.clamp(max=1 - eps)))
+    return (per_pixel * weight).sum() / weight.sum()
+
+
+def initial_state(init: str, config: ColorizerConfig) -> dict[str, torch.Tensor]:
+    """The state dict of the weights ``init`` (a name or a .safetensors file, its sha256 checked against its card)
+    for a fine-tuning; refused when its architecture is not the recipe's."""
+    from ..weights import find_weights, load_state, read_card
+
+    path, card_path = find_weights(init)
+    card = read_card(card_path) if card_path else {}
+    theirs = card.get("architecture", {}).get("config")
+    if theirs is not None and ColorizerConfig.from_dict(theirs).to_dict() != config.to_dict():
+        raise InputError(f"{path}: its architecture differs from the recipe's model; it cannot be fine-tuned by it")
+    return load_state(path, card)[0]
+
+
 def train_colorizer(
-    config_path: Path,
+    config_path: Path | TrainConfig,
     out_dir: Path,
     device: str = "cpu",
     resume: bool = False,
     log=print,
     stop_at: int | None = None,
+    data_cache: Path | None = None,
 ) -> tuple[Colorizer, TrainConfig, dict[str, Any]]:
-    """Train from a config; returns the model, the config and training facts. Deterministic for a seed on CPU.
+    """Train from a config (a YAML file or a `TrainConfig`); returns the model, the config and training facts.
+    Deterministic for a seed on CPU.
 
     ``resume`` continues from the run's checkpoint in ``out_dir``; ``stop_at`` ends this call after that step (with a
-    checkpoint), e.g. to split a long CPU run over sessions.
+    checkpoint), e.g. to split a long CPU run over sessions; ``data_cache``: the folder where the prepared training
+    data are kept (`prepare.prepare_training_data`). A config with ``init`` starts from those weights (fine-tuning).
     """
     from tqdm import tqdm
 
-    train = TrainConfig.load(config_path)
+    train = config_path if isinstance(config_path, TrainConfig) else TrainConfig.load(config_path)
     torch.manual_seed(train.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     config = ColorizerConfig.from_dict(train.model)
+    start_state = initial_state(train.init, config) if train.init else None  # refused before minutes of data
     t0 = time.time()
-    phantoms, real = phantom_cases(train.phantoms), real_cases(train.real_train)
-    cases = phantoms + real
-    reduced = [reduce_case(c, config) for c in phantoms] + [
-        reduce_case(c, config, real=True, contrast=contrast)
-        for c, contrast in zip(real, contrast_flags(train.real_train), strict=True)
-    ]
-    partial = partial_cases(train.real_partial, config, train.partial_aorta)
-    reduced += partial
-    log(f"training data: {len(reduced)} cases, {sum(r.hu.shape[0] for r in reduced)} slices ({time.time() - t0:.0f} s)")
+    reduced, train_cases = prepare_training_data(train, config, data_cache, log)
     sampler = Sampler(reduced, config, train, train.seed)
 
-    model = Colorizer(config, monai=True).to(device)  # MONAI's definition; inference loads it into `_unet`'s
+    model = Colorizer(config, monai=True)  # MONAI's definition; inference loads it into `_unet`'s
+    if start_state is not None:
+        model.load_state_dict(start_state)
+    model = model.to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=train.lr, total_steps=train.steps, pct_start=0.1)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -631,7 +516,10 @@ def train_colorizer(
     batches = batch_stream(sampler, train, pin_memory=torch.device(device).type == "cuda")
     for step in bar:
         x, y, w = next(batches)
-        loss = soft_cross_entropy(model(x.to(device)), y.to(device), w.to(device))
+        logits, y, w = model(x.to(device)), y.to(device), w.to(device)
+        loss = soft_cross_entropy(logits, y, w)
+        if train.confusion:
+            loss = loss + train.confusion * family_confusion(logits, y, w, config.classes)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -660,7 +548,7 @@ def train_colorizer(
         "final_loss": float(np.mean(losses[-100:])),
         "data_seconds": round(t_loop - t0, 1),
         "train_seconds": round(seconds_before + time.time() - t_loop, 1),
-        "train_cases": [c.name for c in cases] + [f"{p.name} (partial labels)" for p in partial],
+        "train_cases": train_cases,
         "device": ", then ".join(devices) or str(device),
     }
     return copy.deepcopy(model).cpu(), train, facts

@@ -49,6 +49,11 @@ def load_config(cls: type, path: Path):
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise InputError(f"{path}: unreadable training config ({type(exc).__name__})") from None
+    return config_from_dict(cls, raw, path)
+
+
+def config_from_dict(cls: type, raw: Any, path: Path):
+    """A training config dataclass from its mapping (read from ``path``, which the errors name)."""
     if not isinstance(raw, dict):
         raise InputError(f"{path}: a training config is a YAML mapping (name, seed, ...)")
     unknown = set(raw) - set(cls.__dataclass_fields__)

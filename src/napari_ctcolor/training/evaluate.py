@@ -231,6 +231,24 @@ CLASS_GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 FLICKER_ORGANS = ("liver", "spleen", "kidney")
 
 
+#: HU below which a voxel of the spinal canal is its content (cord, CSF, epidural fat), not its bony wall
+#: partial-volumed in (`spinal_canal`); the canal's median on the shared patients: 7 (3 mm) and 23 HU (DICOM).
+CANAL_MAX_HU = 150.0
+#: Fewest canal voxels `class_metrics` reports on (the 3 mm patient's cord is about 1,500 voxels).
+MIN_CANAL_VOXELS = 50
+
+
+def spinal_canal(case: LabelledCT) -> np.ndarray:
+    """(Z, Y, X) bool: the spinal canal's content: the labelled spinal cord and, in each axial slice, what a
+    vertebra's label encloses (its holes filled), below `CANAL_MAX_HU`. A bone class there is the error a reader
+    sees as an ivory canal."""
+    names = {label: color_class(name) for label, name in case.label_names.items()}
+    vertebra = np.isin(case.labels, [label for label, c in names.items() if c.startswith("vertebrae")])
+    enclosed = np.stack([ndimage.binary_fill_holes(piece) for piece in vertebra]) & ~vertebra
+    cord = np.isin(case.labels, [label for label, c in names.items() if c == "spinal_cord"])
+    return (enclosed | cord) & (np.asarray(case.ct.array) < CANAL_MAX_HU)
+
+
 def class_metrics(case: LabelledCT, labels: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     """How the most probable class (what the pointer, legend and class layer show, and ``ctcolor colorize --classes``
     writes: ``labels``, 0 for air, k for ``classes[k - 1]``) names the labelled anatomy.
@@ -240,7 +258,8 @@ def class_metrics(case: LabelledCT, labels: np.ndarray, classes: Sequence[str]) 
     - ``named``: per such group, the shares named ``right`` (the structure), ``tissue`` (its tissue class) and
       ``wrong`` (anything else), and of those wrong ones the share named as bone (any bone structure or the bone
       tissue: ``bone``) and as blood (the heart, a vessel or contrast blood: ``blood``), for the wrong names that
-      cost most: bone on a vessel, blood on a bone.
+      cost most: bone on a vessel, blood on a bone; and ``spinal_canal``: the share of the canal's content
+      (`spinal_canal`) named as bone.
     - ``absent_named``: share of body voxels (HU >= -900) named as a structure that is not labelled anywhere in the
       case (a femur in a chest CT).
     - ``flicker``: inside the `FLICKER_ORGANS` (inner voxels), P(class differs from the next slice's) minus
@@ -273,6 +292,13 @@ def class_metrics(case: LabelledCT, labels: np.ndarray, classes: Sequence[str]) 
             "bone": round(float((wrong & np.isin(named, bone)).mean()), 3),
             "blood": round(float((wrong & np.isin(named, blood)).mean()), 3),
         }
+    canal = spinal_canal(case) & (hu >= AIR_HU)
+    if canal.sum() >= MIN_CANAL_VOXELS:
+        named = most[canal]
+        bone_named = np.isin(named, bone)
+        out["named"]["spinal_canal"] = {"bone": round(float(bone_named.mean()), 3)}
+    else:
+        out["named"]["spinal_canal"] = None
     body = hu >= AIR_HU
     absent = [k for k, c in enumerate(classes) if c not in TISSUE_CLASSES and c not in present]
     out["absent_named"] = round(float(np.isin(most[body], absent).mean()), 4)
@@ -403,10 +429,9 @@ EXAM_GROUPS = ("aorta", "heart", "vertebrae", "ribs")
 POOL_HU = (300.0, 450.0, 600.0)
 
 
-def exam_metrics(model: Colorizer, case: LabelledCT) -> list[dict[str, Any]]:
-    """One row per exam of ``case`` (`CUT_FOV`): how the most probable class names the aorta, heart, vertebrae and
-    ribs (`class_metrics`'s ``named``), the share of the body named as a structure the exam does not show
-    (``absent_named``), and the hues of the vessels, bone and lung (`group_hues`)."""
+def exam_versions(case: LabelledCT) -> list[tuple[str, LabelledCT]]:
+    """The exams of ``case`` (`exam_metrics`): its blood in each phase of `exams.PHASES`; where it reaches the
+    pelvis, the scan ending at the kidneys' lowest slice (``above_pelvis``); where it shows lung, `CUT_FOV`."""
     from .exams import PHASES, crop_z, cut_fov, with_blood
 
     versions = [(phase, with_blood(case, phase)) for phase in PHASES]
@@ -421,15 +446,28 @@ def exam_metrics(model: Colorizer, case: LabelledCT) -> list[dict[str, Any]]:
     if _aerated_lung(np.asarray(case.ct.array, np.float32), case.body, case.ct.spacing).any():
         ct, (labels,) = cut_fov(case.ct, CUT_FOV, case.labels)
         versions.append(("cut_fov", LabelledCT(f"{case.name}-cut-fov", ct, labels, case.label_names)))
+    return versions
+
+
+def named_classes(model: Colorizer, case: LabelledCT):
+    """`class_metrics` of ``case`` through the production path (float32 on the CPU, as the cards' figures), and the
+    chroma it was read from."""
+    with torch.no_grad():
+        chroma = predict_chroma(case.ct, model, device="cpu", bf16=False)
+    return class_metrics(case, chroma.most_probable(case.ct.array), chroma.classes), chroma
+
+
+def exam_metrics(model: Colorizer, case: LabelledCT) -> list[dict[str, Any]]:
+    """One row per exam of ``case`` (`exam_versions`): how the most probable class names the aorta, heart, vertebrae
+    and ribs (`class_metrics`'s ``named``), the share of the body named as a structure the exam does not show
+    (``absent_named``), and the hues of the vessels, bone and lung (`group_hues`)."""
     rows = []
-    for name, version in versions:
-        with torch.no_grad():
-            chroma = predict_chroma(version.ct, model, device="cpu", bf16=False)
+    for name, version in exam_versions(case):
+        named, chroma = named_classes(model, version)
 
         def render(win, palette, ct=version.ct, chroma=chroma):
             return compose_chroma(ct, chroma, win, 1.0, "cpu", palette).rgb
 
-        named = class_metrics(version, chroma.most_probable(version.ct.array), chroma.classes)
         rows.append(
             {
                 "exam": name,

@@ -41,8 +41,8 @@ from ..io.write import atomic_path
 from ..models.diffeo import integrate_velocity, warp
 from ..models.symnet import SYMNet, half_way_fields, load_symnet_checkpoint
 from ..windowing import window_tensor
-from .colorizer import phantom_cases
 from .data import REPRODUCTION_NOTE, LabelledCT, load_config, load_real_case, shared_data_dir
+from .prepare import phantom_cases
 from .symnet_losses import local_ncc_loss, magnitude_loss, negative_jacobian_loss, smoothness_loss
 
 #: Labelled structures in the Dice term (the largest in the fixed crop).

@@ -1,0 +1,303 @@
+"""Paired comparison of colorizer recipes: ``ctcolor train compare BASE.yaml VARIANT.yaml ... --seeds 3 --finetune``.
+
+Two trainings of one recipe with different seeds differ, on the held-out rows, by as much as most changes under test
+(one run per recipe moved the held-out aorta by several points). A change is therefore settled by a **paired**
+comparison: every arm (the base recipe and each variant) is trained with the same seeds, hence the same data order
+wherever the change leaves the sampler's draws alone, and the effect is the per-seed difference variant - base, given
+with its spread. The unpaired spread (what two independent runs of each arm would show) is printed beside it.
+
+- A VARIANT file holds only what it changes: its keys replace the base's (nested mappings are merged), e.g.
+  ``confusion: 1.0``.
+- ``finetune``: each arm starts from the base recipe's own weights (``weights/NAME.safetensors``, or
+  ``weights/validation/`` for a leave-one-out recipe) and trains `FINETUNE_STEPS` steps at a tenth of the recipe's
+  learning rate: minutes on a CPU where a training from scratch takes half an hour. Without it, each arm trains from
+  scratch with the recipe's steps (the offline GPU bundle's sweeps).
+- The training data are prepared once for all arms and seeds (`prepare.prepare_training_data`'s cache).
+- Each model is measured only on what a comparison weighs (`measures`): how the held-out patients' anatomy is named
+  in every exam of the matrix (`training.exams`) and the unlabelled chest CTs' blood pool; the full model card is made
+  once, for the arm that is kept, by ``ctcolor train colorizer``.
+- Every run writes its measures to ``OUT/ARM/seed-N.measures.json`` (its weights and card beside them): a comparison
+  stopped part-way continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ..errors import InputError
+from ..io.write import atomic_path
+from .colorizer import VALIDATION_DIR, TrainConfig, train_colorizer
+
+#: Steps of a fine-tuning arm, and its learning rate as a share of the recipe's.
+FINETUNE_STEPS = 300
+FINETUNE_LR_SHARE = 0.1
+
+
+def merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with the keys of ``change`` replaced; nested mappings are merged key by key."""
+    out = copy.deepcopy(base)
+    for key, value in change.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(f"{path}: unreadable training config ({type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: a training config is a YAML mapping")
+    return raw
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One arm of a comparison: its name (``base`` or the variant file's stem) and its recipe."""
+
+    name: str
+    train: TrainConfig
+
+
+def arms(base: Path, variants: list[Path]) -> list[Arm]:
+    """The base recipe and each variant (the base with the variant's keys), checked as training configs."""
+    raw = _read_yaml(base)
+    out = [Arm("base", TrainConfig.from_dict(raw, base))]
+    for path in variants:
+        name = Path(path).stem
+        if name in {arm.name for arm in out}:
+            raise InputError(f"{path}: two arms named {name!r}; rename one variant file")
+        out.append(Arm(name, TrainConfig.from_dict(merge(raw, _read_yaml(path)), path)))
+    if len({json.dumps(dataclasses.asdict(arm.train), sort_keys=True) for arm in out}) < len(out):
+        raise InputError(f"{variants[0]}: a variant that changes nothing is not a comparison")
+    return out
+
+
+def start_weights(train: TrainConfig, weights_dir: Path) -> Path:
+    """The base recipe's own weights, where a fine-tuning starts: ``weights_dir/NAME.safetensors``, else in its
+    ``validation`` folder (a leave-one-out recipe's)."""
+    for path in (weights_dir / f"{train.name}.safetensors", weights_dir / VALIDATION_DIR / f"{train.name}.safetensors"):
+        if path.is_file():
+            return path
+    raise InputError(
+        f"{weights_dir}: no weights named {train.name!r} to fine-tune from (train the recipe first, or compare "
+        "without --finetune)"
+    )
+
+
+def run_config(arm: Arm, seed: int, init: Path | None, steps: int | None, lr_share: float) -> TrainConfig:
+    """The arm's recipe for one seed: fine-tuned from ``init`` for ``steps`` at ``lr_share`` of its rate, or from
+    scratch (``init`` None) with its own steps unless ``steps`` is given."""
+    train = arm.train
+    changes: dict[str, Any] = {"seed": seed, "name": f"{train.name}-{arm.name}-seed{seed}"}
+    if init is not None:
+        changes.update(init=str(init), steps=steps or FINETUNE_STEPS, lr=train.lr * lr_share)
+    elif steps:
+        changes["steps"] = steps
+    return dataclasses.replace(train, **changes)
+
+
+def measures(model, train: TrainConfig, exams: Sequence[str] | None = None) -> dict[str, float]:
+    """What a comparison weighs, as ``{"PATIENT EXAM STRUCTURE measure": share}``: for each held-out labelled
+    patient (``real_val`` not in ``real_train``) in every exam of `evaluate.exam_metrics` (its blood in each contrast
+    phase, and the other fields of view and scan ranges where it has them), how the most probable class names the
+    aorta, heart, vertebrae, ribs, liver, spleen and kidneys (``bone``, ``blood``: wrongly named as bone or as blood;
+    ``right``: as the structure or its tissue) and the spinal canal (``bone``); and for each unlabelled chest CT
+    (``tissue_val``), its blood pool raised to 300, 450 and 600 HU named bone (`evaluate.chest_exam_metrics`).
+    ``exams``: only these (e.g. ``arterial_300``, ``pool_450``); None: all."""
+    from ..io import read_volume
+    from .data import shared_data_dir
+    from .evaluate import chest_exam_metrics, exam_versions, named_classes
+    from .prepare import real_cases
+
+    out: dict[str, float] = {}
+    trained = {entry[0].split(".")[0] for entry in train.real_train}
+    for case in real_cases(train.real_val):
+        if case.name in trained:
+            continue
+        for exam, version in exam_versions(case):
+            if exams is not None and exam not in exams:
+                continue
+            named, _ = named_classes(model, version)
+            for group, row in named["named"].items():
+                if row is None:
+                    continue
+                for measure in ("right", "bone", "blood"):
+                    if measure in row or measure == "right" and "tissue" in row:
+                        value = row["right"] + row["tissue"] if measure == "right" else row[measure]
+                        out[f"{case.name} {exam} {group} {measure}"] = value
+    if train.tissue_val and (exams is None or any(exam.startswith("pool_") for exam in exams)):
+        data = shared_data_dir()
+        for name in train.tissue_val:
+            for row in chest_exam_metrics(model, read_volume(data / "ct" / name)):
+                if "pool_bone" in row and (exams is None or row["exam"] in exams):
+                    out[f"{name.split('.')[0]} {row['exam']} blood_pool bone"] = row["pool_bone"]
+    return out
+
+
+def exam_names() -> list[str]:
+    """Every exam `measures` can take: the contrast phases, scan range and field of view of a labelled patient, the
+    blood pool values of a chest CT."""
+    from .evaluate import POOL_HU
+    from .exams import PHASES
+
+    return [*PHASES, "above_pelvis", "cut_fov", *(f"pool_{value:.0f}" for value in POOL_HU)]
+
+
+def lower_is_better(measure: str) -> bool:
+    """Every measure is a share of wrong names except ``right``."""
+    return not measure.endswith(" right")
+
+
+def paired_table(results: dict[str, dict[int, dict[str, float]]], start: dict[str, float] | None) -> list[dict]:
+    """Per variant and measure: the start model's value, the mean of the base and the variant over seeds, the
+    per-seed difference variant - base (mean and standard deviation: the paired spread), the unpaired spread (the
+    standard deviation of the difference of two independent runs, sqrt(var base + var variant)), and the seeds on
+    which the variant is better."""
+    base = results["base"]
+    rows = []
+    for arm, runs in results.items():
+        if arm == "base":
+            continue
+        seeds = sorted(set(runs) & set(base))
+        keys = sorted(set.intersection(*(set(base[s]) & set(runs[s]) for s in seeds))) if seeds else []
+        for key in keys:
+            b = np.array([base[s][key] for s in seeds])
+            v = np.array([runs[s][key] for s in seeds])
+            diff = v - b
+            spread = lambda a: float(a.std(ddof=1)) if len(a) > 1 else math.nan  # noqa: E731
+            better = (diff < 0) if lower_is_better(key) else (diff > 0)
+            rows.append(
+                {
+                    "variant": arm,
+                    "measure": key,
+                    "start": None if start is None else start.get(key),
+                    "base": float(b.mean()),
+                    "variant_mean": float(v.mean()),
+                    "diff": float(diff.mean()),
+                    "paired_sd": spread(diff),
+                    "unpaired_sd": math.sqrt(spread(b) ** 2 + spread(v) ** 2) if len(seeds) > 1 else math.nan,
+                    "better_seeds": f"{int(better.sum())}/{len(seeds)}",
+                }
+            )
+    return rows
+
+
+def markdown(rows: list[dict], only_changed: float = 0.0) -> str:
+    """The table of `paired_table` in markdown, in percent; rows whose base, variant and start all stay below
+    ``only_changed`` are left out (a structure named right nowhere wrong in any arm)."""
+    head = "| variant | measure | start | base | variant | paired diff | paired sd | unpaired sd | better |"
+    lines = [head, "|" + "---|" * 9]
+
+    def pct(value):
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+    for row in rows:
+        values = [row["base"], row["variant_mean"], row["start"] or 0.0]
+        if lower_is_better(row["measure"]) and max(values) < only_changed:
+            continue
+        lines.append(
+            f"| {row['variant']} | {row['measure']} | {pct(row['start'])} | {pct(row['base'])} | "
+            f"{pct(row['variant_mean'])} | {100 * row['diff']:+.2f} | {pct(row['paired_sd'])} | "
+            f"{pct(row['unpaired_sd'])} | {row['better_seeds']} |"
+        )
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
+
+
+def compare(
+    base: Path,
+    variants: list[Path],
+    out_dir: Path,
+    seeds: int = 3,
+    finetune: bool = False,
+    steps: int | None = None,
+    lr_share: float = FINETUNE_LR_SHARE,
+    weights_dir: Path = Path("weights"),
+    data_cache: Path | None = None,
+    device: str = "cpu",
+    exams: Sequence[str] | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """Train every arm x seed, measure each model (`measures`) and write ``out_dir/compare.json`` and
+    ``compare.md`` (`paired_table`). Returns the JSON's content."""
+    from ..weights import load_colorizer, save_weights
+
+    if seeds < 1:
+        raise InputError(f"--seeds {seeds}: at least one seed")
+    known = exam_names()
+    if exams is not None and set(exams) - set(known):
+        unknown = ", ".join(sorted(set(exams) - set(known)))
+        raise InputError(f"--exams {unknown}: no such exam (known: {', '.join(known)})")
+    all_arms = arms(base, variants)
+    init = start_weights(all_arms[0].train, weights_dir) if finetune else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = None
+    if init is not None:
+        path = out_dir / "start.json"
+        if not path.is_file():
+            _write_json(path, measures(load_colorizer(init)[0], all_arms[0].train, exams))
+        start = json.loads(path.read_text(encoding="utf-8"))
+    results: dict[str, dict[int, dict[str, float]]] = {arm.name: {} for arm in all_arms}
+    timing: dict[str, list[float]] = {arm.name: [] for arm in all_arms}
+    for k in range(seeds):
+        seed = all_arms[0].train.seed + k
+        for arm in all_arms:  # seed by seed: a comparison stopped early still has paired arms
+            path = out_dir / arm.name / f"seed-{seed}.measures.json"  # beside seed-N.safetensors and its card
+            if path.is_file():
+                record = json.loads(path.read_text(encoding="utf-8"))
+            else:
+                train = run_config(arm, seed, init, steps, lr_share)
+                log(f"{arm.name}, seed {seed}: {'fine-tuning' if init else 'training'} {train.steps} steps")
+                t0 = time.time()
+                model, train, facts = train_colorizer(
+                    train, out_dir / "checkpoints", device, log=log, data_cache=data_cache
+                )
+                seconds = time.time() - t0
+                card = {
+                    "architecture": {"config": model.config.to_dict()},
+                    "training": {**dataclasses.asdict(train), **facts},
+                }
+                save_weights(model, card, out_dir / arm.name, f"seed-{seed}")
+                t1 = time.time()
+                record = {
+                    "seed": seed,
+                    "train_seconds": round(seconds, 1),
+                    "measures": measures(model.eval(), train, exams),
+                }
+                record["measure_seconds"] = round(time.time() - t1, 1)
+                _write_json(path, record)
+            results[arm.name][seed] = record["measures"]
+            timing[arm.name].append(record["train_seconds"])
+    rows = paired_table(results, start)
+    summary = {
+        "base": str(base),
+        "variants": [str(v) for v in variants],
+        "arms": {
+            arm.name: {k: v for k, v in dataclasses.asdict(arm.train).items() if k != "command"} for arm in all_arms
+        },
+        "seeds": sorted(results["base"]),
+        "finetune": None if init is None else {"from": str(init), "lr_share": lr_share},
+        "train_seconds": timing,
+        "exams": None if exams is None else list(exams),
+        "start": start,
+        "rows": rows,
+    }
+    _write_json(out_dir / "compare.json", summary)
+    (out_dir / "compare.md").write_text(markdown(rows) + "\n", encoding="utf-8")
+    return summary

@@ -1,0 +1,159 @@
+"""`ctcolor train compare`: arms trained with the same seeds, the paired table, the data prepared once, a stopped
+comparison continued, fine-tuning from the base recipe's weights; and the two arms of the aorta comparison."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from napari_ctcolor.models.colorizer import ColorizerConfig
+from napari_ctcolor.training.colorizer import TrainConfig, family_confusion
+from napari_ctcolor.training.compare import merge, paired_table
+from napari_ctcolor.training.prepare import data_key
+
+from conftest import REPO, TINY, ctcolor, require_shared
+
+
+def _tiny_recipe(tmp_path: Path) -> Path:
+    """The held-out-DICOM recipe at smoke size: one small phantom, a tiny network, the DICOM patient measured."""
+    config = yaml.safe_load((REPO / "configs" / "colorizer_2d_heldout_dicom.yaml").read_text(encoding="utf-8"))
+    config.update(
+        name="tiny-heldout",
+        steps=2,
+        batch_size=2,
+        crop=32,
+        checkpoint_every=2,
+        real_train=[],
+        real_partial=[],
+        tissue_val=[],
+        phantoms={"first_seed": 5, "count": 1, "slices": 4, "pixel_mm": [1.7, 1.8], "fov_mm": 340},
+    )
+    config["model"].update(TINY)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def test_compare_trains_each_arm_with_the_same_seeds_and_prints_the_paired_table(tmp_path):
+    require_shared()
+    base = _tiny_recipe(tmp_path)
+    variant = tmp_path / "confusion.yaml"
+    variant.write_text("confusion: 1.0\n", encoding="utf-8")
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = ("train", "compare", str(base), str(variant), "-o", str(out), "--seeds", "2", "--data-cache", str(cache),
+            "--exams", "arterial_300")  # fmt: skip
+    done = ctcolor(*args, timeout=600)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "compare.json").read_text(encoding="utf-8"))
+    assert summary["seeds"] == [20261121, 20261122]
+    assert summary["arms"]["confusion"]["confusion"] == 1.0 and summary["arms"]["base"]["confusion"] == 0.0
+    # The data were prepared once, then read back by the three other runs.
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    assert done.stderr.count("from the cache") == 3
+    rows = {row["measure"]: row for row in summary["rows"]}
+    key = "totalseg-abdomen-dicom arterial_300 aorta bone"
+    assert key in rows and "| confusion | " in done.stdout
+    # Each row is the per-seed difference of what each run measured.
+    runs = {
+        arm: [
+            json.loads((out / arm / f"seed-{s}.measures.json").read_text())["measures"][key] for s in summary["seeds"]
+        ]
+        for arm in ("base", "confusion")
+    }
+    diff = np.subtract(runs["confusion"], runs["base"])
+    assert abs(rows[key]["diff"] - diff.mean()) < 1e-9
+    assert abs(rows[key]["paired_sd"] - diff.std(ddof=1)) < 1e-9
+    # The same seed in both arms drew the same batches: with the loss term at weight 0 the arms would be one run;
+    # the seeds differ, so the two base runs differ.
+    a, b = (torch.load(p, weights_only=True) for p in sorted((out / "checkpoints").glob("*base-seed*.pt")))
+    assert a["losses"] != b["losses"]
+
+    # Fine-tuning starts from the base recipe's own weights; a second call repeats no finished run.
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(out / "base" / f"seed-20261121{suffix}", weights / f"tiny-heldout{suffix}")
+    assert json.loads((weights / "tiny-heldout.json").read_text(encoding="utf-8"))["sha256"]  # a card, checked
+    tuned = tmp_path / "tuned"
+    done = ctcolor(
+        *args[:5], str(tuned), "--seeds", "1", "--data-cache", str(cache), "--finetune", "--steps", "1",
+        "--weights-dir", str(weights), "--exams", "arterial_300", timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tuned / "compare.json").read_text(encoding="utf-8"))
+    assert summary["finetune"]["from"].endswith("tiny-heldout.safetensors") and summary["start"][key] >= 0
+    assert summary["arms"]["base"]["lr"] == TrainConfig.load(base).lr  # the recipe; each run took a tenth of it
+    state = torch.load(next((tuned / "checkpoints").glob("*base-seed*.pt")), weights_only=True)
+    assert state["step"] == 1
+    again = ctcolor(*args[:5], str(tuned), "--seeds", "1", "--data-cache", str(cache), "--finetune", "--steps", "1",
+                    "--weights-dir", str(weights), "--exams", "arterial_300", timeout=600)  # fmt: skip
+    assert again.returncode == 0 and "fine-tuning" not in again.stderr
+
+
+def test_compare_refuses_what_is_no_comparison(tmp_path):
+    base = REPO / "configs" / "colorizer_2d_heldout_dicom.yaml"
+    same = tmp_path / "same.yaml"
+    same.write_text("lr: 0.002\n", encoding="utf-8")
+    unknown = tmp_path / "typo.yaml"
+    unknown.write_text("confusoin: 1.0\n", encoding="utf-8")
+    confusion = base.parent / "variants" / "confusion.yaml"
+    for variant, more, message in (
+        (same, (), "changes nothing"),
+        (unknown, (), "unknown config keys: confusoin"),
+        (confusion, ("--exams", "arterial_350"), "--exams arterial_350: no such exam"),
+    ):
+        done = ctcolor("train", "compare", str(base), str(variant), "-o", str(tmp_path / "out"), *more)
+        assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    done = ctcolor("train", "compare", str(base), str(base.parent / "variants" / "confusion.yaml"), "-o",
+                   str(tmp_path / "out"), "--finetune", "--weights-dir", str(tmp_path))  # fmt: skip
+    assert done.returncode == 2 and "no weights named 'colorizer-2d-heldout-dicom'" in done.stderr
+
+
+def test_merge_replaces_keys_and_merges_nested_mappings():
+    base = {"model": {"dims": 2, "context": 3}, "steps": 4000, "real_train": [["a", "b"]]}
+    assert merge(base, {"model": {"context": 5}, "real_train": []}) == {
+        "model": {"dims": 2, "context": 5}, "steps": 4000, "real_train": [],
+    }  # fmt: skip
+    assert base["model"]["context"] == 3
+
+
+def test_paired_spread_is_that_of_the_per_seed_differences():
+    base = {1: {"m bone": 0.10}, 2: {"m bone": 0.20}, 3: {"m bone": 0.30}}
+    variant = {1: {"m bone": 0.08}, 2: {"m bone": 0.17}, 3: {"m bone": 0.29}}
+    (row,) = paired_table({"base": base, "v": variant}, None)
+    assert np.isclose(row["diff"], -0.02) and np.isclose(row["paired_sd"], 0.01)
+    assert np.isclose(row["unpaired_sd"], np.sqrt(0.1**2 + np.var([0.08, 0.17, 0.29], ddof=1)))
+    assert row["better_seeds"] == "3/3"
+
+
+def test_family_confusion_is_the_probability_given_to_the_other_family():
+    """Analytic: a blood pixel whose probabilities put p on bone costs -log(1 - p); a fat pixel costs nothing."""
+    classes = ["air", "lung", "fat", "soft_tissue", "contrast_blood", "bone", "aorta", "vertebrae_lumbar"]
+    config = ColorizerConfig(**TINY, classes=classes)
+    p = torch.tensor([0.0, 0.0, 0.1, 0.1, 0.2, 0.3, 0.1, 0.2])  # bone family 0.5, blood family 0.3
+    logits = p.clamp_min(1e-9).log().view(1, -1, 1, 1).repeat(1, 1, 1, 3)
+    target = torch.zeros(1, len(classes), 1, 3)
+    target[0, 6, 0, 0] = 1.0  # aorta
+    target[0, 7, 0, 1] = 1.0  # a vertebra
+    target[0, 2, 0, 2] = 1.0  # fat
+    weight = torch.ones(1, 1, 1, 3)
+    expected = (-np.log(1 - 0.5) - np.log(1 - 0.3) + 0.0) / 3
+    assert np.isclose(float(family_confusion(logits, target, weight, config.classes)), expected, rtol=1e-5)
+
+
+def test_the_data_cache_key_follows_the_data_not_the_seed_the_loss_or_the_augmentation(tmp_path):
+    train = TrainConfig.load(_tiny_recipe(tmp_path))
+    config = ColorizerConfig.from_dict(train.model)
+    key = data_key(train, config)
+    for same in ({"seed": 1}, {"confusion": 2.0}, {"arterial": 0.5}, {"steps": 9}, {"lr": 1e-5}):
+        assert data_key(dataclasses.replace(train, **same), config) == key, same
+    more = dataclasses.replace(train, phantoms={**train.phantoms, "count": 2})
+    assert data_key(more, config) != key
+    other = ColorizerConfig.from_dict({**train.model, "chroma_mm": 3.0})
+    assert data_key(train, other) != key
