@@ -157,3 +157,26 @@ def test_the_data_cache_key_follows_the_data_not_the_seed_the_loss_or_the_augmen
     assert data_key(more, config) != key
     other = ColorizerConfig.from_dict({**train.model, "chroma_mm": 3.0})
     assert data_key(train, other) != key
+
+
+def test_the_spinal_canal_is_the_cord_and_what_a_vertebra_encloses_below_150_hu():
+    """Analytic: a vertebra's ring around a 4 x 4 hole; its content (one voxel of bony HU left out) and a labelled cord
+    voxel make the canal, the ring and what lies outside it do not."""
+    from napari_ctcolor.io import Volume
+    from napari_ctcolor.training.data import LabelledCT
+    from napari_ctcolor.training.evaluate import spinal_canal
+
+    names = {1: "vertebrae_L1", 2: "spinal_cord"}
+    labels = np.zeros((2, 12, 12), np.uint8)
+    labels[:, 2:8, 2:8] = 1
+    labels[:, 3:7, 3:7] = 0  # the hole the ring encloses
+    labels[1, 10, 10] = 2  # the cord outside any ring (a level whose arch the labels leave open)
+    hu = np.full(labels.shape, 20, np.int16)
+    hu[labels == 1] = 700
+    hu[0, 4, 4] = 400  # bone partial-volumed into the canal
+    case = LabelledCT("ring", Volume(hu, (3.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), {}), labels, names)
+    expected = np.zeros(labels.shape, bool)
+    expected[:, 3:7, 3:7] = True
+    expected[0, 4, 4] = False
+    expected[1, 10, 10] = True
+    np.testing.assert_array_equal(spinal_canal(case), expected)
