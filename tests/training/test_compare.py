@@ -15,7 +15,7 @@ import yaml
 from napari_ctcolor.models.colorizer import ColorizerConfig
 from napari_ctcolor.training.colorizer import TrainConfig, family_confusion
 from napari_ctcolor.training.compare import merge, paired_table
-from napari_ctcolor.training.prepare import data_key
+from napari_ctcolor.training.prepare import data_key, prepare_training_data
 
 from conftest import REPO, TINY, ctcolor, require_shared
 
@@ -180,3 +180,21 @@ def test_the_spinal_canal_is_the_cord_and_what_a_vertebra_encloses_below_150_hu(
     expected[0, 4, 4] = False
     expected[1, 10, 10] = True
     np.testing.assert_array_equal(spinal_canal(case), expected)
+
+
+def test_the_cache_gives_back_what_was_prepared_and_a_damaged_file_is_prepared_again(tmp_path):
+    train = TrainConfig.load(_tiny_recipe(tmp_path))
+    config = ColorizerConfig.from_dict(train.model)
+    cache, said = tmp_path / "cache", []
+    fresh, names = prepare_training_data(train, config, cache, log=said.append)
+    (path,) = cache.glob("*.safetensors")
+    cached, cached_names = prepare_training_data(train, config, cache, log=said.append)
+    assert "from the cache" in said[-1] and cached_names == names
+    for a, b in zip(fresh, cached, strict=True):
+        assert (a.name, a.real, a.partial, a.contrast) == (b.name, b.real, b.partial, b.contrast)
+        for field in ("hu", "target", "weight"):
+            assert torch.equal(getattr(a, field), getattr(b, field))
+    path.write_bytes(b"not a safetensors file")
+    again, _ = prepare_training_data(train, config, cache, log=said.append)
+    assert "unreadable" in said[-2] and torch.equal(again[0].target, fresh[0].target)
+    assert prepare_training_data(train, config, cache, log=said.append) and "from the cache" in said[-1]

@@ -196,26 +196,12 @@ def _add_batch(sub) -> None:
         parser_.set_defaults(run=run.cmd_batch)
 
 
-def _add_tools(sub) -> None:
-    """``pacs find``, ``train``, ``warmup``, ``bench``."""
-    pacs = sub.add_parser(
-        "pacs",
-        help="find series on a PACS over DICOMweb (their URLs work wherever a PATH does)",
-        description=f"Credentials: {ENV_USER} and {ENV_PASSWORD}, or a netrc entry for the server's host; "
-        f"{ENV_TIMEOUT} sets the seconds to wait (default 60).",
-    )
-    pacs_sub = pacs.add_subparsers(dest="pacs_command", required=True, parser_class=_Parser)
-    find = pacs_sub.add_parser("find", help="list series (QIDO-RS): patient ID, study date, description, slices")
-    find.add_argument("--server", required=True, metavar="URL", help="DICOMweb root, e.g. http://host:8042/dicom-web")
-    find.add_argument("--patient-id", metavar="ID", help="PatientID (wildcards * and ? as the server supports)")
-    find.add_argument("--accession", metavar="N", help="AccessionNumber")
-    find.add_argument("--study-date", metavar="YYYYMMDD[-YYYYMMDD]", help="study date or range")
-    find.add_argument("--modality", metavar="CT", help="series modality")
-    find.add_argument("--json", action="store_true", help="print a JSON list (UIDs and url of each series)")
-    find.set_defaults(run=run.cmd_pacs_find)
-
+def _add_train(sub) -> None:
+    """``train colorizer``, ``train symnet`` and ``train compare``."""
     train = sub.add_parser("train", help="train shipped weights from a config, or compare recipes with paired seeds")
-    train_sub = train.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    train_sub = train.add_subparsers(
+        dest="what", required=True, metavar="colorizer|symnet|compare", parser_class=_Parser
+    )
     for what, example in (("colorizer", "configs/colorizer_2d.yaml"), ("symnet", "configs/symnet_ct.yaml")):
         one = train_sub.add_parser(what, help=f"train the {what} of a config and write its weights and model card")
         one.add_argument("--config", required=True, help=f"YAML config, e.g. {example}")
@@ -250,6 +236,27 @@ def _add_tools(sub) -> None:
         "--exams", metavar="NAMES", help="comma-separated exams to measure, e.g. arterial_300,pool_450 (default: all)"
     )
     compare.set_defaults(run=run.cmd_train_compare)
+
+
+def _add_tools(sub) -> None:
+    """``pacs find``, ``train``, ``warmup``, ``bench``."""
+    pacs = sub.add_parser(
+        "pacs",
+        help="find series on a PACS over DICOMweb (their URLs work wherever a PATH does)",
+        description=f"Credentials: {ENV_USER} and {ENV_PASSWORD}, or a netrc entry for the server's host; "
+        f"{ENV_TIMEOUT} sets the seconds to wait (default 60).",
+    )
+    pacs_sub = pacs.add_subparsers(dest="pacs_command", required=True, parser_class=_Parser)
+    find = pacs_sub.add_parser("find", help="list series (QIDO-RS): patient ID, study date, description, slices")
+    find.add_argument("--server", required=True, metavar="URL", help="DICOMweb root, e.g. http://host:8042/dicom-web")
+    find.add_argument("--patient-id", metavar="ID", help="PatientID (wildcards * and ? as the server supports)")
+    find.add_argument("--accession", metavar="N", help="AccessionNumber")
+    find.add_argument("--study-date", metavar="YYYYMMDD[-YYYYMMDD]", help="study date or range")
+    find.add_argument("--modality", metavar="CT", help="series modality")
+    find.add_argument("--json", action="store_true", help="print a JSON list (UIDs and url of each series)")
+    find.set_defaults(run=run.cmd_pacs_find)
+
+    _add_train(sub)
 
     warm = sub.add_parser(
         "warmup",

@@ -109,7 +109,7 @@ def run_config(arm: Arm, seed: int, init: Path | None, steps: int | None, lr_sha
 
 def measures(model, train: TrainConfig, exams: Sequence[str] | None = None) -> dict[str, float]:
     """What a comparison weighs, as ``{"PATIENT EXAM STRUCTURE measure": share}``: for each held-out labelled
-    patient (``real_val`` not in ``real_train``) in every exam of `evaluate.exam_metrics` (its blood in each contrast
+    patient (``real_val`` not in ``real_train``) in every exam of `evaluate.exam_versions` (its blood in each contrast
     phase, and the other fields of view and scan ranges where it has them), how the most probable class names the
     aorta, heart, vertebrae, ribs, liver, spleen and kidneys (``bone``, ``blood``: wrongly named as bone or as blood;
     ``right``: as the structure or its tissue) and the spinal canal (``bone``); and for each unlabelled chest CT
@@ -130,12 +130,12 @@ def measures(model, train: TrainConfig, exams: Sequence[str] | None = None) -> d
                 continue
             named, _ = named_classes(model, version)
             for group, row in named["named"].items():
-                if row is None:
-                    continue
-                for measure in ("right", "bone", "blood"):
-                    if measure in row or measure == "right" and "tissue" in row:
-                        value = row["right"] + row["tissue"] if measure == "right" else row[measure]
-                        out[f"{case.name} {exam} {group} {measure}"] = value
+                name = f"{case.name} {exam} {group}"
+                if row is not None and "right" in row:  # the spinal canal has only its bone share
+                    out[f"{name} right"] = row["right"] + row["tissue"]
+                for measure in ("bone", "blood"):
+                    if row is not None and measure in row:
+                        out[f"{name} {measure}"] = row[measure]
     if train.tissue_val and (exams is None or any(exam.startswith("pool_") for exam in exams)):
         data = shared_data_dir()
         for name in train.tissue_val:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from ..engines.orientation import AxialView
 from ..errors import InputError
@@ -317,9 +318,13 @@ def prepare_training_data(
     t0 = time.time()
     path = Path(cache_dir) / f"{data_key(train, config)}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
-        cases, names = _load_cases(path)
-        log(f"training data: {len(cases)} cases from the cache {path} ({time.time() - t0:.0f} s)")
-        return cases, names
+        try:
+            cases, names = _load_cases(path)
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:  # damaged: prepared again, and replaced
+            log(f"training data: the cache {path} is unreadable ({type(exc).__name__}); preparing them again")
+        else:
+            log(f"training data: {len(cases)} cases from the cache {path} ({time.time() - t0:.0f} s)")
+            return cases, names
     phantoms, real = phantom_cases(train.phantoms), real_cases(train.real_train)
     reduced = [reduce_case(c, config) for c in phantoms] + [
         reduce_case(c, config, real=True, contrast=contrast)
