@@ -94,6 +94,10 @@ def test_compare_trains_each_arm_with_the_same_seeds_and_prints_the_paired_table
     again = ctcolor(*args[:5], str(tuned), "--seeds", "1", "--data-cache", str(cache), "--finetune", "--steps", "1",
                     "--weights-dir", str(weights), "--exams", "arterial_300", timeout=600)  # fmt: skip
     assert again.returncode == 0 and "fine-tuning" not in again.stderr
+    # A finished run is reused only with the settings it was made with.
+    other = ctcolor(*args[:5], str(tuned), "--seeds", "1", "--data-cache", str(cache), "--finetune", "--steps", "2",
+                    "--weights-dir", str(weights), "--exams", "arterial_300", timeout=600)  # fmt: skip
+    assert other.returncode == 2 and "made with other settings" in other.stderr, other.stderr
 
 
 def test_compare_refuses_what_is_no_comparison(tmp_path):

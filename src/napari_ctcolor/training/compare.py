@@ -245,7 +245,7 @@ def compare(
         unknown = ", ".join(sorted(set(exams) - set(known)))
         raise InputError(f"--exams {unknown}: no such exam (known: {', '.join(known)})")
     all_arms = arms(base, variants)
-    init = start_weights(all_arms[0].train, weights_dir) if finetune else None
+    init = start_weights(all_arms[0].train, weights_dir).resolve() if finetune else None
     out_dir.mkdir(parents=True, exist_ok=True)
     start = None
     if init is not None:
@@ -259,10 +259,13 @@ def compare(
         seed = all_arms[0].train.seed + k
         for arm in all_arms:  # seed by seed: a comparison stopped early still has paired arms
             path = out_dir / arm.name / f"seed-{seed}.measures.json"  # beside seed-N.safetensors and its card
+            train = run_config(arm, seed, init, steps, lr_share)
+            settings = {"recipe": dataclasses.asdict(train), "exams": None if exams is None else sorted(exams)}
             if path.is_file():
                 record = json.loads(path.read_text(encoding="utf-8"))
+                if record.get("settings") != json.loads(json.dumps(settings)):
+                    raise InputError(f"{path}: made with other settings (recipe, steps or exams); use another --out")
             else:
-                train = run_config(arm, seed, init, steps, lr_share)
                 log(f"{arm.name}, seed {seed}: {'fine-tuning' if init else 'training'} {train.steps} steps")
                 t0 = time.time()
                 model, train, facts = train_colorizer(
@@ -277,6 +280,7 @@ def compare(
                 t1 = time.time()
                 record = {
                     "seed": seed,
+                    "settings": settings,
                     "train_seconds": round(seconds, 1),
                     "measures": measures(model.eval(), train, exams),
                 }

@@ -293,12 +293,8 @@ def class_metrics(case: LabelledCT, labels: np.ndarray, classes: Sequence[str]) 
             "blood": round(float((wrong & np.isin(named, blood)).mean()), 3),
         }
     canal = spinal_canal(case) & (hu >= AIR_HU)
-    if canal.sum() >= MIN_CANAL_VOXELS:
-        named = most[canal]
-        bone_named = np.isin(named, bone)
-        out["named"]["spinal_canal"] = {"bone": round(float(bone_named.mean()), 3)}
-    else:
-        out["named"]["spinal_canal"] = None
+    enough = canal.sum() >= MIN_CANAL_VOXELS
+    out["named"]["spinal_canal"] = {"bone": round(float(np.isin(most[canal], bone).mean()), 3)} if enough else None
     body = hu >= AIR_HU
     absent = [k for k, c in enumerate(classes) if c not in TISSUE_CLASSES and c not in present]
     out["absent_named"] = round(float(np.isin(most[body], absent).mean()), 4)
