@@ -215,7 +215,7 @@ def _add_train(sub) -> None:
         help="train a colorizer recipe and its variants with the same seeds; print the paired differences",
         description="Each VARIANT file holds only the keys it changes in BASE. Every arm trains with the same seeds; "
         "the table gives, per measure, the mean of each arm, the per-seed difference (paired) with its spread, and "
-        "the unpaired spread. Runs already in OUT are not repeated.",
+        "the unpaired spread. Runs already in OUT (made with the same settings) are not repeated.",
     )
     compare.add_argument("base", metavar="BASE", help="the recipe, e.g. configs/colorizer_2d_heldout_dicom.yaml")
     compare.add_argument("variants", metavar="VARIANT", nargs="+", help="YAML with the keys a variant changes")
@@ -229,7 +229,7 @@ def _add_train(sub) -> None:
     compare.add_argument("--steps", type=int, help="steps per run (default: 300 with --finetune, else the recipe's)")
     compare.add_argument("--weights-dir", default="weights", help="where BASE's weights are (default: weights)")
     compare.add_argument(
-        "--data-cache", metavar="DIR", help="prepared training data (default: ~/.cache/napari-ctcolor)"
+        "--data-cache", metavar="DIR", help="prepared training data (default: ~/.cache/napari-ctcolor/training-data)"
     )
     compare.add_argument("--device", default="cpu", help="cpu or cuda")
     compare.add_argument(
