@@ -83,7 +83,7 @@ def test_compare_trains_each_arm_with_the_same_seeds_and_prints_the_paired_table
     tuned = tmp_path / "tuned"
     done = ctcolor(
         *args[:5], str(tuned), "--seeds", "1", "--data-cache", str(cache), "--finetune", "--steps", "1",
-        "--weights-dir", str(weights), "--exams", "arterial_300", timeout=600,
+        "--weights-dir", str(weights), "--exams", "arterial_300", "--lr-share", "0.05", timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     summary = json.loads((tuned / "compare.json").read_text(encoding="utf-8"))
@@ -91,8 +91,11 @@ def test_compare_trains_each_arm_with_the_same_seeds_and_prints_the_paired_table
     assert summary["arms"]["base"]["lr"] == TrainConfig.load(base).lr  # the recipe; each run took a tenth of it
     state = torch.load(next((tuned / "checkpoints").glob("*base-seed*.pt")), weights_only=True)
     assert state["step"] == 1
+    run_card = json.loads((tuned / "base" / "seed-20261121.json").read_text(encoding="utf-8"))
+    assert run_card["training"]["lr"] == TrainConfig.load(base).lr * 0.05
     again = ctcolor(*args[:5], str(tuned), "--seeds", "1", "--data-cache", str(cache), "--finetune", "--steps", "1",
-                    "--weights-dir", str(weights), "--exams", "arterial_300", timeout=600)  # fmt: skip
+                    "--weights-dir", str(weights), "--exams", "arterial_300", "--lr-share", "0.05",
+                    timeout=600)  # fmt: skip
     assert again.returncode == 0 and "fine-tuning" not in again.stderr
     # A finished run is reused only with the settings it was made with.
     other = ctcolor(*args[:5], str(tuned), "--seeds", "1", "--data-cache", str(cache), "--finetune", "--steps", "2",
@@ -111,6 +114,7 @@ def test_compare_refuses_what_is_no_comparison(tmp_path):
         (same, (), "changes nothing"),
         (unknown, (), "unknown config keys: confusoin"),
         (confusion, ("--exams", "arterial_350"), "--exams arterial_350: no such exam"),
+        (confusion, ("--lr-share", "0"), "--lr-share 0.0: a share of the recipe's rate"),
     ):
         done = ctcolor("train", "compare", str(base), str(variant), "-o", str(tmp_path / "out"), *more)
         assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr

@@ -227,6 +227,9 @@ def _add_train(sub) -> None:
         help="start every arm from BASE's own weights (weights/ or weights/validation/) at a tenth of its rate",
     )
     compare.add_argument("--steps", type=int, help="steps per run (default: 300 with --finetune, else the recipe's)")
+    compare.add_argument(
+        "--lr-share", type=float, metavar="S", help="with --finetune: the share of the recipe's rate (default 0.1)"
+    )
     compare.add_argument("--weights-dir", default="weights", help="where BASE's weights are (default: weights)")
     compare.add_argument(
         "--data-cache", metavar="DIR", help="prepared training data (default: ~/.cache/napari-ctcolor/training-data)"

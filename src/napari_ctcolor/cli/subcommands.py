@@ -134,6 +134,8 @@ def cmd_train_compare(args: argparse.Namespace) -> int:
 
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps {args.steps}: at least one step")
+    if args.lr_share is not None and not 0 < args.lr_share <= 1:
+        raise InputError(f"--lr-share {args.lr_share}: a share of the recipe's rate, above 0 and at most 1")
     summary = compare(
         Path(args.base),
         [Path(v) for v in args.variants],
@@ -141,6 +143,7 @@ def cmd_train_compare(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         finetune=args.finetune,
         steps=args.steps,
+        **({} if args.lr_share is None else {"lr_share": args.lr_share}),
         weights_dir=Path(args.weights_dir),
         data_cache=Path(args.data_cache) if args.data_cache else default_cache_dir(),
         device=args.device,
