@@ -159,7 +159,7 @@ def test_the_data_cache_key_follows_the_data_not_the_seed_the_loss_or_the_augmen
     train = TrainConfig.load(_tiny_recipe(tmp_path))
     config = ColorizerConfig.from_dict(train.model)
     key = data_key(train, config)
-    for same in ({"seed": 1}, {"confusion": 2.0}, {"arterial": 0.5}, {"steps": 9}, {"lr": 1e-5}):
+    for same in ({"seed": 1}, {"confusion": 2.0}, {"elastic": 0.5}, {"steps": 9}, {"lr": 1e-5}):
         assert data_key(dataclasses.replace(train, **same), config) == key, same
     more = dataclasses.replace(train, phantoms={**train.phantoms, "count": 2})
     assert data_key(more, config) != key

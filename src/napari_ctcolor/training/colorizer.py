@@ -58,9 +58,6 @@ class TrainConfig:
     boost: float = 0.0  # share of a real contrast CT's samples whose blood is made brighter (`BOOST`)
     # label the partial-label chest CTs' derived descending aorta as aorta (`training.partial._descending_aorta`)
     partial_aorta: bool = False
-    # share of a real non-contrast CT's samples given the arterial phase of `ENHANCEMENT` before the usual draw (half
-    # the samples enhanced, arterial or portal-venous alike): more enhanced aortas on the vertebra to learn from
-    arterial: float = 0.0
     # weight of `family_confusion` beside the cross-entropy: the probability a blood pixel gives bone, and a bone
     # pixel gives blood, penalised on their own
     confusion: float = 0.0
@@ -325,13 +322,8 @@ class Sampler:
                 if k is not None:
                     hu = hu + float(rng.uniform(low, high)) * target[:, k].float() / 255.0
         hu = hu * float(rng.uniform(0.96, 1.04)) + float(rng.normal(0, 8))
-        if case.enhance and self.train.arterial and rng.random() < self.train.arterial:
-            phase = ENHANCEMENT["arterial"]
-        elif case.enhance and rng.random() < 0.5:
+        if case.enhance and rng.random() < 0.5:
             phase = ENHANCEMENT[list(ENHANCEMENT)[int(rng.integers(len(ENHANCEMENT)))]]
-        else:
-            phase = None
-        if phase is not None:
             for name, (low, high) in phase.items():
                 k = self.index.get(name)
                 if k is not None:
