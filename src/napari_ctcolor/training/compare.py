@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from ..errors import InputError
 from ..io.write import atomic_path
 from .colorizer import VALIDATION_DIR, TrainConfig, train_colorizer
+from .data import read_config
 
 #: Steps of a fine-tuning arm, and its learning rate as a share of the recipe's.
 FINETUNE_STEPS = 300
@@ -51,16 +51,6 @@ def merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise InputError(f"{path}: unreadable training config ({type(exc).__name__})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: a training config is a YAML mapping")
-    return raw
-
-
 @dataclasses.dataclass(frozen=True)
 class Arm:
     """One arm of a comparison: its name (``base`` or the variant file's stem) and its recipe."""
@@ -71,15 +61,16 @@ class Arm:
 
 def arms(base: Path, variants: list[Path]) -> list[Arm]:
     """The base recipe and each variant (the base with the variant's keys), checked as training configs."""
-    raw = _read_yaml(base)
+    raw = read_config(base)
     out = [Arm("base", TrainConfig.from_dict(raw, base))]
     for path in variants:
         name = Path(path).stem
         if name in {arm.name for arm in out}:
             raise InputError(f"{path}: two arms named {name!r}; rename one variant file")
-        out.append(Arm(name, TrainConfig.from_dict(merge(raw, _read_yaml(path)), path)))
-    if len({json.dumps(dataclasses.asdict(arm.train), sort_keys=True) for arm in out}) < len(out):
-        raise InputError(f"{variants[0]}: a variant that changes nothing is not a comparison")
+        train = TrainConfig.from_dict(merge(raw, read_config(path)), path)
+        if train == out[0].train:
+            raise InputError(f"{path}: a variant that changes nothing is not a comparison")
+        out.append(Arm(name, train))
     return out
 
 
@@ -107,41 +98,63 @@ def run_config(arm: Arm, seed: int, init: Path | None, steps: int | None, lr_sha
     return dataclasses.replace(train, **changes)
 
 
-def measures(model, train: TrainConfig, exams: Sequence[str] | None = None) -> dict[str, float]:
-    """What a comparison weighs, as ``{"PATIENT EXAM STRUCTURE measure": share}``: for each held-out labelled
-    patient (``real_val`` not in ``real_train``) in every exam of `evaluate.exam_versions` (its blood in each contrast
-    phase, and the other fields of view and scan ranges where it has them), how the most probable class names the
-    aorta, heart, vertebrae, ribs, liver, spleen and kidneys (``bone``, ``blood``: wrongly named as bone or as blood;
-    ``right``: as the structure or its tissue) and the spinal canal (``bone``); and for each unlabelled chest CT
-    (``tissue_val``), its blood pool raised to 300, 450 and 600 HU named bone (`evaluate.chest_exam_metrics`).
+@dataclasses.dataclass
+class ExamSet:
+    """What `measures` reads that no model changes, made once per comparison (`exam_set`): the held-out labelled
+    patients' exam versions as (patient, exam, version), and the unlabelled chest CTs with their blood pools and the
+    pool values to measure, as (name, CT, pool, values)."""
+
+    labelled: list[tuple[str, str, Any]]
+    chests: list[tuple[str, Any, np.ndarray, tuple[float, ...]]]
+
+
+def exam_set(train: TrainConfig, exams: Sequence[str] | None = None) -> ExamSet:
+    """The exams of ``train``'s held-out patients (``real_val`` not in ``real_train``: every version of
+    `evaluate.exam_versions`, its blood in each contrast phase and the other fields of view and scan ranges where it
+    has them) and of its unlabelled chest CTs (``tissue_val``: the blood pool at each of `evaluate.POOL_HU`).
     ``exams``: only these (e.g. ``arterial_300``, ``pool_450``); None: all."""
     from ..io import read_volume
     from .data import shared_data_dir
-    from .evaluate import chest_exam_metrics, exam_versions, named_classes
+    from .evaluate import POOL_HU, chest_pool, exam_versions
     from .prepare import real_cases
 
-    out: dict[str, float] = {}
     trained = {entry[0].split(".")[0] for entry in train.real_train}
-    for case in real_cases(train.real_val):
-        if case.name in trained:
-            continue
-        for exam, version in exam_versions(case):
-            if exams is not None and exam not in exams:
-                continue
-            named, _ = named_classes(model, version)
-            for group, row in named["named"].items():
-                name = f"{case.name} {exam} {group}"
-                if row is not None and "right" in row:  # the spinal canal has only its bone share
-                    out[f"{name} right"] = row["right"] + row["tissue"]
-                for measure in ("bone", "blood"):
-                    if row is not None and measure in row:
-                        out[f"{name} {measure}"] = row[measure]
-    if train.tissue_val and (exams is None or any(exam.startswith("pool_") for exam in exams)):
-        data = shared_data_dir()
+    labelled = [
+        (case.name, exam, version)
+        for case in real_cases(train.real_val)
+        if case.name not in trained
+        for exam, version in exam_versions(case)
+        if exams is None or exam in exams
+    ]
+    values = tuple(v for v in POOL_HU if exams is None or f"pool_{v:.0f}" in exams)
+    chests = []
+    if train.tissue_val and values:
         for name in train.tissue_val:
-            for row in chest_exam_metrics(model, read_volume(data / "ct" / name)):
-                if "pool_bone" in row and (exams is None or row["exam"] in exams):
-                    out[f"{name.split('.')[0]} {row['exam']} blood_pool bone"] = row["pool_bone"]
+            ct = read_volume(shared_data_dir() / "ct" / name)
+            chests.append((name.split(".")[0], ct, chest_pool(ct), values))
+    return ExamSet(labelled, chests)
+
+
+def measures(model, exams: ExamSet) -> dict[str, float]:
+    """What a comparison weighs, as ``{"PATIENT EXAM STRUCTURE measure": share}``: in each exam of ``exams``
+    (`exam_set`), how the most probable class names the aorta, heart, vertebrae, ribs, liver, spleen and kidneys
+    (``bone``, ``blood``: wrongly named as bone or as blood; ``right``: as the structure or its tissue) and the spinal
+    canal (``bone``); and each chest CT's blood pool named bone (`evaluate.pool_metrics`)."""
+    from .evaluate import named_classes, pool_metrics
+
+    out: dict[str, float] = {}
+    for patient, exam, version in exams.labelled:
+        named, _ = named_classes(model, version)
+        for group, row in named["named"].items():
+            name = f"{patient} {exam} {group}"
+            if row is not None and "right" in row:  # the spinal canal has only its bone share
+                out[f"{name} right"] = row["right"] + row["tissue"]
+            for measure in ("bone", "blood"):
+                if row is not None and measure in row:
+                    out[f"{name} {measure}"] = row[measure]
+    for name, ct, pool, values in exams.chests:
+        for row in pool_metrics(model, ct, pool, values):
+            out[f"{name} {row['exam']} blood_pool bone"] = row["pool_bone"]
     return out
 
 
@@ -247,11 +260,18 @@ def compare(
     all_arms = arms(base, variants)
     init = start_weights(all_arms[0].train, weights_dir).resolve() if finetune else None
     out_dir.mkdir(parents=True, exist_ok=True)
+    made = None  # the base recipe's exams, for every arm: made when the first model is measured, once
+
+    def measured(model) -> dict[str, float]:
+        nonlocal made
+        made = made or exam_set(all_arms[0].train, exams)
+        return measures(model, made)
+
     start = None
     if init is not None:
         path = out_dir / "start.json"
         if not path.is_file():
-            _write_json(path, measures(load_colorizer(init)[0], all_arms[0].train, exams))
+            _write_json(path, measured(load_colorizer(init)[0]))
         start = json.loads(path.read_text(encoding="utf-8"))
     results: dict[str, dict[int, dict[str, float]]] = {arm.name: {} for arm in all_arms}
     timing: dict[str, list[float]] = {arm.name: [] for arm in all_arms}
@@ -282,7 +302,7 @@ def compare(
                     "seed": seed,
                     "settings": settings,
                     "train_seconds": round(seconds, 1),
-                    "measures": measures(model.eval(), train, exams),
+                    "measures": measured(model.eval()),
                 }
                 record["measure_seconds"] = round(time.time() - t1, 1)
                 _write_json(path, record)

@@ -45,17 +45,22 @@ REPRODUCTION_NOTE = (
 
 def load_config(cls: type, path: Path):
     """A training config dataclass from YAML; unknown keys and missing ``name``/``seed`` are input errors."""
+    return config_from_dict(cls, read_config(path), path)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A training config file's YAML mapping (a whole recipe, or the keys a variant changes)."""
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise InputError(f"{path}: unreadable training config ({type(exc).__name__})") from None
-    return config_from_dict(cls, raw, path)
-
-
-def config_from_dict(cls: type, raw: Any, path: Path):
-    """A training config dataclass from its mapping (read from ``path``, which the errors name)."""
     if not isinstance(raw, dict):
         raise InputError(f"{path}: a training config is a YAML mapping (name, seed, ...)")
+    return raw
+
+
+def config_from_dict(cls: type, raw: dict[str, Any], path: Path):
+    """A training config dataclass from its mapping (read from ``path``, which the errors name)."""
     unknown = set(raw) - set(cls.__dataclass_fields__)
     if unknown:
         raise InputError(f"{path}: unknown config keys: {', '.join(sorted(unknown))}")

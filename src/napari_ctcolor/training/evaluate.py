@@ -477,17 +477,21 @@ def exam_metrics(model: Colorizer, case: LabelledCT) -> list[dict[str, Any]]:
     return rows
 
 
-def chest_exam_metrics(model: Colorizer, ct) -> list[dict[str, Any]]:
-    """Exams of an unlabelled chest CT: its mediastinal blood pool (`training.partial.derive_chest`) raised to each of
-    `POOL_HU`, the share of the pool's inner voxels named bone (``pool_bone``) and blood (``pool_blood``: the heart, a
-    vessel or contrast blood); and a field of view of `CUT_FOV`, which cuts the chest wall: the share of aerated
-    lung named lung (``lung_named``) and shown in the lung's hue (``lung_hue``, `tissue_metrics`)."""
-    from .exams import cut_fov, with_pool
+def chest_pool(ct) -> np.ndarray:
+    """(Z, Y, X) bool: the inner voxels of an unlabelled chest CT's mediastinal blood pool
+    (`training.partial.derive_chest`), which its exams raise to `POOL_HU` (16 s on lung1, 2-core EPYC: made once)."""
     from .partial import derive_chest
 
-    pool = _inner(derive_chest(ct)["blood"])
+    return _inner(derive_chest(ct)["blood"])
+
+
+def pool_metrics(model: Colorizer, ct, pool: np.ndarray, values: Sequence[float] = POOL_HU) -> list[dict[str, Any]]:
+    """One row per value of ``values``: the chest CT with its blood pool ``pool`` (`chest_pool`) at that HU, and the
+    share of the pool named bone (``pool_bone``) and blood (``pool_blood``: the heart, a vessel or contrast blood)."""
+    from .exams import with_pool
+
     rows = []
-    for value in POOL_HU:
+    for value in values:
         version = with_pool(ct, pool, value)
         with torch.no_grad():
             chroma = predict_chroma(version, model, device="cpu", bf16=False)
@@ -500,6 +504,17 @@ def chest_exam_metrics(model: Colorizer, ct) -> list[dict[str, Any]]:
                 "pool_blood": round(float((families[named] == "contrast_blood").mean()), 3),
             }
         )
+    return rows
+
+
+def chest_exam_metrics(model: Colorizer, ct) -> list[dict[str, Any]]:
+    """Exams of an unlabelled chest CT: its mediastinal blood pool (`training.partial.derive_chest`) raised to each of
+    `POOL_HU`, the share of the pool's inner voxels named bone (``pool_bone``) and blood (``pool_blood``: the heart, a
+    vessel or contrast blood); and a field of view of `CUT_FOV`, which cuts the chest wall: the share of aerated
+    lung named lung (``lung_named``) and shown in the lung's hue (``lung_hue``, `tissue_metrics`)."""
+    from .exams import cut_fov
+
+    rows = pool_metrics(model, ct, chest_pool(ct))
     version, _ = cut_fov(ct, CUT_FOV)
     with torch.no_grad():
         chroma = predict_chroma(version, model, device="cpu", bf16=False)
