@@ -313,6 +313,26 @@ def test_views_are_radiological_head_up_and_patient_left_on_screen_right(make_na
     assert tuple(viewer.camera.orientation2d) == ("down", "right")
 
 
+def test_a_ct_opened_without_any_dock_shows_coronal_and_sagittal_head_up(make_napari_viewer, tmp_path):
+    """The orientation follows from the first CT the reader opens, not from the first dock: napari's own axis roll
+    (its "transpose" and "roll" buttons change dims.order) shows a coronal view head up with no panel open."""
+    path = tmp_path / "marked.nii.gz"
+    write_nifti(_marked_volume(), path)
+    viewer = make_napari_viewer(show=True)
+    (layer,) = viewer.open(str(path), plugin="napari-ctcolor")
+    layer.contrast_limits = (0, 1750)
+    assert not viewer.window.dock_widgets  # no panel of ours (nor any other) is open
+    viewer.dims.order = (1, 0, 2)  # coronal: z vertical
+    assert tuple(viewer.camera.orientation2d) == ("up", "right")
+    coronal = _halves(viewer.screenshot(canvas_only=True, flash=False))
+    assert coronal["top"] > coronal["bottom"] + 80  # head up
+    viewer.dims.order = (2, 0, 1)  # sagittal
+    sagittal = _halves(viewer.screenshot(canvas_only=True, flash=False))
+    assert sagittal["top"] > sagittal["bottom"] + 80
+    viewer.dims.order = (0, 1, 2)  # axial: y vertical, anterior up
+    assert tuple(viewer.camera.orientation2d) == ("down", "right")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 7-8. Progress inside the widget; no orphan result when the CT is deleted during a run
 # ---------------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from ..io import ITK_SUFFIXES, NIFTI_SUFFIXES, ColorVolume, Volume, is_color, re
 from ..io.color_read import PNG_GEOMETRY
 from ..io.dicomweb import is_series_url
 from ._layers import READING_KEY, image_layer_data, rgb_layer_data, stem
+from ._view import follow_radiological_orientation
 from ._window_drag import install_mouse_controls
 
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -101,6 +102,8 @@ def read_ct(path):
 
     viewer = napari.current_viewer()
     install_mouse_controls(viewer)  # right-drag window/level and double-click, from the first image
+    if viewer is not None:
+        follow_radiological_orientation(viewer)  # coronal and sagittal head up before any dock is opened
     if viewer is None or not _event_loop_running() or is_series_url(path) or is_color(path):
         return [_layer_data(read_image(path))]
     return [_read_in_worker(viewer, path)]

@@ -11,6 +11,7 @@ unaffected.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 from magicgui.widgets import Container, PushButton
@@ -39,18 +40,23 @@ def orient(viewer: napari.Viewer) -> None:
         viewer.camera.orientation2d = wanted
 
 
+#: ids of the viewers `follow_radiological_orientation` already follows (removed as each viewer is collected).
+_FOLLOWED: set[int] = set()
+
+
 def follow_radiological_orientation(viewer: napari.Viewer) -> None:
-    """Keep `orient` applied whenever the displayed axes or the number of dimensions change.
+    """Keep `orient` applied whenever the displayed axes or the number of dimensions change, from the first CT the
+    reader opens or the first dock, whichever comes first: the orientation must not depend on which panel is open.
+    Connects once per viewer."""
+    if id(viewer) not in _FOLLOWED:
+        _FOLLOWED.add(id(viewer))
+        weakref.finalize(viewer, _FOLLOWED.discard, id(viewer))
 
-    Each call connects once more (a second widget does too): `orient` is idempotent and costs nothing when the
-    camera is already right.
-    """
+        def reorient(*_: object) -> None:
+            orient(viewer)
 
-    def reorient(*_: object) -> None:
-        orient(viewer)
-
-    for event in (viewer.dims.events.order, viewer.dims.events.ndisplay, viewer.dims.events.ndim):
-        event.connect(reorient)
+        for event in (viewer.dims.events.order, viewer.dims.events.ndisplay, viewer.dims.events.ndim):
+            event.connect(reorient)
     orient(viewer)
 
 
