@@ -241,3 +241,11 @@ def assert_documented(line: str) -> None:
     message = line.removeprefix("error: ")
     if not any(pattern.fullmatch(message) for pattern in _documented_patterns()):
         raise AssertionError(f"not in docs/troubleshooting.md: {message!r}")
+
+
+def export_and_wait(qtbot, widget, timeout_ms: int = 120_000) -> list[str]:
+    """Press the colorize widget's Export as a user does and wait for its worker: the files it wrote ([] when it wrote
+    none). The viewer's event loop runs meanwhile."""
+    if widget.export() is not None:
+        qtbot.waitUntil(lambda: not widget.busy, timeout=timeout_ms)
+    return widget.exporter.written

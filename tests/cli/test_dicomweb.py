@@ -19,7 +19,7 @@ from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 from napari_ctcolor.io import read_image, read_volume
 from napari_ctcolor.io.dicomweb import ENV_PASSWORD, ENV_TIMEOUT, ENV_USER, download_series, find_series
 
-from conftest import DICOM_SERIES, assert_documented, ctcolor, file_hashes, require_shared
+from conftest import DICOM_SERIES, assert_documented, ctcolor, export_and_wait, file_hashes, require_shared
 from orthanc import PASSWORD, USER, OrthancServer, free_port, skip_reason
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
@@ -355,7 +355,7 @@ def test_colorize_widget_exports_and_sends_to_the_cts_pacs(make_napari_viewer, q
     widget.export_format.value = "DICOM series (folder)"
     widget.export_path.value = tmp_path / "local"
     widget.send_to_pacs.value = True
-    files = widget.export()
+    files = export_and_wait(qtbot, widget)
     assert len(files) == 20 and not shown, shown
     # The local copy is de-identified (the box was not ticked); the sent series keeps the patient, in their study.
     assert pydicom.dcmread(files[0]).PatientIdentityRemoved == "YES"
@@ -369,7 +369,7 @@ def test_colorize_widget_exports_and_sends_to_the_cts_pacs(make_napari_viewer, q
     # A PNG export cannot go to the PACS: refused in one line, nothing written.
     widget.export_format.value = "PNG slices (folder)"
     widget.export_path.value = tmp_path / "png"
-    assert widget.export() == [] and "needs the DICOM series format" in shown[-1] and not (tmp_path / "png").exists()
+    assert widget.export() is None and "needs the DICOM series format" in shown[-1] and not (tmp_path / "png").exists()
 
 
 def test_register_send_stores_the_warped_ct_in_the_fixed_study(pacs, tmp_path):

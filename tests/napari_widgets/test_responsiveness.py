@@ -32,7 +32,7 @@ from vispy.visuals.line import dash_atlas
 from napari_ctcolor.napari import _register_widget
 from napari_ctcolor.napari._layers import READING_KEY, layer_attributes
 
-from conftest import require_shared
+from conftest import export_and_wait, require_shared
 from test_colorize_widget import CUT, PLUGIN, TIMEOUT_MS, click_and_wait, open_widget, view_3d
 from test_register_widget import open_widget as open_register
 
@@ -150,10 +150,12 @@ def window_latencies(qtbot, viewer, widget) -> dict[str, float]:
     return out
 
 
-def test_colorize_window_and_3d_never_stall_the_viewer(make_napari_viewer, qtbot, dicom_series, errors, monkeypatch):
+def test_colorize_window_and_3d_never_stall_the_viewer(
+    make_napari_viewer, qtbot, dicom_series, errors, monkeypatch, tmp_path
+):
     """The DICOM contrast series (20 slices of 512 x 512): opened from the running viewer (read in a worker),
-    Colorize, a window preset, the DICOM window back, the CTA and soft-tissue 3D views, the colour classes and a slab
-    MIP, each from the click until its result is shown."""
+    Colorize, a window preset, the DICOM window back, the CTA and soft-tissue 3D views, the colour classes, a slab
+    MIP and the PNG and DICOM exports, each from the click until its result is shown."""
     viewer = make_napari_viewer(show=True)
     warm = viewer.add_image(np.zeros((2, 2, 2), dtype=np.int16))  # napari's one-time set-up of a first layer (1 s)
     qtbot.wait(200)
@@ -208,6 +210,10 @@ def test_colorize_window_and_3d_never_stall_the_viewer(make_napari_viewer, qtbot
         widget.slab.slider.value = 20.0
         qtbot.waitUntil(lambda: f"{ct.name} slab MIP" in viewer.layers and not widget.slab.busy, timeout=TIMEOUT_MS)
         qtbot.wait(200)
+    for choice, name in (("PNG slices (folder)", "png"), ("DICOM series (folder)", "dicom")):
+        widget.export_format.value, widget.export_path.value = choice, tmp_path / name
+        with meter.measure(f"export {name}", stalls):
+            assert len(export_and_wait(qtbot, widget, TIMEOUT_MS)) == ct.data.shape[0]
     assert not errors
     for what, stall in stalls.items():
         if not what.startswith("napari"):

@@ -35,6 +35,7 @@ from conftest import (
     assert_documented,
     assert_same_colors,
     ctcolor,
+    export_and_wait,
     require_shared,
 )
 from test_colorize_widget import (
@@ -530,14 +531,14 @@ def test_widget_exports_like_the_cli_deidentified_unless_asked(
 
     widget.export_format.value = "NIfTI RGB (.nii.gz)"
     widget.export_path.value = tmp_path / "colour"
-    [nifti] = widget.export()
+    [nifti] = export_and_wait(qtbot, widget)
     back = read_color_volume(nifti)
     np.testing.assert_array_equal(back.rgb, layer.data)
     np.testing.assert_allclose(back.affine, read_volume(source).affine, atol=1e-4)
 
     widget.export_format.value = "DICOM series (folder)"
     widget.export_path.value = tmp_path / "anonymous"
-    files = widget.export()
+    files = export_and_wait(qtbot, widget)
     assert len(files) == ct.data.shape[0] and not errors
     for path in files:
         ds = pydicom.dcmread(path)
@@ -548,14 +549,14 @@ def test_widget_exports_like_the_cli_deidentified_unless_asked(
 
     widget.keep_identity.value = True
     widget.export_path.value = tmp_path / "for-pacs"
-    files = widget.export()
+    files = export_and_wait(qtbot, widget)
     first_source = pydicom.dcmread(sorted(source.iterdir())[0])
     for path in files:
         ds = pydicom.dcmread(path)
         assert {k: str(ds.get(k)) for k in IDENTITY} == IDENTITY
         assert ds.StudyInstanceUID == first_source.StudyInstanceUID and ds.get("PatientIdentityRemoved") != "YES"
 
-    widget.export()  # the same folder again: refused, nothing replaced
+    assert export_and_wait(qtbot, widget) == []  # the same folder again: refused, nothing replaced
     assert len(errors) == 1 and "already exists" in errors[0]
     assert_documented(errors[0])
     assert "Exported" not in widget.status.value and "nothing written" in widget.status.value

@@ -259,8 +259,9 @@ class ColorizeWidget(Container):
         """The classes the legend lists."""
         return self.classes.legend_names()
 
-    def export(self) -> list[str]:
-        """What the Export button does (`ExportPanel.export`): the paths written."""
+    def export(self):
+        """What the Export button does (`ExportPanel.export`): the export's worker (None when refused); the paths
+        written are in ``exporter.written`` once it has finished."""
         return self.exporter.export()
 
     def add_model(self, label: str, model: ModelSpec) -> None:
