@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from napari_ctcolor.app.window import opening_window
 from napari_ctcolor.io import InputError, read_volume, write_nifti
 from napari_ctcolor.napari._reader import get_reader
 
@@ -68,7 +69,9 @@ def test_opening_a_contrast_ct_in_a_viewer_does_not_import_torch(dicom_series):
         [sys.executable, "-c", _OPEN_WITHOUT_TORCH, str(dicom_series)], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split("\n")[-2] == "(20, 512, 512) (-250.0, 440.0) False False", done.stdout
+    low, high = opening_window(read_volume(dicom_series)).limits
+    assert done.stdout.split("\n")[-2] == f"(20, 512, 512) ({low!r}, {high!r}) False False", done.stdout
+    assert low == -250.0  # the contrast window's lower edge
 
 
 def test_oblique_nifti_keeps_its_geometry_in_the_layer(make_napari_viewer, tmp_path):
@@ -180,13 +183,13 @@ def test_an_acr_nema_slice_opens_where_its_retired_header_places_it(make_napari_
 
 
 @pytest.mark.parametrize("contrast", ["usage", "none"])
-def test_an_enhanced_ct_opens_in_its_header_window_and_offers_the_others(
+def test_an_enhanced_ct_with_enhanced_blood_opens_in_its_contrast_window_and_offers_its_header_windows(
     make_napari_viewer, dicom_series, tmp_path, contrast
 ):
-    """The shared series as one Enhanced CT file, its windows in the Frame VOI LUT functional group: without contrast
-    it opens in the first of them (40/300) and the colorize widget offers the second (300/1500); with its contrast
-    stated only as a Contrast/Bolus Usage item it opens in the contrast window, as the series itself does (the same
-    HU: within 1 HU)."""
+    """The shared series as one Enhanced CT file, its windows in the Frame VOI LUT functional group, the colorize
+    widget offering both (40/300, 300/1500). Its HU show enhanced blood, so it opens in the contrast window as the
+    series itself does (the same HU: within 1 HU), whether its header states contrast (a Contrast/Bolus Usage item
+    alone) or not; the header's contrast is kept in the layer's metadata."""
     from conftest import write_enhanced
     from test_colorize_widget import open_widget
 
@@ -196,13 +199,11 @@ def test_an_enhanced_ct_opens_in_its_header_window_and_offers_the_others(
     widget = open_widget(viewer)
     shown = [widget.window.native.itemText(i) for i in range(widget.window.native.count())]
     assert "DICOM 300/1500" in shown, shown
-    if contrast == "none":
-        assert tuple(layer.contrast_limits) == (-110.0, 190.0) and "contrast" not in layer.metadata["ctcolor"]
-    else:
-        series = viewer.open(str(dicom_series), plugin=PLUGIN)[0]
-        assert layer.metadata["ctcolor"]["contrast"] == "APPLIED"
-        np.testing.assert_allclose(layer.contrast_limits, series.contrast_limits, atol=1.0)
-        assert tuple(layer.contrast_limits) != (-110.0, 190.0)
+    assert "DICOM default" in shown, shown  # its first window (40/300)
+    assert ("contrast" in layer.metadata["ctcolor"]) == (contrast != "none")
+    series = viewer.open(str(dicom_series), plugin=PLUGIN)[0]
+    np.testing.assert_allclose(layer.contrast_limits, series.contrast_limits, atol=1.0)
+    assert tuple(layer.contrast_limits) != (-110.0, 190.0)
 
 
 def _right_drag(viewer, start: tuple[int, int], end: tuple[int, int]) -> None:

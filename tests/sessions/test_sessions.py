@@ -12,7 +12,7 @@ from napari_ctcolor.app.colorize_session import ColorizeSession
 from napari_ctcolor.app.register_job import RegisterRequest
 from napari_ctcolor.app.register_session import RegisterInputs, RegisterSession, tile_edges
 from napari_ctcolor.app.session import Failed
-from napari_ctcolor.app.window import opening_window
+from napari_ctcolor.app.window import opening_window, opens_in_contrast
 from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
 from napari_ctcolor.engines.checkerboard import checkerboard_mask
 from napari_ctcolor.io import Volume, read_volume
@@ -87,13 +87,13 @@ def test_a_colorize_session_keeps_each_cts_last_run_and_chooses_by_the_cts_handl
     assert session.forget(second) and session.runs == [] and session.current is None  # its own gone: none is
 
 
-def test_a_run_looks_for_enhanced_blood_only_on_a_ct_without_a_contrast_header_still_in_its_opening_window(cut):
+def test_a_run_looks_for_enhanced_blood_only_on_a_ct_that_did_not_open_in_contrast_still_in_its_opening_window(cut):
     opening = opening_window(cut).limits
     assert ColorizeSession.finds_contrast(cut, opening)
     assert ColorizeSession.finds_contrast(cut, (opening[0] + 0.4, opening[1] - 0.4))  # a slider's rounding
     assert not ColorizeSession.finds_contrast(cut, (opening[0] + 10, opening[1]))  # the reader chose a window
     series = read_volume(require_shared(DICOM_SERIES))
-    assert series.meta.get("contrast")  # its header says contrast was given: it opens in the contrast window
+    assert opens_in_contrast(series)  # its HU show enhanced blood: it opens in the contrast window
     assert not ColorizeSession.finds_contrast(series, opening_window(series).limits)
     one_slice = Volume(cut.array[:1], cut.spacing, cut.origin, cut.direction, dict(cut.meta))
     assert not ColorizeSession.finds_contrast(one_slice, opening_window(one_slice).limits)

@@ -44,11 +44,12 @@ def test_an_oblique_flipped_volume_round_trips_node_volume_node_unchanged():
     np.testing.assert_allclose(ras[:3], (-lps[0], -lps[1], lps[2]), atol=1e-9)
 
 
-def test_colorize_node_with_window_auto_takes_the_contrast_window_where_the_colorizer_finds_enhanced_blood():
+def test_colorize_node_with_window_auto_takes_the_contrast_window_of_the_enhanced_blood():
     """A volume node carries no DICOM header that says contrast was given: ``window="auto"`` composes the shared
-    contrast series in its contrast window (the named blood is enhanced), as ``ctcolor colorize --window auto``; the
-    node's L* is that window's grey within the luminance bound, and not the default window's."""
-    from napari_ctcolor.app.window import contrast_window
+    contrast series in the contrast window of the enhanced blood its HU show (`app.window.opening_window`), as
+    ``ctcolor colorize --window auto``; the node's L* is that window's grey within the luminance bound, and not the
+    default window's."""
+    from napari_ctcolor.app.window import opening_window
     from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
     from napari_ctcolor.windowing import default_window, window
 
@@ -60,7 +61,9 @@ def test_colorize_node_with_window_auto_takes_the_contrast_window_where_the_colo
     color = logic.colorize_node(node, window="auto", device="cpu")
     lightness = srgb_to_lab(slicer.util.arrayFromVolume(color))[..., 0]
     hu = np.asarray(series.array, np.float32)
-    error = np.abs(lightness - grey_to_lightness(window(hu, *contrast_window(hu, series.spacing))))
+    contrast = opening_window(series.with_array(hu))
+    assert contrast.limits[0] == -250.0  # the contrast window's lower edge
+    error = np.abs(lightness - grey_to_lightness(window(hu, *contrast)))
     assert error.max() <= LUMINANCE_BOUND
     plain = np.abs(lightness - grey_to_lightness(window(hu, *default_window(series))))
     assert plain.max() > 10 * LUMINANCE_BOUND

@@ -20,6 +20,7 @@ from ..io.prefetch import read_volume_soon
 from ..io.write import atomic_path
 from .export import export_color, identity_of, send_color
 from .outputs import FILE_SUFFIXES, FromOptions, check_export_flags, check_output
+from .window import AUTO_WINDOW, blood_hu
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,10 @@ def colorize_command(args: ColorizeTask, show_progress: bool = True) -> Path:
 
         outcome = colorize_job(volume, request, progress=progress)
     color = outcome.color
+    blood = blood_hu(volume) if str(args.window).strip().lower() == AUTO_WINDOW else None
+    if blood is not None:  # the window the CT opens in: its HU show enhanced blood
+        win = request.window
+        print(f"window {win.centre:g}/{win.width:g}: contrast-enhanced blood found (median {blood:.0f} HU)")
     if outcome.contrast is not None:
         blood, win = outcome.contrast
         print(f"window {win.centre:g}/{win.width:g}: contrast-enhanced blood found (median {blood:.0f} HU)")

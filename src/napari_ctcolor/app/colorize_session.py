@@ -28,7 +28,7 @@ from .colorize_job import (
     settings_of,
 )
 from .session import Failed, failing_as_value
-from .window import opening_window
+from .window import opening_window, opens_in_contrast
 
 #: Two contrast limits within this many HU are the same window (napari's sliders round).
 SAME_WINDOW_HU = 0.5
@@ -100,11 +100,9 @@ class ColorizeSession:
     @staticmethod
     def finds_contrast(volume: Volume, limits: tuple[float, float]) -> bool:
         """Whether a Run of ``volume``, shown in ``limits``, looks for enhanced blood: a CT of more than one slice
-        whose header does not say contrast was given, still in the window it opened in (`opening_window`)."""
+        that did not open in a contrast window (`opens_in_contrast`), still in the window it opened in."""
         return (
-            volume.shape[0] > 1
-            and not volume.meta.get("contrast")
-            and same_limits(limits, opening_window(volume).limits)
+            volume.shape[0] > 1 and not opens_in_contrast(volume) and same_limits(limits, opening_window(volume).limits)
         )
 
     @staticmethod

@@ -22,7 +22,7 @@ from ..errors import CTColorError
 from ..io import ITK_SUFFIXES, NIFTI_SUFFIXES, ColorVolume, Volume, is_color, read_image
 from ..io.color_read import PNG_GEOMETRY
 from ..io.dicomweb import is_series_url
-from ._layers import READING_KEY, image_layer_data, rgb_layer_data, stem
+from ._layers import CONTRAST_WINDOW_KEY, READING_KEY, image_layer_data, rgb_layer_data, stem
 from ._view import follow_radiological_orientation
 from ._window_drag import install_mouse_controls
 
@@ -105,7 +105,10 @@ def read_ct(path):
     if viewer is not None:
         follow_radiological_orientation(viewer)  # coronal and sagittal head up before any dock is opened
     if viewer is None or not _event_loop_running() or is_series_url(path) or is_color(path):
-        return [_layer_data(read_image(path))]
+        data = _layer_data(read_image(path))
+        if viewer is not None:
+            say_opening_window(viewer, data[1])
+        return [data]
     return [_read_in_worker(viewer, path)]
 
 
@@ -173,3 +176,15 @@ def _fill_layer(viewer, layer, result: tuple) -> None:
     if len(viewer.layers) == 1:
         viewer.reset_view()
         viewer.dims.current_step = tuple(n // 2 for n in viewer.dims.nsteps)
+    say_opening_window(viewer, kwargs)
+
+
+def say_opening_window(viewer, kwargs: dict) -> None:
+    """Say in napari's status bar when a CT opened in its contrast window (`app.window.opening_window`), and where
+    its header's window is."""
+    contrast = kwargs["metadata"].get(CONTRAST_WINDOW_KEY)
+    if contrast is not None:
+        viewer.status = (
+            f"{kwargs['name']}: contrast-enhanced blood, opened in the contrast window {contrast[0]:g}/{contrast[1]:g} "
+            "(its header's window: Colorize volume, Window)"
+        )
