@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from napari_ctcolor.training.targets import ab_targets, class_targets
 from napari_ctcolor.weights import find_weights, load_colorizer, save_weights
 from napari_ctcolor.windowing import window
 
-from conftest import DICOM_SERIES, LUMINANCE_BOUND, REPO, TINY, require_shared
+from conftest import CT_DIR, DICOM_SERIES, LUMINANCE_BOUND, REPO, TINY, require_shared
 
 CLASSES = ("air", "lung", "fat", "soft_tissue", "contrast_blood", "bone", "liver", "kidney")
 
@@ -391,3 +392,38 @@ def test_a_recipe_with_leave_one_out_rows_collects_them_and_refuses_to_train_wit
     assert done.returncode == 0, done.stderr
     (row,) = json.loads((weights / "tiny.json").read_text(encoding="utf-8"))["metrics"]["leave_one_out"]
     assert row == {"model": "validation/tiny-held-out.safetensors", "sha256": card["sha256"], "cases": [held_out]}
+
+
+def test_vessel_crops_centre_samples_on_the_aorta_and_give_them_an_arterial_phase():
+    """With ``vessel_crops: 1`` (configs/variants/vessel-confusion.yaml) every 2D sample of the labelled non-contrast
+    CT is cropped around its aorta, the aorta inside the crop's middle half, and its aorta is raised by an arterial
+    phase (`ENHANCEMENT`: 150-650 HU, then gain, offset and noise); at 0 the sampler draws exactly as before."""
+    from napari_ctcolor.training.colorizer import ENHANCEMENT
+
+    require_shared(CT_DIR)
+    train = TrainConfig.load(Path(__file__).resolve().parents[2] / "configs" / "colorizer_2d.yaml")
+    config = ColorizerConfig.from_dict(train.model)
+    case = reduce_case(
+        real_cases([["totalseg-body-3mm.nii.gz", "totalseg-body-3mm-labels.nii.gz"]])[0], config, real=True
+    )
+    aorta = config.classes.index("aorta")
+    plain = Sampler([case], config, train, seed=5)
+    again = Sampler([case], config, dataclasses.replace(train, vessel_crops=0.0), seed=5)
+    assert not again.vessels and all(torch.equal(a, b) for a, b in zip(plain.batch(), again.batch(), strict=True))
+    sampler = Sampler([case], config, dataclasses.replace(train, vessel_crops=1.0, limbs=0.0, elastic=0.0), seed=5)
+    quarter = train.crop // 4
+    for _ in range(3):
+        seen = []
+        for _ in range(4):
+            z, y, x = sampler._vessel_crop(0, *case.hu.shape[1:])
+            crop = case.target[z, aorta, y : y + train.crop, x : x + train.crop] > 127
+            assert crop[quarter:-quarter, quarter:-quarter].any()
+            hu = sampler._augment(
+                case.hu[z : z + 1, y : y + train.crop, x : x + train.crop],
+                case.target[z : z + 1, :, y : y + train.crop, x : x + train.crop],
+                case,
+                True,
+            )
+            seen.append(float((hu[0] - case.hu[z, y : y + train.crop, x : x + train.crop])[crop].mean()))
+        low, high = ENHANCEMENT["arterial"]["aorta"]
+        assert all(0.96 * low - 40 <= s <= 1.04 * high + 60 for s in seen), seen

@@ -206,3 +206,19 @@ def test_the_cache_gives_back_what_was_prepared_and_a_damaged_file_is_prepared_a
     again, _ = prepare_training_data(train, config, cache, log=said.append)
     assert "unreadable" in said[-2] and torch.equal(again[0].target, fresh[0].target)
     assert prepare_training_data(train, config, cache, log=said.append) and "from the cache" in said[-1]
+
+
+def test_every_variant_and_sweep_file_names_real_recipes_and_keys():
+    """configs/variants/*.yaml change only known recipe keys and change something (`compare.arms` refuses else);
+    configs/sweeps/*.yaml name recipes and variants that exist, each variant valid against each recipe."""
+    from napari_ctcolor.training.compare import arms
+
+    base = REPO / "configs" / "colorizer_2d_heldout_dicom.yaml"
+    variants = sorted((REPO / "configs" / "variants").glob("*.yaml"))
+    assert len(arms(base, variants)) == len(variants) + 1
+    for sweep in sorted((REPO / "configs" / "sweeps").glob("*.yaml")):
+        spec = yaml.safe_load(sweep.read_text(encoding="utf-8"))
+        recipes = [REPO / name for name in spec["recipes"]]
+        for recipe in recipes:
+            assert len(arms(recipe, [REPO / name for name in spec["variants"]])) == len(spec["variants"]) + 1
+        assert spec["seeds"] >= 2 and isinstance(spec["finetune"], bool), sweep

@@ -56,6 +56,10 @@ class TrainConfig:
     # (`CHEST_BLOOD_HU`) and trains as contrast blood (`training.partial.BLOOD`)
     chest_blood: float = 0.0
     boost: float = 0.0  # share of a real contrast CT's samples whose blood is made brighter (`BOOST`)
+    # share of a labelled real CT's 2D samples cropped around its aorta (`Sampler._vessel_crop`) and given an arterial
+    # phase (`ENHANCEMENT`) or a brighter bolus (`BOOST`): enhanced blood against the vertebral body, the confusion
+    # a random crop rarely shows
+    vessel_crops: float = 0.0
     # label the partial-label chest CTs' derived descending aorta as aorta (`training.partial._descending_aorta`)
     partial_aorta: bool = False
     # weight of `family_confusion` beside the cross-entropy: the probability a blood pixel gives bone, and a bone
@@ -181,6 +185,13 @@ class Sampler:
         )
         self.p = sizes * weights / (sizes * weights).sum()
         self.index = {name: k for k, name in enumerate(config.classes)}
+        self.vessels = {}  # case index -> (N, 3) (z, y, x) of the pixels mostly aorta, for `vessel_crops`
+        if train.vessel_crops and "aorta" in self.index:
+            for i, case in enumerate(cases):
+                if case.real:
+                    where = torch.nonzero(case.target[:, self.index["aorta"]] > 127)
+                    if len(where):
+                        self.vessels[i] = where
         self.deform = None
         if train.elastic and config.dims == 2:
             from monai.transforms import Rand2DElastic
@@ -303,8 +314,21 @@ class Sampler:
         out = torch.as_tensor(self.deform(stack))
         return out[:n], out[n : n + n * k].reshape(target.shape), out[n + n * k :]
 
-    def _augment(self, hu: torch.Tensor, target: torch.Tensor, case: Reduced) -> torch.Tensor:
-        """HU (n, h, w) of one sample with its soft targets (n, K, h, w) uint8 -> augmented HU."""
+    def _vessel_crop(self, i: int, h: int, w: int) -> tuple[int, int, int] | None:
+        """(z, y, x) of a crop around one of case ``i``'s aorta pixels, drawn uniformly and placed at a random
+        position inside the crop's middle half; None for a share 1 - ``vessel_crops`` of the samples or a case
+        without aorta."""
+        where = self.vessels.get(i)
+        if where is None or self.rng.random() >= self.train.vessel_crops:
+            return None
+        z, y, x = (int(v) for v in where[int(self.rng.integers(len(where)))])
+        size = self.train.crop
+        dy, dx = (int(v) for v in self.rng.integers(size // 4, size - size // 4, 2))
+        return z, min(max(y - dy, 0), max(0, h - size)), min(max(x - dx, 0), max(0, w - size))
+
+    def _augment(self, hu: torch.Tensor, target: torch.Tensor, case: Reduced, vessel: bool = False) -> torch.Tensor:
+        """HU (n, h, w) of one sample with its soft targets (n, K, h, w) uint8 -> augmented HU; a ``vessel`` crop
+        (`_vessel_crop`) always gets the arterial phase or the brighter bolus."""
         rng = self.rng
         deenhance = self.train.deenhance if case.deenhance else 0.0
         if deenhance and rng.random() < deenhance:  # before the gain: the drawn values are HU of the scan
@@ -316,14 +340,14 @@ class Sampler:
                 excess = float(hu[share > 0.5].mean()) - float(rng.uniform(low, high))
                 if excess > 0:
                     hu = hu - excess * share
-        if case.deenhance and self.train.boost and rng.random() < self.train.boost:
+        if case.deenhance and (vessel or (self.train.boost and rng.random() < self.train.boost)):
             for name, (low, high) in BOOST.items():
                 k = self.index.get(name)
                 if k is not None:
                     hu = hu + float(rng.uniform(low, high)) * target[:, k].float() / 255.0
         hu = hu * float(rng.uniform(0.96, 1.04)) + float(rng.normal(0, 8))
-        if case.enhance and rng.random() < 0.5:
-            phase = ENHANCEMENT[list(ENHANCEMENT)[int(rng.integers(len(ENHANCEMENT)))]]
+        if case.enhance and (vessel or rng.random() < 0.5):
+            phase = ENHANCEMENT["arterial" if vessel else list(ENHANCEMENT)[int(rng.integers(len(ENHANCEMENT)))]]
             for name, (low, high) in phase.items():
                 k = self.index.get(name)
                 if k is not None:
@@ -344,12 +368,16 @@ class Sampler:
         """(network input, soft class targets (B, K, ...) float, weights (B, 1, ...)) of one batch."""
         xs, ys, ws = [], [], []
         for _ in range(self.train.batch_size):
-            case = self.cases[self.rng.choice(len(self.cases), p=self.p)]
+            i = self.rng.choice(len(self.cases), p=self.p)
+            case = self.cases[i]
             z_n, h, w = case.hu.shape
             y = int(self.rng.integers(0, max(1, h - self.train.crop + 1)))
             x = int(self.rng.integers(0, max(1, w - self.train.crop + 1)))
             if self.config.dims == 2:
                 z = int(self.rng.integers(0, z_n))
+                vessel = self._vessel_crop(i, h, w) if self.vessels else None
+                if vessel is not None:
+                    z, y, x = vessel
                 idx = context_indices(z_n, self.config.context)[z]
                 centre = slice(self.config.context // 2, self.config.context // 2 + 1)
                 hu, target = self._crop(case.hu[idx], y, x), self._crop(case.target[idx], y, x)
@@ -362,7 +390,7 @@ class Sampler:
                     hu, target = self._add_limb(hu, target)
                 if self.deform is not None and self.rng.random() < self.train.elastic:
                     hu, target, weight = self._deform_2d(hu, target, weight)
-                xs.append(self._augment(hu, target, case))
+                xs.append(self._augment(hu, target, case, vessel is not None))
                 ys.append(target[centre][0].float())
                 ws.append(weight)
             else:
