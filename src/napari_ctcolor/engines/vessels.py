@@ -111,7 +111,7 @@ def _blood_discs(sm: np.ndarray, means: np.ndarray, enhanced: np.ndarray, pixel:
         radius = depth[y, x]
         reach = int(np.ceil((radius + 3.0) / pixel)) + 1
         y0, x0 = max(0, y - reach), max(0, x - reach)
-        box = (slice(y0, y + reach + 1), slice(x0, x + reach + 1))
+        box = (slice(y0, min(y + reach + 1, sm.shape[0])), slice(x0, min(x + reach + 1, sm.shape[1])))
         yy, xx = np.ogrid[box[0], box[1]]
         dist = np.hypot(yy - y, xx - x) * pixel
         inside, ring = dist <= radius - pixel, (dist > radius) & (dist <= radius + 3.0 + pixel)
