@@ -154,8 +154,11 @@ def enhanced_blood(hu: np.ndarray, spacing: tuple[float, float, float]) -> float
     hu = np.asarray(hu)
     step_z, step = max(1, round(_GRID_MM / spacing[0])), max(1, round(_GRID_MM / spacing[1]))
     z, h, w = hu[::step_z].shape
-    cut = hu[::step_z, : h // step * step, : w // step * step].astype(np.float32)
-    means = cut.reshape(z, h // step, step, w // step, step).mean(axis=(2, 4))
+    cut = hu[::step_z, : h // step * step, : w // step * step]
+    means = np.empty((z, h // step, w // step), dtype=np.float32)
+    for k in range(z):  # slice by slice: no float copy of the whole CT (a 275-slice 512² CT is 290 MB of float32)
+        means[k] = cut[k].reshape(h // step, step, w // step, step).sum(axis=(1, 3), dtype=np.float32)
+    means /= step * step
     grid = (spacing[0] * step_z, spacing[1] * step, spacing[2] * step)
     if z * grid[0] < BLOOD_RUN_MM or min(means.shape[1:]) < 8:
         return None
