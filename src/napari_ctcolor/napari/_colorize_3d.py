@@ -109,34 +109,52 @@ class View3D:
         self._body_cache = (kept, *cached)
         placement = {k: np.asarray(v) for k, v in layer_attributes(color).items() if k != "metadata"}
         placement["scale"] = placement["scale"] * np.array([1.0, step, step])
-        self._remove_3d()
         if not self._hidden_for_3d:
             self._hidden_for_3d = [lyr for lyr in self._owner._viewer.layers if lyr.visible]
             for lyr in self._hidden_for_3d:
                 lyr.visible = False
+        names = {f"{kept.ct.name} 3D {part.name}" for part, _ in shown}
+        for lyr in self._layers_3d():  # hidden, not removed (`_put_3d`)
+            lyr.visible = lyr.name in names
         for part, field in shown:
-            layer = Image(
-                field,
-                name=f"{kept.ct.name} 3D {part.name}",
-                rendering=part.rendering,
-                colormap=part.colormap,
-                contrast_limits=part.limits,
-                opacity=part.opacity,
-                blending="translucent",
-                **({"iso_threshold": part.iso_threshold} if part.iso_threshold is not None else {}),
-                **placement,
-            )
-            layer.interpolation3d = "linear"  # trilinear sampling: no blocky voxels
-            self._owner._viewer.layers.append(layer)
+            self._put_3d(f"{kept.ct.name} 3D {part.name}", part, field, placement)
         anterior_3d(self._owner._viewer)
         self._owner._say(f"3D view: {preset}{note}")
 
-    def _remove_3d(self) -> None:
+    def _layers_3d(self) -> list[Image]:
         kept = self._owner.session.current
-        if kept is not None:
-            prefix = f"{kept.ct.name} 3D "
-            for lyr in [lyr for lyr in self._owner._viewer.layers if lyr.name.startswith(prefix)]:
-                self._owner._viewer.layers.remove(lyr)
+        prefix = f"{kept.ct.name} 3D " if kept is not None else None
+        return [lyr for lyr in self._owner._viewer.layers if prefix is not None and lyr.name.startswith(prefix)]
+
+    def _put_3d(self, name: str, part, field: np.ndarray, placement: dict) -> None:
+        """Show ``field`` as the 3D layer ``name``: the layer of that name updated in place where it exists (its data,
+        then the part's rendering), else a new one. Removing a 3D volume layer and adding another while the canvas
+        stays in 3D crashed napari under Mesa's software OpenGL (a segmentation fault in glDrawElements at the next
+        draw: the presets bone, CTA, soft tissue, CTA, then bone; napari 0.9.2, vispy, 2026-11-28), so a switch of
+        preset reuses and hides layers, and they are removed only back in 2D (`_leave_3d`)."""
+        settings = {
+            "rendering": part.rendering,
+            "colormap": part.colormap,
+            "contrast_limits": part.limits,
+            "opacity": part.opacity,
+            **({"iso_threshold": part.iso_threshold} if part.iso_threshold is not None else {}),
+        }
+        layer = next((lyr for lyr in self._layers_3d() if lyr.name == name), None)
+        if layer is not None and layer.data.shape == field.shape:
+            layer.data = field
+            for key, value in settings.items():
+                setattr(layer, key, value)
+            layer.visible = True
+            return
+        if layer is not None:
+            self._owner._viewer.layers.remove(layer)
+        layer = Image(field, name=name, blending="translucent", **settings, **placement)
+        layer.interpolation3d = "linear"  # trilinear sampling: no blocky voxels
+        self._owner._viewer.layers.append(layer)
+
+    def _remove_3d(self) -> None:
+        for lyr in self._layers_3d():
+            self._owner._viewer.layers.remove(lyr)
 
     def close(self) -> None:
         """Stop computing a preset (the dock is closing)."""
@@ -144,10 +162,13 @@ class View3D:
             self._worker_3d.quit()
 
     def _leave_3d(self) -> None:
-        self._remove_3d()
+        """Back to the 2D layers: the 3D ones hidden, the canvas in 2D, then the 3D layers removed (`_put_3d`)."""
+        for lyr in self._layers_3d():
+            lyr.visible = False
         for lyr in self._hidden_for_3d:
             if any(other is lyr for other in self._owner._viewer.layers):
                 lyr.visible = True
         if self._hidden_for_3d:
             show_plane(self._owner._viewer, "axial")
         self._hidden_for_3d = []
+        self._remove_3d()
