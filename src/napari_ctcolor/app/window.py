@@ -26,9 +26,9 @@ _FOUND: dict[int, tuple[weakref.ref, float | None]] = {}
 
 
 def blood_hu(volume: Volume) -> float | None:
-    """The median HU of the CT's contrast-enhanced blood (`enhanced_blood`), or None where its HU show none. A CT of
-    fewer than `BLOOD_RUN_MM` along z cannot tell from its HU: there its DICOM header decides (ContrastBolusAgent
-    and its sequences: the search's blood at None, the contrast window of its HU)."""
+    """The median HU of the CT's contrast-enhanced blood (`enhanced_blood`), or None where its HU show none, and for
+    a CT shorter than `BLOOD_RUN_MM` along z, which its HU cannot tell (`opens_in_contrast` then follows its DICOM
+    header). Searched once per voxel array."""
     if volume.meta.get("modality", "CT") != "CT":
         return None
     array = volume.array

@@ -162,7 +162,7 @@ def enhanced_blood(hu: np.ndarray, spacing: tuple[float, float, float]) -> float
     grid = (spacing[0] * step_z, spacing[1] * step, spacing[2] * step)
     if z * grid[0] < BLOOD_RUN_MM or min(means.shape[1:]) < 8:
         return None
-    coarse = body_mask(means[:, ::2, ::2], (grid[0], grid[1] * 2, grid[2] * 2))  # the body to 4 mm: 3x faster
+    coarse = body_mask(means[:, ::2, ::2], (grid[0], grid[1] * 2, grid[2] * 2))  # the outline needs no finer grid
     body = np.repeat(np.repeat(coarse, 2, axis=1), 2, axis=2)[:, : means.shape[1], : means.shape[2]]
     sm = ndimage.gaussian_filter(means, (0.0, 1.0 / grid[1], 1.0 / grid[2]))
     enhanced = body & (sm >= ENHANCED_HU[0]) & (sm <= ENHANCED_HU[1])
@@ -174,7 +174,7 @@ def enhanced_blood(hu: np.ndarray, spacing: tuple[float, float, float]) -> float
         y0, x0 = max(0, rows[0] - margin), max(0, cols[0] - margin)
         box = (slice(y0, rows[-1] + margin + 1), slice(x0, cols[-1] + margin + 1))
         found = _blood_discs(sm[k][box], means[k][box], enhanced[k][box], grid[1])
-        discs[int(k)] = [(y + y0, x + x0, hu) for y, x, hu in found]
+        discs[int(k)] = [(y + y0, x + x0, value) for y, x, value in found]
     length, values = _longest_run({k: found for k, found in discs.items() if found}, grid)
     return float(np.median(values)) if length >= BLOOD_RUN_MM else None
 
