@@ -152,10 +152,6 @@ class View3D:
         layer.interpolation3d = "linear"  # trilinear sampling: no blocky voxels
         self._owner._viewer.layers.append(layer)
 
-    def _remove_3d(self) -> None:
-        for lyr in self._layers_3d():
-            self._owner._viewer.layers.remove(lyr)
-
     def close(self) -> None:
         """Stop computing a preset (the dock is closing)."""
         if self._worker_3d is not None:
@@ -171,4 +167,5 @@ class View3D:
         if self._hidden_for_3d:
             show_plane(self._owner._viewer, "axial")
         self._hidden_for_3d = []
-        self._remove_3d()
+        for lyr in self._layers_3d():
+            self._owner._viewer.layers.remove(lyr)

@@ -107,7 +107,7 @@ def read_ct(path):
     if viewer is None or not _event_loop_running() or is_series_url(path) or is_color(path):
         data = _layer_data(read_image(path))
         if viewer is not None:
-            say_opening_window(viewer, data[1])
+            _say_opening_window(viewer, data[1])
         return [data]
     return [_read_in_worker(viewer, path)]
 
@@ -176,10 +176,10 @@ def _fill_layer(viewer, layer, result: tuple) -> None:
     if len(viewer.layers) == 1:
         viewer.reset_view()
         viewer.dims.current_step = tuple(n // 2 for n in viewer.dims.nsteps)
-    say_opening_window(viewer, kwargs)
+    _say_opening_window(viewer, kwargs)
 
 
-def say_opening_window(viewer, kwargs: dict) -> None:
+def _say_opening_window(viewer, kwargs: dict) -> None:
     """Say in napari's status bar when a CT opened in its contrast window (`app.window.opening_window`), and where
     its header's window is."""
     contrast = kwargs["metadata"].get(CONTRAST_WINDOW_KEY)
