@@ -311,6 +311,31 @@ def test_registration_shows_warped_checkerboard_difference_jacobian_and_the_slid
     assert not board.rgb and len(engine_calls) == 2
     np.testing.assert_array_equal(board.data, np.where(mask, fixed.data, widget.result.warped.array))
 
+    # Fixed and warped side by side: napari's grid, two viewboxes under the viewer's one camera (one zoom, one slice),
+    # fixed on the left, every other layer hidden meanwhile; a window set on either is both's.
+    warped = layer(viewer, f"{moving.name} warped")
+    visible_before = [lyr.name for lyr in viewer.layers if lyr.visible]
+    assert widget.side_by_side.enabled
+    widget.side_by_side.value = True
+    layers = list(viewer.layers)
+    assert viewer.grid.enabled and {lyr.name for lyr in layers if lyr.visible} == {fixed.name, warped.name}
+    assert viewer.grid.position(layers.index(fixed), layers) == (0, 0)
+    assert viewer.grid.position(layers.index(warped), layers) == (0, 1)
+    fixed.contrast_limits = (-160.0, 240.0)
+    assert tuple(warped.contrast_limits) == (-160.0, 240.0)
+    warped.contrast_limits = (-1350.0, 150.0)
+    assert tuple(fixed.contrast_limits) == (-1350.0, 150.0)
+    widget.warp_color.value = True  # in colour: the colorized twins side by side
+    widget.side_by_side.value = False
+    widget.side_by_side.value = True
+    assert {lyr.name for lyr in viewer.layers if lyr.visible} == {
+        f"{fixed.name} colorized",
+        f"{moving.name} colorized warped",
+    }
+    widget.side_by_side.value = False
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+    assert not viewer.grid.enabled and [lyr.name for lyr in viewer.layers if lyr.visible] == visible_before
+
 
 def test_unshipped_ct_model_and_bad_choices_are_one_line_errors_and_add_no_layers(
     make_napari_viewer, pair, engine_calls, errors

@@ -55,6 +55,7 @@ from ._docks import attach_to_viewer, settle_heap, tab_with_siblings
 from ._jobs import JobRunner
 from ._layers import META_KEY, layer_attributes, volume_from_layer
 from ._register_outputs import Kept, RegisterOutputs
+from ._side_by_side import SideBySide
 from ._view import plane_buttons
 
 if TYPE_CHECKING:
@@ -123,6 +124,15 @@ class RegisterWidget(Container):
         self.refine = _refine_box()
         self.device = ComboBox(label="Device", choices=list(DEVICES), value="auto")
         self.warp_color = CheckBox(text="Warp colorized twin too", value=True, enabled=False, visible=False)
+        self.side_by_side = CheckBox(
+            text="Fixed and warped side by side",
+            value=False,
+            enabled=False,
+            tooltip="the fixed image and the warped moving one in two panes that scroll, zoom and window together "
+            "(in colour when the colorized twin was warped)",
+        )
+        self.panes = SideBySide(napari_viewer)
+        self._fixed_layer: Image | None = None  # the fixed layer of the run shown
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress_bar = ProgressBar(value=0, min=0, max=1, visible=False)
@@ -149,6 +159,7 @@ class RegisterWidget(Container):
                 self.progress_bar,
                 self.status,
                 self.summary,
+                self.side_by_side,
                 plane_buttons(napari_viewer),
             ]
         )
@@ -161,6 +172,7 @@ class RegisterWidget(Container):
         self.cancel_button.changed.connect(self.cancel)
         self.model.changed.connect(lambda value: setattr(self.model_file, "visible", value == MODEL_FILE))
         self.moving.changed.connect(self._on_moving_chosen)
+        self.side_by_side.changed.connect(self._on_side_by_side)
         self._stop_following_layers = attach_to_viewer(
             self.native, napari_viewer, self._on_layers_changed, self._detach
         )
@@ -203,6 +215,7 @@ class RegisterWidget(Container):
         """The dock widget is being deleted: stop listening to the viewer and stop the job (its result is dropped)."""
         self._closed = self.jobs.closed = True
         self._stop_following_layers()
+        self.panes.leave()
         for event in self._dims_events:
             event.disconnect(self.outputs.redraw_edges)
         self.cancel()
@@ -352,6 +365,26 @@ class RegisterWidget(Container):
     def _say(self, text: str) -> None:
         self.jobs.say(text)
 
+    def _on_side_by_side(self, on: bool) -> None:
+        """The fixed image on the left and the warped moving one on the right (both in colour when the twin was
+        warped and "Warp colorized twin too" is ticked), or back to one pane."""
+        kept, fixed = self.outputs.kept, self._fixed_layer
+        if not on or kept is None or fixed is None or not any(layer is fixed for layer in self._viewer.layers):
+            self.panes.leave()
+            return
+        inputs = kept.run.inputs
+        left, right = fixed, self._named(f"{inputs.moving_name} warped", rgb=False)
+        fixed_color = self._grey_and_color(fixed)[1]
+        warped_color = self._named(f"{inputs.moving_color_name} warped", rgb=True) if inputs.moving_color_name else None
+        if self.warp_color.value and fixed_color is not None and warped_color is not None:
+            left, right = fixed_color, warped_color
+        if right is None:
+            self._say(f"{TITLE}: the warped layer was removed; run again to compare side by side")
+            self.side_by_side.value = False
+            return
+        self.panes.show(left, right)
+        self._say(f"Side by side: {left.name} (left), {right.name} (right)")
+
     def _returned(self, run, fixed_layer: Image, transforms: dict[str, np.ndarray]) -> None:
         """The job's end in the main thread: a `RegisterRun` shown, a `Failed` said, None (cancelled) dropped."""
         if self._closed or run is None:  # closed, or cancelled inside SimpleITK (`RegisterSession.steps`)
@@ -363,8 +396,13 @@ class RegisterWidget(Container):
             self._say(f"{TITLE}: the fixed layer was removed; result dropped")
             return
         warnings = run.result.metrics.get("warnings", [])
-        self.outputs.show(
-            Kept(run, transforms, fixed_layer.ndim == 2),
-            then=lambda: warnings and show_warning(f"{TITLE}: " + "; ".join(warnings)),
-        )
+        self.side_by_side.value = False
+        self._fixed_layer = fixed_layer
+
+        def shown() -> None:
+            self.side_by_side.enabled = True
+            if warnings:
+                show_warning(f"{TITLE}: " + "; ".join(warnings))
+
+        self.outputs.show(Kept(run, transforms, fixed_layer.ndim == 2), then=shown)
         # (the layers are added first: a doubtful result is shown, and said so once)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 PLANES = ("axial", "coronal", "sagittal")
 
 
-def _plane_order(ndim: int, plane: str) -> tuple[int, ...]:
+def plane_order(ndim: int, plane: str) -> tuple[int, ...]:
     """dims.order that shows ``plane``: the slider axis, then (vertical, horizontal) displayed axes."""
     z, y, x = ndim - 3, ndim - 2, ndim - 1
     last = {"axial": (z, y, x), "coronal": (y, z, x), "sagittal": (x, z, y)}[plane]
@@ -68,7 +68,7 @@ def show_plane(viewer: napari.Viewer, plane: str) -> None:
     if ndim < 3:
         return
     viewer.dims.ndisplay = 2
-    viewer.dims.order = _plane_order(ndim, plane)
+    viewer.dims.order = plane_order(ndim, plane)
     orient(viewer)
     viewer.reset_view()
 
