@@ -155,6 +155,9 @@ def test_linked_planes_show_the_other_planes_with_one_crosshair_and_one_window(m
     ct, widget = open_dock(viewer, path)
     widget.linked.value = True
     planes = widget.planes
+    assert planes.open and "opening" in widget.status.value  # one pane per turn of the event loop
+    qtbot.waitUntil(lambda: planes.ready, timeout=30_000)
+    assert "click in any view" in widget.status.value
     coronal, sagittal = planes.panes
     assert [pane.dims.order[-3] for pane in planes.panes] == [1, 2]  # coronal (slider y), sagittal (slider x)
     for pane in planes.panes:
@@ -189,7 +192,7 @@ def test_linked_planes_show_the_other_planes_with_one_crosshair_and_one_window(m
     qtbot.wait(300)
     shot = planes._qt[0].screenshot(flash=False)
     red = (shot[..., 0] > 200) & (shot[..., 1] < 110) & (shot[..., 2] < 110)
-    assert red.sum() > 50
+    assert red.sum() >= 0.1 * shot.shape[1]  # a line across the pane
     # Scrolling the main view moves the panes' lines; a window set anywhere is everyone's.
     viewer.dims.set_point(0, world(ct, 9, 0, 0)[0])
     assert coronal.dims.point[0] == viewer.dims.point[0]

@@ -250,5 +250,68 @@ def test_registration_never_stalls_the_viewer(make_napari_viewer, qtbot, monkeyp
                 control.value = step
             qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
             qtbot.wait(200)
-    ours = ("register", "tile slider", "before registration")
+    with meter.measure("side by side", stalls):
+        widget.side_by_side.value = True
+        qtbot.wait(200)
+    assert viewer.grid.enabled
+    ours = ("register", "tile slider", "before registration", "side by side")
     assert not errors and max(stalls[what] for what in ours) <= LAYERS_PER_TURN * add + MARGIN_S, stalls
+
+
+def napari_pane_floor(qtbot, viewer, reference, meter: StallMeter) -> float:
+    """napari's own longest stall, in seconds, of the session's first shapes layer (napari then sets up its shapes
+    visual) or of ``reference`` (a layer) shown in a second viewer docked beside the canvas (a `ViewerModel` in a
+    `QtViewer`, napari's "multiple viewer widget" example), whichever is longer."""
+    from napari.components import ViewerModel
+    from napari.qt import QtViewer
+
+    stalls: dict[str, float] = {}
+    placement = {k: v for k, v in layer_attributes(reference).items() if k != "metadata"}
+    with meter.measure("napari: a shapes layer (the session's first)", stalls):  # napari sets up its shapes visual
+        shapes = viewer.add_shapes([np.array([[0.0, 0.0, 0.0], [0.0, 10.0, 10.0]])], shape_type="line", name="floor")
+        qtbot.wait(200)
+    viewer.layers.remove(shapes)
+    with meter.measure("napari: a second viewer beside the canvas", stalls):
+        model = ViewerModel()
+        pane = QtViewer(model)
+        dock = viewer.window.add_dock_widget(pane, name="floor pane", area="right", tabify=False)
+        model.add_image(reference.data, **placement)
+        qtbot.wait(200)
+    viewer.window.remove_dock_widget(dock)
+    pane.close()
+    return max(stalls.values())
+
+
+def test_reading_tools_never_stall_the_viewer(make_napari_viewer, qtbot, dicom_series):
+    """The DICOM contrast series in the Read & measure dock: linked planes opened, the slice scrolled with them, a
+    circle measured, and the panes closed; each held against napari's own pane and layer additions."""
+    viewer = make_napari_viewer(show=True)
+    ct = viewer.open(str(dicom_series), plugin=PLUGIN)[0]
+    qtbot.waitUntil(lambda: READING_KEY not in ct.metadata, timeout=TIMEOUT_MS)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Read & measure")
+    qtbot.wait(500)
+    meter, stalls = StallMeter(), {}
+    add, _ = napari_floor(qtbot, viewer, ct, meter)
+    pane = napari_pane_floor(qtbot, viewer, ct, meter)
+    with meter.measure("linked planes", stalls):
+        widget.linked.value = True
+        qtbot.waitUntil(lambda: widget.planes.ready, timeout=TIMEOUT_MS)
+        qtbot.wait(200)
+    with meter.measure("scroll with linked planes", stalls):
+        for k in range(5):
+            viewer.dims.set_point(0, ct.data_to_world((k, 0, 0))[0])
+            qtbot.wait(50)
+    with meter.measure("measure a circle", stalls):
+        widget.tools["Circle"].native.click()
+        layer = widget.measure.layer()
+        centre = np.asarray(ct.data_to_world((4, 256, 256)))
+        corners = [centre + d for d in ([0, -10, -10], [0, -10, 10], [0, 10, 10], [0, 10, -10])]
+        layer.add_ellipses(np.array([layer.world_to_data(c) for c in corners]))
+        qtbot.wait(200)
+    assert widget.measure.lines and widget.measure.lines[0].startswith("mean ")
+    with meter.measure("close linked planes", stalls):
+        widget.linked.value = False
+        qtbot.wait(200)
+    allowed = {"linked planes": pane + LAYERS_PER_TURN * add + MARGIN_S}
+    for what, stall in stalls.items():
+        assert stall <= allowed.get(what, LAYERS_PER_TURN * add + MARGIN_S), (what, stalls, add, pane)

@@ -22,6 +22,7 @@ from napari_ctcolor.engines.vessels import vessel_mask
 from napari_ctcolor.io import ColorVolume, Volume, read_volume, write_nifti
 from napari_ctcolor.io.color_read import read_color_volume
 from napari_ctcolor.napari import _colorize_run, _colorize_widget
+from napari_ctcolor.napari._gl import gl_renderer, software_rendering
 from napari_ctcolor.napari._layers import CONTRAST_WINDOW_KEY, image_layer_data
 from napari_ctcolor.napari._view import show_plane
 from napari_ctcolor.napari._volume import MIN_BONE_ML
@@ -167,6 +168,18 @@ def test_window_is_shared_with_the_ct_layer_both_ways_and_recolors_without_the_n
     assert viewer.dims.ndisplay == 3 and rendered.rendering == "iso" and rendered.iso_threshold == 0.5
     assert rendered.interpolation3d == "linear" and rendered.data.dtype == np.float32
     assert [lyr.name for lyr in viewer.layers if lyr.visible] == [rendered.name]
+    # Under Xvfb, Mesa's llvmpipe draws: a software renderer, told by its name. While the camera turns the 3D layers
+    # are drawn as projections (a frame in under a second there), lit again once the camera stands still.
+    assert software_rendering() == ("llvmpipe" in gl_renderer().lower())
+    if software_rendering():
+        assert "software OpenGL" in widget.status.value
+        viewer.camera.angles = (0.0, 30.0, 90.0)
+        assert rendered.rendering == "mip"
+        viewer.camera.angles = (0.0, 40.0, 90.0)  # still turning: still a projection
+        assert rendered.rendering == "mip"
+        qtbot.waitUntil(lambda: rendered.rendering == "iso", timeout=10_000)
+        viewer.camera.angles = (0.0, 0.0, 0.0)
+        qtbot.waitUntil(lambda: rendered.rendering == "iso", timeout=10_000)
     s = int(rendered.scale[1] / ct.scale[1])
     hu = ct.data[:, ::s, ::s]
     np.testing.assert_allclose(rendered.data_to_world((5, 3, 4)), layer.data_to_world((5, 3 * s, 4 * s)), atol=1e-6)

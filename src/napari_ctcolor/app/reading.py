@@ -147,8 +147,7 @@ def corner_text(meta: dict, axis: int | None, index: int, count: int, position_m
     """The corner overlay's lines: patient, series, the slice shown (plane, number ``index + 1`` of ``count``, its
     position along the slice axis in LPS mm; none when ``axis`` is None: a 3D view) and the window (W/L, as
     radiologists say it)."""
-    series = str(meta.get("series_description") or "").strip() or "(no series description)"
-    lines = [patient_line(meta), series]
+    lines = [patient_line(meta), str(meta.get("series_description") or "").strip()]
     if axis is not None:
         plane = PLANE_OF_AXIS[axis].capitalize()
         lines.append(f"{plane} {index + 1}/{count}  {'zyx'[axis]} {position_mm:.1f} mm")

@@ -1,6 +1,12 @@
 """The colorize widget's "3D view": a preset of `_volume.PRESETS_3D` (lit bone, CTA, soft tissue)
 without table and air, its surfaces computed in a worker, seen from the patient's front; the 2D layers are hidden
-meanwhile and shown again when the view is left."""
+meanwhile and shown again when the view is left.
+
+Under a software OpenGL renderer (`_gl.software_rendering`: a virtual X server, a remote desktop without a GPU) a
+lit surface costs 1-5 s per frame, so while the camera moves the 3D layers are drawn as maximum intensity
+projections, a see-through skin hidden (0.3-0.6 s), and as their preset again once the camera has stood still for
+`STILL_MS`.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +16,12 @@ import numpy as np
 from magicgui.widgets import ComboBox
 from napari.layers import Image
 from napari.qt.threading import create_worker
+from qtpy.QtCore import QTimer
 
 from ..app.colorize_job import Chroma
 from ..app.vessels import body_3d, cta_vessels
 from ..io import Volume
+from ._gl import software_rendering
 from ._layers import layer_attributes
 from ._view import anterior_3d, show_plane
 from ._volume import PRESETS_3D, layer_data
@@ -25,6 +33,8 @@ NO_3D = "off"
 #: The 3D layer keeps at most this many voxels per in-plane axis (every n-th voxel): a translucent RGBA volume is
 #: 4 bytes per voxel on the GPU, and a 3D overview needs no more.
 MAX_3D_PIXELS = 256
+#: Milliseconds the camera stands still before the 3D layers drawn as projections while it moved are lit again.
+STILL_MS = 400
 
 
 class View3D:
@@ -49,6 +59,13 @@ class View3D:
         self._body_cache: tuple | None = None  # (kept, HU, body mask, spacing) of the 3D view
         self._worker_3d = None  # the worker computing a 3D preset's surfaces
         self.view_3d.changed.connect(self._on_view_3d)
+        self._moving: dict[str, str] = {}  # 3D layer name -> its preset's rendering, while drawn as a projection
+        self._still = QTimer()
+        self._still.setSingleShot(True)
+        self._still.setInterval(STILL_MS)
+        self._still.timeout.connect(self._settle)
+        self._camera = owner._viewer.camera.events
+        self._following_camera = False
 
     def _on_view_3d(self, *_: Any) -> None:
         """Show (or leave) the 3D rendering of the colorized CT: its surfaces are computed in a worker (seconds on a
@@ -116,10 +133,51 @@ class View3D:
         names = {f"{kept.ct.name} 3D {part.name}" for part, _ in shown}
         for lyr in self._layers_3d():  # hidden, not removed (`_put_3d`)
             lyr.visible = lyr.name in names
+        self._still.stop()
+        self._moving = {}
         for part, field in shown:
             self._put_3d(f"{kept.ct.name} 3D {part.name}", part, field, placement)
         anterior_3d(self._owner._viewer)
-        self._owner._say(f"3D view: {preset}{note}")
+        light = software_rendering()
+        self._follow_camera(light)
+        self._owner._say(
+            f"3D view: {preset}{note}" + ("; software OpenGL: a projection while turning" if light else "")
+        )
+
+    def _follow_camera(self, on: bool, settle: bool = True) -> None:
+        """Draw the 3D layers lighter while the camera moves (``on``), or stop doing so (and, with ``settle``, draw
+        them as their preset again)."""
+        if on != self._following_camera:
+            for event in (self._camera.angles, self._camera.zoom, self._camera.center):
+                (event.connect if on else event.disconnect)(self._on_camera)
+            self._following_camera = on
+        if not on and settle:
+            self._settle()
+
+    def _on_camera(self, *_: Any) -> None:
+        """The camera moved: until it stands still, each opaque 3D layer is drawn as a projection and a see-through
+        one (the skin) is hidden, so that a frame of a software renderer stays under a second."""
+        if self._owner._viewer.dims.ndisplay != 3:
+            return
+        if not self._moving:
+            for lyr in self._layers_3d():
+                if lyr.visible and lyr.opacity < 1.0:
+                    self._moving[lyr.name] = "hidden"
+                    lyr.visible = False
+                elif lyr.visible and lyr.rendering != "mip":
+                    self._moving[lyr.name] = lyr.rendering
+                    lyr.rendering = "mip"
+        self._still.start()
+
+    def _settle(self) -> None:
+        """The camera stood still: each layer drawn lighter meanwhile is drawn as its preset again."""
+        self._still.stop()
+        moving, self._moving = self._moving, {}
+        for lyr in self._layers_3d():
+            if moving.get(lyr.name) == "hidden":
+                lyr.visible = True
+            elif lyr.name in moving:
+                lyr.rendering = moving[lyr.name]
 
     def _layers_3d(self) -> list[Image]:
         kept = self._owner.session.current
@@ -153,12 +211,14 @@ class View3D:
         self._owner._viewer.layers.append(layer)
 
     def close(self) -> None:
-        """Stop computing a preset (the dock is closing)."""
+        """Stop computing a preset and following the camera (the dock is closing)."""
         if self._worker_3d is not None:
             self._worker_3d.quit()
+        self._follow_camera(False, settle=False)  # the layers go with the viewer, or stay as they are drawn
 
     def _leave_3d(self) -> None:
         """Back to the 2D layers: the 3D ones hidden, the canvas in 2D, then the 3D layers removed (`_put_3d`)."""
+        self._follow_camera(False)
         for lyr in self._layers_3d():
             lyr.visible = False
         for lyr in self._hidden_for_3d:

@@ -21,13 +21,15 @@ from napari.qt import QtViewer
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QSplitter
 
-from ._layers import layer_attributes
+from ._layers import layer_attributes, shape_width
 from ._view import PLANES, orient, plane_order
 
 if TYPE_CHECKING:
     import napari
 
 CROSSHAIR = "Crosshair"
+#: The crosshair's width, as a share of the CT's largest extent (about 0.9 mm across a 350 mm field of view).
+LINE_SHARE = 0.0025
 PLANE_COLOURS = {"axial": "#ff4040", "coronal": "#40d040", "sagittal": "#ffd21f"}
 #: Image attributes a pane's copy follows (and the viewer's layer follows back, for the window).
 FOLLOWED = ("contrast_limits", "colormap", "gamma", "opacity", "visible")
@@ -73,6 +75,7 @@ class LinkedPlanes:
         self.panes: list[ViewerModel] = []
         self._qt: list[QtViewer] = []
         self._dock = None
+        self._splitter: QSplitter | None = None  # the dock's widget, holding the panes
         self._syncing = False
         self._links: list[tuple[Any, Any]] = []  # (emitter, callback) to disconnect on close
         self._copy_links: list[tuple[Any, Any]] = []  # the same for the layer copies, renewed with them
@@ -80,35 +83,69 @@ class LinkedPlanes:
 
     @property
     def open(self) -> bool:
+        """The panes' dock is open (its panes may still be opening)."""
         return self._dock is not None
 
+    @property
+    def ready(self) -> bool:
+        """Every pane is open and placed."""
+        return self.open and len(self.panes) == len(PLANES) - 1
+
     def show(self) -> None:
-        """Open the panes (a dock beside the canvas) and the crosshair."""
-        if self.open or self._viewer.dims.ndim < 3:
-            if not self.open:
-                self._say("Linked planes need a 3D CT")
+        """Open the panes (a dock beside the canvas) and the crosshair, one pane per turn of the event loop: a pane is
+        a napari canvas, whose making holds the main thread for about 0.4 s, and the viewer repaints in between."""
+        if self.open:
             return
-        splitter = QSplitter(Qt.Orientation.Vertical)
-        for _ in range(2):
-            model = ViewerModel(title="linked plane")
-            qt_viewer = QtViewer(model)
-            qt_viewer.setMinimumSize(PANE_PX, PANE_PX)
-            splitter.addWidget(qt_viewer)
-            model.mouse_drag_callbacks.append(self._click)
-            self._link(model.dims.events.point, lambda *_, m=model: self._follow_point(m))
-            self.panes.append(model)
-            self._qt.append(qt_viewer)
+        if self._viewer.dims.ndim < 3:
+            self._say("Linked planes need a 3D CT")
+            return
         viewer = self._viewer
-        self._viewer.mouse_drag_callbacks.append(self._click)
+        self._splitter = QSplitter(Qt.Orientation.Vertical)
+        self._dock = viewer.window.add_dock_widget(self._splitter, name=DOCK_NAME, area="right", tabify=False)
+        # napari keeps the displayed axes' point at the extent's corner: the crosshair starts at the middle.
+        middle = np.asarray(viewer.layers.extent.world, dtype=float).mean(axis=0)
+        viewer.dims.set_point(viewer.dims.displayed, middle[list(viewer.dims.displayed)])
+        viewer.mouse_drag_callbacks.append(self._click)
         self._link(viewer.dims.events.point, lambda *_: self._follow_point(viewer))
         self._link(viewer.dims.events.order, lambda *_: self._place_planes())
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered):
             self._link(event, lambda *_: self._copy_layers())
-        self._dock = viewer.window.add_dock_widget(splitter, name=DOCK_NAME, area="right", tabify=False)
-        # napari keeps the displayed axes' point at the extent's corner: the crosshair starts at the middle.
-        middle = np.asarray(viewer.layers.extent.world, dtype=float).mean(axis=0)
-        viewer.dims.set_point(viewer.dims.displayed, middle[list(viewer.dims.displayed)])
-        self._copy_layers()
+        # The viewer's crosshair first, in this turn: a session's first shapes layer sets up napari's shapes visual
+        # (about 0.9 s here), and the panes' canvases come in the next turns.
+        self._draw_crosshair(viewer, np.asarray(viewer.dims.point, dtype=float))
+        self._say("Linked planes: opening...")
+        QTimer.singleShot(0, self._add_pane)
+
+    def _add_pane(self) -> None:
+        """One more pane with copies of the viewer's image layers; placed at the next turn (`_place_pane`)."""
+        if not self.open:
+            return  # closed meanwhile
+        model = ViewerModel(title="linked plane")
+        qt_viewer = QtViewer(model)
+        qt_viewer.setMinimumSize(PANE_PX, PANE_PX)
+        self._splitter.addWidget(qt_viewer)
+        model.mouse_drag_callbacks.append(self._click)
+        self._qt.append(qt_viewer)
+        for source in self._sources():
+            model.layers.append(self._copy(source))
+        QTimer.singleShot(0, lambda: self._place_pane(model, [id(source) for source in self._sources()]))
+
+    def _place_pane(self, model: ViewerModel, copied: list[int]) -> None:
+        """A new pane joins the others: on its plane and the shared point, with its crosshair (the turn after its
+        canvas was made); then the next pane."""
+        if not self.open:
+            return
+        self.panes.append(model)
+        self._link(model.dims.events.point, lambda *_: self._follow_point(model))
+        if copied == [id(source) for source in self._sources()]:
+            self._copied = copied
+        else:  # layers came or went since its copies were made: every pane's copies made again
+            self._copied = []
+            self._copy_layers()
+        self._place_planes(only=model)
+        if not self.ready:
+            QTimer.singleShot(0, self._add_pane)
+            return
         QTimer.singleShot(0, self._fit)  # once Qt has given the panes their size
         self._say("Linked planes: click in any view to move the crosshair; scroll to move its plane")
 
@@ -133,7 +170,7 @@ class LinkedPlanes:
             return
         for qt_viewer in self._qt:
             qt_viewer.close()
-        self.panes, self._qt = [], []
+        self.panes, self._qt, self._splitter = [], [], None
 
     def _link(self, emitter, callback, links: list | None = None) -> None:
         emitter.connect(callback)
@@ -203,11 +240,12 @@ class LinkedPlanes:
 
     # -- planes and the shared point ----------------------------------------------------------------------------------
 
-    def _place_planes(self) -> None:
-        """The panes show the two planes the viewer does not, head up, fitted, on the viewer's point."""
+    def _place_planes(self, only: ViewerModel | None = None) -> None:
+        """The panes (or ``only`` that one) show the two planes the viewer does not, head up, fitted, on the viewer's
+        point."""
         others = [plane for plane in PLANES if plane != plane_shown(self._viewer)]
-        for pane, plane in zip(self.panes, others, strict=True):
-            if pane.dims.ndim < 3:
+        for pane, plane in zip(self.panes, others, strict=False):  # while the panes open, fewer panes than planes
+            if pane.dims.ndim < 3 or (only is not None and pane is not only):
                 continue
             pane.dims.ndisplay = 2
             pane.dims.order = plane_order(pane.dims.ndim, plane)
@@ -241,13 +279,12 @@ class LinkedPlanes:
             layer.edge_color = colours
             return
         active = view.layers.selection.active
-        extent = np.ptp(np.asarray(view.layers.extent.world, dtype=float), axis=0).max()
         # Placed as the first image is (`_measure` says why: napari shows a shape within half a data unit of the slice).
-        placed = {key: value for key, value in layer_attributes(self._sources()[0]).items() if key != "metadata"}
-        layer = Shapes(
-            ndim=view.dims.ndim, name=CROSSHAIR, edge_width=0.004 * float(extent), opacity=0.8, **placed
-        )  # fmt: skip
-        layer.add_lines([np.array([layer.world_to_data(end) for end in line]) for line in lines], edge_color=colours)
+        first = self._sources()[0]
+        placed = {key: value for key, value in layer_attributes(first).items() if key != "metadata"}
+        layer = Shapes(ndim=view.dims.ndim, name=CROSSHAIR, opacity=0.7, **placed)
+        ends = [np.array([layer.world_to_data(end) for end in line]) for line in lines]
+        layer.add_lines(ends, edge_width=shape_width(first, LINE_SHARE), edge_color=colours)
         view.layers.append(layer)
         if active is not None:
             view.layers.selection.active = active  # the reader's layer stays the one windowed and measured

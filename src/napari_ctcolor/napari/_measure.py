@@ -19,7 +19,7 @@ from napari.layers import Image, Shapes
 
 from ..app.reading import ellipse_outline, path_length_mm, region_stats
 from ..errors import InputError
-from ._layers import layer_attributes
+from ._layers import layer_attributes, shape_width
 
 if TYPE_CHECKING:
     import napari
@@ -28,8 +28,8 @@ MEASURE_LAYER = "Measurements"
 #: The dock's buttons and the shapes mode each starts.
 TOOLS = {"Line": "add_line", "Circle": "add_ellipse", "Polygon": "add_polygon"}
 #: A shape's outline width, as a share of the CT's largest world extent (about 1 mm across a 350 mm field of view).
-EDGE_SHARE = 0.003
-EDGE_COLOR = "#ffd21f"  # a PACS's yellow annotation: readable on grey and on the colour
+EDGE_SHARE = 0.0025
+EDGE_COLOR = "#4dd2ff"  # light blue: readable on grey and on the colour, apart from the yellow sagittal line
 
 
 class Measurements:
@@ -53,18 +53,17 @@ class Measurements:
         ct = self._ct()
         if ct is None:
             return None
-        extent = np.ptp(np.asarray(ct.extent.world, dtype=float), axis=0).max()
         layer = Shapes(
             ndim=ct.ndim,
             **{key: value for key, value in layer_attributes(ct).items() if key != "metadata"},
             name=MEASURE_LAYER,
             edge_color=EDGE_COLOR,
             face_color="transparent",
-            edge_width=max(0.2, EDGE_SHARE * float(extent)),
             features={"label": np.array([], dtype=object)},
             feature_defaults={"label": ""},
             text={"string": "{label}", "color": EDGE_COLOR, "size": 10, "anchor": "upper_left"},
         )
+        layer.current_edge_width = shape_width(ct, EDGE_SHARE)  # what each shape drawn next gets
         self._viewer.layers.append(layer)
         layer.events.data.connect(self._on_data)
         return layer
