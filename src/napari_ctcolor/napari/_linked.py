@@ -80,6 +80,7 @@ class LinkedPlanes:
         self._links: list[tuple[Any, Any]] = []  # (emitter, callback) to disconnect on close
         self._copy_links: list[tuple[Any, Any]] = []  # the same for the layer copies, renewed with them
         self._copied: list[int] = []  # ids of the viewer's layers the panes show
+        self._crosshairs = False  # every view has its crosshair (the last step of opening)
 
     @property
     def open(self) -> bool:
@@ -88,12 +89,13 @@ class LinkedPlanes:
 
     @property
     def ready(self) -> bool:
-        """Every pane is open and placed."""
-        return self.open and len(self.panes) == len(PLANES) - 1
+        """Every pane is open and placed, and every view has its crosshair."""
+        return self.open and self._crosshairs
 
     def show(self) -> None:
-        """Open the panes (a dock beside the canvas) and the crosshair, one pane per turn of the event loop: a pane is
-        a napari canvas, whose making holds the main thread for about 0.4 s, and the viewer repaints in between."""
+        """Open the panes (a dock beside the canvas) and the crosshair, a step per turn of the event loop (the viewer
+        repaints in between): the dock with the first pane, as napari docks a second viewer; its plane; the second
+        pane; its plane; then each view's crosshair (a session's first shapes layer sets up napari's shapes visual)."""
         if self.open:
             return
         if self._viewer.dims.ndim < 3:
@@ -101,6 +103,7 @@ class LinkedPlanes:
             return
         viewer = self._viewer
         self._splitter = QSplitter(Qt.Orientation.Vertical)
+        first = self._new_pane()
         self._dock = viewer.window.add_dock_widget(self._splitter, name=DOCK_NAME, area="right", tabify=False)
         # napari keeps the displayed axes' point at the extent's corner: the crosshair starts at the middle.
         middle = np.asarray(viewer.layers.extent.world, dtype=float).mean(axis=0)
@@ -110,16 +113,11 @@ class LinkedPlanes:
         self._link(viewer.dims.events.order, lambda *_: self._place_planes())
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered):
             self._link(event, lambda *_: self._copy_layers())
-        # The viewer's crosshair first, in this turn: a session's first shapes layer sets up napari's shapes visual
-        # (about 0.9 s here), and the panes' canvases come in the next turns.
-        self._draw_crosshair(viewer, np.asarray(viewer.dims.point, dtype=float))
         self._say("Linked planes: opening...")
-        QTimer.singleShot(0, self._add_pane)
+        QTimer.singleShot(0, lambda: self._place_pane(*first))
 
-    def _add_pane(self) -> None:
-        """One more pane with copies of the viewer's image layers; placed at the next turn (`_place_pane`)."""
-        if not self.open:
-            return  # closed meanwhile
+    def _new_pane(self) -> tuple[ViewerModel, list[int]]:
+        """A pane with copies of the viewer's image layers, in the dock; (its model, the layers copied)."""
         model = ViewerModel(title="linked plane")
         qt_viewer = QtViewer(model)
         qt_viewer.setMinimumSize(PANE_PX, PANE_PX)
@@ -128,11 +126,16 @@ class LinkedPlanes:
         self._qt.append(qt_viewer)
         for source in self._sources():
             model.layers.append(self._copy(source))
-        QTimer.singleShot(0, lambda: self._place_pane(model, [id(source) for source in self._sources()]))
+        return model, [id(source) for source in self._sources()]
+
+    def _add_pane(self) -> None:
+        if self.open:  # not closed meanwhile
+            model, copied = self._new_pane()
+            QTimer.singleShot(0, lambda: self._place_pane(model, copied))
 
     def _place_pane(self, model: ViewerModel, copied: list[int]) -> None:
-        """A new pane joins the others: on its plane and the shared point, with its crosshair (the turn after its
-        canvas was made); then the next pane."""
+        """A new pane joins the others, on its plane and the shared point (the turn after its canvas was made); then
+        the next pane, or the crosshairs."""
         if not self.open:
             return
         self.panes.append(model)
@@ -143,10 +146,21 @@ class LinkedPlanes:
             self._copied = []
             self._copy_layers()
         self._place_planes(only=model)
-        if not self.ready:
+        if len(self.panes) < len(PLANES) - 1:
             QTimer.singleShot(0, self._add_pane)
             return
         QTimer.singleShot(0, self._fit)  # once Qt has given the panes their size
+        QTimer.singleShot(0, lambda: self._add_crosshairs([self._viewer, *self.panes]))
+
+    def _add_crosshairs(self, views: list) -> None:
+        """The crosshair of the first of ``views``; the others' at the next turns."""
+        if not self.open:
+            return
+        self._draw_crosshair(views[0], np.asarray(views[0].dims.point, dtype=float), create=True)
+        if len(views) > 1:
+            QTimer.singleShot(0, lambda: self._add_crosshairs(views[1:]))
+            return
+        self._crosshairs = True
         self._say("Linked planes: click in any view to move the crosshair; scroll to move its plane")
 
     def _fit(self) -> None:
@@ -170,7 +184,7 @@ class LinkedPlanes:
             return
         for qt_viewer in self._qt:
             qt_viewer.close()
-        self.panes, self._qt, self._splitter = [], [], None
+        self.panes, self._qt, self._splitter, self._crosshairs = [], [], None, False
 
     def _link(self, emitter, callback, links: list | None = None) -> None:
         emitter.connect(callback)
@@ -264,12 +278,13 @@ class LinkedPlanes:
             for view in (self._viewer, *self.panes):
                 if view is not origin and view.dims.ndim == len(point) and tuple(view.dims.point) != point:
                     view.dims.point = point
-            for view in (self._viewer, *self.panes):
-                self._draw_crosshair(view, np.asarray(view.dims.point, dtype=float))
+            for view in (self._viewer, *self.panes):  # once open, a crosshair a rebuild took is made again
+                self._draw_crosshair(view, np.asarray(view.dims.point, dtype=float), create=self._crosshairs)
         finally:
             self._syncing = False
 
-    def _draw_crosshair(self, view: Any, point: np.ndarray) -> None:
+    def _draw_crosshair(self, view: Any, point: np.ndarray, create: bool = False) -> None:
+        """``view``'s crosshair through ``point``: its layer updated, or made (``create``)."""
         if view.dims.ndim < 3 or view.dims.ndisplay != 2 or not len(self._sources()):
             return
         lines, colours = crosshair_lines(view, point)
@@ -277,6 +292,8 @@ class LinkedPlanes:
         if isinstance(layer, Shapes):
             layer.data = [np.array([layer.world_to_data(end) for end in line]) for line in lines]
             layer.edge_color = colours
+            return
+        if not create:
             return
         active = view.layers.selection.active
         # Placed as the first image is (`_measure` says why: napari shows a shape within half a data unit of the slice).
