@@ -55,8 +55,11 @@ PEER_PARAMETERS = 3_896_530
 #: Realistic pixel sizes: the colorizer resamples to its own grid, so these make it run at its usual ~128^2 / 64^2.
 SIZES: tuple[tuple[int, float], ...] = ((512, 0.78), (256, 1.56))
 MODELS = ("colorizer-2d", "colorizer-3d")
-#: The shared OASIS pair beside the checkout (../shared/data/symnet-oasis from the repository root).
-OASIS_DIR = Path(__file__).resolve().parents[4] / "shared" / "data" / "symnet-oasis"
+#: The shared OASIS pair beside the checkout (../shared/data/symnet-oasis from the repository root), or under
+#: ``CTCOLOR_SHARED_DATA`` (the offline GPU bundle's).
+OASIS_DIR = Path(os.environ.get("CTCOLOR_SHARED_DATA") or Path(__file__).resolve().parents[4] / "shared" / "data") / (
+    "symnet-oasis"
+)
 OASIS_CHECKPOINT = "SYMNet_neurite_oasis_smo30_update_80000.pth"
 #: Issue 51's decision 3: a Dice difference within this of a peer is a tie on any one pair.
 DICE_TIE = 0.002
@@ -131,7 +134,7 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def _row(section: str, item: str, device: str = "cpu", size: str = "", unit: str = "", **values: Any) -> dict:
+def bench_row(section: str, item: str, device: str = "cpu", size: str = "", unit: str = "", **values: Any) -> dict:
     row = {key: None for key in ROW_KEYS}
     row.update(section=section, item=item, device=device, size=size, unit=unit, note="")
     row.update(values)
@@ -140,13 +143,13 @@ def _row(section: str, item: str, device: str = "cpu", size: str = "", unit: str
 
 def _once_row(section: str, item: str, size: str, unit: str, value: float, note: str, **extra) -> dict:
     """A row of one measurement on the CPU (one run, or one run per peer in the same process)."""
-    return _row(section, item, "cpu", size, unit, median=value, repeats=1, note=note, **extra)
+    return bench_row(section, item, "cpu", size, unit, median=value, repeats=1, note=note, **extra)
 
 
 def _rate_row(section: str, item: str, device: str, size: str, count: int, seconds: Sequence[float], **extra) -> dict:
     """A throughput row: ``count`` items per run over the measured ``seconds`` of each repeat."""
     rates = [count / s for s in seconds]
-    return _row(
+    return bench_row(
         section,
         item,
         device,
@@ -162,7 +165,7 @@ def _rate_row(section: str, item: str, device: str, size: str, count: int, secon
 
 def _stats_row(section: str, item: str, device: str, size: str, unit: str, values: Sequence[float], **extra) -> dict:
     """Median, min and max of ``values`` (one per repeat or pair)."""
-    return _row(
+    return bench_row(
         section,
         item,
         device,
@@ -176,7 +179,7 @@ def _stats_row(section: str, item: str, device: str, size: str, unit: str, value
     )
 
 
-def _seconds_row(section: str, item: str, device: str, size: str, seconds: Sequence[float], **extra) -> dict:
+def seconds_row(section: str, item: str, device: str, size: str, seconds: Sequence[float], **extra) -> dict:
     return _stats_row(section, item, device, size, "s", seconds, **extra)
 
 
@@ -199,7 +202,7 @@ def _time(fn: Callable[[], Any], repeats: int, device: str = "cpu", warmup: int 
     return times
 
 
-def _devices() -> list[str]:
+def bench_devices() -> list[str]:
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
@@ -218,9 +221,11 @@ def bench_colorize(slices: int, repeats: int, sizes: Sequence[tuple[int, float]]
         volume = make_phantom(seed=7, shape=(slices, size, size), spacing=(2.0, pixel, pixel)).volume
         label = f"{size}x{size}"
         for device in ("cpu", "cuda"):
-            if device not in _devices():
+            if device not in bench_devices():
                 for model in (*MODELS, "peer (seed thesis)"):
-                    rows.append(_row("colorize", model, device, label, "slices/s", note="not measured: no CUDA device"))
+                    rows.append(
+                        bench_row("colorize", model, device, label, "slices/s", note="not measured: no CUDA device")
+                    )
                 continue
             ours: dict[str, float] = {}
             for model in MODELS:
@@ -265,7 +270,7 @@ def bench_colorize(slices: int, repeats: int, sizes: Sequence[tuple[int, float]]
             rows.append(row)
             for model, rate in ours.items():
                 rows.append(
-                    _row(
+                    bench_row(
                         "ratio",
                         f"{model} / peer",
                         device,
@@ -372,7 +377,7 @@ def _ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
-def _ctcolor(args: Sequence[str], timeout: float | None = None) -> float:
+def ctcolor_seconds(args: Sequence[str], timeout: float | None = None) -> float:
     """Wall seconds of ``ctcolor ARGS`` as its own process (start-up, reading and writing included); a process still
     running after ``timeout`` seconds is stopped (`subprocess.TimeoutExpired`)."""
     command = [sys.executable, "-m", "napari_ctcolor", *args]
@@ -404,7 +409,8 @@ def bench_register(quick: bool, repeats: int, data_dir: Path = OASIS_DIR) -> lis
     reference_path = data_dir / "reference-warped-B-to-A.nii.gz"
     if not (checkpoint.is_file() and all(p.is_file() for p in paths) and reference_path.is_file()):
         return [
-            _row("register", m, "cpu", label, "s", note="not measured: shared data absent") for m in (ours, official)
+            bench_row("register", m, "cpu", label, "s", note="not measured: shared data absent")
+            for m in (ours, official)
         ]
     images = [nib.load(str(p)) for p in paths]
     reference = nib.load(str(reference_path)).get_fdata(dtype=np.float32)
@@ -427,7 +433,9 @@ def bench_register(quick: bool, repeats: int, data_dir: Path = OASIS_DIR) -> lis
         for item, command, options in runs:
             for k in range(1 if item in PEER_COMMANDS.values() else repeats):
                 out = Path(tmp) / f"{len(seconds)}-{k}"
-                seconds.setdefault(item, []).append(_ctcolor([*command, *map(str, paths), "-o", str(out), *options]))
+                seconds.setdefault(item, []).append(
+                    ctcolor_seconds([*command, *map(str, paths), "-o", str(out), *options])
+                )
             warped[item] = nib.load(str(out / "warped.nii.gz")).get_fdata(dtype=np.float32)
         ratio = statistics.median(seconds[official]) / statistics.median(seconds[ours])
         for item in (ours, official):
@@ -437,11 +445,11 @@ def bench_register(quick: bool, repeats: int, data_dir: Path = OASIS_DIR) -> lis
                 low, high = float(moving.min()), float(moving.max())
                 diff = np.abs(((warped[item] - low) / (high - low) if item == ours else warped[item]) - reference)
                 note = "; ".join(filter(None, (note, f"max abs(warped - official reference) {diff.max():.2g}")))
-            rows.append(_seconds_row("register", item, "cpu", label, seconds[item], note=note))
+            rows.append(seconds_row("register", item, "cpu", label, seconds[item], note=note))
         for name in peers:
             item = PEER_COMMANDS[name]
             note = f"NCC {_ncc(fixed, moving):.3f} -> {_ncc(fixed, warped[item]):.3f}"
-            rows.append(_seconds_row("register", item, "cpu", label, seconds[item], note=note))
+            rows.append(seconds_row("register", item, "cpu", label, seconds[item], note=note))
     return rows
 
 
@@ -514,7 +522,7 @@ def bench_register_ct(quick: bool) -> list[dict]:
         pairs = _register_ct_pairs(quick)
     except (InputError, KeyError, TypeError) as exc:
         reason = str(exc).splitlines()[0]
-        return [_row("register CT", m, "cpu", "", "Dice", note=f"not measured: {reason}") for m in items]
+        return [bench_row("register CT", m, "cpu", "", "Dice", note=f"not measured: {reason}") for m in items]
     # On the CPU, as every peer runs (a GPU machine's figures compare methods, not devices).
     runs = [(item, ["register"], [*options, "--device", "cpu"]) for item, options in CT_REGISTER_RUNS]
     runs += [(PEER_COMMANDS[name], ["peer", name], []) for name in peers]
@@ -531,7 +539,7 @@ def bench_register_ct(quick: bool) -> list[dict]:
                     continue
                 out = Path(tmp) / f"{k}-{len(results)}"
                 try:
-                    seconds = _ctcolor([*command, *map(str, paths), "-o", str(out), *options])
+                    seconds = ctcolor_seconds([*command, *map(str, paths), "-o", str(out), *options])
                 except RuntimeError as exc:
                     if command[0] == "register" or "pip install" not in str(exc):  # only a missing peer is skipped
                         raise
@@ -556,8 +564,8 @@ def bench_register_ct(quick: bool) -> list[dict]:
             f"folding max {100 * max(r['folding'] for r in found):.3f} %, {statistics.median(seconds):.1f} s"
         )
         rows.append(_stats_row("register CT", item, "cpu", size, "Dice", dice, note=note))
-        rows.append(_seconds_row("register CT", item, "cpu", size, seconds, note="whole process"))
-    rows += [_row("register CT", m, "cpu", "", "Dice", note=f"not run: {why}") for m, why in unavailable.items()]
+        rows.append(seconds_row("register CT", item, "cpu", size, seconds, note="whole process"))
+    rows += [bench_row("register CT", m, "cpu", "", "Dice", note=f"not run: {why}") for m, why in unavailable.items()]
     return rows
 
 
@@ -638,7 +646,7 @@ def bench_register_speed(quick: bool) -> list[dict]:
         pairs = _speed_pairs(quick)
     except (InputError, OSError) as exc:
         reason = str(exc).splitlines()[0]
-        return [_row("register speed", WHOLE_PROCESS, "cpu", "", "s", note=f"not measured: {reason}")]
+        return [bench_row("register speed", WHOLE_PROCESS, "cpu", "", "s", note=f"not measured: {reason}")]
     # (item, ctcolor command, options, timeout); the in-process run is a job of its own (`register_job`).
     runs = [(IN_PROCESS, None, None, None), (WHOLE_PROCESS, ["register"], ["--device", "cpu"], None)]
     runs += [(PEER_COMMANDS[name], ["peer", name], [], SPEED_PEER_TIMEOUT_S) for name in peers]
@@ -662,15 +670,15 @@ def bench_register_speed(quick: bool) -> list[dict]:
                     seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
                 else:
                     try:
-                        seconds = _ctcolor([*command, *map(str, paths), "-o", str(out), *options], timeout)
+                        seconds = ctcolor_seconds([*command, *map(str, paths), "-o", str(out), *options], timeout)
                     except subprocess.TimeoutExpired:
                         note = f"slower than {SPEED_PEER_TIMEOUT_S} s: stopped"
-                        rows.append(_row("register speed", item, "cpu", size, "s", note=note))
+                        rows.append(bench_row("register speed", item, "cpu", size, "s", note=note))
                         continue
                     except RuntimeError as exc:
                         if item == WHOLE_PROCESS or "pip install" not in str(exc):
                             raise
-                        rows.append(_row("register speed", item, "cpu", size, "s", note=f"not run: {exc}"))
+                        rows.append(bench_row("register speed", item, "cpu", size, "s", note=f"not run: {exc}"))
                         continue
                 ddf = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ddf.nii.gz")))
                 dice = mean_dice(labels, warp(moving_labels, fixed, ddf, "nearest", 0))
@@ -732,16 +740,20 @@ def bench_batch(quick: bool, repeats: int, ct_path: Path = BATCH_CT) -> list[dic
         for r in range(repeats):
             out = Path(tmp) / f"batch{r}"
             seconds[batch_item].append(
-                _ctcolor(["batch", "colorize", *inputs, "-o", str(out), "--workers", str(workers), "--device", "cpu"])
+                ctcolor_seconds(
+                    ["batch", "colorize", *inputs, "-o", str(out), "--workers", str(workers), "--device", "cpu"]
+                )
             )
             start = time.perf_counter()
             for k, path in enumerate(inputs):
-                _ctcolor(["colorize", path, "-o", str(Path(tmp) / f"single{r}-{k}.nii.gz"), "--device", "cpu"])
+                ctcolor_seconds(["colorize", path, "-o", str(Path(tmp) / f"single{r}-{k}.nii.gz"), "--device", "cpu"])
             seconds[single_item].append(time.perf_counter() - start)
-    rows = [_seconds_row("batch", item, "cpu", label, values, note=source) for item, values in seconds.items()]
+    rows = [seconds_row("batch", item, "cpu", label, values, note=source) for item, values in seconds.items()]
     ratio = statistics.median(seconds[batch_item]) / statistics.median(seconds[single_item])
     rows.append(
-        _row("ratio", "batch / sequential processes", "cpu", label, "x", median=round(ratio, 2), note="target <= 0.6x")
+        bench_row(
+            "ratio", "batch / sequential processes", "cpu", label, "x", median=round(ratio, 2), note="target <= 0.6x"
+        )
     )
     return rows
 
@@ -821,7 +833,9 @@ def bench_series(quick: bool, repeats: int, source: Path = SERIES_CT) -> list[di
     from ..engines.device import resolve_device
 
     if not source.is_file():
-        return [_row("series", "ctcolor colorize (whole process)", "cpu", "", "slices/s", note="not measured: no CT")]
+        return [
+            bench_row("series", "ctcolor colorize (whole process)", "cpu", "", "slices/s", note="not measured: no CT")
+        ]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "series"
         if quick:
@@ -895,7 +909,9 @@ def bench_pipeline(quick: bool, repeats: int, source: Path = PIPELINE_CT) -> lis
     from ..io import Volume, read_volume, write_nifti
 
     if not source.is_dir():
-        return [_row("pipeline", "colorize() in process", "cpu", "", "slices/s", note=f"not measured: no {source}")]
+        return [
+            bench_row("pipeline", "colorize() in process", "cpu", "", "slices/s", note=f"not measured: no {source}")
+        ]
     series = read_volume(source)
     count = series.shape[0] if quick else PIPELINE_SLICES
     order = np.concatenate(
@@ -907,7 +923,7 @@ def bench_pipeline(quick: bool, repeats: int, source: Path = PIPELINE_CT) -> lis
     with tempfile.TemporaryDirectory() as tmp:
         nifti = Path(tmp) / "ct.nii.gz"
         write_nifti(volume, nifti)
-        for device in _devices():
+        for device in bench_devices():
             colorize(volume, window="abdomen", device=device)  # warm: the model, the kernels, the allocator
             network, hooked = _network_share(volume, device)
             share = f"outside the network: {1 - network / hooked:.0%} of a call timed with it (same run)"
@@ -927,7 +943,7 @@ def bench_pipeline(quick: bool, repeats: int, source: Path = PIPELINE_CT) -> lis
                 out = str(Path(tmp) / f"out-{device}.nii.gz")
                 arguments = ["colorize", str(path), "-o", out, "--window", "abdomen", "--device", device, "--overwrite"]
                 shape = "x".join(str(n) for n in processed.shape[::-1])
-                walls = [_ctcolor(arguments)]
+                walls = [ctcolor_seconds(arguments)]
                 rows.append(
                     _rate_row(
                         "pipeline", label, device, shape, processed.shape[0], walls, note="start-up, reading, writing"
@@ -937,7 +953,17 @@ def bench_pipeline(quick: bool, repeats: int, source: Path = PIPELINE_CT) -> lis
 
 
 #: ``ctcolor bench --only`` section names.
-SECTIONS = ("colorize", "pipeline", "series", "memory", "register", "register-ct", "register-speed", "batch")
+SECTIONS = (
+    "colorize",
+    "pipeline",
+    "series",
+    "memory",
+    "register",
+    "register-ct",
+    "register-speed",
+    "register-device",
+    "batch",
+)
 
 
 def run_bench(
@@ -963,7 +989,7 @@ def run_bench(
     if "memory" in only:
         if quick:
             note = "not measured: --quick"
-            rows.append(_row("memory", "colorizer-2d peak RSS - baseline", "cpu", "512x512x600", "MB", note=note))
+            rows.append(bench_row("memory", "colorizer-2d peak RSS - baseline", "cpu", "512x512x600", "MB", note=note))
         else:
             log("peak RSS, 512x512x600 (subprocess)")
             rows += bench_rss()
@@ -978,6 +1004,11 @@ def run_bench(
             "register speed (ours in process and as a process against every peer" + ", quick: a small cut" * quick + ")"
         )
         rows += bench_register_speed(quick=quick)
+    if "register-device" in only:
+        from .devices import bench_register_device
+
+        log("register on each device (whole processes" + ", quick: the 30-slice cut and 20 slices" * quick + ")")
+        rows += bench_register_device(quick=quick)
     if "batch" in only:
         log(f"batch ({BATCH_INPUTS} series, {BATCH_WORKERS}-worker LocalCluster vs sequential processes)")
         rows += bench_batch(quick=quick, repeats=1 if quick else 3)
@@ -1061,6 +1092,13 @@ _DESCRIPTIONS = (
         "with `--refine 0`, and `ctcolor peer` for each peer, every one a whole process in this run (start-up, reading"
         " and writing NIfTI included); the moving labels are warped through each written ddf.nii.gz by SimpleITK "
         "(nearest).",
+    ),
+    (
+        ("register-device",),
+        "Register device: a whole `ctcolor register` process (CT weights, defaults) per pair and device in this run: "
+        "the 3 mm CT against a smooth 15 mm deformation of itself, and the 20-slice contrast series repeated to 141 "
+        "slices of 512² against itself turned 4 degrees about the long axis and moved 7 mm; NCC and each engine "
+        "stage's share in the note.",
     ),
     (
         ("batch",),
