@@ -134,7 +134,7 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def bench_row(section: str, item: str, device: str = "cpu", size: str = "", unit: str = "", **values: Any) -> dict:
+def _row(section: str, item: str, device: str = "cpu", size: str = "", unit: str = "", **values: Any) -> dict:
     row = {key: None for key in ROW_KEYS}
     row.update(section=section, item=item, device=device, size=size, unit=unit, note="")
     row.update(values)
@@ -143,13 +143,13 @@ def bench_row(section: str, item: str, device: str = "cpu", size: str = "", unit
 
 def _once_row(section: str, item: str, size: str, unit: str, value: float, note: str, **extra) -> dict:
     """A row of one measurement on the CPU (one run, or one run per peer in the same process)."""
-    return bench_row(section, item, "cpu", size, unit, median=value, repeats=1, note=note, **extra)
+    return _row(section, item, "cpu", size, unit, median=value, repeats=1, note=note, **extra)
 
 
 def _rate_row(section: str, item: str, device: str, size: str, count: int, seconds: Sequence[float], **extra) -> dict:
     """A throughput row: ``count`` items per run over the measured ``seconds`` of each repeat."""
     rates = [count / s for s in seconds]
-    return bench_row(
+    return _row(
         section,
         item,
         device,
@@ -165,7 +165,7 @@ def _rate_row(section: str, item: str, device: str, size: str, count: int, secon
 
 def _stats_row(section: str, item: str, device: str, size: str, unit: str, values: Sequence[float], **extra) -> dict:
     """Median, min and max of ``values`` (one per repeat or pair)."""
-    return bench_row(
+    return _row(
         section,
         item,
         device,
@@ -179,7 +179,7 @@ def _stats_row(section: str, item: str, device: str, size: str, unit: str, value
     )
 
 
-def seconds_row(section: str, item: str, device: str, size: str, seconds: Sequence[float], **extra) -> dict:
+def _seconds_row(section: str, item: str, device: str, size: str, seconds: Sequence[float], **extra) -> dict:
     return _stats_row(section, item, device, size, "s", seconds, **extra)
 
 
@@ -202,7 +202,7 @@ def _time(fn: Callable[[], Any], repeats: int, device: str = "cpu", warmup: int 
     return times
 
 
-def bench_devices() -> list[str]:
+def _devices() -> list[str]:
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
@@ -221,11 +221,9 @@ def bench_colorize(slices: int, repeats: int, sizes: Sequence[tuple[int, float]]
         volume = make_phantom(seed=7, shape=(slices, size, size), spacing=(2.0, pixel, pixel)).volume
         label = f"{size}x{size}"
         for device in ("cpu", "cuda"):
-            if device not in bench_devices():
+            if device not in _devices():
                 for model in (*MODELS, "peer (seed thesis)"):
-                    rows.append(
-                        bench_row("colorize", model, device, label, "slices/s", note="not measured: no CUDA device")
-                    )
+                    rows.append(_row("colorize", model, device, label, "slices/s", note="not measured: no CUDA device"))
                 continue
             ours: dict[str, float] = {}
             for model in MODELS:
@@ -270,7 +268,7 @@ def bench_colorize(slices: int, repeats: int, sizes: Sequence[tuple[int, float]]
             rows.append(row)
             for model, rate in ours.items():
                 rows.append(
-                    bench_row(
+                    _row(
                         "ratio",
                         f"{model} / peer",
                         device,
@@ -377,7 +375,7 @@ def _ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
-def ctcolor_seconds(args: Sequence[str], timeout: float | None = None) -> float:
+def _ctcolor(args: Sequence[str], timeout: float | None = None) -> float:
     """Wall seconds of ``ctcolor ARGS`` as its own process (start-up, reading and writing included); a process still
     running after ``timeout`` seconds is stopped (`subprocess.TimeoutExpired`)."""
     command = [sys.executable, "-m", "napari_ctcolor", *args]
@@ -409,8 +407,7 @@ def bench_register(quick: bool, repeats: int, data_dir: Path = OASIS_DIR) -> lis
     reference_path = data_dir / "reference-warped-B-to-A.nii.gz"
     if not (checkpoint.is_file() and all(p.is_file() for p in paths) and reference_path.is_file()):
         return [
-            bench_row("register", m, "cpu", label, "s", note="not measured: shared data absent")
-            for m in (ours, official)
+            _row("register", m, "cpu", label, "s", note="not measured: shared data absent") for m in (ours, official)
         ]
     images = [nib.load(str(p)) for p in paths]
     reference = nib.load(str(reference_path)).get_fdata(dtype=np.float32)
@@ -433,9 +430,7 @@ def bench_register(quick: bool, repeats: int, data_dir: Path = OASIS_DIR) -> lis
         for item, command, options in runs:
             for k in range(1 if item in PEER_COMMANDS.values() else repeats):
                 out = Path(tmp) / f"{len(seconds)}-{k}"
-                seconds.setdefault(item, []).append(
-                    ctcolor_seconds([*command, *map(str, paths), "-o", str(out), *options])
-                )
+                seconds.setdefault(item, []).append(_ctcolor([*command, *map(str, paths), "-o", str(out), *options]))
             warped[item] = nib.load(str(out / "warped.nii.gz")).get_fdata(dtype=np.float32)
         ratio = statistics.median(seconds[official]) / statistics.median(seconds[ours])
         for item in (ours, official):
@@ -445,11 +440,11 @@ def bench_register(quick: bool, repeats: int, data_dir: Path = OASIS_DIR) -> lis
                 low, high = float(moving.min()), float(moving.max())
                 diff = np.abs(((warped[item] - low) / (high - low) if item == ours else warped[item]) - reference)
                 note = "; ".join(filter(None, (note, f"max abs(warped - official reference) {diff.max():.2g}")))
-            rows.append(seconds_row("register", item, "cpu", label, seconds[item], note=note))
+            rows.append(_seconds_row("register", item, "cpu", label, seconds[item], note=note))
         for name in peers:
             item = PEER_COMMANDS[name]
             note = f"NCC {_ncc(fixed, moving):.3f} -> {_ncc(fixed, warped[item]):.3f}"
-            rows.append(seconds_row("register", item, "cpu", label, seconds[item], note=note))
+            rows.append(_seconds_row("register", item, "cpu", label, seconds[item], note=note))
     return rows
 
 
@@ -522,7 +517,7 @@ def bench_register_ct(quick: bool) -> list[dict]:
         pairs = _register_ct_pairs(quick)
     except (InputError, KeyError, TypeError) as exc:
         reason = str(exc).splitlines()[0]
-        return [bench_row("register CT", m, "cpu", "", "Dice", note=f"not measured: {reason}") for m in items]
+        return [_row("register CT", m, "cpu", "", "Dice", note=f"not measured: {reason}") for m in items]
     # On the CPU, as every peer runs (a GPU machine's figures compare methods, not devices).
     runs = [(item, ["register"], [*options, "--device", "cpu"]) for item, options in CT_REGISTER_RUNS]
     runs += [(PEER_COMMANDS[name], ["peer", name], []) for name in peers]
@@ -539,7 +534,7 @@ def bench_register_ct(quick: bool) -> list[dict]:
                     continue
                 out = Path(tmp) / f"{k}-{len(results)}"
                 try:
-                    seconds = ctcolor_seconds([*command, *map(str, paths), "-o", str(out), *options])
+                    seconds = _ctcolor([*command, *map(str, paths), "-o", str(out), *options])
                 except RuntimeError as exc:
                     if command[0] == "register" or "pip install" not in str(exc):  # only a missing peer is skipped
                         raise
@@ -564,8 +559,8 @@ def bench_register_ct(quick: bool) -> list[dict]:
             f"folding max {100 * max(r['folding'] for r in found):.3f} %, {statistics.median(seconds):.1f} s"
         )
         rows.append(_stats_row("register CT", item, "cpu", size, "Dice", dice, note=note))
-        rows.append(seconds_row("register CT", item, "cpu", size, seconds, note="whole process"))
-    rows += [bench_row("register CT", m, "cpu", "", "Dice", note=f"not run: {why}") for m, why in unavailable.items()]
+        rows.append(_seconds_row("register CT", item, "cpu", size, seconds, note="whole process"))
+    rows += [_row("register CT", m, "cpu", "", "Dice", note=f"not run: {why}") for m, why in unavailable.items()]
     return rows
 
 
@@ -646,7 +641,7 @@ def bench_register_speed(quick: bool) -> list[dict]:
         pairs = _speed_pairs(quick)
     except (InputError, OSError) as exc:
         reason = str(exc).splitlines()[0]
-        return [bench_row("register speed", WHOLE_PROCESS, "cpu", "", "s", note=f"not measured: {reason}")]
+        return [_row("register speed", WHOLE_PROCESS, "cpu", "", "s", note=f"not measured: {reason}")]
     # (item, ctcolor command, options, timeout); the in-process run is a job of its own (`register_job`).
     runs = [(IN_PROCESS, None, None, None), (WHOLE_PROCESS, ["register"], ["--device", "cpu"], None)]
     runs += [(PEER_COMMANDS[name], ["peer", name], [], SPEED_PEER_TIMEOUT_S) for name in peers]
@@ -670,15 +665,15 @@ def bench_register_speed(quick: bool) -> list[dict]:
                     seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
                 else:
                     try:
-                        seconds = ctcolor_seconds([*command, *map(str, paths), "-o", str(out), *options], timeout)
+                        seconds = _ctcolor([*command, *map(str, paths), "-o", str(out), *options], timeout)
                     except subprocess.TimeoutExpired:
                         note = f"slower than {SPEED_PEER_TIMEOUT_S} s: stopped"
-                        rows.append(bench_row("register speed", item, "cpu", size, "s", note=note))
+                        rows.append(_row("register speed", item, "cpu", size, "s", note=note))
                         continue
                     except RuntimeError as exc:
                         if item == WHOLE_PROCESS or "pip install" not in str(exc):
                             raise
-                        rows.append(bench_row("register speed", item, "cpu", size, "s", note=f"not run: {exc}"))
+                        rows.append(_row("register speed", item, "cpu", size, "s", note=f"not run: {exc}"))
                         continue
                 ddf = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ddf.nii.gz")))
                 dice = mean_dice(labels, warp(moving_labels, fixed, ddf, "nearest", 0))
@@ -740,20 +735,16 @@ def bench_batch(quick: bool, repeats: int, ct_path: Path = BATCH_CT) -> list[dic
         for r in range(repeats):
             out = Path(tmp) / f"batch{r}"
             seconds[batch_item].append(
-                ctcolor_seconds(
-                    ["batch", "colorize", *inputs, "-o", str(out), "--workers", str(workers), "--device", "cpu"]
-                )
+                _ctcolor(["batch", "colorize", *inputs, "-o", str(out), "--workers", str(workers), "--device", "cpu"])
             )
             start = time.perf_counter()
             for k, path in enumerate(inputs):
-                ctcolor_seconds(["colorize", path, "-o", str(Path(tmp) / f"single{r}-{k}.nii.gz"), "--device", "cpu"])
+                _ctcolor(["colorize", path, "-o", str(Path(tmp) / f"single{r}-{k}.nii.gz"), "--device", "cpu"])
             seconds[single_item].append(time.perf_counter() - start)
-    rows = [seconds_row("batch", item, "cpu", label, values, note=source) for item, values in seconds.items()]
+    rows = [_seconds_row("batch", item, "cpu", label, values, note=source) for item, values in seconds.items()]
     ratio = statistics.median(seconds[batch_item]) / statistics.median(seconds[single_item])
     rows.append(
-        bench_row(
-            "ratio", "batch / sequential processes", "cpu", label, "x", median=round(ratio, 2), note="target <= 0.6x"
-        )
+        _row("ratio", "batch / sequential processes", "cpu", label, "x", median=round(ratio, 2), note="target <= 0.6x")
     )
     return rows
 
@@ -833,9 +824,7 @@ def bench_series(quick: bool, repeats: int, source: Path = SERIES_CT) -> list[di
     from ..engines.device import resolve_device
 
     if not source.is_file():
-        return [
-            bench_row("series", "ctcolor colorize (whole process)", "cpu", "", "slices/s", note="not measured: no CT")
-        ]
+        return [_row("series", "ctcolor colorize (whole process)", "cpu", "", "slices/s", note="not measured: no CT")]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "series"
         if quick:
@@ -909,9 +898,7 @@ def bench_pipeline(quick: bool, repeats: int, source: Path = PIPELINE_CT) -> lis
     from ..io import Volume, read_volume, write_nifti
 
     if not source.is_dir():
-        return [
-            bench_row("pipeline", "colorize() in process", "cpu", "", "slices/s", note=f"not measured: no {source}")
-        ]
+        return [_row("pipeline", "colorize() in process", "cpu", "", "slices/s", note=f"not measured: no {source}")]
     series = read_volume(source)
     count = series.shape[0] if quick else PIPELINE_SLICES
     order = np.concatenate(
@@ -923,7 +910,7 @@ def bench_pipeline(quick: bool, repeats: int, source: Path = PIPELINE_CT) -> lis
     with tempfile.TemporaryDirectory() as tmp:
         nifti = Path(tmp) / "ct.nii.gz"
         write_nifti(volume, nifti)
-        for device in bench_devices():
+        for device in _devices():
             colorize(volume, window="abdomen", device=device)  # warm: the model, the kernels, the allocator
             network, hooked = _network_share(volume, device)
             share = f"outside the network: {1 - network / hooked:.0%} of a call timed with it (same run)"
@@ -943,12 +930,103 @@ def bench_pipeline(quick: bool, repeats: int, source: Path = PIPELINE_CT) -> lis
                 out = str(Path(tmp) / f"out-{device}.nii.gz")
                 arguments = ["colorize", str(path), "-o", out, "--window", "abdomen", "--device", device, "--overwrite"]
                 shape = "x".join(str(n) for n in processed.shape[::-1])
-                walls = [ctcolor_seconds(arguments)]
+                walls = [_ctcolor(arguments)]
                 rows.append(
                     _rate_row(
                         "pipeline", label, device, shape, processed.shape[0], walls, note="start-up, reading, writing"
                     )
                 )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# register-device: whole ``ctcolor register`` processes on every device of this machine in the same run (the GPU
+# bundle's rows, docs/gpu-server.md), with the share of each engine stage. The pairs need only the shared data the
+# bundle carries: the 3 mm CT against a smooth deformation of itself, and the 20-slice 512² contrast series repeated
+# forwards and backwards to `LARGE_SLICES` slices against itself turned `TURN_DEG` about the patient's long axis and
+# moved `SHIFT_MM` to the patient's left (``quick``: the 30-slice cut, and the 20 slices at 128²).
+# ---------------------------------------------------------------------------------------------------------------------
+
+LARGE_SLICES = 141
+TURN_DEG, SHIFT_MM = 4.0, 7.0
+DEVICE_SECTION = "register device"
+DEVICE_ITEM = "ctcolor register (whole process)"
+
+
+def _turned(volume: Volume, degrees: float, shift_mm: float) -> Volume:
+    """``volume`` turned about its centre's z axis and moved along x (LPS), on its own grid (air outside)."""
+    import SimpleITK as sitk
+
+    from ..io import Volume
+
+    image = volume.to_sitk()
+    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+    turn = sitk.Euler3DTransform(centre, 0.0, 0.0, np.deg2rad(degrees), (shift_mm, 0.0, 0.0))
+    moved = sitk.Resample(image, image, turn, sitk.sitkLinear, -1024.0, image.GetPixelID())
+    return Volume.from_sitk(moved)
+
+
+def _device_pairs(data: Path, quick: bool) -> list[tuple[str, Volume, Volume]]:
+    """(label, fixed, moving) of the section's pairs."""
+    from ..io import Volume, read_volume
+    from ..training.symnet import PHASE_NOISE_HU, deform_pair
+
+    small = read_volume(data / "ct" / ("totalseg-body-3mm-30slices.nii.gz" if quick else "totalseg-body-3mm.nii.gz"))
+    rng = np.random.default_rng(81)
+    labels = np.zeros(small.shape, dtype=np.uint8)
+    pair = deform_pair(small.array, labels, small.spacing, rng, {"max_mm": 15.0, "noise_hu": (PHASE_NOISE_HU,) * 2})
+    geometry = {"spacing": small.spacing, "origin": small.origin, "direction": small.direction}
+    out = [
+        (
+            "x".join(map(str, small.shape[::-1])) + " 3 mm CT, smooth 15 mm",
+            Volume(pair.fixed[0, 0].numpy(), **geometry),
+            Volume(pair.moving[0, 0].numpy(), **geometry),
+        )
+    ]
+    series = read_volume(data / "ct" / "totalseg-abdomen-dicom")
+    count = series.shape[0] if quick else LARGE_SLICES
+    order = np.concatenate(
+        [np.arange(series.shape[0])[:: 1 - 2 * (k % 2)] for k in range(-(-count // series.shape[0]))]
+    )
+    step = 4 if quick else 1  # quick: every 4th pixel in-plane (128²)
+    spacing = (series.spacing[0], series.spacing[1] * step, series.spacing[2] * step)
+    large = Volume(series.array[order[:count], ::step, ::step], spacing, series.origin, series.direction)
+    label = "x".join(map(str, large.shape[::-1])) + f" contrast series, turned {TURN_DEG:g} deg, moved {SHIFT_MM:g} mm"
+    out.append((label, large, _turned(large, TURN_DEG, SHIFT_MM)))
+    return out
+
+
+def _stage_shares(metrics: dict) -> str:
+    stages = metrics.get("stage_seconds") or {}
+    total = sum(stages.values()) or 1.0
+    return ", ".join(f"{name} {seconds / total:.0%}" for name, seconds in stages.items())
+
+
+def bench_register_device(quick: bool) -> list[dict]:
+    """One whole ``ctcolor register`` process per pair (`_device_pairs`) and device, in this run: its wall seconds, with
+    NCC before and after and the share of each engine stage in the note."""
+    from ..io import write_nifti
+    from ..training.data import shared_data_dir
+
+    try:
+        data = shared_data_dir()
+        pairs = _device_pairs(data, quick)
+    except (OSError, InputError) as exc:
+        return [_row(DEVICE_SECTION, DEVICE_ITEM, "cpu", "", "s", note=f"not measured: {str(exc).splitlines()[0]}")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, (label, fixed, moving) in enumerate(pairs):
+            paths = [Path(tmp) / f"{k}-{name}.nii.gz" for name in ("fixed", "moving")]
+            write_nifti(fixed, paths[0])
+            write_nifti(moving, paths[1])
+            for device in _devices():
+                out = Path(tmp) / f"{k}-{device}"
+                seconds = _ctcolor(["register", *map(str, paths), "-o", str(out), "--device", device])
+                metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+                note = (
+                    f"NCC {metrics['ncc_before']:.3f} -> {metrics['ncc_after']:.3f}; stages: {_stage_shares(metrics)}"
+                )
+                rows.append(_seconds_row(DEVICE_SECTION, DEVICE_ITEM, device, label, [seconds], note=note))
     return rows
 
 
@@ -989,7 +1067,7 @@ def run_bench(
     if "memory" in only:
         if quick:
             note = "not measured: --quick"
-            rows.append(bench_row("memory", "colorizer-2d peak RSS - baseline", "cpu", "512x512x600", "MB", note=note))
+            rows.append(_row("memory", "colorizer-2d peak RSS - baseline", "cpu", "512x512x600", "MB", note=note))
         else:
             log("peak RSS, 512x512x600 (subprocess)")
             rows += bench_rss()
@@ -1005,9 +1083,7 @@ def run_bench(
         )
         rows += bench_register_speed(quick=quick)
     if "register-device" in only:
-        from .devices import bench_register_device
-
-        log("register on each device (whole processes" + ", quick: the 30-slice cut and 20 slices" * quick + ")")
+        log("register on each device (whole processes" + ", quick: the 30-slice cut, 20 slices of 128²" * quick + ")")
         rows += bench_register_device(quick=quick)
     if "batch" in only:
         log(f"batch ({BATCH_INPUTS} series, {BATCH_WORKERS}-worker LocalCluster vs sequential processes)")
