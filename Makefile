@@ -8,7 +8,7 @@ APT_PACKAGES := xvfb xauth libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-icc
 	libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 libxcb-xinput0 libxcb-xfixes0 \
 	libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1 orthanc orthanc-dicomweb
 
-.PHONY: setup apt demo test lint clean
+.PHONY: setup apt demo test lint clean gpu-bundle
 setup: apt $(VENV)/.installed
 
 apt:
@@ -29,8 +29,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: setup
-	$(VENV)/bin/ruff check src tests examples
-	$(VENV)/bin/ruff format --check src tests examples
+	$(VENV)/bin/ruff check src tests examples tools
+	$(VENV)/bin/ruff format --check src tests examples tools
 	$(VENV)/bin/npe2 validate napari-ctcolor
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mkdocs build --strict --quiet
@@ -48,5 +48,10 @@ test: lint
 demo: setup
 	$(PY) examples/demo.py --out demo-out
 
+# The offline GPU bundle (docs/gpu-server.md): build/gpu-bundle/, at most 60 MiB, for the GPU server's CPython.
+PYTHON ?= 3.12
+gpu-bundle: setup
+	$(PY) tools/gpu_bundle.py --python $(PYTHON) --out build/gpu-bundle
+
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache .site .import_linter_cache
+	rm -rf $(VENV) demo-out build .pytest_cache .site .import_linter_cache

@@ -55,8 +55,11 @@ PEER_PARAMETERS = 3_896_530
 #: Realistic pixel sizes: the colorizer resamples to its own grid, so these make it run at its usual ~128^2 / 64^2.
 SIZES: tuple[tuple[int, float], ...] = ((512, 0.78), (256, 1.56))
 MODELS = ("colorizer-2d", "colorizer-3d")
-#: The shared OASIS pair beside the checkout (../shared/data/symnet-oasis from the repository root).
-OASIS_DIR = Path(__file__).resolve().parents[4] / "shared" / "data" / "symnet-oasis"
+#: The shared OASIS pair beside the checkout (../shared/data/symnet-oasis from the repository root), or under
+#: ``CTCOLOR_SHARED_DATA`` (the offline GPU bundle's).
+OASIS_DIR = Path(os.environ.get("CTCOLOR_SHARED_DATA") or Path(__file__).resolve().parents[4] / "shared" / "data") / (
+    "symnet-oasis"
+)
 OASIS_CHECKPOINT = "SYMNet_neurite_oasis_smo30_update_80000.pth"
 #: Issue 51's decision 3: a Dice difference within this of a peer is a tie on any one pair.
 DICE_TIE = 0.002
@@ -936,8 +939,109 @@ def bench_pipeline(quick: bool, repeats: int, source: Path = PIPELINE_CT) -> lis
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# register-device: whole ``ctcolor register`` processes on every device of this machine in the same run (the GPU
+# bundle's rows, docs/gpu-server.md), with the share of each engine stage. The pairs need only the shared data the
+# bundle carries: the 3 mm CT against a smooth deformation of itself, and the 20-slice 512² contrast series repeated
+# forwards and backwards to `LARGE_SLICES` slices against itself turned `TURN_DEG` about the patient's long axis and
+# moved `SHIFT_MM` to the patient's left (``quick``: the 30-slice cut, and the 20 slices at 128²).
+# ---------------------------------------------------------------------------------------------------------------------
+
+LARGE_SLICES = 141
+TURN_DEG, SHIFT_MM = 4.0, 7.0
+DEVICE_SECTION = "register device"
+DEVICE_ITEM = "ctcolor register (whole process)"
+
+
+def _turned(volume: Volume, degrees: float, shift_mm: float) -> Volume:
+    """``volume`` turned about its centre's z axis and moved along x (LPS), on its own grid (air outside)."""
+    import SimpleITK as sitk
+
+    from ..io import Volume
+
+    image = volume.to_sitk()
+    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+    turn = sitk.Euler3DTransform(centre, 0.0, 0.0, np.deg2rad(degrees), (shift_mm, 0.0, 0.0))
+    moved = sitk.Resample(image, image, turn, sitk.sitkLinear, -1024.0, image.GetPixelID())
+    return Volume.from_sitk(moved)
+
+
+def _device_pairs(data: Path, quick: bool) -> list[tuple[str, Volume, Volume]]:
+    """(label, fixed, moving) of the section's pairs."""
+    from ..io import Volume, read_volume
+    from ..training.symnet import PHASE_NOISE_HU, deform_pair
+
+    small = read_volume(data / "ct" / ("totalseg-body-3mm-30slices.nii.gz" if quick else "totalseg-body-3mm.nii.gz"))
+    rng = np.random.default_rng(81)
+    labels = np.zeros(small.shape, dtype=np.uint8)
+    pair = deform_pair(small.array, labels, small.spacing, rng, {"max_mm": 15.0, "noise_hu": (PHASE_NOISE_HU,) * 2})
+    geometry = {"spacing": small.spacing, "origin": small.origin, "direction": small.direction}
+    out = [
+        (
+            "x".join(map(str, small.shape[::-1])) + " 3 mm CT, smooth 15 mm",
+            Volume(pair.fixed[0, 0].numpy(), **geometry),
+            Volume(pair.moving[0, 0].numpy(), **geometry),
+        )
+    ]
+    series = read_volume(data / "ct" / "totalseg-abdomen-dicom")
+    count = series.shape[0] if quick else LARGE_SLICES
+    order = np.concatenate(
+        [np.arange(series.shape[0])[:: 1 - 2 * (k % 2)] for k in range(-(-count // series.shape[0]))]
+    )
+    step = 4 if quick else 1  # quick: every 4th pixel in-plane (128²)
+    spacing = (series.spacing[0], series.spacing[1] * step, series.spacing[2] * step)
+    large = Volume(series.array[order[:count], ::step, ::step], spacing, series.origin, series.direction)
+    label = "x".join(map(str, large.shape[::-1])) + f" contrast series, turned {TURN_DEG:g} deg, moved {SHIFT_MM:g} mm"
+    out.append((label, large, _turned(large, TURN_DEG, SHIFT_MM)))
+    return out
+
+
+def _stage_shares(metrics: dict) -> str:
+    stages = metrics.get("stage_seconds") or {}
+    total = sum(stages.values()) or 1.0
+    return ", ".join(f"{name} {seconds / total:.0%}" for name, seconds in stages.items())
+
+
+def bench_register_device(quick: bool) -> list[dict]:
+    """One whole ``ctcolor register`` process per pair (`_device_pairs`) and device, in this run: its wall seconds, with
+    NCC before and after and the share of each engine stage in the note."""
+    from ..io import write_nifti
+    from ..training.data import shared_data_dir
+
+    try:
+        data = shared_data_dir()
+        pairs = _device_pairs(data, quick)
+    except (OSError, InputError) as exc:
+        return [_row(DEVICE_SECTION, DEVICE_ITEM, "cpu", "", "s", note=f"not measured: {str(exc).splitlines()[0]}")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, (label, fixed, moving) in enumerate(pairs):
+            paths = [Path(tmp) / f"{k}-{name}.nii.gz" for name in ("fixed", "moving")]
+            write_nifti(fixed, paths[0])
+            write_nifti(moving, paths[1])
+            for device in _devices():
+                out = Path(tmp) / f"{k}-{device}"
+                seconds = _ctcolor(["register", *map(str, paths), "-o", str(out), "--device", device])
+                metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+                note = (
+                    f"NCC {metrics['ncc_before']:.3f} -> {metrics['ncc_after']:.3f}; stages: {_stage_shares(metrics)}"
+                )
+                rows.append(_seconds_row(DEVICE_SECTION, DEVICE_ITEM, device, label, [seconds], note=note))
+    return rows
+
+
 #: ``ctcolor bench --only`` section names.
-SECTIONS = ("colorize", "pipeline", "series", "memory", "register", "register-ct", "register-speed", "batch")
+SECTIONS = (
+    "colorize",
+    "pipeline",
+    "series",
+    "memory",
+    "register",
+    "register-ct",
+    "register-speed",
+    "register-device",
+    "batch",
+)
 
 
 def run_bench(
@@ -978,6 +1082,9 @@ def run_bench(
             "register speed (ours in process and as a process against every peer" + ", quick: a small cut" * quick + ")"
         )
         rows += bench_register_speed(quick=quick)
+    if "register-device" in only:
+        log("register on each device (whole processes" + ", quick: the 30-slice cut, 20 slices of 128²" * quick + ")")
+        rows += bench_register_device(quick=quick)
     if "batch" in only:
         log(f"batch ({BATCH_INPUTS} series, {BATCH_WORKERS}-worker LocalCluster vs sequential processes)")
         rows += bench_batch(quick=quick, repeats=1 if quick else 3)
@@ -1061,6 +1168,13 @@ _DESCRIPTIONS = (
         "with `--refine 0`, and `ctcolor peer` for each peer, every one a whole process in this run (start-up, reading"
         " and writing NIfTI included); the moving labels are warped through each written ddf.nii.gz by SimpleITK "
         "(nearest).",
+    ),
+    (
+        ("register-device",),
+        "Register device: a whole `ctcolor register` process (CT weights, defaults) per pair and device in this run: "
+        "the 3 mm CT against a smooth 15 mm deformation of itself, and the 20-slice contrast series repeated to 141 "
+        "slices of 512² against itself turned 4 degrees about the long axis and moved 7 mm; NCC and each engine "
+        "stage's share in the note.",
     ),
     (
         ("batch",),

@@ -282,6 +282,7 @@ def _add_tools(sub) -> None:
     bench.add_argument(
         "--only",
         metavar="SECTIONS",
-        help="comma-separated: colorize, series, memory, register, register-ct, register-speed, batch (default: all)",
+        help="comma-separated: colorize, pipeline, series, memory, register, register-ct, register-speed, "
+        "register-device, batch (default: all)",
     )
     bench.set_defaults(run=run.cmd_bench)

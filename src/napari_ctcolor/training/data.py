@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
@@ -71,10 +72,15 @@ def config_from_dict(cls: type, raw: dict[str, Any], path: Path):
     return cls(**raw)
 
 
+#: Where the shared data are when they lie elsewhere than beside the checkout (the offline GPU bundle sets it).
+SHARED_DATA_ENV = "CTCOLOR_SHARED_DATA"
+
+
 def shared_data_dir() -> Path:
-    """``../shared/data`` beside the checkout (the project's real data; never committed)."""
+    """``../shared/data`` beside the checkout (the project's real data; never committed), or ``CTCOLOR_SHARED_DATA``."""
     beside = Path(__file__).resolve().parents[3].parent / "shared" / "data"
-    for candidate in (beside, Path.cwd().parent / "shared" / "data"):
+    named = [Path(os.environ[SHARED_DATA_ENV])] if os.environ.get(SHARED_DATA_ENV) else []
+    for candidate in (*named, beside, Path.cwd().parent / "shared" / "data"):
         if candidate.is_dir():
             return candidate
     raise InputError(f"{beside}: shared data folder not found")

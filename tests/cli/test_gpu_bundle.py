@@ -1,0 +1,81 @@
+"""The offline GPU bundle (`make gpu-bundle`, tools/gpu_bundle.py and its run.sh), as a GPU server's user meets it:
+built for this Python within its budget, installed with no package index reachable, and run end to end with tiny
+settings (``run.sh --smoke``: the GPU tests skip on a CPU, the bench rows and the report are written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import DICOM_SERIES, REPO, require_shared
+
+BUDGET_MIB = 60
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    require_shared(DICOM_SERIES)
+    out = tmp_path_factory.mktemp("bundle") / "gpu-bundle"
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    built = subprocess.run(
+        [sys.executable, "tools/gpu_bundle.py", "--python", python, "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert f"for CPython {python}" in built.stdout
+    return out
+
+
+def test_the_bundle_holds_what_a_server_lacks_within_its_budget(bundle):
+    size = sum(path.stat().st_size for path in bundle.rglob("*") if path.is_file()) / 2**20
+    assert size <= BUDGET_MIB, size
+    names = sorted(path.name for path in (bundle / "wheels").iterdir())
+    assert not any(name.lower().startswith(("torch-", "numpy-", "scipy-", "nvidia")) for name in names)  # the server's
+    assert any(name.startswith("monai-") for name in names) and any(name.startswith("pydicom-") for name in names)
+    assert any(name.startswith("simpleitk-") and name.endswith(".tar.xz") for name in names)  # too large as a wheel
+    package = next((bundle / "wheels").glob("napari_ctcolor-*.whl"))
+    with zipfile.ZipFile(package) as wheel:
+        inside = set(wheel.namelist())
+    for model in ("colorizer-2d", "colorizer-3d", "symnet-ct"):
+        assert {f"napari_ctcolor/_weights/{model}.safetensors", f"napari_ctcolor/_weights/{model}.json"} <= inside
+    assert (bundle / "shared" / "data" / "ct" / "totalseg-abdomen-dicom").is_dir()
+    listed = (bundle / "gpu-tests.txt").read_text(encoding="utf-8").split()
+    assert "tests/engines/test_cuda.py" in listed and all((bundle / "project" / name).is_file() for name in listed)
+
+
+def test_run_sh_installs_offline_and_writes_the_report(bundle, tmp_path):
+    out = tmp_path / "out"
+    # No index reachable: pip is told not to use one, and any proxy it might try leads nowhere.
+    env = {**os.environ, "PYTHON": sys.executable, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
+    env.update(http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
+    run = subprocess.run(
+        ["bash", str(bundle / "run.sh"), "--smoke", "--out", str(out)],
+        capture_output=True, text=True, timeout=900, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
+    steps = (out / "logs" / "steps.log").read_text(encoding="utf-8")
+    assert f"napari-ctcolor from {bundle / '.site'}" in steps  # the bundle's package, not this checkout's
+    rows = json.loads((out / "rows.json").read_text(encoding="utf-8"))["rows"]
+    measured = {(row["section"], row["item"], row["device"]) for row in rows if row["median"] is not None}
+    devices = {"cpu", "cuda"} if "cuda" in {row["device"] for row in rows} else {"cpu"}
+    for device in devices:
+        assert ("pipeline", "colorize() in process", device) in measured
+    for device in devices:  # both pairs registered on each device
+        assert sum(key == ("register device", "ctcolor register (whole process)", device) for key in measured) == 1
+    assert len([row for row in rows if row["section"] == "register device"]) == 2 * len(devices)
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "tests (-m gpu):" in report and " 0 failed" in report and "| pipeline |" in report
+    summary = run.stdout.strip().splitlines()
+    assert summary[-1].endswith("done") and any("report:" in line for line in summary[-20:])
+    # A sweep that does not exist is refused before anything is trained.
+    refused = subprocess.run(
+        ["bash", str(bundle / "run.sh"), "--smoke", "--sweep", "no-such", "--out", str(tmp_path / "o2")],
+        capture_output=True, text=True, timeout=900, env=env,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "no-such" in refused.stderr
