@@ -38,6 +38,9 @@ CLICK_PX = 3.0
 DOCK_NAME = "Linked planes"
 #: The panes' smallest width and height in screen pixels: a plane smaller than this is not read.
 PANE_PX = 320
+#: Milliseconds between two steps of opening the panes: time for Qt to paint (a new pane's first paint sets up its
+#: OpenGL) before the next step, so that the two never add up to one stall.
+TURN_GAP_MS = 30
 
 
 def plane_shown(viewer: Any) -> str:
@@ -114,7 +117,7 @@ class LinkedPlanes:
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered):
             self._link(event, lambda *_: self._copy_layers())
         self._say("Linked planes: opening...")
-        QTimer.singleShot(0, lambda: self._place_pane(*first))
+        QTimer.singleShot(TURN_GAP_MS, lambda: self._place_pane(*first))
 
     def _new_pane(self) -> tuple[ViewerModel, list[int]]:
         """A pane with copies of the viewer's image layers, in the dock; (its model, the layers copied)."""
@@ -131,7 +134,7 @@ class LinkedPlanes:
     def _add_pane(self) -> None:
         if self.open:  # not closed meanwhile
             model, copied = self._new_pane()
-            QTimer.singleShot(0, lambda: self._place_pane(model, copied))
+            QTimer.singleShot(TURN_GAP_MS, lambda: self._place_pane(model, copied))
 
     def _place_pane(self, model: ViewerModel, copied: list[int]) -> None:
         """A new pane joins the others, on its plane and the shared point (the turn after its canvas was made); then
@@ -147,10 +150,10 @@ class LinkedPlanes:
             self._copy_layers()
         self._place_planes(only=model)
         if len(self.panes) < len(PLANES) - 1:
-            QTimer.singleShot(0, self._add_pane)
+            QTimer.singleShot(TURN_GAP_MS, self._add_pane)
             return
         QTimer.singleShot(0, self._fit)  # once Qt has given the panes their size
-        QTimer.singleShot(0, lambda: self._add_crosshairs([self._viewer, *self.panes]))
+        QTimer.singleShot(TURN_GAP_MS, lambda: self._add_crosshairs([self._viewer, *self.panes]))
 
     def _add_crosshairs(self, views: list) -> None:
         """The crosshair of the first of ``views``; the others' at the next turns."""
@@ -158,7 +161,7 @@ class LinkedPlanes:
             return
         self._draw_crosshair(views[0], np.asarray(views[0].dims.point, dtype=float), create=True)
         if len(views) > 1:
-            QTimer.singleShot(0, lambda: self._add_crosshairs(views[1:]))
+            QTimer.singleShot(TURN_GAP_MS, lambda: self._add_crosshairs(views[1:]))
             return
         self._crosshairs = True
         self._say("Linked planes: click in any view to move the crosshair; scroll to move its plane")
