@@ -79,3 +79,12 @@ def test_run_sh_installs_offline_and_writes_the_report(bundle, tmp_path):
         capture_output=True, text=True, timeout=900, env=env,
     )  # fmt: skip
     assert refused.returncode == 2 and "no-such" in refused.stderr
+    # The colour sweep's recipes also read the unlabelled chest CTs, which the bundle does not carry: refused after the
+    # install, before any test, bench or training, naming them.
+    lacking = subprocess.run(
+        ["bash", str(bundle / "run.sh"), "--smoke", "--sweep", "colour-aorta", "--out", str(tmp_path / "o3")],
+        capture_output=True, text=True, timeout=900, env=env,
+    )  # fmt: skip
+    assert lacking.returncode == 2 and "not in this bundle" in lacking.stderr
+    assert "chest-popi-2mm.nii.gz" in lacking.stderr and "colorizer-2d" not in lacking.stderr
+    assert not (tmp_path / "o3" / "tests.xml").exists() and not (tmp_path / "o3" / "sweep").exists()
