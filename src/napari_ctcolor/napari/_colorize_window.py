@@ -17,7 +17,7 @@ from napari.layers import Image
 
 from ..errors import CTColorError
 from ..windowing import DEFAULT_PRESET, PRESETS, Window, default_window
-from ._layers import CONTRAST_WINDOW_KEY, META_KEY
+from ._layers import CONTRAST_WINDOW_KEY, META_KEY, set_contrast
 
 DICOM_DEFAULT = "DICOM default"
 CUSTOM = "custom"
@@ -238,13 +238,9 @@ class WindowControl:
             win = self._shown_window()
         if win is None:
             return
-        low, high = win.limits
         self._syncing = True
         try:
-            range_low, range_high = layer.contrast_limits_range
-            if low < range_low or high > range_high:  # a window wider than the data (lung on a cropped CT)
-                layer.contrast_limits_range = (min(low, range_low), max(high, range_high))
-            layer.contrast_limits = (low, high)
+            set_contrast(layer, win.limits)  # a window wider than the data (lung on a cropped CT) widens the slider
         finally:
             self._syncing = False
 

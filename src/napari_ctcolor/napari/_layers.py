@@ -196,3 +196,13 @@ def shape_width(image, share: float) -> float:
     extent_mm = float(np.ptp(np.asarray(image.extent.world, dtype=float), axis=0).max())
     voxel_mm = np.linalg.norm(world_matrix(layer_attributes(image), image.ndim)[: image.ndim, : image.ndim], axis=0)
     return share * extent_mm / float(voxel_mm[-2:].min())
+
+
+def set_contrast(layer, limits: tuple[float, float]) -> None:
+    """Set a grey layer's contrast limits (a window), first widening its slider's range where they reach past it
+    (napari would clip them: a lung window on a CT cropped to soft tissue)."""
+    low, high = (float(v) for v in limits)
+    range_low, range_high = layer.contrast_limits_range
+    if low < range_low or high > range_high:
+        layer.contrast_limits_range = (min(low, range_low), max(high, range_high))
+    layer.contrast_limits = (low, high)

@@ -21,7 +21,7 @@ from napari.qt import QtViewer
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QSplitter
 
-from ._layers import layer_attributes, shape_width
+from ._layers import layer_attributes, set_contrast, shape_width
 from ._view import PLANES, orient, plane_order
 
 if TYPE_CHECKING:
@@ -247,11 +247,10 @@ class LinkedPlanes:
             return
         self._syncing = not fan_out
         try:
-            value = getattr(origin, key)
             if key == "contrast_limits":
-                low, high = target.contrast_limits_range
-                target.contrast_limits_range = (min(low, value[0]), max(high, value[1]))
-            setattr(target, key, value)
+                set_contrast(target, origin.contrast_limits)
+            else:
+                setattr(target, key, getattr(origin, key))
         finally:
             self._syncing = False
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from napari.layers import Image
 
+from ._layers import set_contrast
+
 if TYPE_CHECKING:
     import napari
 
@@ -52,8 +54,7 @@ class SideBySide:
         viewer.reset_view()  # each image fitted to its half
         self.pair = (left, right)
         if not left.rgb and not right.rgb:
-            right.contrast_limits_range = left.contrast_limits_range
-            right.contrast_limits = left.contrast_limits
+            set_contrast(right, left.contrast_limits)
             left.events.contrast_limits.connect(self._from_left)
             right.events.contrast_limits.connect(self._from_right)
 
@@ -84,10 +85,6 @@ class SideBySide:
             return
         self._syncing = True
         try:
-            origin, other = self.pair[source], self.pair[target]
-            low, high = origin.contrast_limits
-            range_low, range_high = other.contrast_limits_range
-            other.contrast_limits_range = (min(low, range_low), max(high, range_high))
-            other.contrast_limits = (low, high)
+            set_contrast(self.pair[target], self.pair[source].contrast_limits)
         finally:
             self._syncing = False

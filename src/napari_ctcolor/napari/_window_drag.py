@@ -15,7 +15,7 @@ import numpy as np
 from napari.layers import Image
 
 from ..windowing import Window
-from ._layers import META_KEY
+from ._layers import META_KEY, set_contrast
 
 if TYPE_CHECKING:
     import napari
@@ -57,11 +57,7 @@ def window_drag(viewer: napari.Viewer, event):
         while event.type == "mouse_move":
             dx, dy = np.asarray(event.pos, dtype=float) - start
             win = Window(centre + dy * width / WINDOW_DRAG_PX, max(1.0, width * 2.0 ** (dx / WINDOW_DRAG_PX)))
-            range_low, range_high = layer.contrast_limits_range
-            low, high = win.limits
-            if low < range_low or high > range_high:
-                layer.contrast_limits_range = (min(low, range_low), max(high, range_high))
-            layer.contrast_limits = win.limits
+            set_contrast(layer, win.limits)
             yield
     finally:
         viewer.camera.mouse_pan = True
