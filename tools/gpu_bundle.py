@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import email.parser
+import hashlib
 import io
 import re
 import shutil
@@ -38,12 +39,15 @@ CACHE = Path.home() / ".cache" / "napari-ctcolor" / "gpu-bundle-wheels"
 BUDGET_MIB = 60
 #: Wheels larger than this travel as an xz tar of their files (`_as_tar`).
 TAR_ABOVE_MB = 20
-#: Never bundled: the server's own PyTorch (and what only it needs).
-NEVER = {"torch", "triton", "nvidia-cuda-runtime", "setuptools", "pip"}
+#: Never bundled: the server's own PyTorch (and what only it needs), and what nothing the bundle runs imports:
+#: Dask and distributed (with their own requirements) serve only ``ctcolor batch``; pylibjpeg-libjpeg decodes JPEG
+#: baseline, lossless and JPEG-LS DICOM, and the bundle's DICOM series is JPEG 2000 (pylibjpeg-openjpeg). 6 MB.
+NEVER = {"torch", "triton", "nvidia-cuda-runtime", "setuptools", "pip", "dask", "distributed", "pylibjpeg-libjpeg"}
 PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (39, 35, 34, 31, 28, 27, 24, 17)] + ["manylinux2014_x86_64"]
-#: The shared data the bundle's checks read (relative to ../shared/data).
-#: The chest CTs the colorizer recipes' training also reads (53 MB) do not fit beside the software: a colour sweep
-#: needs them brought separately (run.sh says so).
+#: The shared data the bundle's checks read (relative to ../shared/data). The chest CTs the colorizer recipes also
+#: train on (66 MB, 33 MB even as xz with the air outside the body made constant) do not fit beside the software: they
+#: travel as their prepared training cases (`_prepared_partials`, 6 MB as xz), and the comparison's measures of
+#: their blood pools are made again where the CTs are (`training.compare.chests_at_hand`).
 SHARED = (
     "ct/totalseg-abdomen-dicom",
     "ct/totalseg-abdomen-dicom-labels.nii.gz",
@@ -198,6 +202,35 @@ def _copy_project(out: Path, shared: Path) -> None:
             shutil.copy2(source, target)
 
 
+def _prepared_partials(out: Path, cache: Path, shared: Path) -> None:
+    """The colour sweeps' chest CTs as their prepared training cases (`training.compare.prepare_partials`, derived
+    here from the CTs by the bundle's own code), in one xz tar that ``run.sh`` unpacks into the shared data's
+    ``prepared`` folder. Derived once per version of the code, kept in ``cache``."""
+    import os
+
+    import yaml
+
+    os.environ["CTCOLOR_SHARED_DATA"] = str(shared)
+    from napari_ctcolor.training.compare import prepare_partials
+
+    folder, written = cache / "prepared", set()
+    for sweep in sorted((REPO / "configs" / "sweeps").glob("*.yaml")):
+        spec = yaml.safe_load(sweep.read_text(encoding="utf-8"))
+        recipes, variants = [REPO / r for r in spec["recipes"]], [REPO / v for v in spec.get("variants", [])]
+        written |= set(prepare_partials(recipes, variants, folder))
+    if not written:
+        return
+    made = folder / f"{hashlib.sha256(' '.join(sorted(p.name for p in written)).encode()).hexdigest()[:16]}.tar.xz"
+    for stale in set(folder.iterdir()) - written - {made}:  # an older code's: 130 MB a set
+        stale.unlink()
+    if not made.exists():
+        with tarfile.open(made.with_suffix(".partial"), "w:xz", preset=6) as tar:
+            for path in sorted(written):
+                tar.add(path, arcname=path.name)
+        made.with_suffix(".partial").rename(made)
+    shutil.copy2(made, out / "shared" / "prepared.tar.xz")
+
+
 def size_mib(folder: Path) -> float:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 2**20
 
@@ -218,6 +251,7 @@ def build(python: str, out: Path, cache: Path, shared: Path) -> float:
             shutil.copy2(wheel, wheels / wheel.name)
     _package_wheel(wheels)
     _copy_project(out, shared)
+    _prepared_partials(out, cache, shared)
     run = out / "run.sh"
     shutil.copy2(REPO / "tools" / "gpu_bundle_run.sh", run)
     run.chmod(0o755)

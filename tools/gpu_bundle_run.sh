@@ -38,6 +38,10 @@ step "install: $(ls "$HERE"/wheels | wc -l) files from the bundle, no index"
 "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target "$SITE" \
     "$HERE"/wheels/*.whl > "$OUT_DIR/logs/install.log" 2>&1 || { cat "$OUT_DIR/logs/install.log"; exit 1; }
 for tar in "$HERE"/wheels/*.tar.xz; do [ -e "$tar" ] && tar -xJf "$tar" -C "$SITE"; done
+# The chest CTs' prepared training cases (the CTs themselves do not fit in the bundle).
+if [ -e "$HERE/shared/prepared.tar.xz" ]; then
+    mkdir -p "$HERE/shared/data/prepared" && tar -xJf "$HERE/shared/prepared.tar.xz" -C "$HERE/shared/data/prepared"
+fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export CTCOLOR_SHARED_DATA="$HERE/shared/data"
 export PYTHONUNBUFFERED=1
@@ -50,25 +54,24 @@ if [ -n "$SWEEP" ]; then
     file="configs/sweeps/$SWEEP.yaml"
     device=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
     mapfile -t jobs < <("$PY" - "$file" "$SMOKE" <<'EOF'
-import os, sys, yaml
-from pathlib import Path
+import sys, yaml
+from napari_ctcolor.errors import InputError
+from napari_ctcolor.training.compare import sweep_data
 sweep = yaml.safe_load(open(sys.argv[1], encoding="utf-8"))
 smoke = sys.argv[2] == "1"
-def files(node):  # the data files a recipe names
-    if isinstance(node, dict):
-        return [f for key, value in node.items() if key not in ("name", "leave_one_out") for f in files(value)]
-    if isinstance(node, list):
-        return [f for value in node for f in files(value)]
-    text = str(node)
-    return [text] if text.endswith((".nii.gz", ".nrrd", ".mha")) or text.endswith("-dicom") else []
-data = Path(os.environ["CTCOLOR_SHARED_DATA"]) / "ct"
-missing = sorted({f for recipe in sweep["recipes"] for f in files(yaml.safe_load(open(recipe, encoding="utf-8")))
-                  if not (data / f).exists()})
-if missing:
-    sys.exit(f"error: the sweep's recipes read {', '.join(missing)}, not in this bundle: copy them into {data}")
+try:
+    data = sweep_data(sweep["recipes"], sweep.get("variants", []), bool(sweep.get("finetune")))
+except InputError as exc:
+    sys.exit(f"error: {exc}")
+if data["missing"]:
+    sys.exit(f"error: the sweep's recipes read {', '.join(data['missing'])}, not in this bundle")
+if data["unmeasured"]:
+    print(f"note: measured without the blood pools of {', '.join(data['unmeasured'])} (not in this bundle): "
+          "run the same `ctcolor train compare` where they are to add them", file=sys.stderr)
 seeds = 1 if smoke else int(sweep.get("seeds", 3))
 extra = ["--finetune"] * bool(sweep.get("finetune")) + ["--steps", "2"] * smoke
 extra += ["--exams", sweep["exams"]] if sweep.get("exams") else []
+extra += ["--jobs", str(sweep.get("jobs", 1))]
 for recipe in sweep["recipes"][: 1 if smoke else None]:
     print(" ".join([recipe, *sweep["variants"][: 1 if smoke else None], "--seeds", str(seeds), *extra]))
 EOF
@@ -98,7 +101,8 @@ if [ -n "$SWEEP" ]; then
         read -r -a words <<< "$job"
         name=$(basename "${words[0]}" .yaml)
         "$PY" -m napari_ctcolor train compare "${words[@]}" --device "$device" -o "$OUT_DIR/sweep/$name" \
-            --data-cache "$OUT_DIR/sweep/data-cache" > "$OUT_DIR/logs/sweep-$name.log" 2>&1 &
+            --data-cache "$OUT_DIR/sweep/data-cache" --weights-dir "$SITE/napari_ctcolor/_weights" \
+            > "$OUT_DIR/logs/sweep-$name.log" 2>&1 &
         pids+=($!)
     done
     for pid in "${pids[@]}"; do wait "$pid" || sweep_rc=$?; done

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -45,6 +47,9 @@ def test_the_bundle_holds_what_a_server_lacks_within_its_budget(bundle):
     for model in ("colorizer-2d", "colorizer-3d", "symnet-ct"):
         assert {f"napari_ctcolor/_weights/{model}.safetensors", f"napari_ctcolor/_weights/{model}.json"} <= inside
     assert (bundle / "shared" / "data" / "ct" / "totalseg-abdomen-dicom").is_dir()
+    assert not any(name.startswith(("dask-", "distributed-")) for name in names)  # `ctcolor batch` only
+    with tarfile.open(bundle / "shared" / "prepared.tar.xz") as tar:  # the colour sweeps' chest CTs, prepared
+        assert {name.split("-")[1] for name in tar.getnames()} == {"popi", "lung2"}
     listed = (bundle / "gpu-tests.txt").read_text(encoding="utf-8").split()
     assert "tests/engines/test_cuda.py" in listed and all((bundle / "project" / name).is_file() for name in listed)
 
@@ -79,8 +84,10 @@ def test_run_sh_installs_offline_and_writes_the_report(bundle, tmp_path):
         capture_output=True, text=True, timeout=900, env=env,
     )  # fmt: skip
     assert refused.returncode == 2 and "no-such" in refused.stderr
-    # The colour sweep's recipes also read the unlabelled chest CTs, which the bundle does not carry: refused after the
-    # install, before any test, bench or training, naming them.
+    # The colour sweep trains on chest CTs the bundle carries only as prepared cases: without them, it is refused
+    # after the install, before any test, bench or training, naming the CTs.
+    (bundle / "shared" / "prepared.tar.xz").unlink()
+    shutil.rmtree(bundle / "shared" / "data" / "prepared")
     lacking = subprocess.run(
         ["bash", str(bundle / "run.sh"), "--smoke", "--sweep", "colour-aorta", "--out", str(tmp_path / "o3")],
         capture_output=True, text=True, timeout=900, env=env,

@@ -209,16 +209,73 @@ def test_the_cache_gives_back_what_was_prepared_and_a_damaged_file_is_prepared_a
 
 
 def test_every_variant_and_sweep_file_names_real_recipes_and_keys():
-    """configs/variants/*.yaml change only known recipe keys and change something (`compare.arms` refuses else);
-    configs/sweeps/*.yaml name recipes and variants that exist, each variant valid against each recipe."""
+    """configs/sweeps/*.yaml name recipes and variants that exist, each variant valid against each recipe (known
+    keys only, and a change: `compare.arms` refuses else); a variant in no sweep is valid against a colorizer recipe."""
     from napari_ctcolor.training.compare import arms
 
-    base = REPO / "configs" / "colorizer_2d_heldout_dicom.yaml"
-    variants = sorted((REPO / "configs" / "variants").glob("*.yaml"))
-    assert len(arms(base, variants)) == len(variants) + 1
+    named = set()
     for sweep in sorted((REPO / "configs" / "sweeps").glob("*.yaml")):
         spec = yaml.safe_load(sweep.read_text(encoding="utf-8"))
+        named |= {REPO / name for name in spec["variants"]}
         recipes = [REPO / name for name in spec["recipes"]]
         for recipe in recipes:
             assert len(arms(recipe, [REPO / name for name in spec["variants"]])) == len(spec["variants"]) + 1
         assert spec["seeds"] >= 2 and isinstance(spec["finetune"], bool), sweep
+    for variant in set((REPO / "configs" / "variants").glob("*.yaml")) - named:  # a colorizer's, in no sweep
+        assert len(arms(REPO / "configs" / "colorizer_2d_heldout_dicom.yaml", [variant])) == 2
+
+
+def test_a_chest_ct_missing_from_the_data_trains_from_its_prepared_case_and_is_measured_where_it_is(tmp_path):
+    """The offline GPU bundle carries the chest CTs as prepared cases: a comparison there trains from them, says what
+    its measures lack, and the same command where the CTs are adds their blood pools to the runs it finds."""
+    import os
+    import subprocess
+    import sys
+
+    from napari_ctcolor.training.compare import prepare_partials, sweep_data
+    from napari_ctcolor.training.prepare import partial_cases
+
+    from conftest import CT_DIR
+
+    require_shared(CT_DIR / "chest-lung2-5mm.nrrd")
+    config = yaml.safe_load(_tiny_recipe(tmp_path).read_text(encoding="utf-8"))
+    config.update(real_partial=[["chest-lung2-5mm.nrrd", "chest_non_contrast", "chest-lung2-5mm-tumour.nrrd"]],
+                  tissue_val=["chest-lung1-5mm.nrrd"])  # fmt: skip
+    base, variant = tmp_path / "tiny-chest.yaml", tmp_path / "confusion.yaml"
+    base.write_text(yaml.safe_dump(config), encoding="utf-8")
+    variant.write_text("confusion: 1.0\n", encoding="utf-8")
+    # A data folder as the bundle's: the labelled patient, and lung2 only as its prepared case.
+    host = tmp_path / "host"
+    (host / "ct").mkdir(parents=True)
+    for name in ("totalseg-abdomen-dicom", "totalseg-abdomen-dicom-labels.nii.gz", "totalseg-v2-label-names.json"):
+        (host / "ct" / name).symlink_to(CT_DIR / name)
+    (prepared,) = prepare_partials([base], [variant], host / "prepared")
+    train = TrainConfig.load(base)
+    derived = partial_cases(train.real_partial, ColorizerConfig.from_dict(train.model), train.partial_aorta)
+    env = {**os.environ, "CTCOLOR_SHARED_DATA": str(host)}
+    os.environ["CTCOLOR_SHARED_DATA"] = str(host)
+    try:
+        (read,) = partial_cases(train.real_partial, ColorizerConfig.from_dict(train.model), train.partial_aorta)
+        assert sweep_data([base], [variant]) == {"missing": [], "unmeasured": ["chest-lung1-5mm.nrrd"]}
+        prepared.unlink()
+        lacking = sweep_data([base], [variant])["missing"]
+    finally:
+        del os.environ["CTCOLOR_SHARED_DATA"]
+    assert lacking == ["ct/chest-lung2-5mm-tumour.nrrd", "ct/chest-lung2-5mm.nrrd"]
+    assert read.name == derived[0].name and read.partial and torch.equal(read.target, derived[0].target)
+    assert torch.allclose(read.hu, derived[0].hu, atol=1e-3) and torch.equal(read.blood, derived[0].blood)
+
+    prepare_partials([base], [variant], host / "prepared")
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "napari_ctcolor", "train", "compare", str(base), str(variant), "-o", str(out),
+            "--seeds", "1", "--exams", "arterial_300,pool_450", "--data-cache", str(tmp_path / "cache")]  # fmt: skip
+    there = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert there.returncode == 0, there.stderr[-3000:]
+    record = json.loads((out / "base" / "seed-20261121.measures.json").read_text(encoding="utf-8"))
+    assert record["chests"] == [] and not any(key.startswith("chest-lung1") for key in record["measures"])
+    here = ctcolor(*args[3:], timeout=600)  # the full shared data: lung1's pool added, nothing trained again
+    assert here.returncode == 0, here.stderr[-3000:]
+    assert "measuring again with chest-lung1-5mm.nrrd" in here.stderr and "training 2 steps" not in here.stderr
+    record = json.loads((out / "confusion" / "seed-20261121.measures.json").read_text(encoding="utf-8"))
+    assert record["chests"] == ["chest-lung1-5mm.nrrd"]
+    assert "chest-lung1-5mm pool_450 blood_pool bone" in record["measures"]

@@ -44,6 +44,64 @@ def test_random_displacement_is_smooth_invertible_and_bounded():
     torch.testing.assert_close(again, ddf, rtol=0, atol=0)
 
 
+def test_rigid_and_identity_pairs_move_nothing_but_rigidly():
+    """A rigid displacement is R p + t - p about the volume's centre: its Jacobian is 1 everywhere, its lengths are
+    kept, and it stays within the asked turn and shift; an identity pair is not moved; a spec without these shares
+    draws what it drew before they existed."""
+    from napari_ctcolor.models.diffeo import jacobian_determinant
+    from napari_ctcolor.training.symnet import rigid_displacement
+
+    spacing, shape = (2.5, 1.25, 1.0), (12, 40, 44)
+    ddf = rigid_displacement(shape, spacing, np.random.default_rng(3), degrees=5.0, shift_mm=8.0)
+    det = jacobian_determinant(ddf)
+    # Anisotropic voxels: the determinant in voxel units is that of the same rotation, 1 (float32 differences).
+    assert float((det - 1).abs().max()) < 1e-4
+    mm = ddf[0].numpy() * np.asarray(spacing[::-1]).reshape(3, 1, 1, 1)
+    centre = mm[:, 5:7, 19:21, 21:23].reshape(3, -1).mean(axis=1)  # the centre moves by the shift alone
+    assert np.linalg.norm(centre) <= 8.0 + 1e-3
+    corner = np.array(
+        [(shape[2] - 1) / 2 * spacing[2], (shape[1] - 1) / 2 * spacing[1], (shape[0] - 1) / 2 * spacing[0]]
+    )
+    turn = np.linalg.norm(mm[:, -1, -1, -1] - centre) / np.linalg.norm(corner)  # chord of the turn at the corner
+    assert 0 < turn <= 2 * np.sin(np.deg2rad(5.0) / 2) + 1e-3
+    hu = np.random.default_rng(4).normal(0, 100, shape).astype(np.float32)
+    quiet = {"noise_hu": [0.0, 0.0], "gain": [1, 1], "offset_hu": [0, 0]}
+    same = deform_pair(hu, None, spacing, np.random.default_rng(5), {**quiet, "identity": 1.0})
+    np.testing.assert_array_equal(same.moving.numpy(), same.fixed.numpy())
+    a = deform_pair(hu, None, spacing, np.random.default_rng(6), {**quiet, "control_mm": [30, 40]})
+    b = deform_pair(hu, None, spacing, np.random.default_rng(6), {**quiet, "control_mm": [30, 40], "rigid": 0.0})
+    np.testing.assert_array_equal(a.moving.numpy(), b.moving.numpy())
+
+
+def test_a_symnet_comparison_trains_both_arms_and_weighs_dice_folding_and_a_rigid_motion(tmp_path):
+    """`ctcolor train compare` on SYMNet recipes, as the symnet-rigid sweep runs it: each arm fine-tuned from the base
+    recipe's weights with the same seed, the two runs at once in processes of their own (--jobs), measured through
+    the production engine on the base recipe's held-out pairs."""
+    from conftest import ctcolor
+
+    val = [["totalseg-body-3mm-30slices.nii.gz", "totalseg-body-3mm-30slices-labels.nii.gz"]]
+    for name in val[0]:
+        require_shared(CT_DIR / name)
+    base = _tiny_config(tmp_path, steps=2, real_val=val)
+    weights = tmp_path / "weights"
+    assert ctcolor("train", "symnet", "--config", str(base), "--weights-dir", str(weights), timeout=600).returncode == 0
+    out = tmp_path / "out"
+    variant = str(REPO / "configs" / "variants" / "symnet-rigid.yaml")
+    done = ctcolor("train", "compare", str(base), variant, "-o", str(out), "--seeds", "1", "--finetune", "--steps",
+                   "2", "--weights-dir", str(weights), "--jobs", "2", timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "compare.json").read_text(encoding="utf-8"))
+    assert summary["arms"]["symnet-rigid"]["deformation"]["rigid"] == 0.2
+    assert summary["arms"]["base"]["deformation"].get("rigid") is None
+    assert summary["finetune"]["from"].endswith("tiny-symnet.safetensors")
+    rows = {row["measure"]: row for row in summary["rows"]}
+    case = "totalseg-body-3mm-30slices"
+    assert {f"{case} dice", f"{case} folding", f"{case} turned near_1"} <= set(rows)
+    assert 0 < summary["start"][f"{case} dice"] <= 1 and 0 <= summary["start"][f"{case} turned near_1"] <= 1
+    refused = ctcolor("train", "compare", str(base), variant, "-o", str(tmp_path / "o2"), "--exams", "arterial_300")
+    assert refused.returncode == 2 and "SYMNet" in refused.stderr
+
+
 def test_deformed_pair_keeps_label_ids_and_moves_the_image():
     rng = np.random.default_rng(0)
     hu = np.full((16, 32, 32), -1000.0, np.float32)

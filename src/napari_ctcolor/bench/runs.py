@@ -953,21 +953,9 @@ DEVICE_SECTION = "register device"
 DEVICE_ITEM = "ctcolor register (whole process)"
 
 
-def _turned(volume: Volume, degrees: float, shift_mm: float) -> Volume:
-    """``volume`` turned about its centre's z axis and moved along x (LPS), on its own grid (air outside)."""
-    import SimpleITK as sitk
-
-    from ..io import Volume
-
-    image = volume.to_sitk()
-    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
-    turn = sitk.Euler3DTransform(centre, 0.0, 0.0, np.deg2rad(degrees), (shift_mm, 0.0, 0.0))
-    moved = sitk.Resample(image, image, turn, sitk.sitkLinear, -1024.0, image.GetPixelID())
-    return Volume.from_sitk(moved)
-
-
 def _device_pairs(data: Path, quick: bool) -> list[tuple[str, Volume, Volume]]:
     """(label, fixed, moving) of the section's pairs."""
+    from ..engines.geometry import turned
     from ..io import Volume, read_volume
     from ..training.symnet import PHASE_NOISE_HU, deform_pair
 
@@ -992,7 +980,7 @@ def _device_pairs(data: Path, quick: bool) -> list[tuple[str, Volume, Volume]]:
     spacing = (series.spacing[0], series.spacing[1] * step, series.spacing[2] * step)
     large = Volume(series.array[order[:count], ::step, ::step], spacing, series.origin, series.direction)
     label = "x".join(map(str, large.shape[::-1])) + f" contrast series, turned {TURN_DEG:g} deg, moved {SHIFT_MM:g} mm"
-    out.append((label, large, _turned(large, TURN_DEG, SHIFT_MM)))
+    out.append((label, large, turned(large, TURN_DEG, SHIFT_MM)))
     return out
 
 

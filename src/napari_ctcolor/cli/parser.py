@@ -212,7 +212,7 @@ def _add_train(sub) -> None:
         one.set_defaults(run=run.cmd_train)
     compare = train_sub.add_parser(
         "compare",
-        help="train a colorizer recipe and its variants with the same seeds; print the paired differences",
+        help="train a colorizer or SYMNet recipe and its variants with the same seeds; print the paired differences",
         description="Each VARIANT file holds only the keys it changes in BASE. Every arm trains with the same seeds; "
         "the table gives, per measure, the mean of each arm, the per-seed difference (paired) with its spread, and "
         "the unpaired spread. Runs already in OUT (made with the same settings) are not repeated.",
@@ -235,6 +235,9 @@ def _add_train(sub) -> None:
         "--data-cache", metavar="DIR", help="prepared training data (default: ~/.cache/napari-ctcolor/training-data)"
     )
     compare.add_argument("--device", default="cpu", help="cpu or cuda")
+    compare.add_argument(
+        "--jobs", type=int, default=1, help="runs at once, each in its own process (default 1; a GPU server: 6)"
+    )
     compare.add_argument(
         "--exams", metavar="NAMES", help="comma-separated exams to measure, e.g. arterial_300,pool_450 (default: all)"
     )

@@ -148,6 +148,7 @@ def cmd_train_compare(args: argparse.Namespace) -> int:
         data_cache=Path(args.data_cache) if args.data_cache else default_cache_dir(),
         device=args.device,
         exams=args.exams.split(",") if args.exams else None,
+        jobs=args.jobs,
         log=lambda message: print(message, file=sys.stderr),
     )
     print(markdown(summary["rows"], only_changed=0.005))

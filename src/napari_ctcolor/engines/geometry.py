@@ -110,3 +110,13 @@ def warp(
         interpolator, default: as `resample_onto` (``"nearest"`` for label maps).
     """
     return resample_onto(image, grid, field_transform(ddf, grid), interpolator, default)
+
+
+def turned(volume: Volume, degrees: float, shift_mm: float) -> Volume:
+    """``volume`` turned by ``degrees`` about its centre's z axis and moved ``shift_mm`` along x (LPS), on its own
+    grid, air (-1024 HU) outside: a patient lying otherwise on the table, as in a rigid-motion check."""
+    image = volume.to_sitk()
+    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+    turn = sitk.Euler3DTransform(centre, 0.0, 0.0, np.deg2rad(degrees), (shift_mm, 0.0, 0.0))
+    moved = sitk.Resample(image, image, turn, sitk.sitkLinear, -1024.0, image.GetPixelID())
+    return Volume.from_sitk(moved)

@@ -1,4 +1,5 @@
-"""Paired comparison of colorizer recipes: ``ctcolor train compare BASE.yaml VARIANT.yaml ... --seeds 3 --finetune``.
+"""Paired comparison of recipes, colorizer or SYMNet: ``ctcolor train compare BASE.yaml VARIANT.yaml ... --seeds 3
+--finetune [--jobs N]``.
 
 Two trainings of one recipe with different seeds differ, on the held-out rows, by as much as most changes under test
 (one run per recipe moved the held-out aorta by several points). A change is therefore settled by a **paired**
@@ -17,7 +18,10 @@ with its spread. The unpaired spread (what two independent runs of each arm woul
   in every exam of the matrix (`training.exams`) and the unlabelled chest CTs' blood pool; the full model card is made
   once, for the arm that is kept, by ``ctcolor train colorizer``.
 - Every run writes its measures to ``OUT/ARM/seed-N.measures.json`` (its weights and card beside them): a comparison
-  stopped part-way continues where it stopped.
+  stopped part-way continues where it stopped, and one measured without a chest CT (the offline GPU bundle's) is
+  measured again where it is.
+- A SYMNet recipe's models are measured through the registration engine (`symnet_measures`).
+- ``--jobs N``: N runs at once, each in a spawned process of its own (`_concurrent_runs`).
 """
 
 from __future__ import annotations
@@ -53,25 +57,82 @@ def merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-    """One arm of a comparison: its name (``base`` or the variant file's stem) and its recipe."""
+    """One arm of a comparison: its name (``base`` or the variant file's stem) and its recipe (a colorizer's
+    `TrainConfig` or SYMNet's `SymnetTrainConfig`)."""
 
     name: str
-    train: TrainConfig
+    train: Any
+
+
+def recipe_class(raw: dict[str, Any]) -> type:
+    """The training config class of a recipe's mapping: a colorizer's has a ``model`` section, SYMNet's not."""
+    from .symnet import SymnetTrainConfig
+
+    return TrainConfig if "model" in raw else SymnetTrainConfig
 
 
 def arms(base: Path, variants: list[Path]) -> list[Arm]:
     """The base recipe and each variant (the base with the variant's keys), checked as training configs."""
     raw = read_config(base)
-    out = [Arm("base", TrainConfig.from_dict(raw, base))]
+    kind = recipe_class(raw)
+    out = [Arm("base", kind.from_dict(raw, base))]
     for path in variants:
         name = Path(path).stem
         if name in {arm.name for arm in out}:
             raise InputError(f"{path}: two arms named {name!r}; rename one variant file")
-        train = TrainConfig.from_dict(merge(raw, read_config(path)), path)
+        train = kind.from_dict(merge(raw, read_config(path)), path)
         if train == out[0].train:
             raise InputError(f"{path}: a variant that changes nothing is not a comparison")
         out.append(Arm(name, train))
     return out
+
+
+def sweep_data(recipes: Sequence[Path], variants: Sequence[Path], finetune: bool = False) -> dict[str, list[str]]:
+    """What comparing each of ``recipes`` against ``variants`` reads from the shared data, checked before a sweep
+    starts (the offline GPU bundle's ``run.sh --sweep``): ``missing``, the files its training reads that are neither
+    there nor prepared (`prepare.prepared_partial_path`); ``unmeasured``, the chest CTs whose blood pools its
+    measures leave out for want of them (`chests_at_hand`). ``finetune``: runs start from the shipped weights, not
+    from a recipe's ``init``."""
+    from ..models.colorizer import ColorizerConfig
+    from .data import shared_data_dir
+    from .prepare import prepared_partial_path
+
+    data = shared_data_dir()
+    missing, unmeasured = set(), set()
+    for recipe in recipes:
+        for arm in arms(Path(recipe), [Path(v) for v in variants]):
+            train = arm.train
+            needed = [f"ct/{name}" for entry in train.real_train + train.real_val for name in entry[:2]]
+            if not isinstance(train, TrainConfig):  # SYMNet: its official starting checkpoint too
+                needed += [train.init] if train.init and not finetune else []
+                missing |= {name for name in needed if not (data / name).exists()}
+                continue
+            config = ColorizerConfig.from_dict(train.model)
+            for entry in train.real_partial:
+                if not prepared_partial_path(data, entry, config, train.partial_aorta).is_file():
+                    needed += [f"ct/{entry[0]}", *[f"ct/{name}" for name in entry[2:3]]]
+            missing |= {name for name in needed if not (data / name).exists()}
+            unmeasured |= set(train.tissue_val) - set(chests_at_hand(train))
+    return {"missing": sorted(missing), "unmeasured": sorted(unmeasured)}
+
+
+def prepare_partials(recipes: Sequence[Path], variants: Sequence[Path], folder: Path) -> list[Path]:
+    """The prepared case of every chest CT (``real_partial``) that ``recipes`` and ``variants`` train on, written
+    to ``folder`` from the shared data (`prepare.write_prepared_partial`): what the offline GPU bundle carries in
+    place of the CTs."""
+    from ..models.colorizer import ColorizerConfig
+    from .data import shared_data_dir
+    from .prepare import write_prepared_partial
+
+    written = set()
+    for recipe in recipes:
+        for arm in arms(Path(recipe), [Path(v) for v in variants]):
+            if not isinstance(arm.train, TrainConfig):
+                continue
+            config = ColorizerConfig.from_dict(arm.train.model)
+            for entry in arm.train.real_partial:
+                written.add(write_prepared_partial(shared_data_dir(), entry, config, arm.train.partial_aorta, folder))
+    return sorted(written)
 
 
 def start_weights(train: TrainConfig, weights_dir: Path) -> Path:
@@ -128,11 +189,19 @@ def exam_set(train: TrainConfig, exams: Sequence[str] | None = None) -> ExamSet:
     ]
     values = tuple(v for v in POOL_HU if exams is None or f"pool_{v:.0f}" in exams)
     chests = []
-    if train.tissue_val and values:
-        for name in train.tissue_val:
-            ct = read_volume(shared_data_dir() / "ct" / name)
-            chests.append((name.split(".")[0], ct, chest_pool(ct), values))
+    for name in chests_at_hand(train) if values else []:
+        ct = read_volume(shared_data_dir() / "ct" / name)
+        chests.append((name.split(".")[0], ct, chest_pool(ct), values))
     return ExamSet(labelled, chests)
+
+
+def chests_at_hand(train: TrainConfig) -> list[str]:
+    """``train``'s unlabelled chest CTs (``tissue_val``) that are in the shared data. The offline GPU bundle has no
+    room for them: a comparison run there is measured without their blood pools, and measured again where they are
+    (`compare` adds them to the runs it finds)."""
+    from .data import shared_data_dir
+
+    return [name for name in train.tissue_val if (shared_data_dir() / "ct" / name).exists()]
 
 
 def measures(model, exams: ExamSet) -> dict[str, float]:
@@ -167,9 +236,32 @@ def exam_names() -> list[str]:
     return [*PHASES, "above_pelvis", "cut_fov", *(f"pool_{value:.0f}" for value in POOL_HU)]
 
 
+def symnet_measures(weights: Path, train: Any, log=print) -> dict[str, float]:
+    """What a comparison of SYMNet recipes weighs, through the production engine (`evaluate_symnet`): per held-out
+    case, the mean Dice after registration (``dice``) and the share of folded voxels (``folding``); and the last
+    held-out case against itself turned `TURN_DEG` and moved `SHIFT_MM`, where nothing deforms: the share of the body
+    with det J within 0.95-1.05 (``near_1``)."""
+    from ..engines.geometry import turned
+    from ..engines.register import register
+    from .data import load_real_case, shared_data_dir
+    from .symnet import evaluate_symnet
+
+    out: dict[str, float] = {}
+    for case, row in evaluate_symnet(weights, train, log)["by_case"].items():
+        out[f"{case} dice"], out[f"{case} folding"] = row["dice_after"], row["folding_fraction"]
+    case = load_real_case(shared_data_dir(), *train.real_val[-1][:2])
+    result = register(case.ct, turned(case.ct, TURN_DEG, SHIFT_MM), model=weights)
+    out[f"{case.name} turned near_1"] = result.metrics["jacobian_body_near_1_fraction"]
+    return out
+
+
+#: The rigid motion of `symnet_measures` (the bench's register-device pair's).
+TURN_DEG, SHIFT_MM = 4.0, 7.0
+
+
 def lower_is_better(measure: str) -> bool:
-    """Every measure is a share of wrong names except ``right``."""
-    return not measure.endswith(" right")
+    """Every measure is a share of wrong names or folded voxels except ``right``, ``dice`` and ``near_1``."""
+    return not measure.endswith((" right", " dice", " near_1"))
 
 
 def paired_table(results: dict[str, dict[int, dict[str, float]]], start: dict[str, float] | None) -> list[dict]:
@@ -233,6 +325,102 @@ def _write_json(path: Path, value: Any) -> None:
         tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
 
 
+def _measurer(train: Any, exams: Sequence[str] | None, log):
+    """``measured(weights) -> measures`` for the comparison whose base recipe is ``train``; a colorizer's exams are
+    made once, when the first model is measured."""
+    from ..weights import load_colorizer
+
+    if not isinstance(train, TrainConfig):
+        return lambda weights: symnet_measures(weights, train, log)
+    made = None
+
+    def measured(weights: Path) -> dict[str, float]:
+        nonlocal made
+        made = made or exam_set(train, exams)
+        return measures(load_colorizer(weights)[0], made)
+
+    return measured
+
+
+def _one_run(folder: Path, seed: int, train: Any, settings: dict, measured, device: str, data_cache, log) -> dict:
+    """One arm's run for one seed: its record ``folder/seed-N.measures.json`` (its weights and card beside it) as
+    found, measured again where chest CTs it lacked are now at hand, or trained and measured now."""
+    from ..weights import save_weights
+
+    path, weights = folder / f"seed-{seed}.measures.json", folder / f"seed-{seed}.safetensors"
+    colorizer = isinstance(train, TrainConfig)
+    if path.is_file():
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("settings") != json.loads(json.dumps(settings)):
+            raise InputError(f"{path}: made with other settings (recipe, steps or exams); use another --out")
+        if colorizer and set(chests_at_hand(train)) - set(record.get("chests", [])):  # trained where they were not
+            log(f"{folder.name}, seed {seed}: measuring again with {', '.join(chests_at_hand(train))}")
+            record.update(measures=measured(weights), chests=chests_at_hand(train))
+            _write_json(path, record)
+        return record
+    log(f"{folder.name}, seed {seed}: {'fine-tuning' if train.init else 'training'} {train.steps} steps")
+    t0 = time.time()
+    if colorizer:
+        model, train, facts = train_colorizer(
+            train, folder.parent / "checkpoints", device, log=log, data_cache=data_cache
+        )
+        card = {"architecture": {"config": model.config.to_dict()}}
+    else:  # the engine reads SYMNet's inputs (axes, window, voxel size) from its card
+        from .symnet import model_card, train_symnet
+
+        model, train, facts = train_symnet(train, folder.parent / "checkpoints", device, log=log)
+        card = model_card(model, train, Path(f"{train.name}.yaml"), facts, metrics={})
+    seconds = time.time() - t0
+    card["training"] = {**dataclasses.asdict(train), **facts, "command": "ctcolor train compare (compare.json)"}
+    save_weights(model, card, folder, f"seed-{seed}")
+    t1 = time.time()
+    record = {"seed": seed, "settings": settings, "train_seconds": round(seconds, 1), "measures": measured(weights)}
+    record.update(chests=chests_at_hand(train) if colorizer else [], measure_seconds=round(time.time() - t1, 1))
+    _write_json(path, record)
+    return record
+
+
+def _concurrent_runs(out_dir: Path, runs: list, base: Any, exams, device: str, data_cache, jobs: int, log) -> None:
+    """The runs of ``runs`` ((arm name, recipe) pairs) without a record yet, ``jobs`` at a time, each in a process of
+    its own (spawned: no CUDA state shared) with an equal share of the CPU's threads, each measured as the ``base``
+    recipe measures. A colorizer's data are prepared first, once, in ``data_cache``, so that no two processes prepare
+    them; the caller then reads every record."""
+    import concurrent.futures
+    import multiprocessing
+    import os
+
+    todo = [
+        (name, train) for name, train in runs if not (out_dir / name / f"seed-{train.seed}.measures.json").is_file()
+    ]
+    if not todo:
+        return
+    if isinstance(todo[0][1], TrainConfig) and data_cache is not None:
+        from ..models.colorizer import ColorizerConfig
+        from .prepare import prepare_training_data
+
+        for train in {t.name.rsplit("-seed", 1)[0]: t for _, t in todo}.values():  # one preparation per arm's data
+            prepare_training_data(train, ColorizerConfig.from_dict(train.model), data_cache, log)
+    threads = max(1, (os.cpu_count() or 1) // min(jobs, len(todo)))
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context) as pool:
+        futures = [
+            pool.submit(_run_in_process, out_dir / name, train, base, exams, device, data_cache, threads)
+            for name, train in todo
+        ]
+        for future in concurrent.futures.as_completed(futures):
+            log(future.result())
+
+
+def _run_in_process(folder: Path, train: Any, base: Any, exams, device: str, data_cache, threads: int) -> str:
+    """One run of `_concurrent_runs`, in its worker process; returns the line that says it ended."""
+    import torch
+
+    torch.set_num_threads(threads)
+    settings = {"recipe": dataclasses.asdict(train), "exams": None if exams is None else sorted(exams)}
+    record = _one_run(folder, train.seed, train, settings, _measurer(base, exams, print), device, data_cache, print)
+    return f"{folder.name}, seed {train.seed}: done in {record['train_seconds']} s"
+
+
 def compare(
     base: Path,
     variants: list[Path],
@@ -245,67 +433,45 @@ def compare(
     data_cache: Path | None = None,
     device: str = "cpu",
     exams: Sequence[str] | None = None,
+    jobs: int = 1,
     log=print,
 ) -> dict[str, Any]:
-    """Train every arm x seed, measure each model (`measures`) and write ``out_dir/compare.json`` and
-    ``compare.md`` (`paired_table`). Returns the JSON's content."""
-    from ..weights import load_colorizer, save_weights
-
+    """Train every arm x seed, measure each model (`measures` for colorizers, `symnet_measures` for SYMNet) and
+    write ``out_dir/compare.json`` and ``compare.md`` (`paired_table`). Returns the JSON's content. ``jobs`` > 1:
+    that many runs at once, each in a process of its own (`_concurrent_runs`), for a machine whose cores or GPU one
+    run leaves idle."""
     if seeds < 1:
         raise InputError(f"--seeds {seeds}: at least one seed")
+    if jobs < 1:
+        raise InputError(f"--jobs {jobs}: at least one")
     known = exam_names()
     if exams is not None and set(exams) - set(known):
         unknown = ", ".join(sorted(set(exams) - set(known)))
         raise InputError(f"--exams {unknown}: no such exam (known: {', '.join(known)})")
     all_arms = arms(base, variants)
+    if exams is not None and not isinstance(all_arms[0].train, TrainConfig):
+        raise InputError("--exams: a SYMNet comparison is measured on its held-out pairs; leave --exams out")
     init = start_weights(all_arms[0].train, weights_dir).resolve() if finetune else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    made = None  # the base recipe's exams, for every arm: made when the first model is measured, once
-
-    def measured(model) -> dict[str, float]:
-        nonlocal made
-        made = made or exam_set(all_arms[0].train, exams)
-        return measures(model, made)
-
+    measured = _measurer(all_arms[0].train, exams, log)
     start = None
     if init is not None:
         path = out_dir / "start.json"
         if not path.is_file():
-            _write_json(path, measured(load_colorizer(init)[0]))
+            _write_json(path, measured(init))
         start = json.loads(path.read_text(encoding="utf-8"))
     results: dict[str, dict[int, dict[str, float]]] = {arm.name: {} for arm in all_arms}
     timing: dict[str, list[float]] = {arm.name: [] for arm in all_arms}
+    if jobs > 1:
+        runs = [(arm.name, run_config(arm, all_arms[0].train.seed + k, init, steps, lr_share)) for k in range(seeds)
+                for arm in all_arms]  # fmt: skip
+        _concurrent_runs(out_dir, runs, all_arms[0].train, exams, device, data_cache, jobs, log)
     for k in range(seeds):
         seed = all_arms[0].train.seed + k
         for arm in all_arms:  # seed by seed: a comparison stopped early still has paired arms
-            path = out_dir / arm.name / f"seed-{seed}.measures.json"  # beside seed-N.safetensors and its card
             train = run_config(arm, seed, init, steps, lr_share)
             settings = {"recipe": dataclasses.asdict(train), "exams": None if exams is None else sorted(exams)}
-            if path.is_file():
-                record = json.loads(path.read_text(encoding="utf-8"))
-                if record.get("settings") != json.loads(json.dumps(settings)):
-                    raise InputError(f"{path}: made with other settings (recipe, steps or exams); use another --out")
-            else:
-                log(f"{arm.name}, seed {seed}: {'fine-tuning' if init else 'training'} {train.steps} steps")
-                t0 = time.time()
-                model, train, facts = train_colorizer(
-                    train, out_dir / "checkpoints", device, log=log, data_cache=data_cache
-                )
-                seconds = time.time() - t0
-                card = {
-                    "architecture": {"config": model.config.to_dict()},
-                    "training": {**dataclasses.asdict(train), **facts},
-                }
-                save_weights(model, card, out_dir / arm.name, f"seed-{seed}")
-                t1 = time.time()
-                record = {
-                    "seed": seed,
-                    "settings": settings,
-                    "train_seconds": round(seconds, 1),
-                    "measures": measured(model.eval()),
-                }
-                record["measure_seconds"] = round(time.time() - t1, 1)
-                _write_json(path, record)
+            record = _one_run(out_dir / arm.name, seed, train, settings, measured, device, data_cache, log)
             results[arm.name][seed] = record["measures"]
             timing[arm.name].append(record["train_seconds"])
     rows = paired_table(results, start)

@@ -97,21 +97,62 @@ def contrast_flags(pairs: list[list[str]]) -> list[bool]:
 def partial_cases(entries: list[list[str]], config: ColorizerConfig, aorta: bool = False) -> list[Reduced]:
     """The ``real_partial`` entries ``[[ct, derivation], ...]`` or ``[ct, derivation, lesion mask]`` at the network's
     resolution, their labels derived from the HU by `training.partial.partial_class_map` (with the descending aorta
-    where ``aorta``)."""
-    from ..io import read_volume
-    from .partial import partial_class_map
-
+    where ``aorta``). Where the CT is not in the shared data but its prepared case is (`prepared_partial_path`, as the
+    offline GPU bundle carries the chest CTs, too large for it), that case is read instead."""
     data = shared_data_dir()
     out = []
     for entry in entries:
         if len(entry) not in (2, 3):
             raise InputError(f"a real_partial entry is [ct, derivation] or [ct, derivation, lesion mask], got {entry}")
-        ct = read_volume(data / "ct" / entry[0])
-        lesion = np.asarray(read_volume(data / "ct" / entry[2]).array) > 0 if len(entry) == 3 else None
-        classes = partial_class_map(ct, entry[1], config.classes, lesion, aorta)
-        spacing, (hu, classes) = _network_view(ct, config, ct.array, classes)
-        out.append(reduce_classes(entry[0].split(".")[0], hu, spacing, classes, config, partial=True))
+        prepared = prepared_partial_path(data, entry, config, aorta)
+        if not (data / "ct" / entry[0]).exists() and prepared.is_file():
+            out += _load_cases(prepared)[0]
+        else:
+            out.append(derive_partial_case(data, entry, config, aorta))
     return out
+
+
+def derive_partial_case(data: Path, entry: list[str], config: ColorizerConfig, aorta: bool) -> Reduced:
+    """One ``real_partial`` entry's case, derived from its CT in ``data/ct``."""
+    from ..io import read_volume
+    from .partial import partial_class_map
+
+    ct = read_volume(data / "ct" / entry[0])
+    lesion = np.asarray(read_volume(data / "ct" / entry[2]).array) > 0 if len(entry) == 3 else None
+    classes = partial_class_map(ct, entry[1], config.classes, lesion, aorta)
+    spacing, (hu, classes) = _network_view(ct, config, ct.array, classes)
+    return reduce_classes(entry[0].split(".")[0], hu, spacing, classes, config, partial=True)
+
+
+#: Where prepared partial-label cases are read from, under the shared data folder (`partial_cases`).
+PREPARED_DIR = "prepared"
+
+
+def prepared_partial_path(data: Path, entry: list[str], config: ColorizerConfig, aorta: bool) -> Path:
+    """``data/prepared/<key>.safetensors``: the key digests the entry, the model's colour classes, pixel size and
+    orientation, the derived aorta and the code of `_DATA_CODE`, so a prepared case is only ever read by the code that
+    would derive the same one."""
+    section = {
+        "format": _CACHE_FORMAT,
+        "entry": list(entry),
+        "aorta": aorta,
+        "classes": list(config.classes),
+        "chroma_mm": config.chroma_mm,
+        "canonical": config.canonical,
+    }
+    digest = hashlib.sha256(json.dumps(section, sort_keys=True).encode())
+    digest.update(_code_digest())
+    return data / PREPARED_DIR / f"{entry[0].split('.')[0]}-{digest.hexdigest()[:16]}.safetensors"
+
+
+def write_prepared_partial(data: Path, entry: list[str], config: ColorizerConfig, aorta: bool, folder: Path) -> Path:
+    """Derive one ``real_partial`` entry's case from ``data/ct`` and write it to ``folder`` (a shared data folder's
+    `PREPARED_DIR`) under `prepared_partial_path`'s name; kept where that file is already there."""
+    path = folder / prepared_partial_path(data, entry, config, aorta).name
+    if not path.is_file():
+        case = derive_partial_case(data, entry, config, aorta)
+        _save_cases(path, [case], [f"{case.name} (partial labels)"])
+    return path
 
 
 def _network_view(ct, config: ColorizerConfig, *arrays: np.ndarray) -> tuple[tuple[float, float, float], list]:

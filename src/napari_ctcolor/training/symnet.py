@@ -18,6 +18,7 @@ from a seed never used in training, and reports Dice before/after, folding and s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 import tempfile
@@ -41,7 +42,7 @@ from ..io.write import atomic_path
 from ..models.diffeo import integrate_velocity, warp
 from ..models.symnet import SYMNet, half_way_fields, load_symnet_checkpoint
 from ..windowing import window_tensor
-from .data import REPRODUCTION_NOTE, LabelledCT, load_config, load_real_case, shared_data_dir
+from .data import REPRODUCTION_NOTE, LabelledCT, config_from_dict, load_config, load_real_case, shared_data_dir
 from .prepare import phantom_cases
 from .symnet_losses import local_ncc_loss, magnitude_loss, negative_jacobian_loss, smoothness_loss
 
@@ -78,6 +79,11 @@ class SymnetTrainConfig:
     @classmethod
     def load(cls, path: Path) -> SymnetTrainConfig:
         return load_config(cls, path)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], path: Path) -> SymnetTrainConfig:
+        """From a config's mapping (``path``: the file the errors name)."""
+        return config_from_dict(cls, raw, path)
 
 
 # --- synthetic deformations ------------------------------------------------------------------------------------------
@@ -126,6 +132,30 @@ def random_displacement(
     return integrate_velocity(velocity_mm / per_voxel, padding_mode="border")
 
 
+def rigid_displacement(
+    shape: tuple[int, int, int],
+    spacing_zyx: tuple[float, float, float],
+    rng: np.random.Generator,
+    degrees: float,
+    shift_mm: float,
+) -> torch.Tensor:
+    """A random rigid motion as a displacement (1, 3, Z, Y, X) in voxels, channels (x, y, z): a turn about an axis of
+    random direction through the volume's centre by up to ``degrees`` and a shift of up to ``shift_mm`` (a patient
+    lying otherwise on the table, left by the pre-alignment or from a small residual it leaves)."""
+    axis = rng.standard_normal(3)
+    axis /= np.linalg.norm(axis)
+    angle = np.deg2rad(rng.uniform(-degrees, degrees))
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    turn = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross  # Rodrigues, in (x, y, z) mm
+    shift = rng.uniform(-1.0, 1.0, 3) * shift_mm / np.sqrt(3)
+    mm = np.asarray(spacing_zyx[::-1], dtype=np.float64)  # (x, y, z)
+    grids = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) for n in shape], indexing="ij")  # z, y, x voxel offsets
+    points = np.stack([grids[2], grids[1], grids[0]], axis=0).reshape(3, -1) * mm[:, None]
+    moved = turn @ points + shift[:, None]
+    ddf = ((moved - points) / mm[:, None]).reshape(3, *shape)
+    return torch.from_numpy(ddf.astype(np.float32))[None]
+
+
 @dataclass
 class Pair:
     """A training or evaluation pair on one grid: HU images (1, 1, Z, Y, X) and optional label maps (Z, Y, X)."""
@@ -145,16 +175,16 @@ def deform_pair(
     max_mm: float | None = None,
 ) -> Pair:
     """Fixed = the CT with noise; moving = the CT deformed (`random_displacement`), with its own noise and jitter.
+    With ``spec``'s ``identity`` and ``rigid`` shares, that share of the pairs is not moved at all, or moved rigidly
+    (`rigid_displacement`, up to ``rigid_deg`` and ``rigid_mm``): where nothing deforms, det J is 1 everywhere.
 
     Outside the volume the deformation reads the border voxel (no artificial air wedge at the edges).
     """
-    max_mm = float(spec.get("max_mm", 15.0)) if max_mm is None else max_mm
-    control_mm = float(rng.uniform(*spec.get("control_mm", (30.0, 80.0))))
-    ddf = random_displacement(hu.shape, spacing_zyx, rng, max_mm, control_mm)
+    ddf = _motion(hu.shape, spacing_zyx, rng, spec, max_mm)
     base = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None]
-    moving = warp(base, ddf, padding_mode="border")
-    moving_labels = None
-    if labels is not None:
+    moving = base.clone() if ddf is None else warp(base, ddf, padding_mode="border")
+    moving_labels = None if labels is None else labels.copy()
+    if labels is not None and ddf is not None:
         moving_labels = warp(torch.from_numpy(labels.astype(np.int32))[None, None], ddf, "nearest", "border")[0, 0]
         moving_labels = moving_labels.numpy().astype(labels.dtype)
 
@@ -166,6 +196,24 @@ def deform_pair(
         return out + noise * torch.from_numpy(rng.standard_normal(image.shape).astype(np.float32))
 
     return Pair(jitter(base), jitter(moving), labels, moving_labels)
+
+
+def _motion(
+    shape, spacing_zyx, rng: np.random.Generator, spec: dict[str, Any], max_mm: float | None
+) -> torch.Tensor | None:
+    """`deform_pair`'s displacement, None for no motion. A spec without ``identity`` or ``rigid`` draws exactly what
+    it drew before they existed (the shipped recipe's data stream unchanged)."""
+    identity, rigid = float(spec.get("identity", 0.0)), float(spec.get("rigid", 0.0))
+    draw = rng.random() if identity or rigid else 1.0
+    if draw < identity:
+        return None
+    if draw < identity + rigid:
+        return rigid_displacement(
+            shape, spacing_zyx, rng, float(spec.get("rigid_deg", 5.0)), float(spec.get("rigid_mm", 8.0))
+        )
+    max_mm = float(spec.get("max_mm", 15.0)) if max_mm is None else max_mm
+    control_mm = float(rng.uniform(*spec.get("control_mm", (30.0, 80.0))))
+    return random_displacement(shape, spacing_zyx, rng, max_mm, control_mm)
 
 
 #: A later contrast phase than the fixed scan's: HU change per structure-name prefix (TotalSegmentator v2 names).
@@ -504,26 +552,38 @@ def symnet_loss(
 
 
 def initial_model(train: SymnetTrainConfig) -> SYMNet:
-    """Random weights, or the checkpoint named by ``init`` under ../shared/data (start_channel from its shapes)."""
+    """Random weights; or those of ``init``: an official checkpoint under ../shared/data, or project weights (a
+    ``.safetensors`` file with its card, as a comparison's fine-tuning gives; start_channel from its shapes)."""
     if not train.init:
         return SYMNet(train.start_channel)
-    model = load_symnet_checkpoint(shared_data_dir() / train.init)
+    if str(train.init).endswith(".safetensors"):
+        from ..weights import load_symnet
+
+        model = load_symnet(train.init)[0]
+    else:
+        model = load_symnet_checkpoint(shared_data_dir() / train.init)
     if model.start_channel != train.start_channel:
         raise ValueError(f"init {train.init} has start_channel {model.start_channel}, config {train.start_channel}")
     return model
 
 
 def train_symnet(
-    config_path: Path, out_dir: Path, device: str = "cpu", resume: bool = False, log=print, stop_at: int | None = None
+    config_path: Path | SymnetTrainConfig,
+    out_dir: Path,
+    device: str = "cpu",
+    resume: bool = False,
+    log=print,
+    stop_at: int | None = None,
 ) -> tuple[SYMNet, SymnetTrainConfig, dict[str, Any]]:
-    """Train from a config; returns the model, the config and training facts. Seeded; ``resume``/``stop_at`` as
-    `napari_ctcolor.training.colorizer.train_colorizer`."""
+    """Train from a config (a YAML file or a `SymnetTrainConfig`); returns the model, the config and training facts.
+    Seeded; ``resume``/``stop_at`` as `napari_ctcolor.training.colorizer.train_colorizer`."""
     from tqdm import tqdm
 
-    train = SymnetTrainConfig.load(config_path)
-    config_snapshot = yaml.safe_load(
-        Path(config_path).read_text(encoding="utf-8")
-    )  # what this run was given, for the card
+    if isinstance(config_path, SymnetTrainConfig):
+        train, config_snapshot = config_path, dataclasses.asdict(config_path)
+    else:  # what this run was given, for the card
+        train = SymnetTrainConfig.load(config_path)
+        config_snapshot = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
     torch.manual_seed(train.seed)
     t0 = time.time()
     sampler = PairSampler(train, log)
