@@ -269,7 +269,7 @@ def test_a_chest_ct_missing_from_the_data_trains_from_its_prepared_case_and_is_m
     out = tmp_path / "out"
     args = [sys.executable, "-m", "napari_ctcolor", "train", "compare", str(base), str(variant), "-o", str(out),
             "--seeds", "1", "--exams", "arterial_300,pool_450", "--data-cache", str(tmp_path / "cache")]  # fmt: skip
-    there = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    there = subprocess.run(args, capture_output=True, text=True, encoding="utf-8", timeout=600, env=env)
     assert there.returncode == 0, there.stderr[-3000:]
     record = json.loads((out / "base" / "seed-20261121.measures.json").read_text(encoding="utf-8"))
     assert record["chests"] == [] and not any(key.startswith("chest-lung1") for key in record["measures"])
