@@ -388,13 +388,16 @@ def test_auto_settings_take_the_cards_defaults_and_a_doubtful_registration_says_
             yield (done, total, *stage)
 
     monkeypatch.setattr(register_job, "iter_register", recording_engine)
-    # An 8-slice crop of the CT, the same crop shifted by 2 voxels with a second scan's noise (15 HU; without it the
-    # pre-alignment alone is the registration, `PREALIGNED_MATCHED_METRIC`), and noise on the same grid.
+    # An 8-slice crop of the CT, the same crop smoothly deformed (up to 8 mm) with a second scan's noise (15 HU; a
+    # shift alone is registered by the pre-alignment alone, `stages.NETWORK_GAIN_MIN`), and noise on the same grid.
+    from napari_ctcolor.training.symnet import deform_pair
+
     ct = pair.fixed
     crop = np.ascontiguousarray(ct.array[4:12, 18:82, 29:93])
     fixed_volume = Volume(crop, ct.spacing, ct.origin, ct.direction.copy(), {"modality": "CT"})
-    second_scan = np.random.default_rng(1).normal(0.0, 15.0, crop.shape)
-    shifted = fixed_volume.with_array((np.roll(crop, 2, axis=2) + second_scan).round().astype(np.int16))
+    spec = {"max_mm": 8.0, "control_mm": [30.0, 40.0], "noise_hu": [15.0, 15.0], "gain": [1, 1], "offset_hu": [0, 0]}
+    deformed = deform_pair(crop.astype(np.float32), None, ct.spacing, np.random.default_rng(1), spec).moving[0, 0]
+    shifted = fixed_volume.with_array(deformed.numpy().round().astype(np.int16))
     noise = fixed_volume.with_array(np.random.default_rng(0).integers(-1000, 1000, crop.shape).astype(np.int16))
     viewer = make_napari_viewer()
     layers = []

@@ -203,11 +203,12 @@ class RegisterOutputs:
         near_one = m.get("jacobian_body_near_1_fraction", 1.0)
         prealigned = f" (affine {m['ncc_prealigned']:.3f})" if "ncc_prealigned" in m else ""
         warnings = "".join(f"<br>⚠ {html.escape(w)}" for w in m.get("warnings", []))
-        refined = (
-            "no network or refinement: the pre-aligned images agree as one scan does with itself"
-            if m.get("prealigned_matched")
-            else f"refine {m['refine_iterations']}"
-        )
+        if m.get("prealigned_matched"):
+            refined = "no network or refinement: the pre-aligned images agree as one scan does with itself"
+        elif m.get("network_dropped"):
+            refined = "the pre-alignment alone: the network found no deformation it left"
+        else:
+            refined = f"refine {m['refine_iterations']}"
         self.summary.value = (
             f"NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}{prealigned}"
             f" | folding {100 * m['folding_fraction']:.3f} %"

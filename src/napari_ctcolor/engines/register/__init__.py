@@ -150,9 +150,9 @@ def iter_register(
     f_ab, f_ba = stages.run("integrate", partial(_stages.integrate, plan, grid, v_xy, v_yx, crop))
     del v_xy, v_yx
     yield stages.step("fields")
-    fields = stages.run("fields", partial(_stages.to_mm, plan, f_ab, f_ba, transform))
+    fields = stages.run("fields", partial(_stages.kept_fields, plan, pair, f_ab, f_ba, transform))
     del f_ab, f_ba
-    refining = plan.iterations and not pair.prealigned_matched
+    refining = plan.iterations and not pair.prealignment_alone
     yield stages.step("refinement" if refining else "warping")
     if plan.iterations and not refining:
         stages.skip(plan.ticks + 2)  # the refinement's ticks, its end and the inversion
