@@ -429,6 +429,16 @@ def test_auto_settings_take_the_cards_defaults_and_a_doubtful_registration_says_
     named = ["pre-alignment", "resampling", "network", "refinement", "inversion", "warping", "metrics", "outputs"]
     assert [name for name in dict.fromkeys(stages) if name in named] == named, said
 
+    # The crop shifted by 2 voxels with a second scan's noise: the network finds nothing the pre-alignment left, and
+    # the summary says the pre-alignment alone is the registration (issue 82).
+    second_scan = np.random.default_rng(1).normal(0.0, 15.0, crop.shape)
+    data, kwargs, _ = image_layer_data(fixed_volume.with_array((np.roll(crop, 2, axis=2) + second_scan).round()))
+    widget.moving.value = viewer.add_image(data, **{**kwargs, "name": "shifted 2 voxels"})
+    click_and_wait(qtbot, widget, widget.run_button)
+    m = widget.result.metrics
+    assert not errors and m["network_dropped"] and m["jacobian_body_near_1_fraction"] == 1.0
+    assert "the pre-alignment alone: the network found no deformation it left" in widget.summary.value
+
     # Noise against the CT, the network alone: the registration finishes, its layers are added, and its warnings
     # show under the numbers and once as a napari warning.
     widget.moving.value = unrelated
