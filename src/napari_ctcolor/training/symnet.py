@@ -142,11 +142,11 @@ def rigid_displacement(
     """A random rigid motion as a displacement (1, 3, Z, Y, X) in voxels, channels (x, y, z): a turn about an axis of
     random direction through the volume's centre by up to ``degrees`` and a shift of up to ``shift_mm`` (a patient
     lying otherwise on the table, left by the pre-alignment or from a small residual it leaves)."""
+    from scipy.spatial.transform import Rotation
+
     axis = rng.standard_normal(3)
-    axis /= np.linalg.norm(axis)
     angle = np.deg2rad(rng.uniform(-degrees, degrees))
-    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    turn = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross  # Rodrigues, in (x, y, z) mm
+    turn = Rotation.from_rotvec(angle * axis / np.linalg.norm(axis)).as_matrix()  # in (x, y, z) mm
     shift = rng.uniform(-1.0, 1.0, 3) * shift_mm / np.sqrt(3)
     mm = np.asarray(spacing_zyx[::-1], dtype=np.float64)  # (x, y, z)
     grids = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) for n in shape], indexing="ij")  # z, y, x voxel offsets
