@@ -204,7 +204,7 @@ class RegisterOutputs:
         prealigned = f" (affine {m['ncc_prealigned']:.3f})" if "ncc_prealigned" in m else ""
         warnings = "".join(f"<br>⚠ {html.escape(w)}" for w in m.get("warnings", []))
         if m.get("prealigned_matched"):
-            refined = "no network or refinement: the pre-aligned images agree as one scan does with itself"
+            refined = "the pre-alignment alone: after it the images differ only by noise"
         elif m.get("network_dropped"):
             refined = "the pre-alignment alone: the network found no deformation it left"
         else:

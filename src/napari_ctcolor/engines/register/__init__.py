@@ -14,7 +14,9 @@ Stages (each reports progress; each runs in a thread of its own while Cancel is 
    also on the swapped pair, averaging the two answers (`_symmetric_forward`).
 5. integrate: scaling and squaring of the four half-way velocity fields, the two compositions, upsampling to the
    fixed grid from a coarser working grid, and the fields moved back to the (Z, Y, X) arrays.
-6. fields: the displacements in mm (LPS), composed with the pre-alignment.
+6. fields: the displacements in mm (LPS), composed with the pre-alignment; the pre-alignment's alone where the
+   pre-aligned images differ only by noise (no network runs) or the network's map takes too little of their
+   difference away (`stages.NETWORK_GAIN_MIN`), and nothing is refined.
 7. refine (the CT card's default, or ``refine=N``): demons from that whole map, on the fixed image and the moving
    image as read, coarse to fine and ending at the fixed image's full resolution, one progress step per few
    iterations: SimpleITK's on the CPU (`refine_field`), the same scheme in torch on a GPU (`demons`).
@@ -162,7 +164,9 @@ def iter_register(
         yield stages.step("inversion")
         fields = stages.run("invert", partial(_stages.invert, plan, refined, fields))  # its ddf is the refined map
         yield stages.step("warping")
-    warped_t, covered, warped_labels = stages.run("warp", partial(_stages.warp_moving, plan, fields.ddf, moving_labels))
+    warped_t, covered, warped_labels = stages.run(
+        "warp", partial(_stages.warp_moving, plan, fields.ddf, moving_labels, pair)
+    )
     yield stages.step("metrics")
     measured = stages.run("metrics", partial(_stages.measure, plan, pair, fields, warped_t))
     yield stages.step("outputs")

@@ -24,6 +24,10 @@ LNCC_WINDOW = 7
 LNCC_EPSILON = 1e-6
 
 
+#: Voxels per chunk of `global_ncc`'s sums.
+NCC_CHUNK = 1 << 20
+
+
 #: A registration is reported as doubtful (`warnings`) when a measure is beyond its limit: less overlap or local NCC,
 #: more folding, inverse inconsistency or share of the body with det J outside 0.8..1.25.
 #: These suit intra-patient CT (a follow-up scan, breathing): a model card can change any of them, or switch one off
@@ -47,12 +51,20 @@ INTER_SUBJECT_LIMITS: Mapping[str, float | None] = MappingProxyType({**QUALITY_L
 
 def global_ncc(a: torch.Tensor, b: torch.Tensor) -> float:
     """Normalised cross-correlation of two images over all their voxels, in [-1, 1] (0 when one is constant)."""
-    a = a.flatten().double()
-    b = b.flatten().double()
-    a = a - a.mean()
-    b = b - b.mean()
-    denominator = float(torch.sqrt((a @ a) * (b @ b)))
-    return float(a @ b) / denominator if denominator > 0 else 0.0
+    # The five sums in float64 over chunks of a million voxels, without a float64 copy of either image: 0.7 -> 0.2 s a
+    # call on a 512² CT of 141 slices (2 cores, 2026-11-29), equal to 1e-13. In float64 the one-pass variance loses
+    # nothing a CT's range could show (its sums' rounding is 1e-16 of n times the squared values).
+    a, b = a.flatten(), b.flatten()
+    n = a.numel()
+    sums = torch.zeros(5, dtype=torch.float64, device=a.device)
+    for start in range(0, n, NCC_CHUNK):
+        x, y = a[start : start + NCC_CHUNK].double(), b[start : start + NCC_CHUNK].double()
+        sums += torch.stack((x.sum(), y.sum(), x @ x, y @ y, x @ y))
+    sum_a, sum_b, sum_aa, sum_bb, sum_ab = sums.tolist()
+    variance_a, variance_b = sum_aa - sum_a * sum_a / n, sum_bb - sum_b * sum_b / n
+    if variance_a <= 1e-10 * sum_aa or variance_b <= 1e-10 * sum_bb:  # constant, to the sums' rounding
+        return 0.0
+    return (sum_ab - sum_a * sum_b / n) / (variance_a * variance_b) ** 0.5
 
 
 def inverse_consistency_mm(f_ab: torch.Tensor, f_ba: torch.Tensor, spacing_xyz: torch.Tensor) -> float:
@@ -92,13 +104,21 @@ def local_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     k, pad = LNCC_WINDOW, LNCC_WINDOW // 2
 
     def box(t: torch.Tensor) -> torch.Tensor:
-        for axis in (2, 1, 0):  # the contiguous axis first, at full resolution; each pass strides its own axis
-            if t.shape[2 + axis] == 1:  # a 2D image: no box across its single slice
-                continue
-            kernel, stride, padding = [1, 1, 1], [1, 1, 1], [0, 0, 0]
-            kernel[axis], stride[axis], padding[axis] = k, IC_STRIDE, pad
-            t = F.avg_pool3d(t, tuple(kernel), stride=tuple(stride), padding=tuple(padding), count_include_pad=False)
-        return t
+        # The contiguous axis first, at full resolution; each pass strides its own axis. The slices (then the rows)
+        # are the pooling's channels, which torch spreads over the cores: as one (1, 1, Z, Y, X) channel a 512² CT
+        # of 141 slices took 0.6 s a box on one core, 0.3 s this way (2 cores, 2026-11-29). A singleton axis (a 2D
+        # image) gets no box across it.
+        z, y, x = t.shape[2:]
+        t = t.reshape(z, y, x)
+        if x > 1:
+            t = F.avg_pool2d(t, (1, k), stride=(1, IC_STRIDE), padding=(0, pad), count_include_pad=False)
+        if y > 1:
+            t = F.avg_pool2d(t, (k, 1), stride=(IC_STRIDE, 1), padding=(pad, 0), count_include_pad=False)
+        y, x = t.shape[1:]
+        if z > 1:
+            rows = t.reshape(z, y * x).T.contiguous()
+            t = F.avg_pool1d(rows, k, stride=IC_STRIDE, padding=pad, count_include_pad=False).T.reshape(-1, y, x)
+        return t[None, None]
 
     # Box centres at 0, s, 2s, ... on each pooled axis: the voxels mask[::s, ::s, ::s] (a singleton axis keeps its one).
     mask = mask[..., ::IC_STRIDE, ::IC_STRIDE, ::IC_STRIDE]

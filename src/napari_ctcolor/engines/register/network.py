@@ -190,10 +190,10 @@ def symmetric_forward(network: SYMNet, fixed: torch.Tensor, moving: torch.Tensor
 
 def as_tensor(array: np.ndarray, fill: float, device: torch.device) -> torch.Tensor:
     """(Z, Y, X) -> float32 (1, 1, Z, Y, X) on ``device``, NaN replaced by ``fill``."""
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    if not np.isfinite(array).all():
-        array = np.nan_to_num(array, nan=fill, posinf=fill, neginf=fill)
-    return torch.from_numpy(array)[None, None].to(device)
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if not bool(tensor.isfinite().all()):  # torch's, out of place (the array may be the caller's): on every core
+        tensor = torch.nan_to_num(tensor, nan=fill, posinf=fill, neginf=fill)
+    return tensor[None, None].to(device)
 
 
 def intensity_range(volume: Volume, what: str) -> tuple[float, float]:

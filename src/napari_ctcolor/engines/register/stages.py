@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -97,8 +98,9 @@ class RegistrationResult:
             overlap_fraction (of the body covered by the moving image), seconds, stage_seconds, model, network_shape
             (the grid the network ran on), device, refine_iterations (planned), refine_matched (the refinement stopped
             early: the images agreed within noise, `refine.MATCHED_METRIC`), copies (one scan twice: the identity
-            without the network, `COPIES_METRIC`), prealigned_matched (after the pre-alignment the images agreed as
-            one acquisition does with itself, and it is the registration: `PREALIGNED_MATCHED_METRIC`),
+            without the network, `COPIES_METRIC`), prealigned_matched (after the pre-alignment the images differed
+            only by noise and resampling, and it is the registration: `PREALIGNED_MATCHED_METRIC`, with
+            prealigned_coarse_mse),
             network_gain and network_dropped (the network's map took less than `NETWORK_GAIN_MIN` of the pre-aligned
             difference away, and the pre-alignment is the registration, unrefined), affine, symmetric, and warnings
             (`warnings`).
@@ -354,10 +356,11 @@ class Pair:
         unreached: ``outside`` where the moving image is on another grid (`covered`), else None.
         ncc_before, lncc_before: the measures before registration (without the pre-alignment).
         ncc_prealigned: the global NCC after the pre-alignment, when it ran.
-        prealigned_matched: the pre-aligned images agree as one acquisition does with itself
-            (`PREALIGNED_MATCHED_METRIC`): the pre-alignment is the registration, without the network or the
-            refinement, which could only fit noise there.
+        prealigned_matched: the pre-aligned images differ only by noise and resampling (`PREALIGNED_MATCHED_METRIC`):
+            the pre-alignment is the registration, without the network or the refinement, which could only fit that
+            noise.
         mse_prealigned: the normalised images' mean squared difference in the body after the pre-alignment.
+        coarse_mse_prealigned: the same averaged over boxes of about `COARSE_MM` (`coarse_mean_square`).
         network_gain: the share of it the network's map took away (`network_gain`), when it was measured.
         network_dropped: the network found nothing the pre-alignment left (`NETWORK_GAIN_MIN`): the pre-alignment
             is the registration, without the refinement.
@@ -374,6 +377,7 @@ class Pair:
     ncc_prealigned: float | None = None
     prealigned_matched: bool = False
     mse_prealigned: float | None = None
+    coarse_mse_prealigned: float | None = None
     network_gain: float | None = None
     network_dropped: bool = False
 
@@ -383,16 +387,25 @@ class Pair:
         return self.prealigned_matched or self.network_dropped
 
 
-#: After the pre-alignment, images whose normalised intensities differ by less than this in mean square (in the body,
-#: where the moving image reaches) are one acquisition: an RMS difference of 0.3 % of the normalised range (about 6
-#: HU), below a second scan's noise (10-20 HU, `refine.MATCHED_METRIC`). Measured 2026-11-28 (2 CPU threads): one
-#: series read with an oblique and with an axial header 6e-7 (the network and the refinement had lowered its NCC from
-#: 0.99999 to 0.985 and spread its det J over 0.88-1.09); the shared DICOM series against itself with 15 HU of noise
-#: 5.6e-5; the 5 mm lung2 chest CT against itself turned 4 degrees (resampled) 3.2e-5, the 3 mm CT turned 5 or 8
-#: degrees 5.3-5.7e-4; the held-out deformations of the bench 8.3e-4 (popi, breathing) to 8.4e-3. A threshold at a
-#: scan's noise (1e-4) would also take a copy with a second scan's noise and a resampled rigid motion; it is kept
-#: well below, where a real pair whose change is small and local cannot fall.
-PREALIGNED_MATCHED_METRIC = 1e-5
+#: After the pre-alignment, images whose normalised intensities, averaged over boxes of about `COARSE_MM`, differ by
+#: less than this in mean square (in the body, where the moving image reaches) differ only by what the averaging
+#: removes: noise and the moved copy's interpolation blur. No smooth deformation is left for the network or the
+#: refinement, which could only fit that noise (`Pair.prealigned_matched`). Measured 2026-11-29 (2-core AMD EPYC
+#: without AVX-512, the CT window): rigid motions (turned 4-5 degrees, moved 7-8 mm, resampled), with and without 15 HU
+#: of added noise, 2.5e-6 to 1.5e-5 (popi's 512 x 512 x 141 chest 2.5 / 3.0e-6, the 1 mm DICOM series 5.5 / 6.0e-6,
+#: the 5 mm chests 3.9e-6 to 1.5e-5), and 1.2-1.3e-4 on the 3 mm CT, whose 2-voxel boxes keep its blur (the network
+#: refines those: `NETWORK_GAIN_MIN`); every pair whose deformation the network reduced by more than `NETWORK_GAIN_MIN`
+#: 1.7e-4 or more: the bench's 24 register-CT pairs 1.7e-4 (popi's smooth breathing) to 2.8e-3, smooth deformations of
+#: at most 4 / 6 mm of the 3 mm CT 2.1e-4 / 6.7e-4, of at most 2 / 4 / 6 mm of the DICOM series 2.0e-4 / 2.3e-4 /
+#: 6.2e-4. The threshold lies a factor 3 from either side. Untested: low-dose CT, whose correlated noise averages down
+#: less (a pair above the threshold only costs the network's time: `NETWORK_GAIN_MIN` still ends it at the
+#: pre-alignment where the network finds nothing), and MR. Before 2026-11-29 the same test took the full-resolution
+#: difference below 1e-5, which no resampled rigid motion reached (3.2e-5 to 5.7e-4).
+PREALIGNED_MATCHED_METRIC = 5e-5
+#: The side (mm) of the boxes the pre-aligned difference is averaged over (`coarse_mean_square`): 6 mm averages 8 to
+#: 80 voxels of a CT, which brings white noise's mean square 8 to 80 times down and a moved copy's interpolation blur
+#: (a voxel's scale) with it, while a deformation of a few mm still moves the averaged edges.
+COARSE_MM = 6.0
 
 
 def mean_square(fixed_n: torch.Tensor, moving_n: torch.Tensor, body: torch.Tensor, outside) -> float | None:
@@ -400,6 +413,21 @@ def mean_square(fixed_n: torch.Tensor, moving_n: torch.Tensor, body: torch.Tenso
     reaches (not ``outside``); None where that region is empty."""
     region = body if outside is None else body & ~torch.from_numpy(outside).to(body.device)[None, None]
     return float(((fixed_n - moving_n)[region] ** 2).mean()) if bool(region.any()) else None
+
+
+def coarse_mean_square(plan: Plan, fixed_n: torch.Tensor, moving_n: torch.Tensor, body: torch.Tensor, outside) -> float:
+    """`mean_square` of the two normalised images averaged over boxes of about `COARSE_MM` (whole voxels per axis),
+    over the boxes whose fixed average is body (`BODY_LEVEL`) and that the moving image covers entirely; 0 where there
+    are none."""
+    factors = tuple(
+        min(n, max(1, round(COARSE_MM / s))) for n, s in zip(plan.fixed.shape, plan.fixed.spacing, strict=True)
+    )
+    pool = partial(F.avg_pool3d, kernel_size=factors, ceil_mode=True)
+    fixed_c, moving_c = pool(fixed_n), pool(moving_n)
+    region = fixed_c > BODY_LEVEL
+    if outside is not None:
+        region &= pool(torch.from_numpy(outside).to(body.device)[None, None].float()) == 0
+    return float(((fixed_c - moving_c)[region] ** 2).mean()) if bool(region.any()) else 0.0
 
 
 #: The network's map is kept only where it takes at least this share of the pre-aligned images' mean squared
@@ -417,7 +445,8 @@ NETWORK_GAIN_MIN = 0.1
 
 
 def resample_pair(plan: Plan, transform: sitk.Transform | None) -> Pair:
-    """The moving image on the fixed grid through the pre-alignment (linear), and the measures before registration."""
+    """The moving image on the fixed grid through the pre-alignment (linear, its minimum where it does not reach), the
+    measures before registration, and how far the pre-alignment brought the pair (`PREALIGNED_MATCHED_METRIC`)."""
     fixed, moving, device = plan.fixed, plan.moving, plan.device
     (fixed_low, moving_low) = plan.lows
     if transform is None and same_grid(fixed, moving):
@@ -426,34 +455,49 @@ def resample_pair(plan: Plan, transform: sitk.Transform | None) -> Pair:
         # NaN marks the fixed voxels the moving image does not cover (the overlap metric), then the minimum.
         moving_on_fixed = resample_onto(moving, fixed, transform, "linear", default=np.nan)
         outside = np.isnan(moving_on_fixed)
-    # Background for both images where a moving scan on another grid does not reach (`covered`); on one grid the
-    # scans cover the same field and only the motion takes content out of it, which the network may still follow.
-    unreached = None if same_grid(fixed, moving) else outside
     fixed_t = as_tensor(fixed.array, fixed_low, device)
     moving_t = as_tensor(moving_on_fixed, moving_low, device)
     del moving_on_fixed
     fixed_n = plan.normalised(fixed_t, 0)
     body = fixed_n > BODY_LEVEL
+    # Background for both images where a moving scan on another grid does not reach (`covered`); on one grid the
+    # scans cover the same field and only the motion takes content out of it, which the network may still follow.
+    unreached = None if same_grid(fixed, moving) else outside
     ncc_before = global_ncc(fixed_t, moving_t)
-    ncc_prealigned, matched, mse = None, False, None
+    ncc_prealigned, matched, mse, coarse_mse = None, False, None, None
     if plan.affine:
         ncc_prealigned = ncc_before
-        mse = mean_square(fixed_n, plan.normalised(moving_t, 1), body, outside)
-        matched = mse is not None and mse < PREALIGNED_MATCHED_METRIC
-        unaligned = resample_onto(moving, fixed, None, "linear", default=moving_low)
+        moving_n = plan.normalised(moving_t, 1)
+        mse = mean_square(fixed_n, moving_n, body, outside)
+        coarse_mse = coarse_mean_square(plan, fixed_n, moving_n, body, outside)
+        matched = mse is not None and coarse_mse < PREALIGNED_MATCHED_METRIC
+        del moving_n
+        unaligned = moving.array if same_grid(fixed, moving) else resample_onto(moving, fixed, None, default=moving_low)
         unaligned = as_tensor(unaligned, moving_low, device)
         ncc_before = global_ncc(fixed_t, unaligned)
     else:
         unaligned = moving_t
     lncc_before = local_ncc(fixed_n, plan.normalised(unaligned, 1), body)
     return Pair(
-        fixed_t, moving_t, fixed_n, body, outside, unreached, ncc_before, lncc_before, ncc_prealigned, matched, mse
+        fixed_t,
+        moving_t,
+        fixed_n,
+        body,
+        outside,
+        unreached,
+        ncc_before,
+        lncc_before,
+        ncc_prealigned,
+        matched,
+        mse,
+        coarse_mse,
     )
 
 
 def run_network(plan: Plan, grid: Grid, pair: Pair) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple, bool]:
     """(v_xy, v_yx, the crop back from the padded grid, whether bfloat16 ran): the network's half-way velocities on
-    its working grid (None for copies). Drops ``pair.moving_t``: the refinement reads the moving image as it was read.
+    its working grid (None for copies and where the pre-alignment is the registration). Drops ``pair.moving_t`` once
+    the network ran: the refinement reads the moving image as it was read.
     """
     bf16, crop = False, ()
     if plan.copies or pair.prealigned_matched:
@@ -477,7 +521,7 @@ def run_network(plan: Plan, grid: Grid, pair: Pair) -> tuple[torch.Tensor | None
             v_xy, v_yx = forward(network, fixed_in, moving_in)
         v_xy, v_yx = v_xy.float().contiguous(), v_yx.float().contiguous()
         del fixed_in, moving_in
-    pair.moving_t = None
+        pair.moving_t = None
     return v_xy, v_yx, crop, bf16
 
 
@@ -554,19 +598,30 @@ def network_gain(plan: Plan, pair: Pair, fields: Fields) -> float | None:
     return None if mse is None else 1.0 - mse / pair.mse_prealigned
 
 
+def prealignment_fields(plan: Plan, transform: sitk.Transform | None, like: torch.Tensor) -> Fields:
+    """The pre-alignment x -> A x + b alone as `Fields`: its displacement and its exact inverse q -> A^-1 (q - b) in mm,
+    identity network maps (``like``: their shape, dtype and device)."""
+    a, b = affine_parts(transform)
+    a_inv = np.linalg.inv(a)
+    ddf = affine_displacement(plan.fixed, a, b, like)
+    inverse_ddf = affine_displacement(plan.fixed, a_inv, -a_inv @ b, like)
+    identity = torch.zeros_like(like)
+    return Fields(ddf, inverse_ddf, identity, identity, float(np.linalg.det(a)), a, b)
+
+
 def kept_fields(plan: Plan, pair: Pair, f_ab, f_ba, transform: sitk.Transform | None) -> Fields:
-    """The network's maps in mm (`to_mm`), unless they take less than `NETWORK_GAIN_MIN` of the pre-aligned images'
-    difference away (`network_gain`): then the pre-alignment's alone (``pair.network_dropped``)."""
+    """The network's maps in mm (`to_mm`), unless no network ran after the pre-alignment (`Pair.prealigned_matched`)
+    or they take less than `NETWORK_GAIN_MIN` of the pre-aligned images' difference away (`network_gain`): then the
+    pre-alignment's alone (``pair.network_dropped`` in the second case)."""
+    if pair.prealigned_matched:
+        return prealignment_fields(plan, transform, f_ba)
     fields = to_mm(plan, f_ab, f_ba, transform)
     pair.network_gain = network_gain(plan, pair, fields)
     if pair.network_gain is None or pair.network_gain >= NETWORK_GAIN_MIN:
         return fields
     pair.network_dropped = True
-    a, b, a_inv = fields.a, fields.b, np.linalg.inv(fields.a)  # x -> A x + b, and its inverse q -> A^-1 (q - b)
-    ddf = affine_displacement(plan.fixed, a, b, fields.ddf)
-    inverse_ddf = affine_displacement(plan.fixed, a_inv, -a_inv @ b, fields.ddf)
-    identity = torch.zeros_like(f_ba)
-    return Fields(ddf, inverse_ddf, identity, identity, fields.affine_det, a, b)
+    del fields
+    return prealignment_fields(plan, transform, f_ba)
 
 
 def refine(plan: Plan, pair: Pair, fields: Fields, stages: Stages, cancel: Cancel | None) -> Steps[torch.Tensor]:
@@ -598,7 +653,7 @@ def invert(plan: Plan, ddf: torch.Tensor, fields: Fields) -> Fields:
 
 
 def warp_moving(
-    plan: Plan, ddf: torch.Tensor, moving_labels: Volume | None
+    plan: Plan, ddf: torch.Tensor, moving_labels: Volume | None, pair: Pair | None = None
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray | None]:
     """(the moving image through ``ddf`` on the fixed grid, (1, 1, Z, Y, X); where that reads the moving image, bool
     (Z, Y, X): False where the point lies beyond it, which ``warped`` fills with the moving minimum; the labels
@@ -608,12 +663,17 @@ def warp_moving(
     (moving - low) sampled so that zeros outside means "the moving minimum" (air for CT), not 0 HU. After a
     pre-alignment, points up to half a voxel outside the moving image read its edge voxel, as SimpleITK's resampling
     does (`to_edge_within_half_voxel`); without one, zeros there, as the official SYMNet recipe warps (its parity).
-    Labels are sampled nearest, in float64, which holds every integer label exactly."""
+    Labels are sampled nearest, in float64, which holds every integer label exactly. Where no network ran after the
+    pre-alignment (`Pair.prealigned_matched`), ``pair``'s moving image resampled through it (SimpleITK's linear
+    interpolation, the same map, edge voxels read the same way) is the warped image."""
     fixed, moving, (_, moving_low) = plan.fixed, plan.moving, plan.lows
-    original = as_tensor(moving.array, moving_low, plan.device)
     if plan.copies:  # the identity on one grid: the moving image itself
-        warped_t, covered = original, np.ones(fixed.shape, dtype=bool)
+        warped_t, covered = as_tensor(moving.array, moving_low, plan.device), np.ones(fixed.shape, dtype=bool)
+    elif pair is not None and pair.prealigned_matched and pair.moving_t is not None:
+        warped_t = pair.moving_t
+        covered = np.ones(fixed.shape, dtype=bool) if pair.outside is None else ~pair.outside
     else:
+        original = as_tensor(moving.array, moving_low, plan.device)
         at = physical_sampling_grid(moving, fixed, ddf)
         at = to_edge_within_half_voxel(at, moving.shape) if plan.affine else at
         warped_t = sample(original - moving_low, at) + moving_low
@@ -621,8 +681,7 @@ def warp_moving(
         for axis in range(3):  # one component at a time: a bool per voxel, no float copy of the grid
             covered &= (at[0, ..., axis] >= -1) & (at[0, ..., axis] <= 1)
         covered = covered.cpu().numpy()
-        del at
-    del original
+        del at, original
     warped_labels = None
     if plan.copies and moving_labels is not None and same_grid(moving_labels, fixed):
         warped_labels = moving_labels.array.copy()
@@ -665,10 +724,14 @@ def measure(plan: Plan, pair: Pair, fields: Fields, warped_t: torch.Tensor) -> M
         jacobian = torch.ones(fixed.shape, device=plan.device)
         inverse_consistency, ncc_after, lncc_after = 0.0, pair.ncc_before, pair.lncc_before
     else:
-        slab = f_ba.expand(-1, -1, 2, -1, -1) if plan.two_d else f_ba  # a 2D field needs 2 slices for its gradient
-        jacobian = jacobian_determinant(slab)[0, : fixed.shape[0]] * fields.affine_det
-        spacing_xyz = torch.tensor(fixed.spacing[::-1], dtype=f_ba.dtype, device=f_ba.device)
-        inverse_consistency = inverse_consistency_mm(fields.f_ab, f_ba, spacing_xyz)
+        if pair.prealignment_alone:  # an affine map: det J its matrix's on every voxel, its inverse exact
+            jacobian = torch.full(fixed.shape, fields.affine_det, device=plan.device)
+            inverse_consistency = 0.0
+        else:
+            slab = f_ba.expand(-1, -1, 2, -1, -1) if plan.two_d else f_ba  # a 2D field needs 2 slices for its gradient
+            jacobian = jacobian_determinant(slab)[0, : fixed.shape[0]] * fields.affine_det
+            spacing_xyz = torch.tensor(fixed.spacing[::-1], dtype=f_ba.dtype, device=f_ba.device)
+            inverse_consistency = inverse_consistency_mm(fields.f_ab, f_ba, spacing_xyz)
         ncc_after = global_ncc(pair.fixed_t, warped_t)
         lncc_after = local_ncc(pair.fixed_n, plan.normalised(warped_t, 1), pair.body)
     in_body = jacobian[pair.body[0, 0]]
@@ -727,6 +790,7 @@ def metrics_of(
     }
     if plan.affine:
         metrics["ncc_prealigned"] = pair.ncc_prealigned
+        metrics["prealigned_coarse_mse"] = pair.coarse_mse_prealigned
         metrics["prealign_matrix"] = fields.a.tolist()
         metrics["prealign_offset_mm"] = fields.b.tolist()
     if plan.two_d:
