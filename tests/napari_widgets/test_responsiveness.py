@@ -282,9 +282,38 @@ def napari_pane_floor(qtbot, viewer, reference, meter: StallMeter) -> float:
     return max(stalls.values())
 
 
+def napari_text_shapes_floor(qtbot, viewer, reference, meter: StallMeter) -> float:
+    """napari's own longest stall, in seconds, adding a shapes layer whose shapes carry text labels (as the
+    measurements' layer does), active in the ellipse mode, with one ellipse: napari inserts the layer and makes its
+    controls, and vispy builds the new visuals' shaders at the next draw (0.2 and 0.26 s of the 0.65 s a measured
+    circle took in a profile, 2026-11-29; the measurement itself 0.02 s)."""
+    stalls: dict[str, float] = {}
+    placement = {k: v for k, v in layer_attributes(reference).items() if k != "metadata"}
+    centre = np.asarray(reference.data_to_world((4, 200, 200)))
+    corners = [centre + d for d in ([0, -10, -10], [0, -10, 10], [0, 10, 10], [0, 10, -10])]
+    with meter.measure("napari: a shapes layer with text labels", stalls):
+        shapes = viewer.add_shapes(
+            ndim=3,
+            name="floor text",
+            face_color="transparent",
+            features={"label": np.array([], dtype=object)},
+            feature_defaults={"label": "floor"},
+            text={"string": "{label}", "size": 10},
+            **placement,
+        )
+        viewer.layers.selection.active = shapes  # its controls, and the drawing mode, as a tool button sets them
+        shapes.mode = "add_ellipse"
+        shapes.add_ellipses(np.array([shapes.world_to_data(c) for c in corners]))
+        qtbot.wait(200)
+    viewer.layers.remove(shapes)
+    qtbot.wait(200)
+    return stalls["napari: a shapes layer with text labels"]
+
+
 def test_reading_tools_never_stall_the_viewer(make_napari_viewer, qtbot, dicom_series):
     """The DICOM contrast series in the Read & measure dock: linked planes opened, the slice scrolled with them, a
-    circle measured, and the panes closed; each held against napari's own pane and layer additions."""
+    circle measured, and the panes closed; each held against napari's own pane and layer additions (the circle against
+    napari adding a text-labelled shapes layer: the measurements' layer is one)."""
     viewer = make_napari_viewer(show=True)
     ct = viewer.open(str(dicom_series), plugin=PLUGIN)[0]
     qtbot.waitUntil(lambda: READING_KEY not in ct.metadata, timeout=TIMEOUT_MS)
@@ -293,6 +322,7 @@ def test_reading_tools_never_stall_the_viewer(make_napari_viewer, qtbot, dicom_s
     meter, stalls = StallMeter(), {}
     add, _ = napari_floor(qtbot, viewer, ct, meter)
     pane = napari_pane_floor(qtbot, viewer, ct, meter)
+    text = napari_text_shapes_floor(qtbot, viewer, ct, meter)
     with meter.measure("linked planes", stalls):
         widget.linked.value = True
         qtbot.waitUntil(lambda: widget.planes.ready, timeout=TIMEOUT_MS)
@@ -312,6 +342,10 @@ def test_reading_tools_never_stall_the_viewer(make_napari_viewer, qtbot, dicom_s
     with meter.measure("close linked planes", stalls):
         widget.linked.value = False
         qtbot.wait(200)
-    allowed = {"linked planes": pane + LAYERS_PER_TURN * add + MARGIN_S}
+    # A circle's first measurement makes the measurements' layer: napari's cost of such a layer, or of two additions.
+    allowed = {
+        "linked planes": pane + LAYERS_PER_TURN * add + MARGIN_S,
+        "measure a circle": max(text, LAYERS_PER_TURN * add) + MARGIN_S,
+    }
     for what, stall in stalls.items():
         assert stall <= allowed.get(what, LAYERS_PER_TURN * add + MARGIN_S), (what, stalls, add, pane)
