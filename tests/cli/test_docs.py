@@ -148,3 +148,15 @@ def test_troubleshooting_lists_every_error_line():
         if len(piece) >= MIN_PIECE and piece not in page:
             missing.append(f"{where}:{line}: {template}")
     assert not missing, "add these to docs/troubleshooting.md:\n" + "\n".join(missing)
+
+
+def test_benchmarks_keeps_dated_results_within_300_lines():
+    """BENCHMARKS.md holds the latest results by machine kind, each section dated, in at most 300 lines; what it
+    outgrows goes to docs/history/measurements.md, which names each of its sections by date too."""
+    lines = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 300, f"BENCHMARKS.md has {len(lines)} lines: move earlier results to docs/history"
+    date = re.compile(r"20\d\d-\d\d-\d\d")
+    undated = [line for line in lines if line.startswith("### ") and not date.search(line)]
+    assert not undated, undated
+    history = (ROOT / "docs" / "history" / "measurements.md").read_text(encoding="utf-8").splitlines()
+    assert all(date.search(line) for line in history if line.startswith("## ")), "an undated history section"
