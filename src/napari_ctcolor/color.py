@@ -529,11 +529,14 @@ def _quantise_linear_np(lin: np.ndarray, out: np.ndarray) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _check_chroma(chroma: float) -> float:
-    chroma = float(chroma)
-    if not 0.0 <= chroma <= 1.0:
-        raise InputError(f"chroma must be in [0, 1], got {chroma}")
-    return chroma
+def check_chroma_strength(strength: float) -> float:
+    """The chroma strength (the share of the colour's a*b* shown: 0 grey, 1 full colour) as a float; `InputError`
+    outside [0, 1]. The one check of this setting: the CLI, the docks, the Slicer logic, batch and the engines call
+    it."""
+    strength = float(strength)
+    if not 0.0 <= strength <= 1.0:
+        raise InputError(f"chroma strength must be in [0, 1], got {strength}")
+    return strength
 
 
 def compose_rgb(grey: np.ndarray, ab: np.ndarray, chroma: float = 1.0) -> np.ndarray:
@@ -555,7 +558,7 @@ def compose_rgb(grey: np.ndarray, ab: np.ndarray, chroma: float = 1.0) -> np.nda
         InputError: when ``grey`` is not floating point, ``ab``'s shape is not ``grey.shape + (2,)``, either holds
             NaN or infinity, or ``chroma`` is outside [0, 1].
     """
-    chroma = _check_chroma(chroma)
+    chroma = check_chroma_strength(chroma)
     grey = np.asarray(grey)
     if not np.issubdtype(grey.dtype, np.floating):
         raise InputError(f"grey must be floating point in [0, 1] (the windowed CT), got dtype {grey.dtype}")
@@ -721,7 +724,7 @@ def compose_rgb_torch(grey: torch.Tensor, ab: torch.Tensor, chroma: float = 1.0)
         InputError: as `compose_rgb`.
     """
     torch = _torch()
-    chroma = _check_chroma(chroma)
+    chroma = check_chroma_strength(chroma)
     if not grey.is_floating_point():
         raise InputError(f"grey must be floating point in [0, 1] (the windowed CT), got dtype {grey.dtype}")
     if tuple(ab.shape) != (*grey.shape, 2):

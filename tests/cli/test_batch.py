@@ -216,5 +216,7 @@ def test_batch_usage_errors_exit_2_with_one_line(tmp_path, small_cts):
         assert "s3cret" not in done.stderr + done.stdout
         if "--refine" in args:  # the single command's message, once, before any pair is read
             assert "--refine must be 'auto' or a number of iterations" in lines[0], lines
+        if "--chroma" in args:  # the rule's one function (`color.check_chroma_strength`), as `ctcolor colorize` says it
+            assert lines[0] == "error: chroma strength must be in [0, 1], got 2.0", lines
     assert a_file.read_text(encoding="utf-8") == "x"
     assert not any((tmp_path / f"o{k}").exists() for k in range(1, 11))  # nothing written, not even the folder

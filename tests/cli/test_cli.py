@@ -146,6 +146,8 @@ def test_colorize_cli_refuses_non_ct_existing_outputs_and_bad_settings(tmp_path)
         assert_documented(lines[0])
         if str(bad_csv) in args:
             assert "line 3" in lines[0]  # the bad row is named
+        if "--chroma" in args:  # the rule's one function, as batch says it (tests/cli/test_batch.py)
+            assert lines[0] == "error: chroma strength must be in [0, 1], got 1.5", lines
     assert existing.read_bytes() == b"keep me"
     assert not any(tmp_path.glob("[qtuvwxyz].nii.gz")) and not (tmp_path / "s.mha").exists()
 

@@ -302,7 +302,7 @@ def _check_outdir(outdir: Path) -> None:
 
 def _check_colorize_options(args: argparse.Namespace) -> None:
     """The single command's checks that do not depend on an input, once before any task (exit 2, not N errors)."""
-    from ..color import load_palette
+    from ..color import check_chroma_strength, load_palette
     from ..weights import find_weights
     from ..windowing import parse_window
     from .window import AUTO_WINDOW
@@ -311,8 +311,7 @@ def _check_colorize_options(args: argparse.Namespace) -> None:
     find_weights(args.model)
     if args.window is not None and args.window.strip().lower() != AUTO_WINDOW:  # "auto": chosen per CT
         parse_window(args.window)
-    if not 0.0 <= args.chroma <= 1.0:
-        raise InputError(f"chroma strength must be in [0, 1], got {args.chroma}")
+    check_chroma_strength(args.chroma)
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_export_flags(args.format or "nifti", args.keep_patient_info, args.send)  # URL inputs: checked per input

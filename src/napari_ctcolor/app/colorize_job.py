@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..color import Palette, load_palette
+from ..color import Palette, check_chroma_strength, load_palette
 from ..engines import colorize as colorize_engine
 from ..engines.colorize import Chroma, iter_compose_chroma, iter_predict_chroma
 from ..engines.device import resolve_device
@@ -92,8 +92,7 @@ class ColorizeRequest:
             if volume is None:
                 raise InputError("window 'auto' needs the CT: it is chosen from its header and HU")
             window, find_contrast = opening_window(volume), not opens_in_contrast(volume)
-        if not 0.0 <= float(strength) <= 1.0:
-            raise InputError(f"chroma strength must be in [0, 1], got {strength}")
+        strength = check_chroma_strength(strength)
         if batch_size is not None and int(batch_size) < 1:
             raise InputError(f"batch size must be >= 1, got {batch_size}")
         return cls(

@@ -119,45 +119,42 @@ def cmd_pacs_find(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.what == "symnet":
-        from ..training.symnet import run
-    else:
-        from ..training.colorizer import run
-    path = run(Path(args.config), Path(args.weights_dir), args.device, args.resume, args.eval_only)
+    from ..app.training import train
+
+    path = train(args.what, Path(args.config), Path(args.weights_dir), args.device, args.resume, args.eval_only)
     print(f"updated the metrics in {path}" if args.eval_only else f"wrote {path} and {path.with_suffix('.json')}")
     return 0
 
 
 def cmd_train_compare(args: argparse.Namespace) -> int:
-    from ..training.compare import compare, markdown
-    from ..training.prepare import default_cache_dir
+    from ..app.training import compare_recipes
 
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps {args.steps}: at least one step")
     if args.lr_share is not None and not 0 < args.lr_share <= 1:
         raise InputError(f"--lr-share {args.lr_share}: a share of the recipe's rate, above 0 and at most 1")
-    summary = compare(
+    table = compare_recipes(
         Path(args.base),
         [Path(v) for v in args.variants],
         Path(args.out),
         seeds=args.seeds,
         finetune=args.finetune,
         steps=args.steps,
-        **({} if args.lr_share is None else {"lr_share": args.lr_share}),
+        lr_share=args.lr_share,
         weights_dir=Path(args.weights_dir),
-        data_cache=Path(args.data_cache) if args.data_cache else default_cache_dir(),
+        data_cache=Path(args.data_cache) if args.data_cache else None,
         device=args.device,
         exams=args.exams.split(",") if args.exams else None,
         jobs=args.jobs,
         log=lambda message: print(message, file=sys.stderr),
     )
-    print(markdown(summary["rows"], only_changed=0.005))
+    print(table)
     print(f"all rows: {Path(args.out) / 'compare.md'}")
     return 0
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
-    from ..engines.warmup import warm_kernels
+    from ..app.warmup import warm_kernels
 
     seconds = warm_kernels()
     print("kernels ready: " + ", ".join(f"{name} {value:.1f} s" for name, value in seconds.items()))

@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from ...color import Palette, load_palette
+from ...color import Palette, check_chroma_strength, load_palette
 from ...errors import InputError
 from ...io import Volume
 from ...models.colorizer import Colorizer
@@ -53,7 +53,7 @@ __all__ = [
     "iter_compose_chroma",
     "iter_predict_chroma",
     "predict_chroma",
-    "upsample_chroma",
+    "upsample_chroma", "InputError",
 ]
 
 
@@ -93,8 +93,7 @@ def iter_colorize(
     # Check the cheap settings before the network runs, not after.
     parse_window(window, volume)
     palette = load_palette(palette)
-    if not 0.0 <= chroma <= 1.0:
-        raise InputError(f"chroma strength must be in [0, 1], got {chroma}")
+    check_chroma_strength(chroma)
     chroma_ab = yield from offset_steps(iter_predict_chroma(volume, model, device, batch_size), 0, 2 * z)
     return (yield from offset_steps(iter_compose_chroma(volume, chroma_ab, window, chroma, device, palette), z, 2 * z))
 

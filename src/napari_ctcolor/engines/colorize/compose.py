@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...color import Palette, compose_rgb, compose_rgb_torch, load_palette
+from ...color import Palette, check_chroma_strength, compose_rgb, compose_rgb_torch, load_palette
 from ...errors import InputError
 from ...io import Volume
 from ...memory import check_memory
@@ -100,8 +100,7 @@ def iter_compose_chroma(
     A generator of ``(done, Z)`` steps, one per chunk of slices; `compose_chroma` runs it to the end (``progress``,
     ``cancel`` as `predict_chroma`). ``only`` (axis 1 or 2, index), for `compose_plane`: the fused CPU kernel
     composes that row or column alone (the rest of the output is undefined); other paths compose everything."""
-    if not 0.0 <= strength <= 1.0:
-        raise InputError(f"chroma strength must be in [0, 1], got {strength}")
+    strength = check_chroma_strength(strength)
     win = parse_window(window_spec, volume)
     palette = load_palette(palette)
     device = resolve_device(device)

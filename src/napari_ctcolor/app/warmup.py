@@ -15,9 +15,9 @@ import time
 def warm_kernels() -> dict[str, float]:
     """Colorize (with its class map) and register a small built-in phantom on the CPU; returns the seconds each took
     (compilation, or loading the cache when the kernels were compiled already)."""
+    from ..engines.colorize import colorize
+    from ..engines.register import register
     from ..phantom import make_phantom
-    from .colorize import colorize
-    from .register import register
 
     seconds = {}
     start = time.perf_counter()
