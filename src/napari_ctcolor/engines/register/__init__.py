@@ -41,7 +41,8 @@ warping, Jacobian and metrics stay at full resolution. ``metrics["network_shape"
 
 Modules: `model` (the network and its card), `network` (the pair as the network sees it), `fields` (displacements,
 sampling, integration), `demons` (the refinement on a GPU), `inverse` (the refined map's inverse), `metrics` (NCC,
-inverse consistency, quality warnings), `stages` (each stage a function); `iter_register` here runs the stages.
+inverse consistency, quality warnings), `stages` (each stage a function), `outcome` (the measures, the metrics
+record and the result); `iter_register` here runs them.
 
 Example (the official checkpoint on the shared OASIS pair)::
 
@@ -70,7 +71,8 @@ from .fields import SLAB_SLICES
 from .metrics import IC_STRIDE, LNCC_WINDOW, QUALITY_LIMITS, global_ncc, local_ncc, quality_warnings
 from .model import RegistrationModel, load_registration_model
 from .network import BODY_LEVEL, MAX_NETWORK_VOXELS, working_shape
-from .stages import BYTES_PER_VOXEL, RegistrationResult, Stages
+from .outcome import RegistrationResult, measure, metrics_of, result_of
+from .stages import BYTES_PER_VOXEL, Stages
 
 __all__ = [
     "BODY_LEVEL",
@@ -168,10 +170,10 @@ def iter_register(
         "warp", partial(_stages.warp_moving, plan, fields.ddf, moving_labels, pair)
     )
     yield stages.step("metrics")
-    measured = stages.run("metrics", partial(_stages.measure, plan, pair, fields, warped_t))
+    measured = stages.run("metrics", partial(measure, plan, pair, fields, warped_t))
     yield stages.step("outputs")
-    metrics = _stages.metrics_of(plan, grid, pair, fields, measured, stages, bf16, time.perf_counter() - start)
-    return _stages.result_of(plan, measured, metrics, warped_labels, moving_labels, covered)
+    metrics = metrics_of(plan, grid, pair, fields, measured, stages, bf16, time.perf_counter() - start)
+    return result_of(plan, measured, metrics, warped_labels, moving_labels, covered)
 
 
 register = blocking(iter_register)
