@@ -286,7 +286,7 @@ def test_warmup_compiles_every_kernel_of_colorize_and_register_into_numbas_cache
     done = subprocess.run(run, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0 and done.stdout.startswith("kernels ready: colorize"), done.stderr
     cached = sorted(path.name for path in (tmp_path / "cache").rglob("*.nbi"))
-    for module in ("fused", "anatomy", "_field_kernels"):
+    for module in ("fused", "anatomy", "_field_kernels", "_demons_kernels"):
         assert any(name.startswith(module + ".") for name in cached), (module, cached)
     again = subprocess.run(run, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and sorted(path.name for path in (tmp_path / "cache").rglob("*.nbi")) == cached

@@ -7,8 +7,9 @@ Tolerances come from the arithmetic, not from bit equality across devices:
   float32 or bfloat16 on the CPU, so class probabilities, and the colours mixed from them, differ a little where two
   classes are close. Luminance is composed exactly on both (`LUMINANCE_BOUND`); colours are bounded as the engine's
   own CUDA test bounds them (CIE76 mean < 2, 99th percentile < 6).
-- register with the CT weights: the network runs in bfloat16 on CUDA; the field it seeds is refined by the same CPU
-  demons on both, so the two ddfs may differ by a fraction of a voxel where the images give no contrast. Bounded in the
+- register with the CT weights: the network runs in bfloat16 on CUDA; the field it seeds is refined by the same
+  demons scheme on each device (numba's kernels on the CPU, torch on CUDA), so the two ddfs may differ by a fraction
+  of a voxel where the images give no contrast. Bounded in the
   body at a tenth of the 3 mm voxel on average, a voxel at the 99th percentile, and the warped labels' Dice within
   0.01. The inverse of the refined map is computed on each device (`register.inverse`) within the same bounds.
 - register with the official checkpoint: float32 on CUDA, without TF32 convolutions, so parity with the official

@@ -1,13 +1,15 @@
-"""Refinement of the network's displacement at the fixed image's full resolution, seeded by it.
+"""Refinement of the network's displacement at the fixed image's full resolution, seeded by it: its settings and
+images. `register.demons.refine_field` runs it.
 
 SYMNet runs on a working grid of at least 2 mm (the CT weights' card), so a vertebra or a vessel wall cannot align
-better than that grid. The refinement starts SimpleITK's fast symmetric-forces demons (Vercauteren et al. 2007/2009;
-ITK's ``FastSymmetricForcesDemonsRegistrationFilter``) from the network's field and runs it coarse to fine, ending
-at the fixed image's own voxels. Demons is used rather than an own optimiser because it is the field library's
-well-tested full-resolution method and because it measured best (issue 23, 2 CPU threads, held-out deformations of
-the labelled CTs, Dice): seeded demons 0.887 / 0.862 against the network alone 0.822 / 0.778 and demons from zero
-0.875 / 0.802 (3 mm CT / 1 mm DICOM), phase-change variants likewise; the former Adam refinement of the velocities on
-a 4 mm grid gained 0.003 Dice in 45 s.
+better than that grid. The refinement runs ITK's fast symmetric-forces demons (Vercauteren et al. 2007/2009; the
+scheme of SimpleITK's ``FastSymmetricForcesDemonsRegistrationFilter``, matched to it to float32 rounding) from the
+network's field, coarse to fine, ending at the fixed image's own voxels. Demons was chosen because it is the field
+library's well-tested full-resolution method and because it measured best (issue 23, 2 CPU threads, held-out
+deformations of the labelled CTs, Dice): seeded demons 0.887 / 0.862 against the network alone 0.822 / 0.778 and
+demons from zero 0.875 / 0.802 (3 mm CT / 1 mm DICOM), phase-change variants likewise; the former Adam refinement of
+the velocities on a 4 mm grid gained 0.003 Dice in 45 s. Until 2026-11-29 SimpleITK's filter ran it on the CPU; the
+project's own kernels (`register._demons_kernels`) run the same iterations there since.
 
 - Intensities: both images as the network saw them (the card's window mapped to [0, 1]), the moving one histogram
   matched to the fixed one (``sitk.HistogramMatching``), each plus `LOCAL_WEIGHT` times its local structure: the image
@@ -51,9 +53,8 @@ a 4 mm grid gained 0.003 Dice in 45 s.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import SimpleITK as sitk
@@ -62,8 +63,6 @@ from scipy import ndimage
 from ..errors import Cancelled, InputError
 from ..io import Volume
 from .geometry import resample_onto, same_grid
-from .prealign import stop_on_cancel
-from .steps import in_thread
 
 #: Weight of each image's local structure added to its intensities (`_local_structure`; unit local variance against
 #: intensities in [0, 1]: 0.1 is the step of 200 HU under the CT weights' window).
@@ -152,11 +151,13 @@ UPDATE_SMOOTHING_VOXELS = 3.0
 #: 90 -> 82 %, so a coarser fixed scan is left alone. Untested: other voxel ratios, slice-thickness-only differences,
 #: anisotropic scans, MR.
 RESOLUTION_MATCH = 0.5
-#: The name of the thread each SimpleITK call of the refinement runs in (`steps.in_thread`).
+#: The name of the thread each SimpleITK call of the refinement's set-up runs in (`steps.in_thread`).
 REFINEMENT_THREAD = "ctcolor-refinement"
-#: Extra memory per fixed-grid voxel while refining: float64 fields (the seed, SimpleITK's copy, the demons filter's
-#: output and update buffers, the inverse and its iteration), the two float32 images, their matched copy and the
-#: local-structure temporaries (`_local_structure`: six float32 arrays while an image is made).
+#: Extra memory per fixed-grid voxel while refining, set when SimpleITK's filter refined with float64 fields (the
+#: seed, its copy, the filter's output and update buffers, the inverse and its iteration), the two float32 images,
+#: their matched copy and the local-structure temporaries (`_local_structure`: six float32 arrays while an image is
+#: made). The kernels since keep float32 fields (the field, the update, the warped image and the fixed image's
+#: gradient: about 45 bytes a voxel), so this now overstates the need: kept until measured again.
 REFINE_BYTES_PER_VOXEL = 224
 
 
@@ -313,49 +314,3 @@ def demons_images(fixed: Volume, moving: Volume, check: Callable[[], None]) -> t
     matched = sitk.HistogramMatching(_image(moving.array, moving), fixed_image, 256, 7, True)
     check()
     return _local_structure(fixed_image, check), _local_structure(matched, check)
-
-
-def refine_field(
-    fixed: Volume, moving: Volume, seed_mm: np.ndarray, iterations: int, cancel: Callable[[], bool] | None = None
-) -> Generator[None, None, np.ndarray]:
-    """Demons from ``seed_mm``, coarse to fine; yields after each call (`level_chunks`), returns the refined field.
-    Each level stops early where its images already agree within noise (`MATCHED_METRIC`).
-
-    Args:
-        fixed, moving: the two images, normalised as the network saw them (0 is the background). ITK's demons takes
-            both on one grid: a moving image on another grid (any other size, spacing, origin or direction: two
-            scans) is first sampled onto the fixed grid (linear, 0 outside it), so the part of the moving image
-            outside the fixed field of view gives no force there.
-        seed_mm: (Z, Y, X, 3) on the fixed grid, LPS mm: fixed point p maps to moving point p + seed(p) (the
-            network's field composed with the pre-alignment).
-        iterations: full-resolution iterations (>= 1).
-        cancel: polled every `steps.CANCEL_POLL_S` while SimpleITK works (`steps.in_thread`), after every demons
-            iteration (`prealign.stop_on_cancel`) and between the set-up's filters; True raises `Cancelled` within a
-            poll.
-
-    Returns:
-        (Z, Y, X, 3) float64, LPS mm, same convention as the seed.
-    """
-    check = cancel_check(cancel)
-    fixed_image, moving_image = in_thread(partial(demons_images, fixed, moving, check), check, REFINEMENT_THREAD)
-    field = in_thread(partial(_image, seed_mm, fixed, np.float64), check, REFINEMENT_THREAD)
-    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
-    demons.SetStandardDeviations(SMOOTHING_VOXELS)
-    demons.SetSmoothUpdateField(True)
-    demons.SetUpdateFieldStandardDeviations(UPDATE_SMOOTHING_VOXELS)
-    stop_on_cancel(demons, cancel)
-    for factors, count in levels(fixed.spacing, iterations):
-        if max(factors) > 1:  # box averages over the same extent (BinShrink), as the network's working grid is made
-            level_fixed, level_moving = sitk.BinShrink(fixed_image, factors), sitk.BinShrink(moving_image, factors)
-        else:
-            level_fixed, level_moving = fixed_image, moving_image
-        onto_level = (field, level_fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
-        field = in_thread(partial(sitk.Resample, *onto_level), check, REFINEMENT_THREAD)
-        demons.SetMaximumUpdateStepLength(THIRION_STEP if max(factors) > 1 else step_length(fixed.spacing))
-        for chunk in level_chunks(count):
-            demons.SetNumberOfIterations(chunk)
-            field = in_thread(partial(demons.Execute, level_fixed, level_moving, field), check, REFINEMENT_THREAD)
-            yield
-            if demons.GetMetric() < MATCHED_METRIC / math.prod(factors):
-                break  # this level's images agree within noise (averaged over its boxes): on to the next
-    return in_thread(partial(sitk.GetArrayFromImage, field), check, REFINEMENT_THREAD)

@@ -53,7 +53,8 @@ __all__ = [
     "iter_compose_chroma",
     "iter_predict_chroma",
     "predict_chroma",
-    "upsample_chroma", "InputError",
+    "upsample_chroma",
+    "InputError",
 ]
 
 

@@ -19,7 +19,8 @@ Stages (each reports progress; each runs in a thread of its own while Cancel is 
    difference away (`stages.NETWORK_GAIN_MIN`), and nothing is refined.
 7. refine (the CT card's default, or ``refine=N``): demons from that whole map, on the fixed image and the moving
    image as read, coarse to fine and ending at the fixed image's full resolution, one progress step per few
-   iterations: SimpleITK's on the CPU (`refine_field`), the same scheme in torch on a GPU (`demons`).
+   iterations: ITK's fast symmetric-forces scheme, numba's kernels on the CPU and torch on a GPU
+   (`demons.refine_field`).
 8. invert (after a refinement): the refined map's inverse by the fixed-point iteration, in torch on the device
    (`inverse.invert_field`).
 9. warp: the original moving image through the final ddf in one trilinear interpolation; labels with nearest.
@@ -40,7 +41,7 @@ asks for a minimum voxel size or the padded grid would exceed the card's voxel b
 warping, Jacobian and metrics stay at full resolution. ``metrics["network_shape"]`` says which grid was used.
 
 Modules: `model` (the network and its card), `network` (the pair as the network sees it), `fields` (displacements,
-sampling, integration), `demons` (the refinement on a GPU), `inverse` (the refined map's inverse), `metrics` (NCC,
+sampling, integration), `demons` (the refinement), `inverse` (the refined map's inverse), `metrics` (NCC,
 inverse consistency, quality warnings), `stages` (each stage a function), `outcome` (the measures, the metrics
 record and the result); `iter_register` here runs them.
 

@@ -30,9 +30,9 @@ from ...memory import check_memory
 from ..device import cpu_bf16, resolve_device
 from ..geometry import resample_onto, same_grid
 from ..orientation import AxisMap
-from ..refine import REFINE_BYTES_PER_VOXEL, cancel_check, check_iterations, chunks, match_resolution, refine_field
+from ..refine import REFINE_BYTES_PER_VOXEL, cancel_check, check_iterations, chunks, match_resolution
 from ..steps import Cancel, Progress, Steps, in_thread
-from .demons import refine_on_device
+from .demons import refine_field
 from .fields import (
     SLAB_SLICES,
     affine_displacement,
@@ -585,23 +585,18 @@ def kept_fields(plan: Plan, pair: Pair, f_ab, f_ba, transform: sitk.Transform | 
 
 
 def refine(plan: Plan, pair: Pair, fields: Fields, stages: Stages, cancel: Cancel | None) -> Steps[torch.Tensor]:
-    """Demons in LPS mm from the whole map (pre-alignment included), one progress tick per few iterations: SimpleITK's
-    on the CPU, the same scheme in torch on a GPU (`demons.refine_on_device`). Returns the refined map, (Z, Y, X, 3)
-    float32 mm on the plan's device."""
+    """Demons in LPS mm from the whole map (pre-alignment included), one progress tick per few iterations, on the
+    plan's device (`demons.refine_field`: numba's kernels on the CPU, torch on a GPU). Returns the refined map,
+    (Z, Y, X, 3) float32 mm on the plan's device."""
     fixed, moving, (_, moving_low) = plan.fixed, plan.moving, plan.lows
-    cpu = torch.device("cpu")
-    moving_n = plan.normalised(as_tensor(moving.array, moving_low, cpu), 1)
+    moving_n = plan.normalised(as_tensor(moving.array, moving_low, torch.device("cpu")), 1)
     normalised = match_resolution(
         Volume(covered(pair.fixed_n, pair.unreached)[0, 0].cpu().numpy(), fixed.spacing, fixed.origin, fixed.direction),
         Volume(moving_n[0, 0].numpy(), moving.spacing, moving.origin, moving.direction),
     )
     del moving_n
-    if plan.device.type != "cpu":
-        refining = refine_on_device(*normalised, fields.ddf, plan.iterations, cancel_check(cancel))
-        return (yield from refine_ticks(refining, stages, plan.ticks))
-    refining = refine_field(*normalised, fields.ddf.numpy(), plan.iterations, cancel)
-    refined = yield from refine_ticks(refining, stages, plan.ticks)
-    return torch.from_numpy(refined.astype(np.float32))
+    refining = refine_field(*normalised, fields.ddf, plan.iterations, cancel_check(cancel))
+    return (yield from refine_ticks(refining, stages, plan.ticks))
 
 
 def invert(plan: Plan, ddf: torch.Tensor, fields: Fields) -> Fields:
