@@ -50,16 +50,19 @@ def warp(moving, field, to_voxels, warped, inside):  # pragma: no cover - compil
 
 
 @numba.njit(cache=True, nogil=True)
-def _derivative(behind_ok, ahead_ok, behind, centre, ahead, spacing):  # pragma: no cover - compiled
-    """A derivative (mm) as ITK's symmetric-forces demons takes the warped image's: central where both neighbours
-    map into the moving image, one-sided over one voxel where only one does (the other beyond the image's edge or
-    mapped outside it), 0 where neither does."""
+def _derivative(warped, inside, z, y, x, dz, dy, dx, first, last, spacing):  # pragma: no cover - compiled
+    """The warped image's derivative (mm) at (z, y, x) along the axis of the unit step (dz, dy, dx), as ITK's
+    symmetric-forces demons takes it: central where both neighbours map into the moving image, one-sided over one
+    voxel where only one does (``first`` or ``last``: the other lies beyond the grid's edge; or it maps outside), 0
+    where neither does."""
+    behind_ok = not first and inside[z - dz, y - dy, x - dx]
+    ahead_ok = not last and inside[z + dz, y + dy, x + dx]
     if behind_ok and ahead_ok:
-        return (ahead - behind) / (np.float32(2.0) * spacing)
+        return (warped[z + dz, y + dy, x + dx] - warped[z - dz, y - dy, x - dx]) / (np.float32(2.0) * spacing)
     if ahead_ok:
-        return (ahead - centre) / spacing
+        return (warped[z + dz, y + dy, x + dx] - warped[z, y, x]) / spacing
     if behind_ok:
-        return (centre - behind) / spacing
+        return (warped[z, y, x] - warped[z - dz, y - dy, x - dx]) / spacing
     return np.float32(0.0)
 
 
@@ -81,33 +84,9 @@ def force(fixed, fixed_gradient, warped, inside, spacing, k, threshold, update):
                 difference = fixed[z, y, x] - warped[z, y, x]
                 total += difference * difference
                 count += 1.0
-                centre = warped[z, y, x]
-                x0, x1, y0, y1 = max(x - 1, 0), min(x + 1, d2 - 1), max(y - 1, 0), min(y + 1, d1 - 1)
-                z0, z1 = max(z - 1, 0), min(z + 1, d0 - 1)
-                gx = _derivative(
-                    x > 0 and inside[z, y, x0],
-                    x + 1 < d2 and inside[z, y, x1],
-                    warped[z, y, x0],
-                    centre,
-                    warped[z, y, x1],
-                    spacing[0],
-                )
-                gy = _derivative(
-                    y > 0 and inside[z, y0, x],
-                    y + 1 < d1 and inside[z, y1, x],
-                    warped[z, y0, x],
-                    centre,
-                    warped[z, y1, x],
-                    spacing[1],
-                )
-                gz = _derivative(
-                    z > 0 and inside[z0, y, x],
-                    z + 1 < d0 and inside[z1, y, x],
-                    warped[z0, y, x],
-                    centre,
-                    warped[z1, y, x],
-                    spacing[2],
-                )
+                gx = _derivative(warped, inside, z, y, x, 0, 0, 1, x == 0, x == d2 - 1, spacing[0])
+                gy = _derivative(warped, inside, z, y, x, 0, 1, 0, y == 0, y == d1 - 1, spacing[1])
+                gz = _derivative(warped, inside, z, y, x, 1, 0, 0, z == 0, z == d0 - 1, spacing[2])
                 jx = (fixed_gradient[0, z, y, x] + gx) * np.float32(0.5)
                 jy = (fixed_gradient[1, z, y, x] + gy) * np.float32(0.5)
                 jz = (fixed_gradient[2, z, y, x] + gz) * np.float32(0.5)
@@ -143,30 +122,27 @@ def smooth_axis(field, kernel, axis):  # pragma: no cover - compiled
                     for t in range(kernel.shape[0]):
                         total += kernel[t] * line[min(max(x + t - radius, 0), d2 - 1)]
                     field[c, z, y, x] = total
-    elif axis == 1:  # whole rows at a time: the inner loop runs along x, contiguous
+    elif axis == 1:  # each slice's rows, smoothed across them
         for cz in numba.prange(3 * d0):
-            c, z = cz // d0, cz % d0
-            plane = field[c, z].copy()
-            for y in range(d1):
-                out = field[c, z, y]
-                out[:] = 0.0
-                for t in range(kernel.shape[0]):
-                    source = plane[min(max(y + t - radius, 0), d1 - 1)]
-                    w = kernel[t]
-                    for x in range(d2):
-                        out[x] += w * source[x]
-    else:  # along z: for each row of y, the rows of every slice
+            _smooth_rows(field[cz // d0, cz % d0], kernel)
+    else:  # for each y, the rows of every slice, smoothed across the slices
         for cy in numba.prange(3 * d1):
-            c, y = cy // d1, cy % d1
-            column = field[c, :, y, :].copy()
-            for z in range(d0):
-                out = field[c, z, y]
-                out[:] = 0.0
-                for t in range(kernel.shape[0]):
-                    source = column[min(max(z + t - radius, 0), d0 - 1)]
-                    w = kernel[t]
-                    for x in range(d2):
-                        out[x] += w * source[x]
+            _smooth_rows(field[cy // d1, :, cy % d1, :], kernel)
+
+
+@numba.njit(cache=True, nogil=True)
+def _smooth_rows(rows, kernel):  # pragma: no cover - compiled
+    """``rows`` (N, X), a view, convolved in place across its rows with ``kernel``, the edge rows replicated; whole
+    rows at a time, so that the inner loop runs along x, contiguous."""
+    n, radius = rows.shape[0], kernel.shape[0] // 2
+    source = rows.copy()
+    for i in range(n):
+        out = rows[i]
+        out[:] = 0.0
+        for t in range(kernel.shape[0]):
+            row, w = source[min(max(i + t - radius, 0), n - 1)], kernel[t]
+            for x in range(rows.shape[1]):
+                out[x] += w * row[x]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
