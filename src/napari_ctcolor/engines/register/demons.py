@@ -124,7 +124,7 @@ class _Level:
         self.mm_to_normalised = torch.tensor(
             [c / s for c, s in zip(scale, spacing_zyx[::-1], strict=True)], device=fixed.device
         )
-        self.on_cpu = kernels
+        self.kernels = kernels
         if kernels:  # the numba kernels' buffers, reused by every iteration of the level
             self.warped = np.empty(shape, dtype=np.float32)
             self.inside = np.empty(shape, dtype=np.bool_)
@@ -133,7 +133,7 @@ class _Level:
     def iterate(self, field: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One demons iteration: the new field and the mean squared difference before it (a tensor: read once per
         chunk, not a host synchronisation per iteration). On the CPU the numba kernels do it in place of ``field``."""
-        if self.on_cpu:
+        if self.kernels:
             return field, self._iterate_cpu(field)
         at = self.base + field[0].permute(1, 2, 3, 0)[None] * self.mm_to_normalised
         inside = (at.abs() <= 1 + self.half).all(dim=-1)[:, None]  # within half a voxel of the moving image

@@ -375,10 +375,10 @@ def mean_square(fixed_n: torch.Tensor, moving_n: torch.Tensor, body: torch.Tenso
     return float(((fixed_n - moving_n)[region] ** 2).mean()) if bool(region.any()) else None
 
 
-def coarse_mean_square(plan: Plan, fixed_n: torch.Tensor, moving_n: torch.Tensor, body: torch.Tensor, outside) -> float:
+def coarse_mean_square(plan: Plan, fixed_n: torch.Tensor, moving_n: torch.Tensor, outside) -> float | None:
     """`mean_square` of the two normalised images averaged over boxes of about `COARSE_MM` (whole voxels per axis),
-    over the boxes whose fixed average is body (`BODY_LEVEL`) and that the moving image covers entirely; 0 where there
-    are none."""
+    over the boxes whose fixed average is body (`BODY_LEVEL`) and that the moving image covers entirely; None where
+    there are none."""
     factors = tuple(
         min(n, max(1, round(COARSE_MM / s))) for n, s in zip(plan.fixed.shape, plan.fixed.spacing, strict=True)
     )
@@ -386,8 +386,8 @@ def coarse_mean_square(plan: Plan, fixed_n: torch.Tensor, moving_n: torch.Tensor
     fixed_c, moving_c = pool(fixed_n), pool(moving_n)
     region = fixed_c > BODY_LEVEL
     if outside is not None:
-        region &= pool(torch.from_numpy(outside).to(body.device)[None, None].float()) == 0
-    return float(((fixed_c - moving_c)[region] ** 2).mean()) if bool(region.any()) else 0.0
+        region &= pool(torch.from_numpy(outside).to(fixed_n.device)[None, None].float()) == 0
+    return float(((fixed_c - moving_c)[region] ** 2).mean()) if bool(region.any()) else None
 
 
 #: The network's map is kept only where it takes at least this share of the pre-aligned images' mean squared
@@ -429,8 +429,8 @@ def resample_pair(plan: Plan, transform: sitk.Transform | None) -> Pair:
         ncc_prealigned = ncc_before
         moving_n = plan.normalised(moving_t, 1)
         mse = mean_square(fixed_n, moving_n, body, outside)
-        coarse_mse = coarse_mean_square(plan, fixed_n, moving_n, body, outside)
-        matched = mse is not None and coarse_mse < PREALIGNED_MATCHED_METRIC
+        coarse_mse = coarse_mean_square(plan, fixed_n, moving_n, outside)
+        matched = coarse_mse is not None and coarse_mse < PREALIGNED_MATCHED_METRIC
         del moving_n
         unaligned = moving.array if same_grid(fixed, moving) else resample_onto(moving, fixed, None, default=moving_low)
         unaligned = as_tensor(unaligned, moving_low, device)
