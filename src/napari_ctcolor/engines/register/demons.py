@@ -48,7 +48,7 @@ from ..refine import (
     step_length,
 )
 from ..steps import in_thread
-from . import _demons_kernels
+from ._demons_kernels import add, force, smooth_axis, warp
 
 #: ITK's ``IntensityDifferenceThreshold`` default: no force where the images differ by less.
 INTENSITY_THRESHOLD = 1e-3
@@ -153,9 +153,9 @@ class _Level:
         """`iterate` with `_demons_kernels` on ``field`` in place (a contiguous float32 CPU tensor)."""
         values = field[0].numpy()
         spacing_xyz = np.asarray(self.spacing_zyx[::-1], dtype=np.float32)
-        _demons_kernels.warp(self.moving[0, 0].numpy(), values, 1.0 / spacing_xyz, self.warped, self.inside)
+        warp(self.moving[0, 0].numpy(), values, 1.0 / spacing_xyz, self.warped, self.inside)
         self.check()
-        metric = _demons_kernels.force(
+        metric = force(
             self.fixed[0, 0].numpy(),
             self.fixed_gradient[0].numpy(),
             self.warped,
@@ -167,11 +167,11 @@ class _Level:
         )
         self.check()
         for axis in (0, 1, 2):
-            _demons_kernels.smooth_axis(self.update, self.update_kernel.numpy(), axis)
+            smooth_axis(self.update, self.update_kernel.numpy(), axis)
         self.check()
-        _demons_kernels.add(values, self.update)
+        add(values, self.update)
         for axis in (0, 1, 2):
-            _demons_kernels.smooth_axis(values, self.kernel.numpy(), axis)
+            smooth_axis(values, self.kernel.numpy(), axis)
         return torch.tensor(metric)
 
 
