@@ -734,14 +734,18 @@ def test_the_refinement_refines_as_simpleitks_demons_do(ct, ct_labels):
 
     polls = []
 
-    def check() -> None:  # raises at its 40th call: during an iteration, after the set-up
+    def check() -> None:  # raises from its 40th call on: during an iteration, or during a slow machine's set-up
         polls.append(threading.current_thread().name)
         if len(polls) >= 40:
             raise Cancelled("registration cancelled during the refinement")
 
     with pytest.raises(Cancelled):
         _drained(refine_field(*images, torch.from_numpy(seed), 20, check))
-    assert len(polls) == 40  # nothing polled after the raise: the iteration stopped there
+    for thread in [t for t in threading.enumerate() if t.name == "ctcolor-refinement"]:
+        thread.join(timeout=60)
+    # Nothing ran on after the raise: at most a set-up filter left behind polled once more (how many polls the
+    # set-up's waiting makes depends on the machine's speed, so Cancel may come there).
+    assert 40 <= len(polls) <= 41, len(polls)
 
 
 def test_cancel_stops_a_stage_between_its_torch_operations(ct):
