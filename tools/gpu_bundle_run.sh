@@ -70,13 +70,24 @@ if data["unmeasured"]:
           "run the same `ctcolor train compare` where they are to add them", file=sys.stderr)
 seeds = 1 if smoke else int(sweep.get("seeds", 3))
 extra = ["--finetune"] * bool(sweep.get("finetune")) + ["--steps", "2"] * smoke
-extra += ["--exams", sweep["exams"]] if sweep.get("exams") else []
+exams = sweep.get("smoke_exams" if smoke else "exams")  # --smoke: the sweep's smallest measures
+extra += ["--exams", exams] if exams else []
 extra += ["--jobs", str(sweep.get("jobs", 1))]
 for recipe in sweep["recipes"][: 1 if smoke else None]:
     print(" ".join([recipe, *sweep["variants"][: 1 if smoke else None], "--seeds", str(seeds), *extra]))
 EOF
 )
     [ "${#jobs[@]}" -gt 0 ] || exit 2
+fi
+
+# The numba kernels compiled once, as `make setup` does, so no bench row counts their compilation: on the host's
+# cores while the GPU tests run (about 80 s on a 2-core CPU; --smoke, whose rows are no figures, leaves it to the
+# first use).
+warmup_pid=""
+if [ "$SMOKE" = 0 ]; then
+    step "ctcolor warmup, beside the GPU tests"
+    "$PY" -m napari_ctcolor warmup > "$OUT_DIR/logs/warmup.log" 2>&1 &
+    warmup_pid=$!
 fi
 
 # 2. The GPU tests (skipped where no CUDA device is).
@@ -86,6 +97,7 @@ step "pytest -m gpu"
 tests_rc=$?
 
 # 3. The bench rows, each device in the same run.
+if [ -n "$warmup_pid" ] && ! wait "$warmup_pid"; then cat "$OUT_DIR/logs/warmup.log"; exit 1; fi
 step "ctcolor bench --only pipeline,register-device"
 quick=(); [ "$SMOKE" = 1 ] && quick=(--quick)
 "$PY" -m napari_ctcolor bench --only pipeline,register-device "${quick[@]}" --json "$OUT_DIR/rows.json" \

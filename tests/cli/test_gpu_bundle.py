@@ -60,12 +60,26 @@ def test_run_sh_installs_offline_and_writes_the_report(bundle, tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
     env.update(http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
     run = subprocess.run(
-        ["bash", str(bundle / "run.sh"), "--smoke", "--out", str(out)],
+        ["bash", str(bundle / "run.sh"), "--smoke", "--sweep", "symnet-rigid", "--out", str(out)],
         capture_output=True, text=True, timeout=900, env=env,
     )  # fmt: skip
     assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
     steps = (out / "logs" / "steps.log").read_text(encoding="utf-8")
     assert f"napari-ctcolor from {bundle / '.site'}" in steps  # the bundle's package, not this checkout's
+    # The sweep, two training steps of each arm from the shipped weights: each model with its card, the paired table.
+    sweep = json.loads((out / "sweep" / "symnet_ct" / "compare.json").read_text(encoding="utf-8"))
+    assert sweep["finetune"]["from"].endswith("symnet-ct.safetensors") and sweep["seeds"] == [20261122]
+    for arm in ("base", "symnet-rigid"):
+        card = json.loads((out / "sweep" / "symnet_ct" / arm / "seed-20261122.json").read_text(encoding="utf-8"))
+        assert (
+            card["training"]["steps"] == 2
+            and (out / "sweep" / "symnet_ct" / arm / "seed-20261122.safetensors").is_file()
+        )
+    assert sweep["arms"]["symnet-rigid"]["deformation"]["rigid"] == 0.2
+    assert sweep["arms"]["base"]["deformation"].get("rigid") is None
+    assert all(0 <= value <= 1 for value in sweep["start"].values())  # the shipped weights' measures
+    measured = {row["measure"] for row in sweep["rows"]}
+    assert measured == {f"totalseg-body-3mm-30slices {m}" for m in ("dice", "folding", "turned near_1")}
     rows = json.loads((out / "rows.json").read_text(encoding="utf-8"))["rows"]
     measured = {(row["section"], row["item"], row["device"]) for row in rows if row["median"] is not None}
     devices = {"cpu", "cuda"} if "cuda" in {row["device"] for row in rows} else {"cpu"}
@@ -76,6 +90,7 @@ def test_run_sh_installs_offline_and_writes_the_report(bundle, tmp_path):
     assert len([row for row in rows if row["section"] == "register device"]) == 2 * len(devices)
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "tests (-m gpu):" in report and " 0 failed" in report and "| pipeline |" in report
+    assert "## Sweep symnet-rigid: symnet_ct" in report and "sweep symnet-rigid: exit 0" in report
     summary = run.stdout.strip().splitlines()
     assert summary[-1].endswith("done") and any("report:" in line for line in summary[-20:])
     # A sweep that does not exist is refused before anything is trained.

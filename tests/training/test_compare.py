@@ -211,7 +211,7 @@ def test_the_cache_gives_back_what_was_prepared_and_a_damaged_file_is_prepared_a
 def test_every_variant_and_sweep_file_names_real_recipes_and_keys():
     """configs/sweeps/*.yaml name recipes and variants that exist, each variant valid against each recipe (known
     keys only, and a change: `compare.arms` refuses else); a variant in no sweep is valid against a colorizer recipe."""
-    from napari_ctcolor.training.compare import arms
+    from napari_ctcolor.training.compare import arms, check_exams
 
     named = set()
     for sweep in sorted((REPO / "configs" / "sweeps").glob("*.yaml")):
@@ -221,6 +221,9 @@ def test_every_variant_and_sweep_file_names_real_recipes_and_keys():
         for recipe in recipes:
             assert len(arms(recipe, [REPO / name for name in spec["variants"]])) == len(spec["variants"]) + 1
         assert spec["seeds"] >= 2 and isinstance(spec["finetune"], bool), sweep
+        for key in ("exams", "smoke_exams"):  # run.sh passes them to --exams
+            if spec.get(key):
+                check_exams(arms(recipes[0], [])[0].train, spec[key].split(","))
     for variant in set((REPO / "configs" / "variants").glob("*.yaml")) - named:  # a colorizer's, in no sweep
         assert len(arms(REPO / "configs" / "colorizer_2d_heldout_dicom.yaml", [variant])) == 2
 

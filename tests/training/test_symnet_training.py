@@ -73,33 +73,18 @@ def test_rigid_and_identity_pairs_move_nothing_but_rigidly():
     np.testing.assert_array_equal(a.moving.numpy(), b.moving.numpy())
 
 
-def test_a_symnet_comparison_trains_both_arms_and_weighs_dice_folding_and_a_rigid_motion(tmp_path):
-    """`ctcolor train compare` on SYMNet recipes, as the symnet-rigid sweep runs it: each arm fine-tuned from the base
-    recipe's weights with the same seed, the two runs at once in processes of their own (--jobs), measured through
-    the production engine on the base recipe's held-out pairs."""
+def test_a_symnet_comparison_names_held_out_cases_in_exams(tmp_path):
+    """For SYMNet recipes `--exams` names held-out cases (the bundle's smoke sweep measures one, trained and measured
+    in tests/cli/test_gpu_bundle.py); anything else is refused before any training."""
     from conftest import ctcolor
 
-    val = [["totalseg-body-3mm-30slices.nii.gz", "totalseg-body-3mm-30slices-labels.nii.gz"]]
-    for name in val[0]:
-        require_shared(CT_DIR / name)
-    base = _tiny_config(tmp_path, steps=2, real_val=val)
-    weights = tmp_path / "weights"
-    assert ctcolor("train", "symnet", "--config", str(base), "--weights-dir", str(weights), timeout=600).returncode == 0
-    out = tmp_path / "out"
     variant = str(REPO / "configs" / "variants" / "symnet-rigid.yaml")
-    done = ctcolor("train", "compare", str(base), variant, "-o", str(out), "--seeds", "1", "--finetune", "--steps",
-                   "2", "--weights-dir", str(weights), "--jobs", "2", timeout=900)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((out / "compare.json").read_text(encoding="utf-8"))
-    assert summary["arms"]["symnet-rigid"]["deformation"]["rigid"] == 0.2
-    assert summary["arms"]["base"]["deformation"].get("rigid") is None
-    assert summary["finetune"]["from"].endswith("tiny-symnet.safetensors")
-    rows = {row["measure"]: row for row in summary["rows"]}
-    case = "totalseg-body-3mm-30slices"
-    assert {f"{case} dice", f"{case} folding", f"{case} turned near_1"} <= set(rows)
-    assert 0 < summary["start"][f"{case} dice"] <= 1 and 0 <= summary["start"][f"{case} turned near_1"] <= 1
-    refused = ctcolor("train", "compare", str(base), variant, "-o", str(tmp_path / "o2"), "--exams", "arterial_300")
-    assert refused.returncode == 2 and "SYMNet" in refused.stderr
+    refused = ctcolor("train", "compare", str(REPO / "configs" / "symnet_ct.yaml"), variant, "-o", str(tmp_path),
+                      "--exams", "arterial_300,totalseg-body-3mm-30slices")  # fmt: skip
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    known = "totalseg-body-3mm-30slices, totalseg-abdomen-dicom"
+    assert f"--exams arterial_300: no such held-out case (known: {known})" in refused.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_deformed_pair_keeps_label_ids_and_moves_the_image():

@@ -112,11 +112,15 @@ def warp(
     return resample_onto(image, grid, field_transform(ddf, grid), interpolator, default)
 
 
-def turned(volume: Volume, degrees: float, shift_mm: float) -> Volume:
+def turned(volume: Volume, degrees: float, shift_mm: float, back: bool = False) -> Volume:
     """``volume`` turned by ``degrees`` about its centre's z axis and moved ``shift_mm`` along x (LPS), on its own
-    grid, air (-1024 HU) outside: a patient lying otherwise on the table, as in a rigid-motion check."""
+    grid, air (-1024 HU) outside: a patient lying otherwise on the table, as in a rigid-motion check. ``back``: then
+    resampled through the exact inverse motion, as a perfect pre-alignment leaves it (the same anatomy, twice
+    interpolated, air where the turn took it off the grid)."""
     image = volume.to_sitk()
     centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
     turn = sitk.Euler3DTransform(centre, 0.0, 0.0, np.deg2rad(degrees), (shift_mm, 0.0, 0.0))
     moved = sitk.Resample(image, image, turn, sitk.sitkLinear, -1024.0, image.GetPixelID())
+    if back:
+        moved = sitk.Resample(moved, image, turn.GetInverse(), sitk.sitkLinear, -1024.0, image.GetPixelID())
     return Volume.from_sitk(moved)

@@ -40,7 +40,7 @@ import numpy as np
 from ..errors import InputError
 from ..io.write import atomic_path
 from .colorizer import VALIDATION_DIR, TrainConfig, train_colorizer
-from .data import read_config
+from .data import case_name, read_config
 
 #: Steps of a fine-tuning arm, and its learning rate as a share of the recipe's.
 FINETUNE_STEPS = 300
@@ -236,21 +236,26 @@ def exam_names() -> list[str]:
     return [*PHASES, "above_pelvis", "cut_fov", *(f"pool_{value:.0f}" for value in POOL_HU)]
 
 
-def symnet_measures(weights: Path, train: Any, log=print) -> dict[str, float]:
+def symnet_measures(weights: Path, train: Any, log=print, cases: Sequence[str] | None = None) -> dict[str, float]:
     """What a comparison of SYMNet recipes weighs, through the production engine (`evaluate_symnet`): per held-out
-    case, the mean Dice after registration (``dice``) and the share of folded voxels (``folding``); and the last
-    held-out case against itself turned `TURN_DEG` and moved `SHIFT_MM`, where nothing deforms: the share of the body
-    with det J within 0.95-1.05 (``near_1``)."""
+    case (``cases``: only those named; None: all), the mean Dice after registration (``dice``) and the share of folded
+    voxels (``folding``); and the network's own map of the last of them against itself turned `TURN_DEG` and moved
+    `SHIFT_MM`, then turned back as a perfect pre-alignment would (no pre-alignment, no refinement; the engine's
+    early exits would end such a pair before the network): the share of the body with det J within 0.95-1.05
+    (``near_1``), where nothing deforms."""
     from ..engines.geometry import turned
     from ..engines.register import register
     from .data import load_real_case, shared_data_dir
     from .symnet import evaluate_symnet
 
+    if cases is not None:
+        train = dataclasses.replace(train, real_val=[pair for pair in train.real_val if case_name(pair[0]) in cases])
     out: dict[str, float] = {}
     for case, row in evaluate_symnet(weights, train, log)["by_case"].items():
         out[f"{case} dice"], out[f"{case} folding"] = row["dice_after"], row["folding_fraction"]
     case = load_real_case(shared_data_dir(), *train.real_val[-1][:2])
-    result = register(case.ct, turned(case.ct, TURN_DEG, SHIFT_MM), model=weights)
+    realigned = turned(case.ct, TURN_DEG, SHIFT_MM, back=True)
+    result = register(case.ct, realigned, model=weights, affine=False, refine=0)
     out[f"{case.name} turned near_1"] = result.metrics["jacobian_body_near_1_fraction"]
     return out
 
@@ -331,7 +336,7 @@ def _measurer(train: Any, exams: Sequence[str] | None, log):
     from ..weights import load_colorizer
 
     if not isinstance(train, TrainConfig):
-        return lambda weights: symnet_measures(weights, train, log)
+        return lambda weights: symnet_measures(weights, train, log, exams)
     made = None
 
     def measured(weights: Path) -> dict[str, float]:
@@ -421,6 +426,17 @@ def _run_in_process(folder: Path, train: Any, base: Any, exams, device: str, dat
     return f"{folder.name}, seed {train.seed}: done in {record['train_seconds']} s"
 
 
+def check_exams(train: Any, exams: Sequence[str] | None) -> None:
+    """``--exams`` names exams of the matrix for colorizer recipes (`exam_names`), held-out cases (``real_val``) for
+    SYMNet's (`symnet_measures`)."""
+    colour = isinstance(train, TrainConfig)
+    known = exam_names() if colour else [case_name(ct) for ct, *_ in train.real_val]
+    if exams is not None and set(exams) - set(known):
+        unknown = ", ".join(sorted(set(exams) - set(known)))
+        kind = "exam" if colour else "held-out case"
+        raise InputError(f"--exams {unknown}: no such {kind} (known: {', '.join(known)})")
+
+
 def compare(
     base: Path,
     variants: list[Path],
@@ -444,13 +460,8 @@ def compare(
         raise InputError(f"--seeds {seeds}: at least one seed")
     if jobs < 1:
         raise InputError(f"--jobs {jobs}: at least one")
-    known = exam_names()
-    if exams is not None and set(exams) - set(known):
-        unknown = ", ".join(sorted(set(exams) - set(known)))
-        raise InputError(f"--exams {unknown}: no such exam (known: {', '.join(known)})")
     all_arms = arms(base, variants)
-    if exams is not None and not isinstance(all_arms[0].train, TrainConfig):
-        raise InputError("--exams: a SYMNet comparison is measured on its held-out pairs; leave --exams out")
+    check_exams(all_arms[0].train, exams)
     init = start_weights(all_arms[0].train, weights_dir).resolve() if finetune else None
     out_dir.mkdir(parents=True, exist_ok=True)
     measured = _measurer(all_arms[0].train, exams, log)

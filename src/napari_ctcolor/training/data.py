@@ -86,6 +86,11 @@ def shared_data_dir() -> Path:
     raise InputError(f"{beside}: shared data folder not found")
 
 
+def case_name(file_name: str) -> str:
+    """A case's name, as measures and logs name it: its file or folder name without the extensions."""
+    return file_name.split(".")[0]
+
+
 def load_real_case(data_dir: Path, ct_name: str, labels_name: str) -> LabelledCT:
     """A shared CT and its labels, the labels resampled onto the CT grid in physical space (nearest)."""
     names_path = data_dir / "ct" / "totalseg-v2-label-names.json"
@@ -94,7 +99,7 @@ def load_real_case(data_dir: Path, ct_name: str, labels_name: str) -> LabelledCT
     labels = read_volume(data_dir / "ct" / labels_name)
     # The label files' direction can differ from the CT's (the DICOM one is flipped in y): never trust array order.
     on_ct = resample_onto(labels, ct, interpolator="nearest", default=0).astype(np.uint8)
-    return LabelledCT(ct_name.split(".")[0], ct, on_ct, names)
+    return LabelledCT(case_name(ct_name), ct, on_ct, names)
 
 
 def phantom_case(seed: int, options: dict[str, Any] | None = None) -> LabelledCT:
