@@ -35,6 +35,7 @@ from napari_ctcolor.engines.register import (
     working_shape,
 )
 from napari_ctcolor.engines.register.fields import affine_parts, resize_field
+from napari_ctcolor.engines.register.metrics import local_ncc_torch
 from napari_ctcolor.engines.register.model import card_normalisation
 from napari_ctcolor.engines.register.network import padded_voxels
 from napari_ctcolor.errors import Cancelled
@@ -1338,6 +1339,17 @@ def test_local_ncc_equals_a_direct_window_computation_at_its_sampled_voxels():
         box = tuple(slice(max(c - half, 0), c + half + 1) for c in (z, y, x))
         values.append(np.corrcoef(a[box].ravel(), b[box].ravel())[0, 1])
     as_tensor = lambda v: torch.from_numpy(v)[None, None]  # noqa: E731
-    measured = local_ncc(as_tensor(a), as_tensor(b), as_tensor(mask))
-    assert measured == pytest.approx(float(np.mean(values)), abs=1e-4)
-    assert local_ncc(as_tensor(a), as_tensor(2 * a + 1), as_tensor(mask)) == pytest.approx(1.0, abs=1e-4)
+    for ncc in (local_ncc, local_ncc_torch):  # numba's kernels on the CPU, torch's pooling on a GPU
+        measured = ncc(as_tensor(a), as_tensor(b), as_tensor(mask))
+        assert measured == pytest.approx(float(np.mean(values)), abs=1e-4)
+        assert ncc(as_tensor(a), as_tensor(2 * a + 1), as_tensor(mask)) == pytest.approx(1.0, abs=1e-4)
+    # A 2D image (one slice) has no box across z.
+    values = []
+    for y, x in zip(*np.nonzero(mask[0]), strict=True):
+        if not y % IC_STRIDE and not x % IC_STRIDE:
+            box = (0, slice(max(y - half, 0), y + half + 1), slice(max(x - half, 0), x + half + 1))
+            values.append(np.corrcoef(a[box].ravel(), b[box].ravel())[0, 1])
+    plane = [(a[:1], b[:1], mask[:1])]
+    for ncc in (local_ncc, local_ncc_torch):
+        measured = ncc(*(as_tensor(v) for v in plane[0]))
+        assert measured == pytest.approx(float(np.mean(values)), abs=1e-4)
