@@ -10,6 +10,7 @@ projections, a see-through skin hidden (0.3-0.6 s), and as their preset again on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from napari.qt.threading import create_worker
 from qtpy.QtCore import QTimer
 
 from ..app.colorize_job import Chroma
+from ..app.colorize_session import ColorizeSession
 from ..app.vessels import body_3d, cta_vessels
 from ..io import Volume
 from ._gl import software_rendering
@@ -41,12 +43,24 @@ class View3D:
     """The 3D part of `ColorizeWidget`: its menu (``view_3d``, enabled after a run) and the 3D layers.
 
     Args:
-        owner: the widget, whose viewer, session (``session.current``: the finished run), result layer and status line
-            (``_say``) it uses.
+        viewer: the viewer the 3D layers go into.
+        session: the dock's runs (``session.current``: the run shown in 3D).
+        result_layer: the current run's colour layer, or None when it left the viewer.
+        say: the dock's status line.
+        closed: True once the dock is closing.
     """
 
-    def __init__(self, owner) -> None:
-        self._owner = owner
+    def __init__(
+        self,
+        viewer,
+        session: ColorizeSession,
+        result_layer: Callable[[], Image | None],
+        say: Callable[[str], None],
+        closed: Callable[[], bool],
+    ) -> None:
+        self._viewer, self._session, self._result_layer, self._say, self._closed = (
+            viewer, session, result_layer, say, closed,
+        )  # fmt: skip
         self.view_3d = ComboBox(
             label="3D view",
             choices=[NO_3D, *PRESETS_3D],
@@ -64,7 +78,7 @@ class View3D:
         self._still.setSingleShot(True)
         self._still.setInterval(STILL_MS)
         self._still.timeout.connect(self._settle)
-        self._camera = owner._viewer.camera.events
+        self._camera = viewer.camera.events
         self._following_camera = False
 
     def _on_view_3d(self, *_: Any) -> None:
@@ -73,9 +87,9 @@ class View3D:
         if self._worker_3d is not None:
             self._worker_3d.quit()  # a preset chosen before: its surfaces are moot
             self._worker_3d = None
-        kept = self._owner.session.current
+        kept = self._session.current
         choice = self.view_3d.value
-        if choice == NO_3D or kept is None or self._owner.result_layer is None or kept.ct.ndim != 3:
+        if choice == NO_3D or kept is None or self._result_layer() is None or kept.ct.ndim != 3:
             self._leave_3d()
             return
         step = max(1, -(-max(kept.volume.shape[1:]) // MAX_3D_PIXELS))
@@ -85,7 +99,7 @@ class View3D:
         worker.returned.connect(lambda result: self._show_3d(kept, choice, step, result))
         worker.finished.connect(lambda: self._worker_3d is worker and setattr(self, "_worker_3d", None))
         self._worker_3d = worker
-        self._owner._say(f"3D view: computing {choice}...")
+        self._say(f"3D view: computing {choice}...")
         worker.start()
 
     @property
@@ -118,16 +132,16 @@ class View3D:
     def _show_3d(self, kept: Kept, preset: str, step: int, result: tuple) -> None:
         """Add the layers "<CT name> 3D <part>" of a `PRESETS_3D` preset computed by `_steps_3d`, seen from the
         patient's front; the 2D layers are hidden meanwhile."""
-        color = self._owner.result_layer
-        current = self._owner.session.current
-        if self._owner._closed or kept is not current or color is None or self.view_3d.value != preset:
+        color = self._result_layer()
+        current = self._session.current
+        if self._closed() or kept is not current or color is None or self.view_3d.value != preset:
             return  # another run, CT or preset since
         cached, shown, note = result
         self._body_cache = (kept, *cached)
         placement = {k: np.asarray(v) for k, v in layer_attributes(color).items() if k != "metadata"}
         placement["scale"] = placement["scale"] * np.array([1.0, step, step])
         if not self._hidden_for_3d:
-            self._hidden_for_3d = [lyr for lyr in self._owner._viewer.layers if lyr.visible]
+            self._hidden_for_3d = [lyr for lyr in self._viewer.layers if lyr.visible]
             for lyr in self._hidden_for_3d:
                 lyr.visible = False
         names = {f"{kept.ct.name} 3D {part.name}" for part, _ in shown}
@@ -137,12 +151,10 @@ class View3D:
         self._moving = {}
         for part, field in shown:
             self._put_3d(f"{kept.ct.name} 3D {part.name}", part, field, placement)
-        anterior_3d(self._owner._viewer)
+        anterior_3d(self._viewer)
         light = software_rendering()
         self._follow_camera(light)
-        self._owner._say(
-            f"3D view: {preset}{note}" + ("; software OpenGL: a projection while turning" if light else "")
-        )
+        self._say(f"3D view: {preset}{note}" + ("; software OpenGL: a projection while turning" if light else ""))
 
     def _follow_camera(self, on: bool, settle: bool = True) -> None:
         """Draw the 3D layers lighter while the camera moves (``on``), or stop doing so (and, with ``settle``, draw
@@ -157,7 +169,7 @@ class View3D:
     def _on_camera(self, *_: Any) -> None:
         """The camera moved: until it stands still, each opaque 3D layer is drawn as a projection and a see-through
         one (the skin) is hidden, so that a frame of a software renderer stays under a second."""
-        if self._owner._viewer.dims.ndisplay != 3:
+        if self._viewer.dims.ndisplay != 3:
             return
         if not self._moving:
             for lyr in self._layers_3d():
@@ -180,9 +192,9 @@ class View3D:
                 lyr.rendering = moving[lyr.name]
 
     def _layers_3d(self) -> list[Image]:
-        kept = self._owner.session.current
+        kept = self._session.current
         prefix = f"{kept.ct.name} 3D " if kept is not None else None
-        return [lyr for lyr in self._owner._viewer.layers if prefix is not None and lyr.name.startswith(prefix)]
+        return [lyr for lyr in self._viewer.layers if prefix is not None and lyr.name.startswith(prefix)]
 
     def _put_3d(self, name: str, part, field: np.ndarray, placement: dict) -> None:
         """Show ``field`` as the 3D layer ``name``: the layer of that name updated in place where it exists (its data,
@@ -205,10 +217,10 @@ class View3D:
             layer.visible = True
             return
         if layer is not None:
-            self._owner._viewer.layers.remove(layer)
+            self._viewer.layers.remove(layer)
         layer = Image(field, name=name, blending="translucent", **settings, **placement)
         layer.interpolation3d = "linear"  # trilinear sampling: no blocky voxels
-        self._owner._viewer.layers.append(layer)
+        self._viewer.layers.append(layer)
 
     def close(self) -> None:
         """Stop computing a preset and following the camera (the dock is closing)."""
@@ -222,10 +234,10 @@ class View3D:
         for lyr in self._layers_3d():
             lyr.visible = False
         for lyr in self._hidden_for_3d:
-            if any(other is lyr for other in self._owner._viewer.layers):
+            if any(other is lyr for other in self._viewer.layers):
                 lyr.visible = True
         if self._hidden_for_3d:
-            show_plane(self._owner._viewer, "axial")
+            show_plane(self._viewer, "axial")
         self._hidden_for_3d = []
         for lyr in self._layers_3d():
-            self._owner._viewer.layers.remove(lyr)
+            self._viewer.layers.remove(lyr)

@@ -4,9 +4,14 @@ CT's study on its PACS."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, PushButton
+from napari.layers import Image
 
+from ..app.colorize_session import ColorizeSession
 from ..app.export import FORMAT_NAMES
 from ..app.session import Failed, failing_as_value
 from ..errors import CTColorError, InputError
@@ -20,12 +25,24 @@ class ExportPanel:
     """The export part of `ColorizeWidget`: its controls (``controls``, enabled after a run) and the export.
 
     Args:
-        owner: the widget, whose session (``session.current``: the finished run), result layer and status line
-            (``_say``, ``_error``) the export reads and writes.
+        session: the dock's runs (``session.current``: the run exported).
+        result_layer: the current run's colour layer, or None when it left the viewer.
+        busy: whether a run or a recompose is in progress (no export meanwhile).
+        start: the dock's `JobRunner.start` (the export runs as one of its jobs).
+        say, error: the dock's status line and its one-line errors.
     """
 
-    def __init__(self, owner) -> None:
-        self._owner = owner
+    def __init__(
+        self,
+        session: ColorizeSession,
+        result_layer: Callable[[], Image | None],
+        busy: Callable[[], bool],
+        start: Callable[..., Any],
+        say: Callable[[str], None],
+        error: Callable[[str], None],
+    ) -> None:
+        self._session, self._result_layer, self._busy, self._start = session, result_layer, busy, start
+        self._say, self._error = say, error
         self.export_format = ComboBox(label="Export as", choices=list(EXPORT_FORMATS), enabled=False)
         self.path = FileEdit(label="Export to", mode="w", enabled=False, tooltip="a .nii.gz file or a new folder")
         self.keep_identity = CheckBox(
@@ -63,14 +80,13 @@ class ExportPanel:
         the paths written are in ``written`` once it has finished."""
         from ..app.export import identity_of
 
-        owner = self._owner
-        kept, layer = owner.session.current, owner.result_layer
+        kept, layer = self._session.current, self._result_layer()
         path = self.path.value
         self.written = []
         try:
             if kept is None or layer is None:
                 raise InputError("Export: colorize a CT first")
-            if owner.busy:
+            if self._busy():
                 raise InputError("Export: wait for the running job to finish")
             if not path or str(path) in ("", "."):
                 raise InputError("Export: choose where to write (a .nii.gz file or a new folder)")
@@ -93,11 +109,11 @@ class ExportPanel:
             self._refused(str(exc))
             return None
         steps = _export_steps(color, kept.volume.meta, path, fmt, identity, send)
-        return owner.jobs.start(failing_as_value, (steps,), "Export", lambda result: self._done(result, path), total=0)
+        return self._start(failing_as_value, (steps,), "Export", lambda result: self._done(result, path), total=0)
 
     def _refused(self, message: str) -> None:
-        self._owner._error(message)
-        self._owner._say("Export: nothing written (see the message)")
+        self._error(message)
+        self._say("Export: nothing written (see the message)")
 
     def _done(self, result, path: str) -> None:
         """The export's end, in the main thread: what was written (and sent), or why nothing was."""
@@ -107,11 +123,11 @@ class ExportPanel:
         written, sent = result
         self.written = [str(p) for p in written]
         if isinstance(sent, str):  # the files are written all the same: say so
-            self._owner._error(f"Exported {len(written)} file(s) to {path}, but not sent: {sent}")
+            self._error(f"Exported {len(written)} file(s) to {path}, but not sent: {sent}")
         elif sent is not None:
-            self._owner._say(f"Exported {len(written)} file(s) to {path} and sent {sent[1]} to {sent[0]}")
+            self._say(f"Exported {len(written)} file(s) to {path} and sent {sent[1]} to {sent[0]}")
         else:
-            self._owner._say(f"Exported {len(written)} file(s) to {path}")
+            self._say(f"Exported {len(written)} file(s) to {path}")
 
 
 def _export_steps(color: ColorVolume, meta: dict, path: str, fmt: str, identity, send: bool):

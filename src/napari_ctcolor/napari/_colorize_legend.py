@@ -6,17 +6,19 @@ segmentation).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from magicgui.widgets import Label, PushButton
-from napari.layers import Labels
+from magicgui.widgets import ComboBox, Label, PushButton
+from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils.colormaps import DirectLabelColormap
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFrame, QScrollArea, QWidget
 
-from ..color import compose_rgb, load_palette
+from ..app.colorize_session import ColorizeSession
+from ..color import Palette, compose_rgb, load_palette
 from ..errors import CTColorError
 from ..windowing import window
 from ._layers import layer_attributes
@@ -49,12 +51,27 @@ class ClassesAndPointer:
     """The legend, Pointer and colour-class part of `ColorizeWidget`: its controls (``controls``) and what they show.
 
     Args:
-        owner: the widget, whose viewer, session (``session.current``: the finished run), CT and result layers and
-            palette these read.
+        viewer: the viewer (its cursor; the class map's layer goes into it).
+        session: the dock's runs (``session.current``: the run described).
+        ct_layer: the dock's CT layer menu.
+        result_layer: the current run's colour layer, or None when it left the viewer.
+        palette: the dock's chosen palette.
+        in_viewer: whether a layer is still in the viewer.
+        closed: True once the dock is closing.
     """
 
-    def __init__(self, owner) -> None:
-        self._owner = owner
+    def __init__(
+        self,
+        viewer,
+        session: ColorizeSession,
+        ct_layer: ComboBox,
+        result_layer: Callable[[], Image | None],
+        palette: Callable[[], Palette],
+        in_viewer: Callable[[Image], bool],
+        closed: Callable[[], bool],
+    ) -> None:
+        self._viewer, self._session, self._ct_layer, self._result_layer = viewer, session, ct_layer, result_layer
+        self._palette, self._in_viewer, self._closed = palette, in_viewer, closed
         self.pointer = Label(label="Pointer", value="")
         self.pointer.native.setWordWrap(True)  # long text wraps instead of widening the dock over the canvas
         self.legend = Label(label="Legend", value="")
@@ -69,11 +86,11 @@ class ClassesAndPointer:
         colour composed at the grey its median HU takes in the window and at the chroma strength composed (a
         palette's own colour is drawn at the palette's brightness, which the window may be far from: the liver's in
         a lung window)."""
-        kept = self._owner.session.current
+        kept = self._session.current
         if kept is None:
             return
         try:
-            palette = self._owner._palette()
+            palette = self._palette()
         except CTColorError:
             return
         if palette.name != settings.get("palette"):
@@ -99,15 +116,15 @@ class ClassesAndPointer:
 
     def on_cursor(self, _event=None) -> None:
         """The pointer moved (napari's cursor position): show what is under it."""
-        if not self._owner._closed:
-            self.pointer.value = self.pointer_line(self._owner._viewer.cursor.position)
+        if not self._closed():
+            self.pointer.value = self.pointer_line(self._viewer.cursor.position)
 
     def pointer_line(self, world_position) -> str:
         """What the Pointer line shows for a world position: the CT's HU there (and the slab MIP's while one is
         shown), the voxel's position in mm (LPS x, y, z), its axial slice (napari's slider index) and, after Run, the
         colour class with its probability; '' outside the CT."""
-        kept = self._owner.session.current
-        ct = kept.ct if kept is not None and self._owner._in_viewer(kept.ct) else self._owner.ct_layer.value
+        kept = self._session.current
+        ct = kept.ct if kept is not None and self._in_viewer(kept.ct) else self._ct_layer.value
         if ct is None or ct.multiscale:
             return ""
         index = np.round(np.asarray(ct.world_to_data(world_position), dtype=float)).astype(int)
@@ -117,18 +134,18 @@ class ClassesAndPointer:
         hu = float(ct.data[tuple(index)])
         lps = np.asarray(ct.data_to_world(index), dtype=float)[::-1]  # world (z, y, x) -> LPS x, y, z
         position = ", ".join(f"{axis} {value:.1f}" for axis, value in zip("xyz", lps, strict=False))
-        slab = slab_value(self._owner._viewer, ct, tuple(index))  # what the screen shows there, beside the slice's HU
+        slab = slab_value(self._viewer, ct, tuple(index))  # what the screen shows there, beside the slice's HU
         parts = [f"HU {hu:.0f}" + (f" ({slab})" if slab else ""), f"LPS {position} mm"]
         if ct.ndim == 3:
             parts.append(f"slice {index[0]}/{shape[0] - 1}")
-        if kept is not None and kept.ct is ct and self._owner.result_layer is not None:
+        if kept is not None and kept.ct is ct and self._result_layer() is not None:
             parts.append(self.describe(index))
         return " | ".join(parts)
 
     def describe(self, data_position) -> str:
         """'<class> <probability> %' for a position in the result layer's data coordinates ('' outside it; no class
         where the class layer shows none)."""
-        kept = self._owner.session.current
+        kept = self._session.current
         index = np.round(np.asarray(data_position, dtype=float)).astype(int)
         if kept is None:
             return ""
@@ -149,9 +166,9 @@ class ClassesAndPointer:
     def _class_colors(self) -> DirectLabelColormap:
         """Each class label (1 + class index, `Chroma.most_probable`) in its colour under the current palette; the
         air (0) and classes the palette does not colour are clear."""
-        classes = self._owner.session.current.chroma.classes
+        classes = self._session.current.chroma.classes
         try:
-            palette = self._owner._palette()
+            palette = self._palette()
         except CTColorError:
             palette = load_palette("anatomical")
         colors: dict[int | None, tuple[float, ...]] = {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0)}
@@ -166,11 +183,11 @@ class ClassesAndPointer:
         direct colormap over the whole volume when it makes one: about 1 s for 20 slices of 512², 2.5 s for 275, on
         top of the map's 0.1 s per 20 slices on 2 cores) are made there; the main thread only adds it
         (`classes_busy` meanwhile)."""
-        kept = self._owner.session.current
-        if kept is None or self._owner.result_layer is None:
+        kept = self._session.current
+        if kept is None or self._result_layer() is None:
             return None
         name = f"{kept.ct.name} colour classes"
-        placement = {k: v for k, v in layer_attributes(self._owner.result_layer).items() if k != "metadata"}
+        placement = {k: v for k, v in layer_attributes(self._result_layer()).items() if k != "metadata"}
         features = {"index": np.arange(len(kept.chroma.classes) + 1), "color_class": ["", *kept.chroma.classes]}
         style = {"name": name, "opacity": 0.4, "features": features, "colormap": self._class_colors(), **placement}
 
@@ -199,17 +216,17 @@ class ClassesAndPointer:
     def _classes_done(self, worker: Any) -> None:
         if self._classes_worker is worker:
             self._classes_worker = None
-        if not self._owner._closed:
-            self.classes_button.enabled = self._owner.result_layer is not None
+        if not self._closed():
+            self.classes_button.enabled = self._result_layer() is not None
 
     def _show_class_layer(self, kept: Any, layer: Labels) -> None:
         """Add (or replace) the class layer of ``kept``'s run, unless the run changed meanwhile."""
-        if self._owner._closed or kept is not self._owner.session.current or self._owner.result_layer is None:
+        if self._closed() or kept is not self._session.current or self._result_layer() is None:
             return
-        existing = next((lyr for lyr in self._owner._viewer.layers if lyr.name == layer.name), None)
+        existing = next((lyr for lyr in self._viewer.layers if lyr.name == layer.name), None)
         if existing is not None:
-            self._owner._viewer.layers.remove(existing)
-        self._owner._viewer.layers.append(layer)
+            self._viewer.layers.remove(existing)
+        self._viewer.layers.append(layer)
 
 
 def _warm_labels_overlay() -> None:

@@ -90,13 +90,30 @@ class ColorizeWidget(Container):
         self.ct_layer = ComboBox(label="CT layer", choices=self._grey_layers, tooltip="a grey image layer in HU")
         self.slab = SlabControl(napari_viewer, lambda: (self.ct_layer.value, self.result_layer))
         self.runner = RunAndRecompose(self)
-        self.windows = WindowControl(self)
+        self.windows = WindowControl(
+            self.ct_layer, self.session, self._recompose, self.show_current_run, self._volume_of, lambda: self._closed
+        )
         self.window, self.centre_hu, self.width_hu = self.windows.controls
-        self.classes = ClassesAndPointer(self)
+        self.classes = ClassesAndPointer(
+            napari_viewer,
+            self.session,
+            self.ct_layer,
+            lambda: self.result_layer,
+            self._palette,
+            self._in_viewer,
+            lambda: self._closed,
+        )
         self.pointer, self.legend, self.classes_button = self.classes.controls
-        self.view3d = View3D(self)
+        self.view3d = View3D(napari_viewer, self.session, lambda: self.result_layer, self._say, lambda: self._closed)
         self.view_3d = self.view3d.view_3d
-        self.exporter = ExportPanel(self)
+        self.exporter = ExportPanel(
+            self.session,
+            lambda: self.result_layer,
+            lambda: self.busy,
+            lambda *args, **kwargs: self.jobs.start(*args, **kwargs),  # the job runner comes with the dock's controls
+            self._say,
+            self._error,
+        )
         export = self.exporter
         self.export_format, self.export_path, self.export_button = export.export_format, export.path, export.button
         self.keep_identity, self.send_to_pacs = export.keep_identity, export.send_to_pacs

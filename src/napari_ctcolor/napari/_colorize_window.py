@@ -9,13 +9,16 @@ window: changing it chooses that CT.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from magicgui.widgets import ComboBox, FloatSpinBox
 from napari.layers import Image
 
+from ..app.colorize_session import ColorizeSession
 from ..errors import CTColorError
+from ..io import Volume
 from ..windowing import DEFAULT_PRESET, PRESETS, Window, default_window
 from ._layers import CONTRAST_WINDOW_KEY, META_KEY, set_contrast
 
@@ -44,12 +47,25 @@ class WindowControl:
     step with the chosen CT layer's contrast limits, and each colorized CT's colour layer with its CT's window.
 
     Args:
-        owner: the widget, whose CT layer menu, session (its runs), recompose and reading of a layer
-            (``_volume_of``) this uses.
+        ct_layer: the dock's CT layer menu (the chosen CT).
+        session: the dock's runs (each CT's; the current one).
+        recompose: recomposes the current run with the dock's settings.
+        show_current_run: shows the current run's legend (after another CT was chosen).
+        volume_of: a grey layer's voxels and geometry as a Volume.
+        closed: True once the dock is closing.
     """
 
-    def __init__(self, owner) -> None:
-        self._owner = owner
+    def __init__(
+        self,
+        ct_layer: ComboBox,
+        session: ColorizeSession,
+        recompose: Callable[[], Any],
+        show_current_run: Callable[[], Any],
+        volume_of: Callable[[Image], Volume],
+        closed: Callable[[], bool],
+    ) -> None:
+        self._ct_layer, self._session, self._recompose = ct_layer, session, recompose
+        self._show_current_run, self._volume_of, self._closed = show_current_run, volume_of, closed
         # Choices from a callable: the chosen CT's own header windows are offered beside the presets.
         self.window = ComboBox(label="Window", choices=self._window_choices, value=DICOM_DEFAULT)
         self.centre_hu = FloatSpinBox(label="Centre (HU)", min=-5000, max=5000, step=5, value=40, enabled=False)
@@ -83,11 +99,11 @@ class WindowControl:
 
     def _meta_of_ct(self) -> dict:
         """The chosen CT layer's reader metadata (else the kept run's)."""
-        layer = self._owner.ct_layer.value
+        layer = self._ct_layer.value
         if layer is not None:
             meta = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
             return meta if isinstance(meta, dict) else {}
-        return self._owner.session.current.volume.meta if self._owner.session.current is not None else {}
+        return self._session.current.volume.meta if self._session.current is not None else {}
 
     def _header_windows(self) -> dict[str, Window]:
         """The chosen CT's own windows by choice name: its DICOM header's windows other than the first (which is
@@ -95,7 +111,7 @@ class WindowControl:
         meta = self._meta_of_ct()
         windows = [Window(*(float(v) for v in pair)) for pair in meta.get("windows", [])]
         named = {f"DICOM {win.centre:g}/{win.width:g}": win for win in windows[1:] if win != windows[0]}
-        layer = self._owner.ct_layer.value
+        layer = self._ct_layer.value
         contrast = layer.metadata.get(CONTRAST_WINDOW_KEY) if layer is not None else None
         if contrast is not None:
             win = Window(*(float(v) for v in contrast))
@@ -120,13 +136,13 @@ class WindowControl:
 
     def _dicom_default(self) -> Window | None:
         """The chosen CT's own default window (DICOM WindowCenter/Width, else the abdomen preset for CT)."""
-        layer = self._owner.ct_layer.value
+        layer = self._ct_layer.value
         if layer is not None and isinstance(layer.data, np.ndarray):  # never load a lazy (dask, zarr) array here
             try:
-                return default_window(self._owner._volume_of(layer))
+                return default_window(self._volume_of(layer))
             except CTColorError:
                 return None
-        return default_window(self._owner.session.current.volume) if self._owner.session.current is not None else None
+        return default_window(self._session.current.volume) if self._session.current is not None else None
 
     def _fill_window_fields(self, *_: Any) -> None:
         """Show the chosen window's centre/width (editable for "custom", which then starts from them)."""
@@ -143,23 +159,23 @@ class WindowControl:
     def _on_window(self, _choice: str) -> None:
         self._fill_window_fields()
         self._push_window()
-        self._owner._recompose()
+        self._recompose()
 
     def _on_custom_window(self, _value=None) -> None:
         if self.window.value == CUSTOM and not self._filling:
             self._push_window()
-            self._owner._recompose()
+            self._recompose()
 
     def watch_ct(self, *_: Any) -> None:
         """Follow the chosen CT layer's contrast limits, starting from what it shows now."""
-        layer = self._owner.ct_layer.value
+        layer = self._ct_layer.value
         if layer is self._watched:
             return
         self.unwatch()
         self._watched = layer
-        before = self._owner.session.current
-        if self._owner.session.choose(layer) is not before:
-            self._owner.show_current_run()  # another CT's run: its legend
+        before = self._session.current
+        if self._session.choose(layer) is not before:
+            self._show_current_run()  # another CT's run: its legend
         self._rebuild_window_choices()  # this CT's header windows
         if layer is not None:
             widen_contrast_range(layer)
@@ -224,8 +240,8 @@ class WindowControl:
             finally:
                 self._filling = False
         self._fill_window_fields()
-        if self._owner.session.current is not None and self._owner.session.current.ct is layer:
-            self._owner._recompose()
+        if self._session.current is not None and self._session.current.ct is layer:
+            self._recompose()
 
     def _push_window(self) -> None:
         """Show the widget's window on the CT layer (its contrast limits)."""
@@ -246,12 +262,12 @@ class WindowControl:
 
     def unlink(self, ct: Image) -> None:
         """Forget ``ct``'s run: its colour layer no longer follows its window."""
-        if self._owner.session.forget(ct):
+        if self._session.forget(ct):
             ct.events.contrast_limits.disconnect(self.on_linked_window)
 
     def on_linked_window(self, event) -> None:
         """The window of a colorized CT other than the chosen one changed: choose that CT, whose run then recomposes
         its colour layer (as for the chosen CT), so no colour layer is left with a stale window."""
         layer = event.source
-        if layer is not self._watched and not self._owner._closed and self._owner.session.run_of(layer) is not None:
-            self._owner.ct_layer.value = layer
+        if layer is not self._watched and not self._closed() and self._session.run_of(layer) is not None:
+            self._ct_layer.value = layer
