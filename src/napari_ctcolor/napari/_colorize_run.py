@@ -12,11 +12,14 @@ blood the network names is enhanced and the CT still shows the window it opened 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from magicgui.widgets import ComboBox
 from napari.layers import Image
 from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
 
 from ..app.colorize_job import ColorizeOutcome, ColorizeRequest
 from ..app.colorize_session import ColorizeRun, ColorizeSession
@@ -24,6 +27,8 @@ from ..app.session import Failed
 from ..errors import CTColorError
 from ..io import ColorVolume, Volume
 from ..windowing import Window
+from ._colorize_window import WindowControl
+from ._jobs import JobRunner
 from ._layers import CONTRAST_WINDOW_KEY, META_KEY, layer_attributes, placement, put_image
 
 #: A coronal or sagittal plane of a CT of more slices than this is recoloured in a worker, not the main thread
@@ -38,12 +43,42 @@ class RunAndRecompose:
     screen first), and the result layer.
 
     Args:
-        owner: the widget, whose controls (CT layer, model, device, palette, strength, opacity), job runner, status
-            line and session (`ColorizeSession`: the runs, the jobs) this reads and writes.
+        viewer: the viewer the colour layer goes into.
+        session: the dock's runs (`ColorizeSession`: the runs, the jobs).
+        jobs: the dock's `JobRunner` (progress bar, status line, Cancel).
+        ct_layer: the dock's CT layer menu.
+        windows: the dock's window part (each run's colour follows its CT's window).
+        settings: the panel's settings as `ColorizeRequest.checked`'s keywords; ``settings(True)`` with the model,
+            for a run.
+        volume_of: a grey layer's voxels and geometry as a Volume.
+        result_layer: the current run's colour layer, or None when it left the viewer.
+        opacity: the colour layer's opacity when it is created.
+        kept: called with (CT layer, volume, colour) once a run is shown (the dock's legend, 3D view and export).
+        legend: fills the legend for a colour's settings.
+        in_viewer: whether a layer is still in the viewer.
+        closed: True once the dock is closing.
     """
 
-    def __init__(self, owner) -> None:
-        self._owner = owner
+    def __init__(
+        self,
+        viewer,
+        session: ColorizeSession,
+        jobs: JobRunner,
+        ct_layer: ComboBox,
+        windows: WindowControl,
+        settings: Callable[[bool], dict],
+        volume_of: Callable[[Image], Volume],
+        result_layer: Callable[[], Image | None],
+        opacity: Callable[[], float],
+        kept: Callable[[Image, Volume, ColorVolume], Any],
+        legend: Callable[[dict], Any],
+        in_viewer: Callable[[Image], bool],
+        closed: Callable[[], bool],
+    ) -> None:
+        self._viewer, self._session, self._jobs = viewer, session, jobs
+        self._ct_layer, self._windows, self._settings, self._volume_of = ct_layer, windows, settings, volume_of
+        self._result_layer, self._opacity, self._kept, self._legend = result_layer, opacity, kept, legend
+        self._in_viewer, self._closed = in_viewer, closed
         self._recompose_pending = False
         self._plane_worker = self._plane_pending = None  # the plane on screen being recoloured, the newest waiting
         #: The plane (axis, index) the last recompose recolored at once, before the rest of the volume (None: none
@@ -62,7 +97,7 @@ class RunAndRecompose:
     def _start(self, steps, args: tuple, total: int, desc: str, on_result, is_compose: bool = False) -> None:
         """Run a step generator function as the widget's job (`JobRunner`); Run may supersede a recompose, not another
         run. A recompose requested meanwhile starts when it ends."""
-        worker = self._owner.jobs.start(
+        worker = self._jobs.start(
             steps, args, desc, on_result, total=total, run_stays_enabled=is_compose, then=self._after_job
         )
         worker.is_compose = is_compose
@@ -76,36 +111,27 @@ class RunAndRecompose:
         """The panel's settings as the colorize job's request, checked (`ColorizeRequest.checked`): for a run (with
         ``find_contrast``) its model and batch size too; for a recompose (None) only what the composition reads, so
         that a model menu left on "weights file..." without a file does not stop a window change."""
-        owner = self._owner
-        run = {} if find_contrast is None else {"model": owner._model_spec(), "find_contrast": find_contrast}
-        return ColorizeRequest.checked(
-            volume,
-            window=owner.windows.spec(),
-            palette=owner._palette(),
-            strength=float(owner.chroma.value),
-            device=owner.device.value,
-            batch_size=int(owner.batch_size.value) or None,
-            **run,
-        )
+        run = {} if find_contrast is None else {"find_contrast": find_contrast}
+        return ColorizeRequest.checked(volume, **self._settings(find_contrast is not None), **run)
 
     def run(self, *_: Any) -> None:
-        if self._owner.jobs.busy:
-            if not self._owner.worker.is_compose:
+        if self._jobs.busy:
+            if not self._jobs.worker.is_compose:
                 return  # one network run at a time
-            self._owner.worker.quit()  # a recompose of the previous result is moot now
+            self._jobs.worker.quit()  # a recompose of the previous result is moot now
             self._recompose_pending = False
-        layer = self._owner.ct_layer.value
+        layer = self._ct_layer.value
         if layer is None:
-            self._owner._error("Colorize volume: open a CT first (a grey image layer)")
+            show_error("Colorize volume: open a CT first (a grey image layer)")
             return
         # A CT without a header that says contrast was given, still in the window it opened in: the job looks for
         # enhanced blood and, finding it, composes in the contrast window (`_adopt_contrast_window`).
         limits = tuple(float(v) for v in layer.contrast_limits)
         try:
-            volume = self._owner._volume_of(layer)
+            volume = self._volume_of(layer)
             request = self._request(volume, ColorizeSession.finds_contrast(volume, limits))
         except CTColorError as exc:
-            self._owner._error(str(exc))
+            show_error(str(exc))
             return
         self._start(
             ColorizeSession.run_steps,
@@ -119,26 +145,26 @@ class RunAndRecompose:
         """Recolour the plane on screen first (with ``plane``: `_recolor_visible_plane`), then recompose the whole
         volume from the kept chroma with the current window, strength and palette in a worker; requests coalesce while
         one runs."""
-        session = self._owner.session
+        session = self._session
         if session.current is None:
             return
-        if self._owner.result_layer is None:  # the user deleted the result: nothing to update
+        if self._result_layer() is None:  # the user deleted the result: nothing to update
             session.current = None
             return
         kept = session.current
         try:
             request = self._request(kept.volume)
         except CTColorError as exc:
-            self._owner._error(str(exc))
+            show_error(str(exc))
             return
-        if not self._owner.jobs.busy and ColorizeSession.composed_with(request, self.shown_settings()):
+        if not self._jobs.busy and ColorizeSession.composed_with(request, self.shown_settings()):
             return  # the colour shown was composed with these settings (the contrast window a run chose)
         if plane and self._recolor_visible_plane(kept, request):
             return  # the whole volume follows once the plane is on screen (`_plane_done`)
-        if self._owner.jobs.busy:
+        if self._jobs.busy:
             self._recompose_pending = True
-            if self._owner.worker.is_compose:
-                self._owner.worker.quit()  # its result is stale; the pending recompose starts when it has stopped
+            if self._jobs.worker.is_compose:
+                self._jobs.worker.quit()  # its result is stale; the pending recompose starts when it has stopped
             return
         self._start(
             ColorizeSession.recompose_steps,
@@ -152,7 +178,7 @@ class RunAndRecompose:
     def visible_plane(self) -> tuple[int, int] | None:
         """(axis, index) of the kept CT's plane on screen in a 2D view of a 3D CT (axis 0 axial, 1 coronal, 2
         sagittal, in the CT's array order), else None."""
-        kept, dims = self._owner.session.current, self._owner._viewer.dims
+        kept, dims = self._session.current, self._viewer.dims
         if kept is None or kept.ct.ndim != 3 or dims.ndisplay != 2 or dims.ndim < 3:
             return None
         first = dims.ndim - 3  # the CT's axes are the viewer's last three
@@ -172,14 +198,14 @@ class RunAndRecompose:
         newest request waits. True when the whole volume is to follow from that worker (`_plane_done`); False when no
         plane is on screen (a 3D view, a 2D layer) or it is already shown."""
         plane = self.visible_plane()
-        if plane is None or self._owner.result_layer is None:
+        if plane is None or self._result_layer() is None:
             return False
         wanted = (kept, plane, request)
         if plane[0] == 0 or kept.volume.shape[0] <= MAIN_THREAD_PLANE_SLICES:
             try:
                 rgb = ColorizeSession.plane(kept, *plane, request)
             except CTColorError as exc:
-                self._owner._error(str(exc))
+                show_error(str(exc))
                 return False
             self._put_plane(wanted, rgb)
             return False
@@ -194,7 +220,7 @@ class RunAndRecompose:
         kept, (axis, index), request = wanted
         worker = create_worker(ColorizeSession.plane, kept, axis, index, request, _ignore_errors=True)
         worker.returned.connect(lambda rgb: self._put_plane(wanted, rgb))
-        worker.errored.connect(lambda exc: self._owner._error(str(exc)) if isinstance(exc, CTColorError) else None)
+        worker.errored.connect(lambda exc: show_error(str(exc)) if isinstance(exc, CTColorError) else None)
         worker.finished.connect(self._plane_done)
         self._plane_worker = worker
         worker.start()
@@ -202,9 +228,9 @@ class RunAndRecompose:
     def _put_plane(self, request: tuple, rgb: np.ndarray) -> None:
         """Show a composed plane, unless a newer request follows or the run changed."""
         kept, plane = request[:2]
-        layer = self._owner.result_layer
-        current = self._owner.session.current
-        if self._owner._closed or self._plane_pending is not None or kept is not current or layer is None:
+        layer = self._result_layer()
+        current = self._session.current
+        if self._closed() or self._plane_pending is not None or kept is not current or layer is None:
             return
         where = [slice(None)] * 3
         where[plane[0]] = plane[1]
@@ -216,7 +242,7 @@ class RunAndRecompose:
         """The plane worker ended: the newest waiting plane next, else the whole volume."""
         self._plane_worker = None
         pending, self._plane_pending = self._plane_pending, None
-        if self._owner._closed:
+        if self._closed():
             return
         if pending is not None:
             self._compose_plane(pending)
@@ -226,24 +252,22 @@ class RunAndRecompose:
     def _colorized(
         self, ct: Image, volume: Volume, limits: tuple[float, float], result: ColorizeOutcome | Failed
     ) -> None:
-        if self._owner._closed:
+        if self._closed():
             return
         if isinstance(result, Failed):
-            self._owner._error(result.message)
+            show_error(result.message)
             return
-        if not self._owner._in_viewer(ct):  # the CT layer was deleted during the run: no orphan result layer
-            self._owner._say("Colorize volume: the CT layer was removed; result dropped")
+        if not self._in_viewer(ct):  # the CT layer was deleted during the run: no orphan result layer
+            self._jobs.say("Colorize volume: the CT layer was removed; result dropped")
             return
         color = result.color
-        self._owner.windows.unlink(ct)
-        self._owner.session.keep(volume, result, ct, self._show(ct, color))
-        ct.events.contrast_limits.connect(self._owner.windows.on_linked_window)
+        self._windows.unlink(ct)
+        self._session.keep(volume, result, ct, self._show(ct, color))
+        ct.events.contrast_limits.connect(self._windows.on_linked_window)
         # The CT stays the selected layer: napari's status bar then shows its HU, not the colour layer's RGB, and
         # its contrast slider is the window.
-        self._owner._viewer.layers.selection.active = ct
-        self._owner.classes.fill_legend(color.settings)
-        self._owner.classes_button.enabled = self._owner.view_3d.enabled = True
-        self._owner.exporter.enable(volume.meta)
+        self._viewer.layers.selection.active = ct
+        self._kept(ct, volume, color)
         found = ColorizeSession.contrast_to_adopt(result, limits, tuple(float(v) for v in ct.contrast_limits))
         if found is not None:
             self._adopt_contrast_window(ct, *found)
@@ -257,33 +281,32 @@ class RunAndRecompose:
         window (`contrast_window`: the blood light grey, fat, muscle and organs in greys that carry colour); the CT
         moves to it, the menu names it, and a notification says why."""
         ct.metadata = {**ct.metadata, CONTRAST_WINDOW_KEY: tuple(win)}
-        if self._owner.ct_layer.value is ct:
-            with self._owner.window.changed.blocked():
-                self._owner.window.reset_choices()
+        if self._ct_layer.value is ct:
+            self._windows.offer_new_choices()
         ct.contrast_limits = win.limits  # the widget follows; the colour was composed in it already
-        self._owner._info(
+        show_info(
             f"{ct.name}: contrast-enhanced blood found (median {blood:.0f} HU); window {win.centre:g}/{win.width:g} "
             "so that it shows grey and takes colour, as for a contrast CT"
         )
 
     def _recomposed(self, kept: ColorizeRun, result: ColorVolume | Failed) -> None:
-        if self._owner._closed:
+        if self._closed():
             return
         if isinstance(result, Failed):
-            self._owner._error(result.message)
+            show_error(result.message)
             return
-        if self._owner.session.current is kept and self._owner.result_layer is not None:
+        if self._session.current is kept and self._result_layer() is not None:
             self._show(kept.ct, result)
-            self._owner.classes.fill_legend(result.settings)
+            self._legend(result.settings)
 
     def shown_settings(self) -> dict | None:
         """The settings the result layer's colour was composed with (from its metadata), None when unknown."""
-        layer = self._owner.result_layer
+        layer = self._result_layer()
         return layer.metadata.get(META_KEY, {}).get("colorize") if layer is not None else None
 
     def _panel_composed(self, color: ColorVolume) -> bool:
         """True when ``color`` was composed with the panel's settings (False while one of them cannot be used)."""
-        current = self._owner.session.current
+        current = self._session.current
         try:
             request = self._request(current.volume if current is not None else None)
         except CTColorError:
@@ -308,10 +331,10 @@ class RunAndRecompose:
         metadata = {META_KEY: {"colorize": dict(color.settings)}}
         created = {
             "blending": "translucent",
-            "opacity": float(self._owner.opacity.value),
+            "opacity": self._opacity(),
             "interpolation2d": "linear",  # as the CT layer (`image_layer_data`): no blocky voxels, both alike
         }
-        layer, new = put_image(self._owner._viewer, name, data, True, transforms, metadata, created)
+        layer, new = put_image(self._viewer, name, data, True, transforms, metadata, created)
         if new:
             layer.events.contrast_limits.connect(lambda _event: self._keep_full_range(layer))
             layer.events.gamma.connect(lambda _event: self._keep_full_range(layer))
@@ -324,6 +347,4 @@ class RunAndRecompose:
             with layer.events.contrast_limits.blocker(), layer.events.gamma.blocker():
                 layer.contrast_limits, layer.gamma = COLOUR_LIMITS, 1.0
             layer.refresh()
-            self._owner._say(
-                f"{layer.name}: its contrast stays fixed; set the window on the CT layer or in this widget"
-            )
+            self._jobs.say(f"{layer.name}: its contrast stays fixed; set the window on the CT layer or in this widget")

@@ -38,13 +38,12 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSlider, Label, ProgressBar, PushButton, SpinBox
 from napari.layers import Image
-from napari.utils.notifications import show_error, show_info
 
 from ..app.colorize_job import ModelSpec
 from ..app.colorize_session import ColorizeSession
 from ..color import PALETTE_NAMES, Palette, load_palette
 from ..errors import InputError
-from ..io import Volume
+from ..io import ColorVolume, Volume
 from ._colorize_3d import View3D
 from ._colorize_export import ExportPanel
 from ._colorize_legend import LEGEND_MAX_HEIGHT, ClassesAndPointer, scroll_within
@@ -89,40 +88,45 @@ class ColorizeWidget(Container):
         self._closed = False
         self.ct_layer = ComboBox(label="CT layer", choices=self._grey_layers, tooltip="a grey image layer in HU")
         self.slab = SlabControl(napari_viewer, lambda: (self.ct_layer.value, self.result_layer))
-        self.runner = RunAndRecompose(self)
+        run_controls = self._run_controls()
+        self.jobs = JobRunner(self.progress_bar, self.status, self.run_button, self.cancel_button)
+        closed, result_layer = (lambda: self._closed), (lambda: self.result_layer)
         self.windows = WindowControl(
-            self.ct_layer, self.session, self._recompose, self.show_current_run, self._volume_of, lambda: self._closed
+            self.ct_layer, self.session, self._recompose, self.show_current_run, self._volume_of, closed
         )
         self.window, self.centre_hu, self.width_hu = self.windows.controls
         self.classes = ClassesAndPointer(
-            napari_viewer,
-            self.session,
-            self.ct_layer,
-            lambda: self.result_layer,
-            self._palette,
-            self._in_viewer,
-            lambda: self._closed,
+            napari_viewer, self.session, self.ct_layer, result_layer, self._palette, self._in_viewer, closed
         )
         self.pointer, self.legend, self.classes_button = self.classes.controls
-        self.view3d = View3D(napari_viewer, self.session, lambda: self.result_layer, self._say, lambda: self._closed)
+        self.view3d = View3D(napari_viewer, self.session, result_layer, self.jobs.say, closed)
         self.view_3d = self.view3d.view_3d
-        self.exporter = ExportPanel(
-            self.session,
-            lambda: self.result_layer,
-            lambda: self.busy,
-            lambda *args, **kwargs: self.jobs.start(*args, **kwargs),  # the job runner comes with the dock's controls
-            self._say,
-            self._error,
-        )
+        self.exporter = ExportPanel(self.session, result_layer, lambda: self.busy, self.jobs.start, self.jobs.say)
         export = self.exporter
         self.export_format, self.export_path, self.export_button = export.export_format, export.path, export.button
         self.keep_identity, self.send_to_pacs = export.keep_identity, export.send_to_pacs
+        self.runner = RunAndRecompose(
+            napari_viewer,
+            self.session,
+            self.jobs,
+            self.ct_layer,
+            self.windows,
+            self._settings,
+            self._volume_of,
+            result_layer,
+            lambda: float(self.opacity.value),
+            self._kept,
+            self.classes.fill_legend,
+            self._in_viewer,
+            closed,
+        )
+        self.run_button.changed.connect(self.runner.run)
         super().__init__(
             widgets=[
                 self.ct_layer,
                 *self.windows.controls,
                 self.slab.slider,
-                *self._run_controls(),
+                *run_controls,
                 *self.classes.controls,
                 *self.exporter.controls,
                 self.view_3d,
@@ -132,7 +136,6 @@ class ColorizeWidget(Container):
         scroll_within(self.legend.native, LEGEND_MAX_HEIGHT)
         tab_with_siblings(self.native)
         settle_heap()
-        self.jobs = JobRunner(self.progress_bar, self.status, self.run_button, self.cancel_button)
         self._viewer.cursor.events.position.connect(self.classes.on_cursor)
         install_mouse_controls(napari_viewer)
         self.ct_layer.changed.connect(self.windows.watch_ct)
@@ -170,7 +173,6 @@ class ColorizeWidget(Container):
         self.progress_bar = ProgressBar(value=0, min=0, max=1, visible=False)
         self.status = Label(value="")
         self.status.native.setWordWrap(True)  # long text wraps instead of widening the dock over the canvas
-        self.run_button.changed.connect(self.runner.run)
         self.cancel_button.changed.connect(self.cancel)
         self.chroma.changed.connect(self._recompose)
         self.palette.changed.connect(self._on_palette)
@@ -226,15 +228,11 @@ class ColorizeWidget(Container):
         """Recompose the kept run with the panel's settings (`RunAndRecompose.recompose`)."""
         self.runner.recompose(plane=plane)
 
-    def _say(self, text: str) -> None:
-        self.jobs.say(text)
-
-    def _error(self, message: str) -> None:
-        """A problem the user can fix, as a one-line napari error (every part of the widget shows them here)."""
-        show_error(message)
-
-    def _info(self, message: str) -> None:
-        show_info(message)
+    def _kept(self, ct: Image, volume: Volume, color: ColorVolume) -> None:
+        """A run is shown (`RunAndRecompose`): its legend, and the colour classes, 3D view and export offered."""
+        self.classes.fill_legend(color.settings)
+        self.classes_button.enabled = self.view_3d.enabled = True
+        self.exporter.enable(volume.meta)
 
     def _detach(self, *_: Any) -> None:
         """The dock widget is being deleted: stop listening to the viewer and stop the job (its result is dropped)."""
@@ -326,6 +324,19 @@ class ColorizeWidget(Container):
     def _volume_of(self, layer: Image) -> Volume:
         data = layer.data[0] if layer.multiscale else layer.data
         return volume_from_layer(data, layer_attributes(layer))
+
+    def _settings(self, run: bool) -> dict:
+        """The panel's settings as `ColorizeRequest.checked`'s keywords; with ``run`` the model too (a recompose
+        reads only what the composition needs, so a model menu left on "weights file..." without a file does not stop
+        a window change)."""
+        settings = {
+            "window": self.windows.spec(),
+            "palette": self._palette(),
+            "strength": float(self.chroma.value),
+            "device": self.device.value,
+            "batch_size": int(self.batch_size.value) or None,
+        }
+        return {**settings, "model": self._model_spec()} if run else settings
 
     def _model_spec(self) -> ModelSpec:
         if self.model.value == WEIGHTS_FILE:

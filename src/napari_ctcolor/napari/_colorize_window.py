@@ -195,6 +195,12 @@ class WindowControl:
         widen_contrast_range(layer)
         self._on_ct_contrast()
 
+    def offer_new_choices(self) -> None:
+        """The chosen CT gained a window of its own (the contrast window a run chose): the menu offers it, the choice
+        shown left as it is."""
+        with self.window.changed.blocked():
+            self.window.reset_choices()
+
     def _rebuild_window_choices(self) -> None:
         """The window menu for the chosen CT, in its order (magicgui keeps the choices that stay and appends new ones
         after them: a CT's header windows would come after "custom")."""
