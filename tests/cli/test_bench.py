@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from napari_ctcolor.bench import runs as bench
+from napari_ctcolor.bench import colour, common, register
 from napari_ctcolor.cli import main
 
 from conftest import require_shared
 
 
 def test_peer_network_matches_the_seed_thesis() -> None:
-    net = bench.PeerColorizer()
-    assert bench.parameter_count(net) == bench.PEER_PARAMETERS == 3_896_530
+    net = colour.PeerColorizer()
+    assert colour.parameter_count(net) == colour.PEER_PARAMETERS == 3_896_530
     assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == 13
     with torch.inference_mode():
         ab = net(torch.rand(1, 1, 64, 64))
@@ -25,7 +25,7 @@ def test_peer_network_matches_the_seed_thesis() -> None:
 
 
 def test_machine_info_keys() -> None:
-    info = bench.machine_info()
+    info = common.machine_info()
     for key in ("date", "cpu", "cores", "ram_gb", "gpu", "torch", "commit"):
         assert info[key] not in (None, ""), key
     assert info["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
@@ -43,7 +43,7 @@ def test_bench_quick_writes_table_json_and_markdown(tmp_path: Path, capsys: pyte
     assert report["machine"]["torch"] == torch.__version__
     rows = report["rows"]
     for row in rows:
-        assert set(bench.ROW_KEYS) <= set(row)
+        assert set(common.ROW_KEYS) <= set(row)
         if row["median"] is None:
             # With the shared data and the [bench] extra present, only what --quick leaves out and CUDA rows on a
             # machine without CUDA may be missing: a broken section must not pass as "not measured".
@@ -87,12 +87,12 @@ def test_bench_quick_writes_table_json_and_markdown(tmp_path: Path, capsys: pyte
     # Registration speed (issue 51): ours in process (as the widget) and as a process, and (--quick) the demons and
     # Greedy peers as processes, each with the Dice of its ddf; a ratio against the fastest peer ours beats on Dice.
     speed = {r["item"]: r for r in rows if r["section"] == "register speed"}
-    assert {bench.IN_PROCESS, bench.WHOLE_PROCESS, "SimpleITK demons", "Greedy"} == set(speed), sorted(speed)
+    assert {register.IN_PROCESS, register.WHOLE_PROCESS, "SimpleITK demons", "Greedy"} == set(speed), sorted(speed)
     assert all(r["unit"] == "s" and 0.0 < r["dice"] <= 1.0 and r["median"] > 0 for r in speed.values()), speed
     for ratio in (r for r in rows if r["item"].endswith("/ fastest peer beaten on Dice")):
         peer = speed[ratio["note"].split(":")[0]]
         ours = speed[ratio["item"].split(" / ")[0]]
-        assert ours["dice"] > peer["dice"] + bench.DICE_TIE
+        assert ours["dice"] > peer["dice"] + register.DICE_TIE
         assert ratio["median"] == pytest.approx(ours["median"] / peer["median"], rel=0.01)
     # Batch: one `ctcolor batch colorize` against the same inputs as sequential processes; the ratio of this run's two.
     (batch,) = find("batch", "ctcolor batch colorize, 2 workers (whole process)")
@@ -121,7 +121,7 @@ def test_bench_quick_writes_table_json_and_markdown(tmp_path: Path, capsys: pyte
         assert f"| {row['section']} | {row['item']} | {row['device']} | {row['size']} |" in stdout
     section = out_md.read_text(encoding="utf-8")
     assert section.startswith(f"## {report['machine']['date']}") and "Machine: " in section
-    assert bench.markdown_table(rows) in section
+    assert common.markdown_table(rows) in section
 
 
 def test_bench_refuses_a_missing_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -162,7 +162,8 @@ def cmd_warmup(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..bench.runs import SECTIONS, markdown_section, markdown_table, run_bench
+    from ..bench.common import markdown_table
+    from ..bench.runs import SECTIONS, markdown_section, run_bench
 
     outputs = [Path(p) for p in (args.json, args.markdown) if p]
     for out in outputs:
