@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from napari_ctcolor.color import load_palette
 from napari_ctcolor.engines.colorize import compose_chroma, predict_chroma
 from napari_ctcolor.io import read_volume
 from napari_ctcolor.io.export import write_rgb_nifti
+from napari_ctcolor.palettes import load_palette
 
 
 def main() -> None:

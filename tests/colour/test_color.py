@@ -13,7 +13,6 @@ from skimage.color import lab2rgb, rgb2lab
 
 from napari_ctcolor import color
 from napari_ctcolor.color import (
-    color_class,
     compose_rgb,
     compose_rgb_torch,
     gamut_map_ab,
@@ -22,11 +21,11 @@ from napari_ctcolor.color import (
     lab_to_srgb,
     lab_to_srgb_torch,
     lightness_to_grey,
-    load_palette,
     srgb_to_lab,
     srgb_to_lab_torch,
 )
 from napari_ctcolor.io.errors import InputError
+from napari_ctcolor.palettes import color_class, load_palette
 
 from conftest import LUMINANCE_BOUND
 

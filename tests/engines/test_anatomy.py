@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from napari_ctpalettes.palettes import color_class
 
-from napari_ctcolor.color import color_class
 from napari_ctcolor.engines import anatomy
 from napari_ctcolor.models.colorizer import downsample_hu
 from napari_ctcolor.training.data import load_real_case

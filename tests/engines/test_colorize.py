@@ -17,9 +17,10 @@ import pydicom
 import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
+from napari_ctpalettes.palettes import load_palette
 from pydicom.dataset import Dataset
 
-from napari_ctcolor.color import compose_rgb, grey_to_lightness, load_palette, srgb_to_lab
+from napari_ctcolor.color import compose_rgb, grey_to_lightness, srgb_to_lab
 from napari_ctcolor.engines.colorize import (
     TOP_K,
     Chroma,

@@ -15,9 +15,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from napari_ctpalettes.palettes import load_palette
 
 from napari_ctcolor.app import colorize_job
-from napari_ctcolor.color import grey_to_lightness, load_palette, srgb_to_lab
+from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
 from napari_ctcolor.engines.anatomy import family
 from napari_ctcolor.engines.body import body_mask
 from napari_ctcolor.engines.colorize import colorize

@@ -12,10 +12,10 @@ import SimpleITK as sitk
 from napari.utils._proxies import ReadOnlyWrapper
 from napari.utils.events import Event
 from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
+from napari_ctpalettes.palettes import color_class
 from scipy import ndimage
 
 from napari_ctcolor.app import colorize_job
-from napari_ctcolor.color import color_class
 from napari_ctcolor.engines.anatomy import family
 from napari_ctcolor.engines.body import body_mask
 from napari_ctcolor.engines.vessels import vessel_mask

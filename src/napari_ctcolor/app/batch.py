@@ -302,7 +302,8 @@ def _check_outdir(outdir: Path) -> None:
 
 def _check_colorize_options(args: argparse.Namespace) -> None:
     """The single command's checks that do not depend on an input, once before any task (exit 2, not N errors)."""
-    from ..color import check_chroma_strength, load_palette
+    from ..color import check_chroma_strength
+    from ..palettes import load_palette
     from ..weights import find_weights
     from ..windowing import parse_window
     from .window import AUTO_WINDOW

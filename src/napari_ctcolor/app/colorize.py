@@ -50,7 +50,7 @@ def colorize_command(args: ColorizeTask, show_progress: bool = True) -> Path:
     """Everything one `ctcolor colorize` run does: validate, read, colorize, write OUT (and --send). Returns OUT.
     `ctcolor batch colorize` runs exactly this for each input (without the progress bar).
     """
-    from ..color import load_palette
+    from ..palettes import load_palette
 
     palette = load_palette(args.palette)  # a bad palette file fails before any reading or network work
     out, fmt, classes_out = _check_outputs(args)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..color import Palette, check_chroma_strength, load_palette
+from ..color import check_chroma_strength
 from ..engines import colorize as colorize_engine
 from ..engines.colorize import Chroma, iter_compose_chroma, iter_predict_chroma
 from ..engines.device import resolve_device
@@ -25,6 +25,7 @@ from ..engines.steps import Steps, blocking, offset_steps
 from ..errors import InputError
 from ..io import ColorVolume, Volume
 from ..models.colorizer import Colorizer
+from ..palettes import Palette, load_palette
 from ..weights import COLORIZER_DEFAULT
 from ..windowing import Window, parse_window
 from .window import AUTO_WINDOW, contrast_window, opening_window, opens_in_contrast

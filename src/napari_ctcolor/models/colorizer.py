@@ -1,6 +1,6 @@
 """CT colorizers: MONAI U-Nets that predict, per pixel, probabilities over colour classes (never L*).
 
-The classes are TotalSegmentator structures and groups of them (`napari_ctcolor.color.color_class`) plus HU tissue
+The classes are TotalSegmentator structures and groups of them (`napari_ctcolor.palettes.color_class`) plus HU tissue
 classes for voxels no structure covers (air, lung, fat, soft tissue, contrast blood, bone). A palette gives each class
 a colour; the engine's a*, b* are the probability-weighted palette a*, b*, so the palette is chosen at inference,
 without retraining, and the probabilities also say what a colour stands for.

@@ -18,8 +18,9 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFrame, QScrollArea, QWidget
 
 from ..app.colorize_session import ColorizeSession
-from ..color import Palette, compose_rgb, load_palette
+from ..color import compose_rgb
 from ..errors import CTColorError
+from ..palettes import Palette, load_palette
 from ..windowing import window
 from ._layers import layer_attributes
 from ._slab import slab_value

@@ -41,9 +41,9 @@ from napari.layers import Image
 
 from ..app.colorize_job import ModelSpec
 from ..app.colorize_session import ColorizeSession
-from ..color import PALETTE_NAMES, Palette, load_palette
 from ..errors import InputError
 from ..io import ColorVolume, Volume
+from ..palettes import PALETTE_NAMES, Palette, load_palette
 from ._colorize_3d import View3D
 from ._colorize_export import ExportPanel
 from ._colorize_legend import LEGEND_MAX_HEIGHT, ClassesAndPointer, scroll_within

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from ..color import PALETTE_NAMES, load_palette
 from ..engines import anatomy
 from ..errors import InputError
 from ..io.write import atomic_path
 from ..models.colorizer import Colorizer, ColorizerConfig, context_indices, prepare_input
+from ..palettes import PALETTE_NAMES, load_palette
 from .data import REPRODUCTION_NOTE, config_from_dict, load_config, shared_data_dir
 from .prepare import Reduced, phantom_cases, prepare_training_data, real_cases
 

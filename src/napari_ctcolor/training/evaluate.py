@@ -31,11 +31,12 @@ import torch
 from scipy import ndimage
 from skimage.color import deltaE_ciede2000
 
-from ..color import PALETTE_NAMES, color_class, compose_rgb, grey_to_lightness, load_palette, srgb_to_lab
+from ..color import compose_rgb, grey_to_lightness, srgb_to_lab
 from ..engines.anatomy import PELVIS, family
 from ..engines.body import body_mask
 from ..engines.colorize import AIR_HU, compose_chroma, predict_chroma
 from ..models.colorizer import Colorizer
+from ..palettes import PALETTE_NAMES, color_class, load_palette
 from ..windowing import PRESETS, window
 from .data import LabelledCT
 from .targets import TISSUE_CLASSES, ab_targets, class_targets

@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from ..color import color_class
 from ..io import Volume
+from ..palettes import color_class
 from .data import LabelledCT
 
 #: HU of the blood in each synthetic exam (120 kVp): non-contrast blood 35-50 HU; portal-venous vessels 140-220;

@@ -1,6 +1,6 @@
 """Colour targets: which colour class each voxel of a labelled CT belongs to, and the a*, b* that gives.
 
-- A labelled voxel belongs to its structure's colour class (`napari_ctcolor.color.color_class`: ``kidney_left``
+- A labelled voxel belongs to its structure's colour class (`napari_ctcolor.palettes.color_class`: ``kidney_left``
   -> ``kidney``), when the model has that class.
 - Any other voxel, unlabelled or of a structure the model has no class for, belongs to the HU tissue class whose
   range (the anatomical palette's ``tissue_classes``) is nearest its HU: air, lung, fat, soft tissue, contrast blood,
@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..color import Palette, color_class, load_palette
 from ..errors import InputError
+from ..palettes import Palette, color_class, load_palette
 
 #: The tissue classes, in HU order; every model's classes include them.
 TISSUE_CLASSES = tuple(t.name for t in load_palette("anatomical").tissue_classes)

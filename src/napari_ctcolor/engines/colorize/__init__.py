@@ -25,10 +25,11 @@ import os
 
 import torch
 
-from ...color import Palette, check_chroma_strength, load_palette
+from ...color import check_chroma_strength
 from ...errors import InputError
 from ...io import Volume
 from ...models.colorizer import Colorizer
+from ...palettes import Palette, load_palette
 from ...weights import COLORIZER_DEFAULT
 from ...windowing import Window, parse_window
 from ..steps import Steps, blocking, offset_steps

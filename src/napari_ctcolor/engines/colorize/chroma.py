@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...color import Palette
 from ...io import ColorVolume
+from ...palettes import Palette
 from .. import anatomy as _anatomy
 from .groups import (
     BLOOD_FADE_HU,

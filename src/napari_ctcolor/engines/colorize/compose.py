@@ -10,10 +10,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...color import Palette, check_chroma_strength, compose_rgb, compose_rgb_torch, load_palette
+from ...color import check_chroma_strength, compose_rgb, compose_rgb_torch
 from ...errors import InputError
 from ...io import Volume
 from ...memory import check_memory
+from ...palettes import Palette, load_palette
 from ...threads import cpu_threads
 from ...windowing import Window, parse_window, window, window_tensor
 from ..device import resolve_device, runs_torch_stages

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...color import Palette
+from ...palettes import Palette
 from .chroma import Chroma
 from .groups import BLOOD_FADE_HU, hu_group_weights
 
