@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from napari_ctpalettes.palettes import color_class
 
 from napari_ctcolor.engines import anatomy
 from napari_ctcolor.models.colorizer import downsample_hu
+from napari_ctcolor.palettes import color_class
 from napari_ctcolor.training.data import load_real_case
 from napari_ctcolor.weights import load_colorizer
 

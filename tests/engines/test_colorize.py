@@ -17,7 +17,6 @@ import pydicom
 import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
-from napari_ctpalettes.palettes import load_palette
 from pydicom.dataset import Dataset
 
 from napari_ctcolor.color import compose_rgb, grey_to_lightness, srgb_to_lab
@@ -44,6 +43,7 @@ from napari_ctcolor.errors import Cancelled
 from napari_ctcolor.io import InputError, Volume, read_color_volume, read_volume, write_nifti
 from napari_ctcolor.io.export import DICOM_MODALITY, write_png_slices, write_rgb_dicom, write_rgb_nifti
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig, downsample_hu, prepare_input
+from napari_ctcolor.palettes import load_palette
 from napari_ctcolor.windowing import PRESETS, window
 
 from conftest import LUMINANCE_BOUND

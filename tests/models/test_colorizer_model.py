@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from napari_ctpalettes.palettes import load_palette
 
 from napari_ctcolor.io import InputError
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig, context_indices, downsample_hu, prepare_input
+from napari_ctcolor.palettes import load_palette
 from napari_ctcolor.training.colorizer import Sampler, TrainConfig, train_colorizer
 from napari_ctcolor.training.prepare import contrast_flags, real_cases, reduce_case
 from napari_ctcolor.training.targets import ab_targets, class_targets

@@ -15,7 +15,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from napari_ctpalettes.palettes import load_palette
 
 from napari_ctcolor.app import colorize_job
 from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
@@ -27,6 +26,7 @@ from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig
 from napari_ctcolor.napari._colorize_widget import WEIGHTS_FILE, ColorizeWidget
 from napari_ctcolor.napari._layers import image_layer_data, placement
 from napari_ctcolor.napari._view import show_plane
+from napari_ctcolor.palettes import load_palette
 from napari_ctcolor.windowing import PRESETS, default_window, window
 
 from conftest import CT_DIR, LUMINANCE_BOUND, assert_documented, require_shared, rotated_volume

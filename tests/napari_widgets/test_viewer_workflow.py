@@ -12,7 +12,6 @@ import SimpleITK as sitk
 from napari.utils._proxies import ReadOnlyWrapper
 from napari.utils.events import Event
 from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
-from napari_ctpalettes.palettes import color_class
 from scipy import ndimage
 
 from napari_ctcolor.app import colorize_job
@@ -26,6 +25,7 @@ from napari_ctcolor.napari._gl import gl_renderer, software_rendering
 from napari_ctcolor.napari._layers import CONTRAST_WINDOW_KEY, image_layer_data
 from napari_ctcolor.napari._view import show_plane
 from napari_ctcolor.napari._volume import MIN_BONE_ML
+from napari_ctcolor.palettes import color_class
 from napari_ctcolor.windowing import PRESETS, Window
 
 from conftest import (
