@@ -22,7 +22,7 @@ Example (a slice of the shared CT, every voxel given the dicom palette's liver c
 
     hu = read_volume("../shared/data/ct/totalseg-body-3mm.nii.gz").array[60]   # (Y, X) HU
     grey = np.clip((hu - (40 - 200)) / 400, 0, 1)                               # soft-tissue window 40/400
-    ab = np.broadcast_to(load_palette("dicom").class_ab(["liver"])[0], (*hu.shape, 2))
+    ab = np.broadcast_to(palettes.load_palette("dicom").class_ab(["liver"])[0], (*hu.shape, 2))
     rgb = compose_rgb(grey, ab, chroma=0.8)                                     # (Y, X, 3) uint8
 """
 
