@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, PushButton
 from napari.layers import Image
-from napari.utils.notifications import show_error
 
 from ..app.colorize_session import ColorizeSession
 from ..app.export import FORMAT_NAMES
@@ -30,7 +29,7 @@ class ExportPanel:
         result_layer: the current run's colour layer, or None when it left the viewer.
         busy: whether a run or a recompose is in progress (no export meanwhile).
         start: the dock's `JobRunner.start` (the export runs as one of its jobs).
-        say: the dock's status line (a refusal is also a one-line napari error).
+        say, error: the dock's status line and its one-line errors.
     """
 
     def __init__(
@@ -40,8 +39,10 @@ class ExportPanel:
         busy: Callable[[], bool],
         start: Callable[..., Any],
         say: Callable[[str], None],
+        error: Callable[[str], None],
     ) -> None:
-        self._session, self._result_layer, self._busy, self._start, self._say = session, result_layer, busy, start, say
+        self._session, self._result_layer, self._busy, self._start = session, result_layer, busy, start
+        self._say, self._error = say, error
         self.export_format = ComboBox(label="Export as", choices=list(EXPORT_FORMATS), enabled=False)
         self.path = FileEdit(label="Export to", mode="w", enabled=False, tooltip="a .nii.gz file or a new folder")
         self.keep_identity = CheckBox(
@@ -111,7 +112,7 @@ class ExportPanel:
         return self._start(failing_as_value, (steps,), "Export", lambda result: self._done(result, path), total=0)
 
     def _refused(self, message: str) -> None:
-        show_error(message)
+        self._error(message)
         self._say("Export: nothing written (see the message)")
 
     def _done(self, result, path: str) -> None:
@@ -122,7 +123,7 @@ class ExportPanel:
         written, sent = result
         self.written = [str(p) for p in written]
         if isinstance(sent, str):  # the files are written all the same: say so
-            show_error(f"Exported {len(written)} file(s) to {path}, but not sent: {sent}")
+            self._error(f"Exported {len(written)} file(s) to {path}, but not sent: {sent}")
         elif sent is not None:
             self._say(f"Exported {len(written)} file(s) to {path} and sent {sent[1]} to {sent[0]}")
         else:

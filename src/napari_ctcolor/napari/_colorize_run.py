@@ -19,7 +19,6 @@ import numpy as np
 from magicgui.widgets import ComboBox
 from napari.layers import Image
 from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info
 
 from ..app.colorize_job import ColorizeOutcome, ColorizeRequest
 from ..app.colorize_session import ColorizeRun, ColorizeSession
@@ -57,6 +56,7 @@ class RunAndRecompose:
         legend: fills the legend for a colour's settings.
         in_viewer: whether a layer is still in the viewer.
         closed: True once the dock is closing.
+        error, info: the dock's one-line errors and notifications.
     """
 
     def __init__(
@@ -74,11 +74,13 @@ class RunAndRecompose:
         legend: Callable[[dict], Any],
         in_viewer: Callable[[Image], bool],
         closed: Callable[[], bool],
+        error: Callable[[str], None],
+        info: Callable[[str], None],
     ) -> None:
         self._viewer, self._session, self._jobs = viewer, session, jobs
         self._ct_layer, self._windows, self._settings, self._volume_of = ct_layer, windows, settings, volume_of
         self._result_layer, self._opacity, self._kept, self._legend = result_layer, opacity, kept, legend
-        self._in_viewer, self._closed = in_viewer, closed
+        self._in_viewer, self._closed, self._error, self._info = in_viewer, closed, error, info
         self._recompose_pending = False
         self._plane_worker = self._plane_pending = None  # the plane on screen being recoloured, the newest waiting
         #: The plane (axis, index) the last recompose recolored at once, before the rest of the volume (None: none
@@ -122,7 +124,7 @@ class RunAndRecompose:
             self._recompose_pending = False
         layer = self._ct_layer.value
         if layer is None:
-            show_error("Colorize volume: open a CT first (a grey image layer)")
+            self._error("Colorize volume: open a CT first (a grey image layer)")
             return
         # A CT without a header that says contrast was given, still in the window it opened in: the job looks for
         # enhanced blood and, finding it, composes in the contrast window (`_adopt_contrast_window`).
@@ -131,7 +133,7 @@ class RunAndRecompose:
             volume = self._volume_of(layer)
             request = self._request(volume, ColorizeSession.finds_contrast(volume, limits))
         except CTColorError as exc:
-            show_error(str(exc))
+            self._error(str(exc))
             return
         self._start(
             ColorizeSession.run_steps,
@@ -155,7 +157,7 @@ class RunAndRecompose:
         try:
             request = self._request(kept.volume)
         except CTColorError as exc:
-            show_error(str(exc))
+            self._error(str(exc))
             return
         if not self._jobs.busy and ColorizeSession.composed_with(request, self.shown_settings()):
             return  # the colour shown was composed with these settings (the contrast window a run chose)
@@ -205,7 +207,7 @@ class RunAndRecompose:
             try:
                 rgb = ColorizeSession.plane(kept, *plane, request)
             except CTColorError as exc:
-                show_error(str(exc))
+                self._error(str(exc))
                 return False
             self._put_plane(wanted, rgb)
             return False
@@ -220,7 +222,7 @@ class RunAndRecompose:
         kept, (axis, index), request = wanted
         worker = create_worker(ColorizeSession.plane, kept, axis, index, request, _ignore_errors=True)
         worker.returned.connect(lambda rgb: self._put_plane(wanted, rgb))
-        worker.errored.connect(lambda exc: show_error(str(exc)) if isinstance(exc, CTColorError) else None)
+        worker.errored.connect(lambda exc: self._error(str(exc)) if isinstance(exc, CTColorError) else None)
         worker.finished.connect(self._plane_done)
         self._plane_worker = worker
         worker.start()
@@ -255,7 +257,7 @@ class RunAndRecompose:
         if self._closed():
             return
         if isinstance(result, Failed):
-            show_error(result.message)
+            self._error(result.message)
             return
         if not self._in_viewer(ct):  # the CT layer was deleted during the run: no orphan result layer
             self._jobs.say("Colorize volume: the CT layer was removed; result dropped")
@@ -284,7 +286,7 @@ class RunAndRecompose:
         if self._ct_layer.value is ct:
             self._windows.offer_new_choices()
         ct.contrast_limits = win.limits  # the widget follows; the colour was composed in it already
-        show_info(
+        self._info(
             f"{ct.name}: contrast-enhanced blood found (median {blood:.0f} HU); window {win.centre:g}/{win.width:g} "
             "so that it shows grey and takes colour, as for a contrast CT"
         )
@@ -293,7 +295,7 @@ class RunAndRecompose:
         if self._closed():
             return
         if isinstance(result, Failed):
-            show_error(result.message)
+            self._error(result.message)
             return
         if self._session.current is kept and self._result_layer() is not None:
             self._show(kept.ct, result)

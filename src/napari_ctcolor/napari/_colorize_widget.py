@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSlider, Label, ProgressBar, PushButton, SpinBox
 from napari.layers import Image
+from napari.utils.notifications import show_error, show_info
 
 from ..app.colorize_job import ModelSpec
 from ..app.colorize_session import ColorizeSession
@@ -101,7 +102,9 @@ class ColorizeWidget(Container):
         self.pointer, self.legend, self.classes_button = self.classes.controls
         self.view3d = View3D(napari_viewer, self.session, result_layer, self.jobs.say, closed)
         self.view_3d = self.view3d.view_3d
-        self.exporter = ExportPanel(self.session, result_layer, lambda: self.busy, self.jobs.start, self.jobs.say)
+        self.exporter = ExportPanel(
+            self.session, result_layer, lambda: self.busy, self.jobs.start, self.jobs.say, self._error
+        )
         export = self.exporter
         self.export_format, self.export_path, self.export_button = export.export_format, export.path, export.button
         self.keep_identity, self.send_to_pacs = export.keep_identity, export.send_to_pacs
@@ -119,6 +122,8 @@ class ColorizeWidget(Container):
             self.classes.fill_legend,
             self._in_viewer,
             closed,
+            self._error,
+            self._info,
         )
         self.run_button.changed.connect(self.runner.run)
         super().__init__(
@@ -227,6 +232,13 @@ class ColorizeWidget(Container):
     def _recompose(self, *_: Any, plane: bool = True) -> None:
         """Recompose the kept run with the panel's settings (`RunAndRecompose.recompose`)."""
         self.runner.recompose(plane=plane)
+
+    def _error(self, message: str) -> None:
+        """A problem the user can fix, as a one-line napari error (every part of the dock shows them here)."""
+        show_error(message)
+
+    def _info(self, message: str) -> None:
+        show_info(message)
 
     def _kept(self, ct: Image, volume: Volume, color: ColorVolume) -> None:
         """A run is shown (`RunAndRecompose`): its legend, and the colour classes, 3D view and export offered."""
