@@ -34,7 +34,10 @@ def test_machine_info_keys() -> None:
 def test_bench_quick_writes_table_json_and_markdown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     require_shared()  # the registration rows need the OASIS pair and the labelled CTs
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-    assert main(["bench", "--quick", "--json", str(out_json), "--markdown", str(out_md)]) == 0
+    # Every section but the two the GPU bundle's smoke run measures through the same command
+    # (tests/cli/test_gpu_bundle.py: pipeline, register-device).
+    only = "colorize,series,memory,register,register-ct,register-speed,batch"
+    assert main(["bench", "--quick", "--only", only, "--json", str(out_json), "--markdown", str(out_md)]) == 0
     stdout = capsys.readouterr().out
     assert stdout.startswith("| section | item | device | size | median (min..max) |")
 
@@ -99,18 +102,6 @@ def test_bench_quick_writes_table_json_and_markdown(tmp_path: Path, capsys: pyte
     (sequential,) = find("batch", "2 x ctcolor colorize (sequential processes)")
     (ratio,) = find("ratio", "batch / sequential processes")
     assert ratio["median"] == pytest.approx(batch["median"] / sequential["median"], abs=0.006)
-    # Where colorize's time goes (quick: the 20-slice series): the network's forward passes alone, the call in process
-    # with the share of it outside the network (both from this run), and whole processes.
-    (network,) = find("pipeline", "network alone (forward passes inside colorize)", size="512x512x20")
-    (call,) = find("pipeline", "colorize() in process", size="512x512x20")
-    share = float(call["note"].split("outside the network: ")[1].split("%")[0])
-    assert network["median"] > 0 and call["repeats"] >= 1 and 0 < share < 100, call
-    for item in (
-        "ctcolor colorize .nii.gz -> .nii.gz (whole process)",
-        "ctcolor colorize DICOM folder -> .nii.gz (whole process)",
-    ):
-        (whole,) = find("pipeline", item, size="512x512x20")
-        assert whole["median"] > 0 and whole["note"] == "start-up, reading, writing", whole
     # What a user waits for: a whole `ctcolor colorize` process on a real DICOM folder (quick: 20 slices of 512²).
     (series,) = find("series", "ctcolor colorize DICOM folder -> .nii.gz (whole process)", size="512x512x20")
     assert series["unit"] == "slices/s" and "peak RSS" in series["note"] and "x the int16 input" in series["note"]

@@ -85,6 +85,17 @@ def test_run_sh_installs_offline_and_writes_the_report(bundle, tmp_path):
     devices = {"cpu", "cuda"} if "cuda" in {row["device"] for row in rows} else {"cpu"}
     for device in devices:
         assert ("pipeline", "colorize() in process", device) in measured
+    # Where colorize's time goes (quick: the 20-slice series): the network's forward passes alone, the call in process
+    # with the share of it outside the network (both from this run), and whole processes.
+    cpu = {row["item"]: row for row in rows if row["section"] == "pipeline" and row["device"] == "cpu"}
+    share = float(cpu["colorize() in process"]["note"].split("outside the network: ")[1].split("%")[0])
+    assert cpu["network alone (forward passes inside colorize)"]["median"] > 0 and 0 < share < 100
+    for item in (
+        "ctcolor colorize .nii.gz -> .nii.gz (whole process)",
+        "ctcolor colorize DICOM folder -> .nii.gz (whole process)",
+    ):
+        assert cpu[item]["median"] > 0 and cpu[item]["note"] == "start-up, reading, writing", cpu[item]
+        assert cpu[item]["size"] == "512x512x20"
     for device in devices:  # both pairs registered on each device
         assert sum(key == ("register device", "ctcolor register (whole process)", device) for key in measured) == 1
     assert len([row for row in rows if row["section"] == "register device"]) == 2 * len(devices)
