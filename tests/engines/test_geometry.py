@@ -43,4 +43,5 @@ def test_a_turn_moves_the_blob_as_the_motion_says_and_back_returns_it():
     z, y, x = np.meshgrid(np.arange(24) * 2.0, np.arange(96) * 1.0, np.arange(96) * 1.0, indexing="ij")
     near = (x - 67.5) ** 2 + (y - 47.5) ** 2 + (z - 23.0) ** 2 < 20.0**2
     assert np.abs(back.array - blob.array)[near].max() < 10.0
-    np.testing.assert_array_equal(turned(blob, 0.0, 0.0, back=True).array, blob.array)
+    # No motion: read back at the voxel centres themselves (to the index arithmetic's rounding).
+    np.testing.assert_allclose(turned(blob, 0.0, 0.0, back=True).array, blob.array, atol=1e-3)
