@@ -202,8 +202,8 @@ def write_vector_nifti(field: np.ndarray, grid: Volume, path: str | Path) -> Pat
 
     SimpleITK writes the header (`_itk_vector_header`); the voxels, each component's (Z, Y, X) block in turn as
     NIfTI stores a vector image, stream from ``field`` into the compressed file: letting SimpleITK write a 512² CT's
-    444 MB field uncompressed first, then compressing that file, took 3.1 s, streaming 1.7 s (2-core AMD EPYC,
-    2026-11-29). The bytes are SimpleITK's own (tests/io).
+    444 MB field uncompressed first, then compressing that file, took 3.1 s, streaming 1.9 s (2-core AMD EPYC,
+    2026-11-29). The bytes are SimpleITK's own (tests/readers/test_io_nifti.py).
     """
     field = np.asarray(field)
     if field.ndim != 4 or field.shape[-1] != 3:
