@@ -52,7 +52,7 @@ class RunAndRecompose:
         volume_of: a grey layer's voxels and geometry as a Volume.
         result_layer: the current run's colour layer, or None when it left the viewer.
         opacity: the colour layer's opacity when it is created.
-        kept: called with (CT layer, volume, colour) once a run is shown (the dock's legend, 3D view and export).
+        kept: called with (volume, colour) once a run is shown (the dock's legend, 3D view and export).
         legend: fills the legend for a colour's settings.
         in_viewer: whether a layer is still in the viewer.
         closed: True once the dock is closing.
@@ -70,7 +70,7 @@ class RunAndRecompose:
         volume_of: Callable[[Image], Volume],
         result_layer: Callable[[], Image | None],
         opacity: Callable[[], float],
-        kept: Callable[[Image, Volume, ColorVolume], Any],
+        kept: Callable[[Volume, ColorVolume], Any],
         legend: Callable[[dict], Any],
         in_viewer: Callable[[Image], bool],
         closed: Callable[[], bool],
@@ -269,7 +269,7 @@ class RunAndRecompose:
         # The CT stays the selected layer: napari's status bar then shows its HU, not the colour layer's RGB, and
         # its contrast slider is the window.
         self._viewer.layers.selection.active = ct
-        self._kept(ct, volume, color)
+        self._kept(volume, color)
         found = ColorizeSession.contrast_to_adopt(result, limits, tuple(float(v) for v in ct.contrast_limits))
         if found is not None:
             self._adopt_contrast_window(ct, *found)

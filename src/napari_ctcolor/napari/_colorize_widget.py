@@ -240,7 +240,7 @@ class ColorizeWidget(Container):
     def _info(self, message: str) -> None:
         show_info(message)
 
-    def _kept(self, ct: Image, volume: Volume, color: ColorVolume) -> None:
+    def _kept(self, volume: Volume, color: ColorVolume) -> None:
         """A run is shown (`RunAndRecompose`): its legend, and the colour classes, 3D view and export offered."""
         self.classes.fill_legend(color.settings)
         self.classes_button.enabled = self.view_3d.enabled = True
