@@ -68,8 +68,11 @@ def _code(value, codes, q_steps):
 
 
 @numba.njit(inline="always")
-def _srgb(level, a, b, out, tables):
-    """Steps 3 and 4 for one voxel: grey ``level`` and a*, b* -> three sRGB codes written into ``out``."""
+def _srgb(level, a, b, tables):
+    """Steps 3 and 4 for one voxel: grey ``level`` and a*, b* -> its three sRGB codes, returned as a tuple of
+    scalars: a view of the output per voxel (``out[s, y, x]``) would count references to the output's memory on every
+    call, an atomic operation both threads contend for (returning the codes made the kernel 15-25 % faster, same
+    codes, 2026-11-29)."""
     fy_table, lum_table, cmax, codes, m = tables[0], tables[1], tables[2], tables[3], tables[4]
     q_steps, gamut_top, f0, kappa, rows_l, steps_h = tables[6:]
     tiny = np.float32(1e-30)
@@ -96,9 +99,7 @@ def _srgb(level, a, b, out, tables):
         r = min(max(lum + t * (r - lum), np.float32(0.0)), np.float32(1.0))
         gg = min(max(lum + t * (gg - lum), np.float32(0.0)), np.float32(1.0))
         bb = min(max(lum + t * (bb - lum), np.float32(0.0)), np.float32(1.0))
-    out[0] = _code(r, codes, q_steps)
-    out[1] = _code(gg, codes, q_steps)
-    out[2] = _code(bb, codes, q_steps)
+    return _code(r, codes, q_steps), _code(gg, codes, q_steps), _code(bb, codes, q_steps)
 
 
 @numba.njit(cache=True)
@@ -108,7 +109,7 @@ def _grey_codes(tables):
     levels = tables[5]
     out = np.empty((levels + 1, 3), dtype=np.uint8)
     for level in range(levels + 1):
-        _srgb(level, np.float32(0.0), np.float32(0.0), out[level], tables)
+        out[level, 0], out[level, 1], out[level, 2] = _srgb(level, np.float32(0.0), np.float32(0.0), tables)
     return out
 
 
@@ -204,7 +205,8 @@ def _kernel(
                         weight_sum += w
             fade = min((h - air_hu) / air_fade, np.float32(1.0)) * strength
             # 3-4. linear RGB (mapped into the gamut along the hue when outside) and its sRGB codes
-            _srgb(level, total_a / weight_sum * fade, total_b / weight_sum * fade, out[s, y, x], tables)
+            codes = _srgb(level, total_a / weight_sum * fade, total_b / weight_sum * fade, tables)
+            out[s, y, x, 0], out[s, y, x, 1], out[s, y, x, 2] = codes
 
 
 #: Step (HU) of the likeness table: exp(-d² / 2 sigma²) interpolated linearly between steps of 0.25 HU differs from
