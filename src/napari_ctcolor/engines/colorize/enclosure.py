@@ -15,6 +15,7 @@ from .chroma import Chroma, pack_bits
 from .components import component_sizes, label_components, reconstruct
 from .groups import MARROW_GROUP_HU, hu_group_of
 from .hu import device_hu, hu_slices
+from .topology_kernel import topology
 
 #: Marrow: cancellous bone and marrow (a vertebral body at 80-190 HU, a rib's at 30-250) lie in the HU of muscle,
 #: organs and enhanced blood, so a voxel's own HU cannot tell them apart, and its 3.5 mm network pixel often holds
@@ -51,81 +52,28 @@ CORTEX_PEAK_HU = 400.0
 FATTY_MARROW_HU, SMALL_MARROW_MM2 = -100.0, 100.0
 
 
-def _box(mask: np.ndarray) -> tuple[slice, slice] | None:
-    """The bounding box of a (Y, X) ``mask`` and a one-voxel margin, None if it is empty."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return None
-    return slice(max(rows[0] - 1, 0), rows[-1] + 2), slice(max(cols[0] - 1, 0), cols[-1] + 2)
-
-
-def _holes(dense: np.ndarray, pixel_mm2: float) -> np.ndarray:
-    """(Y, X) float32: the area in mm² of the hole of one slice's ``dense`` mask that holds each voxel, 0 outside
-    the holes no larger than `MARROW_MAX_MM2`: the connected components of the rest that do not touch the slice's
-    edge (`scipy.ndimage.label`: a third of the time of ``binary_fill_holes``, and their areas come with it). Only
-    the mask's bounding box and a one-voxel margin are labelled: everything outside it is one component open to the
-    edge, so the holes are the same."""
-    from scipy import ndimage
-
-    out = np.zeros(dense.shape, dtype=np.float32)
-    box = _box(dense)
-    if box is None:
-        return out
-    parts, count = ndimage.label(~dense[box])
-    area = (np.bincount(parts.ravel(), minlength=count + 1) * pixel_mm2).astype(np.float32)
-    area[area > MARROW_MAX_MM2] = 0.0
-    area[0] = 0.0  # the mask itself
-    area[np.concatenate((parts[0], parts[-1], parts[:, 0], parts[:, -1]))] = 0.0  # open to the edge
-    out[box] = area[parts]
+def bone_topology(hu: np.ndarray, pixel_mm2: float, out: np.ndarray | None = None) -> np.ndarray:
+    """`bone_topology_torch` of (n, Y, X) slices of HU on the CPU (`topology_kernel.topology`, which holds no lock):
+    (7, n, Y, ceil(X / 8)) uint8, its masks packed along X (into ``out`` if given)."""
+    if out is None:
+        out = np.empty((7, *hu.shape[:2], -(-hu.shape[2] // 8)), dtype=np.uint8)
+    topology(np.ascontiguousarray(hu, dtype=np.float32), float(pixel_mm2), _THRESHOLDS, out)
     return out
 
 
-def _bony_enclosure(hu: np.ndarray, pixel_mm2: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(holes, rims)`` of one slice's HU: (Y, X) float32 the area of the hole (`_holes`) of the bony part of the
-    mask HU >= `CORTEX_HU` (its 8-connected pieces that reach `CORTEX_PEAK_HU`: an enhancing kidney's cortex, which
-    encloses its medulla, does not) that holds each voxel, 0 outside them, and (Y, X) bool those pieces that border a
-    hole: the cortex around a marrow."""
-    from scipy import ndimage
-
-    holes, rims = np.zeros(hu.shape, dtype=np.float32), np.zeros(hu.shape, dtype=bool)
-    box = _box(hu >= CORTEX_HU)
-    if box is None:
-        return holes, rims
-    part = hu[box]
-    pieces, count = ndimage.label(part >= CORTEX_HU, structure=np.ones((3, 3), dtype=bool))
-    peaked = np.zeros(count + 1, dtype=bool)
-    peaked[pieces[part >= CORTEX_PEAK_HU]] = True
-    peaked[0] = False
-    holes[box] = _holes(peaked[pieces], pixel_mm2)
-    inner = holes[box] > 0
-    if inner.any():
-        grown = inner.copy()  # the holes grown by their 4 neighbours (30x faster than ndimage.binary_dilation)
-        grown[1:] |= inner[:-1]
-        grown[:-1] |= inner[1:]
-        grown[:, 1:] |= inner[:, :-1]
-        grown[:, :-1] |= inner[:, 1:]
-        borders = np.zeros(count + 1, dtype=bool)
-        borders[pieces[grown]] = True  # a hole's 4-neighbours are all bony: only peaked pieces
-        borders[0] = False
-        rims[box] = borders[pieces]
-    return holes, rims
-
-
-def bone_topology(hu: np.ndarray, pixel_mm2: float) -> np.ndarray:
-    """`bone_topology_torch` of one (Y, X) slice of HU by ``scipy.ndimage`` (the CPU's way): (7, Y, X) bool."""
-    holes, rims = _bony_enclosure(hu, pixel_mm2)
-    enclosed = holes > 0
-    return np.stack(
-        (
-            enclosed,
-            enclosed & (holes <= SMALL_MARROW_MM2),
-            rims,
-            _holes(hu >= RIM_HU, pixel_mm2) == 0,
-            (hu >= MARROW_MIN_HU) & (hu < MARROW_GROUP_HU),
-            (hu >= FATTY_MARROW_HU) & (hu < MARROW_MIN_HU),
-            hu < MARROW_MIN_HU,
-        )
+_THRESHOLDS = tuple(
+    np.float32(v)
+    for v in (
+        CORTEX_HU,
+        CORTEX_PEAK_HU,
+        RIM_HU,
+        MARROW_MIN_HU,
+        MARROW_GROUP_HU,
+        FATTY_MARROW_HU,
+        MARROW_MAX_MM2,
+        SMALL_MARROW_MM2,
     )
+)
 
 
 def _holes_torch(dense: torch.Tensor, pixel_mm2: float) -> torch.Tensor:
@@ -145,8 +93,8 @@ def _holes_torch(dense: torch.Tensor, pixel_mm2: float) -> torch.Tensor:
 
 
 def bone_topology_torch(hu: torch.Tensor, pixel_mm2: float) -> torch.Tensor:
-    """What the enclosure reads from a slice's HU alone, for a batch of slices on their device (a GPU: no
-    ``scipy.ndimage``), before the network's classes are known: ``hu`` (n, Y, X) float; returns (7, n, Y, X) bool:
+    """What the enclosure reads from a slice's HU alone, for a batch of slices on their device (a GPU),
+    before the network's classes are known: ``hu`` (n, Y, X) float; returns (7, n, Y, X) bool:
     in a hole of the peaked bone (`CORTEX_HU`), in one of at most `SMALL_MARROW_MM2`, in a rim (the pieces that
     border such a hole), in no hole of the mask HU >= `RIM_HU`, and the HU ranges of marrow (`MARROW_MIN_HU` up to
     `MARROW_GROUP_HU`), of fatty marrow (`FATTY_MARROW_HU` up to `MARROW_MIN_HU`) and below `MARROW_MIN_HU`
@@ -212,6 +160,8 @@ def enclosure_bits(
 #: about `DEVICE_BYTES_PER_VOXEL`, 0.8 GB for 32 slices of 512².
 DEVICE_SLICES = 32
 DEVICE_BYTES_PER_VOXEL = 100
+#: Slices per call of the CPU's kernel (`bone_topology`): its float32 HU and working arrays, 10 MB for 512².
+CPU_SLICES = 4
 #: The share of a CUDA GPU's free memory that one batch of the enclosure or compose stage may take.
 DEVICE_MEMORY_SHARE = 0.25
 
@@ -235,12 +185,10 @@ class BoneTopology:
     an int16 CT, freed with the object).
 
     Where `runs_torch_stages`, `bone_topology_torch` in batches of `device_slices` on the device, in one thread;
-    elsewhere (the CPU, Apple's MPS) `bone_topology` slice by slice in `threads.cpu_threads` threads
-    (``ndimage.label`` releases the GIL), then gated on bits packed along X, never unpacked. The CPU's colours are
-    those of commit 8732aa4's slice-by-slice masks, byte for byte, at the same speed (120 slices of 512²,
-    2026-11-26, AMD EPYC without AVX-512, alternating runs: 3.7-5.3 s in process against 3.2-5.3 s); started beside
-    the network's forward passes instead (one thread) it gained nothing measurable on 2 cores (4.1-5.6 s against
-    4.3-5.0 s)."""
+    elsewhere (the CPU, Apple's MPS) `bone_topology` slice by slice in `threads.cpu_threads` threads (a kernel
+    that holds no lock, so the anatomy step beside it keeps its pace), then gated on bits packed along X, never
+    unpacked. Started beside the network's forward passes instead (one thread, when scipy labelled it) it gained
+    nothing measurable on 2 cores (4.1-5.6 s against 4.3-5.0 s, 2026-11-26)."""
 
     def __init__(self, volume: Volume, device: torch.device) -> None:
         self.volume = volume
@@ -264,17 +212,19 @@ class BoneTopology:
         return packed
 
     def _on_cpu(self) -> list[torch.Tensor]:
-        """The CPU's slices in the pool's other threads (this one waits), in batches of `slices` as on a GPU."""
+        """The CPU's slices in the pool's other threads (this one waits), `CPU_SLICES` at a time, and handed on in
+        batches of `slices` as on a GPU."""
         z, height, width = self.volume.shape
         pixel_mm2 = float(self.volume.spacing[1] * self.volume.spacing[2])
         out = np.empty((7, z, height, -(-width // 8)), dtype=np.uint8)
 
-        def one(k: int) -> None:
+        def some(start: int) -> None:
             if not self._stop:
-                out[:, k] = np.packbits(bone_topology(hu_slices(self.volume, k, k + 1)[0], pixel_mm2), axis=-1)
+                stop = min(z, start + CPU_SLICES)
+                bone_topology(hu_slices(self.volume, start, stop), pixel_mm2, out[:, start:stop])
 
         with ThreadPoolExecutor(cpu_threads()) as pool:
-            list(pool.map(one, range(z)))
+            list(pool.map(some, range(0, z, CPU_SLICES)))
         return [torch.from_numpy(out[:, start : start + self.slices]) for start in range(0, z, self.slices)]
 
     def close(self) -> None:
