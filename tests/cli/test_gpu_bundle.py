@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from napari_ctcolor.bench.colour import STAGES
+
 from conftest import DICOM_SERIES, REPO, require_shared
 
 BUDGET_MIB = 60
@@ -85,11 +87,13 @@ def test_run_sh_installs_offline_and_writes_the_report(bundle, tmp_path):
     devices = {"cpu", "cuda"} if "cuda" in {row["device"] for row in rows} else {"cpu"}
     for device in devices:
         assert ("pipeline", "colorize() in process", device) in measured
-    # Where colorize's time goes (quick: the 20-slice series): the network's forward passes alone, the call in process
-    # with the share of it outside the network (both from this run), and whole processes.
+    # Where colorize's time goes (quick: the 20-slice series): each stage of one call, the call in process with the
+    # share of it outside the network (both from this run), and whole processes.
     cpu = {row["item"]: row for row in rows if row["section"] == "pipeline" and row["device"] == "cpu"}
     share = float(cpu["colorize() in process"]["note"].split("outside the network: ")[1].split("%")[0])
-    assert cpu["network alone (forward passes inside colorize)"]["median"] > 0 and 0 < share < 100
+    assert all(cpu[stage]["median"] > 0 for stage in STAGES) and 0 < share < 100
+    shares = [float(cpu[stage]["note"].removesuffix("% of the call")) for stage in STAGES[1:]]
+    assert 0 < sum(shares) < 100 and abs(sum(shares) - share) <= 3, (shares, share)  # each rounded to 1 %
     for item in (
         "ctcolor colorize .nii.gz -> .nii.gz (whole process)",
         "ctcolor colorize DICOM folder -> .nii.gz (whole process)",

@@ -423,14 +423,24 @@ PIPELINE_CT = OASIS_DIR.parent / "ct" / "totalseg-abdomen-dicom"
 PIPELINE_SLICES = 400
 
 
-def _network_share(volume: Volume, device: str) -> tuple[float, float]:
-    """(seconds in the network's forward passes, seconds of the whole call) of one `colorize` of ``volume``: the
-    shipped 2D network timed inside the real pipeline by hooks around its forward (they wait for the device, so
-    this call runs a little slower than an untimed one)."""
-    from ..engines.colorize import colorize, get_colorizer
+#: The stages of one colorize, as `_stage_seconds` splits it (the rows' names).
+STAGES = (
+    "network alone (forward passes inside colorize)",
+    "network phase besides the forward passes (input, kept classes)",
+    "anatomy and enclosure stages",
+    "compose stage (guided upsampling, sRGB)",
+)
+
+
+def _stage_seconds(volume: Volume, device: str) -> tuple[list[float], float]:
+    """Seconds of each of `STAGES` in one colorize of ``volume``, and of the whole: the shipped 2D network's forward
+    passes timed by hooks around its forward (they wait for the device, so this call runs a little slower than an
+    untimed one), the network phase's end from its last step, and the compose stage as `compose_chroma` of the
+    result: `colorize` is `predict_chroma` then `compose_chroma`."""
+    from ..engines.colorize import compose_chroma, get_colorizer, predict_chroma
 
     net, _ = get_colorizer("colorizer-2d")
-    started, spent = [0.0], [0.0]
+    started, spent, steps = [0.0], [0.0], []
 
     def before(_module: nn.Module, _args: Any) -> None:
         sync_device(device)
@@ -443,12 +453,16 @@ def _network_share(volume: Volume, device: str) -> tuple[float, float]:
     hooks = net.register_forward_pre_hook(before), net.register_forward_hook(after)
     try:
         start = time.perf_counter()
-        colorize(volume, net, window="abdomen", device=device)
+        chroma = predict_chroma(volume, net, device=device, progress=lambda *_: steps.append(time.perf_counter()))
         sync_device(device)
-        return spent[0], time.perf_counter() - start
+        predicted = time.perf_counter()
+        compose_chroma(volume, chroma, "abdomen", device=device)
+        sync_device(device)
+        end = time.perf_counter()
     finally:
         for hook in hooks:
             hook.remove()
+    return [spent[0], steps[-1] - start - spent[0], predicted - steps[-1], end - predicted], end - start
 
 
 def bench_pipeline(quick: bool, repeats: int, source: Path = PIPELINE_CT) -> list[dict]:
@@ -474,11 +488,11 @@ def bench_pipeline(quick: bool, repeats: int, source: Path = PIPELINE_CT) -> lis
         write_nifti(volume, nifti)
         for device in bench_devices():
             colorize(volume, window="abdomen", device=device)  # warm: the model, the kernels, the allocator
-            network, hooked = _network_share(volume, device)
-            share = f"outside the network: {1 - network / hooked:.0%} of a call timed with it (same run)"
-            rows.append(
-                rate_row("pipeline", "network alone (forward passes inside colorize)", device, size, count, [network])
-            )
+            stages, whole = _stage_seconds(volume, device)
+            share = f"outside the network: {1 - stages[0] / whole:.0%} of a call timed by stage (same run)"
+            for item, seconds in zip(STAGES, stages, strict=True):
+                note = f"{seconds / whole:.0%} of the call" if item != STAGES[0] else ""
+                rows.append(rate_row("pipeline", item, device, size, count, [seconds], note=note))
 
             def run(device: str = device) -> None:
                 colorize(volume, window="abdomen", device=device)
