@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from napari_ctcolor.engines.body import body_mask
+from napari_ctcolor.engines.body import body_mask, ellipsoid, in_plane_morphology
 from napari_ctcolor.io import Volume, read_volume
 from napari_ctcolor.training.exams import cut_fov
 from napari_ctcolor.training.partial import derive_chest
@@ -91,3 +92,14 @@ def test_synthetic_cut_lungs_are_inside_and_the_air_outside(lung_hu, air_hu, noi
     truth = np.stack([_slice(lung_hu, air_hu, 0.0)] * 12) > (air_hu + 1.0)
     assert body[truth].mean() >= 0.99
     assert body[~truth].mean() <= 0.001
+
+
+@pytest.mark.parametrize("radius", [(1, 1), (2, 3), (0, 2)])
+def test_in_plane_morphology_is_scipys(radius):
+    """The opening's erosion (the image's edge counted as tissue) and dilation by shifts against scipy's binary
+    morphology, on random masks whose pieces touch the edges: equal voxel for voxel."""
+    rng = np.random.default_rng(5)
+    mask = ndimage.gaussian_filter(rng.random((3, 40, 57)), (0, 1.5, 1.5)) > 0.5
+    ball = ellipsoid([0, *radius])
+    assert (in_plane_morphology(mask, ball, True) == ndimage.binary_erosion(mask, ball, border_value=1)).all()
+    assert (in_plane_morphology(mask, ball, False) == ndimage.binary_dilation(mask, ball)).all()
