@@ -33,3 +33,20 @@ def at_most(threads: int) -> Iterator[None]:
         yield
     finally:
         _LOCAL.limit = before
+
+
+def use_threads(threads: int) -> None:
+    """Run this thread's numba kernels (the field kernels of `models`, `engines.fused`, the anatomy's) on ``threads``
+    threads (torch's count: one per core, or one per batch worker), capped by numba's pool.
+
+    The first call starts numba's thread pool. With its OpenMP layer (numba's default where no TBB is installed) that
+    sets the OpenMP thread count, which torch reads as its own: a process on 1 torch thread (``OMP_NUM_THREADS=1``, a
+    Dask batch worker, ``torch.set_num_threads(1)``) then ran its later convolutions on every core, and the first
+    colorize in a process differed from the next in the last bits. Torch's count is put back."""
+    import numba
+    import torch
+
+    torch_threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .fused import LIKENESS_STEP_HU, likeness_table, use_threads
+from ..threads import use_threads
+from .fused import LIKENESS_STEP_HU, likeness_table
 
 #: Gaussian width (mm) of the probabilities' smoothing along z; not applied when a slice is thicker than this.
 Z_SMOOTH_MM = 3.0

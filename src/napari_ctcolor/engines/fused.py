@@ -31,7 +31,7 @@ import numba
 import numpy as np
 
 from ..color import compose_tables
-from ..models._field_kernels import use_threads
+from ..threads import use_threads
 
 __all__ = [
     "LIKENESS_STEP_HU",
@@ -40,7 +40,6 @@ __all__ = [
     "most_probable",
     "top_classes",
     "upsample_compose",
-    "use_threads",
 ]
 
 
