@@ -66,7 +66,7 @@ def file_hashes(root: Path) -> dict[str, str]:
 
 def ct_weights_shipped() -> bool:
     """Whether the project's CT SYMNet weights exist (tests of the "not found" message depend on it)."""
-    from napari_ctcolor.io import InputError
+    from napari_ctcolor.errors import InputError
     from napari_ctcolor.weights import find_weights
 
     try:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from napari_ctcolor.cli import main
-from napari_ctcolor.io import InputError, read_volume
+from napari_ctcolor.errors import InputError
+from napari_ctcolor.io import read_volume
 from napari_ctcolor.napari._reader import get_reader
 
 from conftest import assert_documented, file_hashes

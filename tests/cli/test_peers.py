@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_ctcolor.io import InputError, Volume
+from napari_ctcolor.errors import InputError
+from napari_ctcolor.io import Volume
 from napari_ctcolor.peers import PEERS, PeerUnavailable, folding_fraction_mm, run_peer
 
 SPACING = (2.0, 1.7, 1.4)

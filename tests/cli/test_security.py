@@ -11,7 +11,8 @@ import torch
 
 from napari_ctcolor.cli import main
 from napari_ctcolor.engines.colorize import colorize
-from napari_ctcolor.io import InputError, Volume, read_volume, write_nifti
+from napari_ctcolor.errors import InputError
+from napari_ctcolor.io import Volume, read_volume, write_nifti
 from napari_ctcolor.io.write import atomic_path
 
 from conftest import assert_documented

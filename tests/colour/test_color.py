@@ -24,7 +24,7 @@ from napari_ctcolor.color import (
     srgb_to_lab,
     srgb_to_lab_torch,
 )
-from napari_ctcolor.io.errors import InputError
+from napari_ctcolor.errors import InputError
 from napari_ctcolor.palettes import color_class, load_palette
 
 from conftest import LUMINANCE_BOUND

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_ctcolor.io import InputError
+from napari_ctcolor.errors import InputError
 from napari_ctcolor.phantom import STRUCTURES, Phantom, make_phantom
 
 from conftest import CT_DIR, require_shared

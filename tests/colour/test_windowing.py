@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_ctcolor.io import InputError, Volume
+from napari_ctcolor.errors import InputError
+from napari_ctcolor.io import Volume
 from napari_ctcolor.windowing import PRESETS, Window, default_window, parse_window, window, window_stack
 
 

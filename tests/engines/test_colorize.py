@@ -39,8 +39,8 @@ from napari_ctcolor.engines.colorize.groups import PLAIN_FADE_HU
 from napari_ctcolor.engines.colorize.predict import ROI_3D
 from napari_ctcolor.engines.device import cpu_bf16
 from napari_ctcolor.engines.fused import top_classes
-from napari_ctcolor.errors import Cancelled
-from napari_ctcolor.io import InputError, Volume, read_color_volume, read_volume, write_nifti
+from napari_ctcolor.errors import Cancelled, InputError
+from napari_ctcolor.io import Volume, read_color_volume, read_volume, write_nifti
 from napari_ctcolor.io.export import DICOM_MODALITY, write_png_slices, write_rgb_dicom, write_rgb_nifti
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig, downsample_hu, prepare_input
 from napari_ctcolor.palettes import load_palette

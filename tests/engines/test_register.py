@@ -38,8 +38,8 @@ from napari_ctcolor.engines.register.fields import affine_parts, resize_field
 from napari_ctcolor.engines.register.metrics import local_ncc_torch
 from napari_ctcolor.engines.register.model import card_normalisation
 from napari_ctcolor.engines.register.network import padded_voxels
-from napari_ctcolor.errors import Cancelled
-from napari_ctcolor.io import ColorVolume, InputError, Volume, read_volume, write_nifti
+from napari_ctcolor.errors import Cancelled, InputError
+from napari_ctcolor.io import ColorVolume, Volume, read_volume, write_nifti
 from napari_ctcolor.models.diffeo import warp
 from napari_ctcolor.models.symnet import load_symnet_checkpoint, symnet_forward_fields
 from napari_ctcolor.weights import save_weights

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from napari_ctcolor.io import InputError
+from napari_ctcolor.errors import InputError
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig, context_indices, downsample_hu, prepare_input
 from napari_ctcolor.palettes import load_palette
 from napari_ctcolor.training.colorizer import Sampler, TrainConfig, train_colorizer

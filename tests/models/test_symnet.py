@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_ctcolor.io.errors import InputError
+from napari_ctcolor.errors import InputError
 from napari_ctcolor.models.diffeo import (
     compose,
     folding_fraction,

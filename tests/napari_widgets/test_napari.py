@@ -11,7 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from napari_ctcolor.app.window import opening_window
-from napari_ctcolor.io import InputError, read_volume, write_nifti
+from napari_ctcolor.errors import InputError
+from napari_ctcolor.io import read_volume, write_nifti
 from napari_ctcolor.napari._reader import get_reader
 
 from conftest import CT_DIR, SHARED_DATA, require_shared, rotated_volume

@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from pydicom.datadict import tag_for_keyword
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from napari_ctcolor.io import InputError, read_volume
+from napari_ctcolor.errors import InputError
+from napari_ctcolor.io import read_volume
 from napari_ctcolor.memory import available_bytes
 
 from make_bad_inputs import dicom_bytes, nifti_bytes, small_ct_array, synthetic_ct_slice

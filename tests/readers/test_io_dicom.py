@@ -14,7 +14,8 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless, generate_uid
 
-from napari_ctcolor.io import InputError, read_volume
+from napari_ctcolor.errors import InputError
+from napari_ctcolor.io import read_volume
 
 from conftest import CT_DIR, file_hashes, require_shared, write_headless
 from make_bad_inputs import bad_inputs, non_image
@@ -321,7 +322,8 @@ def test_bad_inputs_raise_input_error_and_stay_unchanged(dicom_series, tmp_path)
 
 _CHILD_READ = """
 import sys, pickle, warnings
-from napari_ctcolor.io import InputError, read_volume
+from napari_ctcolor.errors import InputError
+from napari_ctcolor.io import read_volume
 from napari_ctcolor.io import prefetch
 assert prefetch._can_fork(), "this process has not imported torch: the child read must be used"
 out = {}

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from napari_ctcolor.io import InputError, Volume, read_volume, write_nifti, write_vector_nifti
+from napari_ctcolor.errors import InputError
+from napari_ctcolor.io import Volume, read_volume, write_nifti, write_vector_nifti
 
 from conftest import CT_DIR, require_shared, rotated_volume
 

@@ -24,7 +24,8 @@ _SCRIPT = """
 import json, os, sys, time
 from pathlib import Path
 from napari_ctcolor.app.register import prealign_pair
-from napari_ctcolor.io import InputError, read_volume
+from napari_ctcolor.errors import InputError
+from napari_ctcolor.io import read_volume
 from napari_ctcolor.io.prefetch import _can_fork, read_volumes_soon
 assert _can_fork() and "torch" not in sys.modules, "the child path must be the one taken"
 fixed, moving, flat, out = sys.argv[1:5]

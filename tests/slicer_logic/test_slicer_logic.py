@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from napari_ctcolor.errors import InputError
 from napari_ctcolor.io import ColorVolume, read_volume, write_nifti
-from napari_ctcolor.io.errors import InputError
 
 from conftest import CT_DIR, assert_same_colors, assert_same_registration, ctcolor, require_shared, rotated_volume
 

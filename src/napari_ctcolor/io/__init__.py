@@ -1,11 +1,11 @@
-"""Input and output: the `Volume` type, readers (DICOM, NIfTI, MHA/NRRD), writers and errors."""
+"""Input and output: the `Volume` type, its readers (DICOM, NIfTI, MHA/NRRD) and writers; errors: `errors`."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from ..errors import Cancelled, CTColorError, InputError
+from ..errors import InputError
 from .color_read import is_color, read_color_volume
 from .dicom import read_dicom_file, read_dicom_folder
 from .dicomweb import is_series_url
@@ -13,10 +13,7 @@ from .nifti import ITK_SUFFIXES, NIFTI_SUFFIXES, read_itk, read_nifti, write_nif
 from .volume import ColorVolume, Volume
 
 __all__ = [
-    "CTColorError",
-    "Cancelled",
     "ColorVolume",
-    "InputError",
     "Volume",
     "read_volume",
     "read_image",

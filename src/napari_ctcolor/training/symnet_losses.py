@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..io import InputError
+from ..errors import InputError
 from ..models.diffeo import jacobian_determinant
 
 

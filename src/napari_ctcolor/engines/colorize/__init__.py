@@ -26,7 +26,6 @@ import os
 import torch
 
 from ...color import check_chroma_strength
-from ...errors import InputError
 from ...io import Volume
 from ...models.colorizer import Colorizer
 from ...palettes import Palette, load_palette
@@ -55,7 +54,6 @@ __all__ = [
     "iter_predict_chroma",
     "predict_chroma",
     "upsample_chroma",
-    "InputError",
 ]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ...io import InputError
+from ...errors import InputError
 from ...models.symnet import SYMNet
 from ...weights import find_weights, load_symnet
 from ..orientation import check_axes

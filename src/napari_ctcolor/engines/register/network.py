@@ -10,7 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...io import InputError, Volume
+from ...errors import InputError
+from ...io import Volume
 from ...models.symnet import SIZE_MULTIPLE, SYMNet
 from ...windowing import window_tensor
 
