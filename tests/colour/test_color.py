@@ -14,16 +14,13 @@ from skimage.color import lab2rgb, rgb2lab
 from napari_ctcolor import color
 from napari_ctcolor.color import (
     compose_rgb,
-    compose_rgb_torch,
     gamut_map_ab,
-    gamut_map_ab_torch,
     grey_to_lightness,
     lab_to_srgb,
-    lab_to_srgb_torch,
     lightness_to_grey,
     srgb_to_lab,
-    srgb_to_lab_torch,
 )
+from napari_ctcolor.color_torch import compose_rgb_torch, gamut_map_ab_torch, lab_to_srgb_torch, srgb_to_lab_torch
 from napari_ctcolor.errors import InputError
 from napari_ctcolor.palettes import color_class, load_palette
 
@@ -247,14 +244,14 @@ def test_uint8_rounding_error_bound_over_the_whole_srgb_cube():
     weights = color.XYZ_FROM_RGB[1]  # Y = weights . linear(rgb)
     lin = np.stack(
         [
-            color._srgb_decode(np.clip(codes - half, 0.0, 1.0)),
-            color._srgb_decode(codes),
-            color._srgb_decode(np.clip(codes + half, 0.0, 1.0)),
+            color.srgb_decode(np.clip(codes - half, 0.0, 1.0)),
+            color.srgb_decode(codes),
+            color.srgb_decode(np.clip(codes + half, 0.0, 1.0)),
         ]
     )  # (3: low corner, code, high corner, 256)
 
     def lstar(y):
-        return 116.0 * color._lab_f(y) - 16.0
+        return 116.0 * color.lab_f(y) - 16.0
 
     worst = 0.0
     gb = lin[:, :, None] * weights[1] + lin[:, None, :] * weights[2]  # (corner, green, blue)

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...color import check_chroma_strength, compose_rgb, compose_rgb_torch
+from ...color import check_chroma_strength, compose_rgb
+from ...color_torch import compose_rgb_torch
 from ...errors import InputError
 from ...io import Volume
 from ...memory import check_memory
