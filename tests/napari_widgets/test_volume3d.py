@@ -38,6 +38,7 @@ def test_a_bone_keeps_its_place_and_a_speck_under_the_limit_goes():
     assert surface_field(hu, spacing, BONE_SURFACE_HU)[speck].max() > 0.5
 
 
+ROUNDS = 3
 _SWITCH_PRESETS = """
 import sys, time
 import faulthandler
@@ -82,16 +83,20 @@ viewer.close()
 """
 
 
-@pytest.mark.slow  # one viewer process: a colorize of 20 slices, then 60 preset switches drawn under Mesa (~2 min)
+@pytest.mark.slow  # one viewer process: a colorize of 20 slices, then 18 preset switches drawn under Mesa
 def test_switching_3d_presets_back_and_forth_never_crashes_the_viewer(dicom_series):
-    """The colorize dock's 3D presets bone, CTA, soft tissue, CTA, bone, off and back, ten times, the view turned
-    and drawn after each, in a viewer of its own process (a crash kills the process, not the test run). Removing and
-    adding the 3D layers crashed napari under Mesa's software OpenGL on the fifth switch (a segmentation fault in
-    glDrawElements, exit -11, 2026-11-28); the dock now reuses and hides them (`_colorize_3d.View3D._put_3d`)."""
+    """The colorize dock's 3D presets bone, CTA, soft tissue, CTA, bone, off and back, three times (18 switches), the
+    view turned and drawn after each, in a viewer of its own process (a crash kills the process, not the test run).
+    Removing and adding the 3D layers crashed napari under Mesa's software OpenGL on the fifth switch (a segmentation
+    fault in glDrawElements, exit -11, 2026-11-28); the dock now reuses and hides them (`_colorize_3d.View3D._put_3d`).
+    Ten rounds took 2.2 minutes of the suite; the crash this guards against came at the fifth switch."""
     done = subprocess.run(
-        [sys.executable, "-c", _SWITCH_PRESETS, str(dicom_series), "10"], capture_output=True, text=True, timeout=900
+        [sys.executable, "-c", _SWITCH_PRESETS, str(dicom_series), str(ROUNDS)],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
     turns = [line for line in done.stdout.splitlines() if line.startswith("turn ")]
-    assert len(turns) == 10, done.stdout
+    assert len(turns) == ROUNDS, done.stdout
     assert all("3D" not in line for line in turns[::2]) and all("3D" in line for line in turns[1::2]), turns
