@@ -173,10 +173,7 @@ def _slice_topology(hu, pixel_mm2, thresholds, out, pieces, flag, runs, holes, m
     y0, y1, x0, x1 = box
     if y1 > y0:
         _components(cortex, box, True, pieces)  # the 8-connected pieces of the cortex; flag: those that peak
-        for y in range(y0, y1):
-            for x in range(x0, x1):
-                if cortex[y, x]:
-                    flag[pieces[y * width + x]] = False
+        _clear(cortex, box, pieces, flag)
         for y in range(y0, y1):
             for x in range(x0, x1):
                 if cortex[y, x] and hu[y, x] >= peak_hu:
@@ -193,15 +190,23 @@ def _slice_topology(hu, pixel_mm2, thresholds, out, pieces, flag, runs, holes, m
 
 
 @numba.njit(cache=True, nogil=True)
+def _clear(mask, box, pieces, flag):
+    """``flag`` False for every piece of ``mask`` in ``box`` (by ``pieces``)."""
+    y0, y1, x0, x1 = box
+    width = mask.shape[1]
+    for y in range(y0, y1):
+        for x in range(x0, x1):
+            if mask[y, x]:
+                flag[pieces[y * width + x]] = False
+
+
+@numba.njit(cache=True, nogil=True)
 def _rims(cortex, box, pieces, flag, holes):
     """``flag``, for the cortex's pieces (by ``pieces``): whether the piece touches a hole or its 4 neighbours (the
     cortex around a marrow)."""
     y0, y1, x0, x1 = box
     height, width = cortex.shape
-    for y in range(y0, y1):
-        for x in range(x0, x1):
-            if cortex[y, x]:
-                flag[pieces[y * width + x]] = False
+    _clear(cortex, box, pieces, flag)
     for y in range(y0, y1):
         for x in range(x0, x1):
             if not cortex[y, x]:
