@@ -35,11 +35,11 @@ def _union(parent, a, b):
 
 
 @numba.njit(cache=True, nogil=True)
-def _components(mask, box, eight, parent):
-    """Union-find over the pixels of (Y, X) bool ``mask`` inside ``box`` (y0, y1, x0, x1), 4- or 8-connected; each
-    pixel's ``parent`` (flat index) is its component's first pixel in raster order when it returns. A pixel joins the
-    component of its first set neighbour among those already seen, and unites two only where they may still be apart
-    (neighbours that touch each other are already one: the scan's usual decision tree)."""
+def _pieces(mask, box, parent):
+    """Union-find over the pixels of (Y, X) bool ``mask`` inside ``box`` (y0, y1, x0, x1), 8-connected; each pixel's
+    ``parent`` (flat index) is its piece's first pixel in raster order when it returns. A pixel joins the piece of
+    its first set neighbour among those already seen, and unites two only where they may still be apart (neighbours
+    that touch each other are already one: the scan's usual decision tree)."""
     y0, y1, x0, x1 = box
     width = mask.shape[1]
     for y in range(y0, y1):
@@ -48,15 +48,9 @@ def _components(mask, box, eight, parent):
                 continue
             i = y * width + x
             left = x > x0 and mask[y, x - 1]
-            up = y > y0 and mask[y - 1, x]
             up_left = y > y0 and x > x0 and mask[y - 1, x - 1]
-            if not eight:
-                parent[i] = parent[i - 1] if left else parent[i - width] if up else i
-                if left and up and not up_left:
-                    _union(parent, i, i - width)
-                continue
             up_right = y > y0 and x + 1 < x1 and mask[y - 1, x + 1]
-            if up:  # left, up-left and up-right all touch it
+            if y > y0 and mask[y - 1, x]:  # left, up-left and up-right all touch it
                 parent[i] = parent[i - width]
             elif up_right:
                 parent[i] = parent[i - width + 1]
@@ -172,7 +166,7 @@ def _slice_topology(hu, pixel_mm2, thresholds, out, pieces, flag, runs, holes, m
     box = _box(cortex)
     y0, y1, x0, x1 = box
     if y1 > y0:
-        _components(cortex, box, True, pieces)  # the 8-connected pieces of the cortex; flag: those that peak
+        _pieces(cortex, box, pieces)  # the 8-connected pieces of the cortex; flag: those that peak
         _clear(cortex, box, pieces, flag)
         for y in range(y0, y1):
             for x in range(x0, x1):
