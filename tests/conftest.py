@@ -23,7 +23,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from napari_ctcolor.app.batch import SAME_AS_SINGLE
+from napari_ctcolor.cli.batch import SAME_AS_SINGLE
 from napari_ctcolor.io import Volume
 
 THREADS = os.environ.get("CTCOLOR_TEST_THREADS")

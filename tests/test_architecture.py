@@ -118,8 +118,8 @@ def test_functions_and_classes_are_short(floor):
 
 
 def _imported_modules(tree: ast.Module) -> list[str]:
-    """The absolute names of the modules a script imports (``from napari_ctcolor.engines.refine import X`` ->
-    ``napari_ctcolor.engines.refine``)."""
+    """The absolute names of the modules a script imports (``from napari_ctcolor.engines.register.refine import X`` ->
+    ``napari_ctcolor.engines.register.refine``)."""
     names = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -137,6 +137,6 @@ def test_the_slicer_module_script_calls_the_application_not_the_engines():
     imported = _imported_modules(ast.parse(script.read_text(encoding="utf-8")))
     assert any(name.startswith("napari_ctcolor.app") for name in imported)
     assert [name for name in imported if name.startswith(below)] == []
-    assert _imported_modules(ast.parse("from napari_ctcolor.engines.refine import X")) == [
-        "napari_ctcolor.engines.refine"
+    assert _imported_modules(ast.parse("from napari_ctcolor.engines.register.refine import X")) == [
+        "napari_ctcolor.engines.register.refine"
     ]

@@ -530,7 +530,7 @@ def compose_rgb(grey: np.ndarray, ab: np.ndarray, chroma: float = 1.0) -> np.nda
 
 
 class ComposeTables(NamedTuple):
-    """The constants of `compose_rgb`, for a kernel that composes the same way in one pass (engines.fused)."""
+    """The constants of `compose_rgb`, for a kernel that composes the same way in one pass (engines.colorize.fused)."""
 
     fy: np.ndarray  # (16385,) float32 f(Y) of the greys k / 16384
     lum: np.ndarray  # (16385,) float32 Y of those greys

@@ -36,7 +36,7 @@ def at_most(threads: int) -> Iterator[None]:
 
 
 def use_threads(threads: int) -> None:
-    """Run this thread's numba kernels (the field kernels of `models`, `engines.fused`, the anatomy's) on ``threads``
+    """Run this thread's numba kernels (the field kernels of `models`, the colour engine's) on ``threads``
     threads (torch's count: one per core, or one per batch worker), capped by numba's pool.
 
     The first call starts numba's thread pool. With its OpenMP layer (numba's default where no TBB is installed) that

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from napari_ctcolor.app.batch import KILL_ENV, PARTIAL_PREFIX
+from napari_ctcolor.cli.batch import KILL_ENV, PARTIAL_PREFIX
 from napari_ctcolor.io import Volume, read_volume, write_nifti
 
 from conftest import (
@@ -201,6 +201,7 @@ def test_batch_usage_errors_exit_2_with_one_line(tmp_path, small_cts):
         ("colorize", f"@{tmp_path / 'no-list.txt'}", "-o", str(tmp_path / "o3")),
         ("colorize", str(small_cts[0]), "-o", str(tmp_path / "o4"), "--chroma", "2"),
         ("colorize", str(small_cts[0]), "-o", str(tmp_path / "o5"), "--workers", "0"),
+        ("colorize", str(small_cts[0]), "-o", str(tmp_path / "o11"), "--batch-size", "0"),
         ("register", "--pairs", str(bad_pairs), "-o", str(tmp_path / "o6")),
         ("register", "--pairs", str(tmp_path / "none.csv"), "-o", str(tmp_path / "o7")),
         ("register", "--pairs", str(bad_pairs), "-o", str(tmp_path / "o10"), "--refine", "banana"),
@@ -218,5 +219,7 @@ def test_batch_usage_errors_exit_2_with_one_line(tmp_path, small_cts):
             assert "--refine must be 'auto' or a number of iterations" in lines[0], lines
         if "--chroma" in args:  # the rule's one function (`color.check_chroma_strength`), as `ctcolor colorize` says it
             assert lines[0] == "error: chroma strength must be in [0, 1], got 2.0", lines
+        if "--batch-size" in args:  # the single command's request (`ColorizeRequest.checked`), the same message
+            assert lines[0] == "error: batch size must be >= 1, got 0", lines
     assert a_file.read_text(encoding="utf-8") == "x"
-    assert not any((tmp_path / f"o{k}").exists() for k in range(1, 11))  # nothing written, not even the folder
+    assert not any((tmp_path / f"o{k}").exists() for k in range(1, 12))  # nothing written, not even the folder

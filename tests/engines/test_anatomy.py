@@ -1,4 +1,4 @@
-"""The colorizer's anatomy step (`engines.anatomy`): its body-region rules against the labelled CTs, and its
+"""The colorizer's anatomy step (`engines.colorize.anatomy`): its body-region rules against the labelled CTs, and its
 probability arithmetic on analytic cases. What it does to the shipped model's output is measured through
 `ctcolor colorize` in test_colorizer_shipped.py."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_ctcolor.engines import anatomy
+from napari_ctcolor.engines.colorize import anatomy
 from napari_ctcolor.models.colorizer import downsample_hu
 from napari_ctcolor.palettes import color_class
 from napari_ctcolor.training.data import load_real_case

@@ -35,10 +35,10 @@ from napari_ctcolor.engines.colorize import (
 from napari_ctcolor.engines.colorize.chroma import compact
 from napari_ctcolor.engines.colorize.compose import COMPOSE_CHUNK
 from napari_ctcolor.engines.colorize.enclosure import enclosure_bits
+from napari_ctcolor.engines.colorize.fused import top_classes
 from napari_ctcolor.engines.colorize.groups import PLAIN_FADE_HU
 from napari_ctcolor.engines.colorize.predict import ROI_3D
 from napari_ctcolor.engines.device import cpu_bf16
-from napari_ctcolor.engines.fused import top_classes
 from napari_ctcolor.errors import Cancelled, InputError
 from napari_ctcolor.io import Volume, read_color_volume, read_volume, write_nifti
 from napari_ctcolor.io.export import DICOM_MODALITY, write_png_slices, write_rgb_dicom, write_rgb_nifti
@@ -141,7 +141,7 @@ def _unfused(volume, chroma, palette, win, strength):
 
 @pytest.mark.parametrize(("palette", "strength", "pixel_mm"), [("anatomical", 1.0, None), ("dicom", 0.6, 4.5)])
 def test_fused_compose_equals_the_two_pass_composition(ct, model, palette, strength, pixel_mm):
-    # compose_chroma on the CPU runs engines.fused (one pass per voxel); the same float32 arithmetic in another order,
+    # compose_chroma on the CPU runs colorize.fused (one pass per voxel); the same float32 arithmetic in another order,
     # so every channel within one 8-bit code of upsample_chroma + compose_rgb, and rarely off at all. 4.5 mm pixels:
     # the network's own resolution (factor 1, no upsampling).
     volume = ct

@@ -484,10 +484,10 @@ def test_cli_register_keeps_vessels_together_across_a_contrast_phase_change_wher
     """Issue 23: the moving scan in another contrast phase (arteries 150 HU darker, veins and liver brighter, kidneys
     and spleen darker, new noise: `training.symnet.phase_change`) after a 12 mm deformation. ``ctcolor register``
     (defaults) against ``ctcolor peer demons`` on the same files, in the same run; Dice through each written ddf.
-    The refinement sees each image's local structure as well as its intensities (`engines.refine._local_structure`).
+    The refinement sees each image's local structure as well as its intensities (`refine._local_structure`).
     Measured here (all structures / aorta, vena cava and iliac vessels): ours 0.933 / 0.931 (2026-11-28; 0.927 /
     0.925 with the field's smoothing alone, 0.925 / 0.942 with Thirion's 0.5-voxel demons updates, before
-    `engines.refine.step_length`), demons 0.919 / 0.909; with intensities alone (``LOCAL_WEIGHT = 0``) ours was
+    `engines.register.refine.step_length`), demons 0.919 / 0.909; with intensities alone (``LOCAL_WEIGHT = 0``) ours was
     0.919 / 0.907 and this test failed."""
     if not ct_weights_shipped():
         pytest.skip("weights/symnet-ct.safetensors is not shipped in this checkout")
@@ -498,7 +498,7 @@ def test_cli_register_keeps_vessels_together_across_a_contrast_phase_change_wher
 
 
 def test_cli_register_beats_demons_on_a_plain_deformation_of_a_3mm_ct(tmp_path):
-    """Issue 23: a 3 mm grid's demons updates may move 0.75 of a voxel (`engines.refine.step_length`; Thirion's 0.5
+    """Issue 23: a 3 mm grid's demons updates may move 0.75 of a voxel (`refine.step_length`; Thirion's 0.5
     stopped 50 iterations short of convergence there). ``ctcolor register`` (defaults) against ``ctcolor peer demons``
     on a 12 mm deformation of the 3 mm CT, same run. Measured (mean Dice over all structures): ours 0.9066 (2026-11-28,
     with the update's smoothing; 0.9101 with the field's alone), demons 0.9055; with Thirion's 0.5 ours was 0.9006 and
@@ -515,7 +515,7 @@ def test_cli_register_beats_demons_on_a_plain_deformation_of_a_3mm_ct(tmp_path):
 def test_refinement_raises_dice_and_reports_each_chunk_of_iterations_with_cancel_inside_it(ct, ct_labels):
     if not ct_weights_shipped():
         pytest.skip("weights/symnet-ct.safetensors is not shipped in this checkout")
-    from napari_ctcolor.engines.refine import CHUNK_ITERATIONS, level_chunks
+    from napari_ctcolor.engines.register.refine import CHUNK_ITERATIONS, level_chunks
     from napari_ctcolor.training.symnet import mean_dice
 
     moving, labels = _deformed(ct, ct_labels, seed=5)
@@ -545,8 +545,8 @@ def test_the_inverse_is_upsampled_from_its_binned_grid_as_simpleitk_resamples_it
     """`inverse.upsample_binned` (torch) against SimpleITK's linear resampling of a ``BinShrink``-ed field onto the
     full grid: within 1e-5 mm (float32 against float64), the voxels past the last whole box 0 alike, on an
     anisotropic grid and a turned one whose sizes are no multiple of the boxes."""
-    from napari_ctcolor.engines.refine import _image
     from napari_ctcolor.engines.register.inverse import INVERSE_MM, upsample_binned
+    from napari_ctcolor.engines.register.refine import _image
 
     shape = (17, 64, 70)
     grid = Volume(np.zeros(shape, np.int16), spacing, (3.0, -20.0, 7.5), direction)
@@ -576,8 +576,8 @@ def test_the_inverse_undoes_the_field_and_agrees_with_itks_inversion(spacing, di
     transforms, returns on average as close as ITK's inverse brings it (within 10 % and 0.005 mm), and everywhere
     within the iteration's stopping tolerance (a tenth of a box). A constant shift, which moves the border, inverts
     to minus the shift everywhere a box covers."""
-    from napari_ctcolor.engines.refine import _image
     from napari_ctcolor.engines.register.inverse import INVERSE_MM, invert_field
+    from napari_ctcolor.engines.register.refine import _image
 
     shape = (30, 64, 66)
     grid = Volume(np.zeros(shape, np.int16), spacing, (3.0, -20.0, 7.5), direction)
@@ -651,7 +651,7 @@ def test_the_device_demons_take_a_direction_matrix_with_negative_strides(ct):
 def _simpleitk_demons(fixed: Volume, moving: Volume, seed_mm: np.ndarray, iterations: int, step: float) -> np.ndarray:
     """The reference: SimpleITK's ``FastSymmetricForcesDemonsRegistrationFilter`` with the refinement's settings
     (`refine`) on the refinement's images (`refine.demons_images`), one level, from ``seed_mm`` (Z, Y, X, 3) LPS mm."""
-    from napari_ctcolor.engines import refine
+    from napari_ctcolor.engines.register import refine
 
     fixed_image, moving_image = refine.demons_images(fixed, moving, lambda: None)
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
@@ -672,7 +672,7 @@ def test_one_demons_iteration_is_simpleitks_on_a_turned_grid_faces_included():
     rounding. Measured 2026-11-29: 3e-6 mm (kernels) and 5e-4 mm (torch) at most over 2 iterations."""
     from scipy import ndimage
 
-    from napari_ctcolor.engines import refine
+    from napari_ctcolor.engines.register import refine
     from napari_ctcolor.engines.register.demons import _Level
 
     rng = np.random.default_rng(0)
@@ -706,8 +706,8 @@ def test_the_refinement_refines_as_simpleitks_demons_do(ct, ct_labels):
     if not ct_weights_shipped():
         pytest.skip("weights/symnet-ct.safetensors is not shipped in this checkout")
     from napari_ctcolor.engines.geometry import warp as warp_labels
-    from napari_ctcolor.engines.refine import levels, step_length
     from napari_ctcolor.engines.register.demons import refine_field
+    from napari_ctcolor.engines.register.refine import levels, step_length
     from napari_ctcolor.engines.register.stages import plan as plan_of
     from napari_ctcolor.training.symnet import mean_dice
 
@@ -836,8 +836,8 @@ def test_cancel_stops_the_prealignment_within_an_iteration_and_the_refinement_wi
 
 
 def test_refinement_levels_coarsen_the_fine_axes_to_at_most_4_mm_and_keep_thick_slices():
-    from napari_ctcolor.engines.refine import COARSE_ITERATIONS as N
-    from napari_ctcolor.engines.refine import levels
+    from napari_ctcolor.engines.register.refine import COARSE_ITERATIONS as N
+    from napari_ctcolor.engines.register.refine import levels
 
     assert levels((1.0, 1.0, 1.0), 9) == [((4, 4, 4), N), ((2, 2, 2), N), ((1, 1, 1), 9)]
     assert levels((2.0, 0.98, 0.98), 9) == [((4, 4, 2), N), ((2, 2, 1), N), ((1, 1, 1), 9)]

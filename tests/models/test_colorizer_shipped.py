@@ -311,7 +311,7 @@ def test_vertebrae_named_bone_are_shown_in_their_bone_hue_wherever_the_window_le
     a vertebra's cortex lies above the window (240 HU: 22 % of T12) and is pure white, which no hue can colour without
     changing the CT's luminance; that is the share 'T12 in the bone hue' misses there (measured 2026-11-28, 2-core
     AMD EPYC: every named-bone voxel below L* 98 at the palette's chroma 14)."""
-    from napari_ctcolor.engines.anatomy import family
+    from napari_ctcolor.engines.colorize.anatomy import family
     from napari_ctcolor.palettes import load_palette
 
     source = require_shared(CT_DIR / "totalseg-body-3mm.nii.gz")

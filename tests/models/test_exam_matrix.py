@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from napari_ctcolor.engines.anatomy import PELVIS, family
+from napari_ctcolor.engines.colorize.anatomy import PELVIS, family
 from napari_ctcolor.io import Volume, read_volume
 from napari_ctcolor.training import exams
 from napari_ctcolor.training.data import LabelledCT, load_real_case

@@ -18,9 +18,9 @@ import torch
 
 from napari_ctcolor.app import colorize_job
 from napari_ctcolor.color import grey_to_lightness, srgb_to_lab
-from napari_ctcolor.engines.anatomy import family
 from napari_ctcolor.engines.body import body_mask
 from napari_ctcolor.engines.colorize import colorize
+from napari_ctcolor.engines.colorize.anatomy import family
 from napari_ctcolor.io import ColorVolume, Volume, read_color_volume, read_volume, write_nifti
 from napari_ctcolor.models.colorizer import Colorizer, ColorizerConfig
 from napari_ctcolor.napari._colorize_widget import WEIGHTS_FILE, ColorizeWidget

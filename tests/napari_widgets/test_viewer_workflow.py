@@ -15,8 +15,8 @@ from napari.utils.interactions import mouse_move_callbacks, mouse_press_callback
 from scipy import ndimage
 
 from napari_ctcolor.app import colorize_job
-from napari_ctcolor.engines.anatomy import family
 from napari_ctcolor.engines.body import body_mask
+from napari_ctcolor.engines.colorize.anatomy import family
 from napari_ctcolor.engines.vessels import vessel_mask
 from napari_ctcolor.io import ColorVolume, Volume, read_volume, write_nifti
 from napari_ctcolor.io.color_read import read_color_volume

@@ -1,4 +1,4 @@
-"""The application layer: each user-level job once, called by every front end (``ctcolor`` and ``ctcolor batch``,
+"""The application layer: each user-level job once, called by every front end (``ctcolor`` and its batch,
 the napari widgets, the 3D Slicer logic).
 
 - `colorize`: one ``ctcolor colorize`` run (check outputs, read, colorize, write, ``--classes``, send).
@@ -9,5 +9,10 @@ the napari widgets, the 3D Slicer logic).
 - `checkerboard`, `info`: ``ctcolor checkerboard`` and ``ctcolor info``'s record.
 - `outputs`: the checks made before any work (an output that is an input, an existing output, a flag without its
   format).
-- `batch`: many inputs on Dask distributed, each running the single command's job.
+- `colorize_job`, `register_job` and their sessions: the requests checked once and the jobs as generators of
+  progress steps, which the commands above, the widgets and the Slicer logic run; `window`, `vessels`, `reading`,
+  `training`, `warmup`: the other jobs of the table in docs/architecture.md.
+
+The commands take typed tasks (``ColorizeTask``, ...) and print nothing: the CLI and ``ctcolor batch`` (`cli.batch`)
+tell the user.
 """

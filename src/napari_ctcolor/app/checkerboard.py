@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
 from ..io import NIFTI_SUFFIXES, read_volume, write_nifti
-from .outputs import check_output
+from .outputs import FromOptions, check_output
 
 
-def checkerboard_command(args: argparse.Namespace) -> Path:
+@dataclass(frozen=True)
+class CheckerboardTask(FromOptions):
+    """One ``ctcolor checkerboard`` run: images ``a`` and ``b``, ``output`` (NIfTI), the cube side ``tile_mm``."""
+
+    a: str
+    b: str
+    output: str
+    tile_mm: float = 20.0
+    overwrite: bool = False
+
+
+def checkerboard_command(args: CheckerboardTask) -> Path:
     """``ctcolor checkerboard A B -o OUT``: alternate cubes of ``--tile-mm`` from two images on A's grid, as NIfTI.
     Returns OUT."""
     from ..engines.checkerboard import checkerboard

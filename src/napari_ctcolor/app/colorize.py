@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import json
-import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +46,14 @@ class ColorizeTask(FromOptions):
     overwrite: bool = False
 
 
-def colorize_command(args: ColorizeTask, show_progress: bool = True) -> Path:
+def colorize_command(
+    args: ColorizeTask,
+    progress: Callable[[int, int], None] | None = None,
+    say: Callable[[str], None] = lambda _line: None,
+) -> Path:
     """Everything one `ctcolor colorize` run does: validate, read, colorize, write OUT (and --send). Returns OUT.
-    `ctcolor batch colorize` runs exactly this for each input (without the progress bar).
+    ``progress(done, total)`` follows the colorizing; ``say`` receives each line the user is told (the window chosen
+    for contrast, what was sent). `ctcolor batch colorize` runs exactly this for each input.
     """
     from ..palettes import load_palette
 
@@ -61,8 +66,6 @@ def colorize_command(args: ColorizeTask, show_progress: bool = True) -> Path:
         read = None
     else:  # read in a child process while this one imports the engine (torch, MONAI: seconds) on the other core
         read = read_volume_soon(args.path, series_uid=args.series)
-    from tqdm import tqdm
-
     from ..engines.device import start_device
     from .colorize_job import ColorizeRequest, colorize_job
 
@@ -77,32 +80,21 @@ def colorize_command(args: ColorizeTask, show_progress: bool = True) -> Path:
     request = ColorizeRequest.checked(
         volume, args.window, palette, args.chroma, args.device, args.model, args.batch_size
     )
-    with tqdm(
-        total=2 * volume.shape[0],
-        desc="colorize",
-        unit="slice",
-        file=sys.stderr,
-        disable=None if show_progress else True,
-    ) as bar:
-
-        def progress(done: int, _total: int) -> None:
-            bar.update(done - bar.n)
-
-        outcome = colorize_job(volume, request, progress=progress)
+    outcome = colorize_job(volume, request, progress=progress)
     color = outcome.color
     blood = blood_hu(volume) if str(args.window).strip().lower() == AUTO_WINDOW else None
     if blood is not None:  # the window the CT opens in: its HU show enhanced blood
         win = request.window
-        print(f"window {win.centre:g}/{win.width:g}: contrast-enhanced blood found (median {blood:.0f} HU)")
+        say(f"window {win.centre:g}/{win.width:g}: contrast-enhanced blood found (median {blood:.0f} HU)")
     if outcome.contrast is not None:
         blood, win = outcome.contrast
-        print(f"window {win.centre:g}/{win.width:g}: contrast-enhanced blood found (median {blood:.0f} HU)")
+        say(f"window {win.centre:g}/{win.width:g}: contrast-enhanced blood found (median {blood:.0f} HU)")
     if classes_out is not None:
         _write_classes(color, volume, palette, classes_out)
     written = export_color(color, volume.meta, out, fmt, identity, overwrite=args.overwrite)
     if args.send:
         url, count = send_color(color, volume.meta, written, identity, fetched=source)
-        print(f"sent {count} instances to {url}")
+        say(f"sent {count} instances to {url}")
     return out
 
 

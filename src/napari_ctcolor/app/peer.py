@@ -4,9 +4,9 @@ register`` writes its own, so that the two are compared file for file."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +14,23 @@ import numpy as np
 from ..errors import InputError
 from ..io import Volume, read_volume, write_nifti, write_vector_nifti
 from ..io.write import atomic_path
-from .outputs import register_outdir
+from .outputs import FromOptions, register_outdir
 
 
-def peer_command(args: argparse.Namespace) -> dict:
+@dataclass(frozen=True)
+class PeerTask(FromOptions):
+    """One ``ctcolor peer`` run: the peer's ``name`` (`peers.PEER_COMMANDS` or ``official-symnet``, whose checkpoint
+    is ``model``), ``fixed``, ``moving`` and ``outdir``."""
+
+    name: str
+    fixed: str
+    moving: str
+    outdir: str
+    model: str | None = None
+    overwrite: bool = False
+
+
+def peer_command(args: PeerTask) -> dict:
     """Everything one ``ctcolor peer`` run does: read, run the peer, write OUTDIR (warped image, its field and
     metrics.json, as ``ctcolor register`` names them). Returns the metrics."""
     import nibabel as nib

@@ -10,6 +10,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -47,13 +48,13 @@ class RegisterTask(FromOptions):
     overwrite: bool = False
 
 
-def register_command(args: RegisterTask) -> dict:
+def register_command(args: RegisterTask, say: Callable[[str], None] = lambda _line: None) -> dict:
     """Everything one `ctcolor register` run does: refuse bad options and outputs, read, register, write OUTDIR.
 
     Returns the metrics written to metrics.json. `ctcolor batch register` runs exactly this for each pair. Each of
     the registration's quality warnings (``metrics["warnings"]``, also in metrics.json) is issued as a Python
     warning once the outputs are written: `cli.main` prints it as a ``warning: ...`` line on stderr (exit code 0),
-    a batch as a warning of that input.
+    a batch as a warning of that input. ``say`` receives each line the user is told (what was sent).
     """
     send = args.send
     if send and not is_series_url(args.fixed):
@@ -81,7 +82,7 @@ def register_command(args: RegisterTask) -> dict:
 
     metrics = _write_outdir(outputs["metrics.json"].parent, fixed, result, read_seconds, args)
     if send:  # the warped moving image, on FIXED's grid, joins FIXED's study (the same patient's)
-        _send_warped(result, fixed, moving, source, args.model)
+        say(_send_warped(result, fixed, moving, source, args.model))
     logging.getLogger(__name__).info(
         "NCC %.4f -> %.4f, folding %.2g, %.1f s",
         metrics["ncc_before"],
@@ -126,8 +127,9 @@ def _write_outdir(outdir: Path, fixed: Volume, result, read_seconds: float, args
     return metrics
 
 
-def _send_warped(result, fixed: Volume, moving: Volume, source, model: str) -> None:
-    """``--send``: the warped moving image, on FIXED's grid, stored into FIXED's study as a derived series."""
+def _send_warped(result, fixed: Volume, moving: Volume, source, model: str) -> str:
+    """``--send``: the warped moving image, on FIXED's grid, stored into FIXED's study as a derived series. Returns
+    the line that says so."""
     own = ("modality", "series_description", "window")
     describe = {
         "source_meta": {key: moving.meta[key] for key in own if key in moving.meta},
@@ -136,7 +138,7 @@ def _send_warped(result, fixed: Volume, moving: Volume, source, model: str) -> N
         "suffix": "registered",
     }
     url, count = send_series(result.warped, fixed.meta, source, describe=describe)
-    print(f"sent {count} instances to {url}")
+    return f"sent {count} instances to {url}"
 
 
 def same_patient_header(fixed_url: str, moving: str, moving_meta: dict):

@@ -15,8 +15,8 @@ import numpy as np
 from ..engines.checkerboard import checkerboard, checkerboard_mask
 from ..engines.device import resolve_device
 from ..engines.geometry import resample_onto, same_grid, warp
-from ..engines.refine import MAX_REFINE_ITERATIONS, check_iterations, parse_refine
 from ..engines.register import RegistrationResult, iter_register
+from ..engines.register.refine import MAX_REFINE_ITERATIONS, check_iterations, parse_refine
 from ..engines.steps import Cancel, Progress, Steps, blocking
 from ..io import ColorVolume, Volume
 

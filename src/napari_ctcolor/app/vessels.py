@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engines.anatomy import family
 from ..engines.body import body_mask
 from ..engines.colorize import Chroma
+from ..engines.colorize.anatomy import family
 from ..engines.colorize.chroma import ENHANCED_HU
 from ..engines.vessels import AIR_HU, VESSEL_SURFACE_HU, vessel_mask
 from ..io import Volume

@@ -1,5 +1,6 @@
 """The ``ctcolor`` command line: `parser` (options and help), `subcommands` (what each one runs: a call into the
-application layer, `napari_ctcolor.app`, and the lines it prints) and `main` here (exit codes, warnings, errors).
+application layer, `napari_ctcolor.app`, and the lines it prints), `batch` (``ctcolor batch``: many inputs on Dask,
+each running the single command's task) and `main` here (exit codes, warnings, errors).
 
 Exit codes: 0 ok; 2 input error (one stderr line starting "error: ", no traceback); 1 unexpected; 130 interrupted.
 """

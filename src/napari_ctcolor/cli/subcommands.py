@@ -55,34 +55,42 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     from ..app.register import RegisterTask, register_command
 
-    register_command(RegisterTask.of(vars(args)))
+    register_command(RegisterTask.of(vars(args)), say=print)
     return 0
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
     """A registration peer as a whole process: the official SYMNet recipe or a classical method (`peers`)."""
-    from ..app.peer import peer_command
+    from ..app.peer import PeerTask, peer_command
 
-    peer_command(args)
+    peer_command(PeerTask.of(vars(args)))
     return 0
 
 
 def cmd_checkerboard(args: argparse.Namespace) -> int:
-    from ..app.checkerboard import checkerboard_command
+    from ..app.checkerboard import CheckerboardTask, checkerboard_command
 
-    checkerboard_command(args)
+    checkerboard_command(CheckerboardTask.of(vars(args)))
     return 0
 
 
 def cmd_colorize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from ..app.colorize import ColorizeTask, colorize_command
 
-    colorize_command(ColorizeTask.of(vars(args)))
+    with tqdm(desc="colorize", unit="slice", file=sys.stderr, disable=None) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        colorize_command(ColorizeTask.of(vars(args)), progress=progress, say=bar.write)
     return 0
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from ..app.batch import run_batch
+    from .batch import run_batch
 
     return run_batch(args)  # dask itself is imported only when a batch runs
 

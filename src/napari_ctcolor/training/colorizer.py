@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from ..engines import anatomy
+from ..engines.colorize import anatomy
 from ..errors import InputError
 from ..io.write import atomic_path
 from ..models.colorizer import Colorizer, ColorizerConfig, context_indices, prepare_input
@@ -642,7 +642,7 @@ def model_card(model: Colorizer, train: TrainConfig, config_path: Path, facts: d
             "note": "HU are area-averaged in-plane to about chroma_mm pixels before windowing. The network gives "
             "probabilities over the colour classes; a*, b* = probability-weighted palette a*, b*, upsampled to the CT "
             "grid guided by the full-resolution HU, none where HU < -900, composed with the exact luminance of the "
-            "display window. Before that, the engine's anatomy step (napari_ctcolor.engines.anatomy) smooths the "
+            "display window. Before that, the engine's anatomy step smooths the "
             "probabilities along z where the HU does not change, rules out structures that do not fit the slice's "
             "position relative to the lungs, pelvic ones on and above the most inferior sure liver, spleen or kidney "
             "section, and an organ on the wrong side of the body's midline, "

@@ -32,9 +32,9 @@ from scipy import ndimage
 from skimage.color import deltaE_ciede2000
 
 from ..color import compose_rgb, grey_to_lightness, srgb_to_lab
-from ..engines.anatomy import PELVIS, family
 from ..engines.body import body_mask
 from ..engines.colorize import AIR_HU, compose_chroma, predict_chroma
+from ..engines.colorize.anatomy import PELVIS, family
 from ..models.colorizer import Colorizer
 from ..palettes import PALETTE_NAMES, color_class, load_palette
 from ..windowing import PRESETS, window

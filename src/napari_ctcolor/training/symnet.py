@@ -90,7 +90,7 @@ class SymnetTrainConfig:
 
 
 #: The card's ``inference`` section: the defaults of ``ctcolor register`` with these weights (issue 23's measurements,
-#: `napari_ctcolor.engines.refine`).
+#: `napari_ctcolor.engines.register.refine`).
 INFERENCE = {
     "prealign": "affine",
     "symmetric": True,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ...io import ColorVolume
 from ...palettes import Palette
-from .. import anatomy as _anatomy
+from . import anatomy as _anatomy
 from .groups import (
     BLOOD_FADE_HU,
     GROUP_FLOOR,
@@ -136,7 +136,7 @@ class Chroma:
         weight is 1: the pixel's most probable class.
         """
         from ...threads import cpu_threads
-        from ..fused import most_probable
+        from .fused import most_probable
 
         rows, cols = self.network_pixel(np.arange(hu.shape[1]), np.arange(hu.shape[2]))
         group_of = hu_group_of(self.classes).numpy()

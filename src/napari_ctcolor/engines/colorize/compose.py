@@ -1,5 +1,5 @@
 """The compose stage: sRGB from the CT's windowed grey (the exact luminance) and the upsampled a*, b* of a `Chroma`
-under a palette; on the CPU in one numba pass per voxel (`engines.fused.upsample_compose`), elsewhere in torch."""
+under a palette; on the CPU in one numba pass per voxel (`fused.upsample_compose`), elsewhere in torch."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def upsample_compose_cpu(
     (`fused.upsample_compose`), written into ``out`` (n, Y, X, 3) uint8. Only the network-resolution inputs are made
     here, edge-padded by one pixel: the palette's a*, b* and its `HU_GROUPS` terms (`fused.class_terms`), and each
     network pixel's mean clipped HU. ``only`` (axis 1 or 2, index): write that row or column alone."""
-    from ..fused import class_terms, upsample_compose
+    from .fused import class_terms, upsample_compose
 
     (top, bottom), (left, right) = chroma.pad
     factor = chroma.factor

@@ -1,4 +1,4 @@
-"""The anatomy stage: the network's kept classes made anatomically consistent (`engines.anatomy`) inside the body
+"""The anatomy stage: the network's kept classes made anatomically consistent (`anatomy`) inside the body
 (`engines.body`), at the network's resolution."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from ...io import Volume
-from .. import anatomy as _anatomy
 from ..body import body_mask
+from . import anatomy as _anatomy
 from .chroma import ENHANCED_HU, ENHANCED_MIN_ML, quantise
 
 #: Slices per chunk of the anatomy step.

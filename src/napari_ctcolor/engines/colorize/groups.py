@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from .. import anatomy as _anatomy
+from . import anatomy as _anatomy
 
 #: A network pixel (3.5 mm) mixes the classes of what it holds: a rib's thin cortex with the muscle around it, a
 #: vertebra's rim with the vessel beside it; its colour lands between them (thin bone came out salmon, not ivory). Each

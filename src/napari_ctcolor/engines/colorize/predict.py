@@ -20,12 +20,12 @@ from ...memory import release_free_memory
 from ...models.colorizer import Colorizer, context_indices, downsample_hu, prepare_input
 from ...weights import COLORIZER_DEFAULT, load_colorizer
 from ..device import cpu_bf16, resolve_device
-from ..fused import top_classes
 from ..orientation import AxialView
 from ..steps import Steps, blocking
 from .chroma import TOP_K, Chroma, compact
 from .consistency import make_consistent
 from .enclosure import BoneTopology, enclosure_bits
+from .fused import top_classes
 from .groups import BLOOD_PERCENTILE, blood_fade
 from .hu import device_hu
 

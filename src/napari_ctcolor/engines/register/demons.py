@@ -36,7 +36,9 @@ import torch.nn.functional as F
 
 from ...io import Volume
 from ...models.diffeo import identity_grid
-from ..refine import (
+from ..steps import in_thread
+from ._demons_kernels import add, force, smooth_axis, warp
+from .refine import (
     MATCHED_METRIC,
     REFINEMENT_THREAD,
     SMOOTHING_VOXELS,
@@ -47,8 +49,6 @@ from ..refine import (
     levels,
     step_length,
 )
-from ..steps import in_thread
-from ._demons_kernels import add, force, smooth_axis, warp
 
 #: ITK's ``IntensityDifferenceThreshold`` default: no force where the images differ by less.
 INTENSITY_THRESHOLD = 1e-3

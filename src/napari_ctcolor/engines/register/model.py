@@ -14,9 +14,9 @@ from ...errors import InputError
 from ...models.symnet import SYMNet
 from ...weights import find_weights, load_symnet
 from ..orientation import check_axes
-from ..refine import RefineSettings
 from .metrics import INTER_SUBJECT_LIMITS, QUALITY_LIMITS
 from .network import MAX_NETWORK_VOXELS, OFFICIAL_NORMALISATION, Normalisation
+from .refine import RefineSettings
 
 #: The official checkpoint saw nibabel's array of the neurite-OASIS volumes as stored: axes i, j, k pointing to the
 #: patient's left, inferior and anterior (their affine, e.g. ``image_A_full_size.nii.gz``, is LIA).

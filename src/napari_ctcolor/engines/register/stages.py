@@ -30,7 +30,6 @@ from ...memory import check_memory
 from ..device import cpu_bf16, resolve_device
 from ..geometry import resample_onto, same_grid
 from ..orientation import AxisMap
-from ..refine import REFINE_BYTES_PER_VOXEL, cancel_check, check_iterations, chunks, match_resolution
 from ..steps import Cancel, Progress, Steps, in_thread
 from .demons import refine_field
 from .fields import (
@@ -64,6 +63,7 @@ from .network import (
     symmetric_forward,
     working_shape,
 )
+from .refine import REFINE_BYTES_PER_VOXEL, cancel_check, check_iterations, chunks, match_resolution
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -36,13 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..app.colorize import ColorizeTask, colorize_command
+from ..app.outputs import OUT_OF_MEMORY, check_export_flags
+from ..app.register import RegisterTask, register_command
 from ..errors import InputError
 from ..io import NIFTI_SUFFIXES
 from ..io.dicomweb import is_series_url, parse_series_url
 from ..io.write import atomic_path
-from .colorize import ColorizeTask, colorize_command
-from .outputs import OUT_OF_MEMORY, check_export_flags
-from .register import RegisterTask, register_command
 
 REPORT = "report.csv"
 REPORT_COLUMNS = ("input", "output", "status", "seconds", "error")
@@ -260,22 +260,25 @@ def _remove(path: Path) -> None:
 def run_task(command: str, options: dict[str, Any], sources: Sequence[str], output: str) -> dict[str, Any]:
     """One input on a worker: the single command into a temporary name beside ``output``, then renamed onto it.
 
-    Returns ``{"status", "seconds", "error", "warnings"}``; an input's error never raises (Dask would retry it).
+    Returns ``{"status", "seconds", "error", "warnings", "said"}`` (``said``: the lines the single command tells its
+    user); an input's error never raises (Dask would retry it).
     """
     _maybe_die_for_test()
     start = time.perf_counter()
     final = Path(output)
     tmp = final.with_name(f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:8]}-{final.name}")
-    result: dict[str, Any] = {"status": "ok", "error": "", "warnings": []}
+    result: dict[str, Any] = {"status": "ok", "error": "", "warnings": [], "said": []}
     try:
         _worker_setup()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
             if command == "colorize":
-                colorize_command(ColorizeTask.of({**options, "path": sources[0], "output": str(tmp)}), False)
+                task = ColorizeTask.of({**options, "path": sources[0], "output": str(tmp)})
+                colorize_command(task, say=result["said"].append)
             else:
                 register_command(
-                    RegisterTask.of({**options, "fixed": sources[0], "moving": sources[1], "outdir": str(tmp)})
+                    RegisterTask.of({**options, "fixed": sources[0], "moving": sources[1], "outdir": str(tmp)}),
+                    say=result["said"].append,
                 )
         _commit(tmp, final)
         result["warnings"] = list(dict.fromkeys(str(w.message) for w in caught if w.category is not DeprecationWarning))
@@ -301,29 +304,25 @@ def _check_outdir(outdir: Path) -> None:
 
 
 def _check_colorize_options(args: argparse.Namespace) -> None:
-    """The single command's checks that do not depend on an input, once before any task (exit 2, not N errors)."""
-    from ..color import check_chroma_strength
-    from ..palettes import load_palette
+    """The single command's request, checked once before any task (its messages, exit 2, not N errors); a window
+    "auto" and the header's window are chosen per CT."""
+    from ..app.colorize_job import ColorizeRequest  # torch: the request's rules are the engine's
+    from ..app.window import AUTO_WINDOW
     from ..weights import find_weights
-    from ..windowing import parse_window
-    from .window import AUTO_WINDOW
 
-    load_palette(args.palette)
     find_weights(args.model)
-    if args.window is not None and args.window.strip().lower() != AUTO_WINDOW:  # "auto": chosen per CT
-        parse_window(args.window)
-    check_chroma_strength(args.chroma)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    window = None if args.window is None or args.window.strip().lower() == AUTO_WINDOW else args.window
+    ColorizeRequest.checked(None, window, args.palette, args.chroma, args.device, args.model, args.batch_size)
     check_export_flags(args.format or "nifti", args.keep_patient_info, args.send)  # URL inputs: checked per input
 
 
 def _check_register_options(args: argparse.Namespace) -> None:
-    from ..engines.refine import parse_refine
+    """The single command's request, checked once before any task (its messages, exit 2, not N errors)."""
+    from ..app.register_job import RegisterRequest  # torch: the engine's rules are the request's
 
     if str(args.model) != "ct" and not Path(args.model).is_file():
         raise InputError(f"{args.model}: model file not found (use 'ct' or the path of a SYMNet .pth checkpoint)")
-    parse_refine(args.refine)  # the single command's message, once, before any task
+    RegisterRequest.checked(args.model, args.affine, args.refine, args.device)
 
 
 def plan_jobs(args: argparse.Namespace, outdir: Path) -> tuple[list[Job], list[Job]]:
@@ -406,11 +405,31 @@ def dask_client(workers: int | None, scheduler: str | None, verbose: bool = Fals
         yield client
 
 
+def _collect(futures: dict, rows: dict, report: Callable[[], Path], desc: str) -> None:
+    """Each input's row as its task finishes (the report rewritten each time), with the lines its command told and
+    its warnings, under a progress bar."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    with tqdm(total=len(futures), desc=desc, unit="input", file=sys.stderr, disable=None) as bar:
+        for future in as_completed(futures):
+            job = futures[future]
+            try:
+                result = future.result()
+            except Exception as exc:  # noqa: BLE001 - a task that never returned (e.g. KilledWorker)
+                result = {"status": "error", "seconds": "", "error": _one_line(exc), "warnings": []}
+            for line in result.get("said", []):
+                bar.write(f"{job.key}: {line}", file=sys.stderr)
+            for message in result.get("warnings", []):
+                bar.write(f"warning: {job.key}: {message}", file=sys.stderr)
+            rows[job.key] = {"input": job.key, "output": job.output, **result}
+            report()
+            bar.update(1)
+
+
 def run_batch(args: argparse.Namespace, out: Callable[[str], None] | None = None) -> int:
     """`ctcolor batch colorize|register`: plan, run on Dask, report. Returns the exit code (0 all ok, 1 some failed);
     raises InputError for bad usage before any task starts."""
-    from tqdm import tqdm
-
     say = out or (lambda message: print(message, file=sys.stderr, flush=True))
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
@@ -441,8 +460,6 @@ def run_batch(args: argparse.Namespace, out: Callable[[str], None] | None = None
         return write_report(outdir, [rows[key] for key in sorted(rows, key=order.__getitem__)])
 
     if todo:
-        from distributed import as_completed
-
         try:
             client_context = dask_client(args.workers, args.scheduler, getattr(args, "verbose", False))
             client = client_context.__enter__()
@@ -464,19 +481,7 @@ def run_batch(args: argparse.Namespace, out: Callable[[str], None] | None = None
                     pure=False,
                 )
                 futures[future] = job
-            bar = tqdm(total=len(todo), desc=f"batch {args.batch_command}", unit="input", file=sys.stderr, disable=None)
-            with bar:
-                for future in as_completed(futures):
-                    job = futures[future]
-                    try:
-                        result = future.result()
-                    except Exception as exc:  # noqa: BLE001 - a task that never returned (e.g. KilledWorker)
-                        result = {"status": "error", "seconds": "", "error": _one_line(exc), "warnings": []}
-                    for message in result.get("warnings", []):
-                        bar.write(f"warning: {job.key}: {message}", file=sys.stderr)
-                    rows[job.key] = {"input": job.key, "output": job.output, **result}
-                    report()
-                    bar.update(1)
+            _collect(futures, rows, report, f"batch {args.batch_command}")
         for leftover in outdir.glob(f"{PARTIAL_PREFIX}*"):  # temporary outputs of tasks whose worker died
             _remove(leftover)
     path = report()

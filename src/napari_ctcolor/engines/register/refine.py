@@ -60,9 +60,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ..errors import Cancelled, InputError
-from ..io import Volume
-from .geometry import resample_onto, same_grid
+from ...errors import Cancelled, InputError
+from ...io import Volume
+from ..geometry import resample_onto, same_grid
 
 #: Weight of each image's local structure added to its intensities (`_local_structure`; unit local variance against
 #: intensities in [0, 1]: 0.1 is the step of 200 HU under the CT weights' window).

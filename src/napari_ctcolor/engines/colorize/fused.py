@@ -30,8 +30,8 @@ import math
 import numba
 import numpy as np
 
-from ..color import compose_tables
-from ..threads import use_threads
+from ...color import compose_tables
+from ...threads import use_threads
 
 __all__ = [
     "LIKENESS_STEP_HU",

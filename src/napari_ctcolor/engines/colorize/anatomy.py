@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..threads import use_threads
+from ...threads import use_threads
 from .fused import LIKENESS_STEP_HU, likeness_table
 
 #: Gaussian width (mm) of the probabilities' smoothing along z; not applied when a slice is thicker than this.
