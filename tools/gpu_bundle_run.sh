@@ -80,15 +80,11 @@ EOF
     [ "${#jobs[@]}" -gt 0 ] || exit 2
 fi
 
-# The numba kernels compiled once, as `make setup` does, so no bench row counts their compilation: on the host's
-# cores while the GPU tests run (about 80 s on a 2-core CPU; --smoke, whose rows are no figures, leaves it to the
-# first use).
-warmup_pid=""
-if [ "$SMOKE" = 0 ]; then
-    step "ctcolor warmup, beside the GPU tests"
-    "$PY" -m napari_ctcolor warmup > "$OUT_DIR/logs/warmup.log" 2>&1 &
-    warmup_pid=$!
-fi
+# The numba kernels compiled once, as `make setup` does, so no bench row or sweep counts their compilation: on the
+# host's cores while the GPU tests run (about 80 s on a 2-core CPU).
+step "ctcolor warmup, beside the GPU tests"
+"$PY" -m napari_ctcolor warmup > "$OUT_DIR/logs/warmup.log" 2>&1 &
+warmup_pid=$!
 
 # 2. The GPU tests (skipped where no CUDA device is).
 step "pytest -m gpu"
@@ -97,7 +93,7 @@ step "pytest -m gpu"
 tests_rc=$?
 
 # 3. The bench rows, each device in the same run.
-if [ -n "$warmup_pid" ] && ! wait "$warmup_pid"; then cat "$OUT_DIR/logs/warmup.log"; exit 1; fi
+if ! wait "$warmup_pid"; then cat "$OUT_DIR/logs/warmup.log"; exit 1; fi
 step "ctcolor bench --only pipeline,register-device"
 quick=(); [ "$SMOKE" = 1 ] && quick=(--quick)
 "$PY" -m napari_ctcolor bench --only pipeline,register-device "${quick[@]}" --json "$OUT_DIR/rows.json" \

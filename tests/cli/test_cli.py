@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -275,21 +272,6 @@ def test_register_refine_must_be_auto_or_an_iteration_count(tmp_path):
         assert_documented(lines[0])
         assert "--refine must be" in lines[0] and value in lines[0] and done.stdout == ""
         assert not out.exists()
-
-
-def test_warmup_compiles_every_kernel_of_colorize_and_register_into_numbas_cache(tmp_path):
-    """`ctcolor warmup` (run by `make setup`) on an empty numba cache: it compiles and caches the kernels of the
-    colorize path (`engines.fused`, `engines.anatomy`) and of registration (`models._field_kernels`), and a second
-    warmup finds them all in the cache (no new file)."""
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
-    run = [sys.executable, "-m", "napari_ctcolor", "warmup"]
-    done = subprocess.run(run, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0 and done.stdout.startswith("kernels ready: colorize"), done.stderr
-    cached = sorted(path.name for path in (tmp_path / "cache").rglob("*.nbi"))
-    for module in ("fused", "anatomy", "_field_kernels", "_demons_kernels"):
-        assert any(name.startswith(module + ".") for name in cached), (module, cached)
-    again = subprocess.run(run, capture_output=True, text=True, timeout=300, env=env)
-    assert again.returncode == 0 and sorted(path.name for path in (tmp_path / "cache").rglob("*.nbi")) == cached
 
 
 def test_register_of_one_scan_twice_is_the_identity_and_two_acquisitions_are_registered(tmp_path):

@@ -1,6 +1,7 @@
 """The offline GPU bundle (`make gpu-bundle`, tools/gpu_bundle.py and its run.sh), as a GPU server's user meets it:
 built for this Python within its budget, installed with no package index reachable, and run end to end with tiny
-settings (``run.sh --smoke``: the GPU tests skip on a CPU, the bench rows and the report are written)."""
+settings (``run.sh --smoke``: the numba kernels compiled by `ctcolor warmup`, the GPU tests skip on a CPU, the bench
+rows and the report are written)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,21 @@ def test_run_sh_installs_offline_and_writes_the_report(bundle, tmp_path):
     assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
     steps = (out / "logs" / "steps.log").read_text(encoding="utf-8")
     assert f"napari-ctcolor from {bundle / '.site'}" in steps  # the bundle's package, not this checkout's
+    # `ctcolor warmup` (as `make setup` runs it) on the fresh install's empty numba cache compiled the kernels of the
+    # colorize path and of registration, and every kernel the bench and the sweep then ran: nothing was compiled
+    # after it, and a second warmup finds them all in the cache.
+    warmed = (out / "logs" / "warmup.log").read_text(encoding="utf-8")
+    assert warmed.startswith("kernels ready: colorize"), warmed
+    cache = sorted(bundle.joinpath(".site").rglob("*.nb[ic]"))
+    for module in ("fused", "anatomy", "_field_kernels", "_demons_kernels"):
+        assert any(path.name.startswith(module + ".") for path in cache), (module, cache)
+    warmup_end = (out / "logs" / "warmup.log").stat().st_mtime
+    assert [path.name for path in cache if path.stat().st_mtime > warmup_end] == []
+    again = subprocess.run(
+        [sys.executable, "-m", "napari_ctcolor", "warmup"], capture_output=True, text=True, timeout=300,
+        env={**env, "PYTHONPATH": str(bundle / ".site")},
+    )  # fmt: skip
+    assert again.returncode == 0 and sorted(bundle.joinpath(".site").rglob("*.nb[ic]")) == cache
     # The sweep, two training steps of each arm from the shipped weights: each model with its card, the paired table.
     sweep = json.loads((out / "sweep" / "symnet_ct" / "compare.json").read_text(encoding="utf-8"))
     assert sweep["finetune"]["from"].endswith("symnet-ct.safetensors") and sweep["seeds"] == [20261122]
