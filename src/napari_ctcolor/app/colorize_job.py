@@ -20,6 +20,7 @@ import numpy as np
 from ..color import check_chroma_strength
 from ..engines import colorize as colorize_engine
 from ..engines.colorize import Chroma, iter_compose_chroma, iter_predict_chroma
+from ..engines.colorize.predict import check_batch_size
 from ..engines.device import resolve_device
 from ..engines.steps import Steps, blocking, offset_steps
 from ..errors import InputError
@@ -94,15 +95,13 @@ class ColorizeRequest:
                 raise InputError("window 'auto' needs the CT: it is chosen from its header and HU")
             window, find_contrast = opening_window(volume), not opens_in_contrast(volume)
         strength = check_chroma_strength(strength)
-        if batch_size is not None and int(batch_size) < 1:
-            raise InputError(f"batch size must be >= 1, got {batch_size}")
         return cls(
             window=parse_window(window, volume),
             palette=load_palette(palette),
             strength=float(strength),
             device=str(resolve_device(device)),
             model=model,
-            batch_size=None if batch_size is None else int(batch_size),
+            batch_size=check_batch_size(batch_size),
             find_contrast=find_contrast,
         )
 

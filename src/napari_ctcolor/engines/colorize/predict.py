@@ -34,6 +34,13 @@ _OVERLAP_3D = 0.5  # overlap of neighbouring 3D patches, blended with a Gaussian
 _MODEL_CACHE: dict[str, tuple[Colorizer, dict[str, Any]]] = {}
 
 
+def check_batch_size(batch_size: int | None) -> int | None:
+    """``batch_size`` (slices per network batch; None: the model's default), or `InputError` below 1."""
+    if batch_size is not None and int(batch_size) < 1:
+        raise InputError(f"batch size must be >= 1, got {batch_size}")
+    return None if batch_size is None else int(batch_size)
+
+
 def get_colorizer(model: str | os.PathLike | Colorizer = COLORIZER_DEFAULT) -> tuple[Colorizer, dict[str, Any]]:
     """A colorizer and its card, by shipped name or file (cached), or a model object passed through."""
     if isinstance(model, Colorizer):
@@ -151,8 +158,7 @@ def _network_classes(
     # CPU, 2D: 8 slices per batch were faster than 16 (13.8 against 17.8 ms per 512² slice, cache) and keep the
     # network's temporaries smaller; 3D: 16, i.e. 4 patches per step.
     batch = (64 if device.type == "cuda" else 8 if config.dims == 2 else 16) if batch_size is None else batch_size
-    if batch < 1:
-        raise InputError(f"batch size must be >= 1, got {batch}")
+    check_batch_size(batch)
 
     def small_slices(start: int, stop: int) -> torch.Tensor:
         """(n, h, w) HU of slices [start, stop), padded (edge values) and area-reduced on the device."""
