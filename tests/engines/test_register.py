@@ -846,7 +846,11 @@ def test_refinement_levels_coarsen_the_fine_axes_to_at_most_4_mm_and_keep_thick_
     assert levels((5.0, 1.14, 1.14), 9) == [((2, 2, 1), N), ((1, 1, 1), 9)]
 
 
-def test_cli_refuses_bad_refinement_counts_and_models_of_the_wrong_kind_with_one_line(tmp_path):
+def test_cli_refuses_bad_refinement_counts_and_models_of_the_wrong_kind_with_one_line(tmp_path, capsys):
+    """The first as a whole ``ctcolor`` process, the others through the same `cli.main` in this process (a process
+    start is 4-5 s)."""
+    from napari_ctcolor.cli import main
+
     ct_path = str(require_shared(CT))
     colorizer = str(require_shared(ROOT / "weights" / "colorizer-2d.safetensors"))
     refine_message = "--refine must be 'auto' or a number of iterations from 0 to 10000"
@@ -858,10 +862,15 @@ def test_cli_refuses_bad_refinement_counts_and_models_of_the_wrong_kind_with_one
         ("--model", ct_path): "SYMNet weights are a .safetensors file with its card or an official .pth checkpoint",
     }
     for k, (args, message) in enumerate(cases.items()):
-        done = _ctcolor("register", ct_path, ct_path, "-o", str(tmp_path / f"out{k}"), *args)
-        assert done.returncode == 2, (args, done.stderr)
-        assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
-        assert message in done.stderr, (args, done.stderr)
+        command = ["register", ct_path, ct_path, "-o", str(tmp_path / f"out{k}"), *args]
+        if k == 0:
+            done = _ctcolor(*command)
+            code, stderr = done.returncode, done.stderr
+        else:
+            code, stderr = main(command), capsys.readouterr().err
+        assert code == 2, (args, stderr)
+        assert stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1, stderr
+        assert message in stderr, (args, stderr)
         assert not (tmp_path / f"out{k}").exists()
 
 
