@@ -266,18 +266,6 @@ def _phantom_pair(tmp_path, moving: str) -> tuple[str, str]:
     return str(fixed_path), str(moving_path)
 
 
-def test_register_refine_must_be_auto_or_an_iteration_count(tmp_path):
-    fixed, moving = _phantom_pair(tmp_path, "moved")
-    out = tmp_path / "out"
-    for value in ("banana", "-3", "20000"):
-        done = ctcolor("register", fixed, moving, "-o", str(out), "--refine", value, "--device", "cpu")
-        lines = done.stderr.splitlines()
-        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (value, done.stderr)
-        assert_documented(lines[0])
-        assert "--refine must be" in lines[0] and value in lines[0] and done.stdout == ""
-        assert not out.exists()
-
-
 def test_register_of_one_scan_twice_is_the_identity_and_two_acquisitions_are_registered(tmp_path):
     """Issue 51: the shared DICOM series against the same series written as NIfTI is one scan twice: the identity
     (zero ddf, det J 1, the warped image the moving one exactly) without pre-alignment, network or refinement. The

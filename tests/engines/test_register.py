@@ -44,7 +44,7 @@ from napari_ctcolor.models.diffeo import warp
 from napari_ctcolor.models.symnet import load_symnet_checkpoint, symnet_forward_fields
 from napari_ctcolor.weights import save_weights
 
-from conftest import CT_DIR, DICOM_SERIES, SHARED_DATA, ct_weights_shipped, require_shared
+from conftest import CT_DIR, DICOM_SERIES, SHARED_DATA, assert_documented, ct_weights_shipped, require_shared
 
 OASIS = SHARED_DATA / "symnet-oasis"
 ROOT = Path(__file__).resolve().parents[2]
@@ -870,7 +870,9 @@ def test_cli_refuses_bad_refinement_counts_and_models_of_the_wrong_kind_with_one
             code, stderr = main(command), capsys.readouterr().err
         assert code == 2, (args, stderr)
         assert stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1, stderr
-        assert message in stderr, (args, stderr)
+        assert message in stderr and "Traceback" not in stderr, (args, stderr)
+        assert args[0] != "--refine" or args[1] in stderr, stderr  # the value refused is named
+        assert_documented(stderr.strip())
         assert not (tmp_path / f"out{k}").exists()
 
 
