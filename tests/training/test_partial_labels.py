@@ -4,11 +4,13 @@ and the anatomy say independently of the derivation; and `ctcolor train colorize
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from filelock import FileLock
 from scipy import ndimage
 
 from napari_ctcolor.io import read_volume
@@ -25,10 +27,22 @@ LUNG2_TUMOUR = "chest-lung2-5mm-tumour.nrrd"
 
 
 @pytest.fixture(scope="module", params=TRAINING_CHESTS)
-def derived(request):
+def derived(request, tmp_path_factory):
+    """The CT and its derived masks, derived once per run: pytest-xdist may hand the tests of one CT to both workers,
+    and each derivation takes 20-50 s, so the first worker keeps its masks in the run's shared folder for the other."""
     require_shared(CT_DIR / request.param)
     ct = read_volume(CT_DIR / request.param)
-    return ct, np.asarray(ct.array, dtype=np.float32), derive_chest(ct, aorta=True)
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, not a worker's
+    kept = shared / f"derived-{request.param}.npz"
+    with FileLock(f"{kept}.lock"):
+        if kept.exists():
+            with np.load(kept) as stored:
+                masks = {name: stored[name] for name in stored.files}
+        else:
+            masks = derive_chest(ct, aorta=True)
+            np.savez(kept, **masks)
+    return ct, np.asarray(ct.array, dtype=np.float32), masks
 
 
 def _ml(mask, ct) -> float:
