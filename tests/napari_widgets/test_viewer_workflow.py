@@ -374,17 +374,23 @@ def test_progress_shows_in_the_widget_and_a_deleted_ct_leaves_no_orphan(make_nap
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt,name", [("nifti", "colour.nii.gz"), ("dicom", "colour-dicom"), ("png", "colour-png")])
-def test_colorized_outputs_open_again_as_rgb_with_their_geometry(make_napari_viewer, tmp_path, fmt, name):
+@pytest.fixture(scope="module")
+def reference_rgb(tmp_path_factory) -> np.ndarray:
+    """The independent reference of the formats below: a ``ctcolor colorize`` run of the cut written as NIfTI and read
+    with SimpleITK (one process for the three formats)."""
     require_shared(CUT)
+    ref_path = tmp_path_factory.mktemp("reference") / "reference.nii.gz"
+    assert ctcolor("colorize", str(CUT), "-o", str(ref_path), "--device", "cpu").returncode == 0
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(ref_path)))
+
+
+@pytest.mark.parametrize("fmt,name", [("nifti", "colour.nii.gz"), ("dicom", "colour-dicom"), ("png", "colour-png")])
+def test_colorized_outputs_open_again_as_rgb_with_their_geometry(
+    make_napari_viewer, tmp_path, fmt, name, reference_rgb
+):
     out = tmp_path / name
     done = ctcolor("colorize", str(CUT), "-o", str(out), "--format", fmt, "--device", "cpu")
     assert done.returncode == 0, done.stderr
-    # The independent reference: the same run written as NIfTI and read with SimpleITK.
-    ref_path = tmp_path / "reference.nii.gz"
-    assert ctcolor("colorize", str(CUT), "-o", str(ref_path), "--device", "cpu").returncode == 0
-    ref_image = sitk.ReadImage(str(ref_path))
-    ref_rgb = sitk.GetArrayFromImage(ref_image)
     ct = read_volume(CUT)
 
     info = ctcolor("info", str(out), "--json")
@@ -397,7 +403,7 @@ def test_colorized_outputs_open_again_as_rgb_with_their_geometry(make_napari_vie
     viewer = make_napari_viewer()
     layer = viewer.open(str(out), plugin=PLUGIN)[0]
     assert layer.rgb and layer.data.shape == (*ct.shape, 3)
-    assert_same_colors(np.asarray(layer.data), ref_rgb)  # two ctcolor processes: the run-to-run tolerance
+    assert_same_colors(np.asarray(layer.data), reference_rgb)  # two ctcolor processes: the run-to-run tolerance
     grey = viewer.open(str(CUT), plugin=PLUGIN)[0]
     for index in [(0, 0, 0), (29, 100, 121), (12, 40, 77)]:
         np.testing.assert_allclose(layer.data_to_world(index), grey.data_to_world(index), atol=1e-3)

@@ -16,6 +16,7 @@ from .colour import (
     BATCH_INPUTS,
     BATCH_WORKERS,
     PIPELINE_SLICES,
+    SIZES,
     bench_batch,
     bench_colorize,
     bench_pipeline,
@@ -52,7 +53,8 @@ def run_bench(
     rows: list[dict] = []
     if "colorize" in only:
         log("colorize" + " (quick)" * quick)
-        rows += bench_colorize(slices=4, repeats=1) if quick else bench_colorize(slices=60, repeats=5)
+        # quick: 512² alone (the 3D network's four slices take seconds a call at any size)
+        rows += bench_colorize(slices=4, repeats=1, sizes=SIZES[:1]) if quick else bench_colorize(slices=60, repeats=5)
     if "pipeline" in only:
         log("pipeline (network alone, in process and whole processes, per device" + ", quick: 20 slices" * quick + ")")
         rows += bench_pipeline(quick=quick, repeats=1 if quick else 3)
