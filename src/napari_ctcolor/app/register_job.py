@@ -17,7 +17,7 @@ from ..engines.device import resolve_device
 from ..engines.geometry import resample_onto, same_grid, warp
 from ..engines.register import RegistrationResult, iter_register
 from ..engines.register.refine import MAX_REFINE_ITERATIONS, check_iterations, parse_refine
-from ..engines.steps import Cancel, Progress, Steps, blocking
+from ..engines.steps import Cancel, Progress, Step, Steps, blocking, map_steps
 from ..io import ColorVolume, Volume
 
 __all__ = [
@@ -114,18 +114,14 @@ def iter_register_job(
     engine = iter_register(
         fixed, moving, request.model, request.affine, request.refine, request.device, cancel=cancel, **more
     )
-    total = 0
-    try:
-        while True:
-            try:
-                done, total, *stage = next(engine)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            total += extra
-            yield (done, total, *stage)
-    finally:
-        engine.close()  # a job closed at a yield (Cancel) closes the engine: its own finally blocks run
+    totals = [0]
+
+    def with_warp(step: Step) -> Step:  # the colour twin's warp is one more step
+        totals[0] = step[1] + extra
+        return (step[0], totals[0], *step[2:])
+
+    result = yield from map_steps(engine, with_warp)  # closed at a yield (Cancel), it closes the engine
+    total = totals[0]
     if moving_color is None:
         return RegisterOutcome(result)
     warped_color = warp_color(moving_color, fixed, result.ddf)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..engines.geometry import resample_onto, same_grid
+from ..engines.steps import map_steps
 from ..errors import Cancelled
 from ..io import ColorVolume, Volume
 from .register_job import (
@@ -110,20 +111,17 @@ class RegisterSession:
         job = iter_register_job(
             inputs.fixed, inputs.moving, request, inputs.moving_color, inputs.fixed_color, cancel=cancel
         )
-        step = (0, 0)
-        try:
-            while True:
-                try:
-                    step = next(job)
-                except StopIteration as stop:
-                    outcome = stop.value
-                    break
-                yield step
+        last = [(0, 0)]
+
+        def seen(step):
+            last[0] = step
+            return step
+
+        try:  # closed at a yield (Cancel), `map_steps` closes the job: its and the engine's finally blocks run
+            outcome = yield from map_steps(job, seen)
         except Cancelled:
-            yield step[:2]
+            yield last[0][:2]
             return None
-        finally:
-            job.close()  # closed at a yield (Cancel): the job's and the engine's finally blocks run
         result = outcome.result
         difference, limits = difference_of(inputs.fixed.array, result.warped.array, inputs.fixed_limits, result.covered)
         arrays = {"warped": result.warped.array, "difference": difference, "jacobian": result.jacobian.array}

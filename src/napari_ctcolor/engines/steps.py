@@ -44,15 +44,24 @@ def run_steps(steps: Steps[R], progress: Progress | None = None, cancel: Cancel 
             progress(done, total)
 
 
+def map_steps(steps: Generator[Any, None, R], relabel: Callable[[Any], Step]) -> Steps[R]:
+    """Re-yield each of ``steps`` as ``relabel(step)`` and return its value (for `yield from`). Closed at a yield (a
+    worker told to quit), or left by an error, it closes ``steps``: their ``finally`` blocks run."""
+    try:
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration as stop:
+                return stop.value
+            yield relabel(step)
+    finally:
+        steps.close()
+
+
 def offset_steps(steps: Steps[R], offset: int, total: int) -> Steps[R]:
     """Re-yield a phase's ``(done, _)`` steps as ``(offset + done, total)`` (a stage name kept) and return its value
     (for `yield from`)."""
-    while True:
-        try:
-            done, _, *stage = next(steps)
-        except StopIteration as stop:
-            return stop.value
-        yield (offset + done, total, *stage)
+    return map_steps(steps, lambda step: (offset + step[0], total, *step[2:]))
 
 
 def blocking(iterate: Callable[..., Steps[R]]) -> Callable[..., R]:

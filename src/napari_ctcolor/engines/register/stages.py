@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -30,7 +30,7 @@ from ...memory import check_memory
 from ..device import cpu_bf16, resolve_device
 from ..geometry import resample_onto, same_grid
 from ..orientation import AxisMap
-from ..steps import Cancel, Progress, Steps, in_thread
+from ..steps import Cancel, Progress, Steps, in_thread, map_steps
 from .demons import refine_field
 from .fields import (
     SLAB_SLICES,
@@ -176,17 +176,15 @@ class Stages:
                 raise
 
 
-def refine_ticks(steps: Iterator[None], stages: Stages, count: int) -> Steps[np.ndarray | torch.Tensor]:
+def refine_ticks(
+    steps: Generator[None, None, np.ndarray | torch.Tensor], stages: Stages, count: int
+) -> Steps[np.ndarray | torch.Tensor]:
     """Run a refinement generator of at most ``count`` yields, reporting each as a progress tick (those it skipped
     by stopping early are counted at its end); return its value."""
     end = stages.done + count
-    while True:
-        try:
-            next(steps)
-        except StopIteration as stop:
-            stages.skipped, stages.done = end - stages.done, end
-            return stop.value
-        yield stages.tick()
+    value = yield from map_steps(steps, lambda _: stages.tick())
+    stages.skipped, stages.done = end - stages.done, end
+    return value
 
 
 @dataclass
