@@ -72,6 +72,7 @@ seeds = 1 if smoke else int(sweep.get("seeds", 3))
 extra = ["--finetune"] * bool(sweep.get("finetune")) + ["--steps", "2"] * smoke
 exams = sweep.get("smoke_exams" if smoke else "exams")  # --smoke: the sweep's smallest measures
 extra += ["--exams", exams] if exams else []
+extra += ["--pairs", str(sweep["smoke_pairs"])] if smoke and sweep.get("smoke_pairs") else []  # SYMNet's
 extra += ["--jobs", str(sweep.get("jobs", 1))]
 for recipe in sweep["recipes"][: 1 if smoke else None]:
     print(" ".join([recipe, *sweep["variants"][: 1 if smoke else None], "--seeds", str(seeds), *extra]))

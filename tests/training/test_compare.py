@@ -116,6 +116,7 @@ def test_compare_refuses_what_is_no_comparison(tmp_path, capsys):
         (unknown, (), "unknown config keys: confusoin"),
         (confusion, ("--exams", "arterial_350"), "--exams arterial_350: no such exam"),
         (confusion, ("--lr-share", "0"), "--lr-share 0.0: a share of the recipe's rate"),
+        (confusion, ("--pairs", "1"), "--pairs 1: held-out deformations measure SYMNet recipes"),
     ):
         code = main(["train", "compare", str(base), str(variant), "-o", str(tmp_path / "out"), *more])
         stderr = capsys.readouterr().err  # through `cli.main` in this process: a process start is 4-5 s
@@ -213,7 +214,7 @@ def test_the_cache_gives_back_what_was_prepared_and_a_damaged_file_is_prepared_a
 def test_every_variant_and_sweep_file_names_real_recipes_and_keys():
     """configs/sweeps/*.yaml name recipes and variants that exist, each variant valid against each recipe (known
     keys only, and a change: `compare.arms` refuses else); a variant in no sweep is valid against a colorizer recipe."""
-    from napari_ctcolor.training.compare import arms, check_exams
+    from napari_ctcolor.training.compare import arms, check_exams, measuring_recipe
 
     named = set()
     for sweep in sorted((REPO / "configs" / "sweeps").glob("*.yaml")):
@@ -226,6 +227,8 @@ def test_every_variant_and_sweep_file_names_real_recipes_and_keys():
         for key in ("exams", "smoke_exams"):  # run.sh passes them to --exams
             if spec.get(key):
                 check_exams(arms(recipes[0], [])[0].train, spec[key].split(","))
+        if spec.get("smoke_pairs"):  # and this to --pairs: SYMNet recipes only
+            measuring_recipe(arms(recipes[0], [])[0].train, spec["smoke_pairs"])
     for variant in set((REPO / "configs" / "variants").glob("*.yaml")) - named:  # a colorizer's, in no sweep
         assert len(arms(REPO / "configs" / "colorizer_2d_heldout_dicom.yaml", [variant])) == 2
 

@@ -29,8 +29,8 @@ def compare_recipes(
     **options,
 ) -> str:
     """`training.compare.compare` of ``base`` against ``variants`` into ``out`` (``options``: its seeds, finetune,
-    steps, weights_dir, device, exams and jobs; the recipe's own learning rate and the user's cache unless given);
-    returns the table of the rows that changed by at least 0.005."""
+    steps, weights_dir, device, exams, pairs and jobs; the recipe's own learning rate and the user's cache unless
+    given); returns the table of the rows that changed by at least 0.005."""
     from ..training.compare import compare, markdown
     from ..training.prepare import default_cache_dir
 

@@ -241,6 +241,12 @@ def _add_train(sub) -> None:
     compare.add_argument(
         "--exams", metavar="NAMES", help="comma-separated exams to measure, e.g. arterial_300,pool_450 (default: all)"
     )
+    compare.add_argument(
+        "--pairs",
+        type=int,
+        metavar="N",
+        help="SYMNet recipes: held-out deformations measured per case (default: the recipe's val_pairs_per_case)",
+    )
     compare.set_defaults(run=run.cmd_train_compare)
 
 

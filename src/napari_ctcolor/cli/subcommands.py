@@ -153,6 +153,7 @@ def cmd_train_compare(args: argparse.Namespace) -> int:
         data_cache=Path(args.data_cache) if args.data_cache else None,
         device=args.device,
         exams=args.exams.split(",") if args.exams else None,
+        pairs=args.pairs,
         jobs=args.jobs,
         log=lambda message: print(message, file=sys.stderr),
     )

@@ -421,9 +421,31 @@ def _run_in_process(folder: Path, train: Any, base: Any, exams, device: str, dat
     import torch
 
     torch.set_num_threads(threads)
-    settings = {"recipe": dataclasses.asdict(train), "exams": None if exams is None else sorted(exams)}
+    settings = run_settings(train, base, exams)
     record = _one_run(folder, train.seed, train, settings, _measurer(base, exams, print), device, data_cache, print)
     return f"{folder.name}, seed {train.seed}: done in {record['train_seconds']} s"
+
+
+def measuring_recipe(train: Any, pairs: int | None) -> Any:
+    """The base recipe as it measures: a SYMNet recipe on ``pairs`` held-out deformations per case when given
+    (``--pairs``); `InputError` for a colorizer recipe, which is measured on its exams."""
+    if pairs is None:
+        return train
+    if isinstance(train, TrainConfig):
+        raise InputError(f"--pairs {pairs}: held-out deformations measure SYMNet recipes; a colorizer's, --exams")
+    if pairs < 1:
+        raise InputError(f"--pairs {pairs}: at least one deformation per case")
+    return dataclasses.replace(train, val_pairs_per_case=pairs)
+
+
+def run_settings(train: Any, judge: Any, exams: Sequence[str] | None) -> dict[str, Any]:
+    """What a run's record is reused for: its recipe, the exams and, where ``--pairs`` changed it, the held-out
+    deformations per case that measured it."""
+    settings = {"recipe": dataclasses.asdict(train), "exams": None if exams is None else sorted(exams)}
+    pairs = getattr(judge, "val_pairs_per_case", None)
+    if pairs is not None and pairs != getattr(train, "val_pairs_per_case", None):
+        settings["pairs"] = pairs
+    return settings
 
 
 def check_exams(train: Any, exams: Sequence[str] | None) -> None:
@@ -451,20 +473,23 @@ def compare(
     exams: Sequence[str] | None = None,
     jobs: int = 1,
     log=print,
+    pairs: int | None = None,
 ) -> dict[str, Any]:
     """Train every arm x seed, measure each model (`measures` for colorizers, `symnet_measures` for SYMNet) and
     write ``out_dir/compare.json`` and ``compare.md`` (`paired_table`). Returns the JSON's content. ``jobs`` > 1:
     that many runs at once, each in a process of its own (`_concurrent_runs`), for a machine whose cores or GPU one
-    run leaves idle."""
+    run leaves idle. ``pairs``: SYMNet recipes measured on that many held-out deformations per case instead of the
+    recipe's ``val_pairs_per_case`` (a quick look; the runs record it)."""
     if seeds < 1:
         raise InputError(f"--seeds {seeds}: at least one seed")
     if jobs < 1:
         raise InputError(f"--jobs {jobs}: at least one")
     all_arms = arms(base, variants)
     check_exams(all_arms[0].train, exams)
+    judge = measuring_recipe(all_arms[0].train, pairs)  # the base recipe as it measures every model
     init = start_weights(all_arms[0].train, weights_dir).resolve() if finetune else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    measured = _measurer(all_arms[0].train, exams, log)
+    measured = _measurer(judge, exams, log)
     start = None
     if init is not None:
         path = out_dir / "start.json"
@@ -476,12 +501,12 @@ def compare(
     if jobs > 1:
         runs = [(arm.name, run_config(arm, all_arms[0].train.seed + k, init, steps, lr_share)) for k in range(seeds)
                 for arm in all_arms]  # fmt: skip
-        _concurrent_runs(out_dir, runs, all_arms[0].train, exams, device, data_cache, jobs, log)
+        _concurrent_runs(out_dir, runs, judge, exams, device, data_cache, jobs, log)
     for k in range(seeds):
         seed = all_arms[0].train.seed + k
         for arm in all_arms:  # seed by seed: a comparison stopped early still has paired arms
             train = run_config(arm, seed, init, steps, lr_share)
-            settings = {"recipe": dataclasses.asdict(train), "exams": None if exams is None else sorted(exams)}
+            settings = run_settings(train, judge, exams)
             record = _one_run(out_dir / arm.name, seed, train, settings, measured, device, data_cache, log)
             results[arm.name][seed] = record["measures"]
             timing[arm.name].append(record["train_seconds"])
@@ -496,6 +521,7 @@ def compare(
         "finetune": None if init is None else {"from": str(init), "lr_share": lr_share},
         "train_seconds": timing,
         "exams": None if exams is None else list(exams),
+        "pairs": pairs,
         "start": start,
         "rows": rows,
     }
