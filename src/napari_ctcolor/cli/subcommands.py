@@ -79,13 +79,18 @@ def cmd_colorize(args: argparse.Namespace) -> int:
 
     from ..app.colorize import ColorizeTask, colorize_command
 
-    with tqdm(desc="colorize", unit="slice", file=sys.stderr, disable=None) as bar:
+    bars: list[tqdm] = []  # made at the first step: a refused setting prints its one error line and nothing else
 
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="colorize", unit="slice", file=sys.stderr, disable=None))
+        bars[0].update(done - bars[0].n)
 
-        colorize_command(ColorizeTask.of(vars(args)), progress=progress, say=bar.write)
+    try:
+        colorize_command(ColorizeTask.of(vars(args)), progress=progress, say=tqdm.write)
+    finally:
+        for bar in bars:
+            bar.close()
     return 0
 
 
