@@ -14,8 +14,6 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-import pytest
-
 from napari_ctcolor.bench.colour import STAGES
 
 from conftest import DICOM_SERIES, REPO, require_shared
@@ -23,10 +21,17 @@ from conftest import DICOM_SERIES, REPO, require_shared
 BUDGET_MIB = 60
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
+def test_the_bundle_fits_its_budget_installs_offline_and_writes_the_report(tmp_path):
+    """One test, built once: pytest-xdist's work stealing may hand two tests of one module fixture to two workers,
+    each of which would build its own bundle (3 minutes of compression and derivation on a cold cache)."""
+    bundle = _build(tmp_path)
+    _check_contents(bundle)
+    _check_run(bundle, tmp_path)
+
+
+def _build(tmp_path: Path) -> Path:
     require_shared(DICOM_SERIES)
-    out = tmp_path_factory.mktemp("bundle") / "gpu-bundle"
+    out = tmp_path / "gpu-bundle"
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     built = subprocess.run(
         [sys.executable, "tools/gpu_bundle.py", "--python", python, "--out", str(out)],
@@ -37,7 +42,8 @@ def bundle(tmp_path_factory) -> Path:
     return out
 
 
-def test_the_bundle_holds_what_a_server_lacks_within_its_budget(bundle):
+def _check_contents(bundle: Path) -> None:
+    """What a server lacks, within the budget."""
     size = sum(path.stat().st_size for path in bundle.rglob("*") if path.is_file()) / 2**20
     assert size <= BUDGET_MIB, size
     names = sorted(path.name for path in (bundle / "wheels").iterdir())
@@ -57,7 +63,9 @@ def test_the_bundle_holds_what_a_server_lacks_within_its_budget(bundle):
     assert "tests/engines/test_cuda.py" in listed and all((bundle / "project" / name).is_file() for name in listed)
 
 
-def test_run_sh_installs_offline_and_writes_the_report(bundle, tmp_path):
+def _check_run(bundle: Path, tmp_path: Path) -> None:
+    """``run.sh --smoke``: installed with no index reachable, the kernels compiled by its warmup, the sweep, the bench
+    rows and the report; a sweep that does not exist and one whose data the bundle lacks are refused."""
     out = tmp_path / "out"
     # No index reachable: pip is told not to use one, and any proxy it might try leads nowhere.
     env = {**os.environ, "PYTHON": sys.executable, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
