@@ -102,6 +102,11 @@ def test_compare_trains_each_arm_with_the_same_seeds_and_prints_the_paired_table
     other = ctcolor(*args[:5], str(tuned), "--seeds", "1", "--data-cache", str(cache), "--finetune", "--steps", "2",
                     "--weights-dir", str(weights), "--exams", "arterial_300", timeout=600)  # fmt: skip
     assert other.returncode == 2 and "made with other settings" in other.stderr, other.stderr
+    # So is the measure of the weights every arm starts from: measured on other exams, it would compare unlike rows.
+    other = ctcolor(*args[:5], str(tuned), "--seeds", "1", "--data-cache", str(cache), "--finetune", "--steps", "1",
+                    "--weights-dir", str(weights), "--exams", "pool_450", "--lr-share", "0.05",
+                    timeout=600)  # fmt: skip
+    assert other.returncode == 2 and "start.json: made with other settings" in other.stderr, other.stderr
 
 
 def test_compare_refuses_what_is_no_comparison(tmp_path, capsys):

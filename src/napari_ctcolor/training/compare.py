@@ -347,6 +347,16 @@ def _measurer(train: Any, exams: Sequence[str] | None, log):
     return measured
 
 
+def _kept_record(path: Path, settings: dict) -> dict | None:
+    """The record a stopped comparison left at ``path`` (None: none); `InputError` where other settings made it."""
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.get("settings") != json.loads(json.dumps(settings)):
+        raise InputError(f"{path}: made with other settings (recipe, steps or exams); use another --out")
+    return record
+
+
 def _one_run(folder: Path, seed: int, train: Any, settings: dict, measured, device: str, data_cache, log) -> dict:
     """One arm's run for one seed: its record ``folder/seed-N.measures.json`` (its weights and card beside it) as
     found, measured again where chest CTs it lacked are now at hand, or trained and measured now."""
@@ -354,10 +364,8 @@ def _one_run(folder: Path, seed: int, train: Any, settings: dict, measured, devi
 
     path, weights = folder / f"seed-{seed}.measures.json", folder / f"seed-{seed}.safetensors"
     colorizer = isinstance(train, TrainConfig)
-    if path.is_file():
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if record.get("settings") != json.loads(json.dumps(settings)):
-            raise InputError(f"{path}: made with other settings (recipe, steps or exams); use another --out")
+    record = _kept_record(path, settings)
+    if record is not None:
         if colorizer and set(chests_at_hand(train)) - set(record.get("chests", [])):  # trained where they were not
             log(f"{folder.name}, seed {seed}: measuring again with {', '.join(chests_at_hand(train))}")
             record.update(measures=measured(weights), chests=chests_at_hand(train))
@@ -491,11 +499,13 @@ def compare(
     out_dir.mkdir(parents=True, exist_ok=True)
     measured = _measurer(judge, exams, log)
     start = None
-    if init is not None:
-        path = out_dir / "start.json"
-        if not path.is_file():
-            _write_json(path, measured(init))
-        start = json.loads(path.read_text(encoding="utf-8"))
+    if init is not None:  # the weights every arm starts from, measured as the runs are (the same exams and pairs)
+        settings = {**run_settings(judge, judge, exams), "weights": str(init)}
+        record = _kept_record(out_dir / "start.json", settings)
+        if record is None:
+            record = {"settings": settings, "measures": measured(init)}
+            _write_json(out_dir / "start.json", record)
+        start = record["measures"]
     results: dict[str, dict[int, dict[str, float]]] = {arm.name: {} for arm in all_arms}
     timing: dict[str, list[float]] = {arm.name: [] for arm in all_arms}
     if jobs > 1:
