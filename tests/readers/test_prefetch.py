@@ -29,7 +29,7 @@ from napari_ctcolor.io import read_volume
 from napari_ctcolor.io.prefetch import _can_fork, read_volumes_soon
 assert _can_fork() and "torch" not in sys.modules, "the child path must be the one taken"
 fixed, moving, flat, out = sys.argv[1:5]
-shm = sorted(os.listdir("/dev/shm"))
+shm = sorted(n for n in os.listdir("/dev/shm") if n.startswith("ctcolor-"))  # the prefetch's (not other tests')
 
 def job_pid(volumes):
     return os.getpid(), [float(v.array.sum()) for v in volumes]
@@ -67,7 +67,7 @@ waits[0]()
 start = time.perf_counter()
 later.cancel()
 said["cancel_seconds"] = time.perf_counter() - start
-said["shm_left"] = sorted(set(os.listdir("/dev/shm")) - set(shm))
+said["shm_left"] = sorted({n for n in os.listdir("/dev/shm") if n.startswith("ctcolor-")} - set(shm))
 said["torch"] = "torch" in sys.modules
 Path(out).write_text(json.dumps(said))
 """
