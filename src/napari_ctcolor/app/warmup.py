@@ -7,7 +7,7 @@ compiles every kernel the colorize and register paths call, with the argument ty
 engines convert HU to float32 before any kernel), so the first real run starts warm.
 
 numba compiles in the calling thread and holds the interpreter's lock while it does, so the colorize path and the
-register path are compiled in two processes at once where the machine has two cores or more (each writes its own
+register path are compiled in two processes at once where two threads or more are allowed (each writes its own
 kernels' cache files; a kernel both paths call is written whole by whichever ends last, as numba replaces its cache
 files rather than editing them).
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
-import os
 import time
 
 
@@ -49,9 +48,11 @@ def warm_register() -> float:
 
 def warm_kernels() -> dict[str, float]:
     """Both paths' kernels compiled (`warm_colorize`, `warm_register`): the register path in a second process
-    (started afresh, not forked from this one's threads) beside the colorize path here, where two cores or more are
-    free; else one after the other. Returns the seconds each took."""
-    if len(os.sched_getaffinity(0)) < 2:
+    (started afresh, not forked from this one's threads) beside the colorize path here, where two threads or more are
+    allowed (`threads.cpu_threads`: torch's count); else one after the other. Returns the seconds each took."""
+    from ..threads import cpu_threads
+
+    if cpu_threads() < 2:
         return {"colorize": warm_colorize(), "register": warm_register()}
     spawn = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
