@@ -146,8 +146,8 @@ def resolve(python: str, cache: Path) -> list[Path]:
 
 
 #: xz's preset 6 with its faster match finder (hash chains, matches of up to 32 bytes sought): SimpleITK's 274 MB of
-#: files took 56 s on one core of a 2-core AMD EPYC (AVX2) for 29.6 MB, against 97 s for preset 6's 28.8 MB and
-#: 23 s for preset 3's 31.0 MB, which would not fit the budget (2026-11-29).
+#: files took 43 s for 29.6 MB against preset 6's 83 s for 28.7 MB (Python's lzma, one run, a 2-core AMD EPYC with
+#: AVX-512, 2026-11-29); preset 3 (31.0 MB) would not fit the budget.
 XZ_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 6, "mf": lzma.MF_HC4, "nice_len": 32}]
 
 

@@ -353,7 +353,9 @@ def _kept_record(path: Path, settings: dict) -> dict | None:
         return None
     record = json.loads(path.read_text(encoding="utf-8"))
     if record.get("settings") != json.loads(json.dumps(settings)):
-        raise InputError(f"{path}: made with other settings (recipe, steps or exams); use another --out")
+        raise InputError(
+            f"{path}: made with other settings (recipe, steps, exams, pairs or start weights); use another --out"
+        )
     return record
 
 
